@@ -1,0 +1,557 @@
+//! Configuration: every `*.toml` in a folder (or one file), validated into a typed [`Config`].
+//!
+//! Files are read in name order and form one configuration. Each section is deserialized
+//! on its own, so one run reports every problem in every file as `file:line: message`
+//! rather than stopping at the first. Nothing past this module re-checks a string from a
+//! configuration file: listen addresses, upstream URLs, sizes and durations are typed here.
+//! Environment overrides (`HOOKRELAY_UPSTREAM_<NAME>_URL`) are applied before validation,
+//! so an override is checked like the value it replaces.
+
+mod problems;
+mod units;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{DeserializeOwned, IntoDeserializer};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+pub use problems::{FileProblems, Problem, Problems};
+pub use units::{parse_duration, parse_size};
+
+/// Where `serve` listens when neither the flag, the environment nor a file says.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// GitHub's largest webhook payload; GitLab's own limit is larger.
+pub const DEFAULT_MAX_BODY: usize = 25 * 1024 * 1024;
+
+/// The whole, validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// `None` when no `[gateway]` section enables the trigger endpoints.
+    pub gateway: Option<GatewayConfig>,
+    /// The files this configuration was read from, in the order read.
+    pub files: Vec<PathBuf>,
+}
+
+/// `[server]`: how the relay accepts requests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger ones are answered `413`.
+    pub max_body: usize,
+    /// Time allowed to receive a request's headers and body.
+    pub read_timeout: Duration,
+    /// Time allowed for in-flight requests to finish after a shutdown signal.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: DEFAULT_LISTEN.parse().expect("the default listen address is valid"),
+            max_body: DEFAULT_MAX_BODY,
+            read_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[upstream.NAME]`: a GitLab instance that receives trigger calls.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Base URL without a trailing slash, e.g. `https://gitlab.example.com` or
+    /// `https://example.com/gitlab` for a relative URL root.
+    pub url: http::Uri,
+    /// Extra PEM certificates to trust (a self-hosted GitLab's CA).
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Time allowed for the whole call: connect, send and read GitLab's answer.
+    pub timeout: Duration,
+}
+
+/// `[gateway]`: the GitLab-compatible trigger endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// The `[upstream.NAME]` that receives the calls.
+    pub upstream: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    max_body: Option<Spanned<String>>,
+    read_timeout: Option<Spanned<String>>,
+    shutdown_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Spanned<String>,
+    ca_file: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    upstream: Option<Spanned<String>>,
+}
+
+/// Reads the environment for overrides; tests pass their own.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Loads `path` (a file, or a folder whose `*.toml` files are read in name order).
+pub fn load(path: &Path) -> Result<Config, Problems> {
+    load_with_env(path, &|name| std::env::var(name).ok())
+}
+
+/// [`load`] with an explicit environment.
+pub fn load_with_env(path: &Path, env: EnvLookup<'_>) -> Result<Config, Problems> {
+    let files = config_files(path).map_err(|problem| Problems(vec![problem]))?;
+    let mut builder = Builder::default();
+    for file in &files {
+        match std::fs::read_to_string(file) {
+            Ok(text) => builder.read_file(file, &text, env),
+            Err(err) => builder.problems.push(Problem {
+                file: file.clone(),
+                line: None,
+                message: format!("cannot read: {err}"),
+            }),
+        }
+    }
+    builder.finish(files)
+}
+
+/// The files a `--config` path names.
+pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, Problem> {
+    let whole = |message: String| Problem {
+        file: path.to_owned(),
+        line: None,
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|err| whole(format!("cannot read: {err}")))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|err| whole(format!("cannot list: {err}")))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|p| p.extension().is_some_and(|ext| ext == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(whole("contains no *.toml files".into()));
+    }
+    Ok(files)
+}
+
+/// Where a section was first defined, to name it when it is defined again.
+#[derive(Clone)]
+struct Origin {
+    file: PathBuf,
+    line: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+#[derive(Default)]
+struct Builder {
+    problems: Vec<Problem>,
+    server: Option<(ServerConfig, Origin)>,
+    upstreams: BTreeMap<String, (UpstreamConfig, Origin)>,
+    gateway: Option<(Option<Spanned<String>>, Origin)>,
+}
+
+impl Builder {
+    fn read_file(&mut self, file: &Path, text: &str, env: EnvLookup<'_>) {
+        let mut problems = FileProblems::new(file, text);
+        let (document, errors) = DeTable::parse_recoverable(text);
+        if !errors.is_empty() {
+            for err in errors {
+                problems.at(err.span(), err.message());
+            }
+            self.problems.extend(problems.found);
+            return;
+        }
+        for (key, value) in document.into_inner() {
+            let origin = Origin {
+                file: file.to_owned(),
+                line: problems.line(key.span().start),
+            };
+            match key.get_ref().as_ref() {
+                "server" => self.read_server(value, origin, &mut problems),
+                "upstream" => self.read_upstreams(value, file, env, &mut problems),
+                "gateway" => {
+                    if let Some(raw) = section::<RawGateway>(value, &mut problems) {
+                        if let Some((_, first)) = &self.gateway {
+                            problems.at(Some(key.span()), format!("[gateway] is already defined at {first}"));
+                        } else {
+                            self.gateway = Some((raw.upstream, origin));
+                        }
+                    }
+                }
+                other => problems.at(
+                    Some(key.span()),
+                    format!("unknown section `{other}`; expected `server`, `upstream` or `gateway`"),
+                ),
+            }
+        }
+        self.problems.extend(problems.found);
+    }
+
+    fn read_server(&mut self, value: Spanned<DeValue<'_>>, origin: Origin, problems: &mut FileProblems<'_>) {
+        let span = value.span();
+        let Some(raw) = section::<RawServer>(value, problems) else {
+            return;
+        };
+        if let Some((_, first)) = &self.server {
+            problems.at(Some(span), format!("[server] is already defined at {first}"));
+            return;
+        }
+        let defaults = ServerConfig::default();
+        let server = ServerConfig {
+            listen: typed(raw.listen, defaults.listen, problems, |text| {
+                text.parse().map_err(|_| {
+                    format!("listen: {text:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:8080\"")
+                })
+            }),
+            max_body: typed(raw.max_body, defaults.max_body, problems, |text| {
+                parse_size(text).map_err(|err| format!("max_body: {err}"))
+            }),
+            read_timeout: typed(raw.read_timeout, defaults.read_timeout, problems, |text| {
+                parse_duration(text).map_err(|err| format!("read_timeout: {err}"))
+            }),
+            shutdown_timeout: typed(raw.shutdown_timeout, defaults.shutdown_timeout, problems, |text| {
+                parse_duration(text).map_err(|err| format!("shutdown_timeout: {err}"))
+            }),
+        };
+        self.server = Some((server, origin));
+    }
+
+    fn read_upstreams(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        file: &Path,
+        env: EnvLookup<'_>,
+        problems: &mut FileProblems<'_>,
+    ) {
+        let span = value.span();
+        let DeValue::Table(table) = value.into_inner() else {
+            problems.at(Some(span), "`upstream` must be tables named [upstream.NAME]");
+            return;
+        };
+        for (name, value) in table {
+            let name_span = name.span();
+            let name = name.get_ref().to_string();
+            if !is_valid_name(&name) {
+                problems.at(
+                    Some(name_span.clone()),
+                    format!("upstream name {name:?} may use only letters, digits, `-` and `_`"),
+                );
+                continue;
+            }
+            let Some(raw) = section::<RawUpstream>(value, problems) else {
+                continue;
+            };
+            if let Some((_, first)) = self.upstreams.get(&name) {
+                problems.at(Some(name_span), format!("[upstream.{name}] is already defined at {first}"));
+                continue;
+            }
+            let origin = Origin {
+                file: file.to_owned(),
+                line: problems.line(name_span.start),
+            };
+            if let Some(upstream) = compile_upstream(&name, raw, file, env, problems) {
+                self.upstreams.insert(name, (upstream, origin));
+            }
+        }
+    }
+
+    fn finish(mut self, files: Vec<PathBuf>) -> Result<Config, Problems> {
+        let gateway = match self.gateway.take() {
+            None => None,
+            Some((upstream, origin)) => {
+                let line_problem = |message: String| Problem {
+                    file: origin.file.clone(),
+                    line: Some(origin.line),
+                    message,
+                };
+                let known = self.upstreams.keys().cloned().collect::<Vec<_>>().join(", ");
+                match upstream.map(Spanned::into_inner) {
+                    Some(name) if self.upstreams.contains_key(&name) => Some(GatewayConfig { upstream: name }),
+                    Some(name) => {
+                        self.problems.push(line_problem(format!(
+                            "[gateway] upstream = {name:?} names no [upstream.{name}] section (defined: {})",
+                            if known.is_empty() { "none" } else { &known }
+                        )));
+                        None
+                    }
+                    None if self.upstreams.len() == 1 => Some(GatewayConfig { upstream: known }),
+                    None => {
+                        self.problems.push(line_problem(if self.upstreams.is_empty() {
+                            "[gateway] needs an [upstream.NAME] section to forward to".into()
+                        } else {
+                            format!("[gateway] needs `upstream = \"NAME\"` to choose one of: {known}")
+                        }));
+                        None
+                    }
+                }
+            }
+        };
+        if !self.problems.is_empty() {
+            return Err(Problems(self.problems));
+        }
+        Ok(Config {
+            server: self.server.map(|(server, _)| server).unwrap_or_default(),
+            upstreams: self.upstreams.into_iter().map(|(name, (upstream, _))| (name, upstream)).collect(),
+            gateway,
+            files,
+        })
+    }
+}
+
+fn compile_upstream(
+    name: &str,
+    raw: RawUpstream,
+    file: &Path,
+    env: EnvLookup<'_>,
+    problems: &mut FileProblems<'_>,
+) -> Option<UpstreamConfig> {
+    let env_name = format!("HOOKRELAY_UPSTREAM_{}_URL", name.to_ascii_uppercase().replace('-', "_"));
+    let url_span = raw.url.span();
+    let (url_text, from_env) = match env(&env_name) {
+        Some(value) => (value, true),
+        None => (raw.url.into_inner(), false),
+    };
+    let url = match parse_upstream_url(&url_text) {
+        Ok(url) => Some(url),
+        Err(err) => {
+            let whence = if from_env { format!(" (from {env_name})") } else { String::new() };
+            problems.at(Some(url_span), format!("upstream.{name}.url{whence}: {err}"));
+            None
+        }
+    };
+    let ca_file = raw.ca_file.and_then(|ca| {
+        let span = ca.span();
+        let path = file.parent().unwrap_or(Path::new(".")).join(ca.into_inner());
+        match crate::upstream::read_ca_file(&path) {
+            Ok(_) => Some(path),
+            Err(err) => {
+                problems.at(Some(span), format!("upstream.{name}.ca_file: {err}"));
+                None
+            }
+        }
+    });
+    let connect_timeout = typed(raw.connect_timeout, Duration::from_secs(5), problems, |text| {
+        parse_duration(text).map_err(|err| format!("connect_timeout: {err}"))
+    });
+    let timeout = typed(raw.timeout, Duration::from_secs(30), problems, |text| {
+        parse_duration(text).map_err(|err| format!("timeout: {err}"))
+    });
+    Some(UpstreamConfig {
+        name: name.to_owned(),
+        url: url?,
+        ca_file,
+        connect_timeout,
+        timeout,
+    })
+}
+
+/// An upstream base URL: `http` or `https`, a host, an optional path prefix, no query.
+pub fn parse_upstream_url(text: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a URL; write e.g. \"https://gitlab.example.com\""))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("{text:?} must start with https:// or http://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{text:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{text:?} must not have a query string"));
+    }
+    let trimmed = text.trim_end_matches('/');
+    trimmed
+        .parse()
+        .map_err(|_| format!("{text:?} is not a URL"))
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Deserializes one section, recording serde's error (unknown key, wrong type) at its line.
+fn section<T: DeserializeOwned>(value: Spanned<DeValue<'_>>, problems: &mut FileProblems<'_>) -> Option<T> {
+    let span = value.span();
+    match T::deserialize(value.into_deserializer()) {
+        Ok(raw) => Some(raw),
+        Err(err) => {
+            problems.at(err.span().or(Some(span)), err.message());
+            None
+        }
+    }
+}
+
+/// Converts an optional string field, recording a problem at its line when it is invalid.
+fn typed<T>(
+    field: Option<Spanned<String>>,
+    default: T,
+    problems: &mut FileProblems<'_>,
+    convert: impl FnOnce(&str) -> Result<T, String>,
+) -> T {
+    let Some(field) = field else {
+        return default;
+    };
+    match convert(field.get_ref()) {
+        Ok(value) => value,
+        Err(message) => {
+            problems.at(Some(field.span()), message);
+            default
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(files: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Config, Problems> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let prefix = format!("{}/", dir.path().display());
+        load_with_env(dir.path(), &lookup).map_err(|problems| {
+            // Strip the temporary folder so messages compare stably.
+            Problems(
+                problems
+                    .0
+                    .into_iter()
+                    .map(|mut p| {
+                        p.file = PathBuf::from(p.file.file_name().unwrap());
+                        p.message = p.message.replace(&prefix, "");
+                        p
+                    })
+                    .collect(),
+            )
+        })
+    }
+
+    fn messages(result: Result<Config, Problems>) -> Vec<String> {
+        result.unwrap_err().0.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_complete_configuration() {
+        let config = load_text(
+            &[(
+                "a.toml",
+                r#"
+[server]
+listen = "127.0.0.1:9000"
+max_body = "1MiB"
+
+[upstream.gitlab]
+url = "https://gitlab.example.com/"
+timeout = "10s"
+
+[gateway]
+upstream = "gitlab"
+"#,
+            )],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(config.server.max_body, 1 << 20);
+        let upstream = &config.upstreams["gitlab"];
+        assert_eq!(upstream.url.to_string(), "https://gitlab.example.com/");
+        assert_eq!(upstream.timeout, Duration::from_secs(10));
+        assert_eq!(config.gateway, Some(GatewayConfig { upstream: "gitlab".into() }));
+    }
+
+    #[test]
+    fn every_problem_in_every_file_with_its_line() {
+        let problems = messages(load_text(
+            &[
+                ("a.toml", "[server]\nlisten = \"nowhere\"\nmax_body = \"lots\"\n"),
+                ("b.toml", "[upstream.gitlab]\nurl = \"ftp://x\"\ncolour = \"red\"\n\n[gateway]\nupstream = \"gitlab\"\n"),
+                ("c.toml", "[upstream.other]\nurl = \"https://x\"\n[gateway]\nupstream = \"nope\"\n[mystery]\n"),
+            ],
+            &[],
+        ));
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert!(problems[0].starts_with("a.toml:2: listen: \"nowhere\" is not an address"), "{}", problems[0]);
+        assert!(problems[1].starts_with("a.toml:3: max_body:"), "{}", problems[1]);
+        assert!(problems[2].starts_with("b.toml:3: unknown field `colour`"), "{}", problems[2]);
+        assert!(problems[3].starts_with("c.toml:3: [gateway] is already defined at"), "{}", problems[3]);
+        assert!(problems[4].starts_with("c.toml:5: unknown section `mystery`"), "{}", problems[4]);
+        assert!(problems[5].contains("[gateway] upstream = \"gitlab\" names no [upstream.gitlab]"), "{}", problems[5]);
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let problems = messages(load_text(&[("a.toml", "[server]\nlisten = \n")], &[]));
+        assert!(problems[0].starts_with("a.toml:2: "), "{problems:?}");
+    }
+
+    #[test]
+    fn environment_overrides_the_upstream_url_and_is_validated() {
+        let file = [("a.toml", "[upstream.my-gitlab]\nurl = \"https://a.example\"\n")];
+        let config = load_text(&file, &[("HOOKRELAY_UPSTREAM_MY_GITLAB_URL", "http://127.0.0.1:1")]).unwrap();
+        assert_eq!(config.upstreams["my-gitlab"].url.to_string(), "http://127.0.0.1:1/");
+        let problems = messages(load_text(&file, &[("HOOKRELAY_UPSTREAM_MY_GITLAB_URL", "nope")]));
+        assert!(problems[0].contains("(from HOOKRELAY_UPSTREAM_MY_GITLAB_URL)"), "{problems:?}");
+    }
+
+    #[test]
+    fn gateway_defaults_to_the_only_upstream() {
+        let config = load_text(&[("a.toml", "[upstream.gl]\nurl = \"https://x\"\n[gateway]\n")], &[]).unwrap();
+        assert_eq!(config.gateway.unwrap().upstream, "gl");
+        let problems = messages(load_text(&[("a.toml", "[gateway]\n")], &[]));
+        assert!(problems[0].contains("needs an [upstream.NAME]"), "{problems:?}");
+    }
+
+    #[test]
+    fn duplicate_upstreams_across_files() {
+        let problems = messages(load_text(
+            &[("a.toml", "[upstream.gl]\nurl = \"https://x\"\n"), ("b.toml", "\n[upstream.gl]\nurl = \"https://y\"\n")],
+            &[],
+        ));
+        assert_eq!(problems, ["b.toml:2: [upstream.gl] is already defined at a.toml:1"]);
+    }
+
+    #[test]
+    fn an_empty_folder_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let problems = load(dir.path()).unwrap_err();
+        assert!(problems.to_string().contains("contains no *.toml files"));
+    }
+
+    #[test]
+    fn upstream_urls() {
+        assert!(parse_upstream_url("https://gitlab.com").is_ok());
+        assert_eq!(parse_upstream_url("https://x.org/gitlab/").unwrap().to_string(), "https://x.org/gitlab");
+        assert!(parse_upstream_url("gitlab.com").is_err());
+        assert!(parse_upstream_url("https://x.org/?a=1").is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! Configuration problems, reported as `file:line: message`, all of them at once.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// One thing wrong with the configuration, located where the user can fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based; `None` when the problem is with the file as a whole.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+/// Every problem found while loading, in file and line order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, thiserror::Error)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems for one file, turning byte spans into line numbers.
+pub struct FileProblems<'a> {
+    pub file: &'a Path,
+    text: &'a str,
+    pub found: Vec<Problem>,
+}
+
+impl<'a> FileProblems<'a> {
+    pub fn new(file: &'a Path, text: &'a str) -> Self {
+        FileProblems {
+            file,
+            text,
+            found: Vec::new(),
+        }
+    }
+
+    /// Records a problem at a byte span of the file (`None`: the whole file).
+    pub fn at(&mut self, span: Option<Range<usize>>, message: impl Into<String>) {
+        let line = span.map(|span| line_of(self.text, span.start));
+        self.found.push(Problem {
+            file: self.file.to_owned(),
+            line,
+            message: message.into(),
+        });
+    }
+
+    /// The 1-based line of a byte offset, for messages that cite another place.
+    pub fn line(&self, offset: usize) -> usize {
+        line_of(self.text, offset)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_one_based() {
+        let text = "a = 1\nb = 2\n";
+        let mut problems = FileProblems::new(Path::new("x.toml"), text);
+        problems.at(Some(0..1), "first");
+        problems.at(Some(6..7), "second");
+        problems.at(None, "whole");
+        let shown: Vec<String> = problems.found.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["x.toml:1: first", "x.toml:2: second", "x.toml: whole"]);
+    }
+}

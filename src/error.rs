@@ -1,0 +1,85 @@
+//! Every error a caller can see, and the one function that turns it into an HTTP answer.
+//!
+//! Answers are JSON in GitLab's style. Where GitLab's own trigger endpoint has an exact
+//! answer (Grape's `{"error": "token is missing"}`, `{"message": "403 Forbidden"}`, the
+//! variables message) the gateway gives that same answer, so scripts written against
+//! GitLab keep working; everywhere else the message says what to fix.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::gateway::GatewayError;
+use crate::gateway::params::ParamError;
+use crate::upstream::UpstreamError;
+
+/// An error answered to the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no endpoint {method} {path}")]
+    NotFound { method: String, path: String },
+    #[error("{method} is not allowed here; use {allowed}")]
+    MethodNotAllowed { method: String, allowed: &'static str },
+    #[error("the request body is larger than the {limit}-byte limit ([server] max_body)")]
+    BodyTooLarge { limit: usize },
+    #[error("the request body did not arrive within the read timeout ([server] read_timeout)")]
+    BodyTimeout,
+    #[error("the request body cannot be read: {0}")]
+    BodyRead(String),
+    #[error("the relay is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// The one place where errors become status codes and bodies.
+pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
+    use GatewayError as G;
+    let message = err.to_string();
+    let (status, body) = match err {
+        ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, json!({ "message": message })),
+        ApiError::MethodNotAllowed { allowed, .. } => {
+            let mut response = json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "message": message }));
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
+            return response;
+        }
+        ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, json!({ "message": message })),
+        ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, json!({ "message": message })),
+        ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
+        ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, json!({ "message": message })),
+        ApiError::Gateway(gateway) => match gateway {
+            G::Disabled => (StatusCode::NOT_FOUND, json!({ "message": message })),
+            G::Project(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
+            G::Params(ParamError::Invalid(_)) => (StatusCode::BAD_REQUEST, json!({ "error": message })),
+            G::Params(ParamError::UnsupportedContentType(_)) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({ "message": message }))
+            }
+            G::Params(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
+            G::PipelineHook => (StatusCode::FORBIDDEN, json!({ "message": "403 Forbidden" })),
+            G::Ref(_) | G::Variable(_) | G::PathEncoding(_) => {
+                (StatusCode::BAD_REQUEST, json!({ "message": message }))
+            }
+            G::NotATriggerToken(_) => (StatusCode::UNAUTHORIZED, json!({ "message": message })),
+        },
+        ApiError::Upstream(upstream) => match upstream {
+            UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, json!({ "message": message })),
+            UpstreamError::Unreachable { .. } | UpstreamError::BadResponse { .. } | UpstreamError::Tls { .. } => {
+                (StatusCode::BAD_GATEWAY, json!({ "message": message }))
+            }
+        },
+    };
+    json_response(status, &body)
+}
+
+/// A JSON answer with the right content type.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

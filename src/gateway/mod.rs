@@ -1,0 +1,225 @@
+//! The GitLab-compatible trigger endpoints: one incoming call becomes one [`Trigger`].
+//!
+//! `POST /api/v4/projects/:id/trigger/pipeline` and the webhook form
+//! `POST /api/v4/projects/:id/ref/:ref/trigger/pipeline`. The checks run in GitLab's order
+//! (Grape's parameter validation, then the pipeline-hook refusal, then the variables
+//! check), so a caller gets the answer GitLab would give; then the relay's own checks
+//! refuse what GitLab would certainly reject with a less helpful answer (a malformed ref,
+//! a personal access token, the reserved `TRIGGER_PAYLOAD` variable) before anything is
+//! sent. [`parse_trigger_call`] is pure, so the fuzz target and unit tests drive it.
+
+pub mod params;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use http_body_util::Full;
+use percent_encoding::percent_decode_str;
+
+use crate::error::ApiError;
+use crate::git_ref::{GitRef, RefError};
+use crate::secret::Secret;
+use crate::trigger::{ProjectId, Trigger, WebhookBody, check_trigger_token, check_variable_name};
+use crate::upstream::{Upstream, UpstreamResponse, readable_message};
+use params::ParamError;
+
+/// Why a trigger call was refused before anything was forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the trigger gateway is not enabled; add a [gateway] section naming an upstream to the configuration")]
+    Disabled,
+    #[error("404 Project Not Found: {0}")]
+    Project(String),
+    #[error("{0}")]
+    PathEncoding(String),
+    #[error(transparent)]
+    Params(#[from] ParamError),
+    #[error("403 Forbidden")]
+    PipelineHook,
+    #[error(transparent)]
+    Ref(#[from] RefError),
+    #[error("{0}")]
+    Variable(String),
+    #[error("{0}")]
+    NotATriggerToken(String),
+}
+
+/// The parts of an HTTP request the gateway reads, with the path pieces still encoded.
+#[derive(Clone, Debug)]
+pub struct CallRequest<'a> {
+    /// The `:id` path segment as received (`9`, `group%2Fapp`).
+    pub project: &'a str,
+    /// The `:ref` of the webhook form as received (`feature%2Fx`).
+    pub git_ref: Option<&'a str>,
+    pub query: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    /// The `X-Gitlab-Event` header, if any.
+    pub gitlab_event: Option<&'a str>,
+    pub body: Bytes,
+}
+
+/// The header value GitLab refuses on the trigger endpoint: its own pipeline webhooks would
+/// otherwise start pipelines that fire pipeline webhooks, forever.
+const PIPELINE_HOOK: &str = "Pipeline Hook";
+
+/// Reads and checks one trigger call, in GitLab's order, into the trigger to forward.
+pub async fn parse_trigger_call(request: CallRequest<'_>, upstream: &str) -> Result<Trigger, GatewayError> {
+    let project_text = decode_once(request.project, "project id")?;
+    let project = ProjectId::parse(&project_text).map_err(GatewayError::Project)?;
+    let path_ref = request.git_ref.map(|raw| decode_once(raw, "ref")).transpose()?;
+    let query = params::parse_query(request.query.unwrap_or(""))?;
+    let is_webhook_form = path_ref.is_some();
+    let body = params::parse_body(request.content_type, &request.body, !is_webhook_form).await?;
+    let call = params::validate(params::merge(query, body), path_ref)?;
+    if request
+        .gitlab_event
+        .is_some_and(|event| event.trim().eq_ignore_ascii_case(PIPELINE_HOOK))
+    {
+        return Err(GatewayError::PipelineHook);
+    }
+    let variables = params::string_variables(call.variables)?;
+    for name in variables.keys() {
+        check_variable_name(name).map_err(GatewayError::Variable)?;
+    }
+    let git_ref = GitRef::parse(&call.git_ref)?;
+    check_trigger_token(&call.token).map_err(GatewayError::NotATriggerToken)?;
+    Ok(Trigger {
+        upstream: upstream.to_owned(),
+        project,
+        git_ref,
+        token: Secret::new(call.token),
+        variables,
+        inputs: call.inputs,
+        other_params: call.other,
+        webhook_body: is_webhook_form.then(|| WebhookBody {
+            content_type: request.content_type.map(str::to_owned),
+            bytes: request.body.clone(),
+        }),
+    })
+}
+
+/// Percent-decodes a path segment exactly once (`feature%2Fx` → `feature/x`,
+/// `a%252F` → `a%2F`).
+fn decode_once(raw: &str, what: &str) -> Result<String, GatewayError> {
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| GatewayError::PathEncoding(format!("the {what} in the URL is not valid UTF-8 once percent-decoded")))
+}
+
+/// Forwards a trigger and hands GitLab's answer back unchanged: status, body, and the
+/// headers a caller may act on (content type, `Retry-After`, `RateLimit-*`).
+pub async fn forward(upstream: &Upstream, trigger: &Trigger) -> Result<(Response<Full<Bytes>>, UpstreamResponse), ApiError> {
+    let answer = upstream.send(&trigger.upstream_call()).await?;
+    let status = answer.status;
+    if status.is_success() {
+        tracing::info!(
+            upstream = %upstream.name,
+            project = %trigger.project,
+            git_ref = %trigger.git_ref,
+            token = %trigger.token,
+            status = status.as_u16(),
+            pipeline = pipeline_url(&answer.body).as_deref().unwrap_or("-"),
+            "trigger forwarded"
+        );
+    } else {
+        tracing::warn!(
+            upstream = %upstream.name,
+            project = %trigger.project,
+            git_ref = %trigger.git_ref,
+            token = %trigger.token,
+            status = status.as_u16(),
+            gitlab_message = readable_message(&answer.body).as_deref().unwrap_or("-"),
+            "trigger refused by GitLab"
+        );
+    }
+    let mut response = Response::new(Full::new(answer.body.clone()));
+    *response.status_mut() = status;
+    for (name, value) in &answer.headers {
+        let keep = name == header::CONTENT_TYPE
+            || name == header::RETRY_AFTER
+            || name.as_str().starts_with("ratelimit-");
+        if keep {
+            response.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    if !response.headers().contains_key(header::CONTENT_TYPE) && !answer.body.is_empty() {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    Ok((response, answer))
+}
+
+/// The pipeline's `web_url` from a successful answer.
+fn pipeline_url(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.get("web_url")?.as_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call<'a>(project: &'a str, git_ref: Option<&'a str>, query: &'a str) -> CallRequest<'a> {
+        CallRequest {
+            project,
+            git_ref,
+            query: Some(query),
+            content_type: None,
+            gitlab_event: None,
+            body: Bytes::new(),
+        }
+    }
+
+    fn parse(request: CallRequest<'_>) -> Result<Trigger, GatewayError> {
+        futures_executor::block_on(parse_trigger_call(request, "gitlab"))
+    }
+
+    #[test]
+    fn path_ref_is_decoded_exactly_once() {
+        let t = parse(call("9", Some("feature%2Fx"), "token=T")).unwrap();
+        assert_eq!(t.git_ref.as_str(), "feature/x");
+        let t = parse(call("9", Some("a%252Fb"), "token=T")).unwrap();
+        assert_eq!(t.git_ref.as_str(), "a%2Fb");
+    }
+
+    #[test]
+    fn project_paths_are_decoded_and_kept() {
+        let t = parse(call("group%2Fsub%2Fapp", None, "token=T&ref=main")).unwrap();
+        assert_eq!(t.project, ProjectId::Path("group/sub/app".into()));
+        assert!(matches!(parse(call("group%2F%2Fapp", None, "token=T&ref=main")), Err(GatewayError::Project(_))));
+        assert!(matches!(parse(call("%FF", None, "token=T&ref=main")), Err(GatewayError::PathEncoding(_))));
+    }
+
+    #[test]
+    fn checks_run_in_gitlabs_order() {
+        // Missing parameters come before the pipeline-hook refusal, as in Grape.
+        let mut request = call("9", None, "");
+        request.gitlab_event = Some("Pipeline Hook");
+        assert!(matches!(parse(request.clone()), Err(GatewayError::Params(ParamError::Invalid(_)))));
+        request.query = Some("token=T&ref=main&variables[A]=1");
+        assert!(matches!(parse(request), Err(GatewayError::PipelineHook)));
+    }
+
+    #[test]
+    fn relay_checks() {
+        assert!(matches!(parse(call("9", None, "token=T&ref=a..b")), Err(GatewayError::Ref(_))));
+        assert!(matches!(parse(call("9", None, "token=glpat-abc&ref=main")), Err(GatewayError::NotATriggerToken(_))));
+        assert!(matches!(
+            parse(call("9", None, "token=T&ref=main&variables[TRIGGER_PAYLOAD]=x")),
+            Err(GatewayError::Variable(_))
+        ));
+    }
+
+    #[test]
+    fn webhook_form_keeps_body_and_content_type() {
+        let mut request = call("9", Some("main"), "token=T");
+        request.content_type = Some("application/json");
+        request.body = Bytes::from_static(br#"{"ref":"refs/heads/other","object_kind":"push"}"#);
+        let t = parse(request).unwrap();
+        assert_eq!(t.git_ref.as_str(), "main");
+        let body = t.webhook_body.unwrap();
+        assert_eq!(&body.bytes[..], br#"{"ref":"refs/heads/other","object_kind":"push"}"#);
+        assert_eq!(body.content_type.as_deref(), Some("application/json"));
+    }
+}

@@ -1,0 +1,24 @@
+//! hookrelay: a webhook relay and GitLab pipeline-trigger gateway.
+//!
+//! A map of the modules, in the order a request meets them:
+//!
+//! - [`server`]: accept, route, bound bodies and read times, shut down.
+//! - [`gateway`]: the GitLab-compatible trigger endpoints; one call becomes one [`trigger::Trigger`].
+//! - [`trigger`]: the trigger call and its encoding for GitLab; [`git_ref`] validates refs.
+//! - [`upstream`]: the shared, pooled HTTPS client to GitLab.
+//! - [`error`]: every error a caller sees, mapped to status and JSON in one place.
+//! - [`config`]: the configuration folder, validated into typed values with `file:line` problems.
+//! - [`secret`]: secrets that print only as a mask.
+//! - [`commands`]: the command-line commands, called by the thin `main`.
+
+#![forbid(unsafe_code)]
+
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod git_ref;
+pub mod secret;
+pub mod server;
+pub mod trigger;
+pub mod upstream;

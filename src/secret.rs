@@ -1,0 +1,168 @@
+//! Secrets: values that must never reach a log line, an error message or a metric.
+//!
+//! [`Secret`] wraps the value and prints only a mask through `Debug` and `Display`, so a
+//! secret cannot be logged by accident. [`SecretRef`] is how configuration names a secret
+//! (`env:NAME` or `file:PATH`); a literal in a file is refused, because configuration files
+//! end up in repositories.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// A secret value. `Debug` and `Display` show at most its first few characters and `…`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that must send or compare it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The value as it may be shown: the first characters (at most 8, and never more than
+    /// a quarter of the value) followed by `…`.
+    pub fn masked(&self) -> String {
+        let shown = (self.0.chars().count() / 4).min(8);
+        let prefix: String = self.0.chars().take(shown).collect();
+        format!("{prefix}…")
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({})", self.masked())
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.masked())
+    }
+}
+
+/// Where configuration says a secret lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretRef {
+    /// `env:NAME`: an environment variable.
+    Env(String),
+    /// `file:PATH`: a file whose contents (trailing line breaks removed) are the secret.
+    File(PathBuf),
+}
+
+impl SecretRef {
+    /// Parses `env:NAME` or `file:PATH`. Anything else is refused with a message that says
+    /// how to write it.
+    pub fn parse(text: &str) -> Result<SecretRef, String> {
+        if let Some(name) = text.strip_prefix("env:") {
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !valid {
+                return Err(format!(
+                    "`env:{name}` is not a valid environment variable name (letters, digits and `_`)"
+                ));
+            }
+            Ok(SecretRef::Env(name.to_owned()))
+        } else if let Some(path) = text.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err("`file:` needs a path, e.g. `file:/run/secrets/token`".into());
+            }
+            Ok(SecretRef::File(PathBuf::from(path)))
+        } else {
+            Err("a secret must be written `env:NAME` or `file:PATH`; \
+                 literal secrets are not accepted in configuration files"
+                .into())
+        }
+    }
+
+    /// Reads the secret now. The error names the variable or file, never a value.
+    pub fn resolve(&self) -> Result<Secret, String> {
+        match self {
+            SecretRef::Env(name) => match std::env::var(name) {
+                Ok(value) if !value.is_empty() => Ok(Secret(value)),
+                Ok(_) => Err(format!("environment variable {name} is empty")),
+                Err(std::env::VarError::NotPresent) => {
+                    Err(format!("environment variable {name} is not set"))
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    Err(format!("environment variable {name} is not valid UTF-8"))
+                }
+            },
+            SecretRef::File(path) => match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let value = text.trim_end_matches(['\r', '\n']);
+                    if value.is_empty() {
+                        Err(format!("secret file {} is empty", path.display()))
+                    } else {
+                        Ok(Secret(value.to_owned()))
+                    }
+                }
+                Err(err) => Err(format!("cannot read secret file {}: {err}", path.display())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env(name) => write!(f, "env:{name}"),
+            SecretRef::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_show_at_most_eight_characters() {
+        let token = Secret::new("glptt-0123456789abcdef0123456789abcdef01234567");
+        assert_eq!(token.masked(), "glptt-01…");
+        assert_eq!(format!("{token}"), "glptt-01…");
+        assert_eq!(format!("{token:?}"), "Secret(glptt-01…)");
+    }
+
+    #[test]
+    fn short_secrets_show_at_most_a_quarter() {
+        assert_eq!(Secret::new("abcdefgh").masked(), "ab…");
+        assert_eq!(Secret::new("abc").masked(), "…");
+        assert_eq!(Secret::new("").masked(), "…");
+    }
+
+    #[test]
+    fn references_parse_and_refuse_literals() {
+        assert_eq!(SecretRef::parse("env:A_B1"), Ok(SecretRef::Env("A_B1".into())));
+        assert_eq!(
+            SecretRef::parse("file:/run/x"),
+            Ok(SecretRef::File(PathBuf::from("/run/x")))
+        );
+        assert!(SecretRef::parse("hunter2").unwrap_err().contains("literal"));
+        assert!(SecretRef::parse("env:").is_err());
+        assert!(SecretRef::parse("env:1X").is_err());
+        assert!(SecretRef::parse("file:").is_err());
+    }
+
+    #[test]
+    fn missing_environment_variable_is_named_not_shown() {
+        let err = SecretRef::Env("HOOKRELAY_TEST_SURELY_UNSET".into())
+            .resolve()
+            .unwrap_err();
+        assert_eq!(err, "environment variable HOOKRELAY_TEST_SURELY_UNSET is not set");
+    }
+
+    #[test]
+    fn file_secrets_lose_trailing_newlines() {
+        let dir = std::env::temp_dir().join(format!("hookrelay-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "s3cret\r\n").unwrap();
+        let secret = SecretRef::File(path.clone()).resolve().unwrap();
+        assert_eq!(secret.expose(), "s3cret");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

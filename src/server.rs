@@ -1,0 +1,242 @@
+//! The HTTP server: accept, route, bound bodies and read times, shut down gracefully.
+//!
+//! [`run`] takes an already-bound listener and a shutdown future, so tests bind port 0 and
+//! stop the server deterministically. Routing is one `match` over the path in [`route`];
+//! every error is answered through [`crate::error::error_response`]. Each request is logged
+//! once, with its method, path (never the query string, which may hold a token), status
+//! and upstream latency.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::error::{ApiError, error_response, json_response};
+use crate::gateway::{self, CallRequest, GatewayError};
+use crate::upstream::{UpstreamError, Upstreams};
+
+/// Everything a request handler needs, shared by all connections.
+pub struct App {
+    pub config: Arc<Config>,
+    pub upstreams: Upstreams,
+    shutting_down: AtomicBool,
+}
+
+impl App {
+    pub fn new(config: Config) -> Result<Arc<App>, UpstreamError> {
+        let upstreams = Upstreams::new(&config.upstreams)?;
+        Ok(Arc::new(App {
+            config: Arc::new(config),
+            upstreams,
+            shutting_down: AtomicBool::new(false),
+        }))
+    }
+}
+
+/// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
+/// for at most `[server] shutdown_timeout`, and returns.
+pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(app.config.server.read_timeout)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let app = app.clone();
+                let service = service_fn(move |request| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(handle(&app, peer, request).await) }
+                });
+                let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    if let Err(err) = connection.await {
+                        tracing::debug!(%peer, error = %err, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    app.shutting_down.store(true, Ordering::SeqCst);
+    let bound = app.config.server.shutdown_timeout;
+    tracing::info!(timeout = ?bound, "shutting down: finishing in-flight requests");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(bound) => tracing::warn!(timeout = ?bound, "shutdown timed out; closing remaining connections"),
+    }
+    Ok(())
+}
+
+/// What a request path names.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Healthz,
+    Readyz,
+    Trigger { project: &'a str, git_ref: Option<String> },
+    NotFound,
+}
+
+/// The one routing table. Path pieces stay percent-encoded here; the handler decodes them.
+fn route(path: &str) -> Route<'_> {
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    match segments.as_slice() {
+        ["healthz"] => Route::Healthz,
+        ["readyz"] => Route::Readyz,
+        ["api", "v4", "projects", project, "trigger", "pipeline"] if !project.is_empty() => {
+            Route::Trigger { project, git_ref: None }
+        }
+        // GitLab's `:ref` matches `.+`, so an unencoded `feature/x` is one ref too.
+        ["api", "v4", "projects", project, "ref", git_ref @ .., "trigger", "pipeline"]
+            if !project.is_empty() && !git_ref.is_empty() && git_ref.iter().all(|s| !s.is_empty()) =>
+        {
+            Route::Trigger { project, git_ref: Some(git_ref.join("/")) }
+        }
+        _ => Route::NotFound,
+    }
+}
+
+async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut upstream_latency = None;
+    let response = match dispatch(app, request, &mut upstream_latency).await {
+        Ok(response) => response,
+        Err(err) => error_response(&err),
+    };
+    tracing::info!(
+        %peer,
+        %method,
+        path,
+        status = response.status().as_u16(),
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        upstream_ms = upstream_latency.map(|d: Duration| d.as_secs_f64() * 1000.0),
+        "request"
+    );
+    response
+}
+
+async fn dispatch(
+    app: &App,
+    request: Request<Incoming>,
+    upstream_latency: &mut Option<Duration>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let method = request.method().clone();
+    let not_allowed = |allowed: &'static str| ApiError::MethodNotAllowed { method: method.to_string(), allowed };
+    match route(request.uri().path()) {
+        Route::Healthz => match method {
+            Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, &json!({ "status": "ok" }))),
+            _ => Err(not_allowed("GET, HEAD")),
+        },
+        Route::Readyz => match method {
+            Method::GET | Method::HEAD if app.shutting_down.load(Ordering::SeqCst) => Err(ApiError::ShuttingDown),
+            Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, &json!({ "status": "ready" }))),
+            _ => Err(not_allowed("GET, HEAD")),
+        },
+        Route::Trigger { project, git_ref } => {
+            if method != Method::POST {
+                return Err(not_allowed("POST"));
+            }
+            let gateway_config = app.config.gateway.as_ref().ok_or(GatewayError::Disabled)?;
+            let upstream = app
+                .upstreams
+                .get(&gateway_config.upstream)
+                .expect("configuration validated that the gateway's upstream exists");
+            let project = project.to_owned();
+            let (parts, body) = read_body(app, request).await?;
+            let header_text = |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
+            let call = CallRequest {
+                project: &project,
+                git_ref: git_ref.as_deref(),
+                query: parts.uri.query(),
+                content_type: header_text(header::CONTENT_TYPE),
+                gitlab_event: parts.headers.get("x-gitlab-event").and_then(|v| v.to_str().ok()),
+                body,
+            };
+            let trigger = gateway::parse_trigger_call(call, &upstream.name).await?;
+            let (response, answer) = gateway::forward(upstream, &trigger).await?;
+            *upstream_latency = Some(answer.latency);
+            Ok(response)
+        }
+        Route::NotFound => Err(ApiError::NotFound { method: method.to_string(), path: request.uri().path().to_owned() }),
+    }
+}
+
+/// Reads the whole body within the size limit and the read timeout. A declared length over
+/// the limit is refused before a byte of the body is read.
+async fn read_body(app: &App, request: Request<Incoming>) -> Result<(http::request::Parts, Bytes), ApiError> {
+    let limit = app.config.server.max_body;
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let collect = Limited::new(body, limit).collect();
+    match tokio::time::timeout(app.config.server.read_timeout, collect).await {
+        Err(_) => Err(ApiError::BodyTimeout),
+        Ok(Err(err)) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ApiError::BodyTooLarge { limit })
+        }
+        Ok(Err(err)) => Err(ApiError::BodyRead(err.to_string())),
+        Ok(Ok(collected)) => Ok((parts, collected.to_bytes())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/healthz"), Route::Healthz);
+        assert_eq!(route("/readyz"), Route::Readyz);
+        assert_eq!(
+            route("/api/v4/projects/9/trigger/pipeline"),
+            Route::Trigger { project: "9", git_ref: None }
+        );
+        assert_eq!(
+            route("/api/v4/projects/g%2Fp/ref/feature%2Fx/trigger/pipeline"),
+            Route::Trigger { project: "g%2Fp", git_ref: Some("feature%2Fx".into()) }
+        );
+        assert_eq!(
+            route("/api/v4/projects/9/ref/feature/x/trigger/pipeline"),
+            Route::Trigger { project: "9", git_ref: Some("feature/x".into()) }
+        );
+        assert_eq!(route("/api/v4/projects/g/p/trigger/pipeline"), Route::NotFound);
+        assert_eq!(route("/api/v4/projects//trigger/pipeline"), Route::NotFound);
+        assert_eq!(route("/api/v4/projects/9/ref//trigger/pipeline"), Route::NotFound);
+        assert_eq!(route("/api/v4/projects/9/trigger/pipeline/"), Route::NotFound);
+        assert_eq!(route("/"), Route::NotFound);
+    }
+}

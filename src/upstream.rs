@@ -1,0 +1,265 @@
+//! The shared HTTP client that carries trigger calls to GitLab.
+//!
+//! One [`Upstream`] per `[upstream.NAME]`, each a pooled hyper-util client (connections are
+//! reused across calls) with rustls for HTTPS. Trusted roots are the system's, the bundled
+//! Mozilla set, and an optional `ca_file` for a self-hosted GitLab. Upstream addresses come
+//! only from configuration; a request decides the path, never the host.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::config::UpstreamConfig;
+use crate::trigger::UpstreamCall;
+
+/// Largest answer read from GitLab (a pipeline entity is a few KiB).
+const MAX_RESPONSE: usize = 4 * 1024 * 1024;
+
+/// What went wrong talking to an upstream. Messages name the upstream, never a token.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {upstream:?} ({url}) is unreachable: {reason}")]
+    Unreachable {
+        upstream: String,
+        url: String,
+        reason: String,
+    },
+    #[error("upstream {upstream:?} ({url}) did not answer within {after:?}")]
+    Timeout {
+        upstream: String,
+        url: String,
+        after: Duration,
+    },
+    #[error("upstream {upstream:?} sent an answer that cannot be read: {reason}")]
+    BadResponse { upstream: String, reason: String },
+    #[error("TLS setup for upstream {upstream:?} failed: {reason}")]
+    Tls { upstream: String, reason: String },
+}
+
+/// GitLab's answer, read whole.
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// From sending the request to having read the whole answer.
+    pub latency: Duration,
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// One configured GitLab and its connection pool.
+pub struct Upstream {
+    pub name: String,
+    base: String,
+    timeout: Duration,
+    client: HttpsClient,
+}
+
+/// Every configured upstream, by name.
+#[derive(Clone, Default)]
+pub struct Upstreams(BTreeMap<String, Arc<Upstream>>);
+
+impl Upstreams {
+    pub fn new(configs: &BTreeMap<String, UpstreamConfig>) -> Result<Upstreams, UpstreamError> {
+        configs
+            .iter()
+            .map(|(name, config)| Ok((name.clone(), Arc::new(Upstream::new(config)?))))
+            .collect::<Result<_, _>>()
+            .map(Upstreams)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.0.get(name)
+    }
+}
+
+/// System and bundled roots, loaded once per process.
+fn default_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A malformed system certificate is skipped, as browsers do.
+            let _ = roots.add(cert);
+        }
+        roots
+    })
+}
+
+/// Reads the PEM certificates of a `ca_file`; at least one must be there.
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| format!("{} is not a PEM certificate file: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+        let tls_error = |reason: String| UpstreamError::Tls {
+            upstream: config.name.clone(),
+            reason,
+        };
+        let mut roots = default_roots().clone();
+        if let Some(ca_file) = &config.ca_file {
+            for cert in read_ca_file(ca_file).map_err(tls_error)? {
+                roots.add(cert).map_err(|err| tls_error(err.to_string()))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|err| tls_error(err.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Upstream {
+            name: config.name.clone(),
+            base: config.url.to_string().trim_end_matches('/').to_owned(),
+            timeout: config.timeout,
+            client,
+        })
+    }
+
+    /// The base URL, for messages.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends one call and reads GitLab's whole answer within the upstream's timeout.
+    pub async fn send(&self, call: &UpstreamCall) -> Result<UpstreamResponse, UpstreamError> {
+        let mut request = Request::post(format!("{}{}", self.base, call.path_and_query))
+            .header(header::USER_AGENT, concat!("hookrelay/", env!("CARGO_PKG_VERSION")))
+            .header(header::ACCEPT, "application/json");
+        if let Some(content_type) = &call.content_type {
+            if let Ok(value) = HeaderValue::from_str(content_type) {
+                request = request.header(header::CONTENT_TYPE, value);
+            }
+        }
+        let request = request
+            .body(Full::new(call.body.clone()))
+            .map_err(|err| UpstreamError::BadResponse {
+                upstream: self.name.clone(),
+                reason: format!("the request cannot be built: {err}"),
+            })?;
+        let started = Instant::now();
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|err| self.request_error(&err))?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|err| UpstreamError::BadResponse {
+                    upstream: self.name.clone(),
+                    reason: err.to_string(),
+                })?
+                .to_bytes();
+            Ok(UpstreamResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+                latency: started.elapsed(),
+            })
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout {
+                upstream: self.name.clone(),
+                url: self.base.clone(),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    /// A connect timeout is a timeout; any other failure to exchange is "unreachable".
+    fn request_error(&self, err: &hyper_util::client::legacy::Error) -> UpstreamError {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        let mut deepest = err.to_string();
+        while let Some(current) = source {
+            if let Some(io) = current.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::TimedOut {
+                    return UpstreamError::Timeout {
+                        upstream: self.name.clone(),
+                        url: self.base.clone(),
+                        after: self.timeout,
+                    };
+                }
+            }
+            deepest = current.to_string();
+            source = current.source();
+        }
+        UpstreamError::Unreachable {
+            upstream: self.name.clone(),
+            url: self.base.clone(),
+            reason: deepest,
+        }
+    }
+}
+
+/// GitLab's `message` made readable: a string as is, `{"base": ["Reference not found"]}` as
+/// `base: Reference not found`; Grape's `error` key likewise; `None` for anything else.
+pub fn readable_message(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let message = value.get("message").or_else(|| value.get("error"))?;
+    Some(flatten_message(message))
+}
+
+fn flatten_message(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Array(items) => items.iter().map(flatten_message).collect::<Vec<_>>().join("; "),
+        Value::Object(map) => map
+            .iter()
+            .map(|(key, value)| format!("{key}: {}", flatten_message(value)))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitlab_messages_become_readable() {
+        assert_eq!(readable_message(br#"{"message":"404 Not Found"}"#).as_deref(), Some("404 Not Found"));
+        assert_eq!(
+            readable_message(br#"{"message":{"base":["Reference not found","Ref is ambiguous"]}}"#).as_deref(),
+            Some("base: Reference not found; Ref is ambiguous")
+        );
+        assert_eq!(readable_message(br#"{"error":"token is missing"}"#).as_deref(), Some("token is missing"));
+        assert_eq!(readable_message(b"Retry later"), None);
+    }
+}

@@ -1,0 +1,259 @@
+//! Shared test harness: a recording upstream and the relay, each on port 0 of 127.0.0.1.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const TRIGGER_RESPONSE: &str = include_str!("../fixtures/gitlab/trigger_response.json");
+
+/// What the upstream received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("upstream received JSON")
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A scripted answer.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub delay: Duration,
+}
+
+impl Answer {
+    pub fn created() -> Answer {
+        Answer::new(201, TRIGGER_RESPONSE)
+    }
+    pub fn new(status: u16, body: &str) -> Answer {
+        Answer { status, body: body.to_owned(), headers: Vec::new(), delay: Duration::ZERO }
+    }
+    pub fn header(mut self, name: &'static str, value: &str) -> Answer {
+        self.headers.push((name, value.to_owned()));
+        self
+    }
+    pub fn delayed(mut self, delay: Duration) -> Answer {
+        self.delay = delay;
+        self
+    }
+}
+
+/// An upstream that records every request and answers from a script (then `201`).
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    pub received: Arc<Mutex<Vec<Received>>>,
+    pub script: Arc<Mutex<Vec<Answer>>>,
+    pub connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl RecordingUpstream {
+    pub async fn start() -> RecordingUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let script: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (r, s, c) = (received.clone(), script.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, s) = (r.clone(), s.clone());
+                let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let (r, s) = (r.clone(), s.clone());
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        r.lock().unwrap().push(Received {
+                            method: parts.method.to_string(),
+                            path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                            headers: parts.headers,
+                            body,
+                        });
+                        let answer = {
+                            let mut script = s.lock().unwrap();
+                            if script.is_empty() { Answer::created() } else { script.remove(0) }
+                        };
+                        tokio::time::sleep(answer.delay).await;
+                        let mut response = Response::new(Full::new(Bytes::from(answer.body)));
+                        *response.status_mut() = StatusCode::from_u16(answer.status).unwrap();
+                        response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                        for (name, value) in answer.headers {
+                            response.headers_mut().insert(name, value.parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            }
+        });
+        RecordingUpstream { addr, received, script, connections, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn answer_next(&self, answer: Answer) {
+        self.script.lock().unwrap().push(answer);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn only(&self) -> Received {
+        let received = self.received();
+        assert_eq!(received.len(), 1, "expected exactly one upstream call, got {received:#?}");
+        received.into_iter().next().unwrap()
+    }
+}
+
+impl Drop for RecordingUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The relay running in this process on 127.0.0.1:0.
+pub struct Relay {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// A configuration whose gateway forwards to `upstream_url`, plus `extra` TOML.
+pub fn gateway_config(upstream_url: &str, extra: &str) -> String {
+    format!("[upstream.gitlab]\nurl = \"{upstream_url}\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[gateway]\nupstream = \"gitlab\"\n{extra}")
+}
+
+impl Relay {
+    pub async fn start(config_toml: &str) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("relay.toml"), config_toml).unwrap();
+        let config = hookrelay::config::load(dir.path()).unwrap_or_else(|p| panic!("config: {p}"));
+        let app = hookrelay::server::App::new(config).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(hookrelay::server::run(listener, app, async move {
+            let _ = rx.await;
+        }));
+        Relay { addr, dir, shutdown: Some(tx), task: Some(task) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Sends the shutdown signal and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task).await.expect("relay stops").unwrap().unwrap();
+        }
+    }
+
+    pub fn signal_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn wait(mut self) {
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task).await.expect("relay stops").unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// An answer from the relay.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("JSON reply, got {:?}", self.text()))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request with the given headers and body.
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = client.request(request.body(Full::new(body.into())).unwrap()).await.expect("relay answers");
+    let (parts, body) = response.into_parts();
+    Reply { status: parts.status.as_u16(), headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
+pub async fn post(url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    send("POST", url, headers, body).await
+}
+
+/// Runs `curl` with `args` (the URL among them) and returns (status, body).
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let output = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--write-out", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    assert!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.parse().unwrap(), body.to_owned())
+}
+
+pub fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)).unwrap()
+}

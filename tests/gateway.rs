@@ -1,0 +1,466 @@
+//! The trigger gateway end to end: the relay on port 0 in front of a recording upstream.
+//! Each test asserts exactly what GitLab would have received, and what the caller got back.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const PIPELINE: &str = "/api/v4/projects/9/trigger/pipeline";
+
+async fn setup(extra: &str) -> (RecordingUpstream, Relay) {
+    let upstream = RecordingUpstream::start().await;
+    let relay = Relay::start(&gateway_config(&upstream.url(), extra)).await;
+    (upstream, relay)
+}
+
+async fn curl_async(args: Vec<String>) -> (u16, String) {
+    tokio::task::spawn_blocking(move || curl(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+// ---- The seed page's curl commands, run literally against the relay. ----
+
+#[tokio::test]
+async fn seed_page_form_fields() {
+    let (upstream, relay) = setup("").await;
+    let url = relay.url(PIPELINE);
+    let (status, body) =
+        curl_async(args(&["--request", "POST", "--form", "token=TOKEN", "--form", "ref=master", &url])).await;
+    assert_eq!(status, 201);
+    assert_eq!(body, TRIGGER_RESPONSE, "GitLab's body comes back unchanged");
+    let got = upstream.only();
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.path_and_query, PIPELINE);
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    assert_eq!(got.json(), json!({"token": "TOKEN", "ref": "master"}));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn seed_page_query_string() {
+    let (upstream, relay) = setup("").await;
+    let url = relay.url("/api/v4/projects/9/trigger/pipeline?token=TOKEN&ref=master");
+    let (status, _) = curl_async(args(&["--request", "POST", &url])).await;
+    assert_eq!(status, 201);
+    assert_eq!(upstream.only().json(), json!({"token": "TOKEN", "ref": "master"}));
+}
+
+#[tokio::test]
+async fn seed_page_variables() {
+    let (upstream, relay) = setup("").await;
+    let url = relay.url(PIPELINE);
+    let (status, _) = curl_async(args(&[
+        "--request", "POST", "--form", "token=TOKEN", "--form", "ref=master",
+        "--form", "variables[UPLOAD_TO_S3]=true", &url,
+    ]))
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        upstream.only().json(),
+        json!({"token": "TOKEN", "ref": "master", "variables": {"UPLOAD_TO_S3": "true"}})
+    );
+}
+
+#[tokio::test]
+async fn seed_page_webhook_url() {
+    let (upstream, relay) = setup("").await;
+    let push = fixture("gitlab/push.json");
+    let file = relay.dir.path().join("push.json");
+    std::fs::write(&file, &push).unwrap();
+    let url = relay.url("/api/v4/projects/9/ref/master/trigger/pipeline?token=TOKEN");
+    let data = format!("@{}", file.display());
+    let (status, _) = curl_async(args(&[
+        "--request", "POST", "--header", "Content-Type: application/json",
+        "--header", "X-Gitlab-Event: Push Hook", "--data-binary", &data, &url,
+    ]))
+    .await;
+    assert_eq!(status, 201);
+    let got = upstream.only();
+    assert_eq!(got.path_and_query, "/api/v4/projects/9/ref/master/trigger/pipeline?token=TOKEN");
+    assert_eq!(got.body, push, "the webhook body is forwarded byte for byte");
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    assert_eq!(got.header("x-gitlab-event"), None, "X-Gitlab-Event is never forwarded");
+}
+
+// ---- The reference's other documented calls. ----
+
+#[tokio::test]
+async fn reference_query_with_globbed_variables() {
+    let (upstream, relay) = setup("").await;
+    let url = relay.url("/api/v4/projects/123/trigger/pipeline?token=TOKEN&ref=main&variables[VAR1]=value1");
+    let (status, _) = curl_async(args(&["-g", "--request", "POST", &url])).await;
+    assert_eq!(status, 201);
+    let got = upstream.only();
+    assert_eq!(got.path_and_query, "/api/v4/projects/123/trigger/pipeline");
+    assert_eq!(got.json(), json!({"token": "TOKEN", "ref": "main", "variables": {"VAR1": "value1"}}));
+}
+
+#[tokio::test]
+async fn reference_json_body_keeps_input_types() {
+    let (upstream, relay) = setup("").await;
+    let body = r#"{"token":"TOKEN","ref":"main","variables":{"VAR1":"value1"},"inputs":{"environment":"production","level":3}}"#;
+    let url = relay.url("/api/v4/projects/123/trigger/pipeline");
+    let (status, _) = curl_async(args(&[
+        "--request", "POST", "--header", "Content-Type: application/json", "--data", body, &url,
+    ]))
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        upstream.only().json(),
+        json!({"token":"TOKEN","ref":"main","variables":{"VAR1":"value1"},"inputs":{"environment":"production","level":3}})
+    );
+}
+
+#[tokio::test]
+async fn reference_webhook_with_encoded_project_and_ref() {
+    let (upstream, relay) = setup("").await;
+    let url = relay.url("/api/v4/projects/mygroup%2Fmyproj/ref/release%2F1.2/trigger/pipeline?token=TOKEN");
+    let (status, _) = curl_async(args(&[
+        "--request", "POST", "--header", "Content-Type: application/json",
+        "--data", r#"{"ref":"refs/heads/other-branch"}"#, &url,
+    ]))
+    .await;
+    assert_eq!(status, 201);
+    let got = upstream.only();
+    assert_eq!(
+        got.path_and_query,
+        "/api/v4/projects/mygroup%2Fmyproj/ref/release%2F1.2/trigger/pipeline?token=TOKEN",
+        "the project stays encoded and the path ref wins over the body's"
+    );
+    assert_eq!(&got.body[..], br#"{"ref":"refs/heads/other-branch"}"#);
+}
+
+// ---- Encodings and precedence. ----
+
+#[tokio::test]
+async fn urlencoded_body() {
+    let (upstream, relay) = setup("").await;
+    let reply = post(
+        &relay.url(PIPELINE),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "token=TOKEN&ref=feature%2Fx&variables%5BA%5D=1+2&inputs[mode]=fast",
+    )
+    .await;
+    assert_eq!(reply.status, 201);
+    assert_eq!(
+        upstream.only().json(),
+        json!({"token":"TOKEN","ref":"feature/x","variables":{"A":"1 2"},"inputs":{"mode":"fast"}})
+    );
+}
+
+#[tokio::test]
+async fn body_wins_over_query_per_parameter() {
+    let (upstream, relay) = setup("").await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/trigger/pipeline?token=QUERY&ref=from-query&variables[Q]=1"),
+        &[("content-type", "application/json")],
+        r#"{"ref":"from-body","variables":{"B":"2"}}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 201);
+    assert_eq!(
+        upstream.only().json(),
+        json!({"token":"QUERY","ref":"from-body","variables":{"B":"2"}}),
+        "GitLab's order: the body's ref and variables replace the query's; the query's token stays"
+    );
+}
+
+#[tokio::test]
+async fn path_ref_wins_over_query_and_body_and_is_decoded_once() {
+    let (upstream, relay) = setup("").await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/ref/feature%2Fx/trigger/pipeline?token=TOKEN&ref=query"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "ref=body&variables[V]=1",
+    )
+    .await;
+    assert_eq!(reply.status, 201);
+    let got = upstream.only();
+    assert_eq!(
+        got.path_and_query,
+        "/api/v4/projects/9/ref/feature%2Fx/trigger/pipeline?token=TOKEN&variables%5BV%5D=1"
+    );
+    assert_eq!(&got.body[..], b"ref=body&variables[V]=1", "the webhook body is untouched");
+    assert_eq!(got.header("content-type"), Some("application/x-www-form-urlencoded"));
+}
+
+#[tokio::test]
+async fn webhook_form_accepts_an_empty_body_and_an_unencoded_slash_ref() {
+    let (upstream, relay) = setup("").await;
+    let reply = post(&relay.url("/api/v4/projects/9/ref/feature/x/trigger/pipeline?token=TOKEN"), &[], "").await;
+    assert_eq!(reply.status, 201);
+    let got = upstream.only();
+    assert_eq!(got.path_and_query, "/api/v4/projects/9/ref/feature%2Fx/trigger/pipeline?token=TOKEN");
+    assert!(got.body.is_empty());
+}
+
+#[tokio::test]
+async fn project_paths_stay_encoded_upstream() {
+    let (upstream, relay) = setup("").await;
+    let reply = post(&relay.url("/api/v4/projects/group%2Fsub%2Fapp/trigger/pipeline?token=T&ref=main"), &[], "").await;
+    assert_eq!(reply.status, 201);
+    assert_eq!(upstream.only().path_and_query, "/api/v4/projects/group%2Fsub%2Fapp/trigger/pipeline");
+}
+
+// ---- GitLab's answers pass through unchanged. ----
+
+#[tokio::test]
+async fn gitlab_errors_come_back_unchanged() {
+    let (upstream, relay) = setup("").await;
+    let cases = [
+        Answer::new(400, r#"{"message":{"base":["Reference not found"]}}"#),
+        Answer::new(404, r#"{"message":"404 Not Found"}"#),
+        Answer::new(422, r#"{"message":{"base":["Duplicate variable name: X"]}}"#),
+        Answer::new(429, "Retry later").header("retry-after", "17").header("ratelimit-remaining", "0"),
+    ];
+    for answer in cases {
+        upstream.answer_next(answer.clone());
+        let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+        assert_eq!(reply.status, answer.status);
+        assert_eq!(reply.text(), answer.body);
+        for (name, value) in &answer.headers {
+            assert_eq!(reply.headers.get(*name).unwrap(), value.as_str());
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_to_the_upstream_are_reused() {
+    let (upstream, relay) = setup("").await;
+    for _ in 0..5 {
+        let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+        assert_eq!(reply.status, 201);
+    }
+    assert_eq!(upstream.received().len(), 5);
+    assert_eq!(upstream.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_naming_it() {
+    // A port that was just free: bind, read it, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let relay = Relay::start(&gateway_config(&format!("http://127.0.0.1:{port}"), "")).await;
+    let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+    assert_eq!(reply.status, 502);
+    let message = reply.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("upstream \"gitlab\""), "{message}");
+    assert!(message.contains("unreachable"), "{message}");
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_naming_it() {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        "[upstream.gitlab]\nurl = \"{}\"\ntimeout = \"300ms\"\n[gateway]\nupstream = \"gitlab\"\n",
+        upstream.url()
+    );
+    let relay = Relay::start(&config).await;
+    upstream.answer_next(Answer::created().delayed(Duration::from_secs(3)));
+    let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+    assert_eq!(reply.status, 504);
+    let message = reply.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("upstream \"gitlab\"") && message.contains("did not answer within 300ms"), "{message}");
+}
+
+// ---- Refusals: exact answers, and nothing forwarded. ----
+
+async fn refused(relay: &Relay, upstream: &RecordingUpstream, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    let reply = post(&relay.url(path), headers, body.to_owned()).await;
+    assert!(upstream.received().is_empty(), "nothing may be forwarded for {path}");
+    assert_eq!(reply.headers.get("content-type").unwrap(), "application/json");
+    reply
+}
+
+#[tokio::test]
+async fn missing_parameters_are_400_in_grapes_words() {
+    let (upstream, relay) = setup("").await;
+    let cases = [
+        ("?ref=main", json!({"error": "token is missing"})),
+        ("?token=T", json!({"error": "ref is missing"})),
+        ("", json!({"error": "ref is missing, token is missing"})),
+        ("?token=T&ref=", json!({"error": "ref is empty"})),
+        ("?token=T&ref=main&variables=x", json!({"error": "variables is invalid"})),
+    ];
+    for (query, expected) in cases {
+        let reply = refused(&relay, &upstream, &format!("{PIPELINE}{query}"), &[], "").await;
+        assert_eq!((reply.status, reply.json()), (400, expected), "query {query:?}");
+    }
+}
+
+#[tokio::test]
+async fn non_string_variables_get_gitlabs_message() {
+    let (upstream, relay) = setup("").await;
+    for body in [
+        r#"{"token":"T","ref":"main","variables":{"A":1}}"#,
+        r#"{"token":"T","ref":"main","variables":{"A":["1","2"]}}"#,
+        r#"{"token":"T","ref":"main","variables":{"A":{"B":"c"}}}"#,
+    ] {
+        let reply = refused(&relay, &upstream, PIPELINE, &[("content-type", "application/json")], body).await;
+        assert_eq!(reply.status, 400);
+        assert_eq!(reply.json(), json!({"message": "variables needs to be a map of key-valued strings"}));
+    }
+}
+
+#[tokio::test]
+async fn pipeline_hooks_are_403_as_in_gitlab() {
+    let (upstream, relay) = setup("").await;
+    let reply = refused(
+        &relay,
+        &upstream,
+        "/api/v4/projects/9/ref/main/trigger/pipeline?token=T",
+        &[("x-gitlab-event", "Pipeline Hook"), ("content-type", "application/json")],
+        r#"{"object_kind":"pipeline"}"#,
+    )
+    .await;
+    assert_eq!((reply.status, reply.json()), (403, json!({"message": "403 Forbidden"})));
+}
+
+#[tokio::test]
+async fn invalid_refs_are_400_saying_why() {
+    let (upstream, relay) = setup("").await;
+    for (git_ref, why) in [
+        ("a..b", ".."),
+        ("a%20b", "' '"),
+        ("a~1", "'~'"),
+        ("a%5E", "'^'"),
+        ("a:b", "':'"),
+        ("a%3F", "'?'"),
+        ("a*", "'*'"),
+        ("a%5Bb", "'['"),
+        ("a%5Cb", "'\\\\'"),
+        ("-rf", "\"-\""),
+        ("main.lock", ".lock"),
+        ("feature%2F", "\"/\""),
+        ("a@%7B1%7D", "@{"),
+        ("a%01b", "control character"),
+        ("da1560886d4f094c3e6c9ef40349f7d38b5d27d7", "commit SHA"),
+    ] {
+        let path = format!("/api/v4/projects/9/ref/{git_ref}/trigger/pipeline?token=T");
+        let reply = refused(&relay, &upstream, &path, &[], "").await;
+        assert_eq!(reply.status, 400, "{git_ref}");
+        let message = reply.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(why), "{git_ref}: {message:?} should say {why:?}");
+    }
+}
+
+#[tokio::test]
+async fn personal_access_tokens_are_refused_with_the_reason() {
+    let (upstream, relay) = setup("").await;
+    let token = "glpat-Zx9RealLookingSecretValue";
+    let reply = refused(&relay, &upstream, &format!("{PIPELINE}?token={token}&ref=main"), &[], "").await;
+    assert_eq!(reply.status, 401);
+    let message = reply.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("personal") && message.contains("trigger token"), "{message}");
+    assert!(!message.contains("Zx9Real"), "the token is never echoed: {message}");
+}
+
+#[tokio::test]
+async fn the_reserved_trigger_payload_variable_is_refused() {
+    let (upstream, relay) = setup("").await;
+    let reply = refused(&relay, &upstream, &format!("{PIPELINE}?token=T&ref=main&variables%5BTRIGGER_PAYLOAD%5D=x"), &[], "").await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.json()["message"].as_str().unwrap().contains("reserved"));
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let (upstream, relay) = setup("[server]\nmax_body = \"1KiB\"\n").await;
+    let big = format!(r#"{{"token":"T","ref":"main","pad":"{}"}}"#, "x".repeat(2048));
+    let reply = refused(&relay, &upstream, PIPELINE, &[("content-type", "application/json")], &big).await;
+    assert_eq!(reply.status, 413);
+    assert!(reply.json()["message"].as_str().unwrap().contains("max_body"));
+    // Without a declared length (chunked), the limit holds while reading.
+    let file = relay.dir.path().join("big.json");
+    std::fs::write(&file, &big).unwrap();
+    let data = format!("@{}", file.display());
+    let url = relay.url(PIPELINE);
+    let (status, _) = curl_async(args(&[
+        "--request", "POST", "--header", "Transfer-Encoding: chunked",
+        "--header", "Content-Type: application/json", "--data-binary", &data, &url,
+    ]))
+    .await;
+    assert_eq!(status, 413);
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn unreadable_bodies_are_clear_400s_and_415s() {
+    let (upstream, relay) = setup("").await;
+    let reply = refused(&relay, &upstream, PIPELINE, &[("content-type", "application/json")], "{\n\"token\": }").await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["message"], "the body is not valid JSON: expected value at line 2 column 10");
+    let reply = refused(&relay, &upstream, PIPELINE, &[("content-type", "text/plain")], "token=T").await;
+    assert_eq!(reply.status, 415);
+    let reply = refused(
+        &relay,
+        &upstream,
+        PIPELINE,
+        &[("content-type", "multipart/form-data; boundary=XYZ")],
+        "--XYZ\r\nnot a part",
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_and_wrong_methods_405() {
+    let (upstream, relay) = setup("").await;
+    let reply = post(&relay.url("/api/v4/projects/9/pipelines"), &[], "").await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["message"], "no endpoint POST /api/v4/projects/9/pipelines");
+    let reply = send("GET", &relay.url(PIPELINE), &[], "").await;
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.headers.get("allow").unwrap(), "POST");
+    assert!(reply.json()["message"].as_str().unwrap().contains("use POST"));
+    let reply = post(&relay.url("/healthz"), &[], "").await;
+    assert_eq!(reply.status, 405);
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn gateway_answers_404_when_not_configured() {
+    let upstream = RecordingUpstream::start().await;
+    let relay = Relay::start(&format!("[upstream.gitlab]\nurl = \"{}\"\n", upstream.url())).await;
+    let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+    assert_eq!(reply.status, 404);
+    assert!(reply.json()["message"].as_str().unwrap().contains("[gateway]"));
+    assert!(upstream.received().is_empty());
+}
+
+// ---- Health and shutdown. ----
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let (_upstream, relay) = setup("").await;
+    let reply = send("GET", &relay.url("/healthz"), &[], "").await;
+    assert_eq!((reply.status, reply.json()), (200, json!({"status": "ok"})));
+    let reply = send("GET", &relay.url("/readyz"), &[], "").await;
+    assert_eq!((reply.status, reply.json()), (200, json!({"status": "ready"})));
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests() {
+    let (upstream, mut relay) = setup("").await;
+    upstream.answer_next(Answer::created().delayed(Duration::from_millis(500)));
+    let url = relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main");
+    let in_flight = tokio::spawn(async move { post(&url, &[], "").await });
+    // Let the request reach the upstream, then ask the relay to stop.
+    for _ in 0..100 {
+        if !upstream.received().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    relay.signal_shutdown();
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 201, "the in-flight request completes");
+    relay.wait().await;
+}
