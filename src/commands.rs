@@ -1,6 +1,7 @@
 //! The command-line commands. `main` parses arguments and calls these; everything a
 //! command does lives here so it can be tested.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,6 +30,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -55,7 +57,11 @@ pub fn check(path: &Path) -> ExitCode {
 
 /// A short description of a loaded configuration.
 fn summary(config: &Config) -> String {
-    let files: Vec<String> = config.files.iter().map(|f| f.display().to_string()).collect();
+    let files: Vec<String> = config
+        .files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect();
     let upstreams: Vec<String> = config
         .upstreams
         .values()
@@ -68,7 +74,11 @@ fn summary(config: &Config) -> String {
     format!(
         "configuration OK: {}\n  upstreams: {}\n  gateway: {gateway}",
         files.join(", "),
-        if upstreams.is_empty() { "none".into() } else { upstreams.join(", ") },
+        if upstreams.is_empty() {
+            "none".into()
+        } else {
+            upstreams.join(", ")
+        },
     )
 }
 
@@ -80,7 +90,9 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
             for problem in &problems.0 {
                 eprintln!("{problem}");
             }
-            eprintln!("hookrelay: not starting: fix the configuration above (`hookrelay check` shows the same)");
+            eprintln!(
+                "hookrelay: not starting: fix the configuration above (`hookrelay check` shows the same)"
+            );
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
@@ -97,10 +109,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("listening on {listen}"))?;
     let bound = listener.local_addr().context("reading the bound address")?;
     match gateway {
-        Some(gateway) => tracing::info!(address = %bound, gateway_upstream = %gateway.upstream, "hookrelay listening"),
+        Some(gateway) => {
+            tracing::info!(address = %bound, gateway_upstream = %gateway.upstream, "hookrelay listening")
+        }
         None => tracing::info!(address = %bound, "hookrelay listening (trigger gateway disabled)"),
     }
-    server::run(listener, app, shutdown_signal()).await.context("serving")?;
+    server::run(listener, app, shutdown_signal())
+        .await
+        .context("serving")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -20,7 +20,10 @@ pub enum ApiError {
     #[error("no endpoint {method} {path}")]
     NotFound { method: String, path: String },
     #[error("{method} is not allowed here; use {allowed}")]
-    MethodNotAllowed { method: String, allowed: &'static str },
+    MethodNotAllowed {
+        method: String,
+        allowed: &'static str,
+    },
     #[error("the request body is larger than the {limit}-byte limit ([server] max_body)")]
     BodyTooLarge { limit: usize },
     #[error("the request body did not arrive within the read timeout ([server] read_timeout)")]
@@ -42,21 +45,34 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
     let (status, body) = match err {
         ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, json!({ "message": message })),
         ApiError::MethodNotAllowed { allowed, .. } => {
-            let mut response = json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({ "message": message }));
-            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
+            let mut response = json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({ "message": message }),
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allowed));
             return response;
         }
-        ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, json!({ "message": message })),
+        ApiError::BodyTooLarge { .. } => {
+            (StatusCode::PAYLOAD_TOO_LARGE, json!({ "message": message }))
+        }
         ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, json!({ "message": message })),
         ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
-        ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, json!({ "message": message })),
+        ApiError::ShuttingDown => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "message": message }),
+        ),
         ApiError::Gateway(gateway) => match gateway {
             G::Disabled => (StatusCode::NOT_FOUND, json!({ "message": message })),
             G::Project(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
-            G::Params(ParamError::Invalid(_)) => (StatusCode::BAD_REQUEST, json!({ "error": message })),
-            G::Params(ParamError::UnsupportedContentType(_)) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({ "message": message }))
+            G::Params(ParamError::Invalid(_)) => {
+                (StatusCode::BAD_REQUEST, json!({ "error": message }))
             }
+            G::Params(ParamError::UnsupportedContentType(_)) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                json!({ "message": message }),
+            ),
             G::Params(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
             G::PipelineHook => (StatusCode::FORBIDDEN, json!({ "message": "403 Forbidden" })),
             G::Ref(_) | G::Variable(_) | G::PathEncoding(_) => {
@@ -65,10 +81,12 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             G::NotATriggerToken(_) => (StatusCode::UNAUTHORIZED, json!({ "message": message })),
         },
         ApiError::Upstream(upstream) => match upstream {
-            UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, json!({ "message": message })),
-            UpstreamError::Unreachable { .. } | UpstreamError::BadResponse { .. } | UpstreamError::Tls { .. } => {
-                (StatusCode::BAD_GATEWAY, json!({ "message": message }))
+            UpstreamError::Timeout { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, json!({ "message": message }))
             }
+            UpstreamError::Unreachable { .. }
+            | UpstreamError::BadResponse { .. }
+            | UpstreamError::Tls { .. } => (StatusCode::BAD_GATEWAY, json!({ "message": message })),
         },
     };
     json_response(status, &body)
@@ -78,8 +96,9 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }

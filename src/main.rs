@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use hookrelay::commands;
 
 #[derive(Parser)]
-#[command(name = "hookrelay", version, about = "Webhook relay and rate-limited gateway for GitLab's pipeline trigger API")]
+#[command(
+    name = "hookrelay",
+    version,
+    about = "Webhook relay and rate-limited gateway for GitLab's pipeline trigger API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,19 +23,34 @@ enum Command {
     /// Run the relay.
     Serve {
         /// Configuration file, or folder whose *.toml files are read in name order.
-        #[arg(long, env = "HOOKRELAY_CONFIG", default_value = "rules", value_name = "FILE|DIR")]
+        #[arg(
+            long,
+            env = "HOOKRELAY_CONFIG",
+            default_value = "rules",
+            value_name = "FILE|DIR"
+        )]
         config: PathBuf,
         /// Address to listen on (overrides [server] listen; default 127.0.0.1:8080).
         #[arg(long, env = "HOOKRELAY_LISTEN", value_name = "ADDR")]
         listen: Option<SocketAddr>,
         /// Folder for the relay's state.
-        #[arg(long, env = "HOOKRELAY_STATE", default_value = "hookrelay-data", value_name = "DIR")]
+        #[arg(
+            long,
+            env = "HOOKRELAY_STATE",
+            default_value = "hookrelay-data",
+            value_name = "DIR"
+        )]
         state: PathBuf,
     },
     /// Validate the configuration; print each problem as file:line: message.
     Check {
         /// Configuration file, or folder whose *.toml files are read in name order.
-        #[arg(long, env = "HOOKRELAY_CONFIG", default_value = "rules", value_name = "FILE|DIR")]
+        #[arg(
+            long,
+            env = "HOOKRELAY_CONFIG",
+            default_value = "rules",
+            value_name = "FILE|DIR"
+        )]
         config: PathBuf,
     },
 }
@@ -40,7 +59,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => commands::check(&config),
-        Command::Serve { config, listen, state } => {
+        Command::Serve {
+            config,
+            listen,
+            state,
+        } => {
             commands::init_logging();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
@@ -49,7 +72,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(commands::serve(commands::ServeOptions { config, listen, state })) {
+            match runtime.block_on(commands::serve(commands::ServeOptions {
+                config,
+                listen,
+                state,
+            })) {
                 Ok(code) => code,
                 Err(err) => {
                     eprintln!("hookrelay: {err:#}");

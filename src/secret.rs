@@ -136,7 +136,10 @@ mod tests {
 
     #[test]
     fn references_parse_and_refuse_literals() {
-        assert_eq!(SecretRef::parse("env:A_B1"), Ok(SecretRef::Env("A_B1".into())));
+        assert_eq!(
+            SecretRef::parse("env:A_B1"),
+            Ok(SecretRef::Env("A_B1".into()))
+        );
         assert_eq!(
             SecretRef::parse("file:/run/x"),
             Ok(SecretRef::File(PathBuf::from("/run/x")))
@@ -152,7 +155,10 @@ mod tests {
         let err = SecretRef::Env("HOOKRELAY_TEST_SURELY_UNSET".into())
             .resolve()
             .unwrap_err();
-        assert_eq!(err, "environment variable HOOKRELAY_TEST_SURELY_UNSET is not set");
+        assert_eq!(
+            err,
+            "environment variable HOOKRELAY_TEST_SURELY_UNSET is not set"
+        );
     }
 
     #[test]

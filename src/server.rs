@@ -49,7 +49,11 @@ impl App {
 
 /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
 /// for at most `[server] shutdown_timeout`, and returns.
-pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(app.config.server.read_timeout)
@@ -94,12 +98,27 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
     Ok(())
 }
 
+/// A duration in milliseconds with one decimal, `-` when absent, for log lines.
+struct Millis(Option<Duration>);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(duration) => write!(f, "{:.1}", duration.as_secs_f64() * 1000.0),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// What a request path names.
 #[derive(Debug, PartialEq, Eq)]
 enum Route<'a> {
     Healthz,
     Readyz,
-    Trigger { project: &'a str, git_ref: Option<String> },
+    Trigger {
+        project: &'a str,
+        git_ref: Option<String>,
+    },
     NotFound,
 }
 
@@ -110,13 +129,29 @@ fn route(path: &str) -> Route<'_> {
         ["healthz"] => Route::Healthz,
         ["readyz"] => Route::Readyz,
         ["api", "v4", "projects", project, "trigger", "pipeline"] if !project.is_empty() => {
-            Route::Trigger { project, git_ref: None }
+            Route::Trigger {
+                project,
+                git_ref: None,
+            }
         }
         // GitLab's `:ref` matches `.+`, so an unencoded `feature/x` is one ref too.
-        ["api", "v4", "projects", project, "ref", git_ref @ .., "trigger", "pipeline"]
-            if !project.is_empty() && !git_ref.is_empty() && git_ref.iter().all(|s| !s.is_empty()) =>
+        [
+            "api",
+            "v4",
+            "projects",
+            project,
+            "ref",
+            git_ref @ ..,
+            "trigger",
+            "pipeline",
+        ] if !project.is_empty()
+            && !git_ref.is_empty()
+            && git_ref.iter().all(|s| !s.is_empty()) =>
         {
-            Route::Trigger { project, git_ref: Some(git_ref.join("/")) }
+            Route::Trigger {
+                project,
+                git_ref: Some(git_ref.join("/")),
+            }
         }
         _ => Route::NotFound,
     }
@@ -134,10 +169,10 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
     tracing::info!(
         %peer,
         %method,
-        path,
+        %path,
         status = response.status().as_u16(),
-        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-        upstream_ms = upstream_latency.map(|d: Duration| d.as_secs_f64() * 1000.0),
+        elapsed_ms = %Millis(Some(started.elapsed())),
+        upstream_ms = %Millis(upstream_latency),
         "request"
     );
     response
@@ -149,15 +184,24 @@ async fn dispatch(
     upstream_latency: &mut Option<Duration>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let method = request.method().clone();
-    let not_allowed = |allowed: &'static str| ApiError::MethodNotAllowed { method: method.to_string(), allowed };
+    let not_allowed = |allowed: &'static str| ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        allowed,
+    };
     match route(request.uri().path()) {
         Route::Healthz => match method {
-            Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, &json!({ "status": "ok" }))),
+            Method::GET | Method::HEAD => {
+                Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })))
+            }
             _ => Err(not_allowed("GET, HEAD")),
         },
         Route::Readyz => match method {
-            Method::GET | Method::HEAD if app.shutting_down.load(Ordering::SeqCst) => Err(ApiError::ShuttingDown),
-            Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, &json!({ "status": "ready" }))),
+            Method::GET | Method::HEAD if app.shutting_down.load(Ordering::SeqCst) => {
+                Err(ApiError::ShuttingDown)
+            }
+            Method::GET | Method::HEAD => {
+                Ok(json_response(StatusCode::OK, &json!({ "status": "ready" })))
+            }
             _ => Err(not_allowed("GET, HEAD")),
         },
         Route::Trigger { project, git_ref } => {
@@ -171,13 +215,17 @@ async fn dispatch(
                 .expect("configuration validated that the gateway's upstream exists");
             let project = project.to_owned();
             let (parts, body) = read_body(app, request).await?;
-            let header_text = |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
+            let header_text =
+                |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
             let call = CallRequest {
                 project: &project,
                 git_ref: git_ref.as_deref(),
                 query: parts.uri.query(),
                 content_type: header_text(header::CONTENT_TYPE),
-                gitlab_event: parts.headers.get("x-gitlab-event").and_then(|v| v.to_str().ok()),
+                gitlab_event: parts
+                    .headers
+                    .get("x-gitlab-event")
+                    .and_then(|v| v.to_str().ok()),
                 body,
             };
             let trigger = gateway::parse_trigger_call(call, &upstream.name).await?;
@@ -185,13 +233,19 @@ async fn dispatch(
             *upstream_latency = Some(answer.latency);
             Ok(response)
         }
-        Route::NotFound => Err(ApiError::NotFound { method: method.to_string(), path: request.uri().path().to_owned() }),
+        Route::NotFound => Err(ApiError::NotFound {
+            method: method.to_string(),
+            path: request.uri().path().to_owned(),
+        }),
     }
 }
 
 /// Reads the whole body within the size limit and the read timeout. A declared length over
 /// the limit is refused before a byte of the body is read.
-async fn read_body(app: &App, request: Request<Incoming>) -> Result<(http::request::Parts, Bytes), ApiError> {
+async fn read_body(
+    app: &App,
+    request: Request<Incoming>,
+) -> Result<(http::request::Parts, Bytes), ApiError> {
     let limit = app.config.server.max_body;
     let (parts, body) = request.into_parts();
     let declared = parts
@@ -205,7 +259,11 @@ async fn read_body(app: &App, request: Request<Incoming>) -> Result<(http::reque
     let collect = Limited::new(body, limit).collect();
     match tokio::time::timeout(app.config.server.read_timeout, collect).await {
         Err(_) => Err(ApiError::BodyTimeout),
-        Ok(Err(err)) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Ok(Err(err))
+            if err
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(ApiError::BodyTooLarge { limit })
         }
         Ok(Err(err)) => Err(ApiError::BodyRead(err.to_string())),
@@ -223,20 +281,38 @@ mod tests {
         assert_eq!(route("/readyz"), Route::Readyz);
         assert_eq!(
             route("/api/v4/projects/9/trigger/pipeline"),
-            Route::Trigger { project: "9", git_ref: None }
+            Route::Trigger {
+                project: "9",
+                git_ref: None
+            }
         );
         assert_eq!(
             route("/api/v4/projects/g%2Fp/ref/feature%2Fx/trigger/pipeline"),
-            Route::Trigger { project: "g%2Fp", git_ref: Some("feature%2Fx".into()) }
+            Route::Trigger {
+                project: "g%2Fp",
+                git_ref: Some("feature%2Fx".into())
+            }
         );
         assert_eq!(
             route("/api/v4/projects/9/ref/feature/x/trigger/pipeline"),
-            Route::Trigger { project: "9", git_ref: Some("feature/x".into()) }
+            Route::Trigger {
+                project: "9",
+                git_ref: Some("feature/x".into())
+            }
         );
-        assert_eq!(route("/api/v4/projects/g/p/trigger/pipeline"), Route::NotFound);
+        assert_eq!(
+            route("/api/v4/projects/g/p/trigger/pipeline"),
+            Route::NotFound
+        );
         assert_eq!(route("/api/v4/projects//trigger/pipeline"), Route::NotFound);
-        assert_eq!(route("/api/v4/projects/9/ref//trigger/pipeline"), Route::NotFound);
-        assert_eq!(route("/api/v4/projects/9/trigger/pipeline/"), Route::NotFound);
+        assert_eq!(
+            route("/api/v4/projects/9/ref//trigger/pipeline"),
+            Route::NotFound
+        );
+        assert_eq!(
+            route("/api/v4/projects/9/trigger/pipeline/"),
+            Route::NotFound
+        );
         assert_eq!(route("/"), Route::NotFound);
     }
 }

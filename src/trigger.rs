@@ -18,7 +18,11 @@ use crate::git_ref::GitRef;
 use crate::secret::Secret;
 
 /// Characters escaped in one URL path segment: everything but RFC 3986's unreserved set.
-const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// The variable GitLab fills with the request body; a caller's variable of that name makes
 /// GitLab fail the pipeline ("Duplicate variable name: TRIGGER_PAYLOAD").
@@ -49,7 +53,9 @@ impl ProjectId {
             ));
         }
         if text.chars().any(|c| c.is_control()) {
-            return Err(format!("project path {text:?} contains a control character"));
+            return Err(format!(
+                "project path {text:?} contains a control character"
+            ));
         }
         Ok(ProjectId::Path(text.to_owned()))
     }
@@ -288,13 +294,20 @@ mod tests {
         let err = check_trigger_token("glpat-xxxxxxxxxxxxxxxxxxxx").unwrap_err();
         assert!(err.contains("personal"), "{err}");
         assert!(err.contains("trigger token"), "{err}");
-        assert!(!err.contains("xxxx"), "the message must not echo the token: {err}");
+        assert!(
+            !err.contains("xxxx"),
+            "the message must not echo the token: {err}"
+        );
     }
 
     #[test]
     fn variable_names() {
         assert!(check_variable_name("UPLOAD_TO_S3").is_ok());
-        assert!(check_variable_name("TRIGGER_PAYLOAD").unwrap_err().contains("reserved"));
+        assert!(
+            check_variable_name("TRIGGER_PAYLOAD")
+                .unwrap_err()
+                .contains("reserved")
+        );
         assert!(check_variable_name("a-b").is_err());
         assert!(check_variable_name("").is_err());
         assert!(check_variable_name(&"A".repeat(256)).is_err());

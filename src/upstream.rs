@@ -159,22 +159,29 @@ impl Upstream {
     /// Sends one call and reads GitLab's whole answer within the upstream's timeout.
     pub async fn send(&self, call: &UpstreamCall) -> Result<UpstreamResponse, UpstreamError> {
         let mut request = Request::post(format!("{}{}", self.base, call.path_and_query))
-            .header(header::USER_AGENT, concat!("hookrelay/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("hookrelay/", env!("CARGO_PKG_VERSION")),
+            )
             .header(header::ACCEPT, "application/json");
         if let Some(content_type) = &call.content_type {
             if let Ok(value) = HeaderValue::from_str(content_type) {
                 request = request.header(header::CONTENT_TYPE, value);
             }
         }
-        let request = request
-            .body(Full::new(call.body.clone()))
-            .map_err(|err| UpstreamError::BadResponse {
+        let request = request.body(Full::new(call.body.clone())).map_err(|err| {
+            UpstreamError::BadResponse {
                 upstream: self.name.clone(),
                 reason: format!("the request cannot be built: {err}"),
-            })?;
+            }
+        })?;
         let started = Instant::now();
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|err| self.request_error(&err))?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|err| self.request_error(&err))?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_RESPONSE)
                 .collect()
@@ -238,7 +245,11 @@ fn flatten_message(value: &serde_json::Value) -> String {
     use serde_json::Value;
     match value {
         Value::String(text) => text.clone(),
-        Value::Array(items) => items.iter().map(flatten_message).collect::<Vec<_>>().join("; "),
+        Value::Array(items) => items
+            .iter()
+            .map(flatten_message)
+            .collect::<Vec<_>>()
+            .join("; "),
         Value::Object(map) => map
             .iter()
             .map(|(key, value)| format!("{key}: {}", flatten_message(value)))
@@ -254,12 +265,19 @@ mod tests {
 
     #[test]
     fn gitlab_messages_become_readable() {
-        assert_eq!(readable_message(br#"{"message":"404 Not Found"}"#).as_deref(), Some("404 Not Found"));
         assert_eq!(
-            readable_message(br#"{"message":{"base":["Reference not found","Ref is ambiguous"]}}"#).as_deref(),
+            readable_message(br#"{"message":"404 Not Found"}"#).as_deref(),
+            Some("404 Not Found")
+        );
+        assert_eq!(
+            readable_message(br#"{"message":{"base":["Reference not found","Ref is ambiguous"]}}"#)
+                .as_deref(),
             Some("base: Reference not found; Ref is ambiguous")
         );
-        assert_eq!(readable_message(br#"{"error":"token is missing"}"#).as_deref(), Some("token is missing"));
+        assert_eq!(
+            readable_message(br#"{"error":"token is missing"}"#).as_deref(),
+            Some("token is missing")
+        );
         assert_eq!(readable_message(b"Retry later"), None);
     }
 }

@@ -32,8 +32,16 @@ fn args(list: &[&str]) -> Vec<String> {
 async fn seed_page_form_fields() {
     let (upstream, relay) = setup("").await;
     let url = relay.url(PIPELINE);
-    let (status, body) =
-        curl_async(args(&["--request", "POST", "--form", "token=TOKEN", "--form", "ref=master", &url])).await;
+    let (status, body) = curl_async(args(&[
+        "--request",
+        "POST",
+        "--form",
+        "token=TOKEN",
+        "--form",
+        "ref=master",
+        &url,
+    ]))
+    .await;
     assert_eq!(status, 201);
     assert_eq!(body, TRIGGER_RESPONSE, "GitLab's body comes back unchanged");
     let got = upstream.only();
@@ -50,7 +58,10 @@ async fn seed_page_query_string() {
     let url = relay.url("/api/v4/projects/9/trigger/pipeline?token=TOKEN&ref=master");
     let (status, _) = curl_async(args(&["--request", "POST", &url])).await;
     assert_eq!(status, 201);
-    assert_eq!(upstream.only().json(), json!({"token": "TOKEN", "ref": "master"}));
+    assert_eq!(
+        upstream.only().json(),
+        json!({"token": "TOKEN", "ref": "master"})
+    );
 }
 
 #[tokio::test]
@@ -58,8 +69,15 @@ async fn seed_page_variables() {
     let (upstream, relay) = setup("").await;
     let url = relay.url(PIPELINE);
     let (status, _) = curl_async(args(&[
-        "--request", "POST", "--form", "token=TOKEN", "--form", "ref=master",
-        "--form", "variables[UPLOAD_TO_S3]=true", &url,
+        "--request",
+        "POST",
+        "--form",
+        "token=TOKEN",
+        "--form",
+        "ref=master",
+        "--form",
+        "variables[UPLOAD_TO_S3]=true",
+        &url,
     ]))
     .await;
     assert_eq!(status, 201);
@@ -78,16 +96,33 @@ async fn seed_page_webhook_url() {
     let url = relay.url("/api/v4/projects/9/ref/master/trigger/pipeline?token=TOKEN");
     let data = format!("@{}", file.display());
     let (status, _) = curl_async(args(&[
-        "--request", "POST", "--header", "Content-Type: application/json",
-        "--header", "X-Gitlab-Event: Push Hook", "--data-binary", &data, &url,
+        "--request",
+        "POST",
+        "--header",
+        "Content-Type: application/json",
+        "--header",
+        "X-Gitlab-Event: Push Hook",
+        "--data-binary",
+        &data,
+        &url,
     ]))
     .await;
     assert_eq!(status, 201);
     let got = upstream.only();
-    assert_eq!(got.path_and_query, "/api/v4/projects/9/ref/master/trigger/pipeline?token=TOKEN");
-    assert_eq!(got.body, push, "the webhook body is forwarded byte for byte");
+    assert_eq!(
+        got.path_and_query,
+        "/api/v4/projects/9/ref/master/trigger/pipeline?token=TOKEN"
+    );
+    assert_eq!(
+        got.body, push,
+        "the webhook body is forwarded byte for byte"
+    );
     assert_eq!(got.header("content-type"), Some("application/json"));
-    assert_eq!(got.header("x-gitlab-event"), None, "X-Gitlab-Event is never forwarded");
+    assert_eq!(
+        got.header("x-gitlab-event"),
+        None,
+        "X-Gitlab-Event is never forwarded"
+    );
 }
 
 // ---- The reference's other documented calls. ----
@@ -95,12 +130,16 @@ async fn seed_page_webhook_url() {
 #[tokio::test]
 async fn reference_query_with_globbed_variables() {
     let (upstream, relay) = setup("").await;
-    let url = relay.url("/api/v4/projects/123/trigger/pipeline?token=TOKEN&ref=main&variables[VAR1]=value1");
+    let url = relay
+        .url("/api/v4/projects/123/trigger/pipeline?token=TOKEN&ref=main&variables[VAR1]=value1");
     let (status, _) = curl_async(args(&["-g", "--request", "POST", &url])).await;
     assert_eq!(status, 201);
     let got = upstream.only();
     assert_eq!(got.path_and_query, "/api/v4/projects/123/trigger/pipeline");
-    assert_eq!(got.json(), json!({"token": "TOKEN", "ref": "main", "variables": {"VAR1": "value1"}}));
+    assert_eq!(
+        got.json(),
+        json!({"token": "TOKEN", "ref": "main", "variables": {"VAR1": "value1"}})
+    );
 }
 
 #[tokio::test]
@@ -109,7 +148,13 @@ async fn reference_json_body_keeps_input_types() {
     let body = r#"{"token":"TOKEN","ref":"main","variables":{"VAR1":"value1"},"inputs":{"environment":"production","level":3}}"#;
     let url = relay.url("/api/v4/projects/123/trigger/pipeline");
     let (status, _) = curl_async(args(&[
-        "--request", "POST", "--header", "Content-Type: application/json", "--data", body, &url,
+        "--request",
+        "POST",
+        "--header",
+        "Content-Type: application/json",
+        "--data",
+        body,
+        &url,
     ]))
     .await;
     assert_eq!(status, 201);
@@ -122,10 +167,16 @@ async fn reference_json_body_keeps_input_types() {
 #[tokio::test]
 async fn reference_webhook_with_encoded_project_and_ref() {
     let (upstream, relay) = setup("").await;
-    let url = relay.url("/api/v4/projects/mygroup%2Fmyproj/ref/release%2F1.2/trigger/pipeline?token=TOKEN");
+    let url = relay
+        .url("/api/v4/projects/mygroup%2Fmyproj/ref/release%2F1.2/trigger/pipeline?token=TOKEN");
     let (status, _) = curl_async(args(&[
-        "--request", "POST", "--header", "Content-Type: application/json",
-        "--data", r#"{"ref":"refs/heads/other-branch"}"#, &url,
+        "--request",
+        "POST",
+        "--header",
+        "Content-Type: application/json",
+        "--data",
+        r#"{"ref":"refs/heads/other-branch"}"#,
+        &url,
     ]))
     .await;
     assert_eq!(status, 201);
@@ -188,26 +239,49 @@ async fn path_ref_wins_over_query_and_body_and_is_decoded_once() {
         got.path_and_query,
         "/api/v4/projects/9/ref/feature%2Fx/trigger/pipeline?token=TOKEN&variables%5BV%5D=1"
     );
-    assert_eq!(&got.body[..], b"ref=body&variables[V]=1", "the webhook body is untouched");
-    assert_eq!(got.header("content-type"), Some("application/x-www-form-urlencoded"));
+    assert_eq!(
+        &got.body[..],
+        b"ref=body&variables[V]=1",
+        "the webhook body is untouched"
+    );
+    assert_eq!(
+        got.header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
 }
 
 #[tokio::test]
 async fn webhook_form_accepts_an_empty_body_and_an_unencoded_slash_ref() {
     let (upstream, relay) = setup("").await;
-    let reply = post(&relay.url("/api/v4/projects/9/ref/feature/x/trigger/pipeline?token=TOKEN"), &[], "").await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/ref/feature/x/trigger/pipeline?token=TOKEN"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(reply.status, 201);
     let got = upstream.only();
-    assert_eq!(got.path_and_query, "/api/v4/projects/9/ref/feature%2Fx/trigger/pipeline?token=TOKEN");
+    assert_eq!(
+        got.path_and_query,
+        "/api/v4/projects/9/ref/feature%2Fx/trigger/pipeline?token=TOKEN"
+    );
     assert!(got.body.is_empty());
 }
 
 #[tokio::test]
 async fn project_paths_stay_encoded_upstream() {
     let (upstream, relay) = setup("").await;
-    let reply = post(&relay.url("/api/v4/projects/group%2Fsub%2Fapp/trigger/pipeline?token=T&ref=main"), &[], "").await;
+    let reply = post(
+        &relay.url("/api/v4/projects/group%2Fsub%2Fapp/trigger/pipeline?token=T&ref=main"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(reply.status, 201);
-    assert_eq!(upstream.only().path_and_query, "/api/v4/projects/group%2Fsub%2Fapp/trigger/pipeline");
+    assert_eq!(
+        upstream.only().path_and_query,
+        "/api/v4/projects/group%2Fsub%2Fapp/trigger/pipeline"
+    );
 }
 
 // ---- GitLab's answers pass through unchanged. ----
@@ -218,12 +292,22 @@ async fn gitlab_errors_come_back_unchanged() {
     let cases = [
         Answer::new(400, r#"{"message":{"base":["Reference not found"]}}"#),
         Answer::new(404, r#"{"message":"404 Not Found"}"#),
-        Answer::new(422, r#"{"message":{"base":["Duplicate variable name: X"]}}"#),
-        Answer::new(429, "Retry later").header("retry-after", "17").header("ratelimit-remaining", "0"),
+        Answer::new(
+            422,
+            r#"{"message":{"base":["Duplicate variable name: X"]}}"#,
+        ),
+        Answer::new(429, "Retry later")
+            .header("retry-after", "17")
+            .header("ratelimit-remaining", "0"),
     ];
     for answer in cases {
         upstream.answer_next(answer.clone());
-        let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+        let reply = post(
+            &relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"),
+            &[],
+            "",
+        )
+        .await;
         assert_eq!(reply.status, answer.status);
         assert_eq!(reply.text(), answer.body);
         for (name, value) in &answer.headers {
@@ -236,19 +320,38 @@ async fn gitlab_errors_come_back_unchanged() {
 async fn connections_to_the_upstream_are_reused() {
     let (upstream, relay) = setup("").await;
     for _ in 0..5 {
-        let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+        let reply = post(
+            &relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"),
+            &[],
+            "",
+        )
+        .await;
         assert_eq!(reply.status, 201);
     }
     assert_eq!(upstream.received().len(), 5);
-    assert_eq!(upstream.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
 }
 
 #[tokio::test]
 async fn unreachable_upstream_is_502_naming_it() {
     // A port that was just free: bind, read it, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let relay = Relay::start(&gateway_config(&format!("http://127.0.0.1:{port}"), "")).await;
-    let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(reply.status, 502);
     let message = reply.json()["message"].as_str().unwrap().to_owned();
     assert!(message.contains("upstream \"gitlab\""), "{message}");
@@ -264,18 +367,38 @@ async fn slow_upstream_is_504_naming_it() {
     );
     let relay = Relay::start(&config).await;
     upstream.answer_next(Answer::created().delayed(Duration::from_secs(3)));
-    let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(reply.status, 504);
     let message = reply.json()["message"].as_str().unwrap().to_owned();
-    assert!(message.contains("upstream \"gitlab\"") && message.contains("did not answer within 300ms"), "{message}");
+    assert!(
+        message.contains("upstream \"gitlab\"") && message.contains("did not answer within 300ms"),
+        "{message}"
+    );
 }
 
 // ---- Refusals: exact answers, and nothing forwarded. ----
 
-async fn refused(relay: &Relay, upstream: &RecordingUpstream, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+async fn refused(
+    relay: &Relay,
+    upstream: &RecordingUpstream,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
     let reply = post(&relay.url(path), headers, body.to_owned()).await;
-    assert!(upstream.received().is_empty(), "nothing may be forwarded for {path}");
-    assert_eq!(reply.headers.get("content-type").unwrap(), "application/json");
+    assert!(
+        upstream.received().is_empty(),
+        "nothing may be forwarded for {path}"
+    );
+    assert_eq!(
+        reply.headers.get("content-type").unwrap(),
+        "application/json"
+    );
     reply
 }
 
@@ -287,11 +410,18 @@ async fn missing_parameters_are_400_in_grapes_words() {
         ("?token=T", json!({"error": "ref is missing"})),
         ("", json!({"error": "ref is missing, token is missing"})),
         ("?token=T&ref=", json!({"error": "ref is empty"})),
-        ("?token=T&ref=main&variables=x", json!({"error": "variables is invalid"})),
+        (
+            "?token=T&ref=main&variables=x",
+            json!({"error": "variables is invalid"}),
+        ),
     ];
     for (query, expected) in cases {
         let reply = refused(&relay, &upstream, &format!("{PIPELINE}{query}"), &[], "").await;
-        assert_eq!((reply.status, reply.json()), (400, expected), "query {query:?}");
+        assert_eq!(
+            (reply.status, reply.json()),
+            (400, expected),
+            "query {query:?}"
+        );
     }
 }
 
@@ -303,9 +433,19 @@ async fn non_string_variables_get_gitlabs_message() {
         r#"{"token":"T","ref":"main","variables":{"A":["1","2"]}}"#,
         r#"{"token":"T","ref":"main","variables":{"A":{"B":"c"}}}"#,
     ] {
-        let reply = refused(&relay, &upstream, PIPELINE, &[("content-type", "application/json")], body).await;
+        let reply = refused(
+            &relay,
+            &upstream,
+            PIPELINE,
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
         assert_eq!(reply.status, 400);
-        assert_eq!(reply.json(), json!({"message": "variables needs to be a map of key-valued strings"}));
+        assert_eq!(
+            reply.json(),
+            json!({"message": "variables needs to be a map of key-valued strings"})
+        );
     }
 }
 
@@ -316,11 +456,17 @@ async fn pipeline_hooks_are_403_as_in_gitlab() {
         &relay,
         &upstream,
         "/api/v4/projects/9/ref/main/trigger/pipeline?token=T",
-        &[("x-gitlab-event", "Pipeline Hook"), ("content-type", "application/json")],
+        &[
+            ("x-gitlab-event", "Pipeline Hook"),
+            ("content-type", "application/json"),
+        ],
         r#"{"object_kind":"pipeline"}"#,
     )
     .await;
-    assert_eq!((reply.status, reply.json()), (403, json!({"message": "403 Forbidden"})));
+    assert_eq!(
+        (reply.status, reply.json()),
+        (403, json!({"message": "403 Forbidden"}))
+    );
 }
 
 #[tokio::test]
@@ -347,7 +493,10 @@ async fn invalid_refs_are_400_saying_why() {
         let reply = refused(&relay, &upstream, &path, &[], "").await;
         assert_eq!(reply.status, 400, "{git_ref}");
         let message = reply.json()["message"].as_str().unwrap().to_owned();
-        assert!(message.contains(why), "{git_ref}: {message:?} should say {why:?}");
+        assert!(
+            message.contains(why),
+            "{git_ref}: {message:?} should say {why:?}"
+        );
     }
 }
 
@@ -355,36 +504,83 @@ async fn invalid_refs_are_400_saying_why() {
 async fn personal_access_tokens_are_refused_with_the_reason() {
     let (upstream, relay) = setup("").await;
     let token = "glpat-Zx9RealLookingSecretValue";
-    let reply = refused(&relay, &upstream, &format!("{PIPELINE}?token={token}&ref=main"), &[], "").await;
+    let reply = refused(
+        &relay,
+        &upstream,
+        &format!("{PIPELINE}?token={token}&ref=main"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(reply.status, 401);
     let message = reply.json()["message"].as_str().unwrap().to_owned();
-    assert!(message.contains("personal") && message.contains("trigger token"), "{message}");
-    assert!(!message.contains("Zx9Real"), "the token is never echoed: {message}");
+    assert!(
+        message.contains("personal") && message.contains("trigger token"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("Zx9Real"),
+        "the token is never echoed: {message}"
+    );
 }
 
 #[tokio::test]
 async fn the_reserved_trigger_payload_variable_is_refused() {
     let (upstream, relay) = setup("").await;
-    let reply = refused(&relay, &upstream, &format!("{PIPELINE}?token=T&ref=main&variables%5BTRIGGER_PAYLOAD%5D=x"), &[], "").await;
+    let reply = refused(
+        &relay,
+        &upstream,
+        &format!("{PIPELINE}?token=T&ref=main&variables%5BTRIGGER_PAYLOAD%5D=x"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(reply.status, 400);
-    assert!(reply.json()["message"].as_str().unwrap().contains("reserved"));
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("reserved")
+    );
 }
 
 #[tokio::test]
 async fn oversized_bodies_are_413() {
     let (upstream, relay) = setup("[server]\nmax_body = \"1KiB\"\n").await;
-    let big = format!(r#"{{"token":"T","ref":"main","pad":"{}"}}"#, "x".repeat(2048));
-    let reply = refused(&relay, &upstream, PIPELINE, &[("content-type", "application/json")], &big).await;
+    let big = format!(
+        r#"{{"token":"T","ref":"main","pad":"{}"}}"#,
+        "x".repeat(2048)
+    );
+    let reply = refused(
+        &relay,
+        &upstream,
+        PIPELINE,
+        &[("content-type", "application/json")],
+        &big,
+    )
+    .await;
     assert_eq!(reply.status, 413);
-    assert!(reply.json()["message"].as_str().unwrap().contains("max_body"));
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_body")
+    );
     // Without a declared length (chunked), the limit holds while reading.
     let file = relay.dir.path().join("big.json");
     std::fs::write(&file, &big).unwrap();
     let data = format!("@{}", file.display());
     let url = relay.url(PIPELINE);
     let (status, _) = curl_async(args(&[
-        "--request", "POST", "--header", "Transfer-Encoding: chunked",
-        "--header", "Content-Type: application/json", "--data-binary", &data, &url,
+        "--request",
+        "POST",
+        "--header",
+        "Transfer-Encoding: chunked",
+        "--header",
+        "Content-Type: application/json",
+        "--data-binary",
+        &data,
+        &url,
     ]))
     .await;
     assert_eq!(status, 413);
@@ -394,10 +590,27 @@ async fn oversized_bodies_are_413() {
 #[tokio::test]
 async fn unreadable_bodies_are_clear_400s_and_415s() {
     let (upstream, relay) = setup("").await;
-    let reply = refused(&relay, &upstream, PIPELINE, &[("content-type", "application/json")], "{\n\"token\": }").await;
+    let reply = refused(
+        &relay,
+        &upstream,
+        PIPELINE,
+        &[("content-type", "application/json")],
+        "{\n\"token\": }",
+    )
+    .await;
     assert_eq!(reply.status, 400);
-    assert_eq!(reply.json()["message"], "the body is not valid JSON: expected value at line 2 column 10");
-    let reply = refused(&relay, &upstream, PIPELINE, &[("content-type", "text/plain")], "token=T").await;
+    assert_eq!(
+        reply.json()["message"],
+        "the body is not valid JSON: expected value at line 2 column 10"
+    );
+    let reply = refused(
+        &relay,
+        &upstream,
+        PIPELINE,
+        &[("content-type", "text/plain")],
+        "token=T",
+    )
+    .await;
     assert_eq!(reply.status, 415);
     let reply = refused(
         &relay,
@@ -415,11 +628,19 @@ async fn unknown_paths_are_404_and_wrong_methods_405() {
     let (upstream, relay) = setup("").await;
     let reply = post(&relay.url("/api/v4/projects/9/pipelines"), &[], "").await;
     assert_eq!(reply.status, 404);
-    assert_eq!(reply.json()["message"], "no endpoint POST /api/v4/projects/9/pipelines");
+    assert_eq!(
+        reply.json()["message"],
+        "no endpoint POST /api/v4/projects/9/pipelines"
+    );
     let reply = send("GET", &relay.url(PIPELINE), &[], "").await;
     assert_eq!(reply.status, 405);
     assert_eq!(reply.headers.get("allow").unwrap(), "POST");
-    assert!(reply.json()["message"].as_str().unwrap().contains("use POST"));
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("use POST")
+    );
     let reply = post(&relay.url("/healthz"), &[], "").await;
     assert_eq!(reply.status, 405);
     assert!(upstream.received().is_empty());
@@ -428,10 +649,24 @@ async fn unknown_paths_are_404_and_wrong_methods_405() {
 #[tokio::test]
 async fn gateway_answers_404_when_not_configured() {
     let upstream = RecordingUpstream::start().await;
-    let relay = Relay::start(&format!("[upstream.gitlab]\nurl = \"{}\"\n", upstream.url())).await;
-    let reply = post(&relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"), &[], "").await;
+    let relay = Relay::start(&format!(
+        "[upstream.gitlab]\nurl = \"{}\"\n",
+        upstream.url()
+    ))
+    .await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(reply.status, 404);
-    assert!(reply.json()["message"].as_str().unwrap().contains("[gateway]"));
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("[gateway]")
+    );
     assert!(upstream.received().is_empty());
 }
 
@@ -443,7 +678,10 @@ async fn health_and_readiness() {
     let reply = send("GET", &relay.url("/healthz"), &[], "").await;
     assert_eq!((reply.status, reply.json()), (200, json!({"status": "ok"})));
     let reply = send("GET", &relay.url("/readyz"), &[], "").await;
-    assert_eq!((reply.status, reply.json()), (200, json!({"status": "ready"})));
+    assert_eq!(
+        (reply.status, reply.json()),
+        (200, json!({"status": "ready"}))
+    );
 }
 
 #[tokio::test]
@@ -463,4 +701,99 @@ async fn shutdown_finishes_in_flight_requests() {
     let reply = in_flight.await.unwrap();
     assert_eq!(reply.status, 201, "the in-flight request completes");
     relay.wait().await;
+}
+
+// ---- HTTPS upstreams: a self-hosted GitLab with its own CA. ----
+
+/// An HTTPS upstream on 127.0.0.1:0 whose certificate is signed by a fresh CA; returns
+/// its port and the CA's PEM.
+async fn https_upstream() -> (u16, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let server_config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server_config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_request| async {
+                    let mut response = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(TRIGGER_RESPONSE),
+                    ));
+                    *response.status_mut() = http::StatusCode::CREATED;
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (port, ca.pem())
+}
+
+#[tokio::test]
+async fn https_upstream_trusted_through_ca_file() {
+    let (port, ca_pem) = https_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
+    let config = format!(
+        "[upstream.gitlab]\nurl = \"https://127.0.0.1:{port}\"\nca_file = \"{}\"\n[gateway]\n",
+        dir.path().join("ca.pem").display()
+    );
+    let relay = Relay::start(&config).await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    assert_eq!(reply.text(), TRIGGER_RESPONSE);
+}
+
+#[tokio::test]
+async fn https_upstream_with_an_unknown_ca_is_refused() {
+    let (port, _) = https_upstream().await;
+    let relay = Relay::start(&format!(
+        "[upstream.gitlab]\nurl = \"https://127.0.0.1:{port}\"\n[gateway]\n"
+    ))
+    .await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 502);
+    let message = reply.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("certificate"), "{message}");
 }

@@ -54,7 +54,9 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: DEFAULT_LISTEN.parse().expect("the default listen address is valid"),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("the default listen address is valid"),
             max_body: DEFAULT_MAX_BODY,
             read_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
@@ -199,7 +201,10 @@ impl Builder {
                 "gateway" => {
                     if let Some(raw) = section::<RawGateway>(value, &mut problems) {
                         if let Some((_, first)) = &self.gateway {
-                            problems.at(Some(key.span()), format!("[gateway] is already defined at {first}"));
+                            problems.at(
+                                Some(key.span()),
+                                format!("[gateway] is already defined at {first}"),
+                            );
                         } else {
                             self.gateway = Some((raw.upstream, origin));
                         }
@@ -207,27 +212,39 @@ impl Builder {
                 }
                 other => problems.at(
                     Some(key.span()),
-                    format!("unknown section `{other}`; expected `server`, `upstream` or `gateway`"),
+                    format!(
+                        "unknown section `{other}`; expected `server`, `upstream` or `gateway`"
+                    ),
                 ),
             }
         }
         self.problems.extend(problems.found);
     }
 
-    fn read_server(&mut self, value: Spanned<DeValue<'_>>, origin: Origin, problems: &mut FileProblems<'_>) {
+    fn read_server(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        origin: Origin,
+        problems: &mut FileProblems<'_>,
+    ) {
         let span = value.span();
         let Some(raw) = section::<RawServer>(value, problems) else {
             return;
         };
         if let Some((_, first)) = &self.server {
-            problems.at(Some(span), format!("[server] is already defined at {first}"));
+            problems.at(
+                Some(span),
+                format!("[server] is already defined at {first}"),
+            );
             return;
         }
         let defaults = ServerConfig::default();
         let server = ServerConfig {
             listen: typed(raw.listen, defaults.listen, problems, |text| {
                 text.parse().map_err(|_| {
-                    format!("listen: {text:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:8080\"")
+                    format!(
+                        "listen: {text:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:8080\""
+                    )
                 })
             }),
             max_body: typed(raw.max_body, defaults.max_body, problems, |text| {
@@ -236,9 +253,12 @@ impl Builder {
             read_timeout: typed(raw.read_timeout, defaults.read_timeout, problems, |text| {
                 parse_duration(text).map_err(|err| format!("read_timeout: {err}"))
             }),
-            shutdown_timeout: typed(raw.shutdown_timeout, defaults.shutdown_timeout, problems, |text| {
-                parse_duration(text).map_err(|err| format!("shutdown_timeout: {err}"))
-            }),
+            shutdown_timeout: typed(
+                raw.shutdown_timeout,
+                defaults.shutdown_timeout,
+                problems,
+                |text| parse_duration(text).map_err(|err| format!("shutdown_timeout: {err}")),
+            ),
         };
         self.server = Some((server, origin));
     }
@@ -252,7 +272,10 @@ impl Builder {
     ) {
         let span = value.span();
         let DeValue::Table(table) = value.into_inner() else {
-            problems.at(Some(span), "`upstream` must be tables named [upstream.NAME]");
+            problems.at(
+                Some(span),
+                "`upstream` must be tables named [upstream.NAME]",
+            );
             return;
         };
         for (name, value) in table {
@@ -269,7 +292,10 @@ impl Builder {
                 continue;
             };
             if let Some((_, first)) = self.upstreams.get(&name) {
-                problems.at(Some(name_span), format!("[upstream.{name}] is already defined at {first}"));
+                problems.at(
+                    Some(name_span),
+                    format!("[upstream.{name}] is already defined at {first}"),
+                );
                 continue;
             }
             let origin = Origin {
@@ -291,9 +317,16 @@ impl Builder {
                     line: Some(origin.line),
                     message,
                 };
-                let known = self.upstreams.keys().cloned().collect::<Vec<_>>().join(", ");
+                let known = self
+                    .upstreams
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 match upstream.map(Spanned::into_inner) {
-                    Some(name) if self.upstreams.contains_key(&name) => Some(GatewayConfig { upstream: name }),
+                    Some(name) if self.upstreams.contains_key(&name) => {
+                        Some(GatewayConfig { upstream: name })
+                    }
                     Some(name) => {
                         self.problems.push(line_problem(format!(
                             "[gateway] upstream = {name:?} names no [upstream.{name}] section (defined: {})",
@@ -318,7 +351,11 @@ impl Builder {
         }
         Ok(Config {
             server: self.server.map(|(server, _)| server).unwrap_or_default(),
-            upstreams: self.upstreams.into_iter().map(|(name, (upstream, _))| (name, upstream)).collect(),
+            upstreams: self
+                .upstreams
+                .into_iter()
+                .map(|(name, (upstream, _))| (name, upstream))
+                .collect(),
             gateway,
             files,
         })
@@ -332,7 +369,10 @@ fn compile_upstream(
     env: EnvLookup<'_>,
     problems: &mut FileProblems<'_>,
 ) -> Option<UpstreamConfig> {
-    let env_name = format!("HOOKRELAY_UPSTREAM_{}_URL", name.to_ascii_uppercase().replace('-', "_"));
+    let env_name = format!(
+        "HOOKRELAY_UPSTREAM_{}_URL",
+        name.to_ascii_uppercase().replace('-', "_")
+    );
     let url_span = raw.url.span();
     let (url_text, from_env) = match env(&env_name) {
         Some(value) => (value, true),
@@ -341,14 +381,24 @@ fn compile_upstream(
     let url = match parse_upstream_url(&url_text) {
         Ok(url) => Some(url),
         Err(err) => {
-            let whence = if from_env { format!(" (from {env_name})") } else { String::new() };
-            problems.at(Some(url_span), format!("upstream.{name}.url{whence}: {err}"));
+            let whence = if from_env {
+                format!(" (from {env_name})")
+            } else {
+                String::new()
+            };
+            problems.at(
+                Some(url_span),
+                format!("upstream.{name}.url{whence}: {err}"),
+            );
             None
         }
     };
     let ca_file = raw.ca_file.and_then(|ca| {
         let span = ca.span();
-        let path = file.parent().unwrap_or(Path::new(".")).join(ca.into_inner());
+        let path = file
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(ca.into_inner());
         match crate::upstream::read_ca_file(&path) {
             Ok(_) => Some(path),
             Err(err) => {
@@ -357,9 +407,12 @@ fn compile_upstream(
             }
         }
     });
-    let connect_timeout = typed(raw.connect_timeout, Duration::from_secs(5), problems, |text| {
-        parse_duration(text).map_err(|err| format!("connect_timeout: {err}"))
-    });
+    let connect_timeout = typed(
+        raw.connect_timeout,
+        Duration::from_secs(5),
+        problems,
+        |text| parse_duration(text).map_err(|err| format!("connect_timeout: {err}")),
+    );
     let timeout = typed(raw.timeout, Duration::from_secs(30), problems, |text| {
         parse_duration(text).map_err(|err| format!("timeout: {err}"))
     });
@@ -394,11 +447,17 @@ pub fn parse_upstream_url(text: &str) -> Result<http::Uri, String> {
 }
 
 fn is_valid_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Deserializes one section, recording serde's error (unknown key, wrong type) at its line.
-fn section<T: DeserializeOwned>(value: Spanned<DeValue<'_>>, problems: &mut FileProblems<'_>) -> Option<T> {
+fn section<T: DeserializeOwned>(
+    value: Spanned<DeValue<'_>>,
+    problems: &mut FileProblems<'_>,
+) -> Option<T> {
     let span = value.span();
     match T::deserialize(value.into_deserializer()) {
         Ok(raw) => Some(raw),
@@ -437,7 +496,10 @@ mod tests {
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let prefix = format!("{}/", dir.path().display());
         load_with_env(dir.path(), &lookup).map_err(|problems| {
@@ -457,7 +519,12 @@ mod tests {
     }
 
     fn messages(result: Result<Config, Problems>) -> Vec<String> {
-        result.unwrap_err().0.iter().map(ToString::to_string).collect()
+        result
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
     #[test]
@@ -486,26 +553,64 @@ upstream = "gitlab"
         let upstream = &config.upstreams["gitlab"];
         assert_eq!(upstream.url.to_string(), "https://gitlab.example.com/");
         assert_eq!(upstream.timeout, Duration::from_secs(10));
-        assert_eq!(config.gateway, Some(GatewayConfig { upstream: "gitlab".into() }));
+        assert_eq!(
+            config.gateway,
+            Some(GatewayConfig {
+                upstream: "gitlab".into()
+            })
+        );
     }
 
     #[test]
     fn every_problem_in_every_file_with_its_line() {
         let problems = messages(load_text(
             &[
-                ("a.toml", "[server]\nlisten = \"nowhere\"\nmax_body = \"lots\"\n"),
-                ("b.toml", "[upstream.gitlab]\nurl = \"ftp://x\"\ncolour = \"red\"\n\n[gateway]\nupstream = \"gitlab\"\n"),
-                ("c.toml", "[upstream.other]\nurl = \"https://x\"\n[gateway]\nupstream = \"nope\"\n[mystery]\n"),
+                (
+                    "a.toml",
+                    "[server]\nlisten = \"nowhere\"\nmax_body = \"lots\"\n",
+                ),
+                (
+                    "b.toml",
+                    "[upstream.gitlab]\nurl = \"ftp://x\"\ncolour = \"red\"\n\n[gateway]\nupstream = \"gitlab\"\n",
+                ),
+                (
+                    "c.toml",
+                    "[upstream.other]\nurl = \"https://x\"\n[gateway]\nupstream = \"nope\"\n[mystery]\n",
+                ),
             ],
             &[],
         ));
         assert_eq!(problems.len(), 6, "{problems:#?}");
-        assert!(problems[0].starts_with("a.toml:2: listen: \"nowhere\" is not an address"), "{}", problems[0]);
-        assert!(problems[1].starts_with("a.toml:3: max_body:"), "{}", problems[1]);
-        assert!(problems[2].starts_with("b.toml:3: unknown field `colour`"), "{}", problems[2]);
-        assert!(problems[3].starts_with("c.toml:3: [gateway] is already defined at"), "{}", problems[3]);
-        assert!(problems[4].starts_with("c.toml:5: unknown section `mystery`"), "{}", problems[4]);
-        assert!(problems[5].contains("[gateway] upstream = \"gitlab\" names no [upstream.gitlab]"), "{}", problems[5]);
+        assert!(
+            problems[0].starts_with("a.toml:2: listen: \"nowhere\" is not an address"),
+            "{}",
+            problems[0]
+        );
+        assert!(
+            problems[1].starts_with("a.toml:3: max_body:"),
+            "{}",
+            problems[1]
+        );
+        assert!(
+            problems[2].starts_with("b.toml:3: unknown field `colour`"),
+            "{}",
+            problems[2]
+        );
+        assert!(
+            problems[3].starts_with("c.toml:3: [gateway] is already defined at"),
+            "{}",
+            problems[3]
+        );
+        assert!(
+            problems[4].starts_with("c.toml:5: unknown section `mystery`"),
+            "{}",
+            problems[4]
+        );
+        assert!(
+            problems[5].contains("[gateway] upstream = \"gitlab\" names no [upstream.gitlab]"),
+            "{}",
+            problems[5]
+        );
     }
 
     #[test]
@@ -516,28 +621,57 @@ upstream = "gitlab"
 
     #[test]
     fn environment_overrides_the_upstream_url_and_is_validated() {
-        let file = [("a.toml", "[upstream.my-gitlab]\nurl = \"https://a.example\"\n")];
-        let config = load_text(&file, &[("HOOKRELAY_UPSTREAM_MY_GITLAB_URL", "http://127.0.0.1:1")]).unwrap();
-        assert_eq!(config.upstreams["my-gitlab"].url.to_string(), "http://127.0.0.1:1/");
-        let problems = messages(load_text(&file, &[("HOOKRELAY_UPSTREAM_MY_GITLAB_URL", "nope")]));
-        assert!(problems[0].contains("(from HOOKRELAY_UPSTREAM_MY_GITLAB_URL)"), "{problems:?}");
+        let file = [(
+            "a.toml",
+            "[upstream.my-gitlab]\nurl = \"https://a.example\"\n",
+        )];
+        let config = load_text(
+            &file,
+            &[("HOOKRELAY_UPSTREAM_MY_GITLAB_URL", "http://127.0.0.1:1")],
+        )
+        .unwrap();
+        assert_eq!(
+            config.upstreams["my-gitlab"].url.to_string(),
+            "http://127.0.0.1:1/"
+        );
+        let problems = messages(load_text(
+            &file,
+            &[("HOOKRELAY_UPSTREAM_MY_GITLAB_URL", "nope")],
+        ));
+        assert!(
+            problems[0].contains("(from HOOKRELAY_UPSTREAM_MY_GITLAB_URL)"),
+            "{problems:?}"
+        );
     }
 
     #[test]
     fn gateway_defaults_to_the_only_upstream() {
-        let config = load_text(&[("a.toml", "[upstream.gl]\nurl = \"https://x\"\n[gateway]\n")], &[]).unwrap();
+        let config = load_text(
+            &[("a.toml", "[upstream.gl]\nurl = \"https://x\"\n[gateway]\n")],
+            &[],
+        )
+        .unwrap();
         assert_eq!(config.gateway.unwrap().upstream, "gl");
         let problems = messages(load_text(&[("a.toml", "[gateway]\n")], &[]));
-        assert!(problems[0].contains("needs an [upstream.NAME]"), "{problems:?}");
+        assert!(
+            problems[0].contains("needs an [upstream.NAME]"),
+            "{problems:?}"
+        );
     }
 
     #[test]
     fn duplicate_upstreams_across_files() {
         let problems = messages(load_text(
-            &[("a.toml", "[upstream.gl]\nurl = \"https://x\"\n"), ("b.toml", "\n[upstream.gl]\nurl = \"https://y\"\n")],
+            &[
+                ("a.toml", "[upstream.gl]\nurl = \"https://x\"\n"),
+                ("b.toml", "\n[upstream.gl]\nurl = \"https://y\"\n"),
+            ],
             &[],
         ));
-        assert_eq!(problems, ["b.toml:2: [upstream.gl] is already defined at a.toml:1"]);
+        assert_eq!(
+            problems,
+            ["b.toml:2: [upstream.gl] is already defined at a.toml:1"]
+        );
     }
 
     #[test]
@@ -550,7 +684,12 @@ upstream = "gitlab"
     #[test]
     fn upstream_urls() {
         assert!(parse_upstream_url("https://gitlab.com").is_ok());
-        assert_eq!(parse_upstream_url("https://x.org/gitlab/").unwrap().to_string(), "https://x.org/gitlab");
+        assert_eq!(
+            parse_upstream_url("https://x.org/gitlab/")
+                .unwrap()
+                .to_string(),
+            "https://x.org/gitlab"
+        );
         assert!(parse_upstream_url("gitlab.com").is_err());
         assert!(parse_upstream_url("https://x.org/?a=1").is_err());
     }

@@ -72,7 +72,11 @@ impl<'a> FileProblems<'a> {
 
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -87,6 +91,9 @@ mod tests {
         problems.at(Some(6..7), "second");
         problems.at(None, "whole");
         let shown: Vec<String> = problems.found.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["x.toml:1: first", "x.toml:2: second", "x.toml: whole"]);
+        assert_eq!(
+            shown,
+            ["x.toml:1: first", "x.toml:2: second", "x.toml: whole"]
+        );
     }
 }

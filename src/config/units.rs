@@ -15,7 +15,8 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
-    let invalid = || format!("{text:?} is not a size; write e.g. \"25MiB\", \"512KiB\" or \"1048576\"");
+    let invalid =
+        || format!("{text:?} is not a size; write e.g. \"25MiB\", \"512KiB\" or \"1048576\"");
     let number: usize = digits.parse().map_err(|_| invalid())?;
     let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -50,6 +51,10 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
-        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
     }
 }

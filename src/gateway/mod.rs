@@ -8,6 +8,8 @@
 //! a personal access token, the reserved `TRIGGER_PAYLOAD` variable) before anything is
 //! sent. [`parse_trigger_call`] is pure, so the fuzz target and unit tests drive it.
 
+#[doc(hidden)]
+pub mod fuzz;
 pub mod params;
 
 use bytes::Bytes;
@@ -25,7 +27,9 @@ use params::ParamError;
 /// Why a trigger call was refused before anything was forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("the trigger gateway is not enabled; add a [gateway] section naming an upstream to the configuration")]
+    #[error(
+        "the trigger gateway is not enabled; add a [gateway] section naming an upstream to the configuration"
+    )]
     Disabled,
     #[error("404 Project Not Found: {0}")]
     Project(String),
@@ -62,10 +66,16 @@ pub struct CallRequest<'a> {
 const PIPELINE_HOOK: &str = "Pipeline Hook";
 
 /// Reads and checks one trigger call, in GitLab's order, into the trigger to forward.
-pub async fn parse_trigger_call(request: CallRequest<'_>, upstream: &str) -> Result<Trigger, GatewayError> {
+pub async fn parse_trigger_call(
+    request: CallRequest<'_>,
+    upstream: &str,
+) -> Result<Trigger, GatewayError> {
     let project_text = decode_once(request.project, "project id")?;
     let project = ProjectId::parse(&project_text).map_err(GatewayError::Project)?;
-    let path_ref = request.git_ref.map(|raw| decode_once(raw, "ref")).transpose()?;
+    let path_ref = request
+        .git_ref
+        .map(|raw| decode_once(raw, "ref"))
+        .transpose()?;
     let query = params::parse_query(request.query.unwrap_or(""))?;
     let is_webhook_form = path_ref.is_some();
     let body = params::parse_body(request.content_type, &request.body, !is_webhook_form).await?;
@@ -103,12 +113,19 @@ fn decode_once(raw: &str, what: &str) -> Result<String, GatewayError> {
     percent_decode_str(raw)
         .decode_utf8()
         .map(|text| text.into_owned())
-        .map_err(|_| GatewayError::PathEncoding(format!("the {what} in the URL is not valid UTF-8 once percent-decoded")))
+        .map_err(|_| {
+            GatewayError::PathEncoding(format!(
+                "the {what} in the URL is not valid UTF-8 once percent-decoded"
+            ))
+        })
 }
 
 /// Forwards a trigger and hands GitLab's answer back unchanged: status, body, and the
 /// headers a caller may act on (content type, `Retry-After`, `RateLimit-*`).
-pub async fn forward(upstream: &Upstream, trigger: &Trigger) -> Result<(Response<Full<Bytes>>, UpstreamResponse), ApiError> {
+pub async fn forward(
+    upstream: &Upstream,
+    trigger: &Trigger,
+) -> Result<(Response<Full<Bytes>>, UpstreamResponse), ApiError> {
     let answer = upstream.send(&trigger.upstream_call()).await?;
     let status = answer.status;
     if status.is_success() {
@@ -143,9 +160,10 @@ pub async fn forward(upstream: &Upstream, trigger: &Trigger) -> Result<(Response
         }
     }
     if !response.headers().contains_key(header::CONTENT_TYPE) && !answer.body.is_empty() {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
     Ok((response, answer))
 }
@@ -187,8 +205,14 @@ mod tests {
     fn project_paths_are_decoded_and_kept() {
         let t = parse(call("group%2Fsub%2Fapp", None, "token=T&ref=main")).unwrap();
         assert_eq!(t.project, ProjectId::Path("group/sub/app".into()));
-        assert!(matches!(parse(call("group%2F%2Fapp", None, "token=T&ref=main")), Err(GatewayError::Project(_))));
-        assert!(matches!(parse(call("%FF", None, "token=T&ref=main")), Err(GatewayError::PathEncoding(_))));
+        assert!(matches!(
+            parse(call("group%2F%2Fapp", None, "token=T&ref=main")),
+            Err(GatewayError::Project(_))
+        ));
+        assert!(matches!(
+            parse(call("%FF", None, "token=T&ref=main")),
+            Err(GatewayError::PathEncoding(_))
+        ));
     }
 
     #[test]
@@ -196,17 +220,30 @@ mod tests {
         // Missing parameters come before the pipeline-hook refusal, as in Grape.
         let mut request = call("9", None, "");
         request.gitlab_event = Some("Pipeline Hook");
-        assert!(matches!(parse(request.clone()), Err(GatewayError::Params(ParamError::Invalid(_)))));
+        assert!(matches!(
+            parse(request.clone()),
+            Err(GatewayError::Params(ParamError::Invalid(_)))
+        ));
         request.query = Some("token=T&ref=main&variables[A]=1");
         assert!(matches!(parse(request), Err(GatewayError::PipelineHook)));
     }
 
     #[test]
     fn relay_checks() {
-        assert!(matches!(parse(call("9", None, "token=T&ref=a..b")), Err(GatewayError::Ref(_))));
-        assert!(matches!(parse(call("9", None, "token=glpat-abc&ref=main")), Err(GatewayError::NotATriggerToken(_))));
         assert!(matches!(
-            parse(call("9", None, "token=T&ref=main&variables[TRIGGER_PAYLOAD]=x")),
+            parse(call("9", None, "token=T&ref=a..b")),
+            Err(GatewayError::Ref(_))
+        ));
+        assert!(matches!(
+            parse(call("9", None, "token=glpat-abc&ref=main")),
+            Err(GatewayError::NotATriggerToken(_))
+        ));
+        assert!(matches!(
+            parse(call(
+                "9",
+                None,
+                "token=T&ref=main&variables[TRIGGER_PAYLOAD]=x"
+            )),
             Err(GatewayError::Variable(_))
         ));
     }
@@ -219,7 +256,10 @@ mod tests {
         let t = parse(request).unwrap();
         assert_eq!(t.git_ref.as_str(), "main");
         let body = t.webhook_body.unwrap();
-        assert_eq!(&body.bytes[..], br#"{"ref":"refs/heads/other","object_kind":"push"}"#);
+        assert_eq!(
+            &body.bytes[..],
+            br#"{"ref":"refs/heads/other","object_kind":"push"}"#
+        );
         assert_eq!(body.content_type.as_deref(), Some("application/json"));
     }
 }

@@ -36,7 +36,9 @@ pub enum ParamError {
     TooDeep(String),
     #[error("parameter {0:?} is given both as a single value and as a list or map")]
     Conflict(String),
-    #[error("content type {0:?} is not supported: send application/json, application/x-www-form-urlencoded or multipart/form-data")]
+    #[error(
+        "content type {0:?} is not supported: send application/json, application/x-www-form-urlencoded or multipart/form-data"
+    )]
     UnsupportedContentType(String),
     /// Grape's parameter validation, joined as GitLab joins it: `{"error": "ref is missing"}`.
     #[error("{}", .0.join(", "))]
@@ -236,7 +238,8 @@ fn insert_nested(
             return Err(ParamError::Conflict(key.to_owned()));
         };
         let child_key = top_key(&child);
-        let reuse_last = matches!(items.last(), Some(Value::Object(m)) if !m.contains_key(child_key));
+        let reuse_last =
+            matches!(items.last(), Some(Value::Object(m)) if !m.contains_key(child_key));
         if !reuse_last {
             items.push(Value::Object(Map::new()));
         }
@@ -348,11 +351,7 @@ fn required_string(params: &mut Params, name: &str, problems: &mut Vec<String>) 
     }
 }
 
-fn optional_map(
-    params: &mut Params,
-    name: &str,
-    problems: &mut Vec<String>,
-) -> Map<String, Value> {
+fn optional_map(params: &mut Params, name: &str, problems: &mut Vec<String>) -> Map<String, Value> {
     match params.remove(name) {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(map)) => map,
@@ -364,7 +363,9 @@ fn optional_map(
 }
 
 /// GitLab's rule for variable values: every one a string.
-pub fn string_variables(variables: Map<String, Value>) -> Result<IndexMap<String, String>, ParamError> {
+pub fn string_variables(
+    variables: Map<String, Value>,
+) -> Result<IndexMap<String, String>, ParamError> {
     variables
         .into_iter()
         .map(|(key, value)| match value {
@@ -397,7 +398,9 @@ mod tests {
 
     #[test]
     fn rack_nesting_rules() {
-        let params = parse_urlencoded(b"a[b][c]=1&l[]=x&l[]=y&h[][k]=1&h[][j]=2&h[][k]=3&w[=1&[x]=2").unwrap();
+        let params =
+            parse_urlencoded(b"a[b][c]=1&l[]=x&l[]=y&h[][k]=1&h[][j]=2&h[][k]=3&w[=1&[x]=2")
+                .unwrap();
         assert_eq!(
             Value::Object(params),
             json!({
@@ -425,7 +428,10 @@ mod tests {
         let many = "a=1&".repeat(MAX_PARAMS + 1);
         assert_eq!(parse_query(&many).unwrap_err(), ParamError::TooMany);
         let deep = format!("a{}=1", "[b]".repeat(MAX_DEPTH + 2));
-        assert!(matches!(parse_query(&deep).unwrap_err(), ParamError::TooDeep(_)));
+        assert!(matches!(
+            parse_query(&deep).unwrap_err(),
+            ParamError::TooDeep(_)
+        ));
     }
 
     #[test]
@@ -451,29 +457,40 @@ mod tests {
                     --XYZ\r\nContent-Disposition: form-data; name=\"variables[UPLOAD_TO_S3]\"\r\n\r\ntrue\r\n\
                     --XYZ\r\nContent-Disposition: form-data; name=\"variables[F]\"; filename=\"f.txt\"\r\nContent-Type: text/plain\r\n\r\nhello\r\n\
                     --XYZ--\r\n";
-        let params =
-            futures_executor::block_on(parse_multipart(Bytes::from(body), "XYZ")).unwrap();
+        let params = futures_executor::block_on(parse_multipart(Bytes::from(body), "XYZ")).unwrap();
         assert_eq!(
             Value::Object(params),
             json!({"token":"TOKEN","ref":"master","variables":{"UPLOAD_TO_S3":"true","F":{"filename":"f.txt","type":"text/plain"}}})
         );
-        let broken = futures_executor::block_on(parse_multipart(Bytes::from("--XYZ\r\nbad"), "XYZ"));
+        let broken =
+            futures_executor::block_on(parse_multipart(Bytes::from("--XYZ\r\nbad"), "XYZ"));
         assert!(matches!(broken, Err(ParamError::Multipart(_))));
     }
 
     #[test]
     fn content_types() {
-        assert_eq!(BodyEncoding::from_content_type("application/json; charset=utf-8"), BodyEncoding::Json);
-        assert_eq!(BodyEncoding::from_content_type("Application/X-WWW-Form-Urlencoded"), BodyEncoding::UrlEncoded);
+        assert_eq!(
+            BodyEncoding::from_content_type("application/json; charset=utf-8"),
+            BodyEncoding::Json
+        );
+        assert_eq!(
+            BodyEncoding::from_content_type("Application/X-WWW-Form-Urlencoded"),
+            BodyEncoding::UrlEncoded
+        );
         assert_eq!(
             BodyEncoding::from_content_type("multipart/form-data; boundary=abc"),
-            BodyEncoding::Multipart { boundary: "abc".into() }
+            BodyEncoding::Multipart {
+                boundary: "abc".into()
+            }
         );
         assert_eq!(
             BodyEncoding::from_content_type("multipart/form-data"),
             BodyEncoding::Other("multipart/form-data".into())
         );
-        assert_eq!(BodyEncoding::from_content_type("text/plain"), BodyEncoding::Other("text/plain".into()));
+        assert_eq!(
+            BodyEncoding::from_content_type("text/plain"),
+            BodyEncoding::Other("text/plain".into())
+        );
     }
 
     #[test]
@@ -496,15 +513,28 @@ mod tests {
         assert_eq!(err.to_string(), "variables is invalid");
         let err = validate(obj(json!({"ref":"m","token":"T","inputs":[1]})), None).unwrap_err();
         assert_eq!(err.to_string(), "inputs is invalid");
-        let ok = validate(obj(json!({"ref":"m","token":"T","id":"5","extra":"e"})), None).unwrap();
+        let ok = validate(
+            obj(json!({"ref":"m","token":"T","id":"5","extra":"e"})),
+            None,
+        )
+        .unwrap();
         assert_eq!(Value::Object(ok.other), json!({"extra":"e"}));
     }
 
     #[test]
     fn variable_values_must_be_strings() {
         assert!(string_variables(obj(json!({"A":"1"}))).is_ok());
-        for bad in [json!({"A":1}), json!({"A":true}), json!({"A":null}), json!({"A":["1","2"]}), json!({"A":{"B":"c"}})] {
-            assert_eq!(string_variables(obj(bad)).unwrap_err(), ParamError::VariablesNotStrings);
+        for bad in [
+            json!({"A":1}),
+            json!({"A":true}),
+            json!({"A":null}),
+            json!({"A":["1","2"]}),
+            json!({"A":{"B":"c"}}),
+        ] {
+            assert_eq!(
+                string_variables(obj(bad)).unwrap_err(),
+                ParamError::VariablesNotStrings
+            );
         }
     }
 }

@@ -55,7 +55,12 @@ impl Answer {
         Answer::new(201, TRIGGER_RESPONSE)
     }
     pub fn new(status: u16, body: &str) -> Answer {
-        Answer { status, body: body.to_owned(), headers: Vec::new(), delay: Duration::ZERO }
+        Answer {
+            status,
+            body: body.to_owned(),
+            headers: Vec::new(),
+            delay: Duration::ZERO,
+        }
     }
     pub fn header(mut self, name: &'static str, value: &str) -> Answer {
         self.headers.push((name, value.to_owned()));
@@ -86,28 +91,44 @@ impl RecordingUpstream {
         let (r, s, c) = (received.clone(), script.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 c.fetch_add(1, Ordering::SeqCst);
                 let (r, s) = (r.clone(), s.clone());
                 let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                     let (r, s) = (r.clone(), s.clone());
                     async move {
                         let (parts, body) = request.into_parts();
-                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
                         r.lock().unwrap().push(Received {
                             method: parts.method.to_string(),
-                            path_and_query: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                            path_and_query: parts
+                                .uri
+                                .path_and_query()
+                                .map(|p| p.to_string())
+                                .unwrap_or_default(),
                             headers: parts.headers,
                             body,
                         });
                         let answer = {
                             let mut script = s.lock().unwrap();
-                            if script.is_empty() { Answer::created() } else { script.remove(0) }
+                            if script.is_empty() {
+                                Answer::created()
+                            } else {
+                                script.remove(0)
+                            }
                         };
                         tokio::time::sleep(answer.delay).await;
                         let mut response = Response::new(Full::new(Bytes::from(answer.body)));
                         *response.status_mut() = StatusCode::from_u16(answer.status).unwrap();
-                        response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                        response
+                            .headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
                         for (name, value) in answer.headers {
                             response.headers_mut().insert(name, value.parse().unwrap());
                         }
@@ -117,7 +138,13 @@ impl RecordingUpstream {
                 tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
             }
         });
-        RecordingUpstream { addr, received, script, connections, task }
+        RecordingUpstream {
+            addr,
+            received,
+            script,
+            connections,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -134,7 +161,11 @@ impl RecordingUpstream {
 
     pub fn only(&self) -> Received {
         let received = self.received();
-        assert_eq!(received.len(), 1, "expected exactly one upstream call, got {received:#?}");
+        assert_eq!(
+            received.len(),
+            1,
+            "expected exactly one upstream call, got {received:#?}"
+        );
         received.into_iter().next().unwrap()
     }
 }
@@ -155,7 +186,9 @@ pub struct Relay {
 
 /// A configuration whose gateway forwards to `upstream_url`, plus `extra` TOML.
 pub fn gateway_config(upstream_url: &str, extra: &str) -> String {
-    format!("[upstream.gitlab]\nurl = \"{upstream_url}\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[gateway]\nupstream = \"gitlab\"\n{extra}")
+    format!(
+        "[upstream.gitlab]\nurl = \"{upstream_url}\"\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n\n[gateway]\nupstream = \"gitlab\"\n{extra}"
+    )
 }
 
 impl Relay {
@@ -170,7 +203,12 @@ impl Relay {
         let task = tokio::spawn(hookrelay::server::run(listener, app, async move {
             let _ = rx.await;
         }));
-        Relay { addr, dir, shutdown: Some(tx), task: Some(task) }
+        Relay {
+            addr,
+            dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -183,7 +221,11 @@ impl Relay {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task).await.expect("relay stops").unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("relay stops")
+                .unwrap()
+                .unwrap();
         }
     }
 
@@ -195,7 +237,11 @@ impl Relay {
 
     pub async fn wait(mut self) {
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task).await.expect("relay stops").unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("relay stops")
+                .unwrap()
+                .unwrap();
         }
     }
 }
@@ -218,7 +264,8 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("JSON reply, got {:?}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("JSON reply, got {:?}", self.text()))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -226,15 +273,28 @@ impl Reply {
 }
 
 /// Sends one request with the given headers and body.
-pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+pub async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
     let mut request = Request::builder().method(method).uri(url);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let response = client.request(request.body(Full::new(body.into())).unwrap()).await.expect("relay answers");
+    let response = client
+        .request(request.body(Full::new(body.into())).unwrap())
+        .await
+        .expect("relay answers");
     let (parts, body) = response.into_parts();
-    Reply { status: parts.status.as_u16(), headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
 }
 
 pub async fn post(url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
@@ -248,12 +308,21 @@ pub fn curl(args: &[&str]) -> (u16, String) {
         .args(args)
         .output()
         .expect("curl is installed");
-    assert!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let text = String::from_utf8(output.stdout).unwrap();
     let (body, status) = text.rsplit_once('\n').unwrap();
     (status.parse().unwrap(), body.to_owned())
 }
 
 pub fn fixture(path: &str) -> Vec<u8> {
-    std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)).unwrap()
+    std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(path),
+    )
+    .unwrap()
 }

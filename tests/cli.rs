@@ -1,0 +1,233 @@
+//! The real `hookrelay` binary: `check`, start-up refusals, serving, logs and SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hookrelay");
+
+fn hookrelay(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("HOOKRELAY_CONFIG")
+        .env_remove("HOOKRELAY_LISTEN")
+        .output()
+        .unwrap()
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+#[test]
+fn check_passes_on_the_shipped_rules() {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let output = hookrelay(&["check", "--config", rules.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(
+        stdout.contains("gateway: enabled, forwarding to gitlab"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_lists_every_problem_as_file_line_message() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", "[server]\nlisten = \"localhost\"\n");
+    write(
+        dir.path(),
+        "b.toml",
+        "[upstream.gitlab]\nurl = \"https://x\"\nretries = 3\n",
+    );
+    let output = hookrelay(&["check", "--config", dir.path().to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let a = format!(
+        "{}:2: listen: \"localhost\" is not an address",
+        dir.path().join("a.toml").display()
+    );
+    let b = format!(
+        "{}:3: unknown field `retries`",
+        dir.path().join("b.toml").display()
+    );
+    assert!(stderr.contains(&a), "{stderr}");
+    assert!(stderr.contains(&b), "{stderr}");
+    assert!(stderr.contains("2 problems found"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_bad_configuration_with_exit_64_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", "[gateway]\nupstream = \"nowhere\"\n");
+    let output = hookrelay(&[
+        "serve",
+        "--config",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("a.toml:1: [gateway] upstream = \"nowhere\" names no [upstream.nowhere]"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["check", "--help"],
+    ] {
+        let output = hookrelay(&args);
+        assert!(output.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains("--"),
+            "{args:?}"
+        );
+    }
+}
+
+/// A running `hookrelay serve` whose log lines are collected.
+struct Served {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Served {
+    fn start(config_dir: &Path, state: &Path) -> Served {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--config",
+                config_dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--state", state.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Served {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no log line with {needle:?}; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn address(&mut self) -> String {
+        let line = self.wait_for("hookrelay listening");
+        let start = line.find("address=").expect("address in the line") + "address=".len();
+        line[start..].split_whitespace().next().unwrap().to_owned()
+    }
+
+    fn terminate(mut self) -> (Option<i32>, Vec<String>) {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        (status.code(), std::mem::take(&mut self.seen))
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_forwards_logs_one_line_per_request_and_never_a_token() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "relay.toml",
+        &gateway_config(&upstream.url(), ""),
+    );
+    let state = dir.path().join("state");
+    let mut served = Served::start(dir.path(), &state);
+    let address = served.address();
+    assert!(state.is_dir(), "the state folder is created");
+
+    let token = "glptt-0123456789abcdef0123456789abcdef01234567";
+    let url = format!("http://{address}/api/v4/projects/9/trigger/pipeline?token={token}&ref=main");
+    let reply = post(&url, &[], "").await;
+    assert_eq!(reply.status, 201);
+    let refused = post(
+        &format!("http://{address}/api/v4/projects/9/trigger/pipeline?token={token}"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(refused.status, 400);
+    let request_line = served.wait_for("path=/api/v4/projects/9/trigger/pipeline status=201");
+    assert!(
+        request_line.contains("method=POST") && request_line.contains("upstream_ms="),
+        "{request_line}"
+    );
+
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0), "SIGTERM is a clean shutdown: {lines:#?}");
+    let all = lines.join("\n");
+    assert!(all.contains("SIGTERM received"), "{all}");
+    assert!(
+        all.contains("status=400"),
+        "the refused call is logged too: {all}"
+    );
+    assert!(
+        !all.contains(token),
+        "the token must never be logged:\n{all}"
+    );
+    assert!(
+        !all.contains("0123456789abcdef"),
+        "not even most of it:\n{all}"
+    );
+    assert!(
+        all.contains("token=glptt-01…"),
+        "the masked token identifies the caller: {all}"
+    );
+}
