@@ -22,14 +22,8 @@ struct Cli {
 enum Command {
     /// Run the relay.
     Serve {
-        /// Configuration file, or folder whose *.toml files are read in name order.
-        #[arg(
-            long,
-            env = "HOOKRELAY_CONFIG",
-            default_value = "rules",
-            value_name = "FILE|DIR"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Address to listen on (overrides [server] listen; default 127.0.0.1:8080).
         #[arg(long, env = "HOOKRELAY_LISTEN", value_name = "ADDR")]
         listen: Option<SocketAddr>,
@@ -44,21 +38,28 @@ enum Command {
     },
     /// Validate the configuration; print each problem as file:line: message.
     Check {
-        /// Configuration file, or folder whose *.toml files are read in name order.
-        #[arg(
-            long,
-            env = "HOOKRELAY_CONFIG",
-            default_value = "rules",
-            value_name = "FILE|DIR"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
+}
+
+/// `--config`, shared by every command that reads configuration.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Configuration file, or folder whose *.toml files are read in name order.
+    #[arg(
+        long = "config",
+        env = "HOOKRELAY_CONFIG",
+        default_value = "rules",
+        value_name = "FILE|DIR"
+    )]
+    path: PathBuf,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => commands::check(&config),
+        Command::Check { config } => commands::check(&config.path),
         Command::Serve {
             config,
             listen,
@@ -73,7 +74,7 @@ fn main() -> ExitCode {
                 }
             };
             match runtime.block_on(commands::serve(commands::ServeOptions {
-                config,
+                config: config.path,
                 listen,
                 state,
             })) {

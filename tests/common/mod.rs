@@ -217,16 +217,8 @@ impl Relay {
 
     /// Sends the shutdown signal and waits for `run` to return.
     pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .expect("relay stops")
-                .unwrap()
-                .unwrap();
-        }
+        self.signal_shutdown();
+        self.wait().await;
     }
 
     pub fn signal_shutdown(&mut self) {
