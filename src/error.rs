@@ -12,7 +12,32 @@ use serde_json::json;
 
 use crate::gateway::GatewayError;
 use crate::gateway::params::ParamError;
+use crate::sources::SourceError;
 use crate::upstream::UpstreamError;
+
+/// A JSON syntax error with its position, as every "not valid JSON" message shows it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} at line {line} column {column}")]
+pub struct JsonSyntaxError {
+    pub message: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl From<&serde_json::Error> for JsonSyntaxError {
+    fn from(err: &serde_json::Error) -> Self {
+        let text = err.to_string();
+        let message = match text.rfind(" at line ") {
+            Some(at) => text[..at].to_owned(),
+            None => text,
+        };
+        JsonSyntaxError {
+            message,
+            line: err.line(),
+            column: err.column(),
+        }
+    }
+}
 
 /// An error answered to the caller.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +57,10 @@ pub enum ApiError {
     BodyRead(String),
     #[error("the relay is shutting down")]
     ShuttingDown,
+    #[error("no source named {0:?} is configured; add a [source.NAME] section")]
+    UnknownSource(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
     #[error(transparent)]
@@ -44,6 +73,11 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
     let message = err.to_string();
     let (status, body) = match err {
         ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, json!({ "message": message })),
+        ApiError::UnknownSource(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
+        ApiError::Source(SourceError::Signature(_)) => {
+            (StatusCode::UNAUTHORIZED, json!({ "message": message }))
+        }
+        ApiError::Source(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
         ApiError::MethodNotAllowed { allowed, .. } => {
             let mut response = json_response(
                 StatusCode::METHOD_NOT_ALLOWED,

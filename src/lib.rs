@@ -3,6 +3,8 @@
 //! A map of the modules, in the order a request meets them:
 //!
 //! - [`server`]: accept, route, bound bodies and read times, shut down.
+//! - [`hooks`]: `POST /hooks/{source}`; [`sources`] verify and read each sender's webhooks into
+//!   one normalized [`event::Event`].
 //! - [`gateway`]: the GitLab-compatible trigger endpoints; one call becomes one [`trigger::Trigger`].
 //! - [`trigger`]: the trigger call and its encoding for GitLab; [`git_ref`] validates refs.
 //! - [`upstream`]: the shared, pooled HTTPS client to GitLab.
@@ -16,9 +18,13 @@
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod event;
+pub mod explain;
 pub mod gateway;
 pub mod git_ref;
+pub mod hooks;
 pub mod secret;
 pub mod server;
+pub mod sources;
 pub mod trigger;
 pub mod upstream;

@@ -36,6 +36,26 @@ enum Command {
         )]
         state: PathBuf,
     },
+    /// Show what hookrelay makes of a webhook payload file, offline.
+    Explain {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The [source.NAME] the payload arrives on.
+        #[arg(long)]
+        source: String,
+        /// The sender's event type (X-GitHub-Event, X-Gitlab-Event, X-Event-Key, …).
+        #[arg(long, value_name = "TYPE")]
+        event: Option<String>,
+        /// A request header, "Name: value"; repeatable.
+        #[arg(long = "header", value_name = "K: V")]
+        headers: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The payload file (the webhook's body).
+        #[arg(value_name = "PAYLOAD.json")]
+        payload: PathBuf,
+    },
     /// Validate the configuration; print each problem as file:line: message.
     Check {
         #[command(flatten)]
@@ -59,6 +79,33 @@ struct ConfigArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Explain {
+            config,
+            source,
+            event,
+            headers,
+            json,
+            payload,
+        } => {
+            let request = hookrelay::explain::ExplainRequest {
+                config: &config.path,
+                source: &source,
+                event: event.as_deref(),
+                headers: &headers,
+                payload: &payload,
+                json,
+            };
+            match hookrelay::explain::explain(&request) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("hookrelay explain: {message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => commands::check(&config.path),
         Command::Serve {
             config,

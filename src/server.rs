@@ -119,6 +119,9 @@ enum Route<'a> {
         project: &'a str,
         git_ref: Option<String>,
     },
+    Hook {
+        source: &'a str,
+    },
     NotFound,
 }
 
@@ -128,6 +131,7 @@ fn route(path: &str) -> Route<'_> {
     match segments.as_slice() {
         ["healthz"] => Route::Healthz,
         ["readyz"] => Route::Readyz,
+        ["hooks", source] if !source.is_empty() => Route::Hook { source },
         ["api", "v4", "projects", project, "trigger", "pipeline"] if !project.is_empty() => {
             Route::Trigger {
                 project,
@@ -233,6 +237,14 @@ async fn dispatch(
             *upstream_latency = Some(answer.latency);
             Ok(response)
         }
+        Route::Hook { source } => {
+            if method != Method::POST {
+                return Err(not_allowed("POST"));
+            }
+            let source = source.to_owned();
+            let (parts, body) = read_body(app, request).await?;
+            crate::hooks::handle(app, &source, &parts.headers, &body)
+        }
         Route::NotFound => Err(ApiError::NotFound {
             method: method.to_string(),
             path: request.uri().path().to_owned(),
@@ -313,6 +325,9 @@ mod tests {
             route("/api/v4/projects/9/trigger/pipeline/"),
             Route::NotFound
         );
+        assert_eq!(route("/hooks/github"), Route::Hook { source: "github" });
+        assert_eq!(route("/hooks/"), Route::NotFound);
+        assert_eq!(route("/hooks/a/b"), Route::NotFound);
         assert_eq!(route("/"), Route::NotFound);
     }
 }

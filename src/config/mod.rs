@@ -8,6 +8,7 @@
 //! so an override is checked like the value it replaces.
 
 mod problems;
+mod source;
 mod units;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,8 @@ use serde::Deserialize;
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
+
+use crate::sources::SourceConfig;
 
 pub use problems::{FileProblems, Problem, Problems};
 pub use units::{parse_duration, parse_size};
@@ -35,6 +38,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// `None` when no `[gateway]` section enables the trigger endpoints.
     pub gateway: Option<GatewayConfig>,
+    /// `[source.NAME]`: webhook senders, served at `POST /hooks/NAME`.
+    pub sources: BTreeMap<String, SourceConfig>,
     /// The files this configuration was read from, in the order read.
     pub files: Vec<PathBuf>,
 }
@@ -117,10 +122,22 @@ pub fn load(path: &Path) -> Result<Config, Problems> {
     load_with_env(path, &|name| std::env::var(name).ok())
 }
 
+/// [`load`] without reading secrets, for `explain`, which checks no signature.
+pub fn load_without_secrets(path: &Path) -> Result<Config, Problems> {
+    load_with(path, &|name| std::env::var(name).ok(), false)
+}
+
 /// [`load`] with an explicit environment.
 pub fn load_with_env(path: &Path, env: EnvLookup<'_>) -> Result<Config, Problems> {
+    load_with(path, env, true)
+}
+
+fn load_with(path: &Path, env: EnvLookup<'_>, resolve_secrets: bool) -> Result<Config, Problems> {
     let files = config_files(path).map_err(|problem| Problems(vec![problem]))?;
-    let mut builder = Builder::default();
+    let mut builder = Builder {
+        resolve_secrets,
+        ..Builder::default()
+    };
     for file in &files {
         match std::fs::read_to_string(file) {
             Ok(text) => builder.read_file(file, &text, env),
@@ -177,6 +194,8 @@ struct Builder {
     server: Option<(ServerConfig, Origin)>,
     upstreams: BTreeMap<String, (UpstreamConfig, Origin)>,
     gateway: Option<(Option<Spanned<String>>, Origin)>,
+    sources: BTreeMap<String, (SourceConfig, Origin)>,
+    resolve_secrets: bool,
 }
 
 impl Builder {
@@ -198,6 +217,7 @@ impl Builder {
             match key.get_ref().as_ref() {
                 "server" => self.read_server(value, origin, &mut problems),
                 "upstream" => self.read_upstreams(value, file, env, &mut problems),
+                "source" => self.read_sources(value, file, &mut problems),
                 "gateway" => {
                     if let Some(raw) = section::<RawGateway>(value, &mut problems) {
                         if let Some((_, first)) = &self.gateway {
@@ -213,7 +233,7 @@ impl Builder {
                 other => problems.at(
                     Some(key.span()),
                     format!(
-                        "unknown section `{other}`; expected `server`, `upstream` or `gateway`"
+                        "unknown section `{other}`; expected `server`, `upstream`, `gateway` or `source`"
                     ),
                 ),
             }
@@ -308,6 +328,49 @@ impl Builder {
         }
     }
 
+    fn read_sources(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        file: &Path,
+        problems: &mut FileProblems<'_>,
+    ) {
+        let span = value.span();
+        let DeValue::Table(table) = value.into_inner() else {
+            problems.at(Some(span), "`source` must be tables named [source.NAME]");
+            return;
+        };
+        for (name, value) in table {
+            let name_span = name.span();
+            let name = name.get_ref().to_string();
+            if !is_valid_name(&name) {
+                problems.at(
+                    Some(name_span.clone()),
+                    format!("source name {name:?} may use only letters, digits, `-` and `_` (it becomes the URL /hooks/NAME)"),
+                );
+                continue;
+            }
+            let Some(raw) = section::<source::RawSource>(value, problems) else {
+                continue;
+            };
+            if let Some((_, first)) = self.sources.get(&name) {
+                problems.at(
+                    Some(name_span),
+                    format!("[source.{name}] is already defined at {first}"),
+                );
+                continue;
+            }
+            let origin = Origin {
+                file: file.to_owned(),
+                line: problems.line(name_span.start),
+            };
+            if let Some(compiled) =
+                source::compile_source(&name, raw, self.resolve_secrets, problems)
+            {
+                self.sources.insert(name, (compiled, origin));
+            }
+        }
+    }
+
     fn finish(mut self, files: Vec<PathBuf>) -> Result<Config, Problems> {
         let gateway = match self.gateway.take() {
             None => None,
@@ -357,6 +420,11 @@ impl Builder {
                 .map(|(name, (upstream, _))| (name, upstream))
                 .collect(),
             gateway,
+            sources: self
+                .sources
+                .into_iter()
+                .map(|(name, (source, _))| (name, source))
+                .collect(),
             files,
         })
     }
@@ -469,7 +537,7 @@ fn section<T: DeserializeOwned>(
 }
 
 /// Converts an optional string field, recording a problem at its line when it is invalid.
-fn typed<T>(
+pub(crate) fn typed<T>(
     field: Option<Spanned<String>>,
     default: T,
     problems: &mut FileProblems<'_>,

@@ -11,6 +11,8 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 use serde_json::{Map, Value};
 
+use crate::error::JsonSyntaxError;
+
 /// All parameters of one call, by top-level name.
 pub type Params = Map<String, Value>;
 
@@ -22,12 +24,8 @@ pub const MAX_DEPTH: usize = 32;
 /// Why a call's parameters could not be read.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ParamError {
-    #[error("the body is not valid JSON: {message} at line {line} column {column}")]
-    Json {
-        message: String,
-        line: usize,
-        column: usize,
-    },
+    #[error("the body is not valid JSON: {0}")]
+    Json(JsonSyntaxError),
     #[error("the multipart body cannot be read: {0}")]
     Multipart(String),
     #[error("the request has more than {MAX_PARAMS} parameters")]
@@ -143,20 +141,7 @@ pub fn parse_json(body: &[u8]) -> Result<Params, ParamError> {
             params.insert("_json".into(), other);
             Ok(params)
         }
-        Err(err) => Err(ParamError::Json {
-            message: json_error_text(&err),
-            line: err.line(),
-            column: err.column(),
-        }),
-    }
-}
-
-/// serde_json's message without its trailing " at line L column C".
-fn json_error_text(err: &serde_json::Error) -> String {
-    let text = err.to_string();
-    match text.rfind(" at line ") {
-        Some(at) => text[..at].to_owned(),
-        None => text,
+        Err(err) => Err(ParamError::Json(JsonSyntaxError::from(&err))),
     }
 }
 
@@ -442,11 +427,11 @@ mod tests {
         let err = parse_json(b"{\n  \"token\": }").unwrap_err();
         assert_eq!(
             err,
-            ParamError::Json {
+            ParamError::Json(JsonSyntaxError {
                 message: "expected value".into(),
                 line: 2,
                 column: 12
-            }
+            })
         );
     }
 

@@ -1,0 +1,369 @@
+//! `[source.NAME]`: where webhooks come from and how they prove it.
+//!
+//! Secrets are resolved here, at load time, so an unset `env:` variable or an unreadable
+//! `file:` stops the start with its `file:line` instead of failing the first webhook.
+//! Options that only one provider understands are refused on the others, with the reason.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{FileProblems, parse_duration, typed};
+use crate::event::Provider;
+use crate::secret::{Secret, SecretRef};
+use crate::sources::signature::{Algorithm, Encoding, SigningKey};
+use crate::sources::{GenericConfig, GenericPaths, GenericScheme, SourceConfig};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSource {
+    provider: Spanned<String>,
+    secret: Option<Spanned<String>>,
+    signing_secret: Option<Spanned<String>>,
+    allow_sha1: Option<Spanned<bool>>,
+    timestamp_tolerance: Option<Spanned<String>>,
+    allow_unsigned: Option<bool>,
+    signature: Option<Spanned<RawSignature>>,
+    paths: Option<Spanned<RawPaths>>,
+    delivery_header: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSignature {
+    scheme: Option<String>,
+    header: Option<String>,
+    algorithm: Option<String>,
+    encoding: Option<String>,
+    prefix: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    repository: Option<String>,
+    #[serde(rename = "ref")]
+    git_ref: Option<String>,
+    before: Option<String>,
+    after: Option<String>,
+    delivery: Option<String>,
+    pusher: Option<String>,
+    repository_url: Option<String>,
+}
+
+/// Compiles one source; `resolve_secrets` is false for `explain`, which checks no signature.
+pub(super) fn compile_source(
+    name: &str,
+    raw: RawSource,
+    resolve_secrets: bool,
+    problems: &mut FileProblems<'_>,
+) -> Option<SourceConfig> {
+    let provider_span = raw.provider.span();
+    let Some(provider) = Provider::parse(raw.provider.get_ref()) else {
+        problems.at(
+            Some(provider_span),
+            format!(
+                "source.{name}.provider: {:?} is not one of: {}",
+                raw.provider.get_ref(),
+                Provider::NAMES
+            ),
+        );
+        return None;
+    };
+    let mut ok = true;
+    let mut only_for = |field: Option<std::ops::Range<usize>>,
+                        key: &str,
+                        providers: &[Provider],
+                        problems: &mut FileProblems<'_>| {
+        if let Some(span) = field {
+            if !providers.contains(&provider) {
+                let names: Vec<&str> = providers.iter().map(|p| p.as_str()).collect();
+                problems.at(
+                    Some(span),
+                    format!(
+                        "source.{name}.{key} applies only to provider {}, not {provider}",
+                        names.join(" or ")
+                    ),
+                );
+                ok = false;
+            }
+        }
+    };
+    only_for(
+        raw.allow_sha1.as_ref().map(Spanned::span),
+        "allow_sha1",
+        &[Provider::Github],
+        problems,
+    );
+    only_for(
+        raw.signing_secret.as_ref().map(Spanned::span),
+        "signing_secret",
+        &[Provider::Gitlab, Provider::Generic],
+        problems,
+    );
+    only_for(
+        raw.timestamp_tolerance.as_ref().map(Spanned::span),
+        "timestamp_tolerance",
+        &[Provider::Gitlab, Provider::Generic],
+        problems,
+    );
+    only_for(
+        raw.signature.as_ref().map(Spanned::span),
+        "signature",
+        &[Provider::Generic],
+        problems,
+    );
+    only_for(
+        raw.paths.as_ref().map(Spanned::span),
+        "paths",
+        &[Provider::Generic],
+        problems,
+    );
+    only_for(
+        raw.delivery_header.as_ref().map(Spanned::span),
+        "delivery_header",
+        &[Provider::Generic],
+        problems,
+    );
+
+    let has_secret = raw.secret.is_some();
+    let has_signing_secret = raw.signing_secret.is_some();
+    let secret = raw
+        .secret
+        .and_then(|field| resolve(name, "secret", field, resolve_secrets, problems, &mut ok));
+    let signing_key = raw.signing_secret.and_then(|field| {
+        let span = field.span();
+        let secret = resolve(
+            name,
+            "signing_secret",
+            field,
+            resolve_secrets,
+            problems,
+            &mut ok,
+        )?;
+        match SigningKey::parse(secret.expose()) {
+            Ok(key) => Some(key),
+            Err(reason) => {
+                problems.at(
+                    Some(span),
+                    format!("source.{name}.signing_secret: {reason}"),
+                );
+                ok = false;
+                None
+            }
+        }
+    });
+    let timestamp_tolerance = typed(
+        raw.timestamp_tolerance,
+        Duration::from_secs(300),
+        problems,
+        |text| {
+            parse_duration(text).map_err(|err| format!("source.{name}.timestamp_tolerance: {err}"))
+        },
+    );
+    let allow_unsigned = raw.allow_unsigned.unwrap_or(false);
+    let generic = if provider == Provider::Generic {
+        compile_generic(
+            name,
+            raw.signature,
+            raw.paths,
+            raw.delivery_header,
+            problems,
+            &mut ok,
+        )
+    } else {
+        GenericConfig::default()
+    };
+
+    // Every source proves its webhooks unless it says, in so many words, that it need not.
+    let proven = match provider {
+        Provider::Gitlab => has_secret || has_signing_secret,
+        Provider::Generic => match generic.scheme {
+            GenericScheme::Hmac { .. } | GenericScheme::Token { .. } => {
+                if !has_secret {
+                    problems.at(
+                        Some(provider_span.clone()),
+                        format!(
+                            "source.{name}: this signature scheme needs `secret = \"env:NAME\"`"
+                        ),
+                    );
+                    ok = false;
+                }
+                true
+            }
+            GenericScheme::StandardWebhooks => {
+                if !has_signing_secret {
+                    problems.at(
+                        Some(provider_span.clone()),
+                        format!("source.{name}: Standard Webhooks needs `signing_secret = \"env:NAME\"` (a whsec_ key)"),
+                    );
+                    ok = false;
+                }
+                true
+            }
+            GenericScheme::None => false,
+        },
+        _ => has_secret,
+    };
+    if !proven && !allow_unsigned {
+        let hint = match provider {
+            Provider::Gitlab => {
+                "`secret = \"env:NAME\"` (the webhook's secret token) or `signing_secret` (its signing token)"
+            }
+            Provider::Generic => "a `signature = { … }` with a `secret`",
+            _ => "`secret = \"env:NAME\"` (the webhook's secret)",
+        };
+        problems.at(
+            Some(provider_span),
+            format!("source.{name} has no way to check who sent a webhook: add {hint}, or `allow_unsigned = true` to accept anyone's"),
+        );
+        ok = false;
+    }
+    ok.then(|| SourceConfig {
+        name: name.to_owned(),
+        provider,
+        secret,
+        signing_key,
+        allow_sha1: raw.allow_sha1.is_some_and(|v| *v.get_ref()),
+        timestamp_tolerance,
+        allow_unsigned,
+        generic,
+    })
+}
+
+fn resolve(
+    name: &str,
+    key: &str,
+    field: Spanned<String>,
+    resolve_secrets: bool,
+    problems: &mut FileProblems<'_>,
+    ok: &mut bool,
+) -> Option<Secret> {
+    let span = field.span();
+    let reference = match SecretRef::parse(field.get_ref()) {
+        Ok(reference) => reference,
+        Err(reason) => {
+            problems.at(Some(span), format!("source.{name}.{key}: {reason}"));
+            *ok = false;
+            return None;
+        }
+    };
+    if !resolve_secrets {
+        return None;
+    }
+    match reference.resolve() {
+        Ok(secret) => Some(secret),
+        Err(reason) => {
+            problems.at(
+                Some(span),
+                format!("source.{name}.{key} ({reference}): {reason}"),
+            );
+            *ok = false;
+            None
+        }
+    }
+}
+
+fn compile_generic(
+    name: &str,
+    signature: Option<Spanned<RawSignature>>,
+    paths: Option<Spanned<RawPaths>>,
+    delivery_header: Option<Spanned<String>>,
+    problems: &mut FileProblems<'_>,
+    ok: &mut bool,
+) -> GenericConfig {
+    let mut bad =
+        |span: std::ops::Range<usize>, message: String, problems: &mut FileProblems<'_>| {
+            problems.at(Some(span), format!("source.{name}.signature: {message}"));
+            *ok = false;
+        };
+    let scheme = match signature {
+        None => GenericScheme::None,
+        Some(signature) => {
+            let span = signature.span();
+            let raw = signature.into_inner();
+            match raw.scheme.as_deref().unwrap_or("hmac") {
+                "hmac" => {
+                    let algorithm = raw.algorithm.as_deref().unwrap_or("sha256");
+                    let algorithm = Algorithm::parse(algorithm).unwrap_or_else(|| {
+                        bad(
+                            span.clone(),
+                            format!("algorithm {algorithm:?} is not sha1, sha256 or sha512"),
+                            problems,
+                        );
+                        Algorithm::Sha256
+                    });
+                    let encoding = match raw.encoding.as_deref().unwrap_or("hex") {
+                        "hex" => Encoding::Hex,
+                        "base64" => Encoding::Base64,
+                        other => {
+                            bad(
+                                span.clone(),
+                                format!("encoding {other:?} is not hex or base64"),
+                                problems,
+                            );
+                            Encoding::Hex
+                        }
+                    };
+                    match raw.header {
+                        Some(header) if http::HeaderName::from_bytes(header.as_bytes()).is_ok() => {
+                            GenericScheme::Hmac {
+                                header,
+                                algorithm,
+                                encoding,
+                                prefix: raw.prefix.unwrap_or_default(),
+                            }
+                        }
+                        _ => {
+                            bad(span, "an HMAC signature needs `header = \"X-Signature\"` (a valid header name)".into(), problems);
+                            GenericScheme::None
+                        }
+                    }
+                }
+                "token" => match raw.header {
+                    Some(header) if http::HeaderName::from_bytes(header.as_bytes()).is_ok() => {
+                        GenericScheme::Token { header }
+                    }
+                    _ => {
+                        bad(
+                            span,
+                            "a token needs `header = \"X-Token\"` (a valid header name)".into(),
+                            problems,
+                        );
+                        GenericScheme::None
+                    }
+                },
+                "standard-webhooks" => GenericScheme::StandardWebhooks,
+                other => {
+                    bad(
+                        span,
+                        format!("scheme {other:?} is not hmac, token or standard-webhooks"),
+                        problems,
+                    );
+                    GenericScheme::None
+                }
+            }
+        }
+    };
+    let mut compiled = GenericPaths::default();
+    if let Some(paths) = paths {
+        let raw = paths.into_inner();
+        if let Some(path) = raw.repository {
+            compiled.repository = path;
+        }
+        if let Some(path) = raw.git_ref {
+            compiled.git_ref = path;
+        }
+        compiled.before = raw.before.or(compiled.before);
+        compiled.after = raw.after.or(compiled.after);
+        compiled.delivery = raw.delivery;
+        compiled.pusher = raw.pusher;
+        compiled.repository_url = raw.repository_url;
+    }
+    GenericConfig {
+        scheme,
+        paths: compiled,
+        delivery_header: delivery_header.map(Spanned::into_inner),
+    }
+}

@@ -1,0 +1,323 @@
+//! The normalized [`Event`]: one change to one ref, whoever sent the webhook.
+//!
+//! Every source turns its sender's payload into this one shape; rules, templates and
+//! `explain` see nothing else. Field names are the names templates use (`event.ref_name`,
+//! `event.after`, …). A branch or tag deletion is kind `delete` with `deleted_kind` saying
+//! which; a zero object id is 40 or 64 zeros (SHA-1 or SHA-256 repositories).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+/// Which sender's format a source reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    Github,
+    Gitlab,
+    /// Gitea and Forgejo (Forgejo sends Gitea's payloads and headers).
+    Gitea,
+    Gogs,
+    BitbucketCloud,
+    BitbucketServer,
+    Generic,
+}
+
+impl Provider {
+    /// The provider names configuration accepts.
+    pub const NAMES: &'static str =
+        "github, gitlab, gitea, forgejo, gogs, bitbucket-cloud, bitbucket-server, generic";
+
+    pub fn parse(name: &str) -> Option<Provider> {
+        Some(match name {
+            "github" => Provider::Github,
+            "gitlab" => Provider::Gitlab,
+            "gitea" | "forgejo" => Provider::Gitea,
+            "gogs" => Provider::Gogs,
+            "bitbucket-cloud" => Provider::BitbucketCloud,
+            "bitbucket-server" => Provider::BitbucketServer,
+            "generic" => Provider::Generic,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Github => "github",
+            Provider::Gitlab => "gitlab",
+            Provider::Gitea => "gitea",
+            Provider::Gogs => "gogs",
+            Provider::BitbucketCloud => "bitbucket-cloud",
+            Provider::BitbucketServer => "bitbucket-server",
+            Provider::Generic => "generic",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happened to the ref.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// Commits pushed to a branch (including a new branch).
+    Push,
+    /// A tag pushed (created or moved).
+    Tag,
+    /// A branch or tag deleted; `deleted_kind` says which.
+    Delete,
+    /// The sender testing the webhook.
+    Ping,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Push => "push",
+            EventKind::Tag => "tag",
+            EventKind::Delete => "delete",
+            EventKind::Ping => "ping",
+        }
+    }
+}
+
+/// For deletions: whether a branch or a tag went away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefType {
+    Branch,
+    Tag,
+}
+
+/// One commit, as much of it as the sender gives.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Commit {
+    pub id: String,
+    pub message: String,
+    pub url: String,
+    pub author: String,
+    pub timestamp: String,
+}
+
+/// One change to one ref, normalized.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    pub provider: Provider,
+    /// The `[source.NAME]` it arrived on.
+    pub source: String,
+    pub kind: EventKind,
+    pub deleted_kind: Option<RefType>,
+    /// Full name: `group/sub/project`, `workspace/repo`, `PROJECT/repo`.
+    pub repository: String,
+    /// Clone URL (HTTP), where the sender gives or implies one.
+    pub repository_url: String,
+    pub repository_web_url: String,
+    /// The full ref: `refs/heads/main`, `refs/tags/v1.0`.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// The ref without `refs/heads/` or `refs/tags/`.
+    pub ref_name: String,
+    pub before: String,
+    pub after: String,
+    pub pusher: String,
+    /// The true number of commits, which may exceed `commits.len()` (senders truncate).
+    pub commit_count: u64,
+    pub commits: Vec<Commit>,
+    pub delivery: String,
+    /// The sender's JSON, for expressions that need more (shared by a webhook's events).
+    pub payload: Arc<serde_json::Value>,
+}
+
+const BRANCH_PREFIX: &str = "refs/heads/";
+const TAG_PREFIX: &str = "refs/tags/";
+
+/// `true` for the all-zero object id (40 or 64 zeros) senders use for "no object".
+pub fn is_zero_id(id: &str) -> bool {
+    matches!(id.len(), 40 | 64) && id.bytes().all(|b| b == b'0')
+}
+
+/// The zero object id, for changes whose sender gives no SHA.
+pub const ZERO_ID: &str = "0000000000000000000000000000000000000000";
+
+/// What every event from one webhook shares.
+#[derive(Clone, Debug)]
+pub struct EventContext {
+    pub provider: Provider,
+    pub source: String,
+    pub delivery: String,
+    pub repository: String,
+    pub repository_url: String,
+    pub repository_web_url: String,
+    pub pusher: String,
+    pub payload: Arc<serde_json::Value>,
+}
+
+/// One ref's change, in the sender's terms, before it becomes an [`Event`].
+#[derive(Clone, Debug, Default)]
+pub struct RefChange {
+    /// Full (`refs/heads/x`) ref.
+    pub full_ref: String,
+    pub before: String,
+    pub after: String,
+    /// The sender says the ref was deleted (in addition to a zero `after`).
+    pub deleted: bool,
+    pub commits: Vec<Commit>,
+    /// The sender's true count when it truncates `commits`; else `commits.len()`.
+    pub commit_count: Option<u64>,
+}
+
+impl EventContext {
+    /// Builds the event for one ref change. Refs that are neither a branch nor a tag
+    /// (`refs/notes/…`, `refs/merge-requests/…`) are refused with the reason.
+    pub fn event(&self, change: RefChange) -> Result<Event, String> {
+        let (ref_type, ref_name) = if let Some(name) = change.full_ref.strip_prefix(BRANCH_PREFIX) {
+            (RefType::Branch, name)
+        } else if let Some(name) = change.full_ref.strip_prefix(TAG_PREFIX) {
+            (RefType::Tag, name)
+        } else {
+            return Err(format!(
+                "ref {:?} is neither a branch nor a tag",
+                change.full_ref
+            ));
+        };
+        if ref_name.is_empty() {
+            return Err(format!("ref {:?} names no branch or tag", change.full_ref));
+        }
+        let deleted = change.deleted || is_zero_id(&change.after);
+        let kind = match (deleted, ref_type) {
+            (true, _) => EventKind::Delete,
+            (false, RefType::Branch) => EventKind::Push,
+            (false, RefType::Tag) => EventKind::Tag,
+        };
+        let commit_count = change.commit_count.unwrap_or(change.commits.len() as u64);
+        Ok(Event {
+            provider: self.provider,
+            source: self.source.clone(),
+            kind,
+            deleted_kind: deleted.then_some(ref_type),
+            repository: self.repository.clone(),
+            repository_url: self.repository_url.clone(),
+            repository_web_url: self.repository_web_url.clone(),
+            ref_name: ref_name.to_owned(),
+            git_ref: change.full_ref,
+            before: change.before,
+            after: change.after,
+            pusher: self.pusher.clone(),
+            commit_count,
+            commits: change.commits,
+            delivery: self.delivery.clone(),
+            payload: self.payload.clone(),
+        })
+    }
+
+    /// A ping: the sender testing the webhook.
+    pub fn ping(&self) -> Event {
+        Event {
+            provider: self.provider,
+            source: self.source.clone(),
+            kind: EventKind::Ping,
+            deleted_kind: None,
+            repository: self.repository.clone(),
+            repository_url: self.repository_url.clone(),
+            repository_web_url: self.repository_web_url.clone(),
+            git_ref: String::new(),
+            ref_name: String::new(),
+            before: String::new(),
+            after: String::new(),
+            pusher: self.pusher.clone(),
+            commit_count: 0,
+            commits: Vec::new(),
+            delivery: self.delivery.clone(),
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// `refs/heads/` + name or `refs/tags/` + name, for senders that give short names.
+pub fn full_ref(ref_type: RefType, short: &str) -> String {
+    match ref_type {
+        RefType::Branch => format!("{BRANCH_PREFIX}{short}"),
+        RefType::Tag => format!("{TAG_PREFIX}{short}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> EventContext {
+        EventContext {
+            provider: Provider::Github,
+            source: "gh".into(),
+            delivery: "d1".into(),
+            repository: "acme/app".into(),
+            repository_url: String::new(),
+            repository_web_url: String::new(),
+            pusher: "me".into(),
+            payload: Arc::new(serde_json::Value::Null),
+        }
+    }
+
+    fn change(full_ref: &str, after: &str) -> RefChange {
+        RefChange {
+            full_ref: full_ref.into(),
+            before: "a".repeat(40),
+            after: after.into(),
+            ..RefChange::default()
+        }
+    }
+
+    #[test]
+    fn zero_ids_are_40_or_64_zeros() {
+        assert!(is_zero_id(&"0".repeat(40)));
+        assert!(is_zero_id(&"0".repeat(64)));
+        assert!(!is_zero_id(&"0".repeat(39)));
+        assert!(!is_zero_id(&format!("{}1", "0".repeat(39))));
+    }
+
+    #[test]
+    fn kinds_from_refs() {
+        let sha = "b".repeat(40);
+        let e = context()
+            .event(change("refs/heads/feature/x", &sha))
+            .unwrap();
+        assert_eq!(
+            (e.kind, e.ref_name.as_str(), e.deleted_kind),
+            (EventKind::Push, "feature/x", None)
+        );
+        let e = context().event(change("refs/tags/v1", &sha)).unwrap();
+        assert_eq!(e.kind, EventKind::Tag);
+        let e = context()
+            .event(change("refs/tags/v1", &"0".repeat(64)))
+            .unwrap();
+        assert_eq!(
+            (e.kind, e.deleted_kind),
+            (EventKind::Delete, Some(RefType::Tag))
+        );
+        let mut deleted = change("refs/heads/x", &sha);
+        deleted.deleted = true;
+        let e = context().event(deleted).unwrap();
+        assert_eq!(
+            (e.kind, e.deleted_kind),
+            (EventKind::Delete, Some(RefType::Branch))
+        );
+        assert!(context().event(change("refs/notes/x", &sha)).is_err());
+        assert!(context().event(change("refs/heads/", &sha)).is_err());
+    }
+
+    #[test]
+    fn serializes_with_template_names() {
+        let e = context()
+            .event(change("refs/tags/v1", &"c".repeat(40)))
+            .unwrap();
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["ref"], "refs/tags/v1");
+        assert_eq!(json["kind"], "tag");
+        assert_eq!(json["provider"], "github");
+        assert_eq!(json["deleted_kind"], serde_json::Value::Null);
+    }
+}

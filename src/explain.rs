@@ -1,0 +1,232 @@
+//! `hookrelay explain`: what hookrelay makes of a webhook payload, offline.
+//!
+//! Reads a payload file as if it had arrived on a source, without checking a signature
+//! (there is none in a file) and without reading any secret, and prints the normalized
+//! events in a form meant to be read. With `--json`, prints the same as JSON.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::event::{Event, Provider};
+use crate::hooks;
+use crate::sources::{self, Outcome, Verification, WebhookRequest};
+
+/// What `explain` was asked.
+pub struct ExplainRequest<'a> {
+    pub config: &'a Path,
+    pub source: &'a str,
+    pub event: Option<&'a str>,
+    /// `K: V` pairs.
+    pub headers: &'a [String],
+    pub payload: &'a Path,
+    pub json: bool,
+}
+
+/// The header that names the event type, per provider.
+fn event_header(provider: Provider) -> Option<&'static str> {
+    match provider {
+        Provider::Github => Some("X-GitHub-Event"),
+        Provider::Gitlab => Some("X-Gitlab-Event"),
+        Provider::Gitea => Some("X-Gitea-Event"),
+        Provider::Gogs => Some("X-Gogs-Event"),
+        Provider::BitbucketCloud | Provider::BitbucketServer => Some("X-Event-Key"),
+        Provider::Generic => None,
+    }
+}
+
+/// The event type assumed when neither `--event` nor a header gives one.
+fn assumed_event(provider: Provider, payload: &[u8]) -> &'static str {
+    match provider {
+        Provider::Gitlab => {
+            let kind = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| {
+                    v.get("object_kind")
+                        .and_then(|k| k.as_str().map(str::to_owned))
+                });
+            if kind.as_deref() == Some("tag_push") {
+                "Tag Push Hook"
+            } else {
+                "Push Hook"
+            }
+        }
+        Provider::BitbucketCloud => "repo:push",
+        Provider::BitbucketServer => "repo:refs_changed",
+        _ => "push",
+    }
+}
+
+/// Runs `explain`; the text to print, or an error message for the user.
+pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
+    let config = crate::config::load_without_secrets(request.config)
+        .map_err(|problems| problems.to_string())?;
+    let source = config.sources.get(request.source).ok_or_else(|| {
+        let names: Vec<&str> = config.sources.keys().map(String::as_str).collect();
+        format!(
+            "no source named {:?} in {}; configured: {}",
+            request.source,
+            request.config.display(),
+            if names.is_empty() {
+                "none".into()
+            } else {
+                names.join(", ")
+            }
+        )
+    })?;
+    let body = std::fs::read(request.payload)
+        .map_err(|err| format!("cannot read {}: {err}", request.payload.display()))?;
+    let body = Bytes::from(body);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for pair in request.headers {
+        let (name, value) = pair
+            .split_once(':')
+            .ok_or_else(|| format!("--header {pair:?} must be written \"Name: value\""))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("{:?} is not a header name", name.trim()))?;
+        let value = HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("the value of {name} is not a valid header value"))?;
+        headers.insert(name, value);
+    }
+    let mut assumed = None;
+    if let Some(header) = event_header(source.provider) {
+        match request.event {
+            Some(event) => {
+                let value = HeaderValue::from_str(event)
+                    .map_err(|_| format!("--event {event:?} is not a valid header value"))?;
+                headers.insert(header, value);
+            }
+            None if !headers.contains_key(header) => {
+                let event = assumed_event(source.provider, &body);
+                headers.insert(header, HeaderValue::from_static(event));
+                assumed = Some((header, event));
+            }
+            None => {}
+        }
+    }
+    let received = sources::receive(
+        source,
+        &WebhookRequest {
+            headers: &headers,
+            body: &body,
+        },
+        Verification::Skip,
+    )
+    .map_err(|err| format!("{}: {err}", request.payload.display()))?;
+    if request.json {
+        let mut reply = hooks::reply(&source.name, &received);
+        if let Outcome::Events(events) = &received.outcome {
+            reply["events"] =
+                serde_json::to_value(events.iter().map(full_without_payload).collect::<Vec<_>>())
+                    .expect("events serialize");
+        }
+        return Ok(serde_json::to_string_pretty(&reply).expect("JSON serializes") + "\n");
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "source      {} (provider {})",
+        source.name, source.provider
+    );
+    match assumed {
+        Some((header, event)) => {
+            let _ = writeln!(
+                out,
+                "event type  {event} (assumed; pass --event to choose the {header} value)"
+            );
+        }
+        None => {
+            let _ = writeln!(out, "event type  {}", received.event_type);
+        }
+    }
+    let _ = writeln!(out, "delivery    {}", received.delivery);
+    let _ = writeln!(
+        out,
+        "signature   not checked: explain reads a payload file offline"
+    );
+    match &received.outcome {
+        Outcome::Events(events) => {
+            for (i, event) in events.iter().enumerate() {
+                let _ = writeln!(out);
+                write_event(&mut out, i + 1, events.len(), event);
+            }
+        }
+        Outcome::Ping(_) => {
+            let _ = writeln!(
+                out,
+                "\nping: the sender is testing the webhook; nothing to do"
+            );
+        }
+        Outcome::Skipped(note) => {
+            let _ = writeln!(out, "\nno event: {note}");
+        }
+    }
+    Ok(out)
+}
+
+fn full_without_payload(event: &Event) -> serde_json::Value {
+    let mut value = serde_json::to_value(event).expect("events serialize");
+    if let Some(map) = value.as_object_mut() {
+        map.remove("payload");
+    }
+    value
+}
+
+fn short(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
+}
+
+fn write_event(out: &mut String, n: usize, of: usize, event: &Event) {
+    let kind = match event.deleted_kind {
+        Some(ref_type) => format!(
+            "delete ({})",
+            serde_json::to_value(ref_type)
+                .expect("serializes")
+                .as_str()
+                .unwrap_or("")
+        ),
+        None => event.kind.as_str().to_owned(),
+    };
+    let _ = writeln!(out, "event {n} of {of}: {kind}");
+    let _ = writeln!(out, "  repository      {}", event.repository);
+    if !event.repository_url.is_empty() {
+        let _ = writeln!(out, "  clone url       {}", event.repository_url);
+    }
+    let _ = writeln!(
+        out,
+        "  ref             {}  (ref_name {})",
+        event.git_ref, event.ref_name
+    );
+    let _ = writeln!(
+        out,
+        "  before → after  {} → {}",
+        short(&event.before),
+        short(&event.after)
+    );
+    if !event.pusher.is_empty() {
+        let _ = writeln!(out, "  pusher          {}", event.pusher);
+    }
+    if (event.commits.len() as u64) < event.commit_count {
+        let _ = writeln!(
+            out,
+            "  commits         {} (the payload lists {})",
+            event.commit_count,
+            event.commits.len()
+        );
+    } else {
+        let _ = writeln!(out, "  commits         {}", event.commit_count);
+    }
+    for commit in event.commits.iter().take(10) {
+        let title = commit.message.lines().next().unwrap_or("");
+        let _ = writeln!(out, "    {}  {}", short(&commit.id), title);
+    }
+    if event.commits.len() > 10 {
+        let _ = writeln!(out, "    … and {} more", event.commits.len() - 10);
+    }
+}

@@ -1,0 +1,182 @@
+//! Gitea and Forgejo (Forgejo sends Gitea's payloads and all of Gitea's headers).
+//!
+//! Proof: `X-Gitea-Signature` or `X-Forgejo-Signature` (bare hex HMAC-SHA256), or
+//! `X-Hub-Signature-256` (`sha256=` + the same hex); an empty value means "no signature"
+//! (Gitea sends the headers empty when the webhook has no secret). The HMAC covers the JSON
+//! payload — for a form body, the `payload` field, not the form bytes. Event name:
+//! `X-Gitea-Event` (or `X-Forgejo-Event`); delivery id: `X-Gitea-Delivery` (or
+//! `X-Forgejo-Delivery`).
+//!
+//! Which webhook carries which change: `push` carries branch pushes, new branches, new
+//! tags (`refs/tags/…`) and tag deletions (a zero `after`). A deleted branch arrives only as
+//! `delete`, so `delete` with `ref_type: branch` is acted on; `delete` for a tag and every
+//! `create` are answered with a note naming `push`. There is no ping: "Test Delivery"
+//! sends a push of the default branch.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::{
+    Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
+    delivery_id, one_event, parse_json, text, typed, verify_sha256_headers, without_secret,
+};
+use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
+
+#[derive(Deserialize)]
+pub(super) struct Push {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    before: String,
+    after: String,
+    pub(super) repository: Repository,
+    pub(super) pusher: Option<User>,
+    #[serde(default)]
+    commits: Vec<PushCommit>,
+    total_commits: Option<u64>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Repository {
+    pub(super) full_name: String,
+    pub(super) clone_url: Option<String>,
+    pub(super) html_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct User {
+    login: Option<String>,
+    username: Option<String>,
+}
+
+impl User {
+    pub(super) fn name(self) -> String {
+        self.login.or(self.username).unwrap_or_default()
+    }
+}
+
+#[derive(Deserialize)]
+struct PushCommit {
+    id: String,
+    message: Option<String>,
+    url: Option<String>,
+    timestamp: Option<String>,
+    author: Option<Author>,
+}
+
+#[derive(Deserialize)]
+struct Author {
+    name: Option<String>,
+    username: Option<String>,
+}
+
+/// `create` and `delete`: a short ref name and its type.
+#[derive(Deserialize)]
+pub(super) struct RefEvent {
+    #[serde(rename = "ref")]
+    pub(super) git_ref: String,
+    pub(super) ref_type: String,
+    pub(super) sha: Option<String>,
+    pub(super) repository: Repository,
+    pub(super) sender: Option<User>,
+}
+
+pub fn receive(
+    source: &SourceConfig,
+    request: &WebhookRequest<'_>,
+    verification: Verification,
+) -> Result<Received, SourceError> {
+    let payload_bytes = request.payload_bytes()?;
+    if let Verification::Check { .. } = verification {
+        verify_sha256_headers(
+            source,
+            request,
+            &[
+                ("X-Gitea-Signature", ""),
+                ("X-Forgejo-Signature", ""),
+                ("X-Hub-Signature-256", "sha256="),
+            ],
+            &payload_bytes,
+        )?;
+    }
+    let event_type = request
+        .header("x-gitea-event")
+        .or_else(|| request.header("x-forgejo-event"))
+        .ok_or(SourceError::MissingEventHeader {
+            header: "X-Gitea-Event",
+            provider: source.provider,
+        })?
+        .to_owned();
+    let delivery = delivery_id(request, &["x-gitea-delivery", "x-forgejo-delivery"]);
+    let received = |outcome| Received {
+        delivery: delivery.clone(),
+        event_type: event_type.clone(),
+        outcome,
+    };
+    let outcome = match event_type.as_str() {
+        "push" => {
+            let payload = Arc::new(without_secret(parse_json(&payload_bytes)?));
+            let push: Push = typed(&payload, "Gitea push")?;
+            let mut ctx = context(source, &delivery, payload.clone());
+            ctx.repository = push.repository.full_name;
+            ctx.repository_url = text(&push.repository.clone_url);
+            ctx.repository_web_url = text(&push.repository.html_url);
+            ctx.pusher = push.pusher.map(User::name).unwrap_or_default();
+            let commits = push
+                .commits
+                .into_iter()
+                .map(|c| Commit {
+                    id: c.id,
+                    message: text(&c.message),
+                    url: text(&c.url),
+                    author: c.author.and_then(|a| a.username.or(a.name)).unwrap_or_default(),
+                    timestamp: text(&c.timestamp),
+                })
+                .collect();
+            one_event(
+                &ctx,
+                RefChange {
+                    full_ref: push.git_ref,
+                    before: push.before,
+                    after: push.after,
+                    deleted: false,
+                    commits,
+                    commit_count: push.total_commits,
+                },
+            )?
+        }
+        "delete" => {
+            let payload = Arc::new(without_secret(parse_json(&payload_bytes)?));
+            let deleted: RefEvent = typed(&payload, "Gitea delete")?;
+            if deleted.ref_type == "branch" {
+                let mut ctx = context(source, &delivery, payload.clone());
+                ctx.repository = deleted.repository.full_name;
+                ctx.repository_url = text(&deleted.repository.clone_url);
+                ctx.repository_web_url = text(&deleted.repository.html_url);
+                ctx.pusher = deleted.sender.map(User::name).unwrap_or_default();
+                one_event(
+                    &ctx,
+                    RefChange {
+                        full_ref: full_ref(RefType::Branch, &deleted.git_ref),
+                        before: ZERO_ID.into(),
+                        after: ZERO_ID.into(),
+                        deleted: true,
+                        ..RefChange::default()
+                    },
+                )?
+            } else {
+                Outcome::Skipped(format!(
+                    "Gitea also sends a `push` event (with a zero `after`) when a {} is deleted; hookrelay acts on that `push`",
+                    deleted.ref_type
+                ))
+            }
+        }
+        "create" => Outcome::Skipped(
+            "Gitea also sends a `push` event for a new branch or tag; hookrelay acts on that `push`".into(),
+        ),
+        other => Outcome::Skipped(format!(
+            "Gitea event `{other}` is not handled; hookrelay acts on `push` and on `delete` for branches"
+        )),
+    };
+    Ok(received(outcome))
+}

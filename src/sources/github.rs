@@ -1,0 +1,195 @@
+//! GitHub and GitHub Enterprise Server.
+//!
+//! Proof: `X-Hub-Signature-256` (`sha256=` + hex HMAC-SHA256 of the raw body, also for a
+//! form-encoded body); the legacy SHA-1 `X-Hub-Signature` only when the source sets
+//! `allow_sha1`. Event name: `X-GitHub-Event`; delivery id: `X-GitHub-Delivery` (a
+//! redelivery keeps it). Body: JSON, or a form with the JSON in `payload`.
+//!
+//! Which webhook carries which change: GitHub sends `push` for every change — branch
+//! pushes, new branches, tags, and deletions (`deleted: true`) — and additionally `create`
+//! or `delete` for new and deleted branches and tags. hookrelay acts on `push`, which has
+//! the SHAs; `create` and `delete` are answered with a note. `ping` is a ping.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::signature::{Algorithm, Encoding, SignatureError, verify_hmac_header};
+use super::{
+    Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
+    delivery_id, one_event, parse_json, text, typed,
+};
+use crate::event::{Commit, RefChange};
+
+#[derive(Deserialize)]
+struct Push {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    before: String,
+    after: String,
+    #[serde(default)]
+    deleted: bool,
+    repository: Repository,
+    pusher: Option<Pusher>,
+    sender: Option<User>,
+    #[serde(default)]
+    commits: Vec<PushCommit>,
+}
+
+#[derive(Deserialize)]
+struct Repository {
+    full_name: String,
+    clone_url: Option<String>,
+    html_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Pusher {
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct User {
+    login: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PushCommit {
+    id: String,
+    message: Option<String>,
+    url: Option<String>,
+    timestamp: Option<String>,
+    author: Option<Author>,
+}
+
+#[derive(Deserialize)]
+struct Author {
+    name: Option<String>,
+    username: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Ping {
+    repository: Option<Repository>,
+    sender: Option<User>,
+}
+
+pub fn receive(
+    source: &SourceConfig,
+    request: &WebhookRequest<'_>,
+    verification: Verification,
+) -> Result<Received, SourceError> {
+    if let Verification::Check { .. } = verification {
+        verify(source, request)?;
+    }
+    let event_type = request
+        .header("x-github-event")
+        .ok_or(SourceError::MissingEventHeader {
+            header: "X-GitHub-Event",
+            provider: source.provider,
+        })?
+        .to_owned();
+    let delivery = delivery_id(request, &["x-github-delivery"]);
+    let received = |outcome| Received {
+        delivery: delivery.clone(),
+        event_type: event_type.clone(),
+        outcome,
+    };
+    let outcome = match event_type.as_str() {
+        "push" | "ping" => {
+            let payload = Arc::new(parse_json(&request.payload_bytes()?)?);
+            let mut ctx = context(source, &delivery, payload.clone());
+            if event_type == "ping" {
+                let ping: Ping = typed(&payload, "GitHub ping")?;
+                if let Some(repository) = ping.repository {
+                    ctx.repository = repository.full_name;
+                    ctx.repository_url = text(&repository.clone_url);
+                    ctx.repository_web_url = text(&repository.html_url);
+                }
+                ctx.pusher = ping.sender.and_then(|s| s.login).unwrap_or_default();
+                return Ok(received(Outcome::Ping(Some(ctx.ping()))));
+            }
+            let push: Push = typed(&payload, "GitHub push")?;
+            ctx.repository = push.repository.full_name;
+            ctx.repository_url = text(&push.repository.clone_url);
+            ctx.repository_web_url = text(&push.repository.html_url);
+            ctx.pusher = push
+                .sender
+                .and_then(|s| s.login)
+                .or(push.pusher.and_then(|p| p.name))
+                .unwrap_or_default();
+            let commits = push
+                .commits
+                .into_iter()
+                .map(|c| Commit {
+                    id: c.id,
+                    message: text(&c.message),
+                    url: text(&c.url),
+                    author: c
+                        .author
+                        .and_then(|a| a.username.or(a.name))
+                        .unwrap_or_default(),
+                    timestamp: text(&c.timestamp),
+                })
+                .collect();
+            one_event(
+                &ctx,
+                RefChange {
+                    full_ref: push.git_ref,
+                    before: push.before,
+                    after: push.after,
+                    deleted: push.deleted,
+                    commits,
+                    commit_count: None,
+                },
+            )?
+        }
+        "create" | "delete" => Outcome::Skipped(format!(
+            "GitHub also sends a `push` event for this {event_type}; hookrelay acts on `push`, \
+             which carries the SHAs (subscribe the webhook to push events)"
+        )),
+        other => Outcome::Skipped(format!(
+            "GitHub event `{other}` is not handled; hookrelay acts on `push` (branches, tags and deletions) and `ping`"
+        )),
+    };
+    Ok(received(outcome))
+}
+
+fn verify(source: &SourceConfig, request: &WebhookRequest<'_>) -> Result<(), SourceError> {
+    let Some(secret) = &source.secret else {
+        return Ok(());
+    };
+    let key = secret.expose().as_bytes();
+    if let Some(value) = request.header("x-hub-signature-256") {
+        return Ok(verify_hmac_header(
+            "X-Hub-Signature-256",
+            value,
+            "sha256=",
+            Encoding::Hex,
+            Algorithm::Sha256,
+            key,
+            request.body,
+        )?);
+    }
+    if source.allow_sha1 {
+        if let Some(value) = request.header("x-hub-signature") {
+            return Ok(verify_hmac_header(
+                "X-Hub-Signature",
+                value,
+                "sha1=",
+                Encoding::Hex,
+                Algorithm::Sha1,
+                key,
+                request.body,
+            )?);
+        }
+    }
+    Err(SignatureError::Missing {
+        header: if source.allow_sha1 {
+            "X-Hub-Signature-256 (or X-Hub-Signature)".into()
+        } else {
+            "X-Hub-Signature-256".into()
+        },
+    }
+    .into())
+}

@@ -1,0 +1,152 @@
+//! Gogs.
+//!
+//! Proof: `X-Gogs-Signature` (bare hex HMAC-SHA256 of the JSON payload; for a form body,
+//! of its `payload` field). Event name: `X-Gogs-Event`; delivery id: `X-Gogs-Delivery`.
+//!
+//! Which webhook carries which change: `push` carries branch pushes (a new branch also
+//! sends `create`, answered with a note). Gogs sends no push for tags: a tag arrives only
+//! as `create` with `ref_type: tag` (acted on, with `sha` as `after`), and every deletion
+//! only as `delete` (acted on, branch or tag). "Test Delivery" sends a push of the default
+//! branch.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::gitea::{RefEvent, User};
+use super::{
+    Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
+    delivery_id, one_event, parse_json, text, typed, verify_sha256_headers, without_secret,
+};
+use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
+
+#[derive(Deserialize)]
+struct Push {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    before: String,
+    after: String,
+    repository: super::gitea::Repository,
+    pusher: Option<User>,
+    #[serde(default)]
+    commits: Vec<PushCommit>,
+}
+
+#[derive(Deserialize)]
+struct PushCommit {
+    id: String,
+    message: Option<String>,
+    url: Option<String>,
+    timestamp: Option<String>,
+    author: Option<Author>,
+}
+
+#[derive(Deserialize)]
+struct Author {
+    name: Option<String>,
+    username: Option<String>,
+}
+
+pub fn receive(
+    source: &SourceConfig,
+    request: &WebhookRequest<'_>,
+    verification: Verification,
+) -> Result<Received, SourceError> {
+    let payload_bytes = request.payload_bytes()?;
+    if let Verification::Check { .. } = verification {
+        verify_sha256_headers(source, request, &[("X-Gogs-Signature", "")], &payload_bytes)?;
+    }
+    let event_type = request
+        .header("x-gogs-event")
+        .ok_or(SourceError::MissingEventHeader {
+            header: "X-Gogs-Event",
+            provider: source.provider,
+        })?
+        .to_owned();
+    let delivery = delivery_id(request, &["x-gogs-delivery"]);
+    let received = |outcome| Received {
+        delivery: delivery.clone(),
+        event_type: event_type.clone(),
+        outcome,
+    };
+    if !matches!(event_type.as_str(), "push" | "create" | "delete") {
+        return Ok(received(Outcome::Skipped(format!(
+            "Gogs event `{event_type}` is not handled; hookrelay acts on `push`, `create` (tags) and `delete`"
+        ))));
+    }
+    let payload = Arc::new(without_secret(parse_json(&payload_bytes)?));
+    let mut ctx = context(source, &delivery, payload.clone());
+    let outcome = if event_type == "push" {
+        let push: Push = typed(&payload, "Gogs push")?;
+        ctx.repository = push.repository.full_name;
+        ctx.repository_url = text(&push.repository.clone_url);
+        ctx.repository_web_url = text(&push.repository.html_url);
+        ctx.pusher = push.pusher.map(User::name).unwrap_or_default();
+        let commits = push
+            .commits
+            .into_iter()
+            .map(|c| Commit {
+                id: c.id,
+                message: text(&c.message),
+                url: text(&c.url),
+                author: c
+                    .author
+                    .and_then(|a| a.username.or(a.name))
+                    .unwrap_or_default(),
+                timestamp: text(&c.timestamp),
+            })
+            .collect();
+        one_event(
+            &ctx,
+            RefChange {
+                full_ref: push.git_ref,
+                before: push.before,
+                after: push.after,
+                deleted: false,
+                commits,
+                commit_count: None,
+            },
+        )?
+    } else {
+        let change: RefEvent = typed(&payload, &format!("Gogs {event_type}"))?;
+        ctx.repository = change.repository.full_name;
+        ctx.repository_url = text(&change.repository.clone_url);
+        ctx.repository_web_url = text(&change.repository.html_url);
+        ctx.pusher = change.sender.map(User::name).unwrap_or_default();
+        let ref_type = match change.ref_type.as_str() {
+            "tag" => RefType::Tag,
+            "branch" => RefType::Branch,
+            other => {
+                return Ok(received(Outcome::Skipped(format!(
+                    "Gogs {event_type} of a `{other}` is not handled"
+                ))));
+            }
+        };
+        match (event_type.as_str(), ref_type) {
+            ("create", RefType::Branch) => Outcome::Skipped(
+                "Gogs also sends a `push` event for a new branch; hookrelay acts on that `push`"
+                    .into(),
+            ),
+            ("create", RefType::Tag) => one_event(
+                &ctx,
+                RefChange {
+                    full_ref: full_ref(RefType::Tag, &change.git_ref),
+                    before: ZERO_ID.into(),
+                    after: change.sha.unwrap_or_default(),
+                    ..RefChange::default()
+                },
+            )?,
+            _ => one_event(
+                &ctx,
+                RefChange {
+                    full_ref: full_ref(ref_type, &change.git_ref),
+                    before: ZERO_ID.into(),
+                    after: ZERO_ID.into(),
+                    deleted: true,
+                    ..RefChange::default()
+                },
+            )?,
+        }
+    };
+    Ok(received(outcome))
+}

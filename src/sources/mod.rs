@@ -1,0 +1,308 @@
+//! Webhook sources: check who sent a webhook, read it, and turn it into [`Event`]s.
+//!
+//! One module per sender. Each verifies the sender's signature over the raw body first,
+//! then reads the payload by the source's configured provider, never by sniffing headers
+//! (Gitea and Gogs also send `X-GitHub-*` headers). One change in a repository becomes
+//! exactly one event: where a sender announces a change twice (GitHub's `push` and
+//! `create`), each module's doc comment says which webhook carries it, and the other is
+//! answered with a note naming that webhook. Events a source does not handle are answered
+//! `200` with a note, never an error a sender would retry or count against the webhook.
+
+pub mod bitbucket_cloud;
+pub mod bitbucket_server;
+pub mod generic;
+pub mod gitea;
+pub mod github;
+pub mod gitlab;
+pub mod gogs;
+pub mod signature;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use serde::de::DeserializeOwned;
+use sha2::Digest;
+
+use crate::error::JsonSyntaxError;
+use crate::event::{Event, EventContext, Provider};
+use crate::secret::Secret;
+use signature::{Algorithm, Encoding, SignatureError, SigningKey};
+
+/// A configured `[source.NAME]`, validated.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub name: String,
+    pub provider: Provider,
+    /// The shared secret: HMAC key, or the token for GitLab's `X-Gitlab-Token` and a generic
+    /// token header.
+    pub secret: Option<Secret>,
+    /// A Standard Webhooks key (GitLab's signing token, or a generic sender's).
+    pub signing_key: Option<SigningKey>,
+    /// GitHub: accept the legacy SHA-1 `X-Hub-Signature` when no SHA-256 one is sent.
+    pub allow_sha1: bool,
+    /// Standard Webhooks: how far `webhook-timestamp` may be from now.
+    pub timestamp_tolerance: Duration,
+    /// Accept webhooks without any signature (only when the source says so explicitly).
+    pub allow_unsigned: bool,
+    pub generic: GenericConfig,
+}
+
+/// How a generic sender proves itself and where its fields are.
+#[derive(Clone, Debug, Default)]
+pub struct GenericConfig {
+    pub scheme: GenericScheme,
+    /// Dotted JSON paths (`repository.full_name`, `changes.0.ref`).
+    pub paths: GenericPaths,
+    /// A header carrying the delivery id, tried before `paths.delivery`.
+    pub delivery_header: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub enum GenericScheme {
+    /// An HMAC of the body in a header.
+    Hmac {
+        header: String,
+        algorithm: Algorithm,
+        encoding: Encoding,
+        prefix: String,
+    },
+    /// Standard Webhooks headers, with the source's `signing_secret`.
+    StandardWebhooks,
+    /// The secret itself in a header.
+    Token { header: String },
+    /// No proof (only with `allow_unsigned`).
+    #[default]
+    None,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenericPaths {
+    pub repository: String,
+    pub git_ref: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+    pub delivery: Option<String>,
+    pub pusher: Option<String>,
+    pub repository_url: Option<String>,
+}
+
+impl Default for GenericPaths {
+    fn default() -> Self {
+        GenericPaths {
+            repository: "repository.full_name".into(),
+            git_ref: "ref".into(),
+            before: Some("before".into()),
+            after: Some("after".into()),
+            delivery: None,
+            pusher: None,
+            repository_url: None,
+        }
+    }
+}
+
+/// Why a webhook was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Missing, malformed, stale or wrong proof of origin: `401`.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    /// The sender's event header is missing: `400`.
+    #[error("the {header} header is missing; is this a {provider} webhook?")]
+    MissingEventHeader {
+        header: &'static str,
+        provider: Provider,
+    },
+    #[error("the body is not valid JSON: {0}")]
+    Json(JsonSyntaxError),
+    /// The JSON is not what this sender sends: `400`.
+    #[error("{0}")]
+    Payload(String),
+}
+
+/// What one webhook amounted to.
+#[derive(Debug)]
+pub struct Received {
+    pub delivery: String,
+    /// The sender's event name (`push`, `Tag Push Hook`, `repo:push`).
+    pub event_type: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    /// Changes to act on: one event per changed ref.
+    Events(Vec<Event>),
+    /// The sender testing the webhook.
+    Ping(Option<Event>),
+    /// Nothing to act on: an event the source does not handle, or a change another webhook
+    /// carries. The note says which.
+    Skipped(String),
+}
+
+/// One incoming webhook: its headers and exact body.
+pub struct WebhookRequest<'a> {
+    pub headers: &'a HeaderMap,
+    pub body: &'a Bytes,
+}
+
+impl WebhookRequest<'_> {
+    /// A header's value, trimmed; `None` when absent, empty or not text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn is_form(&self) -> bool {
+        self.header("content-type").is_some_and(|ct| {
+            ct.split(';').next().is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
+        })
+    }
+
+    /// The JSON payload: the body, or a form body's `payload` field (GitHub, Gitea, Gogs).
+    fn payload_bytes(&self) -> Result<Bytes, SourceError> {
+        if !self.is_form() {
+            return Ok(self.body.clone());
+        }
+        form_urlencoded::parse(self.body)
+            .find(|(name, _)| name == "payload")
+            .map(|(_, value)| Bytes::from(value.into_owned()))
+            .ok_or_else(|| SourceError::Payload("the form body has no `payload` field".into()))
+    }
+}
+
+/// Whether signatures are checked: always when serving; `explain` reads payloads offline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verification {
+    Check { now: SystemTime },
+    Skip,
+}
+
+/// Verifies and reads one webhook for `source`.
+pub fn receive(
+    source: &SourceConfig,
+    request: &WebhookRequest<'_>,
+    verification: Verification,
+) -> Result<Received, SourceError> {
+    match source.provider {
+        Provider::Github => github::receive(source, request, verification),
+        Provider::Gitlab => gitlab::receive(source, request, verification),
+        Provider::Gitea => gitea::receive(source, request, verification),
+        Provider::Gogs => gogs::receive(source, request, verification),
+        Provider::BitbucketCloud => bitbucket_cloud::receive(source, request, verification),
+        Provider::BitbucketServer => bitbucket_server::receive(source, request, verification),
+        Provider::Generic => generic::receive(source, request, verification),
+    }
+}
+
+/// Parses JSON, keeping the error's line and column.
+fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, SourceError> {
+    serde_json::from_slice(bytes).map_err(|err| SourceError::Json(JsonSyntaxError::from(&err)))
+}
+
+/// Reads the JSON as a sender's payload type; `what` names it in errors.
+fn typed<T: DeserializeOwned>(value: &serde_json::Value, what: &str) -> Result<T, SourceError> {
+    T::deserialize(value)
+        .map_err(|err| SourceError::Payload(format!("not a {what} payload: {err}")))
+}
+
+/// A stable delivery id for senders that give none: a hash of the body.
+pub fn derived_delivery(body: &[u8]) -> String {
+    let digest = sha2::Sha256::digest(body);
+    format!("sha256-{}", hex::encode(&digest[..16]))
+}
+
+/// The delivery id from the first of `headers` present, else derived from the body.
+fn delivery_id(request: &WebhookRequest<'_>, headers: &[&str]) -> String {
+    headers
+        .iter()
+        .find_map(|name| request.header(name))
+        .map(str::to_owned)
+        .unwrap_or_else(|| derived_delivery(request.body))
+}
+
+/// Checks an HMAC-SHA256 hex signature, from the first of `headers` that is present and
+/// not empty (an empty signature header means none, as Gitea sends without a secret).
+/// `headers` pairs each header with its prefix (`sha256=` or none).
+fn verify_sha256_headers(
+    source: &SourceConfig,
+    request: &WebhookRequest<'_>,
+    headers: &[(&str, &str)],
+    signed: &[u8],
+) -> Result<(), SourceError> {
+    let Some(secret) = &source.secret else {
+        return Ok(()); // Configuration allows this only with `allow_unsigned`.
+    };
+    for (name, prefix) in headers {
+        let Some(value) = request.header(name) else {
+            continue;
+        };
+        if value.eq_ignore_ascii_case(prefix) {
+            continue; // `sha256=` with no digest: Gitea without a secret.
+        }
+        signature::verify_hmac_header(
+            name,
+            value,
+            prefix,
+            Encoding::Hex,
+            Algorithm::Sha256,
+            secret.expose().as_bytes(),
+            signed,
+        )?;
+        return Ok(());
+    }
+    Err(SignatureError::Missing {
+        header: headers
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join(" or "),
+    }
+    .into())
+}
+
+/// The start of an [`EventContext`] for one webhook.
+fn context(source: &SourceConfig, delivery: &str, payload: Arc<serde_json::Value>) -> EventContext {
+    EventContext {
+        provider: source.provider,
+        source: source.name.clone(),
+        delivery: delivery.to_owned(),
+        repository: String::new(),
+        repository_url: String::new(),
+        repository_web_url: String::new(),
+        pusher: String::new(),
+        payload,
+    }
+}
+
+/// Wraps a single ref change's outcome.
+fn one_event(
+    context: &EventContext,
+    change: crate::event::RefChange,
+) -> Result<Outcome, SourceError> {
+    match context.event(change) {
+        Ok(event) => Ok(Outcome::Events(vec![event])),
+        Err(reason) => Ok(Outcome::Skipped(format!("nothing to do: {reason}"))),
+    }
+}
+
+/// Removes a top-level `secret` field: old Gitea and Gogs put the webhook secret in the
+/// payload, and the payload is kept and shown.
+fn without_secret(mut payload: serde_json::Value) -> serde_json::Value {
+    if let Some(map) = payload.as_object_mut() {
+        map.remove("secret");
+    }
+    payload
+}
+
+/// Text of an optional JSON string.
+fn text(value: &Option<String>) -> String {
+    value.clone().unwrap_or_default()
+}
