@@ -80,16 +80,16 @@ impl SecretRef {
 
     /// Reads the secret now. The error names the variable or file, never a value.
     pub fn resolve(&self) -> Result<Secret, String> {
+        self.resolve_with(&|name| std::env::var(name).ok())
+    }
+
+    /// [`SecretRef::resolve`] with an explicit environment.
+    pub fn resolve_with(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
         match self {
-            SecretRef::Env(name) => match std::env::var(name) {
-                Ok(value) if !value.is_empty() => Ok(Secret(value)),
-                Ok(_) => Err(format!("environment variable {name} is empty")),
-                Err(std::env::VarError::NotPresent) => {
-                    Err(format!("environment variable {name} is not set"))
-                }
-                Err(std::env::VarError::NotUnicode(_)) => {
-                    Err(format!("environment variable {name} is not valid UTF-8"))
-                }
+            SecretRef::Env(name) => match env(name) {
+                Some(value) if !value.is_empty() => Ok(Secret(value)),
+                Some(_) => Err(format!("environment variable {name} is empty")),
+                None => Err(format!("environment variable {name} is not set")),
             },
             SecretRef::File(path) => match std::fs::read_to_string(path) {
                 Ok(text) => {

@@ -231,3 +231,122 @@ async fn serve_forwards_logs_one_line_per_request_and_never_a_token() {
         "the masked token identifies the caller: {all}"
     );
 }
+
+fn fixture_path(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn serve_refuses_to_start_when_a_secret_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.toml",
+        "[source.github]\nprovider = \"github\"\nsecret = \"env:HOOKRELAY_TEST_UNSET_SECRET\"\n",
+    );
+    let output = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("HOOKRELAY_TEST_UNSET_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("a.toml:3: source.github.secret (env:HOOKRELAY_TEST_UNSET_SECRET): environment variable HOOKRELAY_TEST_UNSET_SECRET is not set"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn explain_shows_the_normalized_event_without_needing_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.toml",
+        "[source.gh]\nprovider = \"github\"\nsecret = \"env:HOOKRELAY_TEST_UNSET_SECRET\"\n[source.bb]\nprovider = \"bitbucket-cloud\"\nsecret = \"env:HOOKRELAY_TEST_UNSET_SECRET\"\n",
+    );
+    let config = dir.path().to_str().unwrap();
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        config,
+        "--source",
+        "gh",
+        "--event",
+        "push",
+        &fixture_path("github/push_tag.json"),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "source      gh (provider github)",
+        "event type  push",
+        "signature   not checked",
+        "event 1 of 1: tag",
+        "repository      Codertocat/Hello-World",
+        "ref             refs/tags/simple-tag  (ref_name simple-tag)",
+        "before → after  000000000000 → 6113728f27ae",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
+    }
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        config,
+        "--source",
+        "gh",
+        "--event",
+        "delete",
+        &fixture_path("github/delete_tag.json"),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&output.stdout)
+            .contains("no event: GitHub also sends a `push` event")
+    );
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        config,
+        "--source",
+        "bb",
+        "--json",
+        "--header",
+        "X-Request-UUID: r-1",
+        &fixture_path("bitbucket_cloud/repo_push_branch_delete.json"),
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["delivery"], "r-1");
+    assert_eq!(json["events"][0]["kind"], "delete");
+    assert_eq!(json["events"][0]["deleted_kind"], "branch");
+    assert_eq!(
+        json["events"][0]["repository_url"],
+        "https://bitbucket.org/kolaszek/repository-name.git"
+    );
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        config,
+        "--source",
+        "nope",
+        &fixture_path("github/push_tag.json"),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("configured: bb, gh"));
+}

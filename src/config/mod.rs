@@ -217,7 +217,7 @@ impl Builder {
             match key.get_ref().as_ref() {
                 "server" => self.read_server(value, origin, &mut problems),
                 "upstream" => self.read_upstreams(value, file, env, &mut problems),
-                "source" => self.read_sources(value, file, &mut problems),
+                "source" => self.read_sources(value, file, env, &mut problems),
                 "gateway" => {
                     if let Some(raw) = section::<RawGateway>(value, &mut problems) {
                         if let Some((_, first)) = &self.gateway {
@@ -332,6 +332,7 @@ impl Builder {
         &mut self,
         value: Spanned<DeValue<'_>>,
         file: &Path,
+        env: EnvLookup<'_>,
         problems: &mut FileProblems<'_>,
     ) {
         let span = value.span();
@@ -364,7 +365,7 @@ impl Builder {
                 line: problems.line(name_span.start),
             };
             if let Some(compiled) =
-                source::compile_source(&name, raw, self.resolve_secrets, problems)
+                source::compile_source(&name, raw, self.resolve_secrets.then_some(env), problems)
             {
                 self.sources.insert(name, (compiled, origin));
             }
@@ -410,6 +411,9 @@ impl Builder {
             }
         };
         if !self.problems.is_empty() {
+            // Tables are read in key order; report in the order of the files' lines.
+            self.problems
+                .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
             return Err(Problems(self.problems));
         }
         Ok(Config {
@@ -649,36 +653,20 @@ upstream = "gitlab"
             &[],
         ));
         assert_eq!(problems.len(), 6, "{problems:#?}");
-        assert!(
-            problems[0].starts_with("a.toml:2: listen: \"nowhere\" is not an address"),
-            "{}",
-            problems[0]
-        );
-        assert!(
-            problems[1].starts_with("a.toml:3: max_body:"),
-            "{}",
-            problems[1]
-        );
-        assert!(
-            problems[2].starts_with("b.toml:3: unknown field `colour`"),
-            "{}",
-            problems[2]
-        );
-        assert!(
-            problems[3].starts_with("c.toml:3: [gateway] is already defined at"),
-            "{}",
-            problems[3]
-        );
-        assert!(
-            problems[4].starts_with("c.toml:5: unknown section `mystery`"),
-            "{}",
-            problems[4]
-        );
-        assert!(
-            problems[5].contains("[gateway] upstream = \"gitlab\" names no [upstream.gitlab]"),
-            "{}",
-            problems[5]
-        );
+        let expected = [
+            "a.toml:2: listen: \"nowhere\" is not an address",
+            "a.toml:3: max_body:",
+            "b.toml:3: unknown field `colour`",
+            "b.toml:5: [gateway] upstream = \"gitlab\" names no [upstream.gitlab]",
+            "c.toml:3: [gateway] is already defined at",
+            "c.toml:5: unknown section `mystery`",
+        ];
+        for (problem, expected) in problems.iter().zip(expected) {
+            assert!(
+                problem.starts_with(expected),
+                "{problem:?} should start with {expected:?}"
+            );
+        }
     }
 
     #[test]
@@ -747,6 +735,98 @@ upstream = "gitlab"
         let dir = tempfile::tempdir().unwrap();
         let problems = load(dir.path()).unwrap_err();
         assert!(problems.to_string().contains("contains no *.toml files"));
+    }
+
+    #[test]
+    fn sources_resolve_their_secrets_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("gh-secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let text = format!(
+            "[source.gh]\nprovider = \"github\"\nsecret = \"file:{}\"\n[source.gl]\nprovider = \"gitlab\"\nsecret = \"env:GL_TOKEN\"\nsigning_secret = \"env:GL_SIGNING\"\n",
+            secret.display()
+        );
+        let config = load_text(
+            &[("a.toml", &text)],
+            &[
+                ("GL_TOKEN", "t"),
+                ("GL_SIGNING", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ],
+        );
+        let config = config.unwrap();
+        assert_eq!(
+            config.sources["gh"].secret.as_ref().unwrap().expose(),
+            "s3cret"
+        );
+        assert_eq!(config.sources["gl"].secret.as_ref().unwrap().expose(), "t");
+        assert!(config.sources["gl"].signing_key.is_some());
+        let problems = messages(load_text(&[("a.toml", &text)], &[]));
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[0].starts_with("a.toml:6: source.gl.secret (env:GL_TOKEN): environment variable GL_TOKEN is not set"), "{problems:?}");
+    }
+
+    #[test]
+    fn source_problems_are_specific() {
+        let problems = messages(load_text(
+            &[(
+                "a.toml",
+                r#"[source.a]
+provider = "githab"
+
+[source.b]
+provider = "github"
+secret = "hunter2"
+
+[source.c]
+provider = "gitlab"
+allow_sha1 = true
+secret = "file:/nonexistent/secret"
+
+[source.d]
+provider = "gitea"
+
+[source.e]
+provider = "generic"
+signature = { scheme = "token" }
+secret = "file:/nonexistent/secret"
+
+[source."bad name"]
+provider = "github"
+allow_unsigned = true
+"#,
+            )],
+            &[],
+        ));
+        let expected = [
+            "a.toml:2: source.a.provider: \"githab\" is not one of",
+            "a.toml:6: source.b.secret: a secret must be written `env:NAME` or `file:PATH`",
+            "a.toml:10: source.c.allow_sha1 applies only to provider github, not gitlab",
+            "a.toml:11: source.c.secret (file:/nonexistent/secret): cannot read secret file",
+            "a.toml:14: source.d has no way to check who sent a webhook",
+            "a.toml:18: source.e.signature: a token needs `header",
+            "a.toml:19: source.e.secret (file:/nonexistent/secret): cannot read secret file",
+            "a.toml:21: source name \"bad name\" may use only",
+        ];
+        for (problem, expected) in problems.iter().zip(expected) {
+            assert!(
+                problem.starts_with(expected),
+                "{problem:?} should start with {expected:?}"
+            );
+        }
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn unsigned_sources_must_say_so() {
+        let config = load_text(
+            &[(
+                "a.toml",
+                "[source.open]\nprovider = \"bitbucket-server\"\nallow_unsigned = true\n",
+            )],
+            &[],
+        )
+        .unwrap();
+        assert!(config.sources["open"].allow_unsigned);
     }
 
     #[test]

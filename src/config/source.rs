@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{FileProblems, parse_duration, typed};
+use super::{EnvLookup, FileProblems, parse_duration, typed};
 use crate::event::Provider;
 use crate::secret::{Secret, SecretRef};
 use crate::sources::signature::{Algorithm, Encoding, SigningKey};
@@ -56,7 +56,7 @@ struct RawPaths {
 pub(super) fn compile_source(
     name: &str,
     raw: RawSource,
-    resolve_secrets: bool,
+    resolve_secrets: Option<EnvLookup<'_>>,
     problems: &mut FileProblems<'_>,
 ) -> Option<SourceConfig> {
     let provider_span = raw.provider.span();
@@ -128,6 +128,8 @@ pub(super) fn compile_source(
     );
 
     let has_secret = raw.secret.is_some();
+    // An invalid `signature` is reported on its own; it is not also "no proof".
+    let signature_given = raw.signature.is_some();
     let has_signing_secret = raw.signing_secret.is_some();
     let secret = raw
         .secret
@@ -202,7 +204,7 @@ pub(super) fn compile_source(
                 }
                 true
             }
-            GenericScheme::None => false,
+            GenericScheme::None => signature_given,
         },
         _ => has_secret,
     };
@@ -236,7 +238,7 @@ fn resolve(
     name: &str,
     key: &str,
     field: Spanned<String>,
-    resolve_secrets: bool,
+    resolve_secrets: Option<EnvLookup<'_>>,
     problems: &mut FileProblems<'_>,
     ok: &mut bool,
 ) -> Option<Secret> {
@@ -249,10 +251,8 @@ fn resolve(
             return None;
         }
     };
-    if !resolve_secrets {
-        return None;
-    }
-    match reference.resolve() {
+    let env = resolve_secrets?;
+    match reference.resolve_with(env) {
         Ok(secret) => Some(secret),
         Err(reason) => {
             problems.at(

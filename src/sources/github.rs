@@ -107,7 +107,7 @@ pub fn receive(
                     ctx.repository_web_url = text(&repository.html_url);
                 }
                 ctx.pusher = ping.sender.and_then(|s| s.login).unwrap_or_default();
-                return Ok(received(Outcome::Ping(Some(ctx.ping()))));
+                return Ok(received(Outcome::Ping(Some(Box::new(ctx.ping())))));
             }
             let push: Push = typed(&payload, "GitHub push")?;
             ctx.repository = push.repository.full_name;

@@ -135,7 +135,7 @@ pub enum Outcome {
     /// Changes to act on: one event per changed ref.
     Events(Vec<Event>),
     /// The sender testing the webhook.
-    Ping(Option<Event>),
+    Ping(Option<Box<Event>>),
     /// Nothing to act on: an event the source does not handle, or a change another webhook
     /// carries. The note says which.
     Skipped(String),

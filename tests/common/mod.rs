@@ -193,7 +193,17 @@ pub fn gateway_config(upstream_url: &str, extra: &str) -> String {
 
 impl Relay {
     pub async fn start(config_toml: &str) -> Relay {
+        Relay::start_with(config_toml, &[]).await
+    }
+
+    /// Starts with `files` (name, contents) written beside the configuration first, and
+    /// `{dir}` in the configuration replaced by that folder (for `file:` secrets).
+    pub async fn start_with(config_toml: &str, files: &[(&str, &str)]) -> Relay {
         let dir = tempfile::tempdir().unwrap();
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
+        let config_toml = config_toml.replace("{dir}", &dir.path().display().to_string());
         std::fs::write(dir.path().join("relay.toml"), config_toml).unwrap();
         let config = hookrelay::config::load(dir.path()).unwrap_or_else(|p| panic!("config: {p}"));
         let app = hookrelay::server::App::new(config).unwrap();

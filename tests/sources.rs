@@ -1,0 +1,1121 @@
+//! Webhook sources end to end: the real payloads each sender publishes, signed as each
+//! sender signs them (the HMACs in `signature_vectors.json`), through `POST /hooks/{source}`.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::*;
+use serde_json::{Value, json};
+
+const SECRET: &str = "It's a Secret to Everybody";
+/// Standard Webhooks' published key.
+const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+const CONFIG: &str = r#"
+[source.github]
+provider = "github"
+secret = "file:{dir}/secret"
+
+[source.github-legacy]
+provider = "github"
+secret = "file:{dir}/secret"
+allow_sha1 = true
+
+[source.gitlab]
+provider = "gitlab"
+secret = "file:{dir}/secret"
+
+[source.gitlab-signed]
+provider = "gitlab"
+signing_secret = "file:{dir}/whsec"
+
+[source.gitea]
+provider = "gitea"
+secret = "file:{dir}/secret"
+
+[source.forgejo]
+provider = "forgejo"
+secret = "file:{dir}/secret"
+
+[source.gogs]
+provider = "gogs"
+secret = "file:{dir}/secret"
+
+[source.bitbucket]
+provider = "bitbucket-cloud"
+secret = "file:{dir}/secret"
+
+[source.bitbucket-server]
+provider = "bitbucket-server"
+secret = "file:{dir}/secret"
+
+[source.ci]
+provider = "generic"
+secret = "file:{dir}/secret"
+signature = { header = "X-Signature", algorithm = "sha512", encoding = "base64" }
+paths = { repository = "project.name", ref = "change.ref", after = "change.sha", delivery = "id", pusher = "who" }
+
+[source.ci-token]
+provider = "generic"
+secret = "file:{dir}/secret"
+signature = { scheme = "token", header = "X-Token" }
+
+[source.ci-standard]
+provider = "generic"
+signing_secret = "file:{dir}/whsec"
+signature = { scheme = "standard-webhooks" }
+"#;
+
+async fn relay() -> Relay {
+    Relay::start_with(CONFIG, &[("secret", SECRET), ("whsec", WHSEC)]).await
+}
+
+fn vectors() -> Value {
+    serde_json::from_slice(&fixture("signature_vectors.json")).unwrap()
+}
+
+/// The signature headers the sender would have sent with `file`.
+fn signed_headers(file: &str) -> Vec<(String, String)> {
+    let vectors = vectors();
+    let headers = vectors["files"][file]["headers"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no vector for {file}"));
+    headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect()
+}
+
+async fn deliver(relay: &Relay, source: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    post(&relay.url(&format!("/hooks/{source}")), &all, body).await
+}
+
+/// Delivers a fixture signed with its published HMAC, plus `extra` headers.
+async fn deliver_fixture(relay: &Relay, source: &str, file: &str, extra: &[(&str, &str)]) -> Reply {
+    let signed = signed_headers(file);
+    let mut headers: Vec<(&str, &str)> = signed
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    headers.extend_from_slice(extra);
+    deliver(relay, source, &headers, fixture(file)).await
+}
+
+/// (kind, ref, before prefix, after prefix, deleted_kind)
+type Expected<'a> = (&'a str, &'a str, &'a str, &'a str, Option<&'a str>);
+
+fn assert_events(reply: &Reply, repository: &str, expected: &[Expected<'_>]) {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    let events = body["events"].as_array().unwrap();
+    assert_eq!(events.len(), expected.len(), "{body:#}");
+    for (event, (kind, git_ref, before, after, deleted)) in events.iter().zip(expected) {
+        assert_eq!(event["kind"], *kind, "{event:#}");
+        assert_eq!(event["repository"], repository);
+        assert_eq!(event["ref"], *git_ref);
+        assert!(
+            event["before"].as_str().unwrap().starts_with(before),
+            "{event:#}"
+        );
+        assert!(
+            event["after"].as_str().unwrap().starts_with(after),
+            "{event:#}"
+        );
+        assert_eq!(event["deleted_kind"].as_str(), *deleted, "{event:#}");
+    }
+    assert!(body.get("note").is_none(), "{body:#}");
+}
+
+fn assert_note(reply: &Reply, contains: &str) {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["events"], json!([]), "{body:#}");
+    let note = body["note"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a note: {body:#}"));
+    assert!(
+        note.contains(contains),
+        "{note:?} should mention {contains:?}"
+    );
+}
+
+const Z: &str = "0000000000000000000000000000000000000000";
+
+#[tokio::test]
+async fn github_every_fixture() {
+    let relay = relay().await;
+    let ev = |e| {
+        [
+            ("X-GitHub-Event", e),
+            ("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+        ]
+    };
+    let r = deliver_fixture(&relay, "github", "github/push_branch.json", &ev("push")).await;
+    assert_events(
+        &r,
+        "Codertocat/Hello-World",
+        &[("push", "refs/heads/master", Z, "6113728f27", None)],
+    );
+    assert_eq!(r.json()["delivery"], "72d3162e-cc78-11e3-81ab-4c9367dc0958");
+    let r = deliver_fixture(
+        &relay,
+        "github",
+        "github/push_branch_create.json",
+        &ev("push"),
+    )
+    .await;
+    assert_events(
+        &r,
+        "bradrydzewski/drone-test-go",
+        &[("push", "refs/heads/feature-branch", Z, "d2b75aa779", None)],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "github",
+        "github/push_branch_delete.json",
+        &ev("push"),
+    )
+    .await;
+    assert_events(
+        &r,
+        "bradrydzewski/drone-test-go",
+        &[(
+            "delete",
+            "refs/heads/feature-branch",
+            "d2b75aa779",
+            Z,
+            Some("branch"),
+        )],
+    );
+    let r = deliver_fixture(&relay, "github", "github/push_tag.json", &ev("push")).await;
+    assert_events(
+        &r,
+        "Codertocat/Hello-World",
+        &[("tag", "refs/tags/simple-tag", Z, "6113728f27", None)],
+    );
+    let r = deliver_fixture(&relay, "github", "github/push_tag_delete.json", &ev("push")).await;
+    assert_events(
+        &r,
+        "Codertocat/Hello-World",
+        &[(
+            "delete",
+            "refs/tags/simple-tag",
+            "6113728f27",
+            Z,
+            Some("tag"),
+        )],
+    );
+    for (file, event) in [
+        ("github/create_tag.json", "create"),
+        ("github/create_branch.json", "create"),
+        ("github/delete_tag.json", "delete"),
+        ("github/delete_branch.json", "delete"),
+    ] {
+        let r = deliver_fixture(&relay, "github", file, &ev(event)).await;
+        assert_note(&r, "acts on `push`");
+    }
+    for file in ["github/ping.json", "github/ping_org.json"] {
+        let r = deliver_fixture(&relay, "github", file, &ev("ping")).await;
+        assert_note(&r, "ping received");
+    }
+    let r = deliver_fixture(&relay, "github", "github/push_branch.json", &ev("issues")).await;
+    assert_note(&r, "`issues` is not handled");
+}
+
+#[tokio::test]
+async fn github_signatures() {
+    let relay = relay().await;
+    let push = [("X-GitHub-Event", "push")];
+    // GitHub's published vector: the signature is right, so the body is read (and is not JSON).
+    let hello = [
+        ("X-GitHub-Event", "push"),
+        (
+            "X-Hub-Signature-256",
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+        ),
+    ];
+    let r = deliver(&relay, "github", &hello, b"Hello, World!".to_vec()).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    // Tampered body.
+    let mut body = fixture("github/push_branch.json");
+    body[10] ^= 1;
+    let sig = signed_headers("github/push_branch.json");
+    let sha256 = &sig
+        .iter()
+        .find(|(k, _)| k == "X-Hub-Signature-256")
+        .unwrap()
+        .1;
+    let r = deliver(
+        &relay,
+        "github",
+        &[push[0], ("X-Hub-Signature-256", sha256)],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("X-Hub-Signature-256 header does not match")
+    );
+    // Missing signature.
+    let r = deliver(&relay, "github", &push, fixture("github/push_branch.json")).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("expected a X-Hub-Signature-256 header")
+    );
+    // SHA-1 alone: refused unless the source opts in.
+    let sha1 = &sig.iter().find(|(k, _)| k == "X-Hub-Signature").unwrap().1;
+    let legacy = [push[0], ("X-Hub-Signature", sha1.as_str())];
+    assert_eq!(
+        deliver(
+            &relay,
+            "github",
+            &legacy,
+            fixture("github/push_branch.json")
+        )
+        .await
+        .status,
+        401
+    );
+    let r = deliver(
+        &relay,
+        "github-legacy",
+        &legacy,
+        fixture("github/push_branch.json"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Garbage signature format.
+    let r = deliver(
+        &relay,
+        "github",
+        &[push[0], ("X-Hub-Signature-256", "sha256=zz")],
+        fixture("github/push_branch.json"),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert!(!r.text().contains(SECRET));
+}
+
+#[tokio::test]
+async fn github_form_encoded_bodies_are_signed_as_sent() {
+    let relay = relay().await;
+    let json = fixture("github/push_tag.json");
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", std::str::from_utf8(&json).unwrap())
+        .finish();
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            SECRET.as_bytes(),
+            body.as_bytes()
+        )
+    );
+    let headers = [
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("X-GitHub-Event", "push"),
+        ("X-Hub-Signature-256", signature.as_str()),
+    ];
+    let r = post(&relay.url("/hooks/github"), &headers, body).await;
+    assert_events(
+        &r,
+        "Codertocat/Hello-World",
+        &[("tag", "refs/tags/simple-tag", Z, "6113728f27", None)],
+    );
+}
+
+#[tokio::test]
+async fn gitlab_every_fixture() {
+    let relay = relay().await;
+    let hook = |e| {
+        [
+            ("X-Gitlab-Event", e),
+            ("Idempotency-Key", "0b8f3a0e-9a4c-4a8e-8a8e-1c2d3e4f5a6b"),
+        ]
+    };
+    let r = deliver_fixture(&relay, "gitlab", "gitlab/push.json", &hook("Push Hook")).await;
+    assert_events(
+        &r,
+        "mike/diaspora",
+        &[(
+            "push",
+            "refs/heads/master",
+            "95790bf891",
+            "da1560886d",
+            None,
+        )],
+    );
+    assert_eq!(
+        r.json()["events"][0]["commit_count"],
+        4,
+        "total_commits_count, not the listed commits"
+    );
+    assert_eq!(r.json()["delivery"], "0b8f3a0e-9a4c-4a8e-8a8e-1c2d3e4f5a6b");
+    let r = deliver_fixture(
+        &relay,
+        "gitlab",
+        "gitlab/push_branch_create.json",
+        &hook("Push Hook"),
+    )
+    .await;
+    assert_events(
+        &r,
+        "gitlab-org/hello-world",
+        &[("push", "refs/heads/feature", Z, "c4c79227ed", None)],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "gitlab",
+        "gitlab/push_branch_delete.json",
+        &hook("Push Hook"),
+    )
+    .await;
+    assert_events(
+        &r,
+        "TomaszKolek/my-awesome-project",
+        &[(
+            "delete",
+            "refs/heads/tomek",
+            "68595bc36b",
+            Z,
+            Some("branch"),
+        )],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "gitlab",
+        "gitlab/tag_push.json",
+        &hook("Tag Push Hook"),
+    )
+    .await;
+    assert_events(
+        &r,
+        "jsmith/example",
+        &[("tag", "refs/tags/v1.0.0", Z, "82b3d5ae55", None)],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "gitlab",
+        "gitlab/tag_push_delete.json",
+        &hook("Tag Push Hook"),
+    )
+    .await;
+    assert_events(
+        &r,
+        "gitlab-org/hello-world",
+        &[("delete", "refs/tags/v1.0.0", "2adc9465c4", Z, Some("tag"))],
+    );
+    // checkout_sha null with a non-zero `after`: GitLab's removed tag, a deletion.
+    let r = deliver_fixture(
+        &relay,
+        "gitlab",
+        "gitlab/tag_push_checkout_sha_null.json",
+        &hook("Tag Push Hook"),
+    )
+    .await;
+    assert_events(
+        &r,
+        "tomaszkolek0/my-awesome-project",
+        &[("delete", "refs/tags/xyz", Z, "eb6ae1e591", Some("tag"))],
+    );
+    // The system-hook form of a push carries the same body.
+    let r = deliver_fixture(&relay, "gitlab", "gitlab/push.json", &hook("System Hook")).await;
+    assert_events(
+        &r,
+        "mike/diaspora",
+        &[(
+            "push",
+            "refs/heads/master",
+            "95790bf891",
+            "da1560886d",
+            None,
+        )],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "gitlab",
+        "gitlab/push.json",
+        &hook("Merge Request Hook"),
+    )
+    .await;
+    assert_note(&r, "`Merge Request Hook` is not handled");
+    // Without Idempotency-Key, X-Gitlab-Event-UUID; without either, a stable body hash.
+    let r = deliver_fixture(
+        &relay,
+        "gitlab",
+        "gitlab/push.json",
+        &[
+            ("X-Gitlab-Event", "Push Hook"),
+            ("X-Gitlab-Event-UUID", "uuid-1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.json()["delivery"], "uuid-1");
+    let a = deliver_fixture(
+        &relay,
+        "gitlab",
+        "gitlab/push.json",
+        &[("X-Gitlab-Event", "Push Hook")],
+    )
+    .await
+    .json();
+    let b = deliver_fixture(
+        &relay,
+        "gitlab",
+        "gitlab/push.json",
+        &[("X-Gitlab-Event", "Push Hook")],
+    )
+    .await
+    .json();
+    assert!(a["delivery"].as_str().unwrap().starts_with("sha256-"));
+    assert_eq!(a["delivery"], b["delivery"], "derived ids are stable");
+}
+
+#[tokio::test]
+async fn gitlab_tokens_and_signing_tokens() {
+    let relay = relay().await;
+    let push = fixture("gitlab/push.json");
+    let r = deliver(
+        &relay,
+        "gitlab",
+        &[("X-Gitlab-Event", "Push Hook")],
+        push.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("X-Gitlab-Token")
+    );
+    let r = deliver(
+        &relay,
+        "gitlab",
+        &[("X-Gitlab-Event", "Push Hook"), ("X-Gitlab-Token", "wrong")],
+        push.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+
+    // A signing token: sign now, as GitLab would.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let signature = standard_signature("msg_1", &now, &push);
+    let headers = [
+        ("X-Gitlab-Event", "Push Hook"),
+        ("webhook-id", "msg_1"),
+        ("webhook-timestamp", now.as_str()),
+        ("webhook-signature", signature.as_str()),
+    ];
+    let r = deliver(&relay, "gitlab-signed", &headers, push.clone()).await;
+    assert_events(
+        &r,
+        "mike/diaspora",
+        &[(
+            "push",
+            "refs/heads/master",
+            "95790bf891",
+            "da1560886d",
+            None,
+        )],
+    );
+    // The same request replayed with an old timestamp is refused.
+    let old = "1614265330";
+    let signature = standard_signature("msg_1", old, &push);
+    let headers = [
+        ("X-Gitlab-Event", "Push Hook"),
+        ("webhook-id", "msg_1"),
+        ("webhook-timestamp", old),
+        ("webhook-signature", signature.as_str()),
+    ];
+    let r = deliver(&relay, "gitlab-signed", &headers, push.clone()).await;
+    assert_eq!(r.status, 401);
+    assert!(r.json()["message"].as_str().unwrap().contains("tolerance"));
+    // Tampered body.
+    let signature = standard_signature("msg_1", &now, &push);
+    let headers = [
+        ("X-Gitlab-Event", "Push Hook"),
+        ("webhook-id", "msg_1"),
+        ("webhook-timestamp", now.as_str()),
+        ("webhook-signature", signature.as_str()),
+    ];
+    let mut tampered = push.clone();
+    tampered[5] ^= 1;
+    assert_eq!(
+        deliver(&relay, "gitlab-signed", &headers, tampered)
+            .await
+            .status,
+        401
+    );
+}
+
+/// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">` with Standard Webhooks' published key.
+fn standard_signature(id: &str, timestamp: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(WHSEC.trim_start_matches("whsec_"))
+        .unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
+#[tokio::test]
+async fn gitea_and_forgejo_every_fixture() {
+    let relay = relay().await;
+    let ev = |e| [("X-Gitea-Event", e), ("X-Gitea-Delivery", "d-1")];
+    let r = deliver_fixture(&relay, "gitea", "gitea/push.json", &ev("push")).await;
+    assert_events(
+        &r,
+        "example/example",
+        &[("push", "refs/heads/master", Z, "67b56589a4", None)],
+    );
+    let r = deliver_fixture(&relay, "gitea", "gitea/delete_branch.json", &ev("delete")).await;
+    assert_events(
+        &r,
+        "example/example",
+        &[("delete", "refs/heads/example3", Z, Z, Some("branch"))],
+    );
+    let r = deliver_fixture(&relay, "gitea", "gitea/delete_tag.json", &ev("delete")).await;
+    assert_note(&r, "acts on that `push`");
+    for file in ["gitea/create_branch.json", "gitea/create_tag.json"] {
+        let r = deliver_fixture(&relay, "gitea", file, &ev("create")).await;
+        assert_note(&r, "acts on that `push`");
+    }
+    let r = deliver_fixture(
+        &relay,
+        "forgejo",
+        "forgejo/push_branch_create.json",
+        &[("X-Forgejo-Event", "push"), ("X-Forgejo-Delivery", "f-1")],
+    )
+    .await;
+    assert_events(
+        &r,
+        "meisam/woodpecktester",
+        &[("push", "refs/heads/fdsafdsa", Z, "28c3613ae6", None)],
+    );
+    assert_eq!(r.json()["delivery"], "f-1");
+    // Each of Gitea's signature headers works alone; an empty one counts as absent.
+    let sig = signed_headers("gitea/push.json");
+    for name in [
+        "X-Gitea-Signature",
+        "X-Forgejo-Signature",
+        "X-Hub-Signature-256",
+    ] {
+        let value = &sig.iter().find(|(k, _)| k == name).unwrap().1;
+        let r = deliver(
+            &relay,
+            "gitea",
+            &[("X-Gitea-Event", "push"), (name, value)],
+            fixture("gitea/push.json"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+    }
+    let r = deliver(
+        &relay,
+        "gitea",
+        &[
+            ("X-Gitea-Event", "push"),
+            ("X-Gitea-Signature", ""),
+            ("X-Hub-Signature-256", "sha256="),
+        ],
+        fixture("gitea/push.json"),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    // Gitea also sends X-GitHub-Event: the configured provider decides, not the headers.
+    let r = deliver_fixture(
+        &relay,
+        "gitea",
+        "gitea/push.json",
+        &[("X-GitHub-Event", "push")],
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("X-Gitea-Event")
+    );
+}
+
+#[tokio::test]
+async fn gitea_form_bodies_are_signed_over_the_payload_field() {
+    let relay = relay().await;
+    let json = fixture("gitea/push.json");
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", std::str::from_utf8(&json).unwrap())
+        .finish();
+    let sig = signed_headers("gitea/push.json");
+    let value = &sig
+        .iter()
+        .find(|(k, _)| k == "X-Gitea-Signature")
+        .unwrap()
+        .1;
+    let headers = [
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("X-Gitea-Event", "push"),
+        ("X-Gitea-Signature", value.as_str()),
+    ];
+    let r = post(&relay.url("/hooks/gitea"), &headers, body).await;
+    assert_events(
+        &r,
+        "example/example",
+        &[("push", "refs/heads/master", Z, "67b56589a4", None)],
+    );
+}
+
+#[tokio::test]
+async fn gogs_every_fixture() {
+    let relay = relay().await;
+    let ev = |e| [("X-Gogs-Event", e), ("X-Gogs-Delivery", "g-1")];
+    let r = deliver_fixture(&relay, "gogs", "gogs/push.json", &ev("push")).await;
+    assert_events(
+        &r,
+        "alice/moonlanding",
+        &[("push", "refs/heads/main", "28e1879d02", "bffeb74224", None)],
+    );
+    let r = deliver_fixture(&relay, "gogs", "gogs/create_tag.json", &ev("create")).await;
+    assert_events(
+        &r,
+        "gogits/hello-world",
+        &[("tag", "refs/tags/v1.0.0", Z, "599d25c67b", None)],
+    );
+    let r = deliver_fixture(&relay, "gogs", "gogs/create_branch.json", &ev("create")).await;
+    assert_note(&r, "acts on that `push`");
+    let r = deliver_fixture(&relay, "gogs", "gogs/delete_branch.json", &ev("delete")).await;
+    assert_events(
+        &r,
+        "gogits/hello-world",
+        &[("delete", "refs/heads/feature", Z, Z, Some("branch"))],
+    );
+    let r = deliver_fixture(&relay, "gogs", "gogs/delete_tag.json", &ev("delete")).await;
+    assert_events(
+        &r,
+        "celebi/test-repo",
+        &[("delete", "refs/tags/v1.0.0-test", Z, Z, Some("tag"))],
+    );
+    let r = deliver(&relay, "gogs", &ev("push"), fixture("gogs/push.json")).await;
+    assert_eq!(r.status, 401);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("X-Gogs-Signature")
+    );
+}
+
+#[tokio::test]
+async fn bitbucket_cloud_every_fixture() {
+    let relay = relay().await;
+    let ev = [("X-Event-Key", "repo:push"), ("X-Request-UUID", "b-1")];
+    let r = deliver_fixture(
+        &relay,
+        "bitbucket",
+        "bitbucket_cloud/repo_push_branch.json",
+        &ev,
+    )
+    .await;
+    assert_events(
+        &r,
+        "martinherren1984/publictestrepo",
+        &[("push", "refs/heads/main", "a51241ae1f", "c14c1bb05d", None)],
+    );
+    assert_eq!(r.json()["delivery"], "b-1");
+    let r = deliver_fixture(
+        &relay,
+        "bitbucket",
+        "bitbucket_cloud/repo_push_branch_delete.json",
+        &ev,
+    )
+    .await;
+    assert_events(
+        &r,
+        "kolaszek/repository-name",
+        &[(
+            "delete",
+            "refs/heads/master",
+            "25f93d22b7",
+            Z,
+            Some("branch"),
+        )],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "bitbucket",
+        "bitbucket_cloud/repo_push_tag.json",
+        &ev,
+    )
+    .await;
+    assert_events(
+        &r,
+        "kolaszek/repository-name",
+        &[("tag", "refs/tags/a", Z, "450118afff", None)],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "bitbucket",
+        "bitbucket_cloud/repo_push_tag_delete.json",
+        &ev,
+    )
+    .await;
+    assert_events(
+        &r,
+        "kolaszek/repository-name",
+        &[("delete", "refs/tags/a", "450118afff", Z, Some("tag"))],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "bitbucket",
+        "bitbucket_cloud/repo_push_tag.json",
+        &[("X-Event-Key", "pullrequest:created")],
+    )
+    .await;
+    assert_note(&r, "`pullrequest:created` is not handled");
+    let r = deliver(
+        &relay,
+        "bitbucket",
+        &ev,
+        fixture("bitbucket_cloud/repo_push_tag.json"),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+}
+
+#[tokio::test]
+async fn bitbucket_cloud_several_changes_become_several_events() {
+    let relay = relay().await;
+    let mut payload: Value =
+        serde_json::from_slice(&fixture("bitbucket_cloud/repo_push_tag.json")).unwrap();
+    let tag = payload["push"]["changes"][0].clone();
+    let mut branch =
+        serde_json::from_slice::<Value>(&fixture("bitbucket_cloud/repo_push_branch_delete.json"))
+            .unwrap()["push"]["changes"][0]
+            .clone();
+    branch["old"]["name"] = json!("old-branch");
+    payload["push"]["changes"] = json!([tag, branch]);
+    let body = serde_json::to_vec(&payload).unwrap();
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            SECRET.as_bytes(),
+            &body
+        )
+    );
+    let r = deliver(
+        &relay,
+        "bitbucket",
+        &[
+            ("X-Event-Key", "repo:push"),
+            ("X-Hub-Signature", signature.as_str()),
+        ],
+        body,
+    )
+    .await;
+    assert_events(
+        &r,
+        "kolaszek/repository-name",
+        &[
+            ("tag", "refs/tags/a", Z, "450118afff", None),
+            (
+                "delete",
+                "refs/heads/old-branch",
+                "25f93d22b7",
+                Z,
+                Some("branch"),
+            ),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn bitbucket_server_every_fixture() {
+    let relay = relay().await;
+    let ev = [
+        ("X-Event-Key", "repo:refs_changed"),
+        ("X-Request-Id", "s-1"),
+    ];
+    let r = deliver_fixture(
+        &relay,
+        "bitbucket-server",
+        "bitbucket_server/refs_changed_branch.json",
+        &ev,
+    )
+    .await;
+    assert_events(
+        &r,
+        "DEV/deployment-automation",
+        &[(
+            "push",
+            "refs/heads/renovate-all",
+            "e0e15221b9",
+            "76797d54bc",
+            None,
+        )],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "bitbucket-server",
+        "bitbucket_server/refs_changed_branch_delete.json",
+        &ev,
+    )
+    .await;
+    assert_events(
+        &r,
+        "~gopher/webhook-test",
+        &[(
+            "delete",
+            "refs/heads/feature/wip",
+            "32a0b8a740",
+            Z,
+            Some("branch"),
+        )],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "bitbucket-server",
+        "bitbucket_server/refs_changed_tag_add.json",
+        &ev,
+    )
+    .await;
+    assert_events(
+        &r,
+        "PRJ/my-repo",
+        &[("tag", "refs/tags/v1.1.0", Z, "823b2230a5", None)],
+    );
+    let r = deliver_fixture(
+        &relay,
+        "bitbucket-server",
+        "bitbucket_server/refs_changed_tag_delete.json",
+        &ev,
+    )
+    .await;
+    assert_events(
+        &r,
+        "SBOX/sandbox",
+        &[("delete", "refs/tags/test-tag", "b223099667", Z, Some("tag"))],
+    );
+    // "Test connection" arrives unsigned, even with a secret set: a ping, never an event.
+    let r = deliver(
+        &relay,
+        "bitbucket-server",
+        &[("X-Event-Key", "diagnostics:ping")],
+        fixture("bitbucket_server/diagnostics_ping.json"),
+    )
+    .await;
+    assert_note(&r, "ping received");
+    let r = deliver(
+        &relay,
+        "bitbucket-server",
+        &ev,
+        fixture("bitbucket_server/refs_changed_tag_add.json"),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+}
+
+#[tokio::test]
+async fn generic_senders() {
+    let relay = relay().await;
+    let body = br#"{"id":"evt-9","who":"robot","project":{"name":"acme/app"},"change":{"ref":"refs/tags/v2","sha":"abcdef0123456789abcdef0123456789abcdef01"}}"#.to_vec();
+    let signature = {
+        use base64::Engine;
+        let hex = hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha512,
+            SECRET.as_bytes(),
+            &body,
+        );
+        base64::engine::general_purpose::STANDARD.encode(hex::decode(hex).unwrap())
+    };
+    let r = deliver(
+        &relay,
+        "ci",
+        &[("X-Signature", signature.as_str())],
+        body.clone(),
+    )
+    .await;
+    assert_events(
+        &r,
+        "acme/app",
+        &[("tag", "refs/tags/v2", Z, "abcdef0123", None)],
+    );
+    assert_eq!(r.json()["delivery"], "evt-9");
+    assert_eq!(r.json()["events"][0]["pusher"], "robot");
+    assert_eq!(deliver(&relay, "ci", &[], body.clone()).await.status, 401);
+
+    let plain = br#"{"repository":{"full_name":"acme/lib"},"ref":"main","before":"1111111111111111111111111111111111111111","after":"2222222222222222222222222222222222222222"}"#.to_vec();
+    let r = deliver(&relay, "ci-token", &[("X-Token", SECRET)], plain.clone()).await;
+    assert_events(
+        &r,
+        "acme/lib",
+        &[("push", "refs/heads/main", "1111111111", "2222222222", None)],
+    );
+    assert_eq!(
+        deliver(&relay, "ci-token", &[("X-Token", "nope")], plain.clone())
+            .await
+            .status,
+        401
+    );
+
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let signature = standard_signature("m-2", &now, &plain);
+    let r = deliver(
+        &relay,
+        "ci-standard",
+        &[
+            ("webhook-id", "m-2"),
+            ("webhook-timestamp", now.as_str()),
+            ("webhook-signature", signature.as_str()),
+        ],
+        plain.clone(),
+    )
+    .await;
+    assert_events(
+        &r,
+        "acme/lib",
+        &[("push", "refs/heads/main", "1111111111", "2222222222", None)],
+    );
+    let r = deliver(
+        &relay,
+        "ci-token",
+        &[("X-Token", SECRET)],
+        br#"{"ref":"main"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("no repository at `repository.full_name`")
+    );
+}
+
+#[tokio::test]
+async fn bad_requests() {
+    let relay = relay().await;
+    // Unknown source.
+    let r = deliver(&relay, "nowhere", &[], b"{}".to_vec()).await;
+    assert_eq!(r.status, 404);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("no source named \"nowhere\"")
+    );
+    // Signed, but not JSON: 400 with line and column.
+    let body = b"{\n  \"ref\": ]\n}".to_vec();
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            SECRET.as_bytes(),
+            &body
+        )
+    );
+    let r = deliver(
+        &relay,
+        "github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", signature.as_str()),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["message"],
+        "the body is not valid JSON: expected value at line 2 column 10"
+    );
+    // Signed JSON that is not a push payload.
+    let body = br#"{"ref": 5}"#.to_vec();
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            SECRET.as_bytes(),
+            &body
+        )
+    );
+    let r = deliver(
+        &relay,
+        "github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", signature.as_str()),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a GitHub push payload"),
+        "{}",
+        r.text()
+    );
+    // Missing event header.
+    let r = deliver_fixture(&relay, "github", "github/push_branch.json", &[]).await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("X-GitHub-Event header is missing")
+    );
+    // Wrong method.
+    assert_eq!(
+        send("GET", &relay.url("/hooks/github"), &[], "")
+            .await
+            .status,
+        405
+    );
+}
+
+#[tokio::test]
+async fn hooks_bodies_over_the_limit_are_413() {
+    let config = format!("[server]\nmax_body = \"4KiB\"\n{CONFIG}");
+    let relay = Relay::start_with(&config, &[("secret", SECRET), ("whsec", WHSEC)]).await;
+    let r = deliver_fixture(
+        &relay,
+        "github",
+        "github/push_branch.json",
+        &[("X-GitHub-Event", "push")],
+    )
+    .await;
+    assert_eq!(r.status, 413);
+}
