@@ -71,14 +71,23 @@ fn summary(config: &Config) -> String {
         Some(gateway) => format!("enabled, forwarding to {}", gateway.upstream),
         None => "disabled".into(),
     };
-    format!(
-        "configuration OK: {}\n  upstreams: {}\n  gateway: {gateway}",
-        files.join(", "),
-        if upstreams.is_empty() {
-            "none".into()
+    let sources: Vec<String> = config
+        .sources
+        .values()
+        .map(|s| format!("{} ({}, POST /hooks/{})", s.name, s.provider, s.name))
+        .collect();
+    let or_none = |list: Vec<String>| {
+        if list.is_empty() {
+            "none".to_owned()
         } else {
-            upstreams.join(", ")
-        },
+            list.join(", ")
+        }
+    };
+    format!(
+        "configuration OK: {}\n  upstreams: {}\n  gateway: {gateway}\n  sources: {}",
+        files.join(", "),
+        or_none(upstreams),
+        or_none(sources),
     )
 }
 

@@ -10,6 +10,8 @@
 
 pub mod bitbucket_cloud;
 pub mod bitbucket_server;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod generic;
 pub mod gitea;
 pub mod github;

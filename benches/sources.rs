@@ -1,0 +1,125 @@
+//! Verify + parse cost per webhook, for each sender, on its published payloads signed as the
+//! sender signs them. Run: `cargo bench --bench sources`.
+
+use std::hint::black_box;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use hookrelay::event::Provider;
+use hookrelay::secret::Secret;
+use hookrelay::sources::signature::{Algorithm, hmac_hex};
+use hookrelay::sources::{GenericConfig, SourceConfig, Verification, WebhookRequest, receive};
+use http::{HeaderMap, HeaderValue};
+
+const SECRET: &str = "It's a Secret to Everybody";
+
+fn source(provider: Provider) -> SourceConfig {
+    SourceConfig {
+        name: provider.to_string(),
+        provider,
+        secret: Some(Secret::new(SECRET)),
+        signing_key: None,
+        allow_sha1: false,
+        timestamp_tolerance: Duration::from_secs(300),
+        allow_unsigned: false,
+        generic: GenericConfig::default(),
+    }
+}
+
+fn bench_sources(c: &mut Criterion) {
+    let cases: [(&str, Provider, &[u8], &[(&str, &str)], &str); 6] = [
+        (
+            "github_push",
+            Provider::Github,
+            include_bytes!("../tests/fixtures/github/push_branch.json"),
+            &[("x-github-event", "push")],
+            "x-hub-signature-256",
+        ),
+        (
+            "gitlab_push",
+            Provider::Gitlab,
+            include_bytes!("../tests/fixtures/gitlab/push.json"),
+            &[("x-gitlab-event", "Push Hook")],
+            "x-gitlab-token",
+        ),
+        (
+            "gitea_push",
+            Provider::Gitea,
+            include_bytes!("../tests/fixtures/gitea/push.json"),
+            &[("x-gitea-event", "push")],
+            "x-gitea-signature",
+        ),
+        (
+            "gogs_push",
+            Provider::Gogs,
+            include_bytes!("../tests/fixtures/gogs/push.json"),
+            &[("x-gogs-event", "push")],
+            "x-gogs-signature",
+        ),
+        (
+            "bitbucket_cloud_push",
+            Provider::BitbucketCloud,
+            include_bytes!("../tests/fixtures/bitbucket_cloud/repo_push_branch.json"),
+            &[("x-event-key", "repo:push")],
+            "x-hub-signature",
+        ),
+        (
+            "bitbucket_server_refs_changed",
+            Provider::BitbucketServer,
+            include_bytes!("../tests/fixtures/bitbucket_server/refs_changed_branch.json"),
+            &[("x-event-key", "repo:refs_changed")],
+            "x-hub-signature",
+        ),
+    ];
+    let mut group = c.benchmark_group("verify_and_parse");
+    for (name, provider, body, extra, signature_header) in cases {
+        let source = source(provider);
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        for (k, v) in extra {
+            headers.insert(*k, HeaderValue::from_static(v));
+        }
+        let hex = hmac_hex(Algorithm::Sha256, SECRET.as_bytes(), body);
+        let signature = match signature_header {
+            "x-gitlab-token" => SECRET.to_owned(),
+            "x-gitea-signature" | "x-gogs-signature" => hex,
+            _ => format!("sha256={hex}"),
+        };
+        headers.insert(signature_header, HeaderValue::from_str(&signature).unwrap());
+        let body = Bytes::from_static(body);
+        let request = WebhookRequest {
+            headers: &headers,
+            body: &body,
+        };
+        // The case must really verify and produce events, or the benchmark measures an error.
+        let received = receive(
+            &source,
+            &request,
+            Verification::Check {
+                now: SystemTime::now(),
+            },
+        )
+        .expect(name);
+        assert!(
+            matches!(received.outcome, hookrelay::sources::Outcome::Events(_)),
+            "{name}"
+        );
+        group.bench_function(format!("{name} ({} bytes)", body.len()), |b| {
+            b.iter(|| {
+                receive(
+                    black_box(&source),
+                    black_box(&request),
+                    Verification::Check {
+                        now: SystemTime::now(),
+                    },
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_sources);
+criterion_main!(benches);
