@@ -290,38 +290,10 @@ impl Builder {
         env: EnvLookup<'_>,
         problems: &mut FileProblems<'_>,
     ) {
-        let span = value.span();
-        let DeValue::Table(table) = value.into_inner() else {
-            problems.at(
-                Some(span),
-                "`upstream` must be tables named [upstream.NAME]",
-            );
-            return;
-        };
-        for (name, value) in table {
-            let name_span = name.span();
-            let name = name.get_ref().to_string();
-            if !is_valid_name(&name) {
-                problems.at(
-                    Some(name_span.clone()),
-                    format!("upstream name {name:?} may use only letters, digits, `-` and `_`"),
-                );
-                continue;
-            }
-            let Some(raw) = section::<RawUpstream>(value, problems) else {
-                continue;
-            };
-            if let Some((_, first)) = self.upstreams.get(&name) {
-                problems.at(
-                    Some(name_span),
-                    format!("[upstream.{name}] is already defined at {first}"),
-                );
-                continue;
-            }
-            let origin = Origin {
-                file: file.to_owned(),
-                line: problems.line(name_span.start),
-            };
+        let defined = |name: &str| self.upstreams.get(name).map(|(_, origin)| origin.clone());
+        for (name, raw, origin) in
+            named_tables::<RawUpstream>("upstream", value, file, &defined, problems)
+        {
             if let Some(upstream) = compile_upstream(&name, raw, file, env, problems) {
                 self.upstreams.insert(name, (upstream, origin));
             }
@@ -335,38 +307,12 @@ impl Builder {
         env: EnvLookup<'_>,
         problems: &mut FileProblems<'_>,
     ) {
-        let span = value.span();
-        let DeValue::Table(table) = value.into_inner() else {
-            problems.at(Some(span), "`source` must be tables named [source.NAME]");
-            return;
-        };
-        for (name, value) in table {
-            let name_span = name.span();
-            let name = name.get_ref().to_string();
-            if !is_valid_name(&name) {
-                problems.at(
-                    Some(name_span.clone()),
-                    format!("source name {name:?} may use only letters, digits, `-` and `_` (it becomes the URL /hooks/NAME)"),
-                );
-                continue;
-            }
-            let Some(raw) = section::<source::RawSource>(value, problems) else {
-                continue;
-            };
-            if let Some((_, first)) = self.sources.get(&name) {
-                problems.at(
-                    Some(name_span),
-                    format!("[source.{name}] is already defined at {first}"),
-                );
-                continue;
-            }
-            let origin = Origin {
-                file: file.to_owned(),
-                line: problems.line(name_span.start),
-            };
-            if let Some(compiled) =
-                source::compile_source(&name, raw, self.resolve_secrets.then_some(env), problems)
-            {
+        let defined = |name: &str| self.sources.get(name).map(|(_, origin)| origin.clone());
+        let env = self.resolve_secrets.then_some(env);
+        for (name, raw, origin) in
+            named_tables::<source::RawSource>("source", value, file, &defined, problems)
+        {
+            if let Some(compiled) = source::compile_source(&name, raw, env, problems) {
                 self.sources.insert(name, (compiled, origin));
             }
         }
@@ -516,6 +462,53 @@ pub fn parse_upstream_url(text: &str) -> Result<http::Uri, String> {
     trimmed
         .parse()
         .map_err(|_| format!("{text:?} is not a URL"))
+}
+
+/// The `[KIND.NAME]` tables of one file, each deserialized, with a valid name that no
+/// earlier file defined (`defined` says where one was).
+fn named_tables<R: DeserializeOwned>(
+    kind: &str,
+    value: Spanned<DeValue<'_>>,
+    file: &Path,
+    defined: &dyn Fn(&str) -> Option<Origin>,
+    problems: &mut FileProblems<'_>,
+) -> Vec<(String, R, Origin)> {
+    let span = value.span();
+    let DeValue::Table(table) = value.into_inner() else {
+        problems.at(
+            Some(span),
+            format!("`{kind}` must be tables named [{kind}.NAME]"),
+        );
+        return Vec::new();
+    };
+    let mut tables = Vec::new();
+    for (name, value) in table {
+        let name_span = name.span();
+        let name = name.get_ref().to_string();
+        if !is_valid_name(&name) {
+            problems.at(
+                Some(name_span),
+                format!("{kind} name {name:?} may use only letters, digits, `-` and `_`"),
+            );
+            continue;
+        }
+        let Some(raw) = section::<R>(value, problems) else {
+            continue;
+        };
+        if let Some(first) = defined(&name) {
+            problems.at(
+                Some(name_span),
+                format!("[{kind}.{name}] is already defined at {first}"),
+            );
+            continue;
+        }
+        let origin = Origin {
+            file: file.to_owned(),
+            line: problems.line(name_span.start),
+        };
+        tables.push((name, raw, origin));
+    }
+    tables
 }
 
 fn is_valid_name(name: &str) -> bool {

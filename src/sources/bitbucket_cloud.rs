@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, parse_json, text, typed, verify_sha256_headers,
+    delivery_id, event_type, parse_json, several_events, text, typed, verify_sha256_headers,
 };
 use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
 
@@ -106,13 +106,7 @@ pub fn receive(
             request.body,
         )?;
     }
-    let event_type = request
-        .header("x-event-key")
-        .ok_or(SourceError::MissingEventHeader {
-            header: "X-Event-Key",
-            provider: source.provider,
-        })?
-        .to_owned();
+    let event_type = event_type(request, "X-Event-Key", source.provider)?;
     let delivery = delivery_id(request, &["x-request-uuid"]);
     let received = |outcome| Received {
         delivery: delivery.clone(),
@@ -144,61 +138,50 @@ pub fn receive(
         .actor
         .and_then(|a| a.nickname.or(a.username).or(a.display_name))
         .unwrap_or_default();
-    let mut events = Vec::new();
-    let mut skipped = Vec::new();
-    for change in push.push.changes {
-        let Some(side) = change.new.as_ref().or(change.old.as_ref()) else {
-            skipped.push("a change with neither a new nor an old ref".to_owned());
-            continue;
-        };
-        let ref_type = match side.ref_type.as_str() {
-            "branch" | "named_branch" => RefType::Branch,
-            "tag" | "annotated_tag" => RefType::Tag,
-            other => {
-                skipped.push(format!("a change to a `{other}`"));
-                continue;
-            }
-        };
-        let hash = |state: &Option<RefState>| {
-            state
-                .as_ref()
-                .and_then(|s| s.target.as_ref())
-                .and_then(|t| t.hash.clone())
-                .unwrap_or_else(|| ZERO_ID.into())
-        };
-        let commits: Vec<Commit> = change
-            .commits
-            .into_iter()
-            .map(|c| Commit {
-                id: c.hash,
-                message: text(&c.message),
-                url: c
-                    .links
-                    .and_then(|l| l.html)
-                    .and_then(|h| h.href)
-                    .unwrap_or_default(),
-                author: c.author.and_then(|a| a.raw).unwrap_or_default(),
-                timestamp: text(&c.date),
-            })
-            .collect();
-        let refchange = RefChange {
-            full_ref: full_ref(ref_type, &side.name),
-            before: hash(&change.old),
-            after: hash(&change.new),
-            deleted: change.new.is_none(),
-            commits,
-            commit_count: None,
-        };
-        match ctx.event(refchange) {
-            Ok(event) => events.push(event),
-            Err(reason) => skipped.push(reason),
-        }
-    }
-    if events.is_empty() {
-        return Ok(received(Outcome::Skipped(format!(
-            "nothing to do: {}",
-            skipped.join("; ")
-        ))));
-    }
-    Ok(received(Outcome::Events(events)))
+    let changes = push.push.changes.into_iter().map(ref_change).collect();
+    Ok(received(several_events(&ctx, changes)))
+}
+
+/// One entry of `push.changes[]`: a ref change, or why it is not one.
+fn ref_change(change: Change) -> Result<RefChange, String> {
+    let side = change
+        .new
+        .as_ref()
+        .or(change.old.as_ref())
+        .ok_or("a change with neither a new nor an old ref")?;
+    let ref_type = match side.ref_type.as_str() {
+        "branch" | "named_branch" => RefType::Branch,
+        "tag" | "annotated_tag" => RefType::Tag,
+        other => return Err(format!("a change to a `{other}`")),
+    };
+    let hash = |state: &Option<RefState>| {
+        state
+            .as_ref()
+            .and_then(|s| s.target.as_ref())
+            .and_then(|t| t.hash.clone())
+            .unwrap_or_else(|| ZERO_ID.into())
+    };
+    let commits = change
+        .commits
+        .into_iter()
+        .map(|c| Commit {
+            id: c.hash,
+            message: text(&c.message),
+            url: c
+                .links
+                .and_then(|l| l.html)
+                .and_then(|h| h.href)
+                .unwrap_or_default(),
+            author: c.author.and_then(|a| a.raw).unwrap_or_default(),
+            timestamp: text(&c.date),
+        })
+        .collect();
+    Ok(RefChange {
+        full_ref: full_ref(ref_type, &side.name),
+        before: hash(&change.old),
+        after: hash(&change.new),
+        deleted: change.new.is_none(),
+        commits,
+        commit_count: None,
+    })
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, parse_json, text, typed, verify_sha256_headers,
+    delivery_id, event_type, parse_json, several_events, text, typed, verify_sha256_headers,
 };
 use crate::event::{Commit, RefChange};
 
@@ -99,13 +99,7 @@ pub fn receive(
     request: &WebhookRequest<'_>,
     verification: Verification,
 ) -> Result<Received, SourceError> {
-    let event_type = request
-        .header("x-event-key")
-        .ok_or(SourceError::MissingEventHeader {
-            header: "X-Event-Key",
-            provider: source.provider,
-        })?
-        .to_owned();
+    let event_type = event_type(request, "X-Event-Key", source.provider)?;
     let delivery = delivery_id(request, &["x-request-id"]);
     let received = |outcome| Received {
         delivery: delivery.clone(),
@@ -170,31 +164,24 @@ pub fn receive(
                 .unwrap_or_default(),
         })
         .collect();
-    let mut events = Vec::new();
-    let mut skipped = Vec::new();
-    for change in pushed.changes {
-        let Some(full_ref) = change.changed_ref.map(|r| r.id).or(change.ref_id) else {
-            skipped.push("a change without a ref".to_owned());
-            continue;
-        };
-        let refchange = RefChange {
-            full_ref,
-            before: change.from_hash,
-            after: change.to_hash,
-            deleted: change.change_type.eq_ignore_ascii_case("DELETE"),
-            commits: if single { commits.clone() } else { Vec::new() },
-            commit_count: None,
-        };
-        match ctx.event(refchange) {
-            Ok(event) => events.push(event),
-            Err(reason) => skipped.push(reason),
-        }
-    }
-    if events.is_empty() {
-        return Ok(received(Outcome::Skipped(format!(
-            "nothing to do: {}",
-            skipped.join("; ")
-        ))));
-    }
-    Ok(received(Outcome::Events(events)))
+    let changes = pushed
+        .changes
+        .into_iter()
+        .map(|change| {
+            let full_ref = change
+                .changed_ref
+                .map(|r| r.id)
+                .or(change.ref_id)
+                .ok_or("a change without a ref")?;
+            Ok(RefChange {
+                full_ref,
+                before: change.from_hash,
+                after: change.to_hash,
+                deleted: change.change_type.eq_ignore_ascii_case("DELETE"),
+                commits: if single { commits.clone() } else { Vec::new() },
+                commit_count: None,
+            })
+        })
+        .collect();
+    Ok(received(several_events(&ctx, changes)))
 }

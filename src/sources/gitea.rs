@@ -32,7 +32,7 @@ pub(super) struct Push {
     pub(super) repository: Repository,
     pub(super) pusher: Option<User>,
     #[serde(default)]
-    commits: Vec<PushCommit>,
+    commits: Vec<super::PushCommit>,
     total_commits: Option<u64>,
 }
 
@@ -53,21 +53,6 @@ impl User {
     pub(super) fn name(self) -> String {
         self.login.or(self.username).unwrap_or_default()
     }
-}
-
-#[derive(Deserialize)]
-struct PushCommit {
-    id: String,
-    message: Option<String>,
-    url: Option<String>,
-    timestamp: Option<String>,
-    author: Option<Author>,
-}
-
-#[derive(Deserialize)]
-struct Author {
-    name: Option<String>,
-    username: Option<String>,
 }
 
 /// `create` and `delete`: a short ref name and its type.
@@ -125,13 +110,7 @@ pub fn receive(
             let commits = push
                 .commits
                 .into_iter()
-                .map(|c| Commit {
-                    id: c.id,
-                    message: text(&c.message),
-                    url: text(&c.url),
-                    author: c.author.and_then(|a| a.username.or(a.name)).unwrap_or_default(),
-                    timestamp: text(&c.timestamp),
-                })
+                .map(Commit::from)
                 .collect();
             one_event(
                 &ctx,

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::signature::{Algorithm, Encoding, SignatureError, verify_hmac_header};
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, one_event, parse_json, text, typed,
+    delivery_id, event_type, one_event, parse_json, text, typed,
 };
 use crate::event::{Commit, RefChange};
 
@@ -33,7 +33,7 @@ struct Push {
     pusher: Option<Pusher>,
     sender: Option<User>,
     #[serde(default)]
-    commits: Vec<PushCommit>,
+    commits: Vec<super::PushCommit>,
 }
 
 #[derive(Deserialize)]
@@ -54,21 +54,6 @@ struct User {
 }
 
 #[derive(Deserialize)]
-struct PushCommit {
-    id: String,
-    message: Option<String>,
-    url: Option<String>,
-    timestamp: Option<String>,
-    author: Option<Author>,
-}
-
-#[derive(Deserialize)]
-struct Author {
-    name: Option<String>,
-    username: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct Ping {
     repository: Option<Repository>,
     sender: Option<User>,
@@ -82,13 +67,7 @@ pub fn receive(
     if let Verification::Check { .. } = verification {
         verify(source, request)?;
     }
-    let event_type = request
-        .header("x-github-event")
-        .ok_or(SourceError::MissingEventHeader {
-            header: "X-GitHub-Event",
-            provider: source.provider,
-        })?
-        .to_owned();
+    let event_type = event_type(request, "X-GitHub-Event", source.provider)?;
     let delivery = delivery_id(request, &["x-github-delivery"]);
     let received = |outcome| Received {
         delivery: delivery.clone(),
@@ -118,20 +97,7 @@ pub fn receive(
                 .and_then(|s| s.login)
                 .or(push.pusher.and_then(|p| p.name))
                 .unwrap_or_default();
-            let commits = push
-                .commits
-                .into_iter()
-                .map(|c| Commit {
-                    id: c.id,
-                    message: text(&c.message),
-                    url: text(&c.url),
-                    author: c
-                        .author
-                        .and_then(|a| a.username.or(a.name))
-                        .unwrap_or_default(),
-                    timestamp: text(&c.timestamp),
-                })
-                .collect();
+            let commits = push.commits.into_iter().map(Commit::from).collect();
             one_event(
                 &ctx,
                 RefChange {

@@ -23,7 +23,7 @@ use super::signature::{
 };
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, one_event, parse_json, text, typed,
+    delivery_id, event_type, one_event, parse_json, text, typed,
 };
 use crate::event::{Commit, RefChange};
 
@@ -40,7 +40,7 @@ struct Push {
     user_name: Option<String>,
     project: Project,
     #[serde(default)]
-    commits: Vec<PushCommit>,
+    commits: Vec<super::PushCommit>,
     total_commits_count: Option<u64>,
 }
 
@@ -58,20 +58,6 @@ struct Project {
 }
 
 #[derive(Deserialize)]
-struct PushCommit {
-    id: String,
-    message: Option<String>,
-    url: Option<String>,
-    timestamp: Option<String>,
-    author: Option<Author>,
-}
-
-#[derive(Deserialize)]
-struct Author {
-    name: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct Kind {
     object_kind: Option<String>,
     event_name: Option<String>,
@@ -85,13 +71,7 @@ pub fn receive(
     if let Verification::Check { now } = verification {
         verify(source, request, now)?;
     }
-    let event_type = request
-        .header("x-gitlab-event")
-        .ok_or(SourceError::MissingEventHeader {
-            header: "X-Gitlab-Event",
-            provider: source.provider,
-        })?
-        .to_owned();
+    let event_type = event_type(request, "X-Gitlab-Event", source.provider)?;
     let delivery = delivery_id(request, &["idempotency-key", "x-gitlab-event-uuid"]);
     let received = |outcome| Received {
         delivery: delivery.clone(),
@@ -120,17 +100,7 @@ pub fn receive(
     ctx.repository_url = text(&push.project.git_http_url);
     ctx.repository_web_url = text(&push.project.web_url);
     ctx.pusher = push.user_username.or(push.user_name).unwrap_or_default();
-    let commits = push
-        .commits
-        .into_iter()
-        .map(|c| Commit {
-            id: c.id,
-            message: text(&c.message),
-            url: text(&c.url),
-            author: c.author.and_then(|a| a.name).unwrap_or_default(),
-            timestamp: text(&c.timestamp),
-        })
-        .collect();
+    let commits = push.commits.into_iter().map(Commit::from).collect();
     let outcome = one_event(
         &ctx,
         RefChange {

@@ -16,7 +16,8 @@ use serde::Deserialize;
 use super::gitea::{RefEvent, User};
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, one_event, parse_json, text, typed, verify_sha256_headers, without_secret,
+    delivery_id, event_type, one_event, parse_json, text, typed, verify_sha256_headers,
+    without_secret,
 };
 use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
 
@@ -29,22 +30,7 @@ struct Push {
     repository: super::gitea::Repository,
     pusher: Option<User>,
     #[serde(default)]
-    commits: Vec<PushCommit>,
-}
-
-#[derive(Deserialize)]
-struct PushCommit {
-    id: String,
-    message: Option<String>,
-    url: Option<String>,
-    timestamp: Option<String>,
-    author: Option<Author>,
-}
-
-#[derive(Deserialize)]
-struct Author {
-    name: Option<String>,
-    username: Option<String>,
+    commits: Vec<super::PushCommit>,
 }
 
 pub fn receive(
@@ -56,13 +42,7 @@ pub fn receive(
     if let Verification::Check { .. } = verification {
         verify_sha256_headers(source, request, &[("X-Gogs-Signature", "")], &payload_bytes)?;
     }
-    let event_type = request
-        .header("x-gogs-event")
-        .ok_or(SourceError::MissingEventHeader {
-            header: "X-Gogs-Event",
-            provider: source.provider,
-        })?
-        .to_owned();
+    let event_type = event_type(request, "X-Gogs-Event", source.provider)?;
     let delivery = delivery_id(request, &["x-gogs-delivery"]);
     let received = |outcome| Received {
         delivery: delivery.clone(),
@@ -82,20 +62,7 @@ pub fn receive(
         ctx.repository_url = text(&push.repository.clone_url);
         ctx.repository_web_url = text(&push.repository.html_url);
         ctx.pusher = push.pusher.map(User::name).unwrap_or_default();
-        let commits = push
-            .commits
-            .into_iter()
-            .map(|c| Commit {
-                id: c.id,
-                message: text(&c.message),
-                url: text(&c.url),
-                author: c
-                    .author
-                    .and_then(|a| a.username.or(a.name))
-                    .unwrap_or_default(),
-                timestamp: text(&c.timestamp),
-            })
-            .collect();
+        let commits = push.commits.into_iter().map(Commit::from).collect();
         one_event(
             &ctx,
             RefChange {

@@ -304,6 +304,70 @@ fn without_secret(mut payload: serde_json::Value) -> serde_json::Value {
     payload
 }
 
+/// A commit as GitHub, GitLab, Gitea and Gogs write it in push payloads.
+#[derive(serde::Deserialize)]
+struct PushCommit {
+    id: String,
+    message: Option<String>,
+    url: Option<String>,
+    timestamp: Option<String>,
+    author: Option<PushCommitAuthor>,
+}
+
+#[derive(serde::Deserialize)]
+struct PushCommitAuthor {
+    name: Option<String>,
+    username: Option<String>,
+}
+
+impl From<PushCommit> for crate::event::Commit {
+    fn from(commit: PushCommit) -> Self {
+        crate::event::Commit {
+            id: commit.id,
+            message: text(&commit.message),
+            url: text(&commit.url),
+            author: commit
+                .author
+                .and_then(|a| a.username.or(a.name))
+                .unwrap_or_default(),
+            timestamp: text(&commit.timestamp),
+        }
+    }
+}
+
+/// The sender's event name from its event header, which every sender but `generic` sends.
+fn event_type(
+    request: &WebhookRequest<'_>,
+    header: &'static str,
+    provider: Provider,
+) -> Result<String, SourceError> {
+    request
+        .header(header)
+        .map(str::to_owned)
+        .ok_or(SourceError::MissingEventHeader { header, provider })
+}
+
+/// The events of a webhook that carries several ref changes (Bitbucket); changes that are
+/// not events are named in the note when none is.
+fn several_events(
+    context: &EventContext,
+    changes: Vec<Result<crate::event::RefChange, String>>,
+) -> Outcome {
+    let mut events = Vec::new();
+    let mut skipped = Vec::new();
+    for change in changes {
+        match change.and_then(|change| context.event(change)) {
+            Ok(event) => events.push(event),
+            Err(reason) => skipped.push(reason),
+        }
+    }
+    if events.is_empty() {
+        Outcome::Skipped(format!("nothing to do: {}", skipped.join("; ")))
+    } else {
+        Outcome::Events(events)
+    }
+}
+
 /// Text of an optional JSON string.
 fn text(value: &Option<String>) -> String {
     value.clone().unwrap_or_default()
