@@ -61,6 +61,8 @@ pub enum ApiError {
     UnknownSource(String),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error("?ref= in the webhook URL: {0}")]
+    BadUrlRef(String),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
     #[error(transparent)]
@@ -77,7 +79,9 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
         ApiError::Source(SourceError::Signature(_)) => {
             (StatusCode::UNAUTHORIZED, json!({ "message": message }))
         }
-        ApiError::Source(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
+        ApiError::Source(_) | ApiError::BadUrlRef(_) => {
+            (StatusCode::BAD_REQUEST, json!({ "message": message }))
+        }
         ApiError::MethodNotAllowed { allowed, .. } => {
             let mut response = json_response(
                 StatusCode::METHOD_NOT_ALLOWED,

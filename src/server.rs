@@ -9,10 +9,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -24,26 +26,74 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
 use crate::error::{ApiError, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
 use crate::upstream::{UpstreamError, Upstreams};
 
+/// One configuration and the clients built from it. A request takes the snapshot current
+/// when it starts and finishes on it, whatever reloads happen meanwhile.
+pub struct Runtime {
+    pub config: Config,
+    pub upstreams: Upstreams,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> Result<Runtime, UpstreamError> {
+        let upstreams = Upstreams::new(&config.upstreams)?;
+        Ok(Runtime { config, upstreams })
+    }
+}
+
 /// Everything a request handler needs, shared by all connections.
 pub struct App {
-    pub config: Arc<Config>,
-    pub upstreams: Upstreams,
+    runtime: ArcSwap<Runtime>,
+    /// Where the configuration was read from, for reloads.
+    config_path: Option<PathBuf>,
+    /// `[server]` as the relay started with: listening and limits are not reloaded.
+    pub server: ServerConfig,
     shutting_down: AtomicBool,
 }
 
 impl App {
     pub fn new(config: Config) -> Result<Arc<App>, UpstreamError> {
-        let upstreams = Upstreams::new(&config.upstreams)?;
+        App::with_config_path(config, None)
+    }
+
+    /// An app that can [`App::reload`] its configuration from `path`.
+    pub fn with_config_path(
+        config: Config,
+        path: Option<PathBuf>,
+    ) -> Result<Arc<App>, UpstreamError> {
+        let server = config.server.clone();
         Ok(Arc::new(App {
-            config: Arc::new(config),
-            upstreams,
+            runtime: ArcSwap::from_pointee(Runtime::new(config)?),
+            config_path: path,
+            server,
             shutting_down: AtomicBool::new(false),
         }))
+    }
+
+    /// The current configuration snapshot.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Loads the configuration again and swaps it in whole; on any problem the running
+    /// configuration stays and every problem is returned.
+    pub fn reload(&self) -> Result<Arc<Runtime>, String> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or("this relay was not started from a configuration path")?;
+        let config = crate::config::load(path).map_err(|problems| problems.to_string())?;
+        let runtime = Arc::new(Runtime::new(config).map_err(|err| err.to_string())?);
+        self.runtime.store(runtime.clone());
+        Ok(runtime)
+    }
+
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
     }
 }
 
@@ -56,7 +106,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(app.config.server.read_timeout)
+        .header_read_timeout(app.server.read_timeout)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -89,7 +139,7 @@ pub async fn run(
     }
     drop(listener);
     app.shutting_down.store(true, Ordering::SeqCst);
-    let bound = app.config.server.shutdown_timeout;
+    let bound = app.server.shutdown_timeout;
     tracing::info!(timeout = ?bound, "shutting down: finishing in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
@@ -212,8 +262,13 @@ async fn dispatch(
             if method != Method::POST {
                 return Err(not_allowed("POST"));
             }
-            let gateway_config = app.config.gateway.as_ref().ok_or(GatewayError::Disabled)?;
-            let upstream = app
+            let runtime = app.runtime();
+            let gateway_config = runtime
+                .config
+                .gateway
+                .as_ref()
+                .ok_or(GatewayError::Disabled)?;
+            let upstream = runtime
                 .upstreams
                 .get(&gateway_config.upstream)
                 .expect("configuration validated that the gateway's upstream exists");
@@ -242,8 +297,9 @@ async fn dispatch(
                 return Err(not_allowed("POST"));
             }
             let source = source.to_owned();
+            let runtime = app.runtime();
             let (parts, body) = read_body(app, request).await?;
-            crate::hooks::handle(app, &source, &parts.headers, &body)
+            crate::hooks::handle(&runtime, &source, &parts, &body)
         }
         Route::NotFound => Err(ApiError::NotFound {
             method: method.to_string(),
@@ -258,7 +314,7 @@ async fn read_body(
     app: &App,
     request: Request<Incoming>,
 ) -> Result<(http::request::Parts, Bytes), ApiError> {
-    let limit = app.config.server.max_body;
+    let limit = app.server.max_body;
     let (parts, body) = request.into_parts();
     let declared = parts
         .headers
@@ -269,7 +325,7 @@ async fn read_body(
         return Err(ApiError::BodyTooLarge { limit });
     }
     let collect = Limited::new(body, limit).collect();
-    match tokio::time::timeout(app.config.server.read_timeout, collect).await {
+    match tokio::time::timeout(app.server.read_timeout, collect).await {
         Err(_) => Err(ApiError::BodyTimeout),
         Ok(Err(err))
             if err

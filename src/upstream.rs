@@ -233,6 +233,12 @@ impl Upstream {
     }
 }
 
+/// A string field of a JSON answer (`web_url` of a created pipeline).
+pub fn readable_field(body: &[u8], field: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.get(field)?.as_str().map(str::to_owned)
+}
+
 /// GitLab's `message` made readable: a string as is, `{"base": ["Reference not found"]}` as
 /// `base: Reference not found`; Grape's `error` key likewise; `None` for anything else.
 pub fn readable_message(body: &[u8]) -> Option<String> {

@@ -8,6 +8,7 @@
 //! so an override is checked like the value it replaces.
 
 mod problems;
+mod rule;
 mod source;
 mod units;
 
@@ -40,6 +41,8 @@ pub struct Config {
     pub gateway: Option<GatewayConfig>,
     /// `[source.NAME]`: webhook senders, served at `POST /hooks/NAME`.
     pub sources: BTreeMap<String, SourceConfig>,
+    /// `[[rule]]`: which events become which trigger calls.
+    pub rules: crate::rules::RuleSet,
     /// The files this configuration was read from, in the order read.
     pub files: Vec<PathBuf>,
 }
@@ -195,6 +198,7 @@ struct Builder {
     upstreams: BTreeMap<String, (UpstreamConfig, Origin)>,
     gateway: Option<(Option<Spanned<String>>, Origin)>,
     sources: BTreeMap<String, (SourceConfig, Origin)>,
+    rules: Vec<rule::PendingRule>,
     resolve_secrets: bool,
 }
 
@@ -218,6 +222,7 @@ impl Builder {
                 "server" => self.read_server(value, origin, &mut problems),
                 "upstream" => self.read_upstreams(value, file, env, &mut problems),
                 "source" => self.read_sources(value, file, env, &mut problems),
+                "rule" => self.read_rules(value, file, env, &mut problems),
                 "gateway" => {
                     if let Some(raw) = section::<RawGateway>(value, &mut problems) {
                         if let Some((_, first)) = &self.gateway {
@@ -233,7 +238,7 @@ impl Builder {
                 other => problems.at(
                     Some(key.span()),
                     format!(
-                        "unknown section `{other}`; expected `server`, `upstream`, `gateway` or `source`"
+                        "unknown section `{other}`; expected `server`, `upstream`, `gateway`, `source` or `rule`"
                     ),
                 ),
             }
@@ -318,7 +323,179 @@ impl Builder {
         }
     }
 
+    fn read_rules(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        file: &Path,
+        env: EnvLookup<'_>,
+        problems: &mut FileProblems<'_>,
+    ) {
+        let span = value.span();
+        let DeValue::Array(items) = value.into_inner() else {
+            problems.at(Some(span), "rules are written as [[rule]] tables");
+            return;
+        };
+        let env = self.resolve_secrets.then_some(env);
+        for item in items {
+            let span = item.span();
+            let line = problems.line(span.start);
+            let DeValue::Table(table) = item.into_inner() else {
+                problems.at(Some(span), "rules are written as [[rule]] tables");
+                continue;
+            };
+            // `trigger` is one table or an array of them; the rest is the rule itself.
+            let mut rest = DeTable::new();
+            let mut trigger = None;
+            for (key, value) in table {
+                if key.get_ref().as_ref() == "trigger" {
+                    trigger = Some(value);
+                } else {
+                    rest.insert(key, value);
+                }
+            }
+            let raw = section::<rule::RawRule>(
+                Spanned::new(span.clone(), DeValue::Table(rest)),
+                problems,
+            );
+            let mut triggers = Vec::new();
+            if let Some(trigger) = trigger {
+                let trigger_span = trigger.span();
+                match trigger.into_inner() {
+                    DeValue::Table(table) => {
+                        triggers.extend(section::<rule::RawTrigger>(
+                            Spanned::new(trigger_span, DeValue::Table(table)),
+                            problems,
+                        ));
+                    }
+                    DeValue::Array(array) => {
+                        for item in array {
+                            triggers.extend(section::<rule::RawTrigger>(item, problems));
+                        }
+                    }
+                    _ => problems.at(
+                        Some(trigger_span),
+                        "`trigger` is a [rule.trigger] table or [[rule.trigger]] tables",
+                    ),
+                }
+            }
+            if let Some(raw) = raw {
+                if let Some(pending) = rule::compile_rule(raw, triggers, file, line, env, problems)
+                {
+                    self.rules.push(pending);
+                }
+            }
+        }
+    }
+
+    /// Checks what rules name (sources, upstreams, other rules' names) and compiles them.
+    fn finish_rules(&mut self) -> crate::rules::RuleSet {
+        let mut specs = Vec::new();
+        let mut names: BTreeMap<String, Origin> = BTreeMap::new();
+        let upstream_names = self
+            .upstreams
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        for pending in std::mem::take(&mut self.rules) {
+            let mut spec = pending.spec;
+            let mut problem = |line: usize, message: String| {
+                self.problems.push(Problem {
+                    file: spec.file.clone(),
+                    line: Some(line),
+                    message,
+                })
+            };
+            if let Some(first) = names.get(&spec.name) {
+                problem(
+                    spec.line,
+                    format!("rule name {:?} is already used at {first}", spec.name),
+                );
+                continue;
+            }
+            names.insert(
+                spec.name.clone(),
+                Origin {
+                    file: spec.file.clone(),
+                    line: spec.line,
+                },
+            );
+            let mut ok = true;
+            if let Some(source) = &spec.source {
+                if !self.sources.contains_key(source) {
+                    let known = self.sources.keys().cloned().collect::<Vec<_>>().join(", ");
+                    problem(
+                        pending.source_line,
+                        format!(
+                            "rule {:?}: source {source:?} names no [source.{source}] (defined: {})",
+                            spec.name,
+                            if known.is_empty() { "none" } else { &known }
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+            for trigger in pending.triggers {
+                let mut trigger_spec = trigger.spec;
+                match trigger.upstream {
+                    Some((name, line)) if !self.upstreams.contains_key(&name) => {
+                        problem(
+                            line,
+                            format!(
+                                "rule {:?}: upstream {name:?} names no [upstream.{name}] (defined: {})",
+                                spec.name,
+                                if upstream_names.is_empty() {
+                                    "none"
+                                } else {
+                                    &upstream_names
+                                }
+                            ),
+                        );
+                        ok = false;
+                    }
+                    Some((name, _)) => trigger_spec.upstream = name,
+                    None if self.upstreams.len() == 1 => {
+                        trigger_spec.upstream = upstream_names.clone()
+                    }
+                    None => {
+                        problem(
+                            trigger_spec.line,
+                            if self.upstreams.is_empty() {
+                                format!(
+                                    "rule {:?}: a trigger needs an [upstream.NAME] to send to",
+                                    spec.name
+                                )
+                            } else {
+                                format!(
+                                    "rule {:?}: the trigger needs `upstream = \"NAME\"`, one of: {upstream_names}",
+                                    spec.name
+                                )
+                            },
+                        );
+                        ok = false;
+                    }
+                }
+                spec.triggers.push(trigger_spec);
+            }
+            if ok {
+                specs.push(spec);
+            }
+        }
+        match crate::rules::RuleSet::build(specs) {
+            Ok(rules) => rules,
+            Err(problems) => {
+                self.problems.extend(problems.into_iter().map(|p| Problem {
+                    file: p.file,
+                    line: Some(p.line),
+                    message: p.message,
+                }));
+                crate::rules::RuleSet::default()
+            }
+        }
+    }
+
     fn finish(mut self, files: Vec<PathBuf>) -> Result<Config, Problems> {
+        let rules = self.finish_rules();
         let gateway = match self.gateway.take() {
             None => None,
             Some((upstream, origin)) => {
@@ -370,6 +547,7 @@ impl Builder {
                 .map(|(name, (upstream, _))| (name, upstream))
                 .collect(),
             gateway,
+            rules,
             sources: self
                 .sources
                 .into_iter()

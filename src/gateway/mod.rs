@@ -135,7 +135,9 @@ pub async fn forward(
             git_ref = %trigger.git_ref,
             token = %trigger.token,
             status = status.as_u16(),
-            pipeline = pipeline_url(&answer.body).as_deref().unwrap_or("-"),
+            pipeline = crate::upstream::readable_field(&answer.body, "web_url")
+                .as_deref()
+                .unwrap_or("-"),
             "trigger forwarded"
         );
     } else {
@@ -166,12 +168,6 @@ pub async fn forward(
         );
     }
     Ok((response, answer))
-}
-
-/// The pipeline's `web_url` from a successful answer.
-fn pipeline_url(body: &[u8]) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    value.get("web_url")?.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]

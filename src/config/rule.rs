@@ -1,0 +1,292 @@
+//! `[[rule]]` and its `[rule.trigger]` / `[[rule.trigger]]` tables, validated into
+//! [`RuleSpec`]s. Names that point elsewhere (sources, upstreams) and templates are checked
+//! once every file is read, in `Builder::finish` and [`crate::rules::RuleSet::build`].
+
+use std::path::Path;
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{EnvLookup, FileProblems};
+use crate::event::EventKind;
+use crate::rules::{InputValue, Patterns, RuleSpec, Schedule, TriggerSpec};
+use crate::secret::{Secret, SecretRef};
+use crate::trigger::check_variable_name;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    name: Spanned<String>,
+    source: Option<Spanned<String>>,
+    repository: Option<Spanned<PatternList>>,
+    events: Option<Spanned<Vec<String>>>,
+    refs: Option<Spanned<PatternList>>,
+    refs_exclude: Option<Spanned<PatternList>>,
+    when: Option<Spanned<String>>,
+    schedule: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTrigger {
+    upstream: Option<Spanned<String>>,
+    project: Spanned<String>,
+    #[serde(rename = "ref")]
+    git_ref: Option<Spanned<String>>,
+    token: Spanned<String>,
+    variables: Option<Spanned<IndexMap<String, String>>>,
+    inputs: Option<Spanned<IndexMap<String, serde_json::Value>>>,
+}
+
+/// One glob or a list of them.
+pub(super) struct PatternList(Vec<String>);
+
+impl<'de> Deserialize<'de> for PatternList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PatternList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a glob or a list of globs")
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<PatternList, E> {
+                Ok(PatternList(vec![value.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<PatternList, A::Error> {
+                let mut list = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    list.push(item);
+                }
+                Ok(PatternList(list))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A trigger as read, with the upstream still to be checked against every file.
+pub(super) struct PendingTrigger {
+    pub spec: TriggerSpec,
+    pub upstream: Option<(String, usize)>,
+}
+
+/// A rule as read, with its source and upstreams still to be checked against every file.
+pub(super) struct PendingRule {
+    pub spec: RuleSpec,
+    pub source_line: usize,
+    pub triggers: Vec<PendingTrigger>,
+}
+
+pub(super) fn compile_rule(
+    raw: RawRule,
+    raw_triggers: Vec<RawTrigger>,
+    file: &Path,
+    line: usize,
+    resolve_secrets: Option<EnvLookup<'_>>,
+    problems: &mut FileProblems<'_>,
+) -> Option<PendingRule> {
+    let before = problems.found.len();
+    let name = raw.name.get_ref().trim().to_owned();
+    if name.is_empty() || name.contains('/') {
+        problems.at(
+            Some(raw.name.span()),
+            "a rule's `name` must be non-empty and contain no `/`",
+        );
+    }
+    let patterns =
+        |field: Option<Spanned<PatternList>>, key: &str, problems: &mut FileProblems<'_>| {
+            let field = field?;
+            let span = field.span();
+            let list = field.into_inner().0;
+            if list.is_empty() {
+                problems.at(
+                    Some(span),
+                    format!(
+                        "rule {name:?}: `{key}` is an empty list; leave it out to match everything"
+                    ),
+                );
+                return None;
+            }
+            match Patterns::new(list) {
+                Ok(patterns) => Some(patterns),
+                Err(message) => {
+                    problems.at(Some(span), format!("rule {name:?}: {key}: {message}"));
+                    None
+                }
+            }
+        };
+    let repository = patterns(raw.repository, "repository", problems);
+    let refs = patterns(raw.refs, "refs", problems);
+    let refs_exclude = patterns(raw.refs_exclude, "refs_exclude", problems);
+    let events = match raw.events {
+        None => vec![EventKind::Push, EventKind::Tag],
+        Some(events) => {
+            let span = events.span();
+            let mut kinds = Vec::new();
+            for event in events.into_inner() {
+                match event.as_str() {
+                    "push" => kinds.push(EventKind::Push),
+                    "tag" => kinds.push(EventKind::Tag),
+                    "delete" => kinds.push(EventKind::Delete),
+                    other => problems.at(
+                        Some(span.clone()),
+                        format!("rule {name:?}: events: {other:?} is not push, tag or delete"),
+                    ),
+                }
+            }
+            kinds
+        }
+    };
+    let schedule = match (&raw.schedule, &raw.timezone) {
+        (Some(schedule), timezone) => match Schedule::parse(
+            schedule.get_ref(),
+            timezone.as_ref().map(|t| t.get_ref().as_str()),
+        ) {
+            Ok(schedule) => Some(schedule),
+            Err(message) => {
+                problems.at(Some(schedule.span()), format!("rule {name:?}: {message}"));
+                None
+            }
+        },
+        (None, Some(timezone)) => {
+            problems.at(
+                Some(timezone.span()),
+                format!("rule {name:?}: `timezone` needs a `schedule`"),
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    match (&raw.source, &raw.schedule) {
+        (Some(source), Some(_)) => problems.at(
+            Some(source.span()),
+            format!("rule {name:?} has both `source` and `schedule`; a rule reacts to webhooks or runs on a schedule, not both"),
+        ),
+        (None, None) => problems.at(
+            Some(raw.name.span()),
+            format!("rule {name:?} needs `source = \"NAME\"` (the [source.NAME] whose webhooks it reacts to) or a `schedule`"),
+        ),
+        _ => {}
+    }
+    let when = raw
+        .when
+        .map(|w| (w.get_ref().clone(), problems.line(w.span().start)));
+    if raw_triggers.is_empty() {
+        problems.at(
+            Some(raw.name.span()),
+            format!("rule {name:?} needs at least one [rule.trigger]"),
+        );
+    }
+    let mut triggers = Vec::new();
+    for raw_trigger in raw_triggers {
+        let trigger_line = problems.line(raw_trigger.project.span().start);
+        let token_span = raw_trigger.token.span();
+        let token_ref = match SecretRef::parse(raw_trigger.token.get_ref()) {
+            Ok(reference) => reference,
+            Err(message) => {
+                problems.at(Some(token_span), format!("rule {name:?}: token: {message}"));
+                continue;
+            }
+        };
+        let token = match resolve_secrets.map(|env| token_ref.resolve_with(env)) {
+            None => None,
+            Some(Ok(secret)) => Some(secret),
+            Some(Err(message)) => {
+                problems.at(
+                    Some(token_span.clone()),
+                    format!("rule {name:?}: token ({token_ref}): {message}"),
+                );
+                None
+            }
+        };
+        if let Some(secret) = &token {
+            check_token(&name, secret, token_span.clone(), problems);
+        }
+        let variables: Vec<(String, String)> = match raw_trigger.variables {
+            None => Vec::new(),
+            Some(variables) => {
+                let span = variables.span();
+                let variables = variables.into_inner();
+                for key in variables.keys() {
+                    if let Err(message) = check_variable_name(key) {
+                        problems.at(Some(span.clone()), format!("rule {name:?}: {message}"));
+                    }
+                }
+                variables.into_iter().collect()
+            }
+        };
+        let inputs = raw_trigger
+            .inputs
+            .map(Spanned::into_inner)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, value)| match value {
+                serde_json::Value::String(text) => (key, InputValue::Template(text)),
+                other => (key, InputValue::Literal(other)),
+            })
+            .collect();
+        let upstream = raw_trigger
+            .upstream
+            .map(|u| (u.get_ref().clone(), problems.line(u.span().start)));
+        if schedule.is_some() && raw_trigger.git_ref.is_none() {
+            problems.at(
+                Some(raw_trigger.project.span()),
+                format!("rule {name:?}: a scheduled rule's trigger needs `ref` (there is no event to take it from)"),
+            );
+        }
+        triggers.push(PendingTrigger {
+            spec: TriggerSpec {
+                line: trigger_line,
+                upstream: String::new(),
+                project: raw_trigger.project.into_inner(),
+                git_ref: raw_trigger.git_ref.map(Spanned::into_inner),
+                token_ref,
+                token,
+                variables,
+                inputs,
+            },
+            upstream,
+        });
+    }
+    if problems.found.len() > before {
+        return None;
+    }
+    Some(PendingRule {
+        source_line: raw
+            .source
+            .as_ref()
+            .map(|s| problems.line(s.span().start))
+            .unwrap_or(line),
+        spec: RuleSpec {
+            name,
+            file: file.to_owned(),
+            line,
+            source: raw.source.map(Spanned::into_inner),
+            repository,
+            events,
+            refs,
+            refs_exclude,
+            when,
+            schedule,
+            triggers: Vec::new(),
+        },
+        triggers,
+    })
+}
+
+/// A rule's token is a secret the relay sends; refuse the kinds GitLab would reject.
+fn check_token(
+    name: &str,
+    secret: &Secret,
+    span: std::ops::Range<usize>,
+    problems: &mut FileProblems<'_>,
+) {
+    if let Err(message) = crate::trigger::check_trigger_token(secret.expose()) {
+        problems.at(Some(span), format!("rule {name:?}: token: {message}"));
+    }
+}

@@ -1,0 +1,546 @@
+//! Rules: which events become which trigger calls.
+//!
+//! A [`RuleSet`] is compiled once per configuration: globs into matchers, templates and
+//! `when` expressions into one minijinja environment. Matching goes through an index by
+//! source, event kind and (for literal patterns) repository, so rules that cannot match an
+//! event cost a hash lookup, not an evaluation. Every decision can be explained: a rule
+//! that does not match says the first reason why. The target ref is decided in exactly one
+//! place, [`RuleSet::plan`]: the webhook URL's `?ref=` beats the rule's `ref`, which beats
+//! the event's own ref (sent fully qualified, so a name that is both a branch and a tag is
+//! not ambiguous to GitLab).
+
+pub mod schedule;
+pub mod template;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use indexmap::IndexMap;
+use minijinja::Environment;
+use minijinja::value::Value;
+use serde_json::Map;
+
+use crate::event::{Event, EventKind};
+use crate::git_ref::GitRef;
+use crate::secret::{Secret, SecretRef};
+use crate::trigger::{ProjectId, Trigger};
+pub use schedule::Schedule;
+use template::EventObject;
+
+/// Glob patterns as written, and their compiled matcher. `*` does not cross `/`; `**` does.
+#[derive(Clone, Debug)]
+pub struct Patterns {
+    pub texts: Vec<String>,
+    set: GlobSet,
+}
+
+impl Patterns {
+    pub fn new(texts: Vec<String>) -> Result<Patterns, String> {
+        let mut builder = GlobSetBuilder::new();
+        for text in &texts {
+            builder.add(glob(text)?);
+        }
+        let set = builder.build().map_err(|err| err.to_string())?;
+        Ok(Patterns { texts, set })
+    }
+
+    pub fn is_match(&self, text: &str) -> bool {
+        self.set.is_match(text)
+    }
+
+    /// The patterns, quoted, for messages: `["v*", "release/*"]`.
+    pub fn shown(&self) -> String {
+        format!(
+            "[{}]",
+            self.texts
+                .iter()
+                .map(|t| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    /// `Some(name)` when the only pattern is a literal name (no glob characters).
+    fn literal(&self) -> Option<&str> {
+        match self.texts.as_slice() {
+            [only] if !only.contains(['*', '?', '[', '{', '\\']) => Some(only),
+            _ => None,
+        }
+    }
+}
+
+fn glob(text: &str) -> Result<Glob, String> {
+    GlobBuilder::new(text)
+        .literal_separator(true)
+        .build()
+        .map_err(|err| format!("{text:?} is not a valid glob: {}", err.kind()))
+}
+
+/// One configured input value: a template for strings, other TOML values as they are.
+#[derive(Clone, Debug)]
+pub enum InputValue {
+    Template(String),
+    Literal(serde_json::Value),
+}
+
+/// A `[[rule.trigger]]` as written, validated but with templates not yet compiled.
+#[derive(Clone, Debug)]
+pub struct TriggerSpec {
+    pub line: usize,
+    pub upstream: String,
+    pub project: String,
+    pub git_ref: Option<String>,
+    pub token_ref: SecretRef,
+    /// `None` when secrets were not read (`explain`).
+    pub token: Option<Secret>,
+    pub variables: Vec<(String, String)>,
+    pub inputs: Vec<(String, InputValue)>,
+}
+
+/// A `[[rule]]` as written, validated but with templates not yet compiled.
+#[derive(Clone, Debug)]
+pub struct RuleSpec {
+    pub name: String,
+    pub file: PathBuf,
+    pub line: usize,
+    /// The source whose webhooks it reacts to; `None` for a scheduled rule.
+    pub source: Option<String>,
+    pub repository: Option<Patterns>,
+    pub events: Vec<EventKind>,
+    pub refs: Option<Patterns>,
+    pub refs_exclude: Option<Patterns>,
+    /// The expression and its line.
+    pub when: Option<(String, usize)>,
+    pub schedule: Option<Schedule>,
+    pub triggers: Vec<TriggerSpec>,
+}
+
+/// A template's name in the environment and its text, for messages.
+#[derive(Clone, Debug)]
+struct Compiled {
+    name: String,
+}
+
+#[derive(Clone, Debug)]
+struct CompiledTrigger {
+    spec: TriggerSpec,
+    project: Compiled,
+    git_ref: Option<Compiled>,
+    variables: Vec<(String, Compiled)>,
+    inputs: Vec<(String, Result<Compiled, serde_json::Value>)>,
+}
+
+/// A compiled rule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub spec: RuleSpec,
+    when: Option<Compiled>,
+    triggers: Vec<CompiledTrigger>,
+}
+
+impl Rule {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+}
+
+/// Which rules an event of one source and kind may match.
+#[derive(Clone, Debug, Default)]
+struct Candidates {
+    by_repository: HashMap<String, Vec<usize>>,
+    any_repository: Vec<usize>,
+}
+
+/// A problem found while compiling rules: where, and what.
+#[derive(Clone, Debug)]
+pub struct RuleProblem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub message: String,
+}
+
+/// All rules of a configuration, compiled and indexed.
+#[derive(Clone, Debug)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    env: Arc<Environment<'static>>,
+    index: HashMap<(String, EventKind), Candidates>,
+}
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        RuleSet {
+            rules: Vec::new(),
+            env: Arc::new(template::environment()),
+            index: HashMap::new(),
+        }
+    }
+}
+
+/// One trigger a rule produced for an event, or why it could not.
+#[derive(Debug)]
+pub struct Planned {
+    pub rule: String,
+    /// `Err` when a template failed or produced an invalid project or ref.
+    pub trigger: Result<Trigger, String>,
+    /// The token's reference, for showing when secrets were not read.
+    pub token_ref: SecretRef,
+}
+
+impl RuleSet {
+    /// Compiles every template and expression, and checks the fields they read. Problems
+    /// come back with the line of the field that has them.
+    pub fn build(specs: Vec<RuleSpec>) -> Result<RuleSet, Vec<RuleProblem>> {
+        let mut env = template::environment();
+        let mut problems = Vec::new();
+        let mut rules = Vec::new();
+        for spec in specs {
+            let scheduled = spec.schedule.is_some();
+            let mut add = |env: &mut Environment<'static>,
+                           name: String,
+                           source: String,
+                           line: usize,
+                           what: &str|
+             -> Option<Compiled> {
+                let result = env
+                    .add_template_owned(name.clone(), source)
+                    .map_err(|err| template::error_text(&err))
+                    .and_then(|()| template::check_variables(env, &name, scheduled));
+                match result {
+                    Ok(()) => Some(Compiled { name }),
+                    Err(message) => {
+                        problems.push(RuleProblem {
+                            file: spec.file.clone(),
+                            line,
+                            message: format!("rule {:?}: {what}: {message}", spec.name),
+                        });
+                        None
+                    }
+                }
+            };
+            let when = spec.when.as_ref().and_then(|(expression, line)| {
+                add(
+                    &mut env,
+                    format!("{}/when", spec.name),
+                    template::expression_template(expression),
+                    *line,
+                    "when",
+                )
+            });
+            let mut triggers = Vec::new();
+            for (i, trigger) in spec.triggers.iter().enumerate() {
+                let prefix = format!("{}/trigger{i}", spec.name);
+                let project = add(
+                    &mut env,
+                    format!("{prefix}/project"),
+                    trigger.project.clone(),
+                    trigger.line,
+                    "project",
+                );
+                let git_ref = trigger.git_ref.as_ref().map(|text| {
+                    add(
+                        &mut env,
+                        format!("{prefix}/ref"),
+                        text.clone(),
+                        trigger.line,
+                        "ref",
+                    )
+                });
+                let variables: Vec<_> = trigger
+                    .variables
+                    .iter()
+                    .map(|(key, text)| {
+                        (
+                            key.clone(),
+                            add(
+                                &mut env,
+                                format!("{prefix}/variables/{key}"),
+                                text.clone(),
+                                trigger.line,
+                                &format!("variables.{key}"),
+                            ),
+                        )
+                    })
+                    .collect();
+                let inputs: Vec<_> = trigger
+                    .inputs
+                    .iter()
+                    .map(|(key, value)| match value {
+                        InputValue::Template(text) => (
+                            key.clone(),
+                            add(
+                                &mut env,
+                                format!("{prefix}/inputs/{key}"),
+                                text.clone(),
+                                trigger.line,
+                                &format!("inputs.{key}"),
+                            )
+                            .ok_or(serde_json::Value::Null),
+                        ),
+                        InputValue::Literal(value) => (key.clone(), Err(value.clone())),
+                    })
+                    .collect();
+                // `git_ref`: None when the trigger has no ref template, Some(None) when it failed.
+                let git_ref = match git_ref {
+                    None => Some(None),
+                    Some(compiled) => compiled.map(Some),
+                };
+                let (Some(project), Some(git_ref)) = (project, git_ref) else {
+                    continue;
+                };
+                if variables.iter().any(|(_, c)| c.is_none()) {
+                    continue;
+                }
+                triggers.push(CompiledTrigger {
+                    spec: trigger.clone(),
+                    project,
+                    git_ref,
+                    variables: variables
+                        .into_iter()
+                        .map(|(k, c)| (k, c.expect("checked above")))
+                        .collect(),
+                    inputs,
+                });
+            }
+            rules.push(Rule {
+                spec,
+                when,
+                triggers,
+            });
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut index: HashMap<(String, EventKind), Candidates> = HashMap::new();
+        for (i, rule) in rules.iter().enumerate() {
+            let Some(source) = &rule.spec.source else {
+                continue;
+            };
+            for kind in &rule.spec.events {
+                let candidates = index.entry((source.clone(), *kind)).or_default();
+                match rule.spec.repository.as_ref().and_then(Patterns::literal) {
+                    Some(repository) => candidates
+                        .by_repository
+                        .entry(repository.to_owned())
+                        .or_default()
+                        .push(i),
+                    None => candidates.any_repository.push(i),
+                }
+            }
+        }
+        Ok(RuleSet {
+            rules,
+            env: Arc::new(env),
+            index,
+        })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The rules that match `event`, in configuration order.
+    pub fn matching(&self, event: &Event) -> Vec<&Rule> {
+        self.matching_in(event, &event_value(event))
+    }
+
+    fn matching_in(&self, event: &Event, context: &Value) -> Vec<&Rule> {
+        let Some(candidates) = self.index.get(&(event.source.clone(), event.kind)) else {
+            return Vec::new();
+        };
+        let mut indices: Vec<usize> = candidates.any_repository.clone();
+        if let Some(literal) = candidates.by_repository.get(&event.repository) {
+            indices.extend(literal);
+            indices.sort_unstable();
+        }
+        indices
+            .into_iter()
+            .map(|i| &self.rules[i])
+            .filter(|rule| self.why_not(rule, event, context).is_none())
+            .collect()
+    }
+
+    /// Every rule of the event's source, with the first reason it does not match (`None`
+    /// when it matches), in configuration order: what `explain` shows.
+    pub fn verdicts(&self, event: &Event) -> Vec<(&Rule, Option<String>)> {
+        let context = event_value(event);
+        self.rules
+            .iter()
+            .filter(|rule| rule.spec.source.as_deref() == Some(event.source.as_str()))
+            .map(|rule| (rule, self.why_not(rule, event, &context)))
+            .collect()
+    }
+
+    /// The first reason `rule` does not match `event`.
+    fn why_not(&self, rule: &Rule, event: &Event, context: &Value) -> Option<String> {
+        let spec = &rule.spec;
+        if !spec.events.contains(&event.kind) {
+            let events: Vec<&str> = spec.events.iter().map(|k| k.as_str()).collect();
+            return Some(format!(
+                "events: {} not in [{}]",
+                event.kind.as_str(),
+                events.join(", ")
+            ));
+        }
+        if let Some(patterns) = &spec.repository {
+            if !patterns.is_match(&event.repository) {
+                return Some(format!(
+                    "repository: {:?} matches none of {}",
+                    event.repository,
+                    patterns.shown()
+                ));
+            }
+        }
+        if let Some(patterns) = &spec.refs {
+            if !patterns.is_match(&event.ref_name) {
+                return Some(format!(
+                    "refs: {:?} matches none of {}",
+                    event.ref_name,
+                    patterns.shown()
+                ));
+            }
+        }
+        if let Some(patterns) = &spec.refs_exclude {
+            if patterns.is_match(&event.ref_name) {
+                return Some(format!(
+                    "refs_exclude: {:?} matches {}",
+                    event.ref_name,
+                    patterns.shown()
+                ));
+            }
+        }
+        if let Some(when) = &rule.when {
+            return match self.render(&when.name, context) {
+                Ok(text) if text == "1" => None,
+                Ok(_) => Some("when: false".into()),
+                Err(err) => Some(format!("when: {err}")),
+            };
+        }
+        None
+    }
+
+    fn render(&self, name: &str, context: &Value) -> Result<String, String> {
+        let template = self
+            .env
+            .get_template(name)
+            .map_err(|err| template::error_text(&err))?;
+        template
+            .render(context)
+            .map_err(|err| template::error_text(&err))
+    }
+
+    /// The trigger calls for an event: one per trigger of every matching rule.
+    /// `url_ref` is the webhook URL's `?ref=`, which beats everything else.
+    pub fn plan(&self, event: &Event, url_ref: Option<&GitRef>) -> Vec<Planned> {
+        let context = event_value(event);
+        self.matching_in(event, &context)
+            .into_iter()
+            .flat_map(|rule| {
+                rule.triggers
+                    .iter()
+                    .map(|trigger| self.plan_one(rule, trigger, &context, url_ref, Some(event)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The trigger calls of a scheduled rule firing at `time` (shown in the rule's zone).
+    pub fn plan_scheduled(&self, rule: &Rule, time: &str) -> Vec<Planned> {
+        let timezone = rule
+            .spec
+            .schedule
+            .as_ref()
+            .map(|s| s.timezone.name().to_owned())
+            .unwrap_or_default();
+        let context = minijinja::context! {
+            schedule => minijinja::context! { rule => rule.name(), time => time, timezone => timezone }
+        };
+        rule.triggers
+            .iter()
+            .map(|trigger| self.plan_one(rule, trigger, &context, None, None))
+            .collect()
+    }
+
+    fn plan_one(
+        &self,
+        rule: &Rule,
+        trigger: &CompiledTrigger,
+        context: &Value,
+        url_ref: Option<&GitRef>,
+        event: Option<&Event>,
+    ) -> Planned {
+        let build = || -> Result<Trigger, String> {
+            let project_text = self
+                .render(&trigger.project.name, context)
+                .map_err(|e| format!("project: {e}"))?;
+            let project =
+                ProjectId::parse(project_text.trim()).map_err(|e| format!("project: {e}"))?;
+            // The one place ref precedence is decided: URL, then rule, then event.
+            let git_ref = match (url_ref, &trigger.git_ref, event) {
+                (Some(url_ref), _, _) => url_ref.clone(),
+                (None, Some(template), _) => {
+                    let text = self
+                        .render(&template.name, context)
+                        .map_err(|e| format!("ref: {e}"))?;
+                    GitRef::parse(text.trim()).map_err(|e| format!("ref: {e}"))?
+                }
+                (None, None, Some(event)) => {
+                    GitRef::parse(&event.git_ref).map_err(|e| format!("ref: {e}"))?
+                }
+                (None, None, None) => return Err("ref: a scheduled trigger needs `ref`".into()),
+            };
+            let mut variables = IndexMap::new();
+            for (key, template) in &trigger.variables {
+                let value = self
+                    .render(&template.name, context)
+                    .map_err(|e| format!("variables.{key}: {e}"))?;
+                variables.insert(key.clone(), value);
+            }
+            let mut inputs = Map::new();
+            for (key, value) in &trigger.inputs {
+                let value = match value {
+                    Ok(template) => serde_json::Value::String(
+                        self.render(&template.name, context)
+                            .map_err(|e| format!("inputs.{key}: {e}"))?,
+                    ),
+                    Err(literal) => literal.clone(),
+                };
+                inputs.insert(key.clone(), value);
+            }
+            Ok(Trigger {
+                upstream: trigger.spec.upstream.clone(),
+                project,
+                git_ref,
+                token: trigger
+                    .spec
+                    .token
+                    .clone()
+                    .unwrap_or_else(|| Secret::new(String::new())),
+                variables,
+                inputs,
+                other_params: Map::new(),
+                webhook_body: None,
+            })
+        };
+        Planned {
+            rule: rule.name().to_owned(),
+            trigger: build(),
+            token_ref: trigger.spec.token_ref.clone(),
+        }
+    }
+}
+
+/// The template context for an event: `{ event: … }`.
+fn event_value(event: &Event) -> Value {
+    minijinja::context! { event => Value::from_object(EventObject(Arc::new(event.clone()))) }
+}

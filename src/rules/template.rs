@@ -1,0 +1,195 @@
+//! Templates and `when` expressions: one minijinja environment per configuration.
+//!
+//! Every template of every rule is compiled once, at load, into one environment with
+//! strict undefined behaviour, so a field that does not exist is an error rather than an
+//! empty string. `check` goes further and refuses, before anything runs, a template that
+//! names a field an [`Event`] does not have. The event reaches templates as a lazy object:
+//! fields are converted only when a template reads them (the payload can be large).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use minijinja::value::{Enumerator, Object, Value};
+use minijinja::{Environment, UndefinedBehavior};
+
+use crate::event::Event;
+
+/// The names templates may read after `event.`.
+pub const EVENT_FIELDS: &[&str] = &[
+    "provider",
+    "source",
+    "kind",
+    "deleted_kind",
+    "repository",
+    "repository_url",
+    "repository_web_url",
+    "ref",
+    "ref_name",
+    "before",
+    "after",
+    "pusher",
+    "commit_count",
+    "commits",
+    "delivery",
+    "payload",
+];
+
+/// The names a scheduled rule's templates may read after `schedule.`.
+pub const SCHEDULE_FIELDS: &[&str] = &["rule", "time", "timezone"];
+
+/// A fresh environment with strict undefined behaviour and Python-style string methods
+/// (`event.ref_name.startswith("wip/")`).
+pub fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env
+}
+
+/// The source of a template that renders `1` when `expression` is true.
+pub fn expression_template(expression: &str) -> String {
+    format!("{{% if {expression} %}}1{{% endif %}}")
+}
+
+/// Checks which variables a compiled template reads: each must be `event.<field>` (or
+/// `schedule.<field>` for scheduled rules); anything under `event.payload` is allowed.
+pub fn check_variables(
+    env: &Environment<'static>,
+    name: &str,
+    scheduled: bool,
+) -> Result<(), String> {
+    let template = env.get_template(name).map_err(|err| err.to_string())?;
+    let used: BTreeSet<String> = template.undeclared_variables(true).into_iter().collect();
+    for path in used {
+        let mut parts = path.splitn(3, '.');
+        let root = parts.next().unwrap_or_default();
+        let field = parts.next();
+        let (allowed_root, fields) = if scheduled {
+            ("schedule", SCHEDULE_FIELDS)
+        } else {
+            ("event", EVENT_FIELDS)
+        };
+        if root != allowed_root {
+            return Err(if scheduled && root == "event" {
+                "a scheduled rule has no event; its templates may use `schedule.rule`, `schedule.time` and `schedule.timezone`".into()
+            } else {
+                format!("unknown variable `{root}`; templates can use `{allowed_root}.<field>`")
+            });
+        }
+        if let Some(field) = field {
+            if !fields.contains(&field) {
+                return Err(format!(
+                    "`{allowed_root}.{field}` does not exist; {allowed_root} fields are: {}",
+                    fields.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Minijinja's error with its detail, on one line.
+pub fn error_text(err: &minijinja::Error) -> String {
+    let mut text = err.to_string();
+    if let Some(detail) = err.detail() {
+        if !text.contains(detail) {
+            text.push_str(": ");
+            text.push_str(detail);
+        }
+    }
+    text
+}
+
+/// The event as templates see it.
+#[derive(Debug)]
+pub struct EventObject(pub Arc<Event>);
+
+impl Object for EventObject {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let event = &self.0;
+        Some(match key.as_str()? {
+            "provider" => Value::from(event.provider.as_str()),
+            "source" => Value::from(event.source.as_str()),
+            "kind" => Value::from(event.kind.as_str()),
+            "deleted_kind" => match event.deleted_kind {
+                Some(kind) => Value::from_serialize(kind),
+                None => Value::from(()),
+            },
+            "repository" => Value::from(event.repository.as_str()),
+            "repository_url" => Value::from(event.repository_url.as_str()),
+            "repository_web_url" => Value::from(event.repository_web_url.as_str()),
+            "ref" => Value::from(event.git_ref.as_str()),
+            "ref_name" => Value::from(event.ref_name.as_str()),
+            "before" => Value::from(event.before.as_str()),
+            "after" => Value::from(event.after.as_str()),
+            "pusher" => Value::from(event.pusher.as_str()),
+            "commit_count" => Value::from(event.commit_count),
+            "commits" => Value::from_serialize(&event.commits),
+            "delivery" => Value::from(event.delivery.as_str()),
+            "payload" => Value::from_serialize(&*event.payload),
+            _ => return None,
+        })
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(EVENT_FIELDS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_with(name: &str, source: &str) -> Environment<'static> {
+        let mut env = environment();
+        env.add_template_owned(name.to_owned(), source.to_owned())
+            .unwrap();
+        env
+    }
+
+    #[test]
+    fn variables_are_checked_against_the_event() {
+        assert!(
+            check_variables(
+                &env_with("t", "{{ event.ref_name }}-{{ event.payload.x.y }}"),
+                "t",
+                false
+            )
+            .is_ok()
+        );
+        let err = check_variables(&env_with("t", "{{ event.branch }}"), "t", false).unwrap_err();
+        assert!(err.contains("`event.branch` does not exist"), "{err}");
+        let err = check_variables(&env_with("t", "{{ ref }}"), "t", false).unwrap_err();
+        assert!(err.contains("unknown variable `ref`"), "{err}");
+        let err = check_variables(&env_with("t", "{{ event.ref }}"), "t", true).unwrap_err();
+        assert!(err.contains("scheduled rule has no event"), "{err}");
+        assert!(check_variables(&env_with("t", "{{ schedule.time }}"), "t", true).is_ok());
+        // Loop variables and filters are not event fields.
+        assert!(
+            check_variables(
+                &env_with("t", "{% for c in event.commits %}{{ c.id }}{% endfor %}"),
+                "t",
+                false
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn expressions_with_python_methods() {
+        let env = env_with(
+            "w",
+            &expression_template(
+                "event.commit_count > 0 and not event.ref_name.startswith(\"wip/\")",
+            ),
+        );
+        let template = env.get_template("w").unwrap();
+        let render = |ref_name: &str, count: u64| {
+            let ctx = minijinja::context! { event => minijinja::context! { ref_name => ref_name, commit_count => count } };
+            template.render(ctx).unwrap()
+        };
+        assert_eq!(render("main", 1), "1");
+        assert_eq!(render("wip/x", 1), "");
+        assert_eq!(render("main", 0), "");
+    }
+}
