@@ -1,0 +1,244 @@
+//! Rules end to end: signed real payloads in, trigger calls out at a recording upstream.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const SECRET: &str = "It's a Secret to Everybody";
+
+fn config(upstream: &str) -> String {
+    format!(
+        r#"
+[upstream.gitlab]
+url = "{upstream}"
+
+[source.github]
+provider = "github"
+secret = "file:{{dir}}/secret"
+
+[[rule]]
+name = "docs-on-release-tag"
+source = "github"
+repository = "Codertocat/*"
+events = ["tag"]
+refs = ["simple-*", "v*"]
+[[rule.trigger]]
+project = "acme/docs"
+ref = "main"
+token = "file:{{dir}}/docs-token"
+variables = {{ UPSTREAM_TAG = "{{{{ event.ref_name }}}}", UPSTREAM_SHA = "{{{{ event.after }}}}", REPO = "{{{{ event.repository }}}}" }}
+[[rule.trigger]]
+project = "9"
+token = "file:{{dir}}/app-token"
+inputs = {{ release = "{{{{ event.ref_name }}}}", parallel = 3 }}
+
+[[rule]]
+name = "every-push"
+source = "github"
+events = ["push"]
+refs_exclude = ["wip/*"]
+when = "event.commit_count > 0"
+[rule.trigger]
+project = "acme/ci"
+token = "file:{{dir}}/app-token"
+
+[[rule]]
+name = "branch-cleanup"
+source = "github"
+events = ["delete"]
+[rule.trigger]
+project = "acme/ops"
+ref = "main"
+token = "file:{{dir}}/app-token"
+variables = {{ DELETED = "{{{{ event.deleted_kind }}}}:{{{{ event.ref_name }}}}" }}
+
+[[rule]]
+name = "needs-payload-field"
+source = "github"
+repository = "bradrydzewski/drone-test-go"
+events = ["push"]
+[rule.trigger]
+project = "acme/x"
+token = "file:{{dir}}/app-token"
+variables = {{ X = "{{{{ event.payload.nonexistent.field }}}}" }}
+"#
+    )
+}
+
+async fn setup() -> (RecordingUpstream, Relay) {
+    let upstream = RecordingUpstream::start().await;
+    let relay = Relay::start_with(
+        &config(&upstream.url()),
+        &[
+            ("secret", SECRET),
+            ("docs-token", "glptt-docs-0123456789"),
+            ("app-token", "glptt-app-0123456789"),
+        ],
+    )
+    .await;
+    (upstream, relay)
+}
+
+/// Sends a GitHub fixture signed as GitHub signs it.
+async fn github(relay: &Relay, path_and_query: &str, event: &str, file: &str) -> Reply {
+    let body = fixture(file);
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            SECRET.as_bytes(),
+            &body
+        )
+    );
+    let headers = [
+        ("content-type", "application/json"),
+        ("X-GitHub-Event", event),
+        ("X-GitHub-Delivery", "d-1"),
+        ("X-Hub-Signature-256", signature.as_str()),
+    ];
+    post(&relay.url(path_and_query), &headers, body).await
+}
+
+/// Waits (bounded) until the upstream has `count` calls; forwarding happens after the answer.
+async fn received(upstream: &RecordingUpstream, count: usize) -> Vec<Received> {
+    for _ in 0..200 {
+        if upstream.received().len() >= count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Give a wrongly extra call a moment to show up.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut calls = upstream.received();
+    calls.sort_by(|a, b| a.path_and_query.cmp(&b.path_and_query));
+    assert_eq!(calls.len(), count, "{calls:#?}");
+    calls
+}
+
+#[tokio::test]
+async fn a_tag_fans_out_to_every_trigger_of_every_matching_rule() {
+    let (upstream, relay) = setup().await;
+    let reply = github(&relay, "/hooks/github", "push", "github/push_tag.json").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(
+        reply.json()["triggers"],
+        json!([
+            {"rule": "docs-on-release-tag", "upstream": "gitlab", "project": "acme/docs", "ref": "main"},
+            {"rule": "docs-on-release-tag", "upstream": "gitlab", "project": "9", "ref": "refs/tags/simple-tag"},
+        ])
+    );
+    let calls = received(&upstream, 2).await;
+    assert_eq!(
+        calls[0].path_and_query,
+        "/api/v4/projects/9/trigger/pipeline"
+    );
+    assert_eq!(
+        calls[0].json(),
+        json!({"token": "glptt-app-0123456789", "ref": "refs/tags/simple-tag", "inputs": {"release": "simple-tag", "parallel": 3}})
+    );
+    assert_eq!(
+        calls[1].path_and_query,
+        "/api/v4/projects/acme%2Fdocs/trigger/pipeline"
+    );
+    assert_eq!(
+        calls[1].json(),
+        json!({"token": "glptt-docs-0123456789", "ref": "main", "variables": {
+            "UPSTREAM_TAG": "simple-tag",
+            "UPSTREAM_SHA": "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
+            "REPO": "Codertocat/Hello-World"
+        }})
+    );
+}
+
+#[tokio::test]
+async fn the_url_ref_beats_the_rule_ref_which_beats_the_event_ref() {
+    let (upstream, relay) = setup().await;
+    let reply = github(
+        &relay,
+        "/hooks/github?ref=release%2F2.0",
+        "push",
+        "github/push_tag.json",
+    )
+    .await;
+    assert_eq!(reply.status, 202);
+    let calls = received(&upstream, 2).await;
+    for call in &calls {
+        assert_eq!(call.json()["ref"], "release/2.0", "{call:#?}");
+    }
+    let reply = github(
+        &relay,
+        "/hooks/github?ref=a..b",
+        "push",
+        "github/push_tag.json",
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.json()["message"].as_str().unwrap().contains("?ref="));
+}
+
+#[tokio::test]
+async fn branch_pushes_and_when_expressions() {
+    let (upstream, relay) = setup().await;
+    // One commit: `when` holds; the event's own ref goes upstream, fully qualified.
+    let reply = github(&relay, "/hooks/github", "push", "github/push_branch.json").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let calls = received(&upstream, 1).await;
+    assert_eq!(
+        calls[0].path_and_query,
+        "/api/v4/projects/acme%2Fci/trigger/pipeline"
+    );
+    assert_eq!(calls[0].json()["ref"], "refs/heads/master");
+}
+
+#[tokio::test]
+async fn deletions_run_only_rules_that_ask_for_them() {
+    let (upstream, relay) = setup().await;
+    let reply = github(
+        &relay,
+        "/hooks/github",
+        "push",
+        "github/push_tag_delete.json",
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(reply.json()["triggers"][0]["rule"], "branch-cleanup");
+    let calls = received(&upstream, 1).await;
+    assert_eq!(
+        calls[0].json()["variables"],
+        json!({"DELETED": "tag:simple-tag"})
+    );
+    assert_eq!(calls[0].json()["ref"], "main");
+}
+
+#[tokio::test]
+async fn no_match_is_200_with_no_triggers() {
+    let (upstream, relay) = setup().await;
+    let reply = github(&relay, "/hooks/github", "ping", "github/ping.json").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["triggers"], json!([]));
+    // A new branch without commits: `every-push`'s `when` is false; the template error of
+    // `needs-payload-field` is reported, not sent as an empty string.
+    let reply = github(
+        &relay,
+        "/hooks/github",
+        "push",
+        "github/push_branch_create.json",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["triggers"], json!([]));
+    assert_eq!(body["errors"][0]["rule"], "needs-payload-field");
+    assert!(
+        body["errors"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("variables.X"),
+        "{body:#}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(upstream.received().is_empty());
+}
