@@ -23,6 +23,8 @@ pub struct ExplainRequest<'a> {
     pub headers: &'a [String],
     pub payload: &'a Path,
     pub json: bool,
+    /// A `?ref=` as the webhook URL would carry it.
+    pub url_ref: Option<&'a str>,
 }
 
 /// The header that names the event type, per provider.
@@ -110,6 +112,10 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
             None => {}
         }
     }
+    let url_ref = request
+        .url_ref
+        .map(|text| crate::git_ref::GitRef::parse(text).map_err(|err| format!("--ref: {err}")))
+        .transpose()?;
     let received = sources::receive(
         source,
         &WebhookRequest {
@@ -125,6 +131,29 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
             reply["events"] =
                 serde_json::to_value(events.iter().map(full_without_payload).collect::<Vec<_>>())
                     .expect("events serialize");
+            let mut rules = Vec::new();
+            let mut triggers = Vec::new();
+            for event in events {
+                for (rule, why_not) in config.rules.verdicts(event) {
+                    rules.push(serde_json::json!({ "rule": rule.name(), "matched": why_not.is_none(), "reason": why_not }));
+                }
+                for planned in config.rules.plan(event, url_ref.as_ref()) {
+                    triggers.push(match planned.trigger {
+                        Ok(trigger) => serde_json::json!({
+                            "rule": planned.rule,
+                            "upstream": trigger.upstream,
+                            "project": trigger.project.to_string(),
+                            "ref": trigger.git_ref.as_str(),
+                            "token": planned.token_ref.to_string(),
+                            "variables": trigger.variables,
+                            "inputs": trigger.inputs,
+                        }),
+                        Err(error) => serde_json::json!({ "rule": planned.rule, "error": error }),
+                    });
+                }
+            }
+            reply["rules"] = serde_json::Value::Array(rules);
+            reply["triggers"] = serde_json::Value::Array(triggers);
         }
         return Ok(serde_json::to_string_pretty(&reply).expect("JSON serializes") + "\n");
     }
@@ -155,6 +184,7 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
             for (i, event) in events.iter().enumerate() {
                 let _ = writeln!(out);
                 write_event(&mut out, i + 1, events.len(), event);
+                write_rules(&mut out, &config, event, url_ref.as_ref());
             }
         }
         Outcome::Ping(_) => {
@@ -168,6 +198,93 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// Each rule of the event's source, matched or the first reason not, then the calls.
+fn write_rules(
+    out: &mut String,
+    config: &crate::config::Config,
+    event: &Event,
+    url_ref: Option<&crate::git_ref::GitRef>,
+) {
+    let rules = &config.rules;
+    let verdicts = rules.verdicts(event);
+    let _ = writeln!(out);
+    if verdicts.is_empty() {
+        let _ = writeln!(out, "rules: none for source {}", event.source);
+        return;
+    }
+    let _ = writeln!(out, "rules");
+    let width = verdicts
+        .iter()
+        .map(|(rule, _)| rule.name().len())
+        .max()
+        .unwrap_or(0);
+    for (rule, why_not) in &verdicts {
+        let place = format!("{}:{}", rule.spec.file.display(), rule.spec.line);
+        match why_not {
+            None => {
+                let _ = writeln!(out, "  ✓ {:width$}  matched      ({place})", rule.name());
+            }
+            Some(reason) => {
+                let _ = writeln!(out, "  ✗ {:width$}  {reason}  ({place})", rule.name());
+            }
+        }
+    }
+    let planned = rules.plan(event, url_ref);
+    let _ = writeln!(out);
+    if planned.is_empty() {
+        let _ = writeln!(out, "trigger calls: none");
+        return;
+    }
+    let _ = writeln!(out, "trigger calls ({})", planned.len());
+    for plan in planned {
+        match plan.trigger {
+            Ok(trigger) => {
+                let ref_origin = if url_ref.is_some() {
+                    "  (from --ref, as ?ref= would)"
+                } else {
+                    ""
+                };
+                let base = config
+                    .upstreams
+                    .get(&trigger.upstream)
+                    .map(|u| u.url.to_string().trim_end_matches('/').to_owned())
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  POST {base}/api/v4/projects/{}/trigger/pipeline   (rule {}, upstream {})",
+                    trigger.project.encoded(),
+                    plan.rule,
+                    trigger.upstream
+                );
+                let _ = writeln!(out, "    ref       {}{ref_origin}", trigger.git_ref);
+                let _ = writeln!(
+                    out,
+                    "    token     {}",
+                    token_shown(&trigger.token, &plan.token_ref)
+                );
+                for (key, value) in &trigger.variables {
+                    let _ = writeln!(out, "    variables[{key}] = {value:?}");
+                }
+                for (key, value) in &trigger.inputs {
+                    let _ = writeln!(out, "    inputs[{key}] = {value}");
+                }
+            }
+            Err(error) => {
+                let _ = writeln!(out, "  ✗ rule {}: not sent: {error}", plan.rule);
+            }
+        }
+    }
+}
+
+/// A token as `explain` shows it: the reference, and the mask when it was read.
+fn token_shown(token: &crate::secret::Secret, reference: &crate::secret::SecretRef) -> String {
+    if token.expose().is_empty() {
+        format!("{reference} (not read by explain)")
+    } else {
+        format!("{reference} ({token})")
+    }
 }
 
 fn full_without_payload(event: &Event) -> serde_json::Value {

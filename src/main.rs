@@ -52,6 +52,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// A `?ref=` as the webhook URL would carry it (overrides every trigger's ref).
+        #[arg(long = "ref", value_name = "REF")]
+        url_ref: Option<String>,
         /// The payload file (the webhook's body).
         #[arg(value_name = "PAYLOAD.json")]
         payload: PathBuf,
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
             event,
             headers,
             json,
+            url_ref,
             payload,
         } => {
             let request = hookrelay::explain::ExplainRequest {
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
                 headers: &headers,
                 payload: &payload,
                 json,
+                url_ref: url_ref.as_deref(),
             };
             match hookrelay::explain::explain(&request) {
                 Ok(text) => {

@@ -350,3 +350,231 @@ fn explain_shows_the_normalized_event_without_needing_secrets() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("configured: bb, gh"));
 }
+
+const RULES: &str = r#"
+[upstream.gitlab]
+url = "https://gitlab.example.com"
+
+[source.github]
+provider = "github"
+secret = "env:HOOKRELAY_TEST_UNSET_SECRET"
+
+[[rule]]
+name = "docs-on-release-tag"
+source = "github"
+repository = "Codertocat/*"
+events = ["tag"]
+refs = ["v*"]
+[rule.trigger]
+project = "acme/docs"
+ref = "main"
+token = "env:HOOKRELAY_TEST_UNSET_TOKEN"
+
+[[rule]]
+name = "any-tag"
+source = "github"
+events = ["tag"]
+[rule.trigger]
+project = "group/{{ event.repository | lower }}"
+token = "env:HOOKRELAY_TEST_UNSET_TOKEN"
+variables = { TAG = "{{ event.ref_name }}" }
+
+[[rule]]
+name = "pushes"
+source = "github"
+events = ["push"]
+[rule.trigger]
+project = "9"
+token = "env:HOOKRELAY_TEST_UNSET_TOKEN"
+"#;
+
+#[test]
+fn explain_shows_each_rule_with_the_reason_and_the_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "rules.toml", RULES);
+    let config = dir.path().to_str().unwrap();
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        config,
+        "--source",
+        "github",
+        "--event",
+        "push",
+        &fixture_path("github/push_tag.json"),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "✗ docs-on-release-tag  refs: \"simple-tag\" matches none of [\"v*\"]",
+        "✓ any-tag              matched",
+        "✗ pushes               events: tag not in [push]",
+        "trigger calls (1)",
+        "POST https://gitlab.example.com/api/v4/projects/group%2Fcodertocat%2Fhello-world/trigger/pipeline   (rule any-tag, upstream gitlab)",
+        "ref       refs/tags/simple-tag",
+        "token     env:HOOKRELAY_TEST_UNSET_TOKEN (not read by explain)",
+        "variables[TAG] = \"simple-tag\"",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
+    }
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        config,
+        "--source",
+        "github",
+        "--ref",
+        "release/1",
+        "--json",
+        &fixture_path("github/push_tag.json"),
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["triggers"][0]["ref"], "release/1");
+    assert_eq!(
+        json["rules"][1],
+        serde_json::json!({"rule": "any-tag", "matched": true, "reason": null})
+    );
+}
+
+#[test]
+fn check_reports_every_rule_problem_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "rules.toml",
+        r#"[upstream.gitlab]
+url = "https://gitlab.example.com"
+
+[source.github]
+provider = "github"
+secret = "env:HOOKRELAY_TEST_SECRET"
+
+[[rule]]
+name = "a"
+source = "gthub"
+[rule.trigger]
+project = "9"
+token = "env:HOOKRELAY_TEST_TOKEN"
+
+[[rule]]
+name = "b"
+source = "github"
+refs = ["[oops"]
+when = "event.commit_count >"
+[rule.trigger]
+project = "{{ event.branch }}"
+upstream = "gitlba"
+token = "env:HOOKRELAY_TEST_TOKEN"
+variables = { TRIGGER_PAYLOAD = "x" }
+
+[[rule]]
+name = "a"
+source = "github"
+events = ["merge"]
+[rule.trigger]
+project = "9"
+token = "hunter2"
+
+[[rule]]
+name = "c"
+source = "github"
+when = "event.nope == 1"
+[rule.trigger]
+project = "9"
+token = "env:HOOKRELAY_TEST_UNSET_TOKEN"
+"#,
+    );
+    let output = Command::new(BIN)
+        .args(["check", "--config", dir.path().to_str().unwrap()])
+        .env("HOOKRELAY_TEST_SECRET", "s")
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+        .env_remove("HOOKRELAY_TEST_UNSET_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let file = dir.path().join("rules.toml").display().to_string();
+    for expected in [
+        ":10: rule \"a\": source \"gthub\" names no [source.gthub] (defined: github)",
+        ":18: rule \"b\": refs: \"[oops\" is not a valid glob",
+        ":24: rule \"b\": variables[TRIGGER_PAYLOAD] is reserved",
+        ":29: rule \"a\": events: \"merge\" is not push, tag or delete",
+        ":32: rule \"a\": token: a secret must be written `env:NAME` or `file:PATH`",
+        ":40: rule \"c\": token (env:HOOKRELAY_TEST_UNSET_TOKEN): environment variable HOOKRELAY_TEST_UNSET_TOKEN is not set",
+    ] {
+        assert!(
+            stderr.contains(&format!("{file}{expected}")),
+            "{expected:?} missing from:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_reports_template_and_upstream_problems_once_the_rest_is_right() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "rules.toml",
+        r#"[upstream.gitlab]
+url = "https://gitlab.example.com"
+[upstream.other]
+url = "https://other.example.com"
+
+[source.github]
+provider = "github"
+secret = "env:HOOKRELAY_TEST_SECRET"
+
+[[rule]]
+name = "b"
+source = "github"
+when = "event.commit_count >"
+[rule.trigger]
+project = "{{ event.branch }}"
+upstream = "gitlab"
+token = "env:HOOKRELAY_TEST_TOKEN"
+
+[[rule]]
+name = "c"
+source = "github"
+[rule.trigger]
+project = "9"
+token = "env:HOOKRELAY_TEST_TOKEN"
+
+[[rule]]
+name = "nightly"
+schedule = "30 0 * * *"
+timezone = "Europe/Berlin"
+[rule.trigger]
+project = "9"
+ref = "{{ event.ref }}"
+upstream = "gitlab"
+token = "env:HOOKRELAY_TEST_TOKEN"
+"#,
+    );
+    let output = Command::new(BIN)
+        .args(["check", "--config", dir.path().to_str().unwrap()])
+        .env("HOOKRELAY_TEST_SECRET", "s")
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        ":13: rule \"b\": when: syntax error",
+        ":15: rule \"b\": project: `event.branch` does not exist",
+        ":23: rule \"c\": the trigger needs `upstream = \"NAME\"`, one of: gitlab, other",
+        ":31: rule \"nightly\": ref: a scheduled rule has no event",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "{expected:?} missing from:\n{stderr}"
+        );
+    }
+}
