@@ -15,6 +15,9 @@ use crate::server::{self, App};
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.
 pub const EXIT_CONFIG: u8 = 64;
 
+/// How often the configuration folder is checked for changes.
+const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Options of `hookrelay serve`.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -112,7 +115,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating the state folder {}", options.state.display()))?;
     let listen = config.server.listen;
     let gateway = config.gateway.clone();
-    let app = App::new(config).context("setting up the upstream clients")?;
+    let app = App::with_config_path(config, Some(options.config.clone()))
+        .context("setting up the upstream clients")?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
@@ -123,9 +127,17 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         }
         None => tracing::info!(address = %bound, "hookrelay listening (trigger gateway disabled)"),
     }
-    server::run(listener, app, shutdown_signal())
-        .await
-        .context("serving")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let reloader = tokio::spawn(crate::reload::watch(
+        app.clone(),
+        RELOAD_POLL,
+        stopped.clone(),
+    ));
+    let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped));
+    let served = server::run(listener, app, shutdown_signal()).await;
+    let _ = stop.send(true);
+    let _ = tokio::join!(reloader, scheduler);
+    served.context("serving")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -134,7 +134,7 @@ fn url_ref(query: Option<&str>) -> Result<Option<GitRef>, ApiError> {
 }
 
 /// Sends a trigger after the answer; the durable outbox replaces this (issue: durable delivery).
-fn forward_in_background(
+pub fn forward_in_background(
     runtime: &Runtime,
     delivery: &str,
     source: &str,

@@ -53,6 +53,8 @@ pub struct App {
     /// `[server]` as the relay started with: listening and limits are not reloaded.
     pub server: ServerConfig,
     shutting_down: AtomicBool,
+    /// Counts reloads, so that tasks planning ahead (the scheduler) can wake up.
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 impl App {
@@ -71,6 +73,7 @@ impl App {
             config_path: path,
             server,
             shutting_down: AtomicBool::new(false),
+            reloads: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -89,7 +92,13 @@ impl App {
         let config = crate::config::load(path).map_err(|problems| problems.to_string())?;
         let runtime = Arc::new(Runtime::new(config).map_err(|err| err.to_string())?);
         self.runtime.store(runtime.clone());
+        self.reloads.send_modify(|count| *count += 1);
         Ok(runtime)
+    }
+
+    /// Changes each time a reload swaps in a new configuration.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     pub fn config_path(&self) -> Option<&Path> {

@@ -111,7 +111,11 @@ struct Served {
 
 impl Served {
     fn start(config_dir: &Path, state: &Path) -> Served {
-        let mut child = Command::new(BIN)
+        Served::start_with(Command::new(BIN), config_dir, state)
+    }
+
+    fn start_with(mut command: Command, config_dir: &Path, state: &Path) -> Served {
+        let mut child = command
             .args([
                 "serve",
                 "--config",
@@ -577,4 +581,129 @@ token = "env:HOOKRELAY_TEST_TOKEN"
             "{expected:?} missing from:\n{stderr}"
         );
     }
+}
+
+/// Sends a GitHub tag push signed with `secret` to a running relay.
+async fn github_tag(address: &str, secret: &str) -> Reply {
+    let body = std::fs::read(fixture_path("github/push_tag.json")).unwrap();
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            secret.as_bytes(),
+            &body
+        )
+    );
+    let headers = [
+        ("content-type", "application/json"),
+        ("X-GitHub-Event", "push"),
+        ("X-Hub-Signature-256", signature.as_str()),
+    ];
+    post(&format!("http://{address}/hooks/github"), &headers, body).await
+}
+
+/// Waits (bounded) until the upstream has seen a call for each of `projects`.
+async fn upstream_saw(upstream: &RecordingUpstream, projects: &[&str]) -> Vec<String> {
+    let paths = || {
+        upstream
+            .received()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..300 {
+        let seen = paths();
+        if projects
+            .iter()
+            .all(|p| seen.iter().any(|s| s.contains(&format!("/projects/{p}/"))))
+        {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("upstream saw {:?}, wanted {projects:?}", paths());
+}
+
+fn rule(name: &str, project: &str) -> String {
+    format!(
+        "[[rule]]\nname = \"{name}\"\nsource = \"github\"\nevents = [\"tag\"]\n[rule.trigger]\nproject = \"{project}\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reloads_on_file_changes_and_sighup_and_keeps_running_rules_on_errors() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "s3cret";
+    write(dir.path(), "secret", secret);
+    write(
+        dir.path(),
+        "00-base.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{}\"\n",
+            upstream.url(),
+            dir.path().join("secret").display()
+        ),
+    );
+    write(dir.path(), "10-a.toml", &rule("a", "1"));
+    let state = dir.path().join("state");
+    let mut child = Command::new(BIN);
+    child.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
+    let mut served = Served::start_with(child, dir.path(), &state);
+    let address = served.address();
+
+    assert_eq!(github_tag(&address, secret).await.status, 202);
+    upstream_saw(&upstream, &["1"]).await;
+
+    // A new file is picked up.
+    write(dir.path(), "20-b.toml", &rule("b", "2"));
+    served.wait_for("configuration reloaded");
+    let reply = github_tag(&address, secret).await;
+    assert_eq!(
+        reply.json()["triggers"].as_array().unwrap().len(),
+        2,
+        "{}",
+        reply.text()
+    );
+    upstream_saw(&upstream, &["1", "2"]).await;
+
+    // A broken file keeps the running rules and logs the problem.
+    write(
+        dir.path(),
+        "30-broken.toml",
+        "[[rule]]\nname = \"c\"\nsource = \"nowhere\"\n",
+    );
+    let line = served.wait_for("configuration not reloaded");
+    assert!(line.contains("30-broken.toml:2"), "{line}");
+    let reply = github_tag(&address, secret).await;
+    assert_eq!(
+        reply.json()["triggers"].as_array().unwrap().len(),
+        2,
+        "{}",
+        reply.text()
+    );
+
+    // Fixed, plus a schedule that fires every second; SIGHUP reloads at once.
+    std::fs::remove_file(dir.path().join("30-broken.toml")).unwrap();
+    write(
+        dir.path(),
+        "40-nightly.toml",
+        "[[rule]]\nname = \"every-second\"\nschedule = \"* * * * * *\"\n[rule.trigger]\nproject = \"77\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = { WHY = \"{{ schedule.rule }}\" }\n",
+    );
+    Command::new("kill")
+        .args(["-HUP", &served.child.id().to_string()])
+        .status()
+        .unwrap();
+    served.wait_for("why=\"SIGHUP\"");
+    upstream_saw(&upstream, &["77"]).await;
+    let scheduled = upstream
+        .received()
+        .into_iter()
+        .find(|r| r.path_and_query.contains("/projects/77/"))
+        .unwrap();
+    assert_eq!(scheduled.json()["variables"]["WHY"], "every-second");
+    assert_eq!(scheduled.json()["ref"], "main");
+
+    let (code, _) = served.terminate();
+    assert_eq!(code, Some(0));
 }

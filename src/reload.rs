@@ -1,0 +1,98 @@
+//! Configuration reloads: on SIGHUP, and when a file in the configuration folder changes.
+//!
+//! The new configuration is loaded and validated whole, then swapped in atomically; a
+//! broken file keeps the running configuration and logs every problem. Requests already
+//! in flight finish on the snapshot they started with. Changes are found by polling the
+//! files' sizes and modification times, which works the same on every file system
+//! (including network mounts and container volumes, where change notifications are not
+//! delivered). `[server]` settings (listen address, limits) apply at the next start.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::server::App;
+
+/// What identifies the configuration's state on disk: each file's path, size and mtime.
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    let files = crate::config::config_files(path).unwrap_or_default();
+    files
+        .into_iter()
+        .map(|file| {
+            let meta = std::fs::metadata(&file).ok();
+            let len = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+            let modified = meta.and_then(|m| m.modified().ok());
+            (file, len, modified)
+        })
+        .collect()
+}
+
+/// Reloads now, logging the outcome. Returns whether the new configuration is in use.
+pub fn reload_now(app: &App, why: &str) -> bool {
+    match app.reload() {
+        Ok(runtime) => {
+            tracing::info!(
+                why,
+                rules = runtime.config.rules.len(),
+                sources = runtime.config.sources.len(),
+                upstreams = runtime.config.upstreams.len(),
+                "configuration reloaded"
+            );
+            true
+        }
+        Err(problems) => {
+            for problem in problems.lines() {
+                tracing::error!(
+                    why,
+                    problem,
+                    "configuration not reloaded; the running one stays"
+                );
+            }
+            false
+        }
+    }
+}
+
+/// Watches for SIGHUP and file changes until `stop` turns true.
+pub async fn watch(app: Arc<App>, poll: Duration, mut stop: watch::Receiver<bool>) {
+    let Some(path) = app.config_path().map(Path::to_owned) else {
+        return;
+    };
+    let mut last = fingerprint(&path);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup_received = async {
+            match hangup.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup_received = std::future::pending::<()>();
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = hangup_received => {
+                reload_now(&app, "SIGHUP");
+                last = fingerprint(&path);
+            }
+            () = tokio::time::sleep(poll) => {
+                let now = fingerprint(&path);
+                if now != last {
+                    last = now;
+                    reload_now(&app, "a configuration file changed");
+                }
+            }
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Scheduled rules: fire each rule's triggers when its cron schedule comes due.
+//!
+//! Each pass looks at the current configuration (so reloads take effect), fires every rule
+//! with an occurrence in the time since the last pass (once per rule, however long the
+//! pass was delayed, so a suspended machine does not fire a backlog), then sleeps until
+//! the next occurrence or the next reload, and at most 30 seconds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use crate::rules::{Rule, RuleSet};
+use crate::server::App;
+
+/// Longest sleep, so that rules added by a reload are seen promptly.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// The scheduled rules with an occurrence in `(after, upto]`, each with that occurrence.
+pub fn due(
+    rules: &RuleSet,
+    after: DateTime<Utc>,
+    upto: DateTime<Utc>,
+) -> Vec<(&Rule, DateTime<Utc>)> {
+    rules
+        .rules()
+        .iter()
+        .filter_map(|rule| {
+            let schedule = rule.spec.schedule.as_ref()?;
+            let next = schedule.next_after(after)?;
+            (next <= upto).then_some((rule, next))
+        })
+        .collect()
+}
+
+/// The earliest occurrence after `after` among all scheduled rules.
+fn next_occurrence(rules: &RuleSet, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    rules
+        .rules()
+        .iter()
+        .filter_map(|rule| rule.spec.schedule.as_ref()?.next_after(after))
+        .min()
+}
+
+/// Runs until `stop` turns true.
+pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut reloads = app.reloads();
+    let mut last = Utc::now();
+    loop {
+        let runtime = app.runtime();
+        let now = Utc::now();
+        for (rule, time) in due(&runtime.config.rules, last, now) {
+            let shown = time
+                .with_timezone(
+                    &rule
+                        .spec
+                        .schedule
+                        .as_ref()
+                        .expect("due rules are scheduled")
+                        .timezone,
+                )
+                .to_rfc3339();
+            for planned in runtime.config.rules.plan_scheduled(rule, &shown) {
+                match planned.trigger {
+                    Ok(trigger) => {
+                        tracing::info!(rule = %planned.rule, project = %trigger.project, git_ref = %trigger.git_ref, time = %shown, "schedule due");
+                        crate::hooks::forward_in_background(
+                            &runtime,
+                            &format!("schedule-{}", time.timestamp()),
+                            "schedule",
+                            planned.rule,
+                            trigger,
+                        );
+                    }
+                    Err(error) => {
+                        tracing::warn!(rule = %planned.rule, %error, "scheduled trigger not built")
+                    }
+                }
+            }
+        }
+        last = now;
+        let sleep = next_occurrence(&runtime.config.rules, now)
+            .and_then(|next| (next - now).to_std().ok())
+            .unwrap_or(MAX_SLEEP)
+            .min(MAX_SLEEP);
+        drop(runtime);
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = reloads.changed() => {}
+            () = tokio::time::sleep(sleep + Duration::from_millis(5)) => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn due_rules_fire_once_per_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.toml"),
+            r#"
+[upstream.gitlab]
+url = "https://gitlab.example.com"
+
+[[rule]]
+name = "nightly"
+schedule = "30 0 * * *"
+timezone = "Europe/Berlin"
+[rule.trigger]
+project = "9"
+ref = "main"
+token = "env:TOKEN"
+variables = { WHY = "{{ schedule.rule }} at {{ schedule.time }}" }
+"#,
+        )
+        .unwrap();
+        let config = crate::config::load_with_env(dir.path(), &|name| {
+            (name == "TOKEN").then(|| "glptt-x".into())
+        })
+        .unwrap();
+        let rules = &config.rules;
+        let before = Utc.with_ymd_and_hms(2026, 1, 10, 23, 0, 0).unwrap();
+        let after = Utc.with_ymd_and_hms(2026, 1, 10, 23, 31, 0).unwrap();
+        let due = due(rules, before, after);
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            due[0].1,
+            Utc.with_ymd_and_hms(2026, 1, 10, 23, 30, 0).unwrap()
+        );
+        // A pass that covers two days still fires once.
+        assert_eq!(
+            super::due(rules, before, after + chrono::Duration::days(2)).len(),
+            1
+        );
+        assert!(super::due(rules, after, after + chrono::Duration::hours(1)).is_empty());
+        let planned = rules.plan_scheduled(due[0].0, "2026-01-11T00:30:00+01:00");
+        let trigger = planned[0].trigger.as_ref().unwrap();
+        assert_eq!(trigger.git_ref.as_str(), "main");
+        assert_eq!(
+            trigger.variables["WHY"],
+            "nightly at 2026-01-11T00:30:00+01:00"
+        );
+    }
+}
