@@ -86,11 +86,18 @@ fn summary(config: &Config) -> String {
             list.join(", ")
         }
     };
+    let scheduled = config
+        .rules
+        .rules()
+        .iter()
+        .filter(|r| r.spec.schedule.is_some())
+        .count();
     format!(
-        "configuration OK: {}\n  upstreams: {}\n  gateway: {gateway}\n  sources: {}",
+        "configuration OK: {}\n  upstreams: {}\n  gateway: {gateway}\n  sources: {}\n  rules: {} ({scheduled} scheduled)",
         files.join(", "),
         or_none(upstreams),
         or_none(sources),
+        config.rules.len(),
     )
 }
 

@@ -707,3 +707,31 @@ async fn serve_reloads_on_file_changes_and_sighup_and_keeps_running_rules_on_err
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn the_shipped_examples_pass_check_with_their_secrets_set() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/examples");
+    let mut command = Command::new(BIN);
+    command.args(["check", "--config", examples.to_str().unwrap()]);
+    for name in [
+        "GITHUB_WEBHOOK_SECRET",
+        "GITLAB_WEBHOOK_TOKEN",
+        "BITBUCKET_WEBHOOK_SECRET",
+        "GITEA_WEBHOOK_SECRET",
+        "GOGS_WEBHOOK_SECRET",
+        "BITBUCKET_DC_WEBHOOK_SECRET",
+        "DEPLOYER_WEBHOOK_SECRET",
+        "WIDGET_TRIGGER_TOKEN",
+        "DOCS_TRIGGER_TOKEN",
+        "APP_TRIGGER_TOKEN",
+    ] {
+        command.env(name, "glptt-dummy");
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("rules: 4 (1 scheduled)"));
+}

@@ -544,3 +544,161 @@ impl RuleSet {
 fn event_value(event: &Event) -> Value {
     minijinja::context! { event => Value::from_object(EventObject(Arc::new(event.clone()))) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventContext, Provider, RefChange};
+
+    fn spec(
+        name: &str,
+        repository: Option<&str>,
+        refs: Option<&str>,
+        events: &[EventKind],
+    ) -> RuleSpec {
+        RuleSpec {
+            name: name.into(),
+            file: PathBuf::from("r.toml"),
+            line: 1,
+            source: Some("gh".into()),
+            repository: repository.map(|r| Patterns::new(vec![r.into()]).unwrap()),
+            events: events.to_vec(),
+            refs: refs.map(|r| Patterns::new(vec![r.into()]).unwrap()),
+            refs_exclude: None,
+            when: None,
+            schedule: None,
+            triggers: vec![TriggerSpec {
+                line: 2,
+                upstream: "gitlab".into(),
+                project: "acme/{{ event.ref_name }}".into(),
+                git_ref: None,
+                token_ref: SecretRef::Env("T".into()),
+                token: Some(Secret::new("glptt-x")),
+                variables: vec![("SHA".into(), "{{ event.after[:7] }}".into())],
+                inputs: vec![("n".into(), InputValue::Literal(serde_json::json!(3)))],
+            }],
+        }
+    }
+
+    fn event(repository: &str, full_ref: &str) -> Event {
+        EventContext {
+            provider: Provider::Github,
+            source: "gh".into(),
+            delivery: "d".into(),
+            repository: repository.into(),
+            repository_url: String::new(),
+            repository_web_url: String::new(),
+            pusher: String::new(),
+            payload: Arc::new(serde_json::json!({})),
+        }
+        .event(RefChange {
+            full_ref: full_ref.into(),
+            before: "0".repeat(40),
+            after: "abcdef0123456789abcdef0123456789abcdef01".into(),
+            ..RefChange::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn globs_do_not_cross_slashes_unless_doubled() {
+        let one = Patterns::new(vec!["acme/*".into()]).unwrap();
+        assert!(one.is_match("acme/app"));
+        assert!(!one.is_match("acme/sub/app"));
+        let any = Patterns::new(vec!["acme/**".into()]).unwrap();
+        assert!(any.is_match("acme/sub/app"));
+        assert!(
+            Patterns::new(vec!["[".into()])
+                .unwrap_err()
+                .contains("not a valid glob")
+        );
+    }
+
+    #[test]
+    fn reasons_name_the_first_thing_that_failed() {
+        let set = RuleSet::build(vec![
+            spec("tags", None, None, &[EventKind::Tag]),
+            spec("other-repo", Some("other/*"), None, &[EventKind::Push]),
+            spec(
+                "releases",
+                Some("acme/app"),
+                Some("release/*"),
+                &[EventKind::Push],
+            ),
+            spec("all", Some("acme/app"), None, &[EventKind::Push]),
+        ])
+        .unwrap();
+        let push = event("acme/app", "refs/heads/main");
+        let verdicts: Vec<(String, Option<String>)> = set
+            .verdicts(&push)
+            .into_iter()
+            .map(|(r, why)| (r.name().to_owned(), why))
+            .collect();
+        assert_eq!(
+            verdicts,
+            vec![
+                ("tags".into(), Some("events: push not in [tag]".into())),
+                (
+                    "other-repo".into(),
+                    Some("repository: \"acme/app\" matches none of [\"other/*\"]".into())
+                ),
+                (
+                    "releases".into(),
+                    Some("refs: \"main\" matches none of [\"release/*\"]".into())
+                ),
+                ("all".into(), None),
+            ]
+        );
+        assert_eq!(
+            set.matching(&push)
+                .iter()
+                .map(|r| r.name())
+                .collect::<Vec<_>>(),
+            ["all"]
+        );
+    }
+
+    #[test]
+    fn templates_render_and_ref_precedence_holds() {
+        let set = RuleSet::build(vec![spec("all", None, None, &[EventKind::Push])]).unwrap();
+        let push = event("acme/app", "refs/heads/main");
+        let planned = set.plan(&push, None);
+        let trigger = planned[0].trigger.as_ref().unwrap();
+        assert_eq!(trigger.project, ProjectId::Path("acme/main".into()));
+        assert_eq!(
+            trigger.git_ref.as_str(),
+            "refs/heads/main",
+            "the event's ref, fully qualified"
+        );
+        assert_eq!(trigger.variables["SHA"], "abcdef0");
+        assert_eq!(trigger.inputs["n"], serde_json::json!(3));
+        let url_ref = GitRef::parse("hotfix").unwrap();
+        let planned = set.plan(&push, Some(&url_ref));
+        assert_eq!(
+            planned[0].trigger.as_ref().unwrap().git_ref.as_str(),
+            "hotfix"
+        );
+    }
+
+    #[test]
+    fn template_problems_are_found_at_build() {
+        let mut bad = spec("bad", None, None, &[EventKind::Push]);
+        bad.triggers[0].project = "{{ event.branch }}".into();
+        bad.when = Some(("event.commit_count >".into(), 7));
+        let problems = RuleSet::build(vec![bad]).unwrap_err();
+        assert_eq!(problems.len(), 2);
+        assert_eq!(problems[0].line, 7);
+        assert!(
+            problems[0].message.contains("when: syntax error"),
+            "{}",
+            problems[0].message
+        );
+        assert!(
+            problems[1]
+                .message
+                .contains("`event.branch` does not exist"),
+            "{}",
+            problems[1].message
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! Matching cost as rules grow: 10, 1,000 and 10,000 rules, of which one matches.
+//! The others are rules for other sources, or for the same source but other repositories,
+//! the two ways a large installation grows. Run: `cargo bench --bench rules`.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use hookrelay::event::{EventContext, EventKind, Provider, RefChange};
+use hookrelay::rules::{Patterns, RuleSet, RuleSpec, TriggerSpec};
+use hookrelay::secret::{Secret, SecretRef};
+
+fn rule(name: String, source: &str, repository: &str) -> RuleSpec {
+    RuleSpec {
+        name,
+        file: PathBuf::from("bench.toml"),
+        line: 1,
+        source: Some(source.to_owned()),
+        repository: Some(Patterns::new(vec![repository.to_owned()]).unwrap()),
+        events: vec![EventKind::Push, EventKind::Tag],
+        refs: Some(Patterns::new(vec!["main".into(), "release/*".into()]).unwrap()),
+        refs_exclude: None,
+        when: None,
+        schedule: None,
+        triggers: vec![TriggerSpec {
+            line: 1,
+            upstream: "gitlab".into(),
+            project: "acme/{{ event.repository | replace('/', '-') }}".into(),
+            git_ref: None,
+            token_ref: SecretRef::Env("TOKEN".into()),
+            token: Some(Secret::new("glptt-bench")),
+            variables: vec![("SHA".into(), "{{ event.after }}".into())],
+            inputs: Vec::new(),
+        }],
+    }
+}
+
+fn rules(count: usize, others_on_same_source: bool) -> RuleSet {
+    let mut specs: Vec<RuleSpec> = (1..count)
+        .map(|i| {
+            if others_on_same_source {
+                rule(format!("r{i}"), "github", &format!("other/repo-{i}"))
+            } else {
+                rule(format!("r{i}"), &format!("source-{i}"), "acme/app")
+            }
+        })
+        .collect();
+    specs.push(rule("match".into(), "github", "acme/app"));
+    RuleSet::build(specs).unwrap()
+}
+
+fn bench_rules(c: &mut Criterion) {
+    let context = EventContext {
+        provider: Provider::Github,
+        source: "github".into(),
+        delivery: "d".into(),
+        repository: "acme/app".into(),
+        repository_url: String::new(),
+        repository_web_url: String::new(),
+        pusher: "me".into(),
+        payload: Arc::new(serde_json::json!({})),
+    };
+    let event = context
+        .event(RefChange {
+            full_ref: "refs/heads/main".into(),
+            before: "a".repeat(40),
+            after: "b".repeat(40),
+            ..RefChange::default()
+        })
+        .unwrap();
+    for (group_name, same_source) in [
+        ("plan/others_on_other_sources", false),
+        ("plan/others_on_other_repositories", true),
+    ] {
+        let mut group = c.benchmark_group(group_name);
+        for count in [10, 1_000, 10_000] {
+            let set = rules(count, same_source);
+            assert_eq!(set.plan(&event, None).len(), 1);
+            group.bench_with_input(BenchmarkId::from_parameter(count), &set, |b, set| {
+                b.iter(|| black_box(set.plan(black_box(&event), None)))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench_rules);
+criterion_main!(benches);
