@@ -1001,6 +1001,25 @@ allow_unsigned = true
     }
 
     #[test]
+    fn rule_names_are_unique_across_files() {
+        let rule = "[[rule]]\nname = \"x\"\nschedule = \"0 * * * *\"\n[rule.trigger]\nproject = \"9\"\nref = \"main\"\ntoken = \"env:T\"\n";
+        let problems = messages(load_text(
+            &[
+                (
+                    "a.toml",
+                    &format!("[upstream.gl]\nurl = \"https://x\"\n{rule}"),
+                ),
+                ("b.toml", rule),
+            ],
+            &[("T", "glptt-x")],
+        ));
+        assert_eq!(
+            problems,
+            ["b.toml:1: rule name \"x\" is already used at a.toml:3"]
+        );
+    }
+
+    #[test]
     fn upstream_urls() {
         assert!(parse_upstream_url("https://gitlab.com").is_ok());
         assert_eq!(
