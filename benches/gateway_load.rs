@@ -152,7 +152,8 @@ fn main() {
         )
         .unwrap();
         let config = hookrelay::config::load(dir.path()).unwrap();
-        let app = hookrelay::server::App::new(config).unwrap();
+        let outbox = hookrelay::outbox::Outbox::open(&dir.path().join("state"), hookrelay::outbox::Durability::Full).unwrap();
+        let app = hookrelay::server::App::new(config, outbox).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let relay = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

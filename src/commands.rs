@@ -10,6 +10,8 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config};
+use crate::outbox::forwarder::ForwarderOptions;
+use crate::outbox::{Durability, Outbox, ReplayTarget};
 use crate::server::{self, App};
 
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.
@@ -24,6 +26,7 @@ pub struct ServeOptions {
     pub config: PathBuf,
     pub listen: Option<SocketAddr>,
     pub state: PathBuf,
+    pub dry_run: bool,
 }
 
 /// Sets up logging to standard error; `RUST_LOG` filters it (default `info`).
@@ -118,21 +121,35 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     if let Some(listen) = options.listen {
         config.server.listen = listen;
     }
-    std::fs::create_dir_all(&options.state)
-        .with_context(|| format!("creating the state folder {}", options.state.display()))?;
+    let outbox =
+        Outbox::open(&options.state, Durability::Full).context("opening the delivery store")?;
     let listen = config.server.listen;
     let gateway = config.gateway.clone();
-    let app = App::with_config_path(config, Some(options.config.clone()))
-        .context("setting up the upstream clients")?;
+    let forwarding = ForwarderOptions {
+        workers: config.delivery.workers,
+        policy: config.delivery.retry.clone(),
+        dry_run: options.dry_run,
+        retention: config.delivery.retention,
+        drain: config.server.shutdown_timeout,
+    };
+    let app = App::with_options(
+        config,
+        outbox.clone(),
+        Some(options.config.clone()),
+        options.dry_run,
+    )
+    .context("setting up the upstream clients")?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let bound = listener.local_addr().context("reading the bound address")?;
     match gateway {
         Some(gateway) => {
-            tracing::info!(address = %bound, gateway_upstream = %gateway.upstream, "hookrelay listening")
+            tracing::info!(address = %bound, gateway_upstream = %gateway.upstream, dry_run = options.dry_run, "hookrelay listening")
         }
-        None => tracing::info!(address = %bound, "hookrelay listening (trigger gateway disabled)"),
+        None => {
+            tracing::info!(address = %bound, dry_run = options.dry_run, "hookrelay listening (trigger gateway disabled)")
+        }
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let reloader = tokio::spawn(crate::reload::watch(
@@ -140,10 +157,19 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         RELOAD_POLL,
         stopped.clone(),
     ));
-    let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped));
+    let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped.clone()));
+    let forwarder = tokio::spawn(crate::outbox::forwarder::run(
+        app.clone(),
+        outbox.clone(),
+        forwarding,
+        stopped,
+    ));
+    // Stop taking requests first, then stop sending: what is in flight finishes or goes
+    // back to the outbox, and everything is committed before the process exits.
     let served = server::run(listener, app, shutdown_signal()).await;
     let _ = stop.send(true);
-    let _ = tokio::join!(reloader, scheduler);
+    let _ = tokio::join!(reloader, scheduler, forwarder);
+    outbox.flush().await;
     served.context("serving")?;
     Ok(ExitCode::SUCCESS)
 }
@@ -169,5 +195,94 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("Ctrl-C received"),
         () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// `hookrelay deliveries`: the newest deliveries and their triggers, from the state folder.
+pub fn deliveries(state: &Path, failed_only: bool, limit: usize, json: bool) -> ExitCode {
+    let rows = match crate::outbox::list(state, failed_only, limit) {
+        Ok(rows) => rows,
+        Err(err) => {
+            eprintln!("hookrelay deliveries: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("rows serialize")
+        );
+        return ExitCode::SUCCESS;
+    }
+    if rows.is_empty() {
+        println!(
+            "{}",
+            if failed_only {
+                "no failed triggers"
+            } else {
+                "no deliveries yet"
+            }
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<20} {:<10} {:<24} {:>6} {:<20} {:<22} {:<20} {:<9} {:>3}  LAST ERROR / PIPELINE",
+        "TIME (UTC)", "SOURCE", "DELIVERY", "ID", "RULE", "PROJECT", "REF", "STATUS", "TRY"
+    );
+    for row in rows {
+        let time = chrono::DateTime::from_timestamp_millis(row.received_at)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        let cut = |text: &str, width: usize| {
+            if text.chars().count() > width {
+                format!("{}…", text.chars().take(width - 1).collect::<String>())
+            } else {
+                text.to_owned()
+            }
+        };
+        let detail = match (&row.pipeline_url, &row.last_error) {
+            (Some(url), _) if row.state.as_deref() == Some("sent") => url.clone(),
+            (_, Some(error)) => error.clone(),
+            (Some(url), None) => url.clone(),
+            (None, None) => String::new(),
+        };
+        let state = match (row.state.as_deref(), row.replay_of) {
+            (Some(state), Some(of)) => format!("{state} (replay of {of})"),
+            (Some(state), None) => state.to_owned(),
+            (None, _) => "no trigger".to_owned(),
+        };
+        println!(
+            "{:<20} {:<10} {:<24} {:>6} {:<20} {:<22} {:<20} {:<9} {:>3}  {}",
+            time,
+            cut(&row.source, 10),
+            cut(&row.delivery_id, 24),
+            row.trigger_id.map(|id| id.to_string()).unwrap_or_default(),
+            cut(row.rule.as_deref().unwrap_or(""), 20),
+            cut(row.project.as_deref().unwrap_or(""), 22),
+            cut(row.git_ref.as_deref().unwrap_or(""), 20),
+            state,
+            row.attempts,
+            detail
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// `hookrelay replay ID`: queues a trigger, or every trigger of a delivery, again.
+pub fn replay(state: &Path, target: &str) -> ExitCode {
+    let target = ReplayTarget::parse(target);
+    match crate::outbox::replay_offline(state, &target) {
+        Ok(ids) => {
+            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            println!(
+                "{target} queued again as trigger {}; a running relay sends it within a second",
+                ids.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("hookrelay replay: {err}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -63,6 +63,9 @@ pub enum ApiError {
     Source(#[from] SourceError),
     #[error("?ref= in the webhook URL: {0}")]
     BadUrlRef(String),
+    /// The webhook could not be stored, so it is not acknowledged: the sender retries.
+    #[error("the webhook was not stored, so it is not acknowledged; try again: {0}")]
+    Store(crate::outbox::StoreError),
     #[error(transparent)]
     Gateway(#[from] GatewayError),
     #[error(transparent)]
@@ -76,6 +79,10 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
     let (status, body) = match err {
         ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, json!({ "message": message })),
         ApiError::UnknownSource(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
+        ApiError::Store(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "message": message }),
+        ),
         ApiError::Source(SourceError::Signature(_)) => {
             (StatusCode::UNAUTHORIZED, json!({ "message": message }))
         }

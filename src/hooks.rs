@@ -1,6 +1,9 @@
 //! `POST /hooks/{source}`: a webhook from a configured source, verified, normalized, and
 //! turned by the rules into trigger calls.
 //!
+//! The delivery and its triggers are committed to the outbox before the answer, so an
+//! acknowledged webhook is never lost; a delivery id the source already sent is answered
+//! `200` with `"duplicate": true` and queues nothing.
 //! The answer (`202` when triggers were queued, else `200`) names the delivery, summarizes
 //! each event and lists each trigger (rule, upstream, project, ref), or carries a note saying
 //! why there is nothing to do (a ping, an event the source does not handle, a change another
@@ -18,14 +21,15 @@ use serde_json::{Value, json};
 use crate::error::{ApiError, json_response};
 use crate::event::Event;
 use crate::git_ref::GitRef;
-use crate::server::Runtime;
+use crate::outbox::{Accepted, NewDelivery, NewTrigger};
+use crate::server::{App, Runtime};
 use crate::sources::{self, Outcome, Received, Verification, WebhookRequest};
-use crate::trigger::Trigger;
 
 /// Verifies and reads one webhook for the source named in the URL, runs the rules, and
-/// starts forwarding the triggers they produce. `?ref=` in the URL overrides the target ref
-/// of every trigger.
-pub fn handle(
+/// records the delivery with its triggers; answers once they are on disk. `?ref=` in the
+/// URL overrides the target ref of every trigger.
+pub async fn handle(
+    app: &App,
     runtime: &Runtime,
     source_name: &str,
     parts: &http::request::Parts,
@@ -83,7 +87,9 @@ pub fn handle(
             "webhook skipped"
         ),
     }
+    let mut reply = reply(&source.name, &received);
     let mut queued = Vec::new();
+    let mut new_triggers = Vec::new();
     let mut errors = Vec::new();
     for plan in planned {
         match plan.trigger {
@@ -94,13 +100,7 @@ pub fn handle(
                     "project": trigger.project.to_string(),
                     "ref": trigger.git_ref.as_str(),
                 }));
-                forward_in_background(
-                    runtime,
-                    &received.delivery,
-                    &source.name,
-                    plan.rule,
-                    trigger,
-                );
+                new_triggers.push(NewTrigger::queued(plan.rule, &trigger, &plan.token_ref));
             }
             Err(error) => {
                 tracing::warn!(source = %source.name, delivery = %received.delivery, rule = %plan.rule, %error, "trigger not built");
@@ -108,17 +108,81 @@ pub fn handle(
             }
         }
     }
-    let mut reply = reply(&source.name, &received);
-    reply["triggers"] = Value::Array(queued);
     if !errors.is_empty() {
         reply["errors"] = Value::Array(errors);
     }
-    let status = if reply["triggers"].as_array().is_some_and(|t| !t.is_empty()) {
-        StatusCode::ACCEPTED
-    } else {
-        StatusCode::OK
+    let accepted = app
+        .outbox
+        .accept(NewDelivery {
+            source: source.name.clone(),
+            delivery_id: received.delivery.clone(),
+            event_type: received.event_type.clone(),
+            headers: stored_headers(&parts.headers, source),
+            body: body.clone(),
+            summary: reply.clone(),
+            triggers: new_triggers,
+        })
+        .await
+        .map_err(ApiError::Store)?;
+    match accepted {
+        Accepted::Duplicate { .. } => {
+            tracing::info!(source = %source.name, delivery = %received.delivery, "duplicate delivery acknowledged; nothing queued");
+            reply["duplicate"] = Value::Bool(true);
+            reply["triggers"] = json!([]);
+            Ok(json_response(StatusCode::OK, &reply))
+        }
+        Accepted::Queued { trigger_ids, .. } => {
+            for (entry, id) in queued.iter_mut().zip(&trigger_ids) {
+                entry["id"] = json!(id);
+            }
+            let status = if queued.is_empty() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            reply["triggers"] = Value::Array(queued);
+            Ok(json_response(status, &reply))
+        }
+    }
+}
+
+/// Header names that may carry a secret: never stored.
+fn is_secret_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "token",
+        "signature",
+        "secret",
+        "authorization",
+        "cookie",
+        "password",
+        "api-key",
+        "apikey",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
+
+/// The headers kept with a delivery (for replay and `explain` after the fact): everything
+/// but signatures, tokens and credentials, including a generic source's own header.
+fn stored_headers(
+    headers: &http::HeaderMap,
+    source: &crate::sources::SourceConfig,
+) -> Vec<(String, String)> {
+    let own = match &source.generic.scheme {
+        crate::sources::GenericScheme::Hmac { header, .. }
+        | crate::sources::GenericScheme::Token { header } => Some(header.to_ascii_lowercase()),
+        _ => None,
     };
-    Ok(json_response(status, &reply))
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            !is_secret_header(name.as_str()) && own.as_deref() != Some(name.as_str())
+        })
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect()
 }
 
 /// `?ref=` from a webhook URL, validated like every ref.
@@ -131,41 +195,6 @@ fn url_ref(query: Option<&str>) -> Result<Option<GitRef>, ApiError> {
     GitRef::parse(&value)
         .map(Some)
         .map_err(|err| ApiError::BadUrlRef(err.to_string()))
-}
-
-/// Sends a trigger after the answer; the durable outbox replaces this (issue: durable delivery).
-pub fn forward_in_background(
-    runtime: &Runtime,
-    delivery: &str,
-    source: &str,
-    rule: String,
-    trigger: Trigger,
-) {
-    let Some(upstream) = runtime.upstreams.get(&trigger.upstream).cloned() else {
-        tracing::error!(rule = %rule, upstream = %trigger.upstream, "trigger names an unknown upstream");
-        return;
-    };
-    let delivery = delivery.to_owned();
-    let source = source.to_owned();
-    tokio::spawn(async move {
-        match upstream.send(&trigger.upstream_call()).await {
-            Ok(answer) if answer.status.is_success() => tracing::info!(
-                %delivery, %source, %rule, project = %trigger.project, git_ref = %trigger.git_ref,
-                token = %trigger.token, status = answer.status.as_u16(),
-                pipeline = crate::upstream::readable_field(&answer.body, "web_url").as_deref().unwrap_or("-"),
-                "trigger sent"
-            ),
-            Ok(answer) => tracing::warn!(
-                %delivery, %source, %rule, project = %trigger.project, git_ref = %trigger.git_ref,
-                token = %trigger.token, status = answer.status.as_u16(),
-                gitlab_message = crate::upstream::readable_message(&answer.body).as_deref().unwrap_or("-"),
-                "trigger refused by GitLab"
-            ),
-            Err(err) => {
-                tracing::warn!(%delivery, %source, %rule, project = %trigger.project, error = %err, "trigger not sent")
-            }
-        }
-    });
 }
 
 /// The JSON answer for a received webhook.

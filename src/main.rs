@@ -27,14 +27,33 @@ enum Command {
         /// Address to listen on (overrides [server] listen; default 127.0.0.1:8080).
         #[arg(long, env = "HOOKRELAY_LISTEN", value_name = "ADDR")]
         listen: Option<SocketAddr>,
-        /// Folder for the relay's state.
-        #[arg(
-            long,
-            env = "HOOKRELAY_STATE",
-            default_value = "hookrelay-data",
-            value_name = "DIR"
-        )]
-        state: PathBuf,
+        #[command(flatten)]
+        state: StateArg,
+        /// Record and log the trigger calls that would be sent, without sending any.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List recent deliveries and their triggers from the state folder.
+    Deliveries {
+        #[command(flatten)]
+        state: StateArg,
+        /// Only triggers that failed for good.
+        #[arg(long)]
+        failed: bool,
+        /// How many rows to show.
+        #[arg(long, default_value_t = 50, value_name = "N")]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue a trigger (by its id) or a whole delivery (by its delivery id) again.
+    Replay {
+        #[command(flatten)]
+        state: StateArg,
+        /// A trigger id (`42` or `trigger:42`), or a delivery id (`delivery:…`).
+        #[arg(value_name = "ID")]
+        id: String,
     },
     /// Show what hookrelay makes of a webhook payload file, offline.
     Explain {
@@ -64,6 +83,19 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+}
+
+/// `--state`, shared by every command that reads the state folder.
+#[derive(clap::Args)]
+struct StateArg {
+    /// Folder for the relay's state (the delivery store).
+    #[arg(
+        long = "state",
+        env = "HOOKRELAY_STATE",
+        default_value = "hookrelay-data",
+        value_name = "DIR"
+    )]
+    state_dir: PathBuf,
 }
 
 /// `--config`, shared by every command that reads configuration.
@@ -111,11 +143,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Deliveries {
+            state,
+            failed,
+            limit,
+            json,
+        } => commands::deliveries(&state.state_dir, failed, limit, json),
+        Command::Replay { state, id } => commands::replay(&state.state_dir, &id),
         Command::Check { config } => commands::check(&config.path),
         Command::Serve {
             config,
             listen,
             state,
+            dry_run,
         } => {
             commands::init_logging();
             let runtime = match tokio::runtime::Runtime::new() {
@@ -128,7 +168,8 @@ fn main() -> ExitCode {
             match runtime.block_on(commands::serve(commands::ServeOptions {
                 config: config.path,
                 listen,
-                state,
+                state: state.state_dir,
+                dry_run,
             })) {
                 Ok(code) => code,
                 Err(err) => {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
+use crate::outbox::{NewDelivery, NewTrigger};
 use crate::rules::{Rule, RuleSet};
 use crate::server::App;
 
@@ -43,6 +44,46 @@ fn next_occurrence(rules: &RuleSet, after: DateTime<Utc>) -> Option<DateTime<Utc
         .min()
 }
 
+/// Records a scheduled rule's triggers in the outbox, which sends them. The delivery id is
+/// the rule and the time, so a restart that looks at the same moment again queues nothing.
+async fn fire(app: &App, runtime: &crate::server::Runtime, rule: &Rule, time: DateTime<Utc>) {
+    let timezone = rule
+        .spec
+        .schedule
+        .as_ref()
+        .expect("due rules are scheduled")
+        .timezone;
+    let shown = time.with_timezone(&timezone).to_rfc3339();
+    let mut triggers = Vec::new();
+    for planned in runtime.config.rules.plan_scheduled(rule, &shown) {
+        match planned.trigger {
+            Ok(trigger) => {
+                tracing::info!(rule = %planned.rule, project = %trigger.project, git_ref = %trigger.git_ref, time = %shown, "schedule due");
+                triggers.push(NewTrigger::queued(
+                    planned.rule,
+                    &trigger,
+                    &planned.token_ref,
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(rule = %planned.rule, %error, "scheduled trigger not built")
+            }
+        }
+    }
+    let delivery = NewDelivery {
+        source: "schedule".into(),
+        delivery_id: format!("{}@{shown}", rule.name()),
+        event_type: "schedule".into(),
+        headers: Vec::new(),
+        body: bytes::Bytes::new(),
+        summary: serde_json::json!({ "rule": rule.name(), "time": shown }),
+        triggers,
+    };
+    if let Err(err) = app.outbox.accept(delivery).await {
+        tracing::error!(rule = %rule.name(), error = %err, "scheduled triggers not recorded");
+    }
+}
+
 /// Runs until `stop` turns true.
 pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut reloads = app.reloads();
@@ -51,33 +92,7 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let runtime = app.runtime();
         let now = Utc::now();
         for (rule, time) in due(&runtime.config.rules, last, now) {
-            let shown = time
-                .with_timezone(
-                    &rule
-                        .spec
-                        .schedule
-                        .as_ref()
-                        .expect("due rules are scheduled")
-                        .timezone,
-                )
-                .to_rfc3339();
-            for planned in runtime.config.rules.plan_scheduled(rule, &shown) {
-                match planned.trigger {
-                    Ok(trigger) => {
-                        tracing::info!(rule = %planned.rule, project = %trigger.project, git_ref = %trigger.git_ref, time = %shown, "schedule due");
-                        crate::hooks::forward_in_background(
-                            &runtime,
-                            &format!("schedule-{}", time.timestamp()),
-                            "schedule",
-                            planned.rule,
-                            trigger,
-                        );
-                    }
-                    Err(error) => {
-                        tracing::warn!(rule = %planned.rule, %error, "scheduled trigger not built")
-                    }
-                }
-            }
+            fire(&app, &runtime, rule, time).await;
         }
         last = now;
         let sleep = next_occurrence(&runtime.config.rules, now)

@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use crate::config::{Config, ServerConfig};
 use crate::error::{ApiError, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
+use crate::outbox::Outbox;
 use crate::upstream::{UpstreamError, Upstreams};
 
 /// One configuration and the clients built from it. A request takes the snapshot current
@@ -55,17 +56,24 @@ pub struct App {
     shutting_down: AtomicBool,
     /// Counts reloads, so that tasks planning ahead (the scheduler) can wake up.
     reloads: tokio::sync::watch::Sender<u64>,
+    /// The durable record of deliveries and the queue of triggers.
+    pub outbox: Outbox,
+    /// `--dry-run`: record and log trigger calls, never send them.
+    pub dry_run: bool,
 }
 
 impl App {
-    pub fn new(config: Config) -> Result<Arc<App>, UpstreamError> {
-        App::with_config_path(config, None)
+    pub fn new(config: Config, outbox: Outbox) -> Result<Arc<App>, UpstreamError> {
+        App::with_options(config, outbox, None, false)
     }
 
-    /// An app that can [`App::reload`] its configuration from `path`.
-    pub fn with_config_path(
+    /// An app that can [`App::reload`] its configuration from `path`, and that records
+    /// instead of sending when `dry_run`.
+    pub fn with_options(
         config: Config,
+        outbox: Outbox,
         path: Option<PathBuf>,
+        dry_run: bool,
     ) -> Result<Arc<App>, UpstreamError> {
         let server = config.server.clone();
         Ok(Arc::new(App {
@@ -74,6 +82,8 @@ impl App {
             server,
             shutting_down: AtomicBool::new(false),
             reloads: tokio::sync::watch::Sender::new(0),
+            outbox,
+            dry_run,
         }))
     }
 
@@ -297,9 +307,29 @@ async fn dispatch(
                 body,
             };
             let trigger = gateway::parse_trigger_call(call, &upstream.name).await?;
-            let (response, answer) = gateway::forward(upstream, &trigger).await?;
+            if app.dry_run {
+                let mut shown = trigger.clone();
+                shown.token = crate::secret::Secret::new(trigger.token.masked());
+                let call = shown.upstream_call();
+                let would_send = format!("POST {}{}", upstream.url(), call.path_and_query);
+                tracing::info!(project = %trigger.project, git_ref = %trigger.git_ref, %would_send, "gateway call not forwarded (dry run)");
+                gateway::record(
+                    &app.outbox,
+                    &trigger,
+                    crate::outbox::Recorded::DryRun {
+                        would_send: would_send.clone(),
+                    },
+                );
+                return Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    &json!({ "message": "dry run: hookrelay did not forward this call", "would_send": would_send }),
+                ));
+            }
+            let result = gateway::forward(upstream, &trigger).await;
+            gateway::record(&app.outbox, &trigger, gateway::recorded(&result));
+            let answer = result?;
             *upstream_latency = Some(answer.latency);
-            Ok(response)
+            Ok(gateway::answer_response(upstream, &trigger, &answer))
         }
         Route::Hook { source } => {
             if method != Method::POST {
@@ -308,7 +338,7 @@ async fn dispatch(
             let source = source.to_owned();
             let runtime = app.runtime();
             let (parts, body) = read_body(app, request).await?;
-            crate::hooks::handle(&runtime, &source, &parts, &body)
+            crate::hooks::handle(app, &runtime, &source, &parts, &body).await
         }
         Route::NotFound => Err(ApiError::NotFound {
             method: method.to_string(),

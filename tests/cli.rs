@@ -594,9 +594,15 @@ async fn github_tag(address: &str, secret: &str) -> Reply {
             &body
         )
     );
+    static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let delivery = format!(
+        "delivery-{}",
+        SENT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
     let headers = [
         ("content-type", "application/json"),
         ("X-GitHub-Event", "push"),
+        ("X-GitHub-Delivery", delivery.as_str()),
         ("X-Hub-Signature-256", signature.as_str()),
     ];
     post(&format!("http://{address}/hooks/github"), &headers, body).await

@@ -43,6 +43,8 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
     /// `[[rule]]`: which events become which trigger calls.
     pub rules: crate::rules::RuleSet,
+    /// `[delivery]`: retries and retention of the durable outbox.
+    pub delivery: DeliveryConfig,
     /// The files this configuration was read from, in the order read.
     pub files: Vec<PathBuf>,
 }
@@ -84,6 +86,36 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time allowed for the whole call: connect, send and read GitLab's answer.
     pub timeout: Duration,
+}
+
+/// `[delivery]`: how the outbox retries and how long it keeps records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeliveryConfig {
+    pub retry: crate::outbox::retry::RetryPolicy,
+    /// Deliveries (and their delivery ids, for duplicates) are kept this long.
+    pub retention: Duration,
+    /// Sends in flight at once.
+    pub workers: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry: crate::outbox::retry::RetryPolicy::default(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            workers: 8,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    retry_base: Option<Spanned<String>>,
+    retry_cap: Option<Spanned<String>>,
+    max_age: Option<Spanned<String>>,
+    retention: Option<Spanned<String>>,
+    workers: Option<Spanned<u32>>,
 }
 
 /// `[gateway]`: the GitLab-compatible trigger endpoints.
@@ -199,6 +231,7 @@ struct Builder {
     gateway: Option<(Option<Spanned<String>>, Origin)>,
     sources: BTreeMap<String, (SourceConfig, Origin)>,
     rules: Vec<rule::PendingRule>,
+    delivery: Option<(DeliveryConfig, Origin)>,
     resolve_secrets: bool,
 }
 
@@ -223,6 +256,7 @@ impl Builder {
                 "upstream" => self.read_upstreams(value, file, env, &mut problems),
                 "source" => self.read_sources(value, file, env, &mut problems),
                 "rule" => self.read_rules(value, file, env, &mut problems),
+                "delivery" => self.read_delivery(value, origin, &mut problems),
                 "gateway" => {
                     if let Some(raw) = section::<RawGateway>(value, &mut problems) {
                         if let Some((_, first)) = &self.gateway {
@@ -238,7 +272,7 @@ impl Builder {
                 other => problems.at(
                     Some(key.span()),
                     format!(
-                        "unknown section `{other}`; expected `server`, `upstream`, `gateway`, `source` or `rule`"
+                        "unknown section `{other}`; expected `server`, `upstream`, `gateway`, `source`, `rule` or `delivery`"
                     ),
                 ),
             }
@@ -321,6 +355,56 @@ impl Builder {
                 self.sources.insert(name, (compiled, origin));
             }
         }
+    }
+
+    fn read_delivery(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        origin: Origin,
+        problems: &mut FileProblems<'_>,
+    ) {
+        let span = value.span();
+        let Some(raw) = section::<RawDelivery>(value, problems) else {
+            return;
+        };
+        if let Some((_, first)) = &self.delivery {
+            problems.at(
+                Some(span),
+                format!("[delivery] is already defined at {first}"),
+            );
+            return;
+        }
+        let defaults = DeliveryConfig::default();
+        let duration = |field: Option<Spanned<String>>,
+                        default: Duration,
+                        key: &str,
+                        problems: &mut FileProblems<'_>| {
+            typed(field, default, problems, |text| {
+                parse_duration(text).map_err(|err| format!("delivery.{key}: {err}"))
+            })
+        };
+        let retry = crate::outbox::retry::RetryPolicy {
+            base: duration(raw.retry_base, defaults.retry.base, "retry_base", problems),
+            cap: duration(raw.retry_cap, defaults.retry.cap, "retry_cap", problems),
+            max_age: duration(raw.max_age, defaults.retry.max_age, "max_age", problems),
+        };
+        let retention = duration(raw.retention, defaults.retention, "retention", problems);
+        let workers = match raw.workers {
+            Some(w) if *w.get_ref() == 0 || *w.get_ref() > 256 => {
+                problems.at(Some(w.span()), "delivery.workers must be between 1 and 256");
+                defaults.workers
+            }
+            Some(w) => *w.get_ref() as usize,
+            None => defaults.workers,
+        };
+        self.delivery = Some((
+            DeliveryConfig {
+                retry,
+                retention,
+                workers,
+            },
+            origin,
+        ));
     }
 
     fn read_rules(
@@ -548,6 +632,10 @@ impl Builder {
                 .collect(),
             gateway,
             rules,
+            delivery: self
+                .delivery
+                .map(|(delivery, _)| delivery)
+                .unwrap_or_default(),
             sources: self
                 .sources
                 .into_iter()

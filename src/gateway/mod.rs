@@ -17,7 +17,6 @@ use http::{HeaderValue, Response, header};
 use http_body_util::Full;
 use percent_encoding::percent_decode_str;
 
-use crate::error::ApiError;
 use crate::git_ref::{GitRef, RefError};
 use crate::secret::Secret;
 use crate::trigger::{ProjectId, Trigger, WebhookBody, check_trigger_token, check_variable_name};
@@ -125,8 +124,16 @@ fn decode_once(raw: &str, what: &str) -> Result<String, GatewayError> {
 pub async fn forward(
     upstream: &Upstream,
     trigger: &Trigger,
-) -> Result<(Response<Full<Bytes>>, UpstreamResponse), ApiError> {
-    let answer = upstream.send(&trigger.upstream_call()).await?;
+) -> Result<UpstreamResponse, crate::upstream::UpstreamError> {
+    upstream.send(&trigger.upstream_call()).await
+}
+
+/// GitLab's answer as the gateway hands it back (and logs it).
+pub fn answer_response(
+    upstream: &Upstream,
+    trigger: &Trigger,
+    answer: &UpstreamResponse,
+) -> Response<Full<Bytes>> {
     let status = answer.status;
     if status.is_success() {
         tracing::info!(
@@ -167,7 +174,81 @@ pub async fn forward(
             HeaderValue::from_static("application/json"),
         );
     }
-    Ok((response, answer))
+    response
+}
+
+/// Records a gateway call in the outbox so `hookrelay deliveries` shows all traffic. The
+/// caller's token is kept only as its mask: a gateway call is never sent again.
+pub fn record(outbox: &crate::outbox::Outbox, trigger: &Trigger, outcome: crate::outbox::Recorded) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = crate::outbox::now_ms();
+    let delivery = crate::outbox::NewDelivery {
+        source: "gateway".into(),
+        delivery_id: format!("gateway-{now}-{}", COUNTER.fetch_add(1, Ordering::Relaxed)),
+        event_type: if trigger.webhook_body.is_some() {
+            "webhook trigger call"
+        } else {
+            "trigger call"
+        }
+        .into(),
+        headers: Vec::new(),
+        body: Bytes::new(),
+        summary: serde_json::json!({ "project": trigger.project.to_string(), "ref": trigger.git_ref.as_str() }),
+        triggers: vec![crate::outbox::NewTrigger {
+            rule: "gateway".into(),
+            upstream: trigger.upstream.clone(),
+            project: trigger.project.to_string(),
+            git_ref: trigger.git_ref.as_str().to_owned(),
+            token_ref: format!("{}{}", crate::outbox::CALLER_TOKEN, trigger.token),
+            variables: serde_json::to_value(&trigger.variables).expect("variables serialize"),
+            inputs: serde_json::Value::Object(trigger.inputs.clone()),
+            delay_ms: 0,
+            done: Some(outcome),
+        }],
+    };
+    let outbox = outbox.clone();
+    tokio::spawn(async move {
+        if let Err(err) = outbox.accept(delivery).await {
+            tracing::warn!(error = %err, "gateway call not recorded");
+        }
+    });
+}
+
+/// What a gateway call's answer means for its record.
+pub fn recorded(
+    result: &Result<UpstreamResponse, crate::upstream::UpstreamError>,
+) -> crate::outbox::Recorded {
+    use crate::outbox::Recorded;
+    use crate::outbox::retry::{Verdict, classify};
+    match classify(result, std::time::SystemTime::now()) {
+        Verdict::Sent {
+            status,
+            pipeline_id,
+            pipeline_url,
+        } => Recorded::Sent {
+            status,
+            pipeline_id,
+            pipeline_url,
+        },
+        Verdict::Retry { status, reason, .. } => Recorded::Failed {
+            status,
+            reason,
+            pipeline_id: None,
+            pipeline_url: None,
+        },
+        Verdict::Failed {
+            status,
+            reason,
+            pipeline_id,
+            pipeline_url,
+        } => Recorded::Failed {
+            status,
+            reason,
+            pipeline_id,
+            pipeline_url,
+        },
+    }
 }
 
 #[cfg(test)]

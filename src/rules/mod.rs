@@ -337,6 +337,16 @@ impl RuleSet {
         })
     }
 
+    /// The token a trigger's reference (`env:NAME`) was resolved to at load, if any rule
+    /// still uses it.
+    pub fn token(&self, reference: &str) -> Option<Secret> {
+        self.rules
+            .iter()
+            .flat_map(|rule| &rule.triggers)
+            .find(|trigger| trigger.spec.token_ref.to_string() == reference)
+            .and_then(|trigger| trigger.spec.token.clone())
+    }
+
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }

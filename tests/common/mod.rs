@@ -180,8 +180,26 @@ impl Drop for RecordingUpstream {
 pub struct Relay {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    pub app: std::sync::Arc<hookrelay::server::App>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    forwarder_stop: tokio::sync::watch::Sender<bool>,
+    forwarder: Option<JoinHandle<()>>,
+}
+
+/// Forwarder settings for tests: quick retries, short drain.
+pub fn fast_forwarding() -> hookrelay::outbox::forwarder::ForwarderOptions {
+    hookrelay::outbox::forwarder::ForwarderOptions {
+        workers: 4,
+        policy: hookrelay::outbox::retry::RetryPolicy {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(200),
+            max_age: Duration::from_secs(60),
+        },
+        dry_run: false,
+        retention: Duration::from_secs(3600),
+        drain: Duration::from_secs(2),
+    }
 }
 
 /// A configuration whose gateway forwards to `upstream_url`, plus `extra` TOML.
@@ -199,6 +217,15 @@ impl Relay {
     /// Starts with `files` (name, contents) written beside the configuration first, and
     /// `{dir}` in the configuration replaced by that folder (for `file:` secrets).
     pub async fn start_with(config_toml: &str, files: &[(&str, &str)]) -> Relay {
+        Relay::start_full(config_toml, files, fast_forwarding()).await
+    }
+
+    /// Starts with explicit forwarder settings (retry timing, dry run).
+    pub async fn start_full(
+        config_toml: &str,
+        files: &[(&str, &str)],
+        forwarding: hookrelay::outbox::forwarder::ForwarderOptions,
+    ) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         for (name, contents) in files {
             std::fs::write(dir.path().join(name), contents).unwrap();
@@ -206,18 +233,35 @@ impl Relay {
         let config_toml = config_toml.replace("{dir}", &dir.path().display().to_string());
         std::fs::write(dir.path().join("relay.toml"), config_toml).unwrap();
         let config = hookrelay::config::load(dir.path()).unwrap_or_else(|p| panic!("config: {p}"));
-        let app = hookrelay::server::App::new(config).unwrap();
+        let outbox = hookrelay::outbox::Outbox::open(
+            &dir.path().join("state"),
+            hookrelay::outbox::Durability::Full,
+        )
+        .unwrap();
+        let app =
+            hookrelay::server::App::with_options(config, outbox.clone(), None, forwarding.dry_run)
+                .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(hookrelay::server::run(listener, app, async move {
+        let task = tokio::spawn(hookrelay::server::run(listener, app.clone(), async move {
             let _ = rx.await;
         }));
+        let (forwarder_stop, stopped) = tokio::sync::watch::channel(false);
+        let forwarder = tokio::spawn(hookrelay::outbox::forwarder::run(
+            app.clone(),
+            outbox,
+            forwarding,
+            stopped,
+        ));
         Relay {
             addr,
             dir,
+            app,
             shutdown: Some(tx),
             task: Some(task),
+            forwarder_stop,
+            forwarder: Some(forwarder),
         }
     }
 
@@ -252,6 +296,9 @@ impl Drop for Relay {
     fn drop(&mut self) {
         if let Some(task) = &self.task {
             task.abort();
+        }
+        if let Some(forwarder) = &self.forwarder {
+            forwarder.abort();
         }
     }
 }

@@ -1,0 +1,304 @@
+//! The forwarder: sends due triggers from the outbox and records what GitLab said.
+//!
+//! Up to `workers` sends run at once; the store hands out at most one trigger per project
+//! and ref at a time, so triggers for the same project and ref reach GitLab in the order
+//! they were accepted. Sleeps until the next trigger is due, a new one is queued, or (for
+//! replays made by another process) a second passes. On shutdown it stops claiming, lets
+//! sends in flight finish for a bounded time, and returns the rest to the outbox.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use indexmap::IndexMap;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::retry::{RetryPolicy, Verdict, classify};
+use super::{DueTrigger, Outbox, Recorded, now_ms};
+use crate::git_ref::GitRef;
+use crate::secret::{Secret, SecretRef};
+use crate::server::App;
+use crate::trigger::{ProjectId, Trigger};
+
+/// How the forwarder behaves (`[delivery]` and `--dry-run`).
+#[derive(Clone, Debug)]
+pub struct ForwarderOptions {
+    pub workers: usize,
+    pub policy: RetryPolicy,
+    /// Record what would be sent instead of sending it.
+    pub dry_run: bool,
+    /// Finished deliveries older than this are pruned.
+    pub retention: Duration,
+    /// How long sends in flight may take to finish at shutdown.
+    pub drain: Duration,
+}
+
+impl Default for ForwarderOptions {
+    fn default() -> Self {
+        ForwarderOptions {
+            workers: 8,
+            policy: RetryPolicy::default(),
+            dry_run: false,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Longest sleep between looks at the store (replays by `hookrelay replay` arrive this way).
+const POLL: Duration = Duration::from_secs(1);
+/// How often old deliveries are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Runs until `stop` turns true.
+pub async fn run(
+    app: Arc<App>,
+    outbox: Outbox,
+    options: ForwarderOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut in_flight: JoinSet<i64> = JoinSet::new();
+    let mut claimed: HashSet<i64> = HashSet::new();
+    let mut next_prune = tokio::time::Instant::now();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        if tokio::time::Instant::now() >= next_prune {
+            next_prune += PRUNE_EVERY;
+            let before = now_ms() - options.retention.as_millis() as i64;
+            match outbox.prune(before).await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "old deliveries pruned"),
+                Err(err) => tracing::warn!(error = %err, "pruning failed"),
+            }
+        }
+        let free = options.workers.saturating_sub(in_flight.len());
+        if free > 0 {
+            match outbox.claim(free).await {
+                Ok(due) => {
+                    for trigger in due {
+                        claimed.insert(trigger.id);
+                        let (app, outbox, options) = (app.clone(), outbox.clone(), options.clone());
+                        in_flight.spawn(async move {
+                            let id = trigger.id;
+                            attempt(&app, &outbox, trigger, &options).await;
+                            id
+                        });
+                    }
+                }
+                Err(err) => tracing::error!(error = %err, "could not claim due triggers"),
+            }
+        }
+        let wait = match outbox.next_due() {
+            Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64).min(POLL),
+            _ => POLL,
+        };
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = outbox.queued.notified() => {}
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Ok(id) = done {
+                    claimed.remove(&id);
+                }
+            }
+            () = tokio::time::sleep(wait), if in_flight.len() < options.workers => {}
+        }
+    }
+    // Shutdown: let sends finish for a while, then hand the rest back.
+    let drained = tokio::time::timeout(options.drain, async {
+        while let Some(done) = in_flight.join_next().await {
+            if let Ok(id) = done {
+                claimed.remove(&id);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        in_flight.abort_all();
+        for id in &claimed {
+            outbox.record(*id, Recorded::Released);
+        }
+        tracing::warn!(
+            returned = claimed.len(),
+            "sends still in flight at shutdown were returned to the outbox"
+        );
+    }
+    outbox.flush().await;
+}
+
+/// One attempt at one trigger.
+async fn attempt(app: &App, outbox: &Outbox, due: DueTrigger, options: &ForwarderOptions) {
+    let runtime = app.runtime();
+    let attempts = due.attempts + 1;
+    let span_fields = (
+        due.delivery_id.clone(),
+        due.source.clone(),
+        due.rule.clone(),
+        due.project.clone(),
+    );
+    let (delivery, source, rule, project) = span_fields;
+    let trigger = match build(&runtime, &due) {
+        Ok(trigger) => trigger,
+        Err(reason) => {
+            tracing::warn!(%delivery, %source, %rule, %project, %reason, "trigger cannot be sent");
+            outbox.record(
+                due.id,
+                Recorded::Failed {
+                    status: None,
+                    reason,
+                    pipeline_id: None,
+                    pipeline_url: None,
+                },
+            );
+            return;
+        }
+    };
+    let Some(upstream) = runtime.upstreams.get(&due.upstream).cloned() else {
+        let reason = format!("upstream {:?} is not in the configuration", due.upstream);
+        retry_or_fail(
+            outbox,
+            &due,
+            options,
+            attempts,
+            Duration::ZERO,
+            None,
+            reason,
+        );
+        return;
+    };
+    if options.dry_run {
+        let mut shown = trigger.clone();
+        shown.token = Secret::new(trigger.token.masked());
+        let call = shown.upstream_call();
+        let would_send = format!(
+            "dry run: POST {}{} {}",
+            upstream.url(),
+            call.path_and_query,
+            String::from_utf8_lossy(&call.body)
+        );
+        tracing::info!(%delivery, %source, %rule, %project, git_ref = %trigger.git_ref, %would_send, "trigger not sent (dry run)");
+        outbox.record(due.id, Recorded::DryRun { would_send });
+        return;
+    }
+    let result = upstream.send(&trigger.upstream_call()).await;
+    match classify(&result, SystemTime::now()) {
+        Verdict::Sent {
+            status,
+            pipeline_id,
+            pipeline_url,
+        } => {
+            tracing::info!(
+                %delivery, %source, %rule, %project, git_ref = %trigger.git_ref, token = %trigger.token,
+                status, attempts, pipeline = pipeline_url.as_deref().unwrap_or("-"), "trigger sent"
+            );
+            outbox.record(
+                due.id,
+                Recorded::Sent {
+                    status,
+                    pipeline_id,
+                    pipeline_url,
+                },
+            );
+        }
+        Verdict::Retry {
+            floor,
+            status,
+            reason,
+        } => retry_or_fail(outbox, &due, options, attempts, floor, status, reason),
+        Verdict::Failed {
+            status,
+            reason,
+            pipeline_id,
+            pipeline_url,
+        } => {
+            tracing::warn!(%delivery, %source, %rule, %project, git_ref = %trigger.git_ref, attempts, %reason, "trigger failed");
+            outbox.record(
+                due.id,
+                Recorded::Failed {
+                    status,
+                    reason,
+                    pipeline_id,
+                    pipeline_url,
+                },
+            );
+        }
+    }
+}
+
+fn retry_or_fail(
+    outbox: &Outbox,
+    due: &DueTrigger,
+    options: &ForwarderOptions,
+    attempts: i64,
+    floor: Duration,
+    status: Option<u16>,
+    reason: String,
+) {
+    let age = Duration::from_millis((now_ms() - due.created_at).max(0) as u64);
+    let delay = options
+        .policy
+        .delay(attempts as u32, floor, fastrand::f64());
+    if age + delay > options.policy.max_age {
+        let reason = format!(
+            "gave up after {attempts} attempts over {}s: {reason}",
+            age.as_secs()
+        );
+        tracing::warn!(delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project, %reason, "trigger failed");
+        outbox.record(
+            due.id,
+            Recorded::Failed {
+                status,
+                reason,
+                pipeline_id: None,
+                pipeline_url: None,
+            },
+        );
+        return;
+    }
+    tracing::info!(
+        delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project,
+        attempts, retry_in_ms = delay.as_millis() as u64, %reason, "trigger will be retried"
+    );
+    outbox.record(
+        due.id,
+        Recorded::Retry {
+            due_at: now_ms() + delay.as_millis() as i64,
+            status,
+            reason,
+        },
+    );
+}
+
+/// The trigger as stored, made sendable again: the token is resolved now, never stored.
+fn build(runtime: &crate::server::Runtime, due: &DueTrigger) -> Result<Trigger, String> {
+    let token = match runtime.config.rules.token(&due.token_ref) {
+        Some(token) => token,
+        None => SecretRef::parse(&due.token_ref)
+            .and_then(|reference| reference.resolve())
+            .map_err(|err| format!("token {}: {err}", due.token_ref))?,
+    };
+    let variables: IndexMap<String, String> = due
+        .variables
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string()),
+            )
+        })
+        .collect();
+    Ok(Trigger {
+        upstream: due.upstream.clone(),
+        project: ProjectId::parse(&due.project)?,
+        git_ref: GitRef::parse(&due.git_ref).map_err(|err| err.to_string())?,
+        token,
+        variables,
+        inputs: due.inputs.clone(),
+        other_params: serde_json::Map::new(),
+        webhook_body: None,
+    })
+}

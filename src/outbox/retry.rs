@@ -1,0 +1,295 @@
+//! What GitLab's answer means for a trigger, and when to try again.
+//!
+//! Classified once, here, as `design.md` ("GitLab's own rules") says: network errors,
+//! timeouts, `5xx`, `408` and `429` are retried with exponential backoff and full jitter,
+//! with `Retry-After` or `RateLimit-ResetTime` as a floor; GitLab's pipeline-creation limit
+//! (a `400` saying "Too many pipelines created in the last minute") is retried after about
+//! a minute; every other `4xx` is permanent, kept with GitLab's status and message (and the
+//! pipeline's id and URL when a `422` names one).
+
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+
+use crate::upstream::{UpstreamError, UpstreamResponse, readable_message};
+
+/// How retries are spaced and when they stop (`[delivery]` in the configuration).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// The first retry waits up to this long.
+    pub base: Duration,
+    /// No wait is longer than this (floors from GitLab excepted).
+    pub cap: Duration,
+    /// A trigger still failing this long after it was accepted is given up.
+    pub max_age: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// GitLab's pipeline-creation limit answers `400` with this text, and no `Retry-After`.
+const PIPELINE_RATE_LIMIT: &str = "Too many pipelines created in the last minute";
+/// How long to wait after GitLab's pipeline-creation limit.
+const PIPELINE_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
+
+/// What to do with a trigger after one attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Sent {
+        status: u16,
+        pipeline_id: Option<i64>,
+        pipeline_url: Option<String>,
+    },
+    Retry {
+        /// At least this long; the backoff may add more.
+        floor: Duration,
+        status: Option<u16>,
+        reason: String,
+    },
+    Failed {
+        status: Option<u16>,
+        reason: String,
+        pipeline_id: Option<i64>,
+        pipeline_url: Option<String>,
+    },
+}
+
+/// Classifies one attempt's result.
+pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTime) -> Verdict {
+    let answer = match result {
+        Ok(answer) => answer,
+        Err(err) => {
+            return Verdict::Retry {
+                floor: Duration::ZERO,
+                status: None,
+                reason: err.to_string(),
+            };
+        }
+    };
+    let status = answer.status;
+    let message = readable_message(&answer.body).unwrap_or_else(|| {
+        String::from_utf8_lossy(&answer.body)
+            .chars()
+            .take(300)
+            .collect()
+    });
+    let pipeline_id = json_field(&answer.body, "id").and_then(|v| v.as_i64());
+    let pipeline_url =
+        json_field(&answer.body, "web_url").and_then(|v| v.as_str().map(str::to_owned));
+    if status.is_success() {
+        return Verdict::Sent {
+            status: status.as_u16(),
+            pipeline_id,
+            pipeline_url,
+        };
+    }
+    let reason = format!("{} {}", status.as_u16(), message);
+    if status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
+        return Verdict::Retry {
+            floor: wait_asked_for(&answer.headers, now).unwrap_or(Duration::ZERO),
+            status: Some(status.as_u16()),
+            reason,
+        };
+    }
+    if status == StatusCode::BAD_REQUEST && message.contains(PIPELINE_RATE_LIMIT) {
+        return Verdict::Retry {
+            floor: PIPELINE_RATE_LIMIT_WAIT,
+            status: Some(status.as_u16()),
+            reason,
+        };
+    }
+    Verdict::Failed {
+        status: Some(status.as_u16()),
+        reason,
+        pipeline_id,
+        pipeline_url,
+    }
+}
+
+fn json_field(body: &[u8], field: &str) -> Option<serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.get(field).cloned()
+}
+
+/// `Retry-After` (seconds or an HTTP date), else `RateLimit-ResetTime` (an HTTP date).
+pub fn wait_asked_for(headers: &http::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(value) = header("retry-after") {
+        if let Ok(seconds) = value.parse::<u64>() {
+            return Some(Duration::from_secs(seconds));
+        }
+        if let Ok(when) = httpdate::parse_http_date(value) {
+            return Some(when.duration_since(now).unwrap_or(Duration::ZERO));
+        }
+    }
+    let when = httpdate::parse_http_date(header("ratelimit-resettime")?).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `attempt` (1 for the first retry): full jitter over an
+    /// exponentially growing window, never below `floor`.
+    pub fn delay(&self, attempt: u32, floor: Duration, random: f64) -> Duration {
+        let window = self
+            .base
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(30)))
+            .min(self.cap);
+        window.mul_f64(random.clamp(0.0, 1.0)).max(floor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    fn answer(
+        status: u16,
+        body: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, v.parse().unwrap());
+        }
+        Ok(UpstreamResponse {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: map,
+            body: bytes::Bytes::from(body.to_owned()),
+            latency: Duration::ZERO,
+        })
+    }
+
+    #[test]
+    fn gitlabs_answers_are_classified_as_design_md_says() {
+        let now = SystemTime::now();
+        let created = include_str!("../../tests/fixtures/gitlab/trigger_response.json");
+        assert!(matches!(
+            classify(&answer(201, created, &[]), now),
+            Verdict::Sent {
+                pipeline_id: Some(_),
+                pipeline_url: Some(_),
+                ..
+            }
+        ));
+        for status in [500, 502, 503, 408] {
+            assert!(
+                matches!(
+                    classify(&answer(status, "", &[]), now),
+                    Verdict::Retry { .. }
+                ),
+                "{status}"
+            );
+        }
+        assert_eq!(
+            classify(&answer(429, "Retry later", &[("retry-after", "17")]), now),
+            Verdict::Retry {
+                floor: Duration::from_secs(17),
+                status: Some(429),
+                reason: "429 Retry later".into()
+            }
+        );
+        let limited = r#"{"message":{"base":["Too many pipelines created in the last minute. Try again later."]}}"#;
+        assert!(
+            matches!(classify(&answer(400, limited, &[]), now), Verdict::Retry { floor, .. } if floor == Duration::from_secs(60))
+        );
+        let not_found = classify(
+            &answer(400, r#"{"message":{"base":["Reference not found"]}}"#, &[]),
+            now,
+        );
+        assert_eq!(
+            not_found,
+            Verdict::Failed {
+                status: Some(400),
+                reason: "400 base: Reference not found".into(),
+                pipeline_id: None,
+                pipeline_url: None
+            }
+        );
+        for status in [401, 403, 404] {
+            assert!(
+                matches!(
+                    classify(&answer(status, r#"{"message":"x"}"#, &[]), now),
+                    Verdict::Failed { .. }
+                ),
+                "{status}"
+            );
+        }
+        let failed_pipeline =
+            r#"{"message":"Duplicate variable","id":7,"web_url":"https://g/p/-/pipelines/7"}"#;
+        assert!(matches!(
+            classify(&answer(422, failed_pipeline, &[]), now),
+            Verdict::Failed {
+                status: Some(422),
+                pipeline_id: Some(7),
+                ..
+            }
+        ));
+        let unreachable: Result<UpstreamResponse, UpstreamError> =
+            Err(UpstreamError::Unreachable {
+                upstream: "gitlab".into(),
+                url: "http://x".into(),
+                reason: "refused".into(),
+            });
+        assert!(matches!(
+            classify(&unreachable, now),
+            Verdict::Retry { status: None, .. }
+        ));
+    }
+
+    #[test]
+    fn rate_limit_reset_time_is_a_floor() {
+        let now = httpdate::parse_http_date("Wed, 25 Nov 2026 10:00:00 GMT").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "ratelimit-resettime",
+            "Wed, 25 Nov 2026 10:00:42 GMT".parse().unwrap(),
+        );
+        assert_eq!(wait_asked_for(&headers, now), Some(Duration::from_secs(42)));
+        headers.insert(
+            "retry-after",
+            "Wed, 25 Nov 2026 10:00:05 GMT".parse().unwrap(),
+        );
+        assert_eq!(wait_asked_for(&headers, now), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn backoff_grows_with_full_jitter_under_a_cap() {
+        let policy = RetryPolicy {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60),
+            max_age: Duration::from_secs(3600),
+        };
+        assert_eq!(policy.delay(1, Duration::ZERO, 1.0), Duration::from_secs(1));
+        assert_eq!(policy.delay(4, Duration::ZERO, 1.0), Duration::from_secs(8));
+        assert_eq!(
+            policy.delay(20, Duration::ZERO, 1.0),
+            Duration::from_secs(60)
+        );
+        assert_eq!(policy.delay(4, Duration::ZERO, 0.5), Duration::from_secs(4));
+        assert_eq!(policy.delay(4, Duration::ZERO, 0.0), Duration::ZERO);
+        assert_eq!(
+            policy.delay(1, Duration::from_secs(30), 0.1),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            policy.delay(u32::MAX, Duration::ZERO, 1.0),
+            Duration::from_secs(60)
+        );
+    }
+}
