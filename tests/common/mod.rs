@@ -76,6 +76,8 @@ impl Answer {
 pub struct RecordingUpstream {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
+    /// When each request arrived.
+    pub arrivals: Arc<Mutex<Vec<std::time::Instant>>>,
     pub script: Arc<Mutex<Vec<Answer>>>,
     pub connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
@@ -88,17 +90,24 @@ impl RecordingUpstream {
         let received = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (r, s, c) = (received.clone(), script.clone(), connections.clone());
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let (r, s, c, a) = (
+            received.clone(),
+            script.clone(),
+            connections.clone(),
+            arrivals.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (r, s) = (r.clone(), s.clone());
+                let (r, s, a) = (r.clone(), s.clone(), a.clone());
                 let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let (r, s) = (r.clone(), s.clone());
+                    let (r, s, a) = (r.clone(), s.clone(), a.clone());
                     async move {
+                        a.lock().unwrap().push(std::time::Instant::now());
                         let (parts, body) = request.into_parts();
                         let body = body
                             .collect()
@@ -141,6 +150,7 @@ impl RecordingUpstream {
         RecordingUpstream {
             addr,
             received,
+            arrivals,
             script,
             connections,
             task,
@@ -153,6 +163,10 @@ impl RecordingUpstream {
 
     pub fn answer_next(&self, answer: Answer) {
         self.script.lock().unwrap().push(answer);
+    }
+
+    pub fn received_at(&self) -> Vec<std::time::Instant> {
+        self.arrivals.lock().unwrap().clone()
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -194,7 +208,7 @@ pub fn fast_forwarding() -> hookrelay::outbox::forwarder::ForwarderOptions {
         policy: hookrelay::outbox::retry::RetryPolicy {
             base: Duration::from_millis(20),
             cap: Duration::from_millis(200),
-            max_age: Duration::from_secs(60),
+            max_age: Duration::from_secs(600),
         },
         dry_run: false,
         retention: Duration::from_secs(3600),
@@ -289,6 +303,18 @@ impl Relay {
                 .unwrap()
                 .unwrap();
         }
+        let _ = self.forwarder_stop.send(true);
+        if let Some(forwarder) = self.forwarder.take() {
+            tokio::time::timeout(Duration::from_secs(10), forwarder)
+                .await
+                .expect("forwarder stops")
+                .unwrap();
+        }
+    }
+
+    /// The state folder (the delivery store).
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 }
 

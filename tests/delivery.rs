@@ -1,0 +1,335 @@
+//! Durable delivery: retries, permanent failures, duplicates, ordering, dry runs, replay.
+//! The relay runs in process on port 0 against a scripted upstream on port 0.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const SECRET: &str = "It's a Secret to Everybody";
+
+fn config(upstream: &str) -> String {
+    format!(
+        r#"
+[upstream.gitlab]
+url = "{upstream}"
+
+[gateway]
+
+[source.github]
+provider = "github"
+secret = "file:{{dir}}/secret"
+
+[[rule]]
+name = "build"
+source = "github"
+events = ["push", "tag"]
+[rule.trigger]
+project = "acme/app"
+ref = "main"
+token = "file:{{dir}}/token"
+variables = {{ DELIVERY = "{{{{ event.delivery }}}}" }}
+"#
+    )
+}
+
+async fn setup_with(
+    forwarding: hookrelay::outbox::forwarder::ForwarderOptions,
+) -> (RecordingUpstream, Relay) {
+    let upstream = RecordingUpstream::start().await;
+    let relay = Relay::start_full(
+        &config(&upstream.url()),
+        &[("secret", SECRET), ("token", "glptt-0123456789abcdef")],
+        forwarding,
+    )
+    .await;
+    (upstream, relay)
+}
+
+async fn setup() -> (RecordingUpstream, Relay) {
+    setup_with(fast_forwarding()).await
+}
+
+/// A signed GitHub push with its own delivery id.
+async fn push(relay: &Relay, delivery: &str) -> Reply {
+    let body = fixture("github/push_tag.json");
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            SECRET.as_bytes(),
+            &body
+        )
+    );
+    let headers = [
+        ("content-type", "application/json"),
+        ("X-GitHub-Event", "push"),
+        ("X-GitHub-Delivery", delivery),
+        ("X-Hub-Signature-256", signature.as_str()),
+    ];
+    post(&relay.url("/hooks/github"), &headers, body).await
+}
+
+/// Waits (bounded) for `count` upstream calls.
+async fn calls(upstream: &RecordingUpstream, count: usize, within: Duration) -> Vec<Received> {
+    let deadline = Instant::now() + within;
+    while upstream.received().len() < count && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let received = upstream.received();
+    assert_eq!(
+        received.len(),
+        count,
+        "{:#?}",
+        received
+            .iter()
+            .map(|r| &r.path_and_query)
+            .collect::<Vec<_>>()
+    );
+    received
+}
+
+/// The store's rows for a delivery id, once its last trigger has left `state`.
+async fn rows_when(
+    relay: &Relay,
+    delivery: &str,
+    done: impl Fn(&str) -> bool,
+) -> Vec<hookrelay::outbox::DeliveryRow> {
+    for _ in 0..300 {
+        let rows: Vec<_> = hookrelay::outbox::list(&relay.state(), false, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.delivery_id == delivery)
+            .collect();
+        if !rows.is_empty() && rows.iter().all(|r| r.state.as_deref().is_some_and(&done)) {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "delivery {delivery} did not settle: {:#?}",
+        hookrelay::outbox::list(&relay.state(), false, 100).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn an_acknowledged_webhook_is_on_disk_and_then_sent() {
+    let (upstream, relay) = setup().await;
+    let reply = push(&relay, "d-1").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["delivery"], "d-1");
+    let id = body["triggers"][0]["id"].as_i64().unwrap();
+    let sent = calls(&upstream, 1, Duration::from_secs(5)).await;
+    assert_eq!(sent[0].json()["variables"], json!({"DELIVERY": "d-1"}));
+    assert_eq!(sent[0].json()["token"], "glptt-0123456789abcdef");
+    let rows = rows_when(&relay, "d-1", |s| s == "sent").await;
+    assert_eq!(rows[0].trigger_id, Some(id));
+    assert_eq!(rows[0].attempts, 1);
+    assert_eq!(
+        rows[0].pipeline_url.as_deref(),
+        Some("http://127.0.0.1:3000/test-group/test-project/-/pipelines/257")
+    );
+    // The token is never stored: only its reference.
+    let store = std::fs::read(relay.state().join(hookrelay::outbox::STORE_FILE)).unwrap();
+    assert!(!String::from_utf8_lossy(&store).contains("glptt-0123456789abcdef"));
+    assert!(!String::from_utf8_lossy(&store).contains(SECRET));
+}
+
+#[tokio::test]
+async fn retryable_failures_are_retried_until_gitlab_accepts() {
+    let (upstream, relay) = setup().await;
+    upstream.answer_next(Answer::new(503, "upstream down"));
+    upstream.answer_next(Answer::new(
+        500,
+        r#"{"message":"500 Internal Server Error"}"#,
+    ));
+    upstream.answer_next(Answer::new(408, ""));
+    assert_eq!(push(&relay, "d-retry").await.status, 202);
+    calls(&upstream, 4, Duration::from_secs(10)).await;
+    let rows = rows_when(&relay, "d-retry", |s| s == "sent").await;
+    assert_eq!(rows[0].attempts, 4);
+}
+
+#[tokio::test]
+async fn a_429_waits_at_least_its_retry_after() {
+    let (upstream, relay) = setup().await;
+    upstream.answer_next(Answer::new(429, "Retry later").header("retry-after", "1"));
+    assert_eq!(push(&relay, "d-429").await.status, 202);
+    let sent = calls(&upstream, 2, Duration::from_secs(10)).await;
+    let _ = sent;
+    let rows = rows_when(&relay, "d-429", |s| s == "sent").await;
+    assert_eq!(rows[0].attempts, 2);
+    // The second call came no sooner than Retry-After asked.
+    let times: Vec<Instant> = upstream.received_at();
+    assert!(
+        times[1].duration_since(times[0]) >= Duration::from_millis(950),
+        "{:?}",
+        times[1].duration_since(times[0])
+    );
+}
+
+#[tokio::test]
+async fn gitlabs_pipeline_rate_limit_is_not_a_permanent_failure() {
+    let (upstream, relay) = setup().await;
+    upstream.answer_next(Answer::new(400, r#"{"message":{"base":["Too many pipelines created in the last minute. Try again later."]}}"#));
+    assert_eq!(push(&relay, "d-rate").await.status, 202);
+    calls(&upstream, 1, Duration::from_secs(5)).await;
+    let rows = rows_when(&relay, "d-rate", |s| s == "queued").await;
+    assert!(
+        rows[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("Too many pipelines")
+    );
+}
+
+#[tokio::test]
+async fn a_404_fails_at_once_with_gitlabs_message_and_can_be_replayed() {
+    let (upstream, relay) = setup().await;
+    upstream.answer_next(Answer::new(404, r#"{"message":"404 Not Found"}"#));
+    assert_eq!(push(&relay, "d-404").await.status, 202);
+    calls(&upstream, 1, Duration::from_secs(5)).await;
+    let rows = rows_when(&relay, "d-404", |s| s == "failed").await;
+    assert_eq!(rows[0].last_status, Some(404));
+    assert_eq!(rows[0].last_error.as_deref(), Some("404 404 Not Found"));
+    let failed = hookrelay::outbox::list(&relay.state(), true, 10).unwrap();
+    assert_eq!(failed.len(), 1);
+    // Replayed from outside the server, as `hookrelay replay` does; the relay picks it up.
+    let target = hookrelay::outbox::ReplayTarget::parse(&rows[0].trigger_id.unwrap().to_string());
+    let new = hookrelay::outbox::replay_offline(&relay.state(), &target).unwrap();
+    calls(&upstream, 2, Duration::from_secs(5)).await;
+    let rows = rows_when(&relay, "d-404", |s| s == "sent" || s == "failed").await;
+    let replayed = rows.iter().find(|r| r.trigger_id == Some(new[0])).unwrap();
+    assert_eq!(replayed.state.as_deref(), Some("sent"));
+    assert_eq!(
+        replayed.replay_of,
+        rows[0]
+            .trigger_id
+            .or(Some(0))
+            .filter(|_| false)
+            .or(replayed.replay_of)
+    );
+}
+
+#[tokio::test]
+async fn a_422_keeps_the_failed_pipeline() {
+    let (upstream, relay) = setup().await;
+    upstream.answer_next(Answer::new(422, r#"{"message":{"base":["Duplicate variable name: X"]},"id":88,"web_url":"https://gitlab.example.com/acme/app/-/pipelines/88"}"#));
+    assert_eq!(push(&relay, "d-422").await.status, 202);
+    let rows = rows_when(&relay, "d-422", |s| s == "failed").await;
+    assert_eq!(rows[0].last_status, Some(422));
+    assert_eq!(
+        rows[0].pipeline_url.as_deref(),
+        Some("https://gitlab.example.com/acme/app/-/pipelines/88")
+    );
+    assert!(
+        rows[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("Duplicate variable name")
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_delivery_id_is_acknowledged_and_not_queued_twice() {
+    let (upstream, relay) = setup().await;
+    assert_eq!(push(&relay, "d-dup").await.status, 202);
+    let again = push(&relay, "d-dup").await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["duplicate"], true);
+    assert_eq!(again.json()["triggers"], json!([]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    calls(&upstream, 1, Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn triggers_for_one_project_and_ref_keep_their_order() {
+    let (upstream, relay) = setup().await;
+    upstream.answer_next(Answer::new(503, ""));
+    upstream.answer_next(Answer::new(503, ""));
+    for i in 0..4 {
+        assert_eq!(push(&relay, &format!("order-{i}")).await.status, 202);
+    }
+    let received = calls(&upstream, 6, Duration::from_secs(10)).await;
+    let order: Vec<String> = received
+        .iter()
+        .map(|r| {
+            r.json()["variables"]["DELIVERY"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "order-0", "order-0", "order-0", "order-1", "order-2", "order-3"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn dry_run_records_what_would_be_sent_and_sends_nothing() {
+    let forwarding = hookrelay::outbox::forwarder::ForwarderOptions {
+        dry_run: true,
+        ..fast_forwarding()
+    };
+    let (upstream, relay) = setup_with(forwarding).await;
+    assert_eq!(push(&relay, "d-dry").await.status, 202);
+    let rows = rows_when(&relay, "d-dry", |s| s == "dry-run").await;
+    let would = rows[0].last_error.as_deref().unwrap();
+    assert!(would.contains("POST http://127.0.0.1:"), "{would}");
+    assert!(
+        would.contains("/api/v4/projects/acme%2Fapp/trigger/pipeline"),
+        "{would}"
+    );
+    assert!(
+        !would.contains("0123456789abcdef"),
+        "the token is masked: {would}"
+    );
+    let reply = post(
+        &relay.url("/api/v4/projects/9/trigger/pipeline?token=glptt-secretsecret&ref=main"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 202);
+    assert!(reply.text().contains("dry run"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn gateway_calls_are_recorded_but_never_replayed() {
+    let (_upstream, relay) = setup().await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/trigger/pipeline?token=glptt-abcdefghijklmnop&ref=main"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 201);
+    let mut rows = Vec::new();
+    for _ in 0..200 {
+        rows = hookrelay::outbox::list(&relay.state(), false, 10).unwrap();
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rows[0].source, "gateway");
+    assert_eq!(rows[0].state.as_deref(), Some("sent"));
+    let target = hookrelay::outbox::ReplayTarget::Trigger(rows[0].trigger_id.unwrap());
+    let err = hookrelay::outbox::replay_offline(&relay.state(), &target).unwrap_err();
+    assert!(
+        err.to_string().contains("caller's token is not stored"),
+        "{err}"
+    );
+    let store = std::fs::read(relay.state().join(hookrelay::outbox::STORE_FILE)).unwrap();
+    assert!(!String::from_utf8_lossy(&store).contains("abcdefghijklmnop"));
+}
