@@ -741,3 +741,153 @@ fn the_shipped_examples_pass_check_with_their_secrets_set() {
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("rules: 4 (1 scheduled)"));
 }
+
+/// A relay configuration whose one rule sends every GitHub push to acme/app on main, with
+/// the delivery id as a variable, so the upstream shows which deliveries arrived.
+fn durable_config(dir: &Path, upstream: &str) {
+    write(dir, "secret", "s3cret");
+    write(
+        dir,
+        "relay.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"{upstream}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{}\"\n\
+             [delivery]\nretry_base = \"50ms\"\nretry_cap = \"200ms\"\n\
+             [[rule]]\nname = \"all\"\nsource = \"github\"\n[rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\n\
+             token = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = {{ DELIVERY = \"{{{{ event.delivery }}}}\" }}\n",
+            dir.join("secret").display()
+        ),
+    );
+}
+
+fn serve_in(dir: &Path) -> Served {
+    let mut command = Command::new(BIN);
+    command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
+    Served::start_with(command, dir, &dir.join("state"))
+}
+
+fn delivered(upstream: &RecordingUpstream) -> std::collections::BTreeSet<String> {
+    upstream
+        .received()
+        .iter()
+        .filter_map(|r| {
+            r.json()["variables"]["DELIVERY"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_in_the_middle_of_a_backlog_loses_no_acknowledged_webhook() {
+    let upstream = RecordingUpstream::start().await;
+    *upstream.default_delay.lock().unwrap() = Duration::from_millis(150);
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+
+    // 30 webhooks, all acknowledged; one project and ref, so they are sent one at a time.
+    let mut acknowledged = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let reply = github_tag(&address, "s3cret").await;
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        acknowledged.insert(reply.json()["delivery"].as_str().unwrap().to_owned());
+    }
+    // Kill it, hard, while the backlog is being sent.
+    for _ in 0..200 {
+        if upstream.received().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Command::new("kill")
+        .args(["-KILL", &served.child.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = served.child.wait();
+    let before_restart = delivered(&upstream).len();
+    assert!(
+        before_restart < acknowledged.len(),
+        "the backlog was still being sent when killed"
+    );
+
+    // Restarted on the same state folder, it sends the rest.
+    *upstream.default_delay.lock().unwrap() = Duration::ZERO;
+    let mut restarted = serve_in(dir.path());
+    let _ = restarted.address();
+    for _ in 0..500 {
+        if delivered(&upstream) == acknowledged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        delivered(&upstream),
+        acknowledged,
+        "every acknowledged delivery reached the upstream"
+    );
+    let (code, _) = restarted.terminate();
+    assert_eq!(code, Some(0));
+
+    // The record shows them all sent.
+    let output = hookrelay(&[
+        "deliveries",
+        "--state",
+        dir.path().join("state").to_str().unwrap(),
+        "--json",
+        "--limit",
+        "100",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(rows.len(), 30);
+    assert!(rows.iter().all(|r| r["state"] == "sent"), "{rows:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_and_replay_work_beside_a_running_relay() {
+    let upstream = RecordingUpstream::start().await;
+    upstream.answer_next(Answer::new(404, r#"{"message":"404 Not Found"}"#));
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let reply = github_tag(&address, "s3cret").await;
+    assert_eq!(reply.status, 202);
+    let delivery = reply.json()["delivery"].as_str().unwrap().to_owned();
+    served.wait_for("trigger failed");
+
+    let output = hookrelay(&["deliveries", "--state", state, "--failed"]);
+    assert!(output.status.success());
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("TIME (UTC)")
+            && table.contains(&delivery)
+            && table.contains("failed")
+            && table.contains("404 404 Not Found"),
+        "{table}"
+    );
+
+    let output = hookrelay(&["replay", "--state", state, &format!("delivery:{delivery}")]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("queued again"));
+    served.wait_for("trigger sent");
+    let output = hookrelay(&["deliveries", "--state", state]);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("sent (replay of 1)"), "{table}");
+    assert!(
+        table.contains("http://127.0.0.1:3000/test-group/test-project/-/pipelines/257"),
+        "{table}"
+    );
+
+    let output = hookrelay(&["replay", "--state", state, "999"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("trigger 999 is not in the store"));
+    let (code, _) = served.terminate();
+    assert_eq!(code, Some(0));
+}

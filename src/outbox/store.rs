@@ -285,7 +285,7 @@ pub fn replay(
         }
     };
     if ids.is_empty() {
-        return Err(format!("no trigger or delivery {target} in the store"));
+        return Err(format!("{target} is not in the store"));
     }
     let mut new_ids = Vec::new();
     for (id, state, token_ref) in ids {

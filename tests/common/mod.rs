@@ -78,6 +78,8 @@ pub struct RecordingUpstream {
     pub received: Arc<Mutex<Vec<Received>>>,
     /// When each request arrived.
     pub arrivals: Arc<Mutex<Vec<std::time::Instant>>>,
+    /// How long unscripted answers take.
+    pub default_delay: Arc<Mutex<Duration>>,
     pub script: Arc<Mutex<Vec<Answer>>>,
     pub connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
@@ -91,11 +93,13 @@ impl RecordingUpstream {
         let script: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let (r, s, c, a) = (
+        let default_delay = Arc::new(Mutex::new(Duration::ZERO));
+        let (r, s, c, a, d) = (
             received.clone(),
             script.clone(),
             connections.clone(),
             arrivals.clone(),
+            default_delay.clone(),
         );
         let task = tokio::spawn(async move {
             loop {
@@ -103,9 +107,9 @@ impl RecordingUpstream {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (r, s, a) = (r.clone(), s.clone(), a.clone());
+                let (r, s, a, d) = (r.clone(), s.clone(), a.clone(), d.clone());
                 let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let (r, s, a) = (r.clone(), s.clone(), a.clone());
+                    let (r, s, a, d) = (r.clone(), s.clone(), a.clone(), d.clone());
                     async move {
                         a.lock().unwrap().push(std::time::Instant::now());
                         let (parts, body) = request.into_parts();
@@ -127,7 +131,7 @@ impl RecordingUpstream {
                         let answer = {
                             let mut script = s.lock().unwrap();
                             if script.is_empty() {
-                                Answer::created()
+                                Answer::created().delayed(*d.lock().unwrap())
                             } else {
                                 script.remove(0)
                             }
@@ -151,6 +155,7 @@ impl RecordingUpstream {
             addr,
             received,
             arrivals,
+            default_delay,
             script,
             connections,
             task,
