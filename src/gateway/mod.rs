@@ -207,12 +207,7 @@ pub fn record(outbox: &crate::outbox::Outbox, trigger: &Trigger, outcome: crate:
             done: Some(outcome),
         }],
     };
-    let outbox = outbox.clone();
-    tokio::spawn(async move {
-        if let Err(err) = outbox.accept(delivery).await {
-            tracing::warn!(error = %err, "gateway call not recorded");
-        }
-    });
+    outbox.note(delivery);
 }
 
 /// What a gateway call's answer means for its record.

@@ -206,6 +206,8 @@ pub struct StoreError {
 
 enum Op {
     Accept(NewDelivery, oneshot::Sender<Result<Accepted, String>>),
+    /// A record that acknowledges nothing (a gateway call): no reply, no fsync of its own.
+    Note(NewDelivery),
     Claim(usize, oneshot::Sender<Result<Vec<DueTrigger>, String>>),
     Record(i64, Recorded),
     Replay(ReplayTarget, oneshot::Sender<Result<Vec<i64>, String>>),
@@ -278,6 +280,11 @@ impl Outbox {
     /// Records a delivery and its triggers; returns once they are committed to disk.
     pub async fn accept(&self, delivery: NewDelivery) -> Result<Accepted, StoreError> {
         self.ask(|reply| Op::Accept(delivery, reply)).await
+    }
+
+    /// Records a delivery that acknowledges nothing (a gateway call), without waiting.
+    pub fn note(&self, delivery: NewDelivery) {
+        let _ = self.writer.send(Op::Note(delivery));
     }
 
     /// Claims due triggers for sending.
@@ -407,6 +414,14 @@ fn write_loop(
                         end_op(&tx, outcome.is_ok());
                         replies.push(answer(reply, outcome));
                     }
+                    Op::Note(delivery) => {
+                        let outcome =
+                            store::insert_delivery(&tx, &delivery, now).map_err(|e| e.to_string());
+                        if let Err(reason) = &outcome {
+                            tracing::warn!(%reason, "a record could not be stored");
+                        }
+                        end_op(&tx, outcome.is_ok());
+                    }
                     Op::Claim(limit, reply) => {
                         let outcome = store::claim_due(&tx, now, limit).map_err(|e| e.to_string());
                         end_op(&tx, outcome.is_ok());
@@ -475,7 +490,9 @@ fn answer<T: Send + 'static>(
 
 /// Starts a request's savepoint inside the group's transaction.
 fn begin_op(tx: &rusqlite::Transaction<'_>) {
-    let _ = tx.execute_batch("SAVEPOINT op");
+    let _ = tx
+        .prepare_cached("SAVEPOINT op")
+        .and_then(|mut s| s.execute([]));
 }
 
 /// Ends a request's savepoint: kept when it succeeded, rolled back when it failed.

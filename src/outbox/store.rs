@@ -91,20 +91,20 @@ pub fn insert_delivery(
     now: i64,
 ) -> rusqlite::Result<Accepted> {
     let existing: Option<i64> = tx
-        .query_row(
-            "SELECT id FROM deliveries WHERE source = ?1 AND delivery_id = ?2",
-            params![delivery.source, delivery.delivery_id],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT id FROM deliveries WHERE source = ?1 AND delivery_id = ?2")?
+        .query_row(params![delivery.source, delivery.delivery_id], |row| {
+            row.get(0)
+        })
         .optional()?;
     if let Some(row) = existing {
         return Ok(Accepted::Duplicate { delivery_row: row });
     }
     let headers = serde_json::to_string(&delivery.headers).expect("headers serialize");
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO deliveries (source, delivery_id, received_at, event_type, headers, body, summary)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
+    )?
+    .execute(params![
             delivery.source,
             delivery.delivery_id,
             now,
@@ -112,8 +112,7 @@ pub fn insert_delivery(
             headers,
             &delivery.body[..],
             delivery.summary.to_string()
-        ],
-    )?;
+        ])?;
     let delivery_row = tx.last_insert_rowid();
     let mut trigger_ids = Vec::with_capacity(delivery.triggers.len());
     for trigger in &delivery.triggers {
@@ -121,11 +120,12 @@ pub fn insert_delivery(
             None => ("queued", now + trigger.delay_ms),
             Some(_) => ("done", now),
         };
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
                                    order_key, state, created_at, due_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11)",
-            params![
+        )?
+        .execute(params![
                 delivery_row,
                 trigger.rule,
                 trigger.upstream,
@@ -138,8 +138,7 @@ pub fn insert_delivery(
                 state,
                 now,
                 due_at
-            ],
-        )?;
+            ])?;
         let id = tx.last_insert_rowid();
         if let Some(done) = &trigger.done {
             record(tx, id, done, now)?;

@@ -1,0 +1,104 @@
+//! Durable acknowledgements per second: signed GitHub pushes over 64 connections on
+//! 127.0.0.1, each verified, matched and committed (delivery and trigger) before its `202`.
+//! The same server is measured with the store at `synchronous = FULL` (what runs in
+//! production) and `OFF` (no fsync) in one run, so the ratio is what durability costs.
+//! The forwarder does not run: this measures the acknowledging path alone.
+//!
+//! Run: `cargo bench --bench durable_acks` (env: LOAD_REQUESTS, default 20000;
+//! LOAD_CONCURRENCY, default 64).
+
+mod support;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hookrelay::outbox::{Durability, Outbox};
+use http::Request;
+use http_body_util::Full;
+use tokio::net::TcpListener;
+
+const SECRET: &str = "It's a Secret to Everybody";
+const PUSH: &[u8] = include_bytes!("../tests/fixtures/github/push_branch.json");
+
+async fn run(durability: Durability, requests: usize, concurrency: usize, name: &str) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    std::fs::write(
+        dir.path().join("relay.toml"),
+        format!(
+            "[upstream.gitlab]\nurl = \"http://127.0.0.1:9\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{}\"\n\
+             [[rule]]\nname = \"build\"\nsource = \"github\"\n[rule.trigger]\nproject = \"acme/app\"\n\
+             token = \"file:{}\"\nvariables = {{ SHA = \"{{{{ event.after }}}}\" }}\n",
+            dir.path().join("secret").display(),
+            dir.path().join("secret").display()
+        ),
+    )
+    .unwrap();
+    let config = hookrelay::config::load(dir.path()).unwrap();
+    let outbox = Outbox::open(&dir.path().join("state"), durability).unwrap();
+    let app = hookrelay::server::App::new(config, outbox).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(hookrelay::server::run(listener, app, async move {
+        let _ = stopped.await;
+    }));
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            SECRET.as_bytes(),
+            PUSH
+        )
+    );
+    let prefix = name.to_owned();
+    let request = Arc::new(move |i: usize| {
+        Request::post("/hooks/github")
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("{prefix}-{i}"))
+            .header("x-hub-signature-256", signature.as_str())
+            .body(Full::new(Bytes::from_static(PUSH)))
+            .unwrap()
+    });
+    support::load(
+        addr,
+        200.min(requests),
+        concurrency.min(8),
+        202,
+        request.clone(),
+    )
+    .await;
+    let outcome = support::load(
+        addr,
+        requests,
+        concurrency,
+        202,
+        Arc::new(move |i| request(i + 1_000_000)),
+    )
+    .await;
+    let rate = outcome.report(name);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    rate
+}
+
+fn main() {
+    let requests = if support::quick() {
+        200
+    } else {
+        support::env_number("LOAD_REQUESTS", 20_000)
+    };
+    let concurrency = support::env_number("LOAD_CONCURRENCY", 64);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        println!("durable acknowledgements: {requests} signed GitHub pushes, {concurrency} connections, 127.0.0.1");
+        let off = run(Durability::Off, requests, concurrency, "synchronous=OFF (base)").await;
+        let full = run(Durability::Full, requests, concurrency, "synchronous=FULL (durable)").await;
+        println!("durable / no-fsync throughput: {:.2}", full / off);
+    });
+}
