@@ -17,11 +17,14 @@ use crate::sources::{self, Outcome, Verification, WebhookRequest};
 /// What `explain` was asked.
 pub struct ExplainRequest<'a> {
     pub config: &'a Path,
-    pub source: &'a str,
+    /// The source; with a stored delivery, the one it arrived on unless given.
+    pub source: Option<&'a str>,
+    /// Explain a stored delivery (by its delivery id) instead of a payload file.
+    pub delivery: Option<(&'a Path, &'a str)>,
     pub event: Option<&'a str>,
     /// `K: V` pairs.
     pub headers: &'a [String],
-    pub payload: &'a Path,
+    pub payload: Option<&'a Path>,
     pub json: bool,
     /// A `?ref=` as the webhook URL would carry it.
     pub url_ref: Option<&'a str>,
@@ -65,11 +68,35 @@ fn assumed_event(provider: Provider, payload: &[u8]) -> &'static str {
 pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
     let config = crate::config::load_without_secrets(request.config)
         .map_err(|problems| problems.to_string())?;
-    let source = config.sources.get(request.source).ok_or_else(|| {
+    let (stored_source, stored_headers, body, shown_as) = match (request.delivery, request.payload)
+    {
+        (Some((state, id)), None) => {
+            let (source, headers, body) =
+                crate::outbox::stored_webhook(state, id).map_err(|err| err.to_string())?;
+            (Some(source), headers, body, format!("delivery {id}"))
+        }
+        (None, Some(payload)) => {
+            let body = std::fs::read(payload)
+                .map_err(|err| format!("cannot read {}: {err}", payload.display()))?;
+            (
+                None,
+                Vec::new(),
+                Bytes::from(body),
+                payload.display().to_string(),
+            )
+        }
+        _ => return Err("give either a payload file or --delivery ID".into()),
+    };
+    let source_name = request
+        .source
+        .map(str::to_owned)
+        .or(stored_source)
+        .ok_or("--source is needed with a payload file")?;
+    let source = config.sources.get(&source_name).ok_or_else(|| {
         let names: Vec<&str> = config.sources.keys().map(String::as_str).collect();
         format!(
             "no source named {:?} in {}; configured: {}",
-            request.source,
+            source_name,
             request.config.display(),
             if names.is_empty() {
                 "none".into()
@@ -78,14 +105,19 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
             }
         )
     })?;
-    let body = std::fs::read(request.payload)
-        .map_err(|err| format!("cannot read {}: {err}", request.payload.display()))?;
-    let body = Bytes::from(body);
     let mut headers = HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    for (name, value) in &stored_headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
     for pair in request.headers {
         let (name, value) = pair
             .split_once(':')
@@ -124,7 +156,7 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
         },
         Verification::Skip,
     )
-    .map_err(|err| format!("{}: {err}", request.payload.display()))?;
+    .map_err(|err| format!("{shown_as}: {err}"))?;
     if request.json {
         let mut reply = hooks::reply(&source.name, &received);
         if let Outcome::Events(events) = &received.outcome {

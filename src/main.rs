@@ -59,9 +59,14 @@ enum Command {
     Explain {
         #[command(flatten)]
         config: ConfigArg,
-        /// The [source.NAME] the payload arrives on.
+        /// The [source.NAME] the payload arrives on (a stored delivery knows its own).
         #[arg(long)]
-        source: String,
+        source: Option<String>,
+        /// Explain a delivery from the state folder, by its delivery id, instead of a file.
+        #[arg(long, value_name = "ID", conflicts_with = "payload")]
+        delivery: Option<String>,
+        #[command(flatten)]
+        state: StateArg,
         /// The sender's event type (X-GitHub-Event, X-Gitlab-Event, X-Event-Key, …).
         #[arg(long, value_name = "TYPE")]
         event: Option<String>,
@@ -75,8 +80,8 @@ enum Command {
         #[arg(long = "ref", value_name = "REF")]
         url_ref: Option<String>,
         /// The payload file (the webhook's body).
-        #[arg(value_name = "PAYLOAD.json")]
-        payload: PathBuf,
+        #[arg(value_name = "PAYLOAD.json", required_unless_present = "delivery")]
+        payload: Option<PathBuf>,
     },
     /// Validate the configuration; print each problem as file:line: message.
     Check {
@@ -122,13 +127,18 @@ fn main() -> ExitCode {
             json,
             url_ref,
             payload,
+            delivery,
+            state,
         } => {
             let request = hookrelay::explain::ExplainRequest {
                 config: &config.path,
-                source: &source,
+                source: source.as_deref(),
+                delivery: delivery
+                    .as_deref()
+                    .map(|id| (state.state_dir.as_path(), id)),
                 event: event.as_deref(),
                 headers: &headers,
-                payload: &payload,
+                payload: payload.as_deref(),
                 json,
                 url_ref: url_ref.as_deref(),
             };

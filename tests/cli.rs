@@ -885,6 +885,41 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
         "{table}"
     );
 
+    // Explained after the fact, from what the store kept; signatures were not kept.
+    let config = dir.path().to_str().unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "explain",
+            "--config",
+            config,
+            "--state",
+            state,
+            "--delivery",
+            &delivery,
+        ])
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-test")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("source      github")
+            && text.contains("event 1 of 1: tag")
+            && text.contains("✓ all"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("delivery    {delivery}")), "{text}");
+    let store = store_bytes(&dir.path().join("state")).to_ascii_lowercase();
+    assert!(
+        !store.contains("x-hub-signature"),
+        "signature headers are never stored"
+    );
+    assert!(store.contains("x-github-delivery"));
+
     let output = hookrelay(&["replay", "--state", state, "999"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("trigger 999 is not in the store"));

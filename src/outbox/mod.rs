@@ -346,6 +346,29 @@ pub fn list(
     store::list(&conn, failed_only, limit).map_err(|err| error(err.to_string()))
 }
 
+/// A stored webhook (source, headers, body), as it arrived but for its secret headers.
+pub fn stored_webhook(
+    state_dir: &Path,
+    delivery_id: &str,
+) -> Result<(String, Vec<(String, String)>, Bytes), StoreError> {
+    let path = state_dir.join(STORE_FILE);
+    let error = |reason: String| StoreError {
+        path: path.display().to_string(),
+        reason,
+    };
+    if !path.exists() {
+        return Err(error(
+            "no store here yet; is this the relay's --state folder?".into(),
+        ));
+    }
+    let conn = store::open(&path).map_err(|err| error(err.to_string()))?;
+    let (source, headers, body) = store::stored_webhook(&conn, delivery_id)
+        .map_err(|err| error(err.to_string()))?
+        .ok_or_else(|| error(format!("no delivery {delivery_id:?} in the store")))?;
+    let headers = serde_json::from_str(&headers).map_err(|err| error(err.to_string()))?;
+    Ok((source, headers, Bytes::from(body)))
+}
+
 /// Re-queues from outside the server (`hookrelay replay`); a running server picks it up.
 pub fn replay_offline(state_dir: &Path, target: &ReplayTarget) -> Result<Vec<i64>, StoreError> {
     let path = state_dir.join(STORE_FILE);

@@ -359,3 +359,16 @@ pub fn list(
         })?
         .collect()
 }
+
+/// A stored webhook: its source, headers and body, for `explain --delivery`.
+pub fn stored_webhook(
+    conn: &Connection,
+    delivery_id: &str,
+) -> rusqlite::Result<Option<(String, String, Vec<u8>)>> {
+    conn.query_row(
+        "SELECT source, headers, body FROM deliveries WHERE delivery_id = ?1 ORDER BY id DESC LIMIT 1",
+        params![delivery_id],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+    )
+    .optional()
+}

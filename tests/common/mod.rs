@@ -406,3 +406,18 @@ pub fn fixture(path: &str) -> Vec<u8> {
     )
     .unwrap()
 }
+
+/// Everything the delivery store holds on disk, main file and write-ahead log, as text:
+/// for checking that a secret never reached it.
+pub fn store_bytes(state: &std::path::Path) -> String {
+    let mut all = Vec::new();
+    for name in [
+        hookrelay::outbox::STORE_FILE.to_owned(),
+        format!("{}-wal", hookrelay::outbox::STORE_FILE),
+    ] {
+        if let Ok(bytes) = std::fs::read(state.join(name)) {
+            all.extend(bytes);
+        }
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
