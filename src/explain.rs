@@ -71,9 +71,13 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
     let (stored_source, stored_headers, body, shown_as) = match (request.delivery, request.payload)
     {
         (Some((state, id)), None) => {
-            let (source, headers, body) =
-                crate::outbox::stored_webhook(state, id).map_err(|err| err.to_string())?;
-            (Some(source), headers, body, format!("delivery {id}"))
+            let stored = crate::outbox::stored_webhook(state, id).map_err(|err| err.to_string())?;
+            (
+                Some(stored.source),
+                stored.headers,
+                stored.body,
+                format!("delivery {id}"),
+            )
         }
         (None, Some(payload)) => {
             let body = std::fs::read(payload)

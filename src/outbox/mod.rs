@@ -346,11 +346,15 @@ pub fn list(
     store::list(&conn, failed_only, limit).map_err(|err| error(err.to_string()))
 }
 
-/// A stored webhook (source, headers, body), as it arrived but for its secret headers.
-pub fn stored_webhook(
-    state_dir: &Path,
-    delivery_id: &str,
-) -> Result<(String, Vec<(String, String)>, Bytes), StoreError> {
+/// A stored webhook, as it arrived but for its secret headers.
+pub struct StoredWebhook {
+    pub source: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+/// Reads a stored webhook by its delivery id (`explain --delivery`).
+pub fn stored_webhook(state_dir: &Path, delivery_id: &str) -> Result<StoredWebhook, StoreError> {
     let path = state_dir.join(STORE_FILE);
     let error = |reason: String| StoreError {
         path: path.display().to_string(),
@@ -366,7 +370,11 @@ pub fn stored_webhook(
         .map_err(|err| error(err.to_string()))?
         .ok_or_else(|| error(format!("no delivery {delivery_id:?} in the store")))?;
     let headers = serde_json::from_str(&headers).map_err(|err| error(err.to_string()))?;
-    Ok((source, headers, Bytes::from(body)))
+    Ok(StoredWebhook {
+        source,
+        headers,
+        body: Bytes::from(body),
+    })
 }
 
 /// Re-queues from outside the server (`hookrelay replay`); a running server picks it up.
