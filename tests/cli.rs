@@ -926,3 +926,48 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_and_returns_unfinished_sends_to_the_outbox() {
+    let upstream = RecordingUpstream::start().await;
+    *upstream.default_delay.lock().unwrap() = Duration::from_secs(30);
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    write(
+        dir.path(),
+        "server.toml",
+        "[server]\nshutdown_timeout = \"500ms\"\n",
+    );
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    assert_eq!(github_tag(&address, "s3cret").await.status, 202);
+    for _ in 0..200 {
+        if !upstream.received().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = std::time::Instant::now();
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0), "{lines:#?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("returned to the outbox")),
+        "{lines:#?}"
+    );
+    let output = hookrelay(&[
+        "deliveries",
+        "--state",
+        dir.path().join("state").to_str().unwrap(),
+        "--json",
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        rows[0]["state"], "queued",
+        "due again at the next start: {rows:#?}"
+    );
+}

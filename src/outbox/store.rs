@@ -372,3 +372,198 @@ pub fn stored_webhook(
     )
     .optional()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{NewTrigger, ReplayTarget};
+
+    fn delivery(id: &str, project: &str) -> NewDelivery {
+        NewDelivery {
+            source: "gh".into(),
+            delivery_id: id.into(),
+            event_type: "push".into(),
+            headers: vec![("x-github-event".into(), "push".into())],
+            body: bytes::Bytes::from_static(b"{}"),
+            summary: serde_json::json!({}),
+            triggers: vec![NewTrigger {
+                rule: "r".into(),
+                upstream: "gitlab".into(),
+                project: project.into(),
+                git_ref: "main".into(),
+                token_ref: "env:T".into(),
+                variables: serde_json::json!({}),
+                inputs: serde_json::json!({}),
+                delay_ms: 0,
+                done: None,
+            }],
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join("s.sqlite3")).unwrap();
+        (dir, conn)
+    }
+
+    #[test]
+    fn migrations_run_once_and_reopen_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite3");
+        drop(open(&path).unwrap());
+        let conn = open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn duplicates_and_ordering_per_project_and_ref() {
+        let (_dir, mut conn) = store();
+        let tx = conn.transaction().unwrap();
+        let first = insert_delivery(&tx, &delivery("a", "p1"), 1).unwrap();
+        assert!(matches!(first, crate::outbox::Accepted::Queued { .. }));
+        assert!(matches!(
+            insert_delivery(&tx, &delivery("a", "p1"), 2).unwrap(),
+            crate::outbox::Accepted::Duplicate { .. }
+        ));
+        insert_delivery(&tx, &delivery("b", "p1"), 3).unwrap();
+        insert_delivery(&tx, &delivery("c", "p2"), 4).unwrap();
+        // One per project and ref: a (p1) and c (p2), not b (waits behind a).
+        let claimed: Vec<String> = claim_due(&tx, 10, 10)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.delivery_id)
+            .collect();
+        assert_eq!(claimed, ["a", "c"]);
+        assert!(
+            claim_due(&tx, 10, 10).unwrap().is_empty(),
+            "b waits while a is being sent"
+        );
+        let a = 1;
+        record(
+            &tx,
+            a,
+            &Recorded::Sent {
+                status: 201,
+                pipeline_id: Some(7),
+                pipeline_url: None,
+            },
+            11,
+        )
+        .unwrap();
+        let claimed: Vec<String> = claim_due(&tx, 12, 10)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.delivery_id)
+            .collect();
+        assert_eq!(claimed, ["b"]);
+        tx.commit().unwrap();
+        // A crash while b and c are being sent: both are due again.
+        assert_eq!(requeue_in_flight(&conn).unwrap(), 2);
+    }
+
+    #[test]
+    fn retries_wait_until_due() {
+        let (_dir, mut conn) = store();
+        let tx = conn.transaction().unwrap();
+        insert_delivery(&tx, &delivery("a", "p"), 0).unwrap();
+        let id = claim_due(&tx, 0, 1).unwrap()[0].id;
+        record(
+            &tx,
+            id,
+            &Recorded::Retry {
+                due_at: 1000,
+                status: Some(503),
+                reason: "503".into(),
+            },
+            1,
+        )
+        .unwrap();
+        assert!(claim_due(&tx, 999, 1).unwrap().is_empty());
+        let again = claim_due(&tx, 1000, 1).unwrap();
+        assert_eq!(again[0].attempts, 1, "attempts before this one");
+        tx.commit().unwrap();
+        assert_eq!(
+            next_due(&conn).unwrap(),
+            None,
+            "nothing queued while it is being sent"
+        );
+    }
+
+    #[test]
+    fn prune_keeps_what_is_still_to_be_sent() {
+        let (_dir, mut conn) = store();
+        let tx = conn.transaction().unwrap();
+        insert_delivery(&tx, &delivery("old-done", "p1"), 0).unwrap();
+        insert_delivery(&tx, &delivery("old-pending", "p2"), 0).unwrap();
+        insert_delivery(&tx, &delivery("new", "p3"), 500).unwrap();
+        let done = claim_due(&tx, 0, 1).unwrap()[0].id;
+        record(
+            &tx,
+            done,
+            &Recorded::Failed {
+                status: Some(404),
+                reason: "x".into(),
+                pipeline_id: None,
+                pipeline_url: None,
+            },
+            1,
+        )
+        .unwrap();
+        assert_eq!(prune(&tx, 100).unwrap(), 1);
+        tx.commit().unwrap();
+        let left: Vec<String> = list(&conn, false, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.delivery_id)
+            .collect();
+        assert_eq!(left, ["new", "old-pending"]);
+    }
+
+    #[test]
+    fn replays_are_new_triggers_linked_to_the_original() {
+        let (_dir, mut conn) = store();
+        let tx = conn.transaction().unwrap();
+        insert_delivery(&tx, &delivery("a", "p"), 0).unwrap();
+        let err = replay(&tx, &ReplayTarget::Trigger(1), 1).unwrap_err();
+        assert!(err.contains("still queued"), "{err}");
+        let id = claim_due(&tx, 0, 1).unwrap()[0].id;
+        record(
+            &tx,
+            id,
+            &Recorded::Failed {
+                status: Some(404),
+                reason: "x".into(),
+                pipeline_id: None,
+                pipeline_url: None,
+            },
+            1,
+        )
+        .unwrap();
+        let new = replay(&tx, &ReplayTarget::Delivery("a".into()), 2).unwrap();
+        assert_eq!(new, [2]);
+        let claimed = claim_due(&tx, 2, 5).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert!(
+            replay(&tx, &ReplayTarget::Trigger(99), 3)
+                .unwrap_err()
+                .contains("trigger 99 is not in the store")
+        );
+        tx.commit().unwrap();
+        assert_eq!(ReplayTarget::parse("trigger:5"), ReplayTarget::Trigger(5));
+        assert_eq!(
+            ReplayTarget::parse("delivery:abc"),
+            ReplayTarget::Delivery("abc".into())
+        );
+        assert_eq!(
+            ReplayTarget::parse("72d3162e-cc78"),
+            ReplayTarget::Delivery("72d3162e-cc78".into())
+        );
+    }
+}
