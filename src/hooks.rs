@@ -55,6 +55,9 @@ pub async fn handle(
         Ok(received) => received,
         Err(err) => {
             tracing::warn!(source = %source.name, provider = %source.provider, error = %err, "webhook refused");
+            if matches!(err, sources::SourceError::Signature(_)) {
+                app.metrics.signature_failure(&source.name);
+            }
             return Err(err.into());
         }
     };
@@ -63,6 +66,13 @@ pub async fn handle(
         Outcome::Events(events) => {
             for event in events {
                 let triggers = runtime.config.rules.plan(event, url_ref.as_ref());
+                let mut counted: Vec<&str> = Vec::new();
+                for planned in &triggers {
+                    if !counted.contains(&planned.rule.as_str()) {
+                        counted.push(&planned.rule);
+                        app.metrics.rule_matched(&planned.rule);
+                    }
+                }
                 tracing::info!(
                     source = %source.name,
                     delivery = %received.delivery,
@@ -132,6 +142,10 @@ pub async fn handle(
             Ok(json_response(StatusCode::OK, &reply))
         }
         Accepted::Queued { trigger_ids, .. } => {
+            app.metrics.triggers(
+                crate::metrics::TriggerOutcome::Queued,
+                trigger_ids.len() as u64,
+            );
             for (entry, id) in queued.iter_mut().zip(&trigger_ids) {
                 entry["id"] = json!(id);
             }

@@ -32,6 +32,9 @@ enum Command {
         /// Record and log the trigger calls that would be sent, without sending any.
         #[arg(long)]
         dry_run: bool,
+        /// How log lines are written (to standard error).
+        #[arg(long, value_enum, default_value = "text", env = "HOOKRELAY_LOG_FORMAT")]
+        log_format: commands::LogFormat,
     },
     /// List recent deliveries and their triggers from the state folder.
     Deliveries {
@@ -166,8 +169,9 @@ fn main() -> ExitCode {
             listen,
             state,
             dry_run,
+            log_format,
         } => {
-            commands::init_logging();
+            commands::init_logging(log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(err) => {

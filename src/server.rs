@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use crate::config::{Config, ServerConfig};
 use crate::error::{ApiError, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::upstream::{UpstreamError, Upstreams};
 
@@ -60,6 +61,7 @@ pub struct App {
     pub outbox: Outbox,
     /// `--dry-run`: record and log trigger calls, never send them.
     pub dry_run: bool,
+    pub metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -84,6 +86,7 @@ impl App {
             reloads: tokio::sync::watch::Sender::new(0),
             outbox,
             dry_run,
+            metrics: Arc::new(Metrics::new()),
         }))
     }
 
@@ -184,6 +187,7 @@ impl std::fmt::Display for Millis {
 enum Route<'a> {
     Healthz,
     Readyz,
+    Metrics,
     Trigger {
         project: &'a str,
         git_ref: Option<String>,
@@ -200,6 +204,7 @@ fn route(path: &str) -> Route<'_> {
     match segments.as_slice() {
         ["healthz"] => Route::Healthz,
         ["readyz"] => Route::Readyz,
+        ["metrics"] => Route::Metrics,
         ["hooks", source] if !source.is_empty() => Route::Hook { source },
         ["api", "v4", "projects", project, "trigger", "pipeline"] if !project.is_empty() => {
             Route::Trigger {
@@ -235,10 +240,22 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let mut upstream_latency = None;
+    let endpoint = match route(&path) {
+        Route::Healthz => "healthz",
+        Route::Readyz => "readyz",
+        Route::Metrics => "metrics",
+        Route::Trigger { git_ref: None, .. } => "trigger",
+        Route::Trigger {
+            git_ref: Some(_), ..
+        } => "trigger_webhook",
+        Route::Hook { .. } => "hooks",
+        Route::NotFound => "not_found",
+    };
     let response = match dispatch(app, request, &mut upstream_latency).await {
         Ok(response) => response,
         Err(err) => error_response(&err),
     };
+    app.metrics.request(endpoint, response.status().as_u16());
     tracing::info!(
         %peer,
         %method,
@@ -326,11 +343,29 @@ async fn dispatch(
                 ));
             }
             let result = gateway::forward(upstream, &trigger).await;
+            app.metrics.upstream_response(
+                &upstream.name,
+                result.as_ref().ok().map(|a| a.status.as_u16()),
+            );
             gateway::record(&app.outbox, &trigger, gateway::recorded(&result));
             let answer = result?;
             *upstream_latency = Some(answer.latency);
             Ok(gateway::answer_response(upstream, &trigger, &answer))
         }
+        Route::Metrics => match method {
+            Method::GET | Method::HEAD => {
+                if let Ok((depth, oldest)) = app.outbox.depth() {
+                    app.metrics.outbox(depth, oldest.as_secs_f64());
+                }
+                let mut response = Response::new(Full::new(Bytes::from(app.metrics.encode())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+                );
+                Ok(response)
+            }
+            _ => Err(not_allowed("GET, HEAD")),
+        },
         Route::Hook { source } => {
             if method != Method::POST {
                 return Err(not_allowed("POST"));

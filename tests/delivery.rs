@@ -345,3 +345,47 @@ async fn gateway_calls_are_recorded_but_never_replayed() {
     assert!(store.contains("gateway"), "the store was read");
     assert!(!store.contains("abcdefghijklmnop"));
 }
+
+#[tokio::test]
+async fn metrics_after_a_scripted_run() {
+    let (upstream, relay) = setup().await;
+    upstream.answer_next(Answer::new(503, ""));
+    assert_eq!(push(&relay, "m-1").await.status, 202);
+    assert_eq!(push(&relay, "m-2").await.status, 202);
+    let unsigned = post(
+        &relay.url("/hooks/github"),
+        &[("X-GitHub-Event", "push")],
+        fixture("github/push_tag.json"),
+    )
+    .await;
+    assert_eq!(unsigned.status, 401);
+    calls(&upstream, 3, Duration::from_secs(10)).await;
+    rows_when(&relay, "m-2", |s| s == "sent").await;
+    rows_when(&relay, "m-1", |s| s == "sent").await;
+    let reply = send("GET", &relay.url("/metrics"), &[], "").await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = reply.text();
+    for line in [
+        "hookrelay_requests_total{endpoint=\"hooks\",status=\"202\"} 2",
+        "hookrelay_requests_total{endpoint=\"hooks\",status=\"401\"} 1",
+        "hookrelay_signature_failures_total{source=\"github\"} 1",
+        "hookrelay_rule_matches_total{rule=\"build\"} 2",
+        "hookrelay_triggers_total{outcome=\"queued\"} 2",
+        "hookrelay_triggers_total{outcome=\"retried\"} 1",
+        "hookrelay_triggers_total{outcome=\"sent\"} 2",
+        "hookrelay_upstream_responses_total{upstream=\"gitlab\",code=\"503\"} 1",
+        "hookrelay_upstream_responses_total{upstream=\"gitlab\",code=\"201\"} 2",
+        "hookrelay_delivery_latency_seconds_count 2",
+        "hookrelay_outbox_depth 0",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from\n{text}");
+    }
+    assert!(!text.contains("glptt-"), "no token in any label");
+    assert!(!text.contains(SECRET));
+}

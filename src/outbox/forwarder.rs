@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use super::retry::{RetryPolicy, Verdict, classify};
 use super::{DueTrigger, Outbox, Recorded, now_ms};
 use crate::git_ref::GitRef;
+use crate::metrics::TriggerOutcome;
 use crate::secret::{Secret, SecretRef};
 use crate::server::App;
 use crate::trigger::{ProjectId, Trigger};
@@ -157,15 +158,7 @@ async fn attempt(app: &App, outbox: &Outbox, due: DueTrigger, options: &Forwarde
     };
     let Some(upstream) = runtime.upstreams.get(&due.upstream).cloned() else {
         let reason = format!("upstream {:?} is not in the configuration", due.upstream);
-        retry_or_fail(
-            outbox,
-            &due,
-            options,
-            attempts,
-            Duration::ZERO,
-            None,
-            reason,
-        );
+        retry_or_fail(app, &due, options, attempts, Duration::ZERO, None, reason);
         return;
     };
     if options.dry_run {
@@ -179,10 +172,16 @@ async fn attempt(app: &App, outbox: &Outbox, due: DueTrigger, options: &Forwarde
             String::from_utf8_lossy(&call.body)
         );
         tracing::info!(%delivery, %source, %rule, %project, git_ref = %trigger.git_ref, %would_send, "trigger not sent (dry run)");
+        app.metrics.trigger(TriggerOutcome::DryRun);
         outbox.record(due.id, Recorded::DryRun { would_send });
         return;
     }
     let result = upstream.send(&trigger.upstream_call()).await;
+    app.metrics.upstream_response(
+        &upstream.name,
+        result.as_ref().ok().map(|a| a.status.as_u16()),
+    );
+    let latency = Duration::from_millis((now_ms() - due.created_at).max(0) as u64).as_secs_f64();
     match classify(&result, SystemTime::now()) {
         Verdict::Sent {
             status,
@@ -201,12 +200,14 @@ async fn attempt(app: &App, outbox: &Outbox, due: DueTrigger, options: &Forwarde
                     pipeline_url,
                 },
             );
+            app.metrics.trigger(TriggerOutcome::Sent);
+            app.metrics.delivery_latency(latency);
         }
         Verdict::Retry {
             floor,
             status,
             reason,
-        } => retry_or_fail(outbox, &due, options, attempts, floor, status, reason),
+        } => retry_or_fail(app, &due, options, attempts, floor, status, reason),
         Verdict::Failed {
             status,
             reason,
@@ -223,12 +224,14 @@ async fn attempt(app: &App, outbox: &Outbox, due: DueTrigger, options: &Forwarde
                     pipeline_url,
                 },
             );
+            app.metrics.trigger(TriggerOutcome::Failed);
+            app.metrics.delivery_latency(latency);
         }
     }
 }
 
 fn retry_or_fail(
-    outbox: &Outbox,
+    app: &App,
     due: &DueTrigger,
     options: &ForwarderOptions,
     attempts: i64,
@@ -246,7 +249,7 @@ fn retry_or_fail(
             age.as_secs()
         );
         tracing::warn!(delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project, %reason, "trigger failed");
-        outbox.record(
+        app.outbox.record(
             due.id,
             Recorded::Failed {
                 status,
@@ -255,13 +258,15 @@ fn retry_or_fail(
                 pipeline_url: None,
             },
         );
+        app.metrics.trigger(TriggerOutcome::Failed);
         return;
     }
     tracing::info!(
         delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project,
         attempts, retry_in_ms = delay.as_millis() as u64, %reason, "trigger will be retried"
     );
-    outbox.record(
+    app.metrics.trigger(TriggerOutcome::Retried);
+    app.outbox.record(
         due.id,
         Recorded::Retry {
             due_at: now_ms() + delay.as_millis() as i64,

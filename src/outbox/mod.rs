@@ -313,6 +313,16 @@ impl Outbox {
         }
     }
 
+    /// Triggers waiting or being sent, and how long the longest-due one has been due.
+    pub fn depth(&self) -> Result<(i64, std::time::Duration), StoreError> {
+        let conn = read_connection(&self.path).map_err(|err| self.error(err.to_string()))?;
+        let now = now_ms();
+        let (depth, oldest) =
+            store::depth(&conn, now).map_err(|err| self.error(err.to_string()))?;
+        let age = oldest.map(|due| (now - due).max(0) as u64).unwrap_or(0);
+        Ok((depth, std::time::Duration::from_millis(age)))
+    }
+
     /// When the next queued trigger is due (milliseconds since 1970).
     pub fn next_due(&self) -> Result<Option<i64>, StoreError> {
         let conn = read_connection(&self.path).map_err(|err| self.error(err.to_string()))?;

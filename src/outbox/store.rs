@@ -239,6 +239,16 @@ pub fn requeue_in_flight(conn: &Connection) -> rusqlite::Result<usize> {
     )
 }
 
+/// How many triggers wait or are being sent, and when the longest-due waiting one fell due.
+pub fn depth(conn: &Connection, now: i64) -> rusqlite::Result<(i64, Option<i64>)> {
+    conn.query_row(
+        "SELECT count(*), (SELECT min(due_at) FROM triggers WHERE state = 'queued' AND due_at <= ?1)
+         FROM triggers WHERE state IN ('queued', 'sending')",
+        params![now],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )
+}
+
 /// When the next queued trigger is due, if any.
 pub fn next_due(conn: &Connection) -> rusqlite::Result<Option<i64>> {
     conn.query_row(

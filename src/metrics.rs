@@ -1,0 +1,252 @@
+//! Metrics at `GET /metrics`, in the OpenMetrics text format Prometheus scrapes.
+//!
+//! Every name starts with `hookrelay_`. Labels carry only names from the configuration
+//! (source, rule, upstream) and fixed words (endpoint, outcome, status code): never a
+//! secret, a token, a ref or a repository, so the number of series stays bounded. The
+//! outbox gauges are read from the store when scraped.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+    pub code: String,
+}
+
+/// What happened to a trigger.
+#[derive(Clone, Copy, Debug)]
+pub enum TriggerOutcome {
+    Queued,
+    Sent,
+    Failed,
+    Retried,
+    RateLimited,
+    DryRun,
+}
+
+impl TriggerOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            TriggerOutcome::Queued => "queued",
+            TriggerOutcome::Sent => "sent",
+            TriggerOutcome::Failed => "failed",
+            TriggerOutcome::Retried => "retried",
+            TriggerOutcome::RateLimited => "rate_limited",
+            TriggerOutcome::DryRun => "dry_run",
+        }
+    }
+}
+
+/// All of the relay's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    signature_failures: Family<SourceLabels, Counter>,
+    rule_matches: Family<RuleLabels, Counter>,
+    triggers: Family<OutcomeLabels, Counter>,
+    upstream_responses: Family<UpstreamLabels, Counter>,
+    delivery_latency: Histogram,
+    outbox_depth: Gauge,
+    outbox_oldest_due_age: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("hookrelay");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "HTTP requests by endpoint and status",
+            requests.clone(),
+        );
+        let signature_failures = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "signature_failures",
+            "Webhooks refused for a missing or wrong signature or token, by source",
+            signature_failures.clone(),
+        );
+        let rule_matches = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "rule_matches",
+            "Events matched, by rule",
+            rule_matches.clone(),
+        );
+        let triggers = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "triggers",
+            "Trigger calls by outcome: queued, sent, failed, retried, rate_limited, dry_run",
+            triggers.clone(),
+        );
+        let upstream_responses = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_responses",
+            "Answers from GitLab by upstream and HTTP status (\"error\" when none came)",
+            upstream_responses.clone(),
+        );
+        let delivery_latency = Histogram::new(exponential_buckets(0.005, 2.0, 20));
+        registry.register(
+            "delivery_latency_seconds",
+            "From a trigger's webhook being accepted to GitLab's final answer",
+            delivery_latency.clone(),
+        );
+        let outbox_depth = Gauge::default();
+        registry.register(
+            "outbox_depth",
+            "Triggers waiting to be sent or being sent",
+            outbox_depth.clone(),
+        );
+        let outbox_oldest_due_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "outbox_oldest_due_age_seconds",
+            "How long the longest-due waiting trigger has been due",
+            outbox_oldest_due_age.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            signature_failures,
+            rule_matches,
+            triggers,
+            upstream_responses,
+            delivery_latency,
+            outbox_depth,
+            outbox_oldest_due_age,
+        }
+    }
+
+    pub fn request(&self, endpoint: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn signature_failure(&self, source: &str) {
+        self.signature_failures
+            .get_or_create(&SourceLabels {
+                source: source.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn rule_matched(&self, rule: &str) {
+        self.rule_matches
+            .get_or_create(&RuleLabels {
+                rule: rule.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn trigger(&self, outcome: TriggerOutcome) {
+        self.triggers
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn triggers(&self, outcome: TriggerOutcome, count: u64) {
+        self.triggers
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str().to_owned(),
+            })
+            .inc_by(count);
+    }
+
+    /// An answer from GitLab; `None` when none came (network error, timeout).
+    pub fn upstream_response(&self, upstream: &str, status: Option<u16>) {
+        let code = status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "error".into());
+        self.upstream_responses
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+                code,
+            })
+            .inc();
+    }
+
+    pub fn delivery_latency(&self, seconds: f64) {
+        self.delivery_latency.observe(seconds);
+    }
+
+    /// The outbox gauges, set when scraped.
+    pub fn outbox(&self, depth: i64, oldest_due_age_seconds: f64) {
+        self.outbox_depth.set(depth);
+        self.outbox_oldest_due_age.set(oldest_due_age_seconds);
+    }
+
+    /// The text a scrape receives.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// The content type of [`Metrics::encode`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_prefixed_and_labels_bounded() {
+        let metrics = Metrics::new();
+        metrics.request("hooks", 202);
+        metrics.signature_failure("github");
+        metrics.trigger(TriggerOutcome::Sent);
+        metrics.upstream_response("gitlab", None);
+        metrics.delivery_latency(0.2);
+        metrics.outbox(3, 1.5);
+        let text = metrics.encode();
+        for line in [
+            "hookrelay_requests_total{endpoint=\"hooks\",status=\"202\"} 1",
+            "hookrelay_signature_failures_total{source=\"github\"} 1",
+            "hookrelay_triggers_total{outcome=\"sent\"} 1",
+            "hookrelay_upstream_responses_total{upstream=\"gitlab\",code=\"error\"} 1",
+            "hookrelay_delivery_latency_seconds_count 1",
+            "hookrelay_outbox_depth 3",
+            "hookrelay_outbox_oldest_due_age_seconds 1.5",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from\n{text}");
+        }
+    }
+}
