@@ -23,6 +23,7 @@ fn source(provider: Provider) -> SourceConfig {
         allow_sha1: false,
         timestamp_tolerance: Duration::from_secs(300),
         allow_unsigned: false,
+        limit: None,
         generic: GenericConfig::default(),
     }
 }

@@ -63,6 +63,12 @@ pub enum ApiError {
     Source(#[from] SourceError),
     #[error("?ref= in the webhook URL: {0}")]
     BadUrlRef(String),
+    /// Over a limit whose `on_limit` is `reject`.
+    #[error("over the rate limit {limit}; retry in {} s", crate::limits::retry_after_seconds(*wait))]
+    RateLimited {
+        limit: String,
+        wait: std::time::Duration,
+    },
     /// The webhook could not be stored, so it is not acknowledged: the sender retries.
     #[error("the webhook was not stored, so it is not acknowledged; try again: {0}")]
     Store(crate::outbox::StoreError),
@@ -79,6 +85,18 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
     let (status, body) = match err {
         ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, json!({ "message": message })),
         ApiError::UnknownSource(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
+        ApiError::RateLimited { wait, .. } => {
+            let mut response = json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                &json!({ "message": message }),
+            );
+            let seconds = crate::limits::retry_after_seconds(*wait).to_string();
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&seconds).expect("digits are a valid header"),
+            );
+            return response;
+        }
         ApiError::Store(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "message": message }),

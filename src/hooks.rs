@@ -61,6 +61,17 @@ pub async fn handle(
             return Err(err.into());
         }
     };
+    if let Some(limiter) = runtime.limits.source(&source.name) {
+        if limiter.limit.on_limit == crate::limits::OnLimit::Reject {
+            if let Err(wait) = limiter.check(&source.name) {
+                tracing::warn!(source = %source.name, delivery = %received.delivery, limit = %limiter.name, "webhook over its limit");
+                return Err(ApiError::RateLimited {
+                    limit: limiter.name.clone(),
+                    wait,
+                });
+            }
+        }
+    }
     let mut planned = Vec::new();
     match &received.outcome {
         Outcome::Events(events) => {
@@ -120,6 +131,20 @@ pub async fn handle(
     }
     if !errors.is_empty() {
         reply["errors"] = Value::Array(errors);
+    }
+    // An upstream limit that rejects refuses the webhook while its project has no room.
+    for trigger in &new_triggers {
+        let limiter = runtime.limits.upstream_project(&trigger.upstream);
+        if let Some(limiter) =
+            limiter.filter(|l| l.limit.on_limit == crate::limits::OnLimit::Reject)
+        {
+            if let Err(wait) = limiter.check(&trigger.project) {
+                return Err(ApiError::RateLimited {
+                    limit: limiter.name.clone(),
+                    wait,
+                });
+            }
+        }
     }
     let accepted = app
         .outbox

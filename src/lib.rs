@@ -23,6 +23,7 @@ pub mod explain;
 pub mod gateway;
 pub mod git_ref;
 pub mod hooks;
+pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod reload;

@@ -38,12 +38,18 @@ use crate::upstream::{UpstreamError, Upstreams};
 pub struct Runtime {
     pub config: Config,
     pub upstreams: Upstreams,
+    pub limits: crate::limits::Limits,
 }
 
 impl Runtime {
     pub fn new(config: Config) -> Result<Runtime, UpstreamError> {
         let upstreams = Upstreams::new(&config.upstreams)?;
-        Ok(Runtime { config, upstreams })
+        let limits = crate::limits::Limits::new(&config);
+        Ok(Runtime {
+            config,
+            upstreams,
+            limits,
+        })
     }
 }
 
@@ -251,7 +257,7 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
         Route::Hook { .. } => "hooks",
         Route::NotFound => "not_found",
     };
-    let response = match dispatch(app, request, &mut upstream_latency).await {
+    let response = match dispatch(app, peer, request, &mut upstream_latency).await {
         Ok(response) => response,
         Err(err) => error_response(&err),
     };
@@ -270,6 +276,7 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
 
 async fn dispatch(
     app: &App,
+    peer: SocketAddr,
     request: Request<Incoming>,
     upstream_latency: &mut Option<Duration>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -324,6 +331,36 @@ async fn dispatch(
                 body,
             };
             let trigger = gateway::parse_trigger_call(call, &upstream.name).await?;
+            let client = gateway_config.per_client.as_ref().map(|_| {
+                let forwarded = parts
+                    .headers
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok());
+                crate::limits::gateway_client(
+                    peer.ip(),
+                    forwarded,
+                    &gateway_config.trusted_proxies,
+                    &trigger.token,
+                )
+            });
+            let project_key = trigger.project.to_string();
+            for (limiter, key) in [
+                (
+                    runtime.limits.gateway_project.as_ref(),
+                    Some(project_key.as_str()),
+                ),
+                (runtime.limits.gateway_client.as_ref(), client.as_deref()),
+            ] {
+                if let (Some(limiter), Some(key)) = (limiter, key) {
+                    if let Err(wait) = limiter.check(key) {
+                        tracing::warn!(limit = %limiter.name, project = %trigger.project, "gateway call over its limit");
+                        return Err(ApiError::RateLimited {
+                            limit: limiter.name.clone(),
+                            wait,
+                        });
+                    }
+                }
+            }
             if app.dry_run {
                 let mut shown = trigger.clone();
                 shown.token = crate::secret::Secret::new(trigger.token.masked());

@@ -750,7 +750,7 @@ fn durable_config(dir: &Path, upstream: &str) {
         dir,
         "relay.toml",
         &format!(
-            "[upstream.gitlab]\nurl = \"{upstream}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{}\"\n\
+            "[upstream.gitlab]\nurl = \"{upstream}\"\nlimit = {{ per_project = \"1000/s\" }}\n[source.github]\nprovider = \"github\"\nsecret = \"file:{}\"\n\
              [delivery]\nretry_base = \"50ms\"\nretry_cap = \"200ms\"\n\
              [[rule]]\nname = \"all\"\nsource = \"github\"\n[rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\n\
              token = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = {{ DELIVERY = \"{{{{ event.delivery }}}}\" }}\n",

@@ -86,6 +86,18 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time allowed for the whole call: connect, send and read GitLab's answer.
     pub timeout: Duration,
+    /// Pipeline-creating calls per project (GitLab.com allows 25 a minute).
+    pub per_project: crate::limits::Limit,
+}
+
+/// The default upstream limit: GitLab.com's 25 pipeline creations a minute per project,
+/// queued rather than refused.
+pub fn default_per_project() -> crate::limits::Limit {
+    crate::limits::Limit {
+        rate: crate::limits::Rate::parse("25/min").expect("a valid rate"),
+        burst: std::num::NonZeroU32::new(25).expect("not zero"),
+        on_limit: crate::limits::OnLimit::Queue,
+    }
 }
 
 /// `[delivery]`: how the outbox retries and how long it keeps records.
@@ -123,6 +135,12 @@ struct RawDelivery {
 pub struct GatewayConfig {
     /// The `[upstream.NAME]` that receives the calls.
     pub upstream: String,
+    /// Calls per project, refused over the limit.
+    pub per_project: Option<crate::limits::Limit>,
+    /// Calls per client (the token's hash, or a trusted proxy's forwarded address).
+    pub per_client: Option<crate::limits::Limit>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Deserialize)]
@@ -141,12 +159,86 @@ struct RawUpstream {
     ca_file: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    limit: Option<Spanned<RawLimit>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawGateway {
     upstream: Option<Spanned<String>>,
+    limit: Option<Spanned<RawLimit>>,
+    trusted_proxies: Option<Spanned<Vec<String>>>,
+}
+
+/// `limit = { … }` in any section; which keys a section allows is checked when compiled.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimit {
+    rate: Option<String>,
+    per_project: Option<String>,
+    per_client: Option<String>,
+    burst: Option<u32>,
+    on_limit: Option<String>,
+}
+
+/// Compiles the `key` rate of a `limit` table into a [`crate::limits::Limit`].
+pub(crate) fn compile_limit(
+    raw: &RawLimit,
+    key: &str,
+    section: &str,
+    default_on_limit: crate::limits::OnLimit,
+) -> Result<Option<crate::limits::Limit>, String> {
+    use crate::limits::{Limit, OnLimit, Rate};
+    let text = match key {
+        "rate" => &raw.rate,
+        "per_project" => &raw.per_project,
+        _ => &raw.per_client,
+    };
+    let Some(text) = text else { return Ok(None) };
+    let rate = Rate::parse(text).map_err(|err| format!("{section} limit.{key}: {err}"))?;
+    let burst = match raw.burst {
+        None => rate.count,
+        Some(burst) => std::num::NonZeroU32::new(burst)
+            .ok_or_else(|| format!("{section} limit.burst must be at least 1"))?,
+    };
+    let on_limit = match raw.on_limit.as_deref() {
+        None => default_on_limit,
+        Some("reject") => OnLimit::Reject,
+        Some("queue") => OnLimit::Queue,
+        Some(other) => {
+            return Err(format!(
+                "{section} limit.on_limit: {other:?} is not \"reject\" or \"queue\""
+            ));
+        }
+    };
+    Ok(Some(Limit {
+        rate,
+        burst,
+        on_limit,
+    }))
+}
+
+/// Refuses the keys of a `limit` table that `section` does not use.
+pub(crate) fn only_limit_keys(
+    raw: &RawLimit,
+    section: &str,
+    allowed: &[&str],
+) -> Result<(), String> {
+    let given = [
+        ("rate", raw.rate.is_some()),
+        ("per_project", raw.per_project.is_some()),
+        ("per_client", raw.per_client.is_some()),
+        ("on_limit", raw.on_limit.is_some()),
+    ];
+    for (key, present) in given {
+        if present && !allowed.contains(&key) {
+            return Err(format!(
+                "{section} limit.{key} is not a setting here; use {}",
+                allowed.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Reads the environment for overrides; tests pass their own.
@@ -228,7 +320,7 @@ struct Builder {
     problems: Vec<Problem>,
     server: Option<(ServerConfig, Origin)>,
     upstreams: BTreeMap<String, (UpstreamConfig, Origin)>,
-    gateway: Option<(Option<Spanned<String>>, Origin)>,
+    gateway: Option<(RawGateway, Origin)>,
     sources: BTreeMap<String, (SourceConfig, Origin)>,
     rules: Vec<rule::PendingRule>,
     delivery: Option<(DeliveryConfig, Origin)>,
@@ -265,7 +357,7 @@ impl Builder {
                                 format!("[gateway] is already defined at {first}"),
                             );
                         } else {
-                            self.gateway = Some((raw.upstream, origin));
+                            self.gateway = Some((raw, origin));
                         }
                     }
                 }
@@ -582,12 +674,65 @@ impl Builder {
         let rules = self.finish_rules();
         let gateway = match self.gateway.take() {
             None => None,
-            Some((upstream, origin)) => {
+            Some((raw, origin)) => {
                 let line_problem = |message: String| Problem {
                     file: origin.file.clone(),
                     line: Some(origin.line),
                     message,
                 };
+                let (per_project, per_client) = match raw.limit.as_ref().map(|l| l.get_ref()) {
+                    None => (None, None),
+                    Some(limit) => {
+                        let compiled =
+                            only_limit_keys(limit, "[gateway]", &["per_project", "per_client"])
+                                .and_then(|()| {
+                                    Ok((
+                                        compile_limit(
+                                            limit,
+                                            "per_project",
+                                            "[gateway]",
+                                            crate::limits::OnLimit::Reject,
+                                        )?,
+                                        compile_limit(
+                                            limit,
+                                            "per_client",
+                                            "[gateway]",
+                                            crate::limits::OnLimit::Reject,
+                                        )?,
+                                    ))
+                                });
+                        match compiled {
+                            Ok(limits) => limits,
+                            Err(message) => {
+                                self.problems.push(line_problem(message));
+                                (None, None)
+                            }
+                        }
+                    }
+                };
+                let mut trusted_proxies = Vec::new();
+                for text in raw
+                    .trusted_proxies
+                    .map(Spanned::into_inner)
+                    .unwrap_or_default()
+                {
+                    let parsed = text
+                        .parse::<ipnet::IpNet>()
+                        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                    match parsed {
+                        Ok(net) => trusted_proxies.push(net),
+                        Err(_) => self.problems.push(line_problem(format!(
+                            "[gateway] trusted_proxies: {text:?} is not an IP address or network (\"10.0.0.0/8\")"
+                        ))),
+                    }
+                }
+                let gateway = |upstream: String| GatewayConfig {
+                    upstream,
+                    per_project: per_project.clone(),
+                    per_client: per_client.clone(),
+                    trusted_proxies: trusted_proxies.clone(),
+                };
+                let upstream = raw.upstream;
                 let known = self
                     .upstreams
                     .keys()
@@ -595,9 +740,7 @@ impl Builder {
                     .collect::<Vec<_>>()
                     .join(", ");
                 match upstream.map(Spanned::into_inner) {
-                    Some(name) if self.upstreams.contains_key(&name) => {
-                        Some(GatewayConfig { upstream: name })
-                    }
+                    Some(name) if self.upstreams.contains_key(&name) => Some(gateway(name)),
                     Some(name) => {
                         self.problems.push(line_problem(format!(
                             "[gateway] upstream = {name:?} names no [upstream.{name}] section (defined: {})",
@@ -605,7 +748,7 @@ impl Builder {
                         )));
                         None
                     }
-                    None if self.upstreams.len() == 1 => Some(GatewayConfig { upstream: known }),
+                    None if self.upstreams.len() == 1 => Some(gateway(known)),
                     None => {
                         self.problems.push(line_problem(if self.upstreams.is_empty() {
                             "[gateway] needs an [upstream.NAME] section to forward to".into()
@@ -700,12 +843,36 @@ fn compile_upstream(
     let timeout = typed(raw.timeout, Duration::from_secs(30), problems, |text| {
         parse_duration(text).map_err(|err| format!("timeout: {err}"))
     });
+    let per_project = match raw.limit {
+        None => default_per_project(),
+        Some(limit) => {
+            let section = format!("[upstream.{name}]");
+            let compiled = only_limit_keys(limit.get_ref(), &section, &["per_project", "on_limit"])
+                .and_then(|()| {
+                    compile_limit(
+                        limit.get_ref(),
+                        "per_project",
+                        &section,
+                        crate::limits::OnLimit::Queue,
+                    )
+                });
+            match compiled {
+                Ok(Some(limit)) => limit,
+                Ok(None) => default_per_project(),
+                Err(message) => {
+                    problems.at(Some(limit.span()), message);
+                    default_per_project()
+                }
+            }
+        }
+    };
     Some(UpstreamConfig {
         name: name.to_owned(),
         url: url?,
         ca_file,
         connect_timeout,
         timeout,
+        per_project,
     })
 }
 
@@ -884,12 +1051,10 @@ upstream = "gitlab"
         let upstream = &config.upstreams["gitlab"];
         assert_eq!(upstream.url.to_string(), "https://gitlab.example.com/");
         assert_eq!(upstream.timeout, Duration::from_secs(10));
-        assert_eq!(
-            config.gateway,
-            Some(GatewayConfig {
-                upstream: "gitlab".into()
-            })
-        );
+        let gateway = config.gateway.unwrap();
+        assert_eq!(gateway.upstream, "gitlab");
+        assert_eq!(gateway.per_project, None);
+        assert_eq!(upstream.per_project, default_per_project());
     }
 
     #[test]

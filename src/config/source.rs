@@ -27,6 +27,7 @@ pub(super) struct RawSource {
     signature: Option<Spanned<RawSignature>>,
     paths: Option<Spanned<RawPaths>>,
     delivery_header: Option<Spanned<String>>,
+    limit: Option<Spanned<super::RawLimit>>,
 }
 
 #[derive(Deserialize)]
@@ -165,6 +166,26 @@ pub(super) fn compile_source(
         },
     );
     let allow_unsigned = raw.allow_unsigned.unwrap_or(false);
+    let limit = raw.limit.and_then(|limit| {
+        let section = format!("[source.{name}]");
+        let compiled = super::only_limit_keys(limit.get_ref(), &section, &["rate", "on_limit"])
+            .and_then(|()| {
+                super::compile_limit(
+                    limit.get_ref(),
+                    "rate",
+                    &section,
+                    crate::limits::OnLimit::Queue,
+                )
+            });
+        match compiled {
+            Ok(limit) => limit,
+            Err(message) => {
+                problems.at(Some(limit.span()), message);
+                ok = false;
+                None
+            }
+        }
+    });
     let generic = if provider == Provider::Generic {
         compile_generic(
             name,
@@ -231,6 +252,7 @@ pub(super) fn compile_source(
         timestamp_tolerance,
         allow_unsigned,
         generic,
+        limit,
     })
 }
 

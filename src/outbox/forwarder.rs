@@ -52,6 +52,12 @@ const POLL: Duration = Duration::from_secs(1);
 /// How often old deliveries are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// Projects GitLab answered `429` for, and until when their triggers wait.
+type Paused = Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>;
+
+/// How often idle rate-limit keys are evicted.
+const EVICT_EVERY: Duration = Duration::from_secs(60);
+
 /// Runs until `stop` turns true.
 pub async fn run(
     app: Arc<App>,
@@ -59,12 +65,23 @@ pub async fn run(
     options: ForwarderOptions,
     mut stop: watch::Receiver<bool>,
 ) {
+    let paused: Paused = Arc::default();
+    let mut next_evict = tokio::time::Instant::now() + EVICT_EVERY;
     let mut in_flight: JoinSet<i64> = JoinSet::new();
     let mut claimed: HashSet<i64> = HashSet::new();
     let mut next_prune = tokio::time::Instant::now();
     loop {
         if *stop.borrow() {
             break;
+        }
+        if tokio::time::Instant::now() >= next_evict {
+            next_evict += EVICT_EVERY;
+            app.runtime().limits.evict_idle();
+            let now = std::time::Instant::now();
+            paused
+                .lock()
+                .expect("the paused map is never poisoned")
+                .retain(|_, until| *until > now);
         }
         if tokio::time::Instant::now() >= next_prune {
             next_prune += PRUNE_EVERY;
@@ -81,10 +98,11 @@ pub async fn run(
                 Ok(due) => {
                     for trigger in due {
                         claimed.insert(trigger.id);
-                        let (app, outbox, options) = (app.clone(), outbox.clone(), options.clone());
+                        let (app, outbox, options, paused) =
+                            (app.clone(), outbox.clone(), options.clone(), paused.clone());
                         in_flight.spawn(async move {
                             let id = trigger.id;
-                            attempt(&app, &outbox, trigger, &options).await;
+                            attempt(&app, &outbox, trigger, &options, &paused).await;
                             id
                         });
                     }
@@ -130,7 +148,13 @@ pub async fn run(
 }
 
 /// One attempt at one trigger.
-async fn attempt(app: &App, outbox: &Outbox, due: DueTrigger, options: &ForwarderOptions) {
+async fn attempt(
+    app: &App,
+    outbox: &Outbox,
+    due: DueTrigger,
+    options: &ForwarderOptions,
+    paused: &Paused,
+) {
     let runtime = app.runtime();
     let attempts = due.attempts + 1;
     let span_fields = (
@@ -161,6 +185,18 @@ async fn attempt(app: &App, outbox: &Outbox, due: DueTrigger, options: &Forwarde
         retry_or_fail(app, &due, options, attempts, Duration::ZERO, None, reason);
         return;
     };
+    if let Some((until, reason)) = held_back(&runtime, &due, paused) {
+        tracing::info!(%delivery, %source, %rule, %project, wait_ms = until.as_millis() as u64, %reason, "trigger held back");
+        app.metrics.trigger(TriggerOutcome::RateLimited);
+        outbox.record(
+            due.id,
+            Recorded::Deferred {
+                due_at: now_ms() + until.as_millis() as i64,
+                reason,
+            },
+        );
+        return;
+    }
     if options.dry_run {
         let mut shown = trigger.clone();
         shown.token = Secret::new(trigger.token.masked());
@@ -207,7 +243,17 @@ async fn attempt(app: &App, outbox: &Outbox, due: DueTrigger, options: &Forwarde
             floor,
             status,
             reason,
-        } => retry_or_fail(app, &due, options, attempts, floor, status, reason),
+        } => {
+            if status == Some(429) {
+                // GitLab's pressure slows this project, not the whole relay.
+                let until = std::time::Instant::now() + floor.max(Duration::from_secs(1));
+                paused
+                    .lock()
+                    .expect("the paused map is never poisoned")
+                    .insert(pause_key(&due), until);
+            }
+            retry_or_fail(app, &due, options, attempts, floor, status, reason)
+        }
         Verdict::Failed {
             status,
             reason,
@@ -228,6 +274,42 @@ async fn attempt(app: &App, outbox: &Outbox, due: DueTrigger, options: &Forwarde
             app.metrics.delivery_latency(latency);
         }
     }
+}
+
+fn pause_key(due: &DueTrigger) -> String {
+    format!("{}\u{1f}{}", due.upstream, due.project)
+}
+
+/// Whether a trigger must wait: its project is paused after a `429`, or a queueing limit
+/// (the upstream's per project, the source's) has no room yet. How long, and why.
+fn held_back(
+    runtime: &crate::server::Runtime,
+    due: &DueTrigger,
+    paused: &Paused,
+) -> Option<(Duration, String)> {
+    let paused_until = paused
+        .lock()
+        .expect("the paused map is never poisoned")
+        .get(&pause_key(due))
+        .copied();
+    if let Some(until) = paused_until {
+        let now = std::time::Instant::now();
+        if until > now {
+            return Some((
+                until - now,
+                format!("GitLab asked to slow down for project {}", due.project),
+            ));
+        }
+    }
+    let queueing = |limiter: Option<&crate::limits::Limiter>, key: &str| {
+        let limiter = limiter.filter(|l| l.limit.on_limit == crate::limits::OnLimit::Queue)?;
+        limiter
+            .check(key)
+            .err()
+            .map(|wait| (wait, format!("over {}", limiter.name)))
+    };
+    queueing(runtime.limits.upstream_project(&due.upstream), &due.project)
+        .or_else(|| queueing(runtime.limits.source(&due.source), &due.source))
 }
 
 fn retry_or_fail(

@@ -144,6 +144,11 @@ pub enum Recorded {
     },
     /// Claimed but not sent (shutdown): due again.
     Released,
+    /// Held back by a rate limit or a paused project: due again then, no attempt counted.
+    Deferred {
+        due_at: i64,
+        reason: String,
+    },
 }
 
 /// What `replay` re-queues.
@@ -471,7 +476,10 @@ fn write_loop(
                     Op::Record(id, recorded) => {
                         let outcome =
                             store::record(&tx, id, &recorded, now).map_err(|e| e.to_string());
-                        if matches!(recorded, Recorded::Retry { .. } | Recorded::Released) {
+                        if matches!(
+                            recorded,
+                            Recorded::Retry { .. } | Recorded::Released | Recorded::Deferred { .. }
+                        ) {
                             new_triggers = true;
                         }
                         if let Err(reason) = &outcome {

@@ -222,6 +222,11 @@ pub fn record(
             "UPDATE triggers SET state = 'dry-run', last_error = ?2, updated_at = ?3 WHERE id = ?1",
             params![id, would_send, now],
         ),
+        Recorded::Deferred { due_at, reason } => tx.execute(
+            "UPDATE triggers SET state = 'queued', due_at = ?2, last_error = ?3, attempts = max(attempts - 1, 0),
+                    updated_at = ?4 WHERE id = ?1",
+            params![id, due_at, reason, now],
+        ),
         Recorded::Released => tx.execute(
             "UPDATE triggers SET state = 'queued', attempts = max(attempts - 1, 0), updated_at = ?2
              WHERE id = ?1 AND state = 'sending'",

@@ -52,6 +52,7 @@ pub fn source(provider: Provider) -> SourceConfig {
         allow_sha1: true,
         timestamp_tolerance: Duration::from_secs(300),
         allow_unsigned: false,
+        limit: None,
         generic: GenericConfig {
             scheme: GenericScheme::Hmac {
                 header: "x-signature".into(),

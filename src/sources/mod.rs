@@ -49,6 +49,8 @@ pub struct SourceConfig {
     /// Accept webhooks without any signature (only when the source says so explicitly).
     pub allow_unsigned: bool,
     pub generic: GenericConfig,
+    /// `limit = { rate = "100/min" }`: webhooks accepted per period.
+    pub limit: Option<crate::limits::Limit>,
 }
 
 /// How a generic sender proves itself and where its fields are.

@@ -1,0 +1,313 @@
+//! Rate limits: keyed GCRA limiters (governor) and what happens at the limit.
+//!
+//! A limit is written `N/s`, `N/min` or `N/h` with an optional `burst` (default: N).
+//! `on_limit = "reject"` answers `429` with an exact `Retry-After`; `on_limit = "queue"`
+//! accepts and lets the outbox hold the trigger until the limit allows it, never dropping
+//! it. Keys are a source's name, a project, or a gateway client; idle keys are evicted so
+//! that a stream of new keys cannot grow the limiters without bound. The limiters belong
+//! to one configuration: a reload starts them afresh.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// A rate: `count` per `per`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub count: NonZeroU32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `10/s`, `25/min`, `100/h`.
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let invalid =
+            || format!("{text:?} is not a rate; write e.g. \"25/min\", \"10/s\" or \"100/h\"");
+        let (count, unit) = text.trim().split_once('/').ok_or_else(invalid)?;
+        let count: u32 = count.trim().parse().map_err(|_| invalid())?;
+        let count = NonZeroU32::new(count)
+            .ok_or_else(|| format!("{text:?}: the count must be at least 1"))?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(invalid()),
+        };
+        Ok(Rate { count, per })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "min",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// What happens when a request finds its limit exhausted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnLimit {
+    Reject,
+    Queue,
+}
+
+/// One configured limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub rate: Rate,
+    pub burst: NonZeroU32,
+    pub on_limit: OnLimit,
+}
+
+/// A keyed limiter and the name of the setting it enforces, for messages.
+pub struct Limiter {
+    /// E.g. `[gateway] limit.per_project (30/min)`.
+    pub name: String,
+    pub limit: Limit,
+    limiter: DefaultKeyedRateLimiter<String>,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("name", &self.name)
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl Limiter {
+    pub fn new(name: String, limit: Limit) -> Limiter {
+        let period = limit.rate.per / limit.rate.count.get();
+        let quota = Quota::with_period(period)
+            .expect("a rate's period is never zero")
+            .allow_burst(limit.burst);
+        Limiter {
+            name,
+            limit,
+            limiter: RateLimiter::keyed(quota),
+        }
+    }
+
+    /// Takes one request for `key`, or says how long until one is allowed.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        self.limiter
+            .check_key(&key.to_owned())
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Forgets keys that are back to a full burst, so idle keys take no memory.
+    pub fn evict_idle(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    /// How many keys are tracked.
+    pub fn keys(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// Whole seconds, rounded up, for `Retry-After`.
+pub fn retry_after_seconds(wait: Duration) -> u64 {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    seconds.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(text: &str, burst: u32) -> Limit {
+        Limit {
+            rate: Rate::parse(text).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+            on_limit: OnLimit::Reject,
+        }
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(Rate::parse("25/min").unwrap().to_string(), "25/min");
+        assert_eq!(Rate::parse("10/s").unwrap().per, Duration::from_secs(1));
+        assert!(Rate::parse("0/s").unwrap_err().contains("at least 1"));
+        assert!(Rate::parse("fast").unwrap_err().contains("not a rate"));
+        assert!(Rate::parse("5/day").is_err());
+    }
+
+    #[test]
+    fn keys_are_limited_separately_and_say_how_long_to_wait() {
+        let limiter = Limiter::new("test".into(), limit("60/min", 2));
+        assert!(limiter.check("a").is_ok());
+        assert!(limiter.check("a").is_ok());
+        let wait = limiter.check("a").unwrap_err();
+        assert!(
+            wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert_eq!(retry_after_seconds(wait), 1);
+        assert!(limiter.check("b").is_ok(), "another key is not affected");
+    }
+
+    #[test]
+    fn idle_keys_are_evicted() {
+        let limiter = Limiter::new("test".into(), limit("1000/s", 1));
+        for i in 0..100 {
+            let _ = limiter.check(&format!("client-{i}"));
+        }
+        assert_eq!(limiter.keys(), 100);
+        std::thread::sleep(Duration::from_millis(5));
+        limiter.evict_idle();
+        assert_eq!(limiter.keys(), 0);
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_seconds(Duration::from_millis(2001)), 3);
+        assert_eq!(retry_after_seconds(Duration::from_secs(2)), 2);
+    }
+}
+
+/// Every limiter of one configuration.
+#[derive(Debug, Default)]
+pub struct Limits {
+    sources: std::collections::HashMap<String, Limiter>,
+    upstream_projects: std::collections::HashMap<String, Limiter>,
+    pub gateway_project: Option<Limiter>,
+    pub gateway_client: Option<Limiter>,
+}
+
+impl Limits {
+    pub fn new(config: &crate::config::Config) -> Limits {
+        let sources = config
+            .sources
+            .values()
+            .filter_map(|s| {
+                let limit = s.limit.clone()?;
+                Some((
+                    s.name.clone(),
+                    Limiter::new(
+                        format!("[source.{}] limit.rate ({})", s.name, limit.rate),
+                        limit,
+                    ),
+                ))
+            })
+            .collect();
+        let upstream_projects = config
+            .upstreams
+            .values()
+            .map(|u| {
+                let limit = u.per_project.clone();
+                (
+                    u.name.clone(),
+                    Limiter::new(
+                        format!("[upstream.{}] limit.per_project ({})", u.name, limit.rate),
+                        limit,
+                    ),
+                )
+            })
+            .collect();
+        let gateway = config.gateway.as_ref();
+        let gateway_limiter = |limit: Option<&Limit>, key: &str| {
+            limit.map(|limit| {
+                Limiter::new(
+                    format!("[gateway] limit.{key} ({})", limit.rate),
+                    limit.clone(),
+                )
+            })
+        };
+        Limits {
+            sources,
+            upstream_projects,
+            gateway_project: gateway_limiter(
+                gateway.and_then(|g| g.per_project.as_ref()),
+                "per_project",
+            ),
+            gateway_client: gateway_limiter(
+                gateway.and_then(|g| g.per_client.as_ref()),
+                "per_client",
+            ),
+        }
+    }
+
+    pub fn source(&self, name: &str) -> Option<&Limiter> {
+        self.sources.get(name)
+    }
+
+    pub fn upstream_project(&self, upstream: &str) -> Option<&Limiter> {
+        self.upstream_projects.get(upstream)
+    }
+
+    pub fn evict_idle(&self) {
+        let all = self
+            .sources
+            .values()
+            .chain(self.upstream_projects.values())
+            .chain(self.gateway_project.iter())
+            .chain(self.gateway_client.iter());
+        for limiter in all {
+            limiter.evict_idle();
+        }
+    }
+}
+
+/// Who a gateway caller is, for `per_client`: behind a trusted proxy, the address it
+/// forwards for; otherwise a hash of the token (never the token itself).
+pub fn gateway_client(
+    peer: std::net::IpAddr,
+    forwarded_for: Option<&str>,
+    trusted: &[ipnet::IpNet],
+    token: &crate::secret::Secret,
+) -> String {
+    if trusted.iter().any(|net| net.contains(&peer)) {
+        // The nearest address that is not itself a trusted proxy.
+        let forwarded = forwarded_for
+            .into_iter()
+            .flat_map(|v| v.rsplit(','))
+            .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+            .find(|addr| !trusted.iter().any(|net| net.contains(addr)));
+        if let Some(addr) = forwarded {
+            return format!("ip:{addr}");
+        }
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(token.expose().as_bytes());
+    format!("token:{}", hex::encode(&digest[..8]))
+}
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_token_hashes_or_forwarded_addresses_behind_trusted_proxies() {
+        let token = crate::secret::Secret::new("glptt-abc");
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let direct = gateway_client(
+            "192.0.2.1".parse().unwrap(),
+            Some("203.0.113.9"),
+            &trusted,
+            &token,
+        );
+        assert!(
+            direct.starts_with("token:") && !direct.contains("abc"),
+            "{direct}"
+        );
+        let proxied = gateway_client(
+            "10.1.2.3".parse().unwrap(),
+            Some("203.0.113.9, 10.0.0.5"),
+            &trusted,
+            &token,
+        );
+        assert_eq!(proxied, "ip:203.0.113.9");
+        let no_header = gateway_client("10.1.2.3".parse().unwrap(), None, &trusted, &token);
+        assert!(no_header.starts_with("token:"));
+    }
+}

@@ -1,0 +1,230 @@
+//! Rate limits: reject and queue per key, exact Retry-After, and GitLab's 429 slowing one
+//! project only.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SECRET: &str = "It's a Secret to Everybody";
+
+async fn push(relay: &Relay, repository_sha_marker: &str) -> Reply {
+    let body = fixture("github/push_tag.json");
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            SECRET.as_bytes(),
+            &body
+        )
+    );
+    let headers = [
+        ("content-type", "application/json"),
+        ("X-GitHub-Event", "push"),
+        ("X-GitHub-Delivery", repository_sha_marker),
+        ("X-Hub-Signature-256", signature.as_str()),
+    ];
+    post(&relay.url("/hooks/github"), &headers, body).await
+}
+
+fn config(upstream: &str, upstream_limit: &str, source_limit: &str, gateway_limit: &str) -> String {
+    format!(
+        r#"
+[upstream.gitlab]
+url = "{upstream}"
+{upstream_limit}
+
+[gateway]
+{gateway_limit}
+
+[source.github]
+provider = "github"
+secret = "file:{{dir}}/secret"
+{source_limit}
+
+[[rule]]
+name = "build"
+source = "github"
+[[rule.trigger]]
+project = "acme/a"
+ref = "main"
+token = "file:{{dir}}/token"
+variables = {{ DELIVERY = "{{{{ event.delivery }}}}" }}
+"#
+    )
+}
+
+async fn relay(
+    upstream: &RecordingUpstream,
+    upstream_limit: &str,
+    source_limit: &str,
+    gateway_limit: &str,
+) -> Relay {
+    Relay::start_with(
+        &config(&upstream.url(), upstream_limit, source_limit, gateway_limit),
+        &[("secret", SECRET), ("token", "glptt-0123456789")],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn gateway_limits_reject_per_project_and_per_client_with_an_exact_retry_after() {
+    let upstream = RecordingUpstream::start().await;
+    let relay = relay(
+        &upstream,
+        "",
+        "",
+        "limit = { per_project = \"2/min\", per_client = \"3/min\" }",
+    )
+    .await;
+    let call = |project: &str, token: &str| {
+        relay.url(&format!(
+            "/api/v4/projects/{project}/trigger/pipeline?token={token}&ref=main"
+        ))
+    };
+    assert_eq!(post(&call("9", "glptt-one"), &[], "").await.status, 201);
+    assert_eq!(post(&call("9", "glptt-two"), &[], "").await.status, 201);
+    let refused = post(&call("9", "glptt-three"), &[], "").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        refused.headers["retry-after"], "30",
+        "2/min: the next call is allowed in 30 s"
+    );
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("[gateway] limit.per_project (2/min)")
+    );
+    // Another project is not affected; a client has its own limit.
+    assert_eq!(post(&call("10", "glptt-one"), &[], "").await.status, 201);
+    assert_eq!(post(&call("11", "glptt-one"), &[], "").await.status, 201);
+    let refused = post(&call("12", "glptt-one"), &[], "").await;
+    assert_eq!(refused.status, 429);
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("per_client")
+    );
+    assert!(
+        !refused.text().contains("glptt-one"),
+        "the client is never shown by its token"
+    );
+    assert_eq!(post(&call("12", "glptt-four"), &[], "").await.status, 201);
+    assert_eq!(upstream.received().len(), 5);
+}
+
+#[tokio::test]
+async fn a_source_that_rejects_answers_429_once_over_its_rate() {
+    let upstream = RecordingUpstream::start().await;
+    let relay = relay(
+        &upstream,
+        "",
+        "limit = { rate = \"1/min\", on_limit = \"reject\" }",
+        "",
+    )
+    .await;
+    assert_eq!(push(&relay, "r-1").await.status, 202);
+    let refused = push(&relay, "r-2").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.headers["retry-after"], "60");
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("[source.github] limit.rate (1/min)")
+    );
+}
+
+#[tokio::test]
+async fn a_queueing_limit_accepts_everything_and_paces_the_calls() {
+    let upstream = RecordingUpstream::start().await;
+    let relay = relay(
+        &upstream,
+        "limit = { per_project = \"4/s\", burst = 1 }",
+        "",
+        "",
+    )
+    .await;
+    for i in 0..3 {
+        assert_eq!(
+            push(&relay, &format!("q-{i}")).await.status,
+            202,
+            "queued, never refused"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.received().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let times = upstream.received_at();
+    assert_eq!(times.len(), 3, "nothing dropped");
+    for pair in times.windows(2) {
+        assert!(
+            pair[1].duration_since(pair[0]) >= Duration::from_millis(200),
+            "{:?}",
+            pair[1].duration_since(pair[0])
+        );
+    }
+    let metrics = send("GET", &relay.url("/metrics"), &[], "").await.text();
+    assert!(
+        metrics.contains("hookrelay_triggers_total{outcome=\"rate_limited\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn gitlabs_429_slows_that_project_not_the_relay() {
+    let upstream = RecordingUpstream::start().await;
+    let config = config(&upstream.url(), "", "", "").replace(
+        "[[rule.trigger]]\nproject = \"acme/a\"",
+        "[[rule.trigger]]\nproject = \"acme/b\"\nref = \"main\"\ntoken = \"file:{dir}/token\"\n[[rule.trigger]]\nproject = \"acme/a\"",
+    );
+    let relay = Relay::start_with(
+        &config,
+        &[("secret", SECRET), ("token", "glptt-0123456789")],
+    )
+    .await;
+    // The first call GitLab sees (for one of the projects) is told to wait 2 s.
+    upstream.answer_next(Answer::new(429, "Retry later").header("retry-after", "2"));
+    assert_eq!(push(&relay, "p-1").await.status, 202);
+    assert_eq!(push(&relay, "p-2").await.status, 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.received().len() < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let received = upstream.received();
+    let times = upstream.received_at();
+    assert_eq!(
+        received.len(),
+        5,
+        "{:#?}",
+        received
+            .iter()
+            .map(|r| &r.path_and_query)
+            .collect::<Vec<_>>()
+    );
+    let project = |r: &Received| r.path_and_query.split('/').nth(4).unwrap().to_owned();
+    let slowed = project(&received[0]);
+    let other: Vec<usize> = (1..5)
+        .filter(|&i| project(&received[i]) != slowed)
+        .collect();
+    let again: Vec<usize> = (1..5)
+        .filter(|&i| project(&received[i]) == slowed)
+        .collect();
+    assert_eq!(other.len(), 2, "the other project got both of its calls");
+    for i in &other {
+        assert!(
+            times[*i].duration_since(times[0]) < Duration::from_millis(1500),
+            "the other project was not slowed"
+        );
+    }
+    for i in &again {
+        assert!(
+            times[*i].duration_since(times[0]) >= Duration::from_millis(1900),
+            "the slowed project waited its Retry-After"
+        );
+    }
+}
