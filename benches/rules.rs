@@ -23,6 +23,7 @@ fn rule(name: String, source: &str, repository: &str) -> RuleSpec {
         refs_exclude: None,
         when: None,
         schedule: None,
+        coalesce: None,
         triggers: vec![TriggerSpec {
             line: 1,
             upstream: "gitlab".into(),

@@ -264,10 +264,11 @@ pub fn deliveries(state: &Path, failed_only: bool, limit: usize, json: bool) -> 
             (Some(url), None) => url.clone(),
             (None, None) => String::new(),
         };
-        let state = match (row.state.as_deref(), row.replay_of) {
-            (Some(state), Some(of)) => format!("{state} (replay of {of})"),
-            (Some(state), None) => state.to_owned(),
-            (None, _) => "no trigger".to_owned(),
+        let state = match (row.state.as_deref(), row.replay_of, row.coalesced_into) {
+            (Some(state), _, Some(into)) => format!("{state} into {into}"),
+            (Some(state), Some(of), None) => format!("{state} (replay of {of})"),
+            (Some(state), None, None) => state.to_owned(),
+            (None, _, _) => "no trigger".to_owned(),
         };
         println!(
             "{:<20} {:<10} {:<24} {:>6} {:<20} {:<22} {:<20} {:<9} {:>3}  {}",

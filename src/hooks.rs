@@ -121,7 +121,20 @@ pub async fn handle(
                     "project": trigger.project.to_string(),
                     "ref": trigger.git_ref.as_str(),
                 }));
-                new_triggers.push(NewTrigger::queued(plan.rule, &trigger, &plan.token_ref));
+                // The rule's window, else the upstream's.
+                let coalesce = plan.coalesce.or_else(|| {
+                    runtime
+                        .config
+                        .upstreams
+                        .get(&trigger.upstream)
+                        .and_then(|u| u.coalesce)
+                });
+                new_triggers.push(NewTrigger::queued(
+                    plan.rule,
+                    &trigger,
+                    &plan.token_ref,
+                    coalesce,
+                ));
             }
             Err(error) => {
                 tracing::warn!(source = %source.name, delivery = %received.delivery, rule = %plan.rule, %error, "trigger not built");
@@ -166,13 +179,25 @@ pub async fn handle(
             reply["triggers"] = json!([]);
             Ok(json_response(StatusCode::OK, &reply))
         }
-        Accepted::Queued { trigger_ids, .. } => {
+        Accepted::Queued {
+            trigger_ids,
+            coalesced,
+            ..
+        } => {
             app.metrics.triggers(
                 crate::metrics::TriggerOutcome::Queued,
                 trigger_ids.len() as u64,
             );
-            for (entry, id) in queued.iter_mut().zip(&trigger_ids) {
+            for ((entry, id), into) in queued.iter_mut().zip(&trigger_ids).zip(&coalesced) {
                 entry["id"] = json!(id);
+                if let Some(into) = into {
+                    entry["coalesced_into"] = json!(into);
+                }
+            }
+            let merged = coalesced.iter().filter(|c| c.is_some()).count() as u64;
+            if merged > 0 {
+                app.metrics
+                    .triggers(crate::metrics::TriggerOutcome::Coalesced, merged);
             }
             let status = if queued.is_empty() {
                 StatusCode::OK

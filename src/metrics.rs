@@ -49,6 +49,7 @@ pub enum TriggerOutcome {
     Retried,
     RateLimited,
     DryRun,
+    Coalesced,
 }
 
 impl TriggerOutcome {
@@ -60,6 +61,7 @@ impl TriggerOutcome {
             TriggerOutcome::Retried => "retried",
             TriggerOutcome::RateLimited => "rate_limited",
             TriggerOutcome::DryRun => "dry_run",
+            TriggerOutcome::Coalesced => "coalesced",
         }
     }
 }
@@ -107,7 +109,7 @@ impl Metrics {
         let triggers = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "triggers",
-            "Trigger calls by outcome: queued, sent, failed, retried, rate_limited, dry_run",
+            "Trigger calls by outcome: queued, sent, failed, retried, rate_limited, dry_run, coalesced",
             triggers.clone(),
         );
         let upstream_responses = Family::<UpstreamLabels, Counter>::default();

@@ -63,6 +63,7 @@ async fn fire(app: &App, runtime: &crate::server::Runtime, rule: &Rule, time: Da
                     planned.rule,
                     &trigger,
                     &planned.token_ref,
+                    None,
                 ));
             }
             Err(error) => {

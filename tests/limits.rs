@@ -228,3 +228,59 @@ async fn gitlabs_429_slows_that_project_not_the_relay() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_push_storm_coalesces_into_one_pipeline() {
+    let upstream = RecordingUpstream::start().await;
+    // The trigger's variables do not name the delivery, so the storm's triggers are identical.
+    let config = config(&upstream.url(), "", "", "")
+        .replace(
+            "variables = { DELIVERY = \"{{ event.delivery }}\" }",
+            "variables = { REF = \"{{ event.ref_name }}\" }",
+        )
+        .replace(
+            "name = \"build\"\nsource = \"github\"",
+            "name = \"build\"\nsource = \"github\"\ncoalesce = \"400ms\"",
+        );
+    let relay = Relay::start_with(
+        &config,
+        &[("secret", SECRET), ("token", "glptt-0123456789")],
+    )
+    .await;
+    let first = push(&relay, "storm-1").await;
+    assert_eq!(first.status, 202);
+    let kept = first.json()["triggers"][0]["id"].as_i64().unwrap();
+    for i in 2..=4 {
+        let reply = push(&relay, &format!("storm-{i}")).await;
+        assert_eq!(reply.status, 202);
+        assert_eq!(
+            reply.json()["triggers"][0]["coalesced_into"],
+            kept,
+            "{}",
+            reply.text()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while upstream.received().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(upstream.received().len(), 1, "four pushes, one pipeline");
+    let rows = hookrelay::outbox::list(&relay.state(), false, 10).unwrap();
+    let coalesced: Vec<_> = rows
+        .iter()
+        .filter(|r| r.state.as_deref() == Some("coalesced"))
+        .collect();
+    assert_eq!(coalesced.len(), 3);
+    assert!(coalesced.iter().all(|r| r.coalesced_into == Some(kept)));
+    // After the window, a new push starts a new window.
+    assert_eq!(
+        push(&relay, "storm-5").await.json()["triggers"][0]["coalesced_into"],
+        serde_json::Value::Null
+    );
+    let metrics = send("GET", &relay.url("/metrics"), &[], "").await.text();
+    assert!(
+        metrics.contains("hookrelay_triggers_total{outcome=\"coalesced\"} 3"),
+        "{metrics}"
+    );
+}

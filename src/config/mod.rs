@@ -88,6 +88,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Pipeline-creating calls per project (GitLab.com allows 25 a minute).
     pub per_project: crate::limits::Limit,
+    /// Default `coalesce` window for rules' triggers to this upstream.
+    pub coalesce: Option<Duration>,
 }
 
 /// The default upstream limit: GitLab.com's 25 pipeline creations a minute per project,
@@ -160,6 +162,7 @@ struct RawUpstream {
     connect_timeout: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     limit: Option<Spanned<RawLimit>>,
+    coalesce: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -866,6 +869,18 @@ fn compile_upstream(
             }
         }
     };
+    let coalesce = raw
+        .coalesce
+        .and_then(|c| match parse_duration(c.get_ref()) {
+            Ok(window) => Some(window),
+            Err(message) => {
+                problems.at(
+                    Some(c.span()),
+                    format!("upstream.{name}.coalesce: {message}"),
+                );
+                None
+            }
+        });
     Some(UpstreamConfig {
         name: name.to_owned(),
         url: url?,
@@ -873,6 +888,7 @@ fn compile_upstream(
         connect_timeout,
         timeout,
         per_project,
+        coalesce,
     })
 }
 

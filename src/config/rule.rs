@@ -26,6 +26,7 @@ pub(super) struct RawRule {
     when: Option<Spanned<String>>,
     schedule: Option<Spanned<String>>,
     timezone: Option<Spanned<String>>,
+    coalesce: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -176,6 +177,18 @@ pub(super) fn compile_rule(
     let when = raw
         .when
         .map(|w| (w.get_ref().clone(), problems.line(w.span().start)));
+    let coalesce = raw
+        .coalesce
+        .and_then(|c| match super::parse_duration(c.get_ref()) {
+            Ok(window) => Some(window),
+            Err(message) => {
+                problems.at(
+                    Some(c.span()),
+                    format!("rule {name:?}: coalesce: {message}"),
+                );
+                None
+            }
+        });
     if raw_triggers.is_empty() {
         problems.at(
             Some(raw.name.span()),
@@ -273,6 +286,7 @@ pub(super) fn compile_rule(
             refs_exclude,
             when,
             schedule,
+            coalesce,
             triggers: Vec::new(),
         },
         triggers,

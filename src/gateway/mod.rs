@@ -204,6 +204,7 @@ pub fn record(outbox: &crate::outbox::Outbox, trigger: &Trigger, outcome: crate:
             variables: serde_json::to_value(&trigger.variables).expect("variables serialize"),
             inputs: serde_json::Value::Object(trigger.inputs.clone()),
             delay_ms: 0,
+            coalesce_ms: 0,
             done: Some(outcome),
         }],
     };

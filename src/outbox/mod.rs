@@ -65,6 +65,8 @@ pub struct NewTrigger {
     pub inputs: serde_json::Value,
     /// Wait this long before the first attempt.
     pub delay_ms: i64,
+    /// `coalesce`: hold the trigger this long, taking in identical ones meanwhile (0: no).
+    pub coalesce_ms: i64,
     /// Set when the call was already made (the gateway): recorded as finished.
     pub done: Option<Recorded>,
 }
@@ -75,6 +77,7 @@ impl NewTrigger {
         rule: String,
         trigger: &crate::trigger::Trigger,
         token_ref: &crate::secret::SecretRef,
+        coalesce: Option<std::time::Duration>,
     ) -> NewTrigger {
         NewTrigger {
             rule,
@@ -85,6 +88,7 @@ impl NewTrigger {
             variables: serde_json::to_value(&trigger.variables).expect("variables serialize"),
             inputs: serde_json::Value::Object(trigger.inputs.clone()),
             delay_ms: 0,
+            coalesce_ms: coalesce.map(|c| c.as_millis() as i64).unwrap_or(0),
             done: None,
         }
     }
@@ -96,6 +100,8 @@ pub enum Accepted {
     Queued {
         delivery_row: i64,
         trigger_ids: Vec<i64>,
+        /// For each trigger, the waiting trigger it was coalesced into, if any.
+        coalesced: Vec<Option<i64>>,
     },
     /// The source already delivered this id; nothing new was queued.
     Duplicate { delivery_row: i64 },
@@ -199,6 +205,7 @@ pub struct DeliveryRow {
     pub last_error: Option<String>,
     pub pipeline_url: Option<String>,
     pub replay_of: Option<i64>,
+    pub coalesced_into: Option<i64>,
 }
 
 /// Why the store could not do something.

@@ -14,7 +14,8 @@ use super::{Accepted, DeliveryRow, DueTrigger, NewDelivery, Recorded};
 
 /// Each entry upgrades the schema by one version (`PRAGMA user_version`). Never edit one
 /// that has shipped; add another.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id INTEGER PRIMARY KEY,
     source TEXT NOT NULL,
@@ -52,7 +53,13 @@ CREATE INDEX triggers_due ON triggers (state, due_at);
 CREATE INDEX triggers_order ON triggers (order_key, id);
 CREATE INDEX triggers_delivery ON triggers (delivery);
 CREATE INDEX deliveries_received ON deliveries (received_at);
-"#];
+"#,
+    r#"
+ALTER TABLE triggers ADD COLUMN coalesce_key TEXT;
+ALTER TABLE triggers ADD COLUMN coalesced_into INTEGER;
+CREATE INDEX triggers_coalesce ON triggers (coalesce_key, state);
+"#,
+];
 
 /// Milliseconds since 1970, the store's clock.
 pub fn now_ms() -> i64 {
@@ -115,39 +122,68 @@ pub fn insert_delivery(
         ])?;
     let delivery_row = tx.last_insert_rowid();
     let mut trigger_ids = Vec::with_capacity(delivery.triggers.len());
+    let mut coalesced = Vec::with_capacity(delivery.triggers.len());
     for trigger in &delivery.triggers {
-        let (state, due_at) = match &trigger.done {
-            None => ("queued", now + trigger.delay_ms),
-            Some(_) => ("done", now),
+        let order_key = format!(
+            "{}\u{1f}{}\u{1f}{}",
+            trigger.upstream, trigger.project, trigger.git_ref
+        );
+        let variables = trigger.variables.to_string();
+        let inputs = trigger.inputs.to_string();
+        // Coalescing: an identical trigger still waiting in its window takes this one in.
+        let coalesce_key = (trigger.coalesce_ms > 0 && trigger.done.is_none()).then(|| {
+            format!(
+                "{order_key}\u{1f}{}\u{1f}{variables}\u{1f}{inputs}",
+                trigger.token_ref
+            )
+        });
+        let into: Option<i64> = match &coalesce_key {
+            None => None,
+            Some(key) => tx
+                .prepare_cached(
+                    "SELECT id FROM triggers WHERE coalesce_key = ?1 AND state = 'queued' AND due_at > ?2
+                     ORDER BY id LIMIT 1",
+                )?
+                .query_row(params![key, now], |row| row.get(0))
+                .optional()?,
+        };
+        let (state, due_at) = match (&trigger.done, into) {
+            (Some(_), _) => ("done", now),
+            (None, Some(_)) => ("coalesced", now),
+            (None, None) => ("queued", now + trigger.delay_ms + trigger.coalesce_ms),
         };
         tx.prepare_cached(
             "INSERT INTO triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                                   order_key, state, created_at, due_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11)",
+                                   order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11, ?13, ?14)",
         )?
         .execute(params![
-                delivery_row,
-                trigger.rule,
-                trigger.upstream,
-                trigger.project,
-                trigger.git_ref,
-                trigger.token_ref,
-                trigger.variables.to_string(),
-                trigger.inputs.to_string(),
-                format!("{}\u{1f}{}\u{1f}{}", trigger.upstream, trigger.project, trigger.git_ref),
-                state,
-                now,
-                due_at
-            ])?;
+            delivery_row,
+            trigger.rule,
+            trigger.upstream,
+            trigger.project,
+            trigger.git_ref,
+            trigger.token_ref,
+            variables,
+            inputs,
+            order_key,
+            state,
+            now,
+            due_at,
+            coalesce_key,
+            into
+        ])?;
         let id = tx.last_insert_rowid();
         if let Some(done) = &trigger.done {
             record(tx, id, done, now)?;
         }
         trigger_ids.push(id);
+        coalesced.push(into);
     }
     Ok(Accepted::Queued {
         delivery_row,
         trigger_ids,
+        coalesced,
     })
 }
 
@@ -303,7 +339,7 @@ pub fn replay(
     }
     let mut new_ids = Vec::new();
     for (id, state, token_ref) in ids {
-        if state == "queued" || state == "sending" {
+        if state == "queued" || state == "sending" || state == "coalesced" {
             return Err(format!(
                 "trigger {id} is still {state}; it will be sent without a replay"
             ));
@@ -348,7 +384,7 @@ pub fn list(
     };
     let sql = format!(
         "SELECT d.received_at, d.source, d.delivery_id, d.event_type, t.id, t.rule, t.project, t.git_ref, t.state,
-                t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of
+                t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into
          FROM deliveries d LEFT JOIN triggers t ON t.delivery = d.id {filter}
          ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT ?1"
     );
@@ -370,6 +406,7 @@ pub fn list(
                 last_error: row.get(11)?,
                 pipeline_url: row.get(12)?,
                 replay_of: row.get(13)?,
+                coalesced_into: row.get(14)?,
             })
         })?
         .collect()
@@ -410,6 +447,7 @@ mod tests {
                 variables: serde_json::json!({}),
                 inputs: serde_json::json!({}),
                 delay_ms: 0,
+                coalesce_ms: 0,
                 done: None,
             }],
         }

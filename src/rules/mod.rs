@@ -114,6 +114,8 @@ pub struct RuleSpec {
     /// The expression and its line.
     pub when: Option<(String, usize)>,
     pub schedule: Option<Schedule>,
+    /// Hold each trigger this long, merging identical ones that arrive meanwhile.
+    pub coalesce: Option<std::time::Duration>,
     pub triggers: Vec<TriggerSpec>,
 }
 
@@ -187,6 +189,8 @@ pub struct Planned {
     pub trigger: Result<Trigger, String>,
     /// The token's reference, for showing when secrets were not read.
     pub token_ref: SecretRef,
+    /// The rule's `coalesce` window.
+    pub coalesce: Option<std::time::Duration>,
 }
 
 impl RuleSet {
@@ -546,6 +550,7 @@ impl RuleSet {
             rule: rule.name().to_owned(),
             trigger: build(),
             token_ref: trigger.spec.token_ref.clone(),
+            coalesce: rule.spec.coalesce,
         }
     }
 }
@@ -577,6 +582,7 @@ mod tests {
             refs_exclude: None,
             when: None,
             schedule: None,
+            coalesce: None,
             triggers: vec![TriggerSpec {
                 line: 2,
                 upstream: "gitlab".into(),
