@@ -189,6 +189,16 @@ pub async fn handle(
                 trigger_ids.len() as u64,
             );
             for ((entry, id), into) in queued.iter_mut().zip(&trigger_ids).zip(&coalesced) {
+                tracing::info!(
+                    delivery = %received.delivery,
+                    source = %source.name,
+                    rule = entry["rule"].as_str().unwrap_or_default(),
+                    project = entry["project"].as_str().unwrap_or_default(),
+                    git_ref = entry["ref"].as_str().unwrap_or_default(),
+                    trigger = id,
+                    coalesced_into = into.map(|i| i.to_string()).as_deref().unwrap_or("-"),
+                    "trigger queued"
+                );
                 entry["id"] = json!(id);
                 if let Some(into) = into {
                     entry["coalesced_into"] = json!(into);

@@ -160,6 +160,13 @@ impl Served {
 
     fn address(&mut self) -> String {
         let line = self.wait_for("hookrelay listening");
+        if line.starts_with('{') {
+            let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+            return json["address"]
+                .as_str()
+                .expect("the address field")
+                .to_owned();
+        }
         let start = line.find("address=").expect("address in the line") + "address=".len();
         line[start..].split_whitespace().next().unwrap().to_owned()
     }
@@ -969,5 +976,41 @@ async fn shutdown_is_bounded_and_returns_unfinished_sends_to_the_outbox() {
     assert_eq!(
         rows[0]["state"], "queued",
         "due again at the next start: {rows:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_delivery_source_rule_and_project() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let mut command = Command::new(BIN);
+    command
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-test")
+        .env("HOOKRELAY_LOG_FORMAT", "json");
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    let address = served.address();
+    let reply = github_tag(&address, "s3cret").await;
+    assert_eq!(reply.status, 202);
+    let delivery = reply.json()["delivery"].as_str().unwrap().to_owned();
+    served.wait_for("trigger sent");
+    let (_, lines) = served.terminate();
+    let entries: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect();
+    for message in ["trigger queued", "trigger sent"] {
+        let entry = entries
+            .iter()
+            .find(|e| e["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line"));
+        assert_eq!(entry["delivery"], delivery.as_str(), "{entry}");
+        assert_eq!(entry["source"], "github", "{entry}");
+        assert_eq!(entry["rule"], "all", "{entry}");
+        assert_eq!(entry["project"], "acme/app", "{entry}");
+    }
+    assert!(
+        !lines.join("\n").contains("glptt-test"),
+        "no token in the logs"
     );
 }

@@ -1289,6 +1289,32 @@ allow_unsigned = true
     }
 
     #[test]
+    fn limits_are_checked_where_they_are_written() {
+        let problems = messages(load_text(
+            &[(
+                "a.toml",
+                "[upstream.gl]\nurl = \"https://x\"\nlimit = { per_project = \"fast\" }\n\n\
+                 [gateway]\nlimit = { rate = \"1/s\" }\ntrusted_proxies = [\"proxy\"]\n\n\
+                 [source.s]\nprovider = \"github\"\nallow_unsigned = true\nlimit = { rate = \"2/min\", on_limit = \"later\" }\n",
+            )],
+            &[],
+        ));
+        let expected = [
+            "a.toml:3: [upstream.gl] limit.per_project: \"fast\" is not a rate",
+            "a.toml:5: [gateway] limit.rate is not a setting here; use per_project, per_client",
+            "a.toml:5: [gateway] trusted_proxies: \"proxy\" is not an IP address or network",
+            "a.toml:12: [source.s] limit.on_limit: \"later\" is not \"reject\" or \"queue\"",
+        ];
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+        for (problem, expected) in problems.iter().zip(expected) {
+            assert!(
+                problem.starts_with(expected),
+                "{problem:?} should start with {expected:?}"
+            );
+        }
+    }
+
+    #[test]
     fn upstream_urls() {
         assert!(parse_upstream_url("https://gitlab.com").is_ok());
         assert_eq!(
