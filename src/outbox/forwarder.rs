@@ -228,6 +228,9 @@ async fn attempt(
                 %delivery, %source, %rule, %project, git_ref = %trigger.git_ref, token = %trigger.token,
                 status, attempts, pipeline = pipeline_url.as_deref().unwrap_or("-"), "trigger sent"
             );
+            // Metrics first: once the record is committed, a scrape must already see them.
+            app.metrics.trigger(TriggerOutcome::Sent);
+            app.metrics.delivery_latency(latency);
             outbox.record(
                 due.id,
                 Recorded::Sent {
@@ -236,8 +239,6 @@ async fn attempt(
                     pipeline_url,
                 },
             );
-            app.metrics.trigger(TriggerOutcome::Sent);
-            app.metrics.delivery_latency(latency);
         }
         Verdict::Retry {
             floor,
@@ -261,6 +262,8 @@ async fn attempt(
             pipeline_url,
         } => {
             tracing::warn!(%delivery, %source, %rule, %project, git_ref = %trigger.git_ref, attempts, %reason, "trigger failed");
+            app.metrics.trigger(TriggerOutcome::Failed);
+            app.metrics.delivery_latency(latency);
             outbox.record(
                 due.id,
                 Recorded::Failed {
@@ -270,8 +273,6 @@ async fn attempt(
                     pipeline_url,
                 },
             );
-            app.metrics.trigger(TriggerOutcome::Failed);
-            app.metrics.delivery_latency(latency);
         }
     }
 }

@@ -348,24 +348,35 @@ fn read_connection(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// A store error about `path`.
+fn store_error(path: &Path, reason: impl ToString) -> StoreError {
+    StoreError {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Opens the store of a state folder from outside the server; it must exist already.
+fn open_existing(state_dir: &Path) -> Result<(Connection, PathBuf), StoreError> {
+    let path = state_dir.join(STORE_FILE);
+    if !path.exists() {
+        return Err(store_error(
+            &path,
+            "no store here yet; is this the relay's --state folder?",
+        ));
+    }
+    let conn = store::open(&path).map_err(|err| store_error(&path, err))?;
+    Ok((conn, path))
+}
+
 /// Reads the store of a state folder without the server (`deliveries`), or beside it.
 pub fn list(
     state_dir: &Path,
     failed_only: bool,
     limit: usize,
 ) -> Result<Vec<DeliveryRow>, StoreError> {
-    let path = state_dir.join(STORE_FILE);
-    let error = |reason: String| StoreError {
-        path: path.display().to_string(),
-        reason,
-    };
-    if !path.exists() {
-        return Err(error(
-            "no store here yet; is this the relay's --state folder?".into(),
-        ));
-    }
-    let conn = store::open(&path).map_err(|err| error(err.to_string()))?;
-    store::list(&conn, failed_only, limit).map_err(|err| error(err.to_string()))
+    let (conn, path) = open_existing(state_dir)?;
+    store::list(&conn, failed_only, limit).map_err(|err| store_error(&path, err))
 }
 
 /// A stored webhook, as it arrived but for its secret headers.
@@ -377,21 +388,11 @@ pub struct StoredWebhook {
 
 /// Reads a stored webhook by its delivery id (`explain --delivery`).
 pub fn stored_webhook(state_dir: &Path, delivery_id: &str) -> Result<StoredWebhook, StoreError> {
-    let path = state_dir.join(STORE_FILE);
-    let error = |reason: String| StoreError {
-        path: path.display().to_string(),
-        reason,
-    };
-    if !path.exists() {
-        return Err(error(
-            "no store here yet; is this the relay's --state folder?".into(),
-        ));
-    }
-    let conn = store::open(&path).map_err(|err| error(err.to_string()))?;
+    let (conn, path) = open_existing(state_dir)?;
     let (source, headers, body) = store::stored_webhook(&conn, delivery_id)
-        .map_err(|err| error(err.to_string()))?
-        .ok_or_else(|| error(format!("no delivery {delivery_id:?} in the store")))?;
-    let headers = serde_json::from_str(&headers).map_err(|err| error(err.to_string()))?;
+        .map_err(|err| store_error(&path, err))?
+        .ok_or_else(|| store_error(&path, format!("no delivery {delivery_id:?} in the store")))?;
+    let headers = serde_json::from_str(&headers).map_err(|err| store_error(&path, err))?;
     Ok(StoredWebhook {
         source,
         headers,
@@ -401,22 +402,12 @@ pub fn stored_webhook(state_dir: &Path, delivery_id: &str) -> Result<StoredWebho
 
 /// Re-queues from outside the server (`hookrelay replay`); a running server picks it up.
 pub fn replay_offline(state_dir: &Path, target: &ReplayTarget) -> Result<Vec<i64>, StoreError> {
-    let path = state_dir.join(STORE_FILE);
-    let error = |reason: String| StoreError {
-        path: path.display().to_string(),
-        reason,
-    };
-    if !path.exists() {
-        return Err(error(
-            "no store here yet; is this the relay's --state folder?".into(),
-        ));
-    }
-    let mut conn = store::open(&path).map_err(|err| error(err.to_string()))?;
+    let (mut conn, path) = open_existing(state_dir)?;
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|err| error(err.to_string()))?;
-    let ids = store::replay(&tx, target, now_ms()).map_err(error)?;
-    tx.commit().map_err(|err| error(err.to_string()))?;
+        .map_err(|err| store_error(&path, err))?;
+    let ids = store::replay(&tx, target, now_ms()).map_err(|reason| store_error(&path, reason))?;
+    tx.commit().map_err(|err| store_error(&path, err))?;
     Ok(ids)
 }
 
