@@ -166,7 +166,7 @@ pub async fn handle(
             delivery_id: received.delivery.clone(),
             event_type: received.event_type.clone(),
             headers: stored_headers(&parts.headers, source),
-            body: body.clone(),
+            body: sources::storable_body(source, &request),
             summary: reply.clone(),
             triggers: new_triggers,
         })

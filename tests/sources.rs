@@ -1119,3 +1119,30 @@ async fn hooks_bodies_over_the_limit_are_413() {
     .await;
     assert_eq!(r.status, 413);
 }
+
+#[tokio::test]
+async fn a_secret_inside_an_old_gitea_payload_is_never_stored() {
+    let relay = relay().await;
+    let payload_secret = "l26Un7G7HXogLAvsyf2hOA4EMARSTsR3";
+    assert!(String::from_utf8_lossy(&fixture("gitea/create_tag.json")).contains(payload_secret));
+    let r = deliver_fixture(
+        &relay,
+        "gitea",
+        "gitea/create_tag.json",
+        &[
+            ("X-Gitea-Event", "create"),
+            ("X-Gitea-Delivery", "g-secret"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(!r.text().contains(payload_secret));
+    let store = store_bytes(&relay.state());
+    assert!(store.contains("g-secret"), "the delivery was stored");
+    assert!(store.contains("gordon/hello-world"), "with its body");
+    assert!(
+        !store.contains(payload_secret),
+        "but without the secret Gitea put in it"
+    );
+    assert!(!store.contains(SECRET));
+}

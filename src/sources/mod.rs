@@ -297,6 +297,45 @@ fn one_event(
     }
 }
 
+/// The body as it may be stored: old Gitea and Gogs put the webhook secret itself in the
+/// payload (a top-level `secret`), so for those senders it is removed first, from a JSON body
+/// or a form's `payload` field. Other bodies are stored as they came.
+pub fn storable_body(source: &SourceConfig, request: &WebhookRequest<'_>) -> Bytes {
+    if !matches!(source.provider, Provider::Gitea | Provider::Gogs) {
+        return request.body.clone();
+    }
+    let strip = |json: &[u8]| -> Option<String> {
+        let mut value: serde_json::Value = serde_json::from_slice(json).ok()?;
+        value.as_object_mut()?.remove("secret")?;
+        Some(value.to_string())
+    };
+    if request.is_form() {
+        let pairs: Vec<(String, String)> =
+            form_urlencoded::parse(request.body).into_owned().collect();
+        let mut changed = false;
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in &pairs {
+            match (name.as_str(), strip(value.as_bytes())) {
+                ("payload", Some(stripped)) => {
+                    changed = true;
+                    form.append_pair(name, &stripped);
+                }
+                _ => {
+                    form.append_pair(name, value);
+                }
+            }
+        }
+        return if changed {
+            Bytes::from(form.finish())
+        } else {
+            request.body.clone()
+        };
+    }
+    strip(request.body)
+        .map(Bytes::from)
+        .unwrap_or_else(|| request.body.clone())
+}
+
 /// Removes a top-level `secret` field: old Gitea and Gogs put the webhook secret in the
 /// payload, and the payload is kept and shown.
 fn without_secret(mut payload: serde_json::Value) -> serde_json::Value {
