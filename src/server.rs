@@ -384,10 +384,13 @@ async fn dispatch(
                 &upstream.name,
                 result.as_ref().ok().map(|a| a.status.as_u16()),
             );
-            gateway::record(&app.outbox, &trigger, gateway::recorded(&result));
+            let recorded = gateway::recorded(&result);
+            gateway::record(&app.outbox, &trigger, recorded.clone());
             let answer = result?;
             *upstream_latency = Some(answer.latency);
-            Ok(gateway::answer_response(upstream, &trigger, &answer))
+            Ok(gateway::answer_response(
+                upstream, &trigger, &answer, &recorded,
+            ))
         }
         Route::Metrics => match method {
             Method::GET | Method::HEAD => {

@@ -243,6 +243,11 @@ pub fn readable_field(body: &[u8], field: &str) -> Option<String> {
 /// `base: Reference not found`; Grape's `error` key likewise; `None` for anything else.
 pub fn readable_message(body: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    message_of(&value)
+}
+
+/// [`readable_message`] for an answer already parsed.
+pub fn message_of(value: &serde_json::Value) -> Option<String> {
     let message = value.get("message").or_else(|| value.get("error"))?;
     Some(flatten_message(message))
 }

@@ -20,7 +20,7 @@ use percent_encoding::percent_decode_str;
 use crate::git_ref::{GitRef, RefError};
 use crate::secret::Secret;
 use crate::trigger::{ProjectId, Trigger, WebhookBody, check_trigger_token, check_variable_name};
-use crate::upstream::{Upstream, UpstreamResponse, readable_message};
+use crate::upstream::{Upstream, UpstreamResponse};
 use params::ParamError;
 
 /// Why a trigger call was refused before anything was forwarded.
@@ -133,8 +133,15 @@ pub fn answer_response(
     upstream: &Upstream,
     trigger: &Trigger,
     answer: &UpstreamResponse,
+    recorded: &crate::outbox::Recorded,
 ) -> Response<Full<Bytes>> {
+    use crate::outbox::Recorded;
     let status = answer.status;
+    let (pipeline, gitlab_message) = match recorded {
+        Recorded::Sent { pipeline_url, .. } => (pipeline_url.as_deref(), None),
+        Recorded::Failed { reason, .. } => (None, Some(reason.as_str())),
+        _ => (None, None),
+    };
     if status.is_success() {
         tracing::info!(
             upstream = %upstream.name,
@@ -142,9 +149,7 @@ pub fn answer_response(
             git_ref = %trigger.git_ref,
             token = %trigger.token,
             status = status.as_u16(),
-            pipeline = crate::upstream::readable_field(&answer.body, "web_url")
-                .as_deref()
-                .unwrap_or("-"),
+            pipeline = pipeline.unwrap_or("-"),
             "trigger forwarded"
         );
     } else {
@@ -154,7 +159,7 @@ pub fn answer_response(
             git_ref = %trigger.git_ref,
             token = %trigger.token,
             status = status.as_u16(),
-            gitlab_message = readable_message(&answer.body).as_deref().unwrap_or("-"),
+            gitlab_message = gitlab_message.unwrap_or("-"),
             "trigger refused by GitLab"
         );
     }

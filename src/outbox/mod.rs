@@ -449,8 +449,8 @@ fn write_loop(
                 begin_op(&tx);
                 match op {
                     Op::Accept(delivery, reply) => {
-                        let outcome =
-                            store::insert_delivery(&tx, &delivery, now).map_err(|e| e.to_string());
+                        let outcome = store::insert_delivery(&tx, &delivery, now, true)
+                            .map_err(|e| e.to_string());
                         if matches!(&outcome, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
                         {
                             new_triggers = true;
@@ -459,8 +459,9 @@ fn write_loop(
                         replies.push(answer(reply, outcome));
                     }
                     Op::Note(delivery) => {
-                        let outcome =
-                            store::insert_delivery(&tx, &delivery, now).map_err(|e| e.to_string());
+                        // Notes carry ids unique by construction: no duplicate lookup.
+                        let outcome = store::insert_delivery(&tx, &delivery, now, false)
+                            .map_err(|e| e.to_string());
                         if let Err(reason) = &outcome {
                             tracing::warn!(%reason, "a record could not be stored");
                         }

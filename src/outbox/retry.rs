@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 
-use crate::upstream::{UpstreamError, UpstreamResponse, readable_message};
+use crate::upstream::{UpstreamError, UpstreamResponse, message_of};
 
 /// How retries are spaced and when they stop (`[delivery]` in the configuration).
 #[derive(Clone, Debug, PartialEq)]
@@ -74,15 +74,17 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
         }
     };
     let status = answer.status;
-    let message = readable_message(&answer.body).unwrap_or_else(|| {
+    // One parse of GitLab's answer serves the message and the pipeline's id and URL.
+    let json: Option<serde_json::Value> = serde_json::from_slice(&answer.body).ok();
+    let message = json.as_ref().and_then(message_of).unwrap_or_else(|| {
         String::from_utf8_lossy(&answer.body)
             .chars()
             .take(300)
             .collect()
     });
-    let pipeline_id = json_field(&answer.body, "id").and_then(|v| v.as_i64());
-    let pipeline_url =
-        json_field(&answer.body, "web_url").and_then(|v| v.as_str().map(str::to_owned));
+    let field = |name: &str| json.as_ref().and_then(|v| v.get(name));
+    let pipeline_id = field("id").and_then(|v| v.as_i64());
+    let pipeline_url = field("web_url").and_then(|v| v.as_str().map(str::to_owned));
     if status.is_success() {
         return Verdict::Sent {
             status: status.as_u16(),
@@ -114,11 +116,6 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
         pipeline_id,
         pipeline_url,
     }
-}
-
-fn json_field(body: &[u8], field: &str) -> Option<serde_json::Value> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    value.get(field).cloned()
 }
 
 /// `Retry-After` (seconds or an HTTP date), else `RateLimit-ResetTime` (an HTTP date).

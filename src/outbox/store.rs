@@ -96,13 +96,17 @@ pub fn insert_delivery(
     tx: &Transaction<'_>,
     delivery: &NewDelivery,
     now: i64,
+    check_duplicate: bool,
 ) -> rusqlite::Result<Accepted> {
-    let existing: Option<i64> = tx
-        .prepare_cached("SELECT id FROM deliveries WHERE source = ?1 AND delivery_id = ?2")?
-        .query_row(params![delivery.source, delivery.delivery_id], |row| {
-            row.get(0)
-        })
-        .optional()?;
+    let existing: Option<i64> = if !check_duplicate {
+        None
+    } else {
+        tx.prepare_cached("SELECT id FROM deliveries WHERE source = ?1 AND delivery_id = ?2")?
+            .query_row(params![delivery.source, delivery.delivery_id], |row| {
+                row.get(0)
+            })
+            .optional()?
+    };
     if let Some(row) = existing {
         return Ok(Accepted::Duplicate { delivery_row: row });
     }
@@ -479,14 +483,14 @@ mod tests {
     fn duplicates_and_ordering_per_project_and_ref() {
         let (_dir, mut conn) = store();
         let tx = conn.transaction().unwrap();
-        let first = insert_delivery(&tx, &delivery("a", "p1"), 1).unwrap();
+        let first = insert_delivery(&tx, &delivery("a", "p1"), 1, true).unwrap();
         assert!(matches!(first, crate::outbox::Accepted::Queued { .. }));
         assert!(matches!(
-            insert_delivery(&tx, &delivery("a", "p1"), 2).unwrap(),
+            insert_delivery(&tx, &delivery("a", "p1"), 2, true).unwrap(),
             crate::outbox::Accepted::Duplicate { .. }
         ));
-        insert_delivery(&tx, &delivery("b", "p1"), 3).unwrap();
-        insert_delivery(&tx, &delivery("c", "p2"), 4).unwrap();
+        insert_delivery(&tx, &delivery("b", "p1"), 3, true).unwrap();
+        insert_delivery(&tx, &delivery("c", "p2"), 4, true).unwrap();
         // One per project and ref: a (p1) and c (p2), not b (waits behind a).
         let claimed: Vec<String> = claim_due(&tx, 10, 10)
             .unwrap()
@@ -525,7 +529,7 @@ mod tests {
     fn retries_wait_until_due() {
         let (_dir, mut conn) = store();
         let tx = conn.transaction().unwrap();
-        insert_delivery(&tx, &delivery("a", "p"), 0).unwrap();
+        insert_delivery(&tx, &delivery("a", "p"), 0, true).unwrap();
         let id = claim_due(&tx, 0, 1).unwrap()[0].id;
         record(
             &tx,
@@ -553,9 +557,9 @@ mod tests {
     fn prune_keeps_what_is_still_to_be_sent() {
         let (_dir, mut conn) = store();
         let tx = conn.transaction().unwrap();
-        insert_delivery(&tx, &delivery("old-done", "p1"), 0).unwrap();
-        insert_delivery(&tx, &delivery("old-pending", "p2"), 0).unwrap();
-        insert_delivery(&tx, &delivery("new", "p3"), 500).unwrap();
+        insert_delivery(&tx, &delivery("old-done", "p1"), 0, true).unwrap();
+        insert_delivery(&tx, &delivery("old-pending", "p2"), 0, true).unwrap();
+        insert_delivery(&tx, &delivery("new", "p3"), 500, true).unwrap();
         let done = claim_due(&tx, 0, 1).unwrap()[0].id;
         record(
             &tx,
@@ -583,7 +587,7 @@ mod tests {
     fn replays_are_new_triggers_linked_to_the_original() {
         let (_dir, mut conn) = store();
         let tx = conn.transaction().unwrap();
-        insert_delivery(&tx, &delivery("a", "p"), 0).unwrap();
+        insert_delivery(&tx, &delivery("a", "p"), 0, true).unwrap();
         let err = replay(&tx, &ReplayTarget::Trigger(1), 1).unwrap_err();
         assert!(err.contains("still queued"), "{err}");
         let id = claim_due(&tx, 0, 1).unwrap()[0].id;
