@@ -252,7 +252,8 @@ pub fn message_of(value: &serde_json::Value) -> Option<String> {
     Some(flatten_message(message))
 }
 
-fn flatten_message(value: &serde_json::Value) -> String {
+/// GitLab's `message` value (a string, or an object of lists) as one readable line.
+pub fn flatten_message(value: &serde_json::Value) -> String {
     use serde_json::Value;
     match value {
         Value::String(text) => text.clone(),
