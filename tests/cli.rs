@@ -592,27 +592,13 @@ token = "env:HOOKRELAY_TEST_TOKEN"
 
 /// Sends a GitHub tag push signed with `secret` to a running relay.
 async fn github_tag(address: &str, secret: &str) -> Reply {
-    let body = std::fs::read(fixture_path("github/push_tag.json")).unwrap();
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            secret.as_bytes(),
-            &body
-        )
-    );
     static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let delivery = format!(
         "delivery-{}",
         SENT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     );
-    let headers = [
-        ("content-type", "application/json"),
-        ("X-GitHub-Event", "push"),
-        ("X-GitHub-Delivery", delivery.as_str()),
-        ("X-Hub-Signature-256", signature.as_str()),
-    ];
-    post(&format!("http://{address}/hooks/github"), &headers, body).await
+    let url = format!("http://{address}/hooks/github");
+    signed_github(&url, secret, "push", &delivery, "github/push_tag.json").await
 }
 
 /// Waits (bounded) until the upstream has seen a call for each of `projects`.

@@ -54,22 +54,14 @@ async fn setup() -> (RecordingUpstream, Relay) {
 
 /// A signed GitHub push with its own delivery id.
 async fn push(relay: &Relay, delivery: &str) -> Reply {
-    let body = fixture("github/push_tag.json");
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            &body
-        )
-    );
-    let headers = [
-        ("content-type", "application/json"),
-        ("X-GitHub-Event", "push"),
-        ("X-GitHub-Delivery", delivery),
-        ("X-Hub-Signature-256", signature.as_str()),
-    ];
-    post(&relay.url("/hooks/github"), &headers, body).await
+    signed_github(
+        &relay.url("/hooks/github"),
+        SECRET,
+        "push",
+        delivery,
+        "github/push_tag.json",
+    )
+    .await
 }
 
 /// Waits (bounded) for `count` upstream calls.

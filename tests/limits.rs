@@ -9,23 +9,15 @@ use common::*;
 
 const SECRET: &str = "It's a Secret to Everybody";
 
-async fn push(relay: &Relay, repository_sha_marker: &str) -> Reply {
-    let body = fixture("github/push_tag.json");
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            &body
-        )
-    );
-    let headers = [
-        ("content-type", "application/json"),
-        ("X-GitHub-Event", "push"),
-        ("X-GitHub-Delivery", repository_sha_marker),
-        ("X-Hub-Signature-256", signature.as_str()),
-    ];
-    post(&relay.url("/hooks/github"), &headers, body).await
+async fn push(relay: &Relay, delivery: &str) -> Reply {
+    signed_github(
+        &relay.url("/hooks/github"),
+        SECRET,
+        "push",
+        delivery,
+        "github/push_tag.json",
+    )
+    .await
 }
 
 fn config(upstream: &str, upstream_limit: &str, source_limit: &str, gateway_limit: &str) -> String {

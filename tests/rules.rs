@@ -84,22 +84,7 @@ async fn setup() -> (RecordingUpstream, Relay) {
 
 /// Sends a GitHub fixture signed as GitHub signs it.
 async fn github(relay: &Relay, path_and_query: &str, event: &str, file: &str) -> Reply {
-    let body = fixture(file);
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            &body
-        )
-    );
-    let headers = [
-        ("content-type", "application/json"),
-        ("X-GitHub-Event", event),
-        ("X-GitHub-Delivery", "d-1"),
-        ("X-Hub-Signature-256", signature.as_str()),
-    ];
-    post(&relay.url(path_and_query), &headers, body).await
+    signed_github(&relay.url(path_and_query), SECRET, event, "d-1", file).await
 }
 
 /// Waits (bounded) until the upstream has `count` calls; forwarding happens after the answer.

@@ -421,3 +421,30 @@ pub fn store_bytes(state: &std::path::Path) -> String {
     }
     String::from_utf8_lossy(&all).into_owned()
 }
+
+/// Posts a GitHub fixture to `url` as GitHub would: JSON, the event header, a delivery id,
+/// and `X-Hub-Signature-256` computed with `secret` over the exact bytes sent.
+pub async fn signed_github(
+    url: &str,
+    secret: &str,
+    event: &str,
+    delivery: &str,
+    file: &str,
+) -> Reply {
+    let body = fixture(file);
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            secret.as_bytes(),
+            &body
+        )
+    );
+    let headers = [
+        ("content-type", "application/json"),
+        ("X-GitHub-Event", event),
+        ("X-GitHub-Delivery", delivery),
+        ("X-Hub-Signature-256", signature.as_str()),
+    ];
+    post(url, &headers, body).await
+}
