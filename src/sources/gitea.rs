@@ -19,28 +19,21 @@ use serde::Deserialize;
 
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, one_event, parse_json, text, typed, verify_sha256_headers, without_secret,
+    delivery_id, one_event, parse_json, typed, verify_sha256_headers, without_secret,
 };
 use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
 
 #[derive(Deserialize)]
-pub(super) struct Push {
+struct Push {
     #[serde(rename = "ref")]
     git_ref: String,
     before: String,
     after: String,
-    pub(super) repository: Repository,
-    pub(super) pusher: Option<User>,
+    repository: super::ForgeRepository,
+    pusher: Option<User>,
     #[serde(default)]
     commits: Vec<super::PushCommit>,
     total_commits: Option<u64>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct Repository {
-    pub(super) full_name: String,
-    pub(super) clone_url: Option<String>,
-    pub(super) html_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -62,7 +55,7 @@ pub(super) struct RefEvent {
     pub(super) git_ref: String,
     pub(super) ref_type: String,
     pub(super) sha: Option<String>,
-    pub(super) repository: Repository,
+    pub(super) repository: super::ForgeRepository,
     pub(super) sender: Option<User>,
 }
 
@@ -103,9 +96,7 @@ pub fn receive(
             let payload = Arc::new(without_secret(parse_json(&payload_bytes)?));
             let push: Push = typed(&payload, "Gitea push")?;
             let mut ctx = context(source, &delivery, payload.clone());
-            ctx.repository = push.repository.full_name;
-            ctx.repository_url = text(&push.repository.clone_url);
-            ctx.repository_web_url = text(&push.repository.html_url);
+            push.repository.describe(&mut ctx);
             ctx.pusher = push.pusher.map(User::name).unwrap_or_default();
             let commits = push
                 .commits
@@ -129,9 +120,7 @@ pub fn receive(
             let deleted: RefEvent = typed(&payload, "Gitea delete")?;
             if deleted.ref_type == "branch" {
                 let mut ctx = context(source, &delivery, payload.clone());
-                ctx.repository = deleted.repository.full_name;
-                ctx.repository_url = text(&deleted.repository.clone_url);
-                ctx.repository_web_url = text(&deleted.repository.html_url);
+                deleted.repository.describe(&mut ctx);
                 ctx.pusher = deleted.sender.map(User::name).unwrap_or_default();
                 one_event(
                     &ctx,

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::signature::{Algorithm, Encoding, SignatureError, verify_hmac_header};
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, event_type, one_event, parse_json, text, typed,
+    delivery_id, event_type, one_event, parse_json, typed,
 };
 use crate::event::{Commit, RefChange};
 
@@ -29,18 +29,11 @@ struct Push {
     after: String,
     #[serde(default)]
     deleted: bool,
-    repository: Repository,
+    repository: super::ForgeRepository,
     pusher: Option<Pusher>,
     sender: Option<User>,
     #[serde(default)]
     commits: Vec<super::PushCommit>,
-}
-
-#[derive(Deserialize)]
-struct Repository {
-    full_name: String,
-    clone_url: Option<String>,
-    html_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -55,7 +48,7 @@ struct User {
 
 #[derive(Deserialize)]
 struct Ping {
-    repository: Option<Repository>,
+    repository: Option<super::ForgeRepository>,
     sender: Option<User>,
 }
 
@@ -81,17 +74,13 @@ pub fn receive(
             if event_type == "ping" {
                 let ping: Ping = typed(&payload, "GitHub ping")?;
                 if let Some(repository) = ping.repository {
-                    ctx.repository = repository.full_name;
-                    ctx.repository_url = text(&repository.clone_url);
-                    ctx.repository_web_url = text(&repository.html_url);
+                    repository.describe(&mut ctx);
                 }
                 ctx.pusher = ping.sender.and_then(|s| s.login).unwrap_or_default();
                 return Ok(received(Outcome::Ping(Some(Box::new(ctx.ping())))));
             }
             let push: Push = typed(&payload, "GitHub push")?;
-            ctx.repository = push.repository.full_name;
-            ctx.repository_url = text(&push.repository.clone_url);
-            ctx.repository_web_url = text(&push.repository.html_url);
+            push.repository.describe(&mut ctx);
             ctx.pusher = push
                 .sender
                 .and_then(|s| s.login)

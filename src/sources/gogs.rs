@@ -16,8 +16,7 @@ use serde::Deserialize;
 use super::gitea::{RefEvent, User};
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, event_type, one_event, parse_json, text, typed, verify_sha256_headers,
-    without_secret,
+    delivery_id, event_type, one_event, parse_json, typed, verify_sha256_headers, without_secret,
 };
 use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
 
@@ -27,7 +26,7 @@ struct Push {
     git_ref: String,
     before: String,
     after: String,
-    repository: super::gitea::Repository,
+    repository: super::ForgeRepository,
     pusher: Option<User>,
     #[serde(default)]
     commits: Vec<super::PushCommit>,
@@ -58,9 +57,7 @@ pub fn receive(
     let mut ctx = context(source, &delivery, payload.clone());
     let outcome = if event_type == "push" {
         let push: Push = typed(&payload, "Gogs push")?;
-        ctx.repository = push.repository.full_name;
-        ctx.repository_url = text(&push.repository.clone_url);
-        ctx.repository_web_url = text(&push.repository.html_url);
+        push.repository.describe(&mut ctx);
         ctx.pusher = push.pusher.map(User::name).unwrap_or_default();
         let commits = push.commits.into_iter().map(Commit::from).collect();
         one_event(
@@ -76,9 +73,7 @@ pub fn receive(
         )?
     } else {
         let change: RefEvent = typed(&payload, &format!("Gogs {event_type}"))?;
-        ctx.repository = change.repository.full_name;
-        ctx.repository_url = text(&change.repository.clone_url);
-        ctx.repository_web_url = text(&change.repository.html_url);
+        change.repository.describe(&mut ctx);
         ctx.pusher = change.sender.map(User::name).unwrap_or_default();
         let ref_type = match change.ref_type.as_str() {
             "tag" => RefType::Tag,

@@ -345,6 +345,23 @@ fn without_secret(mut payload: serde_json::Value) -> serde_json::Value {
     payload
 }
 
+/// A repository as GitHub, Gitea and Gogs write it.
+#[derive(serde::Deserialize)]
+struct ForgeRepository {
+    full_name: String,
+    clone_url: Option<String>,
+    html_url: Option<String>,
+}
+
+impl ForgeRepository {
+    /// Names the repository in the events of one webhook.
+    fn describe(self, context: &mut EventContext) {
+        context.repository = self.full_name;
+        context.repository_url = text(&self.clone_url);
+        context.repository_web_url = text(&self.html_url);
+    }
+}
+
 /// A commit as GitHub, GitLab, Gitea and Gogs write it in push payloads.
 #[derive(serde::Deserialize)]
 struct PushCommit {
