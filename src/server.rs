@@ -204,6 +204,23 @@ enum Route<'a> {
     NotFound,
 }
 
+impl Route<'_> {
+    /// The endpoint's name in metrics.
+    fn endpoint(&self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Metrics => "metrics",
+            Route::Trigger { git_ref: None, .. } => "trigger",
+            Route::Trigger {
+                git_ref: Some(_), ..
+            } => "trigger_webhook",
+            Route::Hook { .. } => "hooks",
+            Route::NotFound => "not_found",
+        }
+    }
+}
+
 /// The one routing table. Path pieces stay percent-encoded here; the handler decodes them.
 fn route(path: &str) -> Route<'_> {
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
@@ -246,18 +263,9 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let mut upstream_latency = None;
-    let endpoint = match route(&path) {
-        Route::Healthz => "healthz",
-        Route::Readyz => "readyz",
-        Route::Metrics => "metrics",
-        Route::Trigger { git_ref: None, .. } => "trigger",
-        Route::Trigger {
-            git_ref: Some(_), ..
-        } => "trigger_webhook",
-        Route::Hook { .. } => "hooks",
-        Route::NotFound => "not_found",
-    };
-    let response = match dispatch(app, peer, request, &mut upstream_latency).await {
+    let route = route(&path);
+    let endpoint = route.endpoint();
+    let response = match dispatch(app, peer, route, request, &mut upstream_latency).await {
         Ok(response) => response,
         Err(err) => error_response(&err),
     };
@@ -277,6 +285,7 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
 async fn dispatch(
     app: &App,
     peer: SocketAddr,
+    route: Route<'_>,
     request: Request<Incoming>,
     upstream_latency: &mut Option<Duration>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -285,7 +294,7 @@ async fn dispatch(
         method: method.to_string(),
         allowed,
     };
-    match route(request.uri().path()) {
+    match route {
         Route::Healthz => match method {
             Method::GET | Method::HEAD => {
                 Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })))

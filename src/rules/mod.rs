@@ -167,6 +167,8 @@ pub struct RuleProblem {
 #[derive(Clone, Debug)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    /// Each token reference (`env:NAME`) and what it resolved to at load.
+    tokens: HashMap<String, Secret>,
     env: Arc<Environment<'static>>,
     index: HashMap<(String, EventKind), Candidates>,
 }
@@ -175,6 +177,7 @@ impl Default for RuleSet {
     fn default() -> Self {
         RuleSet {
             rules: Vec::new(),
+            tokens: HashMap::new(),
             env: Arc::new(template::environment()),
             index: HashMap::new(),
         }
@@ -334,8 +337,14 @@ impl RuleSet {
                 }
             }
         }
+        let tokens = rules
+            .iter()
+            .flat_map(|rule| &rule.triggers)
+            .filter_map(|t| Some((t.spec.token_ref.to_string(), t.spec.token.clone()?)))
+            .collect();
         Ok(RuleSet {
             rules,
+            tokens,
             env: Arc::new(env),
             index,
         })
@@ -344,11 +353,7 @@ impl RuleSet {
     /// The token a trigger's reference (`env:NAME`) was resolved to at load, if any rule
     /// still uses it.
     pub fn token(&self, reference: &str) -> Option<Secret> {
-        self.rules
-            .iter()
-            .flat_map(|rule| &rule.triggers)
-            .find(|trigger| trigger.spec.token_ref.to_string() == reference)
-            .and_then(|trigger| trigger.spec.token.clone())
+        self.tokens.get(reference).cloned()
     }
 
     pub fn rules(&self) -> &[Rule] {
