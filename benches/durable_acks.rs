@@ -12,10 +12,9 @@ mod support;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hookrelay::outbox::{Durability, Outbox};
+use hookrelay::outbox::Durability;
 use http::Request;
 use http_body_util::Full;
-use tokio::net::TcpListener;
 
 const SECRET: &str = "It's a Secret to Everybody";
 const PUSH: &[u8] = include_bytes!("../tests/fixtures/github/push_branch.json");
@@ -34,15 +33,8 @@ async fn run(durability: Durability, requests: usize, concurrency: usize, name: 
         ),
     )
     .unwrap();
-    let config = hookrelay::config::load(dir.path()).unwrap();
-    let outbox = Outbox::open(&dir.path().join("state"), durability).unwrap();
-    let app = hookrelay::server::App::new(config, outbox).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(hookrelay::server::run(listener, app, async move {
-        let _ = stopped.await;
-    }));
+    let relay = support::start_relay(dir, durability).await;
+    let addr = relay.addr;
     let signature = format!(
         "sha256={}",
         hookrelay::sources::signature::hmac_hex(
@@ -79,8 +71,7 @@ async fn run(durability: Durability, requests: usize, concurrency: usize, name: 
     )
     .await;
     let rate = outcome.report(name);
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    relay.stop().await;
     rate
 }
 

@@ -62,15 +62,8 @@ fn main() {
             format!("[upstream.gitlab]\nurl = \"http://{upstream}\"\n[gateway]\n"),
         )
         .unwrap();
-        let config = hookrelay::config::load(dir.path()).unwrap();
-        let outbox = hookrelay::outbox::Outbox::open(&dir.path().join("state"), hookrelay::outbox::Durability::Full).unwrap();
-        let app = hookrelay::server::App::new(config, outbox).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let relay = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(hookrelay::server::run(listener, app, async move {
-            let _ = stopped.await;
-        }));
+        let running = support::start_relay(dir, hookrelay::outbox::Durability::Full).await;
+        let relay = running.addr;
         let request = Arc::new(|_: usize| {
             Request::post("/api/v4/projects/9/trigger/pipeline")
                 .header("host", "127.0.0.1")
@@ -87,7 +80,6 @@ fn main() {
         let direct = support::load(upstream, requests, concurrency, 201, request.clone()).await.report("direct to upstream (base)");
         let relayed = support::load(relay, requests, concurrency, 201, request).await.report("through hookrelay");
         println!("relayed / direct throughput: {:.2}", relayed / direct);
-        let _ = stop.send(());
-        server.await.unwrap().unwrap();
+        running.stop().await;
     });
 }

@@ -105,3 +105,40 @@ pub fn env_number(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// The relay, in this process, on 127.0.0.1:0, with its configuration and state in `dir`.
+pub struct RunningRelay {
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the relay on the configuration already written in `dir` (no forwarder runs).
+pub async fn start_relay(
+    dir: tempfile::TempDir,
+    durability: hookrelay::outbox::Durability,
+) -> RunningRelay {
+    let config = hookrelay::config::load(dir.path()).unwrap();
+    let outbox = hookrelay::outbox::Outbox::open(&dir.path().join("state"), durability).unwrap();
+    let app = hookrelay::server::App::new(config, outbox).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(hookrelay::server::run(listener, app, async move {
+        let _ = stopped.await;
+    }));
+    RunningRelay {
+        addr,
+        stop,
+        server,
+        _dir: dir,
+    }
+}
+
+impl RunningRelay {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
+    }
+}
