@@ -139,8 +139,20 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     if let Some(listen) = options.listen {
         config.server.listen = listen;
     }
-    let outbox =
-        Outbox::open(&options.state, Durability::Full).context("opening the delivery store")?;
+    let holder = format!(
+        "pid {}, started {}, configured to listen on {}",
+        std::process::id(),
+        chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC"),
+        config.server.listen
+    );
+    let outbox = match Outbox::open_as(&options.state, Durability::Full, &holder) {
+        Ok(outbox) => outbox,
+        Err(err) if err.refused => {
+            eprintln!("hookrelay: not starting: {err}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(err) => return Err(err).context("opening the delivery store"),
+    };
     let listen = config.server.listen;
     let gateway = config.gateway.clone();
     let forwarding = ForwarderOptions {

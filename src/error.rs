@@ -57,6 +57,11 @@ pub enum ApiError {
     BodyRead(String),
     #[error("the relay is shutting down")]
     ShuttingDown,
+    /// `/readyz` while the store refuses writes: webhooks are answered `503` meanwhile.
+    #[error(
+        "not ready: the delivery store cannot be written ({0}); webhooks are refused until it can"
+    )]
+    StoreUnwritable(String),
     #[error("no source named {0:?} is configured; add a [source.NAME] section")]
     UnknownSource(String),
     #[error(transparent)]
@@ -122,7 +127,7 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
         }
         ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, json!({ "message": message })),
         ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
-        ApiError::ShuttingDown => (
+        ApiError::ShuttingDown | ApiError::StoreUnwritable(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "message": message }),
         ),

@@ -61,16 +61,15 @@ pub async fn handle(
             return Err(err.into());
         }
     };
-    if let Some(limiter) = runtime.limits.source(&source.name) {
-        if limiter.limit.on_limit == crate::limits::OnLimit::Reject {
-            if let Err(wait) = limiter.check(&source.name) {
-                tracing::warn!(source = %source.name, delivery = %received.delivery, limit = %limiter.name, "webhook over its limit");
-                return Err(ApiError::RateLimited {
-                    limit: limiter.name.clone(),
-                    wait,
-                });
-            }
-        }
+    if let Some(limiter) = runtime.limits.source(&source.name)
+        && limiter.limit.on_limit == crate::limits::OnLimit::Reject
+        && let Err(wait) = limiter.check(&source.name)
+    {
+        tracing::warn!(source = %source.name, delivery = %received.delivery, limit = %limiter.name, "webhook over its limit");
+        return Err(ApiError::RateLimited {
+            limit: limiter.name.clone(),
+            wait,
+        });
     }
     let mut planned = Vec::new();
     match &received.outcome {
@@ -150,13 +149,12 @@ pub async fn handle(
         let limiter = runtime.limits.upstream_project(&trigger.upstream);
         if let Some(limiter) =
             limiter.filter(|l| l.limit.on_limit == crate::limits::OnLimit::Reject)
+            && let Err(wait) = limiter.check(&trigger.project)
         {
-            if let Err(wait) = limiter.check(&trigger.project) {
-                return Err(ApiError::RateLimited {
-                    limit: limiter.name.clone(),
-                    wait,
-                });
-            }
+            return Err(ApiError::RateLimited {
+                limit: limiter.name.clone(),
+                wait,
+            });
         }
     }
     let accepted = app
@@ -167,7 +165,7 @@ pub async fn handle(
             event_type: received.event_type.clone(),
             headers: stored_headers(&parts.headers, source),
             body: sources::storable_body(source, &request),
-            summary: reply.clone(),
+            summary: reply.to_string(),
             triggers: new_triggers,
         })
         .await

@@ -7,6 +7,8 @@
 //!   one normalized [`event::Event`].
 //! - [`gateway`]: the GitLab-compatible trigger endpoints; one call becomes one [`trigger::Trigger`].
 //! - [`trigger`]: the trigger call and its encoding for GitLab; [`git_ref`] validates refs.
+//! - [`outbox`]: the durable outbox, its group-committing writer and the forwarder;
+//!   [`store`] is the seam to its engines (SQLite by default).
 //! - [`upstream`]: the shared, pooled HTTPS client to GitLab.
 //! - [`error`]: every error a caller sees, mapped to status and JSON in one place.
 //! - [`config`]: the configuration folder, validated into typed values with `file:line` problems.
@@ -32,5 +34,6 @@ pub mod scheduler;
 pub mod secret;
 pub mod server;
 pub mod sources;
+pub mod store;
 pub mod trigger;
 pub mod upstream;

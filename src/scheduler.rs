@@ -77,7 +77,7 @@ async fn fire(app: &App, runtime: &crate::server::Runtime, rule: &Rule, time: Da
         event_type: "schedule".into(),
         headers: Vec::new(),
         body: bytes::Bytes::new(),
-        summary: serde_json::json!({ "rule": rule.name(), "time": shown }),
+        summary: serde_json::json!({ "rule": rule.name(), "time": shown }).to_string(),
         triggers,
     };
     if let Err(err) = app.outbox.accept(delivery).await {

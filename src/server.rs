@@ -305,9 +305,10 @@ async fn dispatch(
             Method::GET | Method::HEAD if app.shutting_down.load(Ordering::SeqCst) => {
                 Err(ApiError::ShuttingDown)
             }
-            Method::GET | Method::HEAD => {
-                Ok(json_response(StatusCode::OK, &json!({ "status": "ready" })))
-            }
+            Method::GET | Method::HEAD => match app.outbox.health.problem() {
+                Some(reason) => Err(ApiError::StoreUnwritable(reason)),
+                None => Ok(json_response(StatusCode::OK, &json!({ "status": "ready" }))),
+            },
             _ => Err(not_allowed("GET, HEAD")),
         },
         Route::Trigger { project, git_ref } => {
@@ -360,14 +361,14 @@ async fn dispatch(
                 ),
                 (runtime.limits.gateway_client.as_ref(), client.as_deref()),
             ] {
-                if let (Some(limiter), Some(key)) = (limiter, key) {
-                    if let Err(wait) = limiter.check(key) {
-                        tracing::warn!(limit = %limiter.name, project = %trigger.project, "gateway call over its limit");
-                        return Err(ApiError::RateLimited {
-                            limit: limiter.name.clone(),
-                            wait,
-                        });
-                    }
+                if let (Some(limiter), Some(key)) = (limiter, key)
+                    && let Err(wait) = limiter.check(key)
+                {
+                    tracing::warn!(limit = %limiter.name, project = %trigger.project, "gateway call over its limit");
+                    return Err(ApiError::RateLimited {
+                        limit: limiter.name.clone(),
+                        wait,
+                    });
                 }
             }
             if app.dry_run {

@@ -164,10 +164,10 @@ impl Upstream {
                 concat!("hookrelay/", env!("CARGO_PKG_VERSION")),
             )
             .header(header::ACCEPT, "application/json");
-        if let Some(content_type) = &call.content_type {
-            if let Ok(value) = HeaderValue::from_str(content_type) {
-                request = request.header(header::CONTENT_TYPE, value);
-            }
+        if let Some(content_type) = &call.content_type
+            && let Ok(value) = HeaderValue::from_str(content_type)
+        {
+            request = request.header(header::CONTENT_TYPE, value);
         }
         let request = request.body(Full::new(call.body.clone())).map_err(|err| {
             UpstreamError::BadResponse {
@@ -213,14 +213,14 @@ impl Upstream {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
         let mut deepest = err.to_string();
         while let Some(current) = source {
-            if let Some(io) = current.downcast_ref::<std::io::Error>() {
-                if io.kind() == std::io::ErrorKind::TimedOut {
-                    return UpstreamError::Timeout {
-                        upstream: self.name.clone(),
-                        url: self.base.clone(),
-                        after: self.timeout,
-                    };
-                }
+            if let Some(io) = current.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::TimedOut
+            {
+                return UpstreamError::Timeout {
+                    upstream: self.name.clone(),
+                    url: self.base.clone(),
+                    after: self.timeout,
+                };
             }
             deepest = current.to_string();
             source = current.source();

@@ -557,11 +557,10 @@ impl Builder {
                     ),
                 }
             }
-            if let Some(raw) = raw {
-                if let Some(pending) = rule::compile_rule(raw, triggers, file, line, env, problems)
-                {
-                    self.rules.push(pending);
-                }
+            if let Some(raw) = raw
+                && let Some(pending) = rule::compile_rule(raw, triggers, file, line, env, problems)
+            {
+                self.rules.push(pending);
             }
         }
     }
@@ -600,19 +599,19 @@ impl Builder {
                 },
             );
             let mut ok = true;
-            if let Some(source) = &spec.source {
-                if !self.sources.contains_key(source) {
-                    let known = self.sources.keys().cloned().collect::<Vec<_>>().join(", ");
-                    problem(
-                        pending.source_line,
-                        format!(
-                            "rule {:?}: source {source:?} names no [source.{source}] (defined: {})",
-                            spec.name,
-                            if known.is_empty() { "none" } else { &known }
-                        ),
-                    );
-                    ok = false;
-                }
+            if let Some(source) = &spec.source
+                && !self.sources.contains_key(source)
+            {
+                let known = self.sources.keys().cloned().collect::<Vec<_>>().join(", ");
+                problem(
+                    pending.source_line,
+                    format!(
+                        "rule {:?}: source {source:?} names no [source.{source}] (defined: {})",
+                        spec.name,
+                        if known.is_empty() { "none" } else { &known }
+                    ),
+                );
+                ok = false;
             }
             for trigger in pending.triggers {
                 let mut trigger_spec = trigger.spec;

@@ -77,18 +77,18 @@ pub(super) fn compile_source(
                         key: &str,
                         providers: &[Provider],
                         problems: &mut FileProblems<'_>| {
-        if let Some(span) = field {
-            if !providers.contains(&provider) {
-                let names: Vec<&str> = providers.iter().map(|p| p.as_str()).collect();
-                problems.at(
-                    Some(span),
-                    format!(
-                        "source.{name}.{key} applies only to provider {}, not {provider}",
-                        names.join(" or ")
-                    ),
-                );
-                ok = false;
-            }
+        if let Some(span) = field
+            && !providers.contains(&provider)
+        {
+            let names: Vec<&str> = providers.iter().map(|p| p.as_str()).collect();
+            problems.at(
+                Some(span),
+                format!(
+                    "source.{name}.{key} applies only to provider {}, not {provider}",
+                    names.join(" or ")
+                ),
+            );
+            ok = false;
         }
     };
     only_for(

@@ -2,11 +2,12 @@
 //!
 //! Up to `workers` sends run at once; the store hands out at most one trigger per project
 //! and ref at a time, so triggers for the same project and ref reach GitLab in the order
-//! they were accepted. Sleeps until the next trigger is due, a new one is queued, or (for
-//! replays made by another process) a second passes. On shutdown it stops claiming, lets
+//! they were accepted. Sleeps until the next trigger is due (each claim says when), a new
+//! one is queued, or (for replays made by another process) a second passes; when the store
+//! refuses claims it backs off, logging at most once a second. On shutdown it stops claiming, lets
 //! sends in flight finish for a bounded time, and returns the rest to the outbox.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +21,7 @@ use crate::git_ref::GitRef;
 use crate::metrics::TriggerOutcome;
 use crate::secret::{Secret, SecretRef};
 use crate::server::App;
+use crate::store::Lease;
 use crate::trigger::{ProjectId, Trigger};
 
 /// How the forwarder behaves (`[delivery]` and `--dry-run`).
@@ -49,6 +51,9 @@ impl Default for ForwarderOptions {
 
 /// Longest sleep between looks at the store (replays by `hookrelay replay` arrive this way).
 const POLL: Duration = Duration::from_secs(1);
+/// The first wait after the store refuses a claim; it doubles up to the most.
+const STORE_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const STORE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often old deliveries are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -68,8 +73,14 @@ pub async fn run(
     let paused: Paused = Arc::default();
     let mut next_evict = tokio::time::Instant::now() + EVICT_EVERY;
     let mut in_flight: JoinSet<i64> = JoinSet::new();
-    let mut claimed: HashSet<i64> = HashSet::new();
+    let mut claimed: HashMap<i64, Lease> = HashMap::new();
     let mut next_prune = tokio::time::Instant::now();
+    // When the store fails, claims wait longer each time (up to STORE_BACKOFF_MAX).
+    let mut store_backoff = Duration::ZERO;
+    let mut store_errors_logged = tokio::time::Instant::now() - POLL;
+    // When to claim next (milliseconds since 1970): each claim says when the next key
+    // falls due; a new trigger or a recorded outcome brings it forward.
+    let mut claim_at = now_ms();
     loop {
         if *stop.borrow() {
             break;
@@ -93,11 +104,21 @@ pub async fn run(
             }
         }
         let free = options.workers.saturating_sub(in_flight.len());
-        if free > 0 {
+        if free > 0 && claim_at <= now_ms() {
             match outbox.claim(free).await {
-                Ok(due) => {
-                    for trigger in due {
-                        claimed.insert(trigger.id);
+                Ok(batch) => {
+                    store_backoff = Duration::ZERO;
+                    // Replays made by another process (`hookrelay replay`) are seen
+                    // within a poll.
+                    let poll = now_ms() + POLL.as_millis() as i64;
+                    claim_at = if batch.due.len() == free {
+                        // More may be due already: look again once a worker is free.
+                        now_ms()
+                    } else {
+                        batch.next_due.map_or(poll, |due| due.min(poll))
+                    };
+                    for trigger in batch.due {
+                        claimed.insert(trigger.id, trigger.lease);
                         let (app, outbox, options, paused) =
                             (app.clone(), outbox.clone(), options.clone(), paused.clone());
                         in_flight.spawn(async move {
@@ -107,16 +128,24 @@ pub async fn run(
                         });
                     }
                 }
-                Err(err) => tracing::error!(error = %err, "could not claim due triggers"),
+                Err(err) => {
+                    store_backoff = (store_backoff * 2).clamp(STORE_BACKOFF_MIN, STORE_BACKOFF_MAX);
+                    claim_at = now_ms() + store_backoff.as_millis() as i64;
+                    if store_errors_logged.elapsed() >= POLL {
+                        store_errors_logged = tokio::time::Instant::now();
+                        tracing::error!(error = %err, retry_in_ms = store_backoff.as_millis() as u64, "could not claim due triggers");
+                    }
+                }
             }
         }
-        let wait = match outbox.next_due() {
-            Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64).min(POLL),
-            _ => POLL,
-        };
+        let wait = Duration::from_millis((claim_at - now_ms()).max(0) as u64);
         tokio::select! {
             _ = stop.changed() => {}
-            () = outbox.queued.notified() => {}
+            () = outbox.queued.notified() => {
+                if store_backoff.is_zero() {
+                    claim_at = claim_at.min(now_ms());
+                }
+            }
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Ok(id) = done {
                     claimed.remove(&id);
@@ -136,8 +165,8 @@ pub async fn run(
     .await;
     if drained.is_err() {
         in_flight.abort_all();
-        for id in &claimed {
-            outbox.record(*id, Recorded::Released);
+        for lease in claimed.values() {
+            outbox.record(*lease, Recorded::Released);
         }
         tracing::warn!(
             returned = claimed.len(),
@@ -169,7 +198,7 @@ async fn attempt(
         Err(reason) => {
             tracing::warn!(%delivery, %source, %rule, %project, %reason, "trigger cannot be sent");
             outbox.record(
-                due.id,
+                due.lease,
                 Recorded::Failed {
                     status: None,
                     reason,
@@ -189,7 +218,7 @@ async fn attempt(
         tracing::info!(%delivery, %source, %rule, %project, wait_ms = until.as_millis() as u64, %reason, "trigger held back");
         app.metrics.trigger(TriggerOutcome::RateLimited);
         outbox.record(
-            due.id,
+            due.lease,
             Recorded::Deferred {
                 due_at: now_ms() + until.as_millis() as i64,
                 reason,
@@ -209,7 +238,7 @@ async fn attempt(
         );
         tracing::info!(%delivery, %source, %rule, %project, git_ref = %trigger.git_ref, %would_send, "trigger not sent (dry run)");
         app.metrics.trigger(TriggerOutcome::DryRun);
-        outbox.record(due.id, Recorded::DryRun { would_send });
+        outbox.record(due.lease, Recorded::DryRun { would_send });
         return;
     }
     let result = upstream.send(&trigger.upstream_call()).await;
@@ -232,7 +261,7 @@ async fn attempt(
             app.metrics.trigger(TriggerOutcome::Sent);
             app.metrics.delivery_latency(latency);
             outbox.record(
-                due.id,
+                due.lease,
                 Recorded::Sent {
                     status,
                     pipeline_id,
@@ -265,7 +294,7 @@ async fn attempt(
             app.metrics.trigger(TriggerOutcome::Failed);
             app.metrics.delivery_latency(latency);
             outbox.record(
-                due.id,
+                due.lease,
                 Recorded::Failed {
                     status,
                     reason,
@@ -333,7 +362,7 @@ fn retry_or_fail(
         );
         tracing::warn!(delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project, %reason, "trigger failed");
         app.outbox.record(
-            due.id,
+            due.lease,
             Recorded::Failed {
                 status,
                 reason,
@@ -350,7 +379,7 @@ fn retry_or_fail(
     );
     app.metrics.trigger(TriggerOutcome::Retried);
     app.outbox.record(
-        due.id,
+        due.lease,
         Recorded::Retry {
             due_at: now_ms() + delay.as_millis() as i64,
             status,

@@ -1,292 +1,216 @@
 //! The durable outbox: nothing acknowledged is ever lost.
 //!
-//! A webhook is acknowledged only after its delivery and triggers are committed to SQLite
-//! (WAL, `synchronous = FULL` for every commit that precedes an acknowledgement). All
+//! A webhook is acknowledged only after its delivery and triggers are committed (SQLite:
+//! WAL with `synchronous = FULL` for every commit that precedes an acknowledgement). All
 //! writes go through one writer thread that commits in groups: whatever requests are
 //! waiting when a commit starts share it, so a burst of webhooks costs one fsync, not one
-//! each. The forwarder (`forwarder.rs`) sends due triggers and records each outcome through
-//! the same writer; reads (`hookrelay deliveries`) use their own connection and work while
-//! the server runs.
+//! each. The forwarder (`forwarder.rs`) claims due triggers and records each outcome
+//! through the same writer.
+//!
+//! The store may refuse writes for a while (a full disk, an I/O error). Then webhooks are
+//! answered `503` (never acknowledged without a commit), `/readyz` says why, and the
+//! outcome of every send that could not be written is kept in the writer's memory and
+//! written as soon as the store takes writes again: its key stays leased meanwhile, so no
+//! later trigger overtakes it and it is never sent twice. The writer probes the store once
+//! a second while it is failing and logs each kind of failure at most once a second.
+//!
+//! The writer speaks to its database only through [`crate::store::Engine`].
 
 pub mod forwarder;
 pub mod retry;
-mod store;
 
-use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use rusqlite::Connection;
-use serde::Serialize;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
-pub use store::now_ms;
+use crate::store::lock::{StateLock, lock_state_folder};
+use crate::store::sqlite::SqliteEngine;
+use crate::store::{Claimed, Engine, EngineError, Lease};
 
-/// The store's file name inside the state folder.
-pub const STORE_FILE: &str = "hookrelay.sqlite3";
-/// Token references of gateway calls start with this: the caller's token is not stored.
-pub const CALLER_TOKEN: &str = "caller token ";
+pub use crate::store::sqlite::{Durability, STORE_FILE};
+pub use crate::store::{
+    Accepted, CALLER_TOKEN, DeliveryRow, DueTrigger, NewDelivery, NewTrigger, Recorded,
+    ReplayTarget, StoredWebhook, now_ms,
+};
+
 /// Most requests one commit takes.
 const GROUP_MAX: usize = 512;
-
-/// How hard each acknowledging commit holds on to the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Durability {
-    /// fsync before acknowledging (`synchronous = FULL`): survives power loss.
-    Full,
-    /// No fsync (`synchronous = OFF`): only for measuring what durability costs.
-    Off,
-}
-
-/// A webhook (or gateway call) to record, with the triggers it produced.
-#[derive(Clone, Debug)]
-pub struct NewDelivery {
-    pub source: String,
-    pub delivery_id: String,
-    pub event_type: String,
-    /// Headers without signatures, tokens or credentials.
-    pub headers: Vec<(String, String)>,
-    pub body: Bytes,
-    pub summary: serde_json::Value,
-    pub triggers: Vec<NewTrigger>,
-}
-
-/// One trigger call to make later (or, for a gateway call, already made).
-#[derive(Clone, Debug)]
-pub struct NewTrigger {
-    pub rule: String,
-    pub upstream: String,
-    pub project: String,
-    pub git_ref: String,
-    /// `env:NAME` / `file:PATH`; never the token.
-    pub token_ref: String,
-    pub variables: serde_json::Value,
-    pub inputs: serde_json::Value,
-    /// Wait this long before the first attempt.
-    pub delay_ms: i64,
-    /// `coalesce`: hold the trigger this long, taking in identical ones meanwhile (0: no).
-    pub coalesce_ms: i64,
-    /// Set when the call was already made (the gateway): recorded as finished.
-    pub done: Option<Recorded>,
-}
-
-impl NewTrigger {
-    /// A trigger to send as soon as possible; its token is kept by reference only.
-    pub fn queued(
-        rule: String,
-        trigger: &crate::trigger::Trigger,
-        token_ref: &crate::secret::SecretRef,
-        coalesce: Option<std::time::Duration>,
-    ) -> NewTrigger {
-        NewTrigger {
-            rule,
-            upstream: trigger.upstream.clone(),
-            project: trigger.project.to_string(),
-            git_ref: trigger.git_ref.as_str().to_owned(),
-            token_ref: token_ref.to_string(),
-            variables: serde_json::to_value(&trigger.variables).expect("variables serialize"),
-            inputs: serde_json::Value::Object(trigger.inputs.clone()),
-            delay_ms: 0,
-            coalesce_ms: coalesce.map(|c| c.as_millis() as i64).unwrap_or(0),
-            done: None,
-        }
-    }
-}
-
-/// What recording a delivery did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Accepted {
-    Queued {
-        delivery_row: i64,
-        trigger_ids: Vec<i64>,
-        /// For each trigger, the waiting trigger it was coalesced into, if any.
-        coalesced: Vec<Option<i64>>,
-    },
-    /// The source already delivered this id; nothing new was queued.
-    Duplicate { delivery_row: i64 },
-}
-
-/// A trigger claimed for sending.
-#[derive(Clone, Debug)]
-pub struct DueTrigger {
-    pub id: i64,
-    pub delivery_row: i64,
-    pub delivery_id: String,
-    pub source: String,
-    pub rule: String,
-    pub upstream: String,
-    pub project: String,
-    pub git_ref: String,
-    pub token_ref: String,
-    pub variables: serde_json::Map<String, serde_json::Value>,
-    pub inputs: serde_json::Map<String, serde_json::Value>,
-    /// Attempts before this one.
-    pub attempts: i64,
-    pub created_at: i64,
-}
-
-/// The outcome of an attempt, as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Recorded {
-    Sent {
-        status: u16,
-        pipeline_id: Option<i64>,
-        pipeline_url: Option<String>,
-    },
-    Retry {
-        due_at: i64,
-        status: Option<u16>,
-        reason: String,
-    },
-    Failed {
-        status: Option<u16>,
-        reason: String,
-        pipeline_id: Option<i64>,
-        pipeline_url: Option<String>,
-    },
-    DryRun {
-        would_send: String,
-    },
-    /// Claimed but not sent (shutdown): due again.
-    Released,
-    /// Held back by a rate limit or a paused project: due again then, no attempt counted.
-    Deferred {
-        due_at: i64,
-        reason: String,
-    },
-}
-
-/// What `replay` re-queues.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReplayTarget {
-    Trigger(i64),
-    Delivery(String),
-}
-
-impl ReplayTarget {
-    /// `42` or `trigger:42` is a trigger; `delivery:ID` or any other text a delivery id.
-    pub fn parse(text: &str) -> ReplayTarget {
-        let text = text.trim();
-        if let Some(id) = text
-            .strip_prefix("trigger:")
-            .or(Some(text))
-            .and_then(|t| t.parse().ok())
-        {
-            return ReplayTarget::Trigger(id);
-        }
-        ReplayTarget::Delivery(text.strip_prefix("delivery:").unwrap_or(text).to_owned())
-    }
-}
-
-impl fmt::Display for ReplayTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ReplayTarget::Trigger(id) => write!(f, "trigger {id}"),
-            ReplayTarget::Delivery(id) => write!(f, "delivery {id}"),
-        }
-    }
-}
-
-/// One row of `hookrelay deliveries`.
-#[derive(Clone, Debug, Serialize)]
-pub struct DeliveryRow {
-    pub received_at: i64,
-    pub source: String,
-    pub delivery_id: String,
-    pub event_type: String,
-    pub trigger_id: Option<i64>,
-    pub rule: Option<String>,
-    pub project: Option<String>,
-    pub git_ref: Option<String>,
-    pub state: Option<String>,
-    pub attempts: i64,
-    pub last_status: Option<i64>,
-    pub last_error: Option<String>,
-    pub pipeline_url: Option<String>,
-    pub replay_of: Option<i64>,
-    pub coalesced_into: Option<i64>,
-}
+/// Deliveries deleted per pruning step, so pruning never holds the writer for long.
+const PRUNE_BATCH: usize = 500;
+/// While the store fails, how often the writer tries again on its own.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// Why the store could not do something.
-#[derive(Debug, thiserror::Error)]
-#[error("the delivery store ({path}) failed: {reason}")]
+#[derive(Debug)]
 pub struct StoreError {
-    pub path: String,
+    pub place: String,
     pub reason: String,
+    /// The store refused this request (an unknown id, say); nothing is broken.
+    pub refused: bool,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.refused {
+            f.write_str(&self.reason)
+        } else {
+            write!(
+                f,
+                "the delivery store ({}) failed: {}",
+                self.place, self.reason
+            )
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl StoreError {
+    fn from_engine(place: impl Into<String>, err: EngineError) -> StoreError {
+        StoreError {
+            place: place.into(),
+            reason: err.message,
+            refused: err.refused,
+        }
+    }
 }
 
 enum Op {
-    Accept(NewDelivery, oneshot::Sender<Result<Accepted, String>>),
+    Accept(NewDelivery, oneshot::Sender<Result<Accepted, EngineError>>),
     /// A record that acknowledges nothing (a gateway call): no reply, no fsync of its own.
     Note(NewDelivery),
-    Claim(usize, oneshot::Sender<Result<Vec<DueTrigger>, String>>),
-    Record(i64, Recorded),
-    Replay(ReplayTarget, oneshot::Sender<Result<Vec<i64>, String>>),
-    Prune(i64, oneshot::Sender<Result<usize, String>>),
+    Claim(usize, oneshot::Sender<Result<Claimed, EngineError>>),
+    Record(Lease, Recorded),
+    Replay(ReplayTarget, oneshot::Sender<Result<Vec<i64>, EngineError>>),
+    Prune(i64, oneshot::Sender<Result<usize, EngineError>>),
     Flush(oneshot::Sender<()>),
+}
+
+/// Whether the store takes writes, as the writer last saw it; `/readyz` reads it.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    failing: Mutex<Option<String>>,
+}
+
+impl StoreHealth {
+    /// Why the store cannot be written now, or `None` when it can.
+    pub fn problem(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .expect("the health lock is never poisoned")
+            .clone()
+    }
+
+    fn set(&self, problem: Option<String>) {
+        *self
+            .failing
+            .lock()
+            .expect("the health lock is never poisoned") = problem;
+    }
 }
 
 /// A handle on the store; cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
-    writer: mpsc::UnboundedSender<Op>,
-    path: Arc<PathBuf>,
+    writer: mpsc::Sender<Op>,
+    /// A connection of its own for reads (depth for metrics), beside the writer.
+    reader: Arc<Mutex<Box<dyn Engine>>>,
+    place: Arc<str>,
     /// Woken when triggers are queued, so the forwarder need not poll for them.
     pub queued: Arc<Notify>,
+    pub health: Arc<StoreHealth>,
 }
 
 impl Outbox {
-    /// Opens the store in `state_dir` (creating both), makes triggers that were being sent
-    /// when the process died due again, and starts the writer thread.
+    /// Opens the SQLite store in `state_dir` (creating both), takes the folder's lock,
+    /// makes triggers that were being sent when the last relay died due again, and starts
+    /// the writer thread. `holder` says who holds the lock, for a second relay's message.
     pub fn open(state_dir: &Path, durability: Durability) -> Result<Outbox, StoreError> {
+        let holder = format!("pid {}", std::process::id());
+        Outbox::open_as(state_dir, durability, &holder)
+    }
+
+    /// [`Outbox::open`], naming the holder of the state folder's lock.
+    pub fn open_as(
+        state_dir: &Path,
+        durability: Durability,
+        holder: &str,
+    ) -> Result<Outbox, StoreError> {
         let path = state_dir.join(STORE_FILE);
         let error = |reason: String| StoreError {
-            path: path.display().to_string(),
+            place: path.display().to_string(),
             reason,
+            refused: false,
         };
         std::fs::create_dir_all(state_dir).map_err(|err| error(err.to_string()))?;
-        let conn = store::open(&path).map_err(|err| error(err.to_string()))?;
-        let requeued = store::requeue_in_flight(&conn).map_err(|err| error(err.to_string()))?;
+        let lock = lock_state_folder(state_dir, holder).map_err(|err| StoreError {
+            place: state_dir.display().to_string(),
+            reason: err.to_string(),
+            refused: true,
+        })?;
+        let mut writer = SqliteEngine::open(&path, durability).map_err(|e| error(e.message))?;
+        let reader = SqliteEngine::open(&path, durability).map_err(|e| error(e.message))?;
+        let requeued = writer.recover_leases().map_err(|e| error(e.message))?;
         if requeued > 0 {
             tracing::warn!(
                 requeued,
                 "triggers that were being sent when the relay stopped are due again"
             );
         }
-        let (writer, requests) = mpsc::unbounded_channel();
+        Outbox::start(Box::new(writer), Box::new(reader), Some(lock))
+            .map_err(|err| error(err.to_string()))
+    }
+
+    /// Starts the writer thread over `writer`; `reader` serves reads beside it.
+    pub fn start(
+        writer: Box<dyn Engine>,
+        reader: Box<dyn Engine>,
+        lock: Option<StateLock>,
+    ) -> std::io::Result<Outbox> {
+        let place: Arc<str> = writer.describe().into();
+        let (sender, requests) = mpsc::channel();
         let queued = Arc::new(Notify::new());
-        let notify = queued.clone();
+        let health = Arc::new(StoreHealth::default());
+        let writer_loop = Writer {
+            engine: writer,
+            queued: queued.clone(),
+            health: health.clone(),
+            pending: Vec::new(),
+            logged: LogThrottle::default(),
+            _lock: lock,
+        };
         std::thread::Builder::new()
             .name("hookrelay-store".into())
-            .spawn(move || write_loop(conn, requests, durability, notify))
-            .map_err(|err| error(err.to_string()))?;
+            .spawn(move || writer_loop.run(requests))?;
         Ok(Outbox {
-            writer,
-            path: Arc::new(path),
+            writer: sender,
+            reader: Arc::new(Mutex::new(reader)),
+            place,
             queued,
+            health,
         })
     }
 
-    fn error(&self, reason: impl Into<String>) -> StoreError {
-        StoreError {
-            path: self.path.display().to_string(),
-            reason: reason.into(),
-        }
+    fn error(&self, err: EngineError) -> StoreError {
+        StoreError::from_engine(self.place.to_string(), err)
     }
 
     async fn ask<T>(
         &self,
-        op: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Op,
+        op: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Op,
     ) -> Result<T, StoreError> {
+        let stopped = |what: &str| EngineError::failed(what);
         let (reply, answer) = oneshot::channel();
         self.writer
             .send(op(reply))
-            .map_err(|_| self.error("the writer has stopped"))?;
+            .map_err(|_| self.error(stopped("the writer has stopped")))?;
         answer
             .await
-            .map_err(|_| self.error("the writer stopped before answering"))?
-            .map_err(|reason| self.error(reason))
+            .map_err(|_| self.error(stopped("the writer stopped before answering")))?
+            .map_err(|err| self.error(err))
     }
 
     /// Records a delivery and its triggers; returns once they are committed to disk.
@@ -299,25 +223,34 @@ impl Outbox {
         let _ = self.writer.send(Op::Note(delivery));
     }
 
-    /// Claims due triggers for sending.
-    pub async fn claim(&self, limit: usize) -> Result<Vec<DueTrigger>, StoreError> {
+    /// Leases due triggers for sending, and says when the next one falls due.
+    pub async fn claim(&self, limit: usize) -> Result<Claimed, StoreError> {
         self.ask(|reply| Op::Claim(limit, reply)).await
     }
 
-    /// Records an attempt's outcome (committed with the next group).
-    pub fn record(&self, id: i64, recorded: Recorded) {
-        let _ = self.writer.send(Op::Record(id, recorded));
+    /// Records an attempt's outcome (committed with the next group; kept and written
+    /// again while the store refuses writes).
+    pub fn record(&self, lease: Lease, recorded: Recorded) {
+        let _ = self.writer.send(Op::Record(lease, recorded));
     }
 
     pub async fn replay(&self, target: ReplayTarget) -> Result<Vec<i64>, StoreError> {
         self.ask(|reply| Op::Replay(target, reply)).await
     }
 
+    /// Deletes finished deliveries received before `before_ms`, a batch per commit.
     pub async fn prune(&self, before_ms: i64) -> Result<usize, StoreError> {
-        self.ask(|reply| Op::Prune(before_ms, reply)).await
+        let mut pruned = 0;
+        loop {
+            let batch = self.ask(|reply| Op::Prune(before_ms, reply)).await?;
+            pruned += batch;
+            if batch < PRUNE_BATCH {
+                return Ok(pruned);
+            }
+        }
     }
 
-    /// Waits until everything sent to the writer so far is committed.
+    /// Waits until everything sent to the writer so far is committed (or failed).
     pub async fn flush(&self) {
         let (reply, done) = oneshot::channel();
         if self.writer.send(Op::Flush(reply)).is_ok() {
@@ -325,48 +258,33 @@ impl Outbox {
         }
     }
 
-    /// Triggers waiting or being sent, and how long the longest-due one has been due.
-    pub fn depth(&self) -> Result<(i64, std::time::Duration), StoreError> {
-        let conn = read_connection(&self.path).map_err(|err| self.error(err.to_string()))?;
-        let now = now_ms();
-        let (depth, oldest) =
-            store::depth(&conn, now).map_err(|err| self.error(err.to_string()))?;
-        let age = oldest.map(|due| (now - due).max(0) as u64).unwrap_or(0);
-        Ok((depth, std::time::Duration::from_millis(age)))
-    }
-
-    /// When the next queued trigger is due (milliseconds since 1970).
-    pub fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        let conn = read_connection(&self.path).map_err(|err| self.error(err.to_string()))?;
-        store::next_due(&conn).map_err(|err| self.error(err.to_string()))
-    }
-}
-
-fn read_connection(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    Ok(conn)
-}
-
-/// A store error about `path`.
-fn store_error(path: &Path, reason: impl ToString) -> StoreError {
-    StoreError {
-        path: path.display().to_string(),
-        reason: reason.to_string(),
+    /// Triggers waiting or being sent, and how long the earliest-due one has been due.
+    /// Reads two index entries, whatever the backlog.
+    pub fn depth(&self) -> Result<(i64, Duration), StoreError> {
+        let depth = self
+            .reader
+            .lock()
+            .expect("the reader lock is never poisoned")
+            .depth()
+            .map_err(|err| self.error(err))?;
+        let age = depth
+            .earliest_due
+            .map(|due| (now_ms() - due).max(0) as u64)
+            .unwrap_or(0);
+        Ok((depth.open, Duration::from_millis(age)))
     }
 }
 
-/// Opens the store of a state folder from outside the server; it must exist already.
-fn open_existing(state_dir: &Path) -> Result<(Connection, PathBuf), StoreError> {
-    let path = state_dir.join(STORE_FILE);
-    if !path.exists() {
-        return Err(store_error(
-            &path,
-            "no store here yet; is this the relay's --state folder?",
-        ));
-    }
-    let conn = store::open(&path).map_err(|err| store_error(&path, err))?;
-    Ok((conn, path))
+/// Opens the store of a state folder from outside the server (`deliveries`, `replay`,
+/// `explain --delivery`); it must exist already.
+fn open_existing(state_dir: &Path) -> Result<SqliteEngine, StoreError> {
+    SqliteEngine::open_existing(state_dir).map_err(|err| {
+        StoreError::from_engine(state_dir.join(STORE_FILE).display().to_string(), err)
+    })
+}
+
+fn offline_error(engine: &SqliteEngine, err: EngineError) -> StoreError {
+    StoreError::from_engine(engine.path().display().to_string(), err)
 }
 
 /// Reads the store of a state folder without the server (`deliveries`), or beside it.
@@ -375,180 +293,346 @@ pub fn list(
     failed_only: bool,
     limit: usize,
 ) -> Result<Vec<DeliveryRow>, StoreError> {
-    let (conn, path) = open_existing(state_dir)?;
-    store::list(&conn, failed_only, limit).map_err(|err| store_error(&path, err))
-}
-
-/// A stored webhook, as it arrived but for its secret headers.
-pub struct StoredWebhook {
-    pub source: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Bytes,
+    let mut engine = open_existing(state_dir)?;
+    engine
+        .list(failed_only, limit)
+        .map_err(|err| offline_error(&engine, err))
 }
 
 /// Reads a stored webhook by its delivery id (`explain --delivery`).
 pub fn stored_webhook(state_dir: &Path, delivery_id: &str) -> Result<StoredWebhook, StoreError> {
-    let (conn, path) = open_existing(state_dir)?;
-    let (source, headers, body) = store::stored_webhook(&conn, delivery_id)
-        .map_err(|err| store_error(&path, err))?
-        .ok_or_else(|| store_error(&path, format!("no delivery {delivery_id:?} in the store")))?;
-    let headers = serde_json::from_str(&headers).map_err(|err| store_error(&path, err))?;
-    Ok(StoredWebhook {
-        source,
-        headers,
-        body: Bytes::from(body),
-    })
+    let mut engine = open_existing(state_dir)?;
+    engine
+        .stored_webhook(delivery_id)
+        .map_err(|err| offline_error(&engine, err))?
+        .ok_or_else(|| {
+            offline_error(
+                &engine,
+                EngineError::refused(format!("no delivery {delivery_id:?} in the store")),
+            )
+        })
 }
 
 /// Re-queues from outside the server (`hookrelay replay`); a running server picks it up.
 pub fn replay_offline(state_dir: &Path, target: &ReplayTarget) -> Result<Vec<i64>, StoreError> {
-    let (mut conn, path) = open_existing(state_dir)?;
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|err| store_error(&path, err))?;
-    let ids = store::replay(&tx, target, now_ms()).map_err(|reason| store_error(&path, reason))?;
-    tx.commit().map_err(|err| store_error(&path, err))?;
-    Ok(ids)
+    let mut engine = open_existing(state_dir)?;
+    let result = (|| {
+        engine.begin(true)?;
+        let ids = engine.replay(target, now_ms());
+        match ids {
+            Ok(ids) => engine.commit().map(|()| ids),
+            Err(err) => {
+                engine.rollback();
+                Err(err)
+            }
+        }
+    })();
+    result.map_err(|err| offline_error(&engine, err))
 }
 
-/// The writer thread: takes every waiting request into one transaction and commits once.
-fn write_loop(
-    mut conn: Connection,
-    mut requests: mpsc::UnboundedReceiver<Op>,
-    durability: Durability,
+/// Says each kind of failure at most once a second, with how many were not said.
+#[derive(Default)]
+struct LogThrottle {
+    last: std::collections::HashMap<&'static str, (Instant, u64)>,
+}
+
+impl LogThrottle {
+    /// Whether to log this kind now; and how many of its kind were held back since.
+    fn allow(&mut self, kind: &'static str) -> Option<u64> {
+        let now = Instant::now();
+        let entry = self.last.entry(kind).or_insert((now - RETRY_EVERY, 0));
+        if now.duration_since(entry.0) >= RETRY_EVERY {
+            let held_back = entry.1;
+            *entry = (now, 0);
+            Some(held_back)
+        } else {
+            entry.1 += 1;
+            None
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    engine: Box<dyn Engine>,
     queued: Arc<Notify>,
-) {
-    let mut synchronous = "FULL";
-    while let Some(first) = requests.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < GROUP_MAX {
-            match requests.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        // Only a commit that precedes an acknowledgement needs to reach the disk first.
-        let acknowledges = batch
-            .iter()
-            .any(|op| matches!(op, Op::Accept(..) | Op::Replay(..)));
-        let wanted = match (durability, acknowledges) {
-            (Durability::Off, _) => "OFF",
-            (Durability::Full, true) => "FULL",
-            (Durability::Full, false) => "NORMAL",
-        };
-        if wanted != synchronous && conn.pragma_update(None, "synchronous", wanted).is_ok() {
-            synchronous = wanted;
-        }
-        let now = now_ms();
-        let mut replies: Vec<Reply> = Vec::new();
-        let mut new_triggers = false;
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            for op in batch {
-                // Each request in its own savepoint: one failing does not undo the others.
-                begin_op(&tx);
-                match op {
-                    Op::Accept(delivery, reply) => {
-                        let outcome = store::insert_delivery(&tx, &delivery, now, true)
-                            .map_err(|e| e.to_string());
-                        if matches!(&outcome, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
-                        {
-                            new_triggers = true;
-                        }
-                        end_op(&tx, outcome.is_ok());
-                        replies.push(answer(reply, outcome));
-                    }
-                    Op::Note(delivery) => {
-                        // Notes carry ids unique by construction: no duplicate lookup.
-                        let outcome = store::insert_delivery(&tx, &delivery, now, false)
-                            .map_err(|e| e.to_string());
-                        if let Err(reason) = &outcome {
-                            tracing::warn!(%reason, "a record could not be stored");
-                        }
-                        end_op(&tx, outcome.is_ok());
-                    }
-                    Op::Claim(limit, reply) => {
-                        let outcome = store::claim_due(&tx, now, limit).map_err(|e| e.to_string());
-                        end_op(&tx, outcome.is_ok());
-                        replies.push(answer(reply, outcome));
-                    }
-                    Op::Record(id, recorded) => {
-                        let outcome =
-                            store::record(&tx, id, &recorded, now).map_err(|e| e.to_string());
-                        if matches!(
-                            recorded,
-                            Recorded::Retry { .. } | Recorded::Released | Recorded::Deferred { .. }
-                        ) {
-                            new_triggers = true;
-                        }
-                        if let Err(reason) = &outcome {
-                            tracing::error!(trigger = id, %reason, "could not record a trigger's outcome");
-                        }
-                        end_op(&tx, outcome.is_ok());
-                    }
-                    Op::Replay(target, reply) => {
-                        let outcome = store::replay(&tx, &target, now);
-                        new_triggers |= outcome.is_ok();
-                        end_op(&tx, outcome.is_ok());
-                        replies.push(answer(reply, outcome));
-                    }
-                    Op::Prune(before, reply) => {
-                        let outcome = store::prune(&tx, before).map_err(|e| e.to_string());
-                        end_op(&tx, outcome.is_ok());
-                        replies.push(answer(reply, outcome));
-                    }
-                    Op::Flush(reply) => {
-                        end_op(&tx, true);
-                        replies.push(Box::new(move |_| {
-                            let _ = reply.send(());
-                        }));
+    health: Arc<StoreHealth>,
+    /// Outcomes of sends the store has not taken yet, oldest first.
+    pending: Vec<(Lease, Recorded)>,
+    logged: LogThrottle,
+    /// The state folder's lock, held as long as the writer runs.
+    _lock: Option<StateLock>,
+}
+
+/// What one group did, for replies and for the store's health.
+#[derive(Default)]
+struct GroupOutcome {
+    replies: Vec<Reply>,
+    /// Records to keep for the next group if this commit fails.
+    records: Vec<(Lease, Recorded)>,
+    /// Something was written (not only claims that found nothing).
+    wrote: bool,
+    new_triggers: bool,
+    /// The first transient failure of an operation in the group.
+    failure: Option<String>,
+}
+
+impl Writer {
+    /// Takes every waiting request into one transaction and commits once; while the store
+    /// fails, tries the kept records (or a probe) again every second.
+    fn run(mut self, requests: mpsc::Receiver<Op>) {
+        loop {
+            let first = if self.pending.is_empty() && self.health.problem().is_none() {
+                match requests.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            } else {
+                match requests.recv_timeout(RETRY_EVERY) {
+                    Ok(op) => Some(op),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.group(Vec::new());
+                        break;
                     }
                 }
+            };
+            let mut batch: Vec<Op> = first.into_iter().collect();
+            while batch.len() < GROUP_MAX {
+                match requests.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
             }
-            tx.commit()
-        })();
-        let failure = result.err().map(|err| format!("commit failed: {err}"));
-        if let Some(reason) = &failure {
-            tracing::error!(%reason, "the delivery store could not commit; nothing in this group was acknowledged");
+            self.group(batch);
         }
+        if !self.pending.is_empty() {
+            tracing::error!(
+                outcomes = self.pending.len(),
+                "the delivery store never took these send outcomes; their triggers will be sent again at the next start"
+            );
+        }
+    }
+
+    /// One group: kept records first, then the batch, one savepoint each, one commit.
+    fn group(&mut self, batch: Vec<Op>) {
+        // Only a commit that precedes an acknowledgement needs to reach the disk first.
+        let durable = batch
+            .iter()
+            .any(|op| matches!(op, Op::Accept(..) | Op::Replay(..)));
+        let probe = batch.is_empty() && self.pending.is_empty();
+        let now = now_ms();
+        let mut outcome = GroupOutcome::default();
+        let begun = self.engine.begin(durable);
+        if let Err(err) = begun {
+            outcome.records = std::mem::take(&mut self.pending);
+            for op in batch {
+                self.fail_op(op, &err, &mut outcome);
+            }
+            self.finish(Err(err), outcome);
+            return;
+        }
+        for (lease, recorded) in std::mem::take(&mut self.pending) {
+            self.record(lease, recorded, now, &mut outcome);
+        }
+        if probe {
+            match self.engine.probe(now) {
+                Ok(()) => outcome.wrote = true,
+                Err(err) => outcome.failure = Some(err.message),
+            }
+        }
+        for op in batch {
+            self.apply(op, now, &mut outcome);
+        }
+        let committed = self.engine.commit();
+        self.finish(committed, outcome);
+    }
+
+    /// Runs one request inside the open transaction.
+    fn apply(&mut self, op: Op, now: i64, outcome: &mut GroupOutcome) {
+        match op {
+            Op::Accept(delivery, reply) => {
+                let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
+                if matches!(&result, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
+                {
+                    outcome.new_triggers = true;
+                }
+                outcome.note_result(&result);
+                outcome.replies.push(answer(reply, result));
+            }
+            Op::Note(delivery) => {
+                let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
+                if let Err(err) = &result
+                    && self.logged.allow("note").is_some()
+                {
+                    tracing::warn!(reason = %err, "a gateway call's record could not be stored");
+                }
+                outcome.note_result(&result);
+            }
+            Op::Claim(limit, reply) => {
+                let result = self.in_savepoint(|engine| engine.claim(now, limit));
+                if matches!(&result, Ok(claimed) if !claimed.due.is_empty()) {
+                    outcome.wrote = true;
+                }
+                if let Err(err) = &result
+                    && err.transient
+                {
+                    outcome.failure.get_or_insert_with(|| err.message.clone());
+                }
+                outcome.replies.push(answer(reply, result));
+            }
+            Op::Record(lease, recorded) => self.record(lease, recorded, now, outcome),
+            Op::Replay(target, reply) => {
+                let result = self.in_savepoint(|engine| engine.replay(&target, now));
+                outcome.new_triggers |= result.is_ok();
+                outcome.note_result(&result);
+                outcome.replies.push(answer(reply, result));
+            }
+            Op::Prune(before, reply) => {
+                let result = self.in_savepoint(|engine| engine.prune(before, PRUNE_BATCH));
+                outcome.note_result(&result);
+                outcome.replies.push(answer(reply, result));
+            }
+            Op::Flush(reply) => outcome.replies.push(Box::new(move |_| {
+                let _ = reply.send(());
+            })),
+        }
+    }
+
+    /// Records one outcome; a transient failure keeps it for the next group.
+    fn record(&mut self, lease: Lease, recorded: Recorded, now: i64, outcome: &mut GroupOutcome) {
+        let result = self.in_savepoint(|engine| engine.record(lease, &recorded, now));
+        match result {
+            Ok(true) => {
+                outcome.wrote = true;
+                // The key's head is due again, or the next trigger of its key now is.
+                outcome.new_triggers = true;
+                // A later commit failure undoes it: keep it until the commit is known.
+                outcome.records.push((lease, recorded));
+            }
+            Ok(false) => {
+                // The lease is no longer current: another claim owns the trigger now.
+                tracing::warn!(
+                    trigger = lease.trigger,
+                    "an outcome arrived for a claim that is no longer current; not recorded"
+                );
+            }
+            Err(err) if err.transient => {
+                outcome.failure.get_or_insert_with(|| err.message.clone());
+                self.pending.push((lease, recorded));
+            }
+            Err(err) => {
+                if self.logged.allow("record").is_some() {
+                    tracing::error!(trigger = lease.trigger, reason = %err, "could not record a trigger's outcome");
+                }
+            }
+        }
+    }
+
+    fn in_savepoint<T>(
+        &mut self,
+        op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        self.engine.savepoint()?;
+        let result = op(self.engine.as_mut());
+        self.engine.release(result.is_ok());
+        result
+    }
+
+    /// Answers a request that never ran because the group could not begin.
+    fn fail_op(&mut self, op: Op, err: &EngineError, outcome: &mut GroupOutcome) {
+        match op {
+            Op::Accept(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Claim(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Replay(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Prune(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Record(lease, recorded) => self.pending.push((lease, recorded)),
+            Op::Note(_) => {}
+            Op::Flush(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Answers the group once its commit is known, and updates the store's health.
+    fn finish(&mut self, committed: Result<(), EngineError>, outcome: GroupOutcome) {
+        let GroupOutcome {
+            replies,
+            records,
+            wrote,
+            new_triggers,
+            failure,
+        } = outcome;
+        let commit_failure = committed.err();
+        if let Some(err) = &commit_failure {
+            // Nothing of this group happened: its records wait for the next one, in order.
+            let mut kept = records;
+            kept.append(&mut self.pending);
+            self.pending = kept;
+            if let Some(held_back) = self.logged.allow("commit") {
+                tracing::error!(
+                    reason = %err, held_back,
+                    "the delivery store could not commit; nothing in this group was acknowledged"
+                );
+            }
+        }
+        let problem = commit_failure
+            .as_ref()
+            .filter(|err| err.transient)
+            .map(|err| err.message.clone())
+            .or(failure);
+        match &problem {
+            Some(reason) => {
+                if self.health.problem().is_none() {
+                    tracing::error!(%reason, "the delivery store cannot be written; webhooks are refused until it can");
+                }
+                self.health.set(Some(reason.clone()));
+            }
+            None if wrote && self.pending.is_empty() => {
+                if self.health.problem().is_some() {
+                    tracing::info!("the delivery store takes writes again");
+                }
+                self.health.set(None);
+            }
+            None => {}
+        }
+        let failed = commit_failure.map(|err| EngineError {
+            message: format!("commit failed: {}", err.message),
+            ..err
+        });
         for reply in replies {
-            reply(failure.as_deref());
+            reply(failed.as_ref());
         }
-        if new_triggers && failure.is_none() {
-            queued.notify_one();
+        if new_triggers && failed.is_none() {
+            self.queued.notify_one();
+        }
+    }
+}
+
+impl GroupOutcome {
+    fn note_result<T>(&mut self, result: &Result<T, EngineError>) {
+        match result {
+            Ok(_) => self.wrote = true,
+            Err(err) if err.transient => {
+                self.failure.get_or_insert_with(|| err.message.clone());
+            }
+            Err(_) => {}
         }
     }
 }
 
 /// Answers a request once its group's commit is known: the request's own outcome, or the
-/// commit's failure (`Some(reason)`), which undoes everything in the group.
-type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
+/// commit's failure, which undoes everything in the group.
+type Reply = Box<dyn FnOnce(Option<&EngineError>) + Send>;
 
 fn answer<T: Send + 'static>(
-    reply: oneshot::Sender<Result<T, String>>,
-    outcome: Result<T, String>,
+    reply: oneshot::Sender<Result<T, EngineError>>,
+    outcome: Result<T, EngineError>,
 ) -> Reply {
     Box::new(move |failed| {
         let _ = reply.send(match failed {
-            Some(reason) => Err(reason.to_owned()),
+            Some(err) => Err(err.clone()),
             None => outcome,
         });
     })
-}
-
-/// Starts a request's savepoint inside the group's transaction.
-fn begin_op(tx: &rusqlite::Transaction<'_>) {
-    let _ = tx
-        .prepare_cached("SAVEPOINT op")
-        .and_then(|mut s| s.execute([]));
-}
-
-/// Ends a request's savepoint: kept when it succeeded, rolled back when it failed.
-fn end_op(tx: &rusqlite::Transaction<'_>, succeeded: bool) {
-    let sql = if succeeded {
-        "RELEASE op"
-    } else {
-        "ROLLBACK TO op; RELEASE op"
-    };
-    let _ = tx.execute_batch(sql);
 }

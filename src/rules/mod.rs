@@ -411,32 +411,32 @@ impl RuleSet {
                 events.join(", ")
             ));
         }
-        if let Some(patterns) = &spec.repository {
-            if !patterns.is_match(&event.repository) {
-                return Some(format!(
-                    "repository: {:?} matches none of {}",
-                    event.repository,
-                    patterns.shown()
-                ));
-            }
+        if let Some(patterns) = &spec.repository
+            && !patterns.is_match(&event.repository)
+        {
+            return Some(format!(
+                "repository: {:?} matches none of {}",
+                event.repository,
+                patterns.shown()
+            ));
         }
-        if let Some(patterns) = &spec.refs {
-            if !patterns.is_match(&event.ref_name) {
-                return Some(format!(
-                    "refs: {:?} matches none of {}",
-                    event.ref_name,
-                    patterns.shown()
-                ));
-            }
+        if let Some(patterns) = &spec.refs
+            && !patterns.is_match(&event.ref_name)
+        {
+            return Some(format!(
+                "refs: {:?} matches none of {}",
+                event.ref_name,
+                patterns.shown()
+            ));
         }
-        if let Some(patterns) = &spec.refs_exclude {
-            if patterns.is_match(&event.ref_name) {
-                return Some(format!(
-                    "refs_exclude: {:?} matches {}",
-                    event.ref_name,
-                    patterns.shown()
-                ));
-            }
+        if let Some(patterns) = &spec.refs_exclude
+            && patterns.is_match(&event.ref_name)
+        {
+            return Some(format!(
+                "refs_exclude: {:?} matches {}",
+                event.ref_name,
+                patterns.shown()
+            ));
         }
         if let Some(when) = &rule.when {
             return match self.render(&when.name, context) {

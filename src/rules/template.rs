@@ -76,13 +76,13 @@ pub fn check_variables(
                 format!("unknown variable `{root}`; templates can use `{allowed_root}.<field>`")
             });
         }
-        if let Some(field) = field {
-            if !fields.contains(&field) {
-                return Err(format!(
-                    "`{allowed_root}.{field}` does not exist; {allowed_root} fields are: {}",
-                    fields.join(", ")
-                ));
-            }
+        if let Some(field) = field
+            && !fields.contains(&field)
+        {
+            return Err(format!(
+                "`{allowed_root}.{field}` does not exist; {allowed_root} fields are: {}",
+                fields.join(", ")
+            ));
         }
     }
     Ok(())
@@ -91,11 +91,11 @@ pub fn check_variables(
 /// Minijinja's error with its detail, on one line.
 pub fn error_text(err: &minijinja::Error) -> String {
     let mut text = err.to_string();
-    if let Some(detail) = err.detail() {
-        if !text.contains(detail) {
-            text.push_str(": ");
-            text.push_str(detail);
-        }
+    if let Some(detail) = err.detail()
+        && !text.contains(detail)
+    {
+        text.push_str(": ");
+        text.push_str(detail);
     }
     text
 }

@@ -126,18 +126,18 @@ fn verify(source: &SourceConfig, request: &WebhookRequest<'_>) -> Result<(), Sou
             request.body,
         )?);
     }
-    if source.allow_sha1 {
-        if let Some(value) = request.header("x-hub-signature") {
-            return Ok(verify_hmac_header(
-                "X-Hub-Signature",
-                value,
-                "sha1=",
-                Encoding::Hex,
-                Algorithm::Sha1,
-                key,
-                request.body,
-            )?);
-        }
+    if source.allow_sha1
+        && let Some(value) = request.header("x-hub-signature")
+    {
+        return Ok(verify_hmac_header(
+            "X-Hub-Signature",
+            value,
+            "sha1=",
+            Encoding::Hex,
+            Algorithm::Sha1,
+            key,
+            request.body,
+        )?);
     }
     Err(SignatureError::Missing {
         header: if source.allow_sha1 {

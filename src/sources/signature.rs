@@ -213,10 +213,10 @@ pub fn verify_standard_webhook(
             continue;
         };
         saw_v1 = true;
-        if let Ok(signature) = BASE64.decode(encoded) {
-            if hmac_matches(Algorithm::Sha256, &key.0, &signed, &signature) {
-                return Ok(());
-            }
+        if let Ok(signature) = BASE64.decode(encoded)
+            && hmac_matches(Algorithm::Sha256, &key.0, &signed, &signature)
+        {
+            return Ok(());
         }
     }
     if saw_v1 {

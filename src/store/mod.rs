@@ -1,0 +1,331 @@
+//! The storage seam: what the outbox keeps, and the one interface its engines implement.
+//!
+//! The outbox's logic (group commit, claims, leases, retries from memory, coalescing,
+//! retention) lives in `crate::outbox` and talks to a database only through [`Engine`].
+//! Each engine keeps its own SQL in its own file; SQLite ([`sqlite`]) is the embedded
+//! default. Every engine keeps the queue in the same shape: one row per
+//! upstream+project+ref (its *key*) naming the key's head — its oldest unfinished trigger —
+//! and when that head is due, or that it is leased for sending. A claim reads only keys
+//! with due work, so its cost does not grow with the triggers waiting behind a held head,
+//! and nothing the relay runs periodically reads the whole backlog.
+//!
+//! This module never logs and never sees a token: triggers carry token references only.
+
+pub mod lock;
+pub mod sqlite;
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// Token references of gateway calls start with this: the caller's token is not stored.
+pub const CALLER_TOKEN: &str = "caller token ";
+
+/// Milliseconds since 1970, the store's clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A webhook (or gateway call) to record, with the triggers it produced.
+#[derive(Clone, Debug)]
+pub struct NewDelivery {
+    pub source: String,
+    pub delivery_id: String,
+    pub event_type: String,
+    /// Headers without signatures, tokens or credentials.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// The answer given to the sender, already serialized.
+    pub summary: String,
+    pub triggers: Vec<NewTrigger>,
+}
+
+/// One trigger call to make later (or, for a gateway call, already made).
+#[derive(Clone, Debug)]
+pub struct NewTrigger {
+    pub rule: String,
+    pub upstream: String,
+    pub project: String,
+    pub git_ref: String,
+    /// `env:NAME` / `file:PATH`; never the token.
+    pub token_ref: String,
+    /// A JSON object of strings, already serialized.
+    pub variables: String,
+    /// A JSON object, already serialized.
+    pub inputs: String,
+    /// Wait this long before the first attempt.
+    pub delay_ms: i64,
+    /// `coalesce`: hold the trigger this long, taking in identical ones meanwhile (0: no).
+    pub coalesce_ms: i64,
+    /// Set when the call was already made (the gateway): recorded as finished.
+    pub done: Option<Recorded>,
+}
+
+impl NewTrigger {
+    /// A trigger to send as soon as possible; its token is kept by reference only.
+    pub fn queued(
+        rule: String,
+        trigger: &crate::trigger::Trigger,
+        token_ref: &crate::secret::SecretRef,
+        coalesce: Option<std::time::Duration>,
+    ) -> NewTrigger {
+        NewTrigger {
+            rule,
+            upstream: trigger.upstream.clone(),
+            project: trigger.project.to_string(),
+            git_ref: trigger.git_ref.as_str().to_owned(),
+            token_ref: token_ref.to_string(),
+            variables: serde_json::to_string(&trigger.variables).expect("variables serialize"),
+            inputs: serde_json::to_string(&trigger.inputs).expect("inputs serialize"),
+            delay_ms: 0,
+            coalesce_ms: coalesce.map(|c| c.as_millis() as i64).unwrap_or(0),
+            done: None,
+        }
+    }
+
+    /// The key its order is kept under: one trigger per key is sent at a time, in order.
+    pub fn order_key(&self) -> String {
+        format!(
+            "{}\u{1f}{}\u{1f}{}",
+            self.upstream, self.project, self.git_ref
+        )
+    }
+}
+
+/// What recording a delivery did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    Queued {
+        delivery_row: i64,
+        trigger_ids: Vec<i64>,
+        /// For each trigger, the waiting trigger it was coalesced into, if any.
+        coalesced: Vec<Option<i64>>,
+    },
+    /// The source already delivered this id; nothing new was queued.
+    Duplicate { delivery_row: i64 },
+}
+
+/// A claim on one trigger: whoever records its outcome must show it. An outcome recorded
+/// with a lease that is no longer current (the trigger was claimed again since) changes
+/// nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub trigger: i64,
+    /// The fencing token the engine handed out with the claim.
+    pub token: i64,
+}
+
+/// A trigger claimed for sending.
+#[derive(Clone, Debug)]
+pub struct DueTrigger {
+    pub id: i64,
+    pub lease: Lease,
+    pub delivery_row: i64,
+    pub delivery_id: String,
+    pub source: String,
+    pub rule: String,
+    pub upstream: String,
+    pub project: String,
+    pub git_ref: String,
+    pub token_ref: String,
+    pub variables: serde_json::Map<String, serde_json::Value>,
+    pub inputs: serde_json::Map<String, serde_json::Value>,
+    /// Attempts before this one.
+    pub attempts: i64,
+    pub created_at: i64,
+}
+
+/// What one claim handed out, and when the next key falls due.
+#[derive(Clone, Debug, Default)]
+pub struct Claimed {
+    pub due: Vec<DueTrigger>,
+    /// When the earliest key not handed out falls due (milliseconds since 1970).
+    pub next_due: Option<i64>,
+}
+
+/// The outcome of an attempt, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    Sent {
+        status: u16,
+        pipeline_id: Option<i64>,
+        pipeline_url: Option<String>,
+    },
+    Retry {
+        due_at: i64,
+        status: Option<u16>,
+        reason: String,
+    },
+    Failed {
+        status: Option<u16>,
+        reason: String,
+        pipeline_id: Option<i64>,
+        pipeline_url: Option<String>,
+    },
+    DryRun {
+        would_send: String,
+    },
+    /// Claimed but not sent (shutdown): due again.
+    Released,
+    /// Held back by a rate limit or a paused project: due again then, no attempt counted.
+    Deferred {
+        due_at: i64,
+        reason: String,
+    },
+}
+
+impl Recorded {
+    /// Whether the trigger is finished after this outcome (its key moves to the next one).
+    pub fn finishes(&self) -> bool {
+        matches!(
+            self,
+            Recorded::Sent { .. } | Recorded::Failed { .. } | Recorded::DryRun { .. }
+        )
+    }
+}
+
+/// What `replay` re-queues.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplayTarget {
+    Trigger(i64),
+    Delivery(String),
+}
+
+impl ReplayTarget {
+    /// `42` or `trigger:42` is a trigger; `delivery:ID` or any other text a delivery id.
+    pub fn parse(text: &str) -> ReplayTarget {
+        let text = text.trim();
+        if let Some(id) = text
+            .strip_prefix("trigger:")
+            .or(Some(text))
+            .and_then(|t| t.parse().ok())
+        {
+            return ReplayTarget::Trigger(id);
+        }
+        ReplayTarget::Delivery(text.strip_prefix("delivery:").unwrap_or(text).to_owned())
+    }
+}
+
+impl fmt::Display for ReplayTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplayTarget::Trigger(id) => write!(f, "trigger {id}"),
+            ReplayTarget::Delivery(id) => write!(f, "delivery {id}"),
+        }
+    }
+}
+
+/// One row of `hookrelay deliveries`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeliveryRow {
+    pub received_at: i64,
+    pub source: String,
+    pub delivery_id: String,
+    pub event_type: String,
+    pub trigger_id: Option<i64>,
+    pub rule: Option<String>,
+    pub project: Option<String>,
+    pub git_ref: Option<String>,
+    pub state: Option<String>,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub pipeline_url: Option<String>,
+    pub replay_of: Option<i64>,
+    pub coalesced_into: Option<i64>,
+}
+
+/// A stored webhook, as it arrived but for its secret headers.
+pub struct StoredWebhook {
+    pub source: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+/// The outbox's depth, read without walking the backlog.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Depth {
+    /// Triggers waiting or being sent.
+    pub open: i64,
+    /// When the earliest-due waiting key fell (or falls) due.
+    pub earliest_due: Option<i64>,
+}
+
+/// Why an engine could not do something.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct EngineError {
+    pub message: String,
+    /// The store cannot be written right now (disk full, I/O error, busy, gone): the same
+    /// request may succeed later, so outcomes of sends are kept and tried again.
+    pub transient: bool,
+    /// Not a failure: the store refuses this request (`replay` of an unknown id, say).
+    pub refused: bool,
+}
+
+impl EngineError {
+    /// A refusal that trying again will not change (`replay` of an unknown id, say).
+    pub fn refused(message: impl Into<String>) -> EngineError {
+        EngineError {
+            message: message.into(),
+            transient: false,
+            refused: true,
+        }
+    }
+
+    /// A failure that trying again will not mend.
+    pub fn failed(message: impl Into<String>) -> EngineError {
+        EngineError {
+            message: message.into(),
+            transient: false,
+            refused: false,
+        }
+    }
+}
+
+/// One database behind the outbox. The outbox's writer owns one engine and calls it from
+/// one thread: [`Engine::begin`], any number of operations each inside its own savepoint,
+/// then [`Engine::commit`]. Reads for metrics and commands use a second engine of their own.
+pub trait Engine: Send + 'static {
+    /// Where the data lives, for messages: a path, or a URL without its password.
+    fn describe(&self) -> String;
+
+    /// Starts a group's transaction; `durable`: its commit must reach stable storage.
+    fn begin(&mut self, durable: bool) -> Result<(), EngineError>;
+    fn commit(&mut self) -> Result<(), EngineError>;
+    /// Undoes the open transaction, if any.
+    fn rollback(&mut self);
+    /// Starts one request's savepoint inside the group's transaction.
+    fn savepoint(&mut self) -> Result<(), EngineError>;
+    /// Ends the request's savepoint: kept, or rolled back when the request failed.
+    fn release(&mut self, keep: bool);
+
+    /// Records a delivery and its triggers, unless the source already delivered that id.
+    fn insert_delivery(
+        &mut self,
+        delivery: &NewDelivery,
+        now: i64,
+    ) -> Result<Accepted, EngineError>;
+    /// Leases up to `limit` due key heads, earliest due first.
+    fn claim(&mut self, now: i64, limit: usize) -> Result<Claimed, EngineError>;
+    /// Records an attempt's outcome under its lease; `Ok(false)` when the lease is stale.
+    fn record(&mut self, lease: Lease, recorded: &Recorded, now: i64) -> Result<bool, EngineError>;
+    /// Queues a finished trigger, or every first trigger of a delivery, again as new rows.
+    fn replay(&mut self, target: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError>;
+    /// Deletes up to `batch` deliveries received before `before` whose triggers are all
+    /// finished; returns how many.
+    fn prune(&mut self, before: i64, batch: usize) -> Result<usize, EngineError>;
+    /// A small write that proves the store takes writes again.
+    fn probe(&mut self, now: i64) -> Result<(), EngineError>;
+    /// At start: heads leased by a process that is gone are due again (at-least-once).
+    fn recover_leases(&mut self) -> Result<usize, EngineError>;
+
+    fn depth(&mut self) -> Result<Depth, EngineError>;
+    fn list(&mut self, failed_only: bool, limit: usize) -> Result<Vec<DeliveryRow>, EngineError>;
+    fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError>;
+}
