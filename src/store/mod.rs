@@ -12,6 +12,8 @@
 //! This module never logs and never sees a token: triggers carry token references only.
 
 pub mod lock;
+#[cfg(test)]
+pub mod semantics;
 pub mod sqlite;
 
 use std::fmt;

@@ -84,6 +84,7 @@ CREATE INDEX triggers_coalesce ON triggers (coalesce_key, state);
 "#,
     // The per-key queue: claims read due keys only, and counts are kept, not counted.
     r#"
+ALTER TABLE triggers ADD COLUMN lease INTEGER;
 CREATE TABLE queue_keys (
     order_key TEXT PRIMARY KEY,
     head INTEGER NOT NULL,
@@ -200,8 +201,7 @@ impl SqliteEngine {
     }
 
     /// Writes an outcome's fields; `guard`: only while the trigger is leased with that
-    /// token (state `sending`, the claim's attempt count). Returns the trigger's key when a
-    /// row changed.
+    /// token. Returns the trigger's key when a row changed.
     fn write_outcome(
         &self,
         id: i64,
@@ -214,7 +214,7 @@ impl SqliteEngine {
                 self.conn
                     .prepare_cached(concat!(
                         "UPDATE triggers SET ", $set, ", updated_at = ?2 WHERE id = ?1 ",
-                        "AND (?3 IS NULL OR (state = 'sending' AND attempts = ?3)) RETURNING order_key"
+                        "AND (?3 IS NULL OR (state = 'sending' AND lease = ?3)) RETURNING order_key"
                     ))?
                     .query_row(params![id, now, guard, $($value),*], |row| row.get(0))
                     .optional()
@@ -615,18 +615,19 @@ fn claim(engine: &SqliteEngine, now: i64, limit: usize) -> rusqlite::Result<Clai
     for (order_key, head) in heads {
         let trigger = conn
             .prepare_cached(
-                "UPDATE triggers SET state = 'sending', attempts = attempts + 1, updated_at = ?2
+                "UPDATE triggers SET state = 'sending', attempts = attempts + 1, updated_at = ?2, lease = ?3
                  WHERE id = ?1 AND state = 'queued'
                  RETURNING id, delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                           attempts, created_at",
+                           attempts, created_at, lease",
             )?
-            .query_row(params![head, now], |row| {
+            // A fresh random token per claim fences outcomes of older claims out.
+            .query_row(params![head, now, fastrand::i64(1..)], |row| {
                 let attempts: i64 = row.get(9)?;
                 Ok(DueTrigger {
                     id: row.get(0)?,
                     lease: Lease {
                         trigger: row.get(0)?,
-                        token: attempts,
+                        token: row.get(11)?,
                     },
                     delivery_row: row.get(1)?,
                     delivery_id: String::new(),

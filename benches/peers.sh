@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Side by side, in one run on 127.0.0.1, with wrk (-t1, 64 connections by default):
+#
+#   1. nginx `return 200`                        the ceiling of this machine
+#   2. adnanh/webhook (HMAC-SHA256 + regex rule, runs /bin/true; not durable)
+#   3. hookrelay /hooks/github: signed tag push, one tag rule, acknowledged once committed
+#      (synchronous=FULL), with the forwarder sending every trigger to a stand-in GitLab
+#   4. the same deliveries again: every one a duplicate
+#   5. the stand-in GitLab called directly (nginx answering 201 with a pipeline)
+#   6. hookrelay's gateway in front of that stand-in
+#
+# and hookrelay's resident memory idle and under load. Prints req/s, p50, p99 and the
+# ratios. Installs wrk, webhook and nginx-light from Debian's packages when missing.
+#
+# Run: benches/peers.sh        (env: DURATION=10s, CONNECTIONS=64, HOOKRELAY=path/to/binary)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v webhook >/dev/null || missing+=(webhook)
+command -v nginx >/dev/null || missing+=(nginx-light)
+if ((${#missing[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [[ -z "${HOOKRELAY:-}" ]]; then
+  cargo build --release --quiet
+  HOOKRELAY=target/release/hookrelay
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+nginx_port=$(free_port); standin_port=$(free_port); webhook_port=$(free_port); relay_port=$(free_port)
+secret="It's a Secret to Everybody"
+payload=$PWD/tests/fixtures/github/push_tag.json
+signature="sha256=$(python3 -c 'import hmac,hashlib,sys; print(hmac.new(sys.argv[1].encode(), open(sys.argv[2],"rb").read(), hashlib.sha256).hexdigest())' "$secret" "$payload")"
+
+# nginx: the ceiling, and the stand-in GitLab answering every trigger call 201.
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<CONF
+worker_processes 1;
+error_log $work/nginx/error.log;
+pid $work/nginx/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx;
+  server { listen 127.0.0.1:$nginx_port; location / { return 200 "ok"; } }
+  server {
+    listen 127.0.0.1:$standin_port;
+    location / {
+      default_type application/json;
+      return 201 '{"id":4242,"iid":7,"status":"created","ref":"main","web_url":"http://gitlab.example/acme/app/-/pipelines/4242"}';
+    }
+  }
+}
+CONF
+nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
+
+# adnanh/webhook with the same signature check and a regex on the ref.
+cat >"$work/hooks.json" <<CONF
+[{
+  "id": "github",
+  "execute-command": "/bin/true",
+  "trigger-rule": { "and": [
+    { "match": { "type": "payload-hmac-sha256", "secret": "$secret",
+                 "parameter": { "source": "header", "name": "X-Hub-Signature-256" } } },
+    { "match": { "type": "regex", "regex": "^refs/tags/",
+                 "parameter": { "source": "payload", "name": "ref" } } }
+  ] }
+}]
+CONF
+webhook -hooks "$work/hooks.json" -ip 127.0.0.1 -port "$webhook_port" >"$work/webhook.log" 2>&1 & pids+=($!)
+
+# hookrelay: the forwarder sends to the stand-in; limits raised so they do not pace it.
+mkdir -p "$work/relay"
+printf '%s' "$secret" >"$work/secret"
+cat >"$work/relay/relay.toml" <<CONF
+[server]
+listen = "127.0.0.1:$relay_port"
+[upstream.gitlab]
+url = "http://127.0.0.1:$standin_port"
+limit = { per_project = "1000000/min", burst = 100000 }
+[gateway]
+upstream = "gitlab"
+[source.github]
+provider = "github"
+secret = "file:$work/secret"
+[[rule]]
+name = "tags"
+source = "github"
+events = ["tag"]
+[rule.trigger]
+project = "acme/app"
+ref = "main"
+token = "file:$work/secret"
+variables = { UPSTREAM_TAG = "{{ event.ref_name }}", UPSTREAM_SHA = "{{ event.after }}" }
+CONF
+"$HOOKRELAY" serve --config "$work/relay" --state "$work/state" >"$work/relay.log" 2>&1 & relay_pid=$!; pids+=($relay_pid)
+
+wait_for "http://127.0.0.1:$nginx_port/"
+wait_for "http://127.0.0.1:$webhook_port/"
+wait_for "http://127.0.0.1:$relay_port/healthz"
+sleep 1
+idle_rss=$(rss_kib "$relay_pid")
+
+results=()
+# run NAME URL SCRIPT [env…]: one wrk run; appends "name rate p50 p99" to results.
+run() {
+  local name=$1 url=$2 script=$3; shift 3
+  local out
+  out=$(env "$@" BODY_FILE="$payload" SIGNATURE="$signature" \
+        wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$url")
+  local rate p50 p99 errors
+  rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  errors=$(awk '/Non-2xx or 3xx responses/ {print $5}' <<<"$out")
+  results+=("$name|$rate|$p50|$p99|${errors:-0}")
+}
+
+prefix="peers-$$-$(date +%s)"
+run "nginx return 200 (ceiling)" "http://127.0.0.1:$nginx_port/" benches/peers/signed.lua
+run "adnanh/webhook (HMAC + regex, /bin/true)" "http://127.0.0.1:$webhook_port/hooks/github" benches/peers/signed.lua
+run "hookrelay /hooks/github (new)" "http://127.0.0.1:$relay_port/hooks/github" benches/peers/signed.lua DELIVERY_PREFIX="$prefix"
+load_rss=$(rss_kib "$relay_pid")
+run "hookrelay /hooks/github (duplicates)" "http://127.0.0.1:$relay_port/hooks/github" benches/peers/signed.lua DELIVERY_PREFIX="$prefix"
+run "stand-in GitLab, direct" "http://127.0.0.1:$standin_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
+run "hookrelay gateway -> stand-in" "http://127.0.0.1:$relay_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
+
+echo "peers, one run: wrk -t1 -c$CONNECTIONS -d$DURATION on 127.0.0.1, $(nproc) cores"
+printf '%-44s %12s %10s %10s %8s\n' system req/s p50 p99 non-2xx
+for row in "${results[@]}"; do
+  IFS='|' read -r name rate p50 p99 errors <<<"$row"
+  printf '%-44s %12s %10s %10s %8s\n' "$name" "$rate" "$p50" "$p99" "$errors"
+done
+rate_of() { for row in "${results[@]}"; do IFS='|' read -r n r _ <<<"$row"; [[ $n == "$1"* ]] && echo "$r"; done; }
+p99_of() { for row in "${results[@]}"; do IFS='|' read -r n _ _ p <<<"$row"; [[ $n == "$1"* ]] && echo "$p"; done; }
+ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) print v/1000; else if (v ~ /ms$/) print v+0; else print v*1000 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+echo
+echo "hookrelay acks / adnanh/webhook:        $(ratio "$(rate_of "hookrelay /hooks/github (new)")" "$(rate_of "adnanh")")x"
+echo "hookrelay duplicates / new deliveries:  $(ratio "$(rate_of "hookrelay /hooks/github (dup")" "$(rate_of "hookrelay /hooks/github (new)")")x"
+echo "hookrelay acks / nginx ceiling:         $(ratio "$(rate_of "hookrelay /hooks/github (new)")" "$(rate_of "nginx")")x"
+echo "gateway p99 over direct p99:            $(awk -v a="$(ms "$(p99_of "hookrelay gateway")")" -v b="$(ms "$(p99_of "stand-in")")" 'BEGIN { printf "%+.2f ms", a - b }')"
+echo "gateway / direct throughput:            $(ratio "$(rate_of "hookrelay gateway")" "$(rate_of "stand-in")")x"
+echo "hookrelay RSS: idle $((idle_rss / 1024)) MiB, after the ack run $((load_rss / 1024)) MiB"
+sent=$(grep -c '"trigger sent"\|trigger sent' "$work/relay.log" || true)
+echo "forwarder: $sent triggers sent to the stand-in during the run"

@@ -1,0 +1,18 @@
+-- wrk script: POST a signed GitHub webhook with a fresh X-GitHub-Delivery per request.
+-- BODY_FILE: the payload; SIGNATURE: its "sha256=…" header; DELIVERY_PREFIX: id prefix
+-- (the same prefix twice makes the second run all duplicates).
+local file = assert(io.open(os.getenv("BODY_FILE"), "rb"))
+local counter = 0
+local prefix = os.getenv("DELIVERY_PREFIX") or tostring(os.time())
+wrk.method = "POST"
+wrk.body = file:read("*a")
+file:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-GitHub-Event"] = "push"
+wrk.headers["X-Hub-Signature-256"] = os.getenv("SIGNATURE")
+
+request = function()
+  counter = counter + 1
+  wrk.headers["X-GitHub-Delivery"] = prefix .. "-" .. counter
+  return wrk.format()
+end

@@ -1,0 +1,290 @@
+//! What every engine must do, written once against [`Engine`] and run for each engine
+//! (`engine_semantics!` below instantiates them; a new engine adds one line).
+//!
+//! These are the outbox's promises at the storage level: duplicates are acknowledged
+//! once, one trigger per key is leased at a time and keys go in order, outcomes need a
+//! current lease, held heads do not hide other keys' work, counts follow every change.
+
+use super::*;
+
+/// Runs `op` in its own committed transaction, as the writer would.
+fn tx<T>(engine: &mut dyn Engine, op: impl FnOnce(&mut dyn Engine) -> T) -> T {
+    engine.begin(true).unwrap();
+    let out = op(engine);
+    engine.commit().unwrap();
+    out
+}
+
+fn trigger(project: &str) -> NewTrigger {
+    NewTrigger {
+        rule: "r".into(),
+        upstream: "gitlab".into(),
+        project: project.into(),
+        git_ref: "main".into(),
+        token_ref: "env:T".into(),
+        variables: "{}".into(),
+        inputs: "{}".into(),
+        delay_ms: 0,
+        coalesce_ms: 0,
+        done: None,
+    }
+}
+
+fn delivery(id: &str, triggers: Vec<NewTrigger>) -> NewDelivery {
+    NewDelivery {
+        source: "gh".into(),
+        delivery_id: id.into(),
+        event_type: "push".into(),
+        headers: vec![("x-github-event".into(), "push".into())],
+        body: Bytes::from_static(b"{}"),
+        summary: "{}".into(),
+        triggers,
+    }
+}
+
+fn accept(engine: &mut dyn Engine, id: &str, project: &str, now: i64) -> Accepted {
+    tx(engine, |e| {
+        e.insert_delivery(&delivery(id, vec![trigger(project)]), now)
+            .unwrap()
+    })
+}
+
+fn claim(engine: &mut dyn Engine, now: i64, limit: usize) -> Vec<DueTrigger> {
+    tx(engine, |e| e.claim(now, limit).unwrap()).due
+}
+
+fn ids(due: &[DueTrigger]) -> Vec<String> {
+    due.iter().map(|t| t.delivery_id.clone()).collect()
+}
+
+fn record(engine: &mut dyn Engine, lease: Lease, recorded: Recorded, now: i64) -> bool {
+    tx(engine, |e| e.record(lease, &recorded, now).unwrap())
+}
+
+fn sent() -> Recorded {
+    Recorded::Sent {
+        status: 201,
+        pipeline_id: Some(7),
+        pipeline_url: None,
+    }
+}
+
+fn failed() -> Recorded {
+    Recorded::Failed {
+        status: Some(404),
+        reason: "404 Not Found".into(),
+        pipeline_id: None,
+        pipeline_url: None,
+    }
+}
+
+pub fn duplicates_are_recorded_once(engine: &mut dyn Engine) {
+    assert!(matches!(accept(engine, "a", "p", 1), Accepted::Queued { .. }));
+    assert!(matches!(
+        accept(engine, "a", "p", 2),
+        Accepted::Duplicate { .. }
+    ));
+    assert_eq!(engine.depth().unwrap().open, 1);
+}
+
+pub fn one_lease_per_key_and_keys_go_in_order(engine: &mut dyn Engine) {
+    accept(engine, "a", "p1", 1);
+    accept(engine, "b", "p1", 2);
+    accept(engine, "c", "p2", 3);
+    let first = claim(engine, 10, 10);
+    assert_eq!(ids(&first), ["a", "c"], "b waits behind a");
+    assert!(claim(engine, 10, 10).is_empty(), "b waits while a is leased");
+    assert!(record(engine, first[0].lease, sent(), 11));
+    assert_eq!(ids(&claim(engine, 12, 10)), ["b"]);
+}
+
+pub fn outcomes_need_the_current_lease(engine: &mut dyn Engine) {
+    accept(engine, "a", "p", 1);
+    let due = claim(engine, 1, 1);
+    let lease = due[0].lease;
+    assert!(record(
+        engine,
+        lease,
+        Recorded::Retry {
+            due_at: 5,
+            status: Some(503),
+            reason: "503".into()
+        },
+        2
+    ));
+    // The same lease again: the trigger was handed back, so nothing changes.
+    assert!(!record(engine, lease, sent(), 3));
+    let again = claim(engine, 5, 1);
+    assert_eq!(again[0].attempts, 1, "attempts before this one");
+    assert_ne!(again[0].lease, lease, "a new claim, a new token");
+    assert!(!record(engine, lease, sent(), 6), "the old token is stale");
+    assert!(record(engine, again[0].lease, sent(), 6));
+    assert_eq!(engine.depth().unwrap().open, 0);
+}
+
+pub fn retries_and_deferrals_wait_until_due(engine: &mut dyn Engine) {
+    accept(engine, "a", "p", 0);
+    let due = claim(engine, 0, 1);
+    record(
+        engine,
+        due[0].lease,
+        Recorded::Deferred {
+            due_at: 1000,
+            reason: "over the limit".into(),
+        },
+        1,
+    );
+    let claimed = tx(engine, |e| e.claim(999, 1).unwrap());
+    assert!(claimed.due.is_empty());
+    assert_eq!(claimed.next_due, Some(1000), "the claim says when to look again");
+    let again = claim(engine, 1000, 1);
+    assert_eq!(again[0].attempts, 0, "a deferral is not an attempt");
+    assert_ne!(again[0].lease, due[0].lease, "each claim gets its own token");
+    assert!(!record(engine, due[0].lease, sent(), 1001));
+}
+
+pub fn a_held_head_hides_no_other_key(engine: &mut dyn Engine) {
+    // 200 triggers behind one held head; one trigger on another key, due later.
+    tx(engine, |e| {
+        for i in 0..200 {
+            e.insert_delivery(&delivery(&format!("held-{i}"), vec![trigger("held")]), 0)
+                .unwrap();
+        }
+    });
+    let head = claim(engine, 0, 1);
+    record(
+        engine,
+        head[0].lease,
+        Recorded::Deferred {
+            due_at: 10_000,
+            reason: "paused".into(),
+        },
+        1,
+    );
+    accept(engine, "other", "other", 5);
+    assert_eq!(ids(&claim(engine, 6, 8)), ["other"]);
+    let depth = engine.depth().unwrap();
+    assert_eq!(depth.open, 201);
+    assert_eq!(depth.earliest_due, Some(10_000));
+}
+
+pub fn leases_of_a_dead_process_are_due_again(engine: &mut dyn Engine) {
+    accept(engine, "a", "p1", 0);
+    accept(engine, "b", "p2", 0);
+    assert_eq!(claim(engine, 0, 5).len(), 2);
+    assert_eq!(engine.recover_leases().unwrap(), 2);
+    assert_eq!(claim(engine, 0, 5).len(), 2);
+}
+
+pub fn pruning_keeps_what_is_still_to_be_sent(engine: &mut dyn Engine) {
+    accept(engine, "old-done", "p1", 0);
+    accept(engine, "old-pending", "p2", 0);
+    accept(engine, "new", "p3", 500);
+    let due = claim(engine, 0, 1);
+    assert_eq!(ids(&due), ["old-done"]);
+    record(engine, due[0].lease, failed(), 1);
+    assert_eq!(tx(engine, |e| e.prune(100, 10).unwrap()), 1);
+    let left: Vec<String> = engine
+        .list(false, 10)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.delivery_id)
+        .collect();
+    assert_eq!(left, ["new", "old-pending"]);
+}
+
+pub fn replays_are_new_triggers_linked_to_the_original(engine: &mut dyn Engine) {
+    accept(engine, "a", "p", 0);
+    let err = tx(engine, |e| e.replay(&ReplayTarget::Delivery("a".into()), 1)).unwrap_err();
+    assert!(err.message.contains("still queued"), "{err}");
+    let due = claim(engine, 0, 1);
+    record(engine, due[0].lease, failed(), 1);
+    let new = tx(engine, |e| e.replay(&ReplayTarget::Delivery("a".into()), 2)).unwrap();
+    assert_eq!(new.len(), 1);
+    let claimed = claim(engine, 2, 5);
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, new[0]);
+    let unknown = tx(engine, |e| e.replay(&ReplayTarget::Trigger(99_999), 3)).unwrap_err();
+    assert!(unknown.refused, "an unknown id is a refusal, not a failure");
+    assert!(unknown.message.contains("trigger 99999 is not in the store"));
+}
+
+pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {
+    let windowed = || NewTrigger {
+        coalesce_ms: 1000,
+        ..trigger("p")
+    };
+    let first = tx(engine, |e| {
+        e.insert_delivery(&delivery("a", vec![windowed()]), 0).unwrap()
+    });
+    let second = tx(engine, |e| {
+        e.insert_delivery(&delivery("b", vec![windowed()]), 10).unwrap()
+    });
+    let (Accepted::Queued { trigger_ids, .. }, Accepted::Queued { coalesced, .. }) =
+        (first, second)
+    else {
+        panic!("both queued");
+    };
+    assert_eq!(coalesced, [Some(trigger_ids[0])]);
+    assert_eq!(engine.depth().unwrap().open, 1);
+    assert!(claim(engine, 999, 5).is_empty(), "held for its window");
+    assert_eq!(claim(engine, 1000, 5).len(), 1);
+}
+
+pub fn finished_gateway_calls_are_not_queued(engine: &mut dyn Engine) {
+    let done = NewTrigger {
+        done: Some(sent()),
+        ..trigger("p")
+    };
+    tx(engine, |e| {
+        e.insert_delivery(&delivery("gateway-1", vec![done]), 0).unwrap()
+    });
+    assert_eq!(engine.depth().unwrap(), Depth::default());
+    assert!(claim(engine, 0, 5).is_empty());
+    let rows = engine.list(false, 5).unwrap();
+    assert_eq!(rows[0].state.as_deref(), Some("sent"));
+}
+
+/// Instantiates every semantic test for one engine: `engine_semantics!(make)` where
+/// `make()` returns a fresh, empty engine (and whatever keeps it alive).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! engine_semantics {
+    ($make:expr) => {
+        $crate::engine_semantics!(@tests $make;
+            duplicates_are_recorded_once,
+            one_lease_per_key_and_keys_go_in_order,
+            outcomes_need_the_current_lease,
+            retries_and_deferrals_wait_until_due,
+            a_held_head_hides_no_other_key,
+            leases_of_a_dead_process_are_due_again,
+            pruning_keeps_what_is_still_to_be_sent,
+            replays_are_new_triggers_linked_to_the_original,
+            identical_triggers_coalesce_within_the_window,
+            finished_gateway_calls_are_not_queued,
+        );
+    };
+    (@tests $make:expr; $($name:ident,)*) => {
+        $(
+            #[test]
+            fn $name() {
+                let (_keep, mut engine) = $make();
+                $crate::store::semantics::$name(&mut engine);
+            }
+        )*
+    };
+}
+
+mod sqlite {
+    fn make() -> (tempfile::TempDir, crate::store::sqlite::SqliteEngine) {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = crate::store::sqlite::SqliteEngine::open(
+            &dir.path().join("s.sqlite3"),
+            crate::store::sqlite::Durability::Full,
+        )
+        .unwrap();
+        (dir, engine)
+    }
+
+    crate::engine_semantics!(make);
+}
