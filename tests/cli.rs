@@ -2,28 +2,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
+use common::binary::*;
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_hookrelay");
-
-fn hookrelay(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env_remove("HOOKRELAY_CONFIG")
-        .env_remove("HOOKRELAY_LISTEN")
-        .output()
-        .unwrap()
-}
-
-fn write(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).unwrap();
-}
 
 #[test]
 fn check_passes_on_the_shipped_rules() {
@@ -99,94 +83,6 @@ fn every_command_has_help() {
             String::from_utf8_lossy(&output.stdout).contains("--"),
             "{args:?}"
         );
-    }
-}
-
-/// A running `hookrelay serve` whose log lines are collected.
-struct Served {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Served {
-    fn start(config_dir: &Path, state: &Path) -> Served {
-        Served::start_with(Command::new(BIN), config_dir, state)
-    }
-
-    fn start_with(mut command: Command, config_dir: &Path, state: &Path) -> Served {
-        let mut child = command
-            .args([
-                "serve",
-                "--config",
-                config_dir.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--state", state.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Served {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line containing `needle`.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => panic!("no log line with {needle:?}; saw {:#?}", self.seen),
-            }
-        }
-    }
-
-    fn address(&mut self) -> String {
-        let line = self.wait_for("hookrelay listening");
-        if line.starts_with('{') {
-            let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
-            return json["address"]
-                .as_str()
-                .expect("the address field")
-                .to_owned();
-        }
-        let start = line.find("address=").expect("address in the line") + "address=".len();
-        line[start..].split_whitespace().next().unwrap().to_owned()
-    }
-
-    fn terminate(mut self) -> (Option<i32>, Vec<String>) {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(line);
-        }
-        (status.code(), std::mem::take(&mut self.seen))
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
     }
 }
 
@@ -590,17 +486,6 @@ token = "env:HOOKRELAY_TEST_TOKEN"
     }
 }
 
-/// Sends a GitHub tag push signed with `secret` to a running relay.
-async fn github_tag(address: &str, secret: &str) -> Reply {
-    static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let delivery = format!(
-        "delivery-{}",
-        SENT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-    );
-    let url = format!("http://{address}/hooks/github");
-    signed_github(&url, secret, "push", &delivery, "github/push_tag.json").await
-}
-
 /// Waits (bounded) until the upstream has seen a call for each of `projects`.
 async fn upstream_saw(upstream: &RecordingUpstream, projects: &[&str]) -> Vec<String> {
     let paths = || {
@@ -733,41 +618,6 @@ fn the_shipped_examples_pass_check_with_their_secrets_set() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("rules: 4 (1 scheduled)"));
-}
-
-/// A relay configuration whose one rule sends every GitHub push to acme/app on main, with
-/// the delivery id as a variable, so the upstream shows which deliveries arrived.
-fn durable_config(dir: &Path, upstream: &str) {
-    write(dir, "secret", "s3cret");
-    write(
-        dir,
-        "relay.toml",
-        &format!(
-            "[upstream.gitlab]\nurl = \"{upstream}\"\nlimit = {{ per_project = \"1000/s\" }}\n[source.github]\nprovider = \"github\"\nsecret = \"file:{}\"\n\
-             [delivery]\nretry_base = \"50ms\"\nretry_cap = \"200ms\"\n\
-             [[rule]]\nname = \"all\"\nsource = \"github\"\n[rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\n\
-             token = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = {{ DELIVERY = \"{{{{ event.delivery }}}}\" }}\n",
-            dir.join("secret").display()
-        ),
-    );
-}
-
-fn serve_in(dir: &Path) -> Served {
-    let mut command = Command::new(BIN);
-    command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
-    Served::start_with(command, dir, &dir.join("state"))
-}
-
-fn delivered(upstream: &RecordingUpstream) -> std::collections::BTreeSet<String> {
-    upstream
-        .received()
-        .iter()
-        .filter_map(|r| {
-            r.json()["variables"]["DELIVERY"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,11 +141,8 @@ pub async fn run(
         let wait = Duration::from_millis((claim_at - now_ms()).max(0) as u64);
         tokio::select! {
             _ = stop.changed() => {}
-            () = outbox.queued.notified() => {
-                if store_backoff.is_zero() {
-                    claim_at = claim_at.min(now_ms());
-                }
-            }
+            // A notification follows a successful commit: the store takes writes.
+            () = outbox.queued.notified() => claim_at = claim_at.min(now_ms()),
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Ok(id) = done {
                     claimed.remove(&id);

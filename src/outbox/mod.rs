@@ -636,3 +636,181 @@ fn answer<T: Send + 'static>(
         });
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::store::sqlite::Durability;
+    use crate::store::{Depth, NewTrigger};
+
+    /// SQLite that refuses every commit while `full` is set, as a full disk would.
+    struct FullDisk {
+        inner: SqliteEngine,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Engine for FullDisk {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn begin(&mut self, durable: bool) -> Result<(), EngineError> {
+            self.inner.begin(durable)
+        }
+        fn commit(&mut self) -> Result<(), EngineError> {
+            if self.full.load(Ordering::SeqCst) {
+                self.inner.rollback();
+                return Err(EngineError {
+                    message: "database or disk is full".into(),
+                    transient: true,
+                    refused: false,
+                });
+            }
+            self.inner.commit()
+        }
+        fn rollback(&mut self) {
+            self.inner.rollback()
+        }
+        fn savepoint(&mut self) -> Result<(), EngineError> {
+            self.inner.savepoint()
+        }
+        fn release(&mut self, keep: bool) {
+            self.inner.release(keep)
+        }
+        fn insert_delivery(&mut self, d: &NewDelivery, now: i64) -> Result<Accepted, EngineError> {
+            self.inner.insert_delivery(d, now)
+        }
+        fn claim(&mut self, now: i64, limit: usize) -> Result<Claimed, EngineError> {
+            self.inner.claim(now, limit)
+        }
+        fn record(&mut self, l: Lease, r: &Recorded, now: i64) -> Result<bool, EngineError> {
+            self.inner.record(l, r, now)
+        }
+        fn replay(&mut self, t: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError> {
+            self.inner.replay(t, now)
+        }
+        fn prune(&mut self, before: i64, batch: usize) -> Result<usize, EngineError> {
+            self.inner.prune(before, batch)
+        }
+        fn probe(&mut self, now: i64) -> Result<(), EngineError> {
+            self.inner.probe(now)
+        }
+        fn recover_leases(&mut self) -> Result<usize, EngineError> {
+            self.inner.recover_leases()
+        }
+        fn depth(&mut self) -> Result<Depth, EngineError> {
+            self.inner.depth()
+        }
+        fn list(&mut self, f: bool, limit: usize) -> Result<Vec<DeliveryRow>, EngineError> {
+            self.inner.list(f, limit)
+        }
+        fn stored_webhook(&mut self, id: &str) -> Result<Option<StoredWebhook>, EngineError> {
+            self.inner.stored_webhook(id)
+        }
+    }
+
+    fn delivery(id: &str) -> NewDelivery {
+        NewDelivery {
+            source: "gh".into(),
+            delivery_id: id.into(),
+            event_type: "push".into(),
+            headers: Vec::new(),
+            body: bytes::Bytes::from_static(b"{}"),
+            summary: "{}".into(),
+            triggers: vec![NewTrigger {
+                rule: "r".into(),
+                upstream: "gitlab".into(),
+                project: "acme/app".into(),
+                git_ref: "main".into(),
+                token_ref: "env:T".into(),
+                variables: "{}".into(),
+                inputs: "{}".into(),
+                delay_ms: 0,
+                coalesce_ms: 0,
+                done: None,
+            }],
+        }
+    }
+
+    fn states(outbox_dir: &Path) -> Vec<(String, String)> {
+        let mut engine =
+            SqliteEngine::open(&outbox_dir.join(STORE_FILE), Durability::Full).unwrap();
+        let mut rows: Vec<(String, String)> = engine
+            .list(false, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.delivery_id, r.state.unwrap_or_default()))
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[tokio::test]
+    async fn an_outcome_the_store_refuses_is_kept_and_written_once_it_can_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let full = Arc::new(AtomicBool::new(false));
+        let writer = FullDisk {
+            inner: SqliteEngine::open(&path, Durability::Full).unwrap(),
+            full: full.clone(),
+        };
+        let reader = SqliteEngine::open(&path, Durability::Full).unwrap();
+        let outbox = Outbox::start(Box::new(writer), Box::new(reader), None).unwrap();
+        outbox.accept(delivery("a")).await.unwrap();
+        outbox.accept(delivery("b")).await.unwrap();
+        let a = outbox.claim(8).await.unwrap().due.remove(0);
+        assert_eq!(a.delivery_id, "a", "b waits behind a, same project and ref");
+
+        // The disk fills while a is being sent.
+        full.store(true, Ordering::SeqCst);
+        let sent = Recorded::Sent {
+            status: 201,
+            pipeline_id: Some(1),
+            pipeline_url: None,
+        };
+        outbox.record(a.lease, sent.clone());
+        let refused = outbox.accept(delivery("c")).await.unwrap_err();
+        assert!(refused.reason.contains("disk is full"), "{refused}");
+        assert!(outbox.health.problem().is_some(), "/readyz says not ready");
+        assert!(
+            outbox.claim(8).await.is_err(),
+            "nothing is handed out meanwhile"
+        );
+        tokio::time::sleep(RETRY_EVERY + Duration::from_millis(300)).await;
+        assert_eq!(
+            states(dir.path()),
+            [
+                ("a".into(), "sending".into()),
+                ("b".into(), "queued".into())
+            ],
+            "a's outcome waits in memory; b still waits behind a"
+        );
+
+        // Space again: the kept outcome is written without anyone asking, once.
+        full.store(false, Ordering::SeqCst);
+        for _ in 0..50 {
+            if outbox.health.problem().is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            outbox.health.problem(),
+            None,
+            "ready again without a restart"
+        );
+        assert_eq!(
+            states(dir.path()),
+            [("a".into(), "sent".into()), ("b".into(), "queued".into())]
+        );
+        let next = outbox.claim(8).await.unwrap();
+        assert_eq!(next.due.len(), 1);
+        assert_eq!(
+            next.due[0].delivery_id, "b",
+            "the key moved on to b, and a is not sent again"
+        );
+        outbox.accept(delivery("c")).await.unwrap();
+        assert_eq!(outbox.depth().unwrap().0, 2, "b and c");
+    }
+}

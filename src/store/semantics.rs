@@ -79,7 +79,10 @@ fn failed() -> Recorded {
 }
 
 pub fn duplicates_are_recorded_once(engine: &mut dyn Engine) {
-    assert!(matches!(accept(engine, "a", "p", 1), Accepted::Queued { .. }));
+    assert!(matches!(
+        accept(engine, "a", "p", 1),
+        Accepted::Queued { .. }
+    ));
     assert!(matches!(
         accept(engine, "a", "p", 2),
         Accepted::Duplicate { .. }
@@ -93,7 +96,10 @@ pub fn one_lease_per_key_and_keys_go_in_order(engine: &mut dyn Engine) {
     accept(engine, "c", "p2", 3);
     let first = claim(engine, 10, 10);
     assert_eq!(ids(&first), ["a", "c"], "b waits behind a");
-    assert!(claim(engine, 10, 10).is_empty(), "b waits while a is leased");
+    assert!(
+        claim(engine, 10, 10).is_empty(),
+        "b waits while a is leased"
+    );
     assert!(record(engine, first[0].lease, sent(), 11));
     assert_eq!(ids(&claim(engine, 12, 10)), ["b"]);
 }
@@ -136,10 +142,17 @@ pub fn retries_and_deferrals_wait_until_due(engine: &mut dyn Engine) {
     );
     let claimed = tx(engine, |e| e.claim(999, 1).unwrap());
     assert!(claimed.due.is_empty());
-    assert_eq!(claimed.next_due, Some(1000), "the claim says when to look again");
+    assert_eq!(
+        claimed.next_due,
+        Some(1000),
+        "the claim says when to look again"
+    );
     let again = claim(engine, 1000, 1);
     assert_eq!(again[0].attempts, 0, "a deferral is not an attempt");
-    assert_ne!(again[0].lease, due[0].lease, "each claim gets its own token");
+    assert_ne!(
+        again[0].lease, due[0].lease,
+        "each claim gets its own token"
+    );
     assert!(!record(engine, due[0].lease, sent(), 1001));
 }
 
@@ -206,7 +219,11 @@ pub fn replays_are_new_triggers_linked_to_the_original(engine: &mut dyn Engine) 
     assert_eq!(claimed[0].id, new[0]);
     let unknown = tx(engine, |e| e.replay(&ReplayTarget::Trigger(99_999), 3)).unwrap_err();
     assert!(unknown.refused, "an unknown id is a refusal, not a failure");
-    assert!(unknown.message.contains("trigger 99999 is not in the store"));
+    assert!(
+        unknown
+            .message
+            .contains("trigger 99999 is not in the store")
+    );
 }
 
 pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {
@@ -215,10 +232,12 @@ pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {
         ..trigger("p")
     };
     let first = tx(engine, |e| {
-        e.insert_delivery(&delivery("a", vec![windowed()]), 0).unwrap()
+        e.insert_delivery(&delivery("a", vec![windowed()]), 0)
+            .unwrap()
     });
     let second = tx(engine, |e| {
-        e.insert_delivery(&delivery("b", vec![windowed()]), 10).unwrap()
+        e.insert_delivery(&delivery("b", vec![windowed()]), 10)
+            .unwrap()
     });
     let (Accepted::Queued { trigger_ids, .. }, Accepted::Queued { coalesced, .. }) =
         (first, second)
@@ -237,7 +256,8 @@ pub fn finished_gateway_calls_are_not_queued(engine: &mut dyn Engine) {
         ..trigger("p")
     };
     tx(engine, |e| {
-        e.insert_delivery(&delivery("gateway-1", vec![done]), 0).unwrap()
+        e.insert_delivery(&delivery("gateway-1", vec![done]), 0)
+            .unwrap()
     });
     assert_eq!(engine.depth().unwrap(), Depth::default());
     assert!(claim(engine, 0, 5).is_empty());

@@ -1,6 +1,8 @@
 //! Shared test harness: a recording upstream and the relay, each on port 0 of 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;

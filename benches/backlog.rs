@@ -1,0 +1,363 @@
+//! The outbox under a backlog: does anything cost more when triggers pile up?
+//!
+//! For 0, 100,000 and 1,000,000 triggers waiting, in two shapes — all behind one held
+//! project+ref (its head paused, as after GitLab's `Retry-After`), or spread over 10,000
+//! project+refs, all due — it measures, on the same machine in one run:
+//!
+//! - **claim**: one claim of up to 8 due triggers against the store (rolled back, so each
+//!   claim sees the same backlog), mean over 500;
+//! - **acks/s**: the release binary, forwarder and every background task running, upstream
+//!   down (an outage: the backlog stays and the forwarder keeps retrying it), 10,000 signed
+//!   GitHub pushes over 64 connections on 127.0.0.1; ratio to the empty store;
+//! - **drain/s**: first, the same binary sending to a stand-in GitLab on 127.0.0.1 that
+//!   answers `201` at once, limits raised: triggers sent per second over the first 20,000
+//!   due (with one held key, 20,000 more triggers over 1,000 other keys are added for this,
+//!   so the figure says whether the held backlog slows everyone else).
+//!
+//! Run: `cargo bench --bench backlog` (env: BACKLOG_SIZES="0,100000,1000000").
+//! The store is filled directly (synchronous=OFF, 20,000 per transaction) before the
+//! relay starts. None of these figures is a test assertion.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hookrelay::store::sqlite::{Durability, STORE_FILE, SqliteEngine};
+use hookrelay::store::{Engine, NewDelivery, NewTrigger, Recorded, now_ms};
+use http::{Request, Response};
+use http_body_util::Full;
+
+const SECRET: &str = "It's a Secret to Everybody";
+const PUSH: &[u8] = include_bytes!("../tests/fixtures/github/push_tag.json");
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Shape {
+    OneHeldKey,
+    TenThousandKeys,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::OneHeldKey => "1 held key",
+            Shape::TenThousandKeys => "10,000 keys",
+        }
+    }
+}
+
+fn trigger(project: String) -> NewTrigger {
+    NewTrigger {
+        rule: "backlog".into(),
+        upstream: "gitlab".into(),
+        project,
+        git_ref: "main".into(),
+        token_ref: format!("file:{SECRET_FILE}"),
+        variables: r#"{"UPSTREAM_SHA":"6113728f27ae82c7b1a177c8d03f9e96e0adf246"}"#.into(),
+        inputs: "{}".into(),
+        delay_ms: 0,
+        coalesce_ms: 0,
+        done: None,
+    }
+}
+
+/// Due triggers added beside one held key, so there is something to drain.
+const EXTRA: usize = 20_000;
+
+/// Where the relay's trigger token is read from (any readable file will do).
+const SECRET_FILE: &str = "/proc/self/cmdline";
+
+/// Fills the store with `size` waiting triggers in `shape`.
+fn fill(state: &Path, size: usize, shape: Shape) {
+    std::fs::create_dir_all(state).unwrap();
+    let mut engine = SqliteEngine::open(&state.join(STORE_FILE), Durability::Off).unwrap();
+    let now = now_ms();
+    let mut i = 0;
+    while i < size {
+        engine.begin(false).unwrap();
+        for _ in 0..20_000.min(size - i) {
+            let project = match shape {
+                Shape::OneHeldKey => "acme/held".to_owned(),
+                Shape::TenThousandKeys => format!("acme/p{}", i % 10_000),
+            };
+            engine
+                .insert_delivery(
+                    &NewDelivery {
+                        source: "github".into(),
+                        delivery_id: format!("backlog-{i}"),
+                        event_type: "push".into(),
+                        headers: vec![("x-github-event".into(), "push".into())],
+                        body: Bytes::from_static(b"{}"),
+                        summary: "{}".into(),
+                        triggers: vec![trigger(project)],
+                    },
+                    now,
+                )
+                .unwrap();
+            i += 1;
+        }
+        engine.commit().unwrap();
+    }
+    if shape == Shape::OneHeldKey {
+        // Work that is due beside the held key, to drain.
+        engine.begin(false).unwrap();
+        for j in 0..EXTRA {
+            engine
+                .insert_delivery(
+                    &NewDelivery {
+                        source: "github".into(),
+                        delivery_id: format!("other-{j}"),
+                        event_type: "push".into(),
+                        headers: Vec::new(),
+                        body: Bytes::from_static(b"{}"),
+                        summary: "{}".into(),
+                        triggers: vec![trigger(format!("acme/q{}", j % 1_000))],
+                    },
+                    now,
+                )
+                .unwrap();
+        }
+        engine.commit().unwrap();
+    }
+    if shape == Shape::OneHeldKey && size > 0 {
+        // Hold the head for an hour, as GitLab's Retry-After or a limit would.
+        engine.begin(false).unwrap();
+        let head = engine.claim(now, 1).unwrap().due.remove(0);
+        let held = Recorded::Deferred {
+            due_at: now + 3_600_000,
+            reason: "held".into(),
+        };
+        assert!(engine.record(head.lease, &held, now).unwrap());
+        engine.commit().unwrap();
+    }
+}
+
+/// Mean time of one claim of up to 8, each rolled back so the backlog stays the same.
+fn claim_time(state: &Path) -> Duration {
+    let mut engine = SqliteEngine::open(&state.join(STORE_FILE), Durability::Off).unwrap();
+    let rounds = 500;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        engine.begin(false).unwrap();
+        std::hint::black_box(engine.claim(now_ms(), 8).unwrap());
+        engine.rollback();
+    }
+    started.elapsed() / rounds
+}
+
+/// A stand-in GitLab on 127.0.0.1:0 that answers every call `201` and counts them.
+async fn stand_in() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request: Request<_>| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(201)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from_static(
+                                    br#"{"id":4242,"web_url":"http://gitlab.example/p/-/pipelines/4242"}"#,
+                                )))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// The release binary on `state`, sending to `upstream`; stopped on drop.
+struct Relay {
+    child: Child,
+    addr: SocketAddr,
+    _config: tempfile::TempDir,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_relay(state: &Path, upstream: SocketAddr) -> Relay {
+    let config = tempfile::tempdir().unwrap();
+    let secret = config.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        config.path().join("relay.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\
+             [upstream.gitlab]\nurl = \"http://{upstream}\"\nconnect_timeout = \"1s\"\n\
+             limit = {{ per_project = \"1000000/min\", burst = 100000 }}\n\
+             [delivery]\nworkers = 32\n\
+             [source.github]\nprovider = \"github\"\nsecret = \"file:{secret}\"\n\
+             [[rule]]\nname = \"tags\"\nsource = \"github\"\nevents = [\"tag\"]\n\
+             [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"file:{secret}\"\n\
+             variables = {{ UPSTREAM_TAG = \"{{{{ event.ref_name }}}}\", UPSTREAM_SHA = \"{{{{ event.after }}}}\" }}\n",
+            secret = secret.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+        .args(["serve", "--config"])
+        .arg(config.path())
+        .arg("--state")
+        .arg(state)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the relay did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Relay {
+        child,
+        addr,
+        _config: config,
+    }
+}
+
+/// Acknowledgements per second and p99 for `requests` new signed pushes.
+async fn ack_rate(addr: SocketAddr, requests: usize, tag: &str) -> (f64, Duration) {
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            SECRET.as_bytes(),
+            PUSH
+        )
+    );
+    let tag = tag.to_owned();
+    let request = Arc::new(move |i: usize| {
+        Request::post("/hooks/github")
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("{tag}-{i}"))
+            .header("x-hub-signature-256", signature.as_str())
+            .body(Full::new(Bytes::from_static(PUSH)))
+            .unwrap()
+    });
+    let outcome = support::load(addr, requests, 64, 202, request).await;
+    (outcome.rate(), outcome.percentile(0.99))
+}
+
+/// Triggers per second the stand-in receives, over the first `count`, timed from the
+/// relay's start.
+async fn drain_rate(sent: &AtomicUsize, count: usize, started: Instant) -> f64 {
+    let limit = Duration::from_secs(120);
+    while sent.load(Ordering::SeqCst) < count && started.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sent.load(Ordering::SeqCst) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let sizes: Vec<usize> = if support::quick() {
+        vec![0, 1_000]
+    } else {
+        std::env::var("BACKLOG_SIZES")
+            .unwrap_or_else(|_| "0,100000,1000000".into())
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect()
+    };
+    let (requests, drain) = if support::quick() {
+        (200, 200)
+    } else {
+        (10_000, 20_000)
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        println!(
+            "backlog: release binary with its forwarder, {requests} signed GitHub tag pushes over 64 connections, 127.0.0.1"
+        );
+        println!(
+            "{:<12} {:<12} {:>10} {:>10} {:>9} {:>8} {:>10}",
+            "waiting", "shape", "fill s", "claim µs", "acks/s", "p99 ms", "drain/s"
+        );
+        for shape in [Shape::OneHeldKey, Shape::TenThousandKeys] {
+            let mut empty_rate = None;
+            for &size in &sizes {
+                let dir = tempfile::tempdir().unwrap();
+                let state = dir.path().join("state");
+                let filled = Instant::now();
+                fill(&state, size, shape);
+                let fill_time = filled.elapsed();
+                let claim = claim_time(&state);
+                // Due work and a fast upstream: how fast does the backlog go?
+                let due = match shape {
+                    Shape::OneHeldKey => EXTRA,
+                    Shape::TenThousandKeys => size,
+                };
+                let drained = if due == 0 {
+                    None
+                } else {
+                    let (upstream, sent) = stand_in().await;
+                    let started = Instant::now();
+                    let relay = start_relay(&state, upstream).await;
+                    let rate = drain_rate(&sent, drain.min(due), started).await;
+                    drop(relay);
+                    Some(rate)
+                };
+                // An outage: nothing listens upstream, so the backlog stays.
+                let down = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap();
+                let relay = start_relay(&state, down).await;
+                let (rate, p99) = ack_rate(relay.addr, requests, &format!("{size}")).await;
+                drop(relay);
+                let base = *empty_rate.get_or_insert(rate);
+                println!(
+                    "{:<12} {:<12} {:>10.1} {:>10.1} {:>9.0} {:>8.2} {:>10}   acks vs empty store: {:.2}",
+                    size,
+                    shape.name(),
+                    fill_time.as_secs_f64(),
+                    claim.as_secs_f64() * 1e6,
+                    rate,
+                    p99.as_secs_f64() * 1e3,
+                    drained.map_or("-".into(), |d| format!("{d:.0}")),
+                    rate / base
+                );
+            }
+        }
+    });
+}
