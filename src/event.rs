@@ -129,7 +129,7 @@ pub struct Event {
     pub commits: Vec<Commit>,
     pub delivery: String,
     /// The sender's JSON, for expressions that need more (shared by a webhook's events).
-    pub payload: Arc<serde_json::Value>,
+    pub payload: Arc<Payload>,
 }
 
 const BRANCH_PREFIX: &str = "refs/heads/";
@@ -153,7 +153,67 @@ pub struct EventContext {
     pub repository_url: String,
     pub repository_web_url: String,
     pub pusher: String,
-    pub payload: Arc<serde_json::Value>,
+    pub payload: Arc<Payload>,
+}
+
+/// A webhook's JSON. A sender's events read their typed fields straight from the bytes;
+/// the JSON becomes a tree only when something reads it whole (`event.payload` in a
+/// template, a generic source's paths), since building one costs more than the rest of a
+/// webhook's handling.
+#[derive(Debug)]
+pub struct Payload {
+    bytes: bytes::Bytes,
+    /// Old Gitea and Gogs put the webhook secret itself in the payload: never shown.
+    without_secret: bool,
+    tree: std::sync::OnceLock<serde_json::Value>,
+}
+
+impl Payload {
+    /// The JSON in `bytes`, not parsed yet; `without_secret` drops a top-level `secret`.
+    pub fn new(bytes: bytes::Bytes, without_secret: bool) -> Payload {
+        Payload {
+            bytes,
+            without_secret,
+            tree: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The JSON in `bytes`, parsed now (a syntax error is returned, not hidden).
+    pub fn parsed(bytes: bytes::Bytes) -> Result<Payload, serde_json::Error> {
+        let tree = serde_json::from_slice(&bytes)?;
+        let payload = Payload::new(bytes, false);
+        let _ = payload.tree.set(tree);
+        Ok(payload)
+    }
+
+    /// No payload (a scheduled rule's event, tests).
+    pub fn empty() -> Payload {
+        Payload::parsed(bytes::Bytes::from_static(b"null")).expect("null is JSON")
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The whole JSON as a tree, parsed on first use.
+    pub fn tree(&self) -> &serde_json::Value {
+        self.tree.get_or_init(|| {
+            let mut tree: serde_json::Value =
+                serde_json::from_slice(&self.bytes).unwrap_or_default();
+            if self.without_secret
+                && let Some(map) = tree.as_object_mut()
+            {
+                map.remove("secret");
+            }
+            tree
+        })
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.tree().serialize(serializer)
+    }
 }
 
 /// One ref's change, in the sender's terms, before it becomes an [`Event`].
@@ -258,7 +318,7 @@ mod tests {
             repository_url: String::new(),
             repository_web_url: String::new(),
             pusher: "me".into(),
-            payload: Arc::new(serde_json::Value::Null),
+            payload: Arc::new(Payload::empty()),
         }
     }
 

@@ -153,6 +153,9 @@ impl Outbox {
         })?;
         let mut writer = SqliteEngine::open(&path, durability).map_err(|e| error(e.message))?;
         let reader = SqliteEngine::open(&path, durability).map_err(|e| error(e.message))?;
+        writer
+            .checkpoint_in_background()
+            .map_err(|e| error(e.message))?;
         let requeued = writer.recover_leases().map_err(|e| error(e.message))?;
         if requeued > 0 {
             tracing::warn!(

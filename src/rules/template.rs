@@ -126,7 +126,7 @@ impl Object for EventObject {
             "commit_count" => Value::from(event.commit_count),
             "commits" => Value::from_serialize(&event.commits),
             "delivery" => Value::from(event.delivery.as_str()),
-            "payload" => Value::from_serialize(&*event.payload),
+            "payload" => Value::from_serialize(event.payload.tree()),
             _ => return None,
         })
     }

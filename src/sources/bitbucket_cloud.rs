@@ -10,13 +10,12 @@
 //! clone URL: it is derived from `repository.links.html.href` + `.git`. Commits are at most
 //! the 5 newest per change. There is no ping.
 
-use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, event_type, parse_json, several_events, text, typed, verify_sha256_headers,
+    delivery_id, event_type, payload, several_events, text, typed, verify_sha256_headers,
 };
 use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
 
@@ -118,7 +117,7 @@ pub fn receive(
             "Bitbucket event `{event_type}` is not handled; hookrelay acts on `repo:push`"
         ))));
     }
-    let payload = Arc::new(parse_json(request.body)?);
+    let payload = payload(request.body.clone(), false);
     let push: Push = typed(&payload, "Bitbucket Cloud repo:push")?;
     let mut ctx = context(source, &delivery, payload.clone());
     let web_url = push

@@ -10,13 +10,12 @@
 //! each becomes its own event. The repository's full name is `project.key/slug`; the clone
 //! URL is the `http` entry of `links.clone`.
 
-use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, event_type, parse_json, several_events, text, typed, verify_sha256_headers,
+    delivery_id, event_type, payload, several_events, text, typed, verify_sha256_headers,
 };
 use crate::event::{Commit, RefChange};
 
@@ -123,7 +122,7 @@ pub fn receive(
             "Bitbucket Server event `{event_type}` is not handled; hookrelay acts on `repo:refs_changed`"
         ))));
     }
-    let payload = Arc::new(parse_json(request.body)?);
+    let payload = payload(request.body.clone(), false);
     let pushed: RefsChanged = typed(&payload, "Bitbucket Server repo:refs_changed")?;
     let mut ctx = context(source, &delivery, payload.clone());
     ctx.repository = format!(

@@ -7,7 +7,6 @@
 //! A zero `after` is a deletion. Delivery id: the configured header, else the configured
 //! path, else a hash of the body.
 
-use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -17,7 +16,7 @@ use super::signature::{
 };
 use super::{
     GenericScheme, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    derived_delivery, one_event, parse_json,
+    derived_delivery, one_event, parsed_payload,
 };
 use crate::event::{RefChange, RefType, ZERO_ID, full_ref};
 
@@ -47,7 +46,7 @@ pub fn receive(
     if let Verification::Check { now } = verification {
         verify(source, request, now)?;
     }
-    let payload = Arc::new(parse_json(request.body)?);
+    let payload = parsed_payload(request.body.clone())?;
     let paths = &source.generic.paths;
     let delivery = source
         .generic
@@ -59,11 +58,11 @@ pub fn receive(
             paths
                 .delivery
                 .as_deref()
-                .and_then(|p| lookup_text(&payload, p))
+                .and_then(|p| lookup_text(payload.tree(), p))
         })
         .unwrap_or_else(|| derived_delivery(request.body));
     let required = |path: &str, what: &str| {
-        lookup_text(&payload, path)
+        lookup_text(payload.tree(), path)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| {
                 SourceError::Payload(format!("the payload has no {what} at `{path}` (a string)"))
@@ -71,7 +70,7 @@ pub fn receive(
     };
     let repository = required(&paths.repository, "repository")?;
     let git_ref = required(&paths.git_ref, "ref")?;
-    let optional = |path: &Option<String>| path.as_deref().and_then(|p| lookup_text(&payload, p));
+    let optional = |path: &Option<String>| path.as_deref().and_then(|p| lookup_text(payload.tree(), p));
     let mut ctx = context(source, &delivery, payload.clone());
     ctx.repository = repository;
     ctx.repository_url = optional(&paths.repository_url).unwrap_or_default();

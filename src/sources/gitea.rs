@@ -13,13 +13,12 @@
 //! `create` are answered with a note naming `push`. There is no ping: "Test Delivery"
 //! sends a push of the default branch.
 
-use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, one_event, parse_json, typed, verify_sha256_headers, without_secret,
+    delivery_id, one_event, payload, typed, verify_sha256_headers, 
 };
 use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
 
@@ -93,7 +92,7 @@ pub fn receive(
     };
     let outcome = match event_type.as_str() {
         "push" => {
-            let payload = Arc::new(without_secret(parse_json(&payload_bytes)?));
+            let payload = payload(payload_bytes.clone(), true);
             let push: Push = typed(&payload, "Gitea push")?;
             let mut ctx = context(source, &delivery, payload.clone());
             push.repository.describe(&mut ctx);
@@ -116,7 +115,7 @@ pub fn receive(
             )?
         }
         "delete" => {
-            let payload = Arc::new(without_secret(parse_json(&payload_bytes)?));
+            let payload = payload(payload_bytes.clone(), true);
             let deleted: RefEvent = typed(&payload, "Gitea delete")?;
             if deleted.ref_type == "branch" {
                 let mut ctx = context(source, &delivery, payload.clone());

@@ -10,14 +10,13 @@
 //! or `delete` for new and deleted branches and tags. hookrelay acts on `push`, which has
 //! the SHAs; `create` and `delete` are answered with a note. `ping` is a ping.
 
-use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::signature::{Algorithm, Encoding, SignatureError, verify_hmac_header};
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, event_type, one_event, parse_json, typed,
+    delivery_id, event_type, one_event, payload, typed,
 };
 use crate::event::{Commit, RefChange};
 
@@ -69,7 +68,7 @@ pub fn receive(
     };
     let outcome = match event_type.as_str() {
         "push" | "ping" => {
-            let payload = Arc::new(parse_json(&request.payload_bytes()?)?);
+            let payload = payload(request.payload_bytes()?, false);
             let mut ctx = context(source, &delivery, payload.clone());
             if event_type == "ping" {
                 let ping: Ping = typed(&payload, "GitHub ping")?;

@@ -14,7 +14,6 @@
 //! deleted ref lacks); `after` is kept as sent. There is no ping: GitLab's "Test" sends a
 //! real-looking push.
 
-use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -23,7 +22,7 @@ use super::signature::{
 };
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, event_type, one_event, parse_json, text, typed,
+    delivery_id, event_type, one_event, payload, text, typed,
 };
 use crate::event::{Commit, RefChange};
 
@@ -86,7 +85,7 @@ pub fn receive(
             "GitLab event `{event_type}` is not handled; hookrelay acts on `Push Hook`, `Tag Push Hook` and their system-hook forms"
         ))));
     }
-    let payload = Arc::new(parse_json(request.body)?);
+    let payload = payload(request.body.clone(), false);
     let kind: Kind = typed(&payload, "GitLab")?;
     let kind = kind.object_kind.or(kind.event_name).unwrap_or_default();
     if !matches!(kind.as_str(), "push" | "tag_push") {

@@ -9,14 +9,13 @@
 //! only as `delete` (acted on, branch or tag). "Test Delivery" sends a push of the default
 //! branch.
 
-use std::sync::Arc;
 
 use serde::Deserialize;
 
 use super::gitea::{RefEvent, User};
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, event_type, one_event, parse_json, typed, verify_sha256_headers, without_secret,
+    delivery_id, event_type, one_event, payload, typed, verify_sha256_headers, 
 };
 use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
 
@@ -53,7 +52,7 @@ pub fn receive(
             "Gogs event `{event_type}` is not handled; hookrelay acts on `push`, `create` (tags) and `delete`"
         ))));
     }
-    let payload = Arc::new(without_secret(parse_json(&payload_bytes)?));
+    let payload = payload(payload_bytes.clone(), true);
     let mut ctx = context(source, &delivery, payload.clone());
     let outcome = if event_type == "push" {
         let push: Push = typed(&payload, "Gogs push")?;

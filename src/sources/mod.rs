@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use sha2::Digest;
 
 use crate::error::JsonSyntaxError;
-use crate::event::{Event, EventContext, Provider};
+use crate::event::{Event, EventContext, Payload, Provider};
 use crate::secret::Secret;
 use signature::{Algorithm, Encoding, SignatureError, SigningKey};
 
@@ -206,15 +206,32 @@ pub fn receive(
     }
 }
 
-/// Parses JSON, keeping the error's line and column.
-fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, SourceError> {
-    serde_json::from_slice(bytes).map_err(|err| SourceError::Json(JsonSyntaxError::from(&err)))
+/// A sender's JSON, kept as bytes until something reads it whole; `without_secret` for
+/// senders that put the webhook secret in it (old Gitea and Gogs).
+fn payload(bytes: Bytes, without_secret: bool) -> Arc<Payload> {
+    Arc::new(Payload::new(bytes, without_secret))
 }
 
-/// Reads the JSON as a sender's payload type; `what` names it in errors.
-fn typed<T: DeserializeOwned>(value: &serde_json::Value, what: &str) -> Result<T, SourceError> {
-    T::deserialize(value)
-        .map_err(|err| SourceError::Payload(format!("not a {what} payload: {err}")))
+/// A JSON payload parsed into a tree now, keeping a syntax error's line and column.
+fn parsed_payload(bytes: Bytes) -> Result<Arc<Payload>, SourceError> {
+    Payload::parsed(bytes)
+        .map(Arc::new)
+        .map_err(|err| SourceError::Json(JsonSyntaxError::from(&err)))
+}
+
+/// Reads the JSON straight into a sender's payload type (skipping what it does not need);
+/// `what` names it in errors. Bad JSON is a syntax error with its line and column.
+fn typed<T: DeserializeOwned>(payload: &Payload, what: &str) -> Result<T, SourceError> {
+    serde_json::from_slice(payload.bytes()).map_err(|err| match err.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            SourceError::Json(JsonSyntaxError::from(&err))
+        }
+        _ => {
+            let text = err.to_string();
+            let text = text.rsplit_once(" at line ").map_or(text.as_str(), |(t, _)| t);
+            SourceError::Payload(format!("not a {what} payload: {text}"))
+        }
+    })
 }
 
 /// A stable delivery id for senders that give none: a hash of the body.
@@ -273,7 +290,7 @@ fn verify_sha256_headers(
 }
 
 /// The start of an [`EventContext`] for one webhook.
-fn context(source: &SourceConfig, delivery: &str, payload: Arc<serde_json::Value>) -> EventContext {
+fn context(source: &SourceConfig, delivery: &str, payload: Arc<Payload>) -> EventContext {
     EventContext {
         provider: source.provider,
         source: source.name.clone(),
@@ -334,15 +351,6 @@ pub fn storable_body(source: &SourceConfig, request: &WebhookRequest<'_>) -> Byt
     strip(request.body)
         .map(Bytes::from)
         .unwrap_or_else(|| request.body.clone())
-}
-
-/// Removes a top-level `secret` field: old Gitea and Gogs put the webhook secret in the
-/// payload, and the payload is kept and shown.
-fn without_secret(mut payload: serde_json::Value) -> serde_json::Value {
-    if let Some(map) = payload.as_object_mut() {
-        map.remove("secret");
-    }
-    payload
 }
 
 /// A repository as GitHub, Gitea and Gogs write it.

@@ -117,7 +117,19 @@ pub struct SqliteEngine {
     durability: Durability,
     /// The `synchronous` setting in force, changed only when a group needs another.
     synchronous: &'static str,
+    /// Set when a checkpointer thread copies the WAL into the database for this engine.
+    checkpointer: Option<Checkpointer>,
 }
+
+/// Copies the WAL back into the database on a thread of its own, so the writer (which
+/// every acknowledgement waits for) never spends a commit doing it.
+struct Checkpointer {
+    /// Commits since the last checkpoint; the thread stops when this is dropped.
+    commits: std::sync::mpsc::Sender<()>,
+}
+
+/// How often the checkpointer looks for new commits.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl SqliteEngine {
     /// Opens (creating if needed) and migrates the store at `path`.
@@ -128,7 +140,34 @@ impl SqliteEngine {
             path: path.to_owned(),
             durability,
             synchronous: "FULL",
+            checkpointer: None,
         })
+    }
+
+    /// Moves checkpoints off this connection onto a thread of their own (PASSIVE: they
+    /// never wait for, or hold up, the writer). For the one connection that writes.
+    pub fn checkpoint_in_background(&mut self) -> Result<(), EngineError> {
+        let reader = open_connection(&self.path).map_err(error)?;
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(error)?;
+        let (commits, committed) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("hookrelay-checkpoint".into())
+            .spawn(move || {
+                loop {
+                    match committed.recv() {
+                        Ok(()) => {}
+                        Err(_) => return,
+                    }
+                    std::thread::sleep(CHECKPOINT_EVERY);
+                    while committed.try_recv().is_ok() {}
+                    let _ = reader.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                }
+            })
+            .map_err(|err| EngineError::failed(err.to_string()))?;
+        self.checkpointer = Some(Checkpointer { commits });
+        Ok(())
     }
 
     /// Opens the store of a state folder from outside the server; it must exist already.
@@ -345,8 +384,12 @@ impl Engine for SqliteEngine {
             .and_then(|mut s| s.execute([]))
             .map(|_| ())
             .map_err(error);
-        if result.is_err() {
-            self.rollback();
+        match (&result, &self.checkpointer) {
+            (Err(_), _) => self.rollback(),
+            (Ok(()), Some(checkpointer)) => {
+                let _ = checkpointer.commits.send(());
+            }
+            (Ok(()), None) => {}
         }
         result
     }
