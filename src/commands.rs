@@ -39,13 +39,23 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sets up logging to standard error; `RUST_LOG` filters it (default `info`).
-pub fn init_logging(format: LogFormat) {
+/// Keeps the log writer's thread alive; dropping it writes out every line still queued.
+pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+
+/// Sets up logging to standard error; `RUST_LOG` filters it (default `info`). Lines are
+/// written by a thread of their own, so a request never waits for the terminal or the
+/// pipe; when that thread falls behind, callers wait rather than lose lines. Keep the
+/// guard until the end of `main`.
+pub fn init_logging(format: LogFormat) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("hookrelay-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
@@ -56,6 +66,7 @@ pub fn init_logging(format: LogFormat) {
             .with_current_span(false)
             .try_init(),
     };
+    guard
 }
 
 /// `hookrelay check`: validates the configuration; every problem as `file:line: message`.

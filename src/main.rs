@@ -171,7 +171,7 @@ fn main() -> ExitCode {
             dry_run,
             log_format,
         } => {
-            commands::init_logging(log_format);
+            let _log = commands::init_logging(log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(err) => {
