@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc: every webhook allocates many small, short-lived values across threads, the
+/// pattern it is built for (measured with `benches/peers.sh`; see the README).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use hookrelay::commands;
 
 #[derive(Parser)]
