@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hookrelay::store::sqlite::{Durability, STORE_FILE, SqliteEngine};
-use hookrelay::store::{Engine, NewDelivery, NewTrigger, Recorded, now_ms};
+use hookrelay::store::{Engine, NewDelivery, NewTrigger, Recorded, StoredBody, now_ms};
 use http::{Request, Response};
 use http_body_util::Full;
 
@@ -93,7 +93,7 @@ fn fill(state: &Path, size: usize, shape: Shape) {
                         delivery_id: format!("backlog-{i}"),
                         event_type: "push".into(),
                         headers: vec![("x-github-event".into(), "push".into())],
-                        body: Bytes::from_static(b"{}"),
+                        body: StoredBody::encode(Bytes::from_static(b"{}")),
                         summary: "{}".into(),
                         triggers: vec![trigger(project)],
                     },
@@ -115,7 +115,7 @@ fn fill(state: &Path, size: usize, shape: Shape) {
                         delivery_id: format!("other-{j}"),
                         event_type: "push".into(),
                         headers: Vec::new(),
-                        body: Bytes::from_static(b"{}"),
+                        body: StoredBody::encode(Bytes::from_static(b"{}")),
                         summary: "{}".into(),
                         triggers: vec![trigger(format!("acme/q{}", j % 1_000))],
                     },

@@ -60,7 +60,7 @@ fn bench_rules(c: &mut Criterion) {
         repository_url: String::new(),
         repository_web_url: String::new(),
         pusher: "me".into(),
-        payload: Arc::new(serde_json::json!({})),
+        payload: Arc::new(hookrelay::event::Payload::empty()),
     };
     let event = context
         .event(RefChange {

@@ -164,7 +164,7 @@ pub async fn handle(
             delivery_id: received.delivery.clone(),
             event_type: received.event_type.clone(),
             headers: stored_headers(&parts.headers, source),
-            body: sources::storable_body(source, &request),
+            body: crate::store::StoredBody::encode(sources::storable_body(source, &request)),
             summary: reply.to_string(),
             triggers: new_triggers,
         })

@@ -76,7 +76,7 @@ async fn fire(app: &App, runtime: &crate::server::Runtime, rule: &Rule, time: Da
         delivery_id: format!("{}@{shown}", rule.name()),
         event_type: "schedule".into(),
         headers: Vec::new(),
-        body: bytes::Bytes::new(),
+        body: crate::store::StoredBody::default(),
         summary: serde_json::json!({ "rule": rule.name(), "time": shown }).to_string(),
         triggers,
     };

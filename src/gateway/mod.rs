@@ -198,7 +198,7 @@ pub fn record(outbox: &crate::outbox::Outbox, trigger: &Trigger, outcome: crate:
         }
         .into(),
         headers: Vec::new(),
-        body: Bytes::new(),
+        body: crate::store::StoredBody::default(),
         summary: serde_json::json!({ "project": trigger.project.to_string(), "ref": trigger.git_ref.as_str() })
             .to_string(),
         triggers: vec![crate::outbox::NewTrigger {

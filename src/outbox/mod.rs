@@ -719,7 +719,7 @@ mod tests {
             delivery_id: id.into(),
             event_type: "push".into(),
             headers: Vec::new(),
-            body: bytes::Bytes::from_static(b"{}"),
+            body: crate::store::StoredBody::default(),
             summary: "{}".into(),
             triggers: vec![NewTrigger {
                 rule: "r".into(),

@@ -610,7 +610,9 @@ mod tests {
             repository_url: String::new(),
             repository_web_url: String::new(),
             pusher: String::new(),
-            payload: Arc::new(crate::event::Payload::parsed(bytes::Bytes::from_static(b"{}")).unwrap()),
+            payload: Arc::new(
+                crate::event::Payload::parsed(bytes::Bytes::from_static(b"{}")).unwrap(),
+            ),
         }
         .event(RefChange {
             full_ref: full_ref.into(),

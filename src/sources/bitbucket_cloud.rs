@@ -10,7 +10,6 @@
 //! clone URL: it is derived from `repository.links.html.href` + `.git`. Commits are at most
 //! the 5 newest per change. There is no ping.
 
-
 use serde::Deserialize;
 
 use super::{

@@ -10,7 +10,6 @@
 //! each becomes its own event. The repository's full name is `project.key/slug`; the clone
 //! URL is the `http` entry of `links.clone`.
 
-
 use serde::Deserialize;
 
 use super::{

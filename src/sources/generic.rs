@@ -7,7 +7,6 @@
 //! A zero `after` is a deletion. Delivery id: the configured header, else the configured
 //! path, else a hash of the body.
 
-
 use serde_json::Value;
 
 use super::signature::{
@@ -70,7 +69,8 @@ pub fn receive(
     };
     let repository = required(&paths.repository, "repository")?;
     let git_ref = required(&paths.git_ref, "ref")?;
-    let optional = |path: &Option<String>| path.as_deref().and_then(|p| lookup_text(payload.tree(), p));
+    let optional =
+        |path: &Option<String>| path.as_deref().and_then(|p| lookup_text(payload.tree(), p));
     let mut ctx = context(source, &delivery, payload.clone());
     ctx.repository = repository;
     ctx.repository_url = optional(&paths.repository_url).unwrap_or_default();

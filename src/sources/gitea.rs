@@ -13,12 +13,11 @@
 //! `create` are answered with a note naming `push`. There is no ping: "Test Delivery"
 //! sends a push of the default branch.
 
-
 use serde::Deserialize;
 
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, one_event, payload, typed, verify_sha256_headers, 
+    delivery_id, one_event, payload, typed, verify_sha256_headers,
 };
 use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
 

@@ -10,7 +10,6 @@
 //! or `delete` for new and deleted branches and tags. hookrelay acts on `push`, which has
 //! the SHAs; `create` and `delete` are answered with a note. `ping` is a ping.
 
-
 use serde::Deserialize;
 
 use super::signature::{Algorithm, Encoding, SignatureError, verify_hmac_header};

@@ -14,7 +14,6 @@
 //! deleted ref lacks); `after` is kept as sent. There is no ping: GitLab's "Test" sends a
 //! real-looking push.
 
-
 use serde::Deserialize;
 
 use super::signature::{

@@ -9,13 +9,12 @@
 //! only as `delete` (acted on, branch or tag). "Test Delivery" sends a push of the default
 //! branch.
 
-
 use serde::Deserialize;
 
 use super::gitea::{RefEvent, User};
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
-    delivery_id, event_type, one_event, payload, typed, verify_sha256_headers, 
+    delivery_id, event_type, one_event, payload, typed, verify_sha256_headers,
 };
 use crate::event::{Commit, RefChange, RefType, ZERO_ID, full_ref};
 

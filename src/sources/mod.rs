@@ -228,7 +228,9 @@ fn typed<T: DeserializeOwned>(payload: &Payload, what: &str) -> Result<T, Source
         }
         _ => {
             let text = err.to_string();
-            let text = text.rsplit_once(" at line ").map_or(text.as_str(), |(t, _)| t);
+            let text = text
+                .rsplit_once(" at line ")
+                .map_or(text.as_str(), |(t, _)| t);
             SourceError::Payload(format!("not a {what} payload: {text}"))
         }
     })

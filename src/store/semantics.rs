@@ -36,7 +36,7 @@ fn delivery(id: &str, triggers: Vec<NewTrigger>) -> NewDelivery {
         delivery_id: id.into(),
         event_type: "push".into(),
         headers: vec![("x-github-event".into(), "push".into())],
-        body: Bytes::from_static(b"{}"),
+        body: StoredBody::encode(Bytes::from_static(b"{}")),
         summary: "{}".into(),
         triggers,
     }

@@ -115,39 +115,6 @@ ALTER TABLE deliveries ADD COLUMN body_encoding TEXT;
 "#,
 ];
 
-/// No stored body decompresses to more than this (bodies are limited far below it).
-const MAX_STORED_BODY: usize = 256 * 1024 * 1024;
-
-/// A body as stored: LZ4-compressed when that makes it smaller.
-fn encode_body(body: &[u8]) -> (std::borrow::Cow<'_, [u8]>, Option<&'static str>) {
-    if body.len() >= 256 {
-        let compressed = lz4_flex::block::compress_prepend_size(body);
-        if compressed.len() < body.len() {
-            return (compressed.into(), Some("lz4"));
-        }
-    }
-    (body.into(), None)
-}
-
-/// A stored body as it arrived.
-fn decode_body(stored: Vec<u8>, encoding: Option<&str>) -> Result<Vec<u8>, String> {
-    match encoding {
-        None => Ok(stored),
-        Some("lz4") => {
-            let size = stored
-                .get(..4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                .ok_or("a stored body is cut short")?;
-            if size > MAX_STORED_BODY {
-                return Err(format!("a stored body claims {size} bytes; the store is damaged"));
-            }
-            lz4_flex::block::decompress_size_prepended(&stored)
-                .map_err(|err| format!("a stored body cannot be decompressed: {err}"))
-        }
-        Some(other) => Err(format!("a stored body has an unknown encoding {other:?}")),
-    }
-}
-
 /// The embedded engine over one connection.
 pub struct SqliteEngine {
     conn: Connection,
@@ -574,7 +541,8 @@ impl Engine for SqliteEngine {
                 headers: serde_json::from_str(&headers)
                     .map_err(|err| EngineError::failed(format!("stored headers: {err}")))?,
                 body: bytes::Bytes::from(
-                    decode_body(body, encoding.as_deref()).map_err(EngineError::failed)?,
+                    super::StoredBody::decode(body, encoding.as_deref())
+                        .map_err(EngineError::failed)?,
                 ),
             })
         })
@@ -589,7 +557,6 @@ fn insert_delivery(
 ) -> rusqlite::Result<Accepted> {
     let conn = &engine.conn;
     let headers = serde_json::to_string(&delivery.headers).expect("headers serialize");
-    let (body, encoding) = encode_body(&delivery.body);
     // The UNIQUE index decides: no row inserted means the source sent this id before.
     let inserted = conn
         .prepare_cached(
@@ -602,9 +569,9 @@ fn insert_delivery(
             now,
             delivery.event_type,
             headers,
-            &body[..],
+            &delivery.body.bytes[..],
             delivery.summary,
-            encoding
+            delivery.body.encoding
         ])?;
     if inserted == 0 {
         let row = conn
@@ -855,19 +822,6 @@ fn list(conn: &Connection, failed_only: bool, limit: usize) -> rusqlite::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bodies_are_stored_compressed_and_come_back_byte_for_byte() {
-        let body = include_bytes!("../../tests/fixtures/github/push_tag.json");
-        let (stored, encoding) = encode_body(body);
-        assert_eq!(encoding, Some("lz4"));
-        assert!(stored.len() * 3 < body.len(), "{} bytes stored", stored.len());
-        assert_eq!(decode_body(stored.into_owned(), encoding).unwrap(), body);
-        let (small, none) = encode_body(b"{}");
-        assert_eq!((&small[..], none), (&b"{}"[..], None));
-        let damaged = decode_body(vec![0xff, 0xff, 0xff, 0x7f, 1], Some("lz4")).unwrap_err();
-        assert!(damaged.contains("damaged"), "{damaged}");
-    }
 
     #[test]
     fn migrations_run_once_and_reopen_cleanly() {

@@ -409,9 +409,11 @@ pub fn fixture(path: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// Everything the delivery store holds on disk, main file and write-ahead log, as text:
-/// for checking that a secret never reached it.
+/// Everything the delivery store holds on disk, main file and write-ahead log, as text,
+/// and every stored body decompressed (bodies are stored LZ4-compressed, which would hide
+/// a secret from a scan of the files alone): for checking that a secret never reached it.
 pub fn store_bytes(state: &std::path::Path) -> String {
+    use hookrelay::store::Engine;
     let mut all = Vec::new();
     for name in [
         hookrelay::outbox::STORE_FILE.to_owned(),
@@ -419,6 +421,19 @@ pub fn store_bytes(state: &std::path::Path) -> String {
     ] {
         if let Ok(bytes) = std::fs::read(state.join(name)) {
             all.extend(bytes);
+        }
+    }
+    let mut engine = hookrelay::store::sqlite::SqliteEngine::open_existing(state).unwrap();
+    let mut ids: Vec<String> = engine
+        .list(false, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|row| row.delivery_id)
+        .collect();
+    ids.dedup();
+    for id in ids {
+        if let Some(stored) = engine.stored_webhook(&id).unwrap() {
+            all.extend(stored.body);
         }
     }
     String::from_utf8_lossy(&all).into_owned()
