@@ -119,27 +119,69 @@ idle_rss=$(rss_kib "$relay_pid")
 
 results=()
 # run NAME URL SCRIPT [env…]: one wrk run; appends "name rate p50 p99" to results.
+# CONNS overrides the connection count for one run.
 run() {
   local name=$1 url=$2 script=$3; shift 3
   local out
   out=$(env "$@" BODY_FILE="$payload" SIGNATURE="$signature" \
-        wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$url")
+        wrk -t1 -c"${CONNS:-$CONNECTIONS}" -d"$DURATION" --latency -s "$script" "$url")
   local rate p50 p99 errors
+  completed=$(awk '/requests in/ {print $1}' <<<"$out")
   rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
   errors=$(awk '/Non-2xx or 3xx responses/ {print $5}' <<<"$out")
   results+=("$name|$rate|$p50|$p99|${errors:-0}")
+  sleep 1
+}
+
+# Waits (at most 3 minutes) until hookrelay's forwarder has sent everything queued, so the
+# next system is measured on an idle machine; prints how long the drain took.
+drained() {
+  local started=$SECONDS
+  for _ in $(seq 1800); do
+    depth=$(curl -s "http://127.0.0.1:$relay_port/metrics" | awk '/^hookrelay_outbox_depth / {print $2}')
+    [[ "$depth" == 0 ]] && break
+    sleep 0.1
+  done
+  echo $((SECONDS - started))
 }
 
 prefix="peers-$$-$(date +%s)"
 run "nginx return 200 (ceiling)" "http://127.0.0.1:$nginx_port/" benches/peers/signed.lua
+# adnanh/webhook answers before the command it starts has run; wait until every /bin/true
+# it still has to start has finished, so the next system is measured on an idle machine.
 run "adnanh/webhook (HMAC + regex, /bin/true)" "http://127.0.0.1:$webhook_port/hooks/github" benches/peers/signed.lua
+webhook_pid=$(pgrep -f "webhook -hooks $work/hooks.json" | head -1)
+quiet=0
+for _ in $(seq 1200); do
+  if pgrep -P "$webhook_pid" >/dev/null; then quiet=0; else quiet=$((quiet + 1)); fi
+  ((quiet >= 10)) && break
+  sleep 0.1
+done
 run "hookrelay /hooks/github (new)" "http://127.0.0.1:$relay_port/hooks/github" benches/peers/signed.lua DELIVERY_PREFIX="$prefix"
 load_rss=$(rss_kib "$relay_pid")
-run "hookrelay /hooks/github (duplicates)" "http://127.0.0.1:$relay_port/hooks/github" benches/peers/signed.lua DELIVERY_PREFIX="$prefix"
+drain_seconds=$(drained)
+stored=$completed
+run "hookrelay /hooks/github (duplicates)" "http://127.0.0.1:$relay_port/hooks/github" benches/peers/signed.lua DELIVERY_PREFIX="$prefix" DELIVERY_MAX="$stored"
 run "stand-in GitLab, direct" "http://127.0.0.1:$standin_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
 run "hookrelay gateway -> stand-in" "http://127.0.0.1:$relay_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
+# The same two at 4 connections: what one call through the gateway adds, unsaturated.
+CONNS=4 run "stand-in GitLab, direct, 4 conns" "http://127.0.0.1:$standin_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
+CONNS=4 run "hookrelay gateway, 4 conns" "http://127.0.0.1:$relay_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
+
+# 1,000 open connections, each with half a request sent, held for a few seconds.
+python3 - "$relay_port" <<'PY' &
+import socket, sys, time
+conns = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(1000)]
+for c in conns:
+    c.send(b"POST /hooks/github HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+time.sleep(4)
+PY
+holder=$!
+sleep 2.5
+conn_rss=$(rss_kib "$relay_pid")
+wait "$holder"
 
 echo "peers, one run: wrk -t1 -c$CONNECTIONS -d$DURATION on 127.0.0.1, $(nproc) cores"
 printf '%-44s %12s %10s %10s %8s\n' system req/s p50 p99 non-2xx
@@ -147,16 +189,18 @@ for row in "${results[@]}"; do
   IFS='|' read -r name rate p50 p99 errors <<<"$row"
   printf '%-44s %12s %10s %10s %8s\n' "$name" "$rate" "$p50" "$p99" "$errors"
 done
-rate_of() { for row in "${results[@]}"; do IFS='|' read -r n r _ <<<"$row"; [[ $n == "$1"* ]] && echo "$r"; done; }
-p99_of() { for row in "${results[@]}"; do IFS='|' read -r n _ _ p <<<"$row"; [[ $n == "$1"* ]] && echo "$p"; done; }
+rate_of() { for row in "${results[@]}"; do IFS='|' read -r n r _ _ _ <<<"$row"; [[ $n == "$1" ]] && echo "$r"; done; }
+p99_of() { for row in "${results[@]}"; do IFS='|' read -r n _ _ p _ <<<"$row"; [[ $n == "$1" ]] && echo "$p"; done; }
 ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) print v/1000; else if (v ~ /ms$/) print v+0; else print v*1000 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
-echo "hookrelay acks / adnanh/webhook:        $(ratio "$(rate_of "hookrelay /hooks/github (new)")" "$(rate_of "adnanh")")x"
-echo "hookrelay duplicates / new deliveries:  $(ratio "$(rate_of "hookrelay /hooks/github (dup")" "$(rate_of "hookrelay /hooks/github (new)")")x"
-echo "hookrelay acks / nginx ceiling:         $(ratio "$(rate_of "hookrelay /hooks/github (new)")" "$(rate_of "nginx")")x"
-echo "gateway p99 over direct p99:            $(awk -v a="$(ms "$(p99_of "hookrelay gateway")")" -v b="$(ms "$(p99_of "stand-in")")" 'BEGIN { printf "%+.2f ms", a - b }')"
-echo "gateway / direct throughput:            $(ratio "$(rate_of "hookrelay gateway")" "$(rate_of "stand-in")")x"
-echo "hookrelay RSS: idle $((idle_rss / 1024)) MiB, after the ack run $((load_rss / 1024)) MiB"
-sent=$(grep -c '"trigger sent"\|trigger sent' "$work/relay.log" || true)
-echo "forwarder: $sent triggers sent to the stand-in during the run"
+echo "hookrelay acks / adnanh/webhook:        $(ratio "$(rate_of "hookrelay /hooks/github (new)")" "$(rate_of "adnanh/webhook (HMAC + regex, /bin/true)")")x"
+echo "hookrelay duplicates / new deliveries:  $(ratio "$(rate_of "hookrelay /hooks/github (duplicates)")" "$(rate_of "hookrelay /hooks/github (new)")")x"
+echo "hookrelay acks / nginx ceiling:         $(ratio "$(rate_of "hookrelay /hooks/github (new)")" "$(rate_of "nginx return 200 (ceiling)")")x"
+echo "gateway p99 over direct p99, 64 conns: $(awk -v a="$(ms "$(p99_of "hookrelay gateway -> stand-in")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct")")" 'BEGIN { printf "%+.2f ms", a - b }')"
+echo "gateway p99 over direct p99, 4 conns:  $(awk -v a="$(ms "$(p99_of "hookrelay gateway, 4 conns")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct, 4 conns")")" 'BEGIN { printf "%+.2f ms", a - b }')"
+echo "gateway / direct throughput:            $(ratio "$(rate_of "hookrelay gateway -> stand-in")" "$(rate_of "stand-in GitLab, direct")")x"
+echo "hookrelay RSS: idle $((idle_rss / 1024)) MiB, after the ack run $((load_rss / 1024)) MiB, with 1,000 open connections $((conn_rss / 1024)) MiB"
+sent=$(grep -c 'forwarder: trigger sent' "$work/relay.log" || true)
+echo "forwarder: $sent triggers sent to the stand-in in all (one project and ref, so one at a time);"
+echo "           the backlog of the ack run was sent ${drain_seconds}s after it ended"

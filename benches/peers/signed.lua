@@ -1,9 +1,11 @@
 -- wrk script: POST a signed GitHub webhook with a fresh X-GitHub-Delivery per request.
 -- BODY_FILE: the payload; SIGNATURE: its "sha256=…" header; DELIVERY_PREFIX: id prefix
--- (the same prefix twice makes the second run all duplicates).
+-- (the same prefix twice makes the second run all duplicates); DELIVERY_MAX: cycle through
+-- ids 1..DELIVERY_MAX only, so a second run repeats exactly what the first one stored.
 local file = assert(io.open(os.getenv("BODY_FILE"), "rb"))
 local counter = 0
 local prefix = os.getenv("DELIVERY_PREFIX") or tostring(os.time())
+local max = tonumber(os.getenv("DELIVERY_MAX") or "0")
 wrk.method = "POST"
 wrk.body = file:read("*a")
 file:close()
@@ -13,6 +15,7 @@ wrk.headers["X-Hub-Signature-256"] = os.getenv("SIGNATURE")
 
 request = function()
   counter = counter + 1
+  if max > 0 and counter > max then counter = 1 end
   wrk.headers["X-GitHub-Delivery"] = prefix .. "-" .. counter
   return wrk.format()
 end
