@@ -381,3 +381,69 @@ async fn metrics_after_a_scripted_run() {
     assert!(!text.contains("glptt-"), "no token in any label");
     assert!(!text.contains(SECRET));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_is_down_is_probed_not_stormed_and_all_goes_out_once_it_is_back() {
+    // One webhook fans out to 30 projects; GitLab answers 503 to everything for now.
+    let triggers: String = (0..30)
+        .map(|i| {
+            format!(
+                "[[rule.trigger]]\nproject = \"acme/p{i}\"\nref = \"main\"\ntoken = \"file:{{dir}}/token\"\n"
+            )
+        })
+        .collect();
+    let upstream = RecordingUpstream::start().await;
+    for _ in 0..1000 {
+        upstream.answer_next(Answer::new(503, r#"{"message":"503 Service Unavailable"}"#));
+    }
+    let config = format!(
+        "[upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{{dir}}/secret\"\n\
+         [[rule]]\nname = \"fan-out\"\nsource = \"github\"\n{triggers}",
+        upstream.url()
+    );
+    let relay = Relay::start_full(
+        &config,
+        &[("secret", SECRET), ("token", "glptt-0123456789abcdef")],
+        fast_forwarding(),
+    )
+    .await;
+    assert_eq!(push(&relay, "outage-1").await.status, 202);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Each project's own retries (20 ms, doubling to 200 ms) would call hundreds of
+    // times by now; paused as a whole, the upstream sees a few probes.
+    let probes = upstream.received().len();
+    assert!(
+        (1..=16).contains(&probes),
+        "{probes} calls to a GitLab that is down"
+    );
+
+    // GitLab is back: every project's trigger goes out, once each.
+    upstream.script.lock().unwrap().clear();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let sent = || {
+        upstream
+            .received()
+            .iter()
+            .skip(probes)
+            .filter(|r| r.path_and_query.contains("/trigger/pipeline"))
+            .count()
+    };
+    while Instant::now() < deadline {
+        let rows = hookrelay::outbox::list(&relay.state(), false, 100).unwrap();
+        if rows.iter().all(|r| r.state.as_deref() == Some("sent")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows = hookrelay::outbox::list(&relay.state(), false, 100).unwrap();
+    assert_eq!(rows.len(), 30);
+    assert!(
+        rows.iter().all(|r| r.state.as_deref() == Some("sent")),
+        "{rows:#?}"
+    );
+    // Each sent once; a probe that was on its way when GitLab came back may add one call
+    // per worker (answered 503, then retried).
+    let calls = sent();
+    assert!((30..=34).contains(&calls), "{calls} calls for 30 triggers");
+    relay.stop().await;
+}

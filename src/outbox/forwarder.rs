@@ -15,6 +15,7 @@ use indexmap::IndexMap;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::outage::{Outages, means_down};
 use super::retry::{RetryPolicy, Verdict, classify};
 use super::{DueTrigger, Outbox, Recorded, now_ms};
 use crate::git_ref::GitRef;
@@ -71,6 +72,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let paused: Paused = Arc::default();
+    let outages: Arc<Outages> = Arc::default();
     let mut next_evict = tokio::time::Instant::now() + EVICT_EVERY;
     let mut in_flight: JoinSet<i64> = JoinSet::new();
     let mut claimed: HashMap<i64, Lease> = HashMap::new();
@@ -119,11 +121,14 @@ pub async fn run(
                     };
                     for trigger in batch.due {
                         claimed.insert(trigger.id, trigger.lease);
-                        let (app, outbox, options, paused) =
-                            (app.clone(), outbox.clone(), options.clone(), paused.clone());
+                        let held = Held {
+                            paused: paused.clone(),
+                            outages: outages.clone(),
+                        };
+                        let (app, outbox, options) = (app.clone(), outbox.clone(), options.clone());
                         in_flight.spawn(async move {
                             let id = trigger.id;
-                            attempt(&app, &outbox, trigger, &options, &paused).await;
+                            attempt(&app, &outbox, trigger, &options, &held).await;
                             id
                         });
                     }
@@ -173,13 +178,19 @@ pub async fn run(
     outbox.flush().await;
 }
 
+/// What holds triggers back besides limits: projects GitLab paused, upstreams that are down.
+struct Held {
+    paused: Paused,
+    outages: Arc<Outages>,
+}
+
 /// One attempt at one trigger.
 async fn attempt(
     app: &App,
     outbox: &Outbox,
     due: DueTrigger,
     options: &ForwarderOptions,
-    paused: &Paused,
+    held: &Held,
 ) {
     let runtime = app.runtime();
     let attempts = due.attempts + 1;
@@ -211,7 +222,24 @@ async fn attempt(
         retry_or_fail(app, &due, options, attempts, Duration::ZERO, None, reason);
         return;
     };
-    if let Some((until, reason)) = held_back(&runtime, &due, paused) {
+    if let Some(wait) = held
+        .outages
+        .paused(&due.upstream, std::time::Instant::now())
+    {
+        // Spread the waiting triggers over a second, so the end of a pause is a few
+        // probes and not every project at once.
+        let spread = Duration::from_millis(fastrand::u64(0..1000));
+        tracing::debug!(%delivery, %source, %rule, %project, wait_ms = wait.as_millis() as u64, "trigger held back: upstream down");
+        outbox.record(
+            due.lease,
+            Recorded::Deferred {
+                due_at: now_ms() + (wait + spread).as_millis() as i64,
+                reason: format!("upstream {} is down; waiting for it", due.upstream),
+            },
+        );
+        return;
+    }
+    if let Some((until, reason)) = held_back(&runtime, &due, &held.paused) {
         tracing::info!(%delivery, %source, %rule, %project, wait_ms = until.as_millis() as u64, %reason, "trigger held back");
         app.metrics.trigger(TriggerOutcome::RateLimited);
         outbox.record(
@@ -244,6 +272,17 @@ async fn attempt(
         result.as_ref().ok().map(|a| a.status.as_u16()),
     );
     let latency = Duration::from_millis((now_ms() - due.created_at).max(0) as u64).as_secs_f64();
+    let status = result.as_ref().ok().map(|a| a.status.as_u16());
+    if means_down(status) {
+        if let Some(pause) = held
+            .outages
+            .failed(&upstream.name, std::time::Instant::now())
+        {
+            tracing::warn!(upstream = %upstream.name, pause_ms = pause.as_millis() as u64, "upstream down: its triggers wait, and the next one due after the pause probes it");
+        }
+    } else if held.outages.answered(&upstream.name) {
+        tracing::info!(upstream = %upstream.name, "upstream answers again: its triggers go out");
+    }
     match classify(&result, SystemTime::now()) {
         Verdict::Sent {
             status,
@@ -274,7 +313,7 @@ async fn attempt(
             if status == Some(429) {
                 // GitLab's pressure slows this project, not the whole relay.
                 let until = std::time::Instant::now() + floor.max(Duration::from_secs(1));
-                paused
+                held.paused
                     .lock()
                     .expect("the paused map is never poisoned")
                     .insert(pause_key(&due), until);

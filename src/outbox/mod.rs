@@ -17,6 +17,7 @@
 //! The writer speaks to its database only through [`crate::store::Engine`].
 
 pub mod forwarder;
+pub mod outage;
 pub mod retry;
 
 use std::path::Path;
