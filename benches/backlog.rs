@@ -253,25 +253,7 @@ async fn start_relay(state: &Path, upstream: SocketAddr) -> Relay {
 
 /// Acknowledgements per second and p99 for `requests` new signed pushes.
 async fn ack_rate(addr: SocketAddr, requests: usize, tag: &str) -> (f64, Duration) {
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            PUSH
-        )
-    );
-    let tag = tag.to_owned();
-    let request = Arc::new(move |i: usize| {
-        Request::post("/hooks/github")
-            .header("host", "127.0.0.1")
-            .header("content-type", "application/json")
-            .header("x-github-event", "push")
-            .header("x-github-delivery", format!("{tag}-{i}"))
-            .header("x-hub-signature-256", signature.as_str())
-            .body(Full::new(Bytes::from_static(PUSH)))
-            .unwrap()
-    });
+    let request = support::signed_github(SECRET, PUSH, tag);
     let outcome = support::load(addr, requests, 64, 202, request).await;
     (outcome.rate(), outcome.percentile(0.99))
 }

@@ -11,10 +11,7 @@ mod support;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use hookrelay::outbox::Durability;
-use http::Request;
-use http_body_util::Full;
 
 const SECRET: &str = "It's a Secret to Everybody";
 const PUSH: &[u8] = include_bytes!("../tests/fixtures/github/push_branch.json");
@@ -35,25 +32,7 @@ async fn run(durability: Durability, requests: usize, concurrency: usize, name: 
     .unwrap();
     let relay = support::start_relay(dir, durability).await;
     let addr = relay.addr;
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            PUSH
-        )
-    );
-    let prefix = name.to_owned();
-    let request = Arc::new(move |i: usize| {
-        Request::post("/hooks/github")
-            .header("host", "127.0.0.1")
-            .header("content-type", "application/json")
-            .header("x-github-event", "push")
-            .header("x-github-delivery", format!("{prefix}-{i}"))
-            .header("x-hub-signature-256", signature.as_str())
-            .body(Full::new(Bytes::from_static(PUSH)))
-            .unwrap()
-    });
+    let request = support::signed_github(SECRET, PUSH, name);
     support::load(
         addr,
         200.min(requests),

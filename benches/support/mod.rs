@@ -142,3 +142,30 @@ impl RunningRelay {
         self.server.await.unwrap().unwrap();
     }
 }
+
+/// Builds signed GitHub webhooks of `body` (secret `secret`), delivery ids `{prefix}-{i}`.
+pub fn signed_github(
+    secret: &'static str,
+    body: &'static [u8],
+    prefix: &str,
+) -> Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync> {
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            secret.as_bytes(),
+            body
+        )
+    );
+    let prefix = prefix.to_owned();
+    Arc::new(move |i: usize| {
+        Request::post("/hooks/github")
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("{prefix}-{i}"))
+            .header("x-hub-signature-256", signature.as_str())
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap()
+    })
+}

@@ -646,8 +646,8 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
+    use crate::store::Depth;
     use crate::store::sqlite::Durability;
-    use crate::store::{Depth, NewTrigger};
 
     /// SQLite that refuses every commit while `full` is set, as a full disk would.
     struct FullDisk {
@@ -715,26 +715,7 @@ mod tests {
     }
 
     fn delivery(id: &str) -> NewDelivery {
-        NewDelivery {
-            source: "gh".into(),
-            delivery_id: id.into(),
-            event_type: "push".into(),
-            headers: Vec::new(),
-            body: crate::store::StoredBody::default(),
-            summary: "{}".into(),
-            triggers: vec![NewTrigger {
-                rule: "r".into(),
-                upstream: "gitlab".into(),
-                project: "acme/app".into(),
-                git_ref: "main".into(),
-                token_ref: "env:T".into(),
-                variables: "{}".into(),
-                inputs: "{}".into(),
-                delay_ms: 0,
-                coalesce_ms: 0,
-                done: None,
-            }],
-        }
+        crate::store::semantics::delivery(id, vec![crate::store::semantics::trigger("acme/app")])
     }
 
     fn states(outbox_dir: &Path) -> Vec<(String, String)> {

@@ -15,7 +15,7 @@ fn tx<T>(engine: &mut dyn Engine, op: impl FnOnce(&mut dyn Engine) -> T) -> T {
     out
 }
 
-fn trigger(project: &str) -> NewTrigger {
+pub(crate) fn trigger(project: &str) -> NewTrigger {
     NewTrigger {
         rule: "r".into(),
         upstream: "gitlab".into(),
@@ -30,7 +30,7 @@ fn trigger(project: &str) -> NewTrigger {
     }
 }
 
-fn delivery(id: &str, triggers: Vec<NewTrigger>) -> NewDelivery {
+pub(crate) fn delivery(id: &str, triggers: Vec<NewTrigger>) -> NewDelivery {
     NewDelivery {
         source: "gh".into(),
         delivery_id: id.into(),
