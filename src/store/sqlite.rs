@@ -841,6 +841,53 @@ mod tests {
         assert_eq!(mode, "wal");
     }
 
+    /// A store written by an earlier release (schema 2, triggers waiting and one being sent
+    /// when it stopped) opens with its queue rebuilt: heads, due times and counts.
+    #[test]
+    fn an_earlier_store_is_upgraded_with_its_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute_batch(
+                "INSERT INTO deliveries VALUES (1, 'gh', 'd1', 0, 'push', '[]', x'7b7d', '{}');
+                 INSERT INTO triggers (id, delivery, rule, upstream, project, git_ref, token_ref, variables,
+                                       inputs, order_key, state, created_at, due_at, updated_at)
+                 VALUES (1, 1, 'r', 'gitlab', 'a', 'main', 'env:T', '{}', '{}', 'k1', 'sent', 0, 0, 0),
+                        (2, 1, 'r', 'gitlab', 'a', 'main', 'env:T', '{}', '{}', 'k1', 'sending', 0, 5, 0),
+                        (3, 1, 'r', 'gitlab', 'a', 'main', 'env:T', '{}', '{}', 'k1', 'queued', 0, 1, 0),
+                        (4, 1, 'r', 'gitlab', 'b', 'main', 'env:T', '{}', '{}', 'k2', 'queued', 0, 9, 0);",
+            )
+            .unwrap();
+        }
+        let mut engine = SqliteEngine::open(&path, Durability::Full).unwrap();
+        assert_eq!(
+            engine.depth().unwrap(),
+            Depth {
+                open: 3,
+                earliest_due: Some(5)
+            }
+        );
+        engine.begin(true).unwrap();
+        let claimed = engine.claim(10, 10).unwrap();
+        engine.commit().unwrap();
+        let ids: Vec<i64> = claimed.due.iter().map(|t| t.id).collect();
+        assert_eq!(
+            ids,
+            [2, 4],
+            "the one being sent is due again, and heads its key"
+        );
+        let stored = engine.stored_webhook("d1").unwrap().unwrap();
+        assert_eq!(
+            &stored.body[..],
+            b"{}",
+            "bodies stored before compression read as they are"
+        );
+    }
+
     /// The queries on the claim path use the indexes meant for them, never a scan of the
     /// triggers table.
     #[test]
