@@ -52,6 +52,13 @@ impl ProjectId {
                 "project path {text:?} has an empty part; write it as group/sub/project"
             ));
         }
+        // A `.` or `..` would steer the upstream URL (`/projects/../trigger/pipeline`);
+        // GitLab's paths never have one.
+        if text.split('/').any(|part| part == "." || part == "..") {
+            return Err(format!(
+                "project path {text:?} has a `.` or `..` part; GitLab project paths never do"
+            ));
+        }
         if text.chars().any(|c| c.is_control()) {
             return Err(format!(
                 "project path {text:?} contains a control character"
@@ -252,6 +259,11 @@ mod tests {
         assert_eq!(ProjectId::parse("a.b-c_d").unwrap().encoded(), "a.b-c_d");
         assert!(ProjectId::parse("").is_err());
         assert!(ProjectId::parse("group//app").is_err());
+        for steering in ["..", ".", "group/..", "../app", "group/./app"] {
+            let err = ProjectId::parse(steering).unwrap_err();
+            assert!(err.contains("`.` or `..`"), "{steering}: {err}");
+        }
+        assert!(ProjectId::parse("group/.hidden/app..x").is_ok());
         assert!(ProjectId::parse("99999999999999999999999").is_err());
     }
 

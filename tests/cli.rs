@@ -400,7 +400,7 @@ token = "env:HOOKRELAY_TEST_UNSET_TOKEN"
     );
     let output = Command::new(BIN)
         .args(["check", "--config", dir.path().to_str().unwrap()])
-        .env("HOOKRELAY_TEST_SECRET", "s")
+        .env("HOOKRELAY_TEST_SECRET", "a-webhook-secret-of-some-length")
         .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
         .env_remove("HOOKRELAY_TEST_UNSET_TOKEN")
         .output()
@@ -467,7 +467,7 @@ token = "env:HOOKRELAY_TEST_TOKEN"
     );
     let output = Command::new(BIN)
         .args(["check", "--config", dir.path().to_str().unwrap()])
-        .env("HOOKRELAY_TEST_SECRET", "s")
+        .env("HOOKRELAY_TEST_SECRET", "a-webhook-secret-of-some-length")
         .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
         .output()
         .unwrap();
@@ -518,7 +518,7 @@ fn rule(name: &str, project: &str) -> String {
 async fn serve_reloads_on_file_changes_and_sighup_and_keeps_running_rules_on_errors() {
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = "s3cret";
+    let secret = "s3cret-for-the-tests";
     write(dir.path(), "secret", secret);
     write(
         dir.path(),
@@ -609,7 +609,7 @@ fn the_shipped_examples_pass_check_with_their_secrets_set() {
         "DOCS_TRIGGER_TOKEN",
         "APP_TRIGGER_TOKEN",
     ] {
-        command.env(name, "glptt-dummy");
+        command.env(name, "glptt-dummy-0123456789");
     }
     let output = command.output().unwrap();
     assert!(
@@ -632,7 +632,7 @@ async fn a_kill_9_in_the_middle_of_a_backlog_loses_no_acknowledged_webhook() {
     // 30 webhooks, all acknowledged; one project and ref, so they are sent one at a time.
     let mut acknowledged = std::collections::BTreeSet::new();
     for _ in 0..30 {
-        let reply = github_tag(&address, "s3cret").await;
+        let reply = github_tag(&address, "s3cret-for-the-tests").await;
         assert_eq!(reply.status, 202, "{}", reply.text());
         acknowledged.insert(reply.json()["delivery"].as_str().unwrap().to_owned());
     }
@@ -696,7 +696,7 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     let address = served.address();
     let state = dir.path().join("state");
     let state = state.to_str().unwrap();
-    let reply = github_tag(&address, "s3cret").await;
+    let reply = github_tag(&address, "s3cret-for-the-tests").await;
     assert_eq!(reply.status, 202);
     let delivery = reply.json()["delivery"].as_str().unwrap().to_owned();
     served.wait_for("trigger failed");
@@ -798,7 +798,10 @@ async fn shutdown_is_bounded_and_returns_unfinished_sends_to_the_outbox() {
     );
     let mut served = serve_in(dir.path());
     let address = served.address();
-    assert_eq!(github_tag(&address, "s3cret").await.status, 202);
+    assert_eq!(
+        github_tag(&address, "s3cret-for-the-tests").await.status,
+        202
+    );
     for _ in 0..200 {
         if !upstream.received().is_empty() {
             break;
@@ -841,7 +844,7 @@ async fn json_logs_carry_delivery_source_rule_and_project() {
         .env("HOOKRELAY_LOG_FORMAT", "json");
     let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
     let address = served.address();
-    let reply = github_tag(&address, "s3cret").await;
+    let reply = github_tag(&address, "s3cret-for-the-tests").await;
     assert_eq!(reply.status, 202);
     let delivery = reply.json()["delivery"].as_str().unwrap().to_owned();
     served.wait_for("trigger sent");

@@ -21,7 +21,31 @@ async fn a_second_relay_on_the_same_state_folder_is_refused_and_a_kill_9_leaves_
     let dir = tempfile::tempdir().unwrap();
     durable_config(dir.path(), &upstream.url());
     let mut first = serve_in(dir.path());
-    let _ = first.address();
+    let address = first.address();
+    assert_eq!(
+        github_tag(&address, "s3cret-for-the-tests").await.status,
+        202
+    );
+
+    // Webhook bodies are in there: the folder and every file in it are the owner's alone,
+    // whatever the umask of whoever started the relay.
+    use std::os::unix::fs::PermissionsExt;
+    let state = dir.path().join("state");
+    let mode = |name: &str| {
+        std::fs::metadata(state.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700);
+    for file in [
+        "hookrelay.sqlite3",
+        "hookrelay.sqlite3-wal",
+        "hookrelay.lock",
+    ] {
+        assert_eq!(mode(file), 0o600, "{file}");
+    }
 
     let second = Command::new(BIN)
         .args(["serve", "--config", dir.path().to_str().unwrap()])
@@ -129,7 +153,7 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
 
     // `a` is on its way to GitLab, which takes 3 s to answer; `b` waits behind it.
     upstream.answer_next(Answer::created().delayed(Duration::from_secs(3)));
-    let a = github_tag(&address, "s3cret").await;
+    let a = github_tag(&address, "s3cret-for-the-tests").await;
     assert_eq!(a.status, 202, "{}", a.text());
     for _ in 0..200 {
         if !upstream.received().is_empty() {
@@ -138,7 +162,7 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(upstream.received().len(), 1, "a is being sent");
-    let b = github_tag(&address, "s3cret").await;
+    let b = github_tag(&address, "s3cret-for-the-tests").await;
     assert_eq!(b.status, 202, "{}", b.text());
 
     // The disk fills up while a is in flight: webhooks are refused, never acknowledged.
@@ -147,7 +171,7 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
     let mut refused = 0;
     let mut acknowledged = vec![a.json()["delivery"].clone(), b.json()["delivery"].clone()];
     for _ in 0..200 {
-        let reply = github_tag(&address, "s3cret").await;
+        let reply = github_tag(&address, "s3cret-for-the-tests").await;
         match reply.status {
             503 => {
                 refused += 1;
@@ -197,7 +221,7 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let c = github_tag(&address, "s3cret").await;
+    let c = github_tag(&address, "s3cret-for-the-tests").await;
     assert_eq!(c.status, 202, "{}", c.text());
     acknowledged.push(c.json()["delivery"].clone());
     let wanted: std::collections::BTreeSet<String> = acknowledged

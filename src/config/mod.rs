@@ -1180,7 +1180,7 @@ upstream = "gitlab"
     fn sources_resolve_their_secrets_at_load() {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("gh-secret");
-        std::fs::write(&secret, "s3cret\n").unwrap();
+        std::fs::write(&secret, "s3cret-s3cret-s3cret\n").unwrap();
         let text = format!(
             "[source.gh]\nprovider = \"github\"\nsecret = \"file:{}\"\n[source.gl]\nprovider = \"gitlab\"\nsecret = \"env:GL_TOKEN\"\nsigning_secret = \"env:GL_SIGNING\"\n",
             secret.display()
@@ -1188,16 +1188,41 @@ upstream = "gitlab"
         let config = load_text(
             &[("a.toml", &text)],
             &[
-                ("GL_TOKEN", "t"),
+                ("GL_TOKEN", "a-gitlab-token-of-32-characters!"),
                 ("GL_SIGNING", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
             ],
         );
         let config = config.unwrap();
         assert_eq!(
             config.sources["gh"].secret.as_ref().unwrap().expose(),
-            "s3cret"
+            "s3cret-s3cret-s3cret"
         );
-        assert_eq!(config.sources["gl"].secret.as_ref().unwrap().expose(), "t");
+        assert_eq!(
+            config.sources["gl"].secret.as_ref().unwrap().expose(),
+            "a-gitlab-token-of-32-characters!"
+        );
+        // Too short, or only whitespace: refused where it is configured.
+        for (value, expected) in [
+            (
+                "short",
+                "the secret is 5 bytes; a webhook secret needs at least 16",
+            ),
+            ("                    ", "the secret is only whitespace"),
+        ] {
+            let problems = messages(load_text(
+                &[("a.toml", &text)],
+                &[
+                    ("GL_TOKEN", value),
+                    ("GL_SIGNING", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+                ],
+            ));
+            assert_eq!(problems.len(), 1, "{problems:#?}");
+            assert!(
+                problems[0].starts_with("a.toml:6: source.gl.secret: ")
+                    && problems[0].contains(expected),
+                "{problems:?}"
+            );
+        }
         assert!(config.sources["gl"].signing_key.is_some());
         let problems = messages(load_text(&[("a.toml", &text)], &[]));
         assert_eq!(problems.len(), 2, "{problems:#?}");

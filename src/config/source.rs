@@ -132,9 +132,18 @@ pub(super) fn compile_source(
     // An invalid `signature` is reported on its own; it is not also "no proof".
     let signature_given = raw.signature.is_some();
     let has_signing_secret = raw.signing_secret.is_some();
-    let secret = raw
-        .secret
-        .and_then(|field| resolve(name, "secret", field, resolve_secrets, problems, &mut ok));
+    let secret = raw.secret.and_then(|field| {
+        let span = field.span();
+        let secret = resolve(name, "secret", field, resolve_secrets, problems, &mut ok)?;
+        match weakness(secret.expose()) {
+            None => Some(secret),
+            Some(reason) => {
+                problems.at(Some(span), format!("source.{name}.secret: {reason}"));
+                ok = false;
+                None
+            }
+        }
+    });
     let signing_key = raw.signing_secret.and_then(|field| {
         let span = field.span();
         let secret = resolve(
@@ -253,6 +262,26 @@ pub(super) fn compile_source(
         allow_unsigned,
         generic,
         limit,
+    })
+}
+
+/// The fewest bytes a webhook secret may have: anything shorter can be guessed offline
+/// from one captured signature.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Why a webhook secret is too weak to check signatures with, if it is.
+fn weakness(secret: &str) -> Option<String> {
+    if secret.trim().is_empty() {
+        return Some(
+            "the secret is only whitespace; set a random one (`openssl rand -hex 32`)".into(),
+        );
+    }
+    (secret.len() < MIN_SECRET_BYTES).then(|| {
+        format!(
+            "the secret is {} bytes; a webhook secret needs at least {MIN_SECRET_BYTES} \
+             (set a random one: `openssl rand -hex 32`, and the same at the sender)",
+            secret.len()
+        )
     })
 }
 

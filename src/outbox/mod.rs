@@ -146,7 +146,8 @@ impl Outbox {
             reason,
             refused: false,
         };
-        std::fs::create_dir_all(state_dir).map_err(|err| error(err.to_string()))?;
+        crate::store::private::prepare_state_folder(state_dir, &path)
+            .map_err(|err| error(err.to_string()))?;
         let lock = lock_state_folder(state_dir, holder).map_err(|err| StoreError {
             place: state_dir.display().to_string(),
             reason: err.to_string(),

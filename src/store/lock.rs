@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The lock file's name inside the state folder.
@@ -45,6 +46,7 @@ pub fn lock_state_folder(folder: &Path, holder: &str) -> Result<StateLock, LockE
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(super::private::FILE_MODE)
         .open(&path)
         .map_err(io)?;
     match file.try_lock() {

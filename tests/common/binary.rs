@@ -114,7 +114,7 @@ impl Drop for Served {
 /// A relay configuration whose one rule sends every GitHub push to acme/app on main, with
 /// the delivery id as a variable, so the upstream shows which deliveries arrived.
 pub fn durable_config(dir: &Path, upstream: &str) {
-    write(dir, "secret", "s3cret");
+    write(dir, "secret", "s3cret-for-the-tests");
     write(
         dir,
         "relay.toml",
