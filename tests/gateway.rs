@@ -797,3 +797,22 @@ async fn https_upstream_with_an_unknown_ca_is_refused() {
     let message = reply.json()["message"].as_str().unwrap().to_owned();
     assert!(message.contains("certificate"), "{message}");
 }
+
+#[tokio::test]
+async fn a_project_of_dot_segments_is_refused_and_nothing_is_forwarded() {
+    let (upstream, relay) = setup("").await;
+    for project in ["%2E%2E", "%2e", "group%2F..%2F..%2Fadmin"] {
+        let reply = post(
+            &relay.url(&format!("/api/v4/projects/{project}/trigger/pipeline?token=glptt-0123456789abcdef0123&ref=main")),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{project}: {}", reply.text());
+        assert!(reply.text().contains("`.` or `..`"), "{}", reply.text());
+    }
+    assert!(
+        upstream.received().is_empty(),
+        "nothing reached the upstream"
+    );
+}

@@ -70,7 +70,18 @@ pub async fn parse_trigger_call(
     upstream: &str,
 ) -> Result<Trigger, GatewayError> {
     let project_text = decode_once(request.project, "project id")?;
-    let project = ProjectId::parse(&project_text).map_err(GatewayError::Project)?;
+    // A `.` or `..` would steer the URL the call is forwarded to: a bad request, not an
+    // unknown project.
+    let project = ProjectId::parse(&project_text).map_err(|err| {
+        if project_text
+            .split('/')
+            .any(|part| part == "." || part == "..")
+        {
+            GatewayError::PathEncoding(err)
+        } else {
+            GatewayError::Project(err)
+        }
+    })?;
     let path_ref = request
         .git_ref
         .map(|raw| decode_once(raw, "ref"))
@@ -278,6 +289,19 @@ mod tests {
         assert_eq!(t.git_ref.as_str(), "feature/x");
         let t = parse(call("9", Some("a%252Fb"), "token=T")).unwrap();
         assert_eq!(t.git_ref.as_str(), "a%2Fb");
+    }
+
+    #[test]
+    fn dot_segments_in_a_project_are_a_bad_request() {
+        for project in ["%2E%2E", "..", ".", "group%2F..", "%2e"] {
+            assert!(
+                matches!(
+                    parse(call(project, None, "token=T&ref=main")),
+                    Err(GatewayError::PathEncoding(_))
+                ),
+                "{project}"
+            );
+        }
     }
 
     #[test]
