@@ -152,6 +152,11 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
         .url_ref
         .map(|text| crate::git_ref::GitRef::parse(text).map_err(|err| format!("--ref: {err}")))
         .transpose()?;
+    if let Some(git_ref) = &url_ref {
+        source
+            .allows_url_ref(git_ref)
+            .map_err(|reason| format!("--ref (as ?ref= would be answered 400): {reason}"))?;
+    }
     let received = sources::receive(
         source,
         &WebhookRequest {

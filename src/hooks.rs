@@ -61,6 +61,12 @@ pub async fn handle(
             return Err(err.into());
         }
     };
+    if let Some(git_ref) = &url_ref {
+        source.allows_url_ref(git_ref).map_err(|reason| {
+            tracing::warn!(source = %source.name, delivery = %received.delivery, %reason, "webhook URL ref refused");
+            ApiError::BadUrlRef(reason)
+        })?;
+    }
     if let Some(limiter) = runtime.limits.source(&source.name)
         && limiter.limit.on_limit == crate::limits::OnLimit::Reject
         && let Err(wait) = limiter.check(&source.name)

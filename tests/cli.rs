@@ -265,6 +265,7 @@ url = "https://gitlab.example.com"
 [source.github]
 provider = "github"
 secret = "env:HOOKRELAY_TEST_UNSET_SECRET"
+url_refs = ["release/*"]
 
 [[rule]]
 name = "docs-on-release-tag"

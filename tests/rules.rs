@@ -18,6 +18,7 @@ url = "{upstream}"
 [source.github]
 provider = "github"
 secret = "file:{{dir}}/secret"
+url_refs = ["release/*", "stable"]
 
 [[rule]]
 name = "docs-on-release-tag"
@@ -170,6 +171,22 @@ async fn the_url_ref_beats_the_rule_ref_which_beats_the_event_ref() {
     .await;
     assert_eq!(reply.status, 400);
     assert!(reply.json()["message"].as_str().unwrap().contains("?ref="));
+    // A captured, validly signed webhook resent with a ref the source does not list
+    // cannot steer the pipeline: the signature does not cover the URL.
+    let reply = github(
+        &relay,
+        "/hooks/github?ref=refs%2Fheads%2Fattacker",
+        "push",
+        "github/push_tag.json",
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let message = reply.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("url_refs") && message.contains("\"attacker\""),
+        "{message}"
+    );
+    assert_eq!(upstream.received().len(), 2, "nothing more was sent");
 }
 
 #[tokio::test]

@@ -1146,3 +1146,19 @@ async fn a_secret_inside_an_old_gitea_payload_is_never_stored() {
     );
     assert!(!store.contains(SECRET));
 }
+
+#[tokio::test]
+async fn a_source_without_url_refs_lets_no_webhook_url_choose_a_ref() {
+    let relay = relay().await;
+    let reply = signed_github(
+        &relay.url("/hooks/github?ref=main"),
+        SECRET,
+        "push",
+        "url-ref-1",
+        "github/push_tag.json",
+    )
+    .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let message = reply.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("sets no url_refs"), "{message}");
+}

@@ -28,6 +28,7 @@ pub(super) struct RawSource {
     paths: Option<Spanned<RawPaths>>,
     delivery_header: Option<Spanned<String>>,
     limit: Option<Spanned<super::RawLimit>>,
+    url_refs: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +196,19 @@ pub(super) fn compile_source(
             }
         }
     });
+    // `?ref=` on the webhook URL: a sender's signature does not cover the URL, so only the
+    // refs listed here may be chosen by it.
+    let url_refs = raw.url_refs.and_then(|refs| {
+        let span = refs.span();
+        match crate::rules::Patterns::new(refs.into_inner()) {
+            Ok(patterns) => Some(patterns),
+            Err(reason) => {
+                problems.at(Some(span), format!("source.{name}.url_refs: {reason}"));
+                ok = false;
+                None
+            }
+        }
+    });
     let generic = if provider == Provider::Generic {
         compile_generic(
             name,
@@ -262,6 +276,7 @@ pub(super) fn compile_source(
         allow_unsigned,
         generic,
         limit,
+        url_refs,
     })
 }
 

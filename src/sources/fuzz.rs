@@ -43,6 +43,7 @@ fn events(provider: Provider) -> (&'static str, &'static [&'static str]) {
 /// A source of `provider` as a fuzzer needs it.
 pub fn source(provider: Provider) -> SourceConfig {
     SourceConfig {
+        url_refs: None,
         name: format!("fuzz-{provider}"),
         provider,
         secret: Some(Secret::new("fuzz-secret")),

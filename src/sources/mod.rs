@@ -51,6 +51,31 @@ pub struct SourceConfig {
     pub generic: GenericConfig,
     /// `limit = { rate = "100/min" }`: webhooks accepted per period.
     pub limit: Option<crate::limits::Limit>,
+    /// `url_refs = ["stable", "release/*"]`: the refs `?ref=` in the webhook URL may choose
+    /// (short names, globs). None listed: the URL chooses no ref.
+    pub url_refs: Option<crate::rules::Patterns>,
+}
+
+impl SourceConfig {
+    /// Whether `?ref=` may choose `git_ref` for this source's webhooks, and if not, why.
+    pub fn allows_url_ref(&self, git_ref: &crate::git_ref::GitRef) -> Result<(), String> {
+        let name = git_ref.short_name();
+        match &self.url_refs {
+            Some(patterns) if patterns.is_match(name) => Ok(()),
+            Some(patterns) => Err(format!(
+                "{name:?} is not among the refs [source.{}] url_refs lets a webhook URL choose ({}); \
+                 a sender's signature does not cover the URL, so the source lists the refs it may name",
+                self.name,
+                patterns.shown()
+            )),
+            None => Err(format!(
+                "[source.{}] sets no url_refs, so a webhook URL may not choose a ref; \
+                 a sender's signature does not cover the URL: list the refs it may name, \
+                 e.g. url_refs = [\"stable\", \"release/*\"]",
+                self.name
+            )),
+        }
+    }
 }
 
 /// How a generic sender proves itself and where its fields are.
