@@ -16,6 +16,7 @@ const SECRET: &str = "It's a Secret to Everybody";
 
 fn source(provider: Provider) -> SourceConfig {
     SourceConfig {
+        url_refs: None,
         name: provider.to_string(),
         provider,
         secret: Some(Secret::new(SECRET)),
