@@ -538,6 +538,23 @@ async fn gitlab_tokens_and_signing_tokens() {
             None,
         )],
     );
+    assert_eq!(
+        r.json()["delivery"],
+        "msg_1",
+        "the signed webhook-id is the delivery id"
+    );
+    // Replayed within the tolerance with a new, unsigned Idempotency-Key: still msg_1,
+    // so a duplicate, and nothing is queued again.
+    let replayed = [
+        ("X-Gitlab-Event", "Push Hook"),
+        ("Idempotency-Key", "something-new"),
+        ("webhook-id", "msg_1"),
+        ("webhook-timestamp", now.as_str()),
+        ("webhook-signature", signature.as_str()),
+    ];
+    let r = deliver(&relay, "gitlab-signed", &replayed, push.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["duplicate"], true, "{}", r.text());
     // The same request replayed with an old timestamp is refused.
     let old = "1614265330";
     let signature = standard_signature("msg_1", old, &push);

@@ -47,11 +47,19 @@ pub fn receive(
     }
     let payload = parsed_payload(request.body.clone())?;
     let paths = &source.generic.paths;
-    let delivery = source
-        .generic
-        .delivery_header
-        .as_deref()
-        .and_then(|h| request.header(h))
+    // A signed `webhook-id` is the delivery id: an unsigned header must not make a
+    // replayed webhook look new.
+    let signed_id = matches!(source.generic.scheme, GenericScheme::StandardWebhooks)
+        .then(|| request.header("webhook-id"))
+        .flatten();
+    let delivery = signed_id
+        .or_else(|| {
+            source
+                .generic
+                .delivery_header
+                .as_deref()
+                .and_then(|h| request.header(h))
+        })
         .map(str::to_owned)
         .or_else(|| {
             paths

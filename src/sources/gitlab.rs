@@ -4,8 +4,9 @@
 //! has a `secret`, and GitLab's signing token when it has a `signing_secret`: Standard
 //! Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64>`) with a
 //! timestamp tolerance (default 5 minutes) against replays. Both are required when both
-//! are configured. Event name: `X-Gitlab-Event`; delivery id: `Idempotency-Key` (stable
-//! across GitLab's retries), else `X-Gitlab-Event-UUID`.
+//! are configured. Event name: `X-Gitlab-Event`; delivery id: the signed `webhook-id` when
+//! the source has a signing token, else `Idempotency-Key` (stable across GitLab's retries),
+//! else `X-Gitlab-Event-UUID`.
 //!
 //! Which webhook carries which change: GitLab sends one webhook per change. `Push Hook`
 //! carries branch pushes and branch deletions; `Tag Push Hook` carries tags and tag
@@ -70,7 +71,13 @@ pub fn receive(
         verify(source, request, now)?;
     }
     let event_type = event_type(request, "X-Gitlab-Event", source.provider)?;
-    let delivery = delivery_id(request, &["idempotency-key", "x-gitlab-event-uuid"]);
+    // With a signing token, the signed `webhook-id` is the delivery id (stable across
+    // GitLab's retries): an unsigned `Idempotency-Key` must not make a replay look new.
+    let delivery = if source.signing_key.is_some() {
+        delivery_id(request, &["webhook-id"])
+    } else {
+        delivery_id(request, &["idempotency-key", "x-gitlab-event-uuid"])
+    };
     let received = |outcome| Received {
         delivery: delivery.clone(),
         event_type: event_type.clone(),
