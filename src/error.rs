@@ -53,6 +53,11 @@ pub enum ApiError {
     BodyTooLarge { limit: usize },
     #[error("the request body did not arrive within the read timeout ([server] read_timeout)")]
     BodyTimeout,
+    /// Request bodies in memory are at `[server] body_memory`: this one waited, then gave up.
+    #[error(
+        "the relay holds as many request bodies as [server] body_memory allows; retry in a second"
+    )]
+    BodyMemory,
     #[error("the request body cannot be read: {0}")]
     BodyRead(String),
     #[error("the relay is shutting down")]
@@ -126,6 +131,16 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             (StatusCode::PAYLOAD_TOO_LARGE, json!({ "message": message }))
         }
         ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, json!({ "message": message })),
+        ApiError::BodyMemory => {
+            let mut response = json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "message": message }),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
         ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
         ApiError::ShuttingDown | ApiError::StoreUnwritable(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -68,6 +68,8 @@ pub struct App {
     /// `--dry-run`: record and log trigger calls, never send them.
     pub dry_run: bool,
     pub metrics: Arc<Metrics>,
+    /// Bytes of request bodies in memory across all requests (`[server] body_memory`).
+    body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -84,7 +86,10 @@ impl App {
         dry_run: bool,
     ) -> Result<Arc<App>, UpstreamError> {
         let server = config.server.clone();
+        // Room for at least one body of the largest size accepted.
+        let budget = server.body_memory.max(server.max_body);
         Ok(Arc::new(App {
+            body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             config_path: path,
             server,
@@ -326,7 +331,7 @@ async fn dispatch(
                 .get(&gateway_config.upstream)
                 .expect("configuration validated that the gateway's upstream exists");
             let project = project.to_owned();
-            let (parts, body) = read_body(app, request).await?;
+            let (parts, body, _room) = read_body(app, request).await?;
             let header_text =
                 |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
             let call = CallRequest {
@@ -422,7 +427,18 @@ async fn dispatch(
             }
             let source = source.to_owned();
             let runtime = app.runtime();
-            let (parts, body) = read_body(app, request).await?;
+            // What cannot be valid is refused before a byte of its body is read.
+            let config = runtime
+                .config
+                .sources
+                .get(&source)
+                .ok_or_else(|| ApiError::UnknownSource(source.clone()))?;
+            if let Some(err) = crate::sources::missing_proof(config, request.headers()) {
+                tracing::warn!(source = %config.name, provider = %config.provider, error = %err, "webhook refused before its body was read");
+                app.metrics.signature_failure(&config.name);
+                return Err(err.into());
+            }
+            let (parts, body, _room) = read_body(app, request).await?;
             crate::hooks::handle(app, &runtime, &source, &parts, &body).await
         }
         Route::NotFound => Err(ApiError::NotFound {
@@ -432,12 +448,23 @@ async fn dispatch(
     }
 }
 
-/// Reads the whole body within the size limit and the read timeout. A declared length over
-/// the limit is refused before a byte of the body is read.
+/// How long a request waits for room under `[server] body_memory` before it is refused.
+const BODY_MEMORY_WAIT: Duration = Duration::from_secs(1);
+
+/// Room for a request's body under `[server] body_memory`, given back when dropped.
+pub struct BodyPermit {
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Reads the whole body within the size limit, the read timeout and the shared body
+/// memory. A declared length over the limit is refused before a byte of the body is read;
+/// a body must first find room in the budget (its declared length at once, or each piece
+/// of a chunked body as it comes), or the request waits (at most [`BODY_MEMORY_WAIT`]) and
+/// is then refused with `503`.
 async fn read_body(
     app: &App,
     request: Request<Incoming>,
-) -> Result<(http::request::Parts, Bytes), ApiError> {
+) -> Result<(http::request::Parts, Bytes, BodyPermit), ApiError> {
     let limit = app.server.max_body;
     let (parts, body) = request.into_parts();
     let declared = parts
@@ -448,18 +475,55 @@ async fn read_body(
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let collect = Limited::new(body, limit).collect();
+    let budget = app.body_budget.clone();
+    let collect = async move {
+        let room = |bytes: usize| {
+            let room = budget.clone().acquire_many_owned(bytes as u32);
+            async move {
+                tokio::time::timeout(BODY_MEMORY_WAIT, room)
+                    .await
+                    .map_err(|_| ApiError::BodyMemory)
+                    .map(|permit| permit.expect("the body budget is never closed"))
+            }
+        };
+        // A declared length takes its room at once, and one buffer of that size: the
+        // bytes are copied in as they come, never held twice.
+        let mut held = match declared {
+            Some(length) if length > 0 => Some(room(length as usize).await?),
+            _ => None,
+        };
+        let mut buffer = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        let mut body = Limited::new(body, limit);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|err| {
+                if err
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    ApiError::BodyTooLarge { limit }
+                } else {
+                    ApiError::BodyRead(err.to_string())
+                }
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if declared.is_none() && !data.is_empty() {
+                // No declared length (chunked): room as the pieces come.
+                let permit = room(data.len()).await?;
+                match &mut held {
+                    Some(held) => held.merge(permit),
+                    None => held = Some(permit),
+                }
+            }
+            buffer.extend_from_slice(&data);
+        }
+        Ok::<_, ApiError>((buffer.freeze(), BodyPermit { _held: held }))
+    };
     match tokio::time::timeout(app.server.read_timeout, collect).await {
         Err(_) => Err(ApiError::BodyTimeout),
-        Ok(Err(err))
-            if err
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(ApiError::BodyTooLarge { limit })
-        }
-        Ok(Err(err)) => Err(ApiError::BodyRead(err.to_string())),
-        Ok(Ok(collected)) => Ok((parts, collected.to_bytes())),
+        Ok(Err(err)) => Err(err),
+        Ok(Ok((body, permit))) => Ok((parts, body, permit)),
     }
 }
 

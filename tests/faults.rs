@@ -277,3 +277,167 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
         .count();
     assert!(errors <= 30, "{errors} error lines:\n{}", lines.join("\n"));
 }
+
+/// Opens a connection and sends a webhook's headers and `sent` bytes of a body that
+/// claims `length`; the rest never comes.
+async fn partial_webhook(
+    addr: &str,
+    path: &str,
+    length: usize,
+    sent: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         X-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![b' '; sent]).await.unwrap();
+    stream
+}
+
+/// Reads an HTTP answer's status line from a raw connection (bounded).
+async fn status_of(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..read])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_cannot_be_valid_is_refused_before_its_body_and_bodies_share_one_budget() {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        "[server]\nmax_body = \"1MiB\"\nbody_memory = \"1MiB\"\n\
+         [upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{{dir}}/secret\"\n",
+        upstream.url()
+    );
+    let relay = Relay::start_with(&config, &[("secret", "s3cret-for-the-tests")]).await;
+    let addr = relay.addr.to_string();
+
+    // An unknown source, and a webhook with no signature header: answered while the
+    // body (which claims 900 KB) has not been sent at all.
+    let mut unknown = partial_webhook(&addr, "/hooks/nope", 900_000, 0).await;
+    assert!(status_of(&mut unknown).await.contains(" 404 "));
+    let mut unsigned = {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream
+            .write_all(b"POST /hooks/github HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nContent-Length: 900000\r\n\r\n")
+            .await
+            .unwrap();
+        stream
+    };
+    assert!(status_of(&mut unsigned).await.contains(" 401 "));
+
+    // One slow sender holds 800 KB of the 1 MiB budget; a second body that needs more
+    // room than is left waits a moment, then is told to come back.
+    let _slow = partial_webhook(&addr, "/hooks/github", 1_000_000, 800_000).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = partial_webhook(&addr, "/hooks/github", 600_000, 600_000).await;
+    let status = status_of(&mut second).await;
+    assert!(status.contains(" 503 "), "{status}");
+    // A small webhook still fits and is checked as usual (a wrong signature here).
+    let small = post(
+        &relay.url("/hooks/github"),
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", "sha256=00"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(small.status, 401, "{}", small.text());
+    assert!(upstream.received().is_empty());
+}
+
+/// The relay's peak resident memory so far, from /proc (kB).
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Sends 40 bodies of 25 MiB at once (with `signature`, or none), each on its own
+/// connection, and waits (bounded) until every connection has its answer or is closed.
+async fn forty_big_bodies(addr: &str, signature: Option<&str>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = std::sync::Arc::new(vec![b' '; 25 * 1024 * 1024 - 1024]);
+    let mut senders = Vec::new();
+    for _ in 0..40 {
+        let (addr, body) = (addr.to_owned(), body.clone());
+        let signature = signature
+            .map(|s| format!("X-Hub-Signature-256: {s}\r\n"))
+            .unwrap_or_default();
+        senders.push(tokio::spawn(async move {
+            let Ok(stream) = tokio::net::TcpStream::connect(&addr).await else { return };
+            let (mut reader, mut writer) = stream.into_split();
+            let head = format!(
+                "POST /hooks/github HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\n{signature}Content-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let write = async move {
+                let _ = writer.write_all(head.as_bytes()).await;
+                let _ = writer.write_all(&body).await;
+            };
+            let read = async move {
+                let mut answer = [0u8; 256];
+                let _ = reader.read(&mut answer).await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                tokio::join!(write, read)
+            })
+            .await;
+        }));
+    }
+    for sender in senders {
+        let _ = sender.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_parallel_25_mib_bodies_stay_within_the_body_budget() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    let pid = served.child.id();
+    let before = peak_rss_kib(pid);
+
+    // Unsigned: refused before a byte of any body is read.
+    forty_big_bodies(&address, None).await;
+    let unsigned = peak_rss_kib(pid);
+    assert!(
+        unsigned < 100 * 1024,
+        "peak RSS {unsigned} kB after 40 unsigned 25 MiB bodies (started at {before} kB)"
+    );
+    // With a (wrong) signature header: read, but 64 MiB of bodies at most at any time.
+    forty_big_bodies(&address, Some("sha256=00")).await;
+    let signed = peak_rss_kib(pid);
+    assert!(
+        signed < before + (64 + 64) * 1024,
+        "peak RSS {signed} kB after 40 signed-looking 25 MiB bodies (started at {before} kB)"
+    );
+    eprintln!(
+        "peak RSS: {before} kB at start, {unsigned} kB after unsigned bodies, {signed} kB after signed-looking ones"
+    );
+    // And the relay still answers.
+    assert_eq!(
+        github_tag(&address, "s3cret-for-the-tests").await.status,
+        202
+    );
+    let (code, _) = served.terminate();
+    assert_eq!(code, Some(0));
+}

@@ -31,6 +31,9 @@ pub use units::{parse_duration, parse_size};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// GitHub's largest webhook payload; GitLab's own limit is larger.
 pub const DEFAULT_MAX_BODY: usize = 25 * 1024 * 1024;
+/// Default `[server] body_memory`: room for a few of the largest webhooks at once and many
+/// thousands of ordinary ones.
+pub const DEFAULT_BODY_MEMORY: usize = 64 * 1024 * 1024;
 
 /// The whole, validated configuration.
 #[derive(Clone, Debug)]
@@ -55,6 +58,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest request body accepted; larger ones are answered `413`.
     pub max_body: usize,
+    /// Request bodies held in memory at once, across all requests; past it, a request waits
+    /// briefly for room, then gets `503` with `Retry-After`.
+    pub body_memory: usize,
     /// Time allowed to receive a request's headers and body.
     pub read_timeout: Duration,
     /// Time allowed for in-flight requests to finish after a shutdown signal.
@@ -68,6 +74,7 @@ impl Default for ServerConfig {
                 .parse()
                 .expect("the default listen address is valid"),
             max_body: DEFAULT_MAX_BODY,
+            body_memory: DEFAULT_BODY_MEMORY,
             read_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -150,6 +157,7 @@ pub struct GatewayConfig {
 struct RawServer {
     listen: Option<Spanned<String>>,
     max_body: Option<Spanned<String>>,
+    body_memory: Option<Spanned<String>>,
     read_timeout: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
 }
@@ -403,6 +411,9 @@ impl Builder {
             }),
             max_body: typed(raw.max_body, defaults.max_body, problems, |text| {
                 parse_size(text).map_err(|err| format!("max_body: {err}"))
+            }),
+            body_memory: typed(raw.body_memory, defaults.body_memory, problems, |text| {
+                parse_size(text).map_err(|err| format!("body_memory: {err}"))
             }),
             read_timeout: typed(raw.read_timeout, defaults.read_timeout, problems, |text| {
                 parse_duration(text).map_err(|err| format!("read_timeout: {err}"))

@@ -231,6 +231,66 @@ pub fn receive(
     }
 }
 
+/// Before the body is read: a webhook that lacks every header its source's proof needs
+/// cannot be valid, so it is refused without buffering its body. (The full check, over the
+/// body, comes later.) Each inner list is "any one of these"; all lists must be met.
+pub fn missing_proof(source: &SourceConfig, headers: &http::HeaderMap) -> Option<SourceError> {
+    let present = |name: &str| {
+        headers
+            .get(name)
+            .is_some_and(|value| !value.as_bytes().is_empty())
+    };
+    let needed: Vec<Vec<&str>> = match source.provider {
+        _ if source.secret.is_none() && source.signing_key.is_none() => Vec::new(),
+        Provider::Github if source.allow_sha1 => {
+            vec![vec!["X-Hub-Signature-256", "X-Hub-Signature"]]
+        }
+        Provider::Github => vec![vec!["X-Hub-Signature-256"]],
+        Provider::Gitlab => {
+            let mut needed = Vec::new();
+            if source.secret.is_some() {
+                needed.push(vec!["X-Gitlab-Token"]);
+            }
+            if source.signing_key.is_some() {
+                needed.push(vec!["webhook-signature"]);
+            }
+            needed
+        }
+        Provider::Gitea => vec![vec![
+            "X-Gitea-Signature",
+            "X-Forgejo-Signature",
+            "X-Hub-Signature-256",
+        ]],
+        Provider::Gogs => vec![vec!["X-Gogs-Signature"]],
+        Provider::BitbucketCloud => vec![vec!["X-Hub-Signature", "X-Hub-Signature-256"]],
+        // Bitbucket Server's connection test comes unsigned, even with a secret.
+        Provider::BitbucketServer
+            if headers
+                .get("x-event-key")
+                .is_some_and(|v| v.as_bytes() == b"diagnostics:ping") =>
+        {
+            Vec::new()
+        }
+        Provider::BitbucketServer => vec![vec!["X-Hub-Signature"]],
+        Provider::Generic => match &source.generic.scheme {
+            GenericScheme::Hmac { header, .. } | GenericScheme::Token { header } => {
+                vec![vec![header.as_str()]]
+            }
+            GenericScheme::StandardWebhooks => vec![vec!["webhook-signature"]],
+            GenericScheme::None => Vec::new(),
+        },
+    };
+    needed
+        .into_iter()
+        .find(|any_of| !any_of.iter().any(|name| present(name)))
+        .map(|any_of| {
+            SignatureError::Missing {
+                header: any_of.join(" or "),
+            }
+            .into()
+        })
+}
+
 /// A sender's JSON, kept as bytes until something reads it whole; `without_secret` for
 /// senders that put the webhook secret in it (old Gitea and Gogs).
 fn payload(bytes: Bytes, without_secret: bool) -> Arc<Payload> {
