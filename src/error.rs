@@ -49,8 +49,12 @@ pub enum ApiError {
         method: String,
         allowed: &'static str,
     },
-    #[error("the request body is larger than the {limit}-byte limit ([server] max_body)")]
-    BodyTooLarge { limit: usize },
+    #[error("the request body is larger than the {limit}-byte limit ({setting})")]
+    BodyTooLarge {
+        limit: usize,
+        /// The setting that sets it: `[server] max_body`, or `[gateway] max_body`.
+        setting: &'static str,
+    },
     #[error("the request body did not arrive within the read timeout ([server] read_timeout)")]
     BodyTimeout,
     /// Request bodies in memory are at `[server] body_memory`: this one waited, then gave up.

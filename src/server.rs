@@ -87,7 +87,8 @@ impl App {
     ) -> Result<Arc<App>, UpstreamError> {
         let server = config.server.clone();
         // Room for at least one body of the largest size accepted.
-        let budget = server.body_memory.max(server.max_body);
+        let gateway_max = config.gateway.as_ref().map_or(0, |g| g.max_body);
+        let budget = server.body_memory.max(server.max_body).max(gateway_max);
         Ok(Arc::new(App {
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
@@ -331,7 +332,15 @@ async fn dispatch(
                 .get(&gateway_config.upstream)
                 .expect("configuration validated that the gateway's upstream exists");
             let project = project.to_owned();
-            let (parts, body, _room) = read_body(app, request).await?;
+            // A plain call is small; the webhook form's body is someone's webhook.
+            let server_limit = (app.server.max_body, "[server] max_body");
+            let limit = match git_ref {
+                None if gateway_config.max_body < app.server.max_body => {
+                    (gateway_config.max_body, "[gateway] max_body")
+                }
+                _ => server_limit,
+            };
+            let (parts, body, _room) = read_body(app, request, limit).await?;
             let header_text =
                 |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
             let call = CallRequest {
@@ -438,7 +447,8 @@ async fn dispatch(
                 app.metrics.signature_failure(&config.name);
                 return Err(err.into());
             }
-            let (parts, body, _room) = read_body(app, request).await?;
+            let (parts, body, _room) =
+                read_body(app, request, (app.server.max_body, "[server] max_body")).await?;
             crate::hooks::handle(app, &runtime, &source, &parts, &body).await
         }
         Route::NotFound => Err(ApiError::NotFound {
@@ -464,8 +474,8 @@ pub struct BodyPermit {
 async fn read_body(
     app: &App,
     request: Request<Incoming>,
+    (limit, setting): (usize, &'static str),
 ) -> Result<(http::request::Parts, Bytes, BodyPermit), ApiError> {
-    let limit = app.server.max_body;
     let (parts, body) = request.into_parts();
     let declared = parts
         .headers
@@ -473,7 +483,7 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
-        return Err(ApiError::BodyTooLarge { limit });
+        return Err(ApiError::BodyTooLarge { limit, setting });
     }
     let budget = app.body_budget.clone();
     let collect = async move {
@@ -500,7 +510,7 @@ async fn read_body(
                     .downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some()
                 {
-                    ApiError::BodyTooLarge { limit }
+                    ApiError::BodyTooLarge { limit, setting }
                 } else {
                     ApiError::BodyRead(err.to_string())
                 }

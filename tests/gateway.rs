@@ -816,3 +816,33 @@ async fn a_project_of_dot_segments_is_refused_and_nothing_is_forwarded() {
         "nothing reached the upstream"
     );
 }
+
+#[tokio::test]
+async fn plain_calls_are_small_and_json_bodies_are_objects() {
+    let (upstream, relay) = setup("").await;
+    let url = relay.url(PIPELINE);
+    let json = [("content-type", "application/json")];
+    // Over the plain endpoint's 1 MiB: refused, naming the setting.
+    let big = format!(
+        r#"{{"token":"glptt-0123456789abcdef0123","ref":"main","x":"{}"}}"#,
+        "a".repeat(2 << 20)
+    );
+    let reply = post(&url, &json, big).await;
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert!(
+        reply.text().contains("[gateway] max_body"),
+        "{}",
+        reply.text()
+    );
+    // A JSON body that is not an object, or holds more values than any call needs.
+    let reply = post(&url, &json, "[0,0,0]").await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(
+        reply.text().contains("must be an object"),
+        "{}",
+        reply.text()
+    );
+    let zeros = format!("[{}0]", "0,".repeat(100_000));
+    assert_eq!(post(&url, &json, zeros).await.status, 400);
+    assert!(upstream.received().is_empty());
+}

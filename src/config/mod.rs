@@ -150,7 +150,13 @@ pub struct GatewayConfig {
     pub per_client: Option<crate::limits::Limit>,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Largest body of a plain trigger call (the webhook form keeps `[server] max_body`:
+    /// its body is someone's webhook, handed to the pipeline as `TRIGGER_PAYLOAD`).
+    pub max_body: usize,
 }
+
+/// Default `[gateway] max_body`: a trigger call is a token, a ref and some variables.
+pub const DEFAULT_GATEWAY_MAX_BODY: usize = 1024 * 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,6 +185,7 @@ struct RawGateway {
     upstream: Option<Spanned<String>>,
     limit: Option<Spanned<RawLimit>>,
     trusted_proxies: Option<Spanned<Vec<String>>>,
+    max_body: Option<Spanned<String>>,
 }
 
 /// `limit = { … }` in any section; which keys a section allows is checked when compiled.
@@ -739,11 +746,23 @@ impl Builder {
                         ))),
                     }
                 }
+                let max_body = match raw.max_body {
+                    None => DEFAULT_GATEWAY_MAX_BODY,
+                    Some(text) => match parse_size(text.get_ref()) {
+                        Ok(size) => size,
+                        Err(err) => {
+                            self.problems
+                                .push(line_problem(format!("[gateway] max_body: {err}")));
+                            DEFAULT_GATEWAY_MAX_BODY
+                        }
+                    },
+                };
                 let gateway = |upstream: String| GatewayConfig {
                     upstream,
                     per_project: per_project.clone(),
                     per_client: per_client.clone(),
                     trusted_proxies: trusted_proxies.clone(),
+                    max_body,
                 };
                 let upstream = raw.upstream;
                 let known = self

@@ -30,6 +30,10 @@ pub enum ParamError {
     Multipart(String),
     #[error("the request has more than {MAX_PARAMS} parameters")]
     TooMany,
+    #[error(
+        "a JSON body must be an object: {{\"token\": \"…\", \"ref\": \"main\", \"variables\": {{…}}}}"
+    )]
+    NotAnObject,
     #[error("parameter {0:?} is nested more than {MAX_DEPTH} levels deep")]
     TooDeep(String),
     #[error("parameter {0:?} is given both as a single value and as a list or map")]
@@ -132,17 +136,90 @@ pub async fn parse_multipart(body: Bytes, boundary: &str) -> Result<Params, Para
     Ok(params)
 }
 
-/// Parses a JSON body. A body that is not an object becomes `_json`, as Grape does.
-pub fn parse_json(body: &[u8]) -> Result<Params, ParamError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => {
-            let mut params = Params::new();
-            params.insert("_json".into(), other);
-            Ok(params)
+/// Most values (objects, arrays, scalars) a trigger call's JSON body may hold: a call is a
+/// token, a ref and a few thousand variables or inputs at the very most.
+pub const MAX_JSON_VALUES: usize = 4 * MAX_PARAMS;
+
+/// An upper bound on the number of values in a JSON text, counted without parsing it:
+/// every value after the first is preceded by `,`, `[`, `{` or `:` outside strings.
+fn json_values_bound(body: &[u8]) -> usize {
+    let (mut count, mut in_string, mut escaped) = (1, false, false);
+    for &byte in body {
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else {
+            match byte {
+                b'"' => in_string = true,
+                b',' | b'[' | b'{' | b':' => count += 1,
+                _ => {}
+            }
         }
+    }
+    count
+}
+
+/// Parses a trigger call's JSON body, which must be an object. A body with more values
+/// than any call needs is refused before a tree of it is built.
+pub fn parse_json(body: &[u8]) -> Result<Params, ParamError> {
+    if json_values_bound(body) > MAX_JSON_VALUES {
+        return Err(ParamError::TooMany);
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => {
+            for name in ["variables", "inputs"] {
+                if map
+                    .get(name)
+                    .and_then(Value::as_object)
+                    .is_some_and(|m| m.len() > MAX_PARAMS)
+                {
+                    return Err(ParamError::TooMany);
+                }
+            }
+            Ok(map)
+        }
+        Ok(_) => Err(ParamError::NotAnObject),
         Err(err) => Err(ParamError::Json(JsonSyntaxError::from(&err))),
     }
+}
+
+/// The parameters GitLab reads from a webhook sent to the webhook form: only these four
+/// top-level fields; the rest of the webhook is skipped, never built into a tree.
+#[derive(serde::Deserialize)]
+struct WebhookParams {
+    token: Option<Value>,
+    #[serde(rename = "ref")]
+    git_ref: Option<Value>,
+    variables: Option<Value>,
+    inputs: Option<Value>,
+}
+
+/// Reads the trigger parameters out of a webhook body (JSON of any shape and size).
+fn parse_webhook_json(body: &[u8]) -> Result<Params, ParamError> {
+    let fields = match serde_json::from_slice::<WebhookParams>(body) {
+        Ok(fields) => fields,
+        Err(err) if err.is_data() => return Ok(Params::new()), // not an object: no params
+        Err(err) => return Err(ParamError::Json(JsonSyntaxError::from(&err))),
+    };
+    let mut params = Params::new();
+    for (name, value) in [
+        ("token", fields.token),
+        ("ref", fields.git_ref),
+        ("variables", fields.variables),
+        ("inputs", fields.inputs),
+    ] {
+        if let Some(value) = value {
+            if value.as_object().is_some_and(|m| m.len() > MAX_PARAMS) {
+                return Err(ParamError::TooMany);
+            }
+            params.insert(name.into(), value);
+        }
+    }
+    Ok(params)
 }
 
 /// Parses a body by its encoding. `strict` refuses encodings GitLab cannot read (the plain
@@ -161,7 +238,8 @@ pub async fn parse_body(
         None => return Ok(Params::new()),
     };
     match encoding {
-        BodyEncoding::Json => parse_json(body),
+        BodyEncoding::Json if strict => parse_json(body),
+        BodyEncoding::Json => parse_webhook_json(body),
         BodyEncoding::UrlEncoded => parse_urlencoded(body),
         BodyEncoding::Multipart { boundary } => parse_multipart(body.clone(), &boundary).await,
         BodyEncoding::Other(media_type) if strict => {
@@ -423,7 +501,32 @@ mod tests {
     fn json_bodies_and_errors_with_position() {
         let params = parse_json(br#"{"token":"T","variables":{"A":"1"}}"#).unwrap();
         assert_eq!(params["variables"], json!({"A":"1"}));
-        assert_eq!(parse_json(b"[1]").unwrap()["_json"], json!([1]));
+        assert_eq!(parse_json(b"[1]").unwrap_err(), ParamError::NotAnObject);
+        // Huge bodies are refused by counting, before any tree is built.
+        let zeros = format!("[{}0]", "0,".repeat(MAX_JSON_VALUES));
+        assert_eq!(
+            parse_json(zeros.as_bytes()).unwrap_err(),
+            ParamError::TooMany
+        );
+        let keys: String = (0..MAX_PARAMS + 1)
+            .map(|i| format!("\"K{i}\":\"v\","))
+            .collect();
+        let many = format!(
+            "{{\"token\":\"T\",\"variables\":{{{}}}}}",
+            keys.trim_end_matches(',')
+        );
+        assert_eq!(
+            parse_json(many.as_bytes()).unwrap_err(),
+            ParamError::TooMany
+        );
+        // Commas and braces inside strings are not values.
+        let quoted = format!("{{\"token\":\"{}\"}}", ",[{:".repeat(MAX_JSON_VALUES));
+        assert!(parse_json(quoted.as_bytes()).is_ok());
+        // A webhook sent to the webhook form: only its trigger fields are read.
+        let webhook = br#"{"object_kind":"push","ref":"refs/heads/x","commits":[{"id":"1"}],"variables":{"A":"1"}}"#;
+        let params = parse_webhook_json(webhook).unwrap();
+        assert_eq!(params.len(), 2, "{params:?}");
+        assert_eq!(parse_webhook_json(b"[0,0,0]").unwrap(), Params::new());
         let err = parse_json(b"{\n  \"token\": }").unwrap_err();
         assert_eq!(
             err,
