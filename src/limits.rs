@@ -182,6 +182,7 @@ pub struct Limits {
     upstream_projects: std::collections::HashMap<String, Limiter>,
     pub gateway_project: Option<Limiter>,
     pub gateway_client: Option<Limiter>,
+    pub gateway_token: Option<Limiter>,
 }
 
 impl Limits {
@@ -234,6 +235,7 @@ impl Limits {
                 gateway.and_then(|g| g.per_client.as_ref()),
                 "per_client",
             ),
+            gateway_token: gateway_limiter(gateway.and_then(|g| g.per_token.as_ref()), "per_token"),
         }
     }
 
@@ -251,23 +253,23 @@ impl Limits {
             .values()
             .chain(self.upstream_projects.values())
             .chain(self.gateway_project.iter())
-            .chain(self.gateway_client.iter());
+            .chain(self.gateway_client.iter())
+            .chain(self.gateway_token.iter());
         for limiter in all {
             limiter.evict_idle();
         }
     }
 }
 
-/// Who a gateway caller is, for `per_client`: behind a trusted proxy, the address it
-/// forwards for; otherwise a hash of the token (never the token itself).
+/// Who a gateway caller is, for `per_client`: its address — the peer, or behind a trusted
+/// proxy the nearest forwarded address that is not itself a trusted proxy. Never the
+/// token: anyone can make up tokens, so a new token must not buy a new budget.
 pub fn gateway_client(
     peer: std::net::IpAddr,
     forwarded_for: Option<&str>,
     trusted: &[ipnet::IpNet],
-    token: &crate::secret::Secret,
 ) -> String {
     if trusted.iter().any(|net| net.contains(&peer)) {
-        // The nearest address that is not itself a trusted proxy.
         let forwarded = forwarded_for
             .into_iter()
             .flat_map(|v| v.rsplit(','))
@@ -277,6 +279,12 @@ pub fn gateway_client(
             return format!("ip:{addr}");
         }
     }
+    format!("ip:{peer}")
+}
+
+/// The key of `per_token`, for callers that share one address: a hash of the token,
+/// never the token itself.
+pub fn gateway_token(token: &crate::secret::Secret) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(token.expose().as_bytes());
     format!("token:{}", hex::encode(&digest[..8]))
@@ -287,27 +295,23 @@ mod client_tests {
     use super::*;
 
     #[test]
-    fn clients_are_token_hashes_or_forwarded_addresses_behind_trusted_proxies() {
-        let token = crate::secret::Secret::new("glptt-abc");
+    fn clients_are_addresses_and_forwarded_ones_only_behind_trusted_proxies() {
         let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        let direct = gateway_client(
-            "192.0.2.1".parse().unwrap(),
-            Some("203.0.113.9"),
-            &trusted,
-            &token,
-        );
-        assert!(
-            direct.starts_with("token:") && !direct.contains("abc"),
-            "{direct}"
-        );
+        // An untrusted peer's X-Forwarded-For is ignored: it could name anyone.
+        let direct = gateway_client("192.0.2.1".parse().unwrap(), Some("203.0.113.9"), &trusted);
+        assert_eq!(direct, "ip:192.0.2.1");
         let proxied = gateway_client(
             "10.1.2.3".parse().unwrap(),
             Some("203.0.113.9, 10.0.0.5"),
             &trusted,
-            &token,
         );
         assert_eq!(proxied, "ip:203.0.113.9");
-        let no_header = gateway_client("10.1.2.3".parse().unwrap(), None, &trusted, &token);
-        assert!(no_header.starts_with("token:"));
+        let no_header = gateway_client("10.1.2.3".parse().unwrap(), None, &trusted);
+        assert_eq!(no_header, "ip:10.1.2.3");
+        let token = gateway_token(&crate::secret::Secret::new("glptt-abc"));
+        assert!(
+            token.starts_with("token:") && !token.contains("abc"),
+            "{token}"
+        );
     }
 }

@@ -360,13 +360,12 @@ async fn dispatch(
                     .headers
                     .get("x-forwarded-for")
                     .and_then(|v| v.to_str().ok());
-                crate::limits::gateway_client(
-                    peer.ip(),
-                    forwarded,
-                    &gateway_config.trusted_proxies,
-                    &trigger.token,
-                )
+                crate::limits::gateway_client(peer.ip(), forwarded, &gateway_config.trusted_proxies)
             });
+            let token_key = gateway_config
+                .per_token
+                .as_ref()
+                .map(|_| crate::limits::gateway_token(&trigger.token));
             let project_key = trigger.project.to_string();
             for (limiter, key) in [
                 (
@@ -374,6 +373,7 @@ async fn dispatch(
                     Some(project_key.as_str()),
                 ),
                 (runtime.limits.gateway_client.as_ref(), client.as_deref()),
+                (runtime.limits.gateway_token.as_ref(), token_key.as_deref()),
             ] {
                 if let (Some(limiter), Some(key)) = (limiter, key)
                     && let Err(wait) = limiter.check(key)

@@ -61,7 +61,7 @@ async fn relay(
 }
 
 #[tokio::test]
-async fn gateway_limits_reject_per_project_and_per_client_with_an_exact_retry_after() {
+async fn gateway_limits_reject_per_project_and_per_client_address_with_an_exact_retry_after() {
     let upstream = RecordingUpstream::start().await;
     let relay = relay(
         &upstream,
@@ -89,23 +89,51 @@ async fn gateway_limits_reject_per_project_and_per_client_with_an_exact_retry_af
             .unwrap()
             .contains("[gateway] limit.per_project (2/min)")
     );
-    // Another project is not affected; a client has its own limit.
+    // Another project is not affected. A client is its address (127.0.0.1 here), whatever
+    // token it brings: new tokens buy no new budget.
     assert_eq!(post(&call("10", "glptt-one"), &[], "").await.status, 201);
-    assert_eq!(post(&call("11", "glptt-one"), &[], "").await.status, 201);
-    let refused = post(&call("12", "glptt-one"), &[], "").await;
+    for (project, token) in [
+        ("12", "glptt-one"),
+        ("13", "glptt-four"),
+        ("14", "glptt-five"),
+    ] {
+        let refused = post(&call(project, token), &[], "").await;
+        assert_eq!(refused.status, 429, "{token}");
+        assert!(
+            refused.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("per_client"),
+            "{}",
+            refused.text()
+        );
+        assert!(
+            !refused.text().contains(token),
+            "the client is never shown by its token"
+        );
+    }
+    assert_eq!(upstream.received().len(), 3);
+}
+
+#[tokio::test]
+async fn per_token_limits_callers_that_share_one_address() {
+    let upstream = RecordingUpstream::start().await;
+    let relay = relay(&upstream, "", "", "limit = { per_token = \"1/min\" }").await;
+    let call = |token: &str| {
+        relay.url(&format!(
+            "/api/v4/projects/9/trigger/pipeline?token={token}&ref=main"
+        ))
+    };
+    assert_eq!(post(&call("glptt-one"), &[], "").await.status, 201);
+    assert_eq!(post(&call("glptt-two"), &[], "").await.status, 201);
+    let refused = post(&call("glptt-one"), &[], "").await;
     assert_eq!(refused.status, 429);
+    let message = refused.json()["message"].as_str().unwrap().to_owned();
     assert!(
-        refused.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("per_client")
+        message.contains("[gateway] limit.per_token (1/min)"),
+        "{message}"
     );
-    assert!(
-        !refused.text().contains("glptt-one"),
-        "the client is never shown by its token"
-    );
-    assert_eq!(post(&call("12", "glptt-four"), &[], "").await.status, 201);
-    assert_eq!(upstream.received().len(), 5);
+    assert!(!message.contains("glptt-one"));
 }
 
 #[tokio::test]

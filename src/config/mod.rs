@@ -146,8 +146,10 @@ pub struct GatewayConfig {
     pub upstream: String,
     /// Calls per project, refused over the limit.
     pub per_project: Option<crate::limits::Limit>,
-    /// Calls per client (the token's hash, or a trusted proxy's forwarded address).
+    /// Calls per client address (the peer, or a trusted proxy's forwarded address).
     pub per_client: Option<crate::limits::Limit>,
+    /// Calls per trigger token, for callers behind one address.
+    pub per_token: Option<crate::limits::Limit>,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Largest body of a plain trigger call (the webhook form keeps `[server] max_body`:
@@ -195,6 +197,7 @@ pub(crate) struct RawLimit {
     rate: Option<String>,
     per_project: Option<String>,
     per_client: Option<String>,
+    per_token: Option<String>,
     burst: Option<u32>,
     on_limit: Option<String>,
 }
@@ -210,6 +213,7 @@ pub(crate) fn compile_limit(
     let text = match key {
         "rate" => &raw.rate,
         "per_project" => &raw.per_project,
+        "per_token" => &raw.per_token,
         _ => &raw.per_client,
     };
     let Some(text) = text else { return Ok(None) };
@@ -246,6 +250,7 @@ pub(crate) fn only_limit_keys(
         ("rate", raw.rate.is_some()),
         ("per_project", raw.per_project.is_some()),
         ("per_client", raw.per_client.is_some()),
+        ("per_token", raw.per_token.is_some()),
         ("on_limit", raw.on_limit.is_some()),
     ];
     for (key, present) in given {
@@ -700,32 +705,29 @@ impl Builder {
                     line: Some(origin.line),
                     message,
                 };
-                let (per_project, per_client) = match raw.limit.as_ref().map(|l| l.get_ref()) {
-                    None => (None, None),
+                let (per_project, per_client, per_token) = match raw
+                    .limit
+                    .as_ref()
+                    .map(|l| l.get_ref())
+                {
+                    None => (None, None, None),
                     Some(limit) => {
-                        let compiled =
-                            only_limit_keys(limit, "[gateway]", &["per_project", "per_client"])
-                                .and_then(|()| {
-                                    Ok((
-                                        compile_limit(
-                                            limit,
-                                            "per_project",
-                                            "[gateway]",
-                                            crate::limits::OnLimit::Reject,
-                                        )?,
-                                        compile_limit(
-                                            limit,
-                                            "per_client",
-                                            "[gateway]",
-                                            crate::limits::OnLimit::Reject,
-                                        )?,
-                                    ))
-                                });
+                        let keys = ["per_project", "per_client", "per_token"];
+                        let compile = |key| {
+                            compile_limit(limit, key, "[gateway]", crate::limits::OnLimit::Reject)
+                        };
+                        let compiled = only_limit_keys(limit, "[gateway]", &keys).and_then(|()| {
+                            Ok((
+                                compile("per_project")?,
+                                compile("per_client")?,
+                                compile("per_token")?,
+                            ))
+                        });
                         match compiled {
                             Ok(limits) => limits,
                             Err(message) => {
                                 self.problems.push(line_problem(message));
-                                (None, None)
+                                (None, None, None)
                             }
                         }
                     }
@@ -761,6 +763,7 @@ impl Builder {
                     upstream,
                     per_project: per_project.clone(),
                     per_client: per_client.clone(),
+                    per_token: per_token.clone(),
                     trusted_proxies: trusted_proxies.clone(),
                     max_body,
                 };
@@ -1355,7 +1358,7 @@ allow_unsigned = true
         ));
         let expected = [
             "a.toml:3: [upstream.gl] limit.per_project: \"fast\" is not a rate",
-            "a.toml:5: [gateway] limit.rate is not a setting here; use per_project, per_client",
+            "a.toml:5: [gateway] limit.rate is not a setting here; use per_project, per_client, per_token",
             "a.toml:5: [gateway] trusted_proxies: \"proxy\" is not an IP address or network",
             "a.toml:12: [source.s] limit.on_limit: \"later\" is not \"reject\" or \"queue\"",
         ];
