@@ -174,6 +174,16 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             UpstreamError::Unreachable { .. }
             | UpstreamError::BadResponse { .. }
             | UpstreamError::Tls { .. } => (StatusCode::BAD_GATEWAY, json!({ "message": message })),
+            UpstreamError::Busy { .. } => {
+                let mut response = json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({ "message": message }),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
         },
     };
     json_response(status, &body)

@@ -46,6 +46,14 @@ pub enum UpstreamError {
     BadResponse { upstream: String, reason: String },
     #[error("TLS setup for upstream {upstream:?} failed: {reason}")]
     Tls { upstream: String, reason: String },
+    /// `max_in_flight` calls were already under way and none finished in time.
+    #[error(
+        "upstream {upstream:?} already has {max_in_flight} calls under way ([upstream.{upstream}] max_in_flight); retry in a second"
+    )]
+    Busy {
+        upstream: String,
+        max_in_flight: usize,
+    },
 }
 
 /// GitLab's answer, read whole.
@@ -66,6 +74,9 @@ pub struct Upstream {
     base: String,
     timeout: Duration,
     client: HttpsClient,
+    /// Calls in flight, at most `max_in_flight` (`[upstream.NAME]`).
+    in_flight: Arc<tokio::sync::Semaphore>,
+    max_in_flight: usize,
 }
 
 /// Every configured upstream, by name.
@@ -148,7 +159,29 @@ impl Upstream {
             base: config.url.to_string().trim_end_matches('/').to_owned(),
             timeout: config.timeout,
             client,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
+            max_in_flight: config.max_in_flight,
         })
+    }
+
+    /// [`Upstream::send`] for a caller who waits for the answer (the gateway): when the
+    /// upstream already has `max_in_flight` calls under way for longer than `wait`, the
+    /// call is refused instead of piling up.
+    pub async fn send_within(
+        &self,
+        call: &UpstreamCall,
+        wait: Duration,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let permit = tokio::time::timeout(wait, self.in_flight.acquire())
+            .await
+            .map_err(|_| UpstreamError::Busy {
+                upstream: self.name.clone(),
+                max_in_flight: self.max_in_flight,
+            })?
+            .expect("the in-flight semaphore is never closed");
+        let answer = self.exchange(call).await;
+        drop(permit);
+        answer
     }
 
     /// The base URL, for messages.
@@ -156,8 +189,18 @@ impl Upstream {
         &self.base
     }
 
-    /// Sends one call and reads GitLab's whole answer within the upstream's timeout.
+    /// Sends one call and reads GitLab's whole answer within the upstream's timeout; waits
+    /// its turn while the upstream has `max_in_flight` calls under way.
     pub async fn send(&self, call: &UpstreamCall) -> Result<UpstreamResponse, UpstreamError> {
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("the in-flight semaphore is never closed");
+        self.exchange(call).await
+    }
+
+    async fn exchange(&self, call: &UpstreamCall) -> Result<UpstreamResponse, UpstreamError> {
         let mut request = Request::post(format!("{}{}", self.base, call.path_and_query))
             .header(
                 header::USER_AGENT,

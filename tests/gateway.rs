@@ -846,3 +846,54 @@ async fn plain_calls_are_small_and_json_bodies_are_objects() {
     assert_eq!(post(&url, &json, zeros).await.status, 400);
     assert!(upstream.received().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_to_an_upstream_are_capped_and_the_overflow_is_told_to_retry() {
+    let upstream = RecordingUpstream::start().await;
+    *upstream.default_delay.lock().unwrap() = Duration::from_millis(1500);
+    let config = format!(
+        "[upstream.gitlab]\nurl = \"{}\"\ntimeout = \"5s\"\nmax_in_flight = 2\n[gateway]\nupstream = \"gitlab\"\n",
+        upstream.url()
+    );
+    let relay = Relay::start(&config).await;
+    let url =
+        relay.url("/api/v4/projects/9/trigger/pipeline?token=glptt-0123456789abcdef0123&ref=main");
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post(&url, &[], "").await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for call in calls {
+        let reply = call.await.unwrap();
+        if reply.status == 503 {
+            assert_eq!(reply.headers["retry-after"], "1");
+            assert!(reply.text().contains("max_in_flight"), "{}", reply.text());
+        }
+        statuses.push(reply.status);
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [201, 201, 201, 201, 503],
+        "two at a time; the fifth waited 2 s too long"
+    );
+    // Never more than two at once: the first two arrived together, the next two only
+    // after those were answered.
+    let arrivals: Vec<_> = upstream
+        .received_at()
+        .iter()
+        .map(|t| t.duration_since(started))
+        .collect();
+    assert_eq!(arrivals.len(), 4);
+    assert!(
+        arrivals
+            .iter()
+            .filter(|a| **a < Duration::from_millis(1000))
+            .count()
+            == 2,
+        "{arrivals:?}"
+    );
+}

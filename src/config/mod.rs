@@ -97,7 +97,12 @@ pub struct UpstreamConfig {
     pub per_project: crate::limits::Limit,
     /// Default `coalesce` window for rules' triggers to this upstream.
     pub coalesce: Option<Duration>,
+    /// Calls in flight to this upstream at most (gateway calls and triggers together).
+    pub max_in_flight: usize,
 }
+
+/// Default `[upstream.NAME] max_in_flight`.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 
 /// The default upstream limit: GitLab.com's 25 pipeline creations a minute per project,
 /// queued rather than refused.
@@ -179,6 +184,7 @@ struct RawUpstream {
     timeout: Option<Spanned<String>>,
     limit: Option<Spanned<RawLimit>>,
     coalesce: Option<Spanned<String>>,
+    max_in_flight: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -913,6 +919,17 @@ fn compile_upstream(
                 None
             }
         });
+    let max_in_flight = match raw.max_in_flight {
+        None => DEFAULT_MAX_IN_FLIGHT,
+        Some(n) if (1..=10_000).contains(n.get_ref()) => *n.get_ref() as usize,
+        Some(n) => {
+            problems.at(
+                Some(n.span()),
+                format!("upstream.{name}.max_in_flight must be between 1 and 10000"),
+            );
+            DEFAULT_MAX_IN_FLIGHT
+        }
+    };
     Some(UpstreamConfig {
         name: name.to_owned(),
         url: url?,
@@ -921,6 +938,7 @@ fn compile_upstream(
         timeout,
         per_project,
         coalesce,
+        max_in_flight,
     })
 }
 

@@ -132,11 +132,17 @@ fn decode_once(raw: &str, what: &str) -> Result<String, GatewayError> {
 
 /// Forwards a trigger and hands GitLab's answer back unchanged: status, body, and the
 /// headers a caller may act on (content type, `Retry-After`, `RateLimit-*`).
+/// How long a gateway call waits for a free slot under `max_in_flight` before it is
+/// refused with `503` (the caller waits for the answer; better a quick "retry" than a pile).
+pub const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn forward(
     upstream: &Upstream,
     trigger: &Trigger,
 ) -> Result<UpstreamResponse, crate::upstream::UpstreamError> {
-    upstream.send(&trigger.upstream_call()).await
+    upstream
+        .send_within(&trigger.upstream_call(), IN_FLIGHT_WAIT)
+        .await
 }
 
 /// GitLab's answer as the gateway hands it back (and logs it).
