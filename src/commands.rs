@@ -59,6 +59,7 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
     let _ = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
+            .fmt_fields(escaped_fields())
             .try_init(),
         LogFormat::Json => builder
             .json()
@@ -67,6 +68,22 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
             .try_init(),
     };
     guard
+}
+
+/// Text log fields as the default formatter writes them (`name=value`, the message
+/// first), with control characters that came from payloads shown as escapes: a log line
+/// must never drive the terminal that shows it.
+fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
+    use std::fmt::Write;
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let mut out = crate::terminal::Escaping(writer);
+        match field.name() {
+            "message" => write!(out, "{value:?}"),
+            name => write!(out, "{name}={value:?}"),
+        }
+    })
+    .delimited(" ")
 }
 
 /// `hookrelay check`: validates the configuration; every problem as `file:line: message`.
@@ -293,7 +310,7 @@ pub fn deliveries(state: &Path, failed_only: bool, limit: usize, json: bool) -> 
             (Some(state), None, None) => state.to_owned(),
             (None, _, _) => "no trigger".to_owned(),
         };
-        println!(
+        let line = format!(
             "{:<20} {:<10} {:<24} {:>6} {:<20} {:<22} {:<20} {:<9} {:>3}  {}",
             time,
             cut(&row.source, 10),
@@ -306,6 +323,8 @@ pub fn deliveries(state: &Path, failed_only: bool, limit: usize, json: bool) -> 
             row.attempts,
             detail
         );
+        // Delivery ids and GitLab's messages are shown, never obeyed by the terminal.
+        println!("{}", crate::terminal::escape_controls(&line));
     }
     ExitCode::SUCCESS
 }

@@ -238,7 +238,8 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
             let _ = writeln!(out, "\nno event: {note}");
         }
     }
-    Ok(out)
+    // Payload text is shown, never obeyed by the terminal.
+    Ok(crate::terminal::escape_controls(&out).into_owned())
 }
 
 /// Each rule of the event's source, matched or the first reason not, then the calls.

@@ -35,5 +35,6 @@ pub mod secret;
 pub mod server;
 pub mod sources;
 pub mod store;
+pub mod terminal;
 pub mod trigger;
 pub mod upstream;

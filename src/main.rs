@@ -156,7 +156,10 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(message) => {
-                    eprintln!("hookrelay explain: {message}");
+                    eprintln!(
+                        "hookrelay explain: {}",
+                        hookrelay::terminal::escape_controls(&message)
+                    );
                     ExitCode::FAILURE
                 }
             }

@@ -869,3 +869,68 @@ async fn json_logs_carry_delivery_source_rule_and_project() {
         "no token in the logs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_escape_codes_from_payloads_are_shown_never_obeyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut payload: serde_json::Value =
+        serde_json::from_slice(&fixture("github/push_tag.json")).unwrap();
+    payload["repository"]["full_name"] = "Codertocat/\u{1b}[31mRED\u{1b}]0;pwned\u{7}".into();
+    let body = serde_json::to_vec(&payload).unwrap();
+    let file = dir.path().join("hostile.json");
+    std::fs::write(&file, &body).unwrap();
+    write(dir.path(), "rules.toml", RULES);
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        dir.path().to_str().unwrap(),
+        "--source",
+        "github",
+        "--event",
+        "push",
+        file.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text}"
+    );
+    assert!(text.contains("Codertocat/\\u{1b}[31mRED"), "{text}");
+
+    // The running relay's text log and `deliveries` show it escaped too.
+    let upstream = RecordingUpstream::start().await;
+    let state_dir = tempfile::tempdir().unwrap();
+    durable_config(state_dir.path(), &upstream.url());
+    let mut served = serve_in(state_dir.path());
+    let address = served.address();
+    let signature = format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            b"s3cret-for-the-tests",
+            &body
+        )
+    );
+    let reply = post(
+        &format!("http://{address}/hooks/github"),
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "hostile-1"),
+            ("X-Hub-Signature-256", signature.as_str()),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let line = served.wait_for("webhook event");
+    assert!(!line.contains('\u{1b}'), "{line}");
+    assert!(line.contains("\\u{1b}[31mRED"), "{line}");
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0));
+    assert!(lines.iter().all(|l| !l.contains('\u{1b}')));
+}
