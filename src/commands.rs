@@ -167,6 +167,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     if let Some(listen) = options.listen {
         config.server.listen = listen;
     }
+    raise_open_file_limit();
     let holder = format!(
         "pid {}, started {}, configured to listen on {}",
         std::process::id(),
@@ -230,6 +231,35 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     outbox.flush().await;
     served.context("serving")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft open-file limit to the hard one, and says what it is: every connection,
+/// the store and each upstream call takes a descriptor.
+fn raise_open_file_limit() {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft);
+    match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+        (Ok(before), Ok(now)) => {
+            let connections = crate::connections::default_max_connections(now);
+            if now < 4096 {
+                tracing::warn!(
+                    open_file_limit = now,
+                    raised_from = before,
+                    default_max_connections = connections,
+                    "the open-file limit is low; raise the hard limit (ulimit -Hn, LimitNOFILE=) for more connections"
+                );
+            } else {
+                tracing::info!(
+                    open_file_limit = now,
+                    raised_from = before,
+                    default_max_connections = connections,
+                    "open-file limit"
+                );
+            }
+        }
+        (_, Err(err)) | (Err(err), _) => {
+            tracing::warn!(error = %err, "the open-file limit could not be read or raised")
+        }
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.

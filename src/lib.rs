@@ -19,6 +19,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod event;
 pub mod explain;

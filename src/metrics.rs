@@ -71,6 +71,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     signature_failures: Family<SourceLabels, Counter>,
+    connections_shed: Counter,
     rule_matches: Family<RuleLabels, Counter>,
     triggers: Family<OutcomeLabels, Counter>,
     upstream_responses: Family<UpstreamLabels, Counter>,
@@ -99,6 +100,12 @@ impl Metrics {
             "signature_failures",
             "Webhooks refused for a missing or wrong signature or token, by source",
             signature_failures.clone(),
+        );
+        let connections_shed = Counter::default();
+        registry.register(
+            "connections_shed",
+            "Connections closed at [server] max_connections to make room (idle ones first)",
+            connections_shed.clone(),
         );
         let rule_matches = Family::<RuleLabels, Counter>::default();
         registry.register(
@@ -140,6 +147,7 @@ impl Metrics {
             registry,
             requests,
             signature_failures,
+            connections_shed,
             rule_matches,
             triggers,
             upstream_responses,
@@ -156,6 +164,10 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+
+    pub fn connection_shed(&self) {
+        self.connections_shed.inc();
     }
 
     pub fn signature_failure(&self, source: &str) {

@@ -70,6 +70,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Bytes of request bodies in memory across all requests (`[server] body_memory`).
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// Open connections at most (`[server] max_connections`, or derived at start).
+    pub max_connections: usize,
 }
 
 impl App {
@@ -89,7 +91,13 @@ impl App {
         // Room for at least one body of the largest size accepted.
         let gateway_max = config.gateway.as_ref().map_or(0, |g| g.max_body);
         let budget = server.body_memory.max(server.max_body).max(gateway_max);
+        let max_connections = server.max_connections.unwrap_or_else(|| {
+            crate::connections::default_max_connections(
+                rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft),
+            )
+        });
         Ok(Arc::new(App {
+            max_connections,
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
             runtime: ArcSwap::from_pointee(Runtime::new(config)?),
             config_path: path,
@@ -143,6 +151,8 @@ pub async fn run(
         .header_read_timeout(app.server.read_timeout)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
+    let connections = crate::connections::Connections::new(app.max_connections);
+    let mut refused_logged = Instant::now() - Duration::from_secs(1);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -156,17 +166,44 @@ pub async fn run(
                         continue;
                     }
                 };
+                let guard = match connections.admit() {
+                    (crate::connections::Admission::Serve(guard), shed) => {
+                        if shed > 0 {
+                            app.metrics.connection_shed();
+                        }
+                        guard
+                    }
+                    (crate::connections::Admission::Refuse, _) => {
+                        if refused_logged.elapsed() >= Duration::from_secs(1) {
+                            refused_logged = Instant::now();
+                            tracing::warn!(max_connections = app.max_connections, "every connection is busy with a request; closing a new one");
+                        }
+                        drop(stream);
+                        continue;
+                    }
+                };
                 let app = app.clone();
+                let id = guard.id;
+                let (requested, busy) = (guard.requested.clone(), guard.busy.clone());
                 let service = service_fn(move |request| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(handle(&app, peer, request).await) }
+                    let (requested, busy) = (requested.clone(), busy.clone());
+                    async move {
+                        requested.store(true, Ordering::SeqCst);
+                        busy.store(true, Ordering::SeqCst);
+                        let response = handle(&app, peer, request).await;
+                        busy.store(false, Ordering::SeqCst);
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
+                let task = tokio::spawn(async move {
+                    let _guard = guard;
                     if let Err(err) = connection.await {
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
                 });
+                connections.register(id, task.abort_handle());
             }
             () = &mut shutdown => break,
         }

@@ -441,3 +441,71 @@ async fn forty_parallel_25_mib_bodies_stay_within_the_body_budget() {
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cannot_take_every_descriptor_from_signed_webhooks() {
+    // This test holds 1,100 sockets itself.
+    rlimit::increase_nofile_limit(4096).unwrap();
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    // The relay runs with the usual 1,024 open files, soft and hard.
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "ulimit -n 1024 && exec \"$0\" \"$@\"", BIN])
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-test");
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    let address = served.address();
+    assert!(
+        served
+            .wait_for("open-file limit")
+            .contains("open_file_limit=1024")
+    );
+
+    // Someone opens 1,100 connections and sends nothing.
+    let idle: Vec<std::net::TcpStream> = (0..1100)
+        .map(|_| std::net::TcpStream::connect(&address).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A signed webhook is still answered, promptly, and so is /healthz.
+    let started = Instant::now();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(2),
+        github_tag(&address, "s3cret-for-the-tests"),
+    )
+    .await
+    .expect("a signed webhook is answered within 2 s");
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let health = tokio::time::timeout(
+        Duration::from_secs(2),
+        send("GET", &format!("http://{address}/healthz"), &[], ""),
+    )
+    .await
+    .expect("/healthz answers within 2 s");
+    assert_eq!(health.status, 200);
+    let metrics = send("GET", &format!("http://{address}/metrics"), &[], "").await;
+    let shed: f64 = metrics
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("hookrelay_connections_shed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        shed >= 100.0,
+        "{shed} idle connections shed:\n{}",
+        metrics.text()
+    );
+    eprintln!(
+        "answered in {:?} with 1,100 idle sockets open; {shed} shed",
+        started.elapsed()
+    );
+    drop(idle);
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0));
+    assert!(
+        !lines.iter().any(|l| l.contains("Too many open files")),
+        "{}",
+        lines.join("\n")
+    );
+}

@@ -61,6 +61,8 @@ pub struct ServerConfig {
     /// Request bodies held in memory at once, across all requests; past it, a request waits
     /// briefly for room, then gets `503` with `Retry-After`.
     pub body_memory: usize,
+    /// Open connections at most; `None`: derived from the open-file limit at start.
+    pub max_connections: Option<usize>,
     /// Time allowed to receive a request's headers and body.
     pub read_timeout: Duration,
     /// Time allowed for in-flight requests to finish after a shutdown signal.
@@ -75,6 +77,7 @@ impl Default for ServerConfig {
                 .expect("the default listen address is valid"),
             max_body: DEFAULT_MAX_BODY,
             body_memory: DEFAULT_BODY_MEMORY,
+            max_connections: None,
             read_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -171,6 +174,7 @@ struct RawServer {
     listen: Option<Spanned<String>>,
     max_body: Option<Spanned<String>>,
     body_memory: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
     read_timeout: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
 }
@@ -433,6 +437,17 @@ impl Builder {
             body_memory: typed(raw.body_memory, defaults.body_memory, problems, |text| {
                 parse_size(text).map_err(|err| format!("body_memory: {err}"))
             }),
+            max_connections: match raw.max_connections {
+                None => None,
+                Some(n) if *n.get_ref() >= 1 => Some(*n.get_ref() as usize),
+                Some(n) => {
+                    problems.at(
+                        Some(n.span()),
+                        "max_connections must be at least 1".to_owned(),
+                    );
+                    None
+                }
+            },
             read_timeout: typed(raw.read_timeout, defaults.read_timeout, problems, |text| {
                 parse_duration(text).map_err(|err| format!("read_timeout: {err}"))
             }),
