@@ -135,16 +135,7 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             (StatusCode::PAYLOAD_TOO_LARGE, json!({ "message": message }))
         }
         ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, json!({ "message": message })),
-        ApiError::BodyMemory => {
-            let mut response = json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({ "message": message }),
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return response;
-        }
+        ApiError::BodyMemory => return retry_in_a_second(&message),
         ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
         ApiError::ShuttingDown | ApiError::StoreUnwritable(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -174,19 +165,23 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             UpstreamError::Unreachable { .. }
             | UpstreamError::BadResponse { .. }
             | UpstreamError::Tls { .. } => (StatusCode::BAD_GATEWAY, json!({ "message": message })),
-            UpstreamError::Busy { .. } => {
-                let mut response = json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({ "message": message }),
-                );
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return response;
-            }
+            UpstreamError::Busy { .. } => return retry_in_a_second(&message),
         },
     };
     json_response(status, &body)
+}
+
+/// `503` with `Retry-After: 1`: the relay is full for a moment (body memory, calls in
+/// flight); the caller should simply come back.
+fn retry_in_a_second(message: &str) -> Response<Full<Bytes>> {
+    let mut response = json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({ "message": message }),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// A JSON answer with the right content type.
