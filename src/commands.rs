@@ -9,10 +9,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::app::App;
 use crate::config::{self, Config};
 use crate::outbox::forwarder::ForwarderOptions;
 use crate::outbox::{Durability, Outbox, ReplayTarget};
-use crate::server::{self, App};
+use crate::server;
 
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.
 pub const EXIT_CONFIG: u8 = 64;

@@ -18,11 +18,11 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
 
+use crate::app::{App, Runtime};
 use crate::error::{ApiError, json_response};
 use crate::event::Event;
 use crate::git_ref::GitRef;
 use crate::outbox::{Accepted, NewDelivery, NewTrigger};
-use crate::server::{App, Runtime};
 use crate::sources::{self, Outcome, Received, Verification, WebhookRequest};
 
 /// Verifies and reads one webhook for the source named in the URL, runs the rules, and

@@ -2,6 +2,7 @@
 //!
 //! A map of the modules, in the order a request meets them:
 //!
+//! - [`app`]: the shared state every handler stands on (configuration snapshot, outbox).
 //! - [`server`]: accept, route, bound bodies and read times, shut down.
 //! - [`hooks`]: `POST /hooks/{source}`; [`sources`] verify and read each sender's webhooks into
 //!   one normalized [`event::Event`].
@@ -17,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod commands;
 pub mod config;
 pub mod connections;

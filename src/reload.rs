@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::server::App;
+use crate::app::App;
 
 /// What identifies the configuration's state on disk: each file's path, size and mtime.
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;

@@ -11,9 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
+use crate::app::App;
 use crate::outbox::{NewDelivery, NewTrigger};
 use crate::rules::{Rule, RuleSet};
-use crate::server::App;
 
 /// Longest sleep, so that rules added by a reload are seen promptly.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
@@ -46,7 +46,7 @@ fn next_occurrence(rules: &RuleSet, after: DateTime<Utc>) -> Option<DateTime<Utc
 
 /// Records a scheduled rule's triggers in the outbox, which sends them. The delivery id is
 /// the rule and the time, so a restart that looks at the same moment again queues nothing.
-async fn fire(app: &App, runtime: &crate::server::Runtime, rule: &Rule, time: DateTime<Utc>) {
+async fn fire(app: &App, runtime: &crate::app::Runtime, rule: &Rule, time: DateTime<Utc>) {
     let timezone = rule
         .spec
         .schedule

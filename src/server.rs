@@ -9,12 +9,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -26,118 +24,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ServerConfig};
+use crate::app::App;
 use crate::error::{ApiError, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
-use crate::metrics::Metrics;
-use crate::outbox::Outbox;
-use crate::upstream::{UpstreamError, Upstreams};
-
-/// One configuration and the clients built from it. A request takes the snapshot current
-/// when it starts and finishes on it, whatever reloads happen meanwhile.
-pub struct Runtime {
-    pub config: Config,
-    pub upstreams: Upstreams,
-    pub limits: crate::limits::Limits,
-}
-
-impl Runtime {
-    pub fn new(config: Config) -> Result<Runtime, UpstreamError> {
-        let upstreams = Upstreams::new(&config.upstreams)?;
-        let limits = crate::limits::Limits::new(&config);
-        Ok(Runtime {
-            config,
-            upstreams,
-            limits,
-        })
-    }
-}
-
-/// Everything a request handler needs, shared by all connections.
-pub struct App {
-    runtime: ArcSwap<Runtime>,
-    /// Where the configuration was read from, for reloads.
-    config_path: Option<PathBuf>,
-    /// `[server]` as the relay started with: listening and limits are not reloaded.
-    pub server: ServerConfig,
-    shutting_down: AtomicBool,
-    /// Counts reloads, so that tasks planning ahead (the scheduler) can wake up.
-    reloads: tokio::sync::watch::Sender<u64>,
-    /// The durable record of deliveries and the queue of triggers.
-    pub outbox: Outbox,
-    /// `--dry-run`: record and log trigger calls, never send them.
-    pub dry_run: bool,
-    pub metrics: Arc<Metrics>,
-    /// Bytes of request bodies in memory across all requests (`[server] body_memory`).
-    body_budget: Arc<tokio::sync::Semaphore>,
-    /// Open connections at most (`[server] max_connections`, or derived at start).
-    pub max_connections: usize,
-}
-
-impl App {
-    pub fn new(config: Config, outbox: Outbox) -> Result<Arc<App>, UpstreamError> {
-        App::with_options(config, outbox, None, false)
-    }
-
-    /// An app that can [`App::reload`] its configuration from `path`, and that records
-    /// instead of sending when `dry_run`.
-    pub fn with_options(
-        config: Config,
-        outbox: Outbox,
-        path: Option<PathBuf>,
-        dry_run: bool,
-    ) -> Result<Arc<App>, UpstreamError> {
-        let server = config.server.clone();
-        // Room for at least one body of the largest size accepted.
-        let gateway_max = config.gateway.as_ref().map_or(0, |g| g.max_body);
-        let budget = server.body_memory.max(server.max_body).max(gateway_max);
-        let max_connections = server.max_connections.unwrap_or_else(|| {
-            crate::connections::default_max_connections(
-                rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft),
-            )
-        });
-        Ok(Arc::new(App {
-            max_connections,
-            body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
-            runtime: ArcSwap::from_pointee(Runtime::new(config)?),
-            config_path: path,
-            server,
-            shutting_down: AtomicBool::new(false),
-            reloads: tokio::sync::watch::Sender::new(0),
-            outbox,
-            dry_run,
-            metrics: Arc::new(Metrics::new()),
-        }))
-    }
-
-    /// The current configuration snapshot.
-    pub fn runtime(&self) -> Arc<Runtime> {
-        self.runtime.load_full()
-    }
-
-    /// Loads the configuration again and swaps it in whole; on any problem the running
-    /// configuration stays and every problem is returned.
-    pub fn reload(&self) -> Result<Arc<Runtime>, String> {
-        let path = self
-            .config_path
-            .as_ref()
-            .ok_or("this relay was not started from a configuration path")?;
-        let config = crate::config::load(path).map_err(|problems| problems.to_string())?;
-        let runtime = Arc::new(Runtime::new(config).map_err(|err| err.to_string())?);
-        self.runtime.store(runtime.clone());
-        self.reloads.send_modify(|count| *count += 1);
-        Ok(runtime)
-    }
-
-    /// Changes each time a reload swaps in a new configuration.
-    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.reloads.subscribe()
-    }
-
-    pub fn config_path(&self) -> Option<&Path> {
-        self.config_path.as_deref()
-    }
-}
 
 /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
 /// for at most `[server] shutdown_timeout`, and returns.

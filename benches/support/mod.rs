@@ -121,7 +121,7 @@ pub async fn start_relay(
 ) -> RunningRelay {
     let config = hookrelay::config::load(dir.path()).unwrap();
     let outbox = hookrelay::outbox::Outbox::open(&dir.path().join("state"), durability).unwrap();
-    let app = hookrelay::server::App::new(config, outbox).unwrap();
+    let app = hookrelay::app::App::new(config, outbox).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -18,10 +18,10 @@ use tokio::task::JoinSet;
 use super::outage::{Outages, means_down};
 use super::retry::{RetryPolicy, Verdict, classify};
 use super::{DueTrigger, Outbox, Recorded, now_ms};
+use crate::app::App;
 use crate::git_ref::GitRef;
 use crate::metrics::TriggerOutcome;
 use crate::secret::{Secret, SecretRef};
-use crate::server::App;
 use crate::store::Lease;
 use crate::trigger::{ProjectId, Trigger};
 
@@ -349,7 +349,7 @@ fn pause_key(due: &DueTrigger) -> String {
 /// Whether a trigger must wait: its project is paused after a `429`, or a queueing limit
 /// (the upstream's per project, the source's) has no room yet. How long, and why.
 fn held_back(
-    runtime: &crate::server::Runtime,
+    runtime: &crate::app::Runtime,
     due: &DueTrigger,
     paused: &Paused,
 ) -> Option<(Duration, String)> {
@@ -425,7 +425,7 @@ fn retry_or_fail(
 }
 
 /// The trigger as stored, made sendable again: the token is resolved now, never stored.
-fn build(runtime: &crate::server::Runtime, due: &DueTrigger) -> Result<Trigger, String> {
+fn build(runtime: &crate::app::Runtime, due: &DueTrigger) -> Result<Trigger, String> {
     let token = match runtime.config.rules.token(&due.token_ref) {
         Some(token) => token,
         None => SecretRef::parse(&due.token_ref)

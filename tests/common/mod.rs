@@ -201,7 +201,7 @@ impl Drop for RecordingUpstream {
 pub struct Relay {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
-    pub app: std::sync::Arc<hookrelay::server::App>,
+    pub app: std::sync::Arc<hookrelay::app::App>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
     forwarder_stop: tokio::sync::watch::Sender<bool>,
@@ -260,7 +260,7 @@ impl Relay {
         )
         .unwrap();
         let app =
-            hookrelay::server::App::with_options(config, outbox.clone(), None, forwarding.dry_run)
+            hookrelay::app::App::with_options(config, outbox.clone(), None, forwarding.dry_run)
                 .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
