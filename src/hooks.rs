@@ -27,7 +27,9 @@ use crate::sources::{self, Outcome, Received, Verification, WebhookRequest};
 
 /// Verifies and reads one webhook for the source named in the URL, runs the rules, and
 /// records the delivery with its triggers; answers once they are on disk. `?ref=` in the
-/// URL overrides the target ref of every trigger.
+/// URL overrides the target ref of every trigger. The stages, in the order of the data
+/// flow: [`verify`] → [`plan`] → [`build`] → [`check_upstream_limits`] → [`record`] →
+/// [`answer`].
 pub async fn handle(
     app: &App,
     runtime: &Runtime,
@@ -40,27 +42,56 @@ pub async fn handle(
         .sources
         .get(source_name)
         .ok_or_else(|| ApiError::UnknownSource(source_name.to_owned()))?;
-    let url_ref = url_ref(parts.uri.query())?;
     let request = WebhookRequest {
         headers: &parts.headers,
         body,
     };
-    let received = match sources::receive(
-        source,
-        &request,
-        Verification::Check {
-            now: SystemTime::now(),
-        },
-    ) {
-        Ok(received) => received,
-        Err(err) => {
-            tracing::warn!(source = %source.name, provider = %source.provider, error = %err, "webhook refused");
-            if matches!(err, sources::SourceError::Signature(_)) {
-                app.metrics.signature_failure(&source.name);
-            }
-            return Err(err.into());
-        }
+    let (received, url_ref) = verify(app, runtime, source, parts, &request)?;
+    let planned = plan(app, runtime, source, &received, url_ref.as_ref());
+    let mut reply = reply(&source.name, &received);
+    let built = build(runtime, source, &received, planned);
+    if !built.errors.is_empty() {
+        reply["errors"] = Value::Array(built.errors);
+    }
+    check_upstream_limits(runtime, &built.triggers)?;
+    let delivery = NewDelivery {
+        source: source.name.clone(),
+        delivery_id: received.delivery.clone(),
+        event_type: received.event_type.clone(),
+        headers: stored_headers(&parts.headers, source),
+        body: crate::store::StoredBody::encode(sources::storable_body(source, &request)),
+        summary: reply.to_string(),
+        triggers: built.triggers,
     };
+    let accepted = record(app, delivery).await?;
+    Ok(answer(
+        app,
+        source,
+        &received,
+        reply,
+        built.queued,
+        accepted,
+    ))
+}
+
+/// Checks the signature, the URL's `?ref=` and the source's rejecting limit; reads the
+/// webhook into its events.
+fn verify(
+    app: &App,
+    runtime: &Runtime,
+    source: &sources::SourceConfig,
+    parts: &http::request::Parts,
+    request: &WebhookRequest<'_>,
+) -> Result<(Received, Option<GitRef>), ApiError> {
+    let url_ref = url_ref(parts.uri.query())?;
+    let now = SystemTime::now();
+    let received = sources::receive(source, request, Verification::Check { now }).map_err(|err| {
+        tracing::warn!(source = %source.name, provider = %source.provider, error = %err, "webhook refused");
+        if matches!(err, sources::SourceError::Signature(_)) {
+            app.metrics.signature_failure(&source.name);
+        }
+        ApiError::from(err)
+    })?;
     if let Some(git_ref) = &url_ref {
         source.allows_url_ref(git_ref).map_err(|reason| {
             tracing::warn!(source = %source.name, delivery = %received.delivery, %reason, "webhook URL ref refused");
@@ -77,11 +108,22 @@ pub async fn handle(
             wait,
         });
     }
+    Ok((received, url_ref))
+}
+
+/// Runs the rules over each event; logs one line per event (or why there is none).
+fn plan(
+    app: &App,
+    runtime: &Runtime,
+    source: &sources::SourceConfig,
+    received: &Received,
+    url_ref: Option<&GitRef>,
+) -> Vec<crate::rules::Planned> {
     let mut planned = Vec::new();
     match &received.outcome {
         Outcome::Events(events) => {
             for event in events {
-                let triggers = runtime.config.rules.plan(event, url_ref.as_ref());
+                let triggers = runtime.config.rules.plan(event, url_ref);
                 let mut counted: Vec<&str> = Vec::new();
                 for planned in &triggers {
                     if !counted.contains(&planned.rule.as_str()) {
@@ -113,14 +155,32 @@ pub async fn handle(
             "webhook skipped"
         ),
     }
-    let mut reply = reply(&source.name, &received);
-    let mut queued = Vec::new();
-    let mut new_triggers = Vec::new();
-    let mut errors = Vec::new();
+    planned
+}
+
+/// The planned triggers made ready to store, with their entries for the answer and the
+/// rules whose templates failed.
+struct Built {
+    triggers: Vec<NewTrigger>,
+    queued: Vec<Value>,
+    errors: Vec<Value>,
+}
+
+fn build(
+    runtime: &Runtime,
+    source: &sources::SourceConfig,
+    received: &Received,
+    planned: Vec<crate::rules::Planned>,
+) -> Built {
+    let mut built = Built {
+        triggers: Vec::new(),
+        queued: Vec::new(),
+        errors: Vec::new(),
+    };
     for plan in planned {
         match plan.trigger {
             Ok(trigger) => {
-                queued.push(json!({
+                built.queued.push(json!({
                     "rule": plan.rule,
                     "upstream": trigger.upstream,
                     "project": trigger.project.to_string(),
@@ -134,7 +194,7 @@ pub async fn handle(
                         .get(&trigger.upstream)
                         .and_then(|u| u.coalesce)
                 });
-                new_triggers.push(NewTrigger::queued(
+                built.triggers.push(NewTrigger::queued(
                     plan.rule,
                     &trigger,
                     &plan.token_ref,
@@ -143,15 +203,18 @@ pub async fn handle(
             }
             Err(error) => {
                 tracing::warn!(source = %source.name, delivery = %received.delivery, rule = %plan.rule, %error, "trigger not built");
-                errors.push(json!({ "rule": plan.rule, "error": error }));
+                built
+                    .errors
+                    .push(json!({ "rule": plan.rule, "error": error }));
             }
         }
     }
-    if !errors.is_empty() {
-        reply["errors"] = Value::Array(errors);
-    }
-    // An upstream limit that rejects refuses the webhook while its project has no room.
-    for trigger in &new_triggers {
+    built
+}
+
+/// An upstream limit that rejects refuses the webhook while a project has no room.
+fn check_upstream_limits(runtime: &Runtime, triggers: &[NewTrigger]) -> Result<(), ApiError> {
+    for trigger in triggers {
         let limiter = runtime.limits.upstream_project(&trigger.upstream);
         if let Some(limiter) =
             limiter.filter(|l| l.limit.on_limit == crate::limits::OnLimit::Reject)
@@ -163,65 +226,69 @@ pub async fn handle(
             });
         }
     }
-    let accepted = app
-        .outbox
-        .accept(NewDelivery {
-            source: source.name.clone(),
-            delivery_id: received.delivery.clone(),
-            event_type: received.event_type.clone(),
-            headers: stored_headers(&parts.headers, source),
-            body: crate::store::StoredBody::encode(sources::storable_body(source, &request)),
-            summary: reply.to_string(),
-            triggers: new_triggers,
-        })
-        .await
-        .map_err(ApiError::Store)?;
-    match accepted {
+    Ok(())
+}
+
+/// Commits the delivery and its triggers; returns once they are on disk.
+async fn record(app: &App, delivery: NewDelivery) -> Result<Accepted, ApiError> {
+    app.outbox.accept(delivery).await.map_err(ApiError::Store)
+}
+
+/// The answer once the delivery is on disk: `202` naming each queued trigger, `200` for a
+/// duplicate or when nothing was queued; one log line per queued trigger.
+fn answer(
+    app: &App,
+    source: &sources::SourceConfig,
+    received: &Received,
+    mut reply: Value,
+    mut queued: Vec<Value>,
+    accepted: Accepted,
+) -> Response<Full<Bytes>> {
+    let (trigger_ids, coalesced) = match accepted {
         Accepted::Duplicate { .. } => {
             tracing::info!(source = %source.name, delivery = %received.delivery, "duplicate delivery acknowledged; nothing queued");
             reply["duplicate"] = Value::Bool(true);
             reply["triggers"] = json!([]);
-            Ok(json_response(StatusCode::OK, &reply))
+            return json_response(StatusCode::OK, &reply);
         }
         Accepted::Queued {
             trigger_ids,
             coalesced,
             ..
-        } => {
-            app.metrics.triggers(
-                crate::metrics::TriggerOutcome::Queued,
-                trigger_ids.len() as u64,
-            );
-            for ((entry, id), into) in queued.iter_mut().zip(&trigger_ids).zip(&coalesced) {
-                tracing::info!(
-                    delivery = %received.delivery,
-                    source = %source.name,
-                    rule = entry["rule"].as_str().unwrap_or_default(),
-                    project = entry["project"].as_str().unwrap_or_default(),
-                    git_ref = entry["ref"].as_str().unwrap_or_default(),
-                    trigger = id,
-                    coalesced_into = into.map(|i| i.to_string()).as_deref().unwrap_or("-"),
-                    "trigger queued"
-                );
-                entry["id"] = json!(id);
-                if let Some(into) = into {
-                    entry["coalesced_into"] = json!(into);
-                }
-            }
-            let merged = coalesced.iter().filter(|c| c.is_some()).count() as u64;
-            if merged > 0 {
-                app.metrics
-                    .triggers(crate::metrics::TriggerOutcome::Coalesced, merged);
-            }
-            let status = if queued.is_empty() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
-            reply["triggers"] = Value::Array(queued);
-            Ok(json_response(status, &reply))
+        } => (trigger_ids, coalesced),
+    };
+    app.metrics.triggers(
+        crate::metrics::TriggerOutcome::Queued,
+        trigger_ids.len() as u64,
+    );
+    for ((entry, id), into) in queued.iter_mut().zip(&trigger_ids).zip(&coalesced) {
+        tracing::info!(
+            delivery = %received.delivery,
+            source = %source.name,
+            rule = entry["rule"].as_str().unwrap_or_default(),
+            project = entry["project"].as_str().unwrap_or_default(),
+            git_ref = entry["ref"].as_str().unwrap_or_default(),
+            trigger = id,
+            coalesced_into = into.map(|i| i.to_string()).as_deref().unwrap_or("-"),
+            "trigger queued"
+        );
+        entry["id"] = json!(id);
+        if let Some(into) = into {
+            entry["coalesced_into"] = json!(into);
         }
     }
+    let merged = coalesced.iter().filter(|c| c.is_some()).count() as u64;
+    if merged > 0 {
+        app.metrics
+            .triggers(crate::metrics::TriggerOutcome::Coalesced, merged);
+    }
+    let status = if queued.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    reply["triggers"] = Value::Array(queued);
+    json_response(status, &reply)
 }
 
 /// Header names that may carry a secret: never stored.
