@@ -12,6 +12,7 @@
 //! This module never logs and never sees a token: triggers carry token references only.
 
 pub mod lock;
+pub mod postgres;
 pub mod private;
 #[cfg(test)]
 pub mod semantics;

@@ -1,0 +1,704 @@
+//! The shared engine: PostgreSQL, for several relays on one database (issue 11 builds the
+//! rest — configuration, cluster-wide limits, the database's clock — on this).
+//!
+//! The same queue shape as SQLite: `hr_keys` holds one row per upstream+project+ref with
+//! its head and when it is due (NULL while leased); a claim locks due keys with
+//! `FOR UPDATE SKIP LOCKED`, so relays never hand out the same key twice, and reads no
+//! trigger waiting behind a head. Every statement is prepared once per connection. A lost
+//! connection is a transient error: the writer keeps outcomes and tries again, and the
+//! engine reconnects at the next transaction.
+
+use std::collections::HashMap;
+
+use postgres::{Client, NoTls, Statement};
+
+use super::{
+    Accepted, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease, NewDelivery,
+    Recorded, ReplayTarget, StoredBody, StoredWebhook,
+};
+
+/// Each entry upgrades the schema by one version; run under an advisory lock, so relays
+/// starting together migrate once.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE hr_deliveries (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source text NOT NULL,
+    delivery_id text NOT NULL,
+    received_at bigint NOT NULL,
+    event_type text NOT NULL,
+    headers text NOT NULL,
+    body bytea NOT NULL,
+    body_encoding text,
+    summary text NOT NULL,
+    UNIQUE (source, delivery_id)
+);
+CREATE INDEX hr_deliveries_received ON hr_deliveries (received_at);
+CREATE INDEX hr_deliveries_delivery_id ON hr_deliveries (delivery_id);
+CREATE TABLE hr_triggers (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery bigint NOT NULL REFERENCES hr_deliveries (id) ON DELETE CASCADE,
+    rule text NOT NULL,
+    upstream text NOT NULL,
+    project text NOT NULL,
+    git_ref text NOT NULL,
+    token_ref text NOT NULL,
+    variables text NOT NULL,
+    inputs text NOT NULL,
+    order_key text NOT NULL,
+    state text NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    created_at bigint NOT NULL,
+    due_at bigint NOT NULL,
+    updated_at bigint NOT NULL,
+    last_status integer,
+    last_error text,
+    pipeline_id bigint,
+    pipeline_url text,
+    replay_of bigint,
+    coalesce_key text,
+    coalesced_into bigint,
+    lease bigint
+);
+CREATE INDEX hr_triggers_open ON hr_triggers (order_key, id) WHERE state IN ('queued', 'sending');
+CREATE INDEX hr_triggers_delivery ON hr_triggers (delivery);
+CREATE INDEX hr_triggers_coalesce ON hr_triggers (coalesce_key) WHERE coalesce_key IS NOT NULL;
+CREATE TABLE hr_keys (
+    order_key text PRIMARY KEY,
+    head bigint NOT NULL,
+    due_at bigint
+);
+CREATE INDEX hr_keys_due ON hr_keys (due_at) WHERE due_at IS NOT NULL;
+CREATE TABLE hr_stats (
+    id integer PRIMARY KEY CHECK (id = 1),
+    open bigint NOT NULL,
+    probed_at bigint
+);
+INSERT INTO hr_stats (id, open) VALUES (1, 0);
+"#];
+
+/// The PostgreSQL engine over one connection.
+pub struct PostgresEngine {
+    url: String,
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// A PostgreSQL error as the outbox sees it: transient when the connection or the server
+/// is the problem (gone, shutting down, out of disk, a deadlock or serialization retry).
+fn error(err: postgres::Error) -> EngineError {
+    let transient = err.is_closed()
+        || err.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01"
+        })
+        || err.as_db_error().is_none();
+    EngineError {
+        message: err.to_string(),
+        transient,
+        refused: false,
+    }
+}
+
+/// The URL without its password, for messages.
+fn without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:…{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl PostgresEngine {
+    /// Connects and migrates (once, whichever relay gets the advisory lock first).
+    pub fn open(url: &str) -> Result<PostgresEngine, EngineError> {
+        let mut client = Client::connect(url, NoTls).map_err(error)?;
+        migrate(&mut client).map_err(error)?;
+        Ok(PostgresEngine {
+            url: url.to_owned(),
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    /// A statement prepared once per connection.
+    fn stmt(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    fn add_open(&mut self, change: i64) -> Result<(), postgres::Error> {
+        if change != 0 {
+            let statement = self.stmt("UPDATE hr_stats SET open = open + $1 WHERE id = 1")?;
+            self.client.execute(&statement, &[&change])?;
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, order_key: &str, id: i64, due_at: i64) -> Result<(), postgres::Error> {
+        let statement = self.stmt(
+            "INSERT INTO hr_keys (order_key, head, due_at) VALUES ($1, $2, $3) ON CONFLICT (order_key) DO NOTHING",
+        )?;
+        self.client
+            .execute(&statement, &[&order_key, &id, &due_at])?;
+        Ok(())
+    }
+
+    fn advance_key(&mut self, order_key: &str) -> Result<(), postgres::Error> {
+        let next = self.stmt(
+            "SELECT id, due_at FROM hr_triggers WHERE order_key = $1 AND state IN ('queued', 'sending')
+             ORDER BY id LIMIT 1",
+        )?;
+        let row = self.client.query_opt(&next, &[&order_key])?;
+        match row {
+            Some(row) => {
+                let (head, due_at): (i64, i64) = (row.get(0), row.get(1));
+                let update =
+                    self.stmt("UPDATE hr_keys SET head = $2, due_at = $3 WHERE order_key = $1")?;
+                self.client
+                    .execute(&update, &[&order_key, &head, &due_at])?;
+            }
+            None => {
+                let delete = self.stmt("DELETE FROM hr_keys WHERE order_key = $1")?;
+                self.client.execute(&delete, &[&order_key])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes an outcome's fields; `guard`: only while leased with that token.
+    fn write_outcome(
+        &mut self,
+        id: i64,
+        guard: Option<i64>,
+        recorded: &Recorded,
+        now: i64,
+    ) -> Result<Option<String>, postgres::Error> {
+        macro_rules! update {
+            ($set:literal, $($value:expr),*) => {{
+                let statement = self.stmt(concat!(
+                    "UPDATE hr_triggers SET ", $set, ", updated_at = $2 WHERE id = $1 ",
+                    "AND ($3::bigint IS NULL OR (state = 'sending' AND lease = $3)) RETURNING order_key"
+                ))?;
+                Ok(self
+                    .client
+                    .query_opt(&statement, &[&id, &now, &guard, $($value),*])?
+                    .map(|row| row.get(0)))
+            }};
+        }
+        let status = |s: Option<u16>| s.map(i32::from);
+        match recorded {
+            Recorded::Sent {
+                status: s,
+                pipeline_id,
+                pipeline_url,
+            } => update!(
+                "state = 'sent', last_status = $4, last_error = NULL, pipeline_id = $5, pipeline_url = $6",
+                &i32::from(*s),
+                pipeline_id,
+                pipeline_url
+            ),
+            Recorded::Retry {
+                due_at,
+                status: s,
+                reason,
+            } => update!(
+                "state = 'queued', due_at = $4, last_status = $5, last_error = $6",
+                due_at,
+                &status(*s),
+                reason
+            ),
+            Recorded::Failed {
+                status: s,
+                reason,
+                pipeline_id,
+                pipeline_url,
+            } => update!(
+                "state = 'failed', last_status = $4, last_error = $5, pipeline_id = $6, pipeline_url = $7",
+                &status(*s),
+                reason,
+                pipeline_id,
+                pipeline_url
+            ),
+            Recorded::DryRun { would_send } => {
+                update!("state = 'dry-run', last_error = $4", would_send)
+            }
+            Recorded::Deferred { due_at, reason } => update!(
+                "state = 'queued', due_at = $4, last_error = $5, attempts = greatest(attempts - 1, 0)",
+                due_at,
+                reason
+            ),
+            Recorded::Released => {
+                update!("state = 'queued', attempts = greatest(attempts - 1, 0)",)
+            }
+        }
+    }
+}
+
+fn migrate(client: &mut Client) -> Result<(), postgres::Error> {
+    let mut tx = client.transaction()?;
+    // One relay migrates; the others wait here, then find nothing left to do.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('hookrelay:migrate'))",
+        &[],
+    )?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS hr_schema (version integer NOT NULL)")?;
+    let version: i64 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0)::bigint FROM hr_schema",
+            &[],
+        )?
+        .get(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO hr_schema (version) VALUES ($1)",
+            &[&(i as i32 + 1)],
+        )?;
+    }
+    tx.commit()
+}
+
+impl Engine for PostgresEngine {
+    fn describe(&self) -> String {
+        without_password(&self.url)
+    }
+
+    fn begin(&mut self, _durable: bool) -> Result<(), EngineError> {
+        // A lost connection comes back at the next transaction.
+        if self.client.is_closed() {
+            self.client = Client::connect(&self.url, NoTls).map_err(error)?;
+            self.statements.clear();
+        }
+        self.client.batch_execute("BEGIN").map_err(error)
+    }
+
+    fn commit(&mut self) -> Result<(), EngineError> {
+        let result = self.client.batch_execute("COMMIT").map_err(error);
+        if result.is_err() {
+            self.rollback();
+        }
+        result
+    }
+
+    fn rollback(&mut self) {
+        let _ = self.client.batch_execute("ROLLBACK");
+    }
+
+    fn savepoint(&mut self) -> Result<(), EngineError> {
+        self.client.batch_execute("SAVEPOINT op").map_err(error)
+    }
+
+    fn release(&mut self, keep: bool) {
+        let sql = if keep {
+            "RELEASE SAVEPOINT op"
+        } else {
+            "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
+        };
+        let _ = self.client.batch_execute(sql);
+    }
+
+    fn insert_delivery(
+        &mut self,
+        delivery: &NewDelivery,
+        now: i64,
+    ) -> Result<Accepted, EngineError> {
+        (|| -> Result<Accepted, postgres::Error> {
+            let headers = serde_json::to_string(&delivery.headers).expect("headers serialize");
+            let insert = self.stmt(
+                "INSERT INTO hr_deliveries (source, delivery_id, received_at, event_type, headers, body, body_encoding, summary)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (source, delivery_id) DO NOTHING RETURNING id",
+            )?;
+            let encoding = delivery.body.encoding;
+            let row = self.client.query_opt(
+                &insert,
+                &[
+                    &delivery.source,
+                    &delivery.delivery_id,
+                    &now,
+                    &delivery.event_type,
+                    &headers,
+                    &&delivery.body.bytes[..],
+                    &encoding,
+                    &delivery.summary,
+                ],
+            )?;
+            let Some(row) = row else {
+                let existing = self
+                    .stmt("SELECT id FROM hr_deliveries WHERE source = $1 AND delivery_id = $2")?;
+                let row = self
+                    .client
+                    .query_one(&existing, &[&delivery.source, &delivery.delivery_id])?;
+                return Ok(Accepted::Duplicate {
+                    delivery_row: row.get(0),
+                });
+            };
+            let delivery_row: i64 = row.get(0);
+            let mut trigger_ids = Vec::with_capacity(delivery.triggers.len());
+            let mut coalesced = Vec::with_capacity(delivery.triggers.len());
+            let mut opened = 0;
+            for trigger in &delivery.triggers {
+                let order_key = trigger.order_key();
+                let coalesce_key = (trigger.coalesce_ms > 0 && trigger.done.is_none()).then(|| {
+                    format!(
+                        "{order_key}\u{1f}{}\u{1f}{}\u{1f}{}",
+                        trigger.token_ref, trigger.variables, trigger.inputs
+                    )
+                });
+                let into: Option<i64> = match &coalesce_key {
+                    None => None,
+                    Some(key) => {
+                        let find = self.stmt(
+                            "SELECT id FROM hr_triggers WHERE coalesce_key = $1 AND state = 'queued' AND due_at > $2
+                             ORDER BY id LIMIT 1",
+                        )?;
+                        self.client.query_opt(&find, &[key, &now])?.map(|r| r.get(0))
+                    }
+                };
+                let (state, due_at) = match (&trigger.done, into) {
+                    (Some(_), _) => ("done", now),
+                    (None, Some(_)) => ("coalesced", now),
+                    (None, None) => ("queued", now + trigger.delay_ms + trigger.coalesce_ms),
+                };
+                let insert = self.stmt(
+                    "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
+                                              order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $11, $13, $14) RETURNING id",
+                )?;
+                let id: i64 = self
+                    .client
+                    .query_one(
+                        &insert,
+                        &[
+                            &delivery_row,
+                            &trigger.rule,
+                            &trigger.upstream,
+                            &trigger.project,
+                            &trigger.git_ref,
+                            &trigger.token_ref,
+                            &trigger.variables,
+                            &trigger.inputs,
+                            &order_key,
+                            &state,
+                            &now,
+                            &due_at,
+                            &coalesce_key,
+                            &into,
+                        ],
+                    )?
+                    .get(0);
+                match &trigger.done {
+                    Some(done) => {
+                        self.write_outcome(id, None, done, now)?;
+                    }
+                    None if into.is_none() => {
+                        self.enqueue(&order_key, id, due_at)?;
+                        opened += 1;
+                    }
+                    None => {}
+                }
+                trigger_ids.push(id);
+                coalesced.push(into);
+            }
+            self.add_open(opened)?;
+            Ok(Accepted::Queued {
+                delivery_row,
+                trigger_ids,
+                coalesced,
+            })
+        })()
+        .map_err(error)
+    }
+
+    fn claim(&mut self, now: i64, limit: usize) -> Result<Claimed, EngineError> {
+        (|| -> Result<Claimed, postgres::Error> {
+            // Keys another relay is claiming right now are skipped, not waited for.
+            let keys = self.stmt(
+                "SELECT order_key, head FROM hr_keys WHERE due_at IS NOT NULL AND due_at <= $1
+                 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            )?;
+            let heads: Vec<(String, i64)> = self
+                .client
+                .query(&keys, &[&now, &(limit as i64)])?
+                .into_iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+            let mut due = Vec::with_capacity(heads.len());
+            for (order_key, head) in heads {
+                let take = self.stmt(
+                    "UPDATE hr_triggers t SET state = 'sending', attempts = attempts + 1, updated_at = $2, lease = $3
+                     FROM hr_deliveries d
+                     WHERE t.id = $1 AND t.state = 'queued' AND d.id = t.delivery
+                     RETURNING t.id, t.delivery, d.delivery_id, d.source, t.rule, t.upstream, t.project, t.git_ref,
+                               t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease",
+                )?;
+                let token = fastrand::i64(1..);
+                let row = self.client.query_opt(&take, &[&head, &now, &token])?;
+                let leased = self.stmt("UPDATE hr_keys SET due_at = NULL WHERE order_key = $1")?;
+                self.client.execute(&leased, &[&order_key])?;
+                let Some(row) = row else {
+                    self.advance_key(&order_key)?;
+                    continue;
+                };
+                let attempts: i32 = row.get(11);
+                due.push(DueTrigger {
+                    id: row.get(0),
+                    lease: Lease {
+                        trigger: row.get(0),
+                        token: row.get(13),
+                    },
+                    delivery_row: row.get(1),
+                    delivery_id: row.get(2),
+                    source: row.get(3),
+                    rule: row.get(4),
+                    upstream: row.get(5),
+                    project: row.get(6),
+                    git_ref: row.get(7),
+                    token_ref: row.get(8),
+                    variables: serde_json::from_str(row.get(9)).unwrap_or_default(),
+                    inputs: serde_json::from_str(row.get(10)).unwrap_or_default(),
+                    attempts: i64::from(attempts) - 1,
+                    created_at: row.get(12),
+                });
+            }
+            let next = self.stmt("SELECT min(due_at) FROM hr_keys WHERE due_at IS NOT NULL")?;
+            let next_due: Option<i64> = self.client.query_one(&next, &[])?.get(0);
+            Ok(Claimed { due, next_due })
+        })()
+        .map_err(error)
+    }
+
+    fn record(&mut self, lease: Lease, recorded: &Recorded, now: i64) -> Result<bool, EngineError> {
+        (|| -> Result<bool, postgres::Error> {
+            let Some(order_key) =
+                self.write_outcome(lease.trigger, Some(lease.token), recorded, now)?
+            else {
+                return Ok(false);
+            };
+            if recorded.finishes() {
+                self.add_open(-1)?;
+                self.advance_key(&order_key)?;
+            } else {
+                let due = self.stmt(
+                    "UPDATE hr_keys SET due_at = (SELECT due_at FROM hr_triggers WHERE id = $2) WHERE order_key = $1",
+                )?;
+                self.client.execute(&due, &[&order_key, &lease.trigger])?;
+            }
+            Ok(true)
+        })()
+        .map_err(error)
+    }
+
+    fn replay(&mut self, target: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError> {
+        let rows = match target {
+            ReplayTarget::Trigger(id) => self
+                .client
+                .query(
+                    "SELECT id, state, token_ref, order_key FROM hr_triggers WHERE id = $1",
+                    &[id],
+                )
+                .map_err(error)?,
+            ReplayTarget::Delivery(delivery) => self
+                .client
+                .query(
+                    "SELECT t.id, t.state, t.token_ref, t.order_key FROM hr_triggers t
+                     JOIN hr_deliveries d ON d.id = t.delivery
+                     WHERE d.delivery_id = $1 AND t.replay_of IS NULL ORDER BY t.id",
+                    &[delivery],
+                )
+                .map_err(error)?,
+        };
+        if rows.is_empty() {
+            return Err(EngineError::refused(format!(
+                "{target} is not in the store"
+            )));
+        }
+        let mut new_ids = Vec::new();
+        for row in rows {
+            let (id, state, token_ref, order_key): (i64, String, String, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            if matches!(state.as_str(), "queued" | "sending" | "coalesced") {
+                return Err(EngineError::refused(format!(
+                    "trigger {id} is still {state}; it will be sent without a replay"
+                )));
+            }
+            if token_ref.starts_with(super::CALLER_TOKEN) {
+                return Err(EngineError::refused(format!(
+                    "trigger {id} was a gateway call: the caller's token is not stored, so it cannot be sent again"
+                )));
+            }
+            let new_id: i64 = self
+                .client
+                .query_one(
+                    "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
+                                              order_key, state, created_at, due_at, updated_at, replay_of)
+                     SELECT delivery, rule, upstream, project, git_ref, token_ref, variables, inputs, order_key,
+                            'queued', $2, $2, $2, $1 FROM hr_triggers WHERE id = $1 RETURNING id",
+                    &[&id, &now],
+                )
+                .map_err(error)?
+                .get(0);
+            self.enqueue(&order_key, new_id, now).map_err(error)?;
+            self.add_open(1).map_err(error)?;
+            new_ids.push(new_id);
+        }
+        Ok(new_ids)
+    }
+
+    fn prune(&mut self, before: i64, batch: usize) -> Result<usize, EngineError> {
+        self.client
+            .execute(
+                "DELETE FROM hr_deliveries WHERE id IN (
+                   SELECT d.id FROM hr_deliveries d WHERE d.received_at < $1 AND NOT EXISTS
+                     (SELECT 1 FROM hr_triggers t WHERE t.delivery = d.id AND t.state IN ('queued', 'sending'))
+                   ORDER BY d.received_at LIMIT $2)",
+                &[&before, &(batch as i64)],
+            )
+            .map(|n| n as usize)
+            .map_err(error)
+    }
+
+    fn probe(&mut self, now: i64) -> Result<(), EngineError> {
+        self.client
+            .execute("UPDATE hr_stats SET probed_at = $1 WHERE id = 1", &[&now])
+            .map(|_| ())
+            .map_err(error)
+    }
+
+    fn recover_leases(&mut self) -> Result<usize, EngineError> {
+        (|| -> Result<usize, postgres::Error> {
+            let mut tx = self.client.transaction()?;
+            let requeued = tx.execute(
+                "UPDATE hr_triggers SET state = 'queued'
+                 WHERE id IN (SELECT head FROM hr_keys WHERE due_at IS NULL) AND state = 'sending'",
+                &[],
+            )?;
+            tx.execute(
+                "UPDATE hr_keys k SET due_at = t.due_at FROM hr_triggers t
+                 WHERE k.due_at IS NULL AND t.id = k.head",
+                &[],
+            )?;
+            tx.commit()?;
+            Ok(requeued as usize)
+        })()
+        .map_err(error)
+    }
+
+    fn depth(&mut self) -> Result<Depth, EngineError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (SELECT open FROM hr_stats WHERE id = 1),
+                        (SELECT min(due_at) FROM hr_keys WHERE due_at IS NOT NULL)",
+                &[],
+            )
+            .map_err(error)?;
+        Ok(Depth {
+            open: row.get::<_, Option<i64>>(0).unwrap_or(0),
+            earliest_due: row.get(1),
+        })
+    }
+
+    fn list(&mut self, failed_only: bool, limit: usize) -> Result<Vec<DeliveryRow>, EngineError> {
+        let filter = if failed_only {
+            "WHERE t.state = 'failed'"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT d.received_at, d.source, d.delivery_id, d.event_type, t.id, t.rule, t.project, t.git_ref, t.state,
+                    t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into
+             FROM hr_deliveries d LEFT JOIN hr_triggers t ON t.delivery = d.id {filter}
+             ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT $1"
+        );
+        let rows = self.client.query(&sql, &[&(limit as i64)]).map_err(error)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| DeliveryRow {
+                received_at: row.get(0),
+                source: row.get(1),
+                delivery_id: row.get(2),
+                event_type: row.get(3),
+                trigger_id: row.get(4),
+                rule: row.get(5),
+                project: row.get(6),
+                git_ref: row.get(7),
+                state: row.get(8),
+                attempts: row.get::<_, Option<i32>>(9).map_or(0, i64::from),
+                last_status: row.get::<_, Option<i32>>(10).map(i64::from),
+                last_error: row.get(11),
+                pipeline_url: row.get(12),
+                replay_of: row.get(13),
+                coalesced_into: row.get(14),
+            })
+            .collect())
+    }
+
+    fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT source, headers, body, body_encoding FROM hr_deliveries WHERE delivery_id = $1
+                 ORDER BY id DESC LIMIT 1",
+                &[&delivery_id],
+            )
+            .map_err(error)?;
+        row.map(|row| {
+            let headers: String = row.get(1);
+            let encoding: Option<String> = row.get(3);
+            Ok(StoredWebhook {
+                source: row.get(0),
+                headers: serde_json::from_str(&headers)
+                    .map_err(|err| EngineError::failed(format!("stored headers: {err}")))?,
+                body: bytes::Bytes::from(
+                    StoredBody::decode(row.get(2), encoding.as_deref())
+                        .map_err(EngineError::failed)?,
+                ),
+            })
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_server;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            super::without_password("postgres://hookrelay:s3cret@db:5432/hr"),
+            "postgres://hookrelay:…@db:5432/hr"
+        );
+        assert_eq!(
+            super::without_password("postgres://db/hr"),
+            "postgres://db/hr"
+        );
+    }
+
+    mod semantics {
+        fn make() -> Option<(
+            super::super::test_server::Database,
+            super::super::PostgresEngine,
+        )> {
+            let database = super::super::test_server::Database::create()?;
+            let engine = super::super::PostgresEngine::open(&database.url).unwrap();
+            Some((database, engine))
+        }
+
+        crate::engine_semantics!(make);
+    }
+}
