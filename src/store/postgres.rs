@@ -19,7 +19,8 @@ use super::{
 
 /// Each entry upgrades the schema by one version; run under an advisory lock, so relays
 /// starting together migrate once.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE hr_deliveries (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     source text NOT NULL,
@@ -74,14 +75,26 @@ CREATE TABLE hr_stats (
     probed_at bigint
 );
 INSERT INTO hr_stats (id, open) VALUES (1, 0);
-"#];
+"#,
+    // Leases that expire: a relay that dies or freezes holding a key gives it up after
+    // `lease`, and its late outcome is fenced out by the claim token.
+    r#"
+ALTER TABLE hr_keys ADD COLUMN lease_until bigint;
+CREATE INDEX hr_keys_leased ON hr_keys (lease_until) WHERE due_at IS NULL;
+"#,
+];
 
 /// The PostgreSQL engine over one connection.
 pub struct PostgresEngine {
     url: String,
     client: Client,
     statements: HashMap<&'static str, Statement>,
+    /// How long a claim holds its key before another relay may take it over.
+    lease_ms: i64,
 }
+
+/// The default lease: twice an upstream call's default timeout (30 s), and ten seconds.
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(70);
 
 /// A PostgreSQL error as the outbox sees it: transient when the connection or the server
 /// is the problem (gone, shutting down, out of disk, a deadlock or serialization retry).
@@ -126,7 +139,14 @@ impl PostgresEngine {
             url: url.to_owned(),
             client,
             statements: HashMap::new(),
+            lease_ms: DEFAULT_LEASE.as_millis() as i64,
         })
+    }
+
+    /// Sets how long a claim holds its key.
+    pub fn with_lease(mut self, lease: std::time::Duration) -> PostgresEngine {
+        self.lease_ms = lease.as_millis() as i64;
+        self
     }
 
     /// A statement prepared once per connection.
@@ -424,10 +444,12 @@ impl Engine for PostgresEngine {
 
     fn claim(&mut self, now: i64, limit: usize) -> Result<Claimed, EngineError> {
         (|| -> Result<Claimed, postgres::Error> {
-            // Keys another relay is claiming right now are skipped, not waited for.
+            // Due keys, and keys whose lease expired (their holder died or froze). Keys
+            // another relay is claiming right now are skipped, not waited for.
             let keys = self.stmt(
-                "SELECT order_key, head FROM hr_keys WHERE due_at IS NOT NULL AND due_at <= $1
-                 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+                "SELECT order_key, head FROM hr_keys
+                 WHERE (due_at IS NOT NULL AND due_at <= $1) OR (due_at IS NULL AND lease_until < $1)
+                 ORDER BY coalesce(due_at, lease_until) LIMIT $2 FOR UPDATE SKIP LOCKED",
             )?;
             let heads: Vec<(String, i64)> = self
                 .client
@@ -440,14 +462,17 @@ impl Engine for PostgresEngine {
                 let take = self.stmt(
                     "UPDATE hr_triggers t SET state = 'sending', attempts = attempts + 1, updated_at = $2, lease = $3
                      FROM hr_deliveries d
-                     WHERE t.id = $1 AND t.state = 'queued' AND d.id = t.delivery
+                     WHERE t.id = $1 AND t.state IN ('queued', 'sending') AND d.id = t.delivery
                      RETURNING t.id, t.delivery, d.delivery_id, d.source, t.rule, t.upstream, t.project, t.git_ref,
                                t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease",
                 )?;
                 let token = fastrand::i64(1..);
                 let row = self.client.query_opt(&take, &[&head, &now, &token])?;
-                let leased = self.stmt("UPDATE hr_keys SET due_at = NULL WHERE order_key = $1")?;
-                self.client.execute(&leased, &[&order_key])?;
+                let leased = self.stmt(
+                    "UPDATE hr_keys SET due_at = NULL, lease_until = $2 WHERE order_key = $1",
+                )?;
+                let until = now + self.lease_ms;
+                self.client.execute(&leased, &[&order_key, &until])?;
                 let Some(row) = row else {
                     self.advance_key(&order_key)?;
                     continue;
@@ -687,6 +712,51 @@ mod tests {
             super::without_password("postgres://db/hr"),
             "postgres://db/hr"
         );
+    }
+
+    /// A relay that dies or freezes holding a key: after the lease another claim takes the
+    /// trigger over, and the first holder's late outcome changes nothing.
+    #[test]
+    fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced_out() {
+        use crate::store::{Engine, Recorded};
+        let Some(database) = super::test_server::Database::create() else {
+            return;
+        };
+        let mut engine = super::PostgresEngine::open(&database.url)
+            .unwrap()
+            .with_lease(std::time::Duration::from_millis(1000));
+        let tx = |engine: &mut super::PostgresEngine| engine.begin(true).unwrap();
+        tx(&mut engine);
+        engine
+            .insert_delivery(
+                &crate::store::semantics::delivery(
+                    "a",
+                    vec![crate::store::semantics::trigger("p")],
+                ),
+                0,
+            )
+            .unwrap();
+        let first = engine.claim(0, 8).unwrap().due.remove(0);
+        engine.commit().unwrap();
+        tx(&mut engine);
+        assert!(engine.claim(999, 8).unwrap().due.is_empty(), "still leased");
+        let second = engine.claim(1001, 8).unwrap().due.remove(0);
+        engine.commit().unwrap();
+        assert_eq!(second.id, first.id);
+        assert_ne!(second.lease, first.lease);
+        let sent = Recorded::Sent {
+            status: 201,
+            pipeline_id: None,
+            pipeline_url: None,
+        };
+        tx(&mut engine);
+        assert!(
+            !engine.record(first.lease, &sent, 1002).unwrap(),
+            "fenced out"
+        );
+        assert!(engine.record(second.lease, &sent, 1003).unwrap());
+        engine.commit().unwrap();
+        assert_eq!(engine.depth().unwrap().open, 0);
     }
 
     mod semantics {
