@@ -5,6 +5,8 @@
 //! attacker's idle sockets go first); failing that, the oldest one that sits idle between
 //! requests; failing that — every connection is busy with a request — the new one is
 //! closed. So a signed webhook is answered even while someone holds sockets open.
+//! A closed connection counts until its socket is really gone, and the accept loop waits
+//! for that, so descriptors never exceed the cap by more than the one just accepted.
 //! The default cap leaves descriptors for the store, reloads and upstream calls.
 
 use std::collections::BTreeMap;
@@ -27,12 +29,16 @@ struct Open {
     busy: Arc<AtomicBool>,
     /// Set once the connection's task is spawned.
     close: Option<tokio::task::AbortHandle>,
+    /// Told to close to make room; still counted until its task has dropped the socket.
+    closing: bool,
 }
 
 /// Every open connection, oldest first.
 pub struct Connections {
     max: usize,
     next: Mutex<(u64, BTreeMap<u64, Open>)>,
+    /// Signalled whenever a connection is gone.
+    freed: tokio::sync::Notify,
 }
 
 /// One connection's handle: mark requests on it; dropping it forgets the connection.
@@ -46,6 +52,7 @@ pub struct ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.table.lock().1.remove(&self.id);
+        self.table.freed.notify_one();
     }
 }
 
@@ -53,6 +60,9 @@ impl Drop for ConnectionGuard {
 pub enum Admission {
     /// Serve it; spawn its task, then hand its abort handle to [`Connections::register`].
     Serve(ConnectionGuard),
+    /// An idle connection is closing to make room: wait ([`Connections::freed`]), then ask
+    /// again.
+    Wait,
     /// Every connection is busy with a request: close this one.
     Refuse,
 }
@@ -62,6 +72,7 @@ impl Connections {
         Arc::new(Connections {
             max: max.max(1),
             next: Mutex::new((0, BTreeMap::new())),
+            freed: tokio::sync::Notify::new(),
         })
     }
 
@@ -75,33 +86,33 @@ impl Connections {
         self.lock().1.len()
     }
 
-    /// Makes room for one more connection, closing an idle one at the cap. Returns how
-    /// many were closed (0 or 1), or `Refuse`.
-    pub fn admit(self: &Arc<Self>) -> (Admission, usize) {
+    /// Makes room for one more connection: at the cap, closes the oldest idle one and says
+    /// to wait until it is gone. Returns whether one was closed for this.
+    pub fn admit(self: &Arc<Self>) -> (Admission, bool) {
         let mut table = self.lock();
-        let mut shed = 0;
         if table.1.len() >= self.max {
-            let closable = |c: &&Open| c.close.is_some();
+            if table.1.values().any(|c| c.closing) {
+                return (Admission::Wait, false);
+            }
+            // Never sent a request first, then idle between requests.
+            let silent = |c: &Open| c.close.is_some() && !c.requested.load(Ordering::SeqCst);
+            let idle = |c: &Open| c.close.is_some() && !c.busy.load(Ordering::SeqCst);
             let victim = table
                 .1
                 .iter()
-                .find(|(_, c)| closable(c) && !c.requested.load(Ordering::SeqCst))
-                .or_else(|| {
-                    table
-                        .1
-                        .iter()
-                        .find(|(_, c)| closable(c) && !c.busy.load(Ordering::SeqCst))
-                })
+                .find(|(_, c)| silent(c))
+                .or_else(|| table.1.iter().find(|(_, c)| idle(c)))
                 .map(|(id, _)| *id);
-            match victim.and_then(|id| table.1.remove(&id)) {
+            return match victim.and_then(|id| table.1.get_mut(&id)) {
                 Some(victim) => {
-                    if let Some(close) = victim.close {
+                    victim.closing = true;
+                    if let Some(close) = &victim.close {
                         close.abort();
                     }
-                    shed = 1;
+                    (Admission::Wait, true)
                 }
-                None => return (Admission::Refuse, 0),
-            }
+                None => (Admission::Refuse, false),
+            };
         }
         table.0 += 1;
         let id = table.0;
@@ -113,6 +124,7 @@ impl Connections {
                 requested: requested.clone(),
                 busy: busy.clone(),
                 close: None,
+                closing: false,
             },
         );
         (
@@ -122,8 +134,13 @@ impl Connections {
                 requested,
                 busy,
             }),
-            shed,
+            false,
         )
+    }
+
+    /// Completes when a connection has gone (or at once if one went since the last call).
+    pub async fn freed(&self) {
+        self.freed.notified().await
     }
 
     /// Records the task serving connection `id`, so it can be closed to make room (a task
@@ -143,30 +160,37 @@ mod tests {
     async fn at_the_cap_the_oldest_silent_connection_makes_room() {
         let table = Connections::new(2);
         let park = || tokio::spawn(std::future::pending::<()>());
-        let (Admission::Serve(first), 0) = table.admit() else {
+        let (Admission::Serve(first), false) = table.admit() else {
             panic!()
         };
         let first_task = park();
         table.register(first.id, first_task.abort_handle());
-        let (Admission::Serve(second), 0) = table.admit() else {
+        let (Admission::Serve(second), false) = table.admit() else {
             panic!()
         };
         let second_task = park();
         table.register(second.id, second_task.abort_handle());
-        // The second has sent a request; the first never did: it goes.
+        // The second has sent a request; the first never did: it is closed, and the new
+        // one waits until it is gone.
         second.requested.store(true, Ordering::SeqCst);
-        let (Admission::Serve(third), 1) = table.admit() else {
-            panic!()
-        };
+        assert!(matches!(table.admit(), (Admission::Wait, true)));
+        assert!(
+            matches!(table.admit(), (Admission::Wait, false)),
+            "one at a time"
+        );
         assert!(first_task.await.unwrap_err().is_cancelled());
         drop(first);
+        table.freed().await;
+        let (Admission::Serve(third), false) = table.admit() else {
+            panic!()
+        };
         let third_task = park();
         table.register(third.id, third_task.abort_handle());
         // Both open ones are now busy with requests: a new one is refused.
         second.busy.store(true, Ordering::SeqCst);
         third.requested.store(true, Ordering::SeqCst);
         third.busy.store(true, Ordering::SeqCst);
-        assert!(matches!(table.admit(), (Admission::Refuse, 0)));
+        assert!(matches!(table.admit(), (Admission::Refuse, false)));
         assert_eq!(table.open(), 2);
         drop(second);
         assert_eq!(table.open(), 1);

@@ -55,21 +55,31 @@ pub async fn run(
                         continue;
                     }
                 };
-                let guard = match connections.admit() {
-                    (crate::connections::Admission::Serve(guard), shed) => {
-                        if shed > 0 {
-                            app.metrics.connection_shed();
+                // At the cap an idle connection is closed; wait (briefly) until it is gone.
+                let mut waited = 0;
+                let guard = loop {
+                    match connections.admit() {
+                        (crate::connections::Admission::Serve(guard), _) => break Some(guard),
+                        (crate::connections::Admission::Wait, shed) => {
+                            if shed {
+                                app.metrics.connection_shed();
+                            }
+                            waited += 1;
+                            if waited > 50 {
+                                break None;
+                            }
+                            let _ = tokio::time::timeout(Duration::from_millis(20), connections.freed()).await;
                         }
-                        guard
+                        (crate::connections::Admission::Refuse, _) => break None,
                     }
-                    (crate::connections::Admission::Refuse, _) => {
-                        if refused_logged.elapsed() >= Duration::from_secs(1) {
-                            refused_logged = Instant::now();
-                            tracing::warn!(max_connections = app.max_connections, "every connection is busy with a request; closing a new one");
-                        }
-                        drop(stream);
-                        continue;
+                };
+                let Some(guard) = guard else {
+                    if refused_logged.elapsed() >= Duration::from_secs(1) {
+                        refused_logged = Instant::now();
+                        tracing::warn!(max_connections = app.max_connections, "no connection could be closed to make room; closing a new one");
                     }
+                    drop(stream);
+                    continue;
                 };
                 let app = app.clone();
                 let id = guard.id;
