@@ -132,8 +132,22 @@ fn without_password(url: &str) -> String {
 
 impl PostgresEngine {
     /// Connects and migrates (once, whichever relay gets the advisory lock first).
+    /// Refuses a database whose commits do not wait for the disk: acknowledged must mean
+    /// committed.
     pub fn open(url: &str) -> Result<PostgresEngine, EngineError> {
         let mut client = Client::connect(url, NoTls).map_err(error)?;
+        let commit: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .map_err(error)?
+            .get(0);
+        if !matches!(commit.as_str(), "on" | "remote_apply") {
+            return Err(EngineError::refused(format!(
+                "PostgreSQL's synchronous_commit is {commit:?} for {}; hookrelay acknowledges a webhook \
+                 only once it is committed, so it needs \"on\" (or \"remote_apply\"): \
+                 ALTER DATABASE … SET synchronous_commit = on",
+                without_password(url)
+            )));
+        }
         migrate(&mut client).map_err(error)?;
         Ok(PostgresEngine {
             url: url.to_owned(),
@@ -757,6 +771,26 @@ mod tests {
         assert!(engine.record(second.lease, &sent, 1003).unwrap());
         engine.commit().unwrap();
         assert_eq!(engine.depth().unwrap().open, 0);
+    }
+
+    #[test]
+    fn a_database_that_does_not_wait_for_the_disk_is_refused() {
+        let Some(database) = super::test_server::Database::create() else {
+            return;
+        };
+        let name = database.url.rsplit('/').next().unwrap().to_owned();
+        let mut admin = postgres::Client::connect(&database.url, postgres::NoTls).unwrap();
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {name} SET synchronous_commit = off"
+            ))
+            .unwrap();
+        let refused = super::PostgresEngine::open(&database.url).err().unwrap();
+        assert!(refused.refused, "{refused}");
+        assert!(
+            refused.message.contains("synchronous_commit is \"off\""),
+            "{refused}"
+        );
     }
 
     mod semantics {
