@@ -168,6 +168,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     if let Some(listen) = options.listen {
         config.server.listen = listen;
     }
+    // Signal handlers first: a SIGTERM from here on shuts down cleanly.
+    let shutdown = shutdown_signal();
     raise_open_file_limit();
     let holder = format!(
         "pid {}, started {}, configured to listen on {}",
@@ -226,7 +228,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     ));
     // Stop taking requests first, then stop sending: what is in flight finishes or goes
     // back to the outbox, and everything is committed before the process exits.
-    let served = server::run(listener, app, shutdown_signal()).await;
+    let served = server::run(listener, app, shutdown).await;
     let _ = stop.send(true);
     let _ = tokio::join!(reloader, scheduler, forwarder);
     outbox.flush().await;
@@ -263,27 +265,45 @@ fn raise_open_file_limit() {
     }
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Completes on Ctrl-C or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled, so a signal that arrives as soon as the relay says it
+/// listens is never taken with the default action (an exit without a clean shutdown).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(unix)]
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    async move {
+        #[cfg(unix)]
+        {
+            let terminated = async {
+                match &mut terminate {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let interrupted = async {
+                match &mut interrupt {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = interrupted => tracing::info!("Ctrl-C received"),
+                () = terminated => tracing::info!("SIGTERM received"),
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C received"),
-        () = terminate => tracing::info!("SIGTERM received"),
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C received");
+        }
     }
 }
 

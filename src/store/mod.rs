@@ -153,6 +153,42 @@ impl NewTrigger {
             self.upstream, self.project, self.git_ref
         )
     }
+
+    /// With a `coalesce` window, what an identical trigger shares with it: same key, token,
+    /// variables and inputs.
+    pub fn coalesce_key(&self, order_key: &str) -> Option<String> {
+        (self.coalesce_ms > 0 && self.done.is_none()).then(|| {
+            format!(
+                "{order_key}\u{1f}{}\u{1f}{}\u{1f}{}",
+                self.token_ref, self.variables, self.inputs
+            )
+        })
+    }
+
+    /// The state it is stored in, and when it falls due: finished (a gateway call),
+    /// coalesced into `into`, or queued after its delay and window.
+    pub fn initial_state(&self, into: Option<i64>, now: i64) -> (&'static str, i64) {
+        match (&self.done, into) {
+            (Some(_), _) => ("done", now),
+            (None, Some(_)) => ("coalesced", now),
+            (None, None) => ("queued", now + self.delay_ms + self.coalesce_ms),
+        }
+    }
+}
+
+/// Why trigger `id` cannot be replayed, if it cannot: it is still to be sent, or it was
+/// a gateway call whose token was never stored.
+pub fn replay_refusal(id: i64, state: &str, token_ref: &str) -> Option<EngineError> {
+    if matches!(state, "queued" | "sending" | "coalesced") {
+        return Some(EngineError::refused(format!(
+            "trigger {id} is still {state}; it will be sent without a replay"
+        )));
+    }
+    token_ref.starts_with(CALLER_TOKEN).then(|| {
+        EngineError::refused(format!(
+            "trigger {id} was a gateway call: the caller's token is not stored, so it cannot be sent again"
+        ))
+    })
 }
 
 /// What recording a delivery did.

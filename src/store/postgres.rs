@@ -385,12 +385,7 @@ impl Engine for PostgresEngine {
             let mut opened = 0;
             for trigger in &delivery.triggers {
                 let order_key = trigger.order_key();
-                let coalesce_key = (trigger.coalesce_ms > 0 && trigger.done.is_none()).then(|| {
-                    format!(
-                        "{order_key}\u{1f}{}\u{1f}{}\u{1f}{}",
-                        trigger.token_ref, trigger.variables, trigger.inputs
-                    )
-                });
+                let coalesce_key = trigger.coalesce_key(&order_key);
                 let into: Option<i64> = match &coalesce_key {
                     None => None,
                     Some(key) => {
@@ -401,11 +396,7 @@ impl Engine for PostgresEngine {
                         self.client.query_opt(&find, &[key, &now])?.map(|r| r.get(0))
                     }
                 };
-                let (state, due_at) = match (&trigger.done, into) {
-                    (Some(_), _) => ("done", now),
-                    (None, Some(_)) => ("coalesced", now),
-                    (None, None) => ("queued", now + trigger.delay_ms + trigger.coalesce_ms),
-                };
+                let (state, due_at) = trigger.initial_state(into, now);
                 let insert = self.stmt(
                     "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
                                               order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into)
@@ -568,15 +559,8 @@ impl Engine for PostgresEngine {
         for row in rows {
             let (id, state, token_ref, order_key): (i64, String, String, String) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
-            if matches!(state.as_str(), "queued" | "sending" | "coalesced") {
-                return Err(EngineError::refused(format!(
-                    "trigger {id} is still {state}; it will be sent without a replay"
-                )));
-            }
-            if token_ref.starts_with(super::CALLER_TOKEN) {
-                return Err(EngineError::refused(format!(
-                    "trigger {id} was a gateway call: the caller's token is not stored, so it cannot be sent again"
-                )));
+            if let Some(refusal) = super::replay_refusal(id, &state, &token_ref) {
+                return Err(refusal);
             }
             let new_id: i64 = self
                 .client

@@ -588,12 +588,7 @@ fn insert_delivery(
     for trigger in &delivery.triggers {
         let order_key = trigger.order_key();
         // Coalescing: an identical trigger still waiting in its window takes this one in.
-        let coalesce_key = (trigger.coalesce_ms > 0 && trigger.done.is_none()).then(|| {
-            format!(
-                "{order_key}\u{1f}{}\u{1f}{}\u{1f}{}",
-                trigger.token_ref, trigger.variables, trigger.inputs
-            )
-        });
+        let coalesce_key = trigger.coalesce_key(&order_key);
         let into: Option<i64> = match &coalesce_key {
             None => None,
             Some(key) => conn
@@ -604,11 +599,7 @@ fn insert_delivery(
                 .query_row(params![key, now], |row| row.get(0))
                 .optional()?,
         };
-        let (state, due_at) = match (&trigger.done, into) {
-            (Some(_), _) => ("done", now),
-            (None, Some(_)) => ("coalesced", now),
-            (None, None) => ("queued", now + trigger.delay_ms + trigger.coalesce_ms),
-        };
+        let (state, due_at) = trigger.initial_state(into, now);
         conn.prepare_cached(
             "INSERT INTO triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
                                    order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into)
@@ -753,15 +744,8 @@ fn replay(engine: &SqliteEngine, target: &ReplayTarget, now: i64) -> Result<Vec<
     }
     let mut new_ids = Vec::new();
     for (id, state, token_ref, order_key) in ids {
-        if state == "queued" || state == "sending" || state == "coalesced" {
-            return Err(EngineError::refused(format!(
-                "trigger {id} is still {state}; it will be sent without a replay"
-            )));
-        }
-        if token_ref.starts_with(super::CALLER_TOKEN) {
-            return Err(EngineError::refused(format!(
-                "trigger {id} was a gateway call: the caller's token is not stored, so it cannot be sent again"
-            )));
+        if let Some(refusal) = super::replay_refusal(id, &state, &token_ref) {
+            return Err(refusal);
         }
         (|| {
             conn.execute(
