@@ -25,7 +25,8 @@ use crate::git_ref::GitRef;
 use crate::outbox::{Accepted, NewDelivery, NewTrigger};
 use crate::sources::{self, Outcome, Received, Verification, WebhookRequest};
 
-/// Verifies and reads one webhook for the source named in the URL, runs the rules, and
+/// Verifies and reads one webhook for the source named in the URL (looked up, and its
+/// proof headers checked, by the server before the body was read), runs the rules, and
 /// records the delivery with its triggers; answers once they are on disk. `?ref=` in the
 /// URL overrides the target ref of every trigger. The stages, in the order of the data
 /// flow: [`verify`] → [`plan`] → [`build`] → [`check_upstream_limits`] → [`record`] →
@@ -33,15 +34,10 @@ use crate::sources::{self, Outcome, Received, Verification, WebhookRequest};
 pub async fn handle(
     app: &App,
     runtime: &Runtime,
-    source_name: &str,
+    source: &sources::SourceConfig,
     parts: &http::request::Parts,
     body: &Bytes,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let source = runtime
-        .config
-        .sources
-        .get(source_name)
-        .ok_or_else(|| ApiError::UnknownSource(source_name.to_owned()))?;
     let request = WebhookRequest {
         headers: &parts.headers,
         body,

@@ -370,14 +370,13 @@ async fn dispatch(
             if method != Method::POST {
                 return Err(not_allowed("POST"));
             }
-            let source = source.to_owned();
             let runtime = app.runtime();
             // What cannot be valid is refused before a byte of its body is read.
             let config = runtime
                 .config
                 .sources
-                .get(&source)
-                .ok_or_else(|| ApiError::UnknownSource(source.clone()))?;
+                .get(source)
+                .ok_or_else(|| ApiError::UnknownSource(source.to_owned()))?;
             if let Some(err) = crate::sources::missing_proof(config, request.headers()) {
                 tracing::warn!(source = %config.name, provider = %config.provider, error = %err, "webhook refused before its body was read");
                 app.metrics.signature_failure(&config.name);
@@ -385,7 +384,7 @@ async fn dispatch(
             }
             let (parts, body, _room) =
                 read_body(app, request, (app.server.max_body, "[server] max_body")).await?;
-            crate::hooks::handle(app, &runtime, &source, &parts, &body).await
+            crate::hooks::handle(app, &runtime, config, &parts, &body).await
         }
         Route::NotFound => Err(ApiError::NotFound {
             method: method.to_string(),

@@ -902,27 +902,17 @@ async fn terminal_escape_codes_from_payloads_are_shown_never_obeyed() {
     );
     assert!(text.contains("Codertocat/\\u{1b}[31mRED"), "{text}");
 
-    // The running relay's text log and `deliveries` show it escaped too.
+    // The running relay's text log shows it escaped too.
     let upstream = RecordingUpstream::start().await;
     let state_dir = tempfile::tempdir().unwrap();
     durable_config(state_dir.path(), &upstream.url());
     let mut served = serve_in(state_dir.path());
     let address = served.address();
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            b"s3cret-for-the-tests",
-            &body
-        )
-    );
-    let reply = post(
+    let reply = signed_github_body(
         &format!("http://{address}/hooks/github"),
-        &[
-            ("X-GitHub-Event", "push"),
-            ("X-GitHub-Delivery", "hostile-1"),
-            ("X-Hub-Signature-256", signature.as_str()),
-        ],
+        "s3cret-for-the-tests",
+        "push",
+        "hostile-1",
         body,
     )
     .await;

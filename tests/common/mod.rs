@@ -448,7 +448,17 @@ pub async fn signed_github(
     delivery: &str,
     file: &str,
 ) -> Reply {
-    let body = fixture(file);
+    signed_github_body(url, secret, event, delivery, fixture(file)).await
+}
+
+/// [`signed_github`] with a body of the test's own making.
+pub async fn signed_github_body(
+    url: &str,
+    secret: &str,
+    event: &str,
+    delivery: &str,
+    body: Vec<u8>,
+) -> Reply {
     let signature = format!(
         "sha256={}",
         hookrelay::sources::signature::hmac_hex(
