@@ -14,6 +14,7 @@ use crate::config::{self, Config};
 use crate::outbox::forwarder::ForwarderOptions;
 use crate::outbox::{Durability, Outbox, ReplayTarget};
 use crate::server;
+use crate::store::StoreLocation;
 
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.
 pub const EXIT_CONFIG: u8 = 64;
@@ -27,6 +28,8 @@ pub struct ServeOptions {
     pub config: PathBuf,
     pub listen: Option<SocketAddr>,
     pub state: PathBuf,
+    /// `--store URL`: a PostgreSQL database instead of `[store]` or the state folder.
+    pub store: Option<String>,
     pub dry_run: bool,
 }
 
@@ -177,7 +180,18 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC"),
         config.server.listen
     );
-    let outbox = match Outbox::open_as(&options.state, Durability::Full, &holder) {
+    let store = match StoreLocation::choose(
+        &options.state,
+        options.store.as_deref(),
+        config.store.clone(),
+    ) {
+        Ok(store) => store,
+        Err(message) => {
+            eprintln!("hookrelay: not starting: {message}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let outbox = match Outbox::open_at(&store, Durability::Full, &holder) {
         Ok(outbox) => outbox,
         Err(err) if err.refused => {
             eprintln!("hookrelay: not starting: {err}");
@@ -307,9 +321,9 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// `hookrelay deliveries`: the newest deliveries and their triggers, from the state folder.
-pub fn deliveries(state: &Path, failed_only: bool, limit: usize, json: bool) -> ExitCode {
-    let rows = match crate::outbox::list(state, failed_only, limit) {
+/// `hookrelay deliveries`: the newest deliveries and their triggers, from the store.
+pub fn deliveries(store: &StoreLocation, failed_only: bool, limit: usize, json: bool) -> ExitCode {
+    let rows = match crate::outbox::list(store, failed_only, limit) {
         Ok(rows) => rows,
         Err(err) => {
             eprintln!("hookrelay deliveries: {err}");
@@ -381,9 +395,9 @@ pub fn deliveries(state: &Path, failed_only: bool, limit: usize, json: bool) -> 
 }
 
 /// `hookrelay replay ID`: queues a trigger, or every trigger of a delivery, again.
-pub fn replay(state: &Path, target: &str) -> ExitCode {
+pub fn replay(store: &StoreLocation, target: &str) -> ExitCode {
     let target = ReplayTarget::parse(target);
-    match crate::outbox::replay_offline(state, &target) {
+    match crate::outbox::replay_offline(store, &target) {
         Ok(ids) => {
             let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
             println!(

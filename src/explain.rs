@@ -20,7 +20,11 @@ pub struct ExplainRequest<'a> {
     /// The source; with a stored delivery, the one it arrived on unless given.
     pub source: Option<&'a str>,
     /// Explain a stored delivery (by its delivery id) instead of a payload file.
-    pub delivery: Option<(&'a Path, &'a str)>,
+    pub delivery: Option<&'a str>,
+    /// The state folder, and `--store URL`: where a stored delivery is read (`--store`,
+    /// then `[store]` or `HOOKRELAY_STORE_URL`, then the state folder's SQLite).
+    pub state: &'a Path,
+    pub store: Option<&'a str>,
     pub event: Option<&'a str>,
     /// `K: V` pairs.
     pub headers: &'a [String],
@@ -70,8 +74,14 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
         .map_err(|problems| problems.to_string())?;
     let (stored_source, stored_headers, body, shown_as) = match (request.delivery, request.payload)
     {
-        (Some((state, id)), None) => {
-            let stored = crate::outbox::stored_webhook(state, id).map_err(|err| err.to_string())?;
+        (Some(id), None) => {
+            let location = crate::store::StoreLocation::choose(
+                request.state,
+                request.store,
+                config.store.clone(),
+            )?;
+            let stored =
+                crate::outbox::stored_webhook(&location, id).map_err(|err| err.to_string())?;
             (
                 Some(stored.source),
                 stored.headers,

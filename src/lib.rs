@@ -39,5 +39,6 @@ pub mod server;
 pub mod sources;
 pub mod store;
 pub mod terminal;
+pub mod tls;
 pub mod trigger;
 pub mod upstream;

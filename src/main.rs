@@ -98,10 +98,10 @@ enum Command {
     },
 }
 
-/// `--state`, shared by every command that reads the state folder.
+/// `--state` and `--store`, shared by every command that reads the delivery store.
 #[derive(clap::Args)]
 struct StateArg {
-    /// Folder for the relay's state (the delivery store).
+    /// Folder for the relay's state (the SQLite delivery store).
     #[arg(
         long = "state",
         env = "HOOKRELAY_STATE",
@@ -109,6 +109,22 @@ struct StateArg {
         value_name = "DIR"
     )]
     state_dir: PathBuf,
+    /// A PostgreSQL database shared by several relays (postgres://user@host:5432/db),
+    /// instead of [store] url or HOOKRELAY_STORE_URL. A URL with a password belongs in
+    /// HOOKRELAY_STORE_URL, never on the command line.
+    #[arg(long = "store", value_name = "URL")]
+    store: Option<String>,
+}
+
+impl StateArg {
+    /// The store of a command that reads no configuration.
+    fn location(&self, command: &str) -> Result<hookrelay::store::StoreLocation, ExitCode> {
+        hookrelay::store::StoreLocation::from_command_line(&self.state_dir, self.store.as_deref())
+            .map_err(|message| {
+                eprintln!("hookrelay {command}: {message}");
+                ExitCode::from(2)
+            })
+    }
 }
 
 /// `--config`, shared by every command that reads configuration.
@@ -141,9 +157,9 @@ fn main() -> ExitCode {
             let request = hookrelay::explain::ExplainRequest {
                 config: &config.path,
                 source: source.as_deref(),
-                delivery: delivery
-                    .as_deref()
-                    .map(|id| (state.state_dir.as_path(), id)),
+                delivery: delivery.as_deref(),
+                state: &state.state_dir,
+                store: state.store.as_deref(),
                 event: event.as_deref(),
                 headers: &headers,
                 payload: payload.as_deref(),
@@ -169,8 +185,14 @@ fn main() -> ExitCode {
             failed,
             limit,
             json,
-        } => commands::deliveries(&state.state_dir, failed, limit, json),
-        Command::Replay { state, id } => commands::replay(&state.state_dir, &id),
+        } => match state.location("deliveries") {
+            Ok(store) => commands::deliveries(&store, failed, limit, json),
+            Err(code) => code,
+        },
+        Command::Replay { state, id } => match state.location("replay") {
+            Ok(store) => commands::replay(&store, &id),
+            Err(code) => code,
+        },
         Command::Check { config } => commands::check(&config.path),
         Command::Serve {
             config,
@@ -191,6 +213,7 @@ fn main() -> ExitCode {
                 config: config.path,
                 listen,
                 state: state.state_dir,
+                store: state.store,
                 dry_run,
             })) {
                 Ok(code) => code,

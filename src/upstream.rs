@@ -1,13 +1,12 @@
 //! The shared HTTP client that carries trigger calls to GitLab.
 //!
 //! One [`Upstream`] per `[upstream.NAME]`, each a pooled hyper-util client (connections are
-//! reused across calls) with rustls for HTTPS. Trusted roots are the system's, the bundled
-//! Mozilla set, and an optional `ca_file` for a self-hosted GitLab. Upstream addresses come
-//! only from configuration; a request decides the path, never the host.
+//! reused across calls) with rustls for HTTPS, trusting the roots [`crate::tls`] names.
+//! Upstream addresses come only from configuration; a request decides the path, never the
+//! host.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,9 +16,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 use crate::config::UpstreamConfig;
 use crate::trigger::UpstreamCall;
@@ -97,51 +93,13 @@ impl Upstreams {
     }
 }
 
-/// System and bundled roots, loaded once per process.
-fn default_roots() -> &'static RootCertStore {
-    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for cert in rustls_native_certs::load_native_certs().certs {
-            // A malformed system certificate is skipped, as browsers do.
-            let _ = roots.add(cert);
-        }
-        roots
-    })
-}
-
-/// Reads the PEM certificates of a `ca_file`; at least one must be there.
-pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|err| format!("cannot read {}: {err}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| format!("{} is not a PEM certificate file: {err}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
-    }
-    Ok(certs)
-}
-
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
         let tls_error = |reason: String| UpstreamError::Tls {
             upstream: config.name.clone(),
             reason,
         };
-        let mut roots = default_roots().clone();
-        if let Some(ca_file) = &config.ca_file {
-            for cert in read_ca_file(ca_file).map_err(tls_error)? {
-                roots.add(cert).map_err(|err| tls_error(err.to_string()))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|err| tls_error(err.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = crate::tls::client_config(config.ca_file.as_deref()).map_err(tls_error)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);

@@ -90,11 +90,15 @@ async fn rows_when(
     done: impl Fn(&str) -> bool,
 ) -> Vec<hookrelay::outbox::DeliveryRow> {
     for _ in 0..300 {
-        let rows: Vec<_> = hookrelay::outbox::list(&relay.state(), false, 100)
-            .unwrap()
-            .into_iter()
-            .filter(|r| r.delivery_id == delivery)
-            .collect();
+        let rows: Vec<_> = hookrelay::outbox::list(
+            &hookrelay::store::StoreLocation::Folder(relay.state()),
+            false,
+            100,
+        )
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.delivery_id == delivery)
+        .collect();
         if !rows.is_empty() && rows.iter().all(|r| r.state.as_deref().is_some_and(&done)) {
             return rows;
         }
@@ -102,7 +106,12 @@ async fn rows_when(
     }
     panic!(
         "delivery {delivery} did not settle: {:#?}",
-        hookrelay::outbox::list(&relay.state(), false, 100).unwrap()
+        hookrelay::outbox::list(
+            &hookrelay::store::StoreLocation::Folder(relay.state()),
+            false,
+            100
+        )
+        .unwrap()
     );
 }
 
@@ -192,12 +201,21 @@ async fn a_404_fails_at_once_with_gitlabs_message_and_can_be_replayed() {
     let rows = rows_when(&relay, "d-404", |s| s == "failed").await;
     assert_eq!(rows[0].last_status, Some(404));
     assert_eq!(rows[0].last_error.as_deref(), Some("404 404 Not Found"));
-    let failed = hookrelay::outbox::list(&relay.state(), true, 10).unwrap();
+    let failed = hookrelay::outbox::list(
+        &hookrelay::store::StoreLocation::Folder(relay.state()),
+        true,
+        10,
+    )
+    .unwrap();
     assert_eq!(failed.len(), 1);
     // Replayed from outside the server, as `hookrelay replay` does; the relay picks it up.
     let original = rows[0].trigger_id.unwrap();
     let target = hookrelay::outbox::ReplayTarget::parse(&original.to_string());
-    let new = hookrelay::outbox::replay_offline(&relay.state(), &target).unwrap();
+    let new = hookrelay::outbox::replay_offline(
+        &hookrelay::store::StoreLocation::Folder(relay.state()),
+        &target,
+    )
+    .unwrap();
     calls(&upstream, 2, Duration::from_secs(5)).await;
     let rows = rows_when(&relay, "d-404", |s| s == "sent" || s == "failed").await;
     let replayed = rows.iter().find(|r| r.trigger_id == Some(new[0])).unwrap();
@@ -319,7 +337,12 @@ async fn gateway_calls_are_recorded_but_never_replayed() {
     assert_eq!(reply.status, 201);
     let mut rows = Vec::new();
     for _ in 0..200 {
-        rows = hookrelay::outbox::list(&relay.state(), false, 10).unwrap();
+        rows = hookrelay::outbox::list(
+            &hookrelay::store::StoreLocation::Folder(relay.state()),
+            false,
+            10,
+        )
+        .unwrap();
         if !rows.is_empty() {
             break;
         }
@@ -328,7 +351,11 @@ async fn gateway_calls_are_recorded_but_never_replayed() {
     assert_eq!(rows[0].source, "gateway");
     assert_eq!(rows[0].state.as_deref(), Some("sent"));
     let target = hookrelay::outbox::ReplayTarget::Trigger(rows[0].trigger_id.unwrap());
-    let err = hookrelay::outbox::replay_offline(&relay.state(), &target).unwrap_err();
+    let err = hookrelay::outbox::replay_offline(
+        &hookrelay::store::StoreLocation::Folder(relay.state()),
+        &target,
+    )
+    .unwrap_err();
     assert!(
         err.to_string().contains("caller's token is not stored"),
         "{err}"
@@ -429,13 +456,23 @@ async fn an_upstream_that_is_down_is_probed_not_stormed_and_all_goes_out_once_it
             .count()
     };
     while Instant::now() < deadline {
-        let rows = hookrelay::outbox::list(&relay.state(), false, 100).unwrap();
+        let rows = hookrelay::outbox::list(
+            &hookrelay::store::StoreLocation::Folder(relay.state()),
+            false,
+            100,
+        )
+        .unwrap();
         if rows.iter().all(|r| r.state.as_deref() == Some("sent")) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let rows = hookrelay::outbox::list(&relay.state(), false, 100).unwrap();
+    let rows = hookrelay::outbox::list(
+        &hookrelay::store::StoreLocation::Folder(relay.state()),
+        false,
+        100,
+    )
+    .unwrap();
     assert_eq!(rows.len(), 30);
     assert!(
         rows.iter().all(|r| r.state.as_deref() == Some("sent")),

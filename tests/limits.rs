@@ -286,7 +286,12 @@ async fn a_push_storm_coalesces_into_one_pipeline() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(upstream.received().len(), 1, "four pushes, one pipeline");
-    let rows = hookrelay::outbox::list(&relay.state(), false, 10).unwrap();
+    let rows = hookrelay::outbox::list(
+        &hookrelay::store::StoreLocation::Folder(relay.state()),
+        false,
+        10,
+    )
+    .unwrap();
     let coalesced: Vec<_> = rows
         .iter()
         .filter(|r| r.state.as_deref() == Some("coalesced"))

@@ -10,6 +10,7 @@
 mod problems;
 mod rule;
 mod source;
+mod store;
 mod units;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use toml::de::{DeTable, DeValue};
 use crate::sources::SourceConfig;
 
 pub use problems::{FileProblems, Problem, Problems};
+pub use store::STORE_URL_ENV;
 pub use units::{parse_duration, parse_size};
 
 /// Where `serve` listens when neither the flag, the environment nor a file says.
@@ -48,6 +50,8 @@ pub struct Config {
     pub rules: crate::rules::RuleSet,
     /// `[delivery]`: retries and retention of the durable outbox.
     pub delivery: DeliveryConfig,
+    /// `[store]`: the shared PostgreSQL database; `None`: SQLite in the state folder.
+    pub store: Option<crate::store::postgres::PostgresConfig>,
     /// The files this configuration was read from, in the order read.
     pub files: Vec<PathBuf>,
 }
@@ -308,6 +312,9 @@ fn load_with(path: &Path, env: EnvLookup<'_>, resolve_secrets: bool) -> Result<C
             }),
         }
     }
+    if builder.store.is_none() {
+        builder.store_from_env = store::from_env(env);
+    }
     builder.finish(files)
 }
 
@@ -357,6 +364,10 @@ struct Builder {
     sources: BTreeMap<String, (SourceConfig, Origin)>,
     rules: Vec<rule::PendingRule>,
     delivery: Option<(DeliveryConfig, Origin)>,
+    /// `[store]` as read (`None` inside: it had problems), and where.
+    store: Option<(Option<crate::store::postgres::PostgresConfig>, Origin)>,
+    /// `HOOKRELAY_STORE_URL` when no file has `[store]`.
+    store_from_env: Option<Result<crate::store::postgres::PostgresConfig, String>>,
     resolve_secrets: bool,
 }
 
@@ -382,6 +393,18 @@ impl Builder {
                 "source" => self.read_sources(value, file, env, &mut problems),
                 "rule" => self.read_rules(value, file, env, &mut problems),
                 "delivery" => self.read_delivery(value, origin, &mut problems),
+                "store" => {
+                    if let Some((_, first)) = &self.store {
+                        problems.at(
+                            Some(key.span()),
+                            format!("[store] is already defined at {first}"),
+                        );
+                    } else {
+                        let read =
+                            store::read(value, file, env, self.resolve_secrets, &mut problems);
+                        self.store = Some((read, origin));
+                    }
+                }
                 "gateway" => {
                     if let Some(raw) = section::<RawGateway>(value, &mut problems) {
                         if let Some((_, first)) = &self.gateway {
@@ -397,7 +420,7 @@ impl Builder {
                 other => problems.at(
                     Some(key.span()),
                     format!(
-                        "unknown section `{other}`; expected `server`, `upstream`, `gateway`, `source`, `rule` or `delivery`"
+                        "unknown section `{other}`; expected `server`, `upstream`, `gateway`, `source`, `rule`, `delivery` or `store`"
                     ),
                 ),
             }
@@ -718,6 +741,19 @@ impl Builder {
 
     fn finish(mut self, files: Vec<PathBuf>) -> Result<Config, Problems> {
         let rules = self.finish_rules();
+        let store = match (self.store.take(), self.store_from_env.take()) {
+            (Some((read, _)), _) => read,
+            (None, Some(Ok(config))) => Some(config),
+            (None, Some(Err(message))) => {
+                self.problems.push(Problem {
+                    file: PathBuf::from(STORE_URL_ENV),
+                    line: None,
+                    message,
+                });
+                None
+            }
+            (None, None) => None,
+        };
         let gateway = match self.gateway.take() {
             None => None,
             Some((raw, origin)) => {
@@ -835,6 +871,7 @@ impl Builder {
                 .delivery
                 .map(|(delivery, _)| delivery)
                 .unwrap_or_default(),
+            store,
             sources: self
                 .sources
                 .into_iter()
@@ -882,7 +919,7 @@ fn compile_upstream(
             .parent()
             .unwrap_or(Path::new("."))
             .join(ca.into_inner());
-        match crate::upstream::read_ca_file(&path) {
+        match crate::tls::read_ca_file(&path) {
             Ok(_) => Some(path),
             Err(err) => {
                 problems.at(Some(span), format!("upstream.{name}.ca_file: {err}"));

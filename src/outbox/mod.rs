@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 
 use crate::store::lock::{StateLock, lock_state_folder};
+use crate::store::postgres::PostgresEngine;
 use crate::store::sqlite::SqliteEngine;
-use crate::store::{Claimed, Engine, EngineError, Lease};
+use crate::store::{Claimed, Engine, EngineError, Lease, StoreLocation};
 
 pub use crate::store::sqlite::{Durability, STORE_FILE};
 pub use crate::store::{
@@ -123,6 +124,9 @@ pub struct Outbox {
     /// Woken when triggers are queued, so the forwarder need not poll for them.
     pub queued: Arc<Notify>,
     pub health: Arc<StoreHealth>,
+    /// Other relays share this store: triggers they queue or give up are claimed here too,
+    /// so the forwarder looks for due work at least once a second.
+    pub shared: bool,
 }
 
 impl Outbox {
@@ -169,6 +173,32 @@ impl Outbox {
             .map_err(|err| error(err.to_string()))
     }
 
+    /// Opens the store at `location`: the state folder's SQLite ([`Outbox::open_as`]), or
+    /// the shared PostgreSQL database (two connections: the writer's and the reader's).
+    pub fn open_at(
+        location: &StoreLocation,
+        durability: Durability,
+        holder: &str,
+    ) -> Result<Outbox, StoreError> {
+        match location {
+            StoreLocation::Folder(dir) => Outbox::open_as(dir, durability, holder),
+            StoreLocation::Postgres(config) => {
+                let error = |err: EngineError| StoreError::from_engine(config.describe(), err);
+                let (writer, reader) = blocking(|| {
+                    Ok::<_, EngineError>((
+                        PostgresEngine::open(config)?,
+                        PostgresEngine::open(config)?,
+                    ))
+                })
+                .map_err(error)?;
+                let mut outbox = Outbox::start(Box::new(writer), Box::new(reader), None)
+                    .map_err(|err| error(EngineError::failed(err.to_string())))?;
+                outbox.shared = true;
+                Ok(outbox)
+            }
+        }
+    }
+
     /// Starts the writer thread over `writer`; `reader` serves reads beside it.
     pub fn start(
         writer: Box<dyn Engine>,
@@ -196,6 +226,7 @@ impl Outbox {
             place,
             queued,
             health,
+            shared: false,
         })
     }
 
@@ -266,12 +297,13 @@ impl Outbox {
     /// Triggers waiting or being sent, and how long the earliest-due one has been due.
     /// Reads two index entries, whatever the backlog.
     pub fn depth(&self) -> Result<(i64, Duration), StoreError> {
-        let depth = self
-            .reader
-            .lock()
-            .expect("the reader lock is never poisoned")
-            .depth()
-            .map_err(|err| self.error(err))?;
+        let depth = blocking(|| {
+            self.reader
+                .lock()
+                .expect("the reader lock is never poisoned")
+                .depth()
+        })
+        .map_err(|err| self.error(err))?;
         let age = depth
             .earliest_due
             .map(|due| (now_ms() - due).max(0) as u64)
@@ -280,47 +312,62 @@ impl Outbox {
     }
 }
 
-/// Opens the store of a state folder from outside the server (`deliveries`, `replay`,
-/// `explain --delivery`); it must exist already.
-fn open_existing(state_dir: &Path) -> Result<SqliteEngine, StoreError> {
-    SqliteEngine::open_existing(state_dir).map_err(|err| {
-        StoreError::from_engine(state_dir.join(STORE_FILE).display().to_string(), err)
+/// Runs a blocking store call from async code without stalling the runtime's other tasks
+/// (and without the PostgreSQL client's own runtime nesting inside tokio's).
+fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
+    }
+}
+
+/// Opens a store from outside the server (`deliveries`, `replay`, `explain --delivery`);
+/// a state folder's store must exist already.
+fn open_existing(location: &StoreLocation) -> Result<Box<dyn Engine>, StoreError> {
+    let error = |err| StoreError::from_engine(location.describe(), err);
+    Ok(match location {
+        StoreLocation::Folder(dir) => Box::new(SqliteEngine::open_existing(dir).map_err(error)?),
+        StoreLocation::Postgres(config) => Box::new(PostgresEngine::open(config).map_err(error)?),
     })
 }
 
-fn offline_error(engine: &SqliteEngine, err: EngineError) -> StoreError {
-    StoreError::from_engine(engine.path().display().to_string(), err)
-}
-
-/// Reads the store of a state folder without the server (`deliveries`), or beside it.
+/// Reads the store without the server (`deliveries`), or beside it.
 pub fn list(
-    state_dir: &Path,
+    location: &StoreLocation,
     failed_only: bool,
     limit: usize,
 ) -> Result<Vec<DeliveryRow>, StoreError> {
-    let mut engine = open_existing(state_dir)?;
+    let mut engine = open_existing(location)?;
     engine
         .list(failed_only, limit)
-        .map_err(|err| offline_error(&engine, err))
+        .map_err(|err| StoreError::from_engine(location.describe(), err))
 }
 
 /// Reads a stored webhook by its delivery id (`explain --delivery`).
-pub fn stored_webhook(state_dir: &Path, delivery_id: &str) -> Result<StoredWebhook, StoreError> {
-    let mut engine = open_existing(state_dir)?;
+pub fn stored_webhook(
+    location: &StoreLocation,
+    delivery_id: &str,
+) -> Result<StoredWebhook, StoreError> {
+    let mut engine = open_existing(location)?;
+    let error = |err| StoreError::from_engine(location.describe(), err);
     engine
         .stored_webhook(delivery_id)
-        .map_err(|err| offline_error(&engine, err))?
+        .map_err(error)?
         .ok_or_else(|| {
-            offline_error(
-                &engine,
-                EngineError::refused(format!("no delivery {delivery_id:?} in the store")),
-            )
+            error(EngineError::refused(format!(
+                "no delivery {delivery_id:?} in the store"
+            )))
         })
 }
 
 /// Re-queues from outside the server (`hookrelay replay`); a running server picks it up.
-pub fn replay_offline(state_dir: &Path, target: &ReplayTarget) -> Result<Vec<i64>, StoreError> {
-    let mut engine = open_existing(state_dir)?;
+pub fn replay_offline(
+    location: &StoreLocation,
+    target: &ReplayTarget,
+) -> Result<Vec<i64>, StoreError> {
+    let mut engine = open_existing(location)?;
     let result = (|| {
         engine.begin(true)?;
         let ids = engine.replay(target, now_ms());
@@ -332,7 +379,7 @@ pub fn replay_offline(state_dir: &Path, target: &ReplayTarget) -> Result<Vec<i64
             }
         }
     })();
-    result.map_err(|err| offline_error(&engine, err))
+    result.map_err(|err| StoreError::from_engine(location.describe(), err))
 }
 
 /// Says each kind of failure at most once a second, with how many were not said.
@@ -420,24 +467,49 @@ impl Writer {
     }
 
     /// One group: kept records first, then the batch, one savepoint each, one commit.
+    /// Claims go in a transaction of their own after it: a claim locks keys, and a shared
+    /// store's relays must never hold a key while they wait for anything else (the writes
+    /// of a group wait on other relays' uncommitted deliveries; claims wait on nothing).
     fn group(&mut self, batch: Vec<Op>) {
+        let (claims, mut writes): (Vec<Op>, Vec<Op>) = batch
+            .into_iter()
+            .partition(|op| matches!(op, Op::Claim(..)));
+        // The same order on every relay, so two groups never wait for each other's rows
+        // in a cycle: deliveries by id, outcomes by trigger (stable: one trigger's stay in
+        // order).
+        writes.sort_by(|a, b| write_order(a).cmp(&write_order(b)));
+        if !writes.is_empty() || claims.is_empty() || !self.pending.is_empty() {
+            self.write_group(writes, true);
+        }
+        if !claims.is_empty() {
+            self.write_group(claims, false);
+        }
+    }
+
+    /// One transaction; `with_pending`: the kept outcomes go first.
+    fn write_group(&mut self, batch: Vec<Op>, with_pending: bool) {
         // Only a commit that precedes an acknowledgement needs to reach the disk first.
         let durable = batch
             .iter()
             .any(|op| matches!(op, Op::Accept(..) | Op::Replay(..)));
         let probe = batch.is_empty() && self.pending.is_empty();
+        let pending = if with_pending {
+            std::mem::take(&mut self.pending)
+        } else {
+            Vec::new()
+        };
         let now = now_ms();
         let mut outcome = GroupOutcome::default();
         let begun = self.engine.begin(durable);
         if let Err(err) = begun {
-            outcome.records = std::mem::take(&mut self.pending);
+            outcome.records = pending;
             for op in batch {
                 self.fail_op(op, &err, &mut outcome);
             }
             self.finish(Err(err), outcome);
             return;
         }
-        for (lease, recorded) in std::mem::take(&mut self.pending) {
+        for (lease, recorded) in pending {
             self.record(lease, recorded, now, &mut outcome);
         }
         if probe {
@@ -623,6 +695,17 @@ impl GroupOutcome {
             }
             Err(_) => {}
         }
+    }
+}
+
+/// Where a write goes in its group (see [`Writer::group`]).
+fn write_order(op: &Op) -> (u8, &str, &str, i64) {
+    match op {
+        Op::Accept(delivery, _) | Op::Note(delivery) => {
+            (0, &delivery.source, &delivery.delivery_id, 0)
+        }
+        Op::Record(lease, _) => (1, "", "", lease.trigger),
+        _ => (2, "", "", 0),
     }
 }
 

@@ -181,12 +181,19 @@ pub fn a_held_head_hides_no_other_key(engine: &mut dyn Engine) {
     assert_eq!(depth.earliest_due, Some(10_000));
 }
 
+/// A one-process engine gives a dead process's leases back at the next start; a shared one
+/// cannot know the holder is dead, and lets the lease expire instead. Either way the
+/// triggers are claimed again, with no operator action.
 pub fn leases_of_a_dead_process_are_due_again(engine: &mut dyn Engine) {
     accept(engine, "a", "p1", 0);
     accept(engine, "b", "p2", 0);
     assert_eq!(claim(engine, 0, 5).len(), 2);
-    assert_eq!(engine.recover_leases().unwrap(), 2);
-    assert_eq!(claim(engine, 0, 5).len(), 2);
+    let later = match engine.recover_leases().unwrap() {
+        2 => 0,
+        0 => 10 * 60 * 1000,
+        other => panic!("{other} leases recovered"),
+    };
+    assert_eq!(claim(engine, later, 5).len(), 2);
 }
 
 pub fn pruning_keeps_what_is_still_to_be_sent(engine: &mut dyn Engine) {

@@ -84,6 +84,9 @@ pub struct RecordingUpstream {
     pub default_delay: Arc<Mutex<Duration>>,
     pub script: Arc<Mutex<Vec<Answer>>>,
     pub connections: Arc<AtomicUsize>,
+    /// Calls being answered now, and the most ever at once.
+    pub concurrent: Arc<AtomicUsize>,
+    pub max_concurrent: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -96,6 +99,8 @@ impl RecordingUpstream {
         let connections = Arc::new(AtomicUsize::new(0));
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let default_delay = Arc::new(Mutex::new(Duration::ZERO));
+        let concurrent = Arc::new(AtomicUsize::new(0));
+        let max_concurrent = Arc::new(AtomicUsize::new(0));
         let (r, s, c, a, d) = (
             received.clone(),
             script.clone(),
@@ -103,6 +108,7 @@ impl RecordingUpstream {
             arrivals.clone(),
             default_delay.clone(),
         );
+        let (now, most) = (concurrent.clone(), max_concurrent.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -110,10 +116,23 @@ impl RecordingUpstream {
                 };
                 c.fetch_add(1, Ordering::SeqCst);
                 let (r, s, a, d) = (r.clone(), s.clone(), a.clone(), d.clone());
+                let (now, most) = (now.clone(), most.clone());
                 let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                     let (r, s, a, d) = (r.clone(), s.clone(), a.clone(), d.clone());
+                    let (now, most) = (now.clone(), most.clone());
                     async move {
                         a.lock().unwrap().push(std::time::Instant::now());
+                        let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(at_once, Ordering::SeqCst);
+                        // Counted down however the call ends (a caller that goes away
+                        // drops this future mid-sleep).
+                        struct Leaving(Arc<AtomicUsize>);
+                        impl Drop for Leaving {
+                            fn drop(&mut self) {
+                                self.0.fetch_sub(1, Ordering::SeqCst);
+                            }
+                        }
+                        let leaving = Leaving(now);
                         let (parts, body) = request.into_parts();
                         let body = body
                             .collect()
@@ -139,6 +158,7 @@ impl RecordingUpstream {
                             }
                         };
                         tokio::time::sleep(answer.delay).await;
+                        drop(leaving);
                         let mut response = Response::new(Full::new(Bytes::from(answer.body)));
                         *response.status_mut() = StatusCode::from_u16(answer.status).unwrap();
                         response
@@ -160,6 +180,8 @@ impl RecordingUpstream {
             default_delay,
             script,
             connections,
+            concurrent,
+            max_concurrent,
             task,
         }
     }

@@ -1,10 +1,15 @@
-//! A throwaway PostgreSQL server for the engine's tests: initialised in a temporary
-//! folder and run as the unprivileged `postgres` user (PostgreSQL refuses to run as root),
-//! on a free port of 127.0.0.1, shared by the tests of one process and stopped (its folder
-//! removed) within a second of that process ending. Each test gets a database of its own.
+//! A throwaway PostgreSQL server for tests: initialised in a temporary folder and run as
+//! the unprivileged `postgres` user (PostgreSQL refuses to run as root), on a free port of
+//! 127.0.0.1, and stopped (its folder removed) within a second of the test process ending.
+//! One server is shared by the tests of a process, each with a database of its own; a test
+//! that restarts the server starts one of its own ([`Server::own`]). The engine's unit tests
+//! and the cluster tests in `tests/` both include this file.
 //!
 //! Where no server can be started (no PostgreSQL binaries, not root), tests say so and are
 //! skipped; CI sets `HOOKRELAY_REQUIRE_POSTGRES=1`, which makes that a failure instead.
+
+// Each including crate uses its own part of this file.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,8 +17,12 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-struct Server {
-    port: u16,
+/// A running server.
+pub struct Server {
+    pub port: u16,
+    bin: PathBuf,
+    data: PathBuf,
+    dir: PathBuf,
 }
 
 /// One test's database, dropped at the end of the test.
@@ -62,12 +71,13 @@ fn start() -> Result<Server, String> {
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
         .port();
-    // The server stops, and its folder goes, within a second of this process ending.
+    // The server stops, and its folder goes, within a second of this process ending
+    // (whichever postmaster runs then: a test may have restarted it).
     let script = format!(
         "runuser -u postgres -- '{postgres}' -D '{data}' -k '{dir}' -p {port} -c listen_addresses=127.0.0.1 \
-         -c fsync=off -c synchronous_commit=on >'{dir}/log' 2>&1 & pg=$!; \
-         while kill -0 {me} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 1; done; \
-         kill -INT \"$(head -n1 '{data}/postmaster.pid')\" 2>/dev/null; wait $pg; rm -rf '{dir}'",
+         -c fsync=off -c synchronous_commit=on -c max_connections=200 >'{dir}/log' 2>&1 & \
+         while kill -0 {me} 2>/dev/null && [ -d '{data}' ]; do sleep 1; done; \
+         kill -INT \"$(head -n1 '{data}/postmaster.pid' 2>/dev/null)\" 2>/dev/null; sleep 2; rm -rf '{dir}'",
         postgres = bin.join("postgres").display(),
         data = data.display(),
         dir = dir.display(),
@@ -86,7 +96,14 @@ fn start() -> Result<Server, String> {
             &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
             postgres::NoTls,
         ) {
-            Ok(_) => return Ok(Server { port }),
+            Ok(_) => {
+                return Ok(Server {
+                    port,
+                    bin,
+                    data,
+                    dir,
+                });
+            }
             Err(_) if started.elapsed() < Duration::from_secs(30) => {
                 std::thread::sleep(Duration::from_millis(100))
             }
@@ -98,41 +115,110 @@ fn start() -> Result<Server, String> {
     }
 }
 
-impl Database {
-    /// A new empty database on the shared server, or `None` (test skipped) where no server
-    /// can run here.
-    pub fn create() -> Option<Database> {
-        let server = SERVER
-            .get_or_init(|| match start() {
-                Ok(server) => Some(server),
-                Err(reason) => {
-                    assert!(
-                        std::env::var_os("HOOKRELAY_REQUIRE_POSTGRES").is_none(),
-                        "HOOKRELAY_REQUIRE_POSTGRES is set but no PostgreSQL could start: {reason}"
-                    );
-                    eprintln!("SKIPPED: no PostgreSQL server for the engine tests ({reason})");
-                    None
-                }
-            })
-            .as_ref()?;
+/// The server, or why none can run here (a failure when CI requires one).
+fn available(started: Result<Server, String>) -> Option<Server> {
+    match started {
+        Ok(server) => Some(server),
+        Err(reason) => {
+            assert!(
+                std::env::var_os("HOOKRELAY_REQUIRE_POSTGRES").is_none(),
+                "HOOKRELAY_REQUIRE_POSTGRES is set but no PostgreSQL could start: {reason}"
+            );
+            eprintln!("SKIPPED: no PostgreSQL server for these tests ({reason})");
+            None
+        }
+    }
+}
+
+impl Server {
+    /// A server of this test's own, to restart or stop; `None` (test skipped) where no
+    /// server can run here.
+    pub fn own() -> Option<Server> {
+        available(start())
+    }
+
+    /// A new empty database on this server.
+    pub fn database(&self) -> Database {
         let name = format!(
             "hr_test_{}_{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
-        let mut admin = postgres::Client::connect(
-            &format!(
-                "host=127.0.0.1 port={} user=postgres dbname=postgres",
-                server.port
-            ),
-            postgres::NoTls,
-        )
-        .expect("the test server takes connections");
+        let mut admin = postgres::Client::connect(&self.admin_url(), postgres::NoTls)
+            .expect("the test server takes connections");
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("a test database");
-        Some(Database {
-            url: format!("postgres://postgres@127.0.0.1:{}/{name}", server.port),
-        })
+        Database {
+            url: format!("postgres://postgres@127.0.0.1:{}/{name}", self.port),
+        }
+    }
+
+    fn admin_url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    /// `pg_ctl restart -m MODE` (`immediate` is a crash and its recovery); returns once the
+    /// server takes connections again.
+    pub fn restart(&self, mode: &str) {
+        let log = self.dir.join("log");
+        run(Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["restart", "-w", "-t", "60", "-m", mode, "-D"])
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&log))
+        .expect("pg_ctl restart");
+    }
+
+    /// `pg_ctl stop -m MODE`, or `start` again after it.
+    pub fn pg_ctl(&self, action: &str, mode: &str) {
+        let log = self.dir.join("log");
+        let mut command = Command::new("runuser");
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args([action, "-w", "-t", "60", "-D"])
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&log);
+        if action == "stop" {
+            command.args(["-m", mode]);
+        }
+        run(&mut command).expect("pg_ctl");
+    }
+
+    /// Runs SQL as the superuser on database `postgres` (e.g. `pg_terminate_backend`).
+    pub fn admin(&self, sql: &str) {
+        let mut admin = postgres::Client::connect(&self.admin_url(), postgres::NoTls)
+            .expect("the test server takes connections");
+        admin.batch_execute(sql).expect("admin SQL");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if SERVER.get().and_then(|s| s.as_ref()).map(|s| s.port) != Some(self.port) {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"))
+                .args(["stop", "-m", "immediate", "-D"])
+                .arg(&self.data)
+                .output();
+            let _ = std::fs::remove_dir_all(&self.data);
+        }
+    }
+}
+
+impl Database {
+    /// A new empty database on the shared server, or `None` (test skipped) where no server
+    /// can run here.
+    pub fn create() -> Option<Database> {
+        let server = SERVER.get_or_init(|| available(start())).as_ref()?;
+        Some(server.database())
     }
 }
