@@ -25,9 +25,13 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(config: Config) -> Result<Runtime, UpstreamError> {
+    /// `shared`: the limits' state when several relays share the store.
+    pub fn new(
+        config: Config,
+        shared: Option<Arc<crate::store::postgres::limits::SharedLimits>>,
+    ) -> Result<Runtime, UpstreamError> {
         let upstreams = Upstreams::new(&config.upstreams)?;
-        let limits = crate::limits::Limits::new(&config);
+        let limits = crate::limits::Limits::new(&config, shared);
         Ok(Runtime {
             config,
             upstreams,
@@ -83,7 +87,7 @@ impl App {
         Ok(Arc::new(App {
             max_connections,
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
-            runtime: ArcSwap::from_pointee(Runtime::new(config)?),
+            runtime: ArcSwap::from_pointee(Runtime::new(config, outbox.shared_limits.clone())?),
             config_path: path,
             server,
             shutting_down: AtomicBool::new(false),
@@ -107,7 +111,10 @@ impl App {
             .as_ref()
             .ok_or("this relay was not started from a configuration path")?;
         let config = crate::config::load(path).map_err(|problems| problems.to_string())?;
-        let runtime = Arc::new(Runtime::new(config).map_err(|err| err.to_string())?);
+        let runtime = Arc::new(
+            Runtime::new(config, self.outbox.shared_limits.clone())
+                .map_err(|err| err.to_string())?,
+        );
         self.runtime.store(runtime.clone());
         self.reloads.send_modify(|count| *count += 1);
         Ok(runtime)

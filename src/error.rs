@@ -39,6 +39,22 @@ impl From<&serde_json::Error> for JsonSyntaxError {
     }
 }
 
+impl ApiError {
+    /// The answer to a request a limit did not admit.
+    pub fn limited(limit: &str, refused: crate::limits::Refused) -> ApiError {
+        match refused {
+            crate::limits::Refused::Over(wait) => ApiError::RateLimited {
+                limit: limit.to_owned(),
+                wait,
+            },
+            crate::limits::Refused::Unavailable(reason) => ApiError::LimitUnavailable {
+                limit: limit.to_owned(),
+                reason,
+            },
+        }
+    }
+}
+
 /// An error answered to the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -83,6 +99,10 @@ pub enum ApiError {
         limit: String,
         wait: std::time::Duration,
     },
+    /// A limit shared by the relays could not be checked (the database is unreachable):
+    /// the request is refused rather than let through unchecked.
+    #[error("{limit} cannot be checked now ({reason}); refused until it can be; retry in a second")]
+    LimitUnavailable { limit: String, reason: String },
     /// The webhook could not be stored, so it is not acknowledged: the sender retries.
     #[error("the webhook was not stored, so it is not acknowledged; try again: {0}")]
     Store(crate::outbox::StoreError),
@@ -111,6 +131,7 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             );
             return response;
         }
+        ApiError::LimitUnavailable { .. } => return retry_in_a_second(&message),
         ApiError::Store(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "message": message }),

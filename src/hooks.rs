@@ -96,13 +96,10 @@ fn verify(
     }
     if let Some(limiter) = runtime.limits.source(&source.name)
         && limiter.limit.on_limit == crate::limits::OnLimit::Reject
-        && let Err(wait) = limiter.check(&source.name)
+        && let Err(refused) = limiter.check(&source.name)
     {
-        tracing::warn!(source = %source.name, delivery = %received.delivery, limit = %limiter.name, "webhook over its limit");
-        return Err(ApiError::RateLimited {
-            limit: limiter.name.clone(),
-            wait,
-        });
+        tracing::warn!(source = %source.name, delivery = %received.delivery, limit = %limiter.name, ?refused, "webhook not admitted by its limit");
+        return Err(ApiError::limited(&limiter.name, refused));
     }
     Ok((received, url_ref))
 }
@@ -214,12 +211,9 @@ fn check_upstream_limits(runtime: &Runtime, triggers: &[NewTrigger]) -> Result<(
         let limiter = runtime.limits.upstream_project(&trigger.upstream);
         if let Some(limiter) =
             limiter.filter(|l| l.limit.on_limit == crate::limits::OnLimit::Reject)
-            && let Err(wait) = limiter.check(&trigger.project)
+            && let Err(refused) = limiter.check(&trigger.project)
         {
-            return Err(ApiError::RateLimited {
-                limit: limiter.name.clone(),
-                wait,
-            });
+            return Err(ApiError::limited(&limiter.name, refused));
         }
     }
     Ok(())

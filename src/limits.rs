@@ -4,11 +4,18 @@
 //! `on_limit = "reject"` answers `429` with an exact `Retry-After`; `on_limit = "queue"`
 //! accepts and lets the outbox hold the trigger until the limit allows it, never dropping
 //! it. Keys are a source's name, a project, or a gateway client; idle keys are evicted so
-//! that a stream of new keys cannot grow the limiters without bound. The limiters belong
-//! to one configuration: a reload starts them afresh.
+//! that a stream of new keys cannot grow the limiters without bound.
+//!
+//! One relay (SQLite) keeps its limiters in memory; they belong to one configuration and
+//! a reload starts them afresh. Relays sharing PostgreSQL share the limits' state in the
+//! database (`store::postgres::limits`): N relays admit what one would, and a reload
+//! keeps the state (new parameters apply to it). When the database cannot say, a limit
+//! refuses (fails closed): [`Refused::Unavailable`].
 
 use std::num::NonZeroU32;
 use std::time::Duration;
+
+use std::sync::Arc;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -65,12 +72,27 @@ pub struct Limit {
     pub on_limit: OnLimit,
 }
 
+use crate::store::postgres::limits::SharedLimits;
+
+/// Why a request was not admitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Over the limit: one would be admitted after this long.
+    Over(Duration),
+    /// The shared limit's state cannot be read (the database is unreachable).
+    Unavailable(String),
+}
+
 /// A keyed limiter and the name of the setting it enforces, for messages.
 pub struct Limiter {
     /// E.g. `[gateway] limit.per_project (30/min)`.
     pub name: String,
     pub limit: Limit,
+    /// The setting without its parameters (`gateway.per_project`): what shared state is
+    /// keyed by, so that a reload with a new rate keeps the state.
+    scope: String,
     limiter: DefaultKeyedRateLimiter<String>,
+    shared: Option<Arc<SharedLimits>>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -83,7 +105,18 @@ impl std::fmt::Debug for Limiter {
 }
 
 impl Limiter {
+    /// A limiter of this relay's own.
     pub fn new(name: String, limit: Limit) -> Limiter {
+        Limiter::shared(name, String::new(), limit, None)
+    }
+
+    /// A limiter whose state is `shared` by every relay on the database when given.
+    pub fn shared(
+        name: String,
+        scope: String,
+        limit: Limit,
+        shared: Option<Arc<SharedLimits>>,
+    ) -> Limiter {
         let period = limit.rate.per / limit.rate.count.get();
         let quota = Quota::with_period(period)
             .expect("a rate's period is never zero")
@@ -91,15 +124,31 @@ impl Limiter {
         Limiter {
             name,
             limit,
+            scope,
             limiter: RateLimiter::keyed(quota),
+            shared,
         }
     }
 
-    /// Takes one request for `key`, or says how long until one is allowed.
-    pub fn check(&self, key: &str) -> Result<(), Duration> {
+    /// Takes one request for `key`, or says why not.
+    pub fn check(&self, key: &str) -> Result<(), Refused> {
+        if let Some(shared) = &self.shared {
+            return match shared.admit(
+                &format!("{}\u{1f}{key}", self.scope),
+                self.limit.rate.per,
+                self.limit.rate.count.get(),
+                self.limit.burst.get(),
+            ) {
+                Ok(wait) if wait.is_zero() => Ok(()),
+                Ok(wait) => Err(Refused::Over(wait)),
+                Err(reason) => Err(Refused::Unavailable(reason)),
+            };
+        }
         self.limiter
             .check_key(&key.to_owned())
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+            .map_err(|not_until| {
+                Refused::Over(not_until.wait_time_from(DefaultClock::default().now()))
+            })
     }
 
     /// Forgets keys that are back to a full burst, so idle keys take no memory.
@@ -146,7 +195,9 @@ mod tests {
         let limiter = Limiter::new("test".into(), limit("60/min", 2));
         assert!(limiter.check("a").is_ok());
         assert!(limiter.check("a").is_ok());
-        let wait = limiter.check("a").unwrap_err();
+        let Refused::Over(wait) = limiter.check("a").unwrap_err() else {
+            panic!("a local limiter is always available")
+        };
         assert!(
             wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
             "{wait:?}"
@@ -183,10 +234,13 @@ pub struct Limits {
     pub gateway_project: Option<Limiter>,
     pub gateway_client: Option<Limiter>,
     pub gateway_token: Option<Limiter>,
+    shared: Option<Arc<SharedLimits>>,
 }
 
 impl Limits {
-    pub fn new(config: &crate::config::Config) -> Limits {
+    /// The limiters of `config`, sharing state through `shared` when several relays share
+    /// the store.
+    pub fn new(config: &crate::config::Config, shared: Option<Arc<SharedLimits>>) -> Limits {
         let sources = config
             .sources
             .values()
@@ -194,9 +248,11 @@ impl Limits {
                 let limit = s.limit.clone()?;
                 Some((
                     s.name.clone(),
-                    Limiter::new(
+                    Limiter::shared(
                         format!("[source.{}] limit.rate ({})", s.name, limit.rate),
+                        format!("source.{}", s.name),
                         limit,
+                        shared.clone(),
                     ),
                 ))
             })
@@ -208,9 +264,11 @@ impl Limits {
                 let limit = u.per_project.clone();
                 (
                     u.name.clone(),
-                    Limiter::new(
+                    Limiter::shared(
                         format!("[upstream.{}] limit.per_project ({})", u.name, limit.rate),
+                        format!("upstream.{}.per_project", u.name),
                         limit,
+                        shared.clone(),
                     ),
                 )
             })
@@ -218,9 +276,11 @@ impl Limits {
         let gateway = config.gateway.as_ref();
         let gateway_limiter = |limit: Option<&Limit>, key: &str| {
             limit.map(|limit| {
-                Limiter::new(
+                Limiter::shared(
                     format!("[gateway] limit.{key} ({})", limit.rate),
+                    format!("gateway.{key}"),
                     limit.clone(),
+                    shared.clone(),
                 )
             })
         };
@@ -236,7 +296,13 @@ impl Limits {
                 "per_client",
             ),
             gateway_token: gateway_limiter(gateway.and_then(|g| g.per_token.as_ref()), "per_token"),
+            shared,
         }
+    }
+
+    /// The shared state, when relays share one (for GitLab's pauses).
+    pub fn shared(&self) -> Option<&Arc<SharedLimits>> {
+        self.shared.as_ref()
     }
 
     pub fn source(&self, name: &str) -> Option<&Limiter> {
@@ -257,6 +323,11 @@ impl Limits {
             .chain(self.gateway_token.iter());
         for limiter in all {
             limiter.evict_idle();
+        }
+        if let Some(shared) = &self.shared
+            && let Err(reason) = shared.evict_idle()
+        {
+            tracing::warn!(%reason, "idle shared limit keys could not be evicted");
         }
     }
 }

@@ -312,13 +312,10 @@ async fn dispatch(
                 (runtime.limits.gateway_token.as_ref(), token_key.as_deref()),
             ] {
                 if let (Some(limiter), Some(key)) = (limiter, key)
-                    && let Err(wait) = limiter.check(key)
+                    && let Err(refused) = limiter.check(key)
                 {
-                    tracing::warn!(limit = %limiter.name, project = %trigger.project, "gateway call over its limit");
-                    return Err(ApiError::RateLimited {
-                        limit: limiter.name.clone(),
-                        wait,
-                    });
+                    tracing::warn!(limit = %limiter.name, project = %trigger.project, ?refused, "gateway call not admitted by its limit");
+                    return Err(ApiError::limited(&limiter.name, refused));
                 }
             }
             if app.dry_run {

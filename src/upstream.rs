@@ -94,6 +94,11 @@ impl Upstreams {
 }
 
 impl Upstream {
+    /// Time allowed for one whole call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
         let tls_error = |reason: String| UpstreamError::Tls {
             upstream: config.name.clone(),

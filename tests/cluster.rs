@@ -22,15 +22,47 @@ use common::*;
 
 const SECRET: &str = "s3cret-for-the-tests";
 
-/// A configuration folder for relays on `database`: the durable test configuration (one
-/// rule: every GitHub push → acme/app on main, with its delivery id as a variable) and a
-/// `[store]` with a short lease.
-fn cluster_config(dir: &Path, upstream: &str, database: &str, lease: &str) {
-    durable_config(dir, upstream);
+/// A configuration folder for relays on `database`: one rule (every GitHub push →
+/// acme/app on main, with its delivery id as a variable, so the upstream shows which
+/// deliveries arrived), the gateway, and a `[store]` with a short lease. `upstream_extra`
+/// goes into `[upstream.gitlab]`, `gateway_extra` into `[gateway]`.
+fn cluster_config_with(
+    dir: &Path,
+    upstream: &str,
+    database: &str,
+    lease: &str,
+    upstream_extra: &str,
+    gateway_extra: &str,
+) {
+    write(dir, "secret", SECRET);
+    write(
+        dir,
+        "relay.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"{upstream}\"\ntimeout = \"1s\"\n{upstream_extra}\n\
+             [gateway]\nupstream = \"gitlab\"\n{gateway_extra}\n\
+             [source.github]\nprovider = \"github\"\nsecret = \"file:{}\"\n\
+             [delivery]\nretry_base = \"50ms\"\nretry_cap = \"200ms\"\n\
+             [[rule]]\nname = \"all\"\nsource = \"github\"\n[rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\n\
+             token = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = {{ DELIVERY = \"{{{{ event.delivery }}}}\" }}\n",
+            dir.join("secret").display()
+        ),
+    );
     write(
         dir,
         "store.toml",
         &format!("[store]\nurl = \"{database}\"\nlease = \"{lease}\"\n"),
+    );
+}
+
+fn cluster_config(dir: &Path, upstream: &str, database: &str, lease: &str) {
+    cluster_config_with(
+        dir,
+        upstream,
+        database,
+        lease,
+        "limit = { per_project = \"1000/s\" }",
+        "",
     );
 }
 
@@ -253,4 +285,300 @@ async fn a_frozen_relay_is_fenced_out_when_it_wakes() {
     assert_eq!(rows[0].state.as_deref(), Some("sent"));
     assert_eq!(rows[0].attempts, 2, "A's claim, then B's");
     assert_eq!(upstream.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_exactly_across_relays() {
+    let Some(database) = database() else {
+        return;
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    cluster_config_with(
+        dir.path(),
+        &upstream.url(),
+        &database.url,
+        "3s",
+        "limit = { per_project = \"10/s\" }",
+        "limit = { per_client = \"60/min\", burst = 3 }",
+    );
+    let mut relays: Vec<Served> = (0..3).map(|n| relay(dir.path(), n)).collect();
+    let addresses: Vec<String> = relays.iter_mut().map(Served::address).collect();
+
+    // The gateway: a client's 12 calls spread over three relays; three relays with limits
+    // of their own would admit 9, one shared limit admits its burst of 3.
+    let mut admitted = 0;
+    for i in 0..12 {
+        let url = format!(
+            "http://{}/api/v4/projects/9/trigger/pipeline?token=TOKEN&ref=main",
+            addresses[i % 3]
+        );
+        let reply = post(&url, &[], Vec::new()).await;
+        match reply.status {
+            201 => admitted += 1,
+            429 => assert!(reply.text().contains("per_client"), "{}", reply.text()),
+            other => panic!("{other}: {}", reply.text()),
+        }
+    }
+    assert_eq!(admitted, 3);
+    let gateway_calls = upstream.received().len();
+
+    // Queued triggers: 10/s for the project, burst 10, whichever relay sends them.
+    let total = 30;
+    for i in 0..total {
+        assert_eq!(
+            push(&addresses[i % 3], &format!("limited-{i}"))
+                .await
+                .status,
+            202
+        );
+    }
+    eventually(Duration::from_secs(20), "every trigger sent", || {
+        calls_per_delivery(&upstream).len() >= total
+    })
+    .await;
+    let mut arrivals = upstream.received_at()[gateway_calls..].to_vec();
+    arrivals.sort();
+    let first = arrivals[0];
+    // In any prefix, at most the burst plus one per 100 ms (5 ms of slack for clocks).
+    for (i, at) in arrivals.iter().enumerate() {
+        let allowed =
+            10 + ((at.duration_since(first) + Duration::from_millis(5)).as_millis() / 100) as usize;
+        assert!(
+            i < allowed,
+            "call {} arrived {:?} after the first: over 10/s with burst 10",
+            i + 1,
+            at.duration_since(first)
+        );
+    }
+}
+
+/// Sends `count` webhooks round robin, `at_once` at a time, and returns the delivery ids
+/// acknowledged (202) and how many were refused with 503; no other answer is allowed.
+async fn push_many(
+    addresses: &[String],
+    prefix: &str,
+    count: usize,
+    at_once: usize,
+) -> (Vec<String>, usize) {
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    let mut next = 0;
+    while next < count {
+        let batch: Vec<_> = (next..(next + at_once).min(count))
+            .map(|i| {
+                let address = addresses[i % addresses.len()].clone();
+                let delivery = format!("{prefix}-{i}");
+                async move { (push(&address, &delivery).await, delivery) }
+            })
+            .collect();
+        for (reply, delivery) in futures_util::future::join_all(batch).await {
+            match reply.status {
+                202 => acknowledged.push(delivery),
+                503 => refused += 1,
+                other => panic!("{delivery}: {other} {}", reply.text()),
+            }
+        }
+        next += at_once;
+    }
+    (acknowledged, refused)
+}
+
+async fn readyz(address: &str) -> Reply {
+    send("GET", &format!("http://{address}/readyz"), &[], Vec::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart() {
+    let Some(server) = tokio::task::block_in_place(pg::Server::own) else {
+        return;
+    };
+    let database = tokio::task::block_in_place(|| server.database());
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    cluster_config_with(
+        dir.path(),
+        &upstream.url(),
+        &database.url,
+        "3s",
+        "limit = { per_project = \"1000/s\" }",
+        "limit = { per_client = \"600/min\" }",
+    );
+    let mut relays: Vec<Served> = (0..2).map(|n| relay(dir.path(), n)).collect();
+    let addresses: Vec<String> = relays.iter_mut().map(Served::address).collect();
+    let (before, refused) = push_many(&addresses, "before", 10, 4).await;
+    assert_eq!((before.len(), refused), (10, 0));
+
+    tokio::task::block_in_place(|| server.pg_ctl("stop", "immediate"));
+    // Never acknowledged without a commit; /readyz says why; the gateway's shared limit
+    // refuses rather than let calls through unchecked.
+    let (during, refused) = push_many(&addresses, "during", 6, 2).await;
+    assert_eq!((during.len(), refused), (0, 6));
+    for address in &addresses {
+        let ready = readyz(address).await;
+        assert_eq!(ready.status, 503, "{}", ready.text());
+        assert!(
+            ready.text().contains("cannot be written"),
+            "{}",
+            ready.text()
+        );
+        let url =
+            format!("http://{address}/api/v4/projects/9/trigger/pipeline?token=TOKEN&ref=main");
+        let gateway = post(&url, &[], Vec::new()).await;
+        assert_eq!(gateway.status, 503, "{}", gateway.text());
+        assert!(
+            gateway.text().contains("cannot be checked"),
+            "{}",
+            gateway.text()
+        );
+    }
+
+    tokio::task::block_in_place(|| server.pg_ctl("start", ""));
+    let start = Instant::now();
+    loop {
+        let (after, _) = push_many(
+            &addresses,
+            &format!("after-{}", start.elapsed().as_millis()),
+            2,
+            2,
+        )
+        .await;
+        if after.len() == 2 {
+            break;
+        }
+        if start.elapsed() >= Duration::from_secs(15) {
+            let reply = push(&addresses[0], "still-refused").await;
+            panic!(
+                "no recovery after the database returned: {}\n{:#?}",
+                reply.text(),
+                relays[0].wait_for("no such line")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for address in &addresses {
+        let mut ready = readyz(address).await;
+        let waited = Instant::now();
+        while ready.status != 200 && waited.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            ready = readyz(address).await;
+        }
+        assert_eq!(ready.status, 200, "{}", ready.text());
+    }
+    eventually(
+        Duration::from_secs(15),
+        "every acknowledged webhook sent",
+        || {
+            let calls = calls_per_delivery(&upstream);
+            before.iter().all(|d| calls.contains_key(d))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
+    let Some(server) = tokio::task::block_in_place(pg::Server::own) else {
+        return;
+    };
+    let database = tokio::task::block_in_place(|| server.database());
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    cluster_config(dir.path(), &upstream.url(), &database.url, "3s");
+    let mut relays: Vec<Served> = (0..2).map(|n| relay(dir.path(), n)).collect();
+    let addresses: Vec<String> = relays.iter_mut().map(Served::address).collect();
+    let load = {
+        let addresses = addresses.clone();
+        tokio::spawn(async move { push_many(&addresses, "load", 300, 8).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // A crash and its recovery (an immediate shutdown skips the checkpoint), then the
+    // connections cut from the server's side.
+    tokio::task::block_in_place(|| server.restart("immediate"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| {
+        server.admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'hookrelay'",
+        )
+    });
+    let (acknowledged, refused) = load.await.unwrap();
+    eprintln!(
+        "{} acknowledged, {refused} refused during the faults",
+        acknowledged.len()
+    );
+    assert!(!acknowledged.is_empty());
+    eventually(
+        Duration::from_secs(30),
+        "every acknowledged webhook sent",
+        || {
+            let calls = calls_per_delivery(&upstream);
+            acknowledged.iter().all(|d| calls.contains_key(d))
+        },
+    )
+    .await;
+    // Nothing stays `sending` past its lease, and a refused webhook is not sent (a 503
+    // means nothing was committed... or, after a cut right after COMMIT, that the
+    // sender's retry will be told it is a duplicate).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let rows = tokio::task::block_in_place(|| rows(&database.url));
+    let stuck: Vec<_> = rows
+        .iter()
+        .filter(|r| r.state.as_deref() != Some("sent"))
+        .collect();
+    assert!(stuck.is_empty(), "{stuck:#?}");
+    let calls = calls_per_delivery(&upstream);
+    let twice = calls.values().filter(|&&n| n > 1).count();
+    eprintln!("{twice} sent twice (in flight at a fault)");
+    assert!(twice <= 4, "{calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_once_per_occurrence_while_any_relay_is_up() {
+    let Some(database) = database() else {
+        return;
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    cluster_config(dir.path(), &upstream.url(), &database.url, "3s");
+    write(
+        dir.path(),
+        "schedule.toml",
+        "[[rule]]\nname = \"every-second\"\nschedule = \"* * * * * *\"\n[rule.trigger]\nproject = \"77\"\nref = \"main\"\n\
+         token = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = { AT = \"{{ schedule.time }}\" }\n",
+    );
+    let mut relays: Vec<Served> = (0..3).map(|n| relay(dir.path(), n)).collect();
+    for relay in &mut relays {
+        relay.address();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // One relay dies, and comes back later; the others keep the schedule meanwhile.
+    relays[0].child.kill().unwrap();
+    relays[0].child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    relays[0] = relay(dir.path(), 0);
+    relays[0].address();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for relay in relays {
+        let (code, lines) = relay.terminate();
+        assert_eq!(code, Some(0), "{lines:#?}");
+    }
+    let mut per_occurrence: BTreeMap<String, usize> = BTreeMap::new();
+    for call in upstream.received() {
+        if let Some(at) = call.json()["variables"]["AT"].as_str() {
+            *per_occurrence.entry(at.to_owned()).or_insert(0) += 1;
+        }
+    }
+    assert!(per_occurrence.len() >= 6, "{per_occurrence:#?}");
+    assert!(
+        per_occurrence.values().all(|&n| n == 1),
+        "an occurrence fired twice: {per_occurrence:#?}"
+    );
+    // No second missed between the first and the last occurrence.
+    let times: Vec<chrono::DateTime<chrono::FixedOffset>> = per_occurrence
+        .keys()
+        .map(|t| chrono::DateTime::parse_from_rfc3339(t).unwrap())
+        .collect();
+    for pair in times.windows(2) {
+        assert_eq!((pair[1] - pair[0]).num_seconds(), 1, "{per_occurrence:#?}");
+    }
 }

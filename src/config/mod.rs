@@ -742,7 +742,30 @@ impl Builder {
     fn finish(mut self, files: Vec<PathBuf>) -> Result<Config, Problems> {
         let rules = self.finish_rules();
         let store = match (self.store.take(), self.store_from_env.take()) {
-            (Some((read, _)), _) => read,
+            (Some((read, origin)), _) => {
+                // A send starts only while its claim has the upstream's timeout left.
+                if let Some(store) = &read
+                    && let Some(slowest) = self
+                        .upstreams
+                        .values()
+                        .map(|(u, _)| u)
+                        .max_by_key(|u| u.timeout)
+                    && store.lease < slowest.timeout + Duration::from_secs(1)
+                {
+                    self.problems.push(Problem {
+                        file: origin.file.clone(),
+                        line: Some(origin.line),
+                        message: format!(
+                            "store.lease ({}) must be at least 1s longer than upstream.{}.timeout ({}): \
+                             a relay starts a send only while its claim outlasts the call",
+                            humantime::format_duration(store.lease),
+                            slowest.name,
+                            humantime::format_duration(slowest.timeout)
+                        ),
+                    });
+                }
+                read
+            }
             (None, Some(Ok(config))) => Some(config),
             (None, Some(Err(message))) => {
                 self.problems.push(Problem {

@@ -20,6 +20,7 @@ use super::retry::{RetryPolicy, Verdict, classify};
 use super::{DueTrigger, Outbox, Recorded, now_ms};
 use crate::app::App;
 use crate::git_ref::GitRef;
+use crate::limits::Refused;
 use crate::metrics::TriggerOutcome;
 use crate::secret::{Secret, SecretRef};
 use crate::store::Lease;
@@ -60,6 +61,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Projects GitLab answered `429` for, and until when their triggers wait.
 type Paused = Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>;
+
+/// Lease left beyond an upstream call's timeout for a send to start.
+const TRUST_MARGIN: Duration = Duration::from_millis(500);
 
 /// How often idle rate-limit keys are evicted.
 const EVICT_EVERY: Duration = Duration::from_secs(60);
@@ -107,6 +111,8 @@ pub async fn run(
         }
         let free = options.workers.saturating_sub(in_flight.len());
         if free > 0 && claim_at <= now_ms() {
+            // Taken before the claim: a lease never lasts longer than this relay thinks.
+            let claimed_at = std::time::Instant::now();
             match outbox.claim(free).await {
                 Ok(batch) => {
                     store_backoff = Duration::ZERO;
@@ -124,6 +130,7 @@ pub async fn run(
                         let held = Held {
                             paused: paused.clone(),
                             outages: outages.clone(),
+                            claimed_at,
                         };
                         let (app, outbox, options) = (app.clone(), outbox.clone(), options.clone());
                         in_flight.spawn(async move {
@@ -182,6 +189,9 @@ pub async fn run(
 struct Held {
     paused: Paused,
     outages: Arc<Outages>,
+    /// When the claim was asked for: with a shared store, a send starts only while the
+    /// claim's lease has at least the upstream's timeout left (its trust window).
+    claimed_at: std::time::Instant,
 }
 
 /// One attempt at one trigger.
@@ -266,6 +276,16 @@ async fn attempt(
         outbox.record(due.lease, Recorded::DryRun { would_send });
         return;
     }
+    if let Some(lease) = outbox.lease {
+        let left = lease.saturating_sub(held.claimed_at.elapsed());
+        if left < upstream.timeout() + TRUST_MARGIN {
+            // This relay was held up (frozen, starved) since it claimed: another may
+            // take the key over before the call could end. Hand it back unsent.
+            tracing::warn!(%delivery, %source, %rule, %project, left_ms = left.as_millis() as u64, "claim too old to start a send; handed back");
+            outbox.record(due.lease, Recorded::Released);
+            return;
+        }
+    }
     let result = upstream.send(&trigger.upstream_call()).await;
     app.metrics.upstream_response(
         &upstream.name,
@@ -312,11 +332,12 @@ async fn attempt(
         } => {
             if status == Some(429) {
                 // GitLab's pressure slows this project, not the whole relay.
-                let until = std::time::Instant::now() + floor.max(Duration::from_secs(1));
-                held.paused
-                    .lock()
-                    .expect("the paused map is never poisoned")
-                    .insert(pause_key(&due), until);
+                pause_project(
+                    &runtime,
+                    &due,
+                    &held.paused,
+                    floor.max(Duration::from_secs(1)),
+                );
             }
             retry_or_fail(app, &due, options, attempts, floor, status, reason)
         }
@@ -347,12 +368,17 @@ fn pause_key(due: &DueTrigger) -> String {
 }
 
 /// Whether a trigger must wait: its project is paused after a `429`, or a queueing limit
-/// (the upstream's per project, the source's) has no room yet. How long, and why.
+/// (the upstream's per project, the source's) has no room yet. How long, and why. With a
+/// shared store both are decided in the database, for every relay at once; when it cannot
+/// say, the trigger waits a second.
 fn held_back(
     runtime: &crate::app::Runtime,
     due: &DueTrigger,
     paused: &Paused,
 ) -> Option<(Duration, String)> {
+    let slow_down = || format!("GitLab asked to slow down for project {}", due.project);
+    // This relay's own pauses (all of them on one relay; with a shared store, those it
+    // could not share).
     let paused_until = paused
         .lock()
         .expect("the paused map is never poisoned")
@@ -361,21 +387,49 @@ fn held_back(
     if let Some(until) = paused_until {
         let now = std::time::Instant::now();
         if until > now {
-            return Some((
-                until - now,
-                format!("GitLab asked to slow down for project {}", due.project),
-            ));
+            return Some((until - now, slow_down()));
+        }
+    }
+    if let Some(shared) = runtime.limits.shared() {
+        match shared.paused(&pause_key(due)) {
+            Ok(Some(wait)) => return Some((wait, slow_down())),
+            Ok(None) => {}
+            Err(reason) => {
+                return Some((
+                    Duration::from_secs(1),
+                    format!("GitLab's pauses cannot be read: {reason}"),
+                ));
+            }
         }
     }
     let queueing = |limiter: Option<&crate::limits::Limiter>, key: &str| {
         let limiter = limiter.filter(|l| l.limit.on_limit == crate::limits::OnLimit::Queue)?;
-        limiter
-            .check(key)
-            .err()
-            .map(|wait| (wait, format!("over {}", limiter.name)))
+        limiter.check(key).err().map(|refused| match refused {
+            Refused::Over(wait) => (wait, format!("over {}", limiter.name)),
+            Refused::Unavailable(reason) => (
+                Duration::from_secs(1),
+                format!("{} cannot be checked: {reason}", limiter.name),
+            ),
+        })
     };
     queueing(runtime.limits.upstream_project(&due.upstream), &due.project)
         .or_else(|| queueing(runtime.limits.source(&due.source), &due.source))
+}
+
+/// GitLab answered `429` for this trigger's project: hold the project back, on every
+/// relay when they share the store.
+fn pause_project(runtime: &crate::app::Runtime, due: &DueTrigger, paused: &Paused, wait: Duration) {
+    if let Some(shared) = runtime.limits.shared() {
+        if let Err(reason) = shared.pause(&pause_key(due), wait) {
+            tracing::warn!(project = %due.project, %reason, "GitLab's pause could not be shared with the other relays; this relay keeps it");
+        } else {
+            return;
+        }
+    }
+    paused
+        .lock()
+        .expect("the paused map is never poisoned")
+        .insert(pause_key(due), std::time::Instant::now() + wait);
 }
 
 fn retry_or_fail(

@@ -30,7 +30,7 @@ use tokio::sync::{Notify, oneshot};
 use crate::store::lock::{StateLock, lock_state_folder};
 use crate::store::postgres::PostgresEngine;
 use crate::store::sqlite::SqliteEngine;
-use crate::store::{Claimed, Engine, EngineError, Lease, StoreLocation};
+use crate::store::{Claimed, Engine, EngineError, Lease, StoreLocation, blocking};
 
 pub use crate::store::sqlite::{Durability, STORE_FILE};
 pub use crate::store::{
@@ -127,6 +127,11 @@ pub struct Outbox {
     /// Other relays share this store: triggers they queue or give up are claimed here too,
     /// so the forwarder looks for due work at least once a second.
     pub shared: bool,
+    /// The state of rate limits and GitLab's pauses, when relays share the store.
+    pub shared_limits: Option<Arc<crate::store::postgres::limits::SharedLimits>>,
+    /// How long a claim holds its key when relays share the store: a send starts only
+    /// while its claim has at least an upstream timeout left.
+    pub lease: Option<Duration>,
 }
 
 impl Outbox {
@@ -194,6 +199,10 @@ impl Outbox {
                 let mut outbox = Outbox::start(Box::new(writer), Box::new(reader), None)
                     .map_err(|err| error(EngineError::failed(err.to_string())))?;
                 outbox.shared = true;
+                outbox.lease = Some(config.lease);
+                outbox.shared_limits = Some(Arc::new(
+                    crate::store::postgres::limits::SharedLimits::new(config.clone()),
+                ));
                 Ok(outbox)
             }
         }
@@ -227,6 +236,8 @@ impl Outbox {
             queued,
             health,
             shared: false,
+            shared_limits: None,
+            lease: None,
         })
     }
 
@@ -309,17 +320,6 @@ impl Outbox {
             .map(|due| (now_ms() - due).max(0) as u64)
             .unwrap_or(0);
         Ok((depth.open, Duration::from_millis(age)))
-    }
-}
-
-/// Runs a blocking store call from async code without stalling the runtime's other tasks
-/// (and without the PostgreSQL client's own runtime nesting inside tokio's).
-fn blocking<T>(call: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(call)
-        }
-        _ => call(),
     }
 }
 

@@ -96,6 +96,17 @@ impl StoreLocation {
     }
 }
 
+/// Runs a blocking store call from async code without stalling the runtime's other tasks
+/// (and without the PostgreSQL client's own runtime nesting inside tokio's).
+pub fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
+    }
+}
+
 /// Milliseconds since 1970, the store's clock.
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -9,6 +9,7 @@
 //! engine reconnects at the next transaction.
 
 mod connect;
+pub mod limits;
 
 use std::collections::HashMap;
 
@@ -93,6 +94,7 @@ CREATE TABLE hr_open (shard integer PRIMARY KEY, open bigint NOT NULL);
 INSERT INTO hr_open (shard, open) SELECT s, CASE WHEN s = 0 THEN (SELECT open FROM hr_stats WHERE id = 1) ELSE 0 END
   FROM generate_series(0, 15) AS s;
 "#,
+    limits::SCHEMA,
 ];
 
 /// The PostgreSQL engine over one connection.
@@ -216,6 +218,16 @@ impl PostgresEngine {
     pub fn with_lease(mut self, lease: std::time::Duration) -> PostgresEngine {
         self.lease_ms = lease.as_millis() as i64;
         self
+    }
+
+    /// A lost connection (the database restarted, a network cut) comes back at the next
+    /// use.
+    fn reconnect_if_lost(&mut self) -> Result<(), EngineError> {
+        if self.client().is_closed() {
+            self.client = Some(self.config.connect()?);
+            self.statements.clear();
+        }
+        Ok(())
     }
 
     fn client(&mut self) -> &mut Client {
@@ -419,11 +431,7 @@ impl Engine for PostgresEngine {
     }
 
     fn begin(&mut self, _durable: bool) -> Result<(), EngineError> {
-        // A lost connection comes back at the next transaction.
-        if self.client().is_closed() {
-            self.client = Some(self.config.connect()?);
-            self.statements.clear();
-        }
+        self.reconnect_if_lost()?;
         // One round trip begins the transaction and reads the database's clock.
         let messages = self
             .client()
@@ -776,6 +784,7 @@ impl Engine for PostgresEngine {
     }
 
     fn depth(&mut self) -> Result<Depth, EngineError> {
+        self.reconnect_if_lost()?;
         let row = self
             .client()
             .query_one(
@@ -799,6 +808,7 @@ impl Engine for PostgresEngine {
     }
 
     fn list(&mut self, failed_only: bool, limit: usize) -> Result<Vec<DeliveryRow>, EngineError> {
+        self.reconnect_if_lost()?;
         let filter = if failed_only {
             "WHERE t.state = 'failed'"
         } else {

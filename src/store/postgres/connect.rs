@@ -83,7 +83,7 @@ impl PostgresConfig {
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(5)
             // A relay frozen in a transaction must not hold its locks for ever.
-            .options("-c idle_in_transaction_session_timeout=60000");
+            .options("-c idle_in_transaction_session_timeout=60000 -c client_min_messages=warning");
         let client = if config.get_ssl_mode() == SslMode::Disable {
             config.connect(postgres::NoTls)
         } else {

@@ -164,7 +164,7 @@ impl Server {
     /// `pg_ctl restart -m MODE` (`immediate` is a crash and its recovery); returns once the
     /// server takes connections again.
     pub fn restart(&self, mode: &str) {
-        let log = self.dir.join("log");
+        let log = self.dir.join("pg_ctl.log");
         run(Command::new("runuser")
             .args(["-u", "postgres", "--"])
             .arg(self.bin.join("pg_ctl"))
@@ -177,7 +177,7 @@ impl Server {
 
     /// `pg_ctl stop -m MODE`, or `start` again after it.
     pub fn pg_ctl(&self, action: &str, mode: &str) {
-        let log = self.dir.join("log");
+        let log = self.dir.join("pg_ctl.log");
         let mut command = Command::new("runuser");
         command
             .args(["-u", "postgres", "--"])
@@ -188,6 +188,13 @@ impl Server {
             .arg(&log);
         if action == "stop" {
             command.args(["-m", mode]);
+        } else {
+            // As the first start had them (only `restart` reads them back itself).
+            command.arg("-o").arg(format!(
+                "-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=on -c max_connections=200",
+                self.port,
+                self.dir.display()
+            ));
         }
         run(&mut command).expect("pg_ctl");
     }
