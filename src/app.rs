@@ -76,6 +76,7 @@ impl App {
         dry_run: bool,
     ) -> Result<Arc<App>, UpstreamError> {
         let server = config.server.clone();
+        let shared_store = outbox.shared;
         // Room for at least one body of the largest size accepted.
         let gateway_max = config.gateway.as_ref().map_or(0, |g| g.max_body);
         let budget = server.body_memory.max(server.max_body).max(gateway_max);
@@ -94,7 +95,7 @@ impl App {
             reloads: tokio::sync::watch::Sender::new(0),
             outbox,
             dry_run,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(Metrics::for_store(shared_store)),
         }))
     }
 

@@ -130,11 +130,18 @@ impl Limiter {
         }
     }
 
-    /// Takes one request for `key`, or says why not.
+    /// The key of `key`'s shared state: GitLab's pauses for a project are kept on the
+    /// upstream's per-project key, so one check reads both.
+    pub fn shared_key(&self, key: &str) -> String {
+        format!("{}\u{1f}{key}", self.scope)
+    }
+
+    /// Takes one request for `key`, or says why not. A shared limit also refuses while
+    /// the key is paused (GitLab's `Retry-After`).
     pub fn check(&self, key: &str) -> Result<(), Refused> {
         if let Some(shared) = &self.shared {
             return match shared.admit(
-                &format!("{}\u{1f}{key}", self.scope),
+                &self.shared_key(key),
                 self.limit.rate.per,
                 self.limit.rate.count.get(),
                 self.limit.burst.get(),

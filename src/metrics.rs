@@ -88,6 +88,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Metrics::for_store(false)
+    }
+
+    /// `shared_store`: relays share the store, so the outbox gauges describe the whole
+    /// cluster; every relay exports the same value, labelled `scope="cluster"` (graph the
+    /// `max`, not the `sum`).
+    pub fn for_store(shared_store: bool) -> Metrics {
         let mut registry = Registry::with_prefix("hookrelay");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -131,14 +138,19 @@ impl Metrics {
             "From a trigger's webhook being accepted to GitLab's final answer",
             delivery_latency.clone(),
         );
+        let outbox_registry = if shared_store {
+            registry.sub_registry_with_label(("scope".into(), "cluster".into()))
+        } else {
+            &mut registry
+        };
         let outbox_depth = Gauge::default();
-        registry.register(
+        outbox_registry.register(
             "outbox_depth",
             "Triggers waiting to be sent or being sent",
             outbox_depth.clone(),
         );
         let outbox_oldest_due_age = Gauge::<f64, AtomicU64>::default();
-        registry.register(
+        outbox_registry.register(
             "outbox_oldest_due_age_seconds",
             "How long the longest-due waiting trigger has been due",
             outbox_oldest_due_age.clone(),

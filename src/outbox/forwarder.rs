@@ -367,6 +367,15 @@ fn pause_key(due: &DueTrigger) -> String {
     format!("{}\u{1f}{}", due.upstream, due.project)
 }
 
+/// Where relays sharing the store keep a project's pause: on the upstream's per-project
+/// limit key, so that checking the limit reads the pause too.
+fn shared_pause_key(runtime: &crate::app::Runtime, due: &DueTrigger) -> String {
+    runtime
+        .limits
+        .upstream_project(&due.upstream)
+        .map_or_else(|| pause_key(due), |limit| limit.shared_key(&due.project))
+}
+
 /// Whether a trigger must wait: its project is paused after a `429`, or a queueing limit
 /// (the upstream's per project, the source's) has no room yet. How long, and why. With a
 /// shared store both are decided in the database, for every relay at once; when it cannot
@@ -390,8 +399,13 @@ fn held_back(
             return Some((until - now, slow_down()));
         }
     }
-    if let Some(shared) = runtime.limits.shared() {
-        match shared.paused(&pause_key(due)) {
+    let upstream_limit = runtime.limits.upstream_project(&due.upstream);
+    let checked_with_the_limit =
+        upstream_limit.is_some_and(|l| l.limit.on_limit == crate::limits::OnLimit::Queue);
+    if let Some(shared) = runtime.limits.shared()
+        && !checked_with_the_limit
+    {
+        match shared.paused(&shared_pause_key(runtime, due)) {
             Ok(Some(wait)) => return Some((wait, slow_down())),
             Ok(None) => {}
             Err(reason) => {
@@ -412,7 +426,7 @@ fn held_back(
             ),
         })
     };
-    queueing(runtime.limits.upstream_project(&due.upstream), &due.project)
+    queueing(upstream_limit, &due.project)
         .or_else(|| queueing(runtime.limits.source(&due.source), &due.source))
 }
 
@@ -420,7 +434,7 @@ fn held_back(
 /// relay when they share the store.
 fn pause_project(runtime: &crate::app::Runtime, due: &DueTrigger, paused: &Paused, wait: Duration) {
     if let Some(shared) = runtime.limits.shared() {
-        if let Err(reason) = shared.pause(&pause_key(due), wait) {
+        if let Err(reason) = shared.pause(&shared_pause_key(runtime, due), wait) {
             tracing::warn!(project = %due.project, %reason, "GitLab's pause could not be shared with the other relays; this relay keeps it");
         } else {
             return;

@@ -103,16 +103,15 @@ impl SharedLimits {
         let burst = i64::from(burst);
         crate::store::blocking(|| {
             self.with_client(|client| {
-                let row = client.query_one(
-                    "SELECT hr_gcra_peek($1, $2, $3), hr_pause_left($1)",
-                    &[&key, &t_us, &burst],
-                )?;
-                let (over, paused): (i64, i64) = (row.get(0), row.get(1));
-                if over > 0 || paused > 0 {
-                    return Ok(over.max(paused));
-                }
+                // One round trip: the lock-free read refuses, and only a "maybe" takes
+                // the key's row lock.
                 client
-                    .query_one("SELECT hr_gcra($1, $2, $3)", &[&key, &t_us, &burst])
+                    .query_one(
+                        "SELECT CASE WHEN greatest(hr_gcra_peek($1, $2, $3), hr_pause_left($1)) > 0
+                                     THEN greatest(hr_gcra_peek($1, $2, $3), hr_pause_left($1))
+                                     ELSE hr_gcra($1, $2, $3) END",
+                        &[&key, &t_us, &burst],
+                    )
                     .map(|row| row.get::<_, i64>(0))
             })
         })

@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# hookrelay on PostgreSQL beside hookrelay on SQLite, in one run on 127.0.0.1, with wrk
+# (-t1, 64 connections by default) sending signed GitHub tag pushes (every delivery new):
+#
+#   1. one SQLite relay                              (the default store)
+#   2. one PostgreSQL relay, called directly
+#   3. 1, 2 and 4 PostgreSQL relays behind nginx     (round robin, as the README shows)
+#
+# Every relay runs its forwarder, sending each trigger to a stand-in GitLab (nginx
+# answering 201). PostgreSQL 15 runs with its defaults (fsync on, synchronous_commit on) in
+# a temporary folder. For each run: acks/s, p50, p99, and CPU time per 1,000 acks of the
+# relays and of PostgreSQL, read from /proc. Then the drain: triggers sent per second from
+# a backlog queued while GitLab was down, on one project+ref and on 1,000 of them.
+#
+# Run: benches/cluster.sh   (env: DURATION=10s, CONNECTIONS=64, HOOKRELAY=path/to/binary)
+# Installs wrk, nginx-light and postgresql from Debian's packages when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx-light)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+if ((${#missing[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [[ -z "${HOOKRELAY:-}" ]]; then
+  cargo build --release --quiet
+  HOOKRELAY=target/release/hookrelay
+fi
+HOOKRELAY=$(realpath "$HOOKRELAY")
+pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort | tail -1)
+
+work=$(mktemp -d)
+chmod 755 "$work"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [[ -f "$work/pg/data/postmaster.pid" ]] && runuser -u postgres -- "$pgbin/pg_ctl" stop -m fast -D "$work/pg/data" >/dev/null 2>&1 || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
+# CPU ticks (user + system) of the given processes.
+ticks() { local sum=0; for pid in "$@"; do [[ -r /proc/$pid/stat ]] && sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$sum"; }
+pg_pids() { pgrep -u postgres -f "postgres" | tr '\n' ' '; }
+
+standin_port=$(free_port); pg_port=$(free_port); sqlite_port=$(free_port)
+relay_ports=($(free_port) $(free_port) $(free_port) $(free_port))
+lb_ports=($(free_port) $(free_port) $(free_port))
+secret="It's a Secret to Everybody"
+payload=$PWD/tests/fixtures/github/push_tag.json
+signature="sha256=$(python3 -c 'import hmac,hashlib,sys; print(hmac.new(sys.argv[1].encode(), open(sys.argv[2],"rb").read(), hashlib.sha256).hexdigest())' "$secret" "$payload")"
+
+# PostgreSQL, defaults for durability, as the unprivileged postgres user.
+mkdir -p "$work/pg" && chown postgres:postgres "$work/pg"
+runuser -u postgres -- "$pgbin/initdb" -A trust -U postgres -D "$work/pg/data" >/dev/null
+runuser -u postgres -- "$pgbin/pg_ctl" start -w -D "$work/pg/data" -l "$work/pg/log" \
+  -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1 -c max_connections=200" >/dev/null
+runuser -u postgres -- "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres hookrelay
+database="postgres://postgres@127.0.0.1:$pg_port/hookrelay"
+
+# nginx: the stand-in GitLab, and one round-robin balancer each for 1, 2 and 4 relays.
+mkdir -p "$work/nginx"
+balancers=""
+for i in 0 1 2; do
+  count=$((1 << i)); servers=""
+  for ((r = 0; r < count; r++)); do servers+="server 127.0.0.1:${relay_ports[$r]}; "; done
+  balancers+="upstream relays$count { $servers keepalive 64; }
+  server { listen 127.0.0.1:${lb_ports[$i]}; location / { proxy_pass http://relays$count; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }
+"
+done
+cat >"$work/nginx/nginx.conf" <<CONF
+worker_processes 1;
+error_log $work/nginx/error.log;
+pid $work/nginx/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx;
+  server {
+    listen 127.0.0.1:$standin_port;
+    location / {
+      default_type application/json;
+      return 201 '{"id":4242,"iid":7,"status":"created","ref":"main","web_url":"http://gitlab.example/acme/app/-/pipelines/4242"}';
+    }
+  }
+  $balancers
+}
+CONF
+nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
+
+printf '%s' "$secret" >"$work/secret"
+rules() {
+  cat <<CONF
+[upstream.gitlab]
+url = "http://127.0.0.1:$1"
+limit = { per_project = "1000000/min", burst = 100000 }
+[source.github]
+provider = "github"
+secret = "file:$work/secret"
+[[rule]]
+name = "tags"
+source = "github"
+events = ["tag"]
+[rule.trigger]
+project = "${2:-acme/app}"
+ref = "main"
+token = "file:$work/secret"
+variables = { UPSTREAM_TAG = "{{ event.ref_name }}", UPSTREAM_SHA = "{{ event.after }}" }
+CONF
+}
+mkdir -p "$work/sqlite-config" "$work/pg-config"
+rules "$standin_port" >"$work/sqlite-config/relay.toml"
+rules "$standin_port" >"$work/pg-config/relay.toml"
+printf '[store]\nurl = "%s"\n' "$database" >"$work/pg-config/store.toml"
+
+relay_pids=()
+start_relay() { # start_relay N: PostgreSQL relay number N on relay_ports[N]
+  "$HOOKRELAY" serve --config "$work/pg-config" --state "$work/unused-$1" --listen "127.0.0.1:${relay_ports[$1]}" \
+    >"$work/relay-$1.log" 2>&1 &
+  relay_pids+=($!); pids+=($!)
+  wait_for "http://127.0.0.1:${relay_ports[$1]}/healthz"
+}
+"$HOOKRELAY" serve --config "$work/sqlite-config" --state "$work/sqlite-state" --listen "127.0.0.1:$sqlite_port" \
+  >"$work/sqlite.log" 2>&1 & sqlite_pid=$!; pids+=($sqlite_pid)
+wait_for "http://127.0.0.1:$sqlite_port/healthz"
+wait_for "http://127.0.0.1:$standin_port/"
+
+depth() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^hookrelay_outbox_depth/ {print $2; exit}'; }
+drained() { for _ in $(seq 1800); do [[ "$(depth "$1")" == 0 ]] && return; sleep 0.1; done; }
+
+results=()
+# run NAME PORT CPU-PIDS…: one wrk run against 127.0.0.1:PORT; CPU of the given relay
+# processes and of every PostgreSQL process, per 1,000 acknowledged webhooks.
+run() {
+  local name=$1 port=$2; shift 2
+  local relays=("$@") pg
+  pg=$(pg_pids)
+  local relay_before pg_before out
+  relay_before=$(ticks "${relays[@]}"); pg_before=$(ticks $pg)
+  out=$(BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="cluster-$$-$RANDOM-$name" \
+        wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/peers/signed.lua "http://127.0.0.1:$port/hooks/github")
+  local relay_cpu pg_cpu completed rate p50 p99 errors hz
+  hz=$(getconf CLK_TCK)
+  relay_cpu=$(( $(ticks "${relays[@]}") - relay_before )); pg_cpu=$(( $(ticks $pg) - pg_before ))
+  completed=$(awk '/requests in/ {print $1}' <<<"$out")
+  rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  errors=$(awk '/Non-2xx or 3xx responses/ {print $5}' <<<"$out")
+  local per_k_relay per_k_pg
+  per_k_relay=$(awk -v t="$relay_cpu" -v n="$completed" -v hz="$hz" 'BEGIN { printf "%.0f", t / hz * 1000 / n * 1000 }')
+  per_k_pg=$(awk -v t="$pg_cpu" -v n="$completed" -v hz="$hz" 'BEGIN { printf "%.0f", t / hz * 1000 / n * 1000 }')
+  results+=("$name|$rate|$p50|$p99|${errors:-0}|$per_k_relay|$per_k_pg")
+}
+
+run "SQLite relay" "$sqlite_port" "$sqlite_pid"
+drained "$sqlite_port"
+start_relay 0
+run "PostgreSQL relay, direct" "${relay_ports[0]}" "${relay_pids[@]}"
+drained "${relay_ports[0]}"
+run "1 PostgreSQL relay behind nginx" "${lb_ports[0]}" "${relay_pids[@]}"
+drained "${relay_ports[0]}"
+start_relay 1
+run "2 PostgreSQL relays behind nginx" "${lb_ports[1]}" "${relay_pids[@]}"
+drained "${relay_ports[0]}"
+start_relay 2; start_relay 3
+run "4 PostgreSQL relays behind nginx" "${lb_ports[2]}" "${relay_pids[@]}"
+drained "${relay_ports[0]}"
+
+echo "cluster, one run: wrk -t1 -c$CONNECTIONS -d$DURATION on 127.0.0.1, $(nproc) cores, PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}')"
+printf '%-36s %10s %9s %9s %8s %14s %14s\n' system acks/s p50 p99 non-2xx "relay ms/1k" "postgres ms/1k"
+for row in "${results[@]}"; do
+  IFS='|' read -r name rate p50 p99 errors relay pg <<<"$row"
+  printf '%-36s %10s %9s %9s %8s %14s %14s\n' "$name" "$rate" "$p50" "$p99" "$errors" "$relay" "$pg"
+done
+rate_of() { for row in "${results[@]}"; do IFS='|' read -r n r _ _ _ _ _ <<<"$row"; [[ $n == "$1" ]] && echo "$r"; done; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+echo
+echo "one PostgreSQL relay / SQLite relay: $(ratio "$(rate_of "PostgreSQL relay, direct")" "$(rate_of "SQLite relay")")x"
+echo "2 relays / 1 relay behind nginx:     $(ratio "$(rate_of "2 PostgreSQL relays behind nginx")" "$(rate_of "1 PostgreSQL relay behind nginx")")x"
+echo "4 relays / 1 relay behind nginx:     $(ratio "$(rate_of "4 PostgreSQL relays behind nginx")" "$(rate_of "1 PostgreSQL relay behind nginx")")x"
+
+# The drain: stop the relays, queue a backlog with GitLab "down" (a closed port), then
+# start one relay with GitLab up and time it.
+drain() { # drain NAME PROJECT-TEMPLATE COUNT
+  local name=$1 project=$2 count=$3
+  for pid in "${relay_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait "${relay_pids[@]}" 2>/dev/null || true
+  relay_pids=()
+  rules "$(free_port)" "$project" >"$work/pg-config/relay.toml"
+  start_relay 0
+  python3 - "${relay_ports[0]}" "$payload" "$secret" "$count" "$name" <<'PY'
+import hashlib, hmac, http.client, sys, json
+port, payload, secret, count, name = int(sys.argv[1]), open(sys.argv[2], "rb").read(), sys.argv[3].encode(), int(sys.argv[4]), sys.argv[5]
+conn = http.client.HTTPConnection("127.0.0.1", port)
+for i in range(count):
+    body = json.loads(payload)
+    body["ref"] = f"refs/tags/v{i}"
+    raw = json.dumps(body).encode()
+    sig = "sha256=" + hmac.new(secret, raw, hashlib.sha256).hexdigest()
+    conn.request("POST", "/hooks/github", raw, {"Content-Type": "application/json", "X-GitHub-Event": "push",
+                 "X-GitHub-Delivery": f"drain-{name}-{i}", "X-Hub-Signature-256": sig})
+    response = conn.getresponse(); response.read()
+    assert response.status == 202, response.status
+PY
+  kill "${relay_pids[0]}"; wait "${relay_pids[0]}" 2>/dev/null || true; relay_pids=()
+  rules "$standin_port" "$project" >"$work/pg-config/relay.toml"
+  local started
+  started=$(date +%s.%N)
+  start_relay 0
+  drained "${relay_ports[0]}"
+  awk -v s="$started" -v e="$(date +%s.%N)" -v n="$count" -v name="$name" \
+    'BEGIN { printf "drain, %s: %d triggers in %.1f s, %.0f/s\n", name, n, e - s, n / (e - s) }'
+}
+drain "one project+ref" "acme/app" 5000
+drain "1,000 project+refs" "acme/app-{{ event.ref_name | replace('v', '') | int % 1000 }}" 5000
