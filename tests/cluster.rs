@@ -582,3 +582,106 @@ async fn a_schedule_fires_once_per_occurrence_while_any_relay_is_up() {
         assert_eq!((pair[1] - pair[0]).num_seconds(), 1, "{per_occurrence:#?}");
     }
 }
+
+/// `hookrelay` run with the relays' configuration folder's environment.
+fn command(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("HOOKRELAY_CONFIG")
+        .env_remove("HOOKRELAY_STORE_URL")
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-test")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_replay_and_explain_work_against_the_shared_store_from_anywhere() {
+    let Some(database) = database() else {
+        return;
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    cluster_config(dir.path(), &upstream.url(), &database.url, "3s");
+    let mut relay = relay(dir.path(), 0);
+    let address = relay.address();
+    assert_eq!(push(&address, "from-a-relay").await.status, 202);
+    eventually(Duration::from_secs(10), "sent", || {
+        upstream.received().len() == 1
+    })
+    .await;
+
+    // Another folder, no configuration: --store alone finds everything.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let state = elsewhere.path().join("state");
+    let state = state.to_str().unwrap();
+    let listed = command(&[
+        "deliveries",
+        "--state",
+        state,
+        "--store",
+        &database.url,
+        "--json",
+    ]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(
+        text.contains("from-a-relay") && text.contains("\"sent\""),
+        "{text}"
+    );
+    assert!(
+        !Path::new(state).exists(),
+        "the state folder is not touched"
+    );
+
+    // HOOKRELAY_STORE_URL does the same as --store.
+    let replayed = Command::new(BIN)
+        .args(["replay", "--state", state, "delivery:from-a-relay"])
+        .env("HOOKRELAY_STORE_URL", &database.url)
+        .output()
+        .unwrap();
+    assert!(
+        replayed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the replay sent by the running relay",
+        || upstream.received().len() == 2,
+    )
+    .await;
+
+    // explain --delivery reads the stored webhook from [store] in the configuration.
+    let explained = command(&[
+        "explain",
+        "--config",
+        dir.path().to_str().unwrap(),
+        "--state",
+        state,
+        "--delivery",
+        "from-a-relay",
+    ]);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(
+        explained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explained.stderr)
+    );
+    assert!(text.contains("projects/acme%2Fapp/trigger"), "{text}");
+
+    // A password on the command line is refused, and never repeated.
+    let with_password = database
+        .url
+        .replace("postgres@", "postgres:hunter2-secret@");
+    let refused = command(&["deliveries", "--store", &with_password]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("HOOKRELAY_STORE_URL"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    let (code, lines) = relay.terminate();
+    assert_eq!(code, Some(0), "{lines:#?}");
+}

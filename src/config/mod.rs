@@ -1476,4 +1476,91 @@ allow_unsigned = true
         assert!(parse_upstream_url("gitlab.com").is_err());
         assert!(parse_upstream_url("https://x.org/?a=1").is_err());
     }
+
+    #[test]
+    fn the_store_is_checked_where_it_is_written_and_never_shows_a_password() {
+        let upstream = "[upstream.gitlab]\nurl = \"https://gitlab.example\"\ntimeout = \"30s\"\n";
+        let found = messages(load_text(
+            &[
+                ("a.toml", upstream),
+                (
+                    "store.toml",
+                    "[store]\nurl = \"postgres://hr:hunter2@db/hr\"\nlease = \"10s\"\npassword = \"hunter2\"\n",
+                ),
+            ],
+            &[],
+        ));
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(
+            found[0].starts_with("store.toml:2: store.url: a password does not belong in a file"),
+            "{found:#?}"
+        );
+        assert!(
+            found[1].starts_with("store.toml:4: store.password: a secret must be written"),
+            "{found:#?}"
+        );
+        assert!(found.iter().all(|m| !m.contains("hunter2")), "{found:#?}");
+
+        let found = messages(load_text(
+            &[
+                ("a.toml", upstream),
+                (
+                    "store.toml",
+                    "[store]\nurl = \"postgres://hr@db/hr\"\nlease = \"10s\"\n",
+                ),
+            ],
+            &[],
+        ));
+        assert!(found[0].starts_with("store.toml:1: store.lease (10s) must be at least 1s longer than upstream.gitlab.timeout (30s)"), "{found:#?}");
+
+        let found = messages(load_text(
+            &[
+                ("a.toml", upstream),
+                ("store.toml", "[store]\nurl = \"mysql://db/hr\"\n"),
+            ],
+            &[],
+        ));
+        assert!(found[0].contains("is not a PostgreSQL URL"), "{found:#?}");
+
+        // The environment may carry the password, and sets the URL without a [store].
+        let config = load_text(
+            &[("a.toml", upstream)],
+            &[("HOOKRELAY_STORE_URL", "postgres://hr:hunter2@db/hr")],
+        )
+        .unwrap();
+        let store = config.store.unwrap();
+        assert_eq!(store.describe(), "postgres://hr:…@db/hr");
+        assert!(!format!("{store:?}").contains("hunter2"), "{store:?}");
+        let config = load_text(
+            &[
+                ("a.toml", upstream),
+                (
+                    "store.toml",
+                    "[store]\nurl = \"postgres://hr@db/hr\"\npassword = \"env:DB_PASSWORD\"\n",
+                ),
+            ],
+            &[("DB_PASSWORD", "hunter2")],
+        )
+        .unwrap();
+        assert_eq!(
+            config.store.unwrap().lease,
+            crate::store::postgres::DEFAULT_LEASE
+        );
+        let found = messages(load_text(
+            &[
+                ("a.toml", upstream),
+                (
+                    "store.toml",
+                    "[store]\nurl = \"postgres://hr@db/hr\"\npassword = \"env:DB_PASSWORD\"\n",
+                ),
+            ],
+            &[],
+        ));
+        assert!(
+            found[0].contains(
+                "store.password (env:DB_PASSWORD): environment variable DB_PASSWORD is not set"
+            ),
+            "{found:#?}"
+        );
+    }
 }

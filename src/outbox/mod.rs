@@ -518,11 +518,63 @@ impl Writer {
                 Err(err) => outcome.failure = Some(err.message),
             }
         }
+        let batch = self.accept_together(batch, now, &mut outcome);
         for op in batch {
             self.apply(op, now, &mut outcome);
         }
         let committed = self.engine.commit();
         self.finish(committed, outcome);
+    }
+
+    /// Records the group's webhooks in one go where the engine can (a few statements for
+    /// the whole group); returns the requests left to run one by one (all of them when it
+    /// cannot, or when the batch failed and was rolled back).
+    fn accept_together(&mut self, batch: Vec<Op>, now: i64, outcome: &mut GroupOutcome) -> Vec<Op> {
+        let accepts = batch
+            .iter()
+            .filter(|op| matches!(op, Op::Accept(..)))
+            .count();
+        if accepts < 2 {
+            return batch;
+        }
+        let (accepts, rest): (Vec<Op>, Vec<Op>) = batch
+            .into_iter()
+            .partition(|op| matches!(op, Op::Accept(..)));
+        let deliveries: Vec<&NewDelivery> = accepts
+            .iter()
+            .map(|op| match op {
+                Op::Accept(delivery, _) => delivery,
+                _ => unreachable!("only accepts were kept"),
+            })
+            .collect();
+        if self.engine.savepoint().is_err() {
+            return accepts.into_iter().chain(rest).collect();
+        }
+        let answers = self.engine.insert_deliveries(&deliveries, now);
+        self.engine.release(matches!(answers, Some(Ok(_))));
+        let answers = match answers {
+            Some(Ok(answers)) => answers,
+            Some(Err(err)) => {
+                if self.logged.allow("batch").is_some() {
+                    tracing::warn!(reason = %err, "recording webhooks together failed; recording them one by one");
+                }
+                return accepts.into_iter().chain(rest).collect();
+            }
+            None => return accepts.into_iter().chain(rest).collect(),
+        };
+        for (op, answer_of) in accepts.into_iter().zip(answers) {
+            let Op::Accept(_, reply) = op else {
+                unreachable!("only accepts were kept")
+            };
+            let result = Ok(answer_of);
+            if matches!(&result, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
+            {
+                outcome.new_triggers = true;
+            }
+            outcome.note_result(&result);
+            outcome.replies.push(answer(reply, result));
+        }
+        rest
     }
 
     /// Runs one request inside the open transaction.

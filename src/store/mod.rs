@@ -479,6 +479,18 @@ pub trait Engine: Send + 'static {
     /// Ends the request's savepoint: kept, or rolled back when the request failed.
     fn release(&mut self, keep: bool);
 
+    /// Records several deliveries at once, each with its own answer, in a few statements
+    /// whatever their number; `None`: this engine (or this batch) goes one by one through
+    /// [`Engine::insert_delivery`]. Called inside the group's transaction; on `Err` the
+    /// caller rolls back to its savepoint and goes one by one.
+    fn insert_deliveries(
+        &mut self,
+        _deliveries: &[&NewDelivery],
+        _now: i64,
+    ) -> Option<Result<Vec<Accepted>, EngineError>> {
+        None
+    }
+
     /// Records a delivery and its triggers, unless the source already delivered that id.
     fn insert_delivery(
         &mut self,

@@ -317,6 +317,149 @@ impl PostgresEngine {
         Ok(())
     }
 
+    /// [`Engine::insert_deliveries`] for deliveries without coalescing or finished calls:
+    /// one statement for the deliveries, one for the duplicates' rows, one for every
+    /// trigger — three round trips for a whole group instead of several per delivery.
+    fn insert_plain_batch(
+        &mut self,
+        deliveries: &[&NewDelivery],
+        now: i64,
+    ) -> Result<Vec<Accepted>, postgres::Error> {
+        // A delivery id twice in one batch: the first is recorded, the second is its
+        // duplicate.
+        let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut unique = Vec::with_capacity(deliveries.len());
+        for (i, d) in deliveries.iter().enumerate() {
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                first_of.entry((d.source.as_str(), d.delivery_id.as_str()))
+            {
+                entry.insert(i);
+                unique.push(*d);
+            }
+        }
+        let headers: Vec<String> = unique
+            .iter()
+            .map(|d| serde_json::to_string(&d.headers).expect("headers serialize"))
+            .collect();
+        let sources: Vec<&str> = unique.iter().map(|d| d.source.as_str()).collect();
+        let ids: Vec<&str> = unique.iter().map(|d| d.delivery_id.as_str()).collect();
+        let events: Vec<&str> = unique.iter().map(|d| d.event_type.as_str()).collect();
+        let bodies: Vec<&[u8]> = unique.iter().map(|d| &d.body.bytes[..]).collect();
+        let encodings: Vec<Option<&str>> = unique.iter().map(|d| d.body.encoding).collect();
+        let summaries: Vec<&str> = unique.iter().map(|d| d.summary.as_str()).collect();
+        let insert = self.stmt(
+            "INSERT INTO hr_deliveries (source, delivery_id, received_at, event_type, headers, body, body_encoding, summary)
+             SELECT s, d, $1, e, h, b, enc, summary
+             FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[], $7::text[], $8::text[])
+                  AS u(s, d, e, h, b, enc, summary)
+             ON CONFLICT (source, delivery_id) DO NOTHING RETURNING id, source, delivery_id",
+        )?;
+        let mut rows: HashMap<(String, String), (i64, bool)> = HashMap::new();
+        for row in self.client().query(
+            &insert,
+            &[
+                &now, &sources, &ids, &events, &headers, &bodies, &encodings, &summaries,
+            ],
+        )? {
+            rows.insert((row.get(1), row.get(2)), (row.get(0), true));
+        }
+        if rows.len() < unique.len() {
+            let existing = self.stmt(
+                "SELECT d.id, d.source, d.delivery_id FROM hr_deliveries d
+                 JOIN unnest($1::text[], $2::text[]) AS u(s, i) ON d.source = u.s AND d.delivery_id = u.i",
+            )?;
+            for row in self.client().query(&existing, &[&sources, &ids])? {
+                rows.entry((row.get(1), row.get(2)))
+                    .or_insert((row.get(0), false));
+            }
+        }
+        // Every trigger of every new delivery, in order; identity values follow it.
+        let (mut t_delivery, mut t_rule, mut t_upstream, mut t_project, mut t_ref) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut t_token, mut t_variables, mut t_inputs, mut t_key, mut t_due) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for d in &unique {
+            let (row, new) = rows[&(d.source.clone(), d.delivery_id.clone())];
+            if !new {
+                continue;
+            }
+            for t in &d.triggers {
+                t_delivery.push(row);
+                t_rule.push(t.rule.as_str());
+                t_upstream.push(t.upstream.as_str());
+                t_project.push(t.project.as_str());
+                t_ref.push(t.git_ref.as_str());
+                t_token.push(t.token_ref.as_str());
+                t_variables.push(t.variables.as_str());
+                t_inputs.push(t.inputs.as_str());
+                t_key.push(t.order_key());
+                t_due.push(t.initial_state(None, now).1);
+            }
+        }
+        let mut trigger_ids: Vec<i64> = Vec::new();
+        if !t_delivery.is_empty() {
+            let insert = self.stmt(
+                "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
+                                          order_key, state, created_at, due_at, updated_at)
+                 SELECT d, r, up, p, g, tok, v, i, k, 'queued', $1, due, $1
+                 FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                             $9::text[], $10::text[], $11::bigint[]) WITH ORDINALITY
+                      AS u(d, r, up, p, g, tok, v, i, k, due, n)
+                 ORDER BY n RETURNING id",
+            )?;
+            trigger_ids = self
+                .client()
+                .query(
+                    &insert,
+                    &[
+                        &now,
+                        &t_delivery,
+                        &t_rule,
+                        &t_upstream,
+                        &t_project,
+                        &t_ref,
+                        &t_token,
+                        &t_variables,
+                        &t_inputs,
+                        &t_key,
+                        &t_due,
+                    ],
+                )?
+                .into_iter()
+                .map(|row| row.get(0))
+                .collect();
+            // Identity values are taken in the order the rows are inserted.
+            trigger_ids.sort_unstable();
+            for ((key, id), due_at) in t_key.iter().zip(&trigger_ids).zip(&t_due) {
+                self.touch(
+                    key,
+                    Touch::Enqueue {
+                        id: *id,
+                        due_at: *due_at,
+                    },
+                );
+            }
+            self.open_change += trigger_ids.len() as i64;
+        }
+        let mut next_trigger = trigger_ids.into_iter();
+        let mut answers = Vec::with_capacity(deliveries.len());
+        for (i, d) in deliveries.iter().enumerate() {
+            let (row, new) = rows[&(d.source.clone(), d.delivery_id.clone())];
+            let first = first_of[&(d.source.as_str(), d.delivery_id.as_str())] == i;
+            answers.push(if new && first {
+                let ids: Vec<i64> = next_trigger.by_ref().take(d.triggers.len()).collect();
+                Accepted::Queued {
+                    delivery_row: row,
+                    coalesced: vec![None; ids.len()],
+                    trigger_ids: ids,
+                }
+            } else {
+                Accepted::Duplicate { delivery_row: row }
+            });
+        }
+        Ok(answers)
+    }
+
     /// Makes the key's oldest unfinished trigger its head, due when that trigger is; or
     /// deletes the key when none is left. The key is locked already.
     ///
@@ -511,6 +654,25 @@ impl Engine for PostgresEngine {
             "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
         };
         let _ = self.client().batch_execute(sql);
+    }
+
+    fn insert_deliveries(
+        &mut self,
+        deliveries: &[&NewDelivery],
+        now: i64,
+    ) -> Option<Result<Vec<Accepted>, EngineError>> {
+        // Coalescing looks for a waiting twin and finished gateway calls write their
+        // outcome: those go one by one.
+        let plain = deliveries.iter().all(|d| {
+            d.triggers
+                .iter()
+                .all(|t| t.done.is_none() && t.coalesce_ms == 0)
+        });
+        if !plain || deliveries.len() < 2 {
+            return None;
+        }
+        let now = now + self.skew_ms;
+        Some(self.insert_plain_batch(deliveries, now).map_err(error))
     }
 
     fn insert_delivery(
@@ -968,6 +1130,86 @@ mod tests {
         assert!(engine.record(second.lease, &sent, 1003).unwrap());
         engine.commit().unwrap();
         assert_eq!(engine.depth().unwrap().open, 0);
+    }
+
+    /// A group's webhooks in a few statements: the same answers, ids and order as one
+    /// by one, duplicates (earlier, and within the batch) included.
+    #[test]
+    fn webhooks_recorded_together_answer_as_one_by_one() {
+        use crate::store::semantics::{delivery, trigger};
+        use crate::store::{Accepted, Engine};
+        let Some(database) = super::test_server::Database::create() else {
+            return;
+        };
+        let mut engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
+            .unwrap()
+            .with_callers_clock();
+        engine.begin(true).unwrap();
+        engine
+            .insert_delivery(&delivery("old", vec![trigger("p")]), 0)
+            .unwrap();
+        engine.commit().unwrap();
+        let batch = [
+            delivery("a", vec![trigger("p"), trigger("q")]),
+            delivery("old", vec![trigger("p")]),
+            delivery("b", vec![]),
+            delivery("a", vec![trigger("p")]),
+            delivery("c", vec![trigger("p")]),
+        ];
+        let refs: Vec<&crate::store::NewDelivery> = batch.iter().collect();
+        engine.begin(true).unwrap();
+        let answers = engine.insert_deliveries(&refs, 1).unwrap().unwrap();
+        engine.commit().unwrap();
+        let Accepted::Queued { trigger_ids: a, .. } = &answers[0] else {
+            panic!("{answers:?}")
+        };
+        assert_eq!(a.len(), 2);
+        assert!(
+            matches!(answers[1], Accepted::Duplicate { .. }),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(&answers[2], Accepted::Queued { trigger_ids, .. } if trigger_ids.is_empty())
+        );
+        assert!(
+            matches!(answers[3], Accepted::Duplicate { .. }),
+            "{answers:?}"
+        );
+        let Accepted::Queued { trigger_ids: c, .. } = &answers[4] else {
+            panic!("{answers:?}")
+        };
+        assert!(a[0] < a[1] && a[1] < c[0]);
+        assert_eq!(engine.depth().unwrap().open, 4);
+        // Key p: old, then a, then c — in the order accepted.
+        let mut sent = Vec::new();
+        for _ in 0..4 {
+            engine.begin(false).unwrap();
+            let due = engine.claim(10, 8).unwrap().due;
+            engine.commit().unwrap();
+            engine.begin(false).unwrap();
+            for trigger in &due {
+                sent.push((trigger.project.clone(), trigger.delivery_id.clone()));
+                engine
+                    .record(
+                        trigger.lease,
+                        &crate::store::Recorded::Sent {
+                            status: 201,
+                            pipeline_id: None,
+                            pipeline_url: None,
+                        },
+                        11,
+                    )
+                    .unwrap();
+            }
+            engine.commit().unwrap();
+        }
+        let p: Vec<&str> = sent
+            .iter()
+            .filter(|(p, _)| p == "p")
+            .map(|(_, d)| d.as_str())
+            .collect();
+        assert_eq!(p, ["old", "a", "c"]);
+        assert_eq!(sent.len(), 4);
     }
 
     #[test]

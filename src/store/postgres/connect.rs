@@ -13,7 +13,7 @@ use crate::store::EngineError;
 
 /// How to reach the shared database: `[store] url` (or `HOOKRELAY_STORE_URL`, or
 /// `--store`), with the password apart so it is never printed.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PostgresConfig {
     /// `postgres://user@host:port/db?sslmode=…`; a password in it is used, never shown.
     pub url: String,
@@ -28,6 +28,18 @@ pub struct PostgresConfig {
 
 /// The default lease: twice an upstream call's default timeout (30 s), and ten seconds.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(70);
+
+/// Without the password, so that a configuration dump never shows it.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &self.describe())
+            .field("password", &self.password)
+            .field("lease", &self.lease)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
 
 impl PostgresConfig {
     pub fn new(url: impl Into<String>) -> PostgresConfig {
