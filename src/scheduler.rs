@@ -88,10 +88,12 @@ async fn fire(app: &App, runtime: &crate::app::Runtime, rule: &Rule, time: DateT
 /// Runs until `stop` turns true.
 pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut reloads = app.reloads();
-    let mut last = Utc::now();
+    let mut last = app.outbox.clock();
     loop {
         let runtime = app.runtime();
-        let now = Utc::now();
+        // The store's clock: relays sharing a database agree on which occurrence is due
+        // whatever their own clocks say, so its delivery id lets exactly one fire it.
+        let now = app.outbox.clock();
         for (rule, time) in due(&runtime.config.rules, last, now) {
             fire(&app, &runtime, rule, time).await;
         }

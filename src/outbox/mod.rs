@@ -132,6 +132,8 @@ pub struct Outbox {
     /// How long a claim holds its key when relays share the store: a send starts only
     /// while its claim has at least an upstream timeout left.
     pub lease: Option<Duration>,
+    /// The store's clock minus this process's (milliseconds), as the writer last read it.
+    skew: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Outbox {
@@ -218,7 +220,9 @@ impl Outbox {
         let (sender, requests) = mpsc::channel();
         let queued = Arc::new(Notify::new());
         let health = Arc::new(StoreHealth::default());
+        let skew = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let writer_loop = Writer {
+            skew: skew.clone(),
             engine: writer,
             queued: queued.clone(),
             health: health.clone(),
@@ -238,6 +242,7 @@ impl Outbox {
             shared: false,
             shared_limits: None,
             lease: None,
+            skew,
         })
     }
 
@@ -258,6 +263,13 @@ impl Outbox {
             .await
             .map_err(|_| self.error(stopped("the writer stopped before answering")))?
             .map_err(|err| self.error(err))
+    }
+
+    /// Now, on the store's clock: the database's for a shared store (so that relays agree
+    /// on what is due), this machine's otherwise.
+    pub fn clock(&self) -> chrono::DateTime<chrono::Utc> {
+        let skew = self.skew.load(std::sync::atomic::Ordering::Relaxed);
+        chrono::Utc::now() + chrono::Duration::milliseconds(skew)
     }
 
     /// Records a delivery and its triggers; returns once they are committed to disk.
@@ -406,6 +418,8 @@ impl LogThrottle {
 
 /// The writer thread's state.
 struct Writer {
+    /// Where the store's clock skew is published for [`Outbox::clock`].
+    skew: Arc<std::sync::atomic::AtomicI64>,
     engine: Box<dyn Engine>,
     queued: Arc<Notify>,
     health: Arc<StoreHealth>,
@@ -518,6 +532,10 @@ impl Writer {
                 Err(err) => outcome.failure = Some(err.message),
             }
         }
+        self.skew.store(
+            self.engine.clock_skew(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let batch = self.accept_together(batch, now, &mut outcome);
         for op in batch {
             self.apply(op, now, &mut outcome);

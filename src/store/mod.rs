@@ -479,6 +479,12 @@ pub trait Engine: Send + 'static {
     /// Ends the request's savepoint: kept, or rolled back when the request failed.
     fn release(&mut self, keep: bool);
 
+    /// The store's clock minus this process's, as last seen (milliseconds): the database's
+    /// clock decides for a shared store.
+    fn clock_skew(&self) -> i64 {
+        0
+    }
+
     /// Records several deliveries at once, each with its own answer, in a few statements
     /// whatever their number; `None`: this engine (or this batch) goes one by one through
     /// [`Engine::insert_delivery`]. Called inside the group's transaction; on `Err` the

@@ -155,6 +155,15 @@ enum Touch {
 }
 
 impl Touch {
+    /// The trigger it is about, to order changes of one kind within a key.
+    fn id(&self) -> i64 {
+        match self {
+            Touch::Enqueue { id, .. } => *id,
+            Touch::Advance => 0,
+            Touch::DueAgain { trigger } => *trigger,
+        }
+    }
+
     /// Within one key: make sure it exists, then move its head, then its due time.
     fn rank(&self) -> u8 {
         match self {
@@ -281,7 +290,18 @@ impl PostgresEngine {
     /// reason.
     fn settle(&mut self) -> Result<(), postgres::Error> {
         let mut touched = std::mem::take(&mut self.touched);
-        touched.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.rank().cmp(&b.1.rank())));
+        touched.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then(a.1.rank().cmp(&b.1.rank()))
+                .then(a.1.id().cmp(&b.1.id()))
+        });
+        // One change of each kind per key is enough: the oldest new trigger (it sets the
+        // floor, and heads a new key), one advance, the last due time.
+        touched.dedup_by(|later, earlier| {
+            later.0 == earlier.0
+                && later.1.rank() == earlier.1.rank()
+                && !matches!(later.1, Touch::DueAgain { .. })
+        });
         for (order_key, touch) in &touched {
             match touch {
                 Touch::Enqueue { id, due_at } => {
@@ -595,6 +615,10 @@ impl Drop for PostgresEngine {
 impl Engine for PostgresEngine {
     fn describe(&self) -> String {
         self.config.describe()
+    }
+
+    fn clock_skew(&self) -> i64 {
+        self.skew_ms
     }
 
     fn begin(&mut self, durable: bool) -> Result<(), EngineError> {
