@@ -685,3 +685,92 @@ async fn deliveries_replay_and_explain_work_against_the_shared_store_from_anywhe
     let (code, lines) = relay.terminate();
     assert_eq!(code, Some(0), "{lines:#?}");
 }
+
+/// libfaketime, from Debian's `libfaketime` package (`.ci/run` installs it).
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_clock_is_an_hour_fast_changes_nothing() {
+    let Some(database) = database() else {
+        return;
+    };
+    if !Path::new(FAKETIME).exists() {
+        assert!(
+            std::env::var_os("HOOKRELAY_REQUIRE_POSTGRES").is_none(),
+            "HOOKRELAY_REQUIRE_POSTGRES is set but {FAKETIME} is missing (apt-get install libfaketime)"
+        );
+        eprintln!("SKIPPED: no libfaketime ({FAKETIME})");
+        return;
+    }
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    cluster_config_with(
+        dir.path(),
+        &upstream.url(),
+        &database.url,
+        "3s",
+        "limit = { per_project = \"1000/s\" }",
+        "limit = { per_client = \"60/min\", burst = 3 }",
+    );
+    write(
+        dir.path(),
+        "schedule.toml",
+        "[[rule]]\nname = \"every-second\"\nschedule = \"* * * * * *\"\n[rule.trigger]\nproject = \"77\"\nref = \"main\"\n\
+         token = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = { AT = \"{{ schedule.time }}\" }\n",
+    );
+    let mut fast = {
+        let mut command = Command::new(BIN);
+        command
+            .env("HOOKRELAY_TEST_TOKEN", "glptt-test")
+            .env("LD_PRELOAD", FAKETIME)
+            .env("FAKETIME", "+1h")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .env("FAKETIME_NO_CACHE", "1");
+        Served::start_with(command, dir.path(), &dir.path().join("state-fast"))
+    };
+    let mut on_time = relay(dir.path(), 1);
+    let addresses = [fast.address(), on_time.address()];
+    let real_start = chrono::Utc::now();
+    // The shared limit: a client's calls over both relays, the burst of 3 admitted.
+    let mut admitted = 0;
+    for i in 0..8 {
+        let url = format!(
+            "http://{}/api/v4/projects/9/trigger/pipeline?token=TOKEN&ref=main",
+            addresses[i % 2]
+        );
+        if post(&url, &[], Vec::new()).await.status == 201 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 3, "the fast relay's clock bought no budget");
+    // Webhooks through the fast relay are sent (due times on the database's clock, not an
+    // hour late), and the schedule fires real seconds, once each.
+    assert_eq!(
+        push(&addresses[0], "through-the-fast-relay").await.status,
+        202
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let calls = calls_per_delivery(&upstream);
+    assert_eq!(calls.get("through-the-fast-relay"), Some(&1), "{calls:?}");
+    let real_end = chrono::Utc::now();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for call in upstream.received() {
+        if let Some(at) = call.json()["variables"]["AT"].as_str() {
+            *seen.entry(at.to_owned()).or_insert(0) += 1;
+        }
+    }
+    assert!(seen.len() >= 2, "{seen:#?}");
+    for (at, count) in &seen {
+        assert_eq!(*count, 1, "{at} fired twice: {seen:#?}");
+        let at = chrono::DateTime::parse_from_rfc3339(at).unwrap();
+        assert!(
+            at >= real_start - chrono::Duration::seconds(2)
+                && at <= real_end + chrono::Duration::seconds(2),
+            "{at} is not a real second of this test: {seen:#?}"
+        );
+    }
+    let (code, lines) = fast.terminate();
+    assert_eq!(code, Some(0), "{lines:#?}");
+    let (code, lines) = on_time.terminate();
+    assert_eq!(code, Some(0), "{lines:#?}");
+}

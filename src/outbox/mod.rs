@@ -220,7 +220,7 @@ impl Outbox {
         let (sender, requests) = mpsc::channel();
         let queued = Arc::new(Notify::new());
         let health = Arc::new(StoreHealth::default());
-        let skew = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let skew = Arc::new(std::sync::atomic::AtomicI64::new(writer.clock_skew()));
         let writer_loop = Writer {
             skew: skew.clone(),
             engine: writer,

@@ -194,8 +194,16 @@ fn error(err: postgres::Error) -> EngineError {
                 || code == "40P01"
         })
         || err.as_db_error().is_none();
+    // The whole chain: "db error" or "error performing TLS handshake" alone says little;
+    // the database's message or rustls's reason says what to fix.
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
     EngineError {
-        message: err.to_string(),
+        message,
         transient,
         refused: false,
     }
@@ -220,12 +228,17 @@ impl PostgresEngine {
             )));
         }
         migrate(&mut client).map_err(error)?;
+        let db_now: i64 = client
+            .query_one(concat!("SELECT ", db_now!()), &[])
+            .map_err(error)?
+            .get(0);
+        let skew_ms = db_now - super::now_ms();
         Ok(PostgresEngine {
             config: config.clone(),
             client: Some(client),
             statements: HashMap::new(),
             lease_ms: config.lease.as_millis() as i64,
-            skew_ms: 0,
+            skew_ms,
             follow_database_clock: true,
             touched: Vec::new(),
             open_change: 0,
@@ -238,6 +251,7 @@ impl PostgresEngine {
     #[cfg(test)]
     pub fn with_callers_clock(mut self) -> PostgresEngine {
         self.follow_database_clock = false;
+        self.skew_ms = 0;
         self
     }
 
@@ -1234,6 +1248,46 @@ mod tests {
             .collect();
         assert_eq!(p, ["old", "a", "c"]);
         assert_eq!(sent.len(), 4);
+    }
+
+    /// `sslmode=require` with the server's CA in `ca_file`: the session is encrypted; the
+    /// same without the CA is refused, naming the problem.
+    #[test]
+    fn tls_to_the_database_with_rustls() {
+        let Some(server) = super::test_server::Server::own() else {
+            return;
+        };
+        let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        server.enable_tls(&issued.cert.pem(), &issued.key_pair.serialize_pem());
+        let database = server.database();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("db-ca.pem");
+        std::fs::write(&ca, issued.cert.pem()).unwrap();
+        let url = database
+            .url
+            .replace("127.0.0.1", "localhost")
+            .replace("postgres@", "postgres:unused-password@")
+            + "?sslmode=require";
+        let mut config = super::PostgresConfig::new(&url);
+        config.ca_file = Some(ca);
+        let mut client = config.connect().unwrap();
+        let encrypted: bool = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert!(encrypted);
+        drop(client);
+        config.ca_file = None;
+        let refused = config.connect().err().unwrap();
+        assert!(refused.message.contains("certificate"), "{refused}");
+        assert!(!refused.message.contains("unused-password"), "{refused}");
+        assert!(
+            refused.message.contains("postgres:…@localhost"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -199,6 +199,23 @@ impl Server {
         run(&mut command).expect("pg_ctl");
     }
 
+    /// Serves TLS with this certificate and key (PEM) from now on.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        let (cert, key) = (self.data.join("server.crt"), self.data.join("server.key"));
+        std::fs::write(&cert, cert_pem).expect("the certificate is written");
+        std::fs::write(&key, key_pem).expect("the key is written");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        run(Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&cert)
+            .arg(&key))
+        .expect("chown");
+        self.admin("ALTER SYSTEM SET ssl = on");
+        self.admin("SELECT pg_reload_conf()");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     /// Runs SQL as the superuser on database `postgres` (e.g. `pg_terminate_backend`).
     pub fn admin(&self, sql: &str) {
         let mut admin = postgres::Client::connect(&self.admin_url(), postgres::NoTls)
