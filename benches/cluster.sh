@@ -44,8 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
+source benches/lib.sh
 # CPU ticks (user + system) of the given processes.
 ticks() { local sum=0; for pid in "$@"; do [[ -r /proc/$pid/stat ]] && sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$sum"; }
 pg_pids() { pgrep -u postgres -f "postgres" | tr '\n' ' '; }
@@ -96,25 +95,7 @@ CONF
 nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
 
 printf '%s' "$secret" >"$work/secret"
-rules() {
-  cat <<CONF
-[upstream.gitlab]
-url = "http://127.0.0.1:$1"
-limit = { per_project = "1000000/min", burst = 100000 }
-[source.github]
-provider = "github"
-secret = "file:$work/secret"
-[[rule]]
-name = "tags"
-source = "github"
-events = ["tag"]
-[rule.trigger]
-project = "${2:-acme/app}"
-ref = "main"
-token = "file:$work/secret"
-variables = { UPSTREAM_TAG = "{{ event.ref_name }}", UPSTREAM_SHA = "{{ event.after }}" }
-CONF
-}
+rules() { relay_rules "$1" "$work/secret" "${2:-acme/app}"; }
 mkdir -p "$work/sqlite-config" "$work/pg-config"
 rules "$standin_port" >"$work/sqlite-config/relay.toml"
 rules "$standin_port" >"$work/pg-config/relay.toml"

@@ -39,8 +39,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
+source benches/lib.sh
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 nginx_port=$(free_port); standin_port=$(free_port); webhook_port=$(free_port); relay_port=$(free_port)
@@ -88,27 +87,10 @@ webhook -hooks "$work/hooks.json" -ip 127.0.0.1 -port "$webhook_port" >"$work/we
 # hookrelay: the forwarder sends to the stand-in; limits raised so they do not pace it.
 mkdir -p "$work/relay"
 printf '%s' "$secret" >"$work/secret"
-cat >"$work/relay/relay.toml" <<CONF
-[server]
-listen = "127.0.0.1:$relay_port"
-[upstream.gitlab]
-url = "http://127.0.0.1:$standin_port"
-limit = { per_project = "1000000/min", burst = 100000 }
-[gateway]
-upstream = "gitlab"
-[source.github]
-provider = "github"
-secret = "file:$work/secret"
-[[rule]]
-name = "tags"
-source = "github"
-events = ["tag"]
-[rule.trigger]
-project = "acme/app"
-ref = "main"
-token = "file:$work/secret"
-variables = { UPSTREAM_TAG = "{{ event.ref_name }}", UPSTREAM_SHA = "{{ event.after }}" }
-CONF
+{
+  printf '[server]\nlisten = "127.0.0.1:%s"\n[gateway]\nupstream = "gitlab"\n' "$relay_port"
+  relay_rules "$standin_port" "$work/secret"
+} >"$work/relay/relay.toml"
 "$HOOKRELAY" serve --config "$work/relay" --state "$work/state" >"$work/relay.log" 2>&1 & relay_pid=$!; pids+=($relay_pid)
 
 wait_for "http://127.0.0.1:$nginx_port/"

@@ -56,14 +56,46 @@ fn cluster_config_with(
 }
 
 fn cluster_config(dir: &Path, upstream: &str, database: &str, lease: &str) {
-    cluster_config_with(
-        dir,
-        upstream,
-        database,
-        lease,
-        "limit = { per_project = \"1000/s\" }",
-        "",
-    );
+    cluster_config_with(dir, upstream, database, lease, PLAIN, "");
+}
+
+/// What every test stands on: a database of its own on the shared server, a recording
+/// upstream, and a folder for the configuration.
+struct Setup {
+    database: pg::Database,
+    upstream: RecordingUpstream,
+    dir: tempfile::TempDir,
+}
+
+/// The upstream's limit where a test does not care: high enough never to pace it.
+const PLAIN: &str = "limit = { per_project = \"1000/s\" }";
+
+impl Setup {
+    /// With the relays' configuration written (see [`cluster_config_with`]); `None` (the
+    /// test is skipped) where no PostgreSQL can run.
+    async fn new(lease: &str, upstream_extra: &str, gateway_extra: &str) -> Option<Setup> {
+        let setup = Setup {
+            database: database()?,
+            upstream: RecordingUpstream::start().await,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        cluster_config_with(
+            setup.dir.path(),
+            &setup.upstream.url(),
+            &setup.database.url,
+            lease,
+            upstream_extra,
+            gateway_extra,
+        );
+        Some(setup)
+    }
+}
+
+/// `count` relays configured in `dir`, started, and their addresses.
+fn start_relays(dir: &Path, count: usize) -> (Vec<Served>, Vec<String>) {
+    let mut relays: Vec<Served> = (0..count).map(|n| relay(dir, n)).collect();
+    let addresses = relays.iter_mut().map(Served::address).collect();
+    (relays, addresses)
 }
 
 /// A database of the test's own on the shared server (the client blocks: off the runtime).
@@ -121,14 +153,15 @@ fn sigstop(relay: &Served, signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_delivery_sent_to_every_relay_at_once_is_queued_once() {
-    let Some(database) = database() else {
+    let Some(Setup {
+        database: _database,
+        upstream,
+        dir,
+    }) = Setup::new("5s", PLAIN, "").await
+    else {
         return;
     };
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config(dir.path(), &upstream.url(), &database.url, "5s");
-    let mut relays: Vec<Served> = (0..3).map(|n| relay(dir.path(), n)).collect();
-    let addresses: Vec<String> = relays.iter_mut().map(Served::address).collect();
+    let (_relays, addresses) = start_relays(dir.path(), 3);
     for round in 0..5 {
         let delivery = format!("same-{round}");
         let replies = futures_util::future::join_all(
@@ -162,15 +195,16 @@ async fn the_same_delivery_sent_to_every_relay_at_once_is_queued_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_relays_racing_for_one_key_send_one_at_a_time_and_each_once() {
-    let Some(database) = database() else {
+    let Some(Setup {
+        database: _database,
+        upstream,
+        dir,
+    }) = Setup::new("5s", PLAIN, "").await
+    else {
         return;
     };
-    let upstream = RecordingUpstream::start().await;
     *upstream.default_delay.lock().unwrap() = Duration::from_millis(5);
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config(dir.path(), &upstream.url(), &database.url, "5s");
-    let mut relays: Vec<Served> = (0..4).map(|n| relay(dir.path(), n)).collect();
-    let addresses: Vec<String> = relays.iter_mut().map(Served::address).collect();
+    let (_relays, addresses) = start_relays(dir.path(), 4);
     // 200 webhooks for one project+ref, round robin over the relays, 16 at a time.
     let total = 200;
     let mut sent = 0;
@@ -203,12 +237,14 @@ async fn four_relays_racing_for_one_key_send_one_at_a_time_and_each_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_while_sending_is_taken_over_after_its_lease() {
-    let Some(database) = database() else {
+    let Some(Setup {
+        database: _database,
+        upstream,
+        dir,
+    }) = Setup::new("2s", PLAIN, "").await
+    else {
         return;
     };
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config(dir.path(), &upstream.url(), &database.url, "2s");
     let mut a = relay(dir.path(), 0);
     let address_a = a.address();
     // GitLab stalls on the first call, which only relay A is running to make.
@@ -252,12 +288,14 @@ async fn a_relay_killed_while_sending_is_taken_over_after_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_relay_is_fenced_out_when_it_wakes() {
-    let Some(database) = database() else {
+    let Some(Setup {
+        database,
+        upstream,
+        dir,
+    }) = Setup::new("2s", PLAIN, "").await
+    else {
         return;
     };
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config(dir.path(), &upstream.url(), &database.url, "2s");
     let mut a = relay(dir.path(), 0);
     let address_a = a.address();
     upstream.answer_next(Answer::created().delayed(Duration::from_secs(4)));
@@ -289,21 +327,20 @@ async fn a_frozen_relay_is_fenced_out_when_it_wakes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_hold_exactly_across_relays() {
-    let Some(database) = database() else {
-        return;
-    };
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config_with(
-        dir.path(),
-        &upstream.url(),
-        &database.url,
+    let Some(Setup {
+        database: _database,
+        upstream,
+        dir,
+    }) = Setup::new(
         "3s",
         "limit = { per_project = \"10/s\" }",
         "limit = { per_client = \"60/min\", burst = 3 }",
-    );
-    let mut relays: Vec<Served> = (0..3).map(|n| relay(dir.path(), n)).collect();
-    let addresses: Vec<String> = relays.iter_mut().map(Served::address).collect();
+    )
+    .await
+    else {
+        return;
+    };
+    let (_relays, addresses) = start_relays(dir.path(), 3);
 
     // The gateway: a client's 12 calls spread over three relays; three relays with limits
     // of their own would admit 9, one shared limit admits its burst of 3.
@@ -404,8 +441,7 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
         "limit = { per_project = \"1000/s\" }",
         "limit = { per_client = \"600/min\" }",
     );
-    let mut relays: Vec<Served> = (0..2).map(|n| relay(dir.path(), n)).collect();
-    let addresses: Vec<String> = relays.iter_mut().map(Served::address).collect();
+    let (mut relays, addresses) = start_relays(dir.path(), 2);
     let (before, refused) = push_many(&addresses, "before", 10, 4).await;
     assert_eq!((before.len(), refused), (10, 0));
 
@@ -485,8 +521,7 @@ async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     cluster_config(dir.path(), &upstream.url(), &database.url, "3s");
-    let mut relays: Vec<Served> = (0..2).map(|n| relay(dir.path(), n)).collect();
-    let addresses: Vec<String> = relays.iter_mut().map(Served::address).collect();
+    let (_relays, addresses) = start_relays(dir.path(), 2);
     let load = {
         let addresses = addresses.clone();
         tokio::spawn(async move { push_many(&addresses, "load", 300, 8).await })
@@ -534,12 +569,14 @@ async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schedule_fires_once_per_occurrence_while_any_relay_is_up() {
-    let Some(database) = database() else {
+    let Some(Setup {
+        database: _database,
+        upstream,
+        dir,
+    }) = Setup::new("3s", PLAIN, "").await
+    else {
         return;
     };
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config(dir.path(), &upstream.url(), &database.url, "3s");
     write(
         dir.path(),
         "schedule.toml",
@@ -596,12 +633,14 @@ fn command(args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_replay_and_explain_work_against_the_shared_store_from_anywhere() {
-    let Some(database) = database() else {
+    let Some(Setup {
+        database,
+        upstream,
+        dir,
+    }) = Setup::new("3s", PLAIN, "").await
+    else {
         return;
     };
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config(dir.path(), &upstream.url(), &database.url, "3s");
     let mut relay = relay(dir.path(), 0);
     let address = relay.address();
     assert_eq!(push(&address, "from-a-relay").await.status, 202);
@@ -772,5 +811,119 @@ async fn a_relay_whose_clock_is_an_hour_fast_changes_nothing() {
     let (code, lines) = fast.terminate();
     assert_eq!(code, Some(0), "{lines:#?}");
     let (code, lines) = on_time.terminate();
+    assert_eq!(code, Some(0), "{lines:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_triggers_accepted_by_different_relays_coalesce() {
+    let Some(Setup {
+        database: _database,
+        upstream,
+        dir,
+    }) = Setup::new("3s", "limit = { per_project = \"1000/s\" }", "").await
+    else {
+        return;
+    };
+    // A second rule: the same trigger for every push, held 1 s to merge its twins.
+    write(
+        dir.path(),
+        "coalesce.toml",
+        "[[rule]]\nname = \"merged\"\nsource = \"github\"\ncoalesce = \"1s\"\n[rule.trigger]\nproject = \"acme/merged\"\nref = \"main\"\n\
+         token = \"env:HOOKRELAY_TEST_TOKEN\"\n",
+    );
+    let (relays, addresses) = start_relays(dir.path(), 3);
+    let replies = futures_util::future::join_all(
+        addresses
+            .iter()
+            .enumerate()
+            .map(|(i, address)| async move { push(address, &format!("twin-{i}")).await }),
+    )
+    .await;
+    assert!(replies.iter().all(|r| r.status == 202));
+    eventually(Duration::from_secs(10), "the merged trigger sent", || {
+        upstream
+            .received()
+            .iter()
+            .any(|r| r.path_and_query.contains("acme%2Fmerged"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let merged = upstream
+        .received()
+        .iter()
+        .filter(|r| r.path_and_query.contains("acme%2Fmerged"))
+        .count();
+    assert_eq!(
+        merged, 1,
+        "three identical triggers on three relays make one call"
+    );
+
+    drop(relays);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitlab_s_retry_after_pauses_the_project_on_every_relay() {
+    let Some(Setup {
+        database: _database,
+        upstream,
+        dir,
+    }) = Setup::new("3s", PLAIN, "").await
+    else {
+        return;
+    };
+    // Branch pushes go to the same project on another ref: another key, so only the
+    // project's pause holds them back.
+    write(
+        dir.path(),
+        "branches.toml",
+        "[[rule]]\nname = \"branches\"\nsource = \"github\"\nevents = [\"push\"]\n[rule.trigger]\nproject = \"acme/app\"\nref = \"other\"\n\
+         token = \"env:HOOKRELAY_TEST_TOKEN\"\n",
+    );
+    // Relay A alone gets GitLab's 429 (Retry-After: 2), and stops.
+    let mut a = relay(dir.path(), 0);
+    let address_a = a.address();
+    upstream.answer_next(Answer::new(429, r#"{"message":"slow down"}"#).header("retry-after", "2"));
+    assert_eq!(push(&address_a, "tag-first").await.status, 202);
+    eventually(Duration::from_secs(10), "GitLab's 429", || {
+        upstream.received().len() == 1
+    })
+    .await;
+    let paused_at = Instant::now();
+    let _ = a.terminate();
+    // Relay B has never seen a 429; the branch push it accepts must wait all the same.
+    let mut b = relay(dir.path(), 1);
+    let address_b = b.address();
+    let url = format!("http://{address_b}/hooks/github");
+    let reply = signed_github(
+        &url,
+        SECRET,
+        "push",
+        "branch-second",
+        "github/push_branch.json",
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    eventually(Duration::from_secs(15), "both sent after the pause", || {
+        upstream.received().len() >= 3
+    })
+    .await;
+    let first_after = upstream.received_at()[1..]
+        .iter()
+        .map(|at| at.duration_since(paused_at))
+        .min()
+        .unwrap();
+    assert!(
+        first_after >= Duration::from_millis(1500),
+        "a call for the paused project went out {first_after:?} after GitLab's 429"
+    );
+    let refs: Vec<String> = upstream.received()[1..]
+        .iter()
+        .map(|r| r.json()["ref"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        refs.contains(&"other".to_owned()) && refs.contains(&"main".to_owned()),
+        "{refs:?}"
+    );
+    let (code, lines) = b.terminate();
     assert_eq!(code, Some(0), "{lines:#?}");
 }

@@ -936,20 +936,9 @@ fn compile_upstream(
             None
         }
     };
-    let ca_file = raw.ca_file.and_then(|ca| {
-        let span = ca.span();
-        let path = file
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(ca.into_inner());
-        match crate::tls::read_ca_file(&path) {
-            Ok(_) => Some(path),
-            Err(err) => {
-                problems.at(Some(span), format!("upstream.{name}.ca_file: {err}"));
-                None
-            }
-        }
-    });
+    let ca_file = raw
+        .ca_file
+        .and_then(|ca| ca_file(ca, file, &format!("upstream.{name}.ca_file"), problems));
     let connect_timeout = typed(
         raw.connect_timeout,
         Duration::from_secs(5),
@@ -1015,6 +1004,28 @@ fn compile_upstream(
         coalesce,
         max_in_flight,
     })
+}
+
+/// A `ca_file` setting: a path relative to the folder of the file that names it, holding
+/// at least one PEM certificate.
+pub(crate) fn ca_file(
+    field: Spanned<String>,
+    file: &Path,
+    key: &str,
+    problems: &mut FileProblems<'_>,
+) -> Option<PathBuf> {
+    let span = field.span();
+    let path = file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(field.into_inner());
+    match crate::tls::read_ca_file(&path) {
+        Ok(_) => Some(path),
+        Err(err) => {
+            problems.at(Some(span), format!("{key}: {err}"));
+            None
+        }
+    }
 }
 
 /// An upstream base URL: `http` or `https`, a host, an optional path prefix, no query.

@@ -91,20 +91,9 @@ pub(super) fn read(
             Ok(lease)
         },
     );
-    let ca_file = raw.ca_file.and_then(|ca| {
-        let span = ca.span();
-        let path = file
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(ca.into_inner());
-        match crate::tls::read_ca_file(&path) {
-            Ok(_) => Some(path),
-            Err(err) => {
-                problems.at(Some(span), format!("store.ca_file: {err}"));
-                None
-            }
-        }
-    });
+    let ca_file = raw
+        .ca_file
+        .and_then(|ca| super::ca_file(ca, file, "store.ca_file", problems));
     if problems.found.len() > found {
         return None;
     }

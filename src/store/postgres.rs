@@ -759,6 +759,11 @@ impl Engine for PostgresEngine {
                 let into: Option<i64> = match &coalesce_key {
                     None => None,
                     Some(key) => {
+                        // Relays accepting identical triggers at the same moment take
+                        // turns here (until commit): the second sees the first's trigger
+                        // and merges into it, instead of both queuing one.
+                        let turn = self.stmt("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")?;
+                        self.client().execute(&turn, &[key])?;
                         let find = self.stmt(
                             "SELECT id FROM hr_triggers WHERE coalesce_key = $1 AND state = 'queued' AND due_at > $2
                              ORDER BY id LIMIT 1",
