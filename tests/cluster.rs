@@ -927,3 +927,236 @@ async fn gitlab_s_retry_after_pauses_the_project_on_every_relay() {
     let (code, lines) = b.terminate();
     assert_eq!(code, Some(0), "{lines:#?}");
 }
+
+/// A TCP proxy on 127.0.0.1 in front of the database that can cut every connection
+/// (reset) or stop carrying bytes without closing anything (blackhole), as a network
+/// would.
+struct Proxy {
+    port: u16,
+    /// 0: carry; 1: blackhole.
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    /// Bumped to reset: every connection opened before is dropped.
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Carries bytes one way until either side closes or the proxy resets; holds them while
+/// blackholed.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    born: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        if generation.load(Ordering::SeqCst) != born {
+            return;
+        }
+        if mode.load(Ordering::SeqCst) == 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+        };
+        match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Proxy {
+    async fn start(target: u16) -> Proxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU8, AtomicU64};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(AtomicU8::new(0));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (m, g) = (mode.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let (m, g) = (m.clone(), g.clone());
+                let born = g.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let up =
+                        tokio::spawn(pump(client_read, server_write, m.clone(), g.clone(), born));
+                    let down = tokio::spawn(pump(server_read, client_write, m, g, born));
+                    let _ = tokio::join!(up, down);
+                });
+            }
+        });
+        Proxy {
+            port,
+            mode,
+            generation,
+        }
+    }
+
+    fn blackhole(&self, on: bool) {
+        self.mode.store(u8::from(on), Ordering::SeqCst);
+    }
+
+    fn reset(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_or_blackholed_database_connection_loses_nothing() {
+    let Some(Setup {
+        database,
+        upstream,
+        dir,
+    }) = Setup::new("3s", PLAIN, "").await
+    else {
+        return;
+    };
+    let port: u16 = database
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|tail| tail.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let proxy = Proxy::start(port).await;
+    let through_proxy = database
+        .url
+        .replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
+    cluster_config(dir.path(), &upstream.url(), &through_proxy, "3s");
+    let (_relays, addresses) = start_relays(dir.path(), 2);
+    let (mut acknowledged, refused) = push_many(&addresses, "before", 10, 4).await;
+    assert_eq!((acknowledged.len(), refused), (10, 0));
+
+    // Blackholed for 3 s: requests wait (their commit waits), or are refused; never
+    // acknowledged without a commit.
+    proxy.blackhole(true);
+    let during = {
+        let addresses = addresses.clone();
+        tokio::spawn(async move { push_many(&addresses, "blackholed", 6, 3).await })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.blackhole(false);
+    let (more, refused) = during.await.unwrap();
+    eprintln!(
+        "while blackholed: {} acknowledged once the connection carried again, {refused} refused",
+        more.len()
+    );
+    assert_eq!(more.len() + refused, 6);
+    acknowledged.extend(more);
+
+    // Every connection reset: the relays reconnect by themselves.
+    proxy.reset();
+    let start = Instant::now();
+    loop {
+        let (more, _) = push_many(
+            &addresses,
+            &format!("after-{}", start.elapsed().as_millis()),
+            2,
+            2,
+        )
+        .await;
+        let done = more.len() == 2;
+        acknowledged.extend(more);
+        if done {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no recovery after the reset"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eventually(
+        Duration::from_secs(20),
+        "every acknowledged webhook sent",
+        || {
+            let calls = calls_per_delivery(&upstream);
+            acknowledged.iter().all(|d| calls.contains_key(d))
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_configuration_lacks_the_upstream_leaves_the_trigger_for_one_that_has_it() {
+    let Some(Setup {
+        database,
+        upstream,
+        dir,
+    }) = Setup::new("2s", PLAIN, "").await
+    else {
+        return;
+    };
+    // Relay A's configuration (after a reload, say) has an upstream relay B's lacks.
+    let newer = tempfile::tempdir().unwrap();
+    for file in ["relay.toml", "store.toml", "secret"] {
+        std::fs::copy(dir.path().join(file), newer.path().join(file)).unwrap();
+    }
+    let text = std::fs::read_to_string(newer.path().join("relay.toml"))
+        .unwrap()
+        .replace(dir.path().to_str().unwrap(), newer.path().to_str().unwrap())
+        .replace(
+            "[rule.trigger]\n",
+            "[rule.trigger]\nupstream = \"gitlab\"\n",
+        );
+    write(newer.path(), "relay.toml", &text);
+    write(
+        newer.path(),
+        "second.toml",
+        &format!(
+            "[upstream.second]\nurl = \"{}\"\ntimeout = \"1s\"\n[[rule]]\nname = \"to-second\"\nsource = \"github\"\n\
+             [rule.trigger]\nupstream = \"second\"\nproject = \"acme/second\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\n",
+            upstream.url()
+        ),
+    );
+    let mut a = relay(newer.path(), 0);
+    let address_a = a.address();
+    // GitLab holds both of A's calls (one per upstream); A dies holding its claims.
+    upstream.answer_next(Answer::created().delayed(Duration::from_secs(30)));
+    upstream.answer_next(Answer::created().delayed(Duration::from_secs(30)));
+    assert_eq!(push(&address_a, "for-both").await.status, 202);
+    eventually(Duration::from_secs(10), "A's two calls", || {
+        upstream.received().len() == 2
+    })
+    .await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    // B, without that upstream (or rule), takes the key over after the lease and leaves it
+    // for a relay that can send it instead of failing it.
+    let mut b = relay(dir.path(), 1);
+    b.address();
+    b.wait_for("left for a relay (or a reload) whose configuration has its upstream");
+    let mut a = relay(newer.path(), 0);
+    a.address();
+    eventually(Duration::from_secs(20), "both triggers sent", || {
+        let received = upstream.received();
+        let to = |project: &str| {
+            received
+                .iter()
+                .filter(|r| r.path_and_query.contains(project))
+                .count()
+        };
+        to("acme%2Fsecond") == 2 && to("acme%2Fapp") == 2
+    })
+    .await;
+    let rows = tokio::task::block_in_place(|| rows(&database.url));
+    assert!(
+        rows.iter().all(|r| r.state.as_deref() == Some("sent")),
+        "{rows:#?}"
+    );
+    drop((a, b));
+}
