@@ -221,10 +221,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let bound = listener.local_addr().context("reading the bound address")?;
     match gateway {
         Some(gateway) => {
-            tracing::info!(address = %bound, gateway_upstream = %gateway.upstream, dry_run = options.dry_run, "hookrelay listening")
+            tracing::info!(address = %bound, gateway_upstream = %gateway.upstream, dry_run = options.dry_run, store = %store.describe(), "hookrelay listening")
         }
         None => {
-            tracing::info!(address = %bound, dry_run = options.dry_run, "hookrelay listening (trigger gateway disabled)")
+            tracing::info!(address = %bound, dry_run = options.dry_run, store = %store.describe(), "hookrelay listening (trigger gateway disabled)")
         }
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
