@@ -514,7 +514,21 @@ impl Writer {
         };
         let now = now_ms();
         let mut outcome = GroupOutcome::default();
-        let begun = self.engine.begin(durable);
+        let mut begun = self.engine.begin(durable);
+        // The group's webhooks first, together where the engine can: nothing else is in
+        // the transaction yet, so a failed batch is undone by a rollback (no savepoint
+        // round trips), and the group goes one by one in a new transaction.
+        let batch = match begun {
+            Ok(()) => {
+                let (batch, failed) = self.accept_together(batch, now, &mut outcome);
+                if failed {
+                    self.engine.rollback();
+                    begun = self.engine.begin(durable);
+                }
+                batch
+            }
+            Err(_) => batch,
+        };
         if let Err(err) = begun {
             outcome.records = pending;
             for op in batch {
@@ -536,7 +550,6 @@ impl Writer {
             self.engine.clock_skew(),
             std::sync::atomic::Ordering::Relaxed,
         );
-        let batch = self.accept_together(batch, now, &mut outcome);
         for op in batch {
             self.apply(op, now, &mut outcome);
         }
@@ -545,15 +558,21 @@ impl Writer {
     }
 
     /// Records the group's webhooks in one go where the engine can (a few statements for
-    /// the whole group); returns the requests left to run one by one (all of them when it
-    /// cannot, or when the batch failed and was rolled back).
-    fn accept_together(&mut self, batch: Vec<Op>, now: i64, outcome: &mut GroupOutcome) -> Vec<Op> {
+    /// the whole group), as the first thing in the transaction; returns the requests left
+    /// to run one by one (all of them when it cannot), and whether the batch failed (then
+    /// the caller rolls the transaction back: the batch wrote nothing that stays).
+    fn accept_together(
+        &mut self,
+        batch: Vec<Op>,
+        now: i64,
+        outcome: &mut GroupOutcome,
+    ) -> (Vec<Op>, bool) {
         let accepts = batch
             .iter()
             .filter(|op| matches!(op, Op::Accept(..)))
             .count();
         if accepts < 2 {
-            return batch;
+            return (batch, false);
         }
         let (accepts, rest): (Vec<Op>, Vec<Op>) = batch
             .into_iter()
@@ -565,20 +584,15 @@ impl Writer {
                 _ => unreachable!("only accepts were kept"),
             })
             .collect();
-        if self.engine.savepoint().is_err() {
-            return accepts.into_iter().chain(rest).collect();
-        }
-        let answers = self.engine.insert_deliveries(&deliveries, now);
-        self.engine.release(matches!(answers, Some(Ok(_))));
-        let answers = match answers {
+        let answers = match self.engine.insert_deliveries(&deliveries, now) {
             Some(Ok(answers)) => answers,
             Some(Err(err)) => {
                 if self.logged.allow("batch").is_some() {
                     tracing::warn!(reason = %err, "recording webhooks together failed; recording them one by one");
                 }
-                return accepts.into_iter().chain(rest).collect();
+                return (accepts.into_iter().chain(rest).collect(), true);
             }
-            None => return accepts.into_iter().chain(rest).collect(),
+            None => return (accepts.into_iter().chain(rest).collect(), false),
         };
         for (op, answer_of) in accepts.into_iter().zip(answers) {
             let Op::Accept(_, reply) = op else {
@@ -592,7 +606,7 @@ impl Writer {
             outcome.note_result(&result);
             outcome.replies.push(answer(reply, result));
         }
-        rest
+        (rest, false)
     }
 
     /// Runs one request inside the open transaction.
@@ -803,10 +817,12 @@ mod tests {
     use crate::store::Depth;
     use crate::store::sqlite::Durability;
 
-    /// SQLite that refuses every commit while `full` is set, as a full disk would.
+    /// SQLite that refuses every commit while `full` is set, as a full disk would; with
+    /// `broken_batches`, it records webhooks together and breaks halfway, counting.
     struct FullDisk {
         inner: SqliteEngine,
         full: Arc<AtomicBool>,
+        broken_batches: Option<Arc<std::sync::atomic::AtomicUsize>>,
     }
 
     impl Engine for FullDisk {
@@ -835,6 +851,16 @@ mod tests {
         }
         fn release(&mut self, keep: bool) {
             self.inner.release(keep)
+        }
+        fn insert_deliveries(
+            &mut self,
+            deliveries: &[&NewDelivery],
+            now: i64,
+        ) -> Option<Result<Vec<Accepted>, EngineError>> {
+            let broken = self.broken_batches.as_ref()?;
+            broken.fetch_add(1, Ordering::SeqCst);
+            let _ = self.inner.insert_delivery(deliveries[0], now);
+            Some(Err(EngineError::failed("the batch broke halfway")))
         }
         fn insert_delivery(&mut self, d: &NewDelivery, now: i64) -> Result<Accepted, EngineError> {
             self.inner.insert_delivery(d, now)
@@ -876,13 +902,47 @@ mod tests {
         let mut engine =
             SqliteEngine::open(&outbox_dir.join(STORE_FILE), Durability::Full).unwrap();
         let mut rows: Vec<(String, String)> = engine
-            .list(false, 10)
+            .list(false, 1000)
             .unwrap()
             .into_iter()
             .map(|r| (r.delivery_id, r.state.unwrap_or_default()))
             .collect();
         rows.sort();
         rows
+    }
+
+    /// A group's webhooks recorded together, the batch breaking after writing some of them:
+    /// the transaction is undone and every webhook recorded one by one, each once.
+    #[tokio::test]
+    async fn a_batch_that_breaks_halfway_is_undone_and_recorded_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let broken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writer = FullDisk {
+            inner: SqliteEngine::open(&path, Durability::Full).unwrap(),
+            full: Arc::default(),
+            broken_batches: Some(broken.clone()),
+        };
+        let reader = SqliteEngine::open(&path, Durability::Full).unwrap();
+        let outbox = Outbox::start(Box::new(writer), Box::new(reader), None).unwrap();
+        let mut sent = 0;
+        // Requests sent together land in one group (at least once in a few tries).
+        while broken.load(Ordering::SeqCst) == 0 && sent < 100 {
+            let answers = futures_util::future::join_all(
+                (sent..sent + 20).map(|i| outbox.accept(delivery(&format!("d{i:03}")))),
+            )
+            .await;
+            for answer in answers {
+                assert!(matches!(answer, Ok(Accepted::Queued { .. })), "{answer:?}");
+            }
+            sent += 20;
+        }
+        assert!(
+            broken.load(Ordering::SeqCst) > 0,
+            "no group held two webhooks"
+        );
+        let stored = states(dir.path());
+        assert_eq!(stored.len(), sent, "each once: {stored:?}");
     }
 
     #[tokio::test]
@@ -893,6 +953,7 @@ mod tests {
         let writer = FullDisk {
             inner: SqliteEngine::open(&path, Durability::Full).unwrap(),
             full: full.clone(),
+            broken_batches: None,
         };
         let reader = SqliteEngine::open(&path, Durability::Full).unwrap();
         let outbox = Outbox::start(Box::new(writer), Box::new(reader), None).unwrap();

@@ -487,8 +487,8 @@ pub trait Engine: Send + 'static {
 
     /// Records several deliveries at once, each with its own answer, in a few statements
     /// whatever their number; `None`: this engine (or this batch) goes one by one through
-    /// [`Engine::insert_delivery`]. Called inside the group's transaction; on `Err` the
-    /// caller rolls back to its savepoint and goes one by one.
+    /// [`Engine::insert_delivery`]. Called first in the group's transaction; on `Err` the
+    /// caller rolls the transaction back and goes one by one in a new one.
     fn insert_deliveries(
         &mut self,
         _deliveries: &[&NewDelivery],
