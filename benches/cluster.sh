@@ -54,7 +54,7 @@ relay_ports=($(free_port) $(free_port) $(free_port) $(free_port))
 lb_ports=($(free_port) $(free_port) $(free_port))
 secret="It's a Secret to Everybody"
 payload=$PWD/tests/fixtures/github/push_tag.json
-signature="sha256=$(python3 -c 'import hmac,hashlib,sys; print(hmac.new(sys.argv[1].encode(), open(sys.argv[2],"rb").read(), hashlib.sha256).hexdigest())' "$secret" "$payload")"
+signature=$(github_signature "$secret" "$payload")
 
 # PostgreSQL, defaults for durability, as the unprivileged postgres user.
 mkdir -p "$work/pg" && chown postgres:postgres "$work/pg"
@@ -65,7 +65,6 @@ runuser -u postgres -- "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres 
 database="postgres://postgres@127.0.0.1:$pg_port/hookrelay"
 
 # nginx: the stand-in GitLab, and one round-robin balancer each for 1, 2 and 4 relays.
-mkdir -p "$work/nginx"
 balancers=""
 for i in 0 1 2; do
   count=$((1 << i)); servers=""
@@ -74,25 +73,7 @@ for i in 0 1 2; do
   server { listen 127.0.0.1:${lb_ports[$i]}; location / { proxy_pass http://relays$count; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }
 "
 done
-cat >"$work/nginx/nginx.conf" <<CONF
-worker_processes 1;
-error_log $work/nginx/error.log;
-pid $work/nginx/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx;
-  server {
-    listen 127.0.0.1:$standin_port;
-    location / {
-      default_type application/json;
-      return 201 '{"id":4242,"iid":7,"status":"created","ref":"main","web_url":"http://gitlab.example/acme/app/-/pipelines/4242"}';
-    }
-  }
-  $balancers
-}
-CONF
-nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
+start_nginx "$work/nginx" "$balancers"
 
 printf '%s' "$secret" >"$work/secret"
 rules() { relay_rules "$1" "$work/secret" "${2:-acme/app}"; }

@@ -3,6 +3,11 @@
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
 
+# github_signature SECRET FILE: X-Hub-Signature-256 for FILE's bytes.
+github_signature() {
+  echo "sha256=$(python3 -c 'import hmac,hashlib,sys; print(hmac.new(sys.argv[1].encode(), open(sys.argv[2],"rb").read(), hashlib.sha256).hexdigest())' "$1" "$2")"
+}
+
 # relay_rules STANDIN_PORT SECRET_FILE [PROJECT]: the relay configuration every benchmark
 # measures: one upstream (the stand-in GitLab, limits raised so they do not pace the
 # forwarder), a signed GitHub source, and one tag rule.
@@ -24,4 +29,31 @@ ref = "main"
 token = "file:$2"
 variables = { UPSTREAM_TAG = "{{ event.ref_name }}", UPSTREAM_SHA = "{{ event.after }}" }
 CONF
+}
+
+# start_nginx DIR SERVERS: nginx (one worker, no access log) in the foreground of a
+# background job, with the stand-in GitLab every benchmark sends to (answering every call
+# 201 with a pipeline) on $standin_port and the extra server blocks SERVERS; adds its pid to
+# pids.
+start_nginx() {
+  mkdir -p "$1"
+  cat >"$1/nginx.conf" <<CONF
+worker_processes 1;
+error_log $1/error.log;
+pid $1/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $1;
+  server {
+    listen 127.0.0.1:$standin_port;
+    location / {
+      default_type application/json;
+      return 201 '{"id":4242,"iid":7,"status":"created","ref":"main","web_url":"http://gitlab.example/acme/app/-/pipelines/4242"}';
+    }
+  }
+  $2
+}
+CONF
+  nginx -c "$1/nginx.conf" -g 'daemon off;' & pids+=($!)
 }

@@ -45,29 +45,10 @@ rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 nginx_port=$(free_port); standin_port=$(free_port); webhook_port=$(free_port); relay_port=$(free_port)
 secret="It's a Secret to Everybody"
 payload=$PWD/tests/fixtures/github/push_tag.json
-signature="sha256=$(python3 -c 'import hmac,hashlib,sys; print(hmac.new(sys.argv[1].encode(), open(sys.argv[2],"rb").read(), hashlib.sha256).hexdigest())' "$secret" "$payload")"
+signature=$(github_signature "$secret" "$payload")
 
 # nginx: the ceiling, and the stand-in GitLab answering every trigger call 201.
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<CONF
-worker_processes 1;
-error_log $work/nginx/error.log;
-pid $work/nginx/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx;
-  server { listen 127.0.0.1:$nginx_port; location / { return 200 "ok"; } }
-  server {
-    listen 127.0.0.1:$standin_port;
-    location / {
-      default_type application/json;
-      return 201 '{"id":4242,"iid":7,"status":"created","ref":"main","web_url":"http://gitlab.example/acme/app/-/pipelines/4242"}';
-    }
-  }
-}
-CONF
-nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
+start_nginx "$work/nginx" "server { listen 127.0.0.1:$nginx_port; location / { return 200 \"ok\"; } }"
 
 # adnanh/webhook with the same signature check and a regex on the ref.
 cat >"$work/hooks.json" <<CONF

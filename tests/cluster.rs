@@ -67,6 +67,10 @@ struct Setup {
     dir: tempfile::TempDir,
 }
 
+/// A rule firing every second, its occurrence in `variables[AT]`.
+const EVERY_SECOND: &str = "[[rule]]\nname = \"every-second\"\nschedule = \"* * * * * *\"\n[rule.trigger]\n\
+     project = \"77\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = { AT = \"{{ schedule.time }}\" }\n";
+
 /// The upstream's limit where a test does not care: high enough never to pace it.
 const PLAIN: &str = "limit = { per_project = \"1000/s\" }";
 
@@ -74,8 +78,18 @@ impl Setup {
     /// With the relays' configuration written (see [`cluster_config_with`]); `None` (the
     /// test is skipped) where no PostgreSQL can run.
     async fn new(lease: &str, upstream_extra: &str, gateway_extra: &str) -> Option<Setup> {
+        Some(Setup::on(database()?, lease, upstream_extra, gateway_extra).await)
+    }
+
+    /// [`Setup::new`] on a given database (a server of the test's own).
+    async fn on(
+        database: pg::Database,
+        lease: &str,
+        upstream_extra: &str,
+        gateway_extra: &str,
+    ) -> Setup {
         let setup = Setup {
-            database: database()?,
+            database,
             upstream: RecordingUpstream::start().await,
             dir: tempfile::tempdir().unwrap(),
         };
@@ -87,7 +101,7 @@ impl Setup {
             upstream_extra,
             gateway_extra,
         );
-        Some(setup)
+        setup
     }
 }
 
@@ -96,6 +110,11 @@ fn start_relays(dir: &Path, count: usize) -> (Vec<Served>, Vec<String>) {
     let mut relays: Vec<Served> = (0..count).map(|n| relay(dir, n)).collect();
     let addresses = relays.iter_mut().map(Served::address).collect();
     (relays, addresses)
+}
+
+/// A database on a server of the test's own (the client blocks: off the runtime).
+fn own_database(server: &pg::Server) -> pg::Database {
+    tokio::task::block_in_place(|| server.database())
 }
 
 /// A database of the test's own on the shared server (the client blocks: off the runtime).
@@ -119,12 +138,37 @@ async fn push(address: &str, delivery: &str) -> Reply {
 /// How many calls the upstream received for each delivery id.
 fn calls_per_delivery(upstream: &RecordingUpstream) -> BTreeMap<String, usize> {
     let mut calls = BTreeMap::new();
-    for received in upstream.received() {
-        if let Some(delivery) = received.json()["variables"]["DELIVERY"].as_str() {
-            *calls.entry(delivery.to_owned()).or_insert(0) += 1;
-        }
+    for delivery in upstream.received().iter().filter_map(delivery_of) {
+        *calls.entry(delivery).or_insert(0) += 1;
     }
     calls
+}
+
+/// Pushes two webhooks a round until both are acknowledged (at most 15 s, the relays
+/// recovering from `what`); their delivery ids.
+async fn acknowledged_again(addresses: &[String], what: &str) -> Vec<String> {
+    let start = Instant::now();
+    loop {
+        let prefix = format!("after-{}", start.elapsed().as_millis());
+        let (acknowledged, _) = push_many(addresses, &prefix, 2, 2).await;
+        if acknowledged.len() == 2 {
+            return acknowledged;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no recovery after {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits (at most `limit`) until every delivery in `acknowledged` reached the upstream.
+async fn all_sent(upstream: &RecordingUpstream, acknowledged: &[String], limit: Duration) {
+    eventually(limit, "every acknowledged webhook sent", || {
+        let calls = calls_per_delivery(upstream);
+        acknowledged.iter().all(|d| calls.contains_key(d))
+    })
+    .await;
 }
 
 /// Waits (at most `limit`) until `done` holds.
@@ -270,15 +314,7 @@ async fn a_relay_killed_while_sending_is_taken_over_after_its_lease() {
         taken_over >= Duration::from_millis(1500),
         "taken over after {taken_over:?}, before the 2 s lease ran out"
     );
-    let order: Vec<String> = upstream
-        .received()
-        .iter()
-        .filter_map(|r| {
-            r.json()["variables"]["DELIVERY"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let order: Vec<String> = upstream.received().iter().filter_map(delivery_of).collect();
     // The held trigger is sent again (it was in flight when A died: at least once), and
     // nothing of its key went before it.
     assert_eq!(order, ["held", "held", "behind", "after"]);
@@ -430,18 +466,18 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
     let Some(server) = tokio::task::block_in_place(pg::Server::own) else {
         return;
     };
-    let database = tokio::task::block_in_place(|| server.database());
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config_with(
-        dir.path(),
-        &upstream.url(),
-        &database.url,
+    let Setup {
+        database: _database,
+        upstream,
+        dir,
+    } = Setup::on(
+        own_database(&server),
         "3s",
-        "limit = { per_project = \"1000/s\" }",
+        PLAIN,
         "limit = { per_client = \"600/min\" }",
-    );
-    let (mut relays, addresses) = start_relays(dir.path(), 2);
+    )
+    .await;
+    let (_relays, addresses) = start_relays(dir.path(), 2);
     let (before, refused) = push_many(&addresses, "before", 10, 4).await;
     assert_eq!((before.len(), refused), (10, 0));
 
@@ -470,28 +506,7 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
     }
 
     tokio::task::block_in_place(|| server.pg_ctl("start", ""));
-    let start = Instant::now();
-    loop {
-        let (after, _) = push_many(
-            &addresses,
-            &format!("after-{}", start.elapsed().as_millis()),
-            2,
-            2,
-        )
-        .await;
-        if after.len() == 2 {
-            break;
-        }
-        if start.elapsed() >= Duration::from_secs(15) {
-            let reply = push(&addresses[0], "still-refused").await;
-            panic!(
-                "no recovery after the database returned: {}\n{:#?}",
-                reply.text(),
-                relays[0].wait_for("no such line")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    acknowledged_again(&addresses, "the database returned").await;
     for address in &addresses {
         let mut ready = readyz(address).await;
         let waited = Instant::now();
@@ -501,15 +516,7 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
         }
         assert_eq!(ready.status, 200, "{}", ready.text());
     }
-    eventually(
-        Duration::from_secs(15),
-        "every acknowledged webhook sent",
-        || {
-            let calls = calls_per_delivery(&upstream);
-            before.iter().all(|d| calls.contains_key(d))
-        },
-    )
-    .await;
+    all_sent(&upstream, &before, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,10 +524,11 @@ async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
     let Some(server) = tokio::task::block_in_place(pg::Server::own) else {
         return;
     };
-    let database = tokio::task::block_in_place(|| server.database());
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config(dir.path(), &upstream.url(), &database.url, "3s");
+    let Setup {
+        database,
+        upstream,
+        dir,
+    } = Setup::on(own_database(&server), "3s", PLAIN, "").await;
     let (_relays, addresses) = start_relays(dir.path(), 2);
     let load = {
         let addresses = addresses.clone();
@@ -542,15 +550,7 @@ async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
         acknowledged.len()
     );
     assert!(!acknowledged.is_empty());
-    eventually(
-        Duration::from_secs(30),
-        "every acknowledged webhook sent",
-        || {
-            let calls = calls_per_delivery(&upstream);
-            acknowledged.iter().all(|d| calls.contains_key(d))
-        },
-    )
-    .await;
+    all_sent(&upstream, &acknowledged, Duration::from_secs(30)).await;
     // Nothing stays `sending` past its lease, and a refused webhook is not sent (a 503
     // means nothing was committed... or, after a cut right after COMMIT, that the
     // sender's retry will be told it is a duplicate).
@@ -577,12 +577,7 @@ async fn a_schedule_fires_once_per_occurrence_while_any_relay_is_up() {
     else {
         return;
     };
-    write(
-        dir.path(),
-        "schedule.toml",
-        "[[rule]]\nname = \"every-second\"\nschedule = \"* * * * * *\"\n[rule.trigger]\nproject = \"77\"\nref = \"main\"\n\
-         token = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = { AT = \"{{ schedule.time }}\" }\n",
-    );
+    write(dir.path(), "schedule.toml", EVERY_SECOND);
     let mut relays: Vec<Served> = (0..3).map(|n| relay(dir.path(), n)).collect();
     for relay in &mut relays {
         relay.address();
@@ -730,9 +725,6 @@ const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_whose_clock_is_an_hour_fast_changes_nothing() {
-    let Some(database) = database() else {
-        return;
-    };
     if !Path::new(FAKETIME).exists() {
         assert!(
             std::env::var_os("HOOKRELAY_REQUIRE_POSTGRES").is_none(),
@@ -741,22 +733,20 @@ async fn a_relay_whose_clock_is_an_hour_fast_changes_nothing() {
         eprintln!("SKIPPED: no libfaketime ({FAKETIME})");
         return;
     }
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    cluster_config_with(
-        dir.path(),
-        &upstream.url(),
-        &database.url,
+    let Some(Setup {
+        database: _database,
+        upstream,
+        dir,
+    }) = Setup::new(
         "3s",
-        "limit = { per_project = \"1000/s\" }",
+        PLAIN,
         "limit = { per_client = \"60/min\", burst = 3 }",
-    );
-    write(
-        dir.path(),
-        "schedule.toml",
-        "[[rule]]\nname = \"every-second\"\nschedule = \"* * * * * *\"\n[rule.trigger]\nproject = \"77\"\nref = \"main\"\n\
-         token = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = { AT = \"{{ schedule.time }}\" }\n",
-    );
+    )
+    .await
+    else {
+        return;
+    };
+    write(dir.path(), "schedule.toml", EVERY_SECOND);
     let mut fast = {
         let mut command = Command::new(BIN);
         command
@@ -1060,35 +1050,8 @@ async fn a_cut_or_blackholed_database_connection_loses_nothing() {
 
     // Every connection reset: the relays reconnect by themselves.
     proxy.reset();
-    let start = Instant::now();
-    loop {
-        let (more, _) = push_many(
-            &addresses,
-            &format!("after-{}", start.elapsed().as_millis()),
-            2,
-            2,
-        )
-        .await;
-        let done = more.len() == 2;
-        acknowledged.extend(more);
-        if done {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "no recovery after the reset"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    eventually(
-        Duration::from_secs(20),
-        "every acknowledged webhook sent",
-        || {
-            let calls = calls_per_delivery(&upstream);
-            acknowledged.iter().all(|d| calls.contains_key(d))
-        },
-    )
-    .await;
+    acknowledged.extend(acknowledged_again(&addresses, "the reset").await);
+    all_sent(&upstream, &acknowledged, Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1139,7 +1102,7 @@ async fn a_relay_whose_configuration_lacks_the_upstream_leaves_the_trigger_for_o
     // for a relay that can send it instead of failing it.
     let mut b = relay(dir.path(), 1);
     b.address();
-    b.wait_for("left for a relay (or a reload) whose configuration has its upstream");
+    b.wait_for("left for a relay (or a reload) whose configuration can send it");
     let mut a = relay(newer.path(), 0);
     a.address();
     eventually(Duration::from_secs(20), "both triggers sent", || {

@@ -62,19 +62,40 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Projects GitLab answered `429` for, and until when their triggers wait.
 type Paused = Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>;
 
+/// How long ago a trigger was accepted.
+fn age(due: &DueTrigger) -> Duration {
+    Duration::from_millis((now_ms() - due.created_at).max(0) as u64)
+}
+
 /// How long a trigger this relay's configuration cannot send waits for another relay.
 const OTHER_CONFIGURATION: Duration = Duration::from_secs(5);
 
 /// With a shared store, work accepted under one relay's configuration may be claimed by a
 /// relay whose configuration is older or newer (a rolling reload): it waits for a relay
-/// that can send it rather than failing, until `max_age` since it was accepted.
-fn defer_to_another_configuration(
+/// that can send it rather than failing, until `max_age` since it was accepted. Whether
+/// it was left so (then recorded and logged); `false`: the caller fails or retries it.
+fn left_for_another_configuration(
     outbox: &Outbox,
     due: &DueTrigger,
     options: &ForwarderOptions,
+    reason: &str,
 ) -> bool {
-    let age = Duration::from_millis((now_ms() - due.created_at).max(0) as u64);
-    outbox.shared && age < options.policy.max_age
+    let age = age(due);
+    if !outbox.shared || age >= options.policy.max_age {
+        return false;
+    }
+    tracing::warn!(
+        delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project, %reason,
+        "trigger left for a relay (or a reload) whose configuration can send it"
+    );
+    outbox.record(
+        due.lease,
+        Recorded::Deferred {
+            due_at: now_ms() + OTHER_CONFIGURATION.as_millis() as i64,
+            reason: format!("this relay's configuration cannot send it: {reason}"),
+        },
+    );
+    true
 }
 
 /// Lease left beyond an upstream call's timeout for a send to start.
@@ -228,17 +249,7 @@ async fn attempt(
     let (delivery, source, rule, project) = span_fields;
     let trigger = match build(&runtime, &due) {
         Ok(trigger) => trigger,
-        Err(reason) if defer_to_another_configuration(outbox, &due, options) => {
-            tracing::warn!(%delivery, %source, %rule, %project, %reason, "trigger cannot be sent with this relay's configuration; left for a relay (or a reload) that can");
-            outbox.record(
-                due.lease,
-                Recorded::Deferred {
-                    due_at: now_ms() + OTHER_CONFIGURATION.as_millis() as i64,
-                    reason: format!("this relay's configuration cannot send it: {reason}"),
-                },
-            );
-            return;
-        }
+        Err(reason) if left_for_another_configuration(outbox, &due, options, &reason) => return,
         Err(reason) => {
             tracing::warn!(%delivery, %source, %rule, %project, %reason, "trigger cannot be sent");
             outbox.record(
@@ -255,15 +266,7 @@ async fn attempt(
     };
     let Some(upstream) = runtime.upstreams.get(&due.upstream).cloned() else {
         let reason = format!("upstream {:?} is not in the configuration", due.upstream);
-        if defer_to_another_configuration(outbox, &due, options) {
-            tracing::warn!(%delivery, %source, %rule, %project, %reason, "trigger left for a relay (or a reload) whose configuration has its upstream");
-            outbox.record(
-                due.lease,
-                Recorded::Deferred {
-                    due_at: now_ms() + OTHER_CONFIGURATION.as_millis() as i64,
-                    reason: format!("this relay's configuration cannot send it: {reason}"),
-                },
-            );
+        if left_for_another_configuration(outbox, &due, options, &reason) {
             return;
         }
         retry_or_fail(app, &due, options, attempts, Duration::ZERO, None, reason);
@@ -328,7 +331,7 @@ async fn attempt(
         &upstream.name,
         result.as_ref().ok().map(|a| a.status.as_u16()),
     );
-    let latency = Duration::from_millis((now_ms() - due.created_at).max(0) as u64).as_secs_f64();
+    let latency = age(&due).as_secs_f64();
     let status = result.as_ref().ok().map(|a| a.status.as_u16());
     if means_down(status) {
         if let Some(pause) = held
@@ -492,7 +495,7 @@ fn retry_or_fail(
     status: Option<u16>,
     reason: String,
 ) {
-    let age = Duration::from_millis((now_ms() - due.created_at).max(0) as u64);
+    let age = age(due);
     let delay = options
         .policy
         .delay(attempts as u32, floor, fastrand::f64());

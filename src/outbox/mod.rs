@@ -192,10 +192,8 @@ impl Outbox {
             StoreLocation::Postgres(config) => {
                 let error = |err: EngineError| StoreError::from_engine(config.describe(), err);
                 let (writer, reader) = blocking(|| {
-                    Ok::<_, EngineError>((
-                        PostgresEngine::open(config)?,
-                        PostgresEngine::open(config)?,
-                    ))
+                    let writer = PostgresEngine::open(config)?;
+                    Ok::<_, EngineError>((writer, PostgresEngine::open_beside(config)?))
                 })
                 .map_err(error)?;
                 let mut outbox = Outbox::start(Box::new(writer), Box::new(reader), None)

@@ -228,6 +228,16 @@ impl PostgresEngine {
             )));
         }
         migrate(&mut client).map_err(error)?;
+        PostgresEngine::on(config, client)
+    }
+
+    /// Another connection beside an engine [`PostgresEngine::open`] made (the outbox's
+    /// reader): the database is checked and migrated already.
+    pub fn open_beside(config: &PostgresConfig) -> Result<PostgresEngine, EngineError> {
+        PostgresEngine::on(config, config.connect()?)
+    }
+
+    fn on(config: &PostgresConfig, mut client: Client) -> Result<PostgresEngine, EngineError> {
         let db_now: i64 = client
             .query_one(concat!("SELECT ", db_now!()), &[])
             .map_err(error)?

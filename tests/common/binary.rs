@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::{RecordingUpstream, Reply, signed_github};
+use super::{Received, RecordingUpstream, Reply, signed_github};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hookrelay");
 
@@ -134,16 +134,15 @@ pub fn serve_in(dir: &Path) -> Served {
     Served::start_with(command, dir, &dir.join("state"))
 }
 
+/// The delivery id a call carries in `variables[DELIVERY]` ([`durable_config`]'s rule).
+pub fn delivery_of(call: &Received) -> Option<String> {
+    call.json()["variables"]["DELIVERY"]
+        .as_str()
+        .map(str::to_owned)
+}
+
 pub fn delivered(upstream: &RecordingUpstream) -> std::collections::BTreeSet<String> {
-    upstream
-        .received()
-        .iter()
-        .filter_map(|r| {
-            r.json()["variables"]["DELIVERY"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect()
+    upstream.received().iter().filter_map(delivery_of).collect()
 }
 
 /// Sends a GitHub tag push signed with `secret` to a running relay.
