@@ -60,6 +60,10 @@ impl ApiError {
 pub enum ApiError {
     #[error("no endpoint {method} {path}")]
     NotFound { method: String, path: String },
+    #[error(
+        "the project path in {path} is not URL-encoded, so it reads as several path segments; use {use_instead}"
+    )]
+    UnencodedProject { path: String, use_instead: String },
     #[error("{method} is not allowed here; use {allowed}")]
     MethodNotAllowed {
         method: String,
@@ -139,7 +143,7 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
         ApiError::Source(SourceError::Signature(_)) => {
             (StatusCode::UNAUTHORIZED, json!({ "message": message }))
         }
-        ApiError::Source(_) | ApiError::BadUrlRef(_) => {
+        ApiError::Source(_) | ApiError::BadUrlRef(_) | ApiError::UnencodedProject { .. } => {
             (StatusCode::BAD_REQUEST, json!({ "message": message }))
         }
         ApiError::MethodNotAllowed { allowed, .. } => {
@@ -164,7 +168,7 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
         ),
         ApiError::Gateway(gateway) => match gateway {
             G::Disabled => (StatusCode::NOT_FOUND, json!({ "message": message })),
-            G::Project(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
+            G::Project(_) | G::EmptyToken => (StatusCode::NOT_FOUND, json!({ "message": message })),
             G::Params(ParamError::Invalid(_)) => {
                 (StatusCode::BAD_REQUEST, json!({ "error": message }))
             }

@@ -143,6 +143,11 @@ enum Route<'a> {
     Hook {
         source: &'a str,
     },
+    /// A trigger URL whose project path is not URL-encoded (`projects/group/app/…`): GitLab
+    /// answers it with a bare 404; the relay names the URL to use instead.
+    UnencodedProject {
+        use_instead: String,
+    },
     NotFound,
 }
 
@@ -158,7 +163,7 @@ impl Route<'_> {
                 git_ref: Some(_), ..
             } => "trigger_webhook",
             Route::Hook { .. } => "hooks",
-            Route::NotFound => "not_found",
+            Route::UnencodedProject { .. } | Route::NotFound => "not_found",
         }
     }
 }
@@ -196,8 +201,35 @@ fn route(path: &str) -> Route<'_> {
                 git_ref: Some(git_ref.join("/")),
             }
         }
+        ["api", "v4", "projects", rest @ .., "trigger", "pipeline"] => unencoded_project(rest),
         _ => Route::NotFound,
     }
+}
+
+/// A trigger URL whose project path spans several segments (`group/app`, or
+/// `group/app/ref/main` in the webhook form), with the URL that encodes it; anything else
+/// is simply not found.
+fn unencoded_project(segments: &[&str]) -> Route<'static> {
+    // The webhook form: the first `ref` after at least two project segments starts the ref.
+    let (project, git_ref) = match segments.iter().skip(2).position(|s| *s == "ref") {
+        Some(at) => (&segments[..at + 2], Some(&segments[at + 3..])),
+        None => (segments, None),
+    };
+    if project.len() < 2
+        || project.iter().any(|s| s.is_empty())
+        || git_ref.is_some_and(|r| r.is_empty() || r.iter().any(|s| s.is_empty()))
+    {
+        return Route::NotFound;
+    }
+    let project = project.join("%2F");
+    let use_instead = match git_ref {
+        None => format!("/api/v4/projects/{project}/trigger/pipeline"),
+        Some(git_ref) => format!(
+            "/api/v4/projects/{project}/ref/{}/trigger/pipeline",
+            git_ref.join("%2F")
+        ),
+    };
+    Route::UnencodedProject { use_instead }
 }
 
 async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -383,6 +415,10 @@ async fn dispatch(
                 read_body(app, request, (app.server.max_body, "[server] max_body")).await?;
             crate::hooks::handle(app, &runtime, config, &parts, &body).await
         }
+        Route::UnencodedProject { use_instead } => Err(ApiError::UnencodedProject {
+            path: request.uri().path().to_owned(),
+            use_instead,
+        }),
         Route::NotFound => Err(ApiError::NotFound {
             method: method.to_string(),
             path: request.uri().path().to_owned(),
@@ -500,6 +536,22 @@ mod tests {
         );
         assert_eq!(
             route("/api/v4/projects/g/p/trigger/pipeline"),
+            Route::UnencodedProject {
+                use_instead: "/api/v4/projects/g%2Fp/trigger/pipeline".into()
+            }
+        );
+        assert_eq!(
+            route("/api/v4/projects/g/sub/p/ref/feature/x/trigger/pipeline"),
+            Route::UnencodedProject {
+                use_instead: "/api/v4/projects/g%2Fsub%2Fp/ref/feature%2Fx/trigger/pipeline".into()
+            }
+        );
+        assert_eq!(
+            route("/api/v4/projects/g/p/ref/trigger/pipeline"),
+            Route::NotFound
+        );
+        assert_eq!(
+            route("/api/v4/projects/g//trigger/pipeline"),
             Route::NotFound
         );
         assert_eq!(route("/api/v4/projects//trigger/pipeline"), Route::NotFound);

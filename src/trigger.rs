@@ -218,6 +218,11 @@ impl Trigger {
                     };
                     query.append_pair(&format!("inputs[{key}]"), &text);
                 }
+                // The caller's other query parameters go on to GitLab, which puts them in
+                // `TRIGGER_PAYLOAD` as it would have without the relay.
+                for (key, value) in &self.other_params {
+                    crate::gateway::params::append_query_param(&mut query, key, value);
+                }
                 let git_ref = utf8_percent_encode(self.git_ref.as_str(), PATH_SEGMENT);
                 UpstreamCall {
                     path_and_query: format!(

@@ -426,6 +426,98 @@ async fn missing_parameters_are_400_in_grapes_words() {
 }
 
 #[tokio::test]
+async fn an_empty_token_is_404_as_in_gitlab() {
+    let (upstream, relay) = setup("").await;
+    for query in ["?token=&ref=main", "?token=%20&ref=main"] {
+        let reply = refused(&relay, &upstream, &format!("{PIPELINE}{query}"), &[], "").await;
+        assert_eq!(reply.status, 404, "query {query:?}");
+        let message = reply.json()["message"].as_str().unwrap().to_owned();
+        assert!(
+            message.starts_with("404 Not Found") && message.contains("token is empty"),
+            "{message}"
+        );
+    }
+    let reply = refused(
+        &relay,
+        &upstream,
+        PIPELINE,
+        &[("content-type", "application/json")],
+        r#"{"token":null,"ref":"main"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 404);
+    // Grape's validation still comes first: a blank ref is reported before the token.
+    let reply = refused(
+        &relay,
+        &upstream,
+        &format!("{PIPELINE}?token=&ref="),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(
+        (reply.status, reply.json()),
+        (400, json!({"error": "ref is empty"}))
+    );
+}
+
+#[tokio::test]
+async fn an_unencoded_project_path_gets_the_url_to_use() {
+    let (upstream, relay) = setup("").await;
+    let cases = [
+        (
+            "/api/v4/projects/mygroup/myproj/trigger/pipeline?token=T&ref=main",
+            "/api/v4/projects/mygroup%2Fmyproj/trigger/pipeline",
+        ),
+        (
+            "/api/v4/projects/mygroup/sub/myproj/ref/release/1.2/trigger/pipeline?token=T",
+            "/api/v4/projects/mygroup%2Fsub%2Fmyproj/ref/release%2F1.2/trigger/pipeline",
+        ),
+    ];
+    for (path, use_instead) in cases {
+        let reply = refused(&relay, &upstream, path, &[], "").await;
+        assert_eq!(reply.status, 400, "{path}");
+        let message = reply.json()["message"].as_str().unwrap().to_owned();
+        assert!(
+            message.contains("not URL-encoded") && message.ends_with(&format!("use {use_instead}")),
+            "{message}"
+        );
+        assert!(
+            !message.contains("token=T"),
+            "the query is never echoed: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn webhook_form_passes_extra_query_parameters_on() {
+    let (upstream, relay) = setup("").await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/ref/main/trigger/pipeline?token=TOKEN&caller=nightly-sync&meta[team]=ci&tags[]=a&tags[]=b"),
+        &[("content-type", "application/json")],
+        r#"{"object_kind":"push"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 201);
+    let got = upstream.only().path_and_query;
+    let (path, query) = got.split_once('?').unwrap();
+    assert_eq!(path, "/api/v4/projects/9/ref/main/trigger/pipeline");
+    let mut pairs: Vec<&str> = query.split('&').collect();
+    pairs.sort_unstable();
+    assert_eq!(
+        pairs,
+        [
+            "caller=nightly-sync",
+            "meta%5Bteam%5D=ci",
+            "tags%5B%5D=a",
+            "tags%5B%5D=b",
+            "token=TOKEN"
+        ],
+        "GitLab puts every parameter but the token in TRIGGER_PAYLOAD, so the relay passes them on"
+    );
+}
+
+#[tokio::test]
 async fn non_string_variables_get_gitlabs_message() {
     let (upstream, relay) = setup("").await;
     for body in [

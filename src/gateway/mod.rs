@@ -44,6 +44,9 @@ pub enum GatewayError {
     Variable(String),
     #[error("{0}")]
     NotATriggerToken(String),
+    /// GitLab finds no trigger for an empty token and answers `404 Not Found`.
+    #[error("404 Not Found: the token is empty; send a pipeline trigger token or a CI job token")]
+    EmptyToken,
 }
 
 /// The parts of an HTTP request the gateway reads, with the path pieces still encoded.
@@ -99,6 +102,9 @@ pub async fn parse_trigger_call(
     let variables = params::string_variables(call.variables)?;
     for name in variables.keys() {
         check_variable_name(name).map_err(GatewayError::Variable)?;
+    }
+    if call.token.is_empty() {
+        return Err(GatewayError::EmptyToken);
     }
     let git_ref = GitRef::parse(&call.git_ref)?;
     check_trigger_token(&call.token).map_err(GatewayError::NotATriggerToken)?;

@@ -373,7 +373,19 @@ pub fn validate(mut params: Params, path_ref: Option<String>) -> Result<CallPara
     }
     let mut problems = Vec::new();
     let git_ref = required_string(&mut params, "ref", &mut problems);
-    let token = required_string(&mut params, "token", &mut problems);
+    // GitLab declares `token` without `allow_blank: false`: an empty one passes validation
+    // and then finds no trigger (404), which the gateway answers in GitLab's place.
+    let token = match params.get("token") {
+        Some(Value::Null) => {
+            params.remove("token");
+            Some(String::new())
+        }
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            params.remove("token");
+            Some(String::new())
+        }
+        _ => required_string(&mut params, "token", &mut problems),
+    };
     let variables = optional_map(&mut params, "variables", &mut problems);
     let inputs = optional_map(&mut params, "inputs", &mut problems);
     // GitLab sets `id` from the path; a body `id` never reaches the pipeline.
@@ -421,6 +433,36 @@ fn optional_map(params: &mut Params, name: &str, problems: &mut Vec<String>) -> 
         Some(_) => {
             problems.push(format!("{name} is invalid"));
             Map::new()
+        }
+    }
+}
+
+/// Appends one parameter to a query string in Rack's nesting (`a[b]=c`, `a[]=1`), the
+/// form [`parse_query`] reads: strings as they are, other values as JSON text.
+pub fn append_query_param(
+    query: &mut form_urlencoded::Serializer<'_, String>,
+    name: &str,
+    value: &Value,
+) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                append_query_param(query, &format!("{name}[{key}]"), value);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                append_query_param(query, &format!("{name}[]"), item);
+            }
+        }
+        Value::String(text) => {
+            query.append_pair(name, text);
+        }
+        Value::Null => {
+            query.append_key_only(name);
+        }
+        other => {
+            query.append_pair(name, &other.to_string());
         }
     }
 }
