@@ -111,7 +111,36 @@ impl App {
             .config_path
             .as_ref()
             .ok_or("this relay was not started from a configuration path")?;
-        let config = crate::config::load(path).map_err(|problems| problems.to_string())?;
+        // The environment is the one the process started with: a reload cannot see a
+        // variable set since, so a missing one is named with the remedy (a restart).
+        let missing = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        let lookup = |name: &str| {
+            let value = std::env::var(name).ok();
+            if value.is_none() {
+                missing
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(name.to_owned());
+            }
+            value
+        };
+        let config = crate::config::load_with_env(path, &lookup).map_err(|problems| {
+            let mut text = problems.to_string();
+            let missing = missing.into_inner().expect("not poisoned");
+            let named: Vec<String> = missing
+                .into_iter()
+                .filter(|name| text.contains(&format!("environment variable {name} ")))
+                .collect();
+            if !named.is_empty() {
+                text.push_str(&format!(
+                    "\nhookrelay reads its environment only when it starts, and this process has no {}: \
+                     set it where hookrelay is started (e.g. the service's Environment= or EnvironmentFile=) \
+                     and restart hookrelay",
+                    named.join(", ")
+                ));
+            }
+            text
+        })?;
         let runtime = Arc::new(
             Runtime::new(config, self.outbox.shared_limits.clone())
                 .map_err(|err| err.to_string())?,

@@ -6,7 +6,7 @@
 //! end up in repositories.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A secret value. `Debug` and `Display` show at most its first few characters and `…`.
 #[derive(Clone, PartialEq, Eq)]
@@ -75,6 +75,22 @@ impl SecretRef {
             Err("a secret must be written `env:NAME` or `file:PATH`; \
                  literal secrets are not accepted in configuration files"
                 .into())
+        }
+    }
+
+    /// [`SecretRef::parse`] for a reference written in a configuration file: a relative
+    /// `file:` path is taken from the file's folder (like `ca_file`), and made absolute, so
+    /// the reference means the same file whatever the working directory of whoever reads
+    /// it later (the forwarder, `replay` on another shell).
+    pub fn parse_in(text: &str, folder: &Path) -> Result<SecretRef, String> {
+        match SecretRef::parse(text)? {
+            SecretRef::File(path) if path.is_relative() => {
+                let joined = folder.join(path);
+                Ok(SecretRef::File(
+                    std::path::absolute(&joined).unwrap_or(joined),
+                ))
+            }
+            reference => Ok(reference),
         }
     }
 
@@ -148,6 +164,33 @@ mod tests {
         assert!(SecretRef::parse("env:").is_err());
         assert!(SecretRef::parse("env:1X").is_err());
         assert!(SecretRef::parse("file:").is_err());
+    }
+
+    #[test]
+    fn relative_files_are_taken_from_the_configuration_folder() {
+        let folder = Path::new("/etc/hookrelay");
+        assert_eq!(
+            SecretRef::parse_in("file:secrets/token", folder),
+            Ok(SecretRef::File(PathBuf::from(
+                "/etc/hookrelay/secrets/token"
+            )))
+        );
+        assert_eq!(
+            SecretRef::parse_in("file:/run/x", folder),
+            Ok(SecretRef::File(PathBuf::from("/run/x")))
+        );
+        assert_eq!(
+            SecretRef::parse_in("env:A", folder),
+            Ok(SecretRef::Env("A".into()))
+        );
+        let relative = SecretRef::parse_in("file:token", Path::new("rules")).unwrap();
+        let SecretRef::File(path) = relative else {
+            panic!("a file reference")
+        };
+        assert!(
+            path.is_absolute() && path.ends_with("rules/token"),
+            "{path:?}"
+        );
     }
 
     #[test]

@@ -525,9 +525,10 @@ async fn serve_reloads_on_file_changes_and_sighup_and_keeps_running_rules_on_err
         dir.path(),
         "00-base.toml",
         &format!(
-            "[upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{}\"\n",
+            // A relative `file:` is taken from the configuration's folder, not the
+            // working directory.
+            "[upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:secret\"\n",
             upstream.url(),
-            dir.path().join("secret").display()
         ),
     );
     write(dir.path(), "10-a.toml", &rule("a", "1"));
@@ -568,8 +569,22 @@ async fn serve_reloads_on_file_changes_and_sighup_and_keeps_running_rules_on_err
         reply.text()
     );
 
-    // Fixed, plus a schedule that fires every second; SIGHUP reloads at once.
+    // A rule needing an environment variable the process lacks: a restart is needed.
     std::fs::remove_file(dir.path().join("30-broken.toml")).unwrap();
+    write(
+        dir.path(),
+        "35-later.toml",
+        &rule("later", "3").replace("HOOKRELAY_TEST_TOKEN", "HOOKRELAY_TEST_SET_LATER"),
+    );
+    let line = served.wait_for("restart hookrelay");
+    assert!(
+        line.contains("reads its environment only when it starts")
+            && line.contains("HOOKRELAY_TEST_SET_LATER"),
+        "{line}"
+    );
+    std::fs::remove_file(dir.path().join("35-later.toml")).unwrap();
+
+    // Fixed, plus a schedule that fires every second; SIGHUP reloads at once.
     write(
         dir.path(),
         "40-nightly.toml",

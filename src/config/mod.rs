@@ -401,7 +401,7 @@ impl Builder {
                         );
                     } else {
                         let read =
-                            store::read(value, file, env, self.resolve_secrets, &mut problems);
+                            store::read(value, env, self.resolve_secrets, &mut problems);
                         self.store = Some((read, origin));
                     }
                 }
@@ -495,7 +495,7 @@ impl Builder {
         for (name, raw, origin) in
             named_tables::<RawUpstream>("upstream", value, file, &defined, problems)
         {
-            if let Some(upstream) = compile_upstream(&name, raw, file, env, problems) {
+            if let Some(upstream) = compile_upstream(&name, raw, env, problems) {
                 self.upstreams.insert(name, (upstream, origin));
             }
         }
@@ -908,7 +908,6 @@ impl Builder {
 fn compile_upstream(
     name: &str,
     raw: RawUpstream,
-    file: &Path,
     env: EnvLookup<'_>,
     problems: &mut FileProblems<'_>,
 ) -> Option<UpstreamConfig> {
@@ -938,7 +937,7 @@ fn compile_upstream(
     };
     let ca_file = raw
         .ca_file
-        .and_then(|ca| ca_file(ca, file, &format!("upstream.{name}.ca_file"), problems));
+        .and_then(|ca| ca_file(ca, &format!("upstream.{name}.ca_file"), problems));
     let connect_timeout = typed(
         raw.connect_timeout,
         Duration::from_secs(5),
@@ -1010,15 +1009,11 @@ fn compile_upstream(
 /// at least one PEM certificate.
 pub(crate) fn ca_file(
     field: Spanned<String>,
-    file: &Path,
     key: &str,
     problems: &mut FileProblems<'_>,
 ) -> Option<PathBuf> {
     let span = field.span();
-    let path = file
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(field.into_inner());
+    let path = problems.folder().join(field.into_inner());
     match crate::tls::read_ca_file(&path) {
         Ok(_) => Some(path),
         Err(err) => {

@@ -64,6 +64,11 @@ impl<'a> FileProblems<'a> {
         });
     }
 
+    /// The folder of the file, against which the paths it names are taken.
+    pub fn folder(&self) -> &'a Path {
+        self.file.parent().unwrap_or(Path::new("."))
+    }
+
     /// The 1-based line of a byte offset, for messages that cite another place.
     pub fn line(&self, offset: usize) -> usize {
         line_of(self.text, offset)

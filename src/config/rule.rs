@@ -199,7 +199,7 @@ pub(super) fn compile_rule(
     for raw_trigger in raw_triggers {
         let trigger_line = problems.line(raw_trigger.project.span().start);
         let token_span = raw_trigger.token.span();
-        let token_ref = match SecretRef::parse(raw_trigger.token.get_ref()) {
+        let token_ref = match SecretRef::parse_in(raw_trigger.token.get_ref(), problems.folder()) {
             Ok(reference) => reference,
             Err(message) => {
                 problems.at(Some(token_span), format!("rule {name:?}: token: {message}"));

@@ -309,7 +309,7 @@ fn resolve(
     ok: &mut bool,
 ) -> Option<Secret> {
     let span = field.span();
-    let reference = match SecretRef::parse(field.get_ref()) {
+    let reference = match SecretRef::parse_in(field.get_ref(), problems.folder()) {
         Ok(reference) => reference,
         Err(reason) => {
             problems.at(Some(span), format!("source.{name}.{key}: {reason}"));

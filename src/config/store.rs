@@ -5,7 +5,6 @@
 //! A password never sits in a configuration file: `password = "env:NAME"` or
 //! `"file:PATH"`, or a URL that comes from the environment.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -28,10 +27,9 @@ pub(super) struct RawStore {
     ca_file: Option<Spanned<String>>,
 }
 
-/// Reads `[store]` from `file`; `None` when it has problems (reported to `problems`).
+/// Reads `[store]`; `None` when it has problems (reported to `problems`).
 pub(super) fn read(
     value: Spanned<DeValue<'_>>,
-    file: &Path,
     env: EnvLookup<'_>,
     resolve_secrets: bool,
     problems: &mut FileProblems<'_>,
@@ -68,7 +66,7 @@ pub(super) fn read(
     };
     let password = raw.password.and_then(|field| {
         let span = field.span();
-        let reference = SecretRef::parse(field.get_ref())
+        let reference = SecretRef::parse_in(field.get_ref(), problems.folder())
             .map_err(|reason| problems.at(Some(span.clone()), format!("store.password: {reason}")))
             .ok()?;
         if resolve_secrets && let Err(reason) = reference.resolve_with(env) {
@@ -93,7 +91,7 @@ pub(super) fn read(
     );
     let ca_file = raw
         .ca_file
-        .and_then(|ca| super::ca_file(ca, file, "store.ca_file", problems));
+        .and_then(|ca| super::ca_file(ca, "store.ca_file", problems));
     if problems.found.len() > found {
         return None;
     }
