@@ -94,7 +94,22 @@ fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
 pub fn check(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!(
+                    "{}:{}: warning: {}",
+                    warning.file.display(),
+                    warning.line.unwrap_or(0),
+                    warning.message
+                );
+            }
             println!("{}", summary(&config));
+            if !config.warnings.is_empty() {
+                let n = config.warnings.len();
+                eprintln!(
+                    "{n} warning{} (the configuration is valid; fix them, or the rules will not do what they look like)",
+                    if n == 1 { "" } else { "s" }
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(problems) => {
@@ -199,8 +214,11 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         }
         Err(err) => return Err(err).context("opening the delivery store"),
     };
+    for warning in &config.warnings {
+        tracing::warn!(%warning, "configuration warning: this will not do what it looks like");
+    }
     let listen = config.server.listen;
-    let gateway = config.gateway.clone();
+    let summary = StartSummary::of(&config, &options.config);
     let forwarding = ForwarderOptions {
         workers: config.delivery.workers,
         policy: config.delivery.retry.clone(),
@@ -219,14 +237,23 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    match gateway {
-        Some(gateway) => {
-            tracing::info!(address = %bound, gateway_upstream = %gateway.upstream, dry_run = options.dry_run, store = %store.describe(), "hookrelay listening")
-        }
-        None => {
-            tracing::info!(address = %bound, dry_run = options.dry_run, store = %store.describe(), "hookrelay listening (trigger gateway disabled)")
-        }
-    }
+    let waiting = outbox
+        .depth()
+        .map(|(depth, _)| depth.to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    tracing::info!(
+        address = %bound,
+        config = %summary.config,
+        files = summary.files,
+        sources = %summary.sources,
+        rules = summary.rules,
+        upstreams = %summary.upstreams,
+        gateway = %summary.gateway,
+        store = %store.describe(),
+        waiting = %waiting,
+        dry_run = options.dry_run,
+        "hookrelay listening"
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let reloader = tokio::spawn(crate::reload::watch(
         app.clone(),
@@ -248,6 +275,43 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     outbox.flush().await;
     served.context("serving")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the start-up line says about the configuration.
+struct StartSummary {
+    config: String,
+    files: usize,
+    sources: String,
+    rules: usize,
+    upstreams: String,
+    gateway: String,
+}
+
+impl StartSummary {
+    fn of(config: &Config, path: &Path) -> StartSummary {
+        let names = |names: Vec<&String>| {
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names
+                    .iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        StartSummary {
+            config: path.display().to_string(),
+            files: config.files.len(),
+            sources: names(config.sources.keys().collect()),
+            rules: config.rules.len(),
+            upstreams: names(config.upstreams.keys().collect()),
+            gateway: match &config.gateway {
+                Some(gateway) => format!("to {}", gateway.upstream),
+                None => "disabled".into(),
+            },
+        }
+    }
 }
 
 /// Raises the soft open-file limit to the hard one, and says what it is: every connection,

@@ -41,6 +41,13 @@ impl Provider {
         })
     }
 
+    /// Whether the forge treats repository names without regard to case (GitHub, GitLab,
+    /// Gitea, Gogs and Bitbucket all serve `Acme/App` and `acme/app` as one repository), so
+    /// a rule's `repository` matches the same way. A generic sender's names are exact.
+    pub fn repository_names_ignore_case(self) -> bool {
+        !matches!(self, Provider::Generic)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Github => "github",

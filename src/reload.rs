@@ -42,6 +42,9 @@ pub fn reload_now(app: &App, why: &str) -> bool {
                 upstreams = runtime.config.upstreams.len(),
                 "configuration reloaded"
             );
+            for warning in &runtime.config.warnings {
+                tracing::warn!(%warning, "configuration warning: this will not do what it looks like");
+            }
             true
         }
         Err(problems) => {

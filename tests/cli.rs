@@ -52,6 +52,38 @@ fn check_lists_every_problem_as_file_line_message() {
 }
 
 #[test]
+fn check_warns_about_rules_that_cannot_match_and_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.toml",
+        "[upstream.gitlab]\nurl = \"https://gitlab.example.com\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:secret\"\n\
+         [[rule]]\nname = \"main\"\nsource = \"github\"\nrefs = [\"refs/heads/main\"]\n[rule.trigger]\nproject = \"acme%2Fapp-a\"\ntoken = \"file:token\"\n",
+    );
+    write(dir.path(), "secret", "0123456789abcdef0123");
+    write(dir.path(), "token", "glptt-0123456789abcdef");
+    let output = hookrelay(&["check", "--config", dir.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let file = dir.path().join("a.toml");
+    assert!(
+        stderr.contains(&format!(
+            "{}:9: warning: rule \"main\": refs: \"refs/heads/main\" is a full ref name",
+            file.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{}:11: warning: rule \"main\": project \"acme%2Fapp-a\" looks URL-encoded",
+            file.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 warnings"), "{stderr}");
+}
+
+#[test]
 fn serve_refuses_bad_configuration_with_exit_64_before_binding() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.toml", "[gateway]\nupstream = \"nowhere\"\n");

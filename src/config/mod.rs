@@ -54,6 +54,9 @@ pub struct Config {
     pub store: Option<crate::store::postgres::PostgresConfig>,
     /// The files this configuration was read from, in the order read.
     pub files: Vec<PathBuf>,
+    /// Settings that are valid but cannot do what they look like (a rule that can never
+    /// match): `check` lists them and passes, `serve` logs them.
+    pub warnings: Vec<Problem>,
 }
 
 /// `[server]`: how the relay accepts requests.
@@ -358,6 +361,7 @@ impl std::fmt::Display for Origin {
 #[derive(Default)]
 struct Builder {
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
     server: Option<(ServerConfig, Origin)>,
     upstreams: BTreeMap<String, (UpstreamConfig, Origin)>,
     gateway: Option<(RawGateway, Origin)>,
@@ -371,15 +375,62 @@ struct Builder {
     resolve_secrets: bool,
 }
 
+/// What a TOML "duplicate key" error is about.
+enum Duplicate {
+    /// A `[table]` header seen before, at this line.
+    Header { line: usize, header: String },
+    /// A key inside the table whose header is at `header_line`.
+    KeyUnder { header_line: usize },
+}
+
+fn duplicate_table(text: &str, err: &toml::de::Error) -> Option<Duplicate> {
+    if !err.message().starts_with("duplicate key") {
+        return None;
+    }
+    let start = err.span()?.start.min(text.len());
+    let lines: Vec<&str> = text.lines().collect();
+    let line = text.as_bytes()[..start]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count();
+    let this = lines.get(line)?.trim();
+    if this.starts_with('[') {
+        let header = this.split('#').next().unwrap_or(this).trim().to_owned();
+        return Some(Duplicate::Header { line, header });
+    }
+    let header_line = (0..line)
+        .rev()
+        .find(|&l| lines[l].trim_start().starts_with('['))?;
+    Some(Duplicate::KeyUnder { header_line })
+}
+
 impl Builder {
     fn read_file(&mut self, file: &Path, text: &str, env: EnvLookup<'_>) {
         let mut problems = FileProblems::new(file, text);
         let (document, errors) = DeTable::parse_recoverable(text);
         if !errors.is_empty() {
+            let mut duplicated_headers = std::collections::BTreeSet::new();
             for err in errors {
-                problems.at(err.span(), err.message());
+                match duplicate_table(text, &err) {
+                    Some(Duplicate::Header { line, header }) => {
+                        duplicated_headers.insert(line);
+                        let hint = match header.strip_prefix('[').and_then(|h| h.strip_suffix(']'))
+                        {
+                            Some(name) if !header.starts_with("[[") => format!(
+                                "table {header} is defined twice; for several, write [[{name}]] before each one (an array of tables)"
+                            ),
+                            _ => format!("table {header} is defined twice"),
+                        };
+                        problems.at(err.span(), hint);
+                    }
+                    // A key of a table already reported as defined twice: one line says it.
+                    Some(Duplicate::KeyUnder { header_line })
+                        if duplicated_headers.contains(&header_line) => {}
+                    _ => problems.at(err.span(), err.message()),
+                }
             }
             self.problems.extend(problems.found);
+            self.warnings.extend(problems.warnings);
             return;
         }
         for (key, value) in document.into_inner() {
@@ -426,6 +477,7 @@ impl Builder {
             }
         }
         self.problems.extend(problems.found);
+        self.warnings.extend(problems.warnings);
     }
 
     fn read_server(
@@ -666,6 +718,14 @@ impl Builder {
                 },
             );
             let mut ok = true;
+            if let Some((source, _)) = spec.source.as_ref().and_then(|s| self.sources.get(s))
+                && source.provider.repository_names_ignore_case()
+            {
+                spec.repository = spec
+                    .repository
+                    .take()
+                    .map(crate::rules::Patterns::ignoring_case);
+            }
             if let Some(source) = &spec.source
                 && !self.sources.contains_key(source)
             {
@@ -901,6 +961,11 @@ impl Builder {
                 .map(|(name, (source, _))| (name, source))
                 .collect(),
             files,
+            warnings: {
+                let mut warnings = self.warnings;
+                warnings.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+                warnings
+            },
         })
     }
 }
@@ -1567,6 +1632,140 @@ allow_unsigned = true
                 "store.password (env:DB_PASSWORD): environment variable DB_PASSWORD is not set"
             ),
             "{found:#?}"
+        );
+    }
+
+    const GITHUB_AND_GITLAB: &str = "[upstream.gitlab]\nurl = \"https://gitlab.example.com\"\n\
+        [source.github]\nprovider = \"github\"\nsecret = \"env:S\"\n\
+        [source.other]\nprovider = \"generic\"\nsignature = { scheme = \"token\", header = \"X-Token\" }\nsecret = \"env:S\"\n";
+    const SECRETS: &[(&str, &str)] = &[("S", "0123456789abcdef0123"), ("T", "glptt-0123456789")];
+
+    fn warnings(config: &Config) -> Vec<String> {
+        config
+            .warnings
+            .iter()
+            .map(|w| {
+                format!(
+                    "{}:{}: {}",
+                    w.file.file_name().unwrap().to_string_lossy(),
+                    w.line.unwrap(),
+                    w.message
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rules_that_cannot_match_are_warned_about_and_still_load() {
+        let rules = r#"[[rule]]
+name = "full-refs"
+source = "github"
+refs = ["refs/heads/main", "v*"]
+refs_exclude = "refs/tags/v0*"
+[rule.trigger]
+project = "acme%2Fapp-a"
+ref = "release%2F1.0"
+token = "env:T"
+
+[[rule]]
+name = "url"
+source = "github"
+repository = ["https://github.com/acme/app", "acme/app.git"]
+events = ["delete"]
+[rule.trigger]
+project = "acme/app"
+token = "env:T"
+"#;
+        let config =
+            load_text(&[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)], SECRETS).unwrap();
+        let found = warnings(&config);
+        let expected = [
+            "b.toml:4: rule \"full-refs\": refs: \"refs/heads/main\" is a full ref name, but refs are matched by their short name (`main`, `v1.2`), so it never matches; write \"main\"",
+            "b.toml:5: rule \"full-refs\": refs_exclude: \"refs/tags/v0*\" is a full ref name",
+            "b.toml:7: rule \"full-refs\": project \"acme%2Fapp-a\" looks URL-encoded; hookrelay encodes it when sending, so it would reach GitLab encoded twice; write \"acme/app-a\"",
+            "b.toml:8: rule \"full-refs\": ref \"release%2F1.0\" looks URL-encoded",
+            "b.toml:14: rule \"url\": repository: \"https://github.com/acme/app\" never matches",
+            "b.toml:14: rule \"url\": repository: \"acme/app.git\" never matches",
+            "b.toml:17: rule \"url\": the rule reacts to `delete` but its trigger has no `ref`",
+        ];
+        for (warning, expected) in found.iter().zip(expected) {
+            assert!(
+                warning.starts_with(expected),
+                "{warning:?} should start with {expected:?}"
+            );
+        }
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn a_table_defined_twice_suggests_an_array_of_tables() {
+        let rules = "[[rule]]\nname = \"r\"\nsource = \"github\"\n[rule.trigger]\nproject = \"a/b\"\ntoken = \"env:T\"\n\
+            [rule.trigger]\nproject = \"a/c\"\ntoken = \"env:T\"\n[rule.trigger]  # third\nproject = \"a/d\"\ntoken = \"env:T\"\n";
+        let found = messages(load_text(
+            &[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)],
+            SECRETS,
+        ));
+        assert_eq!(
+            found,
+            [
+                "b.toml:7: table [rule.trigger] is defined twice; for several, write [[rule.trigger]] before each one (an array of tables)",
+                "b.toml:10: table [rule.trigger] is defined twice; for several, write [[rule.trigger]] before each one (an array of tables)",
+            ]
+        );
+    }
+
+    #[test]
+    fn repository_names_follow_each_providers_case_rule() {
+        let rules = "[[rule]]\nname = \"forge\"\nsource = \"github\"\nrepository = \"codertocat/hello-world\"\n[rule.trigger]\nproject = \"1\"\ntoken = \"env:T\"\n\
+            [[rule]]\nname = \"forge-glob\"\nsource = \"github\"\nrepository = \"codertocat/*\"\n[rule.trigger]\nproject = \"2\"\ntoken = \"env:T\"\n\
+            [[rule]]\nname = \"exact\"\nsource = \"other\"\nrepository = \"codertocat/hello-world\"\n[rule.trigger]\nproject = \"3\"\ntoken = \"env:T\"\n";
+        let config =
+            load_text(&[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)], SECRETS).unwrap();
+        let event = |source: &str| {
+            crate::event::EventContext {
+                provider: crate::event::Provider::Github,
+                source: source.into(),
+                delivery: "d".into(),
+                repository: "Codertocat/Hello-World".into(),
+                repository_url: String::new(),
+                repository_web_url: String::new(),
+                pusher: String::new(),
+                payload: std::sync::Arc::new(
+                    crate::event::Payload::parsed(bytes::Bytes::from_static(b"{}")).unwrap(),
+                ),
+            }
+            .event(crate::event::RefChange {
+                full_ref: "refs/heads/main".into(),
+                before: "0".repeat(40),
+                after: "abcdef0123456789abcdef0123456789abcdef01".into(),
+                ..crate::event::RefChange::default()
+            })
+            .unwrap()
+        };
+        let matched = |source: &str| -> Vec<String> {
+            config
+                .rules
+                .matching(&event(source))
+                .iter()
+                .map(|r| r.name().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            matched("github"),
+            ["forge", "forge-glob"],
+            "GitHub names ignore case"
+        );
+        assert_eq!(
+            matched("other"),
+            Vec::<String>::new(),
+            "a generic sender's names are exact"
+        );
+        let verdicts = config.rules.verdicts(&event("other"));
+        assert_eq!(
+            verdicts[0].1.as_deref(),
+            Some(
+                "repository: \"Codertocat/Hello-World\" matches none of [\"codertocat/hello-world\"]"
+            )
         );
     }
 }

@@ -43,6 +43,8 @@ pub struct FileProblems<'a> {
     pub file: &'a Path,
     text: &'a str,
     pub found: Vec<Problem>,
+    /// What is valid but will not do what it looks like (`check` shows it and passes).
+    pub warnings: Vec<Problem>,
 }
 
 impl<'a> FileProblems<'a> {
@@ -51,7 +53,17 @@ impl<'a> FileProblems<'a> {
             file,
             text,
             found: Vec::new(),
+            warnings: Vec::new(),
         }
+    }
+
+    /// Records a warning at a byte span of the file.
+    pub fn warn(&mut self, span: std::ops::Range<usize>, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            file: self.file.to_owned(),
+            line: Some(line_of(self.text, span.start)),
+            message: message.into(),
+        });
     }
 
     /// Records a problem at a byte span of the file (`None`: the whole file).

@@ -121,6 +121,7 @@ pub(super) fn compile_rule(
                 }
             }
         };
+    warn_about_patterns(&name, &raw, problems);
     let repository = patterns(raw.repository, "repository", problems);
     let refs = patterns(raw.refs, "refs", problems);
     let refs_exclude = patterns(raw.refs_exclude, "refs_exclude", problems);
@@ -136,7 +137,10 @@ pub(super) fn compile_rule(
                     "delete" => kinds.push(EventKind::Delete),
                     other => problems.at(
                         Some(span.clone()),
-                        format!("rule {name:?}: events: {other:?} is not push, tag or delete"),
+                        format!(
+                            "rule {name:?}: events: {other:?} is not push, tag or delete{}",
+                            event_hint(other)
+                        ),
                     ),
                 }
             }
@@ -246,6 +250,22 @@ pub(super) fn compile_rule(
         let upstream = raw_trigger
             .upstream
             .map(|u| (u.get_ref().clone(), problems.line(u.span().start)));
+        warn_about_encoding(&name, "project", &raw_trigger.project, problems);
+        if let Some(git_ref) = &raw_trigger.git_ref {
+            warn_about_encoding(&name, "ref", git_ref, problems);
+        }
+        if schedule.is_none()
+            && raw_trigger.git_ref.is_none()
+            && events.contains(&EventKind::Delete)
+        {
+            problems.warn(
+                raw_trigger.project.span(),
+                format!(
+                    "rule {name:?}: the rule reacts to `delete` but its trigger has no `ref`, so it would \
+                     run the deleted branch or tag, which GitLab no longer has; set `ref` (e.g. \"main\")"
+                ),
+            );
+        }
         if schedule.is_some() && raw_trigger.git_ref.is_none() {
             problems.at(
                 Some(raw_trigger.project.span()),
@@ -291,6 +311,91 @@ pub(super) fn compile_rule(
         },
         triggers,
     })
+}
+
+/// Warns about `refs`, `refs_exclude` and `repository` patterns that can never match what
+/// senders send: full ref names (refs are matched by short name) and repository URLs.
+fn warn_about_patterns(name: &str, raw: &RawRule, problems: &mut FileProblems<'_>) {
+    for (field, key) in [(&raw.refs, "refs"), (&raw.refs_exclude, "refs_exclude")] {
+        let Some(field) = field else { continue };
+        for text in &field.get_ref().0 {
+            let Some(rest) = text.strip_prefix("refs/") else {
+                continue;
+            };
+            let short = rest
+                .strip_prefix("heads/")
+                .or_else(|| rest.strip_prefix("tags/"))
+                .unwrap_or(rest);
+            let effect = if key == "refs" {
+                "never matches"
+            } else {
+                "never excludes anything"
+            };
+            problems.warn(
+                field.span(),
+                format!(
+                    "rule {name:?}: {key}: {text:?} is a full ref name, but refs are matched by their \
+                     short name (`main`, `v1.2`), so it {effect}; write {short:?} (and `events` for branch or tag)"
+                ),
+            );
+        }
+    }
+    if let Some(field) = &raw.repository {
+        for text in &field.get_ref().0 {
+            let looks_like_url = text.contains("://") || text.starts_with("git@");
+            if looks_like_url || text.ends_with(".git") || text.starts_with('/') {
+                problems.warn(
+                    field.span(),
+                    format!(
+                        "rule {name:?}: repository: {text:?} never matches: a repository is matched by the \
+                         sender's `owner/name` (GitLab: `group/subgroup/project`), without URL, leading `/` or `.git`"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Warns about a `project` or `ref` written already URL-encoded: hookrelay encodes it when
+/// sending, so `acme%2Fapp` would reach GitLab as `acme%252Fapp`, a project that does not exist.
+fn warn_about_encoding(
+    name: &str,
+    key: &str,
+    field: &Spanned<String>,
+    problems: &mut FileProblems<'_>,
+) {
+    let text = field.get_ref();
+    let bytes = text.as_bytes();
+    let encoded = bytes
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit());
+    if !encoded {
+        return;
+    }
+    let decoded = percent_encoding::percent_decode_str(text).decode_utf8_lossy();
+    problems.warn(
+        field.span(),
+        format!(
+            "rule {name:?}: {key} {text:?} looks URL-encoded; hookrelay encodes it when sending, so it \
+             would reach GitLab encoded twice; write {decoded:?}"
+        ),
+    );
+}
+
+/// What a sender's own event name is called in `events`, for the error message.
+fn event_hint(name: &str) -> &'static str {
+    match name {
+        "Push Hook" | "repo:push" | "repo:refs_changed" => {
+            " (hookrelay names events by what happened to the ref: `push` for branches, `tag` for tags)"
+        }
+        "Tag Push Hook" | "tag_push" | "create" | "release" => {
+            " (a new or moved tag is `tag`; a new branch is `push`)"
+        }
+        "ping" | "diagnostics:ping" => {
+            " (hookrelay answers pings itself; they never start a pipeline)"
+        }
+        _ => " (hookrelay acts on pushes to branches, tags and deletions)",
+    }
 }
 
 /// A rule's token is a secret the relay sends; refuse the kinds GitLab would reject.

@@ -34,16 +34,31 @@ use template::EventObject;
 pub struct Patterns {
     pub texts: Vec<String>,
     set: GlobSet,
+    ignore_case: bool,
 }
 
 impl Patterns {
     pub fn new(texts: Vec<String>) -> Result<Patterns, String> {
+        Patterns::build(texts, false)
+    }
+
+    /// The same patterns, matching without regard to case (repository names of forges
+    /// that treat them so).
+    pub fn ignoring_case(self) -> Patterns {
+        Patterns::build(self.texts, true).expect("the patterns compiled once already")
+    }
+
+    fn build(texts: Vec<String>, ignore_case: bool) -> Result<Patterns, String> {
         let mut builder = GlobSetBuilder::new();
         for text in &texts {
-            builder.add(glob(text)?);
+            builder.add(glob(text, ignore_case)?);
         }
         let set = builder.build().map_err(|err| err.to_string())?;
-        Ok(Patterns { texts, set })
+        Ok(Patterns {
+            texts,
+            set,
+            ignore_case,
+        })
     }
 
     pub fn is_match(&self, text: &str) -> bool {
@@ -71,9 +86,10 @@ impl Patterns {
     }
 }
 
-fn glob(text: &str) -> Result<Glob, String> {
+fn glob(text: &str, ignore_case: bool) -> Result<Glob, String> {
     GlobBuilder::new(text)
         .literal_separator(true)
+        .case_insensitive(ignore_case)
         .build()
         .map_err(|err| format!("{text:?} is not a valid glob: {}", err.kind()))
 }
@@ -327,10 +343,12 @@ impl RuleSet {
             };
             for kind in &rule.spec.events {
                 let candidates = index.entry((source.clone(), *kind)).or_default();
+                // Literal names are indexed in lower case; `why_not` then applies each
+                // pattern's own case rule.
                 match rule.spec.repository.as_ref().and_then(Patterns::literal) {
                     Some(repository) => candidates
                         .by_repository
-                        .entry(repository.to_owned())
+                        .entry(repository.to_lowercase())
                         .or_default()
                         .push(i),
                     None => candidates.any_repository.push(i),
@@ -378,7 +396,10 @@ impl RuleSet {
             return Vec::new();
         };
         let mut indices: Vec<usize> = candidates.any_repository.clone();
-        if let Some(literal) = candidates.by_repository.get(&event.repository) {
+        if let Some(literal) = candidates
+            .by_repository
+            .get(&event.repository.to_lowercase())
+        {
             indices.extend(literal);
             indices.sort_unstable();
         }
@@ -415,9 +436,14 @@ impl RuleSet {
             && !patterns.is_match(&event.repository)
         {
             return Some(format!(
-                "repository: {:?} matches none of {}",
+                "repository: {:?} matches none of {}{}",
                 event.repository,
-                patterns.shown()
+                patterns.shown(),
+                if patterns.ignore_case {
+                    " (compared ignoring case)"
+                } else {
+                    ""
+                }
             ));
         }
         if let Some(patterns) = &spec.refs
