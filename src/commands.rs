@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::app::App;
 use crate::config::{self, Config};
 use crate::outbox::forwarder::ForwarderOptions;
-use crate::outbox::{Durability, Outbox, ReplayTarget};
+use crate::outbox::{Durability, ListFilter, Outbox, ReplayTarget};
 use crate::server;
 use crate::store::StoreLocation;
 
@@ -386,15 +386,27 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 }
 
 /// `hookrelay deliveries`: the newest deliveries and their triggers, from the store.
-pub fn deliveries(store: &StoreLocation, failed_only: bool, limit: usize, json: bool) -> ExitCode {
-    let rows = match crate::outbox::list(store, failed_only, limit) {
+pub fn deliveries(store: &StoreLocation, filter: &ListFilter, json: bool) -> ExitCode {
+    let rows = match crate::outbox::list(store, filter) {
         Ok(rows) => rows,
         Err(err) => {
             eprintln!("hookrelay deliveries: {err}");
             return ExitCode::FAILURE;
         }
     };
+    let now = crate::outbox::now_ms();
     if json {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|row| {
+                let mut value = serde_json::to_value(row).expect("rows serialize");
+                let (state, why) = row_state(row);
+                value["shown_state"] = state.into();
+                value["why"] = why.into();
+                value["next_attempt"] = next_attempt(row, now).into();
+                value
+            })
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&rows).expect("rows serialize")
@@ -402,19 +414,12 @@ pub fn deliveries(store: &StoreLocation, failed_only: bool, limit: usize, json: 
         return ExitCode::SUCCESS;
     }
     if rows.is_empty() {
-        println!(
-            "{}",
-            if failed_only {
-                "no failed triggers"
-            } else {
-                "no deliveries yet"
-            }
-        );
+        println!("no deliveries match");
         return ExitCode::SUCCESS;
     }
     println!(
-        "{:<20} {:<10} {:<24} {:>6} {:<20} {:<22} {:<20} {:<9} {:>3}  LAST ERROR / PIPELINE",
-        "TIME (UTC)", "SOURCE", "DELIVERY", "ID", "RULE", "PROJECT", "REF", "STATUS", "TRY"
+        "{:<19} {:<10} {:<36} {:>6} {:<18} {:<20} {:<16} {:<12} {:>3} {:<9} LAST ANSWER / WHY",
+        "TIME (UTC)", "SOURCE", "DELIVERY", "ID", "RULE", "PROJECT", "REF", "STATUS", "TRY", "NEXT"
     );
     for row in rows {
         let time = chrono::DateTime::from_timestamp_millis(row.received_at)
@@ -427,35 +432,165 @@ pub fn deliveries(store: &StoreLocation, failed_only: bool, limit: usize, json: 
                 text.to_owned()
             }
         };
-        let detail = match (&row.pipeline_url, &row.last_error) {
-            (Some(url), _) if row.state.as_deref() == Some("sent") => url.clone(),
-            (_, Some(error)) => error.clone(),
-            (Some(url), None) => url.clone(),
-            (None, None) => String::new(),
-        };
-        let state = match (row.state.as_deref(), row.replay_of, row.coalesced_into) {
-            (Some(state), _, Some(into)) => format!("{state} into {into}"),
-            (Some(state), Some(of), None) => format!("{state} (replay of {of})"),
-            (Some(state), None, None) => state.to_owned(),
-            (None, _, _) => "no trigger".to_owned(),
-        };
+        let (state, why) = row_state(&row);
         let line = format!(
-            "{:<20} {:<10} {:<24} {:>6} {:<20} {:<22} {:<20} {:<9} {:>3}  {}",
+            "{:<19} {:<10} {:<36} {:>6} {:<18} {:<20} {:<16} {:<12} {:>3} {:<9} {}",
             time,
             cut(&row.source, 10),
-            cut(&row.delivery_id, 24),
+            row.delivery_id,
             row.trigger_id.map(|id| id.to_string()).unwrap_or_default(),
-            cut(row.rule.as_deref().unwrap_or(""), 20),
-            cut(row.project.as_deref().unwrap_or(""), 22),
-            cut(row.git_ref.as_deref().unwrap_or(""), 20),
+            cut(row.rule.as_deref().unwrap_or(""), 18),
+            cut(row.project.as_deref().unwrap_or(""), 20),
+            cut(row.git_ref.as_deref().unwrap_or(""), 16),
             state,
             row.attempts,
-            detail
+            next_attempt(&row, now).unwrap_or_default(),
+            why
         );
         // Delivery ids and GitLab's messages are shown, never obeyed by the terminal.
         println!("{}", crate::terminal::escape_controls(&line));
     }
     ExitCode::SUCCESS
+}
+
+/// A row's state as shown, and its last answer or why nothing ran. A delivery without a
+/// trigger says which of the reasons it was, from the answer it got.
+fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
+    let Some(state) = row.state.as_deref() else {
+        let summary: serde_json::Value = serde_json::from_str(&row.summary).unwrap_or_default();
+        let note = summary["note"].as_str().unwrap_or_default().to_owned();
+        let first_error = summary["errors"][0]["error"].as_str();
+        let no_events = summary["events"].as_array().is_none_or(Vec::is_empty);
+        return if let Some(error) = first_error {
+            ("error".into(), error.to_owned())
+        } else if row.event_type == "ping" || note.starts_with("ping") {
+            ("ping".into(), note)
+        } else if no_events {
+            ("not handled".into(), note)
+        } else {
+            let why = summary["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find_map(|event| {
+                    let first = &event["rules"][0];
+                    Some(format!(
+                        "{}: {}",
+                        first["rule"].as_str()?,
+                        first["reason"].as_str()?
+                    ))
+                })
+                .unwrap_or(note);
+            ("no match".into(), why)
+        };
+    };
+    let state = match (state, row.replay_of, row.coalesced_into) {
+        ("queued", _, _) if row.attempts > 0 => "retrying".to_owned(),
+        (state, _, Some(into)) => format!("{state} into {into}"),
+        (state, Some(of), None) => format!("{state} (replay of {of})"),
+        (state, None, None) => state.to_owned(),
+    };
+    let answer = match (&row.pipeline_url, &row.last_error) {
+        (Some(url), _) if row.state.as_deref() == Some("sent") => url.clone(),
+        (_, Some(error)) => match row.last_status {
+            Some(status) if !error.starts_with(&status.to_string()) => format!("{status}: {error}"),
+            _ => error.clone(),
+        },
+        (Some(url), None) => url.clone(),
+        (None, None) => String::new(),
+    };
+    (state, answer)
+}
+
+/// When a waiting trigger is tried next: `now`, or how long until then.
+fn next_attempt(row: &crate::outbox::DeliveryRow, now: i64) -> Option<String> {
+    if row.state.as_deref() != Some("queued") {
+        return None;
+    }
+    let wait = row.due_at? - now;
+    Some(if wait <= 0 {
+        "now".into()
+    } else {
+        let seconds = (wait + 999) / 1000;
+        match seconds {
+            s if s < 120 => format!("in {s}s"),
+            s if s < 7200 => format!("in {}m", s / 60),
+            s => format!("in {}h", s / 3600),
+        }
+    })
+}
+
+/// `hookrelay replay --replan`: a stored webhook through the current rules.
+pub fn replan(config: &Path, state: &Path, store: Option<&str>, delivery: &str) -> ExitCode {
+    let delivery = delivery.strip_prefix("delivery:").unwrap_or(delivery);
+    match crate::replan::replan(config, state, store, delivery) {
+        Ok(replanned) => {
+            println!(
+                "delivery {} run through the current rules as delivery {}:",
+                replanned.original, replanned.delivery_id
+            );
+            for (id, rule, project, git_ref) in &replanned.triggers {
+                println!("  trigger {id}: rule {rule} -> project {project}, ref {git_ref}");
+            }
+            println!("a running relay sends them within a second");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!(
+                "hookrelay replay --replan: {}",
+                crate::terminal::escape_controls(&message)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hookrelay cancel`: stops a waiting or retrying trigger, or every one of a project.
+pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget) -> ExitCode {
+    match crate::outbox::cancel_offline(store, target) {
+        Ok(ids) if ids.is_empty() => {
+            println!("{target}: no trigger is waiting; nothing to cancel");
+            ExitCode::SUCCESS
+        }
+        Ok(ids) => {
+            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            println!(
+                "cancelled trigger {} ({target}); `hookrelay deliveries --status cancelled` lists them",
+                ids.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("hookrelay cancel: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A time for `--since`/`--until`: a duration back from now (`2h`, `30m`), or a UTC time
+/// (`2026-12-02T10:00:00Z`, `2026-12-02 10:00`, `2026-12-02`).
+pub fn parse_time(text: &str, now: i64) -> Result<i64, String> {
+    if let Ok(ago) = crate::config::parse_duration(text) {
+        return Ok(now - ago.as_millis() as i64);
+    }
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(time.timestamp_millis());
+    }
+    for format in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+        if let Ok(time) = chrono::NaiveDateTime::parse_from_str(text, format) {
+            return Ok(time.and_utc().timestamp_millis());
+        }
+    }
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(date
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight exists")
+            .and_utc()
+            .timestamp_millis());
+    }
+    Err(format!(
+        "{text:?} is neither a duration back from now (2h, 30m) nor a UTC time (2026-12-02T10:00:00Z, 2026-12-02 10:00, 2026-12-02)"
+    ))
 }
 
 /// `hookrelay replay ID`: queues a trigger, or every trigger of a delivery, again.

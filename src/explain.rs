@@ -34,6 +34,24 @@ pub struct ExplainRequest<'a> {
     pub url_ref: Option<&'a str>,
 }
 
+/// A stored webhook's headers as a request's (JSON unless they say otherwise).
+pub fn stored_request_headers(stored: &[(String, String)]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for (name, value) in stored {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    headers
+}
+
 /// The header that names the event type, per provider.
 fn event_header(provider: Provider) -> Option<&'static str> {
     match provider {
@@ -119,19 +137,7 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
             }
         )
     })?;
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    for (name, value) in &stored_headers {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            headers.insert(name, value);
-        }
-    }
+    let mut headers = stored_request_headers(&stored_headers);
     for pair in request.headers {
         let (name, value) = pair
             .split_once(':')

@@ -43,8 +43,9 @@ pub async fn handle(
         body,
     };
     let (received, url_ref) = verify(app, runtime, source, parts, &request)?;
-    let planned = plan(app, runtime, source, &received, url_ref.as_ref());
+    let (planned, unmatched) = plan(app, runtime, source, &received, url_ref.as_ref());
     let mut reply = reply(&source.name, &received);
+    explain_unmatched(&mut reply, runtime, source, unmatched);
     let built = build(runtime, source, &received, planned);
     if !built.errors.is_empty() {
         reply["errors"] = Value::Array(built.errors);
@@ -104,19 +105,66 @@ fn verify(
     Ok((received, url_ref))
 }
 
-/// Runs the rules over each event; logs one line per event (or why there is none).
+/// Most rules listed, with their reasons, for an event no rule matched.
+const MAX_REASONS: usize = 20;
+
+/// For one event that matched no rule: its index, and each of the source's rules (at most
+/// [`MAX_REASONS`]) with the first reason it did not match, as `explain` words it.
+struct Unmatched {
+    event: usize,
+    reasons: Vec<(String, String)>,
+}
+
+/// Runs the rules over each event; logs one line per event, with why nothing matched when
+/// nothing did.
 fn plan(
     app: &App,
     runtime: &Runtime,
     source: &sources::SourceConfig,
     received: &Received,
     url_ref: Option<&GitRef>,
-) -> Vec<crate::rules::Planned> {
+) -> (Vec<crate::rules::Planned>, Vec<Unmatched>) {
     let mut planned = Vec::new();
+    let mut unmatched = Vec::new();
     match &received.outcome {
         Outcome::Events(events) => {
-            for event in events {
+            for (index, event) in events.iter().enumerate() {
                 let triggers = runtime.config.rules.plan(event, url_ref);
+                if triggers.is_empty() {
+                    let reasons: Vec<(String, String)> = runtime
+                        .config
+                        .rules
+                        .verdicts_bounded(event, MAX_REASONS)
+                        .into_iter()
+                        .filter_map(|(rule, why)| Some((rule.name().to_owned(), why?)))
+                        .collect();
+                    let why = if reasons.is_empty() {
+                        format!("source {} has no rules", source.name)
+                    } else {
+                        reasons
+                            .iter()
+                            .take(3)
+                            .map(|(rule, why)| format!("{rule}: {why}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    };
+                    tracing::info!(
+                        source = %source.name,
+                        delivery = %received.delivery,
+                        kind = event.kind.as_str(),
+                        repository = %event.repository,
+                        git_ref = %event.git_ref,
+                        after = %event.after,
+                        triggers = 0,
+                        why = %why,
+                        "webhook event matched no rule"
+                    );
+                    unmatched.push(Unmatched {
+                        event: index,
+                        reasons,
+                    });
+                    continue;
+                }
                 let mut counted: Vec<&str> = Vec::new();
                 for planned in &triggers {
                     if !counted.contains(&planned.rule.as_str()) {
@@ -148,7 +196,49 @@ fn plan(
             "webhook skipped"
         ),
     }
-    planned
+    (planned, unmatched)
+}
+
+/// Puts why nothing ran into the answer (and so into the stored summary `deliveries`
+/// reads): each unmatched event lists the source's rules with their first reasons, and
+/// the answer's `note` says so when no event matched at all.
+fn explain_unmatched(
+    reply: &mut Value,
+    runtime: &Runtime,
+    source: &sources::SourceConfig,
+    unmatched: Vec<Unmatched>,
+) {
+    let Some(count) = reply["events"].as_array().map(Vec::len) else {
+        return;
+    };
+    let all = !unmatched.is_empty() && unmatched.len() == count;
+    let total = runtime.config.rules.count_for_source(&source.name);
+    for Unmatched { event, reasons } in unmatched {
+        if reasons.is_empty() {
+            continue;
+        }
+        let listed: Vec<Value> = reasons
+            .iter()
+            .map(|(rule, reason)| json!({ "rule": rule, "reason": reason }))
+            .collect();
+        reply["events"][event]["rules"] = Value::Array(listed);
+        if total > MAX_REASONS {
+            reply["events"][event]["rules_not_shown"] = json!(total - MAX_REASONS);
+        }
+    }
+    if all {
+        reply["note"] = Value::String(if total == 0 {
+            format!(
+                "no rule matched: source {0} has no rules; add a [[rule]] with source = \"{0}\"",
+                source.name
+            )
+        } else {
+            format!(
+                "no rule matched: each of source {}'s rules is listed under events[].rules with the first reason it did not match (`hookrelay explain` shows the same)",
+                source.name
+            )
+        });
+    }
 }
 
 /// The planned triggers made ready to store, with their entries for the answer and the
@@ -179,14 +269,7 @@ fn build(
                     "project": trigger.project.to_string(),
                     "ref": trigger.git_ref.as_str(),
                 }));
-                // The rule's window, else the upstream's.
-                let coalesce = plan.coalesce.or_else(|| {
-                    runtime
-                        .config
-                        .upstreams
-                        .get(&trigger.upstream)
-                        .and_then(|u| u.coalesce)
-                });
+                let coalesce = coalesce_window(&runtime.config, plan.coalesce, &trigger.upstream);
                 built.triggers.push(NewTrigger::queued(
                     plan.rule,
                     &trigger,
@@ -203,6 +286,15 @@ fn build(
         }
     }
     built
+}
+
+/// A planned trigger's coalescing window: the rule's, else its upstream's.
+pub fn coalesce_window(
+    config: &crate::config::Config,
+    rule_window: Option<std::time::Duration>,
+    upstream: &str,
+) -> Option<std::time::Duration> {
+    rule_window.or_else(|| config.upstreams.get(upstream).and_then(|u| u.coalesce))
 }
 
 /// An upstream limit that rejects refuses the webhook while a project has no room.

@@ -14,7 +14,8 @@
 //! - [`error`]: every error a caller sees, mapped to status and JSON in one place.
 //! - [`config`]: the configuration folder, validated into typed values with `file:line` problems.
 //! - [`secret`]: secrets that print only as a mask.
-//! - [`commands`]: the command-line commands, called by the thin `main`.
+//! - [`commands`]: the command-line commands, called by the thin `main`; [`explain`] and
+//!   [`replan`] run a payload or a stored webhook through the rules.
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod reload;
+pub mod replan;
 pub mod rules;
 pub mod scheduler;
 pub mod secret;

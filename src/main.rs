@@ -41,11 +41,35 @@ enum Command {
         #[arg(long, value_enum, default_value = "text", env = "HOOKRELAY_LOG_FORMAT")]
         log_format: commands::LogFormat,
     },
-    /// List recent deliveries and their triggers from the state folder.
+    /// List recent deliveries and their triggers, newest first, with why nothing ran.
     Deliveries {
         #[command(flatten)]
         state: StateArg,
-        /// Only triggers that failed for good.
+        /// Only this [source.NAME] (or `gateway`, `schedule`).
+        #[arg(long)]
+        source: Option<String>,
+        /// Only triggers of this rule.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only triggers for this project (as the rule names it: `acme/app` or `42`).
+        #[arg(long)]
+        project: Option<String>,
+        /// Only triggers with this status (`none`: deliveries that queued nothing).
+        #[arg(long = "status", value_enum, value_name = "STATUS")]
+        status: Option<hookrelay::outbox::StateFilter>,
+        /// Only webhooks, gateway calls or schedules.
+        #[arg(long, value_enum)]
+        kind: Option<hookrelay::outbox::DeliveryKind>,
+        /// Only deliveries received since then: `2h`, `30m`, or a UTC time (`2026-12-02 10:00`).
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// Only deliveries received before then (same forms as --since).
+        #[arg(long, value_name = "WHEN")]
+        until: Option<String>,
+        /// Only this delivery id, or the ids that start with it.
+        #[arg(long, value_name = "ID")]
+        delivery: Option<String>,
+        /// Only triggers that failed for good (the same as --status failed).
         #[arg(long)]
         failed: bool,
         /// How many rows to show.
@@ -55,13 +79,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Queue a trigger (by its id) or a whole delivery (by its delivery id) again.
+    /// Queue a trigger (by its id) or a whole delivery (by its delivery id) again; with
+    /// --replan, run a stored webhook through the current rules instead.
     Replay {
         #[command(flatten)]
         state: StateArg,
-        /// A trigger id (`42` or `trigger:42`), or a delivery id (`delivery:…`).
+        /// Run the stored webhook through the rules as they are now (new triggers, in a
+        /// delivery named after the original), instead of re-sending the old calls.
+        #[arg(long)]
+        replan: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// A trigger id (`42` or `trigger:42`), or a delivery id or its unique start (`delivery:…`).
         #[arg(value_name = "ID")]
         id: String,
+    },
+    /// Stop a waiting or retrying trigger (by its id), or every waiting trigger of a project.
+    Cancel {
+        #[command(flatten)]
+        state: StateArg,
+        /// Every waiting trigger for this project (as the rule names it).
+        #[arg(long, conflicts_with = "id")]
+        project: Option<String>,
+        /// With --project: only triggers for this [upstream.NAME].
+        #[arg(long, requires = "project")]
+        upstream: Option<String>,
+        /// A trigger id (`42` or `trigger:42`).
+        #[arg(value_name = "TRIGGER", required_unless_present = "project")]
+        id: Option<String>,
     },
     /// Show what hookrelay makes of a webhook payload file, offline.
     Explain {
@@ -182,17 +227,89 @@ fn main() -> ExitCode {
         }
         Command::Deliveries {
             state,
+            source,
+            rule,
+            project,
+            status,
+            kind,
+            since,
+            until,
+            delivery,
             failed,
             limit,
             json,
-        } => match state.location("deliveries") {
-            Ok(store) => commands::deliveries(&store, failed, limit, json),
-            Err(code) => code,
-        },
-        Command::Replay { state, id } => match state.location("replay") {
+        } => {
+            let now = hookrelay::outbox::now_ms();
+            let time = |text: Option<String>, flag: &str| {
+                text.map(|text| commands::parse_time(&text, now))
+                    .transpose()
+                    .map_err(|message| {
+                        eprintln!("hookrelay deliveries: {flag}: {message}");
+                        ExitCode::from(2)
+                    })
+            };
+            let (since, until) = match (time(since, "--since"), time(until, "--until")) {
+                (Ok(since), Ok(until)) => (since, until),
+                (Err(code), _) | (_, Err(code)) => return code,
+            };
+            let filter = hookrelay::outbox::ListFilter {
+                source,
+                rule,
+                project,
+                state: if failed {
+                    Some(hookrelay::outbox::StateFilter::Failed)
+                } else {
+                    status
+                },
+                kind,
+                since,
+                until,
+                delivery,
+                limit,
+            };
+            match state.location("deliveries") {
+                Ok(store) => commands::deliveries(&store, &filter, json),
+                Err(code) => code,
+            }
+        }
+        Command::Replay {
+            state,
+            replan: true,
+            config,
+            id,
+        } => commands::replan(&config.path, &state.state_dir, state.store.as_deref(), &id),
+        Command::Replay { state, id, .. } => match state.location("replay") {
             Ok(store) => commands::replay(&store, &id),
             Err(code) => code,
         },
+        Command::Cancel {
+            state,
+            project,
+            upstream,
+            id,
+        } => {
+            let target = match (project, id) {
+                (Some(project), _) => {
+                    hookrelay::outbox::CancelTarget::Project { project, upstream }
+                }
+                (None, Some(id)) => {
+                    match id.strip_prefix("trigger:").unwrap_or(&id).parse::<i64>() {
+                        Ok(id) => hookrelay::outbox::CancelTarget::Trigger(id),
+                        Err(_) => {
+                            eprintln!(
+                                "hookrelay cancel: {id:?} is not a trigger id (a number, as `hookrelay deliveries` shows in ID)"
+                            );
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+                (None, None) => unreachable!("clap requires one"),
+            };
+            match state.location("cancel") {
+                Ok(store) => commands::cancel(&store, &target),
+                Err(code) => code,
+            }
+        }
         Command::Check { config } => commands::check(&config.path),
         Command::Serve {
             config,

@@ -764,7 +764,10 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
         table.contains("TIME (UTC)")
             && table.contains(&delivery)
             && table.contains("failed")
-            && table.contains("404 404 Not Found"),
+            && table.contains(
+                "404 Not Found — GitLab answers 404 for a wrong or revoked trigger token"
+            )
+            && !table.contains("404 404"),
         "{table}"
     );
 
@@ -829,6 +832,195 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     let output = hookrelay(&["replay", "--state", state, "999"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("trigger 999 is not in the store"));
+    let (code, _) = served.terminate();
+    assert_eq!(code, Some(0));
+}
+
+/// The operator's path when nothing ran: the answer and `deliveries` say why, the rule is
+/// fixed, `replay --replan` runs the stored webhook through it, and a trigger retrying
+/// against a 429 is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn why_nothing_ran_then_replan_then_cancel() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "s3cret-for-the-tests");
+    write(
+        dir.path(),
+        "00-relay.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:secret\"\n",
+            upstream.url()
+        ),
+    );
+    let rule = |refs: &str| {
+        format!(
+            "[[rule]]\nname = \"releases\"\nsource = \"github\"\nevents = [\"tag\"]\nrefs = [\"{refs}\"]\n\
+             [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\n"
+        )
+    };
+    write(dir.path(), "10-rule.toml", &rule("release-*"));
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    let url = format!("http://{address}/hooks/github");
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let config = dir.path().to_str().unwrap();
+
+    // Nothing matched: the answer lists the rule with its reason, and so does the log.
+    let reply = signed_github(
+        &url,
+        "s3cret-for-the-tests",
+        "push",
+        "8f3e2a10-first",
+        "github/push_tag.json",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let answer = reply.json();
+    assert!(
+        answer["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("no rule matched"),
+        "{answer}"
+    );
+    let reason = answer["events"][0]["rules"][0].clone();
+    assert_eq!(reason["rule"], "releases");
+    assert!(
+        reason["reason"].as_str().unwrap().starts_with("refs: ")
+            && reason["reason"]
+                .as_str()
+                .unwrap()
+                .contains("matches none of [\"release-*\"]"),
+        "{reason}"
+    );
+    let line = served.wait_for("matched no rule");
+    assert!(line.contains("releases: refs:"), "{line}");
+    let reply = signed_github(
+        &url,
+        "s3cret-for-the-tests",
+        "ping",
+        "8f3e2a10-ping",
+        "github/ping.json",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // `deliveries` says which is which, with full ids, and filters.
+    let table = |args: &[&str]| {
+        let mut all = vec!["deliveries", "--state", state];
+        all.extend_from_slice(args);
+        let output = hookrelay(&all);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let shown = table(&["--status", "none"]);
+    let unmatched = shown
+        .lines()
+        .find(|l| l.contains("8f3e2a10-first"))
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(
+        unmatched.contains("no match") && unmatched.contains("releases: refs:"),
+        "{shown}"
+    );
+    let ping = shown
+        .lines()
+        .find(|l| l.contains("8f3e2a10-ping"))
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(ping.contains(" ping "), "{shown}");
+    assert!(table(&["--kind", "gateway"]).contains("no deliveries match"));
+    assert!(table(&["--source", "github", "--delivery", "8f3e2a10-f"]).contains("8f3e2a10-first"));
+    assert!(!table(&["--since", "1h", "--delivery", "8f3e2a10-f"]).contains("no deliveries match"));
+    assert!(
+        table(&["--until", "2000-01-01", "--delivery", "8f3e2a10-f"])
+            .contains("no deliveries match")
+    );
+
+    // The rule fixed; the stored webhook replanned by a unique start of its id. GitLab
+    // answers 429 for an hour, so the new trigger waits to be retried.
+    write(dir.path(), "10-rule.toml", &rule("simple-*"));
+    upstream.answer_next(
+        Answer::new(429, r#"{"message":"429 Too Many Requests"}"#).header("retry-after", "3600"),
+    );
+    let replan = |id: &str| {
+        Command::new(BIN)
+            .args([
+                "replay", "--replan", "--config", config, "--state", state, id,
+            ])
+            .output()
+            .unwrap()
+    };
+    let output = replan("8f3e2a10");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("\"8f3e2a10\" is the start of 2 delivery ids"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = replan("8f3e2a10-f");
+    let said = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(said.contains("delivery 8f3e2a10-first run through the current rules as delivery 8f3e2a10-first~replan-"), "{said}");
+    assert!(
+        said.contains("rule releases -> project acme/app, ref main"),
+        "{said}"
+    );
+    served.wait_for("trigger will be retried");
+    let mut retrying = String::new();
+    for _ in 0..100 {
+        retrying = table(&["--status", "retrying"]);
+        if retrying.contains("~replan-") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let row = retrying
+        .lines()
+        .find(|l| l.contains("~replan-"))
+        .unwrap_or_else(|| panic!("{retrying}"));
+    assert!(
+        row.contains("retrying")
+            && (row.contains("in 60m") || row.contains("in 59m"))
+            && row.contains("429"),
+        "{row}"
+    );
+    let trigger: String = row.split_whitespace().nth(4).unwrap().to_owned();
+    assert!(trigger.parse::<i64>().is_ok(), "{row}");
+
+    // Cancelled by id: recorded, and said once more if asked again.
+    let output = hookrelay(&["cancel", "--state", state, &trigger]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains(&format!("cancelled trigger {trigger}"))
+    );
+    let cancelled = table(&["--status", "cancelled"]);
+    assert!(
+        cancelled.contains("cancelled by an operator"),
+        "{cancelled}"
+    );
+    let output = hookrelay(&["cancel", "--state", state, &trigger]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("is cancelled, not waiting"));
+    let output = hookrelay(&["cancel", "--state", state, "--project", "acme/app"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("nothing to cancel"));
+    assert_eq!(
+        upstream.received().len(),
+        1,
+        "the cancelled trigger was never sent again"
+    );
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }

@@ -185,7 +185,7 @@ fn rows(url: &str) -> Vec<hookrelay::outbox::DeliveryRow> {
     let store = hookrelay::store::StoreLocation::Postgres(
         hookrelay::store::postgres::PostgresConfig::new(url),
     );
-    tokio::task::block_in_place(|| hookrelay::outbox::list(&store, false, 1000)).unwrap()
+    tokio::task::block_in_place(|| listed(&store, false, 1000)).unwrap()
 }
 
 fn sigstop(relay: &Served, signal: &str) {

@@ -286,7 +286,7 @@ async fn a_push_storm_coalesces_into_one_pipeline() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(upstream.received().len(), 1, "four pushes, one pipeline");
-    let rows = hookrelay::outbox::list(
+    let rows = listed(
         &hookrelay::store::StoreLocation::Folder(relay.state()),
         false,
         10,

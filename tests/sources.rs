@@ -126,7 +126,16 @@ fn assert_events(reply: &Reply, repository: &str, expected: &[Expected<'_>]) {
         );
         assert_eq!(event["deleted_kind"].as_str(), *deleted, "{event:#}");
     }
-    assert!(body.get("note").is_none(), "{body:#}");
+    // These sources have no rules: the note says so, and nothing else.
+    assert_eq!(
+        body["note"].as_str(),
+        Some(format!(
+            "no rule matched: source {0} has no rules; add a [[rule]] with source = \"{0}\"",
+            body["source"].as_str().unwrap()
+        ))
+        .as_deref(),
+        "{body:#}"
+    );
 }
 
 fn assert_note(reply: &Reply, contains: &str) {

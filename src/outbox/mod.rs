@@ -34,8 +34,8 @@ use crate::store::{Claimed, Engine, EngineError, Lease, StoreLocation, blocking}
 
 pub use crate::store::sqlite::{Durability, STORE_FILE};
 pub use crate::store::{
-    Accepted, CALLER_TOKEN, DeliveryRow, DueTrigger, NewDelivery, NewTrigger, Recorded,
-    ReplayTarget, StoredWebhook, now_ms,
+    Accepted, CALLER_TOKEN, CancelTarget, DeliveryKind, DeliveryRow, DueTrigger, ListFilter,
+    NewDelivery, NewTrigger, Recorded, ReplayTarget, StateFilter, StoredWebhook, now_ms,
 };
 
 /// Most requests one commit takes.
@@ -344,26 +344,51 @@ fn open_existing(location: &StoreLocation) -> Result<Box<dyn Engine>, StoreError
 }
 
 /// Reads the store without the server (`deliveries`), or beside it.
-pub fn list(
-    location: &StoreLocation,
-    failed_only: bool,
-    limit: usize,
-) -> Result<Vec<DeliveryRow>, StoreError> {
+pub fn list(location: &StoreLocation, filter: &ListFilter) -> Result<Vec<DeliveryRow>, StoreError> {
     let mut engine = open_existing(location)?;
     engine
-        .list(failed_only, limit)
+        .list(filter)
         .map_err(|err| StoreError::from_engine(location.describe(), err))
 }
 
-/// Reads a stored webhook by its delivery id (`explain --delivery`).
+/// The one delivery id that is `text` or starts with it, as `deliveries` shows ids: an
+/// unknown id and an ambiguous prefix are said as such, never as a broken store.
+fn resolve_delivery(engine: &mut dyn Engine, text: &str) -> Result<String, EngineError> {
+    let rows = engine.list(&ListFilter {
+        delivery: Some(text.to_owned()),
+        limit: 200,
+        ..ListFilter::default()
+    })?;
+    let mut ids: Vec<String> = rows.into_iter().map(|row| row.delivery_id).collect();
+    ids.sort();
+    ids.dedup();
+    if ids.iter().any(|id| id == text) {
+        return Ok(text.to_owned());
+    }
+    match ids.as_slice() {
+        [] => Err(EngineError::refused(format!(
+            "no delivery {text:?} in the store"
+        ))),
+        [only] => Ok(only.clone()),
+        many => Err(EngineError::refused(format!(
+            "{text:?} is the start of {} delivery ids ({}{}); give more of it",
+            many.len(),
+            many.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+            if many.len() > 3 { ", …" } else { "" }
+        ))),
+    }
+}
+
+/// Reads a stored webhook by its delivery id, or a unique start of one (`explain --delivery`).
 pub fn stored_webhook(
     location: &StoreLocation,
     delivery_id: &str,
 ) -> Result<StoredWebhook, StoreError> {
     let mut engine = open_existing(location)?;
     let error = |err| StoreError::from_engine(location.describe(), err);
+    let delivery_id = resolve_delivery(engine.as_mut(), delivery_id).map_err(error)?;
     engine
-        .stored_webhook(delivery_id)
+        .stored_webhook(&delivery_id)
         .map_err(error)?
         .ok_or_else(|| {
             error(EngineError::refused(format!(
@@ -372,15 +397,62 @@ pub fn stored_webhook(
         })
 }
 
+/// Records a delivery from outside the server (`replay --replan`); a running relay sends
+/// its triggers within a second.
+pub fn accept_offline(
+    location: &StoreLocation,
+    delivery: &NewDelivery,
+) -> Result<Accepted, StoreError> {
+    let mut engine = open_existing(location)?;
+    let result = (|| {
+        engine.begin(true)?;
+        match engine.insert_delivery(delivery, now_ms()) {
+            Ok(accepted) => engine.commit().map(|()| accepted),
+            Err(err) => {
+                engine.rollback();
+                Err(err)
+            }
+        }
+    })();
+    result.map_err(|err| StoreError::from_engine(location.describe(), err))
+}
+
+/// Stops waiting triggers from outside the server (`hookrelay cancel`); a running relay
+/// never claims them again.
+pub fn cancel_offline(
+    location: &StoreLocation,
+    target: &CancelTarget,
+) -> Result<Vec<i64>, StoreError> {
+    let mut engine = open_existing(location)?;
+    let result = (|| {
+        engine.begin(true)?;
+        match engine.cancel(target, now_ms()) {
+            Ok(ids) => engine.commit().map(|()| ids),
+            Err(err) => {
+                engine.rollback();
+                Err(err)
+            }
+        }
+    })();
+    result.map_err(|err| StoreError::from_engine(location.describe(), err))
+}
+
 /// Re-queues from outside the server (`hookrelay replay`); a running server picks it up.
 pub fn replay_offline(
     location: &StoreLocation,
     target: &ReplayTarget,
 ) -> Result<Vec<i64>, StoreError> {
     let mut engine = open_existing(location)?;
+    let target = match target {
+        ReplayTarget::Delivery(text) => ReplayTarget::Delivery(
+            resolve_delivery(engine.as_mut(), text)
+                .map_err(|err| StoreError::from_engine(location.describe(), err))?,
+        ),
+        other => other.clone(),
+    };
     let result = (|| {
         engine.begin(true)?;
-        let ids = engine.replay(target, now_ms());
+        let ids = engine.replay(&target, now_ms());
         match ids {
             Ok(ids) => engine.commit().map(|()| ids),
             Err(err) => {
@@ -884,8 +956,11 @@ mod tests {
         fn depth(&mut self) -> Result<Depth, EngineError> {
             self.inner.depth()
         }
-        fn list(&mut self, f: bool, limit: usize) -> Result<Vec<DeliveryRow>, EngineError> {
-            self.inner.list(f, limit)
+        fn list(&mut self, f: &ListFilter) -> Result<Vec<DeliveryRow>, EngineError> {
+            self.inner.list(f)
+        }
+        fn cancel(&mut self, t: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError> {
+            self.inner.cancel(t, now)
         }
         fn stored_webhook(&mut self, id: &str) -> Result<Option<StoredWebhook>, EngineError> {
             self.inner.stored_webhook(id)
@@ -900,7 +975,10 @@ mod tests {
         let mut engine =
             SqliteEngine::open(&outbox_dir.join(STORE_FILE), Durability::Full).unwrap();
         let mut rows: Vec<(String, String)> = engine
-            .list(false, 1000)
+            .list(&ListFilter {
+                limit: 1000,
+                ..ListFilter::default()
+            })
             .unwrap()
             .into_iter()
             .map(|r| (r.delivery_id, r.state.unwrap_or_default()))

@@ -105,7 +105,7 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
             pipeline_url,
         };
     }
-    let reason = format!("{} {}", status.as_u16(), message);
+    let reason = reason_for(status, &message);
     if status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
@@ -129,6 +129,34 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
         pipeline_id,
         pipeline_url,
     }
+}
+
+/// GitLab's message with its status, said once (`404 Not Found`, not `404 404 Not Found`),
+/// and for the refusals whose usual causes are not in GitLab's words, those causes.
+fn reason_for(status: StatusCode, message: &str) -> String {
+    let code = status.as_u16().to_string();
+    let mut reason = if message.trim_start().starts_with(&code) {
+        message.trim().to_owned()
+    } else {
+        format!("{code} {message}")
+    };
+    let hint = match status {
+        StatusCode::NOT_FOUND => Some(
+            "GitLab answers 404 for a wrong or revoked trigger token and for a project the token's owner cannot see or that does not exist (check the project path or id, and the token under Settings > CI/CD > Pipeline trigger tokens)",
+        ),
+        StatusCode::UNAUTHORIZED => Some(
+            "the token was not accepted: trigger tokens start with glptt-; a personal or deploy token does not work here",
+        ),
+        StatusCode::FORBIDDEN => Some(
+            "the token's owner may not run pipelines for this ref (protected branch or tag, or the owner lost access), or the project forbids pipeline variables",
+        ),
+        _ => None,
+    };
+    if let Some(hint) = hint {
+        reason.push_str(" — ");
+        reason.push_str(hint);
+    }
+    reason
 }
 
 /// `Retry-After` (seconds or an HTTP date), else `RateLimit-ResetTime` (an HTTP date).
@@ -167,6 +195,29 @@ impl RetryPolicy {
 mod tests {
     use super::*;
     use http::HeaderMap;
+
+    #[test]
+    fn reasons_say_the_status_once_and_hint_at_the_usual_causes() {
+        let reason = reason_for(StatusCode::NOT_FOUND, "404 Not Found");
+        assert!(
+            reason.starts_with(
+                "404 Not Found — GitLab answers 404 for a wrong or revoked trigger token"
+            ),
+            "{reason}"
+        );
+        assert_eq!(
+            reason_for(StatusCode::BAD_REQUEST, "base: Reference not found"),
+            "400 base: Reference not found"
+        );
+        assert!(
+            reason_for(StatusCode::FORBIDDEN, "403 Forbidden")
+                .starts_with("403 Forbidden — the token's owner")
+        );
+        assert!(
+            reason_for(StatusCode::UNAUTHORIZED, "401 Unauthorized")
+                .starts_with("401 Unauthorized — ")
+        );
+    }
 
     fn answer(
         status: u16,

@@ -421,6 +421,25 @@ impl RuleSet {
             .collect()
     }
 
+    /// [`RuleSet::verdicts`] for at most `most` rules, for answers that must stay small.
+    pub fn verdicts_bounded(&self, event: &Event, most: usize) -> Vec<(&Rule, Option<String>)> {
+        let context = event_value(event);
+        self.rules
+            .iter()
+            .filter(|rule| rule.spec.source.as_deref() == Some(event.source.as_str()))
+            .take(most)
+            .map(|rule| (rule, self.why_not(rule, event, &context)))
+            .collect()
+    }
+
+    /// How many rules react to webhooks of `source`.
+    pub fn count_for_source(&self, source: &str) -> usize {
+        self.rules
+            .iter()
+            .filter(|rule| rule.spec.source.as_deref() == Some(source))
+            .count()
+    }
+
     /// The first reason `rule` does not match `event`.
     fn why_not(&self, rule: &Rule, event: &Event, context: &Value) -> Option<String> {
         let spec = &rule.spec;

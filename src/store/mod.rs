@@ -394,6 +394,169 @@ impl fmt::Display for ReplayTarget {
     }
 }
 
+/// Which deliveries `hookrelay deliveries` shows.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub source: Option<String>,
+    pub rule: Option<String>,
+    pub project: Option<String>,
+    pub state: Option<StateFilter>,
+    pub kind: Option<DeliveryKind>,
+    /// Received at or after (ms since 1970).
+    pub since: Option<i64>,
+    /// Received before (ms since 1970).
+    pub until: Option<i64>,
+    /// A delivery id, or the start of one.
+    pub delivery: Option<String>,
+    pub limit: usize,
+}
+
+/// Where a delivery came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeliveryKind {
+    /// A webhook from a `[source.NAME]`.
+    Webhook,
+    /// A call to the trigger gateway.
+    Gateway,
+    /// A scheduled rule firing.
+    Schedule,
+}
+
+/// A trigger state to list, or deliveries without a trigger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateFilter {
+    Queued,
+    /// Queued again after a failed attempt.
+    Retrying,
+    Sending,
+    Sent,
+    Failed,
+    Cancelled,
+    /// Deliveries that queued no trigger (no match, ping, not handled).
+    None,
+}
+
+/// A value bound to a filter's placeholder.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SqlValue {
+    Text(String),
+    Int(i64),
+}
+
+impl ListFilter {
+    /// The `WHERE` clause over `deliveries d LEFT JOIN triggers t` (the same in both
+    /// engines), with `placeholder(n)` for the n-th value (1-based), and the values.
+    pub fn where_clause(&self, placeholder: impl Fn(usize) -> String) -> (String, Vec<SqlValue>) {
+        let mut conditions: Vec<String> = Vec::new();
+        let mut values = Vec::new();
+        let bind = |value: SqlValue, values: &mut Vec<SqlValue>| {
+            values.push(value);
+            placeholder(values.len())
+        };
+        if let Some(source) = &self.source {
+            let p = bind(SqlValue::Text(source.clone()), &mut values);
+            conditions.push(format!("d.source = {p}"));
+        }
+        if let Some(rule) = &self.rule {
+            let p = bind(SqlValue::Text(rule.clone()), &mut values);
+            conditions.push(format!("t.rule = {p}"));
+        }
+        if let Some(project) = &self.project {
+            let p = bind(SqlValue::Text(project.clone()), &mut values);
+            conditions.push(format!("t.project = {p}"));
+        }
+        match self.kind {
+            Some(DeliveryKind::Gateway) => conditions.push("d.source = 'gateway'".into()),
+            Some(DeliveryKind::Schedule) => conditions.push("d.source = 'schedule'".into()),
+            Some(DeliveryKind::Webhook) => {
+                conditions.push("d.source NOT IN ('gateway', 'schedule')".into())
+            }
+            None => {}
+        }
+        match self.state {
+            Some(StateFilter::None) => conditions.push("t.id IS NULL".into()),
+            Some(StateFilter::Retrying) => {
+                conditions.push("t.state = 'queued' AND t.attempts > 0".into())
+            }
+            Some(state) => {
+                let name = match state {
+                    StateFilter::Queued => "queued",
+                    StateFilter::Sending => "sending",
+                    StateFilter::Sent => "sent",
+                    StateFilter::Failed => "failed",
+                    StateFilter::Cancelled => "cancelled",
+                    StateFilter::Retrying | StateFilter::None => unreachable!("handled above"),
+                };
+                conditions.push(format!("t.state = '{name}'"));
+            }
+            None => {}
+        }
+        if let Some(since) = self.since {
+            let p = bind(SqlValue::Int(since), &mut values);
+            conditions.push(format!("d.received_at >= {p}"));
+        }
+        if let Some(until) = self.until {
+            let p = bind(SqlValue::Int(until), &mut values);
+            conditions.push(format!("d.received_at < {p}"));
+        }
+        if let Some(delivery) = &self.delivery {
+            let escaped = delivery
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            let p = bind(SqlValue::Text(format!("{escaped}%")), &mut values);
+            conditions.push(format!("d.delivery_id LIKE {p} ESCAPE '\\'"));
+        }
+        let clause = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        (clause, values)
+    }
+}
+
+/// What `hookrelay cancel` stops.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelTarget {
+    Trigger(i64),
+    /// Every waiting trigger for a project (on one upstream, or all).
+    Project {
+        project: String,
+        upstream: Option<String>,
+    },
+}
+
+impl fmt::Display for CancelTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CancelTarget::Trigger(id) => write!(f, "trigger {id}"),
+            CancelTarget::Project {
+                project,
+                upstream: None,
+            } => write!(f, "project {project}"),
+            CancelTarget::Project {
+                project,
+                upstream: Some(upstream),
+            } => write!(f, "project {project} on {upstream}"),
+        }
+    }
+}
+
+/// The error a cancel gets for a trigger it cannot stop, by the trigger's state.
+pub fn cancel_refusal(id: i64, state: Option<&str>) -> EngineError {
+    EngineError::refused(match state {
+        None => format!("trigger {id} is not in the store"),
+        Some("sending") => format!(
+            "trigger {id} is being sent right now and cannot be stopped; its answer will be recorded"
+        ),
+        Some(state) => format!("trigger {id} is {state}, not waiting; there is nothing to cancel"),
+    })
+}
+
+/// What the store says of a trigger an operator cancelled.
+pub const CANCELLED_NOTE: &str = "cancelled by an operator (hookrelay cancel)";
+
 /// One row of `hookrelay deliveries`.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeliveryRow {
@@ -412,11 +575,16 @@ pub struct DeliveryRow {
     pub pipeline_url: Option<String>,
     pub replay_of: Option<i64>,
     pub coalesced_into: Option<i64>,
+    /// When a waiting trigger is next due (ms since 1970).
+    pub due_at: Option<i64>,
+    /// The answer the webhook got (JSON), which says why nothing ran when nothing did.
+    pub summary: String,
 }
 
 /// A stored webhook, as it arrived but for its secret headers.
 pub struct StoredWebhook {
     pub source: String,
+    pub delivery_id: String,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
 }
@@ -518,7 +686,10 @@ pub trait Engine: Send + 'static {
     fn recover_leases(&mut self) -> Result<usize, EngineError>;
 
     fn depth(&mut self) -> Result<Depth, EngineError>;
-    fn list(&mut self, failed_only: bool, limit: usize) -> Result<Vec<DeliveryRow>, EngineError>;
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, EngineError>;
+    /// Stops waiting triggers (inside a transaction): each is marked cancelled and its key
+    /// moves on; returns their ids. A trigger being sent cannot be stopped.
+    fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError>;
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError>;
 }
 

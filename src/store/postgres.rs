@@ -18,8 +18,8 @@ use postgres::{Client, SimpleQueryMessage, Statement};
 pub use connect::{DEFAULT_LEASE, PostgresConfig, has_password, without_password};
 
 use super::{
-    Accepted, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease, NewDelivery,
-    Recorded, ReplayTarget, StoredBody, StoredWebhook,
+    Accepted, CancelTarget, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease,
+    ListFilter, NewDelivery, Recorded, ReplayTarget, SqlValue, StoredBody, StoredWebhook,
 };
 
 /// Each entry upgrades the schema by one version; run under an advisory lock, so relays
@@ -152,6 +152,9 @@ enum Touch {
     Advance,
     /// The head stays, due again at its trigger's `due_at`.
     DueAgain { trigger: i64 },
+    /// A waiting trigger was cancelled: if it headed its key, the key moves on (a key
+    /// headed by another trigger, perhaps being sent, is left alone).
+    Cancelled { trigger: i64 },
 }
 
 impl Touch {
@@ -160,7 +163,7 @@ impl Touch {
         match self {
             Touch::Enqueue { id, .. } => *id,
             Touch::Advance => 0,
-            Touch::DueAgain { trigger } => *trigger,
+            Touch::DueAgain { trigger } | Touch::Cancelled { trigger } => *trigger,
         }
     }
 
@@ -170,6 +173,7 @@ impl Touch {
             Touch::Enqueue { .. } => 0,
             Touch::Advance => 1,
             Touch::DueAgain { .. } => 2,
+            Touch::Cancelled { .. } => 3,
         }
     }
 }
@@ -324,7 +328,7 @@ impl PostgresEngine {
         touched.dedup_by(|later, earlier| {
             later.0 == earlier.0
                 && later.1.rank() == earlier.1.rank()
-                && !matches!(later.1, Touch::DueAgain { .. })
+                && !matches!(later.1, Touch::DueAgain { .. } | Touch::Cancelled { .. })
         });
         for (order_key, touch) in &touched {
             match touch {
@@ -340,6 +344,15 @@ impl PostgresEngine {
                         self.stmt("SELECT floor FROM hr_keys WHERE order_key = $1 FOR UPDATE")?;
                     // No row: another relay finished the key, and nothing is left in it.
                     if let Some(row) = self.client().query_opt(&lock, &[order_key])? {
+                        self.advance_key(order_key, row.get(0))?;
+                    }
+                }
+                Touch::Cancelled { trigger } => {
+                    let lock = self
+                        .stmt("SELECT floor, head FROM hr_keys WHERE order_key = $1 FOR UPDATE")?;
+                    if let Some(row) = self.client().query_opt(&lock, &[order_key])?
+                        && row.get::<_, i64>(1) == *trigger
+                    {
                         self.advance_key(order_key, row.get(0))?;
                     }
                 }
@@ -1067,27 +1080,36 @@ impl Engine for PostgresEngine {
         })
     }
 
-    fn list(&mut self, failed_only: bool, limit: usize) -> Result<Vec<DeliveryRow>, EngineError> {
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, EngineError> {
         self.reconnect_if_lost()?;
-        let filter = if failed_only {
-            "WHERE t.state = 'failed'"
-        } else {
-            ""
-        };
+        let (clause, values) = filter.where_clause(|n| format!("${n}"));
+        let limit_at = values.len() + 1;
         let sql = format!(
             "SELECT d.received_at, d.source, d.delivery_id, d.event_type, t.id, t.rule, t.project, t.git_ref, t.state,
-                    t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into
-             FROM hr_deliveries d LEFT JOIN hr_triggers t ON t.delivery = d.id {filter}
-             ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT $1"
+                    t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into,
+                    t.due_at, d.summary
+             FROM hr_deliveries d LEFT JOIN hr_triggers t ON t.delivery = d.id {clause}
+             ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT ${limit_at}"
         );
-        let rows = self
-            .client()
-            .query(&sql, &[&(limit as i64)])
-            .map_err(error)?;
+        let mut bound: Vec<Box<dyn postgres::types::ToSql + Sync>> = values
+            .into_iter()
+            .map(|value| -> Box<dyn postgres::types::ToSql + Sync> {
+                match value {
+                    SqlValue::Text(text) => Box::new(text),
+                    SqlValue::Int(n) => Box::new(n),
+                }
+            })
+            .collect();
+        bound.push(Box::new(filter.limit as i64));
+        let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            bound.iter().map(|value| value.as_ref()).collect();
+        let rows = self.client().query(&sql, &params).map_err(error)?;
+        // Times are the database's; shown on this machine's clock.
+        let skew = self.skew_ms;
         Ok(rows
             .into_iter()
             .map(|row| DeliveryRow {
-                received_at: row.get(0),
+                received_at: row.get::<_, i64>(0) - skew,
                 source: row.get(1),
                 delivery_id: row.get(2),
                 event_type: row.get(3),
@@ -1102,8 +1124,53 @@ impl Engine for PostgresEngine {
                 pipeline_url: row.get(12),
                 replay_of: row.get(13),
                 coalesced_into: row.get(14),
+                due_at: row.get::<_, Option<i64>>(15).map(|due| due - skew),
+                summary: row.get(16),
             })
             .collect())
+    }
+
+    fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError> {
+        let now = now + self.skew_ms;
+        let rows = match target {
+            CancelTarget::Trigger(id) => {
+                let row = self
+                    .client()
+                    .query_opt(
+                        "UPDATE hr_triggers SET state = 'cancelled', last_error = $3, updated_at = $2
+                         WHERE id = $1 AND state = 'queued' RETURNING id, order_key",
+                        &[id, &now, &super::CANCELLED_NOTE],
+                    )
+                    .map_err(error)?;
+                if row.is_none() {
+                    let state: Option<String> = self
+                        .client()
+                        .query_opt("SELECT state FROM hr_triggers WHERE id = $1", &[id])
+                        .map_err(error)?
+                        .map(|row| row.get(0));
+                    return Err(super::cancel_refusal(*id, state.as_deref()));
+                }
+                row.into_iter().collect()
+            }
+            CancelTarget::Project { project, upstream } => self
+                .client()
+                .query(
+                    "UPDATE hr_triggers SET state = 'cancelled', last_error = $4, updated_at = $3
+                     WHERE state = 'queued' AND project = $1 AND ($2::text IS NULL OR upstream = $2)
+                     RETURNING id, order_key",
+                    &[project, upstream, &now, &super::CANCELLED_NOTE],
+                )
+                .map_err(error)?,
+        };
+        let mut cancelled = Vec::new();
+        for row in rows {
+            let (id, order_key): (i64, String) = (row.get(0), row.get(1));
+            self.open_change -= 1;
+            self.touch(&order_key, Touch::Cancelled { trigger: id });
+            cancelled.push(id);
+        }
+        cancelled.sort_unstable();
+        Ok(cancelled)
     }
 
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
@@ -1119,6 +1186,7 @@ impl Engine for PostgresEngine {
             let headers: String = row.get(1);
             let encoding: Option<String> = row.get(3);
             Ok(StoredWebhook {
+                delivery_id: delivery_id.to_owned(),
                 source: row.get(0),
                 headers: serde_json::from_str(&headers)
                     .map_err(|err| EngineError::failed(format!("stored headers: {err}")))?,

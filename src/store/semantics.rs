@@ -205,7 +205,10 @@ pub fn pruning_keeps_what_is_still_to_be_sent(engine: &mut dyn Engine) {
     record(engine, due[0].lease, failed(), 1);
     assert_eq!(tx(engine, |e| e.prune(100, 10).unwrap()), 1);
     let left: Vec<String> = engine
-        .list(false, 10)
+        .list(&super::ListFilter {
+            limit: 10,
+            ..Default::default()
+        })
         .unwrap()
         .into_iter()
         .map(|r| r.delivery_id)
@@ -268,8 +271,224 @@ pub fn finished_gateway_calls_are_not_queued(engine: &mut dyn Engine) {
     });
     assert_eq!(engine.depth().unwrap(), Depth::default());
     assert!(claim(engine, 0, 5).is_empty());
-    let rows = engine.list(false, 5).unwrap();
+    let rows = engine
+        .list(&super::ListFilter {
+            limit: 5,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(rows[0].state.as_deref(), Some("sent"));
+}
+
+/// A cancelled head lets its key's next trigger go; a cancelled trigger behind a head
+/// being sent leaves that send alone; a trigger being sent cannot be cancelled.
+pub fn cancelled_triggers_are_never_sent_and_their_key_moves_on(engine: &mut dyn Engine) {
+    let first = accept(engine, "first", "p", 0);
+    accept(engine, "second", "p", 0);
+    accept(engine, "other", "q", 0);
+    let Accepted::Queued { trigger_ids, .. } = first else {
+        panic!("queued")
+    };
+    let cancelled = tx(engine, |e| {
+        e.cancel(&CancelTarget::Trigger(trigger_ids[0]), 0).unwrap()
+    });
+    assert_eq!(cancelled, trigger_ids);
+    assert_eq!(engine.depth().unwrap().open, 2);
+    let claimed = claim(engine, 0, 5);
+    let mut due = ids(&claimed);
+    due.sort();
+    assert_eq!(
+        due,
+        ["other", "second"],
+        "the key moved on to its next trigger"
+    );
+    // "second" is being sent: it cannot be cancelled, and a project-wide cancel skips it.
+    let sending = claimed
+        .iter()
+        .find(|t| t.delivery_id == "second")
+        .expect("claimed")
+        .lease;
+    accept(engine, "third", "p", 0);
+    engine.begin(true).unwrap();
+    let refused = engine
+        .cancel(&CancelTarget::Trigger(sending.trigger), 0)
+        .unwrap_err();
+    engine.rollback();
+    assert!(
+        refused.refused && refused.message.contains("being sent"),
+        "{}",
+        refused.message
+    );
+    let cancelled = tx(engine, |e| {
+        e.cancel(
+            &CancelTarget::Project {
+                project: "p".into(),
+                upstream: Some("gitlab".into()),
+            },
+            0,
+        )
+        .unwrap()
+    });
+    assert_eq!(cancelled.len(), 1, "only \"third\" was waiting");
+    assert!(
+        record(engine, sending, sent(), 1),
+        "the send in flight records its answer"
+    );
+    assert!(
+        claim(engine, 2, 5).is_empty(),
+        "nothing of p is left to send"
+    );
+    let rows = engine
+        .list(&ListFilter {
+            state: Some(StateFilter::Cancelled),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    let mut shown: Vec<&str> = rows.iter().map(|r| r.delivery_id.as_str()).collect();
+    shown.sort_unstable();
+    assert_eq!(shown, ["first", "third"]);
+    assert!(
+        rows.iter()
+            .all(|r| r.last_error.as_deref() == Some(CANCELLED_NOTE))
+    );
+    let refused = tx(engine, |e| {
+        e.cancel(&CancelTarget::Trigger(trigger_ids[0]), 3)
+            .unwrap_err()
+    });
+    assert!(
+        refused.message.contains("is cancelled, not waiting"),
+        "{}",
+        refused.message
+    );
+}
+
+/// Deliveries are listed by source, kind, rule, project, status, time and id prefix.
+pub fn deliveries_are_listed_by_every_filter(engine: &mut dyn Engine) {
+    accept(engine, "abc-1", "p", 1_000);
+    accept(engine, "abc-2", "q", 2_000);
+    tx(engine, |e| {
+        e.insert_delivery(&delivery("abd-none", Vec::new()), 3_000)
+            .unwrap()
+    });
+    let listed = |engine: &mut dyn Engine, filter: ListFilter| -> Vec<String> {
+        let mut ids: Vec<String> = engine
+            .list(&ListFilter {
+                limit: 50,
+                ..filter
+            })
+            .unwrap()
+            .into_iter()
+            .map(|r| r.delivery_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(listed(engine, ListFilter::default()).len(), 3);
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                delivery: Some("abc".into()),
+                ..Default::default()
+            }
+        ),
+        ["abc-1", "abc-2"]
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                delivery: Some("ab_".into()),
+                ..Default::default()
+            }
+        ),
+        Vec::<String>::new(),
+        "LIKE wildcards are literal"
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                project: Some("q".into()),
+                ..Default::default()
+            }
+        ),
+        ["abc-2"]
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                rule: Some("r".into()),
+                ..Default::default()
+            }
+        ),
+        ["abc-1", "abc-2"]
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                state: Some(StateFilter::None),
+                ..Default::default()
+            }
+        ),
+        ["abd-none"]
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                state: Some(StateFilter::Queued),
+                ..Default::default()
+            }
+        ),
+        ["abc-1", "abc-2"]
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                since: Some(1_500),
+                until: Some(2_500),
+                ..Default::default()
+            }
+        ),
+        ["abc-2"]
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                kind: Some(DeliveryKind::Gateway),
+                ..Default::default()
+            }
+        ),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                kind: Some(DeliveryKind::Webhook),
+                source: Some("gh".into()),
+                ..Default::default()
+            }
+        )
+        .len(),
+        3
+    );
+    let row = engine
+        .list(&ListFilter {
+            delivery: Some("abc-1".into()),
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap()
+        .remove(0);
+    assert_eq!(row.due_at, Some(1_000));
+    assert_eq!(row.summary, "{}");
 }
 
 /// Instantiates every semantic test for one engine: `engine_semantics!(make)` where
@@ -290,6 +509,8 @@ macro_rules! engine_semantics {
             replays_are_new_triggers_linked_to_the_original,
             identical_triggers_coalesce_within_the_window,
             finished_gateway_calls_are_not_queued,
+            cancelled_triggers_are_never_sent_and_their_key_moves_on,
+            deliveries_are_listed_by_every_filter,
         );
     };
     (@tests $make:expr; $($name:ident,)*) => {

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use super::{
-    Accepted, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease, NewDelivery,
-    Recorded, ReplayTarget, StoredWebhook,
+    Accepted, CancelTarget, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease,
+    ListFilter, NewDelivery, Recorded, ReplayTarget, SqlValue, StoredWebhook,
 };
 
 /// The store's file name inside the state folder.
@@ -520,8 +520,12 @@ impl Engine for SqliteEngine {
         .map_err(error)
     }
 
-    fn list(&mut self, failed_only: bool, limit: usize) -> Result<Vec<DeliveryRow>, EngineError> {
-        list(&self.conn, failed_only, limit).map_err(error)
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, EngineError> {
+        list(&self.conn, filter).map_err(error)
+    }
+
+    fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError> {
+        cancel(self, target, now).map_err(error)?
     }
 
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
@@ -537,6 +541,7 @@ impl Engine for SqliteEngine {
             .map_err(error)?;
         row.map(|(source, headers, body, encoding)| {
             Ok(StoredWebhook {
+                delivery_id: delivery_id.to_owned(),
                 source,
                 headers: serde_json::from_str(&headers)
                     .map_err(|err| EngineError::failed(format!("stored headers: {err}")))?,
@@ -767,21 +772,27 @@ fn replay(engine: &SqliteEngine, target: &ReplayTarget, now: i64) -> Result<Vec<
 }
 
 /// The newest triggers (and deliveries without any), newest first.
-fn list(conn: &Connection, failed_only: bool, limit: usize) -> rusqlite::Result<Vec<DeliveryRow>> {
-    let filter = if failed_only {
-        "WHERE t.state = 'failed'"
-    } else {
-        ""
-    };
+fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<DeliveryRow>> {
+    let (clause, values) = filter.where_clause(|n| format!("?{n}"));
+    let limit_at = values.len() + 1;
     let sql = format!(
         "SELECT d.received_at, d.source, d.delivery_id, d.event_type, t.id, t.rule, t.project, t.git_ref, t.state,
-                t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into
-         FROM deliveries d LEFT JOIN triggers t ON t.delivery = d.id {filter}
-         ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT ?1"
+                t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into,
+                t.due_at, d.summary
+         FROM deliveries d LEFT JOIN triggers t ON t.delivery = d.id {clause}
+         ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT ?{limit_at}"
     );
+    let mut bound: Vec<rusqlite::types::Value> = values
+        .into_iter()
+        .map(|value| match value {
+            SqlValue::Text(text) => rusqlite::types::Value::Text(text),
+            SqlValue::Int(n) => rusqlite::types::Value::Integer(n),
+        })
+        .collect();
+    bound.push(rusqlite::types::Value::Integer(filter.limit as i64));
     let mut statement = conn.prepare(&sql)?;
     statement
-        .query_map(params![limit as i64], |row| {
+        .query_map(rusqlite::params_from_iter(bound), |row| {
             Ok(DeliveryRow {
                 received_at: row.get(0)?,
                 source: row.get(1)?,
@@ -798,9 +809,71 @@ fn list(conn: &Connection, failed_only: bool, limit: usize) -> rusqlite::Result<
                 pipeline_url: row.get(12)?,
                 replay_of: row.get(13)?,
                 coalesced_into: row.get(14)?,
+                due_at: row.get(15)?,
+                summary: row.get(16)?,
             })
         })?
         .collect()
+}
+
+/// [`Engine::cancel`]: marks waiting triggers cancelled; a key whose head was cancelled
+/// moves on to its next trigger.
+fn cancel(
+    engine: &SqliteEngine,
+    target: &CancelTarget,
+    now: i64,
+) -> rusqlite::Result<Result<Vec<i64>, EngineError>> {
+    let conn = &engine.conn;
+    let candidates: Vec<(i64, String)> = match target {
+        CancelTarget::Trigger(id) => {
+            let state: Option<String> = conn
+                .query_row(
+                    "SELECT state FROM triggers WHERE id = ?1",
+                    params![id],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if state.as_deref() != Some("queued") {
+                return Ok(Err(super::cancel_refusal(*id, state.as_deref())));
+            }
+            conn.query_row(
+                "SELECT id, order_key FROM triggers WHERE id = ?1",
+                params![id],
+                |row| Ok(vec![(row.get(0)?, row.get(1)?)]),
+            )?
+        }
+        CancelTarget::Project { project, upstream } => conn
+            .prepare(
+                "SELECT id, order_key FROM triggers WHERE state = 'queued' AND project = ?1
+                 AND (?2 IS NULL OR upstream = ?2) ORDER BY id",
+            )?
+            .query_map(params![project, upstream], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?,
+    };
+    let mut cancelled = Vec::new();
+    for (id, order_key) in candidates {
+        let changed = conn
+            .prepare_cached(
+                "UPDATE triggers SET state = 'cancelled', last_error = ?3, updated_at = ?2
+                 WHERE id = ?1 AND state = 'queued'",
+            )?
+            .execute(params![id, now, super::CANCELLED_NOTE])?;
+        if changed == 0 {
+            continue;
+        }
+        engine.add_open(-1)?;
+        let head: Option<i64> = conn
+            .prepare_cached("SELECT head FROM queue_keys WHERE order_key = ?1")?
+            .query_row(params![order_key], |row| row.get(0))
+            .optional()?;
+        if head == Some(id) {
+            engine.advance_key(&order_key)?;
+        }
+        cancelled.push(id);
+    }
+    Ok(Ok(cancelled))
 }
 
 #[cfg(test)]

@@ -447,7 +447,10 @@ pub fn store_bytes(state: &std::path::Path) -> String {
     }
     let mut engine = hookrelay::store::sqlite::SqliteEngine::open_existing(state).unwrap();
     let mut ids: Vec<String> = engine
-        .list(false, 100_000)
+        .list(&hookrelay::outbox::ListFilter {
+            limit: 100_000,
+            ..Default::default()
+        })
         .unwrap()
         .into_iter()
         .map(|row| row.delivery_id)
@@ -496,4 +499,21 @@ pub async fn signed_github_body(
         ("X-Hub-Signature-256", signature.as_str()),
     ];
     post(url, &headers, body).await
+}
+
+/// The store's newest rows, as `hookrelay deliveries` lists them (`failed`: only triggers
+/// that failed for good).
+pub fn listed(
+    location: &hookrelay::store::StoreLocation,
+    failed: bool,
+    limit: usize,
+) -> Result<Vec<hookrelay::outbox::DeliveryRow>, hookrelay::outbox::StoreError> {
+    hookrelay::outbox::list(
+        location,
+        &hookrelay::outbox::ListFilter {
+            state: failed.then_some(hookrelay::outbox::StateFilter::Failed),
+            limit,
+            ..Default::default()
+        },
+    )
 }
