@@ -35,6 +35,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The setting: `[gateway] limit.per_project`, `[source.github] limit.rate`.
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub upstream: String,
     pub code: String,
@@ -78,6 +84,18 @@ pub struct Metrics {
     delivery_latency: Histogram,
     outbox_depth: Gauge,
     outbox_oldest_due_age: Gauge<f64, AtomicU64>,
+    limit_refusals: Family<LimitLabels, Counter>,
+    process: ProcessMetrics,
+}
+
+/// The process's own resources, read from `/proc/self` when scraped (Linux; elsewhere they
+/// stay 0), so a leak of memory or descriptors shows before it hurts.
+struct ProcessMetrics {
+    cpu_seconds: Counter<f64, AtomicU64>,
+    cpu_seen: std::sync::Mutex<f64>,
+    resident_memory: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
 }
 
 impl Default for Metrics {
@@ -155,7 +173,51 @@ impl Metrics {
             "How long the longest-due waiting trigger has been due",
             outbox_oldest_due_age.clone(),
         );
+        let limit_refusals = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Requests refused by a rate limit (on_limit = \"reject\" and the gateway's limits), by the setting",
+            limit_refusals.clone(),
+        );
+        registry.register(
+            "build",
+            "The relay's version",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version".to_owned(),
+                env!("CARGO_PKG_VERSION").to_owned(),
+            )]),
+        );
+        let process = ProcessMetrics {
+            cpu_seconds: Counter::default(),
+            cpu_seen: std::sync::Mutex::new(0.0),
+            resident_memory: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+        };
+        registry.register(
+            "process_cpu_seconds",
+            "CPU time the process has used, user and system",
+            process.cpu_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory of the process",
+            prometheus_client::registry::Unit::Bytes,
+            process.resident_memory.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors (connections, the store, upstream calls)",
+            process.open_fds.clone(),
+        );
+        registry.register(
+            "process_max_fds",
+            "The open-file limit",
+            process.max_fds.clone(),
+        );
         Metrics {
+            limit_refusals,
+            process,
             registry,
             requests,
             signature_failures,
@@ -237,6 +299,36 @@ impl Metrics {
         self.outbox_oldest_due_age.set(oldest_due_age_seconds);
     }
 
+    /// A request refused by the limit named `limit` (its rate, in parentheses, left out).
+    pub fn limit_refused(&self, limit: &str) {
+        let setting = limit.split(" (").next().unwrap_or(limit);
+        self.limit_refusals
+            .get_or_create(&LimitLabels {
+                limit: setting.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Reads the process's CPU time, memory and descriptors, when scraped.
+    pub fn read_process(&self) {
+        if let Some(cpu) = process_cpu_seconds() {
+            let mut seen = self.process.cpu_seen.lock().expect("not poisoned");
+            if cpu > *seen {
+                self.process.cpu_seconds.inc_by(cpu - *seen);
+                *seen = cpu;
+            }
+        }
+        if let Some(bytes) = resident_memory_bytes() {
+            self.process.resident_memory.set(bytes);
+        }
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            self.process.open_fds.set(entries.count() as i64);
+        }
+        if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+            self.process.max_fds.set(soft.min(i64::MAX as u64) as i64);
+        }
+    }
+
     /// The text a scrape receives.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -244,6 +336,25 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         text
     }
+}
+
+/// User and system CPU seconds from `/proc/self/stat` (fields 14 and 15, in the kernel's
+/// user-visible ticks, 100 a second on Linux).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces; the fields after it are counted from its `)`.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// `VmRSS` from `/proc/self/status`, in bytes.
+fn resident_memory_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The content type of [`Metrics::encode`].
@@ -262,7 +373,22 @@ mod tests {
         metrics.upstream_response("gitlab", None);
         metrics.delivery_latency(0.2);
         metrics.outbox(3, 1.5);
+        metrics.limit_refused("[gateway] limit.per_project (30/min)");
+        metrics.read_process();
         let text = metrics.encode();
+        assert!(text.contains("hookrelay_build_info{version=\""), "{text}");
+        let value = |name: &str| -> f64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("{name} in\n{text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert!(value("hookrelay_process_resident_memory_bytes ") > 1e6);
+        assert!(value("hookrelay_process_open_fds ") >= 3.0);
+        assert!(value("hookrelay_process_max_fds ") >= value("hookrelay_process_open_fds "));
+        assert!(value("hookrelay_process_cpu_seconds_total ") >= 0.0);
+        assert!(process_cpu_seconds().is_some(), "/proc/self/stat is read");
         for line in [
             "hookrelay_requests_total{endpoint=\"hooks\",status=\"202\"} 1",
             "hookrelay_signature_failures_total{source=\"github\"} 1",
@@ -271,6 +397,7 @@ mod tests {
             "hookrelay_delivery_latency_seconds_count 1",
             "hookrelay_outbox_depth 3",
             "hookrelay_outbox_oldest_due_age_seconds 1.5",
+            "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_project\"} 1",
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }

@@ -118,18 +118,6 @@ pub async fn run(
     Ok(())
 }
 
-/// A duration in milliseconds with one decimal, `-` when absent, for log lines.
-struct Millis(Option<Duration>);
-
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(duration) => write!(f, "{:.1}", duration.as_secs_f64() * 1000.0),
-            None => f.write_str("-"),
-        }
-    }
-}
-
 /// What a request path names.
 #[derive(Debug, PartialEq, Eq)]
 enum Route<'a> {
@@ -239,21 +227,38 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
     let mut upstream_latency = None;
     let route = route(&path);
     let endpoint = route.endpoint();
-    let response = match dispatch(app, peer, route, request, &mut upstream_latency).await {
-        Ok(response) => response,
-        Err(err) => error_response(&err),
+    let (response, reason) = match dispatch(app, peer, route, request, &mut upstream_latency).await
+    {
+        Ok(response) => (response, None),
+        Err(err) => {
+            if let ApiError::RateLimited { limit, .. } | ApiError::LimitUnavailable { limit, .. } =
+                &err
+            {
+                app.metrics.limit_refused(limit);
+            }
+            // The same words the caller got: they name what to fix, never a secret.
+            (error_response(&err), Some(err.to_string()))
+        }
     };
-    app.metrics.request(endpoint, response.status().as_u16());
-    tracing::info!(
-        %peer,
-        %method,
-        %path,
-        status = response.status().as_u16(),
-        elapsed_ms = %Millis(Some(started.elapsed())),
-        upstream_ms = %Millis(upstream_latency),
-        "request"
-    );
+    let status = response.status().as_u16();
+    app.metrics.request(endpoint, status);
+    let elapsed_ms = millis(started.elapsed());
+    let upstream_ms = upstream_latency.map(millis);
+    match reason {
+        None => tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, "request"),
+        Some(reason) if status >= 500 => {
+            tracing::warn!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, "request refused")
+        }
+        Some(reason) => {
+            tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, "request refused")
+        }
+    }
     response
+}
+
+/// A duration in milliseconds with one decimal, as a number (JSON logs keep it numeric).
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
 async fn dispatch(
@@ -383,6 +388,7 @@ async fn dispatch(
         }
         Route::Metrics => match method {
             Method::GET | Method::HEAD => {
+                app.metrics.read_process();
                 if let Ok((depth, oldest)) = app.outbox.depth() {
                     app.metrics.outbox(depth, oldest.as_secs_f64());
                 }

@@ -1088,6 +1088,20 @@ async fn json_logs_carry_delivery_source_rule_and_project() {
     assert_eq!(reply.status, 202);
     let delivery = reply.json()["delivery"].as_str().unwrap().to_owned();
     served.wait_for("trigger sent");
+    // A refused request says why; a scrape shows the build and the process.
+    let refused = post(&format!("http://{address}/hooks/nowhere"), &[], "{}").await;
+    assert_eq!(refused.status, 404);
+    let metrics = send("GET", &format!("http://{address}/metrics"), &[], "")
+        .await
+        .text();
+    for name in [
+        "hookrelay_build_info{version=",
+        "hookrelay_process_resident_memory_bytes ",
+        "hookrelay_process_open_fds ",
+        "hookrelay_process_cpu_seconds_total ",
+    ] {
+        assert!(metrics.contains(name), "{name} in\n{metrics}");
+    }
     let (_, lines) = served.terminate();
     let entries: Vec<serde_json::Value> = lines
         .iter()
@@ -1106,6 +1120,26 @@ async fn json_logs_carry_delivery_source_rule_and_project() {
     assert!(
         !lines.join("\n").contains("glptt-test"),
         "no token in the logs"
+    );
+    let request = entries
+        .iter()
+        .find(|e| e["message"] == "request" && e["path"] == "/hooks/github")
+        .expect("a request line");
+    assert!(
+        request["elapsed_ms"].is_f64(),
+        "numbers stay numbers: {request}"
+    );
+    let refused = entries
+        .iter()
+        .find(|e| e["message"] == "request refused")
+        .expect("a refused-request line");
+    assert_eq!(refused["status"], 404);
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("no source named \"nowhere\""),
+        "{refused}"
     );
 }
 

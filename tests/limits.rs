@@ -112,6 +112,14 @@ async fn gateway_limits_reject_per_project_and_per_client_address_with_an_exact_
             "the client is never shown by its token"
         );
     }
+    // Each refusal is counted with the setting that refused it.
+    let metrics = send("GET", &relay.url("/metrics"), &[], "").await.text();
+    for line in [
+        "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_project\"} 1",
+        "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_client\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     assert_eq!(upstream.received().len(), 3);
 }
 
