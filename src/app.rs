@@ -40,6 +40,16 @@ impl Runtime {
     }
 }
 
+/// Why the relay could not be set up from a configuration that loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The listener's certificate (it was readable when the configuration was checked).
+    #[error("[server] tls_cert: {0}")]
+    Certificate(String),
+}
+
 /// Everything a request handler needs, shared by all connections.
 pub struct App {
     runtime: ArcSwap<Runtime>,
@@ -60,10 +70,12 @@ pub struct App {
     pub(crate) body_budget: Arc<tokio::sync::Semaphore>,
     /// Open connections at most (`[server] max_connections`, or derived at start).
     pub max_connections: usize,
+    /// The listener's certificate when it serves HTTPS; replaced at each reload.
+    pub tls: Option<Arc<crate::tls::ServerCertificate>>,
 }
 
 impl App {
-    pub fn new(config: Config, outbox: Outbox) -> Result<Arc<App>, UpstreamError> {
+    pub fn new(config: Config, outbox: Outbox) -> Result<Arc<App>, SetupError> {
         App::with_options(config, outbox, None, false)
     }
 
@@ -74,7 +86,7 @@ impl App {
         outbox: Outbox,
         path: Option<PathBuf>,
         dry_run: bool,
-    ) -> Result<Arc<App>, UpstreamError> {
+    ) -> Result<Arc<App>, SetupError> {
         let server = config.server.clone();
         let shared_store = outbox.shared;
         // Room for at least one body of the largest size accepted.
@@ -85,7 +97,15 @@ impl App {
                 rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft),
             )
         });
+        let tls = match &server.tls {
+            Some(files) => Some(crate::tls::ServerCertificate::new(
+                crate::tls::read_server_certificate(&files.cert, &files.key)
+                    .map_err(SetupError::Certificate)?,
+            )),
+            None => None,
+        };
         Ok(Arc::new(App {
+            tls,
             max_connections,
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
             runtime: ArcSwap::from_pointee(Runtime::new(config, outbox.shared_limits.clone())?),
@@ -145,9 +165,28 @@ impl App {
             Runtime::new(config, self.outbox.shared_limits.clone())
                 .map_err(|err| err.to_string())?,
         );
+        self.renew_certificate(&runtime.config.server);
         self.runtime.store(runtime.clone());
         self.reloads.send_modify(|count| *count += 1);
         Ok(runtime)
+    }
+
+    /// Serves the certificate files as they are now (a renewed certificate takes effect at
+    /// the reload certbot's hook or the file watch triggers). Turning HTTPS on or off waits
+    /// for the next start, as the listen address does.
+    fn renew_certificate(&self, server: &ServerConfig) {
+        match (&self.tls, &server.tls) {
+            (Some(current), Some(files)) => {
+                match crate::tls::read_server_certificate(&files.cert, &files.key) {
+                    Ok(key) => current.replace(key),
+                    Err(err) => tracing::error!(error = %err, "the listener keeps its certificate"),
+                }
+            }
+            (None, Some(_)) | (Some(_), None) => tracing::warn!(
+                "[server] tls_cert/tls_key changed whether the relay serves HTTPS; that takes effect at the next start"
+            ),
+            (None, None) => {}
+        }
     }
 
     /// Changes each time a reload swaps in a new configuration.

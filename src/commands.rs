@@ -243,6 +243,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|_| "unknown".into());
     tracing::info!(
         address = %bound,
+        https = app.tls.is_some(),
         config = %summary.config,
         files = summary.files,
         sources = %summary.sources,

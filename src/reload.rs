@@ -5,7 +5,8 @@
 //! in flight finish on the snapshot they started with. Changes are found by polling the
 //! files' sizes and modification times, which works the same on every file system
 //! (including network mounts and container volumes, where change notifications are not
-//! delivered). `[server]` settings (listen address, limits) apply at the next start.
+//! delivered). `[server]` settings (listen address, limits) apply at the next start, but
+//! for the listener's certificate, which is read again (and watched) like the rules.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +19,13 @@ use crate::app::App;
 /// What identifies the configuration's state on disk: each file's path, size and mtime.
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
-fn fingerprint(path: &Path) -> Fingerprint {
-    let files = crate::config::config_files(path).unwrap_or_default();
+/// The configuration files, and the listener's certificate and key, so that a certificate
+/// renewed on disk is served without a signal.
+fn fingerprint(path: &Path, app: &App) -> Fingerprint {
+    let mut files = crate::config::config_files(path).unwrap_or_default();
+    if let Some(tls) = &app.runtime().config.server.tls {
+        files.extend([tls.cert.clone(), tls.key.clone()]);
+    }
     files
         .into_iter()
         .map(|file| {
@@ -65,7 +71,7 @@ pub async fn watch(app: Arc<App>, poll: Duration, mut stop: watch::Receiver<bool
     let Some(path) = app.config_path().map(Path::to_owned) else {
         return;
     };
-    let mut last = fingerprint(&path);
+    let mut last = fingerprint(&path, &app);
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -84,13 +90,13 @@ pub async fn watch(app: Arc<App>, poll: Duration, mut stop: watch::Receiver<bool
             _ = stop.changed() => return,
             () = hangup_received => {
                 reload_now(&app, "SIGHUP");
-                last = fingerprint(&path);
+                last = fingerprint(&path, &app);
             }
             () = tokio::time::sleep(poll) => {
-                let now = fingerprint(&path);
+                let now = fingerprint(&path, &app);
                 if now != last {
-                    last = now;
-                    reload_now(&app, "a configuration file changed");
+                    reload_now(&app, "a configuration or certificate file changed");
+                    last = fingerprint(&path, &app);
                 }
             }
         }

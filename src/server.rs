@@ -40,6 +40,15 @@ pub async fn run(
         .header_read_timeout(app.server.read_timeout)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
+    // HTTPS when `[server] tls_cert` is set: each connection's handshake runs in its own
+    // task, within the read timeout, so a slow or silent client holds up no one else.
+    let handshake_within = app.server.read_timeout;
+    let acceptor = match &app.tls {
+        Some(certs) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            crate::tls::server_config(certs.clone()).map_err(std::io::Error::other)?,
+        ))),
+        None => None,
+    };
     let connections = crate::connections::Connections::new(app.max_connections);
     let mut refused_logged = Instant::now() - Duration::from_secs(1);
     tokio::pin!(shutdown);
@@ -95,10 +104,28 @@ pub async fn run(
                         Ok::<_, Infallible>(response)
                     }
                 });
-                let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                let watcher = graceful.watcher();
+                let http = http.clone();
+                let acceptor = acceptor.clone();
                 let task = tokio::spawn(async move {
                     let _guard = guard;
-                    if let Err(err) = connection.await {
+                    let served = match acceptor {
+                        None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(handshake_within, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => watcher.watch(http.serve_connection(TokioIo::new(tls), service)).await,
+                                Ok(Err(err)) => {
+                                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "no TLS handshake within the read timeout");
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    if let Err(err) = served {
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
                 });

@@ -679,7 +679,10 @@ fn the_shipped_examples_pass_check_with_the_variables_of_their_env_example() {
     let output = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(!stderr.contains("warning"), "the examples draw no warning: {stderr}");
+    assert!(
+        !stderr.contains("warning"),
+        "the examples draw no warning: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

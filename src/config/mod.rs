@@ -74,6 +74,16 @@ pub struct ServerConfig {
     pub read_timeout: Duration,
     /// Time allowed for in-flight requests to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// `tls_cert` and `tls_key`: serve HTTPS with this certificate chain and key (PEM),
+    /// read again at each reload.
+    pub tls: Option<ServerTls>,
+}
+
+/// The listener's certificate and key files, as configured (relative to the file's folder).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +97,7 @@ impl Default for ServerConfig {
             max_connections: None,
             read_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -184,6 +195,8 @@ struct RawServer {
     max_connections: Option<Spanned<i64>>,
     read_timeout: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -532,6 +545,7 @@ impl Builder {
                 problems,
                 |text| parse_duration(text).map_err(|err| format!("shutdown_timeout: {err}")),
             ),
+            tls: server_tls(raw.tls_cert, raw.tls_key, problems),
         };
         self.server = Some((server, origin));
     }
@@ -1068,6 +1082,38 @@ fn compile_upstream(
         coalesce,
         max_in_flight,
     })
+}
+
+/// `tls_cert` and `tls_key`: both or neither, relative to the file's folder, a chain and the
+/// key that goes with it.
+fn server_tls(
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    problems: &mut FileProblems<'_>,
+) -> Option<ServerTls> {
+    let (cert, key) = match (cert, key) {
+        (None, None) => return None,
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(only), None) | (None, Some(only)) => {
+            problems.at(
+                Some(only.span()),
+                "tls_cert and tls_key go together: the certificate chain and its private key (PEM)",
+            );
+            return None;
+        }
+    };
+    let span = cert.span();
+    let tls = ServerTls {
+        cert: problems.folder().join(cert.into_inner()),
+        key: problems.folder().join(key.into_inner()),
+    };
+    match crate::tls::read_server_certificate(&tls.cert, &tls.key) {
+        Ok(_) => Some(tls),
+        Err(err) => {
+            problems.at(Some(span), format!("tls_cert: {err}"));
+            None
+        }
+    }
 }
 
 /// A `ca_file` setting: a path relative to the folder of the file that names it, holding
