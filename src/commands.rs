@@ -462,7 +462,20 @@ fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
         let note = summary["note"].as_str().unwrap_or_default().to_owned();
         let first_error = summary["errors"][0]["error"].as_str();
         let no_events = summary["events"].as_array().is_none_or(Vec::is_empty);
-        return if let Some(error) = first_error {
+        let turned_away = &summary["turned_away"];
+        return if let Some(kind) = turned_away["as"].as_str() {
+            let mut reason = turned_away["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            match turned_away["not_recorded_before"].as_u64() {
+                Some(held) if held > 0 => {
+                    reason.push_str(&format!(" ({held} more since the previous record)"))
+                }
+                _ => {}
+            }
+            (kind.to_owned(), reason)
+        } else if let Some(error) = first_error {
             ("error".into(), error.to_owned())
         } else if row.event_type == "ping" || note.starts_with("ping") {
             ("ping".into(), note)

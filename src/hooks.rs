@@ -42,7 +42,18 @@ pub async fn handle(
         headers: &parts.headers,
         body,
     };
-    let (received, url_ref) = verify(app, runtime, source, parts, &request)?;
+    let (received, url_ref) = verify(app, source, parts, &request)?;
+    if let Err(refused) = check_source_limit(runtime, source, &received) {
+        turn_away(
+            app,
+            source,
+            parts,
+            &request,
+            &received,
+            TurnedAway::Refused(&refused),
+        );
+        return Err(refused);
+    }
     let (planned, unmatched) = plan(app, runtime, source, &received, url_ref.as_ref());
     let mut reply = reply(&source.name, &received);
     explain_unmatched(&mut reply, runtime, source, unmatched);
@@ -50,7 +61,17 @@ pub async fn handle(
     if !built.errors.is_empty() {
         reply["errors"] = Value::Array(built.errors);
     }
-    check_upstream_limits(runtime, &built.triggers)?;
+    if let Err(refused) = check_upstream_limits(runtime, &built.triggers) {
+        turn_away(
+            app,
+            source,
+            parts,
+            &request,
+            &received,
+            TurnedAway::Refused(&refused),
+        );
+        return Err(refused);
+    }
     let delivery = NewDelivery {
         source: source.name.clone(),
         delivery_id: received.delivery.clone(),
@@ -61,6 +82,16 @@ pub async fn handle(
         triggers: built.triggers,
     };
     let accepted = record(app, delivery).await?;
+    if matches!(accepted, Accepted::Duplicate { .. }) {
+        turn_away(
+            app,
+            source,
+            parts,
+            &request,
+            &received,
+            TurnedAway::Duplicate,
+        );
+    }
     Ok(answer(
         app,
         source,
@@ -71,11 +102,9 @@ pub async fn handle(
     ))
 }
 
-/// Checks the signature, the URL's `?ref=` and the source's rejecting limit; reads the
-/// webhook into its events.
+/// Checks the signature and the URL's `?ref=`; reads the webhook into its events.
 fn verify(
     app: &App,
-    runtime: &Runtime,
     source: &sources::SourceConfig,
     parts: &http::request::Parts,
     request: &WebhookRequest<'_>,
@@ -95,6 +124,15 @@ fn verify(
             ApiError::BadUrlRef(reason)
         })?;
     }
+    Ok((received, url_ref))
+}
+
+/// The source's limit, when it rejects what is over it.
+fn check_source_limit(
+    runtime: &Runtime,
+    source: &sources::SourceConfig,
+    received: &Received,
+) -> Result<(), ApiError> {
     if let Some(limiter) = runtime.limits.source(&source.name)
         && limiter.limit.on_limit == crate::limits::OnLimit::Reject
         && let Err(refused) = limiter.check(&source.name)
@@ -102,7 +140,60 @@ fn verify(
         tracing::warn!(source = %source.name, delivery = %received.delivery, limit = %limiter.name, ?refused, "webhook not admitted by its limit");
         return Err(ApiError::limited(&limiter.name, refused));
     }
-    Ok((received, url_ref))
+    Ok(())
+}
+
+/// Why a webhook was answered without queuing anything, for its record.
+enum TurnedAway<'a> {
+    Duplicate,
+    Refused(&'a ApiError),
+}
+
+/// Records a webhook that was refused by a limit (with its body, so `replay --replan` can
+/// run it later) or that repeated a delivery id (without), as a delivery of its own
+/// (`ID~refused-…`, `ID~duplicate-…`) that queues nothing, so `deliveries` shows it. At
+/// most one a second per source and kind is recorded, saying how many were not: a flood
+/// must not become a flood of writes.
+fn turn_away(
+    app: &App,
+    source: &sources::SourceConfig,
+    parts: &http::request::Parts,
+    request: &WebhookRequest<'_>,
+    received: &Received,
+    why: TurnedAway<'_>,
+) {
+    let (kind, reason) = match why {
+        TurnedAway::Duplicate => (
+            "duplicate",
+            format!(
+                "delivery {} was received before; this one was acknowledged and queued nothing",
+                received.delivery
+            ),
+        ),
+        TurnedAway::Refused(err) => ("refused", err.to_string()),
+    };
+    let Some(not_recorded) = app.turned_away.allow(&source.name, kind) else {
+        return;
+    };
+    let mut summary = reply(&source.name, received);
+    summary["turned_away"] = json!({
+        "as": kind,
+        "reason": reason,
+        "not_recorded_before": not_recorded,
+    });
+    let body = match kind {
+        "refused" => sources::storable_body(source, request),
+        _ => Bytes::new(),
+    };
+    app.outbox.note(NewDelivery {
+        source: source.name.clone(),
+        delivery_id: format!("{}~{kind}-{}", received.delivery, crate::outbox::now_ms()),
+        event_type: received.event_type.clone(),
+        headers: stored_headers(&parts.headers, source),
+        body: crate::store::StoredBody::encode(body),
+        summary: summary.to_string(),
+        triggers: Vec::new(),
+    });
 }
 
 /// Most rules listed, with their reasons, for an event no rule matched.

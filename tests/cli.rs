@@ -922,6 +922,17 @@ async fn why_nothing_ran_then_replan_then_cancel() {
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
+    // The sender redelivers: acknowledged, nothing queued, and recorded as a duplicate.
+    let again = signed_github(
+        &url,
+        "s3cret-for-the-tests",
+        "push",
+        "8f3e2a10-first",
+        "github/push_tag.json",
+    )
+    .await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["duplicate"], true);
 
     // `deliveries` says which is which, with full ids, and filters.
     let table = |args: &[&str]| {
@@ -938,17 +949,30 @@ async fn why_nothing_ran_then_replan_then_cancel() {
     let shown = table(&["--status", "none"]);
     let unmatched = shown
         .lines()
-        .find(|l| l.contains("8f3e2a10-first"))
+        .find(|l| l.split_whitespace().nth(3) == Some("8f3e2a10-first"))
         .unwrap_or_else(|| panic!("{shown}"));
     assert!(
         unmatched.contains("no match") && unmatched.contains("releases: refs:"),
-        "{shown}"
+        "{unmatched:?} in {shown}"
     );
     let ping = shown
         .lines()
         .find(|l| l.contains("8f3e2a10-ping"))
         .unwrap_or_else(|| panic!("{shown}"));
     assert!(ping.contains(" ping "), "{shown}");
+    let mut duplicates = String::new();
+    for _ in 0..100 {
+        duplicates = table(&["--status", "duplicate"]);
+        if duplicates.contains("8f3e2a10-first~duplicate-") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        duplicates.contains(" duplicate ")
+            && duplicates.contains("delivery 8f3e2a10-first was received before"),
+        "{duplicates}"
+    );
     assert!(table(&["--kind", "gateway"]).contains("no deliveries match"));
     assert!(table(&["--source", "github", "--delivery", "8f3e2a10-f"]).contains("8f3e2a10-first"));
     assert!(!table(&["--since", "1h", "--delivery", "8f3e2a10-f"]).contains("no deliveries match"));
@@ -975,7 +999,7 @@ async fn why_nothing_ran_then_replan_then_cancel() {
     assert_eq!(output.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&output.stderr)
-            .contains("\"8f3e2a10\" is the start of 2 delivery ids"),
+            .contains("\"8f3e2a10\" is the start of 3 delivery ids"),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );

@@ -1105,7 +1105,7 @@ async fn a_relay_whose_configuration_lacks_the_upstream_leaves_the_trigger_for_o
     b.wait_for("left for a relay (or a reload) whose configuration can send it");
     let mut a = relay(newer.path(), 0);
     a.address();
-    eventually(Duration::from_secs(20), "both triggers sent", || {
+    eventually(Duration::from_secs(40), "both triggers sent", || {
         let received = upstream.received();
         let to = |project: &str| {
             received

@@ -164,6 +164,40 @@ async fn a_source_that_rejects_answers_429_once_over_its_rate() {
             .unwrap()
             .contains("[source.github] limit.rate (1/min)")
     );
+    // Recorded, with its body, so `deliveries` shows it and `replay --replan` can run it;
+    // the next refusals within the second are only counted.
+    for i in 3..6 {
+        assert_eq!(push(&relay, &format!("r-{i}")).await.status, 429);
+    }
+    let store = hookrelay::store::StoreLocation::Folder(relay.state());
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        rows = hookrelay::outbox::list(
+            &store,
+            &hookrelay::outbox::ListFilter {
+                state: Some(hookrelay::outbox::StateFilter::Refused),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rows.len(), 1, "one record a second: {rows:#?}");
+    assert!(rows[0].delivery_id.starts_with("r-2~refused-"), "{rows:#?}");
+    let summary: serde_json::Value = serde_json::from_str(&rows[0].summary).unwrap();
+    assert_eq!(summary["turned_away"]["as"], "refused");
+    assert!(
+        summary["turned_away"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("limit.rate (1/min)")
+    );
+    let stored = hookrelay::outbox::stored_webhook(&store, &rows[0].delivery_id).unwrap();
+    assert!(!stored.body.is_empty(), "the body is kept for a replan");
 }
 
 #[tokio::test]

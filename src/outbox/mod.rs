@@ -365,6 +365,20 @@ fn resolve_delivery(engine: &mut dyn Engine, text: &str) -> Result<String, Engin
     if ids.iter().any(|id| id == text) {
         return Ok(text.to_owned());
     }
+    // A webhook and the records named after it (`ID~duplicate-…`, `ID~replan-…`): the
+    // start of the webhook's id means the webhook.
+    let originals: Vec<&String> = ids
+        .iter()
+        .filter(|id| match id.split_once('~') {
+            Some((base, _)) => !ids.iter().any(|other| other == base),
+            None => true,
+        })
+        .collect();
+    if let [only] = originals.as_slice()
+        && !only.contains('~')
+    {
+        return Ok((*only).clone());
+    }
     match ids.as_slice() {
         [] => Err(EngineError::refused(format!(
             "no delivery {text:?} in the store"

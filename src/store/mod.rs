@@ -432,8 +432,12 @@ pub enum StateFilter {
     Sent,
     Failed,
     Cancelled,
-    /// Deliveries that queued no trigger (no match, ping, not handled).
+    /// Deliveries that queued no trigger (no match, ping, not handled, duplicate, refused).
     None,
+    /// Webhooks that repeated a delivery id (recorded at most once a second per source).
+    Duplicate,
+    /// Webhooks a limit refused (recorded at most once a second per source).
+    Refused,
 }
 
 /// A value bound to a filter's placeholder.
@@ -475,6 +479,12 @@ impl ListFilter {
         }
         match self.state {
             Some(StateFilter::None) => conditions.push("t.id IS NULL".into()),
+            Some(StateFilter::Duplicate) => {
+                conditions.push("t.id IS NULL AND d.delivery_id LIKE '%~duplicate-%'".into())
+            }
+            Some(StateFilter::Refused) => {
+                conditions.push("t.id IS NULL AND d.delivery_id LIKE '%~refused-%'".into())
+            }
             Some(StateFilter::Retrying) => {
                 conditions.push("t.state = 'queued' AND t.attempts > 0".into())
             }
@@ -485,7 +495,10 @@ impl ListFilter {
                     StateFilter::Sent => "sent",
                     StateFilter::Failed => "failed",
                     StateFilter::Cancelled => "cancelled",
-                    StateFilter::Retrying | StateFilter::None => unreachable!("handled above"),
+                    StateFilter::Retrying
+                    | StateFilter::None
+                    | StateFilter::Duplicate
+                    | StateFilter::Refused => unreachable!("handled above"),
                 };
                 conditions.push(format!("t.state = '{name}'"));
             }
