@@ -43,17 +43,19 @@ pub async fn handle(
         body,
     };
     let (received, url_ref) = verify(app, source, parts, &request)?;
-    if let Err(refused) = check_source_limit(runtime, source, &received) {
+    // A webhook a limit refuses is recorded as such (and the refusal answered).
+    let refused = |err: ApiError| {
         turn_away(
             app,
             source,
             parts,
             &request,
             &received,
-            TurnedAway::Refused(&refused),
+            TurnedAway::Refused(&err),
         );
-        return Err(refused);
-    }
+        err
+    };
+    check_source_limit(runtime, source, &received).map_err(refused)?;
     let (planned, unmatched) = plan(app, runtime, source, &received, url_ref.as_ref());
     let mut reply = reply(&source.name, &received);
     explain_unmatched(&mut reply, runtime, source, unmatched);
@@ -61,17 +63,7 @@ pub async fn handle(
     if !built.errors.is_empty() {
         reply["errors"] = Value::Array(built.errors);
     }
-    if let Err(refused) = check_upstream_limits(runtime, &built.triggers) {
-        turn_away(
-            app,
-            source,
-            parts,
-            &request,
-            &received,
-            TurnedAway::Refused(&refused),
-        );
-        return Err(refused);
-    }
+    check_upstream_limits(runtime, &built.triggers).map_err(refused)?;
     let delivery = NewDelivery {
         source: source.name.clone(),
         delivery_id: received.delivery.clone(),

@@ -411,17 +411,17 @@ pub fn stored_webhook(
         })
 }
 
-/// Records a delivery from outside the server (`replay --replan`); a running relay sends
-/// its triggers within a second.
-pub fn accept_offline(
+/// Runs `op` in one committed transaction on the store, from outside the server (the
+/// commands); a running relay sees what it changed within a second.
+fn offline<T>(
     location: &StoreLocation,
-    delivery: &NewDelivery,
-) -> Result<Accepted, StoreError> {
+    op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError>,
+) -> Result<T, StoreError> {
     let mut engine = open_existing(location)?;
     let result = (|| {
         engine.begin(true)?;
-        match engine.insert_delivery(delivery, now_ms()) {
-            Ok(accepted) => engine.commit().map(|()| accepted),
+        match op(engine.as_mut()) {
+            Ok(done) => engine.commit().map(|()| done),
             Err(err) => {
                 engine.rollback();
                 Err(err)
@@ -429,6 +429,16 @@ pub fn accept_offline(
         }
     })();
     result.map_err(|err| StoreError::from_engine(location.describe(), err))
+}
+
+/// Records a delivery from outside the server (`replay --replan`).
+pub fn accept_offline(
+    location: &StoreLocation,
+    delivery: &NewDelivery,
+) -> Result<Accepted, StoreError> {
+    offline(location, |engine| {
+        engine.insert_delivery(delivery, now_ms())
+    })
 }
 
 /// Stops waiting triggers from outside the server (`hookrelay cancel`); a running relay
@@ -437,45 +447,22 @@ pub fn cancel_offline(
     location: &StoreLocation,
     target: &CancelTarget,
 ) -> Result<Vec<i64>, StoreError> {
-    let mut engine = open_existing(location)?;
-    let result = (|| {
-        engine.begin(true)?;
-        match engine.cancel(target, now_ms()) {
-            Ok(ids) => engine.commit().map(|()| ids),
-            Err(err) => {
-                engine.rollback();
-                Err(err)
-            }
-        }
-    })();
-    result.map_err(|err| StoreError::from_engine(location.describe(), err))
+    offline(location, |engine| engine.cancel(target, now_ms()))
 }
 
-/// Re-queues from outside the server (`hookrelay replay`); a running server picks it up.
+/// Re-queues from outside the server (`hookrelay replay`); a delivery may be named by a
+/// unique start of its id.
 pub fn replay_offline(
     location: &StoreLocation,
     target: &ReplayTarget,
 ) -> Result<Vec<i64>, StoreError> {
-    let mut engine = open_existing(location)?;
-    let target = match target {
-        ReplayTarget::Delivery(text) => ReplayTarget::Delivery(
-            resolve_delivery(engine.as_mut(), text)
-                .map_err(|err| StoreError::from_engine(location.describe(), err))?,
-        ),
-        other => other.clone(),
-    };
-    let result = (|| {
-        engine.begin(true)?;
-        let ids = engine.replay(&target, now_ms());
-        match ids {
-            Ok(ids) => engine.commit().map(|()| ids),
-            Err(err) => {
-                engine.rollback();
-                Err(err)
-            }
-        }
-    })();
-    result.map_err(|err| StoreError::from_engine(location.describe(), err))
+    offline(location, |engine| {
+        let target = match target {
+            ReplayTarget::Delivery(text) => ReplayTarget::Delivery(resolve_delivery(engine, text)?),
+            other => other.clone(),
+        };
+        engine.replay(&target, now_ms())
+    })
 }
 
 /// Says each kind of failure at most once a second, with how many were not said.
