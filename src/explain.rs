@@ -104,7 +104,7 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
                 Some(stored.source),
                 stored.headers,
                 stored.body,
-                format!("delivery {id}"),
+                format!("delivery {}", stored.delivery_id),
             )
         }
         (None, Some(payload)) => {

@@ -88,10 +88,14 @@ fn left_for_another_configuration(
         delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project, %reason,
         "trigger left for a relay (or a reload) whose configuration can send it"
     );
+    // Every relay looks for due work once a [`POLL`]; without a random offset the relay
+    // whose poll happens to come first after the due time would take it back every time,
+    // and a relay that can send it might never get it.
+    let offset = fastrand::i64(0..POLL.as_millis() as i64);
     outbox.record(
         due.lease,
         Recorded::Deferred {
-            due_at: now_ms() + OTHER_CONFIGURATION.as_millis() as i64,
+            due_at: now_ms() + OTHER_CONFIGURATION.as_millis() as i64 + offset,
             reason: format!("this relay's configuration cannot send it: {reason}"),
         },
     );
