@@ -1105,8 +1105,8 @@ async fn a_relay_whose_configuration_lacks_the_upstream_leaves_the_trigger_for_o
     b.wait_for("left for a relay (or a reload) whose configuration can send it");
     let mut a = relay(newer.path(), 0);
     a.address();
-    // Each 5–6 s offer goes to whichever relay looks first (a fair draw, thanks to the
-    // random offset): A gets it within a few offers.
+    // Each offer (every 5 s) goes to whichever relay looks first; relays look at random
+    // moments, so A gets it within a few offers.
     eventually(Duration::from_secs(60), "both triggers sent", || {
         let received = upstream.received();
         let to = |project: &str| {

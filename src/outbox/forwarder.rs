@@ -88,14 +88,10 @@ fn left_for_another_configuration(
         delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project, %reason,
         "trigger left for a relay (or a reload) whose configuration can send it"
     );
-    // Every relay looks for due work once a [`POLL`]; without a random offset the relay
-    // whose poll happens to come first after the due time would take it back every time,
-    // and a relay that can send it might never get it.
-    let offset = fastrand::i64(0..POLL.as_millis() as i64);
     outbox.record(
         due.lease,
         Recorded::Deferred {
-            due_at: now_ms() + OTHER_CONFIGURATION.as_millis() as i64 + offset,
+            due_at: now_ms() + OTHER_CONFIGURATION.as_millis() as i64,
             reason: format!("this relay's configuration cannot send it: {reason}"),
         },
     );
@@ -158,7 +154,13 @@ pub async fn run(
                     store_backoff = Duration::ZERO;
                     // Replays made by another process (`hookrelay replay`) are seen
                     // within a poll.
-                    let poll = now_ms() + POLL.as_millis() as i64;
+                    // Half a poll either way, so that relays sharing a store do not look in
+                    // lockstep (the one whose look came first would always win the race
+                    // for work that falls due).
+                    let poll = now_ms()
+                        + fastrand::i64(
+                            POLL.as_millis() as i64 / 2..POLL.as_millis() as i64 * 3 / 2,
+                        );
                     claim_at = if batch.due.len() == free {
                         // More may be due already: look again once a worker is free.
                         now_ms()
