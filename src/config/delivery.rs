@@ -1,0 +1,70 @@
+//! `[delivery]`: how the outbox retries and how long it keeps records.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{FileProblems, parse_duration, typed};
+
+/// `[delivery]`: how the outbox retries and how long it keeps records.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeliveryConfig {
+    pub retry: crate::outbox::retry::RetryPolicy,
+    /// Deliveries (and their delivery ids, for duplicates) are kept this long.
+    pub retention: Duration,
+    /// Sends in flight at once.
+    pub workers: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry: crate::outbox::retry::RetryPolicy::default(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            workers: 8,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDelivery {
+    retry_base: Option<Spanned<String>>,
+    retry_cap: Option<Spanned<String>>,
+    max_age: Option<Spanned<String>>,
+    retention: Option<Spanned<String>>,
+    workers: Option<Spanned<u32>>,
+}
+
+/// Compiles `[delivery]`, with the defaults for what it leaves out.
+pub(super) fn compile(raw: RawDelivery, problems: &mut FileProblems<'_>) -> DeliveryConfig {
+    let defaults = DeliveryConfig::default();
+    let duration = |field: Option<Spanned<String>>,
+                    default: Duration,
+                    key: &str,
+                    problems: &mut FileProblems<'_>| {
+        typed(field, default, problems, |text| {
+            parse_duration(text).map_err(|err| format!("delivery.{key}: {err}"))
+        })
+    };
+    let retry = crate::outbox::retry::RetryPolicy {
+        base: duration(raw.retry_base, defaults.retry.base, "retry_base", problems),
+        cap: duration(raw.retry_cap, defaults.retry.cap, "retry_cap", problems),
+        max_age: duration(raw.max_age, defaults.retry.max_age, "max_age", problems),
+    };
+    let retention = duration(raw.retention, defaults.retention, "retention", problems);
+    let workers = match raw.workers {
+        Some(w) if *w.get_ref() == 0 || *w.get_ref() > 256 => {
+            problems.at(Some(w.span()), "delivery.workers must be between 1 and 256");
+            defaults.workers
+        }
+        Some(w) => *w.get_ref() as usize,
+        None => defaults.workers,
+    };
+    DeliveryConfig {
+        retry,
+        retention,
+        workers,
+    }
+}

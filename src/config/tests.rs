@@ -1,0 +1,572 @@
+//! The configuration loader's tests: every section, every problem, with its line.
+
+use super::*;
+
+fn load_text(files: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Config, Problems> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let prefix = format!("{}/", dir.path().display());
+    load_with_env(dir.path(), &lookup).map_err(|problems| {
+        // Strip the temporary folder so messages compare stably.
+        Problems(
+            problems
+                .0
+                .into_iter()
+                .map(|mut p| {
+                    p.file = PathBuf::from(p.file.file_name().unwrap());
+                    p.message = p.message.replace(&prefix, "");
+                    p
+                })
+                .collect(),
+        )
+    })
+}
+
+fn messages(result: Result<Config, Problems>) -> Vec<String> {
+    result
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn a_complete_configuration() {
+    let config = load_text(
+        &[(
+            "a.toml",
+            r#"
+[server]
+listen = "127.0.0.1:9000"
+max_body = "1MiB"
+
+[upstream.gitlab]
+url = "https://gitlab.example.com/"
+timeout = "10s"
+
+[gateway]
+upstream = "gitlab"
+"#,
+        )],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.server.listen.to_string(), "127.0.0.1:9000");
+    assert_eq!(config.server.max_body, 1 << 20);
+    let upstream = &config.upstreams["gitlab"];
+    assert_eq!(upstream.url.to_string(), "https://gitlab.example.com/");
+    assert_eq!(upstream.timeout, Duration::from_secs(10));
+    let gateway = config.gateway.unwrap();
+    assert_eq!(gateway.upstream, "gitlab");
+    assert_eq!(gateway.per_project, None);
+    assert_eq!(upstream.per_project, default_per_project());
+}
+
+#[test]
+fn every_problem_in_every_file_with_its_line() {
+    let problems = messages(load_text(
+        &[
+            (
+                "a.toml",
+                "[server]\nlisten = \"nowhere\"\nmax_body = \"lots\"\n",
+            ),
+            (
+                "b.toml",
+                "[upstream.gitlab]\nurl = \"ftp://x\"\ncolour = \"red\"\n\n[gateway]\nupstream = \"gitlab\"\n",
+            ),
+            (
+                "c.toml",
+                "[upstream.other]\nurl = \"https://x\"\n[gateway]\nupstream = \"nope\"\n[mystery]\n",
+            ),
+        ],
+        &[],
+    ));
+    assert_eq!(problems.len(), 6, "{problems:#?}");
+    let expected = [
+        "a.toml:2: listen: \"nowhere\" is not an address",
+        "a.toml:3: max_body:",
+        "b.toml:3: unknown field `colour`",
+        "b.toml:5: [gateway] upstream = \"gitlab\" names no [upstream.gitlab]",
+        "c.toml:3: [gateway] is already defined at",
+        "c.toml:5: unknown section `mystery`",
+    ];
+    for (problem, expected) in problems.iter().zip(expected) {
+        assert!(
+            problem.starts_with(expected),
+            "{problem:?} should start with {expected:?}"
+        );
+    }
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let problems = messages(load_text(&[("a.toml", "[server]\nlisten = \n")], &[]));
+    assert!(problems[0].starts_with("a.toml:2: "), "{problems:?}");
+}
+
+#[test]
+fn environment_overrides_the_upstream_url_and_is_validated() {
+    let file = [(
+        "a.toml",
+        "[upstream.my-gitlab]\nurl = \"https://a.example\"\n",
+    )];
+    let config = load_text(
+        &file,
+        &[("HOOKRELAY_UPSTREAM_MY_GITLAB_URL", "http://127.0.0.1:1")],
+    )
+    .unwrap();
+    assert_eq!(
+        config.upstreams["my-gitlab"].url.to_string(),
+        "http://127.0.0.1:1/"
+    );
+    let problems = messages(load_text(
+        &file,
+        &[("HOOKRELAY_UPSTREAM_MY_GITLAB_URL", "nope")],
+    ));
+    assert!(
+        problems[0].contains("(from HOOKRELAY_UPSTREAM_MY_GITLAB_URL)"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn gateway_defaults_to_the_only_upstream() {
+    let config = load_text(
+        &[("a.toml", "[upstream.gl]\nurl = \"https://x\"\n[gateway]\n")],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(config.gateway.unwrap().upstream, "gl");
+    let problems = messages(load_text(&[("a.toml", "[gateway]\n")], &[]));
+    assert!(
+        problems[0].contains("needs an [upstream.NAME]"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn duplicate_upstreams_across_files() {
+    let problems = messages(load_text(
+        &[
+            ("a.toml", "[upstream.gl]\nurl = \"https://x\"\n"),
+            ("b.toml", "\n[upstream.gl]\nurl = \"https://y\"\n"),
+        ],
+        &[],
+    ));
+    assert_eq!(
+        problems,
+        ["b.toml:2: [upstream.gl] is already defined at a.toml:1"]
+    );
+}
+
+#[test]
+fn an_empty_folder_is_a_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let problems = load(dir.path()).unwrap_err();
+    assert!(problems.to_string().contains("contains no *.toml files"));
+}
+
+#[test]
+fn sources_resolve_their_secrets_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("gh-secret");
+    std::fs::write(&secret, "s3cret-s3cret-s3cret\n").unwrap();
+    let text = format!(
+        "[source.gh]\nprovider = \"github\"\nsecret = \"file:{}\"\n[source.gl]\nprovider = \"gitlab\"\nsecret = \"env:GL_TOKEN\"\nsigning_secret = \"env:GL_SIGNING\"\n",
+        secret.display()
+    );
+    let config = load_text(
+        &[("a.toml", &text)],
+        &[
+            ("GL_TOKEN", "a-gitlab-token-of-32-characters!"),
+            ("GL_SIGNING", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ],
+    );
+    let config = config.unwrap();
+    assert_eq!(
+        config.sources["gh"].secret.as_ref().unwrap().expose(),
+        "s3cret-s3cret-s3cret"
+    );
+    assert_eq!(
+        config.sources["gl"].secret.as_ref().unwrap().expose(),
+        "a-gitlab-token-of-32-characters!"
+    );
+    // Too short, or only whitespace: refused where it is configured.
+    for (value, expected) in [
+        (
+            "short",
+            "the secret is 5 bytes; a webhook secret needs at least 16",
+        ),
+        ("                    ", "the secret is only whitespace"),
+    ] {
+        let problems = messages(load_text(
+            &[("a.toml", &text)],
+            &[
+                ("GL_TOKEN", value),
+                ("GL_SIGNING", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ],
+        ));
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(
+            problems[0].starts_with("a.toml:6: source.gl.secret: ")
+                && problems[0].contains(expected),
+            "{problems:?}"
+        );
+    }
+    assert!(config.sources["gl"].signing_key.is_some());
+    let problems = messages(load_text(&[("a.toml", &text)], &[]));
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems[0].starts_with(
+            "a.toml:6: source.gl.secret (env:GL_TOKEN): environment variable GL_TOKEN is not set"
+        ),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn source_problems_are_specific() {
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            r#"[source.a]
+provider = "githab"
+
+[source.b]
+provider = "github"
+secret = "hunter2"
+
+[source.c]
+provider = "gitlab"
+allow_sha1 = true
+secret = "file:/nonexistent/secret"
+
+[source.d]
+provider = "gitea"
+
+[source.e]
+provider = "generic"
+signature = { scheme = "token" }
+secret = "file:/nonexistent/secret"
+
+[source."bad name"]
+provider = "github"
+allow_unsigned = true
+"#,
+        )],
+        &[],
+    ));
+    let expected = [
+        "a.toml:2: source.a.provider: \"githab\" is not one of",
+        "a.toml:6: source.b.secret: a secret must be written `env:NAME` or `file:PATH`",
+        "a.toml:10: source.c.allow_sha1 applies only to provider github, not gitlab",
+        "a.toml:11: source.c.secret (file:/nonexistent/secret): cannot read secret file",
+        "a.toml:14: source.d has no way to check who sent a webhook",
+        "a.toml:18: source.e.signature: a token needs `header",
+        "a.toml:19: source.e.secret (file:/nonexistent/secret): cannot read secret file",
+        "a.toml:21: source name \"bad name\" may use only",
+    ];
+    for (problem, expected) in problems.iter().zip(expected) {
+        assert!(
+            problem.starts_with(expected),
+            "{problem:?} should start with {expected:?}"
+        );
+    }
+    assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+}
+
+#[test]
+fn unsigned_sources_must_say_so() {
+    let config = load_text(
+        &[(
+            "a.toml",
+            "[source.open]\nprovider = \"bitbucket-server\"\nallow_unsigned = true\n",
+        )],
+        &[],
+    )
+    .unwrap();
+    assert!(config.sources["open"].allow_unsigned);
+}
+
+#[test]
+fn rule_names_are_unique_across_files() {
+    let rule = "[[rule]]\nname = \"x\"\nschedule = \"0 * * * *\"\n[rule.trigger]\nproject = \"9\"\nref = \"main\"\ntoken = \"env:T\"\n";
+    let problems = messages(load_text(
+        &[
+            (
+                "a.toml",
+                &format!("[upstream.gl]\nurl = \"https://x\"\n{rule}"),
+            ),
+            ("b.toml", rule),
+        ],
+        &[("T", "glptt-x")],
+    ));
+    assert_eq!(
+        problems,
+        ["b.toml:1: rule name \"x\" is already used at a.toml:3"]
+    );
+}
+
+#[test]
+fn limits_are_checked_where_they_are_written() {
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            "[upstream.gl]\nurl = \"https://x\"\nlimit = { per_project = \"fast\" }\n\n\
+             [gateway]\nlimit = { rate = \"1/s\" }\ntrusted_proxies = [\"proxy\"]\n\n\
+             [source.s]\nprovider = \"github\"\nallow_unsigned = true\nlimit = { rate = \"2/min\", on_limit = \"later\" }\n",
+        )],
+        &[],
+    ));
+    let expected = [
+        "a.toml:3: [upstream.gl] limit.per_project: \"fast\" is not a rate",
+        "a.toml:5: [gateway] limit.rate is not a setting here; use per_project, per_client, per_token",
+        "a.toml:5: [gateway] trusted_proxies: \"proxy\" is not an IP address or network",
+        "a.toml:12: [source.s] limit.on_limit: \"later\" is not \"reject\" or \"queue\"",
+    ];
+    assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    for (problem, expected) in problems.iter().zip(expected) {
+        assert!(
+            problem.starts_with(expected),
+            "{problem:?} should start with {expected:?}"
+        );
+    }
+}
+
+#[test]
+fn upstream_urls() {
+    assert!(parse_upstream_url("https://gitlab.com").is_ok());
+    assert_eq!(
+        parse_upstream_url("https://x.org/gitlab/")
+            .unwrap()
+            .to_string(),
+        "https://x.org/gitlab"
+    );
+    assert!(parse_upstream_url("gitlab.com").is_err());
+    assert!(parse_upstream_url("https://x.org/?a=1").is_err());
+}
+
+#[test]
+fn the_store_is_checked_where_it_is_written_and_never_shows_a_password() {
+    let upstream = "[upstream.gitlab]\nurl = \"https://gitlab.example\"\ntimeout = \"30s\"\n";
+    let found = messages(load_text(
+        &[
+            ("a.toml", upstream),
+            (
+                "store.toml",
+                "[store]\nurl = \"postgres://hr:hunter2@db/hr\"\nlease = \"10s\"\npassword = \"hunter2\"\n",
+            ),
+        ],
+        &[],
+    ));
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(
+        found[0].starts_with("store.toml:2: store.url: a password does not belong in a file"),
+        "{found:#?}"
+    );
+    assert!(
+        found[1].starts_with("store.toml:4: store.password: a secret must be written"),
+        "{found:#?}"
+    );
+    assert!(found.iter().all(|m| !m.contains("hunter2")), "{found:#?}");
+
+    let found = messages(load_text(
+        &[
+            ("a.toml", upstream),
+            (
+                "store.toml",
+                "[store]\nurl = \"postgres://hr@db/hr\"\nlease = \"10s\"\n",
+            ),
+        ],
+        &[],
+    ));
+    assert!(found[0].starts_with("store.toml:1: store.lease (10s) must be at least 1s longer than upstream.gitlab.timeout (30s)"), "{found:#?}");
+
+    let found = messages(load_text(
+        &[
+            ("a.toml", upstream),
+            ("store.toml", "[store]\nurl = \"mysql://db/hr\"\n"),
+        ],
+        &[],
+    ));
+    assert!(found[0].contains("is not a PostgreSQL URL"), "{found:#?}");
+
+    // The environment may carry the password, and sets the URL without a [store].
+    let config = load_text(
+        &[("a.toml", upstream)],
+        &[("HOOKRELAY_STORE_URL", "postgres://hr:hunter2@db/hr")],
+    )
+    .unwrap();
+    let store = config.store.unwrap();
+    assert_eq!(store.describe(), "postgres://hr:…@db/hr");
+    assert!(!format!("{store:?}").contains("hunter2"), "{store:?}");
+    let config = load_text(
+        &[
+            ("a.toml", upstream),
+            (
+                "store.toml",
+                "[store]\nurl = \"postgres://hr@db/hr\"\npassword = \"env:DB_PASSWORD\"\n",
+            ),
+        ],
+        &[("DB_PASSWORD", "hunter2")],
+    )
+    .unwrap();
+    assert_eq!(
+        config.store.unwrap().lease,
+        crate::store::postgres::DEFAULT_LEASE
+    );
+    let found = messages(load_text(
+        &[
+            ("a.toml", upstream),
+            (
+                "store.toml",
+                "[store]\nurl = \"postgres://hr@db/hr\"\npassword = \"env:DB_PASSWORD\"\n",
+            ),
+        ],
+        &[],
+    ));
+    assert!(
+        found[0].contains(
+            "store.password (env:DB_PASSWORD): environment variable DB_PASSWORD is not set"
+        ),
+        "{found:#?}"
+    );
+}
+
+const GITHUB_AND_GITLAB: &str = "[upstream.gitlab]\nurl = \"https://gitlab.example.com\"\n\
+    [source.github]\nprovider = \"github\"\nsecret = \"env:S\"\n\
+    [source.other]\nprovider = \"generic\"\nsignature = { scheme = \"token\", header = \"X-Token\" }\nsecret = \"env:S\"\n";
+const SECRETS: &[(&str, &str)] = &[("S", "0123456789abcdef0123"), ("T", "glptt-0123456789")];
+
+fn warnings(config: &Config) -> Vec<String> {
+    config
+        .warnings
+        .iter()
+        .map(|w| {
+            format!(
+                "{}:{}: {}",
+                w.file.file_name().unwrap().to_string_lossy(),
+                w.line.unwrap(),
+                w.message
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn rules_that_cannot_match_are_warned_about_and_still_load() {
+    let rules = r#"[[rule]]
+name = "full-refs"
+source = "github"
+refs = ["refs/heads/main", "v*"]
+refs_exclude = "refs/tags/v0*"
+[rule.trigger]
+project = "acme%2Fapp-a"
+ref = "release%2F1.0"
+token = "env:T"
+
+[[rule]]
+name = "url"
+source = "github"
+repository = ["https://github.com/acme/app", "acme/app.git"]
+events = ["delete"]
+[rule.trigger]
+project = "acme/app"
+token = "env:T"
+"#;
+    let config = load_text(&[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)], SECRETS).unwrap();
+    let found = warnings(&config);
+    let expected = [
+        "b.toml:4: rule \"full-refs\": refs: \"refs/heads/main\" is a full ref name, but refs are matched by their short name (`main`, `v1.2`), so it never matches; write \"main\"",
+        "b.toml:5: rule \"full-refs\": refs_exclude: \"refs/tags/v0*\" is a full ref name",
+        "b.toml:7: rule \"full-refs\": project \"acme%2Fapp-a\" looks URL-encoded; hookrelay encodes it when sending, so it would reach GitLab encoded twice; write \"acme/app-a\"",
+        "b.toml:8: rule \"full-refs\": ref \"release%2F1.0\" looks URL-encoded",
+        "b.toml:14: rule \"url\": repository: \"https://github.com/acme/app\" never matches",
+        "b.toml:14: rule \"url\": repository: \"acme/app.git\" never matches",
+        "b.toml:17: rule \"url\": the rule reacts to `delete` but its trigger has no `ref`",
+    ];
+    for (warning, expected) in found.iter().zip(expected) {
+        assert!(
+            warning.starts_with(expected),
+            "{warning:?} should start with {expected:?}"
+        );
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+}
+
+#[test]
+fn a_table_defined_twice_suggests_an_array_of_tables() {
+    let rules = "[[rule]]\nname = \"r\"\nsource = \"github\"\n[rule.trigger]\nproject = \"a/b\"\ntoken = \"env:T\"\n\
+        [rule.trigger]\nproject = \"a/c\"\ntoken = \"env:T\"\n[rule.trigger]  # third\nproject = \"a/d\"\ntoken = \"env:T\"\n";
+    let found = messages(load_text(
+        &[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)],
+        SECRETS,
+    ));
+    assert_eq!(
+        found,
+        [
+            "b.toml:7: table [rule.trigger] is defined twice; for several, write [[rule.trigger]] before each one (an array of tables)",
+            "b.toml:10: table [rule.trigger] is defined twice; for several, write [[rule.trigger]] before each one (an array of tables)",
+        ]
+    );
+}
+
+#[test]
+fn repository_names_follow_each_providers_case_rule() {
+    let rules = "[[rule]]\nname = \"forge\"\nsource = \"github\"\nrepository = \"codertocat/hello-world\"\n[rule.trigger]\nproject = \"1\"\ntoken = \"env:T\"\n\
+        [[rule]]\nname = \"forge-glob\"\nsource = \"github\"\nrepository = \"codertocat/*\"\n[rule.trigger]\nproject = \"2\"\ntoken = \"env:T\"\n\
+        [[rule]]\nname = \"exact\"\nsource = \"other\"\nrepository = \"codertocat/hello-world\"\n[rule.trigger]\nproject = \"3\"\ntoken = \"env:T\"\n";
+    let config = load_text(&[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)], SECRETS).unwrap();
+    let event = |source: &str| {
+        crate::event::EventContext {
+            provider: crate::event::Provider::Github,
+            source: source.into(),
+            delivery: "d".into(),
+            repository: "Codertocat/Hello-World".into(),
+            repository_url: String::new(),
+            repository_web_url: String::new(),
+            pusher: String::new(),
+            payload: std::sync::Arc::new(
+                crate::event::Payload::parsed(bytes::Bytes::from_static(b"{}")).unwrap(),
+            ),
+        }
+        .event(crate::event::RefChange {
+            full_ref: "refs/heads/main".into(),
+            before: "0".repeat(40),
+            after: "abcdef0123456789abcdef0123456789abcdef01".into(),
+            ..crate::event::RefChange::default()
+        })
+        .unwrap()
+    };
+    let matched = |source: &str| -> Vec<String> {
+        config
+            .rules
+            .matching(&event(source))
+            .iter()
+            .map(|r| r.name().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        matched("github"),
+        ["forge", "forge-glob"],
+        "GitHub names ignore case"
+    );
+    assert_eq!(
+        matched("other"),
+        Vec::<String>::new(),
+        "a generic sender's names are exact"
+    );
+    let verdicts = config.rules.verdicts(&event("other"));
+    assert_eq!(
+        verdicts[0].1.as_deref(),
+        Some("repository: \"Codertocat/Hello-World\" matches none of [\"codertocat/hello-world\"]")
+    );
+}
