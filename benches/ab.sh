@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Two hookrelay binaries under the same load, alternating, in one run on 127.0.0.1: the way
+# to tell a change's cost from this shared machine's noise (each round gives each binary a
+# fresh state folder, the signed 7.8 KB GitHub tag push of benches/peers.sh, wrk -t1 -c64
+# for DURATION, and its forwarder sending to a stand-in GitLab; then the mean of the rounds).
+#
+# Run: benches/ab.sh OLD_BINARY NEW_BINARY      (env: ROUNDS=3, DURATION=10s, CONNECTIONS=64)
+# e.g. git worktree add /tmp/old HEAD~5 && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target
+#      cargo build --release) && cargo build --release &&
+#      benches/ab.sh /tmp/old-target/release/hookrelay target/release/hookrelay
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OLD=${1:?usage: benches/ab.sh OLD_BINARY NEW_BINARY}
+NEW=${2:?usage: benches/ab.sh OLD_BINARY NEW_BINARY}
+ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-10s}; CONNECTIONS=${CONNECTIONS:-64}
+command -v wrk >/dev/null && command -v nginx >/dev/null || {
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+}
+work=$(mktemp -d); pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+source benches/lib.sh
+standin_port=$(free_port); relay_port=$(free_port)
+secret="It's a Secret to Everybody"
+payload=$PWD/tests/fixtures/github/push_tag.json
+signature=$(github_signature "$secret" "$payload")
+start_nginx "$work/nginx" "server { listen 127.0.0.1:$standin_port; location / { return 201 '{\"id\":1,\"web_url\":\"http://x/p/1\"}'; } }"
+printf '%s' "$secret" >"$work/secret"
+mkdir -p "$work/relay"
+{ printf '[server]\nlisten = "127.0.0.1:%s"\n' "$relay_port"; relay_rules "$standin_port" "$work/secret"; } >"$work/relay/relay.toml"
+declare -A rates p99s
+for round in $(seq "$ROUNDS"); do
+  for which in old new; do
+    bin=$OLD; [[ $which == new ]] && bin=$NEW
+    rm -rf "$work/state"
+    "$bin" serve --config "$work/relay" --state "$work/state" >"$work/$which.log" 2>&1 & pid=$!
+    wait_for "http://127.0.0.1:$relay_port/healthz"; sleep 1
+    out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" \
+      wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/peers/signed.lua "http://127.0.0.1:$relay_port/hooks/github")
+    rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    echo "round $round $which: $rate acks/s, p99 $p99"
+    rates[$which]="${rates[$which]:-} $rate"; p99s[$which]="${p99s[$which]:-} $p99"
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    sleep 2
+  done
+done
+# mean VALUES…: the mean, with wrk's latencies (900.00us, 14.89ms, 1.02s) in milliseconds.
+mean() {
+  python3 - "$@" <<'PY'
+import sys
+def ms(text):
+    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
+values = [ms(v) for v in sys.argv[1:]]
+print(round(sum(values) / len(values), 2))
+PY
+}
+old_rate=$(mean ${rates[old]}); new_rate=$(mean ${rates[new]})
+echo "mean acks/s: old $old_rate, new $new_rate, new/old $(python3 -c "print(round($new_rate/$old_rate, 3))")"
+echo "mean p99 (ms): old $(mean ${p99s[old]}), new $(mean ${p99s[new]})"
