@@ -230,7 +230,10 @@ fn unencoded_project(segments: &[&str]) -> Route<'static> {
         Some(at) => (&segments[..at + 2], Some(&segments[at + 3..])),
         None => (segments, None),
     };
+    // `projects/9/ref/trigger/pipeline` is the webhook form without a ref, not a project
+    // named `9/ref`.
     if project.len() < 2
+        || project[1..].contains(&"ref")
         || project.iter().any(|s| s.is_empty())
         || git_ref.is_some_and(|r| r.is_empty() || r.iter().any(|s| s.is_empty()))
     {

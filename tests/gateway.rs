@@ -518,6 +518,29 @@ async fn webhook_form_passes_extra_query_parameters_on() {
 }
 
 #[tokio::test]
+async fn webhook_form_leaves_a_form_bodys_fields_in_the_body() {
+    let (upstream, relay) = setup("").await;
+    let body = "payload=%7B%22ref%22%3A%22refs%2Fheads%2Fmain%22%7D";
+    let reply = post(
+        &relay.url("/api/v4/projects/9/ref/main/trigger/pipeline?token=TOKEN&caller=nightly"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 201);
+    let got = upstream.only();
+    let (_, query) = got.path_and_query.split_once('?').unwrap();
+    let mut pairs: Vec<&str> = query.split('&').collect();
+    pairs.sort_unstable();
+    assert_eq!(
+        pairs,
+        ["caller=nightly", "token=TOKEN"],
+        "the webhook stays in the body"
+    );
+    assert_eq!(&got.body[..], body.as_bytes());
+}
+
+#[tokio::test]
 async fn non_string_variables_get_gitlabs_message() {
     let (upstream, relay) = setup("").await;
     for body in [

@@ -91,8 +91,15 @@ pub async fn parse_trigger_call(
         .transpose()?;
     let query = params::parse_query(request.query.unwrap_or(""))?;
     let is_webhook_form = path_ref.is_some();
+    let query_keys: Vec<String> = query.keys().cloned().collect();
     let body = params::parse_body(request.content_type, &request.body, !is_webhook_form).await?;
-    let call = params::validate(params::merge(query, body), path_ref)?;
+    let mut call = params::validate(params::merge(query, body), path_ref)?;
+    if is_webhook_form {
+        // The webhook form forwards its body as it came; of the other parameters only the
+        // query's go on in the URL (a form body's fields, a whole webhook among them, stay
+        // in the body, where GitLab reads them).
+        call.other.retain(|key, _| query_keys.contains(key));
+    }
     if request
         .gitlab_event
         .is_some_and(|event| event.trim().eq_ignore_ascii_case(PIPELINE_HOOK))
