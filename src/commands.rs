@@ -232,7 +232,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         Some(options.config.clone()),
         options.dry_run,
     )
-    .context("setting up the upstream clients")?;
+    .context("setting up the relay (upstream clients, the listener's certificate)")?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
