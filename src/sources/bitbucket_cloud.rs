@@ -88,21 +88,20 @@ struct Actor {
     display_name: Option<String>,
 }
 
+/// The headers that may carry the HMAC-SHA256 of the body (Bitbucket Cloud names it
+/// `X-Hub-Signature`, with a `sha256=` prefix; the `-256` form is accepted too).
+pub(super) const SIGNATURE_HEADERS: &[(&str, &str)] = &[
+    ("X-Hub-Signature", "sha256="),
+    ("X-Hub-Signature-256", "sha256="),
+];
+
 pub fn receive(
     source: &SourceConfig,
     request: &WebhookRequest<'_>,
     verification: Verification,
 ) -> Result<Received, SourceError> {
     if let Verification::Check { .. } = verification {
-        verify_sha256_headers(
-            source,
-            request,
-            &[
-                ("X-Hub-Signature", "sha256="),
-                ("X-Hub-Signature-256", "sha256="),
-            ],
-            request.body,
-        )?;
+        verify_sha256_headers(source, request, SIGNATURE_HEADERS, request.body)?;
     }
     let event_type = event_type(request, "X-Event-Key", source.provider)?;
     let delivery = delivery_id(request, &["x-request-uuid"]);

@@ -92,6 +92,9 @@ struct CommitAuthor {
     name: Option<String>,
 }
 
+/// The header that carries the HMAC-SHA256 of the body.
+pub(super) const SIGNATURE_HEADERS: &[(&str, &str)] = &[("X-Hub-Signature", "sha256=")];
+
 pub fn receive(
     source: &SourceConfig,
     request: &WebhookRequest<'_>,
@@ -109,12 +112,7 @@ pub fn receive(
         return Ok(received(Outcome::Ping(None)));
     }
     if let Verification::Check { .. } = verification {
-        verify_sha256_headers(
-            source,
-            request,
-            &[("X-Hub-Signature", "sha256=")],
-            request.body,
-        )?;
+        verify_sha256_headers(source, request, SIGNATURE_HEADERS, request.body)?;
     }
     if event_type != "repo:refs_changed" {
         return Ok(received(Outcome::Skipped(format!(

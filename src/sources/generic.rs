@@ -50,7 +50,7 @@ pub fn receive(
     // A signed `webhook-id` is the delivery id: an unsigned header must not make a
     // replayed webhook look new.
     let signed_id = matches!(source.generic.scheme, GenericScheme::StandardWebhooks)
-        .then(|| request.header("webhook-id"))
+        .then(|| request.header(super::signature::WEBHOOK_ID))
         .flatten();
     let delivery = signed_id
         .or_else(|| {
@@ -159,11 +159,7 @@ fn verify(
                 .signing_key
                 .as_ref()
                 .expect("configuration requires a signing_secret");
-            let headers = StandardWebhookHeaders {
-                id: request.header("webhook-id"),
-                timestamp: request.header("webhook-timestamp"),
-                signature: request.header("webhook-signature"),
-            };
+            let headers = StandardWebhookHeaders::of(request);
             Ok(verify_standard_webhook(
                 key,
                 &headers,

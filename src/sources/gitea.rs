@@ -57,6 +57,14 @@ pub(super) struct RefEvent {
     pub(super) sender: Option<User>,
 }
 
+/// The headers that may carry the HMAC-SHA256 of the payload, with their prefixes: any one
+/// of them proves the webhook (Forgejo renames Gitea's; both also send GitHub's form).
+pub(super) const SIGNATURE_HEADERS: &[(&str, &str)] = &[
+    ("X-Gitea-Signature", ""),
+    ("X-Forgejo-Signature", ""),
+    ("X-Hub-Signature-256", "sha256="),
+];
+
 pub fn receive(
     source: &SourceConfig,
     request: &WebhookRequest<'_>,
@@ -64,16 +72,7 @@ pub fn receive(
 ) -> Result<Received, SourceError> {
     let payload_bytes = request.payload_bytes()?;
     if let Verification::Check { .. } = verification {
-        verify_sha256_headers(
-            source,
-            request,
-            &[
-                ("X-Gitea-Signature", ""),
-                ("X-Forgejo-Signature", ""),
-                ("X-Hub-Signature-256", "sha256="),
-            ],
-            &payload_bytes,
-        )?;
+        verify_sha256_headers(source, request, SIGNATURE_HEADERS, &payload_bytes)?;
     }
     let event_type = request
         .header("x-gitea-event")

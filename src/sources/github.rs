@@ -108,14 +108,18 @@ pub fn receive(
     Ok(received(outcome))
 }
 
+/// The header of the HMAC-SHA256 signature, and of the legacy SHA-1 one (`allow_sha1`).
+pub(super) const SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
+pub(super) const SHA1_HEADER: &str = "X-Hub-Signature";
+
 fn verify(source: &SourceConfig, request: &WebhookRequest<'_>) -> Result<(), SourceError> {
     let Some(secret) = &source.secret else {
         return Ok(());
     };
     let key = secret.expose().as_bytes();
-    if let Some(value) = request.header("x-hub-signature-256") {
+    if let Some(value) = request.header(SIGNATURE_HEADER) {
         return Ok(verify_hmac_header(
-            "X-Hub-Signature-256",
+            SIGNATURE_HEADER,
             value,
             "sha256=",
             Encoding::Hex,
@@ -125,10 +129,10 @@ fn verify(source: &SourceConfig, request: &WebhookRequest<'_>) -> Result<(), Sou
         )?);
     }
     if source.allow_sha1
-        && let Some(value) = request.header("x-hub-signature")
+        && let Some(value) = request.header(SHA1_HEADER)
     {
         return Ok(verify_hmac_header(
-            "X-Hub-Signature",
+            SHA1_HEADER,
             value,
             "sha1=",
             Encoding::Hex,
@@ -139,9 +143,9 @@ fn verify(source: &SourceConfig, request: &WebhookRequest<'_>) -> Result<(), Sou
     }
     Err(SignatureError::Missing {
         header: if source.allow_sha1 {
-            "X-Hub-Signature-256 (or X-Hub-Signature)".into()
+            format!("{SIGNATURE_HEADER} (or {SHA1_HEADER})")
         } else {
-            "X-Hub-Signature-256".into()
+            SIGNATURE_HEADER.into()
         },
     }
     .into())

@@ -74,7 +74,7 @@ pub fn receive(
     // With a signing token, the signed `webhook-id` is the delivery id (stable across
     // GitLab's retries): an unsigned `Idempotency-Key` must not make a replay look new.
     let delivery = if source.signing_key.is_some() {
-        delivery_id(request, &["webhook-id"])
+        delivery_id(request, &[super::signature::WEBHOOK_ID])
     } else {
         delivery_id(request, &["idempotency-key", "x-gitlab-event-uuid"])
     };
@@ -120,6 +120,9 @@ pub fn receive(
     Ok(received(outcome))
 }
 
+/// The header GitLab puts the webhook's secret token in.
+pub(super) const TOKEN_HEADER: &str = "X-Gitlab-Token";
+
 fn verify(
     source: &SourceConfig,
     request: &WebhookRequest<'_>,
@@ -128,18 +131,18 @@ fn verify(
     if let Some(secret) = &source.secret {
         match request
             .headers
-            .get("x-gitlab-token")
+            .get(TOKEN_HEADER)
             .and_then(|v| v.to_str().ok())
         {
             None => {
                 return Err(SignatureError::Missing {
-                    header: "X-Gitlab-Token".into(),
+                    header: TOKEN_HEADER.into(),
                 }
                 .into());
             }
             Some(token) if !token_matches(secret.expose(), token) => {
                 return Err(SignatureError::Mismatch {
-                    header: "X-Gitlab-Token".into(),
+                    header: TOKEN_HEADER.into(),
                 }
                 .into());
             }
@@ -147,11 +150,7 @@ fn verify(
         }
     }
     if let Some(key) = &source.signing_key {
-        let headers = StandardWebhookHeaders {
-            id: request.header("webhook-id"),
-            timestamp: request.header("webhook-timestamp"),
-            signature: request.header("webhook-signature"),
-        };
+        let headers = StandardWebhookHeaders::of(request);
         verify_standard_webhook(key, &headers, request.body, now, source.timestamp_tolerance)?;
     }
     Ok(())

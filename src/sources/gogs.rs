@@ -30,6 +30,9 @@ struct Push {
     commits: Vec<super::PushCommit>,
 }
 
+/// The header that carries the HMAC-SHA256 of the payload, bare hex.
+pub(super) const SIGNATURE_HEADERS: &[(&str, &str)] = &[("X-Gogs-Signature", "")];
+
 pub fn receive(
     source: &SourceConfig,
     request: &WebhookRequest<'_>,
@@ -37,7 +40,7 @@ pub fn receive(
 ) -> Result<Received, SourceError> {
     let payload_bytes = request.payload_bytes()?;
     if let Verification::Check { .. } = verification {
-        verify_sha256_headers(source, request, &[("X-Gogs-Signature", "")], &payload_bytes)?;
+        verify_sha256_headers(source, request, SIGNATURE_HEADERS, &payload_bytes)?;
     }
     let event_type = event_type(request, "X-Gogs-Event", source.provider)?;
     let delivery = delivery_id(request, &["x-gogs-delivery"]);

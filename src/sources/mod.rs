@@ -240,29 +240,27 @@ pub fn missing_proof(source: &SourceConfig, headers: &http::HeaderMap) -> Option
             .get(name)
             .is_some_and(|value| !value.as_bytes().is_empty())
     };
+    // The same header lists the senders verify with: one list per sender.
+    let any_of = |headers: &[(&'static str, &str)]| headers.iter().map(|(name, _)| *name).collect();
     let needed: Vec<Vec<&str>> = match source.provider {
         _ if source.secret.is_none() && source.signing_key.is_none() => Vec::new(),
         Provider::Github if source.allow_sha1 => {
-            vec![vec!["X-Hub-Signature-256", "X-Hub-Signature"]]
+            vec![vec![github::SIGNATURE_HEADER, github::SHA1_HEADER]]
         }
-        Provider::Github => vec![vec!["X-Hub-Signature-256"]],
+        Provider::Github => vec![vec![github::SIGNATURE_HEADER]],
         Provider::Gitlab => {
             let mut needed = Vec::new();
             if source.secret.is_some() {
-                needed.push(vec!["X-Gitlab-Token"]);
+                needed.push(vec![gitlab::TOKEN_HEADER]);
             }
             if source.signing_key.is_some() {
-                needed.push(vec!["webhook-signature"]);
+                needed.push(vec![signature::WEBHOOK_SIGNATURE]);
             }
             needed
         }
-        Provider::Gitea => vec![vec![
-            "X-Gitea-Signature",
-            "X-Forgejo-Signature",
-            "X-Hub-Signature-256",
-        ]],
-        Provider::Gogs => vec![vec!["X-Gogs-Signature"]],
-        Provider::BitbucketCloud => vec![vec!["X-Hub-Signature", "X-Hub-Signature-256"]],
+        Provider::Gitea => vec![any_of(gitea::SIGNATURE_HEADERS)],
+        Provider::Gogs => vec![any_of(gogs::SIGNATURE_HEADERS)],
+        Provider::BitbucketCloud => vec![any_of(bitbucket_cloud::SIGNATURE_HEADERS)],
         // Bitbucket Server's connection test comes unsigned, even with a secret.
         Provider::BitbucketServer
             if headers
@@ -271,12 +269,12 @@ pub fn missing_proof(source: &SourceConfig, headers: &http::HeaderMap) -> Option
         {
             Vec::new()
         }
-        Provider::BitbucketServer => vec![vec!["X-Hub-Signature"]],
+        Provider::BitbucketServer => vec![any_of(bitbucket_server::SIGNATURE_HEADERS)],
         Provider::Generic => match &source.generic.scheme {
             GenericScheme::Hmac { header, .. } | GenericScheme::Token { header } => {
                 vec![vec![header.as_str()]]
             }
-            GenericScheme::StandardWebhooks => vec![vec!["webhook-signature"]],
+            GenericScheme::StandardWebhooks => vec![vec![signature::WEBHOOK_SIGNATURE]],
             GenericScheme::None => Vec::new(),
         },
     };

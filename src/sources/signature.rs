@@ -162,11 +162,26 @@ impl SigningKey {
     }
 }
 
+/// Standard Webhooks' headers (GitLab's signing tokens, and generic senders that use it).
+pub const WEBHOOK_ID: &str = "webhook-id";
+pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
+pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
+
 /// The Standard Webhooks headers of one request.
 pub struct StandardWebhookHeaders<'a> {
     pub id: Option<&'a str>,
     pub timestamp: Option<&'a str>,
     pub signature: Option<&'a str>,
+}
+
+impl<'a> StandardWebhookHeaders<'a> {
+    pub fn of(request: &'a super::WebhookRequest<'_>) -> StandardWebhookHeaders<'a> {
+        StandardWebhookHeaders {
+            id: request.header(WEBHOOK_ID),
+            timestamp: request.header(WEBHOOK_TIMESTAMP),
+            signature: request.header(WEBHOOK_SIGNATURE),
+        }
+    }
 }
 
 /// Verifies a Standard Webhooks signature: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`,
@@ -181,18 +196,18 @@ pub fn verify_standard_webhook(
     let missing = |header: &str| SignatureError::Missing {
         header: header.to_owned(),
     };
-    let id = headers.id.ok_or_else(|| missing("webhook-id"))?;
+    let id = headers.id.ok_or_else(|| missing(WEBHOOK_ID))?;
     let timestamp = headers
         .timestamp
-        .ok_or_else(|| missing("webhook-timestamp"))?;
+        .ok_or_else(|| missing(WEBHOOK_TIMESTAMP))?;
     let signatures = headers
         .signature
-        .ok_or_else(|| missing("webhook-signature"))?;
+        .ok_or_else(|| missing(WEBHOOK_SIGNATURE))?;
     let seconds: u64 = timestamp
         .trim()
         .parse()
         .map_err(|_| SignatureError::Malformed {
-            header: "webhook-timestamp".into(),
+            header: WEBHOOK_TIMESTAMP.into(),
             reason: "it is not a number of seconds since 1970".into(),
         })?;
     let now = now
@@ -221,11 +236,11 @@ pub fn verify_standard_webhook(
     }
     if saw_v1 {
         Err(SignatureError::Mismatch {
-            header: "webhook-signature".into(),
+            header: WEBHOOK_SIGNATURE.into(),
         })
     } else {
         Err(SignatureError::Malformed {
-            header: "webhook-signature".into(),
+            header: WEBHOOK_SIGNATURE.into(),
             reason: "it has no `v1,` entry".into(),
         })
     }
