@@ -213,7 +213,16 @@ fn plan(
         Outcome::Events(events) => {
             for (index, event) in events.iter().enumerate() {
                 let triggers = runtime.config.rules.plan(event, url_ref);
-                if triggers.is_empty() {
+                let mut counted: Vec<&str> = Vec::new();
+                for planned in &triggers {
+                    if !counted.contains(&planned.rule.as_str()) {
+                        counted.push(&planned.rule);
+                        app.metrics.rule_matched(&planned.rule);
+                    }
+                }
+                // Nothing matched: each rule's first reason, for the answer; the first
+                // three for the log line.
+                let why = triggers.is_empty().then(|| {
                     let reasons: Vec<(String, String)> = runtime
                         .config
                         .rules
@@ -221,7 +230,7 @@ fn plan(
                         .into_iter()
                         .filter_map(|(rule, why)| Some((rule.name().to_owned(), why?)))
                         .collect();
-                    let why = if reasons.is_empty() {
+                    let said = if reasons.is_empty() {
                         format!("source {} has no rules", source.name)
                     } else {
                         reasons
@@ -231,30 +240,12 @@ fn plan(
                             .collect::<Vec<_>>()
                             .join("; ")
                     };
-                    tracing::info!(
-                        source = %source.name,
-                        delivery = %received.delivery,
-                        kind = event.kind.as_str(),
-                        repository = %event.repository,
-                        git_ref = %event.git_ref,
-                        after = %event.after,
-                        triggers = 0,
-                        why = %why,
-                        "webhook event matched no rule"
-                    );
                     unmatched.push(Unmatched {
                         event: index,
                         reasons,
                     });
-                    continue;
-                }
-                let mut counted: Vec<&str> = Vec::new();
-                for planned in &triggers {
-                    if !counted.contains(&planned.rule.as_str()) {
-                        counted.push(&planned.rule);
-                        app.metrics.rule_matched(&planned.rule);
-                    }
-                }
+                    said
+                });
                 tracing::info!(
                     source = %source.name,
                     delivery = %received.delivery,
@@ -263,7 +254,9 @@ fn plan(
                     git_ref = %event.git_ref,
                     after = %event.after,
                     triggers = triggers.len(),
-                    "webhook event"
+                    why = why.as_deref(),
+                    "{}",
+                    if why.is_some() { "webhook event matched no rule" } else { "webhook event" }
                 );
                 planned.extend(triggers);
             }
