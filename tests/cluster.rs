@@ -279,6 +279,100 @@ async fn four_relays_racing_for_one_key_send_one_at_a_time_and_each_once() {
     );
 }
 
+/// Four relays race for one project+ref while one of them talks to the database through a
+/// connection that delivers everything 1.2 s late: its claims and records commit after its
+/// lease (2 s) may have run out. Fencing keeps one call in flight at a time; every
+/// acknowledged webhook is sent; a repeat is allowed only for the slowed relay's send in
+/// flight when its record came too late (at-least-once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_relays_racing_with_one_whose_commits_arrive_late() {
+    let Some(Setup {
+        database,
+        upstream,
+        dir,
+    }) = Setup::new("2s", PLAIN, "").await
+    else {
+        return;
+    };
+    *upstream.default_delay.lock().unwrap() = Duration::from_millis(5);
+    let port: u16 = database
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|tail| tail.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let proxy = Proxy::start(port).await;
+    let slowed = tempfile::tempdir().unwrap();
+    for file in ["relay.toml", "secret"] {
+        std::fs::copy(dir.path().join(file), slowed.path().join(file)).unwrap();
+    }
+    let text = std::fs::read_to_string(slowed.path().join("relay.toml"))
+        .unwrap()
+        .replace(
+            dir.path().to_str().unwrap(),
+            slowed.path().to_str().unwrap(),
+        );
+    write(slowed.path(), "relay.toml", &text);
+    let through_proxy = database
+        .url
+        .replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
+    write(
+        slowed.path(),
+        "store.toml",
+        &format!("[store]\nurl = \"{through_proxy}\"\nlease = \"2s\"\n"),
+    );
+    let (_fast, mut addresses) = start_relays(dir.path(), 3);
+    let mut late = relay(slowed.path(), 3);
+    addresses.push(late.address());
+
+    let (mut acknowledged, refused) = push_many(&addresses, "before", 20, 4).await;
+    assert_eq!((acknowledged.len(), refused), (20, 0));
+    // The fourth relay's commits now arrive late, for 8 s, while webhooks keep coming to the
+    // other three (the fourth keeps claiming: its claims are the ones that land late).
+    proxy.slow(true);
+    // Webhooks to the slowed relay too: their commits (and so their acknowledgements) come
+    // late, while the other three keep accepting and sending.
+    let late_pushes = {
+        let slowed_relay = vec![addresses[3].clone()];
+        tokio::spawn(async move { push_many(&slowed_relay, "late", 3, 3).await })
+    };
+    let fast = addresses[..3].to_vec();
+    let (during, refused) = push_many(&fast, "slowed", 60, 3).await;
+    assert_eq!((during.len(), refused), (60, 0));
+    acknowledged.extend(during);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.slow(false);
+    let (late_acknowledged, refused) = late_pushes.await.unwrap();
+    assert_eq!(late_acknowledged.len() + refused, 3);
+    assert!(
+        !late_acknowledged.is_empty(),
+        "the slowed relay acknowledged once its commits landed"
+    );
+    acknowledged.extend(late_acknowledged);
+    let (after, refused) = push_many(&addresses, "after", 20, 4).await;
+    assert_eq!((after.len(), refused), (20, 0));
+    acknowledged.extend(after);
+    all_sent(&upstream, &acknowledged, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        upstream.max_concurrent.load(Ordering::SeqCst),
+        1,
+        "two triggers of one project+ref were in flight at once"
+    );
+    let repeated: Vec<(String, usize)> = calls_per_delivery(&upstream)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    eprintln!("sent again after a late record: {repeated:?}");
+    assert!(
+        repeated.len() <= 2 && repeated.iter().all(|(_, n)| *n == 2),
+        "more repeats than the slowed relay's sends in flight can explain: {repeated:?}"
+    );
+    let (code, _) = late.terminate();
+    assert_eq!(code, Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_while_sending_is_taken_over_after_its_lease() {
     let Some(Setup {
@@ -924,14 +1018,17 @@ async fn gitlab_s_retry_after_pauses_the_project_on_every_relay() {
 /// would.
 struct Proxy {
     port: u16,
-    /// 0: carry; 1: blackhole.
+    /// 0: carry; 1: blackhole; 2: carry, each piece [`SLOW_DATABASE`] late.
     mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
     /// Bumped to reset: every connection opened before is dropped.
     generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// How late a slowed proxy carries each piece: past a 2 s lease in two round trips.
+const SLOW_DATABASE: Duration = Duration::from_millis(1200);
+
 /// Carries bytes one way until either side closes or the proxy resets; holds them while
-/// blackholed.
+/// blackholed, delays them while slowed.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -956,6 +1053,9 @@ async fn pump(
         match read {
             Ok(0) | Err(_) => return,
             Ok(n) => {
+                if mode.load(Ordering::SeqCst) == 2 {
+                    tokio::time::sleep(SLOW_DATABASE).await;
+                }
                 if to.write_all(&buffer[..n]).await.is_err() {
                     return;
                 }
@@ -999,6 +1099,12 @@ impl Proxy {
 
     fn blackhole(&self, on: bool) {
         self.mode.store(u8::from(on), Ordering::SeqCst);
+    }
+
+    /// Every piece either way arrives [`SLOW_DATABASE`] late: a relay's commits land long
+    /// after it sent them.
+    fn slow(&self, on: bool) {
+        self.mode.store(if on { 2 } else { 0 }, Ordering::SeqCst);
     }
 
     fn reset(&self) {
