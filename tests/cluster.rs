@@ -295,14 +295,7 @@ async fn four_relays_racing_with_one_whose_commits_arrive_late() {
         return;
     };
     *upstream.default_delay.lock().unwrap() = Duration::from_millis(5);
-    let port: u16 = database
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|tail| tail.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap();
-    let proxy = Proxy::start(port).await;
+    let (proxy, through_proxy) = Proxy::before(&database).await;
     let slowed = tempfile::tempdir().unwrap();
     for file in ["relay.toml", "secret"] {
         std::fs::copy(dir.path().join(file), slowed.path().join(file)).unwrap();
@@ -314,9 +307,6 @@ async fn four_relays_racing_with_one_whose_commits_arrive_late() {
             slowed.path().to_str().unwrap(),
         );
     write(slowed.path(), "relay.toml", &text);
-    let through_proxy = database
-        .url
-        .replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
     write(
         slowed.path(),
         "store.toml",
@@ -1065,6 +1055,22 @@ async fn pump(
 }
 
 impl Proxy {
+    /// A proxy in front of `database`'s server, and the database's URL through it.
+    async fn before(database: &pg::Database) -> (Proxy, String) {
+        let port: u16 = database
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|tail| tail.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        let proxy = Proxy::start(port).await;
+        let url = database
+            .url
+            .replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
+        (proxy, url)
+    }
+
     async fn start(target: u16) -> Proxy {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicU8, AtomicU64};
@@ -1122,17 +1128,7 @@ async fn a_cut_or_blackholed_database_connection_loses_nothing() {
     else {
         return;
     };
-    let port: u16 = database
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|tail| tail.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap();
-    let proxy = Proxy::start(port).await;
-    let through_proxy = database
-        .url
-        .replace(&format!(":{port}/"), &format!(":{}/", proxy.port));
+    let (proxy, through_proxy) = Proxy::before(&database).await;
     cluster_config(dir.path(), &upstream.url(), &through_proxy, "3s");
     let (_relays, addresses) = start_relays(dir.path(), 2);
     let (mut acknowledged, refused) = push_many(&addresses, "before", 10, 4).await;
