@@ -513,12 +513,10 @@ impl ListFilter {
             conditions.push(format!("d.received_at < {p}"));
         }
         if let Some(delivery) = &self.delivery {
-            let escaped = delivery
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_");
-            let p = bind(SqlValue::Text(format!("{escaped}%")), &mut values);
-            conditions.push(format!("d.delivery_id LIKE {p} ESCAPE '\\'"));
+            // A prefix compared exactly, the same in both engines (SQLite's LIKE would
+            // ignore case, PostgreSQL's would not).
+            let p = bind(SqlValue::Text(delivery.clone()), &mut values);
+            conditions.push(format!("substr(d.delivery_id, 1, length({p})) = {p}"));
         }
         let clause = if conditions.is_empty() {
             String::new()

@@ -404,7 +404,18 @@ pub fn deliveries_are_listed_by_every_filter(engine: &mut dyn Engine) {
             }
         ),
         Vec::<String>::new(),
-        "LIKE wildcards are literal"
+        "wildcards are literal"
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                delivery: Some("ABC".into()),
+                ..Default::default()
+            }
+        ),
+        Vec::<String>::new(),
+        "ids are compared exactly, case included, in every engine"
     );
     assert_eq!(
         listed(
