@@ -74,38 +74,7 @@ pub struct App {
     pub tls: Option<Arc<crate::tls::ServerCertificate>>,
     /// Records of webhooks answered without queuing (refused, duplicate), at most one a
     /// second per source and kind.
-    pub turned_away: OncePerSecond,
-}
-
-/// When each `(name, kind)` last went through, and how many were held back since.
-type LastSeen = std::collections::HashMap<(String, &'static str), (std::time::Instant, u64)>;
-
-/// Lets one thing of each kind through per second, counting the rest.
-#[derive(Default)]
-pub struct OncePerSecond {
-    last: std::sync::Mutex<LastSeen>,
-}
-
-impl OncePerSecond {
-    /// `Some(held back since the last one)` when this one may go, else `None` (counted).
-    pub fn allow(&self, name: &str, kind: &'static str) -> Option<u64> {
-        let now = std::time::Instant::now();
-        let mut last = self.last.lock().expect("not poisoned");
-        match last.get_mut(&(name.to_owned(), kind)) {
-            Some((at, held)) if now.duration_since(*at) < std::time::Duration::from_secs(1) => {
-                *held += 1;
-                None
-            }
-            Some((at, held)) => {
-                *at = now;
-                Some(std::mem::take(held))
-            }
-            None => {
-                last.insert((name.to_owned(), kind), (now, 0));
-                Some(0)
-            }
-        }
-    }
+    pub turned_away: std::sync::Mutex<crate::limits::Throttle<(String, &'static str)>>,
 }
 
 impl App {
@@ -139,7 +108,9 @@ impl App {
             None => None,
         };
         Ok(Arc::new(App {
-            turned_away: OncePerSecond::default(),
+            turned_away: std::sync::Mutex::new(crate::limits::Throttle::new(
+                std::time::Duration::from_secs(1),
+            )),
             tls,
             max_connections,
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),

@@ -59,7 +59,7 @@ pub async fn handle(
     let (planned, unmatched) = plan(app, runtime, source, &received, url_ref.as_ref());
     let mut reply = reply(&source.name, &received);
     explain_unmatched(&mut reply, runtime, source, unmatched);
-    let built = build(runtime, source, &received, planned);
+    let built = build(&runtime.config, source, &received, planned);
     if !built.errors.is_empty() {
         reply["errors"] = Value::Array(built.errors);
     }
@@ -154,17 +154,24 @@ fn turn_away(
     received: &Received,
     why: TurnedAway<'_>,
 ) {
-    let (kind, reason) = match why {
+    // A refused webhook keeps its body (a replan may run it); a duplicate's is stored already.
+    let (kind, reason, body) = match why {
         TurnedAway::Duplicate => (
             "duplicate",
             format!(
                 "delivery {} was received before; this one was acknowledged and queued nothing",
                 received.delivery
             ),
+            None,
         ),
-        TurnedAway::Refused(err) => ("refused", err.to_string()),
+        TurnedAway::Refused(err) => ("refused", err.to_string(), Some(request)),
     };
-    let Some(not_recorded) = app.turned_away.allow(&source.name, kind) else {
+    let allowed = app
+        .turned_away
+        .lock()
+        .expect("not poisoned")
+        .allow((source.name.clone(), kind));
+    let Some(not_recorded) = allowed else {
         return;
     };
     let mut summary = reply(&source.name, received);
@@ -173,10 +180,9 @@ fn turn_away(
         "reason": reason,
         "not_recorded_before": not_recorded,
     });
-    let body = match kind {
-        "refused" => sources::storable_body(source, request),
-        _ => Bytes::new(),
-    };
+    let body = body.map_or_else(Bytes::new, |request| {
+        sources::storable_body(source, request)
+    });
     app.outbox.note(NewDelivery {
         source: source.name.clone(),
         delivery_id: format!("{}~{kind}-{}", received.delivery, crate::outbox::now_ms()),
@@ -287,7 +293,10 @@ fn explain_unmatched(
     let Some(count) = reply["events"].as_array().map(Vec::len) else {
         return;
     };
-    let all = !unmatched.is_empty() && unmatched.len() == count;
+    if unmatched.is_empty() {
+        return;
+    }
+    let all = unmatched.len() == count;
     let total = runtime.config.rules.count_for_source(&source.name);
     for Unmatched { event, reasons } in unmatched {
         if reasons.is_empty() {
@@ -319,14 +328,14 @@ fn explain_unmatched(
 
 /// The planned triggers made ready to store, with their entries for the answer and the
 /// rules whose templates failed.
-struct Built {
-    triggers: Vec<NewTrigger>,
-    queued: Vec<Value>,
-    errors: Vec<Value>,
+pub(crate) struct Built {
+    pub triggers: Vec<NewTrigger>,
+    pub queued: Vec<Value>,
+    pub errors: Vec<Value>,
 }
 
-fn build(
-    runtime: &Runtime,
+pub(crate) fn build(
+    config: &crate::config::Config,
     source: &sources::SourceConfig,
     received: &Received,
     planned: Vec<crate::rules::Planned>,
@@ -345,7 +354,13 @@ fn build(
                     "project": trigger.project.to_string(),
                     "ref": trigger.git_ref.as_str(),
                 }));
-                let coalesce = coalesce_window(&runtime.config, plan.coalesce, &trigger.upstream);
+                // The rule's window, else the upstream's.
+                let coalesce = plan.coalesce.or_else(|| {
+                    config
+                        .upstreams
+                        .get(&trigger.upstream)
+                        .and_then(|u| u.coalesce)
+                });
                 built.triggers.push(NewTrigger::queued(
                     plan.rule,
                     &trigger,
@@ -362,15 +377,6 @@ fn build(
         }
     }
     built
-}
-
-/// A planned trigger's coalescing window: the rule's, else its upstream's.
-pub fn coalesce_window(
-    config: &crate::config::Config,
-    rule_window: Option<std::time::Duration>,
-    upstream: &str,
-) -> Option<std::time::Duration> {
-    rule_window.or_else(|| config.upstreams.get(upstream).and_then(|u| u.coalesce))
 }
 
 /// An upstream limit that rejects refuses the webhook while a project has no room.

@@ -180,6 +180,18 @@ pub fn retry_after_seconds(wait: Duration) -> u64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_throttle_lets_one_a_period_through_per_key_and_counts_the_rest() {
+        let mut throttle = Throttle::new(Duration::from_millis(50));
+        assert_eq!(throttle.allow("a"), Some(0));
+        assert_eq!(throttle.allow("a"), None);
+        assert_eq!(throttle.allow("a"), None);
+        assert_eq!(throttle.allow("b"), Some(0), "keys are apart");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(throttle.allow("a"), Some(2), "says how many were held back");
+        assert_eq!(throttle.allow("a"), None);
+    }
+
     fn limit(text: &str, burst: u32) -> Limit {
         Limit {
             rate: Rate::parse(text).unwrap(),
@@ -230,6 +242,44 @@ mod tests {
         assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_seconds(Duration::from_millis(2001)), 3);
         assert_eq!(retry_after_seconds(Duration::from_secs(2)), 2);
+    }
+}
+
+/// Lets one thing of each key through per `every`, counting the rest: log lines and
+/// records that must not become a flood of their own.
+pub struct Throttle<K> {
+    every: Duration,
+    last: std::collections::HashMap<K, (std::time::Instant, u64)>,
+}
+
+impl<K: Eq + std::hash::Hash> Throttle<K> {
+    pub fn new(every: Duration) -> Throttle<K> {
+        Throttle {
+            every,
+            last: std::collections::HashMap::new(),
+        }
+    }
+
+    /// `Some(how many were held back since the last one)` when this one may go; `None`
+    /// (and counted) when it may not.
+    pub fn allow(&mut self, key: K) -> Option<u64> {
+        let now = std::time::Instant::now();
+        match self.last.entry(key) {
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert((now, 0));
+                Some(0)
+            }
+            std::collections::hash_map::Entry::Occupied(mut entry) => {
+                let (at, held) = entry.get_mut();
+                if now.duration_since(*at) >= self.every {
+                    *at = now;
+                    Some(std::mem::take(held))
+                } else {
+                    *held += 1;
+                    None
+                }
+            }
+        }
     }
 }
 

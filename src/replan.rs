@@ -63,40 +63,29 @@ pub fn replan(
         }
         Outcome::Skipped(note) => return Err(format!("delivery {}: {note}", stored.delivery_id)),
     };
-    let mut triggers = Vec::new();
-    let mut queued = Vec::new();
+    let mut planned = Vec::new();
     let mut problems = Vec::new();
     for event in events {
-        let planned = config.rules.plan(event, None);
-        if planned.is_empty() {
+        let found = config.rules.plan(event, None);
+        if found.is_empty() {
             for (rule, why) in config.rules.verdicts(event) {
                 if let Some(why) = why {
                     problems.push(format!("{}: {why}", rule.name()));
                 }
             }
         }
-        for plan in planned {
-            match &plan.trigger {
-                Ok(trigger) => {
-                    let coalesce =
-                        crate::hooks::coalesce_window(&config, plan.coalesce, &trigger.upstream);
-                    queued.push(json!({
-                        "rule": plan.rule,
-                        "upstream": trigger.upstream,
-                        "project": trigger.project.to_string(),
-                        "ref": trigger.git_ref.as_str(),
-                    }));
-                    triggers.push(crate::outbox::NewTrigger::queued(
-                        plan.rule.clone(),
-                        trigger,
-                        &plan.token_ref,
-                        coalesce,
-                    ));
-                }
-                Err(error) => problems.push(format!("{}: {error}", plan.rule)),
-            }
-        }
+        planned.extend(found);
     }
+    // Built as a webhook's triggers are: the same entries, windows and errors.
+    let built = crate::hooks::build(&config, source, &received, planned);
+    for error in &built.errors {
+        problems.push(format!(
+            "{}: {}",
+            error["rule"].as_str().unwrap_or_default(),
+            error["error"].as_str().unwrap_or_default()
+        ));
+    }
+    let (triggers, queued) = (built.triggers, built.queued);
     if triggers.is_empty() {
         return Err(format!(
             "delivery {} still starts nothing with the rules in {}: {}",

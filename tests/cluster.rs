@@ -105,6 +105,21 @@ impl Setup {
     }
 }
 
+/// A copy of the cluster configuration in `dir` (its relay.toml, store.toml and secret,
+/// paths pointing at the copy), with relay.toml changed by `change`: a relay configured
+/// apart from the others.
+fn copied_config(dir: &Path, change: impl FnOnce(String) -> String) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for file in ["relay.toml", "store.toml", "secret"] {
+        std::fs::copy(dir.join(file), copy.path().join(file)).unwrap();
+    }
+    let text = std::fs::read_to_string(copy.path().join("relay.toml"))
+        .unwrap()
+        .replace(dir.to_str().unwrap(), copy.path().to_str().unwrap());
+    write(copy.path(), "relay.toml", &change(text));
+    copy
+}
+
 /// `count` relays configured in `dir`, started, and their addresses.
 fn start_relays(dir: &Path, count: usize) -> (Vec<Served>, Vec<String>) {
     let mut relays: Vec<Served> = (0..count).map(|n| relay(dir, n)).collect();
@@ -296,17 +311,7 @@ async fn four_relays_racing_with_one_whose_commits_arrive_late() {
     };
     *upstream.default_delay.lock().unwrap() = Duration::from_millis(5);
     let (proxy, through_proxy) = Proxy::before(&database).await;
-    let slowed = tempfile::tempdir().unwrap();
-    for file in ["relay.toml", "secret"] {
-        std::fs::copy(dir.path().join(file), slowed.path().join(file)).unwrap();
-    }
-    let text = std::fs::read_to_string(slowed.path().join("relay.toml"))
-        .unwrap()
-        .replace(
-            dir.path().to_str().unwrap(),
-            slowed.path().to_str().unwrap(),
-        );
-    write(slowed.path(), "relay.toml", &text);
+    let slowed = copied_config(dir.path(), |text| text);
     write(
         slowed.path(),
         "store.toml",
@@ -1168,18 +1173,12 @@ async fn a_relay_whose_configuration_lacks_the_upstream_leaves_the_trigger_for_o
         return;
     };
     // Relay A's configuration (after a reload, say) has an upstream relay B's lacks.
-    let newer = tempfile::tempdir().unwrap();
-    for file in ["relay.toml", "store.toml", "secret"] {
-        std::fs::copy(dir.path().join(file), newer.path().join(file)).unwrap();
-    }
-    let text = std::fs::read_to_string(newer.path().join("relay.toml"))
-        .unwrap()
-        .replace(dir.path().to_str().unwrap(), newer.path().to_str().unwrap())
-        .replace(
+    let newer = copied_config(dir.path(), |text| {
+        text.replace(
             "[rule.trigger]\n",
             "[rule.trigger]\nupstream = \"gitlab\"\n",
-        );
-    write(newer.path(), "relay.toml", &text);
+        )
+    });
     write(
         newer.path(),
         "second.toml",

@@ -23,7 +23,7 @@ pub mod retry;
 use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 
@@ -225,7 +225,7 @@ impl Outbox {
             queued: queued.clone(),
             health: health.clone(),
             pending: Vec::new(),
-            logged: LogThrottle::default(),
+            logged: crate::limits::Throttle::new(RETRY_EVERY),
             _lock: lock,
         };
         std::thread::Builder::new()
@@ -465,28 +465,6 @@ pub fn replay_offline(
     })
 }
 
-/// Says each kind of failure at most once a second, with how many were not said.
-#[derive(Default)]
-struct LogThrottle {
-    last: std::collections::HashMap<&'static str, (Instant, u64)>,
-}
-
-impl LogThrottle {
-    /// Whether to log this kind now; and how many of its kind were held back since.
-    fn allow(&mut self, kind: &'static str) -> Option<u64> {
-        let now = Instant::now();
-        let entry = self.last.entry(kind).or_insert((now - RETRY_EVERY, 0));
-        if now.duration_since(entry.0) >= RETRY_EVERY {
-            let held_back = entry.1;
-            *entry = (now, 0);
-            Some(held_back)
-        } else {
-            entry.1 += 1;
-            None
-        }
-    }
-}
-
 /// The writer thread's state.
 struct Writer {
     /// Where the store's clock skew is published for [`Outbox::clock`].
@@ -496,7 +474,8 @@ struct Writer {
     health: Arc<StoreHealth>,
     /// Outcomes of sends the store has not taken yet, oldest first.
     pending: Vec<(Lease, Recorded)>,
-    logged: LogThrottle,
+    /// Each kind of failure is said at most once a [`RETRY_EVERY`], with how many were not.
+    logged: crate::limits::Throttle<&'static str>,
     /// The state folder's lock, held as long as the writer runs.
     _lock: Option<StateLock>,
 }

@@ -413,20 +413,13 @@ impl RuleSet {
     /// Every rule of the event's source, with the first reason it does not match (`None`
     /// when it matches), in configuration order: what `explain` shows.
     pub fn verdicts(&self, event: &Event) -> Vec<(&Rule, Option<String>)> {
-        let context = event_value(event);
-        self.rules
-            .iter()
-            .filter(|rule| rule.spec.source.as_deref() == Some(event.source.as_str()))
-            .map(|rule| (rule, self.why_not(rule, event, &context)))
-            .collect()
+        self.verdicts_bounded(event, usize::MAX)
     }
 
     /// [`RuleSet::verdicts`] for at most `most` rules, for answers that must stay small.
     pub fn verdicts_bounded(&self, event: &Event, most: usize) -> Vec<(&Rule, Option<String>)> {
         let context = event_value(event);
-        self.rules
-            .iter()
-            .filter(|rule| rule.spec.source.as_deref() == Some(event.source.as_str()))
+        self.of_source(&event.source)
             .take(most)
             .map(|rule| (rule, self.why_not(rule, event, &context)))
             .collect()
@@ -434,10 +427,14 @@ impl RuleSet {
 
     /// How many rules react to webhooks of `source`.
     pub fn count_for_source(&self, source: &str) -> usize {
+        self.of_source(source).count()
+    }
+
+    /// The rules that react to webhooks of `source`, in configuration order.
+    fn of_source<'a>(&'a self, source: &str) -> impl Iterator<Item = &'a Rule> {
         self.rules
             .iter()
-            .filter(|rule| rule.spec.source.as_deref() == Some(source))
-            .count()
+            .filter(move |rule| rule.spec.source.as_deref() == Some(source))
     }
 
     /// The first reason `rule` does not match `event`.

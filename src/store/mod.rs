@@ -477,32 +477,21 @@ impl ListFilter {
             }
             None => {}
         }
-        match self.state {
-            Some(StateFilter::None) => conditions.push("t.id IS NULL".into()),
-            Some(StateFilter::Duplicate) => {
-                conditions.push("t.id IS NULL AND d.delivery_id LIKE '%~duplicate-%'".into())
-            }
-            Some(StateFilter::Refused) => {
-                conditions.push("t.id IS NULL AND d.delivery_id LIKE '%~refused-%'".into())
-            }
-            Some(StateFilter::Retrying) => {
-                conditions.push("t.state = 'queued' AND t.attempts > 0".into())
-            }
-            Some(state) => {
-                let name = match state {
-                    StateFilter::Queued => "queued",
-                    StateFilter::Sending => "sending",
-                    StateFilter::Sent => "sent",
-                    StateFilter::Failed => "failed",
-                    StateFilter::Cancelled => "cancelled",
-                    StateFilter::Retrying
-                    | StateFilter::None
-                    | StateFilter::Duplicate
-                    | StateFilter::Refused => unreachable!("handled above"),
-                };
-                conditions.push(format!("t.state = '{name}'"));
-            }
-            None => {}
+        if let Some(state) = self.state {
+            conditions.push(
+                match state {
+                    StateFilter::Queued => "t.state = 'queued'",
+                    StateFilter::Retrying => "t.state = 'queued' AND t.attempts > 0",
+                    StateFilter::Sending => "t.state = 'sending'",
+                    StateFilter::Sent => "t.state = 'sent'",
+                    StateFilter::Failed => "t.state = 'failed'",
+                    StateFilter::Cancelled => "t.state = 'cancelled'",
+                    StateFilter::None => "t.id IS NULL",
+                    StateFilter::Duplicate => "t.id IS NULL AND d.delivery_id LIKE '%~duplicate-%'",
+                    StateFilter::Refused => "t.id IS NULL AND d.delivery_id LIKE '%~refused-%'",
+                }
+                .into(),
+            );
         }
         if let Some(since) = self.since {
             let p = bind(SqlValue::Int(since), &mut values);

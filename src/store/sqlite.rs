@@ -826,21 +826,20 @@ fn cancel(
     let conn = &engine.conn;
     let candidates: Vec<(i64, String)> = match target {
         CancelTarget::Trigger(id) => {
-            let state: Option<String> = conn
+            let found: Option<(String, String)> = conn
                 .query_row(
-                    "SELECT state FROM triggers WHERE id = ?1",
+                    "SELECT state, order_key FROM triggers WHERE id = ?1",
                     params![id],
-                    |row| row.get(0),
+                    |row| Ok((row.get(0)?, row.get(1)?)),
                 )
                 .optional()?;
-            if state.as_deref() != Some("queued") {
-                return Ok(Err(super::cancel_refusal(*id, state.as_deref())));
+            match found {
+                Some((state, order_key)) if state == "queued" => vec![(*id, order_key)],
+                found => {
+                    let state = found.as_ref().map(|(state, _)| state.as_str());
+                    return Ok(Err(super::cancel_refusal(*id, state)));
+                }
             }
-            conn.query_row(
-                "SELECT id, order_key FROM triggers WHERE id = ?1",
-                params![id],
-                |row| Ok(vec![(row.get(0)?, row.get(1)?)]),
-            )?
         }
         CancelTarget::Project { project, upstream } => conn
             .prepare(
