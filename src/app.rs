@@ -155,7 +155,7 @@ impl App {
             let missing = missing.into_inner().expect("not poisoned");
             let named: Vec<String> = missing
                 .into_iter()
-                .filter(|name| text.contains(&format!("environment variable {name} ")))
+                .filter(|name| text.contains(&crate::secret::env_not_set(name)))
                 .collect();
             if !named.is_empty() {
                 text.push_str(&format!(

@@ -105,7 +105,7 @@ impl SecretRef {
             SecretRef::Env(name) => match env(name) {
                 Some(value) if !value.is_empty() => Ok(Secret(value)),
                 Some(_) => Err(format!("environment variable {name} is empty")),
-                None => Err(format!("environment variable {name} is not set")),
+                None => Err(env_not_set(name)),
             },
             SecretRef::File(path) => match std::fs::read_to_string(path) {
                 Ok(text) => {
@@ -120,6 +120,12 @@ impl SecretRef {
             },
         }
     }
+}
+
+/// What a missing environment variable is called in every message (a reload looks for it,
+/// to say that the environment is read only at start).
+pub fn env_not_set(name: &str) -> String {
+    format!("environment variable {name} is not set")
 }
 
 impl fmt::Display for SecretRef {
