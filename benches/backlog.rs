@@ -64,6 +64,10 @@ fn trigger(project: String) -> NewTrigger {
         delay_ms: 0,
         coalesce_ms: 0,
         done: None,
+        kind: Default::default(),
+        status_target: None,
+        pipeline_id: None,
+        queue_key: None,
     }
 }
 

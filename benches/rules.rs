@@ -33,6 +33,7 @@ fn rule(name: String, source: &str, repository: &str) -> RuleSpec {
             token: Some(Secret::new("glptt-bench")),
             variables: vec![("SHA".into(), "{{ event.after }}".into())],
             inputs: Vec::new(),
+            status_context: None,
         }],
     }
 }

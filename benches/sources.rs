@@ -17,6 +17,8 @@ const SECRET: &str = "It's a Secret to Everybody";
 fn source(provider: Provider) -> SourceConfig {
     SourceConfig {
         url_refs: None,
+        status: None,
+        pipelines_of: None,
         name: provider.to_string(),
         provider,
         secret: Some(Secret::new(SECRET)),

@@ -22,6 +22,8 @@ pub struct Runtime {
     pub config: Config,
     pub upstreams: Upstreams,
     pub limits: crate::limits::Limits,
+    /// Clients of the forges that sources report statuses to, by source.
+    pub status: crate::status::send::StatusClients,
 }
 
 impl Runtime {
@@ -32,10 +34,12 @@ impl Runtime {
     ) -> Result<Runtime, UpstreamError> {
         let upstreams = Upstreams::new(&config.upstreams)?;
         let limits = crate::limits::Limits::new(&config, shared);
+        let status = crate::status::send::StatusClients::new(&config)?;
         Ok(Runtime {
             config,
             upstreams,
             limits,
+            status,
         })
     }
 }

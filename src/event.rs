@@ -130,6 +130,9 @@ pub struct Event {
     pub ref_name: String,
     pub before: String,
     pub after: String,
+    /// The commit the ref now names: `after` for a branch, the commit an annotated tag
+    /// points to (not the tag object `after` names); empty for a deletion. Statuses go here.
+    pub commit: String,
     pub pusher: String,
     /// The true number of commits, which may exceed `commits.len()` (senders truncate).
     pub commit_count: u64,
@@ -232,6 +235,9 @@ pub struct RefChange {
     pub after: String,
     /// The sender says the ref was deleted (in addition to a zero `after`).
     pub deleted: bool,
+    /// The commit `after` resolves to, when the sender says (`head_commit.id`,
+    /// `checkout_sha`); `None`: `after` itself.
+    pub commit: Option<String>,
     pub commits: Vec<Commit>,
     /// The sender's true count when it truncates `commits`; else `commits.len()`.
     pub commit_count: Option<u64>,
@@ -271,6 +277,11 @@ impl EventContext {
             repository_web_url: self.repository_web_url.clone(),
             ref_name: ref_name.to_owned(),
             git_ref: change.full_ref,
+            commit: match (deleted, change.commit) {
+                (true, _) => String::new(),
+                (false, Some(commit)) if !commit.is_empty() && !is_zero_id(&commit) => commit,
+                (false, _) => change.after.clone(),
+            },
             before: change.before,
             after: change.after,
             pusher: self.pusher.clone(),
@@ -295,6 +306,7 @@ impl EventContext {
             ref_name: String::new(),
             before: String::new(),
             after: String::new(),
+            commit: String::new(),
             pusher: self.pusher.clone(),
             commit_count: 0,
             commits: Vec::new(),

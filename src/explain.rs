@@ -204,6 +204,16 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
                             "token": planned.token_ref.to_string(),
                             "variables": trigger.variables,
                             "inputs": trigger.inputs,
+                            "status": hooks::status_target(&config, source, &trigger, &planned.status_context, planned.commit.clone())
+                                .map(|target| serde_json::json!({
+                                    "forge": target.forge,
+                                    "api_url": target.api_url,
+                                    "repository": target.repository,
+                                    "commit": target.sha,
+                                    "context": target.context,
+                                    "token": target.token_ref,
+                                    "polled": target.poll,
+                                })),
                         }),
                         Err(error) => serde_json::json!({ "rule": planned.rule, "error": error }),
                     });
@@ -252,6 +262,16 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
         }
         Outcome::Skipped(note) => {
             let _ = writeln!(out, "\nno event: {note}");
+        }
+        Outcome::Pipeline(pipeline) => {
+            let _ = writeln!(
+                out,
+                "\npipeline event: pipeline #{} of {} is {}; it moves the commit status of a pipeline hookrelay started on upstream {}, and never starts one",
+                pipeline.pipeline_id,
+                pipeline.project_name(),
+                pipeline.status,
+                source.pipelines_of.as_deref().unwrap_or("-")
+            );
         }
     }
     // Payload text is shown, never obeyed by the terminal.
@@ -327,6 +347,34 @@ fn write_rules(
                 }
                 for (key, value) in &trigger.inputs {
                     let _ = writeln!(out, "    inputs[{key}] = {value}");
+                }
+                if let Some(source) = config.sources.get(&event.source)
+                    && source.status.is_some()
+                {
+                    let _ = match hooks::status_target(
+                        config,
+                        source,
+                        &trigger,
+                        &plan.status_context,
+                        plan.commit.clone(),
+                    ) {
+                        Some(target) => writeln!(
+                            out,
+                            "    status    {} {}@{} context {:?} via {} (token {}{})",
+                            target.forge.as_str(),
+                            target.repository,
+                            crate::status::short(&target.sha),
+                            target.context,
+                            target.api_url,
+                            target.token_ref,
+                            if target.poll {
+                                "; the pipeline is polled"
+                            } else {
+                                ""
+                            }
+                        ),
+                        None => writeln!(out, "    status    none: the event names no commit"),
+                    };
                 }
             }
             Err(error) => {

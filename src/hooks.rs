@@ -43,6 +43,10 @@ pub async fn handle(
         body,
     };
     let (received, url_ref) = verify(app, source, parts, &request)?;
+    if let Outcome::Pipeline(event) = &received.outcome {
+        check_source_limit(runtime, source, &received)?;
+        return pipeline_event(app, source, parts, &request, &received, event.clone()).await;
+    }
     // A webhook a limit refuses is recorded as such (and the refusal answered).
     let refused = |err: ApiError| {
         turn_away(
@@ -277,6 +281,8 @@ fn plan(
             note = %note,
             "webhook skipped"
         ),
+        // Answered by `pipeline_event`; a pipeline event never runs the rules.
+        Outcome::Pipeline(_) => {}
     }
     (planned, unmatched)
 }
@@ -361,12 +367,17 @@ pub(crate) fn build(
                         .get(&trigger.upstream)
                         .and_then(|u| u.coalesce)
                 });
-                built.triggers.push(NewTrigger::queued(
-                    plan.rule,
+                let target = status_target(
+                    config,
+                    source,
                     &trigger,
-                    &plan.token_ref,
-                    coalesce,
-                ));
+                    &plan.status_context,
+                    plan.commit.clone(),
+                )
+                .map(|target| serde_json::to_string(&target).expect("a target serializes"));
+                let mut queued = NewTrigger::queued(plan.rule, &trigger, &plan.token_ref, coalesce);
+                queued.status_target = target;
+                built.triggers.push(queued);
             }
             Err(error) => {
                 tracing::warn!(source = %source.name, delivery = %received.delivery, rule = %plan.rule, %error, "trigger not built");
@@ -377,6 +388,38 @@ pub(crate) fn build(
         }
     }
     built
+}
+
+/// Where the statuses of a planned trigger's pipeline go, when its source reports them.
+pub(crate) fn status_target(
+    config: &crate::config::Config,
+    source: &sources::SourceConfig,
+    trigger: &crate::trigger::Trigger,
+    context: &str,
+    commit: Option<(String, String)>,
+) -> Option<crate::status::StatusTarget> {
+    let status = source.status.as_ref()?;
+    let (repository, sha) = commit?;
+    let upstream = config.upstreams.get(&trigger.upstream);
+    let base = upstream.map_or_else(String::new, |u| {
+        u.url.to_string().trim_end_matches('/').to_owned()
+    });
+    let project = trigger.project.to_string();
+    Some(crate::status::StatusTarget {
+        source: source.name.clone(),
+        forge: status.forge,
+        api_url: status.api_url.clone(),
+        token_ref: status.token_ref.to_string(),
+        repository,
+        sha,
+        context: context.to_owned(),
+        fallback_url: if project.parse::<u64>().is_ok() {
+            base
+        } else {
+            format!("{base}/{project}")
+        },
+        poll: upstream.is_some_and(|u| u.read_token.is_some()),
+    })
 }
 
 /// An upstream limit that rejects refuses the webhook while a project has no room.
@@ -515,6 +558,7 @@ pub fn reply(source: &str, received: &Received) -> Value {
             Some("ping received; the webhook reaches hookrelay".into()),
         ),
         Outcome::Skipped(note) => (Vec::new(), Some(note.clone())),
+        Outcome::Pipeline(_) => (Vec::new(), None),
     };
     let mut reply = json!({
         "source": source,
@@ -525,7 +569,56 @@ pub fn reply(source: &str, received: &Received) -> Value {
     if let Some(note) = note {
         reply["note"] = Value::String(note);
     }
+    if let Outcome::Pipeline(pipeline) = &received.outcome {
+        reply["pipeline"] = json!({
+            "id": pipeline.pipeline_id,
+            "status": pipeline.status,
+            "project": pipeline.project_name(),
+        });
+    }
     reply
+}
+
+/// A GitLab pipeline event on a source tied to an upstream: recorded with the status post
+/// it calls for in one commit, then answered `200` with what it did. An event for a
+/// pipeline hookrelay did not start is answered with a note and writes nothing.
+async fn pipeline_event(
+    app: &App,
+    source: &sources::SourceConfig,
+    parts: &http::request::Parts,
+    request: &WebhookRequest<'_>,
+    received: &Received,
+    event: crate::status::PipelineEvent,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let mut reply = reply(&source.name, received);
+    let upstream = source.pipelines_of.clone().unwrap_or_default();
+    let delivery = NewDelivery {
+        source: source.name.clone(),
+        delivery_id: received.delivery.clone(),
+        event_type: received.event_type.clone(),
+        headers: stored_headers(&parts.headers, source),
+        body: crate::store::StoredBody::encode(sources::storable_body(source, request)),
+        summary: reply.to_string(),
+        triggers: Vec::new(),
+    };
+    let (pipeline, status) = (event.pipeline_id, event.status.clone());
+    let applied = app
+        .outbox
+        .pipeline(crate::status::PipelineUpdate {
+            upstream: upstream.clone(),
+            event,
+            delivery: Some(delivery),
+        })
+        .await
+        .map_err(ApiError::Store)?;
+    let note = applied.note();
+    tracing::info!(source = %source.name, delivery = %received.delivery, %upstream, pipeline, %status, %note, "pipeline event");
+    if matches!(applied, crate::status::Applied::Duplicate) {
+        reply["duplicate"] = Value::Bool(true);
+    }
+    reply["note"] = Value::String(note);
+    reply["triggers"] = json!([]);
+    Ok(json_response(StatusCode::OK, &reply))
 }
 
 /// An event without its payload, as answers and `explain --json` show it.

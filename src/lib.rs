@@ -39,6 +39,7 @@ pub mod scheduler;
 pub mod secret;
 pub mod server;
 pub mod sources;
+pub mod status;
 pub mod store;
 pub mod terminal;
 pub mod tls;

@@ -46,6 +46,14 @@ pub struct UpstreamLabels {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// `github`, `gitea`, `bitbucket-cloud`, `bitbucket-server`.
+    pub forge: String,
+    /// `queued`, `sent`, `retried`, `failed`, `superseded`, `skipped`.
+    pub outcome: String,
+}
+
 /// What happened to a trigger.
 #[derive(Clone, Copy, Debug)]
 pub enum TriggerOutcome {
@@ -85,6 +93,8 @@ pub struct Metrics {
     outbox_depth: Gauge,
     outbox_oldest_due_age: Gauge<f64, AtomicU64>,
     limit_refusals: Family<LimitLabels, Counter>,
+    status_posts: Family<StatusLabels, Counter>,
+    pipeline_polls: Family<OutcomeLabels, Counter>,
     process: ProcessMetrics,
 }
 
@@ -179,6 +189,18 @@ impl Metrics {
             "Requests refused by a rate limit (on_limit = \"reject\" and the gateway's limits), by the setting",
             limit_refusals.clone(),
         );
+        let status_posts = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "status_posts",
+            "Commit statuses posted back to the forges, by forge and outcome: sent, retried, failed",
+            status_posts.clone(),
+        );
+        let pipeline_polls = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "pipeline_polls",
+            "Polls of GitLab for a pipeline's state, by outcome: changed, unchanged, finished, retried, failed, deferred",
+            pipeline_polls.clone(),
+        );
         registry.register(
             "build",
             "The relay's version",
@@ -217,6 +239,8 @@ impl Metrics {
         );
         Metrics {
             limit_refusals,
+            status_posts,
+            pipeline_polls,
             process,
             registry,
             requests,
@@ -256,6 +280,24 @@ impl Metrics {
         self.rule_matches
             .get_or_create(&RuleLabels {
                 rule: rule.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A status post's attempt ended so (`forge` as in configuration).
+    pub fn status_post(&self, forge: &str, outcome: &str) {
+        self.status_posts
+            .get_or_create(&StatusLabels {
+                forge: forge.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn pipeline_poll(&self, outcome: &str) {
+        self.pipeline_polls
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
             })
             .inc();
     }

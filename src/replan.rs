@@ -62,6 +62,12 @@ pub fn replan(
             ));
         }
         Outcome::Skipped(note) => return Err(format!("delivery {}: {note}", stored.delivery_id)),
+        Outcome::Pipeline(_) => {
+            return Err(format!(
+                "delivery {} is a GitLab pipeline event; it moves a commit status and starts nothing",
+                stored.delivery_id
+            ));
+        }
     };
     let mut planned = Vec::new();
     let mut problems = Vec::new();

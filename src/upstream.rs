@@ -164,23 +164,63 @@ impl Upstream {
     }
 
     async fn exchange(&self, call: &UpstreamCall) -> Result<UpstreamResponse, UpstreamError> {
-        let mut request = Request::post(format!("{}{}", self.base, call.path_and_query))
-            .header(
-                header::USER_AGENT,
-                concat!("hookrelay/", env!("CARGO_PKG_VERSION")),
-            )
-            .header(header::ACCEPT, "application/json");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         if let Some(content_type) = &call.content_type
             && let Ok(value) = HeaderValue::from_str(content_type)
         {
-            request = request.header(header::CONTENT_TYPE, value);
+            headers.insert(header::CONTENT_TYPE, value);
         }
-        let request = request.body(Full::new(call.body.clone())).map_err(|err| {
-            UpstreamError::BadResponse {
+        self.request(
+            http::Method::POST,
+            &call.path_and_query,
+            headers,
+            call.body.clone(),
+        )
+        .await
+    }
+
+    /// Makes any call below the base URL and reads the whole answer within the timeout,
+    /// taking its turn among the `max_in_flight` calls: status posts to a forge, polls of
+    /// a pipeline. `headers` may hold a token: they are never logged.
+    pub async fn call(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("the in-flight semaphore is never closed");
+        self.request(method, path_and_query, headers, body).await
+    }
+
+    async fn request(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path_and_query))
+            .header(
+                header::USER_AGENT,
+                concat!("hookrelay/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(all) = request.headers_mut() {
+            all.extend(headers);
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|err| UpstreamError::BadResponse {
                 upstream: self.name.clone(),
                 reason: format!("the request cannot be built: {err}"),
-            }
-        })?;
+            })?;
         let started = Instant::now();
         let exchange = async {
             let response = self

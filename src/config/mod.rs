@@ -298,7 +298,8 @@ impl Builder {
         for (name, raw, origin) in
             named_tables::<upstream::RawUpstream>("upstream", value, file, &defined, problems)
         {
-            if let Some(upstream) = upstream::compile(&name, raw, env, problems) {
+            let secrets = self.resolve_secrets.then_some(env);
+            if let Some(upstream) = upstream::compile(&name, raw, env, secrets, problems) {
                 self.upstreams.insert(name, (upstream, origin));
             }
         }
@@ -558,6 +559,20 @@ impl Builder {
             }
             (None, None) => None,
         };
+        for (name, (source, origin)) in &self.sources {
+            if let Some(upstream) = &source.pipelines_of
+                && !self.upstreams.contains_key(upstream)
+            {
+                self.problems.push(Problem {
+                    file: origin.file.clone(),
+                    line: Some(origin.line),
+                    message: format!(
+                        "source.{name}.upstream: {upstream:?} names no [upstream.{upstream}] (defined: {})",
+                        self.upstreams.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
         let gateway = self.gateway.take().and_then(|(raw, origin)| {
             let upstreams: Vec<String> = self.upstreams.keys().cloned().collect();
             gateway::compile(raw, &origin, &upstreams, &mut self.problems)

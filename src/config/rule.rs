@@ -39,6 +39,7 @@ pub(super) struct RawTrigger {
     token: Spanned<String>,
     variables: Option<Spanned<IndexMap<String, String>>>,
     inputs: Option<Spanned<IndexMap<String, serde_json::Value>>>,
+    status_context: Option<Spanned<String>>,
 }
 
 /// One glob or a list of them.
@@ -282,6 +283,7 @@ pub(super) fn compile_rule(
                 token,
                 variables,
                 inputs,
+                status_context: raw_trigger.status_context.map(Spanned::into_inner),
             },
             upstream,
         });

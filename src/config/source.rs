@@ -29,6 +29,17 @@ pub(super) struct RawSource {
     delivery_header: Option<Spanned<String>>,
     limit: Option<Spanned<super::RawLimit>>,
     url_refs: Option<Spanned<Vec<String>>>,
+    status: Option<Spanned<RawStatus>>,
+    upstream: Option<Spanned<String>>,
+}
+
+/// `status = { token = "env:NAME", api_url = "…", ca_file = "…" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatus {
+    token: String,
+    api_url: Option<String>,
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +139,16 @@ pub(super) fn compile_source(
         &[Provider::Generic],
         problems,
     );
+    only_for(
+        raw.upstream.as_ref().map(Spanned::span),
+        "upstream (pipeline events of a GitLab)",
+        &[Provider::Gitlab],
+        problems,
+    );
+    let status = raw.status.and_then(|status| {
+        compile_status(name, provider, status, resolve_secrets, problems, &mut ok)
+    });
+    let pipelines_of = raw.upstream.map(Spanned::into_inner);
 
     let has_secret = raw.secret.is_some();
     // An invalid `signature` is reported on its own; it is not also "no proof".
@@ -277,6 +298,106 @@ pub(super) fn compile_source(
         generic,
         limit,
         url_refs,
+        status,
+        pipelines_of,
+    })
+}
+
+/// The API root from a configured `api_url`: a server's address gains the forge's API
+/// path (GitHub Enterprise Server's `/api/v3`, Gitea's and Forgejo's `/api/v1`) unless it
+/// names one already.
+fn api_root(forge: crate::status::Forge, uri: &http::Uri, url: &str) -> String {
+    let path = uri.path().trim_end_matches('/');
+    match forge {
+        crate::status::Forge::Github
+            if uri.host() != Some("api.github.com") && !path.ends_with("/api/v3") =>
+        {
+            format!("{url}/api/v3")
+        }
+        crate::status::Forge::Gitea if !path.ends_with("/api/v1") => format!("{url}/api/v1"),
+        _ => url.to_owned(),
+    }
+}
+
+/// `status = { … }`: the forge of the source's provider, its API root, the token.
+fn compile_status(
+    name: &str,
+    provider: Provider,
+    raw: Spanned<RawStatus>,
+    resolve_secrets: Option<EnvLookup<'_>>,
+    problems: &mut FileProblems<'_>,
+    ok: &mut bool,
+) -> Option<crate::sources::StatusConfig> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let mut refuse = |message: String, problems: &mut FileProblems<'_>| {
+        problems.at(
+            Some(span.clone()),
+            format!("source.{name}.status: {message}"),
+        );
+        *ok = false;
+    };
+    let forge = match crate::status::Forge::of(provider) {
+        Ok(forge) => forge,
+        Err(reason) => {
+            refuse(reason, problems);
+            return None;
+        }
+    };
+    let api_url = match raw.api_url.as_deref().map(str::trim) {
+        Some(url) => match url.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() =>
+            {
+                api_root(forge, &uri, url.trim_end_matches('/'))
+            }
+            _ => {
+                refuse(
+                    format!("api_url {url:?} is not an http:// or https:// address"),
+                    problems,
+                );
+                return None;
+            }
+        },
+        None => match forge.default_api_url() {
+            Ok(url) => url.to_owned(),
+            Err(reason) => {
+                refuse(reason.into(), problems);
+                return None;
+            }
+        },
+    };
+    let token_ref = match SecretRef::parse_in(&raw.token, problems.folder()) {
+        Ok(reference) => reference,
+        Err(reason) => {
+            refuse(format!("token: {reason}"), problems);
+            return None;
+        }
+    };
+    let token = match resolve_secrets {
+        None => None,
+        Some(env) => match token_ref.resolve_with(env) {
+            Ok(token) => Some(token),
+            Err(reason) => {
+                refuse(format!("token ({token_ref}): {reason}"), problems);
+                return None;
+            }
+        },
+    };
+    let ca_file = match raw.ca_file {
+        None => None,
+        Some(field) => Some(super::upstream::ca_file(
+            field,
+            &format!("source.{name}.status.ca_file"),
+            problems,
+        )?),
+    };
+    Some(crate::sources::StatusConfig {
+        forge,
+        api_url,
+        token_ref,
+        token,
+        ca_file,
     })
 }
 

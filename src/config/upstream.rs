@@ -28,7 +28,23 @@ pub struct UpstreamConfig {
     pub coalesce: Option<Duration>,
     /// Calls in flight to this upstream at most (gateway calls and triggers together).
     pub max_in_flight: usize,
+    /// `read_token`: a token that may read pipelines (`read_api`), so that hookrelay polls
+    /// the pipelines it started for their statuses where no pipeline events come.
+    pub read_token: Option<ReadToken>,
+    /// Polls of this upstream a minute at most, across all its pipelines.
+    pub polls_per_minute: u32,
 }
+
+/// `[upstream.NAME] read_token`: its reference, and what it resolved to at load (`None`
+/// when secrets were not read).
+#[derive(Clone, Debug)]
+pub struct ReadToken {
+    pub reference: crate::secret::SecretRef,
+    pub token: Option<crate::secret::Secret>,
+}
+
+/// Default `[upstream.NAME] polls_per_minute`.
+pub const DEFAULT_POLLS_PER_MINUTE: u32 = 60;
 
 /// Default `[upstream.NAME] max_in_flight`.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
@@ -53,6 +69,8 @@ pub(super) struct RawUpstream {
     limit: Option<Spanned<RawLimit>>,
     coalesce: Option<Spanned<String>>,
     max_in_flight: Option<Spanned<i64>>,
+    read_token: Option<Spanned<String>>,
+    polls_per_minute: Option<Spanned<i64>>,
 }
 
 /// Compiles one `[upstream.NAME]`; the URL may come from `HOOKRELAY_UPSTREAM_<NAME>_URL`.
@@ -60,6 +78,7 @@ pub(super) fn compile(
     name: &str,
     raw: RawUpstream,
     env: EnvLookup<'_>,
+    resolve_secrets: Option<EnvLookup<'_>>,
     problems: &mut FileProblems<'_>,
 ) -> Option<UpstreamConfig> {
     let env_name = format!(
@@ -144,6 +163,40 @@ pub(super) fn compile(
             DEFAULT_MAX_IN_FLIGHT
         }
     };
+    let read_token = raw.read_token.and_then(|field| {
+        let span = field.span();
+        let reference = match crate::secret::SecretRef::parse_in(field.get_ref(), problems.folder())
+        {
+            Ok(reference) => reference,
+            Err(reason) => {
+                problems.at(Some(span), format!("upstream.{name}.read_token: {reason}"));
+                return None;
+            }
+        };
+        let token = match resolve_secrets.map(|env| reference.resolve_with(env)) {
+            None => None,
+            Some(Ok(token)) => Some(token),
+            Some(Err(reason)) => {
+                problems.at(
+                    Some(span),
+                    format!("upstream.{name}.read_token ({reference}): {reason}"),
+                );
+                return None;
+            }
+        };
+        Some(ReadToken { reference, token })
+    });
+    let polls_per_minute = match raw.polls_per_minute {
+        None => DEFAULT_POLLS_PER_MINUTE,
+        Some(n) if (1..=100_000).contains(n.get_ref()) => *n.get_ref() as u32,
+        Some(n) => {
+            problems.at(
+                Some(n.span()),
+                format!("upstream.{name}.polls_per_minute must be between 1 and 100000"),
+            );
+            DEFAULT_POLLS_PER_MINUTE
+        }
+    };
     Some(UpstreamConfig {
         name: name.to_owned(),
         url: url?,
@@ -153,6 +206,8 @@ pub(super) fn compile(
         per_project,
         coalesce,
         max_in_flight,
+        read_token,
+        polls_per_minute,
     })
 }
 

@@ -242,6 +242,10 @@ pub fn record(outbox: &crate::outbox::Outbox, trigger: &Trigger, outcome: crate:
             delay_ms: 0,
             coalesce_ms: 0,
             done: Some(outcome),
+            kind: crate::store::WorkKind::Trigger,
+            status_target: None,
+            pipeline_id: None,
+            queue_key: None,
         }],
     };
     outbox.note(delivery);

@@ -23,7 +23,7 @@ use crate::git_ref::GitRef;
 use crate::limits::Refused;
 use crate::metrics::TriggerOutcome;
 use crate::secret::{Secret, SecretRef};
-use crate::store::Lease;
+use crate::store::{Lease, WorkKind};
 use crate::trigger::{ProjectId, Trigger};
 
 /// How the forwarder behaves (`[delivery]` and `--dry-run`).
@@ -130,6 +130,7 @@ pub async fn run(
         if tokio::time::Instant::now() >= next_evict {
             next_evict += EVICT_EVERY;
             app.runtime().limits.evict_idle();
+            app.runtime().status.evict_idle();
             let now = std::time::Instant::now();
             paused
                 .lock()
@@ -244,6 +245,15 @@ async fn attempt(
     options: &ForwarderOptions,
     held: &Held,
 ) {
+    match due.kind {
+        WorkKind::Status => {
+            return crate::status::send::post(app, outbox, due, options, held.claimed_at).await;
+        }
+        WorkKind::Poll => {
+            return crate::status::send::poll(app, outbox, due, options, held.claimed_at).await;
+        }
+        WorkKind::Trigger => {}
+    }
     let runtime = app.runtime();
     let attempts = due.attempts + 1;
     let span_fields = (
@@ -492,6 +502,28 @@ fn pause_project(runtime: &crate::app::Runtime, due: &DueTrigger, paused: &Pause
         .insert(pause_key(due), std::time::Instant::now() + wait);
 }
 
+/// The wait before attempt `attempts + 1` of queued work (never below `floor`), or, once
+/// waiting would pass the policy's age, why it is given up.
+pub(crate) fn backoff(
+    options: &ForwarderOptions,
+    due: &DueTrigger,
+    attempts: i64,
+    floor: Duration,
+    reason: &str,
+) -> Result<Duration, String> {
+    let age = age(due);
+    let delay = options
+        .policy
+        .delay(attempts as u32, floor, fastrand::f64());
+    if age + delay > options.policy.max_age {
+        return Err(format!(
+            "gave up after {attempts} attempts over {}s: {reason}",
+            age.as_secs()
+        ));
+    }
+    Ok(delay)
+}
+
 fn retry_or_fail(
     app: &App,
     due: &DueTrigger,
@@ -501,28 +533,23 @@ fn retry_or_fail(
     status: Option<u16>,
     reason: String,
 ) {
-    let age = age(due);
-    let delay = options
-        .policy
-        .delay(attempts as u32, floor, fastrand::f64());
-    if age + delay > options.policy.max_age {
-        let reason = format!(
-            "gave up after {attempts} attempts over {}s: {reason}",
-            age.as_secs()
-        );
-        tracing::warn!(delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project, %reason, "trigger failed");
-        app.outbox.record(
-            due.lease,
-            Recorded::Failed {
-                status,
-                reason,
-                pipeline_id: None,
-                pipeline_url: None,
-            },
-        );
-        app.metrics.trigger(TriggerOutcome::Failed);
-        return;
-    }
+    let delay = match backoff(options, due, attempts, floor, &reason) {
+        Ok(delay) => delay,
+        Err(reason) => {
+            tracing::warn!(delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project, %reason, "trigger failed");
+            app.outbox.record(
+                due.lease,
+                Recorded::Failed {
+                    status,
+                    reason,
+                    pipeline_id: None,
+                    pipeline_url: None,
+                },
+            );
+            app.metrics.trigger(TriggerOutcome::Failed);
+            return;
+        }
+    };
     tracing::info!(
         delivery = %due.delivery_id, source = %due.source, rule = %due.rule, project = %due.project,
         attempts, retry_in_ms = delay.as_millis() as u64, %reason, "trigger will be retried"

@@ -86,6 +86,13 @@ enum Op {
     Note(NewDelivery),
     Claim(usize, oneshot::Sender<Result<Claimed, EngineError>>),
     Record(Lease, Recorded),
+    /// A pipeline's new state: a pipeline event (answered once committed), or a poll's
+    /// answer recorded with the poll's own outcome.
+    Pipeline(
+        Box<crate::status::PipelineUpdate>,
+        Option<(Lease, Recorded)>,
+        Option<oneshot::Sender<Result<crate::status::Applied, EngineError>>>,
+    ),
     Replay(ReplayTarget, oneshot::Sender<Result<Vec<i64>, EngineError>>),
     Prune(i64, oneshot::Sender<Result<usize, EngineError>>),
     Flush(oneshot::Sender<()>),
@@ -293,6 +300,25 @@ impl Outbox {
 
     pub async fn replay(&self, target: ReplayTarget) -> Result<Vec<i64>, StoreError> {
         self.ask(|reply| Op::Replay(target, reply)).await
+    }
+
+    /// Records a pipeline event and queues the status it calls for; returns once both are
+    /// committed (the event's delivery id makes a repeat a duplicate).
+    pub async fn pipeline(
+        &self,
+        update: crate::status::PipelineUpdate,
+    ) -> Result<crate::status::Applied, StoreError> {
+        self.ask(|reply| Op::Pipeline(Box::new(update), None, Some(reply)))
+            .await
+    }
+
+    /// A poll's answer: the pipeline's state and the poll's own outcome, in one write.
+    pub fn polled(&self, update: crate::status::PipelineUpdate, lease: Lease, recorded: Recorded) {
+        let _ = self.writer.send(Op::Pipeline(
+            Box::new(update),
+            Some((lease, recorded)),
+            None,
+        ));
     }
 
     /// Deletes finished deliveries received before `before_ms`, a batch per commit.
@@ -553,9 +579,12 @@ impl Writer {
     /// One transaction; `with_pending`: the kept outcomes go first.
     fn write_group(&mut self, batch: Vec<Op>, with_pending: bool) {
         // Only a commit that precedes an acknowledgement needs to reach the disk first.
-        let durable = batch
-            .iter()
-            .any(|op| matches!(op, Op::Accept(..) | Op::Replay(..)));
+        let durable = batch.iter().any(|op| {
+            matches!(
+                op,
+                Op::Accept(..) | Op::Replay(..) | Op::Pipeline(_, None, _)
+            )
+        });
         let probe = batch.is_empty() && self.pending.is_empty();
         let pending = if with_pending {
             std::mem::take(&mut self.pending)
@@ -693,6 +722,33 @@ impl Writer {
                 outcome.replies.push(answer(reply, result));
             }
             Op::Record(lease, recorded) => self.record(lease, recorded, now, outcome),
+            Op::Pipeline(update, poll, reply) => {
+                let result = self.in_savepoint(|engine| {
+                    if let Some((lease, recorded)) = &poll
+                        && !engine.record(*lease, recorded, now)?
+                    {
+                        return Ok(crate::status::Applied::Skipped(
+                            "the poll's claim is no longer current".into(),
+                        ));
+                    }
+                    crate::status::apply_pipeline(engine, &update, now)
+                });
+                outcome.new_triggers |= result.is_ok();
+                outcome.note_result(&result);
+                match (&result, poll) {
+                    (Err(err), Some((lease, _))) if err.transient => {
+                        // Asked again once the store takes writes: the key is due again.
+                        self.pending.push((lease, Recorded::Released));
+                    }
+                    (Err(err), _) if self.logged.allow("pipeline").is_some() => {
+                        tracing::warn!(pipeline = update.event.pipeline_id, reason = %err, "a pipeline's state could not be stored");
+                    }
+                    _ => {}
+                }
+                if let Some(reply) = reply {
+                    outcome.replies.push(answer(reply, result));
+                }
+            }
             Op::Replay(target, reply) => {
                 let result = self.in_savepoint(|engine| engine.replay(&target, now));
                 outcome.new_triggers |= result.is_ok();
@@ -713,6 +769,18 @@ impl Writer {
     /// Records one outcome; a transient failure keeps it for the next group.
     fn record(&mut self, lease: Lease, recorded: Recorded, now: i64, outcome: &mut GroupOutcome) {
         let result = self.in_savepoint(|engine| engine.record(lease, &recorded, now));
+        if matches!(result, Ok(true)) {
+            // The first status of the trigger's pipeline, where its source reports them.
+            // A failure here keeps the outcome: the trigger was sent, whatever the status.
+            let status = self.in_savepoint(|engine| {
+                crate::status::after_trigger(engine, lease.trigger, &recorded, now)
+            });
+            if let Err(err) = status
+                && self.logged.allow("status").is_some()
+            {
+                tracing::warn!(trigger = lease.trigger, reason = %err, "the first status of a trigger's pipeline could not be queued");
+            }
+        }
         match result {
             Ok(true) => {
                 outcome.wrote = true;
@@ -758,6 +826,14 @@ impl Writer {
             Op::Replay(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Prune(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Record(lease, recorded) => self.pending.push((lease, recorded)),
+            Op::Pipeline(_, poll, reply) => {
+                if let Some((lease, _)) = poll {
+                    self.pending.push((lease, Recorded::Released));
+                }
+                if let Some(reply) = reply {
+                    outcome.replies.push(answer(reply, Err(err.clone())));
+                }
+            }
             Op::Note(_) => {}
             Op::Flush(reply) => {
                 let _ = reply.send(());
@@ -839,7 +915,8 @@ fn write_order(op: &Op) -> (u8, &str, &str, i64) {
             (0, &delivery.source, &delivery.delivery_id, 0)
         }
         Op::Record(lease, _) => (1, "", "", lease.trigger),
-        _ => (2, "", "", 0),
+        Op::Pipeline(update, _, _) => (2, &update.upstream, "", update.event.pipeline_id),
+        _ => (3, "", "", 0),
     }
 }
 
@@ -923,6 +1000,23 @@ mod tests {
         }
         fn replay(&mut self, t: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError> {
             self.inner.replay(t, now)
+        }
+        fn queue_work(
+            &mut self,
+            row: i64,
+            work: &[NewTrigger],
+            now: i64,
+        ) -> Result<Vec<i64>, EngineError> {
+            self.inner.queue_work(row, work, now)
+        }
+        fn pipeline_origin(
+            &mut self,
+            of: &crate::store::OriginOf,
+        ) -> Result<Option<crate::store::PipelineOrigin>, EngineError> {
+            self.inner.pipeline_origin(of)
+        }
+        fn newest_status(&mut self, key: &str, id: i64) -> Result<Option<String>, EngineError> {
+            self.inner.newest_status(key, id)
         }
         fn prune(&mut self, before: i64, batch: usize) -> Result<usize, EngineError> {
             self.inner.prune(before, batch)

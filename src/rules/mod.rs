@@ -113,6 +113,8 @@ pub struct TriggerSpec {
     pub token: Option<Secret>,
     pub variables: Vec<(String, String)>,
     pub inputs: Vec<(String, InputValue)>,
+    /// Names the commit status of the pipeline (a template); `None`: `gitlab/<project>`.
+    pub status_context: Option<String>,
 }
 
 /// A `[[rule]]` as written, validated but with templates not yet compiled.
@@ -148,6 +150,7 @@ struct CompiledTrigger {
     git_ref: Option<Compiled>,
     variables: Vec<(String, Compiled)>,
     inputs: Vec<(String, Result<Compiled, serde_json::Value>)>,
+    status_context: Option<Compiled>,
 }
 
 /// A compiled rule.
@@ -210,6 +213,11 @@ pub struct Planned {
     pub token_ref: SecretRef,
     /// The rule's `coalesce` window.
     pub coalesce: Option<std::time::Duration>,
+    /// The context (GitHub, Gitea) or key (Bitbucket) of the pipeline's commit status.
+    pub status_context: String,
+    /// The repository and commit a status of the pipeline belongs to: `None` for a
+    /// deletion (no commit) and a scheduled rule (no webhook).
+    pub commit: Option<(String, String)>,
 }
 
 impl RuleSet {
@@ -227,10 +235,13 @@ impl RuleSet {
                            line: usize,
                            what: &str|
              -> Option<Compiled> {
+                let with_trigger = what == "status_context";
                 let result = env
                     .add_template_owned(name.clone(), source)
                     .map_err(|err| template::error_text(&err))
-                    .and_then(|()| template::check_variables(env, &name, scheduled));
+                    .and_then(|()| {
+                        template::check_variables_with(env, &name, scheduled, with_trigger)
+                    });
                 match result {
                     Ok(()) => Some(Compiled { name }),
                     Err(message) => {
@@ -305,6 +316,18 @@ impl RuleSet {
                         InputValue::Literal(value) => (key.clone(), Err(value.clone())),
                     })
                     .collect();
+                let status_context = trigger.status_context.as_ref().map(|text| {
+                    add(
+                        &mut env,
+                        format!("{prefix}/status_context"),
+                        text.clone(),
+                        trigger.line,
+                        "status_context",
+                    )
+                });
+                if matches!(status_context, Some(None)) {
+                    continue;
+                }
                 // `git_ref`: None when the trigger has no ref template, Some(None) when it failed.
                 let git_ref = match git_ref {
                     None => Some(None),
@@ -325,6 +348,7 @@ impl RuleSet {
                         .map(|(k, c)| (k, c.expect("checked above")))
                         .collect(),
                     inputs,
+                    status_context: status_context.flatten(),
                 });
             }
             rules.push(Rule {
@@ -593,12 +617,54 @@ impl RuleSet {
                 webhook_body: None,
             })
         };
+        let mut built = build();
+        let mut status_context = String::new();
+        if let Ok(planned) = &built {
+            match self.status_context(trigger, context, planned) {
+                Ok(text) => status_context = text,
+                Err(err) => built = Err(err),
+            }
+        }
         Planned {
             rule: rule.name().to_owned(),
-            trigger: build(),
+            trigger: built,
             token_ref: trigger.spec.token_ref.clone(),
             coalesce: rule.spec.coalesce,
+            status_context,
+            commit: event
+                .filter(|e| !e.commit.is_empty())
+                .map(|e| (e.repository.clone(), e.commit.clone())),
         }
+    }
+
+    /// The trigger's `status_context`, or the default that names the GitLab project (so
+    /// a tag fanned out to three projects shows three statuses).
+    fn status_context(
+        &self,
+        trigger: &CompiledTrigger,
+        context: &Value,
+        planned: &Trigger,
+    ) -> Result<String, String> {
+        let project = planned.project.to_string();
+        let Some(template) = &trigger.status_context else {
+            return Ok(format!("gitlab/{project}"));
+        };
+        let with_trigger = minijinja::context! {
+            trigger => minijinja::context! {
+                project => project,
+                ref => planned.git_ref.as_str(),
+                upstream => planned.upstream.as_str(),
+            },
+            ..context.clone()
+        };
+        let text = self
+            .render(&template.name, &with_trigger)
+            .map_err(|e| format!("status_context: {e}"))?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("status_context: the template rendered nothing".into());
+        }
+        Ok(text.to_owned())
     }
 }
 
@@ -639,6 +705,7 @@ mod tests {
                 token: Some(Secret::new("glptt-x")),
                 variables: vec![("SHA".into(), "{{ event.after[:7] }}".into())],
                 inputs: vec![("n".into(), InputValue::Literal(serde_json::json!(3)))],
+                status_context: None,
             }],
         }
     }

@@ -27,6 +27,7 @@ pub const EVENT_FIELDS: &[&str] = &[
     "ref_name",
     "before",
     "after",
+    "commit",
     "pusher",
     "commit_count",
     "commits",
@@ -36,6 +37,10 @@ pub const EVENT_FIELDS: &[&str] = &[
 
 /// The names a scheduled rule's templates may read after `schedule.`.
 pub const SCHEDULE_FIELDS: &[&str] = &["rule", "time", "timezone"];
+
+/// What a trigger's `status_context` may read after `trigger.`, besides the event: the
+/// trigger as planned.
+pub const TRIGGER_FIELDS: &[&str] = &["project", "ref", "upstream"];
 
 /// A fresh environment with strict undefined behaviour and Python-style string methods
 /// (`event.ref_name.startswith("wip/")`).
@@ -58,13 +63,26 @@ pub fn check_variables(
     name: &str,
     scheduled: bool,
 ) -> Result<(), String> {
+    check_variables_with(env, name, scheduled, false)
+}
+
+/// [`check_variables`]; `with_trigger`: `trigger.<field>` may be read too (a
+/// `status_context`).
+pub fn check_variables_with(
+    env: &Environment<'static>,
+    name: &str,
+    scheduled: bool,
+    with_trigger: bool,
+) -> Result<(), String> {
     let template = env.get_template(name).map_err(|err| err.to_string())?;
     let used: BTreeSet<String> = template.undeclared_variables(true).into_iter().collect();
     for path in used {
         let mut parts = path.splitn(3, '.');
         let root = parts.next().unwrap_or_default();
         let field = parts.next();
-        let (allowed_root, fields) = if scheduled {
+        let (allowed_root, fields) = if with_trigger && root == "trigger" {
+            ("trigger", TRIGGER_FIELDS)
+        } else if scheduled {
             ("schedule", SCHEDULE_FIELDS)
         } else {
             ("event", EVENT_FIELDS)
@@ -122,6 +140,7 @@ impl Object for EventObject {
             "ref_name" => Value::from(event.ref_name.as_str()),
             "before" => Value::from(event.before.as_str()),
             "after" => Value::from(event.after.as_str()),
+            "commit" => Value::from(event.commit.as_str()),
             "pusher" => Value::from(event.pusher.as_str()),
             "commit_count" => Value::from(event.commit_count),
             "commits" => Value::from_serialize(&event.commits),

@@ -180,5 +180,6 @@ fn ref_change(change: Change) -> Result<RefChange, String> {
         deleted: change.new.is_none(),
         commits,
         commit_count: None,
+        commit: None,
     })
 }

@@ -176,6 +176,7 @@ pub fn receive(
                 deleted: change.change_type.eq_ignore_ascii_case("DELETE"),
                 commits: if single { commits.clone() } else { Vec::new() },
                 commit_count: None,
+                commit: None,
             })
         })
         .collect();

@@ -44,6 +44,8 @@ fn events(provider: Provider) -> (&'static str, &'static [&'static str]) {
 pub fn source(provider: Provider) -> SourceConfig {
     SourceConfig {
         url_refs: None,
+        status: None,
+        pipelines_of: None,
         name: format!("fuzz-{provider}"),
         provider,
         secret: Some(Secret::new("fuzz-secret")),

@@ -32,6 +32,8 @@ struct Push {
     #[serde(default)]
     commits: Vec<super::PushCommit>,
     total_commits: Option<u64>,
+    /// For an annotated tag, `after` is the tag object; this is its commit.
+    head_commit: Option<super::HeadCommit>,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +111,7 @@ pub fn receive(
                     deleted: false,
                     commits,
                     commit_count: push.total_commits,
+                    commit: push.head_commit.map(|c| c.id),
                 },
             )?
         }

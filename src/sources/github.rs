@@ -32,6 +32,8 @@ struct Push {
     sender: Option<User>,
     #[serde(default)]
     commits: Vec<super::PushCommit>,
+    /// For an annotated tag, `after` is the tag object; this is its commit.
+    head_commit: Option<super::HeadCommit>,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +96,7 @@ pub fn receive(
                     deleted: push.deleted,
                     commits,
                     commit_count: None,
+                    commit: push.head_commit.map(|c| c.id),
                 },
             )?
         }

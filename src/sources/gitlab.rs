@@ -83,6 +83,21 @@ pub fn receive(
         event_type: event_type.clone(),
         outcome,
     };
+    if event_type == "Pipeline Hook" {
+        // Pipeline events move statuses; they never start a pipeline (GitLab's loop guard).
+        let outcome = match &source.pipelines_of {
+            Some(_) => Outcome::Pipeline(
+                crate::status::PipelineEvent::from_hook(request.body).map_err(|reason| {
+                    SourceError::Payload(format!("GitLab Pipeline Hook: {reason}"))
+                })?,
+            ),
+            None => Outcome::Skipped(format!(
+                "GitLab pipeline events move commit statuses only on a source tied to the GitLab that runs the pipelines: add `upstream = \"NAME\"` to [source.{}]",
+                source.name
+            )),
+        };
+        return Ok(received(outcome));
+    }
     if !matches!(
         event_type.as_str(),
         "Push Hook" | "Tag Push Hook" | "System Hook"
@@ -115,6 +130,8 @@ pub fn receive(
             deleted: matches!(push.checkout_sha, Some(None)),
             commits,
             commit_count: push.total_commits_count,
+            // For a tag, GitLab's `checkout_sha` is the commit the tag points to.
+            commit: push.checkout_sha.clone().flatten(),
         },
     )?;
     Ok(received(outcome))

@@ -70,6 +70,7 @@ pub fn receive(
                 deleted: false,
                 commits,
                 commit_count: None,
+                commit: None,
             },
         )?
     } else {

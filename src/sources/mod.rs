@@ -54,6 +54,30 @@ pub struct SourceConfig {
     /// `url_refs = ["stable", "release/*"]`: the refs `?ref=` in the webhook URL may choose
     /// (short names, globs). None listed: the URL chooses no ref.
     pub url_refs: Option<crate::rules::Patterns>,
+    /// `status = { … }`: pipelines started from this source's webhooks show on the commit.
+    pub status: Option<StatusConfig>,
+    /// `upstream = "NAME"` (GitLab): this source's pipeline events move the statuses of
+    /// the pipelines hookrelay started on that upstream.
+    pub pipelines_of: Option<String>,
+}
+
+/// A push's `head_commit`: the commit the pushed ref names.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct HeadCommit {
+    pub id: String,
+}
+
+/// Where and how a source's pipelines are reported back (`status = { … }`).
+#[derive(Clone, Debug)]
+pub struct StatusConfig {
+    pub forge: crate::status::Forge,
+    /// The forge's API root, without a trailing `/`.
+    pub api_url: String,
+    pub token_ref: crate::secret::SecretRef,
+    /// `None` when secrets were not read (`explain`).
+    pub token: Option<Secret>,
+    /// Extra PEM certificates to trust (a self-hosted forge's CA).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl SourceConfig {
@@ -168,6 +192,9 @@ pub enum Outcome {
     /// Nothing to act on: an event the source does not handle, or a change another webhook
     /// carries. The note says which.
     Skipped(String),
+    /// A GitLab pipeline's new state, on a source tied to an upstream (`upstream = …`):
+    /// it moves a commit status and never starts a pipeline.
+    Pipeline(crate::status::PipelineEvent),
 }
 
 /// One incoming webhook: its headers and exact body.

@@ -183,9 +183,46 @@ impl StoredBody {
     }
 }
 
-/// One trigger call to make later (or, for a gateway call, already made).
+/// What a queued row asks the forwarder to do. Every kind shares the queue's shape (one
+/// head per order key, leases, retries, `deliveries`), so a status post is as durable as
+/// the trigger that caused it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkKind {
+    /// A pipeline trigger call to GitLab.
+    #[default]
+    Trigger,
+    /// A commit status posted to the forge a webhook came from.
+    Status,
+    /// A look at a pipeline GitLab started, for its status (where no pipeline events come).
+    Poll,
+}
+
+impl WorkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkKind::Trigger => "trigger",
+            WorkKind::Status => "status",
+            WorkKind::Poll => "poll",
+        }
+    }
+
+    /// The kind stored as `text`; rows written before kinds existed are triggers.
+    pub fn parse(text: &str) -> WorkKind {
+        match text {
+            "status" => WorkKind::Status,
+            "poll" => WorkKind::Poll,
+            _ => WorkKind::Trigger,
+        }
+    }
+}
+
+/// One trigger call to make later (or, for a gateway call, already made), or another
+/// kind of work ([`WorkKind`]): for a status post, `upstream` is the forge's source,
+/// `project` the repository, `git_ref` the commit and `variables` the post.
 #[derive(Clone, Debug)]
 pub struct NewTrigger {
+    pub kind: WorkKind,
     pub rule: String,
     pub upstream: String,
     pub project: String,
@@ -202,6 +239,13 @@ pub struct NewTrigger {
     pub coalesce_ms: i64,
     /// Set when the call was already made (the gateway): recorded as finished.
     pub done: Option<Recorded>,
+    /// Where the statuses of the pipeline this trigger starts go (a
+    /// [`crate::status::StatusTarget`] as JSON); `None`: nowhere.
+    pub status_target: Option<String>,
+    /// The pipeline a status post or a poll is about.
+    pub pipeline_id: Option<i64>,
+    /// Work other than a trigger names the key it is kept in order under.
+    pub queue_key: Option<String>,
 }
 
 impl NewTrigger {
@@ -223,11 +267,18 @@ impl NewTrigger {
             delay_ms: 0,
             coalesce_ms: coalesce.map(|c| c.as_millis() as i64).unwrap_or(0),
             done: None,
+            kind: WorkKind::Trigger,
+            status_target: None,
+            pipeline_id: None,
+            queue_key: None,
         }
     }
 
     /// The key its order is kept under: one trigger per key is sent at a time, in order.
     pub fn order_key(&self) -> String {
+        if let Some(key) = &self.queue_key {
+            return key.clone();
+        }
         format!(
             "{}\u{1f}{}\u{1f}{}",
             self.upstream, self.project, self.git_ref
@@ -298,6 +349,9 @@ pub struct Lease {
 #[derive(Clone, Debug)]
 pub struct DueTrigger {
     pub id: i64,
+    pub kind: WorkKind,
+    /// The pipeline a status post or a poll is about.
+    pub pipeline_id: Option<i64>,
     pub lease: Lease,
     pub delivery_row: i64,
     pub delivery_id: String,
@@ -432,6 +486,8 @@ pub enum StateFilter {
     Sent,
     Failed,
     Cancelled,
+    /// Status posts a newer state of their pipeline replaced before they were sent.
+    Superseded,
     /// Deliveries that queued no trigger (no match, ping, not handled, duplicate, refused).
     None,
     /// Webhooks that repeated a delivery id (recorded at most once a second per source).
@@ -486,6 +542,7 @@ impl ListFilter {
                     StateFilter::Sent => "t.state = 'sent'",
                     StateFilter::Failed => "t.state = 'failed'",
                     StateFilter::Cancelled => "t.state = 'cancelled'",
+                    StateFilter::Superseded => "t.state = 'superseded'",
                     StateFilter::None => "t.id IS NULL",
                     StateFilter::Duplicate => "t.id IS NULL AND d.delivery_id LIKE '%~duplicate-%'",
                     StateFilter::Refused => "t.id IS NULL AND d.delivery_id LIKE '%~refused-%'",
@@ -516,10 +573,15 @@ impl ListFilter {
     }
 }
 
-/// What `hookrelay cancel` stops.
+/// What `hookrelay cancel` stops (and what a newer status supersedes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CancelTarget {
     Trigger(i64),
+    /// The waiting status posts of one order key (repository, commit and context): a newer
+    /// state replaces them. Recorded as `superseded`, not `cancelled`.
+    Superseded {
+        order_key: String,
+    },
     /// Every waiting trigger for a project (on one upstream, or all).
     Project {
         project: String,
@@ -531,6 +593,7 @@ impl fmt::Display for CancelTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CancelTarget::Trigger(id) => write!(f, "trigger {id}"),
+            CancelTarget::Superseded { .. } => f.write_str("older status posts"),
             CancelTarget::Project {
                 project,
                 upstream: None,
@@ -557,6 +620,44 @@ pub fn cancel_refusal(id: i64, state: Option<&str>) -> EngineError {
 /// What the store says of a trigger an operator cancelled.
 pub const CANCELLED_NOTE: &str = "cancelled by an operator (hookrelay cancel)";
 
+/// What the store says of a status post a newer state of its pipeline replaced unsent.
+pub const SUPERSEDED_NOTE: &str = "superseded by a newer status of the same commit and context";
+
+impl CancelTarget {
+    /// The state the stopped rows are left in, and the note they carry.
+    pub fn outcome(&self) -> (&'static str, &'static str) {
+        match self {
+            CancelTarget::Superseded { .. } => ("superseded", SUPERSEDED_NOTE),
+            _ => ("cancelled", CANCELLED_NOTE),
+        }
+    }
+}
+
+/// Which trigger started a pipeline: by the trigger's id, or by the pipeline's upstream
+/// and id (what a pipeline event names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OriginOf {
+    Trigger(i64),
+    Pipeline { upstream: String, pipeline_id: i64 },
+}
+
+/// A trigger as the status of its pipeline needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineOrigin {
+    pub trigger_id: i64,
+    pub delivery_row: i64,
+    pub rule: String,
+    pub upstream: String,
+    pub project: String,
+    pub state: String,
+    /// A [`crate::status::StatusTarget`] as JSON; `None` when its source reports nothing.
+    pub status_target: Option<String>,
+    pub pipeline_id: Option<i64>,
+    pub pipeline_url: Option<String>,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+}
+
 /// One row of `hookrelay deliveries`.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeliveryRow {
@@ -579,6 +680,8 @@ pub struct DeliveryRow {
     pub due_at: Option<i64>,
     /// The answer the webhook got (JSON), which says why nothing ran when nothing did.
     pub summary: String,
+    /// `trigger`, `status` or `poll` (`None`: a delivery without work).
+    pub kind: Option<String>,
 }
 
 /// A stored webhook, as it arrived but for its secret headers.
@@ -691,6 +794,25 @@ pub trait Engine: Send + 'static {
     /// moves on; returns their ids. A trigger being sent cannot be stopped.
     fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError>;
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError>;
+
+    /// Queues work (status posts, polls) under a delivery already recorded, as a
+    /// delivery's triggers are queued; returns the new ids.
+    fn queue_work(
+        &mut self,
+        delivery_row: i64,
+        work: &[NewTrigger],
+        now: i64,
+    ) -> Result<Vec<i64>, EngineError>;
+    /// The trigger that started a pipeline, as its statuses need it.
+    fn pipeline_origin(&mut self, of: &OriginOf) -> Result<Option<PipelineOrigin>, EngineError>;
+    /// The newest status post of an order key for one pipeline (its stored post, as JSON),
+    /// cancelled ones aside. A shared store makes the caller wait here for another relay
+    /// deciding the same key, until its transaction ends.
+    fn newest_status(
+        &mut self,
+        order_key: &str,
+        pipeline_id: i64,
+    ) -> Result<Option<String>, EngineError>;
 }
 
 #[cfg(test)]

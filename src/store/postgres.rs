@@ -113,6 +113,14 @@ ALTER TABLE hr_open SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_t
 ALTER TABLE hr_limits SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
                            autovacuum_vacuum_cost_delay = 0);
 "#,
+    // Status posts and polls are queued work beside triggers; a pipeline is found by the
+    // trigger that started it, and a status key's newest post without reading the others.
+    r#"
+ALTER TABLE hr_triggers ADD COLUMN kind text NOT NULL DEFAULT 'trigger';
+ALTER TABLE hr_triggers ADD COLUMN status_target text;
+CREATE INDEX hr_triggers_pipeline ON hr_triggers (upstream, pipeline_id) WHERE pipeline_id IS NOT NULL AND kind = 'trigger';
+CREATE INDEX hr_triggers_statuses ON hr_triggers (order_key, id) WHERE kind = 'status';
+"#,
 ];
 
 /// The PostgreSQL engine over one connection.
@@ -435,6 +443,7 @@ impl PostgresEngine {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut t_token, mut t_variables, mut t_inputs, mut t_key, mut t_due) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut t_status: Vec<Option<&str>> = Vec::new();
         for d in &unique {
             let (row, new) = rows[&(d.source.clone(), d.delivery_id.clone())];
             if !new {
@@ -451,17 +460,18 @@ impl PostgresEngine {
                 t_inputs.push(t.inputs.as_str());
                 t_key.push(t.order_key());
                 t_due.push(t.initial_state(None, now).1);
+                t_status.push(t.status_target.as_deref());
             }
         }
         let mut trigger_ids: Vec<i64> = Vec::new();
         if !t_delivery.is_empty() {
             let insert = self.stmt(
                 "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                                          order_key, state, created_at, due_at, updated_at)
-                 SELECT d, r, up, p, g, tok, v, i, k, 'queued', $1, due, $1
+                                          order_key, state, created_at, due_at, updated_at, status_target)
+                 SELECT d, r, up, p, g, tok, v, i, k, 'queued', $1, due, $1, st
                  FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                             $9::text[], $10::text[], $11::bigint[]) WITH ORDINALITY
-                      AS u(d, r, up, p, g, tok, v, i, k, due, n)
+                             $9::text[], $10::text[], $11::bigint[], $12::text[]) WITH ORDINALITY
+                      AS u(d, r, up, p, g, tok, v, i, k, due, st, n)
                  ORDER BY n RETURNING id",
             )?;
             trigger_ids = self
@@ -480,6 +490,7 @@ impl PostgresEngine {
                         &t_inputs,
                         &t_key,
                         &t_due,
+                        &t_status,
                     ],
                 )?
                 .into_iter()
@@ -515,6 +526,88 @@ impl PostgresEngine {
             });
         }
         Ok(answers)
+    }
+
+    /// Inserts a delivery's triggers (or other work): each joins its key's queue, merges
+    /// into a waiting twin in its `coalesce` window, or is recorded finished (a gateway
+    /// call). Returns the ids, and for each the trigger it was merged into.
+    fn insert_work(
+        &mut self,
+        delivery_row: i64,
+        work: &[super::NewTrigger],
+        now: i64,
+    ) -> Result<(Vec<i64>, Vec<Option<i64>>), postgres::Error> {
+        let mut trigger_ids = Vec::with_capacity(work.len());
+        let mut coalesced = Vec::with_capacity(work.len());
+        let mut opened = 0;
+        for trigger in work {
+            let order_key = trigger.order_key();
+            let coalesce_key = trigger.coalesce_key(&order_key);
+            let into: Option<i64> = match &coalesce_key {
+                None => None,
+                Some(key) => {
+                    // Relays accepting identical triggers at the same moment take
+                    // turns here (until commit): the second sees the first's trigger
+                    // and merges into it, instead of both queuing one.
+                    let turn =
+                        self.stmt("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")?;
+                    self.client().execute(&turn, &[key])?;
+                    let find = self.stmt(
+                        "SELECT id FROM hr_triggers WHERE coalesce_key = $1 AND state = 'queued' AND due_at > $2
+                         ORDER BY id LIMIT 1",
+                    )?;
+                    self.client()
+                        .query_opt(&find, &[key, &now])?
+                        .map(|r| r.get(0))
+                }
+            };
+            let (state, due_at) = trigger.initial_state(into, now);
+            let insert = self.stmt(
+                "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
+                                          order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into,
+                                          kind, status_target, pipeline_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $11, $13, $14, $15, $16, $17) RETURNING id",
+            )?;
+            let id: i64 = self
+                .client()
+                .query_one(
+                    &insert,
+                    &[
+                        &delivery_row,
+                        &trigger.rule,
+                        &trigger.upstream,
+                        &trigger.project,
+                        &trigger.git_ref,
+                        &trigger.token_ref,
+                        &trigger.variables,
+                        &trigger.inputs,
+                        &order_key,
+                        &state,
+                        &now,
+                        &due_at,
+                        &coalesce_key,
+                        &into,
+                        &trigger.kind.as_str(),
+                        &trigger.status_target,
+                        &trigger.pipeline_id,
+                    ],
+                )?
+                .get(0);
+            match &trigger.done {
+                Some(done) => {
+                    self.write_outcome(id, None, done, now)?;
+                }
+                None if into.is_none() => {
+                    self.touch(&order_key, Touch::Enqueue { id, due_at });
+                    opened += 1;
+                }
+                None => {}
+            }
+            trigger_ids.push(id);
+            coalesced.push(into);
+        }
+        self.open_change += opened;
+        Ok((trigger_ids, coalesced))
     }
 
     /// Makes the key's oldest unfinished trigger its head, due when that trigger is; or
@@ -727,7 +820,7 @@ impl Engine for PostgresEngine {
         let plain = deliveries.iter().all(|d| {
             d.triggers
                 .iter()
-                .all(|t| t.done.is_none() && t.coalesce_ms == 0)
+                .all(|t| t.done.is_none() && t.coalesce_ms == 0 && t.queue_key.is_none())
         });
         if !plain || deliveries.len() < 2 {
             return None;
@@ -773,69 +866,7 @@ impl Engine for PostgresEngine {
                 });
             };
             let delivery_row: i64 = row.get(0);
-            let mut trigger_ids = Vec::with_capacity(delivery.triggers.len());
-            let mut coalesced = Vec::with_capacity(delivery.triggers.len());
-            let mut opened = 0;
-            for trigger in &delivery.triggers {
-                let order_key = trigger.order_key();
-                let coalesce_key = trigger.coalesce_key(&order_key);
-                let into: Option<i64> = match &coalesce_key {
-                    None => None,
-                    Some(key) => {
-                        // Relays accepting identical triggers at the same moment take
-                        // turns here (until commit): the second sees the first's trigger
-                        // and merges into it, instead of both queuing one.
-                        let turn = self.stmt("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")?;
-                        self.client().execute(&turn, &[key])?;
-                        let find = self.stmt(
-                            "SELECT id FROM hr_triggers WHERE coalesce_key = $1 AND state = 'queued' AND due_at > $2
-                             ORDER BY id LIMIT 1",
-                        )?;
-                        self.client().query_opt(&find, &[key, &now])?.map(|r| r.get(0))
-                    }
-                };
-                let (state, due_at) = trigger.initial_state(into, now);
-                let insert = self.stmt(
-                    "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                                              order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $11, $13, $14) RETURNING id",
-                )?;
-                let id: i64 = self
-                    .client()
-                    .query_one(
-                        &insert,
-                        &[
-                            &delivery_row,
-                            &trigger.rule,
-                            &trigger.upstream,
-                            &trigger.project,
-                            &trigger.git_ref,
-                            &trigger.token_ref,
-                            &trigger.variables,
-                            &trigger.inputs,
-                            &order_key,
-                            &state,
-                            &now,
-                            &due_at,
-                            &coalesce_key,
-                            &into,
-                        ],
-                    )?
-                    .get(0);
-                match &trigger.done {
-                    Some(done) => {
-                        self.write_outcome(id, None, done, now)?;
-                    }
-                    None if into.is_none() => {
-                        self.touch(&order_key, Touch::Enqueue { id, due_at });
-                        opened += 1;
-                    }
-                    None => {}
-                }
-                trigger_ids.push(id);
-                coalesced.push(into);
-            }
-            self.open_change += opened;
+            let (trigger_ids, coalesced) = self.insert_work(delivery_row, &delivery.triggers, now)?;
             Ok(Accepted::Queued {
                 delivery_row,
                 trigger_ids,
@@ -885,7 +916,8 @@ impl Engine for PostgresEngine {
                                    FOR UPDATE SKIP LOCKED)
                        AND d.id = t.delivery
                      RETURNING t.id, t.delivery, d.delivery_id, d.source, t.rule, t.upstream, t.project, t.git_ref,
-                               t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease",
+                               t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease, t.kind,
+                               t.pipeline_id",
                 )?;
                 let token = fastrand::i64(1..);
                 let Some(row) = self.client().query_opt(&take, &[&head, &now, &token])? else {
@@ -908,6 +940,8 @@ impl Engine for PostgresEngine {
                 let attempts: i32 = row.get(11);
                 due.push(DueTrigger {
                     id: row.get(0),
+                    kind: super::WorkKind::parse(row.get(14)),
+                    pipeline_id: row.get(15),
                     lease: Lease {
                         trigger: row.get(0),
                         token: row.get(13),
@@ -975,7 +1009,7 @@ impl Engine for PostgresEngine {
                 .query(
                     "SELECT t.id, t.state, t.token_ref, t.order_key FROM hr_triggers t
                      JOIN hr_deliveries d ON d.id = t.delivery
-                     WHERE d.delivery_id = $1 AND t.replay_of IS NULL ORDER BY t.id",
+                     WHERE d.delivery_id = $1 AND t.replay_of IS NULL AND t.kind = 'trigger' ORDER BY t.id",
                     &[delivery],
                 )
                 .map_err(error)?,
@@ -996,9 +1030,12 @@ impl Engine for PostgresEngine {
                 .client()
                 .query_one(
                     "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                                              order_key, state, created_at, due_at, updated_at, replay_of)
+                                              order_key, state, created_at, due_at, updated_at, replay_of,
+                                              kind, status_target, pipeline_id)
                      SELECT delivery, rule, upstream, project, git_ref, token_ref, variables, inputs, order_key,
-                            'queued', $2, $2, $2, $1 FROM hr_triggers WHERE id = $1 RETURNING id",
+                            'queued', $2, $2, $2, $1, kind, status_target,
+                            CASE WHEN kind = 'trigger' THEN NULL ELSE pipeline_id END
+                     FROM hr_triggers WHERE id = $1 RETURNING id",
                     &[&id, &now],
                 )
                 .map_err(error)?
@@ -1087,7 +1124,7 @@ impl Engine for PostgresEngine {
         let sql = format!(
             "SELECT d.received_at, d.source, d.delivery_id, d.event_type, t.id, t.rule, t.project, t.git_ref, t.state,
                     t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into,
-                    t.due_at, d.summary
+                    t.due_at, d.summary, t.kind
              FROM hr_deliveries d LEFT JOIN hr_triggers t ON t.delivery = d.id {clause}
              ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT ${limit_at}"
         );
@@ -1126,12 +1163,14 @@ impl Engine for PostgresEngine {
                 coalesced_into: row.get(14),
                 due_at: row.get::<_, Option<i64>>(15).map(|due| due - skew),
                 summary: row.get(16),
+                kind: row.get(17),
             })
             .collect())
     }
 
     fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError> {
         let now = now + self.skew_ms;
+        let (state, note) = target.outcome();
         let rows = match target {
             CancelTarget::Trigger(id) => {
                 let row = self
@@ -1139,7 +1178,7 @@ impl Engine for PostgresEngine {
                     .query_opt(
                         "UPDATE hr_triggers SET state = 'cancelled', last_error = $3, updated_at = $2
                          WHERE id = $1 AND state = 'queued' RETURNING id, order_key",
-                        &[id, &now, &super::CANCELLED_NOTE],
+                        &[id, &now, &note],
                     )
                     .map_err(error)?;
                 if row.is_none() {
@@ -1157,8 +1196,18 @@ impl Engine for PostgresEngine {
                 .query(
                     "UPDATE hr_triggers SET state = 'cancelled', last_error = $4, updated_at = $3
                      WHERE state = 'queued' AND project = $1 AND ($2::text IS NULL OR upstream = $2)
+                       AND kind = 'trigger'
                      RETURNING id, order_key",
-                    &[project, upstream, &now, &super::CANCELLED_NOTE],
+                    &[project, upstream, &now, &note],
+                )
+                .map_err(error)?,
+            CancelTarget::Superseded { order_key } => self
+                .client()
+                .query(
+                    "UPDATE hr_triggers SET state = $3, last_error = $4, updated_at = $2
+                     WHERE order_key = $1 AND state = 'queued' AND kind = 'status'
+                     RETURNING id, order_key",
+                    &[order_key, &now, &state, &note],
                 )
                 .map_err(error)?,
         };
@@ -1171,6 +1220,78 @@ impl Engine for PostgresEngine {
         }
         cancelled.sort_unstable();
         Ok(cancelled)
+    }
+
+    fn queue_work(
+        &mut self,
+        delivery_row: i64,
+        work: &[super::NewTrigger],
+        now: i64,
+    ) -> Result<Vec<i64>, EngineError> {
+        let now = now + self.skew_ms;
+        self.insert_work(delivery_row, work, now)
+            .map(|(ids, _)| ids)
+            .map_err(error)
+    }
+
+    fn pipeline_origin(
+        &mut self,
+        of: &super::OriginOf,
+    ) -> Result<Option<super::PipelineOrigin>, EngineError> {
+        const COLUMNS: &str =
+            "SELECT id, delivery, rule, upstream, project, state, status_target, pipeline_id,
+                                      pipeline_url, last_status, last_error FROM hr_triggers";
+        let row = match of {
+            super::OriginOf::Trigger(id) => self.client().query_opt(
+                &format!("{COLUMNS} WHERE id = $1 AND kind = 'trigger'"),
+                &[id],
+            ),
+            super::OriginOf::Pipeline {
+                upstream,
+                pipeline_id,
+            } => self.client().query_opt(
+                &format!(
+                    "{COLUMNS} WHERE upstream = $1 AND pipeline_id = $2 AND kind = 'trigger' ORDER BY id LIMIT 1"
+                ),
+                &[upstream, pipeline_id],
+            ),
+        }
+        .map_err(error)?;
+        Ok(row.map(|row| super::PipelineOrigin {
+            trigger_id: row.get(0),
+            delivery_row: row.get(1),
+            rule: row.get(2),
+            upstream: row.get(3),
+            project: row.get(4),
+            state: row.get(5),
+            status_target: row.get(6),
+            pipeline_id: row.get(7),
+            pipeline_url: row.get(8),
+            last_status: row.get::<_, Option<i32>>(9).map(i64::from),
+            last_error: row.get(10),
+        }))
+    }
+
+    fn newest_status(
+        &mut self,
+        order_key: &str,
+        pipeline_id: i64,
+    ) -> Result<Option<String>, EngineError> {
+        (|| -> Result<Option<String>, postgres::Error> {
+            // Relays deciding the same key take turns (until commit): the second sees the
+            // first's post, so a late state never overtakes a finished one.
+            let turn = self.stmt("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))")?;
+            self.client().execute(&turn, &[&order_key])?;
+            let newest = self.stmt(
+                "SELECT variables FROM hr_triggers WHERE order_key = $1 AND kind = 'status' AND pipeline_id = $2
+                 AND state <> 'cancelled' ORDER BY id DESC LIMIT 1",
+            )?;
+            Ok(self
+                .client()
+                .query_opt(&newest, &[&order_key, &pipeline_id])?
+                .map(|row| row.get(0)))
+        })()
+        .map_err(error)
     }
 
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {

@@ -27,6 +27,10 @@ pub(crate) fn trigger(project: &str) -> NewTrigger {
         delay_ms: 0,
         coalesce_ms: 0,
         done: None,
+        kind: Default::default(),
+        status_target: None,
+        pipeline_id: None,
+        queue_key: None,
     }
 }
 
@@ -502,6 +506,143 @@ pub fn deliveries_are_listed_by_every_filter(engine: &mut dyn Engine) {
     assert_eq!(row.summary, "{}");
 }
 
+/// A trigger whose pipeline reports to a forge: its first status is queued with the
+/// recorded answer; pipeline events of that pipeline (and only it) queue the next, a newer
+/// state supersedes an unsent older one, and a late state never follows a finished one.
+pub fn statuses_follow_the_pipeline_and_never_go_back(engine: &mut dyn Engine) {
+    use crate::status::{Applied, PipelineEvent, PipelineUpdate, StatusTarget};
+    let target = StatusTarget {
+        source: "gh".into(),
+        forge: crate::status::Forge::Github,
+        api_url: "https://api.github.com".into(),
+        token_ref: "env:STATUS".into(),
+        repository: "octo/app".into(),
+        sha: "a".repeat(40),
+        context: "gitlab/p".into(),
+        fallback_url: "https://gitlab.example.com/p".into(),
+        poll: true,
+    };
+    let with_target = NewTrigger {
+        status_target: Some(serde_json::to_string(&target).unwrap()),
+        ..trigger("p")
+    };
+    tx(engine, |e| {
+        e.insert_delivery(&delivery("push-1", vec![with_target]), 0)
+            .unwrap()
+    });
+    let due = claim(engine, 0, 5);
+    assert_eq!(due.len(), 1);
+    tx(engine, |e| {
+        assert!(e.record(due[0].lease, &sent(), 10).unwrap());
+        crate::status::after_trigger(e, due[0].id, &sent(), 10).unwrap();
+    });
+    // The pending post and the first poll (due after FIRST_POLL).
+    let posts = claim(engine, 20, 5);
+    assert_eq!(posts.len(), 1, "the poll waits");
+    assert_eq!(posts[0].kind, WorkKind::Status);
+    assert_eq!(posts[0].pipeline_id, Some(7));
+    assert_eq!(posts[0].variables["state"], "pending");
+    assert_eq!(posts[0].token_ref, "env:STATUS");
+    let polls = claim(engine, 20 + crate::status::FIRST_POLL.as_millis() as i64, 5);
+    assert_eq!(polls.len(), 1);
+    assert_eq!(polls[0].kind, WorkKind::Poll);
+    let update =
+        |id: i64, status: &str, finished_at: Option<&str>, delivery_id: &str| PipelineUpdate {
+            upstream: "gitlab".into(),
+            event: PipelineEvent {
+                pipeline_id: id,
+                status: status.into(),
+                url: Some(format!("https://gitlab.example.com/p/-/pipelines/{id}")),
+                finished_at: finished_at.map(str::to_owned),
+                project_id: None,
+                project_path: Some("p".into()),
+            },
+            delivery: Some(delivery(delivery_id, Vec::new())),
+        };
+    let apply = |engine: &mut dyn Engine, update: PipelineUpdate, now: i64| {
+        tx(engine, |e| {
+            crate::status::apply_pipeline(e, &update, now).unwrap()
+        })
+    };
+    // Another pipeline of the project: not hookrelay's.
+    assert!(matches!(
+        apply(engine, update(8, "running", None, "hook-0"), 30),
+        Applied::NotOurs(_)
+    ));
+    // Running, then success before running was sent: running is superseded.
+    assert!(matches!(
+        apply(engine, update(7, "running", None, "hook-1"), 30),
+        Applied::Queued { superseded: 0, .. }
+    ));
+    assert!(matches!(
+        apply(engine, update(7, "success", Some("t1"), "hook-2"), 40),
+        Applied::Queued { superseded: 1, .. }
+    ));
+    // A late "running" changes nothing; a repeated delivery id is a duplicate.
+    assert!(matches!(
+        apply(engine, update(7, "running", None, "hook-3"), 50),
+        Applied::Skipped(_)
+    ));
+    assert_eq!(
+        apply(engine, update(7, "success", Some("t1"), "hook-2"), 60),
+        Applied::Duplicate
+    );
+    // The pending post is still leased; once it is sent, the success post is the head.
+    tx(engine, |e| {
+        assert!(e.record(posts[0].lease, &sent(), 70).unwrap())
+    });
+    let next = claim(engine, 80, 5);
+    let states: Vec<&str> = next
+        .iter()
+        .filter(|d| d.kind == WorkKind::Status)
+        .map(|d| d.variables["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["success"]);
+    let listed = engine
+        .list(&super::ListFilter {
+            state: Some(super::StateFilter::Superseded),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].kind.as_deref(), Some("status"));
+    assert_eq!(listed[0].delivery_id, "hook-1");
+    // A trigger GitLab refused for good gets an error status (no pipeline, no poll).
+    let other_context = StatusTarget {
+        context: "gitlab/q".into(),
+        ..target
+    };
+    let refused = NewTrigger {
+        status_target: Some(serde_json::to_string(&other_context).unwrap()),
+        ..trigger("q")
+    };
+    tx(engine, |e| {
+        e.insert_delivery(&delivery("push-2", vec![refused]), 100)
+            .unwrap()
+    });
+    let due = claim(engine, 100, 5);
+    let trigger_due: Vec<&DueTrigger> =
+        due.iter().filter(|d| d.kind == WorkKind::Trigger).collect();
+    assert_eq!(trigger_due.len(), 1);
+    tx(engine, |e| {
+        assert!(e.record(trigger_due[0].lease, &failed(), 110).unwrap());
+        crate::status::after_trigger(e, trigger_due[0].id, &failed(), 110).unwrap();
+    });
+    let error: Vec<DueTrigger> = claim(engine, 120, 5)
+        .into_iter()
+        .filter(|d| d.kind == WorkKind::Status)
+        .collect();
+    assert_eq!(error.len(), 1);
+    assert_eq!(error[0].variables["state"], "refused");
+    assert!(
+        error[0].variables["description"]
+            .as_str()
+            .unwrap()
+            .contains("404 Not Found")
+    );
+}
+
 /// Instantiates every semantic test for one engine: `engine_semantics!(make)` where
 /// `make()` returns a fresh, empty engine (and whatever keeps it alive), or `None` where
 /// that engine cannot run here (the test is then skipped, saying why).
@@ -522,6 +663,7 @@ macro_rules! engine_semantics {
             finished_gateway_calls_are_not_queued,
             cancelled_triggers_are_never_sent_and_their_key_moves_on,
             deliveries_are_listed_by_every_filter,
+            statuses_follow_the_pipeline_and_never_go_back,
         );
     };
     (@tests $make:expr; $($name:ident,)*) => {

@@ -113,6 +113,14 @@ UPDATE triggers SET state = 'queued' WHERE state = 'sending';
     r#"
 ALTER TABLE deliveries ADD COLUMN body_encoding TEXT;
 "#,
+    // Status posts and polls are queued work beside triggers; a pipeline is found by the
+    // trigger that started it, and a status key's newest post without reading the others.
+    r#"
+ALTER TABLE triggers ADD COLUMN kind TEXT NOT NULL DEFAULT 'trigger';
+ALTER TABLE triggers ADD COLUMN status_target TEXT;
+CREATE INDEX triggers_pipeline ON triggers (upstream, pipeline_id) WHERE pipeline_id IS NOT NULL AND kind = 'trigger';
+CREATE INDEX triggers_statuses ON triggers (order_key, id) WHERE kind = 'status';
+"#,
 ];
 
 /// The embedded engine over one connection.
@@ -528,6 +536,74 @@ impl Engine for SqliteEngine {
         cancel(self, target, now).map_err(error)?
     }
 
+    fn queue_work(
+        &mut self,
+        delivery_row: i64,
+        work: &[super::NewTrigger],
+        now: i64,
+    ) -> Result<Vec<i64>, EngineError> {
+        insert_work(self, delivery_row, work, now)
+            .map(|(ids, _)| ids)
+            .map_err(error)
+    }
+
+    fn pipeline_origin(
+        &mut self,
+        of: &super::OriginOf,
+    ) -> Result<Option<super::PipelineOrigin>, EngineError> {
+        const COLUMNS: &str =
+            "SELECT id, delivery, rule, upstream, project, state, status_target, pipeline_id,
+                                      pipeline_url, last_status, last_error FROM triggers";
+        let read = |row: &rusqlite::Row<'_>| {
+            Ok(super::PipelineOrigin {
+                trigger_id: row.get(0)?,
+                delivery_row: row.get(1)?,
+                rule: row.get(2)?,
+                upstream: row.get(3)?,
+                project: row.get(4)?,
+                state: row.get(5)?,
+                status_target: row.get(6)?,
+                pipeline_id: row.get(7)?,
+                pipeline_url: row.get(8)?,
+                last_status: row.get(9)?,
+                last_error: row.get(10)?,
+            })
+        };
+        match of {
+            super::OriginOf::Trigger(id) => self
+                .conn
+                .prepare_cached(&format!("{COLUMNS} WHERE id = ?1 AND kind = 'trigger'"))
+                .and_then(|mut s| s.query_row(params![id], read).optional()),
+            super::OriginOf::Pipeline {
+                upstream,
+                pipeline_id,
+            } => self
+                .conn
+                .prepare_cached(&format!(
+                    "{COLUMNS} WHERE upstream = ?1 AND pipeline_id = ?2 AND kind = 'trigger' ORDER BY id LIMIT 1"
+                ))
+                .and_then(|mut s| s.query_row(params![upstream, pipeline_id], read).optional()),
+        }
+        .map_err(error)
+    }
+
+    fn newest_status(
+        &mut self,
+        order_key: &str,
+        pipeline_id: i64,
+    ) -> Result<Option<String>, EngineError> {
+        self.conn
+            .prepare_cached(
+                "SELECT variables FROM triggers WHERE order_key = ?1 AND kind = 'status' AND pipeline_id = ?2
+                 AND state <> 'cancelled' ORDER BY id DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![order_key, pipeline_id], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(error)
+    }
+
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
         let row: Option<(String, String, Vec<u8>, Option<String>)> = self
             .conn
@@ -587,10 +663,28 @@ fn insert_delivery(
         return Ok(Accepted::Duplicate { delivery_row: row });
     }
     let delivery_row = conn.last_insert_rowid();
-    let mut trigger_ids = Vec::with_capacity(delivery.triggers.len());
-    let mut coalesced = Vec::with_capacity(delivery.triggers.len());
+    let (trigger_ids, coalesced) = insert_work(engine, delivery_row, &delivery.triggers, now)?;
+    Ok(Accepted::Queued {
+        delivery_row,
+        trigger_ids,
+        coalesced,
+    })
+}
+
+/// Inserts a delivery's triggers (or other work): each joins its key's queue, merges into
+/// a waiting twin in its `coalesce` window, or is recorded finished (a gateway call).
+/// Returns the ids, and for each the trigger it was merged into.
+fn insert_work(
+    engine: &SqliteEngine,
+    delivery_row: i64,
+    work: &[super::NewTrigger],
+    now: i64,
+) -> rusqlite::Result<(Vec<i64>, Vec<Option<i64>>)> {
+    let conn = &engine.conn;
+    let mut trigger_ids = Vec::with_capacity(work.len());
+    let mut coalesced = Vec::with_capacity(work.len());
     let mut opened = 0;
-    for trigger in &delivery.triggers {
+    for trigger in work {
         let order_key = trigger.order_key();
         // Coalescing: an identical trigger still waiting in its window takes this one in.
         let coalesce_key = trigger.coalesce_key(&order_key);
@@ -607,8 +701,9 @@ fn insert_delivery(
         let (state, due_at) = trigger.initial_state(into, now);
         conn.prepare_cached(
             "INSERT INTO triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                                   order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11, ?13, ?14)",
+                                   order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into,
+                                   kind, status_target, pipeline_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11, ?13, ?14, ?15, ?16, ?17)",
         )?
         .execute(params![
             delivery_row,
@@ -624,7 +719,10 @@ fn insert_delivery(
             now,
             due_at,
             coalesce_key,
-            into
+            into,
+            trigger.kind.as_str(),
+            trigger.status_target,
+            trigger.pipeline_id
         ])?;
         let id = conn.last_insert_rowid();
         match &trigger.done {
@@ -641,11 +739,7 @@ fn insert_delivery(
         coalesced.push(into);
     }
     engine.add_open(opened)?;
-    Ok(Accepted::Queued {
-        delivery_row,
-        trigger_ids,
-        coalesced,
-    })
+    Ok((trigger_ids, coalesced))
 }
 
 /// Leases the heads of up to `limit` due keys, earliest due first.
@@ -667,13 +761,15 @@ fn claim(engine: &SqliteEngine, now: i64, limit: usize) -> rusqlite::Result<Clai
                 "UPDATE triggers SET state = 'sending', attempts = attempts + 1, updated_at = ?2, lease = ?3
                  WHERE id = ?1 AND state = 'queued'
                  RETURNING id, delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                           attempts, created_at, lease",
+                           attempts, created_at, lease, kind, pipeline_id",
             )?
             // A fresh random token per claim fences outcomes of older claims out.
             .query_row(params![head, now, fastrand::i64(1..)], |row| {
                 let attempts: i64 = row.get(9)?;
                 Ok(DueTrigger {
                     id: row.get(0)?,
+                    kind: super::WorkKind::parse(&row.get::<_, String>(12)?),
+                    pipeline_id: row.get(13)?,
                     lease: Lease {
                         trigger: row.get(0)?,
                         token: row.get(11)?,
@@ -731,7 +827,7 @@ fn replay(engine: &SqliteEngine, target: &ReplayTarget, now: i64) -> Result<Vec<
         ReplayTarget::Delivery(delivery) => conn
             .prepare(
                 "SELECT t.id, t.state, t.token_ref, t.order_key FROM triggers t JOIN deliveries d ON d.id = t.delivery
-                 WHERE d.delivery_id = ?1 AND t.replay_of IS NULL ORDER BY t.id",
+                 WHERE d.delivery_id = ?1 AND t.replay_of IS NULL AND t.kind = 'trigger' ORDER BY t.id",
             )
             .and_then(|mut statement| {
                 statement
@@ -755,9 +851,12 @@ fn replay(engine: &SqliteEngine, target: &ReplayTarget, now: i64) -> Result<Vec<
         (|| {
             conn.execute(
                 "INSERT INTO triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                                       order_key, state, created_at, due_at, updated_at, replay_of)
+                                       order_key, state, created_at, due_at, updated_at, replay_of,
+                                       kind, status_target, pipeline_id)
                  SELECT delivery, rule, upstream, project, git_ref, token_ref, variables, inputs, order_key,
-                        'queued', ?2, ?2, ?2, ?1 FROM triggers WHERE id = ?1",
+                        'queued', ?2, ?2, ?2, ?1, kind, status_target,
+                        CASE WHEN kind = 'trigger' THEN NULL ELSE pipeline_id END
+                 FROM triggers WHERE id = ?1",
                 params![id, now],
             )?;
             let new_id = conn.last_insert_rowid();
@@ -778,7 +877,7 @@ fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<Delivery
     let sql = format!(
         "SELECT d.received_at, d.source, d.delivery_id, d.event_type, t.id, t.rule, t.project, t.git_ref, t.state,
                 t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into,
-                t.due_at, d.summary
+                t.due_at, d.summary, t.kind
          FROM deliveries d LEFT JOIN triggers t ON t.delivery = d.id {clause}
          ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT ?{limit_at}"
     );
@@ -811,6 +910,7 @@ fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<Delivery
                 coalesced_into: row.get(14)?,
                 due_at: row.get(15)?,
                 summary: row.get(16)?,
+                kind: row.get(17)?,
             })
         })?
         .collect()
@@ -844,21 +944,29 @@ fn cancel(
         CancelTarget::Project { project, upstream } => conn
             .prepare(
                 "SELECT id, order_key FROM triggers WHERE state = 'queued' AND project = ?1
-                 AND (?2 IS NULL OR upstream = ?2) ORDER BY id",
+                 AND (?2 IS NULL OR upstream = ?2) AND kind = 'trigger' ORDER BY id",
             )?
             .query_map(params![project, upstream], |row| {
                 Ok((row.get(0)?, row.get(1)?))
             })?
             .collect::<rusqlite::Result<_>>()?,
+        CancelTarget::Superseded { order_key } => conn
+            .prepare_cached(
+                "SELECT id, order_key FROM triggers WHERE order_key = ?1 AND state = 'queued' AND kind = 'status'
+                 ORDER BY id",
+            )?
+            .query_map(params![order_key], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?,
     };
+    let (state, note) = target.outcome();
     let mut cancelled = Vec::new();
     for (id, order_key) in candidates {
         let changed = conn
             .prepare_cached(
-                "UPDATE triggers SET state = 'cancelled', last_error = ?3, updated_at = ?2
+                "UPDATE triggers SET state = ?4, last_error = ?3, updated_at = ?2
                  WHERE id = ?1 AND state = 'queued'",
             )?
-            .execute(params![id, now, super::CANCELLED_NOTE])?;
+            .execute(params![id, now, note, state])?;
         if changed == 0 {
             continue;
         }

@@ -1,0 +1,567 @@
+//! Each forge's commit-status API: the request a status becomes, and what the answer means.
+//!
+//! | forge | request | auth |
+//! |---|---|---|
+//! | GitHub (and Enterprise Server) | `POST {api}/repos/{owner}/{repo}/statuses/{sha}` `{state, target_url, description, context}` | `Authorization: Bearer` |
+//! | Gitea, Forgejo | `POST {api}/repos/{owner}/{repo}/statuses/{sha}` (same body; `{api}` ends in `/api/v1`) | `Authorization: token` |
+//! | Bitbucket Cloud | `POST {api}/repositories/{workspace}/{repo}/commit/{sha}/statuses/build` `{key, state, url, name, description}` | `Authorization: Bearer` |
+//! | Bitbucket Data Center | `POST {base}/rest/api/latest/projects/{key}/repos/{slug}/commits/{sha}/builds` (same body) | `Authorization: Bearer` |
+//!
+//! The same context (GitHub, Gitea) or key (Bitbucket) is sent for every state of one
+//! pipeline, so the forge shows one check that changes. Descriptions are cut to each
+//! forge's limit (GitHub refuses more than 140 characters with a `422`). Answers: `2xx`
+//! posted; network errors, `5xx`, `408`, `429`, and a `403` that is a rate limit (GitHub's
+//! `x-ratelimit-remaining: 0` or a secondary limit's `retry-after`) are retried no sooner
+//! than the forge asks (`Retry-After`, `X-RateLimit-Reset`); every other `4xx` is final,
+//! kept with the forge's message. Gogs has no status API (`check` refuses `status` there).
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::StatusPost;
+use crate::event::Provider;
+use crate::outbox::retry::{Verdict, wait_asked_for};
+use crate::secret::Secret;
+use crate::upstream::{UpstreamError, UpstreamResponse, flatten_message};
+
+/// A forge hookrelay can post statuses to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forge {
+    Github,
+    /// Gitea and Forgejo: one API.
+    Gitea,
+    BitbucketCloud,
+    BitbucketServer,
+}
+
+/// GitHub refuses longer descriptions (`422 description is too long`).
+const GITHUB_DESCRIPTION: usize = 140;
+/// Bitbucket Data Center's build-status fields hold 255 characters; the others are kept
+/// as short, since a status's description is one line on every forge.
+const OTHER_DESCRIPTION: usize = 255;
+/// Bitbucket's keys: at most this long (Data Center's field limit).
+const BITBUCKET_KEY: usize = 255;
+/// When a forge says it is rate limited but not until when: wait at least this (GitHub's
+/// advice for secondary limits).
+const RATE_LIMITED_WAIT: Duration = Duration::from_secs(60);
+
+impl Forge {
+    /// The forge of a provider, or why it has none.
+    pub fn of(provider: Provider) -> Result<Forge, String> {
+        match provider {
+            Provider::Github => Ok(Forge::Github),
+            Provider::Gitea => Ok(Forge::Gitea),
+            Provider::BitbucketCloud => Ok(Forge::BitbucketCloud),
+            Provider::BitbucketServer => Ok(Forge::BitbucketServer),
+            Provider::Gogs => Err("Gogs has no commit-status API (gogs/gogs#4631), so hookrelay cannot report pipelines back to it; remove `status`".into()),
+            Provider::Gitlab => Err("a GitLab repository shows its pipelines itself; `status` applies to github, gitea, forgejo, bitbucket-cloud and bitbucket-server sources".into()),
+            Provider::Generic => Err("a generic sender has no known status API; `status` applies to github, gitea, forgejo, bitbucket-cloud and bitbucket-server sources".into()),
+        }
+    }
+
+    /// The API root used when `status.api_url` is not given, or why it must be.
+    pub fn default_api_url(self) -> Result<&'static str, &'static str> {
+        match self {
+            Forge::Github => Ok("https://api.github.com"),
+            Forge::BitbucketCloud => Ok("https://api.bitbucket.org/2.0"),
+            Forge::Gitea => Err(
+                "a Gitea or Forgejo server has no default address: set status.api_url, e.g. \"https://codeberg.org/api/v1\"",
+            ),
+            Forge::BitbucketServer => Err(
+                "a Bitbucket Data Center server has no default address: set status.api_url to its base URL, e.g. \"https://bitbucket.example.com\"",
+            ),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forge::Github => "github",
+            Forge::Gitea => "gitea",
+            Forge::BitbucketCloud => "bitbucket-cloud",
+            Forge::BitbucketServer => "bitbucket-server",
+        }
+    }
+
+    /// The forge's word for a GitLab pipeline state (`refused`: GitLab refused the trigger).
+    pub fn state(self, gitlab: &str) -> &'static str {
+        let bitbucket = matches!(self, Forge::BitbucketCloud | Forge::BitbucketServer);
+        match gitlab {
+            "success" | "skipped" if bitbucket => "SUCCESSFUL",
+            "success" | "skipped" => "success",
+            "failed" | "refused" if bitbucket => "FAILED",
+            "failed" => "failure",
+            "refused" => "error",
+            "canceled" => match self {
+                Forge::BitbucketCloud => "STOPPED",
+                Forge::BitbucketServer => "CANCELLED",
+                _ => "error",
+            },
+            _ if bitbucket => "INPROGRESS",
+            _ => "pending",
+        }
+    }
+}
+
+/// One request to a forge: below the API root, with its headers (the token among them).
+pub struct ForgeRequest {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// `text` cut to `most` characters, with an ellipsis when cut.
+pub fn shorten(text: &str, most: usize) -> String {
+    if text.chars().count() <= most {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(most.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// Percent-encodes one path segment (a repository name may hold anything GitHub allows).
+fn segment(text: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(text, KEEP).to_string()
+}
+
+/// `owner/repo` as two encoded segments; a repository name without an owner is refused.
+fn owner_and_repo(repository: &str) -> Result<String, String> {
+    match repository.split_once('/') {
+        Some((owner, repo)) if !owner.is_empty() && !repo.is_empty() && !repo.contains('/') => {
+            Ok(format!("{}/{}", segment(owner), segment(repo)))
+        }
+        _ => Err(format!(
+            "repository {repository:?} is not owner/name, so no status can be posted for it"
+        )),
+    }
+}
+
+/// The request that posts `post`, with `token`.
+pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String> {
+    let target = &post.target;
+    let forge = target.forge;
+    let url = post
+        .target_url
+        .clone()
+        .unwrap_or_else(|| target.fallback_url.clone());
+    let repo = owner_and_repo(&target.repository)?;
+    let sha = segment(&target.sha);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let (scheme, accept) = match forge {
+        Forge::Github => ("Bearer", "application/vnd.github+json"),
+        Forge::Gitea => ("token", "application/json"),
+        Forge::BitbucketCloud | Forge::BitbucketServer => ("Bearer", "application/json"),
+    };
+    headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+    let mut authorization = HeaderValue::from_str(&format!("{scheme} {}", token.expose()))
+        .map_err(|_| "the status token holds characters a header cannot carry".to_owned())?;
+    authorization.set_sensitive(true);
+    headers.insert(header::AUTHORIZATION, authorization);
+    let (path, body) = match forge {
+        Forge::Github | Forge::Gitea => {
+            if forge == Forge::Github {
+                headers.insert(
+                    "x-github-api-version",
+                    HeaderValue::from_static("2022-11-28"),
+                );
+            }
+            let most = if forge == Forge::Github {
+                GITHUB_DESCRIPTION
+            } else {
+                OTHER_DESCRIPTION
+            };
+            (
+                format!("/repos/{repo}/statuses/{sha}"),
+                json!({
+                    "state": forge.state(&post.state),
+                    "target_url": url,
+                    "description": shorten(&post.description, most),
+                    "context": target.context,
+                }),
+            )
+        }
+        Forge::BitbucketCloud | Forge::BitbucketServer => {
+            let body = json!({
+                "key": shorten(&target.context, BITBUCKET_KEY),
+                "state": forge.state(&post.state),
+                "url": url,
+                "name": shorten(&target.context, OTHER_DESCRIPTION),
+                "description": shorten(&post.description, OTHER_DESCRIPTION),
+            });
+            let path = if forge == Forge::BitbucketCloud {
+                format!("/repositories/{repo}/commit/{sha}/statuses/build")
+            } else {
+                let (project, slug) = repo.split_once('/').expect("owner_and_repo has a /");
+                format!("/rest/api/latest/projects/{project}/repos/{slug}/commits/{sha}/builds")
+            };
+            (path, body)
+        }
+    };
+    Ok(ForgeRequest {
+        method: Method::POST,
+        path,
+        headers,
+        body: Bytes::from(body.to_string()),
+    })
+}
+
+/// What a forge's answer means for the post.
+pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTime) -> Verdict {
+    let answer = match result {
+        Ok(answer) => answer,
+        Err(err) => {
+            return Verdict::Retry {
+                floor: Duration::ZERO,
+                status: None,
+                reason: err.to_string(),
+            };
+        }
+    };
+    let status = answer.status;
+    if status.is_success() {
+        return Verdict::Sent {
+            status: status.as_u16(),
+            pipeline_id: None,
+            pipeline_url: None,
+        };
+    }
+    let reason = format!("{} {}", status.as_u16(), message(&answer.body));
+    if let Some(floor) = rate_limited(answer, now) {
+        return Verdict::Retry {
+            floor,
+            status: Some(status.as_u16()),
+            reason,
+        };
+    }
+    if status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
+        return Verdict::Retry {
+            floor: wait_asked_for(&answer.headers, now).unwrap_or(Duration::ZERO),
+            status: Some(status.as_u16()),
+            reason,
+        };
+    }
+    let hint = match status {
+        StatusCode::UNAUTHORIZED => {
+            " — the status token was not accepted (expired, revoked, or not a token of this forge)"
+        }
+        StatusCode::FORBIDDEN => {
+            " — the status token may not write commit statuses to this repository (GitHub: repo:status or \"Commit statuses\" write; Gitea/Forgejo: write:repository; Bitbucket: repository write)"
+        }
+        StatusCode::NOT_FOUND => {
+            " — the repository or commit is not visible to the status token (a private repository answers 404 to a token without access)"
+        }
+        _ => "",
+    };
+    Verdict::Failed {
+        status: Some(status.as_u16()),
+        reason: format!("{reason}{hint}"),
+        pipeline_id: None,
+        pipeline_url: None,
+    }
+}
+
+/// A forge's answer that says "rate limited" (GitHub answers `403` or `429`): how long
+/// to wait. `X-RateLimit-Reset` (epoch seconds) when no request is left, else
+/// `Retry-After`, else a minute.
+fn rate_limited(answer: &UpstreamResponse, now: SystemTime) -> Option<Duration> {
+    let header = |name: &str| {
+        answer
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let status = answer.status;
+    if status != StatusCode::FORBIDDEN && status != StatusCode::TOO_MANY_REQUESTS {
+        return None;
+    }
+    if header("x-ratelimit-remaining") == Some("0")
+        && let Some(reset) = header("x-ratelimit-reset").and_then(|v| v.parse::<u64>().ok())
+    {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(reset);
+        return Some(
+            at.duration_since(now)
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_secs(1)),
+        );
+    }
+    if let Some(wait) = wait_asked_for(&answer.headers, now) {
+        return Some(wait);
+    }
+    let said = String::from_utf8_lossy(&answer.body).to_lowercase();
+    (status == StatusCode::TOO_MANY_REQUESTS || said.contains("rate limit"))
+        .then_some(RATE_LIMITED_WAIT)
+}
+
+/// The forge's own words from an error answer: `message` (GitHub, Gitea), `error.message`
+/// (Bitbucket Cloud), `errors[0].message` (Bitbucket Data Center), else the body's start.
+fn message(body: &[u8]) -> String {
+    #[derive(Default, Deserialize)]
+    struct Answer {
+        message: Option<serde_json::Value>,
+        error: Option<serde_json::Value>,
+        errors: Option<serde_json::Value>,
+    }
+    let parsed: Answer = serde_json::from_slice(body).unwrap_or_default();
+    let first_error = parsed
+        .errors
+        .as_ref()
+        .and_then(|e| e.get(0))
+        .and_then(|e| e.get("message"))
+        .cloned();
+    let nested = parsed
+        .error
+        .as_ref()
+        .and_then(|e| e.get("message"))
+        .cloned();
+    parsed
+        .message
+        .or(nested)
+        .or(first_error)
+        .or(parsed.error)
+        .map(|m| flatten_message(&m))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(300).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::StatusTarget;
+
+    fn post(forge: Forge, repository: &str, state: &str) -> StatusPost {
+        StatusPost {
+            target: StatusTarget {
+                source: "src".into(),
+                forge,
+                api_url: String::new(),
+                token_ref: "env:T".into(),
+                repository: repository.into(),
+                sha: "6113728f27ae82c7b1a177c8d03f9e96e0adf246".into(),
+                context: "gitlab/acme/app".into(),
+                fallback_url: "https://gitlab.example.com/acme/app".into(),
+                poll: false,
+            },
+            state: state.into(),
+            pipeline_id: 287,
+            target_url: Some("https://gitlab.example.com/acme/app/-/pipelines/287".into()),
+            description: "d".repeat(200),
+            finished_at: None,
+        }
+    }
+
+    fn body(request: &ForgeRequest) -> serde_json::Value {
+        serde_json::from_slice(&request.body).unwrap()
+    }
+
+    #[test]
+    fn states_map_to_each_forges_words() {
+        let table = [
+            (
+                "pending",
+                ["pending", "pending", "INPROGRESS", "INPROGRESS"],
+            ),
+            (
+                "running",
+                ["pending", "pending", "INPROGRESS", "INPROGRESS"],
+            ),
+            ("manual", ["pending", "pending", "INPROGRESS", "INPROGRESS"]),
+            (
+                "success",
+                ["success", "success", "SUCCESSFUL", "SUCCESSFUL"],
+            ),
+            (
+                "skipped",
+                ["success", "success", "SUCCESSFUL", "SUCCESSFUL"],
+            ),
+            ("failed", ["failure", "failure", "FAILED", "FAILED"]),
+            ("canceled", ["error", "error", "STOPPED", "CANCELLED"]),
+            ("refused", ["error", "error", "FAILED", "FAILED"]),
+        ];
+        let forges = [
+            Forge::Github,
+            Forge::Gitea,
+            Forge::BitbucketCloud,
+            Forge::BitbucketServer,
+        ];
+        for (gitlab, words) in table {
+            for (forge, word) in forges.iter().zip(words) {
+                assert_eq!(forge.state(gitlab), word, "{gitlab} on {forge:?}");
+            }
+        }
+    }
+
+    /// The body has the fields of GitHub's published example request, and no others.
+    #[test]
+    fn github_requests_are_githubs_documented_shape() {
+        let request = request(
+            &post(Forge::Github, "octo-org/hello world", "success"),
+            &Secret::new("ghp_x".to_owned()),
+        )
+        .unwrap();
+        assert_eq!(
+            request.path,
+            "/repos/octo-org/hello%20world/statuses/6113728f27ae82c7b1a177c8d03f9e96e0adf246"
+        );
+        assert_eq!(request.headers["authorization"], "Bearer ghp_x");
+        assert!(request.headers["authorization"].is_sensitive());
+        assert_eq!(request.headers["x-github-api-version"], "2022-11-28");
+        let sent = body(&request);
+        let example: serde_json::Value = serde_json::from_slice(include_bytes!(
+            "../../tests/fixtures/status/github_create_status_request.json"
+        ))
+        .unwrap();
+        let keys = |v: &serde_json::Value| {
+            let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(keys(&sent), keys(&example));
+        assert_eq!(sent["state"], "success");
+        assert_eq!(sent["description"].as_str().unwrap().chars().count(), 140);
+    }
+
+    #[test]
+    fn bitbucket_requests_carry_a_key_and_the_documented_fields() {
+        let cloud = request(
+            &post(Forge::BitbucketCloud, "team/repo", "running"),
+            &Secret::new("t".to_owned()),
+        )
+        .unwrap();
+        assert_eq!(
+            cloud.path,
+            "/repositories/team/repo/commit/6113728f27ae82c7b1a177c8d03f9e96e0adf246/statuses/build"
+        );
+        let example: serde_json::Value = serde_json::from_slice(include_bytes!(
+            "../../tests/fixtures/status/bitbucket_cloud_create_build_status_request_atlassian_doc.json"
+        ))
+        .unwrap();
+        let sent = body(&cloud);
+        for field in example.as_object().unwrap().keys() {
+            assert!(sent.get(field).is_some(), "{field} missing from {sent}");
+        }
+        assert_eq!(sent["state"], "INPROGRESS");
+        let server = request(
+            &post(Forge::BitbucketServer, "PROJ/repo", "canceled"),
+            &Secret::new("t".to_owned()),
+        )
+        .unwrap();
+        assert_eq!(
+            server.path,
+            "/rest/api/latest/projects/PROJ/repos/repo/commits/6113728f27ae82c7b1a177c8d03f9e96e0adf246/builds"
+        );
+        assert_eq!(body(&server)["state"], "CANCELLED");
+        assert!(
+            request(
+                &post(Forge::Github, "no-owner", "success"),
+                &Secret::new("t".to_owned())
+            )
+            .is_err()
+        );
+    }
+
+    fn answer(status: u16, headers: &[(&str, &str)], body: &str) -> UpstreamResponse {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        UpstreamResponse {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: map,
+            body: Bytes::from(body.to_owned()),
+            latency: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn rate_limits_wait_for_the_reset_and_refusals_keep_the_forges_words() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let limited = answer(
+            403,
+            &[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "1000030"),
+            ],
+            r#"{"message":"API rate limit exceeded"}"#,
+        );
+        match classify(&Ok(limited), now) {
+            Verdict::Retry { floor, status, .. } => {
+                assert_eq!((floor, status), (Duration::from_secs(30), Some(403)))
+            }
+            other => panic!("{other:?}"),
+        }
+        let secondary = answer(
+            403,
+            &[("retry-after", "7")],
+            r#"{"message":"You have exceeded a secondary rate limit"}"#,
+        );
+        assert!(
+            matches!(classify(&Ok(secondary), now), Verdict::Retry { floor, .. } if floor == Duration::from_secs(7))
+        );
+        let forbidden = answer(
+            403,
+            &[],
+            r#"{"message":"Resource not accessible by integration"}"#,
+        );
+        match classify(&Ok(forbidden), now) {
+            Verdict::Failed { reason, .. } => {
+                assert!(
+                    reason.starts_with("403 Resource not accessible by integration"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let too_long = answer(
+            422,
+            &[],
+            r#"{"message":"Validation Failed","errors":[{"resource":"Status","code":"custom","field":"description","message":"description is too long (maximum is 140 characters)"}]}"#,
+        );
+        assert!(matches!(
+            classify(&Ok(too_long), now),
+            Verdict::Failed {
+                status: Some(422),
+                ..
+            }
+        ));
+        let bitbucket = answer(
+            401,
+            &[],
+            r#"{"type":"error","error":{"message":"Access token expired."}}"#,
+        );
+        match classify(&Ok(bitbucket), now) {
+            Verdict::Failed { reason, .. } => {
+                assert!(reason.starts_with("401 Access token expired."), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            classify(&Ok(answer(502, &[], "")), now),
+            Verdict::Retry { .. }
+        ));
+        assert!(matches!(
+            classify(&Ok(answer(201, &[], "{}")), now),
+            Verdict::Sent { status: 201, .. }
+        ));
+    }
+}

@@ -1,0 +1,506 @@
+//! The forwarder's side of statuses: posting a queued status to its forge, and polling a
+//! pipeline where no pipeline events come.
+//!
+//! Both are attempts on claimed work, like a trigger's: the outcome is recorded under the
+//! claim's lease, retries back off with the `[delivery]` policy (no sooner than the forge
+//! or GitLab asks), and a token is resolved only here, never stored or logged. Posts to a
+//! GitHub source are paced at 80 a minute (GitHub's guidance for content-creating
+//! requests); polls at `[upstream.NAME] polls_per_minute`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderMap, HeaderValue, Method};
+
+use super::{PipelineEvent, PipelineUpdate, StatusPost, forge};
+use crate::app::App;
+use crate::config::Config;
+use crate::limits::{Limit, Limiter, OnLimit, Rate};
+use crate::outbox::forwarder::{ForwarderOptions, backoff};
+use crate::outbox::retry::Verdict;
+use crate::outbox::{DueTrigger, Outbox, Recorded, now_ms};
+use crate::secret::{Secret, SecretRef};
+use crate::upstream::{Upstream, UpstreamError};
+
+/// GitHub's guidance: no more than 80 content-creating requests a minute per token.
+const GITHUB_POSTS_PER_MINUTE: u32 = 80;
+/// The longest wait between two polls of one pipeline.
+const POLL_CAP: Duration = Duration::from_secs(300);
+/// A status call's whole time.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The forges' clients and the paces of posts and polls, built with each configuration.
+#[derive(Default)]
+pub struct StatusClients {
+    /// By source: each source with `status = { … }`.
+    forges: HashMap<String, Arc<Upstream>>,
+    /// By source: the pace of posts (GitHub sources).
+    paces: HashMap<String, Limiter>,
+    /// By upstream: the pace of polls (upstreams with a `read_token`).
+    polls: HashMap<String, Limiter>,
+}
+
+fn per_minute(name: String, count: u32) -> Limiter {
+    let count = std::num::NonZeroU32::new(count.max(1)).expect("at least one");
+    Limiter::new(
+        name,
+        Limit {
+            rate: Rate {
+                count,
+                per: Duration::from_secs(60),
+            },
+            burst: count,
+            on_limit: OnLimit::Queue,
+        },
+    )
+}
+
+impl StatusClients {
+    pub fn new(config: &Config) -> Result<StatusClients, UpstreamError> {
+        let mut clients = StatusClients::default();
+        for (name, source) in &config.sources {
+            let Some(status) = &source.status else {
+                continue;
+            };
+            let url = crate::config::parse_upstream_url(&status.api_url).map_err(|reason| {
+                UpstreamError::BadResponse {
+                    upstream: format!("status of {name}"),
+                    reason,
+                }
+            })?;
+            let client = Upstream::new(&crate::config::UpstreamConfig {
+                name: format!("status of {name}"),
+                url,
+                ca_file: status.ca_file.clone(),
+                connect_timeout: Duration::from_secs(5),
+                timeout: STATUS_TIMEOUT,
+                per_project: crate::config::default_per_project(),
+                coalesce: None,
+                max_in_flight: 16,
+                read_token: None,
+                polls_per_minute: 0,
+            })?;
+            clients.forges.insert(name.clone(), Arc::new(client));
+            if status.forge == super::Forge::Github {
+                clients.paces.insert(
+                    name.clone(),
+                    per_minute(
+                        format!("GitHub's {GITHUB_POSTS_PER_MINUTE} statuses a minute"),
+                        GITHUB_POSTS_PER_MINUTE,
+                    ),
+                );
+            }
+        }
+        for (name, upstream) in &config.upstreams {
+            if upstream.read_token.is_some() {
+                clients.polls.insert(
+                    name.clone(),
+                    per_minute(
+                        format!("[upstream.{name}] polls_per_minute"),
+                        upstream.polls_per_minute,
+                    ),
+                );
+            }
+        }
+        Ok(clients)
+    }
+
+    /// Forgets keys idle long enough that their limits are full again.
+    pub fn evict_idle(&self) {
+        self.paces.values().for_each(Limiter::evict_idle);
+        self.polls.values().for_each(Limiter::evict_idle);
+    }
+}
+
+/// Whether a claim made at `claimed_at` still outlasts a call (a shared store's lease).
+fn claim_too_old(outbox: &Outbox, claimed_at: Instant, call: Duration) -> bool {
+    outbox.lease.is_some_and(|lease| {
+        lease.saturating_sub(claimed_at.elapsed()) < call + Duration::from_millis(500)
+    })
+}
+
+/// Records a retry after `floor`, or gives up when the policy's age is reached.
+fn retry(
+    outbox: &Outbox,
+    due: &DueTrigger,
+    options: &ForwarderOptions,
+    floor: Duration,
+    status: Option<u16>,
+    reason: String,
+) -> Result<(), String> {
+    let delay = backoff(options, due, due.attempts + 1, floor, &reason)?;
+    outbox.record(
+        due.lease,
+        Recorded::Retry {
+            due_at: now_ms() + delay.as_millis() as i64,
+            status,
+            reason,
+        },
+    );
+    Ok(())
+}
+
+fn fail(outbox: &Outbox, due: &DueTrigger, status: Option<u16>, reason: String) {
+    outbox.record(
+        due.lease,
+        Recorded::Failed {
+            status,
+            reason,
+            pipeline_id: due.pipeline_id,
+            pipeline_url: None,
+        },
+    );
+}
+
+/// The status token: as resolved at load when the source still names it, else resolved
+/// now from the stored reference.
+fn status_token(app: &App, source: &str, token_ref: &str) -> Result<Secret, String> {
+    let runtime = app.runtime();
+    let loaded = runtime
+        .config
+        .sources
+        .get(source)
+        .and_then(|s| s.status.as_ref())
+        .filter(|status| status.token_ref.to_string() == token_ref)
+        .and_then(|status| status.token.clone());
+    match loaded {
+        Some(token) => Ok(token),
+        None => SecretRef::parse(token_ref)
+            .and_then(|reference| reference.resolve())
+            .map_err(|err| format!("status token {token_ref}: {err}")),
+    }
+}
+
+/// One attempt at posting one status.
+pub async fn post(
+    app: &App,
+    outbox: &Outbox,
+    due: DueTrigger,
+    options: &ForwarderOptions,
+    claimed_at: Instant,
+) {
+    let runtime = app.runtime();
+    let post: StatusPost =
+        match serde_json::from_value(serde_json::Value::Object(due.variables.clone())) {
+            Ok(post) => post,
+            Err(err) => {
+                fail(
+                    outbox,
+                    &due,
+                    None,
+                    format!("the stored status cannot be read: {err}"),
+                );
+                return;
+            }
+        };
+    let forge = post.target.forge.as_str();
+    let (source, repository, context) =
+        (&due.upstream, &post.target.repository, &post.target.context);
+    let sha = super::short(&post.target.sha);
+    let Some(client) = runtime.status.forges.get(source).cloned() else {
+        let reason =
+            format!("source {source} no longer has `status = {{ … }}`; the status was not posted");
+        tracing::warn!(%source, %repository, %sha, %context, %reason, "commit status not posted");
+        app.metrics.status_post(forge, "failed");
+        fail(outbox, &due, None, reason);
+        return;
+    };
+    let token = match status_token(app, source, &due.token_ref) {
+        Ok(token) => token,
+        Err(reason) => {
+            tracing::warn!(%source, %repository, %sha, %context, %reason, "commit status not posted");
+            app.metrics.status_post(forge, "failed");
+            fail(outbox, &due, None, reason);
+            return;
+        }
+    };
+    if let Some(pace) = runtime.status.paces.get(source)
+        && let Err(crate::limits::Refused::Over(wait)) = pace.check(source)
+    {
+        outbox.record(
+            due.lease,
+            Recorded::Deferred {
+                due_at: now_ms() + wait.as_millis() as i64,
+                reason: format!("paced: {}", pace.name),
+            },
+        );
+        return;
+    }
+    let request = match forge::request(&post, &token) {
+        Ok(request) => request,
+        Err(reason) => {
+            app.metrics.status_post(forge, "failed");
+            fail(outbox, &due, None, reason);
+            return;
+        }
+    };
+    if options.dry_run {
+        let would_send = format!(
+            "dry run: {} {}{} {}",
+            request.method,
+            client.url(),
+            request.path,
+            String::from_utf8_lossy(&request.body)
+        );
+        tracing::info!(%source, %repository, %sha, %context, %would_send, "commit status not posted (dry run)");
+        outbox.record(due.lease, Recorded::DryRun { would_send });
+        return;
+    }
+    if claim_too_old(outbox, claimed_at, client.timeout()) {
+        outbox.record(due.lease, Recorded::Released);
+        return;
+    }
+    let state = post.target.forge.state(&post.state);
+    let result = client
+        .call(request.method, &request.path, request.headers, request.body)
+        .await;
+    match forge::classify(&result, SystemTime::now()) {
+        Verdict::Sent { status, .. } => {
+            tracing::info!(%source, %repository, %sha, %context, state, pipeline = post.pipeline_id, status, "commit status posted");
+            app.metrics.status_post(forge, "sent");
+            outbox.record(
+                due.lease,
+                Recorded::Sent {
+                    status,
+                    pipeline_id: Some(post.pipeline_id),
+                    pipeline_url: post.target_url.clone(),
+                },
+            );
+        }
+        Verdict::Retry {
+            floor,
+            status,
+            reason,
+        } => match retry(outbox, &due, options, floor, status, reason.clone()) {
+            Ok(()) => {
+                tracing::info!(%source, %repository, %sha, %context, state, %reason, retry_in_ms = floor.as_millis() as u64, "commit status will be posted again");
+                app.metrics.status_post(forge, "retried");
+            }
+            Err(gave_up) => {
+                tracing::warn!(%source, %repository, %sha, %context, state, reason = %gave_up, "commit status not posted");
+                app.metrics.status_post(forge, "failed");
+                fail(outbox, &due, status, gave_up);
+            }
+        },
+        Verdict::Failed { status, reason, .. } => {
+            tracing::warn!(%source, %repository, %sha, %context, state, %reason, "commit status refused by the forge");
+            app.metrics.status_post(forge, "failed");
+            fail(outbox, &due, status, reason);
+        }
+    }
+}
+
+/// The wait before the poll after `polls` polls: 10 s doubling to 5 minutes.
+fn poll_delay(polls: i64) -> Duration {
+    super::FIRST_POLL
+        .saturating_mul(2u32.saturating_pow(polls.clamp(0, 16) as u32))
+        .min(POLL_CAP)
+}
+
+/// One look at a pipeline hookrelay started, for its state.
+pub async fn poll(
+    app: &App,
+    outbox: &Outbox,
+    due: DueTrigger,
+    options: &ForwarderOptions,
+    claimed_at: Instant,
+) {
+    let runtime = app.runtime();
+    let upstream_name = &due.upstream;
+    let pipeline_id = due.pipeline_id.unwrap_or_default();
+    let read_token = runtime
+        .config
+        .upstreams
+        .get(upstream_name)
+        .and_then(|u| u.read_token.clone());
+    let (Some(read_token), Some(upstream)) =
+        (read_token, runtime.upstreams.get(upstream_name).cloned())
+    else {
+        app.metrics.pipeline_poll("failed");
+        fail(
+            outbox,
+            &due,
+            None,
+            format!(
+                "upstream {upstream_name} has no read_token now; pipeline #{pipeline_id} is no longer polled"
+            ),
+        );
+        return;
+    };
+    if let Some(pace) = runtime.status.polls.get(upstream_name)
+        && let Err(crate::limits::Refused::Over(wait)) = pace.check(upstream_name)
+    {
+        app.metrics.pipeline_poll("deferred");
+        outbox.record(
+            due.lease,
+            Recorded::Deferred {
+                due_at: now_ms()
+                    + (wait + Duration::from_millis(fastrand::u64(0..1000))).as_millis() as i64,
+                reason: format!("paced: {}", pace.name),
+            },
+        );
+        return;
+    }
+    let token = match read_token
+        .token
+        .clone()
+        .map_or_else(|| read_token.reference.resolve(), Ok)
+    {
+        Ok(token) => token,
+        Err(reason) => {
+            app.metrics.pipeline_poll("failed");
+            fail(
+                outbox,
+                &due,
+                None,
+                format!("upstream.{upstream_name}.read_token: {reason}"),
+            );
+            return;
+        }
+    };
+    let Ok(project) = crate::trigger::ProjectId::parse(&due.project) else {
+        fail(
+            outbox,
+            &due,
+            None,
+            format!("project {:?} cannot be named in a URL", due.project),
+        );
+        return;
+    };
+    if claim_too_old(outbox, claimed_at, upstream.timeout()) {
+        outbox.record(due.lease, Recorded::Released);
+        return;
+    }
+    let mut headers = HeaderMap::new();
+    let Ok(mut value) = HeaderValue::from_str(token.expose()) else {
+        fail(
+            outbox,
+            &due,
+            None,
+            format!("upstream.{upstream_name}.read_token holds characters a header cannot carry"),
+        );
+        return;
+    };
+    value.set_sensitive(true);
+    headers.insert("private-token", value);
+    headers.insert(
+        http::header::ACCEPT,
+        HeaderValue::from_static("application/json"),
+    );
+    let path = format!(
+        "/api/v4/projects/{}/pipelines/{pipeline_id}",
+        project.encoded()
+    );
+    let result = upstream
+        .call(Method::GET, &path, headers, bytes::Bytes::new())
+        .await;
+    let answer = match &result {
+        Ok(answer) if answer.status.is_success() => PipelineEvent::from_entity(&answer.body),
+        _ => Err(String::new()),
+    };
+    match answer {
+        Ok(event) => {
+            let finished = super::is_finished(&event.status);
+            let age = Duration::from_millis((now_ms() - due.created_at).max(0) as u64);
+            let recorded = if finished {
+                app.metrics.pipeline_poll("finished");
+                Recorded::Sent {
+                    status: 200,
+                    pipeline_id: Some(pipeline_id),
+                    pipeline_url: event.url.clone(),
+                }
+            } else if age > options.policy.max_age {
+                app.metrics.pipeline_poll("failed");
+                Recorded::Failed {
+                    status: Some(200),
+                    reason: format!(
+                        "pipeline #{pipeline_id} is still {} after {}s; it is no longer polled",
+                        event.status,
+                        age.as_secs()
+                    ),
+                    pipeline_id: Some(pipeline_id),
+                    pipeline_url: event.url.clone(),
+                }
+            } else {
+                app.metrics.pipeline_poll("polled");
+                let wait = poll_delay(due.attempts + 1);
+                Recorded::Retry {
+                    due_at: now_ms() + wait.as_millis() as i64,
+                    status: Some(200),
+                    reason: format!(
+                        "pipeline #{pipeline_id} is {}; looked again in {}s",
+                        event.status,
+                        wait.as_secs()
+                    ),
+                }
+            };
+            tracing::debug!(upstream = %upstream_name, pipeline = pipeline_id, status = %event.status, "pipeline polled");
+            outbox.polled(
+                PipelineUpdate {
+                    upstream: upstream_name.clone(),
+                    event,
+                    delivery: None,
+                },
+                due.lease,
+                recorded,
+            );
+        }
+        Err(unreadable) => {
+            let verdict = match &result {
+                Ok(answer) if answer.status.is_success() => Verdict::Retry {
+                    floor: Duration::ZERO,
+                    status: Some(answer.status.as_u16()),
+                    reason: unreadable,
+                },
+                _ => crate::outbox::retry::classify(&result, SystemTime::now()),
+            };
+            match verdict {
+                Verdict::Retry {
+                    floor,
+                    status,
+                    reason,
+                } => {
+                    let floor = floor.max(poll_delay(due.attempts));
+                    app.metrics.pipeline_poll("retried");
+                    if let Err(gave_up) = retry(outbox, &due, options, floor, status, reason) {
+                        fail(outbox, &due, status, gave_up);
+                    }
+                }
+                refused => {
+                    let status = match refused {
+                        Verdict::Failed { status, .. } => status,
+                        _ => None,
+                    };
+                    app.metrics.pipeline_poll("failed");
+                    let said = result
+                        .as_ref()
+                        .ok()
+                        .and_then(|a| crate::upstream::readable_message(&a.body))
+                        .unwrap_or_default();
+                    let reason = format!(
+                        "{} {said} — polling pipeline #{pipeline_id} stopped: upstream.{upstream_name}.read_token needs the read_api scope and access to project {}",
+                        status.unwrap_or_default(),
+                        due.project
+                    );
+                    tracing::warn!(upstream = %upstream_name, pipeline = pipeline_id, %reason, "pipeline poll refused");
+                    fail(outbox, &due, status, reason);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_back_off_to_five_minutes() {
+        assert_eq!(poll_delay(0), Duration::from_secs(10));
+        assert_eq!(poll_delay(1), Duration::from_secs(20));
+        assert_eq!(poll_delay(4), Duration::from_secs(160));
+        assert_eq!(poll_delay(5), POLL_CAP);
+        assert_eq!(poll_delay(1000), POLL_CAP);
+    }
+}
