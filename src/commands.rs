@@ -477,6 +477,8 @@ fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
             (kind.to_owned(), reason)
         } else if let Some(error) = first_error {
             ("error".into(), error.to_owned())
+        } else if summary.get("pipeline").is_some() {
+            ("pipeline".into(), note)
         } else if row.event_type == "ping" || note.starts_with("ping") {
             ("ping".into(), note)
         } else if no_events {
@@ -498,11 +500,16 @@ fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
             ("no match".into(), why)
         };
     };
+    // Status posts and polls say so; a trigger's state stands alone.
+    let kind = match row.kind.as_deref() {
+        Some(kind @ ("status" | "poll")) => format!("{kind} "),
+        _ => String::new(),
+    };
     let state = match (state, row.replay_of, row.coalesced_into) {
-        ("queued", _, _) if row.attempts > 0 => "retrying".to_owned(),
+        ("queued", _, _) if row.attempts > 0 => format!("{kind}retrying"),
+        (state, None, None) => format!("{kind}{state}"),
         (state, _, Some(into)) => format!("{state} into {into}"),
-        (state, Some(of), None) => format!("{state} (replay of {of})"),
-        (state, None, None) => state.to_owned(),
+        (state, Some(of), None) => format!("{kind}{state} (replay of {of})"),
     };
     let answer = match (&row.pipeline_url, &row.last_error) {
         (Some(url), _) if row.state.as_deref() == Some("sent") => url.clone(),

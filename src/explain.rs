@@ -212,7 +212,7 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
                                     "commit": target.sha,
                                     "context": target.context,
                                     "token": target.token_ref,
-                                    "polled": target.poll,
+                                    "polled": target.poll_after_ms > 0,
                                 })),
                         }),
                         Err(error) => serde_json::json!({ "rule": planned.rule, "error": error }),
@@ -367,7 +367,7 @@ fn write_rules(
                             target.context,
                             target.api_url,
                             target.token_ref,
-                            if target.poll {
+                            if target.poll_after_ms > 0 {
                                 "; the pipeline is polled"
                             } else {
                                 ""

@@ -418,7 +418,9 @@ pub(crate) fn status_target(
         } else {
             format!("{base}/{project}")
         },
-        poll: upstream.is_some_and(|u| u.read_token.is_some()),
+        poll_after_ms: upstream
+            .filter(|u| u.read_token.is_some())
+            .map_or(0, |u| u.poll_interval.as_millis().max(1) as u64),
     })
 }
 

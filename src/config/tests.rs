@@ -570,3 +570,130 @@ fn repository_names_follow_each_providers_case_rule() {
         Some("repository: \"Codertocat/Hello-World\" matches none of [\"codertocat/hello-world\"]")
     );
 }
+
+#[test]
+fn status_settings_are_checked_where_they_are_written() {
+    let env = [
+        ("S", "0123456789abcdef0123"),
+        ("STATUS", "ghp_token"),
+        ("T", "glptt-x"),
+    ];
+    let config = load_text(
+        &[(
+            "a.toml",
+            r#"
+[upstream.gitlab]
+url = "https://gitlab.example.com"
+read_token = "env:T"
+poll_interval = "30s"
+
+[source.gh]
+provider = "github"
+secret = "env:S"
+status = { token = "env:STATUS" }
+
+[source.ghes]
+provider = "github"
+secret = "env:S"
+status = { token = "env:STATUS", api_url = "https://ghe.example.com/" }
+
+[source.codeberg]
+provider = "forgejo"
+secret = "env:S"
+status = { token = "env:STATUS", api_url = "https://codeberg.org" }
+
+[source.pipelines]
+provider = "gitlab"
+secret = "env:S"
+upstream = "gitlab"
+
+[[rule]]
+name = "r"
+source = "gh"
+[rule.trigger]
+project = "a/b"
+token = "env:T"
+status_context = "ci/{{ trigger.project }}/{{ event.ref_name }}"
+"#,
+        )],
+        &env,
+    )
+    .unwrap();
+    let api = |name: &str| {
+        config.sources[name]
+            .status
+            .as_ref()
+            .unwrap()
+            .api_url
+            .clone()
+    };
+    assert_eq!(api("gh"), "https://api.github.com");
+    assert_eq!(api("ghes"), "https://ghe.example.com/api/v3");
+    assert_eq!(api("codeberg"), "https://codeberg.org/api/v1");
+    assert_eq!(
+        config.sources["pipelines"].pipelines_of.as_deref(),
+        Some("gitlab")
+    );
+    let upstream = &config.upstreams["gitlab"];
+    assert!(upstream.read_token.is_some());
+    assert_eq!(upstream.poll_interval, Duration::from_secs(30));
+
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            r#"
+[upstream.gitlab]
+url = "https://gitlab.example.com"
+
+[source.gogs]
+provider = "gogs"
+secret = "env:S"
+status = { token = "env:STATUS" }
+
+[source.gitea]
+provider = "gitea"
+secret = "env:S"
+status = { token = "env:STATUS" }
+
+[source.unset]
+provider = "github"
+secret = "env:S"
+status = { token = "env:NOT_SET" }
+
+[source.gh]
+provider = "github"
+secret = "env:S"
+upstream = "gitlab"
+
+[source.pipelines]
+provider = "gitlab"
+secret = "env:S"
+upstream = "elsewhere"
+
+[[rule]]
+name = "r"
+source = "pipelines"
+[rule.trigger]
+project = "a/b"
+token = "env:T"
+status_context = "{{ trigger.token }}"
+"#,
+        )],
+        &env,
+    ));
+    let expect = [
+        "a.toml:8: source.gogs.status: Gogs has no commit-status API",
+        "a.toml:13: source.gitea.status: a Gitea or Forgejo server has no default address",
+        "a.toml:18: source.unset.status: token (env:NOT_SET)",
+        "a.toml:23: source.gh.upstream (pipeline events of a GitLab) applies only to provider gitlab",
+        "source.pipelines.upstream: \"elsewhere\" names no [upstream.elsewhere]",
+        "a.toml:34: rule \"r\": status_context: `trigger.token` does not exist",
+    ];
+    for (problem, expected) in problems.iter().zip(expect) {
+        assert!(
+            problem.contains(expected),
+            "{problem}\n  should say {expected}"
+        );
+    }
+    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+}

@@ -33,6 +33,9 @@ pub struct UpstreamConfig {
     pub read_token: Option<ReadToken>,
     /// Polls of this upstream a minute at most, across all its pipelines.
     pub polls_per_minute: u32,
+    /// The first poll of a pipeline waits this long; each later one twice the last, up to
+    /// five minutes.
+    pub poll_interval: Duration,
 }
 
 /// `[upstream.NAME] read_token`: its reference, and what it resolved to at load (`None`
@@ -71,6 +74,7 @@ pub(super) struct RawUpstream {
     max_in_flight: Option<Spanned<i64>>,
     read_token: Option<Spanned<String>>,
     polls_per_minute: Option<Spanned<i64>>,
+    poll_interval: Option<Spanned<String>>,
 }
 
 /// Compiles one `[upstream.NAME]`; the URL may come from `HOOKRELAY_UPSTREAM_<NAME>_URL`.
@@ -197,6 +201,12 @@ pub(super) fn compile(
             DEFAULT_POLLS_PER_MINUTE
         }
     };
+    let poll_interval = typed(
+        raw.poll_interval,
+        Duration::from_secs(10),
+        problems,
+        |text| parse_duration(text).map_err(|err| format!("upstream.{name}.poll_interval: {err}")),
+    );
     Some(UpstreamConfig {
         name: name.to_owned(),
         url: url?,
@@ -208,6 +218,7 @@ pub(super) fn compile(
         max_in_flight,
         read_token,
         polls_per_minute,
+        poll_interval,
     })
 }
 

@@ -357,7 +357,7 @@ mod tests {
                 sha: "6113728f27ae82c7b1a177c8d03f9e96e0adf246".into(),
                 context: "gitlab/acme/app".into(),
                 fallback_url: "https://gitlab.example.com/acme/app".into(),
-                poll: false,
+                poll_after_ms: 0,
             },
             state: state.into(),
             pipeline_id: 287,

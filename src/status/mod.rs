@@ -47,9 +47,10 @@ pub struct StatusTarget {
     pub context: String,
     /// Where a status links when there is no pipeline (GitLab refused the trigger).
     pub fallback_url: String,
-    /// The upstream is polled for this pipeline's status (it has a `read_token`).
+    /// The upstream is polled for this pipeline's status (it has a `read_token`): the
+    /// first poll waits this long (milliseconds); 0: no polls.
     #[serde(default)]
-    pub poll: bool,
+    pub poll_after_ms: u64,
 }
 
 impl StatusTarget {
@@ -219,9 +220,6 @@ fn queue_post(
     })
 }
 
-/// How long after a trigger is sent its pipeline is first polled.
-pub const FIRST_POLL: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// A trigger's outcome was recorded: when its source reports statuses, queue the first —
 /// `pending` with the pipeline's link once GitLab accepted it, `error` with GitLab's
 /// message once it refused it for good — and, where the upstream is polled, the first
@@ -272,7 +270,8 @@ pub fn after_trigger(
         },
         _ => return Ok(()),
     };
-    let poll = post.target.poll && post.pipeline_id > 0;
+    let poll_after_ms = post.target.poll_after_ms;
+    let poll = poll_after_ms > 0 && post.pipeline_id > 0;
     let verdict = verdict(engine, &post)?;
     queue_post(
         engine,
@@ -292,7 +291,7 @@ pub fn after_trigger(
             token_ref: String::new(),
             variables: "{}".into(),
             inputs: "{}".into(),
-            delay_ms: FIRST_POLL.as_millis() as i64,
+            delay_ms: poll_after_ms as i64,
             coalesce_ms: 0,
             done: None,
             status_target: None,
@@ -413,7 +412,7 @@ mod tests {
                 sha: "a".repeat(40),
                 context: "GitLab/App".into(),
                 fallback_url: "https://gitlab.example.com".into(),
-                poll: false,
+                poll_after_ms: 0,
             },
             state: state.into(),
             pipeline_id: 7,

@@ -80,6 +80,7 @@ impl StatusClients {
                 max_in_flight: 16,
                 read_token: None,
                 polls_per_minute: 0,
+                poll_interval: Duration::ZERO,
             })?;
             clients.forges.insert(name.clone(), Arc::new(client));
             if status.forge == super::Forge::Github {
@@ -291,9 +292,9 @@ pub async fn post(
     }
 }
 
-/// The wait before the poll after `polls` polls: 10 s doubling to 5 minutes.
-fn poll_delay(polls: i64) -> Duration {
-    super::FIRST_POLL
+/// The wait before the poll after `polls` polls: `first` doubling to 5 minutes.
+fn poll_delay(first: Duration, polls: i64) -> Duration {
+    first
         .saturating_mul(2u32.saturating_pow(polls.clamp(0, 16) as u32))
         .min(POLL_CAP)
 }
@@ -309,11 +310,9 @@ pub async fn poll(
     let runtime = app.runtime();
     let upstream_name = &due.upstream;
     let pipeline_id = due.pipeline_id.unwrap_or_default();
-    let read_token = runtime
-        .config
-        .upstreams
-        .get(upstream_name)
-        .and_then(|u| u.read_token.clone());
+    let configured = runtime.config.upstreams.get(upstream_name);
+    let read_token = configured.and_then(|u| u.read_token.clone());
+    let first = configured.map_or(Duration::from_secs(10), |u| u.poll_interval);
     let (Some(read_token), Some(upstream)) =
         (read_token, runtime.upstreams.get(upstream_name).cloned())
     else {
@@ -424,7 +423,7 @@ pub async fn poll(
                 }
             } else {
                 app.metrics.pipeline_poll("polled");
-                let wait = poll_delay(due.attempts + 1);
+                let wait = poll_delay(first, due.attempts + 1);
                 Recorded::Retry {
                     due_at: now_ms() + wait.as_millis() as i64,
                     status: Some(200),
@@ -461,7 +460,7 @@ pub async fn poll(
                     status,
                     reason,
                 } => {
-                    let floor = floor.max(poll_delay(due.attempts));
+                    let floor = floor.max(poll_delay(first, due.attempts));
                     app.metrics.pipeline_poll("retried");
                     if let Err(gave_up) = retry(outbox, &due, options, floor, status, reason) {
                         fail(outbox, &due, status, gave_up);
@@ -497,10 +496,11 @@ mod tests {
 
     #[test]
     fn polls_back_off_to_five_minutes() {
-        assert_eq!(poll_delay(0), Duration::from_secs(10));
-        assert_eq!(poll_delay(1), Duration::from_secs(20));
-        assert_eq!(poll_delay(4), Duration::from_secs(160));
-        assert_eq!(poll_delay(5), POLL_CAP);
-        assert_eq!(poll_delay(1000), POLL_CAP);
+        let first = Duration::from_secs(10);
+        assert_eq!(poll_delay(first, 0), Duration::from_secs(10));
+        assert_eq!(poll_delay(first, 1), Duration::from_secs(20));
+        assert_eq!(poll_delay(first, 4), Duration::from_secs(160));
+        assert_eq!(poll_delay(first, 5), POLL_CAP);
+        assert_eq!(poll_delay(first, 1000), POLL_CAP);
     }
 }

@@ -520,7 +520,7 @@ pub fn statuses_follow_the_pipeline_and_never_go_back(engine: &mut dyn Engine) {
         sha: "a".repeat(40),
         context: "gitlab/p".into(),
         fallback_url: "https://gitlab.example.com/p".into(),
-        poll: true,
+        poll_after_ms: 10_000,
     };
     let with_target = NewTrigger {
         status_target: Some(serde_json::to_string(&target).unwrap()),
@@ -543,7 +543,7 @@ pub fn statuses_follow_the_pipeline_and_never_go_back(engine: &mut dyn Engine) {
     assert_eq!(posts[0].pipeline_id, Some(7));
     assert_eq!(posts[0].variables["state"], "pending");
     assert_eq!(posts[0].token_ref, "env:STATUS");
-    let polls = claim(engine, 20 + crate::status::FIRST_POLL.as_millis() as i64, 5);
+    let polls = claim(engine, 10_010, 5);
     assert_eq!(polls.len(), 1);
     assert_eq!(polls[0].kind, WorkKind::Poll);
     let update =

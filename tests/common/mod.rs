@@ -92,7 +92,12 @@ pub struct RecordingUpstream {
 
 impl RecordingUpstream {
     pub async fn start() -> RecordingUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        RecordingUpstream::start_on("127.0.0.1:0").await
+    }
+
+    /// [`RecordingUpstream::start`] on a given address (a port reserved earlier).
+    pub async fn start_on(address: &str) -> RecordingUpstream {
+        let listener = TcpListener::bind(address).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
