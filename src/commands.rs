@@ -145,7 +145,20 @@ fn summary(config: &Config) -> String {
     let sources: Vec<String> = config
         .sources
         .values()
-        .map(|s| format!("{} ({}, POST /hooks/{})", s.name, s.provider, s.name))
+        .map(|s| {
+            let mut shown = format!("{} ({}, POST /hooks/{}", s.name, s.provider, s.name);
+            if let Some(status) = &s.status {
+                shown.push_str(&format!(
+                    ", statuses to {} with {}",
+                    status.api_url, status.token_ref
+                ));
+            }
+            if let Some(upstream) = &s.pipelines_of {
+                shown.push_str(&format!(", pipeline events of {upstream}"));
+            }
+            shown.push(')');
+            shown
+        })
         .collect();
     let or_none = |list: Vec<String>| {
         if list.is_empty() {

@@ -389,6 +389,24 @@ mod tests {
     }
 
     #[test]
+    fn the_commit_is_what_the_ref_names_now() {
+        let tag_object = "c".repeat(40);
+        let commit = "d".repeat(40);
+        let mut annotated = change("refs/tags/v1", &tag_object);
+        annotated.commit = Some(commit.clone());
+        assert_eq!(context().event(annotated).unwrap().commit, commit);
+        let branch = context().event(change("refs/heads/main", &commit)).unwrap();
+        assert_eq!(branch.commit, commit, "without a sender's word, `after`");
+        let mut deleted = change("refs/tags/v1", &"0".repeat(40));
+        deleted.commit = Some(commit);
+        assert_eq!(
+            context().event(deleted).unwrap().commit,
+            "",
+            "a deletion names no commit"
+        );
+    }
+
+    #[test]
     fn serializes_with_template_names() {
         let e = context()
             .event(change("refs/tags/v1", &"c".repeat(40)))

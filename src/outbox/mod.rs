@@ -769,7 +769,7 @@ impl Writer {
     /// Records one outcome; a transient failure keeps it for the next group.
     fn record(&mut self, lease: Lease, recorded: Recorded, now: i64, outcome: &mut GroupOutcome) {
         let result = self.in_savepoint(|engine| engine.record(lease, &recorded, now));
-        if matches!(result, Ok(true)) {
+        if matches!(result, Ok(true)) && lease.reports_status {
             // The first status of the trigger's pipeline, where its source reports them.
             // A failure here keeps the outcome: the trigger was sent, whatever the status.
             let status = self.in_savepoint(|engine| {

@@ -343,6 +343,9 @@ pub struct Lease {
     pub trigger: i64,
     /// The fencing token the engine handed out with the claim.
     pub token: i64,
+    /// The claimed trigger's pipeline reports its status (it has a status target), so
+    /// recording its answer queues the first status; other outcomes skip the lookup.
+    pub reports_status: bool,
 }
 
 /// A trigger claimed for sending.

@@ -917,7 +917,7 @@ impl Engine for PostgresEngine {
                        AND d.id = t.delivery
                      RETURNING t.id, t.delivery, d.delivery_id, d.source, t.rule, t.upstream, t.project, t.git_ref,
                                t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease, t.kind,
-                               t.pipeline_id",
+                               t.pipeline_id, t.status_target IS NOT NULL",
                 )?;
                 let token = fastrand::i64(1..);
                 let Some(row) = self.client().query_opt(&take, &[&head, &now, &token])? else {
@@ -945,6 +945,7 @@ impl Engine for PostgresEngine {
                     lease: Lease {
                         trigger: row.get(0),
                         token: row.get(13),
+                        reports_status: row.get(16),
                     },
                     delivery_row: row.get(1),
                     delivery_id: row.get(2),

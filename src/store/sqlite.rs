@@ -761,7 +761,7 @@ fn claim(engine: &SqliteEngine, now: i64, limit: usize) -> rusqlite::Result<Clai
                 "UPDATE triggers SET state = 'sending', attempts = attempts + 1, updated_at = ?2, lease = ?3
                  WHERE id = ?1 AND state = 'queued'
                  RETURNING id, delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                           attempts, created_at, lease, kind, pipeline_id",
+                           attempts, created_at, lease, kind, pipeline_id, status_target IS NOT NULL",
             )?
             // A fresh random token per claim fences outcomes of older claims out.
             .query_row(params![head, now, fastrand::i64(1..)], |row| {
@@ -773,6 +773,7 @@ fn claim(engine: &SqliteEngine, now: i64, limit: usize) -> rusqlite::Result<Clai
                     lease: Lease {
                         trigger: row.get(0)?,
                         token: row.get(11)?,
+                        reports_status: row.get(14)?,
                     },
                     delivery_row: row.get(1)?,
                     delivery_id: String::new(),
