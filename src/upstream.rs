@@ -155,26 +155,20 @@ impl Upstream {
     /// Sends one call and reads GitLab's whole answer within the upstream's timeout; waits
     /// its turn while the upstream has `max_in_flight` calls under way.
     pub async fn send(&self, call: &UpstreamCall) -> Result<UpstreamResponse, UpstreamError> {
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .expect("the in-flight semaphore is never closed");
-        self.exchange(call).await
+        self.call(
+            http::Method::POST,
+            &call.path_and_query,
+            trigger_headers(call),
+            call.body.clone(),
+        )
+        .await
     }
 
     async fn exchange(&self, call: &UpstreamCall) -> Result<UpstreamResponse, UpstreamError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        if let Some(content_type) = &call.content_type
-            && let Ok(value) = HeaderValue::from_str(content_type)
-        {
-            headers.insert(header::CONTENT_TYPE, value);
-        }
         self.request(
             http::Method::POST,
             &call.path_and_query,
-            headers,
+            trigger_headers(call),
             call.body.clone(),
         )
         .await
@@ -277,6 +271,18 @@ impl Upstream {
             reason: deepest,
         }
     }
+}
+
+/// A trigger call's headers: JSON answers, and the body's own type.
+fn trigger_headers(call: &UpstreamCall) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    if let Some(content_type) = &call.content_type
+        && let Ok(value) = HeaderValue::from_str(content_type)
+    {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    headers
 }
 
 /// A string field of a JSON answer (`web_url` of a created pipeline).

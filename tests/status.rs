@@ -13,17 +13,17 @@ use serde_json::{Value, json};
 const SECRET: &str = "s3cret-for-the-tests";
 const PIPELINE_TOKEN: &str = "pipeline-hook-token";
 
-/// A relay whose GitHub source reports to `forge` (a GitHub Enterprise Server stand-in),
-/// with a GitLab source for pipeline events, and `rules` after them.
-fn github_config(gitlab: &str, forge: &str, rules: &str) -> String {
+/// A relay whose source `source` (of `provider`) reports to `forge`, with a GitLab source
+/// for pipeline events, and `rules` after them.
+fn relay_config(gitlab: &str, forge: &str, source: &str, provider: &str, rules: &str) -> String {
     format!(
         r#"
 [upstream.gitlab]
 url = "{gitlab}"
 timeout = "2s"
 
-[source.github]
-provider = "github"
+[source.{source}]
+provider = "{provider}"
 secret = "file:{{dir}}/secret"
 status = {{ token = "file:{{dir}}/status-token", api_url = "{forge}" }}
 
@@ -35,6 +35,11 @@ upstream = "gitlab"
 {rules}
 "#
     )
+}
+
+/// [`relay_config`] for a GitHub source whose forge is a GitHub Enterprise Server stand-in.
+fn github_config(gitlab: &str, forge: &str, rules: &str) -> String {
+    relay_config(gitlab, forge, "github", "github", rules)
 }
 
 const FILES: &[(&str, &str)] = &[
@@ -80,6 +85,23 @@ fn pipeline_event(id: i64, status: &str, finished_at: Option<&str>) -> Vec<u8> {
     event["project"]["id"] = json!(123);
     event["project"]["path_with_namespace"] = json!("acme/app");
     serde_json::to_vec(&event).unwrap()
+}
+
+/// GitHub's published branch push, signed, as delivery `delivery`.
+async fn push_branch(relay: &Relay, delivery: &str) -> common::Reply {
+    signed_github_body(
+        &relay.url("/hooks/github"),
+        SECRET,
+        "push",
+        delivery,
+        fixture("github/push_branch.json"),
+    )
+    .await
+}
+
+/// What an answer's `note` says.
+fn note(reply: &common::Reply) -> String {
+    reply.json()["note"].as_str().unwrap_or_default().to_owned()
 }
 
 async fn send_pipeline_event(relay: &Relay, uuid: &str, body: Vec<u8>) -> common::Reply {
@@ -148,10 +170,7 @@ async fn a_push_shows_pending_then_success_on_the_tagged_commit() {
     let other = send_pipeline_event(&relay, "e-0", pipeline_event(999, "success", None)).await;
     assert_eq!(other.status, 200);
     assert!(
-        other.json()["note"]
-            .as_str()
-            .unwrap()
-            .contains("not started by hookrelay"),
+        note(&other).contains("not started by hookrelay"),
         "{}",
         other.text()
     );
@@ -217,14 +236,7 @@ async fn late_events_never_turn_a_finished_status_back_and_newer_states_supersed
     forge.answer_next(Answer::new(201, "{}").delayed(Duration::from_millis(600)));
     let relay =
         Relay::start_with(&github_config(&gitlab.url(), &forge.url(), ONE_RULE), FILES).await;
-    let reply = signed_github_body(
-        &relay.url("/hooks/github"),
-        SECRET,
-        "push",
-        "d-2",
-        fixture("github/push_branch.json"),
-    )
-    .await;
+    let reply = push_branch(&relay, "d-2").await;
     assert_eq!(reply.status, 202);
     wait_for(&forge, 1).await;
     let running = send_pipeline_event(&relay, "e-1", pipeline_event(257, "running", None)).await;
@@ -236,24 +248,14 @@ async fn late_events_never_turn_a_finished_status_back_and_newer_states_supersed
     )
     .await;
     assert!(
-        success.json()["note"]
-            .as_str()
-            .unwrap()
-            .contains("supersedes 1"),
+        note(&success).contains("supersedes 1"),
         "{}",
         success.text()
     );
     // GitLab's hooks arrive out of order: a "running" after "success" is late.
     let late = send_pipeline_event(&relay, "e-3", pipeline_event(257, "running", None)).await;
     assert_eq!(late.status, 200);
-    assert!(
-        late.json()["note"]
-            .as_str()
-            .unwrap()
-            .contains("finished already"),
-        "{}",
-        late.text()
-    );
+    assert!(note(&late).contains("finished already"), "{}", late.text());
     // The same delivery again is a duplicate.
     let again = send_pipeline_event(
         &relay,
@@ -280,14 +282,7 @@ async fn a_refused_trigger_puts_gitlabs_message_on_the_commit() {
     let forge = RecordingUpstream::start().await;
     let relay =
         Relay::start_with(&github_config(&gitlab.url(), &forge.url(), ONE_RULE), FILES).await;
-    signed_github_body(
-        &relay.url("/hooks/github"),
-        SECRET,
-        "push",
-        "d-3",
-        fixture("github/push_branch.json"),
-    )
-    .await;
+    push_branch(&relay, "d-3").await;
     let error = wait_for(&forge, 1).await.remove(0).json();
     assert_eq!(error["state"], "error");
     let description = error["description"].as_str().unwrap();
@@ -319,14 +314,7 @@ async fn a_forge_rate_limit_is_waited_out_then_the_status_is_posted() {
     );
     let relay =
         Relay::start_with(&github_config(&gitlab.url(), &forge.url(), ONE_RULE), FILES).await;
-    signed_github_body(
-        &relay.url("/hooks/github"),
-        SECRET,
-        "push",
-        "d-4",
-        fixture("github/push_branch.json"),
-    )
-    .await;
+    push_branch(&relay, "d-4").await;
     let posts = wait_for(&forge, 2).await;
     let at = forge.received_at();
     assert!(
@@ -355,38 +343,22 @@ async fn a_fan_out_of_three_shows_three_contexts_on_gitea() {
         ));
     }
     let forge = RecordingUpstream::start().await;
-    let config = format!(
-        r#"
-[upstream.gitlab]
-url = "{}"
-
-[source.gitea]
-provider = "gitea"
-secret = "file:{{dir}}/secret"
-status = {{ token = "file:{{dir}}/status-token", api_url = "{}" }}
-
-[source.gitlab-pipelines]
-provider = "gitlab"
-secret = "file:{{dir}}/pipeline-secret"
-upstream = "gitlab"
-
+    let rules = r#"
 [[rule]]
 name = "fan-out"
 source = "gitea"
 [[rule.trigger]]
 project = "group/one"
-token = "file:{{dir}}/trigger-token"
+token = "file:{dir}/trigger-token"
 [[rule.trigger]]
 project = "group/two"
-token = "file:{{dir}}/trigger-token"
+token = "file:{dir}/trigger-token"
 [[rule.trigger]]
 project = "group/three"
-token = "file:{{dir}}/trigger-token"
-status_context = "ci/{{{{ trigger.project }}}} ({{{{ event.ref_name }}}})"
-"#,
-        gitlab.url(),
-        forge.url()
-    );
+token = "file:{dir}/trigger-token"
+status_context = "ci/{{ trigger.project }} ({{ event.ref_name }})"
+"#;
+    let config = relay_config(&gitlab.url(), &forge.url(), "gitea", "gitea", rules);
     let relay = Relay::start_with(&config, FILES).await;
     let body = fixture("gitea/push.json");
     let signature = hookrelay::sources::signature::hmac_hex(
@@ -465,28 +437,12 @@ status_context = "ci/{{{{ trigger.project }}}} ({{{{ event.ref_name }}}})"
 }
 
 fn bitbucket_config(gitlab: &str, forge: &str, provider: &str) -> String {
-    format!(
-        r#"
-[upstream.gitlab]
-url = "{gitlab}"
-
-[source.bitbucket]
-provider = "{provider}"
-secret = "file:{{dir}}/secret"
-status = {{ token = "file:{{dir}}/status-token", api_url = "{forge}" }}
-
-[source.gitlab-pipelines]
-provider = "gitlab"
-secret = "file:{{dir}}/pipeline-secret"
-upstream = "gitlab"
-
-[[rule]]
-name = "build"
-source = "bitbucket"
-[rule.trigger]
-project = "acme/app"
-token = "file:{{dir}}/trigger-token"
-"#
+    relay_config(
+        gitlab,
+        forge,
+        "bitbucket",
+        provider,
+        &ONE_RULE.replace("source = \"github\"", "source = \"bitbucket\""),
     )
 }
 
@@ -634,14 +590,7 @@ status = {{ token = "file:{{dir}}/status-token", api_url = "{}" }}
     let mut files = FILES.to_vec();
     files.push(("read-token", "glpat-read-only-token"));
     let relay = Relay::start_with(&config, &files).await;
-    signed_github_body(
-        &relay.url("/hooks/github"),
-        SECRET,
-        "push",
-        "d-5",
-        fixture("github/push_branch.json"),
-    )
-    .await;
+    push_branch(&relay, "d-5").await;
     let posts = wait_for(&forge, 3).await;
     let states: Vec<Value> = posts.iter().map(|p| p.json()["state"].clone()).collect();
     assert_eq!(

@@ -70,17 +70,27 @@ struct GitLabAnswer {
     error: Option<serde_json::Value>,
 }
 
+/// Answers that say "later": `5xx`, `408`, `429`.
+pub fn retryable(status: StatusCode) -> bool {
+    status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// A call that got no answer (unreachable, timed out): tried again.
+pub fn unanswered(err: &UpstreamError) -> Verdict {
+    Verdict::Retry {
+        floor: Duration::ZERO,
+        status: None,
+        reason: err.to_string(),
+    }
+}
+
 /// Classifies one attempt's result.
 pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTime) -> Verdict {
     let answer = match result {
         Ok(answer) => answer,
-        Err(err) => {
-            return Verdict::Retry {
-                floor: Duration::ZERO,
-                status: None,
-                reason: err.to_string(),
-            };
-        }
+        Err(err) => return unanswered(err),
     };
     let status = answer.status;
     // One parse of GitLab's answer, into just the fields used: building a whole JSON tree
@@ -106,10 +116,7 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
         };
     }
     let reason = reason_for(status, &message);
-    if status.is_server_error()
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-    {
+    if retryable(status) {
         return Verdict::Retry {
             floor: wait_asked_for(&answer.headers, now).unwrap_or(Duration::ZERO),
             status: Some(status.as_u16()),

@@ -224,13 +224,7 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
 pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTime) -> Verdict {
     let answer = match result {
         Ok(answer) => answer,
-        Err(err) => {
-            return Verdict::Retry {
-                floor: Duration::ZERO,
-                status: None,
-                reason: err.to_string(),
-            };
-        }
+        Err(err) => return crate::outbox::retry::unanswered(err),
     };
     let status = answer.status;
     if status.is_success() {
@@ -248,10 +242,7 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
             reason,
         };
     }
-    if status.is_server_error()
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-    {
+    if crate::outbox::retry::retryable(status) {
         return Verdict::Retry {
             floor: wait_asked_for(&answer.headers, now).unwrap_or(Duration::ZERO),
             status: Some(status.as_u16()),

@@ -644,6 +644,10 @@ pub enum OriginOf {
     Pipeline { upstream: String, pipeline_id: i64 },
 }
 
+/// The columns a [`PipelineOrigin`] is read from, in its fields' order (both engines).
+pub const ORIGIN_COLUMNS: &str = "id, delivery, rule, upstream, project, state, status_target, pipeline_id, \
+                                  pipeline_url, last_status, last_error";
+
 /// A trigger as the status of its pipeline needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PipelineOrigin {

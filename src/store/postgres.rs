@@ -1239,12 +1239,10 @@ impl Engine for PostgresEngine {
         &mut self,
         of: &super::OriginOf,
     ) -> Result<Option<super::PipelineOrigin>, EngineError> {
-        const COLUMNS: &str =
-            "SELECT id, delivery, rule, upstream, project, state, status_target, pipeline_id,
-                                      pipeline_url, last_status, last_error FROM hr_triggers";
+        let columns = format!("SELECT {} FROM hr_triggers", super::ORIGIN_COLUMNS);
         let row = match of {
             super::OriginOf::Trigger(id) => self.client().query_opt(
-                &format!("{COLUMNS} WHERE id = $1 AND kind = 'trigger'"),
+                &format!("{columns} WHERE id = $1 AND kind = 'trigger'"),
                 &[id],
             ),
             super::OriginOf::Pipeline {
@@ -1252,7 +1250,7 @@ impl Engine for PostgresEngine {
                 pipeline_id,
             } => self.client().query_opt(
                 &format!(
-                    "{COLUMNS} WHERE upstream = $1 AND pipeline_id = $2 AND kind = 'trigger' ORDER BY id LIMIT 1"
+                    "{columns} WHERE upstream = $1 AND pipeline_id = $2 AND kind = 'trigger' ORDER BY id LIMIT 1"
                 ),
                 &[upstream, pipeline_id],
             ),

@@ -551,9 +551,7 @@ impl Engine for SqliteEngine {
         &mut self,
         of: &super::OriginOf,
     ) -> Result<Option<super::PipelineOrigin>, EngineError> {
-        const COLUMNS: &str =
-            "SELECT id, delivery, rule, upstream, project, state, status_target, pipeline_id,
-                                      pipeline_url, last_status, last_error FROM triggers";
+        let columns = format!("SELECT {} FROM triggers", super::ORIGIN_COLUMNS);
         let read = |row: &rusqlite::Row<'_>| {
             Ok(super::PipelineOrigin {
                 trigger_id: row.get(0)?,
@@ -572,7 +570,7 @@ impl Engine for SqliteEngine {
         match of {
             super::OriginOf::Trigger(id) => self
                 .conn
-                .prepare_cached(&format!("{COLUMNS} WHERE id = ?1 AND kind = 'trigger'"))
+                .prepare_cached(&format!("{columns} WHERE id = ?1 AND kind = 'trigger'"))
                 .and_then(|mut s| s.query_row(params![id], read).optional()),
             super::OriginOf::Pipeline {
                 upstream,
@@ -580,7 +578,7 @@ impl Engine for SqliteEngine {
             } => self
                 .conn
                 .prepare_cached(&format!(
-                    "{COLUMNS} WHERE upstream = ?1 AND pipeline_id = ?2 AND kind = 'trigger' ORDER BY id LIMIT 1"
+                    "{columns} WHERE upstream = ?1 AND pipeline_id = ?2 AND kind = 'trigger' ORDER BY id LIMIT 1"
                 ))
                 .and_then(|mut s| s.query_row(params![upstream, pipeline_id], read).optional()),
         }
