@@ -174,7 +174,7 @@ impl Metrics {
         let outbox_depth = Gauge::default();
         outbox_registry.register(
             "outbox_depth",
-            "Triggers waiting to be sent or being sent",
+            "Queued work waiting or being sent: triggers, status posts and pipeline polls",
             outbox_depth.clone(),
         );
         let outbox_oldest_due_age = Gauge::<f64, AtomicU64>::default();

@@ -1227,3 +1227,112 @@ async fn a_relay_whose_configuration_lacks_the_upstream_leaves_the_trigger_for_o
     );
     drop((a, b));
 }
+
+/// Commit statuses across relays: a push accepted by one relay, the pipeline's events
+/// received by the others in any order, each status posted once, and the commit ends at
+/// the pipeline's final state whichever relay took which event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_follow_a_pipeline_whose_events_reach_different_relays() {
+    let Some(Setup {
+        database: _database,
+        upstream: _gitlab,
+        dir,
+    }) = Setup::new("5s", PLAIN, "").await
+    else {
+        return;
+    };
+    let forge = RecordingUpstream::start().await;
+    write(dir.path(), "status-token", "ghs_status_token_for_tests");
+    write(dir.path(), "pipeline-secret", "pipeline-hook-token");
+    let text = std::fs::read_to_string(dir.path().join("relay.toml")).unwrap();
+    let text = text.replace(
+        "[source.github]\nprovider = \"github\"\n",
+        &format!(
+            "[source.github]\nprovider = \"github\"\nstatus = {{ token = \"file:{0}/status-token\", api_url = \"{1}\" }}\n",
+            dir.path().display(),
+            forge.url()
+        ),
+    ) + &format!(
+        "[source.gitlab-pipelines]\nprovider = \"gitlab\"\nsecret = \"file:{}/pipeline-secret\"\nupstream = \"gitlab\"\n",
+        dir.path().display()
+    );
+    write(dir.path(), "relay.toml", &text);
+    let (_relays, addresses) = start_relays(dir.path(), 3);
+    assert_eq!(push(&addresses[0], "status-1").await.status, 202);
+    eventually(Duration::from_secs(10), "the pending status", || {
+        !forge.received().is_empty()
+    })
+    .await;
+    let event = |status: &str, finished: Option<&str>| {
+        let mut event: serde_json::Value =
+            serde_json::from_slice(&fixture("status/gitlab_pipeline_event_doc.json")).unwrap();
+        event["object_attributes"]["id"] = 257.into();
+        event["object_attributes"]["status"] = status.into();
+        event["object_attributes"]["finished_at"] = finished.into();
+        event["project"]["path_with_namespace"] = "acme/app".into();
+        serde_json::to_vec(&event).unwrap()
+    };
+    // GitLab's hooks race each other: success reaches relay 1 while running and a late
+    // "running" reach relays 2 and 0 at the same moment.
+    let send = |address: &str, uuid: &str, body: Vec<u8>| {
+        let url = format!("http://{address}/hooks/gitlab-pipelines");
+        let uuid = uuid.to_owned();
+        async move {
+            post(
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("X-Gitlab-Event", "Pipeline Hook"),
+                    ("X-Gitlab-Token", "pipeline-hook-token"),
+                    ("X-Gitlab-Event-UUID", uuid.as_str()),
+                ],
+                body,
+            )
+            .await
+        }
+    };
+    let replies = futures_util::future::join_all([
+        send(&addresses[2], "e-running", event("running", None)),
+        send(
+            &addresses[1],
+            "e-success",
+            event("success", Some("2026-12-02 10:00:00 UTC")),
+        ),
+    ])
+    .await;
+    assert!(
+        replies.iter().all(|r| r.status == 200),
+        "{:?}",
+        replies.iter().map(Reply::text).collect::<Vec<_>>()
+    );
+    let late = send(&addresses[0], "e-late", event("running", None)).await;
+    assert_eq!(late.status, 200);
+    eventually(Duration::from_secs(10), "the success status", || {
+        forge
+            .received()
+            .iter()
+            .any(|r| r.json()["state"] == "success")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let states: Vec<String> = forge
+        .received()
+        .iter()
+        .map(|r| r.json()["state"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        states.first().map(String::as_str),
+        Some("pending"),
+        "{states:?}"
+    );
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("success"),
+        "{states:?}"
+    );
+    assert_eq!(
+        states.iter().filter(|s| *s == "success").count(),
+        1,
+        "each status is posted once: {states:?}"
+    );
+}

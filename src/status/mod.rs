@@ -256,12 +256,19 @@ pub fn after_trigger(
             }
         }
         Recorded::Failed { status, reason, .. } => StatusPost {
-            description: format!(
-                "GitLab refused the trigger{} ({}, rule {}): {reason}",
-                status.map(|s| format!(" ({s})")).unwrap_or_default(),
-                origin.project,
-                origin.rule
-            ),
+            // GitLab's refusal carries its status; a trigger that never reached GitLab
+            // (a token that cannot be read, retries given up) says so.
+            description: match status {
+                // GitLab's reason starts with its status (`404 Not Found — …`).
+                Some(_) => format!(
+                    "GitLab refused the trigger for {} (rule {}): {reason}",
+                    origin.project, origin.rule
+                ),
+                None => format!(
+                    "the trigger for {} (rule {}) failed: {reason}",
+                    origin.project, origin.rule
+                ),
+            },
             state: "refused".into(),
             pipeline_id: 0,
             target_url: None,

@@ -27,8 +27,9 @@ use crate::upstream::{Upstream, UpstreamError};
 const GITHUB_POSTS_PER_MINUTE: u32 = 80;
 /// The longest wait between two polls of one pipeline.
 const POLL_CAP: Duration = Duration::from_secs(300);
-/// A status call's whole time.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+/// A status call's whole time (shorter when a shared store's lease is: a call starts only
+/// while its claim outlasts it).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The forges' clients and the paces of posts and polls, built with each configuration.
 #[derive(Default)]
@@ -59,6 +60,11 @@ fn per_minute(name: String, count: u32) -> Limiter {
 impl StatusClients {
     pub fn new(config: &Config) -> Result<StatusClients, UpstreamError> {
         let mut clients = StatusClients::default();
+        let timeout = config.store.as_ref().map_or(STATUS_TIMEOUT, |store| {
+            STATUS_TIMEOUT
+                .min(store.lease.saturating_sub(Duration::from_secs(2)))
+                .max(Duration::from_secs(1))
+        });
         for (name, source) in &config.sources {
             let Some(status) = &source.status else {
                 continue;
@@ -74,7 +80,7 @@ impl StatusClients {
                 url,
                 ca_file: status.ca_file.clone(),
                 connect_timeout: Duration::from_secs(5),
-                timeout: STATUS_TIMEOUT,
+                timeout,
                 per_project: crate::config::default_per_project(),
                 coalesce: None,
                 max_in_flight: 16,
@@ -216,9 +222,15 @@ pub async fn post(
             return;
         }
     };
+    if claim_too_old(outbox, claimed_at, client.timeout()) {
+        tracing::warn!(%source, %repository, %sha, %context, "claim too old to start a status post; handed back");
+        outbox.record(due.lease, Recorded::Released);
+        return;
+    }
     if let Some(pace) = runtime.status.paces.get(source)
         && let Err(crate::limits::Refused::Over(wait)) = pace.check(source)
     {
+        tracing::info!(%source, %repository, %sha, %context, wait_ms = wait.as_millis() as u64, limit = %pace.name, "commit status paced");
         outbox.record(
             due.lease,
             Recorded::Deferred {
@@ -246,10 +258,6 @@ pub async fn post(
         );
         tracing::info!(%source, %repository, %sha, %context, %would_send, "commit status not posted (dry run)");
         outbox.record(due.lease, Recorded::DryRun { would_send });
-        return;
-    }
-    if claim_too_old(outbox, claimed_at, client.timeout()) {
-        outbox.record(due.lease, Recorded::Released);
         return;
     }
     let state = post.target.forge.state(&post.state);
@@ -327,6 +335,11 @@ pub async fn poll(
         );
         return;
     };
+    if claim_too_old(outbox, claimed_at, upstream.timeout()) {
+        tracing::warn!(upstream = %upstream_name, pipeline = pipeline_id, "claim too old to start a poll; handed back");
+        outbox.record(due.lease, Recorded::Released);
+        return;
+    }
     if let Some(pace) = runtime.status.polls.get(upstream_name)
         && let Err(crate::limits::Refused::Over(wait)) = pace.check(upstream_name)
     {
@@ -367,10 +380,6 @@ pub async fn poll(
         );
         return;
     };
-    if claim_too_old(outbox, claimed_at, upstream.timeout()) {
-        outbox.record(due.lease, Recorded::Released);
-        return;
-    }
     let mut headers = HeaderMap::new();
     let Ok(mut value) = HeaderValue::from_str(token.expose()) else {
         fail(
