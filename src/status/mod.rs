@@ -137,7 +137,13 @@ pub fn decide(newest: Option<&StatusPost>, new: &StatusPost) -> Result<(), &'sta
     let Some(newest) = newest else {
         return Ok(());
     };
-    if newest.state == new.state && newest.target_url == new.target_url {
+    // What the forge would show: GitLab's `created`, `pending` and `preparing` all read
+    // "pending", with the same words and link.
+    let forge = new.target.forge;
+    if forge.state(&newest.state) == forge.state(&new.state)
+        && newest.description == new.description
+        && newest.target_url == new.target_url
+    {
         return Err("unchanged: the commit has (or will have) this state already");
     }
     match (is_finished(&newest.state), is_finished(&new.state)) {
@@ -438,6 +444,13 @@ mod tests {
         assert!(late.unwrap_err().starts_with("late"));
         let same = decide(Some(&post("running", None)), &post("running", None));
         assert!(same.unwrap_err().starts_with("unchanged"));
+        let described = |state: &str| StatusPost {
+            description: describe(state, 7, "r", "p"),
+            ..post(state, None)
+        };
+        // `created` after `pending` shows the same on the forge: not posted again.
+        assert!(decide(Some(&described("pending")), &described("created")).is_err());
+        assert!(decide(Some(&described("pending")), &described("running")).is_ok());
         // A retried pipeline that finishes again later moves on; an older final state not.
         assert!(
             decide(
