@@ -5,6 +5,8 @@
 # for DURATION, and its forwarder sending to a stand-in GitLab; then the mean of the rounds).
 #
 # Run: benches/ab.sh OLD_BINARY NEW_BINARY      (env: ROUNDS=3, DURATION=10s, CONNECTIONS=64)
+# STATUS=new gives the new binary's GitHub source `status = { … }` (posting to the stand-in),
+# so that one binary against itself measures what reporting statuses costs the webhooks.
 # e.g. git worktree add /tmp/old HEAD~5 && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target
 #      cargo build --release) && cargo build --release &&
 #      benches/ab.sh /tmp/old-target/release/hookrelay target/release/hookrelay
@@ -26,14 +28,20 @@ payload=$PWD/tests/fixtures/github/push_tag.json
 signature=$(github_signature "$secret" "$payload")
 start_nginx "$work/nginx" "server { listen 127.0.0.1:$standin_port; location / { return 201 '{\"id\":1,\"web_url\":\"http://x/p/1\"}'; } }"
 printf '%s' "$secret" >"$work/secret"
-mkdir -p "$work/relay"
-{ printf '[server]\nlisten = "127.0.0.1:%s"\n' "$relay_port"; relay_rules "$standin_port" "$work/secret"; } >"$work/relay/relay.toml"
+mkdir -p "$work/relay-old" "$work/relay-new"
+{ printf '[server]\nlisten = "127.0.0.1:%s"\n' "$relay_port"; relay_rules "$standin_port" "$work/secret"; } >"$work/relay-old/relay.toml"
+if [[ ${STATUS:-} == new ]]; then
+  sed "s|^secret = \"file:$work/secret\"|&\nstatus = { token = \"file:$work/secret\", api_url = \"http://127.0.0.1:$standin_port\" }|" \
+    "$work/relay-old/relay.toml" >"$work/relay-new/relay.toml"
+else
+  cp "$work/relay-old/relay.toml" "$work/relay-new/relay.toml"
+fi
 declare -A rates p99s
 for round in $(seq "$ROUNDS"); do
   for which in old new; do
     bin=$OLD; [[ $which == new ]] && bin=$NEW
     rm -rf "$work/state"
-    "$bin" serve --config "$work/relay" --state "$work/state" >"$work/$which.log" 2>&1 & pid=$!
+    "$bin" serve --config "$work/relay-$which" --state "$work/state" >"$work/$which.log" 2>&1 & pid=$!
     wait_for "http://127.0.0.1:$relay_port/healthz"; sleep 1
     out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" \
       wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/peers/signed.lua "http://127.0.0.1:$relay_port/hooks/github")
