@@ -79,6 +79,10 @@ pub struct App {
     /// Records of webhooks answered without queuing (refused, duplicate), at most one a
     /// second per source and kind.
     pub turned_away: std::sync::Mutex<crate::limits::Throttle<(String, &'static str)>>,
+    /// Projects GitLab paused and upstreams that are down, as the forwarder holds them.
+    pub holds: crate::outbox::forwarder::Holds,
+    /// The dashboard's listener as started (its address is not reloaded; its token is).
+    pub admin: std::sync::OnceLock<crate::config::admin::AdminConfig>,
 }
 
 impl App {
@@ -112,6 +116,8 @@ impl App {
             None => None,
         };
         Ok(Arc::new(App {
+            holds: Default::default(),
+            admin: std::sync::OnceLock::new(),
             turned_away: std::sync::Mutex::new(crate::limits::Throttle::new(
                 std::time::Duration::from_secs(1),
             )),

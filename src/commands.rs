@@ -31,6 +31,8 @@ pub struct ServeOptions {
     /// `--store URL`: a PostgreSQL database instead of `[store]` or the state folder.
     pub store: Option<String>,
     pub dry_run: bool,
+    /// `--admin-listen`: the dashboard's address (overrides `[admin] listen`).
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// How log lines are written.
@@ -199,6 +201,22 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     if let Some(listen) = options.listen {
         config.server.listen = listen;
     }
+    if let Some(listen) = options.admin_listen {
+        let admin = config
+            .admin
+            .get_or_insert(crate::config::admin::AdminConfig {
+                listen,
+                token: None,
+                tls: None,
+            });
+        admin.listen = listen;
+        if admin.token.is_none() && !listen.ip().is_loopback() {
+            eprintln!(
+                "hookrelay: not starting: --admin-listen {listen} is not a loopback address, so the dashboard needs [admin] token = \"env:HOOKRELAY_ADMIN_TOKEN\""
+            );
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    }
     // Signal handlers first: a SIGTERM from here on shuts down cleanly.
     let shutdown = shutdown_signal();
     raise_open_file_limit();
@@ -250,6 +268,27 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let bound = listener.local_addr().context("reading the bound address")?;
+    let admin = match app.runtime().config.admin.clone() {
+        None => None,
+        Some(mut admin) => {
+            let listener = TcpListener::bind(admin.listen)
+                .await
+                .with_context(|| format!("listening on {} ([admin] listen)", admin.listen))?;
+            admin.listen = listener
+                .local_addr()
+                .context("reading the dashboard's address")?;
+            let certificate = match &admin.tls {
+                Some(files) => Some(crate::tls::ServerCertificate::new(
+                    crate::tls::read_server_certificate(&files.cert, &files.key)
+                        .map_err(|err| anyhow::anyhow!("[admin] tls_cert: {err}"))?,
+                )),
+                None => None,
+            };
+            tracing::info!(address = %admin.listen, https = certificate.is_some(), token = admin.token.is_some(), "dashboard listening");
+            let _ = app.admin.set(admin);
+            Some((listener, certificate))
+        }
+    };
     let waiting = outbox
         .depth()
         .map(|(depth, _)| depth.to_string())
@@ -283,7 +322,23 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     ));
     // Stop taking requests first, then stop sending: what is in flight finishes or goes
     // back to the outbox, and everything is committed before the process exits.
+    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    let dashboard = admin.map(|(listener, certificate)| {
+        let mut stopped = admin_stopped;
+        tokio::spawn(server::serve(
+            listener,
+            app.clone(),
+            async move {
+                let _ = stopped.changed().await;
+            },
+            server::Site::Admin(certificate),
+        ))
+    });
     let served = server::run(listener, app, shutdown).await;
+    let _ = admin_stop.send(true);
+    if let Some(dashboard) = dashboard {
+        let _ = dashboard.await;
+    }
     let _ = stop.send(true);
     let _ = tokio::join!(reloader, scheduler, forwarder);
     outbox.flush().await;
@@ -469,7 +524,7 @@ pub fn deliveries(store: &StoreLocation, filter: &ListFilter, json: bool) -> Exi
 
 /// A row's state as shown, and its last answer or why nothing ran. A delivery without a
 /// trigger says which of the reasons it was, from the answer it got.
-fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
+pub(crate) fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
     let Some(state) = row.state.as_deref() else {
         let summary: serde_json::Value = serde_json::from_str(&row.summary).unwrap_or_default();
         let note = summary["note"].as_str().unwrap_or_default().to_owned();
@@ -537,7 +592,7 @@ fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
 }
 
 /// When a waiting trigger is tried next: `now`, or how long until then.
-fn next_attempt(row: &crate::outbox::DeliveryRow, now: i64) -> Option<String> {
+pub(crate) fn next_attempt(row: &crate::outbox::DeliveryRow, now: i64) -> Option<String> {
     if row.state.as_deref() != Some("queued") {
         return None;
     }

@@ -29,6 +29,9 @@ enum Command {
     Serve {
         #[command(flatten)]
         config: ConfigArg,
+        /// The delivery dashboard's address (overrides [admin] listen; turns it on).
+        #[arg(long, value_name = "ADDRESS")]
+        admin_listen: Option<SocketAddr>,
         /// Address to listen on (overrides [server] listen; default 127.0.0.1:8080).
         #[arg(long, env = "HOOKRELAY_LISTEN", value_name = "ADDR")]
         listen: Option<SocketAddr>,
@@ -69,6 +72,9 @@ enum Command {
         /// Only this delivery id, or the ids that start with it.
         #[arg(long, value_name = "ID")]
         delivery: Option<String>,
+        /// Only deliveries with this text in their id, repository, ref or project.
+        #[arg(long, value_name = "TEXT")]
+        text: Option<String>,
         /// Only triggers that failed for good (the same as --status failed).
         #[arg(long)]
         failed: bool,
@@ -235,6 +241,7 @@ fn main() -> ExitCode {
             since,
             until,
             delivery,
+            text,
             failed,
             limit,
             json,
@@ -265,6 +272,8 @@ fn main() -> ExitCode {
                 since,
                 until,
                 delivery,
+                text,
+                before: None,
                 limit,
             };
             match state.location("deliveries") {
@@ -314,6 +323,7 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             listen,
+            admin_listen,
             state,
             dry_run,
             log_format,
@@ -332,6 +342,7 @@ fn main() -> ExitCode {
                 state: state.state_dir,
                 store: state.store,
                 dry_run,
+                admin_listen,
             })) {
                 Ok(code) => code,
                 Err(err) => {

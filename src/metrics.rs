@@ -54,6 +54,49 @@ pub struct StatusLabels {
     pub outcome: String,
 }
 
+/// Counts per minute over the last hour, by key: what the dashboard's health page draws
+/// (per upstream and answer class; per limit that refused). In memory, this relay's own.
+#[derive(Default)]
+pub struct Recent {
+    minutes: std::sync::Mutex<std::collections::BTreeMap<(String, String), MinuteSlots>>,
+}
+
+/// One key's last hour: (the minute since 1970, its count), in slots by minute modulo 60.
+type MinuteSlots = [(u64, u32); 60];
+
+impl Recent {
+    fn add(&self, key: (String, String)) {
+        let minute = crate::outbox::now_ms().max(0) as u64 / 60_000;
+        let mut minutes = self.minutes.lock().expect("never poisoned");
+        let slots = minutes.entry(key).or_insert([(0, 0); 60]);
+        let slot = &mut slots[(minute % 60) as usize];
+        if slot.0 != minute {
+            *slot = (minute, 0);
+        }
+        slot.1 += 1;
+    }
+
+    /// For each key, 60 counts, the oldest minute first and the current one last.
+    pub fn last_hour(&self) -> Vec<((String, String), Vec<u32>)> {
+        let now = crate::outbox::now_ms().max(0) as u64 / 60_000;
+        let minutes = self.minutes.lock().expect("never poisoned");
+        minutes
+            .iter()
+            .map(|(key, slots)| {
+                let counts = (0..60u64)
+                    .map(|ago| {
+                        let minute = now.saturating_sub(59 - ago);
+                        let slot = slots[(minute % 60) as usize];
+                        if slot.0 == minute { slot.1 } else { 0 }
+                    })
+                    .collect();
+                (key.clone(), counts)
+            })
+            .filter(|(_, counts): &(_, Vec<u32>)| counts.iter().any(|&n| n > 0))
+            .collect()
+    }
+}
+
 /// What happened to a trigger.
 #[derive(Clone, Copy, Debug)]
 pub enum TriggerOutcome {
@@ -95,6 +138,10 @@ pub struct Metrics {
     limit_refusals: Family<LimitLabels, Counter>,
     status_posts: Family<StatusLabels, Counter>,
     pipeline_polls: Family<OutcomeLabels, Counter>,
+    /// GitLab's answers per upstream and class (`2xx`, `4xx`, `5xx`, `error`), per minute.
+    pub recent_answers: Recent,
+    /// Refusals per limit setting, per minute.
+    pub recent_refusals: Recent,
     process: ProcessMetrics,
 }
 
@@ -241,6 +288,8 @@ impl Metrics {
             limit_refusals,
             status_posts,
             pipeline_polls,
+            recent_answers: Recent::default(),
+            recent_refusals: Recent::default(),
             process,
             registry,
             requests,
@@ -320,6 +369,11 @@ impl Metrics {
 
     /// An answer from GitLab; `None` when none came (network error, timeout).
     pub fn upstream_response(&self, upstream: &str, status: Option<u16>) {
+        let class = match status {
+            Some(s) => format!("{}xx", s / 100),
+            None => "error".into(),
+        };
+        self.recent_answers.add((upstream.to_owned(), class));
         let code = status
             .map(|s| s.to_string())
             .unwrap_or_else(|| "error".into());
@@ -344,6 +398,8 @@ impl Metrics {
     /// A request refused by the limit named `limit` (its rate, in parentheses, left out).
     pub fn limit_refused(&self, limit: &str) {
         let setting = limit.split(" (").next().unwrap_or(limit);
+        self.recent_refusals
+            .add((setting.to_owned(), String::new()));
         self.limit_refusals
             .get_or_create(&LimitLabels {
                 limit: setting.to_owned(),

@@ -33,14 +33,29 @@ pub fn replan(
     let config = crate::config::load_without_secrets(config_path)
         .map_err(|problems| problems.to_string())?;
     let location = StoreLocation::choose(state, store, config.store.clone())?;
+    replan_with(
+        &config,
+        &config_path.display().to_string(),
+        &location,
+        delivery,
+    )
+}
+
+/// [`replan`] with a configuration already loaded (`named` says where it came from, for
+/// messages) against the store at `location`: the dashboard's "replay through today's
+/// rules".
+pub fn replan_with(
+    config: &crate::config::Config,
+    named: &str,
+    location: &StoreLocation,
+    delivery: &str,
+) -> Result<Replanned, String> {
     let stored =
-        crate::outbox::stored_webhook(&location, delivery).map_err(|err| err.to_string())?;
+        crate::outbox::stored_webhook(location, delivery).map_err(|err| err.to_string())?;
     let source = config.sources.get(&stored.source).ok_or_else(|| {
         format!(
             "delivery {} came from source {:?}, which {} no longer configures",
-            stored.delivery_id,
-            stored.source,
-            config_path.display()
+            stored.delivery_id, stored.source, named
         )
     })?;
     let headers = crate::explain::stored_request_headers(&stored.headers);
@@ -83,7 +98,7 @@ pub fn replan(
         planned.extend(found);
     }
     // Built as a webhook's triggers are: the same entries, windows and errors.
-    let built = crate::hooks::build(&config, source, &received, planned);
+    let built = crate::hooks::build(config, source, &received, planned);
     for error in &built.errors {
         problems.push(format!(
             "{}: {}",
@@ -96,7 +111,7 @@ pub fn replan(
         return Err(format!(
             "delivery {} still starts nothing with the rules in {}: {}",
             stored.delivery_id,
-            config_path.display(),
+            named,
             if problems.is_empty() {
                 format!("source {} has no rules", source.name)
             } else {
@@ -118,7 +133,7 @@ pub fn replan(
         triggers,
     };
     let accepted =
-        crate::outbox::accept_offline(&location, &delivery).map_err(|err| err.to_string())?;
+        crate::outbox::accept_offline(location, &delivery).map_err(|err| err.to_string())?;
     let Accepted::Queued { trigger_ids, .. } = accepted else {
         return Err(format!("delivery {delivery_id} is already in the store"));
     };

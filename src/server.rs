@@ -35,6 +35,24 @@ pub async fn run(
     app: Arc<App>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve(listener, app, shutdown, Site::Webhooks).await
+}
+
+/// What a listener serves: webhooks and the gateway, or the delivery dashboard (`[admin]`,
+/// with its own certificate when it serves HTTPS).
+#[derive(Clone)]
+pub enum Site {
+    Webhooks,
+    Admin(Option<Arc<crate::tls::ServerCertificate>>),
+}
+
+/// [`run`] for either site: the same bounds on connections, reads and shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    site: Site,
+) -> std::io::Result<()> {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(app.server.read_timeout)
@@ -43,7 +61,11 @@ pub async fn run(
     // HTTPS when `[server] tls_cert` is set: each connection's handshake runs in its own
     // task, within the read timeout, so a slow or silent client holds up no one else.
     let handshake_within = app.server.read_timeout;
-    let acceptor = match &app.tls {
+    let certificate = match &site {
+        Site::Webhooks => app.tls.clone(),
+        Site::Admin(certificate) => certificate.clone(),
+    };
+    let acceptor = match &certificate {
         Some(certs) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
             crate::tls::server_config(certs.clone()).map_err(std::io::Error::other)?,
         ))),
@@ -93,13 +115,18 @@ pub async fn run(
                 let app = app.clone();
                 let id = guard.id;
                 let (requested, busy) = (guard.requested.clone(), guard.busy.clone());
+                let site = site.clone();
                 let service = service_fn(move |request| {
                     let app = app.clone();
                     let (requested, busy) = (requested.clone(), busy.clone());
+                    let site = site.clone();
                     async move {
                         requested.store(true, Ordering::SeqCst);
                         busy.store(true, Ordering::SeqCst);
-                        let response = handle(&app, peer, request).await;
+                        let response = match site {
+                            Site::Webhooks => handle(&app, peer, request).await,
+                            Site::Admin(_) => crate::admin::handle(&app, peer, request).await,
+                        };
                         busy.store(false, Ordering::SeqCst);
                         Ok::<_, Infallible>(response)
                     }
@@ -135,7 +162,9 @@ pub async fn run(
         }
     }
     drop(listener);
-    app.shutting_down.store(true, Ordering::SeqCst);
+    if matches!(site, Site::Webhooks) {
+        app.shutting_down.store(true, Ordering::SeqCst);
+    }
     let bound = app.server.shutdown_timeout;
     tracing::info!(timeout = ?bound, "shutting down: finishing in-flight requests");
     tokio::select! {

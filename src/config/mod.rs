@@ -12,6 +12,7 @@
 //! file reads the files, hands each section to its module, and checks what spans files
 //! (names defined twice, rules naming sources and upstreams).
 
+pub mod admin;
 mod delivery;
 mod gateway;
 mod limit;
@@ -60,6 +61,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// `[store]`: the shared PostgreSQL database; `None`: SQLite in the state folder.
     pub store: Option<crate::store::postgres::PostgresConfig>,
+    /// `[admin]`: the delivery dashboard; `None`: off.
+    pub admin: Option<admin::AdminConfig>,
     /// The files this configuration was read from, in the order read.
     pub files: Vec<PathBuf>,
     /// Settings that are valid but cannot do what they look like (a rule that can never
@@ -151,6 +154,7 @@ struct Builder {
     server: Option<(ServerConfig, Origin)>,
     upstreams: BTreeMap<String, (UpstreamConfig, Origin)>,
     gateway: Option<(gateway::RawGateway, Origin)>,
+    admin: Option<(Option<admin::AdminConfig>, Origin)>,
     sources: BTreeMap<String, (SourceConfig, Origin)>,
     rules: Vec<rule::PendingRule>,
     delivery: Option<(DeliveryConfig, Origin)>,
@@ -242,6 +246,18 @@ impl Builder {
                         self.store = Some((read, origin));
                     }
                 }
+                "admin" => {
+                    let span = key.span();
+                    if let Some(raw) = section::<admin::RawAdmin>(value, &mut problems) {
+                        if let Some((_, first)) = &self.admin {
+                            problems.at(Some(span), format!("[admin] is already defined at {first}"));
+                        } else {
+                            let secrets = self.resolve_secrets.then_some(env);
+                            let compiled = admin::compile(raw, secrets, &mut problems);
+                            self.admin = Some((compiled, origin));
+                        }
+                    }
+                }
                 "gateway" => {
                     if let Some(raw) = section::<gateway::RawGateway>(value, &mut problems) {
                         if let Some((_, first)) = &self.gateway {
@@ -257,7 +273,7 @@ impl Builder {
                 other => problems.at(
                     Some(key.span()),
                     format!(
-                        "unknown section `{other}`; expected `server`, `upstream`, `gateway`, `source`, `rule`, `delivery` or `store`"
+                        "unknown section `{other}`; expected `server`, `upstream`, `gateway`, `source`, `rule`, `delivery`, `store` or `admin`"
                     ),
                 ),
             }
@@ -591,6 +607,7 @@ impl Builder {
                 .map(|(name, (upstream, _))| (name, upstream))
                 .collect(),
             gateway,
+            admin: self.admin.and_then(|(admin, _)| admin),
             rules,
             delivery: self
                 .delivery

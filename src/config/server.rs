@@ -116,7 +116,7 @@ pub(super) fn compile(raw: RawServer, problems: &mut FileProblems<'_>) -> Server
 
 /// `tls_cert` and `tls_key`: both or neither, relative to the file's folder, a chain and the
 /// key that goes with it.
-fn server_tls(
+pub(super) fn server_tls(
     cert: Option<Spanned<String>>,
     key: Option<Spanned<String>>,
     problems: &mut FileProblems<'_>,

@@ -59,8 +59,16 @@ const STORE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often old deliveries are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-/// Projects GitLab answered `429` for, and until when their triggers wait.
-type Paused = Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>;
+/// Projects GitLab answered `429` for (upstream and project), and until when their
+/// triggers wait.
+pub type Paused = Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>;
+
+/// What holds this relay's triggers back besides limits, shared with the dashboard.
+#[derive(Default)]
+pub struct Holds {
+    pub paused: Paused,
+    pub outages: Arc<Outages>,
+}
 
 /// How long ago a trigger was accepted.
 fn age(due: &DueTrigger) -> Duration {
@@ -111,8 +119,8 @@ pub async fn run(
     options: ForwarderOptions,
     mut stop: watch::Receiver<bool>,
 ) {
-    let paused: Paused = Arc::default();
-    let outages: Arc<Outages> = Arc::default();
+    let paused: Paused = app.holds.paused.clone();
+    let outages: Arc<Outages> = app.holds.outages.clone();
     let mut next_evict = tokio::time::Instant::now() + EVICT_EVERY;
     let mut in_flight: JoinSet<i64> = JoinSet::new();
     let mut claimed: HashMap<i64, Lease> = HashMap::new();

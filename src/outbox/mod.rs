@@ -141,6 +141,9 @@ pub struct Outbox {
     pub lease: Option<Duration>,
     /// The store's clock minus this process's (milliseconds), as the writer last read it.
     skew: Arc<std::sync::atomic::AtomicI64>,
+    /// Where the store is, for reads beside the writer (the dashboard); `None` for an
+    /// outbox started over engines of a test's own.
+    pub location: Option<StoreLocation>,
 }
 
 impl Outbox {
@@ -183,8 +186,10 @@ impl Outbox {
                 "triggers that were being sent when the relay stopped are due again"
             );
         }
-        Outbox::start(Box::new(writer), Box::new(reader), Some(lock))
-            .map_err(|err| error(err.to_string()))
+        let mut outbox = Outbox::start(Box::new(writer), Box::new(reader), Some(lock))
+            .map_err(|err| error(err.to_string()))?;
+        outbox.location = Some(StoreLocation::Folder(state_dir.to_owned()));
+        Ok(outbox)
     }
 
     /// Opens the store at `location`: the state folder's SQLite ([`Outbox::open_as`]), or
@@ -206,6 +211,7 @@ impl Outbox {
                 let mut outbox = Outbox::start(Box::new(writer), Box::new(reader), None)
                     .map_err(|err| error(EngineError::failed(err.to_string())))?;
                 outbox.shared = true;
+                outbox.location = Some(location.clone());
                 outbox.lease = Some(config.lease);
                 outbox.shared_limits = Some(Arc::new(
                     crate::store::postgres::limits::SharedLimits::new(config.clone()),
@@ -248,6 +254,7 @@ impl Outbox {
             shared_limits: None,
             lease: None,
             skew,
+            location: None,
         })
     }
 

@@ -62,6 +62,22 @@ impl Outages {
             .is_some()
     }
 
+    /// Every upstream paused now, and for how much longer (the dashboard).
+    pub fn current(&self, now: Instant) -> Vec<(String, Duration)> {
+        let paused = self
+            .paused
+            .lock()
+            .expect("the outage lock is never poisoned");
+        let mut current: Vec<(String, Duration)> = paused
+            .iter()
+            .filter_map(|(upstream, pause)| {
+                Some((upstream.clone(), pause.until.checked_duration_since(now)?))
+            })
+            .collect();
+        current.sort();
+        current
+    }
+
     /// How long the upstream's triggers still wait, if it is paused.
     pub fn paused(&self, upstream: &str, now: Instant) -> Option<Duration> {
         self.paused

@@ -465,6 +465,11 @@ pub struct ListFilter {
     pub until: Option<i64>,
     /// A delivery id, or the start of one.
     pub delivery: Option<String>,
+    /// Text anywhere in the delivery id, the answer (repositories, refs) or a trigger's
+    /// project or ref.
+    pub text: Option<String>,
+    /// Deliveries strictly older than this one (received at, row): the next page.
+    pub before: Option<(i64, i64)>,
     pub limit: usize,
 }
 
@@ -509,7 +514,12 @@ pub enum SqlValue {
 impl ListFilter {
     /// The `WHERE` clause over `deliveries d LEFT JOIN triggers t` (the same in both
     /// engines), with `placeholder(n)` for the n-th value (1-based), and the values.
-    pub fn where_clause(&self, placeholder: impl Fn(usize) -> String) -> (String, Vec<SqlValue>) {
+    /// `position` is the engine's `(text, part)` search function (`instr`, `strpos`).
+    pub fn where_clause(
+        &self,
+        placeholder: impl Fn(usize) -> String,
+        position: &str,
+    ) -> (String, Vec<SqlValue>) {
         let mut conditions: Vec<String> = Vec::new();
         let mut values = Vec::new();
         let bind = |value: SqlValue, values: &mut Vec<SqlValue>| {
@@ -560,6 +570,20 @@ impl ListFilter {
         if let Some(until) = self.until {
             let p = bind(SqlValue::Int(until), &mut values);
             conditions.push(format!("d.received_at < {p}"));
+        }
+        if let Some(text) = &self.text {
+            let p = bind(SqlValue::Text(text.clone()), &mut values);
+            conditions.push(format!(
+                "({position}(d.delivery_id, {p}) > 0 OR {position}(d.summary, {p}) > 0 \
+                 OR {position}(coalesce(t.project, ''), {p}) > 0 OR {position}(coalesce(t.git_ref, ''), {p}) > 0)"
+            ));
+        }
+        if let Some((received_at, row)) = self.before {
+            let at = bind(SqlValue::Int(received_at), &mut values);
+            let id = bind(SqlValue::Int(row), &mut values);
+            conditions.push(format!(
+                "(d.received_at < {at} OR (d.received_at = {at} AND d.id < {id}))"
+            ));
         }
         if let Some(delivery) = &self.delivery {
             // A prefix compared exactly, the same in both engines (SQLite's LIKE would
@@ -668,6 +692,8 @@ pub struct PipelineOrigin {
 /// One row of `hookrelay deliveries`.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeliveryRow {
+    /// The delivery's row in the store (with `received_at`, a page's cursor).
+    pub row: i64,
     pub received_at: i64,
     pub source: String,
     pub delivery_id: String,

@@ -1120,12 +1120,12 @@ impl Engine for PostgresEngine {
 
     fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, EngineError> {
         self.reconnect_if_lost()?;
-        let (clause, values) = filter.where_clause(|n| format!("${n}"));
+        let (clause, values) = filter.where_clause(|n| format!("${n}"), "strpos");
         let limit_at = values.len() + 1;
         let sql = format!(
             "SELECT d.received_at, d.source, d.delivery_id, d.event_type, t.id, t.rule, t.project, t.git_ref, t.state,
                     t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into,
-                    t.due_at, d.summary, t.kind
+                    t.due_at, d.summary, t.kind, d.id
              FROM hr_deliveries d LEFT JOIN hr_triggers t ON t.delivery = d.id {clause}
              ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT ${limit_at}"
         );
@@ -1165,6 +1165,7 @@ impl Engine for PostgresEngine {
                 due_at: row.get::<_, Option<i64>>(15).map(|due| due - skew),
                 summary: row.get(16),
                 kind: row.get(17),
+                row: row.get(18),
             })
             .collect())
     }

@@ -871,12 +871,12 @@ fn replay(engine: &SqliteEngine, target: &ReplayTarget, now: i64) -> Result<Vec<
 
 /// The newest triggers (and deliveries without any), newest first.
 fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<DeliveryRow>> {
-    let (clause, values) = filter.where_clause(|n| format!("?{n}"));
+    let (clause, values) = filter.where_clause(|n| format!("?{n}"), "instr");
     let limit_at = values.len() + 1;
     let sql = format!(
         "SELECT d.received_at, d.source, d.delivery_id, d.event_type, t.id, t.rule, t.project, t.git_ref, t.state,
                 t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into,
-                t.due_at, d.summary, t.kind
+                t.due_at, d.summary, t.kind, d.id
          FROM deliveries d LEFT JOIN triggers t ON t.delivery = d.id {clause}
          ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT ?{limit_at}"
     );
@@ -910,6 +910,7 @@ fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<Delivery
                 due_at: row.get(15)?,
                 summary: row.get(16)?,
                 kind: row.get(17)?,
+                row: row.get(18)?,
             })
         })?
         .collect()

@@ -1,0 +1,591 @@
+//! The delivery dashboard (`[admin]`): its own listener, never the webhook port. Server-
+//! rendered pages (minijinja, auto-escaped, embedded in the binary) and the JSON API that
+//! backs them read through the store interface, so they work on SQLite and PostgreSQL
+//! alike. Every action asks for confirmation, needs the token ([`auth`]) and is recorded
+//! in the store with the client's address (`admin~ACTION-…` deliveries of source `admin`).
+//!
+//! Pages: `/deliveries` (filters, pages by cursor, live updates), `/deliveries/{id}`,
+//! `/health`, `/login`. API: `GET /api/deliveries`, `GET /api/deliveries/{id}`,
+//! `GET /api/health`, `POST /api/deliveries/{id}/replay`, `…/replan`,
+//! `POST /api/triggers/{id}/replay`, `…/cancel`.
+
+pub mod auth;
+pub mod view;
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use minijinja::Environment;
+use serde_json::{Value, json};
+
+use crate::app::App;
+use auth::{Access, Refusal};
+
+/// Largest form or API body read (a login, a cross-site token).
+const MAX_FORM: usize = 16 * 1024;
+
+fn templates() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Environment::new();
+        // HTML-escaped as always, and control characters from payloads shown, not passed
+        // to the browser (`\u{1b}` reads as `\u{1b}`).
+        env.set_formatter(|out, state, value| {
+            if let Some(text) = value.as_str()
+                && !value.is_safe()
+                && text
+                    .chars()
+                    .any(|c| c.is_control() && c != '\n' && c != '\t')
+            {
+                let shown: String = text
+                    .chars()
+                    .map(|c| {
+                        if c.is_control() && c != '\n' && c != '\t' {
+                            format!("\\u{{{:x}}}", c as u32)
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect();
+                return minijinja::escape_formatter(out, state, &minijinja::Value::from(shown));
+            }
+            minijinja::escape_formatter(out, state, value)
+        });
+        for (name, text) in [
+            ("layout.html", include_str!("templates/layout.html")),
+            ("deliveries.html", include_str!("templates/deliveries.html")),
+            ("rows.html", include_str!("templates/rows.html")),
+            ("delivery.html", include_str!("templates/delivery.html")),
+            ("confirm.html", include_str!("templates/confirm.html")),
+            ("login.html", include_str!("templates/login.html")),
+            ("health.html", include_str!("templates/health.html")),
+        ] {
+            env.add_template(name, text)
+                .expect("the dashboard's templates compile");
+        }
+        env
+    })
+}
+
+/// What a page is rendered with besides its own values.
+struct Page<'a> {
+    access: &'a Access,
+    can_log_in: bool,
+    flash: Option<String>,
+}
+
+fn render(name: &str, page: &Page<'_>, values: Value) -> Response<Full<Bytes>> {
+    let mut context = json!({
+        "authenticated": page.access.authenticated,
+        "csrf": page.access.csrf,
+        "can_log_in": page.can_log_in && !page.access.authenticated,
+        "flash": page.flash,
+    });
+    if let (Some(context), Value::Object(values)) = (context.as_object_mut(), values) {
+        context.extend(values);
+    }
+    match templates()
+        .get_template(name)
+        .and_then(|t| t.render(&context))
+    {
+        Ok(html) => html_response(StatusCode::OK, html),
+        Err(err) => {
+            tracing::error!(page = name, error = %err, "a dashboard page could not be rendered");
+            html_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "<!doctype html><title>error</title><p>This page could not be rendered; the log says why.".into(),
+            )
+        }
+    }
+}
+
+fn html_response(status: StatusCode, html: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(html)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    secure(headers);
+    response
+}
+
+/// Headers every dashboard answer carries: nothing loads from elsewhere, nothing frames it.
+fn secure(headers: &mut http::HeaderMap) {
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; \
+             img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+fn json_answer(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut response = crate::error::json_response(status, body);
+    secure(response.headers_mut());
+    response
+}
+
+fn redirect(to: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    if let Ok(location) = HeaderValue::from_str(to) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    secure(response.headers_mut());
+    response
+}
+
+/// One dashboard request: authorized, routed, logged.
+pub async fn handle(
+    app: &App,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let started = std::time::Instant::now();
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = route(app, peer, request).await;
+    let status = response.status().as_u16();
+    let elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
+    tracing::info!(%peer, %method, %path, status, elapsed_ms, "dashboard request");
+    response
+}
+
+async fn route(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let runtime = app.runtime();
+    // The token as configured now (reloads change it); the address as started.
+    let started = app.admin.get();
+    let Some(mut admin) = runtime.config.admin.clone().or_else(|| started.cloned()) else {
+        return json_answer(
+            StatusCode::NOT_FOUND,
+            &json!({ "message": "the dashboard is off: the configuration has no [admin]" }),
+        );
+    };
+    if let Some(started) = started {
+        admin.listen = started.listen;
+    }
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    let api = path.starts_with("/api/");
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let can_log_in = admin.token.is_some();
+    // The login form is open to all; everything else needs to know who is asking.
+    if segments.as_slice() == ["login"] {
+        return login(&admin, &parts, body, can_log_in).await;
+    }
+    let access = match auth::access(&admin, &parts.headers) {
+        Ok(access) => access,
+        Err(refusal) => return refused(refusal, api),
+    };
+    let page = Page {
+        access: &access,
+        can_log_in,
+        flash: form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
+            .find(|(k, _)| k == "done")
+            .map(|(_, v)| v.into_owned()),
+    };
+    let query = parts.uri.query();
+    match (&parts.method, segments.as_slice()) {
+        (&Method::GET, [""]) => redirect("/deliveries"),
+        (&Method::GET, ["deliveries"]) => deliveries_page(app, &page, query),
+        (&Method::GET, ["deliveries", id]) => delivery_page(app, &page, id),
+        (&Method::GET, ["health"]) => render("health.html", &page, json!({ "title": "Health", "h": view::health(app) })),
+        (&Method::GET, ["deliveries", id, action @ ("replay" | "replan")]) => {
+            let question = if *action == "replay" {
+                format!("Queue every trigger of delivery {id} again, as new triggers?")
+            } else {
+                format!("Run delivery {id} through the rules as they are now, and queue what they plan?")
+            };
+            confirm(&page, &format!("/deliveries/{}/{action}", encode(id)), &format!("/deliveries/{}", encode(id)), &question)
+        }
+        (&Method::GET, ["triggers", id, "cancel"]) => confirm(
+            &page,
+            &format!("/triggers/{id}/cancel"),
+            "/deliveries",
+            &format!("Stop waiting trigger {id}? It will never be sent."),
+        ),
+        (&Method::POST, ["logout"]) => {
+            let form = read_form(body).await;
+            if let Err(refusal) = auth::may_act(&admin, &access, &parts.headers, form.get("csrf").map(String::as_str)) {
+                return refused(refusal, false);
+            }
+            let mut response = redirect("/deliveries");
+            if let Ok(cookie) = HeaderValue::from_str(&auth::cookie(None)) {
+                response.headers_mut().insert(header::SET_COOKIE, cookie);
+            }
+            response
+        }
+        (&Method::POST, ["deliveries", id, action @ ("replay" | "replan")]) => {
+            act(app, &admin, &access, &parts, body, peer, Action::delivery(action, id), false).await
+        }
+        (&Method::POST, ["triggers", id, action @ ("cancel" | "replay")]) => {
+            act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), false).await
+        }
+        (&Method::GET, ["api", "deliveries"]) => {
+            match view::Filters::parse(query).to_list_filter(crate::outbox::now_ms()) {
+                Err(message) => json_answer(StatusCode::BAD_REQUEST, &json!({ "message": message })),
+                Ok(filter) => match view::page(app, &filter) {
+                    Ok((deliveries, next)) => json_answer(
+                        StatusCode::OK,
+                        &json!({ "deliveries": deliveries, "next": (!next.is_empty()).then_some(next) }),
+                    ),
+                    Err(message) => json_answer(StatusCode::SERVICE_UNAVAILABLE, &json!({ "message": message })),
+                },
+            }
+        }
+        (&Method::GET, ["api", "deliveries", id]) => match view::detail(app, id) {
+            Ok(detail) => json_answer(StatusCode::OK, &detail),
+            Err(message) => json_answer(StatusCode::NOT_FOUND, &json!({ "message": message })),
+        },
+        (&Method::GET, ["api", "health"]) => json_answer(StatusCode::OK, &view::health(app)),
+        (&Method::POST, ["api", "deliveries", id, action @ ("replay" | "replan")]) => {
+            act(app, &admin, &access, &parts, body, peer, Action::delivery(action, id), true).await
+        }
+        (&Method::POST, ["api", "triggers", id, action @ ("cancel" | "replay")]) => {
+            act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), true).await
+        }
+        _ if api => json_answer(StatusCode::NOT_FOUND, &json!({ "message": format!("no {} {path} in the dashboard's API", parts.method) })),
+        _ => html_response(
+            StatusCode::NOT_FOUND,
+            "<!doctype html><title>not found</title><p>No such page. <a href=\"/deliveries\">Deliveries</a>".into(),
+        ),
+    }
+}
+
+fn encode(id: &str) -> String {
+    percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn refused(refusal: Refusal, api: bool) -> Response<Full<Bytes>> {
+    match (refusal, api) {
+        (Refusal::LogIn, true) => {
+            let mut response = json_answer(
+                StatusCode::UNAUTHORIZED,
+                &json!({ "message": "the dashboard needs its token: Authorization: Bearer <[admin] token>" }),
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+        (Refusal::LogIn, false) => redirect("/login"),
+        (Refusal::Forbidden(reason), true) => {
+            json_answer(StatusCode::FORBIDDEN, &json!({ "message": reason }))
+        }
+        (Refusal::Forbidden(reason), false) => {
+            let escaped = minijinja::HtmlEscape(&reason).to_string();
+            html_response(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "<!doctype html><title>forbidden</title><p>{escaped}</p><p><a href=\"/login\">Log in</a></p>"
+                ),
+            )
+        }
+    }
+}
+
+async fn read_form(body: Incoming) -> std::collections::HashMap<String, String> {
+    let bytes = Limited::new(body, MAX_FORM)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    form_urlencoded::parse(&bytes).into_owned().collect()
+}
+
+async fn login(
+    admin: &crate::config::admin::AdminConfig,
+    parts: &http::request::Parts,
+    body: Incoming,
+    can_log_in: bool,
+) -> Response<Full<Bytes>> {
+    let anonymous = Access {
+        authenticated: false,
+        by_cookie: false,
+        csrf: String::new(),
+    };
+    let page = Page {
+        access: &anonymous,
+        can_log_in,
+        flash: None,
+    };
+    let Some(token) = admin.token.as_ref().and_then(|(_, token)| token.as_ref()) else {
+        return render(
+            "login.html",
+            &page,
+            json!({ "title": "Log in", "error": "This dashboard has no [admin] token, so there is nothing to log in with: set token = \"env:HOOKRELAY_ADMIN_TOKEN\"." }),
+        );
+    };
+    if parts.method != Method::POST {
+        return render("login.html", &page, json!({ "title": "Log in" }));
+    }
+    let form = read_form(body).await;
+    let given = form.get("token").map(String::as_str).unwrap_or_default();
+    if !crate::sources::signature::token_matches(token.expose(), given) {
+        tracing::warn!("dashboard login with a wrong token");
+        let mut response = render(
+            "login.html",
+            &page,
+            json!({ "title": "Log in", "error": "That is not the dashboard's token." }),
+        );
+        *response.status_mut() = StatusCode::UNAUTHORIZED;
+        return response;
+    }
+    let mut response = redirect("/deliveries");
+    if let Ok(cookie) = HeaderValue::from_str(&auth::cookie(Some(token))) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
+}
+
+fn deliveries_page(app: &App, page: &Page<'_>, query: Option<&str>) -> Response<Full<Bytes>> {
+    let filters = view::Filters::parse(query);
+    let fragment = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .any(|(k, v)| k == "fragment" && v == "rows");
+    let (deliveries, next, error) = match filters.to_list_filter(crate::outbox::now_ms()) {
+        Err(message) => (Vec::new(), String::new(), Some(message)),
+        Ok(filter) => match view::page(app, &filter) {
+            Ok((deliveries, next)) => (deliveries, next, None),
+            Err(message) => (Vec::new(), String::new(), Some(message)),
+        },
+    };
+    let live = filters.before.is_empty().then(|| {
+        let query = filters.with_before("");
+        if query.is_empty() {
+            "/deliveries?fragment=rows".to_owned()
+        } else {
+            format!("/deliveries?{query}&fragment=rows")
+        }
+    });
+    let values = json!({
+        "title": "Deliveries",
+        "filters": filters,
+        "deliveries": deliveries,
+        "next": (!next.is_empty()).then(|| filters.with_before(&next)),
+        "error": error,
+        "live": live,
+    });
+    if fragment {
+        return render("rows.html", page, values);
+    }
+    render("deliveries.html", page, values)
+}
+
+fn delivery_page(app: &App, page: &Page<'_>, id: &str) -> Response<Full<Bytes>> {
+    match view::detail(app, id) {
+        Ok(detail) => render(
+            "delivery.html",
+            page,
+            json!({ "title": format!("Delivery {id}"), "d": detail }),
+        ),
+        Err(message) => {
+            let mut response = render(
+                "deliveries.html",
+                page,
+                json!({ "title": "Deliveries", "filters": view::Filters::default(), "deliveries": [], "error": message }),
+            );
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            response
+        }
+    }
+}
+
+fn confirm(page: &Page<'_>, action: &str, back: &str, question: &str) -> Response<Full<Bytes>> {
+    if page.access.csrf.is_empty() {
+        return refused(
+            Refusal::Forbidden(if page.can_log_in {
+                "Log in to act: every action needs the dashboard's token.".into()
+            } else {
+                "Actions need the dashboard's token: set [admin] token = \"env:HOOKRELAY_ADMIN_TOKEN\".".into()
+            }),
+            false,
+        );
+    }
+    render(
+        "confirm.html",
+        page,
+        json!({ "title": "Confirm", "question": question, "action": action, "back": back, "confirm": "Yes, do it" }),
+    )
+}
+
+/// An action and what it acts on.
+enum Action {
+    ReplayDelivery(String),
+    Replan(String),
+    ReplayTrigger(i64),
+    Cancel(i64),
+    Invalid(String),
+}
+
+impl Action {
+    fn delivery(action: &str, id: &str) -> Action {
+        match action {
+            "replay" => Action::ReplayDelivery(id.to_owned()),
+            _ => Action::Replan(id.to_owned()),
+        }
+    }
+
+    fn trigger(action: &str, id: &str) -> Action {
+        match (action, id.parse::<i64>()) {
+            (_, Err(_)) => Action::Invalid(format!("{id:?} is not a trigger id")),
+            ("cancel", Ok(id)) => Action::Cancel(id),
+            (_, Ok(id)) => Action::ReplayTrigger(id),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Action::ReplayDelivery(_) | Action::ReplayTrigger(_) => "replay",
+            Action::Replan(_) => "replan",
+            Action::Cancel(_) => "cancel",
+            Action::Invalid(_) => "invalid",
+        }
+    }
+
+    fn target(&self) -> String {
+        match self {
+            Action::ReplayDelivery(id) | Action::Replan(id) => format!("delivery {id}"),
+            Action::ReplayTrigger(id) | Action::Cancel(id) => format!("trigger {id}"),
+            Action::Invalid(what) => what.clone(),
+        }
+    }
+}
+
+/// Carries out a confirmed action, records who did it, and answers with its result (a
+/// page with the result, or JSON).
+#[allow(clippy::too_many_arguments)]
+async fn act(
+    app: &App,
+    admin: &crate::config::admin::AdminConfig,
+    access: &Access,
+    parts: &http::request::Parts,
+    body: Incoming,
+    peer: SocketAddr,
+    action: Action,
+    api: bool,
+) -> Response<Full<Bytes>> {
+    let form = read_form(body).await;
+    if let Err(refusal) = auth::may_act(
+        admin,
+        access,
+        &parts.headers,
+        form.get("csrf").map(String::as_str),
+    ) {
+        return refused(refusal, api);
+    }
+    let result = perform(app, &action).await;
+    let (ok, message) = match &result {
+        Ok(message) => (true, message.clone()),
+        Err(message) => (false, message.clone()),
+    };
+    tracing::info!(by = %peer, action = action.name(), target = %action.target(), ok, result = %message, "dashboard action");
+    let now = crate::outbox::now_ms();
+    app.outbox.note(crate::outbox::NewDelivery {
+        source: "admin".into(),
+        delivery_id: format!("admin~{}-{now}", action.name()),
+        event_type: action.name().into(),
+        headers: vec![("by".into(), peer.to_string())],
+        body: crate::store::StoredBody::default(),
+        summary: json!({
+            "admin": { "action": action.name(), "target": action.target(), "by": peer.to_string(), "ok": ok },
+            "note": format!("{} of {} by {peer}: {message}", action.name(), action.target()),
+        })
+        .to_string(),
+        triggers: Vec::new(),
+    });
+    if api {
+        return json_answer(
+            if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::CONFLICT
+            },
+            &json!({ "ok": ok, "message": message }),
+        );
+    }
+    let back = match &action {
+        Action::ReplayDelivery(id) | Action::Replan(id) => format!("/deliveries/{}", encode(id)),
+        _ => "/deliveries".to_owned(),
+    };
+    let done = form_urlencoded::Serializer::new(String::new())
+        .append_pair("done", &message)
+        .finish();
+    redirect(&format!("{back}?{done}"))
+}
+
+async fn perform(app: &App, action: &Action) -> Result<String, String> {
+    let location = || view::location(app);
+    match action {
+        Action::ReplayDelivery(id) => app
+            .outbox
+            .replay(crate::outbox::ReplayTarget::Delivery(id.clone()))
+            .await
+            .map(|ids| format!("queued again as trigger(s) {}", list(&ids)))
+            .map_err(|err| err.to_string()),
+        Action::ReplayTrigger(id) => app
+            .outbox
+            .replay(crate::outbox::ReplayTarget::Trigger(*id))
+            .await
+            .map(|ids| format!("queued again as trigger(s) {}", list(&ids)))
+            .map_err(|err| err.to_string()),
+        Action::Replan(id) => {
+            let location = location()?;
+            let runtime = app.runtime();
+            crate::store::blocking(|| {
+                crate::replan::replan_with(
+                    &runtime.config,
+                    "the running configuration",
+                    &location,
+                    id,
+                )
+            })
+            .map(|replanned| {
+                format!(
+                    "delivery {} queued trigger(s) {}",
+                    replanned.delivery_id,
+                    list(&replanned.triggers.iter().map(|t| t.0).collect::<Vec<_>>())
+                )
+            })
+        }
+        Action::Cancel(id) => {
+            let location = location()?;
+            crate::store::blocking(|| {
+                crate::outbox::cancel_offline(&location, &crate::outbox::CancelTarget::Trigger(*id))
+            })
+            .map(|ids| format!("cancelled trigger(s) {}", list(&ids)))
+            .map_err(|err| err.to_string())
+        }
+        Action::Invalid(what) => Err(what.clone()),
+    }
+}
+
+fn list(ids: &[i64]) -> String {
+    ids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}

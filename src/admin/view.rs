@@ -1,0 +1,393 @@
+//! What the dashboard shows, read through the store interface (SQLite and PostgreSQL
+//! alike) and the relay's own state; the pages and the JSON API render the same values.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::outbox::{DeliveryKind, DeliveryRow, ListFilter, StateFilter};
+use crate::sources::{Outcome, Verification, WebhookRequest};
+use crate::store::StoreLocation;
+
+/// Rows read for one page of deliveries (a delivery with many triggers takes several).
+const PAGE_ROWS: usize = 100;
+
+/// The list's filters, from a query string.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Filters {
+    pub source: String,
+    pub rule: String,
+    pub project: String,
+    pub state: String,
+    pub kind: String,
+    pub since: String,
+    pub until: String,
+    pub q: String,
+    pub before: String,
+}
+
+impl Filters {
+    pub fn parse(query: Option<&str>) -> Filters {
+        let mut filters = Filters::default();
+        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            let value = value.trim().to_owned();
+            match key.as_ref() {
+                "source" => filters.source = value,
+                "rule" => filters.rule = value,
+                "project" => filters.project = value,
+                "state" => filters.state = value,
+                "kind" => filters.kind = value,
+                "since" => filters.since = value,
+                "until" => filters.until = value,
+                "q" => filters.q = value,
+                "before" => filters.before = value,
+                _ => {}
+            }
+        }
+        filters
+    }
+
+    /// The store's filter, or what is wrong with one of these.
+    pub fn to_list_filter(&self, now: i64) -> Result<ListFilter, String> {
+        let text = |value: &String| (!value.is_empty()).then(|| value.clone());
+        let time = |value: &String, name: &str| {
+            text(value)
+                .map(|v| {
+                    crate::commands::parse_time(&v, now).map_err(|err| format!("{name}: {err}"))
+                })
+                .transpose()
+        };
+        let choice = |value: &String, name: &str| -> Result<Option<String>, String> {
+            Ok(text(value).map(|v| v.to_lowercase())).and_then(|v| match v {
+                Some(v) if !v.chars().all(|c| c.is_ascii_lowercase()) => {
+                    Err(format!("{name}: {v:?} is not one of the choices"))
+                }
+                v => Ok(v),
+            })
+        };
+        use clap::ValueEnum;
+        let state = choice(&self.state, "state")?
+            .map(|v| {
+                StateFilter::from_str(&v, true).map_err(|_| format!("state: {v:?} is not a state"))
+            })
+            .transpose()?;
+        let kind = choice(&self.kind, "kind")?
+            .map(|v| {
+                DeliveryKind::from_str(&v, true).map_err(|_| format!("kind: {v:?} is not a kind"))
+            })
+            .transpose()?;
+        let before = match self.before.split_once('.') {
+            None if self.before.is_empty() => None,
+            Some((at, row)) => Some((
+                at.parse()
+                    .map_err(|_| "before: not a page cursor".to_owned())?,
+                row.parse()
+                    .map_err(|_| "before: not a page cursor".to_owned())?,
+            )),
+            None => return Err("before: not a page cursor".into()),
+        };
+        Ok(ListFilter {
+            source: text(&self.source),
+            rule: text(&self.rule),
+            project: text(&self.project),
+            state,
+            kind,
+            since: time(&self.since, "since")?,
+            until: time(&self.until, "until")?,
+            delivery: None,
+            text: text(&self.q),
+            before,
+            limit: PAGE_ROWS,
+        })
+    }
+
+    /// The query string of these filters with another page cursor.
+    pub fn with_before(&self, before: &str) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (key, value) in [
+            ("source", &self.source),
+            ("rule", &self.rule),
+            ("project", &self.project),
+            ("state", &self.state),
+            ("kind", &self.kind),
+            ("since", &self.since),
+            ("until", &self.until),
+            ("q", &self.q),
+        ] {
+            if !value.is_empty() {
+                query.append_pair(key, value);
+            }
+        }
+        if !before.is_empty() {
+            query.append_pair("before", before);
+        }
+        query.finish()
+    }
+}
+
+/// One trigger (or status post, or poll) of a delivery, as shown.
+#[derive(Clone, Debug, Serialize)]
+pub struct Work {
+    pub id: i64,
+    pub kind: String,
+    pub rule: String,
+    pub project: String,
+    pub git_ref: String,
+    pub state: String,
+    pub attempts: i64,
+    pub next: String,
+    pub answer: String,
+    pub pipeline_url: Option<String>,
+    pub replay_of: Option<i64>,
+    pub coalesced_into: Option<i64>,
+    /// Waiting, so it can be cancelled.
+    pub waiting: bool,
+}
+
+/// One delivery with its work, as shown.
+#[derive(Clone, Debug, Serialize)]
+pub struct Delivery {
+    pub row: i64,
+    pub received_at: i64,
+    pub received: String,
+    pub source: String,
+    pub delivery_id: String,
+    pub event_type: String,
+    /// What the delivery came to, in a word or two.
+    pub state: String,
+    pub why: String,
+    pub work: Vec<Work>,
+}
+
+fn time_text(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_default()
+}
+
+/// Store rows grouped by delivery, newest first.
+fn group(rows: Vec<DeliveryRow>, now: i64) -> Vec<Delivery> {
+    let mut deliveries: Vec<Delivery> = Vec::new();
+    for row in rows {
+        let (state, why) = crate::commands::row_state(&row);
+        if deliveries.last().is_none_or(|d| d.row != row.row) {
+            deliveries.push(Delivery {
+                row: row.row,
+                received_at: row.received_at,
+                received: time_text(row.received_at),
+                source: row.source.clone(),
+                delivery_id: row.delivery_id.clone(),
+                event_type: row.event_type.clone(),
+                state: if row.trigger_id.is_some() {
+                    String::new()
+                } else {
+                    state.clone()
+                },
+                why: if row.trigger_id.is_some() {
+                    String::new()
+                } else {
+                    why.clone()
+                },
+                work: Vec::new(),
+            });
+        }
+        let delivery = deliveries.last_mut().expect("pushed above");
+        if let Some(id) = row.trigger_id {
+            delivery.work.push(Work {
+                id,
+                kind: row.kind.clone().unwrap_or_else(|| "trigger".into()),
+                rule: row.rule.clone().unwrap_or_default(),
+                project: row.project.clone().unwrap_or_default(),
+                git_ref: row.git_ref.clone().unwrap_or_default(),
+                waiting: row.state.as_deref() == Some("queued"),
+                next: crate::commands::next_attempt(&row, now).unwrap_or_default(),
+                state,
+                attempts: row.attempts,
+                answer: why,
+                pipeline_url: row.pipeline_url.clone(),
+                replay_of: row.replay_of,
+                coalesced_into: row.coalesced_into,
+            });
+        }
+    }
+    for delivery in &mut deliveries {
+        // Oldest first within a delivery, as they were queued.
+        delivery.work.reverse();
+        if delivery.state.is_empty() {
+            delivery.state = summarize(&delivery.work);
+        }
+    }
+    deliveries
+}
+
+/// A delivery's state from its work: the least finished of its triggers.
+fn summarize(work: &[Work]) -> String {
+    let states: Vec<&str> = work.iter().map(|w| w.state.as_str()).collect();
+    for wanted in ["sending", "retrying", "queued", "failed"] {
+        if states.iter().any(|s| s.ends_with(wanted)) {
+            return wanted.into();
+        }
+    }
+    states.first().map_or_else(String::new, |s| s.to_string())
+}
+
+/// Where the dashboard reads the store.
+pub fn location(app: &App) -> Result<StoreLocation, String> {
+    app.outbox
+        .location
+        .clone()
+        .ok_or_else(|| "this relay's store cannot be read beside it".to_owned())
+}
+
+/// One page of deliveries, and the cursor of the next (empty: none).
+pub fn page(app: &App, filter: &ListFilter) -> Result<(Vec<Delivery>, String), String> {
+    let location = location(app)?;
+    let rows = crate::store::blocking(|| crate::outbox::list(&location, filter))
+        .map_err(|err| err.to_string())?;
+    let full = rows.len() >= filter.limit;
+    let mut deliveries = group(rows, crate::outbox::now_ms());
+    // A full page may end partway through a delivery's rows: that one starts the next.
+    if full && deliveries.len() > 1 {
+        deliveries.pop();
+    }
+    let next = if full {
+        deliveries
+            .last()
+            .map(|d| format!("{}.{}", d.received_at, d.row))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok((deliveries, next))
+}
+
+/// Everything about one delivery: its work, the stored webhook and what the rules make
+/// of it today.
+pub fn detail(app: &App, id: &str) -> Result<Value, String> {
+    let location = location(app)?;
+    let filter = ListFilter {
+        delivery: Some(id.to_owned()),
+        limit: 500,
+        ..ListFilter::default()
+    };
+    let rows = crate::store::blocking(|| crate::outbox::list(&location, &filter))
+        .map_err(|err| err.to_string())?;
+    let rows: Vec<DeliveryRow> = rows.into_iter().filter(|r| r.delivery_id == id).collect();
+    let summary: Value = rows
+        .first()
+        .and_then(|r| serde_json::from_str(&r.summary).ok())
+        .unwrap_or(Value::Null);
+    let Some(delivery) = group(rows, crate::outbox::now_ms()).into_iter().next() else {
+        return Err(format!("no delivery {id:?} in the store"));
+    };
+    let stored = crate::store::blocking(|| crate::outbox::stored_webhook(&location, id)).ok();
+    let runtime = app.runtime();
+    let mut events = Vec::new();
+    let mut headers = Vec::new();
+    let mut body = String::new();
+    if let Some(stored) = &stored {
+        headers = stored.headers.clone();
+        body = match serde_json::from_slice::<Value>(&stored.body) {
+            Ok(json) => serde_json::to_string_pretty(&json).unwrap_or_default(),
+            Err(_) => String::from_utf8_lossy(&stored.body).into_owned(),
+        };
+        if let Some(source) = runtime.config.sources.get(&stored.source) {
+            let request_headers = crate::explain::stored_request_headers(&stored.headers);
+            if let Ok(received) = crate::sources::receive(
+                source,
+                &WebhookRequest {
+                    headers: &request_headers,
+                    body: &stored.body,
+                },
+                Verification::Skip,
+            ) && let Outcome::Events(found) = &received.outcome
+            {
+                for event in found {
+                    let rules: Vec<Value> = runtime
+                        .config
+                        .rules
+                        .verdicts(event)
+                        .into_iter()
+                        .map(|(rule, why)| {
+                            json!({ "rule": rule.name(), "matched": why.is_none(), "reason": why })
+                        })
+                        .collect();
+                    let mut shown = crate::hooks::summary(event);
+                    shown["rules"] = Value::Array(rules);
+                    events.push(shown);
+                }
+            }
+        }
+    }
+    Ok(json!({
+        "delivery": delivery,
+        "answer": summary,
+        "events": events,
+        "headers": headers,
+        "body": body,
+    }))
+}
+
+/// The relay at a glance.
+pub fn health(app: &App) -> Value {
+    let (depth, oldest) = match app.outbox.depth() {
+        Ok((depth, age)) => (Some(depth), Some(age.as_secs())),
+        Err(_) => (None, None),
+    };
+    let mut answers: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for ((upstream, class), counts) in app.metrics.recent_answers.last_hour() {
+        let total: u32 = counts.iter().sum();
+        answers.entry(upstream).or_default().push(json!({
+            "class": class,
+            "total": total,
+            "per_minute": counts,
+        }));
+    }
+    let refusing: Vec<Value> = app
+        .metrics
+        .recent_refusals
+        .last_hour()
+        .into_iter()
+        .map(|((limit, _), counts)| {
+            json!({
+                "limit": limit,
+                "last_5_minutes": counts[55..].iter().sum::<u32>(),
+                "last_hour": counts.iter().sum::<u32>(),
+            })
+        })
+        .collect();
+    let now = std::time::Instant::now();
+    let mut paused: Vec<Value> = app
+        .holds
+        .paused
+        .lock()
+        .expect("the paused map is never poisoned")
+        .iter()
+        .filter_map(|(key, until)| {
+            let left = until.checked_duration_since(now)?;
+            let (upstream, project) = key.split_once('\u{1f}').unwrap_or(("", key));
+            Some(
+                json!({ "upstream": upstream, "project": project, "seconds_left": left.as_secs() }),
+            )
+        })
+        .collect();
+    paused.sort_by_key(|p| p["project"].as_str().unwrap_or_default().to_owned());
+    let down: Vec<Value> = app
+        .holds
+        .outages
+        .current(now)
+        .into_iter()
+        .map(|(upstream, left)| json!({ "upstream": upstream, "seconds_left": left.as_secs() }))
+        .collect();
+    json!({
+        "store": app.outbox.health.problem(),
+        "outbox_depth": depth,
+        "oldest_due_seconds": oldest,
+        "answers": answers,
+        "limits_refusing": refusing,
+        "paused_projects": paused,
+        "upstreams_down": down,
+    })
+}

@@ -1,0 +1,88 @@
+//! `[admin]`: the delivery dashboard's own listener, never the webhook port.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{EnvLookup, FileProblems};
+use crate::secret::{Secret, SecretRef};
+
+/// `[admin]`: where the dashboard and its JSON API listen, and who may use them.
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// `token = "env:NAME"`: needed for every action, and for viewing unless the listener
+    /// is on a loopback address. `None`: viewing on loopback only, no actions.
+    pub token: Option<(SecretRef, Option<Secret>)>,
+    /// HTTPS, as on the main listener.
+    pub tls: Option<super::server::ServerTls>,
+}
+
+/// The dashboard's default address: loopback, beside the webhook port.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+}
+
+pub(super) fn compile(
+    raw: RawAdmin,
+    resolve_secrets: Option<EnvLookup<'_>>,
+    problems: &mut FileProblems<'_>,
+) -> Option<AdminConfig> {
+    let listen_span = raw.listen.as_ref().map(Spanned::span);
+    let listen = super::typed(
+        raw.listen,
+        DEFAULT_ADMIN_LISTEN.parse().expect("a valid address"),
+        problems,
+        |text| {
+            text.parse::<SocketAddr>().map_err(|_| {
+                format!("admin.listen: {text:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:8081\"")
+            })
+        },
+    );
+    let token = match raw.token {
+        None => None,
+        Some(field) => {
+            let span = field.span();
+            match SecretRef::parse_in(field.get_ref(), problems.folder()) {
+                Err(reason) => {
+                    problems.at(Some(span), format!("admin.token: {reason}"));
+                    return None;
+                }
+                Ok(reference) => match resolve_secrets.map(|env| reference.resolve_with(env)) {
+                    None => Some((reference, None)),
+                    Some(Ok(token)) if token.expose().len() < 16 => {
+                        problems.at(
+                            Some(span),
+                            "admin.token: the token must have at least 16 bytes (`openssl rand -hex 32`)",
+                        );
+                        return None;
+                    }
+                    Some(Ok(token)) => Some((reference, Some(token))),
+                    Some(Err(reason)) => {
+                        problems.at(Some(span), format!("admin.token ({reference}): {reason}"));
+                        return None;
+                    }
+                },
+            }
+        }
+    };
+    if token.is_none() && !listen.ip().is_loopback() {
+        problems.at(
+            listen_span,
+            format!(
+                "admin.listen {listen} is not a loopback address, so the dashboard needs `token = \"env:HOOKRELAY_ADMIN_TOKEN\"`"
+            ),
+        );
+        return None;
+    }
+    let tls = super::server::server_tls(raw.tls_cert, raw.tls_key, problems);
+    Some(AdminConfig { listen, token, tls })
+}

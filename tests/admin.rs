@@ -1,0 +1,293 @@
+//! The delivery dashboard through the real binary: its own listener, the JSON API, the
+//! pages (hostile payload text escaped), who may view and who may act, and cross-site
+//! protection. Every address is 127.0.0.1.
+
+mod common;
+
+use std::process::Command;
+
+use common::binary::{BIN, Served, write};
+use common::{RecordingUpstream, post, send, signed_github_body};
+use serde_json::Value;
+
+const SECRET: &str = "s3cret-for-the-tests";
+const ADMIN_TOKEN: &str = "admin-token-for-the-tests-0123";
+
+/// A relay with a dashboard on 127.0.0.1:0 and one rule; its webhook and dashboard
+/// addresses.
+fn start(dir: &std::path::Path, upstream: &str, admin: &str) -> (Served, String, String) {
+    write(dir, "secret", SECRET);
+    write(
+        dir,
+        "relay.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"{upstream}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{0}/secret\"\n\
+             {admin}\n\
+             [[rule]]\nname = \"all\"\nsource = \"github\"\n[rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\n\
+             token = \"file:{0}/secret\"\n",
+            dir.display()
+        ),
+    );
+    let mut command = Command::new(BIN);
+    command.env("HOOKRELAY_ADMIN_TOKEN", ADMIN_TOKEN);
+    let mut served = Served::start_with(command, dir, &dir.join("state"));
+    let address = served.address();
+    let line = served.wait_for("dashboard listening");
+    let start = line.find("address=").unwrap() + "address=".len();
+    let dashboard = line[start..].split_whitespace().next().unwrap().to_owned();
+    (served, address, dashboard)
+}
+
+const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n";
+
+/// GitHub's published tag push, with hostile text where a payload may carry any: the
+/// repository's name and the pusher.
+fn hostile_push() -> Vec<u8> {
+    let mut push: Value = serde_json::from_slice(&common::fixture("github/push_tag.json")).unwrap();
+    push["repository"]["full_name"] = "acme/<script>alert(1)</script>\"quoted'\u{1b}[31m".into();
+    push["pusher"]["name"] = "<img src=x onerror=alert(2)>".into();
+    serde_json::to_vec(&push).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_deliveries_escaped_and_acts_only_with_the_token() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_served, address, dashboard) = start(dir.path(), &upstream.url(), ADMIN);
+    let delivery = "d-<b>1</b>";
+    let reply = signed_github_body(
+        &format!("http://{address}/hooks/github"),
+        SECRET,
+        "push",
+        delivery,
+        hostile_push(),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let url = |path: &str| format!("http://{dashboard}{path}");
+    // Never on the webhook port.
+    assert_eq!(
+        send("GET", &format!("http://{address}/deliveries"), &[], "")
+            .await
+            .status,
+        404
+    );
+
+    // The API: the delivery, its trigger, the pipeline once sent.
+    let mut listed = Value::Null;
+    for _ in 0..100 {
+        listed = send("GET", &url("/api/deliveries"), &[], "").await.json();
+        if listed["deliveries"][0]["work"][0]["state"] == "sent" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let first = &listed["deliveries"][0];
+    assert_eq!(first["delivery_id"], delivery);
+    assert_eq!(first["work"][0]["state"], "sent", "{listed}");
+    assert_eq!(
+        first["work"][0]["pipeline_url"],
+        "http://127.0.0.1:3000/test-group/test-project/-/pipelines/257"
+    );
+    let filtered = send("GET", &url("/api/deliveries?q=nothing-like-this"), &[], "")
+        .await
+        .json();
+    assert_eq!(filtered["deliveries"], serde_json::json!([]));
+    let by_text = send("GET", &url("/api/deliveries?q=%3Cscript%3E"), &[], "")
+        .await
+        .json();
+    assert_eq!(
+        by_text["deliveries"].as_array().unwrap().len(),
+        1,
+        "free text finds the repository"
+    );
+    let bad = send("GET", &url("/api/deliveries?state=bogus"), &[], "").await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["message"].as_str().unwrap().contains("state"));
+
+    // The pages: everything from the payload is escaped, control characters shown.
+    let encoded = "d-%3Cb%3E1%3C%2Fb%3E";
+    for page in ["/deliveries".to_owned(), format!("/deliveries/{encoded}")] {
+        let html = send("GET", &url(&page), &[], "").await;
+        assert_eq!(html.status, 200, "{page}");
+        let text = html.text();
+        assert!(!text.contains("<script>alert"), "{page}: {text}");
+        assert!(!text.contains("<img src=x"), "{page}");
+        assert!(!text.contains("<b>1</b>"), "{page}");
+        assert!(!text.contains('\u{1b}'), "{page}");
+        assert!(
+            text.contains("d-&lt;b&gt;1&lt;&#x2f;b&gt;") || text.contains("d-&lt;b&gt;1&lt;/b&gt;"),
+            "{page}"
+        );
+        let csp = html.headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
+    }
+    let detail = send("GET", &url(&format!("/deliveries/{encoded}")), &[], "")
+        .await
+        .text();
+    assert!(
+        detail.contains("&lt;script&gt;alert(1)&lt;&#x2f;script&gt;"),
+        "escaped repository"
+    );
+    assert!(detail.contains("\\u{1b}"), "the escape character is shown");
+    assert!(
+        detail.contains("✓ all"),
+        "the rule's verdict, as explain says it"
+    );
+
+    // Acting: never without the token, even on loopback.
+    let api_replay = url(&format!("/api/deliveries/{encoded}/replay"));
+    assert_eq!(post(&api_replay, &[], "").await.status, 401);
+    let wrong = post(&api_replay, &[("authorization", "Bearer wrong-token")], "").await;
+    assert_eq!(wrong.status, 403);
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let replayed = post(&api_replay, &[("authorization", &bearer)], "").await;
+    assert_eq!(replayed.status, 200, "{}", replayed.text());
+    assert!(
+        replayed.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("queued again")
+    );
+    for _ in 0..100 {
+        if upstream.received().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.received().len(), 2, "the replay was sent");
+    // Who did it is recorded in the store.
+    let admin_rows = send("GET", &url("/api/deliveries?source=admin"), &[], "")
+        .await
+        .json();
+    let record = &admin_rows["deliveries"][0];
+    assert_eq!(record["event_type"], "replay");
+    assert!(
+        record["why"].as_str().unwrap().contains("by 127.0.0.1:"),
+        "{record}"
+    );
+
+    // The login form sets a strict, secure, script-proof cookie; a browser's action needs
+    // the page's cross-site token and the dashboard's own origin.
+    let login = url("/login");
+    let refused = post(
+        &login,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "token=nope",
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    let logged = post(
+        &login,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("token={ADMIN_TOKEN}"),
+    )
+    .await;
+    assert_eq!(logged.status, 303);
+    let cookie = logged.headers["set-cookie"].to_str().unwrap().to_owned();
+    for flag in ["HttpOnly", "Secure", "SameSite=Strict"] {
+        assert!(cookie.contains(flag), "{cookie}");
+    }
+    assert!(!cookie.contains(ADMIN_TOKEN), "the cookie is not the token");
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let confirm = send(
+        "GET",
+        &url(&format!("/deliveries/{encoded}/replay")),
+        &[("cookie", &session)],
+        "",
+    )
+    .await
+    .text();
+    let csrf_at = confirm.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
+    let csrf = &confirm[csrf_at..csrf_at + 64];
+    let form = |csrf: &str| format!("csrf={csrf}");
+    let action = url(&format!("/deliveries/{encoded}/replay"));
+    let host = dashboard.clone();
+    let headers = |origin: &'static str| {
+        vec![
+            ("cookie", session.clone()),
+            (
+                "content-type",
+                "application/x-www-form-urlencoded".to_owned(),
+            ),
+            ("host", host.clone()),
+            ("origin", origin.to_owned()),
+        ]
+    };
+    let as_refs = |h: &Vec<(&'static str, String)>| -> Vec<(&'static str, String)> { h.clone() };
+    let send_form = |h: Vec<(&'static str, String)>, body: String| {
+        let action = action.clone();
+        async move {
+            let pairs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            post(&action, &pairs, body).await
+        }
+    };
+    let same_origin = format!("http://{dashboard}");
+    let same: &'static str = Box::leak(same_origin.into_boxed_str());
+    assert_eq!(
+        send_form(as_refs(&headers(same)), form("forged"))
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        send_form(as_refs(&headers("https://evil.example")), form(csrf))
+            .await
+            .status,
+        403,
+        "another site's form"
+    );
+    let done = send_form(as_refs(&headers(same)), form(csrf)).await;
+    assert_eq!(done.status, 303);
+    assert!(done.headers["location"].to_str().unwrap().contains("done="));
+}
+
+#[test]
+fn off_loopback_the_dashboard_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", SECRET);
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"http://127.0.0.1:9\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{}/secret\"\n[admin]\nlisten = \"0.0.0.0:0\"\n",
+            dir.path().display()
+        ),
+    );
+    let output = common::binary::hookrelay(&["check", "--config", dir.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("relay.toml:") && stderr.contains("needs `token"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_token_a_remote_viewer_is_sent_to_log_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = "[admin]\nlisten = \"0.0.0.0:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n";
+    let (_served, _address, dashboard) = start(dir.path(), "http://127.0.0.1:9", admin);
+    let port = dashboard.rsplit(':').next().unwrap();
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let page = send("GET", &url("/deliveries"), &[], "").await;
+    assert_eq!(page.status, 303);
+    assert_eq!(page.headers["location"], "/login");
+    assert_eq!(
+        send("GET", &url("/api/deliveries"), &[], "").await.status,
+        401
+    );
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let api = send(
+        "GET",
+        &url("/api/health"),
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(api.status, 200);
+    assert_eq!(api.json()["store"], Value::Null, "the store takes writes");
+    let login = send("GET", &url("/login"), &[], "").await;
+    assert_eq!(login.status, 200);
+    assert!(login.text().contains("type=\"password\""));
+}
