@@ -200,44 +200,25 @@ async fn the_dashboard_shows_deliveries_escaped_and_acts_only_with_the_token() {
     .text();
     let csrf_at = confirm.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
     let csrf = &confirm[csrf_at..csrf_at + 64];
-    let form = |csrf: &str| format!("csrf={csrf}");
     let action = url(&format!("/deliveries/{encoded}/replay"));
-    let host = dashboard.clone();
-    let headers = |origin: &'static str| {
-        vec![
-            ("cookie", session.clone()),
-            (
-                "content-type",
-                "application/x-www-form-urlencoded".to_owned(),
-            ),
-            ("host", host.clone()),
-            ("origin", origin.to_owned()),
-        ]
-    };
-    let as_refs = |h: &Vec<(&'static str, String)>| -> Vec<(&'static str, String)> { h.clone() };
-    let send_form = |h: Vec<(&'static str, String)>, body: String| {
-        let action = action.clone();
+    let same_origin = format!("http://{dashboard}");
+    let submit = |origin: String, csrf: String| {
+        let (action, session, host) = (action.clone(), session.clone(), dashboard.clone());
         async move {
-            let pairs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            post(&action, &pairs, body).await
+            let headers = [
+                ("cookie", session.as_str()),
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("host", host.as_str()),
+                ("origin", origin.as_str()),
+            ];
+            post(&action, &headers, format!("csrf={csrf}")).await
         }
     };
-    let same_origin = format!("http://{dashboard}");
-    let same: &'static str = Box::leak(same_origin.into_boxed_str());
-    assert_eq!(
-        send_form(as_refs(&headers(same)), form("forged"))
-            .await
-            .status,
-        403
-    );
-    assert_eq!(
-        send_form(as_refs(&headers("https://evil.example")), form(csrf))
-            .await
-            .status,
-        403,
-        "another site's form"
-    );
-    let done = send_form(as_refs(&headers(same)), form(csrf)).await;
+    let forged = submit(same_origin.clone(), "forged".into()).await;
+    assert_eq!(forged.status, 403);
+    let cross = submit("https://evil.example".into(), csrf.to_owned()).await;
+    assert_eq!(cross.status, 403, "another site's form");
+    let done = submit(same_origin, csrf.to_owned()).await;
     assert_eq!(done.status, 303);
     assert!(done.headers["location"].to_str().unwrap().contains("done="));
 }

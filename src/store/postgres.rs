@@ -1120,6 +1120,14 @@ impl Engine for PostgresEngine {
 
     fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, EngineError> {
         self.reconnect_if_lost()?;
+        // Times are kept on the database's clock; the filter's are this machine's.
+        let skew = self.skew_ms;
+        let filter = ListFilter {
+            since: filter.since.map(|at| at + skew),
+            until: filter.until.map(|at| at + skew),
+            before: filter.before.map(|(at, row)| (at + skew, row)),
+            ..filter.clone()
+        };
         let (clause, values) = filter.where_clause(|n| format!("${n}"), "strpos");
         let limit_at = values.len() + 1;
         let sql = format!(
@@ -1143,7 +1151,6 @@ impl Engine for PostgresEngine {
             bound.iter().map(|value| value.as_ref()).collect();
         let rows = self.client().query(&sql, &params).map_err(error)?;
         // Times are the database's; shown on this machine's clock.
-        let skew = self.skew_ms;
         Ok(rows
             .into_iter()
             .map(|row| DeliveryRow {

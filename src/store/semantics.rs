@@ -389,6 +389,46 @@ pub fn deliveries_are_listed_by_every_filter(engine: &mut dyn Engine) {
         ids
     };
     assert_eq!(listed(engine, ListFilter::default()).len(), 3);
+    // Free text: in the id, or a trigger's project.
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                text: Some("c-2".into()),
+                ..Default::default()
+            }
+        ),
+        ["abc-2"]
+    );
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                text: Some("q".into()),
+                ..Default::default()
+            }
+        ),
+        ["abc-2"]
+    );
+    // A page cursor: strictly older than the delivery given.
+    let newest = engine
+        .list(&ListFilter {
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap()
+        .remove(0);
+    assert_eq!(newest.delivery_id, "abd-none");
+    assert_eq!(
+        listed(
+            engine,
+            ListFilter {
+                before: Some((newest.received_at, newest.row)),
+                ..Default::default()
+            }
+        ),
+        ["abc-1", "abc-2"]
+    );
     assert_eq!(
         listed(
             engine,
