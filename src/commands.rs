@@ -547,6 +547,8 @@ pub(crate) fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
             ("error".into(), error.to_owned())
         } else if summary.get("pipeline").is_some() {
             ("pipeline".into(), note)
+        } else if summary.get("admin").is_some() {
+            ("admin".into(), note)
         } else if row.event_type == "ping" || note.starts_with("ping") {
             ("ping".into(), note)
         } else if no_events {

@@ -243,8 +243,9 @@ pub fn location(app: &App) -> Result<StoreLocation, String> {
 
 /// One page of deliveries, and the cursor of the next (empty: none).
 pub fn page(app: &App, filter: &ListFilter) -> Result<(Vec<Delivery>, String), String> {
-    let location = location(app)?;
-    let rows = crate::store::blocking(|| crate::outbox::list(&location, filter))
+    let rows = app
+        .outbox
+        .read(|engine| engine.list(filter))
         .map_err(|err| err.to_string())?;
     let full = rows.len() >= filter.limit;
     let mut deliveries = group(rows, crate::outbox::now_ms());
@@ -266,13 +267,14 @@ pub fn page(app: &App, filter: &ListFilter) -> Result<(Vec<Delivery>, String), S
 /// Everything about one delivery: its work, the stored webhook and what the rules make
 /// of it today.
 pub fn detail(app: &App, id: &str) -> Result<Value, String> {
-    let location = location(app)?;
     let filter = ListFilter {
         delivery: Some(id.to_owned()),
         limit: 500,
         ..ListFilter::default()
     };
-    let rows = crate::store::blocking(|| crate::outbox::list(&location, &filter))
+    let rows = app
+        .outbox
+        .read(|engine| engine.list(&filter))
         .map_err(|err| err.to_string())?;
     let rows: Vec<DeliveryRow> = rows.into_iter().filter(|r| r.delivery_id == id).collect();
     let summary: Value = rows
@@ -282,7 +284,7 @@ pub fn detail(app: &App, id: &str) -> Result<Value, String> {
     let Some(delivery) = group(rows, crate::outbox::now_ms()).into_iter().next() else {
         return Err(format!("no delivery {id:?} in the store"));
     };
-    let stored = crate::store::blocking(|| crate::outbox::stored_webhook(&location, id)).ok();
+    let stored = app.outbox.stored(id).ok();
     let runtime = app.runtime();
     let mut events = Vec::new();
     let mut headers = Vec::new();

@@ -333,6 +333,17 @@ impl Builder {
         for (name, raw, origin) in
             named_tables::<source::RawSource>("source", value, file, &defined, problems)
         {
+            // The store names the gateway's, the scheduler's and the dashboard's records so.
+            if matches!(name.as_str(), "gateway" | "schedule" | "admin") {
+                problems.found.push(Problem {
+                    file: origin.file.clone(),
+                    line: Some(origin.line),
+                    message: format!(
+                        "[source.{name}]: `{name}` names hookrelay's own records in the store; choose another name"
+                    ),
+                });
+                continue;
+            }
             if let Some(compiled) = source::compile_source(&name, raw, env, problems) {
                 self.sources.insert(name, (compiled, origin));
             }

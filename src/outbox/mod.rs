@@ -348,6 +348,32 @@ impl Outbox {
         }
     }
 
+    /// Reads the store on the reader's connection, beside the writer (the dashboard): no
+    /// new connection per request, on SQLite and PostgreSQL alike.
+    pub fn read<T>(
+        &self,
+        op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError>,
+    ) -> Result<T, StoreError> {
+        blocking(|| {
+            let mut reader = self
+                .reader
+                .lock()
+                .expect("the reader lock is never poisoned");
+            op(reader.as_mut())
+        })
+        .map_err(|err| self.error(err))
+    }
+
+    /// A stored webhook by its delivery id (or a unique start of one), on the reader.
+    pub fn stored(&self, delivery_id: &str) -> Result<StoredWebhook, StoreError> {
+        self.read(|engine| {
+            let delivery_id = resolve_delivery(engine, delivery_id)?;
+            engine.stored_webhook(&delivery_id)?.ok_or_else(|| {
+                EngineError::refused(format!("no delivery {delivery_id:?} in the store"))
+            })
+        })
+    }
+
     /// Triggers waiting or being sent, and how long the earliest-due one has been due.
     /// Reads two index entries, whatever the backlog.
     pub fn depth(&self) -> Result<(i64, Duration), StoreError> {

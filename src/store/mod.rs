@@ -482,6 +482,8 @@ pub enum DeliveryKind {
     Gateway,
     /// A scheduled rule firing.
     Schedule,
+    /// An action taken in the dashboard (who did what).
+    Admin,
 }
 
 /// A trigger state to list, or deliveries without a trigger.
@@ -541,8 +543,9 @@ impl ListFilter {
         match self.kind {
             Some(DeliveryKind::Gateway) => conditions.push("d.source = 'gateway'".into()),
             Some(DeliveryKind::Schedule) => conditions.push("d.source = 'schedule'".into()),
+            Some(DeliveryKind::Admin) => conditions.push("d.source = 'admin'".into()),
             Some(DeliveryKind::Webhook) => {
-                conditions.push("d.source NOT IN ('gateway', 'schedule')".into())
+                conditions.push("d.source NOT IN ('gateway', 'schedule', 'admin')".into())
             }
             None => {}
         }
