@@ -187,3 +187,40 @@ fn check_refuses_half_a_certificate_and_a_key_that_does_not_match() {
         "{stderr}"
     );
 }
+
+/// The dashboard serves HTTPS with its own certificate while the webhook port stays plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_serves_https_with_its_own_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::new();
+    let issued = ca.issue(dir.path());
+    write(
+        dir.path(),
+        "admin.toml",
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\ntls_cert = \"relay.crt\"\ntls_key = \"relay.key\"\n",
+    );
+    let mut command = std::process::Command::new(BIN);
+    command.env("HOOKRELAY_ADMIN_TOKEN", "admin-token-for-the-tests-0123");
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    let address = served.address();
+    let line = served.wait_for("dashboard listening");
+    assert!(line.contains("https=true"), "{line}");
+    let dashboard = line[line.find("address=").unwrap() + 8..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let (mut tls, shown) = connect(&dashboard, &ca.pem).await;
+    assert_eq!(shown, issued);
+    tls.write_all(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"outbox_depth\""), "{answer}");
+    // The webhook port is plain HTTP, as configured.
+    let plain = common::send("GET", &format!("http://{address}/healthz"), &[], "").await;
+    assert_eq!(plain.status, 200);
+}
