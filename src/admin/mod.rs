@@ -388,6 +388,7 @@ fn deliveries_page(app: &App, page: &Page<'_>, query: Option<&str>) -> Response<
         "next": (!next.is_empty()).then(|| filters.with_before(&next)),
         "error": error,
         "live": live,
+        "text_window": view::TEXT_WINDOW,
     });
     if fragment {
         return render("rows.html", page, values);

@@ -14,6 +14,10 @@ use crate::store::StoreLocation;
 /// Rows read for one page of deliveries (a delivery with many triggers takes several).
 const PAGE_ROWS: usize = 100;
 
+/// A free-text search without `since` looks this far back: it reads every delivery in
+/// its window (no index can serve text anywhere in an answer), so the window bounds it.
+pub const TEXT_WINDOW: &str = "24h";
+
 /// The list's filters, from a query string.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Filters {
@@ -94,7 +98,10 @@ impl Filters {
             project: text(&self.project),
             state,
             kind,
-            since: time(&self.since, "since")?,
+            since: match (self.q.is_empty(), self.since.is_empty()) {
+                (false, true) => time(&TEXT_WINDOW.to_owned(), "since")?,
+                _ => time(&self.since, "since")?,
+            },
             until: time(&self.until, "until")?,
             delivery: None,
             text: text(&self.q),

@@ -121,6 +121,10 @@ ALTER TABLE hr_triggers ADD COLUMN status_target text;
 CREATE INDEX hr_triggers_pipeline ON hr_triggers (upstream, pipeline_id) WHERE pipeline_id IS NOT NULL AND kind = 'trigger';
 CREATE INDEX hr_triggers_statuses ON hr_triggers (order_key, id) WHERE kind = 'status';
 "#,
+    // The dashboard's pages of one source, newest first, without reading the others.
+    r#"
+CREATE INDEX hr_deliveries_source_received ON hr_deliveries (source, received_at);
+"#,
 ];
 
 /// The PostgreSQL engine over one connection.

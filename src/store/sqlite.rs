@@ -121,6 +121,10 @@ ALTER TABLE triggers ADD COLUMN status_target TEXT;
 CREATE INDEX triggers_pipeline ON triggers (upstream, pipeline_id) WHERE pipeline_id IS NOT NULL AND kind = 'trigger';
 CREATE INDEX triggers_statuses ON triggers (order_key, id) WHERE kind = 'status';
 "#,
+    // The dashboard's pages of one source, newest first, without reading the others.
+    r#"
+CREATE INDEX deliveries_source_received ON deliveries (source, received_at);
+"#,
 ];
 
 /// The embedded engine over one connection.
