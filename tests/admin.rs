@@ -32,9 +32,7 @@ fn start(dir: &std::path::Path, upstream: &str, admin: &str) -> (Served, String,
     command.env("HOOKRELAY_ADMIN_TOKEN", ADMIN_TOKEN);
     let mut served = Served::start_with(command, dir, &dir.join("state"));
     let address = served.address();
-    let line = served.wait_for("dashboard listening");
-    let start = line.find("address=").unwrap() + "address=".len();
-    let dashboard = line[start..].split_whitespace().next().unwrap().to_owned();
+    let dashboard = served.dashboard_address();
     (served, address, dashboard)
 }
 

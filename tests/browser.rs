@@ -1,6 +1,7 @@
 //! The dashboard in a real headless browser (Debian's `chromium` driven by `chromedriver`
 //! over the WebDriver protocol): log in, load the list, open a delivery, replay it, and see
-//! the new attempt appear. Saves the screenshots the README shows (`docs/screenshots/`).
+//! the new attempt appear. With `HOOKRELAY_SCREENSHOTS=1` it saves the screenshots the
+//! README shows (`docs/screenshots/`).
 //!
 //! Where no browser is installed the test says so and returns; CI installs one and sets
 //! `HOOKRELAY_REQUIRE_BROWSER=1`, which turns that into a failure.
@@ -220,16 +221,19 @@ impl Driver {
         }
     }
 
-    /// Saves the page as `docs/screenshots/NAME.png`.
+    /// Takes a screenshot of the page; with `HOOKRELAY_SCREENSHOTS=1`, saves it as the
+    /// README's `docs/screenshots/NAME.png`.
     async fn screenshot(&self, name: &str) {
         let encoded = self.session("GET", "/screenshot", Value::Null).await;
         let png = base64::engine::general_purpose::STANDARD
             .decode(encoded.as_str().unwrap())
             .unwrap();
         assert!(png.starts_with(b"\x89PNG"), "a PNG");
-        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
-        std::fs::create_dir_all(&folder).unwrap();
-        std::fs::write(folder.join(format!("{name}.png")), png).unwrap();
+        if std::env::var("HOOKRELAY_SCREENSHOTS").is_ok_and(|v| v == "1") {
+            let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+            std::fs::create_dir_all(&folder).unwrap();
+            std::fs::write(folder.join(format!("{name}.png")), png).unwrap();
+        }
     }
 }
 
@@ -259,12 +263,7 @@ async fn a_browser_logs_in_opens_a_delivery_replays_it_and_sees_the_new_attempt(
     command.env("HOOKRELAY_ADMIN_TOKEN", ADMIN_TOKEN);
     let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
     let address = served.address();
-    let line = served.wait_for("dashboard listening");
-    let dashboard = line[line.find("address=").unwrap() + 8..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let dashboard = served.dashboard_address();
     for n in 1..=3 {
         let reply = signed_github(
             &format!("http://{address}/hooks/github"),

@@ -205,11 +205,7 @@ async fn the_dashboard_serves_https_with_its_own_certificate() {
     let address = served.address();
     let line = served.wait_for("dashboard listening");
     assert!(line.contains("https=true"), "{line}");
-    let dashboard = line[line.find("address=").unwrap() + 8..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let dashboard = served.dashboard_address();
     let (mut tls, shown) = connect(&dashboard, &ca.pem).await;
     assert_eq!(shown, issued);
     tls.write_all(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")

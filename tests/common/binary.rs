@@ -92,6 +92,13 @@ impl Served {
         line[start..].split_whitespace().next().unwrap().to_owned()
     }
 
+    /// The dashboard's address, from its start-up line (`[admin]` on port 0).
+    pub fn dashboard_address(&mut self) -> String {
+        let line = self.wait_for("dashboard listening");
+        let start = line.find("address=").expect("address in the line") + "address=".len();
+        line[start..].split_whitespace().next().unwrap().to_owned()
+    }
+
     pub fn terminate(mut self) -> (Option<i32>, Vec<String>) {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
