@@ -83,6 +83,8 @@ pub struct App {
     pub holds: crate::outbox::forwarder::Holds,
     /// The dashboard's listener as started (its address is not reloaded; its token is).
     pub admin: std::sync::OnceLock<crate::config::admin::AdminConfig>,
+    /// The dashboard's certificate when it serves HTTPS; renewed at each reload.
+    pub admin_tls: std::sync::OnceLock<Arc<crate::tls::ServerCertificate>>,
 }
 
 impl App {
@@ -118,6 +120,7 @@ impl App {
         Ok(Arc::new(App {
             holds: Default::default(),
             admin: std::sync::OnceLock::new(),
+            admin_tls: std::sync::OnceLock::new(),
             turned_away: std::sync::Mutex::new(crate::limits::Throttle::new(
                 std::time::Duration::from_secs(1),
             )),
@@ -182,6 +185,15 @@ impl App {
                 .map_err(|err| err.to_string())?,
         );
         self.renew_certificate(&runtime.config.server);
+        if let (Some(current), Some(files)) = (
+            self.admin_tls.get(),
+            runtime.config.admin.as_ref().and_then(|a| a.tls.as_ref()),
+        ) {
+            match crate::tls::read_server_certificate(&files.cert, &files.key) {
+                Ok(key) => current.replace(key),
+                Err(err) => tracing::error!(error = %err, "the dashboard keeps its certificate"),
+            }
+        }
         self.runtime.store(runtime.clone());
         self.reloads.send_modify(|count| *count += 1);
         Ok(runtime)

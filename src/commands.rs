@@ -278,10 +278,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
                 .local_addr()
                 .context("reading the dashboard's address")?;
             let certificate = match &admin.tls {
-                Some(files) => Some(crate::tls::ServerCertificate::new(
-                    crate::tls::read_server_certificate(&files.cert, &files.key)
-                        .map_err(|err| anyhow::anyhow!("[admin] tls_cert: {err}"))?,
-                )),
+                Some(files) => {
+                    let certificate = crate::tls::ServerCertificate::new(
+                        crate::tls::read_server_certificate(&files.cert, &files.key)
+                            .map_err(|err| anyhow::anyhow!("[admin] tls_cert: {err}"))?,
+                    );
+                    let _ = app.admin_tls.set(certificate.clone());
+                    Some(certificate)
+                }
                 None => None,
             };
             tracing::info!(address = %admin.listen, https = certificate.is_some(), token = admin.token.is_some(), "dashboard listening");

@@ -23,7 +23,9 @@ type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 /// renewed on disk is served without a signal.
 fn fingerprint(path: &Path, app: &App) -> Fingerprint {
     let mut files = crate::config::config_files(path).unwrap_or_default();
-    if let Some(tls) = &app.runtime().config.server.tls {
+    let runtime = app.runtime();
+    let admin = runtime.config.admin.as_ref().and_then(|a| a.tls.as_ref());
+    for tls in runtime.config.server.tls.iter().chain(admin) {
         files.extend([tls.cert.clone(), tls.key.clone()]);
     }
     files

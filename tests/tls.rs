@@ -219,4 +219,12 @@ async fn the_dashboard_serves_https_with_its_own_certificate() {
     // The webhook port is plain HTTP, as configured.
     let plain = common::send("GET", &format!("http://{address}/healthz"), &[], "").await;
     assert_eq!(plain.status, 200);
+    // Renewed on disk: new connections get the new certificate, as on the main listener.
+    let renewed = ca.issue(dir.path());
+    served.wait_for("configuration reloaded");
+    let (_, shown) = connect(&dashboard, &ca.pem).await;
+    assert_eq!(
+        shown, renewed,
+        "the dashboard serves the renewed certificate"
+    );
 }
