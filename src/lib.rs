@@ -10,7 +10,10 @@
 //! - [`trigger`]: the trigger call and its encoding for GitLab; [`git_ref`] validates refs.
 //! - [`outbox`]: the durable outbox, its group-committing writer and the forwarder;
 //!   [`store`] is the seam to its engines (SQLite by default).
-//! - [`upstream`]: the shared, pooled HTTPS client to GitLab.
+//! - [`upstream`]: the shared, pooled HTTPS client to GitLab (and to the forges' status APIs).
+//! - [`status`]: the pipeline's status back on the commit: forge requests, GitLab's pipeline
+//!   events and polls, and the rules that keep statuses in order.
+//! - [`admin`]: the delivery dashboard and its JSON API, on a listener of its own.
 //! - [`error`]: every error a caller sees, mapped to status and JSON in one place.
 //! - [`config`]: the configuration folder, validated into typed values with `file:line` problems.
 //! - [`secret`]: secrets that print only as a mask.
