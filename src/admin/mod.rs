@@ -535,10 +535,12 @@ async fn act(
         Err(message) => (false, message.clone()),
     };
     tracing::info!(by = %peer, action = action.name(), target = %action.target(), ok, result = %message, "dashboard action");
+    static RECORDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let now = crate::outbox::now_ms();
+    let nth = RECORDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     app.outbox.note(crate::outbox::NewDelivery {
         source: "admin".into(),
-        delivery_id: format!("admin~{}-{now}", action.name()),
+        delivery_id: format!("admin~{}-{now}-{nth}", action.name()),
         event_type: action.name().into(),
         headers: vec![("by".into(), peer.to_string())],
         body: crate::store::StoredBody::default(),
