@@ -23,7 +23,7 @@ mod support;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -229,25 +229,8 @@ async fn start_relay(state: &Path, upstream: SocketAddr) -> Relay {
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
-        .args(["serve", "--config"])
-        .arg(config.path())
-        .arg("--state")
-        .arg(state)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the relay did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let child = support::serve_binary(config.path(), state, &[], addr).await;
     Relay {
         child,
         addr,

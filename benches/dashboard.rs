@@ -16,7 +16,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -121,26 +121,14 @@ async fn start(state: &Path) -> Relay {
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
-        .args(["serve", "--config"])
-        .arg(config.path())
-        .arg("--state")
-        .arg(state)
-        .env("RUST_LOG", "warn")
-        .env("HOOKRELAY_ADMIN_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(admin).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the relay did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let child = support::serve_binary(
+        config.path(),
+        state,
+        &[("HOOKRELAY_ADMIN_TOKEN", TOKEN)],
+        admin,
+    )
+    .await;
     Relay {
         child,
         admin,

@@ -169,3 +169,33 @@ pub fn signed_github(
             .unwrap()
     })
 }
+
+/// Starts the release binary's `serve` on the configuration folder `config` and state
+/// folder `state`, with `env` set and its logs quiet, and waits until `address` accepts.
+pub async fn serve_binary(
+    config: &std::path::Path,
+    state: &std::path::Path,
+    env: &[(&str, &str)],
+    address: SocketAddr,
+) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .arg("--state")
+        .arg(state)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while TcpStream::connect(address).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the relay did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+}
