@@ -109,6 +109,19 @@ fn left_for_another_configuration(
 /// Lease left beyond an upstream call's timeout for a send to start.
 const TRUST_MARGIN: Duration = Duration::from_millis(500);
 
+/// With a shared store, how much of a claim's lease is left when it no longer outlasts a
+/// call of `call` (and the margin): this relay was held up (frozen, starved) since it
+/// claimed at `claimed_at`, and another may take the key over before the call could end,
+/// so the work must be handed back unsent. `None`: the call may start.
+pub(crate) fn claim_too_old(
+    outbox: &Outbox,
+    claimed_at: std::time::Instant,
+    call: Duration,
+) -> Option<Duration> {
+    let left = outbox.lease?.saturating_sub(claimed_at.elapsed());
+    (left < call + TRUST_MARGIN).then_some(left)
+}
+
 /// How often idle rate-limit keys are evicted.
 const EVICT_EVERY: Duration = Duration::from_secs(60);
 
@@ -340,15 +353,10 @@ async fn attempt(
         outbox.record(due.lease, Recorded::DryRun { would_send });
         return;
     }
-    if let Some(lease) = outbox.lease {
-        let left = lease.saturating_sub(held.claimed_at.elapsed());
-        if left < upstream.timeout() + TRUST_MARGIN {
-            // This relay was held up (frozen, starved) since it claimed: another may
-            // take the key over before the call could end. Hand it back unsent.
-            tracing::warn!(%delivery, %source, %rule, %project, left_ms = left.as_millis() as u64, "claim too old to start a send; handed back");
-            outbox.record(due.lease, Recorded::Released);
-            return;
-        }
+    if let Some(left) = claim_too_old(outbox, held.claimed_at, upstream.timeout()) {
+        tracing::warn!(%delivery, %source, %rule, %project, left_ms = left.as_millis() as u64, "claim too old to start a send; handed back");
+        outbox.record(due.lease, Recorded::Released);
+        return;
     }
     let result = upstream.send(&trigger.upstream_call()).await;
     app.metrics.upstream_response(

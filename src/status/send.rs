@@ -17,7 +17,7 @@ use super::{PipelineEvent, PipelineUpdate, StatusPost, forge};
 use crate::app::App;
 use crate::config::Config;
 use crate::limits::{Limit, Limiter, OnLimit, Rate};
-use crate::outbox::forwarder::{ForwarderOptions, backoff};
+use crate::outbox::forwarder::{ForwarderOptions, backoff, claim_too_old};
 use crate::outbox::retry::Verdict;
 use crate::outbox::{DueTrigger, Outbox, Recorded, now_ms};
 use crate::secret::{Secret, SecretRef};
@@ -120,13 +120,6 @@ impl StatusClients {
     }
 }
 
-/// Whether a claim made at `claimed_at` still outlasts a call (a shared store's lease).
-fn claim_too_old(outbox: &Outbox, claimed_at: Instant, call: Duration) -> bool {
-    outbox.lease.is_some_and(|lease| {
-        lease.saturating_sub(claimed_at.elapsed()) < call + Duration::from_millis(500)
-    })
-}
-
 /// Records a retry after `floor`, or gives up when the policy's age is reached.
 fn retry(
     outbox: &Outbox,
@@ -222,8 +215,8 @@ pub async fn post(
             return;
         }
     };
-    if claim_too_old(outbox, claimed_at, client.timeout()) {
-        tracing::warn!(%source, %repository, %sha, %context, "claim too old to start a status post; handed back");
+    if let Some(left) = claim_too_old(outbox, claimed_at, client.timeout()) {
+        tracing::warn!(%source, %repository, %sha, %context, left_ms = left.as_millis() as u64, "claim too old to start a status post; handed back");
         outbox.record(due.lease, Recorded::Released);
         return;
     }
@@ -335,8 +328,8 @@ pub async fn poll(
         );
         return;
     };
-    if claim_too_old(outbox, claimed_at, upstream.timeout()) {
-        tracing::warn!(upstream = %upstream_name, pipeline = pipeline_id, "claim too old to start a poll; handed back");
+    if let Some(left) = claim_too_old(outbox, claimed_at, upstream.timeout()) {
+        tracing::warn!(upstream = %upstream_name, pipeline = pipeline_id, left_ms = left.as_millis() as u64, "claim too old to start a poll; handed back");
         outbox.record(due.lease, Recorded::Released);
         return;
     }
