@@ -366,24 +366,13 @@ impl Outbox {
 
     /// A stored webhook by its delivery id (or a unique start of one), on the reader.
     pub fn stored(&self, delivery_id: &str) -> Result<StoredWebhook, StoreError> {
-        self.read(|engine| {
-            let delivery_id = resolve_delivery(engine, delivery_id)?;
-            engine.stored_webhook(&delivery_id)?.ok_or_else(|| {
-                EngineError::refused(format!("no delivery {delivery_id:?} in the store"))
-            })
-        })
+        self.read(|engine| stored_in(engine, delivery_id))
     }
 
     /// Triggers waiting or being sent, and how long the earliest-due one has been due.
     /// Reads two index entries, whatever the backlog.
     pub fn depth(&self) -> Result<(i64, Duration), StoreError> {
-        let depth = blocking(|| {
-            self.reader
-                .lock()
-                .expect("the reader lock is never poisoned")
-                .depth()
-        })
-        .map_err(|err| self.error(err))?;
+        let depth = self.read(|engine| engine.depth())?;
         let age = depth
             .earliest_due
             .map(|due| (now_ms() - due).max(0) as u64)
@@ -458,16 +447,16 @@ pub fn stored_webhook(
     delivery_id: &str,
 ) -> Result<StoredWebhook, StoreError> {
     let mut engine = open_existing(location)?;
-    let error = |err| StoreError::from_engine(location.describe(), err);
-    let delivery_id = resolve_delivery(engine.as_mut(), delivery_id).map_err(error)?;
+    stored_in(engine.as_mut(), delivery_id)
+        .map_err(|err| StoreError::from_engine(location.describe(), err))
+}
+
+/// The stored webhook whose delivery id is `delivery_id` or uniquely starts with it.
+fn stored_in(engine: &mut dyn Engine, delivery_id: &str) -> Result<StoredWebhook, EngineError> {
+    let delivery_id = resolve_delivery(engine, delivery_id)?;
     engine
-        .stored_webhook(&delivery_id)
-        .map_err(error)?
-        .ok_or_else(|| {
-            error(EngineError::refused(format!(
-                "no delivery {delivery_id:?} in the store"
-            )))
-        })
+        .stored_webhook(&delivery_id)?
+        .ok_or_else(|| EngineError::refused(format!("no delivery {delivery_id:?} in the store")))
 }
 
 /// Runs `op` in one committed transaction on the store, from outside the server (the
