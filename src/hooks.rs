@@ -68,15 +68,7 @@ pub async fn handle(
         reply["errors"] = Value::Array(built.errors);
     }
     check_upstream_limits(runtime, &built.triggers).map_err(refused)?;
-    let delivery = NewDelivery {
-        source: source.name.clone(),
-        delivery_id: received.delivery.clone(),
-        event_type: received.event_type.clone(),
-        headers: stored_headers(&parts.headers, source),
-        body: crate::store::StoredBody::encode(sources::storable_body(source, &request)),
-        summary: reply.to_string(),
-        triggers: built.triggers,
-    };
+    let delivery = webhook_record(source, parts, &request, &received, &reply, built.triggers);
     let accepted = record(app, delivery).await?;
     if matches!(accepted, Accepted::Duplicate { .. }) {
         turn_away(
@@ -500,6 +492,27 @@ fn answer(
     json_response(status, &reply)
 }
 
+/// A received webhook's record as the outbox keeps it: its ids, its headers without
+/// secrets, its body as it may be stored, the answer it got, and what it queued.
+fn webhook_record(
+    source: &sources::SourceConfig,
+    parts: &http::request::Parts,
+    request: &WebhookRequest<'_>,
+    received: &Received,
+    reply: &Value,
+    triggers: Vec<NewTrigger>,
+) -> NewDelivery {
+    NewDelivery {
+        source: source.name.clone(),
+        delivery_id: received.delivery.clone(),
+        event_type: received.event_type.clone(),
+        headers: stored_headers(&parts.headers, source),
+        body: crate::store::StoredBody::encode(sources::storable_body(source, request)),
+        summary: reply.to_string(),
+        triggers,
+    }
+}
+
 /// Header names that may carry a secret: never stored.
 fn is_secret_header(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
@@ -594,15 +607,7 @@ async fn pipeline_event(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let mut reply = reply(&source.name, received);
     let upstream = source.pipelines_of.clone().unwrap_or_default();
-    let delivery = NewDelivery {
-        source: source.name.clone(),
-        delivery_id: received.delivery.clone(),
-        event_type: received.event_type.clone(),
-        headers: stored_headers(&parts.headers, source),
-        body: crate::store::StoredBody::encode(sources::storable_body(source, request)),
-        summary: reply.to_string(),
-        triggers: Vec::new(),
-    };
+    let delivery = webhook_record(source, parts, request, received, &reply, Vec::new());
     let (pipeline, status) = (event.pipeline_id, event.status.clone());
     let applied = app
         .outbox
