@@ -51,27 +51,25 @@ pub(super) fn compile(
         None => None,
         Some(field) => {
             let span = field.span();
-            match SecretRef::parse_in(field.get_ref(), problems.folder()) {
-                Err(reason) => {
-                    problems.at(Some(span), format!("admin.token: {reason}"));
-                    return None;
-                }
-                Ok(reference) => match resolve_secrets.map(|env| reference.resolve_with(env)) {
-                    None => Some((reference, None)),
-                    Some(Ok(token)) if token.expose().len() < 16 => {
-                        problems.at(
-                            Some(span),
-                            "admin.token: the token must have at least 16 bytes (`openssl rand -hex 32`)",
-                        );
-                        return None;
-                    }
-                    Some(Ok(token)) => Some((reference, Some(token))),
-                    Some(Err(reason)) => {
-                        problems.at(Some(span), format!("admin.token ({reference}): {reason}"));
-                        return None;
-                    }
-                },
+            let found = super::secret_setting(
+                field.get_ref(),
+                Some(span.clone()),
+                "admin.token",
+                resolve_secrets,
+                problems,
+            )?;
+            if found
+                .1
+                .as_ref()
+                .is_some_and(|token| token.expose().len() < 16)
+            {
+                problems.at(
+                    Some(span),
+                    "admin.token: the token must have at least 16 bytes (`openssl rand -hex 32`)",
+                );
+                return None;
             }
+            Some(found)
         }
     };
     if token.is_none() && !listen.ip().is_loopback() {

@@ -710,6 +710,34 @@ fn section<T: DeserializeOwned>(
 }
 
 /// Converts an optional string field, recording a problem at its line when it is invalid.
+/// A secret setting written by reference (`env:NAME`, `file:PATH`, a relative path taken
+/// from the file's folder): the reference, and what it resolves to when secrets are read
+/// (`None` for `explain`). A reference that is not one, or that cannot be read, is a
+/// problem at `span` worded `{what}: …` or `{what} ({reference}): …`, and `None`.
+pub(crate) fn secret_setting(
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+    what: &str,
+    resolve_secrets: Option<EnvLookup<'_>>,
+    problems: &mut FileProblems<'_>,
+) -> Option<(crate::secret::SecretRef, Option<crate::secret::Secret>)> {
+    let reference = match crate::secret::SecretRef::parse_in(text, problems.folder()) {
+        Ok(reference) => reference,
+        Err(reason) => {
+            problems.at(span, format!("{what}: {reason}"));
+            return None;
+        }
+    };
+    match resolve_secrets.map(|env| reference.resolve_with(env)) {
+        None => Some((reference, None)),
+        Some(Ok(secret)) => Some((reference, Some(secret))),
+        Some(Err(reason)) => {
+            problems.at(span, format!("{what} ({reference}): {reason}"));
+            None
+        }
+    }
+}
+
 pub(crate) fn typed<T>(
     field: Option<Spanned<String>>,
     default: T,

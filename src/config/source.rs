@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use super::{EnvLookup, FileProblems, parse_duration, typed};
 use crate::event::Provider;
-use crate::secret::{Secret, SecretRef};
+use crate::secret::Secret;
 use crate::sources::signature::{Algorithm, Encoding, SigningKey};
 use crate::sources::{GenericConfig, GenericPaths, GenericScheme, SourceConfig};
 
@@ -367,22 +367,15 @@ fn compile_status(
             }
         },
     };
-    let token_ref = match SecretRef::parse_in(&raw.token, problems.folder()) {
-        Ok(reference) => reference,
-        Err(reason) => {
-            refuse(format!("token: {reason}"), problems);
-            return None;
-        }
-    };
-    let token = match resolve_secrets {
-        None => None,
-        Some(env) => match token_ref.resolve_with(env) {
-            Ok(token) => Some(token),
-            Err(reason) => {
-                refuse(format!("token ({token_ref}): {reason}"), problems);
-                return None;
-            }
-        },
+    let Some((token_ref, token)) = super::secret_setting(
+        &raw.token,
+        Some(span.clone()),
+        &format!("source.{name}.status: token"),
+        resolve_secrets,
+        problems,
+    ) else {
+        *ok = false;
+        return None;
     };
     let ca_file = match raw.ca_file {
         None => None,
@@ -429,27 +422,17 @@ fn resolve(
     problems: &mut FileProblems<'_>,
     ok: &mut bool,
 ) -> Option<Secret> {
-    let span = field.span();
-    let reference = match SecretRef::parse_in(field.get_ref(), problems.folder()) {
-        Ok(reference) => reference,
-        Err(reason) => {
-            problems.at(Some(span), format!("source.{name}.{key}: {reason}"));
-            *ok = false;
-            return None;
-        }
-    };
-    let env = resolve_secrets?;
-    match reference.resolve_with(env) {
-        Ok(secret) => Some(secret),
-        Err(reason) => {
-            problems.at(
-                Some(span),
-                format!("source.{name}.{key} ({reference}): {reason}"),
-            );
-            *ok = false;
-            None
-        }
+    let found = super::secret_setting(
+        field.get_ref(),
+        Some(field.span()),
+        &format!("source.{name}.{key}"),
+        resolve_secrets,
+        problems,
+    );
+    if found.is_none() {
+        *ok = false;
     }
+    found.and_then(|(_, secret)| secret)
 }
 
 fn compile_generic(

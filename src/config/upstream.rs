@@ -168,26 +168,13 @@ pub(super) fn compile(
         }
     };
     let read_token = raw.read_token.and_then(|field| {
-        let span = field.span();
-        let reference = match crate::secret::SecretRef::parse_in(field.get_ref(), problems.folder())
-        {
-            Ok(reference) => reference,
-            Err(reason) => {
-                problems.at(Some(span), format!("upstream.{name}.read_token: {reason}"));
-                return None;
-            }
-        };
-        let token = match resolve_secrets.map(|env| reference.resolve_with(env)) {
-            None => None,
-            Some(Ok(token)) => Some(token),
-            Some(Err(reason)) => {
-                problems.at(
-                    Some(span),
-                    format!("upstream.{name}.read_token ({reference}): {reason}"),
-                );
-                return None;
-            }
-        };
+        let (reference, token) = super::secret_setting(
+            field.get_ref(),
+            Some(field.span()),
+            &format!("upstream.{name}.read_token"),
+            resolve_secrets,
+            problems,
+        )?;
         Some(ReadToken { reference, token })
     });
     let polls_per_minute = match raw.polls_per_minute {
