@@ -122,6 +122,15 @@ impl SecretRef {
     }
 }
 
+/// A token as it was resolved at load, else read now from the reference stored with the
+/// queued work (`env:NAME`, `file:PATH`): a reload may have dropped the setting that named it.
+pub fn loaded_or_stored(loaded: Option<Secret>, stored: &str) -> Result<Secret, String> {
+    match loaded {
+        Some(token) => Ok(token),
+        None => SecretRef::parse(stored).and_then(|reference| reference.resolve()),
+    }
+}
+
 /// What a missing environment variable is called in every message (a reload looks for it,
 /// to say that the environment is read only at start).
 pub fn env_not_set(name: &str) -> String {

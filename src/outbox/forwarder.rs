@@ -22,7 +22,7 @@ use crate::app::App;
 use crate::git_ref::GitRef;
 use crate::limits::Refused;
 use crate::metrics::TriggerOutcome;
-use crate::secret::{Secret, SecretRef};
+use crate::secret::{Secret, loaded_or_stored};
 use crate::store::{Lease, WorkKind};
 use crate::trigger::{ProjectId, Trigger};
 
@@ -583,12 +583,8 @@ fn retry_or_fail(
 
 /// The trigger as stored, made sendable again: the token is resolved now, never stored.
 fn build(runtime: &crate::app::Runtime, due: &DueTrigger) -> Result<Trigger, String> {
-    let token = match runtime.config.rules.token(&due.token_ref) {
-        Some(token) => token,
-        None => SecretRef::parse(&due.token_ref)
-            .and_then(|reference| reference.resolve())
-            .map_err(|err| format!("token {}: {err}", due.token_ref))?,
-    };
+    let token = loaded_or_stored(runtime.config.rules.token(&due.token_ref), &due.token_ref)
+        .map_err(|err| format!("token {}: {err}", due.token_ref))?;
     let variables: IndexMap<String, String> = due
         .variables
         .iter()

@@ -20,7 +20,7 @@ use crate::limits::{Limit, Limiter, OnLimit, Rate};
 use crate::outbox::forwarder::{ForwarderOptions, backoff, claim_too_old};
 use crate::outbox::retry::Verdict;
 use crate::outbox::{DueTrigger, Outbox, Recorded, now_ms};
-use crate::secret::{Secret, SecretRef};
+use crate::secret::Secret;
 use crate::upstream::{Upstream, UpstreamError};
 
 /// GitHub's guidance: no more than 80 content-creating requests a minute per token.
@@ -164,12 +164,8 @@ fn status_token(app: &App, source: &str, token_ref: &str) -> Result<Secret, Stri
         .and_then(|s| s.status.as_ref())
         .filter(|status| status.token_ref.to_string() == token_ref)
         .and_then(|status| status.token.clone());
-    match loaded {
-        Some(token) => Ok(token),
-        None => SecretRef::parse(token_ref)
-            .and_then(|reference| reference.resolve())
-            .map_err(|err| format!("status token {token_ref}: {err}")),
-    }
+    crate::secret::loaded_or_stored(loaded, token_ref)
+        .map_err(|err| format!("status token {token_ref}: {err}"))
 }
 
 /// One attempt at posting one status.
