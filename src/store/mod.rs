@@ -672,8 +672,8 @@ pub enum OriginOf {
 }
 
 /// The columns a [`PipelineOrigin`] is read from, in its fields' order (both engines).
-pub const ORIGIN_COLUMNS: &str = "id, delivery, rule, upstream, project, state, status_target, pipeline_id, \
-                                  pipeline_url, last_status, last_error";
+pub const ORIGIN_COLUMNS: &str =
+    "id, delivery, rule, upstream, project, status_target, pipeline_url";
 
 /// A trigger as the status of its pipeline needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -683,13 +683,9 @@ pub struct PipelineOrigin {
     pub rule: String,
     pub upstream: String,
     pub project: String,
-    pub state: String,
     /// A [`crate::status::StatusTarget`] as JSON; `None` when its source reports nothing.
     pub status_target: Option<String>,
-    pub pipeline_id: Option<i64>,
     pub pipeline_url: Option<String>,
-    pub last_status: Option<i64>,
-    pub last_error: Option<String>,
 }
 
 /// One row of `hookrelay deliveries`.

@@ -1274,12 +1274,8 @@ impl Engine for PostgresEngine {
             rule: row.get(2),
             upstream: row.get(3),
             project: row.get(4),
-            state: row.get(5),
-            status_target: row.get(6),
-            pipeline_id: row.get(7),
-            pipeline_url: row.get(8),
-            last_status: row.get::<_, Option<i32>>(9).map(i64::from),
-            last_error: row.get(10),
+            status_target: row.get(5),
+            pipeline_url: row.get(6),
         }))
     }
 

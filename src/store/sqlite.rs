@@ -563,12 +563,8 @@ impl Engine for SqliteEngine {
                 rule: row.get(2)?,
                 upstream: row.get(3)?,
                 project: row.get(4)?,
-                state: row.get(5)?,
-                status_target: row.get(6)?,
-                pipeline_id: row.get(7)?,
-                pipeline_url: row.get(8)?,
-                last_status: row.get(9)?,
-                last_error: row.get(10)?,
+                status_target: row.get(5)?,
+                pipeline_url: row.get(6)?,
             })
         };
         match of {
