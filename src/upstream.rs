@@ -155,15 +155,19 @@ impl Upstream {
     /// Sends one call and reads GitLab's whole answer within the upstream's timeout; waits
     /// its turn while the upstream has `max_in_flight` calls under way.
     pub async fn send(&self, call: &UpstreamCall) -> Result<UpstreamResponse, UpstreamError> {
-        self.call(
-            http::Method::POST,
-            &call.path_and_query,
-            trigger_headers(call),
-            call.body.clone(),
-        )
-        .await
+        let _turn = self.turn().await;
+        self.exchange(call).await
     }
 
+    /// Waits until fewer than `max_in_flight` calls are under way; the call holds the turn.
+    async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.in_flight
+            .acquire()
+            .await
+            .expect("the in-flight semaphore is never closed")
+    }
+
+    /// A trigger call, once it has its turn.
     async fn exchange(&self, call: &UpstreamCall) -> Result<UpstreamResponse, UpstreamError> {
         self.request(
             http::Method::POST,
@@ -184,11 +188,7 @@ impl Upstream {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .expect("the in-flight semaphore is never closed");
+        let _turn = self.turn().await;
         self.request(method, path_and_query, headers, body).await
     }
 
