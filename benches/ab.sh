@@ -3,6 +3,8 @@
 # to tell a change's cost from this shared machine's noise (each round gives each binary a
 # fresh state folder, the signed 7.8 KB GitHub tag push of benches/peers.sh, wrk -t1 -c64
 # for DURATION, and its forwarder sending to a stand-in GitLab; then the mean of the rounds).
+# Besides acks/s and p99 it prints the relay's CPU time per acknowledgement (user + system,
+# read from /proc during the wrk run): steadier than req/s when the machine is busy.
 #
 # Run: benches/ab.sh OLD_BINARY NEW_BINARY      (env: ROUNDS=3, DURATION=10s, CONNECTIONS=64)
 # STATUS=new gives the new binary's GitHub source `status = { … }` (posting to the stand-in),
@@ -36,18 +38,24 @@ if [[ ${STATUS:-} == new ]]; then
 else
   cp "$work/relay-old/relay.toml" "$work/relay-new/relay.toml"
 fi
-declare -A rates p99s
+declare -A rates p99s cpus
+# cpu_ticks PID: user + system clock ticks the process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for round in $(seq "$ROUNDS"); do
   for which in old new; do
     bin=$OLD; [[ $which == new ]] && bin=$NEW
     rm -rf "$work/state"
     "$bin" serve --config "$work/relay-$which" --state "$work/state" >"$work/$which.log" 2>&1 & pid=$!
     wait_for "http://127.0.0.1:$relay_port/healthz"; sleep 1
+    before=$(cpu_ticks "$pid")
     out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" \
       wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/peers/signed.lua "http://127.0.0.1:$relay_port/hooks/github")
+    ticks=$(($(cpu_ticks "$pid") - before))
     rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-    echo "round $round $which: $rate acks/s, p99 $p99"
-    rates[$which]="${rates[$which]:-} $rate"; p99s[$which]="${p99s[$which]:-} $p99"
+    done_count=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(python3 -c "print(round($ticks * 1e6 / $(getconf CLK_TCK) / $done_count, 1))")
+    echo "round $round $which: $rate acks/s, p99 $p99, relay CPU ${cpu} us/ack"
+    rates[$which]="${rates[$which]:-} $rate"; p99s[$which]="${p99s[$which]:-} $p99"; cpus[$which]="${cpus[$which]:-} $cpu"
     kill "$pid"; wait "$pid" 2>/dev/null || true
     sleep 2
   done
@@ -68,3 +76,5 @@ PY
 old_rate=$(mean ${rates[old]}); new_rate=$(mean ${rates[new]})
 echo "mean acks/s: old $old_rate, new $new_rate, new/old $(python3 -c "print(round($new_rate/$old_rate, 3))")"
 echo "mean p99 (ms): old $(mean ${p99s[old]}), new $(mean ${p99s[new]})"
+old_cpu=$(mean ${cpus[old]}); new_cpu=$(mean ${cpus[new]})
+echo "mean relay CPU per ack (us): old $old_cpu, new $new_cpu, new/old $(python3 -c "print(round($new_cpu/$old_cpu, 3))")"

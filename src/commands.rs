@@ -50,15 +50,19 @@ pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
 
 /// Sets up logging to standard error; `RUST_LOG` filters it (default `info`). Lines are
 /// written by a thread of their own, so a request never waits for the terminal or the
-/// pipe; when that thread falls behind, callers wait rather than lose lines. Keep the
-/// guard until the end of `main`.
+/// pipe; when that thread falls behind, callers wait rather than lose lines. The thread
+/// writes every line it has waiting with one system call (it flushes its buffer whenever
+/// it has caught up), not one call per line. Keep the guard until the end of `main`.
 pub fn init_logging(format: LogFormat) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("hookrelay-log")
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

@@ -125,6 +125,12 @@ CREATE INDEX hr_triggers_statuses ON hr_triggers (order_key, id) WHERE kind = 's
     r#"
 CREATE INDEX hr_deliveries_source_received ON hr_deliveries (source, received_at);
 "#,
+    // A coalescing twin is looked for among waiting triggers only: the index of every
+    // trigger ever coalesced made each new one read its key's whole history.
+    r#"
+DROP INDEX hr_triggers_coalesce;
+CREATE INDEX hr_triggers_coalescing ON hr_triggers (coalesce_key, id) WHERE state = 'queued' AND coalesce_key IS NOT NULL;
+"#,
 ];
 
 /// The PostgreSQL engine over one connection.

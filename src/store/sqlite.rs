@@ -125,6 +125,12 @@ CREATE INDEX triggers_statuses ON triggers (order_key, id) WHERE kind = 'status'
     r#"
 CREATE INDEX deliveries_source_received ON deliveries (source, received_at);
 "#,
+    // A coalescing twin is looked for among waiting triggers only: the index of every
+    // trigger ever coalesced made each new one read its key's whole history.
+    r#"
+DROP INDEX triggers_coalesce;
+CREATE INDEX triggers_coalescing ON triggers (coalesce_key, id) WHERE state = 'queued' AND coalesce_key IS NOT NULL;
+"#,
 ];
 
 /// The embedded engine over one connection.
@@ -426,12 +432,30 @@ impl Engine for SqliteEngine {
     }
 
     fn release(&mut self, keep: bool) {
-        let sql = if keep {
-            "RELEASE op"
+        let _ = if keep {
+            self.conn
+                .prepare_cached("RELEASE op")
+                .and_then(|mut s| s.execute([]))
+                .map(|_| ())
         } else {
-            "ROLLBACK TO op; RELEASE op"
+            self.conn.execute_batch("ROLLBACK TO op; RELEASE op")
         };
-        let _ = self.conn.execute_batch(sql);
+    }
+
+    /// Every delivery of the group without a savepoint each: on an error the writer rolls
+    /// the group back and goes one by one, so no savepoint is ever needed to undo one.
+    fn insert_deliveries(
+        &mut self,
+        deliveries: &[&NewDelivery],
+        now: i64,
+    ) -> Option<Result<Vec<Accepted>, EngineError>> {
+        Some(
+            deliveries
+                .iter()
+                .map(|delivery| insert_delivery(self, delivery, now))
+                .collect::<rusqlite::Result<_>>()
+                .map_err(error),
+        )
     }
 
     fn insert_delivery(
@@ -1080,5 +1104,9 @@ mod tests {
         assert!(next.contains("triggers_open"), "{next}");
         let earliest = plan("SELECT min(due_at) FROM queue_keys WHERE due_at IS NOT NULL");
         assert!(earliest.contains("queue_keys_due"), "{earliest}");
+        let twin = plan(
+            "SELECT id FROM triggers WHERE coalesce_key = 'k' AND state = 'queued' AND due_at > 5 ORDER BY id LIMIT 1",
+        );
+        assert!(twin.contains("triggers_coalescing"), "{twin}");
     }
 }
