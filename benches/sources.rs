@@ -155,5 +155,14 @@ fn bench_sources(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_sources);
+/// What storing a webhook's body costs on the receiving thread (LZ4, before the commit).
+fn bench_store_body(c: &mut Criterion) {
+    let body = Bytes::from_static(include_bytes!("../tests/fixtures/github/push_tag.json"));
+    c.bench_function(
+        &format!("store_body github_push_tag ({} bytes)", body.len()),
+        |b| b.iter(|| hookrelay::store::StoredBody::encode(black_box(body.clone()))),
+    );
+}
+
+criterion_group!(benches, bench_sources, bench_store_body);
 criterion_main!(benches);
