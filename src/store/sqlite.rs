@@ -153,7 +153,8 @@ pub struct SqliteEngine {
 /// the file grows without bound (gigabytes in minutes at full speed). So once the WAL is
 /// long, the checkpointer copies after every commit, and when it has caught up it asks
 /// the writer to copy the few frames committed since before its next group: the writer
-/// then starts the WAL over, and the file stays within `WAL_KEEP_BYTES` or so.
+/// then starts the WAL over, and the file stays within `WAL_KEEP_BYTES` or so. (Asked
+/// before it caught up, the writer's copy held acknowledgements up for milliseconds.)
 struct Checkpointer {
     /// Commits since the last checkpoint; the thread stops when this is dropped.
     commits: std::sync::mpsc::Sender<()>,
@@ -165,9 +166,12 @@ struct Checkpointer {
 /// How often the checkpointer looks for new commits while the WAL is short.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// A WAL this long (frames of one page) is started over as soon as it can be.
-const WAL_LONG_FRAMES: i64 = 2_048;
+const WAL_LONG_FRAMES: i64 = 4_096;
 /// What a WAL file that grew longer (while a reader held it, say) is cut back to.
 const WAL_KEEP_BYTES: i64 = 64 * 1024 * 1024;
+/// The checkpointer has caught up when its last pass found no more than this many new
+/// frames (a group or two): then what the writer has left to copy takes it no time.
+const CAUGHT_UP_FRAMES: i64 = 256;
 
 impl SqliteEngine {
     /// Opens (creating if needed) and migrates the store at `path`.
@@ -199,6 +203,7 @@ impl SqliteEngine {
             .name("hookrelay-checkpoint".into())
             .spawn(move || {
                 let mut long = false;
+                let mut last_frames = 0;
                 loop {
                     match committed.recv() {
                         Ok(()) => {}
@@ -220,8 +225,10 @@ impl SqliteEngine {
                     else {
                         continue;
                     };
+                    let fresh = frames - last_frames;
+                    last_frames = frames;
                     long = frames >= WAL_LONG_FRAMES;
-                    if long && busy == 0 && copied == frames {
+                    if long && busy == 0 && copied == frames && fresh <= CAUGHT_UP_FRAMES {
                         ask_writer.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
