@@ -30,7 +30,9 @@ use tokio::sync::{Notify, oneshot};
 use crate::store::lock::{StateLock, lock_state_folder};
 use crate::store::postgres::PostgresEngine;
 use crate::store::sqlite::SqliteEngine;
-use crate::store::{Claimed, Engine, EngineError, Lease, StoreLocation, blocking};
+use crate::store::{
+    Claimed, Engine, EngineError, Lease, PruneCursor, Pruned, StoreLocation, blocking,
+};
 
 pub use crate::store::sqlite::{Durability, STORE_FILE};
 pub use crate::store::{
@@ -94,7 +96,11 @@ enum Op {
         Option<oneshot::Sender<Result<crate::status::Applied, EngineError>>>,
     ),
     Replay(ReplayTarget, oneshot::Sender<Result<Vec<i64>, EngineError>>),
-    Prune(i64, oneshot::Sender<Result<usize, EngineError>>),
+    Prune(
+        i64,
+        Option<PruneCursor>,
+        oneshot::Sender<Result<Pruned, EngineError>>,
+    ),
     Flush(oneshot::Sender<()>),
 }
 
@@ -330,12 +336,13 @@ impl Outbox {
 
     /// Deletes finished deliveries received before `before_ms`, a batch per commit.
     pub async fn prune(&self, before_ms: i64) -> Result<usize, StoreError> {
-        let mut pruned = 0;
+        let (mut pruned, mut after) = (0, None);
         loop {
-            let batch = self.ask(|reply| Op::Prune(before_ms, reply)).await?;
-            pruned += batch;
-            if batch < PRUNE_BATCH {
-                return Ok(pruned);
+            let step = self.ask(|reply| Op::Prune(before_ms, after, reply)).await?;
+            pruned += step.deleted;
+            match step.next {
+                Some(next) => after = Some(next),
+                None => return Ok(pruned),
             }
         }
     }
@@ -777,8 +784,8 @@ impl Writer {
                 outcome.note_result(&result);
                 outcome.replies.push(answer(reply, result));
             }
-            Op::Prune(before, reply) => {
-                let result = self.in_savepoint(|engine| engine.prune(before, PRUNE_BATCH));
+            Op::Prune(before, after, reply) => {
+                let result = self.in_savepoint(|engine| engine.prune(before, PRUNE_BATCH, after));
                 outcome.note_result(&result);
                 outcome.replies.push(answer(reply, result));
             }
@@ -846,7 +853,7 @@ impl Writer {
             Op::Accept(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Claim(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Replay(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
-            Op::Prune(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Prune(_, _, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Record(lease, recorded) => self.pending.push((lease, recorded)),
             Op::Pipeline(_, poll, reply) => {
                 if let Some((lease, _)) = poll {
@@ -1040,8 +1047,13 @@ mod tests {
         fn newest_status(&mut self, key: &str, id: i64) -> Result<Option<String>, EngineError> {
             self.inner.newest_status(key, id)
         }
-        fn prune(&mut self, before: i64, batch: usize) -> Result<usize, EngineError> {
-            self.inner.prune(before, batch)
+        fn prune(
+            &mut self,
+            before: i64,
+            batch: usize,
+            after: Option<crate::store::PruneCursor>,
+        ) -> Result<crate::store::Pruned, EngineError> {
+            self.inner.prune(before, batch, after)
         }
         fn probe(&mut self, now: i64) -> Result<(), EngineError> {
             self.inner.probe(now)

@@ -765,6 +765,18 @@ impl EngineError {
     }
 }
 
+/// Where a pruning pass goes on from: the last delivery it looked at, as
+/// (`received_at`, row id).
+pub type PruneCursor = (i64, i64);
+
+/// What one step of a pruning pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub deleted: usize,
+    /// Where the next step starts; `None` once the pass has looked at everything.
+    pub next: Option<PruneCursor>,
+}
+
 /// One database behind the outbox. The outbox's writer owns one engine and calls it from
 /// one thread: [`Engine::begin`], any number of operations each inside its own savepoint,
 /// then [`Engine::commit`]. Reads for metrics and commands use a second engine of their own.
@@ -812,9 +824,16 @@ pub trait Engine: Send + 'static {
     fn record(&mut self, lease: Lease, recorded: &Recorded, now: i64) -> Result<bool, EngineError>;
     /// Queues a finished trigger, or every first trigger of a delivery, again as new rows.
     fn replay(&mut self, target: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError>;
-    /// Deletes up to `batch` deliveries received before `before` whose triggers are all
-    /// finished; returns how many.
-    fn prune(&mut self, before: i64, batch: usize) -> Result<usize, EngineError>;
+    /// One step of a pruning pass: looks at the next `batch` deliveries received before
+    /// `before` (oldest first, after `after`) and deletes those whose triggers are all
+    /// finished. A step reads `batch` deliveries whatever waits in front of them, so a
+    /// backlog older than the retention costs each step nothing extra.
+    fn prune(
+        &mut self,
+        before: i64,
+        batch: usize,
+        after: Option<PruneCursor>,
+    ) -> Result<Pruned, EngineError>;
     /// A small write that proves the store takes writes again.
     fn probe(&mut self, now: i64) -> Result<(), EngineError>;
     /// At start: heads leased by a process that is gone are due again (at-least-once).

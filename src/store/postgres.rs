@@ -19,7 +19,8 @@ pub use connect::{DEFAULT_LEASE, PostgresConfig, has_password, without_password}
 
 use super::{
     Accepted, CancelTarget, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease,
-    ListFilter, NewDelivery, Recorded, ReplayTarget, SqlValue, StoredBody, StoredWebhook,
+    ListFilter, NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, SqlValue, StoredBody,
+    StoredWebhook,
 };
 
 /// Each entry upgrades the schema by one version; run under an advisory lock, so relays
@@ -1064,7 +1065,12 @@ impl Engine for PostgresEngine {
         Ok(new_ids)
     }
 
-    fn prune(&mut self, before: i64, batch: usize) -> Result<usize, EngineError> {
+    fn prune(
+        &mut self,
+        before: i64,
+        batch: usize,
+        after: Option<PruneCursor>,
+    ) -> Result<Pruned, EngineError> {
         let before = before + self.skew_ms;
         // Maintenance runs on one relay at a time; the others find the lock taken and skip.
         let ours: bool = self
@@ -1076,18 +1082,42 @@ impl Engine for PostgresEngine {
             .map_err(error)?
             .get(0);
         if !ours {
-            return Ok(0);
+            return Ok(Pruned {
+                deleted: 0,
+                next: None,
+            });
         }
-        self.client()
-            .execute(
-                "DELETE FROM hr_deliveries WHERE id IN (
-                   SELECT d.id FROM hr_deliveries d WHERE d.received_at < $1 AND NOT EXISTS
-                     (SELECT 1 FROM hr_triggers t WHERE t.delivery = d.id AND t.state IN ('queued', 'sending'))
-                   ORDER BY d.received_at LIMIT $2)",
-                &[&before, &(batch as i64)],
-            )
-            .map(|n| n as usize)
-            .map_err(error)
+        let (at, row) = after.unwrap_or((i64::MIN, i64::MIN));
+        (|| -> Result<Pruned, postgres::Error> {
+            // `received_at >= $2` gives the index scan its start; the rest breaks ties.
+            let look = self.stmt(
+                "SELECT d.received_at, d.id, EXISTS (SELECT 1 FROM hr_triggers t WHERE t.delivery = d.id
+                                                     AND t.state IN ('queued', 'sending'))
+                 FROM hr_deliveries d
+                 WHERE d.received_at < $1 AND d.received_at >= $2 AND (d.received_at > $2 OR d.id > $3)
+                 ORDER BY d.received_at, d.id LIMIT $4",
+            )?;
+            let looked: Vec<(i64, i64, bool)> = self
+                .client()
+                .query(&look, &[&before, &at, &row, &(batch as i64)])?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            let finished: Vec<i64> = looked
+                .iter()
+                .filter(|(_, _, open)| !open)
+                .map(|(_, id, _)| *id)
+                .collect();
+            let delete = self.stmt("DELETE FROM hr_deliveries WHERE id = ANY($1)")?;
+            let deleted = self.client().execute(&delete, &[&finished])? as usize;
+            Ok(Pruned {
+                deleted,
+                next: (looked.len() == batch)
+                    .then(|| looked.last().map(|(at, id, _)| (*at, *id)))
+                    .flatten(),
+            })
+        })()
+        .map_err(error)
     }
 
     fn probe(&mut self, now: i64) -> Result<(), EngineError> {

@@ -207,7 +207,7 @@ pub fn pruning_keeps_what_is_still_to_be_sent(engine: &mut dyn Engine) {
     let due = claim(engine, 0, 1);
     assert_eq!(ids(&due), ["old-done"]);
     record(engine, due[0].lease, failed(), 1);
-    assert_eq!(tx(engine, |e| e.prune(100, 10).unwrap()), 1);
+    assert_eq!(tx(engine, |e| e.prune(100, 10, None).unwrap().deleted), 1);
     let left: Vec<String> = engine
         .list(&super::ListFilter {
             limit: 10,
@@ -218,6 +218,46 @@ pub fn pruning_keeps_what_is_still_to_be_sent(engine: &mut dyn Engine) {
         .map(|r| r.delivery_id)
         .collect();
     assert_eq!(left, ["new", "old-pending"]);
+}
+
+/// Deliveries still to be sent in front of the old ones cost every step of a pass no more
+/// than its batch: each step goes on where the last one stopped.
+pub fn pruning_steps_past_what_is_still_to_be_sent(engine: &mut dyn Engine) {
+    for id in ["a1", "a2", "a3"] {
+        accept(engine, id, "held", 0);
+    }
+    accept(engine, "b1", "q1", 0);
+    accept(engine, "b2", "q2", 0);
+    let due = claim(engine, 0, 5);
+    assert_eq!(ids(&due), ["a1", "b1", "b2"]);
+    for trigger in &due[1..] {
+        record(engine, trigger.lease, failed(), 1);
+    }
+    let mut steps = Vec::new();
+    let mut after = None;
+    loop {
+        let step = tx(engine, |e| e.prune(100, 2, after).unwrap());
+        steps.push(step.deleted);
+        match step.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        steps,
+        [0, 1, 1],
+        "two deliveries a step, the held ones kept"
+    );
+    let left: Vec<String> = engine
+        .list(&super::ListFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|r| r.delivery_id)
+        .collect();
+    assert_eq!(left, ["a3", "a2", "a1"]);
 }
 
 pub fn replays_are_new_triggers_linked_to_the_original(engine: &mut dyn Engine) {
@@ -698,6 +738,7 @@ macro_rules! engine_semantics {
             a_held_head_hides_no_other_key,
             leases_of_a_dead_process_are_due_again,
             pruning_keeps_what_is_still_to_be_sent,
+            pruning_steps_past_what_is_still_to_be_sent,
             replays_are_new_triggers_linked_to_the_original,
             identical_triggers_coalesce_within_the_window,
             finished_gateway_calls_are_not_queued,

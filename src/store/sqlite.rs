@@ -20,7 +20,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use super::{
     Accepted, CancelTarget, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease,
-    ListFilter, NewDelivery, Recorded, ReplayTarget, SqlValue, StoredWebhook,
+    ListFilter, NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, SqlValue, StoredWebhook,
 };
 
 /// The store's file name inside the state folder.
@@ -554,16 +554,46 @@ impl Engine for SqliteEngine {
         replay(self, target, now)
     }
 
-    fn prune(&mut self, before: i64, batch: usize) -> Result<usize, EngineError> {
-        self.conn
-            .prepare_cached(
-                "DELETE FROM deliveries WHERE id IN (
-                   SELECT d.id FROM deliveries d WHERE d.received_at < ?1 AND NOT EXISTS
-                     (SELECT 1 FROM triggers t WHERE t.delivery = d.id AND t.state IN ('queued', 'sending'))
-                   ORDER BY d.received_at LIMIT ?2)",
-            )
-            .and_then(|mut s| s.execute(params![before, batch as i64]))
-            .map_err(error)
+    fn prune(
+        &mut self,
+        before: i64,
+        batch: usize,
+        after: Option<PruneCursor>,
+    ) -> Result<Pruned, EngineError> {
+        (|| {
+            let (at, row) = after.unwrap_or((i64::MIN, i64::MIN));
+            // `received_at >= ?2` gives the index scan its start; the rest breaks ties.
+            let looked: Vec<(i64, i64, bool)> = self
+                .conn
+                .prepare_cached(
+                    "SELECT d.received_at, d.id, EXISTS (SELECT 1 FROM triggers t WHERE t.delivery = d.id
+                                                         AND t.state IN ('queued', 'sending'))
+                     FROM deliveries d
+                     WHERE d.received_at < ?1 AND d.received_at >= ?2
+                       AND (d.received_at > ?2 OR d.id > ?3)
+                     ORDER BY d.received_at, d.id LIMIT ?4",
+                )?
+                .query_map(params![before, at, row, batch as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut deleted = 0;
+            for (_, id, open) in &looked {
+                if !open {
+                    deleted += self
+                        .conn
+                        .prepare_cached("DELETE FROM deliveries WHERE id = ?1")?
+                        .execute(params![id])?;
+                }
+            }
+            Ok(Pruned {
+                deleted,
+                next: (looked.len() == batch)
+                    .then(|| looked.last().map(|(at, id, _)| (*at, *id)))
+                    .flatten(),
+            })
+        })()
+        .map_err(error)
     }
 
     fn probe(&mut self, now: i64) -> Result<(), EngineError> {
@@ -1210,5 +1240,14 @@ mod tests {
             "SELECT id FROM triggers WHERE coalesce_key = 'k' AND state = 'queued' AND due_at > 5 ORDER BY id LIMIT 1",
         );
         assert!(twin.contains("triggers_coalescing"), "{twin}");
+        // A pruning step starts where the last one stopped, not at the oldest delivery.
+        let prune = plan(
+            "SELECT d.id FROM deliveries d WHERE d.received_at < 9 AND d.received_at >= 5
+               AND (d.received_at > 5 OR d.id > 3) ORDER BY d.received_at, d.id LIMIT 500",
+        );
+        assert!(
+            prune.contains("deliveries_received (received_at>? AND received_at<?)"),
+            "{prune}"
+        );
     }
 }
