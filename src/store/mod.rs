@@ -777,6 +777,20 @@ pub struct Pruned {
     pub next: Option<PruneCursor>,
 }
 
+impl Pruned {
+    /// A step that looked at `looked` (received_at, row id, still to be sent), oldest
+    /// first, and deleted `deleted` of them: the pass goes on after the last one unless
+    /// the step found fewer than `batch`.
+    pub fn step(deleted: usize, looked: &[(i64, i64, bool)], batch: usize) -> Pruned {
+        Pruned {
+            deleted,
+            next: (looked.len() == batch)
+                .then(|| looked.last().map(|(at, id, _)| (*at, *id)))
+                .flatten(),
+        }
+    }
+}
+
 /// One database behind the outbox. The outbox's writer owns one engine and calls it from
 /// one thread: [`Engine::begin`], any number of operations each inside its own savepoint,
 /// then [`Engine::commit`]. Reads for metrics and commands use a second engine of their own.

@@ -1110,12 +1110,7 @@ impl Engine for PostgresEngine {
                 .collect();
             let delete = self.stmt("DELETE FROM hr_deliveries WHERE id = ANY($1)")?;
             let deleted = self.client().execute(&delete, &[&finished])? as usize;
-            Ok(Pruned {
-                deleted,
-                next: (looked.len() == batch)
-                    .then(|| looked.last().map(|(at, id, _)| (*at, *id)))
-                    .flatten(),
-            })
+            Ok(Pruned::step(deleted, &looked, batch))
         })()
         .map_err(error)
     }

@@ -53,6 +53,19 @@ fn accept(engine: &mut dyn Engine, id: &str, project: &str, now: i64) -> Accepte
     })
 }
 
+/// The delivery ids the store lists, newest first.
+fn listed(engine: &mut dyn Engine) -> Vec<String> {
+    engine
+        .list(&super::ListFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|r| r.delivery_id)
+        .collect()
+}
+
 fn claim(engine: &mut dyn Engine, now: i64, limit: usize) -> Vec<DueTrigger> {
     tx(engine, |e| e.claim(now, limit).unwrap()).due
 }
@@ -208,15 +221,7 @@ pub fn pruning_keeps_what_is_still_to_be_sent(engine: &mut dyn Engine) {
     assert_eq!(ids(&due), ["old-done"]);
     record(engine, due[0].lease, failed(), 1);
     assert_eq!(tx(engine, |e| e.prune(100, 10, None).unwrap().deleted), 1);
-    let left: Vec<String> = engine
-        .list(&super::ListFilter {
-            limit: 10,
-            ..Default::default()
-        })
-        .unwrap()
-        .into_iter()
-        .map(|r| r.delivery_id)
-        .collect();
+    let left = listed(engine);
     assert_eq!(left, ["new", "old-pending"]);
 }
 
@@ -248,15 +253,7 @@ pub fn pruning_steps_past_what_is_still_to_be_sent(engine: &mut dyn Engine) {
         [0, 1, 1],
         "two deliveries a step, the held ones kept"
     );
-    let left: Vec<String> = engine
-        .list(&super::ListFilter {
-            limit: 10,
-            ..Default::default()
-        })
-        .unwrap()
-        .into_iter()
-        .map(|r| r.delivery_id)
-        .collect();
+    let left = listed(engine);
     assert_eq!(left, ["a3", "a2", "a1"]);
 }
 

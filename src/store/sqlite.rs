@@ -586,12 +586,7 @@ impl Engine for SqliteEngine {
                         .execute(params![id])?;
                 }
             }
-            Ok(Pruned {
-                deleted,
-                next: (looked.len() == batch)
-                    .then(|| looked.last().map(|(at, id, _)| (*at, *id)))
-                    .flatten(),
-            })
+            Ok(Pruned::step(deleted, &looked, batch))
         })()
         .map_err(error)
     }
