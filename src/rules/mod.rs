@@ -141,6 +141,9 @@ pub struct RuleSpec {
 #[derive(Clone, Debug)]
 struct Compiled {
     name: String,
+    /// What the template renders for every event, when it has no template syntax: then
+    /// it is used as it is, without the template engine.
+    constant: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -236,6 +239,7 @@ impl RuleSet {
                            what: &str|
              -> Option<Compiled> {
                 let with_trigger = what == "status_context";
+                let constant = template::constant_text(&source);
                 let result = env
                     .add_template_owned(name.clone(), source)
                     .map_err(|err| template::error_text(&err))
@@ -243,7 +247,7 @@ impl RuleSet {
                         template::check_variables_with(env, &name, scheduled, with_trigger)
                     });
                 match result {
-                    Ok(()) => Some(Compiled { name }),
+                    Ok(()) => Some(Compiled { name, constant }),
                     Err(message) => {
                         problems.push(RuleProblem {
                             file: spec.file.clone(),
@@ -505,7 +509,7 @@ impl RuleSet {
             ));
         }
         if let Some(when) = &rule.when {
-            return match self.render(&when.name, context) {
+            return match self.render(when, context) {
                 Ok(text) if text == "1" => None,
                 Ok(_) => Some("when: false".into()),
                 Err(err) => Some(format!("when: {err}")),
@@ -514,10 +518,13 @@ impl RuleSet {
         None
     }
 
-    fn render(&self, name: &str, context: &Value) -> Result<String, String> {
+    fn render(&self, compiled: &Compiled, context: &Value) -> Result<String, String> {
+        if let Some(text) = &compiled.constant {
+            return Ok(text.clone());
+        }
         let template = self
             .env
-            .get_template(name)
+            .get_template(&compiled.name)
             .map_err(|err| template::error_text(&err))?;
         template
             .render(context)
@@ -566,7 +573,7 @@ impl RuleSet {
     ) -> Planned {
         let build = || -> Result<Trigger, String> {
             let project_text = self
-                .render(&trigger.project.name, context)
+                .render(&trigger.project, context)
                 .map_err(|e| format!("project: {e}"))?;
             let project =
                 ProjectId::parse(project_text.trim()).map_err(|e| format!("project: {e}"))?;
@@ -575,7 +582,7 @@ impl RuleSet {
                 (Some(url_ref), _, _) => url_ref.clone(),
                 (None, Some(template), _) => {
                     let text = self
-                        .render(&template.name, context)
+                        .render(template, context)
                         .map_err(|e| format!("ref: {e}"))?;
                     GitRef::parse(text.trim()).map_err(|e| format!("ref: {e}"))?
                 }
@@ -587,7 +594,7 @@ impl RuleSet {
             let mut variables = IndexMap::new();
             for (key, template) in &trigger.variables {
                 let value = self
-                    .render(&template.name, context)
+                    .render(template, context)
                     .map_err(|e| format!("variables.{key}: {e}"))?;
                 variables.insert(key.clone(), value);
             }
@@ -595,7 +602,7 @@ impl RuleSet {
             for (key, value) in &trigger.inputs {
                 let value = match value {
                     Ok(template) => serde_json::Value::String(
-                        self.render(&template.name, context)
+                        self.render(template, context)
                             .map_err(|e| format!("inputs.{key}: {e}"))?,
                     ),
                     Err(literal) => literal.clone(),
@@ -658,7 +665,7 @@ impl RuleSet {
             ..context.clone()
         };
         let text = self
-            .render(&template.name, &with_trigger)
+            .render(template, &with_trigger)
             .map_err(|e| format!("status_context: {e}"))?;
         let text = text.trim();
         if text.is_empty() {

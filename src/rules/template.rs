@@ -51,6 +51,13 @@ pub fn environment() -> Environment<'static> {
     env
 }
 
+/// The text a template renders for every event when it has no template syntax at all
+/// (every tag, expression and comment starts with `{`) and no trailing newline (which
+/// rendering drops): most projects and refs in rule files are such plain text.
+pub fn constant_text(source: &str) -> Option<String> {
+    (!source.contains('{') && !source.ends_with('\n')).then(|| source.to_owned())
+}
+
 /// The source of a template that renders `1` when `expression` is true.
 pub fn expression_template(expression: &str) -> String {
     format!("{{% if {expression} %}}1{{% endif %}}")
@@ -158,6 +165,36 @@ impl Object for EventObject {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Plain text is used as it is only where the template engine would render it so.
+    #[test]
+    fn plain_text_renders_as_itself_without_the_engine() {
+        for text in [
+            "acme/app",
+            "main",
+            "release/1.2",
+            "group/sub project",
+            "a}b",
+            "",
+            " x ",
+        ] {
+            let env = env_with("t", text);
+            let rendered = env.get_template("t").unwrap().render(()).unwrap();
+            assert_eq!(
+                constant_text(text).as_deref(),
+                Some(rendered.as_str()),
+                "{text:?}"
+            );
+        }
+        for text in [
+            "{{ event.after }}",
+            "v{# note #}1",
+            "{% if true %}x{% endif %}",
+            "trailing\n",
+        ] {
+            assert_eq!(constant_text(text), None, "{text:?}");
+        }
+    }
 
     fn env_with(name: &str, source: &str) -> Environment<'static> {
         let mut env = environment();
