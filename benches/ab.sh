@@ -7,6 +7,8 @@
 # read from /proc during the wrk run): steadier than req/s when the machine is busy.
 #
 # Run: benches/ab.sh OLD_BINARY NEW_BINARY      (env: ROUNDS=3, DURATION=10s, CONNECTIONS=64)
+# TARGET=gateway measures the trigger API gateway instead (benches/peers/form.lua, a form
+# POST to /api/v4/projects/9/trigger/pipeline; "acks" are then answered calls).
 # STATUS=new gives the new binary's GitHub source `status = { … }` (posting to the stand-in),
 # so that one binary against itself measures what reporting statuses costs the webhooks.
 # e.g. git worktree add /tmp/old HEAD~5 && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target
@@ -31,7 +33,12 @@ signature=$(github_signature "$secret" "$payload")
 start_nginx "$work/nginx" "server { listen 127.0.0.1:$standin_port; location / { return 201 '{\"id\":1,\"web_url\":\"http://x/p/1\"}'; } }"
 printf '%s' "$secret" >"$work/secret"
 mkdir -p "$work/relay-old" "$work/relay-new"
-{ printf '[server]\nlisten = "127.0.0.1:%s"\n' "$relay_port"; relay_rules "$standin_port" "$work/secret"; } >"$work/relay-old/relay.toml"
+url=http://127.0.0.1:$relay_port/hooks/github; script=benches/peers/signed.lua; gateway=""
+if [[ ${TARGET:-hooks} == gateway ]]; then
+  url=http://127.0.0.1:$relay_port/api/v4/projects/9/trigger/pipeline; script=benches/peers/form.lua
+  gateway='[gateway]\nupstream = "gitlab"\n'
+fi
+{ printf "[server]\nlisten = \"127.0.0.1:%s\"\n$gateway" "$relay_port"; relay_rules "$standin_port" "$work/secret"; } >"$work/relay-old/relay.toml"
 if [[ ${STATUS:-} == new ]]; then
   sed "s|^secret = \"file:$work/secret\"|&\nstatus = { token = \"file:$work/secret\", api_url = \"http://127.0.0.1:$standin_port\" }|" \
     "$work/relay-old/relay.toml" >"$work/relay-new/relay.toml"
@@ -49,7 +56,7 @@ for round in $(seq "$ROUNDS"); do
     wait_for "http://127.0.0.1:$relay_port/healthz"; sleep 1
     before=$(cpu_ticks "$pid")
     out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" \
-      wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/peers/signed.lua "http://127.0.0.1:$relay_port/hooks/github")
+      wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$url")
     ticks=$(($(cpu_ticks "$pid") - before))
     rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     done_count=$(awk '/requests in/ {print $1}' <<<"$out")

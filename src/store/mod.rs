@@ -296,11 +296,17 @@ impl NewTrigger {
         })
     }
 
+    /// Its outcome's columns when it is recorded finished already (a gateway call), stored
+    /// by the insert; else its outcome, if any, is written after the insert.
+    pub fn finished(&self) -> Option<Finished<'_>> {
+        self.done.as_ref().and_then(Recorded::finished)
+    }
+
     /// The state it is stored in, and when it falls due: finished (a gateway call),
     /// coalesced into `into`, or queued after its delay and window.
     pub fn initial_state(&self, into: Option<i64>, now: i64) -> (&'static str, i64) {
         match (&self.done, into) {
-            (Some(_), _) => ("done", now),
+            (Some(done), _) => (done.finished().map_or("done", |end| end.state), now),
             (None, Some(_)) => ("coalesced", now),
             (None, None) => ("queued", now + self.delay_ms + self.coalesce_ms),
         }
@@ -418,6 +424,55 @@ impl Recorded {
             Recorded::Sent { .. } | Recorded::Failed { .. } | Recorded::DryRun { .. }
         )
     }
+
+    /// The columns a trigger that is finished by this outcome is stored with, so a trigger
+    /// recorded already finished (a gateway call) is one insert, not an insert and an update.
+    pub fn finished(&self) -> Option<Finished<'_>> {
+        match self {
+            Recorded::Sent {
+                status,
+                pipeline_id,
+                pipeline_url,
+            } => Some(Finished {
+                state: "sent",
+                status: Some(*status),
+                error: None,
+                pipeline_id: *pipeline_id,
+                pipeline_url: pipeline_url.as_deref(),
+            }),
+            Recorded::Failed {
+                status,
+                reason,
+                pipeline_id,
+                pipeline_url,
+            } => Some(Finished {
+                state: "failed",
+                status: *status,
+                error: Some(reason),
+                pipeline_id: *pipeline_id,
+                pipeline_url: pipeline_url.as_deref(),
+            }),
+            Recorded::DryRun { would_send } => Some(Finished {
+                state: "dry-run",
+                status: None,
+                error: Some(would_send),
+                pipeline_id: None,
+                pipeline_url: None,
+            }),
+            Recorded::Retry { .. } | Recorded::Released | Recorded::Deferred { .. } => None,
+        }
+    }
+}
+
+/// What a finished trigger's row says of its end (see [`Recorded::finished`]): the same
+/// columns the engines' outcome updates write. The default is a row with no outcome yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Finished<'a> {
+    pub state: &'static str,
+    pub status: Option<u16>,
+    pub error: Option<&'a str>,
+    pub pipeline_id: Option<i64>,
+    pub pipeline_url: Option<&'a str>,
 }
 
 /// What `replay` re-queues.

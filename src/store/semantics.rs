@@ -301,13 +301,27 @@ pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {
     assert_eq!(claim(engine, 1000, 5).len(), 1);
 }
 
+/// A gateway call is recorded finished: nothing queued, and its row says what the upstream
+/// answered (state, status, error, pipeline) as an outcome written after a send would.
 pub fn finished_gateway_calls_are_not_queued(engine: &mut dyn Engine) {
-    let done = NewTrigger {
-        done: Some(sent()),
+    let finished = |recorded: Recorded| NewTrigger {
+        done: Some(recorded),
         ..trigger("p")
     };
+    let sent = Recorded::Sent {
+        status: 201,
+        pipeline_id: Some(7),
+        pipeline_url: Some("https://gitlab.example/p/-/pipelines/7".into()),
+    };
+    let dry_run = Recorded::DryRun {
+        would_send: "POST /api/v4/projects/p/trigger/pipeline".into(),
+    };
     tx(engine, |e| {
-        e.insert_delivery(&delivery("gateway-1", vec![done]), 0)
+        e.insert_delivery(&delivery("gateway-1", vec![finished(sent)]), 0)
+            .unwrap();
+        e.insert_delivery(&delivery("gateway-2", vec![finished(failed())]), 1)
+            .unwrap();
+        e.insert_delivery(&delivery("gateway-3", vec![finished(dry_run)]), 2)
             .unwrap()
     });
     assert_eq!(engine.depth().unwrap(), Depth::default());
@@ -318,7 +332,53 @@ pub fn finished_gateway_calls_are_not_queued(engine: &mut dyn Engine) {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(rows[0].state.as_deref(), Some("sent"));
+    let ends: Vec<_> = rows
+        .iter()
+        .map(|row| {
+            (
+                row.delivery_id.as_str(),
+                row.state.as_deref(),
+                row.last_status,
+                row.last_error.as_deref(),
+                row.pipeline_url.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            (
+                "gateway-3",
+                Some("dry-run"),
+                None,
+                Some("POST /api/v4/projects/p/trigger/pipeline"),
+                None
+            ),
+            (
+                "gateway-2",
+                Some("failed"),
+                Some(404),
+                Some("404 Not Found"),
+                None
+            ),
+            (
+                "gateway-1",
+                Some("sent"),
+                Some(201),
+                None,
+                Some("https://gitlab.example/p/-/pipelines/7")
+            ),
+        ]
+    );
+    // Its pipeline leads back to it, for the pipeline's events.
+    let origin = engine
+        .pipeline_origin(&super::OriginOf::Pipeline {
+            upstream: "gitlab".into(),
+            pipeline_id: 7,
+        })
+        .unwrap()
+        .expect("the pipeline's trigger");
+    assert_eq!(origin.trigger_id, rows[2].trigger_id.unwrap());
 }
 
 /// A cancelled head lets its key's next trigger go; a cancelled trigger behind a head

@@ -802,11 +802,13 @@ fn insert_work(
                 .optional()?,
         };
         let (state, due_at) = trigger.initial_state(into, now);
+        let finished = trigger.finished();
+        let end = finished.unwrap_or_default();
         conn.prepare_cached(
             "INSERT INTO triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
                                    order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into,
-                                   kind, status_target, pipeline_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11, ?13, ?14, ?15, ?16, ?17)",
+                                   kind, status_target, pipeline_id, last_status, last_error, pipeline_url)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
         )?
         .execute(params![
             delivery_row,
@@ -825,10 +827,14 @@ fn insert_work(
             into,
             trigger.kind.as_str(),
             trigger.status_target,
-            trigger.pipeline_id
+            trigger.pipeline_id.or(end.pipeline_id),
+            end.status,
+            end.error,
+            end.pipeline_url
         ])?;
         let id = conn.last_insert_rowid();
         match &trigger.done {
+            Some(_) if finished.is_some() => {}
             Some(done) => {
                 engine.write_outcome(id, None, done, now)?;
             }
