@@ -210,8 +210,9 @@ fn retry_in_a_second(message: &str) -> Response<Full<Bytes>> {
 }
 
 /// A JSON answer with the right content type.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let text = serde_json::to_vec(body).expect("an answer serializes");
+    let mut response = Response::new(Full::new(Bytes::from(text)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -183,7 +183,7 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
     )
     .map_err(|err| format!("{shown_as}: {err}"))?;
     if request.json {
-        let mut reply = hooks::reply(&source.name, &received);
+        let mut reply = hooks::reply(&source.name, &received).to_value();
         if let Outcome::Events(events) = &received.outcome {
             reply["events"] =
                 serde_json::to_value(events.iter().map(full_without_payload).collect::<Vec<_>>())

@@ -16,6 +16,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::app::{App, Runtime};
@@ -64,9 +65,7 @@ pub async fn handle(
     let mut reply = reply(&source.name, &received);
     explain_unmatched(&mut reply, runtime, source, unmatched);
     let built = build(&runtime.config, source, &received, planned);
-    if !built.errors.is_empty() {
-        reply["errors"] = Value::Array(built.errors);
-    }
+    reply.errors = built.errors;
     check_upstream_limits(runtime, &built.triggers).map_err(refused)?;
     let delivery = webhook_record(source, parts, &request, &received, &reply, built.triggers);
     let accepted = record(app, delivery).await?;
@@ -171,11 +170,11 @@ fn turn_away(
         return;
     };
     let mut summary = reply(&source.name, received);
-    summary["turned_away"] = json!({
+    summary.turned_away = Some(json!({
         "as": kind,
         "reason": reason,
         "not_recorded_before": not_recorded,
-    });
+    }));
     let body = body.map_or_else(Bytes::new, |request| {
         sources::storable_body(source, request)
     });
@@ -185,7 +184,7 @@ fn turn_away(
         event_type: received.event_type.clone(),
         headers: stored_headers(&parts.headers, source),
         body: crate::store::StoredBody::encode(body),
-        summary: summary.to_string(),
+        summary: summary.to_json(),
         triggers: Vec::new(),
     });
 }
@@ -283,18 +282,15 @@ fn plan(
 /// reads): each unmatched event lists the source's rules with their first reasons, and
 /// the answer's `note` says so when no event matched at all.
 fn explain_unmatched(
-    reply: &mut Value,
+    reply: &mut Reply<'_>,
     runtime: &Runtime,
     source: &sources::SourceConfig,
     unmatched: Vec<Unmatched>,
 ) {
-    let Some(count) = reply["events"].as_array().map(Vec::len) else {
-        return;
-    };
     if unmatched.is_empty() {
         return;
     }
-    let all = unmatched.len() == count;
+    let all = unmatched.len() == reply.events.len();
     let total = runtime.config.rules.count_for_source(&source.name);
     for Unmatched { event, reasons } in unmatched {
         if reasons.is_empty() {
@@ -304,13 +300,14 @@ fn explain_unmatched(
             .iter()
             .map(|(rule, reason)| json!({ "rule": rule, "reason": reason }))
             .collect();
-        reply["events"][event]["rules"] = Value::Array(listed);
+        let shown = &mut reply.events[event];
+        shown.rules = listed;
         if total > MAX_REASONS {
-            reply["events"][event]["rules_not_shown"] = json!(total - MAX_REASONS);
+            shown.rules_not_shown = Some(total - MAX_REASONS);
         }
     }
     if all {
-        reply["note"] = Value::String(if total == 0 {
+        reply.note = Some(if total == 0 {
             format!(
                 "no rule matched: source {0} has no rules; add a [[rule]] with source = \"{0}\"",
                 source.name
@@ -328,8 +325,23 @@ fn explain_unmatched(
 /// rules whose templates failed.
 pub(crate) struct Built {
     pub triggers: Vec<NewTrigger>,
-    pub queued: Vec<Value>,
+    pub queued: Vec<QueuedEntry>,
     pub errors: Vec<Value>,
+}
+
+/// A trigger as the answer lists it: what will be called, and once it is stored, its id
+/// (and the waiting trigger it merged into, if it was coalesced).
+#[derive(Clone, Debug, Serialize)]
+pub struct QueuedEntry {
+    pub rule: String,
+    pub upstream: String,
+    pub project: String,
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coalesced_into: Option<i64>,
 }
 
 pub(crate) fn build(
@@ -346,12 +358,14 @@ pub(crate) fn build(
     for plan in planned {
         match plan.trigger {
             Ok(trigger) => {
-                built.queued.push(json!({
-                    "rule": plan.rule,
-                    "upstream": trigger.upstream,
-                    "project": trigger.project.to_string(),
-                    "ref": trigger.git_ref.as_str(),
-                }));
+                built.queued.push(QueuedEntry {
+                    rule: plan.rule.clone(),
+                    upstream: trigger.upstream.clone(),
+                    project: trigger.project.to_string(),
+                    git_ref: trigger.git_ref.as_str().to_owned(),
+                    id: None,
+                    coalesced_into: None,
+                });
                 // The rule's window, else the upstream's.
                 let coalesce = plan.coalesce.or_else(|| {
                     config
@@ -441,15 +455,15 @@ fn answer(
     app: &App,
     source: &sources::SourceConfig,
     received: &Received,
-    mut reply: Value,
-    mut queued: Vec<Value>,
+    mut reply: Reply<'_>,
+    mut queued: Vec<QueuedEntry>,
     accepted: Accepted,
 ) -> Response<Full<Bytes>> {
     let (trigger_ids, coalesced) = match accepted {
         Accepted::Duplicate { .. } => {
             tracing::info!(source = %source.name, delivery = %received.delivery, "duplicate delivery acknowledged; nothing queued");
-            reply["duplicate"] = Value::Bool(true);
-            reply["triggers"] = json!([]);
+            reply.duplicate = Some(true);
+            reply.triggers = Some(Vec::new());
             return json_response(StatusCode::OK, &reply);
         }
         Accepted::Queued {
@@ -466,17 +480,15 @@ fn answer(
         tracing::info!(
             delivery = %received.delivery,
             source = %source.name,
-            rule = entry["rule"].as_str().unwrap_or_default(),
-            project = entry["project"].as_str().unwrap_or_default(),
-            git_ref = entry["ref"].as_str().unwrap_or_default(),
+            rule = %entry.rule,
+            project = %entry.project,
+            git_ref = %entry.git_ref,
             trigger = id,
             coalesced_into = into.map(|i| i.to_string()).as_deref().unwrap_or("-"),
             "trigger queued"
         );
-        entry["id"] = json!(id);
-        if let Some(into) = into {
-            entry["coalesced_into"] = json!(into);
-        }
+        entry.id = Some(*id);
+        entry.coalesced_into = *into;
     }
     let merged = coalesced.iter().filter(|c| c.is_some()).count() as u64;
     if merged > 0 {
@@ -488,7 +500,7 @@ fn answer(
     } else {
         StatusCode::ACCEPTED
     };
-    reply["triggers"] = Value::Array(queued);
+    reply.triggers = Some(queued);
     json_response(status, &reply)
 }
 
@@ -499,7 +511,7 @@ fn webhook_record(
     parts: &http::request::Parts,
     request: &WebhookRequest<'_>,
     received: &Received,
-    reply: &Value,
+    reply: &Reply<'_>,
     triggers: Vec<NewTrigger>,
 ) -> NewDelivery {
     NewDelivery {
@@ -508,7 +520,7 @@ fn webhook_record(
         event_type: received.event_type.clone(),
         headers: stored_headers(&parts.headers, source),
         body: crate::store::StoredBody::encode(sources::storable_body(source, request)),
-        summary: reply.to_string(),
+        summary: reply.to_json(),
         triggers,
     }
 }
@@ -564,9 +576,47 @@ fn url_ref(query: Option<&str>) -> Result<Option<GitRef>, ApiError> {
         .map_err(|err| ApiError::BadUrlRef(err.to_string()))
 }
 
-/// The JSON answer for a received webhook.
-pub fn reply(source: &str, received: &Received) -> Value {
-    let (events, note): (Vec<Value>, Option<String>) = match &received.outcome {
+/// The JSON answer for a received webhook; without its triggers, the summary stored with
+/// the delivery (`deliveries` and the dashboard read it). Typed and borrowed from the
+/// webhook, so answering costs one pass of writing JSON.
+#[derive(Debug, Serialize)]
+pub struct Reply<'a> {
+    pub source: &'a str,
+    pub delivery: &'a str,
+    pub event_type: &'a str,
+    pub events: Vec<EventSummary<'a>>,
+    /// Why nothing ran, when nothing did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Value>,
+    /// Rules whose templates failed: `{"rule", "error"}`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<bool>,
+    /// Refused by a limit, or a repeated delivery id (in the record only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub turned_away: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub triggers: Option<Vec<QueuedEntry>>,
+}
+
+impl Reply<'_> {
+    /// The reply as JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a reply serializes")
+    }
+
+    /// The reply as a JSON tree, for those who add to it.
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).expect("a reply serializes")
+    }
+}
+
+/// The answer for a received webhook, before its rules ran.
+pub fn reply<'a>(source: &'a str, received: &'a Received) -> Reply<'a> {
+    let (events, note) = match &received.outcome {
         Outcome::Events(events) => (events.iter().map(summary).collect(), None),
         Outcome::Ping(_) => (
             Vec::new(),
@@ -575,23 +625,26 @@ pub fn reply(source: &str, received: &Received) -> Value {
         Outcome::Skipped(note) => (Vec::new(), Some(note.clone())),
         Outcome::Pipeline(_) => (Vec::new(), None),
     };
-    let mut reply = json!({
-        "source": source,
-        "delivery": received.delivery,
-        "event_type": received.event_type,
-        "events": events,
-    });
-    if let Some(note) = note {
-        reply["note"] = Value::String(note);
-    }
-    if let Outcome::Pipeline(pipeline) = &received.outcome {
-        reply["pipeline"] = json!({
+    let pipeline = match &received.outcome {
+        Outcome::Pipeline(pipeline) => Some(json!({
             "id": pipeline.pipeline_id,
             "status": pipeline.status,
             "project": pipeline.project_name(),
-        });
+        })),
+        _ => None,
+    };
+    Reply {
+        source,
+        delivery: &received.delivery,
+        event_type: &received.event_type,
+        events,
+        note,
+        pipeline,
+        errors: Vec::new(),
+        duplicate: None,
+        turned_away: None,
+        triggers: None,
     }
-    reply
 }
 
 /// A GitLab pipeline event on a source tied to an upstream: recorded with the status post
@@ -621,29 +674,48 @@ async fn pipeline_event(
     let note = applied.note();
     tracing::info!(source = %source.name, delivery = %received.delivery, %upstream, pipeline, %status, %note, "pipeline event");
     if matches!(applied, crate::status::Applied::Duplicate) {
-        reply["duplicate"] = Value::Bool(true);
+        reply.duplicate = Some(true);
     }
-    reply["note"] = Value::String(note);
-    reply["triggers"] = json!([]);
+    reply.note = Some(note);
+    reply.triggers = Some(Vec::new());
     Ok(json_response(StatusCode::OK, &reply))
 }
 
-/// An event without its payload, as answers and `explain --json` show it.
-pub fn summary(event: &Event) -> Value {
-    let mut value = json!({
-        "kind": event.kind,
-        "repository": event.repository,
-        "ref": event.git_ref,
-        "ref_name": event.ref_name,
-        "before": event.before,
-        "after": event.after,
-        "pusher": event.pusher,
-        "commit_count": event.commit_count,
-    });
-    if let Some(deleted) = event.deleted_kind {
-        value["deleted_kind"] = json!(deleted);
+/// An event without its payload, as answers and the dashboard show it; `rules` lists
+/// the source's rules with why each did not match, when none did.
+#[derive(Debug, Serialize)]
+pub struct EventSummary<'a> {
+    pub kind: crate::event::EventKind,
+    pub repository: &'a str,
+    #[serde(rename = "ref")]
+    pub git_ref: &'a str,
+    pub ref_name: &'a str,
+    pub before: &'a str,
+    pub after: &'a str,
+    pub pusher: &'a str,
+    pub commit_count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted_kind: Option<crate::event::RefType>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules_not_shown: Option<usize>,
+}
+
+pub fn summary(event: &Event) -> EventSummary<'_> {
+    EventSummary {
+        kind: event.kind,
+        repository: &event.repository,
+        git_ref: &event.git_ref,
+        ref_name: &event.ref_name,
+        before: &event.before,
+        after: &event.after,
+        pusher: &event.pusher,
+        commit_count: event.commit_count,
+        deleted_kind: event.deleted_kind,
+        rules: Vec::new(),
+        rules_not_shown: None,
     }
-    value
 }
 
 #[cfg(test)]

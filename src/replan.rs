@@ -120,9 +120,9 @@ pub fn replan_with(
         ));
     }
     let delivery_id = format!("{}~replan-{}", stored.delivery_id, crate::outbox::now_ms());
-    let mut summary = crate::hooks::reply(&source.name, &received);
+    let mut summary = crate::hooks::reply(&source.name, &received).to_value();
     summary["replan_of"] = json!(stored.delivery_id);
-    summary["triggers"] = serde_json::Value::Array(queued.clone());
+    summary["triggers"] = json!(queued);
     let delivery = NewDelivery {
         source: source.name.clone(),
         delivery_id: delivery_id.clone(),
@@ -143,10 +143,7 @@ pub fn replan_with(
         triggers: trigger_ids
             .into_iter()
             .zip(queued)
-            .map(|(id, entry)| {
-                let text = |key: &str| entry[key].as_str().unwrap_or_default().to_owned();
-                (id, text("rule"), text("project"), text("ref"))
-            })
+            .map(|(id, entry)| (id, entry.rule, entry.project, entry.git_ref))
             .collect(),
     })
 }

@@ -323,9 +323,11 @@ pub fn detail(app: &App, id: &str) -> Result<Value, String> {
                             json!({ "rule": rule.name(), "matched": why.is_none(), "reason": why })
                         })
                         .collect();
-                    let mut shown = crate::hooks::summary(event);
-                    shown["rules"] = Value::Array(rules);
-                    events.push(shown);
+                    let shown = crate::hooks::EventSummary {
+                        rules,
+                        ..crate::hooks::summary(event)
+                    };
+                    events.push(json!(shown));
                 }
             }
         }
