@@ -199,6 +199,11 @@ impl SqliteEngine {
         let (commits, committed) = std::sync::mpsc::channel::<()>();
         let finish = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ask_writer = finish.clone();
+        let write_back = super::write_back::WriteBack::start(&self.path)
+            .inspect_err(|err| {
+                tracing::warn!(error = %err, "cannot start writing the store back early; checkpoints flush it all at their end");
+            })
+            .ok();
         std::thread::Builder::new()
             .name("hookrelay-checkpoint".into())
             .spawn(move || {
@@ -214,7 +219,7 @@ impl SqliteEngine {
                     }
                     while committed.try_recv().is_ok() {}
                     // (busy, frames in the WAL, frames copied back)
-                    let Ok((busy, frames, copied)) =
+                    let checkpoint = || {
                         reader.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
                             Ok((
                                 row.get::<_, i64>(0)?,
@@ -222,7 +227,12 @@ impl SqliteEngine {
                                 row.get::<_, i64>(2)?,
                             ))
                         })
-                    else {
+                    };
+                    let copied = match &write_back {
+                        Some(write_back) => write_back.copying(checkpoint),
+                        None => checkpoint(),
+                    };
+                    let Ok((busy, frames, copied)) = copied else {
                         continue;
                     };
                     let fresh = frames - last_frames;
