@@ -598,6 +598,9 @@ pub struct Reply<'a> {
     /// Refused by a limit, or a repeated delivery id (in the record only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub turned_away: Option<Value>,
+    /// The stored webhook a `replay --replan` ran again (in the record only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replan_of: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub triggers: Option<Vec<QueuedEntry>>,
 }
@@ -608,7 +611,7 @@ impl Reply<'_> {
         serde_json::to_string(self).expect("a reply serializes")
     }
 
-    /// The reply as a JSON tree, for those who add to it.
+    /// The reply as a JSON tree, for those who add what it has no field for.
     pub fn to_value(&self) -> Value {
         serde_json::to_value(self).expect("a reply serializes")
     }
@@ -643,6 +646,7 @@ pub fn reply<'a>(source: &'a str, received: &'a Received) -> Reply<'a> {
         errors: Vec::new(),
         duplicate: None,
         turned_away: None,
+        replan_of: None,
         triggers: None,
     }
 }

@@ -7,8 +7,6 @@
 
 use std::path::Path;
 
-use serde_json::json;
-
 use crate::outbox::{Accepted, NewDelivery};
 use crate::sources::{self, Outcome, Verification, WebhookRequest};
 use crate::store::StoreLocation;
@@ -120,16 +118,16 @@ pub fn replan_with(
         ));
     }
     let delivery_id = format!("{}~replan-{}", stored.delivery_id, crate::outbox::now_ms());
-    let mut summary = crate::hooks::reply(&source.name, &received).to_value();
-    summary["replan_of"] = json!(stored.delivery_id);
-    summary["triggers"] = json!(queued);
+    let mut summary = crate::hooks::reply(&source.name, &received);
+    summary.replan_of = Some(&stored.delivery_id);
+    summary.triggers = Some(queued.clone());
     let delivery = NewDelivery {
         source: source.name.clone(),
         delivery_id: delivery_id.clone(),
         event_type: received.event_type.clone(),
         headers: stored.headers.clone(),
         body: crate::store::StoredBody::encode(stored.body.clone()),
-        summary: summary.to_string(),
+        summary: summary.to_json(),
         triggers,
     };
     let accepted =

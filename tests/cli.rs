@@ -1015,6 +1015,23 @@ async fn why_nothing_ran_then_replan_then_cancel() {
         said.contains("rule releases -> project acme/app, ref main"),
         "{said}"
     );
+    // Its record's answer names the webhook it ran again, and what it queued.
+    {
+        use hookrelay::store::Engine;
+        let mut engine =
+            hookrelay::store::sqlite::SqliteEngine::open_existing(std::path::Path::new(state))
+                .unwrap();
+        let rows = engine
+            .list(&hookrelay::store::ListFilter {
+                delivery: Some("8f3e2a10-first~replan-".into()),
+                limit: 5,
+                ..Default::default()
+            })
+            .unwrap();
+        let summary: serde_json::Value = serde_json::from_str(&rows[0].summary).unwrap();
+        assert_eq!(summary["replan_of"], "8f3e2a10-first", "{summary}");
+        assert_eq!(summary["triggers"][0]["rule"], "releases", "{summary}");
+    }
     served.wait_for("trigger will be retried");
     let mut retrying = String::new();
     for _ in 0..100 {
