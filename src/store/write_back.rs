@@ -28,6 +28,8 @@ const EVERY: Duration = Duration::from_millis(2);
 /// [`WriteBack::copying`] lasts.
 pub struct WriteBack {
     busy: Arc<AtomicBool>,
+    /// Set when this is dropped: the thread ends (the descriptor stays open, see `start`).
+    done: Arc<AtomicBool>,
     thread: std::thread::Thread,
 }
 
@@ -41,12 +43,13 @@ impl WriteBack {
     pub fn start(path: &Path) -> std::io::Result<WriteBack> {
         let file: &'static File = Box::leak(Box::new(File::open(path)?));
         let busy = Arc::new(AtomicBool::new(false));
-        let watching = busy.clone();
+        let done = Arc::new(AtomicBool::new(false));
+        let (watching, ending) = (busy.clone(), done.clone());
         let thread = std::thread::Builder::new()
             .name("hookrelay-writeback".into())
             .spawn(move || {
                 let mut failed = false;
-                loop {
+                while !ending.load(Ordering::Acquire) {
                     std::thread::park();
                     while watching.load(Ordering::Acquire) {
                         if !start_write_back(file) && !failed {
@@ -62,7 +65,7 @@ impl WriteBack {
             })?
             .thread()
             .clone();
-        Ok(WriteBack { busy, thread })
+        Ok(WriteBack { busy, done, thread })
     }
 
     /// Runs `copy` (a checkpoint) with write-back started every few milliseconds.
@@ -72,6 +75,13 @@ impl WriteBack {
         let result = copy();
         self.busy.store(false, Ordering::Release);
         result
+    }
+}
+
+impl Drop for WriteBack {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        self.thread.unpark();
     }
 }
 
