@@ -8,6 +8,8 @@
 #   4. the same deliveries again: every one a duplicate
 #   5. the stand-in GitLab called directly (nginx answering 201 with a pipeline)
 #   6. hookrelay's gateway in front of that stand-in
+#   7. nginx as a reverse proxy in front of it (a second nginx, one worker, keep-alive to
+#      the stand-in): what a mature proxy adds on this machine, for the gateway's figure
 #
 # and hookrelay's resident memory idle and under load. Prints req/s, p50, p99 and the
 # ratios. Installs wrk, webhook and nginx-light from Debian's packages when missing.
@@ -43,12 +45,36 @@ source benches/lib.sh
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 nginx_port=$(free_port); standin_port=$(free_port); webhook_port=$(free_port); relay_port=$(free_port)
+proxy_port=$(free_port)
 secret="It's a Secret to Everybody"
 payload=$PWD/tests/fixtures/github/push_tag.json
 signature=$(github_signature "$secret" "$payload")
 
 # nginx: the ceiling, and the stand-in GitLab answering every trigger call 201.
 start_nginx "$work/nginx" "server { listen 127.0.0.1:$nginx_port; location / { return 200 \"ok\"; } }"
+
+# nginx as a reverse proxy to the stand-in: a process of its own, as the gateway is.
+mkdir -p "$work/proxy"
+cat >"$work/proxy/nginx.conf" <<CONF
+worker_processes 1;
+error_log $work/proxy/error.log;
+pid $work/proxy/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/proxy;
+  upstream standin { server 127.0.0.1:$standin_port; keepalive 64; }
+  server {
+    listen 127.0.0.1:$proxy_port;
+    location / {
+      proxy_pass http://standin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+nginx -c "$work/proxy/nginx.conf" -g 'daemon off;' & pids+=($!)
 
 # adnanh/webhook with the same signature check and a regex on the ref.
 cat >"$work/hooks.json" <<CONF
@@ -76,6 +102,7 @@ printf '%s' "$secret" >"$work/secret"
 
 wait_for "http://127.0.0.1:$nginx_port/"
 wait_for "http://127.0.0.1:$webhook_port/"
+wait_for "http://127.0.0.1:$proxy_port/"
 wait_for "http://127.0.0.1:$relay_port/healthz"
 sleep 1
 idle_rss=$(rss_kib "$relay_pid")
@@ -129,9 +156,11 @@ stored=$completed
 run "hookrelay /hooks/github (duplicates)" "http://127.0.0.1:$relay_port/hooks/github" benches/peers/signed.lua DELIVERY_PREFIX="$prefix" DELIVERY_MAX="$stored"
 run "stand-in GitLab, direct" "http://127.0.0.1:$standin_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
 run "hookrelay gateway -> stand-in" "http://127.0.0.1:$relay_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
+run "nginx proxy_pass -> stand-in" "http://127.0.0.1:$proxy_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
 # The same two over one connection: what one call through the gateway adds, unqueued.
 CONNS=1 run "stand-in GitLab, direct, 1 conn" "http://127.0.0.1:$standin_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
 CONNS=1 run "hookrelay gateway, 1 conn" "http://127.0.0.1:$relay_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
+CONNS=1 run "nginx proxy_pass, 1 conn" "http://127.0.0.1:$proxy_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
 
 # 1,000 open connections, each with half a request sent, held for a few seconds.
 python3 - "$relay_port" <<'PY' &
@@ -162,6 +191,8 @@ echo "hookrelay duplicates / new deliveries:  $(ratio "$(rate_of "hookrelay /hoo
 echo "hookrelay acks / nginx ceiling:         $(ratio "$(rate_of "hookrelay /hooks/github (new)")" "$(rate_of "nginx return 200 (ceiling)")")x"
 echo "gateway p99 over direct p99, 64 conns: $(awk -v a="$(ms "$(p99_of "hookrelay gateway -> stand-in")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct")")" 'BEGIN { printf "%+.2f ms", a - b }')"
 echo "gateway p99 over direct p99, 1 conn:   $(awk -v a="$(ms "$(p99_of "hookrelay gateway, 1 conn")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct, 1 conn")")" 'BEGIN { printf "%+.2f ms", a - b }')"
+echo "nginx proxy p99 over direct p99, 64:   $(awk -v a="$(ms "$(p99_of "nginx proxy_pass -> stand-in")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct")")" 'BEGIN { printf "%+.2f ms", a - b }')"
+echo "nginx proxy p99 over direct p99, 1:    $(awk -v a="$(ms "$(p99_of "nginx proxy_pass, 1 conn")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct, 1 conn")")" 'BEGIN { printf "%+.2f ms", a - b }')"
 echo "gateway / direct throughput:            $(ratio "$(rate_of "hookrelay gateway -> stand-in")" "$(rate_of "stand-in GitLab, direct")")x"
 echo "hookrelay RSS: idle $((idle_rss / 1024)) MiB, after the ack run $((load_rss / 1024)) MiB, with 1,000 open connections $((conn_rss / 1024)) MiB"
 sent=$(grep -c 'forwarder: trigger sent' "$work/relay.log" || true)

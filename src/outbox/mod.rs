@@ -666,55 +666,71 @@ impl Writer {
     }
 
     /// Records the group's webhooks in one go where the engine can (a few statements for
-    /// the whole group), as the first thing in the transaction; returns the requests left
-    /// to run one by one (all of them when it cannot), and whether the batch failed (then
-    /// the caller rolls the transaction back: the batch wrote nothing that stays).
+    /// the whole group), and its gateway calls' records in another, as the first things in
+    /// the transaction; returns the requests left to run one by one (all of them when the
+    /// engine cannot), and whether a batch failed (then the caller rolls the transaction
+    /// back: the batches wrote nothing that stays).
     fn accept_together(
         &mut self,
         batch: Vec<Op>,
         now: i64,
         outcome: &mut GroupOutcome,
     ) -> (Vec<Op>, bool) {
-        let accepts = batch
-            .iter()
-            .filter(|op| matches!(op, Op::Accept(..)))
-            .count();
-        if accepts < 2 {
-            return (batch, false);
-        }
         let (accepts, rest): (Vec<Op>, Vec<Op>) = batch
             .into_iter()
             .partition(|op| matches!(op, Op::Accept(..)));
-        let deliveries: Vec<&NewDelivery> = accepts
-            .iter()
-            .map(|op| match op {
-                Op::Accept(delivery, _) => delivery,
-                _ => unreachable!("only accepts were kept"),
-            })
-            .collect();
-        let answers = match self.engine.insert_deliveries(&deliveries, now) {
-            Some(Ok(answers)) => answers,
-            Some(Err(err)) => {
-                if self.logged.allow("batch").is_some() {
-                    tracing::warn!(reason = %err, "recording webhooks together failed; recording them one by one");
+        let (notes, mut left): (Vec<Op>, Vec<Op>) =
+            rest.into_iter().partition(|op| matches!(op, Op::Note(..)));
+        let mut recorded = Vec::new();
+        let mut kinds = [accepts, notes].into_iter();
+        while let Some(kind) = kinds.next() {
+            if kind.len() < 2 {
+                left.extend(kind);
+                continue;
+            }
+            let deliveries: Vec<&NewDelivery> = kind
+                .iter()
+                .map(|op| match op {
+                    Op::Accept(delivery, _) | Op::Note(delivery) => delivery,
+                    _ => unreachable!("only accepts and notes are recorded together"),
+                })
+                .collect();
+            match self.engine.insert_deliveries(&deliveries, now) {
+                Some(Ok(answers)) => recorded.push((kind, answers)),
+                Some(Err(err)) => {
+                    if self.logged.allow("batch").is_some() {
+                        tracing::warn!(reason = %err, "recording webhooks together failed; recording them one by one");
+                    }
+                    left.extend(kind);
+                    left.extend(kinds.flatten());
+                    left.extend(recorded.into_iter().flat_map(|(kind, _)| kind));
+                    left.sort_by(|a, b| write_order(a).cmp(&write_order(b)));
+                    return (left, true);
                 }
-                return (accepts.into_iter().chain(rest).collect(), true);
+                None => left.extend(kind),
             }
-            None => return (accepts.into_iter().chain(rest).collect(), false),
-        };
-        for (op, answer_of) in accepts.into_iter().zip(answers) {
-            let Op::Accept(_, reply) = op else {
-                unreachable!("only accepts were kept")
-            };
-            let result = Ok(answer_of);
-            if matches!(&result, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
-            {
-                outcome.new_triggers = true;
-            }
-            outcome.note_result(&result);
-            outcome.replies.push(answer(reply, result));
         }
-        (rest, false)
+        for (op, answer_of) in recorded
+            .into_iter()
+            .flat_map(|(kind, answers)| kind.into_iter().zip(answers))
+        {
+            let result = Ok(answer_of);
+            outcome.note_result(&result);
+            match op {
+                Op::Accept(_, reply) => {
+                    if matches!(&result, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
+                    {
+                        outcome.new_triggers = true;
+                    }
+                    outcome.replies.push(answer(reply, result));
+                }
+                Op::Note(_) => {}
+                _ => unreachable!("only accepts and notes are recorded together"),
+            }
+        }
+        // One by one in the group's order, as if nothing had been taken out.
+        left.sort_by(|a, b| write_order(a).cmp(&write_order(b)));
+        (left, false)
     }
 
     /// Runs one request inside the open transaction.
@@ -1095,8 +1111,53 @@ mod tests {
         rows
     }
 
-    /// A group's webhooks recorded together, the batch breaking after writing some of them:
-    /// the transaction is undone and every webhook recorded one by one, each once.
+    /// A gateway call's record: its one trigger finished (sent) as it is written.
+    fn note(id: &str) -> NewDelivery {
+        let mut note = delivery(id);
+        note.triggers[0].done = Some(Recorded::Sent {
+            status: 201,
+            pipeline_id: Some(7),
+            pipeline_url: None,
+        });
+        note
+    }
+
+    /// Gateway calls' records arriving together are written together, beside webhooks
+    /// recorded together, each once and each finished.
+    #[tokio::test]
+    async fn gateway_records_are_written_together_beside_webhooks() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), Durability::Full).unwrap();
+        for round in 0..5 {
+            for i in 0..20 {
+                outbox.note(note(&format!("n{round}-{i:02}")));
+            }
+            let answers = futures_util::future::join_all(
+                (0..5).map(|i| outbox.accept(delivery(&format!("w{round}-{i}")))),
+            )
+            .await;
+            assert!(
+                answers
+                    .iter()
+                    .all(|a| matches!(a, Ok(Accepted::Queued { .. })))
+            );
+        }
+        outbox.flush().await;
+        let stored = states(dir.path());
+        assert_eq!(stored.len(), 125, "each once");
+        for (id, state) in &stored {
+            let want = if id.starts_with('n') {
+                "sent"
+            } else {
+                "queued"
+            };
+            assert_eq!(state, want, "{id}");
+        }
+    }
+
+    /// A group's webhooks (and gateway records) recorded together, the batch breaking after
+    /// writing some of them: the transaction is undone and every webhook recorded one by
+    /// one, each once.
     #[tokio::test]
     async fn a_batch_that_breaks_halfway_is_undone_and_recorded_one_by_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -1112,6 +1173,9 @@ mod tests {
         let mut sent = 0;
         // Requests sent together land in one group (at least once in a few tries).
         while broken.load(Ordering::SeqCst) == 0 && sent < 100 {
+            for i in sent..sent + 20 {
+                outbox.note(note(&format!("n{i:03}")));
+            }
             let answers = futures_util::future::join_all(
                 (sent..sent + 20).map(|i| outbox.accept(delivery(&format!("d{i:03}")))),
             )
@@ -1125,8 +1189,9 @@ mod tests {
             broken.load(Ordering::SeqCst) > 0,
             "no group held two webhooks"
         );
+        outbox.flush().await;
         let stored = states(dir.path());
-        assert_eq!(stored.len(), sent, "each once: {stored:?}");
+        assert_eq!(stored.len(), 2 * sent, "each once: {stored:?}");
     }
 
     #[tokio::test]
