@@ -455,6 +455,10 @@ impl PostgresEngine {
         let (mut t_token, mut t_variables, mut t_inputs, mut t_key, mut t_due) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut t_status: Vec<Option<&str>> = Vec::new();
+        // What a finished gateway call's row says; a queued trigger's are empty.
+        let (mut t_state, mut t_kind, mut t_pipeline) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut t_last_status, mut t_last_error, mut t_url) = (Vec::new(), Vec::new(), Vec::new());
+        let mut t_queued = Vec::new();
         for d in &unique {
             let (row, new) = rows[&(d.source.clone(), d.delivery_id.clone())];
             if !new {
@@ -470,19 +474,30 @@ impl PostgresEngine {
                 t_variables.push(t.variables.as_str());
                 t_inputs.push(t.inputs.as_str());
                 t_key.push(t.order_key());
-                t_due.push(t.initial_state(None, now).1);
+                let (state, due_at) = t.initial_state(None, now);
+                t_state.push(state);
+                t_due.push(due_at);
                 t_status.push(t.status_target.as_deref());
+                t_kind.push(t.kind.as_str());
+                let end = t.finished().unwrap_or_default();
+                t_pipeline.push(t.pipeline_id.or(end.pipeline_id));
+                t_last_status.push(end.status.map(i32::from));
+                t_last_error.push(end.error);
+                t_url.push(end.pipeline_url);
+                t_queued.push(t.done.is_none());
             }
         }
         let mut trigger_ids: Vec<i64> = Vec::new();
         if !t_delivery.is_empty() {
             let insert = self.stmt(
                 "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                                          order_key, state, created_at, due_at, updated_at, status_target)
-                 SELECT d, r, up, p, g, tok, v, i, k, 'queued', $1, due, $1, st
+                                          order_key, state, created_at, due_at, updated_at, status_target,
+                                          kind, pipeline_id, last_status, last_error, pipeline_url)
+                 SELECT d, r, up, p, g, tok, v, i, k, state, $1, due, $1, st, kind, pl, ls, le, url
                  FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                             $9::text[], $10::text[], $11::bigint[], $12::text[]) WITH ORDINALITY
-                      AS u(d, r, up, p, g, tok, v, i, k, due, st, n)
+                             $9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[],
+                             $15::bigint[], $16::int[], $17::text[], $18::text[]) WITH ORDINALITY
+                      AS u(d, r, up, p, g, tok, v, i, k, due, st, state, kind, pl, ls, le, url, n)
                  ORDER BY n RETURNING id",
             )?;
             trigger_ids = self
@@ -502,6 +517,12 @@ impl PostgresEngine {
                         &t_key,
                         &t_due,
                         &t_status,
+                        &t_state,
+                        &t_kind,
+                        &t_pipeline,
+                        &t_last_status,
+                        &t_last_error,
+                        &t_url,
                     ],
                 )?
                 .into_iter()
@@ -509,7 +530,13 @@ impl PostgresEngine {
                 .collect();
             // Identity values are taken in the order the rows are inserted.
             trigger_ids.sort_unstable();
-            for ((key, id), due_at) in t_key.iter().zip(&trigger_ids).zip(&t_due) {
+            for (((key, id), due_at), _) in t_key
+                .iter()
+                .zip(&trigger_ids)
+                .zip(&t_due)
+                .zip(&t_queued)
+                .filter(|(_, queued)| **queued)
+            {
                 self.touch(
                     key,
                     Touch::Enqueue {
@@ -518,7 +545,7 @@ impl PostgresEngine {
                     },
                 );
             }
-            self.open_change += trigger_ids.len() as i64;
+            self.open_change += t_queued.iter().filter(|q| **q).count() as i64;
         }
         let mut next_trigger = trigger_ids.into_iter();
         let mut answers = Vec::with_capacity(deliveries.len());
@@ -833,12 +860,15 @@ impl Engine for PostgresEngine {
         deliveries: &[&NewDelivery],
         now: i64,
     ) -> Option<Result<Vec<Accepted>, EngineError>> {
-        // Coalescing looks for a waiting twin and finished gateway calls write their
-        // outcome: those go one by one.
+        // Coalescing looks for a waiting twin, and an outcome that is not a finish is
+        // written after its row: those go one by one. A finished gateway call's row
+        // carries its outcome.
         let plain = deliveries.iter().all(|d| {
-            d.triggers
-                .iter()
-                .all(|t| t.done.is_none() && t.coalesce_ms == 0 && t.queue_key.is_none())
+            d.triggers.iter().all(|t| {
+                (t.done.is_none() || t.finished().is_some())
+                    && t.coalesce_ms == 0
+                    && t.queue_key.is_none()
+            })
         });
         if !plain || deliveries.len() < 2 {
             return None;

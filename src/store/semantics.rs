@@ -381,6 +381,92 @@ pub fn finished_gateway_calls_are_not_queued(engine: &mut dyn Engine) {
     assert_eq!(origin.trigger_id, rows[2].trigger_id.unwrap());
 }
 
+/// Gateway calls recorded together with webhooks (each engine batches both): finished
+/// rows as one by one, nothing of theirs queued, their pipeline leading back to them;
+/// the webhooks beside them queued.
+pub fn gateway_calls_recorded_together_are_finished(engine: &mut dyn Engine) {
+    let finished = |recorded: Recorded| NewTrigger {
+        done: Some(recorded),
+        ..trigger("p")
+    };
+    let sent = Recorded::Sent {
+        status: 201,
+        pipeline_id: Some(9),
+        pipeline_url: Some("https://gitlab.example/p/-/pipelines/9".into()),
+    };
+    let group = [
+        delivery("gateway-1", vec![finished(sent)]),
+        delivery("gateway-2", vec![finished(failed())]),
+        delivery("webhook-1", vec![trigger("p")]),
+        delivery("webhook-2", vec![trigger("q")]),
+    ];
+    let group: Vec<&NewDelivery> = group.iter().collect();
+    let answers = tx(engine, |e| e.insert_deliveries(&group, 5))
+        .expect("every engine records these together")
+        .unwrap();
+    assert_eq!(answers.len(), 4);
+    for answer in &answers {
+        assert!(
+            matches!(answer, Accepted::Queued { trigger_ids, .. } if trigger_ids.len() == 1),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(
+        engine.depth().unwrap().open,
+        2,
+        "the webhooks' triggers only"
+    );
+    assert_eq!(
+        ids(&claim(engine, 5, 5)),
+        ["webhook-1", "webhook-2"],
+        "gateway calls are never claimed"
+    );
+    let rows = engine
+        .list(&super::ListFilter {
+            limit: 5,
+            ..Default::default()
+        })
+        .unwrap();
+    let call = |id: &str| {
+        let row = rows.iter().find(|r| r.delivery_id == id).expect("listed");
+        (
+            row.state.clone(),
+            row.last_status,
+            row.last_error.clone(),
+            row.pipeline_url.clone(),
+        )
+    };
+    assert_eq!(
+        call("gateway-1"),
+        (
+            Some("sent".into()),
+            Some(201),
+            None,
+            Some("https://gitlab.example/p/-/pipelines/9".into())
+        )
+    );
+    assert_eq!(
+        call("gateway-2"),
+        (
+            Some("failed".into()),
+            Some(404),
+            Some("404 Not Found".into()),
+            None
+        )
+    );
+    let origin = engine
+        .pipeline_origin(&super::OriginOf::Pipeline {
+            upstream: "gitlab".into(),
+            pipeline_id: 9,
+        })
+        .unwrap()
+        .expect("the pipeline's trigger");
+    let Accepted::Queued { trigger_ids, .. } = &answers[0] else {
+        unreachable!("checked above")
+    };
+    assert_eq!(origin.trigger_id, trigger_ids[0]);
+}
+
 /// A cancelled head lets its key's next trigger go; a cancelled trigger behind a head
 /// being sent leaves that send alone; a trigger being sent cannot be cancelled.
 pub fn cancelled_triggers_are_never_sent_and_their_key_moves_on(engine: &mut dyn Engine) {
@@ -792,6 +878,7 @@ macro_rules! engine_semantics {
             replays_are_new_triggers_linked_to_the_original,
             identical_triggers_coalesce_within_the_window,
             finished_gateway_calls_are_not_queued,
+            gateway_calls_recorded_together_are_finished,
             cancelled_triggers_are_never_sent_and_their_key_moves_on,
             deliveries_are_listed_by_every_filter,
             statuses_follow_the_pipeline_and_never_go_back,
