@@ -178,7 +178,9 @@ fn turn_away(
     let body = body.map_or_else(Bytes::new, |request| {
         sources::storable_body(source, request)
     });
-    app.outbox.note(NewDelivery {
+    // Few by the throttle above, so never waited for: dropped only when the writer is
+    // tens of thousands of records behind.
+    app.outbox.try_note(NewDelivery {
         source: source.name.clone(),
         delivery_id: format!("{}~{kind}-{}", received.delivery, crate::outbox::now_ms()),
         event_type: received.event_type.clone(),

@@ -426,7 +426,8 @@ async fn dispatch(
                     crate::outbox::Recorded::DryRun {
                         would_send: would_send.clone(),
                     },
-                );
+                )
+                .await;
                 return Ok(json_response(
                     StatusCode::ACCEPTED,
                     &json!({ "message": "dry run: hookrelay did not forward this call", "would_send": would_send }),
@@ -438,7 +439,7 @@ async fn dispatch(
                 result.as_ref().ok().map(|a| a.status.as_u16()),
             );
             let recorded = gateway::recorded(&result);
-            gateway::record(&app.outbox, &trigger, recorded.clone());
+            gateway::record(&app.outbox, &trigger, recorded.clone()).await;
             let answer = result?;
             *upstream_latency = Some(answer.latency);
             Ok(gateway::answer_response(

@@ -550,7 +550,7 @@ async fn act(
         })
         .to_string(),
         triggers: Vec::new(),
-    });
+    }).await;
     if api {
         return json_answer(
             if ok {

@@ -214,7 +214,11 @@ pub fn answer_response(
 
 /// Records a gateway call in the outbox so `hookrelay deliveries` shows all traffic. The
 /// caller's token is kept only as its mask: a gateway call is never sent again.
-pub fn record(outbox: &crate::outbox::Outbox, trigger: &Trigger, outcome: crate::outbox::Recorded) {
+pub async fn record(
+    outbox: &crate::outbox::Outbox,
+    trigger: &Trigger,
+    outcome: crate::outbox::Recorded,
+) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let now = crate::outbox::now_ms();
@@ -248,7 +252,7 @@ pub fn record(outbox: &crate::outbox::Outbox, trigger: &Trigger, outcome: crate:
             queue_key: None,
         }],
     };
-    outbox.note(delivery);
+    outbox.note(delivery).await;
 }
 
 /// What a gateway call's answer means for its record.

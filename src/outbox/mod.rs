@@ -42,6 +42,9 @@ pub use crate::store::{
 
 /// Most requests one commit takes.
 const GROUP_MAX: usize = 512;
+/// Most gateway calls' (and refusals') records waiting for the writer at once: a few tens
+/// of megabytes. One PostgreSQL relay once fell 100,000 records behind in ten seconds.
+const NOTES_WAITING: usize = 20_000;
 /// Deliveries deleted per pruning step, so pruning never holds the writer for long.
 const PRUNE_BATCH: usize = 500;
 /// While the store fails, how often the writer tries again on its own.
@@ -85,7 +88,12 @@ impl StoreError {
 enum Op {
     Accept(NewDelivery, oneshot::Sender<Result<Accepted, EngineError>>),
     /// A record that acknowledges nothing (a gateway call): no reply, no fsync of its own.
-    Note(NewDelivery),
+    /// Holds one of [`NOTES_WAITING`]'s places until it is written (or dropped).
+    Note(
+        NewDelivery,
+        #[allow(dead_code)] // held for its drop
+        tokio::sync::OwnedSemaphorePermit,
+    ),
     Claim(usize, oneshot::Sender<Result<Claimed, EngineError>>),
     Record(Lease, Recorded),
     /// A pipeline's new state: a pipeline event (answered once committed), or a poll's
@@ -131,6 +139,8 @@ impl StoreHealth {
 #[derive(Clone)]
 pub struct Outbox {
     writer: mpsc::Sender<Op>,
+    /// Places for records nobody waits for ([`Outbox::note`]).
+    notes: Arc<tokio::sync::Semaphore>,
     /// A connection of its own for reads (depth for metrics), beside the writer.
     reader: Arc<Mutex<Box<dyn Engine>>>,
     place: Arc<str>,
@@ -252,6 +262,7 @@ impl Outbox {
             .spawn(move || writer_loop.run(requests))?;
         Ok(Outbox {
             writer: sender,
+            notes: Arc::new(tokio::sync::Semaphore::new(NOTES_WAITING)),
             reader: Arc::new(Mutex::new(reader)),
             place,
             queued,
@@ -295,9 +306,23 @@ impl Outbox {
         self.ask(|reply| Op::Accept(delivery, reply)).await
     }
 
-    /// Records a delivery that acknowledges nothing (a gateway call), without waiting.
-    pub fn note(&self, delivery: NewDelivery) {
-        let _ = self.writer.send(Op::Note(delivery));
+    /// Records a delivery that acknowledges nothing (a gateway call), without waiting for
+    /// its commit; waits only while [`NOTES_WAITING`] records wait for the writer already,
+    /// so a writer that falls behind slows the callers instead of filling memory.
+    pub async fn note(&self, delivery: NewDelivery) {
+        let Ok(place) = self.notes.clone().acquire_owned().await else {
+            return;
+        };
+        let _ = self.writer.send(Op::Note(delivery, place));
+    }
+
+    /// [`Outbox::note`] without waiting: `false` (nothing recorded) when every place is
+    /// taken. For records that are few by themselves (one a second per source and kind).
+    pub fn try_note(&self, delivery: NewDelivery) -> bool {
+        match self.notes.clone().try_acquire_owned() {
+            Ok(place) => self.writer.send(Op::Note(delivery, place)).is_ok(),
+            Err(_) => false,
+        }
     }
 
     /// Leases due triggers for sending, and says when the next one falls due.
@@ -691,7 +716,7 @@ impl Writer {
             let deliveries: Vec<&NewDelivery> = kind
                 .iter()
                 .map(|op| match op {
-                    Op::Accept(delivery, _) | Op::Note(delivery) => delivery,
+                    Op::Accept(delivery, _) | Op::Note(delivery, _) => delivery,
                     _ => unreachable!("only accepts and notes are recorded together"),
                 })
                 .collect();
@@ -724,7 +749,7 @@ impl Writer {
                     }
                     outcome.replies.push(answer(reply, result));
                 }
-                Op::Note(_) => {}
+                Op::Note(..) => {}
                 _ => unreachable!("only accepts and notes are recorded together"),
             }
         }
@@ -745,7 +770,7 @@ impl Writer {
                 outcome.note_result(&result);
                 outcome.replies.push(answer(reply, result));
             }
-            Op::Note(delivery) => {
+            Op::Note(delivery, _) => {
                 let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
                 if let Err(err) = &result
                     && self.logged.allow("note").is_some()
@@ -879,7 +904,7 @@ impl Writer {
                     outcome.replies.push(answer(reply, Err(err.clone())));
                 }
             }
-            Op::Note(_) => {}
+            Op::Note(..) => {}
             Op::Flush(reply) => {
                 let _ = reply.send(());
             }
@@ -956,7 +981,7 @@ impl GroupOutcome {
 /// Where a write goes in its group (see [`Writer::group`]).
 fn write_order(op: &Op) -> (u8, &str, &str, i64) {
     match op {
-        Op::Accept(delivery, _) | Op::Note(delivery) => {
+        Op::Accept(delivery, _) | Op::Note(delivery, _) => {
             (0, &delivery.source, &delivery.delivery_id, 0)
         }
         Op::Record(lease, _) => (1, "", "", lease.trigger),
@@ -995,6 +1020,8 @@ mod tests {
         inner: SqliteEngine,
         full: Arc<AtomicBool>,
         broken_batches: Option<Arc<std::sync::atomic::AtomicUsize>>,
+        /// While set, the writer cannot begin a group (a store that hangs).
+        held: Arc<AtomicBool>,
     }
 
     impl Engine for FullDisk {
@@ -1002,6 +1029,9 @@ mod tests {
             self.inner.describe()
         }
         fn begin(&mut self, durable: bool) -> Result<(), EngineError> {
+            while self.held.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             self.inner.begin(durable)
         }
         fn commit(&mut self) -> Result<(), EngineError> {
@@ -1130,7 +1160,7 @@ mod tests {
         let outbox = Outbox::open(dir.path(), Durability::Full).unwrap();
         for round in 0..5 {
             for i in 0..20 {
-                outbox.note(note(&format!("n{round}-{i:02}")));
+                outbox.note(note(&format!("n{round}-{i:02}"))).await;
             }
             let answers = futures_util::future::join_all(
                 (0..5).map(|i| outbox.accept(delivery(&format!("w{round}-{i}")))),
@@ -1155,6 +1185,49 @@ mod tests {
         }
     }
 
+    /// Records nobody waits for queue up to [`NOTES_WAITING`] while the writer is stuck;
+    /// the next caller waits for a place instead of growing memory, and all are written
+    /// once the writer moves again.
+    #[tokio::test]
+    async fn records_nobody_waits_for_are_bounded_while_the_writer_is_stuck() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let held = Arc::new(AtomicBool::new(true));
+        let writer = FullDisk {
+            inner: SqliteEngine::open(&path, Durability::Full).unwrap(),
+            full: Arc::default(),
+            broken_batches: None,
+            held: held.clone(),
+        };
+        let reader = SqliteEngine::open(&path, Durability::Full).unwrap();
+        let outbox = Outbox::start(Box::new(writer), Box::new(reader), None).unwrap();
+        // The writer takes the first records into a group and waits to begin it; they
+        // keep their places until written, so the places fill.
+        for i in 0..NOTES_WAITING {
+            outbox.note(note(&format!("n{i:05}"))).await;
+        }
+        let over = tokio::time::timeout(
+            Duration::from_millis(200),
+            outbox.note(note("one too many")),
+        )
+        .await;
+        assert!(over.is_err(), "waits for a place");
+        assert!(!outbox.try_note(note("not waited for")), "dropped, said so");
+        held.store(false, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(30), outbox.note(note("one too many")))
+            .await
+            .expect("a place once the writer moves");
+        outbox.flush().await;
+        let newest = states(dir.path());
+        assert_eq!(newest.len(), 1000, "listed up to its limit");
+        assert!(newest.iter().any(|(id, _)| id == "one too many"));
+        let count = SqliteEngine::open(&path, Durability::Full)
+            .unwrap()
+            .depth()
+            .unwrap();
+        assert_eq!(count.open, 0, "records queue nothing");
+    }
+
     /// A group's webhooks (and gateway records) recorded together, the batch breaking after
     /// writing some of them: the transaction is undone and every webhook recorded one by
     /// one, each once.
@@ -1167,6 +1240,7 @@ mod tests {
             inner: SqliteEngine::open(&path, Durability::Full).unwrap(),
             full: Arc::default(),
             broken_batches: Some(broken.clone()),
+            held: Arc::default(),
         };
         let reader = SqliteEngine::open(&path, Durability::Full).unwrap();
         let outbox = Outbox::start(Box::new(writer), Box::new(reader), None).unwrap();
@@ -1174,7 +1248,7 @@ mod tests {
         // Requests sent together land in one group (at least once in a few tries).
         while broken.load(Ordering::SeqCst) == 0 && sent < 100 {
             for i in sent..sent + 20 {
-                outbox.note(note(&format!("n{i:03}")));
+                outbox.note(note(&format!("n{i:03}"))).await;
             }
             let answers = futures_util::future::join_all(
                 (sent..sent + 20).map(|i| outbox.accept(delivery(&format!("d{i:03}")))),
@@ -1203,6 +1277,7 @@ mod tests {
             inner: SqliteEngine::open(&path, Durability::Full).unwrap(),
             full: full.clone(),
             broken_batches: None,
+            held: Arc::default(),
         };
         let reader = SqliteEngine::open(&path, Durability::Full).unwrap();
         let outbox = Outbox::start(Box::new(writer), Box::new(reader), None).unwrap();
