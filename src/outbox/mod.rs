@@ -707,6 +707,7 @@ impl Writer {
         let (notes, mut left): (Vec<Op>, Vec<Op>) =
             rest.into_iter().partition(|op| matches!(op, Op::Note(..)));
         let mut recorded = Vec::new();
+        let mut failed = false;
         let mut kinds = [accepts, notes].into_iter();
         while let Some(kind) = kinds.next() {
             if kind.len() < 2 {
@@ -726,11 +727,12 @@ impl Writer {
                     if self.logged.allow("batch").is_some() {
                         tracing::warn!(reason = %err, "recording webhooks together failed; recording them one by one");
                     }
+                    // Undone by the caller's rollback: everything goes one by one.
                     left.extend(kind);
-                    left.extend(kinds.flatten());
-                    left.extend(recorded.into_iter().flat_map(|(kind, _)| kind));
-                    left.sort_by(|a, b| write_order(a).cmp(&write_order(b)));
-                    return (left, true);
+                    left.extend(kinds.by_ref().flatten());
+                    left.extend(recorded.drain(..).flat_map(|(kind, _)| kind));
+                    failed = true;
+                    break;
                 }
                 None => left.extend(kind),
             }
@@ -755,7 +757,7 @@ impl Writer {
         }
         // One by one in the group's order, as if nothing had been taken out.
         left.sort_by(|a, b| write_order(a).cmp(&write_order(b)));
-        (left, false)
+        (left, failed)
     }
 
     /// Runs one request inside the open transaction.

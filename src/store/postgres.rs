@@ -530,13 +530,13 @@ impl PostgresEngine {
                 .collect();
             // Identity values are taken in the order the rows are inserted.
             trigger_ids.sort_unstable();
-            for (((key, id), due_at), _) in t_key
-                .iter()
-                .zip(&trigger_ids)
-                .zip(&t_due)
-                .zip(&t_queued)
-                .filter(|(_, queued)| **queued)
+            let mut opened = 0;
+            for (((key, id), due_at), queued) in
+                t_key.iter().zip(&trigger_ids).zip(&t_due).zip(&t_queued)
             {
+                if !queued {
+                    continue;
+                }
                 self.touch(
                     key,
                     Touch::Enqueue {
@@ -544,8 +544,9 @@ impl PostgresEngine {
                         due_at: *due_at,
                     },
                 );
+                opened += 1;
             }
-            self.open_change += t_queued.iter().filter(|q| **q).count() as i64;
+            self.open_change += opened;
         }
         let mut next_trigger = trigger_ids.into_iter();
         let mut answers = Vec::with_capacity(deliveries.len());
