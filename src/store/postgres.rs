@@ -956,48 +956,53 @@ impl Engine for PostgresEngine {
     fn claim(&mut self, now: i64, limit: usize) -> Result<Claimed, EngineError> {
         let now = now + self.skew_ms;
         (|| -> Result<Claimed, postgres::Error> {
-            // Due keys, and keys whose lease expired (their holder died or froze). Keys
-            // another relay is claiming right now are skipped, not waited for.
-            // Each from its own partial index, so a claim reads only keys with due work.
-            let due_keys = self.stmt(
-                "SELECT order_key, head FROM hr_keys WHERE due_at IS NOT NULL AND due_at <= $1
-                 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+            // Due keys, then keys whose lease expired (their holder died or froze), in one
+            // round trip: the second scan runs only for the room the first left. Keys
+            // another relay is claiming right now are skipped, not waited for. Each from
+            // its own partial index, so a claim reads only keys with due work.
+            let keys = self.stmt(
+                "WITH due AS (
+                     SELECT order_key, head FROM hr_keys WHERE due_at IS NOT NULL AND due_at <= $1
+                     ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED
+                 ), expired AS (
+                     SELECT order_key, head FROM hr_keys WHERE due_at IS NULL AND lease_until < $1
+                     ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED
+                 )
+                 (SELECT order_key, head FROM due) UNION ALL (SELECT order_key, head FROM expired) LIMIT $2",
             )?;
-            let expired = self.stmt(
-                "SELECT order_key, head FROM hr_keys WHERE due_at IS NULL AND lease_until < $1
-                 ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED",
-            )?;
-            let mut heads: Vec<(String, i64)> = self
+            let heads: Vec<(String, i64)> = self
                 .client()
-                .query(&due_keys, &[&now, &(limit as i64)])?
+                .query(&keys, &[&now, &(limit as i64)])?
                 .into_iter()
                 .map(|row| (row.get(0), row.get(1)))
                 .collect();
-            if heads.len() < limit {
-                let room = (limit - heads.len()) as i64;
-                heads.extend(
-                    self.client()
-                        .query(&expired, &[&now, &room])?
-                        .into_iter()
-                        .map(|row| (row.get(0), row.get(1))),
-                );
-            }
             let mut due = Vec::with_capacity(heads.len());
             for (order_key, head) in heads {
                 // The head is taken only if no one holds its row (a late outcome being
-                // written): a claim waits on nothing while it holds keys.
+                // written): a claim waits on nothing while it holds keys. The key is leased
+                // in the same statement when the head was taken.
                 let take = self.stmt(
-                    "UPDATE hr_triggers t SET state = 'sending', attempts = attempts + 1, updated_at = $2, lease = $3
-                     FROM hr_deliveries d
-                     WHERE t.id = (SELECT id FROM hr_triggers WHERE id = $1 AND state IN ('queued', 'sending')
-                                   FOR UPDATE SKIP LOCKED)
-                       AND d.id = t.delivery
-                     RETURNING t.id, t.delivery, d.delivery_id, d.source, t.rule, t.upstream, t.project, t.git_ref,
-                               t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease, t.kind,
-                               t.pipeline_id, t.status_target IS NOT NULL",
+                    "WITH taken AS (
+                         UPDATE hr_triggers t SET state = 'sending', attempts = attempts + 1, updated_at = $2, lease = $3
+                         FROM hr_deliveries d
+                         WHERE t.id = (SELECT id FROM hr_triggers WHERE id = $1 AND state IN ('queued', 'sending')
+                                       FOR UPDATE SKIP LOCKED)
+                           AND d.id = t.delivery
+                         RETURNING t.id, t.delivery, d.delivery_id, d.source, t.rule, t.upstream, t.project, t.git_ref,
+                                   t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease, t.kind,
+                                   t.pipeline_id, t.status_target IS NOT NULL
+                     ), leased AS (
+                         UPDATE hr_keys SET due_at = NULL, lease_until = $5
+                         WHERE order_key = $4 AND EXISTS (SELECT 1 FROM taken)
+                     )
+                     SELECT * FROM taken",
                 )?;
                 let token = fastrand::i64(1..);
-                let Some(row) = self.client().query_opt(&take, &[&head, &now, &token])? else {
+                let until = now + self.lease_ms;
+                let Some(row) = self
+                    .client()
+                    .query_opt(&take, &[&head, &now, &token, &order_key, &until])?
+                else {
                     let state = self.stmt("SELECT state FROM hr_triggers WHERE id = $1")?;
                     let open = self
                         .client()
@@ -1009,11 +1014,6 @@ impl Engine for PostgresEngine {
                     }
                     continue;
                 };
-                let leased = self.stmt(
-                    "UPDATE hr_keys SET due_at = NULL, lease_until = $2 WHERE order_key = $1",
-                )?;
-                let until = now + self.lease_ms;
-                self.client().execute(&leased, &[&order_key, &until])?;
                 let attempts: i32 = row.get(11);
                 due.push(DueTrigger {
                     id: row.get(0),
