@@ -4,7 +4,8 @@
 # fresh state folder, the signed 7.8 KB GitHub tag push of benches/peers.sh, wrk -t1 -c64
 # for DURATION, and its forwarder sending to a stand-in GitLab; then the mean of the rounds).
 # Besides acks/s and p99 it prints the relay's CPU time per acknowledgement (user + system,
-# read from /proc during the wrk run): steadier than req/s when the machine is busy.
+# read from /proc during the wrk run): steadier than req/s when the machine is busy; and the
+# share of CPU time the host took away (steal) during the round.
 #
 # Run: benches/ab.sh OLD_BINARY NEW_BINARY      (env: ROUNDS=3, DURATION=10s, CONNECTIONS=64)
 # TARGET=gateway measures the trigger API gateway instead (benches/peers/form.lua, a form
@@ -54,14 +55,14 @@ for round in $(seq "$ROUNDS"); do
     rm -rf "$work/state"
     "$bin" serve --config "$work/relay-$which" --state "$work/state" >"$work/$which.log" 2>&1 & pid=$!
     wait_for "http://127.0.0.1:$relay_port/healthz"; sleep 1
-    before=$(cpu_ticks "$pid")
+    before=$(cpu_ticks "$pid"); machine_before=$(cpu_times)
     out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" \
       wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$url")
     ticks=$(($(cpu_ticks "$pid") - before))
     rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     done_count=$(awk '/requests in/ {print $1}' <<<"$out")
     cpu=$(python3 -c "print(round($ticks * 1e6 / $(getconf CLK_TCK) / $done_count, 1))")
-    echo "round $round $which: $rate acks/s, p99 $p99, relay CPU ${cpu} us/ack"
+    echo "round $round $which: $rate acks/s, p99 $p99, relay CPU ${cpu} us/ack, steal $(steal_since "$machine_before") %"
     rates[$which]="${rates[$which]:-} $rate"; p99s[$which]="${p99s[$which]:-} $p99"; cpus[$which]="${cpus[$which]:-} $cpu"
     kill "$pid"; wait "$pid" 2>/dev/null || true
     sleep 2

@@ -3,6 +3,17 @@
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
 
+# cpu_times: this machine's CPU time so far, in ticks, "all steal" (/proc/stat's first line;
+# steal is time the host ran someone else while this machine had work).
+cpu_times() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat; }
+# steal_since "ALL STEAL": the share of CPU time since then that the host took away, in
+# percent; a run with a high share read low figures for reasons outside it.
+steal_since() {
+  local t0 s0 t1 s1
+  read -r t0 s0 <<<"$1"; read -r t1 s1 <<<"$(cpu_times)"
+  awk -v t="$((t1 - t0))" -v s="$((s1 - s0))" 'BEGIN { printf "%.1f", t ? 100 * s / t : 0 }'
+}
+
 # github_signature SECRET FILE: X-Hub-Signature-256 for FILE's bytes.
 github_signature() {
   echo "sha256=$(python3 -c 'import hmac,hashlib,sys; print(hmac.new(sys.argv[1].encode(), open(sys.argv[2],"rb").read(), hashlib.sha256).hexdigest())' "$1" "$2")"

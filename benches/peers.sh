@@ -108,6 +108,7 @@ sleep 1
 idle_rss=$(rss_kib "$relay_pid")
 
 results=()
+machine_before=$(cpu_times)
 # run NAME URL SCRIPT [env…]: one wrk run; appends "name rate p50 p99" to results.
 # CONNS overrides the connection count for one run.
 run() {
@@ -198,3 +199,4 @@ echo "hookrelay RSS: idle $((idle_rss / 1024)) MiB, after the ack run $((load_rs
 sent=$(grep -c 'forwarder: trigger sent' "$work/relay.log" || true)
 echo "forwarder: $sent triggers sent to the stand-in in all (one project and ref, so one at a time);"
 echo "           the backlog of the ack run was sent ${drain_seconds}s after it ended"
+echo "CPU steal (the host running others) during the runs: $(steal_since "$machine_before") %"
