@@ -12,6 +12,9 @@
 # POST to /api/v4/projects/9/trigger/pipeline; "acks" are then answered calls).
 # STATUS=new gives the new binary's GitHub source `status = { … }` (posting to the stand-in),
 # so that one binary against itself measures what reporting statuses costs the webhooks.
+# STORE=postgres stores in a throwaway PostgreSQL instead of SQLite (a fresh database each
+# round; installs Debian's postgresql when missing) and also prints the database's CPU time
+# per acknowledgement (every PostgreSQL process, from /proc).
 # e.g. git worktree add /tmp/old HEAD~5 && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target
 #      cargo build --release) && cargo build --release &&
 #      benches/ab.sh /tmp/old-target/release/hookrelay target/release/hookrelay
@@ -20,11 +23,21 @@ cd "$(dirname "$0")/.."
 OLD=${1:?usage: benches/ab.sh OLD_BINARY NEW_BINARY}
 NEW=${2:?usage: benches/ab.sh OLD_BINARY NEW_BINARY}
 ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-10s}; CONNECTIONS=${CONNECTIONS:-64}
-command -v wrk >/dev/null && command -v nginx >/dev/null || {
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null
+STORE=${STORE:-sqlite}
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx-light)
+[[ $STORE == postgres ]] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && missing+=(postgresql)
+if ((${#missing[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+work=$(mktemp -d); chmod 755 "$work"; pids=()
+pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort | tail -1)
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [[ -f "$work/pg/data/postmaster.pid" ]] && runuser -u postgres -- "$pgbin/pg_ctl" stop -m fast -D "$work/pg/data" >/dev/null 2>&1 || true
+  wait 2>/dev/null || true; rm -rf "$work"
 }
-work=$(mktemp -d); pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 source benches/lib.sh
 standin_port=$(free_port); relay_port=$(free_port)
@@ -46,24 +59,47 @@ if [[ ${STATUS:-} == new ]]; then
 else
   cp "$work/relay-old/relay.toml" "$work/relay-new/relay.toml"
 fi
-declare -A rates p99s cpus
-# cpu_ticks PID: user + system clock ticks the process has used so far.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+declare -A rates p99s cpus db_cpus
+# cpu_ticks PID…: user + system clock ticks the processes have used so far.
+cpu_ticks() { local sum=0; for pid in "$@"; do [[ -r /proc/$pid/stat ]] && sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$sum"; }
+pg_port=""
+if [[ $STORE == postgres ]]; then
+  # As benches/cluster.sh: PostgreSQL's durability defaults, max_wal_size as the README says.
+  pg_port=$(free_port)
+  mkdir -p "$work/pg" && chown postgres:postgres "$work/pg"
+  runuser -u postgres -- "$pgbin/initdb" -A trust -U postgres -D "$work/pg/data" >/dev/null
+  runuser -u postgres -- "$pgbin/pg_ctl" start -w -D "$work/pg/data" -l "$work/pg/log" \
+    -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1 -c max_connections=200 -c max_wal_size=8GB" >/dev/null
+fi
 for round in $(seq "$ROUNDS"); do
   for which in old new; do
     bin=$OLD; [[ $which == new ]] && bin=$NEW
     rm -rf "$work/state"
+    if [[ -n $pg_port ]]; then
+      runuser -u postgres -- "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres "ab_${which}_$round"
+      printf '[store]\nurl = "postgres://postgres@127.0.0.1:%s/ab_%s_%s"\n' "$pg_port" "$which" "$round" \
+        >"$work/relay-$which/store.toml"
+    fi
     "$bin" serve --config "$work/relay-$which" --state "$work/state" >"$work/$which.log" 2>&1 & pid=$!
     wait_for "http://127.0.0.1:$relay_port/healthz"; sleep 1
-    before=$(cpu_ticks "$pid"); machine_before=$(cpu_times)
+    # This PostgreSQL's processes: its postmaster and every process it started.
+    database=""
+    if [[ -n $pg_port ]]; then
+      postmaster=$(head -1 "$work/pg/data/postmaster.pid")
+      database="$postmaster $(pgrep -P "$postmaster" | tr '\n' ' ')"
+    fi
+    before=$(cpu_ticks "$pid"); db_before=$(cpu_ticks $database); machine_before=$(cpu_times)
     out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" \
       wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$url")
-    ticks=$(($(cpu_ticks "$pid") - before))
+    ticks=$(($(cpu_ticks "$pid") - before)); db_ticks=$(($(cpu_ticks $database) - db_before))
     rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     done_count=$(awk '/requests in/ {print $1}' <<<"$out")
     cpu=$(python3 -c "print(round($ticks * 1e6 / $(getconf CLK_TCK) / $done_count, 1))")
-    echo "round $round $which: $rate acks/s, p99 $p99, relay CPU ${cpu} us/ack, steal $(steal_since "$machine_before") %"
+    db_cpu=$(python3 -c "print(round($db_ticks * 1e6 / $(getconf CLK_TCK) / $done_count, 1))")
+    db_text=""; [[ -n $pg_port ]] && db_text=", database CPU ${db_cpu} us/ack"
+    echo "round $round $which: $rate acks/s, p99 $p99, relay CPU ${cpu} us/ack$db_text, steal $(steal_since "$machine_before") %"
     rates[$which]="${rates[$which]:-} $rate"; p99s[$which]="${p99s[$which]:-} $p99"; cpus[$which]="${cpus[$which]:-} $cpu"
+    db_cpus[$which]="${db_cpus[$which]:-} $db_cpu"
     kill "$pid"; wait "$pid" 2>/dev/null || true
     sleep 2
   done
@@ -86,3 +122,7 @@ echo "mean acks/s: old $old_rate, new $new_rate, new/old $(python3 -c "print(rou
 echo "mean p99 (ms): old $(mean ${p99s[old]}), new $(mean ${p99s[new]})"
 old_cpu=$(mean ${cpus[old]}); new_cpu=$(mean ${cpus[new]})
 echo "mean relay CPU per ack (us): old $old_cpu, new $new_cpu, new/old $(python3 -c "print(round($new_cpu/$old_cpu, 3))")"
+if [[ -n $pg_port ]]; then
+  old_db=$(mean ${db_cpus[old]}); new_db=$(mean ${db_cpus[new]})
+  echo "mean database CPU per ack (us): old $old_db, new $new_db, new/old $(python3 -c "print(round($new_db/$old_db, 3))")"
+fi
