@@ -1478,18 +1478,24 @@ mod tests {
         assert_eq!(engine.depth().unwrap().open, 0);
     }
 
-    /// A group's webhooks in a few statements: the same answers, ids and order as one
-    /// by one, duplicates (earlier, and within the batch) included.
+    /// An engine on a throwaway database (dropped with the first), on the caller's clock.
+    fn on_new_database() -> Option<(super::test_server::Database, super::PostgresEngine)> {
+        let database = super::test_server::Database::create()?;
+        let engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
+            .unwrap()
+            .with_callers_clock();
+        Some((database, engine))
+    }
+
+    /// Bodies arrive compressed (LZ4): PostgreSQL neither compresses them again nor moves
+    /// a webhook-sized row's body to the TOAST table.
     #[test]
     fn bodies_are_not_compressed_again_and_small_rows_stay_whole() {
         use crate::store::semantics::delivery;
         use crate::store::{Engine, StoredBody};
-        let Some(database) = super::test_server::Database::create() else {
+        let Some((_database, mut engine)) = on_new_database() else {
             return;
         };
-        let mut engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
-            .unwrap()
-            .with_callers_clock();
         // Bytes LZ4 cannot shrink, as a compressed body looks to PostgreSQL: 3 KB (a
         // typical webhook's) and 40 KB.
         let noise = |len: usize| -> bytes::Bytes {
@@ -1548,16 +1554,15 @@ mod tests {
         }
     }
 
+    /// A group's webhooks in a few statements: the same answers, ids and order as one
+    /// by one, duplicates (earlier, and within the batch) included.
     #[test]
     fn webhooks_recorded_together_answer_as_one_by_one() {
         use crate::store::semantics::{delivery, trigger};
         use crate::store::{Accepted, Engine};
-        let Some(database) = super::test_server::Database::create() else {
+        let Some((_database, mut engine)) = on_new_database() else {
             return;
         };
-        let mut engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
-            .unwrap()
-            .with_callers_clock();
         engine.begin(true).unwrap();
         engine
             .insert_delivery(&delivery("old", vec![trigger("p")]), 0)
