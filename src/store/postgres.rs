@@ -10,6 +10,7 @@
 
 mod connect;
 pub mod limits;
+mod schema;
 
 use std::collections::HashMap;
 
@@ -22,125 +23,6 @@ use super::{
     ListFilter, NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, SqlValue, StoredBody,
     StoredWebhook,
 };
-
-/// Each entry upgrades the schema by one version; run under an advisory lock, so relays
-/// starting together migrate once.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE hr_deliveries (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    source text NOT NULL,
-    delivery_id text NOT NULL,
-    received_at bigint NOT NULL,
-    event_type text NOT NULL,
-    headers text NOT NULL,
-    body bytea NOT NULL,
-    body_encoding text,
-    summary text NOT NULL,
-    UNIQUE (source, delivery_id)
-);
-CREATE INDEX hr_deliveries_received ON hr_deliveries (received_at);
-CREATE INDEX hr_deliveries_delivery_id ON hr_deliveries (delivery_id);
-CREATE TABLE hr_triggers (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    delivery bigint NOT NULL REFERENCES hr_deliveries (id) ON DELETE CASCADE,
-    rule text NOT NULL,
-    upstream text NOT NULL,
-    project text NOT NULL,
-    git_ref text NOT NULL,
-    token_ref text NOT NULL,
-    variables text NOT NULL,
-    inputs text NOT NULL,
-    order_key text NOT NULL,
-    state text NOT NULL,
-    attempts integer NOT NULL DEFAULT 0,
-    created_at bigint NOT NULL,
-    due_at bigint NOT NULL,
-    updated_at bigint NOT NULL,
-    last_status integer,
-    last_error text,
-    pipeline_id bigint,
-    pipeline_url text,
-    replay_of bigint,
-    coalesce_key text,
-    coalesced_into bigint,
-    lease bigint
-);
-CREATE INDEX hr_triggers_open ON hr_triggers (order_key, id) WHERE state IN ('queued', 'sending');
-CREATE INDEX hr_triggers_delivery ON hr_triggers (delivery);
-CREATE INDEX hr_triggers_coalesce ON hr_triggers (coalesce_key) WHERE coalesce_key IS NOT NULL;
-CREATE TABLE hr_keys (
-    order_key text PRIMARY KEY,
-    head bigint NOT NULL,
-    due_at bigint
-);
-CREATE INDEX hr_keys_due ON hr_keys (due_at) WHERE due_at IS NOT NULL;
-CREATE TABLE hr_stats (
-    id integer PRIMARY KEY CHECK (id = 1),
-    open bigint NOT NULL,
-    probed_at bigint
-);
-INSERT INTO hr_stats (id, open) VALUES (1, 0);
-"#,
-    // Leases that expire: a relay that dies or freezes holding a key gives it up after
-    // `lease`, and its late outcome is fenced out by the claim token.
-    r#"
-ALTER TABLE hr_keys ADD COLUMN lease_until bigint;
-CREATE INDEX hr_keys_leased ON hr_keys (lease_until) WHERE due_at IS NULL;
-"#,
-    // The count of unfinished triggers, spread over rows: one row updated by every commit
-    // of every relay would make their commits wait for each other.
-    r#"
-CREATE TABLE hr_open (shard integer PRIMARY KEY, open bigint NOT NULL);
-INSERT INTO hr_open (shard, open) SELECT s, CASE WHEN s = 0 THEN (SELECT open FROM hr_stats WHERE id = 1) ELSE 0 END
-  FROM generate_series(0, 15) AS s;
-"#,
-    limits::SCHEMA,
-    // Where the search for a key's next head starts (see `advance_key`).
-    r#"
-ALTER TABLE hr_keys ADD COLUMN floor bigint;
-UPDATE hr_keys SET floor = (SELECT min(id) FROM hr_triggers t
-                            WHERE t.order_key = hr_keys.order_key AND t.state IN ('queued', 'sending'));
-UPDATE hr_keys SET floor = head WHERE floor IS NULL;
-ALTER TABLE hr_keys ALTER COLUMN floor SET NOT NULL;
-"#,
-    // The queue's small, hot tables are rewritten at every claim and outcome: vacuum them
-    // after a fixed number of changes, not a fraction of their (tiny) size.
-    r#"
-ALTER TABLE hr_keys SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
-                         autovacuum_vacuum_cost_delay = 0);
-ALTER TABLE hr_open SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
-                         autovacuum_vacuum_cost_delay = 0);
-ALTER TABLE hr_limits SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 500,
-                           autovacuum_vacuum_cost_delay = 0);
-"#,
-    // Status posts and polls are queued work beside triggers; a pipeline is found by the
-    // trigger that started it, and a status key's newest post without reading the others.
-    r#"
-ALTER TABLE hr_triggers ADD COLUMN kind text NOT NULL DEFAULT 'trigger';
-ALTER TABLE hr_triggers ADD COLUMN status_target text;
-CREATE INDEX hr_triggers_pipeline ON hr_triggers (upstream, pipeline_id) WHERE pipeline_id IS NOT NULL AND kind = 'trigger';
-CREATE INDEX hr_triggers_statuses ON hr_triggers (order_key, id) WHERE kind = 'status';
-"#,
-    // The dashboard's pages of one source, newest first, without reading the others.
-    r#"
-CREATE INDEX hr_deliveries_source_received ON hr_deliveries (source, received_at);
-"#,
-    // A coalescing twin is looked for among waiting triggers only: the index of every
-    // trigger ever coalesced made each new one read its key's whole history.
-    r#"
-DROP INDEX hr_triggers_coalesce;
-CREATE INDEX hr_triggers_coalescing ON hr_triggers (coalesce_key, id) WHERE state = 'queued' AND coalesce_key IS NOT NULL;
-"#,
-    // A body is stored compressed already (LZ4): PostgreSQL's own compression of it only
-    // spent time failing (a tenth of the database's CPU under load), and moving a 3 KB row's
-    // body to the TOAST table cost two more rows and index entries per webhook. Rows up
-    // to a page stay whole; a larger body goes out of line uncompressed.
-    r#"
-ALTER TABLE hr_deliveries ALTER COLUMN body SET STORAGE EXTERNAL;
-ALTER TABLE hr_deliveries SET (toast_tuple_target = 8160);
-"#,
-];
 
 /// The PostgreSQL engine over one connection.
 pub struct PostgresEngine {
@@ -796,7 +678,11 @@ fn migrate(client: &mut Client) -> Result<(), postgres::Error> {
             &[],
         )?
         .get(0);
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+    for (i, sql) in schema::MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(version.max(0) as usize)
+    {
         tx.batch_execute(sql)?;
         tx.execute(
             "INSERT INTO hr_schema (version) VALUES ($1)",
