@@ -1026,6 +1026,24 @@ mod tests {
         held: Arc<AtomicBool>,
     }
 
+    impl FullDisk {
+        /// A store at `path` that works until a test throws one of its switches.
+        fn on(path: &Path) -> FullDisk {
+            FullDisk {
+                inner: SqliteEngine::open(path, Durability::Full).unwrap(),
+                full: Arc::default(),
+                broken_batches: None,
+                held: Arc::default(),
+            }
+        }
+
+        /// An outbox writing through this store and reading `path` directly.
+        fn start(self, path: &Path) -> Outbox {
+            let reader = SqliteEngine::open(path, Durability::Full).unwrap();
+            Outbox::start(Box::new(self), Box::new(reader), None).unwrap()
+        }
+    }
+
     impl Engine for FullDisk {
         fn describe(&self) -> String {
             self.inner.describe()
@@ -1195,14 +1213,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
         let held = Arc::new(AtomicBool::new(true));
-        let writer = FullDisk {
-            inner: SqliteEngine::open(&path, Durability::Full).unwrap(),
-            full: Arc::default(),
-            broken_batches: None,
+        let outbox = FullDisk {
             held: held.clone(),
-        };
-        let reader = SqliteEngine::open(&path, Durability::Full).unwrap();
-        let outbox = Outbox::start(Box::new(writer), Box::new(reader), None).unwrap();
+            ..FullDisk::on(&path)
+        }
+        .start(&path);
         // The writer takes the first records into a group and waits to begin it; they
         // keep their places until written, so the places fill.
         for i in 0..NOTES_WAITING {
@@ -1238,14 +1253,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
         let broken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let writer = FullDisk {
-            inner: SqliteEngine::open(&path, Durability::Full).unwrap(),
-            full: Arc::default(),
+        let outbox = FullDisk {
             broken_batches: Some(broken.clone()),
-            held: Arc::default(),
-        };
-        let reader = SqliteEngine::open(&path, Durability::Full).unwrap();
-        let outbox = Outbox::start(Box::new(writer), Box::new(reader), None).unwrap();
+            ..FullDisk::on(&path)
+        }
+        .start(&path);
         let mut sent = 0;
         // Requests sent together land in one group (at least once in a few tries).
         while broken.load(Ordering::SeqCst) == 0 && sent < 100 {
@@ -1275,14 +1287,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
         let full = Arc::new(AtomicBool::new(false));
-        let writer = FullDisk {
-            inner: SqliteEngine::open(&path, Durability::Full).unwrap(),
+        let outbox = FullDisk {
             full: full.clone(),
-            broken_batches: None,
-            held: Arc::default(),
-        };
-        let reader = SqliteEngine::open(&path, Durability::Full).unwrap();
-        let outbox = Outbox::start(Box::new(writer), Box::new(reader), None).unwrap();
+            ..FullDisk::on(&path)
+        }
+        .start(&path);
         outbox.accept(delivery("a")).await.unwrap();
         outbox.accept(delivery("b")).await.unwrap();
         let a = outbox.claim(8).await.unwrap().due.remove(0);

@@ -86,6 +86,23 @@ fn sent() -> Recorded {
     }
 }
 
+/// A send GitLab answered with pipeline `id` and its page.
+fn sent_to_pipeline(id: i64) -> Recorded {
+    Recorded::Sent {
+        status: 201,
+        pipeline_id: Some(id),
+        pipeline_url: Some(format!("https://gitlab.example/p/-/pipelines/{id}")),
+    }
+}
+
+/// A gateway call to project `p`, recorded with what the upstream answered.
+fn finished(recorded: Recorded) -> NewTrigger {
+    NewTrigger {
+        done: Some(recorded),
+        ..trigger("p")
+    }
+}
+
 fn failed() -> Recorded {
     Recorded::Failed {
         status: Some(404),
@@ -304,15 +321,7 @@ pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {
 /// A gateway call is recorded finished: nothing queued, and its row says what the upstream
 /// answered (state, status, error, pipeline) as an outcome written after a send would.
 pub fn finished_gateway_calls_are_not_queued(engine: &mut dyn Engine) {
-    let finished = |recorded: Recorded| NewTrigger {
-        done: Some(recorded),
-        ..trigger("p")
-    };
-    let sent = Recorded::Sent {
-        status: 201,
-        pipeline_id: Some(7),
-        pipeline_url: Some("https://gitlab.example/p/-/pipelines/7".into()),
-    };
+    let sent = sent_to_pipeline(7);
     let dry_run = Recorded::DryRun {
         would_send: "POST /api/v4/projects/p/trigger/pipeline".into(),
     };
@@ -385,15 +394,7 @@ pub fn finished_gateway_calls_are_not_queued(engine: &mut dyn Engine) {
 /// rows as one by one, nothing of theirs queued, their pipeline leading back to them;
 /// the webhooks beside them queued.
 pub fn gateway_calls_recorded_together_are_finished(engine: &mut dyn Engine) {
-    let finished = |recorded: Recorded| NewTrigger {
-        done: Some(recorded),
-        ..trigger("p")
-    };
-    let sent = Recorded::Sent {
-        status: 201,
-        pipeline_id: Some(9),
-        pipeline_url: Some("https://gitlab.example/p/-/pipelines/9".into()),
-    };
+    let sent = sent_to_pipeline(9);
     let group = [
         delivery("gateway-1", vec![finished(sent)]),
         delivery("gateway-2", vec![finished(failed())]),
