@@ -31,15 +31,14 @@ command -v nginx >/dev/null || missing+=(nginx-light)
 if ((${#missing[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+source benches/lib.sh
 work=$(mktemp -d); chmod 755 "$work"; pids=()
-pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort | tail -1)
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  [[ -f "$work/pg/data/postmaster.pid" ]] && runuser -u postgres -- "$pgbin/pg_ctl" stop -m fast -D "$work/pg/data" >/dev/null 2>&1 || true
+  stop_postgres "$work/pg"
   wait 2>/dev/null || true; rm -rf "$work"
 }
 trap cleanup EXIT
-source benches/lib.sh
 standin_port=$(free_port); relay_port=$(free_port)
 secret="It's a Secret to Everybody"
 payload=$PWD/tests/fixtures/github/push_tag.json
@@ -60,38 +59,27 @@ else
   cp "$work/relay-old/relay.toml" "$work/relay-new/relay.toml"
 fi
 declare -A rates p99s cpus db_cpus
-# cpu_ticks PID…: user + system clock ticks the processes have used so far.
-cpu_ticks() { local sum=0; for pid in "$@"; do [[ -r /proc/$pid/stat ]] && sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$sum"; }
 pg_port=""
 if [[ $STORE == postgres ]]; then
-  # As benches/cluster.sh: PostgreSQL's durability defaults, max_wal_size as the README says.
   pg_port=$(free_port)
-  mkdir -p "$work/pg" && chown postgres:postgres "$work/pg"
-  runuser -u postgres -- "$pgbin/initdb" -A trust -U postgres -D "$work/pg/data" >/dev/null
-  runuser -u postgres -- "$pgbin/pg_ctl" start -w -D "$work/pg/data" -l "$work/pg/log" \
-    -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1 -c max_connections=200 -c max_wal_size=8GB" >/dev/null
+  start_postgres "$work/pg" "$pg_port"
 fi
 for round in $(seq "$ROUNDS"); do
   for which in old new; do
     bin=$OLD; [[ $which == new ]] && bin=$NEW
     rm -rf "$work/state"
     if [[ -n $pg_port ]]; then
-      runuser -u postgres -- "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres "ab_${which}_$round"
+      runuser -u postgres -- "$(postgres_bin)/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres "ab_${which}_$round"
       printf '[store]\nurl = "postgres://postgres@127.0.0.1:%s/ab_%s_%s"\n' "$pg_port" "$which" "$round" \
         >"$work/relay-$which/store.toml"
     fi
     "$bin" serve --config "$work/relay-$which" --state "$work/state" >"$work/$which.log" 2>&1 & pid=$!
     wait_for "http://127.0.0.1:$relay_port/healthz"; sleep 1
-    # This PostgreSQL's processes: its postmaster and every process it started.
-    database=""
-    if [[ -n $pg_port ]]; then
-      postmaster=$(head -1 "$work/pg/data/postmaster.pid")
-      database="$postmaster $(pgrep -P "$postmaster" | tr '\n' ' ')"
-    fi
-    before=$(cpu_ticks "$pid"); db_before=$(cpu_ticks $database); machine_before=$(cpu_times)
+    database=""; [[ -n $pg_port ]] && database=$(postgres_pids "$work/pg")
+    before=$(process_ticks "$pid"); db_before=$(process_ticks $database); machine_before=$(cpu_times)
     out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" \
       wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$url")
-    ticks=$(($(cpu_ticks "$pid") - before)); db_ticks=$(($(cpu_ticks $database) - db_before))
+    ticks=$(($(process_ticks "$pid") - before)); db_ticks=$(($(process_ticks $database) - db_before))
     rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
     done_count=$(awk '/requests in/ {print $1}' <<<"$out")
     cpu=$(python3 -c "print(round($ticks * 1e6 / $(getconf CLK_TCK) / $done_count, 1))")

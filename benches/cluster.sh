@@ -32,23 +32,19 @@ if [[ -z "${HOOKRELAY:-}" ]]; then
   HOOKRELAY=target/release/hookrelay
 fi
 HOOKRELAY=$(realpath "$HOOKRELAY")
-pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort | tail -1)
+source benches/lib.sh
+pgbin=$(postgres_bin)
 
 work=$(mktemp -d)
 chmod 755 "$work"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  [[ -f "$work/pg/data/postmaster.pid" ]] && runuser -u postgres -- "$pgbin/pg_ctl" stop -m fast -D "$work/pg/data" >/dev/null 2>&1 || true
+  stop_postgres "$work/pg"
   wait 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-source benches/lib.sh
-# CPU ticks (user + system) of the given processes.
-ticks() { local sum=0; for pid in "$@"; do [[ -r /proc/$pid/stat ]] && sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$sum"; }
-pg_pids() { pgrep -u postgres -f "postgres" | tr '\n' ' '; }
 
 standin_port=$(free_port); pg_port=$(free_port); sqlite_port=$(free_port)
 relay_ports=($(free_port) $(free_port) $(free_port) $(free_port))
@@ -57,13 +53,7 @@ secret="It's a Secret to Everybody"
 payload=$PWD/tests/fixtures/github/push_tag.json
 signature=$(github_signature "$secret" "$payload")
 
-# PostgreSQL, defaults for durability, as the unprivileged postgres user; max_wal_size as
-# the README recommends for a busy cluster (the default 1 GB forces a checkpoint every half
-# minute at these rates, and a run that meets one measures the checkpoint).
-mkdir -p "$work/pg" && chown postgres:postgres "$work/pg"
-runuser -u postgres -- "$pgbin/initdb" -A trust -U postgres -D "$work/pg/data" >/dev/null
-runuser -u postgres -- "$pgbin/pg_ctl" start -w -D "$work/pg/data" -l "$work/pg/log" \
-  -o "-p $pg_port -k $work/pg -c listen_addresses=127.0.0.1 -c max_connections=200 -c max_wal_size=8GB" >/dev/null
+start_postgres "$work/pg" "$pg_port"
 runuser -u postgres -- "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres hookrelay
 database="postgres://postgres@127.0.0.1:$pg_port/hookrelay"
 
@@ -106,14 +96,14 @@ results=()
 run() {
   local name=$1 port=$2; shift 2
   local relays=("$@") pg
-  pg=$(pg_pids)
+  pg=$(postgres_pids "$work/pg")
   local relay_before pg_before out
-  relay_before=$(ticks "${relays[@]}"); pg_before=$(ticks $pg)
+  relay_before=$(process_ticks "${relays[@]}"); pg_before=$(process_ticks $pg)
   out=$(BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="cluster-$$-$RANDOM-$name" \
         wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/peers/signed.lua "http://127.0.0.1:$port/hooks/github")
   local relay_cpu pg_cpu completed rate p50 p99 errors hz
   hz=$(getconf CLK_TCK)
-  relay_cpu=$(( $(ticks "${relays[@]}") - relay_before )); pg_cpu=$(( $(ticks $pg) - pg_before ))
+  relay_cpu=$(( $(process_ticks "${relays[@]}") - relay_before )); pg_cpu=$(( $(process_ticks $pg) - pg_before ))
   completed=$(awk '/requests in/ {print $1}' <<<"$out")
   rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")

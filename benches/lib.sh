@@ -3,6 +3,41 @@
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
 
+# process_ticks PID…: user + system clock ticks the processes have used so far (a process
+# that is gone counts nothing).
+process_ticks() {
+  local sum=0
+  for pid in "$@"; do
+    [[ -r /proc/$pid/stat ]] && sum=$((sum + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$sum"
+}
+
+# PostgreSQL's server binaries from Debian's postgresql package (the newest version).
+postgres_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort | tail -1; }
+# start_postgres DIR PORT: a throwaway PostgreSQL in DIR on 127.0.0.1:PORT, run as the
+# unprivileged postgres user (it refuses root). Its durability defaults (fsync and
+# synchronous_commit on), but max_wal_size as the README recommends for a busy cluster:
+# the default 1 GB forces a checkpoint every half minute at these rates, and a run that
+# meets one measures the checkpoint.
+start_postgres() {
+  local bin; bin=$(postgres_bin)
+  mkdir -p "$1" && chown postgres:postgres "$1"
+  runuser -u postgres -- "$bin/initdb" -A trust -U postgres -D "$1/data" >/dev/null
+  runuser -u postgres -- "$bin/pg_ctl" start -w -D "$1/data" -l "$1/log" \
+    -o "-p $2 -k $1 -c listen_addresses=127.0.0.1 -c max_connections=200 -c max_wal_size=8GB" >/dev/null
+}
+# stop_postgres DIR: stops start_postgres's server in DIR, if it runs.
+stop_postgres() {
+  [[ -f "$1/data/postmaster.pid" ]] || return 0
+  runuser -u postgres -- "$(postgres_bin)/pg_ctl" stop -m fast -D "$1/data" >/dev/null 2>&1 || true
+}
+# postgres_pids DIR: the server's postmaster and every process it started.
+postgres_pids() {
+  local postmaster; postmaster=$(head -1 "$1/data/postmaster.pid")
+  echo "$postmaster $(pgrep -P "$postmaster" | tr '\n' ' ')"
+}
+
 # cpu_times: this machine's CPU time so far, in ticks, "all steal" (/proc/stat's first line;
 # steal is time the host ran someone else while this machine had work).
 cpu_times() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat; }
