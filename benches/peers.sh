@@ -14,12 +14,20 @@
 # and hookrelay's resident memory idle and under load. Prints req/s, p50, p99 and the
 # ratios. Installs wrk, webhook and nginx-light from Debian's packages when missing.
 #
-# Run: benches/peers.sh        (env: DURATION=10s, CONNECTIONS=64, HOOKRELAY=path/to/binary)
+# Then the same systems again at one offered load below all their capacities (PACE_MS=32:
+# each connection waits a random 0..2×PACE_MS between its requests, so 64 connections offer
+# about 2,000 a second): what each adds to a request when nothing queues for the CPU. At
+# full load the latencies follow from the rates (64 connections / req/s), so this is where
+# a gateway's own added latency shows.
+#
+# Run: benches/peers.sh        (env: DURATION=10s, CONNECTIONS=64, PACE_MS=32,
+#                               HOOKRELAY=path/to/binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
+PACE_MS=${PACE_MS:-32}
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v webhook >/dev/null || missing+=(webhook)
@@ -142,14 +150,17 @@ prefix="peers-$$-$(date +%s)"
 run "nginx return 200 (ceiling)" "http://127.0.0.1:$nginx_port/" benches/peers/signed.lua
 # adnanh/webhook answers before the command it starts has run; wait until every /bin/true
 # it still has to start has finished, so the next system is measured on an idle machine.
+webhook_idle() {
+  local webhook_pid quiet=0
+  webhook_pid=$(pgrep -f "webhook -hooks $work/hooks.json" | head -1)
+  for _ in $(seq 1200); do
+    if pgrep -P "$webhook_pid" >/dev/null; then quiet=0; else quiet=$((quiet + 1)); fi
+    ((quiet >= 10)) && break
+    sleep 0.1
+  done
+}
 run "adnanh/webhook (HMAC + regex, /bin/true)" "http://127.0.0.1:$webhook_port/hooks/github" benches/peers/signed.lua
-webhook_pid=$(pgrep -f "webhook -hooks $work/hooks.json" | head -1)
-quiet=0
-for _ in $(seq 1200); do
-  if pgrep -P "$webhook_pid" >/dev/null; then quiet=0; else quiet=$((quiet + 1)); fi
-  ((quiet >= 10)) && break
-  sleep 0.1
-done
+webhook_idle
 run "hookrelay /hooks/github (new)" "http://127.0.0.1:$relay_port/hooks/github" benches/peers/signed.lua DELIVERY_PREFIX="$prefix"
 load_rss=$(rss_kib "$relay_pid")
 drain_seconds=$(drained)
@@ -162,6 +173,16 @@ run "nginx proxy_pass -> stand-in" "http://127.0.0.1:$proxy_port/api/v4/projects
 CONNS=1 run "stand-in GitLab, direct, 1 conn" "http://127.0.0.1:$standin_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
 CONNS=1 run "hookrelay gateway, 1 conn" "http://127.0.0.1:$relay_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
 CONNS=1 run "nginx proxy_pass, 1 conn" "http://127.0.0.1:$proxy_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua
+
+# The same at one offered load that every system keeps up with.
+paced="paced ~$((CONNECTIONS * 1000 / PACE_MS))/s"
+run "adnanh/webhook, $paced" "http://127.0.0.1:$webhook_port/hooks/github" benches/peers/signed.lua PACE_MS="$PACE_MS"
+webhook_idle
+run "hookrelay /hooks/github (new), $paced" "http://127.0.0.1:$relay_port/hooks/github" benches/peers/signed.lua DELIVERY_PREFIX="$prefix-paced" PACE_MS="$PACE_MS"
+drained >/dev/null
+run "stand-in GitLab, direct, $paced" "http://127.0.0.1:$standin_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua PACE_MS="$PACE_MS"
+run "hookrelay gateway, $paced" "http://127.0.0.1:$relay_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua PACE_MS="$PACE_MS"
+run "nginx proxy_pass, $paced" "http://127.0.0.1:$proxy_port/api/v4/projects/9/trigger/pipeline" benches/peers/form.lua PACE_MS="$PACE_MS"
 
 # 1,000 open connections, each with half a request sent, held for a few seconds.
 python3 - "$relay_port" <<'PY' &
@@ -177,10 +198,10 @@ conn_rss=$(rss_kib "$relay_pid")
 wait "$holder"
 
 echo "peers, one run: wrk -t1 -c$CONNECTIONS -d$DURATION on 127.0.0.1, $(nproc) cores"
-printf '%-44s %12s %10s %10s %8s\n' system req/s p50 p99 non-2xx
+printf '%-50s %12s %10s %10s %8s\n' system req/s p50 p99 non-2xx
 for row in "${results[@]}"; do
   IFS='|' read -r name rate p50 p99 errors <<<"$row"
-  printf '%-44s %12s %10s %10s %8s\n' "$name" "$rate" "$p50" "$p99" "$errors"
+  printf '%-50s %12s %10s %10s %8s\n' "$name" "$rate" "$p50" "$p99" "$errors"
 done
 rate_of() { for row in "${results[@]}"; do IFS='|' read -r n r _ _ _ <<<"$row"; [[ $n == "$1" ]] && echo "$r"; done; }
 p99_of() { for row in "${results[@]}"; do IFS='|' read -r n _ _ p _ <<<"$row"; [[ $n == "$1" ]] && echo "$p"; done; }
@@ -194,6 +215,10 @@ echo "gateway p99 over direct p99, 64 conns: $(awk -v a="$(ms "$(p99_of "hookrel
 echo "gateway p99 over direct p99, 1 conn:   $(awk -v a="$(ms "$(p99_of "hookrelay gateway, 1 conn")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct, 1 conn")")" 'BEGIN { printf "%+.2f ms", a - b }')"
 echo "nginx proxy p99 over direct p99, 64:   $(awk -v a="$(ms "$(p99_of "nginx proxy_pass -> stand-in")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct")")" 'BEGIN { printf "%+.2f ms", a - b }')"
 echo "nginx proxy p99 over direct p99, 1:    $(awk -v a="$(ms "$(p99_of "nginx proxy_pass, 1 conn")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct, 1 conn")")" 'BEGIN { printf "%+.2f ms", a - b }')"
+over_direct() { awk -v a="$(ms "$(p99_of "$1")")" -v b="$(ms "$(p99_of "stand-in GitLab, direct, $paced")")" 'BEGIN { printf "%+.2f ms", a - b }'; }
+echo "gateway p99 over direct p99, $paced:    $(over_direct "hookrelay gateway, $paced")"
+echo "nginx proxy p99 over direct p99, $paced: $(over_direct "nginx proxy_pass, $paced")"
+echo "hookrelay /hooks p99, $paced:           $(p99_of "hookrelay /hooks/github (new), $paced") (adnanh/webhook: $(p99_of "adnanh/webhook, $paced"))"
 echo "gateway / direct throughput:            $(ratio "$(rate_of "hookrelay gateway -> stand-in")" "$(rate_of "stand-in GitLab, direct")")x"
 echo "hookrelay RSS: idle $((idle_rss / 1024)) MiB, after the ack run $((load_rss / 1024)) MiB, with 1,000 open connections $((conn_rss / 1024)) MiB"
 sent=$(grep -c 'forwarder: trigger sent' "$work/relay.log" || true)
