@@ -551,6 +551,8 @@ async fn act(
         .to_string(),
         triggers: Vec::new(),
     }).await;
+    // The page the answer leads to shows the action's record.
+    app.outbox.flush().await;
     if api {
         return json_answer(
             if ok {
