@@ -634,9 +634,10 @@ impl Writer {
     }
 
     /// One group: kept records first, then the batch, one savepoint each, one commit.
-    /// Claims go in a transaction of their own after it: a claim locks keys, and a shared
-    /// store's relays must never hold a key while they wait for anything else (the writes
-    /// of a group wait on other relays' uncommitted deliveries; claims wait on nothing).
+    /// On a shared store claims go in a transaction of their own after it: a claim locks
+    /// keys, and a shared store's relays must never hold a key while they wait for
+    /// anything else (the writes of a group wait on other relays' uncommitted deliveries;
+    /// claims wait on nothing). On a store of its own, claims come last in the same one.
     fn group(&mut self, batch: Vec<Op>) {
         let (claims, mut writes): (Vec<Op>, Vec<Op>) = batch
             .into_iter()
@@ -645,6 +646,11 @@ impl Writer {
         // in a cycle: deliveries by id, outcomes by trigger (stable: one trigger's stay in
         // order).
         writes.sort_by(|a, b| write_order(a).cmp(&write_order(b)));
+        if self.engine.claims_share_commits() {
+            writes.extend(claims);
+            self.write_group(writes, true);
+            return;
+        }
         if !writes.is_empty() || claims.is_empty() || !self.pending.is_empty() {
             self.write_group(writes, true);
         }

@@ -864,6 +864,14 @@ pub trait Engine: Send + 'static {
     /// Ends the request's savepoint: kept, or rolled back when the request failed.
     fn release(&mut self, keep: bool);
 
+    /// Whether claims may share a group's transaction with its writes (after them): for a
+    /// store only this process writes, where a claim never waits on anyone. A shared
+    /// store's claims go apart, so that no relay holds a key while it waits (see
+    /// `Writer::group`).
+    fn claims_share_commits(&self) -> bool {
+        false
+    }
+
     /// The store's clock minus this process's, as last seen (milliseconds): the database's
     /// clock decides for a shared store.
     fn clock_skew(&self) -> i64 {

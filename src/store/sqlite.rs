@@ -466,6 +466,11 @@ impl Engine for SqliteEngine {
             .map_err(error)
     }
 
+    /// One writer per state folder (its lock), so a claim waits on nobody.
+    fn claims_share_commits(&self) -> bool {
+        true
+    }
+
     fn commit(&mut self) -> Result<(), EngineError> {
         let result = self
             .conn
