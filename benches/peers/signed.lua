@@ -20,11 +20,5 @@ request = function()
   return wrk.format()
 end
 
--- PACE_MS: each connection waits a random 0..2×PACE_MS between its requests, so 64
--- connections offer about 64000/PACE_MS requests a second, below every system's capacity.
-local pace = tonumber(os.getenv("PACE_MS") or "0")
-if pace > 0 then
-  delay = function()
-    return math.random(0, 2 * pace)
-  end
-end
+-- PACE_MS: requests paced below every system's capacity (pace.lua, beside this script).
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "pace.lua")

@@ -1,0 +1,595 @@
+//! The writer thread: every write to the store goes through it, in groups that share one
+//! commit (the outbox's module comment says what that promises). A group takes whatever waits when
+//! the last one ends; kept outcomes of sends go first, then webhooks together, then each
+//! request in a savepoint of its own, then claims (in the same transaction on a store of
+//! this process's own, in one of their own on a shared one). Replies go out once the commit
+//! is known.
+
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot};
+
+use super::{Accepted, NewDelivery, Op, RETRY_EVERY, Recorded, StoreHealth, now_ms};
+use crate::store::lock::StateLock;
+use crate::store::{Engine, EngineError, Lease};
+
+/// Most requests one commit takes.
+const GROUP_MAX: usize = 512;
+/// How long a group of records nobody waits for stays open for more (see [`gather`]).
+const NOTES_GATHER: Duration = Duration::from_millis(10);
+/// Deliveries deleted per pruning step, so pruning never holds the writer for long.
+const PRUNE_BATCH: usize = 500;
+
+/// Takes the requests waiting behind the first into its group. Records nobody waits for
+/// (gateway calls' and refusals') wait up to `notes_wait` ([`NOTES_GATHER`]) for company
+/// while nothing else is in the group: a commit costs about the same for one record as for
+/// a hundred, and at 2,000 calls a second one commit per call or two cost a tenth more CPU
+/// per call. Anything else that arrives (a webhook, a claim) is written at once, with them.
+fn gather(requests: &mpsc::Receiver<Op>, batch: &mut Vec<Op>, notes_wait: Duration) {
+    let until = std::time::Instant::now() + notes_wait;
+    loop {
+        while batch.len() < GROUP_MAX {
+            match requests.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let only_notes = batch.iter().all(|op| matches!(op, Op::Note(..)));
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if batch.is_empty() || !only_notes || batch.len() >= GROUP_MAX || left.is_zero() {
+            return;
+        }
+        match requests.recv_timeout(left) {
+            Ok(op) => batch.push(op),
+            Err(_) => return,
+        }
+    }
+}
+
+/// The writer thread's state.
+pub(super) struct Writer {
+    /// Where the store's clock skew is published for [`super::Outbox::clock`].
+    skew: Arc<std::sync::atomic::AtomicI64>,
+    engine: Box<dyn Engine>,
+    queued: Arc<Notify>,
+    health: Arc<StoreHealth>,
+    /// Outcomes of sends the store has not taken yet, oldest first.
+    pending: Vec<(Lease, Recorded)>,
+    /// Each kind of failure is said at most once a [`RETRY_EVERY`], with how many were not.
+    logged: crate::limits::Throttle<&'static str>,
+    /// The state folder's lock, held as long as the writer runs.
+    _lock: Option<StateLock>,
+}
+
+/// What one group did, for replies and for the store's health.
+#[derive(Default)]
+struct GroupOutcome {
+    replies: Vec<Reply>,
+    /// Records to keep for the next group if this commit fails.
+    records: Vec<(Lease, Recorded)>,
+    /// Something was written (not only claims that found nothing).
+    wrote: bool,
+    new_triggers: bool,
+    /// The first transient failure of an operation in the group.
+    failure: Option<String>,
+}
+
+impl Writer {
+    /// Starts the writer thread over `engine`, taking `requests` until every sender is
+    /// gone; it holds the state folder's `lock` as long as it runs.
+    pub(super) fn spawn(
+        engine: Box<dyn Engine>,
+        requests: mpsc::Receiver<Op>,
+        queued: Arc<Notify>,
+        health: Arc<StoreHealth>,
+        skew: Arc<std::sync::atomic::AtomicI64>,
+        lock: Option<StateLock>,
+    ) -> std::io::Result<()> {
+        let writer = Writer {
+            skew,
+            engine,
+            queued,
+            health,
+            pending: Vec::new(),
+            logged: crate::limits::Throttle::new(RETRY_EVERY),
+            _lock: lock,
+        };
+        std::thread::Builder::new()
+            .name("hookrelay-store".into())
+            .spawn(move || writer.run(requests))?;
+        Ok(())
+    }
+
+    /// Takes every waiting request into one transaction and commits once; while the store
+    /// fails, tries the kept records (or a probe) again every second.
+    fn run(mut self, requests: mpsc::Receiver<Op>) {
+        loop {
+            let first = if self.pending.is_empty() && self.health.problem().is_none() {
+                match requests.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            } else {
+                match requests.recv_timeout(RETRY_EVERY) {
+                    Ok(op) => Some(op),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.group(Vec::new());
+                        break;
+                    }
+                }
+            };
+            let mut batch: Vec<Op> = first.into_iter().collect();
+            gather(&requests, &mut batch, NOTES_GATHER);
+            self.group(batch);
+        }
+        if !self.pending.is_empty() {
+            tracing::error!(
+                outcomes = self.pending.len(),
+                "the delivery store never took these send outcomes; their triggers will be sent again at the next start"
+            );
+        }
+    }
+
+    /// One group: kept records first, then the batch, one savepoint each, one commit.
+    /// On a shared store claims go in a transaction of their own after it: a claim locks
+    /// keys, and a shared store's relays must never hold a key while they wait for
+    /// anything else (the writes of a group wait on other relays' uncommitted deliveries;
+    /// claims wait on nothing). On a store of its own, claims come last in the same one.
+    fn group(&mut self, batch: Vec<Op>) {
+        let (claims, mut writes): (Vec<Op>, Vec<Op>) = batch
+            .into_iter()
+            .partition(|op| matches!(op, Op::Claim(..)));
+        // The same order on every relay, so two groups never wait for each other's rows
+        // in a cycle: deliveries by id, outcomes by trigger (stable: one trigger's stay in
+        // order).
+        writes.sort_by(|a, b| write_order(a).cmp(&write_order(b)));
+        if self.engine.claims_share_commits() {
+            writes.extend(claims);
+            self.write_group(writes, true);
+            return;
+        }
+        if !writes.is_empty() || claims.is_empty() || !self.pending.is_empty() {
+            self.write_group(writes, true);
+        }
+        if !claims.is_empty() {
+            self.write_group(claims, false);
+        }
+    }
+
+    /// One transaction; `with_pending`: the kept outcomes go first.
+    fn write_group(&mut self, batch: Vec<Op>, with_pending: bool) {
+        // Only a commit that precedes an acknowledgement needs to reach the disk first.
+        let durable = batch.iter().any(|op| {
+            matches!(
+                op,
+                Op::Accept(..) | Op::Replay(..) | Op::Pipeline(_, None, _)
+            )
+        });
+        let probe = batch.is_empty() && self.pending.is_empty();
+        let pending = if with_pending {
+            std::mem::take(&mut self.pending)
+        } else {
+            Vec::new()
+        };
+        let now = now_ms();
+        let mut outcome = GroupOutcome::default();
+        let mut begun = self.engine.begin(durable);
+        // The group's webhooks first, together where the engine can: nothing else is in
+        // the transaction yet, so a failed batch is undone by a rollback (no savepoint
+        // round trips), and the group goes one by one in a new transaction.
+        let batch = match begun {
+            Ok(()) => {
+                let (batch, failed) = self.accept_together(batch, now, &mut outcome);
+                if failed {
+                    self.engine.rollback();
+                    begun = self.engine.begin(durable);
+                }
+                batch
+            }
+            Err(_) => batch,
+        };
+        if let Err(err) = begun {
+            outcome.records = pending;
+            for op in batch {
+                self.fail_op(op, &err, &mut outcome);
+            }
+            self.finish(Err(err), outcome);
+            return;
+        }
+        for (lease, recorded) in pending {
+            self.record(lease, recorded, now, &mut outcome);
+        }
+        if probe {
+            match self.engine.probe(now) {
+                Ok(()) => outcome.wrote = true,
+                Err(err) => outcome.failure = Some(err.message),
+            }
+        }
+        self.skew.store(
+            self.engine.clock_skew(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        for op in batch {
+            self.apply(op, now, &mut outcome);
+        }
+        let committed = self.engine.commit();
+        self.finish(committed, outcome);
+    }
+
+    /// Records the group's webhooks in one go where the engine can (a few statements for
+    /// the whole group), and its gateway calls' records in another, as the first things in
+    /// the transaction; returns the requests left to run one by one (all of them when the
+    /// engine cannot), and whether a batch failed (then the caller rolls the transaction
+    /// back: the batches wrote nothing that stays).
+    fn accept_together(
+        &mut self,
+        batch: Vec<Op>,
+        now: i64,
+        outcome: &mut GroupOutcome,
+    ) -> (Vec<Op>, bool) {
+        let (accepts, rest): (Vec<Op>, Vec<Op>) = batch
+            .into_iter()
+            .partition(|op| matches!(op, Op::Accept(..)));
+        let (notes, mut left): (Vec<Op>, Vec<Op>) =
+            rest.into_iter().partition(|op| matches!(op, Op::Note(..)));
+        let mut recorded = Vec::new();
+        let mut failed = false;
+        let mut kinds = [accepts, notes].into_iter();
+        while let Some(kind) = kinds.next() {
+            if kind.len() < 2 {
+                left.extend(kind);
+                continue;
+            }
+            let deliveries: Vec<&NewDelivery> = kind
+                .iter()
+                .map(|op| match op {
+                    Op::Accept(delivery, _) | Op::Note(delivery, _) => delivery,
+                    _ => unreachable!("only accepts and notes are recorded together"),
+                })
+                .collect();
+            match self.engine.insert_deliveries(&deliveries, now) {
+                Some(Ok(answers)) => recorded.push((kind, answers)),
+                Some(Err(err)) => {
+                    if self.logged.allow("batch").is_some() {
+                        tracing::warn!(reason = %err, "recording webhooks together failed; recording them one by one");
+                    }
+                    // Undone by the caller's rollback: everything goes one by one.
+                    left.extend(kind);
+                    left.extend(kinds.by_ref().flatten());
+                    left.extend(recorded.drain(..).flat_map(|(kind, _)| kind));
+                    failed = true;
+                    break;
+                }
+                None => left.extend(kind),
+            }
+        }
+        for (op, answer_of) in recorded
+            .into_iter()
+            .flat_map(|(kind, answers)| kind.into_iter().zip(answers))
+        {
+            let result = Ok(answer_of);
+            outcome.note_result(&result);
+            match op {
+                Op::Accept(_, reply) => {
+                    if matches!(&result, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
+                    {
+                        outcome.new_triggers = true;
+                    }
+                    outcome.replies.push(answer(reply, result));
+                }
+                Op::Note(..) => {}
+                _ => unreachable!("only accepts and notes are recorded together"),
+            }
+        }
+        // One by one in the group's order, as if nothing had been taken out.
+        left.sort_by(|a, b| write_order(a).cmp(&write_order(b)));
+        (left, failed)
+    }
+
+    /// Runs one request inside the open transaction.
+    fn apply(&mut self, op: Op, now: i64, outcome: &mut GroupOutcome) {
+        match op {
+            Op::Accept(delivery, reply) => {
+                let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
+                if matches!(&result, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
+                {
+                    outcome.new_triggers = true;
+                }
+                outcome.note_result(&result);
+                outcome.replies.push(answer(reply, result));
+            }
+            Op::Note(delivery, _) => {
+                let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
+                if let Err(err) = &result
+                    && self.logged.allow("note").is_some()
+                {
+                    tracing::warn!(reason = %err, "a gateway call's record could not be stored");
+                }
+                outcome.note_result(&result);
+            }
+            Op::Claim(limit, reply) => {
+                let result = self.in_savepoint(|engine| engine.claim(now, limit));
+                if matches!(&result, Ok(claimed) if !claimed.due.is_empty()) {
+                    outcome.wrote = true;
+                }
+                if let Err(err) = &result
+                    && err.transient
+                {
+                    outcome.failure.get_or_insert_with(|| err.message.clone());
+                }
+                outcome.replies.push(answer(reply, result));
+            }
+            Op::Record(lease, recorded) => self.record(lease, recorded, now, outcome),
+            Op::Pipeline(update, poll, reply) => {
+                let result = self.in_savepoint(|engine| {
+                    if let Some((lease, recorded)) = &poll
+                        && !engine.record(*lease, recorded, now)?
+                    {
+                        return Ok(crate::status::Applied::Skipped(
+                            "the poll's claim is no longer current".into(),
+                        ));
+                    }
+                    crate::status::apply_pipeline(engine, &update, now)
+                });
+                outcome.new_triggers |= result.is_ok();
+                outcome.note_result(&result);
+                match (&result, poll) {
+                    (Err(err), Some((lease, _))) if err.transient => {
+                        // Asked again once the store takes writes: the key is due again.
+                        self.pending.push((lease, Recorded::Released));
+                    }
+                    (Err(err), _) if self.logged.allow("pipeline").is_some() => {
+                        tracing::warn!(pipeline = update.event.pipeline_id, reason = %err, "a pipeline's state could not be stored");
+                    }
+                    _ => {}
+                }
+                if let Some(reply) = reply {
+                    outcome.replies.push(answer(reply, result));
+                }
+            }
+            Op::Replay(target, reply) => {
+                let result = self.in_savepoint(|engine| engine.replay(&target, now));
+                outcome.new_triggers |= result.is_ok();
+                outcome.note_result(&result);
+                outcome.replies.push(answer(reply, result));
+            }
+            Op::Prune(before, after, reply) => {
+                let result = self.in_savepoint(|engine| engine.prune(before, PRUNE_BATCH, after));
+                outcome.note_result(&result);
+                outcome.replies.push(answer(reply, result));
+            }
+            Op::Flush(reply) => outcome.replies.push(Box::new(move |_| {
+                let _ = reply.send(());
+            })),
+        }
+    }
+
+    /// Records one outcome; a transient failure keeps it for the next group.
+    fn record(&mut self, lease: Lease, recorded: Recorded, now: i64, outcome: &mut GroupOutcome) {
+        let result = self.in_savepoint(|engine| engine.record(lease, &recorded, now));
+        if matches!(result, Ok(true)) && lease.reports_status {
+            // The first status of the trigger's pipeline, where its source reports them.
+            // A failure here keeps the outcome: the trigger was sent, whatever the status.
+            let status = self.in_savepoint(|engine| {
+                crate::status::after_trigger(engine, lease.trigger, &recorded, now)
+            });
+            if let Err(err) = status
+                && self.logged.allow("status").is_some()
+            {
+                tracing::warn!(trigger = lease.trigger, reason = %err, "the first status of a trigger's pipeline could not be queued");
+            }
+        }
+        match result {
+            Ok(true) => {
+                outcome.wrote = true;
+                // The key's head is due again, or the next trigger of its key now is.
+                outcome.new_triggers = true;
+                // A later commit failure undoes it: keep it until the commit is known.
+                outcome.records.push((lease, recorded));
+            }
+            Ok(false) => {
+                // The lease is no longer current: another claim owns the trigger now.
+                tracing::warn!(
+                    trigger = lease.trigger,
+                    "an outcome arrived for a claim that is no longer current; not recorded"
+                );
+            }
+            Err(err) if err.transient => {
+                outcome.failure.get_or_insert_with(|| err.message.clone());
+                self.pending.push((lease, recorded));
+            }
+            Err(err) => {
+                if self.logged.allow("record").is_some() {
+                    tracing::error!(trigger = lease.trigger, reason = %err, "could not record a trigger's outcome");
+                }
+            }
+        }
+    }
+
+    fn in_savepoint<T>(
+        &mut self,
+        op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        self.engine.savepoint()?;
+        let result = op(self.engine.as_mut());
+        self.engine.release(result.is_ok());
+        result
+    }
+
+    /// Answers a request that never ran because the group could not begin.
+    fn fail_op(&mut self, op: Op, err: &EngineError, outcome: &mut GroupOutcome) {
+        match op {
+            Op::Accept(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Claim(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Replay(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Prune(_, _, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Record(lease, recorded) => self.pending.push((lease, recorded)),
+            Op::Pipeline(_, poll, reply) => {
+                if let Some((lease, _)) = poll {
+                    self.pending.push((lease, Recorded::Released));
+                }
+                if let Some(reply) = reply {
+                    outcome.replies.push(answer(reply, Err(err.clone())));
+                }
+            }
+            Op::Note(..) => {}
+            Op::Flush(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Answers the group once its commit is known, and updates the store's health.
+    fn finish(&mut self, committed: Result<(), EngineError>, outcome: GroupOutcome) {
+        let GroupOutcome {
+            replies,
+            records,
+            wrote,
+            new_triggers,
+            failure,
+        } = outcome;
+        let commit_failure = committed.err();
+        if let Some(err) = &commit_failure {
+            // Nothing of this group happened: its records wait for the next one, in order.
+            let mut kept = records;
+            kept.append(&mut self.pending);
+            self.pending = kept;
+            if let Some(held_back) = self.logged.allow("commit") {
+                tracing::error!(
+                    reason = %err, held_back,
+                    "the delivery store could not commit; nothing in this group was acknowledged"
+                );
+            }
+        }
+        let problem = commit_failure
+            .as_ref()
+            .filter(|err| err.transient)
+            .map(|err| err.message.clone())
+            .or(failure);
+        match &problem {
+            Some(reason) => {
+                if self.health.problem().is_none() {
+                    tracing::error!(%reason, "the delivery store cannot be written; webhooks are refused until it can");
+                }
+                self.health.set(Some(reason.clone()));
+            }
+            None if wrote && self.pending.is_empty() => {
+                if self.health.problem().is_some() {
+                    tracing::info!("the delivery store takes writes again");
+                }
+                self.health.set(None);
+            }
+            None => {}
+        }
+        let failed = commit_failure.map(|err| EngineError {
+            message: format!("commit failed: {}", err.message),
+            ..err
+        });
+        for reply in replies {
+            reply(failed.as_ref());
+        }
+        if new_triggers && failed.is_none() {
+            self.queued.notify_one();
+        }
+    }
+}
+
+impl GroupOutcome {
+    fn note_result<T>(&mut self, result: &Result<T, EngineError>) {
+        match result {
+            Ok(_) => self.wrote = true,
+            Err(err) if err.transient => {
+                self.failure.get_or_insert_with(|| err.message.clone());
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Where a write goes in its group (see [`Writer::group`]).
+fn write_order(op: &Op) -> (u8, &str, &str, i64) {
+    match op {
+        Op::Accept(delivery, _) | Op::Note(delivery, _) => {
+            (0, &delivery.source, &delivery.delivery_id, 0)
+        }
+        Op::Record(lease, _) => (1, "", "", lease.trigger),
+        Op::Pipeline(update, _, _) => (2, &update.upstream, "", update.event.pipeline_id),
+        _ => (3, "", "", 0),
+    }
+}
+
+/// Answers a request once its group's commit is known: the request's own outcome, or the
+/// commit's failure, which undoes everything in the group.
+type Reply = Box<dyn FnOnce(Option<&EngineError>) + Send>;
+
+fn answer<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, EngineError>>,
+    outcome: Result<T, EngineError>,
+) -> Reply {
+    Box::new(move |failed| {
+        let _ = reply.send(match failed {
+            Some(err) => Err(err.clone()),
+            None => outcome,
+        });
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noted(id: &str) -> Op {
+        let places = Arc::new(tokio::sync::Semaphore::new(1));
+        Op::Note(
+            crate::store::semantics::delivery(id, Vec::new()),
+            places.try_acquire_owned().unwrap(),
+        )
+    }
+
+    fn kinds(batch: &[Op]) -> Vec<&'static str> {
+        batch
+            .iter()
+            .map(|op| match op {
+                Op::Note(..) => "note",
+                Op::Claim(..) => "claim",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    /// Records nobody waits for wait for company; anything else ends the wait at once.
+    #[test]
+    fn notes_wait_for_company_and_anything_else_ends_the_wait() {
+        let (requests, received) = mpsc::channel();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            requests.send(noted("late")).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+            let (reply, _) = oneshot::channel();
+            requests.send(Op::Claim(1, reply)).unwrap();
+            requests.send(noted("after")).unwrap();
+            requests
+        });
+        // A wait far longer than the test: only the claim can end it.
+        let mut batch = vec![noted("first")];
+        gather(&received, &mut batch, Duration::from_secs(600));
+        assert_eq!(kinds(&batch)[..3], ["note", "note", "claim"]);
+        let requests = late.join().unwrap();
+
+        // A group with anything else in it does not wait for more.
+        let (reply, _) = oneshot::channel();
+        let mut batch = vec![Op::Claim(1, reply)];
+        gather(&received, &mut batch, Duration::from_secs(600));
+        assert!(kinds(&batch).len() <= 2, "{:?}", kinds(&batch));
+
+        // Alone, notes go once the wait is over.
+        while received.try_recv().is_ok() {}
+        let mut batch = vec![noted("alone")];
+        gather(&received, &mut batch, Duration::from_millis(1));
+        assert_eq!(kinds(&batch), ["note"]);
+        drop(requests);
+    }
+}
