@@ -45,24 +45,18 @@ pub enum LogFormat {
     Json,
 }
 
-/// Keeps the log writer's thread alive; dropping it writes out every line still queued.
-pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+/// Keeps the log writer's thread alive; dropping it writes out every line still waiting.
+pub type LogGuard = crate::log_writer::LogGuard;
 
 /// Sets up logging to standard error; `RUST_LOG` filters it (default `info`). Lines are
-/// written by a thread of their own, so a request never waits for the terminal or the
-/// pipe; when that thread falls behind, callers wait rather than lose lines. The thread
-/// writes every line it has waiting with one system call (it flushes its buffer whenever
-/// it has caught up), not one call per line. Keep the guard until the end of `main`.
-pub fn init_logging(format: LogFormat) -> LogGuard {
+/// written by a thread of their own (`log_writer`), so a request never waits for the
+/// terminal or the pipe; when that thread falls behind, callers wait rather than lose
+/// lines. The thread writes every line it has waiting with one system call, within a few
+/// milliseconds. Keep the guard until the end of `main`.
+pub fn init_logging(format: LogFormat) -> std::io::Result<LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("hookrelay-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = crate::log_writer::start(std::io::stderr())?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
@@ -77,7 +71,7 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
             .with_current_span(false)
             .try_init(),
     };
-    guard
+    Ok(guard)
 }
 
 /// Text log fields as the default formatter writes them (`name=value`, the message

@@ -18,7 +18,8 @@
 //! - [`config`]: the configuration folder, validated into typed values with `file:line` problems.
 //! - [`secret`]: secrets that print only as a mask.
 //! - [`commands`]: the command-line commands, called by the thin `main`; [`explain`] and
-//!   [`replan`] run a payload or a stored webhook through the rules.
+//!   [`replan`] run a payload or a stored webhook through the rules; [`log_writer`] writes
+//!   the log lines on a thread of its own.
 
 // One measured exception, allowed where it is: `store::write_back` (sync_file_range).
 #![deny(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod gateway;
 pub mod git_ref;
 pub mod hooks;
 pub mod limits;
+pub mod log_writer;
 pub mod metrics;
 pub mod outbox;
 pub mod reload;

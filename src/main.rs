@@ -328,7 +328,13 @@ fn main() -> ExitCode {
             dry_run,
             log_format,
         } => {
-            let _log = commands::init_logging(log_format);
+            let _log = match commands::init_logging(log_format) {
+                Ok(guard) => guard,
+                Err(err) => {
+                    eprintln!("hookrelay: cannot start the log writer's thread: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(err) => {

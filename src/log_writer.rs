@@ -1,0 +1,244 @@
+//! Where log lines go: a buffer that a thread of its own writes to standard error.
+//!
+//! Why not a channel to the writing thread: every line sent to a sleeping receiver wakes
+//! it, and at a call or a webhook at a time that was one thread wake-up per line (the
+//! logging thread took 12 % of the relay's CPU at one gateway connection). Here a line is
+//! appended to a shared buffer; while lines keep coming the thread takes the buffer every
+//! [`EVERY`] on its own, and only the first line after it went idle wakes it. A line is
+//! never dropped: past [`MOST_WAITING`] bytes, the callers wait for the thread.
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How often the thread looks for lines while they keep coming.
+const EVERY: Duration = Duration::from_millis(5);
+/// Bytes of lines that may wait before callers wait for the thread.
+const MOST_WAITING: usize = 4 * 1024 * 1024;
+
+#[derive(Default)]
+struct Waiting {
+    bytes: Vec<u8>,
+    /// The thread found nothing last time and sleeps until woken.
+    idle: bool,
+    /// The guard is gone: write what waits and stop.
+    done: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    waiting: Mutex<Waiting>,
+    /// Signalled when the thread has taken the waiting lines.
+    taken: Condvar,
+}
+
+/// What `tracing_subscriber` writes lines to (one `write` per line).
+#[derive(Clone)]
+pub struct LogWriter {
+    shared: Arc<Shared>,
+    thread: std::thread::Thread,
+}
+
+/// Writes every waiting line and stops the thread when dropped; keep it until the end.
+pub struct LogGuard {
+    shared: Arc<Shared>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// Starts the thread that writes lines to `out`.
+pub fn start(out: impl Write + Send + 'static) -> std::io::Result<(LogWriter, LogGuard)> {
+    let shared = Arc::new(Shared::default());
+    let handle = std::thread::Builder::new()
+        .name("hookrelay-log".into())
+        .spawn({
+            let shared = shared.clone();
+            move || write_out(&shared, out)
+        })?;
+    let writer = LogWriter {
+        shared: shared.clone(),
+        thread: handle.thread().clone(),
+    };
+    Ok((
+        writer,
+        LogGuard {
+            shared,
+            handle: Some(handle),
+        },
+    ))
+}
+
+fn write_out(shared: &Shared, mut out: impl Write) {
+    let mut taken = Vec::new();
+    loop {
+        let done = {
+            let mut waiting = shared.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut waiting.bytes, &mut taken);
+            waiting.idle = taken.is_empty() && !waiting.done;
+            waiting.done
+        };
+        shared.taken.notify_all();
+        if !taken.is_empty() {
+            // Nothing to do about a log that cannot be written; the relay goes on.
+            let _ = out.write_all(&taken).and_then(|()| out.flush());
+            taken.clear();
+            if done {
+                continue;
+            }
+            std::thread::park_timeout(EVERY);
+        } else if done {
+            return;
+        } else {
+            std::thread::park();
+        }
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut waiting = self
+            .shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        while waiting.bytes.len() >= MOST_WAITING && !waiting.done {
+            self.thread.unpark();
+            waiting = self
+                .shared
+                .taken
+                .wait(waiting)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        waiting.bytes.extend_from_slice(line);
+        if std::mem::take(&mut waiting.idle) {
+            self.thread.unpark();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> LogWriter {
+        self.clone()
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .done = true;
+        if let Some(handle) = self.handle.take() {
+            handle.thread().unpark();
+            let _ = handle.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink the test can read while the thread writes to it.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_line_is_written_in_order_and_the_guard_writes_the_rest() {
+        let sink = Sink::default();
+        let (writer, guard) = start(sink.clone()).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let mut writer = writer.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2_000 {
+                        writer
+                            .write_all(format!("thread {t} line {i}\n").as_bytes())
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        drop(guard);
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 8_000);
+        for t in 0..4 {
+            let mine: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with(&format!("thread {t} ")))
+                .collect();
+            let expected: Vec<String> =
+                (0..2_000).map(|i| format!("thread {t} line {i}")).collect();
+            assert_eq!(mine, expected, "thread {t}'s lines whole and in order");
+        }
+    }
+
+    #[test]
+    fn a_line_after_a_quiet_spell_is_written_without_more_lines() {
+        let sink = Sink::default();
+        let (mut writer, _guard) = start(sink.clone()).unwrap();
+        writer.write_all(b"first\n").unwrap();
+        // The thread goes idle once the first line is out; the next one must wake it.
+        for _ in 0..1000 {
+            if !sink.0.lock().unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        writer.write_all(b"second\n").unwrap();
+        for _ in 0..1000 {
+            if sink.0.lock().unwrap().ends_with(b"second\n") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the line after the quiet spell was never written");
+    }
+
+    #[test]
+    fn callers_wait_rather_than_lose_lines_when_the_thread_falls_behind() {
+        /// A sink that takes a while per write.
+        struct Slow(Sink);
+        impl Write for Slow {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                std::thread::sleep(Duration::from_millis(20));
+                self.0.write(bytes)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let (mut writer, guard) = start(Slow(sink.clone())).unwrap();
+        let line = vec![b'x'; 64 * 1024];
+        let lines = 3 * MOST_WAITING / line.len();
+        for _ in 0..lines {
+            writer.write_all(&line).unwrap();
+            writer.write_all(b"\n").unwrap();
+        }
+        drop(guard);
+        assert_eq!(sink.0.lock().unwrap().len(), lines * (line.len() + 1));
+    }
+}
