@@ -16,9 +16,9 @@
 #
 # Then the same systems again at one offered load below all their capacities (PACE_MS=32:
 # each connection waits a random 0..2×PACE_MS between its requests, so 64 connections offer
-# about 2,000 a second): what each adds to a request when nothing queues for the CPU. At
-# full load the latencies follow from the rates (64 connections / req/s), so this is where
-# a gateway's own added latency shows.
+# about 2,000 a second): what each adds to a request well short of saturation. At full
+# load the latencies follow from the rates (64 connections / req/s), so this is where a
+# gateway's own added latency shows.
 #
 # Run: benches/peers.sh        (env: DURATION=10s, CONNECTIONS=64, PACE_MS=32,
 #                               HOOKRELAY=path/to/binary)
