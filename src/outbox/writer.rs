@@ -29,20 +29,27 @@ const PRUNE_BATCH: usize = 500;
 /// per call. Anything else that arrives (a webhook, a claim) is written at once, with them.
 fn gather(requests: &mpsc::Receiver<Op>, batch: &mut Vec<Op>, notes_wait: Duration) {
     let until = std::time::Instant::now() + notes_wait;
+    // Kept as requests arrive rather than read again from the whole batch each time.
+    let mut only_notes = batch.iter().all(|op| matches!(op, Op::Note(..)));
     loop {
         while batch.len() < GROUP_MAX {
             match requests.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(op) => {
+                    only_notes &= matches!(op, Op::Note(..));
+                    batch.push(op);
+                }
                 Err(_) => break,
             }
         }
-        let only_notes = batch.iter().all(|op| matches!(op, Op::Note(..)));
         let left = until.saturating_duration_since(std::time::Instant::now());
         if batch.is_empty() || !only_notes || batch.len() >= GROUP_MAX || left.is_zero() {
             return;
         }
         match requests.recv_timeout(left) {
-            Ok(op) => batch.push(op),
+            Ok(op) => {
+                only_notes &= matches!(op, Op::Note(..));
+                batch.push(op);
+            }
             Err(_) => return,
         }
     }
