@@ -326,6 +326,208 @@ pub fn flatten_message(value: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// How a stand-in upstream treats the connection after its answer.
+    #[derive(Clone, Copy)]
+    enum After {
+        KeepAlive,
+        /// Closes it without a word, as a server does when its keep-alive time runs out.
+        Close,
+        /// Says `Connection: close`, then closes it.
+        SayClose,
+    }
+
+    /// A raw HTTP/1.1 stand-in on port 0: answers every request with 201 and a small JSON
+    /// body, counts connections, and keeps each request's head.
+    async fn stand_in(after: After) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (counted, kept) = (connections.clone(), heads.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let read = socket.read(&mut chunk).await.unwrap_or(0);
+                        if read == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..read]);
+                        // Bodies here are small and sent with the head.
+                        let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if buffer.len() < end + 4 + length {
+                            continue;
+                        }
+                        buffer.drain(..end + 4 + length);
+                        kept.lock().unwrap().push(head);
+                        let body = r#"{"id":7}"#;
+                        let close = if matches!(after, After::SayClose) {
+                            "connection: close\r\n"
+                        } else {
+                            ""
+                        };
+                        let answer = format!(
+                            "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n{close}content-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        socket.write_all(answer.as_bytes()).await.unwrap();
+                        match after {
+                            After::KeepAlive => {}
+                            // After the relay has put the connection back idle.
+                            After::Close => {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                return;
+                            }
+                            After::SayClose => return,
+                        }
+                    }
+                });
+            }
+        });
+        (url, connections, heads)
+    }
+
+    fn upstream(url: &str) -> Upstream {
+        Upstream::new(&crate::config::UpstreamConfig {
+            name: "gitlab".into(),
+            url: url.parse().unwrap(),
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+            per_project: crate::config::default_per_project(),
+            coalesce: None,
+            max_in_flight: 4,
+            read_token: None,
+            polls_per_minute: 0,
+            poll_interval: Duration::ZERO,
+        })
+        .unwrap()
+    }
+
+    async fn post(upstream: &Upstream, path: &str) -> UpstreamResponse {
+        upstream
+            .call(
+                http::Method::POST,
+                path,
+                HeaderMap::new(),
+                Bytes::from_static(b"ref=main"),
+            )
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn calls_reuse_one_connection_and_name_the_host_and_url_root() {
+        let (url, connections, heads) = stand_in(After::KeepAlive).await;
+        let upstream = upstream(&format!("{url}/gitlab/"));
+        for _ in 0..3 {
+            let answer = post(&upstream, "/api/v4/projects/9/trigger/pipeline").await;
+            assert_eq!(answer.status, StatusCode::CREATED);
+            assert_eq!(&answer.body[..], br#"{"id":7}"#);
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        let heads = heads.lock().unwrap();
+        let host = url.trim_start_matches("http://");
+        for head in heads.iter() {
+            assert!(
+                head.starts_with("POST /gitlab/api/v4/projects/9/trigger/pipeline HTTP/1.1\r\n"),
+                "{head}"
+            );
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains(&format!("\r\nhost: {host}")),
+                "{head}"
+            );
+        }
+    }
+
+    /// A call taken to a connection the upstream closed while it sat idle goes out again on
+    /// a new one instead of failing, and closed connections are not kept.
+    #[tokio::test]
+    async fn connections_the_upstream_closed_are_not_used_again() {
+        for after in [After::Close, After::SayClose] {
+            let (url, connections, _) = stand_in(after).await;
+            let upstream = upstream(&url);
+            for round in 1..=3 {
+                assert_eq!(post(&upstream, "/x").await.status, StatusCode::CREATED);
+                // Give the close time to arrive, as it would between real calls.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                assert_eq!(connections.load(Ordering::SeqCst), round);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_each_get_a_connection_then_share_them() {
+        let (url, connections, heads) = stand_in(After::KeepAlive).await;
+        let upstream = upstream(&url);
+        let calls = (0..4).map(|_| post(&upstream, "/x"));
+        futures_util::future::join_all(calls).await;
+        let opened = connections.load(Ordering::SeqCst);
+        assert!((1..=4).contains(&opened), "{opened}");
+        for _ in 0..8 {
+            post(&upstream, "/x").await;
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), opened);
+        assert_eq!(heads.lock().unwrap().len(), 12);
+    }
+
+    #[tokio::test]
+    async fn an_answer_too_large_is_a_bad_response_and_a_refused_connection_unreachable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut chunk = [0u8; 4096];
+            let _ = socket.read(&mut chunk).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                MAX_RESPONSE + 1
+            );
+            socket.write_all(head.as_bytes()).await.unwrap();
+            let _ = socket.write_all(&vec![b'x'; MAX_RESPONSE + 1]).await;
+        });
+        let too_large = upstream(&url)
+            .call(http::Method::POST, "/x", HeaderMap::new(), Bytes::new())
+            .await;
+        assert!(
+            matches!(too_large, Err(UpstreamError::BadResponse { .. })),
+            "{too_large:?}"
+        );
+
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let refused = upstream(&url)
+            .call(http::Method::POST, "/x", HeaderMap::new(), Bytes::new())
+            .await;
+        match refused {
+            Err(UpstreamError::Unreachable { reason, .. }) => {
+                assert!(reason.contains("refused"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn gitlab_messages_become_readable() {
