@@ -502,10 +502,13 @@ async fn limits_hold_exactly_across_relays() {
     let mut arrivals = upstream.received_at()[gateway_calls..].to_vec();
     arrivals.sort();
     let first = arrivals[0];
-    // In any prefix, at most the burst plus one per 100 ms (5 ms of slack for clocks).
+    // In any prefix, at most the burst plus one per 100 ms. The limit admits sends by the
+    // database's clock and this counts arrivals, so a send's own delay (a first call that
+    // took 20 ms on a busy machine shifts every window after it) gets 50 ms of slack;
+    // three relays limiting on their own would send the 30 at once.
     for (i, at) in arrivals.iter().enumerate() {
-        let allowed =
-            10 + ((at.duration_since(first) + Duration::from_millis(5)).as_millis() / 100) as usize;
+        let allowed = 10
+            + ((at.duration_since(first) + Duration::from_millis(50)).as_millis() / 100) as usize;
         assert!(
             i < allowed,
             "call {} arrived {:?} after the first: over 10/s with burst 10",
