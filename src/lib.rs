@@ -3,7 +3,9 @@
 //! A map of the modules, in the order a request meets them:
 //!
 //! - [`app`]: the shared state every handler stands on (configuration snapshot, outbox).
-//! - [`server`]: accept, route, bound bodies and read times, shut down.
+//! - [`server`]: accept, route, bound bodies and read times, shut down; [`event_loops`] serve
+//!   the connections, one thread per core; [`lingering`] closes them without losing the
+//!   last answer.
 //! - [`hooks`]: `POST /hooks/{source}`; [`sources`] verify and read each sender's webhooks into
 //!   one normalized [`event::Event`].
 //! - [`gateway`]: the GitLab-compatible trigger endpoints; one call becomes one [`trigger::Trigger`].
@@ -31,11 +33,13 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod event;
+pub mod event_loops;
 pub mod explain;
 pub mod gateway;
 pub mod git_ref;
 pub mod hooks;
 pub mod limits;
+pub mod lingering;
 pub mod log_writer;
 pub mod metrics;
 pub mod outbox;

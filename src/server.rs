@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use crate::app::App;
 use crate::error::{ApiError, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
+use crate::lingering::Lingering;
 
 /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
 /// for at most `[server] shutdown_timeout`, and returns.
@@ -72,6 +73,15 @@ pub async fn serve(
         None => None,
     };
     let connections = crate::connections::Connections::new(app.max_connections);
+    // A shared store's limit checks and reads are database round trips, which a loop's
+    // thread must not wait on: those relays keep tokio's shared workers.
+    let loops = match (&site, crate::event_loops::count(app.server.event_loops)) {
+        (Site::Webhooks, count) if count > 0 && !app.outbox.shared => {
+            tracing::debug!(count, "connections served on event loops");
+            Some(crate::event_loops::EventLoops::start(count)?)
+        }
+        _ => None,
+    };
     let mut refused_logged = Instant::now() - Duration::from_secs(1);
     tokio::pin!(shutdown);
     loop {
@@ -134,12 +144,12 @@ pub async fn serve(
                 let watcher = graceful.watcher();
                 let http = http.clone();
                 let acceptor = acceptor.clone();
-                let task = tokio::spawn(async move {
+                let work = async move |stream: tokio::net::TcpStream| {
                     let _guard = guard;
                     let served = match acceptor {
-                        None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
+                        None => watcher.watch(http.serve_connection(TokioIo::new(Lingering::new(stream)), service)).await,
                         Some(acceptor) => {
-                            match tokio::time::timeout(handshake_within, acceptor.accept(stream)).await {
+                            match tokio::time::timeout(handshake_within, acceptor.accept(Lingering::new(stream))).await {
                                 Ok(Ok(tls)) => watcher.watch(http.serve_connection(TokioIo::new(tls), service)).await,
                                 Ok(Err(err)) => {
                                     tracing::debug!(%peer, error = %err, "TLS handshake failed");
@@ -155,7 +165,19 @@ pub async fn serve(
                     if let Err(err) = served {
                         tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
-                });
+                };
+                let task = match &loops {
+                    None => tokio::spawn(async move { work(stream).await }),
+                    Some(loops) => {
+                        let Ok(stream) = stream.into_std() else { continue };
+                        loops.spawn(async move {
+                            match tokio::net::TcpStream::from_std(stream) {
+                                Ok(stream) => work(stream).await,
+                                Err(err) => tracing::debug!(%peer, error = %err, "connection could not join its event loop"),
+                            }
+                        })
+                    }
+                };
                 connections.register(id, task.abort_handle());
             }
             () = &mut shutdown => break,

@@ -1,7 +1,8 @@
 //! The shared HTTP client that carries trigger calls to GitLab.
 //!
 //! One [`Upstream`] per `[upstream.NAME]`, each a pooled hyper-util client (connections are
-//! reused across calls) with rustls for HTTPS, trusting the roots [`crate::tls`] names.
+//! reused across calls) with rustls for HTTPS, trusting the roots [`crate::tls`] names; one
+//! such pool per event loop ([`crate::event_loops`]) and one for every other thread.
 //! Upstream addresses come only from configuration; a request decides the path, never the
 //! host.
 
@@ -69,7 +70,12 @@ pub struct Upstream {
     pub name: String,
     base: String,
     timeout: Duration,
+    /// For calls made anywhere but on an event loop.
     client: HttpsClient,
+    /// One pool per event loop, made on first use, so that a loop's calls never wait on
+    /// a connection another thread drives ([`crate::event_loops`]).
+    loop_clients: Box<[std::sync::OnceLock<Box<HttpsClient>>]>,
+    connector: HttpsConnector<HttpConnector>,
     /// Calls in flight, at most `max_in_flight` (`[upstream.NAME]`).
     in_flight: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
@@ -114,14 +120,15 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
         Ok(Upstream {
             name: config.name.clone(),
             base: config.url.to_string().trim_end_matches('/').to_owned(),
             timeout: config.timeout,
-            client,
+            client: pooled_client(https.clone()),
+            loop_clients: (0..crate::event_loops::MAX)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            connector: https,
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
             max_in_flight: config.max_in_flight,
         })
@@ -218,7 +225,7 @@ impl Upstream {
         let started = Instant::now();
         let exchange = async {
             let response = self
-                .client
+                .client()
                 .request(request)
                 .await
                 .map_err(|err| self.request_error(&err))?;
@@ -248,6 +255,14 @@ impl Upstream {
         }
     }
 
+    /// The pool for the thread making the call.
+    fn client(&self) -> &HttpsClient {
+        match crate::event_loops::current().and_then(|index| self.loop_clients.get(index)) {
+            Some(client) => client.get_or_init(|| Box::new(pooled_client(self.connector.clone()))),
+            None => &self.client,
+        }
+    }
+
     /// A connect timeout is a timeout; any other failure to exchange is "unreachable".
     fn request_error(&self, err: &hyper_util::client::legacy::Error) -> UpstreamError {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
@@ -271,6 +286,12 @@ impl Upstream {
             reason: deepest,
         }
     }
+}
+
+fn pooled_client(connector: HttpsConnector<HttpConnector>) -> HttpsClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector)
 }
 
 /// A trigger call's headers: JSON answers, and the body's own type.

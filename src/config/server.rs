@@ -28,6 +28,9 @@ pub struct ServerConfig {
     pub body_memory: usize,
     /// Open connections at most; `None`: derived from the open-file limit at start.
     pub max_connections: Option<usize>,
+    /// Threads that serve connections, each an event loop of its own; `None`: one per core;
+    /// 0: tokio's shared workers ([`crate::event_loops`]).
+    pub event_loops: Option<usize>,
     /// Time allowed to receive a request's headers and body.
     pub read_timeout: Duration,
     /// Time allowed for in-flight requests to finish after a shutdown signal.
@@ -53,6 +56,7 @@ impl Default for ServerConfig {
             max_body: DEFAULT_MAX_BODY,
             body_memory: DEFAULT_BODY_MEMORY,
             max_connections: None,
+            event_loops: None,
             read_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             tls: None,
@@ -67,6 +71,7 @@ pub(super) struct RawServer {
     max_body: Option<Spanned<String>>,
     body_memory: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    event_loops: Option<Spanned<i64>>,
     read_timeout: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
     tls_cert: Option<Spanned<String>>,
@@ -97,6 +102,22 @@ pub(super) fn compile(raw: RawServer, problems: &mut FileProblems<'_>) -> Server
                 problems.at(
                     Some(n.span()),
                     "max_connections must be at least 1".to_owned(),
+                );
+                None
+            }
+        },
+        event_loops: match raw.event_loops {
+            None => None,
+            Some(n) if (0..=crate::event_loops::MAX as i64).contains(n.get_ref()) => {
+                Some(*n.get_ref() as usize)
+            }
+            Some(n) => {
+                problems.at(
+                    Some(n.span()),
+                    format!(
+                        "event_loops must be between 0 (tokio's shared workers) and {}; leave it out for one per core",
+                        crate::event_loops::MAX
+                    ),
                 );
                 None
             }

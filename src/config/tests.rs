@@ -107,6 +107,35 @@ fn every_problem_in_every_file_with_its_line() {
 }
 
 #[test]
+fn event_loops_default_to_one_per_core_and_are_bounded() {
+    let server = |text: &str| load_text(&[("a.toml", text)], &[]);
+    assert_eq!(server("[server]\n").unwrap().server.event_loops, None);
+    assert_eq!(
+        server("[server]\nevent_loops = 0\n")
+            .unwrap()
+            .server
+            .event_loops,
+        Some(0)
+    );
+    assert_eq!(
+        server("[server]\nevent_loops = 3\n")
+            .unwrap()
+            .server
+            .event_loops,
+        Some(3)
+    );
+    for wrong in ["-1", "65"] {
+        let problems = messages(server(&format!("[server]\nevent_loops = {wrong}\n")));
+        assert_eq!(
+            problems,
+            [
+                "a.toml:2: event_loops must be between 0 (tokio's shared workers) and 64; leave it out for one per core"
+            ]
+        );
+    }
+}
+
+#[test]
 fn syntax_errors_are_located() {
     let problems = messages(load_text(&[("a.toml", "[server]\nlisten = \n")], &[]));
     assert!(problems[0].starts_with("a.toml:2: "), "{problems:?}");
