@@ -28,6 +28,12 @@ pub fn count(configured: Option<usize>) -> usize {
         .min(MAX)
 }
 
+/// How many event loops a relay serves its webhook listener on: none for a shared store,
+/// whose limit checks and reads wait on the database, which a loop's thread must not.
+pub fn for_store(configured: Option<usize>, shared_store: bool) -> usize {
+    if shared_store { 0 } else { count(configured) }
+}
+
 /// The loop the current thread runs, if any.
 pub fn current() -> Option<usize> {
     LOOP.with(Cell::get)
@@ -127,5 +133,7 @@ mod tests {
         assert_eq!(count(Some(3)), 3);
         assert_eq!(count(Some(1000)), MAX);
         assert!(count(None) >= 1);
+        assert_eq!(for_store(Some(3), false), 3);
+        assert_eq!(for_store(Some(3), true), 0);
     }
 }

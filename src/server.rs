@@ -73,13 +73,11 @@ pub async fn serve(
         None => None,
     };
     let connections = crate::connections::Connections::new(app.max_connections);
-    // A shared store's limit checks and reads are database round trips, which a loop's
-    // thread must not wait on: those relays keep tokio's shared workers.
-    let loops = match (&site, crate::event_loops::count(app.server.event_loops)) {
-        (Site::Webhooks, count) if count > 0 && !app.outbox.shared => {
-            tracing::debug!(count, "connections served on event loops");
-            Some(crate::event_loops::EventLoops::start(count)?)
-        }
+    let loops = match (
+        &site,
+        crate::event_loops::for_store(app.server.event_loops, app.outbox.shared),
+    ) {
+        (Site::Webhooks, count) if count > 0 => Some(crate::event_loops::EventLoops::start(count)?),
         _ => None,
     };
     let mut refused_logged = Instant::now() - Duration::from_secs(1);
