@@ -167,7 +167,13 @@ pub async fn serve(
                 let task = match &loops {
                     None => tokio::spawn(async move { work(stream).await }),
                     Some(loops) => {
-                        let Ok(stream) = stream.into_std() else { continue };
+                        let stream = match stream.into_std() {
+                            Ok(stream) => stream,
+                            Err(err) => {
+                                tracing::debug!(%peer, error = %err, "connection could not leave the accepting thread");
+                                continue;
+                            }
+                        };
                         loops.spawn(async move {
                             match tokio::net::TcpStream::from_std(stream) {
                                 Ok(stream) => work(stream).await,
