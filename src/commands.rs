@@ -306,7 +306,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         gateway = %summary.gateway,
         store = %store.describe(),
         waiting = %waiting,
-        event_loops = crate::event_loops::for_store(app.server.event_loops, outbox.shared),
+        event_loops = crate::event_loops::count(app.server.event_loops),
         dry_run = options.dry_run,
         "hookrelay listening"
     );

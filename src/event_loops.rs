@@ -5,7 +5,10 @@
 //! is a context switch, and on a virtual machine those are a third of the relay's CPU at
 //! low load. A connection handed to a loop stays on that loop's thread with everything its
 //! requests start, upstream connections included (each loop keeps its own, see
-//! [`crate::upstream`]).
+//! [`crate::upstream`]). Nothing a loop runs may wait on the store with its thread: writes
+//! go to the writer thread, shared limits are asynchronous queries
+//! ([`crate::store::postgres::limits`]), and reads go to a blocking thread
+//! ([`crate::outbox::Outbox::read_apart`]).
 
 use std::cell::Cell;
 use std::future::Future;
@@ -26,12 +29,6 @@ pub fn count(configured: Option<usize>) -> usize {
     configured
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .min(MAX)
-}
-
-/// How many event loops a relay serves its webhook listener on: none for a shared store,
-/// whose limit checks and reads wait on the database, which a loop's thread must not.
-pub fn for_store(configured: Option<usize>, shared_store: bool) -> usize {
-    if shared_store { 0 } else { count(configured) }
 }
 
 /// The loop the current thread runs, if any.
@@ -133,7 +130,5 @@ mod tests {
         assert_eq!(count(Some(3)), 3);
         assert_eq!(count(Some(1000)), MAX);
         assert!(count(None) >= 1);
-        assert_eq!(for_store(Some(3), false), 3);
-        assert_eq!(for_store(Some(3), true), 0);
     }
 }

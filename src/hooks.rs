@@ -45,7 +45,7 @@ pub async fn handle(
     };
     let (received, url_ref) = verify(app, source, parts, &request)?;
     if let Outcome::Pipeline(event) = &received.outcome {
-        check_source_limit(runtime, source, &received)?;
+        check_source_limit(runtime, source, &received).await?;
         return pipeline_event(app, source, parts, &request, &received, event.clone()).await;
     }
     // A webhook a limit refuses is recorded as such (and the refusal answered).
@@ -60,13 +60,17 @@ pub async fn handle(
         );
         err
     };
-    check_source_limit(runtime, source, &received).map_err(refused)?;
+    check_source_limit(runtime, source, &received)
+        .await
+        .map_err(refused)?;
     let (planned, unmatched) = plan(app, runtime, source, &received, url_ref.as_ref());
     let mut reply = reply(&source.name, &received);
     explain_unmatched(&mut reply, runtime, source, unmatched);
     let built = build(&runtime.config, source, &received, planned);
     reply.errors = built.errors;
-    check_upstream_limits(runtime, &built.triggers).map_err(refused)?;
+    check_upstream_limits(runtime, &built.triggers)
+        .await
+        .map_err(refused)?;
     let delivery = webhook_record(source, parts, &request, &received, &reply, built.triggers);
     let accepted = record(app, delivery).await?;
     if matches!(accepted, Accepted::Duplicate { .. }) {
@@ -115,14 +119,14 @@ fn verify(
 }
 
 /// The source's limit, when it rejects what is over it.
-fn check_source_limit(
+async fn check_source_limit(
     runtime: &Runtime,
     source: &sources::SourceConfig,
     received: &Received,
 ) -> Result<(), ApiError> {
     if let Some(limiter) = runtime.limits.source(&source.name)
         && limiter.limit.on_limit == crate::limits::OnLimit::Reject
-        && let Err(refused) = limiter.check(&source.name)
+        && let Err(refused) = limiter.check(&source.name).await
     {
         tracing::warn!(source = %source.name, delivery = %received.delivery, limit = %limiter.name, ?refused, "webhook not admitted by its limit");
         return Err(ApiError::limited(&limiter.name, refused));
@@ -433,12 +437,12 @@ pub(crate) fn status_target(
 }
 
 /// An upstream limit that rejects refuses the webhook while a project has no room.
-fn check_upstream_limits(runtime: &Runtime, triggers: &[NewTrigger]) -> Result<(), ApiError> {
+async fn check_upstream_limits(runtime: &Runtime, triggers: &[NewTrigger]) -> Result<(), ApiError> {
     for trigger in triggers {
         let limiter = runtime.limits.upstream_project(&trigger.upstream);
         if let Some(limiter) =
             limiter.filter(|l| l.limit.on_limit == crate::limits::OnLimit::Reject)
-            && let Err(refused) = limiter.check(&trigger.project)
+            && let Err(refused) = limiter.check(&trigger.project).await
         {
             return Err(ApiError::limited(&limiter.name, refused));
         }

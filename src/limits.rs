@@ -138,14 +138,17 @@ impl Limiter {
 
     /// Takes one request for `key`, or says why not. A shared limit also refuses while
     /// the key is paused (GitLab's `Retry-After`).
-    pub fn check(&self, key: &str) -> Result<(), Refused> {
+    pub async fn check(&self, key: &str) -> Result<(), Refused> {
         if let Some(shared) = &self.shared {
-            return match shared.admit(
-                &self.shared_key(key),
-                self.limit.rate.per,
-                self.limit.rate.count.get(),
-                self.limit.burst.get(),
-            ) {
+            return match shared
+                .admit(
+                    &self.shared_key(key),
+                    self.limit.rate.per,
+                    self.limit.rate.count.get(),
+                    self.limit.burst.get(),
+                )
+                .await
+            {
                 Ok(wait) if wait.is_zero() => Ok(()),
                 Ok(wait) => Err(Refused::Over(wait)),
                 Err(reason) => Err(Refused::Unavailable(reason)),
@@ -209,12 +212,12 @@ mod tests {
         assert!(Rate::parse("5/day").is_err());
     }
 
-    #[test]
-    fn keys_are_limited_separately_and_say_how_long_to_wait() {
+    #[tokio::test]
+    async fn keys_are_limited_separately_and_say_how_long_to_wait() {
         let limiter = Limiter::new("test".into(), limit("60/min", 2));
-        assert!(limiter.check("a").is_ok());
-        assert!(limiter.check("a").is_ok());
-        let Refused::Over(wait) = limiter.check("a").unwrap_err() else {
+        assert!(limiter.check("a").await.is_ok());
+        assert!(limiter.check("a").await.is_ok());
+        let Refused::Over(wait) = limiter.check("a").await.unwrap_err() else {
             panic!("a local limiter is always available")
         };
         assert!(
@@ -222,14 +225,17 @@ mod tests {
             "{wait:?}"
         );
         assert_eq!(retry_after_seconds(wait), 1);
-        assert!(limiter.check("b").is_ok(), "another key is not affected");
+        assert!(
+            limiter.check("b").await.is_ok(),
+            "another key is not affected"
+        );
     }
 
-    #[test]
-    fn idle_keys_are_evicted() {
+    #[tokio::test]
+    async fn idle_keys_are_evicted() {
         let limiter = Limiter::new("test".into(), limit("1000/s", 1));
         for i in 0..100 {
-            let _ = limiter.check(&format!("client-{i}"));
+            let _ = limiter.check(&format!("client-{i}")).await;
         }
         assert_eq!(limiter.keys(), 100);
         std::thread::sleep(Duration::from_millis(5));
@@ -370,7 +376,7 @@ impl Limits {
         self.upstream_projects.get(upstream)
     }
 
-    pub fn evict_idle(&self) {
+    pub async fn evict_idle(&self) {
         let all = self
             .sources
             .values()
@@ -382,7 +388,7 @@ impl Limits {
             limiter.evict_idle();
         }
         if let Some(shared) = &self.shared
-            && let Err(reason) = shared.evict_idle()
+            && let Err(reason) = shared.evict_idle().await
         {
             tracing::warn!(%reason, "idle shared limit keys could not be evicted");
         }

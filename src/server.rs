@@ -73,10 +73,7 @@ pub async fn serve(
         None => None,
     };
     let connections = crate::connections::Connections::new(app.max_connections);
-    let loops = match (
-        &site,
-        crate::event_loops::for_store(app.server.event_loops, app.outbox.shared),
-    ) {
+    let loops = match (&site, crate::event_loops::count(app.server.event_loops)) {
         (Site::Webhooks, count) if count > 0 => Some(crate::event_loops::EventLoops::start(count)?),
         _ => None,
     };
@@ -434,7 +431,7 @@ async fn dispatch(
                 (runtime.limits.gateway_token.as_ref(), token_key.as_deref()),
             ] {
                 if let (Some(limiter), Some(key)) = (limiter, key)
-                    && let Err(refused) = limiter.check(key)
+                    && let Err(refused) = limiter.check(key).await
                 {
                     tracing::warn!(limit = %limiter.name, project = %trigger.project, ?refused, "gateway call not admitted by its limit");
                     return Err(ApiError::limited(&limiter.name, refused));
@@ -475,7 +472,7 @@ async fn dispatch(
         Route::Metrics => match method {
             Method::GET | Method::HEAD => {
                 app.metrics.read_process();
-                if let Ok((depth, oldest)) = app.outbox.depth() {
+                if let Ok((depth, oldest)) = app.outbox.depth_apart().await {
                     app.metrics.outbox(depth, oldest.as_secs_f64());
                 }
                 let mut response = Response::new(Full::new(Bytes::from(app.metrics.encode())));

@@ -595,6 +595,17 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
             "{}",
             gateway.text()
         );
+        // Served on an event loop, the metrics still answer: the outbox's depth is read
+        // beside the loop, and cannot be read now.
+        let metrics = send("GET", &format!("http://{address}/metrics"), &[], Vec::new()).await;
+        assert_eq!(metrics.status, 200, "{}", metrics.text());
+        assert!(
+            metrics
+                .text()
+                .contains("hookrelay_requests_total{endpoint=\"readyz\",status=\"503\"}"),
+            "{}",
+            metrics.text()
+        );
     }
 
     tokio::task::block_in_place(|| server.pg_ctl("start", ""));
@@ -607,6 +618,15 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
             ready = readyz(address).await;
         }
         assert_eq!(ready.status, 200, "{}", ready.text());
+        // The shared limit is checked again (its pool reconnects), without a restart.
+        let url =
+            format!("http://{address}/api/v4/projects/9/trigger/pipeline?token=TOKEN&ref=main");
+        let mut gateway = post(&url, &[], Vec::new()).await;
+        while gateway.status == 503 && waited.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            gateway = post(&url, &[], Vec::new()).await;
+        }
+        assert_eq!(gateway.status, 201, "{}", gateway.text());
     }
     all_sent(&upstream, &before, Duration::from_secs(15)).await;
 }

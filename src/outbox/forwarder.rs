@@ -150,7 +150,7 @@ pub async fn run(
         }
         if tokio::time::Instant::now() >= next_evict {
             next_evict += EVICT_EVERY;
-            app.runtime().limits.evict_idle();
+            app.runtime().limits.evict_idle().await;
             app.runtime().status.evict_idle();
             let now = std::time::Instant::now();
             paused
@@ -326,7 +326,7 @@ async fn attempt(
         );
         return;
     }
-    if let Some((until, reason)) = held_back(&runtime, &due, &held.paused) {
+    if let Some((until, reason)) = held_back(&runtime, &due, &held.paused).await {
         tracing::info!(%delivery, %source, %rule, %project, wait_ms = until.as_millis() as u64, %reason, "trigger held back");
         app.metrics.trigger(TriggerOutcome::RateLimited);
         outbox.record(
@@ -409,7 +409,8 @@ async fn attempt(
                     &due,
                     &held.paused,
                     floor.max(Duration::from_secs(1)),
-                );
+                )
+                .await;
             }
             retry_or_fail(app, &due, options, attempts, floor, status, reason)
         }
@@ -452,7 +453,7 @@ fn shared_pause_key(runtime: &crate::app::Runtime, due: &DueTrigger) -> String {
 /// (the upstream's per project, the source's) has no room yet. How long, and why. With a
 /// shared store both are decided in the database, for every relay at once; when it cannot
 /// say, the trigger waits a second.
-fn held_back(
+async fn held_back(
     runtime: &crate::app::Runtime,
     due: &DueTrigger,
     paused: &Paused,
@@ -477,7 +478,7 @@ fn held_back(
     if let Some(shared) = runtime.limits.shared()
         && !checked_with_the_limit
     {
-        match shared.paused(&shared_pause_key(runtime, due)) {
+        match shared.paused(&shared_pause_key(runtime, due)).await {
             Ok(Some(wait)) => return Some((wait, slow_down())),
             Ok(None) => {}
             Err(reason) => {
@@ -488,25 +489,38 @@ fn held_back(
             }
         }
     }
-    let queueing = |limiter: Option<&crate::limits::Limiter>, key: &str| {
-        let limiter = limiter.filter(|l| l.limit.on_limit == crate::limits::OnLimit::Queue)?;
-        limiter.check(key).err().map(|refused| match refused {
-            Refused::Over(wait) => (wait, format!("over {}", limiter.name)),
-            Refused::Unavailable(reason) => (
-                Duration::from_secs(1),
-                format!("{} cannot be checked: {reason}", limiter.name),
-            ),
-        })
-    };
-    queueing(upstream_limit, &due.project)
-        .or_else(|| queueing(runtime.limits.source(&due.source), &due.source))
+    match queueing(upstream_limit, &due.project).await {
+        Some(held) => Some(held),
+        None => queueing(runtime.limits.source(&due.source), &due.source).await,
+    }
+}
+
+/// How long a queueing limit holds `key` back, and why; `None` when it lets it go (or the
+/// limit rejects instead of queueing: that was decided when the webhook came in).
+async fn queueing(
+    limiter: Option<&crate::limits::Limiter>,
+    key: &str,
+) -> Option<(Duration, String)> {
+    let limiter = limiter.filter(|l| l.limit.on_limit == crate::limits::OnLimit::Queue)?;
+    limiter.check(key).await.err().map(|refused| match refused {
+        Refused::Over(wait) => (wait, format!("over {}", limiter.name)),
+        Refused::Unavailable(reason) => (
+            Duration::from_secs(1),
+            format!("{} cannot be checked: {reason}", limiter.name),
+        ),
+    })
 }
 
 /// GitLab answered `429` for this trigger's project: hold the project back, on every
 /// relay when they share the store.
-fn pause_project(runtime: &crate::app::Runtime, due: &DueTrigger, paused: &Paused, wait: Duration) {
+async fn pause_project(
+    runtime: &crate::app::Runtime,
+    due: &DueTrigger,
+    paused: &Paused,
+    wait: Duration,
+) {
     if let Some(shared) = runtime.limits.shared() {
-        if let Err(reason) = shared.pause(&shared_pause_key(runtime, due), wait) {
+        if let Err(reason) = shared.pause(&shared_pause_key(runtime, due), wait).await {
             tracing::warn!(project = %due.project, %reason, "GitLab's pause could not be shared with the other relays; this relay keeps it");
         } else {
             return;

@@ -375,9 +375,9 @@ impl Outbox {
 
     /// Reads the store on the reader's connection, beside the writer (the dashboard): no
     /// new connection per request, on SQLite and PostgreSQL alike.
-    pub fn read<T>(
+    pub fn read<T: Send>(
         &self,
-        op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError>,
+        op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError> + Send,
     ) -> Result<T, StoreError> {
         blocking(|| {
             let mut reader = self
@@ -389,6 +389,24 @@ impl Outbox {
         .map_err(|err| self.error(err))
     }
 
+    /// [`Outbox::read`] on one of tokio's blocking threads, for a request served on an
+    /// event loop: a database round trip (or a database that does not answer) must not
+    /// hold up the loop's other connections.
+    pub async fn read_apart<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut reader = reader.lock().expect("the reader lock is never poisoned");
+            op(reader.as_mut())
+        });
+        match read.await {
+            Ok(result) => result.map_err(|err| self.error(err)),
+            Err(err) => Err(self.error(EngineError::failed(format!("the read stopped: {err}")))),
+        }
+    }
+
     /// A stored webhook by its delivery id (or a unique start of one), on the reader.
     pub fn stored(&self, delivery_id: &str) -> Result<StoredWebhook, StoreError> {
         self.read(|engine| stored_in(engine, delivery_id))
@@ -397,13 +415,24 @@ impl Outbox {
     /// Triggers waiting or being sent, and how long the earliest-due one has been due.
     /// Reads two index entries, whatever the backlog.
     pub fn depth(&self) -> Result<(i64, Duration), StoreError> {
-        let depth = self.read(|engine| engine.depth())?;
-        let age = depth
-            .earliest_due
-            .map(|due| (now_ms() - due).max(0) as u64)
-            .unwrap_or(0);
-        Ok((depth.open, Duration::from_millis(age)))
+        self.read(|engine| engine.depth()).map(depth_and_age)
     }
+
+    /// [`Outbox::depth`] for a request served on an event loop (see [`Outbox::read_apart`]).
+    pub async fn depth_apart(&self) -> Result<(i64, Duration), StoreError> {
+        self.read_apart(|engine| engine.depth())
+            .await
+            .map(depth_and_age)
+    }
+}
+
+/// How many triggers are open, and how long the earliest-due one has been due.
+fn depth_and_age(depth: crate::store::Depth) -> (i64, Duration) {
+    let age = depth
+        .earliest_due
+        .map(|due| (now_ms() - due).max(0) as u64)
+        .unwrap_or(0);
+    (depth.open, Duration::from_millis(age))
 }
 
 /// Opens a store from outside the server (`deliveries`, `replay`, `explain --delivery`);

@@ -217,7 +217,7 @@ pub async fn post(
         return;
     }
     if let Some(pace) = runtime.status.paces.get(source)
-        && let Err(crate::limits::Refused::Over(wait)) = pace.check(source)
+        && let Err(crate::limits::Refused::Over(wait)) = pace.check(source).await
     {
         tracing::info!(%source, %repository, %sha, %context, wait_ms = wait.as_millis() as u64, limit = %pace.name, "commit status paced");
         outbox.record(
@@ -330,7 +330,7 @@ pub async fn poll(
         return;
     }
     if let Some(pace) = runtime.status.polls.get(upstream_name)
-        && let Err(crate::limits::Refused::Over(wait)) = pace.check(upstream_name)
+        && let Err(crate::limits::Refused::Over(wait)) = pace.check(upstream_name).await
     {
         app.metrics.pipeline_poll("deferred");
         outbox.record(

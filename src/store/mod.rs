@@ -98,13 +98,22 @@ impl StoreLocation {
 }
 
 /// Runs a blocking store call from async code without stalling the runtime's other tasks
-/// (and without the PostgreSQL client's own runtime nesting inside tokio's).
-pub fn blocking<T>(call: impl FnOnce() -> T) -> T {
+/// (and without the PostgreSQL client's own runtime nesting inside tokio's). A
+/// current-thread runtime (an event loop) cannot lend its thread, so there the call runs on
+/// a thread of its own while the loop waits: requests on a loop read the store with
+/// [`crate::outbox::Outbox::read_apart`] instead, and this is only the safety net.
+pub fn blocking<T: Send>(call: impl FnOnce() -> T + Send) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(call)
         }
-        _ => call(),
+        Ok(_) => std::thread::scope(|scope| {
+            scope
+                .spawn(call)
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        }),
+        Err(_) => call(),
     }
 }
 

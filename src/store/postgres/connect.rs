@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use postgres::Client;
-use postgres::config::SslMode;
+use tokio_postgres::config::SslMode;
 
 use crate::secret::SecretRef;
 use crate::store::EngineError;
@@ -57,14 +57,14 @@ impl PostgresConfig {
     }
 
     /// Checks the URL; says what is wrong without repeating the password.
-    pub fn parse_url(url: &str) -> Result<postgres::Config, String> {
+    pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(format!(
                 "{:?} is not a PostgreSQL URL; write postgres://user@host:5432/database",
                 without_password(url)
             ));
         }
-        postgres::Config::from_str(url).map_err(|err| {
+        tokio_postgres::Config::from_str(url).map_err(|err| {
             format!(
                 "{} is not a valid PostgreSQL URL: {err}",
                 without_password(url)
@@ -72,9 +72,10 @@ impl PostgresConfig {
         })
     }
 
-    /// Opens one connection: TLS as `sslmode` asks (rustls; `prefer` by default, as libpq),
-    /// timeouts so that a database that stops answering is noticed within seconds.
-    pub fn connect(&self) -> Result<Client, EngineError> {
+    /// The settings of one connection, the password read now (so a rotated file is picked
+    /// up at the next connection): timeouts so that a database that stops answering is
+    /// noticed within seconds.
+    fn settings(&self) -> Result<tokio_postgres::Config, EngineError> {
         let mut config = PostgresConfig::parse_url(&self.url).map_err(EngineError::refused)?;
         if let Some(reference) = &self.password {
             let password = reference.resolve().map_err(|reason| {
@@ -87,7 +88,7 @@ impl PostgresConfig {
         }
         config
             .application_name("hookrelay")
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(CONNECT_TIMEOUT)
             // A database cut off mid-request (a blackholed network) fails the call after
             // this long instead of hanging the writer.
             .tcp_user_timeout(Duration::from_secs(10))
@@ -96,21 +97,91 @@ impl PostgresConfig {
             .keepalives_retries(5)
             // A relay frozen in a transaction must not hold its locks for ever.
             .options("-c idle_in_transaction_session_timeout=60000 -c client_min_messages=warning");
-        let client = if config.get_ssl_mode() == SslMode::Disable {
-            config.connect(postgres::NoTls)
-        } else {
-            let tls = crate::tls::client_config(self.ca_file.as_deref()).map_err(|err| {
-                EngineError::refused(format!("TLS for {}: {err}", self.describe()))
-            })?;
-            config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
-        };
-        client.map_err(|err| {
-            let mut failed = super::error(err);
-            failed.message = format!("connecting to {}: {}", self.describe(), failed.message);
-            failed
+        Ok(config)
+    }
+
+    /// TLS as `sslmode` asks (rustls; `prefer` by default, as libpq); `None` when disabled.
+    fn tls(
+        &self,
+        settings: &tokio_postgres::Config,
+    ) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, EngineError> {
+        if settings.get_ssl_mode() == SslMode::Disable {
+            return Ok(None);
+        }
+        let tls = crate::tls::client_config(self.ca_file.as_deref())
+            .map_err(|err| EngineError::refused(format!("TLS for {}: {err}", self.describe())))?;
+        Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls)))
+    }
+
+    /// A connection that could not be opened, said without the password.
+    pub(super) fn connect_failed(&self, err: tokio_postgres::Error) -> EngineError {
+        let mut failed = super::error(err);
+        failed.message = format!("connecting to {}: {}", self.describe(), failed.message);
+        failed
+    }
+
+    /// Opens one blocking connection, for the store's own threads (the writer and the
+    /// reader).
+    pub fn connect(&self) -> Result<Client, EngineError> {
+        let settings = self.settings()?;
+        let tls = self.tls(&settings)?;
+        let config = postgres::Config::from(settings);
+        match tls {
+            None => config.connect(postgres::NoTls),
+            Some(tls) => config.connect(tls),
+        }
+        .map_err(|err| self.connect_failed(err))
+    }
+
+    /// What an asynchronous connection needs: its settings and TLS, read now.
+    pub(super) fn prepare_async(&self) -> Result<AsyncConnect, EngineError> {
+        let settings = self.settings()?;
+        let tls = self.tls(&settings)?;
+        Ok(AsyncConnect {
+            settings,
+            tls,
+            describe: self.describe(),
         })
     }
 }
+
+/// One asynchronous connection about to be opened (see [`PostgresConfig::prepare_async`]).
+pub(super) struct AsyncConnect {
+    settings: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    describe: String,
+}
+
+impl AsyncConnect {
+    /// Opens the connection; its task runs on `runtime`, and says why it closed (debug).
+    pub(super) async fn open(
+        self,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        type Driving =
+            std::pin::Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+        let (client, connection): (_, Driving) = match self.tls {
+            None => {
+                let (client, connection) = self.settings.connect(tokio_postgres::NoTls).await?;
+                (client, Box::pin(connection))
+            }
+            Some(tls) => {
+                let (client, connection) = self.settings.connect(tls).await?;
+                (client, Box::pin(connection))
+            }
+        };
+        let describe = self.describe;
+        let task = runtime.spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(store = %describe, reason = %super::error(err).message, "a connection for shared limits closed");
+            }
+        });
+        Ok((client, task))
+    }
+}
+
+/// How long connecting to the database may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The URL without its password, for messages.
 pub fn without_password(url: &str) -> String {
@@ -128,7 +199,7 @@ pub fn without_password(url: &str) -> String {
 
 /// Whether the URL carries a password (not allowed in a configuration file).
 pub fn has_password(url: &str) -> bool {
-    postgres::Config::from_str(url).is_ok_and(|config| config.get_password().is_some())
+    tokio_postgres::Config::from_str(url).is_ok_and(|config| config.get_password().is_some())
 }
 
 #[cfg(test)]

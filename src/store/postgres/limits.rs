@@ -9,25 +9,29 @@
 //! configuration share one state.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use postgres::Client;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use super::PostgresConfig;
 
-/// Connections kept for limit checks; more callers at once wait for one.
-const POOL: usize = 4;
+/// Connections kept for limit checks; more callers at once wait for one (without holding
+/// a thread: the checks are asynchronous, so an event loop may make them).
+const POOL: usize = 8;
 
-/// Shared limits over a few connections of their own.
+/// How long a check waits for a free connection before it fails closed.
+const WAIT_FOR_CONNECTION: Duration = Duration::from_secs(5);
+
+/// Shared limits over a pool of connections of their own (deadpool-postgres).
 pub struct SharedLimits {
     config: PostgresConfig,
-    idle: Mutex<Vec<Client>>,
-    /// Callers waiting for or holding a connection.
-    slots: std::sync::Condvar,
-    in_use: Mutex<usize>,
+    describe: String,
+    pool: Pool,
+    /// Why the last connection could not be tried, from [`Connector`].
+    problem: std::sync::Arc<Mutex<Option<String>>>,
     /// After a failure, calls fail at once for a second (with its reason) instead of each
     /// waiting for a connection to time out: a limit fails closed, and fast.
-    failed: Mutex<Option<(std::time::Instant, String)>>,
+    failed: Mutex<Option<(Instant, String)>>,
 }
 
 /// How long a failure answers for the database before it is tried again.
@@ -36,63 +40,174 @@ const FAILED_FOR: Duration = Duration::from_secs(1);
 impl std::fmt::Debug for SharedLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedLimits")
-            .field("store", &self.config.describe())
+            .field("store", &self.describe)
             .finish()
     }
 }
 
+/// Opens the pool's connections: the password read at each connection, rustls as
+/// `sslmode` asks, and each connection's task on the runtime that made the pool (not on
+/// whichever event loop first needed a connection).
+struct Connector {
+    config: PostgresConfig,
+    /// The runtime the pool was made on (the server's), when it was made on one.
+    runtime: Option<tokio::runtime::Handle>,
+    /// Why the last connection could not even be tried (a password file gone, a CA file
+    /// unreadable): deadpool only carries PostgreSQL's own errors.
+    problem: std::sync::Arc<Mutex<Option<String>>>,
+}
+
+type Connecting<'a> = std::pin::Pin<
+    Box<
+        dyn Future<
+                Output = Result<
+                    (tokio_postgres::Client, tokio::task::JoinHandle<()>),
+                    tokio_postgres::Error,
+                >,
+            > + Send
+            + 'a,
+    >,
+>;
+
+impl deadpool_postgres::Connect for Connector {
+    fn connect(&self, _: &tokio_postgres::Config) -> Connecting<'_> {
+        Box::pin(async move {
+            match self.config.prepare_async() {
+                Ok(connect) => {
+                    *self.problem.lock().expect("never poisoned") = None;
+                    let runtime = self
+                        .runtime
+                        .clone()
+                        .unwrap_or_else(tokio::runtime::Handle::current);
+                    connect.open(&runtime).await
+                }
+                Err(err) => {
+                    *self.problem.lock().expect("never poisoned") = Some(err.message);
+                    // A PostgreSQL error for deadpool, made without touching the network:
+                    // settings without a host. The reason above is what is reported.
+                    Err(tokio_postgres::Config::new()
+                        .connect(tokio_postgres::NoTls)
+                        .await
+                        .err()
+                        .expect("settings without a host never connect"))
+                }
+            }
+        })
+    }
+}
+
 impl SharedLimits {
+    /// The pool; connections are opened when first needed, so a database that is down
+    /// at start only fails the checks made while it is.
     pub fn new(config: PostgresConfig) -> SharedLimits {
+        let problem = std::sync::Arc::new(Mutex::new(None));
+        let settings = PostgresConfig::parse_url(&config.url).unwrap_or_default();
+        let connector = Connector {
+            config: config.clone(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            problem: problem.clone(),
+        };
+        let manager = Manager::from_connect(
+            settings,
+            connector,
+            ManagerConfig {
+                // A connection is checked when it is taken (a closed one is replaced), not
+                // with a query: a failed query drops its connection anyway.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(WAIT_FOR_CONNECTION))
+            .create_timeout(Some(super::connect::CONNECT_TIMEOUT * 2))
+            .recycle_timeout(Some(WAIT_FOR_CONNECTION))
+            .build()
+            .expect("a pool with a runtime always builds");
         SharedLimits {
+            describe: config.describe(),
             config,
-            idle: Mutex::new(Vec::new()),
-            slots: std::sync::Condvar::new(),
-            in_use: Mutex::new(0),
+            pool,
+            problem,
             failed: Mutex::new(None),
         }
     }
 
-    /// Runs `call` on a pooled connection; a connection that failed is not kept.
-    fn with_client<T>(
-        &self,
-        call: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
-    ) -> Result<T, String> {
+    /// A pooled connection, or why there is none (at once, for a second after a failure).
+    async fn client(&self) -> Result<deadpool_postgres::Object, String> {
         if let Some((at, reason)) = &*self.failed.lock().expect("never poisoned")
             && at.elapsed() < FAILED_FOR
         {
             return Err(reason.clone());
         }
-        {
-            let mut in_use = self.in_use.lock().expect("never poisoned");
-            while *in_use >= POOL {
-                in_use = self.slots.wait(in_use).expect("never poisoned");
-            }
-            *in_use += 1;
-        }
-        let result = (|| {
-            let pooled = self.idle.lock().expect("never poisoned").pop();
-            let mut client = match pooled {
-                Some(client) if !client.is_closed() => client,
-                _ => self.config.connect().map_err(|err| err.message)?,
+        self.pool.get().await.map_err(|err| {
+            let reason = match err {
+                deadpool_postgres::PoolError::Backend(err) => self
+                    .problem
+                    .lock()
+                    .expect("never poisoned")
+                    .take()
+                    .unwrap_or_else(|| self.config.connect_failed(err).message),
+                deadpool_postgres::PoolError::Timeout(_) => format!(
+                    "no connection to {} for shared limits within {} s",
+                    self.describe,
+                    WAIT_FOR_CONNECTION.as_secs()
+                ),
+                other => format!("{}: {other}", self.describe),
             };
-            let result = call(&mut client).map_err(|err| super::error(err).message);
-            if result.is_ok() {
-                self.idle.lock().expect("never poisoned").push(client);
+            self.remember(Some(&reason));
+            reason
+        })
+    }
+
+    /// Keeps a failure's reason for [`FAILED_FOR`], or forgets the last one.
+    fn remember(&self, failure: Option<&str>) {
+        let mut failed = self.failed.lock().expect("never poisoned");
+        match failure {
+            Some(reason) => *failed = Some((Instant::now(), reason.to_owned())),
+            None if failed.is_some() => *failed = None,
+            None => {}
+        }
+    }
+
+    /// The result of a call on `client`; a connection whose call failed is not kept.
+    fn settle<T>(
+        &self,
+        client: deadpool_postgres::Object,
+        result: Result<T, tokio_postgres::Error>,
+    ) -> Result<T, String> {
+        match result {
+            Ok(value) => {
+                self.remember(None);
+                Ok(value)
             }
-            result
-        })();
-        *self.in_use.lock().expect("never poisoned") -= 1;
-        self.slots.notify_one();
-        *self.failed.lock().expect("never poisoned") = result
-            .as_ref()
-            .err()
-            .map(|reason| (std::time::Instant::now(), reason.clone()));
-        result
+            Err(err) => {
+                drop(deadpool_postgres::Object::take(client));
+                let reason = super::error(err).message;
+                self.remember(Some(&reason));
+                Err(reason)
+            }
+        }
+    }
+
+    /// One row of one prepared (and cached) statement.
+    async fn one(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, String> {
+        let client = self.client().await?;
+        let result = async {
+            let statement = client.prepare_cached(sql).await?;
+            client.query_one(&statement, params).await
+        }
+        .await;
+        self.settle(client, result)
     }
 
     /// Takes one request for `key` at `count` per `per` with `burst`: `Ok(ZERO)` when
     /// admitted, else how long until one would be. `Err` when the database cannot say.
-    pub fn admit(
+    pub async fn admit(
         &self,
         key: &str,
         per: Duration,
@@ -101,79 +216,59 @@ impl SharedLimits {
     ) -> Result<Duration, String> {
         let t_us = (per.as_micros() / u128::from(count.max(1))) as i64;
         let burst = i64::from(burst);
-        crate::store::blocking(|| {
-            self.with_client(|client| {
-                // One round trip: the lock-free read refuses, and only a "maybe" takes
-                // the key's row lock.
-                client
-                    .query_one(
-                        "SELECT CASE WHEN greatest(hr_gcra_peek($1, $2, $3), hr_pause_left($1)) > 0
-                                     THEN greatest(hr_gcra_peek($1, $2, $3), hr_pause_left($1))
-                                     ELSE hr_gcra($1, $2, $3) END",
-                        &[&key, &t_us, &burst],
-                    )
-                    .map(|row| row.get::<_, i64>(0))
-            })
-        })
-        .map(|wait_us| Duration::from_micros(wait_us.max(0) as u64))
+        // One round trip: the lock-free read refuses, and only a "maybe" takes the key's
+        // row lock.
+        let row = self
+            .one(
+                "SELECT CASE WHEN greatest(hr_gcra_peek($1, $2, $3), hr_pause_left($1)) > 0
+                             THEN greatest(hr_gcra_peek($1, $2, $3), hr_pause_left($1))
+                             ELSE hr_gcra($1, $2, $3) END",
+                &[&key, &t_us, &burst],
+            )
+            .await?;
+        Ok(Duration::from_micros(row.get::<_, i64>(0).max(0) as u64))
     }
 
     /// Holds `key` back on every relay for `wait` (GitLab's `Retry-After`).
-    pub fn pause(&self, key: &str, wait: Duration) -> Result<(), String> {
+    pub async fn pause(&self, key: &str, wait: Duration) -> Result<(), String> {
         let wait_us = wait.as_micros() as i64;
-        crate::store::blocking(|| {
-            self.with_client(|client| {
-                client
-                    .execute("SELECT hr_pause($1, $2)", &[&key, &wait_us])
-                    .map(|_| ())
-            })
-        })
+        self.one("SELECT 1 FROM hr_pause($1, $2)", &[&key, &wait_us])
+            .await
+            .map(drop)
     }
 
     /// How long `key` is still paused, if it is.
-    pub fn paused(&self, key: &str) -> Result<Option<Duration>, String> {
-        crate::store::blocking(|| {
-            self.with_client(|client| {
-                client
-                    .query_one("SELECT hr_pause_left($1)", &[&key])
-                    .map(|row| row.get::<_, i64>(0))
-            })
-        })
-        .map(|left| (left > 0).then(|| Duration::from_micros(left as u64)))
+    pub async fn paused(&self, key: &str) -> Result<Option<Duration>, String> {
+        let left: i64 = self.one("SELECT hr_pause_left($1)", &[&key]).await?.get(0);
+        Ok((left > 0).then(|| Duration::from_micros(left as u64)))
     }
 
     /// Forgets keys that are back to a full burst and not paused (on one relay at a time).
-    pub fn evict_idle(&self) -> Result<u64, String> {
-        crate::store::blocking(|| {
-            self.with_client(|client| {
-                let mut tx = client.transaction()?;
-                let ours: bool = tx
-                    .query_one(
-                        "SELECT pg_try_advisory_xact_lock(hashtext('hookrelay:limits'))",
-                        &[],
-                    )?
-                    .get(0);
-                if !ours {
-                    return Ok(0);
-                }
-                let gone = tx.execute(
+    pub async fn evict_idle(&self) -> Result<u64, String> {
+        let mut client = self.client().await?;
+        let result = async {
+            let tx = client.transaction().await?;
+            let ours: bool = tx
+                .query_one(
+                    "SELECT pg_try_advisory_xact_lock(hashtext('hookrelay:limits'))",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if !ours {
+                return Ok(0);
+            }
+            let gone = tx
+                .execute(
                     "DELETE FROM hr_limits WHERE tat < hr_now_us() AND coalesce(paused_until, 0) < hr_now_us()",
                     &[],
-                )?;
-                tx.commit()?;
-                Ok(gone)
-            })
-        })
-    }
-}
-
-/// Connections cannot be closed on a thread that runs async tasks (see `PostgresEngine`).
-impl Drop for SharedLimits {
-    fn drop(&mut self) {
-        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
-        if !idle.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
-            let _ = std::thread::spawn(move || drop(idle)).join();
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(gone)
         }
+        .await;
+        self.settle(client, result)
     }
 }
 
@@ -212,3 +307,67 @@ CREATE FUNCTION hr_pause_left(p_key text) RETURNS bigint LANGUAGE sql VOLATILE A
   SELECT coalesce(max(greatest(paused_until - hr_now_us(), 0)), 0) FROM hr_limits WHERE key = p_key
 $$;
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a current-thread runtime, as an event loop checks them.
+    #[tokio::test]
+    async fn shared_limits_admit_the_burst_then_say_how_long_and_pauses_hold_back() {
+        let Some(database) = crate::store::blocking(super::super::test_server::Database::create)
+        else {
+            return;
+        };
+        let config = PostgresConfig::new(&database.url);
+        crate::store::blocking(|| drop(super::super::PostgresEngine::open(&config).unwrap()));
+        let limits = SharedLimits::new(config);
+        let second = Duration::from_secs(1);
+        assert_eq!(limits.admit("k", second, 1, 2).await, Ok(Duration::ZERO));
+        assert_eq!(limits.admit("k", second, 1, 2).await, Ok(Duration::ZERO));
+        let wait = limits.admit("k", second, 1, 2).await.unwrap();
+        assert!(wait > Duration::ZERO && wait <= second, "{wait:?}");
+
+        assert_eq!(limits.paused("p").await, Ok(None));
+        limits.pause("p", Duration::from_secs(30)).await.unwrap();
+        let left = limits.paused("p").await.unwrap().expect("paused");
+        assert!(left > Duration::from_secs(29), "{left:?}");
+        let wait = limits.admit("p", second, 1, 2).await.unwrap();
+        assert!(wait > Duration::from_secs(29), "a pause refuses: {wait:?}");
+
+        assert_eq!(
+            limits.admit("idle", Duration::from_millis(1), 1, 1).await,
+            Ok(Duration::ZERO)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(limits.evict_idle().await.unwrap() >= 1, "the idle key goes");
+        assert!(limits.paused("p").await.unwrap().is_some(), "a pause stays");
+    }
+
+    #[tokio::test]
+    async fn a_limit_that_cannot_be_checked_says_why_without_the_password() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let limits = SharedLimits::new(PostgresConfig::new(format!(
+            "postgres://hookrelay:s3cret@127.0.0.1:{port}/hr?sslmode=disable"
+        )));
+        let reason = limits
+            .admit("k", Duration::from_secs(1), 1, 1)
+            .await
+            .unwrap_err();
+        assert!(reason.contains("connecting to"), "{reason}");
+        assert!(!reason.contains("s3cret"), "{reason}");
+        assert_eq!(
+            limits.paused("k").await.unwrap_err(),
+            reason,
+            "for a second, the same reason at once"
+        );
+
+        let mut config = PostgresConfig::new(format!("postgres://hookrelay@127.0.0.1:{port}/hr"));
+        config.password =
+            Some(crate::secret::SecretRef::parse("file:/nonexistent/password").unwrap());
+        let reason = SharedLimits::new(config).paused("k").await.unwrap_err();
+        assert!(reason.contains("store.password"), "{reason}");
+    }
+}
