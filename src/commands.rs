@@ -306,7 +306,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         gateway = %summary.gateway,
         store = %store.describe(),
         waiting = %waiting,
-        event_loops = crate::event_loops::count(app.server.event_loops),
+        event_loops = crate::event_loops::count(app.server.event_loops, outbox.shared),
         dry_run = options.dry_run,
         "hookrelay listening"
     );

@@ -73,7 +73,10 @@ pub async fn serve(
         None => None,
     };
     let connections = crate::connections::Connections::new(app.max_connections);
-    let loops = match (&site, crate::event_loops::count(app.server.event_loops)) {
+    let loops = match (
+        &site,
+        crate::event_loops::count(app.server.event_loops, app.outbox.shared),
+    ) {
         (Site::Webhooks, count) if count > 0 => Some(crate::event_loops::EventLoops::start(count)?),
         _ => None,
     };

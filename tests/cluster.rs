@@ -55,6 +55,12 @@ fn cluster_config_with(
     );
 }
 
+/// Relays on event loops (on PostgreSQL they serve on tokio's shared workers unless asked):
+/// nothing on a loop may wait on the database with its thread.
+fn on_event_loops(dir: &Path) {
+    write(dir, "server.toml", "[server]\nevent_loops = 2\n");
+}
+
 fn cluster_config(dir: &Path, upstream: &str, database: &str, lease: &str) {
     cluster_config_with(dir, upstream, database, lease, PLAIN, "");
 }
@@ -263,7 +269,8 @@ async fn four_relays_racing_for_one_key_send_one_at_a_time_and_each_once() {
         return;
     };
     *upstream.default_delay.lock().unwrap() = Duration::from_millis(5);
-    let (_relays, addresses) = start_relays(dir.path(), 4);
+    let (mut relays, addresses) = start_relays(dir.path(), 4);
+    relays[0].wait_for("event_loops=0");
     // 200 webhooks for one project+ref, round robin over the relays, 16 at a time.
     let total = 200;
     let mut sent = 0;
@@ -465,6 +472,7 @@ async fn limits_hold_exactly_across_relays() {
     else {
         return;
     };
+    on_event_loops(dir.path());
     let (_relays, addresses) = start_relays(dir.path(), 3);
 
     // The gateway: a client's 12 calls spread over three relays; three relays with limits
@@ -569,7 +577,11 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
         "limit = { per_client = \"600/min\" }",
     )
     .await;
-    let (_relays, addresses) = start_relays(dir.path(), 2);
+    on_event_loops(dir.path());
+    let (mut relays, addresses) = start_relays(dir.path(), 2);
+    for relay in &mut relays {
+        relay.wait_for("event_loops=2");
+    }
     let (before, refused) = push_many(&addresses, "before", 10, 4).await;
     assert_eq!((before.len(), refused), (10, 0));
 

@@ -28,8 +28,8 @@ pub struct ServerConfig {
     pub body_memory: usize,
     /// Open connections at most; `None`: derived from the open-file limit at start.
     pub max_connections: Option<usize>,
-    /// Threads that serve connections, each an event loop of its own; `None`: one per core;
-    /// 0: tokio's shared workers ([`crate::event_loops`]).
+    /// Threads that serve connections, each an event loop of its own; `None`: one per core
+    /// on SQLite, none on PostgreSQL; 0: tokio's shared workers ([`crate::event_loops`]).
     pub event_loops: Option<usize>,
     /// Time allowed to receive a request's headers and body.
     pub read_timeout: Duration,
