@@ -9,7 +9,8 @@
 #
 # Run: benches/ab.sh OLD_BINARY NEW_BINARY      (env: ROUNDS=3, DURATION=10s, CONNECTIONS=64)
 # TARGET=gateway measures the trigger API gateway instead (benches/peers/form.lua, a form
-# POST to /api/v4/projects/9/trigger/pipeline; "acks" are then answered calls).
+# POST to /api/v4/projects/9/trigger/pipeline; "acks" are then answered calls);
+# GATEWAY_LIMITS=1 adds a per-client limit that every call is checked against.
 # STATUS=new gives the new binary's GitHub source `status = { … }` (posting to the stand-in),
 # so that one binary against itself measures what reporting statuses costs the webhooks.
 # STORE=postgres stores in a throwaway PostgreSQL instead of SQLite (a fresh database each
@@ -50,6 +51,9 @@ url=http://127.0.0.1:$relay_port/hooks/github; script=benches/peers/signed.lua; 
 if [[ ${TARGET:-hooks} == gateway ]]; then
   url=http://127.0.0.1:$relay_port/api/v4/projects/9/trigger/pipeline; script=benches/peers/form.lua
   gateway='[gateway]\nupstream = "gitlab"\n'
+  # GATEWAY_LIMITS=1: a per-client limit too high to refuse, so every call is checked
+  # (on PostgreSQL, a round trip to the shared limit).
+  [[ -n ${GATEWAY_LIMITS:-} ]] && gateway+='limit = { per_client = "100000000/min", burst = 1000000 }\n'
 fi
 { printf "[server]\nlisten = \"127.0.0.1:%s\"\n$gateway" "$relay_port"; relay_rules "$standin_port" "$work/secret"; } >"$work/relay-old/relay.toml"
 if [[ ${STATUS:-} == new ]]; then
