@@ -25,7 +25,6 @@ const WAIT_FOR_CONNECTION: Duration = Duration::from_secs(5);
 /// Shared limits over a pool of connections of their own (deadpool-postgres).
 pub struct SharedLimits {
     config: PostgresConfig,
-    describe: String,
     pool: Pool,
     /// Why the last connection could not be tried, from [`Connector`].
     problem: std::sync::Arc<Mutex<Option<String>>>,
@@ -40,7 +39,7 @@ const FAILED_FOR: Duration = Duration::from_secs(1);
 impl std::fmt::Debug for SharedLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedLimits")
-            .field("store", &self.describe)
+            .field("store", &self.config.describe())
             .finish()
     }
 }
@@ -133,7 +132,6 @@ impl SharedLimits {
             .build()
             .expect("a pool with a runtime always builds");
         SharedLimits {
-            describe: config.describe(),
             config,
             pool,
             problem,
@@ -158,10 +156,10 @@ impl SharedLimits {
                     .unwrap_or_else(|| self.config.connect_failed(err).message),
                 deadpool_postgres::PoolError::Timeout(_) => format!(
                     "no connection to {} for shared limits within {} s",
-                    self.describe,
+                    self.config.describe(),
                     WAIT_FOR_CONNECTION.as_secs()
                 ),
-                other => format!("{}: {other}", self.describe),
+                other => format!("{}: {other}", self.config.describe()),
             };
             self.remember(Some(&reason));
             reason
