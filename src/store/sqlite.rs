@@ -1,5 +1,6 @@
-//! The embedded engine: SQLite in WAL mode under the state folder, schema in versioned
-//! migrations.
+//! The embedded engine: SQLite in WAL mode under the state folder. This file holds the
+//! connection, transactions and the [`Engine`] interface; beside it, `schema` (the
+//! versioned migrations) and `checkpoint` (copying the WAL back on a thread of its own).
 //!
 //! Only the outbox's writer thread writes while the relay runs (SQLite takes one writer at
 //! a time anyway); `deliveries` and `replay` open their own connection beside it. Tokens
@@ -14,9 +15,15 @@
 //! `triggers_open`, which holds unfinished triggers only. The number of unfinished
 //! triggers is kept in `outbox_stats` by the same transactions that change it.
 
+mod checkpoint;
+mod schema;
+
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+
+use checkpoint::Checkpointer;
+use schema::MIGRATIONS;
 
 use super::{
     Accepted, CancelTarget, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease,
@@ -35,104 +42,6 @@ pub enum Durability {
     Off,
 }
 
-/// Each entry upgrades the schema by one version (`PRAGMA user_version`). Never edit one
-/// that has shipped; add another.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE deliveries (
-    id INTEGER PRIMARY KEY,
-    source TEXT NOT NULL,
-    delivery_id TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
-    event_type TEXT NOT NULL,
-    headers TEXT NOT NULL,
-    body BLOB NOT NULL,
-    summary TEXT NOT NULL,
-    UNIQUE (source, delivery_id)
-);
-CREATE TABLE triggers (
-    id INTEGER PRIMARY KEY,
-    delivery INTEGER NOT NULL REFERENCES deliveries(id) ON DELETE CASCADE,
-    rule TEXT NOT NULL,
-    upstream TEXT NOT NULL,
-    project TEXT NOT NULL,
-    git_ref TEXT NOT NULL,
-    token_ref TEXT NOT NULL,
-    variables TEXT NOT NULL,
-    inputs TEXT NOT NULL,
-    order_key TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL,
-    due_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    last_status INTEGER,
-    last_error TEXT,
-    pipeline_id INTEGER,
-    pipeline_url TEXT,
-    replay_of INTEGER
-);
-CREATE INDEX triggers_due ON triggers (state, due_at);
-CREATE INDEX triggers_order ON triggers (order_key, id);
-CREATE INDEX triggers_delivery ON triggers (delivery);
-CREATE INDEX deliveries_received ON deliveries (received_at);
-"#,
-    r#"
-ALTER TABLE triggers ADD COLUMN coalesce_key TEXT;
-ALTER TABLE triggers ADD COLUMN coalesced_into INTEGER;
-CREATE INDEX triggers_coalesce ON triggers (coalesce_key, state);
-"#,
-    // The per-key queue: claims read due keys only, and counts are kept, not counted.
-    r#"
-ALTER TABLE triggers ADD COLUMN lease INTEGER;
-CREATE TABLE queue_keys (
-    order_key TEXT PRIMARY KEY,
-    head INTEGER NOT NULL,
-    due_at INTEGER
-) WITHOUT ROWID;
-CREATE INDEX queue_keys_due ON queue_keys (due_at) WHERE due_at IS NOT NULL;
-CREATE TABLE outbox_stats (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    open INTEGER NOT NULL,
-    probed_at INTEGER
-);
-DROP INDEX triggers_due;
-DROP INDEX triggers_order;
-DROP INDEX triggers_coalesce;
-CREATE INDEX triggers_open ON triggers (order_key, id) WHERE state IN ('queued', 'sending');
-CREATE INDEX triggers_coalesce ON triggers (coalesce_key) WHERE coalesce_key IS NOT NULL;
-INSERT INTO outbox_stats (id, open)
-    SELECT 1, count(*) FROM triggers WHERE state IN ('queued', 'sending');
-INSERT INTO queue_keys (order_key, head)
-    SELECT order_key, min(id) FROM triggers WHERE state IN ('queued', 'sending') GROUP BY order_key;
-UPDATE queue_keys SET due_at = (SELECT t.due_at FROM triggers t WHERE t.id = queue_keys.head);
-UPDATE triggers SET state = 'queued' WHERE state = 'sending';
-"#,
-    // Bodies compressed (LZ4, size prepended): a webhook's JSON shrinks four to five times,
-    // and so does what every acknowledgement writes and every checkpoint copies.
-    r#"
-ALTER TABLE deliveries ADD COLUMN body_encoding TEXT;
-"#,
-    // Status posts and polls are queued work beside triggers; a pipeline is found by the
-    // trigger that started it, and a status key's newest post without reading the others.
-    r#"
-ALTER TABLE triggers ADD COLUMN kind TEXT NOT NULL DEFAULT 'trigger';
-ALTER TABLE triggers ADD COLUMN status_target TEXT;
-CREATE INDEX triggers_pipeline ON triggers (upstream, pipeline_id) WHERE pipeline_id IS NOT NULL AND kind = 'trigger';
-CREATE INDEX triggers_statuses ON triggers (order_key, id) WHERE kind = 'status';
-"#,
-    // The dashboard's pages of one source, newest first, without reading the others.
-    r#"
-CREATE INDEX deliveries_source_received ON deliveries (source, received_at);
-"#,
-    // A coalescing twin is looked for among waiting triggers only: the index of every
-    // trigger ever coalesced made each new one read its key's whole history.
-    r#"
-DROP INDEX triggers_coalesce;
-CREATE INDEX triggers_coalescing ON triggers (coalesce_key, id) WHERE state = 'queued' AND coalesce_key IS NOT NULL;
-"#,
-];
-
 /// The embedded engine over one connection.
 pub struct SqliteEngine {
     conn: Connection,
@@ -143,35 +52,6 @@ pub struct SqliteEngine {
     /// Set when a checkpointer thread copies the WAL into the database for this engine.
     checkpointer: Option<Checkpointer>,
 }
-
-/// Copies the WAL back into the database on a thread of its own, so the writer (which
-/// every acknowledgement waits for) never spends a commit doing it.
-///
-/// SQLite starts the WAL over from its beginning only when a write transaction begins
-/// with every frame already copied back. Under a steady load the writer begins its next
-/// group while the checkpointer is still copying the last one, so that never happens and
-/// the file grows without bound (gigabytes in minutes at full speed). So once the WAL is
-/// long, the checkpointer copies after every commit, and when it has caught up it asks
-/// the writer to copy the few frames committed since before its next group: the writer
-/// then starts the WAL over, and the file stays within `WAL_KEEP_BYTES` or so. (Asked
-/// before it caught up, the writer's copy held acknowledgements up for milliseconds.)
-struct Checkpointer {
-    /// Commits since the last checkpoint; the thread stops when this is dropped.
-    commits: std::sync::mpsc::Sender<()>,
-    /// Set by the checkpointer when the WAL is long and it has just caught up: the
-    /// writer's turn to finish the copy, so that its next group starts the WAL over.
-    finish: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// How often the checkpointer looks for new commits while the WAL is short.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-/// A WAL this long (frames of one page) is started over as soon as it can be.
-const WAL_LONG_FRAMES: i64 = 4_096;
-/// What a WAL file that grew longer (while a reader held it, say) is cut back to.
-const WAL_KEEP_BYTES: i64 = 64 * 1024 * 1024;
-/// The checkpointer has caught up when its last pass found no more than this many new
-/// frames (a group or two): then what the writer has left to copy takes it no time.
-const CAUGHT_UP_FRAMES: i64 = 256;
 
 impl SqliteEngine {
     /// Opens (creating if needed) and migrates the store at `path`.
@@ -184,68 +64,6 @@ impl SqliteEngine {
             synchronous: "FULL",
             checkpointer: None,
         })
-    }
-
-    /// Moves checkpoints off this connection onto a thread of their own (PASSIVE: they
-    /// never wait for, or hold up, the writer). For the one connection that writes.
-    pub fn checkpoint_in_background(&mut self) -> Result<(), EngineError> {
-        let reader = open_connection(&self.path).map_err(error)?;
-        self.conn
-            .pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(error)?;
-        self.conn
-            .pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)
-            .map_err(error)?;
-        let (commits, committed) = std::sync::mpsc::channel::<()>();
-        let finish = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let ask_writer = finish.clone();
-        let write_back = super::write_back::WriteBack::start(&self.path)
-            .inspect_err(|err| {
-                tracing::warn!(error = %err, "cannot start writing the store back early; checkpoints flush it all at their end");
-            })
-            .ok();
-        std::thread::Builder::new()
-            .name("hookrelay-checkpoint".into())
-            .spawn(move || {
-                let mut long = false;
-                let mut last_frames = 0;
-                loop {
-                    match committed.recv() {
-                        Ok(()) => {}
-                        Err(_) => return,
-                    }
-                    if !long {
-                        std::thread::sleep(CHECKPOINT_EVERY);
-                    }
-                    while committed.try_recv().is_ok() {}
-                    // (busy, frames in the WAL, frames copied back)
-                    let checkpoint = || {
-                        reader.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-                            Ok((
-                                row.get::<_, i64>(0)?,
-                                row.get::<_, i64>(1)?,
-                                row.get::<_, i64>(2)?,
-                            ))
-                        })
-                    };
-                    let copied = match &write_back {
-                        Some(write_back) => write_back.copying(checkpoint),
-                        None => checkpoint(),
-                    };
-                    let Ok((busy, frames, copied)) = copied else {
-                        continue;
-                    };
-                    let fresh = frames - last_frames;
-                    last_frames = frames;
-                    long = frames >= WAL_LONG_FRAMES;
-                    if long && busy == 0 && copied == frames && fresh <= CAUGHT_UP_FRAMES {
-                        ask_writer.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            })
-            .map_err(|err| EngineError::failed(err.to_string()))?;
-        self.checkpointer = Some(Checkpointer { commits, finish });
-        Ok(())
     }
 
     /// Opens the store of a state folder from outside the server; it must exist already.
@@ -1110,160 +928,4 @@ fn cancel(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Groups committed back to back never leave the writer idle, which is when SQLite
-    /// would start the WAL over by itself; the checkpointer and the writer still do.
-    #[test]
-    fn a_steady_stream_of_commits_keeps_the_wal_short() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.sqlite3");
-        let mut engine = SqliteEngine::open(&path, Durability::Off).unwrap();
-        engine.checkpoint_in_background().unwrap();
-        // 3 KB that does not compress, as a compressed webhook body is.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut noise = || {
-            (0..3000)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect::<Vec<u8>>()
-        };
-        let mut longest = 0;
-        for group in 0..1200 {
-            engine.begin(true).unwrap();
-            for i in 0..25 {
-                let mut delivery =
-                    super::super::semantics::delivery(&format!("{group}-{i}"), Vec::new());
-                delivery.body = super::super::StoredBody {
-                    bytes: bytes::Bytes::from(noise()),
-                    encoding: None,
-                };
-                engine.insert_delivery(&delivery, 0).unwrap();
-            }
-            engine.commit().unwrap();
-            let wal = std::fs::metadata(path.with_extension("sqlite3-wal"))
-                .map(|m| m.len())
-                .unwrap_or(0);
-            longest = longest.max(wal);
-        }
-        // 1,200 groups write about 120 MB of frames; a WAL that is never started over
-        // holds them all.
-        assert!(
-            longest < WAL_KEEP_BYTES as u64,
-            "the WAL grew to {longest} bytes"
-        );
-    }
-
-    #[test]
-    fn migrations_run_once_and_reopen_cleanly() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.sqlite3");
-        drop(SqliteEngine::open(&path, Durability::Full).unwrap());
-        let engine = SqliteEngine::open(&path, Durability::Full).unwrap();
-        let version: i64 = engine
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, MIGRATIONS.len() as i64);
-        let mode: String = engine
-            .conn
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(mode, "wal");
-    }
-
-    /// A store written by an earlier release (schema 2, triggers waiting and one being sent
-    /// when it stopped) opens with its queue rebuilt: heads, due times and counts.
-    #[test]
-    fn an_earlier_store_is_upgraded_with_its_queue() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.sqlite3");
-        {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(MIGRATIONS[0]).unwrap();
-            conn.execute_batch(MIGRATIONS[1]).unwrap();
-            conn.pragma_update(None, "user_version", 2).unwrap();
-            conn.execute_batch(
-                "INSERT INTO deliveries VALUES (1, 'gh', 'd1', 0, 'push', '[]', x'7b7d', '{}');
-                 INSERT INTO triggers (id, delivery, rule, upstream, project, git_ref, token_ref, variables,
-                                       inputs, order_key, state, created_at, due_at, updated_at)
-                 VALUES (1, 1, 'r', 'gitlab', 'a', 'main', 'env:T', '{}', '{}', 'k1', 'sent', 0, 0, 0),
-                        (2, 1, 'r', 'gitlab', 'a', 'main', 'env:T', '{}', '{}', 'k1', 'sending', 0, 5, 0),
-                        (3, 1, 'r', 'gitlab', 'a', 'main', 'env:T', '{}', '{}', 'k1', 'queued', 0, 1, 0),
-                        (4, 1, 'r', 'gitlab', 'b', 'main', 'env:T', '{}', '{}', 'k2', 'queued', 0, 9, 0);",
-            )
-            .unwrap();
-        }
-        let mut engine = SqliteEngine::open(&path, Durability::Full).unwrap();
-        assert_eq!(
-            engine.depth().unwrap(),
-            Depth {
-                open: 3,
-                earliest_due: Some(5)
-            }
-        );
-        engine.begin(true).unwrap();
-        let claimed = engine.claim(10, 10).unwrap();
-        engine.commit().unwrap();
-        let ids: Vec<i64> = claimed.due.iter().map(|t| t.id).collect();
-        assert_eq!(
-            ids,
-            [2, 4],
-            "the one being sent is due again, and heads its key"
-        );
-        let stored = engine.stored_webhook("d1").unwrap().unwrap();
-        assert_eq!(
-            &stored.body[..],
-            b"{}",
-            "bodies stored before compression read as they are"
-        );
-    }
-
-    /// The queries on the claim path use the indexes meant for them, never a scan of the
-    /// triggers table.
-    #[test]
-    fn claim_path_queries_read_indexes_not_the_backlog() {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Full).unwrap();
-        let plan = |sql: &str| -> String {
-            let mut statement = engine
-                .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap();
-            let rows: Vec<String> = statement
-                .query_map([], |row| row.get::<_, String>(3))
-                .unwrap()
-                .collect::<rusqlite::Result<_>>()
-                .unwrap();
-            rows.join("; ")
-        };
-        let claim = plan(
-            "SELECT order_key, head FROM queue_keys WHERE due_at IS NOT NULL AND due_at <= 5 ORDER BY due_at LIMIT 8",
-        );
-        assert!(claim.contains("queue_keys_due"), "{claim}");
-        let next = plan(
-            "SELECT id, due_at FROM triggers WHERE order_key = 'k' AND state IN ('queued', 'sending') ORDER BY id LIMIT 1",
-        );
-        assert!(next.contains("triggers_open"), "{next}");
-        let earliest = plan("SELECT min(due_at) FROM queue_keys WHERE due_at IS NOT NULL");
-        assert!(earliest.contains("queue_keys_due"), "{earliest}");
-        let twin = plan(
-            "SELECT id FROM triggers WHERE coalesce_key = 'k' AND state = 'queued' AND due_at > 5 ORDER BY id LIMIT 1",
-        );
-        assert!(twin.contains("triggers_coalescing"), "{twin}");
-        // A pruning step starts where the last one stopped, not at the oldest delivery.
-        let prune = plan(
-            "SELECT d.id FROM deliveries d WHERE d.received_at < 9 AND d.received_at >= 5
-               AND (d.received_at > 5 OR d.id > 3) ORDER BY d.received_at, d.id LIMIT 500",
-        );
-        assert!(
-            prune.contains("deliveries_received (received_at>? AND received_at<?)"),
-            "{prune}"
-        );
-    }
-}
+mod tests;

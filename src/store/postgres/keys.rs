@@ -1,0 +1,250 @@
+//! The queue's key rows: one per upstream+project+ref in `hr_keys`, holding its head (the
+//! oldest unfinished trigger), when it is due, and its lease. A transaction notes which
+//! keys it changes ([`Touch`]) and settles them just before `COMMIT`, in key order, so
+//! relays settling at once never wait for each other in a cycle; a claim takes due keys
+//! without waiting for any.
+
+use super::PostgresEngine;
+use crate::store::{Claimed, DueTrigger, Lease};
+
+/// A change to a key row, made at commit in key order.
+#[derive(Debug)]
+pub(super) enum Touch {
+    /// A new trigger of the key: the key row must exist.
+    Enqueue { id: i64, due_at: i64 },
+    /// The key's head finished: the next unfinished trigger heads it, or the key goes.
+    Advance,
+    /// The head stays, due again at its trigger's `due_at`.
+    DueAgain { trigger: i64 },
+    /// A waiting trigger was cancelled: if it headed its key, the key moves on (a key
+    /// headed by another trigger, perhaps being sent, is left alone).
+    Cancelled { trigger: i64 },
+}
+
+impl Touch {
+    /// The trigger it is about, to order changes of one kind within a key.
+    fn id(&self) -> i64 {
+        match self {
+            Touch::Enqueue { id, .. } => *id,
+            Touch::Advance => 0,
+            Touch::DueAgain { trigger } | Touch::Cancelled { trigger } => *trigger,
+        }
+    }
+
+    /// Within one key: make sure it exists, then move its head, then its due time.
+    fn rank(&self) -> u8 {
+        match self {
+            Touch::Enqueue { .. } => 0,
+            Touch::Advance => 1,
+            Touch::DueAgain { .. } => 2,
+            Touch::Cancelled { .. } => 3,
+        }
+    }
+}
+
+impl PostgresEngine {
+    pub(super) fn touch(&mut self, order_key: &str, touch: Touch) {
+        self.touched.push((order_key.to_owned(), touch));
+    }
+
+    /// Applies the transaction's key changes, each key locked in key order, so relays
+    /// settling at the same moment never wait for each other in a cycle. Runs last, just
+    /// before `COMMIT`: a key is locked only for the commit's round trip, and nothing that
+    /// holds a key waits for anything but another key (claims run apart and wait on
+    /// nothing).
+    ///
+    /// An existing key row is locked (`DO UPDATE`, changing nothing) by a new trigger: a
+    /// relay finishing the key's last trigger meanwhile waits, then sees the new trigger
+    /// and makes it the head, instead of deleting the key under a trigger it could not see
+    /// yet. A finishing relay locks the key before it looks for the next head, for the same
+    /// reason.
+    pub(super) fn settle(&mut self) -> Result<(), postgres::Error> {
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then(a.1.rank().cmp(&b.1.rank()))
+                .then(a.1.id().cmp(&b.1.id()))
+        });
+        // One change of each kind per key is enough: the oldest new trigger (it sets the
+        // floor, and heads a new key), one advance, the last due time.
+        touched.dedup_by(|later, earlier| {
+            later.0 == earlier.0
+                && later.1.rank() == earlier.1.rank()
+                && !matches!(later.1, Touch::DueAgain { .. } | Touch::Cancelled { .. })
+        });
+        for (order_key, touch) in &touched {
+            match touch {
+                Touch::Enqueue { id, due_at } => {
+                    let upsert = self.stmt(
+                        "INSERT INTO hr_keys (order_key, head, due_at, floor) VALUES ($1, $2, $3, $2)
+                         ON CONFLICT (order_key) DO UPDATE SET floor = least(hr_keys.floor, EXCLUDED.floor)",
+                    )?;
+                    self.client().execute(&upsert, &[order_key, id, due_at])?;
+                }
+                Touch::Advance => {
+                    let lock =
+                        self.stmt("SELECT floor FROM hr_keys WHERE order_key = $1 FOR UPDATE")?;
+                    // No row: another relay finished the key, and nothing is left in it.
+                    if let Some(row) = self.client().query_opt(&lock, &[order_key])? {
+                        self.advance_key(order_key, row.get(0))?;
+                    }
+                }
+                Touch::Cancelled { trigger } => {
+                    let lock = self
+                        .stmt("SELECT floor, head FROM hr_keys WHERE order_key = $1 FOR UPDATE")?;
+                    if let Some(row) = self.client().query_opt(&lock, &[order_key])?
+                        && row.get::<_, i64>(1) == *trigger
+                    {
+                        self.advance_key(order_key, row.get(0))?;
+                    }
+                }
+                Touch::DueAgain { trigger } => {
+                    let due = self.stmt(
+                        "UPDATE hr_keys SET due_at = (SELECT due_at FROM hr_triggers WHERE id = $2)
+                         WHERE order_key = $1 AND head = $2",
+                    )?;
+                    self.client().execute(&due, &[order_key, trigger])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `COMMIT`, with the transaction's change to the count of unfinished triggers in the
+    /// same round trip (two numbers, written into the text: nothing else goes there).
+    pub(super) fn commit_counting(&mut self) -> Result<(), postgres::Error> {
+        let change = std::mem::take(&mut self.open_change);
+        if change == 0 {
+            return self.client().batch_execute("COMMIT");
+        }
+        let shard = self.open_shard;
+        self.client().batch_execute(&format!(
+            "UPDATE hr_open SET open = open + {change} WHERE shard = {shard}; COMMIT"
+        ))
+    }
+
+    /// Makes the key's oldest unfinished trigger its head, due when that trigger is; or
+    /// deletes the key when none is left. The key is locked already.
+    ///
+    /// `floor` is at most the id of every unfinished trigger of the key (a new trigger
+    /// lowers it under the key's lock), so the search starts there: the index entries of
+    /// finished triggers below it, which PostgreSQL keeps until a vacuum, are never read.
+    pub(super) fn advance_key(
+        &mut self,
+        order_key: &str,
+        floor: i64,
+    ) -> Result<(), postgres::Error> {
+        let next = self.stmt(
+            "SELECT id, due_at FROM hr_triggers WHERE order_key = $1 AND id >= $2 AND state IN ('queued', 'sending')
+             ORDER BY id LIMIT 1",
+        )?;
+        match self.client().query_opt(&next, &[&order_key, &floor])? {
+            Some(row) => {
+                let (head, due_at): (i64, i64) = (row.get(0), row.get(1));
+                let update = self.stmt(
+                    "UPDATE hr_keys SET head = $2, due_at = $3, lease_until = NULL, floor = $2 WHERE order_key = $1",
+                )?;
+                self.client()
+                    .execute(&update, &[&order_key, &head, &due_at])?;
+            }
+            None => {
+                let delete = self.stmt("DELETE FROM hr_keys WHERE order_key = $1")?;
+                self.client().execute(&delete, &[&order_key])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims up to `limit` due keys' heads (`now` on the database's clock): leases each
+    /// key, and says when the next key falls due.
+    pub(super) fn claim_due(&mut self, now: i64, limit: usize) -> Result<Claimed, postgres::Error> {
+        // Due keys, then keys whose lease expired (their holder died or froze), in one
+        // round trip: the second scan runs only for the room the first left. Keys
+        // another relay is claiming right now are skipped, not waited for. Each from
+        // its own partial index, so a claim reads only keys with due work.
+        let keys = self.stmt(
+            "WITH due AS (
+                 SELECT order_key, head FROM hr_keys WHERE due_at IS NOT NULL AND due_at <= $1
+                 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), expired AS (
+                 SELECT order_key, head FROM hr_keys WHERE due_at IS NULL AND lease_until < $1
+                 ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED
+             )
+             (SELECT order_key, head FROM due) UNION ALL (SELECT order_key, head FROM expired) LIMIT $2",
+        )?;
+        let heads: Vec<(String, i64)> = self
+            .client()
+            .query(&keys, &[&now, &(limit as i64)])?
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let mut due = Vec::with_capacity(heads.len());
+        for (order_key, head) in heads {
+            // The head is taken only if no one holds its row (a late outcome being
+            // written): a claim waits on nothing while it holds keys. The key is leased
+            // in the same statement when the head was taken.
+            let take = self.stmt(
+                "WITH taken AS (
+                     UPDATE hr_triggers t SET state = 'sending', attempts = attempts + 1, updated_at = $2, lease = $3
+                     FROM hr_deliveries d
+                     WHERE t.id = (SELECT id FROM hr_triggers WHERE id = $1 AND state IN ('queued', 'sending')
+                                   FOR UPDATE SKIP LOCKED)
+                       AND d.id = t.delivery
+                     RETURNING t.id, t.delivery, d.delivery_id, d.source, t.rule, t.upstream, t.project, t.git_ref,
+                               t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease, t.kind,
+                               t.pipeline_id, t.status_target IS NOT NULL
+                 ), leased AS (
+                     UPDATE hr_keys SET due_at = NULL, lease_until = $5
+                     WHERE order_key = $4 AND EXISTS (SELECT 1 FROM taken)
+                 )
+                 SELECT * FROM taken",
+            )?;
+            let token = fastrand::i64(1..);
+            let until = now + self.lease_ms;
+            let Some(row) = self
+                .client()
+                .query_opt(&take, &[&head, &now, &token, &order_key, &until])?
+            else {
+                let state = self.stmt("SELECT state FROM hr_triggers WHERE id = $1")?;
+                let open = self
+                    .client()
+                    .query_opt(&state, &[&head])?
+                    .is_some_and(|row| matches!(row.get::<_, &str>(0), "queued" | "sending"));
+                if !open {
+                    // Its outcome was recorded after the key fell due: move on.
+                    self.touch(&order_key, Touch::Advance);
+                }
+                continue;
+            };
+            let attempts: i32 = row.get(11);
+            due.push(DueTrigger {
+                id: row.get(0),
+                kind: crate::store::WorkKind::parse(row.get(14)),
+                pipeline_id: row.get(15),
+                lease: Lease {
+                    trigger: row.get(0),
+                    token: row.get(13),
+                    reports_status: row.get(16),
+                },
+                delivery_row: row.get(1),
+                delivery_id: row.get(2),
+                source: row.get(3),
+                rule: row.get(4),
+                upstream: row.get(5),
+                project: row.get(6),
+                git_ref: row.get(7),
+                token_ref: row.get(8),
+                variables: serde_json::from_str(row.get(9)).unwrap_or_default(),
+                inputs: serde_json::from_str(row.get(10)).unwrap_or_default(),
+                attempts: i64::from(attempts) - 1,
+                created_at: row.get(12),
+            });
+        }
+        let next = self.stmt("SELECT min(due_at) FROM hr_keys WHERE due_at IS NOT NULL")?;
+        let next_due: Option<i64> = self.client().query_one(&next, &[])?.get(0);
+        Ok(Claimed {
+            due,
+            next_due: next_due.map(|due| due - self.skew_ms),
+        })
+    }
+}

@@ -1,0 +1,273 @@
+/// A relay that dies or freezes holding a key: after the lease another claim takes the
+/// trigger over, and the first holder's late outcome changes nothing.
+#[test]
+fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced_out() {
+    use crate::store::{Engine, Recorded};
+    let Some(database) = super::test_server::Database::create() else {
+        return;
+    };
+    let mut engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
+        .unwrap()
+        .with_lease(std::time::Duration::from_millis(1000))
+        .with_callers_clock();
+    let tx = |engine: &mut super::PostgresEngine| engine.begin(true).unwrap();
+    tx(&mut engine);
+    engine
+        .insert_delivery(
+            &crate::store::semantics::delivery("a", vec![crate::store::semantics::trigger("p")]),
+            0,
+        )
+        .unwrap();
+    engine.commit().unwrap();
+    tx(&mut engine);
+    let first = engine.claim(0, 8).unwrap().due.remove(0);
+    engine.commit().unwrap();
+    tx(&mut engine);
+    assert!(engine.claim(999, 8).unwrap().due.is_empty(), "still leased");
+    let second = engine.claim(1001, 8).unwrap().due.remove(0);
+    engine.commit().unwrap();
+    assert_eq!(second.id, first.id);
+    assert_ne!(second.lease, first.lease);
+    let sent = Recorded::Sent {
+        status: 201,
+        pipeline_id: None,
+        pipeline_url: None,
+    };
+    tx(&mut engine);
+    assert!(
+        !engine.record(first.lease, &sent, 1002).unwrap(),
+        "fenced out"
+    );
+    assert!(engine.record(second.lease, &sent, 1003).unwrap());
+    engine.commit().unwrap();
+    assert_eq!(engine.depth().unwrap().open, 0);
+}
+
+/// An engine on a throwaway database (dropped with the first), on the caller's clock.
+fn on_new_database() -> Option<(super::test_server::Database, super::PostgresEngine)> {
+    let database = super::test_server::Database::create()?;
+    let engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
+        .unwrap()
+        .with_callers_clock();
+    Some((database, engine))
+}
+
+/// Bodies arrive compressed (LZ4): PostgreSQL neither compresses them again nor moves
+/// a webhook-sized row's body to the TOAST table.
+#[test]
+fn bodies_are_not_compressed_again_and_small_rows_stay_whole() {
+    use crate::store::semantics::delivery;
+    use crate::store::{Engine, StoredBody};
+    let Some((_database, mut engine)) = on_new_database() else {
+        return;
+    };
+    // Bytes LZ4 cannot shrink, as a compressed body looks to PostgreSQL: 3 KB (a
+    // typical webhook's) and 40 KB.
+    let noise = |len: usize| -> bytes::Bytes {
+        let mut rng = fastrand::Rng::with_seed(7);
+        (0..len).map(|_| rng.u8(..)).collect::<Vec<u8>>().into()
+    };
+    let mut small = delivery("small", vec![]);
+    small.body = StoredBody::encode(noise(3_000));
+    let mut large = delivery("large", vec![]);
+    large.body = StoredBody::encode(noise(40_000));
+    engine.begin(true).unwrap();
+    let refs = [&small, &large];
+    engine.insert_deliveries(&refs, 0).unwrap().unwrap();
+    engine.commit().unwrap();
+    let rows = engine
+        .client()
+        .query(
+            "SELECT delivery_id, pg_column_compression(body), pg_column_size(body) FROM hr_deliveries
+             ORDER BY delivery_id",
+            &[],
+        )
+        .unwrap();
+    let seen: Vec<(String, Option<String>, i32)> = rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("large".to_owned(), None, 40_000),
+            ("small".to_owned(), None, 3_000 + 4)
+        ]
+    );
+    // Only the large body went out of line (in the TOAST table, as one value).
+    let toast_table: String = engine
+        .client()
+        .query_one(
+            "SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'hr_deliveries'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let chunks: i64 = engine
+        .client()
+        .query_one(
+            &format!("SELECT count(DISTINCT chunk_id) FROM {toast_table}"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(chunks, 1, "one body out of line");
+    // And both come back byte for byte.
+    for (id, sent) in [("small", &small), ("large", &large)] {
+        let stored = engine.stored_webhook(id).unwrap().unwrap();
+        assert_eq!(stored.body, sent.body.bytes, "{id}");
+    }
+}
+
+/// A group's webhooks in a few statements: the same answers, ids and order as one
+/// by one, duplicates (earlier, and within the batch) included.
+#[test]
+fn webhooks_recorded_together_answer_as_one_by_one() {
+    use crate::store::semantics::{delivery, trigger};
+    use crate::store::{Accepted, Engine};
+    let Some((_database, mut engine)) = on_new_database() else {
+        return;
+    };
+    engine.begin(true).unwrap();
+    engine
+        .insert_delivery(&delivery("old", vec![trigger("p")]), 0)
+        .unwrap();
+    engine.commit().unwrap();
+    let batch = [
+        delivery("a", vec![trigger("p"), trigger("q")]),
+        delivery("old", vec![trigger("p")]),
+        delivery("b", vec![]),
+        delivery("a", vec![trigger("p")]),
+        delivery("c", vec![trigger("p")]),
+    ];
+    let refs: Vec<&crate::store::NewDelivery> = batch.iter().collect();
+    engine.begin(true).unwrap();
+    let answers = engine.insert_deliveries(&refs, 1).unwrap().unwrap();
+    engine.commit().unwrap();
+    let Accepted::Queued { trigger_ids: a, .. } = &answers[0] else {
+        panic!("{answers:?}")
+    };
+    assert_eq!(a.len(), 2);
+    assert!(
+        matches!(answers[1], Accepted::Duplicate { .. }),
+        "{answers:?}"
+    );
+    assert!(matches!(&answers[2], Accepted::Queued { trigger_ids, .. } if trigger_ids.is_empty()));
+    assert!(
+        matches!(answers[3], Accepted::Duplicate { .. }),
+        "{answers:?}"
+    );
+    let Accepted::Queued { trigger_ids: c, .. } = &answers[4] else {
+        panic!("{answers:?}")
+    };
+    assert!(a[0] < a[1] && a[1] < c[0]);
+    assert_eq!(engine.depth().unwrap().open, 4);
+    // Key p: old, then a, then c — in the order accepted.
+    let mut sent = Vec::new();
+    for _ in 0..4 {
+        engine.begin(false).unwrap();
+        let due = engine.claim(10, 8).unwrap().due;
+        engine.commit().unwrap();
+        engine.begin(false).unwrap();
+        for trigger in &due {
+            sent.push((trigger.project.clone(), trigger.delivery_id.clone()));
+            engine
+                .record(
+                    trigger.lease,
+                    &crate::store::Recorded::Sent {
+                        status: 201,
+                        pipeline_id: None,
+                        pipeline_url: None,
+                    },
+                    11,
+                )
+                .unwrap();
+        }
+        engine.commit().unwrap();
+    }
+    let p: Vec<&str> = sent
+        .iter()
+        .filter(|(p, _)| p == "p")
+        .map(|(_, d)| d.as_str())
+        .collect();
+    assert_eq!(p, ["old", "a", "c"]);
+    assert_eq!(sent.len(), 4);
+}
+
+/// `sslmode=require` with the server's CA in `ca_file`: the session is encrypted; the
+/// same without the CA is refused, naming the problem.
+#[test]
+fn tls_to_the_database_with_rustls() {
+    let Some(server) = super::test_server::Server::own() else {
+        return;
+    };
+    let issued = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    server.enable_tls(&issued.cert.pem(), &issued.key_pair.serialize_pem());
+    let database = server.database();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("db-ca.pem");
+    std::fs::write(&ca, issued.cert.pem()).unwrap();
+    let url = database
+        .url
+        .replace("127.0.0.1", "localhost")
+        .replace("postgres@", "postgres:unused-password@")
+        + "?sslmode=require";
+    let mut config = super::PostgresConfig::new(&url);
+    config.ca_file = Some(ca);
+    let mut client = config.connect().unwrap();
+    let encrypted: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(encrypted);
+    drop(client);
+    config.ca_file = None;
+    let refused = config.connect().err().unwrap();
+    assert!(refused.message.contains("certificate"), "{refused}");
+    assert!(!refused.message.contains("unused-password"), "{refused}");
+    assert!(
+        refused.message.contains("postgres:…@localhost"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn a_database_that_does_not_wait_for_the_disk_is_refused() {
+    let Some(database) = super::test_server::Database::create() else {
+        return;
+    };
+    let name = database.url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = postgres::Client::connect(&database.url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} SET synchronous_commit = off"
+        ))
+        .unwrap();
+    let refused = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
+        .err()
+        .unwrap();
+    assert!(refused.refused, "{refused}");
+    assert!(
+        refused.message.contains("synchronous_commit is \"off\""),
+        "{refused}"
+    );
+}
+
+mod semantics {
+    fn make() -> Option<(
+        super::super::test_server::Database,
+        super::super::PostgresEngine,
+    )> {
+        let database = super::super::test_server::Database::create()?;
+        let engine =
+            super::super::PostgresEngine::open(&super::super::PostgresConfig::new(&database.url))
+                .unwrap()
+                .with_callers_clock();
+        Some((database, engine))
+    }
+
+    crate::engine_semantics!(make);
+}

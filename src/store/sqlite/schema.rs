@@ -1,0 +1,100 @@
+//! The embedded engine's tables, as the list of migrations that builds them: a relay brings
+//! the store up to its version when it opens it (`PRAGMA user_version` counts them).
+
+/// Each entry upgrades the schema by one version (`PRAGMA user_version`). Never edit one
+/// that has shipped; add another.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    delivery_id TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    event_type TEXT NOT NULL,
+    headers TEXT NOT NULL,
+    body BLOB NOT NULL,
+    summary TEXT NOT NULL,
+    UNIQUE (source, delivery_id)
+);
+CREATE TABLE triggers (
+    id INTEGER PRIMARY KEY,
+    delivery INTEGER NOT NULL REFERENCES deliveries(id) ON DELETE CASCADE,
+    rule TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    project TEXT NOT NULL,
+    git_ref TEXT NOT NULL,
+    token_ref TEXT NOT NULL,
+    variables TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    order_key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    last_status INTEGER,
+    last_error TEXT,
+    pipeline_id INTEGER,
+    pipeline_url TEXT,
+    replay_of INTEGER
+);
+CREATE INDEX triggers_due ON triggers (state, due_at);
+CREATE INDEX triggers_order ON triggers (order_key, id);
+CREATE INDEX triggers_delivery ON triggers (delivery);
+CREATE INDEX deliveries_received ON deliveries (received_at);
+"#,
+    r#"
+ALTER TABLE triggers ADD COLUMN coalesce_key TEXT;
+ALTER TABLE triggers ADD COLUMN coalesced_into INTEGER;
+CREATE INDEX triggers_coalesce ON triggers (coalesce_key, state);
+"#,
+    // The per-key queue: claims read due keys only, and counts are kept, not counted.
+    r#"
+ALTER TABLE triggers ADD COLUMN lease INTEGER;
+CREATE TABLE queue_keys (
+    order_key TEXT PRIMARY KEY,
+    head INTEGER NOT NULL,
+    due_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX queue_keys_due ON queue_keys (due_at) WHERE due_at IS NOT NULL;
+CREATE TABLE outbox_stats (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    open INTEGER NOT NULL,
+    probed_at INTEGER
+);
+DROP INDEX triggers_due;
+DROP INDEX triggers_order;
+DROP INDEX triggers_coalesce;
+CREATE INDEX triggers_open ON triggers (order_key, id) WHERE state IN ('queued', 'sending');
+CREATE INDEX triggers_coalesce ON triggers (coalesce_key) WHERE coalesce_key IS NOT NULL;
+INSERT INTO outbox_stats (id, open)
+    SELECT 1, count(*) FROM triggers WHERE state IN ('queued', 'sending');
+INSERT INTO queue_keys (order_key, head)
+    SELECT order_key, min(id) FROM triggers WHERE state IN ('queued', 'sending') GROUP BY order_key;
+UPDATE queue_keys SET due_at = (SELECT t.due_at FROM triggers t WHERE t.id = queue_keys.head);
+UPDATE triggers SET state = 'queued' WHERE state = 'sending';
+"#,
+    // Bodies compressed (LZ4, size prepended): a webhook's JSON shrinks four to five times,
+    // and so does what every acknowledgement writes and every checkpoint copies.
+    r#"
+ALTER TABLE deliveries ADD COLUMN body_encoding TEXT;
+"#,
+    // Status posts and polls are queued work beside triggers; a pipeline is found by the
+    // trigger that started it, and a status key's newest post without reading the others.
+    r#"
+ALTER TABLE triggers ADD COLUMN kind TEXT NOT NULL DEFAULT 'trigger';
+ALTER TABLE triggers ADD COLUMN status_target TEXT;
+CREATE INDEX triggers_pipeline ON triggers (upstream, pipeline_id) WHERE pipeline_id IS NOT NULL AND kind = 'trigger';
+CREATE INDEX triggers_statuses ON triggers (order_key, id) WHERE kind = 'status';
+"#,
+    // The dashboard's pages of one source, newest first, without reading the others.
+    r#"
+CREATE INDEX deliveries_source_received ON deliveries (source, received_at);
+"#,
+    // A coalescing twin is looked for among waiting triggers only: the index of every
+    // trigger ever coalesced made each new one read its key's whole history.
+    r#"
+DROP INDEX triggers_coalesce;
+CREATE INDEX triggers_coalescing ON triggers (coalesce_key, id) WHERE state = 'queued' AND coalesce_key IS NOT NULL;
+"#,
+];

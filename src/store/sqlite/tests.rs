@@ -1,0 +1,155 @@
+use super::*;
+
+/// Groups committed back to back never leave the writer idle, which is when SQLite
+/// would start the WAL over by itself; the checkpointer and the writer still do.
+#[test]
+fn a_steady_stream_of_commits_keeps_the_wal_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite3");
+    let mut engine = SqliteEngine::open(&path, Durability::Off).unwrap();
+    engine.checkpoint_in_background().unwrap();
+    // 3 KB that does not compress, as a compressed webhook body is.
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut noise = || {
+        (0..3000)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    let mut longest = 0;
+    for group in 0..1200 {
+        engine.begin(true).unwrap();
+        for i in 0..25 {
+            let mut delivery =
+                super::super::semantics::delivery(&format!("{group}-{i}"), Vec::new());
+            delivery.body = super::super::StoredBody {
+                bytes: bytes::Bytes::from(noise()),
+                encoding: None,
+            };
+            engine.insert_delivery(&delivery, 0).unwrap();
+        }
+        engine.commit().unwrap();
+        let wal = std::fs::metadata(path.with_extension("sqlite3-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        longest = longest.max(wal);
+    }
+    // 1,200 groups write about 120 MB of frames; a WAL that is never started over
+    // holds them all.
+    assert!(
+        longest < super::checkpoint::WAL_KEEP_BYTES as u64,
+        "the WAL grew to {longest} bytes"
+    );
+}
+
+#[test]
+fn migrations_run_once_and_reopen_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite3");
+    drop(SqliteEngine::open(&path, Durability::Full).unwrap());
+    let engine = SqliteEngine::open(&path, Durability::Full).unwrap();
+    let version: i64 = engine
+        .conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, MIGRATIONS.len() as i64);
+    let mode: String = engine
+        .conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+/// A store written by an earlier release (schema 2, triggers waiting and one being sent
+/// when it stopped) opens with its queue rebuilt: heads, due times and counts.
+#[test]
+fn an_earlier_store_is_upgraded_with_its_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite3");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(MIGRATIONS[1]).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO deliveries VALUES (1, 'gh', 'd1', 0, 'push', '[]', x'7b7d', '{}');
+             INSERT INTO triggers (id, delivery, rule, upstream, project, git_ref, token_ref, variables,
+                                   inputs, order_key, state, created_at, due_at, updated_at)
+             VALUES (1, 1, 'r', 'gitlab', 'a', 'main', 'env:T', '{}', '{}', 'k1', 'sent', 0, 0, 0),
+                    (2, 1, 'r', 'gitlab', 'a', 'main', 'env:T', '{}', '{}', 'k1', 'sending', 0, 5, 0),
+                    (3, 1, 'r', 'gitlab', 'a', 'main', 'env:T', '{}', '{}', 'k1', 'queued', 0, 1, 0),
+                    (4, 1, 'r', 'gitlab', 'b', 'main', 'env:T', '{}', '{}', 'k2', 'queued', 0, 9, 0);",
+        )
+        .unwrap();
+    }
+    let mut engine = SqliteEngine::open(&path, Durability::Full).unwrap();
+    assert_eq!(
+        engine.depth().unwrap(),
+        Depth {
+            open: 3,
+            earliest_due: Some(5)
+        }
+    );
+    engine.begin(true).unwrap();
+    let claimed = engine.claim(10, 10).unwrap();
+    engine.commit().unwrap();
+    let ids: Vec<i64> = claimed.due.iter().map(|t| t.id).collect();
+    assert_eq!(
+        ids,
+        [2, 4],
+        "the one being sent is due again, and heads its key"
+    );
+    let stored = engine.stored_webhook("d1").unwrap().unwrap();
+    assert_eq!(
+        &stored.body[..],
+        b"{}",
+        "bodies stored before compression read as they are"
+    );
+}
+
+/// The queries on the claim path use the indexes meant for them, never a scan of the
+/// triggers table.
+#[test]
+fn claim_path_queries_read_indexes_not_the_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Full).unwrap();
+    let plan = |sql: &str| -> String {
+        let mut statement = engine
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        let rows: Vec<String> = statement
+            .query_map([], |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        rows.join("; ")
+    };
+    let claim = plan(
+        "SELECT order_key, head FROM queue_keys WHERE due_at IS NOT NULL AND due_at <= 5 ORDER BY due_at LIMIT 8",
+    );
+    assert!(claim.contains("queue_keys_due"), "{claim}");
+    let next = plan(
+        "SELECT id, due_at FROM triggers WHERE order_key = 'k' AND state IN ('queued', 'sending') ORDER BY id LIMIT 1",
+    );
+    assert!(next.contains("triggers_open"), "{next}");
+    let earliest = plan("SELECT min(due_at) FROM queue_keys WHERE due_at IS NOT NULL");
+    assert!(earliest.contains("queue_keys_due"), "{earliest}");
+    let twin = plan(
+        "SELECT id FROM triggers WHERE coalesce_key = 'k' AND state = 'queued' AND due_at > 5 ORDER BY id LIMIT 1",
+    );
+    assert!(twin.contains("triggers_coalescing"), "{twin}");
+    // A pruning step starts where the last one stopped, not at the oldest delivery.
+    let prune = plan(
+        "SELECT d.id FROM deliveries d WHERE d.received_at < 9 AND d.received_at >= 5
+           AND (d.received_at > 5 OR d.id > 3) ORDER BY d.received_at, d.id LIMIT 500",
+    );
+    assert!(
+        prune.contains("deliveries_received (received_at>? AND received_at<?)"),
+        "{prune}"
+    );
+}
