@@ -107,6 +107,15 @@ enum Op {
         oneshot::Sender<Result<Pruned, EngineError>>,
     ),
     Flush(oneshot::Sender<()>),
+    /// Word that records nobody waits for wait in [`writer::Notes`].
+    NotesWaiting,
+}
+
+impl Op {
+    /// A record nobody waits for, or word of some.
+    fn is_note(&self) -> bool {
+        matches!(self, Op::Note(..) | Op::NotesWaiting)
+    }
 }
 
 /// Whether the store takes writes, as the writer last saw it; `/readyz` reads it.
@@ -138,6 +147,8 @@ pub struct Outbox {
     writer: mpsc::Sender<Op>,
     /// Places for records nobody waits for ([`Outbox::note`]).
     notes: Arc<tokio::sync::Semaphore>,
+    /// Where those records wait for the writer.
+    noted: Arc<writer::Notes>,
     /// A connection of its own for reads (depth for metrics), beside the writer.
     reader: Arc<Mutex<Box<dyn Engine>>>,
     place: Arc<str>,
@@ -245,9 +256,11 @@ impl Outbox {
         let queued = Arc::new(Notify::new());
         let health = Arc::new(StoreHealth::default());
         let skew = Arc::new(std::sync::atomic::AtomicI64::new(writer.clock_skew()));
+        let noted = Arc::new(writer::Notes::default());
         writer::Writer::spawn(
             writer,
             requests,
+            noted.clone(),
             queued.clone(),
             health.clone(),
             skew.clone(),
@@ -256,6 +269,7 @@ impl Outbox {
         Ok(Outbox {
             writer: sender,
             notes: Arc::new(tokio::sync::Semaphore::new(NOTES_WAITING)),
+            noted,
             reader: Arc::new(Mutex::new(reader)),
             place,
             queued,
@@ -306,14 +320,14 @@ impl Outbox {
         let Ok(place) = self.notes.clone().acquire_owned().await else {
             return;
         };
-        let _ = self.writer.send(Op::Note(delivery, place));
+        self.noted.add(Op::Note(delivery, place), &self.writer);
     }
 
     /// [`Outbox::note`] without waiting: `false` (nothing recorded) when every place is
     /// taken. For records that are few by themselves (one a second per source and kind).
     pub fn try_note(&self, delivery: NewDelivery) -> bool {
         match self.notes.clone().try_acquire_owned() {
-            Ok(place) => self.writer.send(Op::Note(delivery, place)).is_ok(),
+            Ok(place) => self.noted.add(Op::Note(delivery, place), &self.writer),
             Err(_) => false,
         }
     }

@@ -5,8 +5,8 @@
 //! this process's own, in one of their own on a shared one). Replies go out once the commit
 //! is known.
 
-use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
@@ -22,37 +22,110 @@ const NOTES_GATHER: Duration = Duration::from_millis(10);
 /// Deliveries deleted per pruning step, so pruning never holds the writer for long.
 const PRUNE_BATCH: usize = 500;
 
-/// Takes the requests waiting behind the first into its group. Records nobody waits for
-/// (gateway calls' and refusals') wait up to `notes_wait` ([`NOTES_GATHER`]) for company
-/// while nothing else is in the group: a commit costs about the same for one record as for
-/// a hundred, and at 2,000 calls a second one commit per call or two cost a tenth more CPU
-/// per call. Anything else that arrives (a webhook, a claim) is written at once, with them.
-fn gather(requests: &mpsc::Receiver<Op>, batch: &mut Vec<Op>, notes_wait: Duration) {
+/// Records nobody waits for (gateway calls' and refusals'), on their way to the writer
+/// without a wake-up each: a record sent down the channel to a writer that sleeps wakes
+/// it, and at one gateway connection that was a thread wake-up per call. A record is
+/// added here; only the first one after the writer last took them sends it word
+/// ([`Op::NotesWaiting`]), and the writer takes them all with its next group.
+#[derive(Default)]
+pub(super) struct Notes {
+    waiting: Mutex<NotesWaiting>,
+}
+
+#[derive(Default)]
+struct NotesWaiting {
+    records: Vec<Op>,
+    /// The writer has word that records wait, and takes them with its next group.
+    told: bool,
+}
+
+impl Notes {
+    /// Adds a record (an [`Op::Note`]) for the writer; `false` when the writer is gone
+    /// (then the record is dropped, with its place).
+    pub(super) fn add(&self, record: Op, requests: &mpsc::Sender<Op>) -> bool {
+        let mut waiting = self.lock();
+        waiting.records.push(record);
+        if waiting.told {
+            return true;
+        }
+        if requests.send(Op::NotesWaiting).is_err() {
+            waiting.records.pop();
+            return false;
+        }
+        waiting.told = true;
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, NotesWaiting> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    /// Moves waiting records into `batch` while it has fewer than `most`; returns whether
+    /// some are left (the writer then still has word of them: none sends it again).
+    fn take_into(&self, batch: &mut Vec<Op>, most: usize) -> bool {
+        let mut waiting = self.lock();
+        let room = most.saturating_sub(batch.len()).min(waiting.records.len());
+        batch.extend(waiting.records.drain(..room));
+        waiting.told = !waiting.records.is_empty();
+        waiting.told
+    }
+}
+
+/// Takes the requests waiting behind the first into its group, then the records nobody
+/// waits for ([`Notes`]) as far as the group has room (all of them when it holds a
+/// [`Op::Flush`]); returns whether records are left for the next group. Records wait up to
+/// `notes_wait` ([`NOTES_GATHER`]) for company while nothing else is in the group: a
+/// commit costs about the same for one record as for a hundred, and at 2,000 calls a
+/// second one commit per call or two cost a tenth more CPU per call. Anything else that
+/// arrives (a webhook, a claim) is written at once, with them.
+fn gather(
+    requests: &mpsc::Receiver<Op>,
+    notes: &Notes,
+    batch: &mut Vec<Op>,
+    notes_wait: Duration,
+) -> bool {
     let until = std::time::Instant::now() + notes_wait;
     // Kept as requests arrive rather than read again from the whole batch each time.
-    let mut only_notes = batch.iter().all(|op| matches!(op, Op::Note(..)));
+    let mut only_notes = batch.iter().all(Op::is_note);
     loop {
         while batch.len() < GROUP_MAX {
             match requests.try_recv() {
                 Ok(op) => {
-                    only_notes &= matches!(op, Op::Note(..));
+                    only_notes &= op.is_note();
                     batch.push(op);
                 }
                 Err(_) => break,
             }
         }
         let left = until.saturating_duration_since(std::time::Instant::now());
-        if batch.is_empty() || !only_notes || batch.len() >= GROUP_MAX || left.is_zero() {
-            return;
+        if batch.is_empty()
+            || !only_notes
+            || batch.len() + notes.len() >= GROUP_MAX
+            || left.is_zero()
+        {
+            break;
         }
         match requests.recv_timeout(left) {
             Ok(op) => {
-                only_notes &= matches!(op, Op::Note(..));
+                only_notes &= op.is_note();
                 batch.push(op);
             }
-            Err(_) => return,
+            Err(_) => break,
         }
     }
+    batch.retain(|op| !matches!(op, Op::NotesWaiting));
+    let most = if batch.iter().any(|op| matches!(op, Op::Flush(_))) {
+        usize::MAX
+    } else {
+        GROUP_MAX
+    };
+    notes.take_into(batch, most)
 }
 
 /// The writer thread's state.
@@ -60,6 +133,8 @@ pub(super) struct Writer {
     /// Where the store's clock skew is published for [`super::Outbox::clock`].
     skew: Arc<std::sync::atomic::AtomicI64>,
     engine: Box<dyn Engine>,
+    /// Records nobody waits for, taken with each group.
+    notes: Arc<Notes>,
     queued: Arc<Notify>,
     health: Arc<StoreHealth>,
     /// Outcomes of sends the store has not taken yet, oldest first.
@@ -89,6 +164,7 @@ impl Writer {
     pub(super) fn spawn(
         engine: Box<dyn Engine>,
         requests: mpsc::Receiver<Op>,
+        notes: Arc<Notes>,
         queued: Arc<Notify>,
         health: Arc<StoreHealth>,
         skew: Arc<std::sync::atomic::AtomicI64>,
@@ -97,6 +173,7 @@ impl Writer {
         let writer = Writer {
             skew,
             engine,
+            notes,
             queued,
             health,
             pending: Vec::new(),
@@ -112,8 +189,13 @@ impl Writer {
     /// Takes every waiting request into one transaction and commits once; while the store
     /// fails, tries the kept records (or a probe) again every second.
     fn run(mut self, requests: mpsc::Receiver<Op>) {
+        // Records left over from the last group (more than it had room for) go next,
+        // without waiting for word of them.
+        let mut notes_left = false;
         loop {
-            let first = if self.pending.is_empty() && self.health.problem().is_none() {
+            let first = if notes_left {
+                Some(Op::NotesWaiting)
+            } else if self.pending.is_empty() && self.health.problem().is_none() {
                 match requests.recv() {
                     Ok(op) => Some(op),
                     Err(_) => break,
@@ -129,7 +211,7 @@ impl Writer {
                 }
             };
             let mut batch: Vec<Op> = first.into_iter().collect();
-            gather(&requests, &mut batch, NOTES_GATHER);
+            notes_left = gather(&requests, &self.notes, &mut batch, NOTES_GATHER);
             self.group(batch);
         }
         if !self.pending.is_empty() {
@@ -371,6 +453,8 @@ impl Writer {
             Op::Flush(reply) => outcome.replies.push(Box::new(move |_| {
                 let _ = reply.send(());
             })),
+            // Taken out by `gather`, which puts the records themselves in its place.
+            Op::NotesWaiting => {}
         }
     }
 
@@ -442,7 +526,7 @@ impl Writer {
                     outcome.replies.push(answer(reply, Err(err.clone())));
                 }
             }
-            Op::Note(..) => {}
+            Op::Note(..) | Op::NotesWaiting => {}
             Op::Flush(reply) => {
                 let _ = reply.send(());
             }
@@ -561,42 +645,94 @@ mod tests {
             .iter()
             .map(|op| match op {
                 Op::Note(..) => "note",
+                Op::NotesWaiting => "word",
                 Op::Claim(..) => "claim",
                 _ => "other",
             })
             .collect()
     }
 
-    /// Records nobody waits for wait for company; anything else ends the wait at once.
+    /// Records nobody waits for send the writer one word however many there are, wait
+    /// for company, and anything else ends the wait at once.
     #[test]
     fn notes_wait_for_company_and_anything_else_ends_the_wait() {
         let (requests, received) = mpsc::channel();
-        let late = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(5));
-            requests.send(noted("late")).unwrap();
-            std::thread::sleep(Duration::from_millis(5));
-            let (reply, _) = oneshot::channel();
-            requests.send(Op::Claim(1, reply)).unwrap();
-            requests.send(noted("after")).unwrap();
-            requests
+        let notes = Arc::new(Notes::default());
+        assert!(notes.add(noted("first"), &requests));
+        assert!(notes.add(noted("second"), &requests));
+        assert_eq!(kinds(&received.try_iter().collect::<Vec<_>>()), ["word"]);
+        let late = std::thread::spawn({
+            let notes = notes.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(5));
+                assert!(notes.add(noted("late"), &requests));
+                std::thread::sleep(Duration::from_millis(5));
+                let (reply, _) = oneshot::channel();
+                requests.send(Op::Claim(1, reply)).unwrap();
+                requests
+            }
         });
         // A wait far longer than the test: only the claim can end it.
-        let mut batch = vec![noted("first")];
-        gather(&received, &mut batch, Duration::from_secs(600));
-        assert_eq!(kinds(&batch)[..3], ["note", "note", "claim"]);
+        let mut batch = vec![Op::NotesWaiting];
+        let left = gather(&received, &notes, &mut batch, Duration::from_secs(600));
+        assert!(!left);
+        assert_eq!(kinds(&batch), ["claim", "note", "note", "note"]);
         let requests = late.join().unwrap();
+        assert_eq!(
+            received.try_iter().count(),
+            0,
+            "the late record sent no word"
+        );
 
-        // A group with anything else in it does not wait for more.
-        let (reply, _) = oneshot::channel();
-        let mut batch = vec![Op::Claim(1, reply)];
-        gather(&received, &mut batch, Duration::from_secs(600));
-        assert!(kinds(&batch).len() <= 2, "{:?}", kinds(&batch));
-
-        // Alone, notes go once the wait is over.
-        while received.try_recv().is_ok() {}
-        let mut batch = vec![noted("alone")];
-        gather(&received, &mut batch, Duration::from_millis(1));
+        // Taken, the next record sends word again.
+        assert!(notes.add(noted("next"), &requests));
+        assert_eq!(kinds(&received.try_iter().collect::<Vec<_>>()), ["word"]);
+        let mut batch = vec![Op::NotesWaiting];
+        assert!(!gather(
+            &received,
+            &notes,
+            &mut batch,
+            Duration::from_millis(1)
+        ));
         assert_eq!(kinds(&batch), ["note"]);
-        drop(requests);
+
+        // Once the writer is gone, a record is dropped, and says so.
+        drop(received);
+        assert!(!notes.add(noted("too late"), &requests));
+        assert_eq!(notes.len(), 0);
+    }
+
+    /// A group takes at most `GROUP_MAX` records; the writer keeps word of the rest (none
+    /// is sent again) and takes them next. A flush takes them all, so that it answers
+    /// only once everything noted before it is written.
+    #[test]
+    fn records_beyond_a_group_wait_for_the_next_and_a_flush_takes_them_all() {
+        let (requests, received) = mpsc::channel();
+        let notes = Notes::default();
+        for i in 0..GROUP_MAX + 10 {
+            assert!(notes.add(noted(&format!("n{i}")), &requests));
+        }
+        assert_eq!(received.try_iter().count(), 1, "one word");
+        let mut batch = vec![Op::NotesWaiting];
+        assert!(gather(&received, &notes, &mut batch, Duration::ZERO));
+        assert_eq!(batch.len(), GROUP_MAX);
+        assert!(notes.add(noted("more"), &requests));
+        assert_eq!(
+            received.try_iter().count(),
+            0,
+            "the writer has word already"
+        );
+        let mut batch = vec![Op::NotesWaiting];
+        assert!(!gather(&received, &notes, &mut batch, Duration::ZERO));
+        assert_eq!(batch.len(), 11);
+
+        for i in 0..GROUP_MAX + 10 {
+            assert!(notes.add(noted(&format!("f{i}")), &requests));
+        }
+        let (reply, _) = oneshot::channel();
+        requests.send(Op::Flush(reply)).unwrap();
+        let mut batch = Vec::new();
+        assert!(!gather(&received, &notes, &mut batch, Duration::ZERO));
+        assert_eq!(batch.len(), 1 + GROUP_MAX + 10);
     }
 }
