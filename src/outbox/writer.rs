@@ -37,6 +37,9 @@ struct NotesWaiting {
     records: Vec<Op>,
     /// The writer has word that records wait, and takes them with its next group.
     told: bool,
+    /// The writer is gone (stopped, or died of a bug): records are dropped at once, with
+    /// their places, so that callers waiting for a place never wait for ever.
+    closed: bool,
 }
 
 impl Notes {
@@ -44,6 +47,9 @@ impl Notes {
     /// (then the record is dropped, with its place).
     pub(super) fn add(&self, record: Op, requests: &mpsc::Sender<Op>) -> bool {
         let mut waiting = self.lock();
+        if waiting.closed {
+            return false;
+        }
         waiting.records.push(record);
         if waiting.told {
             return true;
@@ -60,6 +66,13 @@ impl Notes {
         self.waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops what waits, and every record from now on (see `closed`).
+    fn close(&self) {
+        let mut waiting = self.lock();
+        waiting.closed = true;
+        waiting.records.clear();
     }
 
     fn len(&self) -> usize {
@@ -143,6 +156,13 @@ pub(super) struct Writer {
     logged: crate::limits::Throttle<&'static str>,
     /// The state folder's lock, held as long as the writer runs.
     _lock: Option<StateLock>,
+}
+
+/// However the writer ends (all senders gone, or a panic), records stop waiting for it.
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.notes.close();
+    }
 }
 
 /// What one group did, for replies and for the store's health.
@@ -700,6 +720,27 @@ mod tests {
         drop(received);
         assert!(!notes.add(noted("too late"), &requests));
         assert_eq!(notes.len(), 0);
+    }
+
+    /// A writer that ends with records waiting, whatever ends it, gives their places back,
+    /// and later records are dropped at once: a caller waiting for a place never hangs.
+    #[test]
+    fn records_do_not_wait_for_a_writer_that_is_gone() {
+        let (requests, _received) = mpsc::channel();
+        let notes = Notes::default();
+        let places = Arc::new(tokio::sync::Semaphore::new(2));
+        let record = |id: &str| {
+            Op::Note(
+                crate::store::semantics::delivery(id, Vec::new()),
+                places.clone().try_acquire_owned().unwrap(),
+            )
+        };
+        assert!(notes.add(record("waiting"), &requests));
+        assert_eq!(places.available_permits(), 1);
+        notes.close();
+        assert_eq!(places.available_permits(), 2, "its place is back");
+        assert!(!notes.add(record("late"), &requests));
+        assert_eq!(places.available_permits(), 2);
     }
 
     /// A group takes at most `GROUP_MAX` records; the writer keeps word of the rest (none
