@@ -25,19 +25,22 @@ pub(super) struct Checkpointer {
 
 /// How often the checkpointer looks for new commits while the WAL is short.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-/// A WAL this long (frames of one page) is started over as soon as it can be.
-const WAL_LONG_FRAMES: i64 = 4_096;
+/// A WAL this long is started over as soon as it can be.
+const WAL_LONG_BYTES: i64 = 16 * 1024 * 1024;
 /// What a WAL file that grew longer (while a reader held it, say) is cut back to.
 pub(super) const WAL_KEEP_BYTES: i64 = 64 * 1024 * 1024;
 /// The checkpointer has caught up when its last pass found no more than this many new
-/// frames (a group or two): then what the writer has left to copy takes it no time.
-const CAUGHT_UP_FRAMES: i64 = 256;
+/// bytes of frames (a group or two): then what the writer has left to copy takes it no time.
+const CAUGHT_UP_BYTES: i64 = 1024 * 1024;
 
 impl SqliteEngine {
     /// Moves checkpoints off this connection onto a thread of their own (PASSIVE: they
     /// never wait for, or hold up, the writer). For the one connection that writes.
     pub fn checkpoint_in_background(&mut self) -> Result<(), EngineError> {
         let reader = open_connection(&self.path).map_err(error)?;
+        let page_size: i64 = reader
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .map_err(error)?;
         self.conn
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(error)?;
@@ -56,6 +59,10 @@ impl SqliteEngine {
             .name("hookrelay-checkpoint".into())
             .spawn(move || {
                 let mut long = false;
+                // SQLite counts the WAL in frames of one page each.
+                let page = page_size.max(512);
+                let (long_frames, caught_up_frames) =
+                    (WAL_LONG_BYTES / page, CAUGHT_UP_BYTES / page);
                 let mut last_frames = 0;
                 loop {
                     match committed.recv() {
@@ -85,8 +92,8 @@ impl SqliteEngine {
                     };
                     let fresh = frames - last_frames;
                     last_frames = frames;
-                    long = frames >= WAL_LONG_FRAMES;
-                    if long && busy == 0 && copied == frames && fresh <= CAUGHT_UP_FRAMES {
+                    long = frames >= long_frames;
+                    if long && busy == 0 && copied == frames && fresh <= caught_up_frames {
                         ask_writer.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }

@@ -153,3 +153,43 @@ fn claim_path_queries_read_indexes_not_the_backlog() {
         "{prune}"
     );
 }
+
+/// A new store is made of `PAGE_SIZE` pages; one made with other pages (by an earlier
+/// version) keeps them, and works as before.
+#[test]
+fn new_stores_use_small_pages_and_older_ones_keep_theirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let page_size = |path: &Path| -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |row| row.get(0))
+            .unwrap()
+    };
+    let new = dir.path().join("new.sqlite3");
+    SqliteEngine::open(&new, Durability::Off).unwrap();
+    assert_eq!(page_size(&new), PAGE_SIZE);
+
+    let old = dir.path().join("old.sqlite3");
+    {
+        let conn = Connection::open(&old).unwrap();
+        conn.pragma_update(None, "page_size", 4096).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch("CREATE TABLE made_before (x)").unwrap();
+    }
+    let mut engine = SqliteEngine::open(&old, Durability::Off).unwrap();
+    engine.checkpoint_in_background().unwrap();
+    engine.begin(true).unwrap();
+    let delivery = super::super::semantics::delivery("kept", Vec::new());
+    engine.insert_delivery(&delivery, 0).unwrap();
+    engine.commit().unwrap();
+    drop(engine);
+    assert_eq!(page_size(&old), 4096);
+    let mut reopened = SqliteEngine::open(&old, Durability::Off).unwrap();
+    let rows = reopened
+        .list(&ListFilter {
+            limit: 10,
+            ..ListFilter::default()
+        })
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+}
