@@ -168,12 +168,8 @@ impl SharedLimits {
 
     /// Keeps a failure's reason for [`FAILED_FOR`], or forgets the last one.
     fn remember(&self, failure: Option<&str>) {
-        let mut failed = self.failed.lock().expect("never poisoned");
-        match failure {
-            Some(reason) => *failed = Some((Instant::now(), reason.to_owned())),
-            None if failed.is_some() => *failed = None,
-            None => {}
-        }
+        *self.failed.lock().expect("never poisoned") =
+            failure.map(|reason| (Instant::now(), reason.to_owned()));
     }
 
     /// The result of a call on `client`; a connection whose call failed is not kept.
