@@ -20,6 +20,7 @@ mod schema;
 
 use std::path::{Path, PathBuf};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use checkpoint::Checkpointer;
@@ -220,6 +221,10 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // Keep the hot pages (the indexes a claim and an insert touch) in memory.
     conn.pragma_update(None, "cache_size", -16_384)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // Plans stay as prepared. Without this SQLite looks at bound values while planning
+    // (a `LIMIT ?`, partial indexes) and prepares the statement again each time such a
+    // value changes: the claim's room changes with every group.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     migrate(&mut conn)?;
     Ok(conn)
 }
@@ -694,14 +699,16 @@ fn insert_work(
     Ok((trigger_ids, coalesced))
 }
 
+/// The keys whose head is due, earliest first.
+const DUE_KEYS: &str =
+    "SELECT order_key, head FROM queue_keys WHERE due_at IS NOT NULL AND due_at <= ?1
+     ORDER BY due_at LIMIT ?2";
+
 /// Leases the heads of up to `limit` due keys, earliest due first.
 fn claim(engine: &SqliteEngine, now: i64, limit: usize) -> rusqlite::Result<Claimed> {
     let conn = &engine.conn;
     let heads: Vec<(String, i64)> = conn
-        .prepare_cached(
-            "SELECT order_key, head FROM queue_keys WHERE due_at IS NOT NULL AND due_at <= ?1
-             ORDER BY due_at LIMIT ?2",
-        )?
+        .prepare_cached(DUE_KEYS)?
         .query_map(params![now, limit as i64], |row| {
             Ok((row.get(0)?, row.get(1)?))
         })?

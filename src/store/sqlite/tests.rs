@@ -154,6 +154,22 @@ fn claim_path_queries_read_indexes_not_the_backlog() {
     );
 }
 
+/// A claim's statement keeps its plan whatever room it is given: SQLite would otherwise
+/// prepare it again whenever the bound `LIMIT` changed, which it does from group to group.
+#[test]
+fn claims_of_changing_room_are_not_prepared_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
+    for room in [1, 7, 2, 64, 3] {
+        claim(&engine, 0, room).unwrap();
+    }
+    let statement = engine.conn.prepare_cached(DUE_KEYS).unwrap();
+    assert_eq!(
+        statement.get_status(rusqlite::StatementStatus::RePrepare),
+        0
+    );
+}
+
 /// A new store is made of `PAGE_SIZE` pages; one made with other pages (by an earlier
 /// version) keeps them, and works as before.
 #[test]
