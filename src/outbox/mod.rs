@@ -778,6 +778,42 @@ mod tests {
         }
     }
 
+    /// The forwarder is woken when a trigger is queued on its own, not when one is
+    /// coalesced into a trigger already waiting: a burst for one project+ref changes no
+    /// key's head or due time after its first trigger.
+    #[tokio::test]
+    async fn coalesced_triggers_do_not_wake_the_forwarder() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), Durability::Full).unwrap();
+        let windowed = |id: &str| {
+            let mut delivery = delivery(id);
+            delivery.triggers[0].coalesce_ms = 60_000;
+            delivery
+        };
+        outbox.accept(windowed("a")).await.unwrap();
+        // The writer notifies after it replies; the next flush is answered after that.
+        outbox.flush().await;
+        assert!(outbox.queued.notified().now_or_never().is_some(), "queued");
+        for id in ["b", "c", "d"] {
+            let accepted = outbox.accept(windowed(id)).await.unwrap();
+            assert!(
+                matches!(&accepted, Accepted::Queued { coalesced, .. } if coalesced[0].is_some())
+            );
+        }
+        outbox.flush().await;
+        assert!(
+            outbox.queued.notified().now_or_never().is_none(),
+            "coalesced"
+        );
+        outbox.accept(delivery("e")).await.unwrap();
+        outbox.flush().await;
+        assert!(
+            outbox.queued.notified().now_or_never().is_some(),
+            "queued again"
+        );
+    }
+
     /// Records nobody waits for queue up to [`NOTES_WAITING`] while the writer is stuck;
     /// the next caller waits for a place instead of growing memory, and all are written
     /// once the writer moves again.

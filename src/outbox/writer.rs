@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 
-use super::{Accepted, NewDelivery, Op, RETRY_EVERY, Recorded, StoreHealth, now_ms};
+use super::{NewDelivery, Op, RETRY_EVERY, Recorded, StoreHealth, now_ms};
 use crate::store::lock::StateLock;
 use crate::store::{Engine, EngineError, Lease};
 
@@ -383,10 +383,7 @@ impl Writer {
             outcome.note_result(&result);
             match op {
                 Op::Accept(_, reply) => {
-                    if matches!(&result, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
-                    {
-                        outcome.new_triggers = true;
-                    }
+                    outcome.new_triggers |= matches!(&result, Ok(accepted) if accepted.adds_work());
                     outcome.replies.push(answer(reply, result));
                 }
                 Op::Note(..) => {}
@@ -403,10 +400,7 @@ impl Writer {
         match op {
             Op::Accept(delivery, reply) => {
                 let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
-                if matches!(&result, Ok(Accepted::Queued { trigger_ids, .. }) if !trigger_ids.is_empty())
-                {
-                    outcome.new_triggers = true;
-                }
+                outcome.new_triggers |= matches!(&result, Ok(accepted) if accepted.adds_work());
                 outcome.note_result(&result);
                 outcome.replies.push(answer(reply, result));
             }

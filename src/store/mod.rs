@@ -351,6 +351,18 @@ pub enum Accepted {
     Duplicate { delivery_row: i64 },
 }
 
+impl Accepted {
+    /// Whether the forwarder may find new work to claim: some trigger was queued on its
+    /// own. One coalesced into a trigger already waiting changes no key's head or due
+    /// time, so a burst for one project+ref wakes the forwarder once, not once a group.
+    pub fn adds_work(&self) -> bool {
+        match self {
+            Accepted::Queued { coalesced, .. } => coalesced.iter().any(Option::is_none),
+            Accepted::Duplicate { .. } => false,
+        }
+    }
+}
+
 /// A claim on one trigger: whoever records its outcome must show it. An outcome recorded
 /// with a lease that is no longer current (the trigger was claimed again since) changes
 /// nothing.

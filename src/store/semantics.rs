@@ -308,11 +308,12 @@ pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {
             .unwrap()
     });
     let (Accepted::Queued { trigger_ids, .. }, Accepted::Queued { coalesced, .. }) =
-        (first, second)
+        (&first, &second)
     else {
         panic!("both queued");
     };
-    assert_eq!(coalesced, [Some(trigger_ids[0])]);
+    assert_eq!(coalesced, &[Some(trigger_ids[0])]);
+    assert!(first.adds_work() && !second.adds_work());
     assert_eq!(engine.depth().unwrap().open, 1);
     assert!(claim(engine, 999, 5).is_empty(), "held for its window");
     assert_eq!(claim(engine, 1000, 5).len(), 1);
