@@ -60,6 +60,11 @@ pub struct SqliteEngine {
     synchronous: &'static str,
     /// Set when a checkpointer thread copies the WAL into the database for this engine.
     checkpointer: Option<Checkpointer>,
+    /// The open transaction's change to the count of unfinished triggers, written once
+    /// just before its `COMMIT` rather than by each webhook (one row every commit
+    /// rewrites either way), and the change when the current savepoint was set.
+    open_change: std::cell::Cell<i64>,
+    open_at_savepoint: i64,
 }
 
 impl SqliteEngine {
@@ -72,6 +77,8 @@ impl SqliteEngine {
             durability,
             synchronous: "FULL",
             checkpointer: None,
+            open_change: Default::default(),
+            open_at_savepoint: 0,
         })
     }
 
@@ -124,7 +131,18 @@ impl SqliteEngine {
         Ok(())
     }
 
+    /// Counts a change to the number of unfinished triggers: kept for the commit inside a
+    /// transaction, written at once outside one.
     fn add_open(&self, change: i64) -> rusqlite::Result<()> {
+        self.open_change.set(self.open_change.get() + change);
+        if self.conn.is_autocommit() {
+            self.write_open_change()?;
+        }
+        Ok(())
+    }
+
+    fn write_open_change(&self) -> rusqlite::Result<()> {
+        let change = self.open_change.take();
         if change != 0 {
             self.conn
                 .prepare_cached("UPDATE outbox_stats SET open = open + ?1 WHERE id = 1")?
@@ -306,8 +324,8 @@ impl Engine for SqliteEngine {
 
     fn commit(&mut self) -> Result<(), EngineError> {
         let result = self
-            .conn
-            .prepare_cached("COMMIT")
+            .write_open_change()
+            .and_then(|()| self.conn.prepare_cached("COMMIT"))
             .and_then(|mut s| s.execute([]))
             .map(|_| ())
             .map_err(error);
@@ -322,12 +340,14 @@ impl Engine for SqliteEngine {
     }
 
     fn rollback(&mut self) {
+        self.open_change.set(0);
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
     }
 
     fn savepoint(&mut self) -> Result<(), EngineError> {
+        self.open_at_savepoint = self.open_change.get();
         self.conn
             .prepare_cached("SAVEPOINT op")
             .and_then(|mut s| s.execute([]))
@@ -342,6 +362,7 @@ impl Engine for SqliteEngine {
                 .and_then(|mut s| s.execute([]))
                 .map(|_| ())
         } else {
+            self.open_change.set(self.open_at_savepoint);
             self.conn.execute_batch("ROLLBACK TO op; RELEASE op")
         };
     }

@@ -209,3 +209,43 @@ fn new_stores_use_small_pages_and_older_ones_keep_theirs() {
         .unwrap();
     assert_eq!(rows.len(), 1);
 }
+
+/// The count of unfinished triggers is written once a transaction, at its commit; a
+/// savepoint rolled back, or the whole transaction, takes its part of the count with it,
+/// and a change outside any transaction is written at once.
+#[test]
+fn the_open_count_follows_commits_savepoints_and_rollbacks() {
+    use super::super::semantics::{delivery, trigger};
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
+    let open = |engine: &mut SqliteEngine| engine.depth().unwrap().open;
+    let one = |id: &str| delivery(id, vec![trigger("p")]);
+
+    engine.begin(true).unwrap();
+    engine.savepoint().unwrap();
+    engine.insert_delivery(&one("undone"), 0).unwrap();
+    engine.release(false);
+    engine.savepoint().unwrap();
+    engine.insert_delivery(&one("kept"), 0).unwrap();
+    engine.release(true);
+    engine.insert_delivery(&one("also kept"), 0).unwrap();
+    engine.commit().unwrap();
+    assert_eq!(open(&mut engine), 2);
+
+    engine.begin(true).unwrap();
+    engine.insert_delivery(&one("rolled back"), 0).unwrap();
+    engine.rollback();
+    assert_eq!(open(&mut engine), 2);
+
+    engine.insert_delivery(&one("on its own"), 0).unwrap();
+    assert_eq!(open(&mut engine), 3);
+    let counted: i64 = engine
+        .conn
+        .query_row(
+            "SELECT count(*) FROM triggers WHERE state IN ('queued', 'sending')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(counted, 3);
+}
