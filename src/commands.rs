@@ -59,6 +59,7 @@ pub fn init_logging(format: LogFormat) -> std::io::Result<LogGuard> {
     let (writer, guard) = crate::log_writer::start(std::io::stderr())?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_timer(LogTime)
         .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder
@@ -72,6 +73,35 @@ pub fn init_logging(format: LogFormat) -> std::io::Result<LogGuard> {
             .try_init(),
     };
     Ok(guard)
+}
+
+/// Each line's time as tracing-subscriber's own `SystemTime` writes it (RFC 3339 in UTC,
+/// to the microsecond: `2026-12-03T18:55:03.123456Z`), with the date and time of day
+/// worked out once a second per thread instead of for every line (two lines or more a
+/// request).
+struct LogTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for LogTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        use std::cell::RefCell;
+        use std::fmt::Write;
+        thread_local! {
+            static SECOND: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+        }
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let seconds = since_epoch.as_secs() as i64;
+        SECOND.with_borrow_mut(|(cached, text)| {
+            if *cached != seconds {
+                text.clear();
+                let time = chrono::DateTime::from_timestamp(seconds, 0).unwrap_or_default();
+                write!(text, "{}", time.format("%Y-%m-%dT%H:%M:%S"))?;
+                *cached = seconds;
+            }
+            write!(w, "{text}.{:06}Z", since_epoch.subsec_micros())
+        })
+    }
 }
 
 /// Text log fields as the default formatter writes them (`name=value`, the message
@@ -703,5 +733,32 @@ pub fn replay(store: &StoreLocation, target: &str) -> ExitCode {
             eprintln!("hookrelay replay: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+
+    /// Log lines keep the time tracing-subscriber writes: the same text, to the second,
+    /// as its own timer read just before (unless a second began between the two).
+    #[test]
+    fn log_times_read_as_tracing_subscribers_own() {
+        for _ in 0..3 {
+            let (mut theirs, mut ours) = (String::new(), String::new());
+            SystemTime
+                .format_time(&mut Writer::new(&mut theirs))
+                .unwrap();
+            LogTime.format_time(&mut Writer::new(&mut ours)).unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{ours} vs {theirs}");
+            assert!(ours.ends_with('Z') && ours.as_bytes()[19] == b'.', "{ours}");
+            if ours[..19] == theirs[..19] {
+                assert!(ours[20..26] >= theirs[20..26], "{ours} vs {theirs}");
+                return;
+            }
+        }
+        panic!("a second began between the two readings three times in a row");
     }
 }

@@ -531,21 +531,26 @@ fn webhook_record(
     }
 }
 
+/// Words that mark a header name as one that may carry a secret.
+const SECRET_HEADER_WORDS: [&str; 8] = [
+    "token",
+    "signature",
+    "secret",
+    "authorization",
+    "cookie",
+    "password",
+    "api-key",
+    "apikey",
+];
+
 /// Header names that may carry a secret: never stored. `name` is lowercase, as
-/// [`http::HeaderName`] keeps every name.
+/// [`http::HeaderName`] keeps every name. One pass over the name finds any of the words
+/// (eight `str::contains` each set up a searcher: 2,000 instructions a header).
 fn is_secret_header(name: &str) -> bool {
-    [
-        "token",
-        "signature",
-        "secret",
-        "authorization",
-        "cookie",
-        "password",
-        "api-key",
-        "apikey",
-    ]
-    .iter()
-    .any(|word| name.contains(word))
+    static WORDS: std::sync::LazyLock<aho_corasick::AhoCorasick> = std::sync::LazyLock::new(|| {
+        aho_corasick::AhoCorasick::new(SECRET_HEADER_WORDS).expect("fixed words build")
+    });
+    WORDS.is_match(name)
 }
 
 /// The headers kept with a delivery (for replay and `explain` after the fact): everything
@@ -731,6 +736,24 @@ pub fn summary(event: &Event) -> EventSummary<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A word anywhere in a name marks it, as `str::contains` would for each word.
+    #[test]
+    fn every_secret_word_is_found_anywhere_in_a_name() {
+        for word in SECRET_HEADER_WORDS {
+            for name in [
+                word.to_owned(),
+                format!("x-{word}"),
+                format!("{word}-256"),
+                format!("a{word}b"),
+            ] {
+                assert!(is_secret_header(&name), "{name}");
+            }
+        }
+        for name in ["x-github-event", "content-type", "x-request-id", "host", ""] {
+            assert!(!is_secret_header(name), "{name}");
+        }
+    }
 
     #[test]
     fn headers_that_may_carry_a_secret_are_not_stored() {
