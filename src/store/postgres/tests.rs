@@ -271,3 +271,60 @@ mod semantics {
 
     crate::engine_semantics!(make);
 }
+
+/// A group of webhooks for several keys settles them all in one statement: a new key is
+/// headed by its oldest new trigger (which is also its floor), and a key that already
+/// had a trigger keeps its head and floor.
+#[test]
+fn a_group_of_webhooks_settles_every_key_it_touched_at_once() {
+    use crate::store::semantics::{delivery, trigger};
+    use crate::store::{Accepted, Engine};
+    let Some((_database, mut engine)) = on_new_database() else {
+        return;
+    };
+    engine.begin(true).unwrap();
+    let first = engine
+        .insert_delivery(&delivery("first", vec![trigger("b")]), 0)
+        .unwrap();
+    engine.commit().unwrap();
+    let group = [
+        delivery("x", vec![trigger("c"), trigger("a")]),
+        delivery("y", vec![trigger("b"), trigger("c")]),
+        delivery("z", vec![trigger("a")]),
+    ];
+    engine.begin(true).unwrap();
+    let answers = engine
+        .insert_deliveries(&group.iter().collect::<Vec<_>>(), 10)
+        .expect("PostgreSQL records a group together")
+        .unwrap();
+    engine.commit().unwrap();
+    let ids = |answer: &Accepted| match answer {
+        Accepted::Queued { trigger_ids, .. } => trigger_ids.clone(),
+        Accepted::Duplicate { .. } => panic!("new"),
+    };
+    let (b0, x, y, z) = (
+        ids(&first)[0],
+        ids(&answers[0]),
+        ids(&answers[1]),
+        ids(&answers[2]),
+    );
+    let rows: Vec<(String, i64, i64)> = engine
+        .client()
+        .query(
+            "SELECT order_key, head, floor FROM hr_keys ORDER BY order_key COLLATE \"C\"",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let key = |project: &str| trigger(project).order_key();
+    let mut want = vec![
+        (key("a"), x[1], x[1]),
+        (key("b"), b0, b0),
+        (key("c"), x[0], x[0]),
+    ];
+    want.sort();
+    assert_eq!(rows, want, "z {z:?}, y {y:?}");
+    assert_eq!(engine.depth().unwrap().open, 6);
+}
