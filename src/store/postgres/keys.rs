@@ -72,39 +72,23 @@ impl PostgresEngine {
                 && later.1.rank() == earlier.1.rank()
                 && !matches!(later.1, Touch::DueAgain { .. } | Touch::Cancelled { .. })
         });
-        // Only new triggers (a group of webhooks): every key in one statement instead of
-        // a round trip each, locked in the same order as one by one (`COLLATE "C"`
-        // compares bytes, as the sort above does).
-        if touched.len() > 1
-            && touched
-                .iter()
-                .all(|(_, touch)| matches!(touch, Touch::Enqueue { .. }))
-        {
-            let (mut keys, mut heads, mut dues) = (Vec::new(), Vec::new(), Vec::new());
-            for (order_key, touch) in &touched {
-                if let Touch::Enqueue { id, due_at } = touch {
-                    keys.push(order_key.as_str());
-                    heads.push(*id);
-                    dues.push(*due_at);
-                }
+        // Keys whose only change is a new trigger (most of a group of webhooks) go in
+        // runs, each run in one statement instead of a round trip per key; keys are still
+        // locked in key order (`COLLATE "C"` compares bytes, as the sort above does).
+        let mut run: Vec<(&str, i64, i64)> = Vec::new();
+        for (place, (order_key, touch)) in touched.iter().enumerate() {
+            let alone = |other: Option<&(String, Touch)>| other.is_none_or(|(k, _)| k != order_key);
+            if let Touch::Enqueue { id, due_at } = touch
+                && alone(place.checked_sub(1).and_then(|p| touched.get(p)))
+                && alone(touched.get(place + 1))
+            {
+                run.push((order_key, *id, *due_at));
+                continue;
             }
-            let upsert = self.stmt(
-                "INSERT INTO hr_keys (order_key, head, due_at, floor)
-                 SELECT k, h, d, h FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(k, h, d)
-                 ORDER BY k COLLATE \"C\"
-                 ON CONFLICT (order_key) DO UPDATE SET floor = least(hr_keys.floor, EXCLUDED.floor)",
-            )?;
-            self.client().execute(&upsert, &[&keys, &heads, &dues])?;
-            return Ok(());
-        }
-        for (order_key, touch) in &touched {
+            self.enqueue_keys(&mut run)?;
             match touch {
                 Touch::Enqueue { id, due_at } => {
-                    let upsert = self.stmt(
-                        "INSERT INTO hr_keys (order_key, head, due_at, floor) VALUES ($1, $2, $3, $2)
-                         ON CONFLICT (order_key) DO UPDATE SET floor = least(hr_keys.floor, EXCLUDED.floor)",
-                    )?;
-                    self.client().execute(&upsert, &[order_key, id, due_at])?;
+                    self.enqueue_keys(&mut vec![(order_key.as_str(), *id, *due_at)])?;
                 }
                 Touch::Advance => {
                     let lock =
@@ -132,6 +116,27 @@ impl PostgresEngine {
                 }
             }
         }
+        self.enqueue_keys(&mut run)
+    }
+
+    /// New triggers' keys, in key order, in one statement: a key that does not exist yet is
+    /// headed by its trigger; one that does is locked (`DO UPDATE`, see [`Self::settle`]),
+    /// its floor lowered if need be. Empties `run`.
+    fn enqueue_keys(&mut self, run: &mut Vec<(&str, i64, i64)>) -> Result<(), postgres::Error> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = run.iter().map(|(key, _, _)| *key).collect();
+        let heads: Vec<i64> = run.iter().map(|(_, head, _)| *head).collect();
+        let dues: Vec<i64> = run.iter().map(|(_, _, due)| *due).collect();
+        run.clear();
+        let upsert = self.stmt(
+            "INSERT INTO hr_keys (order_key, head, due_at, floor)
+             SELECT k, h, d, h FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(k, h, d)
+             ORDER BY k COLLATE \"C\"
+             ON CONFLICT (order_key) DO UPDATE SET floor = least(hr_keys.floor, EXCLUDED.floor)",
+        )?;
+        self.client().execute(&upsert, &[&keys, &heads, &dues])?;
         Ok(())
     }
 
