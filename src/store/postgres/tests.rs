@@ -328,3 +328,61 @@ fn a_group_of_webhooks_settles_every_key_it_touched_at_once() {
     assert_eq!(rows, want, "z {z:?}, y {y:?}");
     assert_eq!(engine.depth().unwrap().open, 6);
 }
+
+/// A group that finishes one key's head and brings new triggers for it and for keys on
+/// either side settles each: the finished key moves on to its new trigger, the others
+/// are headed by theirs.
+#[test]
+fn a_group_with_an_outcome_among_new_triggers_settles_every_key() {
+    use crate::store::semantics::{delivery, trigger};
+    use crate::store::{Accepted, Engine, Recorded};
+    let Some((_database, mut engine)) = on_new_database() else {
+        return;
+    };
+    engine.begin(true).unwrap();
+    engine
+        .insert_delivery(&delivery("first", vec![trigger("b")]), 0)
+        .unwrap();
+    engine.commit().unwrap();
+    engine.begin(true).unwrap();
+    let claimed = engine.claim(0, 8).unwrap().due.remove(0);
+    engine.commit().unwrap();
+    engine.begin(true).unwrap();
+    let sent = Recorded::Sent {
+        status: 201,
+        pipeline_id: None,
+        pipeline_url: None,
+    };
+    assert!(engine.record(claimed.lease, &sent, 5).unwrap());
+    let group = [
+        delivery("x", vec![trigger("a"), trigger("b")]),
+        delivery("y", vec![trigger("c")]),
+    ];
+    let answers = engine
+        .insert_deliveries(&group.iter().collect::<Vec<_>>(), 10)
+        .expect("PostgreSQL records a group together")
+        .unwrap();
+    engine.commit().unwrap();
+    let ids: Vec<i64> = answers
+        .iter()
+        .flat_map(|answer| match answer {
+            Accepted::Queued { trigger_ids, .. } => trigger_ids.clone(),
+            Accepted::Duplicate { .. } => panic!("new"),
+        })
+        .collect();
+    let rows: Vec<(String, i64)> = engine
+        .client()
+        .query(
+            "SELECT order_key, head FROM hr_keys ORDER BY order_key COLLATE \"C\"",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let key = |project: &str| trigger(project).order_key();
+    let mut want = vec![(key("a"), ids[0]), (key("b"), ids[1]), (key("c"), ids[2])];
+    want.sort();
+    assert_eq!(rows, want);
+    assert_eq!(engine.depth().unwrap().open, 3);
+}
