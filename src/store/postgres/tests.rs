@@ -52,6 +52,31 @@ fn on_new_database() -> Option<(super::test_server::Database, super::PostgresEng
     Some((database, engine))
 }
 
+/// The trigger ids the answers queued, in order.
+fn queued_ids(answers: &[crate::store::Accepted]) -> Vec<i64> {
+    answers
+        .iter()
+        .flat_map(|answer| match answer {
+            crate::store::Accepted::Queued { trigger_ids, .. } => trigger_ids.clone(),
+            crate::store::Accepted::Duplicate { .. } => panic!("new"),
+        })
+        .collect()
+}
+
+/// Every key row as (key, head, floor), in key order.
+fn key_rows(engine: &mut super::PostgresEngine) -> Vec<(String, i64, i64)> {
+    engine
+        .client()
+        .query(
+            "SELECT order_key, head, floor FROM hr_keys ORDER BY order_key COLLATE \"C\"",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
 /// Bodies arrive compressed (LZ4): PostgreSQL neither compresses them again nor moves
 /// a webhook-sized row's body to the TOAST table.
 #[test]
@@ -277,8 +302,8 @@ mod semantics {
 /// had a trigger keeps its head and floor.
 #[test]
 fn a_group_of_webhooks_settles_every_key_it_touched_at_once() {
+    use crate::store::Engine;
     use crate::store::semantics::{delivery, trigger};
-    use crate::store::{Accepted, Engine};
     let Some((_database, mut engine)) = on_new_database() else {
         return;
     };
@@ -298,26 +323,11 @@ fn a_group_of_webhooks_settles_every_key_it_touched_at_once() {
         .expect("PostgreSQL records a group together")
         .unwrap();
     engine.commit().unwrap();
-    let ids = |answer: &Accepted| match answer {
-        Accepted::Queued { trigger_ids, .. } => trigger_ids.clone(),
-        Accepted::Duplicate { .. } => panic!("new"),
-    };
-    let (b0, x, y, z) = (
-        ids(&first)[0],
-        ids(&answers[0]),
-        ids(&answers[1]),
-        ids(&answers[2]),
-    );
-    let rows: Vec<(String, i64, i64)> = engine
-        .client()
-        .query(
-            "SELECT order_key, head, floor FROM hr_keys ORDER BY order_key COLLATE \"C\"",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let b0 = queued_ids(std::slice::from_ref(&first))[0];
+    // x's triggers for c and a, y's for b and c, z's for a.
+    let queued = queued_ids(&answers);
+    let (x, rest) = queued.split_at(2);
+    let rows = key_rows(&mut engine);
     let key = |project: &str| trigger(project).order_key();
     let mut want = vec![
         (key("a"), x[1], x[1]),
@@ -325,7 +335,7 @@ fn a_group_of_webhooks_settles_every_key_it_touched_at_once() {
         (key("c"), x[0], x[0]),
     ];
     want.sort();
-    assert_eq!(rows, want, "z {z:?}, y {y:?}");
+    assert_eq!(rows, want, "the rest queued {rest:?}");
     assert_eq!(engine.depth().unwrap().open, 6);
 }
 
@@ -335,7 +345,7 @@ fn a_group_of_webhooks_settles_every_key_it_touched_at_once() {
 #[test]
 fn a_group_with_an_outcome_among_new_triggers_settles_every_key() {
     use crate::store::semantics::{delivery, trigger};
-    use crate::store::{Accepted, Engine, Recorded};
+    use crate::store::{Engine, Recorded};
     let Some((_database, mut engine)) = on_new_database() else {
         return;
     };
@@ -363,22 +373,10 @@ fn a_group_with_an_outcome_among_new_triggers_settles_every_key() {
         .expect("PostgreSQL records a group together")
         .unwrap();
     engine.commit().unwrap();
-    let ids: Vec<i64> = answers
-        .iter()
-        .flat_map(|answer| match answer {
-            Accepted::Queued { trigger_ids, .. } => trigger_ids.clone(),
-            Accepted::Duplicate { .. } => panic!("new"),
-        })
-        .collect();
-    let rows: Vec<(String, i64)> = engine
-        .client()
-        .query(
-            "SELECT order_key, head FROM hr_keys ORDER BY order_key COLLATE \"C\"",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
+    let ids = queued_ids(&answers);
+    let rows: Vec<(String, i64)> = key_rows(&mut engine)
+        .into_iter()
+        .map(|(key, head, _)| (key, head))
         .collect();
     let key = |project: &str| trigger(project).order_key();
     let mut want = vec![(key("a"), ids[0]), (key("b"), ids[1]), (key("c"), ids[2])];
