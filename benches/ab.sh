@@ -25,14 +25,11 @@ OLD=${1:?usage: benches/ab.sh OLD_BINARY NEW_BINARY}
 NEW=${2:?usage: benches/ab.sh OLD_BINARY NEW_BINARY}
 ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-10s}; CONNECTIONS=${CONNECTIONS:-64}
 STORE=${STORE:-sqlite}
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-[[ $STORE == postgres ]] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && missing+=(postgresql)
-if ((${#missing[@]})); then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
 source benches/lib.sh
+need wrk wrk
+need nginx nginx-light
+[[ $STORE == postgres && -z $(postgres_bin) ]] && missing+=(postgresql)
+install_needed
 work=$(mktemp -d); chmod 755 "$work"; pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -41,10 +38,8 @@ cleanup() {
 }
 trap cleanup EXIT
 standin_port=$(free_port); relay_port=$(free_port)
-secret="It's a Secret to Everybody"
-payload=$PWD/tests/fixtures/github/push_tag.json
-signature=$(github_signature "$secret" "$payload")
-start_nginx "$work/nginx" "server { listen 127.0.0.1:$standin_port; location / { return 201 '{\"id\":1,\"web_url\":\"http://x/p/1\"}'; } }"
+signed_push
+start_nginx "$work/nginx" ""
 printf '%s' "$secret" >"$work/secret"
 mkdir -p "$work/relay-old" "$work/relay-new"
 url=http://127.0.0.1:$relay_port/hooks/github; script=benches/peers/signed.lua; gateway=""

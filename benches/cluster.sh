@@ -20,19 +20,16 @@ cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
-if ((${#missing[@]})); then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source benches/lib.sh
+need wrk wrk
+need nginx nginx-light
+[[ -z $(postgres_bin) ]] && missing+=(postgresql)
+install_needed
 if [[ -z "${HOOKRELAY:-}" ]]; then
   cargo build --release --quiet
   HOOKRELAY=target/release/hookrelay
 fi
 HOOKRELAY=$(realpath "$HOOKRELAY")
-source benches/lib.sh
 pgbin=$(postgres_bin)
 
 work=$(mktemp -d)
@@ -49,9 +46,7 @@ trap cleanup EXIT
 standin_port=$(free_port); pg_port=$(free_port); sqlite_port=$(free_port)
 relay_ports=($(free_port) $(free_port) $(free_port) $(free_port))
 lb_ports=($(free_port) $(free_port) $(free_port))
-secret="It's a Secret to Everybody"
-payload=$PWD/tests/fixtures/github/push_tag.json
-signature=$(github_signature "$secret" "$payload")
+signed_push
 
 start_postgres "$work/pg" "$pg_port"
 runuser -u postgres -- "$pgbin/createdb" -h 127.0.0.1 -p "$pg_port" -U postgres hookrelay

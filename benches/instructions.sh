@@ -14,14 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:?usage: benches/instructions.sh BINARY}
 DURATION=${DURATION:-15s}; CONNECTIONS=${CONNECTIONS:-8}
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v valgrind >/dev/null || missing+=(valgrind)
-if ((${#missing[@]})); then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
 source benches/lib.sh
+need wrk wrk
+need nginx nginx-light
+need valgrind valgrind
+install_needed
 work=$(mktemp -d); chmod 755 "$work"; pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -29,10 +26,8 @@ cleanup() {
 }
 trap cleanup EXIT
 standin_port=$(free_port); relay_port=$(free_port)
-secret="It's a Secret to Everybody"
-payload=$PWD/tests/fixtures/github/push_tag.json
-signature=$(github_signature "$secret" "$payload")
-start_nginx "$work/nginx" "server { listen 127.0.0.1:$standin_port; location / { return 201 '{\"id\":1,\"web_url\":\"http://x/p/1\"}'; } }"
+signed_push
+start_nginx "$work/nginx" ""
 printf '%s' "$secret" >"$work/secret"; mkdir -p "$work/relay"
 { printf '[server]\nlisten = "127.0.0.1:%s"\n' "$relay_port"; relay_rules "$standin_port" "$work/secret"; } >"$work/relay/relay.toml"
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind" \

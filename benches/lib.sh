@@ -1,5 +1,14 @@
 # Shared by the benchmark scripts (sourced, not run).
 
+# need COMMAND PACKAGE: notes Debian's PACKAGE for install_needed when COMMAND is missing;
+# install_needed installs every package noted.
+missing=()
+need() { command -v "$1" >/dev/null || missing+=("$2"); }
+install_needed() {
+  ((${#missing[@]})) || return 0
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "not up: $1" >&2; exit 1; }
 
@@ -52,6 +61,13 @@ steal_since() {
 # github_signature SECRET FILE: X-Hub-Signature-256 for FILE's bytes.
 github_signature() {
   echo "sha256=$(python3 -c 'import hmac,hashlib,sys; print(hmac.new(sys.argv[1].encode(), open(sys.argv[2],"rb").read(), hashlib.sha256).hexdigest())' "$1" "$2")"
+}
+# signed_push: the webhook every benchmark sends: sets secret (the source's secret),
+# payload (a 7.8 KB GitHub tag push) and signature (its X-Hub-Signature-256).
+signed_push() {
+  secret="It's a Secret to Everybody"
+  payload=$PWD/tests/fixtures/github/push_tag.json
+  signature=$(github_signature "$secret" "$payload")
 }
 
 # relay_rules STANDIN_PORT SECRET_FILE [PROJECT]: the relay configuration every benchmark

@@ -28,13 +28,11 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 PACE_MS=${PACE_MS:-32}
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v webhook >/dev/null || missing+=(webhook)
-command -v nginx >/dev/null || missing+=(nginx-light)
-if ((${#missing[@]})); then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source benches/lib.sh
+need wrk wrk
+need webhook webhook
+need nginx nginx-light
+install_needed
 if [[ -z "${HOOKRELAY:-}" ]]; then
   cargo build --release --quiet
   HOOKRELAY=target/release/hookrelay
@@ -49,14 +47,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-source benches/lib.sh
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 nginx_port=$(free_port); standin_port=$(free_port); webhook_port=$(free_port); relay_port=$(free_port)
 proxy_port=$(free_port)
-secret="It's a Secret to Everybody"
-payload=$PWD/tests/fixtures/github/push_tag.json
-signature=$(github_signature "$secret" "$payload")
+signed_push
 
 # nginx: the ceiling, and the stand-in GitLab answering every trigger call 201.
 start_nginx "$work/nginx" "server { listen 127.0.0.1:$nginx_port; location / { return 200 \"ok\"; } }"
