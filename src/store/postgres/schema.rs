@@ -118,4 +118,5 @@ CREATE INDEX hr_triggers_coalescing ON hr_triggers (coalesce_key, id) WHERE stat
 ALTER TABLE hr_deliveries ALTER COLUMN body SET STORAGE EXTERNAL;
 ALTER TABLE hr_deliveries SET (toast_tuple_target = 8160);
 "#,
+    super::limits::PLANNED_ONCE,
 ];
