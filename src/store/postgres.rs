@@ -374,7 +374,7 @@ impl Engine for PostgresEngine {
             return None;
         }
         let now = now + self.skew_ms;
-        Some(self.insert_plain_batch(deliveries, now).map_err(error))
+        Some(self.insert_plain_batch(deliveries, now))
     }
 
     fn insert_delivery(
@@ -390,28 +390,32 @@ impl Engine for PostgresEngine {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (source, delivery_id) DO NOTHING RETURNING id",
             )?;
             let encoding = delivery.body.encoding;
-            let row = self.client().query_opt(
-                &insert,
-                &[
-                    &delivery.source,
-                    &delivery.delivery_id,
-                    &now,
-                    &delivery.event_type,
-                    &headers,
-                    &&delivery.body.bytes[..],
-                    &encoding,
-                    &delivery.summary,
-                ],
-            )?;
-            let Some(row) = row else {
-                let existing = self
-                    .stmt("SELECT id FROM hr_deliveries WHERE source = $1 AND delivery_id = $2")?;
-                let row = self
+            let params: [&(dyn postgres::types::ToSql + Sync); 8] = [
+                &delivery.source,
+                &delivery.delivery_id,
+                &now,
+                &delivery.event_type,
+                &headers,
+                &&delivery.body.bytes[..],
+                &encoding,
+                &delivery.summary,
+            ];
+            let existing =
+                self.stmt("SELECT id FROM hr_deliveries WHERE source = $1 AND delivery_id = $2")?;
+            // A duplicate whose first delivery another relay prunes between the two
+            // statements is new after all: the insert is tried again.
+            let row = loop {
+                if let Some(row) = self.client().query_opt(&insert, &params)? {
+                    break row;
+                }
+                if let Some(row) = self
                     .client()
-                    .query_one(&existing, &[&delivery.source, &delivery.delivery_id])?;
-                return Ok(Accepted::Duplicate {
-                    delivery_row: row.get(0),
-                });
+                    .query_opt(&existing, &[&delivery.source, &delivery.delivery_id])?
+                {
+                    return Ok(Accepted::Duplicate {
+                        delivery_row: row.get(0),
+                    });
+                }
             };
             let delivery_row: i64 = row.get(0);
             let (trigger_ids, coalesced) = self.insert_work(delivery_row, &delivery.triggers, now)?;

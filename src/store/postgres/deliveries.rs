@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::PostgresEngine;
 use super::keys::Touch;
-use crate::store::{Accepted, NewDelivery};
+use crate::store::{Accepted, EngineError, NewDelivery};
 
 impl PostgresEngine {
     /// [`Engine::insert_deliveries`] for deliveries without coalescing or finished calls:
@@ -17,7 +17,7 @@ impl PostgresEngine {
         &mut self,
         deliveries: &[&NewDelivery],
         now: i64,
-    ) -> Result<Vec<Accepted>, postgres::Error> {
+    ) -> Result<Vec<Accepted>, EngineError> {
         // A delivery id twice in one batch: the first is recorded, the second is its
         // duplicate.
         let mut first_of: HashMap<(&str, &str), usize> = HashMap::new();
@@ -95,39 +95,43 @@ impl PostgresEngine {
              )
              SELECT id, source, delivery_id FROM d
              UNION ALL SELECT id, NULL, NULL FROM t",
-        )?;
+        ).map_err(super::error)?;
         let mut rows: HashMap<(String, String), (i64, bool)> = HashMap::new();
         let mut trigger_ids: Vec<i64> = Vec::new();
-        for row in self.client().query(
-            &insert,
-            &[
-                &now,
-                &sources,
-                &ids,
-                &events,
-                &headers,
-                &bodies,
-                &encodings,
-                &summaries,
-                &t_of,
-                &t_rule,
-                &t_upstream,
-                &t_project,
-                &t_ref,
-                &t_token,
-                &t_variables,
-                &t_inputs,
-                &t_key,
-                &t_due,
-                &t_status,
-                &t_state,
-                &t_kind,
-                &t_pipeline,
-                &t_last_status,
-                &t_last_error,
-                &t_url,
-            ],
-        )? {
+        for row in self
+            .client()
+            .query(
+                &insert,
+                &[
+                    &now,
+                    &sources,
+                    &ids,
+                    &events,
+                    &headers,
+                    &bodies,
+                    &encodings,
+                    &summaries,
+                    &t_of,
+                    &t_rule,
+                    &t_upstream,
+                    &t_project,
+                    &t_ref,
+                    &t_token,
+                    &t_variables,
+                    &t_inputs,
+                    &t_key,
+                    &t_due,
+                    &t_status,
+                    &t_state,
+                    &t_kind,
+                    &t_pipeline,
+                    &t_last_status,
+                    &t_last_error,
+                    &t_url,
+                ],
+            )
+            .map_err(super::error)?
+        {
             match (row.get::<_, Option<String>>(1), row.get(2)) {
                 (Some(source), Some(delivery_id)) => {
                     rows.insert((source, delivery_id), (row.get(0), true));
@@ -139,11 +143,29 @@ impl PostgresEngine {
             let existing = self.stmt(
                 "SELECT d.id, d.source, d.delivery_id FROM hr_deliveries d
                  JOIN unnest($1::text[], $2::text[]) AS u(s, i) ON d.source = u.s AND d.delivery_id = u.i",
-            )?;
-            for row in self.client().query(&existing, &[&sources, &ids])? {
+            ).map_err(super::error)?;
+            for row in self
+                .client()
+                .query(&existing, &[&sources, &ids])
+                .map_err(super::error)?
+            {
                 rows.entry((row.get(1), row.get(2)))
                     .or_insert((row.get(0), false));
             }
+        }
+        if let Some(gone) = unique
+            .iter()
+            .find(|d| !rows.contains_key(&(d.source.clone(), d.delivery_id.clone())))
+        {
+            // Another relay pruned it between the two statements: one by one, it is new.
+            return Err(EngineError {
+                message: format!(
+                    "delivery {} was deleted while its duplicate was being recorded",
+                    gone.delivery_id
+                ),
+                transient: false,
+                refused: false,
+            });
         }
         // Identity values are taken in the order the rows are inserted: the triggers of
         // the new deliveries, in the arrays' order.

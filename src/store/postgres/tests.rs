@@ -384,3 +384,55 @@ fn a_group_with_an_outcome_among_new_triggers_settles_every_key() {
     assert_eq!(rows, want);
     assert_eq!(engine.depth().unwrap().open, 3);
 }
+
+/// A duplicate whose first delivery another relay prunes between the insert that found it
+/// and the read of its row: one by one it is recorded as new; a group's batch gives up
+/// (the writer then goes one by one) instead of answering for a row that is gone.
+#[test]
+fn a_duplicate_pruned_meanwhile_is_recorded_as_new() {
+    use crate::store::semantics::{delivery, trigger};
+    use crate::store::{Accepted, Engine};
+    let Some((database, mut engine)) = on_new_database() else {
+        return;
+    };
+    engine.begin(true).unwrap();
+    engine.insert_delivery(&delivery("old", vec![]), 0).unwrap();
+    engine.commit().unwrap();
+    // Every insert into the deliveries is followed, from another connection (another
+    // relay's pruning), by the deletion of the delivery "old".
+    engine
+        .client()
+        .batch_execute(&format!(
+            "CREATE EXTENSION dblink;
+             CREATE FUNCTION prune_behind() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               PERFORM dblink_exec('{}', 'DELETE FROM hr_deliveries WHERE delivery_id = ''old''');
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER prune_behind AFTER INSERT ON hr_deliveries
+               FOR EACH STATEMENT EXECUTE FUNCTION prune_behind();",
+            database.url
+        ))
+        .unwrap();
+    let again = delivery("old", vec![trigger("p")]);
+    let other = delivery("other", vec![trigger("p")]);
+    engine.begin(true).unwrap();
+    let batch = engine.insert_deliveries(&[&again, &other], 1).unwrap();
+    let err = batch.expect_err("the batch cannot answer for a row that is gone");
+    assert!(err.message.contains("old"), "{}", err.message);
+    engine.rollback();
+
+    engine
+        .client()
+        .batch_execute("INSERT INTO hr_deliveries (source, delivery_id, received_at, event_type, headers, body, summary)
+                        VALUES ('gh', 'old', 0, 'push', '[]', '', '')")
+        .unwrap();
+    engine.begin(true).unwrap();
+    let answer = engine.insert_delivery(&again, 2).unwrap();
+    engine.commit().unwrap();
+    assert!(
+        matches!(&answer, Accepted::Queued { trigger_ids, .. } if trigger_ids.len() == 1),
+        "{answer:?}"
+    );
+    assert_eq!(engine.depth().unwrap().open, 1);
+}
