@@ -597,6 +597,8 @@ mod tests {
         broken_batches: Option<Arc<std::sync::atomic::AtomicUsize>>,
         /// While set, the writer cannot begin a group (a store that hangs).
         held: Arc<AtomicBool>,
+        /// While set, recording a webhook panics (a bug in an engine).
+        panics: Arc<AtomicBool>,
     }
 
     impl FullDisk {
@@ -607,6 +609,7 @@ mod tests {
                 full: Arc::default(),
                 broken_batches: None,
                 held: Arc::default(),
+                panics: Arc::default(),
             }
         }
 
@@ -658,6 +661,7 @@ mod tests {
             Some(Err(EngineError::failed("the batch broke halfway")))
         }
         fn insert_delivery(&mut self, d: &NewDelivery, now: i64) -> Result<Accepted, EngineError> {
+            assert!(!self.panics.load(Ordering::SeqCst), "an engine's bug");
             self.inner.insert_delivery(d, now)
         }
         fn claim(&mut self, now: i64, limit: usize) -> Result<Claimed, EngineError> {
@@ -889,6 +893,29 @@ mod tests {
         outbox.flush().await;
         let stored = states(dir.path());
         assert_eq!(stored.len(), 2 * sent, "each once: {stored:?}");
+    }
+
+    /// A writer that panics (a bug) stops for good: webhooks get an error, and `/readyz`
+    /// says not ready instead of sending load balancers' traffic to a relay that refuses
+    /// it all.
+    #[tokio::test]
+    async fn a_writer_that_panics_makes_the_relay_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let panics = Arc::new(AtomicBool::new(false));
+        let outbox = FullDisk {
+            panics: panics.clone(),
+            ..FullDisk::on(&path)
+        }
+        .start(&path);
+        outbox.accept(delivery("a")).await.unwrap();
+        assert_eq!(outbox.health.problem(), None);
+        panics.store(true, Ordering::SeqCst);
+        assert!(outbox.accept(delivery("b")).await.is_err());
+        let problem = outbox.health.problem().expect("not ready");
+        assert!(problem.contains("writer stopped"), "{problem}");
+        let refused = outbox.accept(delivery("c")).await.unwrap_err();
+        assert!(refused.reason.contains("writer has stopped"), "{refused}");
     }
 
     #[tokio::test]

@@ -159,9 +159,16 @@ pub(super) struct Writer {
 }
 
 /// However the writer ends (all senders gone, or a panic), records stop waiting for it.
+/// After a panic nothing more is written: `/readyz` says so, so that a load balancer
+/// sends webhooks elsewhere instead of to a relay that refuses every one.
 impl Drop for Writer {
     fn drop(&mut self) {
         self.notes.close();
+        if std::thread::panicking() {
+            self.health.set(Some(
+                "the store's writer stopped after an internal error (the log says which); restart the relay".into(),
+            ));
+        }
     }
 }
 
