@@ -912,6 +912,13 @@ mod tests {
         assert_eq!(outbox.health.problem(), None);
         panics.store(true, Ordering::SeqCst);
         assert!(outbox.accept(delivery("b")).await.is_err());
+        // The writer says so as it unwinds, a moment after its requests are dropped.
+        for _ in 0..100 {
+            if outbox.health.problem().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let problem = outbox.health.problem().expect("not ready");
         assert!(problem.contains("writer stopped"), "{problem}");
         let refused = outbox.accept(delivery("c")).await.unwrap_err();
