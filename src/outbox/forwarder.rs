@@ -167,6 +167,13 @@ pub async fn run(
                 Err(err) => tracing::warn!(error = %err, "pruning failed"),
             }
         }
+        // Every send that has finished frees its worker now, not one per turn of the
+        // loop: a claim then takes as many keys as there is room for, in one go.
+        while let Some(done) = in_flight.try_join_next() {
+            if let Ok(id) = done {
+                claimed.remove(&id);
+            }
+        }
         let free = options.workers.saturating_sub(in_flight.len());
         if free > 0 && claim_at <= now_ms() {
             // Taken before the claim: a lease never lasts longer than this relay thinks.

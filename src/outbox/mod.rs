@@ -228,7 +228,7 @@ impl Outbox {
             StoreLocation::Postgres(config) => {
                 let error = |err: EngineError| StoreError::from_engine(config.describe(), err);
                 let (writer, reader) = blocking(|| {
-                    let writer = PostgresEngine::open(config)?;
+                    let writer = PostgresEngine::open(config)?.as_writer()?;
                     Ok::<_, EngineError>((writer, PostgresEngine::open_beside(config)?))
                 })
                 .map_err(error)?;

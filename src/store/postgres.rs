@@ -48,6 +48,23 @@ pub struct PostgresEngine {
     open_change: i64,
     /// `touched.len()` and `open_change` when the current savepoint was set.
     savepoint_mark: (usize, i64),
+    /// Savepoints cost a round trip each (two with their release); these spare most:
+    /// what the transaction was begun as, to begin it again.
+    durable: bool,
+    /// Nothing has run in the transaction since `BEGIN`: a savepoint there is free (to
+    /// undo the operation is to begin again).
+    fresh: bool,
+    /// The current savepoint is that free one.
+    savepoint_at_start: bool,
+    /// The last savepoint is kept but not yet released: its `RELEASE` goes with the
+    /// next `SAVEPOINT` (or `COMMIT` releases it).
+    release_pending: bool,
+    /// Why the transaction could not be begun again after an operation failed at its
+    /// start; the commit fails with it.
+    lost: Option<EngineError>,
+    /// The outbox's writer: its connections plan no sequential scans (see
+    /// [`PostgresEngine::as_writer`]).
+    writer: bool,
     /// Which row of `hr_open` this connection counts in (spread, so that relays do not
     /// queue on one row at every commit).
     open_shard: i32,
@@ -135,8 +152,34 @@ impl PostgresEngine {
             touched: Vec::new(),
             open_change: 0,
             savepoint_mark: (0, 0),
+            durable: true,
+            fresh: false,
+            savepoint_at_start: false,
+            release_pending: false,
+            lost: None,
+            writer: false,
             open_shard: fastrand::i32(0..OPEN_SHARDS),
         })
+    }
+
+    /// The engine of the outbox's writer. Every statement it runs finds its rows through an
+    /// index, but a statement is planned once per connection, often while the tables are
+    /// still small, and then kept: a plan that scanned a table of a few rows would go on
+    /// scanning it at a million (a claim read the whole backlog that way). So its
+    /// connections rule sequential scans out.
+    pub fn as_writer(mut self) -> Result<PostgresEngine, EngineError> {
+        self.writer = true;
+        self.set_up_session()?;
+        Ok(self)
+    }
+
+    fn set_up_session(&mut self) -> Result<(), EngineError> {
+        if self.writer {
+            self.client()
+                .batch_execute("SET enable_seqscan = off")
+                .map_err(error)?;
+        }
+        Ok(())
     }
 
     /// Takes the times it is given as they are (tests that drive time by hand).
@@ -159,14 +202,51 @@ impl PostgresEngine {
         if self.client().is_closed() {
             self.client = Some(self.config.connect()?);
             self.statements.clear();
+            self.set_up_session()?;
         }
         Ok(())
     }
 
+    /// The connection, for a statement: the transaction is no longer fresh.
     fn client(&mut self) -> &mut Client {
+        self.fresh = false;
         self.client
             .as_mut()
             .expect("the client is taken only when the engine is dropped")
+    }
+
+    /// Begins a transaction (after `first`, a `ROLLBACK; ` or nothing) and reads the
+    /// database's clock, in one round trip. A group that acknowledges nothing (claims,
+    /// send outcomes) need not wait for the disk: lost in a database crash, it means a
+    /// trigger sent again, which at-least-once allows; as SQLite's `synchronous = NORMAL`
+    /// for the same groups.
+    fn start(&mut self, durable: bool, first: &str) -> Result<(), EngineError> {
+        let begin = if durable {
+            concat!("BEGIN; SELECT ", db_now!())
+        } else {
+            concat!(
+                "BEGIN; SET LOCAL synchronous_commit = off; SELECT ",
+                db_now!()
+            )
+        };
+        let messages = self
+            .client()
+            .simple_query(&format!("{first}{begin}"))
+            .map_err(error)?;
+        let relay_now = super::now_ms();
+        if let Some(db_now) = messages.iter().find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse::<i64>().ok()),
+            _ => None,
+        }) && self.follow_database_clock
+        {
+            self.skew_ms = db_now - relay_now;
+        }
+        self.durable = durable;
+        self.fresh = true;
+        self.savepoint_at_start = false;
+        self.release_pending = false;
+        self.lost = None;
+        Ok(())
     }
 
     /// A statement prepared once per connection.
@@ -298,31 +378,14 @@ impl Engine for PostgresEngine {
 
     fn begin(&mut self, durable: bool) -> Result<(), EngineError> {
         self.reconnect_if_lost()?;
-        // One round trip begins the transaction and reads the database's clock.
-        // A group that acknowledges nothing (claims, send outcomes) need not wait for the
-        // disk: lost in a database crash, it means a trigger sent again, which
-        // at-least-once allows; as SQLite's `synchronous = NORMAL` for the same groups.
-        let sql = if durable {
-            concat!("BEGIN; SELECT ", db_now!())
-        } else {
-            concat!(
-                "BEGIN; SET LOCAL synchronous_commit = off; SELECT ",
-                db_now!()
-            )
-        };
-        let messages = self.client().simple_query(sql).map_err(error)?;
-        let relay_now = super::now_ms();
-        if let Some(db_now) = messages.iter().find_map(|message| match message {
-            SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse::<i64>().ok()),
-            _ => None,
-        }) && self.follow_database_clock
-        {
-            self.skew_ms = db_now - relay_now;
-        }
-        Ok(())
+        self.start(durable, "")
     }
 
     fn commit(&mut self) -> Result<(), EngineError> {
+        if let Some(err) = self.lost.take() {
+            self.rollback();
+            return Err(err);
+        }
         let result = self
             .settle()
             .and_then(|()| self.commit_counting())
@@ -336,23 +399,49 @@ impl Engine for PostgresEngine {
     fn rollback(&mut self) {
         self.touched.clear();
         self.open_change = 0;
+        self.savepoint_at_start = false;
+        self.release_pending = false;
         let _ = self.client().batch_execute("ROLLBACK");
     }
 
     fn savepoint(&mut self) -> Result<(), EngineError> {
         self.savepoint_mark = (self.touched.len(), self.open_change);
-        self.client().batch_execute("SAVEPOINT op").map_err(error)
+        if self.fresh {
+            self.savepoint_at_start = true;
+            return Ok(());
+        }
+        let sql = if std::mem::take(&mut self.release_pending) {
+            "RELEASE SAVEPOINT op; SAVEPOINT op"
+        } else {
+            "SAVEPOINT op"
+        };
+        self.client().batch_execute(sql).map_err(error)
     }
 
     fn release(&mut self, keep: bool) {
-        let sql = if keep {
-            "RELEASE SAVEPOINT op"
-        } else {
-            self.touched.truncate(self.savepoint_mark.0);
-            self.open_change = self.savepoint_mark.1;
-            "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op"
-        };
-        let _ = self.client().batch_execute(sql);
+        if std::mem::take(&mut self.savepoint_at_start) {
+            if !keep {
+                // Nothing else was in the transaction: undo it and begin again, in one
+                // round trip (no reconnection: a statement outside a transaction would
+                // commit by itself). Should that fail, so does the commit.
+                let durable = self.durable;
+                self.touched.clear();
+                self.open_change = 0;
+                if let Err(err) = self.start(durable, "ROLLBACK; ") {
+                    self.lost = Some(err);
+                }
+            }
+            return;
+        }
+        if keep {
+            self.release_pending = true;
+            return;
+        }
+        self.touched.truncate(self.savepoint_mark.0);
+        self.open_change = self.savepoint_mark.1;
+        let _ = self
+            .client()
+            .batch_execute("ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op");
     }
 
     fn insert_deliveries(

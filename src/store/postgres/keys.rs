@@ -164,88 +164,111 @@ impl PostgresEngine {
         order_key: &str,
         floor: i64,
     ) -> Result<(), postgres::Error> {
-        let next = self.stmt(
-            "SELECT id, due_at FROM hr_triggers WHERE order_key = $1 AND id >= $2 AND state IN ('queued', 'sending')
-             ORDER BY id LIMIT 1",
+        // One statement: the key is locked already, so no trigger of it can commit
+        // between the search and the change.
+        let advance = self.stmt(
+            "WITH next AS (
+                 SELECT id, due_at FROM hr_triggers WHERE order_key = $1 AND id >= $2 AND state IN ('queued', 'sending')
+                 ORDER BY id LIMIT 1
+             ), moved AS (
+                 UPDATE hr_keys SET head = next.id, due_at = next.due_at, lease_until = NULL, floor = next.id
+                 FROM next WHERE order_key = $1
+             )
+             DELETE FROM hr_keys WHERE order_key = $1 AND NOT EXISTS (SELECT 1 FROM next)",
         )?;
-        match self.client().query_opt(&next, &[&order_key, &floor])? {
-            Some(row) => {
-                let (head, due_at): (i64, i64) = (row.get(0), row.get(1));
-                let update = self.stmt(
-                    "UPDATE hr_keys SET head = $2, due_at = $3, lease_until = NULL, floor = $2 WHERE order_key = $1",
-                )?;
-                self.client()
-                    .execute(&update, &[&order_key, &head, &due_at])?;
-            }
-            None => {
-                let delete = self.stmt("DELETE FROM hr_keys WHERE order_key = $1")?;
-                self.client().execute(&delete, &[&order_key])?;
-            }
-        }
+        self.client().execute(&advance, &[&order_key, &floor])?;
         Ok(())
     }
 
     /// Claims up to `limit` due keys' heads (`now` on the database's clock): leases each
-    /// key, and says when the next key falls due.
+    /// key, and says when the next key falls due. Two round trips however many keys.
     pub(super) fn claim_due(&mut self, now: i64, limit: usize) -> Result<Claimed, postgres::Error> {
-        // Due keys, then keys whose lease expired (their holder died or froze), in one
-        // round trip: the second scan runs only for the room the first left. Keys
-        // another relay is claiming right now are skipped, not waited for. Each from
-        // its own partial index, so a claim reads only keys with due work.
+        // Due keys, then keys whose lease expired (their holder died or froze), and when
+        // the first key not picked falls due. Keys another relay is claiming right now
+        // are skipped, not waited for. Each from its own partial index, so a claim reads
+        // only keys with due work.
         let keys = self.stmt(
             "WITH due AS (
-                 SELECT order_key, head FROM hr_keys WHERE due_at IS NOT NULL AND due_at <= $1
+                 SELECT order_key, head, due_at FROM hr_keys WHERE due_at IS NOT NULL AND due_at <= $1
                  ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED
              ), expired AS (
-                 SELECT order_key, head FROM hr_keys WHERE due_at IS NULL AND lease_until < $1
+                 SELECT order_key, head, due_at FROM hr_keys WHERE due_at IS NULL AND lease_until < $1
                  ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), picked AS (
+                 (SELECT * FROM due) UNION ALL (SELECT * FROM expired) LIMIT $2
              )
-             (SELECT order_key, head FROM due) UNION ALL (SELECT order_key, head FROM expired) LIMIT $2",
+             SELECT order_key, head, due_at FROM picked
+             UNION ALL
+             SELECT NULL, NULL, (SELECT due_at FROM hr_keys
+                                 WHERE due_at IS NOT NULL AND order_key <> ALL (ARRAY(SELECT order_key FROM picked))
+                                 ORDER BY due_at LIMIT 1)",
         )?;
-        let heads: Vec<(String, i64)> = self
+        let mut picked: Vec<(String, i64, Option<i64>)> = Vec::new();
+        let mut next_due: Option<i64> = None;
+        for row in self.client().query(&keys, &[&now, &(limit as i64)])? {
+            match row.get::<_, Option<String>>(0) {
+                Some(order_key) => picked.push((order_key, row.get(1), row.get(2))),
+                None => next_due = row.get(2),
+            }
+        }
+        if picked.is_empty() {
+            return Ok(Claimed {
+                due: Vec::new(),
+                next_due: next_due.map(|due| due - self.skew_ms),
+            });
+        }
+        // Each head is taken only if no one holds its row (a late outcome being
+        // written): a claim waits on nothing while it holds keys. A key is leased in the
+        // same statement when its head was taken. Every row is found by its key (no join
+        // PostgreSQL could plan as a scan while the tables are small, and keep planned
+        // so); the heads by id alone, the state checked after: with the state in the
+        // condition it may read them from the index of unfinished triggers, all of it.
+        let take = self.stmt(
+            "WITH heads AS (
+                 SELECT id, state FROM hr_triggers WHERE id = ANY ($1) FOR UPDATE SKIP LOCKED
+             ), taken AS (
+                 UPDATE hr_triggers t SET state = 'sending', attempts = attempts + 1, updated_at = $4,
+                                          lease = ($3::bigint[])[array_position($1, t.id)]
+                 WHERE t.id = ANY (ARRAY(SELECT id FROM heads WHERE state IN ('queued', 'sending')))
+                 RETURNING t.id, t.delivery, (SELECT delivery_id FROM hr_deliveries WHERE id = t.delivery),
+                           (SELECT source FROM hr_deliveries WHERE id = t.delivery), t.rule, t.upstream, t.project,
+                           t.git_ref, t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease, t.kind,
+                           t.pipeline_id, t.status_target IS NOT NULL, ($2::text[])[array_position($1, t.id)] AS order_key,
+                           array_position($1, t.id) AS n
+             ), leased AS (
+                 UPDATE hr_keys SET due_at = NULL, lease_until = $5 WHERE order_key = ANY (ARRAY(SELECT order_key FROM taken))
+             )
+             SELECT * FROM taken ORDER BY n",
+        )?;
+        let heads: Vec<i64> = picked.iter().map(|(_, head, _)| *head).collect();
+        let order_keys: Vec<&str> = picked.iter().map(|(key, _, _)| key.as_str()).collect();
+        let tokens: Vec<i64> = picked.iter().map(|_| fastrand::i64(1..)).collect();
+        let until = now + self.lease_ms;
+        let rows = self
             .client()
-            .query(&keys, &[&now, &(limit as i64)])?
-            .into_iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect();
-        let mut due = Vec::with_capacity(heads.len());
-        for (order_key, head) in heads {
-            // The head is taken only if no one holds its row (a late outcome being
-            // written): a claim waits on nothing while it holds keys. The key is leased
-            // in the same statement when the head was taken.
-            let take = self.stmt(
-                "WITH taken AS (
-                     UPDATE hr_triggers t SET state = 'sending', attempts = attempts + 1, updated_at = $2, lease = $3
-                     FROM hr_deliveries d
-                     WHERE t.id = (SELECT id FROM hr_triggers WHERE id = $1 AND state IN ('queued', 'sending')
-                                   FOR UPDATE SKIP LOCKED)
-                       AND d.id = t.delivery
-                     RETURNING t.id, t.delivery, d.delivery_id, d.source, t.rule, t.upstream, t.project, t.git_ref,
-                               t.token_ref, t.variables, t.inputs, t.attempts, t.created_at, t.lease, t.kind,
-                               t.pipeline_id, t.status_target IS NOT NULL
-                 ), leased AS (
-                     UPDATE hr_keys SET due_at = NULL, lease_until = $5
-                     WHERE order_key = $4 AND EXISTS (SELECT 1 FROM taken)
-                 )
-                 SELECT * FROM taken",
-            )?;
-            let token = fastrand::i64(1..);
-            let until = now + self.lease_ms;
-            let Some(row) = self
+            .query(&take, &[&heads, &order_keys, &tokens, &now, &until])?;
+        let mut taken = vec![false; picked.len()];
+        for row in &rows {
+            taken[row.get::<_, i32>(18) as usize - 1] = true;
+        }
+        for ((order_key, head, due_at), _) in picked.iter().zip(&taken).filter(|(_, t)| !**t) {
+            // Not taken: still due (its row is held a moment), or it finished after the
+            // key fell due, and the key moves on.
+            let state = self.stmt("SELECT state FROM hr_triggers WHERE id = $1")?;
+            let open = self
                 .client()
-                .query_opt(&take, &[&head, &now, &token, &order_key, &until])?
-            else {
-                let state = self.stmt("SELECT state FROM hr_triggers WHERE id = $1")?;
-                let open = self
-                    .client()
-                    .query_opt(&state, &[&head])?
-                    .is_some_and(|row| matches!(row.get::<_, &str>(0), "queued" | "sending"));
-                if !open {
-                    // Its outcome was recorded after the key fell due: move on.
-                    self.touch(&order_key, Touch::Advance);
+                .query_opt(&state, &[head])?
+                .is_some_and(|row| matches!(row.get::<_, &str>(0), "queued" | "sending"));
+            if open {
+                if let Some(at) = *due_at {
+                    next_due = Some(next_due.map_or(at, |next| next.min(at)));
                 }
-                continue;
-            };
+            } else {
+                self.touch(order_key, Touch::Advance);
+            }
+        }
+        let mut due = Vec::with_capacity(rows.len());
+        for row in rows {
             let attempts: i32 = row.get(11);
             due.push(DueTrigger {
                 id: row.get(0),
@@ -270,8 +293,6 @@ impl PostgresEngine {
                 created_at: row.get(12),
             });
         }
-        let next = self.stmt("SELECT min(due_at) FROM hr_keys WHERE due_at IS NOT NULL")?;
-        let next_due: Option<i64> = self.client().query_one(&next, &[])?.get(0);
         Ok(Claimed {
             due,
             next_due: next_due.map(|due| due - self.skew_ms),

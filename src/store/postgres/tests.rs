@@ -436,3 +436,143 @@ fn a_duplicate_pruned_meanwhile_is_recorded_as_new() {
     );
     assert_eq!(engine.depth().unwrap().open, 1);
 }
+
+/// An operation that fails undoes only itself, whether it was the first in its
+/// transaction (where the engine sets no savepoint: it begins the transaction again) or
+/// came after others (whose savepoints are released with the next one).
+#[test]
+fn a_failed_operation_undoes_only_itself_first_or_later() {
+    use crate::store::semantics::{delivery, trigger};
+    use crate::store::{Engine, ListFilter};
+    let Some((_database, mut engine)) = on_new_database() else {
+        return;
+    };
+    // PostgreSQL refuses a NUL in text, and the transaction with it.
+    let bad = |id: &str| {
+        let mut d = delivery(id, vec![trigger("p")]);
+        d.summary = "a \0 byte".into();
+        d
+    };
+    engine.begin(true).unwrap();
+    for (d, ok) in [
+        (bad("b1"), false),
+        (delivery("g1", vec![trigger("p")]), true),
+        (bad("b2"), false),
+        (delivery("g2", vec![trigger("q")]), true),
+        (bad("b3"), false),
+    ] {
+        engine.savepoint().unwrap();
+        let result = engine.insert_delivery(&d, 0);
+        assert_eq!(result.is_ok(), ok, "{}: {result:?}", d.delivery_id);
+        engine.release(result.is_ok());
+    }
+    engine.commit().unwrap();
+    let mut listed: Vec<String> = engine
+        .list(&ListFilter {
+            limit: 10,
+            ..ListFilter::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|row| row.delivery_id)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["g1", "g2"]);
+    assert_eq!(engine.depth().unwrap().open, 2);
+    engine.begin(false).unwrap();
+    let claimed = engine.claim(1, 8).unwrap();
+    engine.commit().unwrap();
+    assert_eq!(claimed.due.len(), 2, "both keys were settled");
+    assert_eq!(claimed.next_due, None);
+}
+
+/// One claim takes the heads of many keys in one statement; a head whose row someone
+/// holds (a late outcome being written) is skipped, not waited for, and its key is due
+/// again at once.
+#[test]
+fn a_claim_skips_a_held_head_and_says_its_key_is_still_due() {
+    use crate::store::semantics::{delivery, trigger};
+    use crate::store::{Accepted, Engine};
+    let Some((database, mut engine)) = on_new_database() else {
+        return;
+    };
+    engine.begin(true).unwrap();
+    let mut heads = Vec::new();
+    for (id, project) in [("a", "p"), ("b", "q"), ("c", "r")] {
+        match engine
+            .insert_delivery(&delivery(id, vec![trigger(project)]), 5)
+            .unwrap()
+        {
+            Accepted::Queued { trigger_ids, .. } => heads.push(trigger_ids[0]),
+            Accepted::Duplicate { .. } => panic!("new"),
+        }
+    }
+    engine.commit().unwrap();
+    let mut other = postgres::Client::connect(&database.url, postgres::NoTls).unwrap();
+    let mut holding = other.transaction().unwrap();
+    holding
+        .execute(
+            "SELECT 1 FROM hr_triggers WHERE id = $1 FOR UPDATE",
+            &[&heads[1]],
+        )
+        .unwrap();
+    engine.begin(false).unwrap();
+    let claimed = engine.claim(10, 8).unwrap();
+    engine.commit().unwrap();
+    let mut taken: Vec<i64> = claimed.due.iter().map(|due| due.id).collect();
+    taken.sort();
+    assert_eq!(taken, [heads[0], heads[2]]);
+    assert_eq!(claimed.next_due, Some(5), "q is due still");
+    holding.commit().unwrap();
+    engine.begin(false).unwrap();
+    let claimed = engine.claim(10, 8).unwrap();
+    engine.commit().unwrap();
+    assert_eq!(
+        claimed.due.iter().map(|due| due.id).collect::<Vec<_>>(),
+        [heads[1]]
+    );
+    assert_eq!(claimed.next_due, None);
+}
+
+/// The writer's connection plans no sequential scans, also after it reconnects: its
+/// statements are planned once, often while the tables are small.
+#[test]
+fn the_writers_connections_plan_no_sequential_scans() {
+    use crate::store::Engine;
+    let Some(database) = super::test_server::Database::create() else {
+        return;
+    };
+    let config = super::PostgresConfig::new(&database.url);
+    let mut engine = super::PostgresEngine::open(&config)
+        .unwrap()
+        .as_writer()
+        .unwrap();
+    let setting = |engine: &mut super::PostgresEngine| -> String {
+        engine
+            .client()
+            .query_one("SHOW enable_seqscan", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(setting(&mut engine), "off");
+    let pid: i32 = engine
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let mut other = postgres::Client::connect(&database.url, postgres::NoTls).unwrap();
+    other
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    for _ in 0..100 {
+        if engine.client().is_closed() {
+            break;
+        }
+        let _ = engine.client().simple_query("SELECT 1");
+    }
+    engine.begin(true).unwrap();
+    assert_eq!(setting(&mut engine), "off", "after reconnecting");
+    engine.commit().unwrap();
+    let mut reader = super::PostgresEngine::open_beside(&config).unwrap();
+    assert_eq!(setting(&mut reader), "on", "readers plan as usual");
+}
