@@ -48,8 +48,9 @@ pub struct PostgresEngine {
     open_change: i64,
     /// `touched.len()` and `open_change` when the current savepoint was set.
     savepoint_mark: (usize, i64),
-    /// Savepoints cost a round trip each (two with their release); these spare most:
-    /// what the transaction was begun as, to begin it again.
+    /// A savepoint costs a round trip, and its release another; the next four fields
+    /// spare most of them. This one: whether the transaction was begun durable, to begin
+    /// it again the same way.
     durable: bool,
     /// Nothing has run in the transaction since `BEGIN`: a savepoint there is free (to
     /// undo the operation is to begin again).
