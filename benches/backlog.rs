@@ -105,7 +105,9 @@ impl Store {
 }
 
 /// A throwaway PostgreSQL in a temporary folder on a free port, run as the unprivileged
-/// `postgres` user (it refuses root); stopped on drop.
+/// `postgres` user (it refuses root); stopped on drop. Not the tests' server
+/// (`src/store/postgres/test_server.rs`): that one runs with `fsync = off`, and this one
+/// must flush as a real database does, with the settings of `benches/lib.sh`'s.
 struct Postgres {
     bin: std::path::PathBuf,
     dir: tempfile::TempDir,

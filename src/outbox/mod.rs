@@ -895,6 +895,15 @@ mod tests {
         assert_eq!(stored.len(), 2 * sent, "each once: {stored:?}");
     }
 
+    /// The store's health once it is `ready` (or not), or after `within` if it never is.
+    async fn health_once(outbox: &Outbox, ready: bool, within: Duration) -> Option<String> {
+        let until = std::time::Instant::now() + within;
+        while outbox.health.problem().is_none() != ready && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        outbox.health.problem()
+    }
+
     /// A writer that panics (a bug) stops for good: webhooks get an error, and `/readyz`
     /// says not ready instead of sending load balancers' traffic to a relay that refuses
     /// it all.
@@ -913,13 +922,9 @@ mod tests {
         panics.store(true, Ordering::SeqCst);
         assert!(outbox.accept(delivery("b")).await.is_err());
         // The writer says so as it unwinds, a moment after its requests are dropped.
-        for _ in 0..100 {
-            if outbox.health.problem().is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let problem = outbox.health.problem().expect("not ready");
+        let problem = health_once(&outbox, false, Duration::from_secs(1))
+            .await
+            .expect("not ready");
         assert!(problem.contains("writer stopped"), "{problem}");
         let refused = outbox.accept(delivery("c")).await.unwrap_err();
         assert!(refused.reason.contains("writer has stopped"), "{refused}");
@@ -967,14 +972,8 @@ mod tests {
 
         // Space again: the kept outcome is written without anyone asking, once.
         full.store(false, Ordering::SeqCst);
-        for _ in 0..50 {
-            if outbox.health.problem().is_none() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         assert_eq!(
-            outbox.health.problem(),
+            health_once(&outbox, true, Duration::from_secs(5)).await,
             None,
             "ready again without a restart"
         );

@@ -1015,15 +1015,8 @@ mod tests {
     fn bodies_of_every_size_in_turn_come_back_byte_for_byte() {
         let fixture =
             Bytes::from_static(include_bytes!("../../tests/fixtures/github/push_tag.json"));
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let noise: Vec<u8> = (0..3_000)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let noise: Vec<u8> = (0..3_000).map(|_| rng.u8(..)).collect();
         let wide = fixture.repeat(20);
         let huge = fixture.repeat(300);
         for (body, compressed) in [

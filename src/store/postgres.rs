@@ -250,6 +250,14 @@ impl PostgresEngine {
         Ok(())
     }
 
+    /// Forgets what the transaction being rolled back noted for its commit.
+    fn forget_transaction(&mut self) {
+        self.touched.clear();
+        self.open_change = 0;
+        self.savepoint_at_start = false;
+        self.release_pending = false;
+    }
+
     /// A statement prepared once per connection.
     fn stmt(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
         if let Some(statement) = self.statements.get(sql) {
@@ -398,10 +406,7 @@ impl Engine for PostgresEngine {
     }
 
     fn rollback(&mut self) {
-        self.touched.clear();
-        self.open_change = 0;
-        self.savepoint_at_start = false;
-        self.release_pending = false;
+        self.forget_transaction();
         let _ = self.client().batch_execute("ROLLBACK");
     }
 
@@ -426,8 +431,7 @@ impl Engine for PostgresEngine {
                 // round trip (no reconnection: a statement outside a transaction would
                 // commit by itself). Should that fail, so does the commit.
                 let durable = self.durable;
-                self.touched.clear();
-                self.open_change = 0;
+                self.forget_transaction();
                 if let Err(err) = self.start(durable, "ROLLBACK; ") {
                     self.lost = Some(err);
                 }
@@ -490,14 +494,14 @@ impl Engine for PostgresEngine {
                 &encoding,
                 &delivery.summary,
             ];
-            let existing =
-                self.stmt("SELECT id FROM hr_deliveries WHERE source = $1 AND delivery_id = $2")?;
             // A duplicate whose first delivery another relay prunes between the two
             // statements is new after all: the insert is tried again.
             let row = loop {
                 if let Some(row) = self.client().query_opt(&insert, &params)? {
                     break row;
                 }
+                let existing = self
+                    .stmt("SELECT id FROM hr_deliveries WHERE source = $1 AND delivery_id = $2")?;
                 if let Some(row) = self
                     .client()
                     .query_opt(&existing, &[&delivery.source, &delivery.delivery_id])?

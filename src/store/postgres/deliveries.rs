@@ -153,27 +153,26 @@ impl PostgresEngine {
                     .or_insert((row.get(0), false));
             }
         }
-        if let Some(gone) = unique
+        let new: Vec<bool> = unique
             .iter()
-            .find(|d| !rows.contains_key(&(d.source.clone(), d.delivery_id.clone())))
-        {
-            // Another relay pruned it between the two statements: one by one, it is new.
-            return Err(EngineError {
-                message: format!(
-                    "delivery {} was deleted while its duplicate was being recorded",
-                    gone.delivery_id
-                ),
-                transient: false,
-                refused: false,
-            });
-        }
+            .map(
+                |d| match rows.get(&(d.source.clone(), d.delivery_id.clone())) {
+                    Some(&(_, new)) => Ok(new),
+                    // Another relay pruned it between the two statements: one by one, it is new.
+                    None => Err(EngineError {
+                        message: format!(
+                            "delivery {} was deleted while its duplicate was being recorded",
+                            d.delivery_id
+                        ),
+                        transient: false,
+                        refused: false,
+                    }),
+                },
+            )
+            .collect::<Result<_, _>>()?;
         // Identity values are taken in the order the rows are inserted: the triggers of
         // the new deliveries, in the arrays' order.
         trigger_ids.sort_unstable();
-        let new: Vec<bool> = unique
-            .iter()
-            .map(|d| rows[&(d.source.clone(), d.delivery_id.clone())].1)
-            .collect();
         let mut inserted = trigger_ids.iter();
         let mut opened = 0;
         for (((place, key), due_at), trigger) in t_of
