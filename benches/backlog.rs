@@ -6,9 +6,11 @@
 //!
 //! - **claim**: one claim of up to 8 due triggers against the store (rolled back, so each
 //!   claim sees the same backlog), mean over 500;
-//! - **acks/s**: the release binary, forwarder and every background task running, upstream
-//!   down (an outage: the backlog stays and the forwarder keeps retrying it), 10,000 signed
-//!   GitHub pushes over 64 connections on 127.0.0.1; ratio to the empty store;
+//! - **outage cpu %**: the release binary, forwarder and every background task running,
+//!   upstream down (an outage: the backlog stays and the forwarder keeps probing), nothing
+//!   arriving: the relay's CPU over its first 6 seconds (on PostgreSQL, `relay+database`);
+//! - **acks/s**: then 10,000 signed GitHub pushes over 64 connections on 127.0.0.1, the
+//!   upstream still down; ratio to the empty store;
 //! - **drain/s**: first, the same binary sending to a stand-in GitLab on 127.0.0.1 that
 //!   answers `201` at once, limits raised: triggers sent per second over the first 20,000
 //!   due (with one held key, 20,000 more triggers over 1,000 other keys are added for this,
@@ -191,6 +193,83 @@ impl Drop for Postgres {
             .status();
     }
 }
+
+/// CPU seconds a process has used so far (user and system; Linux counts them in 1/100 s);
+/// 0 for a process that is gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command may hold spaces: the fields that follow it start after its `)`.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap_or(0) + 1..]
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The server and its backends: the processes whose parent is the postmaster.
+fn postgres_processes(postgres: &Postgres) -> Vec<u32> {
+    let Some(postmaster) = std::fs::read_to_string(postgres.dir.path().join("data/postmaster.pid"))
+        .ok()
+        .and_then(|pid| pid.lines().next()?.trim().parse::<u32>().ok())
+    else {
+        return Vec::new();
+    };
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat[stat.rfind(')')? + 1..]
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u32>()
+                    .ok()
+            });
+        if parent == Some(postmaster) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// CPU the relay (and the database, if any) use per second of an outage with nothing
+/// arriving: what probing and holding back the backlog cost while GitLab is down.
+async fn outage_cpu(relay: &Relay, postgres: Option<&Postgres>) -> (f64, Option<f64>) {
+    let database = || {
+        postgres.map(|p| {
+            postgres_processes(p)
+                .into_iter()
+                .map(cpu_seconds)
+                .sum::<f64>()
+        })
+    };
+    let (relay_before, database_before) = (cpu_seconds(relay.child.id()), database());
+    tokio::time::sleep(OUTAGE_WATCHED).await;
+    let seconds = OUTAGE_WATCHED.as_secs_f64();
+    (
+        (cpu_seconds(relay.child.id()) - relay_before) / seconds,
+        database()
+            .zip(database_before)
+            .map(|(after, before)| (after - before) / seconds),
+    )
+}
+
+/// How long the outage's own cost is watched before webhooks arrive.
+const OUTAGE_WATCHED: Duration = Duration::from_secs(6);
 
 /// Records deliveries in transactions of 20,000, together where the engine can.
 fn insert_all(engine: &mut dyn Engine, deliveries: impl Iterator<Item = NewDelivery>, now: i64) {
@@ -411,8 +490,15 @@ fn main() {
             if postgres.is_some() { "PostgreSQL" } else { "SQLite" }
         );
         println!(
-            "{:<12} {:<12} {:>10} {:>10} {:>9} {:>8} {:>10}",
-            "waiting", "shape", "fill s", "claim µs", "acks/s", "p99 ms", "drain/s"
+            "{:<12} {:<12} {:>10} {:>10} {:>9} {:>8} {:>10} {:>12}",
+            "waiting",
+            "shape",
+            "fill s",
+            "claim µs",
+            "acks/s",
+            "p99 ms",
+            "drain/s",
+            "outage cpu %"
         );
         for shape in [Shape::OneHeldKey, Shape::TenThousandKeys] {
             let mut empty_rate = None;
@@ -461,11 +547,12 @@ fn main() {
                     .local_addr()
                     .unwrap();
                 let relay = start_relay(&state, &store, down).await;
+                let (relay_cpu, database_cpu) = outage_cpu(&relay, postgres.as_ref()).await;
                 let (rate, p99) = ack_rate(relay.addr, requests, &format!("{size}")).await;
                 drop(relay);
                 let base = *empty_rate.get_or_insert(rate);
                 println!(
-                    "{:<12} {:<12} {:>10.1} {:>10.1} {:>9.0} {:>8.2} {:>10}   acks vs empty store: {:.2}",
+                    "{:<12} {:<12} {:>10.1} {:>10.1} {:>9.0} {:>8.2} {:>10} {:>12}   acks vs empty store: {:.2}",
                     size,
                     shape.name(),
                     fill_time.as_secs_f64(),
@@ -473,6 +560,10 @@ fn main() {
                     rate,
                     p99.as_secs_f64() * 1e3,
                     drained.map_or("-".into(), |d| format!("{d:.0}")),
+                    match database_cpu {
+                        Some(database) => format!("{:.0}+{:.0}", relay_cpu * 100.0, database * 100.0),
+                        None => format!("{:.0}", relay_cpu * 100.0),
+                    },
                     rate / base
                 );
             }

@@ -170,7 +170,7 @@ pub fn signed_github(
     })
 }
 
-/// Starts the release binary's `serve` on the configuration folder `config` and state
+/// Starts the release binary's `serve` (or `$HOOKRELAY`'s) on the configuration folder `config` and state
 /// folder `state`, with `env` set and its logs quiet, and waits until `address` accepts.
 pub async fn serve_binary(
     config: &std::path::Path,
@@ -178,7 +178,11 @@ pub async fn serve_binary(
     env: &[(&str, &str)],
     address: SocketAddr,
 ) -> std::process::Child {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+    // `HOOKRELAY=path` measures another build (an older commit, as a baseline in the same
+    // run), as `benches/cluster.sh` does.
+    let binary =
+        std::env::var_os("HOOKRELAY").unwrap_or_else(|| env!("CARGO_BIN_EXE_hookrelay").into());
+    let child = std::process::Command::new(binary)
         .args(["serve", "--config"])
         .arg(config)
         .arg("--state")

@@ -38,7 +38,8 @@ use crate::store::{
 pub use crate::store::sqlite::{Durability, STORE_FILE};
 pub use crate::store::{
     Accepted, CALLER_TOKEN, CancelTarget, DeliveryKind, DeliveryRow, DueTrigger, ListFilter,
-    NewDelivery, NewTrigger, Recorded, ReplayTarget, StateFilter, StoredWebhook, now_ms,
+    NewDelivery, NewTrigger, Recorded, ReplayTarget, StateFilter, StoredWebhook, UpstreamHold,
+    now_ms,
 };
 
 /// Most gateway calls' (and refusals') records waiting for the writer at once: a few tens
@@ -92,6 +93,9 @@ enum Op {
         tokio::sync::OwnedSemaphorePermit,
     ),
     Claim(usize, oneshot::Sender<Result<Claimed, EngineError>>),
+    /// An upstream went down: its due keys wait for the pause's end, a step of
+    /// `writer::HOLD_STEP` keys at a time. Written beside the claims, before them.
+    Hold(UpstreamHold, oneshot::Sender<Result<usize, EngineError>>),
     Record(Lease, Recorded),
     /// A pipeline's new state: a pipeline event (answered once committed), or a poll's
     /// answer recorded with the poll's own outcome.
@@ -341,6 +345,20 @@ impl Outbox {
     /// again while the store refuses writes).
     pub fn record(&self, lease: Lease, recorded: Recorded) {
         let _ = self.writer.send(Op::Record(lease, recorded));
+    }
+
+    /// Makes a down upstream's due triggers wait for the end of its pause, a few hundred
+    /// keys per commit (so webhooks are acknowledged between steps); returns how many.
+    /// Should it fail, nothing is lost: each key is deferred when it is claimed.
+    pub async fn hold_upstream(&self, hold: UpstreamHold) -> Result<usize, StoreError> {
+        let mut held = 0;
+        loop {
+            let step = self.ask(|reply| Op::Hold(hold.clone(), reply)).await?;
+            held += step;
+            if step < writer::HOLD_STEP {
+                return Ok(held);
+            }
+        }
     }
 
     pub async fn replay(&self, target: ReplayTarget) -> Result<Vec<i64>, StoreError> {
@@ -669,6 +687,14 @@ mod tests {
         }
         fn record(&mut self, l: Lease, r: &Recorded, now: i64) -> Result<bool, EngineError> {
             self.inner.record(l, r, now)
+        }
+        fn hold_upstream(
+            &mut self,
+            hold: &crate::store::UpstreamHold,
+            limit: usize,
+            now: i64,
+        ) -> Result<usize, EngineError> {
+            self.inner.hold_upstream(hold, limit, now)
         }
         fn replay(&mut self, t: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError> {
             self.inner.replay(t, now)

@@ -3,9 +3,10 @@
 //!
 //! Without this, an outage with work waiting for many projects turns every project's own
 //! retry schedule into a storm of calls to a GitLab that is not there (10,000 projects,
-//! thousands of calls a second). While an upstream is paused its triggers are deferred
-//! (no attempt counted) to the end of the pause; the first triggers due after it probe the
-//! upstream. The pause doubles while probes fail (1 s up to 30 s) and ends at the first
+//! thousands of calls a second). When a pause starts, the upstream's due triggers are moved
+//! past it in the store, all at once (`Outbox::hold_upstream`); one claimed meanwhile is
+//! deferred by itself (no attempt counted either way). The first triggers due after the
+//! pause probe the upstream. The pause doubles while probes fail (1 s up to 30 s) and ends at the first
 //! answer that is not a `5xx`.
 
 use std::collections::HashMap;

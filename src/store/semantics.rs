@@ -215,6 +215,89 @@ pub fn a_held_head_hides_no_other_key(engine: &mut dyn Engine) {
     assert_eq!(depth.earliest_due, Some(10_000));
 }
 
+/// An outage's hold moves every due key of that upstream past the pause in one go: other
+/// upstreams' keys, keys being sent and keys due after the pause stay as they are, and no
+/// attempt is counted.
+pub fn a_down_upstreams_keys_wait_for_its_pause(engine: &mut dyn Engine) {
+    let on = |upstream: &str, project: &str| NewTrigger {
+        upstream: upstream.into(),
+        ..trigger(project)
+    };
+    tx(engine, |e| {
+        for (id, upstream, project) in [
+            ("a", "gitlab", "p1"),
+            ("b", "gitlab", "p2"),
+            ("sending", "gitlab", "p3"),
+            ("later", "gitlab", "p4"),
+            ("elsewhere", "other", "p5"),
+        ] {
+            e.insert_delivery(&delivery(id, vec![on(upstream, project)]), 0)
+                .unwrap();
+        }
+    });
+    let mut claimed = claim(engine, 0, 5);
+    claimed.sort_by(|x, y| x.delivery_id.cmp(&y.delivery_id));
+    assert_eq!(ids(&claimed), ["a", "b", "elsewhere", "later", "sending"]);
+    for due in &claimed {
+        let recorded = match due.delivery_id.as_str() {
+            "sending" => continue,
+            "later" => Recorded::Deferred {
+                due_at: 50_000,
+                reason: "over the limit".into(),
+            },
+            _ => Recorded::Deferred {
+                due_at: 10,
+                reason: "over the limit".into(),
+            },
+        };
+        assert!(record(engine, due.lease, recorded, 5));
+    }
+    let hold = UpstreamHold {
+        upstream: "gitlab".into(),
+        until: 10_000,
+        spread_ms: 1_000,
+        reason: "upstream gitlab is down; waiting for it".into(),
+    };
+    let first = tx(engine, |e| e.hold_upstream(&hold, 1, 20).unwrap());
+    assert_eq!(first, 1, "a step moves no more keys than it is asked to");
+    let rest = tx(engine, |e| e.hold_upstream(&hold, 10, 20).unwrap());
+    assert_eq!(
+        rest, 1,
+        "a and b in all; not the one being sent, nor the later one"
+    );
+    assert_eq!(tx(engine, |e| e.hold_upstream(&hold, 10, 20).unwrap()), 0);
+    assert_eq!(
+        ids(&claim(engine, 9_999, 5)),
+        ["elsewhere"],
+        "only the other upstream's key is due during the pause"
+    );
+    let mut after = claim(engine, 11_000, 5);
+    after.sort_by(|x, y| x.delivery_id.cmp(&y.delivery_id));
+    assert_eq!(
+        ids(&after),
+        ["a", "b"],
+        "due within the spread after the pause"
+    );
+    assert!(
+        after.iter().all(|due| due.attempts == 0),
+        "no attempt counted"
+    );
+    let rows = engine
+        .list(&ListFilter {
+            limit: 50,
+            ..Default::default()
+        })
+        .unwrap();
+    let row = |id: &str| rows.iter().find(|r| r.delivery_id == id).unwrap();
+    assert_eq!(row("a").last_error.as_deref(), Some(hold.reason.as_str()));
+    assert_eq!(row("later").due_at, Some(50_000));
+    let sending = claimed.iter().find(|d| d.delivery_id == "sending").unwrap();
+    assert!(
+        record(engine, sending.lease, sent(), 11_001),
+        "a send in flight keeps its lease"
+    );
+}
+
 /// A one-process engine gives a dead process's leases back at the next start; a shared one
 /// cannot know the holder is dead, and lets the lease expire instead. Either way the
 /// triggers are claimed again, with no operator action.
@@ -874,6 +957,7 @@ macro_rules! engine_semantics {
             outcomes_need_the_current_lease,
             retries_and_deferrals_wait_until_due,
             a_held_head_hides_no_other_key,
+            a_down_upstreams_keys_wait_for_its_pause,
             leases_of_a_dead_process_are_due_again,
             pruning_keeps_what_is_still_to_be_sent,
             pruning_steps_past_what_is_still_to_be_sent,

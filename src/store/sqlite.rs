@@ -29,6 +29,7 @@ use schema::MIGRATIONS;
 use super::{
     Accepted, CancelTarget, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease,
     ListFilter, NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, SqlValue, StoredWebhook,
+    UpstreamHold,
 };
 
 /// The page size of a new store. A commit writes every page it changed, whole, to the WAL
@@ -419,6 +420,15 @@ impl Engine for SqliteEngine {
         .map_err(error)
     }
 
+    fn hold_upstream(
+        &mut self,
+        hold: &UpstreamHold,
+        limit: usize,
+        now: i64,
+    ) -> Result<usize, EngineError> {
+        hold_upstream(self, hold, limit, now).map_err(error)
+    }
+
     fn replay(&mut self, target: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError> {
         replay(self, target, now)
     }
@@ -788,6 +798,46 @@ fn claim(engine: &SqliteEngine, now: i64, limit: usize) -> rusqlite::Result<Clai
         .prepare_cached("SELECT min(due_at) FROM queue_keys WHERE due_at IS NOT NULL")?
         .query_row([], |row| row.get(0))?;
     Ok(Claimed { due, next_due })
+}
+
+/// Moves up to `limit` due keys of a down upstream past its pause, earliest due first (the
+/// due-time index), and their heads with them.
+fn hold_upstream(
+    engine: &SqliteEngine,
+    hold: &UpstreamHold,
+    limit: usize,
+    now: i64,
+) -> rusqlite::Result<usize> {
+    let conn = &engine.conn;
+    // SQLite makes every change of an `UPDATE … RETURNING` at its first step: the
+    // heads' updates below never meet a half-done key update.
+    let moved: Vec<(i64, i64)> = conn
+        .prepare_cached(
+            "UPDATE queue_keys SET due_at = ?2 + abs(random() % ?3)
+             WHERE order_key IN (
+                 SELECT k.order_key FROM queue_keys k JOIN triggers t ON t.id = k.head
+                 WHERE k.due_at IS NOT NULL AND k.due_at < ?2
+                   AND t.upstream = ?1 AND t.kind = 'trigger' AND t.state = 'queued'
+                 ORDER BY k.due_at LIMIT ?4)
+             RETURNING head, due_at",
+        )?
+        .query_map(
+            params![
+                hold.upstream,
+                hold.until,
+                hold.spread_ms.max(1),
+                limit as i64
+            ],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut head = conn.prepare_cached(
+        "UPDATE triggers SET due_at = ?2, last_error = ?3, updated_at = ?4 WHERE id = ?1",
+    )?;
+    for (id, due_at) in &moved {
+        head.execute(params![id, due_at, hold.reason, now])?;
+    }
+    Ok(moved.len())
 }
 
 /// Queues again: a trigger by id, or every trigger of a delivery. Replays are new rows
