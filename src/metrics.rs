@@ -47,6 +47,11 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamNameLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     /// `github`, `gitea`, `bitbucket-cloud`, `bitbucket-server`.
     pub forge: String,
@@ -132,6 +137,7 @@ pub struct Metrics {
     rule_matches: Family<RuleLabels, Counter>,
     triggers: Family<OutcomeLabels, Counter>,
     upstream_responses: Family<UpstreamLabels, Counter>,
+    upstream_down: Family<UpstreamNameLabels, Gauge>,
     delivery_latency: Histogram,
     outbox_depth: Gauge,
     outbox_oldest_due_age: Gauge<f64, AtomicU64>,
@@ -206,6 +212,12 @@ impl Metrics {
             "upstream_responses",
             "Answers from GitLab by upstream and HTTP status (\"error\" when none came)",
             upstream_responses.clone(),
+        );
+        let upstream_down = Family::<UpstreamNameLabels, Gauge>::default();
+        registry.register(
+            "upstream_down",
+            "1 while this relay holds an upstream's triggers back as down (no connection, a timeout, 502, 503 or 504), until it answers again",
+            upstream_down.clone(),
         );
         let delivery_latency = Histogram::new(exponential_buckets(0.005, 2.0, 20));
         registry.register(
@@ -298,6 +310,7 @@ impl Metrics {
             rule_matches,
             triggers,
             upstream_responses,
+            upstream_down,
             delivery_latency,
             outbox_depth,
             outbox_oldest_due_age,
@@ -368,6 +381,15 @@ impl Metrics {
     }
 
     /// An answer from GitLab; `None` when none came (network error, timeout).
+    /// The relay paused an upstream as down (`true`), or it answered again (`false`).
+    pub fn upstream_down(&self, upstream: &str, down: bool) {
+        self.upstream_down
+            .get_or_create(&UpstreamNameLabels {
+                upstream: upstream.to_owned(),
+            })
+            .set(i64::from(down));
+    }
+
     pub fn upstream_response(&self, upstream: &str, status: Option<u16>) {
         let class = match status {
             Some(s) => format!("{}xx", s / 100),
@@ -469,6 +491,9 @@ mod tests {
         metrics.signature_failure("github");
         metrics.trigger(TriggerOutcome::Sent);
         metrics.upstream_response("gitlab", None);
+        metrics.upstream_down("gitlab", true);
+        metrics.upstream_down("other", true);
+        metrics.upstream_down("other", false);
         metrics.delivery_latency(0.2);
         metrics.outbox(3, 1.5);
         metrics.limit_refused("[gateway] limit.per_project (30/min)");
@@ -492,6 +517,8 @@ mod tests {
             "hookrelay_signature_failures_total{source=\"github\"} 1",
             "hookrelay_triggers_total{outcome=\"sent\"} 1",
             "hookrelay_upstream_responses_total{upstream=\"gitlab\",code=\"error\"} 1",
+            "hookrelay_upstream_down{upstream=\"gitlab\"} 1",
+            "hookrelay_upstream_down{upstream=\"other\"} 0",
             "hookrelay_delivery_latency_seconds_count 1",
             "hookrelay_outbox_depth 3",
             "hookrelay_outbox_oldest_due_age_seconds 1.5",

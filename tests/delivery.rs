@@ -448,6 +448,24 @@ async fn an_upstream_that_is_down_is_probed_not_stormed_and_all_goes_out_once_it
         (1..=16).contains(&probes),
         "{probes} calls to a GitLab that is down"
     );
+    let down = r#"hookrelay_upstream_down{upstream="gitlab"}"#;
+    let metrics = send("GET", &relay.url("/metrics"), &[], "").await.text();
+    assert!(metrics.contains(&format!("{down} 1")), "{metrics}");
+    // The dashboard says why they wait: every trigger not being probed right now.
+    let rows = listed(
+        &hookrelay::store::StoreLocation::Folder(relay.state()),
+        false,
+        100,
+    )
+    .unwrap();
+    let waiting = rows
+        .iter()
+        .filter(|r| r.last_error.as_deref() == Some("upstream gitlab is down; waiting for it"))
+        .count();
+    assert!(
+        waiting >= 20,
+        "{waiting} of 30 say they wait for GitLab: {rows:#?}"
+    );
 
     // GitLab is back: every project's trigger goes out, once each.
     upstream.script.lock().unwrap().clear();
@@ -487,5 +505,7 @@ async fn an_upstream_that_is_down_is_probed_not_stormed_and_all_goes_out_once_it
     // per worker (answered 503, then retried).
     let calls = sent();
     assert!((30..=34).contains(&calls), "{calls} calls for 30 triggers");
+    let metrics = send("GET", &relay.url("/metrics"), &[], "").await.text();
+    assert!(metrics.contains(&format!("{down} 0")), "{metrics}");
     relay.stop().await;
 }

@@ -378,6 +378,7 @@ async fn attempt(
             .failed(&upstream.name, std::time::Instant::now())
         {
             tracing::warn!(upstream = %upstream.name, pause_ms = pause.as_millis() as u64, "upstream down: its triggers wait, and the next one due after the pause probes it");
+            app.metrics.upstream_down(&upstream.name, true);
             // Every due trigger of the upstream waits for the pause now, rather than each
             // being claimed and put back: with 10,000 project+refs waiting, that was
             // 10,000 claims and writes per pause of an outage.
@@ -400,6 +401,7 @@ async fn attempt(
         }
     } else if held.outages.answered(&upstream.name) {
         tracing::info!(upstream = %upstream.name, "upstream answers again: its triggers go out");
+        app.metrics.upstream_down(&upstream.name, false);
     }
     match classify(&result, SystemTime::now()) {
         Verdict::Sent {
