@@ -1371,3 +1371,67 @@ async fn statuses_follow_a_pipeline_whose_events_reach_different_relays() {
         "each status is posted once: {states:?}"
     );
 }
+
+/// GitLab goes down while two relays have 41 project+refs waiting: each relay pauses it
+/// and moves the waiting triggers past its pause in the shared store (rows the other relay
+/// holds are skipped, not waited for). GitLab sees a few probes, not every project's own
+/// retries; once it is back, every trigger goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_seen_by_two_relays_is_probed_not_stormed_and_all_goes_out_once() {
+    let Some(Setup {
+        database,
+        upstream,
+        dir,
+    }) = Setup::new("3s", PLAIN, "").await
+    else {
+        return;
+    };
+    // Every push also triggers a project of its own: a key per delivery.
+    write(
+        dir.path(),
+        "fan-out.toml",
+        "[[rule]]\nname = \"each\"\nsource = \"github\"\n[rule.trigger]\nproject = \"acme/p-{{ event.delivery }}\"\nref = \"main\"\n\
+         token = \"env:HOOKRELAY_TEST_TOKEN\"\n",
+    );
+    for _ in 0..1000 {
+        upstream.answer_next(Answer::new(503, r#"{"message":"503 Service Unavailable"}"#));
+    }
+    let (relays, addresses) = start_relays(dir.path(), 2);
+    let total = 40;
+    for i in 0..total {
+        let reply = push(&addresses[i % addresses.len()], &format!("down-{i}")).await;
+        assert_eq!(reply.status, 202);
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Each project's own retries (50 ms, doubling to 200 ms) would be hundreds of calls.
+    let probes = upstream.received().len();
+    assert!(
+        (1..=60).contains(&probes),
+        "{probes} calls to a GitLab that is down"
+    );
+    // Each key's head says why it waits (the triggers behind acme/app's head say nothing
+    // yet): 41 heads, less any probe being retried right now.
+    let waiting = rows(&database.url)
+        .iter()
+        .filter(|r| r.last_error.as_deref() == Some("upstream gitlab is down; waiting for it"))
+        .count();
+    assert!(
+        waiting >= 30,
+        "{waiting} of 41 waiting heads say they wait for GitLab"
+    );
+
+    upstream.script.lock().unwrap().clear();
+    eventually(Duration::from_secs(40), "every trigger sent", || {
+        let rows = rows(&database.url);
+        rows.len() == 2 * total && rows.iter().all(|r| r.state.as_deref() == Some("sent"))
+    })
+    .await;
+    let calls = upstream.received().len() - probes;
+    // A probe on its way when GitLab came back may add one call per worker.
+    assert!(
+        (2 * total..=2 * total + 16).contains(&calls),
+        "{calls} calls for {} triggers",
+        2 * total
+    );
+    drop(relays);
+}
