@@ -380,7 +380,6 @@ impl Metrics {
             .inc_by(count);
     }
 
-    /// An answer from GitLab; `None` when none came (network error, timeout).
     /// The relay paused an upstream as down (`true`), or it answered again (`false`).
     pub fn upstream_down(&self, upstream: &str, down: bool) {
         self.upstream_down
@@ -390,6 +389,7 @@ impl Metrics {
             .set(i64::from(down));
     }
 
+    /// An answer from GitLab; `None` when none came (network error, timeout).
     pub fn upstream_response(&self, upstream: &str, status: Option<u16>) {
         let class = match status {
             Some(s) => format!("{}xx", s / 100),

@@ -6,8 +6,8 @@
 //! thousands of calls a second). When a pause starts, the upstream's due triggers are moved
 //! past it in the store, all at once (`Outbox::hold_upstream`); one claimed meanwhile is
 //! deferred by itself (no attempt counted either way). The first triggers due after the
-//! pause probe the upstream. The pause doubles while probes fail (1 s up to 30 s) and ends at the first
-//! answer that is not a `5xx`.
+//! pause probe the upstream. The pause doubles while probes fail (1 s up to 30 s) and ends
+//! at the first answer that is not a `5xx`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -340,10 +340,9 @@ impl PostgresEngine {
 }
 
 /// Moves up to `$6` due keys of a down upstream past its pause, earliest due first, and
-/// their heads with them. Rows
-/// another relay holds are skipped (it defers them when it claims them), so this waits on
-/// nobody; the writer runs it beside claims, apart from the group's writes (see
-/// `Writer::group`).
+/// their heads with them. Rows another relay holds are skipped (it defers them when it
+/// claims them), so this waits on nobody; the writer runs it beside claims, apart from the
+/// group's writes (see `Writer::group`).
 const HOLD_UPSTREAM: &str = "WITH held AS (
         SELECT k.order_key FROM hr_keys k JOIN hr_triggers t ON t.id = k.head
         WHERE k.due_at < $2 AND t.upstream = $1 AND t.kind = 'trigger' AND t.state = 'queued'
