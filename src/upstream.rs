@@ -97,6 +97,11 @@ impl Upstreams {
     pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.0.get(name)
     }
+
+    /// The configured upstreams' names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
 }
 
 impl Upstream {

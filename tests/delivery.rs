@@ -405,6 +405,7 @@ async fn metrics_after_a_scripted_run() {
         "hookrelay_triggers_total{outcome=\"sent\"} 2",
         "hookrelay_upstream_responses_total{upstream=\"gitlab\",code=\"503\"} 1",
         "hookrelay_upstream_responses_total{upstream=\"gitlab\",code=\"201\"} 2",
+        "hookrelay_upstream_down{upstream=\"gitlab\"} 0",
         "hookrelay_delivery_latency_seconds_count 2",
         "hookrelay_outbox_depth 0",
     ] {

@@ -134,6 +134,11 @@ pub async fn run(
 ) {
     let paused: Paused = app.holds.paused.clone();
     let outages: Arc<Outages> = app.holds.outages.clone();
+    // Every configured upstream's series exists from the start (0: not down), so a
+    // dashboard shows it before the first outage.
+    for upstream in app.runtime().upstreams.names() {
+        app.metrics.upstream_down(upstream, false);
+    }
     let mut next_evict = tokio::time::Instant::now() + EVICT_EVERY;
     let mut in_flight: JoinSet<i64> = JoinSet::new();
     let mut claimed: HashMap<i64, Lease> = HashMap::new();
