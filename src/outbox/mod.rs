@@ -808,6 +808,40 @@ mod tests {
         }
     }
 
+    /// A hold with more keys than one step moves them all, a step per commit, and claims
+    /// then find nothing due until the pause ends.
+    #[tokio::test]
+    async fn a_hold_moves_every_due_key_of_the_upstream_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), Durability::Full).unwrap();
+        let keys = writer::HOLD_STEP * 2 + 10;
+        for i in 0..keys {
+            let mut own_key = delivery(&format!("d{i}"));
+            own_key.triggers[0].project = format!("p{i}");
+            outbox.accept(own_key).await.unwrap();
+        }
+        let until = now_ms() + 60_000;
+        let held = outbox
+            .hold_upstream(UpstreamHold {
+                upstream: "gitlab".into(),
+                until,
+                spread_ms: 1_000,
+                reason: "upstream gitlab is down; waiting for it".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(held, keys);
+        let claimed = outbox.claim(8).await.unwrap();
+        assert!(claimed.due.is_empty(), "nothing due during the pause");
+        assert!(
+            claimed
+                .next_due
+                .is_some_and(|due| (until..until + 1_000).contains(&due)),
+            "due again within the spread after the pause: {:?}",
+            claimed.next_due
+        );
+    }
+
     /// The forwarder is woken when a trigger is queued on its own, not when one is
     /// coalesced into a trigger already waiting: a burst for one project+ref changes no
     /// key's head or due time after its first trigger.
