@@ -197,20 +197,10 @@ impl Drop for Postgres {
 /// CPU seconds a process has used so far (user and system; Linux counts them in 1/100 s);
 /// 0 for a process that is gone.
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // The command may hold spaces: the fields that follow it start after its `)`.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap_or(0) + 1..]
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| hookrelay::metrics::cpu_seconds_in_stat(&stat))
+        .unwrap_or(0.0)
 }
 
 /// The server and its backends: the processes whose parent is the postmaster.

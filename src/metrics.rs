@@ -461,7 +461,12 @@ impl Metrics {
 /// User and system CPU seconds from `/proc/self/stat` (fields 14 and 15, in the kernel's
 /// user-visible ticks, 100 a second on Linux).
 fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds_in_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+/// User + system CPU seconds from a process's `/proc/PID/stat` line (clock ticks, 100 a
+/// second on Linux). Public for the benchmarks, which read other processes' the same way.
+pub fn cpu_seconds_in_stat(stat: &str) -> Option<f64> {
     // The command name may hold spaces; the fields after it are counted from its `)`.
     let after_name = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
