@@ -339,23 +339,6 @@ impl PostgresEngine {
     }
 }
 
-/// Moves up to `$6` due keys of a down upstream past its pause, earliest due first, and
-/// their heads with them. Rows another relay holds are skipped (it defers them when it
-/// claims them), so this waits on nobody; the writer runs it beside claims, apart from the
-/// group's writes (see `Writer::group`).
-const HOLD_UPSTREAM: &str = "WITH held AS (
-        SELECT k.order_key FROM hr_keys k JOIN hr_triggers t ON t.id = k.head
-        WHERE k.due_at < $2 AND t.upstream = $1 AND t.kind = 'trigger' AND t.state = 'queued'
-        ORDER BY k.due_at LIMIT $6
-        FOR UPDATE SKIP LOCKED
-    ), moved AS (
-        UPDATE hr_keys k SET due_at = $2 + floor(random() * $3::bigint)::bigint
-        FROM held WHERE k.order_key = held.order_key
-        RETURNING k.head, k.due_at
-    )
-    UPDATE hr_triggers t SET due_at = moved.due_at, last_error = $4, updated_at = $5
-    FROM moved WHERE t.id = moved.head";
-
 fn migrate(client: &mut Client) -> Result<(), postgres::Error> {
     let mut tx = client.transaction()?;
     // One relay migrates; the others wait here, then find nothing left to do.
@@ -576,22 +559,7 @@ impl Engine for PostgresEngine {
         now: i64,
     ) -> Result<usize, EngineError> {
         let (until, now) = (hold.until + self.skew_ms, now + self.skew_ms);
-        (|| -> Result<usize, postgres::Error> {
-            let statement = self.stmt(HOLD_UPSTREAM)?;
-            let moved = self.client().execute(
-                &statement,
-                &[
-                    &hold.upstream,
-                    &until,
-                    &hold.spread_ms.max(1),
-                    &hold.reason,
-                    &now,
-                    &(limit as i64),
-                ],
-            )?;
-            Ok(moved as usize)
-        })()
-        .map_err(error)
+        self.hold_due(hold, until, limit, now).map_err(error)
     }
 
     fn replay(&mut self, target: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError> {

@@ -5,7 +5,7 @@
 //! without waiting for any.
 
 use super::PostgresEngine;
-use crate::store::{Claimed, DueTrigger, Lease};
+use crate::store::{Claimed, DueTrigger, Lease, UpstreamHold};
 
 /// A change to a key row, made at commit in key order.
 #[derive(Debug)]
@@ -297,5 +297,45 @@ impl PostgresEngine {
             due,
             next_due: next_due.map(|due| due - self.skew_ms),
         })
+    }
+
+    /// Moves up to `limit` due keys of a down upstream past its pause (`until` and `now`
+    /// on the database's clock), earliest due first, and their heads with them; returns
+    /// how many. Rows another relay holds are skipped (it defers them when it claims
+    /// them), so this waits on nobody; the writer runs it beside claims, apart from the
+    /// group's writes (see `Writer::group`).
+    pub(super) fn hold_due(
+        &mut self,
+        hold: &UpstreamHold,
+        until: i64,
+        limit: usize,
+        now: i64,
+    ) -> Result<usize, postgres::Error> {
+        let statement = self.stmt(
+            "WITH held AS (
+                SELECT k.order_key FROM hr_keys k JOIN hr_triggers t ON t.id = k.head
+                WHERE k.due_at < $2 AND t.upstream = $1 AND t.kind = 'trigger' AND t.state = 'queued'
+                ORDER BY k.due_at LIMIT $6
+                FOR UPDATE SKIP LOCKED
+            ), moved AS (
+                UPDATE hr_keys k SET due_at = $2 + floor(random() * $3::bigint)::bigint
+                FROM held WHERE k.order_key = held.order_key
+                RETURNING k.head, k.due_at
+            )
+            UPDATE hr_triggers t SET due_at = moved.due_at, last_error = $4, updated_at = $5
+            FROM moved WHERE t.id = moved.head",
+        )?;
+        let moved = self.client().execute(
+            &statement,
+            &[
+                &hold.upstream,
+                &until,
+                &hold.spread_ms.max(1),
+                &hold.reason,
+                &now,
+                &(limit as i64),
+            ],
+        )?;
+        Ok(moved as usize)
     }
 }
