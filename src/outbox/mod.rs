@@ -842,6 +842,36 @@ mod tests {
         );
     }
 
+    /// A hold the store cannot commit (a full disk) is answered with the error and moves
+    /// nothing: the keys stay due, to be deferred one by one as they are claimed.
+    #[tokio::test]
+    async fn a_hold_the_store_refuses_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let full = Arc::new(AtomicBool::new(false));
+        let outbox = FullDisk {
+            full: full.clone(),
+            ..FullDisk::on(&path)
+        }
+        .start(&path);
+        for project in ["p1", "p2", "p3"] {
+            let mut own_key = delivery(project);
+            own_key.triggers[0].project = project.into();
+            outbox.accept(own_key).await.unwrap();
+        }
+        full.store(true, Ordering::SeqCst);
+        let hold = UpstreamHold {
+            upstream: "gitlab".into(),
+            until: now_ms() + 60_000,
+            spread_ms: 1_000,
+            reason: "upstream gitlab is down; waiting for it".into(),
+        };
+        let refused = outbox.hold_upstream(hold).await.unwrap_err();
+        assert!(refused.reason.contains("disk is full"), "{refused}");
+        full.store(false, Ordering::SeqCst);
+        assert_eq!(outbox.claim(8).await.unwrap().due.len(), 3, "all still due");
+    }
+
     /// The forwarder is woken when a trigger is queued on its own, not when one is
     /// coalesced into a trigger already waiting: a burst for one project+ref changes no
     /// key's head or due time after its first trigger.
