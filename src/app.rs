@@ -102,6 +102,8 @@ impl App {
     ) -> Result<Arc<App>, SetupError> {
         let server = config.server.clone();
         let shared_store = outbox.shared;
+        let mut metrics = Metrics::for_store(shared_store);
+        metrics.register_store(&outbox.timings);
         // Room for at least one body of the largest size accepted.
         let gateway_max = config.gateway.as_ref().map_or(0, |g| g.max_body);
         let budget = server.body_memory.max(server.max_body).max(gateway_max);
@@ -134,7 +136,7 @@ impl App {
             reloads: tokio::sync::watch::Sender::new(0),
             outbox,
             dry_run,
-            metrics: Arc::new(Metrics::for_store(shared_store)),
+            metrics: Arc::new(metrics),
         }))
     }
 

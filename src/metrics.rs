@@ -20,6 +20,11 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: String,
 }
@@ -128,10 +133,21 @@ impl TriggerOutcome {
     }
 }
 
+/// Upper bounds of the request duration buckets, in seconds: from well under a millisecond
+/// (an acknowledgement on a quiet relay) to GitHub's 10 s timeout.
+const REQUEST_SECONDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_SECONDS)
+}
+
 /// All of the relay's metrics.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    request_seconds: Family<EndpointLabels, Histogram, fn() -> Histogram>,
     signature_failures: Family<SourceLabels, Counter>,
     connections_shed: Counter,
     rule_matches: Family<RuleLabels, Counter>,
@@ -182,6 +198,13 @@ impl Metrics {
             "requests",
             "HTTP requests by endpoint and status",
             requests.clone(),
+        );
+        let request_seconds: Family<EndpointLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(request_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's headers to its answer, by endpoint (for webhooks, the commit that acknowledges them included)",
+            request_seconds.clone(),
         );
         let signature_failures = Family::<SourceLabels, Counter>::default();
         registry.register(
@@ -305,6 +328,7 @@ impl Metrics {
             process,
             registry,
             requests,
+            request_seconds,
             signature_failures,
             connections_shed,
             rule_matches,
@@ -324,6 +348,28 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+
+    /// How long a request to `endpoint` took, from its headers to its answer.
+    pub fn request_duration(&self, endpoint: &'static str, seconds: f64) {
+        self.request_seconds
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(seconds);
+    }
+
+    /// Registers the store's own timings (kept by the outbox's writer, which knows nothing
+    /// of metrics), so a scrape shows what acknowledgements wait for.
+    pub fn register_store(&mut self, timings: &crate::outbox::StoreTimings) {
+        self.registry.register(
+            "store_commit_seconds",
+            "Time the store took to write and commit one group that acknowledgements wait for (webhooks, gateway calls' records, replays)",
+            timings.commit_seconds.clone(),
+        );
+        self.registry.register(
+            "store_commit_size",
+            "Operations in each such commit, written together (webhooks, records, send outcomes, claims)",
+            timings.commit_size.clone(),
+        );
     }
 
     pub fn connection_shed(&self) {
@@ -493,6 +539,7 @@ mod tests {
     fn names_are_prefixed_and_labels_bounded() {
         let metrics = Metrics::new();
         metrics.request("hooks", 202);
+        metrics.request_duration("hooks", 0.003);
         metrics.signature_failure("github");
         metrics.trigger(TriggerOutcome::Sent);
         metrics.upstream_response("gitlab", None);
@@ -528,6 +575,9 @@ mod tests {
             "hookrelay_outbox_depth 3",
             "hookrelay_outbox_oldest_due_age_seconds 1.5",
             "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_project\"} 1",
+            "hookrelay_request_duration_seconds_count{endpoint=\"hooks\"} 1",
+            "hookrelay_request_duration_seconds_bucket{le=\"0.005\",endpoint=\"hooks\"} 1",
+            "hookrelay_request_duration_seconds_bucket{le=\"0.0025\",endpoint=\"hooks\"} 0",
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }

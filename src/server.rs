@@ -326,8 +326,11 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
         }
     };
     let status = response.status().as_u16();
+    let elapsed = started.elapsed();
     app.metrics.request(endpoint, status);
-    let elapsed_ms = millis(started.elapsed());
+    app.metrics
+        .request_duration(endpoint, elapsed.as_secs_f64());
+    let elapsed_ms = millis(elapsed);
     let upstream_ms = upstream_latency.map(millis);
     match reason {
         None => tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, "request"),

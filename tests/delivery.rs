@@ -408,9 +408,25 @@ async fn metrics_after_a_scripted_run() {
         "hookrelay_upstream_down{upstream=\"gitlab\"} 0",
         "hookrelay_delivery_latency_seconds_count 2",
         "hookrelay_outbox_depth 0",
+        // Every request timed, the refused one too.
+        "hookrelay_request_duration_seconds_count{endpoint=\"hooks\"} 3",
     ] {
         assert!(text.contains(line), "{line:?} missing from\n{text}");
     }
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("hookrelay_request_duration_seconds_sum{endpoint=\"hooks\"}") > 0.0);
+    // Each acknowledgement waited for a commit; outcomes of sends are not timed.
+    let commits = value("hookrelay_store_commit_seconds_count ");
+    assert!(commits >= 2.0, "{text}");
+    assert!(value("hookrelay_store_commit_seconds_sum ") > 0.0);
+    assert_eq!(value("hookrelay_store_commit_size_count "), commits);
+    assert!(value("hookrelay_store_commit_size_sum ") >= 2.0);
     assert!(!text.contains("glptt-"), "no token in any label");
     assert!(!text.contains(SECRET));
 }

@@ -144,6 +144,16 @@ fn gather(
     notes.take_into(batch, most)
 }
 
+/// What the writer shares with the [`super::Outbox`] handles: where records nobody waits
+/// for wait, word of new triggers, the store's health and clock, and commit timings.
+pub(super) struct Shared {
+    pub(super) notes: Arc<Notes>,
+    pub(super) queued: Arc<Notify>,
+    pub(super) health: Arc<StoreHealth>,
+    pub(super) skew: Arc<std::sync::atomic::AtomicI64>,
+    pub(super) timings: super::StoreTimings,
+}
+
 /// The writer thread's state.
 pub(super) struct Writer {
     /// Where the store's clock skew is published for [`super::Outbox::clock`].
@@ -157,6 +167,8 @@ pub(super) struct Writer {
     pending: Vec<(Lease, Recorded)>,
     /// Each kind of failure is said at most once a [`RETRY_EVERY`], with how many were not.
     logged: crate::limits::Throttle<&'static str>,
+    /// Commits that acknowledgements wait for, timed for `/metrics`.
+    timings: super::StoreTimings,
     /// The state folder's lock, held as long as the writer runs.
     _lock: Option<StateLock>,
 }
@@ -194,13 +206,18 @@ impl Writer {
     pub(super) fn spawn(
         engine: Box<dyn Engine>,
         requests: mpsc::Receiver<Op>,
-        notes: Arc<Notes>,
-        queued: Arc<Notify>,
-        health: Arc<StoreHealth>,
-        skew: Arc<std::sync::atomic::AtomicI64>,
+        shared: Shared,
         lock: Option<StateLock>,
     ) -> std::io::Result<()> {
+        let Shared {
+            notes,
+            queued,
+            health,
+            skew,
+            timings,
+        } = shared;
         let writer = Writer {
+            timings,
             skew,
             engine,
             notes,
@@ -292,6 +309,8 @@ impl Writer {
             )
         });
         let probe = batch.is_empty() && self.pending.is_empty();
+        let started = durable.then(std::time::Instant::now);
+        let size = batch.len() + if with_pending { self.pending.len() } else { 0 };
         let pending = if with_pending {
             std::mem::take(&mut self.pending)
         } else {
@@ -339,6 +358,12 @@ impl Writer {
             self.apply(op, now, &mut outcome);
         }
         let committed = self.engine.commit();
+        if let (Some(started), Ok(())) = (started, &committed) {
+            self.timings
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.timings.commit_size.observe(size as f64);
+        }
         self.finish(committed, outcome);
     }
 
