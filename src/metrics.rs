@@ -528,6 +528,14 @@ fn resident_memory_bytes() -> Option<i64> {
     Some(kib * 1024)
 }
 
+/// The value of the first sample in `scrape` whose line starts with `name` (the metric's
+/// name, with its labels or a space after it to tell it from longer names); for tests and
+/// tools that read a scrape.
+pub fn sample(scrape: &str, name: &str) -> Option<f64> {
+    let line = scrape.lines().find(|l| l.starts_with(name))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
 /// The content type of [`Metrics::encode`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -552,13 +560,7 @@ mod tests {
         metrics.read_process();
         let text = metrics.encode();
         assert!(text.contains("hookrelay_build_info{version=\""), "{text}");
-        let value = |name: &str| -> f64 {
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(name))
-                .unwrap_or_else(|| panic!("{name} in\n{text}"));
-            line.rsplit(' ').next().unwrap().parse().unwrap()
-        };
+        let value = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("{name} in\n{text}"));
         assert!(value("hookrelay_process_resident_memory_bytes ") > 1e6);
         assert!(value("hookrelay_process_open_fds ") >= 3.0);
         assert!(value("hookrelay_process_max_fds ") >= value("hookrelay_process_open_fds "));

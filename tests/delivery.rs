@@ -413,12 +413,8 @@ async fn metrics_after_a_scripted_run() {
     ] {
         assert!(text.contains(line), "{line:?} missing from\n{text}");
     }
-    let value = |name: &str| -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_else(|| panic!("{name} in\n{text}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
+    let value = |name: &str| {
+        hookrelay::metrics::sample(&text, name).unwrap_or_else(|| panic!("{name} in\n{text}"))
     };
     assert!(value("hookrelay_request_duration_seconds_sum{endpoint=\"hooks\"}") > 0.0);
     // Each acknowledgement waited for a commit; outcomes of sends are not timed.
