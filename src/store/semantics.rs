@@ -377,6 +377,46 @@ pub fn replays_are_new_triggers_linked_to_the_original(engine: &mut dyn Engine) 
     );
 }
 
+/// A delivery id is found whatever source it came from and however many sources the store
+/// holds: the stored webhook is the newest with that id, and a replay takes the triggers of
+/// every delivery with it.
+pub fn deliveries_are_found_by_their_id_in_every_source(engine: &mut dyn Engine) {
+    for (source, id, project) in [
+        ("bitbucket", "other", "p0"),
+        ("gh", "shared", "p1"),
+        ("gitlab", "shared", "p2"),
+        ("zz-last", "mine", "p3"),
+    ] {
+        let mut d = delivery(id, vec![trigger(project)]);
+        d.source = source.into();
+        d.body = StoredBody::encode(Bytes::from(format!("{{\"from\":\"{source}\"}}")));
+        tx(engine, |e| e.insert_delivery(&d, 0).unwrap());
+    }
+    let stored = engine.stored_webhook("shared").unwrap().unwrap();
+    assert_eq!(stored.source, "gitlab", "the newest with that id");
+    assert_eq!(&stored.body[..], br#"{"from":"gitlab"}"#);
+    let last = engine.stored_webhook("mine").unwrap().unwrap();
+    assert_eq!(
+        last.source, "zz-last",
+        "the last source in order is looked in too"
+    );
+    assert!(engine.stored_webhook("absent").unwrap().is_none());
+    for due in claim(engine, 0, 10) {
+        record(engine, due.lease, failed(), 1);
+    }
+    let replayed = tx(engine, |e| {
+        e.replay(&ReplayTarget::Delivery("shared".into()), 2)
+            .unwrap()
+    });
+    assert_eq!(replayed.len(), 2, "both sources' triggers: {replayed:?}");
+    let projects: Vec<String> = claim(engine, 2, 10)
+        .into_iter()
+        .map(|t| t.project)
+        .collect();
+    assert_eq!(projects.len(), 2);
+    assert!(projects.contains(&"p1".to_owned()) && projects.contains(&"p2".to_owned()));
+}
+
 pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {
     let windowed = || NewTrigger {
         coalesce_ms: 1000,
@@ -962,6 +1002,7 @@ macro_rules! engine_semantics {
             pruning_keeps_what_is_still_to_be_sent,
             pruning_steps_past_what_is_still_to_be_sent,
             replays_are_new_triggers_linked_to_the_original,
+            deliveries_are_found_by_their_id_in_every_source,
             identical_triggers_coalesce_within_the_window,
             finished_gateway_calls_are_not_queued,
             gateway_calls_recorded_together_are_finished,

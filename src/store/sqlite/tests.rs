@@ -154,6 +154,48 @@ fn claim_path_queries_read_indexes_not_the_backlog() {
     );
 }
 
+/// Finding deliveries by their id alone (`explain --delivery`, a replay of a delivery)
+/// seeks each source in the `(source, delivery_id)` index: it never reads the whole
+/// table, which with a million deliveries held the writer for seconds.
+#[test]
+fn lookups_by_delivery_id_seek_each_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
+    let plan = |sql: String| -> String {
+        let mut statement = engine
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        let rows: Vec<String> = statement
+            .query_map(["x"], |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        rows.join("; ")
+    };
+    for sql in [
+        format!(
+            "{BY_DELIVERY_ID} SELECT d.id FROM sources CROSS JOIN deliveries d
+             WHERE d.source = sources.source AND d.delivery_id = ?1"
+        ),
+        format!(
+            "{BY_DELIVERY_ID} SELECT t.id FROM sources CROSS JOIN deliveries d CROSS JOIN triggers t
+             WHERE d.source = sources.source AND d.delivery_id = ?1 AND t.delivery = d.id"
+        ),
+    ] {
+        let plan = plan(sql);
+        assert!(
+            plan.contains("sqlite_autoindex_deliveries_1 (source=? AND delivery_id=?)"),
+            "{plan}"
+        );
+        assert!(
+            !plan.contains("SCAN d") && !plan.contains("SCAN deliveries"),
+            "{plan}"
+        );
+        assert!(!plan.contains("SCAN t"), "{plan}");
+    }
+}
+
 /// A claim's statement keeps its plan whatever room it is given: SQLite would otherwise
 /// prepare it again whenever the bound `LIMIT` changed, which it does from group to group.
 #[test]
