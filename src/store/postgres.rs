@@ -75,6 +75,20 @@ pub struct PostgresEngine {
 /// Rows `hr_open` spreads the count of unfinished triggers over.
 const OPEN_SHARDS: i32 = 16;
 
+/// The start of a statement that finds deliveries by their delivery id alone: through the
+/// `(source, delivery_id)` index, one source at a time (`sources` lists them, each found by
+/// one index probe), a few probes whatever the store holds, with no index of the id alone
+/// for every webhook to write. As the embedded engine's (`sqlite::BY_DELIVERY_ID`). The
+/// statements after it look up each source's rows in `LATERAL (… OFFSET 0)`: without the
+/// `OFFSET 0` PostgreSQL pulls the subquery up and may put `sources` last, reading a whole
+/// table (150–250 ms with 60,000 deliveries not yet analyzed, against 0.2–0.3 ms).
+const BY_DELIVERY_ID: &str = "WITH RECURSIVE sources(source) AS (
+    SELECT min(source) FROM hr_deliveries
+    UNION ALL
+    SELECT (SELECT min(source) FROM hr_deliveries WHERE source > sources.source)
+    FROM sources WHERE sources.source IS NOT NULL
+)";
+
 /// The database's clock in milliseconds since 1970, as SQL.
 macro_rules! db_now {
     () => {
@@ -575,9 +589,16 @@ impl Engine for PostgresEngine {
             ReplayTarget::Delivery(delivery) => self
                 .client()
                 .query(
-                    "SELECT t.id, t.state, t.token_ref, t.order_key FROM hr_triggers t
-                     JOIN hr_deliveries d ON d.id = t.delivery
-                     WHERE d.delivery_id = $1 AND t.replay_of IS NULL AND t.kind = 'trigger' ORDER BY t.id",
+                    &format!(
+                        "{BY_DELIVERY_ID} SELECT t.id, t.state, t.token_ref, t.order_key
+                         FROM sources,
+                              LATERAL (SELECT id FROM hr_deliveries d
+                                       WHERE d.source = sources.source AND d.delivery_id = $1 OFFSET 0) d,
+                              LATERAL (SELECT * FROM hr_triggers t
+                                       WHERE t.delivery = d.id AND t.replay_of IS NULL AND t.kind = 'trigger'
+                                       OFFSET 0) t
+                         ORDER BY t.id"
+                    ),
                     &[delivery],
                 )
                 .map_err(error)?,
@@ -892,8 +913,13 @@ impl Engine for PostgresEngine {
         let row = self
             .client()
             .query_opt(
-                "SELECT source, headers, body, body_encoding FROM hr_deliveries WHERE delivery_id = $1
-                 ORDER BY id DESC LIMIT 1",
+                &format!(
+                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding
+                     FROM sources,
+                          LATERAL (SELECT * FROM hr_deliveries d
+                                   WHERE d.source = sources.source AND d.delivery_id = $1 OFFSET 0) d
+                     ORDER BY d.id DESC LIMIT 1"
+                ),
                 &[&delivery_id],
             )
             .map_err(error)?;
