@@ -117,18 +117,7 @@ fn an_earlier_store_is_upgraded_with_its_queue() {
 fn claim_path_queries_read_indexes_not_the_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let engine = SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Full).unwrap();
-    let plan = |sql: &str| -> String {
-        let mut statement = engine
-            .conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-            .unwrap();
-        let rows: Vec<String> = statement
-            .query_map([], |row| row.get::<_, String>(3))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        rows.join("; ")
-    };
+    let plan = |sql: &str| query_plan(&engine, sql, 0);
     let claim = plan(
         "SELECT order_key, head FROM queue_keys WHERE due_at IS NOT NULL AND due_at <= 5 ORDER BY due_at LIMIT 8",
     );
@@ -154,6 +143,33 @@ fn claim_path_queries_read_indexes_not_the_backlog() {
     );
 }
 
+/// SQLite's plan for `sql` (its `?` parameters bound to `x`), one step after another.
+fn query_plan(engine: &SqliteEngine, sql: &str, parameters: usize) -> String {
+    let mut statement = engine
+        .conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .unwrap();
+    let values = vec!["x"; parameters];
+    let rows: Vec<String> = statement
+        .query_map(rusqlite::params_from_iter(values), |row| {
+            row.get::<_, String>(3)
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    rows.join("; ")
+}
+
+/// Cancelling a project's triggers reads the index of open triggers, not every trigger the
+/// store keeps.
+#[test]
+fn cancelling_a_project_reads_only_open_triggers() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
+    let plan = query_plan(&engine, CANCEL_PROJECT, 2);
+    assert!(plan.contains("USING INDEX triggers_open"), "{plan}");
+}
+
 /// Finding deliveries by their id alone (`explain --delivery`, a replay of a delivery)
 /// seeks each source in the `(source, delivery_id)` index: it never reads the whole
 /// table, which with a million deliveries held the writer for seconds.
@@ -161,18 +177,7 @@ fn claim_path_queries_read_indexes_not_the_backlog() {
 fn lookups_by_delivery_id_seek_each_source() {
     let dir = tempfile::tempdir().unwrap();
     let engine = SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
-    let plan = |sql: String| -> String {
-        let mut statement = engine
-            .conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-            .unwrap();
-        let rows: Vec<String> = statement
-            .query_map(["x"], |row| row.get::<_, String>(3))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        rows.join("; ")
-    };
+    let plan = |sql: String| query_plan(&engine, &sql, 1);
     for sql in [
         format!(
             "{BY_DELIVERY_ID} SELECT d.id FROM sources CROSS JOIN deliveries d
