@@ -274,8 +274,17 @@ pub fn page(app: &App, filter: &ListFilter) -> Result<(Vec<Delivery>, String), S
 /// Everything about one delivery: its work, the stored webhook and what the rules make
 /// of it today.
 pub fn detail(app: &App, id: &str) -> Result<Value, String> {
+    // Found by its id first (a few index lookups), then its rows listed from around the
+    // moment it came: a listing by id alone read every delivery in the store, and could
+    // miss an id that starts 500 newer ones ("1" before "10", "11", …).
+    let stored = app
+        .outbox
+        .stored(id)
+        .map_err(|_| format!("no delivery {id:?} in the store"))?;
     let filter = ListFilter {
         delivery: Some(id.to_owned()),
+        since: Some(stored.received_at - 1_000),
+        until: Some(stored.received_at + 1_000),
         limit: 500,
         ..ListFilter::default()
     };
@@ -291,7 +300,7 @@ pub fn detail(app: &App, id: &str) -> Result<Value, String> {
     let Some(delivery) = group(rows, crate::outbox::now_ms()).into_iter().next() else {
         return Err(format!("no delivery {id:?} in the store"));
     };
-    let stored = app.outbox.stored(id).ok();
+    let stored = Some(stored);
     let runtime = app.runtime();
     let mut events = Vec::new();
     let mut headers = Vec::new();

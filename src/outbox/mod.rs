@@ -515,6 +515,11 @@ pub fn list(location: &StoreLocation, filter: &ListFilter) -> Result<Vec<Deliver
 /// The one delivery id that is `text` or starts with it, as `deliveries` shows ids: an
 /// unknown id and an ambiguous prefix are said as such, never as a broken store.
 fn resolve_delivery(engine: &mut dyn Engine, text: &str) -> Result<String, EngineError> {
+    // A whole id is found by a few index lookups; only the start of one needs a listing
+    // (which reads the deliveries newest first, and sees the newest 200 that start so).
+    if engine.stored_webhook(text)?.is_some() {
+        return Ok(text.to_owned());
+    }
     let rows = engine.list(&ListFilter {
         delivery: Some(text.to_owned()),
         limit: 200,
@@ -566,6 +571,9 @@ pub fn stored_webhook(
 
 /// The stored webhook whose delivery id is `delivery_id` or uniquely starts with it.
 fn stored_in(engine: &mut dyn Engine, delivery_id: &str) -> Result<StoredWebhook, EngineError> {
+    if let Some(whole) = engine.stored_webhook(delivery_id)? {
+        return Ok(whole);
+    }
     let delivery_id = resolve_delivery(engine, delivery_id)?;
     engine
         .stored_webhook(&delivery_id)?
@@ -629,6 +637,38 @@ pub fn replay_offline(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A whole delivery id is found however many newer ids start with it (a generic
+    /// sender's "1" before "10" … "1999"), and the start of an id still resolves to the one
+    /// webhook it names.
+    #[test]
+    fn a_whole_delivery_id_is_found_among_newer_ids_that_start_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine =
+            SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
+        engine.begin(true).unwrap();
+        for (at, id) in ["1", "abc-unique"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain((10..2000).map(|n| n.to_string()))
+            .enumerate()
+        {
+            let delivery = crate::store::semantics::delivery(&id, Vec::new());
+            engine.insert_delivery(&delivery, at as i64).unwrap();
+        }
+        engine.commit().unwrap();
+        let found = stored_in(&mut engine, "1").unwrap();
+        assert_eq!((found.delivery_id.as_str(), found.received_at), ("1", 0));
+        assert_eq!(resolve_delivery(&mut engine, "1").unwrap(), "1");
+        assert_eq!(
+            stored_in(&mut engine, "abc").unwrap().delivery_id,
+            "abc-unique"
+        );
+        let Err(unknown) = stored_in(&mut engine, "nope") else {
+            panic!("an id nobody sent was found");
+        };
+        assert!(unknown.refused, "{unknown}");
+    }
 
     use super::*;
     use crate::store::Depth;

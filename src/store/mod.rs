@@ -831,8 +831,32 @@ pub struct DeliveryRow {
 pub struct StoredWebhook {
     pub source: String,
     pub delivery_id: String,
+    /// When it was received, as stored (milliseconds since 1970).
+    pub received_at: i64,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+}
+
+impl StoredWebhook {
+    /// A stored row as an engine reads it: headers as stored (JSON), the body as stored
+    /// (see [`StoredBody`]), `received_at` on the relay's clock.
+    pub(crate) fn from_stored(
+        delivery_id: &str,
+        source: String,
+        headers: &str,
+        body: Vec<u8>,
+        encoding: Option<&str>,
+        received_at: i64,
+    ) -> Result<StoredWebhook, EngineError> {
+        Ok(StoredWebhook {
+            delivery_id: delivery_id.to_owned(),
+            source,
+            received_at,
+            headers: serde_json::from_str(headers)
+                .map_err(|err| EngineError::failed(format!("stored headers: {err}")))?,
+            body: Bytes::from(StoredBody::decode(body, encoding).map_err(EngineError::failed)?),
+        })
+    }
 }
 
 /// The outbox's depth, read without walking the backlog.

@@ -25,7 +25,7 @@ use keys::Touch;
 
 use super::{
     Accepted, CancelTarget, Claimed, DeliveryRow, Depth, Engine, EngineError, Lease, ListFilter,
-    NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, SqlValue, StoredBody, StoredWebhook,
+    NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, SqlValue, StoredWebhook,
     UpstreamHold,
 };
 
@@ -914,7 +914,7 @@ impl Engine for PostgresEngine {
             .client()
             .query_opt(
                 &format!(
-                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding
+                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at
                      FROM sources,
                           LATERAL (SELECT * FROM hr_deliveries d
                                    WHERE d.source = sources.source AND d.delivery_id = $1 OFFSET 0) d
@@ -924,18 +924,14 @@ impl Engine for PostgresEngine {
             )
             .map_err(error)?;
         row.map(|row| {
-            let headers: String = row.get(1);
-            let encoding: Option<String> = row.get(3);
-            Ok(StoredWebhook {
-                delivery_id: delivery_id.to_owned(),
-                source: row.get(0),
-                headers: serde_json::from_str(&headers)
-                    .map_err(|err| EngineError::failed(format!("stored headers: {err}")))?,
-                body: bytes::Bytes::from(
-                    StoredBody::decode(row.get(2), encoding.as_deref())
-                        .map_err(EngineError::failed)?,
-                ),
-            })
+            StoredWebhook::from_stored(
+                delivery_id,
+                row.get(0),
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get::<_, i64>(4) - self.skew_ms,
+            )
         })
         .transpose()
     }

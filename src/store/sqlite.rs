@@ -587,33 +587,29 @@ impl Engine for SqliteEngine {
     }
 
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
-        let row: Option<(String, String, Vec<u8>, Option<String>)> = self
-            .conn
+        self.conn
             .query_row(
                 &format!(
-                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding
+                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at
                      FROM sources CROSS JOIN deliveries d
                      WHERE d.source = sources.source AND d.delivery_id = ?1
                      ORDER BY d.id DESC LIMIT 1"
                 ),
                 params![delivery_id],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                |row| {
+                    Ok(StoredWebhook::from_stored(
+                        delivery_id,
+                        row.get(0)?,
+                        &row.get::<_, String>(1)?,
+                        row.get(2)?,
+                        row.get::<_, Option<String>>(3)?.as_deref(),
+                        row.get(4)?,
+                    ))
+                },
             )
             .optional()
-            .map_err(error)?;
-        row.map(|(source, headers, body, encoding)| {
-            Ok(StoredWebhook {
-                delivery_id: delivery_id.to_owned(),
-                source,
-                headers: serde_json::from_str(&headers)
-                    .map_err(|err| EngineError::failed(format!("stored headers: {err}")))?,
-                body: bytes::Bytes::from(
-                    super::StoredBody::decode(body, encoding.as_deref())
-                        .map_err(EngineError::failed)?,
-                ),
-            })
-        })
-        .transpose()
+            .map_err(error)?
+            .transpose()
     }
 }
 
