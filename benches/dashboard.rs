@@ -6,8 +6,8 @@
 //! the median of 50 sequential requests for: the first page; a page deep in the middle
 //! (by cursor); the first page filtered by source; and a free-text search that matches
 //! nothing (the worst case: it reads every delivery of its window), in the default last
-//! 24 hours and over the whole week the deliveries span. Ratios are to the 1,000-row
-//! store, measured in the same run.
+//! 24 hours and over the whole week the deliveries span; and one delivery's page. Ratios
+//! are to the 1,000-row store, measured in the same run.
 //!
 //! Run: `cargo bench --bench dashboard` (env: DASHBOARD_SIZES="1000,1000000").
 //! None of these figures is a test assertion.
@@ -177,8 +177,14 @@ async fn main() {
         .collect();
     let mut baseline: Option<Vec<Duration>> = None;
     println!(
-        "{:<12} {:>12} {:>12} {:>12} {:>16} {:>16}",
-        "deliveries", "first page", "deep page", "by source", "text, last 24 h", "text, the week"
+        "{:<12} {:>12} {:>12} {:>12} {:>16} {:>16} {:>14}",
+        "deliveries",
+        "first page",
+        "deep page",
+        "by source",
+        "text, last 24 h",
+        "text, the week",
+        "one delivery"
     );
     for size in sizes {
         let state = tempfile::tempdir().unwrap();
@@ -192,6 +198,7 @@ async fn main() {
             "/api/deliveries?source=gitea".to_owned(),
             "/api/deliveries?q=no-such-text".to_owned(),
             "/api/deliveries?q=no-such-text&since=8d".to_owned(),
+            format!("/api/deliveries/delivery-{:08}", size / 2),
         ];
         let mut times = Vec::new();
         for path in &paths {
@@ -205,7 +212,7 @@ async fn main() {
                 .unwrap_or_default()
         };
         println!(
-            "{size:<12} {:>8.2} ms{} {:>8.2} ms{} {:>8.2} ms{} {:>9.1} ms{} {:>9.1} ms{}",
+            "{size:<12} {:>8.2} ms{} {:>8.2} ms{} {:>8.2} ms{} {:>9.1} ms{} {:>9.1} ms{} {:>8.2} ms{}",
             ms(&times[0]),
             ratio(0),
             ms(&times[1]),
@@ -215,7 +222,9 @@ async fn main() {
             ms(&times[3]),
             ratio(3),
             ms(&times[4]),
-            ratio(4)
+            ratio(4),
+            ms(&times[5]),
+            ratio(5)
         );
         baseline.get_or_insert(times);
     }
