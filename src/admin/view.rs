@@ -277,10 +277,10 @@ pub fn detail(app: &App, id: &str) -> Result<Value, String> {
     // Found by its id first (a few index lookups), then its rows listed from around the
     // moment it came: a listing by id alone read every delivery in the store, and could
     // miss an id that starts 500 newer ones ("1" before "10", "11", …).
-    let stored = app
-        .outbox
-        .stored(id)
-        .map_err(|_| format!("no delivery {id:?} in the store"))?;
+    let stored = app.outbox.stored(id).map_err(|err| match err.refused {
+        true => format!("no delivery {id:?} in the store"),
+        false => err.to_string(),
+    })?;
     let filter = ListFilter {
         delivery: Some(id.to_owned()),
         since: Some(stored.received_at - 1_000),

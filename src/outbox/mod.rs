@@ -515,11 +515,16 @@ pub fn list(location: &StoreLocation, filter: &ListFilter) -> Result<Vec<Deliver
 /// The one delivery id that is `text` or starts with it, as `deliveries` shows ids: an
 /// unknown id and an ambiguous prefix are said as such, never as a broken store.
 fn resolve_delivery(engine: &mut dyn Engine, text: &str) -> Result<String, EngineError> {
-    // A whole id is found by a few index lookups; only the start of one needs a listing
-    // (which reads the deliveries newest first, and sees the newest 200 that start so).
+    // A whole id is found by a few index lookups; only the start of one needs a listing.
     if engine.stored_webhook(text)?.is_some() {
         return Ok(text.to_owned());
     }
+    resolve_start(engine, text)
+}
+
+/// [`resolve_delivery`] for text that is not a whole id: a listing of the ids that start
+/// with it (newest first, the newest 200 of them).
+fn resolve_start(engine: &mut dyn Engine, text: &str) -> Result<String, EngineError> {
     let rows = engine.list(&ListFilter {
         delivery: Some(text.to_owned()),
         limit: 200,
@@ -574,7 +579,7 @@ fn stored_in(engine: &mut dyn Engine, delivery_id: &str) -> Result<StoredWebhook
     if let Some(whole) = engine.stored_webhook(delivery_id)? {
         return Ok(whole);
     }
-    let delivery_id = resolve_delivery(engine, delivery_id)?;
+    let delivery_id = resolve_start(engine, delivery_id)?;
     engine
         .stored_webhook(&delivery_id)?
         .ok_or_else(|| EngineError::refused(format!("no delivery {delivery_id:?} in the store")))
