@@ -519,40 +519,82 @@ pub fn deliveries(store: &StoreLocation, filter: &ListFilter, json: bool) -> Exi
         println!("no deliveries match");
         return ExitCode::SUCCESS;
     }
-    println!(
-        "{:<19} {:<10} {:<36} {:>6} {:<18} {:<20} {:<16} {:<12} {:>3} {:<9} LAST ANSWER / WHY",
-        "TIME (UTC)", "SOURCE", "DELIVERY", "ID", "RULE", "PROJECT", "REF", "STATUS", "TRY", "NEXT"
-    );
-    for row in rows {
-        let time = chrono::DateTime::from_timestamp_millis(row.received_at)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-            .unwrap_or_default();
-        let cut = |text: &str, width: usize| {
-            if text.chars().count() > width {
-                format!("{}…", text.chars().take(width - 1).collect::<String>())
-            } else {
-                text.to_owned()
-            }
-        };
-        let (state, why) = row_state(&row);
-        let line = format!(
-            "{:<19} {:<10} {:<36} {:>6} {:<18} {:<20} {:<16} {:<12} {:>3} {:<9} {}",
-            time,
-            cut(&row.source, 10),
-            row.delivery_id,
-            row.trigger_id.map(|id| id.to_string()).unwrap_or_default(),
-            cut(row.rule.as_deref().unwrap_or(""), 18),
-            cut(row.project.as_deref().unwrap_or(""), 20),
-            cut(row.git_ref.as_deref().unwrap_or(""), 16),
-            state,
-            row.attempts,
-            next_attempt(&row, now).unwrap_or_default(),
-            why
-        );
-        // Delivery ids and GitLab's messages are shown, never obeyed by the terminal.
-        println!("{}", crate::terminal::escape_controls(&line));
-    }
+    print!("{}", table(&rows, now));
     ExitCode::SUCCESS
+}
+
+/// The rows as `deliveries` prints them: a column each, as wide as its widest cell.
+fn table(rows: &[crate::outbox::DeliveryRow], now: i64) -> String {
+    let cut = |text: &str, width: usize| {
+        if text.chars().count() > width {
+            format!("{}…", text.chars().take(width - 1).collect::<String>())
+        } else {
+            text.to_owned()
+        }
+    };
+    let header = [
+        "TIME (UTC)",
+        "SOURCE",
+        "DELIVERY",
+        "ID",
+        "RULE",
+        "PROJECT",
+        "REF",
+        "STATUS",
+        "TRY",
+        "NEXT",
+        "LAST ANSWER / WHY",
+    ];
+    let lines: Vec<[String; 11]> = rows
+        .iter()
+        .map(|row| {
+            let time = chrono::DateTime::from_timestamp_millis(row.received_at)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            let (state, why) = row_state(row);
+            [
+                time,
+                cut(&row.source, 10),
+                row.delivery_id.clone(),
+                row.trigger_id.map(|id| id.to_string()).unwrap_or_default(),
+                cut(row.rule.as_deref().unwrap_or(""), 18),
+                cut(row.project.as_deref().unwrap_or(""), 20),
+                cut(row.git_ref.as_deref().unwrap_or(""), 16),
+                state,
+                row.attempts.to_string(),
+                next_attempt(row, now).unwrap_or_default(),
+                why,
+            ]
+            // Delivery ids and GitLab's messages are shown, never obeyed by the terminal.
+            .map(|cell| crate::terminal::escape_controls(&cell).into_owned())
+        })
+        .collect();
+    // Each column as wide as its widest cell (the last one runs on).
+    let mut widths = header.map(|title| title.chars().count());
+    for line in &lines {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let format_line = |cells: [&str; 11]| {
+        let mut line = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            let pad = width.saturating_sub(cell.chars().count());
+            match i {
+                10 => line.push_str(cell),
+                // Numbers to the right.
+                3 | 8 => line.push_str(&format!("{}{cell} ", " ".repeat(pad))),
+                _ => line.push_str(&format!("{cell}{} ", " ".repeat(pad))),
+            }
+        }
+        line.trim_end().to_owned()
+    };
+    let mut text = format_line(header) + "\n";
+    for cells in &lines {
+        text.push_str(&format_line(cells.each_ref().map(String::as_str)));
+        text.push('\n');
+    }
+    text
 }
 
 /// A row's state as shown, and its last answer or why nothing ran. A delivery without a
@@ -621,15 +663,24 @@ pub(crate) fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
             _ => error.clone(),
         },
         (Some(url), None) => url.clone(),
-        (None, None) => String::new(),
+        (None, None) => match row.waits_for {
+            Some(head) => {
+                format!("waits for trigger {head}: one at a time per project and ref, in order")
+            }
+            None => String::new(),
+        },
     };
     (state, answer)
 }
 
-/// When a waiting trigger is tried next: `now`, or how long until then.
+/// When a waiting trigger is tried next: `now`, how long until then, or after which
+/// trigger (the one ahead of it for the same upstream, project and ref).
 pub(crate) fn next_attempt(row: &crate::outbox::DeliveryRow, now: i64) -> Option<String> {
     if row.state.as_deref() != Some("queued") {
         return None;
+    }
+    if let Some(head) = row.waits_for {
+        return Some(format!("after {head}"));
     }
     let wait = row.due_at? - now;
     Some(if wait <= 0 {
@@ -677,11 +728,19 @@ pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget) -> Ex
             ExitCode::SUCCESS
         }
         Ok(ids) => {
-            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-            println!(
-                "cancelled trigger {} ({target}); `hookrelay deliveries --status cancelled` lists them",
-                ids.join(", ")
-            );
+            let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            let what = match target {
+                crate::outbox::CancelTarget::Trigger(_) => format!("cancelled {target}"),
+                _ => format!(
+                    "cancelled {} of {target}: {}",
+                    match ids.len() {
+                        1 => "1 trigger".to_owned(),
+                        n => format!("{n} triggers"),
+                    },
+                    list.join(", ")
+                ),
+            };
+            println!("{what}; `hookrelay deliveries --status cancelled` lists them");
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -739,6 +798,82 @@ pub fn replay(store: &StoreLocation, target: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(trigger: i64, state: &str) -> crate::outbox::DeliveryRow {
+        crate::outbox::DeliveryRow {
+            row: trigger,
+            received_at: 1_796_354_760_000,
+            source: "github".into(),
+            delivery_id: format!("d-{trigger}"),
+            event_type: "push".into(),
+            trigger_id: Some(trigger),
+            rule: Some("tags".into()),
+            project: Some("acme/app".into()),
+            git_ref: Some("main".into()),
+            state: Some(state.into()),
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            pipeline_url: None,
+            replay_of: None,
+            coalesced_into: None,
+            due_at: Some(1_796_354_760_000),
+            waits_for: None,
+            summary: "{}".into(),
+            kind: Some("trigger".into()),
+        }
+    }
+
+    /// A trigger waiting behind its key's head says which one, where it would otherwise
+    /// read "due now" with nothing to say why; a long status keeps the columns in line.
+    #[test]
+    fn the_table_says_what_a_waiting_trigger_waits_for_and_keeps_its_columns() {
+        let now = 1_796_354_770_000;
+        let head = crate::outbox::DeliveryRow {
+            attempts: 3,
+            last_status: Some(503),
+            last_error: Some("upstream says 503".into()),
+            due_at: Some(now + 12_500),
+            ..row(8, "queued")
+        };
+        let behind = crate::outbox::DeliveryRow {
+            waits_for: Some(8),
+            ..row(9, "queued")
+        };
+        let replayed = crate::outbox::DeliveryRow {
+            replay_of: Some(1),
+            attempts: 1,
+            ..row(10, "sent")
+        };
+        assert_eq!(next_attempt(&head, now).as_deref(), Some("in 13s"));
+        assert_eq!(next_attempt(&behind, now).as_deref(), Some("after 8"));
+        assert_eq!(
+            row_state(&behind),
+            (
+                "queued".into(),
+                "waits for trigger 8: one at a time per project and ref, in order".into()
+            )
+        );
+        let text = table(&[replayed, behind, head], now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        // Every line has its TRY and NEXT columns where the header has them.
+        let at = |line: &str, what: &str| {
+            line.find(what)
+                .unwrap_or_else(|| panic!("{what} in {line}"))
+        };
+        let next = at(lines[0], "NEXT");
+        let why = at(lines[0], "LAST ANSWER / WHY");
+        assert_eq!(
+            at(lines[1], "sent (replay of 1)"),
+            at(lines[0], "STATUS"),
+            "{text}"
+        );
+        assert_eq!(at(lines[2], "after 8"), next, "{text}");
+        assert_eq!(at(lines[2], "waits for trigger 8"), why, "{text}");
+        assert_eq!(at(lines[3], "in 13s"), next, "{text}");
+        assert_eq!(at(lines[3], "503: upstream says 503"), why, "{text}");
+    }
     use tracing_subscriber::fmt::format::Writer;
     use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 

@@ -191,8 +191,22 @@ struct ConfigArg {
     path: PathBuf,
 }
 
+/// `hookrelay deliveries | head` ends the command as it ends any Unix tool: by SIGPIPE
+/// once `head` has read enough. Rust ignores that signal, and printing to the closed pipe
+/// then panicked. `serve` keeps ignoring it: a peer that hangs up never stops the relay.
+fn end_quietly_on_a_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called before any other thread starts; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        end_quietly_on_a_closed_pipe();
+    }
     match cli.command {
         Command::Explain {
             config,

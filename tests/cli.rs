@@ -849,6 +849,27 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     let output = hookrelay(&["replay", "--state", state, "999"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("trigger 999 is not in the store"));
+
+    // Output into a pipe already closed (`deliveries | head` once head has had enough)
+    // ends the command as SIGPIPE ends any Unix tool, not with a panic.
+    let mut piped = Command::new(BIN)
+        .args(["deliveries", "--state", state, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(piped.stdout.take());
+    let output = piped.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            output.status.success() || output.status.signal() == Some(libc::SIGPIPE),
+            "{:?}: {stderr}",
+            output.status
+        );
+    }
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }

@@ -37,10 +37,12 @@ pub(super) struct RawGateway {
 }
 
 /// Compiles `[gateway]` once every file is read: its upstream must be one of `upstreams`.
+/// An upstream in `broken` (there, with problems of its own) is not reported again.
 pub(super) fn compile(
     raw: RawGateway,
     origin: &Origin,
     upstreams: &[String],
+    broken: &[&str],
     problems: &mut Vec<Problem>,
 ) -> Option<GatewayConfig> {
     let line_problem = |message: String| Problem {
@@ -108,6 +110,7 @@ pub(super) fn compile(
     let known = upstreams.join(", ");
     match upstream.map(Spanned::into_inner) {
         Some(name) if upstreams.contains(&name) => Some(gateway(name)),
+        Some(name) if broken.contains(&name.as_str()) => None,
         Some(name) => {
             problems.push(line_problem(format!(
                 "[gateway] upstream = {name:?} names no [upstream.{name}] section (defined: {})",
@@ -115,7 +118,8 @@ pub(super) fn compile(
             )));
             None
         }
-        None if upstreams.len() == 1 => Some(gateway(known)),
+        None if upstreams.len() == 1 && broken.is_empty() => Some(gateway(known)),
+        None if !broken.is_empty() => None,
         None => {
             problems.push(line_problem(if upstreams.is_empty() {
                 "[gateway] needs an [upstream.NAME] section to forward to".into()

@@ -24,7 +24,7 @@ mod store;
 mod units;
 mod upstream;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -156,6 +156,10 @@ struct Builder {
     gateway: Option<(gateway::RawGateway, Origin)>,
     admin: Option<(Option<admin::AdminConfig>, Origin)>,
     sources: BTreeMap<String, (SourceConfig, Origin)>,
+    /// `[upstream.NAME]` and `[source.NAME]` sections (as `upstream.NAME`) that are
+    /// there but had problems of their own: what names them is not told again that
+    /// nothing is defined by that name.
+    broken: BTreeSet<String>,
     rules: Vec<rule::PendingRule>,
     delivery: Option<(DeliveryConfig, Origin)>,
     /// `[store]` as read (`None` inside: it had problems), and where.
@@ -311,14 +315,24 @@ impl Builder {
         problems: &mut FileProblems<'_>,
     ) {
         let defined = |name: &str| self.upstreams.get(name).map(|(_, origin)| origin.clone());
-        for (name, raw, origin) in
-            named_tables::<upstream::RawUpstream>("upstream", value, file, &defined, problems)
-        {
+        let mut broken = Vec::new();
+        let tables = named_tables::<upstream::RawUpstream>(
+            "upstream",
+            value,
+            file,
+            &defined,
+            &mut broken,
+            problems,
+        );
+        for (name, raw, origin) in tables {
             let secrets = self.resolve_secrets.then_some(env);
-            if let Some(upstream) = upstream::compile(&name, raw, env, secrets, problems) {
-                self.upstreams.insert(name, (upstream, origin));
+            match upstream::compile(&name, raw, env, secrets, problems) {
+                Some(upstream) => _ = self.upstreams.insert(name, (upstream, origin)),
+                None => broken.push(name),
             }
         }
+        self.broken
+            .extend(broken.into_iter().map(|name| format!("upstream.{name}")));
     }
 
     fn read_sources(
@@ -330,9 +344,16 @@ impl Builder {
     ) {
         let defined = |name: &str| self.sources.get(name).map(|(_, origin)| origin.clone());
         let env = self.resolve_secrets.then_some(env);
-        for (name, raw, origin) in
-            named_tables::<source::RawSource>("source", value, file, &defined, problems)
-        {
+        let mut broken = Vec::new();
+        let tables = named_tables::<source::RawSource>(
+            "source",
+            value,
+            file,
+            &defined,
+            &mut broken,
+            problems,
+        );
+        for (name, raw, origin) in tables {
             // The store names the gateway's, the scheduler's and the dashboard's records so.
             if matches!(name.as_str(), "gateway" | "schedule" | "admin") {
                 problems.found.push(Problem {
@@ -342,12 +363,16 @@ impl Builder {
                         "[source.{name}]: `{name}` names hookrelay's own records in the store; choose another name"
                     ),
                 });
+                broken.push(name);
                 continue;
             }
-            if let Some(compiled) = source::compile_source(&name, raw, env, problems) {
-                self.sources.insert(name, (compiled, origin));
+            match source::compile_source(&name, raw, env, problems) {
+                Some(compiled) => _ = self.sources.insert(name, (compiled, origin)),
+                None => broken.push(name),
             }
         }
+        self.broken
+            .extend(broken.into_iter().map(|name| format!("source.{name}")));
     }
 
     fn read_delivery(
@@ -443,6 +468,7 @@ impl Builder {
             .cloned()
             .collect::<Vec<_>>()
             .join(", ");
+        let broken_upstreams = self.broken.iter().any(|name| name.starts_with("upstream."));
         for pending in std::mem::take(&mut self.rules) {
             let mut spec = pending.spec;
             let mut problem = |line: usize, message: String| {
@@ -477,6 +503,12 @@ impl Builder {
             }
             if let Some(source) = &spec.source
                 && !self.sources.contains_key(source)
+                && self.broken.contains(&format!("source.{source}"))
+            {
+                // Its own problems are reported where it is.
+                ok = false;
+            } else if let Some(source) = &spec.source
+                && !self.sources.contains_key(source)
             {
                 let known = self.sources.keys().cloned().collect::<Vec<_>>().join(", ");
                 problem(
@@ -492,6 +524,13 @@ impl Builder {
             for trigger in pending.triggers {
                 let mut trigger_spec = trigger.spec;
                 match trigger.upstream {
+                    // Its own problems are reported where it is.
+                    Some((name, _))
+                        if !self.upstreams.contains_key(&name)
+                            && self.broken.contains(&format!("upstream.{name}")) =>
+                    {
+                        ok = false
+                    }
                     Some((name, line)) if !self.upstreams.contains_key(&name) => {
                         problem(
                             line,
@@ -508,9 +547,11 @@ impl Builder {
                         ok = false;
                     }
                     Some((name, _)) => trigger_spec.upstream = name,
-                    None if self.upstreams.len() == 1 => {
+                    None if self.upstreams.len() == 1 && !broken_upstreams => {
                         trigger_spec.upstream = upstream_names.clone()
                     }
+                    // Which upstream is meant depends on the ones with problems.
+                    None if broken_upstreams => ok = false,
                     None => {
                         problem(
                             trigger_spec.line,
@@ -589,6 +630,7 @@ impl Builder {
         for (name, (source, origin)) in &self.sources {
             if let Some(upstream) = &source.pipelines_of
                 && !self.upstreams.contains_key(upstream)
+                && !self.broken.contains(&format!("upstream.{upstream}"))
             {
                 self.problems.push(Problem {
                     file: origin.file.clone(),
@@ -602,7 +644,12 @@ impl Builder {
         }
         let gateway = self.gateway.take().and_then(|(raw, origin)| {
             let upstreams: Vec<String> = self.upstreams.keys().cloned().collect();
-            gateway::compile(raw, &origin, &upstreams, &mut self.problems)
+            let broken: Vec<&str> = self
+                .broken
+                .iter()
+                .filter_map(|name| name.strip_prefix("upstream."))
+                .collect();
+            gateway::compile(raw, &origin, &upstreams, &broken, &mut self.problems)
         });
         if !self.problems.is_empty() {
             // Tables are read in key order; report in the order of the files' lines.
@@ -647,6 +694,7 @@ fn named_tables<R: DeserializeOwned>(
     value: Spanned<DeValue<'_>>,
     file: &Path,
     defined: &dyn Fn(&str) -> Option<Origin>,
+    broken: &mut Vec<String>,
     problems: &mut FileProblems<'_>,
 ) -> Vec<(String, R, Origin)> {
     let span = value.span();
@@ -669,6 +717,7 @@ fn named_tables<R: DeserializeOwned>(
             continue;
         }
         let Some(raw) = section::<R>(value, problems) else {
+            broken.push(name);
             continue;
         };
         if let Some(first) = defined(&name) {

@@ -821,6 +821,9 @@ pub struct DeliveryRow {
     pub coalesced_into: Option<i64>,
     /// When a waiting trigger is next due (ms since 1970).
     pub due_at: Option<i64>,
+    /// The trigger a waiting one waits for: the head of its upstream+project+ref, which go
+    /// one at a time and in order. `None` for a head, and for work not waiting.
+    pub waits_for: Option<i64>,
     /// The answer the webhook got (JSON), which says why nothing ran when nothing did.
     pub summary: String,
     /// `trigger`, `status` or `poll` (`None`: a delivery without work).

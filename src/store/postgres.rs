@@ -762,6 +762,26 @@ impl Engine for PostgresEngine {
         let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
             bound.iter().map(|value| value.as_ref()).collect();
         let rows = self.client().query(&sql, &params).map_err(error)?;
+        // Each waiting trigger's key's head, in one statement: at most a page of them.
+        let waiting: Vec<i64> = rows
+            .iter()
+            .filter(|row| row.get::<_, Option<&str>>(8) == Some("queued"))
+            .filter_map(|row| row.get::<_, Option<i64>>(4))
+            .collect();
+        let heads: std::collections::HashMap<i64, i64> = match waiting.is_empty() {
+            true => Default::default(),
+            false => self
+                .client()
+                .query(
+                    "SELECT t.id, k.head FROM hr_triggers t JOIN hr_keys k ON k.order_key = t.order_key
+                     WHERE t.id = ANY($1) AND k.head <> t.id",
+                    &[&waiting],
+                )
+                .map_err(error)?
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect(),
+        };
         // Times are the database's; shown on this machine's clock.
         Ok(rows
             .into_iter()
@@ -785,6 +805,9 @@ impl Engine for PostgresEngine {
                 summary: row.get(16),
                 kind: row.get(17),
                 row: row.get(18),
+                waits_for: row
+                    .get::<_, Option<i64>>(4)
+                    .and_then(|id| heads.get(&id).copied()),
             })
             .collect())
     }

@@ -124,17 +124,53 @@ pub fn duplicates_are_recorded_once(engine: &mut dyn Engine) {
     assert_eq!(engine.depth().unwrap().open, 1);
 }
 
+/// Each listed delivery with the trigger its trigger waits for, newest first.
+fn waiting_for(engine: &mut dyn Engine) -> Vec<(String, Option<i64>)> {
+    engine
+        .list(&ListFilter {
+            limit: 50,
+            ..ListFilter::default()
+        })
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.delivery_id, r.waits_for))
+        .collect()
+}
+
+fn first_trigger(accepted: Accepted) -> i64 {
+    match accepted {
+        Accepted::Queued { trigger_ids, .. } => trigger_ids[0],
+        other => panic!("not queued: {other:?}"),
+    }
+}
+
 pub fn one_lease_per_key_and_keys_go_in_order(engine: &mut dyn Engine) {
-    accept(engine, "a", "p1", 1);
+    let a = first_trigger(accept(engine, "a", "p1", 1));
     accept(engine, "b", "p1", 2);
     accept(engine, "c", "p2", 3);
+    let b_waits = vec![
+        ("c".to_owned(), None),
+        ("b".to_owned(), Some(a)),
+        ("a".to_owned(), None),
+    ];
+    assert_eq!(
+        waiting_for(engine),
+        b_waits,
+        "the list says what b waits for"
+    );
     let first = claim(engine, 10, 10);
     assert_eq!(ids(&first), ["a", "c"], "b waits behind a");
     assert!(
         claim(engine, 10, 10).is_empty(),
         "b waits while a is leased"
     );
+    assert_eq!(waiting_for(engine), b_waits, "and while a is being sent");
     assert!(record(engine, first[0].lease, sent(), 11));
+    assert_eq!(
+        waiting_for(engine)[1],
+        ("b".to_owned(), None),
+        "b heads its key"
+    );
     assert_eq!(ids(&claim(engine, 12, 10)), ["b"]);
 }
 

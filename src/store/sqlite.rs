@@ -917,7 +917,8 @@ fn replay(engine: &SqliteEngine, target: &ReplayTarget, now: i64) -> Result<Vec<
     Ok(new_ids)
 }
 
-/// The newest triggers (and deliveries without any), newest first.
+/// The newest triggers (and deliveries without any), newest first; a waiting trigger
+/// with the head of its key when that is another.
 fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<DeliveryRow>> {
     let (clause, values) = filter.where_clause(|n| format!("?{n}"), "instr");
     let limit_at = values.len() + 1;
@@ -937,7 +938,7 @@ fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<Delivery
         .collect();
     bound.push(rusqlite::types::Value::Integer(filter.limit as i64));
     let mut statement = conn.prepare(&sql)?;
-    statement
+    let mut rows = statement
         .query_map(rusqlite::params_from_iter(bound), |row| {
             Ok(DeliveryRow {
                 received_at: row.get(0)?,
@@ -959,9 +960,23 @@ fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<Delivery
                 summary: row.get(16)?,
                 kind: row.get(17)?,
                 row: row.get(18)?,
+                waits_for: None,
             })
         })?
-        .collect()
+        .collect::<rusqlite::Result<Vec<DeliveryRow>>>()?;
+    // Each waiting trigger's key, one seek each: at most a page of them.
+    let mut head = conn.prepare_cached(
+        "SELECT k.head FROM triggers t JOIN queue_keys k ON k.order_key = t.order_key WHERE t.id = ?1",
+    )?;
+    for row in rows
+        .iter_mut()
+        .filter(|row| row.state.as_deref() == Some("queued"))
+    {
+        let Some(id) = row.trigger_id else { continue };
+        let found: Option<i64> = head.query_row(params![id], |r| r.get(0)).optional()?;
+        row.waits_for = found.filter(|&head| head != id);
+    }
+    Ok(rows)
 }
 
 /// A project's waiting triggers, read from the index of open ones: without statistics
