@@ -561,7 +561,12 @@ fn table(rows: &[crate::outbox::DeliveryRow], now: i64) -> String {
                 cut(row.project.as_deref().unwrap_or(""), 20),
                 cut(row.git_ref.as_deref().unwrap_or(""), 16),
                 state,
-                row.attempts.to_string(),
+                // A delivery that queued nothing tried nothing, and a gateway call is
+                // its caller's one try, answered as it was made.
+                match row.trigger_id {
+                    Some(_) if row.source != "gateway" => row.attempts.to_string(),
+                    _ => String::new(),
+                },
                 next_attempt(row, now).unwrap_or_default(),
                 why,
             ]
@@ -798,6 +803,8 @@ pub fn replay(store: &StoreLocation, target: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 
     fn row(trigger: i64, state: &str) -> crate::outbox::DeliveryRow {
         crate::outbox::DeliveryRow {
@@ -854,14 +861,24 @@ mod tests {
                 "waits for trigger 8: one at a time per project and ref, in order".into()
             )
         );
-        let text = table(&[replayed, behind, head], now);
+        let ping = crate::outbox::DeliveryRow {
+            trigger_id: None,
+            state: None,
+            event_type: "ping".into(),
+            summary: r#"{"note":"ping received"}"#.into(),
+            ..row(11, "sent")
+        };
+        let text = table(&[replayed, behind, head, ping], now);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 5, "{text}");
         // Every line has its TRY and NEXT columns where the header has them.
         let at = |line: &str, what: &str| {
             line.find(what)
                 .unwrap_or_else(|| panic!("{what} in {line}"))
         };
+        let tries = at(lines[0], "TRY");
+        assert_eq!(&lines[3][tries..tries + 3], "  3", "{text}");
+        assert_eq!(&lines[4][tries..tries + 3], "   ", "nothing tried: {text}");
         let next = at(lines[0], "NEXT");
         let why = at(lines[0], "LAST ANSWER / WHY");
         assert_eq!(
@@ -874,8 +891,6 @@ mod tests {
         assert_eq!(at(lines[3], "in 13s"), next, "{text}");
         assert_eq!(at(lines[3], "503: upstream says 503"), why, "{text}");
     }
-    use tracing_subscriber::fmt::format::Writer;
-    use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 
     /// Log lines keep the time tracing-subscriber writes: the same text, to the second,
     /// as its own timer read just before (unless a second began between the two).
