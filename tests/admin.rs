@@ -270,3 +270,56 @@ async fn without_the_token_a_remote_viewer_is_sent_to_log_in() {
     assert_eq!(login.status, 200);
     assert!(login.text().contains("type=\"password\""));
 }
+
+/// A trigger queued behind another for the same project and ref says which one it waits
+/// for, on the list, on its delivery's page and in the API, instead of reading "due now".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_waiting_behind_another_says_which() {
+    let upstream = RecordingUpstream::start().await;
+    // The first send takes its time: the second trigger waits behind it meanwhile.
+    upstream.answer_next(common::Answer::created().delayed(std::time::Duration::from_secs(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let (_served, address, dashboard) = start(dir.path(), &upstream.url(), ADMIN);
+    let url = |path: &str| format!("http://{dashboard}{path}");
+    for delivery in ["first", "second"] {
+        let reply = signed_github_body(
+            &format!("http://{address}/hooks/github"),
+            SECRET,
+            "push",
+            delivery,
+            common::fixture("github/push_tag.json"),
+        )
+        .await;
+        assert_eq!(reply.status, 202, "{}", reply.text());
+    }
+    let mut listed = Value::Null;
+    for _ in 0..100 {
+        listed = send("GET", &url("/api/deliveries"), &[], "").await.json();
+        if listed["deliveries"][1]["work"][0]["state"] == "sending" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (second, first) = (&listed["deliveries"][0], &listed["deliveries"][1]);
+    assert_eq!(first["work"][0]["state"], "sending", "{listed}");
+    let head = first["work"][0]["id"].as_i64().unwrap();
+    assert_eq!(second["delivery_id"], "second", "{listed}");
+    assert_eq!(second["work"][0]["waits_for"], head, "{listed}");
+    assert_eq!(
+        second["work"][0]["next"],
+        format!("after {head}"),
+        "{listed}"
+    );
+    assert_eq!(first["work"][0]["waits_for"], Value::Null, "{listed}");
+
+    let list = send("GET", &url("/deliveries"), &[], "").await.text();
+    assert!(list.contains(&format!("after #{head}")), "{list}");
+    let page = send("GET", &url("/deliveries/second"), &[], "")
+        .await
+        .text();
+    assert!(
+        page.contains(&format!("<td>after {head}</td>"))
+            && page.contains(&format!("waits for trigger {head}")),
+        "{page}"
+    );
+}

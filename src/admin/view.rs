@@ -151,6 +151,8 @@ pub struct Work {
     pub coalesced_into: Option<i64>,
     /// Waiting, so it can be cancelled.
     pub waiting: bool,
+    /// The trigger ahead of it for the same upstream, project and ref, when it waits for one.
+    pub waits_for: Option<i64>,
 }
 
 /// One delivery with its work, as shown.
@@ -216,6 +218,7 @@ fn group(rows: Vec<DeliveryRow>, now: i64) -> Vec<Delivery> {
                 pipeline_url: row.pipeline_url.clone(),
                 replay_of: row.replay_of,
                 coalesced_into: row.coalesced_into,
+                waits_for: row.waits_for,
             });
         }
     }
