@@ -64,6 +64,10 @@ pub enum ApiError {
         "the project path in {path} is not URL-encoded, so it reads as several path segments; use {use_instead}"
     )]
     UnencodedProject { path: String, use_instead: String },
+    /// Another method than POST on a trigger URL: GitLab has no route for it and answers
+    /// `404 {"error":"404 Not Found"}`, so the gateway does too, saying what would work.
+    #[error("{method} is not a route of GitLab's trigger API; use POST")]
+    TriggerMethod { method: String },
     #[error("{method} is not allowed here; use {allowed}")]
     MethodNotAllowed {
         method: String,
@@ -121,6 +125,16 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
     use GatewayError as G;
     let message = err.to_string();
     let (status, body) = match err {
+        // Under GitLab's API the body has GitLab's own `error` too, as its catch-all route
+        // answers, for clients that read it.
+        ApiError::NotFound { path, .. } if path.starts_with("/api/v4/") => (
+            StatusCode::NOT_FOUND,
+            json!({ "error": "404 Not Found", "message": message }),
+        ),
+        ApiError::TriggerMethod { .. } => (
+            StatusCode::NOT_FOUND,
+            json!({ "error": "404 Not Found", "message": message }),
+        ),
         ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, json!({ "message": message })),
         ApiError::UnknownSource(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
         ApiError::RateLimited { wait, .. } => {

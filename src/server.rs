@@ -380,7 +380,9 @@ async fn dispatch(
         },
         Route::Trigger { project, git_ref } => {
             if method != Method::POST {
-                return Err(not_allowed("POST"));
+                return Err(ApiError::TriggerMethod {
+                    method: method.to_string(),
+                });
             }
             let runtime = app.runtime();
             let gateway_config = runtime

@@ -773,25 +773,38 @@ async fn unreadable_bodies_are_clear_400s_and_415s() {
 }
 
 #[tokio::test]
-async fn unknown_paths_are_404_and_wrong_methods_405() {
+/// Under GitLab's API the relay answers as GitLab's catch-all route does, a GET of a
+/// trigger URL included: `404 {"error":"404 Not Found"}`, with a message saying more.
+/// Its own endpoints answer a wrong method with 405.
+async fn unknown_paths_and_other_methods_are_404_as_gitlab_answers_them() {
     let (upstream, relay) = setup("").await;
     let reply = post(&relay.url("/api/v4/projects/9/pipelines"), &[], "").await;
     assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"], "404 Not Found");
     assert_eq!(
         reply.json()["message"],
         "no endpoint POST /api/v4/projects/9/pipelines"
     );
-    let reply = send("GET", &relay.url(PIPELINE), &[], "").await;
-    assert_eq!(reply.status, 405);
-    assert_eq!(reply.headers.get("allow").unwrap(), "POST");
-    assert!(
-        reply.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("use POST")
-    );
+    for method in ["GET", "PUT", "DELETE"] {
+        let reply = send(method, &relay.url(PIPELINE), &[], "").await;
+        assert_eq!(reply.status, 404, "{method}");
+        assert_eq!(reply.json()["error"], "404 Not Found", "{method}");
+        assert_eq!(
+            reply.json()["message"],
+            format!("{method} is not a route of GitLab's trigger API; use POST")
+        );
+    }
+    let reply = send(
+        "GET",
+        &relay.url("/api/v4/projects/9/ref/main/trigger/pipeline"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 404);
     let reply = post(&relay.url("/healthz"), &[], "").await;
     assert_eq!(reply.status, 405);
+    assert_eq!(reply.headers.get("allow").unwrap(), "GET, HEAD");
     assert!(upstream.received().is_empty());
 }
 
