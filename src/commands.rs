@@ -423,6 +423,8 @@ fn raise_open_file_limit() {
     match (before, rlimit::increase_nofile_limit(u64::MAX)) {
         (Ok(before), Ok(now)) => {
             let connections = crate::connections::default_max_connections(now);
+            // Said only when it was raised.
+            let before = (before != now).then_some(before);
             if now < 4096 {
                 tracing::warn!(
                     open_file_limit = now,
