@@ -671,9 +671,14 @@ pub(crate) fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
         },
         (Some(url), None) => url.clone(),
         (None, None) => match row.waits_for {
-            Some(head) => {
-                format!("waits for trigger {head}: one at a time per project and ref, in order")
-            }
+            Some(head) => format!(
+                "waits for {head}: {}",
+                match row.kind.as_deref() {
+                    Some("status") => "one status post at a time per commit and context, in order",
+                    Some("poll") => "one poll at a time per pipeline",
+                    _ => "one trigger at a time per project and ref, in order",
+                }
+            ),
             None => String::new(),
         },
     };
@@ -860,7 +865,7 @@ mod tests {
             row_state(&behind),
             (
                 "queued".into(),
-                "waits for trigger 8: one at a time per project and ref, in order".into()
+                "waits for 8: one trigger at a time per project and ref, in order".into()
             )
         );
         let ping = crate::outbox::DeliveryRow {
@@ -874,6 +879,16 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5, "{text}");
         // Every line has its TRY and NEXT columns where the header has them.
+        let status_behind = crate::outbox::DeliveryRow {
+            kind: Some("status".into()),
+            waits_for: Some(20),
+            ..row(21, "queued")
+        };
+        assert!(
+            row_state(&status_behind)
+                .1
+                .starts_with("waits for 20: one status post at a time per commit and context")
+        );
         let at = |line: &str, what: &str| {
             line.find(what)
                 .unwrap_or_else(|| panic!("{what} in {line}"))
@@ -889,7 +904,7 @@ mod tests {
             "{text}"
         );
         assert_eq!(at(lines[2], "after 8"), next, "{text}");
-        assert_eq!(at(lines[2], "waits for trigger 8"), why, "{text}");
+        assert_eq!(at(lines[2], "waits for 8: one trigger"), why, "{text}");
         assert_eq!(at(lines[3], "in 13s"), next, "{text}");
         assert_eq!(at(lines[3], "503: upstream says 503"), why, "{text}");
     }

@@ -319,7 +319,7 @@ async fn a_trigger_waiting_behind_another_says_which() {
         .text();
     assert!(
         page.contains(&format!("<td>after {head}</td>"))
-            && page.contains(&format!("waits for trigger {head}")),
+            && page.contains(&format!("waits for {head}: one trigger at a time")),
         "{page}"
     );
 }
