@@ -556,12 +556,12 @@ fn table(rows: &[crate::outbox::DeliveryRow], now: i64) -> String {
             let (state, why) = row_state(row);
             [
                 time,
-                cut(&row.source, 10),
+                cut(&row.source, 20),
                 row.delivery_id.clone(),
                 row.trigger_id.map(|id| id.to_string()).unwrap_or_default(),
-                cut(row.rule.as_deref().unwrap_or(""), 18),
-                cut(row.project.as_deref().unwrap_or(""), 20),
-                cut(row.git_ref.as_deref().unwrap_or(""), 16),
+                cut(row.rule.as_deref().unwrap_or(""), 24),
+                cut(row.project.as_deref().unwrap_or(""), 32),
+                cut(row.git_ref.as_deref().unwrap_or(""), 24),
                 state,
                 // A delivery that queued nothing tried nothing, and a gateway call is
                 // its caller's one try, answered as it was made.
