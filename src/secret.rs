@@ -8,9 +8,39 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// A secret value. `Debug` and `Display` show at most its first few characters and `…`.
+/// A secret value. `Debug` and `Display` show only its mask ([`Secret::masked`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+/// Prefixes that say what kind of token a value is and are no part of its secret: GitLab's
+/// (`glptt-` trigger tokens, `glcbt-` CI job tokens, the kinds the trigger API refuses) and
+/// GitHub's.
+const TYPE_PREFIXES: &[&str] = &[
+    "glptt-",
+    "glcbt-",
+    "glpat-",
+    "gldt-",
+    "glrt-",
+    "GR1348941",
+    "glft-",
+    "gloas-",
+    "glimt-",
+    "glagent-",
+    "glsoat-",
+    "glffct-",
+    "github_pat_",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+];
+
+/// Characters of the secret part a mask shows: enough to tell two tokens apart in a log,
+/// too few to matter (8 bits of a hex token).
+const SHOWN: usize = 2;
+/// Values shorter than this (after their type prefix) show none of their secret part.
+const SHOWN_FROM: usize = 16;
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -22,12 +52,20 @@ impl Secret {
         &self.0
     }
 
-    /// The value as it may be shown: the first characters (at most 8, and never more than
-    /// a quarter of the value) followed by `…`.
+    /// The value as it may be shown: its type prefix when it has a known one (`glptt-`),
+    /// then two characters of the rest when at least 16 follow, then `…`: `glptt-01…`.
     pub fn masked(&self) -> String {
-        let shown = (self.0.chars().count() / 4).min(8);
-        let prefix: String = self.0.chars().take(shown).collect();
-        format!("{prefix}…")
+        let prefix = TYPE_PREFIXES
+            .iter()
+            .find(|prefix| self.0.starts_with(*prefix))
+            .copied()
+            .unwrap_or("");
+        let rest = &self.0[prefix.len()..];
+        let shown: String = match rest.chars().count() >= SHOWN_FROM {
+            true => rest.chars().take(SHOWN).collect(),
+            false => String::new(),
+        };
+        format!("{prefix}{shown}…")
     }
 }
 
@@ -151,16 +189,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn masks_show_at_most_eight_characters() {
+    fn masks_show_a_tokens_kind_and_two_characters() {
         let token = Secret::new("glptt-0123456789abcdef0123456789abcdef01234567");
         assert_eq!(token.masked(), "glptt-01…");
         assert_eq!(format!("{token}"), "glptt-01…");
         assert_eq!(format!("{token:?}"), "Secret(glptt-01…)");
+        assert_eq!(
+            Secret::new("glcbt-64_abcdefghijklmnopqrstuv").masked(),
+            "glcbt-64…"
+        );
+        assert_eq!(
+            Secret::new("github_pat_11ABCDEFG0123456789abcdef").masked(),
+            "github_pat_11…"
+        );
+        // Without a known prefix, the same two characters: a quarter of a 24-character
+        // secret showed before.
+        assert_eq!(Secret::new("secret123secret123secret").masked(), "se…");
+        assert_eq!(
+            Secret::new("6d056f63e50fe6f8c5f8f4aa10edb7").masked(),
+            "6d…",
+            "a legacy trigger token"
+        );
     }
 
     #[test]
-    fn short_secrets_show_at_most_a_quarter() {
-        assert_eq!(Secret::new("abcdefgh").masked(), "ab…");
+    fn short_secrets_show_nothing_of_themselves() {
+        assert_eq!(Secret::new("abcdefghijklmno").masked(), "…");
+        assert_eq!(Secret::new("glptt-abc").masked(), "glptt-…");
         assert_eq!(Secret::new("abc").masked(), "…");
         assert_eq!(Secret::new("").masked(), "…");
     }
