@@ -732,6 +732,33 @@ pub fn replan(config: &Path, state: &Path, store: Option<&str>, delivery: &str) 
     }
 }
 
+/// `hookrelay backup`: a copy of the SQLite store, taken beside the running relay.
+pub fn backup(store: &StoreLocation, to: &Path) -> ExitCode {
+    let StoreLocation::Folder(state) = store else {
+        eprintln!(
+            "hookrelay backup: the store is a PostgreSQL database ({}); back it up with pg_dump or the database's own backups",
+            store.describe()
+        );
+        return ExitCode::from(2);
+    };
+    match crate::store::sqlite::backup(state, to) {
+        Ok(bytes) => {
+            println!(
+                "{} copied to {} ({:.1} MiB); to restore it, stop the relay and put it in an empty --state folder as {}",
+                store.describe(),
+                to.display(),
+                bytes as f64 / (1024.0 * 1024.0),
+                crate::store::sqlite::STORE_FILE
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("hookrelay backup: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `hookrelay cancel`: stops a waiting or retrying trigger, or every one of a project.
 pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget) -> ExitCode {
     match crate::outbox::cancel_offline(store, target) {

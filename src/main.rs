@@ -114,6 +114,15 @@ enum Command {
         #[arg(value_name = "TRIGGER", required_unless_present = "project")]
         id: Option<String>,
     },
+    /// Copy the delivery store to a file, beside a running relay (SQLite; PostgreSQL is
+    /// backed up with pg_dump).
+    Backup {
+        #[command(flatten)]
+        state: StateArg,
+        /// The file to write: a new one, private to its owner, whole in itself.
+        #[arg(value_name = "FILE")]
+        to: PathBuf,
+    },
     /// Show what hookrelay makes of a webhook payload file, offline.
     Explain {
         #[command(flatten)]
@@ -303,6 +312,10 @@ fn main() -> ExitCode {
         } => commands::replan(&config.path, &state.state_dir, state.store.as_deref(), &id),
         Command::Replay { state, id, .. } => match state.location("replay") {
             Ok(store) => commands::replay(&store, &id),
+            Err(code) => code,
+        },
+        Command::Backup { state, to } => match state.location("backup") {
+            Ok(store) => commands::backup(&store, &to),
             Err(code) => code,
         },
         Command::Cancel {

@@ -1276,3 +1276,60 @@ async fn terminal_escape_codes_from_payloads_are_shown_never_obeyed() {
     assert_eq!(code, Some(0));
     assert!(lines.iter().all(|l| !l.contains('\u{1b}')));
 }
+
+/// `hookrelay backup` copies the store beside the running relay into a new private file
+/// that is a whole store by itself: put in an empty state folder, it lists what the relay
+/// had. It never overwrites a file, and a PostgreSQL store is sent to pg_dump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_copies_the_store_beside_a_running_relay() {
+    use std::os::unix::fs::PermissionsExt;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    let state = dir.path().join("state");
+    let reply = github_tag(&address, "s3cret-for-the-tests").await;
+    assert_eq!(reply.status, 202);
+    let delivery = reply.json()["delivery"].as_str().unwrap().to_owned();
+
+    let copy = dir.path().join("copy.sqlite3");
+    let args = [
+        "backup",
+        "--state",
+        state.to_str().unwrap(),
+        copy.to_str().unwrap(),
+    ];
+    let output = hookrelay(&args);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("copied to"));
+    let mode = std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "it holds every webhook body");
+    let again = hookrelay(&args);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+
+    let restored = dir.path().join("restored");
+    std::fs::create_dir(&restored).unwrap();
+    std::fs::copy(&copy, restored.join("hookrelay.sqlite3")).unwrap();
+    let output = hookrelay(&["deliveries", "--state", restored.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && table.contains(&delivery),
+        "{table}"
+    );
+
+    let output = Command::new(BIN)
+        .args(["backup", dir.path().join("pg.sqlite3").to_str().unwrap()])
+        .env("HOOKRELAY_STORE_URL", "postgres://hr@127.0.0.1:1/hr")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("pg_dump"));
+    let (code, _) = served.terminate();
+    assert_eq!(code, Some(0));
+}

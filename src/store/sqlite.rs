@@ -229,6 +229,42 @@ impl SqliteEngine {
     }
 }
 
+/// Writes a consistent copy of a state folder's store to `to`, beside a running relay
+/// (`hookrelay backup`): SQLite's `VACUUM INTO` reads one snapshot while the relay goes on
+/// writing, and the copy is compact and whole in one file, ready to be a state folder's
+/// `hookrelay.sqlite3`. `to` must not exist; it is created `0600` (it holds every webhook
+/// body), and removed again if the copy fails. Returns the copy's size in bytes.
+pub fn backup(state_dir: &Path, to: &Path) -> Result<u64, EngineError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let engine = SqliteEngine::open_existing(state_dir)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(super::private::FILE_MODE)
+        .open(to)
+        .map_err(|err| {
+            EngineError::refused(match err.kind() {
+                std::io::ErrorKind::AlreadyExists => {
+                    format!("{} exists already; name a new file", to.display())
+                }
+                _ => format!("cannot create {}: {err}", to.display()),
+            })
+        })?;
+    let copied = engine
+        .conn
+        .execute("VACUUM INTO ?1", params![to.to_string_lossy()])
+        .map_err(error)
+        .and_then(|_| {
+            std::fs::metadata(to)
+                .map(|meta| meta.len())
+                .map_err(|err| EngineError::failed(format!("{}: {err}", to.display())))
+        });
+    if copied.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    copied
+}
+
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
