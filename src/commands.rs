@@ -767,7 +767,12 @@ pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget) -> Ex
             ExitCode::SUCCESS
         }
         Ok(ids) => {
-            let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            // A project's backlog may be thousands: the first few ids name it well enough.
+            const SHOWN: usize = 20;
+            let mut list: Vec<String> = ids.iter().take(SHOWN).map(ToString::to_string).collect();
+            if ids.len() > SHOWN {
+                list.push(format!("… ({} more)", ids.len() - SHOWN));
+            }
             let what = match target {
                 crate::outbox::CancelTarget::Trigger(_) => format!("cancelled {target}"),
                 _ => format!(
