@@ -509,3 +509,47 @@ async fn idle_sockets_cannot_take_every_descriptor_from_signed_webhooks() {
         lines.join("\n")
     );
 }
+
+/// `hookrelay backup` onto a full disk fails with the file and the reason, and leaves
+/// nothing behind: neither the file it created nor the journal SQLite kept beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_onto_a_full_disk_fails_and_leaves_nothing_behind() {
+    let target = match Tmpfs::mount("1m") {
+        Ok(target) => target,
+        Err(reason) => {
+            assert!(
+                std::env::var_os("HOOKRELAY_REQUIRE_TMPFS").is_none(),
+                "HOOKRELAY_REQUIRE_TMPFS is set but no tmpfs could be mounted: {reason}"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs for the backup test ({reason}); run as root");
+            return;
+        }
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let mut served = serve_in(dir.path());
+    let reply = github_tag(&served.address(), "s3cret-for-the-tests").await;
+    assert_eq!(reply.status, 202);
+    let filler = fill(&target.path);
+    let copy = target.path.join("copy.sqlite3");
+    let state = dir.path().join("state");
+    let output = Command::new(BIN)
+        .args(["backup", "--state", state.to_str().unwrap()])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("writing {}", copy.display())) && stderr.contains("full"),
+        "{stderr}"
+    );
+    let left: Vec<PathBuf> = std::fs::read_dir(&target.path)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![filler], "nothing but the filler is left");
+    let (code, _) = served.terminate();
+    assert_eq!(code, Some(0));
+}

@@ -253,14 +253,19 @@ pub fn backup(state_dir: &Path, to: &Path) -> Result<u64, EngineError> {
     let copied = engine
         .conn
         .execute("VACUUM INTO ?1", params![to.to_string_lossy()])
-        .map_err(error)
+        .map_err(|err| EngineError::failed(format!("writing {}: {err}", to.display())))
         .and_then(|_| {
             std::fs::metadata(to)
                 .map(|meta| meta.len())
                 .map_err(|err| EngineError::failed(format!("{}: {err}", to.display())))
         });
     if copied.is_err() {
-        let _ = std::fs::remove_file(to);
+        // The file was new, and so is the journal SQLite kept beside it while writing.
+        for suffix in ["", "-journal", "-wal", "-shm"] {
+            let mut path = to.as_os_str().to_owned();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
     }
     copied
 }
