@@ -1,5 +1,6 @@
-//! Faults, for real: a second relay on the same state folder, and a full disk under a
-//! running relay (a small tmpfs as `--state`, filled and then freed).
+//! Faults, for real: a second relay on the same state folder, a full disk under a
+//! running relay (a small tmpfs as `--state`, filled and then freed), and a backup onto a
+//! full disk.
 //!
 //! The full-disk test mounts a tmpfs, which needs root. Where mounting is impossible it
 //! says so on standard error and returns without checking anything; CI sets
