@@ -85,6 +85,59 @@ pub struct App {
     pub admin: std::sync::OnceLock<crate::config::admin::AdminConfig>,
     /// The dashboard's certificate when it serves HTTPS; renewed at each reload.
     pub admin_tls: std::sync::OnceLock<Arc<crate::tls::ServerCertificate>>,
+    /// The settings a reload cannot change, as the files said them at start (before
+    /// `--listen` and the like): a reload that changes them says they wait for a restart.
+    pub restart_only: std::sync::OnceLock<RestartOnly>,
+}
+
+/// The settings of the configuration files that take effect only at the next start: the
+/// listener, its limits and event loops, the dashboard's address, the store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestartOnly {
+    settings: Vec<(&'static str, String)>,
+}
+
+impl RestartOnly {
+    pub fn of(config: &Config) -> RestartOnly {
+        let server = &config.server;
+        let admin = config.admin.as_ref();
+        RestartOnly {
+            settings: vec![
+                ("[server] listen", server.listen.to_string()),
+                ("[server] max_body", server.max_body.to_string()),
+                ("[server] body_memory", server.body_memory.to_string()),
+                (
+                    "[server] max_connections",
+                    format!("{:?}", server.max_connections),
+                ),
+                ("[server] event_loops", format!("{:?}", server.event_loops)),
+                (
+                    "[server] read_timeout",
+                    format!("{:?}", server.read_timeout),
+                ),
+                (
+                    "[server] shutdown_timeout",
+                    format!("{:?}", server.shutdown_timeout),
+                ),
+                ("[admin]", admin.map_or("off".into(), |_| "on".into())),
+                ("[admin] listen", format!("{:?}", admin.map(|a| a.listen))),
+                (
+                    "[store] url",
+                    format!("{:?}", config.store.as_ref().map(|s| &s.url)),
+                ),
+            ],
+        }
+    }
+
+    /// The settings `now` has changed, by name.
+    pub fn changed(&self, now: &RestartOnly) -> Vec<&'static str> {
+        self.settings
+            .iter()
+            .zip(&now.settings)
+            .filter(|(was, is)| was.1 != is.1)
+            .map(|(was, _)| was.0)
+            .collect()
+    }
 }
 
 impl App {
@@ -123,6 +176,7 @@ impl App {
             holds: Default::default(),
             admin: std::sync::OnceLock::new(),
             admin_tls: std::sync::OnceLock::new(),
+            restart_only: std::sync::OnceLock::new(),
             turned_away: std::sync::Mutex::new(crate::limits::Throttle::new(
                 std::time::Duration::from_secs(1),
             )),
@@ -187,6 +241,15 @@ impl App {
                 .map_err(|err| err.to_string())?,
         );
         self.renew_certificate(&runtime.config.server);
+        if let Some(started) = self.restart_only.get() {
+            let changed = started.changed(&RestartOnly::of(&runtime.config));
+            if !changed.is_empty() {
+                tracing::warn!(
+                    settings = changed.join(", "),
+                    "changed settings take effect at the next start; the relay keeps running with those it started with"
+                );
+            }
+        }
         if let (Some(current), Some(files)) = (
             self.admin_tls.get(),
             runtime.config.admin.as_ref().and_then(|a| a.tls.as_ref()),
@@ -226,5 +289,44 @@ impl App {
 
     pub fn config_path(&self) -> Option<&Path> {
         self.config_path.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.toml"), text).unwrap();
+        crate::config::load_with_env(dir.path(), &|_| None).unwrap()
+    }
+
+    /// What a reload cannot change is named when a file changes it, and nothing else is.
+    #[test]
+    fn settings_that_wait_for_a_restart_are_named_when_they_change() {
+        let base = "[upstream.gitlab]\nurl = \"https://gitlab.example.com\"\n";
+        let started = RestartOnly::of(&config(base));
+        assert!(
+            started
+                .changed(&RestartOnly::of(&config(&format!(
+                    "{base}[upstream.other]\nurl = \"https://other.example.com\"\n"
+                ))))
+                .is_empty(),
+            "upstreams are reloaded"
+        );
+        let changed = started.changed(&RestartOnly::of(&config(&format!(
+            "[server]\nlisten = \"127.0.0.1:9999\"\nread_timeout = \"20s\"\n{base}\
+             [admin]\nlisten = \"127.0.0.1:9998\"\n"
+        ))));
+        assert_eq!(
+            changed,
+            [
+                "[server] listen",
+                "[server] read_timeout",
+                "[admin]",
+                "[admin] listen"
+            ]
+        );
     }
 }

@@ -226,6 +226,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
+    // As the files say them, before the command line's overrides: what a reload compares.
+    let restart_only = crate::app::RestartOnly::of(&config);
     if let Some(listen) = options.listen {
         config.server.listen = listen;
     }
@@ -292,6 +294,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         options.dry_run,
     )
     .context("setting up the relay (upstream clients, the listener's certificate)")?;
+    let _ = app.restart_only.set(restart_only);
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;

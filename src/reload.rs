@@ -5,8 +5,10 @@
 //! in flight finish on the snapshot they started with. Changes are found by polling the
 //! files' sizes and modification times, which works the same on every file system
 //! (including network mounts and container volumes, where change notifications are not
-//! delivered). `[server]` settings (listen address, limits) apply at the next start, but
-//! for the listener's certificate, which is read again (and watched) like the rules.
+//! delivered). `[server]` settings (listen address, limits), `[admin]` and `[store]` apply
+//! at the next start, and a reload that changes them says so
+//! ([`crate::app::RestartOnly`]), but for the listener's certificate, which is read again
+//! (and watched) like the rules.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

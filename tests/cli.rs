@@ -636,6 +636,16 @@ async fn serve_reloads_on_file_changes_and_sighup_and_keeps_running_rules_on_err
     assert_eq!(scheduled.json()["variables"]["WHY"], "every-second");
     assert_eq!(scheduled.json()["ref"], "main");
 
+    // A setting only a restart applies is named, and the rest of the file is used.
+    write(
+        dir.path(),
+        "50-server.toml",
+        "[server]\nread_timeout = \"20s\"\n",
+    );
+    let line = served.wait_for("take effect at the next start");
+    assert!(line.contains("[server] read_timeout"), "{line}");
+    assert!(!line.contains("listen"), "--listen is not a change: {line}");
+
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }
