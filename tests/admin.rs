@@ -314,6 +314,12 @@ async fn a_trigger_waiting_behind_another_says_which() {
 
     let list = send("GET", &url("/deliveries"), &[], "").await.text();
     assert!(list.contains(&format!("after #{head}")), "{list}");
+    let health = send("GET", &url("/health"), &[], "").await.text();
+    assert!(
+        health.contains("<dd>2 triggers, status posts and polls, none overdue</dd>")
+            || health.contains("<dd>2 triggers, status posts and polls (the longest overdue by"),
+        "{health}"
+    );
     let page = send("GET", &url("/deliveries/second"), &[], "")
         .await
         .text();
