@@ -42,7 +42,7 @@ pub(super) fn compile(
     raw: RawGateway,
     origin: &Origin,
     upstreams: &[String],
-    broken: &[&str],
+    broken: &std::collections::BTreeSet<String>,
     problems: &mut Vec<Problem>,
 ) -> Option<GatewayConfig> {
     let line_problem = |message: String| Problem {
@@ -110,7 +110,7 @@ pub(super) fn compile(
     let known = upstreams.join(", ");
     match upstream.map(Spanned::into_inner) {
         Some(name) if upstreams.contains(&name) => Some(gateway(name)),
-        Some(name) if broken.contains(&name.as_str()) => None,
+        Some(name) if broken.contains(&name) => None,
         Some(name) => {
             problems.push(line_problem(format!(
                 "[gateway] upstream = {name:?} names no [upstream.{name}] section (defined: {})",

@@ -156,10 +156,10 @@ struct Builder {
     gateway: Option<(gateway::RawGateway, Origin)>,
     admin: Option<(Option<admin::AdminConfig>, Origin)>,
     sources: BTreeMap<String, (SourceConfig, Origin)>,
-    /// `[upstream.NAME]` and `[source.NAME]` sections (as `upstream.NAME`) that are
-    /// there but had problems of their own: what names them is not told again that
-    /// nothing is defined by that name.
-    broken: BTreeSet<String>,
+    /// `[upstream.NAME]` and `[source.NAME]` sections that are there but had problems of
+    /// their own: what names them is not told again that nothing is defined by that name.
+    broken_upstreams: BTreeSet<String>,
+    broken_sources: BTreeSet<String>,
     rules: Vec<rule::PendingRule>,
     delivery: Option<(DeliveryConfig, Origin)>,
     /// `[store]` as read (`None` inside: it had problems), and where.
@@ -315,24 +315,21 @@ impl Builder {
         problems: &mut FileProblems<'_>,
     ) {
         let defined = |name: &str| self.upstreams.get(name).map(|(_, origin)| origin.clone());
-        let mut broken = Vec::new();
         let tables = named_tables::<upstream::RawUpstream>(
             "upstream",
             value,
             file,
             &defined,
-            &mut broken,
+            &mut self.broken_upstreams,
             problems,
         );
         for (name, raw, origin) in tables {
             let secrets = self.resolve_secrets.then_some(env);
             match upstream::compile(&name, raw, env, secrets, problems) {
                 Some(upstream) => _ = self.upstreams.insert(name, (upstream, origin)),
-                None => broken.push(name),
+                None => _ = self.broken_upstreams.insert(name),
             }
         }
-        self.broken
-            .extend(broken.into_iter().map(|name| format!("upstream.{name}")));
     }
 
     fn read_sources(
@@ -344,13 +341,12 @@ impl Builder {
     ) {
         let defined = |name: &str| self.sources.get(name).map(|(_, origin)| origin.clone());
         let env = self.resolve_secrets.then_some(env);
-        let mut broken = Vec::new();
         let tables = named_tables::<source::RawSource>(
             "source",
             value,
             file,
             &defined,
-            &mut broken,
+            &mut self.broken_sources,
             problems,
         );
         for (name, raw, origin) in tables {
@@ -363,16 +359,14 @@ impl Builder {
                         "[source.{name}]: `{name}` names hookrelay's own records in the store; choose another name"
                     ),
                 });
-                broken.push(name);
+                self.broken_sources.insert(name);
                 continue;
             }
             match source::compile_source(&name, raw, env, problems) {
                 Some(compiled) => _ = self.sources.insert(name, (compiled, origin)),
-                None => broken.push(name),
+                None => _ = self.broken_sources.insert(name),
             }
         }
-        self.broken
-            .extend(broken.into_iter().map(|name| format!("source.{name}")));
     }
 
     fn read_delivery(
@@ -468,7 +462,7 @@ impl Builder {
             .cloned()
             .collect::<Vec<_>>()
             .join(", ");
-        let broken_upstreams = self.broken.iter().any(|name| name.starts_with("upstream."));
+        let broken_upstreams = !self.broken_upstreams.is_empty();
         for pending in std::mem::take(&mut self.rules) {
             let mut spec = pending.spec;
             let mut problem = |line: usize, message: String| {
@@ -503,7 +497,7 @@ impl Builder {
             }
             if let Some(source) = &spec.source
                 && !self.sources.contains_key(source)
-                && self.broken.contains(&format!("source.{source}"))
+                && self.broken_sources.contains(source)
             {
                 // Its own problems are reported where it is.
                 ok = false;
@@ -527,7 +521,7 @@ impl Builder {
                     // Its own problems are reported where it is.
                     Some((name, _))
                         if !self.upstreams.contains_key(&name)
-                            && self.broken.contains(&format!("upstream.{name}")) =>
+                            && self.broken_upstreams.contains(&name) =>
                     {
                         ok = false
                     }
@@ -630,7 +624,7 @@ impl Builder {
         for (name, (source, origin)) in &self.sources {
             if let Some(upstream) = &source.pipelines_of
                 && !self.upstreams.contains_key(upstream)
-                && !self.broken.contains(&format!("upstream.{upstream}"))
+                && !self.broken_upstreams.contains(upstream)
             {
                 self.problems.push(Problem {
                     file: origin.file.clone(),
@@ -644,12 +638,13 @@ impl Builder {
         }
         let gateway = self.gateway.take().and_then(|(raw, origin)| {
             let upstreams: Vec<String> = self.upstreams.keys().cloned().collect();
-            let broken: Vec<&str> = self
-                .broken
-                .iter()
-                .filter_map(|name| name.strip_prefix("upstream."))
-                .collect();
-            gateway::compile(raw, &origin, &upstreams, &broken, &mut self.problems)
+            gateway::compile(
+                raw,
+                &origin,
+                &upstreams,
+                &self.broken_upstreams,
+                &mut self.problems,
+            )
         });
         if !self.problems.is_empty() {
             // Tables are read in key order; report in the order of the files' lines.
@@ -694,7 +689,7 @@ fn named_tables<R: DeserializeOwned>(
     value: Spanned<DeValue<'_>>,
     file: &Path,
     defined: &dyn Fn(&str) -> Option<Origin>,
-    broken: &mut Vec<String>,
+    broken: &mut BTreeSet<String>,
     problems: &mut FileProblems<'_>,
 ) -> Vec<(String, R, Origin)> {
     let span = value.span();
@@ -717,7 +712,7 @@ fn named_tables<R: DeserializeOwned>(
             continue;
         }
         let Some(raw) = section::<R>(value, problems) else {
-            broken.push(name);
+            broken.insert(name);
             continue;
         };
         if let Some(first) = defined(&name) {
