@@ -127,15 +127,13 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
     let (status, body) = match err {
         // Under GitLab's API the body has GitLab's own `error` too, as its catch-all route
         // answers, for clients that read it.
-        ApiError::NotFound { path, .. } if path.starts_with("/api/v4/") => (
+        ApiError::NotFound { path, .. } if !path.starts_with("/api/v4/") => {
+            (StatusCode::NOT_FOUND, json!({ "message": message }))
+        }
+        ApiError::NotFound { .. } | ApiError::TriggerMethod { .. } => (
             StatusCode::NOT_FOUND,
             json!({ "error": "404 Not Found", "message": message }),
         ),
-        ApiError::TriggerMethod { .. } => (
-            StatusCode::NOT_FOUND,
-            json!({ "error": "404 Not Found", "message": message }),
-        ),
-        ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, json!({ "message": message })),
         ApiError::UnknownSource(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
         ApiError::RateLimited { wait, .. } => {
             let mut response = json_response(
