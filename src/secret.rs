@@ -12,29 +12,26 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
-/// Prefixes that say what kind of token a value is and are no part of its secret: GitLab's
-/// (`glptt-` trigger tokens, `glcbt-` CI job tokens, the kinds the trigger API refuses) and
-/// GitHub's.
-const TYPE_PREFIXES: &[&str] = &[
-    "glptt-",
-    "glcbt-",
-    "glpat-",
-    "gldt-",
-    "glrt-",
-    "GR1348941",
-    "glft-",
-    "gloas-",
-    "glimt-",
-    "glagent-",
-    "glsoat-",
-    "glffct-",
-    "github_pat_",
-    "ghp_",
-    "gho_",
-    "ghu_",
-    "ghs_",
-    "ghr_",
+/// GitLab's token prefixes, with what each token is: no part of its secret, so a mask
+/// keeps it. The trigger API takes the first two; [`crate::trigger::check_trigger_token`]
+/// refuses the others, saying what they are.
+pub const GITLAB_TOKENS: &[(&str, &str)] = &[
+    ("glptt-", "a pipeline trigger token"),
+    ("glcbt-", "a CI job token"),
+    ("glpat-", "a personal, project or group access token"),
+    ("gldt-", "a deploy token"),
+    ("glrt-", "a runner authentication token"),
+    ("GR1348941", "a runner registration token"),
+    ("glft-", "a feed token"),
+    ("gloas-", "an OAuth application secret"),
+    ("glimt-", "an incoming email token"),
+    ("glagent-", "a Kubernetes agent token"),
+    ("glsoat-", "a SCIM token"),
+    ("glffct-", "a feature flags client token"),
 ];
+
+/// GitHub's token prefixes (a status token may be one), kept by a mask as GitLab's are.
+const GITHUB_TOKENS: &[&str] = &["github_pat_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_"];
 
 /// Characters of the secret part a mask shows: enough to tell two tokens apart in a log,
 /// too few to matter (8 bits of a hex token).
@@ -55,10 +52,11 @@ impl Secret {
     /// The value as it may be shown: its type prefix when it has a known one (`glptt-`),
     /// then two characters of the rest when at least 16 follow, then `…`: `glptt-01…`.
     pub fn masked(&self) -> String {
-        let prefix = TYPE_PREFIXES
+        let prefix = GITLAB_TOKENS
             .iter()
-            .find(|prefix| self.0.starts_with(*prefix))
-            .copied()
+            .map(|(prefix, _)| *prefix)
+            .chain(GITHUB_TOKENS.iter().copied())
+            .find(|prefix| self.0.starts_with(prefix))
             .unwrap_or("");
         let rest = &self.0[prefix.len()..];
         let shown: String = match rest.chars().count() >= SHOWN_FROM {
