@@ -903,6 +903,16 @@ mod tests {
                 "waits for 8: one trigger at a time per project and ref, in order".into()
             )
         );
+        let status_behind = crate::outbox::DeliveryRow {
+            kind: Some("status".into()),
+            waits_for: Some(20),
+            ..row(21, "queued")
+        };
+        assert!(
+            row_state(&status_behind)
+                .1
+                .starts_with("waits for 20: one status post at a time per commit and context")
+        );
         let ping = crate::outbox::DeliveryRow {
             trigger_id: None,
             state: None,
@@ -914,16 +924,6 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5, "{text}");
         // Every line has its TRY and NEXT columns where the header has them.
-        let status_behind = crate::outbox::DeliveryRow {
-            kind: Some("status".into()),
-            waits_for: Some(20),
-            ..row(21, "queued")
-        };
-        assert!(
-            row_state(&status_behind)
-                .1
-                .starts_with("waits for 20: one status post at a time per commit and context")
-        );
         let at = |line: &str, what: &str| {
             line.find(what)
                 .unwrap_or_else(|| panic!("{what} in {line}"))
