@@ -104,6 +104,24 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// [`Tmpfs::mount`], or `None` after saying on standard error that `test` is skipped:
+    /// a failure instead where `HOOKRELAY_REQUIRE_TMPFS` is set (CI).
+    fn mount_or_skip(size: &str, test: &str) -> Option<Tmpfs> {
+        match Tmpfs::mount(size) {
+            Ok(tmpfs) => Some(tmpfs),
+            Err(reason) => {
+                assert!(
+                    std::env::var_os("HOOKRELAY_REQUIRE_TMPFS").is_none(),
+                    "HOOKRELAY_REQUIRE_TMPFS is set but no tmpfs could be mounted: {reason}"
+                );
+                eprintln!("SKIPPED: cannot mount a tmpfs for {test} ({reason}); run as root");
+                None
+            }
+        }
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
@@ -131,18 +149,8 @@ async fn ready(address: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicate() {
-    let state = match Tmpfs::mount("3m") {
-        Ok(state) => state,
-        Err(reason) => {
-            assert!(
-                std::env::var_os("HOOKRELAY_REQUIRE_TMPFS").is_none(),
-                "HOOKRELAY_REQUIRE_TMPFS is set but no tmpfs could be mounted: {reason}"
-            );
-            eprintln!(
-                "SKIPPED: cannot mount a tmpfs for the full-disk test ({reason}); run as root"
-            );
-            return;
-        }
+    let Some(state) = Tmpfs::mount_or_skip("3m", "the full-disk test") else {
+        return;
     };
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -515,16 +523,8 @@ async fn idle_sockets_cannot_take_every_descriptor_from_signed_webhooks() {
 /// nothing behind: neither the file it created nor the journal SQLite kept beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_onto_a_full_disk_fails_and_leaves_nothing_behind() {
-    let target = match Tmpfs::mount("1m") {
-        Ok(target) => target,
-        Err(reason) => {
-            assert!(
-                std::env::var_os("HOOKRELAY_REQUIRE_TMPFS").is_none(),
-                "HOOKRELAY_REQUIRE_TMPFS is set but no tmpfs could be mounted: {reason}"
-            );
-            eprintln!("SKIPPED: cannot mount a tmpfs for the backup test ({reason}); run as root");
-            return;
-        }
+    let Some(target) = Tmpfs::mount_or_skip("1m", "the backup test") else {
+        return;
     };
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
