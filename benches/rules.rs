@@ -16,7 +16,7 @@ fn rule(name: String, source: &str, repository: &str) -> RuleSpec {
         name,
         file: PathBuf::from("bench.toml"),
         line: 1,
-        source: Some(source.to_owned()),
+        sources: vec![source.to_owned()],
         repository: Some(Patterns::new(vec![repository.to_owned()]).unwrap()),
         events: vec![EventKind::Push, EventKind::Tag],
         refs: Some(Patterns::new(vec!["main".into(), "release/*".into()]).unwrap()),

@@ -487,33 +487,48 @@ impl Builder {
                 },
             );
             let mut ok = true;
-            if let Some((source, _)) = spec.source.as_ref().and_then(|s| self.sources.get(s))
-                && source.provider.repository_names_ignore_case()
-            {
-                spec.repository = spec
-                    .repository
-                    .take()
-                    .map(crate::rules::Patterns::ignoring_case);
+            // Forges compare repository names ignoring case; a generic source exactly.
+            let mut ignore_case = Vec::new();
+            for source in &spec.sources {
+                if let Some((defined, _)) = self.sources.get(source) {
+                    ignore_case.push((source, defined.provider.repository_names_ignore_case()));
+                } else if self.broken_sources.contains(source) {
+                    // Its own problems are reported where it is.
+                    ok = false;
+                } else {
+                    let known = self.sources.keys().cloned().collect::<Vec<_>>().join(", ");
+                    problem(
+                        pending.source_line,
+                        format!(
+                            "rule {:?}: source {source:?} names no [source.{source}] (defined: {})",
+                            spec.name,
+                            if known.is_empty() { "none" } else { &known }
+                        ),
+                    );
+                    ok = false;
+                }
             }
-            if let Some(source) = &spec.source
-                && !self.sources.contains_key(source)
-                && self.broken_sources.contains(source)
-            {
-                // Its own problems are reported where it is.
-                ok = false;
-            } else if let Some(source) = &spec.source
-                && !self.sources.contains_key(source)
-            {
-                let known = self.sources.keys().cloned().collect::<Vec<_>>().join(", ");
-                problem(
-                    pending.source_line,
-                    format!(
-                        "rule {:?}: source {source:?} names no [source.{source}] (defined: {})",
-                        spec.name,
-                        if known.is_empty() { "none" } else { &known }
-                    ),
-                );
-                ok = false;
+            let exact = ignore_case.iter().find(|(_, ignores)| !ignores);
+            let ignoring = ignore_case.iter().find(|(_, ignores)| *ignores);
+            match (exact, ignoring) {
+                (None, Some(_)) => {
+                    spec.repository = spec
+                        .repository
+                        .take()
+                        .map(crate::rules::Patterns::ignoring_case)
+                }
+                (Some((exact, _)), Some((ignoring, _))) if spec.repository.is_some() => {
+                    problem(
+                        pending.source_line,
+                        format!(
+                            "rule {:?}: `repository` would match {ignoring:?}'s names ignoring case and \
+                             {exact:?}'s exactly (a generic source); write a rule for each",
+                            spec.name
+                        ),
+                    );
+                    ok = false;
+                }
+                _ => {}
             }
             for trigger in pending.triggers {
                 let mut trigger_spec = trigger.spec;

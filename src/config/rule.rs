@@ -18,11 +18,11 @@ use crate::trigger::check_variable_name;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRule {
     name: Spanned<String>,
-    source: Option<Spanned<String>>,
-    repository: Option<Spanned<PatternList>>,
+    source: Option<Spanned<OneOrMany>>,
+    repository: Option<Spanned<OneOrMany>>,
     events: Option<Spanned<Vec<String>>>,
-    refs: Option<Spanned<PatternList>>,
-    refs_exclude: Option<Spanned<PatternList>>,
+    refs: Option<Spanned<OneOrMany>>,
+    refs_exclude: Option<Spanned<OneOrMany>>,
     when: Option<Spanned<String>>,
     schedule: Option<Spanned<String>>,
     timezone: Option<Spanned<String>>,
@@ -42,33 +42,59 @@ pub(super) struct RawTrigger {
     status_context: Option<Spanned<String>>,
 }
 
-/// One glob or a list of them.
-pub(super) struct PatternList(Vec<String>);
+/// One string or a list of them: globs, or the names of sources.
+pub(super) struct OneOrMany(Vec<String>);
 
-impl<'de> Deserialize<'de> for PatternList {
+impl<'de> Deserialize<'de> for OneOrMany {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Visitor;
         impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = PatternList;
+            type Value = OneOrMany;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a glob or a list of globs")
+                f.write_str("a string or a list of strings")
             }
-            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<PatternList, E> {
-                Ok(PatternList(vec![value.to_owned()]))
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![value.to_owned()]))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
-            ) -> Result<PatternList, A::Error> {
+            ) -> Result<OneOrMany, A::Error> {
                 let mut list = Vec::new();
                 while let Some(item) = seq.next_element::<String>()? {
                     list.push(item);
                 }
-                Ok(PatternList(list))
+                Ok(OneOrMany(list))
             }
         }
         deserializer.deserialize_any(Visitor)
     }
+}
+
+/// The names in a rule's `source`: one or more, each once.
+fn source_names(
+    name: &str,
+    list: &Spanned<OneOrMany>,
+    problems: &mut FileProblems<'_>,
+) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for source in &list.get_ref().0 {
+        if names.contains(source) {
+            problems.at(
+                Some(list.span()),
+                format!("rule {name:?}: source {source:?} is listed twice"),
+            );
+        } else {
+            names.push(source.clone());
+        }
+    }
+    if names.is_empty() {
+        problems.at(
+            Some(list.span()),
+            format!("rule {name:?}: `source` is an empty list; name the [source.NAME] whose webhooks it reacts to"),
+        );
+    }
+    names
 }
 
 /// A trigger as read, with the upstream still to be checked against every file.
@@ -101,7 +127,7 @@ pub(super) fn compile_rule(
         );
     }
     let patterns =
-        |field: Option<Spanned<PatternList>>, key: &str, problems: &mut FileProblems<'_>| {
+        |field: Option<Spanned<OneOrMany>>, key: &str, problems: &mut FileProblems<'_>| {
             let field = field?;
             let span = field.span();
             let list = field.into_inner().0;
@@ -175,10 +201,15 @@ pub(super) fn compile_rule(
         ),
         (None, None) => problems.at(
             Some(raw.name.span()),
-            format!("rule {name:?} needs `source = \"NAME\"` (the [source.NAME] whose webhooks it reacts to) or a `schedule`"),
+            format!("rule {name:?} needs `source = \"NAME\"` (the [source.NAME] whose webhooks it reacts to, or a list of them) or a `schedule`"),
         ),
         _ => {}
     }
+    let sources = raw
+        .source
+        .as_ref()
+        .map(|list| source_names(&name, list, problems))
+        .unwrap_or_default();
     let when = raw
         .when
         .map(|w| (w.get_ref().clone(), problems.line(w.span().start)));
@@ -301,7 +332,7 @@ pub(super) fn compile_rule(
             name,
             file: file.to_owned(),
             line,
-            source: raw.source.map(Spanned::into_inner),
+            sources,
             repository,
             events,
             refs,

@@ -548,33 +548,36 @@ fn a_table_defined_twice_suggests_an_array_of_tables() {
     );
 }
 
+/// A push to `main` of `repository`, as if from `source`.
+fn push_event(source: &str, repository: &str) -> crate::event::Event {
+    crate::event::EventContext {
+        provider: crate::event::Provider::Github,
+        source: source.into(),
+        delivery: "d".into(),
+        repository: repository.into(),
+        repository_url: String::new(),
+        repository_web_url: String::new(),
+        pusher: String::new(),
+        payload: std::sync::Arc::new(
+            crate::event::Payload::parsed(bytes::Bytes::from_static(b"{}")).unwrap(),
+        ),
+    }
+    .event(crate::event::RefChange {
+        full_ref: "refs/heads/main".into(),
+        before: "0".repeat(40),
+        after: "abcdef0123456789abcdef0123456789abcdef01".into(),
+        ..crate::event::RefChange::default()
+    })
+    .unwrap()
+}
+
 #[test]
 fn repository_names_follow_each_providers_case_rule() {
     let rules = "[[rule]]\nname = \"forge\"\nsource = \"github\"\nrepository = \"codertocat/hello-world\"\n[rule.trigger]\nproject = \"1\"\ntoken = \"env:T\"\n\
         [[rule]]\nname = \"forge-glob\"\nsource = \"github\"\nrepository = \"codertocat/*\"\n[rule.trigger]\nproject = \"2\"\ntoken = \"env:T\"\n\
         [[rule]]\nname = \"exact\"\nsource = \"other\"\nrepository = \"codertocat/hello-world\"\n[rule.trigger]\nproject = \"3\"\ntoken = \"env:T\"\n";
     let config = load_text(&[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)], SECRETS).unwrap();
-    let event = |source: &str| {
-        crate::event::EventContext {
-            provider: crate::event::Provider::Github,
-            source: source.into(),
-            delivery: "d".into(),
-            repository: "Codertocat/Hello-World".into(),
-            repository_url: String::new(),
-            repository_web_url: String::new(),
-            pusher: String::new(),
-            payload: std::sync::Arc::new(
-                crate::event::Payload::parsed(bytes::Bytes::from_static(b"{}")).unwrap(),
-            ),
-        }
-        .event(crate::event::RefChange {
-            full_ref: "refs/heads/main".into(),
-            before: "0".repeat(40),
-            after: "abcdef0123456789abcdef0123456789abcdef01".into(),
-            ..crate::event::RefChange::default()
-        })
-        .unwrap()
-    };
+    let event = |source: &str| push_event(source, "Codertocat/Hello-World");
     let matched = |source: &str| -> Vec<String> {
         config
             .rules
@@ -597,6 +600,74 @@ fn repository_names_follow_each_providers_case_rule() {
     assert_eq!(
         verdicts[0].1.as_deref(),
         Some("repository: \"Codertocat/Hello-World\" matches none of [\"codertocat/hello-world\"]")
+    );
+}
+
+#[test]
+fn a_rule_may_react_to_several_sources() {
+    let config_text =
+        format!("{GITHUB_AND_GITLAB}[source.gitea]\nprovider = \"gitea\"\nsecret = \"env:S\"\n");
+    let rules = "[[rule]]\nname = \"both\"\nsource = [\"github\", \"gitea\"]\nrepository = \"codertocat/*\"\n[rule.trigger]\nproject = \"1\"\ntoken = \"env:T\"\n";
+    let config = load_text(&[("a.toml", &config_text), ("b.toml", rules)], SECRETS).unwrap();
+    let event = |source: &str| push_event(source, "Codertocat/Hello-World");
+    for source in ["github", "gitea"] {
+        let matched: Vec<&str> = config
+            .rules
+            .matching(&event(source))
+            .iter()
+            .map(|r| r.name())
+            .collect();
+        assert_eq!(matched, ["both"], "from {source}, names ignoring case");
+        assert_eq!(config.rules.count_for_source(source), 1);
+    }
+    assert!(config.rules.matching(&event("other")).is_empty());
+
+    let problems = |rules: &str| {
+        messages(load_text(
+            &[("a.toml", &config_text), ("b.toml", rules)],
+            SECRETS,
+        ))
+    };
+    let rule = |source: &str, repository: &str| {
+        format!(
+            "[[rule]]\nname = \"r\"\nsource = {source}\n{repository}[rule.trigger]\nproject = \"1\"\ntoken = \"env:T\"\n"
+        )
+    };
+    assert_eq!(
+        problems(&rule("[]", "")),
+        [
+            "b.toml:3: rule \"r\": `source` is an empty list; name the [source.NAME] whose webhooks it reacts to"
+        ]
+    );
+    assert_eq!(
+        problems(&rule("[\"github\", \"github\"]", "")),
+        ["b.toml:3: rule \"r\": source \"github\" is listed twice"]
+    );
+    assert_eq!(
+        problems(&rule("[\"github\", \"gitee\"]", "")),
+        [
+            "b.toml:3: rule \"r\": source \"gitee\" names no [source.gitee] (defined: gitea, github, other)"
+        ]
+    );
+    assert_eq!(
+        problems(&rule(
+            "[\"github\", \"other\"]",
+            "repository = \"acme/*\"\n"
+        )),
+        [
+            "b.toml:3: rule \"r\": `repository` would match \"github\"'s names ignoring case and \"other\"'s exactly (a generic source); write a rule for each"
+        ]
+    );
+    // Without `repository`, case does not matter.
+    assert!(
+        load_text(
+            &[
+                ("a.toml", &config_text),
+                ("b.toml", &rule("[\"github\", \"other\"]", ""))
+            ],
+            SECRETS
+        )
+        .is_ok()
     );
 }
 

@@ -123,8 +123,8 @@ pub struct RuleSpec {
     pub name: String,
     pub file: PathBuf,
     pub line: usize,
-    /// The source whose webhooks it reacts to; `None` for a scheduled rule.
-    pub source: Option<String>,
+    /// The sources whose webhooks it reacts to; none for a scheduled rule.
+    pub sources: Vec<String>,
     pub repository: Option<Patterns>,
     pub events: Vec<EventKind>,
     pub refs: Option<Patterns>,
@@ -366,10 +366,12 @@ impl RuleSet {
         }
         let mut index: HashMap<(String, EventKind), Candidates> = HashMap::new();
         for (i, rule) in rules.iter().enumerate() {
-            let Some(source) = &rule.spec.source else {
-                continue;
-            };
-            for kind in &rule.spec.events {
+            for (source, kind) in rule
+                .spec
+                .sources
+                .iter()
+                .flat_map(|source| rule.spec.events.iter().map(move |kind| (source, kind)))
+            {
                 let candidates = index.entry((source.clone(), *kind)).or_default();
                 // Literal names are indexed in lower case; `why_not` then applies each
                 // pattern's own case rule.
@@ -462,7 +464,7 @@ impl RuleSet {
     fn of_source<'a>(&'a self, source: &str) -> impl Iterator<Item = &'a Rule> {
         self.rules
             .iter()
-            .filter(move |rule| rule.spec.source.as_deref() == Some(source))
+            .filter(move |rule| rule.spec.sources.iter().any(|s| s == source))
     }
 
     /// The first reason `rule` does not match `event`.
@@ -695,7 +697,7 @@ mod tests {
             name: name.into(),
             file: PathBuf::from("r.toml"),
             line: 1,
-            source: Some("gh".into()),
+            sources: vec!["gh".into()],
             repository: repository.map(|r| Patterns::new(vec![r.into()]).unwrap()),
             events: events.to_vec(),
             refs: refs.map(|r| Patterns::new(vec![r.into()]).unwrap()),
