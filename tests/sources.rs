@@ -284,7 +284,7 @@ async fn github_signatures() {
         r.json()["message"]
             .as_str()
             .unwrap()
-            .contains("expected a X-Hub-Signature-256 header")
+            .contains("expected the X-Hub-Signature-256 header")
     );
     // SHA-1 alone: refused unless the source opts in.
     let sha1 = &sig.iter().find(|(k, _)| k == "X-Hub-Signature").unwrap().1;

@@ -308,12 +308,7 @@ pub fn missing_proof(source: &SourceConfig, headers: &http::HeaderMap) -> Option
     needed
         .into_iter()
         .find(|any_of| !any_of.iter().any(|name| present(name)))
-        .map(|any_of| {
-            SignatureError::Missing {
-                header: any_of.join(" or "),
-            }
-            .into()
-        })
+        .map(|any_of| SignatureError::missing_any(&any_of).into())
 }
 
 /// A sender's JSON, kept as bytes until something reads it whole; `without_secret` for
@@ -391,14 +386,8 @@ fn verify_sha256_headers(
         )?;
         return Ok(());
     }
-    Err(SignatureError::Missing {
-        header: headers
-            .iter()
-            .map(|(name, _)| *name)
-            .collect::<Vec<_>>()
-            .join(" or "),
-    }
-    .into())
+    let names: Vec<&str> = headers.iter().map(|(name, _)| *name).collect();
+    Err(SignatureError::missing_any(&names).into())
 }
 
 /// The start of an [`EventContext`] for one webhook.

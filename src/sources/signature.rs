@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
     #[error(
-        "no signature: expected a {header} header; check that the webhook is configured with this source's secret"
+        "no signature: expected the {header} header; check that the webhook is configured with this source's secret"
     )]
     Missing { header: String },
     #[error(
@@ -33,6 +33,17 @@ pub enum SignatureError {
         age_seconds: u64,
         tolerance_seconds: u64,
     },
+}
+
+impl SignatureError {
+    /// None of `headers` was sent: "A, B or C".
+    pub fn missing_any(headers: &[&str]) -> SignatureError {
+        let header = match headers.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+            _ => headers.concat(),
+        };
+        SignatureError::Missing { header }
+    }
 }
 
 /// HMAC hash functions senders use.
@@ -251,6 +262,17 @@ mod tests {
     use super::*;
 
     const GITHUB_SECRET: &[u8] = b"It's a Secret to Everybody";
+
+    #[test]
+    fn a_missing_signature_names_the_headers_expected() {
+        let message = |headers: &[&str]| SignatureError::missing_any(headers).to_string();
+        assert!(
+            message(&["X-Hub-Signature"])
+                .starts_with("no signature: expected the X-Hub-Signature header; ")
+        );
+        assert!(message(&["X-Gitea-Signature", "X-Forgejo-Signature", "X-Hub-Signature-256"])
+            .starts_with("no signature: expected the X-Gitea-Signature, X-Forgejo-Signature or X-Hub-Signature-256 header; "));
+    }
 
     #[test]
     fn githubs_published_vector() {
