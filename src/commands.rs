@@ -507,6 +507,13 @@ pub fn deliveries(store: &StoreLocation, filter: &ListFilter, json: bool) -> Exi
             .iter()
             .map(|row| {
                 let mut value = serde_json::to_value(row).expect("rows serialize");
+                // The webhook's answer as an object, not JSON text inside JSON.
+                if let Ok(summary) = serde_json::from_str::<serde_json::Value>(&row.summary) {
+                    value["summary"] = summary;
+                }
+                value["received"] = chrono::DateTime::from_timestamp_millis(row.received_at)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                    .into();
                 let (state, why) = row_state(row);
                 value["shown_state"] = state.into();
                 value["why"] = why.into();

@@ -856,6 +856,21 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     );
     assert!(store.contains("x-github-delivery"));
 
+    // `--json`: the answer as an object, the time also as text.
+    let output = hookrelay(&["deliveries", "--state", state, "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["delivery_id"] == delivery.as_str())
+        .unwrap();
+    assert_eq!(row["summary"]["delivery"], delivery.as_str(), "{row:#}");
+    assert_eq!(row["summary"]["events"][0]["kind"], "tag", "{row:#}");
+    let received = row["received"].as_str().unwrap();
+    assert!(
+        received.len() == 24 && received.ends_with('Z'),
+        "{received}: RFC 3339 in UTC"
+    );
+
     let output = hookrelay(&["replay", "--state", state, "999"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("trigger 999 is not in the store"));
