@@ -132,6 +132,16 @@ pub fn check(path: &Path) -> ExitCode {
                     warning.message
                 );
             }
+            let unusable = unusable_proxies(&config);
+            if !unusable.is_empty() {
+                for problem in &unusable {
+                    eprintln!("{problem}");
+                }
+                eprintln!(
+                    "the configuration is valid, but this environment's proxy settings would stop `serve`"
+                );
+                return ExitCode::FAILURE;
+            }
             println!("{}", summary(&config));
             if !config.warnings.is_empty() {
                 let n = config.warnings.len();
@@ -156,6 +166,46 @@ pub fn check(path: &Path) -> ExitCode {
     }
 }
 
+/// Every address the relay calls (upstreams, and forges for statuses), by what calls it.
+fn called_addresses(config: &Config) -> Vec<(String, String)> {
+    let upstreams = config.upstreams.values().map(|u| {
+        (
+            format!("upstream {:?}", u.name),
+            u.url.to_string().trim_end_matches('/').to_owned(),
+        )
+    });
+    let forges = config.sources.values().filter_map(|s| {
+        let status = s.status.as_ref()?;
+        Some((format!("statuses of {:?}", s.name), status.api_url.clone()))
+    });
+    upstreams.chain(forges).collect()
+}
+
+/// The proxy `url` is called through, as the environment names it.
+fn proxy_of(url: &str) -> Option<crate::outbound::Proxy> {
+    let uri = url.parse().ok()?;
+    crate::outbound::Proxy::for_destination(&uri).ok()?
+}
+
+/// ` via the proxy …` for a summary, or nothing.
+fn via_proxy(url: &str) -> String {
+    proxy_of(url)
+        .map(|proxy| format!(" via the proxy {}", proxy.shown))
+        .unwrap_or_default()
+}
+
+/// Proxies named by the environment that `serve` could not use, one message each.
+fn unusable_proxies(config: &Config) -> Vec<String> {
+    called_addresses(config)
+        .into_iter()
+        .filter_map(|(caller, url)| {
+            let uri = url.parse().ok()?;
+            let reason = crate::outbound::Proxy::for_destination(&uri).err()?;
+            Some(format!("{caller} ({url}): {reason}"))
+        })
+        .collect()
+}
+
 /// A short description of a loaded configuration.
 fn summary(config: &Config) -> String {
     let files: Vec<String> = config
@@ -166,7 +216,10 @@ fn summary(config: &Config) -> String {
     let upstreams: Vec<String> = config
         .upstreams
         .values()
-        .map(|u| format!("{} ({})", u.name, u.url.to_string().trim_end_matches('/')))
+        .map(|u| {
+            let url = u.url.to_string().trim_end_matches('/').to_owned();
+            format!("{} ({url}{})", u.name, via_proxy(&url))
+        })
         .collect();
     let gateway = match &config.gateway {
         Some(gateway) => format!("enabled, forwarding to {}", gateway.upstream),
@@ -179,8 +232,10 @@ fn summary(config: &Config) -> String {
             let mut shown = format!("{} ({}, POST /hooks/{}", s.name, s.provider, s.name);
             if let Some(status) = &s.status {
                 shown.push_str(&format!(
-                    ", statuses to {} with {}",
-                    status.api_url, status.token_ref
+                    ", statuses to {}{} with {}",
+                    status.api_url,
+                    via_proxy(&status.api_url),
+                    status.token_ref
                 ));
             }
             if let Some(upstream) = &s.pipelines_of {
@@ -280,6 +335,11 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     }
     let listen = config.server.listen;
     let summary = StartSummary::of(&config, &options.config);
+    for (caller, url) in called_addresses(&config) {
+        if let Some(proxy) = proxy_of(&url) {
+            tracing::info!(%caller, %url, proxy = %proxy.shown, "calls go through the proxy the environment names (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY; NO_PROXY for exceptions)");
+        }
+    }
     let forwarding = ForwarderOptions {
         workers: config.delivery.workers,
         policy: config.delivery.retry.clone(),

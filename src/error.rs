@@ -201,7 +201,10 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             }
             UpstreamError::Unreachable { .. }
             | UpstreamError::BadResponse { .. }
-            | UpstreamError::Tls { .. } => (StatusCode::BAD_GATEWAY, json!({ "message": message })),
+            | UpstreamError::Tls { .. }
+            | UpstreamError::Proxy { .. } => {
+                (StatusCode::BAD_GATEWAY, json!({ "message": message }))
+            }
             UpstreamError::Busy { .. } => return retry_in_a_second(&message),
         },
     };

@@ -42,6 +42,7 @@ pub mod limits;
 pub mod lingering;
 pub mod log_writer;
 pub mod metrics;
+pub mod outbound;
 pub mod outbox;
 pub mod reload;
 pub mod replan;

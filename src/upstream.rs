@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::UpstreamConfig;
+use crate::outbound::{Outbound, Proxy};
 use crate::trigger::UpstreamCall;
 
 /// Largest answer read from GitLab (a pipeline entity is a few KiB).
@@ -43,6 +44,9 @@ pub enum UpstreamError {
     BadResponse { upstream: String, reason: String },
     #[error("TLS setup for upstream {upstream:?} failed: {reason}")]
     Tls { upstream: String, reason: String },
+    /// The proxy the environment names cannot be used.
+    #[error("upstream {upstream:?}: {reason}")]
+    Proxy { upstream: String, reason: String },
     /// `max_in_flight` calls were already under way and none finished in time.
     #[error(
         "upstream {upstream:?} already has {max_in_flight} calls under way ([upstream.{upstream}] max_in_flight); retry in a second"
@@ -63,7 +67,7 @@ pub struct UpstreamResponse {
     pub latency: Duration,
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<HttpsConnector<Outbound>, Full<Bytes>>;
 
 /// One configured GitLab and its connection pool.
 pub struct Upstream {
@@ -75,7 +79,9 @@ pub struct Upstream {
     /// One pool per event loop, made on first use, so that a loop's calls never wait on
     /// a connection another thread drives ([`crate::event_loops`]).
     loop_clients: Box<[std::sync::OnceLock<Box<HttpsClient>>]>,
-    connector: HttpsConnector<HttpConnector>,
+    connector: HttpsConnector<Outbound>,
+    /// The HTTP proxy calls go through ([`crate::outbound`]).
+    proxy: Option<Proxy>,
     /// Calls in flight, at most `max_in_flight` (`[upstream.NAME]`).
     in_flight: Arc<tokio::sync::Semaphore>,
     max_in_flight: usize,
@@ -116,6 +122,16 @@ impl Upstream {
             reason,
         };
         let tls = crate::tls::client_config(config.ca_file.as_deref()).map_err(tls_error)?;
+        let base = config.url.to_string().trim_end_matches('/').to_owned();
+        let destination: http::Uri = base.parse().map_err(|err| UpstreamError::Proxy {
+            upstream: config.name.clone(),
+            reason: format!("{base} is not a URL hyper can call: {err}"),
+        })?;
+        let proxy =
+            Proxy::for_destination(&destination).map_err(|reason| UpstreamError::Proxy {
+                upstream: config.name.clone(),
+                reason,
+            })?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -124,16 +140,17 @@ impl Upstream {
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(Outbound::new(http, &destination, proxy.as_ref()));
         Ok(Upstream {
             name: config.name.clone(),
-            base: config.url.to_string().trim_end_matches('/').to_owned(),
+            base,
             timeout: config.timeout,
             client: pooled_client(https.clone()),
             loop_clients: (0..crate::event_loops::MAX)
                 .map(|_| std::sync::OnceLock::new())
                 .collect(),
             connector: https,
+            proxy,
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
             max_in_flight: config.max_in_flight,
         })
@@ -220,6 +237,13 @@ impl Upstream {
             );
         if let Some(all) = request.headers_mut() {
             all.extend(headers);
+            // A forwarding proxy (plain http) reads its credentials from every request; a
+            // tunnel's went with its CONNECT.
+            if let Some(authorization) = self.proxy.as_ref().and_then(Proxy::authorization)
+                && !self.base.starts_with("https:")
+            {
+                all.insert(header::PROXY_AUTHORIZATION, authorization.clone());
+            }
         }
         let request = request
             .body(Full::new(body))
@@ -283,17 +307,24 @@ impl Upstream {
                 };
             }
             deepest = current.to_string();
+            if let Some(reason) = crate::outbound::tunnel_refused(&deepest) {
+                deepest = reason.to_owned();
+                break;
+            }
             source = current.source();
         }
         UpstreamError::Unreachable {
             upstream: self.name.clone(),
             url: self.base.clone(),
-            reason: deepest,
+            reason: match &self.proxy {
+                Some(proxy) => format!("{deepest} (through the proxy {})", proxy.shown),
+                None => deepest,
+            },
         }
     }
 }
 
-fn pooled_client(connector: HttpsConnector<HttpConnector>) -> HttpsClient {
+fn pooled_client(connector: HttpsConnector<Outbound>) -> HttpsClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build(connector)

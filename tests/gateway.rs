@@ -867,64 +867,9 @@ async fn shutdown_finishes_in_flight_requests() {
 
 // ---- HTTPS upstreams: a self-hosted GitLab with its own CA. ----
 
-/// An HTTPS upstream on 127.0.0.1:0 whose certificate is signed by a fresh CA; returns
-/// its port and the CA's PEM.
-async fn https_upstream() -> (u16, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let server_config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server_config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(|_request| async {
-                    let mut response = http::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from(TRIGGER_RESPONSE),
-                    ));
-                    *response.status_mut() = http::StatusCode::CREATED;
-                    Ok::<_, std::convert::Infallible>(response)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    (port, ca.pem())
-}
-
 #[tokio::test]
 async fn https_upstream_trusted_through_ca_file() {
-    let (port, ca_pem) = https_upstream().await;
+    let (port, ca_pem) = https_upstream(&["127.0.0.1"]).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
     let config = format!(
@@ -944,7 +889,7 @@ async fn https_upstream_trusted_through_ca_file() {
 
 #[tokio::test]
 async fn https_upstream_with_an_unknown_ca_is_refused() {
-    let (port, _) = https_upstream().await;
+    let (port, _) = https_upstream(&["127.0.0.1"]).await;
     let relay = Relay::start(&format!(
         "[upstream.gitlab]\nurl = \"https://127.0.0.1:{port}\"\n[gateway]\n"
     ))
