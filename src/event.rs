@@ -15,8 +15,10 @@ use serde::Serialize;
 pub enum Provider {
     Github,
     Gitlab,
-    /// Gitea and Forgejo (Forgejo sends Gitea's payloads and headers).
     Gitea,
+    /// Forgejo sends Gitea's payloads and headers (and its own `X-Forgejo-*` names); it is
+    /// read as Gitea is, and named as the configuration names it.
+    Forgejo,
     Gogs,
     BitbucketCloud,
     BitbucketServer,
@@ -32,7 +34,8 @@ impl Provider {
         Some(match name {
             "github" => Provider::Github,
             "gitlab" => Provider::Gitlab,
-            "gitea" | "forgejo" => Provider::Gitea,
+            "gitea" => Provider::Gitea,
+            "forgejo" => Provider::Forgejo,
             "gogs" => Provider::Gogs,
             "bitbucket-cloud" => Provider::BitbucketCloud,
             "bitbucket-server" => Provider::BitbucketServer,
@@ -53,6 +56,7 @@ impl Provider {
             Provider::Github => "github",
             Provider::Gitlab => "gitlab",
             Provider::Gitea => "gitea",
+            Provider::Forgejo => "forgejo",
             Provider::Gogs => "gogs",
             Provider::BitbucketCloud => "bitbucket-cloud",
             Provider::BitbucketServer => "bitbucket-server",

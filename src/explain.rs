@@ -58,6 +58,7 @@ fn event_header(provider: Provider) -> Option<&'static str> {
         Provider::Github => Some("X-GitHub-Event"),
         Provider::Gitlab => Some("X-Gitlab-Event"),
         Provider::Gitea => Some("X-Gitea-Event"),
+        Provider::Forgejo => Some("X-Forgejo-Event"),
         Provider::Gogs => Some("X-Gogs-Event"),
         Provider::BitbucketCloud | Provider::BitbucketServer => Some("X-Event-Key"),
         Provider::Generic => None,

@@ -645,6 +645,18 @@ async fn gitea_and_forgejo_every_fixture() {
         &[("push", "refs/heads/fdsafdsa", Z, "28c3613ae6", None)],
     );
     assert_eq!(r.json()["delivery"], "f-1");
+    // Notes name the sender as the configuration does.
+    let r = deliver_fixture(
+        &relay,
+        "forgejo",
+        "gitea/create_tag.json",
+        &[("X-Forgejo-Event", "create"), ("X-Forgejo-Delivery", "f-2")],
+    )
+    .await;
+    assert_note(
+        &r,
+        "Forgejo also sends a `push` event for a new branch or tag",
+    );
     // Each of Gitea's signature headers works alone; an empty one counts as absent.
     let sig = signed_headers("gitea/push.json");
     for name in [

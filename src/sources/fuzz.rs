@@ -29,7 +29,9 @@ fn events(provider: Provider) -> (&'static str, &'static [&'static str]) {
             "x-gitlab-event",
             &["Push Hook", "Tag Push Hook", "System Hook", "Note Hook"],
         ),
-        Provider::Gitea => ("x-gitea-event", &["push", "create", "delete", "release"]),
+        Provider::Gitea | Provider::Forgejo => {
+            ("x-gitea-event", &["push", "create", "delete", "release"])
+        }
         Provider::Gogs => ("x-gogs-event", &["push", "create", "delete", "fork"]),
         Provider::BitbucketCloud => ("x-event-key", &["repo:push", "pullrequest:created"]),
         Provider::BitbucketServer => (

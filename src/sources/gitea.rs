@@ -90,18 +90,19 @@ pub fn receive(
         event_type: event_type.clone(),
         outcome,
     };
+    // As the configuration names the sender, in notes and errors.
+    let sender = match source.provider {
+        crate::event::Provider::Forgejo => "Forgejo",
+        _ => "Gitea",
+    };
     let outcome = match event_type.as_str() {
         "push" => {
             let payload = payload(payload_bytes.clone(), true);
-            let push: Push = typed(&payload, "Gitea push")?;
+            let push: Push = typed(&payload, &format!("{sender} push"))?;
             let mut ctx = context(source, &delivery, payload.clone());
             push.repository.describe(&mut ctx);
             ctx.pusher = push.pusher.map(User::name).unwrap_or_default();
-            let commits = push
-                .commits
-                .into_iter()
-                .map(Commit::from)
-                .collect();
+            let commits = push.commits.into_iter().map(Commit::from).collect();
             one_event(
                 &ctx,
                 RefChange {
@@ -117,7 +118,7 @@ pub fn receive(
         }
         "delete" => {
             let payload = payload(payload_bytes.clone(), true);
-            let deleted: RefEvent = typed(&payload, "Gitea delete")?;
+            let deleted: RefEvent = typed(&payload, &format!("{sender} delete"))?;
             if deleted.ref_type == "branch" {
                 let mut ctx = context(source, &delivery, payload.clone());
                 deleted.repository.describe(&mut ctx);
@@ -134,16 +135,16 @@ pub fn receive(
                 )?
             } else {
                 Outcome::Skipped(format!(
-                    "Gitea also sends a `push` event (with a zero `after`) when a {} is deleted; hookrelay acts on that `push`",
+                    "{sender} also sends a `push` event (with a zero `after`) when a {} is deleted; hookrelay acts on that `push`",
                     deleted.ref_type
                 ))
             }
         }
-        "create" => Outcome::Skipped(
-            "Gitea also sends a `push` event for a new branch or tag; hookrelay acts on that `push`".into(),
-        ),
+        "create" => Outcome::Skipped(format!(
+            "{sender} also sends a `push` event for a new branch or tag; hookrelay acts on that `push`"
+        )),
         other => Outcome::Skipped(format!(
-            "Gitea event `{other}` is not handled; hookrelay acts on `push` and on `delete` for branches"
+            "{sender} event `{other}` is not handled; hookrelay acts on `push` and on `delete` for branches"
         )),
     };
     Ok(received(outcome))

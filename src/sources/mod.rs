@@ -250,7 +250,7 @@ pub fn receive(
     match source.provider {
         Provider::Github => github::receive(source, request, verification),
         Provider::Gitlab => gitlab::receive(source, request, verification),
-        Provider::Gitea => gitea::receive(source, request, verification),
+        Provider::Gitea | Provider::Forgejo => gitea::receive(source, request, verification),
         Provider::Gogs => gogs::receive(source, request, verification),
         Provider::BitbucketCloud => bitbucket_cloud::receive(source, request, verification),
         Provider::BitbucketServer => bitbucket_server::receive(source, request, verification),
@@ -285,7 +285,7 @@ pub fn missing_proof(source: &SourceConfig, headers: &http::HeaderMap) -> Option
             }
             needed
         }
-        Provider::Gitea => vec![any_of(gitea::SIGNATURE_HEADERS)],
+        Provider::Gitea | Provider::Forgejo => vec![any_of(gitea::SIGNATURE_HEADERS)],
         Provider::Gogs => vec![any_of(gogs::SIGNATURE_HEADERS)],
         Provider::BitbucketCloud => vec![any_of(bitbucket_cloud::SIGNATURE_HEADERS)],
         // Bitbucket Server's connection test comes unsigned, even with a secret.
@@ -419,7 +419,10 @@ fn one_event(
 /// payload (a top-level `secret`), so for those senders it is removed first, from a JSON body
 /// or a form's `payload` field. Other bodies are stored as they came.
 pub fn storable_body(source: &SourceConfig, request: &WebhookRequest<'_>) -> Bytes {
-    if !matches!(source.provider, Provider::Gitea | Provider::Gogs) {
+    if !matches!(
+        source.provider,
+        Provider::Gitea | Provider::Forgejo | Provider::Gogs
+    ) {
         return request.body.clone();
     }
     let strip = |json: &[u8]| -> Option<String> {

@@ -55,7 +55,7 @@ impl Forge {
     pub fn of(provider: Provider) -> Result<Forge, String> {
         match provider {
             Provider::Github => Ok(Forge::Github),
-            Provider::Gitea => Ok(Forge::Gitea),
+            Provider::Gitea | Provider::Forgejo => Ok(Forge::Gitea),
             Provider::BitbucketCloud => Ok(Forge::BitbucketCloud),
             Provider::BitbucketServer => Ok(Forge::BitbucketServer),
             Provider::Gogs => Err("Gogs has no commit-status API (gogs/gogs#4631), so hookrelay cannot report pipelines back to it; remove `status`".into()),
