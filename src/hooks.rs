@@ -68,9 +68,11 @@ pub async fn handle(
     explain_unmatched(&mut reply, runtime, source, unmatched);
     let built = build(&runtime.config, source, &received, planned);
     reply.errors = built.errors;
-    check_upstream_limits(runtime, &built.triggers)
-        .await
-        .map_err(refused)?;
+    if !already_stored_past_limits(app, runtime, source, &received, &built.triggers).await {
+        check_upstream_limits(runtime, &built.triggers)
+            .await
+            .map_err(refused)?;
+    }
     let delivery = webhook_record(source, parts, &request, &received, &reply, built.triggers);
     let accepted = record(app, delivery).await?;
     if matches!(accepted, Accepted::Duplicate { .. }) {
@@ -437,6 +439,34 @@ pub(crate) fn status_target(
 }
 
 /// An upstream limit that rejects refuses the webhook while a project has no room.
+/// Whether the webhook is a repeat of one stored before, looked up only where an upstream
+/// limit would refuse its triggers: a repeat queues nothing, so no limit applies to it and
+/// it is answered as the duplicate it is. Otherwise a sender's redelivery of a webhook that
+/// did its work (GitHub's "Redeliver") read `429`, and spent the project's budget. A store
+/// that cannot be read counts as "not stored"; the record that follows says why.
+async fn already_stored_past_limits(
+    app: &App,
+    runtime: &Runtime,
+    source: &sources::SourceConfig,
+    received: &Received,
+    triggers: &[NewTrigger],
+) -> bool {
+    let limited = triggers.iter().any(|trigger| {
+        runtime
+            .limits
+            .upstream_project(&trigger.upstream)
+            .is_some_and(|l| l.limit.on_limit == crate::limits::OnLimit::Reject)
+    });
+    if !limited {
+        return false;
+    }
+    let (name, delivery) = (source.name.clone(), received.delivery.clone());
+    app.outbox
+        .read_apart(move |engine| engine.is_stored(&name, &delivery))
+        .await
+        .unwrap_or(false)
+}
+
 async fn check_upstream_limits(runtime: &Runtime, triggers: &[NewTrigger]) -> Result<(), ApiError> {
     for trigger in triggers {
         let limiter = runtime.limits.upstream_project(&trigger.upstream);

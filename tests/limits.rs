@@ -200,6 +200,35 @@ async fn a_source_that_rejects_answers_429_once_over_its_rate() {
     assert!(!stored.body.is_empty(), "the body is kept for a replan");
 }
 
+/// A sender's redelivery of a webhook that did its work ("Redeliver" on GitHub) queues
+/// nothing, so a project's rejecting limit neither refuses it nor spends its budget.
+#[tokio::test]
+async fn a_redelivery_is_a_duplicate_not_over_a_rejecting_limit() {
+    let upstream = RecordingUpstream::start().await;
+    let relay = relay(
+        &upstream,
+        "limit = { per_project = \"1/min\", on_limit = \"reject\" }",
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(push(&relay, "d-1").await.status, 202);
+    for _ in 0..3 {
+        let again = push(&relay, "d-1").await;
+        assert_eq!(again.status, 200, "{}", again.text());
+        assert_eq!(again.json()["duplicate"], true, "{}", again.text());
+    }
+    // A new webhook is over the project's limit as before.
+    let refused = push(&relay, "d-2").await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("[upstream.gitlab] limit.per_project (1/min)")
+    );
+}
+
 #[tokio::test]
 async fn a_queueing_limit_accepts_everything_and_paces_the_calls() {
     let upstream = RecordingUpstream::start().await;

@@ -811,6 +811,9 @@ mod tests {
         fn cancel(&mut self, t: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError> {
             self.inner.cancel(t, now)
         }
+        fn is_stored(&mut self, source: &str, id: &str) -> Result<bool, EngineError> {
+            self.inner.is_stored(source, id)
+        }
         fn stored_webhook(&mut self, id: &str) -> Result<Option<StoredWebhook>, EngineError> {
             self.inner.stored_webhook(id)
         }

@@ -1016,6 +1016,8 @@ pub trait Engine: Send + 'static {
     /// moves on; returns their ids. A trigger being sent cannot be stopped.
     fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError>;
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError>;
+    /// Whether `source` sent `delivery_id` before: one seek on the unique index.
+    fn is_stored(&mut self, source: &str, delivery_id: &str) -> Result<bool, EngineError>;
 
     /// Queues work (status posts, polls) under a delivery already recorded, as a
     /// delivery's triggers are queued; returns the new ids.

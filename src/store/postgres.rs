@@ -932,6 +932,17 @@ impl Engine for PostgresEngine {
         .map_err(error)
     }
 
+    fn is_stored(&mut self, source: &str, delivery_id: &str) -> Result<bool, EngineError> {
+        let row = self
+            .client()
+            .query_opt(
+                "SELECT 1 FROM hr_deliveries WHERE source = $1 AND delivery_id = $2",
+                &[&source, &delivery_id],
+            )
+            .map_err(error)?;
+        Ok(row.is_some())
+    }
+
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
         let row = self
             .client()

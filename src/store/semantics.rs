@@ -113,10 +113,16 @@ fn failed() -> Recorded {
 }
 
 pub fn duplicates_are_recorded_once(engine: &mut dyn Engine) {
+    assert!(!engine.is_stored("gh", "a").unwrap());
     assert!(matches!(
         accept(engine, "a", "p", 1),
         Accepted::Queued { .. }
     ));
+    assert!(engine.is_stored("gh", "a").unwrap());
+    assert!(
+        !engine.is_stored("gl", "a").unwrap(),
+        "an id is another source's own"
+    );
     assert!(matches!(
         accept(engine, "a", "p", 2),
         Accepted::Duplicate { .. }

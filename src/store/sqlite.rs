@@ -627,6 +627,13 @@ impl Engine for SqliteEngine {
             .map_err(error)
     }
 
+    fn is_stored(&mut self, source: &str, delivery_id: &str) -> Result<bool, EngineError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM deliveries WHERE source = ?1 AND delivery_id = ?2")
+            .and_then(|mut statement| statement.exists(params![source, delivery_id]))
+            .map_err(error)
+    }
+
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
         self.conn
             .query_row(
