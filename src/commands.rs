@@ -181,15 +181,9 @@ fn called_addresses(config: &Config) -> Vec<(String, String)> {
     upstreams.chain(forges).collect()
 }
 
-/// The proxy `url` is called through, as the environment names it.
-fn proxy_of(url: &str) -> Option<crate::outbound::Proxy> {
-    let uri = url.parse().ok()?;
-    crate::outbound::Proxy::for_destination(&uri).ok()?
-}
-
 /// ` via the proxy …` for a summary, or nothing.
 fn via_proxy(url: &str) -> String {
-    proxy_of(url)
+    crate::outbound::Proxy::shown_for(url)
         .map(|proxy| format!(" via the proxy {}", proxy.shown))
         .unwrap_or_default()
 }
@@ -336,7 +330,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let listen = config.server.listen;
     let summary = StartSummary::of(&config, &options.config);
     for (caller, url) in called_addresses(&config) {
-        if let Some(proxy) = proxy_of(&url) {
+        if let Some(proxy) = crate::outbound::Proxy::shown_for(&url) {
             tracing::info!(%caller, %url, proxy = %proxy.shown, "calls go through the proxy the environment names (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY; NO_PROXY for exceptions)");
         }
     }

@@ -45,6 +45,13 @@ impl Proxy {
         Proxy::from_matcher(&Matcher::from_env(), destination)
     }
 
+    /// [`Proxy::for_destination`] for a configured URL, for what is shown (`check`, the
+    /// dashboard): `None` also when the URL or the proxy cannot be used, which `serve`
+    /// refuses at start with the reason.
+    pub fn shown_for(url: &str) -> Option<Proxy> {
+        Proxy::for_destination(&url.parse().ok()?).ok()?
+    }
+
     fn from_matcher(matcher: &Matcher, destination: &Uri) -> Result<Option<Proxy>, String> {
         if is_loopback(destination.host().unwrap_or_default()) {
             return Ok(None);

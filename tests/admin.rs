@@ -256,6 +256,13 @@ async fn without_the_token_a_remote_viewer_is_sent_to_log_in() {
         send("GET", &url("/api/deliveries"), &[], "").await.status,
         401
     );
+    assert_eq!(
+        send("GET", &url("/api/configuration"), &[], "")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(send("GET", &url("/rules"), &[], "").await.status, 303);
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     let api = send(
         "GET",
@@ -328,4 +335,88 @@ async fn a_trigger_waiting_behind_another_says_which() {
             && page.contains(&format!("waits for {head}: one trigger at a time")),
         "{page}"
     );
+}
+
+/// The rules page and `/api/configuration`: what runs now, tokens by reference and
+/// variables by name only (a value written into a rule may be a secret).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rules_page_shows_what_runs_without_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", SECRET);
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"http://127.0.0.1:9\"\n\
+             [source.github]\nprovider = \"github\"\nsecret = \"file:{0}/secret\"\n\
+             [source.codeberg]\nprovider = \"forgejo\"\nsecret = \"file:{0}/secret\"\n\
+             {ADMIN}\n\
+             [[rule]]\nname = \"releases\"\nsource = [\"github\", \"codeberg\"]\nevents = [\"tag\"]\nrefs = \"v*\"\n\
+             [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"file:{0}/secret\"\n\
+             variables = {{ DEPLOY_KEY = \"literal-value-never-shown\", TAG = \"{{{{ event.ref_name }}}}\" }}\n\
+             [[rule]]\nname = \"nightly\"\nschedule = \"30 2 * * *\"\ntimezone = \"Europe/Berlin\"\n\
+             [rule.trigger]\nproject = \"acme/nightly\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n",
+            dir.path().display()
+        ),
+    );
+    let mut command = Command::new(BIN);
+    command.env("HOOKRELAY_ADMIN_TOKEN", ADMIN_TOKEN);
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    let dashboard = served.dashboard_address();
+
+    let api = send(
+        "GET",
+        &format!("http://{dashboard}/api/configuration"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(api.status, 200, "{}", api.text());
+    let c = api.json();
+    let releases = &c["rules"][0];
+    assert_eq!(releases["name"], "releases");
+    assert_eq!(
+        releases["sources"],
+        serde_json::json!(["github", "codeberg"])
+    );
+    assert_eq!(releases["events"], serde_json::json!(["tag"]));
+    assert_eq!(releases["refs"], serde_json::json!(["v*"]));
+    assert_eq!(
+        releases["triggers"][0]["variables"],
+        serde_json::json!(["DEPLOY_KEY", "TAG"])
+    );
+    let nightly = &c["rules"][1];
+    assert_eq!(nightly["schedule"]["cron"], "30 2 * * *");
+    assert_eq!(nightly["schedule"]["timezone"], "Europe/Berlin");
+    assert!(
+        nightly["schedule"]["next"]
+            .as_str()
+            .unwrap()
+            .contains(":30:00 CE"),
+        "{nightly:#}"
+    );
+    assert_eq!(nightly["triggers"][0]["token"], "env:HOOKRELAY_ADMIN_TOKEN");
+    let codeberg = c["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "codeberg")
+        .unwrap();
+    assert_eq!(codeberg["provider"], "forgejo");
+    assert_eq!(codeberg["rules"], 1);
+    assert_eq!(c["upstreams"][0]["proxy"], Value::Null);
+
+    let page = send("GET", &format!("http://{dashboard}/rules"), &[], "").await;
+    assert_eq!(page.status, 200);
+    let html = page.text();
+    assert!(html.contains("<h3 id=\"rule-releases\">releases"), "{html}");
+    assert!(html.contains("tag from github, codeberg"), "{html}");
+    assert!(html.contains("DEPLOY_KEY, TAG"), "{html}");
+    for text in [&api.text(), &html] {
+        for secret in ["literal-value-never-shown", ADMIN_TOKEN, SECRET] {
+            assert!(!text.contains(secret), "{secret} shown");
+        }
+    }
+    let (code, _) = served.terminate();
+    assert_eq!(code, Some(0));
 }

@@ -318,4 +318,7 @@ async fn a_browser_logs_in_opens_a_delivery_replays_it_and_sees_the_new_attempt(
     driver.open(&format!("{base}/health")).await;
     driver.wait_for_text("GitLab's answers").await;
     driver.screenshot("health").await;
+    driver.open(&format!("{base}/rules")).await;
+    driver.wait_for_text("Upstreams").await;
+    driver.screenshot("rules").await;
 }

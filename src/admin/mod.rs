@@ -63,6 +63,7 @@ fn templates() -> &'static Environment<'static> {
             ("confirm.html", include_str!("templates/confirm.html")),
             ("login.html", include_str!("templates/login.html")),
             ("health.html", include_str!("templates/health.html")),
+            ("rules.html", include_str!("templates/rules.html")),
         ] {
             env.add_template(name, text)
                 .expect("the dashboard's templates compile");
@@ -245,6 +246,7 @@ async fn route(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Respo
         (&Method::GET, ["deliveries"]) => deliveries_page(app, &page, query),
         (&Method::GET, ["deliveries", id]) => delivery_page(app, &page, id),
         (&Method::GET, ["health"]) => render("health.html", &page, json!({ "title": "Health", "h": view::health(app) })),
+        (&Method::GET, ["rules"]) => render("rules.html", &page, json!({ "title": "Rules", "c": view::configuration(app) })),
         (&Method::GET, ["deliveries", id, action @ ("replay" | "replan")]) => {
             let question = if *action == "replay" {
                 format!("Queue every trigger of delivery {id} again, as new triggers?")
@@ -293,6 +295,7 @@ async fn route(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Respo
             Err(message) => json_answer(StatusCode::NOT_FOUND, &json!({ "message": message })),
         },
         (&Method::GET, ["api", "health"]) => json_answer(StatusCode::OK, &view::health(app)),
+        (&Method::GET, ["api", "configuration"]) => json_answer(StatusCode::OK, &view::configuration(app)),
         (&Method::POST, ["api", "deliveries", id, action @ ("replay" | "replan")]) => {
             act(app, &admin, &access, &parts, body, peer, Action::delivery(action, id), true).await
         }

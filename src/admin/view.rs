@@ -414,3 +414,87 @@ pub fn health(app: &App) -> Value {
         "upstreams_down": down,
     })
 }
+
+/// What the relay is configured to do, as it runs now (after the last reload): sources,
+/// upstreams and rules. Secrets by reference only (`env:NAME`), and variables by name
+/// only: a value written into a rule may be one.
+pub fn configuration(app: &App) -> Value {
+    let runtime = app.runtime();
+    let config = &runtime.config;
+    let now = chrono::Utc::now();
+    let shown_patterns =
+        |patterns: &Option<crate::rules::Patterns>| patterns.as_ref().map(|p| p.texts.clone());
+    let rules: Vec<Value> = config
+        .rules
+        .rules()
+        .iter()
+        .map(|rule| {
+            let spec = &rule.spec;
+            let triggers: Vec<Value> = spec
+                .triggers
+                .iter()
+                .map(|trigger| {
+                    json!({
+                        "upstream": trigger.upstream,
+                        "project": trigger.project,
+                        "ref": trigger.git_ref,
+                        "token": trigger.token_ref.to_string(),
+                        "variables": trigger.variables.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+                        "inputs": trigger.inputs.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": spec.name,
+                "place": format!("{}:{}", spec.file.display(), spec.line),
+                "sources": spec.sources,
+                "events": spec.events.iter().map(|kind| kind.as_str()).collect::<Vec<_>>(),
+                "repository": shown_patterns(&spec.repository),
+                "refs": shown_patterns(&spec.refs),
+                "refs_exclude": shown_patterns(&spec.refs_exclude),
+                "when": spec.when.as_ref().map(|(expression, _)| expression),
+                "schedule": spec.schedule.as_ref().map(|schedule| json!({
+                    "cron": schedule.text,
+                    "timezone": schedule.timezone.name(),
+                    "next": schedule.next_after(now).map(|t| format!(
+                        "{} ({})",
+                        t.with_timezone(&schedule.timezone).format("%Y-%m-%d %H:%M:%S %Z"),
+                        t.format("%H:%M:%S UTC")
+                    )),
+                })),
+                "coalesce_seconds": spec.coalesce.map(|window| window.as_secs()),
+                "triggers": triggers,
+            })
+        })
+        .collect();
+    let sources: Vec<Value> = config
+        .sources
+        .values()
+        .map(|source| {
+            json!({
+                "name": source.name,
+                "provider": source.provider.as_str(),
+                "path": format!("/hooks/{}", source.name),
+                "rules": config.rules.count_for_source(&source.name),
+                "statuses_to": source.status.as_ref().map(|status| &status.api_url),
+                "pipeline_events_of": source.pipelines_of,
+            })
+        })
+        .collect();
+    let upstreams: Vec<Value> = config
+        .upstreams
+        .values()
+        .map(|upstream| {
+            let url = upstream.url.to_string().trim_end_matches('/').to_owned();
+            let proxy = crate::outbound::Proxy::shown_for(&url).map(|proxy| proxy.shown);
+            json!({ "name": upstream.name, "url": url, "proxy": proxy })
+        })
+        .collect();
+    json!({
+        "files": config.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        "gateway": config.gateway.as_ref().map(|gateway| &gateway.upstream),
+        "sources": sources,
+        "upstreams": upstreams,
+        "rules": rules,
+    })
+}
