@@ -160,6 +160,11 @@ pub struct Metrics {
     limit_refusals: Family<LimitLabels, Counter>,
     status_posts: Family<StatusLabels, Counter>,
     pipeline_polls: Family<OutcomeLabels, Counter>,
+    /// Whether the last reload took (1) or left the running configuration (0), and when
+    /// the configuration in use was loaded: named as Prometheus names its own, so the
+    /// usual alert on a bad configuration pushed to the relay applies.
+    config_reload_successful: Gauge,
+    config_loaded_at: Gauge,
     /// GitLab's answers per upstream and class (`2xx`, `4xx`, `5xx`, `error`), per minute.
     pub recent_answers: Recent,
     /// Refusals per limit setting, per minute.
@@ -283,6 +288,20 @@ impl Metrics {
             "Polls of GitLab for a pipeline's state, by outcome: changed, unchanged, finished, retried, failed, deferred",
             pipeline_polls.clone(),
         );
+        let config_reload_successful = Gauge::default();
+        config_reload_successful.set(1);
+        registry.register(
+            "config_last_reload_successful",
+            "1 when the last configuration reload took (or none was tried since the start); 0 when it failed and the running configuration stays",
+            config_reload_successful.clone(),
+        );
+        let config_loaded_at = Gauge::default();
+        config_loaded_at.set(unix_seconds());
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration in use was loaded (the start, or the last reload that took), in seconds since 1970",
+            config_loaded_at.clone(),
+        );
         registry.register(
             "build",
             "The relay's version",
@@ -320,6 +339,8 @@ impl Metrics {
             process.max_fds.clone(),
         );
         Metrics {
+            config_reload_successful,
+            config_loaded_at,
             limit_refusals,
             status_posts,
             pipeline_polls,
@@ -370,6 +391,14 @@ impl Metrics {
             "Operations in each such commit, written together (webhooks, records, send outcomes, claims)",
             timings.commit_size.clone(),
         );
+    }
+
+    /// A reload took (`true`) or failed and left the running configuration (`false`).
+    pub fn config_reloaded(&self, took: bool) {
+        self.config_reload_successful.set(i64::from(took));
+        if took {
+            self.config_loaded_at.set(unix_seconds());
+        }
     }
 
     pub fn connection_shed(&self) {
@@ -538,6 +567,13 @@ pub fn sample(scrape: &str, name: &str) -> Option<f64> {
 
 /// The content type of [`Metrics::encode`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Seconds since 1970, now.
+fn unix_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
 
 #[cfg(test)]
 mod tests {

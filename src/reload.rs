@@ -43,7 +43,9 @@ fn fingerprint(path: &Path, app: &App) -> Fingerprint {
 
 /// Reloads now, logging the outcome. Returns whether the new configuration is in use.
 pub fn reload_now(app: &App, why: &str) -> bool {
-    match app.reload() {
+    let result = app.reload();
+    app.metrics.config_reloaded(result.is_ok());
+    match result {
         Ok(runtime) => {
             tracing::info!(
                 why,

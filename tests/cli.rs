@@ -593,6 +593,14 @@ async fn serve_reloads_on_file_changes_and_sighup_and_keeps_running_rules_on_err
     );
     let line = served.wait_for("configuration not reloaded");
     assert!(line.contains("30-broken.toml:2"), "{line}");
+    let metrics = send("GET", &format!("http://{address}/metrics"), &[], "").await;
+    assert!(
+        metrics
+            .text()
+            .contains("\nhookrelay_config_last_reload_successful 0\n"),
+        "an alert can see the failed reload: {}",
+        metrics.text()
+    );
     let reply = github_tag(&address, secret).await;
     assert_eq!(
         reply.json()["triggers"].as_array().unwrap().len(),
@@ -627,6 +635,21 @@ async fn serve_reloads_on_file_changes_and_sighup_and_keeps_running_rules_on_err
         .status()
         .unwrap();
     served.wait_for("why=\"SIGHUP\"");
+    let metrics = send("GET", &format!("http://{address}/metrics"), &[], "").await;
+    assert!(
+        metrics
+            .text()
+            .contains("\nhookrelay_config_last_reload_successful 1\n"),
+        "{}",
+        metrics.text()
+    );
+    assert!(
+        metrics
+            .text()
+            .contains("\nhookrelay_config_last_reload_success_timestamp_seconds 1"),
+        "{}",
+        metrics.text()
+    );
     upstream_saw(&upstream, &["77"]).await;
     let scheduled = upstream
         .received()
