@@ -88,6 +88,19 @@ pub struct App {
     /// The settings a reload cannot change, as the files said them at start (before
     /// `--listen` and the like): a reload that changes them says they wait for a restart.
     pub restart_only: std::sync::OnceLock<RestartOnly>,
+    /// When the configuration in use was loaded, and why the last reload failed if it did:
+    /// the health page shows it.
+    pub reloaded: std::sync::Mutex<Reloaded>,
+}
+
+/// How the configuration in use came to be.
+#[derive(Clone, Debug)]
+pub struct Reloaded {
+    /// When the configuration in use was loaded (milliseconds since 1970).
+    pub loaded_at: i64,
+    /// The last reload, when it failed and left that configuration running: when, and
+    /// its problems.
+    pub failed: Option<(i64, String)>,
 }
 
 /// The settings of the configuration files that take effect only at the next start: the
@@ -177,6 +190,10 @@ impl App {
             admin: std::sync::OnceLock::new(),
             admin_tls: std::sync::OnceLock::new(),
             restart_only: std::sync::OnceLock::new(),
+            reloaded: std::sync::Mutex::new(Reloaded {
+                loaded_at: crate::outbox::now_ms(),
+                failed: None,
+            }),
             turned_away: std::sync::Mutex::new(crate::limits::Throttle::new(
                 std::time::Duration::from_secs(1),
             )),

@@ -45,6 +45,17 @@ fn fingerprint(path: &Path, app: &App) -> Fingerprint {
 pub fn reload_now(app: &App, why: &str) -> bool {
     let result = app.reload();
     app.metrics.config_reloaded(result.is_ok());
+    {
+        let now = crate::outbox::now_ms();
+        let mut reloaded = app.reloaded.lock().expect("never poisoned");
+        match &result {
+            Ok(_) => {
+                reloaded.loaded_at = now;
+                reloaded.failed = None;
+            }
+            Err(problems) => reloaded.failed = Some((now, problems.clone())),
+        }
+    }
     match result {
         Ok(runtime) => {
             tracing::info!(

@@ -420,3 +420,53 @@ async fn the_rules_page_shows_what_runs_without_a_secret() {
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }
+
+/// A reload that failed is on the health page with its problems, until one takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_page_says_when_a_reload_failed_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut served, _address, dashboard) = start(dir.path(), "http://127.0.0.1:9", ADMIN);
+    let health = |dashboard: String| async move {
+        send("GET", &format!("http://{dashboard}/api/health"), &[], "")
+            .await
+            .json()
+    };
+    let before = health(dashboard.clone()).await;
+    assert_eq!(before["configuration"]["reload_failed"], Value::Null);
+    assert!(
+        before["configuration"]["loaded"]
+            .as_str()
+            .unwrap()
+            .ends_with(" UTC")
+    );
+
+    write(
+        dir.path(),
+        "30-broken.toml",
+        "[[rule]]\nname = \"c\"\nsource = \"nowhere\"\n",
+    );
+    served.wait_for("configuration not reloaded");
+    let failed = health(dashboard.clone()).await;
+    let problems = failed["configuration"]["reload_failed"]["problems"].to_string();
+    assert!(
+        problems.contains("30-broken.toml:2: rule \\\"c\\\" needs at least one [rule.trigger]"),
+        "{failed:#}"
+    );
+    let page = send("GET", &format!("http://{dashboard}/health"), &[], "").await;
+    assert!(
+        page.text().contains("failed; the configuration loaded at"),
+        "{}",
+        page.text()
+    );
+
+    std::fs::remove_file(dir.path().join("30-broken.toml")).unwrap();
+    served.wait_for("configuration reloaded");
+    let fixed = health(dashboard).await;
+    assert_eq!(
+        fixed["configuration"]["reload_failed"],
+        Value::Null,
+        "{fixed:#}"
+    );
+    let (code, _) = served.terminate();
+    assert_eq!(code, Some(0));
+}

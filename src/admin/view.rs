@@ -404,7 +404,15 @@ pub fn health(app: &App) -> Value {
         .into_iter()
         .map(|(upstream, left)| json!({ "upstream": upstream, "seconds_left": left.as_secs() }))
         .collect();
+    let reloaded = app.reloaded.lock().expect("never poisoned").clone();
     json!({
+        "configuration": {
+            "loaded": time_text(reloaded.loaded_at),
+            "reload_failed": reloaded.failed.map(|(at, problems)| json!({
+                "at": time_text(at),
+                "problems": problems.lines().collect::<Vec<_>>(),
+            })),
+        },
         "store": app.outbox.health.problem(),
         "outbox_depth": depth,
         "oldest_due_seconds": oldest,
