@@ -196,17 +196,18 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
                     rules.push(serde_json::json!({ "rule": rule.name(), "matched": why_not.is_none(), "reason": why_not }));
                 }
                 for planned in config.rules.plan(event, url_ref.as_ref()) {
-                    triggers.push(match planned.trigger {
-                        Ok(trigger) => serde_json::json!({
-                            "rule": planned.rule,
-                            "upstream": trigger.upstream,
-                            "project": trigger.project.to_string(),
-                            "ref": trigger.git_ref.as_str(),
-                            "token": planned.token_ref.to_string(),
-                            "variables": trigger.variables,
-                            "inputs": trigger.inputs,
-                            "status": hooks::status_target(&config, source, &trigger, &planned.status_context, planned.commit.clone())
-                                .map(|target| serde_json::json!({
+                    triggers.push(match &planned.trigger {
+                        Ok(trigger) => {
+                            let mut call = call_json(&planned, trigger);
+                            call["status"] = hooks::status_target(
+                                &config,
+                                source,
+                                trigger,
+                                &planned.status_context,
+                                planned.commit.clone(),
+                            )
+                            .map(|target| {
+                                serde_json::json!({
                                     "forge": target.forge,
                                     "api_url": target.api_url,
                                     "repository": target.repository,
@@ -214,8 +215,11 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
                                     "context": target.context,
                                     "token": target.token_ref,
                                     "polled": target.poll_after_ms > 0,
-                                })),
-                        }),
+                                })
+                            })
+                            .into();
+                            call
+                        }
                         Err(error) => serde_json::json!({ "rule": planned.rule, "error": error }),
                     });
                 }
@@ -331,30 +335,14 @@ fn write_rules(
                 } else {
                     ""
                 };
-                let base = config
-                    .upstreams
-                    .get(&trigger.upstream)
-                    .map(|u| u.url.to_string().trim_end_matches('/').to_owned())
-                    .unwrap_or_default();
-                let _ = writeln!(
+                write_call(
                     out,
-                    "  POST {base}/api/v4/projects/{}/trigger/pipeline   (rule {}, upstream {})",
-                    trigger.project.encoded(),
-                    plan.rule,
-                    trigger.upstream
+                    config,
+                    &plan.rule,
+                    &plan.token_ref,
+                    &trigger,
+                    ref_origin,
                 );
-                let _ = writeln!(out, "    ref       {}{ref_origin}", trigger.git_ref);
-                let _ = writeln!(
-                    out,
-                    "    token     {}",
-                    token_shown(&trigger.token, &plan.token_ref)
-                );
-                for (key, value) in &trigger.variables {
-                    let _ = writeln!(out, "    variables[{key}] = {value:?}");
-                }
-                for (key, value) in &trigger.inputs {
-                    let _ = writeln!(out, "    inputs[{key}] = {value}");
-                }
                 if let Some(source) = config.sources.get(&event.source)
                     && source.status.is_some()
                 {
@@ -389,6 +377,165 @@ fn write_rules(
             }
         }
     }
+}
+
+/// One trigger call as it would be sent: where, the ref, the token by reference, the
+/// variables and inputs.
+fn write_call(
+    out: &mut String,
+    config: &crate::config::Config,
+    rule: &str,
+    token_ref: &crate::secret::SecretRef,
+    trigger: &crate::trigger::Trigger,
+    ref_origin: &str,
+) {
+    let base = config
+        .upstreams
+        .get(&trigger.upstream)
+        .map(|u| u.url.to_string().trim_end_matches('/').to_owned())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  POST {base}/api/v4/projects/{}/trigger/pipeline   (rule {rule}, upstream {})",
+        trigger.project.encoded(),
+        trigger.upstream
+    );
+    let _ = writeln!(out, "    ref       {}{ref_origin}", trigger.git_ref);
+    let _ = writeln!(
+        out,
+        "    token     {}",
+        token_shown(&trigger.token, token_ref)
+    );
+    for (key, value) in &trigger.variables {
+        let _ = writeln!(out, "    variables[{key}] = {value:?}");
+    }
+    for (key, value) in &trigger.inputs {
+        let _ = writeln!(out, "    inputs[{key}] = {value}");
+    }
+}
+
+/// The calls planned, as JSON (`--json`), without their commit statuses.
+fn call_json(plan: &crate::rules::Planned, trigger: &crate::trigger::Trigger) -> serde_json::Value {
+    serde_json::json!({
+        "rule": plan.rule,
+        "upstream": trigger.upstream,
+        "project": trigger.project.to_string(),
+        "ref": trigger.git_ref.as_str(),
+        "token": plan.token_ref.to_string(),
+        "variables": trigger.variables,
+        "inputs": trigger.inputs,
+    })
+}
+
+/// `explain --schedule RULE`: when a scheduled rule fires next (in its time zone and in
+/// UTC), and the calls it makes then, with `schedule.*` filled in as the scheduler does.
+pub fn explain_schedule(config_path: &Path, name: &str, json: bool) -> Result<String, String> {
+    let config = crate::config::load_without_secrets(config_path)
+        .map_err(|problems| problems.to_string())?;
+    let rules = config.rules.rules();
+    let rule = rules.iter().find(|r| r.name() == name).ok_or_else(|| {
+        let scheduled: Vec<&str> = rules
+            .iter()
+            .filter(|r| r.spec.schedule.is_some())
+            .map(|r| r.name())
+            .collect();
+        format!(
+            "no rule named {name:?} in {}; scheduled rules: {}",
+            config_path.display(),
+            if scheduled.is_empty() {
+                "none".to_owned()
+            } else {
+                scheduled.join(", ")
+            }
+        )
+    })?;
+    let Some(schedule) = &rule.spec.schedule else {
+        return Err(format!(
+            "rule {name:?} has no schedule: it reacts to webhooks of {}; explain a payload with --source",
+            rule.spec.sources.join(", ")
+        ));
+    };
+    let mut times = Vec::new();
+    let mut after = chrono::Utc::now();
+    while times.len() < 5
+        && let Some(next) = schedule.next_after(after)
+    {
+        times.push(next);
+        after = next;
+    }
+    let local = |t: &chrono::DateTime<chrono::Utc>| {
+        t.with_timezone(&schedule.timezone)
+            .format("%Y-%m-%d %H:%M:%S %Z")
+            .to_string()
+    };
+    // The time as the scheduler gives it to templates (`schedule.time`).
+    let planned = times
+        .first()
+        .map(|first| {
+            let shown = first.with_timezone(&schedule.timezone).to_rfc3339();
+            config.rules.plan_scheduled(rule, &shown)
+        })
+        .unwrap_or_default();
+    let place = format!("{}:{}", rule.spec.file.display(), rule.spec.line);
+    if json {
+        let calls: Vec<serde_json::Value> = planned
+            .iter()
+            .map(|plan| match &plan.trigger {
+                Ok(trigger) => call_json(plan, trigger),
+                Err(error) => serde_json::json!({ "rule": plan.rule, "error": error }),
+            })
+            .collect();
+        let answer = serde_json::json!({
+            "rule": rule.name(),
+            "place": place,
+            "schedule": schedule.text,
+            "timezone": schedule.timezone.name(),
+            "next": times.iter().map(|t| t.to_rfc3339()).collect::<Vec<_>>(),
+            "triggers": calls,
+        });
+        return Ok(serde_json::to_string_pretty(&answer).expect("JSON serializes") + "\n");
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "rule        {} ({place})", rule.name());
+    let _ = writeln!(
+        out,
+        "schedule    {} in {}",
+        schedule.text,
+        schedule.timezone.name()
+    );
+    if times.is_empty() {
+        let _ = writeln!(out, "next        never: the schedule names no time to come");
+        return Ok(out);
+    }
+    for (i, time) in times.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{}{}  ({} UTC)",
+            if i == 0 {
+                "next        "
+            } else {
+                "            "
+            },
+            local(time),
+            time.format("%Y-%m-%d %H:%M:%S")
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "trigger calls at {} ({})",
+        local(&times[0]),
+        planned.len()
+    );
+    for plan in &planned {
+        match &plan.trigger {
+            Ok(trigger) => write_call(&mut out, &config, &plan.rule, &plan.token_ref, trigger, ""),
+            Err(error) => {
+                let _ = writeln!(out, "  ✗ rule {}: not sent: {error}", plan.rule);
+            }
+        }
+    }
+    Ok(crate::terminal::escape_controls(&out).into_owned())
 }
 
 /// A token as `explain` shows it: the reference, and the mask when it was read.

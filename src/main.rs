@@ -147,8 +147,11 @@ enum Command {
         /// A `?ref=` as the webhook URL would carry it (overrides every trigger's ref).
         #[arg(long = "ref", value_name = "REF")]
         url_ref: Option<String>,
+        /// Explain a scheduled rule instead: its next times, and the calls it makes then.
+        #[arg(long, value_name = "RULE", conflicts_with_all = ["payload", "delivery", "source", "event", "headers", "url_ref"])]
+        schedule: Option<String>,
         /// The payload file (the webhook's body).
-        #[arg(value_name = "PAYLOAD.json", required_unless_present = "delivery")]
+        #[arg(value_name = "PAYLOAD.json", required_unless_present_any = ["delivery", "schedule"])]
         payload: Option<PathBuf>,
     },
     /// Validate the configuration; print each problem as file:line: message.
@@ -227,6 +230,7 @@ fn main() -> ExitCode {
             payload,
             delivery,
             state,
+            schedule,
         } => {
             let request = hookrelay::explain::ExplainRequest {
                 config: &config.path,
@@ -240,7 +244,11 @@ fn main() -> ExitCode {
                 json,
                 url_ref: url_ref.as_deref(),
             };
-            match hookrelay::explain::explain(&request) {
+            let explained = match &schedule {
+                Some(rule) => hookrelay::explain::explain_schedule(&config.path, rule, json),
+                None => hookrelay::explain::explain(&request),
+            };
+            match explained {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

@@ -328,6 +328,78 @@ project = "9"
 token = "env:HOOKRELAY_TEST_UNSET_TOKEN"
 "#;
 
+/// `explain --schedule`: a scheduled rule's next times in its zone and in UTC, and the
+/// calls it makes, `schedule.*` filled in as the scheduler does.
+#[test]
+fn explain_shows_when_a_schedule_fires_and_what_it_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "rules.toml",
+        &format!(
+            "{RULES}\n[[rule]]\nname = \"nightly\"\nschedule = \"30 2 * * *\"\ntimezone = \"Europe/Berlin\"\n\
+             [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_UNSET_TOKEN\"\n\
+             variables = {{ WHY = \"{{{{ schedule.rule }}}} at {{{{ schedule.time }}}}\" }}\n"
+        ),
+    );
+    let config = dir.path().to_str().unwrap();
+    let output = hookrelay(&["explain", "--config", config, "--schedule", "nightly"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("schedule    30 2 * * * in Europe/Berlin"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches(" 02:30:00 CE").count(),
+        6,
+        "five times and the calls' one: {stdout}"
+    );
+    assert!(
+        stdout.contains("01:30:00 UTC)") || stdout.contains("00:30:00 UTC)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("/api/v4/projects/acme%2Fapp/trigger/pipeline   (rule nightly"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("variables[WHY] = \"nightly at 20"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("T02:30:00+01:00\"") || stdout.contains("T02:30:00+02:00\""),
+        "{stdout}"
+    );
+
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        config,
+        "--schedule",
+        "nightly",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["next"].as_array().unwrap().len(), 5);
+    assert_eq!(json["triggers"][0]["project"], "acme/app");
+
+    let output = hookrelay(&["explain", "--config", config, "--schedule", "pushes"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("rule \"pushes\" has no schedule: it reacts to webhooks of github"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = hookrelay(&["explain", "--config", config, "--schedule", "nope"]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("scheduled rules: nightly"));
+}
+
 #[test]
 fn explain_shows_each_rule_with_the_reason_and_the_calls() {
     let dir = tempfile::tempdir().unwrap();
