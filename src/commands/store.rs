@@ -1,0 +1,466 @@
+//! The commands that read and change the delivery store beside (or without) a running
+//! relay: `deliveries` and its table, `replay`, `replay --replan`, `cancel` and `backup`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::outbox::{ListFilter, ReplayTarget};
+use crate::store::StoreLocation;
+
+/// `hookrelay deliveries`: the newest deliveries and their triggers, from the store.
+pub fn deliveries(store: &StoreLocation, filter: &ListFilter, json: bool) -> ExitCode {
+    let rows = match crate::outbox::list(store, filter) {
+        Ok(rows) => rows,
+        Err(err) => {
+            eprintln!("hookrelay deliveries: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = crate::outbox::now_ms();
+    if json {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|row| {
+                let mut value = serde_json::to_value(row).expect("rows serialize");
+                // The webhook's answer as an object, not JSON text inside JSON.
+                if let Ok(summary) = serde_json::from_str::<serde_json::Value>(&row.summary) {
+                    value["summary"] = summary;
+                }
+                value["received"] = chrono::DateTime::from_timestamp_millis(row.received_at)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                    .into();
+                let (state, why) = row_state(row);
+                value["shown_state"] = state.into();
+                value["why"] = why.into();
+                value["next_attempt"] = next_attempt(row, now).into();
+                value
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("rows serialize")
+        );
+        return ExitCode::SUCCESS;
+    }
+    if rows.is_empty() {
+        println!("no deliveries match");
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", table(&rows, now));
+    ExitCode::SUCCESS
+}
+
+/// The rows as `deliveries` prints them: a column each, as wide as its widest cell.
+fn table(rows: &[crate::outbox::DeliveryRow], now: i64) -> String {
+    let cut = |text: &str, width: usize| {
+        if text.chars().count() > width {
+            format!("{}…", text.chars().take(width - 1).collect::<String>())
+        } else {
+            text.to_owned()
+        }
+    };
+    let header = [
+        "TIME (UTC)",
+        "SOURCE",
+        "DELIVERY",
+        "ID",
+        "RULE",
+        "PROJECT",
+        "REF",
+        "STATUS",
+        "TRY",
+        "NEXT",
+        "LAST ANSWER / WHY",
+    ];
+    let lines: Vec<[String; 11]> = rows
+        .iter()
+        .map(|row| {
+            let time = chrono::DateTime::from_timestamp_millis(row.received_at)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            let (state, why) = row_state(row);
+            [
+                time,
+                cut(&row.source, 20),
+                row.delivery_id.clone(),
+                row.trigger_id.map(|id| id.to_string()).unwrap_or_default(),
+                cut(row.rule.as_deref().unwrap_or(""), 24),
+                cut(row.project.as_deref().unwrap_or(""), 32),
+                cut(row.git_ref.as_deref().unwrap_or(""), 24),
+                state,
+                // A delivery that queued nothing tried nothing, and a gateway call is
+                // its caller's one try, answered as it was made.
+                match row.trigger_id {
+                    Some(_) if row.source != "gateway" => row.attempts.to_string(),
+                    _ => String::new(),
+                },
+                next_attempt(row, now).unwrap_or_default(),
+                why,
+            ]
+            // Delivery ids and GitLab's messages are shown, never obeyed by the terminal.
+            .map(|cell| crate::terminal::escape_controls(&cell).into_owned())
+        })
+        .collect();
+    // Each column as wide as its widest cell (the last one runs on).
+    let mut widths = header.map(|title| title.chars().count());
+    for line in &lines {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let format_line = |cells: [&str; 11]| {
+        let mut line = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            let pad = width.saturating_sub(cell.chars().count());
+            match i {
+                10 => line.push_str(cell),
+                // Numbers to the right.
+                3 | 8 => line.push_str(&format!("{}{cell} ", " ".repeat(pad))),
+                _ => line.push_str(&format!("{cell}{} ", " ".repeat(pad))),
+            }
+        }
+        line.trim_end().to_owned()
+    };
+    let mut text = format_line(header) + "\n";
+    for cells in &lines {
+        text.push_str(&format_line(cells.each_ref().map(String::as_str)));
+        text.push('\n');
+    }
+    text
+}
+
+/// A row's state as shown, and its last answer or why nothing ran. A delivery without a
+/// trigger says which of the reasons it was, from the answer it got.
+pub(crate) fn row_state(row: &crate::outbox::DeliveryRow) -> (String, String) {
+    let Some(state) = row.state.as_deref() else {
+        let summary: serde_json::Value = serde_json::from_str(&row.summary).unwrap_or_default();
+        let note = summary["note"].as_str().unwrap_or_default().to_owned();
+        let first_error = summary["errors"][0]["error"].as_str();
+        let no_events = summary["events"].as_array().is_none_or(Vec::is_empty);
+        let turned_away = &summary["turned_away"];
+        return if let Some(kind) = turned_away["as"].as_str() {
+            let mut reason = turned_away["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            match turned_away["not_recorded_before"].as_u64() {
+                Some(held) if held > 0 => {
+                    reason.push_str(&format!(" ({held} more since the previous record)"))
+                }
+                _ => {}
+            }
+            (kind.to_owned(), reason)
+        } else if let Some(error) = first_error {
+            ("error".into(), error.to_owned())
+        } else if summary.get("pipeline").is_some() {
+            ("pipeline".into(), note)
+        } else if summary.get("admin").is_some() {
+            ("admin".into(), note)
+        } else if row.event_type == "ping" || note.starts_with("ping") {
+            ("ping".into(), note)
+        } else if no_events {
+            ("not handled".into(), note)
+        } else {
+            let why = summary["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find_map(|event| {
+                    let first = &event["rules"][0];
+                    Some(format!(
+                        "{}: {}",
+                        first["rule"].as_str()?,
+                        first["reason"].as_str()?
+                    ))
+                })
+                .unwrap_or(note);
+            ("no match".into(), why)
+        };
+    };
+    // Status posts and polls say so; a trigger's state stands alone.
+    let kind = match row.kind.as_deref() {
+        Some(kind @ ("status" | "poll")) => format!("{kind} "),
+        _ => String::new(),
+    };
+    let state = match (state, row.replay_of, row.coalesced_into) {
+        ("queued", _, _) if row.attempts > 0 => format!("{kind}retrying"),
+        (state, None, None) => format!("{kind}{state}"),
+        (state, _, Some(into)) => format!("{state} into {into}"),
+        (state, Some(of), None) => format!("{kind}{state} (replay of {of})"),
+    };
+    let answer = match (&row.pipeline_url, &row.last_error) {
+        (Some(url), _) if row.state.as_deref() == Some("sent") => url.clone(),
+        (_, Some(error)) => match row.last_status {
+            Some(status) if !error.starts_with(&status.to_string()) => format!("{status}: {error}"),
+            _ => error.clone(),
+        },
+        (Some(url), None) => url.clone(),
+        (None, None) => match row.waits_for {
+            Some(head) => format!(
+                "waits for {head}: {}",
+                match row.kind.as_deref() {
+                    Some("status") => "one status post at a time per commit and context, in order",
+                    Some("poll") => "one poll at a time per pipeline",
+                    _ => "one trigger at a time per project and ref, in order",
+                }
+            ),
+            None => String::new(),
+        },
+    };
+    (state, answer)
+}
+
+/// When a waiting trigger is tried next: `now`, how long until then, or after which
+/// trigger (the one ahead of it for the same upstream, project and ref).
+pub(crate) fn next_attempt(row: &crate::outbox::DeliveryRow, now: i64) -> Option<String> {
+    if row.state.as_deref() != Some("queued") {
+        return None;
+    }
+    if let Some(head) = row.waits_for {
+        return Some(format!("after {head}"));
+    }
+    let wait = row.due_at? - now;
+    Some(if wait <= 0 {
+        "now".into()
+    } else {
+        let seconds = (wait + 999) / 1000;
+        match seconds {
+            s if s < 120 => format!("in {s}s"),
+            s if s < 7200 => format!("in {}m", s / 60),
+            s => format!("in {}h", s / 3600),
+        }
+    })
+}
+
+/// `hookrelay replay --replan`: a stored webhook through the current rules.
+pub fn replan(config: &Path, state: &Path, store: Option<&str>, delivery: &str) -> ExitCode {
+    let delivery = delivery.strip_prefix("delivery:").unwrap_or(delivery);
+    match crate::replan::replan(config, state, store, delivery) {
+        Ok(replanned) => {
+            println!(
+                "delivery {} run through the current rules as delivery {}:",
+                replanned.original, replanned.delivery_id
+            );
+            for (id, rule, project, git_ref) in &replanned.triggers {
+                println!("  trigger {id}: rule {rule} -> project {project}, ref {git_ref}");
+            }
+            println!("a running relay sends them within a second");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!(
+                "hookrelay replay --replan: {}",
+                crate::terminal::escape_controls(&message)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hookrelay backup`: a copy of the SQLite store, taken beside the running relay.
+pub fn backup(store: &StoreLocation, to: &Path) -> ExitCode {
+    let StoreLocation::Folder(state) = store else {
+        eprintln!(
+            "hookrelay backup: the store is a PostgreSQL database ({}); back it up with pg_dump or the database's own backups",
+            store.describe()
+        );
+        return ExitCode::from(2);
+    };
+    match crate::store::sqlite::backup(state, to) {
+        Ok(bytes) => {
+            println!(
+                "{} copied to {} ({:.1} MiB); to restore it, stop the relay and put it in an empty --state folder as {}",
+                store.describe(),
+                to.display(),
+                bytes as f64 / (1024.0 * 1024.0),
+                crate::store::sqlite::STORE_FILE
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("hookrelay backup: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hookrelay cancel`: stops a waiting or retrying trigger, or every one of a project.
+pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget) -> ExitCode {
+    match crate::outbox::cancel_offline(store, target) {
+        Ok(ids) if ids.is_empty() => {
+            println!("{target}: no trigger is waiting; nothing to cancel");
+            ExitCode::SUCCESS
+        }
+        Ok(ids) => {
+            // A project's backlog may be thousands: the first few ids name it well enough.
+            const SHOWN: usize = 20;
+            let mut list: Vec<String> = ids.iter().take(SHOWN).map(ToString::to_string).collect();
+            if ids.len() > SHOWN {
+                list.push(format!("… ({} more)", ids.len() - SHOWN));
+            }
+            let what = match target {
+                crate::outbox::CancelTarget::Trigger(_) => format!("cancelled {target}"),
+                _ => format!(
+                    "cancelled {} of {target}: {}",
+                    match ids.len() {
+                        1 => "1 trigger".to_owned(),
+                        n => format!("{n} triggers"),
+                    },
+                    list.join(", ")
+                ),
+            };
+            println!("{what}; `hookrelay deliveries --status cancelled` lists them");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("hookrelay cancel: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A time for `--since`/`--until`: a duration back from now (`2h`, `30m`), or a UTC time
+/// (`2026-12-02T10:00:00Z`, `2026-12-02 10:00`, `2026-12-02`).
+pub fn parse_time(text: &str, now: i64) -> Result<i64, String> {
+    if let Ok(ago) = crate::config::parse_duration(text) {
+        return Ok(now - ago.as_millis() as i64);
+    }
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(time.timestamp_millis());
+    }
+    for format in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+        if let Ok(time) = chrono::NaiveDateTime::parse_from_str(text, format) {
+            return Ok(time.and_utc().timestamp_millis());
+        }
+    }
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(date
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight exists")
+            .and_utc()
+            .timestamp_millis());
+    }
+    Err(format!(
+        "{text:?} is neither a duration back from now (2h, 30m) nor a UTC time (2026-12-02T10:00:00Z, 2026-12-02 10:00, 2026-12-02)"
+    ))
+}
+
+/// `hookrelay replay ID`: queues a trigger, or every trigger of a delivery, again.
+pub fn replay(store: &StoreLocation, target: &str) -> ExitCode {
+    let target = ReplayTarget::parse(target);
+    match crate::outbox::replay_offline(store, &target) {
+        Ok(ids) => {
+            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            println!(
+                "{target} queued again as trigger {}; a running relay sends it within a second",
+                ids.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("hookrelay replay: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(trigger: i64, state: &str) -> crate::outbox::DeliveryRow {
+        crate::outbox::DeliveryRow {
+            row: trigger,
+            received_at: 1_796_354_760_000,
+            source: "github".into(),
+            delivery_id: format!("d-{trigger}"),
+            event_type: "push".into(),
+            trigger_id: Some(trigger),
+            rule: Some("tags".into()),
+            project: Some("acme/app".into()),
+            git_ref: Some("main".into()),
+            state: Some(state.into()),
+            attempts: 0,
+            last_status: None,
+            last_error: None,
+            pipeline_url: None,
+            replay_of: None,
+            coalesced_into: None,
+            due_at: Some(1_796_354_760_000),
+            waits_for: None,
+            summary: "{}".into(),
+            kind: Some("trigger".into()),
+        }
+    }
+
+    /// A trigger waiting behind its key's head says which one, where it would otherwise
+    /// read "due now" with nothing to say why; a long status keeps the columns in line.
+    #[test]
+    fn the_table_says_what_a_waiting_trigger_waits_for_and_keeps_its_columns() {
+        let now = 1_796_354_770_000;
+        let head = crate::outbox::DeliveryRow {
+            attempts: 3,
+            last_status: Some(503),
+            last_error: Some("upstream says 503".into()),
+            due_at: Some(now + 12_500),
+            ..row(8, "queued")
+        };
+        let behind = crate::outbox::DeliveryRow {
+            waits_for: Some(8),
+            ..row(9, "queued")
+        };
+        let replayed = crate::outbox::DeliveryRow {
+            replay_of: Some(1),
+            attempts: 1,
+            ..row(10, "sent")
+        };
+        assert_eq!(next_attempt(&head, now).as_deref(), Some("in 13s"));
+        assert_eq!(next_attempt(&behind, now).as_deref(), Some("after 8"));
+        assert_eq!(
+            row_state(&behind),
+            (
+                "queued".into(),
+                "waits for 8: one trigger at a time per project and ref, in order".into()
+            )
+        );
+        let status_behind = crate::outbox::DeliveryRow {
+            kind: Some("status".into()),
+            waits_for: Some(20),
+            ..row(21, "queued")
+        };
+        assert!(
+            row_state(&status_behind)
+                .1
+                .starts_with("waits for 20: one status post at a time per commit and context")
+        );
+        let ping = crate::outbox::DeliveryRow {
+            trigger_id: None,
+            state: None,
+            event_type: "ping".into(),
+            summary: r#"{"note":"ping received"}"#.into(),
+            ..row(11, "sent")
+        };
+        let text = table(&[replayed, behind, head, ping], now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        // Every line has its TRY and NEXT columns where the header has them.
+        let at = |line: &str, what: &str| {
+            line.find(what)
+                .unwrap_or_else(|| panic!("{what} in {line}"))
+        };
+        let tries = at(lines[0], "TRY");
+        assert_eq!(&lines[3][tries..tries + 3], "  3", "{text}");
+        assert_eq!(&lines[4][tries..tries + 3], "   ", "nothing tried: {text}");
+        let next = at(lines[0], "NEXT");
+        let why = at(lines[0], "LAST ANSWER / WHY");
+        assert_eq!(
+            at(lines[1], "sent (replay of 1)"),
+            at(lines[0], "STATUS"),
+            "{text}"
+        );
+        assert_eq!(at(lines[2], "after 8"), next, "{text}");
+        assert_eq!(at(lines[2], "waits for 8: one trigger"), why, "{text}");
+        assert_eq!(at(lines[3], "in 13s"), next, "{text}");
+        assert_eq!(at(lines[3], "503: upstream says 503"), why, "{text}");
+    }
+}
