@@ -266,6 +266,15 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_written_without_a_scheme_is_http_as_curl_reads_it() {
+        let destination = Uri::from_static("https://gitlab.com");
+        let proxy = Proxy::from_matcher(&matcher("proxy.internal:3128", ""), &destination)
+            .unwrap()
+            .unwrap();
+        assert_eq!(proxy.shown, "http://proxy.internal:3128");
+    }
+
+    #[test]
     fn no_proxy_hosts_and_unset_variables_go_direct() {
         let destination = Uri::from_static("https://gitlab.internal");
         let proxied = matcher("http://proxy.internal:3128", "gitlab.internal,.corp");
