@@ -42,7 +42,59 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// The proxy the environment names for `destination`, if any.
     pub fn for_destination(destination: &Uri) -> Result<Option<Proxy>, String> {
-        Proxy::from_matcher(&Matcher::from_env(), destination)
+        Proxy::from_variables(&|name| std::env::var(name).ok(), destination)
+    }
+
+    /// [`Proxy::for_destination`] with the variables `lookup` gives, read as curl reads
+    /// them (the upper-case name first). A variable that is set but names no proxy
+    /// hookrelay can read is an error, not a silent direct connection.
+    fn from_variables(
+        lookup: &dyn Fn(&str) -> Option<String>,
+        destination: &Uri,
+    ) -> Result<Option<Proxy>, String> {
+        let first = |names: [&'static str; 2]| {
+            names
+                .into_iter()
+                .find_map(|name| lookup(name).map(|value| (name, value)))
+        };
+        let own = if destination.scheme_str() == Some("https") {
+            first(["HTTPS_PROXY", "https_proxy"])
+        } else {
+            first(["HTTP_PROXY", "http_proxy"])
+        };
+        let all = first(["ALL_PROXY", "all_proxy"]);
+        let no = first(["NO_PROXY", "no_proxy"]).map(|(_, value)| value);
+        let value = |v: &Option<(&str, String)>| v.as_ref().map(|(_, value)| value.clone());
+        let matcher = Matcher::builder()
+            .http(value(&own).unwrap_or_default())
+            .https(value(&own).unwrap_or_default())
+            .all(value(&all).unwrap_or_default())
+            .no(no.clone().unwrap_or_default())
+            .build();
+        let found = Proxy::from_matcher(&matcher, destination)?;
+        if found.is_none() && !is_loopback(destination.host().unwrap_or_default()) {
+            // Set, yet no proxy: a value that is not a URL, unless NO_PROXY exempts the host.
+            let exempt = Matcher::builder()
+                .all("http://probe.invalid:1")
+                .no(no.unwrap_or_default())
+                .build()
+                .intercept(destination)
+                .is_none();
+            let set: Vec<&str> = [&own, &all]
+                .into_iter()
+                .flatten()
+                .filter(|(_, value)| !value.trim().is_empty())
+                .map(|(name, _)| *name)
+                .collect();
+            if !exempt && !set.is_empty() {
+                return Err(format!(
+                    "{} is set but names no proxy hookrelay can read; write http://host:port \
+                     (or http://user:password@host:port), or unset it",
+                    set.join(" and ")
+                ));
+            }
+        }
+        Ok(found)
     }
 
     /// [`Proxy::for_destination`] for a configured URL, for what is shown (`check`, the
@@ -263,6 +315,58 @@ mod tests {
         let authorization = proxy.authorization().unwrap();
         assert!(authorization.is_sensitive());
         assert_eq!(authorization, "Basic cmVsYXk6czNjcmV0LXByb3h5LXB3");
+    }
+
+    #[test]
+    fn a_variable_that_names_no_proxy_is_an_error_not_a_direct_connection() {
+        let destination = Uri::from_static("https://gitlab.com");
+        let with = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let message =
+            Proxy::from_variables(&with(&[("HTTPS_PROXY", "http://")]), &destination).unwrap_err();
+        assert!(
+            message.starts_with("HTTPS_PROXY is set but names no proxy hookrelay can read"),
+            "{message}"
+        );
+        let message = Proxy::from_variables(&with(&[("all_proxy", "::not a url")]), &destination)
+            .unwrap_err();
+        assert!(message.starts_with("all_proxy is set"), "{message}");
+        // Exempted by NO_PROXY, or empty, or for the relay's own machine: direct, no error.
+        for pairs in [
+            &[("HTTPS_PROXY", "http://"), ("NO_PROXY", "gitlab.com")][..],
+            &[("HTTPS_PROXY", "")][..],
+        ] {
+            assert!(
+                Proxy::from_variables(&with(pairs), &destination)
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        assert!(
+            Proxy::from_variables(
+                &with(&[("HTTPS_PROXY", "http://")]),
+                &Uri::from_static("https://127.0.0.1:8443")
+            )
+            .unwrap()
+            .is_none()
+        );
+        // The upper-case name is read first, as curl reads them.
+        let proxy = Proxy::from_variables(
+            &with(&[
+                ("HTTPS_PROXY", "http://upper:3128"),
+                ("https_proxy", "http://lower:3128"),
+            ]),
+            &destination,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(proxy.shown, "http://upper:3128");
     }
 
     #[test]
