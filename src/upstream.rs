@@ -25,28 +25,47 @@ use crate::trigger::UpstreamCall;
 /// Largest answer read from GitLab (a pipeline entity is a few KiB).
 const MAX_RESPONSE: usize = 4 * 1024 * 1024;
 
-/// What went wrong talking to an upstream. Messages name the upstream, never a token.
+/// What a client calls, as messages name it: a configured GitLab, or the forge a
+/// source posts commit statuses to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Called {
+    /// `[upstream.NAME]`.
+    Upstream(String),
+    /// The forge of `[source.NAME]`'s `status`.
+    Forge(String),
+}
+
+impl std::fmt::Display for Called {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Called::Upstream(name) => write!(f, "upstream {name:?}"),
+            Called::Forge(source) => write!(f, "the forge of source {source:?}"),
+        }
+    }
+}
+
+/// What went wrong talking to an upstream or a forge. Messages name it, never a token.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("upstream {upstream:?} ({url}) is unreachable: {reason}")]
+    #[error("{upstream} ({url}) is unreachable: {reason}")]
     Unreachable {
-        upstream: String,
+        upstream: Called,
         url: String,
         reason: String,
     },
-    #[error("upstream {upstream:?} ({url}) did not answer within {after:?}")]
+    #[error("{upstream} ({url}) did not answer within {after:?}")]
     Timeout {
-        upstream: String,
+        upstream: Called,
         url: String,
         after: Duration,
     },
-    #[error("upstream {upstream:?} sent an answer that cannot be read: {reason}")]
-    BadResponse { upstream: String, reason: String },
-    #[error("TLS setup for upstream {upstream:?} failed: {reason}")]
-    Tls { upstream: String, reason: String },
+    #[error("{upstream} sent an answer that cannot be read: {reason}")]
+    BadResponse { upstream: Called, reason: String },
+    #[error("TLS setup for {upstream} failed: {reason}")]
+    Tls { upstream: Called, reason: String },
     /// The proxy the environment names cannot be used.
-    #[error("upstream {upstream:?}: {reason}")]
-    Proxy { upstream: String, reason: String },
+    #[error("{upstream}: {reason}")]
+    Proxy { upstream: Called, reason: String },
     /// `max_in_flight` calls were already under way and none finished in time.
     #[error(
         "upstream {upstream:?} already has {max_in_flight} calls under way ([upstream.{upstream}] max_in_flight); retry in a second"
@@ -72,6 +91,8 @@ type HttpsClient = Client<HttpsConnector<Outbound>, Full<Bytes>>;
 /// One configured GitLab and its connection pool.
 pub struct Upstream {
     pub name: String,
+    /// How messages name what it calls.
+    called: Called,
     base: String,
     timeout: Duration,
     /// For calls made anywhere but on an event loop.
@@ -117,19 +138,24 @@ impl Upstream {
     }
 
     pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+        Upstream::calling(Called::Upstream(config.name.clone()), config)
+    }
+
+    /// A client of `called` (an upstream, or a forge for statuses) with `config`'s settings.
+    pub fn calling(called: Called, config: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
         let tls_error = |reason: String| UpstreamError::Tls {
-            upstream: config.name.clone(),
+            upstream: called.clone(),
             reason,
         };
         let tls = crate::tls::client_config(config.ca_file.as_deref()).map_err(tls_error)?;
         let base = config.url.to_string().trim_end_matches('/').to_owned();
         let destination: http::Uri = base.parse().map_err(|err| UpstreamError::Proxy {
-            upstream: config.name.clone(),
+            upstream: called.clone(),
             reason: format!("{base} is not a URL hyper can call: {err}"),
         })?;
         let proxy =
             Proxy::for_destination(&destination).map_err(|reason| UpstreamError::Proxy {
-                upstream: config.name.clone(),
+                upstream: called.clone(),
                 reason,
             })?;
         let mut http = HttpConnector::new();
@@ -143,6 +169,7 @@ impl Upstream {
             .wrap_connector(Outbound::new(http, &destination, proxy.as_ref()));
         Ok(Upstream {
             name: config.name.clone(),
+            called,
             base,
             timeout: config.timeout,
             client: pooled_client(https.clone()),
@@ -248,7 +275,7 @@ impl Upstream {
         let request = request
             .body(Full::new(body))
             .map_err(|err| UpstreamError::BadResponse {
-                upstream: self.name.clone(),
+                upstream: self.called.clone(),
                 reason: format!("the request cannot be built: {err}"),
             })?;
         let started = Instant::now();
@@ -263,7 +290,7 @@ impl Upstream {
                 .collect()
                 .await
                 .map_err(|err| UpstreamError::BadResponse {
-                    upstream: self.name.clone(),
+                    upstream: self.called.clone(),
                     reason: err.to_string(),
                 })?
                 .to_bytes();
@@ -277,7 +304,7 @@ impl Upstream {
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
-                upstream: self.name.clone(),
+                upstream: self.called.clone(),
                 url: self.base.clone(),
                 after: self.timeout,
             }),
@@ -301,7 +328,7 @@ impl Upstream {
                 && io.kind() == std::io::ErrorKind::TimedOut
             {
                 return UpstreamError::Timeout {
-                    upstream: self.name.clone(),
+                    upstream: self.called.clone(),
                     url: self.base.clone(),
                     after: self.timeout,
                 };
@@ -314,7 +341,7 @@ impl Upstream {
             source = current.source();
         }
         UpstreamError::Unreachable {
-            upstream: self.name.clone(),
+            upstream: self.called.clone(),
             url: self.base.clone(),
             reason: match &self.proxy {
                 Some(proxy) => format!("{deepest} (through the proxy {})", proxy.shown),
@@ -465,7 +492,11 @@ mod tests {
     }
 
     fn upstream(url: &str) -> Upstream {
-        Upstream::new(&crate::config::UpstreamConfig {
+        Upstream::new(&config(url)).unwrap()
+    }
+
+    fn config(url: &str) -> crate::config::UpstreamConfig {
+        crate::config::UpstreamConfig {
             name: "gitlab".into(),
             url: url.parse().unwrap(),
             ca_file: None,
@@ -477,8 +508,7 @@ mod tests {
             read_token: None,
             polls_per_minute: 0,
             poll_interval: Duration::ZERO,
-        })
-        .unwrap()
+        }
     }
 
     async fn post(upstream: &Upstream, path: &str) -> UpstreamResponse {
@@ -584,6 +614,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A forge's client names the source whose statuses it posts.
+        let forge = Upstream::calling(Called::Forge("github".into()), &config(&url)).unwrap();
+        let refused = forge
+            .call(http::Method::POST, "/x", HeaderMap::new(), Bytes::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.starts_with(&format!(
+                "the forge of source \"github\" ({url}) is unreachable: "
+            )),
+            "{refused}"
+        );
     }
 
     #[test]

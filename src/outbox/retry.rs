@@ -310,7 +310,7 @@ mod tests {
         ));
         let unreachable: Result<UpstreamResponse, UpstreamError> =
             Err(UpstreamError::Unreachable {
-                upstream: "gitlab".into(),
+                upstream: crate::upstream::Called::Upstream("gitlab".into()),
                 url: "http://x".into(),
                 reason: "refused".into(),
             });

@@ -69,25 +69,29 @@ impl StatusClients {
             let Some(status) = &source.status else {
                 continue;
             };
+            let called = crate::upstream::Called::Forge(name.clone());
             let url = crate::config::parse_upstream_url(&status.api_url).map_err(|reason| {
                 UpstreamError::BadResponse {
-                    upstream: format!("status of {name}"),
+                    upstream: called.clone(),
                     reason,
                 }
             })?;
-            let client = Upstream::new(&crate::config::UpstreamConfig {
-                name: format!("status of {name}"),
-                url,
-                ca_file: status.ca_file.clone(),
-                connect_timeout: Duration::from_secs(5),
-                timeout,
-                per_project: crate::config::default_per_project(),
-                coalesce: None,
-                max_in_flight: 16,
-                read_token: None,
-                polls_per_minute: 0,
-                poll_interval: Duration::ZERO,
-            })?;
+            let client = Upstream::calling(
+                called,
+                &crate::config::UpstreamConfig {
+                    name: format!("status of {name}"),
+                    url,
+                    ca_file: status.ca_file.clone(),
+                    connect_timeout: Duration::from_secs(5),
+                    timeout,
+                    per_project: crate::config::default_per_project(),
+                    coalesce: None,
+                    max_in_flight: 16,
+                    read_token: None,
+                    polls_per_minute: 0,
+                    poll_interval: Duration::ZERO,
+                },
+            )?;
             clients.forges.insert(name.clone(), Arc::new(client));
             if status.forge == super::Forge::Github {
                 clients.paces.insert(
