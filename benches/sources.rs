@@ -21,7 +21,7 @@ fn source(provider: Provider) -> SourceConfig {
         pipelines_of: None,
         name: provider.to_string(),
         provider,
-        secret: Some(Secret::new(SECRET)),
+        secrets: vec![Secret::new(SECRET)],
         signing_key: None,
         allow_sha1: false,
         timestamp_tolerance: Duration::from_secs(300),

@@ -65,10 +65,28 @@ signature = { scheme = "token", header = "X-Token" }
 provider = "generic"
 signing_secret = "file:{dir}/whsec"
 signature = { scheme = "standard-webhooks" }
+
+[source.github-rotating]
+provider = "github"
+secret = ["file:{dir}/new-secret", "file:{dir}/secret"]
+
+[source.gitlab-rotating]
+provider = "gitlab"
+secret = ["file:{dir}/new-secret", "file:{dir}/secret"]
 "#;
 
+/// The secret a rotation moves senders to.
+const NEW_SECRET: &str = "the-next-secret-0123456789";
+
+/// The files [`CONFIG`] reads.
+const FILES: [(&str, &str); 3] = [
+    ("secret", SECRET),
+    ("whsec", WHSEC),
+    ("new-secret", NEW_SECRET),
+];
+
 async fn relay() -> Relay {
-    Relay::start_with(CONFIG, &[("secret", SECRET), ("whsec", WHSEC)]).await
+    Relay::start_with(CONFIG, &FILES).await
 }
 
 fn vectors() -> Value {
@@ -1147,7 +1165,7 @@ async fn bad_requests() {
 #[tokio::test]
 async fn hooks_bodies_over_the_limit_are_413() {
     let config = format!("[server]\nmax_body = \"4KiB\"\n{CONFIG}");
-    let relay = Relay::start_with(&config, &[("secret", SECRET), ("whsec", WHSEC)]).await;
+    let relay = Relay::start_with(&config, &FILES).await;
     let r = deliver_fixture(
         &relay,
         "github",
@@ -1199,4 +1217,64 @@ async fn a_source_without_url_refs_lets_no_webhook_url_choose_a_ref() {
     assert_eq!(reply.status, 400, "{}", reply.text());
     let message = reply.json()["message"].as_str().unwrap().to_owned();
     assert!(message.contains("sets no url_refs"), "{message}");
+}
+
+/// While a secret is rotated, a source takes webhooks signed with (or carrying) either
+/// the new secret or the old one, and nothing else.
+#[tokio::test]
+async fn a_secret_being_rotated_accepts_the_new_and_the_old() {
+    let relay = relay().await;
+    let body = fixture("github/push_tag.json");
+    let url = relay.url("/hooks/github-rotating");
+    for (secret, status) in [
+        (NEW_SECRET, 200),
+        (SECRET, 200),
+        ("a-third-secret-0123456789", 401),
+    ] {
+        let reply = signed_github_body(&url, secret, "push", "r-1", body.clone()).await;
+        assert_eq!(reply.status, status, "{secret}: {}", reply.text());
+        if status == 401 {
+            assert!(
+                reply.json()["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("the X-Hub-Signature-256 header does not match the body"),
+                "{}",
+                reply.text()
+            );
+        }
+    }
+    // A signature that cannot be read is refused as such, whatever the secrets.
+    let reply = deliver(
+        &relay,
+        "github-rotating",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", "sha256=zz"),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 401);
+    assert!(
+        reply.text().contains("not a valid signature"),
+        "{}",
+        reply.text()
+    );
+
+    let body = fixture("gitlab/push.json");
+    for (token, status) in [
+        (NEW_SECRET, 200),
+        (SECRET, 200),
+        ("a-third-secret-0123456789", 401),
+    ] {
+        let reply = deliver(
+            &relay,
+            "gitlab-rotating",
+            &[("X-Gitlab-Event", "Push Hook"), ("X-Gitlab-Token", token)],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(reply.status, status, "{token}: {}", reply.text());
+    }
 }

@@ -42,8 +42,14 @@ pub(super) struct RawTrigger {
     status_context: Option<Spanned<String>>,
 }
 
-/// One string or a list of them: globs, or the names of sources.
+/// One string or a list of them: globs, the names of sources, or secrets' references.
 pub(super) struct OneOrMany(Vec<String>);
+
+impl OneOrMany {
+    pub(super) fn into_strings(self) -> Vec<String> {
+        self.0
+    }
+}
 
 impl<'de> Deserialize<'de> for OneOrMany {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

@@ -19,7 +19,7 @@ use crate::sources::{GenericConfig, GenericPaths, GenericScheme, SourceConfig};
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSource {
     provider: Spanned<String>,
-    secret: Option<Spanned<String>>,
+    secret: Option<Spanned<super::rule::OneOrMany>>,
     signing_secret: Option<Spanned<String>>,
     allow_sha1: Option<Spanned<bool>>,
     timestamp_tolerance: Option<Spanned<String>>,
@@ -154,18 +154,36 @@ pub(super) fn compile_source(
     // An invalid `signature` is reported on its own; it is not also "no proof".
     let signature_given = raw.signature.is_some();
     let has_signing_secret = raw.signing_secret.is_some();
-    let secret = raw.secret.and_then(|field| {
+    // One secret, or the current and the previous one while senders move to the new.
+    let mut secrets = Vec::new();
+    if let Some(field) = raw.secret {
         let span = field.span();
-        let secret = resolve(name, "secret", field, resolve_secrets, problems, &mut ok)?;
-        match weakness(secret.expose()) {
-            None => Some(secret),
-            Some(reason) => {
-                problems.at(Some(span), format!("source.{name}.secret: {reason}"));
-                ok = false;
-                None
+        let references = field.into_inner().into_strings();
+        if references.is_empty() {
+            problems.at(
+                Some(span.clone()),
+                format!("source.{name}.secret is an empty list; name the secret (while rotating it, the new one and then the old)"),
+            );
+            ok = false;
+        }
+        for reference in references {
+            let field = Spanned::new(span.clone(), reference);
+            let Some(secret) = resolve(name, "secret", field, resolve_secrets, problems, &mut ok)
+            else {
+                continue;
+            };
+            match weakness(secret.expose()) {
+                None => secrets.push(secret),
+                Some(reason) => {
+                    problems.at(
+                        Some(span.clone()),
+                        format!("source.{name}.secret: {reason}"),
+                    );
+                    ok = false;
+                }
             }
         }
-    });
+    }
     let signing_key = raw.signing_secret.and_then(|field| {
         let span = field.span();
         let secret = resolve(
@@ -290,7 +308,7 @@ pub(super) fn compile_source(
     ok.then(|| SourceConfig {
         name: name.to_owned(),
         provider,
-        secret,
+        secrets,
         signing_key,
         allow_sha1: raw.allow_sha1.is_some_and(|v| *v.get_ref()),
         timestamp_tolerance,

@@ -204,6 +204,45 @@ fn an_empty_folder_is_a_problem() {
 }
 
 #[test]
+fn a_secret_being_rotated_is_a_list_of_two() {
+    let text = "[source.gh]\nprovider = \"github\"\nsecret = [\"env:NEW\", \"env:OLD\"]\n";
+    let env = [
+        ("NEW", "the-new-secret-0123456789"),
+        ("OLD", "the-old-secret-0123456789"),
+    ];
+    let config = load_text(&[("a.toml", text)], &env).unwrap();
+    let secrets: Vec<&str> = config.sources["gh"]
+        .secrets
+        .iter()
+        .map(|s| s.expose())
+        .collect();
+    assert_eq!(
+        secrets,
+        ["the-new-secret-0123456789", "the-old-secret-0123456789"]
+    );
+    // Each is checked as one alone would be; an empty list names the setting.
+    let problems = messages(load_text(&[("a.toml", text)], &[("NEW", "short"), env[1]]));
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0].starts_with("a.toml:3: source.gh.secret: the secret is 5 bytes"),
+        "{problems:?}"
+    );
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            "[source.gh]\nprovider = \"github\"\nsecret = []\n",
+        )],
+        &env,
+    ));
+    assert_eq!(
+        problems,
+        [
+            "a.toml:3: source.gh.secret is an empty list; name the secret (while rotating it, the new one and then the old)"
+        ]
+    );
+}
+
+#[test]
 fn sources_resolve_their_secrets_at_load() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("gh-secret");
@@ -221,11 +260,11 @@ fn sources_resolve_their_secrets_at_load() {
     );
     let config = config.unwrap();
     assert_eq!(
-        config.sources["gh"].secret.as_ref().unwrap().expose(),
+        config.sources["gh"].secrets[0].expose(),
         "s3cret-s3cret-s3cret"
     );
     assert_eq!(
-        config.sources["gl"].secret.as_ref().unwrap().expose(),
+        config.sources["gl"].secrets[0].expose(),
         "a-gitlab-token-of-32-characters!"
     );
     // Too short, or only whitespace: refused where it is configured.

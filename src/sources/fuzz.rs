@@ -50,7 +50,7 @@ pub fn source(provider: Provider) -> SourceConfig {
         pipelines_of: None,
         name: format!("fuzz-{provider}"),
         provider,
-        secret: Some(Secret::new("fuzz-secret")),
+        secrets: vec![Secret::new("fuzz-secret")],
         signing_key: Some(
             SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("valid key"),
         ),

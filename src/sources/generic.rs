@@ -10,8 +10,8 @@
 use serde_json::Value;
 
 use super::signature::{
-    SignatureError, StandardWebhookHeaders, token_matches, verify_hmac_header,
-    verify_standard_webhook,
+    SignatureError, StandardWebhookHeaders, any_token_matches, verify_hmac_header,
+    verify_standard_webhook, verify_with_any,
 };
 use super::{
     GenericScheme, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
@@ -120,32 +120,26 @@ fn verify(
             encoding,
             prefix,
         } => {
-            let secret = source
-                .secret
-                .as_ref()
-                .expect("configuration requires a secret for an HMAC");
             let value = request.header(header).ok_or_else(|| missing(header))?;
-            Ok(verify_hmac_header(
-                header,
-                value,
-                prefix,
-                *encoding,
-                *algorithm,
-                secret.expose().as_bytes(),
-                request.body,
-            )?)
+            Ok(verify_with_any(&source.secrets, |key| {
+                verify_hmac_header(
+                    header,
+                    value,
+                    prefix,
+                    *encoding,
+                    *algorithm,
+                    key,
+                    request.body,
+                )
+            })?)
         }
         GenericScheme::Token { header } => {
-            let secret = source
-                .secret
-                .as_ref()
-                .expect("configuration requires a secret for a token");
             let value = request
                 .headers
                 .get(header.as_str())
                 .and_then(|v| v.to_str().ok())
                 .ok_or_else(|| missing(header))?;
-            if token_matches(secret.expose(), value) {
+            if any_token_matches(&source.secrets, value) {
                 Ok(())
             } else {
                 Err(SignatureError::Mismatch {

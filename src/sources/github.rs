@@ -12,7 +12,7 @@
 
 use serde::Deserialize;
 
-use super::signature::{Algorithm, Encoding, SignatureError, verify_hmac_header};
+use super::signature::{Algorithm, Encoding, SignatureError, verify_hmac_header, verify_with_any};
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
     delivery_id, event_type, one_event, payload, typed,
@@ -116,33 +116,36 @@ pub(super) const SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
 pub(super) const SHA1_HEADER: &str = "X-Hub-Signature";
 
 fn verify(source: &SourceConfig, request: &WebhookRequest<'_>) -> Result<(), SourceError> {
-    let Some(secret) = &source.secret else {
+    if source.secrets.is_empty() {
         return Ok(());
-    };
-    let key = secret.expose().as_bytes();
+    }
     if let Some(value) = request.header(SIGNATURE_HEADER) {
-        return Ok(verify_hmac_header(
-            SIGNATURE_HEADER,
-            value,
-            "sha256=",
-            Encoding::Hex,
-            Algorithm::Sha256,
-            key,
-            request.body,
-        )?);
+        return Ok(verify_with_any(&source.secrets, |key| {
+            verify_hmac_header(
+                SIGNATURE_HEADER,
+                value,
+                "sha256=",
+                Encoding::Hex,
+                Algorithm::Sha256,
+                key,
+                request.body,
+            )
+        })?);
     }
     if source.allow_sha1
         && let Some(value) = request.header(SHA1_HEADER)
     {
-        return Ok(verify_hmac_header(
-            SHA1_HEADER,
-            value,
-            "sha1=",
-            Encoding::Hex,
-            Algorithm::Sha1,
-            key,
-            request.body,
-        )?);
+        return Ok(verify_with_any(&source.secrets, |key| {
+            verify_hmac_header(
+                SHA1_HEADER,
+                value,
+                "sha1=",
+                Encoding::Hex,
+                Algorithm::Sha1,
+                key,
+                request.body,
+            )
+        })?);
     }
     Err(SignatureError::Missing {
         header: if source.allow_sha1 {

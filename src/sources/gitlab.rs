@@ -18,7 +18,7 @@
 use serde::Deserialize;
 
 use super::signature::{
-    SignatureError, StandardWebhookHeaders, token_matches, verify_standard_webhook,
+    SignatureError, StandardWebhookHeaders, any_token_matches, verify_standard_webhook,
 };
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
@@ -145,7 +145,7 @@ fn verify(
     request: &WebhookRequest<'_>,
     now: std::time::SystemTime,
 ) -> Result<(), SourceError> {
-    if let Some(secret) = &source.secret {
+    if !source.secrets.is_empty() {
         match request
             .headers
             .get(TOKEN_HEADER)
@@ -157,7 +157,7 @@ fn verify(
                 }
                 .into());
             }
-            Some(token) if !token_matches(secret.expose(), token) => {
+            Some(token) if !any_token_matches(&source.secrets, token) => {
                 return Err(SignatureError::Mismatch {
                     header: TOKEN_HEADER.into(),
                 }

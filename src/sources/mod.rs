@@ -37,9 +37,10 @@ use signature::{Algorithm, Encoding, SignatureError, SigningKey};
 pub struct SourceConfig {
     pub name: String,
     pub provider: Provider,
-    /// The shared secret: HMAC key, or the token for GitLab's `X-Gitlab-Token` and a generic
-    /// token header.
-    pub secret: Option<Secret>,
+    /// The shared secrets: HMAC keys, or the tokens for GitLab's `X-Gitlab-Token` and a
+    /// generic token header. Usually one; while a secret is rotated, the new one first and
+    /// the one senders may still use after it. Empty: no shared secret.
+    pub secrets: Vec<Secret>,
     /// A Standard Webhooks key (GitLab's signing token, or a generic sender's).
     pub signing_key: Option<SigningKey>,
     /// GitHub: accept the legacy SHA-1 `X-Hub-Signature` when no SHA-256 one is sent.
@@ -270,14 +271,14 @@ pub fn missing_proof(source: &SourceConfig, headers: &http::HeaderMap) -> Option
     // The same header lists the senders verify with: one list per sender.
     let any_of = |headers: &[(&'static str, &str)]| headers.iter().map(|(name, _)| *name).collect();
     let needed: Vec<Vec<&str>> = match source.provider {
-        _ if source.secret.is_none() && source.signing_key.is_none() => Vec::new(),
+        _ if source.secrets.is_empty() && source.signing_key.is_none() => Vec::new(),
         Provider::Github if source.allow_sha1 => {
             vec![vec![github::SIGNATURE_HEADER, github::SHA1_HEADER]]
         }
         Provider::Github => vec![vec![github::SIGNATURE_HEADER]],
         Provider::Gitlab => {
             let mut needed = Vec::new();
-            if source.secret.is_some() {
+            if !source.secrets.is_empty() {
                 needed.push(vec![gitlab::TOKEN_HEADER]);
             }
             if source.signing_key.is_some() {
@@ -365,9 +366,9 @@ fn verify_sha256_headers(
     headers: &[(&str, &str)],
     signed: &[u8],
 ) -> Result<(), SourceError> {
-    let Some(secret) = &source.secret else {
+    if source.secrets.is_empty() {
         return Ok(()); // Configuration allows this only with `allow_unsigned`.
-    };
+    }
     for (name, prefix) in headers {
         let Some(value) = request.header(name) else {
             continue;
@@ -375,15 +376,17 @@ fn verify_sha256_headers(
         if value.eq_ignore_ascii_case(prefix) {
             continue; // `sha256=` with no digest: Gitea without a secret.
         }
-        signature::verify_hmac_header(
-            name,
-            value,
-            prefix,
-            Encoding::Hex,
-            Algorithm::Sha256,
-            secret.expose().as_bytes(),
-            signed,
-        )?;
+        signature::verify_with_any(&source.secrets, |key| {
+            signature::verify_hmac_header(
+                name,
+                value,
+                prefix,
+                Encoding::Hex,
+                Algorithm::Sha256,
+                key,
+                signed,
+            )
+        })?;
         return Ok(());
     }
     let names: Vec<&str> = headers.iter().map(|(name, _)| *name).collect();

@@ -149,6 +149,32 @@ pub fn token_matches(expected: &str, given: &str) -> bool {
     expected.as_bytes().ct_eq(given.as_bytes()).into()
 }
 
+/// Whether `given` is any of the source's tokens (the current one, or the one before it
+/// while it is rotated). Each comparison runs in constant time, and every one runs.
+pub fn any_token_matches(secrets: &[crate::secret::Secret], given: &str) -> bool {
+    secrets.iter().fold(false, |found, secret| {
+        token_matches(secret.expose(), given) | found
+    })
+}
+
+/// A check that passes with any of the source's secrets (the current one first; the
+/// previous one while it is rotated). A signature that cannot be read fails at once; one
+/// that matches no secret reports the last secret's mismatch, which names no secret.
+pub fn verify_with_any(
+    secrets: &[crate::secret::Secret],
+    check: impl Fn(&[u8]) -> Result<(), SignatureError>,
+) -> Result<(), SignatureError> {
+    let mut outcome = Ok(());
+    for secret in secrets {
+        outcome = check(secret.expose().as_bytes());
+        match &outcome {
+            Ok(()) | Err(SignatureError::Malformed { .. }) => return outcome,
+            Err(_) => {}
+        }
+    }
+    outcome
+}
+
 /// A Standard Webhooks key, decoded from its `whsec_<base64>` form. Prints only a mask.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SigningKey(Vec<u8>);
