@@ -27,6 +27,26 @@ fn check_passes_on_the_shipped_rules() {
 }
 
 #[test]
+fn check_says_a_source_is_rotating_its_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "new", "the-new-secret-0123456789");
+    write(dir.path(), "old", "the-old-secret-0123456789");
+    write(
+        dir.path(),
+        "a.toml",
+        "[source.gh]\nprovider = \"github\"\nsecret = [\"file:new\", \"file:old\"]\n",
+    );
+    let output = hookrelay(&["check", "--config", dir.path().to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("gh (github, POST /hooks/gh, 2 secrets (rotating))"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("the-old-secret"), "{stdout}");
+}
+
+#[test]
 fn check_lists_every_problem_as_file_line_message() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.toml", "[server]\nlisten = \"localhost\"\n");

@@ -230,6 +230,9 @@ fn summary(config: &Config) -> String {
         .values()
         .map(|s| {
             let mut shown = format!("{} ({}, POST /hooks/{}", s.name, s.provider, s.name);
+            if s.secrets.len() > 1 {
+                shown.push_str(&format!(", {} secrets (rotating)", s.secrets.len()));
+            }
             if let Some(status) = &s.status {
                 shown.push_str(&format!(
                     ", statuses to {}{} with {}",
