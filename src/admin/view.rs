@@ -486,6 +486,7 @@ pub fn configuration(app: &App) -> Value {
                 "rules": config.rules.count_for_source(&source.name),
                 "statuses_to": source.status.as_ref().map(|status| &status.api_url),
                 "pipeline_events_of": source.pipelines_of,
+                "secrets": source.secrets.len(),
             })
         })
         .collect();
