@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
 /// An HTTP proxy on 127.0.0.1:0 that takes `CONNECT host:port` (a tunnel; `407` without
-/// credentials) and absolute-form requests, sends every host to 127.0.0.1, and records
+/// credentials, `403` to `forbidden.test`) and absolute-form requests, sends every host to 127.0.0.1, and records
 /// what it saw.
 async fn recording_proxy() -> (u16, Seen) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -65,7 +65,11 @@ async fn relay_one(mut client: TcpStream, seen: Seen) {
         words.next().unwrap_or_default(),
     );
     let rest = head[end..].to_vec();
-    if method == "CONNECT" && anonymous {
+    if method == "CONNECT" && target.starts_with("forbidden.test:") {
+        let _ = client
+            .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            .await;
+    } else if method == "CONNECT" && anonymous {
         let _ = client
             .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"test\"\r\nContent-Length: 0\r\n\r\n")
             .await;
@@ -281,28 +285,38 @@ fn a_proxy_hookrelay_cannot_speak_to_stops_check_and_serve_with_the_variable_nam
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxy_that_wants_credentials_is_named_in_the_answer() {
+async fn a_proxy_that_wants_credentials_or_refuses_is_named_in_the_answer() {
     let (proxy_port, _) = recording_proxy().await;
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "relay.toml",
-        "[upstream.gitlab]\nurl = \"https://gitlab.test\"\n[gateway]\n",
-    );
-    let mut command = Command::new(BIN);
-    command
-        .env("HTTPS_PROXY", format!("http://127.0.0.1:{proxy_port}"))
-        .env_remove("NO_PROXY")
-        .env_remove("no_proxy");
-    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
-    let address = served.address();
-    let reply = trigger_call(&address).await;
-    assert_eq!(reply.status, 502, "{}", reply.text());
-    assert_eq!(
-        reply.json()["message"],
-        format!(
-            "upstream \"gitlab\" (https://gitlab.test) is unreachable: the proxy asks for credentials (407); \
-             give them in the variable that names it: http://user:password@host:port (through the proxy http://127.0.0.1:{proxy_port})"
-        )
-    );
+    for (host, reason) in [
+        (
+            "gitlab.test",
+            "the proxy asks for credentials (407); give them in the variable that names it: http://user:password@host:port",
+        ),
+        (
+            "forbidden.test",
+            "the proxy refused to open a tunnel to it (CONNECT was not answered 200)",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "relay.toml",
+            &format!("[upstream.gitlab]\nurl = \"https://{host}\"\n[gateway]\n"),
+        );
+        let mut command = Command::new(BIN);
+        command
+            .env("HTTPS_PROXY", format!("http://127.0.0.1:{proxy_port}"))
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy");
+        let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+        let address = served.address();
+        let reply = trigger_call(&address).await;
+        assert_eq!(reply.status, 502, "{}", reply.text());
+        assert_eq!(
+            reply.json()["message"],
+            format!(
+                "upstream \"gitlab\" (https://{host}) is unreachable: {reason} (through the proxy http://127.0.0.1:{proxy_port})"
+            )
+        );
+    }
 }
