@@ -30,10 +30,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// The delivery dashboard's address (overrides [admin] listen; turns it on).
-        #[arg(long, value_name = "ADDRESS")]
+        #[arg(long, value_name = "ADDRESS", value_parser = hookrelay::config::parse_listen)]
         admin_listen: Option<SocketAddr>,
-        /// Address to listen on (overrides [server] listen; default 127.0.0.1:8080).
-        #[arg(long, env = "HOOKRELAY_LISTEN", value_name = "ADDR")]
+        /// Address to listen on, IP:PORT or localhost:PORT (overrides [server] listen;
+        /// default 127.0.0.1:8080).
+        #[arg(long, env = "HOOKRELAY_LISTEN", value_name = "ADDR", value_parser = hookrelay::config::parse_listen)]
         listen: Option<SocketAddr>,
         #[command(flatten)]
         state: StateArg,

@@ -41,11 +41,7 @@ pub(super) fn compile(
         raw.listen,
         DEFAULT_ADMIN_LISTEN.parse().expect("a valid address"),
         problems,
-        |text| {
-            text.parse::<SocketAddr>().map_err(|_| {
-                format!("admin.listen: {text:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:8081\"")
-            })
-        },
+        |text| super::parse_listen(text).map_err(|err| format!("admin.listen: {err}")),
     );
     let token = match raw.token {
         None => None,

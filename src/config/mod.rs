@@ -40,7 +40,7 @@ pub(crate) use limit::{RawLimit, compile_limit, only_limit_keys};
 pub use problems::{FileProblems, Problem, Problems};
 pub use server::{DEFAULT_BODY_MEMORY, DEFAULT_LISTEN, DEFAULT_MAX_BODY, ServerConfig, ServerTls};
 pub use store::STORE_URL_ENV;
-pub use units::{parse_duration, parse_size};
+pub use units::{parse_duration, parse_listen, parse_size};
 pub(crate) use upstream::ca_file;
 pub use upstream::{
     DEFAULT_MAX_IN_FLIGHT, UpstreamConfig, default_per_project, parse_upstream_url,

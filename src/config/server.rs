@@ -83,11 +83,7 @@ pub(super) fn compile(raw: RawServer, problems: &mut FileProblems<'_>) -> Server
     let defaults = ServerConfig::default();
     ServerConfig {
         listen: typed(raw.listen, defaults.listen, problems, |text| {
-            text.parse().map_err(|_| {
-                format!(
-                    "listen: {text:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:8080\""
-                )
-            })
+            super::parse_listen(text).map_err(|err| format!("listen: {err}"))
         }),
         max_body: typed(raw.max_body, defaults.max_body, problems, |text| {
             parse_size(text).map_err(|err| format!("max_body: {err}"))

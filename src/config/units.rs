@@ -1,6 +1,29 @@
-//! Durations (`30s`, `5m`) and sizes (`25MiB`) as written in configuration files.
+//! Durations (`30s`, `5m`), sizes (`25MiB`) and listening addresses as written in
+//! configuration files (and, for addresses, on the command line).
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
+
+/// Parses an address to listen on: `IP:PORT`, `[IPv6]:PORT`, or `localhost:PORT` (this
+/// machine's IPv4 loopback, as nginx and most servers read it). Other names are refused:
+/// which of a name's addresses a listener would take is not for a configuration to guess.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    let invalid = || {
+        format!(
+            "{text:?} is not an address; write IP:PORT (e.g. \"127.0.0.1:8080\") or localhost:PORT"
+        )
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    if !host.eq_ignore_ascii_case("localhost") {
+        return Err(invalid());
+    }
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
 
 /// Parses a duration such as `250ms`, `30s`, `5m` or `1h 30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -34,6 +57,33 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listening_addresses() {
+        assert_eq!(
+            parse_listen("127.0.0.1:8080").unwrap().to_string(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(parse_listen("[::]:8443").unwrap().to_string(), "[::]:8443");
+        assert_eq!(
+            parse_listen(" localhost:8080").unwrap().to_string(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            parse_listen("LOCALHOST:0").unwrap().to_string(),
+            "127.0.0.1:0"
+        );
+        for bad in [
+            "localhost",
+            "relay.example.com:8080",
+            "localhost:http",
+            "8080",
+            ":8080",
+        ] {
+            let message = parse_listen(bad).unwrap_err();
+            assert!(message.ends_with("or localhost:PORT"), "{bad}: {message}");
+        }
+    }
 
     #[test]
     fn sizes() {
