@@ -22,7 +22,7 @@ fn source(provider: Provider) -> SourceConfig {
         name: provider.to_string(),
         provider,
         secrets: vec![Secret::new(SECRET)],
-        signing_key: None,
+        signing_keys: Vec::new(),
         allow_sha1: false,
         timestamp_tolerance: Duration::from_secs(300),
         allow_unsigned: false,

@@ -20,7 +20,7 @@ use crate::sources::{GenericConfig, GenericPaths, GenericScheme, SourceConfig};
 pub(super) struct RawSource {
     provider: Spanned<String>,
     secret: Option<Spanned<super::rule::OneOrMany>>,
-    signing_secret: Option<Spanned<String>>,
+    signing_secret: Option<Spanned<super::rule::OneOrMany>>,
     allow_sha1: Option<Spanned<bool>>,
     timestamp_tolerance: Option<Spanned<String>>,
     allow_unsigned: Option<bool>,
@@ -184,28 +184,42 @@ pub(super) fn compile_source(
             }
         }
     }
-    let signing_key = raw.signing_secret.and_then(|field| {
+    // One key, or the new and the old while it is rotated.
+    let mut signing_keys = Vec::new();
+    if let Some(field) = raw.signing_secret {
         let span = field.span();
-        let secret = resolve(
-            name,
-            "signing_secret",
-            field,
-            resolve_secrets,
-            problems,
-            &mut ok,
-        )?;
-        match SigningKey::parse(secret.expose()) {
-            Ok(key) => Some(key),
-            Err(reason) => {
-                problems.at(
-                    Some(span),
-                    format!("source.{name}.signing_secret: {reason}"),
-                );
-                ok = false;
-                None
+        let references = field.into_inner().into_strings();
+        if references.is_empty() {
+            problems.at(
+                Some(span.clone()),
+                format!("source.{name}.signing_secret is an empty list; name the key (while rotating it, the new one and then the old)"),
+            );
+            ok = false;
+        }
+        for reference in references {
+            let field = Spanned::new(span.clone(), reference);
+            let Some(secret) = resolve(
+                name,
+                "signing_secret",
+                field,
+                resolve_secrets,
+                problems,
+                &mut ok,
+            ) else {
+                continue;
+            };
+            match SigningKey::parse(secret.expose()) {
+                Ok(key) => signing_keys.push(key),
+                Err(reason) => {
+                    problems.at(
+                        Some(span.clone()),
+                        format!("source.{name}.signing_secret: {reason}"),
+                    );
+                    ok = false;
+                }
             }
         }
-    });
+    }
     let timestamp_tolerance = typed(
         raw.timestamp_tolerance,
         Duration::from_secs(300),
@@ -309,7 +323,7 @@ pub(super) fn compile_source(
         name: name.to_owned(),
         provider,
         secrets,
-        signing_key,
+        signing_keys,
         allow_sha1: raw.allow_sha1.is_some_and(|v| *v.get_ref()),
         timestamp_tolerance,
         allow_unsigned,

@@ -289,7 +289,7 @@ fn sources_resolve_their_secrets_at_load() {
             "{problems:?}"
         );
     }
-    assert!(config.sources["gl"].signing_key.is_some());
+    assert!(config.sources["gl"].signing_keys.len() == 1);
     let problems = messages(load_text(&[("a.toml", &text)], &[]));
     assert_eq!(problems.len(), 2, "{problems:#?}");
     assert!(

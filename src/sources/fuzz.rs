@@ -51,9 +51,9 @@ pub fn source(provider: Provider) -> SourceConfig {
         name: format!("fuzz-{provider}"),
         provider,
         secrets: vec![Secret::new("fuzz-secret")],
-        signing_key: Some(
+        signing_keys: vec![
             SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("valid key"),
-        ),
+        ],
         allow_sha1: true,
         timestamp_tolerance: Duration::from_secs(300),
         allow_unsigned: false,

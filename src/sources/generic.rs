@@ -149,13 +149,9 @@ fn verify(
             }
         }
         GenericScheme::StandardWebhooks => {
-            let key = source
-                .signing_key
-                .as_ref()
-                .expect("configuration requires a signing_secret");
             let headers = StandardWebhookHeaders::of(request);
             Ok(verify_standard_webhook(
-                key,
+                &source.signing_keys,
                 &headers,
                 request.body,
                 now,

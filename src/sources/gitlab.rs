@@ -73,7 +73,7 @@ pub fn receive(
     let event_type = event_type(request, "X-Gitlab-Event", source.provider)?;
     // With a signing token, the signed `webhook-id` is the delivery id (stable across
     // GitLab's retries): an unsigned `Idempotency-Key` must not make a replay look new.
-    let delivery = if source.signing_key.is_some() {
+    let delivery = if !source.signing_keys.is_empty() {
         delivery_id(request, &[super::signature::WEBHOOK_ID])
     } else {
         delivery_id(request, &["idempotency-key", "x-gitlab-event-uuid"])
@@ -166,9 +166,15 @@ fn verify(
             Some(_) => {}
         }
     }
-    if let Some(key) = &source.signing_key {
+    if !source.signing_keys.is_empty() {
         let headers = StandardWebhookHeaders::of(request);
-        verify_standard_webhook(key, &headers, request.body, now, source.timestamp_tolerance)?;
+        verify_standard_webhook(
+            &source.signing_keys,
+            &headers,
+            request.body,
+            now,
+            source.timestamp_tolerance,
+        )?;
     }
     Ok(())
 }

@@ -41,8 +41,9 @@ pub struct SourceConfig {
     /// generic token header. Usually one; while a secret is rotated, the new one first and
     /// the one senders may still use after it. Empty: no shared secret.
     pub secrets: Vec<Secret>,
-    /// A Standard Webhooks key (GitLab's signing token, or a generic sender's).
-    pub signing_key: Option<SigningKey>,
+    /// Standard Webhooks keys (GitLab's signing token, or a generic sender's): usually one;
+    /// while it is rotated, the new one first. Empty: none.
+    pub signing_keys: Vec<SigningKey>,
     /// GitHub: accept the legacy SHA-1 `X-Hub-Signature` when no SHA-256 one is sent.
     pub allow_sha1: bool,
     /// Standard Webhooks: how far `webhook-timestamp` may be from now.
@@ -271,7 +272,7 @@ pub fn missing_proof(source: &SourceConfig, headers: &http::HeaderMap) -> Option
     // The same header lists the senders verify with: one list per sender.
     let any_of = |headers: &[(&'static str, &str)]| headers.iter().map(|(name, _)| *name).collect();
     let needed: Vec<Vec<&str>> = match source.provider {
-        _ if source.secrets.is_empty() && source.signing_key.is_none() => Vec::new(),
+        _ if source.secrets.is_empty() && source.signing_keys.is_empty() => Vec::new(),
         Provider::Github if source.allow_sha1 => {
             vec![vec![github::SIGNATURE_HEADER, github::SHA1_HEADER]]
         }
@@ -281,7 +282,7 @@ pub fn missing_proof(source: &SourceConfig, headers: &http::HeaderMap) -> Option
             if !source.secrets.is_empty() {
                 needed.push(vec![gitlab::TOKEN_HEADER]);
             }
-            if source.signing_key.is_some() {
+            if !source.signing_keys.is_empty() {
                 needed.push(vec![signature::WEBHOOK_SIGNATURE]);
             }
             needed

@@ -224,7 +224,7 @@ impl<'a> StandardWebhookHeaders<'a> {
 /// Verifies a Standard Webhooks signature: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`,
 /// any of several space-separated entries, with the timestamp within `tolerance` of `now`.
 pub fn verify_standard_webhook(
-    key: &SigningKey,
+    keys: &[SigningKey],
     headers: &StandardWebhookHeaders<'_>,
     body: &[u8],
     now: SystemTime,
@@ -265,8 +265,11 @@ pub fn verify_standard_webhook(
             continue;
         };
         saw_v1 = true;
+        // Any of the keys (the new and the old while one is rotated), any listed signature.
         if let Ok(signature) = BASE64.decode(encoded)
-            && hmac_matches(Algorithm::Sha256, &key.0, &signed, &signature)
+            && keys
+                .iter()
+                .any(|key| hmac_matches(Algorithm::Sha256, &key.0, &signed, &signature))
         {
             return Ok(());
         }
@@ -373,14 +376,18 @@ mod tests {
     }
 
     fn standard_vector(now: u64, signature: &str, body: &[u8]) -> Result<(), SignatureError> {
-        let key = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        // Another key first, as while the published one is rotated out.
+        let keys = [
+            SigningKey::parse("whsec_bmV3LWtleS1uZXcta2V5LW5ldy1rZXk=").unwrap(),
+            SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap(),
+        ];
         let headers = StandardWebhookHeaders {
             id: Some("msg_p5jXN8AQM9LWM0D4loKWxJek"),
             timestamp: Some("1614265330"),
             signature: Some(signature),
         };
         verify_standard_webhook(
-            &key,
+            &keys,
             &headers,
             body,
             UNIX_EPOCH + Duration::from_secs(now),
