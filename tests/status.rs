@@ -748,3 +748,78 @@ fn explain_shows_where_each_status_goes() {
         "{text}"
     );
 }
+
+/// A tag on one GitLab project rebuilds another: the tagged commit on the sending GitLab
+/// shows the downstream pipeline, through GitLab's own commit-status API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_project_rebuild_shows_on_the_sending_gitlab_commit() {
+    let gitlab = RecordingUpstream::start().await;
+    let sending = RecordingUpstream::start().await;
+    let rules = r#"
+[[rule]]
+name = "rebuild"
+source = "gitlab"
+events = ["tag"]
+[rule.trigger]
+project = "acme/app"
+ref = "main"
+token = "file:{dir}/trigger-token"
+"#;
+    let config = relay_config(&gitlab.url(), &sending.url(), "gitlab", "gitlab", rules);
+    let relay = Relay::start_with(&config, FILES).await;
+    let reply = post(
+        &relay.url("/hooks/gitlab"),
+        &[
+            ("content-type", "application/json"),
+            ("X-Gitlab-Event", "Tag Push Hook"),
+            ("X-Gitlab-Token", SECRET),
+        ],
+        fixture("gitlab/tag_push.json"),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let pending = wait_for(&sending, 1).await.remove(0);
+    assert_eq!(
+        pending.path_and_query,
+        "/api/v4/projects/jsmith%2Fexample/statuses/82b3d5ae55f7080f1e6022629cdb57bfae7cccc7"
+    );
+    assert_eq!(
+        pending.header("authorization"),
+        Some("Bearer ghs_status_token_for_tests")
+    );
+    assert_eq!(pending.json()["state"], "pending");
+    assert_eq!(pending.json()["name"], "gitlab/acme/app");
+
+    let done = send_pipeline_event(&relay, "e-1", pipeline_event(257, "running", None)).await;
+    assert_eq!(done.status, 200, "{}", done.text());
+    let running = wait_for(&sending, 2).await.remove(1);
+    assert_eq!(running.json()["state"], "running", "GitLab's own word");
+    assert_eq!(
+        running.json()["target_url"],
+        "https://gitlab.example.com/acme/app/-/pipelines/257"
+    );
+}
+
+#[test]
+fn a_source_of_pipeline_events_posts_no_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t"), "a-token-of-the-tests-0123").unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        "[upstream.gitlab]\nurl = \"https://gitlab.example.com\"\n\
+         [source.pipelines]\nprovider = \"gitlab\"\nsecret = \"file:t\"\nupstream = \"gitlab\"\nstatus = { token = \"file:t\" }\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+        .args(["check", "--config", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "source.pipelines.status: a source of pipeline events (`upstream`) starts no pipeline"
+        ),
+        "{stderr}"
+    );
+}

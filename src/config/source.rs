@@ -145,6 +145,13 @@ pub(super) fn compile_source(
         &[Provider::Gitlab],
         problems,
     );
+    if let (Some(status), Some(_)) = (&raw.status, &raw.upstream) {
+        problems.at(
+            Some(status.span()),
+            format!("source.{name}.status: a source of pipeline events (`upstream`) starts no pipeline, so it has no statuses to post; put `status` on the source whose pushes start them"),
+        );
+        ok = false;
+    }
     let status = raw.status.and_then(|status| {
         compile_status(name, provider, status, resolve_secrets, problems, &mut ok)
     });
@@ -336,8 +343,8 @@ pub(super) fn compile_source(
 }
 
 /// The API root from a configured `api_url`: a server's address gains the forge's API
-/// path (GitHub Enterprise Server's `/api/v3`, Gitea's and Forgejo's `/api/v1`) unless it
-/// names one already.
+/// path (GitHub Enterprise Server's `/api/v3`, Gitea's and Forgejo's `/api/v1`, GitLab's
+/// `/api/v4`) unless it names one already.
 fn api_root(forge: crate::status::Forge, uri: &http::Uri, url: &str) -> String {
     let path = uri.path().trim_end_matches('/');
     match forge {
@@ -347,6 +354,7 @@ fn api_root(forge: crate::status::Forge, uri: &http::Uri, url: &str) -> String {
             format!("{url}/api/v3")
         }
         crate::status::Forge::Gitea if !path.ends_with("/api/v1") => format!("{url}/api/v1"),
+        crate::status::Forge::Gitlab if !path.ends_with("/api/v4") => format!("{url}/api/v4"),
         _ => url.to_owned(),
     }
 }

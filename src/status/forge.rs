@@ -6,6 +6,7 @@
 //! | Gitea, Forgejo | `POST {api}/repos/{owner}/{repo}/statuses/{sha}` (same body; `{api}` ends in `/api/v1`) | `Authorization: token` |
 //! | Bitbucket Cloud | `POST {api}/repositories/{workspace}/{repo}/commit/{sha}/statuses/build` `{key, state, url, name, description}` | `Authorization: Bearer` |
 //! | Bitbucket Data Center | `POST {base}/rest/api/latest/projects/{key}/repos/{slug}/commits/{sha}/builds` (same body) | `Authorization: Bearer` |
+//! | GitLab (the sending project, for a pipeline started on another) | `POST {api}/projects/{url-encoded path}/statuses/{sha}` `{state, name, target_url, description}` (`{api}` ends in `/api/v4`) | `Authorization: Bearer` |
 //!
 //! The same context (GitHub, Gitea) or key (Bitbucket) is sent for every state of one
 //! pipeline, so the forge shows one check that changes. Descriptions are cut to each
@@ -37,6 +38,9 @@ pub enum Forge {
     Gitea,
     BitbucketCloud,
     BitbucketServer,
+    /// A GitLab project whose push started a pipeline on another (a cross-project
+    /// rebuild): the sending commit shows the downstream pipeline.
+    Gitlab,
 }
 
 /// GitHub refuses longer descriptions (`422 description is too long`).
@@ -59,8 +63,8 @@ impl Forge {
             Provider::BitbucketCloud => Ok(Forge::BitbucketCloud),
             Provider::BitbucketServer => Ok(Forge::BitbucketServer),
             Provider::Gogs => Err("Gogs has no commit-status API (gogs/gogs#4631), so hookrelay cannot report pipelines back to it; remove `status`".into()),
-            Provider::Gitlab => Err("a GitLab repository shows its pipelines itself; `status` applies to github, gitea, forgejo, bitbucket-cloud and bitbucket-server sources".into()),
-            Provider::Generic => Err("a generic sender has no known status API; `status` applies to github, gitea, forgejo, bitbucket-cloud and bitbucket-server sources".into()),
+            Provider::Gitlab => Ok(Forge::Gitlab),
+            Provider::Generic => Err("a generic sender has no known status API; `status` applies to github, gitlab, gitea, forgejo, bitbucket-cloud and bitbucket-server sources".into()),
         }
     }
 
@@ -69,6 +73,7 @@ impl Forge {
         match self {
             Forge::Github => Ok("https://api.github.com"),
             Forge::BitbucketCloud => Ok("https://api.bitbucket.org/2.0"),
+            Forge::Gitlab => Ok("https://gitlab.com/api/v4"),
             Forge::Gitea => Err(
                 "a Gitea or Forgejo server has no default address: set status.api_url, e.g. \"https://codeberg.org/api/v1\"",
             ),
@@ -84,11 +89,24 @@ impl Forge {
             Forge::Gitea => "gitea",
             Forge::BitbucketCloud => "bitbucket-cloud",
             Forge::BitbucketServer => "bitbucket-server",
+            Forge::Gitlab => "gitlab",
         }
     }
 
     /// The forge's word for a GitLab pipeline state (`refused`: GitLab refused the trigger).
     pub fn state(self, gitlab: &str) -> &'static str {
+        if self == Forge::Gitlab {
+            // GitLab's own commit-status states (`pending`, `running`, `success`, `failed`,
+            // `canceled`, `skipped`).
+            return match gitlab {
+                "running" => "running",
+                "success" => "success",
+                "skipped" => "skipped",
+                "failed" | "refused" => "failed",
+                "canceled" => "canceled",
+                _ => "pending",
+            };
+        }
         let bitbucket = matches!(self, Forge::BitbucketCloud | Forge::BitbucketServer);
         match gitlab {
             "success" | "skipped" if bitbucket => "SUCCESSFUL",
@@ -155,7 +173,6 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
         .target_url
         .clone()
         .unwrap_or_else(|| target.fallback_url.clone());
-    let repo = owner_and_repo(&target.repository)?;
     let sha = segment(&target.sha);
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -165,7 +182,9 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
     let (scheme, accept) = match forge {
         Forge::Github => ("Bearer", "application/vnd.github+json"),
         Forge::Gitea => ("token", "application/json"),
-        Forge::BitbucketCloud | Forge::BitbucketServer => ("Bearer", "application/json"),
+        Forge::BitbucketCloud | Forge::BitbucketServer | Forge::Gitlab => {
+            ("Bearer", "application/json")
+        }
     };
     headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
     let mut authorization = HeaderValue::from_str(&format!("{scheme} {}", token.expose()))
@@ -173,7 +192,18 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
     authorization.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, authorization);
     let (path, body) = match forge {
+        Forge::Gitlab => (
+            // A project path (`group/sub/project`) is one encoded segment.
+            format!("/projects/{}/statuses/{sha}", segment(&target.repository)),
+            json!({
+                "state": forge.state(&post.state),
+                "name": shorten(&target.context, OTHER_DESCRIPTION),
+                "target_url": url,
+                "description": shorten(&post.description, OTHER_DESCRIPTION),
+            }),
+        ),
         Forge::Github | Forge::Gitea => {
+            let repo = owner_and_repo(&target.repository)?;
             if forge == Forge::Github {
                 headers.insert(
                     "x-github-api-version",
@@ -196,6 +226,7 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
             )
         }
         Forge::BitbucketCloud | Forge::BitbucketServer => {
+            let repo = owner_and_repo(&target.repository)?;
             let body = json!({
                 "key": shorten(&target.context, BITBUCKET_KEY),
                 "state": forge.state(&post.state),
@@ -466,6 +497,41 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// GitLab's commit-status API: the project path as one encoded segment (subgroups
+    /// included), `name` for the context, GitLab's own state words.
+    #[test]
+    fn gitlab_requests_post_to_the_sending_projects_commit() {
+        let sent = request(
+            &post(Forge::Gitlab, "acme/platform/app", "running"),
+            &Secret::new("glpat-x".to_owned()),
+        )
+        .unwrap();
+        assert_eq!(
+            sent.path,
+            "/projects/acme%2Fplatform%2Fapp/statuses/6113728f27ae82c7b1a177c8d03f9e96e0adf246"
+        );
+        assert_eq!(sent.headers["authorization"], "Bearer glpat-x");
+        assert!(sent.headers["authorization"].is_sensitive());
+        let fields = body(&sent);
+        let mut keys: Vec<&String> = fields.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["description", "name", "state", "target_url"]);
+        assert_eq!(fields["state"], "running");
+        for (gitlab, word) in [
+            ("created", "pending"),
+            ("pending", "pending"),
+            ("manual", "pending"),
+            ("running", "running"),
+            ("success", "success"),
+            ("skipped", "skipped"),
+            ("failed", "failed"),
+            ("refused", "failed"),
+            ("canceled", "canceled"),
+        ] {
+            assert_eq!(Forge::Gitlab.state(gitlab), word, "{gitlab}");
+        }
     }
 
     fn answer(status: u16, headers: &[(&str, &str)], body: &str) -> UpstreamResponse {
