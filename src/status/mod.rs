@@ -140,9 +140,11 @@ pub fn decide(newest: Option<&StatusPost>, new: &StatusPost) -> Result<(), &'sta
     // What the forge would show: GitLab's `created`, `pending` and `preparing` all read
     // "pending", with the same words and link.
     let forge = new.target.forge;
+    // GitLab refuses a commit status posted again in the state it has (`400 Cannot
+    // transition status via :enqueue from :pending`), whatever its words and link.
     if forge.state(&newest.state) == forge.state(&new.state)
-        && newest.description == new.description
-        && newest.target_url == new.target_url
+        && ((newest.description == new.description && newest.target_url == new.target_url)
+            || forge == Forge::Gitlab)
     {
         return Err("unchanged: the commit has (or will have) this state already");
     }
@@ -461,6 +463,28 @@ mod tests {
             )
             .unwrap_err()
             .starts_with("late")
+        );
+    }
+
+    /// A state's new words or link are posted again to forges that take them; GitLab
+    /// refuses a status posted again in the state it has, so it gets none.
+    #[test]
+    fn gitlab_gets_each_state_once() {
+        let mut moved = post("running", None);
+        moved.target_url = Some("https://gitlab.example.com/app/-/pipelines/7/builds".into());
+        assert!(decide(Some(&post("running", None)), &moved).is_ok());
+        let on_gitlab = |mut post: StatusPost| {
+            post.target.forge = Forge::Gitlab;
+            post
+        };
+        let same = decide(Some(&on_gitlab(post("running", None))), &on_gitlab(moved));
+        assert!(same.unwrap_err().starts_with("unchanged"));
+        assert!(
+            decide(
+                Some(&on_gitlab(post("running", None))),
+                &on_gitlab(post("success", Some("t2")))
+            )
+            .is_ok()
         );
     }
 
