@@ -452,6 +452,32 @@ impl Builder {
         }
     }
 
+    /// Why `source`'s commit statuses for pipelines on `upstream` would stay `pending`:
+    /// nothing tells hookrelay how those pipelines go on (no source of their pipeline
+    /// events, no `read_token` to poll them).
+    fn statuses_stay_pending(
+        sources: &BTreeMap<String, (SourceConfig, Origin)>,
+        upstreams: &BTreeMap<String, (UpstreamConfig, Origin)>,
+        source: &str,
+        upstream: &str,
+    ) -> Option<String> {
+        let (source, _) = sources.get(source)?;
+        source.status.as_ref()?;
+        let (upstream_config, _) = upstreams.get(upstream)?;
+        let told = sources
+            .values()
+            .any(|(other, _)| other.pipelines_of.as_deref() == Some(upstream));
+        if told || upstream_config.read_token.is_some() {
+            return None;
+        }
+        Some(format!(
+            "source {:?} posts commit statuses, but nothing tells hookrelay how pipelines on upstream {upstream:?} go on, \
+             so they would stay pending: add a GitLab source of its pipeline events (`upstream = \"{upstream}\"`) \
+             or a `read_token` to [upstream.{upstream}] (see \"Show the pipeline on the commit\")",
+            source.name
+        ))
+    }
+
     /// Checks what rules name (sources, upstreams, other rules' names) and compiles them.
     fn finish_rules(&mut self) -> crate::rules::RuleSet {
         let mut specs = Vec::new();
@@ -463,6 +489,8 @@ impl Builder {
             .collect::<Vec<_>>()
             .join(", ");
         let broken_upstreams = !self.broken_upstreams.is_empty();
+        // Sources whose statuses would never move past `pending`, warned about once each.
+        let mut stuck_statuses = std::collections::BTreeSet::new();
         for pending in std::mem::take(&mut self.rules) {
             let mut spec = pending.spec;
             let mut problem = |line: usize, message: String| {
@@ -577,6 +605,23 @@ impl Builder {
                             },
                         );
                         ok = false;
+                    }
+                }
+                for source in &spec.sources {
+                    if !stuck_statuses.contains(&(source.clone(), trigger_spec.upstream.clone()))
+                        && let Some(message) = Builder::statuses_stay_pending(
+                            &self.sources,
+                            &self.upstreams,
+                            source,
+                            &trigger_spec.upstream,
+                        )
+                    {
+                        stuck_statuses.insert((source.clone(), trigger_spec.upstream.clone()));
+                        self.warnings.push(Problem {
+                            file: spec.file.clone(),
+                            line: Some(trigger_spec.line),
+                            message: format!("rule {:?}: {message}", spec.name),
+                        });
                     }
                 }
                 spec.triggers.push(trigger_spec);

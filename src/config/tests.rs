@@ -711,6 +711,33 @@ fn a_rule_may_react_to_several_sources() {
 }
 
 #[test]
+fn statuses_that_would_stay_pending_are_warned_about_once() {
+    let config = |upstream_extra: &str, extra: &str| {
+        format!(
+            "[upstream.gitlab]\nurl = \"https://gitlab.example.com\"\n{upstream_extra}\
+             [source.gh]\nprovider = \"github\"\nsecret = \"env:S\"\nstatus = {{ token = \"env:T\" }}\n{extra}\
+             [[rule]]\nname = \"a\"\nsource = \"gh\"\n[rule.trigger]\nproject = \"1\"\nref = \"main\"\ntoken = \"env:T\"\n\
+             [[rule]]\nname = \"b\"\nsource = \"gh\"\n[rule.trigger]\nproject = \"2\"\nref = \"main\"\ntoken = \"env:T\"\n"
+        )
+    };
+    let env = [("S", "0123456789abcdef0123"), ("T", "glptt-0123456789")];
+    let found = warnings(&load_text(&[("a.toml", &config("", ""))], &env).unwrap());
+    assert_eq!(found.len(), 1, "once per source and upstream: {found:#?}");
+    assert!(
+        found[0].starts_with("a.toml:11: rule \"a\": source \"gh\" posts commit statuses, but nothing tells hookrelay how pipelines on upstream \"gitlab\" go on"),
+        "{found:?}"
+    );
+    // Told by pipeline events, or by polls: nothing to warn about.
+    let events =
+        "[source.pipelines]\nprovider = \"gitlab\"\nsecret = \"env:S\"\nupstream = \"gitlab\"\n";
+    let polls = "read_token = \"env:T\"\n";
+    for (upstream_extra, extra) in [("", events), (polls, "")] {
+        let config = load_text(&[("a.toml", &config(upstream_extra, extra))], &env).unwrap();
+        assert!(warnings(&config).is_empty(), "{:#?}", warnings(&config));
+    }
+}
+
+#[test]
 fn status_settings_are_checked_where_they_are_written() {
     let env = [
         ("S", "0123456789abcdef0123"),
