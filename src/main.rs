@@ -97,9 +97,25 @@ enum Command {
         replan: bool,
         #[command(flatten)]
         config: ConfigArg,
+        /// Every trigger that failed for good since --since (e.g. after fixing a revoked
+        /// trigger token), narrowed by --project, --source and --rule.
+        #[arg(long, conflicts_with_all = ["id", "replan"], requires = "since")]
+        failed: bool,
+        /// With --failed: triggers received within this long (`2h`) or since this UTC time.
+        #[arg(long, requires = "failed")]
+        since: Option<String>,
+        /// With --failed: only triggers for this project (as the rule names it).
+        #[arg(long, requires = "failed")]
+        project: Option<String>,
+        /// With --failed: only triggers of webhooks from this source.
+        #[arg(long, requires = "failed")]
+        source: Option<String>,
+        /// With --failed: only triggers of this rule.
+        #[arg(long, requires = "failed")]
+        rule: Option<String>,
         /// A trigger id (`42` or `trigger:42`), or a delivery id or its unique start (`delivery:…`).
-        #[arg(value_name = "ID")]
-        id: String,
+        #[arg(value_name = "ID", required_unless_present = "failed")]
+        id: Option<String>,
     },
     /// Stop a waiting or retrying trigger (by its id), or every waiting trigger of a project.
     Cancel {
@@ -315,14 +331,55 @@ fn main() -> ExitCode {
         }
         Command::Replay {
             state,
+            failed: true,
+            since,
+            project,
+            source,
+            rule,
+            ..
+        } => {
+            let now = hookrelay::outbox::now_ms();
+            let since = match since
+                .map(|text| commands::parse_time(&text, now))
+                .transpose()
+            {
+                Ok(since) => since,
+                Err(message) => {
+                    eprintln!("hookrelay replay: --since: {message}");
+                    return ExitCode::from(2);
+                }
+            };
+            let filter = hookrelay::outbox::ListFilter {
+                source,
+                rule,
+                project,
+                since,
+                ..Default::default()
+            };
+            match state.location("replay") {
+                Ok(store) => commands::replay_failed(&store, filter),
+                Err(code) => code,
+            }
+        }
+        Command::Replay {
+            state,
             replan: true,
             config,
-            id,
+            id: Some(id),
+            ..
         } => commands::replan(&config.path, &state.state_dir, state.store.as_deref(), &id),
-        Command::Replay { state, id, .. } => match state.location("replay") {
+        Command::Replay {
+            state,
+            id: Some(id),
+            ..
+        } => match state.location("replay") {
             Ok(store) => commands::replay(&store, &id),
             Err(code) => code,
         },
+        Command::Replay { id: None, .. } => {
+            eprintln!("hookrelay replay: name a trigger or delivery id, or use --failed");
+            ExitCode::from(2)
+        }
         Command::Backup { state, to } => match state.location("backup") {
             Ok(store) => commands::backup(&store, &to),
             Err(code) => code,

@@ -913,6 +913,34 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
         "{table}"
     );
 
+    // Every trigger that failed for good in a window, once: a second run queues nothing.
+    let output = hookrelay(&["replay", "--state", state, "--failed"]);
+    assert_eq!(output.status.code(), Some(2), "--failed needs --since");
+    let output = hookrelay(&["replay", "--state", state, "--failed", "--since", "1h"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.starts_with("queued again 1 failed trigger: 1 as 2;"),
+        "{stdout}"
+    );
+    let output = hookrelay(&["replay", "--state", state, "--failed", "--since", "1h"]);
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("nothing queued again"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let output = hookrelay(&[
+        "replay",
+        "--state",
+        state,
+        "--failed",
+        "--since",
+        "1h",
+        "--project",
+        "other/app",
+    ]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("nothing queued again"));
+
     let output = hookrelay(&["replay", "--state", state, &format!("delivery:{delivery}")]);
     assert!(
         output.status.success(),

@@ -19,7 +19,7 @@ use crate::store::StoreLocation;
 
 pub mod store;
 
-pub use store::{backup, cancel, deliveries, parse_time, replan, replay};
+pub use store::{backup, cancel, deliveries, parse_time, replan, replay, replay_failed};
 pub(crate) use store::{next_attempt, row_state};
 
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.

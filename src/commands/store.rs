@@ -364,6 +364,81 @@ pub fn replay(store: &StoreLocation, target: &str) -> ExitCode {
     }
 }
 
+/// Rows one `replay --failed` reads; a window holding more is to be narrowed.
+const MOST_READ: usize = 20_000;
+
+/// `hookrelay replay --failed`: every trigger that failed for good and that `filter`
+/// selects, queued again (each a new trigger, linked to the one it replays), unless it was
+/// replayed already: running the command twice queues nothing twice. Gateway calls are
+/// their callers' to repeat, and status posts follow their pipelines: neither is replayed.
+pub fn replay_failed(store: &StoreLocation, filter: ListFilter) -> ExitCode {
+    let filter = ListFilter {
+        limit: MOST_READ,
+        ..filter
+    };
+    let rows = match crate::outbox::list(store, &filter) {
+        Ok(rows) => rows,
+        Err(err) => {
+            eprintln!("hookrelay replay: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if rows.len() >= MOST_READ {
+        eprintln!(
+            "hookrelay replay: the window holds {MOST_READ} or more rows; narrow it (--since, --project, --source, --rule)"
+        );
+        return ExitCode::from(2);
+    }
+    let replayed: std::collections::BTreeSet<i64> =
+        rows.iter().filter_map(|row| row.replay_of).collect();
+    let mut failed: Vec<i64> = rows
+        .iter()
+        .filter(|row| {
+            row.kind.as_deref() == Some("trigger")
+                && row.source != "gateway"
+                && row.state.as_deref() == Some("failed")
+        })
+        .filter_map(|row| row.trigger_id)
+        .filter(|id| !replayed.contains(id))
+        .collect();
+    failed.sort_unstable();
+    failed.dedup();
+    if failed.is_empty() {
+        println!(
+            "no trigger failed for good in that window, or each was replayed already; nothing queued again"
+        );
+        return ExitCode::SUCCESS;
+    }
+    let mut queued = Vec::new();
+    let mut code = ExitCode::SUCCESS;
+    for id in &failed {
+        match crate::outbox::replay_offline(store, &ReplayTarget::Trigger(*id)) {
+            Ok(ids) => queued.extend(ids.into_iter().map(|new| (*id, new))),
+            Err(err) => {
+                eprintln!("hookrelay replay: trigger {id}: {err}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    let shown: Vec<String> = queued
+        .iter()
+        .take(20)
+        .map(|(old, new)| format!("{old} as {new}"))
+        .collect();
+    println!(
+        "queued again {} failed trigger{}: {}{}; a running relay sends them within a second",
+        queued.len(),
+        if queued.len() == 1 { "" } else { "s" },
+        shown.join(", "),
+        if queued.len() > shown.len() {
+            ", …"
+        } else {
+            ""
+        }
+    );
+    code
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
