@@ -161,72 +161,32 @@ pub(super) fn compile_source(
     // An invalid `signature` is reported on its own; it is not also "no proof".
     let signature_given = raw.signature.is_some();
     let has_signing_secret = raw.signing_secret.is_some();
-    // One secret, or the current and the previous one while senders move to the new.
-    let mut secrets = Vec::new();
-    if let Some(field) = raw.secret {
-        let span = field.span();
-        let references = field.into_inner().into_strings();
-        if references.is_empty() {
-            problems.at(
-                Some(span.clone()),
-                format!("source.{name}.secret is an empty list; name the secret (while rotating it, the new one and then the old)"),
-            );
-            ok = false;
-        }
-        for reference in references {
-            let field = Spanned::new(span.clone(), reference);
-            let Some(secret) = resolve(name, "secret", field, resolve_secrets, problems, &mut ok)
-            else {
-                continue;
-            };
-            match weakness(secret.expose()) {
-                None => secrets.push(secret),
-                Some(reason) => {
-                    problems.at(
-                        Some(span.clone()),
-                        format!("source.{name}.secret: {reason}"),
-                    );
-                    ok = false;
-                }
-            }
-        }
-    }
-    // One key, or the new and the old while it is rotated.
-    let mut signing_keys = Vec::new();
-    if let Some(field) = raw.signing_secret {
-        let span = field.span();
-        let references = field.into_inner().into_strings();
-        if references.is_empty() {
-            problems.at(
-                Some(span.clone()),
-                format!("source.{name}.signing_secret is an empty list; name the key (while rotating it, the new one and then the old)"),
-            );
-            ok = false;
-        }
-        for reference in references {
-            let field = Spanned::new(span.clone(), reference);
-            let Some(secret) = resolve(
-                name,
-                "signing_secret",
-                field,
-                resolve_secrets,
-                problems,
-                &mut ok,
-            ) else {
-                continue;
-            };
-            match SigningKey::parse(secret.expose()) {
-                Ok(key) => signing_keys.push(key),
-                Err(reason) => {
-                    problems.at(
-                        Some(span.clone()),
-                        format!("source.{name}.signing_secret: {reason}"),
-                    );
-                    ok = false;
-                }
-            }
-        }
-    }
+    // One secret (or key), or the new and the old one while senders move to the new.
+    let secrets = raw.secret.map_or_else(Vec::new, |field| {
+        resolve_list(
+            name,
+            "secret",
+            field,
+            resolve_secrets,
+            problems,
+            &mut ok,
+            |secret| match weakness(secret.expose()) {
+                None => Ok(secret),
+                Some(reason) => Err(reason),
+            },
+        )
+    });
+    let signing_keys = raw.signing_secret.map_or_else(Vec::new, |field| {
+        resolve_list(
+            name,
+            "signing_secret",
+            field,
+            resolve_secrets,
+            problems,
+            &mut ok,
+            |secret| SigningKey::parse(secret.expose()),
+        )
+    });
     let timestamp_tolerance = typed(
         raw.timestamp_tolerance,
         Duration::from_secs(300),
@@ -473,6 +433,43 @@ fn resolve(
         *ok = false;
     }
     found.and_then(|(_, secret)| secret)
+}
+
+/// A secret setting that takes one reference or a list (while it is rotated): each read
+/// and checked by `check`, each problem reported at the setting.
+fn resolve_list<T>(
+    name: &str,
+    key: &str,
+    field: Spanned<super::rule::OneOrMany>,
+    resolve_secrets: Option<EnvLookup<'_>>,
+    problems: &mut FileProblems<'_>,
+    ok: &mut bool,
+    check: impl Fn(Secret) -> Result<T, String>,
+) -> Vec<T> {
+    let span = field.span();
+    let references = field.into_inner().into_strings();
+    if references.is_empty() {
+        problems.at(
+            Some(span.clone()),
+            format!("source.{name}.{key} is an empty list; name it (while rotating it, the new one and then the old)"),
+        );
+        *ok = false;
+    }
+    let mut checked = Vec::new();
+    for reference in references {
+        let field = Spanned::new(span.clone(), reference);
+        let Some(secret) = resolve(name, key, field, resolve_secrets, problems, ok) else {
+            continue;
+        };
+        match check(secret) {
+            Ok(value) => checked.push(value),
+            Err(reason) => {
+                problems.at(Some(span.clone()), format!("source.{name}.{key}: {reason}"));
+                *ok = false;
+            }
+        }
+    }
+    checked
 }
 
 fn compile_generic(

@@ -237,7 +237,7 @@ fn a_secret_being_rotated_is_a_list_of_two() {
     assert_eq!(
         problems,
         [
-            "a.toml:3: source.gh.secret is an empty list; name the secret (while rotating it, the new one and then the old)"
+            "a.toml:3: source.gh.secret is an empty list; name it (while rotating it, the new one and then the old)"
         ]
     );
 }
