@@ -96,12 +96,12 @@ impl Forge {
     /// The forge's word for a GitLab pipeline state (`refused`: GitLab refused the trigger).
     pub fn state(self, gitlab: &str) -> &'static str {
         if self == Forge::Gitlab {
-            // GitLab's own commit-status states (`pending`, `running`, `success`, `failed`,
-            // `canceled`, `skipped`).
+            // The states GitLab's commit-status API documents (`pending`, `running`,
+            // `success`, `failed`, `canceled`); a skipped pipeline reads as passed, as on
+            // the other forges.
             return match gitlab {
                 "running" => "running",
-                "success" => "success",
-                "skipped" => "skipped",
+                "success" | "skipped" => "success",
                 "failed" | "refused" => "failed",
                 "canceled" => "canceled",
                 _ => "pending",
@@ -525,7 +525,7 @@ mod tests {
             ("manual", "pending"),
             ("running", "running"),
             ("success", "success"),
-            ("skipped", "skipped"),
+            ("skipped", "success"),
             ("failed", "failed"),
             ("refused", "failed"),
             ("canceled", "canceled"),
