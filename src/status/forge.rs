@@ -265,7 +265,17 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
             pipeline_url: None,
         };
     }
-    let reason = format!("{} {}", status.as_u16(), message(&answer.body));
+    let said = message(&answer.body);
+    // GitLab refuses to set a commit status to the state it has already (`400 Cannot
+    // transition status via :run from :running`): the commit shows what was wanted.
+    if status == StatusCode::BAD_REQUEST && said.starts_with("Cannot transition status via") {
+        return Verdict::Sent {
+            status: status.as_u16(),
+            pipeline_id: None,
+            pipeline_url: None,
+        };
+    }
+    let reason = format!("{} {said}", status.as_u16());
     if let Some(floor) = rate_limited(answer, now) {
         return Verdict::Retry {
             floor,
@@ -285,7 +295,7 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
             " — the status token was not accepted (expired, revoked, or not a token of this forge)"
         }
         StatusCode::FORBIDDEN => {
-            " — the status token may not write commit statuses to this repository (GitHub: repo:status or \"Commit statuses\" write; Gitea/Forgejo: write:repository; Bitbucket: repository write)"
+            " — the status token may not write commit statuses to this repository (GitHub: repo:status or \"Commit statuses\" write; Gitea/Forgejo: write:repository; Bitbucket: repository write; GitLab: api, Developer or more)"
         }
         StatusCode::NOT_FOUND => {
             " — the repository or commit is not visible to the status token (a private repository answers 404 to a token without access)"
@@ -548,6 +558,27 @@ mod tests {
             body: Bytes::from(body.to_owned()),
             latency: Duration::ZERO,
         }
+    }
+
+    /// GitLab's answer to a state set again (from its own API tests) is the commit already
+    /// showing it; another 400 is a refusal.
+    #[test]
+    fn gitlab_refusing_a_repeated_state_is_sent() {
+        let now = SystemTime::now();
+        let repeated = answer(
+            400,
+            &[],
+            r#"{"message":"Cannot transition status via :run from :running (Reason(s): Status cannot transition via \"run\")"}"#,
+        );
+        assert!(matches!(
+            classify(&Ok(repeated), now),
+            Verdict::Sent { status: 400, .. }
+        ));
+        let refused = answer(400, &[], r#"{"message":"state is missing"}"#);
+        assert!(matches!(
+            classify(&Ok(refused), now),
+            Verdict::Failed { .. }
+        ));
     }
 
     #[test]
