@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::signature::{
     SignatureError, StandardWebhookHeaders, any_token_matches, verify_hmac_header,
-    verify_standard_webhook, verify_with_any,
+    verify_standard_webhook,
 };
 use super::{
     GenericScheme, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
@@ -121,17 +121,15 @@ fn verify(
             prefix,
         } => {
             let value = request.header(header).ok_or_else(|| missing(header))?;
-            Ok(verify_with_any(&source.secrets, |key| {
-                verify_hmac_header(
-                    header,
-                    value,
-                    prefix,
-                    *encoding,
-                    *algorithm,
-                    key,
-                    request.body,
-                )
-            })?)
+            Ok(verify_hmac_header(
+                header,
+                value,
+                prefix,
+                *encoding,
+                *algorithm,
+                &source.secrets,
+                request.body,
+            )?)
         }
         GenericScheme::Token { header } => {
             let value = request

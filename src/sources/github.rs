@@ -12,7 +12,7 @@
 
 use serde::Deserialize;
 
-use super::signature::{Algorithm, Encoding, SignatureError, verify_hmac_header, verify_with_any};
+use super::signature::{Algorithm, Encoding, SignatureError, verify_hmac_header};
 use super::{
     Outcome, Received, SourceConfig, SourceError, Verification, WebhookRequest, context,
     delivery_id, event_type, one_event, payload, typed,
@@ -120,32 +120,28 @@ fn verify(source: &SourceConfig, request: &WebhookRequest<'_>) -> Result<(), Sou
         return Ok(());
     }
     if let Some(value) = request.header(SIGNATURE_HEADER) {
-        return Ok(verify_with_any(&source.secrets, |key| {
-            verify_hmac_header(
-                SIGNATURE_HEADER,
-                value,
-                "sha256=",
-                Encoding::Hex,
-                Algorithm::Sha256,
-                key,
-                request.body,
-            )
-        })?);
+        return Ok(verify_hmac_header(
+            SIGNATURE_HEADER,
+            value,
+            "sha256=",
+            Encoding::Hex,
+            Algorithm::Sha256,
+            &source.secrets,
+            request.body,
+        )?);
     }
     if source.allow_sha1
         && let Some(value) = request.header(SHA1_HEADER)
     {
-        return Ok(verify_with_any(&source.secrets, |key| {
-            verify_hmac_header(
-                SHA1_HEADER,
-                value,
-                "sha1=",
-                Encoding::Hex,
-                Algorithm::Sha1,
-                key,
-                request.body,
-            )
-        })?);
+        return Ok(verify_hmac_header(
+            SHA1_HEADER,
+            value,
+            "sha1=",
+            Encoding::Hex,
+            Algorithm::Sha1,
+            &source.secrets,
+            request.body,
+        )?);
     }
     Err(SignatureError::Missing {
         header: if source.allow_sha1 {

@@ -377,17 +377,15 @@ fn verify_sha256_headers(
         if value.eq_ignore_ascii_case(prefix) {
             continue; // `sha256=` with no digest: Gitea without a secret.
         }
-        signature::verify_with_any(&source.secrets, |key| {
-            signature::verify_hmac_header(
-                name,
-                value,
-                prefix,
-                Encoding::Hex,
-                Algorithm::Sha256,
-                key,
-                signed,
-            )
-        })?;
+        signature::verify_hmac_header(
+            name,
+            value,
+            prefix,
+            Encoding::Hex,
+            Algorithm::Sha256,
+            &source.secrets,
+            signed,
+        )?;
         return Ok(());
     }
     let names: Vec<&str> = headers.iter().map(|(name, _)| *name).collect();

@@ -106,14 +106,17 @@ pub fn hmac_hex(algorithm: Algorithm, key: &[u8], body: &[u8]) -> String {
     })
 }
 
-/// Checks a signature header such as `sha256=<hex>` (prefix `sha256=`) or bare hex.
+/// Checks a signature header such as `sha256=<hex>` (prefix `sha256=`) or bare hex
+/// against the source's secrets: usually one; while one is rotated, the new one first and
+/// then the old. The header is read once; a signature that cannot be read fails whatever
+/// the secrets.
 pub fn verify_hmac_header(
     header: &str,
     value: &str,
     prefix: &str,
     encoding: Encoding,
     algorithm: Algorithm,
-    key: &[u8],
+    keys: &[crate::secret::Secret],
     body: &[u8],
 ) -> Result<(), SignatureError> {
     let malformed = |reason: &str| SignatureError::Malformed {
@@ -135,7 +138,10 @@ pub fn verify_hmac_header(
             .decode(encoded)
             .map_err(|_| malformed("it is not base64"))?,
     };
-    if hmac_matches(algorithm, key, &[body], &signature) {
+    if keys
+        .iter()
+        .any(|key| hmac_matches(algorithm, key.expose().as_bytes(), &[body], &signature))
+    {
         Ok(())
     } else {
         Err(SignatureError::Mismatch {
@@ -155,24 +161,6 @@ pub fn any_token_matches(secrets: &[crate::secret::Secret], given: &str) -> bool
     secrets.iter().fold(false, |found, secret| {
         token_matches(secret.expose(), given) | found
     })
-}
-
-/// A check that passes with any of the source's secrets (the current one first; the
-/// previous one while it is rotated). A signature that cannot be read fails at once; one
-/// that matches no secret reports the last secret's mismatch, which names no secret.
-pub fn verify_with_any(
-    secrets: &[crate::secret::Secret],
-    check: impl Fn(&[u8]) -> Result<(), SignatureError>,
-) -> Result<(), SignatureError> {
-    let mut outcome = Ok(());
-    for secret in secrets {
-        outcome = check(secret.expose().as_bytes());
-        match &outcome {
-            Ok(()) | Err(SignatureError::Malformed { .. }) => return outcome,
-            Err(_) => {}
-        }
-    }
-    outcome
 }
 
 /// A Standard Webhooks key, decoded from its `whsec_<base64>` form. Prints only a mask.
@@ -292,6 +280,12 @@ mod tests {
 
     const GITHUB_SECRET: &[u8] = b"It's a Secret to Everybody";
 
+    fn keys(keys: &[&str]) -> Vec<crate::secret::Secret> {
+        keys.iter()
+            .map(|key| crate::secret::Secret::new(key.to_string()))
+            .collect()
+    }
+
     #[test]
     fn a_missing_signature_names_the_headers_expected() {
         let message = |headers: &[&str]| SignatureError::missing_any(headers).to_string();
@@ -313,7 +307,7 @@ mod tests {
                 "sha256=",
                 Encoding::Hex,
                 Algorithm::Sha256,
-                GITHUB_SECRET,
+                &keys(&["It's a Secret to Everybody"]),
                 body,
             )
         };
@@ -336,7 +330,7 @@ mod tests {
             "sha256=",
             Encoding::Hex,
             Algorithm::Sha256,
-            b"k",
+            &keys(&["k"]),
             b"b",
         )
         .unwrap_err();
@@ -344,8 +338,16 @@ mod tests {
             err.to_string().contains("does not start with \"sha256=\""),
             "{err}"
         );
-        let err = verify_hmac_header("X", "zz", "", Encoding::Hex, Algorithm::Sha256, b"k", b"b")
-            .unwrap_err();
+        let err = verify_hmac_header(
+            "X",
+            "zz",
+            "",
+            Encoding::Hex,
+            Algorithm::Sha256,
+            &keys(&["k"]),
+            b"b",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("not hexadecimal"), "{err}");
     }
 
@@ -361,7 +363,7 @@ mod tests {
                 "",
                 Encoding::Base64,
                 Algorithm::Sha512,
-                key,
+                &keys(&["key"]),
                 b"body"
             ),
             Ok(())
