@@ -328,28 +328,21 @@ fn write_rules(
     }
     let _ = writeln!(out, "trigger calls ({})", planned.len());
     for plan in planned {
-        match plan.trigger {
+        match &plan.trigger {
             Ok(trigger) => {
                 let ref_origin = if url_ref.is_some() {
                     "  (from --ref, as ?ref= would)"
                 } else {
                     ""
                 };
-                write_call(
-                    out,
-                    config,
-                    &plan.rule,
-                    &plan.token_ref,
-                    &trigger,
-                    ref_origin,
-                );
+                write_call(out, config, &plan, trigger, ref_origin);
                 if let Some(source) = config.sources.get(&event.source)
                     && source.status.is_some()
                 {
                     let _ = match hooks::status_target(
                         config,
                         source,
-                        &trigger,
+                        trigger,
                         &plan.status_context,
                         plan.commit.clone(),
                     ) {
@@ -384,27 +377,27 @@ fn write_rules(
 fn write_call(
     out: &mut String,
     config: &crate::config::Config,
-    rule: &str,
-    token_ref: &crate::secret::SecretRef,
+    plan: &crate::rules::Planned,
     trigger: &crate::trigger::Trigger,
     ref_origin: &str,
 ) {
     let base = config
         .upstreams
         .get(&trigger.upstream)
-        .map(|u| u.url.to_string().trim_end_matches('/').to_owned())
+        .map(crate::config::UpstreamConfig::base_url)
         .unwrap_or_default();
     let _ = writeln!(
         out,
-        "  POST {base}/api/v4/projects/{}/trigger/pipeline   (rule {rule}, upstream {})",
+        "  POST {base}/api/v4/projects/{}/trigger/pipeline   (rule {}, upstream {})",
         trigger.project.encoded(),
+        plan.rule,
         trigger.upstream
     );
     let _ = writeln!(out, "    ref       {}{ref_origin}", trigger.git_ref);
     let _ = writeln!(
         out,
         "    token     {}",
-        token_shown(&trigger.token, token_ref)
+        token_shown(&trigger.token, &plan.token_ref)
     );
     for (key, value) in &trigger.variables {
         let _ = writeln!(out, "    variables[{key}] = {value:?}");
@@ -468,12 +461,12 @@ pub fn explain_schedule(config_path: &Path, name: &str, json: bool) -> Result<St
             .format("%Y-%m-%d %H:%M:%S %Z")
             .to_string()
     };
-    // The time as the scheduler gives it to templates (`schedule.time`).
     let planned = times
         .first()
         .map(|first| {
-            let shown = first.with_timezone(&schedule.timezone).to_rfc3339();
-            config.rules.plan_scheduled(rule, &shown)
+            config
+                .rules
+                .plan_scheduled(rule, &schedule.time_text(*first))
         })
         .unwrap_or_default();
     let place = format!("{}:{}", rule.spec.file.display(), rule.spec.line);
@@ -529,7 +522,7 @@ pub fn explain_schedule(config_path: &Path, name: &str, json: bool) -> Result<St
     );
     for plan in &planned {
         match &plan.trigger {
-            Ok(trigger) => write_call(&mut out, &config, &plan.rule, &plan.token_ref, trigger, ""),
+            Ok(trigger) => write_call(&mut out, &config, plan, trigger, ""),
             Err(error) => {
                 let _ = writeln!(out, "  ✗ rule {}: not sent: {error}", plan.rule);
             }

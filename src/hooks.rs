@@ -415,9 +415,7 @@ pub(crate) fn status_target(
     let status = source.status.as_ref()?;
     let (repository, sha) = commit?;
     let upstream = config.upstreams.get(&trigger.upstream);
-    let base = upstream.map_or_else(String::new, |u| {
-        u.url.to_string().trim_end_matches('/').to_owned()
-    });
+    let base = upstream.map_or_else(String::new, crate::config::UpstreamConfig::base_url);
     let project = trigger.project.to_string();
     Some(crate::status::StatusTarget {
         source: source.name.clone(),
@@ -438,7 +436,6 @@ pub(crate) fn status_target(
     })
 }
 
-/// An upstream limit that rejects refuses the webhook while a project has no room.
 /// Whether the webhook is a repeat of one stored before, looked up only where an upstream
 /// limit would refuse its triggers: a repeat queues nothing, so no limit applies to it and
 /// it is answered as the duplicate it is. Otherwise a sender's redelivery of a webhook that
@@ -467,6 +464,7 @@ async fn already_stored_past_limits(
         .unwrap_or(false)
 }
 
+/// An upstream limit that rejects refuses the webhook while a project has no room.
 async fn check_upstream_limits(runtime: &Runtime, triggers: &[NewTrigger]) -> Result<(), ApiError> {
     for trigger in triggers {
         let limiter = runtime.limits.upstream_project(&trigger.upstream);

@@ -231,6 +231,18 @@ fn end_quietly_on_a_closed_pipe() {
     }
 }
 
+/// A time flag (`--since 2h`, `--until "2026-12-02 10:00"`) as milliseconds since 1970, or
+/// the exit status after saying what is wrong with it.
+fn time_flag(command: &str, flag: &str, text: Option<String>) -> Result<Option<i64>, ExitCode> {
+    let now = hookrelay::outbox::now_ms();
+    text.map(|text| commands::parse_time(&text, now))
+        .transpose()
+        .map_err(|message| {
+            eprintln!("hookrelay {command}: {flag}: {message}");
+            ExitCode::from(2)
+        })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve { .. }) {
@@ -294,15 +306,7 @@ fn main() -> ExitCode {
             limit,
             json,
         } => {
-            let now = hookrelay::outbox::now_ms();
-            let time = |text: Option<String>, flag: &str| {
-                text.map(|text| commands::parse_time(&text, now))
-                    .transpose()
-                    .map_err(|message| {
-                        eprintln!("hookrelay deliveries: {flag}: {message}");
-                        ExitCode::from(2)
-                    })
-            };
+            let time = |text, flag| time_flag("deliveries", flag, text);
             let (since, until) = match (time(since, "--since"), time(until, "--until")) {
                 (Ok(since), Ok(until)) => (since, until),
                 (Err(code), _) | (_, Err(code)) => return code,
@@ -338,16 +342,9 @@ fn main() -> ExitCode {
             rule,
             ..
         } => {
-            let now = hookrelay::outbox::now_ms();
-            let since = match since
-                .map(|text| commands::parse_time(&text, now))
-                .transpose()
-            {
+            let since = match time_flag("replay", "--since", since) {
                 Ok(since) => since,
-                Err(message) => {
-                    eprintln!("hookrelay replay: --since: {message}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let filter = hookrelay::outbox::ListFilter {
                 source,

@@ -296,7 +296,7 @@ impl Metrics {
             config_reload_successful.clone(),
         );
         let config_loaded_at = Gauge::default();
-        config_loaded_at.set(unix_seconds());
+        config_loaded_at.set(crate::outbox::now_ms() / 1000);
         registry.register(
             "config_last_reload_success_timestamp_seconds",
             "When the configuration in use was loaded (the start, or the last reload that took), in seconds since 1970",
@@ -393,11 +393,11 @@ impl Metrics {
         );
     }
 
-    /// A reload took (`true`) or failed and left the running configuration (`false`).
-    pub fn config_reloaded(&self, took: bool) {
+    /// A reload at `at_ms` took (`true`) or failed and left the running configuration.
+    pub fn config_reloaded(&self, took: bool, at_ms: i64) {
         self.config_reload_successful.set(i64::from(took));
         if took {
-            self.config_loaded_at.set(unix_seconds());
+            self.config_loaded_at.set(at_ms / 1000);
         }
     }
 
@@ -567,13 +567,6 @@ pub fn sample(scrape: &str, name: &str) -> Option<f64> {
 
 /// The content type of [`Metrics::encode`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// Seconds since 1970, now.
-fn unix_seconds() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64)
-}
 
 #[cfg(test)]
 mod tests {

@@ -44,9 +44,10 @@ fn fingerprint(path: &Path, app: &App) -> Fingerprint {
 /// Reloads now, logging the outcome. Returns whether the new configuration is in use.
 pub fn reload_now(app: &App, why: &str) -> bool {
     let result = app.reload();
-    app.metrics.config_reloaded(result.is_ok());
+    let now = crate::outbox::now_ms();
+    // The health page and the metrics record the same reload.
+    app.metrics.config_reloaded(result.is_ok(), now);
     {
-        let now = crate::outbox::now_ms();
         let mut reloaded = app.reloaded.lock().expect("never poisoned");
         match &result {
             Ok(_) => {

@@ -84,13 +84,12 @@ fn next_occurrence(rules: &RuleSet, after: DateTime<Utc>) -> Option<DateTime<Utc
 /// Records a scheduled rule's triggers in the outbox, which sends them. The delivery id is
 /// the rule and the time, so a restart that looks at the same moment again queues nothing.
 async fn fire(app: &App, runtime: &crate::app::Runtime, rule: &Rule, time: DateTime<Utc>) {
-    let timezone = rule
+    let shown = rule
         .spec
         .schedule
         .as_ref()
         .expect("due rules are scheduled")
-        .timezone;
-    let shown = time.with_timezone(&timezone).to_rfc3339();
+        .time_text(time);
     let mut triggers = Vec::new();
     for planned in runtime.config.rules.plan_scheduled(rule, &shown) {
         match planned.trigger {

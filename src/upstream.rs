@@ -148,7 +148,7 @@ impl Upstream {
             reason,
         };
         let tls = crate::tls::client_config(config.ca_file.as_deref()).map_err(tls_error)?;
-        let base = config.url.to_string().trim_end_matches('/').to_owned();
+        let base = config.base_url();
         let destination: http::Uri = base.parse().map_err(|err| UpstreamError::Proxy {
             upstream: called.clone(),
             reason: format!("{base} is not a URL hyper can call: {err}"),

@@ -494,7 +494,7 @@ pub fn configuration(app: &App) -> Value {
         .upstreams
         .values()
         .map(|upstream| {
-            let url = upstream.url.to_string().trim_end_matches('/').to_owned();
+            let url = upstream.base_url();
             let proxy = crate::outbound::Proxy::shown_for(&url).map(|proxy| proxy.shown);
             json!({ "name": upstream.name, "url": url, "proxy": proxy })
         })

@@ -172,17 +172,17 @@ pub fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// Every address the relay calls (upstreams, and forges for statuses), by what calls it.
-fn called_addresses(config: &Config) -> Vec<(String, String)> {
-    let upstreams = config.upstreams.values().map(|u| {
-        (
-            format!("upstream {:?}", u.name),
-            u.url.to_string().trim_end_matches('/').to_owned(),
-        )
-    });
+/// Every address the relay calls (upstreams, and forges for statuses), named as the
+/// clients' errors name them.
+fn called_addresses(config: &Config) -> Vec<(crate::upstream::Called, String)> {
+    use crate::upstream::Called;
+    let upstreams = config
+        .upstreams
+        .values()
+        .map(|u| (Called::Upstream(u.name.clone()), u.base_url()));
     let forges = config.sources.values().filter_map(|s| {
         let status = s.status.as_ref()?;
-        Some((format!("statuses of {:?}", s.name), status.api_url.clone()))
+        Some((Called::Forge(s.name.clone()), status.api_url.clone()))
     });
     upstreams.chain(forges).collect()
 }
@@ -217,7 +217,7 @@ fn summary(config: &Config) -> String {
         .upstreams
         .values()
         .map(|u| {
-            let url = u.url.to_string().trim_end_matches('/').to_owned();
+            let url = u.base_url();
             format!("{} ({url}{})", u.name, via_proxy(&url))
         })
         .collect();

@@ -409,17 +409,16 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let mut queued = Vec::new();
-    let mut code = ExitCode::SUCCESS;
-    for id in &failed {
-        match crate::outbox::replay_offline(store, &ReplayTarget::Trigger(*id)) {
-            Ok(ids) => queued.extend(ids.into_iter().map(|new| (*id, new))),
-            Err(err) => {
-                eprintln!("hookrelay replay: trigger {id}: {err}");
-                code = ExitCode::FAILURE;
-            }
+    let queued: Vec<(i64, i64)> = match crate::outbox::replay_triggers_offline(store, &failed) {
+        Ok(replays) => replays
+            .into_iter()
+            .flat_map(|(id, new)| new.into_iter().map(move |new| (id, new)))
+            .collect(),
+        Err(err) => {
+            eprintln!("hookrelay replay: {err}; nothing was queued again");
+            return ExitCode::FAILURE;
         }
-    }
+    };
     let shown: Vec<String> = queued
         .iter()
         .take(20)
@@ -436,7 +435,7 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter) -> ExitCode {
             ""
         }
     );
-    code
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

@@ -608,7 +608,8 @@ impl Builder {
                     }
                 }
                 for source in &spec.sources {
-                    if !stuck_statuses.contains(&(source.clone(), trigger_spec.upstream.clone()))
+                    let key = (source.clone(), trigger_spec.upstream.clone());
+                    if !stuck_statuses.contains(&key)
                         && let Some(message) = Builder::statuses_stay_pending(
                             &self.sources,
                             &self.upstreams,
@@ -616,7 +617,7 @@ impl Builder {
                             &trigger_spec.upstream,
                         )
                     {
-                        stuck_statuses.insert((source.clone(), trigger_spec.upstream.clone()));
+                        stuck_statuses.insert(key);
                         self.warnings.push(Problem {
                             file: spec.file.clone(),
                             line: Some(trigger_spec.line),

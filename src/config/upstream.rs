@@ -38,6 +38,13 @@ pub struct UpstreamConfig {
     pub poll_interval: Duration,
 }
 
+impl UpstreamConfig {
+    /// The base URL as calls are built on it and messages show it: no trailing slash.
+    pub fn base_url(&self) -> String {
+        self.url.to_string().trim_end_matches('/').to_owned()
+    }
+}
+
 /// `[upstream.NAME] read_token`: its reference, and what it resolved to at load (`None`
 /// when secrets were not read).
 #[derive(Clone, Debug)]

@@ -639,6 +639,22 @@ pub fn replay_offline(
     })
 }
 
+/// Re-queues several triggers from outside the server (`hookrelay replay --failed`): one
+/// store connection and one transaction for all of them, so either every one is queued
+/// again or none is. Returns each trigger with the ids of its replays.
+pub fn replay_triggers_offline(
+    location: &StoreLocation,
+    triggers: &[i64],
+) -> Result<Vec<(i64, Vec<i64>)>, StoreError> {
+    offline(location, |engine| {
+        let now = now_ms();
+        triggers
+            .iter()
+            .map(|&id| Ok((id, engine.replay(&ReplayTarget::Trigger(id), now)?)))
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};

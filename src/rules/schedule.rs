@@ -39,6 +39,12 @@ impl Schedule {
             .ok()
             .map(|next| next.with_timezone(&Utc))
     }
+
+    /// A firing time as templates (`schedule.time`) and the firing's delivery id read it:
+    /// RFC 3339 in the schedule's zone.
+    pub fn time_text(&self, time: DateTime<Utc>) -> String {
+        time.with_timezone(&self.timezone).to_rfc3339()
+    }
 }
 
 #[cfg(test)]
