@@ -661,7 +661,9 @@ async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     // A crash and its recovery (an immediate shutdown skips the checkpoint), then the
     // connections cut from the server's side.
+    let crashed = std::time::Instant::now();
     tokio::task::block_in_place(|| server.restart("immediate"));
+    eprintln!("the database was back after {:?}", crashed.elapsed());
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::block_in_place(|| {
         server.admin(
@@ -685,10 +687,16 @@ async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
         .filter(|r| r.state.as_deref() != Some("sent"))
         .collect();
     assert!(stuck.is_empty(), "{stuck:#?}");
-    let calls = calls_per_delivery(&upstream);
-    let twice = calls.values().filter(|&&n| n > 1).count();
-    eprintln!("{twice} sent twice (in flight at a fault)");
-    assert!(twice <= 4, "{calls:?}");
+    // Nothing is sent twice either: claims and outcomes wait for the database's disk, so
+    // the crash forgets none the relays acted on, and a send in flight at a fault has its
+    // outcome recorded once the database is back (in about 0.2 s here; 0.35 s with the
+    // two cores kept busy), well within the 3 s lease. Before claims and outcomes waited,
+    // 0 to 5 triggers went twice in this test (3 runs in 11 above 4).
+    let twice: Vec<_> = calls_per_delivery(&upstream)
+        .into_iter()
+        .filter(|&(_, n)| n > 1)
+        .collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,11 +49,8 @@ pub struct PostgresEngine {
     open_change: i64,
     /// `touched.len()` and `open_change` when the current savepoint was set.
     savepoint_mark: (usize, i64),
-    /// A savepoint costs a round trip, and its release another; the next four fields
-    /// spare most of them. This one: whether the transaction was begun durable, to begin
-    /// it again the same way.
-    durable: bool,
-    /// Nothing has run in the transaction since `BEGIN`: a savepoint there is free (to
+    /// A savepoint costs a round trip, and its release another; the next three fields
+    /// spare most of them. This one: nothing has run in the transaction since `BEGIN`: a savepoint there is free (to
     /// undo the operation is to begin again).
     fresh: bool,
     /// The current savepoint is that free one.
@@ -168,7 +165,6 @@ impl PostgresEngine {
             touched: Vec::new(),
             open_change: 0,
             savepoint_mark: (0, 0),
-            durable: true,
             fresh: false,
             savepoint_at_start: false,
             release_pending: false,
@@ -232,22 +228,11 @@ impl PostgresEngine {
     }
 
     /// Begins a transaction (after `first`, a `ROLLBACK; ` or nothing) and reads the
-    /// database's clock, in one round trip. A group that acknowledges nothing (claims,
-    /// send outcomes) need not wait for the disk: lost in a database crash, it means a
-    /// trigger sent again, which at-least-once allows; as SQLite's `synchronous = NORMAL`
-    /// for the same groups.
-    fn start(&mut self, durable: bool, first: &str) -> Result<(), EngineError> {
-        let begin = if durable {
-            concat!("BEGIN; SELECT ", db_now!())
-        } else {
-            concat!(
-                "BEGIN; SET LOCAL synchronous_commit = off; SELECT ",
-                db_now!()
-            )
-        };
+    /// database's clock, in one round trip.
+    fn start(&mut self, first: &str) -> Result<(), EngineError> {
         let messages = self
             .client()
-            .simple_query(&format!("{first}{begin}"))
+            .simple_query(&format!(concat!("{}BEGIN; SELECT ", db_now!()), first))
             .map_err(error)?;
         let relay_now = super::now_ms();
         if let Some(db_now) = messages.iter().find_map(|message| match message {
@@ -257,7 +242,6 @@ impl PostgresEngine {
         {
             self.skew_ms = db_now - relay_now;
         }
-        self.durable = durable;
         self.fresh = true;
         self.savepoint_at_start = false;
         self.release_pending = false;
@@ -400,9 +384,15 @@ impl Engine for PostgresEngine {
         self.skew_ms
     }
 
-    fn begin(&mut self, durable: bool) -> Result<(), EngineError> {
+    /// Every transaction waits for the database's disk, claims and send outcomes too
+    /// (SQLite's need not: see there). A database that crashes by itself forgets commits
+    /// that had not reached its disk while this relay has already acted on them: a claim
+    /// or an outcome forgotten so is a trigger sent twice. Waiting costs no measurable
+    /// throughput: the acknowledgements' commits flush the disk anyway, and a claim's
+    /// flush joins theirs (README, "Several relays on PostgreSQL").
+    fn begin(&mut self, _durable: bool) -> Result<(), EngineError> {
         self.reconnect_if_lost()?;
-        self.start(durable, "")
+        self.start("")
     }
 
     fn commit(&mut self) -> Result<(), EngineError> {
@@ -445,9 +435,8 @@ impl Engine for PostgresEngine {
                 // Nothing else was in the transaction: undo it and begin again, in one
                 // round trip (no reconnection: a statement outside a transaction would
                 // commit by itself). Should that fail, so does the commit.
-                let durable = self.durable;
                 self.forget_transaction();
-                if let Err(err) = self.start(durable, "ROLLBACK; ") {
+                if let Err(err) = self.start("ROLLBACK; ") {
                     self.lost = Some(err);
                 }
             }

@@ -334,7 +334,11 @@ impl Engine for SqliteEngine {
     }
 
     fn begin(&mut self, durable: bool) -> Result<(), EngineError> {
-        // Only a commit that precedes an acknowledgement needs to reach the disk first.
+        // Only a commit that precedes an acknowledgement needs to reach the disk first. A
+        // claim or an outcome committed with `NORMAL` is in the log already, and survives
+        // the relay's own crash; only the machine's can lose one (a trigger sent again),
+        // and that takes the relay and its sends with it. PostgreSQL, which crashes apart
+        // from the relay, waits for every commit.
         let wanted = match (self.durability, durable) {
             (Durability::Off, _) => "OFF",
             (Durability::Full, true) => "FULL",
