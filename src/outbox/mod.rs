@@ -123,26 +123,41 @@ impl Op {
     }
 }
 
-/// Whether the store takes writes, as the writer last saw it; `/readyz` reads it.
+/// What a writer thread does: everything, or (on a shared store, beside the first) the
+/// claims alone. Each reports its own problems, and clears only its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Duty {
+    Writes = 0,
+    Claims = 1,
+}
+
+/// Whether the store takes writes and claims, as the writers last saw it; `/readyz`
+/// reads it.
 #[derive(Debug, Default)]
 pub struct StoreHealth {
-    failing: Mutex<Option<String>>,
+    /// Indexed by [`Duty`].
+    failing: Mutex<[Option<String>; 2]>,
 }
 
 impl StoreHealth {
-    /// Why the store cannot be written now, or `None` when it can.
+    /// Why the store cannot be written (or claimed from) now, or `None` when it can.
     pub fn problem(&self) -> Option<String> {
+        self.lock().iter().flatten().next().cloned()
+    }
+
+    /// The problem one writer saw last.
+    fn problem_of(&self, duty: Duty) -> Option<String> {
+        self.lock()[duty as usize].clone()
+    }
+
+    fn set(&self, duty: Duty, problem: Option<String>) {
+        self.lock()[duty as usize] = problem;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, [Option<String>; 2]> {
         self.failing
             .lock()
             .expect("the health lock is never poisoned")
-            .clone()
-    }
-
-    fn set(&self, problem: Option<String>) {
-        *self
-            .failing
-            .lock()
-            .expect("the health lock is never poisoned") = problem;
     }
 }
 
@@ -173,6 +188,9 @@ impl Default for StoreTimings {
 #[derive(Clone)]
 pub struct Outbox {
     writer: mpsc::Sender<Op>,
+    /// Where claims (and holds) go: the writer, or on a shared store a thread and
+    /// connection of their own (see [`Outbox::start`]).
+    claims: mpsc::Sender<Op>,
     /// Places for records nobody waits for ([`Outbox::note`]).
     notes: Arc<tokio::sync::Semaphore>,
     /// Where those records wait for the writer.
@@ -240,7 +258,7 @@ impl Outbox {
                 "triggers that were being sent when the relay stopped are due again"
             );
         }
-        let mut outbox = Outbox::start(Box::new(writer), Box::new(reader), Some(lock))
+        let mut outbox = Outbox::start(Box::new(writer), None, Box::new(reader), Some(lock))
             .map_err(|err| error(err.to_string()))?;
         outbox.location = Some(StoreLocation::Folder(state_dir.to_owned()));
         Ok(outbox)
@@ -257,13 +275,19 @@ impl Outbox {
             StoreLocation::Folder(dir) => Outbox::open_as(dir, durability, holder),
             StoreLocation::Postgres(config) => {
                 let error = |err: EngineError| StoreError::from_engine(config.describe(), err);
-                let (writer, reader) = blocking(|| {
+                let (writer, claimer, reader) = blocking(|| {
                     let writer = PostgresEngine::open(config)?.as_writer()?;
-                    Ok::<_, EngineError>((writer, PostgresEngine::open_beside(config)?))
+                    let claimer = PostgresEngine::open_beside(config)?.as_writer()?;
+                    Ok::<_, EngineError>((writer, claimer, PostgresEngine::open_beside(config)?))
                 })
                 .map_err(error)?;
-                let mut outbox = Outbox::start(Box::new(writer), Box::new(reader), None)
-                    .map_err(|err| error(EngineError::failed(err.to_string())))?;
+                let mut outbox = Outbox::start(
+                    Box::new(writer),
+                    Some(Box::new(claimer)),
+                    Box::new(reader),
+                    None,
+                )
+                .map_err(|err| error(EngineError::failed(err.to_string())))?;
                 outbox.shared = true;
                 outbox.location = Some(location.clone());
                 outbox.lease = Some(config.lease);
@@ -276,8 +300,13 @@ impl Outbox {
     }
 
     /// Starts the writer thread over `writer`; `reader` serves reads beside it.
+    ///
+    /// `claimer`, on a shared store: claims go to a thread of their own over it, so that
+    /// their commits (each waits for the database's disk) run beside the writer's instead
+    /// of between two groups of webhooks, and the database flushes both at once.
     pub fn start(
         writer: Box<dyn Engine>,
+        claimer: Option<Box<dyn Engine>>,
         reader: Box<dyn Engine>,
         lock: Option<StateLock>,
     ) -> std::io::Result<Outbox> {
@@ -288,16 +317,28 @@ impl Outbox {
         let skew = Arc::new(std::sync::atomic::AtomicI64::new(writer.clock_skew()));
         let noted = Arc::new(writer::Notes::default());
         let timings = StoreTimings::default();
-        let shared = writer::Shared {
-            notes: noted.clone(),
+        let shared = |duty, notes| writer::Shared {
+            duty,
+            notes,
             queued: queued.clone(),
             health: health.clone(),
             skew: skew.clone(),
             timings: timings.clone(),
         };
-        writer::Writer::spawn(writer, requests, shared, lock)?;
+        let claims = match claimer {
+            Some(claimer) => {
+                let (claims, claim_requests) = mpsc::channel();
+                // Records nobody waits for never go to the claimer: its own, always empty.
+                let notes = Arc::new(writer::Notes::default());
+                writer::Writer::spawn(claimer, claim_requests, shared(Duty::Claims, notes), None)?;
+                claims
+            }
+            None => sender.clone(),
+        };
+        writer::Writer::spawn(writer, requests, shared(Duty::Writes, noted.clone()), lock)?;
         Ok(Outbox {
             writer: sender,
+            claims,
             notes: Arc::new(tokio::sync::Semaphore::new(NOTES_WAITING)),
             noted,
             reader: Arc::new(Mutex::new(reader)),
@@ -321,9 +362,18 @@ impl Outbox {
         &self,
         op: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Op,
     ) -> Result<T, StoreError> {
+        self.ask_of(&self.writer, op).await
+    }
+
+    /// [`Outbox::ask`] of the thread behind `writer`.
+    async fn ask_of<T>(
+        &self,
+        writer: &mpsc::Sender<Op>,
+        op: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Op,
+    ) -> Result<T, StoreError> {
         let stopped = |what: &str| EngineError::failed(what);
         let (reply, answer) = oneshot::channel();
-        self.writer
+        writer
             .send(op(reply))
             .map_err(|_| self.error(stopped("the writer has stopped")))?;
         answer
@@ -365,7 +415,8 @@ impl Outbox {
 
     /// Leases due triggers for sending, and says when the next one falls due.
     pub async fn claim(&self, limit: usize) -> Result<Claimed, StoreError> {
-        self.ask(|reply| Op::Claim(limit, reply)).await
+        self.ask_of(&self.claims, |reply| Op::Claim(limit, reply))
+            .await
     }
 
     /// Records an attempt's outcome (committed with the next group; kept and written
@@ -380,7 +431,9 @@ impl Outbox {
     pub async fn hold_upstream(&self, hold: UpstreamHold) -> Result<usize, StoreError> {
         let mut held = 0;
         loop {
-            let step = self.ask(|reply| Op::Hold(hold.clone(), reply)).await?;
+            let step = self
+                .ask_of(&self.claims, |reply| Op::Hold(hold.clone(), reply))
+                .await?;
             held += step;
             if step < writer::HOLD_STEP {
                 return Ok(held);
@@ -722,7 +775,19 @@ mod tests {
         /// An outbox writing through this store and reading `path` directly.
         fn start(self, path: &Path) -> Outbox {
             let reader = SqliteEngine::open(path, Durability::Full).unwrap();
-            Outbox::start(Box::new(self), Box::new(reader), None).unwrap()
+            Outbox::start(Box::new(self), None, Box::new(reader), None).unwrap()
+        }
+
+        /// [`FullDisk::start`], with claims going to `claimer` (as on a shared store).
+        fn start_with_claimer(self, claimer: FullDisk, path: &Path) -> Outbox {
+            let reader = SqliteEngine::open(path, Durability::Full).unwrap();
+            Outbox::start(
+                Box::new(self),
+                Some(Box::new(claimer)),
+                Box::new(reader),
+                None,
+            )
+            .unwrap()
         }
     }
 
@@ -1083,6 +1148,41 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         outbox.health.problem()
+    }
+
+    /// A claimer of its own claims while the writer is busy, and its problems show on
+    /// `/readyz` until a claim of its own commits again.
+    #[tokio::test]
+    async fn claims_go_beside_the_writer_and_report_their_own_health() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let (writer, claimer) = (FullDisk::on(&path), FullDisk::on(&path));
+        let (writer_held, claims_full) = (writer.held.clone(), claimer.full.clone());
+        let outbox = writer.start_with_claimer(claimer, &path);
+        outbox.accept(delivery("a")).await.unwrap();
+
+        writer_held.store(true, Ordering::SeqCst);
+        let claimed = tokio::time::timeout(Duration::from_secs(5), outbox.claim(8))
+            .await
+            .expect("a claim does not wait for the writer's turn")
+            .unwrap();
+        assert_eq!(claimed.due.len(), 1);
+        writer_held.store(false, Ordering::SeqCst);
+
+        claims_full.store(true, Ordering::SeqCst);
+        assert!(outbox.claim(8).await.is_err());
+        let problem = outbox.health.problem().expect("/readyz says not ready");
+        assert!(problem.contains("disk is full"), "{problem}");
+        // The writer's own success says nothing of the claimer's connection.
+        outbox.accept(delivery("b")).await.unwrap();
+        assert!(outbox.health.problem().is_some());
+        claims_full.store(false, Ordering::SeqCst);
+        // The claimer looks again by itself (a probe a second), claims or not.
+        assert_eq!(
+            health_once(&outbox, true, RETRY_EVERY * 3).await,
+            None,
+            "ready again"
+        );
     }
 
     /// A writer that panics (a bug) stops for good: webhooks get an error, and `/readyz`

@@ -1,9 +1,9 @@
 //! The writer thread: every write to the store goes through it, in groups that share one
 //! commit (the outbox's module comment says what that promises). A group takes whatever waits when
 //! the last one ends; kept outcomes of sends go first, then webhooks together, then each
-//! request in a savepoint of its own, then claims (in the same transaction on a store of
-//! this process's own, in one of their own on a shared one). Replies go out once the commit
-//! is known.
+//! request in a savepoint of its own, then claims in the same transaction. On a shared
+//! store a second writer, over a connection of its own, takes the claims (and holds) in
+//! transactions of their own ([`Duty::Claims`]). Replies go out once the commit is known.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 
-use super::{NewDelivery, Op, RETRY_EVERY, Recorded, StoreHealth, now_ms};
+use super::{Duty, NewDelivery, Op, RETRY_EVERY, Recorded, StoreHealth, now_ms};
 use crate::store::lock::StateLock;
 use crate::store::{Engine, EngineError, Lease};
 
@@ -147,6 +147,7 @@ fn gather(
 /// What the writer shares with the [`super::Outbox`] handles: where records nobody waits
 /// for wait, word of new triggers, the store's health and clock, and commit timings.
 pub(super) struct Shared {
+    pub(super) duty: Duty,
     pub(super) notes: Arc<Notes>,
     pub(super) queued: Arc<Notify>,
     pub(super) health: Arc<StoreHealth>,
@@ -156,6 +157,7 @@ pub(super) struct Shared {
 
 /// The writer thread's state.
 pub(super) struct Writer {
+    duty: Duty,
     /// Where the store's clock skew is published for [`super::Outbox::clock`].
     skew: Arc<std::sync::atomic::AtomicI64>,
     engine: Box<dyn Engine>,
@@ -180,7 +182,7 @@ impl Drop for Writer {
     fn drop(&mut self) {
         self.notes.close();
         if std::thread::panicking() {
-            self.health.set(Some(
+            self.health.set(self.duty, Some(
                 "the store's writer stopped after an internal error (the log says which); restart the relay".into(),
             ));
         }
@@ -210,6 +212,7 @@ impl Writer {
         lock: Option<StateLock>,
     ) -> std::io::Result<()> {
         let Shared {
+            duty,
             notes,
             queued,
             health,
@@ -217,6 +220,7 @@ impl Writer {
             timings,
         } = shared;
         let writer = Writer {
+            duty,
             timings,
             skew,
             engine,
@@ -227,8 +231,12 @@ impl Writer {
             logged: crate::limits::Throttle::new(RETRY_EVERY),
             _lock: lock,
         };
+        let name = match duty {
+            Duty::Writes => "hookrelay-store",
+            Duty::Claims => "hookrelay-claims",
+        };
         std::thread::Builder::new()
-            .name("hookrelay-store".into())
+            .name(name.into())
             .spawn(move || writer.run(requests))?;
         Ok(())
     }
@@ -242,7 +250,7 @@ impl Writer {
         loop {
             let first = if notes_left {
                 Some(Op::NotesWaiting)
-            } else if self.pending.is_empty() && self.health.problem().is_none() {
+            } else if self.pending.is_empty() && self.health.problem_of(self.duty).is_none() {
                 match requests.recv() {
                     Ok(op) => Some(op),
                     Err(_) => break,
@@ -270,10 +278,12 @@ impl Writer {
     }
 
     /// One group: kept records first, then the batch, one savepoint each, one commit.
-    /// On a shared store claims go in a transaction of their own after it: a claim locks
-    /// keys, and a shared store's relays must never hold a key while they wait for
-    /// anything else (the writes of a group wait on other relays' uncommitted deliveries;
-    /// claims wait on nothing). On a store of its own, claims come last in the same one.
+    /// On a shared store claims come to a writer of their own (see
+    /// [`super::Outbox::start`]), and even there go in a transaction apart from anything
+    /// else: a claim locks keys, and a shared store's relays must never hold a key while
+    /// they wait for anything else (the writes of a group wait on other relays'
+    /// uncommitted deliveries; claims wait on nothing). On a store of its own, claims
+    /// come last in the same one.
     ///
     /// Holds of down upstreams go with the claims, before them: like a claim, a hold waits
     /// on nobody, and a claim after it no longer sees the keys it moved.
@@ -596,6 +606,7 @@ impl Writer {
             failure,
         } = outcome;
         let commit_failure = committed.err();
+        let committed_ok = commit_failure.is_none();
         if let Some(err) = &commit_failure {
             // Nothing of this group happened: its records wait for the next one, in order.
             let mut kept = records;
@@ -613,20 +624,36 @@ impl Writer {
             .filter(|err| err.transient)
             .map(|err| err.message.clone())
             .or(failure);
-        match &problem {
-            Some(reason) => {
-                if self.health.problem().is_none() {
-                    tracing::error!(%reason, "the delivery store cannot be written; webhooks are refused until it can");
+        let before = self.health.problem_of(self.duty);
+        match (&problem, self.duty) {
+            (Some(reason), duty) => {
+                if before.is_none() {
+                    match duty {
+                        Duty::Writes => {
+                            tracing::error!(%reason, "the delivery store cannot be written; webhooks are refused until it can")
+                        }
+                        Duty::Claims => {
+                            tracing::error!(%reason, "the delivery store refuses claims; nothing is sent until it takes them")
+                        }
+                    }
                 }
-                self.health.set(Some(reason.clone()));
+                self.health.set(self.duty, Some(reason.clone()));
             }
-            None if wrote && self.pending.is_empty() => {
-                if self.health.problem().is_some() {
+            // A claim that committed, even one that found nothing, proves the claimer's
+            // connection works; the writer's proof is a write.
+            (None, Duty::Claims) if committed_ok => {
+                if before.is_some() {
+                    tracing::info!("the delivery store takes claims again");
+                }
+                self.health.set(self.duty, None);
+            }
+            (None, Duty::Writes) if wrote && self.pending.is_empty() => {
+                if before.is_some() {
                     tracing::info!("the delivery store takes writes again");
                 }
-                self.health.set(None);
+                self.health.set(self.duty, None);
             }
-            None => {}
+            (None, _) => {}
         }
         let failed = commit_failure.map(|err| EngineError {
             message: format!("commit failed: {}", err.message),
