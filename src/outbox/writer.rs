@@ -613,10 +613,16 @@ impl Writer {
             kept.append(&mut self.pending);
             self.pending = kept;
             if let Some(held_back) = self.logged.allow("commit") {
-                tracing::error!(
-                    reason = %err, held_back,
-                    "the delivery store could not commit; nothing in this group was acknowledged"
-                );
+                match self.duty {
+                    Duty::Writes => tracing::error!(
+                        reason = %err, held_back,
+                        "the delivery store could not commit; nothing in this group was acknowledged"
+                    ),
+                    Duty::Claims => tracing::error!(
+                        reason = %err, held_back,
+                        "the delivery store could not commit a claim; nothing it claimed is sent"
+                    ),
+                }
             }
         }
         let problem = commit_failure
