@@ -276,7 +276,14 @@ impl Outbox {
             StoreLocation::Postgres(config) => {
                 let error = |err: EngineError| StoreError::from_engine(config.describe(), err);
                 let (writer, claimer, reader) = blocking(|| {
-                    let writer = PostgresEngine::open(config)?.as_writer()?;
+                    let mut writer = PostgresEngine::open(config)?.as_writer()?;
+                    match writer.replication_risk() {
+                        Ok(Some(risk)) => tracing::warn!("{risk}"),
+                        Ok(None) => {}
+                        Err(err) => {
+                            tracing::warn!(reason = %err, "could not read how PostgreSQL replicates")
+                        }
+                    }
                     let claimer = PostgresEngine::open_beside(config)?.as_writer()?;
                     Ok::<_, EngineError>((writer, claimer, PostgresEngine::open_beside(config)?))
                 })

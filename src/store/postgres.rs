@@ -143,6 +143,12 @@ impl PostgresEngine {
         PostgresEngine::on(config, client)
     }
 
+    /// Why a failover of the database could lose acknowledged webhooks, if it could
+    /// ([`connect::replication_risk`]).
+    pub fn replication_risk(&mut self) -> Result<Option<String>, EngineError> {
+        connect::read_replication_risk(self.client()).map_err(error)
+    }
+
     /// Another connection beside an engine [`PostgresEngine::open`] made (the outbox's
     /// reader): the database is checked and migrated already.
     pub fn open_beside(config: &PostgresConfig) -> Result<PostgresEngine, EngineError> {

@@ -202,6 +202,35 @@ pub fn has_password(url: &str) -> bool {
     tokio_postgres::Config::from_str(url).is_ok_and(|config| config.get_password().is_some())
 }
 
+/// Why a failover could lose acknowledged webhooks, when the database streams its log to
+/// `receivers` (standbys, or logical replication) and `synchronous_standby_names` is empty:
+/// a commit then waits for this server's disk alone, and a standby promoted after a crash
+/// may lack the last of them. `None` when nothing streams, or a standby is synchronous.
+pub fn replication_risk(receivers: i64, synchronous_standby_names: &str) -> Option<String> {
+    (receivers > 0 && synchronous_standby_names.trim().is_empty()).then(|| {
+        format!(
+            "PostgreSQL streams its log to {receivers} receiver(s) (standbys or logical replication) \
+             and synchronous_standby_names is empty: should a standby take over after a crash, the \
+             last commits may be missing there, acknowledged webhooks among them; name the \
+             standbys in synchronous_standby_names to make a webhook wait for one (README, \
+             \"Several relays on PostgreSQL\")"
+        )
+    })
+}
+
+/// [`replication_risk`] of the database `client` is connected to. `pg_stat_replication`
+/// shows every role its rows (their details need `pg_read_all_stats`; the count does not).
+pub fn read_replication_risk(
+    client: &mut postgres::Client,
+) -> Result<Option<String>, postgres::Error> {
+    let row = client.query_one(
+        "SELECT (SELECT count(*) FROM pg_stat_replication), \
+                current_setting('synchronous_standby_names')",
+        &[],
+    )?;
+    Ok(replication_risk(row.get(0), row.get(1)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +248,17 @@ mod tests {
         assert!(!err.contains("s3cret"), "{err}");
         assert!(has_password("postgres://u:s3cret@db/hr"));
         assert!(!has_password("postgres://u@db/hr"));
+    }
+
+    #[test]
+    fn only_standbys_none_of_them_synchronous_are_a_risk() {
+        assert_eq!(replication_risk(0, ""), None, "a server alone");
+        assert_eq!(replication_risk(2, "FIRST 1 (a, b)"), None);
+        assert_eq!(replication_risk(1, "*"), None);
+        let risk = replication_risk(2, " ").expect("two asynchronous standbys");
+        assert!(
+            risk.contains("2 receiver(s)") && risk.contains("synchronous_standby_names"),
+            "{risk}"
+        );
     }
 }

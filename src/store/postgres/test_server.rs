@@ -216,6 +216,26 @@ impl Server {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    /// Streams the server's log to a `pg_receivewal` (as a standby would), until the
+    /// server stops (`-n`: it does not reconnect).
+    pub fn stream_to_a_receiver(&self) -> std::process::Child {
+        let into = self.dir.join("received");
+        std::fs::create_dir_all(&into).expect("the receiver's folder");
+        run(Command::new("chown").args(["postgres:postgres"]).arg(&into)).expect("chown");
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_receivewal"))
+            .args(["-n", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .arg("-D")
+            .arg(&into)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pg_receivewal starts")
+    }
+
     /// Runs SQL as the superuser on database `postgres` (e.g. `pg_terminate_backend`).
     pub fn admin(&self, sql: &str) {
         let mut admin = postgres::Client::connect(&self.admin_url(), postgres::NoTls)

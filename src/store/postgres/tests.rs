@@ -573,3 +573,41 @@ fn the_writers_connections_plan_no_sequential_scans() {
     let mut reader = super::PostgresEngine::open_beside(&config).unwrap();
     assert_eq!(setting(&mut reader), "on", "readers plan as usual");
 }
+
+/// A relay warns at start when the database streams to standbys none of which is
+/// synchronous (a failover could lose acknowledged webhooks), and not before.
+#[test]
+fn a_database_streaming_to_an_asynchronous_receiver_is_a_failover_risk() {
+    let Some(server) = super::test_server::Server::own() else {
+        return;
+    };
+    let database = server.database();
+    let mut engine =
+        super::PostgresEngine::open(&super::PostgresConfig::new(&database.url)).unwrap();
+    assert_eq!(engine.replication_risk().unwrap(), None, "a server alone");
+    let mut receiver = server.stream_to_a_receiver();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let risk = loop {
+        if let Some(risk) = engine.replication_risk().unwrap() {
+            break risk;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "pg_receivewal never showed in pg_stat_replication"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(risk.contains("1 receiver(s)"), "{risk}");
+    server.admin("ALTER SYSTEM SET synchronous_standby_names = '*'");
+    server.admin("SELECT pg_reload_conf()");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while engine.replication_risk().unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < until,
+            "a synchronous standby is no risk"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}
