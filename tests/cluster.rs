@@ -656,11 +656,12 @@ async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
     let (_relays, addresses) = start_relays(dir.path(), 2);
     let load = {
         let addresses = addresses.clone();
-        tokio::spawn(async move { push_many(&addresses, "load", 300, 8).await })
+        tokio::spawn(async move { push_many(&addresses, "load", 1200, 8).await })
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
     // A crash and its recovery (an immediate shutdown skips the checkpoint), then the
-    // connections cut from the server's side.
+    // connections cut from the server's side, then a clean restart (a fast shutdown rolls
+    // back what runs, checkpoints, and refuses connections meanwhile).
     let crashed = std::time::Instant::now();
     tokio::task::block_in_place(|| server.restart("immediate"));
     eprintln!("the database was back after {:?}", crashed.elapsed());
@@ -670,6 +671,13 @@ async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'hookrelay'",
         )
     });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let loaded = !load.is_finished();
+    tokio::task::block_in_place(|| server.restart("fast"));
+    eprintln!(
+        "faults over after {:?}; the load ran into the last: {loaded}",
+        crashed.elapsed(),
+    );
     let (acknowledged, refused) = load.await.unwrap();
     eprintln!(
         "{} acknowledged, {refused} refused during the faults",
@@ -691,7 +699,8 @@ async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
     // the crash forgets none the relays acted on, and a send in flight at a fault has its
     // outcome recorded once the database is back (in about 0.2 s here; 0.35 s with the
     // two cores kept busy), well within the 3 s lease. Before claims and outcomes waited,
-    // 0 to 5 triggers went twice in this test (3 runs in 11 above 4).
+    // 0 to 5 triggers went twice in this test (then the crash and the cut alone, 300
+    // webhooks; 3 runs in 11 above 4).
     let twice: Vec<_> = calls_per_delivery(&upstream)
         .into_iter()
         .filter(|&(_, n)| n > 1)
