@@ -50,8 +50,8 @@ pub struct PostgresEngine {
     /// `touched.len()` and `open_change` when the current savepoint was set.
     savepoint_mark: (usize, i64),
     /// A savepoint costs a round trip, and its release another; the next three fields
-    /// spare most of them. This one: nothing has run in the transaction since `BEGIN`: a savepoint there is free (to
-    /// undo the operation is to begin again).
+    /// spare most of them. This one: nothing has run in the transaction since `BEGIN`, so
+    /// a savepoint there is free (to undo the operation is to begin again).
     fresh: bool,
     /// The current savepoint is that free one.
     savepoint_at_start: bool,
@@ -393,9 +393,9 @@ impl Engine for PostgresEngine {
     /// Every transaction waits for the database's disk, claims and send outcomes too
     /// (SQLite's need not: see there). A database that crashes by itself forgets commits
     /// that had not reached its disk while this relay has already acted on them: a claim
-    /// or an outcome forgotten so is a trigger sent twice. Waiting costs no measurable
-    /// throughput: the acknowledgements' commits flush the disk anyway, and a claim's
-    /// flush joins theirs (README, "Several relays on PostgreSQL").
+    /// or an outcome forgotten so is a trigger sent twice. Claims run on a connection of
+    /// their own, so their flushes overlap the webhooks' (README, "Several relays on
+    /// PostgreSQL", has the figures).
     fn begin(&mut self, _durable: bool) -> Result<(), EngineError> {
         self.reconnect_if_lost()?;
         self.start("")
