@@ -273,6 +273,11 @@ async fn without_the_token_a_remote_viewer_is_sent_to_log_in() {
     .await;
     assert_eq!(api.status, 200);
     assert_eq!(api.json()["store"], Value::Null, "the store takes writes");
+    assert_eq!(
+        api.json()["store_failover_risk"],
+        Value::Null,
+        "a store of its own has no standby"
+    );
     let login = send("GET", &url("/login"), &[], "").await;
     assert_eq!(login.status, 200);
     assert!(login.text().contains("type=\"password\""));

@@ -1452,3 +1452,61 @@ async fn an_outage_seen_by_two_relays_is_probed_not_stormed_and_all_goes_out_onc
     );
     drop(relays);
 }
+
+/// A database streaming to a standby that is not synchronous: the relay says at start
+/// that a failover could lose acknowledged webhooks, and its dashboard's Health says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_risk_is_logged_and_shown_on_the_dashboard() {
+    let Some(server) = tokio::task::block_in_place(pg::Server::own) else {
+        return;
+    };
+    let mut receiver = server.stream_to_a_receiver();
+    let Setup {
+        database: _database,
+        upstream: _upstream,
+        dir,
+    } = Setup::on(own_database(&server), "3s", PLAIN, "").await;
+    write(
+        dir.path(),
+        "admin.toml",
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n",
+    );
+    // The receiver shows in pg_stat_replication once it has connected.
+    eventually(Duration::from_secs(20), "the receiver streams", || {
+        tokio::task::block_in_place(|| server.receivers() > 0)
+    })
+    .await;
+    let mut command = Command::new(BIN);
+    command
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-test")
+        .env("HOOKRELAY_ADMIN_TOKEN", "admin-token-for-the-tests-0123");
+    let mut relay = Served::start_with(command, dir.path(), &dir.path().join("state-0"));
+    let warned = relay.wait_for("streams its log to 1 receiver(s)");
+    assert!(warned.contains("WARN"), "{warned}");
+    let dashboard = relay.dashboard_address();
+    let health = send(
+        "GET",
+        &format!("http://{dashboard}/api/health"),
+        &[("authorization", "Bearer admin-token-for-the-tests-0123")],
+        "",
+    )
+    .await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    let risk = health.json()["store_failover_risk"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(risk.contains("synchronous_standby_names"), "{risk}");
+    let page = send(
+        "GET",
+        &format!("http://{dashboard}/health"),
+        &[("authorization", "Bearer admin-token-for-the-tests-0123")],
+        "",
+    )
+    .await;
+    assert!(page.text().contains("Failover"), "{}", page.text());
+    let (code, _) = relay.terminate();
+    assert_eq!(code, Some(0));
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}

@@ -414,6 +414,7 @@ pub fn health(app: &App) -> Value {
             })),
         },
         "store": app.outbox.health.problem(),
+        "store_failover_risk": app.outbox.failover_risk,
         "outbox_depth": depth,
         "oldest_due_seconds": oldest,
         "answers": answers,

@@ -216,6 +216,9 @@ pub struct Outbox {
     /// Where the store is, for reads beside the writer (the dashboard); `None` for an
     /// outbox started over engines of a test's own.
     pub location: Option<StoreLocation>,
+    /// Why a failover of the shared database could lose acknowledged webhooks, as read at
+    /// the start ([`PostgresEngine::replication_risk`]); shown on the dashboard.
+    pub failover_risk: Option<String>,
 }
 
 impl Outbox {
@@ -275,17 +278,18 @@ impl Outbox {
             StoreLocation::Folder(dir) => Outbox::open_as(dir, durability, holder),
             StoreLocation::Postgres(config) => {
                 let error = |err: EngineError| StoreError::from_engine(config.describe(), err);
-                let (writer, claimer, reader) = blocking(|| {
+                let (writer, claimer, reader, failover_risk) = blocking(|| {
                     let mut writer = PostgresEngine::open(config)?.as_writer()?;
-                    match writer.replication_risk() {
-                        Ok(Some(risk)) => tracing::warn!("{risk}"),
-                        Ok(None) => {}
-                        Err(err) => {
-                            tracing::warn!(reason = %err, "could not read how PostgreSQL replicates")
-                        }
+                    let risk = writer.replication_risk().unwrap_or_else(|err| {
+                        tracing::warn!(reason = %err, "could not read how PostgreSQL replicates");
+                        None
+                    });
+                    if let Some(risk) = &risk {
+                        tracing::warn!("{risk}");
                     }
                     let claimer = PostgresEngine::open_beside(config)?.as_writer()?;
-                    Ok::<_, EngineError>((writer, claimer, PostgresEngine::open_beside(config)?))
+                    let reader = PostgresEngine::open_beside(config)?;
+                    Ok::<_, EngineError>((writer, claimer, reader, risk))
                 })
                 .map_err(error)?;
                 let mut outbox = Outbox::start(
@@ -296,6 +300,7 @@ impl Outbox {
                 )
                 .map_err(|err| error(EngineError::failed(err.to_string())))?;
                 outbox.shared = true;
+                outbox.failover_risk = failover_risk;
                 outbox.location = Some(location.clone());
                 outbox.lease = Some(config.lease);
                 outbox.shared_limits = Some(Arc::new(
@@ -358,6 +363,7 @@ impl Outbox {
             skew,
             timings,
             location: None,
+            failover_risk: None,
         })
     }
 

@@ -236,6 +236,16 @@ impl Server {
             .expect("pg_receivewal starts")
     }
 
+    /// How many receivers the server streams its log to now (`pg_stat_replication`).
+    pub fn receivers(&self) -> i64 {
+        let mut admin = postgres::Client::connect(&self.admin_url(), postgres::NoTls)
+            .expect("the test server takes connections");
+        admin
+            .query_one("SELECT count(*) FROM pg_stat_replication", &[])
+            .expect("pg_stat_replication")
+            .get(0)
+    }
+
     /// Runs SQL as the superuser on database `postgres` (e.g. `pg_terminate_backend`).
     pub fn admin(&self, sql: &str) {
         let mut admin = postgres::Client::connect(&self.admin_url(), postgres::NoTls)
