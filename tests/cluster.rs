@@ -1476,34 +1476,29 @@ async fn a_failover_risk_is_logged_and_shown_on_the_dashboard() {
         tokio::task::block_in_place(|| server.receivers() > 0)
     })
     .await;
+    const DASHBOARD_TOKEN: &str = "admin-token-for-the-tests-0123";
     let mut command = Command::new(BIN);
     command
         .env("HOOKRELAY_TEST_TOKEN", "glptt-test")
-        .env("HOOKRELAY_ADMIN_TOKEN", "admin-token-for-the-tests-0123");
+        .env("HOOKRELAY_ADMIN_TOKEN", DASHBOARD_TOKEN);
     let mut relay = Served::start_with(command, dir.path(), &dir.path().join("state-0"));
     let warned = relay.wait_for("streams its log to 1 receiver(s)");
     assert!(warned.contains("WARN"), "{warned}");
     let dashboard = relay.dashboard_address();
-    let health = send(
-        "GET",
-        &format!("http://{dashboard}/api/health"),
-        &[("authorization", "Bearer admin-token-for-the-tests-0123")],
-        "",
-    )
-    .await;
+    let bearer = format!("Bearer {DASHBOARD_TOKEN}");
+    let get = |path: &str| {
+        let url = format!("http://{dashboard}{path}");
+        let bearer = bearer.clone();
+        async move { send("GET", &url, &[("authorization", &bearer)], "").await }
+    };
+    let health = get("/api/health").await;
     assert_eq!(health.status, 200, "{}", health.text());
     let risk = health.json()["store_failover_risk"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
     assert!(risk.contains("synchronous_standby_names"), "{risk}");
-    let page = send(
-        "GET",
-        &format!("http://{dashboard}/health"),
-        &[("authorization", "Bearer admin-token-for-the-tests-0123")],
-        "",
-    )
-    .await;
+    let page = get("/health").await;
     assert!(page.text().contains("Failover"), "{}", page.text());
     let (code, _) = relay.terminate();
     assert_eq!(code, Some(0));
