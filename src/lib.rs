@@ -21,9 +21,10 @@
 //! - [`secret`]: secrets that print only as a mask.
 //! - [`commands`]: the command-line commands, called by the thin `main`; [`explain`] and
 //!   [`replan`] run a payload or a stored webhook through the rules; [`log_writer`] writes
-//!   the log lines on a thread of its own.
+//!   the log lines on a thread of its own; [`dirty_pages`] starts writing a file's pages to
+//!   disk early, so that the store's flushes never wait behind a burst of them.
 
-// One measured exception, allowed where it is: `store::write_back` (sync_file_range).
+// One measured exception, allowed where it is: `dirty_pages` (sync_file_range).
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -31,6 +32,7 @@ pub mod app;
 pub mod commands;
 pub mod config;
 pub mod connections;
+pub mod dirty_pages;
 pub mod error;
 pub mod event;
 pub mod event_loops;

@@ -58,11 +58,13 @@ pub type LogGuard = crate::log_writer::LogGuard;
 /// written by a thread of their own (`log_writer`), so a request never waits for the
 /// terminal or the pipe; when that thread falls behind, callers wait rather than lose
 /// lines. The thread writes every line it has waiting with one system call, within a few
-/// milliseconds. Keep the guard until the end of `main`.
+/// milliseconds, and when standard error is a file, starts sending them to disk as they come
+/// (see `log_writer`). Keep the guard until the end of `main`.
 pub fn init_logging(format: LogFormat) -> std::io::Result<LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = crate::log_writer::start(std::io::stderr())?;
+    let file = crate::log_writer::regular_file(std::os::fd::AsFd::as_fd(&std::io::stderr()));
+    let (writer, guard) = crate::log_writer::start(std::io::stderr(), file)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_timer(LogTime)

@@ -7,14 +7,10 @@
 //! the relay's p99. Writing back as the pages arrive took p99 at 64 connections from 14.4
 //! to 8.9 ms at the same throughput and CPU (`benches/ab.sh`; README, "Durable
 //! delivery"). Starting write-back never waits for the disk and changes nothing SQLite
-//! relies on: the kernel may write any dirty page at any time.
-//!
-//! The one `unsafe` of the crate: `sync_file_range(2)`, which no safe wrapper in our
-//! dependencies offers, on a descriptor this module owns.
-#![allow(unsafe_code)]
+//! relies on: the kernel may write any dirty page at any time ([`crate::dirty_pages`]).
 
+use crate::dirty_pages::start_writing;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,10 +48,12 @@ impl WriteBack {
                 while !ending.load(Ordering::Acquire) {
                     std::thread::park();
                     while watching.load(Ordering::Acquire) {
-                        if !start_write_back(file) && !failed {
+                        if let Err(error) = start_writing(file)
+                            && !failed
+                        {
                             failed = true;
                             tracing::warn!(
-                                error = %std::io::Error::last_os_error(),
+                                %error,
                                 "cannot start writing the store back early; checkpoints flush it all at their end"
                             );
                         }
@@ -85,16 +83,6 @@ impl Drop for WriteBack {
     }
 }
 
-/// `sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)`: starts writing every dirty page of
-/// the file without waiting for any; false when the kernel refused.
-fn start_write_back(file: &File) -> bool {
-    // SAFETY: the descriptor is open (the file is never closed) and the call reads and
-    // writes no memory of ours.
-    let result =
-        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    result == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,12 +93,6 @@ mod tests {
         let path = dir.path().join("db");
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
         let write_back = WriteBack::start(&path).unwrap();
-        let file = File::open(&path).unwrap();
-        assert!(
-            start_write_back(&file),
-            "{}",
-            std::io::Error::last_os_error()
-        );
         // The copy runs, and its result comes back, with the thread working beside it.
         let copied = write_back.copying(|| {
             std::thread::sleep(EVERY * 3);
