@@ -14,7 +14,8 @@
 # STATUS=new gives the new binary's GitHub source `status = { … }` (posting to the stand-in),
 # so that one binary against itself measures what reporting statuses costs the webhooks.
 # STORE=postgres stores in a throwaway PostgreSQL instead of SQLite (a fresh database each
-# round; installs Debian's postgresql when missing) and also prints the database's CPU time
+# round, checkpointed before it, on a server aged as in lib.sh; installs Debian's
+# postgresql when missing) and also prints the database's CPU time
 # per acknowledgement (every PostgreSQL process, from /proc).
 # e.g. git worktree add /tmp/old HEAD~5 && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target
 #      cargo build --release) && cargo build --release &&
@@ -74,7 +75,7 @@ for round in $(seq "$ROUNDS"); do
     fi
     "$bin" serve --config "$work/relay-$which" --state "$work/state" >"$work/$which.log" 2>&1 & pid=$!
     wait_for "http://127.0.0.1:$relay_port/healthz"; sleep 1
-    database=""; [[ -n $pg_port ]] && database=$(postgres_pids "$work/pg")
+    database=""; [[ -n $pg_port ]] && database=$(postgres_pids "$work/pg") && checkpoint_postgres "$pg_port"
     before=$(process_ticks "$pid"); db_before=$(process_ticks $database); machine_before=$(cpu_times)
     out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" \
       wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$url")

@@ -8,7 +8,8 @@
 #
 # Every relay runs its forwarder, sending each trigger to a stand-in GitLab (nginx
 # answering 201). PostgreSQL 15 runs with its defaults (fsync on, synchronous_commit on)
-# but max_wal_size = 8GB, as the README recommends, in a temporary folder. For each run:
+# but max_wal_size = 8GB, as the README recommends, in a temporary folder, aged like a
+# server that has been running and checkpointed before each run (lib.sh). For each run:
 # acks/s, p50, p99, and CPU time per 1,000 acks of the relays and of PostgreSQL, read
 # from /proc. Then the drain: triggers sent per second (first send to last) from
 # a backlog queued while GitLab was down, on one project+ref and on 1,000 of them.
@@ -91,6 +92,7 @@ results=()
 run() {
   local name=$1 port=$2; shift 2
   local relays=("$@") pg
+  checkpoint_postgres "$pg_port"
   pg=$(postgres_pids "$work/pg")
   local relay_before pg_before out
   relay_before=$(process_ticks "${relays[@]}"); pg_before=$(process_ticks $pg)

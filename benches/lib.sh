@@ -26,16 +26,34 @@ process_ticks() {
 postgres_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort | tail -1; }
 # start_postgres DIR PORT: a throwaway PostgreSQL in DIR on 127.0.0.1:PORT, run as the
 # unprivileged postgres user (it refuses root). Its durability defaults (fsync and
-# synchronous_commit on), but max_wal_size as the README recommends for a busy cluster:
-# the default 1 GB forces a checkpoint every half minute at these rates, and a run that
-# meets one measures the checkpoint.
+# synchronous_commit on), with the three settings the README recommends for a busy
+# cluster ("What to set in PostgreSQL"): max_wal_size (the default 1 GB forces a
+# checkpoint every half minute at these rates, and a run that meets one measures the
+# checkpoint), min_wal_size (WAL segments kept for reuse) and backend_flush_after (pages
+# written out by a backend go to disk as they come, not in one burst 30 s later). Then
+# aged like a cluster that has been running (see age_postgres).
 start_postgres() {
   local bin; bin=$(postgres_bin)
   mkdir -p "$1" && chown postgres:postgres "$1"
   runuser -u postgres -- "$bin/initdb" -A trust -U postgres -D "$1/data" >/dev/null
   runuser -u postgres -- "$bin/pg_ctl" start -w -D "$1/data" -l "$1/log" \
-    -o "-p $2 -k $1 -c listen_addresses=127.0.0.1 -c max_connections=200 -c max_wal_size=8GB" >/dev/null
+    -o "-p $2 -k $1 -c listen_addresses=127.0.0.1 -c max_connections=200 -c max_wal_size=8GB -c min_wal_size=2GB -c backend_flush_after=256kB" >/dev/null
+  age_postgres "$2"
 }
+# age_postgres PORT: about 650 MB of WAL written and checkpointed, so that the server has
+# old WAL segments to reuse, as one that has been running has. A new cluster creates each
+# 16 MB segment by writing zeros into it and flushing them, and the commit that needs the
+# next segment waits 16-64 ms: at the relay's rates one commit in 140, and a run's p99
+# measured that (README, "What to set in PostgreSQL"). Reused segments are renamed, not
+# written; checkpoints keep about twice the WAL between two of them for reuse.
+age_postgres() {
+  "$(postgres_bin)/psql" -q -h 127.0.0.1 -p "$1" -U postgres postgres -c "CREATE TABLE aging (x text);
+    INSERT INTO aging SELECT repeat('x', 900) FROM generate_series(1, 700000);
+    DROP TABLE aging; CHECKPOINT;"
+}
+# checkpoint_postgres PORT: a checkpoint now, before a measured run: the WAL of the runs
+# before it becomes segments to reuse, and their pages are on disk.
+checkpoint_postgres() { "$(postgres_bin)/psql" -q -h 127.0.0.1 -p "$1" -U postgres postgres -c CHECKPOINT; }
 # stop_postgres DIR: stops start_postgres's server in DIR, if it runs.
 stop_postgres() {
   [[ -f "$1/data/postmaster.pid" ]] || return 0
