@@ -88,7 +88,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn write_back_is_started_on_a_file_it_opened() {
+    fn a_copy_runs_and_returns_with_the_write_back_thread_beside_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
