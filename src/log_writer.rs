@@ -11,7 +11,7 @@
 //! [`WRITE_BACK_AFTER`] bytes. Left alone, Linux writes a file's pages once they are 30
 //! seconds old, all at once: at full load (3–4 MB of lines a second) a burst of about 100
 //! MB every 30 seconds, and the store's flushes on the same disk waited behind it for
-//! 200–330 ms, once per half minute, with SQLite and with PostgreSQL alike (see the README's
+//! 190–370 ms, once per half minute, with SQLite and with PostgreSQL alike (see the README's
 //! "Durable delivery").
 
 use std::fs::File;
