@@ -39,11 +39,11 @@ fn a_steady_stream_of_commits_keeps_the_wal_short() {
         longest = longest.max(wal);
     }
     // 1,200 groups write about 120 MB of frames; a WAL that is never started over
-    // holds them all.
-    assert!(
-        longest < super::checkpoint::WAL_KEEP_BYTES as u64,
-        "the WAL grew to {longest} bytes"
-    );
+    // holds them all. Started over, it stays near WAL_KEEP_BYTES: the checkpointer is a
+    // thread beside this loop and, on a busy machine, can fall a few megabytes behind
+    // for a moment (68 MB once in CI), so the bound is one and a half times that.
+    let bound = super::checkpoint::WAL_KEEP_BYTES as u64 * 3 / 2;
+    assert!(longest < bound, "the WAL grew to {longest} bytes");
 }
 
 #[test]
