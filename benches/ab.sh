@@ -31,13 +31,7 @@ need wrk wrk
 need nginx nginx-light
 [[ $STORE == postgres && -z $(postgres_bin) ]] && missing+=(postgresql)
 install_needed
-work=$(mktemp -d); chmod 755 "$work"; pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  stop_postgres "$work/pg"
-  wait 2>/dev/null || true; rm -rf "$work"
-}
-trap cleanup EXIT
+make_work
 standin_port=$(free_port); relay_port=$(free_port)
 signed_push
 start_nginx "$work/nginx" ""

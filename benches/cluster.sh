@@ -33,16 +33,7 @@ fi
 HOOKRELAY=$(realpath "$HOOKRELAY")
 pgbin=$(postgres_bin)
 
-work=$(mktemp -d)
-chmod 755 "$work"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  stop_postgres "$work/pg"
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+make_work
 
 standin_port=$(free_port); pg_port=$(free_port); sqlite_port=$(free_port)
 relay_ports=($(free_port) $(free_port) $(free_port) $(free_port))

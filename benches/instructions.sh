@@ -19,12 +19,7 @@ need wrk wrk
 need nginx nginx-light
 need valgrind valgrind
 install_needed
-work=$(mktemp -d); chmod 755 "$work"; pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true; rm -rf "$work"
-}
-trap cleanup EXIT
+make_work
 standin_port=$(free_port); relay_port=$(free_port)
 signed_push
 start_nginx "$work/nginx" ""

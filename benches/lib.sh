@@ -23,6 +23,20 @@ process_ticks() {
 }
 
 # PostgreSQL's server binaries from Debian's postgresql package (the newest version).
+# make_work: a temporary folder $work (readable by the postgres user) and an empty $pids,
+# cleaned up at exit by clean_work.
+make_work() {
+  work=$(mktemp -d); chmod 755 "$work"; pids=()
+  trap clean_work EXIT
+}
+# clean_work: every process in $pids killed, start_postgres's server in $work/pg stopped
+# if it runs, $work removed.
+clean_work() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  stop_postgres "$work/pg"
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 postgres_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort | tail -1; }
 # start_postgres DIR PORT: a throwaway PostgreSQL in DIR on 127.0.0.1:PORT, run as the
 # unprivileged postgres user (it refuses root). Its durability defaults (fsync and

@@ -41,14 +41,7 @@ if [[ -z "${HOOKRELAY:-}" ]]; then
   HOOKRELAY=target/release/hookrelay
 fi
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+make_work
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 

@@ -19,13 +19,7 @@ need wrk wrk
 need nginx nginx-light
 [[ $STORE == postgres && -z $(postgres_bin) ]] && missing+=(postgresql)
 install_needed
-work=$(mktemp -d); chmod 755 "$work"; pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  stop_postgres "$work/pg"; rm -rf "$work"
-}
-trap cleanup EXIT
+make_work
 standin_port=$(free_port); relay_port=$(free_port); pg_port=$(free_port)
 signed_push
 start_nginx "$work/nginx" ""
