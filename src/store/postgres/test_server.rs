@@ -144,8 +144,7 @@ impl Server {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
-        let mut admin = postgres::Client::connect(&self.admin_url(), postgres::NoTls)
-            .expect("the test server takes connections");
+        let mut admin = self.admin_client();
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("a test database");
@@ -238,18 +237,22 @@ impl Server {
 
     /// How many receivers the server streams its log to now (`pg_stat_replication`).
     pub fn receivers(&self) -> i64 {
-        let mut admin = postgres::Client::connect(&self.admin_url(), postgres::NoTls)
-            .expect("the test server takes connections");
+        let mut admin = self.admin_client();
         admin
             .query_one("SELECT count(*) FROM pg_stat_replication", &[])
             .expect("pg_stat_replication")
             .get(0)
     }
 
+    /// A connection as the superuser to database `postgres`.
+    fn admin_client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.admin_url(), postgres::NoTls)
+            .expect("the test server takes connections")
+    }
+
     /// Runs SQL as the superuser on database `postgres` (e.g. `pg_terminate_backend`).
     pub fn admin(&self, sql: &str) {
-        let mut admin = postgres::Client::connect(&self.admin_url(), postgres::NoTls)
-            .expect("the test server takes connections");
+        let mut admin = self.admin_client();
         admin.batch_execute(sql).expect("admin SQL");
     }
 }
