@@ -273,6 +273,29 @@ impl PostgresEngine {
         Ok(statement)
     }
 
+    /// Locks a stored delivery's row against pruning until commit, before a trigger is
+    /// added to it (as a foreign key's check would: see the schema); refuses when the
+    /// delivery is gone, `what` saying what was asked for.
+    fn lock_delivery(
+        &mut self,
+        delivery: i64,
+        what: &dyn std::fmt::Display,
+    ) -> Result<(), EngineError> {
+        let lock = self
+            .stmt("SELECT 1 FROM hr_deliveries WHERE id = $1 FOR KEY SHARE")
+            .map_err(error)?;
+        match self
+            .client()
+            .query_opt(&lock, &[&delivery])
+            .map_err(error)?
+        {
+            Some(_) => Ok(()),
+            None => Err(EngineError::refused(format!(
+                "{what}: its delivery is no longer in the store (pruned)"
+            ))),
+        }
+    }
+
     /// Writes an outcome's fields; `guard`: only while leased with that token.
     fn write_outcome(
         &mut self,
@@ -577,7 +600,7 @@ impl Engine for PostgresEngine {
             ReplayTarget::Trigger(id) => self
                 .client()
                 .query(
-                    "SELECT id, state, token_ref, order_key FROM hr_triggers WHERE id = $1",
+                    "SELECT id, state, token_ref, order_key, delivery FROM hr_triggers WHERE id = $1",
                     &[id],
                 )
                 .map_err(error)?,
@@ -585,7 +608,7 @@ impl Engine for PostgresEngine {
                 .client()
                 .query(
                     &format!(
-                        "{BY_DELIVERY_ID} SELECT t.id, t.state, t.token_ref, t.order_key
+                        "{BY_DELIVERY_ID} SELECT t.id, t.state, t.token_ref, t.order_key, t.delivery
                          FROM sources,
                               LATERAL (SELECT id FROM hr_deliveries d
                                        WHERE d.source = sources.source AND d.delivery_id = $1 OFFSET 0) d,
@@ -605,11 +628,12 @@ impl Engine for PostgresEngine {
         }
         let mut new_ids = Vec::new();
         for row in rows {
-            let (id, state, token_ref, order_key): (i64, String, String, String) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let (id, state, token_ref, order_key, delivery): (i64, String, String, String, i64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
             if let Some(refusal) = super::replay_refusal(id, &state, &token_ref) {
                 return Err(refusal);
             }
+            self.lock_delivery(delivery, target)?;
             let new_id: i64 = self
                 .client()
                 .query_one(
@@ -680,8 +704,23 @@ impl Engine for PostgresEngine {
                 .filter(|(_, _, open)| !open)
                 .map(|(_, id, _)| *id)
                 .collect();
-            let delete = self.stmt("DELETE FROM hr_deliveries WHERE id = ANY($1)")?;
-            let deleted = self.client().execute(&delete, &[&finished])? as usize;
+            // Locked first, then checked again by a statement of its own (a new snapshot):
+            // a trigger that another relay's replay added meanwhile (it locks the delivery,
+            // see `lock_delivery`) has committed by then, and keeps its delivery.
+            let lock = self.stmt("SELECT id FROM hr_deliveries WHERE id = ANY($1) ORDER BY id FOR UPDATE")?;
+            self.client().execute(&lock, &[&finished])?;
+            let delete = self.stmt(
+                "WITH gone AS (
+                     DELETE FROM hr_deliveries d WHERE id = ANY($1)
+                     AND NOT EXISTS (SELECT 1 FROM hr_triggers t WHERE t.delivery = d.id AND t.state IN ('queued', 'sending'))
+                     RETURNING id
+                 ), triggers AS (
+                     DELETE FROM hr_triggers WHERE delivery IN (SELECT id FROM gone)
+                 )
+                 SELECT count(*) FROM gone",
+            )?;
+            let deleted: i64 = self.client().query_one(&delete, &[&finished])?.get(0);
+            let deleted = deleted as usize;
             Ok(Pruned::step(deleted, &looked, batch))
         })()
         .map_err(error)
@@ -868,6 +907,7 @@ impl Engine for PostgresEngine {
         now: i64,
     ) -> Result<Vec<i64>, EngineError> {
         let now = now + self.skew_ms;
+        self.lock_delivery(delivery_row, &format!("delivery row {delivery_row}"))?;
         self.insert_work(delivery_row, work, now)
             .map(|(ids, _)| ids)
             .map_err(error)

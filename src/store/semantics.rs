@@ -367,6 +367,28 @@ pub fn pruning_keeps_what_is_still_to_be_sent(engine: &mut dyn Engine) {
     assert_eq!(left, ["new", "old-pending"]);
 }
 
+/// Pruning takes a delivery's triggers with it, and nothing is added to a pruned delivery
+/// afterwards (a replay, a status post): no trigger is ever left without its delivery.
+pub fn pruned_deliveries_leave_no_triggers_behind(engine: &mut dyn Engine) {
+    let accepted = accept(engine, "old", "p", 0);
+    let Accepted::Queued { delivery_row, .. } = accepted else {
+        panic!("not queued: {accepted:?}");
+    };
+    let first = first_trigger(accepted);
+    let due = claim(engine, 0, 1);
+    record(engine, due[0].lease, failed(), 1);
+    assert_eq!(tx(engine, |e| e.prune(100, 10, None).unwrap().deleted), 1);
+    let origin = engine.pipeline_origin(&OriginOf::Trigger(first)).unwrap();
+    assert!(origin.is_none(), "the trigger went with its delivery");
+    let replay = tx(engine, |e| e.replay(&ReplayTarget::Trigger(first), 2)).unwrap_err();
+    assert!(replay.refused, "{replay}");
+    let added = tx(engine, |e| e.queue_work(delivery_row, &[trigger("p")], 3)).unwrap_err();
+    assert!(added.refused, "{added}");
+    assert!(added.message.contains("no longer in the store"), "{added}");
+    assert_eq!(engine.depth().unwrap().open, 0);
+    assert!(claim(engine, 10, 5).is_empty());
+}
+
 /// Deliveries still to be sent in front of the old ones cost every step of a pass no more
 /// than its batch: each step goes on where the last one stopped.
 pub fn pruning_steps_past_what_is_still_to_be_sent(engine: &mut dyn Engine) {
@@ -1043,6 +1065,7 @@ macro_rules! engine_semantics {
             leases_of_a_dead_process_are_due_again,
             pruning_keeps_what_is_still_to_be_sent,
             pruning_steps_past_what_is_still_to_be_sent,
+            pruned_deliveries_leave_no_triggers_behind,
             replays_are_new_triggers_linked_to_the_original,
             deliveries_are_found_by_their_id_in_every_source,
             identical_triggers_coalesce_within_the_window,

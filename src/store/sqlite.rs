@@ -575,6 +575,17 @@ impl Engine for SqliteEngine {
         work: &[super::NewTrigger],
         now: i64,
     ) -> Result<Vec<i64>, EngineError> {
+        // As on PostgreSQL: a refusal that says why, not the foreign key's failure.
+        let stored = self
+            .conn
+            .prepare_cached("SELECT 1 FROM deliveries WHERE id = ?1")
+            .and_then(|mut find| find.exists([delivery_row]))
+            .map_err(error)?;
+        if !stored {
+            return Err(EngineError::refused(format!(
+                "delivery row {delivery_row}: its delivery is no longer in the store (pruned)"
+            )));
+        }
         insert_work(self, delivery_row, work, now)
             .map(|(ids, _)| ids)
             .map_err(error)

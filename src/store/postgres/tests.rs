@@ -611,3 +611,110 @@ fn a_database_streaming_to_an_asynchronous_receiver_is_a_failover_risk() {
     let _ = receiver.kill();
     let _ = receiver.wait();
 }
+
+/// Another relay's replay and this relay's pruning of one delivery at the same moment:
+/// whichever locks the delivery first goes first, the other waits and then sees what it
+/// did, and no trigger is ever left without its delivery (the foreign key that used to
+/// guard this is gone: see the schema).
+#[test]
+fn a_replay_and_a_prune_of_one_delivery_at_once_leave_no_trigger_behind() {
+    use crate::store::semantics::{delivery, trigger};
+    use crate::store::{Engine, Recorded, ReplayTarget};
+    let Some((database, mut pruner)) = on_new_database() else {
+        return;
+    };
+    let open = |url: &str| {
+        super::PostgresEngine::open(&super::PostgresConfig::new(url))
+            .unwrap()
+            .with_callers_clock()
+    };
+    let (mut replayer, mut watcher) = (open(&database.url), open(&database.url));
+    let failed = Recorded::Failed {
+        status: Some(404),
+        reason: "404 Not Found".into(),
+        pipeline_id: None,
+        pipeline_url: None,
+    };
+    let finish_due = |engine: &mut super::PostgresEngine, now: i64| {
+        engine.begin(true).unwrap();
+        for due in engine.claim(now, 8).unwrap().due {
+            assert!(engine.record(due.lease, &failed, now).unwrap());
+        }
+        engine.commit().unwrap();
+    };
+    // Until the other connection waits for a lock that the test holds.
+    let wait_for_a_lock_wait = |watcher: &mut super::PostgresEngine| {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let waiting: i64 = watcher
+                .client()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                return;
+            }
+            assert!(std::time::Instant::now() < until, "nobody waited");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let triggers = |watcher: &mut super::PostgresEngine| -> i64 {
+        watcher
+            .client()
+            .query_one("SELECT count(*) FROM hr_triggers", &[])
+            .unwrap()
+            .get(0)
+    };
+    pruner.begin(true).unwrap();
+    pruner
+        .insert_delivery(&delivery("a", vec![trigger("p")]), 0)
+        .unwrap();
+    pruner.commit().unwrap();
+    finish_due(&mut pruner, 1);
+
+    // The replay first: the pruning waits for it, then keeps the delivery.
+    replayer.begin(true).unwrap();
+    let replayed = replayer
+        .replay(&ReplayTarget::Delivery("a".into()), 2)
+        .unwrap();
+    let pruning = std::thread::spawn(move || {
+        pruner.begin(true).unwrap();
+        let pruned = pruner.prune(100, 10, None).unwrap().deleted;
+        pruner.commit().unwrap();
+        (pruner, pruned)
+    });
+    wait_for_a_lock_wait(&mut watcher);
+    replayer.commit().unwrap();
+    let (mut pruner, pruned) = pruning.join().unwrap();
+    assert_eq!(pruned, 0, "the replay's trigger is still to be sent");
+    assert_eq!(pruner.depth().unwrap().open, 1);
+    assert_eq!(triggers(&mut watcher), 2);
+
+    // The pruning first: the replay waits for it, then finds the delivery gone.
+    finish_due(&mut pruner, 3);
+    pruner.begin(true).unwrap();
+    assert_eq!(pruner.prune(100, 10, None).unwrap().deleted, 1);
+    let replaying = std::thread::spawn(move || {
+        replayer.begin(true).unwrap();
+        let answer = replayer.replay(&ReplayTarget::Trigger(replayed[0]), 4);
+        replayer.rollback();
+        answer
+    });
+    wait_for_a_lock_wait(&mut watcher);
+    pruner.commit().unwrap();
+    let refused = replaying.join().unwrap().unwrap_err();
+    assert!(refused.refused, "{refused}");
+    assert!(
+        refused.message.contains("no longer in the store"),
+        "{refused}"
+    );
+    assert_eq!(
+        triggers(&mut watcher),
+        0,
+        "the triggers went with their delivery"
+    );
+    assert_eq!(pruner.depth().unwrap().open, 0);
+}
