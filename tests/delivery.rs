@@ -299,6 +299,39 @@ async fn triggers_for_one_project_and_ref_keep_their_order() {
     );
 }
 
+/// Webhooks for a project+ref whose trigger is being sent are not claimed at once (none
+/// could be: see `outbox::NewWork`), but none waits for a poll either: each goes out as
+/// soon as the one before it is answered. The forwarder here polls once a minute, so a
+/// trigger left for the poll would miss the test's ten seconds.
+#[tokio::test]
+async fn a_project_ref_being_sent_takes_new_triggers_as_each_send_ends() {
+    let forwarding = hookrelay::outbox::forwarder::ForwarderOptions {
+        poll: Duration::from_secs(60),
+        ..fast_forwarding()
+    };
+    let (upstream, relay) = setup_with(forwarding).await;
+    for _ in 0..3 {
+        upstream.answer_next(Answer::created().delayed(Duration::from_millis(300)));
+    }
+    assert_eq!(push(&relay, "busy-0").await.status, 202);
+    // The first is being sent (its answer takes 300 ms) while the others arrive.
+    calls(&upstream, 1, Duration::from_secs(10)).await;
+    for i in 1..4 {
+        assert_eq!(push(&relay, &format!("busy-{i}")).await.status, 202);
+    }
+    let received = calls(&upstream, 4, Duration::from_secs(10)).await;
+    let order: Vec<String> = received
+        .iter()
+        .map(|r| {
+            r.json()["variables"]["DELIVERY"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(order, ["busy-0", "busy-1", "busy-2", "busy-3"]);
+}
+
 #[tokio::test]
 async fn dry_run_records_what_would_be_sent_and_sends_nothing() {
     let forwarding = hookrelay::outbox::forwarder::ForwarderOptions {

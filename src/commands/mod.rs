@@ -351,6 +351,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         dry_run: options.dry_run,
         retention: config.delivery.retention,
         drain: config.server.shutdown_timeout,
+        ..ForwarderOptions::default()
     };
     let app = App::with_options(
         config,

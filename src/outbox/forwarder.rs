@@ -7,7 +7,7 @@
 //! refuses claims it backs off, logging at most once a second. On shutdown it stops claiming, lets
 //! sends in flight finish for a bounded time, and returns the rest to the outbox.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -37,6 +37,9 @@ pub struct ForwarderOptions {
     pub retention: Duration,
     /// How long sends in flight may take to finish at shutdown.
     pub drain: Duration,
+    /// Longest sleep between looks at the store: replays by `hookrelay replay`, and
+    /// other relays' work on a shared store, arrive this way.
+    pub poll: Duration,
 }
 
 impl Default for ForwarderOptions {
@@ -47,12 +50,13 @@ impl Default for ForwarderOptions {
             dry_run: false,
             retention: Duration::from_secs(7 * 24 * 3600),
             drain: Duration::from_secs(10),
+            poll: POLL,
         }
     }
 }
 
-/// Longest sleep between looks at the store (replays by `hookrelay replay` arrive this way).
-const POLL: Duration = Duration::from_secs(1);
+/// The default [`ForwarderOptions::poll`].
+pub const POLL: Duration = Duration::from_secs(1);
 /// The first wait after the store refuses a claim; it doubles up to the most.
 const STORE_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const STORE_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -77,6 +81,51 @@ fn age(due: &DueTrigger) -> Duration {
 
 /// How long a trigger this relay's configuration cannot send waits for another relay.
 const OTHER_CONFIGURATION: Duration = Duration::from_secs(5);
+
+/// The keys this relay is sending, for [`super::NewWork`]: new triggers only of these need
+/// no claim. A key counts from its claim until its outcome is committed: a send's last act
+/// is to hand its outcome to the writer, and the writer's commit of it wakes the forwarder
+/// with work it cannot list, which claims.
+#[derive(Default)]
+struct Sending {
+    /// Each send in flight, by the task sending it: its lease and key.
+    tasks: HashMap<tokio::task::Id, (Lease, String)>,
+    /// Keys whose send ended, until an outcome is next seen committed (or a claim looks).
+    recording: HashSet<String>,
+}
+
+impl Sending {
+    fn started(&mut self, task: tokio::task::Id, lease: Lease, key: String) {
+        self.tasks.insert(task, (lease, key));
+    }
+
+    /// A send ended; one that panicked records nothing, so its key is free at once.
+    fn ended(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let (task, recorded) = match done {
+            Ok((task, ())) => (task, true),
+            Err(err) => (err.id(), false),
+        };
+        if let Some((_, key)) = self.tasks.remove(&task)
+            && recorded
+        {
+            self.recording.insert(key);
+        }
+    }
+
+    /// Some outcome was committed, or a claim looked at the store: every key whose send
+    /// ended is free again (at worst a claim finds nothing; none is ever missed).
+    fn settled(&mut self) {
+        self.recording.clear();
+    }
+
+    fn holds(&self, key: &str) -> bool {
+        self.recording.contains(key) || self.tasks.values().any(|(_, sending)| sending == key)
+    }
+
+    fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.tasks.values().map(|(lease, _)| lease)
+    }
+}
 
 /// With a shared store, work accepted under one relay's configuration may be claimed by a
 /// relay whose configuration is older or newer (a rolling reload): it waits for a relay
@@ -140,12 +189,13 @@ pub async fn run(
         app.metrics.upstream_down(upstream, false);
     }
     let mut next_evict = tokio::time::Instant::now() + EVICT_EVERY;
-    let mut in_flight: JoinSet<i64> = JoinSet::new();
-    let mut claimed: HashMap<i64, Lease> = HashMap::new();
+    let mut in_flight: JoinSet<()> = JoinSet::new();
+    let mut sending = Sending::default();
     let mut next_prune = tokio::time::Instant::now();
     // When the store fails, claims wait longer each time (up to STORE_BACKOFF_MAX).
     let mut store_backoff = Duration::ZERO;
     let mut store_errors_logged = tokio::time::Instant::now() - POLL;
+    let poll_ms = options.poll.as_millis().max(2) as i64;
     // When to claim next (milliseconds since 1970): each claim says when the next key
     // falls due; a new trigger or a recorded outcome brings it forward.
     let mut claim_at = now_ms();
@@ -174,15 +224,14 @@ pub async fn run(
         }
         // Every send that has finished frees its worker now, not one per turn of the
         // loop: a claim then takes as many keys as there is room for, in one go.
-        while let Some(done) = in_flight.try_join_next() {
-            if let Ok(id) = done {
-                claimed.remove(&id);
-            }
+        while let Some(done) = in_flight.try_join_next_with_id() {
+            sending.ended(done);
         }
         let free = options.workers.saturating_sub(in_flight.len());
         if free > 0 && claim_at <= now_ms() {
             // Taken before the claim: a lease never lasts longer than this relay thinks.
             let claimed_at = std::time::Instant::now();
+            sending.settled();
             match outbox.claim(free).await {
                 Ok(batch) => {
                     store_backoff = Duration::ZERO;
@@ -191,10 +240,7 @@ pub async fn run(
                     // Half a poll either way, so that relays sharing a store do not look in
                     // lockstep (the one whose look came first would always win the race
                     // for work that falls due).
-                    let poll = now_ms()
-                        + fastrand::i64(
-                            POLL.as_millis() as i64 / 2..POLL.as_millis() as i64 * 3 / 2,
-                        );
+                    let poll = now_ms() + fastrand::i64(poll_ms / 2..poll_ms * 3 / 2);
                     claim_at = if batch.due.len() == free {
                         // More may be due already: look again once a worker is free.
                         now_ms()
@@ -202,18 +248,17 @@ pub async fn run(
                         batch.next_due.map_or(poll, |due| due.min(poll))
                     };
                     for trigger in batch.due {
-                        claimed.insert(trigger.id, trigger.lease);
+                        let (lease, key) = (trigger.lease, trigger.order_key.clone());
                         let held = Held {
                             paused: paused.clone(),
                             outages: outages.clone(),
                             claimed_at,
                         };
                         let (app, outbox, options) = (app.clone(), outbox.clone(), options.clone());
-                        in_flight.spawn(async move {
-                            let id = trigger.id;
+                        let task = in_flight.spawn(async move {
                             attempt(&app, &outbox, trigger, &options, &held).await;
-                            id
                         });
+                        sending.started(task.id(), lease, key);
                     }
                 }
                 Err(err) => {
@@ -229,32 +274,40 @@ pub async fn run(
         let wait = Duration::from_millis((claim_at - now_ms()).max(0) as u64);
         tokio::select! {
             _ = stop.changed() => {}
-            // A notification follows a successful commit: the store takes writes.
-            () = outbox.queued.notified() => claim_at = claim_at.min(now_ms()),
-            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                if let Ok(id) = done {
-                    claimed.remove(&id);
+            // A notification follows a successful commit: the store takes writes. New
+            // triggers only of keys being sent cannot be claimed yet (see `NewWork`).
+            () = outbox.queued.notified() => {
+                while let Some(done) = in_flight.try_join_next_with_id() {
+                    sending.ended(done);
                 }
+                let new = outbox.queued.take();
+                if new.unlisted {
+                    sending.settled();
+                }
+                if new.needs_claim(|key| sending.holds(key)) {
+                    claim_at = claim_at.min(now_ms());
+                }
+            }
+            Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                sending.ended(done);
             }
             () = tokio::time::sleep(wait), if in_flight.len() < options.workers => {}
         }
     }
     // Shutdown: let sends finish for a while, then hand the rest back.
     let drained = tokio::time::timeout(options.drain, async {
-        while let Some(done) = in_flight.join_next().await {
-            if let Ok(id) = done {
-                claimed.remove(&id);
-            }
+        while let Some(done) = in_flight.join_next_with_id().await {
+            sending.ended(done);
         }
     })
     .await;
     if drained.is_err() {
         in_flight.abort_all();
-        for lease in claimed.values() {
+        for lease in sending.leases() {
             outbox.record(*lease, Recorded::Released);
         }
         tracing::warn!(
-            returned = claimed.len(),
+            returned = sending.tasks.len(),
             "sends still in flight at shutdown were returned to the outbox"
         );
     }

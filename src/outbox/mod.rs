@@ -17,6 +17,7 @@
 //! The writer speaks to its database only through [`crate::store::Engine`].
 
 pub mod forwarder;
+mod new_work;
 pub mod outage;
 pub mod retry;
 mod writer;
@@ -27,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
+
+pub use new_work::NewWork;
 
 use crate::store::lock::{StateLock, lock_state_folder};
 use crate::store::postgres::PostgresEngine;
@@ -198,8 +201,9 @@ pub struct Outbox {
     /// A connection of its own for reads (depth for metrics), beside the writer.
     reader: Arc<Mutex<Box<dyn Engine>>>,
     place: Arc<str>,
-    /// Woken when triggers are queued, so the forwarder need not poll for them.
-    pub queued: Arc<Notify>,
+    /// Woken when triggers are queued, so the forwarder need not poll for them; says of
+    /// which keys.
+    pub queued: Arc<NewWork>,
     pub health: Arc<StoreHealth>,
     /// Other relays share this store: triggers they queue or give up are claimed here too,
     /// so the forwarder looks for due work at least once a second.
@@ -324,7 +328,7 @@ impl Outbox {
     ) -> std::io::Result<Outbox> {
         let place: Arc<str> = writer.describe().into();
         let (sender, requests) = mpsc::channel();
-        let queued = Arc::new(Notify::new());
+        let queued = Arc::new(NewWork::default());
         let health = Arc::new(StoreHealth::default());
         let skew = Arc::new(std::sync::atomic::AtomicI64::new(writer.clock_skew()));
         let noted = Arc::new(writer::Notes::default());

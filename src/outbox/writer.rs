@@ -9,11 +9,11 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
-use super::{Duty, NewDelivery, Op, RETRY_EVERY, Recorded, StoreHealth, now_ms};
+use super::{Duty, NewDelivery, NewWork, Op, RETRY_EVERY, Recorded, StoreHealth, now_ms};
 use crate::store::lock::StateLock;
-use crate::store::{Engine, EngineError, Lease};
+use crate::store::{Accepted, Engine, EngineError, Lease};
 
 /// Most requests one commit takes.
 const GROUP_MAX: usize = 512;
@@ -149,7 +149,7 @@ fn gather(
 pub(super) struct Shared {
     pub(super) duty: Duty,
     pub(super) notes: Arc<Notes>,
-    pub(super) queued: Arc<Notify>,
+    pub(super) queued: Arc<NewWork>,
     pub(super) health: Arc<StoreHealth>,
     pub(super) skew: Arc<std::sync::atomic::AtomicI64>,
     pub(super) timings: super::StoreTimings,
@@ -163,7 +163,7 @@ pub(super) struct Writer {
     engine: Box<dyn Engine>,
     /// Records nobody waits for, taken with each group.
     notes: Arc<Notes>,
-    queued: Arc<Notify>,
+    queued: Arc<NewWork>,
     health: Arc<StoreHealth>,
     /// Outcomes of sends the store has not taken yet, oldest first.
     pending: Vec<(Lease, Recorded)>,
@@ -198,6 +198,10 @@ struct GroupOutcome {
     /// Something was written (not only claims that found nothing).
     wrote: bool,
     new_triggers: bool,
+    /// The keys of the new triggers, for the forwarder ([`NewWork`])...
+    new_keys: Vec<String>,
+    /// ...unless some new work is of keys not listed there.
+    unlisted: bool,
     /// The first transient failure of an operation in the group.
     failure: Option<String>,
 }
@@ -431,8 +435,8 @@ impl Writer {
             let result = Ok(answer_of);
             outcome.note_result(&result);
             match op {
-                Op::Accept(_, reply) => {
-                    outcome.new_triggers |= matches!(&result, Ok(accepted) if accepted.adds_work());
+                Op::Accept(delivery, reply) => {
+                    outcome.note_new_work(&delivery, &result);
                     outcome.replies.push(answer(reply, result));
                 }
                 Op::Note(..) => {}
@@ -449,7 +453,7 @@ impl Writer {
         match op {
             Op::Accept(delivery, reply) => {
                 let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
-                outcome.new_triggers |= matches!(&result, Ok(accepted) if accepted.adds_work());
+                outcome.note_new_work(&delivery, &result);
                 outcome.note_result(&result);
                 outcome.replies.push(answer(reply, result));
             }
@@ -486,6 +490,7 @@ impl Writer {
                     crate::status::apply_pipeline(engine, &update, now)
                 });
                 outcome.new_triggers |= result.is_ok();
+                outcome.unlisted |= result.is_ok();
                 outcome.note_result(&result);
                 match (&result, poll) {
                     (Err(err), Some((lease, _))) if err.transient => {
@@ -504,6 +509,7 @@ impl Writer {
             Op::Replay(target, reply) => {
                 let result = self.in_savepoint(|engine| engine.replay(&target, now));
                 outcome.new_triggers |= result.is_ok();
+                outcome.unlisted |= result.is_ok();
                 outcome.note_result(&result);
                 outcome.replies.push(answer(reply, result));
             }
@@ -540,6 +546,7 @@ impl Writer {
                 outcome.wrote = true;
                 // The key's head is due again, or the next trigger of its key now is.
                 outcome.new_triggers = true;
+                outcome.unlisted = true;
                 // A later commit failure undoes it: keep it until the commit is known.
                 outcome.records.push((lease, recorded));
             }
@@ -603,6 +610,8 @@ impl Writer {
             records,
             wrote,
             new_triggers,
+            new_keys,
+            unlisted,
             failure,
         } = outcome;
         let commit_failure = committed.err();
@@ -669,12 +678,26 @@ impl Writer {
             reply(failed.as_ref());
         }
         if new_triggers && failed.is_none() {
-            self.queued.notify_one();
+            self.queued.add((!unlisted).then_some(new_keys));
         }
     }
 }
 
 impl GroupOutcome {
+    /// Notes the keys of a delivery's new triggers, when recording it queued any.
+    fn note_new_work(&mut self, delivery: &NewDelivery, result: &Result<Accepted, EngineError>) {
+        if matches!(result, Ok(accepted) if accepted.adds_work()) {
+            self.new_triggers = true;
+            self.new_keys.extend(
+                delivery
+                    .triggers
+                    .iter()
+                    .filter(|trigger| trigger.done.is_none())
+                    .map(|trigger| trigger.order_key()),
+            );
+        }
+    }
+
     fn note_result<T>(&mut self, result: &Result<T, EngineError>) {
         self.note_result_that(result, |_| true);
     }

@@ -410,6 +410,8 @@ pub struct DueTrigger {
     pub upstream: String,
     pub project: String,
     pub git_ref: String,
+    /// The key it heads (its upstream, project and ref, or a status's own).
+    pub order_key: String,
     pub token_ref: String,
     pub variables: serde_json::Map<String, serde_json::Value>,
     pub inputs: serde_json::Map<String, serde_json::Value>,

@@ -835,6 +835,7 @@ fn claim(engine: &SqliteEngine, now: i64, limit: usize) -> rusqlite::Result<Clai
                     upstream: row.get(3)?,
                     project: row.get(4)?,
                     git_ref: row.get(5)?,
+                    order_key: order_key.clone(),
                     token_ref: row.get(6)?,
                     variables: serde_json::from_str(&row.get::<_, String>(7)?).unwrap_or_default(),
                     inputs: serde_json::from_str(&row.get::<_, String>(8)?).unwrap_or_default(),

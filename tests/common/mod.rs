@@ -247,6 +247,7 @@ pub fn fast_forwarding() -> hookrelay::outbox::forwarder::ForwarderOptions {
         dry_run: false,
         retention: Duration::from_secs(3600),
         drain: Duration::from_secs(2),
+        poll: hookrelay::outbox::forwarder::POLL,
     }
 }
 

@@ -286,6 +286,7 @@ impl PostgresEngine {
                 upstream: row.get(5),
                 project: row.get(6),
                 git_ref: row.get(7),
+                order_key: row.get(17),
                 token_ref: row.get(8),
                 variables: serde_json::from_str(row.get(9)).unwrap_or_default(),
                 inputs: serde_json::from_str(row.get(10)).unwrap_or_default(),
