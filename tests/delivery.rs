@@ -282,15 +282,7 @@ async fn triggers_for_one_project_and_ref_keep_their_order() {
         assert_eq!(push(&relay, &format!("order-{i}")).await.status, 202);
     }
     let received = calls(&upstream, 6, Duration::from_secs(10)).await;
-    let order: Vec<String> = received
-        .iter()
-        .map(|r| {
-            r.json()["variables"]["DELIVERY"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let order = deliveries_in_order(&received);
     assert_eq!(
         order,
         [
@@ -320,15 +312,7 @@ async fn a_project_ref_being_sent_takes_new_triggers_as_each_send_ends() {
         assert_eq!(push(&relay, &format!("busy-{i}")).await.status, 202);
     }
     let received = calls(&upstream, 4, Duration::from_secs(10)).await;
-    let order: Vec<String> = received
-        .iter()
-        .map(|r| {
-            r.json()["variables"]["DELIVERY"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let order = deliveries_in_order(&received);
     assert_eq!(order, ["busy-0", "busy-1", "busy-2", "busy-3"]);
 }
 

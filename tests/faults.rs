@@ -253,16 +253,7 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
         wanted.len(),
         "and each exactly once: no duplicate pipeline from the store error"
     );
-    let order: Vec<String> = upstream
-        .received()
-        .iter()
-        .map(|r| {
-            r.json()["variables"]["DELIVERY"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let order = deliveries_in_order(&upstream.received());
     assert_eq!(order[0], a.json()["delivery"].as_str().unwrap());
     assert_eq!(order[1], b.json()["delivery"].as_str().unwrap());
 

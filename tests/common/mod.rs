@@ -43,6 +43,20 @@ impl Received {
     }
 }
 
+/// The `DELIVERY` variable of each trigger call, in the order the upstream got them (the
+/// test rules set it to the webhook's delivery id).
+pub fn deliveries_in_order(received: &[Received]) -> Vec<String> {
+    received
+        .iter()
+        .map(|r| {
+            r.json()["variables"]["DELIVERY"]
+                .as_str()
+                .expect("a DELIVERY variable")
+                .to_owned()
+        })
+        .collect()
+}
+
 /// A scripted answer.
 #[derive(Clone, Debug)]
 pub struct Answer {
