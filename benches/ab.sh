@@ -29,7 +29,7 @@ STORE=${STORE:-sqlite}
 source benches/lib.sh
 need wrk wrk
 need nginx nginx-light
-[[ $STORE == postgres && -z $(postgres_bin) ]] && missing+=(postgresql)
+[[ $STORE == postgres ]] && need_postgres
 install_needed
 make_work
 standin_port=$(free_port); relay_port=$(free_port)

@@ -24,7 +24,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 source benches/lib.sh
 need wrk wrk
 need nginx nginx-light
-[[ -z $(postgres_bin) ]] && missing+=(postgresql)
+need_postgres
 install_needed
 if [[ -z "${HOOKRELAY:-}" ]]; then
   cargo build --release --quiet

@@ -4,6 +4,9 @@
 # install_needed installs every package noted.
 missing=()
 need() { command -v "$1" >/dev/null || missing+=("$2"); }
+# need_postgres: notes Debian's postgresql when its server binaries are missing (they are
+# not on the PATH: see postgres_bin).
+need_postgres() { [[ -n $(postgres_bin) ]] || missing+=(postgresql); }
 install_needed() {
   ((${#missing[@]})) || return 0
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -17,7 +17,7 @@ STORE=${STORE:-sqlite}; RUNS=${RUNS:-5}; DURATION=${DURATION:-8s}; WARM=${WARM:-
 source benches/lib.sh
 need wrk wrk
 need nginx nginx-light
-[[ $STORE == postgres && -z $(postgres_bin) ]] && missing+=(postgresql)
+[[ $STORE == postgres ]] && need_postgres
 install_needed
 make_work
 standin_port=$(free_port); relay_port=$(free_port); pg_port=$(free_port)

@@ -489,8 +489,9 @@ impl Writer {
                     }
                     crate::status::apply_pipeline(engine, &update, now)
                 });
-                outcome.new_triggers |= result.is_ok();
-                outcome.unlisted |= result.is_ok();
+                if result.is_ok() {
+                    outcome.note_unlisted_work();
+                }
                 outcome.note_result(&result);
                 match (&result, poll) {
                     (Err(err), Some((lease, _))) if err.transient => {
@@ -508,8 +509,9 @@ impl Writer {
             }
             Op::Replay(target, reply) => {
                 let result = self.in_savepoint(|engine| engine.replay(&target, now));
-                outcome.new_triggers |= result.is_ok();
-                outcome.unlisted |= result.is_ok();
+                if result.is_ok() {
+                    outcome.note_unlisted_work();
+                }
                 outcome.note_result(&result);
                 outcome.replies.push(answer(reply, result));
             }
@@ -545,8 +547,7 @@ impl Writer {
             Ok(true) => {
                 outcome.wrote = true;
                 // The key's head is due again, or the next trigger of its key now is.
-                outcome.new_triggers = true;
-                outcome.unlisted = true;
+                outcome.note_unlisted_work();
                 // A later commit failure undoes it: keep it until the commit is known.
                 outcome.records.push((lease, recorded));
             }
@@ -696,6 +697,13 @@ impl GroupOutcome {
                     .map(|trigger| trigger.order_key()),
             );
         }
+    }
+
+    /// Notes new or newly due work whose keys it does not list (an outcome that moved its
+    /// key on, a replay, a pipeline's status posts): the forwarder claims whatever it sends.
+    fn note_unlisted_work(&mut self) {
+        self.new_triggers = true;
+        self.unlisted = true;
     }
 
     fn note_result<T>(&mut self, result: &Result<T, EngineError>) {

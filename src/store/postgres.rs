@@ -627,13 +627,17 @@ impl Engine for PostgresEngine {
             )));
         }
         let mut new_ids = Vec::new();
+        // Each delivery locked once, however many of its triggers are replayed.
+        let mut locked = std::collections::HashSet::new();
         for row in rows {
             let (id, state, token_ref, order_key, delivery): (i64, String, String, String, i64) =
                 (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
             if let Some(refusal) = super::replay_refusal(id, &state, &token_ref) {
                 return Err(refusal);
             }
-            self.lock_delivery(delivery, target)?;
+            if locked.insert(delivery) {
+                self.lock_delivery(delivery, target)?;
+            }
             let new_id: i64 = self
                 .client()
                 .query_one(
@@ -907,7 +911,7 @@ impl Engine for PostgresEngine {
         now: i64,
     ) -> Result<Vec<i64>, EngineError> {
         let now = now + self.skew_ms;
-        self.lock_delivery(delivery_row, &format!("delivery row {delivery_row}"))?;
+        self.lock_delivery(delivery_row, &format_args!("delivery row {delivery_row}"))?;
         self.insert_work(delivery_row, work, now)
             .map(|(ids, _)| ids)
             .map_err(error)
