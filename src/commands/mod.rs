@@ -72,7 +72,7 @@ pub fn init_logging(format: LogFormat) -> std::io::Result<LogGuard> {
     let _ = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
-            .fmt_fields(escaped_fields())
+            .fmt_fields(crate::terminal::LogFields)
             .try_init(),
         LogFormat::Json => builder
             .json()
@@ -110,22 +110,6 @@ impl tracing_subscriber::fmt::time::FormatTime for LogTime {
             write!(w, "{text}.{:06}Z", since_epoch.subsec_micros())
         })
     }
-}
-
-/// Text log fields as the default formatter writes them (`name=value`, the message
-/// first), with control characters that came from payloads shown as escapes: a log line
-/// must never drive the terminal that shows it.
-fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
-    use std::fmt::Write;
-    use tracing_subscriber::field::MakeExt;
-    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-        let mut out = crate::terminal::Escaping(writer);
-        match field.name() {
-            "message" => write!(out, "{value:?}"),
-            name => write!(out, "{name}={value:?}"),
-        }
-    })
-    .delimited(" ")
 }
 
 /// `hookrelay check`: validates the configuration; every problem as `file:line: message`.
