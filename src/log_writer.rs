@@ -187,23 +187,26 @@ impl Drop for LogGuard {
     }
 }
 
+/// A sink a test can read while a writer writes to it (here and in `terminal`'s tests).
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct MemorySink(pub(crate) Arc<Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Write for MemorySink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A sink the test can read while the thread writes to it.
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Sink {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use MemorySink as Sink;
 
     #[test]
     fn every_line_is_written_in_order_and_the_guard_writes_the_rest() {

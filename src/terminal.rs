@@ -212,29 +212,17 @@ mod tests {
     where
         F: for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static,
     {
-        let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-        let sink = written.clone();
+        let sink = crate::log_writer::MemorySink::default();
+        let written = sink.clone();
         let subscriber = tracing_subscriber::fmt()
             .without_time()
             .with_ansi(false)
             .fmt_fields(fields)
-            .with_writer(move || Sink(sink.clone()))
+            .with_writer(move || sink.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, emit);
-        let bytes = written.lock().unwrap().clone();
+        let bytes = written.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
-    }
-
-    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Sink {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
     }
 
     #[test]
