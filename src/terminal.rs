@@ -22,7 +22,8 @@ fn first_unsafe(text: &str) -> Option<usize> {
     let bytes = text.as_bytes();
     // Almost no text holds those bytes, nor a tab or a newline: a pass without an early
     // exit, which the compiler turns into vector instructions, says so at a fraction of
-    // the search's cost per byte (a log line's fields: 1,600 instructions down to 200).
+    // the search's cost per byte (a log line's fields: 1,600 instructions, now a few
+    // hundred).
     let suspect = bytes.iter().fold(false, |found, &b| {
         found | (b < 0x20) | (b == 0x7f) | (b == 0xc2)
     });
@@ -69,8 +70,8 @@ impl<W: fmt::Write> fmt::Write for Escaping<W> {
 ///
 /// Why not `tracing_subscriber`'s `debug_fn` with an escaping writer, which wrote the same:
 /// that escaped each piece of a field as it was written, some 25 pieces a line, and with
-/// the formatting around it cost 8,000–12,000 instructions a line (`benches/instructions.sh`),
-/// a tenth of what a webhook costs the request path outside the HMAC. Here a line's fields
+/// the formatting around it cost 8,000–10,000 instructions a line (`benches/instructions.sh`):
+/// a webhook's three lines, a tenth of its request path outside the HMAC. Here a line's fields
 /// are written into one buffer, plain strings without the formatting machinery, and
 /// escaped once.
 pub struct LogFields;
@@ -86,19 +87,22 @@ impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for LogFields {
             static LINE: RefCell<String> = const { RefCell::new(String::new()) };
         }
         LINE.with(|line| {
-            // A field's `Debug` that logs would find this taken: format apart then.
-            let Ok(mut line) = line.try_borrow_mut() else {
-                let mut apart = String::new();
-                fields.record(&mut FieldWriter::new(&mut apart));
-                return writer.write_str(&escape_controls(&apart));
+            // Should fields ever be formatted inside another line's (tracing drops an event
+            // logged from a field's `Debug`), the buffer is taken: that line goes apart.
+            let mut apart = String::new();
+            let mut held = line.try_borrow_mut().ok();
+            let buffer = match held.as_deref_mut() {
+                Some(buffer) => {
+                    buffer.clear();
+                    buffer
+                }
+                None => &mut apart,
             };
-            line.clear();
-            fields.record(&mut FieldWriter::new(&mut line));
-            let shown = escape_controls(&line);
-            let result = writer.write_str(&shown);
+            fields.record(&mut FieldWriter::new(buffer));
+            let result = writer.write_str(&escape_controls(buffer));
             // Keep the buffer for the next line, unless a huge one grew it.
-            if line.capacity() > 64 * 1024 {
-                *line = String::new();
+            if buffer.capacity() > 64 * 1024 {
+                *buffer = String::new();
             }
             result
         })
@@ -246,11 +250,22 @@ mod tests {
                 "plain"
             );
             tracing::info!("only a message, {} of it", 1);
+            // A field whose `Debug` logs while its own line is being written: tracing drops
+            // that inner event (its dispatcher is not re-entered), and the line still comes.
+            struct Chatty;
+            impl fmt::Debug for Chatty {
+                fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    tracing::info!(inner = "x\u{1b}", "logged from inside a field");
+                    f.write_str("chatty")
+                }
+            }
+            tracing::info!(field = ?Chatty, "outer");
         }
         let expected = lines_with(reference_fields(), emit);
         let written = lines_with(LogFields, emit);
         assert_eq!(written, expected);
-        assert_eq!(written.lines().count(), 4, "{written}");
+        assert_eq!(written.lines().count(), 5, "{written}");
+        assert!(written.contains("outer field=chatty"), "{written}");
         assert!(!written.contains('\u{1b}') && !written.contains('\u{7}'));
         assert!(
             written.contains(r#"quoted="say \"hi\" \\ then\ttab and café \u{200b}""#),
