@@ -11,8 +11,9 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-/// Most keys one wake-up lists; a commit with more wakes the forwarder to claim.
-const MOST_KEYS: usize = 64;
+/// Most different keys the commits between two looks list; with more, the forwarder
+/// claims.
+pub(super) const MOST_KEYS: usize = 64;
 
 /// What the commits since the forwarder last looked queued, and a wake-up for it.
 #[derive(Default)]
@@ -45,13 +46,14 @@ impl NewWork {
         {
             let mut noted = self.lock();
             match keys {
-                Some(keys) if !noted.unlisted && noted.keys.len() + keys.len() <= MOST_KEYS => {
-                    noted.keys.extend(keys);
-                }
-                _ => {
-                    noted.keys.clear();
-                    noted.unlisted = true;
-                }
+                Some(keys) if !noted.unlisted => noted.keys.extend(keys),
+                _ => noted.unlisted = true,
+            }
+            if noted.keys.len() > MOST_KEYS {
+                noted.unlisted = true;
+            }
+            if noted.unlisted {
+                noted.keys.clear();
             }
         }
         self.wake.notify_one();
@@ -104,8 +106,13 @@ mod tests {
             noted.unlisted && noted.needs_claim(sending),
             "an outcome moved some key on"
         );
-        let many: Vec<String> = (0..=MOST_KEYS).map(|_| "busy".to_owned()).collect();
+        let many: Vec<String> = (0..=MOST_KEYS).map(|n| format!("key {n}")).collect();
         work.add(Some(many));
         assert!(work.take().needs_claim(sending), "too many to list");
+        // One busy key many times over (a big group, or several before a look) is one key.
+        let busy: Vec<String> = (0..=MOST_KEYS).map(|_| "busy".to_owned()).collect();
+        work.add(Some(busy.clone()));
+        work.add(Some(busy));
+        assert!(!work.take().needs_claim(sending), "one key, however often");
     }
 }

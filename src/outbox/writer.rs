@@ -685,17 +685,25 @@ impl Writer {
 }
 
 impl GroupOutcome {
-    /// Notes the keys of a delivery's new triggers, when recording it queued any.
+    /// Notes the keys of a delivery's new triggers, when recording it queued any: each
+    /// key once (a group's webhooks are mostly of a few), and none once there are more
+    /// than the forwarder would be told of.
     fn note_new_work(&mut self, delivery: &NewDelivery, result: &Result<Accepted, EngineError>) {
-        if matches!(result, Ok(accepted) if accepted.adds_work()) {
-            self.new_triggers = true;
-            self.new_keys.extend(
-                delivery
-                    .triggers
-                    .iter()
-                    .filter(|trigger| trigger.done.is_none())
-                    .map(|trigger| trigger.order_key()),
-            );
+        if !matches!(result, Ok(accepted) if accepted.adds_work()) {
+            return;
+        }
+        self.new_triggers = true;
+        if self.unlisted {
+            return;
+        }
+        for trigger in delivery.triggers.iter().filter(|t| t.done.is_none()) {
+            let key = trigger.order_key();
+            if !self.new_keys.contains(&key) {
+                self.new_keys.push(key);
+            }
+        }
+        if self.new_keys.len() > super::new_work::MOST_KEYS {
+            self.note_unlisted_work();
         }
     }
 
@@ -704,6 +712,7 @@ impl GroupOutcome {
     fn note_unlisted_work(&mut self) {
         self.new_triggers = true;
         self.unlisted = true;
+        self.new_keys.clear();
     }
 
     fn note_result<T>(&mut self, result: &Result<T, EngineError>) {
