@@ -15,30 +15,6 @@ use crate::gateway::params::ParamError;
 use crate::sources::SourceError;
 use crate::upstream::UpstreamError;
 
-/// A JSON syntax error with its position, as every "not valid JSON" message shows it.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{message} at line {line} column {column}")]
-pub struct JsonSyntaxError {
-    pub message: String,
-    pub line: usize,
-    pub column: usize,
-}
-
-impl From<&serde_json::Error> for JsonSyntaxError {
-    fn from(err: &serde_json::Error) -> Self {
-        let text = err.to_string();
-        let message = match text.rfind(" at line ") {
-            Some(at) => text[..at].to_owned(),
-            None => text,
-        };
-        JsonSyntaxError {
-            message,
-            line: err.line(),
-            column: err.column(),
-        }
-    }
-}
-
 impl ApiError {
     /// The answer to a request a limit did not admit.
     pub fn limited(limit: &str, refused: crate::limits::Refused) -> ApiError {

@@ -16,7 +16,8 @@
 //! - [`status`]: the pipeline's status back on the commit: forge requests, GitLab's pipeline
 //!   events and polls, and the rules that keep statuses in order.
 //! - [`admin`]: the delivery dashboard and its JSON API, on a listener of its own.
-//! - [`error`]: every error a caller sees, mapped to status and JSON in one place.
+//! - [`error`]: every error a caller sees, mapped to status and JSON in one place;
+//!   [`json_syntax`] is the one both readers of JSON bodies report.
 //! - [`config`]: the configuration folder, validated into typed values with `file:line` problems.
 //! - [`secret`]: secrets that print only as a mask.
 //! - [`commands`]: the command-line commands, called by the thin `main`; [`explain`] and
@@ -40,6 +41,7 @@ pub mod explain;
 pub mod gateway;
 pub mod git_ref;
 pub mod hooks;
+pub mod json_syntax;
 pub mod limits;
 pub mod lingering;
 pub mod log_writer;

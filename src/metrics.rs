@@ -76,7 +76,7 @@ type MinuteSlots = [(u64, u32); 60];
 
 impl Recent {
     fn add(&self, key: (String, String)) {
-        let minute = crate::outbox::now_ms().max(0) as u64 / 60_000;
+        let minute = crate::store::now_ms().max(0) as u64 / 60_000;
         let mut minutes = self.minutes.lock().expect("never poisoned");
         let slots = minutes.entry(key).or_insert([(0, 0); 60]);
         let slot = &mut slots[(minute % 60) as usize];
@@ -88,7 +88,7 @@ impl Recent {
 
     /// For each key, 60 counts, the oldest minute first and the current one last.
     pub fn last_hour(&self) -> Vec<((String, String), Vec<u32>)> {
-        let now = crate::outbox::now_ms().max(0) as u64 / 60_000;
+        let now = crate::store::now_ms().max(0) as u64 / 60_000;
         let minutes = self.minutes.lock().expect("never poisoned");
         minutes
             .iter()
@@ -296,7 +296,7 @@ impl Metrics {
             config_reload_successful.clone(),
         );
         let config_loaded_at = Gauge::default();
-        config_loaded_at.set(crate::outbox::now_ms() / 1000);
+        config_loaded_at.set(crate::store::now_ms() / 1000);
         registry.register(
             "config_last_reload_success_timestamp_seconds",
             "When the configuration in use was loaded (the start, or the last reload that took), in seconds since 1970",
@@ -378,9 +378,9 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// Registers the store's own timings (kept by the outbox's writer, which knows nothing
-    /// of metrics), so a scrape shows what acknowledgements wait for.
-    pub fn register_store(&mut self, timings: &crate::outbox::StoreTimings) {
+    /// Registers the store's own timings (kept by the outbox's writer, which registers
+    /// nothing itself), so a scrape shows what acknowledgements wait for.
+    pub fn register_store(&mut self, timings: &StoreTimings) {
         self.registry.register(
             "store_commit_seconds",
             "Time the store took to write and commit one group that acknowledgements wait for (webhooks, gateway calls' records, replays)",
@@ -567,6 +567,29 @@ pub fn sample(scrape: &str, name: &str) -> Option<f64> {
 
 /// The content type of [`Metrics::encode`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What the outbox's writer measures of its commits, for `/metrics` ([`Metrics::register_store`]
+/// registers them): acknowledgements wait for these commits, so a slow disk or database shows here
+/// first.
+#[derive(Clone, Debug)]
+pub struct StoreTimings {
+    /// Seconds from a group's first statement to its commit, for groups that something
+    /// waits on to be durable (webhooks, gateway calls' records, replays).
+    pub commit_seconds: Histogram,
+    /// How many requests each such commit wrote.
+    pub commit_size: Histogram,
+}
+
+impl Default for StoreTimings {
+    fn default() -> Self {
+        StoreTimings {
+            // 0.25 ms to 8 s.
+            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            // 1 to 1,024.
+            commit_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -214,7 +214,7 @@ impl Trigger {
                 // The caller's other query parameters go on to GitLab, which puts them in
                 // `TRIGGER_PAYLOAD` as it would have without the relay.
                 for (key, value) in &self.other_params {
-                    crate::gateway::params::append_query_param(&mut query, key, value);
+                    append_query_param(&mut query, key, value);
                 }
                 let git_ref = utf8_percent_encode(self.git_ref.as_str(), PATH_SEGMENT);
                 UpstreamCall {
@@ -226,6 +226,36 @@ impl Trigger {
                     body: webhook.bytes.clone(),
                 }
             }
+        }
+    }
+}
+
+/// Appends one parameter to a query string in Rack's nesting (`a[b]=c`, `a[]=1`), the
+/// form [`crate::gateway::params::parse_query`] reads: strings as they are, other values as JSON text.
+fn append_query_param(
+    query: &mut form_urlencoded::Serializer<'_, String>,
+    name: &str,
+    value: &Value,
+) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                append_query_param(query, &format!("{name}[{key}]"), value);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                append_query_param(query, &format!("{name}[]"), item);
+            }
+        }
+        Value::String(text) => {
+            query.append_pair(name, text);
+        }
+        Value::Null => {
+            query.append_key_only(name);
+        }
+        other => {
+            query.append_pair(name, &other.to_string());
         }
     }
 }

@@ -33,18 +33,18 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::sources::SourceConfig;
+use crate::store::STORE_URL_ENV;
 
+pub use crate::upstream::{
+    DEFAULT_MAX_IN_FLIGHT, UpstreamConfig, default_per_project, parse_upstream_url,
+};
 pub use delivery::DeliveryConfig;
 pub use gateway::{DEFAULT_GATEWAY_MAX_BODY, GatewayConfig};
 pub(crate) use limit::{RawLimit, compile_limit, only_limit_keys};
 pub use problems::{FileProblems, Problem, Problems};
 pub use server::{DEFAULT_BODY_MEMORY, DEFAULT_LISTEN, DEFAULT_MAX_BODY, ServerConfig, ServerTls};
-pub use store::STORE_URL_ENV;
 pub use units::{parse_duration, parse_listen, parse_size};
 pub(crate) use upstream::ca_file;
-pub use upstream::{
-    DEFAULT_MAX_IN_FLIGHT, UpstreamConfig, default_per_project, parse_upstream_url,
-};
 
 /// The whole, validated configuration.
 #[derive(Clone, Debug)]

@@ -13,10 +13,8 @@ use toml::de::DeValue;
 
 use super::{EnvLookup, FileProblems, parse_duration, section, typed};
 use crate::secret::SecretRef;
+use crate::store::STORE_URL_ENV;
 use crate::store::postgres::{PostgresConfig, has_password};
-
-/// The environment variable that sets (or overrides) `[store] url`.
-pub const STORE_URL_ENV: &str = "HOOKRELAY_STORE_URL";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -9,65 +9,10 @@ use toml::Spanned;
 
 use super::limit::{RawLimit, compile_limit, only_limit_keys};
 use super::{EnvLookup, FileProblems, parse_duration, typed};
-
-/// `[upstream.NAME]`: a GitLab instance that receives trigger calls.
-#[derive(Clone, Debug)]
-pub struct UpstreamConfig {
-    pub name: String,
-    /// Base URL without a trailing slash, e.g. `https://gitlab.example.com` or
-    /// `https://example.com/gitlab` for a relative URL root.
-    pub url: http::Uri,
-    /// Extra PEM certificates to trust (a self-hosted GitLab's CA).
-    pub ca_file: Option<PathBuf>,
-    pub connect_timeout: Duration,
-    /// Time allowed for the whole call: connect, send and read GitLab's answer.
-    pub timeout: Duration,
-    /// Pipeline-creating calls per project (GitLab.com allows 25 a minute).
-    pub per_project: crate::limits::Limit,
-    /// Default `coalesce` window for rules' triggers to this upstream.
-    pub coalesce: Option<Duration>,
-    /// Calls in flight to this upstream at most (gateway calls and triggers together).
-    pub max_in_flight: usize,
-    /// `read_token`: a token that may read pipelines (`read_api`), so that hookrelay polls
-    /// the pipelines it started for their statuses where no pipeline events come.
-    pub read_token: Option<ReadToken>,
-    /// Polls of this upstream a minute at most, across all its pipelines.
-    pub polls_per_minute: u32,
-    /// The first poll of a pipeline waits this long; each later one twice the last, up to
-    /// five minutes.
-    pub poll_interval: Duration,
-}
-
-impl UpstreamConfig {
-    /// The base URL as calls are built on it and messages show it: no trailing slash.
-    pub fn base_url(&self) -> String {
-        self.url.to_string().trim_end_matches('/').to_owned()
-    }
-}
-
-/// `[upstream.NAME] read_token`: its reference, and what it resolved to at load (`None`
-/// when secrets were not read).
-#[derive(Clone, Debug)]
-pub struct ReadToken {
-    pub reference: crate::secret::SecretRef,
-    pub token: Option<crate::secret::Secret>,
-}
-
-/// Default `[upstream.NAME] polls_per_minute`.
-pub const DEFAULT_POLLS_PER_MINUTE: u32 = 60;
-
-/// Default `[upstream.NAME] max_in_flight`.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
-
-/// The default upstream limit: GitLab.com's 25 pipeline creations a minute per project,
-/// queued rather than refused.
-pub fn default_per_project() -> crate::limits::Limit {
-    crate::limits::Limit {
-        rate: crate::limits::Rate::parse("25/min").expect("a valid rate"),
-        burst: std::num::NonZeroU32::new(25).expect("not zero"),
-        on_limit: crate::limits::OnLimit::Queue,
-    }
-}
+use crate::upstream::{
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_POLLS_PER_MINUTE, ReadToken, UpstreamConfig,
+    default_per_project, parse_upstream_url,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -232,25 +177,4 @@ pub(crate) fn ca_file(
             None
         }
     }
-}
-
-/// An upstream base URL: `http` or `https`, a host, an optional path prefix, no query.
-pub fn parse_upstream_url(text: &str) -> Result<http::Uri, String> {
-    let uri: http::Uri = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a URL; write e.g. \"https://gitlab.example.com\""))?;
-    match uri.scheme_str() {
-        Some("http") | Some("https") => {}
-        _ => return Err(format!("{text:?} must start with https:// or http://")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("{text:?} has no host"));
-    }
-    if uri.query().is_some() {
-        return Err(format!("{text:?} must not have a query string"));
-    }
-    let trimmed = text.trim_end_matches('/');
-    trimmed
-        .parse()
-        .map_err(|_| format!("{text:?} is not a URL"))
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 use serde_json::{Map, Value};
 
-use crate::error::JsonSyntaxError;
+use crate::json_syntax::JsonSyntaxError;
 
 /// All parameters of one call, by top-level name.
 pub type Params = Map<String, Value>;
@@ -433,36 +433,6 @@ fn optional_map(params: &mut Params, name: &str, problems: &mut Vec<String>) -> 
         Some(_) => {
             problems.push(format!("{name} is invalid"));
             Map::new()
-        }
-    }
-}
-
-/// Appends one parameter to a query string in Rack's nesting (`a[b]=c`, `a[]=1`), the
-/// form [`parse_query`] reads: strings as they are, other values as JSON text.
-pub fn append_query_param(
-    query: &mut form_urlencoded::Serializer<'_, String>,
-    name: &str,
-    value: &Value,
-) {
-    match value {
-        Value::Object(map) => {
-            for (key, value) in map {
-                append_query_param(query, &format!("{name}[{key}]"), value);
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                append_query_param(query, &format!("{name}[]"), item);
-            }
-        }
-        Value::String(text) => {
-            query.append_pair(name, text);
-        }
-        Value::Null => {
-            query.append_key_only(name);
-        }
-        other => {
-            query.append_pair(name, &other.to_string());
         }
     }
 }

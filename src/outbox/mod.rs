@@ -27,7 +27,6 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::oneshot;
 
 pub use new_work::NewWork;
@@ -164,29 +163,6 @@ impl StoreHealth {
     }
 }
 
-/// What the writer measures of its commits, for `/metrics` ([`crate::metrics`] registers
-/// them): acknowledgements wait for these commits, so a slow disk or database shows here
-/// first.
-#[derive(Clone, Debug)]
-pub struct StoreTimings {
-    /// Seconds from a group's first statement to its commit, for groups that something
-    /// waits on to be durable (webhooks, gateway calls' records, replays).
-    pub commit_seconds: Histogram,
-    /// How many requests each such commit wrote.
-    pub commit_size: Histogram,
-}
-
-impl Default for StoreTimings {
-    fn default() -> Self {
-        StoreTimings {
-            // 0.25 ms to 8 s.
-            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
-            // 1 to 1,024.
-            commit_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
-        }
-    }
-}
-
 /// A handle on the store; cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
@@ -216,7 +192,7 @@ pub struct Outbox {
     /// The store's clock minus this process's (milliseconds), as the writer last read it.
     skew: Arc<std::sync::atomic::AtomicI64>,
     /// The writer's commit times and sizes.
-    pub timings: StoreTimings,
+    pub timings: crate::metrics::StoreTimings,
     /// Where the store is, for reads beside the writer (the dashboard); `None` for an
     /// outbox started over engines of a test's own.
     pub location: Option<StoreLocation>,
@@ -332,7 +308,7 @@ impl Outbox {
         let health = Arc::new(StoreHealth::default());
         let skew = Arc::new(std::sync::atomic::AtomicI64::new(writer.clock_skew()));
         let noted = Arc::new(writer::Notes::default());
-        let timings = StoreTimings::default();
+        let timings = crate::metrics::StoreTimings::default();
         let shared = |duty, notes| writer::Shared {
             duty,
             notes,

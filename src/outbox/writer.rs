@@ -152,7 +152,7 @@ pub(super) struct Shared {
     pub(super) queued: Arc<NewWork>,
     pub(super) health: Arc<StoreHealth>,
     pub(super) skew: Arc<std::sync::atomic::AtomicI64>,
-    pub(super) timings: super::StoreTimings,
+    pub(super) timings: crate::metrics::StoreTimings,
 }
 
 /// The writer thread's state.
@@ -170,7 +170,7 @@ pub(super) struct Writer {
     /// Each kind of failure is said at most once a [`RETRY_EVERY`], with how many were not.
     logged: crate::limits::Throttle<&'static str>,
     /// Commits that acknowledgements wait for, timed for `/metrics`.
-    timings: super::StoreTimings,
+    timings: crate::metrics::StoreTimings,
     /// The state folder's lock, held as long as the writer runs.
     _lock: Option<StateLock>,
 }

@@ -27,8 +27,8 @@ use http::HeaderMap;
 use serde::de::DeserializeOwned;
 use sha2::Digest;
 
-use crate::error::JsonSyntaxError;
 use crate::event::{Event, EventContext, Payload, Provider};
+use crate::json_syntax::JsonSyntaxError;
 use crate::secret::Secret;
 use signature::{Algorithm, Encoding, SignatureError, SigningKey};
 

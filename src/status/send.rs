@@ -70,7 +70,7 @@ impl StatusClients {
                 continue;
             };
             let called = crate::upstream::Called::Forge(name.clone());
-            let url = crate::config::parse_upstream_url(&status.api_url).map_err(|reason| {
+            let url = crate::upstream::parse_upstream_url(&status.api_url).map_err(|reason| {
                 UpstreamError::BadResponse {
                     upstream: called.clone(),
                     reason,
@@ -78,13 +78,13 @@ impl StatusClients {
             })?;
             let client = Upstream::calling(
                 called,
-                &crate::config::UpstreamConfig {
+                &crate::upstream::UpstreamConfig {
                     name: format!("status of {name}"),
                     url,
                     ca_file: status.ca_file.clone(),
                     connect_timeout: Duration::from_secs(5),
                     timeout,
-                    per_project: crate::config::default_per_project(),
+                    per_project: crate::upstream::default_per_project(),
                     coalesce: None,
                     max_in_flight: 16,
                     read_token: None,

@@ -37,6 +37,9 @@ pub enum StoreLocation {
     Postgres(postgres::PostgresConfig),
 }
 
+/// The environment variable that sets (or overrides) `[store] url`.
+pub const STORE_URL_ENV: &str = "HOOKRELAY_STORE_URL";
+
 impl StoreLocation {
     /// For messages: the store file, or the database URL without its password.
     pub fn describe(&self) -> String {
@@ -60,7 +63,7 @@ impl StoreLocation {
                     return Err(format!(
                         "--store: a password on the command line is visible to every user of this machine; \
                          set {} instead, or write [store] password = \"env:NAME\"",
-                        crate::config::STORE_URL_ENV
+                        STORE_URL_ENV
                     ));
                 }
                 postgres::PostgresConfig::parse_url(url)
@@ -80,10 +83,10 @@ impl StoreLocation {
         state: &std::path::Path,
         flag: Option<&str>,
     ) -> Result<StoreLocation, String> {
-        let from_env = match std::env::var(crate::config::STORE_URL_ENV) {
+        let from_env = match std::env::var(STORE_URL_ENV) {
             Ok(url) if !url.is_empty() => {
                 postgres::PostgresConfig::parse_url(&url)
-                    .map_err(|err| format!("{}: {err}", crate::config::STORE_URL_ENV))?;
+                    .map_err(|err| format!("{}: {err}", STORE_URL_ENV))?;
                 Some(postgres::PostgresConfig::new(url))
             }
             _ => None,
