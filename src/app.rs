@@ -23,7 +23,7 @@ pub struct Runtime {
     pub upstreams: Upstreams,
     pub limits: crate::limits::Limits,
     /// Clients of the forges that sources report statuses to, by source.
-    pub status: crate::status::send::StatusClients,
+    pub status: crate::status::StatusClients,
 }
 
 impl Runtime {
@@ -34,7 +34,14 @@ impl Runtime {
     ) -> Result<Runtime, UpstreamError> {
         let upstreams = Upstreams::new(&config.upstreams)?;
         let limits = crate::limits::Limits::new(&config, shared);
-        let status = crate::status::send::StatusClients::new(&config)?;
+        let status = crate::status::StatusClients::new(
+            config
+                .sources
+                .iter()
+                .filter_map(|(name, source)| Some((name, source.status.as_ref()?))),
+            &config.upstreams,
+            config.store.as_ref().map(|store| store.lease),
+        )?;
         Ok(Runtime {
             config,
             upstreams,
@@ -80,7 +87,7 @@ pub struct App {
     /// second per source and kind.
     pub turned_away: std::sync::Mutex<crate::limits::Throttle<(String, &'static str)>>,
     /// Projects GitLab paused and upstreams that are down, as the forwarder holds them.
-    pub holds: crate::outbox::forwarder::Holds,
+    pub holds: crate::outbox::outage::Holds,
     /// The dashboard's listener as started (its address is not reloaded; its token is).
     pub admin: std::sync::OnceLock<crate::config::admin::AdminConfig>,
     /// The dashboard's certificate when it serves HTTPS; renewed at each reload.

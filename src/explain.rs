@@ -384,7 +384,7 @@ fn write_call(
     let base = config
         .upstreams
         .get(&trigger.upstream)
-        .map(crate::config::UpstreamConfig::base_url)
+        .map(crate::upstream::UpstreamConfig::base_url)
         .unwrap_or_default();
     let _ = writeln!(
         out,

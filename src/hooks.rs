@@ -415,7 +415,7 @@ pub(crate) fn status_target(
     let status = source.status.as_ref()?;
     let (repository, sha) = commit?;
     let upstream = config.upstreams.get(&trigger.upstream);
-    let base = upstream.map_or_else(String::new, crate::config::UpstreamConfig::base_url);
+    let base = upstream.map_or_else(String::new, crate::upstream::UpstreamConfig::base_url);
     let project = trigger.project.to_string();
     Some(crate::status::StatusTarget {
         source: source.name.clone(),

@@ -10,18 +10,21 @@
 //!   one normalized [`event::Event`].
 //! - [`gateway`]: the GitLab-compatible trigger endpoints; one call becomes one [`trigger::Trigger`].
 //! - [`trigger`]: the trigger call and its encoding for GitLab; [`git_ref`] validates refs.
-//! - [`outbox`]: the durable outbox, its group-committing writer and the forwarder;
-//!   [`store`] is the seam to its engines (SQLite by default).
+//! - [`outbox`]: the durable outbox and its group-committing writer; [`store`] is the seam
+//!   to its engines (SQLite by default).
+//! - [`forwarder`]: sends due triggers and statuses from the outbox; [`retry`] says what
+//!   each answer means and when to try again.
 //! - [`upstream`]: the shared, pooled HTTPS client to GitLab (and to the forges' status APIs).
-//! - [`status`]: the pipeline's status back on the commit: forge requests, GitLab's pipeline
-//!   events and polls, and the rules that keep statuses in order.
+//! - [`status`]: the pipeline's status back on the commit: forge requests and their
+//!   clients, GitLab's pipeline events, and the rules that keep statuses in order.
 //! - [`admin`]: the delivery dashboard and its JSON API, on a listener of its own.
 //! - [`error`]: every error a caller sees, mapped to status and JSON in one place;
 //!   [`json_syntax`] is the one both readers of JSON bodies report.
 //! - [`config`]: the configuration folder, validated into typed values with `file:line` problems.
 //! - [`secret`]: secrets that print only as a mask.
 //! - [`commands`]: the command-line commands, called by the thin `main`; [`explain`] and
-//!   [`replan`] run a payload or a stored webhook through the rules; [`log_writer`] writes
+//!   [`replan`] run a payload or a stored webhook through the rules; [`delivery_rows`]
+//!   says how a stored delivery reads, to the command line and the dashboard alike; [`log_writer`] writes
 //!   the log lines on a thread of its own; [`dirty_pages`] starts writing a file's pages to
 //!   disk early, so that the store's flushes never wait behind a burst of them.
 
@@ -33,11 +36,13 @@ pub mod app;
 pub mod commands;
 pub mod config;
 pub mod connections;
+pub mod delivery_rows;
 pub mod dirty_pages;
 pub mod error;
 pub mod event;
 pub mod event_loops;
 pub mod explain;
+pub mod forwarder;
 pub mod gateway;
 pub mod git_ref;
 pub mod hooks;
@@ -50,6 +55,7 @@ pub mod outbound;
 pub mod outbox;
 pub mod reload;
 pub mod replan;
+pub mod retry;
 pub mod rules;
 pub mod scheduler;
 pub mod secret;

@@ -235,7 +235,7 @@ fn end_quietly_on_a_closed_pipe() {
 /// the exit status after saying what is wrong with it.
 fn time_flag(command: &str, flag: &str, text: Option<String>) -> Result<Option<i64>, ExitCode> {
     let now = hookrelay::outbox::now_ms();
-    text.map(|text| commands::parse_time(&text, now))
+    text.map(|text| hookrelay::delivery_rows::parse_time(&text, now))
         .transpose()
         .map_err(|message| {
             eprintln!("hookrelay {command}: {flag}: {message}");

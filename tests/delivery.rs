@@ -36,7 +36,7 @@ variables = {{ DELIVERY = "{{{{ event.delivery }}}}" }}
 }
 
 async fn setup_with(
-    forwarding: hookrelay::outbox::forwarder::ForwarderOptions,
+    forwarding: hookrelay::forwarder::ForwarderOptions,
 ) -> (RecordingUpstream, Relay) {
     let upstream = RecordingUpstream::start().await;
     let relay = Relay::start_full(
@@ -297,7 +297,7 @@ async fn triggers_for_one_project_and_ref_keep_their_order() {
 /// trigger left for the poll would miss the test's ten seconds.
 #[tokio::test]
 async fn a_project_ref_being_sent_takes_new_triggers_as_each_send_ends() {
-    let forwarding = hookrelay::outbox::forwarder::ForwarderOptions {
+    let forwarding = hookrelay::forwarder::ForwarderOptions {
         poll: Duration::from_secs(60),
         ..fast_forwarding()
     };
@@ -318,7 +318,7 @@ async fn a_project_ref_being_sent_takes_new_triggers_as_each_send_ends() {
 
 #[tokio::test]
 async fn dry_run_records_what_would_be_sent_and_sends_nothing() {
-    let forwarding = hookrelay::outbox::forwarder::ForwarderOptions {
+    let forwarding = hookrelay::forwarder::ForwarderOptions {
         dry_run: true,
         ..fast_forwarding()
     };

@@ -59,7 +59,8 @@ impl Filters {
         let time = |value: &String, name: &str| {
             text(value)
                 .map(|v| {
-                    crate::commands::parse_time(&v, now).map_err(|err| format!("{name}: {err}"))
+                    crate::delivery_rows::parse_time(&v, now)
+                        .map_err(|err| format!("{name}: {err}"))
                 })
                 .transpose()
         };
@@ -180,7 +181,7 @@ fn time_text(ms: i64) -> String {
 fn group(rows: Vec<DeliveryRow>, now: i64) -> Vec<Delivery> {
     let mut deliveries: Vec<Delivery> = Vec::new();
     for row in rows {
-        let (state, why) = crate::commands::row_state(&row);
+        let (state, why) = crate::delivery_rows::row_state(&row);
         if deliveries.last().is_none_or(|d| d.row != row.row) {
             deliveries.push(Delivery {
                 row: row.row,
@@ -211,7 +212,7 @@ fn group(rows: Vec<DeliveryRow>, now: i64) -> Vec<Delivery> {
                 project: row.project.clone().unwrap_or_default(),
                 git_ref: row.git_ref.clone().unwrap_or_default(),
                 waiting: row.state.as_deref() == Some("queued"),
-                next: crate::commands::next_attempt(&row, now).unwrap_or_default(),
+                next: crate::delivery_rows::next_attempt(&row, now).unwrap_or_default(),
                 state,
                 attempts: row.attempts,
                 answer: why,

@@ -12,15 +12,14 @@ use tokio::net::TcpListener;
 
 use crate::app::App;
 use crate::config::{self, Config};
-use crate::outbox::forwarder::ForwarderOptions;
+use crate::forwarder::ForwarderOptions;
 use crate::outbox::{Durability, Outbox};
 use crate::server;
 use crate::store::StoreLocation;
 
 pub mod store;
 
-pub use store::{backup, cancel, deliveries, parse_time, replan, replay, replay_failed};
-pub(crate) use store::{next_attempt, row_state};
+pub use store::{backup, cancel, deliveries, replan, replay, replay_failed};
 
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.
 pub const EXIT_CONFIG: u8 = 64;
@@ -400,7 +399,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         stopped.clone(),
     ));
     let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped.clone()));
-    let forwarder = tokio::spawn(crate::outbox::forwarder::run(
+    let forwarder = tokio::spawn(crate::forwarder::run(
         app.clone(),
         outbox.clone(),
         forwarding,

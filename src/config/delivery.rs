@@ -10,7 +10,7 @@ use super::{FileProblems, parse_duration, typed};
 /// `[delivery]`: how the outbox retries and how long it keeps records.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeliveryConfig {
-    pub retry: crate::outbox::retry::RetryPolicy,
+    pub retry: crate::retry::RetryPolicy,
     /// Deliveries (and their delivery ids, for duplicates) are kept this long.
     pub retention: Duration,
     /// Sends in flight at once.
@@ -20,7 +20,7 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
-            retry: crate::outbox::retry::RetryPolicy::default(),
+            retry: crate::retry::RetryPolicy::default(),
             retention: Duration::from_secs(7 * 24 * 3600),
             workers: 8,
         }
@@ -48,7 +48,7 @@ pub(super) fn compile(raw: RawDelivery, problems: &mut FileProblems<'_>) -> Deli
             parse_duration(text).map_err(|err| format!("delivery.{key}: {err}"))
         })
     };
-    let retry = crate::outbox::retry::RetryPolicy {
+    let retry = crate::retry::RetryPolicy {
         base: duration(raw.retry_base, defaults.retry.base, "retry_base", problems),
         cap: duration(raw.retry_cap, defaults.retry.cap, "retry_cap", problems),
         max_age: duration(raw.max_age, defaults.retry.max_age, "max_age", problems),

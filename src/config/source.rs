@@ -327,7 +327,7 @@ fn compile_status(
     resolve_secrets: Option<EnvLookup<'_>>,
     problems: &mut FileProblems<'_>,
     ok: &mut bool,
-) -> Option<crate::sources::StatusConfig> {
+) -> Option<crate::status::StatusConfig> {
     let span = raw.span();
     let raw = raw.into_inner();
     let mut refuse = |message: String, problems: &mut FileProblems<'_>| {
@@ -385,7 +385,7 @@ fn compile_status(
             problems,
         )?),
     };
-    Some(crate::sources::StatusConfig {
+    Some(crate::status::StatusConfig {
         forge,
         api_url,
         token_ref,

@@ -260,7 +260,7 @@ pub fn recorded(
     result: &Result<UpstreamResponse, crate::upstream::UpstreamError>,
 ) -> crate::outbox::Recorded {
     use crate::outbox::Recorded;
-    use crate::outbox::retry::{Verdict, classify};
+    use crate::retry::{Verdict, classify};
     match classify(result, std::time::SystemTime::now()) {
         Verdict::Sent {
             status,

@@ -16,10 +16,8 @@
 //!
 //! The writer speaks to its database only through [`crate::store::Engine`].
 
-pub mod forwarder;
 mod new_work;
 pub mod outage;
-pub mod retry;
 mod writer;
 
 use std::path::Path;

@@ -10,8 +10,19 @@
 //! at the first answer that is not a `5xx`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Projects GitLab answered `429` for (upstream and project), and until when their
+/// triggers wait.
+pub type Paused = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// What holds this relay's triggers back besides limits, shared with the dashboard.
+#[derive(Default)]
+pub struct Holds {
+    pub paused: Paused,
+    pub outages: Arc<Outages>,
+}
 
 /// The first pause after an upstream fails.
 const FIRST_PAUSE: Duration = Duration::from_secs(1);

@@ -57,7 +57,7 @@ pub struct SourceConfig {
     /// (short names, globs). None listed: the URL chooses no ref.
     pub url_refs: Option<crate::rules::Patterns>,
     /// `status = { … }`: pipelines started from this source's webhooks show on the commit.
-    pub status: Option<StatusConfig>,
+    pub status: Option<crate::status::StatusConfig>,
     /// `upstream = "NAME"` (GitLab): this source's pipeline events move the statuses of
     /// the pipelines hookrelay started on that upstream.
     pub pipelines_of: Option<String>,
@@ -67,19 +67,6 @@ pub struct SourceConfig {
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct HeadCommit {
     pub id: String,
-}
-
-/// Where and how a source's pipelines are reported back (`status = { … }`).
-#[derive(Clone, Debug)]
-pub struct StatusConfig {
-    pub forge: crate::status::Forge,
-    /// The forge's API root, without a trailing `/`.
-    pub api_url: String,
-    pub token_ref: crate::secret::SecretRef,
-    /// `None` when secrets were not read (`explain`).
-    pub token: Option<Secret>,
-    /// Extra PEM certificates to trust (a self-hosted forge's CA).
-    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl SourceConfig {

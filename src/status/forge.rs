@@ -25,7 +25,7 @@ use serde_json::json;
 
 use super::StatusPost;
 use crate::event::Provider;
-use crate::outbox::retry::{Verdict, wait_asked_for};
+use crate::retry::{Verdict, wait_asked_for};
 use crate::secret::Secret;
 use crate::upstream::{UpstreamError, UpstreamResponse, flatten_message};
 
@@ -255,7 +255,7 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
 pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTime) -> Verdict {
     let answer = match result {
         Ok(answer) => answer,
-        Err(err) => return crate::outbox::retry::unanswered(err),
+        Err(err) => return crate::retry::unanswered(err),
     };
     let status = answer.status;
     if status.is_success() {
@@ -283,7 +283,7 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
             reason,
         };
     }
-    if crate::outbox::retry::retryable(status) {
+    if crate::retry::retryable(status) {
         return Verdict::Retry {
             floor: wait_asked_for(&answer.headers, now).unwrap_or(Duration::ZERO),
             status: Some(status.as_u16()),

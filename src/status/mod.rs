@@ -16,9 +16,9 @@
 //! finished status back to running ([`decide`]). The rules of that live here; the queue's
 //! writer calls [`after_trigger`] and [`apply_pipeline`] inside its transactions.
 
+mod clients;
 pub mod forge;
 pub mod pipeline;
-pub mod send;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -27,6 +27,7 @@ use crate::store::{
     CancelTarget, Engine, EngineError, NewDelivery, NewTrigger, OriginOf, PipelineOrigin, Recorded,
     WorkKind,
 };
+pub use clients::StatusClients;
 pub use forge::Forge;
 pub use pipeline::PipelineEvent;
 
@@ -69,6 +70,19 @@ impl StatusTarget {
 
 /// GitLab's pipeline states, and hookrelay's own for a trigger GitLab refused.
 pub const FINISHED: &[&str] = &["success", "failed", "canceled", "skipped", "refused"];
+
+/// Where and how a source's pipelines are reported back (`status = { … }`).
+#[derive(Clone, Debug)]
+pub struct StatusConfig {
+    pub forge: Forge,
+    /// The forge's API root, without a trailing `/`.
+    pub api_url: String,
+    pub token_ref: crate::secret::SecretRef,
+    /// `None` when secrets were not read (`explain`).
+    pub token: Option<crate::secret::Secret>,
+    /// Extra PEM certificates to trust (a self-hosted forge's CA).
+    pub ca_file: Option<std::path::PathBuf>,
+}
 
 /// Whether a GitLab pipeline state is final (a retry may still move it back to running).
 pub fn is_finished(state: &str) -> bool {

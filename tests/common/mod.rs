@@ -250,10 +250,10 @@ pub struct Relay {
 }
 
 /// Forwarder settings for tests: quick retries, short drain.
-pub fn fast_forwarding() -> hookrelay::outbox::forwarder::ForwarderOptions {
-    hookrelay::outbox::forwarder::ForwarderOptions {
+pub fn fast_forwarding() -> hookrelay::forwarder::ForwarderOptions {
+    hookrelay::forwarder::ForwarderOptions {
         workers: 4,
-        policy: hookrelay::outbox::retry::RetryPolicy {
+        policy: hookrelay::retry::RetryPolicy {
             base: Duration::from_millis(20),
             cap: Duration::from_millis(200),
             max_age: Duration::from_secs(600),
@@ -261,7 +261,7 @@ pub fn fast_forwarding() -> hookrelay::outbox::forwarder::ForwarderOptions {
         dry_run: false,
         retention: Duration::from_secs(3600),
         drain: Duration::from_secs(2),
-        poll: hookrelay::outbox::forwarder::POLL,
+        poll: hookrelay::forwarder::POLL,
     }
 }
 
@@ -287,7 +287,7 @@ impl Relay {
     pub async fn start_full(
         config_toml: &str,
         files: &[(&str, &str)],
-        forwarding: hookrelay::outbox::forwarder::ForwarderOptions,
+        forwarding: hookrelay::forwarder::ForwarderOptions,
     ) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         for (name, contents) in files {
@@ -311,7 +311,7 @@ impl Relay {
             let _ = rx.await;
         }));
         let (forwarder_stop, stopped) = tokio::sync::watch::channel(false);
-        let forwarder = tokio::spawn(hookrelay::outbox::forwarder::run(
+        let forwarder = tokio::spawn(hookrelay::forwarder::run(
             app.clone(),
             outbox,
             forwarding,

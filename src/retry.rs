@@ -246,7 +246,7 @@ mod tests {
     #[test]
     fn gitlabs_answers_are_classified_as_design_md_says() {
         let now = SystemTime::now();
-        let created = include_str!("../../tests/fixtures/gitlab/trigger_response.json");
+        let created = include_str!("../tests/fixtures/gitlab/trigger_response.json");
         assert!(matches!(
             classify(&answer(201, created, &[]), now),
             Verdict::Sent {

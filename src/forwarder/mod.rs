@@ -7,6 +7,8 @@
 //! refuses claims it backs off, logging at most once a second. On shutdown it stops claiming, lets
 //! sends in flight finish for a bounded time, and returns the rest to the outbox.
 
+pub mod statuses;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,13 +17,13 @@ use indexmap::IndexMap;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::outage::{Outages, means_down};
-use super::retry::{RetryPolicy, Verdict, classify};
-use super::{DueTrigger, Outbox, Recorded, UpstreamHold, now_ms};
 use crate::app::App;
 use crate::git_ref::GitRef;
 use crate::limits::Refused;
 use crate::metrics::TriggerOutcome;
+use crate::outbox::outage::{Outages, Paused, means_down};
+use crate::outbox::{DueTrigger, Outbox, Recorded, UpstreamHold, now_ms};
+use crate::retry::{RetryPolicy, Verdict, classify};
 use crate::secret::{Secret, loaded_or_stored};
 use crate::store::{Lease, WorkKind};
 use crate::trigger::{ProjectId, Trigger};
@@ -63,17 +65,6 @@ const STORE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often old deliveries are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-/// Projects GitLab answered `429` for (upstream and project), and until when their
-/// triggers wait.
-pub type Paused = Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>;
-
-/// What holds this relay's triggers back besides limits, shared with the dashboard.
-#[derive(Default)]
-pub struct Holds {
-    pub paused: Paused,
-    pub outages: Arc<Outages>,
-}
-
 /// How long ago a trigger was accepted.
 fn age(due: &DueTrigger) -> Duration {
     Duration::from_millis((now_ms() - due.created_at).max(0) as u64)
@@ -82,7 +73,7 @@ fn age(due: &DueTrigger) -> Duration {
 /// How long a trigger this relay's configuration cannot send waits for another relay.
 const OTHER_CONFIGURATION: Duration = Duration::from_secs(5);
 
-/// The keys this relay is sending, for [`super::NewWork`]: new triggers only of these need
+/// The keys this relay is sending, for [`crate::outbox::NewWork`]: new triggers only of these need
 /// no claim. A key counts from its claim until its outcome is committed: a send's last act
 /// is to hand its outcome to the writer, and the writer's commit of it wakes the forwarder
 /// with work it cannot list, which claims.
@@ -333,10 +324,10 @@ async fn attempt(
 ) {
     match due.kind {
         WorkKind::Status => {
-            return crate::status::send::post(app, outbox, due, options, held.claimed_at).await;
+            return statuses::post(app, outbox, due, options, held.claimed_at).await;
         }
         WorkKind::Poll => {
-            return crate::status::send::poll(app, outbox, due, options, held.claimed_at).await;
+            return statuses::poll(app, outbox, due, options, held.claimed_at).await;
         }
         WorkKind::Trigger => {}
     }

@@ -5,124 +5,22 @@
 //! claim's lease, retries back off with the `[delivery]` policy (no sooner than the forge
 //! or GitLab asks), and a token is resolved only here, never stored or logged. Posts to a
 //! GitHub source are paced at 80 a minute (GitHub's guidance for content-creating
-//! requests); polls at `[upstream.NAME] polls_per_minute`.
+//! requests); polls at `[upstream.NAME] polls_per_minute` (the clients and paces are
+//! [`crate::status::StatusClients`], built with each configuration).
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue, Method};
 
-use super::{PipelineEvent, PipelineUpdate, StatusPost, forge};
+use super::{ForwarderOptions, backoff, claim_too_old};
 use crate::app::App;
-use crate::config::Config;
-use crate::limits::{Limit, Limiter, OnLimit, Rate};
-use crate::outbox::forwarder::{ForwarderOptions, backoff, claim_too_old};
-use crate::outbox::retry::Verdict;
 use crate::outbox::{DueTrigger, Outbox, Recorded, now_ms};
+use crate::retry::Verdict;
 use crate::secret::Secret;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::status::{PipelineEvent, PipelineUpdate, StatusPost, forge};
 
-/// GitHub's guidance: no more than 80 content-creating requests a minute per token.
-const GITHUB_POSTS_PER_MINUTE: u32 = 80;
 /// The longest wait between two polls of one pipeline.
 const POLL_CAP: Duration = Duration::from_secs(300);
-/// A status call's whole time (shorter when a shared store's lease is: a call starts only
-/// while its claim outlasts it).
-const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The forges' clients and the paces of posts and polls, built with each configuration.
-#[derive(Default)]
-pub struct StatusClients {
-    /// By source: each source with `status = { … }`.
-    forges: HashMap<String, Arc<Upstream>>,
-    /// By source: the pace of posts (GitHub sources).
-    paces: HashMap<String, Limiter>,
-    /// By upstream: the pace of polls (upstreams with a `read_token`).
-    polls: HashMap<String, Limiter>,
-}
-
-fn per_minute(name: String, count: u32) -> Limiter {
-    let count = std::num::NonZeroU32::new(count.max(1)).expect("at least one");
-    Limiter::new(
-        name,
-        Limit {
-            rate: Rate {
-                count,
-                per: Duration::from_secs(60),
-            },
-            burst: count,
-            on_limit: OnLimit::Queue,
-        },
-    )
-}
-
-impl StatusClients {
-    pub fn new(config: &Config) -> Result<StatusClients, UpstreamError> {
-        let mut clients = StatusClients::default();
-        let timeout = config.store.as_ref().map_or(STATUS_TIMEOUT, |store| {
-            STATUS_TIMEOUT
-                .min(store.lease.saturating_sub(Duration::from_secs(2)))
-                .max(Duration::from_secs(1))
-        });
-        for (name, source) in &config.sources {
-            let Some(status) = &source.status else {
-                continue;
-            };
-            let called = crate::upstream::Called::Forge(name.clone());
-            let url = crate::upstream::parse_upstream_url(&status.api_url).map_err(|reason| {
-                UpstreamError::BadResponse {
-                    upstream: called.clone(),
-                    reason,
-                }
-            })?;
-            let client = Upstream::calling(
-                called,
-                &crate::upstream::UpstreamConfig {
-                    name: format!("status of {name}"),
-                    url,
-                    ca_file: status.ca_file.clone(),
-                    connect_timeout: Duration::from_secs(5),
-                    timeout,
-                    per_project: crate::upstream::default_per_project(),
-                    coalesce: None,
-                    max_in_flight: 16,
-                    read_token: None,
-                    polls_per_minute: 0,
-                    poll_interval: Duration::ZERO,
-                },
-            )?;
-            clients.forges.insert(name.clone(), Arc::new(client));
-            if status.forge == super::Forge::Github {
-                clients.paces.insert(
-                    name.clone(),
-                    per_minute(
-                        format!("GitHub's {GITHUB_POSTS_PER_MINUTE} statuses a minute"),
-                        GITHUB_POSTS_PER_MINUTE,
-                    ),
-                );
-            }
-        }
-        for (name, upstream) in &config.upstreams {
-            if upstream.read_token.is_some() {
-                clients.polls.insert(
-                    name.clone(),
-                    per_minute(
-                        format!("[upstream.{name}] polls_per_minute"),
-                        upstream.polls_per_minute,
-                    ),
-                );
-            }
-        }
-        Ok(clients)
-    }
-
-    /// Forgets keys idle long enough that their limits are full again.
-    pub fn evict_idle(&self) {
-        self.paces.values().for_each(Limiter::evict_idle);
-        self.polls.values().for_each(Limiter::evict_idle);
-    }
-}
 
 /// Records a retry after `floor`, or gives up when the policy's age is reached.
 fn retry(
@@ -197,8 +95,8 @@ pub async fn post(
     let forge = post.target.forge.as_str();
     let (source, repository, context) =
         (&due.upstream, &post.target.repository, &post.target.context);
-    let sha = super::short(&post.target.sha);
-    let Some(client) = runtime.status.forges.get(source).cloned() else {
+    let sha = crate::status::short(&post.target.sha);
+    let Some(client) = runtime.status.forge(source) else {
         let reason =
             format!("source {source} no longer has `status = {{ … }}`; the status was not posted");
         tracing::warn!(%source, %repository, %sha, %context, %reason, "commit status not posted");
@@ -220,7 +118,7 @@ pub async fn post(
         outbox.record(due.lease, Recorded::Released);
         return;
     }
-    if let Some(pace) = runtime.status.paces.get(source)
+    if let Some(pace) = runtime.status.post_pace(source)
         && let Err(crate::limits::Refused::Over(wait)) = pace.check(source).await
     {
         tracing::info!(%source, %repository, %sha, %context, wait_ms = wait.as_millis() as u64, limit = %pace.name, "commit status paced");
@@ -333,7 +231,7 @@ pub async fn poll(
         outbox.record(due.lease, Recorded::Released);
         return;
     }
-    if let Some(pace) = runtime.status.polls.get(upstream_name)
+    if let Some(pace) = runtime.status.poll_pace(upstream_name)
         && let Err(crate::limits::Refused::Over(wait)) = pace.check(upstream_name).await
     {
         app.metrics.pipeline_poll("deferred");
@@ -402,7 +300,7 @@ pub async fn poll(
     };
     match answer {
         Ok(event) => {
-            let finished = super::is_finished(&event.status);
+            let finished = crate::status::is_finished(&event.status);
             let age = Duration::from_millis((now_ms() - due.created_at).max(0) as u64);
             let recorded = if finished {
                 app.metrics.pipeline_poll("finished");
@@ -454,7 +352,7 @@ pub async fn poll(
                     status: Some(answer.status.as_u16()),
                     reason: unreadable,
                 },
-                _ => crate::outbox::retry::classify(&result, SystemTime::now()),
+                _ => crate::retry::classify(&result, SystemTime::now()),
             };
             match verdict {
                 Verdict::Retry {

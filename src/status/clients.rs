@@ -1,0 +1,131 @@
+//! The clients statuses go out through, built with each configuration: one per source
+//! with `status = { … }` (to its forge's API), and the paces of posts (GitHub's 80 a
+//! minute) and of pipeline polls (`[upstream.NAME] polls_per_minute`). The forwarder
+//! sends through them ([`crate::forwarder::statuses`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Forge, StatusConfig};
+use crate::limits::{Limit, Limiter, OnLimit, Rate};
+use crate::upstream::{
+    Called, Upstream, UpstreamConfig, UpstreamError, default_per_project, parse_upstream_url,
+};
+
+/// GitHub's guidance: no more than 80 content-creating requests a minute per token.
+const GITHUB_POSTS_PER_MINUTE: u32 = 80;
+/// A status call's whole time (shorter when a shared store's lease is: a call starts only
+/// while its claim outlasts it).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The forges' clients and the paces of posts and polls, built with each configuration.
+#[derive(Default)]
+pub struct StatusClients {
+    /// By source: each source with `status = { … }`.
+    forges: HashMap<String, Arc<Upstream>>,
+    /// By source: the pace of posts (GitHub sources).
+    paces: HashMap<String, Limiter>,
+    /// By upstream: the pace of polls (upstreams with a `read_token`).
+    polls: HashMap<String, Limiter>,
+}
+
+fn per_minute(name: String, count: u32) -> Limiter {
+    let count = std::num::NonZeroU32::new(count.max(1)).expect("at least one");
+    Limiter::new(
+        name,
+        Limit {
+            rate: Rate {
+                count,
+                per: Duration::from_secs(60),
+            },
+            burst: count,
+            on_limit: OnLimit::Queue,
+        },
+    )
+}
+
+impl StatusClients {
+    /// `statuses`: each source's `status = { … }`; `lease`: a shared store's lease, which
+    /// a status call must fit in.
+    pub fn new<'a>(
+        statuses: impl IntoIterator<Item = (&'a String, &'a StatusConfig)>,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+        lease: Option<Duration>,
+    ) -> Result<StatusClients, UpstreamError> {
+        let mut clients = StatusClients::default();
+        let timeout = lease.map_or(STATUS_TIMEOUT, |lease| {
+            STATUS_TIMEOUT
+                .min(lease.saturating_sub(Duration::from_secs(2)))
+                .max(Duration::from_secs(1))
+        });
+        for (name, status) in statuses {
+            let called = Called::Forge(name.clone());
+            let url = parse_upstream_url(&status.api_url).map_err(|reason| {
+                UpstreamError::BadResponse {
+                    upstream: called.clone(),
+                    reason,
+                }
+            })?;
+            let client = Upstream::calling(
+                called,
+                &UpstreamConfig {
+                    name: format!("status of {name}"),
+                    url,
+                    ca_file: status.ca_file.clone(),
+                    connect_timeout: Duration::from_secs(5),
+                    timeout,
+                    per_project: default_per_project(),
+                    coalesce: None,
+                    max_in_flight: 16,
+                    read_token: None,
+                    polls_per_minute: 0,
+                    poll_interval: Duration::ZERO,
+                },
+            )?;
+            clients.forges.insert(name.clone(), Arc::new(client));
+            if status.forge == Forge::Github {
+                clients.paces.insert(
+                    name.clone(),
+                    per_minute(
+                        format!("GitHub's {GITHUB_POSTS_PER_MINUTE} statuses a minute"),
+                        GITHUB_POSTS_PER_MINUTE,
+                    ),
+                );
+            }
+        }
+        for (name, upstream) in upstreams {
+            if upstream.read_token.is_some() {
+                clients.polls.insert(
+                    name.clone(),
+                    per_minute(
+                        format!("[upstream.{name}] polls_per_minute"),
+                        upstream.polls_per_minute,
+                    ),
+                );
+            }
+        }
+        Ok(clients)
+    }
+
+    /// The client of the forge `source` posts statuses to.
+    pub fn forge(&self, source: &str) -> Option<Arc<Upstream>> {
+        self.forges.get(source).cloned()
+    }
+
+    /// The pace of `source`'s posts, where its forge asks for one (GitHub).
+    pub fn post_pace(&self, source: &str) -> Option<&Limiter> {
+        self.paces.get(source)
+    }
+
+    /// The pace of polls of `upstream`'s pipelines (upstreams with a `read_token`).
+    pub fn poll_pace(&self, upstream: &str) -> Option<&Limiter> {
+        self.polls.get(upstream)
+    }
+
+    /// Forgets keys idle long enough that their limits are full again.
+    pub fn evict_idle(&self) {
+        self.paces.values().for_each(Limiter::evict_idle);
+        self.polls.values().for_each(Limiter::evict_idle);
+    }
+}
