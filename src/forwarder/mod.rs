@@ -333,13 +333,8 @@ async fn attempt(
     }
     let runtime = app.runtime();
     let attempts = due.attempts + 1;
-    let span_fields = (
-        due.delivery_id.clone(),
-        due.source.clone(),
-        due.rule.clone(),
-        due.project.clone(),
-    );
-    let (delivery, source, rule, project) = span_fields;
+    let (delivery, source, rule, project) =
+        (&due.delivery_id, &due.source, &due.rule, &due.project);
     let trigger = match build(&runtime, &due) {
         Ok(trigger) => trigger,
         Err(reason) if left_for_another_configuration(outbox, &due, options, &reason) => return,
@@ -415,27 +410,49 @@ async fn attempt(
         return;
     }
     let result = upstream.send(&trigger.upstream_call()).await;
-    app.metrics.upstream_response(
-        &upstream.name,
-        result.as_ref().ok().map(|a| a.status.as_u16()),
-    );
-    let latency = age(&due).as_secs_f64();
     let status = result.as_ref().ok().map(|a| a.status.as_u16());
+    app.metrics.upstream_response(&upstream.name, status);
+    let latency = age(&due).as_secs_f64();
+    note_upstream_health(app, outbox, held, &upstream.name, status);
+    let answer = Answered {
+        due: &due,
+        trigger: &trigger,
+        attempts,
+        latency,
+    };
+    record_answer(
+        app,
+        outbox,
+        options,
+        held,
+        answer,
+        classify(&result, SystemTime::now()),
+    )
+    .await;
+}
+
+/// Whether an answer says the upstream is down (a network error, `502`–`504`): a first
+/// failure pauses every trigger of the upstream, not just this one, and the first answer
+/// after a pause ends it.
+fn note_upstream_health(
+    app: &App,
+    outbox: &Outbox,
+    held: &Held,
+    upstream: &str,
+    status: Option<u16>,
+) {
     if means_down(status) {
-        if let Some(pause) = held
-            .outages
-            .failed(&upstream.name, std::time::Instant::now())
-        {
-            tracing::warn!(upstream = %upstream.name, pause_ms = pause.as_millis() as u64, "upstream down: its triggers wait, and the next one due after the pause probes it");
-            app.metrics.upstream_down(&upstream.name, true);
+        if let Some(pause) = held.outages.failed(upstream, std::time::Instant::now()) {
+            tracing::warn!(upstream = %upstream, pause_ms = pause.as_millis() as u64, "upstream down: its triggers wait, and the next one due after the pause probes it");
+            app.metrics.upstream_down(upstream, true);
             // Every due trigger of the upstream waits for the pause now, rather than each
             // being claimed and put back: with 10,000 project+refs waiting, that was
             // 10,000 claims and writes per pause of an outage.
             let hold = UpstreamHold {
-                upstream: upstream.name.clone(),
+                upstream: upstream.to_owned(),
                 until: now_ms() + pause.as_millis() as i64,
                 spread_ms: PAUSE_SPREAD.as_millis() as i64,
-                reason: down_reason(&upstream.name),
+                reason: down_reason(upstream),
             };
             let outbox = outbox.clone();
             tokio::spawn(async move {
@@ -448,11 +465,41 @@ async fn attempt(
                 }
             });
         }
-    } else if held.outages.answered(&upstream.name) {
-        tracing::info!(upstream = %upstream.name, "upstream answers again: its triggers go out");
-        app.metrics.upstream_down(&upstream.name, false);
+    } else if held.outages.answered(upstream) {
+        tracing::info!(upstream = %upstream, "upstream answers again: its triggers go out");
+        app.metrics.upstream_down(upstream, false);
     }
-    match classify(&result, SystemTime::now()) {
+}
+
+/// A sent trigger's facts that its outcome's log line and record need.
+struct Answered<'a> {
+    due: &'a DueTrigger,
+    trigger: &'a Trigger,
+    attempts: i64,
+    /// Seconds from the webhook's acceptance to this answer.
+    latency: f64,
+}
+
+/// Records what GitLab's answer means for the trigger: sent, to be tried again (a `429`
+/// also pauses its project), or failed for good.
+async fn record_answer(
+    app: &App,
+    outbox: &Outbox,
+    options: &ForwarderOptions,
+    held: &Held,
+    answer: Answered<'_>,
+    verdict: Verdict,
+) {
+    let Answered {
+        due,
+        trigger,
+        attempts,
+        latency,
+    } = answer;
+    let runtime = app.runtime();
+    let (delivery, source, rule, project) =
+        (&due.delivery_id, &due.source, &due.rule, &due.project);
+    match verdict {
         Verdict::Sent {
             status,
             pipeline_id,
@@ -483,13 +530,13 @@ async fn attempt(
                 // GitLab's pressure slows this project, not the whole relay.
                 pause_project(
                     &runtime,
-                    &due,
+                    due,
                     &held.paused,
                     floor.max(Duration::from_secs(1)),
                 )
                 .await;
             }
-            retry_or_fail(app, &due, options, attempts, floor, status, reason)
+            retry_or_fail(app, due, options, attempts, floor, status, reason)
         }
         Verdict::Failed {
             status,

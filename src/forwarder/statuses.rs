@@ -18,6 +18,7 @@ use crate::outbox::{DueTrigger, Outbox, Recorded, now_ms};
 use crate::retry::Verdict;
 use crate::secret::Secret;
 use crate::status::{PipelineEvent, PipelineUpdate, StatusPost, forge};
+use crate::upstream::{ReadToken, UpstreamError, UpstreamResponse};
 
 /// The longest wait between two polls of one pipeline.
 const POLL_CAP: Duration = Duration::from_secs(300);
@@ -245,43 +246,40 @@ pub async fn poll(
         );
         return;
     }
-    let token = match read_token
-        .token
-        .clone()
-        .map_or_else(|| read_token.reference.resolve(), Ok)
-    {
-        Ok(token) => token,
+    let (path, headers) = match poll_call(&read_token, &due, pipeline_id) {
+        Ok(call) => call,
         Err(reason) => {
             app.metrics.pipeline_poll("failed");
-            fail(
-                outbox,
-                &due,
-                None,
-                format!("upstream.{upstream_name}.read_token: {reason}"),
-            );
+            fail(outbox, &due, None, reason);
             return;
         }
     };
-    let Ok(project) = crate::trigger::ProjectId::parse(&due.project) else {
-        fail(
-            outbox,
-            &due,
-            None,
-            format!("project {:?} cannot be named in a URL", due.project),
-        );
-        return;
-    };
-    let mut headers = HeaderMap::new();
-    let Ok(mut value) = HeaderValue::from_str(token.expose()) else {
-        fail(
-            outbox,
-            &due,
-            None,
-            format!("upstream.{upstream_name}.read_token holds characters a header cannot carry"),
-        );
-        return;
-    };
+    let result = upstream
+        .call(Method::GET, &path, headers, bytes::Bytes::new())
+        .await;
+    record_poll(app, outbox, options, &due, first, result);
+}
+
+/// The poll's path and headers: the pipeline's API URL, and the `read_token` (resolved at
+/// load, or now from its reference) as `PRIVATE-TOKEN`, marked sensitive.
+fn poll_call(
+    read_token: &ReadToken,
+    due: &DueTrigger,
+    pipeline_id: i64,
+) -> Result<(String, HeaderMap), String> {
+    let upstream_name = &due.upstream;
+    let token = read_token
+        .token
+        .clone()
+        .map_or_else(|| read_token.reference.resolve(), Ok)
+        .map_err(|reason| format!("upstream.{upstream_name}.read_token: {reason}"))?;
+    let project = crate::trigger::ProjectId::parse(&due.project)
+        .map_err(|_| format!("project {:?} cannot be named in a URL", due.project))?;
+    let mut value = HeaderValue::from_str(token.expose()).map_err(|_| {
+        format!("upstream.{upstream_name}.read_token holds characters a header cannot carry")
+    })?;
     value.set_sensitive(true);
+    let mut headers = HeaderMap::new();
     headers.insert("private-token", value);
     headers.insert(
         http::header::ACCEPT,
@@ -291,9 +289,21 @@ pub async fn poll(
         "/api/v4/projects/{}/pipelines/{pipeline_id}",
         project.encoded()
     );
-    let result = upstream
-        .call(Method::GET, &path, headers, bytes::Bytes::new())
-        .await;
+    Ok((path, headers))
+}
+
+/// Records what a poll found: the pipeline's state (finished, still running and looked at
+/// again later, or running past the policy's age), or a retry or refusal of the poll.
+fn record_poll(
+    app: &App,
+    outbox: &Outbox,
+    options: &ForwarderOptions,
+    due: &DueTrigger,
+    first: Duration,
+    result: Result<UpstreamResponse, UpstreamError>,
+) {
+    let upstream_name = &due.upstream;
+    let pipeline_id = due.pipeline_id.unwrap_or_default();
     let answer = match &result {
         Ok(answer) if answer.status.is_success() => PipelineEvent::from_entity(&answer.body),
         _ => Err(String::new()),
@@ -362,8 +372,8 @@ pub async fn poll(
                 } => {
                     let floor = floor.max(poll_delay(first, due.attempts));
                     app.metrics.pipeline_poll("retried");
-                    if let Err(gave_up) = retry(outbox, &due, options, floor, status, reason) {
-                        fail(outbox, &due, status, gave_up);
+                    if let Err(gave_up) = retry(outbox, due, options, floor, status, reason) {
+                        fail(outbox, due, status, gave_up);
                     }
                 }
                 refused => {
@@ -383,7 +393,7 @@ pub async fn poll(
                         due.project
                     );
                     tracing::warn!(upstream = %upstream_name, pipeline = pipeline_id, %reason, "pipeline poll refused");
-                    fail(outbox, &due, status, reason);
+                    fail(outbox, due, status, reason);
                 }
             }
         }
