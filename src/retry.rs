@@ -166,8 +166,18 @@ fn reason_for(status: StatusCode, message: &str) -> String {
     reason
 }
 
-/// `Retry-After` (seconds or an HTTP date), else `RateLimit-ResetTime` (an HTTP date).
+/// The longest wait an answer may ask for: a day. GitLab asks for seconds to a minute;
+/// a wait beyond a day is a broken header (or a proxy's), and taken as it was written
+/// (`Retry-After: 18446744073709551615`) it overflowed the arithmetic of the retry.
+pub const LONGEST_WAIT_ASKED: Duration = Duration::from_secs(24 * 3600);
+
+/// `Retry-After` (seconds or an HTTP date), else `RateLimit-ResetTime` (an HTTP date), at
+/// most [`LONGEST_WAIT_ASKED`].
 pub fn wait_asked_for(headers: &http::HeaderMap, now: SystemTime) -> Option<Duration> {
+    asked_for(headers, now).map(|wait| wait.min(LONGEST_WAIT_ASKED))
+}
+
+fn asked_for(headers: &http::HeaderMap, now: SystemTime) -> Option<Duration> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -334,6 +344,31 @@ mod tests {
             "Wed, 25 Nov 2026 10:00:05 GMT".parse().unwrap(),
         );
         assert_eq!(wait_asked_for(&headers, now), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_wait_asked_for_is_at_most_a_day() {
+        let now = httpdate::parse_http_date("Wed, 25 Nov 2026 10:00:00 GMT").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", "18446744073709551615".parse().unwrap());
+        assert_eq!(wait_asked_for(&headers, now), Some(LONGEST_WAIT_ASKED));
+        headers.insert(
+            "retry-after",
+            "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap(),
+        );
+        assert_eq!(wait_asked_for(&headers, now), Some(LONGEST_WAIT_ASKED));
+        // A whole retry with it stays in range: the verdict's floor, then the backoff.
+        let answer = UpstreamResponse {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            headers,
+            body: bytes::Bytes::new(),
+            latency: Duration::ZERO,
+        };
+        let Verdict::Retry { floor, .. } = classify(&Ok(answer), now) else {
+            panic!("a 503 is retried");
+        };
+        let delay = RetryPolicy::default().delay(40, floor, 0.999);
+        assert_eq!(delay, LONGEST_WAIT_ASKED);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{FileProblems, parse_duration, typed};
+use super::{FileProblems, parse_duration_at_least, typed};
 
 /// `[delivery]`: how the outbox retries and how long it keeps records.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,20 +40,47 @@ pub(super) struct RawDelivery {
 /// Compiles `[delivery]`, with the defaults for what it leaves out.
 pub(super) fn compile(raw: RawDelivery, problems: &mut FileProblems<'_>) -> DeliveryConfig {
     let defaults = DeliveryConfig::default();
+    // `least`: a retry sooner than that would call a failing GitLab again and again; an
+    // age or a retention of 0 says "never retry" or "keep nothing", and means it.
     let duration = |field: Option<Spanned<String>>,
                     default: Duration,
                     key: &str,
+                    least: Duration,
                     problems: &mut FileProblems<'_>| {
         typed(field, default, problems, |text| {
-            parse_duration(text).map_err(|err| format!("delivery.{key}: {err}"))
+            parse_duration_at_least(text, least).map_err(|err| format!("delivery.{key}: {err}"))
         })
     };
     let retry = crate::retry::RetryPolicy {
-        base: duration(raw.retry_base, defaults.retry.base, "retry_base", problems),
-        cap: duration(raw.retry_cap, defaults.retry.cap, "retry_cap", problems),
-        max_age: duration(raw.max_age, defaults.retry.max_age, "max_age", problems),
+        base: duration(
+            raw.retry_base,
+            defaults.retry.base,
+            "retry_base",
+            Duration::from_millis(10),
+            problems,
+        ),
+        cap: duration(
+            raw.retry_cap,
+            defaults.retry.cap,
+            "retry_cap",
+            Duration::from_millis(100),
+            problems,
+        ),
+        max_age: duration(
+            raw.max_age,
+            defaults.retry.max_age,
+            "max_age",
+            Duration::ZERO,
+            problems,
+        ),
     };
-    let retention = duration(raw.retention, defaults.retention, "retention", problems);
+    let retention = duration(
+        raw.retention,
+        defaults.retention,
+        "retention",
+        Duration::ZERO,
+        problems,
+    );
     let workers = match raw.workers {
         Some(w) if *w.get_ref() == 0 || *w.get_ref() > 256 => {
             problems.at(Some(w.span()), "delivery.workers must be between 1 and 256");

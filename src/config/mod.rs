@@ -43,7 +43,9 @@ pub use gateway::{DEFAULT_GATEWAY_MAX_BODY, GatewayConfig};
 pub(crate) use limit::{RawLimit, compile_limit, only_limit_keys};
 pub use problems::{FileProblems, Problem, Problems};
 pub use server::{DEFAULT_BODY_MEMORY, DEFAULT_LISTEN, DEFAULT_MAX_BODY, ServerConfig, ServerTls};
-pub use units::{parse_duration, parse_listen, parse_size};
+pub use units::{
+    LONGEST_DURATION, parse_duration, parse_duration_at_least, parse_listen, parse_size,
+};
 pub(crate) use upstream::ca_file;
 
 /// The whole, validated configuration.

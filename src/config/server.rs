@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{FileProblems, parse_duration, parse_size, typed};
+use super::{FileProblems, parse_duration, parse_duration_at_least, parse_size, typed};
 
 /// Where `serve` listens when neither the flag, the environment nor a file says.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -86,7 +86,13 @@ pub(super) fn compile(raw: RawServer, problems: &mut FileProblems<'_>) -> Server
             super::parse_listen(text).map_err(|err| format!("listen: {err}"))
         }),
         max_body: typed(raw.max_body, defaults.max_body, problems, |text| {
-            parse_size(text).map_err(|err| format!("max_body: {err}"))
+            // No sender's webhook fits in less; 0 would answer every one 413.
+            match parse_size(text).map_err(|err| format!("max_body: {err}"))? {
+                size if size < 1024 => Err(format!(
+                    "max_body: {text:?} is too small for any webhook: at least 1KiB"
+                )),
+                size => Ok(size),
+            }
         }),
         body_memory: typed(raw.body_memory, defaults.body_memory, problems, |text| {
             parse_size(text).map_err(|err| format!("body_memory: {err}"))
@@ -119,7 +125,8 @@ pub(super) fn compile(raw: RawServer, problems: &mut FileProblems<'_>) -> Server
             }
         },
         read_timeout: typed(raw.read_timeout, defaults.read_timeout, problems, |text| {
-            parse_duration(text).map_err(|err| format!("read_timeout: {err}"))
+            parse_duration_at_least(text, Duration::from_millis(100))
+                .map_err(|err| format!("read_timeout: {err}"))
         }),
         shutdown_timeout: typed(
             raw.shutdown_timeout,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{EnvLookup, FileProblems, parse_duration, typed};
+use super::{EnvLookup, FileProblems, parse_duration_at_least, typed};
 use crate::event::Provider;
 use crate::secret::Secret;
 use crate::sources::signature::{Algorithm, Encoding, SigningKey};
@@ -192,7 +192,8 @@ pub(super) fn compile_source(
         Duration::from_secs(300),
         problems,
         |text| {
-            parse_duration(text).map_err(|err| format!("source.{name}.timestamp_tolerance: {err}"))
+            parse_duration_at_least(text, Duration::from_secs(1))
+                .map_err(|err| format!("source.{name}.timestamp_tolerance: {err}"))
         },
     );
     let allow_unsigned = raw.allow_unsigned.unwrap_or(false);

@@ -25,10 +25,37 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
 }
 
-/// Parses a duration such as `250ms`, `30s`, `5m` or `1h 30m`.
+/// The longest duration any setting takes: a hundred years. Durations become
+/// milliseconds since 1970 in the store (`now + retention`, `now + delay`), and one past
+/// what those hold used to wrap around: `retention = "18446744073709551615s"`, meant as
+/// "keep everything", pruned every finished delivery at the next start.
+pub const LONGEST_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// Parses a duration such as `250ms`, `30s`, `5m` or `1h 30m`, up to [`LONGEST_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|err| format!("{text:?} is not a duration ({err}); write e.g. \"30s\" or \"5m\""))
+    let duration = humantime::parse_duration(text.trim()).map_err(|err| {
+        format!("{text:?} is not a duration ({err}); write e.g. \"30s\" or \"5m\"")
+    })?;
+    if duration > LONGEST_DURATION {
+        return Err(format!(
+            "{text:?} is longer than 100 years, the longest duration hookrelay takes"
+        ));
+    }
+    Ok(duration)
+}
+
+/// [`parse_duration`] for a setting that cannot work below `least` (a timeout of `0s`
+/// fails every call; a retry delay of `0s` calls a failing GitLab again at once, over and
+/// over).
+pub fn parse_duration_at_least(text: &str, least: Duration) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration < least {
+        return Err(format!(
+            "{text:?} is too short: at least {}",
+            humantime::format_duration(least)
+        ));
+    }
+    Ok(duration)
 }
 
 /// Parses a size in bytes: `1024`, `512KiB`, `25MiB`, `1GB` (KB = 1000, KiB = 1024).
@@ -105,6 +132,21 @@ mod tests {
             parse_duration("soon")
                 .unwrap_err()
                 .contains("not a duration")
+        );
+        assert_eq!(parse_duration("100y"), Ok(LONGEST_DURATION));
+        assert_eq!(
+            parse_duration("18446744073709551615s"),
+            Err("\"18446744073709551615s\" is longer than 100 years, the longest duration hookrelay takes".into())
+        );
+        // The longest duration stays far inside the store's milliseconds since 1970.
+        assert!(LONGEST_DURATION.as_millis() < (i64::MAX / 1000) as u128);
+        assert_eq!(
+            parse_duration_at_least("0s", Duration::from_millis(100)),
+            Err("\"0s\" is too short: at least 100ms".into())
+        );
+        assert_eq!(
+            parse_duration_at_least("100ms", Duration::from_millis(100)),
+            Ok(Duration::from_millis(100))
         );
     }
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::limit::{RawLimit, compile_limit, only_limit_keys};
-use super::{EnvLookup, FileProblems, parse_duration, typed};
+use super::{EnvLookup, FileProblems, parse_duration, parse_duration_at_least, typed};
 use crate::upstream::{
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_POLLS_PER_MINUTE, ReadToken, UpstreamConfig,
     default_per_project, parse_upstream_url,
@@ -68,10 +68,14 @@ pub(super) fn compile(
         raw.connect_timeout,
         Duration::from_secs(5),
         problems,
-        |text| parse_duration(text).map_err(|err| format!("connect_timeout: {err}")),
+        |text| {
+            parse_duration_at_least(text, Duration::from_millis(100))
+                .map_err(|err| format!("upstream.{name}.connect_timeout: {err}"))
+        },
     );
     let timeout = typed(raw.timeout, Duration::from_secs(30), problems, |text| {
-        parse_duration(text).map_err(|err| format!("timeout: {err}"))
+        parse_duration_at_least(text, Duration::from_millis(100))
+            .map_err(|err| format!("upstream.{name}.timeout: {err}"))
     });
     let per_project = match raw.limit {
         None => default_per_project(),
@@ -144,7 +148,10 @@ pub(super) fn compile(
         raw.poll_interval,
         Duration::from_secs(10),
         problems,
-        |text| parse_duration(text).map_err(|err| format!("upstream.{name}.poll_interval: {err}")),
+        |text| {
+            parse_duration_at_least(text, Duration::from_millis(100))
+                .map_err(|err| format!("upstream.{name}.poll_interval: {err}"))
+        },
     );
     Some(UpstreamConfig {
         name: name.to_owned(),

@@ -677,7 +677,7 @@ pub(crate) fn backoff(
     let delay = options
         .policy
         .delay(attempts as u32, floor, fastrand::f64());
-    if age + delay > options.policy.max_age {
+    if age.saturating_add(delay) > options.policy.max_age {
         return Err(format!(
             "gave up after {attempts} attempts over {}s: {reason}",
             age.as_secs()

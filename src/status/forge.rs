@@ -25,7 +25,7 @@ use serde_json::json;
 
 use super::StatusPost;
 use crate::event::Provider;
-use crate::retry::{Verdict, wait_asked_for};
+use crate::retry::{LONGEST_WAIT_ASKED, Verdict, wait_asked_for};
 use crate::secret::Secret;
 use crate::upstream::{UpstreamError, UpstreamResponse, flatten_message};
 
@@ -328,12 +328,13 @@ fn rate_limited(answer: &UpstreamResponse, now: SystemTime) -> Option<Duration> 
     if header("x-ratelimit-remaining") == Some("0")
         && let Some(reset) = header("x-ratelimit-reset").and_then(|v| v.parse::<u64>().ok())
     {
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(reset);
-        return Some(
-            at.duration_since(now)
-                .unwrap_or(Duration::ZERO)
-                .max(Duration::from_secs(1)),
-        );
+        // A reset past what a clock holds is a broken header: wait the longest then.
+        let wait = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(reset))
+            .map_or(LONGEST_WAIT_ASKED, |at| {
+                at.duration_since(now).unwrap_or(Duration::ZERO)
+            });
+        return Some(wait.clamp(Duration::from_secs(1), LONGEST_WAIT_ASKED));
     }
     if let Some(wait) = wait_asked_for(&answer.headers, now) {
         return Some(wait);
@@ -597,6 +598,18 @@ mod tests {
                 assert_eq!((floor, status), (Duration::from_secs(30), Some(403)))
             }
             other => panic!("{other:?}"),
+        }
+        // A reset no clock can hold, or a wait of centuries, is waited a day at most.
+        for reset in ["18446744073709551615", "99999999999"] {
+            let broken = answer(
+                429,
+                &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", reset)],
+                "",
+            );
+            assert!(
+                matches!(classify(&Ok(broken), now), Verdict::Retry { floor, .. } if floor == crate::retry::LONGEST_WAIT_ASKED),
+                "{reset}"
+            );
         }
         let secondary = answer(
             403,
