@@ -426,6 +426,9 @@ impl Builder {
                 problems,
             );
             let mut triggers = Vec::new();
+            // A trigger written but unreadable has its own problem already; the rule is
+            // not also told it has none.
+            let triggers_written = trigger.is_some();
             if let Some(trigger) = trigger {
                 let trigger_span = trigger.span();
                 match trigger.into_inner() {
@@ -447,7 +450,8 @@ impl Builder {
                 }
             }
             if let Some(raw) = raw
-                && let Some(pending) = rule::compile_rule(raw, triggers, file, line, env, problems)
+                && let Some(pending) =
+                    rule::compile_rule(raw, triggers, triggers_written, file, line, env, problems)
             {
                 self.rules.push(pending);
             }

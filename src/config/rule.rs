@@ -33,13 +33,35 @@ pub(super) struct RawRule {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTrigger {
     upstream: Option<Spanned<String>>,
-    project: Spanned<String>,
+    /// A path (`group/app`) or a numeric id, which may be written as a number.
+    project: Spanned<toml::Value>,
     #[serde(rename = "ref")]
     git_ref: Option<Spanned<String>>,
     token: Spanned<String>,
-    variables: Option<Spanned<IndexMap<String, String>>>,
+    /// Strings; any other value is read so that its problem can name it and its line.
+    variables: Option<Spanned<IndexMap<String, Spanned<toml::Value>>>>,
     inputs: Option<Spanned<IndexMap<String, serde_json::Value>>>,
     status_context: Option<Spanned<String>>,
+}
+
+/// A variable written as a number, a boolean, a list or a table: GitLab takes every
+/// variable as a string, and hookrelay sends them so; say how to write this one.
+fn not_a_string(rule: &str, key: &str, value: &toml::Value) -> String {
+    let what = match value {
+        toml::Value::Integer(_) | toml::Value::Float(_) => "a number",
+        toml::Value::Boolean(_) => "a boolean",
+        toml::Value::Datetime(_) => "a date",
+        toml::Value::Array(_) => "a list",
+        toml::Value::Table(_) => "a table",
+        toml::Value::String(_) => "a string",
+    };
+    let hint = match value {
+        toml::Value::Array(_) | toml::Value::Table(_) => {
+            "join it into one string, or render it in a template".to_owned()
+        }
+        scalar => format!("write {key} = \"{scalar}\""),
+    };
+    format!("rule {rule:?}: variables.{key} is {what}; GitLab's variables are strings: {hint}")
 }
 
 /// One string or a list of them: globs, the names of sources, or secrets' references.
@@ -119,6 +141,7 @@ pub(super) struct PendingRule {
 pub(super) fn compile_rule(
     raw: RawRule,
     raw_triggers: Vec<RawTrigger>,
+    triggers_written: bool,
     file: &Path,
     line: usize,
     resolve_secrets: Option<EnvLookup<'_>>,
@@ -231,7 +254,7 @@ pub(super) fn compile_rule(
                 None
             }
         });
-    if raw_triggers.is_empty() {
+    if raw_triggers.is_empty() && !triggers_written {
         problems.at(
             Some(raw.name.span()),
             format!("rule {name:?} needs at least one [rule.trigger]"),
@@ -239,7 +262,22 @@ pub(super) fn compile_rule(
     }
     let mut triggers = Vec::new();
     for raw_trigger in raw_triggers {
-        let trigger_line = problems.line(raw_trigger.project.span().start);
+        let project_span = raw_trigger.project.span();
+        let project = match raw_trigger.project.into_inner() {
+            toml::Value::String(text) => text,
+            toml::Value::Integer(id) if id > 0 => id.to_string(),
+            other => {
+                problems.at(
+                    Some(project_span),
+                    format!(
+                        "rule {name:?}: project = {other} is neither a project's path (\"group/app\") nor its numeric id"
+                    ),
+                );
+                continue;
+            }
+        };
+        let project = Spanned::new(project_span, project);
+        let trigger_line = problems.line(project.span().start);
         let token_span = raw_trigger.token.span();
         let token_ref = match SecretRef::parse_in(raw_trigger.token.get_ref(), problems.folder()) {
             Ok(reference) => reference,
@@ -272,7 +310,19 @@ pub(super) fn compile_rule(
                         problems.at(Some(span.clone()), format!("rule {name:?}: {message}"));
                     }
                 }
-                variables.into_iter().collect()
+                variables
+                    .into_iter()
+                    .filter_map(|(key, value)| {
+                        let span = value.span();
+                        match value.into_inner() {
+                            toml::Value::String(text) => Some((key, text)),
+                            other => {
+                                problems.at(Some(span), not_a_string(&name, &key, &other));
+                                None
+                            }
+                        }
+                    })
+                    .collect()
             }
         };
         let inputs = raw_trigger
@@ -288,7 +338,7 @@ pub(super) fn compile_rule(
         let upstream = raw_trigger
             .upstream
             .map(|u| (u.get_ref().clone(), problems.line(u.span().start)));
-        warn_about_encoding(&name, "project", &raw_trigger.project, problems);
+        warn_about_encoding(&name, "project", &project, problems);
         if let Some(git_ref) = &raw_trigger.git_ref {
             warn_about_encoding(&name, "ref", git_ref, problems);
         }
@@ -297,7 +347,7 @@ pub(super) fn compile_rule(
             && events.contains(&EventKind::Delete)
         {
             problems.warn(
-                raw_trigger.project.span(),
+                project.span(),
                 format!(
                     "rule {name:?}: the rule reacts to `delete` but its trigger has no `ref`, so it would \
                      run the deleted branch or tag, which GitLab no longer has; set `ref` (e.g. \"main\")"
@@ -306,7 +356,7 @@ pub(super) fn compile_rule(
         }
         if schedule.is_some() && raw_trigger.git_ref.is_none() {
             problems.at(
-                Some(raw_trigger.project.span()),
+                Some(project.span()),
                 format!("rule {name:?}: a scheduled rule's trigger needs `ref` (there is no event to take it from)"),
             );
         }
@@ -314,7 +364,7 @@ pub(super) fn compile_rule(
             spec: TriggerSpec {
                 line: trigger_line,
                 upstream: String::new(),
-                project: raw_trigger.project.into_inner(),
+                project: project.into_inner(),
                 git_ref: raw_trigger.git_ref.map(Spanned::into_inner),
                 token_ref,
                 token,

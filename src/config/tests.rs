@@ -447,6 +447,48 @@ fn settings_that_cannot_work_are_refused_where_they_are_written() {
 }
 
 #[test]
+fn a_triggers_variables_are_strings_and_its_project_may_be_a_number() {
+    let rule = |project: &str, variables: &str| {
+        format!(
+            "[upstream.gl]\nurl = \"https://x\"\n\n[[rule]]\nname = \"nightly\"\nschedule = \"0 3 * * *\"\n\
+             [rule.trigger]\nproject = {project}\nref = \"main\"\ntoken = \"env:T\"\nvariables = {variables}\n"
+        )
+    };
+    let env = [("T", "glptt-0123456789abcdefghij")];
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            &rule(
+                "\"a/b\"",
+                "{ RETRIES = 3, DEBUG = true, HOSTS = [\"a\"], OK = \"x\" }",
+            ),
+        )],
+        &env,
+    ));
+    // Each wrong value at its line, and nothing about the rule having no trigger.
+    assert_eq!(
+        problems,
+        [
+            "a.toml:11: rule \"nightly\": variables.DEBUG is a boolean; GitLab's variables are strings: write DEBUG = \"true\"",
+            "a.toml:11: rule \"nightly\": variables.HOSTS is a list; GitLab's variables are strings: join it into one string, or render it in a template",
+            "a.toml:11: rule \"nightly\": variables.RETRIES is a number; GitLab's variables are strings: write RETRIES = \"3\"",
+        ],
+        "{problems:#?}"
+    );
+    let problems = messages(load_text(&[("a.toml", &rule("0", "{}"))], &env));
+    assert_eq!(
+        problems,
+        [
+            "a.toml:8: rule \"nightly\": project = 0 is neither a project's path (\"group/app\") nor its numeric id"
+        ]
+    );
+    let config = load_text(&[("a.toml", &rule("1234", "{ OK = \"x\" }"))], &env).unwrap();
+    let trigger = &config.rules.rules()[0].spec.triggers[0];
+    assert_eq!(trigger.project, "1234");
+    assert_eq!(trigger.variables, [("OK".to_owned(), "x".to_owned())]);
+}
+
+#[test]
 fn upstream_urls() {
     assert!(parse_upstream_url("https://gitlab.com").is_ok());
     assert_eq!(
