@@ -110,8 +110,11 @@ pub fn next_attempt(row: &DeliveryRow, now: i64) -> Option<String> {
 /// A time for `--since`/`--until`: a duration back from now (`2h`, `30m`), or a UTC time
 /// (`2026-12-02T10:00:00Z`, `2026-12-02 10:00`, `2026-12-02`).
 pub fn parse_time(text: &str, now: i64) -> Result<i64, String> {
-    if let Ok(ago) = crate::config::parse_duration(text) {
-        return Ok(now - ago.as_millis() as i64);
+    match crate::config::parse_duration(text) {
+        Ok(ago) => return Ok(now - ago.as_millis() as i64),
+        // A duration, but longer than any setting takes: say so, not "not a duration".
+        Err(message) if humantime::parse_duration(text.trim()).is_ok() => return Err(message),
+        Err(_) => {}
     }
     if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
         return Ok(time.timestamp_millis());
@@ -131,4 +134,26 @@ pub fn parse_time(text: &str, now: i64) -> Result<i64, String> {
     Err(format!(
         "{text:?} is neither a duration back from now (2h, 30m) nor a UTC time (2026-12-02T10:00:00Z, 2026-12-02 10:00, 2026-12-02)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_durations_back_or_utc_times_and_say_what_is_wrong() {
+        let now = 1_800_000_000_000;
+        assert_eq!(parse_time("2h", now), Ok(now - 7_200_000));
+        assert_eq!(parse_time("2026-12-02", now), Ok(1_796_169_600_000));
+        assert!(
+            parse_time("200y", now)
+                .unwrap_err()
+                .contains("longer than 100 years")
+        );
+        assert!(
+            parse_time("soon", now)
+                .unwrap_err()
+                .contains("is neither a duration")
+        );
+    }
 }

@@ -79,8 +79,8 @@ enum Command {
         /// Only triggers that failed for good (the same as --status failed).
         #[arg(long)]
         failed: bool,
-        /// How many rows to show.
-        #[arg(long, default_value_t = 50, value_name = "N")]
+        /// How many rows to show (at least 1).
+        #[arg(long, default_value_t = 50, value_name = "N", value_parser = at_least_one)]
         limit: usize,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -233,6 +233,15 @@ fn end_quietly_on_a_closed_pipe() {
 
 /// A time flag (`--since 2h`, `--until "2026-12-02 10:00"`) as milliseconds since 1970, or
 /// the exit status after saying what is wrong with it.
+/// A count that must be at least 1 (`--limit 0` would show nothing and say nothing matched).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(count) => Ok(count),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
 fn time_flag(command: &str, flag: &str, text: Option<String>) -> Result<Option<i64>, ExitCode> {
     let now = hookrelay::outbox::now_ms();
     text.map(|text| hookrelay::delivery_rows::parse_time(&text, now))

@@ -1008,6 +1008,15 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     );
     assert!(store.contains("x-github-delivery"));
 
+    // `--limit 0` would show nothing and say nothing matched: refused instead.
+    let output = hookrelay(&["deliveries", "--state", state, "--limit", "0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("must be at least 1"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
     // `--json`: the answer as an object, the time also as text.
     let output = hookrelay(&["deliveries", "--state", state, "--json"]);
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();

@@ -569,6 +569,12 @@ fn resolve_delivery(engine: &mut dyn Engine, text: &str) -> Result<String, Engin
 /// [`resolve_delivery`] for text that is not a whole id: a listing of the ids that start
 /// with it (newest first, the newest 200 of them).
 fn resolve_start(engine: &mut dyn Engine, text: &str) -> Result<String, EngineError> {
+    // Every id starts with nothing: an empty one would pick the store's only delivery.
+    if text.is_empty() {
+        return Err(EngineError::refused(
+            "the delivery id is empty; give the id (or its start) that `hookrelay deliveries` shows",
+        ));
+    }
     let rows = engine.list(&ListFilter {
         delivery: Some(text.to_owned()),
         limit: 200,
@@ -733,6 +739,31 @@ mod tests {
             panic!("an id nobody sent was found");
         };
         assert!(unknown.refused, "{unknown}");
+    }
+
+    /// `replay delivery:` with nothing after it: every id starts with nothing, and with one
+    /// delivery in the store it used to be replayed.
+    #[test]
+    fn an_empty_delivery_id_names_no_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine =
+            SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
+        engine.begin(true).unwrap();
+        let delivery = crate::store::semantics::delivery("the-only-one", Vec::new());
+        engine.insert_delivery(&delivery, 0).unwrap();
+        engine.commit().unwrap();
+        for empty in ["", "delivery:"] {
+            let ReplayTarget::Delivery(text) = ReplayTarget::parse(empty) else {
+                panic!("{empty:?} is not a trigger id");
+            };
+            let err = resolve_start(&mut engine, &text).unwrap_err();
+            assert!(err.refused, "{err}");
+            assert!(
+                err.to_string().contains("the delivery id is empty"),
+                "{err}"
+            );
+        }
+        assert_eq!(resolve_start(&mut engine, "the").unwrap(), "the-only-one");
     }
 
     use super::*;
