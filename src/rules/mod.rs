@@ -528,9 +528,7 @@ impl RuleSet {
             .env
             .get_template(&compiled.name)
             .map_err(|err| template::error_text(&err))?;
-        template
-            .render(context)
-            .map_err(|err| template::error_text(&err))
+        template::render_bounded(&template, context)
     }
 
     /// The trigger calls for an event: one per trigger of every matching rule.

@@ -42,11 +42,22 @@ pub const SCHEDULE_FIELDS: &[&str] = &["rule", "time", "timezone"];
 /// trigger as planned.
 pub const TRIGGER_FIELDS: &[&str] = &["project", "ref", "upstream"];
 
-/// A fresh environment with strict undefined behaviour and Python-style string methods
-/// (`event.ref_name.startswith("wip/")`).
+/// The steps one template or `when` may take for one event. A template runs on the
+/// request's thread with the sender's payload as its data: two nested loops over a
+/// 20,000-item list in a payload took minutes; a rule's usual templates take tens of steps,
+/// and a loop over a push's commits a few hundred.
+pub const TEMPLATE_STEPS: u64 = 100_000;
+
+/// The most text one template may render for one event: a project, a ref or a
+/// variable's value; GitLab's whole trigger call is smaller than this in practice.
+pub const MOST_RENDERED: usize = 1 << 20;
+
+/// A fresh environment with strict undefined behaviour, Python-style string methods
+/// (`event.ref_name.startswith("wip/")`) and at most [`TEMPLATE_STEPS`] steps a render.
 pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_fuel(Some(TEMPLATE_STEPS));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env
 }
@@ -115,6 +126,11 @@ pub fn check_variables_with(
 
 /// Minijinja's error with its detail, on one line.
 pub fn error_text(err: &minijinja::Error) -> String {
+    if err.kind() == minijinja::ErrorKind::OutOfFuel {
+        return format!(
+            "the template takes more than {TEMPLATE_STEPS} steps for this event (a loop over a large list in the payload?)"
+        );
+    }
     let mut text = err.to_string();
     if let Some(detail) = err.detail()
         && !text.contains(detail)
@@ -123,6 +139,41 @@ pub fn error_text(err: &minijinja::Error) -> String {
         text.push_str(detail);
     }
     text
+}
+
+/// Renders `template` into a string of at most [`MOST_RENDERED`] bytes.
+pub fn render_bounded(
+    template: &minijinja::Template<'_, '_>,
+    context: &Value,
+) -> Result<String, String> {
+    let mut out = Bounded(Vec::new());
+    match template.render_captured_to(context, &mut out) {
+        Ok(_) => Ok(String::from_utf8(out.0).expect("templates render UTF-8")),
+        Err(_) if out.0.len() > MOST_RENDERED => Err(format!(
+            "the template renders more than {} KiB for this event",
+            MOST_RENDERED >> 10
+        )),
+        Err(err) => Err(error_text(&err)),
+    }
+}
+
+/// A buffer that refuses to grow past [`MOST_RENDERED`] (it keeps one byte more, so the
+/// caller can tell that limit from other errors).
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + bytes.len() > MOST_RENDERED {
+            self.0.resize(MOST_RENDERED + 1, 0);
+            return Err(std::io::Error::other("rendered text too long"));
+        }
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The event as templates see it.
@@ -194,6 +245,44 @@ mod tests {
         ] {
             assert_eq!(constant_text(text), None, "{text:?}");
         }
+    }
+
+    /// A sender's payload cannot make a template run for minutes or render gigabytes:
+    /// each render stops at [`TEMPLATE_STEPS`] steps or [`MOST_RENDERED`] bytes.
+    #[test]
+    fn a_render_is_bounded_in_steps_and_in_size() {
+        let payload = Value::from_serialize(serde_json::json!({
+            "x": (0..20_000).collect::<Vec<u32>>(),
+            "big": "y".repeat(100_000),
+        }));
+        let context = Value::from_serialize(serde_json::json!({ "payload": payload }));
+        let render = |source: &str| {
+            let env = env_with("t", source);
+            let template = env.get_template("t").unwrap();
+            render_bounded(&template, &context)
+        };
+        let nested =
+            render("{% for a in payload.x %}{% for b in payload.x %}y{% endfor %}{% endfor %}");
+        assert_eq!(
+            nested,
+            Err(format!(
+                "the template takes more than {TEMPLATE_STEPS} steps for this event (a loop over a large list in the payload?)"
+            ))
+        );
+        assert_eq!(
+            render("{% for a in payload.x %}{{ payload.big }}{% endfor %}"),
+            Err("the template renders more than 1024 KiB for this event".into())
+        );
+        // What real rules do still renders: a loop over a list, a long value under the cap.
+        assert_eq!(
+            render("{{ payload.x[:3] | join(',') }}").as_deref(),
+            Ok("0,1,2")
+        );
+        assert_eq!(render("{{ payload.big }}").map(|t| t.len()), Ok(100_000));
+        assert_eq!(
+            render("{% for a in payload.x[:1000] %}.{% endfor %}").map(|t| t.len()),
+            Ok(1000)
+        );
     }
 
     fn env_with(name: &str, source: &str) -> Environment<'static> {
