@@ -208,7 +208,19 @@ pub(super) fn compile_rule(
             schedule.get_ref(),
             timezone.as_ref().map(|t| t.get_ref().as_str()),
         ) {
-            Ok(schedule) => Some(schedule),
+            Ok(parsed) => {
+                // Valid cron that no date matches (30 February) fires never, silently.
+                if parsed.next_after(chrono::Utc::now()).is_none() {
+                    problems.warn(
+                        schedule.span(),
+                        format!(
+                            "rule {name:?}: schedule {:?} never fires: no date to come matches it",
+                            parsed.text
+                        ),
+                    );
+                }
+                Some(parsed)
+            }
             Err(message) => {
                 problems.at(Some(schedule.span()), format!("rule {name:?}: {message}"));
                 None

@@ -650,6 +650,26 @@ token = "env:T"
 }
 
 #[test]
+fn a_schedule_no_date_matches_is_warned_about() {
+    let rule = |schedule: &str| {
+        format!(
+            "[upstream.gl]\nurl = \"https://x\"\n\n[[rule]]\nname = \"never\"\nschedule = \"{schedule}\"\n\
+             [rule.trigger]\nproject = \"a/b\"\nref = \"main\"\ntoken = \"env:T\"\n"
+        )
+    };
+    let env = [("T", "glptt-0123456789abcdefghij")];
+    let config = load_text(&[("a.toml", &rule("0 0 30 2 *"))], &env).unwrap();
+    assert_eq!(
+        warnings(&config),
+        [
+            "a.toml:6: rule \"never\": schedule \"0 0 30 2 *\" never fires: no date to come matches it"
+        ]
+    );
+    let config = load_text(&[("a.toml", &rule("0 0 29 2 *"))], &env).unwrap();
+    assert_eq!(warnings(&config), Vec::<String>::new(), "29 February comes");
+}
+
+#[test]
 fn a_table_defined_twice_suggests_an_array_of_tables() {
     let rules = "[[rule]]\nname = \"r\"\nsource = \"github\"\n[rule.trigger]\nproject = \"a/b\"\ntoken = \"env:T\"\n\
         [rule.trigger]\nproject = \"a/c\"\ntoken = \"env:T\"\n[rule.trigger]  # third\nproject = \"a/d\"\ntoken = \"env:T\"\n";
