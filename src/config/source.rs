@@ -221,6 +221,20 @@ pub(super) fn compile_source(
     // refs listed here may be chosen by it.
     let url_refs = raw.url_refs.and_then(|refs| {
         let span = refs.span();
+        // A glob of nothing but stars lets anyone holding one captured webhook build any
+        // (single-segment, or with `**` any) ref: valid, but rarely what is meant.
+        for every in refs
+            .get_ref()
+            .iter()
+            .filter(|glob| !glob.is_empty() && glob.chars().all(|c| c == '*'))
+        {
+            problems.warn(
+                span.clone(),
+                format!(
+                    "source.{name}.url_refs: {every:?} lets whoever holds one captured webhook choose the ref it builds (a signature never covers the URL); list the refs a URL may choose, e.g. [\"stable\", \"release/*\"]"
+                ),
+            );
+        }
         match crate::rules::Patterns::new(refs.into_inner()) {
             Ok(patterns) => Some(patterns),
             Err(reason) => {

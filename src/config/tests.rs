@@ -670,6 +670,23 @@ fn a_schedule_no_date_matches_is_warned_about() {
 }
 
 #[test]
+fn url_refs_that_let_a_url_choose_any_ref_are_warned_about() {
+    let env = [("S", "0123456789abcdef0123")];
+    let source = |refs: &str| {
+        format!("[source.gh]\nprovider = \"github\"\nsecret = \"env:S\"\nurl_refs = {refs}\n")
+    };
+    let config = load_text(&[("a.toml", &source("[\"stable\", \"**\"]"))], &env).unwrap();
+    let warned = warnings(&config);
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(
+        warned[0].starts_with("a.toml:4: source.gh.url_refs: \"**\" lets whoever holds one captured webhook choose the ref it builds"),
+        "{warned:#?}"
+    );
+    let config = load_text(&[("a.toml", &source("[\"release/*\"]"))], &env).unwrap();
+    assert_eq!(warnings(&config), Vec::<String>::new());
+}
+
+#[test]
 fn a_table_defined_twice_suggests_an_array_of_tables() {
     let rules = "[[rule]]\nname = \"r\"\nsource = \"github\"\n[rule.trigger]\nproject = \"a/b\"\ntoken = \"env:T\"\n\
         [rule.trigger]\nproject = \"a/c\"\ntoken = \"env:T\"\n[rule.trigger]  # third\nproject = \"a/d\"\ntoken = \"env:T\"\n";
