@@ -713,6 +713,23 @@ impl Builder {
                 &mut self.problems,
             )
         });
+        // The dashboard never shares the webhook port: serve would fail to bind it.
+        if let Some((Some(admin), origin)) = &self.admin {
+            let server_listen = self.server.as_ref().map_or_else(
+                || ServerConfig::default().listen,
+                |(server, _)| server.listen,
+            );
+            if admin.listen == server_listen {
+                self.problems.push(Problem {
+                    file: origin.file.clone(),
+                    line: Some(origin.line),
+                    message: format!(
+                        "admin.listen {} is the webhooks' address too ([server] listen); the dashboard needs a port of its own",
+                        admin.listen
+                    ),
+                });
+            }
+        }
         if !self.problems.is_empty() {
             // Tables are read in key order; report in the order of the files' lines.
             self.problems

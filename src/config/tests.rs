@@ -687,6 +687,38 @@ fn url_refs_that_let_a_url_choose_any_ref_are_warned_about() {
 }
 
 #[test]
+fn the_dashboard_never_shares_the_webhook_port() {
+    let env = [("A", "0123456789abcdef0123")];
+    let problems = messages(load_text(
+        &[
+            ("a.toml", "[server]\nlisten = \"127.0.0.1:9000\"\n"),
+            (
+                "b.toml",
+                "\n[admin]\nlisten = \"127.0.0.1:9000\"\ntoken = \"env:A\"\n",
+            ),
+        ],
+        &env,
+    ));
+    assert_eq!(
+        problems,
+        [
+            "b.toml:2: admin.listen 127.0.0.1:9000 is the webhooks' address too ([server] listen); the dashboard needs a port of its own"
+        ]
+    );
+    // The default webhook address counts too; another port is fine.
+    let problems = messages(load_text(
+        &[("a.toml", "[admin]\nlisten = \"127.0.0.1:8080\"\n")],
+        &env,
+    ));
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    load_text(
+        &[("a.toml", "[admin]\nlisten = \"127.0.0.1:8081\"\n")],
+        &env,
+    )
+    .unwrap();
+}
+
+#[test]
 fn a_table_defined_twice_suggests_an_array_of_tables() {
     let rules = "[[rule]]\nname = \"r\"\nsource = \"github\"\n[rule.trigger]\nproject = \"a/b\"\ntoken = \"env:T\"\n\
         [rule.trigger]\nproject = \"a/c\"\ntoken = \"env:T\"\n[rule.trigger]  # third\nproject = \"a/d\"\ntoken = \"env:T\"\n";
