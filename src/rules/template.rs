@@ -146,10 +146,10 @@ pub fn render_bounded(
     template: &minijinja::Template<'_, '_>,
     context: &Value,
 ) -> Result<String, String> {
-    let mut out = Bounded(Vec::new());
+    let mut out = Bounded::default();
     match template.render_captured_to(context, &mut out) {
-        Ok(_) => Ok(String::from_utf8(out.0).expect("templates render UTF-8")),
-        Err(_) if out.0.len() > MOST_RENDERED => Err(format!(
+        Ok(_) => Ok(String::from_utf8(out.text).expect("templates render UTF-8")),
+        Err(_) if out.overflowed => Err(format!(
             "the template renders more than {} KiB for this event",
             MOST_RENDERED >> 10
         )),
@@ -157,17 +157,20 @@ pub fn render_bounded(
     }
 }
 
-/// A buffer that refuses to grow past [`MOST_RENDERED`] (it keeps one byte more, so the
-/// caller can tell that limit from other errors).
-struct Bounded(Vec<u8>);
+/// A buffer that refuses to grow past [`MOST_RENDERED`], and says it refused.
+#[derive(Default)]
+struct Bounded {
+    text: Vec<u8>,
+    overflowed: bool,
+}
 
 impl std::io::Write for Bounded {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + bytes.len() > MOST_RENDERED {
-            self.0.resize(MOST_RENDERED + 1, 0);
+        if self.text.len() + bytes.len() > MOST_RENDERED {
+            self.overflowed = true;
             return Err(std::io::Error::other("rendered text too long"));
         }
-        self.0.extend_from_slice(bytes);
+        self.text.extend_from_slice(bytes);
         Ok(bytes.len())
     }
 
