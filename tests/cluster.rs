@@ -1505,3 +1505,58 @@ async fn a_failover_risk_is_logged_and_shown_on_the_dashboard() {
     let _ = receiver.kill();
     let _ = receiver.wait();
 }
+
+/// GitLab, or a proxy in front of it, answering with NUL bytes (a binary error page, a
+/// `web_url` with `\u0000`): PostgreSQL's text cannot hold a NUL, and an answer that could
+/// not be written was retried from memory for good, holding its project+ref. The answer
+/// is recorded with U+FFFD in each NUL's place and the key moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_with_nul_bytes_are_recorded_and_the_key_moves_on() {
+    let Some(Setup {
+        database,
+        upstream,
+        dir,
+    }) = Setup::new("5s", PLAIN, "").await
+    else {
+        return;
+    };
+    upstream.answer_next(Answer::new(400, "\u{1f}\u{8b}\0\0binary from a proxy"));
+    upstream.answer_next(Answer::new(
+        201,
+        r#"{"id": 9, "web_url": "https://gitlab.example/p/-/pipelines/9\u0000"}"#,
+    ));
+    let (_relays, addresses) = start_relays(dir.path(), 1);
+    for delivery in ["nul-1", "nul-2", "nul-3"] {
+        assert_eq!(push(&addresses[0], delivery).await.status, 202);
+    }
+    eventually(Duration::from_secs(10), "three calls", || {
+        upstream.received().len() >= 3
+    })
+    .await;
+    eventually(Duration::from_secs(10), "three outcomes recorded", || {
+        rows(&database.url)
+            .iter()
+            .filter(|row| {
+                row.state
+                    .as_deref()
+                    .is_some_and(|s| s != "sending" && s != "queued")
+            })
+            .count()
+            == 3
+    })
+    .await;
+    let rows = rows(&database.url);
+    let of = |id: &str| rows.iter().find(|row| row.delivery_id == id).unwrap();
+    assert_eq!(of("nul-1").state.as_deref(), Some("failed"));
+    let error = of("nul-1").last_error.clone().unwrap();
+    assert!(
+        error.contains("\u{fffd}\u{fffd}binary from a proxy"),
+        "{error}"
+    );
+    assert_eq!(of("nul-2").state.as_deref(), Some("sent"));
+    assert_eq!(
+        of("nul-2").pipeline_url.as_deref(),
+        Some("https://gitlab.example/p/-/pipelines/9\u{fffd}")
+    );
+    assert_eq!(of("nul-3").state.as_deref(), Some("sent"));
+}

@@ -17,6 +17,7 @@ pub mod private;
 #[cfg(test)]
 pub mod semantics;
 pub mod sqlite;
+mod text;
 pub mod write_back;
 
 use std::fmt;

@@ -487,6 +487,11 @@ impl Engine for PostgresEngine {
         deliveries: &[&NewDelivery],
         now: i64,
     ) -> Option<Result<Vec<Accepted>, EngineError>> {
+        let mended: Vec<_> = deliveries
+            .iter()
+            .map(|d| super::text::delivery(d))
+            .collect();
+        let deliveries: Vec<&NewDelivery> = mended.iter().map(|d| d.as_ref()).collect();
         // Coalescing looks for a waiting twin, and an outcome that is not a finish is
         // written after its row: those go one by one. A finished gateway call's row
         // carries its outcome.
@@ -501,7 +506,7 @@ impl Engine for PostgresEngine {
             return None;
         }
         let now = now + self.skew_ms;
-        Some(self.insert_plain_batch(deliveries, now))
+        Some(self.insert_plain_batch(&deliveries, now))
     }
 
     fn insert_delivery(
@@ -510,6 +515,8 @@ impl Engine for PostgresEngine {
         now: i64,
     ) -> Result<Accepted, EngineError> {
         let now = now + self.skew_ms;
+        let delivery = super::text::delivery(delivery);
+        let delivery = delivery.as_ref();
         (|| -> Result<Accepted, postgres::Error> {
             let headers = serde_json::to_string(&delivery.headers).expect("headers serialize");
             let insert = self.stmt(
@@ -562,6 +569,8 @@ impl Engine for PostgresEngine {
 
     fn record(&mut self, lease: Lease, recorded: &Recorded, now: i64) -> Result<bool, EngineError> {
         let now = now + self.skew_ms;
+        let recorded = super::text::recorded(recorded);
+        let recorded = recorded.as_ref();
         (|| -> Result<bool, postgres::Error> {
             let Some(order_key) =
                 self.write_outcome(lease.trigger, Some(lease.token), recorded, now)?
@@ -596,6 +605,8 @@ impl Engine for PostgresEngine {
 
     fn replay(&mut self, target: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError> {
         let now = now + self.skew_ms;
+        let target = super::text::replay_target(target);
+        let target = target.as_ref();
         let rows = match target {
             ReplayTarget::Trigger(id) => self
                 .client()
@@ -772,11 +783,12 @@ impl Engine for PostgresEngine {
         self.reconnect_if_lost()?;
         // Times are kept on the database's clock; the filter's are this machine's.
         let skew = self.skew_ms;
+        let filter = super::text::filter(filter);
         let filter = ListFilter {
             since: filter.since.map(|at| at + skew),
             until: filter.until.map(|at| at + skew),
             before: filter.before.map(|(at, row)| (at + skew, row)),
-            ..filter.clone()
+            ..filter.into_owned()
         };
         let (clause, values) = filter.where_clause(|n| format!("${n}"), "strpos");
         let limit_at = values.len() + 1;
@@ -852,6 +864,8 @@ impl Engine for PostgresEngine {
 
     fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError> {
         let now = now + self.skew_ms;
+        let target = super::text::cancel_target(target);
+        let target = target.as_ref();
         let (state, note) = target.outcome();
         let rows = match target {
             CancelTarget::Trigger(id) => {
@@ -912,7 +926,7 @@ impl Engine for PostgresEngine {
     ) -> Result<Vec<i64>, EngineError> {
         let now = now + self.skew_ms;
         self.lock_delivery(delivery_row, &format_args!("delivery row {delivery_row}"))?;
-        self.insert_work(delivery_row, work, now)
+        self.insert_work(delivery_row, &super::text::triggers(work), now)
             .map(|(ids, _)| ids)
             .map_err(error)
     }
@@ -954,6 +968,8 @@ impl Engine for PostgresEngine {
         order_key: &str,
         pipeline_id: i64,
     ) -> Result<Option<String>, EngineError> {
+        let order_key = super::text::text(order_key);
+        let order_key = order_key.as_ref();
         (|| -> Result<Option<String>, postgres::Error> {
             // Relays deciding the same key take turns (until commit): the second sees the
             // first's post, so a late state never overtakes a finished one.
@@ -972,6 +988,8 @@ impl Engine for PostgresEngine {
     }
 
     fn is_stored(&mut self, source: &str, delivery_id: &str) -> Result<bool, EngineError> {
+        let (source, delivery_id) = (super::text::text(source), super::text::text(delivery_id));
+        let (source, delivery_id) = (source.as_ref(), delivery_id.as_ref());
         let row = self
             .client()
             .query_opt(
@@ -983,6 +1001,7 @@ impl Engine for PostgresEngine {
     }
 
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
+        let looked_up = super::text::text(delivery_id);
         let row = self
             .client()
             .query_opt(
@@ -993,7 +1012,7 @@ impl Engine for PostgresEngine {
                                    WHERE d.source = sources.source AND d.delivery_id = $1 OFFSET 0) d
                      ORDER BY d.id DESC LIMIT 1"
                 ),
-                &[&delivery_id],
+                &[&looked_up.as_ref()],
             )
             .map_err(error)?;
         row.map(|row| {

@@ -55,15 +55,20 @@ fn accept(engine: &mut dyn Engine, id: &str, project: &str, now: i64) -> Accepte
 
 /// The delivery ids the store lists under `filter` (up to 50), newest first.
 fn listed(engine: &mut dyn Engine, filter: ListFilter) -> Vec<String> {
+    listed_rows(engine, filter)
+        .into_iter()
+        .map(|r| r.delivery_id)
+        .collect()
+}
+
+/// The rows the store lists under `filter` (up to 50), newest first.
+fn listed_rows(engine: &mut dyn Engine, filter: ListFilter) -> Vec<DeliveryRow> {
     engine
         .list(&ListFilter {
             limit: 50,
             ..filter
         })
         .unwrap()
-        .into_iter()
-        .map(|r| r.delivery_id)
-        .collect()
 }
 
 fn claim(engine: &mut dyn Engine, now: i64, limit: usize) -> Vec<DueTrigger> {
@@ -1048,6 +1053,54 @@ pub fn statuses_follow_the_pipeline_and_never_go_back(engine: &mut dyn Engine) {
     );
 }
 
+/// A NUL in text that came from outside (an upstream's or a proxy's answer, a payload
+/// field a rule copied) is written, not refused: a result that cannot be written is
+/// retried from memory for good, holding its key. U+FFFD is stored in its place (text in
+/// PostgreSQL cannot hold a NUL), and the id is found again by what the sender sent.
+pub fn text_from_outside_with_a_nul_byte_is_stored(engine: &mut dyn Engine) {
+    let mut with_nul = delivery("a\0b", vec![trigger("group/p\0q")]);
+    with_nul.event_type = "push\0".into();
+    with_nul.summary = r#"{"message":"ok\u0000"}"#.into();
+    with_nul.headers = vec![("x-odd".into(), "a\0b".into())];
+    tx(engine, |e| e.insert_delivery(&with_nul, 1).unwrap());
+    let due = claim(engine, 1, 5);
+    assert_eq!(due.len(), 1);
+    let answer = Recorded::Failed {
+        status: Some(502),
+        reason: "502 from the proxy: \u{1f}\0\u{8b}binary".into(),
+        pipeline_id: None,
+        pipeline_url: Some("https://gitlab.example/\0".into()),
+    };
+    assert!(record(engine, due[0].lease, answer, 2));
+    let rows = listed_rows(engine, ListFilter::default());
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row.delivery_id, "a\u{fffd}b");
+    assert_eq!(row.event_type, "push\u{fffd}");
+    assert_eq!(row.project.as_deref(), Some("group/p\u{fffd}q"));
+    assert_eq!(
+        row.last_error.as_deref(),
+        Some("502 from the proxy: \u{1f}\u{fffd}\u{8b}binary")
+    );
+    assert_eq!(
+        row.pipeline_url.as_deref(),
+        Some("https://gitlab.example/\u{fffd}")
+    );
+    assert_eq!(row.summary, r#"{"message":"ok\u0000"}"#);
+    assert!(engine.is_stored("gh", "a\0b").unwrap());
+    assert!(engine.stored_webhook("a\0b").unwrap().is_some());
+    let again = tx(engine, |e| e.insert_delivery(&with_nul, 3).unwrap());
+    assert!(matches!(again, Accepted::Duplicate { .. }), "{again:?}");
+    let found = listed_rows(
+        engine,
+        ListFilter {
+            delivery: Some("a\0b".into()),
+            ..ListFilter::default()
+        },
+    );
+    assert_eq!(found.len(), 1);
+}
+
 /// Instantiates every semantic test for one engine: `engine_semantics!(make)` where
 /// `make()` returns a fresh, empty engine (and whatever keeps it alive), or `None` where
 /// that engine cannot run here (the test is then skipped, saying why).
@@ -1074,6 +1127,7 @@ macro_rules! engine_semantics {
             cancelled_triggers_are_never_sent_and_their_key_moves_on,
             deliveries_are_listed_by_every_filter,
             statuses_follow_the_pipeline_and_never_go_back,
+            text_from_outside_with_a_nul_byte_is_stored,
         );
     };
     (@tests $make:expr; $($name:ident,)*) => {

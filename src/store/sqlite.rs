@@ -442,6 +442,8 @@ impl Engine for SqliteEngine {
     }
 
     fn record(&mut self, lease: Lease, recorded: &Recorded, now: i64) -> Result<bool, EngineError> {
+        let recorded = super::text::recorded(recorded);
+        let recorded = recorded.as_ref();
         (|| {
             let Some(order_key) =
                 self.write_outcome(lease.trigger, Some(lease.token), recorded, now)?
@@ -475,7 +477,7 @@ impl Engine for SqliteEngine {
     }
 
     fn replay(&mut self, target: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError> {
-        replay(self, target, now)
+        replay(self, &super::text::replay_target(target), now)
     }
 
     fn prune(
@@ -562,11 +564,11 @@ impl Engine for SqliteEngine {
     }
 
     fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, EngineError> {
-        list(&self.conn, filter).map_err(error)
+        list(&self.conn, &super::text::filter(filter)).map_err(error)
     }
 
     fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError> {
-        cancel(self, target, now).map_err(error)?
+        cancel(self, &super::text::cancel_target(target), now).map_err(error)?
     }
 
     fn queue_work(
@@ -586,7 +588,7 @@ impl Engine for SqliteEngine {
                 "delivery row {delivery_row}: its delivery is no longer in the store (pruned)"
             )));
         }
-        insert_work(self, delivery_row, work, now)
+        insert_work(self, delivery_row, &super::text::triggers(work), now)
             .map(|(ids, _)| ids)
             .map_err(error)
     }
@@ -630,6 +632,7 @@ impl Engine for SqliteEngine {
         order_key: &str,
         pipeline_id: i64,
     ) -> Result<Option<String>, EngineError> {
+        let order_key = super::text::text(order_key);
         self.conn
             .prepare_cached(
                 "SELECT variables FROM triggers WHERE order_key = ?1 AND kind = 'status' AND pipeline_id = ?2
@@ -645,7 +648,12 @@ impl Engine for SqliteEngine {
     fn is_stored(&mut self, source: &str, delivery_id: &str) -> Result<bool, EngineError> {
         self.conn
             .prepare_cached("SELECT 1 FROM deliveries WHERE source = ?1 AND delivery_id = ?2")
-            .and_then(|mut statement| statement.exists(params![source, delivery_id]))
+            .and_then(|mut statement| {
+                statement.exists(params![
+                    super::text::text(source),
+                    super::text::text(delivery_id)
+                ])
+            })
             .map_err(error)
     }
 
@@ -658,7 +666,7 @@ impl Engine for SqliteEngine {
                      WHERE d.source = sources.source AND d.delivery_id = ?1
                      ORDER BY d.id DESC LIMIT 1"
                 ),
-                params![delivery_id],
+                params![super::text::text(delivery_id)],
                 |row| {
                     Ok(StoredWebhook::from_stored(
                         delivery_id,
@@ -681,6 +689,8 @@ fn insert_delivery(
     delivery: &NewDelivery,
     now: i64,
 ) -> rusqlite::Result<Accepted> {
+    let delivery = super::text::delivery(delivery);
+    let delivery = delivery.as_ref();
     let conn = &engine.conn;
     let headers = serde_json::to_string(&delivery.headers).expect("headers serialize");
     // The UNIQUE index decides: no row inserted means the source sent this id before.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use super::PostgresConfig;
+use crate::store::text::text;
 
 /// Connections kept for limit checks; more callers at once wait for one (without holding
 /// a thread: the checks are asynchronous, so an event loop may make them).
@@ -218,6 +219,7 @@ impl SharedLimits {
     ) -> Result<Duration, String> {
         let t_us = (per.as_micros() / u128::from(count.max(1))) as i64;
         let burst = i64::from(burst);
+        let key = text(key);
         // One round trip: the lock-free read refuses, and only a "maybe" takes the key's
         // row lock.
         let row = self
@@ -229,6 +231,7 @@ impl SharedLimits {
     /// Holds `key` back on every relay for `wait` (GitLab's `Retry-After`).
     pub async fn pause(&self, key: &str, wait: Duration) -> Result<(), String> {
         let wait_us = wait.as_micros() as i64;
+        let key = text(key);
         self.one("SELECT 1 FROM hr_pause($1, $2)", &[&key, &wait_us])
             .await
             .map(drop)
@@ -236,6 +239,7 @@ impl SharedLimits {
 
     /// How long `key` is still paused, if it is.
     pub async fn paused(&self, key: &str) -> Result<Option<Duration>, String> {
+        let key = text(key);
         let left: i64 = self.one("SELECT hr_pause_left($1)", &[&key]).await?.get(0);
         Ok((left > 0).then(|| Duration::from_micros(left as u64)))
     }
@@ -393,6 +397,17 @@ mod tests {
             "a limit's commit does not wait for the disk"
         );
         assert!(limits.paused("p").await.unwrap().is_some(), "a pause stays");
+
+        // A key with a NUL (a project `a%00b` in a gateway call's path): PostgreSQL's text
+        // cannot hold one, and a failed check fails every check for a second.
+        assert_eq!(limits.admit("a\0b", second, 1, 1).await, Ok(Duration::ZERO));
+        assert!(limits.admit("a\0b", second, 1, 1).await.unwrap() > Duration::ZERO);
+        limits.pause("a\0b", second).await.unwrap();
+        assert!(limits.paused("a\0b").await.unwrap().is_some());
+        assert_eq!(
+            limits.admit("other", second, 1, 1).await,
+            Ok(Duration::ZERO)
+        );
     }
 
     #[tokio::test]

@@ -447,10 +447,17 @@ fn a_failed_operation_undoes_only_itself_first_or_later() {
     let Some((_database, mut engine)) = on_new_database() else {
         return;
     };
-    // PostgreSQL refuses a NUL in text, and the transaction with it.
+    // A constraint of the test's own makes these deliveries' inserts fail, and with them
+    // the transaction (unless a savepoint undoes only the failed statement).
+    engine
+        .client()
+        .batch_execute(
+            "ALTER TABLE hr_deliveries ADD CONSTRAINT test_refuses CHECK (summary <> 'refused')",
+        )
+        .unwrap();
     let bad = |id: &str| {
         let mut d = delivery(id, vec![trigger("p")]);
-        d.summary = "a \0 byte".into();
+        d.summary = "refused".into();
         d
     };
     engine.begin(true).unwrap();

@@ -1,0 +1,262 @@
+//! Text as both engines store it. PostgreSQL refuses the NUL character (and with it the
+//! whole write) that Rust strings and JSON carry, and SQLite's `length()` and `instr()`
+//! stop at one. Text from outside (an upstream's or a proxy's answer, a payload field a
+//! rule copied into a project, an id typed into the dashboard's address) goes in with
+//! U+FFFD in each NUL's place and is looked up the same way: a stray NUL can neither refuse
+//! a webhook nor hold a trigger whose answer could never be written.
+
+use std::borrow::Cow;
+
+use crate::store::{CancelTarget, ListFilter, NewDelivery, NewTrigger, Recorded, ReplayTarget};
+
+/// What stands in for a NUL: the character for "this could not be represented".
+const REPLACEMENT: &str = "\u{fffd}";
+
+/// `value`, with U+FFFD for each NUL (borrowed when it has none, as text almost always does).
+pub(super) fn text(value: &str) -> Cow<'_, str> {
+    if value.contains('\0') {
+        Cow::Owned(value.replace('\0', REPLACEMENT))
+    } else {
+        Cow::Borrowed(value)
+    }
+}
+
+/// Replaces the NULs in `value`, saying whether it had any.
+fn mend(value: &mut String) -> bool {
+    match text(value) {
+        Cow::Borrowed(_) => false,
+        Cow::Owned(mended) => {
+            *value = mended;
+            true
+        }
+    }
+}
+
+fn mend_option(value: &mut Option<String>) -> bool {
+    value.as_mut().is_some_and(mend)
+}
+
+/// Mends every text of an outcome, saying whether any had a NUL.
+fn mend_recorded(recorded: &mut Recorded) -> bool {
+    match recorded {
+        Recorded::Sent { pipeline_url, .. } => mend_option(pipeline_url),
+        Recorded::Retry { reason, .. } | Recorded::Deferred { reason, .. } => mend(reason),
+        Recorded::Failed {
+            reason,
+            pipeline_url,
+            ..
+        } => mend(reason) | mend_option(pipeline_url),
+        Recorded::DryRun { would_send } => mend(would_send),
+        Recorded::Released => false,
+    }
+}
+
+fn mend_trigger(trigger: &mut NewTrigger) -> bool {
+    let NewTrigger {
+        kind: _,
+        rule,
+        upstream,
+        project,
+        git_ref,
+        token_ref,
+        variables,
+        inputs,
+        delay_ms: _,
+        coalesce_ms: _,
+        done,
+        status_target,
+        pipeline_id: _,
+        queue_key,
+    } = trigger;
+    let texts = [
+        rule, upstream, project, git_ref, token_ref, variables, inputs,
+    ];
+    texts.into_iter().fold(false, |any, t| mend(t) | any)
+        | done.as_mut().is_some_and(mend_recorded)
+        | mend_option(status_target)
+        | mend_option(queue_key)
+}
+
+/// Mends every text of a delivery and its work, saying whether any had a NUL.
+fn mend_delivery(delivery: &mut NewDelivery) -> bool {
+    let NewDelivery {
+        source,
+        delivery_id,
+        event_type,
+        headers,
+        body: _,
+        summary,
+        triggers,
+    } = delivery;
+    let texts = [source, delivery_id, event_type, summary];
+    let mut any = texts.into_iter().fold(false, |any, t| mend(t) | any);
+    for (name, value) in headers {
+        any |= mend(name) | mend(value);
+    }
+    triggers
+        .iter_mut()
+        .fold(any, |any, t| mend_trigger(t) | any)
+}
+
+/// `value` as PostgreSQL can hold it: borrowed unless `mend` changes a copy of it.
+fn mended<T: Clone>(value: &T, mend: impl FnOnce(&mut T) -> bool) -> Cow<'_, T> {
+    let mut copy = value.clone();
+    if mend(&mut copy) {
+        Cow::Owned(copy)
+    } else {
+        Cow::Borrowed(value)
+    }
+}
+
+/// Every text of a trigger, to look for a NUL in before anything is copied.
+fn trigger_texts(trigger: &NewTrigger) -> impl Iterator<Item = &str> {
+    let NewTrigger {
+        kind: _,
+        rule,
+        upstream,
+        project,
+        git_ref,
+        token_ref,
+        variables,
+        inputs,
+        delay_ms: _,
+        coalesce_ms: _,
+        done,
+        status_target,
+        pipeline_id: _,
+        queue_key,
+    } = trigger;
+    let outcome = match done {
+        Some(Recorded::Sent { pipeline_url, .. }) => [None, pipeline_url.as_deref()],
+        Some(Recorded::Retry { reason, .. } | Recorded::Deferred { reason, .. }) => {
+            [Some(reason.as_str()), None]
+        }
+        Some(Recorded::Failed {
+            reason,
+            pipeline_url,
+            ..
+        }) => [Some(reason.as_str()), pipeline_url.as_deref()],
+        Some(Recorded::DryRun { would_send }) => [Some(would_send.as_str()), None],
+        Some(Recorded::Released) | None => [None, None],
+    };
+    [
+        rule, upstream, project, git_ref, token_ref, variables, inputs,
+    ]
+    .into_iter()
+    .map(String::as_str)
+    .chain(
+        [status_target.as_deref(), queue_key.as_deref()]
+            .into_iter()
+            .flatten(),
+    )
+    .chain(outcome.into_iter().flatten())
+}
+
+/// Whether any text of `delivery` holds a NUL: looked at without copying anything, since
+/// a webhook is stored on the path every acknowledgement waits for.
+fn delivery_has_nul(delivery: &NewDelivery) -> bool {
+    let NewDelivery {
+        source,
+        delivery_id,
+        event_type,
+        headers,
+        body: _,
+        summary,
+        triggers,
+    } = delivery;
+    let mut texts = [source, delivery_id, event_type, summary]
+        .into_iter()
+        .map(String::as_str)
+        .chain(headers.iter().flat_map(|(n, v)| [n.as_str(), v.as_str()]))
+        .chain(triggers.iter().flat_map(trigger_texts));
+    texts.any(|t| t.contains('\0'))
+}
+
+pub(super) fn delivery(delivery: &NewDelivery) -> Cow<'_, NewDelivery> {
+    if delivery_has_nul(delivery) {
+        mended(delivery, mend_delivery)
+    } else {
+        Cow::Borrowed(delivery)
+    }
+}
+
+pub(super) fn triggers(work: &[NewTrigger]) -> Cow<'_, [NewTrigger]> {
+    if work
+        .iter()
+        .flat_map(trigger_texts)
+        .any(|t| t.contains('\0'))
+    {
+        let mut copy = work.to_vec();
+        copy.iter_mut().for_each(|t| {
+            mend_trigger(t);
+        });
+        Cow::Owned(copy)
+    } else {
+        Cow::Borrowed(work)
+    }
+}
+
+pub(super) fn recorded(recorded: &Recorded) -> Cow<'_, Recorded> {
+    mended(recorded, mend_recorded)
+}
+
+pub(super) fn filter(filter: &ListFilter) -> Cow<'_, ListFilter> {
+    mended(filter, |f| {
+        [
+            &mut f.source,
+            &mut f.rule,
+            &mut f.project,
+            &mut f.delivery,
+            &mut f.text,
+        ]
+        .into_iter()
+        .fold(false, |any, t| mend_option(t) | any)
+    })
+}
+
+pub(super) fn replay_target(target: &ReplayTarget) -> Cow<'_, ReplayTarget> {
+    mended(target, |t| match t {
+        ReplayTarget::Delivery(id) => mend(id),
+        ReplayTarget::Trigger(_) => false,
+    })
+}
+
+pub(super) fn cancel_target(target: &CancelTarget) -> Cow<'_, CancelTarget> {
+    mended(target, |t| match t {
+        CancelTarget::Trigger(_) => false,
+        CancelTarget::Superseded { order_key } => mend(order_key),
+        CancelTarget::Project { upstream, project } => mend_option(upstream) | mend(project),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_without_a_nul_is_not_copied() {
+        assert!(matches!(text("refs/heads/main"), Cow::Borrowed(_)));
+        assert_eq!(text("a\0b\0"), "a\u{fffd}b\u{fffd}");
+        let plain = crate::store::semantics::delivery("id", vec![]);
+        assert!(matches!(delivery(&plain), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn every_text_of_a_delivery_and_its_work_is_mended() {
+        let mut work = crate::store::semantics::trigger("p\0");
+        work.done = Some(Recorded::Failed {
+            status: Some(502),
+            reason: "\0".into(),
+            pipeline_id: None,
+            pipeline_url: Some("u\0".into()),
+        });
+        work.queue_key = Some("k\0".into());
+        let mut with_nul = crate::store::semantics::delivery("id\0", vec![work]);
+        with_nul.headers = vec![("x\0".into(), "\0".into())];
+        let mended = delivery(&with_nul);
+        let debug = format!("{mended:?}");
+        assert!(!debug.contains("\\0"), "{debug}");
+        assert_eq!(mended.triggers[0].project, "p\u{fffd}");
+        assert_eq!(mended.headers[0], ("x\u{fffd}".into(), "\u{fffd}".into()));
+    }
+}
