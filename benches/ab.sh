@@ -13,6 +13,9 @@
 # GATEWAY_LIMITS=1 adds a per-client limit that every call is checked against.
 # STATUS=new gives the new binary's GitHub source `status = { … }` (posting to the stand-in),
 # so that one binary against itself measures what reporting statuses costs the webhooks.
+# DELIVERY_IDS=uuid sends random UUIDs as delivery ids (as the forges do) instead of counting
+# ones; NEW_IDS=uuid sends them to the new binary only, so that one binary against itself
+# measures what random ids cost.
 # STORE=postgres stores in a throwaway PostgreSQL instead of SQLite (a fresh database each
 # round, checkpointed before it, on a server aged as in lib.sh; installs Debian's
 # postgresql when missing) and also prints the database's CPU time
@@ -71,7 +74,8 @@ for round in $(seq "$ROUNDS"); do
     wait_for "http://127.0.0.1:$relay_port/healthz"; sleep 1
     database=""; [[ -n $pg_port ]] && database=$(postgres_pids "$work/pg") && checkpoint_postgres "$pg_port"
     before=$(process_ticks "$pid"); db_before=$(process_ticks $database); machine_before=$(cpu_times)
-    out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" \
+    ids=${DELIVERY_IDS:-}; [[ $which == new && -n ${NEW_IDS:-} ]] && ids=$NEW_IDS
+    out=$(env BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="ab-$which-$round-$$" DELIVERY_IDS="$ids" \
       wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$url")
     ticks=$(($(process_ticks "$pid") - before)); db_ticks=$(($(process_ticks $database) - db_before))
     rate=$(awk '/Requests\/sec/ {print $2}' <<<"$out"); p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
