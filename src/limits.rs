@@ -133,7 +133,7 @@ impl Limiter {
     /// The key of `key`'s shared state: GitLab's pauses for a project are kept on the
     /// upstream's per-project key, so one check reads both.
     pub fn shared_key(&self, key: &str) -> String {
-        format!("{}\u{1f}{key}", self.scope)
+        crate::store::bounded_key(format!("{}\u{1f}{key}", self.scope))
     }
 
     /// Takes one request for `key`, or says why not. A shared limit also refuses while

@@ -1560,3 +1560,60 @@ async fn answers_with_nul_bytes_are_recorded_and_the_key_moves_on() {
     );
     assert_eq!(of("nul-3").state.as_deref(), Some("sent"));
 }
+
+/// Random text of `len` letters: what PostgreSQL cannot compress inside an index entry.
+fn random_letters(len: usize) -> String {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// Keys and ids past PostgreSQL's 2,704-byte index entries: an anonymous gateway call for a
+/// 6,000-byte project failed its shared limit check (and so every call for a second), and
+/// a 6,000-byte delivery id was answered `503` "try again" for ever. Now the project's key
+/// is bounded and the id refused with `400`, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_ids_too_long_for_an_index_are_bounded_or_refused() {
+    let Some(Setup {
+        database: _database,
+        upstream,
+        dir,
+    }) = Setup::new("5s", PLAIN, "limit = { per_project = \"1000/s\" }").await
+    else {
+        return;
+    };
+    let (_relays, addresses) = start_relays(dir.path(), 1);
+    let long = random_letters(6_000);
+    let gateway = |project: &str| {
+        format!(
+            "http://{}/api/v4/projects/{project}/trigger/pipeline?token=TOKEN&ref=main",
+            addresses[0]
+        )
+    };
+    let reply = post(&gateway(&long), &[], Vec::new()).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let reply = post(&gateway("9"), &[], Vec::new()).await;
+    assert_eq!(
+        reply.status,
+        201,
+        "the next call is not refused: {}",
+        reply.text()
+    );
+    assert_eq!(upstream.received().len(), 2);
+
+    let reply = push(&addresses[0], &long).await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(
+        reply.text().contains("the delivery id is 6000 bytes long"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(push(&addresses[0], "short-after").await.status, 202);
+    assert_eq!(readyz(&addresses[0]).await.status, 200);
+}

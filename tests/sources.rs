@@ -997,19 +997,22 @@ async fn bitbucket_server_every_fixture() {
     assert_eq!(r.status, 401);
 }
 
+/// The `ci` source's signature: base64 of HMAC-SHA512.
+fn sign_sha512_base64(body: &[u8]) -> String {
+    use base64::Engine;
+    let hex = hookrelay::sources::signature::hmac_hex(
+        hookrelay::sources::signature::Algorithm::Sha512,
+        SECRET.as_bytes(),
+        body,
+    );
+    base64::engine::general_purpose::STANDARD.encode(hex::decode(hex).unwrap())
+}
+
 #[tokio::test]
 async fn generic_senders() {
     let relay = relay().await;
     let body = br#"{"id":"evt-9","who":"robot","project":{"name":"acme/app"},"change":{"ref":"refs/tags/v2","sha":"abcdef0123456789abcdef0123456789abcdef01"}}"#.to_vec();
-    let signature = {
-        use base64::Engine;
-        let hex = hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha512,
-            SECRET.as_bytes(),
-            &body,
-        );
-        base64::engine::general_purpose::STANDARD.encode(hex::decode(hex).unwrap())
-    };
+    let signature = sign_sha512_base64(&body);
     let r = deliver(
         &relay,
         "ci",
@@ -1025,6 +1028,24 @@ async fn generic_senders() {
     assert_eq!(r.json()["delivery"], "evt-9");
     assert_eq!(r.json()["events"][0]["pusher"], "robot");
     assert_eq!(deliver(&relay, "ci", &[], body.clone()).await.status, 401);
+    // An empty id field is no id: one derived from the body, not "" (which would make every
+    // later webhook with an empty id a duplicate of the first).
+    let empty_id = String::from_utf8(body.clone())
+        .unwrap()
+        .replace("evt-9", " ");
+    let signature = sign_sha512_base64(empty_id.as_bytes());
+    let r = deliver(
+        &relay,
+        "ci",
+        &[("X-Signature", signature.as_str())],
+        empty_id.clone().into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["delivery"],
+        hookrelay::sources::derived_delivery(empty_id.as_bytes())
+    );
 
     let plain = br#"{"repository":{"full_name":"acme/lib"},"ref":"main","before":"1111111111111111111111111111111111111111","after":"2222222222222222222222222222222222222222"}"#.to_vec();
     let r = deliver(&relay, "ci-token", &[("X-Token", SECRET)], plain.clone()).await;
@@ -1144,6 +1165,31 @@ async fn bad_requests() {
         "{}",
         r.text()
     );
+    // A delivery id longer than the store indexes: 400, saying why (not 503 for ever).
+    let long_id = "7".repeat(1025);
+    let r = deliver_fixture(
+        &relay,
+        "github",
+        "github/push_branch.json",
+        &[("X-GitHub-Event", "push"), ("X-GitHub-Delivery", &long_id)],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        r.json()["message"],
+        "the delivery id is 1025 bytes long; hookrelay takes delivery ids of up to 1024 bytes (the senders' own are UUIDs, 36)"
+    );
+    let r = deliver_fixture(
+        &relay,
+        "github",
+        "github/push_branch.json",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", &long_id[1..]),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "1024 bytes are taken: {}", r.text());
     // Missing event header.
     let r = deliver_fixture(&relay, "github", "github/push_branch.json", &[]).await;
     assert_eq!(r.status, 400);

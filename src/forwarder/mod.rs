@@ -569,7 +569,7 @@ fn down_reason(upstream: &str) -> String {
 }
 
 fn pause_key(due: &DueTrigger) -> String {
-    format!("{}\u{1f}{}", due.upstream, due.project)
+    crate::store::bounded_key(format!("{}\u{1f}{}", due.upstream, due.project))
 }
 
 /// Where relays sharing the store keep a project's pause: on the upstream's per-project

@@ -66,6 +66,8 @@ pub fn receive(
                 .delivery
                 .as_deref()
                 .and_then(|p| lookup_text(payload.tree(), p))
+                // An empty id would make every later webhook a duplicate of the first.
+                .filter(|id| !id.trim().is_empty())
         })
         .unwrap_or_else(|| derived_delivery(request.body));
     let required = |path: &str, what: &str| {

@@ -58,13 +58,13 @@ impl StatusTarget {
     /// The order key its posts are kept in order under: per source, repository, commit
     /// and context (contexts compared without case, as GitHub does).
     pub fn order_key(&self) -> String {
-        format!(
+        crate::store::bounded_key(format!(
             "status\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
             self.source,
             self.repository.to_lowercase(),
             self.sha,
             self.context.to_lowercase()
-        )
+        ))
     }
 }
 

@@ -27,6 +27,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 
+pub use text::{LONGEST_KEY, bounded_key};
+
 /// Token references of gateway calls start with this: the caller's token is not stored.
 pub const CALLER_TOKEN: &str = "caller token ";
 
@@ -310,22 +312,22 @@ impl NewTrigger {
     /// The key its order is kept under: one trigger per key is sent at a time, in order.
     pub fn order_key(&self) -> String {
         if let Some(key) = &self.queue_key {
-            return key.clone();
+            return bounded_key(key.clone());
         }
-        format!(
+        bounded_key(format!(
             "{}\u{1f}{}\u{1f}{}",
             self.upstream, self.project, self.git_ref
-        )
+        ))
     }
 
     /// With a `coalesce` window, what an identical trigger shares with it: same key, token,
     /// variables and inputs.
     pub fn coalesce_key(&self, order_key: &str) -> Option<String> {
         (self.coalesce_ms > 0 && self.done.is_none()).then(|| {
-            format!(
+            bounded_key(format!(
                 "{order_key}\u{1f}{}\u{1f}{}\u{1f}{}",
                 self.token_ref, self.variables, self.inputs
-            )
+            ))
         })
     }
 

@@ -1101,6 +1101,47 @@ pub fn text_from_outside_with_a_nul_byte_is_stored(engine: &mut dyn Engine) {
     assert_eq!(found.len(), 1);
 }
 
+/// A trigger whose key is longer than an index entry may be (PostgreSQL's B-tree takes
+/// 2,704 bytes): a coalescing one with a long commit message among its variables, a
+/// project of thousands of bytes. Its keys are bounded (see `bounded_key`), so it is
+/// stored, and an identical one still coalesces into it.
+pub fn long_keys_are_stored_and_identical_triggers_still_coalesce(engine: &mut dyn Engine) {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let message: String = (0..6_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    let long = || NewTrigger {
+        project: format!("group/{}", &message[..3_000]),
+        variables: serde_json::json!({ "MESSAGE": message }).to_string(),
+        coalesce_ms: 60_000,
+        ..trigger("p")
+    };
+    tx(engine, |e| {
+        e.insert_delivery(&delivery("long-1", vec![long()]), 1)
+            .unwrap()
+    });
+    let second = tx(engine, |e| {
+        e.insert_delivery(&delivery("long-2", vec![long()]), 2)
+            .unwrap()
+    });
+    assert!(
+        matches!(&second, Accepted::Queued { coalesced, .. } if coalesced[0].is_some()),
+        "{second:?}"
+    );
+    let due = claim(engine, 60_001, 5);
+    assert_eq!(due.len(), 1);
+    assert_eq!(
+        due[0].project.len(),
+        "group/".len() + 3_000,
+        "the project as given"
+    );
+}
+
 /// Instantiates every semantic test for one engine: `engine_semantics!(make)` where
 /// `make()` returns a fresh, empty engine (and whatever keeps it alive), or `None` where
 /// that engine cannot run here (the test is then skipped, saying why).
@@ -1128,6 +1169,7 @@ macro_rules! engine_semantics {
             deliveries_are_listed_by_every_filter,
             statuses_follow_the_pipeline_and_never_go_back,
             text_from_outside_with_a_nul_byte_is_stored,
+            long_keys_are_stored_and_identical_triggers_still_coalesce,
         );
     };
     (@tests $make:expr; $($name:ident,)*) => {

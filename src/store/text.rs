@@ -7,7 +7,31 @@
 
 use std::borrow::Cow;
 
+use sha2::Digest;
+
 use crate::store::{CancelTarget, ListFilter, NewDelivery, NewTrigger, Recorded, ReplayTarget};
+
+/// The longest key kept as it is. PostgreSQL's B-tree takes index entries of at most
+/// 2,704 bytes, and a key longer than that failed its write for good: a coalescing
+/// trigger whose variables carry a long commit message, a project path of 3,000 bytes in
+/// an anonymous gateway call (whose limit check then failed every call for a second).
+/// Real keys (upstream, project and ref; a limit's scope and project) are far shorter.
+pub const LONGEST_KEY: usize = 512;
+
+/// `key` as stores and limits index it: unchanged up to [`LONGEST_KEY`] bytes; longer,
+/// its first 256 bytes (still readable on the dashboard), `…`, and the SHA-256 of all of
+/// it, so distinct keys stay distinct. A bounded key is bounded again unchanged.
+pub fn bounded_key(key: String) -> String {
+    if key.len() <= LONGEST_KEY {
+        return key;
+    }
+    let mut head = 256;
+    while !key.is_char_boundary(head) {
+        head -= 1;
+    }
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    format!("{}…{}", &key[..head], hex::encode(digest))
+}
 
 /// What stands in for a NUL: the character for "this could not be represented".
 const REPLACEMENT: &str = "\u{fffd}";
@@ -232,6 +256,25 @@ pub(super) fn cancel_target(target: &CancelTarget) -> Cow<'_, CancelTarget> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_keys_are_bounded_distinct_and_stable() {
+        let short = "gitlab\u{1f}group/app\u{1f}main".to_owned();
+        assert_eq!(bounded_key(short.clone()), short);
+        let long = format!("gitlab\u{1f}{}\u{1f}main", "é".repeat(2_000));
+        let bounded = bounded_key(long.clone());
+        assert!(bounded.len() <= LONGEST_KEY, "{}", bounded.len());
+        assert!(bounded.starts_with("gitlab\u{1f}éé"));
+        assert_eq!(
+            bounded_key(bounded.clone()),
+            bounded,
+            "bounded once for good"
+        );
+        let other = bounded_key(format!("{long}x"));
+        assert_ne!(other, bounded, "the digest tells keys with one head apart");
+        let exactly = "k".repeat(LONGEST_KEY);
+        assert_eq!(bounded_key(exactly.clone()), exactly);
+    }
 
     #[test]
     fn text_without_a_nul_is_not_copied() {
