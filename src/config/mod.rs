@@ -795,6 +795,17 @@ fn named_tables<R: DeserializeOwned>(
             );
             continue;
         }
+        if name.len() > LONGEST_NAME {
+            problems.at(
+                Some(name_span),
+                format!(
+                    "{kind} name {}… is {} characters long; names may have up to {LONGEST_NAME}",
+                    &name[..16],
+                    name.len()
+                ),
+            );
+            continue;
+        }
         let Some(raw) = section::<R>(value, problems) else {
             broken.insert(name);
             continue;
@@ -814,6 +825,10 @@ fn named_tables<R: DeserializeOwned>(
     }
     tables
 }
+
+/// The longest name of a source or upstream: a name is part of every key and id the
+/// store indexes for it (PostgreSQL's index entries hold at most 2,704 bytes).
+const LONGEST_NAME: usize = 64;
 
 fn is_valid_name(name: &str) -> bool {
     !name.is_empty()

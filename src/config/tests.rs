@@ -1086,3 +1086,34 @@ token = "env:T"
     }
     assert_eq!(problems.len(), expect.len(), "{problems:#?}");
 }
+
+/// A name is part of every key and id stored for its source or upstream; one of
+/// thousands of characters made every webhook's write fail on PostgreSQL.
+#[test]
+fn names_longer_than_64_characters_are_refused_with_their_line() {
+    let long = "s".repeat(65);
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            &format!(
+                "[upstream.gitlab]\nurl = \"https://gitlab.example.com\"\n\n[source.{long}]\nprovider = \"github\"\nallow_unsigned = true\n"
+            ),
+        )],
+        &[],
+    ));
+    assert_eq!(
+        problems,
+        ["a.toml:4: source name ssssssssssssssss… is 65 characters long; names may have up to 64"]
+    );
+    let fine = "s".repeat(64);
+    load_text(
+        &[(
+            "a.toml",
+            &format!(
+                "[upstream.gitlab]\nurl = \"https://gitlab.example.com\"\n\n[source.{fine}]\nprovider = \"github\"\nallow_unsigned = true\n"
+            ),
+        )],
+        &[],
+    )
+    .unwrap();
+}
