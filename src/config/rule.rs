@@ -181,60 +181,13 @@ pub(super) fn compile_rule(
     let repository = patterns(raw.repository, "repository", problems);
     let refs = patterns(raw.refs, "refs", problems);
     let refs_exclude = patterns(raw.refs_exclude, "refs_exclude", problems);
-    let events = match raw.events {
-        None => vec![EventKind::Push, EventKind::Tag],
-        Some(events) => {
-            let span = events.span();
-            let mut kinds = Vec::new();
-            for event in events.into_inner() {
-                match event.as_str() {
-                    "push" => kinds.push(EventKind::Push),
-                    "tag" => kinds.push(EventKind::Tag),
-                    "delete" => kinds.push(EventKind::Delete),
-                    other => problems.at(
-                        Some(span.clone()),
-                        format!(
-                            "rule {name:?}: events: {other:?} is not push, tag or delete{}",
-                            event_hint(other)
-                        ),
-                    ),
-                }
-            }
-            kinds
-        }
-    };
-    let schedule = match (&raw.schedule, &raw.timezone) {
-        (Some(schedule), timezone) => match Schedule::parse(
-            schedule.get_ref(),
-            timezone.as_ref().map(|t| t.get_ref().as_str()),
-        ) {
-            Ok(parsed) => {
-                // Valid cron that no date matches (30 February) fires never, silently.
-                if parsed.next_after(chrono::Utc::now()).is_none() {
-                    problems.warn(
-                        schedule.span(),
-                        format!(
-                            "rule {name:?}: schedule {:?} never fires: no date to come matches it",
-                            parsed.text
-                        ),
-                    );
-                }
-                Some(parsed)
-            }
-            Err(message) => {
-                problems.at(Some(schedule.span()), format!("rule {name:?}: {message}"));
-                None
-            }
-        },
-        (None, Some(timezone)) => {
-            problems.at(
-                Some(timezone.span()),
-                format!("rule {name:?}: `timezone` needs a `schedule`"),
-            );
-            None
-        }
-        (None, None) => None,
-    };
+    let events = compile_events(&name, raw.events, problems);
+    let schedule = compile_schedule(
+        &name,
+        raw.schedule.as_ref(),
+        raw.timezone.as_ref(),
+        problems,
+    );
     match (&raw.source, &raw.schedule) {
         (Some(source), Some(_)) => problems.at(
             Some(source.span()),
@@ -272,121 +225,16 @@ pub(super) fn compile_rule(
             format!("rule {name:?} needs at least one [rule.trigger]"),
         );
     }
-    let mut triggers = Vec::new();
-    for raw_trigger in raw_triggers {
-        let project_span = raw_trigger.project.span();
-        let project = match raw_trigger.project.into_inner() {
-            toml::Value::String(text) => text,
-            toml::Value::Integer(id) if id > 0 => id.to_string(),
-            other => {
-                problems.at(
-                    Some(project_span),
-                    format!(
-                        "rule {name:?}: project = {other} is neither a project's path (\"group/app\") nor its numeric id"
-                    ),
-                );
-                continue;
-            }
-        };
-        let project = Spanned::new(project_span, project);
-        let trigger_line = problems.line(project.span().start);
-        let token_span = raw_trigger.token.span();
-        let token_ref = match SecretRef::parse_in(raw_trigger.token.get_ref(), problems.folder()) {
-            Ok(reference) => reference,
-            Err(message) => {
-                problems.at(Some(token_span), format!("rule {name:?}: token: {message}"));
-                continue;
-            }
-        };
-        let token = match resolve_secrets.map(|env| token_ref.resolve_with(env)) {
-            None => None,
-            Some(Ok(secret)) => Some(secret),
-            Some(Err(message)) => {
-                problems.at(
-                    Some(token_span.clone()),
-                    format!("rule {name:?}: token ({token_ref}): {message}"),
-                );
-                None
-            }
-        };
-        if let Some(secret) = &token {
-            check_token(&name, secret, token_span.clone(), problems);
-        }
-        let variables: Vec<(String, String)> = match raw_trigger.variables {
-            None => Vec::new(),
-            Some(variables) => {
-                let span = variables.span();
-                let variables = variables.into_inner();
-                for key in variables.keys() {
-                    if let Err(message) = check_variable_name(key) {
-                        problems.at(Some(span.clone()), format!("rule {name:?}: {message}"));
-                    }
-                }
-                variables
-                    .into_iter()
-                    .filter_map(|(key, value)| {
-                        let span = value.span();
-                        match value.into_inner() {
-                            toml::Value::String(text) => Some((key, text)),
-                            other => {
-                                problems.at(Some(span), not_a_string(&name, &key, &other));
-                                None
-                            }
-                        }
-                    })
-                    .collect()
-            }
-        };
-        let inputs = raw_trigger
-            .inputs
-            .map(Spanned::into_inner)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(key, value)| match value {
-                serde_json::Value::String(text) => (key, InputValue::Template(text)),
-                other => (key, InputValue::Literal(other)),
-            })
-            .collect();
-        let upstream = raw_trigger
-            .upstream
-            .map(|u| (u.get_ref().clone(), problems.line(u.span().start)));
-        warn_about_encoding(&name, "project", &project, problems);
-        if let Some(git_ref) = &raw_trigger.git_ref {
-            warn_about_encoding(&name, "ref", git_ref, problems);
-        }
-        if schedule.is_none()
-            && raw_trigger.git_ref.is_none()
-            && events.contains(&EventKind::Delete)
-        {
-            problems.warn(
-                project.span(),
-                format!(
-                    "rule {name:?}: the rule reacts to `delete` but its trigger has no `ref`, so it would \
-                     run the deleted branch or tag, which GitLab no longer has; set `ref` (e.g. \"main\")"
-                ),
-            );
-        }
-        if schedule.is_some() && raw_trigger.git_ref.is_none() {
-            problems.at(
-                Some(project.span()),
-                format!("rule {name:?}: a scheduled rule's trigger needs `ref` (there is no event to take it from)"),
-            );
-        }
-        triggers.push(PendingTrigger {
-            spec: TriggerSpec {
-                line: trigger_line,
-                upstream: String::new(),
-                project: project.into_inner(),
-                git_ref: raw_trigger.git_ref.map(Spanned::into_inner),
-                token_ref,
-                token,
-                variables,
-                inputs,
-                status_context: raw_trigger.status_context.map(Spanned::into_inner),
-            },
-            upstream,
-        });
-    }
+    let rule = RuleContext {
+        name: &name,
+        scheduled: schedule.is_some(),
+        reacts_to_delete: events.contains(&EventKind::Delete),
+        resolve_secrets,
+    };
+    let triggers = raw_triggers
+        .into_iter()
+        .filter_map(|raw_trigger| compile_trigger(&rule, raw_trigger, problems))
+        .collect();
     if problems.found.len() > before {
         return None;
     }
@@ -412,6 +260,213 @@ pub(super) fn compile_rule(
         },
         triggers,
     })
+}
+
+/// The rule's `events`: push and tag when it names none.
+fn compile_events(
+    name: &str,
+    events: Option<Spanned<Vec<String>>>,
+    problems: &mut FileProblems<'_>,
+) -> Vec<EventKind> {
+    match events {
+        None => vec![EventKind::Push, EventKind::Tag],
+        Some(events) => {
+            let span = events.span();
+            let mut kinds = Vec::new();
+            for event in events.into_inner() {
+                match event.as_str() {
+                    "push" => kinds.push(EventKind::Push),
+                    "tag" => kinds.push(EventKind::Tag),
+                    "delete" => kinds.push(EventKind::Delete),
+                    other => problems.at(
+                        Some(span.clone()),
+                        format!(
+                            "rule {name:?}: events: {other:?} is not push, tag or delete{}",
+                            event_hint(other)
+                        ),
+                    ),
+                }
+            }
+            kinds
+        }
+    }
+}
+
+/// The rule's `schedule` in its `timezone`; a schedule that never fires is a warning.
+fn compile_schedule(
+    name: &str,
+    schedule: Option<&Spanned<String>>,
+    timezone: Option<&Spanned<String>>,
+    problems: &mut FileProblems<'_>,
+) -> Option<Schedule> {
+    match (schedule, timezone) {
+        (Some(schedule), timezone) => match Schedule::parse(
+            schedule.get_ref(),
+            timezone.as_ref().map(|t| t.get_ref().as_str()),
+        ) {
+            Ok(parsed) => {
+                // Valid cron that no date matches (30 February) fires never, silently.
+                if parsed.next_after(chrono::Utc::now()).is_none() {
+                    problems.warn(
+                        schedule.span(),
+                        format!(
+                            "rule {name:?}: schedule {:?} never fires: no date to come matches it",
+                            parsed.text
+                        ),
+                    );
+                }
+                Some(parsed)
+            }
+            Err(message) => {
+                problems.at(Some(schedule.span()), format!("rule {name:?}: {message}"));
+                None
+            }
+        },
+        (None, Some(timezone)) => {
+            problems.at(
+                Some(timezone.span()),
+                format!("rule {name:?}: `timezone` needs a `schedule`"),
+            );
+            None
+        }
+        (None, None) => None,
+    }
+}
+
+/// What a trigger's checks need to know of the rule it belongs to.
+struct RuleContext<'a> {
+    name: &'a str,
+    scheduled: bool,
+    reacts_to_delete: bool,
+    resolve_secrets: Option<EnvLookup<'a>>,
+}
+
+/// One `[rule.trigger]`: its project, token (resolved when serving), variables and
+/// inputs. `None` when it has a problem (recorded with its line).
+fn compile_trigger(
+    rule: &RuleContext<'_>,
+    raw_trigger: RawTrigger,
+    problems: &mut FileProblems<'_>,
+) -> Option<PendingTrigger> {
+    let name = rule.name;
+    let project_span = raw_trigger.project.span();
+    let project = match raw_trigger.project.into_inner() {
+        toml::Value::String(text) => text,
+        toml::Value::Integer(id) if id > 0 => id.to_string(),
+        other => {
+            problems.at(
+                Some(project_span),
+                format!(
+                    "rule {name:?}: project = {other} is neither a project's path (\"group/app\") nor its numeric id"
+                ),
+            );
+            return None;
+        }
+    };
+    let project = Spanned::new(project_span, project);
+    let trigger_line = problems.line(project.span().start);
+    let token_span = raw_trigger.token.span();
+    let token_ref = match SecretRef::parse_in(raw_trigger.token.get_ref(), problems.folder()) {
+        Ok(reference) => reference,
+        Err(message) => {
+            problems.at(Some(token_span), format!("rule {name:?}: token: {message}"));
+            return None;
+        }
+    };
+    let token = match rule.resolve_secrets.map(|env| token_ref.resolve_with(env)) {
+        None => None,
+        Some(Ok(secret)) => Some(secret),
+        Some(Err(message)) => {
+            problems.at(
+                Some(token_span.clone()),
+                format!("rule {name:?}: token ({token_ref}): {message}"),
+            );
+            None
+        }
+    };
+    if let Some(secret) = &token {
+        check_token(name, secret, token_span.clone(), problems);
+    }
+    let variables = compile_variables(name, raw_trigger.variables, problems);
+    let inputs = raw_trigger
+        .inputs
+        .map(Spanned::into_inner)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(key, value)| match value {
+            serde_json::Value::String(text) => (key, InputValue::Template(text)),
+            other => (key, InputValue::Literal(other)),
+        })
+        .collect();
+    let upstream = raw_trigger
+        .upstream
+        .map(|u| (u.get_ref().clone(), problems.line(u.span().start)));
+    warn_about_encoding(name, "project", &project, problems);
+    if let Some(git_ref) = &raw_trigger.git_ref {
+        warn_about_encoding(name, "ref", git_ref, problems);
+    }
+    if !rule.scheduled && raw_trigger.git_ref.is_none() && rule.reacts_to_delete {
+        problems.warn(
+            project.span(),
+            format!(
+                "rule {name:?}: the rule reacts to `delete` but its trigger has no `ref`, so it would \
+                 run the deleted branch or tag, which GitLab no longer has; set `ref` (e.g. \"main\")"
+            ),
+        );
+    }
+    if rule.scheduled && raw_trigger.git_ref.is_none() {
+        problems.at(
+            Some(project.span()),
+            format!("rule {name:?}: a scheduled rule's trigger needs `ref` (there is no event to take it from)"),
+        );
+    }
+    Some(PendingTrigger {
+        spec: TriggerSpec {
+            line: trigger_line,
+            upstream: String::new(),
+            project: project.into_inner(),
+            git_ref: raw_trigger.git_ref.map(Spanned::into_inner),
+            token_ref,
+            token,
+            variables,
+            inputs,
+            status_context: raw_trigger.status_context.map(Spanned::into_inner),
+        },
+        upstream,
+    })
+}
+
+/// A trigger's `variables`: names GitLab takes, values that are strings (templates).
+fn compile_variables(
+    name: &str,
+    variables: Option<Spanned<IndexMap<String, Spanned<toml::Value>>>>,
+    problems: &mut FileProblems<'_>,
+) -> Vec<(String, String)> {
+    match variables {
+        None => Vec::new(),
+        Some(variables) => {
+            let span = variables.span();
+            let variables = variables.into_inner();
+            for key in variables.keys() {
+                if let Err(message) = check_variable_name(key) {
+                    problems.at(Some(span.clone()), format!("rule {name:?}: {message}"));
+                }
+            }
+            variables
+                .into_iter()
+                .filter_map(|(key, value)| {
+                    let span = value.span();
+                    match value.into_inner() {
+                        toml::Value::String(text) => Some((key, text)),
+                        other => {
+                            problems.at(Some(span), not_a_string(name, &key, &other));
+                            None
+                        }
+                    }
+                })
+                .collect()
+        }
+    }
 }
 
 /// Warns about `refs`, `refs_exclude` and `repository` patterns that can never match what

@@ -84,6 +84,103 @@ pub(super) fn compile_source(
         );
         return None;
     };
+    let mut ok = fields_apply_to(name, provider, &raw, problems);
+    if let (Some(status), Some(_)) = (&raw.status, &raw.upstream) {
+        problems.at(
+            Some(status.span()),
+            format!("source.{name}.status: a source of pipeline events (`upstream`) starts no pipeline, so it has no statuses to post; put `status` on the source whose pushes start them"),
+        );
+        ok = false;
+    }
+    let status = raw.status.and_then(|status| {
+        compile_status(name, provider, status, resolve_secrets, problems, &mut ok)
+    });
+    let pipelines_of = raw.upstream.map(Spanned::into_inner);
+
+    let proof = Proof {
+        secret: raw.secret.is_some(),
+        signing_secret: raw.signing_secret.is_some(),
+        signature: raw.signature.is_some(),
+        allow_unsigned: raw.allow_unsigned.unwrap_or(false),
+    };
+    // One secret (or key), or the new and the old one while senders move to the new.
+    let secrets = raw.secret.map_or_else(Vec::new, |field| {
+        resolve_list(
+            name,
+            "secret",
+            field,
+            resolve_secrets,
+            problems,
+            &mut ok,
+            |secret| match weakness(secret.expose()) {
+                None => Ok(secret),
+                Some(reason) => Err(reason),
+            },
+        )
+    });
+    let signing_keys = raw.signing_secret.map_or_else(Vec::new, |field| {
+        resolve_list(
+            name,
+            "signing_secret",
+            field,
+            resolve_secrets,
+            problems,
+            &mut ok,
+            |secret| SigningKey::parse(secret.expose()),
+        )
+    });
+    let timestamp_tolerance = typed(
+        raw.timestamp_tolerance,
+        Duration::from_secs(300),
+        problems,
+        |text| {
+            parse_duration_at_least(text, Duration::from_secs(1))
+                .map_err(|err| format!("source.{name}.timestamp_tolerance: {err}"))
+        },
+    );
+    let limit = raw
+        .limit
+        .and_then(|limit| compile_source_limit(name, limit, problems, &mut ok));
+    let url_refs = raw
+        .url_refs
+        .and_then(|refs| compile_url_refs(name, refs, problems, &mut ok));
+    let generic = if provider == Provider::Generic {
+        compile_generic(
+            name,
+            raw.signature,
+            raw.paths,
+            raw.delivery_header,
+            problems,
+            &mut ok,
+        )
+    } else {
+        GenericConfig::default()
+    };
+    ok &= proof.checked(name, provider, &generic, provider_span, problems);
+    ok.then(|| SourceConfig {
+        name: name.to_owned(),
+        provider,
+        secrets,
+        signing_keys,
+        allow_sha1: raw.allow_sha1.is_some_and(|v| *v.get_ref()),
+        timestamp_tolerance,
+        allow_unsigned: proof.allow_unsigned,
+        generic,
+        limit,
+        url_refs,
+        status,
+        pipelines_of,
+    })
+}
+
+/// Whether every field `raw` sets applies to `provider` (each one that does not is a
+/// problem at its line).
+fn fields_apply_to(
+    name: &str,
+    provider: Provider,
+    raw: &RawSource,
+    problems: &mut FileProblems<'_>,
+) -> bool {
     let mut ok = true;
     let mut only_for = |field: Option<std::ops::Range<usize>>,
                         key: &str,
@@ -145,176 +242,136 @@ pub(super) fn compile_source(
         &[Provider::Gitlab],
         problems,
     );
-    if let (Some(status), Some(_)) = (&raw.status, &raw.upstream) {
-        problems.at(
-            Some(status.span()),
-            format!("source.{name}.status: a source of pipeline events (`upstream`) starts no pipeline, so it has no statuses to post; put `status` on the source whose pushes start them"),
-        );
-        ok = false;
-    }
-    let status = raw.status.and_then(|status| {
-        compile_status(name, provider, status, resolve_secrets, problems, &mut ok)
-    });
-    let pipelines_of = raw.upstream.map(Spanned::into_inner);
+    ok
+}
 
-    let has_secret = raw.secret.is_some();
-    // An invalid `signature` is reported on its own; it is not also "no proof".
-    let signature_given = raw.signature.is_some();
-    let has_signing_secret = raw.signing_secret.is_some();
-    // One secret (or key), or the new and the old one while senders move to the new.
-    let secrets = raw.secret.map_or_else(Vec::new, |field| {
-        resolve_list(
-            name,
-            "secret",
-            field,
-            resolve_secrets,
-            problems,
-            &mut ok,
-            |secret| match weakness(secret.expose()) {
-                None => Ok(secret),
-                Some(reason) => Err(reason),
+/// A source's `limit = { rate, on_limit }` (queueing by default).
+fn compile_source_limit(
+    name: &str,
+    limit: Spanned<super::RawLimit>,
+    problems: &mut FileProblems<'_>,
+    ok: &mut bool,
+) -> Option<crate::limits::Limit> {
+    let section = format!("[source.{name}]");
+    let compiled = super::only_limit_keys(limit.get_ref(), &section, &["rate", "on_limit"])
+        .and_then(|()| {
+            super::compile_limit(
+                limit.get_ref(),
+                "rate",
+                &section,
+                crate::limits::OnLimit::Queue,
+            )
+        });
+    match compiled {
+        Ok(limit) => limit,
+        Err(message) => {
+            problems.at(Some(limit.span()), message);
+            *ok = false;
+            None
+        }
+    }
+}
+
+/// `url_refs`: the refs a webhook URL's `?ref=` may choose. A sender's signature does not
+/// cover the URL, so only the refs listed here may be chosen by it.
+fn compile_url_refs(
+    name: &str,
+    refs: Spanned<Vec<String>>,
+    problems: &mut FileProblems<'_>,
+    ok: &mut bool,
+) -> Option<crate::rules::Patterns> {
+    let span = refs.span();
+    // A glob of nothing but stars lets anyone holding one captured webhook build any
+    // (single-segment, or with `**` any) ref: valid, but rarely what is meant.
+    for every in refs
+        .get_ref()
+        .iter()
+        .filter(|glob| !glob.is_empty() && glob.chars().all(|c| c == '*'))
+    {
+        problems.warn(
+            span.clone(),
+            format!(
+                "source.{name}.url_refs: {every:?} lets whoever holds one captured webhook choose the ref it builds (a signature never covers the URL); list the refs a URL may choose, e.g. [\"stable\", \"release/*\"]"
+            ),
+        );
+    }
+    match crate::rules::Patterns::new(refs.into_inner()) {
+        Ok(patterns) => Some(patterns),
+        Err(reason) => {
+            problems.at(Some(span), format!("source.{name}.url_refs: {reason}"));
+            *ok = false;
+            None
+        }
+    }
+}
+
+/// What a source sets to prove who sent a webhook.
+struct Proof {
+    secret: bool,
+    signing_secret: bool,
+    /// A generic `signature = { … }` (an invalid one is reported on its own, not also as
+    /// "no proof").
+    signature: bool,
+    allow_unsigned: bool,
+}
+
+impl Proof {
+    /// Every source proves its webhooks unless it says, in so many words, that it need
+    /// not; a scheme that needs a secret has one. `false` after recording a problem.
+    fn checked(
+        &self,
+        name: &str,
+        provider: Provider,
+        generic: &GenericConfig,
+        provider_span: std::ops::Range<usize>,
+        problems: &mut FileProblems<'_>,
+    ) -> bool {
+        let mut ok = true;
+        let proven = match provider {
+            Provider::Gitlab => self.secret || self.signing_secret,
+            Provider::Generic => match generic.scheme {
+                GenericScheme::Hmac { .. } | GenericScheme::Token { .. } => {
+                    if !self.secret {
+                        problems.at(
+                            Some(provider_span.clone()),
+                            format!(
+                                "source.{name}: this signature scheme needs `secret = \"env:NAME\"`"
+                            ),
+                        );
+                        ok = false;
+                    }
+                    true
+                }
+                GenericScheme::StandardWebhooks => {
+                    if !self.signing_secret {
+                        problems.at(
+                            Some(provider_span.clone()),
+                            format!("source.{name}: Standard Webhooks needs `signing_secret = \"env:NAME\"` (a whsec_ key)"),
+                        );
+                        ok = false;
+                    }
+                    true
+                }
+                GenericScheme::None => self.signature,
             },
-        )
-    });
-    let signing_keys = raw.signing_secret.map_or_else(Vec::new, |field| {
-        resolve_list(
-            name,
-            "signing_secret",
-            field,
-            resolve_secrets,
-            problems,
-            &mut ok,
-            |secret| SigningKey::parse(secret.expose()),
-        )
-    });
-    let timestamp_tolerance = typed(
-        raw.timestamp_tolerance,
-        Duration::from_secs(300),
-        problems,
-        |text| {
-            parse_duration_at_least(text, Duration::from_secs(1))
-                .map_err(|err| format!("source.{name}.timestamp_tolerance: {err}"))
-        },
-    );
-    let allow_unsigned = raw.allow_unsigned.unwrap_or(false);
-    let limit = raw.limit.and_then(|limit| {
-        let section = format!("[source.{name}]");
-        let compiled = super::only_limit_keys(limit.get_ref(), &section, &["rate", "on_limit"])
-            .and_then(|()| {
-                super::compile_limit(
-                    limit.get_ref(),
-                    "rate",
-                    &section,
-                    crate::limits::OnLimit::Queue,
-                )
-            });
-        match compiled {
-            Ok(limit) => limit,
-            Err(message) => {
-                problems.at(Some(limit.span()), message);
-                ok = false;
-                None
-            }
-        }
-    });
-    // `?ref=` on the webhook URL: a sender's signature does not cover the URL, so only the
-    // refs listed here may be chosen by it.
-    let url_refs = raw.url_refs.and_then(|refs| {
-        let span = refs.span();
-        // A glob of nothing but stars lets anyone holding one captured webhook build any
-        // (single-segment, or with `**` any) ref: valid, but rarely what is meant.
-        for every in refs
-            .get_ref()
-            .iter()
-            .filter(|glob| !glob.is_empty() && glob.chars().all(|c| c == '*'))
-        {
-            problems.warn(
-                span.clone(),
-                format!(
-                    "source.{name}.url_refs: {every:?} lets whoever holds one captured webhook choose the ref it builds (a signature never covers the URL); list the refs a URL may choose, e.g. [\"stable\", \"release/*\"]"
-                ),
-            );
-        }
-        match crate::rules::Patterns::new(refs.into_inner()) {
-            Ok(patterns) => Some(patterns),
-            Err(reason) => {
-                problems.at(Some(span), format!("source.{name}.url_refs: {reason}"));
-                ok = false;
-                None
-            }
-        }
-    });
-    let generic = if provider == Provider::Generic {
-        compile_generic(
-            name,
-            raw.signature,
-            raw.paths,
-            raw.delivery_header,
-            problems,
-            &mut ok,
-        )
-    } else {
-        GenericConfig::default()
-    };
-
-    // Every source proves its webhooks unless it says, in so many words, that it need not.
-    let proven = match provider {
-        Provider::Gitlab => has_secret || has_signing_secret,
-        Provider::Generic => match generic.scheme {
-            GenericScheme::Hmac { .. } | GenericScheme::Token { .. } => {
-                if !has_secret {
-                    problems.at(
-                        Some(provider_span.clone()),
-                        format!(
-                            "source.{name}: this signature scheme needs `secret = \"env:NAME\"`"
-                        ),
-                    );
-                    ok = false;
-                }
-                true
-            }
-            GenericScheme::StandardWebhooks => {
-                if !has_signing_secret {
-                    problems.at(
-                        Some(provider_span.clone()),
-                        format!("source.{name}: Standard Webhooks needs `signing_secret = \"env:NAME\"` (a whsec_ key)"),
-                    );
-                    ok = false;
-                }
-                true
-            }
-            GenericScheme::None => signature_given,
-        },
-        _ => has_secret,
-    };
-    if !proven && !allow_unsigned {
-        let hint = match provider {
-            Provider::Gitlab => {
-                "`secret = \"env:NAME\"` (the webhook's secret token) or `signing_secret` (its signing token)"
-            }
-            Provider::Generic => "a `signature = { … }` with a `secret`",
-            _ => "`secret = \"env:NAME\"` (the webhook's secret)",
+            _ => self.secret,
         };
-        problems.at(
-            Some(provider_span),
-            format!("source.{name} has no way to check who sent a webhook: add {hint}, or `allow_unsigned = true` to accept anyone's"),
-        );
-        ok = false;
+        if !proven && !self.allow_unsigned {
+            let hint = match provider {
+                Provider::Gitlab => {
+                    "`secret = \"env:NAME\"` (the webhook's secret token) or `signing_secret` (its signing token)"
+                }
+                Provider::Generic => "a `signature = { … }` with a `secret`",
+                _ => "`secret = \"env:NAME\"` (the webhook's secret)",
+            };
+            problems.at(
+                Some(provider_span),
+                format!("source.{name} has no way to check who sent a webhook: add {hint}, or `allow_unsigned = true` to accept anyone's"),
+            );
+            ok = false;
+        }
+        ok
     }
-    ok.then(|| SourceConfig {
-        name: name.to_owned(),
-        provider,
-        secrets,
-        signing_keys,
-        allow_sha1: raw.allow_sha1.is_some_and(|v| *v.get_ref()),
-        timestamp_tolerance,
-        allow_unsigned,
-        generic,
-        limit,
-        url_refs,
-        status,
-        pipelines_of,
-    })
 }
 
 /// The API root from a configured `api_url`: a server's address gains the forge's API
