@@ -26,111 +26,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay.
-    Serve {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// The delivery dashboard's address (overrides [admin] listen; turns it on).
-        #[arg(long, value_name = "ADDRESS", value_parser = hookrelay::config::parse_listen)]
-        admin_listen: Option<SocketAddr>,
-        /// Address to listen on, IP:PORT or localhost:PORT (overrides [server] listen;
-        /// default 127.0.0.1:8080).
-        #[arg(long, env = "HOOKRELAY_LISTEN", value_name = "ADDR", value_parser = hookrelay::config::parse_listen)]
-        listen: Option<SocketAddr>,
-        #[command(flatten)]
-        state: StateArg,
-        /// Record and log the trigger calls that would be sent, without sending any.
-        #[arg(long)]
-        dry_run: bool,
-        /// How log lines are written (to standard error).
-        #[arg(long, value_enum, default_value = "text", env = "HOOKRELAY_LOG_FORMAT")]
-        log_format: commands::LogFormat,
-    },
+    Serve(ServeArgs),
     /// List recent deliveries and their triggers, newest first, with why nothing ran.
-    Deliveries {
-        #[command(flatten)]
-        state: StateArg,
-        /// Only this [source.NAME] (or `gateway`, `schedule`).
-        #[arg(long)]
-        source: Option<String>,
-        /// Only triggers of this rule.
-        #[arg(long)]
-        rule: Option<String>,
-        /// Only triggers for this project (as the rule names it: `acme/app` or `42`).
-        #[arg(long)]
-        project: Option<String>,
-        /// Only triggers with this status (`none`: deliveries that queued nothing).
-        #[arg(long = "status", value_enum, value_name = "STATUS")]
-        status: Option<hookrelay::outbox::StateFilter>,
-        /// Only webhooks, gateway calls or schedules.
-        #[arg(long, value_enum)]
-        kind: Option<hookrelay::outbox::DeliveryKind>,
-        /// Only deliveries received since then: `2h`, `30m`, or a UTC time (`2026-12-02 10:00`).
-        #[arg(long, value_name = "WHEN")]
-        since: Option<String>,
-        /// Only deliveries received before then (same forms as --since).
-        #[arg(long, value_name = "WHEN")]
-        until: Option<String>,
-        /// Only this delivery id, or the ids that start with it.
-        #[arg(long, value_name = "ID")]
-        delivery: Option<String>,
-        /// Only deliveries with this text in their id, repository, ref or project.
-        #[arg(long, value_name = "TEXT")]
-        text: Option<String>,
-        /// Only triggers that failed for good (the same as --status failed).
-        #[arg(long)]
-        failed: bool,
-        /// How many rows to show (at least 1).
-        #[arg(long, default_value_t = 50, value_name = "N", value_parser = at_least_one)]
-        limit: usize,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Deliveries(DeliveriesArgs),
     /// Queue a trigger (by its id) or a whole delivery (by its delivery id) again; with
     /// --replan, run a stored webhook through the current rules instead.
-    Replay {
-        #[command(flatten)]
-        state: StateArg,
-        /// Run the stored webhook through the rules as they are now (new triggers, in a
-        /// delivery named after the original), instead of re-sending the old calls.
-        #[arg(long)]
-        replan: bool,
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Every trigger that failed for good since --since (e.g. after fixing a revoked
-        /// trigger token), narrowed by --project, --source and --rule.
-        #[arg(long, conflicts_with_all = ["id", "replan"], requires = "since")]
-        failed: bool,
-        /// With --failed: triggers received within this long (`2h`) or since this UTC time.
-        #[arg(long, requires = "failed")]
-        since: Option<String>,
-        /// With --failed: only triggers for this project (as the rule names it).
-        #[arg(long, requires = "failed")]
-        project: Option<String>,
-        /// With --failed: only triggers of webhooks from this source.
-        #[arg(long, requires = "failed")]
-        source: Option<String>,
-        /// With --failed: only triggers of this rule.
-        #[arg(long, requires = "failed")]
-        rule: Option<String>,
-        /// A trigger id (`42` or `trigger:42`), or a delivery id or its unique start (`delivery:…`).
-        #[arg(value_name = "ID", required_unless_present = "failed")]
-        id: Option<String>,
-    },
+    Replay(ReplayArgs),
     /// Stop a waiting or retrying trigger (by its id), or every waiting trigger of a project.
-    Cancel {
-        #[command(flatten)]
-        state: StateArg,
-        /// Every waiting trigger for this project (as the rule names it).
-        #[arg(long, conflicts_with = "id")]
-        project: Option<String>,
-        /// With --project: only triggers for this [upstream.NAME].
-        #[arg(long, requires = "project")]
-        upstream: Option<String>,
-        /// A trigger id (`42` or `trigger:42`).
-        #[arg(value_name = "TRIGGER", required_unless_present = "project")]
-        id: Option<String>,
-    },
+    Cancel(CancelArgs),
     /// Copy the delivery store to a file, beside a running relay (SQLite; PostgreSQL is
     /// backed up with pg_dump).
     Backup {
@@ -141,41 +44,158 @@ enum Command {
         to: PathBuf,
     },
     /// Show what hookrelay makes of a webhook payload file, offline.
-    Explain {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// The [source.NAME] the payload arrives on (a stored delivery knows its own).
-        #[arg(long)]
-        source: Option<String>,
-        /// Explain a delivery from the state folder, by its delivery id, instead of a file.
-        #[arg(long, value_name = "ID", conflicts_with = "payload")]
-        delivery: Option<String>,
-        #[command(flatten)]
-        state: StateArg,
-        /// The sender's event type (X-GitHub-Event, X-Gitlab-Event, X-Event-Key, …).
-        #[arg(long, value_name = "TYPE")]
-        event: Option<String>,
-        /// A request header, "Name: value"; repeatable.
-        #[arg(long = "header", value_name = "K: V")]
-        headers: Vec<String>,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-        /// A `?ref=` as the webhook URL would carry it (overrides every trigger's ref).
-        #[arg(long = "ref", value_name = "REF")]
-        url_ref: Option<String>,
-        /// Explain a scheduled rule instead: its next times, and the calls it makes then.
-        #[arg(long, value_name = "RULE", conflicts_with_all = ["payload", "delivery", "source", "event", "headers", "url_ref"])]
-        schedule: Option<String>,
-        /// The payload file (the webhook's body).
-        #[arg(value_name = "PAYLOAD.json", required_unless_present_any = ["delivery", "schedule"])]
-        payload: Option<PathBuf>,
-    },
+    Explain(ExplainArgs),
     /// Validate the configuration; print each problem as file:line: message.
     Check {
         #[command(flatten)]
         config: ConfigArg,
     },
+}
+
+/// The arguments of `hookrelay serve`.
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The delivery dashboard's address (overrides [admin] listen; turns it on).
+    #[arg(long, value_name = "ADDRESS", value_parser = hookrelay::config::parse_listen)]
+    admin_listen: Option<SocketAddr>,
+    /// Address to listen on, IP:PORT or localhost:PORT (overrides [server] listen;
+    /// default 127.0.0.1:8080).
+    #[arg(long, env = "HOOKRELAY_LISTEN", value_name = "ADDR", value_parser = hookrelay::config::parse_listen)]
+    listen: Option<SocketAddr>,
+    #[command(flatten)]
+    state: StateArg,
+    /// Record and log the trigger calls that would be sent, without sending any.
+    #[arg(long)]
+    dry_run: bool,
+    /// How log lines are written (to standard error).
+    #[arg(long, value_enum, default_value = "text", env = "HOOKRELAY_LOG_FORMAT")]
+    log_format: commands::LogFormat,
+}
+
+/// The arguments of `hookrelay deliveries`.
+#[derive(clap::Args)]
+struct DeliveriesArgs {
+    #[command(flatten)]
+    state: StateArg,
+    /// Only this [source.NAME] (or `gateway`, `schedule`).
+    #[arg(long)]
+    source: Option<String>,
+    /// Only triggers of this rule.
+    #[arg(long)]
+    rule: Option<String>,
+    /// Only triggers for this project (as the rule names it: `acme/app` or `42`).
+    #[arg(long)]
+    project: Option<String>,
+    /// Only triggers with this status (`none`: deliveries that queued nothing).
+    #[arg(long = "status", value_enum, value_name = "STATUS")]
+    status: Option<hookrelay::outbox::StateFilter>,
+    /// Only webhooks, gateway calls or schedules.
+    #[arg(long, value_enum)]
+    kind: Option<hookrelay::outbox::DeliveryKind>,
+    /// Only deliveries received since then: `2h`, `30m`, or a UTC time (`2026-12-02 10:00`).
+    #[arg(long, value_name = "WHEN")]
+    since: Option<String>,
+    /// Only deliveries received before then (same forms as --since).
+    #[arg(long, value_name = "WHEN")]
+    until: Option<String>,
+    /// Only this delivery id, or the ids that start with it.
+    #[arg(long, value_name = "ID")]
+    delivery: Option<String>,
+    /// Only deliveries with this text in their id, repository, ref or project.
+    #[arg(long, value_name = "TEXT")]
+    text: Option<String>,
+    /// Only triggers that failed for good (the same as --status failed).
+    #[arg(long)]
+    failed: bool,
+    /// How many rows to show (at least 1).
+    #[arg(long, default_value_t = 50, value_name = "N", value_parser = at_least_one)]
+    limit: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The arguments of `hookrelay replay`.
+#[derive(clap::Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    state: StateArg,
+    /// Run the stored webhook through the rules as they are now (new triggers, in a
+    /// delivery named after the original), instead of re-sending the old calls.
+    #[arg(long)]
+    replan: bool,
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Every trigger that failed for good since --since (e.g. after fixing a revoked
+    /// trigger token), narrowed by --project, --source and --rule.
+    #[arg(long, conflicts_with_all = ["id", "replan"], requires = "since")]
+    failed: bool,
+    /// With --failed: triggers received within this long (`2h`) or since this UTC time.
+    #[arg(long, requires = "failed")]
+    since: Option<String>,
+    /// With --failed: only triggers for this project (as the rule names it).
+    #[arg(long, requires = "failed")]
+    project: Option<String>,
+    /// With --failed: only triggers of webhooks from this source.
+    #[arg(long, requires = "failed")]
+    source: Option<String>,
+    /// With --failed: only triggers of this rule.
+    #[arg(long, requires = "failed")]
+    rule: Option<String>,
+    /// A trigger id (`42` or `trigger:42`), or a delivery id or its unique start (`delivery:…`).
+    #[arg(value_name = "ID", required_unless_present = "failed")]
+    id: Option<String>,
+}
+
+/// The arguments of `hookrelay cancel`.
+#[derive(clap::Args)]
+struct CancelArgs {
+    #[command(flatten)]
+    state: StateArg,
+    /// Every waiting trigger for this project (as the rule names it).
+    #[arg(long, conflicts_with = "id")]
+    project: Option<String>,
+    /// With --project: only triggers for this [upstream.NAME].
+    #[arg(long, requires = "project")]
+    upstream: Option<String>,
+    /// A trigger id (`42` or `trigger:42`).
+    #[arg(value_name = "TRIGGER", required_unless_present = "project")]
+    id: Option<String>,
+}
+
+/// The arguments of `hookrelay explain`.
+#[derive(clap::Args)]
+struct ExplainArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The [source.NAME] the payload arrives on (a stored delivery knows its own).
+    #[arg(long)]
+    source: Option<String>,
+    /// Explain a delivery from the state folder, by its delivery id, instead of a file.
+    #[arg(long, value_name = "ID", conflicts_with = "payload")]
+    delivery: Option<String>,
+    #[command(flatten)]
+    state: StateArg,
+    /// The sender's event type (X-GitHub-Event, X-Gitlab-Event, X-Event-Key, …).
+    #[arg(long, value_name = "TYPE")]
+    event: Option<String>,
+    /// A request header, "Name: value"; repeatable.
+    #[arg(long = "header", value_name = "K: V")]
+    headers: Vec<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// A `?ref=` as the webhook URL would carry it (overrides every trigger's ref).
+    #[arg(long = "ref", value_name = "REF")]
+    url_ref: Option<String>,
+    /// Explain a scheduled rule instead: its next times, and the calls it makes then.
+    #[arg(long, value_name = "RULE", conflicts_with_all = ["payload", "delivery", "source", "event", "headers", "url_ref"])]
+    schedule: Option<String>,
+    /// The payload file (the webhook's body).
+    #[arg(value_name = "PAYLOAD.json", required_unless_present_any = ["delivery", "schedule"])]
+    payload: Option<PathBuf>,
 }
 
 /// `--state` and `--store`, shared by every command that reads the delivery store.
@@ -254,207 +274,204 @@ fn time_flag(command: &str, flag: &str, text: Option<String>) -> Result<Option<i
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve { .. }) {
+    if !matches!(cli.command, Command::Serve(_)) {
         end_quietly_on_a_closed_pipe();
     }
     match cli.command {
-        Command::Explain {
-            config,
-            source,
-            event,
-            headers,
-            json,
-            url_ref,
-            payload,
-            delivery,
-            state,
-            schedule,
-        } => {
-            let request = hookrelay::explain::ExplainRequest {
-                config: &config.path,
-                source: source.as_deref(),
-                delivery: delivery.as_deref(),
-                state: &state.state_dir,
-                store: state.store.as_deref(),
-                event: event.as_deref(),
-                headers: &headers,
-                payload: payload.as_deref(),
-                json,
-                url_ref: url_ref.as_deref(),
-            };
-            let explained = match &schedule {
-                Some(rule) => hookrelay::explain::explain_schedule(&config.path, rule, json),
-                None => hookrelay::explain::explain(&request),
-            };
-            match explained {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(message) => {
-                    eprintln!(
-                        "hookrelay explain: {}",
-                        hookrelay::terminal::escape_controls(&message)
-                    );
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Deliveries {
-            state,
-            source,
-            rule,
-            project,
-            status,
-            kind,
-            since,
-            until,
-            delivery,
-            text,
-            failed,
-            limit,
-            json,
-        } => {
-            let time = |text, flag| time_flag("deliveries", flag, text);
-            let (since, until) = match (time(since, "--since"), time(until, "--until")) {
-                (Ok(since), Ok(until)) => (since, until),
-                (Err(code), _) | (_, Err(code)) => return code,
-            };
-            let filter = hookrelay::outbox::ListFilter {
-                source,
-                rule,
-                project,
-                state: if failed {
-                    Some(hookrelay::outbox::StateFilter::Failed)
-                } else {
-                    status
-                },
-                kind,
-                since,
-                until,
-                delivery,
-                text,
-                before: None,
-                limit,
-            };
-            match state.location("deliveries") {
-                Ok(store) => commands::deliveries(&store, &filter, json),
-                Err(code) => code,
-            }
-        }
-        Command::Replay {
-            state,
-            failed: true,
-            since,
-            project,
-            source,
-            rule,
-            ..
-        } => {
-            let since = match time_flag("replay", "--since", since) {
-                Ok(since) => since,
-                Err(code) => return code,
-            };
-            let filter = hookrelay::outbox::ListFilter {
-                source,
-                rule,
-                project,
-                since,
-                ..Default::default()
-            };
-            match state.location("replay") {
-                Ok(store) => commands::replay_failed(&store, filter),
-                Err(code) => code,
-            }
-        }
-        Command::Replay {
-            state,
-            replan: true,
-            config,
-            id: Some(id),
-            ..
-        } => commands::replan(&config.path, &state.state_dir, state.store.as_deref(), &id),
-        Command::Replay {
-            state,
-            id: Some(id),
-            ..
-        } => match state.location("replay") {
-            Ok(store) => commands::replay(&store, &id),
-            Err(code) => code,
-        },
-        Command::Replay { id: None, .. } => {
-            eprintln!("hookrelay replay: name a trigger or delivery id, or use --failed");
-            ExitCode::from(2)
-        }
+        Command::Serve(args) => serve(args),
+        Command::Deliveries(args) => deliveries(args),
+        Command::Replay(args) => replay(args),
+        Command::Cancel(args) => cancel(args),
         Command::Backup { state, to } => match state.location("backup") {
             Ok(store) => commands::backup(&store, &to),
             Err(code) => code,
         },
-        Command::Cancel {
-            state,
-            project,
-            upstream,
-            id,
-        } => {
-            let target = match (project, id) {
-                (Some(project), _) => {
-                    hookrelay::outbox::CancelTarget::Project { project, upstream }
-                }
-                (None, Some(id)) => {
-                    match id.strip_prefix("trigger:").unwrap_or(&id).parse::<i64>() {
-                        Ok(id) => hookrelay::outbox::CancelTarget::Trigger(id),
-                        Err(_) => {
-                            eprintln!(
-                                "hookrelay cancel: {id:?} is not a trigger id (a number, as `hookrelay deliveries` shows in ID)"
-                            );
-                            return ExitCode::from(2);
-                        }
-                    }
-                }
-                (None, None) => unreachable!("clap requires one"),
-            };
-            match state.location("cancel") {
-                Ok(store) => commands::cancel(&store, &target),
-                Err(code) => code,
-            }
-        }
+        Command::Explain(args) => explain(args),
         Command::Check { config } => commands::check(&config.path),
-        Command::Serve {
-            config,
-            listen,
-            admin_listen,
-            state,
-            dry_run,
-            log_format,
-        } => {
-            let _log = match commands::init_logging(log_format) {
-                Ok(guard) => guard,
-                Err(err) => {
-                    eprintln!("hookrelay: cannot start the log writer's thread: {err}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("hookrelay: cannot start the async runtime: {err}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(commands::serve(commands::ServeOptions {
-                config: config.path,
-                listen,
-                state: state.state_dir,
-                store: state.store,
-                dry_run,
-                admin_listen,
-            })) {
-                Ok(code) => code,
-                Err(err) => {
-                    eprintln!("hookrelay: {err:#}");
-                    ExitCode::FAILURE
-                }
+    }
+}
+
+/// `hookrelay explain`: a payload file, a stored delivery or a schedule, offline.
+fn explain(args: ExplainArgs) -> ExitCode {
+    let ExplainArgs {
+        config,
+        source,
+        event,
+        headers,
+        json,
+        url_ref,
+        payload,
+        delivery,
+        state,
+        schedule,
+    } = args;
+    let request = hookrelay::explain::ExplainRequest {
+        config: &config.path,
+        source: source.as_deref(),
+        delivery: delivery.as_deref(),
+        state: &state.state_dir,
+        store: state.store.as_deref(),
+        event: event.as_deref(),
+        headers: &headers,
+        payload: payload.as_deref(),
+        json,
+        url_ref: url_ref.as_deref(),
+    };
+    let explained = match &schedule {
+        Some(rule) => hookrelay::explain::explain_schedule(&config.path, rule, json),
+        None => hookrelay::explain::explain(&request),
+    };
+    match explained {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!(
+                "hookrelay explain: {}",
+                hookrelay::terminal::escape_controls(&message)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hookrelay deliveries`: the store's rows under the flags' filter.
+fn deliveries(args: DeliveriesArgs) -> ExitCode {
+    let DeliveriesArgs {
+        state,
+        source,
+        rule,
+        project,
+        status,
+        kind,
+        since,
+        until,
+        delivery,
+        text,
+        failed,
+        limit,
+        json,
+    } = args;
+    let time = |text, flag| time_flag("deliveries", flag, text);
+    let (since, until) = match (time(since, "--since"), time(until, "--until")) {
+        (Ok(since), Ok(until)) => (since, until),
+        (Err(code), _) | (_, Err(code)) => return code,
+    };
+    let filter = hookrelay::outbox::ListFilter {
+        source,
+        rule,
+        project,
+        state: if failed {
+            Some(hookrelay::outbox::StateFilter::Failed)
+        } else {
+            status
+        },
+        kind,
+        since,
+        until,
+        delivery,
+        text,
+        before: None,
+        limit,
+    };
+    match state.location("deliveries") {
+        Ok(store) => commands::deliveries(&store, &filter, json),
+        Err(code) => code,
+    }
+}
+
+/// `hookrelay replay`: one trigger or delivery again, every failed one since a time, or a
+/// stored webhook through the current rules (`--replan`).
+fn replay(args: ReplayArgs) -> ExitCode {
+    if args.failed {
+        let since = match time_flag("replay", "--since", args.since) {
+            Ok(since) => since,
+            Err(code) => return code,
+        };
+        let filter = hookrelay::outbox::ListFilter {
+            source: args.source,
+            rule: args.rule,
+            project: args.project,
+            since,
+            ..Default::default()
+        };
+        return match args.state.location("replay") {
+            Ok(store) => commands::replay_failed(&store, filter),
+            Err(code) => code,
+        };
+    }
+    let Some(id) = args.id else {
+        eprintln!("hookrelay replay: name a trigger or delivery id, or use --failed");
+        return ExitCode::from(2);
+    };
+    if args.replan {
+        let state = &args.state;
+        return commands::replan(
+            &args.config.path,
+            &state.state_dir,
+            state.store.as_deref(),
+            &id,
+        );
+    }
+    match args.state.location("replay") {
+        Ok(store) => commands::replay(&store, &id),
+        Err(code) => code,
+    }
+}
+
+/// `hookrelay cancel`: one trigger, or every waiting trigger of a project.
+fn cancel(args: CancelArgs) -> ExitCode {
+    let target = match (args.project, args.id) {
+        (Some(project), _) => hookrelay::outbox::CancelTarget::Project {
+            project,
+            upstream: args.upstream,
+        },
+        (None, Some(id)) => match id.strip_prefix("trigger:").unwrap_or(&id).parse::<i64>() {
+            Ok(id) => hookrelay::outbox::CancelTarget::Trigger(id),
+            Err(_) => {
+                eprintln!(
+                    "hookrelay cancel: {id:?} is not a trigger id (a number, as `hookrelay deliveries` shows in ID)"
+                );
+                return ExitCode::from(2);
             }
+        },
+        (None, None) => unreachable!("clap requires one"),
+    };
+    match args.state.location("cancel") {
+        Ok(store) => commands::cancel(&store, &target),
+        Err(code) => code,
+    }
+}
+
+/// `hookrelay serve`: logging, the async runtime, then the relay until it is stopped.
+fn serve(args: ServeArgs) -> ExitCode {
+    let _log = match commands::init_logging(args.log_format) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("hookrelay: cannot start the log writer's thread: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("hookrelay: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::serve(commands::ServeOptions {
+        config: args.config.path,
+        listen: args.listen,
+        state: args.state.state_dir,
+        store: args.state.store,
+        dry_run: args.dry_run,
+        admin_listen: args.admin_listen,
+    })) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("hookrelay: {err:#}");
+            ExitCode::FAILURE
         }
     }
 }
