@@ -87,45 +87,64 @@ fn assumed_event(provider: Provider, payload: &[u8]) -> &'static str {
     }
 }
 
-/// Runs `explain`; the text to print, or an error message for the user.
-pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
-    let config = crate::config::load_without_secrets(request.config)
-        .map_err(|problems| problems.to_string())?;
-    let (stored_source, stored_headers, body, shown_as) = match (request.delivery, request.payload)
-    {
-        (Some(id), None) => {
-            let location = crate::store::StoreLocation::choose(
-                request.state,
-                request.store,
-                config.store.clone(),
-            )?;
-            let stored =
-                crate::outbox::stored_webhook(&location, id).map_err(|err| err.to_string())?;
-            (
-                Some(stored.source),
-                stored.headers,
-                stored.body,
-                format!("delivery {}", stored.delivery_id),
-            )
+/// The webhook `explain` reads: a stored delivery or a payload file.
+struct Webhook {
+    /// The source a stored delivery arrived on.
+    source: Option<String>,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    /// How messages name it: `delivery ID` or the file's path.
+    shown_as: String,
+}
+
+impl Webhook {
+    fn read(
+        request: &ExplainRequest<'_>,
+        config: &crate::config::Config,
+    ) -> Result<Webhook, String> {
+        match (request.delivery, request.payload) {
+            (Some(id), None) => {
+                let location = crate::store::StoreLocation::choose(
+                    request.state,
+                    request.store,
+                    config.store.clone(),
+                )?;
+                let stored =
+                    crate::outbox::stored_webhook(&location, id).map_err(|err| err.to_string())?;
+                Ok(Webhook {
+                    source: Some(stored.source),
+                    headers: stored.headers,
+                    body: stored.body,
+                    shown_as: format!("delivery {}", stored.delivery_id),
+                })
+            }
+            (None, Some(payload)) => {
+                let body = std::fs::read(payload)
+                    .map_err(|err| format!("cannot read {}: {err}", payload.display()))?;
+                Ok(Webhook {
+                    source: None,
+                    headers: Vec::new(),
+                    body: Bytes::from(body),
+                    shown_as: payload.display().to_string(),
+                })
+            }
+            _ => Err("give either a payload file or --delivery ID".into()),
         }
-        (None, Some(payload)) => {
-            let body = std::fs::read(payload)
-                .map_err(|err| format!("cannot read {}: {err}", payload.display()))?;
-            (
-                None,
-                Vec::new(),
-                Bytes::from(body),
-                payload.display().to_string(),
-            )
-        }
-        _ => return Err("give either a payload file or --delivery ID".into()),
-    };
+    }
+}
+
+/// The source named by `--source`, else the one a stored delivery arrived on.
+fn chosen_source<'c>(
+    request: &ExplainRequest<'_>,
+    config: &'c crate::config::Config,
+    stored: Option<String>,
+) -> Result<&'c sources::SourceConfig, String> {
     let source_name = request
         .source
         .map(str::to_owned)
-        .or(stored_source)
+        .or(stored)
         .ok_or("--source is needed with a payload file")?;
-    let source = config.sources.get(&source_name).ok_or_else(|| {
+    config.sources.get(&source_name).ok_or_else(|| {
         let names: Vec<&str> = config.sources.keys().map(String::as_str).collect();
         format!(
             "no source named {:?} in {}; configured: {}",
@@ -137,8 +156,20 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
                 names.join(", ")
             }
         )
-    })?;
-    let mut headers = stored_request_headers(&stored_headers);
+    })
+}
+
+/// An event type `explain` assumed: the header it stands for, and its value.
+type AssumedEvent = (&'static str, &'static str);
+
+/// The request's headers: the stored ones, then `--header`, then `--event` (or an event
+/// type assumed from the payload, which is returned to be said so).
+fn request_headers(
+    request: &ExplainRequest<'_>,
+    provider: Provider,
+    webhook: &Webhook,
+) -> Result<(HeaderMap, Option<AssumedEvent>), String> {
+    let mut headers = stored_request_headers(&webhook.headers);
     for pair in request.headers {
         let (name, value) = pair
             .split_once(':')
@@ -150,7 +181,7 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
         headers.insert(name, value);
     }
     let mut assumed = None;
-    if let Some(header) = event_header(source.provider) {
+    if let Some(header) = event_header(provider) {
         match request.event {
             Some(event) => {
                 let value = HeaderValue::from_str(event)
@@ -158,13 +189,23 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
                 headers.insert(header, value);
             }
             None if !headers.contains_key(header) => {
-                let event = assumed_event(source.provider, &body);
+                let event = assumed_event(provider, &webhook.body);
                 headers.insert(header, HeaderValue::from_static(event));
                 assumed = Some((header, event));
             }
             None => {}
         }
     }
+    Ok((headers, assumed))
+}
+
+/// Runs `explain`; the text to print, or an error message for the user.
+pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
+    let config = crate::config::load_without_secrets(request.config)
+        .map_err(|problems| problems.to_string())?;
+    let mut webhook = Webhook::read(request, &config)?;
+    let source = chosen_source(request, &config, webhook.source.take())?;
+    let (headers, assumed) = request_headers(request, source.provider, &webhook)?;
     let url_ref = request
         .url_ref
         .map(|text| crate::git_ref::GitRef::parse(text).map_err(|err| format!("--ref: {err}")))
@@ -178,13 +219,41 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
         source,
         &WebhookRequest {
             headers: &headers,
-            body: &body,
+            body: &webhook.body,
         },
         Verification::Skip,
     )
-    .map_err(|err| format!("{shown_as}: {err}"))?;
+    .map_err(|err| format!("{}: {err}", webhook.shown_as))?;
+    let explained = Explained {
+        config: &config,
+        source,
+        received: &received,
+        url_ref: url_ref.as_ref(),
+    };
     if request.json {
-        let mut reply = hooks::reply(&source.name, &received).to_value();
+        return Ok(explained.json());
+    }
+    // Payload text is shown, never obeyed by the terminal.
+    Ok(
+        crate::terminal::escape_controls(&explained.text(request.delivery.is_some(), assumed))
+            .into_owned(),
+    )
+}
+
+/// A webhook read by its source, to be told as JSON or text.
+struct Explained<'a> {
+    config: &'a crate::config::Config,
+    source: &'a sources::SourceConfig,
+    received: &'a sources::Received,
+    url_ref: Option<&'a crate::git_ref::GitRef>,
+}
+
+impl Explained<'_> {
+    /// The answer the sender would get, with every event in full, each rule's verdict and
+    /// the calls each planned trigger would make.
+    fn json(&self) -> String {
+        let (config, source, received) = (self.config, self.source, self.received);
+        let mut reply = hooks::reply(&source.name, received).to_value();
         if let Outcome::Events(events) = &received.outcome {
             reply["events"] =
                 serde_json::to_value(events.iter().map(full_without_payload).collect::<Vec<_>>())
@@ -195,12 +264,12 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
                 for (rule, why_not) in config.rules.verdicts(event) {
                     rules.push(serde_json::json!({ "rule": rule.name(), "matched": why_not.is_none(), "reason": why_not }));
                 }
-                for planned in config.rules.plan(event, url_ref.as_ref()) {
+                for planned in config.rules.plan(event, self.url_ref) {
                     triggers.push(match &planned.trigger {
                         Ok(trigger) => {
                             let mut call = call_json(&planned, trigger);
                             call["status"] = hooks::status_target(
-                                &config,
+                                config,
                                 source,
                                 trigger,
                                 &planned.status_context,
@@ -227,66 +296,71 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
             reply["rules"] = serde_json::Value::Array(rules);
             reply["triggers"] = serde_json::Value::Array(triggers);
         }
-        return Ok(serde_json::to_string_pretty(&reply).expect("JSON serializes") + "\n");
+        serde_json::to_string_pretty(&reply).expect("JSON serializes") + "\n"
     }
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "source      {} (provider {})",
-        source.name, source.provider
-    );
-    match assumed {
-        Some((header, event)) => {
-            let _ = writeln!(
-                out,
-                "event type  {event} (assumed; pass --event to choose the {header} value)"
-            );
-        }
-        None => {
-            let _ = writeln!(out, "event type  {}", received.event_type);
-        }
-    }
-    let _ = writeln!(out, "delivery    {}", received.delivery);
-    let _ = writeln!(
-        out,
-        "signature   {}",
-        match request.delivery {
-            // Only a webhook that passed its source's check is stored; the check's headers
-            // are not kept.
-            Some(_) => "checked when it arrived (signature headers are not stored)",
-            None => "not checked: explain reads a payload file offline",
-        }
-    );
-    match &received.outcome {
-        Outcome::Events(events) => {
-            for (i, event) in events.iter().enumerate() {
-                let _ = writeln!(out);
-                write_event(&mut out, i + 1, events.len(), event);
-                write_rules(&mut out, &config, event, url_ref.as_ref());
+
+    /// The source, event type, delivery and signature, then each event with its rules.
+    fn text(&self, stored: bool, assumed: Option<AssumedEvent>) -> String {
+        let (source, received) = (self.source, self.received);
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "source      {} (provider {})",
+            source.name, source.provider
+        );
+        match assumed {
+            Some((header, event)) => {
+                let _ = writeln!(
+                    out,
+                    "event type  {event} (assumed; pass --event to choose the {header} value)"
+                );
+            }
+            None => {
+                let _ = writeln!(out, "event type  {}", received.event_type);
             }
         }
-        Outcome::Ping(_) => {
-            let _ = writeln!(
-                out,
-                "\nping: the sender is testing the webhook; nothing to do"
-            );
+        let _ = writeln!(out, "delivery    {}", received.delivery);
+        let _ = writeln!(
+            out,
+            "signature   {}",
+            if stored {
+                // Only a webhook that passed its source's check is stored; the check's
+                // headers are not kept.
+                "checked when it arrived (signature headers are not stored)"
+            } else {
+                "not checked: explain reads a payload file offline"
+            }
+        );
+        match &received.outcome {
+            Outcome::Events(events) => {
+                for (i, event) in events.iter().enumerate() {
+                    let _ = writeln!(out);
+                    write_event(&mut out, i + 1, events.len(), event);
+                    write_rules(&mut out, self.config, event, self.url_ref);
+                }
+            }
+            Outcome::Ping(_) => {
+                let _ = writeln!(
+                    out,
+                    "\nping: the sender is testing the webhook; nothing to do"
+                );
+            }
+            Outcome::Skipped(note) => {
+                let _ = writeln!(out, "\nno event: {note}");
+            }
+            Outcome::Pipeline(pipeline) => {
+                let _ = writeln!(
+                    out,
+                    "\npipeline event: pipeline #{} of {} is {}; it moves the commit status of a pipeline hookrelay started on upstream {}, and never starts one",
+                    pipeline.pipeline_id,
+                    pipeline.project_name(),
+                    pipeline.status,
+                    source.pipelines_of.as_deref().unwrap_or("-")
+                );
+            }
         }
-        Outcome::Skipped(note) => {
-            let _ = writeln!(out, "\nno event: {note}");
-        }
-        Outcome::Pipeline(pipeline) => {
-            let _ = writeln!(
-                out,
-                "\npipeline event: pipeline #{} of {} is {}; it moves the commit status of a pipeline hookrelay started on upstream {}, and never starts one",
-                pipeline.pipeline_id,
-                pipeline.project_name(),
-                pipeline.status,
-                source.pipelines_of.as_deref().unwrap_or("-")
-            );
-        }
+        out
     }
-    // Payload text is shown, never obeyed by the terminal.
-    Ok(crate::terminal::escape_controls(&out).into_owned())
 }
 
 /// Each rule of the event's source, matched or the first reason not, then the calls.
