@@ -255,8 +255,12 @@ fn summary(config: &Config) -> String {
     )
 }
 
-/// `hookrelay serve`: loads the configuration, binds and serves until SIGTERM or Ctrl-C.
-pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
+/// The configuration `serve` runs, with the command line's overrides, and what of it
+/// only a restart changes (as the files say it); the exit status after saying what is
+/// wrong with it.
+fn configured(
+    options: &ServeOptions,
+) -> Result<(config::Config, crate::app::RestartOnly), ExitCode> {
     let mut config = match config::load(&options.config) {
         Ok(config) => config,
         Err(problems) => {
@@ -266,7 +270,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "hookrelay: not starting: fix the configuration above (`hookrelay check` shows the same)"
             );
-            return Ok(ExitCode::from(EXIT_CONFIG));
+            return Err(ExitCode::from(EXIT_CONFIG));
         }
     };
     // As the files say them, before the command line's overrides: what a reload compares.
@@ -287,9 +291,53 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "hookrelay: not starting: --admin-listen {listen} is not a loopback address, so the dashboard needs [admin] token = \"env:HOOKRELAY_ADMIN_TOKEN\""
             );
-            return Ok(ExitCode::from(EXIT_CONFIG));
+            return Err(ExitCode::from(EXIT_CONFIG));
         }
     }
+    Ok((config, restart_only))
+}
+
+/// The dashboard's certificate, when it serves HTTPS.
+type AdminCertificate = std::sync::Arc<crate::tls::ServerCertificate>;
+
+/// The dashboard's listener and certificate, when `[admin]` asks for one: bound before
+/// the relay says it is listening, so a taken address stops the start.
+async fn bind_dashboard(
+    app: &App,
+) -> anyhow::Result<Option<(TcpListener, Option<AdminCertificate>)>> {
+    Ok(match app.runtime().config.admin.clone() {
+        None => None,
+        Some(mut admin) => {
+            let listener = TcpListener::bind(admin.listen)
+                .await
+                .with_context(|| format!("listening on {} ([admin] listen)", admin.listen))?;
+            admin.listen = listener
+                .local_addr()
+                .context("reading the dashboard's address")?;
+            let certificate = match &admin.tls {
+                Some(files) => {
+                    let certificate = crate::tls::ServerCertificate::new(
+                        crate::tls::read_server_certificate(&files.cert, &files.key)
+                            .map_err(|err| anyhow::anyhow!("[admin] tls_cert: {err}"))?,
+                    );
+                    let _ = app.admin_tls.set(certificate.clone());
+                    Some(certificate)
+                }
+                None => None,
+            };
+            tracing::info!(address = %admin.listen, https = certificate.is_some(), token = admin.token.is_some(), "dashboard listening");
+            let _ = app.admin.set(admin);
+            Some((listener, certificate))
+        }
+    })
+}
+
+/// `hookrelay serve`: loads the configuration, binds and serves until SIGTERM or Ctrl-C.
+pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
+    let (config, restart_only) = match configured(&options) {
+        Ok(configured) => configured,
+        Err(code) => return Ok(code),
+    };
     // Signal handlers first: a SIGTERM from here on shuts down cleanly.
     let shutdown = shutdown_signal();
     raise_open_file_limit();
@@ -348,31 +396,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    let admin = match app.runtime().config.admin.clone() {
-        None => None,
-        Some(mut admin) => {
-            let listener = TcpListener::bind(admin.listen)
-                .await
-                .with_context(|| format!("listening on {} ([admin] listen)", admin.listen))?;
-            admin.listen = listener
-                .local_addr()
-                .context("reading the dashboard's address")?;
-            let certificate = match &admin.tls {
-                Some(files) => {
-                    let certificate = crate::tls::ServerCertificate::new(
-                        crate::tls::read_server_certificate(&files.cert, &files.key)
-                            .map_err(|err| anyhow::anyhow!("[admin] tls_cert: {err}"))?,
-                    );
-                    let _ = app.admin_tls.set(certificate.clone());
-                    Some(certificate)
-                }
-                None => None,
-            };
-            tracing::info!(address = %admin.listen, https = certificate.is_some(), token = admin.token.is_some(), "dashboard listening");
-            let _ = app.admin.set(admin);
-            Some((listener, certificate))
-        }
-    };
+    let admin = bind_dashboard(&app).await?;
     let waiting = outbox
         .depth()
         .map(|(depth, _)| depth.to_string())
