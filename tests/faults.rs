@@ -545,3 +545,57 @@ async fn a_backup_onto_a_full_disk_fails_and_leaves_nothing_behind() {
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }
+
+/// The store file deleted under a running relay (its state folder cleaned up, a tmpfs
+/// emptied): SQLite writes on to the open file, which no one can open again, so what it
+/// acknowledged would be gone at the next start. Webhooks are refused with why, `/readyz`
+/// says so, and the triggers already waiting in the open file are still sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_file_deleted_under_the_relay_acknowledges_nothing_more_and_sends_what_waits() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    // `a` is on its way to GitLab, which takes 2 s to answer; `b` waits behind it.
+    upstream.answer_next(Answer::created().delayed(Duration::from_secs(2)));
+    let a = github_tag(&address, "s3cret-for-the-tests").await;
+    assert_eq!(a.status, 202, "{}", a.text());
+    let b = github_tag(&address, "s3cret-for-the-tests").await;
+    assert_eq!(b.status, 202, "{}", b.text());
+    assert_eq!(ready(&address).await, 200);
+
+    for entry in std::fs::read_dir(dir.path().join("state")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().contains("hookrelay.sqlite3") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let refused = github_tag(&address, "s3cret-for-the-tests").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused
+            .text()
+            .contains("hookrelay.sqlite3 was deleted while the relay ran"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(ready(&address).await, 503);
+    let deliveries = [a.json()["delivery"].clone(), b.json()["delivery"].clone()];
+    let started = Instant::now();
+    while delivered(&upstream).len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "what waited is still sent: {:?} of {deliveries:?}",
+            delivered(&upstream)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, lines) = served.terminate();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("was deleted while the relay ran")),
+        "{lines:?}"
+    );
+}

@@ -18,6 +18,7 @@
 mod checkpoint;
 mod schema;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use rusqlite::config::DbConfig;
@@ -66,6 +67,9 @@ pub struct SqliteEngine {
     /// rewrites either way), and the change when the current savepoint was set.
     open_change: std::cell::Cell<i64>,
     open_at_savepoint: i64,
+    /// The store file as opened (device, inode): a file deleted or replaced under the
+    /// running relay is noticed before anything is acknowledged into it.
+    opened_file: Option<(u64, u64)>,
 }
 
 impl SqliteEngine {
@@ -80,6 +84,43 @@ impl SqliteEngine {
             checkpointer: None,
             open_change: Default::default(),
             open_at_savepoint: 0,
+            opened_file: file_identity(path),
+        })
+    }
+
+    /// Fails while the store file is not the one the relay opened: deleted (the state
+    /// folder cleaned up under a running relay, a tmpfs emptied) or replaced. SQLite
+    /// goes on writing to the open file, which no one can open again: what it
+    /// acknowledged would be gone at the next start. One `stat` per group that
+    /// acknowledges; claims and outcomes go on, so what waits in the open file is still
+    /// sent.
+    fn check_the_file_is_still_there(&self) -> Result<(), EngineError> {
+        let Some(opened) = self.opened_file else {
+            return Ok(());
+        };
+        let path = self.path.display();
+        let what = match std::fs::metadata(&self.path) {
+            Ok(now) if (now.dev(), now.ino()) == opened => return Ok(()),
+            Ok(_) => "was replaced by another file",
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => "was deleted",
+            Err(err) => {
+                return Err(EngineError {
+                    message: format!("the store file {path} cannot be looked at: {err}"),
+                    transient: true,
+                    refused: false,
+                });
+            }
+        };
+        Err(EngineError {
+            message: format!(
+                "the store file {path} {what} while the relay ran: nothing is acknowledged into the \
+                 file it still has open, which no one can open again; the triggers already \
+                 waiting in it are still sent. Restart the relay once they are (a new, empty \
+                 store is created; `ls -l /proc/{}/fd` shows the old one as deleted until then)",
+                std::process::id()
+            ),
+            transient: true,
+            refused: false,
         })
     }
 
@@ -270,6 +311,13 @@ pub fn backup(state_dir: &Path, to: &Path) -> Result<u64, EngineError> {
     copied
 }
 
+/// A file's device and inode, which name it whatever path leads to it.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
+}
+
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let mut conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -344,6 +392,9 @@ impl Engine for SqliteEngine {
             (Durability::Full, true) => "FULL",
             (Durability::Full, false) => "NORMAL",
         };
+        if durable {
+            self.check_the_file_is_still_there()?;
+        }
         self.set_synchronous(wanted);
         if let Some(checkpointer) = &self.checkpointer
             && checkpointer
