@@ -488,29 +488,20 @@ impl Builder {
     fn finish_rules(&mut self) -> crate::rules::RuleSet {
         let mut specs = Vec::new();
         let mut names: BTreeMap<String, Origin> = BTreeMap::new();
-        let upstream_names = self
-            .upstreams
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ");
-        let broken_upstreams = !self.broken_upstreams.is_empty();
+        let mut problems = Vec::new();
+        let mut warnings = Vec::new();
         // Sources whose statuses would never move past `pending`, warned about once each.
         let mut stuck_statuses = std::collections::BTreeSet::new();
         for pending in std::mem::take(&mut self.rules) {
             let mut spec = pending.spec;
-            let mut problem = |line: usize, message: String| {
-                self.problems.push(Problem {
-                    file: spec.file.clone(),
-                    line: Some(line),
-                    message,
-                })
+            let at = |line: usize, message: String| Problem {
+                file: spec.file.clone(),
+                line: Some(line),
+                message,
             };
             if let Some(first) = names.get(&spec.name) {
-                problem(
-                    spec.line,
-                    format!("rule name {:?} is already used at {first}", spec.name),
-                );
+                let message = format!("rule name {:?} is already used at {first}", spec.name);
+                problems.push(at(spec.line, message));
                 continue;
             }
             names.insert(
@@ -520,99 +511,12 @@ impl Builder {
                     line: spec.line,
                 },
             );
-            let mut ok = true;
-            // Forges compare repository names ignoring case; a generic source exactly.
-            let mut ignore_case = Vec::new();
-            for source in &spec.sources {
-                if let Some((defined, _)) = self.sources.get(source) {
-                    ignore_case.push((source, defined.provider.repository_names_ignore_case()));
-                } else if self.broken_sources.contains(source) {
-                    // Its own problems are reported where it is.
-                    ok = false;
-                } else {
-                    let known = self.sources.keys().cloned().collect::<Vec<_>>().join(", ");
-                    problem(
-                        pending.source_line,
-                        format!(
-                            "rule {:?}: source {source:?} names no [source.{source}] (defined: {})",
-                            spec.name,
-                            if known.is_empty() { "none" } else { &known }
-                        ),
-                    );
-                    ok = false;
-                }
-            }
-            let exact = ignore_case.iter().find(|(_, ignores)| !ignores);
-            let ignoring = ignore_case.iter().find(|(_, ignores)| *ignores);
-            match (exact, ignoring) {
-                (None, Some(_)) => {
-                    spec.repository = spec
-                        .repository
-                        .take()
-                        .map(crate::rules::Patterns::ignoring_case)
-                }
-                (Some((exact, _)), Some((ignoring, _))) if spec.repository.is_some() => {
-                    problem(
-                        pending.source_line,
-                        format!(
-                            "rule {:?}: `repository` would match {ignoring:?}'s names ignoring case and \
-                             {exact:?}'s exactly (a generic source); write a rule for each",
-                            spec.name
-                        ),
-                    );
-                    ok = false;
-                }
-                _ => {}
-            }
+            let mut ok = self.match_sources(&mut spec, pending.source_line, &mut problems);
             for trigger in pending.triggers {
-                let mut trigger_spec = trigger.spec;
-                match trigger.upstream {
-                    // Its own problems are reported where it is.
-                    Some((name, _))
-                        if !self.upstreams.contains_key(&name)
-                            && self.broken_upstreams.contains(&name) =>
-                    {
-                        ok = false
-                    }
-                    Some((name, line)) if !self.upstreams.contains_key(&name) => {
-                        problem(
-                            line,
-                            format!(
-                                "rule {:?}: upstream {name:?} names no [upstream.{name}] (defined: {})",
-                                spec.name,
-                                if upstream_names.is_empty() {
-                                    "none"
-                                } else {
-                                    &upstream_names
-                                }
-                            ),
-                        );
-                        ok = false;
-                    }
-                    Some((name, _)) => trigger_spec.upstream = name,
-                    None if self.upstreams.len() == 1 && !broken_upstreams => {
-                        trigger_spec.upstream = upstream_names.clone()
-                    }
-                    // Which upstream is meant depends on the ones with problems.
-                    None if broken_upstreams => ok = false,
-                    None => {
-                        problem(
-                            trigger_spec.line,
-                            if self.upstreams.is_empty() {
-                                format!(
-                                    "rule {:?}: a trigger needs an [upstream.NAME] to send to",
-                                    spec.name
-                                )
-                            } else {
-                                format!(
-                                    "rule {:?}: the trigger needs `upstream = \"NAME\"`, one of: {upstream_names}",
-                                    spec.name
-                                )
-                            },
-                        );
-                        ok = false;
-                    }
-                }
+                let Some(trigger_spec) = self.with_upstream(&spec, trigger, &mut problems) else {
+                    ok = false;
+                    continue;
+                };
                 for source in &spec.sources {
                     let key = (source.clone(), trigger_spec.upstream.clone());
                     if !stuck_statuses.contains(&key)
@@ -624,7 +528,7 @@ impl Builder {
                         )
                     {
                         stuck_statuses.insert(key);
-                        self.warnings.push(Problem {
+                        warnings.push(Problem {
                             file: spec.file.clone(),
                             line: Some(trigger_spec.line),
                             message: format!("rule {:?}: {message}", spec.name),
@@ -637,6 +541,8 @@ impl Builder {
                 specs.push(spec);
             }
         }
+        self.problems.extend(problems);
+        self.warnings.extend(warnings);
         match crate::rules::RuleSet::build(specs) {
             Ok(rules) => rules,
             Err(problems) => {
@@ -647,6 +553,132 @@ impl Builder {
                 }));
                 crate::rules::RuleSet::default()
             }
+        }
+    }
+
+    /// Whether every source a rule names is defined; its `repository` patterns then
+    /// compare names as its sources do (forges ignoring case, a generic source exactly).
+    fn match_sources(
+        &self,
+        spec: &mut crate::rules::RuleSpec,
+        source_line: usize,
+        problems: &mut Vec<Problem>,
+    ) -> bool {
+        let mut problem = |message: String| {
+            problems.push(Problem {
+                file: spec.file.clone(),
+                line: Some(source_line),
+                message,
+            })
+        };
+        let mut ok = true;
+        let mut ignore_case = Vec::new();
+        for source in &spec.sources {
+            if let Some((defined, _)) = self.sources.get(source) {
+                ignore_case.push((source, defined.provider.repository_names_ignore_case()));
+            } else if self.broken_sources.contains(source) {
+                // Its own problems are reported where it is.
+                ok = false;
+            } else {
+                let known = self.sources.keys().cloned().collect::<Vec<_>>().join(", ");
+                problem(format!(
+                    "rule {:?}: source {source:?} names no [source.{source}] (defined: {})",
+                    spec.name,
+                    if known.is_empty() { "none" } else { &known }
+                ));
+                ok = false;
+            }
+        }
+        let exact = ignore_case.iter().find(|(_, ignores)| !ignores);
+        let ignoring = ignore_case.iter().find(|(_, ignores)| *ignores);
+        match (exact, ignoring) {
+            (None, Some(_)) => {
+                spec.repository = spec
+                    .repository
+                    .take()
+                    .map(crate::rules::Patterns::ignoring_case)
+            }
+            (Some((exact, _)), Some((ignoring, _))) if spec.repository.is_some() => {
+                problem(format!(
+                    "rule {:?}: `repository` would match {ignoring:?}'s names ignoring case and \
+                     {exact:?}'s exactly (a generic source); write a rule for each",
+                    spec.name
+                ));
+                ok = false;
+            }
+            _ => {}
+        }
+        ok
+    }
+
+    /// A rule's trigger with the upstream it sends to: the one it names, or the only one
+    /// there is. `None` when that cannot be told (a problem is recorded, unless the
+    /// upstream's own problems are).
+    fn with_upstream(
+        &self,
+        spec: &crate::rules::RuleSpec,
+        trigger: rule::PendingTrigger,
+        problems: &mut Vec<Problem>,
+    ) -> Option<crate::rules::TriggerSpec> {
+        let mut trigger_spec = trigger.spec;
+        let upstream_names = self
+            .upstreams
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let broken_upstreams = !self.broken_upstreams.is_empty();
+        let mut problem = |line: usize, message: String| {
+            problems.push(Problem {
+                file: spec.file.clone(),
+                line: Some(line),
+                message,
+            });
+            None
+        };
+        match trigger.upstream {
+            // Its own problems are reported where it is.
+            Some((name, _))
+                if !self.upstreams.contains_key(&name) && self.broken_upstreams.contains(&name) =>
+            {
+                None
+            }
+            Some((name, line)) if !self.upstreams.contains_key(&name) => problem(
+                line,
+                format!(
+                    "rule {:?}: upstream {name:?} names no [upstream.{name}] (defined: {})",
+                    spec.name,
+                    if upstream_names.is_empty() {
+                        "none"
+                    } else {
+                        &upstream_names
+                    }
+                ),
+            ),
+            Some((name, _)) => {
+                trigger_spec.upstream = name;
+                Some(trigger_spec)
+            }
+            None if self.upstreams.len() == 1 && !broken_upstreams => {
+                trigger_spec.upstream = upstream_names;
+                Some(trigger_spec)
+            }
+            // Which upstream is meant depends on the ones with problems.
+            None if broken_upstreams => None,
+            None => problem(
+                trigger_spec.line,
+                if self.upstreams.is_empty() {
+                    format!(
+                        "rule {:?}: a trigger needs an [upstream.NAME] to send to",
+                        spec.name
+                    )
+                } else {
+                    format!(
+                        "rule {:?}: the trigger needs `upstream = \"NAME\"`, one of: {upstream_names}",
+                        spec.name
+                    )
+                },
+            ),
         }
     }
 
