@@ -18,6 +18,10 @@ pub const LOCK_FILE: &str = "hookrelay.lock";
 #[derive(Debug)]
 pub struct StateLock {
     _file: File,
+    /// The store file, locked the same way: a lock file deleted as "stale" under a
+    /// running relay (a new one then locks at once) does not let a second relay onto the
+    /// store, whose in-flight sends it would take back and send again.
+    _store: Option<File>,
     pub path: PathBuf,
 }
 
@@ -66,11 +70,45 @@ pub fn lock_state_folder(folder: &Path, holder: &str) -> Result<StateLock, LockE
         }
         Err(TryLockError::Error(err)) => return Err(io(err)),
     }
+    let store = lock_store_file(folder)?;
     file.set_len(0).map_err(io)?;
     file.seek(SeekFrom::Start(0)).map_err(io)?;
     file.write_all(format!("{holder}\n").as_bytes())
         .map_err(io)?;
-    Ok(StateLock { _file: file, path })
+    Ok(StateLock {
+        _file: file,
+        _store: store,
+        path,
+    })
+}
+
+/// Locks the folder's store file, when there is one yet.
+fn lock_store_file(folder: &Path) -> Result<Option<File>, LockError> {
+    let path = folder.join(super::sqlite::STORE_FILE);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(LockError::Io {
+                path: path.display().to_string(),
+                reason: err.to_string(),
+            });
+        }
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Err(LockError::Held {
+            folder: folder.display().to_string(),
+            holder: format!(
+                "it holds the store file {} although {LOCK_FILE} was deleted and made anew",
+                path.display()
+            ),
+        }),
+        Err(TryLockError::Error(err)) => Err(LockError::Io {
+            path: path.display().to_string(),
+            reason: err.to_string(),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -92,5 +130,22 @@ mod tests {
             std::fs::read_to_string(&again.path).unwrap().trim(),
             "pid 3"
         );
+    }
+
+    /// "A stale lock file": deleted under a running relay, a new one locks at once. The
+    /// store file's lock still keeps a second relay off the store.
+    #[test]
+    fn a_deleted_lock_file_does_not_let_a_second_relay_onto_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(super::super::sqlite::STORE_FILE), b"").unwrap();
+        let first = lock_state_folder(dir.path(), "pid 1").unwrap();
+        std::fs::remove_file(&first.path).unwrap();
+        let err = lock_state_folder(dir.path(), "pid 2")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another hookrelay"), "{err}");
+        assert!(err.contains("hookrelay.lock was deleted"), "{err}");
+        drop(first);
+        lock_state_folder(dir.path(), "pid 3").unwrap();
     }
 }
