@@ -40,40 +40,7 @@ impl PostgresEngine {
         let bodies: Vec<&[u8]> = unique.iter().map(|d| &d.body.bytes[..]).collect();
         let encodings: Vec<Option<&str>> = unique.iter().map(|d| d.body.encoding).collect();
         let summaries: Vec<&str> = unique.iter().map(|d| d.summary.as_str()).collect();
-        // Every trigger of every delivery, in order, with its delivery's place in the
-        // arrays above (from 1); identity values follow that order.
-        let mut t_of = Vec::new();
-        let (mut t_rule, mut t_upstream, mut t_project, mut t_ref) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut t_token, mut t_variables, mut t_inputs, mut t_key, mut t_due) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut t_status: Vec<Option<&str>> = Vec::new();
-        // What a finished gateway call's row says; a queued trigger's are empty.
-        let (mut t_state, mut t_kind, mut t_pipeline) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut t_last_status, mut t_last_error, mut t_url) = (Vec::new(), Vec::new(), Vec::new());
-        for (place, d) in unique.iter().enumerate() {
-            for t in &d.triggers {
-                t_of.push(place as i32 + 1);
-                t_rule.push(t.rule.as_str());
-                t_upstream.push(t.upstream.as_str());
-                t_project.push(t.project.as_str());
-                t_ref.push(t.git_ref.as_str());
-                t_token.push(t.token_ref.as_str());
-                t_variables.push(t.variables.as_str());
-                t_inputs.push(t.inputs.as_str());
-                t_key.push(t.order_key());
-                let (state, due_at) = t.initial_state(None, now);
-                t_state.push(state);
-                t_due.push(due_at);
-                t_status.push(t.status_target.as_deref());
-                t_kind.push(t.kind.as_str());
-                let end = t.finished().unwrap_or_default();
-                t_pipeline.push(t.pipeline_id.or(end.pipeline_id));
-                t_last_status.push(end.status.map(i32::from));
-                t_last_error.push(end.error);
-                t_url.push(end.pipeline_url);
-            }
-        }
+        let t = TriggerColumns::of(&unique, now);
         let insert = self.stmt(
             "WITH d AS (
                  INSERT INTO hr_deliveries (source, delivery_id, received_at, event_type, headers, body, body_encoding, summary)
@@ -111,23 +78,23 @@ impl PostgresEngine {
                     &bodies,
                     &encodings,
                     &summaries,
-                    &t_of,
-                    &t_rule,
-                    &t_upstream,
-                    &t_project,
-                    &t_ref,
-                    &t_token,
-                    &t_variables,
-                    &t_inputs,
-                    &t_key,
-                    &t_due,
-                    &t_status,
-                    &t_state,
-                    &t_kind,
-                    &t_pipeline,
-                    &t_last_status,
-                    &t_last_error,
-                    &t_url,
+                    &t.of,
+                    &t.rule,
+                    &t.upstream,
+                    &t.project,
+                    &t.git_ref,
+                    &t.token,
+                    &t.variables,
+                    &t.inputs,
+                    &t.key,
+                    &t.due,
+                    &t.status,
+                    &t.state,
+                    &t.kind,
+                    &t.pipeline,
+                    &t.last_status,
+                    &t.last_error,
+                    &t.url,
                 ],
             )
             .map_err(super::error)?
@@ -173,13 +140,42 @@ impl PostgresEngine {
         // Identity values are taken in the order the rows are inserted: the triggers of
         // the new deliveries, in the arrays' order.
         trigger_ids.sort_unstable();
-        let mut inserted = trigger_ids.iter();
+        self.enqueue_new(&t, &unique, &new, &trigger_ids);
+        let mut next_trigger = trigger_ids.into_iter();
+        let mut answers = Vec::with_capacity(deliveries.len());
+        for (i, d) in deliveries.iter().enumerate() {
+            let (row, new) = rows[&(d.source.clone(), d.delivery_id.clone())];
+            let first = first_of[&(d.source.as_str(), d.delivery_id.as_str())] == i;
+            answers.push(if new && first {
+                let ids: Vec<i64> = next_trigger.by_ref().take(d.triggers.len()).collect();
+                Accepted::Queued {
+                    delivery_row: row,
+                    coalesced: vec![None; ids.len()],
+                    trigger_ids: ids,
+                }
+            } else {
+                Accepted::Duplicate { delivery_row: row }
+            });
+        }
+        Ok(answers)
+    }
+
+    /// Each trigger of a new delivery joins its key's queue (`ids`: the triggers the
+    /// statement inserted, in order); a finished gateway call's does not.
+    fn enqueue_new(
+        &mut self,
+        t: &TriggerColumns<'_>,
+        unique: &[&NewDelivery],
+        new: &[bool],
+        ids: &[i64],
+    ) {
+        let mut inserted = ids.iter();
         let mut opened = 0;
-        for (((place, key), due_at), trigger) in t_of
-            .iter()
-            .zip(&t_key)
-            .zip(&t_due)
-            .zip(unique.iter().flat_map(|d| &d.triggers))
+        for (((place, key), due_at), trigger) in
+            t.of.iter()
+                .zip(&t.key)
+                .zip(&t.due)
+                .zip(unique.iter().flat_map(|d| &d.triggers))
         {
             if !new[*place as usize - 1] {
                 continue;
@@ -198,23 +194,6 @@ impl PostgresEngine {
             }
         }
         self.open_change += opened;
-        let mut next_trigger = trigger_ids.into_iter();
-        let mut answers = Vec::with_capacity(deliveries.len());
-        for (i, d) in deliveries.iter().enumerate() {
-            let (row, new) = rows[&(d.source.clone(), d.delivery_id.clone())];
-            let first = first_of[&(d.source.as_str(), d.delivery_id.as_str())] == i;
-            answers.push(if new && first {
-                let ids: Vec<i64> = next_trigger.by_ref().take(d.triggers.len()).collect();
-                Accepted::Queued {
-                    delivery_row: row,
-                    coalesced: vec![None; ids.len()],
-                    trigger_ids: ids,
-                }
-            } else {
-                Accepted::Duplicate { delivery_row: row }
-            });
-        }
-        Ok(answers)
     }
 
     /// Inserts a delivery's triggers (or other work): each joins its key's queue, merges
@@ -304,5 +283,59 @@ impl PostgresEngine {
         }
         self.open_change += opened;
         Ok((trigger_ids, coalesced))
+    }
+}
+
+/// Every trigger of a batch's new deliveries as the columns `unnest` reads, in order, each
+/// with its delivery's place in the batch (from 1): identity values follow that order.
+#[derive(Default)]
+struct TriggerColumns<'a> {
+    of: Vec<i32>,
+    rule: Vec<&'a str>,
+    upstream: Vec<&'a str>,
+    project: Vec<&'a str>,
+    git_ref: Vec<&'a str>,
+    token: Vec<&'a str>,
+    variables: Vec<&'a str>,
+    inputs: Vec<&'a str>,
+    key: Vec<String>,
+    due: Vec<i64>,
+    status: Vec<Option<&'a str>>,
+    // What a finished gateway call's row says; a queued trigger's are empty.
+    state: Vec<&'static str>,
+    kind: Vec<&'static str>,
+    pipeline: Vec<Option<i64>>,
+    last_status: Vec<Option<i32>>,
+    last_error: Vec<Option<&'a str>>,
+    url: Vec<Option<&'a str>>,
+}
+
+impl<'a> TriggerColumns<'a> {
+    fn of(deliveries: &[&'a NewDelivery], now: i64) -> TriggerColumns<'a> {
+        let mut c = TriggerColumns::default();
+        for (place, d) in deliveries.iter().enumerate() {
+            for t in &d.triggers {
+                c.of.push(place as i32 + 1);
+                c.rule.push(t.rule.as_str());
+                c.upstream.push(t.upstream.as_str());
+                c.project.push(t.project.as_str());
+                c.git_ref.push(t.git_ref.as_str());
+                c.token.push(t.token_ref.as_str());
+                c.variables.push(t.variables.as_str());
+                c.inputs.push(t.inputs.as_str());
+                c.key.push(t.order_key());
+                let (state, due_at) = t.initial_state(None, now);
+                c.state.push(state);
+                c.due.push(due_at);
+                c.status.push(t.status_target.as_deref());
+                c.kind.push(t.kind.as_str());
+                let end = t.finished().unwrap_or_default();
+                c.pipeline.push(t.pipeline_id.or(end.pipeline_id));
+                c.last_status.push(end.status.map(i32::from));
+                c.last_error.push(end.error);
+                c.url.push(end.pipeline_url);
+            }
+        }
+        c
     }
 }
