@@ -227,164 +227,37 @@ impl RuleSet {
     /// Compiles every template and expression, and checks the fields they read. Problems
     /// come back with the line of the field that has them.
     pub fn build(specs: Vec<RuleSpec>) -> Result<RuleSet, Vec<RuleProblem>> {
-        let mut env = template::environment();
-        let mut problems = Vec::new();
+        let mut compiler = Compiler {
+            env: template::environment(),
+            problems: Vec::new(),
+        };
         let mut rules = Vec::new();
         for spec in specs {
-            let scheduled = spec.schedule.is_some();
-            let mut add = |env: &mut Environment<'static>,
-                           name: String,
-                           source: String,
-                           line: usize,
-                           what: &str|
-             -> Option<Compiled> {
-                let with_trigger = what == "status_context";
-                let constant = template::constant_text(&source);
-                let result = env
-                    .add_template_owned(name.clone(), source)
-                    .map_err(|err| template::error_text(&err))
-                    .and_then(|()| {
-                        template::check_variables_with(env, &name, scheduled, with_trigger)
-                    });
-                match result {
-                    Ok(()) => Some(Compiled { name, constant }),
-                    Err(message) => {
-                        problems.push(RuleProblem {
-                            file: spec.file.clone(),
-                            line,
-                            message: format!("rule {:?}: {what}: {message}", spec.name),
-                        });
-                        None
-                    }
-                }
-            };
             let when = spec.when.as_ref().and_then(|(expression, line)| {
-                add(
-                    &mut env,
+                compiler.add(
+                    &spec,
                     format!("{}/when", spec.name),
                     template::expression_template(expression),
                     *line,
                     "when",
                 )
             });
-            let mut triggers = Vec::new();
-            for (i, trigger) in spec.triggers.iter().enumerate() {
-                let prefix = format!("{}/trigger{i}", spec.name);
-                let project = add(
-                    &mut env,
-                    format!("{prefix}/project"),
-                    trigger.project.clone(),
-                    trigger.line,
-                    "project",
-                );
-                let git_ref = trigger.git_ref.as_ref().map(|text| {
-                    add(
-                        &mut env,
-                        format!("{prefix}/ref"),
-                        text.clone(),
-                        trigger.line,
-                        "ref",
-                    )
-                });
-                let variables: Vec<_> = trigger
-                    .variables
-                    .iter()
-                    .map(|(key, text)| {
-                        (
-                            key.clone(),
-                            add(
-                                &mut env,
-                                format!("{prefix}/variables/{key}"),
-                                text.clone(),
-                                trigger.line,
-                                &format!("variables.{key}"),
-                            ),
-                        )
-                    })
-                    .collect();
-                let inputs: Vec<_> = trigger
-                    .inputs
-                    .iter()
-                    .map(|(key, value)| match value {
-                        InputValue::Template(text) => (
-                            key.clone(),
-                            add(
-                                &mut env,
-                                format!("{prefix}/inputs/{key}"),
-                                text.clone(),
-                                trigger.line,
-                                &format!("inputs.{key}"),
-                            )
-                            .ok_or(serde_json::Value::Null),
-                        ),
-                        InputValue::Literal(value) => (key.clone(), Err(value.clone())),
-                    })
-                    .collect();
-                let status_context = trigger.status_context.as_ref().map(|text| {
-                    add(
-                        &mut env,
-                        format!("{prefix}/status_context"),
-                        text.clone(),
-                        trigger.line,
-                        "status_context",
-                    )
-                });
-                if matches!(status_context, Some(None)) {
-                    continue;
-                }
-                // `git_ref`: None when the trigger has no ref template, Some(None) when it failed.
-                let git_ref = match git_ref {
-                    None => Some(None),
-                    Some(compiled) => compiled.map(Some),
-                };
-                let (Some(project), Some(git_ref)) = (project, git_ref) else {
-                    continue;
-                };
-                if variables.iter().any(|(_, c)| c.is_none()) {
-                    continue;
-                }
-                triggers.push(CompiledTrigger {
-                    spec: trigger.clone(),
-                    project,
-                    git_ref,
-                    variables: variables
-                        .into_iter()
-                        .map(|(k, c)| (k, c.expect("checked above")))
-                        .collect(),
-                    inputs,
-                    status_context: status_context.flatten(),
-                });
-            }
+            let triggers = spec
+                .triggers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, trigger)| compiler.trigger(&spec, i, trigger))
+                .collect();
             rules.push(Rule {
                 spec,
                 when,
                 triggers,
             });
         }
-        if !problems.is_empty() {
-            return Err(problems);
+        if !compiler.problems.is_empty() {
+            return Err(compiler.problems);
         }
-        let mut index: HashMap<(String, EventKind), Candidates> = HashMap::new();
-        for (i, rule) in rules.iter().enumerate() {
-            for (source, kind) in rule
-                .spec
-                .sources
-                .iter()
-                .flat_map(|source| rule.spec.events.iter().map(move |kind| (source, kind)))
-            {
-                let candidates = index.entry((source.clone(), *kind)).or_default();
-                // Literal names are indexed in lower case; `why_not` then applies each
-                // pattern's own case rule.
-                match rule.spec.repository.as_ref().and_then(Patterns::literal) {
-                    Some(repository) => candidates
-                        .by_repository
-                        .entry(repository.to_lowercase())
-                        .or_default()
-                        .push(i),
-                    None => candidates.any_repository.push(i),
-                }
-            }
-        }
+        let index = candidates_index(&rules);
         let tokens = rules
             .iter()
             .flat_map(|rule| &rule.triggers)
@@ -393,7 +266,7 @@ impl RuleSet {
         Ok(RuleSet {
             rules,
             tokens,
-            env: Arc::new(env),
+            env: Arc::new(compiler.env),
             index,
         })
     }
@@ -673,6 +546,145 @@ impl RuleSet {
         }
         Ok(text.to_owned())
     }
+}
+
+/// Compiles rules' templates into one environment, keeping every problem with its line.
+struct Compiler {
+    env: Environment<'static>,
+    problems: Vec<RuleProblem>,
+}
+
+impl Compiler {
+    /// One template (or `when` expression) of `spec`, named `name`, checked for the fields
+    /// it reads; `None` after recording its problem.
+    fn add(
+        &mut self,
+        spec: &RuleSpec,
+        name: String,
+        source: String,
+        line: usize,
+        what: &str,
+    ) -> Option<Compiled> {
+        let scheduled = spec.schedule.is_some();
+        let with_trigger = what == "status_context";
+        let constant = template::constant_text(&source);
+        let result = self
+            .env
+            .add_template_owned(name.clone(), source)
+            .map_err(|err| template::error_text(&err))
+            .and_then(|()| {
+                template::check_variables_with(&self.env, &name, scheduled, with_trigger)
+            });
+        match result {
+            Ok(()) => Some(Compiled { name, constant }),
+            Err(message) => {
+                self.problems.push(RuleProblem {
+                    file: spec.file.clone(),
+                    line,
+                    message: format!("rule {:?}: {what}: {message}", spec.name),
+                });
+                None
+            }
+        }
+    }
+
+    /// The `i`-th trigger of `spec`, every template of it compiled; `None` when one has a
+    /// problem (each recorded).
+    fn trigger(
+        &mut self,
+        spec: &RuleSpec,
+        i: usize,
+        trigger: &TriggerSpec,
+    ) -> Option<CompiledTrigger> {
+        let prefix = format!("{}/trigger{i}", spec.name);
+        let line = trigger.line;
+        let project = self.add(
+            spec,
+            format!("{prefix}/project"),
+            trigger.project.clone(),
+            line,
+            "project",
+        );
+        let git_ref = trigger
+            .git_ref
+            .as_ref()
+            .map(|text| self.add(spec, format!("{prefix}/ref"), text.clone(), line, "ref"));
+        let variables: Vec<_> = trigger
+            .variables
+            .iter()
+            .map(|(key, text)| {
+                let name = format!("{prefix}/variables/{key}");
+                let what = format!("variables.{key}");
+                (key.clone(), self.add(spec, name, text.clone(), line, &what))
+            })
+            .collect();
+        let inputs: Vec<_> = trigger
+            .inputs
+            .iter()
+            .map(|(key, value)| match value {
+                InputValue::Template(text) => {
+                    let name = format!("{prefix}/inputs/{key}");
+                    let what = format!("inputs.{key}");
+                    let compiled = self.add(spec, name, text.clone(), line, &what);
+                    (key.clone(), compiled.ok_or(serde_json::Value::Null))
+                }
+                InputValue::Literal(value) => (key.clone(), Err(value.clone())),
+            })
+            .collect();
+        let status_context = trigger.status_context.as_ref().map(|text| {
+            let name = format!("{prefix}/status_context");
+            self.add(spec, name, text.clone(), line, "status_context")
+        });
+        if matches!(status_context, Some(None)) {
+            return None;
+        }
+        // `git_ref`: None when the trigger has no ref template, Some(None) when it failed.
+        let git_ref = match git_ref {
+            None => Some(None),
+            Some(compiled) => compiled.map(Some),
+        };
+        let (Some(project), Some(git_ref)) = (project, git_ref) else {
+            return None;
+        };
+        let variables = variables
+            .into_iter()
+            .map(|(k, c)| Some((k, c?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(CompiledTrigger {
+            spec: trigger.clone(),
+            project,
+            git_ref,
+            variables,
+            inputs,
+            status_context: status_context.flatten(),
+        })
+    }
+}
+
+/// Which rules may match a source's event of a kind: by the repository a rule names
+/// literally (in lower case; `why_not` then applies each pattern's own case rule), or
+/// any repository.
+fn candidates_index(rules: &[Rule]) -> HashMap<(String, EventKind), Candidates> {
+    let mut index: HashMap<(String, EventKind), Candidates> = HashMap::new();
+    for (i, rule) in rules.iter().enumerate() {
+        for (source, kind) in rule
+            .spec
+            .sources
+            .iter()
+            .flat_map(|source| rule.spec.events.iter().map(move |kind| (source, kind)))
+        {
+            let candidates = index.entry((source.clone(), *kind)).or_default();
+            match rule.spec.repository.as_ref().and_then(Patterns::literal) {
+                Some(repository) => candidates
+                    .by_repository
+                    .entry(repository.to_lowercase())
+                    .or_default()
+                    .push(i),
+                None => candidates.any_repository.push(i),
+            }
+        }
+    }
+    index
 }
 
 /// The template context for an event: `{ event: … }`.
