@@ -384,98 +384,7 @@ async fn dispatch(
                     method: method.to_string(),
                 });
             }
-            let runtime = app.runtime();
-            let gateway_config = runtime
-                .config
-                .gateway
-                .as_ref()
-                .ok_or(GatewayError::Disabled)?;
-            let upstream = runtime
-                .upstreams
-                .get(&gateway_config.upstream)
-                .expect("configuration validated that the gateway's upstream exists");
-            let project = project.to_owned();
-            // A plain call is small; the webhook form's body is someone's webhook.
-            let server_limit = (app.server.max_body, "[server] max_body");
-            let limit = match git_ref {
-                None if gateway_config.max_body < app.server.max_body => {
-                    (gateway_config.max_body, "[gateway] max_body")
-                }
-                _ => server_limit,
-            };
-            let (parts, body, _room) = read_body(app, request, limit).await?;
-            let header_text =
-                |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
-            let call = CallRequest {
-                project: &project,
-                git_ref: git_ref.as_deref(),
-                query: parts.uri.query(),
-                content_type: header_text(header::CONTENT_TYPE),
-                gitlab_event: parts
-                    .headers
-                    .get("x-gitlab-event")
-                    .and_then(|v| v.to_str().ok()),
-                body,
-            };
-            let trigger = gateway::parse_trigger_call(call, &upstream.name).await?;
-            let client = gateway_config.per_client.as_ref().map(|_| {
-                let forwarded = parts
-                    .headers
-                    .get("x-forwarded-for")
-                    .and_then(|v| v.to_str().ok());
-                crate::limits::gateway_client(peer.ip(), forwarded, &gateway_config.trusted_proxies)
-            });
-            let token_key = gateway_config
-                .per_token
-                .as_ref()
-                .map(|_| crate::limits::gateway_token(&trigger.token));
-            let project_key = trigger.project.to_string();
-            for (limiter, key) in [
-                (
-                    runtime.limits.gateway_project.as_ref(),
-                    Some(project_key.as_str()),
-                ),
-                (runtime.limits.gateway_client.as_ref(), client.as_deref()),
-                (runtime.limits.gateway_token.as_ref(), token_key.as_deref()),
-            ] {
-                if let (Some(limiter), Some(key)) = (limiter, key)
-                    && let Err(refused) = limiter.check(key).await
-                {
-                    tracing::warn!(limit = %limiter.name, project = %trigger.project, ?refused, "gateway call not admitted by its limit");
-                    return Err(ApiError::limited(&limiter.name, refused));
-                }
-            }
-            if app.dry_run {
-                let mut shown = trigger.clone();
-                shown.token = crate::secret::Secret::new(trigger.token.masked());
-                let call = shown.upstream_call();
-                let would_send = format!("POST {}{}", upstream.url(), call.path_and_query);
-                tracing::info!(project = %trigger.project, git_ref = %trigger.git_ref, %would_send, "gateway call not forwarded (dry run)");
-                gateway::record(
-                    &app.outbox,
-                    &trigger,
-                    crate::outbox::Recorded::DryRun {
-                        would_send: would_send.clone(),
-                    },
-                )
-                .await;
-                return Ok(json_response(
-                    StatusCode::ACCEPTED,
-                    &json!({ "message": "dry run: hookrelay did not forward this call", "would_send": would_send }),
-                ));
-            }
-            let result = gateway::forward(upstream, &trigger).await;
-            app.metrics.upstream_response(
-                &upstream.name,
-                result.as_ref().ok().map(|a| a.status.as_u16()),
-            );
-            let recorded = gateway::recorded(&result);
-            gateway::record(&app.outbox, &trigger, recorded.clone()).await;
-            let answer = result?;
-            *upstream_latency = Some(answer.latency);
-            Ok(gateway::answer_response(
-                upstream, &trigger, &answer, &recorded,
-            ))
+            gateway_call(app, peer, project, git_ref, request, upstream_latency).await
         }
         Route::Metrics => match method {
             Method::GET | Method::HEAD => {
@@ -496,21 +405,7 @@ async fn dispatch(
             if method != Method::POST {
                 return Err(not_allowed("POST"));
             }
-            let runtime = app.runtime();
-            // What cannot be valid is refused before a byte of its body is read.
-            let config = runtime
-                .config
-                .sources
-                .get(source)
-                .ok_or_else(|| ApiError::UnknownSource(source.to_owned()))?;
-            if let Some(err) = crate::sources::missing_proof(config, request.headers()) {
-                tracing::warn!(source = %config.name, provider = %config.provider, error = %err, "webhook refused before its body was read");
-                app.metrics.signature_failure(&config.name);
-                return Err(err.into());
-            }
-            let (parts, body, _room) =
-                read_body(app, request, (app.server.max_body, "[server] max_body")).await?;
-            crate::hooks::handle(app, &runtime, config, &parts, &body).await
+            webhook(app, source, request).await
         }
         Route::UnencodedProject { use_instead } => Err(ApiError::UnencodedProject {
             path: request.uri().path().to_owned(),
@@ -521,6 +416,135 @@ async fn dispatch(
             path: request.uri().path().to_owned(),
         }),
     }
+}
+
+/// A call to the trigger API gateway: read and parse it, check its limits, forward it to
+/// GitLab (or say what would be sent, on a dry run), record it, and hand GitLab's answer
+/// back.
+async fn gateway_call(
+    app: &App,
+    peer: SocketAddr,
+    project: &str,
+    git_ref: Option<String>,
+    request: Request<Incoming>,
+    upstream_latency: &mut Option<Duration>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let runtime = app.runtime();
+    let gateway_config = runtime
+        .config
+        .gateway
+        .as_ref()
+        .ok_or(GatewayError::Disabled)?;
+    let upstream = runtime
+        .upstreams
+        .get(&gateway_config.upstream)
+        .expect("configuration validated that the gateway's upstream exists");
+    let project = project.to_owned();
+    // A plain call is small; the webhook form's body is someone's webhook.
+    let server_limit = (app.server.max_body, "[server] max_body");
+    let limit = match git_ref {
+        None if gateway_config.max_body < app.server.max_body => {
+            (gateway_config.max_body, "[gateway] max_body")
+        }
+        _ => server_limit,
+    };
+    let (parts, body, _room) = read_body(app, request, limit).await?;
+    let header_text =
+        |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let call = CallRequest {
+        project: &project,
+        git_ref: git_ref.as_deref(),
+        query: parts.uri.query(),
+        content_type: header_text(header::CONTENT_TYPE),
+        gitlab_event: parts
+            .headers
+            .get("x-gitlab-event")
+            .and_then(|v| v.to_str().ok()),
+        body,
+    };
+    let trigger = gateway::parse_trigger_call(call, &upstream.name).await?;
+    let client = gateway_config.per_client.as_ref().map(|_| {
+        let forwarded = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        crate::limits::gateway_client(peer.ip(), forwarded, &gateway_config.trusted_proxies)
+    });
+    let token_key = gateway_config
+        .per_token
+        .as_ref()
+        .map(|_| crate::limits::gateway_token(&trigger.token));
+    let project_key = trigger.project.to_string();
+    for (limiter, key) in [
+        (
+            runtime.limits.gateway_project.as_ref(),
+            Some(project_key.as_str()),
+        ),
+        (runtime.limits.gateway_client.as_ref(), client.as_deref()),
+        (runtime.limits.gateway_token.as_ref(), token_key.as_deref()),
+    ] {
+        if let (Some(limiter), Some(key)) = (limiter, key)
+            && let Err(refused) = limiter.check(key).await
+        {
+            tracing::warn!(limit = %limiter.name, project = %trigger.project, ?refused, "gateway call not admitted by its limit");
+            return Err(ApiError::limited(&limiter.name, refused));
+        }
+    }
+    if app.dry_run {
+        let mut shown = trigger.clone();
+        shown.token = crate::secret::Secret::new(trigger.token.masked());
+        let call = shown.upstream_call();
+        let would_send = format!("POST {}{}", upstream.url(), call.path_and_query);
+        tracing::info!(project = %trigger.project, git_ref = %trigger.git_ref, %would_send, "gateway call not forwarded (dry run)");
+        gateway::record(
+            &app.outbox,
+            &trigger,
+            crate::outbox::Recorded::DryRun {
+                would_send: would_send.clone(),
+            },
+        )
+        .await;
+        return Ok(json_response(
+            StatusCode::ACCEPTED,
+            &json!({ "message": "dry run: hookrelay did not forward this call", "would_send": would_send }),
+        ));
+    }
+    let result = gateway::forward(upstream, &trigger).await;
+    app.metrics.upstream_response(
+        &upstream.name,
+        result.as_ref().ok().map(|a| a.status.as_u16()),
+    );
+    let recorded = gateway::recorded(&result);
+    gateway::record(&app.outbox, &trigger, recorded.clone()).await;
+    let answer = result?;
+    *upstream_latency = Some(answer.latency);
+    Ok(gateway::answer_response(
+        upstream, &trigger, &answer, &recorded,
+    ))
+}
+
+/// A webhook for `source`: refused before its body is read when it cannot be valid, then
+/// handled (verify, plan, limit, record, reply).
+async fn webhook(
+    app: &App,
+    source: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let runtime = app.runtime();
+    // What cannot be valid is refused before a byte of its body is read.
+    let config = runtime
+        .config
+        .sources
+        .get(source)
+        .ok_or_else(|| ApiError::UnknownSource(source.to_owned()))?;
+    if let Some(err) = crate::sources::missing_proof(config, request.headers()) {
+        tracing::warn!(source = %config.name, provider = %config.provider, error = %err, "webhook refused before its body was read");
+        app.metrics.signature_failure(&config.name);
+        return Err(err.into());
+    }
+    let (parts, body, _room) =
+        read_body(app, request, (app.server.max_body, "[server] max_body")).await?;
+    crate::hooks::handle(app, &runtime, config, &parts, &body).await
 }
 
 /// How long a request waits for room under `[server] body_memory` before it is refused.
