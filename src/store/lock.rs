@@ -37,14 +37,20 @@ pub enum LockError {
     Io { path: String, reason: String },
 }
 
+impl LockError {
+    fn io(path: &Path, err: std::io::Error) -> LockError {
+        LockError::Io {
+            path: path.display().to_string(),
+            reason: err.to_string(),
+        }
+    }
+}
+
 /// Takes the state folder's lock, or says which process holds it. `holder` is written
 /// into the file for the next one to read (e.g. `pid 42, listening on 127.0.0.1:8080`).
 pub fn lock_state_folder(folder: &Path, holder: &str) -> Result<StateLock, LockError> {
     let path = folder.join(LOCK_FILE);
-    let io = |err: std::io::Error| LockError::Io {
-        path: path.display().to_string(),
-        reason: err.to_string(),
-    };
+    let io = |err| LockError::io(&path, err);
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -88,12 +94,7 @@ fn lock_store_file(folder: &Path) -> Result<Option<File>, LockError> {
     let file = match File::open(&path) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => {
-            return Err(LockError::Io {
-                path: path.display().to_string(),
-                reason: err.to_string(),
-            });
-        }
+        Err(err) => return Err(LockError::io(&path, err)),
     };
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
@@ -104,10 +105,7 @@ fn lock_store_file(folder: &Path) -> Result<Option<File>, LockError> {
                 path.display()
             ),
         }),
-        Err(TryLockError::Error(err)) => Err(LockError::Io {
-            path: path.display().to_string(),
-            reason: err.to_string(),
-        }),
+        Err(TryLockError::Error(err)) => Err(LockError::io(&path, err)),
     }
 }
 

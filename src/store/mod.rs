@@ -27,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 
-pub use text::{LONGEST_KEY, bounded_key};
+pub use text::bounded_key;
 
 /// Token references of gateway calls start with this: the caller's token is not stored.
 pub const CALLER_TOKEN: &str = "caller token ";

@@ -84,7 +84,7 @@ impl SqliteEngine {
             checkpointer: None,
             open_change: Default::default(),
             open_at_savepoint: 0,
-            opened_file: file_identity(path),
+            opened_file: file_identity(path).ok(),
         })
     }
 
@@ -99,8 +99,8 @@ impl SqliteEngine {
             return Ok(());
         };
         let path = self.path.display();
-        let what = match std::fs::metadata(&self.path) {
-            Ok(now) if (now.dev(), now.ino()) == opened => return Ok(()),
+        let what = match file_identity(&self.path) {
+            Ok(now) if now == opened => return Ok(()),
             Ok(_) => "was replaced by another file",
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => "was deleted",
             Err(err) => {
@@ -312,10 +312,8 @@ pub fn backup(state_dir: &Path, to: &Path) -> Result<u64, EngineError> {
 }
 
 /// A file's device and inode, which name it whatever path leads to it.
-fn file_identity(path: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(path)
-        .ok()
-        .map(|meta| (meta.dev(), meta.ino()))
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    std::fs::metadata(path).map(|meta| (meta.dev(), meta.ino()))
 }
 
 fn open_connection(path: &Path) -> rusqlite::Result<Connection> {

@@ -36,9 +36,14 @@ pub fn bounded_key(key: String) -> String {
 /// What stands in for a NUL: the character for "this could not be represented".
 const REPLACEMENT: &str = "\u{fffd}";
 
+/// Whether `text` holds a NUL.
+fn has_nul(text: &str) -> bool {
+    text.as_bytes().contains(&0)
+}
+
 /// `value`, with U+FFFD for each NUL (borrowed when it has none, as text almost always does).
 pub(super) fn text(value: &str) -> Cow<'_, str> {
-    if value.contains('\0') {
+    if has_nul(value) {
         Cow::Owned(value.replace('\0', REPLACEMENT))
     } else {
         Cow::Borrowed(value)
@@ -151,24 +156,30 @@ fn trigger_texts(trigger: &NewTrigger) -> impl Iterator<Item = &str> {
         pipeline_id: _,
         queue_key,
     } = trigger;
-    let outcome = match done {
-        Some(Recorded::Sent { pipeline_url, .. }) => [None, pipeline_url.as_deref()],
-        Some(Recorded::Retry { reason, .. } | Recorded::Deferred { reason, .. }) => {
-            [Some(reason.as_str()), None]
-        }
-        Some(Recorded::Failed {
-            reason,
-            pipeline_url,
-            ..
-        }) => [Some(reason.as_str()), pipeline_url.as_deref()],
-        Some(Recorded::DryRun { would_send }) => [Some(would_send.as_str()), None],
-        Some(Recorded::Released) | None => [None, None],
-    };
     [rule, upstream, project, git_ref, token_ref]
         .into_iter()
         .map(String::as_str)
         .chain(queue_key.as_deref())
-        .chain(outcome.into_iter().flatten())
+        .chain(done.iter().flat_map(recorded_texts))
+}
+
+/// Every text of an outcome, to look at before anything is copied.
+fn recorded_texts(recorded: &Recorded) -> impl Iterator<Item = &str> {
+    match recorded {
+        Recorded::Sent { pipeline_url, .. } => [None, pipeline_url.as_deref()],
+        Recorded::Retry { reason, .. } | Recorded::Deferred { reason, .. } => {
+            [Some(reason.as_str()), None]
+        }
+        Recorded::Failed {
+            reason,
+            pipeline_url,
+            ..
+        } => [Some(reason.as_str()), pipeline_url.as_deref()],
+        Recorded::DryRun { would_send } => [Some(would_send.as_str()), None],
+        Recorded::Released => [None, None],
+    }
+    .into_iter()
+    .flatten()
 }
 
 /// Whether a text of `delivery` that may hold a NUL does: looked at without copying
@@ -186,7 +197,6 @@ fn delivery_has_nul(delivery: &NewDelivery) -> bool {
         summary: _,
         triggers,
     } = delivery;
-    let has_nul = |text: &str| text.as_bytes().contains(&0);
     [source, delivery_id, event_type]
         .into_iter()
         .any(|text| has_nul(text))
@@ -202,11 +212,7 @@ pub(super) fn delivery(delivery: &NewDelivery) -> Cow<'_, NewDelivery> {
 }
 
 pub(super) fn triggers(work: &[NewTrigger]) -> Cow<'_, [NewTrigger]> {
-    if work
-        .iter()
-        .flat_map(trigger_texts)
-        .any(|t| t.contains('\0'))
-    {
+    if work.iter().flat_map(trigger_texts).any(has_nul) {
         let mut copy = work.to_vec();
         copy.iter_mut().for_each(|t| {
             mend_trigger(t);
@@ -217,8 +223,14 @@ pub(super) fn triggers(work: &[NewTrigger]) -> Cow<'_, [NewTrigger]> {
     }
 }
 
+/// An outcome as stored: copied only when it holds a NUL (the forwarder records one per
+/// send).
 pub(super) fn recorded(recorded: &Recorded) -> Cow<'_, Recorded> {
-    mended(recorded, mend_recorded)
+    if recorded_texts(recorded).any(has_nul) {
+        mended(recorded, mend_recorded)
+    } else {
+        Cow::Borrowed(recorded)
+    }
 }
 
 pub(super) fn filter(filter: &ListFilter) -> Cow<'_, ListFilter> {
