@@ -599,3 +599,87 @@ async fn a_store_file_deleted_under_the_relay_acknowledges_nothing_more_and_send
         "{lines:?}"
     );
 }
+
+/// libfaketime, from Debian's `libfaketime` package (`.ci/run` installs it).
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// Waits up to `within` for the upstream to have received `calls` calls.
+async fn calls_within(upstream: &RecordingUpstream, calls: usize, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while upstream.received().len() < calls {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// The relay's clock set back an hour (an NTP step after a boot with a wrong hardware
+/// clock, a virtual machine restored) while a trigger waits for its retry: the retry
+/// comes when it was due, with no webhook arriving to wake anything, and a trigger queued
+/// behind it follows; before, both waited the hour. The step is libfaketime's, for the
+/// relay only (its monotonic clock runs on, as the kernel's does when the wall clock is
+/// set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_set_back_an_hour_delays_no_retry_and_nothing_behind_it() {
+    if !Path::new(FAKETIME).exists() {
+        assert!(
+            std::env::var_os("HOOKRELAY_REQUIRE_TMPFS").is_none(),
+            "HOOKRELAY_REQUIRE_TMPFS is set (CI) but {FAKETIME} is missing (apt-get install libfaketime)"
+        );
+        eprintln!("SKIPPED: no libfaketime ({FAKETIME})");
+        return;
+    }
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    // Retries a few seconds apart, so that the first one waits when the clock is set.
+    let config = std::fs::read_to_string(dir.path().join("relay.toml"))
+        .unwrap()
+        .replace("retry_base = \"50ms\"", "retry_base = \"3s\"")
+        .replace("retry_cap = \"200ms\"", "retry_cap = \"3s\"");
+    write(dir.path(), "relay.toml", &config);
+    let offset = dir.path().join("faketime");
+    write(dir.path(), "faketime", "+0");
+    let mut relay = {
+        let mut command = Command::new(BIN);
+        command
+            .env("HOOKRELAY_TEST_TOKEN", "glptt-test")
+            .env("LD_PRELOAD", FAKETIME)
+            .env("FAKETIME_TIMESTAMP_FILE", &offset)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        Served::start_with(command, dir.path(), &dir.path().join("state"))
+    };
+    let address = relay.address();
+    let secret = "s3cret-for-the-tests";
+
+    upstream.answer_next(Answer::new(
+        500,
+        r#"{"message":"500 Internal Server Error"}"#,
+    ));
+    assert_eq!(github_tag(&address, secret).await.status, 202);
+    assert!(calls_within(&upstream, 1, Duration::from_secs(10)).await);
+    relay.wait_for("trigger will be retried");
+    let set_back = Instant::now();
+    write(dir.path(), "faketime", "-1h");
+
+    assert!(
+        calls_within(&upstream, 2, Duration::from_secs(15)).await,
+        "the retry waits for the hour the clock went back"
+    );
+    let waited = set_back.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "the retry came {waited:?} after the step"
+    );
+    relay.wait_for("the store's clock went back");
+    assert_eq!(github_tag(&address, secret).await.status, 202);
+    assert!(calls_within(&upstream, 3, Duration::from_secs(10)).await);
+    let order: Vec<Option<String>> = upstream.received().iter().map(delivery_of).collect();
+    assert_eq!(order[0], order[1], "the first call, then its retry");
+    assert_ne!(order[1], order[2]);
+    let (code, lines) = relay.terminate();
+    assert_eq!(code, Some(0), "{lines:#?}");
+}

@@ -190,10 +190,14 @@ pub async fn run(
     // When to claim next (milliseconds since 1970): each claim says when the next key
     // falls due; a new trigger or a recorded outcome brings it forward.
     let mut claim_at = now_ms();
+    // A claim is never further off than a poll or the store's backoff: a later one was
+    // set before the clock went back, and would wait that much longer.
+    let furthest_claim = (poll_ms * 3 / 2).max(STORE_BACKOFF_MAX.as_millis() as i64);
     loop {
         if *stop.borrow() {
             break;
         }
+        claim_at = claim_at.min(now_ms() + furthest_claim);
         if tokio::time::Instant::now() >= next_evict {
             next_evict += EVICT_EVERY;
             app.runtime().limits.evict_idle().await;

@@ -16,6 +16,7 @@
 //!
 //! The writer speaks to its database only through [`crate::store::Engine`].
 
+pub mod clock;
 mod new_work;
 pub mod outage;
 mod writer;
@@ -890,6 +891,15 @@ mod tests {
         }
         fn newest_status(&mut self, key: &str, id: i64) -> Result<Option<String>, EngineError> {
             self.inner.newest_status(key, id)
+        }
+        fn clock_noted(&mut self) -> Result<Option<i64>, EngineError> {
+            self.inner.clock_noted()
+        }
+        fn note_clock(&mut self, now: i64) -> Result<(), EngineError> {
+            self.inner.note_clock(now)
+        }
+        fn move_deadlines_back(&mut self, by: i64, now: i64) -> Result<(), EngineError> {
+            self.inner.move_deadlines_back(by, now)
         }
         fn prune(
             &mut self,

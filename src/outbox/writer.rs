@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::clock::{ClockWatch, Look};
 use super::{Duty, NewDelivery, NewWork, Op, RETRY_EVERY, Recorded, StoreHealth, now_ms};
 use crate::store::lock::StateLock;
 use crate::store::{Accepted, Engine, EngineError, Lease};
@@ -171,6 +172,9 @@ pub(super) struct Writer {
     logged: crate::limits::Throttle<&'static str>,
     /// Commits that acknowledgements wait for, timed for `/metrics`.
     timings: crate::metrics::StoreTimings,
+    /// The latest time seen on the store's clock, once read from the store: a clock set
+    /// back is noticed (see [`super::clock`]).
+    clock: Option<ClockWatch>,
     /// The state folder's lock, held as long as the writer runs.
     _lock: Option<StateLock>,
 }
@@ -233,6 +237,7 @@ impl Writer {
             health,
             pending: Vec::new(),
             logged: crate::limits::Throttle::new(RETRY_EVERY),
+            clock: None,
             _lock: lock,
         };
         let name = match duty {
@@ -333,6 +338,9 @@ impl Writer {
         let now = now_ms();
         let mut outcome = GroupOutcome::default();
         let mut begun = self.engine.begin(durable);
+        if begun.is_ok() && self.keep_time(now, &mut outcome) {
+            begun = self.engine.begin(durable);
+        }
         // The group's webhooks first, together where the engine can: nothing else is in
         // the transaction yet, so a failed batch is undone by a rollback (no savepoint
         // round trips), and the group goes one by one in a new transaction.
@@ -379,6 +387,87 @@ impl Writer {
             self.timings.commit_size.observe(size as f64);
         }
         self.finish(committed, outcome);
+    }
+
+    /// Looks at the store's clock with the group's transaction just begun (the
+    /// database's clock is read at `begin`): notes the time in it once a second; when the
+    /// clock went back, ends it and moves the waiting deadlines back in a transaction of
+    /// their own first (see [`super::clock`]). Returns whether the group's transaction
+    /// was ended (and must begin again). On a shared store the claims' writer keeps time
+    /// too: with no webhooks coming, claims are what runs.
+    fn keep_time(&mut self, now: i64, outcome: &mut GroupOutcome) -> bool {
+        let store_now = now + self.engine.clock_skew();
+        let clock = match &mut self.clock {
+            Some(clock) => clock,
+            None => {
+                // The first group reads what the store noted last, apart: a step while
+                // no relay ran shows at the first look.
+                self.engine.rollback();
+                let noted = self.engine.begin(false).and_then(|()| {
+                    let noted = self.engine.clock_noted();
+                    self.engine.commit().and(noted)
+                });
+                if noted.is_err() {
+                    self.engine.rollback();
+                }
+                self.clock = noted.ok().map(ClockWatch::from_store);
+                return true;
+            }
+        };
+        match clock.look(store_now) {
+            // The claims' writer only looks: a claim waits on nothing while it holds
+            // keys, and noting writes a row other relays' commits write too.
+            Look::Steady { note: true } if self.duty == Duty::Writes => {
+                // Failing, it fails the group's commit, which says why.
+                let _ = self.engine.note_clock(now);
+                false
+            }
+            Look::Steady { .. } => false,
+            Look::WentBack => {
+                self.engine.rollback();
+                self.move_deadlines_back(now, outcome);
+                true
+            }
+        }
+    }
+
+    /// The store's clock went back: every waiting deadline moves back by as much as the
+    /// time the store noted last is ahead of it, unless another relay did that first.
+    fn move_deadlines_back(&mut self, now: i64, outcome: &mut GroupOutcome) {
+        let moved = self.engine.begin(true).and_then(|()| {
+            let store_now = now + self.engine.clock_skew();
+            let by = self
+                .engine
+                .clock_noted()
+                .map(|noted| noted.map_or(0, |noted| noted - store_now))?;
+            if by > 0 {
+                self.engine.move_deadlines_back(by, now)?;
+            }
+            self.engine.commit().map(|()| (by, store_now))
+        });
+        match moved {
+            Ok((by, store_now)) => {
+                if let Some(clock) = &mut self.clock {
+                    clock.moved_back_to(store_now);
+                }
+                if by > 0 {
+                    tracing::warn!(
+                        by_ms = by,
+                        "the store's clock went back; every waiting retry, deferral and limit was moved back as much, and keeps the time it had left"
+                    );
+                    outcome.note_unlisted_work();
+                }
+            }
+            Err(err) => {
+                self.engine.rollback();
+                if let Some(held_back) = self.logged.allow("clock") {
+                    tracing::error!(
+                        reason = %err, held_back,
+                        "the store's clock went back, and the waiting deadlines could not be moved back with it; trying again with the next group"
+                    );
+                }
+            }
+        }
     }
 
     /// Records the group's webhooks in one go where the engine can (a few statements for

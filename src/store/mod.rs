@@ -1015,6 +1015,19 @@ pub trait Engine: Send + 'static {
     ) -> Result<Pruned, EngineError>;
     /// A small write that proves the store takes writes again.
     fn probe(&mut self, now: i64) -> Result<(), EngineError>;
+    /// The latest time on the store's clock that a writer noted (see `outbox::clock`),
+    /// read inside a transaction; on a shared store it also takes the lock under which
+    /// deadlines are moved, so that relays seeing one step move them once between them.
+    fn clock_noted(&mut self) -> Result<Option<i64>, EngineError>;
+    /// Notes `now` as seen on the store's clock (never lowering what is noted), with the
+    /// open transaction.
+    fn note_clock(&mut self, now: i64) -> Result<(), EngineError>;
+    /// The store's clock went back `by` milliseconds: every deadline still waiting (due
+    /// times of waiting triggers and keys; on a shared store, limits and pauses) moves
+    /// `by` earlier, so each keeps the time it had left, and `now` becomes the time noted.
+    /// Leases are left as they are: a relay sending under one finishes it, and a dead
+    /// relay's work is taken over at most `by` later.
+    fn move_deadlines_back(&mut self, by: i64, now: i64) -> Result<(), EngineError>;
     /// At start: heads leased by a process that is gone are due again (at-least-once).
     fn recover_leases(&mut self) -> Result<usize, EngineError>;
 

@@ -47,6 +47,9 @@ pub struct PostgresEngine {
     touched: Vec<(String, Touch)>,
     /// Change to the count of unfinished triggers, written at commit.
     open_change: i64,
+    /// The time on the database's clock to note at commit (see `Engine::note_clock`),
+    /// with the count, in this connection's row of `hr_open`.
+    clock_note: Option<i64>,
     /// `touched.len()` and `open_change` when the current savepoint was set.
     savepoint_mark: (usize, i64),
     /// A savepoint costs a round trip, and its release another; the next three fields
@@ -170,6 +173,7 @@ impl PostgresEngine {
             follow_database_clock: true,
             touched: Vec::new(),
             open_change: 0,
+            clock_note: None,
             savepoint_mark: (0, 0),
             fresh: false,
             savepoint_at_start: false,
@@ -259,6 +263,7 @@ impl PostgresEngine {
     fn forget_transaction(&mut self) {
         self.touched.clear();
         self.open_change = 0;
+        self.clock_note = None;
         self.savepoint_at_start = false;
         self.release_pending = false;
     }
@@ -746,6 +751,43 @@ impl Engine for PostgresEngine {
         self.client()
             .execute("UPDATE hr_stats SET probed_at = $1 WHERE id = 1", &[&now])
             .map(|_| ())
+            .map_err(error)
+    }
+
+    /// Under an advisory lock held to the end of the transaction: relays that see the
+    /// same step take turns, and the second finds it dealt with.
+    fn clock_noted(&mut self) -> Result<Option<i64>, EngineError> {
+        (|| {
+            self.client().execute(
+                "SELECT pg_advisory_xact_lock(hashtext('hookrelay:clock'))",
+                &[],
+            )?;
+            let row = self
+                .client()
+                .query_one("SELECT max(clock_noted) FROM hr_open", &[])?;
+            Ok(row.get(0))
+        })()
+        .map_err(error)
+    }
+
+    fn note_clock(&mut self, now: i64) -> Result<(), EngineError> {
+        self.clock_note = Some(now + self.skew_ms);
+        Ok(())
+    }
+
+    /// Limits and pauses are kept in microseconds; those already past are left, as
+    /// moving them changes nothing. Every relay's noted time is lowered, or the step
+    /// would be seen again in the highest.
+    fn move_deadlines_back(&mut self, by: i64, now: i64) -> Result<(), EngineError> {
+        let now = now + self.skew_ms;
+        self.client()
+            .batch_execute(&format!(
+                "UPDATE hr_triggers SET due_at = due_at - {by} WHERE state = 'queued';
+                 UPDATE hr_keys SET due_at = due_at - {by} WHERE due_at IS NOT NULL;
+                 UPDATE hr_limits SET tat = tat - {by}::bigint * 1000 WHERE tat > hr_now_us();
+                 UPDATE hr_limits SET paused_until = paused_until - {by}::bigint * 1000 WHERE paused_until > hr_now_us();
+                 UPDATE hr_open SET clock_noted = {now};"
+            ))
             .map_err(error)
     }
 

@@ -237,6 +237,66 @@ pub fn retries_and_deferrals_wait_until_due(engine: &mut dyn Engine) {
     assert!(!record(engine, due[0].lease, sent(), 1001));
 }
 
+/// A clock an hour fast set a retry, a trigger queued behind it and another key's
+/// trigger, and was then set right: each deadline moves back the hour and keeps the
+/// time it had left; the time noted comes down with it, and is never lowered otherwise.
+pub fn deadlines_move_back_with_a_clock_set_back(engine: &mut dyn Engine) {
+    let hour = 3_600_000;
+    let fast = 10 * hour;
+    let right = fast - hour;
+    assert_eq!(tx(engine, |e| e.clock_noted().unwrap()), None);
+    tx(engine, |e| e.note_clock(fast).unwrap());
+    accept(engine, "retried", "p", fast);
+    accept(engine, "behind", "p", fast);
+    let due = claim(engine, fast, 1);
+    record(
+        engine,
+        due[0].lease,
+        Recorded::Retry {
+            due_at: fast + 5_000,
+            status: Some(500),
+            reason: "500 Internal Server Error".into(),
+        },
+        fast,
+    );
+    tx(engine, |e| {
+        e.insert_delivery(
+            &delivery(
+                "later",
+                vec![NewTrigger {
+                    delay_ms: 1_000,
+                    ..trigger("q")
+                }],
+            ),
+            fast,
+        )
+        .unwrap()
+    });
+    tx(engine, |e| e.note_clock(fast + 100).unwrap());
+    assert_eq!(tx(engine, |e| e.clock_noted().unwrap()), Some(fast + 100));
+
+    tx(engine, |e| {
+        e.move_deadlines_back(hour + 100, right).unwrap()
+    });
+    assert_eq!(tx(engine, |e| e.clock_noted().unwrap()), Some(right));
+    let claimed = tx(engine, |e| e.claim(right + 899, 10).unwrap());
+    assert!(claimed.due.is_empty(), "nothing is due before its time");
+    assert_eq!(claimed.next_due, Some(right + 900));
+    assert_eq!(ids(&claim(engine, right + 900, 10)), ["later"]);
+    assert!(claim(engine, right + 4_899, 10).is_empty());
+    let retried = claim(engine, right + 4_900, 10);
+    assert_eq!(ids(&retried), ["retried"]);
+    assert!(record(engine, retried[0].lease, sent(), right + 4_901));
+    assert_eq!(ids(&claim(engine, right + 4_902, 10)), ["behind"]);
+
+    tx(engine, |e| e.note_clock(right - 50_000).unwrap());
+    assert_eq!(
+        tx(engine, |e| e.clock_noted().unwrap()),
+        Some(right),
+        "noting never lowers the time noted"
+    );
+}
+
 pub fn a_held_head_hides_no_other_key(engine: &mut dyn Engine) {
     // 200 triggers behind one held head; one trigger on another key, due later.
     tx(engine, |e| {
@@ -1154,6 +1214,7 @@ macro_rules! engine_semantics {
             one_lease_per_key_and_keys_go_in_order,
             outcomes_need_the_current_lease,
             retries_and_deferrals_wait_until_due,
+            deadlines_move_back_with_a_clock_set_back,
             a_held_head_hides_no_other_key,
             a_down_upstreams_keys_wait_for_its_pause,
             leases_of_a_dead_process_are_due_again,

@@ -574,6 +574,46 @@ impl Engine for SqliteEngine {
             .map_err(error)
     }
 
+    fn clock_noted(&mut self) -> Result<Option<i64>, EngineError> {
+        self.conn
+            .prepare_cached("SELECT clock_noted FROM outbox_stats WHERE id = 1")
+            .and_then(|mut s| s.query_row([], |row| row.get(0)))
+            .map_err(error)
+    }
+
+    fn note_clock(&mut self, now: i64) -> Result<(), EngineError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE outbox_stats SET clock_noted = max(coalesce(clock_noted, ?1), ?1) WHERE id = 1",
+            )
+            .and_then(|mut s| s.execute(params![now]))
+            .map(|_| ())
+            .map_err(error)
+    }
+
+    /// Waiting triggers through the index of unfinished ones (its condition written as
+    /// the index's, which SQLite needs to use it), then their keys.
+    fn move_deadlines_back(&mut self, by: i64, now: i64) -> Result<(), EngineError> {
+        (|| {
+            self.conn
+                .prepare_cached(
+                    "UPDATE triggers SET due_at = due_at - ?1
+                     WHERE state IN ('queued', 'sending') AND state = 'queued'",
+                )?
+                .execute(params![by])?;
+            self.conn
+                .prepare_cached(
+                    "UPDATE queue_keys SET due_at = due_at - ?1 WHERE due_at IS NOT NULL",
+                )?
+                .execute(params![by])?;
+            self.conn
+                .prepare_cached("UPDATE outbox_stats SET clock_noted = ?1 WHERE id = 1")?
+                .execute(params![now])?;
+            Ok(())
+        })()
+        .map_err(error)
+    }
+
     fn recover_leases(&mut self) -> Result<usize, EngineError> {
         (|| {
             let tx = self

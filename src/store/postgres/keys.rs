@@ -140,16 +140,21 @@ impl PostgresEngine {
         Ok(())
     }
 
-    /// `COMMIT`, with the transaction's change to the count of unfinished triggers in the
-    /// same round trip (two numbers, written into the text: nothing else goes there).
+    /// `COMMIT`, with the transaction's change to the count of unfinished triggers and the
+    /// time to note, if any, in the same round trip (numbers, written into the text:
+    /// nothing else goes there).
     pub(super) fn commit_counting(&mut self) -> Result<(), postgres::Error> {
         let change = std::mem::take(&mut self.open_change);
-        if change == 0 {
+        let clock = self.clock_note.take();
+        if change == 0 && clock.is_none() {
             return self.client().batch_execute("COMMIT");
         }
         let shard = self.open_shard;
+        let clock = clock.map_or(String::new(), |now| {
+            format!(", clock_noted = greatest(clock_noted, {now})")
+        });
         self.client().batch_execute(&format!(
-            "UPDATE hr_open SET open = open + {change} WHERE shard = {shard}; COMMIT"
+            "UPDATE hr_open SET open = open + {change}{clock} WHERE shard = {shard}; COMMIT"
         ))
     }
 

@@ -134,4 +134,10 @@ DROP INDEX IF EXISTS hr_deliveries_delivery_id;
     r#"
 ALTER TABLE hr_triggers DROP CONSTRAINT IF EXISTS hr_triggers_delivery_fkey;
 "#,
+    // The latest time each relay's writer saw on the database's clock, noted once a
+    // second with its count: a clock set back is noticed, and the waiting deadlines
+    // moved back with it (`outbox::clock`).
+    r#"
+ALTER TABLE hr_open ADD COLUMN clock_noted bigint;
+"#,
 ];

@@ -725,3 +725,46 @@ fn a_replay_and_a_prune_of_one_delivery_at_once_leave_no_trigger_behind() {
     );
     assert_eq!(pruner.depth().unwrap().open, 0);
 }
+
+/// A database clock set back an hour: shared limits and pauses set before the step keep
+/// the time they had left (else a project's limit or pause held every relay for the hour),
+/// and a limit already past is left alone; every relay's noted time comes down.
+#[test]
+fn limits_and_pauses_move_back_with_a_clock_set_back() {
+    use crate::store::Engine;
+    let Some((_database, mut engine)) = on_new_database() else {
+        return;
+    };
+    let hour_us: i64 = 3_600_000_000;
+    engine
+        .client()
+        .batch_execute(&format!(
+            "INSERT INTO hr_limits (key, tat, paused_until) VALUES
+                 ('fast', hr_now_us() + {hour_us} + 2000000, hr_now_us() + {hour_us} + 30000000),
+                 ('past', 5, NULL);
+             UPDATE hr_open SET clock_noted = {} WHERE shard = 3",
+            crate::store::now_ms() + 3_600_000
+        ))
+        .unwrap();
+    engine.begin(true).unwrap();
+    assert!(engine.clock_noted().unwrap().is_some());
+    engine
+        .move_deadlines_back(3_600_000, crate::store::now_ms())
+        .unwrap();
+    engine.commit().unwrap();
+    let row = engine
+        .client()
+        .query_one(
+            "SELECT (tat - hr_now_us()) / 1000, (paused_until - hr_now_us()) / 1000,
+                    (SELECT tat FROM hr_limits WHERE key = 'past'),
+                    (SELECT count(DISTINCT clock_noted) FROM hr_open)
+             FROM hr_limits WHERE key = 'fast'",
+            &[],
+        )
+        .unwrap();
+    let (tat_left, pause_left): (i64, i64) = (row.get(0), row.get(1));
+    assert!((1_000..=2_000).contains(&tat_left), "{tat_left} ms");
+    assert!((29_000..=30_000).contains(&pause_left), "{pause_left} ms");
+    assert_eq!(row.get::<_, i64>(2), 5);
+    assert_eq!(row.get::<_, i64>(3), 1, "every shard noted the same time");
+}

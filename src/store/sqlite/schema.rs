@@ -97,4 +97,9 @@ CREATE INDEX deliveries_source_received ON deliveries (source, received_at);
 DROP INDEX triggers_coalesce;
 CREATE INDEX triggers_coalescing ON triggers (coalesce_key, id) WHERE state = 'queued' AND coalesce_key IS NOT NULL;
 "#,
+    // The latest time the writer saw on the clock, noted once a second: a clock set back
+    // is noticed, and the waiting deadlines moved back with it (`outbox::clock`).
+    r#"
+ALTER TABLE outbox_stats ADD COLUMN clock_noted INTEGER;
+"#,
 ];
