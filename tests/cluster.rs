@@ -945,6 +945,97 @@ async fn a_relay_whose_clock_is_an_hour_fast_changes_nothing() {
     assert_eq!(code, Some(0), "{lines:#?}");
 }
 
+/// The database's clock set back an hour (libfaketime on the server) while a trigger
+/// waits for its retry, with two relays up and no webhook arriving: the retry comes
+/// within seconds of its due time, and its project's shared limit (set on the old clock)
+/// lets it through; one relay moves the deadlines and the other finds them moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_clock_set_back_an_hour_delays_no_retry_on_any_relay() {
+    if !Path::new(FAKETIME).exists() {
+        assert!(
+            std::env::var_os("HOOKRELAY_REQUIRE_POSTGRES").is_none(),
+            "HOOKRELAY_REQUIRE_POSTGRES is set but {FAKETIME} is missing (apt-get install libfaketime)"
+        );
+        eprintln!("SKIPPED: no libfaketime ({FAKETIME})");
+        return;
+    }
+    let Some((server, offset)) =
+        tokio::task::block_in_place(|| pg::Server::own_with_clock(Path::new(FAKETIME)))
+    else {
+        return;
+    };
+    let Setup {
+        database,
+        upstream,
+        dir,
+    } = Setup::on(
+        own_database(&server),
+        "3s",
+        "limit = { per_project = \"1/s\", burst = 1 }",
+        "",
+    )
+    .await;
+    let config = std::fs::read_to_string(dir.path().join("relay.toml"))
+        .unwrap()
+        .replace("retry_base = \"50ms\"", "retry_base = \"3s\"")
+        .replace("retry_cap = \"200ms\"", "retry_cap = \"3s\"");
+    write(dir.path(), "relay.toml", &config);
+    let (relays, addresses) = start_relays(dir.path(), 2);
+
+    upstream.answer_next(Answer::new(
+        500,
+        r#"{"message":"500 Internal Server Error"}"#,
+    ));
+    assert_eq!(push(&addresses[0], "retried").await.status, 202);
+    eventually(Duration::from_secs(10), "the first call", || {
+        upstream.received().len() == 1
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the retry recorded", || {
+        tokio::task::block_in_place(|| rows(&database.url))
+            .iter()
+            .any(|row| row.attempts == 1 && row.state.as_deref() == Some("queued"))
+    })
+    .await;
+    std::fs::write(&offset, "-1h").unwrap();
+    let set_back = Instant::now();
+    eventually(
+        Duration::from_secs(15),
+        "the retry, not an hour late",
+        || upstream.received().len() == 2,
+    )
+    .await;
+    let waited = set_back.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "the retry came {waited:?} after the step"
+    );
+    assert_eq!(push(&addresses[1], "behind").await.status, 202);
+    eventually(Duration::from_secs(10), "the next webhook's call", || {
+        upstream.received().len() == 3
+    })
+    .await;
+    let order: Vec<Option<String>> = upstream.received().iter().map(delivery_of).collect();
+    assert_eq!(
+        order,
+        [
+            Some("retried".into()),
+            Some("retried".into()),
+            Some("behind".into())
+        ]
+    );
+    let mut moved = 0;
+    for relay in relays {
+        let (code, lines) = relay.terminate();
+        assert_eq!(code, Some(0), "{lines:#?}");
+        moved += lines
+            .iter()
+            .filter(|l| l.contains("the store's clock went back"))
+            .count();
+    }
+    assert_eq!(moved, 1, "the deadlines are moved once, by one relay");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_triggers_accepted_by_different_relays_coalesce() {
     let Some(Setup {

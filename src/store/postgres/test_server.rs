@@ -54,13 +54,24 @@ fn run(command: &mut Command) -> Result<(), String> {
 }
 
 fn start() -> Result<Server, String> {
-    let bin = bin_dir().ok_or("no PostgreSQL under /usr/lib/postgresql")?;
+    start_in(new_dir()?, "")
+}
+
+/// The server's folder, the `postgres` user's.
+fn new_dir() -> Result<PathBuf, String> {
     let dir = tempfile::Builder::new()
         .prefix("hookrelay-pg-")
         .tempdir()
         .map_err(|e| e.to_string())?
         .keep();
     run(Command::new("chown").args(["postgres:postgres"]).arg(&dir))?;
+    Ok(dir)
+}
+
+/// Starts a server in `dir` (see [`new_dir`]), with `env` (`NAME=value …`) in its
+/// environment.
+fn start_in(dir: PathBuf, env: &str) -> Result<Server, String> {
+    let bin = bin_dir().ok_or("no PostgreSQL under /usr/lib/postgresql")?;
     let data = dir.join("data");
     run(Command::new("runuser")
         .args(["-u", "postgres", "--"])
@@ -74,7 +85,7 @@ fn start() -> Result<Server, String> {
     // The server stops, and its folder goes, within a second of this process ending
     // (whichever postmaster runs then: a test may have restarted it).
     let script = format!(
-        "runuser -u postgres -- '{postgres}' -D '{data}' -k '{dir}' -p {port} -c listen_addresses=127.0.0.1 \
+        "runuser -u postgres -- env {env} '{postgres}' -D '{data}' -k '{dir}' -p {port} -c listen_addresses=127.0.0.1 \
          -c fsync=off -c synchronous_commit=on -c max_connections=200 >'{dir}/log' 2>&1 & \
          while kill -0 {me} 2>/dev/null && [ -d '{data}' ]; do sleep 1; done; \
          kill -INT \"$(head -n1 '{data}/postmaster.pid' 2>/dev/null)\" 2>/dev/null; sleep 2; rm -rf '{dir}'",
@@ -135,6 +146,29 @@ impl Server {
     /// server can run here.
     pub fn own() -> Option<Server> {
         available(start())
+    }
+
+    /// [`Server::own`], its clock libfaketime's (`faketime`, the library): offset by what
+    /// the returned file says (`+0`, `-1h`), read again at every look.
+    pub fn own_with_clock(faketime: &Path) -> Option<(Server, PathBuf)> {
+        let started = new_dir().and_then(|dir| {
+            let offset = dir.join("faketime");
+            std::fs::write(&offset, "+0").map_err(|e| e.to_string())?;
+            let env = format!(
+                "LD_PRELOAD='{}' FAKETIME_TIMESTAMP_FILE='{}' FAKETIME_NO_CACHE=1 FAKETIME_DONT_FAKE_MONOTONIC=1",
+                faketime.display(),
+                offset.display()
+            );
+            start_in(dir, &env).map(|server| (server, offset))
+        });
+        match started {
+            Ok(started) => Some(started),
+            Err(reason) => {
+                // Says why (a failure where CI requires a server), and skips.
+                let _ = available(Err(reason));
+                None
+            }
+        }
     }
 
     /// A new empty database on this server.
