@@ -861,17 +861,9 @@ async fn deliveries_replay_and_explain_work_against_the_shared_store_from_anywhe
     assert_eq!(code, Some(0), "{lines:#?}");
 }
 
-/// libfaketime, from Debian's `libfaketime` package (`.ci/run` installs it).
-const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_whose_clock_is_an_hour_fast_changes_nothing() {
-    if !Path::new(FAKETIME).exists() {
-        assert!(
-            std::env::var_os("HOOKRELAY_REQUIRE_POSTGRES").is_none(),
-            "HOOKRELAY_REQUIRE_POSTGRES is set but {FAKETIME} is missing (apt-get install libfaketime)"
-        );
-        eprintln!("SKIPPED: no libfaketime ({FAKETIME})");
+    if !faketime_here("HOOKRELAY_REQUIRE_POSTGRES") {
         return;
     }
     let Some(Setup {
@@ -951,12 +943,7 @@ async fn a_relay_whose_clock_is_an_hour_fast_changes_nothing() {
 /// lets it through; one relay moves the deadlines and the other finds them moved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_clock_set_back_an_hour_delays_no_retry_on_any_relay() {
-    if !Path::new(FAKETIME).exists() {
-        assert!(
-            std::env::var_os("HOOKRELAY_REQUIRE_POSTGRES").is_none(),
-            "HOOKRELAY_REQUIRE_POSTGRES is set but {FAKETIME} is missing (apt-get install libfaketime)"
-        );
-        eprintln!("SKIPPED: no libfaketime ({FAKETIME})");
+    if !faketime_here("HOOKRELAY_REQUIRE_POSTGRES") {
         return;
     }
     let Some((server, offset)) =

@@ -162,3 +162,21 @@ pub async fn github_tag(address: &str, secret: &str) -> Reply {
     let url = format!("http://{address}/hooks/github");
     signed_github(&url, secret, "push", &delivery, "github/push_tag.json").await
 }
+
+/// libfaketime, from Debian's `libfaketime` package (`.ci/run` installs it), for a
+/// process whose clock a test sets.
+pub const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// Whether libfaketime is here; where it is not, the test says it is skipped, and fails
+/// instead where `required_by` (an environment variable CI sets) is set.
+pub fn faketime_here(required_by: &str) -> bool {
+    if Path::new(FAKETIME).exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os(required_by).is_none(),
+        "{required_by} is set but {FAKETIME} is missing (apt-get install libfaketime)"
+    );
+    eprintln!("SKIPPED: no libfaketime ({FAKETIME})");
+    false
+}
