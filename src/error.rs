@@ -27,6 +27,9 @@ impl ApiError {
                 limit: limit.to_owned(),
                 reason,
             },
+            crate::limits::Refused::Full => ApiError::LimitFull {
+                limit: limit.to_owned(),
+            },
         }
     }
 }
@@ -87,6 +90,12 @@ pub enum ApiError {
     /// the request is refused rather than let through unchecked.
     #[error("{limit} cannot be checked now ({reason}); refused until it can be; retry in a second")]
     LimitUnavailable { limit: String, reason: String },
+    /// An in-memory limit holds as many keys as it keeps: refused rather than grown.
+    #[error(
+        "{limit} keeps track of {} callers at most, and that many have called within its period; refused until some are idle; retry in a second",
+        crate::limits::MOST_KEYS
+    )]
+    LimitFull { limit: String },
     /// The webhook could not be stored, so it is not acknowledged: the sender retries.
     #[error("the webhook was not stored, so it is not acknowledged; try again: {0}")]
     Store(crate::outbox::StoreError),
@@ -123,7 +132,9 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             );
             return response;
         }
-        ApiError::LimitUnavailable { .. } => return retry_in_a_second(&message),
+        ApiError::LimitUnavailable { .. } | ApiError::LimitFull { .. } => {
+            return retry_in_a_second(&message);
+        }
         ApiError::Store(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "message": message }),
@@ -210,4 +221,31 @@ pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Respon
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_limit_says_so_and_when_to_try_again() {
+        let answer = error_response(&ApiError::limited(
+            "[gateway] limit.per_project (10/h)",
+            crate::limits::Refused::Full,
+        ));
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.headers()[header::RETRY_AFTER], "1");
+        let body = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(
+            answer.into_body(),
+        ))
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            json["message"],
+            "[gateway] limit.per_project (10/h) keeps track of 100000 callers at most, and that \
+             many have called within its period; refused until some are idle; retry in a second"
+        );
+    }
 }

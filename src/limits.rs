@@ -3,8 +3,9 @@
 //! A limit is written `N/s`, `N/min` or `N/h` with an optional `burst` (default: N).
 //! `on_limit = "reject"` answers `429` with an exact `Retry-After`; `on_limit = "queue"`
 //! accepts and lets the outbox hold the trigger until the limit allows it, never dropping
-//! it. Keys are a source's name, a project, or a gateway client; idle keys are evicted so
-//! that a stream of new keys cannot grow the limiters without bound.
+//! it. Keys are a source's name, a project, or a gateway client; idle keys are evicted, at
+//! once when there are many, and a `reject` limit full of busy keys refuses rather than
+//! grows, so that a stream of made-up keys cannot grow the limiters without bound.
 //!
 //! One relay (SQLite) keeps its limiters in memory; they belong to one configuration and
 //! a reload starts them afresh. Relays sharing PostgreSQL share the limits' state in the
@@ -81,7 +82,21 @@ pub enum Refused {
     Over(Duration),
     /// The shared limit's state cannot be read (the database is unreachable).
     Unavailable(String),
+    /// An in-memory `reject` limit holds as many keys as it keeps (see [`MOST_KEYS`]).
+    Full,
 }
+
+/// Keys an in-memory limiter holds before its idle ones are forgotten at once (at most
+/// once a second) instead of at the minute's eviction: gateway calls with a new project
+/// or token each, 15,000 a second, grew the relay by 130 MB within each minute.
+const EVICT_ABOVE: usize = 10_000;
+
+/// Most keys an in-memory `reject` limit keeps, each about a hundred bytes: beyond them,
+/// with its idle ones forgotten, it refuses (`503`, try again) rather than grow, as nginx's
+/// `limit_req` does when its zone is full. Reached only by that many distinct keys within
+/// one period of the limit (a minute at `1/min`), which only a caller making up projects,
+/// tokens or addresses sends. A `queue` limit's keys are the relay's own projects.
+pub const MOST_KEYS: usize = 100_000;
 
 /// A keyed limiter and the name of the setting it enforces, for messages.
 pub struct Limiter {
@@ -92,6 +107,8 @@ pub struct Limiter {
     /// keyed by, so that a reload with a new rate keeps the state.
     scope: String,
     limiter: DefaultKeyedRateLimiter<String>,
+    /// When idle keys were last forgotten because there were many (see [`EVICT_ABOVE`]).
+    evicted_at: std::sync::Mutex<Option<std::time::Instant>>,
     shared: Option<Arc<SharedLimits>>,
 }
 
@@ -126,6 +143,7 @@ impl Limiter {
             limit,
             scope,
             limiter: RateLimiter::keyed(quota),
+            evicted_at: std::sync::Mutex::new(None),
             shared,
         }
     }
@@ -154,11 +172,32 @@ impl Limiter {
                 Err(reason) => Err(Refused::Unavailable(reason)),
             };
         }
+        self.bound_keys()?;
         self.limiter
             .check_key(&key.to_owned())
             .map_err(|not_until| {
                 Refused::Over(not_until.wait_time_from(DefaultClock::default().now()))
             })
+    }
+
+    /// Keeps the keys in memory bounded: idle ones are forgotten as soon as there are
+    /// many (at most once a second), and a `reject` limit still holding [`MOST_KEYS`]
+    /// after that refuses until some are idle.
+    fn bound_keys(&self) -> Result<(), Refused> {
+        if self.limiter.len() < EVICT_ABOVE {
+            return Ok(());
+        }
+        {
+            let mut evicted_at = self.evicted_at.lock().expect("never poisoned");
+            if evicted_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                *evicted_at = Some(std::time::Instant::now());
+                self.limiter.retain_recent();
+            }
+        }
+        if self.limit.on_limit == OnLimit::Reject && self.limiter.len() >= MOST_KEYS {
+            return Err(Refused::Full);
+        }
+        Ok(())
     }
 
     /// Forgets keys that are back to a full burst, so idle keys take no memory.
@@ -241,6 +280,45 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         limiter.evict_idle();
         assert_eq!(limiter.keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn many_idle_keys_are_forgotten_at_once_not_at_the_minute() {
+        let limiter = Limiter::new("test".into(), limit("1000/s", 1));
+        for i in 0..3 * EVICT_ABOVE {
+            let _ = limiter.check(&format!("client-{i}")).await;
+            if i % 1000 == 999 {
+                // Each key is idle again a millisecond after its call.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        // The first time there were many, the idle ones went at once; again a second
+        // later, not at the minute's eviction.
+        assert!(limiter.keys() < 3 * EVICT_ABOVE, "{}", limiter.keys());
+        std::thread::sleep(Duration::from_millis(1010));
+        let _ = limiter.check("one-more").await;
+        assert_eq!(limiter.keys(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reject_limit_full_of_busy_keys_refuses_rather_than_grows() {
+        let limiter = Limiter::new("test".into(), limit("1/h", 1));
+        for i in 0..MOST_KEYS {
+            assert!(limiter.check(&format!("made-up-{i}")).await.is_ok());
+        }
+        assert_eq!(limiter.check("a-new-one").await, Err(Refused::Full));
+        assert_eq!(limiter.keys(), MOST_KEYS, "nothing was added");
+        // A queueing limit's keys are the relay's own projects: it takes them all.
+        let queue = Limiter::new(
+            "queue".into(),
+            Limit {
+                on_limit: OnLimit::Queue,
+                ..limit("1/h", 1)
+            },
+        );
+        for i in 0..=MOST_KEYS {
+            assert!(queue.check(&format!("project-{i}")).await.is_ok());
+        }
     }
 
     #[test]

@@ -475,13 +475,16 @@ async fn gateway_call(
         .as_ref()
         .map(|_| crate::limits::gateway_token(&trigger.token));
     let project_key = trigger.project.to_string();
+    // The caller's own limits first: a check spends budget when it admits, and a caller
+    // over its own limit must not spend the project's, which every caller shares (a
+    // client refused for itself could otherwise keep a project refused for all).
     for (limiter, key) in [
+        (runtime.limits.gateway_client.as_ref(), client.as_deref()),
+        (runtime.limits.gateway_token.as_ref(), token_key.as_deref()),
         (
             runtime.limits.gateway_project.as_ref(),
             Some(project_key.as_str()),
         ),
-        (runtime.limits.gateway_client.as_ref(), client.as_deref()),
-        (runtime.limits.gateway_token.as_ref(), token_key.as_deref()),
     ] {
         if let (Some(limiter), Some(key)) = (limiter, key)
             && let Err(refused) = limiter.check(key).await

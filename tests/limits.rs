@@ -67,7 +67,7 @@ async fn gateway_limits_reject_per_project_and_per_client_address_with_an_exact_
         &upstream,
         "",
         "",
-        "limit = { per_project = \"2/min\", per_client = \"3/min\" }",
+        "limit = { per_project = \"2/min\", per_client = \"3/min\" }\ntrusted_proxies = [\"127.0.0.1/32\"]",
     )
     .await;
     let call = |project: &str, token: &str| {
@@ -89,11 +89,10 @@ async fn gateway_limits_reject_per_project_and_per_client_address_with_an_exact_
             .unwrap()
             .contains("[gateway] limit.per_project (2/min)")
     );
-    // Another project is not affected. A client is its address (127.0.0.1 here), whatever
-    // token it brings: new tokens buy no new budget.
-    assert_eq!(post(&call("10", "glptt-one"), &[], "").await.status, 201);
+    // The client has had its three (the refused call counts for it). A client is its
+    // address (127.0.0.1 here), whatever token it brings: new tokens buy no new budget.
     for (project, token) in [
-        ("12", "glptt-one"),
+        ("10", "glptt-one"),
         ("13", "glptt-four"),
         ("14", "glptt-five"),
     ] {
@@ -112,15 +111,22 @@ async fn gateway_limits_reject_per_project_and_per_client_address_with_an_exact_
             "the client is never shown by its token"
         );
     }
+    // Calls refused for their client spent nothing of their project's budget: another
+    // client (behind the trusted proxy) has project 10's two calls.
+    let other = [("x-forwarded-for", "192.0.2.7")];
+    assert_eq!(post(&call("10", "glptt-six"), &other, "").await.status, 201);
+    assert_eq!(post(&call("10", "glptt-six"), &other, "").await.status, 201);
+    let refused = post(&call("10", "glptt-six"), &other, "").await;
+    assert!(refused.text().contains("per_project"), "{}", refused.text());
     // Each refusal is counted with the setting that refused it.
     let metrics = send("GET", &relay.url("/metrics"), &[], "").await.text();
     for line in [
-        "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_project\"} 1",
+        "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_project\"} 2",
         "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_client\"} 3",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
-    assert_eq!(upstream.received().len(), 3);
+    assert_eq!(upstream.received().len(), 4);
 }
 
 #[tokio::test]

@@ -644,6 +644,10 @@ async fn queueing(
             Duration::from_secs(1),
             format!("{} cannot be checked: {reason}", limiter.name),
         ),
+        Refused::Full => (
+            Duration::from_secs(1),
+            format!("{} keeps track of as many keys as it can", limiter.name),
+        ),
     })
 }
 
