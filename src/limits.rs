@@ -488,10 +488,28 @@ pub fn gateway_client(
             .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
             .find(|addr| !trusted.iter().any(|net| net.contains(addr)));
         if let Some(addr) = forwarded {
-            return format!("ip:{addr}");
+            return client_key(addr);
         }
     }
-    format!("ip:{peer}")
+    client_key(peer)
+}
+
+/// An address as a client: an IPv6 one by its /64, the network one subscriber is given
+/// (any address in it costs its holder nothing to take, so each must not buy a new
+/// budget); an IPv4 address in IPv6's form as IPv4.
+fn client_key(addr: std::net::IpAddr) -> String {
+    match addr {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("ip:{v4}"),
+            None => {
+                let network = ipnet::Ipv6Net::new(v6, 64)
+                    .expect("64 is a valid prefix length")
+                    .trunc();
+                format!("ip:{network}")
+            }
+        },
+        v4 => format!("ip:{v4}"),
+    }
 }
 
 /// The key of `per_token`, for callers that share one address: a hash of the token,
@@ -520,6 +538,23 @@ mod client_tests {
         assert_eq!(proxied, "ip:203.0.113.9");
         let no_header = gateway_client("10.1.2.3".parse().unwrap(), None, &trusted);
         assert_eq!(no_header, "ip:10.1.2.3");
+        // IPv6 callers are their /64: every address in it is one client.
+        let one = gateway_client("2001:db8:1:2::1".parse().unwrap(), None, &trusted);
+        let other = gateway_client("2001:db8:1:2:ffff::9".parse().unwrap(), None, &trusted);
+        assert_eq!(one, "ip:2001:db8:1:2::/64");
+        assert_eq!(one, other);
+        assert_ne!(
+            one,
+            gateway_client("2001:db8:1:3::1".parse().unwrap(), None, &trusted)
+        );
+        let mapped = gateway_client("::ffff:192.0.2.1".parse().unwrap(), None, &trusted);
+        assert_eq!(
+            mapped, "ip:192.0.2.1",
+            "an IPv4 peer on a dual-stack socket"
+        );
+        let forwarded_v6 =
+            gateway_client("10.1.2.3".parse().unwrap(), Some("2001:db8::7"), &trusted);
+        assert_eq!(forwarded_v6, "ip:2001:db8::/64");
         let token = gateway_token(&crate::secret::Secret::new("glptt-abc"));
         assert!(
             token.starts_with("token:") && !token.contains("abc"),
