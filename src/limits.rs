@@ -91,6 +91,10 @@ pub enum Refused {
 /// or token each, 15,000 a second, grew the relay by 130 MB within each minute.
 const EVICT_ABOVE: usize = 10_000;
 
+/// Keys are counted at every this many checks (a count locks each of the map's shards, as
+/// many as four per core), so a limit holds up to this many more than its bounds say.
+const COUNT_EVERY: u32 = 64;
+
 /// Most keys an in-memory `reject` limit keeps, each about a hundred bytes: beyond them,
 /// with its idle ones forgotten, it refuses (`503`, try again) rather than grow, as nginx's
 /// `limit_req` does when its zone is full. Reached only by that many distinct keys within
@@ -107,6 +111,10 @@ pub struct Limiter {
     /// keyed by, so that a reload with a new rate keeps the state.
     scope: String,
     limiter: DefaultKeyedRateLimiter<String>,
+    /// Checks made, so that the keys are counted every [`COUNT_EVERY`] of them only.
+    checks: std::sync::atomic::AtomicU32,
+    /// A `reject` limit held [`MOST_KEYS`] busy keys at the last count.
+    full: std::sync::atomic::AtomicBool,
     /// When idle keys were last forgotten because there were many (see [`EVICT_ABOVE`]).
     evicted_at: std::sync::Mutex<Option<std::time::Instant>>,
     shared: Option<Arc<SharedLimits>>,
@@ -143,6 +151,8 @@ impl Limiter {
             limit,
             scope,
             limiter: RateLimiter::keyed(quota),
+            checks: Default::default(),
+            full: Default::default(),
             evicted_at: std::sync::Mutex::new(None),
             shared,
         }
@@ -184,17 +194,27 @@ impl Limiter {
     /// many (at most once a second), and a `reject` limit still holding [`MOST_KEYS`]
     /// after that refuses until some are idle.
     fn bound_keys(&self) -> Result<(), Refused> {
-        if self.limiter.len() < EVICT_ABOVE {
-            return Ok(());
-        }
+        use std::sync::atomic::Ordering::Relaxed;
+        if self
+            .checks
+            .fetch_add(1, Relaxed)
+            .is_multiple_of(COUNT_EVERY)
         {
-            let mut evicted_at = self.evicted_at.lock().expect("never poisoned");
-            if evicted_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-                *evicted_at = Some(std::time::Instant::now());
-                self.limiter.retain_recent();
+            let mut keys = self.limiter.len();
+            if keys >= EVICT_ABOVE {
+                let mut evicted_at = self.evicted_at.lock().expect("never poisoned");
+                if evicted_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    *evicted_at = Some(std::time::Instant::now());
+                    self.limiter.retain_recent();
+                    keys = self.limiter.len();
+                }
             }
+            self.full.store(
+                self.limit.on_limit == OnLimit::Reject && keys >= MOST_KEYS,
+                Relaxed,
+            );
         }
-        if self.limit.on_limit == OnLimit::Reject && self.limiter.len() >= MOST_KEYS {
+        if self.full.load(Relaxed) {
             return Err(Refused::Full);
         }
         Ok(())
@@ -296,7 +316,9 @@ mod tests {
         // later, not at the minute's eviction.
         assert!(limiter.keys() < 3 * EVICT_ABOVE, "{}", limiter.keys());
         std::thread::sleep(Duration::from_millis(1010));
-        let _ = limiter.check("one-more").await;
+        for _ in 0..COUNT_EVERY {
+            let _ = limiter.check("one-more").await;
+        }
         assert_eq!(limiter.keys(), 1);
     }
 
@@ -306,8 +328,18 @@ mod tests {
         for i in 0..MOST_KEYS {
             assert!(limiter.check(&format!("made-up-{i}")).await.is_ok());
         }
+        let mut admitted = 0;
+        for i in 0..2 * COUNT_EVERY {
+            if limiter.check(&format!("a-new-one-{i}")).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert!(admitted < COUNT_EVERY, "{admitted} more admitted");
         assert_eq!(limiter.check("a-new-one").await, Err(Refused::Full));
-        assert_eq!(limiter.keys(), MOST_KEYS, "nothing was added");
+        assert!(
+            limiter.keys() < MOST_KEYS + COUNT_EVERY as usize,
+            "nothing more is added"
+        );
         // A queueing limit's keys are the relay's own projects: it takes them all.
         let queue = Limiter::new(
             "queue".into(),
