@@ -338,7 +338,7 @@ impl Writer {
         let now = now_ms();
         let mut outcome = GroupOutcome::default();
         let mut begun = self.engine.begin(durable);
-        if begun.is_ok() && self.keep_time(now, &mut outcome) {
+        if begun.is_ok() && self.keep_time(&mut outcome) {
             begun = self.engine.begin(durable);
         }
         // The group's webhooks first, together where the engine can: nothing else is in
@@ -395,7 +395,12 @@ impl Writer {
     /// their own first (see [`super::clock`]). Returns whether the group's transaction
     /// was ended (and must begin again). On a shared store the claims' writer keeps time
     /// too: with no webhooks coming, claims are what runs.
-    fn keep_time(&mut self, now: i64, outcome: &mut GroupOutcome) -> bool {
+    ///
+    /// The time is read after `begin`, which may have waited (for SQLite's lock, for a
+    /// connection to the database): the group's own time, read before, would look like a
+    /// clock gone back by that wait.
+    fn keep_time(&mut self, outcome: &mut GroupOutcome) -> bool {
+        let now = now_ms();
         let store_now = now + self.engine.clock_skew();
         let clock = match &mut self.clock {
             Some(clock) => clock,
@@ -425,7 +430,7 @@ impl Writer {
             Look::Steady { .. } => false,
             Look::WentBack => {
                 self.engine.rollback();
-                self.move_deadlines_back(now, outcome);
+                self.move_deadlines_back(outcome);
                 true
             }
         }
@@ -433,13 +438,13 @@ impl Writer {
 
     /// The store's clock went back: every waiting deadline moves back by as much as the
     /// time the store noted last is ahead of it, unless another relay did that first.
-    fn move_deadlines_back(&mut self, now: i64, outcome: &mut GroupOutcome) {
+    fn move_deadlines_back(&mut self, outcome: &mut GroupOutcome) {
         let moved = self.engine.begin(true).and_then(|()| {
+            // Read once the lock is held (another relay may have held it, moving them).
+            let noted = self.engine.clock_noted()?;
+            let now = now_ms();
             let store_now = now + self.engine.clock_skew();
-            let by = self
-                .engine
-                .clock_noted()
-                .map(|noted| noted.map_or(0, |noted| noted - store_now))?;
+            let by = noted.map_or(0, |noted| noted - store_now);
             if by > 0 {
                 self.engine.move_deadlines_back(by, now)?;
             }
