@@ -331,6 +331,11 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // (a `LIMIT ?`, partial indexes) and prepares the statement again each time such a
     // value changes: the claim's room changes with every group.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    // Room for every statement the engine prepares (about forty). rusqlite keeps 16 by
+    // default, and the writer's hot ones alone came near that: three more for the clock
+    // pushed claims' and outcomes' statements out, each then prepared again, which cost
+    // the writer 25k and 11k instructions more per claim and outcome (callgrind).
+    conn.set_prepared_statement_cache_capacity(128);
     migrate(&mut conn)?;
     Ok(conn)
 }
