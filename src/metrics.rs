@@ -391,6 +391,11 @@ impl Metrics {
             "Operations in each such commit, written together (webhooks, records, send outcomes, claims)",
             timings.commit_size.clone(),
         );
+        self.registry.register(
+            "store_clock_steps_back",
+            "Times the store's clock went back by more than 2 s and this relay moved the waiting deadlines back with it",
+            timings.clock_steps_back.clone(),
+        );
     }
 
     /// A reload at `at_ms` took (`true`) or failed and left the running configuration.
@@ -578,6 +583,8 @@ pub struct StoreTimings {
     pub commit_seconds: Histogram,
     /// How many requests each such commit wrote.
     pub commit_size: Histogram,
+    /// Times the store's clock was seen gone back, and the deadlines moved with it.
+    pub clock_steps_back: Counter,
 }
 
 impl Default for StoreTimings {
@@ -587,6 +594,7 @@ impl Default for StoreTimings {
             commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             // 1 to 1,024.
             commit_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            clock_steps_back: Counter::default(),
         }
     }
 }

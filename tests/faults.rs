@@ -667,6 +667,13 @@ async fn a_clock_set_back_an_hour_delays_no_retry_and_nothing_behind_it() {
         "the retry came {waited:?} after the step"
     );
     relay.wait_for("the store's clock went back");
+    let metrics = send("GET", &format!("http://{address}/metrics"), &[], "")
+        .await
+        .text();
+    assert!(
+        metrics.contains("hookrelay_store_clock_steps_back_total 1"),
+        "{metrics}"
+    );
     assert_eq!(github_tag(&address, secret).await.status, 202);
     assert!(calls_within(&upstream, 3, Duration::from_secs(10)).await);
     let order: Vec<Option<String>> = upstream.received().iter().map(delivery_of).collect();

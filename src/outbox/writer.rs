@@ -456,6 +456,7 @@ impl Writer {
                     clock.moved_back_to(store_now);
                 }
                 if by > 0 {
+                    self.timings.clock_steps_back.inc();
                     tracing::warn!(
                         by_ms = by,
                         "the store's clock went back; every waiting retry, deferral and limit was moved back as much, and keeps the time it had left"
