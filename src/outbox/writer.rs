@@ -396,9 +396,8 @@ impl Writer {
     /// was ended (and must begin again). On a shared store the claims' writer keeps time
     /// too: with no webhooks coming, claims are what runs.
     ///
-    /// The time is read after `begin`, which may have waited (for SQLite's lock, for a
-    /// connection to the database): the group's own time, read before, would look like a
-    /// clock gone back by that wait.
+    /// The time is read after `begin`, which reads the database's clock: the two are of
+    /// one moment.
     fn keep_time(&mut self, outcome: &mut GroupOutcome) -> bool {
         let now = now_ms();
         let store_now = now + self.engine.clock_skew();
