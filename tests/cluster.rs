@@ -192,15 +192,6 @@ async fn all_sent(upstream: &RecordingUpstream, acknowledged: &[String], limit: 
     .await;
 }
 
-/// Waits (at most `limit`) until `done` holds.
-async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The store's rows, as `hookrelay deliveries --store URL` lists them.
 fn rows(url: &str) -> Vec<hookrelay::outbox::DeliveryRow> {
     let store = hookrelay::store::StoreLocation::Postgres(

@@ -593,3 +593,12 @@ pub async fn https_upstream(names: &[&str]) -> (u16, String) {
     });
     (port, ca.pem())
 }
+
+/// Waits (at most `limit`) until `done` holds; fails saying `what` did not happen.
+pub async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
