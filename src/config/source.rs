@@ -181,11 +181,34 @@ fn fields_apply_to(
     raw: &RawSource,
     problems: &mut FileProblems<'_>,
 ) -> bool {
+    use Provider::{Generic, Github, Gitlab};
+    fn span<T>(field: &Option<Spanned<T>>) -> Option<std::ops::Range<usize>> {
+        field.as_ref().map(Spanned::span)
+    }
+    // Each field that only some providers read, and which.
+    let fields: [(_, &str, &[Provider]); 7] = [
+        (span(&raw.allow_sha1), "allow_sha1", &[Github]),
+        (
+            span(&raw.signing_secret),
+            "signing_secret",
+            &[Gitlab, Generic],
+        ),
+        (
+            span(&raw.timestamp_tolerance),
+            "timestamp_tolerance",
+            &[Gitlab, Generic],
+        ),
+        (span(&raw.signature), "signature", &[Generic]),
+        (span(&raw.paths), "paths", &[Generic]),
+        (span(&raw.delivery_header), "delivery_header", &[Generic]),
+        (
+            span(&raw.upstream),
+            "upstream (pipeline events of a GitLab)",
+            &[Gitlab],
+        ),
+    ];
     let mut ok = true;
-    let mut only_for = |field: Option<std::ops::Range<usize>>,
-                        key: &str,
-                        providers: &[Provider],
-                        problems: &mut FileProblems<'_>| {
+    for (field, key, providers) in fields {
         if let Some(span) = field
             && !providers.contains(&provider)
         {
@@ -199,49 +222,7 @@ fn fields_apply_to(
             );
             ok = false;
         }
-    };
-    only_for(
-        raw.allow_sha1.as_ref().map(Spanned::span),
-        "allow_sha1",
-        &[Provider::Github],
-        problems,
-    );
-    only_for(
-        raw.signing_secret.as_ref().map(Spanned::span),
-        "signing_secret",
-        &[Provider::Gitlab, Provider::Generic],
-        problems,
-    );
-    only_for(
-        raw.timestamp_tolerance.as_ref().map(Spanned::span),
-        "timestamp_tolerance",
-        &[Provider::Gitlab, Provider::Generic],
-        problems,
-    );
-    only_for(
-        raw.signature.as_ref().map(Spanned::span),
-        "signature",
-        &[Provider::Generic],
-        problems,
-    );
-    only_for(
-        raw.paths.as_ref().map(Spanned::span),
-        "paths",
-        &[Provider::Generic],
-        problems,
-    );
-    only_for(
-        raw.delivery_header.as_ref().map(Spanned::span),
-        "delivery_header",
-        &[Provider::Generic],
-        problems,
-    );
-    only_for(
-        raw.upstream.as_ref().map(Spanned::span),
-        "upstream (pipeline events of a GitLab)",
-        &[Provider::Gitlab],
-        problems,
-    );
+    }
     ok
 }
 
