@@ -634,6 +634,170 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
     all_sent(&upstream, &before, Duration::from_secs(15)).await;
 }
 
+/// Sets `default_transaction_read_only` for the whole server (`on`) or back to its
+/// default (`reset`), as a maintenance freeze or a managed service's full disk does; every
+/// session's next transaction follows.
+fn read_only(server: &pg::Server, on: bool) {
+    tokio::task::block_in_place(|| {
+        server.admin(if on {
+            "ALTER SYSTEM SET default_transaction_read_only = on"
+        } else {
+            "ALTER SYSTEM RESET default_transaction_read_only"
+        });
+        server.admin("SELECT pg_reload_conf()");
+    });
+}
+
+/// A database that takes no writes for a while (a standby reached by mistake, a maintenance
+/// freeze, a managed service's full disk). Webhooks are refused with the reason and
+/// `/readyz` says it, and a send whose answer came meanwhile keeps its outcome in memory
+/// until the database takes it: the trigger is not sent again. Before, a read-only error
+/// was not transient: `/readyz` said 200 throughout, and the outcome was dropped, leaving
+/// the trigger `sending` until its lease ended and then sending it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_refused_then_written_again_and_sends_nothing_twice() {
+    let Some(server) = tokio::task::block_in_place(pg::Server::own) else {
+        return;
+    };
+    let Setup {
+        database: _database,
+        upstream,
+        dir,
+    } = Setup::on(own_database(&server), "8s", PLAIN, "").await;
+    let (_relays, addresses) = start_relays(dir.path(), 1);
+    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
+    assert_eq!((before.len(), refused), (2, 0));
+    all_sent(&upstream, &before, Duration::from_secs(10)).await;
+
+    // A send in flight when the database stops taking writes; its answer comes after.
+    upstream.answer_next(Answer::created().delayed(Duration::from_millis(700)));
+    let in_flight = push(&addresses[0], "in-flight").await;
+    assert_eq!(in_flight.status, 202, "{}", in_flight.text());
+    eventually(Duration::from_secs(5), "the send is in flight", || {
+        calls_per_delivery(&upstream).contains_key("in-flight")
+    })
+    .await;
+    read_only(&server, true);
+    let started = Instant::now();
+
+    let refused = push(&addresses[0], "during").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused.text().contains("takes no writes"),
+        "{}",
+        refused.text()
+    );
+    let ready = readyz(&addresses[0]).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.text().contains("read-only"), "{}", ready.text());
+    // Past the send's answer, well within its 8 s lease.
+    tokio::time::sleep(Duration::from_millis(2500).saturating_sub(started.elapsed())).await;
+
+    read_only(&server, false);
+    let after = acknowledged_again(&addresses, "the database took writes again").await;
+    eventually(Duration::from_secs(5), "/readyz says ready", || {
+        let address = addresses[0].clone();
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(readyz(&address)))
+            .status
+            == 200
+    })
+    .await;
+    all_sent(&upstream, &after, Duration::from_secs(10)).await;
+    // Past the lease of the send in flight: had its outcome been dropped, it would have
+    // been sent again by now.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(started.elapsed())).await;
+    let calls = calls_per_delivery(&upstream);
+    assert_eq!(calls.get("in-flight"), Some(&1), "{calls:?}");
+    assert!(calls.values().all(|&n| n == 1), "{calls:?}");
+}
+
+/// Two servers of the test's own, the old primary and the new, each with the same
+/// database migrated (a standby would hold it, replicated; here it is made by hand), and
+/// the relays' configuration on the old one; the new one's URL.
+async fn old_and_new_primary() -> Option<(pg::Server, pg::Server, Setup, String)> {
+    let old = tokio::task::block_in_place(pg::Server::own)?;
+    let new = tokio::task::block_in_place(pg::Server::own)?;
+    let setup = Setup::on(own_database(&old), "3s", PLAIN, "").await;
+    let name = setup.database.url.rsplit('/').next().unwrap().to_owned();
+    tokio::task::block_in_place(|| new.admin(&format!("CREATE DATABASE {name}")));
+    let new_url = format!("postgres://postgres@127.0.0.1:{}/{name}", new.port);
+    assert!(rows(&new_url).is_empty());
+    Some((old, new, setup, new_url))
+}
+
+/// Once a failover is done, the webhooks acknowledged after it are sent and stored on
+/// the new primary.
+async fn written_to_the_new_primary(addresses: &[String], setup: &Setup, new_url: &str) {
+    let started = Instant::now();
+    let after = acknowledged_again(addresses, "the failover").await;
+    eprintln!(
+        "acknowledged again {:?} after the failover",
+        started.elapsed()
+    );
+    all_sent(&setup.upstream, &after, Duration::from_secs(10)).await;
+    let on_new: Vec<String> = rows(new_url)
+        .into_iter()
+        .map(|row| row.delivery_id)
+        .collect();
+    for delivery in &after {
+        assert!(on_new.contains(delivery), "{delivery} not in {on_new:?}");
+    }
+}
+
+/// A failover as a relay sees it when the database's address now leads to the new
+/// primary while its connections still reach the old one, which takes no writes (a
+/// demoted primary, a pooler or a virtual address that moved): the relay connects again
+/// within about a second and writes to the new primary, without a restart. Before, it
+/// kept its connection to the old server for good and refused every webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_relay_connects_again_and_reaches_the_new_primary() {
+    let Some((old, new, setup, new_url)) = old_and_new_primary().await else {
+        return;
+    };
+    let (proxy, through_proxy) = Proxy::before(&setup.database).await;
+    cluster_config(
+        setup.dir.path(),
+        &setup.upstream.url(),
+        &through_proxy,
+        "3s",
+    );
+    let (_relays, addresses) = start_relays(setup.dir.path(), 1);
+    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
+    assert_eq!((before.len(), refused), (2, 0));
+    all_sent(&setup.upstream, &before, Duration::from_secs(10)).await;
+
+    // The address now leads to the new primary; the old one takes no writes.
+    proxy.retarget(new.port);
+    read_only(&old, true);
+    written_to_the_new_primary(&addresses, &setup, &new_url).await;
+}
+
+/// The same failover with both servers in the URL and `target_session_attrs=read-write`
+/// (libpq's way, which the relay's client follows): the relay connects again and takes the
+/// one that now takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_both_servers_in_the_url_the_relay_follows_a_failover() {
+    let Some((old, new, setup, new_url)) = old_and_new_primary().await else {
+        return;
+    };
+    read_only(&new, true);
+    let name = new_url.rsplit('/').next().unwrap();
+    let both = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{name}?target_session_attrs=read-write",
+        old.port, new.port
+    );
+    cluster_config(setup.dir.path(), &setup.upstream.url(), &both, "3s");
+    let (_relays, addresses) = start_relays(setup.dir.path(), 1);
+    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
+    assert_eq!((before.len(), refused), (2, 0));
+    all_sent(&setup.upstream, &before, Duration::from_secs(10)).await;
+
+    // The new primary is promoted; the old one is demoted (takes no writes).
+    read_only(&old, true);
+    read_only(&new, false);
+    written_to_the_new_primary(&addresses, &setup, &new_url).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_crash_under_load_loses_no_acknowledged_webhook() {
     let Some(server) = tokio::task::block_in_place(pg::Server::own) else {
@@ -1138,6 +1302,8 @@ struct Proxy {
     mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
     /// Bumped to reset: every connection opened before is dropped.
     generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The port new connections are carried to (a name or address moved by a failover).
+    target: std::sync::Arc<std::sync::atomic::AtomicU16>,
 }
 
 /// How late a slowed proxy carries each piece: past a 2 s lease in two round trips.
@@ -1199,15 +1365,17 @@ impl Proxy {
 
     async fn start(target: u16) -> Proxy {
         use std::sync::Arc;
-        use std::sync::atomic::{AtomicU8, AtomicU64};
+        use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU64};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let mode = Arc::new(AtomicU8::new(0));
         let generation = Arc::new(AtomicU64::new(0));
-        let (m, g) = (mode.clone(), generation.clone());
+        let target = Arc::new(AtomicU16::new(target));
+        let (m, g, t) = (mode.clone(), generation.clone(), target.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                let to = t.load(Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
                     continue;
                 };
                 let (m, g) = (m.clone(), g.clone());
@@ -1226,7 +1394,13 @@ impl Proxy {
             port,
             mode,
             generation,
+            target,
         }
+    }
+
+    /// Carries new connections to `port` from now on; those open stay where they are.
+    fn retarget(&self, port: u16) {
+        self.target.store(port, Ordering::SeqCst);
     }
 
     fn blackhole(&self, on: bool) {

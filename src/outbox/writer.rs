@@ -367,7 +367,9 @@ impl Writer {
             self.record(lease, recorded, now, &mut outcome);
         }
         if probe {
-            match self.engine.probe(now) {
+            // In a savepoint: a failed probe (a read-only database) leaves the
+            // transaction usable, and the commit says nothing of it.
+            match self.in_savepoint(|engine| engine.probe(now)) {
                 Ok(()) => outcome.wrote = true,
                 Err(err) => outcome.failure = Some(err.message),
             }

@@ -67,6 +67,10 @@ pub struct PostgresEngine {
     /// The outbox's writer: its connections plan no sequential scans (see
     /// [`PostgresEngine::as_writer`]).
     writer: bool,
+    /// The server said at the last `begin` that its transactions are read-only.
+    read_only: bool,
+    /// When the connection was made (or last tried).
+    connected_at: std::time::Instant,
     /// Which row of `hr_open` this connection counts in (spread, so that relays do not
     /// queue on one row at every commit).
     open_shard: i32,
@@ -89,6 +93,16 @@ const BY_DELIVERY_ID: &str = "WITH RECURSIVE sources(source) AS (
     FROM sources WHERE sources.source IS NOT NULL
 )";
 
+/// SQLSTATE `read_only_sql_transaction`: a write on a standby (a primary demoted by a
+/// failover, an address that still leads to it) or under `default_transaction_read_only`.
+const READ_ONLY: &str = "25006";
+
+/// How long a connection to a server that takes no writes is kept before the writer's
+/// and the claimer's engines connect again: a failover's new primary is found within
+/// about this long of a name, an address or a pooler leading to it (or, with several hosts in
+/// the URL and `target_session_attrs=read-write`, of its promotion).
+const READ_ONLY_RECONNECT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The database's clock in milliseconds since 1970, as SQL.
 macro_rules! db_now {
     () => {
@@ -97,16 +111,20 @@ macro_rules! db_now {
 }
 
 /// A PostgreSQL error as the outbox sees it: transient when the connection or the server
-/// is the problem (gone, shutting down, out of disk, a deadlock or serialization retry).
+/// is the problem (gone, shutting down, out of disk, a deadlock or serialization retry,
+/// a statement cancelled or timed out, a lock not granted in time, an I/O error), and
+/// when the server takes no writes ([`READ_ONLY`]). A transient failure keeps what it
+/// failed to write for the next try and makes `/readyz` say why; any other drops an
+/// operation for good (a send's outcome so dropped is a trigger sent again once its
+/// lease ends).
 fn error(err: postgres::Error) -> EngineError {
+    let code = err.code().map(|code| code.code());
     let transient = err.is_closed()
-        || err.code().is_some_and(|code| {
-            let code = code.code();
+        || code.is_some_and(|code| {
             code.starts_with("08")
                 || code.starts_with("53")
-                || code.starts_with("57P")
-                || code == "40001"
-                || code == "40P01"
+                || code.starts_with("57")
+                || matches!(code, "40001" | "40P01" | "55P03" | "58030" | READ_ONLY)
         })
         || err.as_db_error().is_none();
     // The whole chain: "db error" or "error performing TLS handshake" alone says little;
@@ -116,6 +134,12 @@ fn error(err: postgres::Error) -> EngineError {
     while let Some(cause) = source {
         message = format!("{message}: {cause}");
         source = cause.source();
+    }
+    if code == Some(READ_ONLY) {
+        message.push_str(
+            " (the database takes no writes: a standby, or default_transaction_read_only is on; \
+             the relay connects again every second until it reaches one that does)",
+        );
     }
     EngineError {
         message,
@@ -180,6 +204,8 @@ impl PostgresEngine {
             release_pending: false,
             lost: None,
             writer: false,
+            read_only: false,
+            connected_at: std::time::Instant::now(),
             open_shard: fastrand::i32(0..OPEN_SHARDS),
         })
     }
@@ -219,10 +245,16 @@ impl PostgresEngine {
     }
 
     /// A lost connection (the database restarted, a network cut) comes back at the next
-    /// use.
+    /// use; so does, for the engines that write, one to a server that takes no writes, at
+    /// most every [`READ_ONLY_RECONNECT`] (a kept connection would hold the relay on a
+    /// demoted primary for good, whatever its address leads to now).
     fn reconnect_if_lost(&mut self) -> Result<(), EngineError> {
-        if self.client().is_closed() {
+        let stuck_read_only =
+            self.writer && self.read_only && self.connected_at.elapsed() >= READ_ONLY_RECONNECT;
+        if self.client().is_closed() || stuck_read_only {
+            self.connected_at = std::time::Instant::now();
             self.client = Some(self.config.connect()?);
+            self.read_only = false;
             self.statements.clear();
             self.set_up_session()?;
         }
@@ -238,20 +270,30 @@ impl PostgresEngine {
     }
 
     /// Begins a transaction (after `first`, a `ROLLBACK; ` or nothing) and reads the
-    /// database's clock, in one round trip.
+    /// database's clock and whether the transaction can write, in one round trip.
     fn start(&mut self, first: &str) -> Result<(), EngineError> {
         let messages = self
             .client()
-            .simple_query(&format!(concat!("{}BEGIN; SELECT ", db_now!()), first))
+            .simple_query(&format!(
+                concat!(
+                    "{}BEGIN; SELECT ",
+                    db_now!(),
+                    ", current_setting('transaction_read_only')"
+                ),
+                first
+            ))
             .map_err(error)?;
         let relay_now = super::now_ms();
-        if let Some(db_now) = messages.iter().find_map(|message| match message {
-            SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse::<i64>().ok()),
+        let row = messages.iter().find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some(row),
             _ => None,
-        }) && self.follow_database_clock
+        });
+        if let Some(db_now) = row.and_then(|row| row.get(0)?.parse::<i64>().ok())
+            && self.follow_database_clock
         {
             self.skew_ms = db_now - relay_now;
         }
+        self.read_only = row.and_then(|row| row.get(1)) == Some("on");
         self.fresh = true;
         self.savepoint_at_start = false;
         self.release_pending = false;

@@ -768,3 +768,31 @@ fn limits_and_pauses_move_back_with_a_clock_set_back() {
     assert_eq!(row.get::<_, i64>(2), 5);
     assert_eq!(row.get::<_, i64>(3), 1, "every shard noted the same time");
 }
+
+/// The failures that pass are transient (the outbox keeps what failed and `/readyz` says
+/// why): a statement cancelled by `statement_timeout` (a DBA's setting on the role), a
+/// lock not granted within `lock_timeout`, a write on a server that takes none. A
+/// mistake in a statement is not.
+#[test]
+fn cancelled_statements_and_read_only_servers_are_transient() {
+    let Some((_database, mut engine)) = on_new_database() else {
+        return;
+    };
+    let mut failure = |sql: &str| {
+        let err = engine.client().batch_execute(sql).unwrap_err();
+        let _ = engine.client().batch_execute("ROLLBACK");
+        super::error(err)
+    };
+    let timed_out = failure("SET statement_timeout = 10; SELECT pg_sleep(1)");
+    assert!(timed_out.transient, "{}", timed_out.message);
+    let read_only =
+        failure("SET statement_timeout = 0; BEGIN READ ONLY; INSERT INTO hr_open VALUES (1000, 0)");
+    assert!(read_only.transient, "{}", read_only.message);
+    assert!(
+        read_only.message.contains("takes no writes"),
+        "{}",
+        read_only.message
+    );
+    let mistake = failure("SELECT no_such_column FROM hr_open");
+    assert!(!mistake.transient, "{}", mistake.message);
+}
