@@ -711,6 +711,58 @@ async fn a_read_only_database_is_refused_then_written_again_and_sends_nothing_tw
     assert!(calls.values().all(|&n| n == 1), "{calls:?}");
 }
 
+/// A database that refuses new connections while the relay's were cut (a DBA's
+/// `ALLOW_CONNECTIONS false` for maintenance; a role locked, a password rotated before its
+/// file, a `pg_hba.conf` mistake fail the same way): webhooks get `503` and `/readyz`
+/// says why until it lets the relay in again, then both recover without a restart.
+/// Before, a failure to connect that was not a network one left `/readyz` at `200`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_refuses_the_relay_s_connections_is_shown_on_readyz_until_it_lets_it_in() {
+    let Some(server) = tokio::task::block_in_place(pg::Server::own) else {
+        return;
+    };
+    let Setup {
+        database,
+        upstream,
+        dir,
+    } = Setup::on(own_database(&server), "3s", PLAIN, "").await;
+    let name = database.url.rsplit('/').next().unwrap().to_owned();
+    let (_relays, addresses) = start_relays(dir.path(), 1);
+    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
+    assert_eq!((before.len(), refused), (2, 0));
+
+    tokio::task::block_in_place(|| {
+        server.admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"));
+        server.admin(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ));
+    });
+    let (during, refused) = push_many(&addresses, "during", 2, 1).await;
+    assert_eq!((during.len(), refused), (0, 2));
+    let ready = readyz(&addresses[0]).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(
+        ready.text().contains("not currently accepting connections"),
+        "{}",
+        ready.text()
+    );
+
+    tokio::task::block_in_place(|| {
+        server.admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+    });
+    let after = acknowledged_again(&addresses, "the database let the relay in").await;
+    eventually(Duration::from_secs(5), "/readyz says ready", || {
+        let address = addresses[0].clone();
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(readyz(&address)))
+            .status
+            == 200
+    })
+    .await;
+    let mut acknowledged = before;
+    acknowledged.extend(after);
+    all_sent(&upstream, &acknowledged, Duration::from_secs(10)).await;
+}
+
 /// Two servers of the test's own, the old primary and the new, each with the same
 /// database migrated (a standby would hold it, replicated; here it is made by hand), and
 /// the relays' configuration on the old one; the new one's URL.

@@ -356,6 +356,9 @@ impl Writer {
             Err(_) => batch,
         };
         if let Err(err) = begun {
+            // Whatever the reason, a store whose transactions cannot begin takes no
+            // writes: `/readyz` says so.
+            outcome.failure = Some(err.message.clone());
             outcome.records = pending;
             for op in batch {
                 self.fail_op(op, &err, &mut outcome);

@@ -114,9 +114,14 @@ impl PostgresConfig {
     }
 
     /// A connection that could not be opened, said without the password.
+    /// Transient whatever the reason: a database that refuses connections now (down, a
+    /// `pg_hba.conf` or password being changed, `ALLOW_CONNECTIONS false` for maintenance)
+    /// may take the next one, and the outbox keeps what waits and says why on `/readyz`
+    /// meanwhile. (A relay that cannot connect when it starts stops with the reason.)
     pub(super) fn connect_failed(&self, err: tokio_postgres::Error) -> EngineError {
         let mut failed = super::error(err);
         failed.message = format!("connecting to {}: {}", self.describe(), failed.message);
+        failed.transient = true;
         failed
     }
 
