@@ -124,6 +124,31 @@ pub fn blocking<T: Send>(call: impl FnOnce() -> T + Send) -> T {
 }
 
 /// Milliseconds since 1970, the store's clock.
+/// A store whose schema is at `version`, past the `known` versions of this relay: a newer
+/// relay migrated it. This one runs on it (and warns) only when that one wrote that
+/// relays knowing `known` versions may (`floor`); otherwise it refuses to start, saying
+/// what to do, rather than write tables whose meaning it does not know.
+fn newer_schema(version: i64, floor: Option<i64>, known: usize) -> Result<(), EngineError> {
+    match floor {
+        Some(floor) if floor <= known as i64 => {
+            tracing::warn!(
+                schema = version,
+                known,
+                "the store was migrated by a newer hookrelay, which lets this version run beside it; upgrade this relay too"
+            );
+            Ok(())
+        }
+        _ => Err(EngineError::refused(format!(
+            "the store was migrated by a newer hookrelay (schema {version}; this hookrelay knows \
+             schemas up to {known}{}): run that newer hookrelay, or restore the store from a \
+             backup taken before the upgrade",
+            floor
+                .map(|floor| format!(", and the store takes relays of schema {floor} or later"))
+                .unwrap_or_default()
+        ))),
+    }
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -166,7 +166,7 @@ impl PostgresEngine {
                 config.describe()
             )));
         }
-        migrate(&mut client).map_err(error)?;
+        migrate(&mut client)?;
         PostgresEngine::on(config, client)
     }
 
@@ -413,32 +413,53 @@ impl PostgresEngine {
     }
 }
 
-fn migrate(client: &mut Client) -> Result<(), postgres::Error> {
-    let mut tx = client.transaction()?;
+fn migrate(client: &mut Client) -> Result<(), EngineError> {
+    let mut tx = client.transaction().map_err(error)?;
     // One relay migrates; the others wait here, then find nothing left to do.
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('hookrelay:migrate'))",
         &[],
-    )?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS hr_schema (version integer NOT NULL)")?;
+    )
+    .map_err(error)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS hr_schema (version integer NOT NULL)")
+        .map_err(error)?;
     let version: i64 = tx
         .query_one(
             "SELECT coalesce(max(version), 0)::bigint FROM hr_schema",
             &[],
-        )?
+        )
+        .map_err(error)?
         .get(0);
-    for (i, sql) in schema::MIGRATIONS
-        .iter()
-        .enumerate()
-        .skip(version.max(0) as usize)
-    {
-        tx.batch_execute(sql)?;
-        tx.execute(
-            "INSERT INTO hr_schema (version) VALUES ($1)",
-            &[&(i as i32 + 1)],
-        )?;
+    let known = schema::MIGRATIONS.len();
+    if version > known as i64 {
+        // Written by a newer relay: run on it only where that one said older relays may.
+        let floor = tx
+            .query_opt("SELECT floor::bigint FROM hr_schema_floor", &[])
+            .ok()
+            .flatten()
+            .map(|row| row.get::<_, i64>(0));
+        return super::newer_schema(version, floor, known);
     }
-    tx.commit()
+    (|| {
+        for (i, sql) in schema::MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(version.max(0) as usize)
+        {
+            tx.batch_execute(sql)?;
+            tx.execute(
+                "INSERT INTO hr_schema (version) VALUES ($1)",
+                &[&(i as i32 + 1)],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO hr_schema_floor (id, floor) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET floor = greatest(hr_schema_floor.floor, excluded.floor)",
+            &[&(schema::OLDEST_COMPATIBLE as i32)],
+        )?;
+        tx.commit()
+    })()
+    .map_err(error)
 }
 
 /// The client's own runtime cannot shut down on a thread that runs async tasks (a relay

@@ -75,7 +75,7 @@ pub struct SqliteEngine {
 impl SqliteEngine {
     /// Opens (creating if needed) and migrates the store at `path`.
     pub fn open(path: &Path, durability: Durability) -> Result<SqliteEngine, EngineError> {
-        let conn = open_connection(path).map_err(error)?;
+        let conn = open_connection(path)?;
         Ok(SqliteEngine {
             conn,
             path: path.to_owned(),
@@ -316,8 +316,15 @@ fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
     std::fs::metadata(path).map(|meta| (meta.dev(), meta.ino()))
 }
 
-fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
-    let mut conn = Connection::open(path)?;
+fn open_connection(path: &Path) -> Result<Connection, EngineError> {
+    let mut conn = connect(path).map_err(error)?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// A connection with the engine's settings, before any migration.
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     // For a new store only (SQLite keeps an existing file's page size; see `PAGE_SIZE`).
     conn.pragma_update(None, "page_size", PAGE_SIZE)?;
@@ -336,11 +343,40 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // pushed claims' and outcomes' statements out, each then prepared again, which cost
     // the writer 25k and 11k instructions more per claim and outcome (callgrind).
     conn.set_prepared_statement_cache_capacity(128);
-    migrate(&mut conn)?;
     Ok(conn)
 }
 
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+fn migrate(conn: &mut Connection) -> Result<(), EngineError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(error)?;
+    if version > MIGRATIONS.len() as i64 {
+        // Written by a newer relay: run on it only where that one said older relays may.
+        let floor: Option<i64> = conn
+            .query_row("SELECT floor FROM schema_floor", [], |row| row.get(0))
+            .ok();
+        return super::newer_schema(version, floor, MIGRATIONS.len());
+    }
+    apply_migrations(conn).map_err(error)?;
+    // Written only when it rises: a store opened to be read (a copy on a read-only
+    // mount) is not written.
+    let floor = schema::OLDEST_COMPATIBLE as i64;
+    let written: Option<i64> = conn
+        .query_row("SELECT floor FROM schema_floor", [], |row| row.get(0))
+        .optional()
+        .map_err(error)?;
+    if written.is_none_or(|written| written < floor) {
+        conn.execute(
+            "INSERT INTO schema_floor (id, floor) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET floor = max(floor, excluded.floor)",
+            params![floor],
+        )
+        .map_err(error)?;
+    }
+    Ok(())
+}
+
+fn apply_migrations(conn: &mut Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;

@@ -140,4 +140,17 @@ ALTER TABLE hr_triggers DROP CONSTRAINT IF EXISTS hr_triggers_delivery_fkey;
     r#"
 ALTER TABLE hr_open ADD COLUMN clock_noted bigint;
 "#,
+    // The oldest schema version whose relays may still run on this database (see
+    // `OLDEST_COMPATIBLE`): an older relay (one not yet upgraded that restarts, or a
+    // deployment rolled back) refuses to start on tables a newer one changed.
+    r#"
+CREATE TABLE hr_schema_floor (id integer PRIMARY KEY CHECK (id = 1), floor integer NOT NULL);
+"#,
 ];
+
+/// The oldest schema version whose relays can still run on a database this relay
+/// migrated, written into it at every start. It is this relay's own version unless the
+/// migrations since an older one were written so that relays knowing only that one keep
+/// working beside this one (columns with defaults, new tables and indexes they never
+/// need): then lower it to that version, and say why here.
+pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len();

@@ -796,3 +796,46 @@ fn cancelled_statements_and_read_only_servers_are_transient() {
     let mistake = failure("SELECT no_such_column FROM hr_open");
     assert!(!mistake.transient, "{}", mistake.message);
 }
+
+/// A database a newer relay migrated (an older relay restarting during a rolling upgrade,
+/// or a deployment rolled back): refused, saying what to do, unless that relay wrote that
+/// relays of this schema may run beside it.
+#[test]
+fn a_database_migrated_by_a_newer_relay_is_refused_unless_it_lets_this_one_run() {
+    let Some((database, mut engine)) = on_new_database() else {
+        return;
+    };
+    let known = super::schema::MIGRATIONS.len() as i32;
+    let mut newer = |floor: i32| {
+        engine
+            .client()
+            .execute(
+                "INSERT INTO hr_schema (version) SELECT $1 WHERE NOT EXISTS
+                 (SELECT 1 FROM hr_schema WHERE version = $1)",
+                &[&(known + 1)],
+            )
+            .unwrap();
+        engine
+            .client()
+            .execute("UPDATE hr_schema_floor SET floor = $1", &[&floor])
+            .unwrap();
+    };
+    let open = || super::PostgresEngine::open(&super::PostgresConfig::new(&database.url));
+    newer(known + 1);
+    let Err(refused) = open() else {
+        panic!("a database of a newer schema was opened");
+    };
+    assert!(refused.refused);
+    assert!(
+        refused.message.contains(&format!(
+            "migrated by a newer hookrelay (schema {}; this hookrelay knows schemas up to {known}, \
+             and the store takes relays of schema {} or later)",
+            known + 1,
+            known + 1
+        )),
+        "{}",
+        refused.message
+    );
+    newer(known);
+    assert!(open().is_ok());
+}

@@ -37,7 +37,7 @@ impl SqliteEngine {
     /// Moves checkpoints off this connection onto a thread of their own (PASSIVE: they
     /// never wait for, or hold up, the writer). For the one connection that writes.
     pub fn checkpoint_in_background(&mut self) -> Result<(), EngineError> {
-        let reader = open_connection(&self.path).map_err(error)?;
+        let reader = open_connection(&self.path)?;
         let page_size: i64 = reader
             .query_row("PRAGMA page_size", [], |row| row.get(0))
             .map_err(error)?;

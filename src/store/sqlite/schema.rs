@@ -102,4 +102,17 @@ CREATE INDEX triggers_coalescing ON triggers (coalesce_key, id) WHERE state = 'q
     r#"
 ALTER TABLE outbox_stats ADD COLUMN clock_noted INTEGER;
 "#,
+    // The oldest schema version whose relays may still run on this store (see
+    // `OLDEST_COMPATIBLE`): an older relay (a deployment rolled back) refuses to start on
+    // a store a newer one migrated, instead of running on tables it does not know.
+    r#"
+CREATE TABLE schema_floor (id INTEGER PRIMARY KEY CHECK (id = 1), floor INTEGER NOT NULL);
+"#,
 ];
+
+/// The oldest schema version whose relays can still run on a store this relay migrated,
+/// written into the store at every start. It is this relay's own version unless the
+/// migrations since an older one were written so that relays knowing only that one keep
+/// working (columns with defaults, new tables and indexes they never need): then lower
+/// it to that version, and say why here.
+pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len();

@@ -64,6 +64,46 @@ fn migrations_run_once_and_reopen_cleanly() {
     assert_eq!(mode, "wal");
 }
 
+/// A store a newer relay migrated (a deployment rolled back): refused, saying what to do,
+/// unless that relay wrote that relays of this schema may run beside it; then opened
+/// as it is, its schema and floor left alone.
+#[test]
+fn a_store_migrated_by_a_newer_relay_is_refused_unless_it_lets_this_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite3");
+    drop(SqliteEngine::open(&path, Durability::Full).unwrap());
+    let known = MIGRATIONS.len() as i64;
+    let newer = |floor: i64| {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", known + 1).unwrap();
+        conn.execute("UPDATE schema_floor SET floor = ?1", [floor])
+            .unwrap();
+    };
+    let read = |sql: &str| -> i64 {
+        let conn = Connection::open(&path).unwrap();
+        conn.query_row(sql, [], |row| row.get(0)).unwrap()
+    };
+    newer(known + 1);
+    let Err(refused) = SqliteEngine::open(&path, Durability::Full) else {
+        panic!("a store of a newer schema was opened");
+    };
+    assert!(refused.refused);
+    assert_eq!(
+        refused.message,
+        format!(
+            "the store was migrated by a newer hookrelay (schema {}; this hookrelay knows schemas \
+             up to {known}, and the store takes relays of schema {} or later): run that newer \
+             hookrelay, or restore the store from a backup taken before the upgrade",
+            known + 1,
+            known + 1
+        )
+    );
+    newer(known);
+    drop(SqliteEngine::open(&path, Durability::Full).unwrap());
+    assert_eq!(read("PRAGMA user_version"), known + 1);
+    assert_eq!(read("SELECT floor FROM schema_floor"), known);
+}
+
 /// A store written by an earlier release (schema 2, triggers waiting and one being sent
 /// when it stopped) opens with its queue rebuilt: heads, due times and counts.
 #[test]
