@@ -86,6 +86,9 @@ pub struct App {
     /// Records of webhooks answered without queuing (refused, duplicate), at most one a
     /// second per source and kind.
     pub turned_away: std::sync::Mutex<crate::limits::Throttle<(String, &'static str)>>,
+    /// Log lines of refused requests, per endpoint and status: an anonymous client
+    /// sending as fast as it can must not fill the disk with them (see `server::handle`).
+    pub refusals_logged: std::sync::Mutex<crate::limits::Throttle<(&'static str, u16)>>,
     /// Projects GitLab paused and upstreams that are down, as the forwarder holds them.
     pub holds: crate::outbox::outage::Holds,
     /// The dashboard's listener as started (its address is not reloaded; its token is).
@@ -203,6 +206,10 @@ impl App {
             }),
             turned_away: std::sync::Mutex::new(crate::limits::Throttle::new(
                 std::time::Duration::from_secs(1),
+            )),
+            refusals_logged: std::sync::Mutex::new(crate::limits::Throttle::with_burst(
+                std::time::Duration::from_secs(1),
+                crate::server::REFUSALS_LOGGED_A_SECOND,
             )),
             tls,
             max_connections,

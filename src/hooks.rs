@@ -104,13 +104,15 @@ fn verify(
 ) -> Result<(Received, Option<GitRef>), ApiError> {
     let url_ref = url_ref(parts.uri.query())?;
     let now = SystemTime::now();
-    let received = sources::receive(source, request, Verification::Check { now }).map_err(|err| {
-        tracing::warn!(source = %source.name, provider = %source.provider, error = %err, "webhook refused");
-        if matches!(err, sources::SourceError::Signature(_)) {
-            app.metrics.signature_failure(&source.name);
-        }
-        ApiError::from(err)
-    })?;
+    // Logged once, by the server, with the reason (and no more than its budget a second:
+    // anyone can send these).
+    let received =
+        sources::receive(source, request, Verification::Check { now }).map_err(|err| {
+            if matches!(err, sources::SourceError::Signature(_)) {
+                app.metrics.signature_failure(&source.name);
+            }
+            ApiError::from(err)
+        })?;
     if let Some(git_ref) = &url_ref {
         source.allows_url_ref(git_ref).map_err(|reason| {
             tracing::warn!(source = %source.name, delivery = %received.delivery, %reason, "webhook URL ref refused");

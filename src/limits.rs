@@ -254,6 +254,19 @@ mod tests {
         assert_eq!(throttle.allow("a"), None);
     }
 
+    #[test]
+    fn a_throttle_with_a_burst_lets_that_many_a_period_through() {
+        let mut throttle = Throttle::with_burst(Duration::from_millis(50), 3);
+        assert_eq!(throttle.allow("a"), Some(0));
+        assert_eq!(throttle.allow("a"), Some(0));
+        assert_eq!(throttle.allow("a"), Some(0));
+        assert_eq!(throttle.allow("a"), None);
+        assert_eq!(throttle.allow("a"), None);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(throttle.allow("a"), Some(2));
+        assert_eq!(throttle.allow("a"), Some(0));
+    }
+
     fn limit(text: &str, burst: u32) -> Limit {
         Limit {
             rate: Rate::parse(text).unwrap(),
@@ -361,17 +374,26 @@ mod tests {
     }
 }
 
-/// Lets one thing of each key through per `every`, counting the rest: log lines and
-/// records that must not become a flood of their own.
+/// Lets one thing of each key through per `every` (or `burst` of them), counting the
+/// rest: log lines and records that must not become a flood of their own.
 pub struct Throttle<K> {
     every: Duration,
-    last: std::collections::HashMap<K, (std::time::Instant, u64)>,
+    burst: u64,
+    /// Per key: when its period began, how many went through in it, how many were held
+    /// back since the last one that went.
+    last: std::collections::HashMap<K, (std::time::Instant, u64, u64)>,
 }
 
 impl<K: Eq + std::hash::Hash> Throttle<K> {
     pub fn new(every: Duration) -> Throttle<K> {
+        Throttle::with_burst(every, 1)
+    }
+
+    /// The first `burst` of each key in each period go through.
+    pub fn with_burst(every: Duration, burst: u64) -> Throttle<K> {
         Throttle {
             every,
+            burst: burst.max(1),
             last: std::collections::HashMap::new(),
         }
     }
@@ -382,13 +404,16 @@ impl<K: Eq + std::hash::Hash> Throttle<K> {
         let now = std::time::Instant::now();
         match self.last.entry(key) {
             std::collections::hash_map::Entry::Vacant(entry) => {
-                entry.insert((now, 0));
+                entry.insert((now, 1, 0));
                 Some(0)
             }
             std::collections::hash_map::Entry::Occupied(mut entry) => {
-                let (at, held) = entry.get_mut();
-                if now.duration_since(*at) >= self.every {
-                    *at = now;
+                let (began, went, held) = entry.get_mut();
+                if now.duration_since(*began) >= self.every {
+                    (*began, *went) = (now, 1);
+                    Some(std::mem::take(held))
+                } else if *went < self.burst {
+                    *went += 1;
                     Some(std::mem::take(held))
                 } else {
                     *held += 1;

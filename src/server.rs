@@ -340,17 +340,39 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
         .request_duration(endpoint, elapsed.as_secs_f64());
     let elapsed_ms = millis(elapsed);
     let upstream_ms = upstream_latency.map(millis);
-    match reason {
-        None => tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, "request"),
-        Some(reason) if status >= 500 => {
+    let Some(reason) = reason else {
+        tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, "request");
+        return response;
+    };
+    let allowed = app
+        .refusals_logged
+        .lock()
+        .expect("never poisoned")
+        .allow((endpoint, status));
+    match allowed {
+        // Past the budget: counted in the metrics, and in the next line that goes.
+        None => {}
+        Some(0) if status >= 500 => {
             tracing::warn!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, "request refused")
         }
-        Some(reason) => {
+        Some(0) => {
             tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, "request refused")
+        }
+        Some(held_back) if status >= 500 => {
+            tracing::warn!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, held_back, "request refused")
+        }
+        Some(held_back) => {
+            tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, held_back, "request refused")
         }
     }
     response
 }
+
+/// Refused requests logged a second at most, per endpoint and status; the rest are
+/// counted (`held_back` on the next line that is logged, and every one in
+/// `hookrelay_requests_total`). A client sending unsigned webhooks or scanning paths as
+/// fast as it can wrote two lines a request, 400 bytes: tens of megabytes a second.
+pub const REFUSALS_LOGGED_A_SECOND: u64 = 20;
 
 /// A duration in milliseconds with one decimal, as a number (JSON logs keep it numeric).
 fn millis(duration: Duration) -> f64 {

@@ -650,6 +650,74 @@ async fn endless_headers_are_refused_at_32_kb_and_hold_no_more() {
     assert_eq!(code, Some(0));
 }
 
+/// An anonymous client sending unsigned webhooks and scanning paths as fast as it can:
+/// each refusal is answered and counted, but at most `REFUSALS_LOGGED_A_SECOND` of each
+/// kind a second reach the log, and the next line that does says how many were left
+/// out. Before, every refused webhook wrote two lines (400 bytes): tens of megabytes a
+/// second of log for anyone to make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_requests_cannot_flood_the_log() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    let started = std::time::Instant::now();
+    for round in 0..30 {
+        let sends = (0..20).map(|i| {
+            let address = address.clone();
+            async move {
+                let delivery = format!("flood-{round}-{i}");
+                let unsigned = send(
+                    "POST",
+                    &format!("http://{address}/hooks/github"),
+                    &[
+                        ("x-github-event", "push"),
+                        ("x-github-delivery", &delivery),
+                        ("x-hub-signature-256", "sha256=00"),
+                    ],
+                    "{}",
+                )
+                .await
+                .status;
+                let scan = send("GET", &format!("http://{address}/wp-admin-{i}"), &[], "")
+                    .await
+                    .status;
+                (unsigned, scan)
+            }
+        });
+        for answers in futures_util::future::join_all(sends).await {
+            assert_eq!(answers, (401, 404));
+        }
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    // Past the period, so that the next line says how many were left out.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let last = send("GET", &format!("http://{address}/wp-admin-last"), &[], "").await;
+    assert_eq!(last.status, 404);
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0));
+    let refused: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("request refused"))
+        .collect();
+    let most = 2 * hookrelay::server::REFUSALS_LOGGED_A_SECOND * (seconds + 1) + 1;
+    assert!(
+        (refused.len() as u64) <= most,
+        "{} refusal lines for 1,201 refusals over {seconds} s (at most {most})",
+        refused.len()
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("webhook refused")),
+        "one line a refusal, not two"
+    );
+    let summary = refused.last().unwrap();
+    assert!(
+        summary.contains("/wp-admin-last") && summary.contains("held_back="),
+        "{summary}"
+    );
+}
+
 /// The relay's clock set back an hour (an NTP step after a boot with a wrong hardware
 /// clock, a virtual machine restored) while a trigger waits for its retry: the retry
 /// comes when it was due, with no webhook arriving to wake anything, and a trigger queued
