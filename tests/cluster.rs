@@ -782,6 +782,67 @@ async fn a_database_that_refuses_the_relay_s_connections_is_shown_on_readyz_unti
     all_sent(&upstream, &acknowledged, Duration::from_secs(10)).await;
 }
 
+/// A database that refuses the relay's writes for a reason that does not pass by itself
+/// (a privilege revoked, a trigger of the DBA's raising an error): every webhook gets
+/// `503` with the reason, and `/readyz` says it too, until a webhook is written again.
+/// Before, only passing failures made `/readyz` say so: it answered `200` while every
+/// webhook was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_refuses_writes_for_good_is_shown_on_readyz() {
+    let Some(Setup {
+        database,
+        upstream,
+        dir,
+    }) = Setup::new("3s", PLAIN, "").await
+    else {
+        return;
+    };
+    let (_relays, addresses) = start_relays(dir.path(), 1);
+    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
+    assert_eq!((before.len(), refused), (2, 0));
+    // A connection of its own for each, opened and closed off the runtime.
+    let sql = |sql: &str| {
+        tokio::task::block_in_place(|| {
+            let mut admin = postgres::Client::connect(&database.url, postgres::NoTls).unwrap();
+            admin.batch_execute(sql).unwrap();
+        })
+    };
+    sql(
+        "CREATE FUNCTION hr_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'permission denied for table hr_deliveries' USING ERRCODE = '42501'; END $$;
+         CREATE TRIGGER hr_test_refuse BEFORE INSERT ON hr_deliveries
+         FOR EACH ROW EXECUTE FUNCTION hr_test_refuse();",
+    );
+    let refused = refused_soon(&addresses[0]).await;
+    assert!(
+        refused.text().contains("permission denied"),
+        "{}",
+        refused.text()
+    );
+    let ready = readyz(&addresses[0]).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(
+        ready.text().contains("permission denied"),
+        "{}",
+        ready.text()
+    );
+
+    // Still refused a second later, with no webhook coming: a probe's write elsewhere
+    // does not say webhooks are taken.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ready = readyz(&addresses[0]).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+
+    // Ready again with no webhook coming (a load balancer sends none while /readyz says
+    // 503): the relay tries one of its own, undone.
+    sql("DROP TRIGGER hr_test_refuse ON hr_deliveries");
+    ready_again(&addresses[0]).await;
+    let after = acknowledged_again(&addresses, "the trigger was dropped").await;
+    let mut acknowledged = before;
+    acknowledged.extend(after);
+    all_sent(&upstream, &acknowledged, Duration::from_secs(10)).await;
+}
+
 /// Two servers of the test's own, the old primary and the new, each with the same
 /// database migrated (a standby would hold it, replicated; here it is made by hand), and
 /// the relays' configuration on the old one; the new one's URL.

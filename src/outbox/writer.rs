@@ -170,6 +170,11 @@ pub(super) struct Writer {
     pending: Vec<(Lease, Recorded)>,
     /// Each kind of failure is said at most once a [`RETRY_EVERY`], with how many were not.
     logged: crate::limits::Throttle<&'static str>,
+    /// Why the store refused the last webhook it could not take for a reason not its
+    /// content (a privilege revoked, a table gone: failures that do not pass by
+    /// themselves, which a probe's write elsewhere would not see); `/readyz` says it
+    /// until a webhook is taken again.
+    refusing_webhooks: Option<String>,
     /// Commits that acknowledgements wait for, timed for `/metrics`.
     timings: crate::metrics::StoreTimings,
     /// The latest time seen on the store's clock, once read from the store: a clock set
@@ -237,6 +242,7 @@ impl Writer {
             health,
             pending: Vec::new(),
             logged: crate::limits::Throttle::new(RETRY_EVERY),
+            refusing_webhooks: None,
             clock: None,
             _lock: lock,
         };
@@ -375,6 +381,9 @@ impl Writer {
             match self.in_savepoint(|engine| engine.probe(now)) {
                 Ok(()) => outcome.wrote = true,
                 Err(err) => outcome.failure = Some(err.message),
+            }
+            if self.refusing_webhooks.is_some() {
+                self.probe_a_webhook(now);
             }
         }
         self.skew.store(
@@ -535,6 +544,7 @@ impl Writer {
             outcome.note_result(&result);
             match op {
                 Op::Accept(delivery, reply) => {
+                    self.refusing_webhooks = None;
                     outcome.note_new_work(&delivery, &result);
                     outcome.replies.push(answer(reply, result));
                 }
@@ -554,6 +564,11 @@ impl Writer {
                 let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
                 outcome.note_new_work(&delivery, &result);
                 outcome.note_result(&result);
+                match &result {
+                    Ok(_) => self.refusing_webhooks = None,
+                    Err(err) if !err.refused => self.refusing_webhooks = Some(err.message.clone()),
+                    Err(_) => {}
+                }
                 outcome.replies.push(answer(reply, result));
             }
             Op::Note(delivery, _) => {
@@ -669,6 +684,31 @@ impl Writer {
         }
     }
 
+    /// Whether the store would take a webhook now: one written and undone (a savepoint
+    /// rolled back). With no webhook arriving (a load balancer keeps them away while
+    /// `/readyz` says 503), this is what says that the store takes them again.
+    fn probe_a_webhook(&mut self, now: i64) {
+        let probe = NewDelivery {
+            source: "hookrelay-probe".into(),
+            delivery_id: format!("probe-{now}"),
+            event_type: "probe".into(),
+            headers: Vec::new(),
+            body: Default::default(),
+            summary: "{}".into(),
+            triggers: Vec::new(),
+        };
+        if self.engine.savepoint().is_err() {
+            return;
+        }
+        let result = self.engine.insert_delivery(&probe, now);
+        self.engine.release(false);
+        match result {
+            Ok(_) => self.refusing_webhooks = None,
+            Err(err) if !err.refused => self.refusing_webhooks = Some(err.message),
+            Err(_) => {}
+        }
+    }
+
     fn in_savepoint<T>(
         &mut self,
         op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError>,
@@ -738,7 +778,8 @@ impl Writer {
             .as_ref()
             .filter(|err| err.transient)
             .map(|err| err.message.clone())
-            .or(failure);
+            .or(failure)
+            .or_else(|| self.refusing_webhooks.clone());
         let before = self.health.problem_of(self.duty);
         match (&problem, self.duty) {
             (Some(reason), duty) => {
