@@ -61,6 +61,12 @@ pub enum SetupError {
     Certificate(String),
 }
 
+/// Refused requests logged a second at most, per endpoint and status; the rest are
+/// counted (`held_back` on the next line that is logged, and every one in
+/// `hookrelay_requests_total`). A client sending unsigned webhooks or scanning paths as
+/// fast as it can wrote two lines a request, 400 bytes: tens of megabytes a second.
+pub const REFUSALS_LOGGED_A_SECOND: u64 = 20;
+
 /// Everything a request handler needs, shared by all connections.
 pub struct App {
     runtime: ArcSwap<Runtime>,
@@ -87,7 +93,8 @@ pub struct App {
     /// second per source and kind.
     pub turned_away: std::sync::Mutex<crate::limits::Throttle<(String, &'static str)>>,
     /// Log lines of refused requests, per endpoint and status: an anonymous client
-    /// sending as fast as it can must not fill the disk with them (see `server::handle`).
+    /// sending as fast as it can must not fill the disk with them
+    /// ([`REFUSALS_LOGGED_A_SECOND`]).
     pub refusals_logged: std::sync::Mutex<crate::limits::Throttle<(&'static str, u16)>>,
     /// Projects GitLab paused and upstreams that are down, as the forwarder holds them.
     pub holds: crate::outbox::outage::Holds,
@@ -209,7 +216,7 @@ impl App {
             )),
             refusals_logged: std::sync::Mutex::new(crate::limits::Throttle::with_burst(
                 std::time::Duration::from_secs(1),
-                crate::server::REFUSALS_LOGGED_A_SECOND,
+                REFUSALS_LOGGED_A_SECOND,
             )),
             tls,
             max_connections,

@@ -368,12 +368,6 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
     response
 }
 
-/// Refused requests logged a second at most, per endpoint and status; the rest are
-/// counted (`held_back` on the next line that is logged, and every one in
-/// `hookrelay_requests_total`). A client sending unsigned webhooks or scanning paths as
-/// fast as it can wrote two lines a request, 400 bytes: tens of megabytes a second.
-pub const REFUSALS_LOGGED_A_SECOND: u64 = 20;
-
 /// A duration in milliseconds with one decimal, as a number (JSON logs keep it numeric).
 fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 10_000.0).round() / 10.0

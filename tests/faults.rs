@@ -701,7 +701,7 @@ async fn a_flood_of_refused_requests_cannot_flood_the_log() {
         .iter()
         .filter(|l| l.contains("request refused"))
         .collect();
-    let most = 2 * hookrelay::server::REFUSALS_LOGGED_A_SECOND * (seconds + 1) + 1;
+    let most = 2 * hookrelay::app::REFUSALS_LOGGED_A_SECOND * (seconds + 1) + 1;
     assert!(
         (refused.len() as u64) <= most,
         "{} refusal lines for 1,201 refusals over {seconds} s (at most {most})",
