@@ -650,6 +650,63 @@ async fn endless_headers_are_refused_at_32_kb_and_hold_no_more() {
     assert_eq!(code, Some(0));
 }
 
+/// The store refusing every webhook for a reason that does not pass by itself (here a
+/// trigger added to the live file raising an error; a schema tampered with, a corrupt
+/// index fail alike): each webhook gets `503` with the reason, `/readyz` says it until
+/// the store takes webhooks again, and turns ready with no webhook arriving once it
+/// does (the relay tries one of its own each second, undone). Before, `/readyz` said
+/// `200` throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_refuses_webhooks_for_good_is_shown_on_readyz() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    assert_eq!(
+        github_tag(&address, "s3cret-for-the-tests").await.status,
+        202
+    );
+    let store = dir.path().join("state").join("hookrelay.sqlite3");
+    let sql = |sql: &str| {
+        let conn = rusqlite::Connection::open(&store).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.execute_batch(sql).unwrap();
+    };
+    sql(
+        "CREATE TRIGGER refuse BEFORE INSERT ON deliveries BEGIN SELECT RAISE(ABORT, 'not now'); END;",
+    );
+    let readyz = || async { send("GET", &format!("http://{address}/readyz"), &[], "").await };
+    let refused = github_tag(&address, "s3cret-for-the-tests").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.text().contains("not now"), "{}", refused.text());
+    let ready = readyz().await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.text().contains("not now"), "{}", ready.text());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        readyz().await.status,
+        503,
+        "still refused, with no webhook coming"
+    );
+
+    sql("DROP TRIGGER refuse");
+    let waited = std::time::Instant::now();
+    while readyz().await.status != 200 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        github_tag(&address, "s3cret-for-the-tests").await.status,
+        202
+    );
+    let (code, _) = served.terminate();
+    assert_eq!(code, Some(0));
+}
+
 /// An anonymous client sending unsigned webhooks and scanning paths as fast as it can:
 /// each refusal is answered and counted, but at most `REFUSALS_LOGGED_A_SECOND` of each
 /// kind a second reach the log, and the next line that does says how many were left
