@@ -408,11 +408,12 @@ async fn forty_big_bodies(addr: &str, signature: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_parallel_25_mib_bodies_stay_within_the_body_budget() {
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    durable_config(dir.path(), &upstream.url());
-    let mut served = serve_in(dir.path());
-    let address = served.address();
+    let DurableRelay {
+        upstream: _upstream,
+        dir: _dir,
+        served,
+        address,
+    } = DurableRelay::start().await;
     let pid = served.child.id();
     let before = peak_rss_kib(pid);
 
@@ -434,12 +435,7 @@ async fn forty_parallel_25_mib_bodies_stay_within_the_body_budget() {
         "peak RSS: {before} kB at start, {unsigned} kB after unsigned bodies, {signed} kB after signed-looking ones"
     );
     // And the relay still answers.
-    assert_eq!(
-        github_tag(&address, "s3cret-for-the-tests").await.status,
-        202
-    );
-    let (code, _) = served.terminate();
-    assert_eq!(code, Some(0));
+    takes_one_more_and_stops(served, &address).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,11 +548,12 @@ async fn a_backup_onto_a_full_disk_fails_and_leaves_nothing_behind() {
 /// says so, and the triggers already waiting in the open file are still sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_file_deleted_under_the_relay_acknowledges_nothing_more_and_sends_what_waits() {
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    durable_config(dir.path(), &upstream.url());
-    let mut served = serve_in(dir.path());
-    let address = served.address();
+    let DurableRelay {
+        upstream,
+        dir,
+        served,
+        address,
+    } = DurableRelay::start().await;
     // `a` is on its way to GitLab, which takes 2 s to answer; `b` waits behind it.
     upstream.answer_next(Answer::created().delayed(Duration::from_secs(2)));
     let a = github_tag(&address, "s3cret-for-the-tests").await;
@@ -607,11 +604,12 @@ async fn a_store_file_deleted_under_the_relay_acknowledges_nothing_more_and_send
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_headers_are_refused_at_32_kb_and_hold_no_more() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    durable_config(dir.path(), &upstream.url());
-    let mut served = serve_in(dir.path());
-    let address = served.address();
+    let DurableRelay {
+        upstream: _upstream,
+        dir: _dir,
+        served,
+        address,
+    } = DurableRelay::start().await;
     let pid = served.child.id();
     let before = peak_rss_kib(pid);
     let header = format!(
@@ -642,12 +640,7 @@ async fn endless_headers_are_refused_at_32_kb_and_hold_no_more() {
         "peak RSS {peak} kB with 400 endless headers (started at {before} kB)"
     );
     drop(connections);
-    assert_eq!(
-        github_tag(&address, "s3cret-for-the-tests").await.status,
-        202
-    );
-    let (code, _) = served.terminate();
-    assert_eq!(code, Some(0));
+    takes_one_more_and_stops(served, &address).await;
 }
 
 /// The store refusing every webhook for a reason that does not pass by itself (here a
@@ -658,11 +651,12 @@ async fn endless_headers_are_refused_at_32_kb_and_hold_no_more() {
 /// `200` throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_refuses_webhooks_for_good_is_shown_on_readyz() {
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    durable_config(dir.path(), &upstream.url());
-    let mut served = serve_in(dir.path());
-    let address = served.address();
+    let DurableRelay {
+        upstream: _upstream,
+        dir,
+        served,
+        address,
+    } = DurableRelay::start().await;
     assert_eq!(
         github_tag(&address, "s3cret-for-the-tests").await.status,
         202
@@ -699,12 +693,7 @@ async fn a_store_that_refuses_webhooks_for_good_is_shown_on_readyz() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        github_tag(&address, "s3cret-for-the-tests").await.status,
-        202
-    );
-    let (code, _) = served.terminate();
-    assert_eq!(code, Some(0));
+    takes_one_more_and_stops(served, &address).await;
 }
 
 /// An anonymous client sending unsigned webhooks and scanning paths as fast as it can:
@@ -714,11 +703,12 @@ async fn a_store_that_refuses_webhooks_for_good_is_shown_on_readyz() {
 /// second of log for anyone to make.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_refused_requests_cannot_flood_the_log() {
-    let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    durable_config(dir.path(), &upstream.url());
-    let mut served = serve_in(dir.path());
-    let address = served.address();
+    let DurableRelay {
+        upstream: _upstream,
+        dir: _dir,
+        served,
+        address,
+    } = DurableRelay::start().await;
     let started = std::time::Instant::now();
     for round in 0..30 {
         let sends = (0..20).map(|i| {

@@ -141,6 +141,42 @@ pub fn serve_in(dir: &Path) -> Served {
     Served::start_with(command, dir, &dir.join("state"))
 }
 
+/// A relay serving [`durable_config`] from a folder of its own, with its recording
+/// upstream: what most fault tests start from.
+pub struct DurableRelay {
+    pub upstream: RecordingUpstream,
+    pub dir: tempfile::TempDir,
+    pub served: Served,
+    pub address: String,
+}
+
+impl DurableRelay {
+    pub async fn start() -> DurableRelay {
+        let upstream = RecordingUpstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        durable_config(dir.path(), &upstream.url());
+        let mut served = serve_in(dir.path());
+        let address = served.address();
+        DurableRelay {
+            upstream,
+            dir,
+            served,
+            address,
+        }
+    }
+}
+
+/// The relay at `address` still takes a webhook (on [`durable_config`]); then it stops
+/// cleanly.
+pub async fn takes_one_more_and_stops(served: Served, address: &str) {
+    assert_eq!(
+        github_tag(address, "s3cret-for-the-tests").await.status,
+        202
+    );
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0), "{lines:#?}");
+}
+
 /// The delivery id a call carries in `variables[DELIVERY]` ([`durable_config`]'s rule).
 pub fn delivery_of(call: &Received) -> Option<String> {
     call.json()["variables"]["DELIVERY"]
