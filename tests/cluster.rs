@@ -843,6 +843,37 @@ async fn a_database_that_refuses_writes_for_good_is_shown_on_readyz() {
     all_sent(&upstream, &acknowledged, Duration::from_secs(10)).await;
 }
 
+/// A relay started while its database takes no writes (pointed at a standby before a
+/// failover finished): it starts, says why on `/readyz`, and takes webhooks once the
+/// database does, without a restart. Before, it stopped at start (its schema check wrote).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_on_a_database_that_takes_no_writes_waits_for_it() {
+    let Some(server) = tokio::task::block_in_place(pg::Server::own) else {
+        return;
+    };
+    let Setup {
+        database,
+        upstream,
+        dir,
+    } = Setup::on(own_database(&server), "3s", PLAIN, "").await;
+    assert!(rows(&database.url).is_empty(), "migrated");
+    read_only(&server, true);
+    let (_relays, addresses) = start_relays(dir.path(), 1);
+    let refused = refused_soon(&addresses[0]).await;
+    assert!(
+        refused.text().contains("takes no writes"),
+        "{}",
+        refused.text()
+    );
+    let ready = readyz(&addresses[0]).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+
+    read_only(&server, false);
+    ready_again(&addresses[0]).await;
+    let after = acknowledged_again(&addresses, "the database took writes").await;
+    all_sent(&upstream, &after, Duration::from_secs(10)).await;
+}
+
 /// Two servers of the test's own, the old primary and the new, each with the same
 /// database migrated (a standby would hold it, replicated; here it is made by hand), and
 /// the relays' configuration on the old one; the new one's URL.

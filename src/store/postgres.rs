@@ -414,6 +414,9 @@ impl PostgresEngine {
 }
 
 fn migrate(client: &mut Client) -> Result<(), EngineError> {
+    if is_up_to_date(client).map_err(error)? {
+        return Ok(());
+    }
     let mut tx = client.transaction().map_err(error)?;
     // One relay migrates; the others wait here, then find nothing left to do.
     tx.execute(
@@ -460,6 +463,28 @@ fn migrate(client: &mut Client) -> Result<(), EngineError> {
         tx.commit()
     })()
     .map_err(error)
+}
+
+/// Whether the database's schema is this relay's, its floor written: then starting takes
+/// no lock and writes nothing, so commands that only read (`deliveries`, `explain
+/// --delivery`) work on a standby, and a relay pointed at one starts and waits for it to
+/// take writes (see `READ_ONLY_RECONNECT`).
+fn is_up_to_date(client: &mut Client) -> Result<bool, postgres::Error> {
+    let row = client.query_one(
+        "SELECT to_regclass('hr_schema') IS NOT NULL AND to_regclass('hr_schema_floor') IS NOT NULL",
+        &[],
+    )?;
+    if !row.get::<_, bool>(0) {
+        return Ok(false);
+    }
+    let row = client.query_one(
+        "SELECT (SELECT coalesce(max(version), 0) FROM hr_schema)::bigint,
+                (SELECT max(floor) FROM hr_schema_floor)::bigint",
+        &[],
+    )?;
+    let (version, floor): (i64, Option<i64>) = (row.get(0), row.get(1));
+    Ok(version == schema::MIGRATIONS.len() as i64
+        && floor.is_some_and(|floor| floor >= schema::OLDEST_COMPATIBLE as i64))
 }
 
 /// The client's own runtime cannot shut down on a thread that runs async tasks (a relay

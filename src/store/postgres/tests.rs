@@ -839,3 +839,30 @@ fn a_database_migrated_by_a_newer_relay_is_refused_unless_it_lets_this_one_run()
     newer(known);
     assert!(open().is_ok());
 }
+
+/// A database whose schema is up to date is opened without a write (no lock, no
+/// `CREATE … IF NOT EXISTS`): commands that only read work on a standby, here one whose
+/// sessions are all read-only.
+#[test]
+fn an_up_to_date_database_is_opened_without_a_write() {
+    let Some((database, mut engine)) = on_new_database() else {
+        return;
+    };
+    let name = database.url.rsplit('/').next().unwrap().to_owned();
+    engine
+        .client()
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} SET default_transaction_read_only = on"
+        ))
+        .unwrap();
+    let mut reader = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
+        .expect("opened on a read-only database");
+    use crate::store::Engine;
+    assert_eq!(reader.depth().unwrap().open, 0);
+    engine
+        .client()
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} RESET default_transaction_read_only"
+        ))
+        .unwrap();
+}
