@@ -475,3 +475,57 @@ async fn the_health_page_says_when_a_reload_failed_and_why() {
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }
+
+/// Guessing the dashboard's token as fast as one can: every attempt is refused (401), and
+/// at most the server's budget of refusals a second reaches the log, at warning level,
+/// the next one saying how many were left out. Before, each attempt wrote two lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_the_token_cannot_flood_the_log() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (served, _address, dashboard) = start(dir.path(), &upstream.url(), ADMIN);
+    let started = std::time::Instant::now();
+    for round in 0..20 {
+        let guesses = (0..10).map(|i| {
+            let url = format!("http://{dashboard}/login");
+            async move {
+                post(
+                    &url,
+                    &[("content-type", "application/x-www-form-urlencoded")],
+                    format!("token=guess-{round}-{i}"),
+                )
+                .await
+                .status
+            }
+        });
+        for status in futures_util::future::join_all(guesses).await {
+            assert_eq!(status, 401);
+        }
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let last = post(
+        &format!("http://{dashboard}/login"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "token=last-guess",
+    )
+    .await;
+    assert_eq!(last.status, 401);
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0));
+    let refused: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("dashboard request refused"))
+        .collect();
+    let most = hookrelay::app::REFUSALS_LOGGED_A_SECOND * (seconds + 1) + 1;
+    assert!(
+        (refused.len() as u64) <= most,
+        "{} lines for 201 wrong tokens over {seconds} s (at most {most})",
+        refused.len()
+    );
+    let summary = refused.last().unwrap();
+    assert!(
+        summary.contains("WARN") && !summary.contains("held_back=0"),
+        "{summary}"
+    );
+}

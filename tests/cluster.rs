@@ -1678,11 +1678,17 @@ async fn a_relay_whose_configuration_lacks_the_upstream_leaves_the_trigger_for_o
         to("acme%2Fsecond") == 2 && to("acme%2Fapp") == 2
     })
     .await;
-    let rows = tokio::task::block_in_place(|| rows(&database.url));
-    assert!(
-        rows.iter().all(|r| r.state.as_deref() == Some("sent")),
-        "{rows:#?}"
-    );
+    // The last send's outcome is committed a moment after GitLab saw the call.
+    eventually(
+        Duration::from_secs(10),
+        "every trigger recorded sent",
+        || {
+            tokio::task::block_in_place(|| rows(&database.url))
+                .iter()
+                .all(|r| r.state.as_deref() == Some("sent"))
+        },
+    )
+    .await;
     drop((a, b));
 }
 

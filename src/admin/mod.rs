@@ -194,7 +194,26 @@ pub async fn handle(
     let response = route(app, peer, request).await;
     let status = response.status().as_u16();
     let elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
-    tracing::info!(%peer, %method, %path, status, elapsed_ms, "dashboard request");
+    if status < 400 {
+        tracing::info!(%peer, %method, %path, status, elapsed_ms, "dashboard request");
+        return response;
+    }
+    // Refusals within the server's budget for them (anyone who reaches the port can
+    // make them): a wrong token at warning level, with how many were left out.
+    let allowed = app
+        .refusals_logged
+        .lock()
+        .expect("never poisoned")
+        .allow(("dashboard", status));
+    match allowed {
+        None => {}
+        Some(held_back) if status == 401 => {
+            tracing::warn!(%peer, %method, %path, status, elapsed_ms, held_back, "dashboard request refused: a wrong or missing token")
+        }
+        Some(held_back) => {
+            tracing::info!(%peer, %method, %path, status, elapsed_ms, held_back, "dashboard request refused")
+        }
+    }
     response
 }
 
@@ -380,7 +399,6 @@ async fn login(
     let form = read_form(body).await;
     let given = form.get("token").map(String::as_str).unwrap_or_default();
     if !crate::sources::signature::token_matches(token.expose(), given) {
-        tracing::warn!("dashboard login with a wrong token");
         let mut response = render(
             "login.html",
             &page,
