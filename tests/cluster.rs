@@ -1302,7 +1302,11 @@ async fn a_database_clock_set_back_an_hour_delays_no_retry_on_any_relay() {
             .any(|row| row.attempts == 1 && row.state.as_deref() == Some("queued"))
     })
     .await;
-    std::fs::write(&offset, "-1h").unwrap();
+    // Renamed into place: libfaketime reads the file at every look at the clock, and
+    // one written in place can be read half written.
+    let next = offset.with_extension("new");
+    std::fs::write(&next, "-1h").unwrap();
+    std::fs::rename(&next, &offset).unwrap();
     let set_back = Instant::now();
     eventually(
         Duration::from_secs(15),

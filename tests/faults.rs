@@ -811,7 +811,10 @@ async fn a_clock_set_back_an_hour_delays_no_retry_and_nothing_behind_it() {
     .await;
     relay.wait_for("trigger will be retried");
     let set_back = Instant::now();
-    write(dir.path(), "faketime", "-1h");
+    // Renamed into place: libfaketime reads the file at every look at the clock, and
+    // one written in place can be read half written (empty: no offset for that look).
+    write(dir.path(), "faketime.new", "-1h");
+    std::fs::rename(dir.path().join("faketime.new"), &offset).unwrap();
 
     eventually(
         Duration::from_secs(15),

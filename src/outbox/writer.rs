@@ -175,6 +175,8 @@ pub(super) struct Writer {
     /// themselves, which a probe's write elsewhere would not see); `/readyz` says it
     /// until a webhook is taken again.
     refusing_webhooks: Option<String>,
+    /// When the writer last tried a webhook of its own while the store refused them.
+    webhook_probed: Option<std::time::Instant>,
     /// Commits that acknowledgements wait for, timed for `/metrics`.
     timings: crate::metrics::StoreTimings,
     /// The latest time seen on the store's clock, once read from the store: a clock set
@@ -243,6 +245,7 @@ impl Writer {
             pending: Vec::new(),
             logged: crate::limits::Throttle::new(RETRY_EVERY),
             refusing_webhooks: None,
+            webhook_probed: None,
             clock: None,
             _lock: lock,
         };
@@ -382,8 +385,17 @@ impl Writer {
                 Ok(()) => outcome.wrote = true,
                 Err(err) => outcome.failure = Some(err.message),
             }
-            if self.refusing_webhooks.is_some() {
-                self.probe_a_webhook(now);
+        }
+        // Not only in idle groups: claims may come every second and keep a group from
+        // ever being idle.
+        if self.refusing_webhooks.is_some()
+            && self
+                .webhook_probed
+                .is_none_or(|at| at.elapsed() >= RETRY_EVERY)
+        {
+            self.webhook_probed = Some(std::time::Instant::now());
+            if self.probe_a_webhook(now) {
+                outcome.wrote = true;
             }
         }
         self.skew.store(
@@ -687,7 +699,7 @@ impl Writer {
     /// Whether the store would take a webhook now: one written and undone (a savepoint
     /// rolled back). With no webhook arriving (a load balancer keeps them away while
     /// `/readyz` says 503), this is what says that the store takes them again.
-    fn probe_a_webhook(&mut self, now: i64) {
+    fn probe_a_webhook(&mut self, now: i64) -> bool {
         let probe = NewDelivery {
             source: "hookrelay-probe".into(),
             delivery_id: format!("probe-{now}"),
@@ -698,15 +710,19 @@ impl Writer {
             triggers: Vec::new(),
         };
         if self.engine.savepoint().is_err() {
-            return;
+            return false;
         }
         let result = self.engine.insert_delivery(&probe, now);
         self.engine.release(false);
         match result {
-            Ok(_) => self.refusing_webhooks = None,
+            Ok(_) => {
+                self.refusing_webhooks = None;
+                return true;
+            }
             Err(err) if !err.refused => self.refusing_webhooks = Some(err.message),
             Err(_) => {}
         }
+        false
     }
 
     fn in_savepoint<T>(
