@@ -95,7 +95,7 @@ pub struct App {
     /// Log lines of refused requests, per endpoint and status: an anonymous client
     /// sending as fast as it can must not fill the disk with them
     /// ([`REFUSALS_LOGGED_A_SECOND`]).
-    pub refusals_logged: std::sync::Mutex<crate::limits::Throttle<(&'static str, u16)>>,
+    refusals_logged: std::sync::Mutex<crate::limits::Throttle<(&'static str, u16)>>,
     /// Projects GitLab paused and upstreams that are down, as the forwarder holds them.
     pub holds: crate::outbox::outage::Holds,
     /// The dashboard's listener as started (its address is not reloaded; its token is).
@@ -230,6 +230,17 @@ impl App {
             dry_run,
             metrics: Arc::new(metrics),
         }))
+    }
+
+    /// Whether a refused request may be logged now (at most [`REFUSALS_LOGGED_A_SECOND`]
+    /// for each endpoint and status): `Some` with how many like it were left out since
+    /// the last one logged, when any.
+    pub fn may_log_refusal(&self, endpoint: &'static str, status: u16) -> Option<Option<u64>> {
+        self.refusals_logged
+            .lock()
+            .expect("never poisoned")
+            .allow((endpoint, status))
+            .map(|held_back| (held_back > 0).then_some(held_back))
     }
 
     /// The current configuration snapshot.

@@ -344,26 +344,14 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
         tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, "request");
         return response;
     };
-    let allowed = app
-        .refusals_logged
-        .lock()
-        .expect("never poisoned")
-        .allow((endpoint, status));
-    match allowed {
-        // Past the budget: counted in the metrics, and in the next line that goes.
-        None => {}
-        Some(0) if status >= 500 => {
-            tracing::warn!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, "request refused")
-        }
-        Some(0) => {
-            tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, "request refused")
-        }
-        Some(held_back) if status >= 500 => {
-            tracing::warn!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, held_back, "request refused")
-        }
-        Some(held_back) => {
-            tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, held_back, "request refused")
-        }
+    // Past the budget: counted in the metrics, and in the next line that goes.
+    let Some(held_back) = app.may_log_refusal(endpoint, status) else {
+        return response;
+    };
+    if status >= 500 {
+        tracing::warn!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, held_back, "request refused")
+    } else {
+        tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, %reason, held_back, "request refused")
     }
     response
 }

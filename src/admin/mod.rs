@@ -200,19 +200,13 @@ pub async fn handle(
     }
     // Refusals within the server's budget for them (anyone who reaches the port can
     // make them): a wrong token at warning level, with how many were left out.
-    let allowed = app
-        .refusals_logged
-        .lock()
-        .expect("never poisoned")
-        .allow(("dashboard", status));
-    match allowed {
-        None => {}
-        Some(held_back) if status == 401 => {
-            tracing::warn!(%peer, %method, %path, status, elapsed_ms, held_back, "dashboard request refused: a wrong or missing token")
-        }
-        Some(held_back) => {
-            tracing::info!(%peer, %method, %path, status, elapsed_ms, held_back, "dashboard request refused")
-        }
+    let Some(held_back) = app.may_log_refusal("dashboard", status) else {
+        return response;
+    };
+    if status == 401 {
+        tracing::warn!(%peer, %method, %path, status, elapsed_ms, held_back, "dashboard request refused: a wrong or missing token")
+    } else {
+        tracing::info!(%peer, %method, %path, status, elapsed_ms, held_back, "dashboard request refused")
     }
     response
 }

@@ -556,7 +556,7 @@ impl Writer {
             outcome.note_result(&result);
             match op {
                 Op::Accept(delivery, reply) => {
-                    self.refusing_webhooks = None;
+                    self.note_webhook_taken(&result);
                     outcome.note_new_work(&delivery, &result);
                     outcome.replies.push(answer(reply, result));
                 }
@@ -576,11 +576,7 @@ impl Writer {
                 let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
                 outcome.note_new_work(&delivery, &result);
                 outcome.note_result(&result);
-                match &result {
-                    Ok(_) => self.refusing_webhooks = None,
-                    Err(err) if !err.refused => self.refusing_webhooks = Some(err.message.clone()),
-                    Err(_) => {}
-                }
+                self.note_webhook_taken(&result);
                 outcome.replies.push(answer(reply, result));
             }
             Op::Note(delivery, _) => {
@@ -714,15 +710,18 @@ impl Writer {
         }
         let result = self.engine.insert_delivery(&probe, now);
         self.engine.release(false);
+        self.note_webhook_taken(&result)
+    }
+
+    /// Notes whether the store took a webhook (see `refusing_webhooks`): a refusal for
+    /// the webhook's content says nothing of the store. Returns whether it was taken.
+    fn note_webhook_taken<T>(&mut self, result: &Result<T, EngineError>) -> bool {
         match result {
-            Ok(_) => {
-                self.refusing_webhooks = None;
-                return true;
-            }
-            Err(err) if !err.refused => self.refusing_webhooks = Some(err.message),
+            Ok(_) => self.refusing_webhooks = None,
+            Err(err) if !err.refused => self.refusing_webhooks = Some(err.message.clone()),
             Err(_) => {}
         }
-        false
+        result.is_ok()
     }
 
     fn in_savepoint<T>(

@@ -123,7 +123,6 @@ pub fn blocking<T: Send>(call: impl FnOnce() -> T + Send) -> T {
     }
 }
 
-/// Milliseconds since 1970, the store's clock.
 /// A store whose schema is at `version`, past the `known` versions of this relay: a newer
 /// relay migrated it. This one runs on it (and warns) only when that one wrote that
 /// relays knowing `known` versions may (`floor`); otherwise it refuses to start, saying
@@ -149,6 +148,7 @@ fn newer_schema(version: i64, floor: Option<i64>, known: usize) -> Result<(), En
     }
 }
 
+/// Milliseconds since 1970, the store's clock.
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

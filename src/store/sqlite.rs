@@ -357,7 +357,7 @@ fn migrate(conn: &mut Connection) -> Result<(), EngineError> {
             .ok();
         return super::newer_schema(version, floor, MIGRATIONS.len());
     }
-    apply_migrations(conn).map_err(error)?;
+    apply_migrations(conn, version).map_err(error)?;
     // Written only when it rises: a store opened to be read (a copy on a read-only
     // mount) is not written.
     let floor = schema::OLDEST_COMPATIBLE as i64;
@@ -376,8 +376,7 @@ fn migrate(conn: &mut Connection) -> Result<(), EngineError> {
     Ok(())
 }
 
-fn apply_migrations(conn: &mut Connection) -> rusqlite::Result<()> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+fn apply_migrations(conn: &mut Connection, version: i64) -> rusqlite::Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Another process may have migrated while this one waited for the lock.
