@@ -728,6 +728,68 @@ async fn a_read_only_database_is_refused_then_written_again_and_sends_nothing_tw
     assert!(calls.values().all(|&n| n == 1), "{calls:?}");
 }
 
+/// A send whose outcome the database will not take for longer than the lease (here a
+/// trigger refusing it with `lock_not_available`, a passing failure; a database gone or
+/// read-only that long does the same): the outcome waits in the relay's memory, and the
+/// relay's own claims leave the key alone meanwhile, though its lease ran out. Before, the
+/// next claim took the key over and sent the trigger a second time, and the first send's
+/// outcome was then fenced out as stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_kept_longer_than_the_lease_is_written_and_nothing_is_sent_twice() {
+    let Some(Setup {
+        database,
+        upstream,
+        dir,
+    }) = Setup::new("3s", PLAIN, "").await
+    else {
+        return;
+    };
+    let (_relays, addresses) = start_relays(dir.path(), 1);
+    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
+    assert_eq!((before.len(), refused), (2, 0));
+    all_sent(&upstream, &before, Duration::from_secs(10)).await;
+
+    let sql = |sql: &str| {
+        tokio::task::block_in_place(|| {
+            let mut admin = postgres::Client::connect(&database.url, postgres::NoTls).unwrap();
+            admin.batch_execute(sql).unwrap();
+        })
+    };
+    // A claim still takes a trigger (queued → sending); a send's outcome is refused.
+    sql(
+        "CREATE FUNCTION hr_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'lock timeout' USING ERRCODE = '55P03'; END $$;
+         CREATE TRIGGER hr_test_refuse BEFORE UPDATE ON hr_triggers FOR EACH ROW
+         WHEN (OLD.state = 'sending' AND NEW.state <> 'sending') EXECUTE FUNCTION hr_test_refuse();",
+    );
+    let in_flight = push(&addresses[0], "in-flight").await;
+    assert_eq!(in_flight.status, 202, "{}", in_flight.text());
+    eventually(Duration::from_secs(5), "the trigger is sent", || {
+        calls_per_delivery(&upstream).contains_key("in-flight")
+    })
+    .await;
+    let refused_at = Instant::now();
+    // Twice the 3 s lease, the relay claiming all the while (a poll a second).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sql("DROP TRIGGER hr_test_refuse ON hr_triggers");
+    let after = acknowledged_again(&addresses, "the outcome was taken").await;
+    all_sent(&upstream, &after, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(9).saturating_sub(refused_at.elapsed())).await;
+    let calls = calls_per_delivery(&upstream);
+    assert_eq!(calls.get("in-flight"), Some(&1), "{calls:?}");
+    assert!(calls.values().all(|&n| n == 1), "{calls:?}");
+    // The first send's outcome was written: sent, in one attempt.
+    let row = rows(&database.url)
+        .into_iter()
+        .find(|row| row.delivery_id == "in-flight")
+        .expect("the in-flight delivery is stored");
+    assert_eq!(
+        (row.state.as_deref(), row.attempts),
+        (Some("sent"), 1),
+        "{row:?}"
+    );
+}
+
 /// A database that refuses new connections while the relay's were cut (a DBA's
 /// `ALLOW_CONNECTIONS false` for maintenance; a role locked, a password rotated before its
 /// file, a `pg_hba.conf` mistake fail the same way): webhooks get `503` and `/readyz`

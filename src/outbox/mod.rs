@@ -138,6 +138,9 @@ pub(crate) enum Duty {
 pub struct StoreHealth {
     /// Indexed by [`Duty`].
     failing: Mutex<[Option<String>; 2]>,
+    /// The writer holds outcomes of sends the store has not taken yet: their leases may
+    /// have run out meanwhile, and this relay's claims must not take them over.
+    outcomes_waiting: std::sync::atomic::AtomicBool,
 }
 
 impl StoreHealth {
@@ -153,6 +156,16 @@ impl StoreHealth {
 
     fn set(&self, duty: Duty, problem: Option<String>) {
         self.lock()[duty as usize] = problem;
+    }
+
+    fn outcomes_waiting(&self) -> bool {
+        self.outcomes_waiting
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_outcomes_waiting(&self, waiting: bool) {
+        self.outcomes_waiting
+            .store(waiting, std::sync::atomic::Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, [Option<String>; 2]> {
@@ -781,6 +794,10 @@ mod tests {
         held: Arc<AtomicBool>,
         /// While set, recording a webhook panics (a bug in an engine).
         panics: Arc<AtomicBool>,
+        /// The lease it says claims hold (as a shared store's engine does).
+        lease: Option<Duration>,
+        /// Each `let_claims_take_over` it was told, in order.
+        take_over: Arc<Mutex<Vec<bool>>>,
     }
 
     impl FullDisk {
@@ -792,6 +809,8 @@ mod tests {
                 broken_batches: None,
                 held: Arc::default(),
                 panics: Arc::default(),
+                lease: None,
+                take_over: Arc::default(),
             }
         }
 
@@ -860,6 +879,12 @@ mod tests {
         }
         fn claim(&mut self, now: i64, limit: usize) -> Result<Claimed, EngineError> {
             self.inner.claim(now, limit)
+        }
+        fn lease(&self) -> Option<Duration> {
+            self.lease
+        }
+        fn let_claims_take_over(&mut self, allowed: bool) {
+            self.take_over.lock().unwrap().push(allowed);
         }
         fn record(&mut self, l: Lease, r: &Recorded, now: i64) -> Result<bool, EngineError> {
             self.inner.record(l, r, now)
@@ -1215,6 +1240,60 @@ mod tests {
             None,
             "ready again"
         );
+    }
+
+    /// Claims take over leases that ran out only while the writer holds no outcome the
+    /// store refused (its lease may be among them), and not until the claimer has reached
+    /// the store for a lease (at most ten seconds) since it started or last failed.
+    #[tokio::test]
+    async fn claims_take_over_no_lease_while_outcomes_wait_or_right_after_a_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let writer = FullDisk::on(&path);
+        let claimer = FullDisk {
+            lease: Some(Duration::ZERO),
+            ..FullDisk::on(&path)
+        };
+        let (writer_full, take_over) = (writer.full.clone(), claimer.take_over.clone());
+        let last_told = || *take_over.lock().unwrap().last().unwrap();
+        let outbox = writer.start_with_claimer(claimer, &path);
+        outbox.accept(delivery("a")).await.unwrap();
+        let a = outbox.claim(8).await.unwrap().due.remove(0);
+        assert!(last_told(), "a lease of nothing: at once");
+
+        writer_full.store(true, Ordering::SeqCst);
+        let sent = Recorded::Sent {
+            status: 201,
+            pipeline_id: None,
+            pipeline_url: None,
+        };
+        outbox.record(a.lease, sent);
+        assert!(
+            health_once(&outbox, false, Duration::from_secs(5))
+                .await
+                .is_some()
+        );
+        outbox.claim(8).await.unwrap();
+        assert!(!last_told(), "the writer holds an outcome");
+
+        writer_full.store(false, Ordering::SeqCst);
+        assert_eq!(
+            health_once(&outbox, true, RETRY_EVERY * 3).await,
+            None,
+            "the outcome written"
+        );
+        outbox.claim(8).await.unwrap();
+        assert!(last_told());
+
+        let writer = FullDisk::on(&path);
+        let claimer = FullDisk {
+            lease: Some(Duration::from_secs(3600)),
+            ..FullDisk::on(&path)
+        };
+        let take_over = claimer.take_over.clone();
+        let outbox = writer.start_with_claimer(claimer, &path);
+        outbox.claim(8).await.unwrap();
+        assert_eq!(*take_over.lock().unwrap(), [false], "just started");
     }
 
     /// A writer that panics (a bug) stops for good: webhooks get an error, and `/readyz`

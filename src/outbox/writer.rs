@@ -177,6 +177,9 @@ pub(super) struct Writer {
     refusing_webhooks: Option<String>,
     /// When the writer last tried a webhook of its own while the store refused them.
     webhook_probed: Option<std::time::Instant>,
+    /// Since when the store has taken this writer's claims without a failure (`None`
+    /// while it fails); see [`Writer::may_take_over`].
+    claims_sound_since: Option<std::time::Instant>,
     /// Commits that acknowledgements wait for, timed for `/metrics`.
     timings: crate::metrics::StoreTimings,
     /// The latest time seen on the store's clock, once read from the store: a clock set
@@ -246,6 +249,7 @@ impl Writer {
             logged: crate::limits::Throttle::new(RETRY_EVERY),
             refusing_webhooks: None,
             webhook_probed: None,
+            claims_sound_since: Some(std::time::Instant::now()),
             clock: None,
             _lock: lock,
         };
@@ -589,6 +593,8 @@ impl Writer {
                 outcome.note_result(&result);
             }
             Op::Claim(limit, reply) => {
+                let take_over = self.may_take_over();
+                self.engine.let_claims_take_over(take_over);
                 let result = self.in_savepoint(|engine| engine.claim(now, limit));
                 outcome.note_result_that(&result, |claimed| !claimed.due.is_empty());
                 outcome.replies.push(answer(reply, result));
@@ -826,6 +832,14 @@ impl Writer {
             }
             (None, _) => {}
         }
+        match (self.duty, self.health.problem_of(self.duty)) {
+            (Duty::Writes, _) => self.health.set_outcomes_waiting(!self.pending.is_empty()),
+            (Duty::Claims, Some(_)) => self.claims_sound_since = None,
+            (Duty::Claims, None) => {
+                self.claims_sound_since
+                    .get_or_insert_with(std::time::Instant::now);
+            }
+        }
         let failed = commit_failure.map(|err| EngineError {
             message: format!("commit failed: {}", err.message),
             ..err
@@ -836,6 +850,31 @@ impl Writer {
         if new_triggers && failed.is_none() {
             self.queued.add((!unlisted).then_some(new_keys));
         }
+    }
+}
+
+/// At most how long a relay back from losing a shared store waits before its claims take
+/// over keys whose lease ran out (the lease itself, when shorter).
+const TAKE_OVER_AFTER_AT_MOST: Duration = Duration::from_secs(10);
+
+impl Writer {
+    /// Whether a claim may take over keys whose lease ran out. Not while this relay holds
+    /// outcomes the store has not taken (their leases may be among them: the store was
+    /// gone for longer than a lease), nor until its claims have been taken again for a
+    /// while after a failure or the start: every relay that lost the store with it (a
+    /// database restarted, a network cut) then writes the outcomes it kept before its
+    /// keys are taken from it, instead of a second send racing its first outcome. A relay
+    /// that never lost the store still takes over from one that did, once the lease ends:
+    /// that is the lease's promise (at-least-once).
+    fn may_take_over(&self) -> bool {
+        let wait = self
+            .engine
+            .lease()
+            .map_or(Duration::ZERO, |lease| lease.min(TAKE_OVER_AFTER_AT_MOST));
+        !self.health.outcomes_waiting()
+            && self
+                .claims_sound_since
+                .is_some_and(|since| since.elapsed() >= wait)
     }
 }
 

@@ -987,6 +987,18 @@ pub trait Engine: Send + 'static {
         false
     }
 
+    /// How long a claim holds its key when other processes claim from the store too
+    /// (`None`: only this one does, and no lease runs out while it lives).
+    fn lease(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Whether the next claims may take over keys whose lease ran out (their holder died,
+    /// froze or was cut off). A relay back from losing the store says no for a while: a
+    /// holder back with it may have a send's outcome to write first (see
+    /// `Writer::may_take_over`). Only a store other processes claim from has such keys.
+    fn let_claims_take_over(&mut self, _allowed: bool) {}
+
     /// The store's clock minus this process's, as last seen (milliseconds): the database's
     /// clock decides for a shared store.
     fn clock_skew(&self) -> i64 {

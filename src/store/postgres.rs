@@ -37,6 +37,9 @@ pub struct PostgresEngine {
     statements: HashMap<&'static str, Statement>,
     /// How long a claim holds its key before another relay may take it over.
     lease_ms: i64,
+    /// Whether claims take over keys whose lease ran out (see
+    /// `Engine::let_claims_take_over`).
+    take_over: bool,
     /// The database's clock minus this relay's, read at every `begin`. Every time the
     /// engine writes or compares is on the database's clock, so relays whose clocks
     /// disagree still agree on leases, due times and retention.
@@ -193,6 +196,7 @@ impl PostgresEngine {
             client: Some(client),
             statements: HashMap::new(),
             lease_ms: config.lease.as_millis() as i64,
+            take_over: true,
             skew_ms,
             follow_database_clock: true,
             touched: Vec::new(),
@@ -500,6 +504,14 @@ impl Drop for PostgresEngine {
 impl Engine for PostgresEngine {
     fn describe(&self) -> String {
         self.config.describe()
+    }
+
+    fn lease(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_millis(self.lease_ms.max(0) as u64))
+    }
+
+    fn let_claims_take_over(&mut self, allowed: bool) {
+        self.take_over = allowed;
     }
 
     fn clock_skew(&self) -> i64 {

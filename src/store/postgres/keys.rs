@@ -191,13 +191,13 @@ impl PostgresEngine {
         // Due keys, then keys whose lease expired (their holder died or froze), and when
         // the first key not picked falls due. Keys another relay is claiming right now
         // are skipped, not waited for. Each from its own partial index, so a claim reads
-        // only keys with due work.
+        // only keys with due work. Expired leases only while `take_over` ($3) says so.
         let keys = self.stmt(
             "WITH due AS (
                  SELECT order_key, head, due_at FROM hr_keys WHERE due_at IS NOT NULL AND due_at <= $1
                  ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED
              ), expired AS (
-                 SELECT order_key, head, due_at FROM hr_keys WHERE due_at IS NULL AND lease_until < $1
+                 SELECT order_key, head, due_at FROM hr_keys WHERE due_at IS NULL AND lease_until < $1 AND $3
                  ORDER BY lease_until LIMIT $2 FOR UPDATE SKIP LOCKED
              ), picked AS (
                  (SELECT * FROM due) UNION ALL (SELECT * FROM expired) LIMIT $2
@@ -210,7 +210,11 @@ impl PostgresEngine {
         )?;
         let mut picked: Vec<(String, i64, Option<i64>)> = Vec::new();
         let mut next_due: Option<i64> = None;
-        for row in self.client().query(&keys, &[&now, &(limit as i64)])? {
+        let take_over = self.take_over;
+        for row in self
+            .client()
+            .query(&keys, &[&now, &(limit as i64), &take_over])?
+        {
             match row.get::<_, Option<String>>(0) {
                 Some(order_key) => picked.push((order_key, row.get(1), row.get(2))),
                 None => next_due = row.get(2),

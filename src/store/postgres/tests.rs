@@ -1,3 +1,42 @@
+/// A relay back from losing the store (or holding outcomes it could not write) claims
+/// due keys but leaves those whose lease ran out, until it lets its claims take over.
+#[test]
+fn claims_take_over_run_out_leases_only_when_let() {
+    use crate::store::Engine;
+    let Some(database) = super::test_server::Database::create() else {
+        return;
+    };
+    let mut engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
+        .unwrap()
+        .with_lease(std::time::Duration::from_millis(1000))
+        .with_callers_clock();
+    assert_eq!(engine.lease(), Some(std::time::Duration::from_millis(1000)));
+    engine.begin(true).unwrap();
+    for (id, project) in [("a", "p"), ("b", "q")] {
+        let delivery =
+            crate::store::semantics::delivery(id, vec![crate::store::semantics::trigger(project)]);
+        engine.insert_delivery(&delivery, 0).unwrap();
+    }
+    engine.commit().unwrap();
+    engine.begin(true).unwrap();
+    let first = engine.claim(0, 1).unwrap().due.remove(0);
+    engine.commit().unwrap();
+
+    engine.let_claims_take_over(false);
+    engine.begin(true).unwrap();
+    let due = engine.claim(5000, 8).unwrap().due;
+    engine.commit().unwrap();
+    assert_eq!(due.len(), 1, "the other key, due");
+    assert_ne!(due[0].id, first.id);
+
+    engine.let_claims_take_over(true);
+    engine.begin(true).unwrap();
+    let taken = engine.claim(5000, 8).unwrap().due;
+    engine.commit().unwrap();
+    assert_eq!(taken.len(), 1, "the run-out lease, taken over");
+    assert_eq!(taken[0].id, first.id);
+}
+
 /// A relay that dies or freezes holding a key: after the lease another claim takes the
 /// trigger over, and the first holder's late outcome changes nothing.
 #[test]
