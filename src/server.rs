@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::app::App;
-use crate::error::{ApiError, error_response, json_response};
+use crate::error::{ApiError, Clipped, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
 use crate::lingering::Lingering;
 
@@ -340,6 +340,7 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
         .request_duration(endpoint, elapsed.as_secs_f64());
     let elapsed_ms = millis(elapsed);
     let upstream_ms = upstream_latency.map(millis);
+    let (method, path) = (Clipped(method.as_str()), Clipped(&path));
     let Some(reason) = reason else {
         tracing::info!(%peer, %method, %path, status, elapsed_ms, upstream_ms, "request");
         return response;
@@ -420,12 +421,12 @@ async fn dispatch(
             webhook(app, source, request).await
         }
         Route::UnencodedProject { use_instead } => Err(ApiError::UnencodedProject {
-            path: request.uri().path().to_owned(),
-            use_instead,
+            path: crate::error::clipped(request.uri().path()),
+            use_instead: crate::error::clipped(&use_instead),
         }),
         Route::NotFound => Err(ApiError::NotFound {
-            method: method.to_string(),
-            path: request.uri().path().to_owned(),
+            method: crate::error::clipped(method.as_str()),
+            path: crate::error::clipped(request.uri().path()),
         }),
     }
 }
@@ -551,7 +552,7 @@ async fn webhook(
         .config
         .sources
         .get(source)
-        .ok_or_else(|| ApiError::UnknownSource(source.to_owned()))?;
+        .ok_or_else(|| ApiError::UnknownSource(crate::error::clipped(source)))?;
     if let Some(err) = crate::sources::missing_proof(config, request.headers()) {
         tracing::warn!(source = %config.name, provider = %config.provider, error = %err, "webhook refused before its body was read");
         app.metrics.signature_failure(&config.name);

@@ -740,8 +740,15 @@ async fn a_flood_of_refused_requests_cannot_flood_the_log() {
     let seconds = started.elapsed().as_secs() + 1;
     // Past the period, so that the next line says how many were left out.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let last = send("GET", &format!("http://{address}/wp-admin-last"), &[], "").await;
+    // A path of 20 KB: answered and logged with its first 200 bytes and its length.
+    let long = format!("/wp-admin-last{}", "x".repeat(20_000));
+    let last = send("GET", &format!("http://{address}{long}"), &[], "").await;
     assert_eq!(last.status, 404);
+    assert!(
+        last.text().contains("… (20014 bytes)") && last.text().len() < 400,
+        "{}",
+        last.text()
+    );
     let (code, lines) = served.terminate();
     assert_eq!(code, Some(0));
     let refused: Vec<&String> = lines
@@ -761,6 +768,10 @@ async fn a_flood_of_refused_requests_cannot_flood_the_log() {
     let summary = refused.last().unwrap();
     assert!(
         summary.contains("/wp-admin-last") && summary.contains("held_back="),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("… (20014 bytes)") && summary.len() < 1_000,
         "{summary}"
     );
 }
