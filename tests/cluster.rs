@@ -200,6 +200,24 @@ fn rows(url: &str) -> Vec<hookrelay::outbox::DeliveryRow> {
     tokio::task::block_in_place(|| listed(&store, false, 1000)).unwrap()
 }
 
+/// One relay configured in `dir`, started, and two webhooks it acknowledged: a relay
+/// known to work before a test's fault.
+async fn one_relay_that_took_two(dir: &Path) -> (Vec<Served>, Vec<String>, Vec<String>) {
+    let (relays, addresses) = start_relays(dir, 1);
+    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
+    assert_eq!((before.len(), refused), (2, 0));
+    (relays, addresses, before)
+}
+
+/// Runs `sql` on the database at `url`, over a connection of its own opened and closed
+/// off the runtime (a DBA's change while the relays run).
+fn run_sql(url: &str, sql: &str) {
+    tokio::task::block_in_place(|| {
+        let mut admin = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        admin.batch_execute(sql).unwrap();
+    })
+}
+
 fn sigstop(relay: &Served, signal: &str) {
     Command::new("kill")
         .args([signal, &relay.child.id().to_string()])
@@ -688,9 +706,7 @@ async fn a_read_only_database_is_refused_then_written_again_and_sends_nothing_tw
         upstream,
         dir,
     } = Setup::on(own_database(&server), "8s", PLAIN, "").await;
-    let (_relays, addresses) = start_relays(dir.path(), 1);
-    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
-    assert_eq!((before.len(), refused), (2, 0));
+    let (_relays, addresses, before) = one_relay_that_took_two(dir.path()).await;
     all_sent(&upstream, &before, Duration::from_secs(10)).await;
 
     // A send in flight when the database stops taking writes; its answer comes after.
@@ -744,17 +760,10 @@ async fn an_outcome_kept_longer_than_the_lease_is_written_and_nothing_is_sent_tw
     else {
         return;
     };
-    let (_relays, addresses) = start_relays(dir.path(), 1);
-    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
-    assert_eq!((before.len(), refused), (2, 0));
+    let (_relays, addresses, before) = one_relay_that_took_two(dir.path()).await;
     all_sent(&upstream, &before, Duration::from_secs(10)).await;
 
-    let sql = |sql: &str| {
-        tokio::task::block_in_place(|| {
-            let mut admin = postgres::Client::connect(&database.url, postgres::NoTls).unwrap();
-            admin.batch_execute(sql).unwrap();
-        })
-    };
+    let sql = |sql: &str| run_sql(&database.url, sql);
     // A claim still takes a trigger (queued → sending); a send's outcome is refused.
     sql(
         "CREATE FUNCTION hr_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -806,9 +815,7 @@ async fn a_database_that_refuses_the_relay_s_connections_is_shown_on_readyz_unti
         dir,
     } = Setup::on(own_database(&server), "3s", PLAIN, "").await;
     let name = database.url.rsplit('/').next().unwrap().to_owned();
-    let (_relays, addresses) = start_relays(dir.path(), 1);
-    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
-    assert_eq!((before.len(), refused), (2, 0));
+    let (_relays, addresses, before) = one_relay_that_took_two(dir.path()).await;
 
     tokio::task::block_in_place(|| {
         server.admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"));
@@ -859,16 +866,8 @@ async fn a_database_that_refuses_writes_for_good_is_shown_on_readyz() {
     else {
         return;
     };
-    let (_relays, addresses) = start_relays(dir.path(), 1);
-    let (before, refused) = push_many(&addresses, "before", 2, 2).await;
-    assert_eq!((before.len(), refused), (2, 0));
-    // A connection of its own for each, opened and closed off the runtime.
-    let sql = |sql: &str| {
-        tokio::task::block_in_place(|| {
-            let mut admin = postgres::Client::connect(&database.url, postgres::NoTls).unwrap();
-            admin.batch_execute(sql).unwrap();
-        })
-    };
+    let (_relays, addresses, before) = one_relay_that_took_two(dir.path()).await;
+    let sql = |sql: &str| run_sql(&database.url, sql);
     sql(
         "CREATE FUNCTION hr_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN RAISE EXCEPTION 'permission denied for table hr_deliveries' USING ERRCODE = '42501'; END $$;

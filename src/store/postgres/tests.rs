@@ -1,15 +1,22 @@
+/// A database of the test's own and an engine on it whose claims hold their keys for a
+/// second of the times the test gives it; `None` where no PostgreSQL can run.
+fn leasing_engine() -> Option<(super::test_server::Database, super::PostgresEngine)> {
+    let database = super::test_server::Database::create()?;
+    let engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
+        .unwrap()
+        .with_lease(std::time::Duration::from_millis(1000))
+        .with_callers_clock();
+    Some((database, engine))
+}
+
 /// A relay back from losing the store (or holding outcomes it could not write) claims
 /// due keys but leaves those whose lease ran out, until it lets its claims take over.
 #[test]
 fn claims_take_over_run_out_leases_only_when_let() {
     use crate::store::Engine;
-    let Some(database) = super::test_server::Database::create() else {
+    let Some((_database, mut engine)) = leasing_engine() else {
         return;
     };
-    let mut engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
-        .unwrap()
-        .with_lease(std::time::Duration::from_millis(1000))
-        .with_callers_clock();
     assert_eq!(engine.lease(), Some(std::time::Duration::from_millis(1000)));
     engine.begin(true).unwrap();
     for (id, project) in [("a", "p"), ("b", "q")] {
@@ -42,13 +49,9 @@ fn claims_take_over_run_out_leases_only_when_let() {
 #[test]
 fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced_out() {
     use crate::store::{Engine, Recorded};
-    let Some(database) = super::test_server::Database::create() else {
+    let Some((_database, mut engine)) = leasing_engine() else {
         return;
     };
-    let mut engine = super::PostgresEngine::open(&super::PostgresConfig::new(&database.url))
-        .unwrap()
-        .with_lease(std::time::Duration::from_millis(1000))
-        .with_callers_clock();
     let tx = |engine: &mut super::PostgresEngine| engine.begin(true).unwrap();
     tx(&mut engine);
     engine
