@@ -209,6 +209,30 @@ async fn one_relay_that_took_two(dir: &Path) -> (Vec<Served>, Vec<String>, Vec<S
     (relays, addresses, before)
 }
 
+/// The token of the dashboards [`with_dashboard`] configures.
+const DASHBOARD_TOKEN: &str = "admin-token-for-the-tests-0123";
+
+/// A dashboard on every relay configured in `dir` (`[admin]` on port 0, its token in a
+/// file).
+fn with_dashboard(dir: &Path) {
+    write(dir, "dashboard-token", DASHBOARD_TOKEN);
+    write(
+        dir,
+        "admin.toml",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"file:{}\"\n",
+            dir.join("dashboard-token").display()
+        ),
+    );
+}
+
+/// `GET path` on a relay's dashboard, with its token.
+async fn dashboard_get(relay: &mut Served, path: &str) -> Reply {
+    let url = format!("http://{}{path}", relay.dashboard_address());
+    let bearer = format!("Bearer {DASHBOARD_TOKEN}");
+    send("GET", &url, &[("authorization", &bearer)], "").await
+}
+
 /// Runs `sql` on the database at `url`, over a connection of its own opened and closed
 /// off the runtime (a DBA's change while the relays run).
 fn run_sql(url: &str, sql: &str) {
@@ -616,6 +640,7 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
     )
     .await;
     on_event_loops(dir.path());
+    with_dashboard(dir.path());
     let (mut relays, addresses) = start_relays(dir.path(), 2);
     for relay in &mut relays {
         relay.wait_for("event_loops=2");
@@ -658,8 +683,20 @@ async fn a_database_that_goes_away_is_refused_then_recovered_without_a_restart()
         );
     }
 
+    // A delivery's page cannot be read meanwhile: 503, not "no such delivery".
+    for relay in &mut relays {
+        let detail = dashboard_get(relay, &format!("/api/deliveries/{}", before[0])).await;
+        assert_eq!(detail.status, 503, "{}", detail.text());
+    }
+
     tokio::task::block_in_place(|| server.pg_ctl("start", ""));
     acknowledged_again(&addresses, "the database returned").await;
+    // A delivery's page is read on the connection the restart cut, and reads it again
+    // without a listing (or a metrics scrape) having connected it first.
+    for relay in &mut relays {
+        let detail = dashboard_get(relay, &format!("/api/deliveries/{}", before[0])).await;
+        assert_eq!(detail.status, 200, "{}", detail.text());
+    }
     for address in &addresses {
         ready_again(address).await;
         let waited = Instant::now();
@@ -942,6 +979,7 @@ async fn old_and_new_primary() -> Option<(pg::Server, pg::Server, Setup, String)
     let old = tokio::task::block_in_place(pg::Server::own)?;
     let new = tokio::task::block_in_place(pg::Server::own)?;
     let setup = Setup::on(own_database(&old), "3s", PLAIN, "").await;
+    with_dashboard(setup.dir.path());
     let name = setup.database.url.rsplit('/').next().unwrap().to_owned();
     tokio::task::block_in_place(|| new.admin(&format!("CREATE DATABASE {name}")));
     let new_url = format!("postgres://postgres@127.0.0.1:{}/{name}", new.port);
@@ -950,8 +988,13 @@ async fn old_and_new_primary() -> Option<(pg::Server, pg::Server, Setup, String)
 }
 
 /// Once a failover is done, the webhooks acknowledged after it are sent and stored on
-/// the new primary.
-async fn written_to_the_new_primary(addresses: &[String], setup: &Setup, new_url: &str) {
+/// the new primary, and the relays' dashboards (their reader's connection) show them.
+async fn written_to_the_new_primary(
+    relays: &mut [Served],
+    addresses: &[String],
+    setup: &Setup,
+    new_url: &str,
+) {
     let started = Instant::now();
     let after = acknowledged_again(addresses, "the failover").await;
     eprintln!(
@@ -965,6 +1008,23 @@ async fn written_to_the_new_primary(addresses: &[String], setup: &Setup, new_url
         .collect();
     for delivery in &after {
         assert!(on_new.contains(delivery), "{delivery} not in {on_new:?}");
+    }
+    // Before, the reader stayed on the old server, whose reads still worked: the dashboard
+    // showed the deliveries of before the failover for good.
+    for relay in relays {
+        let mut listed = String::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !after
+            .iter()
+            .all(|delivery| listed.contains(delivery.as_str()))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the dashboard never showed {after:?}: {listed}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            listed = dashboard_get(relay, "/api/deliveries").await.text();
+        }
     }
 }
 
@@ -985,7 +1045,7 @@ async fn after_a_failover_the_relay_connects_again_and_reaches_the_new_primary()
         &through_proxy,
         "3s",
     );
-    let (_relays, addresses) = start_relays(setup.dir.path(), 1);
+    let (mut relays, addresses) = start_relays(setup.dir.path(), 1);
     let (before, refused) = push_many(&addresses, "before", 2, 2).await;
     assert_eq!((before.len(), refused), (2, 0));
     all_sent(&setup.upstream, &before, Duration::from_secs(10)).await;
@@ -993,7 +1053,7 @@ async fn after_a_failover_the_relay_connects_again_and_reaches_the_new_primary()
     // The address now leads to the new primary; the old one takes no writes.
     proxy.retarget(new.port);
     read_only(&old, true);
-    written_to_the_new_primary(&addresses, &setup, &new_url).await;
+    written_to_the_new_primary(&mut relays, &addresses, &setup, &new_url).await;
 }
 
 /// The same failover with both servers in the URL and `target_session_attrs=read-write`
@@ -1011,7 +1071,7 @@ async fn with_both_servers_in_the_url_the_relay_follows_a_failover() {
         old.port, new.port
     );
     cluster_config(setup.dir.path(), &setup.upstream.url(), &both, "3s");
-    let (_relays, addresses) = start_relays(setup.dir.path(), 1);
+    let (mut relays, addresses) = start_relays(setup.dir.path(), 1);
     let (before, refused) = push_many(&addresses, "before", 2, 2).await;
     assert_eq!((before.len(), refused), (2, 0));
     all_sent(&setup.upstream, &before, Duration::from_secs(10)).await;
@@ -1019,7 +1079,7 @@ async fn with_both_servers_in_the_url_the_relay_follows_a_failover() {
     // The new primary is promoted; the old one is demoted (takes no writes).
     read_only(&old, true);
     read_only(&new, false);
-    written_to_the_new_primary(&addresses, &setup, &new_url).await;
+    written_to_the_new_primary(&mut relays, &addresses, &setup, &new_url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

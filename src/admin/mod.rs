@@ -309,7 +309,7 @@ async fn route(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Respo
         }
         (&Method::GET, ["api", "deliveries", id]) => match view::detail(app, id) {
             Ok(detail) => json_answer(StatusCode::OK, &detail),
-            Err(message) => json_answer(StatusCode::NOT_FOUND, &json!({ "message": message })),
+            Err((status, message)) => json_answer(status, &json!({ "message": message })),
         },
         (&Method::GET, ["api", "health"]) => json_answer(StatusCode::OK, &view::health(app)),
         (&Method::GET, ["api", "configuration"]) => json_answer(StatusCode::OK, &view::configuration(app)),
@@ -453,13 +453,13 @@ fn delivery_page(app: &App, page: &Page<'_>, id: &str) -> Response<Full<Bytes>> 
             page,
             json!({ "title": format!("Delivery {id}"), "d": detail }),
         ),
-        Err(message) => {
+        Err((status, message)) => {
             let mut response = render(
                 "deliveries.html",
                 page,
                 json!({ "title": "Deliveries", "filters": view::Filters::default(), "deliveries": [], "error": message }),
             );
-            *response.status_mut() = StatusCode::NOT_FOUND;
+            *response.status_mut() = status;
             response
         }
     }

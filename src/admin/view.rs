@@ -275,15 +275,24 @@ pub fn page(app: &App, filter: &ListFilter) -> Result<(Vec<Delivery>, String), S
     Ok((deliveries, next))
 }
 
+/// Why a delivery's page cannot be shown, with the status to answer: `404` for a delivery
+/// the store does not hold, `503` while the store cannot be read.
+pub type DetailError = (http::StatusCode, String);
+
 /// Everything about one delivery: its work, the stored webhook and what the rules make
 /// of it today.
-pub fn detail(app: &App, id: &str) -> Result<Value, String> {
+pub fn detail(app: &App, id: &str) -> Result<Value, DetailError> {
     // Found by its id first (a few index lookups), then its rows listed from around the
     // moment it came: a listing by id alone read every delivery in the store, and could
     // miss an id that starts 500 newer ones ("1" before "10", "11", …).
+    let unreadable =
+        |err: crate::outbox::StoreError| (http::StatusCode::SERVICE_UNAVAILABLE, err.to_string());
     let stored = app.outbox.stored(id).map_err(|err| match err.refused {
-        true => format!("no delivery {id:?} in the store"),
-        false => err.to_string(),
+        true => (
+            http::StatusCode::NOT_FOUND,
+            format!("no delivery {id:?} in the store"),
+        ),
+        false => unreadable(err),
     })?;
     let filter = ListFilter {
         delivery: Some(id.to_owned()),
@@ -295,14 +304,17 @@ pub fn detail(app: &App, id: &str) -> Result<Value, String> {
     let rows = app
         .outbox
         .read(|engine| engine.list(&filter))
-        .map_err(|err| err.to_string())?;
+        .map_err(unreadable)?;
     let rows: Vec<DeliveryRow> = rows.into_iter().filter(|r| r.delivery_id == id).collect();
     let summary: Value = rows
         .first()
         .and_then(|r| serde_json::from_str(&r.summary).ok())
         .unwrap_or(Value::Null);
     let Some(delivery) = group(rows, crate::outbox::now_ms()).into_iter().next() else {
-        return Err(format!("no delivery {id:?} in the store"));
+        return Err((
+            http::StatusCode::NOT_FOUND,
+            format!("no delivery {id:?} in the store"),
+        ));
     };
     let stored = Some(stored);
     let runtime = app.runtime();

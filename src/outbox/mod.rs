@@ -501,6 +501,7 @@ impl Outbox {
                 .reader
                 .lock()
                 .expect("the reader lock is never poisoned");
+            reader.ready_to_read()?;
             op(reader.as_mut())
         })
         .map_err(|err| self.error(err))
@@ -516,6 +517,7 @@ impl Outbox {
         let reader = self.reader.clone();
         let read = tokio::task::spawn_blocking(move || {
             let mut reader = reader.lock().expect("the reader lock is never poisoned");
+            reader.ready_to_read()?;
             op(reader.as_mut())
         });
         match read.await {

@@ -987,6 +987,14 @@ pub trait Engine: Send + 'static {
         false
     }
 
+    /// Before a read on the reader's connection, outside any transaction: connects again
+    /// if the connection was lost (a database restarted), and on a shared store follows a
+    /// failover (see `PostgresEngine::follow_a_failover`). Every read then works after
+    /// an outage, not only those that happened to check.
+    fn ready_to_read(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// How long a claim holds its key when other processes claim from the store too
     /// (`None`: only this one does, and no lease runs out while it lives).
     fn lease(&self) -> Option<std::time::Duration> {

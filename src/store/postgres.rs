@@ -74,6 +74,9 @@ pub struct PostgresEngine {
     read_only: bool,
     /// When the connection was made (or last tried).
     connected_at: std::time::Instant,
+    /// When the reader last asked whether its server takes writes
+    /// ([`PostgresEngine::follow_a_failover`]).
+    writes_checked_at: std::time::Instant,
     /// Which row of `hr_open` this connection counts in (spread, so that relays do not
     /// queue on one row at every commit).
     open_shard: i32,
@@ -210,6 +213,7 @@ impl PostgresEngine {
             writer: false,
             read_only: false,
             connected_at: std::time::Instant::now(),
+            writes_checked_at: std::time::Instant::now(),
             open_shard: fastrand::i32(0..OPEN_SHARDS),
         })
     }
@@ -253,14 +257,44 @@ impl PostgresEngine {
     /// most every [`READ_ONLY_RECONNECT`] (a kept connection would hold the relay on a
     /// demoted primary for good, whatever its address leads to now).
     fn reconnect_if_lost(&mut self) -> Result<(), EngineError> {
-        let stuck_read_only =
-            self.writer && self.read_only && self.connected_at.elapsed() >= READ_ONLY_RECONNECT;
-        if self.client().is_closed() || stuck_read_only {
-            self.connected_at = std::time::Instant::now();
-            self.client = Some(self.config.connect()?);
-            self.read_only = false;
-            self.statements.clear();
-            self.set_up_session()?;
+        if self.client().is_closed() || (self.writer && self.stuck_read_only()) {
+            self.connect_again()?;
+        }
+        Ok(())
+    }
+
+    /// The server said it takes no writes, and the connection is old enough to try
+    /// another.
+    fn stuck_read_only(&self) -> bool {
+        self.read_only && self.connected_at.elapsed() >= READ_ONLY_RECONNECT
+    }
+
+    fn connect_again(&mut self) -> Result<(), EngineError> {
+        self.connected_at = std::time::Instant::now();
+        self.client = Some(self.config.connect()?);
+        self.read_only = false;
+        self.statements.clear();
+        self.set_up_session()
+    }
+
+    /// The reader's part in following a failover. Its reads succeed on a standby or a
+    /// demoted primary, so nothing fails to say it is there: it would go on showing the
+    /// dashboard, `/metrics` and redelivery checks rows the relay no longer writes. At
+    /// most every [`READ_ONLY_RECONNECT`] it asks whether its server takes writes, and
+    /// connects again when not, reaching whichever server the address (or
+    /// `target_session_attrs=read-write`) leads to now.
+    fn follow_a_failover(&mut self) -> Result<(), EngineError> {
+        if self.writes_checked_at.elapsed() < READ_ONLY_RECONNECT {
+            return Ok(());
+        }
+        self.writes_checked_at = std::time::Instant::now();
+        let row = self
+            .client()
+            .query_one("SELECT current_setting('transaction_read_only')", &[])
+            .map_err(error)?;
+        self.read_only = row.get::<_, &str>(0) == "on";
+        if self.stuck_read_only() {
+            self.connect_again()?;
         }
         Ok(())
     }
@@ -504,6 +538,11 @@ impl Drop for PostgresEngine {
 impl Engine for PostgresEngine {
     fn describe(&self) -> String {
         self.config.describe()
+    }
+
+    fn ready_to_read(&mut self) -> Result<(), EngineError> {
+        self.reconnect_if_lost()?;
+        self.follow_a_failover()
     }
 
     fn lease(&self) -> Option<std::time::Duration> {
