@@ -776,6 +776,36 @@ async fn a_flood_of_refused_requests_cannot_flood_the_log() {
     );
 }
 
+/// A relay configured in `dir` (retries 3 s apart) with its state in `state`, whose wall
+/// clock libfaketime moves by what [`set_clock`] writes (its monotonic clock runs on, as
+/// the kernel's does when the wall clock is set).
+fn relay_on_a_clock_of_its_own(dir: &Path, upstream: &RecordingUpstream, state: &Path) -> Served {
+    durable_config(dir, &upstream.url());
+    // Retries a few seconds apart, so that the first one waits when the clock is set.
+    let config = std::fs::read_to_string(dir.join("relay.toml"))
+        .unwrap()
+        .replace("retry_base = \"50ms\"", "retry_base = \"3s\"")
+        .replace("retry_cap = \"200ms\"", "retry_cap = \"3s\"");
+    write(dir, "relay.toml", &config);
+    write(dir, "faketime", "+0");
+    let mut command = Command::new(BIN);
+    command
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-test")
+        .env("LD_PRELOAD", FAKETIME)
+        .env("FAKETIME_TIMESTAMP_FILE", dir.join("faketime"))
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    Served::start_with(command, dir, state)
+}
+
+/// Sets the clock of [`relay_on_a_clock_of_its_own`] to `offset` (`-1h`). Renamed into
+/// place: libfaketime reads the file at every look at the clock, and one written in place
+/// can be read half written (empty: no offset for that look).
+fn set_clock(dir: &Path, offset: &str) {
+    write(dir, "faketime.new", offset);
+    std::fs::rename(dir.join("faketime.new"), dir.join("faketime")).unwrap();
+}
+
 /// The relay's clock set back an hour (an NTP step after a boot with a wrong hardware
 /// clock, a virtual machine restored) while a trigger waits for its retry: the retry
 /// comes when it was due, with no webhook arriving to wake anything, and a trigger queued
@@ -789,25 +819,7 @@ async fn a_clock_set_back_an_hour_delays_no_retry_and_nothing_behind_it() {
     }
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    durable_config(dir.path(), &upstream.url());
-    // Retries a few seconds apart, so that the first one waits when the clock is set.
-    let config = std::fs::read_to_string(dir.path().join("relay.toml"))
-        .unwrap()
-        .replace("retry_base = \"50ms\"", "retry_base = \"3s\"")
-        .replace("retry_cap = \"200ms\"", "retry_cap = \"3s\"");
-    write(dir.path(), "relay.toml", &config);
-    let offset = dir.path().join("faketime");
-    write(dir.path(), "faketime", "+0");
-    let mut relay = {
-        let mut command = Command::new(BIN);
-        command
-            .env("HOOKRELAY_TEST_TOKEN", "glptt-test")
-            .env("LD_PRELOAD", FAKETIME)
-            .env("FAKETIME_TIMESTAMP_FILE", &offset)
-            .env("FAKETIME_NO_CACHE", "1")
-            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-        Served::start_with(command, dir.path(), &dir.path().join("state"))
-    };
+    let mut relay = relay_on_a_clock_of_its_own(dir.path(), &upstream, &dir.path().join("state"));
     let address = relay.address();
     let secret = "s3cret-for-the-tests";
 
@@ -822,10 +834,7 @@ async fn a_clock_set_back_an_hour_delays_no_retry_and_nothing_behind_it() {
     .await;
     relay.wait_for("trigger will be retried");
     let set_back = Instant::now();
-    // Renamed into place: libfaketime reads the file at every look at the clock, and
-    // one written in place can be read half written (empty: no offset for that look).
-    write(dir.path(), "faketime.new", "-1h");
-    std::fs::rename(dir.path().join("faketime.new"), &offset).unwrap();
+    set_clock(dir.path(), "-1h");
 
     eventually(
         Duration::from_secs(15),
@@ -854,6 +863,63 @@ async fn a_clock_set_back_an_hour_delays_no_retry_and_nothing_behind_it() {
     let order: Vec<Option<String>> = upstream.received().iter().map(delivery_of).collect();
     assert_eq!(order[0], order[1], "the first call, then its retry");
     assert_ne!(order[1], order[2]);
+    let (code, lines) = relay.terminate();
+    assert_eq!(code, Some(0), "{lines:#?}");
+}
+
+/// A retry's outcome made while the disk is full, kept in the writer's memory, and the
+/// clock set back an hour before the disk has room again: once written, the retry comes
+/// within seconds. Before, the store's deadlines moved back when the writer noticed the
+/// step, but an outcome made before the step and written after it was not among them,
+/// and its retry waited the hour (the race behind a run of
+/// `a_clock_set_back_an_hour_delays_no_retry_and_nothing_behind_it` that failed once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_kept_in_memory_while_the_clock_is_set_back_comes_on_time() {
+    if !faketime_here("HOOKRELAY_REQUIRE_TMPFS") {
+        return;
+    }
+    let Some(state) = Tmpfs::mount_or_skip("3m", "the clock test on a full disk") else {
+        return;
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = relay_on_a_clock_of_its_own(dir.path(), &upstream, &state.path);
+    let address = relay.address();
+
+    // GitLab answers 500 a second after the call, by when the disk is full.
+    upstream.answer_next(
+        Answer::new(500, r#"{"message":"500 Internal Server Error"}"#)
+            .delayed(Duration::from_secs(1)),
+    );
+    assert_eq!(
+        github_tag(&address, "s3cret-for-the-tests").await.status,
+        202
+    );
+    eventually(Duration::from_secs(10), "the first call", || {
+        !upstream.received().is_empty()
+    })
+    .await;
+    let filler = fill(&state.path);
+    relay.wait_for("trigger will be retried");
+    // The outcome is refused (the writer says so), kept, and the clock goes back.
+    relay.wait_for("cannot be written");
+    set_clock(dir.path(), "-1h");
+    let set_back = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::remove_file(filler).unwrap();
+
+    eventually(
+        Duration::from_secs(15),
+        "the retry, whose outcome was made before the clock went back",
+        || upstream.received().len() >= 2,
+    )
+    .await;
+    let waited = set_back.elapsed();
+    eprintln!("the retry came {waited:?} after the step");
+    assert!(
+        waited < Duration::from_secs(10),
+        "the retry came {waited:?} after the step"
+    );
     let (code, lines) = relay.terminate();
     assert_eq!(code, Some(0), "{lines:#?}");
 }

@@ -98,12 +98,12 @@ enum Op {
     /// An upstream went down: its due keys wait for the pause's end, a step of
     /// `writer::HOLD_STEP` keys at a time. Written beside the claims, before them.
     Hold(UpstreamHold, oneshot::Sender<Result<usize, EngineError>>),
-    Record(Lease, Recorded),
+    Record(writer::SendOutcome),
     /// A pipeline's new state: a pipeline event (answered once committed), or a poll's
     /// answer recorded with the poll's own outcome.
     Pipeline(
         Box<crate::status::PipelineUpdate>,
-        Option<(Lease, Recorded)>,
+        Option<writer::SendOutcome>,
         Option<oneshot::Sender<Result<crate::status::Applied, EngineError>>>,
     ),
     Replay(ReplayTarget, oneshot::Sender<Result<Vec<i64>, EngineError>>),
@@ -427,7 +427,9 @@ impl Outbox {
     /// Records an attempt's outcome (committed with the next group; kept and written
     /// again while the store refuses writes).
     pub fn record(&self, lease: Lease, recorded: Recorded) {
-        let _ = self.writer.send(Op::Record(lease, recorded));
+        let _ = self
+            .writer
+            .send(Op::Record(writer::SendOutcome::new(lease, recorded)));
     }
 
     /// Makes a down upstream's due triggers wait for the end of its pause, a few hundred
@@ -464,7 +466,7 @@ impl Outbox {
     pub fn polled(&self, update: crate::status::PipelineUpdate, lease: Lease, recorded: Recorded) {
         let _ = self.writer.send(Op::Pipeline(
             Box::new(update),
-            Some((lease, recorded)),
+            Some(writer::SendOutcome::new(lease, recorded)),
             None,
         ));
     }

@@ -167,7 +167,7 @@ pub(super) struct Writer {
     queued: Arc<NewWork>,
     health: Arc<StoreHealth>,
     /// Outcomes of sends the store has not taken yet, oldest first.
-    pending: Vec<(Lease, Recorded)>,
+    pending: Vec<SendOutcome>,
     /// Each kind of failure is said at most once a [`RETRY_EVERY`], with how many were not.
     logged: crate::limits::Throttle<&'static str>,
     /// Why the store refused the last webhook it could not take for a reason not its
@@ -208,7 +208,7 @@ impl Drop for Writer {
 struct GroupOutcome {
     replies: Vec<Reply>,
     /// Records to keep for the next group if this commit fails.
-    records: Vec<(Lease, Recorded)>,
+    records: Vec<SendOutcome>,
     /// Something was written (not only claims that found nothing).
     wrote: bool,
     new_triggers: bool,
@@ -379,8 +379,8 @@ impl Writer {
             self.finish(Err(err), outcome);
             return;
         }
-        for (lease, recorded) in pending {
-            self.record(lease, recorded, now, &mut outcome);
+        for kept in pending {
+            self.record(kept, now, &mut outcome);
         }
         if probe {
             // In a savepoint: a failed probe (a read-only database) leaves the
@@ -605,11 +605,11 @@ impl Writer {
                 outcome.note_result_that(&result, |held| *held > 0);
                 outcome.replies.push(answer(reply, result));
             }
-            Op::Record(lease, recorded) => self.record(lease, recorded, now, outcome),
+            Op::Record(kept) => self.record(kept, now, outcome),
             Op::Pipeline(update, poll, reply) => {
                 let result = self.in_savepoint(|engine| {
-                    if let Some((lease, recorded)) = &poll
-                        && !engine.record(*lease, recorded, now)?
+                    if let Some(kept) = &poll
+                        && !engine.record(kept.lease, &kept.as_of(now), now)?
                     {
                         return Ok(crate::status::Applied::Skipped(
                             "the poll's claim is no longer current".into(),
@@ -622,9 +622,10 @@ impl Writer {
                 }
                 outcome.note_result(&result);
                 match (&result, poll) {
-                    (Err(err), Some((lease, _))) if err.transient => {
+                    (Err(err), Some(SendOutcome { lease, .. })) if err.transient => {
                         // Asked again once the store takes writes: the key is due again.
-                        self.pending.push((lease, Recorded::Released));
+                        self.pending
+                            .push(SendOutcome::new(lease, Recorded::Released));
                     }
                     (Err(err), _) if self.logged.allow("pipeline").is_some() => {
                         tracing::warn!(pipeline = update.event.pipeline_id, reason = %err, "a pipeline's state could not be stored");
@@ -657,7 +658,9 @@ impl Writer {
     }
 
     /// Records one outcome; a transient failure keeps it for the next group.
-    fn record(&mut self, lease: Lease, recorded: Recorded, now: i64, outcome: &mut GroupOutcome) {
+    fn record(&mut self, kept: SendOutcome, now: i64, outcome: &mut GroupOutcome) {
+        let lease = kept.lease;
+        let recorded = kept.as_of(now);
         let result = self.in_savepoint(|engine| engine.record(lease, &recorded, now));
         if matches!(result, Ok(true)) && lease.reports_status {
             // The first status of the trigger's pipeline, where its source reports them.
@@ -677,7 +680,7 @@ impl Writer {
                 // The key's head is due again, or the next trigger of its key now is.
                 outcome.note_unlisted_work();
                 // A later commit failure undoes it: keep it until the commit is known.
-                outcome.records.push((lease, recorded));
+                outcome.records.push(kept);
             }
             Ok(false) => {
                 // The lease is no longer current: another claim owns the trigger now.
@@ -688,7 +691,7 @@ impl Writer {
             }
             Err(err) if err.transient => {
                 outcome.failure.get_or_insert_with(|| err.message.clone());
-                self.pending.push((lease, recorded));
+                self.pending.push(kept);
             }
             Err(err) => {
                 if self.logged.allow("record").is_some() {
@@ -747,10 +750,11 @@ impl Writer {
             Op::Claim(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Replay(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Prune(_, _, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
-            Op::Record(lease, recorded) => self.pending.push((lease, recorded)),
+            Op::Record(kept) => self.pending.push(kept),
             Op::Pipeline(_, poll, reply) => {
-                if let Some((lease, _)) = poll {
-                    self.pending.push((lease, Recorded::Released));
+                if let Some(SendOutcome { lease, .. }) = poll {
+                    self.pending
+                        .push(SendOutcome::new(lease, Recorded::Released));
                 }
                 if let Some(reply) = reply {
                     outcome.replies.push(answer(reply, Err(err.clone())));
@@ -853,6 +857,40 @@ impl Writer {
     }
 }
 
+/// A send's outcome on its way into the store, with when it was made on this relay's
+/// clock. A deadline in it (a retry's, a deferral's) was made on that clock too: should
+/// the clock be set back before the outcome is written, it moves back with it. The store's
+/// deadlines are moved when the step is noticed (see [`super::clock`]); an outcome made
+/// before the step and written after was not among them, and waited the whole step (an
+/// hour, for a retry due in seconds).
+pub(super) struct SendOutcome {
+    lease: Lease,
+    recorded: Recorded,
+    made_at: i64,
+}
+
+impl SendOutcome {
+    pub(super) fn new(lease: Lease, recorded: Recorded) -> SendOutcome {
+        SendOutcome {
+            lease,
+            recorded,
+            made_at: now_ms(),
+        }
+    }
+
+    /// The outcome to write at `now` (this relay's clock): its deadlines moved back by
+    /// any step back of the clock since it was made (a step smaller than
+    /// [`super::clock::STEP_MS`] is left alone, as the store's own deadlines are).
+    fn as_of(&self, now: i64) -> std::borrow::Cow<'_, Recorded> {
+        let step = self.made_at - now;
+        if step > super::clock::STEP_MS {
+            std::borrow::Cow::Owned(self.recorded.moved_back(step))
+        } else {
+            std::borrow::Cow::Borrowed(&self.recorded)
+        }
+    }
+}
+
 /// At most how long a relay back from losing a shared store waits before its claims take
 /// over keys whose lease ran out (the lease itself, when shorter).
 const TAKE_OVER_AFTER_AT_MOST: Duration = Duration::from_secs(10);
@@ -936,7 +974,7 @@ fn write_order(op: &Op) -> (u8, &str, &str, i64) {
         Op::Accept(delivery, _) | Op::Note(delivery, _) => {
             (0, &delivery.source, &delivery.delivery_id, 0)
         }
-        Op::Record(lease, _) => (1, "", "", lease.trigger),
+        Op::Record(kept) => (1, "", "", kept.lease.trigger),
         Op::Pipeline(update, _, _) => (2, &update.upstream, "", update.event.pipeline_id),
         _ => (3, "", "", 0),
     }
@@ -961,6 +999,51 @@ fn answer<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An outcome made before the clock was set back keeps the time its deadline had
+    /// left; a step smaller than the store's own threshold, or forward, changes nothing.
+    #[test]
+    fn an_outcome_s_deadline_moves_back_with_a_clock_set_back_before_it_is_written() {
+        let made_at = 10_000_000;
+        let kept = SendOutcome {
+            lease: Lease {
+                trigger: 1,
+                token: 7,
+                reports_status: false,
+            },
+            recorded: Recorded::Retry {
+                due_at: made_at + 3_000,
+                status: Some(500),
+                reason: "500".into(),
+            },
+            made_at,
+        };
+        let due = |now: i64| match kept.as_of(now).as_ref() {
+            Recorded::Retry { due_at, .. } => *due_at,
+            other => panic!("{other:?}"),
+        };
+        let hour = 3_600_000;
+        assert_eq!(due(made_at - hour + 100), made_at - hour + 100 + 3_000);
+        assert_eq!(
+            due(made_at + 500),
+            made_at + 3_000,
+            "written a moment later"
+        );
+        assert_eq!(
+            due(made_at - 1_000),
+            made_at + 3_000,
+            "within the threshold"
+        );
+        assert_eq!(due(made_at + hour), made_at + 3_000, "forward: comes early");
+        let released = SendOutcome {
+            recorded: Recorded::Released,
+            ..kept
+        };
+        assert!(matches!(
+            released.as_of(made_at - hour).as_ref(),
+            Recorded::Released
+        ));
+    }
 
     fn noted(id: &str) -> Op {
         let places = Arc::new(tokio::sync::Semaphore::new(1));

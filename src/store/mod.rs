@@ -506,6 +506,27 @@ pub enum Recorded {
 }
 
 impl Recorded {
+    /// The same outcome with its deadline (a retry's, a deferral's) `by` milliseconds
+    /// earlier: made before a clock was set back, it keeps the time it had left.
+    pub fn moved_back(&self, by: i64) -> Recorded {
+        match self {
+            Recorded::Retry {
+                due_at,
+                status,
+                reason,
+            } => Recorded::Retry {
+                due_at: due_at - by,
+                status: *status,
+                reason: reason.clone(),
+            },
+            Recorded::Deferred { due_at, reason } => Recorded::Deferred {
+                due_at: due_at - by,
+                reason: reason.clone(),
+            },
+            other => other.clone(),
+        }
+    }
+
     /// Whether the trigger is finished after this outcome (its key moves to the next one).
     pub fn finishes(&self) -> bool {
         matches!(
