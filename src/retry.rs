@@ -109,6 +109,15 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
     let pipeline_id = parsed.id.and_then(|v| v.as_i64());
     let pipeline_url = parsed.web_url;
     if status.is_success() {
+        if pipeline_id.is_none() {
+            // Not GitLab's answer: a pipeline it started would be in it.
+            return Verdict::Failed {
+                status: Some(status.as_u16()),
+                reason: without_a_pipeline(status, answer, &message),
+                pipeline_id: None,
+                pipeline_url: None,
+            };
+        }
         return Verdict::Sent {
             status: status.as_u16(),
             pipeline_id,
@@ -136,6 +145,24 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
         pipeline_id,
         pipeline_url,
     }
+}
+
+/// Why a success without a pipeline is not taken for one. GitLab's trigger API answers
+/// `201` with the pipeline it created (its `id` and `web_url`); a `200` login page of an
+/// authenticating proxy in front of GitLab, or a URL that leads to another service, would
+/// otherwise be recorded as sent while no pipeline started. Recorded as failed instead,
+/// the trigger is kept, shown and can be replayed once the URL is right.
+fn without_a_pipeline(status: StatusCode, answer: &UpstreamResponse, body: &str) -> String {
+    let content_type = answer
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("no content type");
+    let start: String = body.trim().chars().take(100).collect();
+    format!(
+        "{} without a pipeline ({content_type}: {start:?}): GitLab's trigger API answers 201 with the pipeline it created; the upstream's url may lead to a login page, a proxy or another service rather than GitLab's API. Nothing says a pipeline started: correct the url, then replay the trigger",
+        status.as_u16()
+    )
 }
 
 /// GitLab's message with its status, said once (`404 Not Found`, not `404 404 Not Found`),
@@ -286,6 +313,27 @@ mod tests {
         assert!(
             matches!(classify(&answer(400, limited, &[]), now), Verdict::Retry { floor, .. } if floor == Duration::from_secs(60))
         );
+        // A success that is not GitLab's (a proxy's login page) is no pipeline.
+        let login = classify(
+            &answer(
+                200,
+                "<!DOCTYPE html><title>Sign in</title>",
+                &[("content-type", "text/html")],
+            ),
+            now,
+        );
+        assert!(
+            matches!(&login, Verdict::Failed { status: Some(200), reason, pipeline_id: None, .. }
+                if reason.starts_with("200 without a pipeline (text/html: \"<!DOCTYPE html><title>Sign in</title>\")")),
+            "{login:?}"
+        );
+        assert!(matches!(
+            classify(&answer(201, "{}", &[]), now),
+            Verdict::Failed {
+                status: Some(201),
+                ..
+            }
+        ));
         let not_found = classify(
             &answer(400, r#"{"message":{"base":["Reference not found"]}}"#, &[]),
             now,

@@ -241,6 +241,28 @@ async fn a_404_fails_at_once_with_gitlabs_message_and_can_be_replayed() {
     );
 }
 
+/// An authenticating proxy in front of GitLab answering its login page with `200`: no
+/// pipeline was started, and the trigger is failed with why (and can be replayed), not
+/// recorded as sent. Before, any `2xx` counted as a pipeline.
+#[tokio::test]
+async fn a_success_without_a_pipeline_is_not_taken_for_one() {
+    let (upstream, relay) = setup().await;
+    upstream.answer_next(Answer::new(
+        200,
+        "<!DOCTYPE html><html><title>Sign in - Corporate SSO</title></html>",
+    ));
+    assert_eq!(push(&relay, "d-login").await.status, 202);
+    let rows = rows_when(&relay, "d-login", |s| s == "failed").await;
+    assert_eq!(rows[0].last_status, Some(200));
+    assert_eq!(rows[0].pipeline_url, None);
+    let error = rows[0].last_error.as_deref().unwrap();
+    assert!(
+        error.starts_with("200 without a pipeline (") && error.contains("Sign in - Corporate SSO"),
+        "{error}"
+    );
+    assert!(error.contains("login page"), "{error}");
+}
+
 #[tokio::test]
 async fn a_422_keeps_the_failed_pipeline() {
     let (upstream, relay) = setup().await;
