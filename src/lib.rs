@@ -33,6 +33,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod clipped;
 pub mod commands;
 pub mod config;
 pub mod connections;

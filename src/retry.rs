@@ -61,6 +61,35 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// The verdict with `token` masked wherever the answer's words repeated it.
+    pub fn without(self, token: &crate::secret::Secret) -> Verdict {
+        match self {
+            Verdict::Retry {
+                floor,
+                status,
+                reason,
+            } => Verdict::Retry {
+                floor,
+                status,
+                reason: token.scrubbed_from(reason),
+            },
+            Verdict::Failed {
+                status,
+                reason,
+                pipeline_id,
+                pipeline_url,
+            } => Verdict::Failed {
+                status,
+                reason: token.scrubbed_from(reason),
+                pipeline_id,
+                pipeline_url,
+            },
+            sent => sent,
+        }
+    }
+}
+
 /// The parts of GitLab's answer that classification reads; everything else is skipped.
 #[derive(Default, serde::Deserialize)]
 struct GitLabAnswer {
@@ -124,7 +153,13 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
             pipeline_url,
         };
     }
-    let reason = reason_for(status, &message);
+    let reason = match redirected_to(status, &answer.headers) {
+        Some(location) => format!(
+            "{} redirected to {location}: a trigger call is not followed (a redirected POST loses its method or body); set the upstream's url to where it leads (https:// for http://, or GitLab's external URL)",
+            status.as_u16()
+        ),
+        None => reason_for(status, &message),
+    };
     if retryable(status) {
         return Verdict::Retry {
             floor: wait_asked_for(&answer.headers, now).unwrap_or(Duration::ZERO),
@@ -145,6 +180,27 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
         pipeline_id,
         pipeline_url,
     }
+}
+
+/// Where a redirect leads (a GitLab reached over `http://` sends callers to `https://`,
+/// one reached by another name to its external URL): said in the failure, since the
+/// body of a redirect says little. Only its scheme, host and path: a redirect keeps the
+/// query, and the webhook form's trigger token is in it.
+fn redirected_to(status: StatusCode, headers: &http::HeaderMap) -> Option<String> {
+    if !status.is_redirection() {
+        return None;
+    }
+    let location = headers.get(http::header::LOCATION)?.to_str().ok()?;
+    let uri: http::Uri = location.trim().parse().ok()?;
+    let path = uri.path();
+    let place = match (uri.scheme_str(), uri.host()) {
+        (Some(scheme), Some(host)) => match uri.port_u16() {
+            Some(port) => format!("{scheme}://{host}:{port}{path}"),
+            None => format!("{scheme}://{host}{path}"),
+        },
+        _ => path.to_owned(),
+    };
+    Some(crate::clipped::clipped(&place))
 }
 
 /// Why a success without a pipeline is not taken for one. GitLab's trigger API answers
@@ -312,6 +368,25 @@ mod tests {
         let limited = r#"{"message":{"base":["Too many pipelines created in the last minute. Try again later."]}}"#;
         assert!(
             matches!(classify(&answer(400, limited, &[]), now), Verdict::Retry { floor, .. } if floor == Duration::from_secs(60))
+        );
+        // Where a redirect leads, without its query (the webhook form's token is there)
+        // or any credentials.
+        let moved = classify(
+            &answer(
+                301,
+                "<html>301 Moved Permanently</html>",
+                &[(
+                    "location",
+                    "https://user:pw@gitlab.example.com:8443/api/v4/projects/9/ref/main/trigger/pipeline?token=glptt-secret",
+                )],
+            ),
+            now,
+        );
+        assert!(
+            matches!(&moved, Verdict::Failed { status: Some(301), reason, .. }
+                if reason.starts_with("301 redirected to https://gitlab.example.com:8443/api/v4/projects/9/ref/main/trigger/pipeline: ")
+                    && !reason.contains("glptt-secret") && !reason.contains("pw@")),
+            "{moved:?}"
         );
         // A success that is not GitLab's (a proxy's login page) is no pipeline.
         let login = classify(

@@ -65,7 +65,22 @@ impl Secret {
         };
         format!("{prefix}{shown}…")
     }
+
+    /// `text` with this secret, wherever it appears, replaced by its mask. An answer may
+    /// repeat the request (a proxy's error page quoting the URL, whose query holds the
+    /// webhook form's trigger token); what it says must not carry the secret into a log
+    /// line or the store. A value shorter than [`SCRUBBED_FROM`] is no token and is left
+    /// alone (scrubbing `T` would garble every message).
+    pub fn scrubbed_from(&self, text: String) -> String {
+        if self.0.len() < SCRUBBED_FROM || !text.contains(&self.0) {
+            return text;
+        }
+        text.replace(&self.0, &self.masked())
+    }
 }
+
+/// The shortest value [`Secret::scrubbed_from`] looks for.
+const SCRUBBED_FROM: usize = 8;
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -185,6 +200,20 @@ impl fmt::Display for SecretRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_echoed_in_a_text_is_masked_there() {
+        let token = Secret::new("glptt-0123456789abcdef0123456789abcdef01234567");
+        let page = "Not found: /api/v4/projects/9/ref/main/trigger/pipeline?token=glptt-0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(
+            token.scrubbed_from(page.into()),
+            "Not found: /api/v4/projects/9/ref/main/trigger/pipeline?token=glptt-01…"
+        );
+        assert_eq!(
+            Secret::new("T").scrubbed_from("Try again".into()),
+            "Try again"
+        );
+    }
 
     #[test]
     fn masks_show_a_tokens_kind_and_two_characters() {

@@ -25,7 +25,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::app::App;
-use crate::error::{ApiError, Clipped, error_response, json_response};
+use crate::clipped::Clipped;
+use crate::error::{ApiError, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
 use crate::lingering::Lingering;
 
@@ -421,12 +422,12 @@ async fn dispatch(
             webhook(app, source, request).await
         }
         Route::UnencodedProject { use_instead } => Err(ApiError::UnencodedProject {
-            path: crate::error::clipped(request.uri().path()),
-            use_instead: crate::error::clipped(&use_instead),
+            path: crate::clipped::clipped(request.uri().path()),
+            use_instead: crate::clipped::clipped(&use_instead),
         }),
         Route::NotFound => Err(ApiError::NotFound {
-            method: crate::error::clipped(method.as_str()),
-            path: crate::error::clipped(request.uri().path()),
+            method: crate::clipped::clipped(method.as_str()),
+            path: crate::clipped::clipped(request.uri().path()),
         }),
     }
 }
@@ -530,7 +531,7 @@ async fn gateway_call(
         &upstream.name,
         result.as_ref().ok().map(|a| a.status.as_u16()),
     );
-    let recorded = gateway::recorded(&result);
+    let recorded = gateway::recorded(&result, &trigger.token);
     gateway::record(&app.outbox, &trigger, recorded.clone()).await;
     let answer = result?;
     *upstream_latency = Some(answer.latency);
@@ -552,7 +553,7 @@ async fn webhook(
         .config
         .sources
         .get(source)
-        .ok_or_else(|| ApiError::UnknownSource(crate::error::clipped(source)))?;
+        .ok_or_else(|| ApiError::UnknownSource(crate::clipped::clipped(source)))?;
     if let Some(err) = crate::sources::missing_proof(config, request.headers()) {
         tracing::warn!(source = %config.name, provider = %config.provider, error = %err, "webhook refused before its body was read");
         app.metrics.signature_failure(&config.name);

@@ -343,6 +343,32 @@ async fn gitlab_errors_come_back_unchanged() {
     }
 }
 
+/// An answer repeating the call's URL (a proxy's error page), whose query holds the
+/// webhook form's trigger token: the caller gets it back as it came (the token is its
+/// own), but the relay's record of the call shows only the token's mask.
+#[tokio::test]
+async fn a_token_repeated_by_an_answer_is_masked_in_the_record() {
+    let (upstream, relay) = setup("").await;
+    let token = "glptt-0123456789abcdef0123456789abcdef01234567";
+    let path = format!("/api/v4/projects/9/ref/main/trigger/pipeline?token={token}");
+    let page = format!("<h1>Not Found</h1><p>{path}</p>");
+    upstream.answer_next(Answer::new(404, &page));
+    let reply = post(&relay.url(&path), &[], "").await;
+    assert_eq!((reply.status, reply.text()), (404, page.clone()));
+    relay.app.outbox.flush().await;
+    let rows = listed(
+        &hookrelay::store::StoreLocation::Folder(relay.state()),
+        false,
+        10,
+    )
+    .unwrap();
+    let error = rows[0].last_error.as_deref().unwrap();
+    assert!(
+        !error.contains(token) && error.contains("token=glptt-01…"),
+        "{error}"
+    );
+}
+
 /// Each event loop keeps its own connections to the upstream and reuses them: callers'
 /// connections go to the loops in turn, so six calls on new connections use one upstream
 /// connection per loop.

@@ -195,8 +195,8 @@ pub async fn handle(
     let status = response.status().as_u16();
     let elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
     let (method, path) = (
-        crate::error::Clipped(method.as_str()),
-        crate::error::Clipped(&path),
+        crate::clipped::Clipped(method.as_str()),
+        crate::clipped::Clipped(&path),
     );
     if status < 400 {
         tracing::info!(%peer, %method, %path, status, elapsed_ms, "dashboard request");
@@ -319,7 +319,7 @@ async fn route(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Respo
         (&Method::POST, ["api", "triggers", id, action @ ("cancel" | "replay")]) => {
             act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), true).await
         }
-        _ if api => json_answer(StatusCode::NOT_FOUND, &json!({ "message": format!("no {} {} in the dashboard's API", crate::error::Clipped(parts.method.as_str()), crate::error::Clipped(&path)) })),
+        _ if api => json_answer(StatusCode::NOT_FOUND, &json!({ "message": format!("no {} {} in the dashboard's API", crate::clipped::Clipped(parts.method.as_str()), crate::clipped::Clipped(&path)) })),
         _ => html_response(
             StatusCode::NOT_FOUND,
             "<!doctype html><title>not found</title><p>No such page. <a href=\"/deliveries\">Deliveries</a>".into(),

@@ -430,7 +430,7 @@ async fn attempt(
         options,
         held,
         answer,
-        classify(&result, SystemTime::now()),
+        classify(&result, SystemTime::now()).without(&trigger.token),
     )
     .await;
 }

@@ -255,13 +255,15 @@ pub async fn record(
     outbox.note(delivery).await;
 }
 
-/// What a gateway call's answer means for its record.
+/// What a gateway call's answer means for its record (the caller's `token` masked
+/// wherever the answer repeated it).
 pub fn recorded(
     result: &Result<UpstreamResponse, crate::upstream::UpstreamError>,
+    token: &Secret,
 ) -> crate::outbox::Recorded {
     use crate::outbox::Recorded;
     use crate::retry::{Verdict, classify};
-    match classify(result, std::time::SystemTime::now()) {
+    match classify(result, std::time::SystemTime::now()).without(token) {
         Verdict::Sent {
             status,
             pipeline_id,
