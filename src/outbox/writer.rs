@@ -836,10 +836,10 @@ impl Writer {
             }
             (None, _) => {}
         }
-        match (self.duty, self.health.problem_of(self.duty)) {
-            (Duty::Writes, _) => self.health.set_outcomes_waiting(!self.pending.is_empty()),
-            (Duty::Claims, Some(_)) => self.claims_sound_since = None,
-            (Duty::Claims, None) => {
+        match self.duty {
+            Duty::Writes => self.health.set_outcomes_waiting(!self.pending.is_empty()),
+            Duty::Claims if problem.is_some() || !committed_ok => self.claims_sound_since = None,
+            Duty::Claims => {
                 self.claims_sound_since
                     .get_or_insert_with(std::time::Instant::now);
             }
