@@ -883,9 +883,12 @@ async fn a_database_that_refuses_the_relay_s_connections_is_shown_on_readyz_unti
     });
     let after = acknowledged_again(&addresses, "the database let the relay in").await;
     ready_again(&addresses[0]).await;
-    let mut acknowledged = before;
-    acknowledged.extend(after);
-    all_sent(&upstream, &acknowledged, Duration::from_secs(10)).await;
+    all_sent(
+        &upstream,
+        &[before, after].concat(),
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 /// A database that refuses the relay's writes for a reason that does not pass by itself
@@ -936,9 +939,12 @@ async fn a_database_that_refuses_writes_for_good_is_shown_on_readyz() {
     sql("DROP TRIGGER hr_test_refuse ON hr_deliveries");
     ready_again(&addresses[0]).await;
     let after = acknowledged_again(&addresses, "the trigger was dropped").await;
-    let mut acknowledged = before;
-    acknowledged.extend(after);
-    all_sent(&upstream, &acknowledged, Duration::from_secs(10)).await;
+    all_sent(
+        &upstream,
+        &[before, after].concat(),
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 /// A relay started while its database takes no writes (pointed at a standby before a

@@ -937,7 +937,6 @@ impl Engine for PostgresEngine {
     }
 
     fn depth(&mut self) -> Result<Depth, EngineError> {
-        self.reconnect_if_lost()?;
         let row = self
             .client()
             .query_one(
@@ -961,7 +960,6 @@ impl Engine for PostgresEngine {
     }
 
     fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, EngineError> {
-        self.reconnect_if_lost()?;
         // Times are kept on the database's clock; the filter's are this machine's.
         let skew = self.skew_ms;
         let filter = super::text::filter(filter);
