@@ -4,8 +4,16 @@
 //! it, and at a call or a webhook at a time that was one thread wake-up per line (the
 //! logging thread took 12 % of the relay's CPU at one gateway connection). Here a line is
 //! appended to a shared buffer; while lines keep coming the thread takes the buffer every
-//! [`EVERY`] on its own, and only the first line after it went idle wakes it. A line is
-//! never dropped: past [`MOST_WAITING`] bytes, the callers wait for the thread.
+//! [`EVERY`] on its own, and only the first line after it went idle wakes it.
+//!
+//! What must never happen: a request waiting for the log. Standard error can stop taking
+//! lines altogether (a pipe whose reader is stuck, a log collector that stalls); when it
+//! did, callers used to wait for the thread once [`MOST_WAITING`] bytes were waiting, and
+//! the relay stopped answering everything, `/readyz` included, while webhooks went
+//! unacknowledged. Past that bound a line is now dropped and counted instead: the thread
+//! says how many once standard error takes lines again, and `/metrics` counts them
+//! ([`lines_dropped`]). On the way out, [`LogGuard`] waits at most [`LAST_WAIT`] for the
+//! last lines, so a stalled pipe cannot keep the process from exiting either.
 //!
 //! When the lines go to a file, the thread starts the kernel's write-back of them every
 //! [`WRITE_BACK_AFTER`] bytes. Left alone, Linux writes a file's pages once they are 30
@@ -16,15 +24,27 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How often the thread looks for lines while they keep coming.
 const EVERY: Duration = Duration::from_millis(5);
-/// Bytes of lines that may wait before callers wait for the thread.
+/// Bytes of lines that may wait for the thread; a line beyond them is dropped and counted.
+/// About a second of lines at full load: a terminal or collector slower than that for a
+/// moment loses none.
 const MOST_WAITING: usize = 4 * 1024 * 1024;
+/// How long the guard waits, on the way out, for the thread to write the last lines.
+const LAST_WAIT: Duration = Duration::from_secs(3);
+
+/// Lines dropped since the process started, by every writer: what `/metrics` reports.
+static LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Log lines dropped so far because standard error took none for too long.
+pub fn lines_dropped() -> u64 {
+    LINES_DROPPED.load(Ordering::Relaxed)
+}
 /// Bytes written to a file between two starts of its write-back: a flush of the store
 /// waits behind at most this much of the log.
 const WRITE_BACK_AFTER: usize = 256 * 1024;
@@ -36,13 +56,17 @@ struct Waiting {
     idle: bool,
     /// The guard is gone: write what waits and stop.
     done: bool,
+    /// The thread has stopped: nothing will be written any more.
+    stopped: bool,
+    /// Lines dropped since the thread last said how many.
+    dropped: u64,
 }
 
 #[derive(Default)]
 struct Shared {
     waiting: Mutex<Waiting>,
-    /// Signalled when the thread has taken the waiting lines.
-    taken: Condvar,
+    /// Signalled when the thread has stopped.
+    stopped: Condvar,
     /// How many times the thread started the write-back of its file.
     write_backs: AtomicUsize,
 }
@@ -98,13 +122,20 @@ fn write_out(shared: &Shared, mut out: impl Write, file: Option<File>) {
     let mut taken = Vec::new();
     let mut unsent = 0;
     loop {
-        let done = {
+        let (done, dropped) = {
             let mut waiting = shared.waiting.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::swap(&mut waiting.bytes, &mut taken);
             waiting.idle = taken.is_empty() && !waiting.done;
-            waiting.done
+            (waiting.done, std::mem::take(&mut waiting.dropped))
         };
-        shared.taken.notify_all();
+        if dropped > 0 {
+            // Written by this thread like any other line, after the ones taken here: the
+            // first lines standard error took again.
+            tracing::warn!(
+                dropped_lines = dropped,
+                "log lines dropped: standard error took no lines for a while (a stalled pipe or log collector?); hookrelay_log_lines_dropped_total counts them"
+            );
+        }
         if !taken.is_empty() {
             // Nothing to do about a log that cannot be written; the relay goes on.
             let _ = out.write_all(&taken).and_then(|()| out.flush());
@@ -118,32 +149,39 @@ fn write_out(shared: &Shared, mut out: impl Write, file: Option<File>) {
                 unsent = 0;
             }
             taken.clear();
+            // After a burst, give back what a full buffer grew to.
+            taken.shrink_to(WRITE_BACK_AFTER);
             if done {
                 continue;
             }
             std::thread::park_timeout(EVERY);
-        } else if done {
+        } else if done && dropped == 0 {
+            shared
+                .waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stopped = true;
+            shared.stopped.notify_all();
             return;
-        } else {
+        } else if !done {
             std::thread::park();
         }
     }
 }
 
 impl Write for LogWriter {
+    /// Takes `line` whole, or drops it when [`MOST_WAITING`] bytes already wait: never
+    /// waits for the thread.
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         let mut waiting = self
             .shared
             .waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        while waiting.bytes.len() >= MOST_WAITING && !waiting.done {
-            self.thread.unpark();
-            waiting = self
-                .shared
-                .taken
-                .wait(waiting)
-                .unwrap_or_else(|e| e.into_inner());
+        if waiting.bytes.len() + line.len() > MOST_WAITING && !waiting.bytes.is_empty() {
+            waiting.dropped += 1;
+            LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
+            return Ok(line.len());
         }
         waiting.bytes.extend_from_slice(line);
         if std::mem::take(&mut waiting.idle) {
@@ -174,14 +212,26 @@ impl LogGuard {
 }
 
 impl Drop for LogGuard {
+    /// Lets the thread write what waits, for at most [`LAST_WAIT`]: a standard error that
+    /// takes nothing must not keep the process from exiting.
     fn drop(&mut self) {
-        self.shared
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let mut waiting = self
+            .shared
             .waiting
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .done = true;
-        if let Some(handle) = self.handle.take() {
-            handle.thread().unpark();
+            .unwrap_or_else(|e| e.into_inner());
+        waiting.done = true;
+        handle.thread().unpark();
+        let (waiting, _) = self
+            .shared
+            .stopped
+            .wait_timeout_while(waiting, LAST_WAIT, |w| !w.stopped)
+            .unwrap_or_else(|e| e.into_inner());
+        if waiting.stopped {
+            drop(waiting);
             let _ = handle.join();
         }
     }
@@ -264,29 +314,90 @@ mod tests {
         panic!("the line after the quiet spell was never written");
     }
 
+    /// A sink whose writes wait until it is opened: standard error that takes nothing.
+    #[derive(Clone, Default)]
+    struct Stalled {
+        sink: Sink,
+        open: Arc<(Mutex<bool>, Condvar)>,
+    }
+
+    impl Stalled {
+        fn open(&self) {
+            *self.open.0.lock().unwrap() = true;
+            self.open.1.notify_all();
+        }
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let (open, opened) = &*self.open;
+            let _open = opened
+                .wait_while(open.lock().unwrap(), |open| !*open)
+                .unwrap();
+            self.sink.write(bytes)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs `work` on a thread of its own and says whether it finished within `limit`
+    /// (a test that would otherwise hang fails instead).
+    fn finishes_within(limit: Duration, work: impl FnOnce() + Send + 'static) -> bool {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            work();
+            let _ = done.send(());
+        });
+        finished.recv_timeout(limit).is_ok()
+    }
+
     #[test]
-    fn callers_wait_rather_than_lose_lines_when_the_thread_falls_behind() {
-        /// A sink that takes a while per write.
-        struct Slow(Sink);
-        impl Write for Slow {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                std::thread::sleep(Duration::from_millis(20));
-                self.0.write(bytes)
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let sink = Sink::default();
-        let (mut writer, guard) = start(Slow(sink.clone()), None).unwrap();
-        let line = vec![b'x'; 64 * 1024];
+    fn a_stalled_output_drops_and_counts_lines_instead_of_holding_up_callers() {
+        let stalled = Stalled::default();
+        let (writer, guard) = start(stalled.clone(), None).unwrap();
+        let line = [vec![b'x'; 64 * 1024 - 1], b"\n".to_vec()].concat();
         let lines = 3 * MOST_WAITING / line.len();
-        for _ in 0..lines {
-            writer.write_all(&line).unwrap();
-            writer.write_all(b"\n").unwrap();
-        }
+        let dropped_before = lines_dropped();
+        let wrote = finishes_within(Duration::from_secs(20), {
+            let mut writer = writer.clone();
+            let line = line.clone();
+            move || {
+                for _ in 0..lines {
+                    writer.write_all(&line).unwrap();
+                }
+            }
+        });
+        assert!(wrote, "a caller waited for an output that takes nothing");
+        // The process's count (the thread may have taken this writer's own count already, to
+        // report it); no other test here drops a line.
+        let dropped = (lines_dropped() - dropped_before) as usize;
+        // What the thread took before the output stalled, and a full buffer, are kept.
+        let most_kept = 2 * MOST_WAITING / line.len();
+        assert!(
+            dropped >= lines - most_kept,
+            "{dropped} of {lines} lines dropped: every line beyond the buffer should be"
+        );
+        stalled.open();
         drop(guard);
-        assert_eq!(sink.0.lock().unwrap().len(), lines * (line.len() + 1));
+        assert_eq!(
+            stalled.sink.0.lock().unwrap().len(),
+            (lines - dropped) * line.len(),
+            "the lines kept are written once the output takes them again"
+        );
+    }
+
+    #[test]
+    fn the_guard_gives_up_on_an_output_that_takes_nothing() {
+        let stalled = Stalled::default();
+        let (mut writer, guard) = start(stalled.clone(), None).unwrap();
+        writer.write_all(b"never written\n").unwrap();
+        assert!(
+            finishes_within(LAST_WAIT + Duration::from_secs(10), move || drop(guard)),
+            "dropping the guard waited for an output that takes nothing"
+        );
+        assert!(stalled.sink.0.lock().unwrap().is_empty());
+        stalled.open();
     }
 
     #[test]

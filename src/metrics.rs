@@ -180,6 +180,8 @@ struct ProcessMetrics {
     resident_memory: Gauge,
     open_fds: Gauge,
     max_fds: Gauge,
+    /// Log lines dropped because standard error took none for too long (`log_writer`).
+    log_lines_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -316,6 +318,7 @@ impl Metrics {
             resident_memory: Gauge::default(),
             open_fds: Gauge::default(),
             max_fds: Gauge::default(),
+            log_lines_dropped: Counter::default(),
         };
         registry.register(
             "process_cpu_seconds",
@@ -337,6 +340,11 @@ impl Metrics {
             "process_max_fds",
             "The open-file limit",
             process.max_fds.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because standard error took none for too long (a stalled pipe or log collector)",
+            process.log_lines_dropped.clone(),
         );
         Metrics {
             config_reload_successful,
@@ -509,7 +517,7 @@ impl Metrics {
             .inc();
     }
 
-    /// Reads the process's CPU time, memory and descriptors, when scraped.
+    /// Reads the process's CPU time, memory, descriptors and dropped log lines, when scraped.
     pub fn read_process(&self) {
         if let Some(cpu) = process_cpu_seconds() {
             let mut seen = self.process.cpu_seen.lock().expect("not poisoned");
@@ -526,6 +534,11 @@ impl Metrics {
         }
         if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
             self.process.max_fds.set(soft.min(i64::MAX as u64) as i64);
+        }
+        let dropped = crate::log_writer::lines_dropped();
+        let counted = self.process.log_lines_dropped.get();
+        if dropped > counted {
+            self.process.log_lines_dropped.inc_by(dropped - counted);
         }
     }
 
@@ -626,6 +639,7 @@ mod tests {
         assert!(value("hookrelay_process_max_fds ") >= value("hookrelay_process_open_fds "));
         assert!(value("hookrelay_process_cpu_seconds_total ") >= 0.0);
         assert!(process_cpu_seconds().is_some(), "/proc/self/stat is read");
+        assert!(value("hookrelay_log_lines_dropped_total ") >= 0.0);
         for line in [
             "hookrelay_requests_total{endpoint=\"hooks\",status=\"202\"} 1",
             "hookrelay_signature_failures_total{source=\"github\"} 1",

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::binary::*;
 use common::*;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_on_the_same_state_folder_is_refused_and_a_kill_9_leaves_no_stale_lock() {
@@ -918,4 +921,133 @@ async fn a_retry_kept_in_memory_while_the_clock_is_set_back_comes_on_time() {
     the_retry_comes_within_seconds(&upstream, set_back).await;
     let (code, lines) = relay.terminate();
     assert_eq!(code, Some(0), "{lines:#?}");
+}
+
+/// Standard error that takes no more lines (a pipe whose reader is stuck, a log collector
+/// that stalls) must not stop the relay. Before, once 4 MiB of lines waited, every request
+/// waited for the log: gateway calls, webhooks and `/readyz` went unanswered until the
+/// reader came back, and SIGTERM never ended the process. Now the lines beyond are dropped
+/// and counted, the first lines written again say how many, and on the way out the last
+/// lines are waited for a few seconds only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_pipe_nobody_reads_holds_up_no_request() {
+    use std::io::BufRead;
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "relay.toml",
+        &gateway_config(&upstream.url(), ""),
+    );
+    let mut relay = KilledOnDrop(
+        Command::new(BIN)
+            .args(["serve", "--config", dir.path().to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0", "--state"])
+            .arg(dir.path().join("state"))
+            // About a kilobyte of lines a gateway call (the upstream pool's among them).
+            .env("RUST_LOG", "trace")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut relay.0;
+    let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let address = loop {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "the relay stopped");
+        if let Some(at) = line.find("hookrelay listening address=") {
+            let rest = &line[at + "hookrelay listening address=".len()..];
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    // From here on nobody reads the pipe: the kernel holds 64 KiB of it, the relay 4 MiB.
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let trigger =
+        format!("http://{address}/api/v4/projects/9/trigger/pipeline?token=glptt-t&ref=main");
+    let calls = |count: usize| {
+        let (client, trigger) = (client.clone(), trigger.clone());
+        async move {
+            for _ in 0..count / 16 {
+                let answers = futures_util::future::join_all(
+                    (0..16).map(|_| answered(&client, "POST", &trigger)),
+                )
+                .await;
+                for (status, body) in answers {
+                    assert_eq!(status, 201, "{body}");
+                }
+            }
+        }
+    };
+    calls(6_000).await;
+    assert_eq!(upstream.received().len(), 6_000);
+    let (status, body) = answered(&client, "GET", &format!("http://{address}/readyz")).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, metrics) = answered(&client, "GET", &format!("http://{address}/metrics")).await;
+    let dropped = hookrelay::metrics::sample(&metrics, "hookrelay_log_lines_dropped_total ")
+        .expect("the dropped lines' count in /metrics");
+    assert!(dropped > 0.0, "no line dropped after 6,000 calls");
+
+    // Read again: the lines written after the stall say how many were dropped.
+    let reading = std::thread::spawn(move || {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if log.read_line(&mut line).unwrap() == 0 {
+                return None;
+            }
+            if line.contains("log lines dropped") {
+                return Some((line.clone(), log));
+            }
+        }
+    });
+    let (said, log) = tokio::task::spawn_blocking(move || reading.join().unwrap())
+        .await
+        .unwrap()
+        .expect("a line saying how many lines were dropped");
+    assert!(said.contains("dropped_lines="), "{said}");
+
+    // Stuck again (past the pipe's 64 KiB), then told to stop: the relay exits all the same.
+    calls(320).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let asked = Instant::now();
+    let exited = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(30),
+            "still running 30 s after SIGTERM, its log pipe stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exited.success(), "{exited:?}");
+    drop(log);
+}
+
+/// (status, body) of one request through `client`, which must be answered within 10 s.
+async fn answered(
+    client: &Client<HttpConnector, http_body_util::Full<bytes::Bytes>>,
+    method: &str,
+    url: &str,
+) -> (u16, String) {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .unwrap_or_else(|_| panic!("{method} {url} was not answered within 10 s"))
+        .unwrap();
+    let status = answer.status().as_u16();
+    let body = http_body_util::BodyExt::collect(answer.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }

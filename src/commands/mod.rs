@@ -55,8 +55,9 @@ pub type LogGuard = crate::log_writer::LogGuard;
 
 /// Sets up logging to standard error; `RUST_LOG` filters it (default `info`). Lines are
 /// written by a thread of their own (`log_writer`), so a request never waits for the
-/// terminal or the pipe; when that thread falls behind, callers wait rather than lose
-/// lines. The thread writes every line it has waiting with one system call, within a few
+/// terminal or the pipe; when standard error takes nothing for a while (about 4 MiB of
+/// lines waiting), lines are dropped and counted rather than holding up requests. The
+/// thread writes every line it has waiting with one system call, within a few
 /// milliseconds, and when standard error is a file, starts sending them to disk as they come
 /// (see `log_writer`). Keep the guard until the end of `main`.
 pub fn init_logging(format: LogFormat) -> std::io::Result<LogGuard> {

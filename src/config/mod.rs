@@ -884,7 +884,6 @@ fn section<T: DeserializeOwned>(
     }
 }
 
-/// Converts an optional string field, recording a problem at its line when it is invalid.
 /// A secret setting written by reference (`env:NAME`, `file:PATH`, a relative path taken
 /// from the file's folder): the reference, and what it resolves to when secrets are read
 /// (`None` for `explain`). A reference that is not one, or that cannot be read, is a
@@ -913,6 +912,7 @@ pub(crate) fn secret_setting(
     }
 }
 
+/// Converts an optional string field, recording a problem at its line when it is invalid.
 pub(crate) fn typed<T>(
     field: Option<Spanned<String>>,
     default: T,

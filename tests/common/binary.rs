@@ -118,6 +118,16 @@ impl Drop for Served {
     }
 }
 
+/// A process killed when dropped, so that a failing test leaves none running.
+pub struct KilledOnDrop(pub Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A relay configuration whose one rule sends every GitHub push to acme/app on main, with
 /// the delivery id as a variable, so the upstream shows which deliveries arrived.
 pub fn durable_config(dir: &Path, upstream: &str) {
