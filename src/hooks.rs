@@ -38,6 +38,7 @@ pub async fn handle(
     source: &sources::SourceConfig,
     parts: &http::request::Parts,
     body: &Bytes,
+    room: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let request = WebhookRequest {
         headers: &parts.headers,
@@ -74,7 +75,7 @@ pub async fn handle(
             .map_err(refused)?;
     }
     let delivery = webhook_record(source, parts, &request, &received, &reply, built.triggers);
-    let accepted = record(app, delivery).await?;
+    let accepted = record(app, delivery, room).await?;
     if matches!(accepted, Accepted::Duplicate { .. }) {
         turn_away(
             app,
@@ -480,9 +481,17 @@ async fn check_upstream_limits(runtime: &Runtime, triggers: &[NewTrigger]) -> Re
     Ok(())
 }
 
-/// Commits the delivery and its triggers; returns once they are on disk.
-async fn record(app: &App, delivery: NewDelivery) -> Result<Accepted, ApiError> {
-    app.outbox.accept(delivery).await.map_err(ApiError::Store)
+/// Commits the delivery and its triggers; returns once they are on disk. `room`, the
+/// body's under `[server] body_memory`, is held until then.
+async fn record(
+    app: &App,
+    delivery: NewDelivery,
+    room: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<Accepted, ApiError> {
+    app.outbox
+        .accept_holding(delivery, room)
+        .await
+        .map_err(ApiError::Store)
 }
 
 /// The answer once the delivery is on disk: `202` naming each queued trigger, `200` for a

@@ -559,17 +559,18 @@ async fn webhook(
         app.metrics.signature_failure(&config.name);
         return Err(err.into());
     }
-    let (parts, body, _room) =
+    let (parts, body, room) =
         read_body(app, request, (app.server.max_body, "[server] max_body")).await?;
-    crate::hooks::handle(app, &runtime, config, &parts, &body).await
+    crate::hooks::handle(app, &runtime, config, &parts, &body, room.held).await
 }
 
 /// How long a request waits for room under `[server] body_memory` before it is refused.
 const BODY_MEMORY_WAIT: Duration = Duration::from_secs(1);
 
-/// Room for a request's body under `[server] body_memory`, given back when dropped.
+/// Room for a request's body under `[server] body_memory`, given back when dropped (a
+/// webhook's goes with it to the store's writer: see [`crate::outbox::Outbox::accept_holding`]).
 pub struct BodyPermit {
-    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Reads the whole body within the size limit, the read timeout and the shared body
@@ -634,7 +635,7 @@ async fn read_body(
             }
             buffer.extend_from_slice(&data);
         }
-        Ok::<_, ApiError>((buffer.freeze(), BodyPermit { _held: held }))
+        Ok::<_, ApiError>((buffer.freeze(), BodyPermit { held }))
     };
     match tokio::time::timeout(app.server.read_timeout, collect).await {
         Err(_) => Err(ApiError::BodyTimeout),

@@ -1051,3 +1051,187 @@ async fn answered(
         .to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// An ext4 file system in a file, mounted through a loop device on a folder of its own,
+/// which a test can freeze (`fsfreeze`): every write to it then waits, as on a disk or a
+/// network file system that stopped answering. Thawed and unmounted on drop.
+struct FreezableDisk {
+    path: PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+/// Runs a command, or says why it failed.
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|err| format!("{program}: {err}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{program}: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
+}
+
+impl FreezableDisk {
+    /// A 64 MiB disk, or `None` after saying on standard error that `test` is skipped
+    /// (no loop device, no `mkfs.ext4`, not root): a failure instead where
+    /// `HOOKRELAY_REQUIRE_FREEZE` is set.
+    fn mount_or_skip(test: &str) -> Option<FreezableDisk> {
+        let parent = tempfile::tempdir().unwrap();
+        let image = parent.path().join("disk.img");
+        let path = parent.path().join("state");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mounted =
+            run("mkfs.ext4", &["-q".as_ref(), "-F".as_ref(), image.as_ref()]).and_then(|()| {
+                run(
+                    "mount",
+                    &[
+                        "-o".as_ref(),
+                        "loop".as_ref(),
+                        image.as_ref(),
+                        path.as_ref(),
+                    ],
+                )
+            });
+        match mounted {
+            Ok(()) => Some(FreezableDisk {
+                path,
+                _parent: parent,
+            }),
+            Err(reason) => {
+                assert!(
+                    std::env::var_os("HOOKRELAY_REQUIRE_FREEZE").is_none(),
+                    "HOOKRELAY_REQUIRE_FREEZE is set but no loop device could be mounted: {reason}"
+                );
+                eprintln!("SKIPPED: cannot mount a loop device for {test} ({reason}); run as root");
+                None
+            }
+        }
+    }
+
+    fn freeze(&self) {
+        run("fsfreeze", &["-f".as_ref(), self.path.as_ref()]).unwrap();
+    }
+
+    fn thaw(&self) {
+        run("fsfreeze", &["-u".as_ref(), self.path.as_ref()]).unwrap();
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        let _ = run("fsfreeze", &["-u".as_ref(), self.path.as_ref()]);
+        let _ = run("umount", &["-l".as_ref(), self.path.as_ref()]);
+    }
+}
+
+/// A disk that stops answering raises no error: a write to it just never ends. Before,
+/// `/readyz` answered `200` for as long as it hung (a load balancer kept sending webhooks
+/// that could not be acknowledged), and every webhook whose sender gave up stayed in
+/// memory until the disk came back. Now `/readyz` answers `503` once a write has run 5 s,
+/// a webhook waiting for the store keeps its body's room under `[server] body_memory`
+/// (past it, webhooks are refused at once with `503`), and everything taken is written
+/// and sent once the disk answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory() {
+    let Some(disk) = FreezableDisk::mount_or_skip("the frozen-disk test") else {
+        return;
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    // Room for about eight of the test's 7.9 KB webhooks.
+    let config = dir.path().join("relay.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("[server]\nmax_body = \"16KiB\"\nbody_memory = \"64KiB\"\n\n{text}"),
+    )
+    .unwrap();
+    let mut command = Command::new(BIN);
+    command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
+    let mut served = Served::start_with(command, dir.path(), &disk.path);
+    let address = served.address();
+    let secret = "s3cret-for-the-tests";
+    assert_eq!(github_tag(&address, secret).await.status, 202);
+    assert_eq!(ready(&address).await, 200);
+
+    disk.freeze();
+    let patient = tokio::spawn({
+        let address = address.clone();
+        async move { github_tag(&address, secret).await }
+    });
+    let frozen = Instant::now();
+    let said = loop {
+        let reply = send("GET", &format!("http://{address}/readyz"), &[], "").await;
+        if reply.status == 503 {
+            break reply.text();
+        }
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(
+            frozen.elapsed() < Duration::from_secs(20),
+            "/readyz still 200 with the disk frozen for 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(said.contains("has not finished for"), "{said}");
+
+    // Senders that give up after 1.5 s: their webhooks wait in memory, each with its room,
+    // until there is none left; the next is refused at once.
+    let mut given_up = 0;
+    let refused = loop {
+        match tokio::time::timeout(Duration::from_millis(1500), github_tag(&address, secret)).await
+        {
+            Err(_) => given_up += 1,
+            Ok(reply) => break reply,
+        }
+        assert!(
+            given_up <= 12,
+            "{given_up} webhooks given up on are held, past 64 KiB of bodies"
+        );
+    };
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.text().contains("body_memory"), "{}", refused.text());
+    assert!(
+        !patient.is_finished(),
+        "nothing is acknowledged while the disk is frozen"
+    );
+
+    disk.thaw();
+    let patient = tokio::time::timeout(Duration::from_secs(20), patient)
+        .await
+        .expect("acknowledged once the disk answers")
+        .unwrap();
+    assert_eq!(patient.status, 202, "{}", patient.text());
+    let thawed = Instant::now();
+    while ready(&address).await != 200 {
+        assert!(
+            thawed.elapsed() < Duration::from_secs(20),
+            "/readyz still 503"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first, the patient one, and every one given up on: written and sent, once each.
+    eventually(
+        Duration::from_secs(20),
+        "every webhook taken is sent",
+        || delivered(&upstream).len() == 2 + given_up,
+    )
+    .await;
+    assert_eq!(upstream.received().len(), 2 + given_up);
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("one write to the delivery store took this long")),
+        "the long write is logged"
+    );
+}

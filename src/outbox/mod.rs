@@ -86,7 +86,15 @@ impl StoreError {
 }
 
 enum Op {
-    Accept(NewDelivery, oneshot::Sender<Result<Accepted, EngineError>>),
+    /// A webhook to acknowledge once committed, with the room its body holds under
+    /// `[server] body_memory` (given back once it is written): a webhook waiting for a
+    /// store that stopped answering stays in memory after its sender gave up, and without
+    /// the room every such webhook added to memory for as long as the store hung.
+    Accept(
+        NewDelivery,
+        oneshot::Sender<Result<Accepted, EngineError>>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
     /// A record that acknowledges nothing (a gateway call): no reply, no fsync of its own.
     /// Holds one of [`NOTES_WAITING`]'s places until it is written (or dropped).
     Note(
@@ -132,12 +140,22 @@ pub(crate) enum Duty {
     Claims = 1,
 }
 
+/// How long one write to the store may run before `/readyz` says the store is stuck: a
+/// commit takes milliseconds, a slow disk's worst a second or two, and GitHub gives up on
+/// a webhook after 10 s.
+pub const STALLED_AFTER: Duration = Duration::from_secs(5);
+
 /// Whether the store takes writes and claims, as the writers last saw it; `/readyz`
 /// reads it.
 #[derive(Debug, Default)]
 pub struct StoreHealth {
     /// Indexed by [`Duty`].
     failing: Mutex<[Option<String>; 2]>,
+    /// When each writer's write under way began, indexed by [`Duty`]: a write that never
+    /// ends (a hung disk, a frozen filesystem, a database that stopped answering) raises
+    /// no error, and `/readyz` must say so all the same. Before, it answered `200` for as
+    /// long as the disk hung while every webhook waited.
+    writing_since: Mutex<[Option<std::time::Instant>; 2]>,
     /// The writer holds outcomes of sends the store has not taken yet: their leases may
     /// have run out meanwhile, and this relay's claims must not take them over.
     outcomes_waiting: std::sync::atomic::AtomicBool,
@@ -146,7 +164,35 @@ pub struct StoreHealth {
 impl StoreHealth {
     /// Why the store cannot be written (or claimed from) now, or `None` when it can.
     pub fn problem(&self) -> Option<String> {
-        self.lock().iter().flatten().next().cloned()
+        let failing = self.lock().iter().flatten().next().cloned();
+        failing.or_else(|| self.stalled())
+    }
+
+    /// A write under way for [`STALLED_AFTER`] or longer, said as a problem.
+    fn stalled(&self) -> Option<String> {
+        let longest = self
+            .writing()
+            .iter()
+            .flatten()
+            .map(|since| since.elapsed())
+            .max()?;
+        (longest >= STALLED_AFTER).then(|| {
+            format!(
+                "a write to the delivery store has not finished for {} s (a disk or database that stopped answering?); webhooks wait for it",
+                longest.as_secs()
+            )
+        })
+    }
+
+    /// Notes that a writer began a write (`Some`) or ended it (`None`).
+    fn set_writing(&self, duty: Duty, since: Option<std::time::Instant>) {
+        self.writing()[duty as usize] = since;
+    }
+
+    fn writing(&self) -> std::sync::MutexGuard<'_, [Option<std::time::Instant>; 2]> {
+        self.writing_since
+            .lock()
+            .expect("the health lock is never poisoned")
     }
 
     /// The problem one writer saw last.
@@ -396,7 +442,18 @@ impl Outbox {
 
     /// Records a delivery and its triggers; returns once they are committed to disk.
     pub async fn accept(&self, delivery: NewDelivery) -> Result<Accepted, StoreError> {
-        self.ask(|reply| Op::Accept(delivery, reply)).await
+        self.accept_holding(delivery, None).await
+    }
+
+    /// [`Outbox::accept`] for a webhook whose body holds `room` under `[server]
+    /// body_memory`: the room stays taken until the writer has written it, even when the
+    /// sender stops waiting first.
+    pub async fn accept_holding(
+        &self,
+        delivery: NewDelivery,
+        room: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<Accepted, StoreError> {
+        self.ask(|reply| Op::Accept(delivery, reply, room)).await
     }
 
     /// Records a delivery that acknowledges nothing (a gateway call), without waiting for
@@ -1163,6 +1220,61 @@ mod tests {
             .depth()
             .unwrap();
         assert_eq!(count.open, 0, "records queue nothing");
+    }
+
+    /// A webhook whose sender stopped waiting while the store hung keeps its body's room
+    /// under `[server] body_memory` until it is written: webhooks waiting for a stuck
+    /// store cannot grow memory past the budget.
+    #[tokio::test]
+    async fn a_webhook_given_up_on_holds_its_body_s_room_until_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let held = Arc::new(AtomicBool::new(true));
+        let outbox = FullDisk {
+            held: held.clone(),
+            ..FullDisk::on(&path)
+        }
+        .start(&path);
+        let budget = Arc::new(tokio::sync::Semaphore::new(1));
+        let room = budget.clone().try_acquire_owned().unwrap();
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            outbox.accept_holding(delivery("given up on"), Some(room)),
+        )
+        .await;
+        assert!(waited.is_err(), "the stuck writer acknowledges nothing");
+        assert_eq!(budget.available_permits(), 0, "the room stays taken");
+        held.store(false, Ordering::SeqCst);
+        outbox.flush().await;
+        assert_eq!(budget.available_permits(), 1, "given back once written");
+        assert!(
+            states(dir.path()).iter().any(|(id, _)| id == "given up on"),
+            "written all the same"
+        );
+    }
+
+    /// A write that runs on and on makes the store a problem for `/readyz` once it has run
+    /// for [`STALLED_AFTER`]; a write that failed is said first.
+    #[test]
+    fn a_write_that_never_ends_is_a_problem() {
+        let health = StoreHealth::default();
+        let now = std::time::Instant::now();
+        health.set_writing(Duty::Writes, Some(now));
+        assert_eq!(health.problem(), None, "a write under way");
+        let long_ago = now
+            .checked_sub(STALLED_AFTER + Duration::from_secs(2))
+            .unwrap();
+        health.set_writing(Duty::Claims, Some(long_ago));
+        let problem = health.problem().expect("a stalled write is a problem");
+        assert!(
+            problem.starts_with("a write to the delivery store has not finished for 7 s"),
+            "{problem}"
+        );
+        health.set(Duty::Writes, Some("disk full".into()));
+        assert_eq!(health.problem().as_deref(), Some("disk full"));
+        health.set(Duty::Writes, None);
+        health.set_writing(Duty::Claims, None);
+        assert_eq!(health.problem(), None, "the write ended");
     }
 
     /// A group's webhooks (and gateway records) recorded together, the batch breaking after

@@ -12,7 +12,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::clock::{ClockWatch, Look};
-use super::{Duty, NewDelivery, NewWork, Op, RETRY_EVERY, Recorded, StoreHealth, now_ms};
+use super::{
+    Duty, NewDelivery, NewWork, Op, RETRY_EVERY, Recorded, STALLED_AFTER, StoreHealth, now_ms,
+};
 use crate::store::lock::StateLock;
 use crate::store::{Accepted, Engine, EngineError, Lease};
 
@@ -331,8 +333,24 @@ impl Writer {
         }
     }
 
-    /// One transaction; `with_pending`: the kept outcomes go first.
+    /// One transaction; `with_pending`: the kept outcomes go first. Its time is shown to
+    /// `/readyz` while it runs (see [`StoreHealth`]), and logged when it ends past
+    /// [`STALLED_AFTER`].
     fn write_group(&mut self, batch: Vec<Op>, with_pending: bool) {
+        let began = std::time::Instant::now();
+        self.health.set_writing(self.duty, Some(began));
+        self.write_group_now(batch, with_pending);
+        self.health.set_writing(self.duty, None);
+        let took = began.elapsed();
+        if took >= STALLED_AFTER {
+            tracing::warn!(
+                seconds = took.as_secs(),
+                "one write to the delivery store took this long (a disk or database that stopped answering?); webhooks waited for it"
+            );
+        }
+    }
+
+    fn write_group_now(&mut self, batch: Vec<Op>, with_pending: bool) {
         // Only a commit that precedes an acknowledgement needs to reach the disk first.
         let durable = batch.iter().any(|op| {
             matches!(
@@ -532,7 +550,7 @@ impl Writer {
             let deliveries: Vec<&NewDelivery> = kind
                 .iter()
                 .map(|op| match op {
-                    Op::Accept(delivery, _) | Op::Note(delivery, _) => delivery,
+                    Op::Accept(delivery, ..) | Op::Note(delivery, ..) => delivery,
                     _ => unreachable!("only accepts and notes are recorded together"),
                 })
                 .collect();
@@ -559,7 +577,7 @@ impl Writer {
             let result = Ok(answer_of);
             outcome.note_result(&result);
             match op {
-                Op::Accept(delivery, reply) => {
+                Op::Accept(delivery, reply, _room) => {
                     self.note_webhook_taken(&result);
                     outcome.note_new_work(&delivery, &result);
                     outcome.replies.push(answer(reply, result));
@@ -576,7 +594,7 @@ impl Writer {
     /// Runs one request inside the open transaction.
     fn apply(&mut self, op: Op, now: i64, outcome: &mut GroupOutcome) {
         match op {
-            Op::Accept(delivery, reply) => {
+            Op::Accept(delivery, reply, _room) => {
                 let result = self.in_savepoint(|engine| engine.insert_delivery(&delivery, now));
                 outcome.note_new_work(&delivery, &result);
                 outcome.note_result(&result);
@@ -746,7 +764,7 @@ impl Writer {
     /// Answers a request that never ran because the group could not begin.
     fn fail_op(&mut self, op: Op, err: &EngineError, outcome: &mut GroupOutcome) {
         match op {
-            Op::Accept(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
+            Op::Accept(_, reply, _) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Claim(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Replay(_, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
             Op::Prune(_, _, reply) => outcome.replies.push(answer(reply, Err(err.clone()))),
@@ -971,7 +989,7 @@ impl GroupOutcome {
 /// Where a write goes in its group (see [`Writer::group`]).
 fn write_order(op: &Op) -> (u8, &str, &str, i64) {
     match op {
-        Op::Accept(delivery, _) | Op::Note(delivery, _) => {
+        Op::Accept(delivery, ..) | Op::Note(delivery, ..) => {
             (0, &delivery.source, &delivery.delivery_id, 0)
         }
         Op::Record(kept) => (1, "", "", kept.lease.trigger),
