@@ -67,6 +67,12 @@ pub enum ApiError {
     BodyMemory,
     #[error("the request body cannot be read: {0}")]
     BodyRead(String),
+    /// A gateway call that could not get a place for its record before being forwarded:
+    /// the store's writer is far behind (or its disk stopped answering).
+    #[error(
+        "the relay cannot record this call: too many records wait for its delivery store (is its disk answering?); nothing was sent to GitLab, retry in a second"
+    )]
+    RecordsBehind,
     #[error("the relay is shutting down")]
     ShuttingDown,
     /// `/readyz` while the store refuses writes: webhooks are answered `503` meanwhile.
@@ -159,7 +165,7 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             (StatusCode::PAYLOAD_TOO_LARGE, json!({ "message": message }))
         }
         ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, json!({ "message": message })),
-        ApiError::BodyMemory => return retry_in_a_second(&message),
+        ApiError::BodyMemory | ApiError::RecordsBehind => return retry_in_a_second(&message),
         ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
         ApiError::ShuttingDown | ApiError::StoreUnwritable(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -507,6 +507,12 @@ async fn gateway_call(
             return Err(ApiError::limited(&limiter.name, refused));
         }
     }
+    // The record's place first: once GitLab has answered, nothing may hold the answer back.
+    let place = app
+        .outbox
+        .note_place(RECORD_PLACE_WAIT)
+        .await
+        .ok_or(ApiError::RecordsBehind)?;
     if app.dry_run {
         let mut shown = trigger.clone();
         shown.token = crate::secret::Secret::new(trigger.token.masked());
@@ -515,12 +521,12 @@ async fn gateway_call(
         tracing::info!(project = %trigger.project, git_ref = %trigger.git_ref, %would_send, "gateway call not forwarded (dry run)");
         gateway::record(
             &app.outbox,
+            place,
             &trigger,
             crate::outbox::Recorded::DryRun {
                 would_send: would_send.clone(),
             },
-        )
-        .await;
+        );
         return Ok(json_response(
             StatusCode::ACCEPTED,
             &json!({ "message": "dry run: hookrelay did not forward this call", "would_send": would_send }),
@@ -532,7 +538,7 @@ async fn gateway_call(
         result.as_ref().ok().map(|a| a.status.as_u16()),
     );
     let recorded = gateway::recorded(&result, &trigger.token);
-    gateway::record(&app.outbox, &trigger, recorded.clone()).await;
+    gateway::record(&app.outbox, place, &trigger, recorded.clone());
     let answer = result?;
     *upstream_latency = Some(answer.latency);
     Ok(gateway::answer_response(
@@ -563,6 +569,10 @@ async fn webhook(
         read_body(app, request, (app.server.max_body, "[server] max_body")).await?;
     crate::hooks::handle(app, &runtime, config, &parts, &body, room.held).await
 }
+
+/// How long a gateway call waits for a place for its record before it is refused `503`
+/// (see [`crate::outbox::Outbox::note_place`]).
+const RECORD_PLACE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a request waits for room under `[server] body_memory` before it is refused.
 const BODY_MEMORY_WAIT: Duration = Duration::from_secs(1);

@@ -212,10 +212,12 @@ pub fn answer_response(
     response
 }
 
-/// Records a gateway call in the outbox so `hookrelay deliveries` shows all traffic. The
-/// caller's token is kept only as its mask: a gateway call is never sent again.
-pub async fn record(
+/// Records a gateway call in the outbox, in the place taken for it before it was
+/// forwarded, so `hookrelay deliveries` shows all traffic. The caller's token is kept only
+/// as its mask: a gateway call is never sent again.
+pub fn record(
     outbox: &crate::outbox::Outbox,
+    place: crate::outbox::NotePlace,
     trigger: &Trigger,
     outcome: crate::outbox::Recorded,
 ) {
@@ -252,7 +254,7 @@ pub async fn record(
             queue_key: None,
         }],
     };
-    outbox.note(delivery).await;
+    outbox.note_in(place, delivery);
 }
 
 /// What a gateway call's answer means for its record (the caller's `token` masked

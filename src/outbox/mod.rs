@@ -178,7 +178,7 @@ impl StoreHealth {
             .max()?;
         (longest >= STALLED_AFTER).then(|| {
             format!(
-                "a write to the delivery store has not finished for {} s (a disk or database that stopped answering?); webhooks wait for it",
+                "its write under way has not finished for {} s: a disk or database that stopped answering?",
                 longest.as_secs()
             )
         })
@@ -220,6 +220,9 @@ impl StoreHealth {
             .expect("the health lock is never poisoned")
     }
 }
+
+/// One of [`NOTES_WAITING`]'s places, held for a record to come ([`Outbox::note_place`]).
+pub struct NotePlace(tokio::sync::OwnedSemaphorePermit);
 
 /// A handle on the store; cheap to clone.
 #[derive(Clone)]
@@ -456,14 +459,30 @@ impl Outbox {
         self.ask(|reply| Op::Accept(delivery, reply, room)).await
     }
 
-    /// Records a delivery that acknowledges nothing (a gateway call), without waiting for
-    /// its commit; waits only while [`NOTES_WAITING`] records wait for the writer already,
-    /// so a writer that falls behind slows the callers instead of filling memory.
+    /// Records a delivery that acknowledges nothing (a dashboard action), without waiting
+    /// for its commit; waits only while [`NOTES_WAITING`] records wait for the writer
+    /// already, so a writer that falls behind slows the callers instead of filling memory.
     pub async fn note(&self, delivery: NewDelivery) {
         let Ok(place) = self.notes.clone().acquire_owned().await else {
             return;
         };
         self.noted.add(Op::Note(delivery, place), &self.writer);
+    }
+
+    /// A place for one record, taken before the work it records, waiting at most `within`
+    /// for one; `None` when every place stayed taken (the writer is far behind, or its
+    /// disk stopped answering). A gateway call takes its place before it is forwarded:
+    /// waiting for one after GitLab had answered held the answer back for as long as the
+    /// store hung, and a caller that gave up and called again started a second pipeline.
+    pub async fn note_place(&self, within: Duration) -> Option<NotePlace> {
+        let place = tokio::time::timeout(within, self.notes.clone().acquire_owned()).await;
+        Some(NotePlace(place.ok()?.ok()?))
+    }
+
+    /// Records a delivery that acknowledges nothing (a gateway call) in a place taken
+    /// before ([`Outbox::note_place`]): never waits.
+    pub fn note_in(&self, place: NotePlace, delivery: NewDelivery) {
+        self.noted.add(Op::Note(delivery, place.0), &self.writer);
     }
 
     /// [`Outbox::note`] without waiting: `false` (nothing recorded) when every place is
@@ -1207,14 +1226,27 @@ mod tests {
         .await;
         assert!(over.is_err(), "waits for a place");
         assert!(!outbox.try_note(note("not waited for")), "dropped, said so");
+        assert!(
+            outbox
+                .note_place(Duration::from_millis(100))
+                .await
+                .is_none(),
+            "a gateway call finds no place, and is refused before it is forwarded"
+        );
         held.store(false, Ordering::SeqCst);
         tokio::time::timeout(Duration::from_secs(30), outbox.note(note("one too many")))
             .await
             .expect("a place once the writer moves");
+        let place = outbox
+            .note_place(Duration::from_secs(30))
+            .await
+            .expect("a place for a gateway call once the writer moves");
+        outbox.note_in(place, note("z: in its place"));
         outbox.flush().await;
         let newest = states(dir.path());
         assert_eq!(newest.len(), 1000, "listed up to its limit");
         assert!(newest.iter().any(|(id, _)| id == "one too many"));
+        assert!(newest.iter().any(|(id, _)| id == "z: in its place"));
         let count = SqliteEngine::open(&path, Durability::Full)
             .unwrap()
             .depth()
@@ -1267,7 +1299,7 @@ mod tests {
         health.set_writing(Duty::Claims, Some(long_ago));
         let problem = health.problem().expect("a stalled write is a problem");
         assert!(
-            problem.starts_with("a write to the delivery store has not finished for 7 s"),
+            problem.starts_with("its write under way has not finished for 7 s"),
             "{problem}"
         );
         health.set(Duty::Writes, Some("disk full".into()));
