@@ -1728,15 +1728,32 @@ async fn a_cut_or_blackholed_database_connection_loses_nothing() {
     let (mut acknowledged, refused) = push_many(&addresses, "before", 10, 4).await;
     assert_eq!((acknowledged.len(), refused), (10, 0));
 
-    // Blackholed for 3 s: requests wait (their commit waits), or are refused; never
-    // acknowledged without a commit.
+    // Blackholed: requests wait (their commit waits), or are refused; never acknowledged
+    // without a commit. The proxy takes every byte, as a frozen server's kernel does, so
+    // no error comes: `/readyz` says so once a write has waited 5 s (before, it said `200`
+    // for as long as the database stayed silent).
     proxy.blackhole(true);
+    let blackholed = Instant::now();
     let during = {
         let addresses = addresses.clone();
         tokio::spawn(async move { push_many(&addresses, "blackholed", 6, 3).await })
     };
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let said = loop {
+        let reply = readyz(&addresses[0]).await;
+        if reply.status == 503 {
+            break reply.text();
+        }
+        assert!(
+            blackholed.elapsed() < Duration::from_secs(9),
+            "/readyz still {} {} with the database silent for 9 s",
+            reply.status,
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(said.contains("has not finished for"), "{said}");
     proxy.blackhole(false);
+    ready_again(&addresses[0]).await;
     let (more, refused) = during.await.unwrap();
     eprintln!(
         "while blackholed: {} acknowledged once the connection carried again, {refused} refused",
