@@ -157,6 +157,9 @@ pub struct Metrics {
     delivery_latency: Histogram,
     outbox_depth: Gauge,
     outbox_oldest_due_age: Gauge<f64, AtomicU64>,
+    /// How long this relay's longest write to the store under way has run: a write that
+    /// never ends (a hung disk or database) shows here, never in the commit histogram.
+    store_write_running: Gauge<f64, AtomicU64>,
     limit_refusals: Family<LimitLabels, Counter>,
     status_posts: Family<StatusLabels, Counter>,
     pipeline_polls: Family<OutcomeLabels, Counter>,
@@ -272,6 +275,12 @@ impl Metrics {
             "How long the longest-due waiting trigger has been due",
             outbox_oldest_due_age.clone(),
         );
+        let store_write_running = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "store_write_running_seconds",
+            "How long this relay's longest write to the delivery store under way has run (0 between writes); past 5 s /readyz answers 503",
+            store_write_running.clone(),
+        );
         let limit_refusals = Family::<LimitLabels, Counter>::default();
         registry.register(
             "limit_refusals",
@@ -367,6 +376,7 @@ impl Metrics {
             delivery_latency,
             outbox_depth,
             outbox_oldest_due_age,
+            store_write_running,
         }
     }
 
@@ -505,6 +515,11 @@ impl Metrics {
         self.outbox_oldest_due_age.set(oldest_due_age_seconds);
     }
 
+    /// How long the longest write to the store under way has run, when scraped.
+    pub fn store_write_running(&self, running: std::time::Duration) {
+        self.store_write_running.set(running.as_secs_f64());
+    }
+
     /// A request refused by the limit named `limit` (its rate, in parentheses, left out).
     pub fn limit_refused(&self, limit: &str) {
         let setting = limit.split(" (").next().unwrap_or(limit);
@@ -629,6 +644,7 @@ mod tests {
         metrics.upstream_down("other", false);
         metrics.delivery_latency(0.2);
         metrics.outbox(3, 1.5);
+        metrics.store_write_running(std::time::Duration::from_millis(7_500));
         metrics.limit_refused("[gateway] limit.per_project (30/min)");
         metrics.read_process();
         let text = metrics.encode();
@@ -650,6 +666,7 @@ mod tests {
             "hookrelay_delivery_latency_seconds_count 1",
             "hookrelay_outbox_depth 3",
             "hookrelay_outbox_oldest_due_age_seconds 1.5",
+            "hookrelay_store_write_running_seconds 7.5",
             "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_project\"} 1",
             "hookrelay_request_duration_seconds_count{endpoint=\"hooks\"} 1",
             "hookrelay_request_duration_seconds_bucket{le=\"0.005\",endpoint=\"hooks\"} 1",

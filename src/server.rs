@@ -403,6 +403,8 @@ async fn dispatch(
         Route::Metrics => match method {
             Method::GET | Method::HEAD => {
                 app.metrics.read_process();
+                app.metrics
+                    .store_write_running(app.outbox.health.longest_write());
                 if let Ok((depth, oldest)) = app.outbox.depth_apart().await {
                     app.metrics.outbox(depth, oldest.as_secs_f64());
                 }

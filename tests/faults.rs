@@ -1182,6 +1182,11 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     assert!(said.contains("has not finished for"), "{said}");
+    let scrape = send("GET", &format!("http://{address}/metrics"), &[], "").await;
+    let running =
+        hookrelay::metrics::sample(&scrape.text(), "hookrelay_store_write_running_seconds ")
+            .expect("the running write's age in /metrics");
+    assert!(running >= 5.0, "the write under way has run {running} s");
 
     // Senders that give up after 1.5 s: their webhooks wait in memory, each with its room,
     // until there is none left; the next is refused at once.

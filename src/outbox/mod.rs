@@ -168,14 +168,19 @@ impl StoreHealth {
         failing.or_else(|| self.stalled())
     }
 
-    /// A write under way for [`STALLED_AFTER`] or longer, said as a problem.
-    fn stalled(&self) -> Option<String> {
-        let longest = self
-            .writing()
+    /// How long the longest write under way has run (zero between writes).
+    pub fn longest_write(&self) -> Duration {
+        self.writing()
             .iter()
             .flatten()
             .map(|since| since.elapsed())
-            .max()?;
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// A write under way for [`STALLED_AFTER`] or longer, said as a problem.
+    fn stalled(&self) -> Option<String> {
+        let longest = self.longest_write();
         (longest >= STALLED_AFTER).then(|| {
             format!(
                 "its write under way has not finished for {} s: a disk or database that stopped answering?",
