@@ -41,7 +41,8 @@ const LAST_WAIT: Duration = Duration::from_secs(3);
 /// Lines dropped since the process started, by every writer: what `/metrics` reports.
 static LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
 
-/// Log lines dropped so far because standard error took none for too long.
+/// Log lines dropped so far: standard error took none for too long, or refused them (a
+/// full disk, a closed pipe).
 pub fn lines_dropped() -> u64 {
     LINES_DROPPED.load(Ordering::Relaxed)
 }
@@ -69,6 +70,15 @@ struct Shared {
     stopped: Condvar,
     /// How many times the thread started the write-back of its file.
     write_backs: AtomicUsize,
+    /// Lines this writer dropped, in all (the process's count is [`LINES_DROPPED`]).
+    dropped: AtomicU64,
+}
+
+impl Shared {
+    fn count_dropped(&self, lines: u64) {
+        self.dropped.fetch_add(lines, Ordering::Relaxed);
+        LINES_DROPPED.fetch_add(lines, Ordering::Relaxed);
+    }
 }
 
 /// What `tracing_subscriber` writes lines to (one `write` per line).
@@ -137,8 +147,12 @@ fn write_out(shared: &Shared, mut out: impl Write, file: Option<File>) {
             );
         }
         if !taken.is_empty() {
-            // Nothing to do about a log that cannot be written; the relay goes on.
-            let _ = out.write_all(&taken).and_then(|()| out.flush());
+            // Nothing to do about a log that cannot be written (a full disk, a collector
+            // that closed its end of the pipe) but count what was lost; the relay goes on.
+            if out.write_all(&taken).and_then(|()| out.flush()).is_err() {
+                let lines = taken.iter().filter(|&&b| b == b'\n').count() as u64;
+                shared.count_dropped(lines.max(1));
+            }
             unsent += taken.len();
             if let Some(file) = &file
                 && unsent >= WRITE_BACK_AFTER
@@ -180,7 +194,7 @@ impl Write for LogWriter {
             .unwrap_or_else(|e| e.into_inner());
         if waiting.bytes.len() + line.len() > MOST_WAITING && !waiting.bytes.is_empty() {
             waiting.dropped += 1;
-            LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
+            self.shared.count_dropped(1);
             return Ok(line.len());
         }
         waiting.bytes.extend_from_slice(line);
@@ -358,7 +372,6 @@ mod tests {
         let (writer, guard) = start(stalled.clone(), None).unwrap();
         let line = [vec![b'x'; 64 * 1024 - 1], b"\n".to_vec()].concat();
         let lines = 3 * MOST_WAITING / line.len();
-        let dropped_before = lines_dropped();
         let wrote = finishes_within(Duration::from_secs(20), {
             let mut writer = writer.clone();
             let line = line.clone();
@@ -369,9 +382,13 @@ mod tests {
             }
         });
         assert!(wrote, "a caller waited for an output that takes nothing");
-        // The process's count (the thread may have taken this writer's own count already, to
-        // report it); no other test here drops a line.
-        let dropped = (lines_dropped() - dropped_before) as usize;
+        // All this writer dropped (the thread may have taken the count since its last
+        // report already, to report it).
+        let dropped = guard.shared.dropped.load(Ordering::Relaxed) as usize;
+        assert!(
+            lines_dropped() >= dropped as u64,
+            "the process counts them too"
+        );
         // What the thread took before the output stalled, and a full buffer, are kept.
         let most_kept = 2 * MOST_WAITING / line.len();
         assert!(
@@ -384,6 +401,29 @@ mod tests {
             stalled.sink.0.lock().unwrap().len(),
             (lines - dropped) * line.len(),
             "the lines kept are written once the output takes them again"
+        );
+    }
+
+    #[test]
+    fn lines_standard_error_refuses_are_counted_as_dropped() {
+        struct Refusing;
+        impl Write for Refusing {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut writer, guard) = start(Refusing, None).unwrap();
+        writer.write_all(b"one\ntwo\n").unwrap();
+        writer.write_all(b"three\n").unwrap();
+        let shared = guard.shared.clone();
+        drop(guard);
+        assert_eq!(
+            shared.dropped.load(Ordering::Relaxed),
+            3,
+            "three lines refused"
         );
     }
 

@@ -352,7 +352,7 @@ impl Metrics {
         );
         registry.register(
             "log_lines_dropped",
-            "Log lines dropped because standard error took none for too long (a stalled pipe or log collector)",
+            "Log lines dropped because standard error took none for too long (a stalled pipe or log collector) or refused them (a full disk, a closed pipe)",
             process.log_lines_dropped.clone(),
         );
         Metrics {
