@@ -899,6 +899,28 @@ mod tests {
             }
         }
 
+        /// An outbox over a store at `path` that hangs (its writer cannot begin a group)
+        /// until the switch returned is cleared.
+        fn hung(path: &Path) -> (Outbox, Arc<AtomicBool>) {
+            let held = Arc::new(AtomicBool::new(true));
+            let store = FullDisk {
+                held: held.clone(),
+                ..FullDisk::on(path)
+            };
+            (store.start(path), held)
+        }
+
+        /// An outbox over a store at `path` that works until the switch returned is set,
+        /// then refuses every commit, as a full disk would.
+        fn filling(path: &Path) -> (Outbox, Arc<AtomicBool>) {
+            let full = Arc::new(AtomicBool::new(false));
+            let store = FullDisk {
+                full: full.clone(),
+                ..FullDisk::on(path)
+            };
+            (store.start(path), full)
+        }
+
         /// An outbox writing through this store and reading `path` directly.
         fn start(self, path: &Path) -> Outbox {
             let reader = SqliteEngine::open(path, Durability::Full).unwrap();
@@ -1146,12 +1168,7 @@ mod tests {
     async fn a_hold_the_store_refuses_moves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
-        let full = Arc::new(AtomicBool::new(false));
-        let outbox = FullDisk {
-            full: full.clone(),
-            ..FullDisk::on(&path)
-        }
-        .start(&path);
+        let (outbox, full) = FullDisk::filling(&path);
         for project in ["p1", "p2", "p3"] {
             let mut own_key = delivery(project);
             own_key.triggers[0].project = project.into();
@@ -1213,12 +1230,7 @@ mod tests {
     async fn records_nobody_waits_for_are_bounded_while_the_writer_is_stuck() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
-        let held = Arc::new(AtomicBool::new(true));
-        let outbox = FullDisk {
-            held: held.clone(),
-            ..FullDisk::on(&path)
-        }
-        .start(&path);
+        let (outbox, held) = FullDisk::hung(&path);
         // The writer takes the first records into a group and waits to begin it; they
         // keep their places until written, so the places fill.
         for i in 0..NOTES_WAITING {
@@ -1266,12 +1278,7 @@ mod tests {
     async fn a_webhook_given_up_on_holds_its_body_s_room_until_it_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
-        let held = Arc::new(AtomicBool::new(true));
-        let outbox = FullDisk {
-            held: held.clone(),
-            ..FullDisk::on(&path)
-        }
-        .start(&path);
+        let (outbox, held) = FullDisk::hung(&path);
         let budget = Arc::new(tokio::sync::Semaphore::new(1));
         let room = budget.clone().try_acquire_owned().unwrap();
         let waited = tokio::time::timeout(
@@ -1479,12 +1486,7 @@ mod tests {
     async fn an_outcome_the_store_refuses_is_kept_and_written_once_it_can_be() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(STORE_FILE);
-        let full = Arc::new(AtomicBool::new(false));
-        let outbox = FullDisk {
-            full: full.clone(),
-            ..FullDisk::on(&path)
-        }
-        .start(&path);
+        let (outbox, full) = FullDisk::filling(&path);
         outbox.accept(delivery("a")).await.unwrap();
         outbox.accept(delivery("b")).await.unwrap();
         let a = outbox.claim(8).await.unwrap().due.remove(0);
