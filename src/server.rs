@@ -568,7 +568,21 @@ async fn webhook(
         return Err(err.into());
     }
     let (parts, body, room) =
-        read_body(app, request, (app.server.max_body, "[server] max_body")).await?;
+        match read_body(app, request, (app.server.max_body, "[server] max_body")).await {
+            // The room is held by webhooks waiting for a store that hangs or fails: say
+            // that, not only that the budget is spent.
+            Err(ApiError::BodyMemory) => {
+                return Err(match app.outbox.health.problem() {
+                    Some(reason) => ApiError::Store(crate::outbox::StoreError {
+                        place: String::new(),
+                        reason,
+                        refused: true,
+                    }),
+                    None => ApiError::BodyMemory,
+                });
+            }
+            read => read?,
+        };
     crate::hooks::handle(app, &runtime, config, &parts, &body, room.held).await
 }
 
