@@ -273,6 +273,7 @@ async fn without_the_token_a_remote_viewer_is_sent_to_log_in() {
     .await;
     assert_eq!(api.status, 200);
     assert_eq!(api.json()["store"], Value::Null, "the store takes writes");
+    assert_eq!(api.json()["log_lines_dropped"], 0, "every log line written");
     assert_eq!(
         api.json()["store_failover_risk"],
         Value::Null,

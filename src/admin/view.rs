@@ -427,6 +427,7 @@ pub fn health(app: &App) -> Value {
             })),
         },
         "store": app.outbox.health.problem(),
+        "log_lines_dropped": crate::log_writer::lines_dropped(),
         "store_failover_risk": app.outbox.failover_risk,
         "outbox_depth": depth,
         "oldest_due_seconds": oldest,
