@@ -334,7 +334,7 @@ impl Writer {
     }
 
     /// One transaction; `with_pending`: the kept outcomes go first. Its time is shown to
-    /// `/readyz` while it runs (see [`StoreHealth`]), and logged when it ends past
+    /// `/readyz` while it runs (see [`StoreHealth`]), and logged when it ends well past
     /// [`STALLED_AFTER`].
     fn write_group(&mut self, batch: Vec<Op>, with_pending: bool) {
         let began = std::time::Instant::now();
@@ -342,7 +342,9 @@ impl Writer {
         self.write_group_now(batch, with_pending);
         self.health.set_writing(self.duty, None);
         let took = began.elapsed();
-        if took >= STALLED_AFTER {
+        // A write that failed is logged as a failure already (one to a database that
+        // cannot be reached takes its 5 s connect timeout to fail).
+        if took >= STALLED_AFTER && self.health.problem_of(self.duty).is_none() {
             tracing::warn!(
                 seconds = took.as_secs(),
                 "one write to the delivery store took this long (a disk or database that stopped answering?); webhooks waited for it"
