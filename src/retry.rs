@@ -186,7 +186,7 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
 /// one reached by another name to its external URL): said in the failure, since the
 /// body of a redirect says little. Only its scheme, host and path: a redirect keeps the
 /// query, and the webhook form's trigger token is in it.
-fn redirected_to(status: StatusCode, headers: &http::HeaderMap) -> Option<String> {
+pub(crate) fn redirected_to(status: StatusCode, headers: &http::HeaderMap) -> Option<String> {
     if !status.is_redirection() {
         return None;
     }

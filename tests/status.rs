@@ -330,6 +330,47 @@ async fn a_forge_rate_limit_is_waited_out_then_the_status_is_posted() {
     relay.stop().await;
 }
 
+/// A renamed or transferred GitHub repository: GitHub answers a POST to its old URL with
+/// `307` and the new one; the status is posted there, with the same token and body (it
+/// used to fail, saying `307`). A redirect off the forge's API is never followed (unit
+/// tests of `redirect_within`): the status token would go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_follows_github_to_a_renamed_repository() {
+    let gitlab = RecordingUpstream::start().await;
+    let forge = RecordingUpstream::start().await;
+    let relay =
+        Relay::start_with(&github_config(&gitlab.url(), &forge.url(), ONE_RULE), FILES).await;
+    let (body, commit) = annotated_tag_push();
+    let moved = format!(
+        "{}/api/v3/repositories/1296269/statuses/{commit}",
+        forge.url()
+    );
+    forge.answer_next(
+        Answer::new(307, r#"{"message":"Temporary Redirect"}"#).header("location", &moved),
+    );
+    let reply =
+        signed_github_body(&relay.url("/hooks/github"), SECRET, "push", "d-moved", body).await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let posts = wait_for(&forge, 2).await;
+    assert_eq!(
+        posts[0].path_and_query,
+        format!("/api/v3/repos/Codertocat/Hello-World/statuses/{commit}")
+    );
+    assert_eq!(
+        posts[1].path_and_query,
+        format!("/api/v3/repositories/1296269/statuses/{commit}"),
+        "posted where GitHub said"
+    );
+    assert_eq!(posts[1].json(), posts[0].json(), "the same status");
+    assert_eq!(
+        posts[1].header("authorization"),
+        Some("Bearer ghs_status_token_for_tests")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(forge.received().len(), 2, "posted once there, not retried");
+    relay.stop().await;
+}
+
 /// Gitea: one tag fanned out to three projects shows three statuses, each naming its
 /// project, each moved by its own pipeline's events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

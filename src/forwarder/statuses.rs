@@ -153,9 +153,28 @@ pub async fn post(
         return;
     }
     let state = post.target.forge.state(&post.state);
-    let result = client
-        .call(request.method, &request.path, request.headers, request.body)
+    let mut result = client
+        .call(
+            request.method.clone(),
+            &request.path,
+            request.headers.clone(),
+            request.body.clone(),
+        )
         .await;
+    // A renamed or transferred repository: GitHub answers `307` with its new URL, once.
+    if let Ok(answer) = &result
+        && matches!(answer.status.as_u16(), 307 | 308)
+        && let Some(moved) = answer
+            .headers
+            .get(http::header::LOCATION)
+            .and_then(|location| location.to_str().ok())
+            .and_then(|location| forge::redirect_within(client.url(), location))
+    {
+        tracing::info!(%source, %repository, %sha, %context, to = %crate::clipped::clipped(&moved), "the forge moved the repository; status posted where it says");
+        result = client
+            .call(request.method, &moved, request.headers, request.body)
+            .await;
+    }
     match forge::classify(&result, SystemTime::now()) {
         Verdict::Sent { status, .. } => {
             tracing::info!(%source, %repository, %sha, %context, state, pipeline = post.pipeline_id, status, "commit status posted");

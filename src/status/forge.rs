@@ -251,6 +251,48 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
     })
 }
 
+/// Where a `307`/`308` answer to a status post leads, as a path to post to on the same
+/// forge API (`api_url`, written `base`): GitHub answers a POST to a renamed or transferred
+/// repository's old URL with `307` and the repository's new one, which keeps the method
+/// and body. Followed only within `base` (the same scheme, host and port, under its path),
+/// as the status token goes with it; `None` for anywhere else.
+pub fn redirect_within(base: &str, location: &str) -> Option<String> {
+    let base: http::Uri = base.parse().ok()?;
+    let location: http::Uri = location.parse().ok()?;
+    if location.scheme().is_some() || location.authority().is_some() {
+        let same = location.scheme() == base.scheme()
+            && location.authority().map(|a| a.host().to_ascii_lowercase())
+                == base.authority().map(|a| a.host().to_ascii_lowercase())
+            && location.port_u16().or(default_port(&location))
+                == base.port_u16().or(default_port(&base));
+        if !same {
+            return None;
+        }
+    }
+    let path = location.path();
+    // `//host/…` names another host, whatever a parser makes of it.
+    if path.starts_with("//") {
+        return None;
+    }
+    let prefix = base.path().trim_end_matches('/');
+    let rest = path.strip_prefix(prefix)?;
+    if !rest.starts_with('/') {
+        return None;
+    }
+    Some(match location.query() {
+        Some(query) => format!("{rest}?{query}"),
+        None => rest.to_owned(),
+    })
+}
+
+fn default_port(uri: &http::Uri) -> Option<u16> {
+    match uri.scheme_str()? {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    }
+}
+
 /// What a forge's answer means for the post.
 pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTime) -> Verdict {
     let answer = match result {
@@ -301,6 +343,13 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
             " — the repository or commit is not visible to the status token (a private repository answers 404 to a token without access)"
         }
         _ => "",
+    };
+    // A redirect that was not followed (see [`redirect_within`]): say where it led.
+    let hint = match crate::retry::redirected_to(status, &answer.headers) {
+        Some(place) => format!(
+            " — redirected to {place}, outside the forge's API (api_url), so not followed: the status token would go with it"
+        ),
+        None => hint.to_owned(),
     };
     Verdict::Failed {
         status: Some(status.as_u16()),
@@ -377,6 +426,88 @@ fn message(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redirect_not_followed_says_where_it_led() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::LOCATION,
+            "https://elsewhere.example/repositories/42/statuses/abc?token=secret"
+                .parse()
+                .unwrap(),
+        );
+        let answer = UpstreamResponse {
+            status: StatusCode::TEMPORARY_REDIRECT,
+            headers,
+            body: bytes::Bytes::new(),
+            latency: Duration::ZERO,
+        };
+        match classify(&Ok(answer), SystemTime::now()) {
+            Verdict::Failed { reason, .. } => {
+                assert!(
+                    reason.contains(
+                        "redirected to https://elsewhere.example/repositories/42/statuses/abc,"
+                    ),
+                    "{reason}"
+                );
+                assert!(!reason.contains("secret"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_redirect_is_followed_only_within_the_forge_api() {
+        let github = "https://api.github.com";
+        assert_eq!(
+            redirect_within(
+                github,
+                "https://api.github.com/repositories/42/statuses/abc"
+            )
+            .as_deref(),
+            Some("/repositories/42/statuses/abc")
+        );
+        assert_eq!(
+            redirect_within(
+                github,
+                "https://API.GitHub.com:443/repositories/42/statuses/abc?x=1"
+            )
+            .as_deref(),
+            Some("/repositories/42/statuses/abc?x=1")
+        );
+        assert_eq!(
+            redirect_within(github, "/repositories/42/statuses/abc").as_deref(),
+            Some("/repositories/42/statuses/abc")
+        );
+        let enterprise = "https://ghe.example/api/v3";
+        assert_eq!(
+            redirect_within(
+                enterprise,
+                "https://ghe.example/api/v3/repositories/7/statuses/abc"
+            )
+            .as_deref(),
+            Some("/repositories/7/statuses/abc")
+        );
+        for elsewhere in [
+            "https://evil.example/repositories/42/statuses/abc",
+            "http://api.github.com/repositories/42/statuses/abc",
+            "https://api.github.com:8443/repositories/42/statuses/abc",
+            "//evil.example/x",
+            "not a url at all",
+        ] {
+            assert_eq!(redirect_within(github, elsewhere), None, "{elsewhere}");
+        }
+        assert_eq!(
+            redirect_within(enterprise, "https://ghe.example/other/repositories/7"),
+            None,
+            "outside the API's path"
+        );
+        assert_eq!(
+            redirect_within(enterprise, "https://ghe.example/api/v3evil/x"),
+            None,
+            "a path that only starts with the API's"
+        );
+    }
     use crate::status::StatusTarget;
 
     fn post(forge: Forge, repository: &str, state: &str) -> StatusPost {
