@@ -37,6 +37,9 @@ const EVERY: Duration = Duration::from_millis(5);
 const MOST_WAITING: usize = 4 * 1024 * 1024;
 /// How long the guard waits, on the way out, for the thread to write the last lines.
 const LAST_WAIT: Duration = Duration::from_secs(3);
+/// Bytes written to a file between two starts of its write-back: a flush of the store
+/// waits behind at most this much of the log.
+const WRITE_BACK_AFTER: usize = 256 * 1024;
 
 /// Lines dropped since the process started, by every writer: what `/metrics` reports.
 static LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -46,9 +49,6 @@ static LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
 pub fn lines_dropped() -> u64 {
     LINES_DROPPED.load(Ordering::Relaxed)
 }
-/// Bytes written to a file between two starts of its write-back: a flush of the store
-/// waits behind at most this much of the log.
-const WRITE_BACK_AFTER: usize = 256 * 1024;
 
 #[derive(Default)]
 struct Waiting {

@@ -92,14 +92,18 @@ impl Tmpfs {
         let parent = tempfile::tempdir().unwrap();
         let path = parent.path().join("state");
         std::fs::create_dir(&path).unwrap();
-        let output = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-            .map_err(|err| err.to_string())?;
-        if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
-        }
+        let size = format!("size={size}");
+        run(
+            "mount",
+            &[
+                "-t".as_ref(),
+                "tmpfs".as_ref(),
+                "-o".as_ref(),
+                size.as_ref(),
+                "tmpfs".as_ref(),
+                path.as_ref(),
+            ],
+        )?;
         Ok(Tmpfs {
             path,
             _parent: parent,
@@ -127,7 +131,7 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = run("umount", &["-l".as_ref(), self.path.as_ref()]);
     }
 }
 

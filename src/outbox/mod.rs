@@ -468,10 +468,9 @@ impl Outbox {
     /// for its commit; waits only while [`NOTES_WAITING`] records wait for the writer
     /// already, so a writer that falls behind slows the callers instead of filling memory.
     pub async fn note(&self, delivery: NewDelivery) {
-        let Ok(place) = self.notes.clone().acquire_owned().await else {
-            return;
-        };
-        self.noted.add(Op::Note(delivery, place), &self.writer);
+        if let Ok(place) = self.notes.clone().acquire_owned().await {
+            self.note_in(NotePlace(place), delivery);
+        }
     }
 
     /// A place for one record, taken before the work it records, waiting at most `within`

@@ -347,7 +347,7 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
     // A redirect that was not followed (see [`redirect_within`]): say where it led.
     let hint = match crate::retry::redirected_to(status, &answer.headers) {
         Some(place) => format!(
-            " — redirected to {place}, outside the forge's API (api_url), so not followed: the status token would go with it"
+            " — redirected to {place}, not followed: only a 307 or 308 within the forge's API (api_url) is, once, as the status token goes with it"
         ),
         None => hint.to_owned(),
     };
