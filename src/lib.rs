@@ -33,6 +33,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bare_refusals;
 pub mod clipped;
 pub mod commands;
 pub mod config;

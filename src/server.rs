@@ -25,6 +25,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::app::App;
+use crate::bare_refusals::Explained;
 use crate::clipped::Clipped;
 use crate::error::{ApiError, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
@@ -53,7 +54,7 @@ pub enum Site {
 /// let anyone hold that much per connection: 500 connections each sending 400 KB of a
 /// header without its end took the relay from 17 MB to 229 MB. nginx allows 32 KB in
 /// all by default (`large_client_header_buffers 4 8k`); a webhook's headers take 1–3 KB.
-const MOST_HEADER_BYTES: usize = 32 * 1024;
+pub(crate) const MOST_HEADER_BYTES: usize = 32 * 1024;
 
 /// [`run`] for either site: the same bounds on connections, reads and shutdown.
 pub async fn serve(
@@ -154,10 +155,10 @@ pub async fn serve(
                 let work = async move |stream: tokio::net::TcpStream| {
                     let _guard = guard;
                     let served = match acceptor {
-                        None => watcher.watch(http.serve_connection(TokioIo::new(Lingering::new(stream)), service)).await,
+                        None => watcher.watch(http.serve_connection(TokioIo::new(Explained::new(Lingering::new(stream))), service)).await,
                         Some(acceptor) => {
                             match tokio::time::timeout(handshake_within, acceptor.accept(Lingering::new(stream))).await {
-                                Ok(Ok(tls)) => watcher.watch(http.serve_connection(TokioIo::new(tls), service)).await,
+                                Ok(Ok(tls)) => watcher.watch(http.serve_connection(TokioIo::new(Explained::new(tls)), service)).await,
                                 Ok(Err(err)) => {
                                     tracing::debug!(%peer, error = %err, "TLS handshake failed");
                                     return;

@@ -633,20 +633,86 @@ async fn endless_headers_are_refused_at_32_kb_and_hold_no_more() {
     let peak = peak_rss_kib(pid);
     let mut refused = 0;
     for stream in &mut connections {
-        let mut answer = [0u8; 64];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await
-            && answer[..n].starts_with(b"HTTP/1.1 431")
+        let mut answer = Vec::new();
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await
+            && answer.starts_with(b"HTTP/1.1 431")
         {
             refused += 1;
+            if refused == 1 {
+                let message = json_message_of(&answer);
+                assert!(message.contains("more than 32 KiB"), "{message}");
+            }
         }
     }
-    assert_eq!(refused, 400, "each is answered 431");
+    assert_eq!(refused, 400, "each is answered 431 with its reason");
     assert!(
         peak < before + 64 * 1024,
         "peak RSS {peak} kB with 400 endless headers (started at {before} kB)"
     );
     drop(connections);
+    takes_one_more_and_stops(served, &address).await;
+}
+
+/// The `{"message": ...}` body of a whole HTTP answer read off a socket.
+fn json_message_of(answer: &[u8]) -> String {
+    let text = String::from_utf8_lossy(answer);
+    let (head, body) = text.split_once("\r\n\r\n").expect("an answer with a head");
+    assert!(head.contains("content-type: application/json"), "{text}");
+    let body: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+    body["message"].as_str().expect("a message").to_owned()
+}
+
+/// Requests hyper cannot read, answered by hyper itself before the relay sees them, get
+/// the JSON body every refusal has, saying what was wrong (before: `400` or `431` and
+/// nothing else). Then the relay serves as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_requests_are_told_why_in_json() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let DurableRelay {
+        upstream: _upstream,
+        dir: _dir,
+        served,
+        address,
+    } = DurableRelay::start().await;
+    let many_headers: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
+    for (request, status, says) in [
+        (
+            "GARBAGE\r\n\r\n".to_owned(),
+            "400",
+            "could not be read as HTTP/1.1",
+        ),
+        (
+            "POST /hooks/github HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n".to_owned(),
+            "400",
+            "malformed",
+        ),
+        (
+            format!("GET /readyz HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n"),
+            "431",
+            "more than 100 headers",
+        ),
+        (
+            format!(
+                "GET /readyz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(100 * 1024)
+            ),
+            "431",
+            "more than 32 KiB",
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let _ = stream.write_all(request.as_bytes()).await;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{says}: not answered and closed within 5 s: {answer:?}"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        let message = json_message_of(&answer);
+        assert!(message.contains(says), "{message}");
+    }
     takes_one_more_and_stops(served, &address).await;
 }
 
