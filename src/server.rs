@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::app::App;
-use crate::bare_refusals::Explained;
+use crate::bare_refusals::{Explained, MOST_HEADER_BYTES};
 use crate::clipped::Clipped;
 use crate::error::{ApiError, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
@@ -48,13 +48,6 @@ pub enum Site {
     Webhooks,
     Admin(Option<Arc<crate::tls::ServerCertificate>>),
 }
-
-/// Most bytes a request's line and headers may take, and so the most a connection holds
-/// before they are read (hyper answers `431` beyond it). hyper's default, about 408 KB,
-/// let anyone hold that much per connection: 500 connections each sending 400 KB of a
-/// header without its end took the relay from 17 MB to 229 MB. nginx allows 32 KB in
-/// all by default (`large_client_header_buffers 4 8k`); a webhook's headers take 1–3 KB.
-pub(crate) const MOST_HEADER_BYTES: usize = 32 * 1024;
 
 /// [`run`] for either site: the same bounds on connections, reads and shutdown.
 pub async fn serve(
