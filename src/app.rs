@@ -149,6 +149,7 @@ impl RestartOnly {
                     "[server] shutdown_timeout",
                     format!("{:?}", server.shutdown_timeout),
                 ),
+                ("[server] ack_timeout", format!("{:?}", server.ack_timeout)),
                 ("[admin]", admin.map_or("off".into(), |_| "on".into())),
                 ("[admin] listen", format!("{:?}", admin.map(|a| a.listen))),
                 (

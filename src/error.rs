@@ -102,6 +102,18 @@ pub enum ApiError {
         crate::limits::MOST_KEYS
     )]
     LimitFull { limit: String },
+    /// The store did not confirm the webhook within `[server] ack_timeout` (a disk or
+    /// database that stopped answering): not acknowledged. The webhook stays queued for
+    /// the store; a redelivery with the same delivery id is recognised.
+    #[error(
+        "the delivery store did not confirm this webhook within {} ([server] ack_timeout){}, so it is not acknowledged; deliver it again (if the store takes it meanwhile, a redelivery with the same delivery id is answered as a duplicate)",
+        humantime::format_duration(*within),
+        problem.as_ref().map(|p| format!(": {p}")).unwrap_or_default()
+    )]
+    NotConfirmed {
+        within: std::time::Duration,
+        problem: Option<String>,
+    },
     /// The webhook could not be stored, so it is not acknowledged: the sender retries.
     #[error("the webhook was not stored, so it is not acknowledged; try again: {0}")]
     Store(crate::outbox::StoreError),
@@ -141,7 +153,7 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
         ApiError::LimitUnavailable { .. } | ApiError::LimitFull { .. } => {
             return retry_in_a_second(&message);
         }
-        ApiError::Store(_) => (
+        ApiError::Store(_) | ApiError::NotConfirmed { .. } => (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "message": message }),
         ),

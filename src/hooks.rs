@@ -488,10 +488,32 @@ async fn record(
     delivery: NewDelivery,
     room: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Accepted, ApiError> {
-    app.outbox
-        .accept_holding(delivery, room)
-        .await
-        .map_err(ApiError::Store)
+    confirmed(
+        app.server.ack_timeout,
+        app.outbox.accept_holding(delivery, room),
+        || app.outbox.health.problem(),
+    )
+    .await
+}
+
+/// The store's answer to a webhook, waited for at most `within` (`[server] ack_timeout`).
+/// A disk or database that stops answering raises no error, and the sender would wait
+/// until it gave up (GitHub and GitLab after 10 s, a script perhaps for ever) and see
+/// only a timeout; past `within` it is told the webhook is not acknowledged, and why
+/// (`problem`: the store's trouble, if it knows one). The webhook stays queued for the
+/// writer with its body's room, and is written and sent once the store answers again.
+async fn confirmed<T>(
+    within: std::time::Duration,
+    answer: impl std::future::Future<Output = Result<T, crate::outbox::StoreError>>,
+    problem: impl FnOnce() -> Option<String>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(within, answer).await {
+        Ok(answer) => answer.map_err(ApiError::Store),
+        Err(_) => Err(ApiError::NotConfirmed {
+            within,
+            problem: problem(),
+        }),
+    }
 }
 
 /// The answer once the delivery is on disk: `202` naming each queued trigger, `200` for a
@@ -716,15 +738,16 @@ async fn pipeline_event(
     let upstream = source.pipelines_of.clone().unwrap_or_default();
     let delivery = webhook_record(source, parts, request, received, &reply, Vec::new());
     let (pipeline, status) = (event.pipeline_id, event.status.clone());
-    let applied = app
-        .outbox
-        .pipeline(crate::status::PipelineUpdate {
+    let applied = confirmed(
+        app.server.ack_timeout,
+        app.outbox.pipeline(crate::status::PipelineUpdate {
             upstream: upstream.clone(),
             event,
             delivery: Some(delivery),
-        })
-        .await
-        .map_err(ApiError::Store)?;
+        }),
+        || app.outbox.health.problem(),
+    )
+    .await?;
     let note = applied.note();
     tracing::info!(source = %source.name, delivery = %received.delivery, %upstream, pipeline, %status, %note, "pipeline event");
     if matches!(applied, crate::status::Applied::Duplicate) {
@@ -775,6 +798,50 @@ pub fn summary(event: &Event) -> EventSummary<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store that does not answer within the timeout: the webhook is told it is not
+    /// acknowledged, with the store's trouble; one that answers in time is heard, errors
+    /// included.
+    #[tokio::test]
+    async fn a_store_that_does_not_confirm_in_time_leaves_the_webhook_unacknowledged() {
+        let within = std::time::Duration::from_millis(50);
+        let never = std::future::pending::<Result<(), crate::outbox::StoreError>>();
+        let err = confirmed(within, never, || {
+            Some("its write under way has not finished for 7 s".into())
+        })
+        .await
+        .unwrap_err();
+        let response = crate::error::error_response(&err);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let message = err.to_string();
+        assert!(
+            message.contains("did not confirm this webhook within 50ms ([server] ack_timeout): its write under way has not finished for 7 s, so it is not acknowledged"),
+            "{message}"
+        );
+        let never = std::future::pending::<Result<(), crate::outbox::StoreError>>();
+        let message = confirmed(within, never, || None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("within 50ms ([server] ack_timeout), so it is not"),
+            "{message}"
+        );
+
+        let failed = async {
+            Err::<(), _>(crate::outbox::StoreError {
+                place: String::new(),
+                reason: "disk full".into(),
+                refused: true,
+            })
+        };
+        let err = confirmed(within, failed, || None).await.unwrap_err();
+        assert!(matches!(err, ApiError::Store(_)), "{err}");
+        assert_eq!(
+            confirmed(within, async { Ok(7) }, || None).await.unwrap(),
+            7
+        );
+    }
 
     /// A word anywhere in a name marks it, as `str::contains` would for each word.
     #[test]

@@ -1211,6 +1211,10 @@ impl Drop for FreezableDisk {
 /// and sent once the disk answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory() {
+    async fn patient_tag(address: &str, secret: &str) -> Reply {
+        let url = format!("http://{address}/hooks/github");
+        signed_github(&url, secret, "push", "patient", "github/push_tag.json").await
+    }
     let Some(disk) = FreezableDisk::mount_or_skip("the frozen-disk test") else {
         return;
     };
@@ -1222,7 +1226,9 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
-        format!("[server]\nmax_body = \"16KiB\"\nbody_memory = \"64KiB\"\n\n{text}"),
+        format!(
+            "[server]\nmax_body = \"16KiB\"\nbody_memory = \"64KiB\"\nack_timeout = \"8s\"\n\n{text}"
+        ),
     )
     .unwrap();
     let mut command = Command::new(BIN);
@@ -1236,7 +1242,7 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
     disk.freeze();
     let patient = tokio::spawn({
         let address = address.clone();
-        async move { github_tag(&address, secret).await }
+        async move { patient_tag(&address, secret).await }
     });
     let frozen = Instant::now();
     let said = loop {
@@ -1279,17 +1285,28 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
         "says why: {}",
         refused.text()
     );
+    // A sender that waits: told after `ack_timeout` that its webhook is not acknowledged,
+    // and why (before, it waited for as long as the disk was frozen).
+    let patient = tokio::time::timeout(Duration::from_secs(20), patient)
+        .await
+        .expect("answered within ack_timeout")
+        .unwrap();
     assert!(
-        !patient.is_finished(),
-        "nothing is acknowledged while the disk is frozen"
+        frozen.elapsed() >= Duration::from_secs(8),
+        "answered after {:?}",
+        frozen.elapsed()
+    );
+    assert_eq!(patient.status, 503, "{}", patient.text());
+    assert!(
+        patient
+            .text()
+            .contains("did not confirm this webhook within 8s ([server] ack_timeout): its write under way has not finished for")
+            && patient.text().contains("not acknowledged"),
+        "says why: {}",
+        patient.text()
     );
 
     disk.thaw();
-    let patient = tokio::time::timeout(Duration::from_secs(20), patient)
-        .await
-        .expect("acknowledged once the disk answers")
-        .unwrap();
-    assert_eq!(patient.status, 202, "{}", patient.text());
     let thawed = Instant::now();
     while ready(&address).await != 200 {
         assert!(
@@ -1305,6 +1322,14 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
         || delivered(&upstream).len() == 2 + given_up,
     )
     .await;
+    // The patient webhook delivered again, as its sender would: recognised, not queued twice.
+    let again = patient_tag(&address, secret).await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert!(
+        again.text().contains("\"duplicate\":true"),
+        "{}",
+        again.text()
+    );
     assert_eq!(upstream.received().len(), 2 + given_up);
     let (code, lines) = served.terminate();
     assert_eq!(code, Some(0));

@@ -17,6 +17,11 @@ pub const DEFAULT_MAX_BODY: usize = 25 * 1024 * 1024;
 /// thousands of ordinary ones.
 pub const DEFAULT_BODY_MEMORY: usize = 64 * 1024 * 1024;
 
+/// Default `[server] ack_timeout`: under the 10 s GitHub and GitLab wait for an answer, so
+/// that a webhook the store cannot confirm (a disk or database that stopped answering) is
+/// told so instead of timing out.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(9);
+
 /// `[server]`: how the relay accepts requests.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerConfig {
@@ -35,6 +40,9 @@ pub struct ServerConfig {
     pub read_timeout: Duration,
     /// Time allowed for in-flight requests to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// Time a webhook waits for the delivery store to confirm it; past it the webhook is
+    /// answered `503`, not acknowledged, instead of holding its sender until it gives up.
+    pub ack_timeout: Duration,
     /// `tls_cert` and `tls_key`: serve HTTPS with this certificate chain and key (PEM),
     /// read again at each reload.
     pub tls: Option<ServerTls>,
@@ -59,6 +67,7 @@ impl Default for ServerConfig {
             event_loops: None,
             read_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
             tls: None,
         }
     }
@@ -74,6 +83,7 @@ pub(super) struct RawServer {
     event_loops: Option<Spanned<i64>>,
     read_timeout: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
+    ack_timeout: Option<Spanned<String>>,
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
 }
@@ -134,6 +144,10 @@ pub(super) fn compile(raw: RawServer, problems: &mut FileProblems<'_>) -> Server
             problems,
             |text| parse_duration(text).map_err(|err| format!("shutdown_timeout: {err}")),
         ),
+        ack_timeout: typed(raw.ack_timeout, defaults.ack_timeout, problems, |text| {
+            parse_duration_at_least(text, Duration::from_millis(100))
+                .map_err(|err| format!("ack_timeout: {err}"))
+        }),
         tls: server_tls(raw.tls_cert, raw.tls_key, problems),
     }
 }

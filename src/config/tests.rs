@@ -414,7 +414,7 @@ fn settings_that_cannot_work_are_refused_where_they_are_written() {
     let problems = messages(load_text(
         &[(
             "a.toml",
-            "[server]\nread_timeout = \"0s\"\nmax_body = \"0\"\n\n\
+            "[server]\nread_timeout = \"0s\"\nmax_body = \"0\"\nack_timeout = \"soon\"\n\n\
              [upstream.gl]\nurl = \"https://x\"\ntimeout = \"0s\"\nconnect_timeout = \"1ms\"\npoll_interval = \"0s\"\n\n\
              [delivery]\nretry_base = \"0s\"\nretry_cap = \"50ms\"\nretention = \"18446744073709551615s\"\n\n\
              [source.s]\nprovider = \"gitlab\"\nallow_unsigned = true\ntimestamp_tolerance = \"0s\"\n",
@@ -424,13 +424,14 @@ fn settings_that_cannot_work_are_refused_where_they_are_written() {
     let expected = [
         "a.toml:2: read_timeout: \"0s\" is too short: at least 100ms",
         "a.toml:3: max_body: \"0\" is too small for any webhook: at least 1KiB",
-        "a.toml:7: upstream.gl.timeout: \"0s\" is too short: at least 100ms",
-        "a.toml:8: upstream.gl.connect_timeout: \"1ms\" is too short: at least 100ms",
-        "a.toml:9: upstream.gl.poll_interval: \"0s\" is too short: at least 100ms",
-        "a.toml:12: delivery.retry_base: \"0s\" is too short: at least 10ms",
-        "a.toml:13: delivery.retry_cap: \"50ms\" is too short: at least 100ms",
-        "a.toml:14: delivery.retention: \"18446744073709551615s\" is longer than 100 years, the longest duration hookrelay takes",
-        "a.toml:19: source.s.timestamp_tolerance: \"0s\" is too short: at least 1s",
+        "a.toml:4: ack_timeout: \"soon\" is not a duration (expected number at 0); write e.g. \"30s\" or \"5m\"",
+        "a.toml:8: upstream.gl.timeout: \"0s\" is too short: at least 100ms",
+        "a.toml:9: upstream.gl.connect_timeout: \"1ms\" is too short: at least 100ms",
+        "a.toml:10: upstream.gl.poll_interval: \"0s\" is too short: at least 100ms",
+        "a.toml:13: delivery.retry_base: \"0s\" is too short: at least 10ms",
+        "a.toml:14: delivery.retry_cap: \"50ms\" is too short: at least 100ms",
+        "a.toml:15: delivery.retention: \"18446744073709551615s\" is longer than 100 years, the longest duration hookrelay takes",
+        "a.toml:20: source.s.timestamp_tolerance: \"0s\" is too short: at least 1s",
     ];
     assert_eq!(problems, expected, "{problems:#?}");
     // What is meant, and long, is taken: never retry, keep nothing, keep for a century.
