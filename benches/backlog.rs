@@ -268,7 +268,7 @@ fn insert_all(engine: &mut dyn Engine, deliveries: impl Iterator<Item = NewDeliv
         engine.begin(false).unwrap();
         for part in chunk.chunks(1_000) {
             let refs: Vec<&NewDelivery> = part.iter().collect();
-            match engine.insert_deliveries(&refs, now) {
+            match engine.insert_deliveries(&refs, now, true) {
                 Some(answers) => drop(answers.unwrap()),
                 None => {
                     for delivery in part {

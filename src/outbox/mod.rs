@@ -973,6 +973,7 @@ mod tests {
             &mut self,
             deliveries: &[&NewDelivery],
             now: i64,
+            _someone_waits: bool,
         ) -> Option<Result<Vec<Accepted>, EngineError>> {
             let broken = self.broken_batches.as_ref()?;
             broken.fetch_add(1, Ordering::SeqCst);

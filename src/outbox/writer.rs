@@ -556,7 +556,12 @@ impl Writer {
                     _ => unreachable!("only accepts and notes are recorded together"),
                 })
                 .collect();
-            match self.engine.insert_deliveries(&deliveries, now) {
+            // Webhooks wait for this commit; gateway calls' records do not.
+            let someone_waits = matches!(kind[0], Op::Accept(..));
+            match self
+                .engine
+                .insert_deliveries(&deliveries, now, someone_waits)
+            {
                 Some(Ok(answers)) => recorded.push((kind, answers)),
                 Some(Err(err)) => {
                     if self.logged.allow("batch").is_some() {

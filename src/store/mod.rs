@@ -1038,10 +1038,14 @@ pub trait Engine: Send + 'static {
     /// whatever their number; `None`: this engine (or this batch) goes one by one through
     /// [`Engine::insert_delivery`]. Called first in the group's transaction; on `Err` the
     /// caller rolls the transaction back and goes one by one in a new one.
+    /// `someone_waits`: a caller waits for this commit (webhooks to acknowledge), not
+    /// records nobody waits for (gateway calls), which may take longer to give the cores
+    /// to those who wait.
     fn insert_deliveries(
         &mut self,
         _deliveries: &[&NewDelivery],
         _now: i64,
+        _someone_waits: bool,
     ) -> Option<Result<Vec<Accepted>, EngineError>> {
         None
     }

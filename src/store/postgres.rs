@@ -630,6 +630,7 @@ impl Engine for PostgresEngine {
         &mut self,
         deliveries: &[&NewDelivery],
         now: i64,
+        _someone_waits: bool,
     ) -> Option<Result<Vec<Accepted>, EngineError>> {
         let mended: Vec<_> = deliveries
             .iter()

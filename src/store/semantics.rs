@@ -655,7 +655,7 @@ pub fn gateway_calls_recorded_together_are_finished(engine: &mut dyn Engine) {
         delivery("webhook-2", vec![trigger("q")]),
     ];
     let group: Vec<&NewDelivery> = group.iter().collect();
-    let answers = tx(engine, |e| e.insert_deliveries(&group, 5))
+    let answers = tx(engine, |e| e.insert_deliveries(&group, 5, true))
         .expect("every engine records these together")
         .unwrap();
     assert_eq!(answers.len(), 4);

@@ -140,7 +140,7 @@ fn bodies_are_not_compressed_again_and_small_rows_stay_whole() {
     large.body = StoredBody::encode(noise(40_000));
     engine.begin(true).unwrap();
     let refs = [&small, &large];
-    engine.insert_deliveries(&refs, 0).unwrap().unwrap();
+    engine.insert_deliveries(&refs, 0, true).unwrap().unwrap();
     engine.commit().unwrap();
     let rows = engine
         .client()
@@ -209,7 +209,7 @@ fn webhooks_recorded_together_answer_as_one_by_one() {
     ];
     let refs: Vec<&crate::store::NewDelivery> = batch.iter().collect();
     engine.begin(true).unwrap();
-    let answers = engine.insert_deliveries(&refs, 1).unwrap().unwrap();
+    let answers = engine.insert_deliveries(&refs, 1, true).unwrap().unwrap();
     engine.commit().unwrap();
     let Accepted::Queued { trigger_ids: a, .. } = &answers[0] else {
         panic!("{answers:?}")
@@ -361,7 +361,7 @@ fn a_group_of_webhooks_settles_every_key_it_touched_at_once() {
     ];
     engine.begin(true).unwrap();
     let answers = engine
-        .insert_deliveries(&group.iter().collect::<Vec<_>>(), 10)
+        .insert_deliveries(&group.iter().collect::<Vec<_>>(), 10, true)
         .expect("PostgreSQL records a group together")
         .unwrap();
     engine.commit().unwrap();
@@ -411,7 +411,7 @@ fn a_group_with_an_outcome_among_new_triggers_settles_every_key() {
         delivery("y", vec![trigger("c")]),
     ];
     let answers = engine
-        .insert_deliveries(&group.iter().collect::<Vec<_>>(), 10)
+        .insert_deliveries(&group.iter().collect::<Vec<_>>(), 10, true)
         .expect("PostgreSQL records a group together")
         .unwrap();
     engine.commit().unwrap();
@@ -459,7 +459,9 @@ fn a_duplicate_pruned_meanwhile_is_recorded_as_new() {
     let again = delivery("old", vec![trigger("p")]);
     let other = delivery("other", vec![trigger("p")]);
     engine.begin(true).unwrap();
-    let batch = engine.insert_deliveries(&[&again, &other], 1).unwrap();
+    let batch = engine
+        .insert_deliveries(&[&again, &other], 1, true)
+        .unwrap();
     let err = batch.expect_err("the batch cannot answer for a row that is gone");
     assert!(err.message.contains("old"), "{}", err.message);
     engine.rollback();
