@@ -139,6 +139,18 @@ async fn https_with_a_certificate_renewed_on_disk_without_dropping_connections()
         "a new connection gets the renewed certificate"
     );
     assert!(healthz(&mut fresh).await.starts_with("HTTP/1.1 200"));
+    // A request hyper cannot read, over HTTPS: its `400` says why in JSON, as over HTTP.
+    let (mut garbled, _) = connect(&address, &ca.pem).await;
+    garbled.write_all(b"GARBAGE\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), garbled.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400")
+            && answer.contains("content-type: application/json")
+            && answer.contains("could not be read as HTTP/1.1"),
+        "{answer}"
+    );
     assert!(
         healthz(&mut open).await.starts_with("HTTP/1.1 200"),
         "the connection opened before the renewal still works"
