@@ -391,8 +391,6 @@ fn apply_migrations(conn: &mut Connection, version: i64) -> rusqlite::Result<()>
     Ok(())
 }
 
-/// An SQLite error as the outbox sees it: transient when the disk or the file is the
-/// problem, so the same write may succeed later.
 /// While it records what nobody waits for (gateway calls' records), the writer thread
 /// gives its core back at least every [`TakingTurns::EVERY`]. It shares the cores with
 /// the event loops, and the scheduler lets a running thread finish its time slice before
@@ -424,6 +422,8 @@ impl TakingTurns {
     }
 }
 
+/// An SQLite error as the outbox sees it: transient when the disk or the file is the
+/// problem, so the same write may succeed later.
 fn error(err: rusqlite::Error) -> EngineError {
     let transient = matches!(
         err.sqlite_error_code(),
