@@ -194,7 +194,7 @@ impl Payload {
 
     /// The JSON in `bytes`, parsed now (a syntax error is returned, not hidden).
     pub fn parsed(bytes: bytes::Bytes) -> Result<Payload, serde_json::Error> {
-        let tree = serde_json::from_slice(&bytes)?;
+        let tree = crate::json_syntax::read(&bytes)?;
         let payload = Payload::new(bytes, false);
         let _ = payload.tree.set(tree);
         Ok(payload)
@@ -213,7 +213,7 @@ impl Payload {
     pub fn tree(&self) -> &serde_json::Value {
         self.tree.get_or_init(|| {
             let mut tree: serde_json::Value =
-                serde_json::from_slice(&self.bytes).unwrap_or_default();
+                crate::json_syntax::read(&self.bytes).unwrap_or_default();
             if self.without_secret
                 && let Some(map) = tree.as_object_mut()
             {

@@ -169,7 +169,7 @@ pub fn parse_json(body: &[u8]) -> Result<Params, ParamError> {
     if json_values_bound(body) > MAX_JSON_VALUES {
         return Err(ParamError::TooMany);
     }
-    match serde_json::from_slice::<Value>(body) {
+    match crate::json_syntax::read::<Value>(body) {
         Ok(Value::Object(map)) => {
             for name in ["variables", "inputs"] {
                 if map
@@ -200,7 +200,7 @@ struct WebhookParams {
 
 /// Reads the trigger parameters out of a webhook body (JSON of any shape and size).
 fn parse_webhook_json(body: &[u8]) -> Result<Params, ParamError> {
-    let fields = match serde_json::from_slice::<WebhookParams>(body) {
+    let fields = match crate::json_syntax::read::<WebhookParams>(body) {
         Ok(fields) => fields,
         Err(err) if err.is_data() => return Ok(Params::new()), // not an object: no params
         Err(err) => return Err(ParamError::Json(JsonSyntaxError::from(&err))),

@@ -331,7 +331,7 @@ fn parsed_payload(bytes: Bytes) -> Result<Arc<Payload>, SourceError> {
 /// Reads the JSON straight into a sender's payload type (skipping what it does not need);
 /// `what` names it in errors. Bad JSON is a syntax error with its line and column.
 fn typed<T: DeserializeOwned>(payload: &Payload, what: &str) -> Result<T, SourceError> {
-    serde_json::from_slice(payload.bytes()).map_err(|err| match err.classify() {
+    crate::json_syntax::read(payload.bytes()).map_err(|err| match err.classify() {
         serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
             SourceError::Json(JsonSyntaxError::from(&err))
         }

@@ -54,7 +54,7 @@ struct Entity {
 impl PipelineEvent {
     /// A Pipeline Hook's body.
     pub fn from_hook(body: &[u8]) -> Result<PipelineEvent, String> {
-        let hook: Hook = serde_json::from_slice(body).map_err(|err| {
+        let hook: Hook = crate::json_syntax::read(body).map_err(|err| {
             format!("a GitLab pipeline event needs object_attributes.id and .status: {err}")
         })?;
         let project = hook.project;
