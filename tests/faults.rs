@@ -1208,7 +1208,8 @@ impl Drop for FreezableDisk {
 /// memory until the disk came back. Now `/readyz` answers `503` once a write has run 5 s,
 /// a webhook waiting for the store keeps its body's room under `[server] body_memory`
 /// (past it, webhooks are refused at once with `503`), and everything taken is written
-/// and sent once the disk answers again.
+/// and sent once the disk answers again. A dashboard action meanwhile is answered within
+/// `ack_timeout` too, saying that the store did not answer, and is carried out once it does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory() {
     async fn patient_tag(address: &str, secret: &str) -> Reply {
@@ -1227,14 +1228,17 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
     std::fs::write(
         &config,
         format!(
-            "[server]\nmax_body = \"16KiB\"\nbody_memory = \"64KiB\"\nack_timeout = \"8s\"\n\n{text}"
+            "[server]\nmax_body = \"16KiB\"\nbody_memory = \"64KiB\"\nack_timeout = \"8s\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n\n{text}"
         ),
     )
     .unwrap();
     let mut command = Command::new(BIN);
     command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
+    command.env("HOOKRELAY_ADMIN_TOKEN", "admin-token-for-the-frozen-disk");
     let mut served = Served::start_with(command, dir.path(), &disk.path);
     let address = served.address();
+    let dashboard = served.dashboard_address();
     let secret = "s3cret-for-the-tests";
     assert_eq!(github_tag(&address, secret).await.status, 202);
     assert_eq!(ready(&address).await, 200);
@@ -1243,6 +1247,14 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
     let patient = tokio::spawn({
         let address = address.clone();
         async move { patient_tag(&address, secret).await }
+    });
+    // An operator replays the first webhook's trigger (id 1) from the dashboard's API.
+    let replay = tokio::spawn({
+        let url = format!("http://{dashboard}/api/triggers/1/replay");
+        async move {
+            let token = [("authorization", "Bearer admin-token-for-the-frozen-disk")];
+            send("POST", &url, &token, "").await
+        }
     });
     let frozen = Instant::now();
     let said = loop {
@@ -1306,6 +1318,19 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
         patient.text()
     );
 
+    // Before, the dashboard's answer waited for as long as the disk was frozen.
+    let replay = tokio::time::timeout(Duration::from_secs(5), replay)
+        .await
+        .expect("the dashboard answered within ack_timeout")
+        .unwrap();
+    assert_eq!(replay.status, 503, "{}", replay.text());
+    assert!(
+        replay.text().contains("the delivery store did not answer within 8s ([server] ack_timeout): its write under way has not finished for")
+            && replay.text().contains("the replay of trigger 1 waits for it and may still be carried out"),
+        "says why: {}",
+        replay.text()
+    );
+
     disk.thaw();
     let thawed = Instant::now();
     while ready(&address).await != 200 {
@@ -1315,13 +1340,15 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The first, the patient one, and every one given up on: written and sent, once each.
+    // The first, the patient one, every one given up on, and the dashboard's replay of the
+    // first (a second call for its delivery): written and sent, once each.
     eventually(
         Duration::from_secs(20),
-        "every webhook taken is sent",
-        || delivered(&upstream).len() == 2 + given_up,
+        "every webhook taken and the replay are sent",
+        || upstream.received().len() == 3 + given_up,
     )
     .await;
+    assert_eq!(delivered(&upstream).len(), 2 + given_up);
     // The patient webhook delivered again, as its sender would: recognised, not queued twice.
     let again = patient_tag(&address, secret).await;
     assert_eq!(again.status, 200, "{}", again.text());
@@ -1330,7 +1357,7 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
         "{}",
         again.text()
     );
-    assert_eq!(upstream.received().len(), 2 + given_up);
+    assert_eq!(upstream.received().len(), 3 + given_up);
     let (code, lines) = served.terminate();
     assert_eq!(code, Some(0));
     assert!(

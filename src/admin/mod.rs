@@ -13,7 +13,7 @@ pub mod auth;
 pub mod view;
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -185,7 +185,7 @@ fn redirect(to: &str) -> Response<Full<Bytes>> {
 
 /// One dashboard request: authorized, routed, logged.
 pub async fn handle(
-    app: &App,
+    app: &Arc<App>,
     peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
@@ -215,7 +215,11 @@ pub async fn handle(
     response
 }
 
-async fn route(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    app: &Arc<App>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let runtime = app.runtime();
     // The token as configured now (reloads change it); the address as started.
     let started = app.admin.get();
@@ -484,6 +488,7 @@ fn confirm(page: &Page<'_>, action: &str, back: &str, question: &str) -> Respons
 }
 
 /// An action and what it acts on.
+#[derive(Clone)]
 enum Action {
     ReplayDelivery(String),
     Replan(String),
@@ -527,10 +532,13 @@ impl Action {
 }
 
 /// Carries out a confirmed action, records who did it, and answers with its result (a
-/// page with the result, or JSON).
+/// page with the result, or JSON). The action runs as a task of its own, waited for at
+/// most `[server] ack_timeout`: a store that stopped answering (a frozen disk, a database
+/// gone quiet) gets the operator an answer saying so instead of a page that never loads,
+/// and the action, still waiting for the store, is carried out and recorded if it answers.
 #[allow(clippy::too_many_arguments)]
 async fn act(
-    app: &App,
+    app: &Arc<App>,
     admin: &crate::config::admin::AdminConfig,
     access: &Access,
     parts: &http::request::Parts,
@@ -548,10 +556,55 @@ async fn act(
     ) {
         return refused(refusal, api);
     }
-    let result = perform(app, &action).await;
+    let within = app.server.ack_timeout;
+    let carried_out = tokio::spawn({
+        let (app, action) = (Arc::clone(app), action.clone());
+        async move { carry_out(&app, peer, &action).await }
+    });
+    let (status, ok, message) = match tokio::time::timeout(within, carried_out).await {
+        Ok(Ok(Ok(message))) => (StatusCode::OK, true, message),
+        Ok(Ok(Err(message))) => (StatusCode::CONFLICT, false, message),
+        Ok(Err(stopped)) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            false,
+            format!("the {} stopped: {stopped}", action.name()),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            false,
+            not_answered(within, app.outbox.health.problem(), &action),
+        ),
+    };
+    if api {
+        return json_answer(status, &json!({ "ok": ok, "message": message }));
+    }
+    let back = match &action {
+        Action::ReplayDelivery(id) | Action::Replan(id) => format!("/deliveries/{}", encode(id)),
+        _ => "/deliveries".to_owned(),
+    };
+    let done = form_urlencoded::Serializer::new(String::new())
+        .append_pair("done", &message)
+        .finish();
+    redirect(&format!("{back}?{done}"))
+}
+
+/// What the operator is told when the store has not answered an action within `within`.
+fn not_answered(within: std::time::Duration, problem: Option<String>, action: &Action) -> String {
+    format!(
+        "the delivery store did not answer within {} ([server] ack_timeout){}; the {} of {} waits for it and may still be carried out when it answers: look before trying it again",
+        humantime::format_duration(within),
+        problem.map(|p| format!(": {p}")).unwrap_or_default(),
+        action.name(),
+        action.target()
+    )
+}
+
+/// Performs the action, logs it and records who did it; its result.
+async fn carry_out(app: &App, peer: SocketAddr, action: &Action) -> Result<String, String> {
+    let result = perform(app, action).await;
     let (ok, message) = match &result {
-        Ok(message) => (true, message.clone()),
-        Err(message) => (false, message.clone()),
+        Ok(message) => (true, message.as_str()),
+        Err(message) => (false, message.as_str()),
     };
     tracing::info!(by = %peer, action = action.name(), target = %action.target(), ok, result = %message, "dashboard action");
     static RECORDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -572,24 +625,7 @@ async fn act(
     }).await;
     // The page the answer leads to shows the action's record.
     app.outbox.flush().await;
-    if api {
-        return json_answer(
-            if ok {
-                StatusCode::OK
-            } else {
-                StatusCode::CONFLICT
-            },
-            &json!({ "ok": ok, "message": message }),
-        );
-    }
-    let back = match &action {
-        Action::ReplayDelivery(id) | Action::Replan(id) => format!("/deliveries/{}", encode(id)),
-        _ => "/deliveries".to_owned(),
-    };
-    let done = form_urlencoded::Serializer::new(String::new())
-        .append_pair("done", &message)
-        .finish();
-    redirect(&format!("{back}?{done}"))
+    result
 }
 
 async fn perform(app: &App, action: &Action) -> Result<String, String> {

@@ -42,6 +42,7 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Time a webhook waits for the delivery store to confirm it; past it the webhook is
     /// answered `503`, not acknowledged, instead of holding its sender until it gives up.
+    /// A dashboard action waits as long for its answer.
     pub ack_timeout: Duration,
     /// `tls_cert` and `tls_key`: serve HTTPS with this certificate chain and key (PEM),
     /// read again at each reload.
