@@ -19,7 +19,7 @@
 //!   clients, GitLab's pipeline events, and the rules that keep statuses in order.
 //! - [`admin`]: the delivery dashboard and its JSON API, on a listener of its own.
 //! - [`error`]: every error a caller sees, mapped to status and JSON in one place;
-//!   [`json_syntax`] is the one both readers of JSON bodies report.
+//!   [`json_syntax`] reads JSON bodies and is the error both their readers report.
 //! - [`config`]: the configuration folder, validated into typed values with `file:line` problems.
 //! - [`secret`]: secrets that print only as a mask.
 //! - [`commands`]: the command-line commands, called by the thin `main`; [`explain`] and
