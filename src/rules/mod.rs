@@ -27,7 +27,7 @@ use crate::git_ref::GitRef;
 use crate::secret::{Secret, SecretRef};
 use crate::trigger::{ProjectId, Trigger};
 pub use schedule::Schedule;
-use template::EventObject;
+use template::{EventObject, TextField};
 
 /// Glob patterns as written, and their compiled matcher. `*` does not cross `/`; `**` does.
 #[derive(Clone, Debug)]
@@ -144,6 +144,9 @@ struct Compiled {
     /// What the template renders for every event, when it has no template syntax: then
     /// it is used as it is, without the template engine.
     constant: Option<String>,
+    /// The event's field the template renders, when it is that field alone: then it is
+    /// read from the event, without the template engine.
+    field: Option<TextField>,
 }
 
 #[derive(Clone, Debug)]
@@ -291,10 +294,10 @@ impl RuleSet {
 
     /// The rules that match `event`, in configuration order.
     pub fn matching(&self, event: &Event) -> Vec<&Rule> {
-        self.matching_in(event, &event_value(event))
+        self.matching_in(event, &Scope::of_event(event))
     }
 
-    fn matching_in(&self, event: &Event, context: &Value) -> Vec<&Rule> {
+    fn matching_in(&self, event: &Event, scope: &Scope) -> Vec<&Rule> {
         let Some(candidates) = self.index.get(&(event.source.clone(), event.kind)) else {
             return Vec::new();
         };
@@ -309,7 +312,7 @@ impl RuleSet {
         indices
             .into_iter()
             .map(|i| &self.rules[i])
-            .filter(|rule| self.why_not(rule, event, context).is_none())
+            .filter(|rule| self.why_not(rule, event, scope).is_none())
             .collect()
     }
 
@@ -321,10 +324,10 @@ impl RuleSet {
 
     /// [`RuleSet::verdicts`] for at most `most` rules, for answers that must stay small.
     pub fn verdicts_bounded(&self, event: &Event, most: usize) -> Vec<(&Rule, Option<String>)> {
-        let context = event_value(event);
+        let scope = Scope::of_event(event);
         self.of_source(&event.source)
             .take(most)
-            .map(|rule| (rule, self.why_not(rule, event, &context)))
+            .map(|rule| (rule, self.why_not(rule, event, &scope)))
             .collect()
     }
 
@@ -341,7 +344,7 @@ impl RuleSet {
     }
 
     /// The first reason `rule` does not match `event`.
-    fn why_not(&self, rule: &Rule, event: &Event, context: &Value) -> Option<String> {
+    fn why_not(&self, rule: &Rule, event: &Event, scope: &Scope) -> Option<String> {
         let spec = &rule.spec;
         if !spec.events.contains(&event.kind) {
             let events: Vec<&str> = spec.events.iter().map(|k| k.as_str()).collect();
@@ -384,7 +387,7 @@ impl RuleSet {
             ));
         }
         if let Some(when) = &rule.when {
-            return match self.render(when, context) {
+            return match self.render(when, scope) {
                 Ok(text) if text == "1" => None,
                 Ok(_) => Some("when: false".into()),
                 Err(err) => Some(format!("when: {err}")),
@@ -393,27 +396,30 @@ impl RuleSet {
         None
     }
 
-    fn render(&self, compiled: &Compiled, context: &Value) -> Result<String, String> {
+    fn render(&self, compiled: &Compiled, scope: &Scope) -> Result<String, String> {
         if let Some(text) = &compiled.constant {
             return Ok(text.clone());
+        }
+        if let (Some(field), Some(event)) = (compiled.field, scope.event) {
+            return Ok(field.of(event).to_owned());
         }
         let template = self
             .env
             .get_template(&compiled.name)
             .map_err(|err| template::error_text(&err))?;
-        template::render_bounded(&template, context)
+        template::render_bounded(&template, scope.context())
     }
 
     /// The trigger calls for an event: one per trigger of every matching rule.
     /// `url_ref` is the webhook URL's `?ref=`, which beats everything else.
     pub fn plan(&self, event: &Event, url_ref: Option<&GitRef>) -> Vec<Planned> {
-        let context = event_value(event);
-        self.matching_in(event, &context)
+        let scope = Scope::of_event(event);
+        self.matching_in(event, &scope)
             .into_iter()
             .flat_map(|rule| {
                 rule.triggers
                     .iter()
-                    .map(|trigger| self.plan_one(rule, trigger, &context, url_ref, Some(event)))
+                    .map(|trigger| self.plan_one(rule, trigger, &scope, url_ref))
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -427,12 +433,15 @@ impl RuleSet {
             .as_ref()
             .map(|s| s.timezone.name().to_owned())
             .unwrap_or_default();
-        let context = minijinja::context! {
-            schedule => minijinja::context! { rule => rule.name(), time => time, timezone => timezone }
-        };
+        let scope = Scope::of(
+            minijinja::context! {
+                schedule => minijinja::context! { rule => rule.name(), time => time, timezone => timezone }
+            },
+            None,
+        );
         rule.triggers
             .iter()
-            .map(|trigger| self.plan_one(rule, trigger, &context, None, None))
+            .map(|trigger| self.plan_one(rule, trigger, &scope, None))
             .collect()
     }
 
@@ -440,13 +449,13 @@ impl RuleSet {
         &self,
         rule: &Rule,
         trigger: &CompiledTrigger,
-        context: &Value,
+        scope: &Scope,
         url_ref: Option<&GitRef>,
-        event: Option<&Event>,
     ) -> Planned {
+        let event = scope.event;
         let build = || -> Result<Trigger, String> {
             let project_text = self
-                .render(&trigger.project, context)
+                .render(&trigger.project, scope)
                 .map_err(|e| format!("project: {e}"))?;
             let project =
                 ProjectId::parse(project_text.trim()).map_err(|e| format!("project: {e}"))?;
@@ -455,7 +464,7 @@ impl RuleSet {
                 (Some(url_ref), _, _) => url_ref.clone(),
                 (None, Some(template), _) => {
                     let text = self
-                        .render(template, context)
+                        .render(template, scope)
                         .map_err(|e| format!("ref: {e}"))?;
                     GitRef::parse(text.trim()).map_err(|e| format!("ref: {e}"))?
                 }
@@ -467,7 +476,7 @@ impl RuleSet {
             let mut variables = IndexMap::new();
             for (key, template) in &trigger.variables {
                 let value = self
-                    .render(template, context)
+                    .render(template, scope)
                     .map_err(|e| format!("variables.{key}: {e}"))?;
                 variables.insert(key.clone(), value);
             }
@@ -475,7 +484,7 @@ impl RuleSet {
             for (key, value) in &trigger.inputs {
                 let value = match value {
                     Ok(template) => serde_json::Value::String(
-                        self.render(template, context)
+                        self.render(template, scope)
                             .map_err(|e| format!("inputs.{key}: {e}"))?,
                     ),
                     Err(literal) => literal.clone(),
@@ -500,7 +509,7 @@ impl RuleSet {
         let mut built = build();
         let mut status_context = String::new();
         if let Ok(planned) = &built {
-            match self.status_context(trigger, context, planned) {
+            match self.status_context(trigger, scope, planned) {
                 Ok(text) => status_context = text,
                 Err(err) => built = Err(err),
             }
@@ -522,7 +531,7 @@ impl RuleSet {
     fn status_context(
         &self,
         trigger: &CompiledTrigger,
-        context: &Value,
+        scope: &Scope,
         planned: &Trigger,
     ) -> Result<String, String> {
         let project = planned.project.to_string();
@@ -535,10 +544,10 @@ impl RuleSet {
                 ref => planned.git_ref.as_str(),
                 upstream => planned.upstream.as_str(),
             },
-            ..context.clone()
+            ..scope.context().clone()
         };
         let text = self
-            .render(template, &with_trigger)
+            .render(template, &Scope::of(with_trigger, scope.event))
             .map_err(|e| format!("status_context: {e}"))?;
         let text = text.trim();
         if text.is_empty() {
@@ -568,6 +577,7 @@ impl Compiler {
         let scheduled = spec.schedule.is_some();
         let with_trigger = what == "status_context";
         let constant = template::constant_text(&source);
+        let field = TextField::rendered_alone_by(&source);
         let result = self
             .env
             .add_template_owned(name.clone(), source)
@@ -576,7 +586,11 @@ impl Compiler {
                 template::check_variables_with(&self.env, &name, scheduled, with_trigger)
             });
         match result {
-            Ok(()) => Some(Compiled { name, constant }),
+            Ok(()) => Some(Compiled {
+                name,
+                constant,
+                field,
+            }),
             Err(message) => {
                 self.problems.push(RuleProblem {
                     file: spec.file.clone(),
@@ -687,9 +701,40 @@ fn candidates_index(rules: &[Rule]) -> HashMap<(String, EventKind), Candidates> 
     index
 }
 
-/// The template context for an event: `{ event: … }`.
-fn event_value(event: &Event) -> Value {
-    minijinja::context! { event => Value::from_object(EventObject(Arc::new(event.clone()))) }
+/// What a rule's templates read for one event or firing: a field named alone comes
+/// straight from the event; every other template goes through the template engine, whose
+/// context (a copy of the event) is made the first time one needs it.
+struct Scope<'a> {
+    event: Option<&'a Event>,
+    context: std::cell::OnceCell<Value>,
+}
+
+impl<'a> Scope<'a> {
+    fn of_event(event: &'a Event) -> Self {
+        Self {
+            event: Some(event),
+            context: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// A context made already (a scheduled firing's, a `status_context`'s), beside the
+    /// event it holds, if any.
+    fn of(context: Value, event: Option<&'a Event>) -> Self {
+        Self {
+            event,
+            context: std::cell::OnceCell::from(context),
+        }
+    }
+
+    /// The template engine's context: `{ event: … }`.
+    fn context(&self) -> &Value {
+        self.context.get_or_init(|| match self.event {
+            Some(event) => minijinja::context! {
+                event => Value::from_object(EventObject(Arc::new(event.clone())))
+            },
+            None => Value::UNDEFINED,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -829,6 +874,42 @@ mod tests {
             planned[0].trigger.as_ref().unwrap().git_ref.as_str(),
             "hotfix"
         );
+    }
+
+    /// Templates render text for CI, whatever the names around them: an input named like
+    /// a YAML or HTML file is not quoted or escaped (minijinja chooses escaping by a
+    /// template's name unless told not to), and a field alone reads as the engine reads it.
+    #[test]
+    fn templates_render_unescaped_whatever_their_names() {
+        let mut rule = spec("site.html", None, None, &[EventKind::Push]);
+        rule.triggers[0].variables = vec![
+            ("ALONE".into(), "{{ event.repository }}".into()),
+            ("AROUND".into(), "<{{ event.repository }}>".into()),
+        ];
+        rule.triggers[0].inputs = vec![
+            (
+                "deploy.yml".into(),
+                InputValue::Template("{{ event.repository }}".into()),
+            ),
+            (
+                "page.html".into(),
+                InputValue::Template("x {{ event.repository }}".into()),
+            ),
+            (
+                "data.json".into(),
+                InputValue::Template("{{ event.repository | lower }}".into()),
+            ),
+        ];
+        rule.triggers[0].status_context = Some("ci.html/{{ event.repository }}".into());
+        let set = RuleSet::build(vec![rule]).unwrap();
+        let planned = set.plan(&event("acme/a&b\"c<d>", "refs/heads/main"), None);
+        let trigger = planned[0].trigger.as_ref().unwrap();
+        assert_eq!(trigger.variables["ALONE"], "acme/a&b\"c<d>");
+        assert_eq!(trigger.variables["AROUND"], "<acme/a&b\"c<d>>");
+        assert_eq!(trigger.inputs["deploy.yml"], "acme/a&b\"c<d>");
+        assert_eq!(trigger.inputs["page.html"], "x acme/a&b\"c<d>");
+        assert_eq!(trigger.inputs["data.json"], "acme/a&b\"c<d>");
+        assert_eq!(planned[0].status_context, "ci.html/acme/a&b\"c<d>");
     }
 
     #[test]

@@ -53,9 +53,13 @@ pub const TEMPLATE_STEPS: u64 = 100_000;
 pub const MOST_RENDERED: usize = 1 << 20;
 
 /// A fresh environment with strict undefined behaviour, Python-style string methods
-/// (`event.ref_name.startswith("wip/")`) and at most [`TEMPLATE_STEPS`] steps a render.
+/// (`event.ref_name.startswith("wip/")`), at most [`TEMPLATE_STEPS`] steps a render, and
+/// no escaping: templates render CI variables and inputs, never HTML or JSON documents
+/// (minijinja would otherwise choose escaping by the template's name, and an input named
+/// `deploy.yml` rendered its value JSON-quoted).
 pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_fuel(Some(TEMPLATE_STEPS));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -67,6 +71,76 @@ pub fn environment() -> Environment<'static> {
 /// rendering drops): most projects and refs in rule files are such plain text.
 pub fn constant_text(source: &str) -> Option<String> {
     (!source.contains('{') && !source.ends_with('\n')).then(|| source.to_owned())
+}
+
+/// An event field that is text, which a template may render alone (`{{ event.after }}`):
+/// then it is read from the event directly, without the template engine, as most
+/// variables in rule files are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextField {
+    Provider,
+    Source,
+    Kind,
+    Repository,
+    RepositoryUrl,
+    RepositoryWebUrl,
+    Ref,
+    RefName,
+    Before,
+    After,
+    Commit,
+    Pusher,
+    Delivery,
+}
+
+impl TextField {
+    /// The field called `name` after `event.`, when it is text.
+    pub fn named(name: &str) -> Option<Self> {
+        Some(match name {
+            "provider" => Self::Provider,
+            "source" => Self::Source,
+            "kind" => Self::Kind,
+            "repository" => Self::Repository,
+            "repository_url" => Self::RepositoryUrl,
+            "repository_web_url" => Self::RepositoryWebUrl,
+            "ref" => Self::Ref,
+            "ref_name" => Self::RefName,
+            "before" => Self::Before,
+            "after" => Self::After,
+            "commit" => Self::Commit,
+            "pusher" => Self::Pusher,
+            "delivery" => Self::Delivery,
+            _ => return None,
+        })
+    }
+
+    /// The field a template renders when it is that field alone, in one `{{ event.NAME }}`
+    /// with spaces or none around the name and nothing else (no filter, no trailing
+    /// newline); `None` for every other template.
+    pub fn rendered_alone_by(source: &str) -> Option<Self> {
+        let inner = source.strip_prefix("{{")?.strip_suffix("}}")?;
+        let name = inner.trim_matches(' ').strip_prefix("event.")?;
+        Self::named(name)
+    }
+
+    /// The field's text in `event`.
+    pub fn of(self, event: &Event) -> &str {
+        match self {
+            Self::Provider => event.provider.as_str(),
+            Self::Source => &event.source,
+            Self::Kind => event.kind.as_str(),
+            Self::Repository => &event.repository,
+            Self::RepositoryUrl => &event.repository_url,
+            Self::RepositoryWebUrl => &event.repository_web_url,
+            Self::Ref => &event.git_ref,
+            Self::RefName => &event.ref_name,
+            Self::Before => &event.before,
+            Self::After => &event.after,
+            Self::Commit => &event.commit,
+            Self::Pusher => &event.pusher,
+            Self::Delivery => &event.delivery,
+        }
+    }
 }
 
 /// The source of a template that renders `1` when `expression` is true.
@@ -186,23 +260,15 @@ pub struct EventObject(pub Arc<Event>);
 impl Object for EventObject {
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
         let event = &self.0;
-        Some(match key.as_str()? {
-            "provider" => Value::from(event.provider.as_str()),
-            "source" => Value::from(event.source.as_str()),
-            "kind" => Value::from(event.kind.as_str()),
+        let name = key.as_str()?;
+        if let Some(field) = TextField::named(name) {
+            return Some(Value::from(field.of(event)));
+        }
+        Some(match name {
             "deleted_kind" => match event.deleted_kind {
                 Some(kind) => Value::from_serialize(kind),
                 None => Value::from(()),
             },
-            "repository" => Value::from(event.repository.as_str()),
-            "repository_url" => Value::from(event.repository_url.as_str()),
-            "repository_web_url" => Value::from(event.repository_web_url.as_str()),
-            "ref" => Value::from(event.git_ref.as_str()),
-            "ref_name" => Value::from(event.ref_name.as_str()),
-            "before" => Value::from(event.before.as_str()),
-            "after" => Value::from(event.after.as_str()),
-            "commit" => Value::from(event.commit.as_str()),
-            "pusher" => Value::from(event.pusher.as_str()),
             "commit_count" => Value::from(event.commit_count),
             "commits" => Value::from_serialize(&event.commits),
             "delivery" => Value::from(event.delivery.as_str()),
@@ -247,6 +313,78 @@ mod tests {
             "trailing\n",
         ] {
             assert_eq!(constant_text(text), None, "{text:?}");
+        }
+    }
+
+    /// A field named alone is read from the event, as the engine would render it: the
+    /// same text for every text field and spelling, with characters HTML and JSON escape
+    /// left as they are; everything else is left to the engine.
+    #[test]
+    fn a_field_alone_renders_as_the_engine_renders_it() {
+        use crate::event::{EventContext, Provider, RefChange};
+        let event = EventContext {
+            provider: Provider::Gitea,
+            source: "gitea-<main>".into(),
+            delivery: "d\"1'&".into(),
+            repository: "acme/\"app\" & co".into(),
+            repository_url: "https://example.com/a?b=1&c=<2>".into(),
+            repository_web_url: String::new(),
+            pusher: "Zoë <zoe@example.com>".into(),
+            payload: Arc::new(
+                crate::event::Payload::parsed(bytes::Bytes::from_static(b"{}")).unwrap(),
+            ),
+        }
+        .event(RefChange {
+            full_ref: "refs/tags/v1.2-ß&x".into(),
+            before: "0".repeat(40),
+            after: "abcdef0123456789abcdef0123456789abcdef01".into(),
+            commit: Some("fedcba".into()),
+            ..RefChange::default()
+        })
+        .unwrap();
+        let context = minijinja::context! {
+            event => Value::from_object(EventObject(Arc::new(event.clone())))
+        };
+        let mut read = 0;
+        for name in EVENT_FIELDS {
+            for source in [
+                format!("{{{{ event.{name} }}}}"),
+                format!("{{{{event.{name}}}}}"),
+                format!("{{{{   event.{name}  }}}}"),
+            ] {
+                // Names that look like templates of other kinds, as the rules compile them.
+                let env = env_with("rule.html/trigger0/inputs/deploy.yml", &source);
+                let template = env
+                    .get_template("rule.html/trigger0/inputs/deploy.yml")
+                    .unwrap();
+                let engine = render_bounded(&template, &context).unwrap();
+                match TextField::rendered_alone_by(&source) {
+                    Some(field) => {
+                        assert_eq!(field.of(&event), engine, "{source}");
+                        read += 1;
+                    }
+                    None => assert!(
+                        ["deleted_kind", "commit_count", "commits", "payload"].contains(name),
+                        "{source} is text the engine renders as {engine:?}"
+                    ),
+                }
+            }
+        }
+        assert_eq!(read, 3 * 13);
+        for source in [
+            "{{ event.after[:7] }}",
+            "{{ event.after | upper }}",
+            "{{ event.after }}\n",
+            "v{{ event.after }}",
+            "{{ event.after }}{{ event.before }}",
+            "{{- event.after -}}",
+            "{{ event.commit_count }}",
+            "{{ event.payload }}",
+            "{{ event.branch }}",
+            "{{ schedule.time }}",
+            "{{ event.\nafter }}",
+        ] {
+            assert_eq!(TextField::rendered_alone_by(source), None, "{source:?}");
         }
     }
 
