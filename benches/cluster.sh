@@ -14,7 +14,10 @@
 # from /proc. Then the drain: triggers sent per second (first send to last) from
 # a backlog queued while GitLab was down, on one project+ref and on 1,000 of them.
 #
-# Run: benches/cluster.sh   (env: DURATION=10s, CONNECTIONS=64, HOOKRELAY=path/to/binary)
+# A run whose p99 reaches STALL_MS (50 by default) had a stall: the relays' warnings and
+# PostgreSQL's log are printed after the table.
+#
+# Run: benches/cluster.sh   (env: DURATION=10s, CONNECTIONS=64, HOOKRELAY=path/to/binary, STALL_MS=50)
 # Installs wrk, nginx-light and postgresql from Debian's packages when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,6 +81,7 @@ depth() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^hookrelay_outbox_depth/
 drained() { for _ in $(seq 1800); do [[ "$(depth "$1")" == 0 ]] && return; sleep 0.1; done; }
 
 results=()
+pg_log_from=$(($(wc -l <"$work/pg/log") + 1))  # PostgreSQL's log from the runs on
 # run NAME PORT CPU-PIDS…: one wrk run against 127.0.0.1:PORT; CPU of the given relay
 # processes and of every PostgreSQL process, per 1,000 acknowledged webhooks.
 run() {
@@ -85,11 +89,12 @@ run() {
   local relays=("$@") pg
   checkpoint_postgres "$pg_port"
   pg=$(postgres_pids "$work/pg")
-  local relay_before pg_before out
-  relay_before=$(process_ticks "${relays[@]}"); pg_before=$(process_ticks $pg)
+  local relay_before pg_before out machine_before
+  relay_before=$(process_ticks "${relays[@]}"); pg_before=$(process_ticks $pg); machine_before=$(cpu_times)
   out=$(BODY_FILE="$payload" SIGNATURE="$signature" DELIVERY_PREFIX="cluster-$$-$RANDOM-$name" \
         wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/peers/signed.lua "http://127.0.0.1:$port/hooks/github")
-  local relay_cpu pg_cpu completed rate p50 p99 errors hz
+  local relay_cpu pg_cpu completed rate p50 p99 errors hz steal
+  steal=$(steal_since "$machine_before")
   hz=$(getconf CLK_TCK)
   relay_cpu=$(( $(process_ticks "${relays[@]}") - relay_before )); pg_cpu=$(( $(process_ticks $pg) - pg_before ))
   completed=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -100,7 +105,7 @@ run() {
   local per_k_relay per_k_pg
   per_k_relay=$(awk -v t="$relay_cpu" -v n="$completed" -v hz="$hz" 'BEGIN { printf "%.0f", t / hz * 1000 / n * 1000 }')
   per_k_pg=$(awk -v t="$pg_cpu" -v n="$completed" -v hz="$hz" 'BEGIN { printf "%.0f", t / hz * 1000 / n * 1000 }')
-  results+=("$name|$rate|$p50|$p99|${errors:-0}|$per_k_relay|$per_k_pg")
+  results+=("$name|$rate|$p50|$p99|${errors:-0}|$per_k_relay|$per_k_pg|$steal")
 }
 
 run "SQLite relay" "$sqlite_port" "$sqlite_pid"
@@ -118,17 +123,35 @@ run "4 PostgreSQL relays behind nginx" "${lb_ports[2]}" "${relay_pids[@]}"
 drained "${relay_ports[0]}"
 
 echo "cluster, one run: wrk -t1 -c$CONNECTIONS -d$DURATION on 127.0.0.1, $(nproc) cores, PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}')"
-printf '%-36s %10s %9s %9s %8s %14s %14s\n' system acks/s p50 p99 non-2xx "relay ms/1k" "postgres ms/1k"
+printf '%-36s %10s %9s %9s %8s %14s %14s %8s\n' system acks/s p50 p99 non-2xx "relay ms/1k" "postgres ms/1k" "steal %"
+stalled=""
 for row in "${results[@]}"; do
-  IFS='|' read -r name rate p50 p99 errors relay pg <<<"$row"
-  printf '%-36s %10s %9s %9s %8s %14s %14s\n' "$name" "$rate" "$p50" "$p99" "$errors" "$relay" "$pg"
+  IFS='|' read -r name rate p50 p99 errors relay pg steal <<<"$row"
+  printf '%-36s %10s %9s %9s %8s %14s %14s %8s\n' "$name" "$rate" "$p50" "$p99" "$errors" "$relay" "$pg" "$steal"
+  # wrk writes 795.00us, 9.11ms, 1.20s.
+  awk -v t="$p99" -v stall="${STALL_MS:-50}" \
+    'BEGIN { v = t + 0; if (t ~ /us$/) v /= 1000; else if (t ~ /[0-9]s$/ && t !~ /ms$/) v *= 1000; exit !(v >= stall) }' &&
+    stalled+="$name, "
 done
-rate_of() { for row in "${results[@]}"; do IFS='|' read -r n r _ _ _ _ _ <<<"$row"; [[ $n == "$1" ]] && echo "$r"; done; }
+rate_of() { for row in "${results[@]}"; do IFS='|' read -r n r _ _ _ _ _ _ <<<"$row"; [[ $n == "$1" ]] && echo "$r"; done; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
 echo "one PostgreSQL relay / SQLite relay: $(ratio "$(rate_of "PostgreSQL relay, direct")" "$(rate_of "SQLite relay")")x"
 echo "2 relays / 1 relay behind nginx:     $(ratio "$(rate_of "2 PostgreSQL relays behind nginx")" "$(rate_of "1 PostgreSQL relay behind nginx")")x"
 echo "4 relays / 1 relay behind nginx:     $(ratio "$(rate_of "4 PostgreSQL relays behind nginx")" "$(rate_of "1 PostgreSQL relay behind nginx")")x"
+# A p99 of 50 ms or more is a stall, not the load: what the relays warned of and what
+# PostgreSQL logged (checkpoints, autovacuum, statements of 50 ms or more) during the
+# runs, for finding its cause; the folder with the logs is gone when the script ends.
+if [[ -n $stalled ]]; then
+  echo
+  echo "p99 of ${STALL_MS:-50} ms or more in: ${stalled%, }. The relays' warnings, then PostgreSQL's log:"
+  grep -h -E ' (WARN|ERROR) ' "$work"/sqlite.log "$work"/relay-*.log | tail -n 40 || true
+  # Each entry from its time stamp to the next; the server's own vacuuming of other
+  # databases' catalogs (after the aging's transactions) left out.
+  tail -n +"$pg_log_from" "$work/pg/log" | awk '
+    /^[0-9][0-9][0-9][0-9]-/ { keep = !($0 ~ /automatic .*(vacuum|analyze) of table "/ && $0 !~ /of table "hookrelay\./) }
+    keep && NF' | tail -n 60 || true
+fi
 
 # The drain: stop the relays, queue a backlog with GitLab "down" (a closed port), then
 # start one relay with GitLab up and time it.

@@ -47,14 +47,17 @@ postgres_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort | tail -1; }
 # cluster ("What to set in PostgreSQL"): max_wal_size (the default 1 GB forces a
 # checkpoint every half minute at these rates, and a run that meets one measures the
 # checkpoint), min_wal_size (WAL segments kept for reuse) and backend_flush_after (pages
-# written out by a backend go to disk as they come, not in one burst 30 s later). Then
+# written out by a backend go to disk as they come, not in one burst 30 s later). Its log
+# has checkpoints, autovacuum runs and statements of 50 ms or more (without their
+# parameters), for finding what a stall was (cluster.sh prints it after one). Then
 # aged like a cluster that has been running (see age_postgres).
 start_postgres() {
   local bin; bin=$(postgres_bin)
   mkdir -p "$1" && chown postgres:postgres "$1"
   runuser -u postgres -- "$bin/initdb" -A trust -U postgres -D "$1/data" >/dev/null
   runuser -u postgres -- "$bin/pg_ctl" start -w -D "$1/data" -l "$1/log" \
-    -o "-p $2 -k $1 -c listen_addresses=127.0.0.1 -c max_connections=200 -c max_wal_size=8GB -c min_wal_size=2GB -c backend_flush_after=256kB" >/dev/null
+    -o "-p $2 -k $1 -c listen_addresses=127.0.0.1 -c max_connections=200 -c max_wal_size=8GB -c min_wal_size=2GB -c backend_flush_after=256kB \
+          -c log_checkpoints=on -c log_autovacuum_min_duration=0 -c log_min_duration_statement=50 -c log_parameter_max_length=0" >/dev/null
   age_postgres "$2"
 }
 # age_postgres PORT: about 650 MB of WAL written and checkpointed, so that the server has
