@@ -34,6 +34,7 @@ fn rule(name: String, source: &str, repository: &str) -> RuleSpec {
             variables: vec![("SHA".into(), "{{ event.after }}".into())],
             inputs: Vec::new(),
             status_context: None,
+            lines: Default::default(),
         }],
     }
 }

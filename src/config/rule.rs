@@ -2,6 +2,7 @@
 //! [`RuleSpec`]s. Names that point elsewhere (sources, upstreams) and templates are checked
 //! once every file is read, in `Builder::finish` and [`crate::rules::RuleSet::build`].
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use indexmap::IndexMap;
@@ -40,7 +41,7 @@ pub(super) struct RawTrigger {
     token: Spanned<String>,
     /// Strings; any other value is read so that its problem can name it and its line.
     variables: Option<Spanned<IndexMap<String, Spanned<toml::Value>>>>,
-    inputs: Option<Spanned<IndexMap<String, serde_json::Value>>>,
+    inputs: Option<Spanned<IndexMap<String, Spanned<serde_json::Value>>>>,
     status_context: Option<Spanned<String>>,
 }
 
@@ -387,17 +388,30 @@ fn compile_trigger(
     if let Some(secret) = &token {
         check_token(name, secret, token_span.clone(), problems);
     }
-    let variables = compile_variables(name, raw_trigger.variables, problems);
+    let mut lines = BTreeMap::new();
+    let mut line_of = |what: String, span: std::ops::Range<usize>| {
+        lines.insert(what, problems.line(span.start));
+    };
+    if let Some(git_ref) = &raw_trigger.git_ref {
+        line_of("ref".into(), git_ref.span());
+    }
+    if let Some(context) = &raw_trigger.status_context {
+        line_of("status_context".into(), context.span());
+    }
     let inputs = raw_trigger
         .inputs
         .map(Spanned::into_inner)
         .unwrap_or_default()
         .into_iter()
-        .map(|(key, value)| match value {
-            serde_json::Value::String(text) => (key, InputValue::Template(text)),
-            other => (key, InputValue::Literal(other)),
+        .map(|(key, value)| {
+            line_of(format!("inputs.{key}"), value.span());
+            match value.into_inner() {
+                serde_json::Value::String(text) => (key, InputValue::Template(text)),
+                other => (key, InputValue::Literal(other)),
+            }
         })
         .collect();
+    let variables = compile_variables(name, raw_trigger.variables, problems, &mut lines);
     let upstream = raw_trigger
         .upstream
         .map(|u| (u.get_ref().clone(), problems.line(u.span().start)));
@@ -431,42 +445,41 @@ fn compile_trigger(
             variables,
             inputs,
             status_context: raw_trigger.status_context.map(Spanned::into_inner),
+            lines,
         },
         upstream,
     })
 }
 
-/// A trigger's `variables`: names GitLab takes, values that are strings (templates).
+/// A trigger's `variables`: names GitLab takes, values that are strings (templates),
+/// each line noted in `lines` as `variables.KEY`.
 fn compile_variables(
     name: &str,
     variables: Option<Spanned<IndexMap<String, Spanned<toml::Value>>>>,
     problems: &mut FileProblems<'_>,
+    lines: &mut BTreeMap<String, usize>,
 ) -> Vec<(String, String)> {
-    match variables {
-        None => Vec::new(),
-        Some(variables) => {
-            let span = variables.span();
-            let variables = variables.into_inner();
-            for key in variables.keys() {
-                if let Err(message) = check_variable_name(key) {
-                    problems.at(Some(span.clone()), format!("rule {name:?}: {message}"));
+    let Some(variables) = variables else {
+        return Vec::new();
+    };
+    variables
+        .into_inner()
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let span = value.span();
+            if let Err(message) = check_variable_name(&key) {
+                problems.at(Some(span.clone()), format!("rule {name:?}: {message}"));
+            }
+            lines.insert(format!("variables.{key}"), problems.line(span.start));
+            match value.into_inner() {
+                toml::Value::String(text) => Some((key, text)),
+                other => {
+                    problems.at(Some(span), not_a_string(name, &key, &other));
+                    None
                 }
             }
-            variables
-                .into_iter()
-                .filter_map(|(key, value)| {
-                    let span = value.span();
-                    match value.into_inner() {
-                        toml::Value::String(text) => Some((key, text)),
-                        other => {
-                            problems.at(Some(span), not_a_string(name, &key, &other));
-                            None
-                        }
-                    }
-                })
-                .collect()
-        }
-    }
+        })
+        .collect()
 }
 
 /// Warns about `refs`, `refs_exclude` and `repository` patterns that can never match what

@@ -1002,7 +1002,7 @@ status_context = "{{ trigger.token }}"
         "a.toml:18: source.unset.status: token (env:NOT_SET)",
         "a.toml:23: source.gh.upstream (pipeline events of a GitLab) applies only to provider gitlab",
         "source.pipelines.upstream: \"elsewhere\" names no [upstream.elsewhere]",
-        "a.toml:34: rule \"r\": status_context: `trigger.token` does not exist",
+        "a.toml:36: rule \"r\": status_context: `trigger.token` does not exist",
     ];
     for (problem, expected) in problems.iter().zip(expect) {
         assert!(
@@ -1117,4 +1117,59 @@ fn names_longer_than_64_characters_are_refused_with_their_line() {
         &[],
     )
     .unwrap();
+}
+
+/// What would fail every trigger of a rule at run time is refused at load, each problem
+/// at the line of the template that has it: a plain project or ref that can never be
+/// valid, and a filter, test, method or function that does not exist (minijinja looks
+/// those up only when a render reaches them).
+#[test]
+fn templates_that_would_fail_every_trigger_are_refused_at_their_lines() {
+    let env = [("S", "0123456789abcdef0123"), ("T", "glptt-x")];
+    let text = r#"
+[upstream.gitlab]
+url = "https://gitlab.example.com"
+
+[source.gh]
+provider = "github"
+secret = "env:S"
+
+[[rule]]
+name = "r"
+source = "gh"
+[[rule.trigger]]
+project = " "
+ref = "bad..ref"
+token = "env:T"
+status_context = "{{ trigger.project | uper }}"
+[rule.trigger.variables]
+FINE = "{{ 'x | nosuch' }}{{ event.ref_name | upper }}{{ range(2) | join }}{{ event.ref_name.split('/') | first }}"
+C = "{{ event.nosuch }}"
+D = "{{ nosuch(event.after) }}"
+[rule.trigger.inputs]
+one = 1
+two = "{{ event.ref_name is nosuchtest }}"
+three = "{{ event.ref_name.nosuchmethod() }}"
+
+[[rule.trigger]]
+project = "acme/{{ event.repository }}"
+ref = "{% filter lower %}{{ event.ref_name }}{% endfilter %}"
+token = "env:T"
+variables = { FOR = "{% for c in event.commits %}{{ loop.cycle('a', 'b') }}{% if c is defined %}|{% endif %}{% endfor %}", E = "{% filter nosuch %}x{% endfilter %}" }
+"#;
+    let problems = messages(load_text(&[("a.toml", text)], &env));
+    let expect = [
+        "a.toml:13: rule \"r\": project: the project id is empty",
+        "a.toml:14: rule \"r\": ref: ref \"bad..ref\" contains \"..\"",
+        "a.toml:16: rule \"r\": status_context: unknown filter `uper`",
+        "a.toml:19: rule \"r\": variables.C: `event.nosuch` does not exist",
+        "a.toml:20: rule \"r\": variables.D: unknown function `nosuch`; the functions are: debug, dict, namespace, range",
+        "a.toml:23: rule \"r\": inputs.two: unknown test `nosuchtest`",
+        "a.toml:24: rule \"r\": inputs.three: unknown method `nosuchmethod()`",
+        "a.toml:30: rule \"r\": variables.E: unknown filter `nosuch`",
+    ];
+    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    for (problem, expected) in problems.iter().zip(expect) {
+        assert!(problem.starts_with(expected), "{problem}\n  should start {expected}");
+    }
 }

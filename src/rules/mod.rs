@@ -12,7 +12,7 @@
 pub mod schedule;
 pub mod template;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -115,6 +115,16 @@ pub struct TriggerSpec {
     pub inputs: Vec<(String, InputValue)>,
     /// Names the commit status of the pipeline (a template); `None`: `gitlab/<project>`.
     pub status_context: Option<String>,
+    /// The line of each template other than `project` (whose line is `line`), by what
+    /// messages call it: `ref`, `variables.KEY`, `inputs.KEY`, `status_context`.
+    pub lines: BTreeMap<String, usize>,
+}
+
+impl TriggerSpec {
+    /// The line a message about the template called `what` points at.
+    pub fn line_of(&self, what: &str) -> usize {
+        self.lines.get(what).copied().unwrap_or(self.line)
+    }
 }
 
 /// A `[[rule]]` as written, validated but with templates not yet compiled.
@@ -602,6 +612,33 @@ impl Compiler {
         }
     }
 
+    /// `compiled` when it is not plain text or its text parses as `what` (a project or a
+    /// ref) the way every trigger's would at run time; else `None`, its problem recorded:
+    /// `project = ""` or `ref = "a..b"` would fail every trigger of the rule.
+    fn constant_must_parse<E: std::fmt::Display>(
+        &mut self,
+        spec: &RuleSpec,
+        trigger: &TriggerSpec,
+        what: &str,
+        compiled: &Compiled,
+        parse: impl FnOnce(&str) -> Result<(), E>,
+    ) -> Option<Compiled> {
+        let Some(text) = &compiled.constant else {
+            return Some(compiled.clone());
+        };
+        match parse(text.trim()) {
+            Ok(()) => Some(compiled.clone()),
+            Err(err) => {
+                self.problems.push(RuleProblem {
+                    file: spec.file.clone(),
+                    line: trigger.line_of(what),
+                    message: format!("rule {:?}: {what}: {err}", spec.name),
+                });
+                None
+            }
+        }
+    }
+
     /// The `i`-th trigger of `spec`, every template of it compiled; `None` when one has a
     /// problem (each recorded).
     fn trigger(
@@ -611,44 +648,42 @@ impl Compiler {
         trigger: &TriggerSpec,
     ) -> Option<CompiledTrigger> {
         let prefix = format!("{}/trigger{i}", spec.name);
-        let line = trigger.line;
-        let project = self.add(
-            spec,
-            format!("{prefix}/project"),
-            trigger.project.clone(),
-            line,
-            "project",
-        );
-        let git_ref = trigger
-            .git_ref
-            .as_ref()
-            .map(|text| self.add(spec, format!("{prefix}/ref"), text.clone(), line, "ref"));
+        let add = |compiler: &mut Compiler, what: &str, text: &str| {
+            let name = format!("{prefix}/{}", what.replacen('.', "/", 1));
+            compiler.add(spec, name, text.to_owned(), trigger.line_of(what), what)
+        };
+        let project = add(self, "project", &trigger.project).and_then(|compiled| {
+            self.constant_must_parse(spec, trigger, "project", &compiled, |text| {
+                ProjectId::parse(text).map(drop)
+            })
+        });
+        let git_ref = trigger.git_ref.as_ref().map(|text| {
+            add(self, "ref", text).and_then(|compiled| {
+                self.constant_must_parse(spec, trigger, "ref", &compiled, |text| {
+                    GitRef::parse(text).map(drop)
+                })
+            })
+        });
         let variables: Vec<_> = trigger
             .variables
             .iter()
-            .map(|(key, text)| {
-                let name = format!("{prefix}/variables/{key}");
-                let what = format!("variables.{key}");
-                (key.clone(), self.add(spec, name, text.clone(), line, &what))
-            })
+            .map(|(key, text)| (key.clone(), add(self, &format!("variables.{key}"), text)))
             .collect();
         let inputs: Vec<_> = trigger
             .inputs
             .iter()
             .map(|(key, value)| match value {
                 InputValue::Template(text) => {
-                    let name = format!("{prefix}/inputs/{key}");
-                    let what = format!("inputs.{key}");
-                    let compiled = self.add(spec, name, text.clone(), line, &what);
+                    let compiled = add(self, &format!("inputs.{key}"), text);
                     (key.clone(), compiled.ok_or(serde_json::Value::Null))
                 }
                 InputValue::Literal(value) => (key.clone(), Err(value.clone())),
             })
             .collect();
-        let status_context = trigger.status_context.as_ref().map(|text| {
-            let name = format!("{prefix}/status_context");
-            self.add(spec, name, text.clone(), line, "status_context")
-        });
+        let status_context = trigger
+            .status_context
+            .as_ref()
+            .map(|text| add(self, "status_context", text));
         if matches!(status_context, Some(None)) {
             return None;
         }
@@ -770,6 +805,7 @@ mod tests {
                 variables: vec![("SHA".into(), "{{ event.after[:7] }}".into())],
                 inputs: vec![("n".into(), InputValue::Literal(serde_json::json!(3)))],
                 status_context: None,
+                lines: BTreeMap::new(),
             }],
         }
     }

@@ -167,11 +167,23 @@ pub fn check_variables_with(
     with_trigger: bool,
 ) -> Result<(), String> {
     let template = env.get_template(name).map_err(|err| err.to_string())?;
+    let names = Names::of(template.source())?;
+    names.check(env)?;
+    let functions: BTreeSet<&str> = env.globals().map(|(name, _)| name).collect();
     let used: BTreeSet<String> = template.undeclared_variables(true).into_iter().collect();
     for path in used {
         let mut parts = path.splitn(3, '.');
         let root = parts.next().unwrap_or_default();
         let field = parts.next();
+        if functions.contains(root) {
+            continue;
+        }
+        if names.called.contains(root) {
+            return Err(format!(
+                "unknown function `{root}`; the functions are: {}",
+                functions.iter().copied().collect::<Vec<_>>().join(", ")
+            ));
+        }
         let (allowed_root, fields) = if with_trigger && root == "trigger" {
             ("trigger", TRIGGER_FIELDS)
         } else if scheduled {
@@ -196,6 +208,99 @@ pub fn check_variables_with(
         }
     }
     Ok(())
+}
+
+/// The filters, tests, methods and functions a template names. minijinja looks each up
+/// only when a render reaches it, so a misspelt filter would pass `check` and then fail
+/// every trigger of its rule; they are read from the template's tokens instead.
+#[derive(Debug, Default)]
+struct Names<'a> {
+    filters: BTreeSet<&'a str>,
+    tests: BTreeSet<&'a str>,
+    methods: BTreeSet<&'a str>,
+    /// Names called as functions: `range(3)`, never `x.m()` or `x | f()`.
+    called: BTreeSet<&'a str>,
+}
+
+impl<'a> Names<'a> {
+    fn of(source: &'a str) -> Result<Names<'a>, String> {
+        use minijinja::machinery::{Token, WhitespaceConfig, tokenize};
+        let tokens = tokenize(source, false, Default::default(), WhitespaceConfig::default())
+            .map(|token| token.map(|(token, _)| token))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| error_text(&err))?;
+        let ident = |i: usize| match tokens.get(i) {
+            Some(Token::Ident(name)) => Some(*name),
+            _ => None,
+        };
+        let mut names = Names::default();
+        for (i, token) in tokens.iter().enumerate() {
+            match token {
+                // `x | name`, and `{% filter name %}`.
+                Token::Pipe => names.filters.extend(ident(i + 1)),
+                Token::BlockStart if ident(i + 1) == Some("filter") => {
+                    names.filters.extend(ident(i + 2))
+                }
+                // `x is name`, `x is not name`.
+                Token::Ident("is") => {
+                    let at = if ident(i + 1) == Some("not") { i + 2 } else { i + 1 };
+                    names.tests.extend(ident(at));
+                }
+                Token::Ident(name) if matches!(tokens.get(i + 1), Some(Token::ParenOpen)) => {
+                    match i.checked_sub(1).map(|before| &tokens[before]) {
+                        Some(Token::Dot) => {
+                            names.methods.insert(name);
+                        }
+                        Some(Token::Pipe) => {}
+                        Some(Token::Ident("is" | "not" | "filter")) => {}
+                        _ => {
+                            names.called.insert(name);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(names)
+    }
+
+    /// Each filter, test and method must be one the environment has: a filter or test
+    /// it knows, a Python-style method of a string, a list or a map, or a loop's own
+    /// (`loop.cycle`, `loop.changed`).
+    fn check(&self, env: &Environment<'static>) -> Result<(), String> {
+        use minijinja::ErrorKind;
+        let state = env.empty_state();
+        if let Some(name) = self.filters.iter().find(|name| {
+            matches!(state.apply_filter(name, &[]), Err(err) if err.kind() == ErrorKind::UnknownFilter)
+        }) {
+            return Err(format!(
+                "unknown filter `{name}` (minijinja's filters: https://docs.rs/minijinja/latest/minijinja/filters/)"
+            ));
+        }
+        if let Some(name) = self.tests.iter().find(|name| {
+            matches!(state.perform_test(name, &[]), Err(err) if err.kind() == ErrorKind::UnknownTest)
+        }) {
+            return Err(format!(
+                "unknown test `{name}` (minijinja's tests: https://docs.rs/minijinja/latest/minijinja/tests/)"
+            ));
+        }
+        let samples = [
+            Value::from(""),
+            Value::from(Vec::<Value>::new()),
+            Value::from(std::collections::BTreeMap::<String, Value>::new()),
+        ];
+        if let Some(name) = self.methods.iter().find(|name| {
+            !matches!(**name, "cycle" | "changed")
+                && samples.iter().all(|sample| {
+                    matches!(sample.call_method(&state, name, &[]), Err(err) if err.kind() == ErrorKind::UnknownMethod)
+                })
+        }) {
+            return Err(format!(
+                "unknown method `{name}()`; strings, lists and maps have Python's (`startswith`, `split`, `items`, …): https://docs.rs/minijinja-contrib/latest/minijinja_contrib/pycompat/"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Minijinja's error with its detail, on one line.
