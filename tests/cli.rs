@@ -117,7 +117,7 @@ fn serve_refuses_bad_configuration_with_exit_64_before_binding() {
     assert_eq!(output.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("a.toml:1: [gateway] upstream = \"nowhere\" names no [upstream.nowhere]"),
+        stderr.contains("a.toml:2: [gateway] upstream = \"nowhere\" names no [upstream.nowhere]"),
         "{stderr}"
     );
 }
@@ -602,7 +602,7 @@ token = "env:HOOKRELAY_TEST_TOKEN"
         ":13: rule \"b\": when: syntax error",
         ":15: rule \"b\": project: `event.branch` does not exist",
         ":23: rule \"c\": the trigger needs `upstream = \"NAME\"`, one of: gitlab, other",
-        ":31: rule \"nightly\": ref: a scheduled rule has no event",
+        ":32: rule \"nightly\": ref: a scheduled rule has no event",
     ] {
         assert!(
             stderr.contains(expected),

@@ -4,6 +4,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::limit::{RawLimit, compile_limit, only_limit_keys};
+use super::problems::FileProblems;
 use super::{Origin, Problem, parse_size};
 
 /// `[gateway]`: the GitLab-compatible trigger endpoints.
@@ -36,27 +37,33 @@ pub(super) struct RawGateway {
     max_body: Option<Spanned<String>>,
 }
 
-/// Compiles `[gateway]` once every file is read: its upstream must be one of `upstreams`.
-/// An upstream in `broken` (there, with problems of its own) is not reported again.
-pub(super) fn compile(
-    raw: RawGateway,
-    origin: &Origin,
-    upstreams: &[String],
-    broken: &std::collections::BTreeSet<String>,
-    problems: &mut Vec<Problem>,
-) -> Option<GatewayConfig> {
-    let line_problem = |message: String| Problem {
-        file: origin.file.clone(),
-        line: Some(origin.line),
-        message,
-    };
-    let (per_project, per_client, per_token) = match raw.limit.as_ref().map(|l| l.get_ref()) {
+/// `[gateway]` as read from its file: each setting checked where it is written; its
+/// upstream is checked once every file is read ([`compile`]).
+pub(super) struct ReadGateway {
+    /// The `upstream` it names, and its line.
+    upstream: Option<(String, usize)>,
+    per_project: Option<crate::limits::Limit>,
+    per_client: Option<crate::limits::Limit>,
+    per_token: Option<crate::limits::Limit>,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    max_body: usize,
+}
+
+/// Reads `[gateway]`'s settings, each problem at its own line.
+pub(super) fn read(raw: RawGateway, problems: &mut FileProblems<'_>) -> ReadGateway {
+    let (per_project, per_client, per_token) = match &raw.limit {
         None => (None, None, None),
         Some(limit) => {
             let keys = ["per_project", "per_client", "per_token"];
-            let compile =
-                |key| compile_limit(limit, key, "[gateway]", crate::limits::OnLimit::Reject);
-            let compiled = only_limit_keys(limit, "[gateway]", &keys).and_then(|()| {
+            let compile = |key| {
+                compile_limit(
+                    limit.get_ref(),
+                    key,
+                    "[gateway]",
+                    crate::limits::OnLimit::Reject,
+                )
+            };
+            let compiled = only_limit_keys(limit.get_ref(), "[gateway]", &keys).and_then(|()| {
                 Ok((
                     compile("per_project")?,
                     compile("per_client")?,
@@ -66,66 +73,95 @@ pub(super) fn compile(
             match compiled {
                 Ok(limits) => limits,
                 Err(message) => {
-                    problems.push(line_problem(message));
+                    problems.at(Some(limit.span()), message);
                     (None, None, None)
                 }
             }
         }
     };
     let mut trusted_proxies = Vec::new();
-    for text in raw
-        .trusted_proxies
-        .map(Spanned::into_inner)
-        .unwrap_or_default()
-    {
-        let parsed = text
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-        match parsed {
-            Ok(net) => trusted_proxies.push(net),
-            Err(_) => problems.push(line_problem(format!(
-                "[gateway] trusted_proxies: {text:?} is not an IP address or network (\"10.0.0.0/8\")"
-            ))),
+    if let Some(proxies) = &raw.trusted_proxies {
+        for text in proxies.get_ref() {
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => problems.at(
+                    Some(proxies.span()),
+                    format!(
+                        "[gateway] trusted_proxies: {text:?} is not an IP address or network (\"10.0.0.0/8\")"
+                    ),
+                ),
+            }
         }
     }
-    let max_body = match raw.max_body {
+    let max_body = match &raw.max_body {
         None => DEFAULT_GATEWAY_MAX_BODY,
-        Some(text) => match parse_size(text.get_ref()) {
-            Ok(size) => size,
-            Err(err) => {
-                problems.push(line_problem(format!("[gateway] max_body: {err}")));
-                DEFAULT_GATEWAY_MAX_BODY
-            }
-        },
+        Some(text) => parse_size(text.get_ref()).unwrap_or_else(|err| {
+            problems.at(Some(text.span()), format!("[gateway] max_body: {err}"));
+            DEFAULT_GATEWAY_MAX_BODY
+        }),
+    };
+    ReadGateway {
+        upstream: raw
+            .upstream
+            .map(|name| (name.get_ref().clone(), problems.line(name.span().start))),
+        per_project,
+        per_client,
+        per_token,
+        trusted_proxies,
+        max_body,
+    }
+}
+
+/// Compiles `[gateway]` once every file is read: its upstream must be one of `upstreams`.
+/// An upstream in `broken` (there, with problems of its own) is not reported again.
+pub(super) fn compile(
+    read: ReadGateway,
+    origin: &Origin,
+    upstreams: &[String],
+    broken: &std::collections::BTreeSet<String>,
+    problems: &mut Vec<Problem>,
+) -> Option<GatewayConfig> {
+    let problem_at = |line: usize, message: String| Problem {
+        file: origin.file.clone(),
+        line: Some(line),
+        message,
     };
     let gateway = |upstream: String| GatewayConfig {
         upstream,
-        per_project: per_project.clone(),
-        per_client: per_client.clone(),
-        per_token: per_token.clone(),
-        trusted_proxies: trusted_proxies.clone(),
-        max_body,
+        per_project: read.per_project.clone(),
+        per_client: read.per_client.clone(),
+        per_token: read.per_token.clone(),
+        trusted_proxies: read.trusted_proxies.clone(),
+        max_body: read.max_body,
     };
-    let upstream = raw.upstream;
     let known = upstreams.join(", ");
-    match upstream.map(Spanned::into_inner) {
-        Some(name) if upstreams.contains(&name) => Some(gateway(name)),
-        Some(name) if broken.contains(&name) => None,
-        Some(name) => {
-            problems.push(line_problem(format!(
-                "[gateway] upstream = {name:?} names no [upstream.{name}] section (defined: {})",
-                if known.is_empty() { "none" } else { &known }
-            )));
+    match read.upstream.clone() {
+        Some((name, _)) if upstreams.contains(&name) => Some(gateway(name)),
+        Some((name, _)) if broken.contains(&name) => None,
+        Some((name, line)) => {
+            problems.push(problem_at(
+                line,
+                format!(
+                    "[gateway] upstream = {name:?} names no [upstream.{name}] section (defined: {})",
+                    super::defined(upstreams.iter(), broken)
+                ),
+            ));
             None
         }
         None if upstreams.len() == 1 && broken.is_empty() => Some(gateway(known)),
         None if !broken.is_empty() => None,
         None => {
-            problems.push(line_problem(if upstreams.is_empty() {
-                "[gateway] needs an [upstream.NAME] section to forward to".into()
-            } else {
-                format!("[gateway] needs `upstream = \"NAME\"` to choose one of: {known}")
-            }));
+            problems.push(problem_at(
+                origin.line,
+                if upstreams.is_empty() {
+                    "[gateway] needs an [upstream.NAME] section to forward to".into()
+                } else {
+                    format!("[gateway] needs `upstream = \"NAME\"` to choose one of: {known}")
+                },
+            ));
             None
         }
     }

@@ -155,7 +155,7 @@ struct Builder {
     warnings: Vec<Problem>,
     server: Option<(ServerConfig, Origin)>,
     upstreams: BTreeMap<String, (UpstreamConfig, Origin)>,
-    gateway: Option<(gateway::RawGateway, Origin)>,
+    gateway: Option<(gateway::ReadGateway, Origin)>,
     admin: Option<(Option<admin::AdminConfig>, Origin)>,
     sources: BTreeMap<String, (SourceConfig, Origin)>,
     /// `[upstream.NAME]` and `[source.NAME]` sections that are there but had problems of
@@ -198,6 +198,16 @@ fn duplicate_table(text: &str, err: &toml::de::Error) -> Option<Duplicate> {
         .rev()
         .find(|&l| lines[l].trim_start().starts_with('['))?;
     Some(Duplicate::KeyUnder { header_line })
+}
+
+/// The names of the sections of a kind, those with problems of their own included (a
+/// typo of a name should show the name meant), for "names no [...] (defined: ...)".
+fn defined<'a>(working: impl Iterator<Item = &'a String>, broken: &'a BTreeSet<String>) -> String {
+    let names: BTreeSet<&String> = working.chain(broken).collect();
+    match names.is_empty() {
+        true => "none".into(),
+        false => names.into_iter().cloned().collect::<Vec<_>>().join(", "),
+    }
 }
 
 impl Builder {
@@ -272,7 +282,7 @@ impl Builder {
                                 format!("[gateway] is already defined at {first}"),
                             );
                         } else {
-                            self.gateway = Some((raw, origin));
+                            self.gateway = Some((gateway::read(raw, &mut problems), origin));
                         }
                     }
                 }
@@ -580,11 +590,10 @@ impl Builder {
                 // Its own problems are reported where it is.
                 ok = false;
             } else {
-                let known = self.sources.keys().cloned().collect::<Vec<_>>().join(", ");
                 problem(format!(
                     "rule {:?}: source {source:?} names no [source.{source}] (defined: {})",
                     spec.name,
-                    if known.is_empty() { "none" } else { &known }
+                    defined(self.sources.keys(), &self.broken_sources)
                 ));
                 ok = false;
             }
@@ -648,11 +657,7 @@ impl Builder {
                 format!(
                     "rule {:?}: upstream {name:?} names no [upstream.{name}] (defined: {})",
                     spec.name,
-                    if upstream_names.is_empty() {
-                        "none"
-                    } else {
-                        &upstream_names
-                    }
+                    defined(self.upstreams.keys(), &self.broken_upstreams)
                 ),
             ),
             Some((name, _)) => {
@@ -730,15 +735,15 @@ impl Builder {
                     line: Some(origin.line),
                     message: format!(
                         "source.{name}.upstream: {upstream:?} names no [upstream.{upstream}] (defined: {})",
-                        self.upstreams.keys().cloned().collect::<Vec<_>>().join(", ")
+                        defined(self.upstreams.keys(), &self.broken_upstreams)
                     ),
                 });
             }
         }
-        let gateway = self.gateway.take().and_then(|(raw, origin)| {
+        let gateway = self.gateway.take().and_then(|(read, origin)| {
             let upstreams: Vec<String> = self.upstreams.keys().cloned().collect();
             gateway::compile(
-                raw,
+                read,
                 &origin,
                 &upstreams,
                 &self.broken_upstreams,

@@ -396,8 +396,8 @@ fn limits_are_checked_where_they_are_written() {
     ));
     let expected = [
         "a.toml:3: [upstream.gl] limit.per_project: \"fast\" is not a rate",
-        "a.toml:5: [gateway] limit.rate is not a setting here; use per_project, per_client, per_token",
-        "a.toml:5: [gateway] trusted_proxies: \"proxy\" is not an IP address or network",
+        "a.toml:6: [gateway] limit.rate is not a setting here; use per_project, per_client, per_token",
+        "a.toml:7: [gateway] trusted_proxies: \"proxy\" is not an IP address or network",
         "a.toml:12: [source.s] limit.on_limit: \"later\" is not \"reject\" or \"queue\"",
     ];
     assert_eq!(problems.len(), expected.len(), "{problems:#?}");
@@ -1016,7 +1016,8 @@ status_context = "{{ trigger.token }}"
 /// A section with problems of its own is reported once, where it is: a rule, a source or
 /// the gateway naming it is not also told that nothing by that name is defined (before,
 /// a short secret in [source.github] read as two problems, the second "names no
-/// [source.github] (defined: none)"). A name that is nowhere is still reported.
+/// [source.github] (defined: none)"). A name that is nowhere is still reported, with
+/// every section of its kind as defined, those with problems too (the name meant).
 #[test]
 fn a_section_with_problems_is_reported_once_not_again_where_it_is_named() {
     let problems = messages(load_text(
@@ -1076,8 +1077,8 @@ token = "env:T"
         "a.toml:3: ",
         "a.toml:7: unknown field `colour`",
         "a.toml:14: source.github.secret: the secret is 9 bytes",
-        "a.toml:38: rule \"typo\": source \"gthub\" names no [source.gthub] (defined: pipelines)",
-        "a.toml:40: rule \"typo\": upstream \"gitlba\" names no [upstream.gitlba] (defined: none)",
+        "a.toml:38: rule \"typo\": source \"gthub\" names no [source.gthub] (defined: github, pipelines)",
+        "a.toml:40: rule \"typo\": upstream \"gitlba\" names no [upstream.gitlba] (defined: gitlab, other)",
     ];
     for (problem, expected) in problems.iter().zip(expect) {
         assert!(
@@ -1170,6 +1171,9 @@ variables = { FOR = "{% for c in event.commits %}{{ loop.cycle('a', 'b') }}{% if
     ];
     assert_eq!(problems.len(), expect.len(), "{problems:#?}");
     for (problem, expected) in problems.iter().zip(expect) {
-        assert!(problem.starts_with(expected), "{problem}\n  should start {expected}");
+        assert!(
+            problem.starts_with(expected),
+            "{problem}\n  should start {expected}"
+        );
     }
 }

@@ -225,10 +225,15 @@ struct Names<'a> {
 impl<'a> Names<'a> {
     fn of(source: &'a str) -> Result<Names<'a>, String> {
         use minijinja::machinery::{Token, WhitespaceConfig, tokenize};
-        let tokens = tokenize(source, false, Default::default(), WhitespaceConfig::default())
-            .map(|token| token.map(|(token, _)| token))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| error_text(&err))?;
+        let tokens = tokenize(
+            source,
+            false,
+            Default::default(),
+            WhitespaceConfig::default(),
+        )
+        .map(|token| token.map(|(token, _)| token))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| error_text(&err))?;
         let ident = |i: usize| match tokens.get(i) {
             Some(Token::Ident(name)) => Some(*name),
             _ => None,
@@ -243,7 +248,11 @@ impl<'a> Names<'a> {
                 }
                 // `x is name`, `x is not name`.
                 Token::Ident("is") => {
-                    let at = if ident(i + 1) == Some("not") { i + 2 } else { i + 1 };
+                    let at = if ident(i + 1) == Some("not") {
+                        i + 2
+                    } else {
+                        i + 1
+                    };
                     names.tests.extend(ident(at));
                 }
                 Token::Ident(name) if matches!(tokens.get(i + 1), Some(Token::ParenOpen)) => {
