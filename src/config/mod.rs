@@ -883,7 +883,12 @@ fn section<T: DeserializeOwned>(
     match T::deserialize(value.into_deserializer()) {
         Ok(raw) => Some(raw),
         Err(err) => {
-            problems.at(err.span().or(Some(span)), err.message());
+            let span = err.span().unwrap_or(span);
+            let message = match problems.key_at(span.start) {
+                Some(key) => format!("{key}: {}", err.message()),
+                None => err.message().to_owned(),
+            };
+            problems.at(Some(span), message);
             None
         }
     }

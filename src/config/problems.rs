@@ -85,6 +85,20 @@ impl<'a> FileProblems<'a> {
     pub fn line(&self, offset: usize) -> usize {
         line_of(self.text, offset)
     }
+
+    /// The key whose value starts at byte `offset` (`allow_sha1` for `allow_sha1 = "yes"`,
+    /// `header` inside `{ header = 1 }`), read from the text before it on its line: the
+    /// TOML reader's type errors ("invalid type: string \"yes\", expected a boolean") name
+    /// the value, not the key.
+    pub fn key_at(&self, offset: usize) -> Option<&'a str> {
+        let before = self.text.get(..offset)?;
+        let line = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
+        let key = line.trim_end().strip_suffix('=')?.trim_end();
+        let start = key
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        Some(&key[start..]).filter(|key| !key.is_empty())
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -112,5 +126,18 @@ mod tests {
             shown,
             ["x.toml:1: first", "x.toml:2: second", "x.toml: whole"]
         );
+    }
+
+    #[test]
+    fn the_key_of_a_value_is_read_from_its_line() {
+        let text = "[s]\nallow_sha1 = \"yes\"\nsig = { header = 1, algorithm = 2 }\n[t]\n";
+        let problems = FileProblems::new(Path::new("x.toml"), text);
+        let at = |needle: &str| problems.key_at(text.find(needle).unwrap());
+        assert_eq!(at("\"yes\""), Some("allow_sha1"));
+        assert_eq!(at("{ header"), Some("sig"));
+        assert_eq!(at("1,"), Some("header"));
+        assert_eq!(at("2 }"), Some("algorithm"));
+        assert_eq!(at("allow_sha1"), None);
+        assert_eq!(at("[t]"), None);
     }
 }
