@@ -87,4 +87,46 @@ mod tests {
             Some(Utc.with_ymd_and_hms(2026, 1, 1, 0, 15, 0).unwrap())
         );
     }
+
+    /// Across a change of daylight saving time a schedule fires as cron does: a time the
+    /// spring change skips fires at the first time after it (03:00), a time the autumn
+    /// change repeats fires once, and a schedule of every hour or minute fires in both of
+    /// the repeated hours.
+    #[test]
+    fn daylight_saving_changes_fire_as_cron_does() {
+        let times = |text: &str, start: DateTime<Utc>| {
+            let schedule = Schedule::parse(text, Some("Europe/Berlin")).unwrap();
+            std::iter::successors(schedule.next_after(start), |t| schedule.next_after(*t))
+                .take(3)
+                .map(|t| schedule.time_text(t))
+                .collect::<Vec<_>>()
+        };
+        let spring = Utc.with_ymd_and_hms(2026, 3, 28, 12, 0, 0).unwrap();
+        let autumn = Utc.with_ymd_and_hms(2026, 10, 24, 12, 0, 0).unwrap();
+        assert_eq!(
+            times("30 2 * * *", spring),
+            [
+                "2026-03-29T03:00:00+02:00",
+                "2026-03-30T02:30:00+02:00",
+                "2026-03-31T02:30:00+02:00"
+            ]
+        );
+        assert_eq!(
+            times("30 2 * * *", autumn),
+            [
+                "2026-10-25T02:30:00+02:00",
+                "2026-10-26T02:30:00+01:00",
+                "2026-10-27T02:30:00+01:00"
+            ]
+        );
+        let before_repeat = Utc.with_ymd_and_hms(2026, 10, 24, 23, 50, 0).unwrap();
+        assert_eq!(
+            times("*/30 * * * *", before_repeat),
+            [
+                "2026-10-25T02:00:00+02:00",
+                "2026-10-25T02:30:00+02:00",
+                "2026-10-25T02:00:00+01:00"
+            ]
+        );
+    }
 }
