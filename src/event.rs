@@ -51,6 +51,12 @@ impl Provider {
         !matches!(self, Provider::Generic)
     }
 
+    /// Whether the sender can be set to deliver with `GET`, the JSON payload in the URL's
+    /// `payload` parameter (Gitea's and Forgejo's "HTTP Method: GET"), signed as with POST.
+    pub fn delivers_with_get(self) -> bool {
+        matches!(self, Provider::Gitea | Provider::Forgejo)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Github => "github",

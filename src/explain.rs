@@ -95,6 +95,8 @@ struct Webhook {
     body: Bytes,
     /// How messages name it: `delivery ID` or the file's path.
     shown_as: String,
+    /// A stored delivery's `?ref=`, used unless `--ref` is given.
+    url_ref: Option<String>,
 }
 
 impl Webhook {
@@ -116,6 +118,7 @@ impl Webhook {
                     headers: stored.headers,
                     body: stored.body,
                     shown_as: format!("delivery {}", stored.delivery_id),
+                    url_ref: stored.url_ref,
                 })
             }
             (None, Some(payload)) => {
@@ -126,6 +129,7 @@ impl Webhook {
                     headers: Vec::new(),
                     body: Bytes::from(body),
                     shown_as: payload.display().to_string(),
+                    url_ref: None,
                 })
             }
             _ => Err("give either a payload file or --delivery ID".into()),
@@ -206,14 +210,19 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
     let mut webhook = Webhook::read(request, &config)?;
     let source = chosen_source(request, &config, webhook.source.take())?;
     let (headers, assumed) = request_headers(request, source.provider, &webhook)?;
-    let url_ref = request
-        .url_ref
-        .map(|text| crate::git_ref::GitRef::parse(text).map_err(|err| format!("--ref: {err}")))
+    // `--ref`, else the `?ref=` a stored delivery arrived with.
+    let (url_ref, named) = match (request.url_ref, webhook.url_ref.as_deref()) {
+        (Some(text), _) => (Some(text), "--ref".to_owned()),
+        (None, Some(text)) => (Some(text), format!("the ?ref={text} it arrived with")),
+        (None, None) => (None, String::new()),
+    };
+    let url_ref = url_ref
+        .map(|text| crate::git_ref::GitRef::parse(text).map_err(|err| format!("{named}: {err}")))
         .transpose()?;
     if let Some(git_ref) = &url_ref {
         source
             .allows_url_ref(git_ref)
-            .map_err(|reason| format!("--ref (as ?ref= would be answered 400): {reason}"))?;
+            .map_err(|reason| format!("{named} (as ?ref= would be answered 400): {reason}"))?;
     }
     let received = sources::receive(
         source,
@@ -405,7 +414,7 @@ fn write_rules(
         match &plan.trigger {
             Ok(trigger) => {
                 let ref_origin = if url_ref.is_some() {
-                    "  (from --ref, as ?ref= would)"
+                    "  (from ?ref=, which overrides every trigger's ref)"
                 } else {
                     ""
                 };

@@ -66,6 +66,7 @@ pub async fn handle(
         .map_err(refused)?;
     let (planned, unmatched) = plan(app, runtime, source, &received, url_ref.as_ref());
     let mut reply = reply(&source.name, &received);
+    reply.url_ref = url_ref.as_ref().map(GitRef::as_str);
     explain_unmatched(&mut reply, runtime, source, unmatched);
     let built = build(&runtime.config, source, &received, planned);
     reply.errors = built.errors;
@@ -673,6 +674,10 @@ pub struct Reply<'a> {
     /// The stored webhook a `replay --replan` ran again (in the record only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replan_of: Option<&'a str>,
+    /// The webhook URL's `?ref=`, which every trigger built: kept with the delivery, so a
+    /// replan (and `explain --delivery`) builds it again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_ref: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub triggers: Option<Vec<QueuedEntry>>,
 }
@@ -719,6 +724,7 @@ pub fn reply<'a>(source: &'a str, received: &'a Received) -> Reply<'a> {
         duplicate: None,
         turned_away: None,
         replan_of: None,
+        url_ref: None,
         triggers: None,
     }
 }

@@ -82,10 +82,27 @@ pub fn replan_with(
             ));
         }
     };
+    // The `?ref=` it arrived with builds every trigger again, if the source still allows it.
+    let url_ref = stored
+        .url_ref
+        .as_deref()
+        .map(|text| {
+            let git_ref = crate::git_ref::GitRef::parse(text).map_err(|err| err.to_string())?;
+            source.allows_url_ref(&git_ref)?;
+            Ok(git_ref)
+        })
+        .transpose()
+        .map_err(|reason: String| {
+            format!(
+                "delivery {} arrived with ?ref={}, which builds every trigger of it, but the configuration in {named} does not take it now: {reason}",
+                stored.delivery_id,
+                stored.url_ref.as_deref().unwrap_or_default(),
+            )
+        })?;
     let mut planned = Vec::new();
     let mut problems = Vec::new();
     for event in events {
-        let found = config.rules.plan(event, None);
+        let found = config.rules.plan(event, url_ref.as_ref());
         if found.is_empty() {
             for (rule, why) in config.rules.verdicts(event) {
                 if let Some(why) = why {
@@ -120,6 +137,7 @@ pub fn replan_with(
     let delivery_id = format!("{}~replan-{}", stored.delivery_id, crate::outbox::now_ms());
     let mut summary = crate::hooks::reply(&source.name, &received);
     summary.replan_of = Some(&stored.delivery_id);
+    summary.url_ref = url_ref.as_ref().map(crate::git_ref::GitRef::as_str);
     summary.triggers = Some(queued.clone());
     let delivery = NewDelivery {
         source: source.name.clone(),

@@ -411,12 +411,10 @@ async fn dispatch(
             }
             _ => Err(not_allowed("GET, HEAD")),
         },
-        Route::Hook { source } => {
-            if method != Method::POST {
-                return Err(not_allowed("POST"));
-            }
-            webhook(app, source, request).await
-        }
+        Route::Hook { source } => match method {
+            Method::POST | Method::GET => webhook(app, source, request).await,
+            _ => Err(not_allowed("POST")),
+        },
         Route::UnencodedProject { use_instead } => Err(ApiError::UnencodedProject {
             path: crate::clipped::clipped(request.uri().path()),
             use_instead: crate::clipped::clipped(&use_instead),
@@ -556,10 +554,21 @@ async fn webhook(
         .sources
         .get(source)
         .ok_or_else(|| ApiError::UnknownSource(crate::clipped::clipped(source)))?;
+    if request.method() == Method::GET && !config.provider.delivers_with_get() {
+        return Err(ApiError::MethodNotAllowed {
+            method: "GET".into(),
+            allowed: "POST",
+        });
+    }
     if let Some(err) = crate::sources::missing_proof(config, request.headers()) {
         tracing::warn!(source = %config.name, provider = %config.provider, error = %err, "webhook refused before its body was read");
         app.metrics.signature_failure(&config.name);
         return Err(err.into());
+    }
+    if request.method() == Method::GET {
+        let (parts, _) = request.into_parts();
+        let payload = payload_in_query(&parts.uri, app.server.max_body)?;
+        return crate::hooks::handle(app, &runtime, config, &parts, &payload, None).await;
     }
     let (parts, body, room) =
         match read_body(app, request, (app.server.max_body, "[server] max_body")).await {
@@ -578,6 +587,29 @@ async fn webhook(
             read => read?,
         };
     crate::hooks::handle(app, &runtime, config, &parts, &body, room.held).await
+}
+
+/// A `GET` webhook's payload: the URL's `payload` parameter, decoded (the URL is bounded
+/// by the HTTP layer: about 64 KiB). Its body, if any, is not read.
+fn payload_in_query(uri: &http::Uri, max_body: usize) -> Result<Bytes, ApiError> {
+    let payload = uri
+        .query()
+        .and_then(|query| {
+            form_urlencoded::parse(query.as_bytes()).find(|(name, _)| name == "payload")
+        })
+        .map(|(_, value)| Bytes::from(value.into_owned()))
+        .ok_or_else(|| {
+            crate::sources::SourceError::Payload(
+                "a GET webhook carries its JSON in the URL's `payload` parameter, and this one has none".into(),
+            )
+        })?;
+    if payload.len() > max_body {
+        return Err(ApiError::BodyTooLarge {
+            limit: max_body,
+            setting: "[server] max_body",
+        });
+    }
+    Ok(payload)
 }
 
 /// How long a gateway call waits for a place for its record before it is refused `503`

@@ -1060,6 +1060,97 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     assert_eq!(code, Some(0));
 }
 
+/// A webhook whose URL chose its ref (`?ref=stable`) keeps that choice: its answer and
+/// record say `url_ref`, `explain --delivery` and `replay --replan` build that ref again
+/// (before, a replan built the event's own ref), and a replan is refused, saying why, once
+/// the source no longer lets a URL choose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replan_builds_the_ref_the_webhook_url_chose() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "s3cret-for-the-tests");
+    let relay = |url_refs: &str| {
+        format!(
+            "[upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:secret\"\nurl_refs = [\"{url_refs}\"]\n",
+            upstream.url()
+        )
+    };
+    write(dir.path(), "00-relay.toml", &relay("stable"));
+    let rule = |refs: &str| {
+        format!(
+            "[[rule]]\nname = \"releases\"\nsource = \"github\"\nevents = [\"tag\"]\nrefs = [\"{refs}\"]\n\
+             [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\n"
+        )
+    };
+    write(dir.path(), "10-rule.toml", &rule("release-*"));
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    let reply = signed_github(
+        &format!("http://{address}/hooks/github?ref=stable"),
+        "s3cret-for-the-tests",
+        "push",
+        "url-ref-1",
+        "github/push_tag.json",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["url_ref"], "stable", "{}", reply.text());
+    let code = served.terminate().0;
+    assert_eq!(code, Some(0));
+
+    let state = dir.path().join("state");
+    let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
+    write(dir.path(), "10-rule.toml", &rule("simple-*"));
+    let run = |args: &[&str]| {
+        let output = Command::new(BIN)
+            .args(args)
+            .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code(), said)
+    };
+    let explain = [
+        "explain",
+        "--config",
+        config,
+        "--state",
+        state,
+        "--delivery",
+        "url-ref-1",
+    ];
+    let (code, said) = run(&explain);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("ref       stable  (from ?ref="), "{said}");
+    let replan = [
+        "replay",
+        "--replan",
+        "--config",
+        config,
+        "--state",
+        state,
+        "url-ref-1",
+    ];
+    let (code, said) = run(&replan);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("rule releases -> project acme/app, ref stable"),
+        "{said}"
+    );
+
+    write(dir.path(), "00-relay.toml", &relay("release"));
+    let (code, said) = run(&replan);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("delivery url-ref-1 arrived with ?ref=stable") && said.contains("url_refs"),
+        "{said}"
+    );
+}
+
 /// The operator's path when nothing ran: the answer and `deliveries` say why, the rule is
 /// fixed, `replay --replan` runs the stored webhook through it, and a trigger retrying
 /// against a 429 is cancelled.

@@ -747,6 +747,68 @@ async fn gitea_form_bodies_are_signed_over_the_payload_field() {
     );
 }
 
+/// Gitea and Forgejo can deliver with `GET` ("HTTP Method: GET"): the JSON in the URL's
+/// `payload` parameter (beside any parameter the webhook URL had), signed as with POST.
+/// No other sender does, so a GET to their sources stays `405`.
+#[tokio::test]
+async fn gitea_and_forgejo_deliver_with_get_the_payload_in_the_url() {
+    let relay = relay().await;
+    let json = fixture("gitea/push.json");
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", std::str::from_utf8(&json).unwrap())
+        .finish();
+    let sig = signed_headers("gitea/push.json");
+    let signature = &sig
+        .iter()
+        .find(|(k, _)| k == "X-Gitea-Signature")
+        .unwrap()
+        .1;
+    for source in ["gitea", "forgejo"] {
+        let headers = [
+            ("X-Gitea-Event", "push"),
+            ("X-Gitea-Delivery", source),
+            ("X-Gitea-Signature", signature.as_str()),
+        ];
+        let url = relay.url(&format!("/hooks/{source}?{query}"));
+        let r = send("GET", &url, &headers, Vec::new()).await;
+        assert_events(
+            &r,
+            "example/example",
+            &[("push", "refs/heads/master", Z, "67b56589a4", None)],
+        );
+        // The signature covers the payload: another payload is refused.
+        let tampered = url.replace("master", "main");
+        let r = send("GET", &tampered, &headers, Vec::new()).await;
+        assert_eq!(r.status, 401, "{}", r.text());
+        // Without a payload there is nothing to read.
+        let r = send(
+            "GET",
+            &relay.url(&format!("/hooks/{source}?x=1")),
+            &headers,
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(
+            r.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("`payload` parameter"),
+            "{}",
+            r.text()
+        );
+    }
+    let r = send(
+        "GET",
+        &relay.url(&format!("/hooks/github?{query}")),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.json()["message"], "GET is not allowed here; use POST");
+}
+
 #[tokio::test]
 async fn gogs_every_fixture() {
     let relay = relay().await;

@@ -892,19 +892,26 @@ pub struct StoredWebhook {
     pub received_at: i64,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// The webhook URL's `?ref=` it arrived with, which overrode its triggers' refs (as its
+    /// stored answer says: `url_ref`).
+    pub url_ref: Option<String>,
 }
 
 impl StoredWebhook {
     /// A stored row as an engine reads it: headers as stored (JSON), the body as stored
-    /// (see [`StoredBody`]), `received_at` on the relay's clock.
+    /// (see [`StoredBody`]), `received_at` on the relay's clock, and its stored answer.
     pub(crate) fn from_stored(
         delivery_id: &str,
         source: String,
         headers: &str,
-        body: Vec<u8>,
-        encoding: Option<&str>,
+        (body, encoding): (Vec<u8>, Option<&str>),
         received_at: i64,
+        summary: &str,
     ) -> Result<StoredWebhook, EngineError> {
+        #[derive(serde::Deserialize)]
+        struct Summary {
+            url_ref: Option<String>,
+        }
         Ok(StoredWebhook {
             delivery_id: delivery_id.to_owned(),
             source,
@@ -912,6 +919,9 @@ impl StoredWebhook {
             headers: serde_json::from_str(headers)
                 .map_err(|err| EngineError::failed(format!("stored headers: {err}")))?,
             body: Bytes::from(StoredBody::decode(body, encoding).map_err(EngineError::failed)?),
+            url_ref: serde_json::from_str::<Summary>(summary)
+                .ok()
+                .and_then(|summary| summary.url_ref),
         })
     }
 }

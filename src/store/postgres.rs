@@ -1186,7 +1186,7 @@ impl Engine for PostgresEngine {
             .client()
             .query_opt(
                 &format!(
-                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at
+                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
                      FROM sources,
                           LATERAL (SELECT * FROM hr_deliveries d
                                    WHERE d.source = sources.source AND d.delivery_id = $1 OFFSET 0) d
@@ -1200,9 +1200,9 @@ impl Engine for PostgresEngine {
                 delivery_id,
                 row.get(0),
                 row.get(1),
-                row.get(2),
-                row.get(3),
+                (row.get(2), row.get(3)),
                 row.get::<_, i64>(4) - self.skew_ms,
+                row.get(5),
             )
         })
         .transpose()

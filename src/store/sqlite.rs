@@ -828,7 +828,7 @@ impl Engine for SqliteEngine {
         self.conn
             .query_row(
                 &format!(
-                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at
+                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
                      FROM sources CROSS JOIN deliveries d
                      WHERE d.source = sources.source AND d.delivery_id = ?1
                      ORDER BY d.id DESC LIMIT 1"
@@ -839,9 +839,9 @@ impl Engine for SqliteEngine {
                         delivery_id,
                         row.get(0)?,
                         &row.get::<_, String>(1)?,
-                        row.get(2)?,
-                        row.get::<_, Option<String>>(3)?.as_deref(),
+                        (row.get(2)?, row.get::<_, Option<String>>(3)?.as_deref()),
                         row.get(4)?,
+                        &row.get::<_, String>(5)?,
                     ))
                 },
             )
