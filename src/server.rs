@@ -541,7 +541,8 @@ async fn gateway_call(
 }
 
 /// A webhook for `source`: refused before its body is read when it cannot be valid, then
-/// handled (verify, plan, limit, record, reply).
+/// handled (verify, plan, limit, record, reply). A `GET` (Gitea's and Forgejo's option)
+/// carries its payload in the URL instead of the body.
 async fn webhook(
     app: &App,
     source: &str,
@@ -589,8 +590,8 @@ async fn webhook(
     crate::hooks::handle(app, &runtime, config, &parts, &body, room.held).await
 }
 
-/// A `GET` webhook's payload: the URL's `payload` parameter, decoded (the URL is bounded
-/// by the HTTP layer: about 64 KiB). Its body, if any, is not read.
+/// A `GET` webhook's payload: the URL's `payload` parameter, decoded (a request's line and
+/// headers are bounded at 32 KiB before the relay sees them). Its body, if any, is not read.
 fn payload_in_query(uri: &http::Uri, max_body: usize) -> Result<Bytes, ApiError> {
     let payload = uri
         .query()
