@@ -154,12 +154,16 @@ if [[ -n $stalled ]]; then
 fi
 
 # The drain: stop the relays, queue a backlog with GitLab "down" (a closed port), then
-# start one relay with GitLab up and time it.
+# start one relay with GitLab up and time it. Retries are at most 100 ms apart: a head
+# tried while GitLab was down would otherwise wait out its retry delay (seconds, and
+# more for each try) after GitLab is back, and with 1,000 project+refs those delays,
+# not the relay, made the drain's pace (one run read 507/s, the next 1,983/s, one binary).
 drain() { # drain NAME PROJECT-TEMPLATE COUNT
   local name=$1 project=$2 count=$3
   for pid in "${relay_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait "${relay_pids[@]}" 2>/dev/null || true
   relay_pids=()
+  printf '[delivery]\nretry_base = "10ms"\nretry_cap = "100ms"\n' >"$work/pg-config/delivery.toml"
   rules "$(free_port)" "$project" >"$work/pg-config/relay.toml"
   start_relay 0
   python3 - "${relay_ports[0]}" "$payload" "$secret" "$count" "$name" <<'PY'

@@ -413,7 +413,12 @@ async fn dispatch(
         },
         Route::Hook { source } => match method {
             Method::POST | Method::GET => webhook(app, source, request).await,
-            _ => Err(not_allowed("POST")),
+            _ => Err(not_allowed(
+                match app.runtime().config.sources.get(source) {
+                    Some(config) if config.provider.delivers_with_get() => "POST, GET",
+                    _ => "POST",
+                },
+            )),
         },
         Route::UnencodedProject { use_instead } => Err(ApiError::UnencodedProject {
             path: crate::clipped::clipped(request.uri().path()),

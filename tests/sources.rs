@@ -807,6 +807,18 @@ async fn gitea_and_forgejo_deliver_with_get_the_payload_in_the_url() {
     .await;
     assert_eq!(r.status, 405, "{}", r.text());
     assert_eq!(r.json()["message"], "GET is not allowed here; use POST");
+    // `Allow` names what the source takes.
+    for (source, allowed) in [("gitea", "POST, GET"), ("github", "POST")] {
+        let r = send(
+            "PUT",
+            &relay.url(&format!("/hooks/{source}")),
+            &[],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(r.status, 405, "{}", r.text());
+        assert_eq!(r.headers["allow"], allowed);
+    }
 }
 
 #[tokio::test]
