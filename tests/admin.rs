@@ -101,7 +101,20 @@ async fn the_dashboard_shows_deliveries_escaped_and_acts_only_with_the_token() {
     );
     let bad = send("GET", &url("/api/deliveries?state=bogus"), &[], "").await;
     assert_eq!(bad.status, 400);
-    assert!(bad.json()["message"].as_str().unwrap().contains("state"));
+    assert_eq!(
+        bad.json()["message"],
+        "state: \"bogus\" is not one of: queued, retrying, sending, sent, failed, cancelled, superseded, none, duplicate, refused"
+    );
+    let bad = send("GET", &url("/api/deliveries?kind=bogus"), &[], "").await;
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.json()["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("kind: \"bogus\" is not one of: webhook, gateway"),
+        "{}",
+        bad.text()
+    );
 
     // The pages: everything from the payload is escaped, control characters shown.
     let encoded = "d-%3Cb%3E1%3C%2Fb%3E";

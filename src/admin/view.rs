@@ -73,15 +73,22 @@ impl Filters {
             })
         };
         use clap::ValueEnum;
-        let state = choice(&self.state, "state")?
-            .map(|v| {
-                StateFilter::from_str(&v, true).map_err(|_| format!("state: {v:?} is not a state"))
+        /// `name: "v" is not one of: a, b, c`, the choices as the command line names them.
+        fn one_of<T: ValueEnum>(name: &str, value: &str) -> Result<T, String> {
+            T::from_str(value, true).map_err(|_| {
+                let choices: Vec<String> = T::value_variants()
+                    .iter()
+                    .filter_map(|v| v.to_possible_value())
+                    .map(|v| v.get_name().to_owned())
+                    .collect();
+                format!("{name}: {value:?} is not one of: {}", choices.join(", "))
             })
+        }
+        let state = choice(&self.state, "state")?
+            .map(|v| one_of::<StateFilter>("state", &v))
             .transpose()?;
         let kind = choice(&self.kind, "kind")?
-            .map(|v| {
-                DeliveryKind::from_str(&v, true).map_err(|_| format!("kind: {v:?} is not a kind"))
-            })
+            .map(|v| one_of::<DeliveryKind>("kind", &v))
             .transpose()?;
         let before = match self.before.split_once('.') {
             None if self.before.is_empty() => None,
