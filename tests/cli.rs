@@ -1060,6 +1060,15 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     assert_eq!(code, Some(0));
 }
 
+/// A rule `releases` for GitHub tags whose names match `refs`, triggering `acme/app` on
+/// `main`: the two replan tests fix it by changing `refs`.
+fn releases_rule(refs: &str) -> String {
+    format!(
+        "[[rule]]\nname = \"releases\"\nsource = \"github\"\nevents = [\"tag\"]\nrefs = [\"{refs}\"]\n\
+         [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\n"
+    )
+}
+
 /// A webhook whose URL chose its ref (`?ref=stable`) keeps that choice: its answer and
 /// record say `url_ref`, `explain --delivery` and `replay --replan` build that ref again
 /// (before, a replan built the event's own ref), and a replan is refused, saying why, once
@@ -1076,13 +1085,7 @@ async fn a_replan_builds_the_ref_the_webhook_url_chose() {
         )
     };
     write(dir.path(), "00-relay.toml", &relay("stable"));
-    let rule = |refs: &str| {
-        format!(
-            "[[rule]]\nname = \"releases\"\nsource = \"github\"\nevents = [\"tag\"]\nrefs = [\"{refs}\"]\n\
-             [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\n"
-        )
-    };
-    write(dir.path(), "10-rule.toml", &rule("release-*"));
+    write(dir.path(), "10-rule.toml", &releases_rule("release-*"));
     let mut served = serve_in(dir.path());
     let address = served.address();
     let reply = signed_github(
@@ -1100,7 +1103,7 @@ async fn a_replan_builds_the_ref_the_webhook_url_chose() {
 
     let state = dir.path().join("state");
     let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
-    write(dir.path(), "10-rule.toml", &rule("simple-*"));
+    write(dir.path(), "10-rule.toml", &releases_rule("simple-*"));
     let run = |args: &[&str]| {
         let output = Command::new(BIN)
             .args(args)
@@ -1167,13 +1170,7 @@ async fn why_nothing_ran_then_replan_then_cancel() {
             upstream.url()
         ),
     );
-    let rule = |refs: &str| {
-        format!(
-            "[[rule]]\nname = \"releases\"\nsource = \"github\"\nevents = [\"tag\"]\nrefs = [\"{refs}\"]\n\
-             [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\n"
-        )
-    };
-    write(dir.path(), "10-rule.toml", &rule("release-*"));
+    write(dir.path(), "10-rule.toml", &releases_rule("release-*"));
     let mut served = serve_in(dir.path());
     let address = served.address();
     let url = format!("http://{address}/hooks/github");
@@ -1281,7 +1278,7 @@ async fn why_nothing_ran_then_replan_then_cancel() {
 
     // The rule fixed; the stored webhook replanned by a unique start of its id. GitLab
     // answers 429 for an hour, so the new trigger waits to be retried.
-    write(dir.path(), "10-rule.toml", &rule("simple-*"));
+    write(dir.path(), "10-rule.toml", &releases_rule("simple-*"));
     upstream.answer_next(
         Answer::new(429, r#"{"message":"429 Too Many Requests"}"#).header("retry-after", "3600"),
     );
