@@ -273,6 +273,15 @@ fn compile_events(
         None => vec![EventKind::Push, EventKind::Tag],
         Some(events) => {
             let span = events.span();
+            if events.get_ref().is_empty() {
+                problems.at(
+                    Some(span),
+                    format!(
+                        "rule {name:?}: `events` is an empty list, so the rule would never run; leave it out for push and tag, or list some of push, tag and delete"
+                    ),
+                );
+                return Vec::new();
+            }
             let mut kinds = Vec::new();
             for event in events.into_inner() {
                 match event.as_str() {
