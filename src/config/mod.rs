@@ -225,7 +225,11 @@ impl Builder {
                             Some(name) if !header.starts_with("[[") => format!(
                                 "table {header} is defined twice; for several, write [[{name}]] before each one (an array of tables)"
                             ),
-                            _ => format!("table {header} is defined twice"),
+                            Some(name) => format!(
+                                "table {header} is defined twice: an earlier [{}] (one table) is in the way; for several, write {header} before each one, the first one too",
+                                name.trim_start_matches('[').trim_end_matches(']')
+                            ),
+                            None => format!("table {header} is defined twice"),
                         };
                         problems.at(err.span(), hint);
                     }

@@ -734,6 +734,19 @@ fn a_table_defined_twice_suggests_an_array_of_tables() {
             "b.toml:10: table [rule.trigger] is defined twice; for several, write [[rule.trigger]] before each one (an array of tables)",
         ]
     );
+    // The second one written as an array of tables, the first not.
+    let rules = rules.replace(
+        "[rule.trigger]\nproject = \"a/c\"",
+        "[[rule.trigger]]\nproject = \"a/c\"",
+    );
+    let found = messages(load_text(
+        &[("a.toml", GITHUB_AND_GITLAB), ("b.toml", &rules)],
+        SECRETS,
+    ));
+    assert_eq!(
+        found[0],
+        "b.toml:7: table [[rule.trigger]] is defined twice: an earlier [rule.trigger] (one table) is in the way; for several, write [[rule.trigger]] before each one, the first one too",
+    );
 }
 
 /// A push to `main` of `repository`, as if from `source`.
