@@ -205,9 +205,16 @@ pub(super) fn compile_rule(
         .as_ref()
         .map(|list| source_names(&name, list, problems))
         .unwrap_or_default();
-    let when = raw
-        .when
-        .map(|w| (w.get_ref().clone(), problems.line(w.span().start)));
+    let when = raw.when.and_then(|w| {
+        if w.get_ref().trim().is_empty() {
+            problems.at(
+                Some(w.span()),
+                format!("rule {name:?}: `when` is empty; leave it out, or write an expression (`event.commit_count > 0`)"),
+            );
+            return None;
+        }
+        Some((w.get_ref().clone(), problems.line(w.span().start)))
+    });
     let coalesce = raw
         .coalesce
         .and_then(|c| match super::parse_duration(c.get_ref()) {

@@ -841,6 +841,12 @@ fn a_rule_may_react_to_several_sources() {
         ]
     );
     assert_eq!(
+        problems(&rule("\"github\"", "when = \" \"\n")),
+        [
+            "b.toml:4: rule \"r\": `when` is empty; leave it out, or write an expression (`event.commit_count > 0`)"
+        ]
+    );
+    assert_eq!(
         problems(&rule("\"github\"", "events = []\n")),
         [
             "b.toml:4: rule \"r\": `events` is an empty list, so the rule would never run; leave it out for push and tag, or list some of push, tag and delete"
