@@ -276,6 +276,30 @@ fn compile_url_refs(
             ),
         );
     }
+    // `?ref=` is matched by its short name, as rules' `refs` are.
+    for full in refs.get_ref() {
+        let Some(rest) = full.strip_prefix("refs/") else {
+            continue;
+        };
+        let short = rest
+            .strip_prefix("heads/")
+            .or_else(|| rest.strip_prefix("tags/"))
+            .unwrap_or(rest);
+        problems.warn(
+            span.clone(),
+            format!(
+                "source.{name}.url_refs: {full:?} is a full ref name, but a URL's ?ref= is matched by its short name (`?ref=refs/heads/main` as `main`), so it never matches; write {short:?}"
+            ),
+        );
+    }
+    if refs.get_ref().iter().any(|glob| glob.trim().is_empty()) {
+        problems.at(
+            Some(span),
+            format!("source.{name}.url_refs: an empty name matches no ref; leave it out"),
+        );
+        *ok = false;
+        return None;
+    }
     match crate::rules::Patterns::new(refs.into_inner()) {
         Ok(patterns) => Some(patterns),
         Err(reason) => {

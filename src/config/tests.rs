@@ -685,6 +685,22 @@ fn url_refs_that_let_a_url_choose_any_ref_are_warned_about() {
     );
     let config = load_text(&[("a.toml", &source("[\"release/*\"]"))], &env).unwrap();
     assert_eq!(warnings(&config), Vec::<String>::new());
+    // A full ref name never matches: `?ref=` is matched by its short name.
+    let config = load_text(&[("a.toml", &source("[\"refs/tags/v1\"]"))], &env).unwrap();
+    assert_eq!(
+        warnings(&config),
+        [
+            "a.toml:4: source.gh.url_refs: \"refs/tags/v1\" is a full ref name, but a URL's ?ref= is matched by its short name (`?ref=refs/heads/main` as `main`), so it never matches; write \"v1\""
+        ]
+    );
+    // An empty name is a mistake, not a ref.
+    assert_eq!(
+        messages(load_text(
+            &[("a.toml", &source("[\"stable\", \"\"]"))],
+            &env
+        )),
+        ["a.toml:4: source.gh.url_refs: an empty name matches no ref; leave it out"]
+    );
 }
 
 #[test]
