@@ -292,14 +292,6 @@ fn compile_url_refs(
             ),
         );
     }
-    if refs.get_ref().iter().any(|glob| glob.trim().is_empty()) {
-        problems.at(
-            Some(span),
-            format!("source.{name}.url_refs: an empty name matches no ref; leave it out"),
-        );
-        *ok = false;
-        return None;
-    }
     match crate::rules::Patterns::new(refs.into_inner()) {
         Ok(patterns) => Some(patterns),
         Err(reason) => {

@@ -699,7 +699,7 @@ fn url_refs_that_let_a_url_choose_any_ref_are_warned_about() {
             &[("a.toml", &source("[\"stable\", \"\"]"))],
             &env
         )),
-        ["a.toml:4: source.gh.url_refs: an empty name matches no ref; leave it out"]
+        ["a.toml:4: source.gh.url_refs: an empty name matches nothing; leave it out"]
     );
 }
 
@@ -854,6 +854,16 @@ fn a_rule_may_react_to_several_sources() {
         problems(&rule("[]", "")),
         [
             "b.toml:3: rule \"r\": `source` is an empty list; name the [source.NAME] whose webhooks it reacts to"
+        ]
+    );
+    assert_eq!(
+        problems(&rule(
+            "\"github\"",
+            "repository = [\"\"]\nrefs = [\"main\", \" \"]\n"
+        )),
+        [
+            "b.toml:4: rule \"r\": repository: an empty name matches nothing; leave it out",
+            "b.toml:5: rule \"r\": refs: an empty name matches nothing; leave it out",
         ]
     );
     assert_eq!(

@@ -38,7 +38,12 @@ pub struct Patterns {
 }
 
 impl Patterns {
+    /// Globs as configuration writes them; an empty (or blank) one is refused: it matches
+    /// no name, so it is a mistake rather than a pattern.
     pub fn new(texts: Vec<String>) -> Result<Patterns, String> {
+        if texts.iter().any(|text| text.trim().is_empty()) {
+            return Err("an empty name matches nothing; leave it out".into());
+        }
         Patterns::build(texts, false)
     }
 
