@@ -84,8 +84,16 @@ pub fn default_per_project() -> crate::limits::Limit {
     }
 }
 
-/// An upstream base URL: `http` or `https`, a host, an optional path prefix, no query.
+/// An upstream base URL: `http` or `https`, a host, an optional path prefix, no query,
+/// and no user or password: those would go with every call and show wherever the URL is
+/// shown (`check`, `explain`, the dashboard), and no call needs them (a trigger call
+/// carries its trigger token, a status post its status token).
 pub fn parse_upstream_url(text: &str) -> Result<http::Uri, String> {
+    if let Some(masked) = with_userinfo_masked(text) {
+        return Err(format!(
+            "{masked:?} has a user or password in it; none is needed (every call carries its own token: a trigger token, or a status token), and a password in a URL would show wherever the URL is shown"
+        ));
+    }
     let uri: http::Uri = text
         .parse()
         .map_err(|_| format!("{text:?} is not a URL; write e.g. \"https://gitlab.example.com\""))?;
@@ -103,6 +111,16 @@ pub fn parse_upstream_url(text: &str) -> Result<http::Uri, String> {
     trimmed
         .parse()
         .map_err(|_| format!("{text:?} is not a URL"))
+}
+
+/// `text` with the user and password before its host replaced by `***`, when it has any.
+fn with_userinfo_masked(text: &str) -> Option<String> {
+    let start = text.find("://").map_or(0, |i| i + 3);
+    let end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    let at = start + text[start..end].rfind('@')?;
+    Some(format!("{}***{}", &text[..start], &text[at..]))
 }
 
 /// What a client calls, as messages name it: a configured GitLab, or the forge a
@@ -493,6 +511,28 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A user or password in an upstream's URL is refused, and the message masks them.
+    #[test]
+    fn an_upstream_url_with_a_password_is_refused_without_showing_it() {
+        for url in [
+            "https://user:s3cret@gitlab.example.com",
+            "https://s3cret@gitlab.example.com/gitlab",
+            "ftp://user:s3cret@gitlab.example.com?x",
+        ] {
+            let err = parse_upstream_url(url).unwrap_err();
+            assert!(err.contains("has a user or password in it"), "{err}");
+            assert!(err.contains("***@gitlab.example.com"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        assert!(parse_upstream_url("https://gitlab.example.com/a@b").is_ok());
+        assert_eq!(
+            parse_upstream_url("https://gitlab.example.com/")
+                .unwrap()
+                .to_string(),
+            "https://gitlab.example.com/"
+        );
+    }
 
     /// How a stand-in upstream treats the connection after its answer.
     #[derive(Clone, Copy)]
