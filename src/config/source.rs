@@ -624,7 +624,41 @@ fn compile_generic(
     };
     let mut compiled = GenericPaths::default();
     if let Some(paths) = paths {
+        let span = paths.span();
         let raw = paths.into_inner();
+        // A path is dotted keys and array indexes (`changes.0.ref`): an empty part, or
+        // the `[0]` of other path syntaxes, names nothing in any payload, and every
+        // webhook would then fail for the field.
+        let written = [
+            ("repository", &raw.repository),
+            ("ref", &raw.git_ref),
+            ("before", &raw.before),
+            ("after", &raw.after),
+            ("delivery", &raw.delivery),
+            ("pusher", &raw.pusher),
+            ("repository_url", &raw.repository_url),
+        ];
+        for (key, path) in written {
+            let Some(path) = path else { continue };
+            let problem = if path.is_empty() {
+                Some("is empty")
+            } else if path.split('.').any(str::is_empty) {
+                Some("has an empty part")
+            } else if path.contains(['[', ']']) {
+                Some("has brackets; an array's item is its index as a part (`changes.0.ref`)")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                problems.at(
+                    Some(span.clone()),
+                    format!(
+                        "source.{name}.paths.{key}: {path:?} {problem}; a path is the payload's keys joined by dots (`repository.full_name`)"
+                    ),
+                );
+                *ok = false;
+            }
+        }
         if let Some(path) = raw.repository {
             compiled.repository = path;
         }

@@ -328,6 +328,11 @@ secret = "file:/nonexistent/secret"
 [source."bad name"]
 provider = "github"
 allow_unsigned = true
+
+[source.f]
+provider = "generic"
+allow_unsigned = true
+paths = { repository = "", ref = "change..ref", after = "changes[0].sha", pusher = "who.name" }
 "#,
         )],
         &[],
@@ -341,6 +346,9 @@ allow_unsigned = true
         "a.toml:18: source.e.signature: a token needs `header",
         "a.toml:19: source.e.secret (file:/nonexistent/secret): cannot read secret file",
         "a.toml:21: source name \"bad name\" may use only",
+        "a.toml:28: source.f.paths.repository: \"\" is empty; a path is the payload's keys joined by dots",
+        "a.toml:28: source.f.paths.ref: \"change..ref\" has an empty part",
+        "a.toml:28: source.f.paths.after: \"changes[0].sha\" has brackets; an array's item is its index as a part (`changes.0.ref`)",
     ];
     for (problem, expected) in problems.iter().zip(expected) {
         assert!(
