@@ -898,6 +898,35 @@ fn section<T: DeserializeOwned>(
     }
 }
 
+/// A `coalesce` window; `what` names it in messages (`rule "r": coalesce`,
+/// `upstream.gitlab.coalesce`). Over an hour is a warning: each trigger waits that long
+/// before it is sent (`100d` for `100s` would hold them for months).
+fn coalesce_window(
+    field: Option<Spanned<String>>,
+    what: &str,
+    problems: &mut FileProblems<'_>,
+) -> Option<std::time::Duration> {
+    let field = field?;
+    match parse_duration(field.get_ref()) {
+        Ok(window) => {
+            if window > std::time::Duration::from_secs(3600) {
+                problems.warn(
+                    field.span(),
+                    format!(
+                        "{what}: {:?} holds every trigger that long before it is sent; a push storm settles in minutes (\"2m\")",
+                        field.get_ref()
+                    ),
+                );
+            }
+            Some(window)
+        }
+        Err(message) => {
+            problems.at(Some(field.span()), format!("{what}: {message}"));
+            None
+        }
+    }
+}
+
 /// A secret setting written by reference (`env:NAME`, `file:PATH`, a relative path taken
 /// from the file's folder): the reference, and what it resolves to when secrets are read
 /// (`None` for `explain`). A reference that is not one, or that cannot be read, is a

@@ -215,18 +215,8 @@ pub(super) fn compile_rule(
         }
         Some((w.get_ref().clone(), problems.line(w.span().start)))
     });
-    let coalesce = raw
-        .coalesce
-        .and_then(|c| match super::parse_duration(c.get_ref()) {
-            Ok(window) => Some(window),
-            Err(message) => {
-                problems.at(
-                    Some(c.span()),
-                    format!("rule {name:?}: coalesce: {message}"),
-                );
-                None
-            }
-        });
+    let coalesce =
+        super::coalesce_window(raw.coalesce, &format!("rule {name:?}: coalesce"), problems);
     if raw_triggers.is_empty() && !triggers_written {
         problems.at(
             Some(raw.name.span()),

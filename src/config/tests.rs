@@ -1236,3 +1236,38 @@ variables = { FOR = "{% for c in event.commits %}{{ loop.cycle('a', 'b') }}{% if
         );
     }
 }
+
+/// A coalescing window is read on a rule and on an upstream; one over an hour is a warning
+/// (each trigger waits that long: `100d` typed for `100s`), and one that is not a duration
+/// is a problem where it is written.
+#[test]
+fn coalescing_windows_are_read_and_long_ones_warned_about() {
+    let env = [("S", "0123456789abcdef0123"), ("T", "glptt-x")];
+    let text = |upstream: &str, rule: &str| {
+        format!(
+            "[upstream.gitlab]\nurl = \"https://gitlab.example.com\"\ncoalesce = \"{upstream}\"\n\
+             [source.gh]\nprovider = \"github\"\nsecret = \"env:S\"\n\
+             [[rule]]\nname = \"r\"\nsource = \"gh\"\ncoalesce = \"{rule}\"\n[rule.trigger]\nproject = \"a/b\"\ntoken = \"env:T\"\n"
+        )
+    };
+    let config = load_text(&[("a.toml", &text("2m", "30s"))], &env).unwrap();
+    assert_eq!(warnings(&config), Vec::<String>::new());
+    assert_eq!(
+        config.rules.rules()[0].spec.coalesce,
+        Some(std::time::Duration::from_secs(30))
+    );
+    let config = load_text(&[("a.toml", &text("2h", "100d"))], &env).unwrap();
+    assert_eq!(
+        warnings(&config),
+        [
+            "a.toml:3: upstream.gitlab.coalesce: \"2h\" holds every trigger that long before it is sent; a push storm settles in minutes (\"2m\")",
+            "a.toml:10: rule \"r\": coalesce: \"100d\" holds every trigger that long before it is sent; a push storm settles in minutes (\"2m\")",
+        ]
+    );
+    assert_eq!(
+        messages(load_text(&[("a.toml", &text("2m", "soon"))], &env)),
+        [
+            "a.toml:10: rule \"r\": coalesce: \"soon\" is not a duration (expected number at 0); write e.g. \"30s\" or \"5m\""
+        ]
+    );
+}

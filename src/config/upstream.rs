@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::limit::{RawLimit, compile_limit, only_limit_keys};
-use super::{EnvLookup, FileProblems, parse_duration, parse_duration_at_least, typed};
+use super::{EnvLookup, FileProblems, parse_duration_at_least, typed};
 use crate::upstream::{
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_POLLS_PER_MINUTE, ReadToken, UpstreamConfig,
     default_per_project, parse_upstream_url,
@@ -100,18 +100,8 @@ pub(super) fn compile(
             }
         }
     };
-    let coalesce = raw
-        .coalesce
-        .and_then(|c| match parse_duration(c.get_ref()) {
-            Ok(window) => Some(window),
-            Err(message) => {
-                problems.at(
-                    Some(c.span()),
-                    format!("upstream.{name}.coalesce: {message}"),
-                );
-                None
-            }
-        });
+    let coalesce =
+        super::coalesce_window(raw.coalesce, &format!("upstream.{name}.coalesce"), problems);
     let max_in_flight = match raw.max_in_flight {
         None => DEFAULT_MAX_IN_FLIGHT,
         Some(n) if (1..=10_000).contains(n.get_ref()) => *n.get_ref() as usize,
