@@ -57,6 +57,14 @@ impl Provider {
         matches!(self, Provider::Gitea | Provider::Forgejo)
     }
 
+    /// The methods `/hooks/NAME` takes from this sender, as an `Allow` header lists them.
+    pub fn webhook_methods(self) -> &'static str {
+        match self.delivers_with_get() {
+            true => "POST, GET",
+            false => "POST",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Provider::Github => "github",

@@ -414,10 +414,11 @@ async fn dispatch(
         Route::Hook { source } => match method {
             Method::POST | Method::GET => webhook(app, source, request).await,
             _ => Err(not_allowed(
-                match app.runtime().config.sources.get(source) {
-                    Some(config) if config.provider.delivers_with_get() => "POST, GET",
-                    _ => "POST",
-                },
+                app.runtime()
+                    .config
+                    .sources
+                    .get(source)
+                    .map_or("POST", |config| config.provider.webhook_methods()),
             )),
         },
         Route::UnencodedProject { use_instead } => Err(ApiError::UnencodedProject {
@@ -563,7 +564,7 @@ async fn webhook(
     if request.method() == Method::GET && !config.provider.delivers_with_get() {
         return Err(ApiError::MethodNotAllowed {
             method: "GET".into(),
-            allowed: "POST",
+            allowed: config.provider.webhook_methods(),
         });
     }
     if let Some(err) = crate::sources::missing_proof(config, request.headers()) {

@@ -488,19 +488,27 @@ fn compile_variables(
         .collect()
 }
 
+/// The short name a pattern written as a full ref name means (`main` for
+/// `refs/heads/main`, `v1` for `refs/tags/v1`); `None` when it is not one. Refs are matched
+/// by short name everywhere (rules' `refs`, sources' `url_refs`), so a full one never matches.
+pub(super) fn short_name_of_full_ref(pattern: &str) -> Option<&str> {
+    let rest = pattern.strip_prefix("refs/")?;
+    Some(
+        rest.strip_prefix("heads/")
+            .or_else(|| rest.strip_prefix("tags/"))
+            .unwrap_or(rest),
+    )
+}
+
 /// Warns about `refs`, `refs_exclude` and `repository` patterns that can never match what
 /// senders send: full ref names (refs are matched by short name) and repository URLs.
 fn warn_about_patterns(name: &str, raw: &RawRule, problems: &mut FileProblems<'_>) {
     for (field, key) in [(&raw.refs, "refs"), (&raw.refs_exclude, "refs_exclude")] {
         let Some(field) = field else { continue };
         for text in &field.get_ref().0 {
-            let Some(rest) = text.strip_prefix("refs/") else {
+            let Some(short) = short_name_of_full_ref(text) else {
                 continue;
             };
-            let short = rest
-                .strip_prefix("heads/")
-                .or_else(|| rest.strip_prefix("tags/"))
-                .unwrap_or(rest);
             let effect = if key == "refs" {
                 "never matches"
             } else {

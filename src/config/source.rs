@@ -278,13 +278,9 @@ fn compile_url_refs(
     }
     // `?ref=` is matched by its short name, as rules' `refs` are.
     for full in refs.get_ref() {
-        let Some(rest) = full.strip_prefix("refs/") else {
+        let Some(short) = super::rule::short_name_of_full_ref(full) else {
             continue;
         };
-        let short = rest
-            .strip_prefix("heads/")
-            .or_else(|| rest.strip_prefix("tags/"))
-            .unwrap_or(rest);
         problems.warn(
             span.clone(),
             format!(

@@ -625,14 +625,14 @@ impl Compiler {
         spec: &RuleSpec,
         trigger: &TriggerSpec,
         what: &str,
-        compiled: &Compiled,
+        compiled: Compiled,
         parse: impl FnOnce(&str) -> Result<(), E>,
     ) -> Option<Compiled> {
         let Some(text) = &compiled.constant else {
-            return Some(compiled.clone());
+            return Some(compiled);
         };
         match parse(text.trim()) {
-            Ok(()) => Some(compiled.clone()),
+            Ok(()) => Some(compiled),
             Err(err) => {
                 self.problems.push(RuleProblem {
                     file: spec.file.clone(),
@@ -658,13 +658,13 @@ impl Compiler {
             compiler.add(spec, name, text.to_owned(), trigger.line_of(what), what)
         };
         let project = add(self, "project", &trigger.project).and_then(|compiled| {
-            self.constant_must_parse(spec, trigger, "project", &compiled, |text| {
+            self.constant_must_parse(spec, trigger, "project", compiled, |text| {
                 ProjectId::parse(text).map(drop)
             })
         });
         let git_ref = trigger.git_ref.as_ref().map(|text| {
             add(self, "ref", text).and_then(|compiled| {
-                self.constant_must_parse(spec, trigger, "ref", &compiled, |text| {
+                self.constant_must_parse(spec, trigger, "ref", compiled, |text| {
                     GitRef::parse(text).map(drop)
                 })
             })
