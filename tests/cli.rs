@@ -123,6 +123,35 @@ fn serve_refuses_bad_configuration_with_exit_64_before_binding() {
 }
 
 #[test]
+fn serve_says_what_is_wrong_with_the_state_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", "[server]\nmax_body = \"1MiB\"\n");
+    let not_a_folder = dir.path().join("state");
+    std::fs::write(&not_a_folder, b"").unwrap();
+    for (state, expected) in [
+        (not_a_folder.clone(), "is a file, not a folder"),
+        (not_a_folder.join("inner"), "cannot create the state folder"),
+    ] {
+        let output = hookrelay(&[
+            "serve",
+            "--config",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--state",
+            state.to_str().unwrap(),
+        ]);
+        assert_eq!(output.status.code(), Some(64));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("hookrelay: not starting: ") && stderr.contains(expected),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("chmod 700"), "{stderr}");
+    }
+}
+
+#[test]
 fn every_command_has_help() {
     for args in [
         vec!["--help"],

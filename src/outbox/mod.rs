@@ -288,8 +288,14 @@ impl Outbox {
             reason,
             refused: false,
         };
-        crate::store::private::prepare_state_folder(state_dir, &path)
-            .map_err(|err| error(err.to_string()))?;
+        // Its message names the folder or file and the step, like the lock's below.
+        crate::store::private::prepare_state_folder(state_dir, &path).map_err(|reason| {
+            StoreError {
+                place: state_dir.display().to_string(),
+                reason,
+                refused: true,
+            }
+        })?;
         let lock = lock_state_folder(state_dir, holder).map_err(|err| StoreError {
             place: state_dir.display().to_string(),
             reason: err.to_string(),

@@ -14,37 +14,73 @@ pub const FILE_MODE: u32 = 0o600;
 pub const FOLDER_MODE: u32 = 0o700;
 
 /// Creates the state folder (`0700`) and the store file (`0600`) if missing, and makes
-/// every file already in the folder `0600`.
-pub fn prepare_state_folder(folder: &Path, store: &Path) -> std::io::Result<()> {
-    if folder.exists() {
-        let mode = std::fs::metadata(folder)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                folder = %folder.display(),
-                mode = format!("{mode:o}"),
-                "the state folder can be read by others; it holds webhook bodies: chmod 700 it"
-            );
+/// every file already in the folder `0600`. The error says which step failed and on what
+/// path, since "permission denied" alone does not tell an operator where to look.
+pub fn prepare_state_folder(folder: &Path, store: &Path) -> Result<(), String> {
+    let shown = folder.display();
+    match std::fs::metadata(folder) {
+        Ok(meta) if !meta.is_dir() => {
+            return Err(format!(
+                "the state folder {shown} is a file, not a folder; give --state a folder (it is created if missing)"
+            ));
         }
-    } else {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(FOLDER_MODE)
-            .create(folder)?;
-        // `mode` is filtered by the umask; say it once more, exactly.
-        std::fs::set_permissions(folder, std::fs::Permissions::from_mode(FOLDER_MODE))?;
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    folder = %shown,
+                    mode = format!("{mode:o}"),
+                    "the state folder can be read by others; it holds webhook bodies: chmod 700 it"
+                );
+            }
+        }
+        // Missing, or under a file: creating it says which.
+        Err(err)
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(FOLDER_MODE)
+                .create(folder)
+                .map_err(|err| format!("cannot create the state folder {shown}: {err}"))?;
+            // `mode` is filtered by the umask; say it once more, exactly.
+            std::fs::set_permissions(folder, std::fs::Permissions::from_mode(FOLDER_MODE))
+                .map_err(|err| format!("cannot make the state folder {shown} private: {err}"))?;
+        }
+        Err(err) => return Err(format!("cannot read the state folder {shown}: {err}")),
     }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(FILE_MODE)
-        .open(store)?;
-    for entry in std::fs::read_dir(folder)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            let mode = entry.metadata()?.permissions().mode() & 0o777;
-            if mode != FILE_MODE {
-                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(FILE_MODE))?;
-            }
+        .open(store)
+        .map_err(|err| {
+            format!(
+                "cannot open {} for writing: {err} (the relay needs to write in its state folder)",
+                store.display()
+            )
+        })?;
+    let listing_failed =
+        |err: std::io::Error| format!("cannot list the state folder {shown}: {err}");
+    for entry in std::fs::read_dir(folder).map_err(listing_failed)? {
+        let entry = entry.map_err(listing_failed)?;
+        let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
+        if !is_file {
+            continue;
+        }
+        let path = entry.path();
+        let mode = entry
+            .metadata()
+            .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode != FILE_MODE {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(FILE_MODE))
+                .map_err(|err| format!("cannot make {} private: {err}", path.display()))?;
         }
     }
     Ok(())
@@ -69,5 +105,18 @@ mod tests {
         std::fs::set_permissions(&wal, std::fs::Permissions::from_mode(0o644)).unwrap();
         prepare_state_folder(&folder, &store).unwrap();
         assert_eq!(mode(&wal), FILE_MODE);
+    }
+
+    #[test]
+    fn a_state_path_that_is_a_file_or_cannot_be_created_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state");
+        std::fs::write(&file, b"").unwrap();
+        let err = prepare_state_folder(&file, &file.join("hookrelay.sqlite3")).unwrap_err();
+        assert!(err.contains("is a file, not a folder"), "{err}");
+        let under_a_file = file.join("inner");
+        let err = prepare_state_folder(&under_a_file, &under_a_file.join("hookrelay.sqlite3"))
+            .unwrap_err();
+        assert!(err.starts_with("cannot create the state folder"), "{err}");
     }
 }
