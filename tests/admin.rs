@@ -297,6 +297,38 @@ async fn without_the_token_a_remote_viewer_is_sent_to_log_in() {
     assert!(login.text().contains("type=\"password\""));
 }
 
+/// A web page whose name a DNS rebinding points at 127.0.0.1 reaches a loopback dashboard
+/// through its visitor's browser, naming its own host: it must not read the deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_dashboard_shows_nothing_to_a_page_that_names_another_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_served, _address, dashboard) = start(dir.path(), "http://127.0.0.1:9", ADMIN);
+    let port = dashboard.rsplit(':').next().unwrap();
+    let url = |path: &str| format!("http://{dashboard}{path}");
+    let rebound = format!("rebound.example:{port}");
+    for path in ["/api/deliveries", "/api/configuration", "/api/health"] {
+        let reply = send("GET", &url(path), &[("host", &rebound)], "").await;
+        assert_eq!(reply.status, 401, "{path}: {}", reply.text());
+    }
+    let page = send("GET", &url("/deliveries"), &[("host", &rebound)], "").await;
+    assert_eq!(page.status, 303);
+    assert_eq!(page.headers["location"], "/login");
+    // Its own names still show it, and the token works from any name.
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        let reply = send("GET", &url("/api/deliveries"), &[("host", &host)], "").await;
+        assert_eq!(reply.status, 200, "{host}");
+    }
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let reply = send(
+        "GET",
+        &url("/api/deliveries"),
+        &[("host", &rebound), ("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
+
 /// A trigger queued behind another for the same project and ref says which one it waits
 /// for, on the list, on its delivery's page and in the API, instead of reading "due now".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

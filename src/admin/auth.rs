@@ -1,8 +1,10 @@
 //! Who may use the dashboard: the `[admin] token`, shown as `Authorization: Bearer` (scripts)
 //! or once in the login form, which sets a session cookie (`Secure`, `HttpOnly`,
 //! `SameSite=Strict`) derived from the token, so nothing is stored and a new token ends
-//! every session. Viewing without the token is allowed only on a loopback listener; every
-//! action needs it always. A browser's state-changing request must also carry the page's
+//! every session. Viewing without the token is allowed only on a loopback listener, and
+//! only to requests that name a loopback host (`Host: 127.0.0.1:8081`, `localhost`): a
+//! web page whose name a DNS rebinding points at 127.0.0.1 names its own host, and must not
+//! read the deliveries through the visitor's browser. Every action needs the token always. A browser's state-changing request must also carry the page's
 //! cross-site token and must not come from another site (`Origin`, `Sec-Fetch-Site`).
 
 use http::{HeaderMap, header};
@@ -79,16 +81,14 @@ pub fn access(admin: &AdminConfig, headers: &HeaderMap) -> Result<Access, Refusa
     let token = admin.token.as_ref().and_then(|(_, token)| token.as_ref());
     let loopback = admin.listen.ip().is_loopback();
     let Some(token) = token else {
-        return if loopback {
-            Ok(Access {
-                authenticated: false,
-                by_cookie: false,
-                csrf: String::new(),
-            })
-        } else {
+        return if !loopback {
             Err(Refusal::Forbidden(
                 "the dashboard has no token and does not listen on loopback".into(),
             ))
+        } else if names_a_loopback_host(headers) {
+            Ok(Access::anonymous())
+        } else {
+            Err(Refusal::Forbidden(not_a_loopback_host(admin)))
         };
     };
     let csrf = csrf_token(token);
@@ -118,15 +118,51 @@ pub fn access(admin: &AdminConfig, headers: &HeaderMap) -> Result<Access, Refusa
             csrf,
         });
     }
-    if loopback {
-        Ok(Access {
-            authenticated: false,
-            by_cookie: false,
-            csrf: String::new(),
-        })
+    // Behind a proxy that passes its own name on, the login form still lets one in.
+    if loopback && names_a_loopback_host(headers) {
+        Ok(Access::anonymous())
     } else {
         Err(Refusal::LogIn)
     }
+}
+
+impl Access {
+    /// A viewer who showed no token (on a loopback listener only).
+    fn anonymous() -> Access {
+        Access {
+            authenticated: false,
+            by_cookie: false,
+            csrf: String::new(),
+        }
+    }
+}
+
+/// Whether the request's `Host` names this machine: `localhost`, a name under
+/// `.localhost`, or a loopback address (any port). A request without one is no browser's.
+fn names_a_loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').map_or(bracketed, |(ip, _)| ip),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn not_a_loopback_host(admin: &AdminConfig) -> String {
+    format!(
+        "without a token the dashboard shows itself only at a loopback address, such as http://{}/ (this request named another host: a guard against DNS rebinding); or set [admin] token and log in",
+        admin.listen
+    )
 }
 
 /// Whether a state-changing request may act: it showed the token, and a browser's came
@@ -230,6 +266,65 @@ mod tests {
             ),
             Err(Refusal::Forbidden(_))
         ));
+    }
+
+    #[test]
+    fn viewing_without_the_token_needs_a_request_that_names_a_loopback_host() {
+        let token = "0123456789abcdef-admin";
+        for config in [
+            admin("127.0.0.1:8081", Some(token)),
+            admin("127.0.0.1:8081", None),
+        ] {
+            for host in [
+                "127.0.0.1:8081",
+                "localhost:8081",
+                "LOCALHOST",
+                "localhost.",
+                "app.localhost:9",
+                "127.0.0.2",
+                "[::1]:8081",
+            ] {
+                let viewer = access(&config, &headers(&[("host", host)]));
+                assert!(viewer.is_ok_and(|a| !a.authenticated), "{host}");
+            }
+            for host in [
+                "evil.example:8081",
+                "evil.example",
+                "127.0.0.1.evil.example",
+                "localhost.evil.example",
+                "[::2]:8081",
+                "10.0.0.1",
+            ] {
+                assert!(
+                    access(&config, &headers(&[("host", host)])).is_err(),
+                    "{host}"
+                );
+            }
+        }
+        // Without a token nothing lets a rebound page in; with one, the login form does,
+        // and the token works from any host name.
+        let none = admin("127.0.0.1:8081", None);
+        let Err(Refusal::Forbidden(why)) = access(&none, &headers(&[("host", "evil.example")]))
+        else {
+            panic!("refused")
+        };
+        assert!(
+            why.contains("http://127.0.0.1:8081/") && why.contains("DNS rebinding"),
+            "{why}"
+        );
+        let local = admin("127.0.0.1:8081", Some(token));
+        assert_eq!(
+            access(&local, &headers(&[("host", "evil.example")])),
+            Err(Refusal::LogIn)
+        );
+        let bearer = format!("Bearer {token}");
+        assert!(
+            access(
+                &local,
+                &headers(&[("host", "relay.internal"), ("authorization", &bearer)])
+            )
+            .is_ok_and(|a| a.authenticated)
+        );
     }
 
     #[test]
