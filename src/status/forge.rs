@@ -153,10 +153,22 @@ fn segment(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, KEEP).to_string()
 }
 
+/// A `.` or `..` survives percent-encoding and would climb out of the path the forge's API
+/// gives it: no forge names a repository so, so a payload that does is refused.
+fn is_dot_segment(text: &str) -> bool {
+    text == "." || text == ".."
+}
+
 /// `owner/repo` as two encoded segments; a repository name without an owner is refused.
 fn owner_and_repo(repository: &str) -> Result<String, String> {
     match repository.split_once('/') {
-        Some((owner, repo)) if !owner.is_empty() && !repo.is_empty() && !repo.contains('/') => {
+        Some((owner, repo))
+            if !owner.is_empty()
+                && !repo.is_empty()
+                && !repo.contains('/')
+                && !is_dot_segment(owner)
+                && !is_dot_segment(repo) =>
+        {
             Ok(format!("{}/{}", segment(owner), segment(repo)))
         }
         _ => Err(format!(
@@ -173,6 +185,13 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
         .target_url
         .clone()
         .unwrap_or_else(|| target.fallback_url.clone());
+    // A commit id is hex (SHA-1 or SHA-256): anything else would be a path of its own.
+    if target.sha.is_empty() || !target.sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "commit {:?} is not a hex commit id, so no status can be posted for it",
+            shorten(&target.sha, 80)
+        ));
+    }
     let sha = segment(&target.sha);
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -192,6 +211,12 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
     authorization.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, authorization);
     let (path, body) = match forge {
+        Forge::Gitlab if is_dot_segment(&target.repository) => {
+            return Err(format!(
+                "project {:?} is not a project path, so no status can be posted for it",
+                target.repository
+            ));
+        }
         Forge::Gitlab => (
             // A project path (`group/sub/project`) is one encoded segment.
             format!("/projects/{}/statuses/{sha}", segment(&target.repository)),
@@ -600,6 +625,38 @@ mod tests {
         assert_eq!(keys(&sent), keys(&example));
         assert_eq!(sent["state"], "success");
         assert_eq!(sent["description"].as_str().unwrap().chars().count(), 140);
+    }
+
+    #[test]
+    fn a_repository_or_commit_that_would_climb_out_of_the_api_path_is_refused() {
+        let token = Secret::new("t".to_owned());
+        for forge in [
+            Forge::Github,
+            Forge::Gitea,
+            Forge::BitbucketCloud,
+            Forge::BitbucketServer,
+        ] {
+            for repository in ["../x", "x/..", "./x", "x/.", "x"] {
+                let err = request(&post(forge, repository, "success"), &token)
+                    .err()
+                    .unwrap();
+                assert!(
+                    err.contains("is not owner/name"),
+                    "{forge:?} {repository}: {err}"
+                );
+            }
+            // Dots inside a name are names: `.github`, `a..b`.
+            assert!(request(&post(forge, "acme/.github", "success"), &token).is_ok());
+            assert!(request(&post(forge, "acme/a..b", "success"), &token).is_ok());
+        }
+        assert!(request(&post(Forge::Gitlab, "..", "success"), &token).is_err());
+        assert!(request(&post(Forge::Gitlab, "group/../x", "success"), &token).is_ok());
+        for sha in ["", "../../user", "6113728f?x=1", "abc def"] {
+            let mut bad = post(Forge::Github, "acme/app", "success");
+            bad.target.sha = sha.into();
+            let err = request(&bad, &token).err().unwrap();
+            assert!(err.contains("is not a hex commit id"), "{sha}: {err}");
+        }
     }
 
     #[test]
