@@ -295,6 +295,27 @@ async fn without_the_token_a_remote_viewer_is_sent_to_log_in() {
     let login = send("GET", &url("/login"), &[], "").await;
     assert_eq!(login.status, 200);
     assert!(login.text().contains("type=\"password\""));
+    assert!(
+        !login.text().contains("plain HTTP"),
+        "reached on this machine"
+    );
+    // Reached from another machine over plain HTTP, the login would not stick (the
+    // cookie is Secure), and the page says so, unless a proxy took it over HTTPS.
+    let from_afar = format!("relay.example:{port}");
+    let login = send("GET", &url("/login"), &[("host", &from_afar)], "").await;
+    assert!(
+        login
+            .text()
+            .contains("came over plain HTTP from another machine")
+    );
+    let proxied = send(
+        "GET",
+        &url("/login"),
+        &[("host", "relay.example"), ("x-forwarded-proto", "https")],
+        "",
+    )
+    .await;
+    assert!(!proxied.text().contains("plain HTTP"));
 }
 
 /// A web page whose name a DNS rebinding points at 127.0.0.1 reaches a loopback dashboard

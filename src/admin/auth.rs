@@ -126,6 +126,18 @@ pub fn access(admin: &AdminConfig, headers: &HeaderMap) -> Result<Access, Refusa
     }
 }
 
+/// Whether a browser showing this request's page talks plain HTTP to another machine:
+/// the dashboard has no TLS of its own, the `Host` is not this machine, and no proxy in
+/// front says it took the request over HTTPS (`X-Forwarded-Proto`). Its login would not
+/// stick, since the session cookie is `Secure`.
+pub fn over_plain_http_from_afar(admin: &AdminConfig, headers: &HeaderMap) -> bool {
+    let proxied_over_https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    admin.tls.is_none() && !proxied_over_https && !names_a_loopback_host(headers)
+}
+
 impl Access {
     /// A viewer who showed no token (on a loopback listener only).
     fn anonymous() -> Access {
@@ -139,7 +151,7 @@ impl Access {
 
 /// Whether the request's `Host` names this machine: `localhost`, a name under
 /// `.localhost`, or a loopback address (any port). A request without one is no browser's.
-fn names_a_loopback_host(headers: &HeaderMap) -> bool {
+pub fn names_a_loopback_host(headers: &HeaderMap) -> bool {
     let Some(host) = headers.get(header::HOST) else {
         return true;
     };

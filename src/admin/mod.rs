@@ -395,8 +395,15 @@ async fn login(
             json!({ "title": "Log in", "error": "This dashboard has no [admin] token, so there is nothing to log in with: set token = \"env:HOOKRELAY_ADMIN_TOKEN\"." }),
         );
     };
+    let plain = auth::over_plain_http_from_afar(admin, &parts.headers).then_some(
+        "This page came over plain HTTP from another machine: the token would cross the network in clear, and browsers keep the login only over HTTPS. Serve the dashboard over HTTPS ([admin] tls_cert and tls_key, or a TLS proxy), or reach it through an SSH tunnel to 127.0.0.1.",
+    );
     if parts.method != Method::POST {
-        return render("login.html", &page, json!({ "title": "Log in" }));
+        return render(
+            "login.html",
+            &page,
+            json!({ "title": "Log in", "plain": plain }),
+        );
     }
     let form = read_form(body).await;
     let given = form.get("token").map(String::as_str).unwrap_or_default();
@@ -404,7 +411,7 @@ async fn login(
         let mut response = render(
             "login.html",
             &page,
-            json!({ "title": "Log in", "error": "That is not the dashboard's token." }),
+            json!({ "title": "Log in", "error": "That is not the dashboard's token.", "plain": plain }),
         );
         *response.status_mut() = StatusCode::UNAUTHORIZED;
         return response;

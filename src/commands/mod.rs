@@ -294,6 +294,12 @@ fn configured(
             );
             return Err(ExitCode::from(EXIT_CONFIG));
         }
+        if admin.tls.is_none() && !listen.ip().is_loopback() {
+            eprintln!(
+                "hookrelay: warning: --admin-listen {}",
+                crate::config::admin::plain_http_off_loopback(listen)
+            );
+        }
     }
     Ok((config, restart_only))
 }

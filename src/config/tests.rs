@@ -744,6 +744,37 @@ fn the_dashboard_never_shares_the_webhook_port() {
 }
 
 #[test]
+fn a_dashboard_off_loopback_over_plain_http_is_warned_about() {
+    let env = [("A", "0123456789abcdef0123")];
+    let config = load_text(
+        &[(
+            "a.toml",
+            "[admin]\ntoken = \"env:A\"\nlisten = \"0.0.0.0:8081\"\n",
+        )],
+        &env,
+    )
+    .unwrap();
+    let found = warnings(&config);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with(
+            "a.toml:3: admin.listen 0.0.0.0:8081 serves the dashboard over plain HTTP off loopback"
+        ) && found[0].contains("tls_cert"),
+        "{found:#?}"
+    );
+    // On loopback, plain HTTP stays on the machine.
+    let config = load_text(
+        &[(
+            "a.toml",
+            "[admin]\ntoken = \"env:A\"\nlisten = \"127.0.0.1:8081\"\n",
+        )],
+        &env,
+    )
+    .unwrap();
+    assert!(warnings(&config).is_empty());
+}
+
+#[test]
 fn a_table_defined_twice_suggests_an_array_of_tables() {
     let rules = "[[rule]]\nname = \"r\"\nsource = \"github\"\n[rule.trigger]\nproject = \"a/b\"\ntoken = \"env:T\"\n\
         [rule.trigger]\nproject = \"a/c\"\ntoken = \"env:T\"\n[rule.trigger]  # third\nproject = \"a/d\"\ntoken = \"env:T\"\n";
