@@ -52,6 +52,12 @@ pub enum ApiError {
         method: String,
         allowed: &'static str,
     },
+    /// A webhook body sent compressed: its signature covers the compressed bytes and the
+    /// relay reads only plain JSON or forms, so it would fail as "not JSON" after reading.
+    #[error(
+        "the body is sent with Content-Encoding: {0}, which hookrelay does not decode; send webhooks uncompressed"
+    )]
+    ContentEncoding(String),
     #[error("the request body is larger than the {limit}-byte limit ({setting})")]
     BodyTooLarge {
         limit: usize,
@@ -171,6 +177,18 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allowed));
+            return response;
+        }
+        ApiError::ContentEncoding(_) => {
+            // RFC 9110 15.5.16: say which codings would have been taken.
+            let mut response = json_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                &json!({ "message": message }),
+            );
+            response.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
             return response;
         }
         ApiError::BodyTooLarge { .. } => {

@@ -572,6 +572,14 @@ async fn webhook(
         app.metrics.signature_failure(&config.name);
         return Err(err.into());
     }
+    if let Some(coding) = request
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).trim().to_owned())
+        .filter(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"))
+    {
+        return Err(ApiError::ContentEncoding(crate::clipped::clipped(&coding)));
+    }
     if request.method() == Method::GET {
         let (parts, _) = request.into_parts();
         let payload = payload_in_query(&parts.uri, app.server.max_body)?;

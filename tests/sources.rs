@@ -1173,6 +1173,41 @@ async fn generic_senders() {
 #[tokio::test]
 async fn bad_requests() {
     let relay = relay().await;
+    // A compressed body is refused before it is read, saying so (it would otherwise fail
+    // as "not JSON"); `identity` is no coding.
+    let r = deliver_fixture(
+        &relay,
+        "github",
+        "github/push_tag.json",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "compressed-1"),
+            ("content-encoding", "gzip"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 415, "{}", r.text());
+    assert_eq!(r.headers["accept-encoding"], "identity");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding: gzip, which hookrelay does not decode"),
+        "{}",
+        r.text()
+    );
+    let r = deliver_fixture(
+        &relay,
+        "github",
+        "github/push_tag.json",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "compressed-2"),
+            ("content-encoding", "identity"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     // Unknown source.
     let r = deliver(&relay, "nowhere", &[], b"{}".to_vec()).await;
     assert_eq!(r.status, 404);
