@@ -517,6 +517,13 @@ async fn confirmed<T>(
     }
 }
 
+/// Why a repeated delivery id queued nothing, and what runs it again.
+fn duplicate_note(delivery: &str) -> String {
+    format!(
+        "delivery {delivery} was received before, so nothing was queued again (a redelivery never starts pipelines twice); to run it again: `hookrelay replay delivery:{delivery}` (its triggers as they were), `hookrelay replay --replan delivery:{delivery}` (through today's rules), or Replay on the dashboard"
+    )
+}
+
 /// The answer once the delivery is on disk: `202` naming each queued trigger, `200` for a
 /// duplicate or when nothing was queued; one log line per queued trigger.
 fn answer(
@@ -531,6 +538,9 @@ fn answer(
         Accepted::Duplicate { .. } => {
             tracing::info!(source = %source.name, delivery = %received.delivery, "duplicate delivery acknowledged; nothing queued");
             reply.duplicate = Some(true);
+            // Senders show this answer beside their "Redeliver" button: say what would
+            // run it again, since a redelivery never does.
+            reply.note = Some(duplicate_note(&received.delivery));
             reply.triggers = Some(Vec::new());
             return json_response(StatusCode::OK, &reply);
         }

@@ -291,6 +291,15 @@ async fn a_repeated_delivery_id_is_acknowledged_and_not_queued_twice() {
     assert_eq!(again.status, 200);
     assert_eq!(again.json()["duplicate"], true);
     assert_eq!(again.json()["triggers"], json!([]));
+    // The sender shows this answer beside its "Redeliver" button: it says what would run
+    // the webhook again.
+    let note = again.json()["note"].as_str().unwrap().to_owned();
+    assert!(
+        note.contains("received before")
+            && note.contains("`hookrelay replay delivery:d-dup`")
+            && note.contains("`hookrelay replay --replan delivery:d-dup`"),
+        "{note}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     calls(&upstream, 1, Duration::from_secs(1)).await;
 }
