@@ -27,6 +27,32 @@ fn default_roots() -> &'static RootCertStore {
     })
 }
 
+/// Why a server's certificate was refused, in words that say what to change, for the
+/// common causes; `None` for other TLS failures (their own text says enough).
+pub fn refused_certificate(err: &rustls::Error) -> Option<String> {
+    use rustls::CertificateError as E;
+    let rustls::Error::InvalidCertificate(cause) = err else {
+        return None;
+    };
+    let words = match cause {
+        E::UnknownIssuer => {
+            "its TLS certificate is not signed by an authority this relay trusts (the system's, the bundled Mozilla set and ca_file); for a private CA, set ca_file to that CA's certificate (PEM)"
+        }
+        E::NotValidForName | E::NotValidForNameContext { .. } => {
+            "its TLS certificate was issued for another name than the URL's host; write the host the certificate names in the URL"
+        }
+        E::Expired | E::ExpiredContext { .. } => "its TLS certificate has expired",
+        E::NotValidYet | E::NotValidYetContext { .. } => {
+            "its TLS certificate is not valid yet (is this machine's clock right?)"
+        }
+        E::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => {
+            "it presents a CA certificate as its own (a self-signed certificate made with CA:TRUE, as `openssl req -x509` makes by default), which rustls refuses even as ca_file; give the server a certificate made with basicConstraints CA:FALSE (or issued by a CA), and that certificate (or the CA's) as ca_file"
+        }
+        _ => return None,
+    };
+    Some(format!("{words} (rustls: {err})"))
+}
+
 /// Reads the PEM certificates of a `ca_file`; at least one must be there.
 pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -119,4 +145,51 @@ pub fn server_config(certs: Arc<ServerCertificate>) -> Result<rustls::ServerConf
     .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::{CertificateError, Error, OtherError};
+
+    #[test]
+    fn a_refused_certificate_is_said_with_what_to_change() {
+        let said = |cause: CertificateError| refused_certificate(&Error::InvalidCertificate(cause));
+        let unknown = said(CertificateError::UnknownIssuer).unwrap();
+        assert!(
+            unknown.contains("set ca_file") && unknown.contains("(rustls: "),
+            "{unknown}"
+        );
+        assert!(
+            said(CertificateError::NotValidForName)
+                .unwrap()
+                .contains("another name")
+        );
+        assert!(said(CertificateError::Expired).unwrap().contains("expired"));
+        assert!(
+            said(CertificateError::NotValidYet)
+                .unwrap()
+                .contains("clock")
+        );
+        // webpki's refusal of a CA:TRUE certificate served as the server's own.
+        #[derive(Debug)]
+        struct CaUsedAsEndEntity;
+        impl std::fmt::Display for CaUsedAsEndEntity {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("CaUsedAsEndEntity")
+            }
+        }
+        impl std::error::Error for CaUsedAsEndEntity {}
+        let ca = said(CertificateError::Other(OtherError(Arc::new(
+            CaUsedAsEndEntity,
+        ))))
+        .unwrap();
+        assert!(
+            ca.contains("CA:FALSE") && ca.contains("openssl req -x509"),
+            "{ca}"
+        );
+        // Other failures keep rustls's own words.
+        assert_eq!(said(CertificateError::BadEncoding), None);
+        assert_eq!(refused_certificate(&Error::DecryptError), None);
+    }
 }

@@ -928,7 +928,32 @@ async fn https_upstream_with_an_unknown_ca_is_refused() {
     .await;
     assert_eq!(reply.status, 502);
     let message = reply.json()["message"].as_str().unwrap().to_owned();
-    assert!(message.contains("certificate"), "{message}");
+    assert!(
+        message.contains("not signed by an authority this relay trusts")
+            && message.contains("set ca_file"),
+        "{message}"
+    );
+    // The right CA, but a URL naming another host than the certificate does.
+    let dir = tempfile::tempdir().unwrap();
+    let (port, ca_pem) = https_upstream(&["127.0.0.1"]).await;
+    std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
+    let relay = Relay::start(&format!(
+        "[upstream.gitlab]\nurl = \"https://localhost:{port}\"\nca_file = \"{}\"\n[gateway]\n",
+        dir.path().join("ca.pem").display()
+    ))
+    .await;
+    let reply = post(
+        &relay.url("/api/v4/projects/9/trigger/pipeline?token=T&ref=main"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, 502);
+    let message = reply.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("issued for another name than the URL's host"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
