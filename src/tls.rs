@@ -53,6 +53,30 @@ pub fn refused_certificate(err: &rustls::Error) -> Option<String> {
     Some(format!("{words} (rustls: {err})"))
 }
 
+/// [`refused_certificate`] for the rustls error somewhere in `err`'s chain: hyper-rustls
+/// and tokio-postgres hand it over wrapped in `io::Error`s (sometimes one in another), and
+/// `io::Error::source` skips what it wraps, so those are opened too.
+pub fn refused_certificate_in(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut chain = Some(err);
+    while let Some(link) = chain {
+        let mut current = link;
+        loop {
+            if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+                return refused_certificate(tls);
+            }
+            match current
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+            {
+                Some(inner) => current = inner,
+                None => break,
+            }
+        }
+        chain = link.source();
+    }
+    None
+}
+
 /// Reads the PEM certificates of a `ca_file`; at least one must be there.
 pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -188,6 +212,17 @@ mod tests {
             ca.contains("CA:FALSE") && ca.contains("openssl req -x509"),
             "{ca}"
         );
+        // Found inside io::Errors, one in another, as hyper-rustls hands it over.
+        let nested = std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        ));
+        assert!(
+            refused_certificate_in(&nested)
+                .unwrap()
+                .contains("set ca_file")
+        );
+        assert_eq!(refused_certificate_in(&std::io::Error::other("no")), None);
         // Other failures keep rustls's own words.
         assert_eq!(said(CertificateError::BadEncoding), None);
         assert_eq!(refused_certificate(&Error::DecryptError), None);

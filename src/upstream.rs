@@ -432,7 +432,7 @@ impl Upstream {
                 };
             }
             deepest = current.to_string();
-            if let Some(words) = rustls_error(current).and_then(crate::tls::refused_certificate) {
+            if let Some(words) = crate::tls::refused_certificate_in(current) {
                 deepest = words;
                 break;
             }
@@ -450,18 +450,6 @@ impl Upstream {
                 None => deepest,
             },
         }
-    }
-}
-
-/// The rustls error inside `err`, if any: hyper-rustls hands it over wrapped in an
-/// `io::Error`, itself wrapped in another, and `io::Error::source` skips what it wraps.
-fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut current = err;
-    loop {
-        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        current = current.downcast_ref::<std::io::Error>()?.get_ref()?;
     }
 }
 

@@ -119,8 +119,13 @@ impl PostgresConfig {
     /// may take the next one, and the outbox keeps what waits and says why on `/readyz`
     /// meanwhile. (A relay that cannot connect when it starts stops with the reason.)
     pub(super) fn connect_failed(&self, err: tokio_postgres::Error) -> EngineError {
+        let words = crate::tls::refused_certificate_in(&err);
         let mut failed = super::error(err);
-        failed.message = format!("connecting to {}: {}", self.describe(), failed.message);
+        failed.message = match words {
+            // The database's certificate: say what to change (store.ca_file among it).
+            Some(words) => format!("connecting to {}: {words}", self.describe()),
+            None => format!("connecting to {}: {}", self.describe(), failed.message),
+        };
         failed.transient = true;
         failed
     }
