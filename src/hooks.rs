@@ -539,8 +539,11 @@ fn answer(
             tracing::info!(source = %source.name, delivery = %received.delivery, "duplicate delivery acknowledged; nothing queued");
             reply.duplicate = Some(true);
             // Senders show this answer beside their "Redeliver" button: say what would
-            // run it again, since a redelivery never does.
-            reply.note = Some(duplicate_note(&received.delivery));
+            // run it again, since a redelivery never does (unless nothing would run
+            // anyway, which its note already says).
+            if reply.note.is_none() {
+                reply.note = Some(duplicate_note(&received.delivery));
+            }
             reply.triggers = Some(Vec::new());
             return json_response(StatusCode::OK, &reply);
         }
