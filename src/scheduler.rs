@@ -4,6 +4,11 @@
 //! with an occurrence in the time since the last pass (once per rule, however long the
 //! pass was delayed, so a suspended machine does not fire a backlog), then sleeps until
 //! the next occurrence or the next reload, and at most 30 seconds.
+//!
+//! A relay starting fires, once and late, each rule's latest time that fell while no
+//! relay ran, within `[delivery] schedule_catch_up` (a nightly build at 00:30 is not lost
+//! to a reboot at 00:29). The firing's delivery id makes a time already fired a duplicate,
+//! so nothing fires twice; a time before the store last saw a relay running was not missed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +77,47 @@ impl Seen {
     }
 }
 
+/// Each scheduled rule's latest occurrence in `(after, upto]`: what a relay that was down
+/// over that span missed, at most once per rule, however many times fell in it.
+pub fn missed(
+    rules: &RuleSet,
+    after: DateTime<Utc>,
+    upto: DateTime<Utc>,
+) -> Vec<(&Rule, DateTime<Utc>)> {
+    rules
+        .rules()
+        .iter()
+        .filter_map(|rule| {
+            let schedule = rule.spec.schedule.as_ref()?;
+            let mut latest = None;
+            let mut at = after;
+            while let Some(next) = schedule.next_after(at).filter(|next| *next <= upto) {
+                latest = Some(next);
+                at = next;
+            }
+            latest.map(|time| (rule, time))
+        })
+        .collect()
+}
+
+/// Where a relay starting at `now` looks back from for missed times: the later of the
+/// time the store last saw a relay running and `catch_up` ago (never further back than
+/// the firings' delivery ids are kept, which keep a time from firing twice). `None`: a
+/// new store, or catching up turned off.
+fn catch_up_from(
+    noted: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    catch_up: Duration,
+    retention: Duration,
+) -> Option<DateTime<Utc>> {
+    let window = chrono::Duration::from_std(catch_up.min(retention)).ok()?;
+    if window.is_zero() {
+        return None;
+    }
+    let from = noted?.max(now - window);
+    (from < now).then_some(from)
+}
+
 /// The earliest occurrence after `after` among all scheduled rules.
 fn next_occurrence(rules: &RuleSet, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
     rules
@@ -83,7 +129,14 @@ fn next_occurrence(rules: &RuleSet, after: DateTime<Utc>) -> Option<DateTime<Utc
 
 /// Records a scheduled rule's triggers in the outbox, which sends them. The delivery id is
 /// the rule and the time, so a restart that looks at the same moment again queues nothing.
-async fn fire(app: &App, runtime: &crate::app::Runtime, rule: &Rule, time: DateTime<Utc>) {
+/// `late`: a time missed while no relay ran, fired as the relay starts.
+async fn fire(
+    app: &App,
+    runtime: &crate::app::Runtime,
+    rule: &Rule,
+    time: DateTime<Utc>,
+    late: bool,
+) {
     let shown = rule
         .spec
         .schedule
@@ -91,10 +144,11 @@ async fn fire(app: &App, runtime: &crate::app::Runtime, rule: &Rule, time: DateT
         .expect("due rules are scheduled")
         .time_text(time);
     let mut triggers = Vec::new();
+    let mut calls = Vec::new();
     for planned in runtime.config.rules.plan_scheduled(rule, &shown) {
         match planned.trigger {
             Ok(trigger) => {
-                tracing::info!(rule = %planned.rule, project = %trigger.project, git_ref = %trigger.git_ref, time = %shown, "schedule due");
+                calls.push((trigger.project.to_string(), trigger.git_ref.to_string()));
                 triggers.push(NewTrigger::queued(
                     planned.rule,
                     &trigger,
@@ -116,8 +170,23 @@ async fn fire(app: &App, runtime: &crate::app::Runtime, rule: &Rule, time: DateT
         summary: serde_json::json!({ "rule": rule.name(), "time": shown }).to_string(),
         triggers,
     };
-    if let Err(err) = app.outbox.accept(delivery).await {
-        tracing::error!(rule = %rule.name(), error = %err, "scheduled triggers not recorded");
+    match app.outbox.accept(delivery).await {
+        Err(err) => {
+            tracing::error!(rule = %rule.name(), error = %err, "scheduled triggers not recorded")
+        }
+        // Another relay fired it, or this one before it stopped.
+        Ok(crate::store::Accepted::Duplicate { .. }) => {
+            tracing::debug!(rule = %rule.name(), time = %shown, "scheduled time fired already");
+        }
+        Ok(crate::store::Accepted::Queued { .. }) => {
+            for (project, git_ref) in calls {
+                if late {
+                    tracing::warn!(rule = %rule.name(), %project, %git_ref, time = %shown, "schedule missed while no relay ran: fired late, once");
+                } else {
+                    tracing::info!(rule = %rule.name(), %project, %git_ref, time = %shown, "schedule due");
+                }
+            }
+        }
     }
 }
 
@@ -126,6 +195,21 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut reloads = app.reloads();
     let mut last = app.outbox.clock();
     let mut seen = Seen::default();
+    {
+        let runtime = app.runtime();
+        let delivery = &runtime.config.delivery;
+        let from = catch_up_from(
+            app.outbox.noted_before_start(),
+            last,
+            delivery.schedule_catch_up,
+            delivery.retention,
+        );
+        if let Some(from) = from {
+            for (rule, time) in missed(&runtime.config.rules, from, last) {
+                fire(&app, &runtime, rule, time, true).await;
+            }
+        }
+    }
     loop {
         let runtime = app.runtime();
         // The store's clock: relays sharing a database agree on which occurrence is due
@@ -133,7 +217,7 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let now = app.outbox.clock();
         seen.update(&runtime.config.rules, now);
         for (rule, time) in due(&runtime.config.rules, &seen, last, now) {
-            fire(&app, &runtime, rule, time).await;
+            fire(&app, &runtime, rule, time, false).await;
         }
         last = now;
         let sleep = next_occurrence(&runtime.config.rules, now)
@@ -205,6 +289,42 @@ mod tests {
             due(&every_two, &seen, at(4, 13, 33), at(4, 13, 34))[0].1,
             at(4, 13, 34)
         );
+    }
+
+    /// A relay starting fires each rule's latest missed time, once; none for a new store,
+    /// with catching up off, or for a time before the store last saw a relay running.
+    #[test]
+    fn a_relay_starting_catches_up_on_the_latest_missed_time() {
+        let at = |h, m, s| Utc.with_ymd_and_hms(2026, 12, 4, h, m, s).unwrap();
+        let every_ten = rules_of("*/10 * * * * *");
+        let missed = missed(&every_ten, at(4, 0, 5), at(4, 0, 47));
+        assert_eq!(missed.len(), 1);
+        assert_eq!(missed[0].1, at(4, 0, 40));
+        assert!(super::missed(&every_ten, at(4, 0, 41), at(4, 0, 49)).is_empty());
+        let hour = Duration::from_secs(3600);
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let now = at(4, 30, 0);
+        // Down since 04:20: from then.
+        assert_eq!(
+            catch_up_from(Some(at(4, 20, 0)), now, hour, week),
+            Some(at(4, 20, 0))
+        );
+        // Down since the day before: an hour back at most.
+        assert_eq!(
+            catch_up_from(Some(at(1, 0, 0)), now, hour, week),
+            Some(at(3, 30, 0))
+        );
+        // Never further back than firings are kept (they keep a time from firing twice).
+        assert_eq!(
+            catch_up_from(Some(at(1, 0, 0)), now, hour, Duration::from_secs(60)),
+            Some(at(4, 29, 0))
+        );
+        assert_eq!(catch_up_from(None, now, hour, week), None, "a new store");
+        assert_eq!(
+            catch_up_from(Some(at(4, 20, 0)), now, Duration::ZERO, week),
+            None
+        );
+        assert_eq!(catch_up_from(Some(now), now, hour, week), None);
     }
 
     #[test]

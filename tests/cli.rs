@@ -1636,3 +1636,102 @@ async fn backup_copies_the_store_beside_a_running_relay() {
     let (code, _) = served.terminate();
     assert_eq!(code, Some(0));
 }
+
+/// The times a scheduled rule's calls were for (`AT`), in the order they came.
+fn scheduled_times(upstream: &RecordingUpstream) -> Vec<String> {
+    upstream
+        .received()
+        .iter()
+        .filter_map(|call| call.json()["variables"]["AT"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A relay down over a scheduled time fires it once, late, when it starts again (a
+/// nightly build is not lost to a reboot); a time fired before it stopped is not fired
+/// again, and neither is one from before the store last saw it running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_starting_fires_a_scheduled_time_it_missed_once_late() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"{}\"\n\
+             [[rule]]\nname = \"every-four\"\nschedule = \"*/4 * * * * *\"\n[rule.trigger]\nproject = \"77\"\nref = \"main\"\n\
+             token = \"env:HOOKRELAY_TEST_TOKEN\"\nvariables = {{ AT = \"{{{{ schedule.time }}}}\" }}\n",
+            upstream.url()
+        ),
+    );
+    let state = dir.path().join("state");
+    let start = || {
+        let mut command = Command::new(BIN);
+        command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
+        let mut served = Served::start_with(command, dir.path(), &state);
+        served.address();
+        served
+    };
+    let mut relay = start();
+    // Running long enough to fire once, and for the store to note that it ran.
+    for _ in 0..120 {
+        if !scheduled_times(&upstream).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(scheduled_times(&upstream).len(), 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    relay.child.kill().unwrap();
+    relay.child.wait().unwrap();
+    let killed_at = chrono::Utc::now();
+    // Down over at least one time (every 4 s).
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    let restarted_at = chrono::Utc::now();
+    let relay = start();
+    let late = loop {
+        let times = scheduled_times(&upstream);
+        if times.len() >= 2 {
+            break times[1].clone();
+        }
+        assert!(
+            chrono::Utc::now() - restarted_at < chrono::TimeDelta::seconds(3),
+            "nothing fired late: {times:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let late_at = chrono::DateTime::parse_from_rfc3339(&late)
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    assert!(
+        late_at > killed_at && late_at <= restarted_at,
+        "{late} is not a time missed between {killed_at} and {restarted_at}"
+    );
+    // Fired as the relay started, not at its next time.
+    assert!(
+        restarted_at - late_at < chrono::TimeDelta::seconds(4),
+        "the latest missed time only: {late}"
+    );
+    let (_, lines) = relay.terminate();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("schedule missed while no relay ran: fired late, once")),
+        "{lines:#?}"
+    );
+    // Started again at once: nothing was missed, so nothing fires late, and no time fires
+    // twice.
+    let before = scheduled_times(&upstream);
+    let relay = start();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, lines) = relay.terminate();
+    let after = scheduled_times(&upstream);
+    assert!(
+        !lines.iter().any(|l| l.contains("fired late")),
+        "{lines:#?}"
+    );
+    let mut unique = after.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), after.len(), "a time fired twice: {after:?}");
+    assert!(after.len() <= before.len() + 1, "{before:?} → {after:?}");
+}

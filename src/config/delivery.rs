@@ -15,6 +15,9 @@ pub struct DeliveryConfig {
     pub retention: Duration,
     /// Sends in flight at once.
     pub workers: usize,
+    /// How far back a relay starting looks for scheduled times it missed while no relay
+    /// ran, each rule's latest fired once, late (`0s`: never).
+    pub schedule_catch_up: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -23,6 +26,7 @@ impl Default for DeliveryConfig {
             retry: crate::retry::RetryPolicy::default(),
             retention: Duration::from_secs(7 * 24 * 3600),
             workers: 8,
+            schedule_catch_up: Duration::from_secs(3600),
         }
     }
 }
@@ -35,6 +39,7 @@ pub(super) struct RawDelivery {
     max_age: Option<Spanned<String>>,
     retention: Option<Spanned<String>>,
     workers: Option<Spanned<u32>>,
+    schedule_catch_up: Option<Spanned<String>>,
 }
 
 /// Compiles `[delivery]`, with the defaults for what it leaves out.
@@ -81,6 +86,13 @@ pub(super) fn compile(raw: RawDelivery, problems: &mut FileProblems<'_>) -> Deli
         Duration::ZERO,
         problems,
     );
+    let schedule_catch_up = duration(
+        raw.schedule_catch_up,
+        defaults.schedule_catch_up,
+        "schedule_catch_up",
+        Duration::ZERO,
+        problems,
+    );
     let workers = match raw.workers {
         Some(w) if *w.get_ref() == 0 || *w.get_ref() > 256 => {
             problems.at(Some(w.span()), "delivery.workers must be between 1 and 256");
@@ -93,5 +105,6 @@ pub(super) fn compile(raw: RawDelivery, problems: &mut FileProblems<'_>) -> Deli
         retry,
         retention,
         workers,
+        schedule_catch_up,
     }
 }

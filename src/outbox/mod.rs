@@ -265,6 +265,8 @@ pub struct Outbox {
     /// Why a failover of the shared database could lose acknowledged webhooks, as read at
     /// the start ([`PostgresEngine::replication_risk`]); shown on the dashboard.
     pub failover_risk: Option<String>,
+    /// See [`Outbox::noted_before_start`] (milliseconds on the store's clock).
+    noted_before_start: Option<i64>,
 }
 
 impl Outbox {
@@ -375,6 +377,12 @@ impl Outbox {
         lock: Option<StateLock>,
     ) -> std::io::Result<Outbox> {
         let place: Arc<str> = writer.describe().into();
+        // Read before this relay's writer notes a time of its own.
+        let mut reader = reader;
+        let noted_before_start =
+            blocking(|| reader.ready_to_read().and_then(|()| reader.clock_noted()))
+                .ok()
+                .flatten();
         let (sender, requests) = mpsc::channel();
         let queued = Arc::new(NewWork::default());
         let health = Arc::new(StoreHealth::default());
@@ -416,7 +424,15 @@ impl Outbox {
             timings,
             location: None,
             failover_risk: None,
+            noted_before_start,
         })
+    }
+
+    /// The latest time a relay noted in the store before this one started (store clock),
+    /// `None` for a new store: what a relay starting may have missed began after it.
+    pub fn noted_before_start(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.noted_before_start
+            .and_then(chrono::DateTime::from_timestamp_millis)
     }
 
     fn error(&self, err: EngineError) -> StoreError {
