@@ -123,14 +123,16 @@ struct ReplayArgs {
     #[command(flatten)]
     state: StateArg,
     /// Run the stored webhook through the rules as they are now (new triggers, in a
-    /// delivery named after the original), instead of re-sending the old calls.
+    /// delivery named after the original), instead of re-sending the old calls; with
+    /// --failed, every webhook whose triggers failed for good (after fixing a rule).
     #[arg(long)]
     replan: bool,
     #[command(flatten)]
     config: ConfigArg,
     /// Every trigger that failed for good since --since (e.g. after fixing a revoked
-    /// trigger token), narrowed by --project, --source and --rule.
-    #[arg(long, conflicts_with_all = ["id", "replan"], requires = "since")]
+    /// trigger token), narrowed by --project, --source and --rule; with --replan, their
+    /// webhooks through the current rules instead (those with no trigger sent or under way).
+    #[arg(long, conflicts_with = "id", requires = "since")]
     failed: bool,
     /// With --failed: triggers received within this long (`2h`) or since this UTC time.
     #[arg(long, requires = "failed")]
@@ -396,6 +398,15 @@ fn replay(args: ReplayArgs) -> ExitCode {
             since,
             ..Default::default()
         };
+        if args.replan {
+            let state = &args.state;
+            return commands::replan_failed(
+                &args.config.path,
+                &state.state_dir,
+                state.store.as_deref(),
+                filter,
+            );
+        }
         return match args.state.location("replay") {
             Ok(store) => commands::replay_failed(&store, filter),
             Err(code) => code,

@@ -1089,6 +1089,13 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     assert_eq!(code, Some(0));
 }
 
+/// An upstream at `url` and a GitHub source whose secret is in the file `secret`.
+fn github_relay(url: &str) -> String {
+    format!(
+        "[upstream.gitlab]\nurl = \"{url}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:secret\"\n"
+    )
+}
+
 /// A rule `releases` for GitHub tags whose names match `refs`, triggering `acme/app` on
 /// `main`: the two replan tests fix it by changing `refs`.
 fn releases_rule(refs: &str) -> String {
@@ -1191,14 +1198,7 @@ async fn why_nothing_ran_then_replan_then_cancel() {
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "secret", "s3cret-for-the-tests");
-    write(
-        dir.path(),
-        "00-relay.toml",
-        &format!(
-            "[upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:secret\"\n",
-            upstream.url()
-        ),
-    );
+    write(dir.path(), "00-relay.toml", &github_relay(&upstream.url()));
     write(dir.path(), "10-rule.toml", &releases_rule("release-*"));
     let mut served = serve_in(dir.path());
     let address = served.address();
@@ -1734,4 +1734,118 @@ async fn a_relay_starting_fires_a_scheduled_time_it_missed_once_late() {
     unique.dedup();
     assert_eq!(unique.len(), after.len(), "a time fired twice: {after:?}");
     assert!(after.len() <= before.len() + 1, "{before:?} → {after:?}");
+}
+
+/// After a rule's project is fixed, `replay --failed --replan` runs every webhook whose
+/// triggers failed for good through the fixed rules, once; a webhook with a trigger that
+/// was sent meanwhile is left out, saying why (it would start that pipeline again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_failed_replan_runs_the_failed_webhooks_through_the_fixed_rules_once() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "s3cret-for-the-tests");
+    write(dir.path(), "00-relay.toml", &github_relay(&upstream.url()));
+    let rule = |project: &str| {
+        releases_rule("simple-*").replace(
+            "project = \"acme/app\"",
+            &format!("project = \"{project}\""),
+        )
+    };
+    write(dir.path(), "10-rule.toml", &rule("acme/wrong"));
+    let not_found = || Answer::new(404, r#"{"message":"404 Project Not Found"}"#);
+    upstream.answer_next(not_found());
+    upstream.answer_next(not_found());
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    let state = dir.path().join("state");
+    let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
+    let failed = |n: usize| {
+        let output = hookrelay(&[
+            "deliveries",
+            "--state",
+            state,
+            "--status",
+            "failed",
+            "--json",
+        ]);
+        let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        rows.as_array().unwrap().len() >= n
+    };
+    for (n, id) in [(1, "w-1"), (2, "w-2")] {
+        let url = format!("http://{address}/hooks/github");
+        let reply = signed_github(
+            &url,
+            "s3cret-for-the-tests",
+            "push",
+            id,
+            "github/push_tag.json",
+        )
+        .await;
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        for _ in 0..100 {
+            if failed(n) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(failed(n), "{id} failed for good");
+    }
+    // w-2's trigger is sent again by hand, and GitLab takes it this time.
+    let output = hookrelay(&["replay", "--state", state, "delivery:w-2"]);
+    assert!(output.status.success(), "{output:?}");
+    for _ in 0..100 {
+        if upstream.received().len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.received().len(), 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(served.terminate().0, Some(0));
+
+    write(dir.path(), "10-rule.toml", &rule("acme/app"));
+    let replan = || {
+        let output = Command::new(BIN)
+            .args([
+                "replay", "--failed", "--replan", "--since", "1h", "--config", config, "--state",
+                state,
+            ])
+            .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let said = replan();
+    assert!(
+        said.contains("delivery w-1 run through the current rules as delivery w-1~replan-")
+            && said.contains("rule releases -> project acme/app, ref main")
+            && said.contains("left out: w-2: trigger")
+            && said.contains("is sent (replanning would start it again")
+            && said.contains("1 webhook planned again"),
+        "{said}"
+    );
+    let said = replan();
+    assert!(
+        said.contains("left out: w-1: replanned already") && said.contains("nothing planned again"),
+        "{said}"
+    );
+    // The relay sends the replan to the fixed project.
+    let served = serve_in(dir.path());
+    for _ in 0..100 {
+        if upstream.received().len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let received = upstream.received();
+    assert_eq!(received.len(), 4);
+    assert!(
+        received[3]
+            .path_and_query
+            .starts_with("/api/v4/projects/acme%2Fapp/trigger/pipeline"),
+        "{}",
+        received[3].path_and_query
+    );
+    assert_eq!(served.terminate().0, Some(0));
 }

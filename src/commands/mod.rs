@@ -19,7 +19,7 @@ use crate::store::StoreLocation;
 
 pub mod store;
 
-pub use store::{backup, cancel, deliveries, replan, replay, replay_failed};
+pub use store::{backup, cancel, deliveries, replan, replan_failed, replay, replay_failed};
 
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.
 pub const EXIT_CONFIG: u8 = 64;

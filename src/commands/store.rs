@@ -135,13 +135,7 @@ pub fn replan(config: &Path, state: &Path, store: Option<&str>, delivery: &str) 
     let delivery = delivery.strip_prefix("delivery:").unwrap_or(delivery);
     match crate::replan::replan(config, state, store, delivery) {
         Ok(replanned) => {
-            println!(
-                "delivery {} run through the current rules as delivery {}:",
-                replanned.original, replanned.delivery_id
-            );
-            for (id, rule, project, git_ref) in &replanned.triggers {
-                println!("  trigger {id}: rule {rule} -> project {project}, ref {git_ref}");
-            }
+            print_replanned(&replanned);
             println!("a running relay sends them within a second");
             ExitCode::SUCCESS
         }
@@ -152,6 +146,17 @@ pub fn replan(config: &Path, state: &Path, store: Option<&str>, delivery: &str) 
             );
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What a replan queued, a line per trigger.
+fn print_replanned(replanned: &crate::replan::Replanned) {
+    println!(
+        "delivery {} run through the current rules as delivery {}:",
+        replanned.original, replanned.delivery_id
+    );
+    for (id, rule, project, git_ref) in &replanned.triggers {
+        println!("  trigger {id}: rule {rule} -> project {project}, ref {git_ref}");
     }
 }
 
@@ -307,6 +312,116 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter) -> ExitCode {
             ""
         }
     );
+    ExitCode::SUCCESS
+}
+
+/// `hookrelay replay --failed --replan`: every stored webhook in `filter`'s window with a
+/// trigger that failed for good, run through today's rules (after a rule's project or ref
+/// was fixed), unless it was replanned already: running the command twice plans nothing
+/// twice. A webhook that also has a trigger sent or still under way is left out, saying
+/// so: replanning it would start that pipeline again (`replay --replan ID` does it alone).
+pub fn replan_failed(
+    config_path: &Path,
+    state: &Path,
+    store: Option<&str>,
+    filter: ListFilter,
+) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!(
+            "hookrelay replay --failed --replan: {}",
+            crate::terminal::escape_controls(&message)
+        );
+        ExitCode::FAILURE
+    };
+    let config = match crate::config::load_without_secrets(config_path) {
+        Ok(config) => config,
+        Err(problems) => return fail(problems.to_string()),
+    };
+    let location = match StoreLocation::choose(state, store, config.store.clone()) {
+        Ok(location) => location,
+        Err(message) => return fail(message),
+    };
+    let filter = ListFilter {
+        kind: Some(crate::store::DeliveryKind::Webhook),
+        state: Some(crate::store::StateFilter::Failed),
+        limit: MOST_READ,
+        ..filter
+    };
+    let rows = match crate::outbox::list(&location, &filter) {
+        Ok(rows) => rows,
+        Err(err) => return fail(err.to_string()),
+    };
+    if rows.len() >= MOST_READ {
+        eprintln!(
+            "hookrelay replay: the window holds {MOST_READ} or more rows; narrow it (--since, --project, --source, --rule)"
+        );
+        return ExitCode::from(2);
+    }
+    let mut candidates: Vec<String> = rows
+        .iter()
+        .filter(|row| row.kind.as_deref() == Some("trigger"))
+        .map(|row| row.delivery_id.clone())
+        .collect();
+    candidates.sort();
+    candidates.dedup();
+    let (mut replanned, mut left_out) = (0, Vec::new());
+    for id in candidates {
+        // Its own rows, and its replans' (whose ids start with its own).
+        let rows = match crate::outbox::list(
+            &location,
+            &ListFilter {
+                delivery: Some(id.clone()),
+                limit: MOST_READ,
+                ..ListFilter::default()
+            },
+        ) {
+            Ok(rows) => rows,
+            Err(err) => return fail(err.to_string()),
+        };
+        let replans = format!("{id}~replan-");
+        if rows.iter().any(|row| row.delivery_id.starts_with(&replans)) {
+            left_out.push(format!("{id}: replanned already"));
+            continue;
+        }
+        let started = rows.iter().find(|row| {
+            row.delivery_id == id
+                && row.kind.as_deref() == Some("trigger")
+                && !matches!(row.state.as_deref(), Some("failed" | "cancelled"))
+        });
+        if let Some(row) = started {
+            left_out.push(format!(
+                "{id}: trigger {} is {} (replanning would start it again; `hookrelay replay --replan {id}` does it anyway)",
+                row.trigger_id.unwrap_or_default(),
+                row.state.as_deref().unwrap_or("unknown")
+            ));
+            continue;
+        }
+        match crate::replan::replan_with(
+            &config,
+            &config_path.display().to_string(),
+            &location,
+            &id,
+        ) {
+            Ok(done) => {
+                replanned += 1;
+                print_replanned(&done);
+            }
+            Err(message) => left_out.push(message),
+        }
+    }
+    for why in &left_out {
+        println!("left out: {}", crate::terminal::escape_controls(why));
+    }
+    match replanned {
+        0 if left_out.is_empty() => {
+            println!("no webhook's trigger failed for good in that window; nothing planned again")
+        }
+        0 => println!("nothing planned again"),
+        n => println!(
+            "{n} webhook{} planned again; a running relay sends their triggers within a second",
+            if n == 1 { "" } else { "s" }
+        ),
+    }
     ExitCode::SUCCESS
 }
 
