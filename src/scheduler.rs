@@ -197,6 +197,9 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut seen = Seen::default();
     {
         let runtime = app.runtime();
+        // Seen from the start, so that a time after it and before the first pass (as the
+        // missed times are fired) is the first pass's to fire.
+        seen.update(&runtime.config.rules, last);
         let delivery = &runtime.config.delivery;
         let from = catch_up_from(
             app.outbox.noted_before_start(),
