@@ -35,6 +35,13 @@ pub enum ProjectId {
     Path(String),
 }
 
+/// A `.` or `..` path segment: percent-encoding keeps it, and a server reading the path
+/// climbs with it (`/projects/../trigger/pipeline`). No GitLab project or forge
+/// repository is named so.
+pub fn is_dot_segment(part: &str) -> bool {
+    part == "." || part == ".."
+}
+
 impl ProjectId {
     /// Reads a decoded project reference: all digits is an id, anything else a full path.
     pub fn parse(text: &str) -> Result<ProjectId, String> {
@@ -54,7 +61,7 @@ impl ProjectId {
         }
         // A `.` or `..` would steer the upstream URL (`/projects/../trigger/pipeline`);
         // GitLab's paths never have one.
-        if text.split('/').any(|part| part == "." || part == "..") {
+        if text.split('/').any(is_dot_segment) {
             return Err(format!(
                 "project path {text:?} has a `.` or `..` part; GitLab project paths never do"
             ));

@@ -421,6 +421,7 @@ impl Upstream {
     fn request_error(&self, err: &hyper_util::client::legacy::Error) -> UpstreamError {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
         let mut deepest = err.to_string();
+        let refused_certificate = crate::tls::refused_certificate_in(err);
         while let Some(current) = source {
             if let Some(io) = current.downcast_ref::<std::io::Error>()
                 && io.kind() == std::io::ErrorKind::TimedOut
@@ -432,16 +433,14 @@ impl Upstream {
                 };
             }
             deepest = current.to_string();
-            if let Some(words) = crate::tls::refused_certificate_in(current) {
-                deepest = words;
-                break;
-            }
             if let Some(reason) = crate::outbound::tunnel_refused(&deepest) {
                 deepest = reason.to_owned();
                 break;
             }
             source = current.source();
         }
+        // A certificate refused says what to change instead of rustls's own words.
+        let deepest = refused_certificate.unwrap_or(deepest);
         UpstreamError::Unreachable {
             upstream: self.called.clone(),
             url: self.base.clone(),

@@ -4,8 +4,9 @@
 //! every session. Viewing without the token is allowed only on a loopback listener, and
 //! only to requests that name a loopback host (`Host: 127.0.0.1:8081`, `localhost`): a
 //! web page whose name a DNS rebinding points at 127.0.0.1 names its own host, and must not
-//! read the deliveries through the visitor's browser. Every action needs the token always. A browser's state-changing request must also carry the page's
-//! cross-site token and must not come from another site (`Origin`, `Sec-Fetch-Site`).
+//! read the deliveries through the visitor's browser. Every action needs the token always.
+//! A browser's state-changing request must also carry the page's cross-site token and must
+//! not come from another site (`Origin`, `Sec-Fetch-Site`).
 
 use http::{HeaderMap, header};
 

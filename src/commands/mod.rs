@@ -294,11 +294,8 @@ fn configured(
             );
             return Err(ExitCode::from(EXIT_CONFIG));
         }
-        if admin.tls.is_none() && !listen.ip().is_loopback() {
-            eprintln!(
-                "hookrelay: warning: --admin-listen {}",
-                crate::config::admin::plain_http_off_loopback(listen)
-            );
+        if let Some(warning) = admin.in_the_clear() {
+            eprintln!("hookrelay: warning: --admin-listen {warning}");
         }
     }
     Ok((config, restart_only))

@@ -244,28 +244,43 @@ pub fn replay(store: &StoreLocation, target: &str) -> ExitCode {
 /// Rows one `replay --failed` reads; a window holding more is to be narrowed.
 const MOST_READ: usize = 20_000;
 
+/// The rows `filter` selects for `replay --failed`, at most [`MOST_READ`]: a window that
+/// holds that many is to be narrowed (exit 2), and a store that cannot be read fails
+/// (exit 1); either is said on standard error after `command`.
+fn rows_in_window(
+    store: &StoreLocation,
+    filter: ListFilter,
+    command: &str,
+) -> Result<Vec<crate::outbox::DeliveryRow>, ExitCode> {
+    let filter = ListFilter {
+        limit: MOST_READ,
+        ..filter
+    };
+    let rows = crate::outbox::list(store, &filter).map_err(|err| {
+        eprintln!(
+            "{command}: {}",
+            crate::terminal::escape_controls(&err.to_string())
+        );
+        ExitCode::FAILURE
+    })?;
+    if rows.len() >= MOST_READ {
+        eprintln!(
+            "hookrelay replay: the window holds {MOST_READ} or more rows; narrow it (--since, --project, --source, --rule)"
+        );
+        return Err(ExitCode::from(2));
+    }
+    Ok(rows)
+}
+
 /// `hookrelay replay --failed`: every trigger that failed for good and that `filter`
 /// selects, queued again (each a new trigger, linked to the one it replays), unless it was
 /// replayed already: running the command twice queues nothing twice. Gateway calls are
 /// their callers' to repeat, and status posts follow their pipelines: neither is replayed.
 pub fn replay_failed(store: &StoreLocation, filter: ListFilter) -> ExitCode {
-    let filter = ListFilter {
-        limit: MOST_READ,
-        ..filter
-    };
-    let rows = match crate::outbox::list(store, &filter) {
+    let rows = match rows_in_window(store, filter, "hookrelay replay") {
         Ok(rows) => rows,
-        Err(err) => {
-            eprintln!("hookrelay replay: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    if rows.len() >= MOST_READ {
-        eprintln!(
-            "hookrelay replay: the window holds {MOST_READ} or more rows; narrow it (--since, --project, --source, --rule)"
-        );
-        return ExitCode::from(2);
-    }
     let replayed: std::collections::BTreeSet<i64> =
         rows.iter().filter_map(|row| row.replay_of).collect();
     let mut failed: Vec<i64> = rows
@@ -344,19 +359,12 @@ pub fn replan_failed(
     let filter = ListFilter {
         kind: Some(crate::store::DeliveryKind::Webhook),
         state: Some(crate::store::StateFilter::Failed),
-        limit: MOST_READ,
         ..filter
     };
-    let rows = match crate::outbox::list(&location, &filter) {
+    let rows = match rows_in_window(&location, filter, "hookrelay replay --failed --replan") {
         Ok(rows) => rows,
-        Err(err) => return fail(err.to_string()),
+        Err(code) => return code,
     };
-    if rows.len() >= MOST_READ {
-        eprintln!(
-            "hookrelay replay: the window holds {MOST_READ} or more rows; narrow it (--since, --project, --source, --rule)"
-        );
-        return ExitCode::from(2);
-    }
     let mut candidates: Vec<String> = rows
         .iter()
         .filter(|row| row.kind.as_deref() == Some("trigger"))

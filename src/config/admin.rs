@@ -78,21 +78,23 @@ pub(super) fn compile(
         return None;
     }
     let tls = super::server::server_tls(raw.tls_cert, raw.tls_key, problems);
-    if let (None, Some(span)) = (&tls, listen_span)
-        && !listen.ip().is_loopback()
-    {
-        problems.warn(
-            span,
-            format!("admin.listen {}", plain_http_off_loopback(listen)),
-        );
+    let admin = AdminConfig { listen, token, tls };
+    if let (Some(warning), Some(span)) = (admin.in_the_clear(), listen_span) {
+        problems.warn(span, format!("admin.listen {warning}"));
     }
-    Some(AdminConfig { listen, token, tls })
+    Some(admin)
 }
 
-/// Why a dashboard off loopback wants HTTPS: a warning, since a TLS proxy in front may
-/// give it (then browsers see HTTPS and the relay cannot tell).
-pub fn plain_http_off_loopback(listen: SocketAddr) -> String {
-    format!(
-        "{listen} serves the dashboard over plain HTTP off loopback: its token crosses the network in clear, and browsers keep the login's cookie (Secure) only over HTTPS, so logging in from a browser does not stick; set tls_cert and tls_key, or serve it through a TLS proxy"
-    )
+impl AdminConfig {
+    /// Why this dashboard wants HTTPS, when it listens off loopback without TLS of its
+    /// own: a warning, since a TLS proxy in front may give it (then browsers see HTTPS and
+    /// the relay cannot tell).
+    pub fn in_the_clear(&self) -> Option<String> {
+        (self.tls.is_none() && !self.listen.ip().is_loopback()).then(|| {
+            format!(
+                "{} serves the dashboard over plain HTTP off loopback: its token crosses the network in clear, and browsers keep the login's cookie (Secure) only over HTTPS, so logging in from a browser does not stick; set tls_cert and tls_key, or serve it through a TLS proxy",
+                self.listen
+            )
+        })
+    }
 }

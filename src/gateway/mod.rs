@@ -76,10 +76,7 @@ pub async fn parse_trigger_call(
     // A `.` or `..` would steer the URL the call is forwarded to: a bad request, not an
     // unknown project.
     let project = ProjectId::parse(&project_text).map_err(|err| {
-        if project_text
-            .split('/')
-            .any(|part| part == "." || part == "..")
-        {
+        if project_text.split('/').any(crate::trigger::is_dot_segment) {
             GatewayError::PathEncoding(err)
         } else {
             GatewayError::Project(err)

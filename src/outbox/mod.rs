@@ -373,12 +373,11 @@ impl Outbox {
     pub fn start(
         writer: Box<dyn Engine>,
         claimer: Option<Box<dyn Engine>>,
-        reader: Box<dyn Engine>,
+        mut reader: Box<dyn Engine>,
         lock: Option<StateLock>,
     ) -> std::io::Result<Outbox> {
         let place: Arc<str> = writer.describe().into();
         // Read before this relay's writer notes a time of its own.
-        let mut reader = reader;
         let noted_before_start =
             blocking(|| reader.ready_to_read().and_then(|()| reader.clock_noted()))
                 .ok()

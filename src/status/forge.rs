@@ -153,12 +153,6 @@ fn segment(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, KEEP).to_string()
 }
 
-/// A `.` or `..` survives percent-encoding and would climb out of the path the forge's API
-/// gives it: no forge names a repository so, so a payload that does is refused.
-fn is_dot_segment(text: &str) -> bool {
-    text == "." || text == ".."
-}
-
 /// `owner/repo` as two encoded segments; a repository name without an owner is refused.
 fn owner_and_repo(repository: &str) -> Result<String, String> {
     match repository.split_once('/') {
@@ -166,8 +160,8 @@ fn owner_and_repo(repository: &str) -> Result<String, String> {
             if !owner.is_empty()
                 && !repo.is_empty()
                 && !repo.contains('/')
-                && !is_dot_segment(owner)
-                && !is_dot_segment(repo) =>
+                && !crate::trigger::is_dot_segment(owner)
+                && !crate::trigger::is_dot_segment(repo) =>
         {
             Ok(format!("{}/{}", segment(owner), segment(repo)))
         }
@@ -211,7 +205,7 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
     authorization.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, authorization);
     let (path, body) = match forge {
-        Forge::Gitlab if is_dot_segment(&target.repository) => {
+        Forge::Gitlab if crate::trigger::is_dot_segment(&target.repository) => {
             return Err(format!(
                 "project {:?} is not a project path, so no status can be posted for it",
                 target.repository

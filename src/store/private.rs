@@ -67,11 +67,14 @@ pub fn prepare_state_folder(folder: &Path, store: &Path) -> Result<(), String> {
         |err: std::io::Error| format!("cannot list the state folder {shown}: {err}");
     for entry in std::fs::read_dir(folder).map_err(listing_failed)? {
         let entry = entry.map_err(listing_failed)?;
-        let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
+        let path = entry.path();
+        let is_file = entry
+            .file_type()
+            .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+            .is_file();
         if !is_file {
             continue;
         }
-        let path = entry.path();
         let mode = entry
             .metadata()
             .map_err(|err| format!("cannot read {}: {err}", path.display()))?
