@@ -132,22 +132,27 @@ struct ReplayArgs {
     /// Every trigger that failed for good since --since (e.g. after fixing a revoked
     /// trigger token), narrowed by --project, --source and --rule; with --replan, their
     /// webhooks through the current rules instead (those with no trigger sent or under way).
-    #[arg(long, conflicts_with = "id", requires = "since")]
+    #[arg(long, conflicts_with_all = ["id", "unmatched"], requires = "since")]
     failed: bool,
-    /// With --failed: triggers received within this long (`2h`) or since this UTC time.
-    #[arg(long, requires = "failed")]
+    /// Every webhook since --since that matched no rule (or whose trigger could not be
+    /// built), through the current rules: after adding or fixing a rule. Narrowed by
+    /// --source; one that still matches nothing is left out, saying why.
+    #[arg(long, conflicts_with_all = ["id", "project", "rule"], requires = "since")]
+    unmatched: bool,
+    /// With --failed or --unmatched: received within this long (`2h`) or since this UTC time.
+    #[arg(long)]
     since: Option<String>,
     /// With --failed: only triggers for this project (as the rule names it).
     #[arg(long, requires = "failed")]
     project: Option<String>,
-    /// With --failed: only triggers of webhooks from this source.
-    #[arg(long, requires = "failed")]
+    /// With --failed or --unmatched: only webhooks from this source.
+    #[arg(long)]
     source: Option<String>,
     /// With --failed: only triggers of this rule.
     #[arg(long, requires = "failed")]
     rule: Option<String>,
     /// A trigger id (`42` or `trigger:42`), or a delivery id or its unique start (`delivery:…`).
-    #[arg(value_name = "ID", required_unless_present = "failed")]
+    #[arg(value_name = "ID", required_unless_present_any = ["failed", "unmatched"])]
     id: Option<String>,
 }
 
@@ -386,7 +391,7 @@ fn deliveries(args: DeliveriesArgs) -> ExitCode {
 /// `hookrelay replay`: one trigger or delivery again, every failed one since a time, or a
 /// stored webhook through the current rules (`--replan`).
 fn replay(args: ReplayArgs) -> ExitCode {
-    if args.failed {
+    if args.failed || args.unmatched {
         let since = match time_flag("replay", "--since", args.since) {
             Ok(since) => since,
             Err(code) => return code,
@@ -398,13 +403,18 @@ fn replay(args: ReplayArgs) -> ExitCode {
             since,
             ..Default::default()
         };
-        if args.replan {
+        if args.replan || args.unmatched {
             let state = &args.state;
-            return commands::replan_failed(
+            return commands::replan_window(
                 &args.config.path,
                 &state.state_dir,
                 state.store.as_deref(),
                 filter,
+                if args.unmatched {
+                    commands::Replans::Unmatched
+                } else {
+                    commands::Replans::Failed
+                },
             );
         }
         return match args.state.location("replay") {
@@ -412,8 +422,14 @@ fn replay(args: ReplayArgs) -> ExitCode {
             Err(code) => code,
         };
     }
+    if args.since.is_some() || args.source.is_some() {
+        eprintln!("hookrelay replay: --since and --source go with --failed or --unmatched");
+        return ExitCode::from(2);
+    }
     let Some(id) = args.id else {
-        eprintln!("hookrelay replay: name a trigger or delivery id, or use --failed");
+        eprintln!(
+            "hookrelay replay: name a trigger or delivery id, or use --failed or --unmatched"
+        );
         return ExitCode::from(2);
     };
     if args.replan {

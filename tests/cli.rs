@@ -1849,3 +1849,101 @@ async fn replay_failed_replan_runs_the_failed_webhooks_through_the_fixed_rules_o
     );
     assert_eq!(served.terminate().0, Some(0));
 }
+
+/// After a rule is added or fixed, `replay --unmatched --since` runs every webhook of the
+/// window that matched no rule through the rules as they are now, beside the running
+/// relay, which sends what it plans. A webhook that still matches nothing is left out with
+/// its reason and nothing is recorded for it; a ping is not a candidate at all; a second
+/// run plans nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new_rules_once() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "s3cret-for-the-tests");
+    write(dir.path(), "00-relay.toml", &github_relay(&upstream.url()));
+    write(dir.path(), "10-rule.toml", &releases_rule("release-*"));
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    let url = format!("http://{address}/hooks/github");
+    for (event, id, file) in [
+        ("push", "u-tag", "github/push_tag.json"),
+        ("push", "u-branch", "github/push_branch.json"),
+        ("ping", "u-ping", "github/ping.json"),
+    ] {
+        let reply = signed_github(&url, "s3cret-for-the-tests", event, id, file).await;
+        assert_eq!(reply.status, 200, "{id}: {}", reply.text());
+    }
+    let state = dir.path().join("state");
+    let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
+    let replay = |args: &[&str]| {
+        let output = Command::new(BIN)
+            .arg("replay")
+            .args(args)
+            .args(["--config", config, "--state", state])
+            .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // Before the fix: both still match nothing, and each says why.
+    let (code, said, _) = replay(&["--unmatched", "--since", "1h"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        said.contains("left out: delivery u-branch still starts nothing")
+            && said.contains("left out: delivery u-tag still starts nothing")
+            && said.contains("matches none of")
+            && !said.contains("u-ping")
+            && said.contains("nothing planned again"),
+        "{said}"
+    );
+    // The rule is fixed to take the tag that was pushed.
+    write(dir.path(), "10-rule.toml", &releases_rule("simple-*"));
+    let (code, said, _) = replay(&["--unmatched", "--since", "1h", "--source", "github"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        said.contains("delivery u-tag run through the current rules as delivery u-tag~replan-")
+            && said.contains("rule releases -> project acme/app, ref main")
+            && said.contains("left out: delivery u-branch still starts nothing")
+            && !said.contains("u-ping")
+            && said.contains("1 webhook planned again"),
+        "{said}"
+    );
+    let (code, said, _) = replay(&["--unmatched", "--since", "1h"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        said.contains("left out: u-tag: replanned already, as u-tag~replan-")
+            && said.contains("nothing planned again"),
+        "{said}"
+    );
+    // The running relay sends the one replan, to the rule's project.
+    for _ in 0..100 {
+        if !upstream.received().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = upstream.received();
+    assert_eq!(received.len(), 1, "one pipeline, once");
+    assert!(
+        received[0]
+            .path_and_query
+            .starts_with("/api/v4/projects/acme%2Fapp/trigger/pipeline"),
+        "{}",
+        received[0].path_and_query
+    );
+    // The window's flags say what they go with.
+    let (code, _, said) = replay(&["--unmatched", "--since", "1h", "--project", "acme/app"]);
+    assert_eq!(code, Some(2), "{said}");
+    let (code, _, said) = replay(&["--since", "1h", "u-tag"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        said.contains("--since and --source go with --failed or --unmatched"),
+        "{said}"
+    );
+    assert_eq!(served.terminate().0, Some(0));
+}

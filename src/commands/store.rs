@@ -330,22 +330,47 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `hookrelay replay --failed --replan`: every stored webhook in `filter`'s window with a
-/// trigger that failed for good, run through today's rules (after a rule's project or ref
-/// was fixed), unless it was replanned already: running the command twice plans nothing
-/// twice. A webhook that also has a trigger sent or still under way is left out, saying
-/// so: replanning it would start that pipeline again (`replay --replan ID` does it alone).
-pub fn replan_failed(
+/// Which stored webhooks a replan of a window runs through today's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replans {
+    /// `replay --failed --replan`: webhooks with a trigger that failed for good (after a
+    /// rule's project or ref was fixed). One that also has a trigger sent or still under
+    /// way is left out: replanning it would start that pipeline again.
+    Failed,
+    /// `replay --unmatched`: webhooks that started nothing because no rule matched them or
+    /// a matching rule's trigger could not be built (after a rule was added or fixed).
+    /// Pings, events the source does not act on, duplicates and refusals are not theirs.
+    Unmatched,
+}
+
+impl Replans {
+    fn command(self) -> &'static str {
+        match self {
+            Replans::Failed => "hookrelay replay --failed --replan",
+            Replans::Unmatched => "hookrelay replay --unmatched",
+        }
+    }
+}
+
+/// Lines of "left out" shown before the rest are counted: a window of a busy source may
+/// hold thousands of webhooks that still match nothing.
+const LEFT_OUT_SHOWN: usize = 20;
+
+/// `hookrelay replay --failed --replan` and `replay --unmatched`: every stored webhook in
+/// `filter`'s window that `which` selects, run through today's rules, unless it was
+/// replanned already: running the command twice plans nothing twice. A webhook that still
+/// starts nothing is left out with the reason, and nothing is recorded for it, so the
+/// command can be run again after the next fix.
+pub fn replan_window(
     config_path: &Path,
     state: &Path,
     store: Option<&str>,
     filter: ListFilter,
+    which: Replans,
 ) -> ExitCode {
+    let command = which.command();
     let fail = |message: String| {
-        eprintln!(
-            "hookrelay replay --failed --replan: {}",
-            crate::terminal::escape_controls(&message)
-        );
+        eprintln!("{command}: {}", crate::terminal::escape_controls(&message));
         ExitCode::FAILURE
     };
     let config = match crate::config::load_without_secrets(config_path) {
@@ -358,16 +383,26 @@ pub fn replan_failed(
     };
     let filter = ListFilter {
         kind: Some(crate::store::DeliveryKind::Webhook),
-        state: Some(crate::store::StateFilter::Failed),
+        state: Some(match which {
+            Replans::Failed => crate::store::StateFilter::Failed,
+            Replans::Unmatched => crate::store::StateFilter::None,
+        }),
         ..filter
     };
-    let rows = match rows_in_window(&location, filter, "hookrelay replay --failed --replan") {
+    let rows = match rows_in_window(&location, filter, command) {
         Ok(rows) => rows,
         Err(code) => return code,
     };
     let mut candidates: Vec<String> = rows
         .iter()
-        .filter(|row| row.kind.as_deref() == Some("trigger"))
+        .filter(|row| match which {
+            Replans::Failed => row.kind.as_deref() == Some("trigger"),
+            Replans::Unmatched => {
+                row.state.is_none()
+                    && !row.delivery_id.contains("~replan-")
+                    && matches!(row_state(row).0.as_str(), "no match" | "error")
+            }
+        })
         .map(|row| row.delivery_id.clone())
         .collect();
     candidates.sort();
@@ -387,8 +422,14 @@ pub fn replan_failed(
             Err(err) => return fail(err.to_string()),
         };
         let replans = format!("{id}~replan-");
-        if rows.iter().any(|row| row.delivery_id.starts_with(&replans)) {
-            left_out.push(format!("{id}: replanned already"));
+        if let Some(replan) = rows
+            .iter()
+            .find(|row| row.delivery_id.starts_with(&replans))
+        {
+            left_out.push(format!(
+                "{id}: replanned already, as {}",
+                replan.delivery_id
+            ));
             continue;
         }
         let started = rows.iter().find(|row| {
@@ -417,13 +458,27 @@ pub fn replan_failed(
             Err(message) => left_out.push(message),
         }
     }
-    for why in &left_out {
+    for why in left_out.iter().take(LEFT_OUT_SHOWN) {
         println!("left out: {}", crate::terminal::escape_controls(why));
     }
+    if left_out.len() > LEFT_OUT_SHOWN {
+        println!(
+            "left out: {} more (`hookrelay deliveries --status {}` with the same window lists them)",
+            left_out.len() - LEFT_OUT_SHOWN,
+            match which {
+                Replans::Failed => "failed",
+                Replans::Unmatched => "none",
+            }
+        );
+    }
     match replanned {
-        0 if left_out.is_empty() => {
-            println!("no webhook's trigger failed for good in that window; nothing planned again")
-        }
+        0 if left_out.is_empty() => println!(
+            "{}; nothing planned again",
+            match which {
+                Replans::Failed => "no webhook's trigger failed for good in that window",
+                Replans::Unmatched => "no webhook in that window matched no rule",
+            }
+        ),
         0 => println!("nothing planned again"),
         n => println!(
             "{n} webhook{} planned again; a running relay sends their triggers within a second",
