@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::outbox::{Accepted, NewDelivery};
+use crate::outbox::{Accepted, DeliveryRow, ListFilter, NewDelivery};
 use crate::sources::{self, Outcome, Verification, WebhookRequest};
 use crate::store::StoreLocation;
 
@@ -162,4 +162,172 @@ pub fn replan_with(
             .map(|(id, entry)| (id, entry.rule, entry.project, entry.git_ref))
             .collect(),
     })
+}
+
+/// Which stored webhooks a replan of a window runs through today's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replans {
+    /// `replay --failed --replan`: webhooks with a trigger that failed for good (after a
+    /// rule's project or ref was fixed). One that also has a trigger sent or still under
+    /// way is left out: replanning it would start that pipeline again.
+    Failed,
+    /// `replay --unmatched`: webhooks that started nothing because no rule matched them or
+    /// a matching rule's trigger could not be built (after a rule was added or fixed).
+    /// Pings, events the source does not act on, duplicates and refusals are not theirs.
+    Unmatched,
+}
+
+impl Replans {
+    /// The command that asks for it, for messages.
+    pub fn command(self) -> &'static str {
+        match self {
+            Replans::Failed => "hookrelay replay --failed --replan",
+            Replans::Unmatched => "hookrelay replay --unmatched",
+        }
+    }
+}
+
+/// Why a window could not be replanned.
+#[derive(Debug)]
+pub enum WindowError {
+    /// It holds [`MOST_READ`] rows or more: to be narrowed.
+    TooWide(String),
+    /// The store could not be read or written.
+    Store(String),
+}
+
+/// Rows one window's replan (or `replay --failed`) reads; a window holding more is to be
+/// narrowed.
+pub const MOST_READ: usize = 20_000;
+
+/// The rows `filter` selects, at most [`MOST_READ`].
+pub fn rows_in_window(
+    location: &StoreLocation,
+    filter: ListFilter,
+) -> Result<Vec<DeliveryRow>, WindowError> {
+    let filter = ListFilter {
+        limit: MOST_READ,
+        ..filter
+    };
+    let rows = crate::outbox::list(location, &filter)
+        .map_err(|err| WindowError::Store(err.to_string()))?;
+    if rows.len() >= MOST_READ {
+        return Err(WindowError::TooWide(format!(
+            "the window holds {MOST_READ} or more rows; narrow it (--since, --project, --source, --rule)"
+        )));
+    }
+    Ok(rows)
+}
+
+/// What a replan of a window did: each webhook planned again, and each left out with why.
+pub struct WindowReplanned {
+    pub which: Replans,
+    pub replanned: Vec<Replanned>,
+    pub left_out: Vec<String>,
+}
+
+impl WindowReplanned {
+    /// One sentence for the whole.
+    pub fn summary(&self) -> String {
+        match (self.replanned.len(), self.left_out.len()) {
+            (0, 0) => format!(
+                "{}; nothing planned again",
+                match self.which {
+                    Replans::Failed => "no webhook's trigger failed for good in that window",
+                    Replans::Unmatched => "no webhook in that window matched no rule",
+                }
+            ),
+            (0, _) => "nothing planned again".to_owned(),
+            (n, _) => format!(
+                "{n} webhook{} planned again; a running relay sends their triggers within a second",
+                if n == 1 { "" } else { "s" }
+            ),
+        }
+    }
+}
+
+/// Every stored webhook in `filter`'s window that `which` selects, run through the rules
+/// of `config` (`named` says where it came from), unless it was replanned already: asking
+/// twice plans nothing twice. A webhook that still starts nothing is left out with the
+/// reason and nothing is recorded for it, so the same window can be replanned again after
+/// the next fix.
+pub fn replan_window(
+    config: &crate::config::Config,
+    named: &str,
+    location: &StoreLocation,
+    filter: ListFilter,
+    which: Replans,
+) -> Result<WindowReplanned, WindowError> {
+    let filter = ListFilter {
+        kind: Some(crate::store::DeliveryKind::Webhook),
+        state: Some(match which {
+            Replans::Failed => crate::store::StateFilter::Failed,
+            Replans::Unmatched => crate::store::StateFilter::None,
+        }),
+        ..filter
+    };
+    let rows = rows_in_window(location, filter)?;
+    let mut candidates: Vec<String> = rows
+        .iter()
+        .filter(|row| match which {
+            Replans::Failed => row.kind.as_deref() == Some("trigger"),
+            Replans::Unmatched => {
+                row.state.is_none()
+                    && !row.delivery_id.contains("~replan-")
+                    && matches!(
+                        crate::delivery_rows::row_state(row).0.as_str(),
+                        "no match" | "error"
+                    )
+            }
+        })
+        .map(|row| row.delivery_id.clone())
+        .collect();
+    candidates.sort();
+    candidates.dedup();
+    let mut done = WindowReplanned {
+        which,
+        replanned: Vec::new(),
+        left_out: Vec::new(),
+    };
+    for id in candidates {
+        // Its own rows, and its replans' (whose ids start with its own).
+        let rows = crate::outbox::list(
+            location,
+            &ListFilter {
+                delivery: Some(id.clone()),
+                limit: MOST_READ,
+                ..ListFilter::default()
+            },
+        )
+        .map_err(|err| WindowError::Store(err.to_string()))?;
+        let replans = format!("{id}~replan-");
+        if let Some(replan) = rows
+            .iter()
+            .find(|row| row.delivery_id.starts_with(&replans))
+        {
+            done.left_out.push(format!(
+                "{id}: replanned already, as {}",
+                replan.delivery_id
+            ));
+            continue;
+        }
+        let started = rows.iter().find(|row| {
+            row.delivery_id == id
+                && row.kind.as_deref() == Some("trigger")
+                && !matches!(row.state.as_deref(), Some("failed" | "cancelled"))
+        });
+        if let Some(row) = started {
+            done.left_out.push(format!(
+                "{id}: trigger {} is {} (replanning would start it again; `hookrelay replay --replan {id}` does it anyway)",
+                row.trigger_id.unwrap_or_default(),
+                row.state.as_deref().unwrap_or("unknown")
+            ));
+            continue;
+        }
+        match replan_with(config, named, location, &id) {
+            Ok(replanned) => done.replanned.push(replanned),
+            Err(message) => done.left_out.push(message),
+        }
+    }
+    Ok(done)
 }

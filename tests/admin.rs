@@ -596,3 +596,150 @@ async fn guessing_the_token_cannot_flood_the_log() {
         "{summary}"
     );
 }
+
+/// After a rule is fixed, the deliveries page filtered to the webhooks that matched no rule
+/// offers to run them through today's rules; the API does it for a window, with the token
+/// only: each webhook planned once, one that still matches nothing left out with its
+/// reason, the action recorded, and the running relay sends what was planned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_replans_a_window_of_webhooks_that_matched_no_rule() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut served, address, dashboard) = start(dir.path(), &upstream.url(), ADMIN);
+    // The one rule becomes a rule for release tags, which the pushes below are not.
+    let rule = |refs: &str| {
+        format!(
+            "[[rule]]\nname = \"all\"\nsource = \"github\"\nevents = [\"tag\"]\nrefs = [\"{refs}\"]\n\
+             [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"file:{}/secret\"\n",
+            dir.path().display()
+        )
+    };
+    let relay = std::fs::read_to_string(dir.path().join("relay.toml")).unwrap();
+    let without_rule = relay[..relay.find("[[rule]]").unwrap()].to_owned();
+    write(
+        dir.path(),
+        "relay.toml",
+        &(without_rule.clone() + &rule("release-*")),
+    );
+    served.wait_for("configuration reloaded");
+    for (id, file) in [
+        ("d-tag", "github/push_tag.json"),
+        ("d-branch", "github/push_branch.json"),
+    ] {
+        let reply = signed_github_body(
+            &format!("http://{address}/hooks/github"),
+            SECRET,
+            "push",
+            id,
+            common::fixture(file),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{id}: {}", reply.text());
+    }
+    let url = |path: &str| format!("http://{dashboard}{path}");
+    let page = send("GET", &url("/deliveries?state=none&since=1h"), &[], "")
+        .await
+        .text();
+    assert!(
+        page.contains("href=\"&#x2f;replan?kind=webhook&amp;state=none&amp;since=1h\"")
+            || page.contains("href=\"/replan?kind=webhook&amp;state=none&amp;since=1h\""),
+        "{page}"
+    );
+    let plain = send("GET", &url("/deliveries?state=sent&since=1h"), &[], "")
+        .await
+        .text();
+    assert!(!plain.contains("replan?"), "only for none and failed");
+
+    write(
+        dir.path(),
+        "relay.toml",
+        &(without_rule + &rule("simple-*")),
+    );
+    // The first reload's line is seen already: wait for the rules page to show the fix.
+    for _ in 0..100 {
+        let configuration = send("GET", &url("/api/configuration"), &[], "")
+            .await
+            .text();
+        if configuration.contains("simple-*") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let replan = url("/api/replan?state=none&since=1h");
+    assert_eq!(
+        post(&replan, &[], "").await.status,
+        401,
+        "never without the token"
+    );
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let done = post(&replan, &[("authorization", &bearer)], "").await;
+    assert_eq!(done.status, 200, "{}", done.text());
+    let message = done.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.starts_with("1 webhook planned again")
+            && message.contains("d-tag as d-tag~replan-")
+            && message.contains("1 left out, the first: delivery d-branch still starts nothing")
+            && message.contains("events: push not in [tag]"),
+        "{message}"
+    );
+    let again = post(&replan, &[("authorization", &bearer)], "")
+        .await
+        .json();
+    assert!(
+        again["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("nothing planned again. 2 left out"),
+        "{again}"
+    );
+    let wrong = post(
+        &url("/api/replan?state=sent&since=1h"),
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(wrong.status, 409);
+    assert!(
+        wrong
+            .text()
+            .contains("state none (matched no rule) or failed"),
+        "{}",
+        wrong.text()
+    );
+    let unbounded = post(
+        &url("/api/replan?state=none"),
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert!(
+        unbounded.text().contains("needs since"),
+        "{}",
+        unbounded.text()
+    );
+
+    // The running relay sends the one replan; the action is on record.
+    for _ in 0..100 {
+        if !upstream.received().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(upstream.received().len(), 1, "one pipeline, once");
+    let admin_rows = send("GET", &url("/api/deliveries?source=admin"), &[], "")
+        .await
+        .json();
+    assert!(
+        admin_rows["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|row| row["event_type"] == "replan"
+                && row["why"]
+                    .as_str()
+                    .unwrap()
+                    .contains("every webhook that matched no rule since 1h")),
+        "{admin_rows}"
+    );
+}

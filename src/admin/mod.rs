@@ -276,6 +276,21 @@ async fn route(
             };
             confirm(&page, &format!("/deliveries/{}/{action}", encode(id)), &format!("/deliveries/{}", encode(id)), &question)
         }
+        (&Method::GET, ["replan"]) => match Window::parse(query) {
+            Ok(window) => confirm(
+                &page,
+                &format!("/replan?{}", window.query()),
+                &format!("/deliveries?{}", window.query()),
+                &format!(
+                    "Run every {} through the rules as they are now, and queue what they plan? Each is planned once; one that still starts nothing is left out.",
+                    window.describe()
+                ),
+            ),
+            Err(message) => html_response(StatusCode::BAD_REQUEST, format!(
+                "<!doctype html><title>bad request</title><p>{}. <a href=\"/deliveries\">Deliveries</a>",
+                minijinja::HtmlEscape(&message)
+            )),
+        },
         (&Method::GET, ["triggers", id, "cancel"]) => confirm(
             &page,
             &format!("/triggers/{id}/cancel"),
@@ -299,6 +314,7 @@ async fn route(
         (&Method::POST, ["triggers", id, action @ ("cancel" | "replay")]) => {
             act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), false).await
         }
+        (&Method::POST, ["replan"]) => act(app, &admin, &access, &parts, body, peer, Action::window(query), false).await,
         (&Method::GET, ["api", "deliveries"]) => {
             match view::Filters::parse(query).to_list_filter(crate::outbox::now_ms()) {
                 Err(message) => json_answer(StatusCode::BAD_REQUEST, &json!({ "message": message })),
@@ -323,6 +339,7 @@ async fn route(
         (&Method::POST, ["api", "triggers", id, action @ ("cancel" | "replay")]) => {
             act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), true).await
         }
+        (&Method::POST, ["api", "replan"]) => act(app, &admin, &access, &parts, body, peer, Action::window(query), true).await,
         _ if api => json_answer(StatusCode::NOT_FOUND, &json!({ "message": format!("no {} {} in the dashboard's API", crate::clipped::Clipped(parts.method.as_str()), crate::clipped::Clipped(&path)) })),
         _ => html_response(
             StatusCode::NOT_FOUND,
@@ -450,11 +467,34 @@ fn deliveries_page(app: &App, page: &Page<'_>, query: Option<&str>) -> Response<
         "error": error,
         "live": live,
         "text_window": view::TEXT_WINDOW,
+        "replan": replan_link(&filters),
     });
     if fragment {
         return render("rows.html", page, values);
     }
     render("deliveries.html", page, values)
+}
+
+/// The link that replans the webhooks the filter shows, when it shows a window of them
+/// that matched no rule or failed for good: the filter's own query, read as a window.
+fn replan_link(filters: &view::Filters) -> Option<String> {
+    if !(filters.kind.is_empty() || filters.kind == "webhook")
+        || !filters.until.is_empty()
+        || !filters.q.is_empty()
+        || !filters.before.is_empty()
+    {
+        return None;
+    }
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("state", &filters.state)
+        .append_pair("since", &filters.since)
+        .append_pair("source", &filters.source)
+        .append_pair("rule", &filters.rule)
+        .append_pair("project", &filters.project)
+        .finish();
+    Window::parse(Some(&query))
+        .ok()
+        .map(|window| format!("/replan?{}", window.query()))
 }
 
 fn delivery_page(app: &App, page: &Page<'_>, id: &str) -> Response<Full<Bytes>> {
@@ -499,9 +539,121 @@ fn confirm(page: &Page<'_>, action: &str, back: &str, question: &str) -> Respons
 enum Action {
     ReplayDelivery(String),
     Replan(String),
+    /// Every webhook of a window that failed for good or matched no rule, replanned.
+    ReplanWindow(Window),
     ReplayTrigger(i64),
     Cancel(i64),
     Invalid(String),
+}
+
+/// The webhooks a replan of a window takes: those of the deliveries page's filter
+/// `state=none` (matched no rule) or `state=failed`, since a time, narrowed by source (and,
+/// for failed ones, by rule and project), as `hookrelay replay --unmatched` and `replay
+/// --failed --replan` take them.
+#[derive(Clone, Debug, PartialEq)]
+struct Window {
+    which: crate::replan::Replans,
+    since: String,
+    source: String,
+    rule: String,
+    project: String,
+}
+
+impl Window {
+    fn parse(query: Option<&str>) -> Result<Window, String> {
+        let filters = view::Filters::parse(query);
+        let which = match filters.state.as_str() {
+            "none" => crate::replan::Replans::Unmatched,
+            "failed" => crate::replan::Replans::Failed,
+            other => {
+                return Err(format!(
+                    "a replan of a window takes the webhooks of state none (matched no rule) or failed, not \"{}\"",
+                    crate::clipped::Clipped(other)
+                ));
+            }
+        };
+        if filters.since.is_empty() {
+            return Err("a replan of a window needs since (2h, or a UTC time)".into());
+        }
+        crate::delivery_rows::parse_time(&filters.since, crate::outbox::now_ms())
+            .map_err(|err| format!("since: {err}"))?;
+        if which == crate::replan::Replans::Unmatched
+            && !(filters.rule.is_empty() && filters.project.is_empty())
+        {
+            return Err(
+                "webhooks that matched no rule have no rule or project to narrow them by".into(),
+            );
+        }
+        Ok(Window {
+            which,
+            since: filters.since,
+            source: filters.source,
+            rule: filters.rule,
+            project: filters.project,
+        })
+    }
+
+    /// Its query string, as the deliveries page's filter says it.
+    fn query(&self) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query.append_pair("kind", "webhook");
+        query.append_pair(
+            "state",
+            match self.which {
+                crate::replan::Replans::Unmatched => "none",
+                crate::replan::Replans::Failed => "failed",
+            },
+        );
+        query.append_pair("since", &self.since);
+        for (name, value) in self.narrowed_by() {
+            query.append_pair(name, value);
+        }
+        query.finish()
+    }
+
+    fn describe(&self) -> String {
+        let mut what = match self.which {
+            crate::replan::Replans::Unmatched => "webhook that matched no rule".to_owned(),
+            crate::replan::Replans::Failed => {
+                "webhook with a trigger that failed for good".to_owned()
+            }
+        };
+        what.push_str(&format!(" since {}", self.since));
+        let narrowed: Vec<String> = self
+            .narrowed_by()
+            .map(|(name, value)| format!("{name} {value}"))
+            .collect();
+        if !narrowed.is_empty() {
+            what.push_str(&format!(" ({})", narrowed.join(", ")));
+        }
+        what
+    }
+
+    /// The filters that narrow it, by name, those set only.
+    fn narrowed_by(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("source", &self.source),
+            ("rule", &self.rule),
+            ("project", &self.project),
+        ]
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .map(|(name, value)| (name, value.as_str()))
+    }
+
+    fn filter(&self) -> Result<crate::outbox::ListFilter, String> {
+        let text = |value: &String| (!value.is_empty()).then(|| value.clone());
+        Ok(crate::outbox::ListFilter {
+            source: text(&self.source),
+            rule: text(&self.rule),
+            project: text(&self.project),
+            since: Some(crate::delivery_rows::parse_time(
+                &self.since,
+                crate::outbox::now_ms(),
+            )?),
+            ..Default::default()
+        })
+    }
 }
 
 impl Action {
@@ -520,10 +672,14 @@ impl Action {
         }
     }
 
+    fn window(query: Option<&str>) -> Action {
+        Window::parse(query).map_or_else(Action::Invalid, Action::ReplanWindow)
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Action::ReplayDelivery(_) | Action::ReplayTrigger(_) => "replay",
-            Action::Replan(_) => "replan",
+            Action::Replan(_) | Action::ReplanWindow(_) => "replan",
             Action::Cancel(_) => "cancel",
             Action::Invalid(_) => "invalid",
         }
@@ -532,6 +688,7 @@ impl Action {
     fn target(&self) -> String {
         match self {
             Action::ReplayDelivery(id) | Action::Replan(id) => format!("delivery {id}"),
+            Action::ReplanWindow(window) => format!("every {}", window.describe()),
             Action::ReplayTrigger(id) | Action::Cancel(id) => format!("trigger {id}"),
             Action::Invalid(what) => what.clone(),
         }
@@ -586,13 +743,14 @@ async fn act(
         return json_answer(status, &json!({ "ok": ok, "message": message }));
     }
     let back = match &action {
-        Action::ReplayDelivery(id) | Action::Replan(id) => format!("/deliveries/{}", encode(id)),
-        _ => "/deliveries".to_owned(),
+        Action::ReplayDelivery(id) | Action::Replan(id) => format!("/deliveries/{}?", encode(id)),
+        Action::ReplanWindow(window) => format!("/deliveries?{}&", window.query()),
+        _ => "/deliveries?".to_owned(),
     };
     let done = form_urlencoded::Serializer::new(String::new())
         .append_pair("done", &message)
         .finish();
-    redirect(&format!("{back}?{done}"))
+    redirect(&format!("{back}{done}"))
 }
 
 /// What the operator is told when the store has not answered an action within `within`.
@@ -669,6 +827,24 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
                 )
             })
         }
+        Action::ReplanWindow(window) => {
+            let (location, filter) = (location()?, window.filter()?);
+            let runtime = app.runtime();
+            let done = crate::store::blocking(|| {
+                crate::replan::replan_window(
+                    &runtime.config,
+                    "the running configuration",
+                    &location,
+                    filter,
+                    window.which,
+                )
+            })
+            .map_err(|err| match err {
+                crate::replan::WindowError::TooWide(message)
+                | crate::replan::WindowError::Store(message) => message,
+            })?;
+            Ok(window_result(&done))
+        }
         Action::Cancel(id) => {
             let location = location()?;
             crate::store::blocking(|| {
@@ -679,6 +855,37 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
         }
         Action::Invalid(what) => Err(what.clone()),
     }
+}
+
+/// What a replan of a window did, in a sentence or two: how many were planned (the
+/// first few by name), and how many were left out with the first reason.
+fn window_result(done: &crate::replan::WindowReplanned) -> String {
+    const NAMED: usize = 5;
+    let mut message = done.summary();
+    if !done.replanned.is_empty() {
+        let named: Vec<String> = done
+            .replanned
+            .iter()
+            .take(NAMED)
+            .map(|r| format!("{} as {}", r.original, r.delivery_id))
+            .collect();
+        message.push_str(&format!(
+            ": {}{}",
+            named.join(", "),
+            if done.replanned.len() > NAMED {
+                ", …"
+            } else {
+                ""
+            }
+        ));
+    }
+    if let Some(first) = done.left_out.first() {
+        message.push_str(&format!(
+            ". {} left out, the first: {first}",
+            done.left_out.len()
+        ));
+    }
+    message
 }
 
 fn list(ids: &[i64]) -> String {

@@ -19,9 +19,8 @@ use crate::store::StoreLocation;
 
 pub mod store;
 
-pub use store::{
-    Replans, backup, cancel, deliveries, replan, replan_window, replay, replay_failed,
-};
+pub use crate::replan::Replans;
+pub use store::{backup, cancel, deliveries, replan, replan_window, replay, replay_failed};
 
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.
 pub const EXIT_CONFIG: u8 = 64;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use crate::delivery_rows::{next_attempt, row_state};
 use crate::outbox::{ListFilter, ReplayTarget};
+use crate::replan::{Replans, WindowError};
 use crate::store::StoreLocation;
 
 /// `hookrelay deliveries`: the newest deliveries and their triggers, from the store.
@@ -241,35 +242,22 @@ pub fn replay(store: &StoreLocation, target: &str) -> ExitCode {
     }
 }
 
-/// Rows one `replay --failed` reads; a window holding more is to be narrowed.
-const MOST_READ: usize = 20_000;
-
-/// The rows `filter` selects for `replay --failed`, at most [`MOST_READ`]: a window that
-/// holds that many is to be narrowed (exit 2), and a store that cannot be read fails
-/// (exit 1); either is said on standard error after `command`.
+/// The rows `filter` selects for `replay --failed`: a window too wide to read is to be
+/// narrowed (exit 2), and a store that cannot be read fails (exit 1); either is said on
+/// standard error after `command`.
 fn rows_in_window(
     store: &StoreLocation,
     filter: ListFilter,
     command: &str,
 ) -> Result<Vec<crate::outbox::DeliveryRow>, ExitCode> {
-    let filter = ListFilter {
-        limit: MOST_READ,
-        ..filter
-    };
-    let rows = crate::outbox::list(store, &filter).map_err(|err| {
-        eprintln!(
-            "{command}: {}",
-            crate::terminal::escape_controls(&err.to_string())
-        );
-        ExitCode::FAILURE
-    })?;
-    if rows.len() >= MOST_READ {
-        eprintln!(
-            "hookrelay replay: the window holds {MOST_READ} or more rows; narrow it (--since, --project, --source, --rule)"
-        );
-        return Err(ExitCode::from(2));
-    }
-    Ok(rows)
+    crate::replan::rows_in_window(store, filter).map_err(|err| {
+        let (message, code) = match err {
+            WindowError::TooWide(message) => (message, ExitCode::from(2)),
+            WindowError::Store(message) => (message, ExitCode::FAILURE),
+        };
+        eprintln!("{command}: {}", crate::terminal::escape_controls(&message));
+        code
+    })
 }
 
 /// `hookrelay replay --failed`: every trigger that failed for good and that `filter`
@@ -330,37 +318,13 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Which stored webhooks a replan of a window runs through today's rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Replans {
-    /// `replay --failed --replan`: webhooks with a trigger that failed for good (after a
-    /// rule's project or ref was fixed). One that also has a trigger sent or still under
-    /// way is left out: replanning it would start that pipeline again.
-    Failed,
-    /// `replay --unmatched`: webhooks that started nothing because no rule matched them or
-    /// a matching rule's trigger could not be built (after a rule was added or fixed).
-    /// Pings, events the source does not act on, duplicates and refusals are not theirs.
-    Unmatched,
-}
-
-impl Replans {
-    fn command(self) -> &'static str {
-        match self {
-            Replans::Failed => "hookrelay replay --failed --replan",
-            Replans::Unmatched => "hookrelay replay --unmatched",
-        }
-    }
-}
-
 /// Lines of "left out" shown before the rest are counted: a window of a busy source may
 /// hold thousands of webhooks that still match nothing.
 const LEFT_OUT_SHOWN: usize = 20;
 
 /// `hookrelay replay --failed --replan` and `replay --unmatched`: every stored webhook in
-/// `filter`'s window that `which` selects, run through today's rules, unless it was
-/// replanned already: running the command twice plans nothing twice. A webhook that still
-/// starts nothing is left out with the reason, and nothing is recorded for it, so the
-/// command can be run again after the next fix.
+/// `filter`'s window that `which` selects, run through today's rules (see
+/// [`crate::replan::replan_window`]), each planned or left out said on a line of its own.
 pub fn replan_window(
     config_path: &Path,
     state: &Path,
@@ -369,122 +333,46 @@ pub fn replan_window(
     which: Replans,
 ) -> ExitCode {
     let command = which.command();
-    let fail = |message: String| {
+    let fail = |message: String, code: ExitCode| {
         eprintln!("{command}: {}", crate::terminal::escape_controls(&message));
-        ExitCode::FAILURE
+        code
     };
     let config = match crate::config::load_without_secrets(config_path) {
         Ok(config) => config,
-        Err(problems) => return fail(problems.to_string()),
+        Err(problems) => return fail(problems.to_string(), ExitCode::FAILURE),
     };
     let location = match StoreLocation::choose(state, store, config.store.clone()) {
         Ok(location) => location,
-        Err(message) => return fail(message),
+        Err(message) => return fail(message, ExitCode::FAILURE),
     };
-    let filter = ListFilter {
-        kind: Some(crate::store::DeliveryKind::Webhook),
-        state: Some(match which {
-            Replans::Failed => crate::store::StateFilter::Failed,
-            Replans::Unmatched => crate::store::StateFilter::None,
-        }),
-        ..filter
+    let done = match crate::replan::replan_window(
+        &config,
+        &config_path.display().to_string(),
+        &location,
+        filter,
+        which,
+    ) {
+        Ok(done) => done,
+        Err(WindowError::TooWide(message)) => return fail(message, ExitCode::from(2)),
+        Err(WindowError::Store(message)) => return fail(message, ExitCode::FAILURE),
     };
-    let rows = match rows_in_window(&location, filter, command) {
-        Ok(rows) => rows,
-        Err(code) => return code,
-    };
-    let mut candidates: Vec<String> = rows
-        .iter()
-        .filter(|row| match which {
-            Replans::Failed => row.kind.as_deref() == Some("trigger"),
-            Replans::Unmatched => {
-                row.state.is_none()
-                    && !row.delivery_id.contains("~replan-")
-                    && matches!(row_state(row).0.as_str(), "no match" | "error")
-            }
-        })
-        .map(|row| row.delivery_id.clone())
-        .collect();
-    candidates.sort();
-    candidates.dedup();
-    let (mut replanned, mut left_out) = (0, Vec::new());
-    for id in candidates {
-        // Its own rows, and its replans' (whose ids start with its own).
-        let rows = match crate::outbox::list(
-            &location,
-            &ListFilter {
-                delivery: Some(id.clone()),
-                limit: MOST_READ,
-                ..ListFilter::default()
-            },
-        ) {
-            Ok(rows) => rows,
-            Err(err) => return fail(err.to_string()),
-        };
-        let replans = format!("{id}~replan-");
-        if let Some(replan) = rows
-            .iter()
-            .find(|row| row.delivery_id.starts_with(&replans))
-        {
-            left_out.push(format!(
-                "{id}: replanned already, as {}",
-                replan.delivery_id
-            ));
-            continue;
-        }
-        let started = rows.iter().find(|row| {
-            row.delivery_id == id
-                && row.kind.as_deref() == Some("trigger")
-                && !matches!(row.state.as_deref(), Some("failed" | "cancelled"))
-        });
-        if let Some(row) = started {
-            left_out.push(format!(
-                "{id}: trigger {} is {} (replanning would start it again; `hookrelay replay --replan {id}` does it anyway)",
-                row.trigger_id.unwrap_or_default(),
-                row.state.as_deref().unwrap_or("unknown")
-            ));
-            continue;
-        }
-        match crate::replan::replan_with(
-            &config,
-            &config_path.display().to_string(),
-            &location,
-            &id,
-        ) {
-            Ok(done) => {
-                replanned += 1;
-                print_replanned(&done);
-            }
-            Err(message) => left_out.push(message),
-        }
+    for replanned in &done.replanned {
+        print_replanned(replanned);
     }
-    for why in left_out.iter().take(LEFT_OUT_SHOWN) {
+    for why in done.left_out.iter().take(LEFT_OUT_SHOWN) {
         println!("left out: {}", crate::terminal::escape_controls(why));
     }
-    if left_out.len() > LEFT_OUT_SHOWN {
+    if done.left_out.len() > LEFT_OUT_SHOWN {
         println!(
             "left out: {} more (`hookrelay deliveries --status {}` with the same window lists them)",
-            left_out.len() - LEFT_OUT_SHOWN,
+            done.left_out.len() - LEFT_OUT_SHOWN,
             match which {
                 Replans::Failed => "failed",
                 Replans::Unmatched => "none",
             }
         );
     }
-    match replanned {
-        0 if left_out.is_empty() => println!(
-            "{}; nothing planned again",
-            match which {
-                Replans::Failed => "no webhook's trigger failed for good in that window",
-                Replans::Unmatched => "no webhook in that window matched no rule",
-            }
-        ),
-        0 => println!("nothing planned again"),
-        n => println!(
-            "{n} webhook{} planned again; a running relay sends their triggers within a second",
-            if n == 1 { "" } else { "s" }
-        ),
-    }
+    println!("{}", done.summary());
     ExitCode::SUCCESS
 }
 
