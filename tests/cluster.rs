@@ -1307,6 +1307,43 @@ async fn deliveries_replay_and_explain_work_against_the_shared_store_from_anywhe
     );
     assert!(text.contains("projects/acme%2Fapp/trigger"), "{text}");
 
+    // A window's replans read the shared store: a ping is no candidate, and a webhook
+    // that was sent is neither unmatched nor failed.
+    let ping = signed_github(
+        &format!("http://{address}/hooks/github"),
+        SECRET,
+        "ping",
+        "a-ping",
+        "github/ping.json",
+    )
+    .await;
+    assert_eq!(ping.status, 200, "{}", ping.text());
+    let config = dir.path().to_str().unwrap();
+    for (args, said) in [
+        (
+            &["--unmatched"][..],
+            "no webhook in that window matched no rule; nothing planned again",
+        ),
+        (
+            &["--failed", "--replan"][..],
+            "no webhook's trigger failed for good in that window; nothing planned again",
+        ),
+    ] {
+        let output = Command::new(BIN)
+            .arg("replay")
+            .args(args)
+            .args(["--since", "1h", "--config", config, "--state", state])
+            .env("HOOKRELAY_STORE_URL", &database.url)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && text.contains(said),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     // A password on the command line is refused, and never repeated.
     let with_password = database
         .url
