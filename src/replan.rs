@@ -196,6 +196,14 @@ pub enum WindowError {
     Store(String),
 }
 
+impl std::fmt::Display for WindowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WindowError::TooWide(message) | WindowError::Store(message) => f.write_str(message),
+        }
+    }
+}
+
 /// Rows one window's replan (or `replay --failed`) reads; a window holding more is to be
 /// narrowed.
 pub const MOST_READ: usize = 20_000;
@@ -213,7 +221,7 @@ pub fn rows_in_window(
         .map_err(|err| WindowError::Store(err.to_string()))?;
     if rows.len() >= MOST_READ {
         return Err(WindowError::TooWide(format!(
-            "the window holds {MOST_READ} or more rows; narrow it (--since, --project, --source, --rule)"
+            "the window holds {MOST_READ} or more rows; narrow it (since, source, rule, project)"
         )));
     }
     Ok(rows)

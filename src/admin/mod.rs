@@ -839,10 +839,7 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
                     window.which,
                 )
             })
-            .map_err(|err| match err {
-                crate::replan::WindowError::TooWide(message)
-                | crate::replan::WindowError::Store(message) => message,
-            })?;
+            .map_err(|err| err.to_string())?;
             Ok(window_result(&done))
         }
         Action::Cancel(id) => {

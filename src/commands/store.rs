@@ -250,14 +250,20 @@ fn rows_in_window(
     filter: ListFilter,
     command: &str,
 ) -> Result<Vec<crate::outbox::DeliveryRow>, ExitCode> {
-    crate::replan::rows_in_window(store, filter).map_err(|err| {
-        let (message, code) = match err {
-            WindowError::TooWide(message) => (message, ExitCode::from(2)),
-            WindowError::Store(message) => (message, ExitCode::FAILURE),
-        };
-        eprintln!("{command}: {}", crate::terminal::escape_controls(&message));
-        code
-    })
+    crate::replan::rows_in_window(store, filter).map_err(|err| window_refused(command, &err))
+}
+
+/// Says why a window could not be read or replanned, after `command`: one too wide is to
+/// be narrowed (exit 2), a store that failed is exit 1.
+fn window_refused(command: &str, err: &WindowError) -> ExitCode {
+    eprintln!(
+        "{command}: {}",
+        crate::terminal::escape_controls(&err.to_string())
+    );
+    match err {
+        WindowError::TooWide(_) => ExitCode::from(2),
+        WindowError::Store(_) => ExitCode::FAILURE,
+    }
 }
 
 /// `hookrelay replay --failed`: every trigger that failed for good and that `filter`
@@ -333,17 +339,17 @@ pub fn replan_window(
     which: Replans,
 ) -> ExitCode {
     let command = which.command();
-    let fail = |message: String, code: ExitCode| {
+    let fail = |message: String| {
         eprintln!("{command}: {}", crate::terminal::escape_controls(&message));
-        code
+        ExitCode::FAILURE
     };
     let config = match crate::config::load_without_secrets(config_path) {
         Ok(config) => config,
-        Err(problems) => return fail(problems.to_string(), ExitCode::FAILURE),
+        Err(problems) => return fail(problems.to_string()),
     };
     let location = match StoreLocation::choose(state, store, config.store.clone()) {
         Ok(location) => location,
-        Err(message) => return fail(message, ExitCode::FAILURE),
+        Err(message) => return fail(message),
     };
     let done = match crate::replan::replan_window(
         &config,
@@ -353,8 +359,7 @@ pub fn replan_window(
         which,
     ) {
         Ok(done) => done,
-        Err(WindowError::TooWide(message)) => return fail(message, ExitCode::from(2)),
-        Err(WindowError::Store(message)) => return fail(message, ExitCode::FAILURE),
+        Err(err) => return window_refused(command, &err),
     };
     for replanned in &done.replanned {
         print_replanned(replanned);
