@@ -510,6 +510,45 @@ fn upstream_urls() {
     assert!(parse_upstream_url("https://x.org/?a=1").is_err());
 }
 
+/// An API client's base URL (`…/api/v4`) as an upstream would call `/api/v4/api/v4/…` and
+/// read GitLab's `404` as a bad token: refused with the URL to write, a relative root kept.
+#[test]
+fn an_upstream_url_ending_in_the_api_path_is_refused_with_the_url_to_write() {
+    for (url, write) in [
+        (
+            "https://gitlab.example.com/api/v4",
+            "https://gitlab.example.com",
+        ),
+        (
+            "https://gitlab.example.com/api/v4/",
+            "https://gitlab.example.com",
+        ),
+        ("https://x.org/gitlab/api/v4", "https://x.org/gitlab"),
+        (
+            "https://gitlab.example.com/api/v3",
+            "https://gitlab.example.com",
+        ),
+    ] {
+        let text = format!(
+            "[upstream.gitlab]\nurl = \"{url}\"\n[source.s]\nprovider = \"generic\"\nallow_unsigned = true\n"
+        );
+        let problems = messages(load_text(&[("a.toml", &text)], &[])).join("\n");
+        assert!(
+            problems.contains("upstream.gitlab.url: ")
+                && problems.contains("which hookrelay adds to every call itself")
+                && problems.contains(&format!("write GitLab's own URL: \"{write}\"")),
+            "{url}: {problems}"
+        );
+    }
+    // A relative root that merely starts like the API's path is GitLab's own.
+    for kept in ["https://x.org/api", "https://x.org/api/v4-gitlab"] {
+        let text = format!(
+            "[upstream.gitlab]\nurl = \"{kept}\"\n[source.s]\nprovider = \"generic\"\nallow_unsigned = true\n"
+        );
+        assert!(load_text(&[("a.toml", &text)], &[]).is_ok(), "{kept}");
+    }
+}
+
 #[test]
 fn the_store_is_checked_where_it_is_written_and_never_shows_a_password() {
     let upstream = "[upstream.gitlab]\nurl = \"https://gitlab.example\"\ntimeout = \"30s\"\n";
