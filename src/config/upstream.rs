@@ -161,24 +161,22 @@ pub(super) fn compile(
 /// A `ca_file` setting: a path relative to the folder of the file that names it, holding
 /// at least one PEM certificate.
 /// An upstream's URL is GitLab's own (with its relative root, if any): hookrelay adds
-/// `/api/v4/projects/…` to every call, so one that ends in `/api/v4` (as an API client's
-/// base URL often does) would call `/api/v4/api/v4/…`, which GitLab answers `404`, the
-/// same answer a revoked token gets. Said at the start instead, with the URL to write.
+/// `/api/v4/projects/…` to every call. One that ends in `/api/v4` (as an API client's base
+/// URL often does, and as a source's `status.api_url` may) would call `/api/v4/api/v4/…`,
+/// which GitLab answers `404`, the same answer a revoked token gets; so that ending is
+/// taken off, as `check` then shows.
 fn without_api_path(url: http::Uri) -> Result<http::Uri, String> {
-    let path = url.path().trim_end_matches('/');
-    let Some(root) = ["/api/v4", "/api/v3"]
-        .iter()
-        .find_map(|api| path.strip_suffix(api))
-    else {
-        return Ok(url);
-    };
     let written = url.to_string();
-    let base = &written[..written.len() - (path.len() - root.len())];
-    Err(format!(
-        "{written:?} ends in {}, which hookrelay adds to every call itself ({}/api/v4/projects/ID/trigger/pipeline); write GitLab's own URL: {base:?}",
-        &path[root.len()..],
-        base.trim_end_matches('/'),
-    ))
+    let path = url.path().trim_end_matches('/');
+    match path.strip_suffix("/api/v4") {
+        Some(root) => {
+            let base = &written[..written.len() - (path.len() - root.len())];
+            base.trim_end_matches('/')
+                .parse()
+                .map_err(|_| format!("{written:?} is not a URL"))
+        }
+        None => Ok(url),
+    }
 }
 
 pub(crate) fn ca_file(
