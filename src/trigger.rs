@@ -54,6 +54,15 @@ impl ProjectId {
                 .map(ProjectId::Id)
                 .map_err(|_| format!("project id {text} is too large"));
         }
+        // A project's web or clone URL, pasted whole: say which part is its path.
+        if let Some((_, rest)) = text.split_once("://") {
+            let path = rest.split_once('/').map_or("", |(_, path)| path);
+            let path = path.trim_end_matches('/');
+            let path = path.strip_suffix(".git").unwrap_or(path);
+            return Err(format!(
+                "project {text:?} is a URL; write the project's path ({path:?}) or its numeric id"
+            ));
+        }
         if text.split('/').any(str::is_empty) {
             return Err(format!(
                 "project path {text:?} has an empty part; write it as group/sub/project"
@@ -294,6 +303,19 @@ mod tests {
         assert_eq!(ProjectId::parse("a.b-c_d").unwrap().encoded(), "a.b-c_d");
         assert!(ProjectId::parse("").is_err());
         assert!(ProjectId::parse("group//app").is_err());
+        // A web or clone URL pasted whole is answered with its path.
+        for url in [
+            "https://gitlab.example.com/group/app",
+            "https://gitlab.example.com/group/app.git",
+            "https://gitlab.example.com/group/app/",
+        ] {
+            assert_eq!(
+                ProjectId::parse(url).unwrap_err(),
+                format!(
+                    "project {url:?} is a URL; write the project's path (\"group/app\") or its numeric id"
+                )
+            );
+        }
         for steering in ["..", ".", "group/..", "../app", "group/./app"] {
             let err = ProjectId::parse(steering).unwrap_err();
             assert!(err.contains("`.` or `..`"), "{steering}: {err}");

@@ -422,6 +422,7 @@ fn compile_trigger(
         .upstream
         .map(|u| (u.get_ref().clone(), problems.line(u.span().start)));
     warn_about_encoding(name, "project", &project, problems);
+    warn_about_clone_path(name, &project, problems);
     if let Some(git_ref) = &raw_trigger.git_ref {
         warn_about_encoding(name, "ref", git_ref, problems);
     }
@@ -563,6 +564,32 @@ fn warn_about_encoding(
              would reach GitLab encoded twice; write {decoded:?}"
         ),
     );
+}
+
+/// Warns about a `project` written as a clone address (`acme/app.git`,
+/// `git@gitlab.example.com:acme/app.git`): no GitLab project path ends in `.git`, so every
+/// call would be answered `404`, as a revoked token is.
+fn warn_about_clone_path(name: &str, field: &Spanned<String>, problems: &mut FileProblems<'_>) {
+    let text = field.get_ref();
+    if text.contains("{{") {
+        return;
+    }
+    // An SSH clone address (`git@host:group/app.git`): its path follows the colon.
+    let ssh_path = text
+        .strip_prefix("git@")
+        .and_then(|rest| rest.split_once(':'))
+        .map(|(_, path)| path);
+    let path = ssh_path.unwrap_or(text);
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    if ssh_path.is_some() || path != text {
+        problems.warn(
+            field.span(),
+            format!(
+                "rule {name:?}: project {text:?} is written as a clone address, but GitLab knows a \
+                 project by its path (never ending in `.git`), so it would answer 404; write {path:?}"
+            ),
+        );
+    }
 }
 
 /// What a sender's own event name is called in `events`, for the error message.

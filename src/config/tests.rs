@@ -667,6 +667,14 @@ events = ["delete"]
 [rule.trigger]
 project = "acme/app"
 token = "env:T"
+
+[[rule]]
+name = "clone"
+source = "github"
+[rule.trigger]
+project = "git@gitlab.example.com:acme/app.git"
+ref = "main"
+token = "env:T"
 "#;
     let config = load_text(&[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)], SECRETS).unwrap();
     let found = warnings(&config);
@@ -678,6 +686,7 @@ token = "env:T"
         "b.toml:14: rule \"url\": repository: \"https://github.com/acme/app\" never matches",
         "b.toml:14: rule \"url\": repository: \"acme/app.git\" never matches",
         "b.toml:17: rule \"url\": the rule reacts to `delete` but its trigger has no `ref`",
+        "b.toml:24: rule \"clone\": project \"git@gitlab.example.com:acme/app.git\" is written as a clone address, but GitLab knows a project by its path (never ending in `.git`), so it would answer 404; write \"acme/app\"",
     ];
     for (warning, expected) in found.iter().zip(expected) {
         assert!(
