@@ -151,6 +151,10 @@ struct ReplayArgs {
     /// With --failed: only triggers of this rule.
     #[arg(long, requires = "failed")]
     rule: Option<String>,
+    /// With --replan or --unmatched: print what the current rules would queue, and record
+    /// nothing (to look before starting many pipelines at once).
+    #[arg(long)]
+    dry_run: bool,
     /// A trigger id (`42` or `trigger:42`), or a delivery id or its unique start (`delivery:…`).
     #[arg(value_name = "ID", required_unless_present_any = ["failed", "unmatched"])]
     id: Option<String>,
@@ -391,6 +395,18 @@ fn deliveries(args: DeliveriesArgs) -> ExitCode {
 /// `hookrelay replay`: one trigger or delivery again, every failed one since a time, or a
 /// stored webhook through the current rules (`--replan`).
 fn replay(args: ReplayArgs) -> ExitCode {
+    let replanning = args.replan || args.unmatched;
+    if args.dry_run && !replanning {
+        eprintln!(
+            "hookrelay replay: --dry-run goes with --replan or --unmatched (a replay sends what was sent before)"
+        );
+        return ExitCode::from(2);
+    }
+    let mode = if args.dry_run {
+        commands::ReplanMode::DryRun
+    } else {
+        commands::ReplanMode::Record
+    };
     if args.failed || args.unmatched {
         let since = match time_flag("replay", "--since", args.since) {
             Ok(since) => since,
@@ -415,6 +431,7 @@ fn replay(args: ReplayArgs) -> ExitCode {
                 } else {
                     commands::Replans::Failed
                 },
+                mode,
             );
         }
         return match args.state.location("replay") {
@@ -439,6 +456,7 @@ fn replay(args: ReplayArgs) -> ExitCode {
             &state.state_dir,
             state.store.as_deref(),
             &id,
+            mode,
         );
     }
     match args.state.location("replay") {

@@ -11,12 +11,32 @@ use crate::outbox::{Accepted, DeliveryRow, ListFilter, NewDelivery};
 use crate::sources::{self, Outcome, Verification, WebhookRequest};
 use crate::store::StoreLocation;
 
-/// What a replan queued.
+/// What a replan queued, or in a dry run would queue.
 pub struct Replanned {
     pub original: String,
-    pub delivery_id: String,
-    /// `(trigger id, rule, project, ref)` per queued trigger.
-    pub triggers: Vec<(i64, String, String, String)>,
+    /// The delivery recorded for it; `None` in a dry run.
+    pub delivery_id: Option<String>,
+    /// `(trigger id, rule, project, ref)` per trigger; no id in a dry run.
+    pub triggers: Vec<(Option<i64>, String, String, String)>,
+}
+
+impl Replanned {
+    /// The new delivery's id, or what stands for it in a dry run.
+    pub fn delivery(&self) -> &str {
+        self.delivery_id.as_deref().unwrap_or("(none: dry run)")
+    }
+
+    /// The queued triggers' ids (none in a dry run).
+    pub fn trigger_ids(&self) -> Vec<i64> {
+        self.triggers.iter().filter_map(|t| t.0).collect()
+    }
+}
+
+/// Whether a replan records what it plans, or only says it (`--dry-run`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Record,
+    DryRun,
 }
 
 /// Reads the stored webhook `delivery` (an id or its unique start), runs it through the
@@ -26,6 +46,7 @@ pub fn replan(
     state: &Path,
     store: Option<&str>,
     delivery: &str,
+    mode: Mode,
 ) -> Result<Replanned, String> {
     // Tokens are kept by reference; the relay that sends reads them.
     let config = crate::config::load_without_secrets(config_path)
@@ -36,6 +57,7 @@ pub fn replan(
         &config_path.display().to_string(),
         &location,
         delivery,
+        mode,
     )
 }
 
@@ -47,6 +69,7 @@ pub fn replan_with(
     named: &str,
     location: &StoreLocation,
     delivery: &str,
+    mode: Mode,
 ) -> Result<Replanned, String> {
     let stored =
         crate::outbox::stored_webhook(location, delivery).map_err(|err| err.to_string())?;
@@ -134,6 +157,16 @@ pub fn replan_with(
             }
         ));
     }
+    if mode == Mode::DryRun {
+        return Ok(Replanned {
+            original: stored.delivery_id,
+            delivery_id: None,
+            triggers: queued
+                .into_iter()
+                .map(|entry| (None, entry.rule, entry.project, entry.git_ref))
+                .collect(),
+        });
+    }
     let delivery_id = format!("{}~replan-{}", stored.delivery_id, crate::outbox::now_ms());
     let mut summary = crate::hooks::reply(&source.name, &received);
     summary.replan_of = Some(&stored.delivery_id);
@@ -155,11 +188,11 @@ pub fn replan_with(
     };
     Ok(Replanned {
         original: stored.delivery_id,
-        delivery_id,
+        delivery_id: Some(delivery_id),
         triggers: trigger_ids
             .into_iter()
             .zip(queued)
-            .map(|(id, entry)| (id, entry.rule, entry.project, entry.git_ref))
+            .map(|(id, entry)| (Some(id), entry.rule, entry.project, entry.git_ref))
             .collect(),
     })
 }
@@ -230,6 +263,7 @@ pub fn rows_in_window(
 /// What a replan of a window did: each webhook planned again, and each left out with why.
 pub struct WindowReplanned {
     pub which: Replans,
+    pub mode: Mode,
     pub replanned: Vec<Replanned>,
     pub left_out: Vec<String>,
 }
@@ -246,6 +280,10 @@ impl WindowReplanned {
                 }
             ),
             (0, _) => "nothing planned again".to_owned(),
+            (n, _) if self.mode == Mode::DryRun => format!(
+                "{n} webhook{} would be planned again; nothing was recorded (dry run)",
+                if n == 1 { "" } else { "s" }
+            ),
             (n, _) => format!(
                 "{n} webhook{} planned again; a running relay sends their triggers within a second",
                 if n == 1 { "" } else { "s" }
@@ -265,6 +303,7 @@ pub fn replan_window(
     location: &StoreLocation,
     filter: ListFilter,
     which: Replans,
+    mode: Mode,
 ) -> Result<WindowReplanned, WindowError> {
     let filter = ListFilter {
         kind: Some(crate::store::DeliveryKind::Webhook),
@@ -294,6 +333,7 @@ pub fn replan_window(
     candidates.dedup();
     let mut done = WindowReplanned {
         which,
+        mode,
         replanned: Vec::new(),
         left_out: Vec::new(),
     };
@@ -332,7 +372,7 @@ pub fn replan_window(
             ));
             continue;
         }
-        match replan_with(config, named, location, &id) {
+        match replan_with(config, named, location, &id, mode) {
             Ok(replanned) => done.replanned.push(replanned),
             Err(message) => done.left_out.push(message),
         }

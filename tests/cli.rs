@@ -1900,8 +1900,17 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
             && said.contains("nothing planned again"),
         "{said}"
     );
-    // The rule is fixed to take the tag that was pushed.
+    // The rule is fixed to take the tag that was pushed. A dry run says what it would
+    // start, and records nothing: the run after it plans the webhook still.
     write(dir.path(), "10-rule.toml", &releases_rule("simple-*"));
+    let (code, said, _) = replay(&["--unmatched", "--since", "1h", "--dry-run"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        said.contains("delivery u-tag would run through the current rules:")
+            && said.contains("  a trigger: rule releases -> project acme/app, ref main")
+            && said.contains("1 webhook would be planned again; nothing was recorded (dry run)"),
+        "{said}"
+    );
     let (code, said, _) = replay(&["--unmatched", "--since", "1h", "--source", "github"]);
     assert_eq!(code, Some(0));
     assert!(
@@ -1943,6 +1952,20 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
     assert_eq!(code, Some(2));
     assert!(
         said.contains("--since and --source go with --failed or --unmatched"),
+        "{said}"
+    );
+    let (code, _, said) = replay(&["--dry-run", "u-tag"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        said.contains("--dry-run goes with --replan or --unmatched"),
+        "{said}"
+    );
+    // A single webhook's replan can be looked at first too.
+    let (code, said, _) = replay(&["--replan", "--dry-run", "u-tag"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        said.contains("delivery u-tag would run through the current rules:")
+            && said.contains("nothing was recorded (dry run)"),
         "{said}"
     );
     assert_eq!(served.terminate().0, Some(0));

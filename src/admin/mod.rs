@@ -817,13 +817,14 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
                     "the running configuration",
                     &location,
                     id,
+                    crate::replan::Mode::Record,
                 )
             })
             .map(|replanned| {
                 format!(
                     "delivery {} queued trigger(s) {}",
-                    replanned.delivery_id,
-                    list(&replanned.triggers.iter().map(|t| t.0).collect::<Vec<_>>())
+                    replanned.delivery(),
+                    list(&replanned.trigger_ids())
                 )
             })
         }
@@ -837,6 +838,7 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
                     &location,
                     filter,
                     window.which,
+                    crate::replan::Mode::Record,
                 )
             })
             .map_err(|err| err.to_string())?;
@@ -864,7 +866,7 @@ fn window_result(done: &crate::replan::WindowReplanned) -> String {
             .replanned
             .iter()
             .take(NAMED)
-            .map(|r| format!("{} as {}", r.original, r.delivery_id))
+            .map(|r| format!("{} as {}", r.original, r.delivery()))
             .collect();
         message.push_str(&format!(
             ": {}{}",

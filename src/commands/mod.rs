@@ -19,7 +19,7 @@ use crate::store::StoreLocation;
 
 pub mod store;
 
-pub use crate::replan::Replans;
+pub use crate::replan::{Mode as ReplanMode, Replans};
 pub use store::{backup, cancel, deliveries, replan, replan_window, replay, replay_failed};
 
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use crate::delivery_rows::{next_attempt, row_state};
 use crate::outbox::{ListFilter, ReplayTarget};
-use crate::replan::{Replans, WindowError};
+use crate::replan::{Mode, Replans, WindowError};
 use crate::store::StoreLocation;
 
 /// `hookrelay deliveries`: the newest deliveries and their triggers, from the store.
@@ -131,13 +131,23 @@ fn table(rows: &[crate::outbox::DeliveryRow], now: i64) -> String {
     text
 }
 
-/// `hookrelay replay --replan`: a stored webhook through the current rules.
-pub fn replan(config: &Path, state: &Path, store: Option<&str>, delivery: &str) -> ExitCode {
+/// `hookrelay replay --replan`: a stored webhook through the current rules (in a dry run,
+/// what that would queue, recording nothing).
+pub fn replan(
+    config: &Path,
+    state: &Path,
+    store: Option<&str>,
+    delivery: &str,
+    mode: Mode,
+) -> ExitCode {
     let delivery = delivery.strip_prefix("delivery:").unwrap_or(delivery);
-    match crate::replan::replan(config, state, store, delivery) {
+    match crate::replan::replan(config, state, store, delivery, mode) {
         Ok(replanned) => {
             print_replanned(&replanned);
-            println!("a running relay sends them within a second");
+            match mode {
+                Mode::Record => println!("a running relay sends them within a second"),
+                Mode::DryRun => println!("nothing was recorded (dry run)"),
+            }
             ExitCode::SUCCESS
         }
         Err(message) => {
@@ -150,14 +160,21 @@ pub fn replan(config: &Path, state: &Path, store: Option<&str>, delivery: &str) 
     }
 }
 
-/// What a replan queued, a line per trigger.
+/// What a replan queued (or in a dry run would queue), a line per trigger.
 fn print_replanned(replanned: &crate::replan::Replanned) {
-    println!(
-        "delivery {} run through the current rules as delivery {}:",
-        replanned.original, replanned.delivery_id
-    );
+    match &replanned.delivery_id {
+        Some(id) => println!(
+            "delivery {} run through the current rules as delivery {id}:",
+            replanned.original
+        ),
+        None => println!(
+            "delivery {} would run through the current rules:",
+            replanned.original
+        ),
+    }
     for (id, rule, project, git_ref) in &replanned.triggers {
-        println!("  trigger {id}: rule {rule} -> project {project}, ref {git_ref}");
+        let trigger = id.map_or("a trigger".to_owned(), |id| format!("trigger {id}"));
+        println!("  {trigger}: rule {rule} -> project {project}, ref {git_ref}");
     }
 }
 
@@ -337,6 +354,7 @@ pub fn replan_window(
     store: Option<&str>,
     filter: ListFilter,
     which: Replans,
+    mode: Mode,
 ) -> ExitCode {
     let command = which.command();
     let fail = |message: String| {
@@ -357,6 +375,7 @@ pub fn replan_window(
         &location,
         filter,
         which,
+        mode,
     ) {
         Ok(done) => done,
         Err(err) => return window_refused(command, &err),
