@@ -665,6 +665,28 @@ async fn the_dashboard_replans_a_window_of_webhooks_that_matched_no_rule() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // The confirmation says what confirming would do now, from a dry run.
+    let logged = post(
+        &url("/login"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("token={ADMIN_TOKEN}"),
+    )
+    .await;
+    let cookie = logged.headers["set-cookie"].to_str().unwrap().to_owned();
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let question = send(
+        "GET",
+        &url("/replan?state=none&since=1h"),
+        &[("cookie", &session)],
+        "",
+    )
+    .await
+    .text();
+    assert!(
+        question.contains("Now: 1 webhook would be planned again; nothing was recorded (dry run): d-tag (all -&gt; acme&#x2f;app main)")
+            && question.contains("1 left out, the first: delivery d-branch still starts nothing"),
+        "{question}"
+    );
     let replan = url("/api/replan?state=none&since=1h");
     assert_eq!(
         post(&replan, &[], "").await.status,

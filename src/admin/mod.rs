@@ -277,15 +277,18 @@ async fn route(
             confirm(&page, &format!("/deliveries/{}/{action}", encode(id)), &format!("/deliveries/{}", encode(id)), &question)
         }
         (&Method::GET, ["replan"]) => match Window::parse(query) {
-            Ok(window) => confirm(
-                &page,
-                &format!("/replan?{}", window.query()),
-                &format!("/deliveries?{}", window.query()),
-                &format!(
-                    "Run every {} through the rules as they are now, and queue what they plan? Each is planned once; one that still starts nothing is left out.",
-                    window.describe()
-                ),
-            ),
+            Ok(window) => {
+                let preview = preview(app, &window).await;
+                confirm(
+                    &page,
+                    &format!("/replan?{}", window.query()),
+                    &format!("/deliveries?{}", window.query()),
+                    &format!(
+                        "Run every {} through the rules as they are now, and queue what they plan? Each is planned once; one that still starts nothing is left out. {preview}",
+                        window.describe()
+                    ),
+                )
+            }
             Err(message) => html_response(StatusCode::BAD_REQUEST, format!(
                 "<!doctype html><title>bad request</title><p>{}. <a href=\"/deliveries\">Deliveries</a>",
                 minijinja::HtmlEscape(&message)
@@ -856,6 +859,36 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
     }
 }
 
+/// What confirming a replan of `window` would do right now: a dry run of it, waited for at
+/// most `[server] ack_timeout` (a store that stopped answering leaves the question without
+/// it, saying so).
+async fn preview(app: &Arc<App>, window: &Window) -> String {
+    let dry_run = tokio::task::spawn_blocking({
+        let (app, window) = (Arc::clone(app), window.clone());
+        move || -> Result<String, String> {
+            let (location, filter) = (view::location(&app)?, window.filter()?);
+            let runtime = app.runtime();
+            crate::replan::replan_window(
+                &runtime.config,
+                "the running configuration",
+                &location,
+                filter,
+                window.which,
+                crate::replan::Mode::DryRun,
+            )
+            .map(|done| window_result(&done))
+            .map_err(|err| err.to_string())
+        }
+    });
+    match tokio::time::timeout(app.server.ack_timeout, dry_run).await {
+        Ok(Ok(Ok(result))) => format!("Now: {result}."),
+        Ok(Ok(Err(message))) => format!("What it would do cannot be said: {message}."),
+        Ok(Err(_)) | Err(_) => {
+            "What it would do cannot be said: the store did not answer in time.".to_owned()
+        }
+    }
+}
+
 /// What a replan of a window did, in a sentence or two: how many were planned (the
 /// first few by name), and how many were left out with the first reason.
 fn window_result(done: &crate::replan::WindowReplanned) -> String {
@@ -866,7 +899,17 @@ fn window_result(done: &crate::replan::WindowReplanned) -> String {
             .replanned
             .iter()
             .take(NAMED)
-            .map(|r| format!("{} as {}", r.original, r.delivery()))
+            .map(|r| match &r.delivery_id {
+                Some(id) => format!("{} as {id}", r.original),
+                None => {
+                    let plans: Vec<String> = r
+                        .triggers
+                        .iter()
+                        .map(|(_, rule, project, git_ref)| format!("{rule} -> {project} {git_ref}"))
+                        .collect();
+                    format!("{} ({})", r.original, plans.join(", "))
+                }
+            })
             .collect();
         message.push_str(&format!(
             ": {}{}",
