@@ -151,7 +151,7 @@ struct ReplayArgs {
     /// With --failed: only triggers of this rule.
     #[arg(long, requires = "failed")]
     rule: Option<String>,
-    /// With --replan or --unmatched: print what the current rules would queue, and record
+    /// With --replan, --unmatched or --failed: print what would be queued, and record
     /// nothing (to look before starting many pipelines at once).
     #[arg(long)]
     dry_run: bool,
@@ -395,10 +395,9 @@ fn deliveries(args: DeliveriesArgs) -> ExitCode {
 /// `hookrelay replay`: one trigger or delivery again, every failed one since a time, or a
 /// stored webhook through the current rules (`--replan`).
 fn replay(args: ReplayArgs) -> ExitCode {
-    let replanning = args.replan || args.unmatched;
-    if args.dry_run && !replanning {
+    if args.dry_run && !(args.replan || args.unmatched || args.failed) {
         eprintln!(
-            "hookrelay replay: --dry-run goes with --replan or --unmatched (a replay sends what was sent before)"
+            "hookrelay replay: --dry-run goes with --replan, --unmatched or --failed (a replay of one trigger or delivery sends what was sent before)"
         );
         return ExitCode::from(2);
     }
@@ -435,7 +434,7 @@ fn replay(args: ReplayArgs) -> ExitCode {
             );
         }
         return match args.state.location("replay") {
-            Ok(store) => commands::replay_failed(&store, filter),
+            Ok(store) => commands::replay_failed(&store, filter, mode),
             Err(code) => code,
         };
     }

@@ -954,6 +954,24 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     // Every trigger that failed for good in a window, once: a second run queues nothing.
     let output = hookrelay(&["replay", "--state", state, "--failed"]);
     assert_eq!(output.status.code(), Some(2), "--failed needs --since");
+    // A dry run lists them and queues nothing: the run after it queues the same one.
+    let output = hookrelay(&[
+        "replay",
+        "--state",
+        state,
+        "--failed",
+        "--since",
+        "1h",
+        "--dry-run",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success()
+            && stdout.contains("  trigger 1: rule all -> project acme/app, ref main; 404")
+            && stdout
+                .contains("1 failed trigger would be queued again; nothing was recorded (dry run)"),
+        "{stdout}"
+    );
     let output = hookrelay(&["replay", "--state", state, "--failed", "--since", "1h"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
@@ -1957,7 +1975,7 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
     let (code, _, said) = replay(&["--dry-run", "u-tag"]);
     assert_eq!(code, Some(2));
     assert!(
-        said.contains("--dry-run goes with --replan or --unmatched"),
+        said.contains("--dry-run goes with --replan, --unmatched or --failed"),
         "{said}"
     );
     // A single webhook's replan can be looked at first too.

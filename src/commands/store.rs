@@ -287,7 +287,7 @@ fn window_refused(command: &str, err: &WindowError) -> ExitCode {
 /// selects, queued again (each a new trigger, linked to the one it replays), unless it was
 /// replayed already: running the command twice queues nothing twice. Gateway calls are
 /// their callers' to repeat, and status posts follow their pipelines: neither is replayed.
-pub fn replay_failed(store: &StoreLocation, filter: ListFilter) -> ExitCode {
+pub fn replay_failed(store: &StoreLocation, filter: ListFilter, mode: Mode) -> ExitCode {
     let rows = match rows_in_window(store, filter, "hookrelay replay") {
         Ok(rows) => rows,
         Err(code) => return code,
@@ -309,6 +309,30 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter) -> ExitCode {
     if failed.is_empty() {
         println!(
             "no trigger failed for good in that window, or each was replayed already; nothing queued again"
+        );
+        return ExitCode::SUCCESS;
+    }
+    if mode == Mode::DryRun {
+        const SHOWN: usize = 20;
+        for id in failed.iter().take(SHOWN) {
+            let Some(row) = rows.iter().find(|row| row.trigger_id == Some(*id)) else {
+                continue;
+            };
+            println!(
+                "  trigger {id}: rule {} -> project {}, ref {}; {}",
+                row.rule.as_deref().unwrap_or_default(),
+                row.project.as_deref().unwrap_or_default(),
+                row.git_ref.as_deref().unwrap_or_default(),
+                crate::terminal::escape_controls(&row_state(row).1)
+            );
+        }
+        if failed.len() > SHOWN {
+            println!("  … and {} more", failed.len() - SHOWN);
+        }
+        println!(
+            "{} failed trigger{} would be queued again; nothing was recorded (dry run)",
+            failed.len(),
+            if failed.len() == 1 { "" } else { "s" }
         );
         return ExitCode::SUCCESS;
     }
