@@ -687,6 +687,18 @@ async fn the_dashboard_replans_a_window_of_webhooks_that_matched_no_rule() {
             && question.contains("1 left out, the first: delivery d-branch still starts nothing"),
         "{question}"
     );
+    let one = send(
+        "GET",
+        &url("/deliveries/d-tag/replan"),
+        &[("cookie", &session)],
+        "",
+    )
+    .await
+    .text();
+    assert!(
+        one.contains("Now: it would queue all -&gt; acme&#x2f;app main."),
+        "{one}"
+    );
     let replan = url("/api/replan?state=none&since=1h");
     assert_eq!(
         post(&replan, &[], "").await.status,

@@ -23,6 +23,7 @@ use minijinja::Environment;
 use serde_json::{Value, json};
 
 use crate::app::App;
+use crate::store::StoreLocation;
 use auth::{Access, Refusal};
 
 /// Largest form or API body read (a login, a cross-site token).
@@ -272,7 +273,14 @@ async fn route(
             let question = if *action == "replay" {
                 format!("Queue every trigger of delivery {id} again, as new triggers?")
             } else {
-                format!("Run delivery {id} through the rules as they are now, and queue what they plan?")
+                let delivery = (*id).to_owned();
+                let preview = dry_run(app, move |app, location| {
+                    let runtime = app.runtime();
+                    crate::replan::replan_with(&runtime.config, "the running configuration", &location, &delivery, crate::replan::Mode::DryRun)
+                        .map(|replanned| format!("it would queue {}", planned(&replanned)))
+                })
+                .await;
+                format!("Run delivery {id} through the rules as they are now, and queue what they plan? {preview}")
             };
             confirm(&page, &format!("/deliveries/{}/{action}", encode(id)), &format!("/deliveries/{}", encode(id)), &question)
         }
@@ -859,34 +867,52 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
     }
 }
 
-/// What confirming a replan of `window` would do right now: a dry run of it, waited for at
-/// most `[server] ack_timeout` (a store that stopped answering leaves the question without
-/// it, saying so).
+/// What confirming a replan of `window` would do right now, from a dry run.
 async fn preview(app: &Arc<App>, window: &Window) -> String {
-    let dry_run = tokio::task::spawn_blocking({
-        let (app, window) = (Arc::clone(app), window.clone());
-        move || -> Result<String, String> {
-            let (location, filter) = (view::location(&app)?, window.filter()?);
-            let runtime = app.runtime();
-            crate::replan::replan_window(
-                &runtime.config,
-                "the running configuration",
-                &location,
-                filter,
-                window.which,
-                crate::replan::Mode::DryRun,
-            )
-            .map(|done| window_result(&done))
-            .map_err(|err| err.to_string())
-        }
+    let window = window.clone();
+    dry_run(app, move |app, location| {
+        let runtime = app.runtime();
+        crate::replan::replan_window(
+            &runtime.config,
+            "the running configuration",
+            &location,
+            window.filter()?,
+            window.which,
+            crate::replan::Mode::DryRun,
+        )
+        .map(|done| window_result(&done))
+        .map_err(|err| err.to_string())
+    })
+    .await
+}
+
+/// A dry run's result for a confirmation (`Now: …`), waited for at most `[server]
+/// ack_timeout`: a store that stopped answering leaves the question without it, saying so.
+async fn dry_run(
+    app: &Arc<App>,
+    run: impl FnOnce(&App, StoreLocation) -> Result<String, String> + Send + 'static,
+) -> String {
+    let done = tokio::task::spawn_blocking({
+        let app = Arc::clone(app);
+        move || run(&app, view::location(&app)?)
     });
-    match tokio::time::timeout(app.server.ack_timeout, dry_run).await {
+    match tokio::time::timeout(app.server.ack_timeout, done).await {
         Ok(Ok(Ok(result))) => format!("Now: {result}."),
         Ok(Ok(Err(message))) => format!("What it would do cannot be said: {message}."),
         Ok(Err(_)) | Err(_) => {
             "What it would do cannot be said: the store did not answer in time.".to_owned()
         }
     }
+}
+
+/// What a dry run of one webhook's replan would queue: `rule -> project ref`, each.
+fn planned(replanned: &crate::replan::Replanned) -> String {
+    replanned
+        .triggers
+        .iter()
+        .map(|(_, rule, project, git_ref)| format!("{rule} -> {project} {git_ref}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What a replan of a window did, in a sentence or two: how many were planned (the
@@ -901,14 +927,7 @@ fn window_result(done: &crate::replan::WindowReplanned) -> String {
             .take(NAMED)
             .map(|r| match &r.delivery_id {
                 Some(id) => format!("{} as {id}", r.original),
-                None => {
-                    let plans: Vec<String> = r
-                        .triggers
-                        .iter()
-                        .map(|(_, rule, project, git_ref)| format!("{rule} -> {project} {git_ref}"))
-                        .collect();
-                    format!("{} ({})", r.original, plans.join(", "))
-                }
+                None => format!("{} ({})", r.original, planned(r)),
             })
             .collect();
         message.push_str(&format!(
