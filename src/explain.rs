@@ -347,6 +347,15 @@ impl Explained<'_> {
                     write_event(&mut out, i + 1, events.len(), event);
                     write_rules(&mut out, self.config, event, self.url_ref);
                 }
+                if stored {
+                    // The sender's redelivery would be a duplicate: say what runs it again.
+                    let _ = writeln!(
+                        out,
+                        "
+to run it through these rules: hookrelay replay --replan {} (--dry-run first shows what it would start); every webhook that matched no rule: hookrelay replay --unmatched --since 2h",
+                        received.delivery
+                    );
+                }
             }
             Outcome::Ping(_) => {
                 let _ = writeln!(

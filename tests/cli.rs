@@ -1918,6 +1918,27 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
             && said.contains("nothing planned again"),
         "{said}"
     );
+    // explain says why, and what runs the webhook again once the rule is fixed.
+    let explained = Command::new(BIN)
+        .args([
+            "explain",
+            "--config",
+            config,
+            "--state",
+            state,
+            "--delivery",
+            "u-tag",
+        ])
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(
+        text.contains("matches none of")
+            && text.contains("to run it through these rules: hookrelay replay --replan u-tag")
+            && text.contains("hookrelay replay --unmatched --since 2h"),
+        "{text}"
+    );
     // The rule is fixed to take the tag that was pushed. A dry run says what it would
     // start, and records nothing: the run after it plans the webhook still.
     write(dir.path(), "10-rule.toml", &releases_rule("simple-*"));
