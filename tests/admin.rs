@@ -699,6 +699,24 @@ async fn the_dashboard_replans_a_window_of_webhooks_that_matched_no_rule() {
         one.contains("Now: it would queue all -&gt; acme&#x2f;app main."),
         "{one}"
     );
+    // The API's preview: what a POST would do now, recording nothing.
+    let preview = send("GET", &url("/api/replan?state=none&since=1h"), &[], "")
+        .await
+        .json();
+    assert_eq!(
+        preview["would_plan"],
+        serde_json::json!([{"delivery_id": "d-tag", "triggers": [{"rule": "all", "project": "acme/app", "ref": "main"}]}]),
+        "{preview}"
+    );
+    assert!(
+        preview["left_out"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("delivery d-branch still starts nothing"),
+        "{preview}"
+    );
+    let bad = send("GET", &url("/api/replan?state=sent&since=1h"), &[], "").await;
+    assert_eq!(bad.status, 400);
     let replan = url("/api/replan?state=none&since=1h");
     assert_eq!(
         post(&replan, &[], "").await.status,

@@ -350,6 +350,10 @@ async fn route(
         (&Method::POST, ["api", "triggers", id, action @ ("cancel" | "replay")]) => {
             act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), true).await
         }
+        (&Method::GET, ["api", "replan"]) => match Window::parse(query) {
+            Ok(window) => window_preview_json(app, &window).await,
+            Err(message) => json_answer(StatusCode::BAD_REQUEST, &json!({ "message": message })),
+        },
         (&Method::POST, ["api", "replan"]) => act(app, &admin, &access, &parts, body, peer, Action::window(query), true).await,
         _ if api => json_answer(StatusCode::NOT_FOUND, &json!({ "message": format!("no {} {} in the dashboard's API", crate::clipped::Clipped(parts.method.as_str()), crate::clipped::Clipped(&path)) })),
         _ => html_response(
@@ -884,6 +888,59 @@ async fn preview(app: &Arc<App>, window: &Window) -> String {
         .map_err(|err| err.to_string())
     })
     .await
+}
+
+/// `GET /api/replan?…`: what `POST` would do right now, as JSON: each webhook it would
+/// plan with its triggers, and each left out with why. Nothing is recorded.
+async fn window_preview_json(app: &Arc<App>, window: &Window) -> Response<Full<Bytes>> {
+    let done = tokio::task::spawn_blocking({
+        let (app, window) = (Arc::clone(app), window.clone());
+        move || -> Result<Value, (StatusCode, String)> {
+            let unavailable = |message| (StatusCode::SERVICE_UNAVAILABLE, message);
+            let location = view::location(&app).map_err(unavailable)?;
+            let filter = window
+                .filter()
+                .map_err(|message| (StatusCode::BAD_REQUEST, message))?;
+            let runtime = app.runtime();
+            let done = crate::replan::replan_window(
+                &runtime.config,
+                "the running configuration",
+                &location,
+                filter,
+                window.which,
+                crate::replan::Mode::DryRun,
+            )
+            .map_err(|err| match err {
+                crate::replan::WindowError::TooWide(message) => (StatusCode::BAD_REQUEST, message),
+                crate::replan::WindowError::Store(message) => unavailable(message),
+            })?;
+            let would_plan: Vec<Value> = done
+                .replanned
+                .iter()
+                .map(|r| {
+                    json!({
+                        "delivery_id": r.original,
+                        "triggers": r.triggers.iter().map(|(_, rule, project, git_ref)| {
+                            json!({ "rule": rule, "project": project, "ref": git_ref })
+                        }).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            Ok(json!({
+                "message": done.summary(),
+                "would_plan": would_plan,
+                "left_out": done.left_out,
+            }))
+        }
+    });
+    match tokio::time::timeout(app.server.ack_timeout, done).await {
+        Ok(Ok(Ok(answer))) => json_answer(StatusCode::OK, &answer),
+        Ok(Ok(Err((status, message)))) => json_answer(status, &json!({ "message": message })),
+        Ok(Err(_)) | Err(_) => json_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "message": "the delivery store did not answer in time ([server] ack_timeout)" }),
+        ),
+    }
 }
 
 /// A dry run's result for a confirmation (`Now: …`), waited for at most `[server]
