@@ -1918,6 +1918,20 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
             && said.contains("nothing planned again"),
         "{said}"
     );
+    // deliveries lists them, and says what runs them again.
+    let listed = hookrelay(&["deliveries", "--state", state, "--status", "none"]);
+    let (table, hint) = (
+        String::from_utf8_lossy(&listed.stdout),
+        String::from_utf8_lossy(&listed.stderr),
+    );
+    assert!(
+        table.contains("u-tag") && table.contains("no match") && table.contains("u-ping"),
+        "{table}"
+    );
+    assert!(
+        hint.contains("hookrelay replay --unmatched --since"),
+        "{hint}"
+    );
     // explain says why, and what runs the webhook again once the rule is fixed.
     let explained = Command::new(BIN)
         .args([

@@ -49,6 +49,15 @@ pub fn deliveries(store: &StoreLocation, filter: &ListFilter, json: bool) -> Exi
         return ExitCode::SUCCESS;
     }
     print!("{}", table(&rows, now));
+    // On standard error, so that the table stays the whole of standard output.
+    if rows
+        .iter()
+        .any(|row| matches!(row_state(row).0.as_str(), "no match" | "error"))
+    {
+        eprintln!(
+            "hint: after fixing a rule, `hookrelay replay --unmatched --since …` runs the webhooks that matched no rule through it (--dry-run first shows what it would start)"
+        );
+    }
     ExitCode::SUCCESS
 }
 
