@@ -322,3 +322,76 @@ async fn a_browser_logs_in_opens_a_delivery_replays_it_and_sees_the_new_attempt(
     driver.wait_for_text("Upstreams").await;
     driver.screenshot("rules").await;
 }
+
+/// After a rule is fixed, a browser filters the deliveries to the webhooks that matched no
+/// rule, follows "Run these webhooks through today's rules", reads what confirming would
+/// do, confirms, and sees the result on the filtered page; the pipeline is started once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_runs_the_webhooks_that_matched_no_rule_through_a_fixed_rule() {
+    let Some(driver) = Driver::start().await else {
+        return;
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", SECRET);
+    let relay = |refs: &str| {
+        format!(
+            "[upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:{1}/secret\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n\
+             [[rule]]\nname = \"releases\"\nsource = \"github\"\nevents = [\"tag\"]\nrefs = [\"{refs}\"]\n\
+             [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"file:{1}/secret\"\n",
+            upstream.url(),
+            dir.path().display()
+        )
+    };
+    write(dir.path(), "relay.toml", &relay("release-*"));
+    let mut command = Command::new(BIN);
+    command.env("HOOKRELAY_ADMIN_TOKEN", ADMIN_TOKEN);
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    let address = served.address();
+    let dashboard = served.dashboard_address();
+    let reply = signed_github(
+        &format!("http://{address}/hooks/github"),
+        SECRET,
+        "push",
+        "unmatched-1",
+        "github/push_tag.json",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    write(dir.path(), "relay.toml", &relay("simple-*"));
+    served.wait_for("configuration reloaded");
+
+    let base = format!("http://{dashboard}");
+    driver.open(&format!("{base}/login")).await;
+    driver.type_into("#token", ADMIN_TOKEN).await;
+    driver.click("button[type=submit]").await;
+    driver.wait_for_text("unmatched-1").await;
+    driver
+        .open(&format!("{base}/deliveries?state=none&since=1h"))
+        .await;
+    driver
+        .wait_for_text("Run these webhooks through today's rules")
+        .await;
+    driver.click("a[href^='/replan?']").await;
+    let question = driver
+        .wait_for_text("Now: 1 webhook would be planned again")
+        .await;
+    assert!(
+        question.contains("unmatched-1 (releases -> acme/app main)"),
+        "{question}"
+    );
+    driver.click("#confirm button[type=submit]").await;
+    let done = driver.wait_for_text("1 webhook planned again").await;
+    assert!(
+        done.contains("unmatched-1 as unmatched-1~replan-"),
+        "{done}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.received().is_empty() {
+        assert!(Instant::now() < deadline, "the replan was not sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(upstream.received().len(), 1, "one pipeline, once");
+}
