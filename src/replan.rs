@@ -279,6 +279,7 @@ impl WindowReplanned {
                     Replans::Unmatched => "no webhook in that window matched no rule",
                 }
             ),
+            (0, _) if self.mode == Mode::DryRun => "nothing would be planned again".to_owned(),
             (0, _) => "nothing planned again".to_owned(),
             (n, _) if self.mode == Mode::DryRun => format!(
                 "{n} webhook{} would be planned again; nothing was recorded (dry run)",
