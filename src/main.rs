@@ -148,15 +148,17 @@ struct ReplayArgs {
     /// With --failed or --unmatched: only webhooks from this source.
     #[arg(long)]
     source: Option<String>,
-    /// With --failed: only triggers of this rule.
-    #[arg(long, requires = "failed")]
+    /// With --failed: only triggers of this rule. With --replan (no --failed): run the
+    /// webhook, or every webhook since --since, through this rule alone (a rule added
+    /// since: a backfill that starts nothing the other rules started already).
+    #[arg(long)]
     rule: Option<String>,
     /// With --replan, --unmatched or --failed: print what would be queued, and record
     /// nothing (to look before starting many pipelines at once).
     #[arg(long)]
     dry_run: bool,
     /// A trigger id (`42` or `trigger:42`), or a delivery id or its unique start (`delivery:…`).
-    #[arg(value_name = "ID", required_unless_present_any = ["failed", "unmatched"])]
+    #[arg(value_name = "ID", required_unless_present_any = ["failed", "unmatched", "since"])]
     id: Option<String>,
 }
 
@@ -438,8 +440,44 @@ fn replay(args: ReplayArgs) -> ExitCode {
             Err(code) => code,
         };
     }
+    if args.replan
+        && let Some(rule) = &args.rule
+        && args.id.is_none()
+    {
+        let Some(since) = args.since else {
+            eprintln!(
+                "hookrelay replay: --replan --rule {rule} needs a delivery id, or --since for every webhook of a window"
+            );
+            return ExitCode::from(2);
+        };
+        let since = match time_flag("replay", "--since", Some(since)) {
+            Ok(since) => since,
+            Err(code) => return code,
+        };
+        let filter = hookrelay::outbox::ListFilter {
+            source: args.source,
+            rule: args.rule,
+            since,
+            ..Default::default()
+        };
+        let state = &args.state;
+        return commands::replan_window(
+            &args.config.path,
+            &state.state_dir,
+            state.store.as_deref(),
+            filter,
+            commands::Replans::Rule,
+            mode,
+        );
+    }
     if args.since.is_some() || args.source.is_some() {
-        eprintln!("hookrelay replay: --since and --source go with --failed or --unmatched");
+        eprintln!(
+            "hookrelay replay: --since and --source go with --failed, --unmatched or --replan --rule"
+        );
+        return ExitCode::from(2);
+    }
+    if args.rule.is_some() && !args.replan {
+        eprintln!("hookrelay replay: --rule goes with --failed or --replan");
         return ExitCode::from(2);
     }
     let Some(id) = args.id else {
@@ -456,6 +494,7 @@ fn replay(args: ReplayArgs) -> ExitCode {
             state.store.as_deref(),
             &id,
             mode,
+            args.rule.as_deref(),
         );
     }
     match args.state.location("replay") {

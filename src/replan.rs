@@ -47,6 +47,7 @@ pub fn replan(
     store: Option<&str>,
     delivery: &str,
     mode: Mode,
+    only_rule: Option<&str>,
 ) -> Result<Replanned, String> {
     // Tokens are kept by reference; the relay that sends reads them.
     let config = crate::config::load_without_secrets(config_path)
@@ -58,6 +59,7 @@ pub fn replan(
         &location,
         delivery,
         mode,
+        only_rule,
     )
 }
 
@@ -70,7 +72,13 @@ pub fn replan_with(
     location: &StoreLocation,
     delivery: &str,
     mode: Mode,
+    only_rule: Option<&str>,
 ) -> Result<Replanned, String> {
+    if let Some(rule) = only_rule
+        && !config.rules.rules().iter().any(|r| r.name() == rule)
+    {
+        return Err(format!("{named} has no rule named {rule:?}"));
+    }
     let stored =
         crate::outbox::stored_webhook(location, delivery).map_err(|err| err.to_string())?;
     let source = config.sources.get(&stored.source).ok_or_else(|| {
@@ -124,11 +132,17 @@ pub fn replan_with(
         })?;
     let mut planned = Vec::new();
     let mut problems = Vec::new();
+    let chosen = |rule: &str| only_rule.is_none_or(|only| only == rule);
     for event in events {
-        let found = config.rules.plan(event, url_ref.as_ref());
+        let found: Vec<_> = config
+            .rules
+            .plan(event, url_ref.as_ref())
+            .into_iter()
+            .filter(|plan| chosen(&plan.rule))
+            .collect();
         if found.is_empty() {
             for (rule, why) in config.rules.verdicts(event) {
-                if let Some(why) = why {
+                if let Some(why) = why.filter(|_| chosen(rule.name())) {
                     problems.push(format!("{}: {why}", rule.name()));
                 }
             }
@@ -146,12 +160,21 @@ pub fn replan_with(
     }
     let (triggers, queued) = (built.triggers, built.queued);
     if triggers.is_empty() {
+        let (rules, none) = match only_rule {
+            Some(rule) => (
+                format!("rule {rule:?}"),
+                format!("rule {rule:?} does not react to source {}", source.name),
+            ),
+            None => (
+                "the rules".to_owned(),
+                format!("source {} has no rules", source.name),
+            ),
+        };
         return Err(format!(
-            "delivery {} still starts nothing with the rules in {}: {}",
+            "delivery {} still starts nothing with {rules} in {named}: {}",
             stored.delivery_id,
-            named,
             if problems.is_empty() {
-                format!("source {} has no rules", source.name)
+                none
             } else {
                 problems.join("; ")
             }
@@ -208,6 +231,11 @@ pub enum Replans {
     /// a matching rule's trigger could not be built (after a rule was added or fixed).
     /// Pings, events the source does not act on, duplicates and refusals are not theirs.
     Unmatched,
+    /// `replay --replan --rule NAME --since …`: every webhook of the window through that
+    /// one rule (a rule added since, or one that should have matched: a backfill), the
+    /// other rules left out, so what they started is not started again. A webhook with a
+    /// trigger of that rule already is left out.
+    Rule,
 }
 
 impl Replans {
@@ -216,6 +244,7 @@ impl Replans {
         match self {
             Replans::Failed => "hookrelay replay --failed --replan",
             Replans::Unmatched => "hookrelay replay --unmatched",
+            Replans::Rule => "hookrelay replay --replan --rule",
         }
     }
 }
@@ -227,12 +256,16 @@ pub enum WindowError {
     TooWide(String),
     /// The store could not be read or written.
     Store(String),
+    /// The rule to run the window through is not in the configuration.
+    NoSuchRule(String),
 }
 
 impl std::fmt::Display for WindowError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            WindowError::TooWide(message) | WindowError::Store(message) => f.write_str(message),
+            WindowError::TooWide(message)
+            | WindowError::Store(message)
+            | WindowError::NoSuchRule(message) => f.write_str(message),
         }
     }
 }
@@ -277,6 +310,7 @@ impl WindowReplanned {
                 match self.which {
                     Replans::Failed => "no webhook's trigger failed for good in that window",
                     Replans::Unmatched => "no webhook in that window matched no rule",
+                    Replans::Rule => "no webhook in that window",
                 }
             ),
             (0, _) if self.mode == Mode::DryRun => "nothing would be planned again".to_owned(),
@@ -305,27 +339,43 @@ pub fn replan_window(
     filter: ListFilter,
     which: Replans,
     mode: Mode,
+    only_rule: Option<&str>,
 ) -> Result<WindowReplanned, WindowError> {
+    if let Some(rule) = only_rule
+        && !config.rules.rules().iter().any(|r| r.name() == rule)
+    {
+        return Err(WindowError::NoSuchRule(format!(
+            "{named} has no rule named {rule:?}"
+        )));
+    }
     let filter = ListFilter {
         kind: Some(crate::store::DeliveryKind::Webhook),
-        state: Some(match which {
-            Replans::Failed => crate::store::StateFilter::Failed,
-            Replans::Unmatched => crate::store::StateFilter::None,
-        }),
+        state: match which {
+            Replans::Failed => Some(crate::store::StateFilter::Failed),
+            Replans::Unmatched => Some(crate::store::StateFilter::None),
+            Replans::Rule => None,
+        },
         ..filter
     };
     let rows = rows_in_window(location, filter)?;
+    let unmatched = |row: &DeliveryRow| {
+        row.state.is_none()
+            && matches!(
+                crate::delivery_rows::row_state(row).0.as_str(),
+                "no match" | "error"
+            )
+    };
     let mut candidates: Vec<String> = rows
         .iter()
         .filter(|row| match which {
             Replans::Failed => row.kind.as_deref() == Some("trigger"),
-            Replans::Unmatched => {
-                row.state.is_none()
-                    && !row.delivery_id.contains("~replan-")
-                    && matches!(
-                        crate::delivery_rows::row_state(row).0.as_str(),
-                        "no match" | "error"
-                    )
+            Replans::Unmatched => unmatched(row) && !row.delivery_id.contains("~replan-"),
+            // Webhooks as their senders sent them (not the records of replans, duplicates
+            // or refusals), that were acted on or matched nothing: not pings, nor events
+            // the source does not act on.
+            Replans::Rule => {
+                !row.delivery_id.contains('~')
+                    && (row.kind.as_deref() == Some("trigger") || unmatched(row))
             }
         })
         .map(|row| row.delivery_id.clone())
@@ -350,7 +400,21 @@ pub fn replan_window(
         )
         .map_err(|err| WindowError::Store(err.to_string()))?;
         let replans = format!("{id}~replan-");
-        if let Some(replan) = rows
+        if which == Replans::Rule {
+            let of_rule = rows.iter().find(|row| {
+                (row.delivery_id == id || row.delivery_id.starts_with(&replans))
+                    && row.kind.as_deref() == Some("trigger")
+                    && row.rule.as_deref() == only_rule
+            });
+            if let Some(row) = of_rule {
+                done.left_out.push(format!(
+                    "{id}: has trigger {} of rule {} already",
+                    row.trigger_id.unwrap_or_default(),
+                    only_rule.unwrap_or_default()
+                ));
+                continue;
+            }
+        } else if let Some(replan) = rows
             .iter()
             .find(|row| row.delivery_id.starts_with(&replans))
         {
@@ -361,7 +425,8 @@ pub fn replan_window(
             continue;
         }
         let started = rows.iter().find(|row| {
-            row.delivery_id == id
+            which != Replans::Rule
+                && row.delivery_id == id
                 && row.kind.as_deref() == Some("trigger")
                 && !matches!(row.state.as_deref(), Some("failed" | "cancelled"))
         });
@@ -373,7 +438,7 @@ pub fn replan_window(
             ));
             continue;
         }
-        match replan_with(config, named, location, &id, mode) {
+        match replan_with(config, named, location, &id, mode, only_rule) {
             Ok(replanned) => done.replanned.push(replanned),
             Err(message) => done.left_out.push(message),
         }

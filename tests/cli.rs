@@ -2004,7 +2004,7 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
     let (code, _, said) = replay(&["--since", "1h", "u-tag"]);
     assert_eq!(code, Some(2));
     assert!(
-        said.contains("--since and --source go with --failed or --unmatched"),
+        said.contains("--since and --source go with --failed, --unmatched or --replan --rule"),
         "{said}"
     );
     let (code, _, said) = replay(&["--dry-run", "u-tag"]);
@@ -2021,5 +2021,55 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
             && said.contains("nothing was recorded (dry run)"),
         "{said}"
     );
+
+    // A rule added later backfills the window through itself alone: the tag push gets a
+    // docs build without its release build again, the branch push gets one too, and a
+    // second run starts nothing twice.
+    write(
+        dir.path(),
+        "20-docs.toml",
+        "[[rule]]\nname = \"docs\"\nsource = \"github\"\n[rule.trigger]\nproject = \"acme/docs\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_TEST_TOKEN\"\n",
+    );
+    let (code, _, said) = replay(&["--replan", "--rule", "nope", "--since", "1h"]);
+    assert_eq!(code, Some(2));
+    assert!(said.contains("has no rule named \"nope\""), "{said}");
+    let (code, said, _) = replay(&["--replan", "--rule", "docs", "--since", "1h"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        said.contains(
+            "delivery u-branch run through the current rules as delivery u-branch~replan-"
+        ) && said
+            .contains("delivery u-tag run through the current rules as delivery u-tag~replan-")
+            && said.contains("rule docs -> project acme/docs, ref main")
+            && !said.contains("rule releases")
+            && !said.contains("u-ping")
+            && said.contains("2 webhooks planned again"),
+        "{said}"
+    );
+    let (code, said, _) = replay(&["--replan", "--rule", "docs", "--since", "1h"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        said.contains("left out: u-tag: has trigger")
+            && said.contains("of rule docs already")
+            && said.contains("nothing planned again"),
+        "{said}"
+    );
+    for _ in 0..100 {
+        if upstream.received().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = upstream.received();
+    assert_eq!(
+        received.len(),
+        3,
+        "two docs builds, and no release build again"
+    );
+    assert!(received[1..].iter().all(|call| {
+        call.path_and_query
+            .starts_with("/api/v4/projects/acme%2Fdocs/trigger/pipeline")
+    }));
     assert_eq!(served.terminate().0, Some(0));
 }

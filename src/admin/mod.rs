@@ -276,7 +276,7 @@ async fn route(
                 let delivery = (*id).to_owned();
                 let preview = dry_run(app, move |app, location| {
                     let runtime = app.runtime();
-                    crate::replan::replan_with(&runtime.config, "the running configuration", &location, &delivery, crate::replan::Mode::DryRun)
+                    crate::replan::replan_with(&runtime.config, "the running configuration", &location, &delivery, crate::replan::Mode::DryRun, None)
                         .map(|replanned| format!("it would queue {}", planned(&replanned)))
                 })
                 .await;
@@ -617,6 +617,8 @@ impl Window {
             match self.which {
                 crate::replan::Replans::Unmatched => "none",
                 crate::replan::Replans::Failed => "failed",
+                // Not offered here (`Window::parse` takes none and failed only).
+                crate::replan::Replans::Rule => "",
             },
         );
         query.append_pair("since", &self.since);
@@ -632,6 +634,7 @@ impl Window {
             crate::replan::Replans::Failed => {
                 "webhook with a trigger that failed for good".to_owned()
             }
+            crate::replan::Replans::Rule => format!("webhook, through rule {} alone,", self.rule),
         };
         what.push_str(&format!(" since {}", self.since));
         let narrowed: Vec<String> = self
@@ -833,6 +836,7 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
                     &location,
                     id,
                     crate::replan::Mode::Record,
+                    None,
                 )
             })
             .map(|replanned| {
@@ -854,6 +858,7 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
                     filter,
                     window.which,
                     crate::replan::Mode::Record,
+                    None,
                 )
             })
             .map_err(|err| err.to_string())?;
@@ -883,6 +888,7 @@ async fn preview(app: &Arc<App>, window: &Window) -> String {
             window.filter()?,
             window.which,
             crate::replan::Mode::DryRun,
+            None,
         )
         .map(|done| window_result(&done))
         .map_err(|err| err.to_string())
@@ -909,9 +915,13 @@ async fn window_preview_json(app: &Arc<App>, window: &Window) -> Response<Full<B
                 filter,
                 window.which,
                 crate::replan::Mode::DryRun,
+                None,
             )
             .map_err(|err| match err {
-                crate::replan::WindowError::TooWide(message) => (StatusCode::BAD_REQUEST, message),
+                crate::replan::WindowError::TooWide(message)
+                | crate::replan::WindowError::NoSuchRule(message) => {
+                    (StatusCode::BAD_REQUEST, message)
+                }
                 crate::replan::WindowError::Store(message) => unavailable(message),
             })?;
             let would_plan: Vec<Value> = done

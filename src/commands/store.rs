@@ -148,9 +148,10 @@ pub fn replan(
     store: Option<&str>,
     delivery: &str,
     mode: Mode,
+    only_rule: Option<&str>,
 ) -> ExitCode {
     let delivery = delivery.strip_prefix("delivery:").unwrap_or(delivery);
-    match crate::replan::replan(config, state, store, delivery, mode) {
+    match crate::replan::replan(config, state, store, delivery, mode, only_rule) {
         Ok(replanned) => {
             print_replanned(&replanned);
             match mode {
@@ -287,7 +288,7 @@ fn window_refused(command: &str, err: &WindowError) -> ExitCode {
         crate::terminal::escape_controls(&err.to_string())
     );
     match err {
-        WindowError::TooWide(_) => ExitCode::from(2),
+        WindowError::TooWide(_) | WindowError::NoSuchRule(_) => ExitCode::from(2),
         WindowError::Store(_) => ExitCode::FAILURE,
     }
 }
@@ -390,6 +391,17 @@ pub fn replan_window(
     mode: Mode,
 ) -> ExitCode {
     let command = which.command();
+    // Through one rule, the rule names what runs, not which rows the window holds.
+    let (filter, only_rule) = match which {
+        Replans::Rule => (
+            ListFilter {
+                rule: None,
+                ..filter.clone()
+            },
+            filter.rule,
+        ),
+        _ => (filter, None),
+    };
     let fail = |message: String| {
         eprintln!("{command}: {}", crate::terminal::escape_controls(&message));
         ExitCode::FAILURE
@@ -409,6 +421,7 @@ pub fn replan_window(
         filter,
         which,
         mode,
+        only_rule.as_deref(),
     ) {
         Ok(done) => done,
         Err(err) => return window_refused(command, &err),
@@ -421,11 +434,12 @@ pub fn replan_window(
     }
     if done.left_out.len() > LEFT_OUT_SHOWN {
         println!(
-            "left out: {} more (`hookrelay deliveries --status {}` with the same window lists them)",
+            "left out: {} more (`hookrelay deliveries{}` with the same window lists them)",
             done.left_out.len() - LEFT_OUT_SHOWN,
             match which {
-                Replans::Failed => "failed",
-                Replans::Unmatched => "none",
+                Replans::Failed => " --status failed",
+                Replans::Unmatched => " --status none",
+                Replans::Rule => " --kind webhook",
             }
         );
     }
