@@ -408,7 +408,23 @@ fn replay(args: ReplayArgs) -> ExitCode {
     } else {
         commands::ReplanMode::Record
     };
-    if args.failed || args.unmatched {
+    // A window: failed triggers sent again, or webhooks run through the current rules.
+    let window = if args.unmatched {
+        Some(commands::Replans::Unmatched)
+    } else if args.failed && args.replan {
+        Some(commands::Replans::Failed)
+    } else if args.replan && args.rule.is_some() && args.id.is_none() {
+        Some(commands::Replans::Rule)
+    } else {
+        None
+    };
+    if args.failed || window.is_some() {
+        if args.since.is_none() {
+            eprintln!(
+                "hookrelay replay: a window needs --since (2h, or a UTC time); or name a delivery id"
+            );
+            return ExitCode::from(2);
+        }
         let since = match time_flag("replay", "--since", args.since) {
             Ok(since) => since,
             Err(code) => return code,
@@ -420,55 +436,21 @@ fn replay(args: ReplayArgs) -> ExitCode {
             since,
             ..Default::default()
         };
-        if args.replan || args.unmatched {
-            let state = &args.state;
-            return commands::replan_window(
+        let state = &args.state;
+        return match window {
+            Some(which) => commands::replan_window(
                 &args.config.path,
                 &state.state_dir,
                 state.store.as_deref(),
                 filter,
-                if args.unmatched {
-                    commands::Replans::Unmatched
-                } else {
-                    commands::Replans::Failed
-                },
+                which,
                 mode,
-            );
-        }
-        return match args.state.location("replay") {
-            Ok(store) => commands::replay_failed(&store, filter, mode),
-            Err(code) => code,
+            ),
+            None => match state.location("replay") {
+                Ok(store) => commands::replay_failed(&store, filter, mode),
+                Err(code) => code,
+            },
         };
-    }
-    if args.replan
-        && let Some(rule) = &args.rule
-        && args.id.is_none()
-    {
-        let Some(since) = args.since else {
-            eprintln!(
-                "hookrelay replay: --replan --rule {rule} needs a delivery id, or --since for every webhook of a window"
-            );
-            return ExitCode::from(2);
-        };
-        let since = match time_flag("replay", "--since", Some(since)) {
-            Ok(since) => since,
-            Err(code) => return code,
-        };
-        let filter = hookrelay::outbox::ListFilter {
-            source: args.source,
-            rule: args.rule,
-            since,
-            ..Default::default()
-        };
-        let state = &args.state;
-        return commands::replan_window(
-            &args.config.path,
-            &state.state_dir,
-            state.store.as_deref(),
-            filter,
-            commands::Replans::Rule,
-            mode,
-        );
     }
     if args.since.is_some() || args.source.is_some() {
         eprintln!(
