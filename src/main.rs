@@ -30,7 +30,8 @@ enum Command {
     /// List recent deliveries and their triggers, newest first, with why nothing ran.
     Deliveries(DeliveriesArgs),
     /// Queue a trigger (by its id) or a whole delivery (by its delivery id) again; with
-    /// --replan, run a stored webhook through the current rules instead.
+    /// --replan, run a stored webhook through the current rules instead; with --failed,
+    /// --unmatched or --replan --rule, every one of a window (--dry-run to look first).
     Replay(ReplayArgs),
     /// Stop a waiting or retrying trigger (by its id), or every waiting trigger of a project.
     Cancel(CancelArgs),
@@ -139,13 +140,14 @@ struct ReplayArgs {
     /// --source; one that still matches nothing is left out, saying why.
     #[arg(long, conflicts_with_all = ["id", "project", "rule"], requires = "since")]
     unmatched: bool,
-    /// With --failed or --unmatched: received within this long (`2h`) or since this UTC time.
+    /// With --failed, --unmatched or --replan --rule: received within this long (`2h`) or
+    /// since this UTC time.
     #[arg(long)]
     since: Option<String>,
     /// With --failed: only triggers for this project (as the rule names it).
     #[arg(long, requires = "failed")]
     project: Option<String>,
-    /// With --failed or --unmatched: only webhooks from this source.
+    /// With --failed, --unmatched or --replan --rule: only webhooks from this source.
     #[arg(long)]
     source: Option<String>,
     /// With --failed: only triggers of this rule. With --replan (no --failed): run the
