@@ -431,9 +431,14 @@ fn replay(args: ReplayArgs) -> ExitCode {
             Ok(since) => since,
             Err(code) => return code,
         };
+        // Through one rule, the rule names what runs, not which rows the window holds.
+        let (rule, only_rule) = match window {
+            Some(commands::Replans::Rule) => (None, args.rule),
+            _ => (args.rule, None),
+        };
         let filter = hookrelay::outbox::ListFilter {
             source: args.source,
-            rule: args.rule,
+            rule,
             project: args.project,
             since,
             ..Default::default()
@@ -447,6 +452,7 @@ fn replay(args: ReplayArgs) -> ExitCode {
                 filter,
                 which,
                 mode,
+                only_rule.as_deref(),
             ),
             None => match state.location("replay") {
                 Ok(store) => commands::replay_failed(&store, filter, mode),

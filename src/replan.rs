@@ -39,6 +39,20 @@ pub enum Mode {
     DryRun,
 }
 
+/// The configuration at `config_path` (tokens kept by reference: the relay that sends
+/// reads them) and the store it, `state` and `store` name: what a replan from the command
+/// line runs with.
+pub fn configured(
+    config_path: &Path,
+    state: &Path,
+    store: Option<&str>,
+) -> Result<(crate::config::Config, StoreLocation), String> {
+    let config = crate::config::load_without_secrets(config_path)
+        .map_err(|problems| problems.to_string())?;
+    let location = StoreLocation::choose(state, store, config.store.clone())?;
+    Ok((config, location))
+}
+
 /// Reads the stored webhook `delivery` (an id or its unique start), runs it through the
 /// configuration at `config_path` and records what it plans as a new delivery.
 pub fn replan(
@@ -49,10 +63,7 @@ pub fn replan(
     mode: Mode,
     only_rule: Option<&str>,
 ) -> Result<Replanned, String> {
-    // Tokens are kept by reference; the relay that sends reads them.
-    let config = crate::config::load_without_secrets(config_path)
-        .map_err(|problems| problems.to_string())?;
-    let location = StoreLocation::choose(state, store, config.store.clone())?;
+    let (config, location) = configured(config_path, state, store)?;
     replan_with(
         &config,
         &config_path.display().to_string(),
@@ -74,11 +85,33 @@ pub fn replan_with(
     mode: Mode,
     only_rule: Option<&str>,
 ) -> Result<Replanned, String> {
-    if let Some(rule) = only_rule
-        && !config.rules.rules().iter().any(|r| r.name() == rule)
-    {
-        return Err(format!("{named} has no rule named {rule:?}"));
+    knows_rule(config, named, only_rule)?;
+    replan_known(config, named, location, delivery, mode, only_rule)
+}
+
+/// Refuses a rule to replan through that `config` does not have.
+fn knows_rule(
+    config: &crate::config::Config,
+    named: &str,
+    rule: Option<&str>,
+) -> Result<(), String> {
+    match rule {
+        Some(rule) if !config.rules.rules().iter().any(|r| r.name() == rule) => {
+            Err(format!("{named} has no rule named {rule:?}"))
+        }
+        _ => Ok(()),
     }
+}
+
+/// [`replan_with`] once `only_rule` is known to be in `config`.
+fn replan_known(
+    config: &crate::config::Config,
+    named: &str,
+    location: &StoreLocation,
+    delivery: &str,
+    mode: Mode,
+    only_rule: Option<&str>,
+) -> Result<Replanned, String> {
     let stored =
         crate::outbox::stored_webhook(location, delivery).map_err(|err| err.to_string())?;
     let source = config.sources.get(&stored.source).ok_or_else(|| {
@@ -341,13 +374,7 @@ pub fn replan_window(
     mode: Mode,
     only_rule: Option<&str>,
 ) -> Result<WindowReplanned, WindowError> {
-    if let Some(rule) = only_rule
-        && !config.rules.rules().iter().any(|r| r.name() == rule)
-    {
-        return Err(WindowError::NoSuchRule(format!(
-            "{named} has no rule named {rule:?}"
-        )));
-    }
+    knows_rule(config, named, only_rule).map_err(WindowError::NoSuchRule)?;
     let filter = ListFilter {
         kind: Some(crate::store::DeliveryKind::Webhook),
         state: match which {
@@ -438,7 +465,7 @@ pub fn replan_window(
             ));
             continue;
         }
-        match replan_with(config, named, location, &id, mode, only_rule) {
+        match replan_known(config, named, location, &id, mode, only_rule) {
             Ok(replanned) => done.replanned.push(replanned),
             Err(message) => done.left_out.push(message),
         }

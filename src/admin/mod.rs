@@ -23,7 +23,6 @@ use minijinja::Environment;
 use serde_json::{Value, json};
 
 use crate::app::App;
-use crate::store::StoreLocation;
 use auth::{Access, Refusal};
 
 /// Largest form or API body read (a login, a cross-site token).
@@ -274,9 +273,8 @@ async fn route(
                 format!("Queue every trigger of delivery {id} again, as new triggers?")
             } else {
                 let delivery = (*id).to_owned();
-                let preview = dry_run(app, move |app, location| {
-                    let runtime = app.runtime();
-                    crate::replan::replan_with(&runtime.config, "the running configuration", &location, &delivery, crate::replan::Mode::DryRun, None)
+                let preview = dry_run(app, move |app| {
+                    replan_delivery(app, &delivery, crate::replan::Mode::DryRun)
                         .map(|replanned| format!("it would queue {}", planned(&replanned)))
                 })
                 .await;
@@ -659,6 +657,36 @@ impl Window {
         .map(|(name, value)| (name, value.as_str()))
     }
 
+    /// Every webhook of the window through the running configuration's rules; a failure
+    /// with the status the API answers it with.
+    fn replan(
+        &self,
+        app: &App,
+        mode: crate::replan::Mode,
+    ) -> Result<crate::replan::WindowReplanned, (StatusCode, String)> {
+        let location =
+            view::location(app).map_err(|message| (StatusCode::SERVICE_UNAVAILABLE, message))?;
+        let filter = self
+            .filter()
+            .map_err(|message| (StatusCode::BAD_REQUEST, message))?;
+        crate::replan::replan_window(
+            &app.runtime().config,
+            RUNNING,
+            &location,
+            filter,
+            self.which,
+            mode,
+            None,
+        )
+        .map_err(|err| match err {
+            crate::replan::WindowError::TooWide(message)
+            | crate::replan::WindowError::NoSuchRule(message) => (StatusCode::BAD_REQUEST, message),
+            crate::replan::WindowError::Store(message) => {
+                (StatusCode::SERVICE_UNAVAILABLE, message)
+            }
+        })
+    }
+
     fn filter(&self) -> Result<crate::outbox::ListFilter, String> {
         let text = |value: &String| (!value.is_empty()).then(|| value.clone());
         Ok(crate::outbox::ListFilter {
@@ -827,42 +855,20 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
             .map(|ids| format!("queued again as trigger(s) {}", list(&ids)))
             .map_err(|err| err.to_string()),
         Action::Replan(id) => {
-            let location = location()?;
-            let runtime = app.runtime();
-            crate::store::blocking(|| {
-                crate::replan::replan_with(
-                    &runtime.config,
-                    "the running configuration",
-                    &location,
-                    id,
-                    crate::replan::Mode::Record,
-                    None,
-                )
-            })
-            .map(|replanned| {
-                format!(
-                    "delivery {} queued trigger(s) {}",
-                    replanned.delivery(),
-                    list(&replanned.trigger_ids())
-                )
-            })
+            crate::store::blocking(|| replan_delivery(app, id, crate::replan::Mode::Record)).map(
+                |replanned| {
+                    format!(
+                        "delivery {} queued trigger(s) {}",
+                        replanned.delivery(),
+                        list(&replanned.trigger_ids())
+                    )
+                },
+            )
         }
         Action::ReplanWindow(window) => {
-            let (location, filter) = (location()?, window.filter()?);
-            let runtime = app.runtime();
-            let done = crate::store::blocking(|| {
-                crate::replan::replan_window(
-                    &runtime.config,
-                    "the running configuration",
-                    &location,
-                    filter,
-                    window.which,
-                    crate::replan::Mode::Record,
-                    None,
-                )
-            })
-            .map_err(|err| err.to_string())?;
-            Ok(window_result(&done))
+            crate::store::blocking(|| window.replan(app, crate::replan::Mode::Record))
+                .map(|done| window_result(&done))
+                .map_err(|(_, message)| message)
         }
         Action::Cancel(id) => {
             let location = location()?;
@@ -879,19 +885,11 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
 /// What confirming a replan of `window` would do right now, from a dry run.
 async fn preview(app: &Arc<App>, window: &Window) -> String {
     let window = window.clone();
-    dry_run(app, move |app, location| {
-        let runtime = app.runtime();
-        crate::replan::replan_window(
-            &runtime.config,
-            "the running configuration",
-            &location,
-            window.filter()?,
-            window.which,
-            crate::replan::Mode::DryRun,
-            None,
-        )
-        .map(|done| window_result(&done))
-        .map_err(|err| err.to_string())
+    dry_run(app, move |app| {
+        window
+            .replan(app, crate::replan::Mode::DryRun)
+            .map(|done| window_result(&done))
+            .map_err(|(_, message)| message)
     })
     .await
 }
@@ -899,78 +897,89 @@ async fn preview(app: &Arc<App>, window: &Window) -> String {
 /// `GET /api/replan?…`: what `POST` would do right now, as JSON: each webhook it would
 /// plan with its triggers, and each left out with why. Nothing is recorded.
 async fn window_preview_json(app: &Arc<App>, window: &Window) -> Response<Full<Bytes>> {
-    let done = tokio::task::spawn_blocking({
-        let (app, window) = (Arc::clone(app), window.clone());
-        move || -> Result<Value, (StatusCode, String)> {
-            let unavailable = |message| (StatusCode::SERVICE_UNAVAILABLE, message);
-            let location = view::location(&app).map_err(unavailable)?;
-            let filter = window
-                .filter()
-                .map_err(|message| (StatusCode::BAD_REQUEST, message))?;
-            let runtime = app.runtime();
-            let done = crate::replan::replan_window(
-                &runtime.config,
-                "the running configuration",
-                &location,
-                filter,
-                window.which,
-                crate::replan::Mode::DryRun,
-                None,
-            )
-            .map_err(|err| match err {
-                crate::replan::WindowError::TooWide(message)
-                | crate::replan::WindowError::NoSuchRule(message) => {
-                    (StatusCode::BAD_REQUEST, message)
-                }
-                crate::replan::WindowError::Store(message) => unavailable(message),
-            })?;
-            let would_plan: Vec<Value> = done
-                .replanned
-                .iter()
-                .map(|r| {
-                    json!({
-                        "delivery_id": r.original,
-                        "triggers": r.triggers.iter().map(|(_, rule, project, git_ref)| {
-                            json!({ "rule": rule, "project": project, "ref": git_ref })
-                        }).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
-            Ok(json!({
-                "message": done.summary(),
-                "would_plan": would_plan,
-                "left_out": done.left_out,
-            }))
+    let window = window.clone();
+    let done = within_ack_timeout(app, move |app| {
+        window.replan(app, crate::replan::Mode::DryRun)
+    })
+    .await;
+    let done = match done {
+        Some(Ok(done)) => done,
+        Some(Err((status, message))) => {
+            return json_answer(status, &json!({ "message": message }));
         }
-    });
-    match tokio::time::timeout(app.server.ack_timeout, done).await {
-        Ok(Ok(Ok(answer))) => json_answer(StatusCode::OK, &answer),
-        Ok(Ok(Err((status, message)))) => json_answer(status, &json!({ "message": message })),
-        Ok(Err(_)) | Err(_) => json_answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({ "message": "the delivery store did not answer in time ([server] ack_timeout)" }),
-        ),
-    }
+        None => {
+            return json_answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "message": "the delivery store did not answer in time ([server] ack_timeout)" }),
+            );
+        }
+    };
+    let would_plan: Vec<Value> = done
+        .replanned
+        .iter()
+        .map(|r| {
+            json!({
+                "delivery_id": r.original,
+                "triggers": r.triggers.iter().map(|(_, rule, project, git_ref)| {
+                    json!({ "rule": rule, "project": project, "ref": git_ref })
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json_answer(
+        StatusCode::OK,
+        &json!({ "message": done.summary(), "would_plan": would_plan, "left_out": done.left_out }),
+    )
 }
 
 /// A dry run's result for a confirmation (`Now: …`), waited for at most `[server]
 /// ack_timeout`: a store that stopped answering leaves the question without it, saying so.
 async fn dry_run(
     app: &Arc<App>,
-    run: impl FnOnce(&App, StoreLocation) -> Result<String, String> + Send + 'static,
+    run: impl FnOnce(&App) -> Result<String, String> + Send + 'static,
 ) -> String {
-    let done = tokio::task::spawn_blocking({
-        let app = Arc::clone(app);
-        move || run(&app, view::location(&app)?)
-    });
-    match tokio::time::timeout(app.server.ack_timeout, done).await {
-        Ok(Ok(Ok(result))) => format!("Now: {result}."),
-        Ok(Ok(Err(message))) => format!("What it would do cannot be said: {message}."),
-        Ok(Err(_)) | Err(_) => {
-            "What it would do cannot be said: the store did not answer in time.".to_owned()
-        }
+    match within_ack_timeout(app, run).await {
+        Some(Ok(result)) => format!("Now: {result}."),
+        Some(Err(message)) => format!("What it would do cannot be said: {message}."),
+        None => "What it would do cannot be said: the store did not answer in time.".to_owned(),
     }
 }
+
+/// `work` on a thread that may block on the store, waited for at most `[server]
+/// ack_timeout`; `None` when it did not end in time (it still ends on its own).
+async fn within_ack_timeout<T: Send + 'static>(
+    app: &Arc<App>,
+    work: impl FnOnce(&App) -> T + Send + 'static,
+) -> Option<T> {
+    let done = tokio::task::spawn_blocking({
+        let app = Arc::clone(app);
+        move || work(&app)
+    });
+    match tokio::time::timeout(app.server.ack_timeout, done).await {
+        Ok(Ok(result)) => Some(result),
+        Ok(Err(_)) | Err(_) => None,
+    }
+}
+
+/// One stored webhook through the running configuration's rules.
+fn replan_delivery(
+    app: &App,
+    delivery: &str,
+    mode: crate::replan::Mode,
+) -> Result<crate::replan::Replanned, String> {
+    let location = view::location(app)?;
+    crate::replan::replan_with(
+        &app.runtime().config,
+        RUNNING,
+        &location,
+        delivery,
+        mode,
+        None,
+    )
+}
+
+/// How messages name the configuration the dashboard's replans run through.
+const RUNNING: &str = "the running configuration";
 
 /// What a dry run of one webhook's replan would queue: `rule -> project ref`, each.
 fn planned(replanned: &crate::replan::Replanned) -> String {

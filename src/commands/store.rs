@@ -379,8 +379,9 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter, mode: Mode) -> E
 /// hold thousands of webhooks that still match nothing.
 const LEFT_OUT_SHOWN: usize = 20;
 
-/// `hookrelay replay --failed --replan` and `replay --unmatched`: every stored webhook in
-/// `filter`'s window that `which` selects, run through today's rules (see
+/// `hookrelay replay --failed --replan`, `replay --unmatched` and `replay --replan --rule`:
+/// every stored webhook in `filter`'s window that `which` selects, run through today's
+/// rules (`only_rule` alone, when given; see
 /// [`crate::replan::replan_window`]), each planned or left out said on a line of its own.
 pub fn replan_window(
     config_path: &Path,
@@ -389,30 +390,15 @@ pub fn replan_window(
     filter: ListFilter,
     which: Replans,
     mode: Mode,
+    only_rule: Option<&str>,
 ) -> ExitCode {
     let command = which.command();
-    // Through one rule, the rule names what runs, not which rows the window holds.
-    let (filter, only_rule) = match which {
-        Replans::Rule => (
-            ListFilter {
-                rule: None,
-                ..filter.clone()
-            },
-            filter.rule,
-        ),
-        _ => (filter, None),
-    };
-    let fail = |message: String| {
-        eprintln!("{command}: {}", crate::terminal::escape_controls(&message));
-        ExitCode::FAILURE
-    };
-    let config = match crate::config::load_without_secrets(config_path) {
-        Ok(config) => config,
-        Err(problems) => return fail(problems.to_string()),
-    };
-    let location = match StoreLocation::choose(state, store, config.store.clone()) {
-        Ok(location) => location,
-        Err(message) => return fail(message),
+    let (config, location) = match crate::replan::configured(config_path, state, store) {
+        Ok(configured) => configured,
+        Err(message) => {
+            eprintln!("{command}: {}", crate::terminal::escape_controls(&message));
+            return ExitCode::FAILURE;
+        }
     };
     let done = match crate::replan::replan_window(
         &config,
@@ -421,7 +407,7 @@ pub fn replan_window(
         filter,
         which,
         mode,
-        only_rule.as_deref(),
+        only_rule,
     ) {
         Ok(done) => done,
         Err(err) => return window_refused(command, &err),
