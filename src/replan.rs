@@ -7,7 +7,8 @@
 
 use std::path::Path;
 
-use crate::outbox::{Accepted, DeliveryRow, ListFilter, NewDelivery};
+use crate::hooks::QueuedEntry;
+use crate::outbox::{Accepted, DeliveryRow, ListFilter, NewDelivery, OfflineStore};
 use crate::sources::{self, Outcome, Verification, WebhookRequest};
 use crate::store::StoreLocation;
 
@@ -86,7 +87,12 @@ pub fn replan_with(
     only_rule: Option<&str>,
 ) -> Result<Replanned, String> {
     knows_rule(config, named, only_rule)?;
-    replan_known(config, named, location, delivery, mode, only_rule)
+    let mut store = OfflineStore::open(location).map_err(|err| err.to_string())?;
+    let plan = plan(config, named, &mut store, delivery, mode, only_rule)?;
+    record(&mut store, vec![plan])
+        .map_err(|err| err.to_string())?
+        .pop()
+        .expect("one plan has one outcome")
 }
 
 /// Refuses a rule to replan through that `config` does not have.
@@ -103,17 +109,27 @@ fn knows_rule(
     }
 }
 
-/// [`replan_with`] once `only_rule` is known to be in `config`.
-fn replan_known(
+/// A stored webhook planned again, not recorded yet.
+struct Plan {
+    original: String,
+    /// The delivery that records it; `None` in a dry run.
+    delivery: Option<NewDelivery>,
+    queued: Vec<QueuedEntry>,
+}
+
+/// The stored webhook `delivery` run through `config`'s rules (only `only_rule`, known to
+/// be in `config`, if given), or why it still starts nothing.
+fn plan(
     config: &crate::config::Config,
     named: &str,
-    location: &StoreLocation,
+    store: &mut OfflineStore,
     delivery: &str,
     mode: Mode,
     only_rule: Option<&str>,
-) -> Result<Replanned, String> {
-    let stored =
-        crate::outbox::stored_webhook(location, delivery).map_err(|err| err.to_string())?;
+) -> Result<Plan, String> {
+    let stored = store
+        .stored_webhook(delivery)
+        .map_err(|err| err.to_string())?;
     let source = config.sources.get(&stored.source).ok_or_else(|| {
         format!(
             "delivery {} came from source {:?}, which {} no longer configures",
@@ -214,13 +230,10 @@ fn replan_known(
         ));
     }
     if mode == Mode::DryRun {
-        return Ok(Replanned {
+        return Ok(Plan {
             original: stored.delivery_id,
-            delivery_id: None,
-            triggers: queued
-                .into_iter()
-                .map(|entry| (None, entry.rule, entry.project, entry.git_ref))
-                .collect(),
+            delivery: None,
+            queued,
         });
     }
     let delivery_id = format!("{}~replan-{}", stored.delivery_id, crate::outbox::now_ms());
@@ -230,27 +243,69 @@ fn replan_known(
     summary.triggers = Some(queued.clone());
     let delivery = NewDelivery {
         source: source.name.clone(),
-        delivery_id: delivery_id.clone(),
+        delivery_id,
         event_type: received.event_type.clone(),
         headers: stored.headers.clone(),
         body: crate::store::StoredBody::encode(stored.body.clone()),
         summary: summary.to_json(),
         triggers,
     };
-    let accepted =
-        crate::outbox::accept_offline(location, &delivery).map_err(|err| err.to_string())?;
-    let Accepted::Queued { trigger_ids, .. } = accepted else {
-        return Err(format!("delivery {delivery_id} is already in the store"));
-    };
-    Ok(Replanned {
+    Ok(Plan {
         original: stored.delivery_id,
-        delivery_id: Some(delivery_id),
-        triggers: trigger_ids
-            .into_iter()
-            .zip(queued)
-            .map(|(id, entry)| (Some(id), entry.rule, entry.project, entry.git_ref))
-            .collect(),
+        delivery: Some(delivery),
+        queued,
     })
+}
+
+/// Records `plans` (all of one [`Mode`]) in one transaction, and says what each queued;
+/// a dry run's are said, not recorded.
+fn record(
+    store: &mut OfflineStore,
+    mut plans: Vec<Plan>,
+) -> Result<Vec<Result<Replanned, String>>, crate::outbox::StoreError> {
+    let deliveries: Vec<NewDelivery> = plans
+        .iter_mut()
+        .filter_map(|plan| plan.delivery.take())
+        .collect();
+    if deliveries.is_empty() {
+        return Ok(plans
+            .into_iter()
+            .map(|plan| {
+                Ok(Replanned {
+                    original: plan.original,
+                    delivery_id: None,
+                    triggers: plan
+                        .queued
+                        .into_iter()
+                        .map(|entry| (None, entry.rule, entry.project, entry.git_ref))
+                        .collect(),
+                })
+            })
+            .collect());
+    }
+    let accepted = store.accept_all(&deliveries)?;
+    Ok(plans
+        .into_iter()
+        .zip(deliveries)
+        .zip(accepted)
+        .map(|((plan, delivery), accepted)| {
+            let Accepted::Queued { trigger_ids, .. } = accepted else {
+                return Err(format!(
+                    "delivery {} is already in the store",
+                    delivery.delivery_id
+                ));
+            };
+            Ok(Replanned {
+                original: plan.original,
+                delivery_id: Some(delivery.delivery_id),
+                triggers: trigger_ids
+                    .into_iter()
+                    .zip(plan.queued)
+                    .map(|(id, entry)| (Some(id), entry.rule, entry.project, entry.git_ref))
+                    .collect(),
+            })
+        })
+        .collect())
 }
 
 /// Which stored webhooks a replan of a window runs through today's rules.
@@ -312,12 +367,19 @@ pub fn rows_in_window(
     location: &StoreLocation,
     filter: ListFilter,
 ) -> Result<Vec<DeliveryRow>, WindowError> {
+    let mut store = OfflineStore::open(location).map_err(WindowError::from)?;
+    rows_of_window(&mut store, filter)
+}
+
+fn rows_of_window(
+    store: &mut OfflineStore,
+    filter: ListFilter,
+) -> Result<Vec<DeliveryRow>, WindowError> {
     let filter = ListFilter {
         limit: MOST_READ,
         ..filter
     };
-    let rows = crate::outbox::list(location, &filter)
-        .map_err(|err| WindowError::Store(err.to_string()))?;
+    let rows = store.list(&filter)?;
     if rows.len() >= MOST_READ {
         return Err(WindowError::TooWide(format!(
             "the window holds {MOST_READ} or more rows; narrow it (since, source, rule, project)"
@@ -325,6 +387,17 @@ pub fn rows_in_window(
     }
     Ok(rows)
 }
+
+impl From<crate::outbox::StoreError> for WindowError {
+    fn from(err: crate::outbox::StoreError) -> WindowError {
+        WindowError::Store(err.to_string())
+    }
+}
+
+/// Webhooks a window's replan records in one transaction: one commit (and flush) for
+/// many, while a relay beside it waits for the store's write lock a few milliseconds at
+/// most.
+const RECORDED_TOGETHER: usize = 64;
 
 /// What a replan of a window did: each webhook planned again, and each left out with why.
 pub struct WindowReplanned {
@@ -384,7 +457,8 @@ pub fn replan_window(
         },
         ..filter
     };
-    let rows = rows_in_window(location, filter)?;
+    let mut store = OfflineStore::open(location)?;
+    let rows = rows_of_window(&mut store, filter)?;
     let unmatched = |row: &DeliveryRow| {
         row.state.is_none()
             && matches!(
@@ -415,60 +489,76 @@ pub fn replan_window(
         replanned: Vec::new(),
         left_out: Vec::new(),
     };
-    for id in candidates {
-        // Its own rows, and its replans' (whose ids start with its own).
-        let rows = crate::outbox::list(
-            location,
-            &ListFilter {
-                delivery: Some(id.clone()),
-                limit: MOST_READ,
-                ..ListFilter::default()
-            },
-        )
-        .map_err(|err| WindowError::Store(err.to_string()))?;
-        let replans = format!("{id}~replan-");
-        if which == Replans::Rule {
-            let of_rule = rows.iter().find(|row| {
-                (row.delivery_id == id || row.delivery_id.starts_with(&replans))
-                    && row.kind.as_deref() == Some("trigger")
-                    && row.rule.as_deref() == only_rule
-            });
-            if let Some(row) = of_rule {
-                done.left_out.push(format!(
-                    "{id}: has trigger {} of rule {} already",
-                    row.trigger_id.unwrap_or_default(),
-                    only_rule.unwrap_or_default()
-                ));
-                continue;
+    for chunk in candidates.chunks(RECORDED_TOGETHER) {
+        let mut plans = Vec::new();
+        for id in chunk {
+            match planned_again(&mut store, id, which, only_rule)? {
+                Some(reason) => done.left_out.push(reason),
+                None => match plan(config, named, &mut store, id, mode, only_rule) {
+                    Ok(plan) => plans.push(plan),
+                    Err(message) => done.left_out.push(message),
+                },
             }
-        } else if let Some(replan) = rows
-            .iter()
-            .find(|row| row.delivery_id.starts_with(&replans))
-        {
-            done.left_out.push(format!(
-                "{id}: replanned already, as {}",
-                replan.delivery_id
-            ));
-            continue;
         }
-        let started = rows.iter().find(|row| {
-            which != Replans::Rule
-                && row.delivery_id == id
-                && row.kind.as_deref() == Some("trigger")
-                && !matches!(row.state.as_deref(), Some("failed" | "cancelled"))
-        });
-        if let Some(row) = started {
-            done.left_out.push(format!(
-                "{id}: trigger {} is {} (replanning would start it again; `hookrelay replay --replan {id}` does it anyway)",
-                row.trigger_id.unwrap_or_default(),
-                row.state.as_deref().unwrap_or("unknown")
-            ));
-            continue;
-        }
-        match replan_known(config, named, location, &id, mode, only_rule) {
-            Ok(replanned) => done.replanned.push(replanned),
-            Err(message) => done.left_out.push(message),
+        for outcome in record(&mut store, plans)? {
+            match outcome {
+                Ok(replanned) => done.replanned.push(replanned),
+                Err(message) => done.left_out.push(message),
+            }
         }
     }
     Ok(done)
+}
+
+/// Why the webhook `id` is not to be planned again for `which`, if it is not: it was
+/// replanned already, it has `only_rule`'s trigger already, or a trigger of it is sent or
+/// under way (replanning would start that pipeline again).
+fn planned_again(
+    store: &mut OfflineStore,
+    id: &str,
+    which: Replans,
+    only_rule: Option<&str>,
+) -> Result<Option<String>, WindowError> {
+    // Its own rows, and its replans' (whose ids start with its own).
+    let rows = store.list(&ListFilter {
+        delivery: Some(id.to_owned()),
+        limit: MOST_READ,
+        ..ListFilter::default()
+    })?;
+    let replans = format!("{id}~replan-");
+    if which == Replans::Rule {
+        let of_rule = rows.iter().find(|row| {
+            (row.delivery_id == id || row.delivery_id.starts_with(&replans))
+                && row.kind.as_deref() == Some("trigger")
+                && row.rule.as_deref() == only_rule
+        });
+        return Ok(of_rule.map(|row| {
+            format!(
+                "{id}: has trigger {} of rule {} already",
+                row.trigger_id.unwrap_or_default(),
+                only_rule.unwrap_or_default()
+            )
+        }));
+    }
+    if let Some(replan) = rows
+        .iter()
+        .find(|row| row.delivery_id.starts_with(&replans))
+    {
+        return Ok(Some(format!(
+            "{id}: replanned already, as {}",
+            replan.delivery_id
+        )));
+    }
+    let started = rows.iter().find(|row| {
+        row.delivery_id == id
+            && row.kind.as_deref() == Some("trigger")
+            && !matches!(row.state.as_deref(), Some("failed" | "cancelled"))
+    });
+    Ok(started.map(|row| {
+        format!(
+            "{id}: trigger {} is {} (replanning would start it again; `hookrelay replay --replan {id}` does it anyway)",
+            row.trigger_id.unwrap_or_default(),
+            row.state.as_deref().unwrap_or("unknown")
+        )
+    }))
 }

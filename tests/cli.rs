@@ -1123,6 +1123,89 @@ fn releases_rule(refs: &str) -> String {
     )
 }
 
+/// A window of more webhooks than one transaction records (64) is planned again whole,
+/// over one store connection, beside a relay that keeps taking webhooks; asking again
+/// plans none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "s3cret-for-the-tests");
+    write(dir.path(), "00-relay.toml", &github_relay(&upstream.url()));
+    write(dir.path(), "10-rule.toml", &releases_rule("release-*"));
+    let mut served = serve_in(dir.path());
+    let url = format!("http://{}/hooks/github", served.address());
+    const SENT: usize = 150;
+    for n in 0..SENT {
+        let id = format!("w-{n:03}");
+        let reply = signed_github(
+            &url,
+            "s3cret-for-the-tests",
+            "push",
+            &id,
+            "github/push_tag.json",
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{id}: {}", reply.text());
+    }
+    write(dir.path(), "10-rule.toml", &releases_rule("simple-*"));
+    let state = dir.path().join("state");
+    let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
+    let replay = || {
+        let output = Command::new(BIN)
+            .args(["replay", "--unmatched", "--since", "1h"])
+            .args(["--config", config, "--state", state])
+            .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    // The relay takes webhooks while the replan writes: neither waits the other out.
+    let during = tokio::spawn({
+        let url = url.clone();
+        async move {
+            for n in 0..20 {
+                let id = format!("during-{n}");
+                let reply = signed_github(
+                    &url,
+                    "s3cret-for-the-tests",
+                    "ping",
+                    &id,
+                    "github/ping.json",
+                )
+                .await;
+                assert_eq!(reply.status, 200, "{id}: {}", reply.text());
+            }
+        }
+    });
+    let said = replay();
+    during.await.unwrap();
+    let planned: std::collections::BTreeSet<&str> = said
+        .lines()
+        .filter_map(|line| line.strip_prefix("delivery "))
+        .filter_map(|line| line.split_once(" run through the current rules as delivery "))
+        .map(|(original, _)| original)
+        .collect();
+    assert_eq!(planned.len(), SENT, "{said}");
+    assert!(
+        said.contains(&format!("{SENT} webhooks planned again")),
+        "{said}"
+    );
+    let said = replay();
+    assert_eq!(
+        said.matches(": replanned already, as w-").count(),
+        20,
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("left out: {} more", SENT - 20))
+            && said.contains("nothing planned again"),
+        "{said}"
+    );
+    drop(served);
+}
+
 /// A webhook whose URL chose its ref (`?ref=stable`) keeps that choice: its answer and
 /// record say `url_ref`, `explain --delivery` and `replay --replan` build that ref again
 /// (before, a replan built the event's own ref), and a replan is refused, saying why, once

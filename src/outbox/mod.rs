@@ -657,22 +657,82 @@ fn depth_and_age(depth: crate::store::Depth) -> (i64, Duration) {
     (depth.open, Duration::from_millis(age))
 }
 
-/// Opens a store from outside the server (`deliveries`, `replay`, `explain --delivery`);
-/// a state folder's store must exist already.
-fn open_existing(location: &StoreLocation) -> Result<Box<dyn Engine>, StoreError> {
-    let error = |err| StoreError::from_engine(location.describe(), err);
-    Ok(match location {
-        StoreLocation::Folder(dir) => Box::new(SqliteEngine::open_existing(dir).map_err(error)?),
-        StoreLocation::Postgres(config) => Box::new(PostgresEngine::open(config).map_err(error)?),
-    })
+/// The store opened from outside the server (`deliveries`, `replay`, `explain --delivery`,
+/// the dashboard's replans) and kept for every step of one command: a command that reads
+/// and writes many webhooks opens one connection, not one a step (a PostgreSQL connection
+/// costs milliseconds). A state folder's store must exist already.
+pub struct OfflineStore {
+    engine: Box<dyn Engine>,
+    place: String,
+}
+
+impl OfflineStore {
+    pub fn open(location: &StoreLocation) -> Result<OfflineStore, StoreError> {
+        let place = location.describe();
+        let error = |err| StoreError::from_engine(place.clone(), err);
+        let engine: Box<dyn Engine> = match location {
+            StoreLocation::Folder(dir) => {
+                Box::new(SqliteEngine::open_existing(dir).map_err(error)?)
+            }
+            StoreLocation::Postgres(config) => {
+                Box::new(PostgresEngine::open(config).map_err(error)?)
+            }
+        };
+        Ok(OfflineStore { engine, place })
+    }
+
+    fn error(&self, err: EngineError) -> StoreError {
+        StoreError::from_engine(self.place.clone(), err)
+    }
+
+    /// The rows `filter` selects.
+    pub fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, StoreError> {
+        let listed = self.engine.list(filter);
+        listed.map_err(|err| self.error(err))
+    }
+
+    /// The stored webhook whose delivery id is `delivery_id` or uniquely starts with it.
+    pub fn stored_webhook(&mut self, delivery_id: &str) -> Result<StoredWebhook, StoreError> {
+        let stored = stored_in(self.engine.as_mut(), delivery_id);
+        stored.map_err(|err| self.error(err))
+    }
+
+    /// Runs `op` in one committed transaction; a running relay sees what it changed within
+    /// a second.
+    pub fn transaction<T>(
+        &mut self,
+        op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError>,
+    ) -> Result<T, StoreError> {
+        let engine = self.engine.as_mut();
+        let result = (|| {
+            engine.begin(true)?;
+            match op(engine) {
+                Ok(done) => engine.commit().map(|()| done),
+                Err(err) => {
+                    engine.rollback();
+                    Err(err)
+                }
+            }
+        })();
+        result.map_err(|err| self.error(err))
+    }
+
+    /// Records deliveries (`replay --replan`), all of them in one transaction: either every
+    /// one is recorded or none is.
+    pub fn accept_all(&mut self, deliveries: &[NewDelivery]) -> Result<Vec<Accepted>, StoreError> {
+        self.transaction(|engine| {
+            let now = now_ms();
+            deliveries
+                .iter()
+                .map(|delivery| engine.insert_delivery(delivery, now))
+                .collect()
+        })
+    }
 }
 
 /// Reads the store without the server (`deliveries`), or beside it.
 pub fn list(location: &StoreLocation, filter: &ListFilter) -> Result<Vec<DeliveryRow>, StoreError> {
-    let mut engine = open_existing(location)?;
-    engine
-        .list(filter)
-        .map_err(|err| StoreError::from_engine(location.describe(), err))
+    OfflineStore::open(location)?.list(filter)
 }
 
 /// The one delivery id that is `text` or starts with it, as `deliveries` shows ids: an
@@ -738,9 +798,7 @@ pub fn stored_webhook(
     location: &StoreLocation,
     delivery_id: &str,
 ) -> Result<StoredWebhook, StoreError> {
-    let mut engine = open_existing(location)?;
-    stored_in(engine.as_mut(), delivery_id)
-        .map_err(|err| StoreError::from_engine(location.describe(), err))
+    OfflineStore::open(location)?.stored_webhook(delivery_id)
 }
 
 /// The stored webhook whose delivery id is `delivery_id` or uniquely starts with it.
@@ -755,33 +813,12 @@ fn stored_in(engine: &mut dyn Engine, delivery_id: &str) -> Result<StoredWebhook
 }
 
 /// Runs `op` in one committed transaction on the store, from outside the server (the
-/// commands); a running relay sees what it changed within a second.
+/// commands).
 fn offline<T>(
     location: &StoreLocation,
     op: impl FnOnce(&mut dyn Engine) -> Result<T, EngineError>,
 ) -> Result<T, StoreError> {
-    let mut engine = open_existing(location)?;
-    let result = (|| {
-        engine.begin(true)?;
-        match op(engine.as_mut()) {
-            Ok(done) => engine.commit().map(|()| done),
-            Err(err) => {
-                engine.rollback();
-                Err(err)
-            }
-        }
-    })();
-    result.map_err(|err| StoreError::from_engine(location.describe(), err))
-}
-
-/// Records a delivery from outside the server (`replay --replan`).
-pub fn accept_offline(
-    location: &StoreLocation,
-    delivery: &NewDelivery,
-) -> Result<Accepted, StoreError> {
-    offline(location, |engine| {
-        engine.insert_delivery(delivery, now_ms())
-    })
+    OfflineStore::open(location)?.transaction(op)
 }
 
 /// Stops waiting triggers from outside the server (`hookrelay cancel`); a running relay
