@@ -288,11 +288,8 @@ async fn route(
                 confirm(
                     &page,
                     &format!("/replan?{}", window.query()),
-                    &format!("/deliveries?{}", window.query()),
-                    &format!(
-                        "Run every {} through the rules as they are now, and queue what they plan? Each is planned once; one that still starts nothing is left out. {preview}",
-                        window.describe()
-                    ),
+                    &window.listing(),
+                    &window.question(&preview),
                 )
             }
             Err(message) => html_response(StatusCode::BAD_REQUEST, format!(
@@ -552,7 +549,8 @@ fn confirm(page: &Page<'_>, action: &str, back: &str, question: &str) -> Respons
 enum Action {
     ReplayDelivery(String),
     Replan(String),
-    /// Every webhook of a window that failed for good or matched no rule, replanned.
+    /// Every webhook of a window that failed for good or matched no rule, replanned; or
+    /// every webhook of a window through one rule (a backfill).
     ReplanWindow(Window),
     ReplayTrigger(i64),
     Cancel(i64),
@@ -562,10 +560,15 @@ enum Action {
 /// The webhooks a replan of a window takes: those of the deliveries page's filter
 /// `state=none` (matched no rule) or `state=failed`, since a time, narrowed by source (and,
 /// for failed ones, by rule and project), as `hookrelay replay --unmatched` and `replay
-/// --failed --replan` take them.
+/// --failed --replan` take them; or, for a backfill (`backfill=RULE`, from the rules
+/// page), every webhook since a time through that one rule, as `replay --replan --rule`.
 #[derive(Clone, Debug, PartialEq)]
 struct Window {
     which: crate::replan::Replans,
+    /// The rule a backfill (`which` is [`Replans::Rule`]) runs the window through.
+    ///
+    /// [`Replans::Rule`]: crate::replan::Replans::Rule
+    backfill: String,
     since: String,
     source: String,
     rule: String,
@@ -575,10 +578,18 @@ struct Window {
 impl Window {
     fn parse(query: Option<&str>) -> Result<Window, String> {
         let filters = view::Filters::parse(query);
-        let which = match filters.state.as_str() {
-            "none" => crate::replan::Replans::Unmatched,
-            "failed" => crate::replan::Replans::Failed,
-            other => {
+        let backfill = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find(|(name, _)| name == "backfill")
+            .map(|(_, rule)| rule.into_owned())
+            .unwrap_or_default();
+        let which = match (backfill.is_empty(), filters.state.as_str()) {
+            (false, "") => crate::replan::Replans::Rule,
+            (false, _) => {
+                return Err("a backfill runs every webhook of the window through its rule; it takes no state".into());
+            }
+            (true, "none") => crate::replan::Replans::Unmatched,
+            (true, "failed") => crate::replan::Replans::Failed,
+            (true, other) => {
                 return Err(format!(
                     "a replan of a window takes the webhooks of state none (matched no rule) or failed, not \"{}\"",
                     crate::clipped::Clipped(other)
@@ -590,15 +601,24 @@ impl Window {
         }
         crate::delivery_rows::parse_time(&filters.since, crate::outbox::now_ms())
             .map_err(|err| format!("since: {err}"))?;
-        if which == crate::replan::Replans::Unmatched
-            && !(filters.rule.is_empty() && filters.project.is_empty())
-        {
-            return Err(
-                "webhooks that matched no rule have no rule or project to narrow them by".into(),
-            );
+        let narrowed_by_trigger = !(filters.rule.is_empty() && filters.project.is_empty());
+        match which {
+            crate::replan::Replans::Unmatched if narrowed_by_trigger => {
+                return Err(
+                    "webhooks that matched no rule have no rule or project to narrow them by"
+                        .into(),
+                );
+            }
+            crate::replan::Replans::Rule if narrowed_by_trigger => {
+                return Err(
+                    "a backfill reads every webhook of the window; narrow it by source, not by rule or project".into(),
+                );
+            }
+            _ => {}
         }
         Ok(Window {
             which,
+            backfill,
             since: filters.since,
             source: filters.source,
             rule: filters.rule,
@@ -610,15 +630,11 @@ impl Window {
     fn query(&self) -> String {
         let mut query = form_urlencoded::Serializer::new(String::new());
         query.append_pair("kind", "webhook");
-        query.append_pair(
-            "state",
-            match self.which {
-                crate::replan::Replans::Unmatched => "none",
-                crate::replan::Replans::Failed => "failed",
-                // Not offered here (`Window::parse` takes none and failed only).
-                crate::replan::Replans::Rule => "",
-            },
-        );
+        match self.which {
+            crate::replan::Replans::Unmatched => query.append_pair("state", "none"),
+            crate::replan::Replans::Failed => query.append_pair("state", "failed"),
+            crate::replan::Replans::Rule => query.append_pair("backfill", &self.backfill),
+        };
         query.append_pair("since", &self.since);
         for (name, value) in self.narrowed_by() {
             query.append_pair(name, value);
@@ -632,7 +648,9 @@ impl Window {
             crate::replan::Replans::Failed => {
                 "webhook with a trigger that failed for good".to_owned()
             }
-            crate::replan::Replans::Rule => format!("webhook, through rule {} alone,", self.rule),
+            crate::replan::Replans::Rule => {
+                format!("webhook, through rule {} alone,", self.backfill)
+            }
         };
         what.push_str(&format!(" since {}", self.since));
         let narrowed: Vec<String> = self
@@ -643,6 +661,41 @@ impl Window {
             what.push_str(&format!(" ({})", narrowed.join(", ")));
         }
         what
+    }
+
+    /// The deliveries page that shows it: for a backfill, what its rule started in the
+    /// window.
+    fn listing(&self) -> String {
+        if self.which != crate::replan::Replans::Rule {
+            return format!("/deliveries?{}", self.query());
+        }
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query.append_pair("rule", &self.backfill);
+        query.append_pair("since", &self.since);
+        for (name, value) in self.narrowed_by() {
+            query.append_pair(name, value);
+        }
+        format!("/deliveries?{}", query.finish())
+    }
+
+    /// What confirming it asks, with what a dry run says it would do now.
+    fn question(&self, preview: &str) -> String {
+        match self.which {
+            crate::replan::Replans::Rule => format!(
+                "Run every webhook since {}{} through rule {} alone, and queue what it plans? The other rules start nothing again; a webhook with a trigger of {} already is left out. {preview}",
+                self.since,
+                match self.source.as_str() {
+                    "" => String::new(),
+                    source => format!(" from source {source}"),
+                },
+                self.backfill,
+                self.backfill,
+            ),
+            _ => format!(
+                "Run every {} through the rules as they are now, and queue what they plan? Each is planned once; one that still starts nothing is left out. {preview}",
+                self.describe()
+            ),
+        }
     }
 
     /// The filters that narrow it, by name, those set only.
@@ -676,7 +729,7 @@ impl Window {
             filter,
             self.which,
             mode,
-            None,
+            (self.which == crate::replan::Replans::Rule).then_some(self.backfill.as_str()),
         )
         .map_err(|err| match err {
             crate::replan::WindowError::TooWide(message)
@@ -790,7 +843,7 @@ async fn act(
     }
     let back = match &action {
         Action::ReplayDelivery(id) | Action::Replan(id) => format!("/deliveries/{}?", encode(id)),
-        Action::ReplanWindow(window) => format!("/deliveries?{}&", window.query()),
+        Action::ReplanWindow(window) => format!("{}&", window.listing()),
         _ => "/deliveries?".to_owned(),
     };
     let done = form_urlencoded::Serializer::new(String::new())
