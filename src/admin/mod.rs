@@ -852,15 +852,23 @@ async fn act(
     redirect(&format!("{back}{done}"))
 }
 
-/// What the operator is told when the store has not answered an action within `within`.
+/// What the operator is told when an action has not ended within `within`: the store's
+/// problem when it has one; else the action is still at work (a replan of a wide window
+/// takes a while), and goes on.
 fn not_answered(within: std::time::Duration, problem: Option<String>, action: &Action) -> String {
-    format!(
-        "the delivery store did not answer within {} ([server] ack_timeout){}; the {} of {} waits for it and may still be carried out when it answers: look before trying it again",
-        humantime::format_duration(within),
-        problem.map(|p| format!(": {p}")).unwrap_or_default(),
-        action.name(),
-        action.target()
-    )
+    let within = humantime::format_duration(within);
+    match problem {
+        Some(problem) => format!(
+            "the delivery store did not answer within {within} ([server] ack_timeout): {problem}; the {} of {} waits for it and may still be carried out when it answers: look before trying it again",
+            action.name(),
+            action.target()
+        ),
+        None => format!(
+            "the {} of {} has not ended within {within} ([server] ack_timeout) and goes on; its result is recorded as a delivery of source admin (the deliveries page, source admin): look there before trying it again",
+            action.name(),
+            action.target()
+        ),
+    }
 }
 
 /// Performs the action, logs it and records who did it; its result.
@@ -963,7 +971,7 @@ async fn window_preview_json(app: &Arc<App>, window: &Window) -> Response<Full<B
         None => {
             return json_answer(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({ "message": "the delivery store did not answer in time ([server] ack_timeout)" }),
+                &json!({ "message": dry_run_late(app) }),
             );
         }
     };
@@ -994,7 +1002,21 @@ async fn dry_run(
     match within_ack_timeout(app, run).await {
         Some(Ok(result)) => format!("Now: {result}."),
         Some(Err(message)) => format!("What it would do cannot be said: {message}."),
-        None => "What it would do cannot be said: the store did not answer in time.".to_owned(),
+        None => format!("What it would do cannot be said: {}.", dry_run_late(app)),
+    }
+}
+
+/// Why a dry run ended without an answer within `[server] ack_timeout`: the store's
+/// problem, or a window too wide to read in that time.
+fn dry_run_late(app: &App) -> String {
+    let within = humantime::format_duration(app.server.ack_timeout);
+    match app.outbox.health.problem() {
+        Some(problem) => format!(
+            "the delivery store did not answer within {within} ([server] ack_timeout): {problem}"
+        ),
+        None => format!(
+            "the dry run did not end within {within} ([server] ack_timeout); narrow the window (a later since, a source) to see it"
+        ),
     }
 }
 
@@ -1083,4 +1105,56 @@ fn list(ids: &[i64]) -> String {
         .map(i64::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An action that outlasts `ack_timeout` on a healthy store is said to go on, not to
+    /// wait for a store that is answering; with a store problem, the problem is said.
+    #[test]
+    fn an_action_that_outlasts_the_ack_timeout_is_said_to_go_on_unless_the_store_is_stuck() {
+        let window = Window::parse(Some("state=none&since=2h")).unwrap();
+        let action = Action::ReplanWindow(window);
+        let within = std::time::Duration::from_secs(10);
+        let busy = not_answered(within, None, &action);
+        assert_eq!(
+            busy,
+            "the replan of every webhook that matched no rule since 2h has not ended within 10s ([server] ack_timeout) and goes on; its result is recorded as a delivery of source admin (the deliveries page, source admin): look there before trying it again"
+        );
+        let stuck = not_answered(within, Some("a write has not ended for 6s".into()), &action);
+        assert!(
+            stuck.starts_with("the delivery store did not answer within 10s ([server] ack_timeout): a write has not ended for 6s; the replan of every webhook"),
+            "{stuck}"
+        );
+    }
+
+    /// A backfill's window reads its rule from `backfill`, takes no state, and is narrowed
+    /// by source alone; its listing is what the rule started.
+    #[test]
+    fn a_backfill_window_names_its_rule_and_lists_what_it_started() {
+        let window = Window::parse(Some("backfill=docs&since=24h&source=github")).unwrap();
+        assert_eq!(window.which, crate::replan::Replans::Rule);
+        assert_eq!(
+            window.query(),
+            "kind=webhook&backfill=docs&since=24h&source=github"
+        );
+        assert_eq!(
+            window.listing(),
+            "/deliveries?rule=docs&since=24h&source=github"
+        );
+        assert_eq!(Window::parse(Some(&window.query())).unwrap(), window);
+        for (query, said) in [
+            ("backfill=docs&state=failed&since=2h", "takes no state"),
+            (
+                "backfill=docs&project=acme%2Fapp&since=2h",
+                "narrow it by source",
+            ),
+            ("backfill=docs", "needs since"),
+        ] {
+            let err = Window::parse(Some(query)).unwrap_err();
+            assert!(err.contains(said), "{query}: {err}");
+        }
+    }
 }
