@@ -159,6 +159,11 @@ struct ReplayArgs {
     /// nothing (to look before starting many pipelines at once).
     #[arg(long)]
     dry_run: bool,
+    /// Print what was queued (or would be) as one JSON object, for scripts: `message`, and
+    /// `queued`, `planned` or, in a dry run, `would_queue` or `would_plan`, with
+    /// `left_out` (each with why) for replans.
+    #[arg(long)]
+    json: bool,
     /// A trigger id (`42` or `trigger:42`), or a delivery id or its unique start (`delivery:…`).
     #[arg(value_name = "ID", required_unless_present_any = ["failed", "unmatched", "since"])]
     id: Option<String>,
@@ -444,18 +449,17 @@ fn replay(args: ReplayArgs) -> ExitCode {
             ..Default::default()
         };
         let state = &args.state;
+        let run = commands::ReplanRun {
+            config: &args.config.path,
+            state: &state.state_dir,
+            store: state.store.as_deref(),
+            mode,
+            json: args.json,
+        };
         return match window {
-            Some(which) => commands::replan_window(
-                &args.config.path,
-                &state.state_dir,
-                state.store.as_deref(),
-                filter,
-                which,
-                mode,
-                only_rule.as_deref(),
-            ),
+            Some(which) => commands::replan_window(&run, filter, which, only_rule.as_deref()),
             None => match state.location("replay") {
-                Ok(store) => commands::replay_failed(&store, filter, mode),
+                Ok(store) => commands::replay_failed(&store, filter, mode, args.json),
                 Err(code) => code,
             },
         };
@@ -478,17 +482,17 @@ fn replay(args: ReplayArgs) -> ExitCode {
     };
     if args.replan {
         let state = &args.state;
-        return commands::replan(
-            &args.config.path,
-            &state.state_dir,
-            state.store.as_deref(),
-            &id,
+        let run = commands::ReplanRun {
+            config: &args.config.path,
+            state: &state.state_dir,
+            store: state.store.as_deref(),
             mode,
-            args.rule.as_deref(),
-        );
+            json: args.json,
+        };
+        return commands::replan(&run, &id, args.rule.as_deref());
     }
     match args.state.location("replay") {
-        Ok(store) => commands::replay(&store, &id),
+        Ok(store) => commands::replay(&store, &id, args.json),
         Err(code) => code,
     }
 }

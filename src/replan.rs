@@ -31,6 +31,44 @@ impl Replanned {
     pub fn trigger_ids(&self) -> Vec<i64> {
         self.triggers.iter().filter_map(|t| t.0).collect()
     }
+
+    /// `{"delivery_id", "as", "triggers": [{"id", "rule", "project", "ref"}]}`; no `as`
+    /// nor trigger ids in a dry run, which records nothing.
+    pub fn to_json(&self) -> serde_json::Value {
+        let triggers: Vec<serde_json::Value> = self
+            .triggers
+            .iter()
+            .map(|(id, rule, project, git_ref)| {
+                let mut trigger =
+                    serde_json::json!({ "rule": rule, "project": project, "ref": git_ref });
+                if let Some(id) = id {
+                    trigger["id"] = (*id).into();
+                }
+                trigger
+            })
+            .collect();
+        let mut json = serde_json::json!({ "delivery_id": self.original, "triggers": triggers });
+        if let Some(id) = &self.delivery_id {
+            json["as"] = id.as_str().into();
+        }
+        json
+    }
+}
+
+/// What replans did, as JSON for scripts (the dashboard's API and `replay --json`):
+/// `{"message", "planned" (a dry run: "would_plan"), "left_out"}`.
+pub fn replans_json(
+    mode: Mode,
+    message: &str,
+    replanned: &[Replanned],
+    left_out: &[String],
+) -> serde_json::Value {
+    let planned = match mode {
+        Mode::Record => "planned",
+        Mode::DryRun => "would_plan",
+    };
+    let replanned: Vec<serde_json::Value> = replanned.iter().map(Replanned::to_json).collect();
+    serde_json::json!({ "message": message, planned: replanned, "left_out": left_out })
 }
 
 /// Whether a replan records what it plans, or only says it (`--dry-run`).
@@ -408,6 +446,11 @@ pub struct WindowReplanned {
 }
 
 impl WindowReplanned {
+    /// As JSON: see [`replans_json`].
+    pub fn to_json(&self) -> serde_json::Value {
+        replans_json(self.mode, &self.summary(), &self.replanned, &self.left_out)
+    }
+
     /// One sentence for the whole.
     pub fn summary(&self) -> String {
         match (self.replanned.len(), self.left_out.len()) {

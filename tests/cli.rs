@@ -972,6 +972,30 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
                 .contains("1 failed trigger would be queued again; nothing was recorded (dry run)"),
         "{stdout}"
     );
+    // For scripts, the same as one JSON object.
+    let output = hookrelay(&[
+        "replay",
+        "--state",
+        state,
+        "--failed",
+        "--since",
+        "1h",
+        "--dry-run",
+        "--json",
+    ]);
+    let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        said["would_queue"],
+        serde_json::json!([{"trigger": 1, "rule": "all", "project": "acme/app", "ref": "main", "last_answer": said["would_queue"][0]["last_answer"]}]),
+        "{said}"
+    );
+    assert!(
+        said["would_queue"][0]["last_answer"]
+            .as_str()
+            .unwrap()
+            .starts_with("404"),
+        "{said}"
+    );
     let output = hookrelay(&["replay", "--state", state, "--failed", "--since", "1h"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
@@ -986,6 +1010,11 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
         String::from_utf8_lossy(&output.stdout)
     );
     let output = hookrelay(&[
+        "replay", "--state", state, "--failed", "--since", "1h", "--json",
+    ]);
+    let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(said["queued"], serde_json::json!([]), "{said}");
+    let output = hookrelay(&[
         "replay",
         "--state",
         state,
@@ -997,13 +1026,24 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     ]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("nothing queued again"));
 
-    let output = hookrelay(&["replay", "--state", state, &format!("delivery:{delivery}")]);
+    let output = hookrelay(&[
+        "replay",
+        "--state",
+        state,
+        &format!("delivery:{delivery}"),
+        "--json",
+    ]);
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("queued again"));
+    let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(said["queued"], serde_json::json!([3]), "{said}");
+    assert!(
+        said["message"].as_str().unwrap().contains("queued again"),
+        "{said}"
+    );
     served.wait_for("trigger sent");
     let mut table = String::new();
     for _ in 0..100 {
@@ -1151,9 +1191,10 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
     write(dir.path(), "10-rule.toml", &releases_rule("simple-*"));
     let state = dir.path().join("state");
     let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
-    let replay = || {
+    let replay = |more: &[&str]| {
         let output = Command::new(BIN)
             .args(["replay", "--unmatched", "--since", "1h"])
+            .args(more)
             .args(["--config", config, "--state", state])
             .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
             .output()
@@ -1161,6 +1202,24 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
         assert_eq!(output.status.code(), Some(0));
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
+    // One of them first, alone, as JSON: the delivery that records it and its trigger.
+    let output = Command::new(BIN)
+        .args(["replay", "--replan", "w-000", "--json"])
+        .args(["--config", config, "--state", state])
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let one: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let planned = &one["planned"][0];
+    assert!(
+        planned["delivery_id"] == "w-000"
+            && planned["as"].as_str().unwrap().starts_with("w-000~replan-")
+            && planned["triggers"][0]["id"].is_i64()
+            && planned["triggers"][0]["project"] == "acme/app"
+            && one["left_out"] == serde_json::json!([]),
+        "{one}"
+    );
     // The relay takes webhooks while the replan writes: neither waits the other out.
     let during = tokio::spawn({
         let url = url.clone();
@@ -1179,7 +1238,7 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
             }
         }
     });
-    let said = replay();
+    let said = replay(&[]);
     during.await.unwrap();
     let planned: std::collections::BTreeSet<&str> = said
         .lines()
@@ -1187,12 +1246,13 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
         .filter_map(|line| line.split_once(" run through the current rules as delivery "))
         .map(|(original, _)| original)
         .collect();
-    assert_eq!(planned.len(), SENT, "{said}");
+    assert_eq!(planned.len(), SENT - 1, "{said}");
     assert!(
-        said.contains(&format!("{SENT} webhooks planned again")),
+        said.contains(&format!("{} webhooks planned again", SENT - 1))
+            && said.contains("left out: w-000: replanned already"),
         "{said}"
     );
-    let said = replay();
+    let said = replay(&[]);
     assert_eq!(
         said.matches(": replanned already, as w-").count(),
         20,
@@ -1203,6 +1263,11 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
             && said.contains("nothing planned again"),
         "{said}"
     );
+    // As JSON, every one left out is there, not the first 20.
+    let said: serde_json::Value = serde_json::from_str(&replay(&["--json"])).unwrap();
+    assert_eq!(said["planned"], serde_json::json!([]), "{said}");
+    assert_eq!(said["left_out"].as_array().unwrap().len(), SENT, "{said}");
+    assert_eq!(said["message"], "nothing planned again", "{said}");
     drop(served);
 }
 
@@ -2045,6 +2110,21 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
         said.contains("delivery u-tag would run through the current rules:")
             && said.contains("  a trigger: rule releases -> project acme/app, ref main")
             && said.contains("1 webhook would be planned again; nothing was recorded (dry run)"),
+        "{said}"
+    );
+    let (code, said, _) = replay(&["--unmatched", "--since", "1h", "--dry-run", "--json"]);
+    assert_eq!(code, Some(0));
+    let said: serde_json::Value = serde_json::from_str(&said).unwrap();
+    assert_eq!(
+        said["would_plan"],
+        serde_json::json!([{"delivery_id": "u-tag", "triggers": [{"rule": "releases", "project": "acme/app", "ref": "main"}]}]),
+        "{said}"
+    );
+    assert!(
+        said["left_out"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("delivery u-branch still starts nothing"),
         "{said}"
     );
     let (code, said, _) = replay(&["--unmatched", "--since", "1h", "--source", "github"]);

@@ -975,22 +975,7 @@ async fn window_preview_json(app: &Arc<App>, window: &Window) -> Response<Full<B
             );
         }
     };
-    let would_plan: Vec<Value> = done
-        .replanned
-        .iter()
-        .map(|r| {
-            json!({
-                "delivery_id": r.original,
-                "triggers": r.triggers.iter().map(|(_, rule, project, git_ref)| {
-                    json!({ "rule": rule, "project": project, "ref": git_ref })
-                }).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    json_answer(
-        StatusCode::OK,
-        &json!({ "message": done.summary(), "would_plan": would_plan, "left_out": done.left_out }),
-    )
+    json_answer(StatusCode::OK, &done.to_json())
 }
 
 /// A dry run's result for a confirmation (`Now: …`), waited for at most `[server]

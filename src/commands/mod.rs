@@ -20,7 +20,9 @@ use crate::store::StoreLocation;
 pub mod store;
 
 pub use crate::replan::{Mode as ReplanMode, Replans};
-pub use store::{backup, cancel, deliveries, replan, replan_window, replay, replay_failed};
+pub use store::{
+    ReplanRun, backup, cancel, deliveries, replan, replan_window, replay, replay_failed,
+};
 
 /// Exit status for configuration that cannot be used (`EX_USAGE`), before anything binds.
 pub const EXIT_CONFIG: u8 = 64;

@@ -140,23 +140,37 @@ fn table(rows: &[crate::outbox::DeliveryRow], now: i64) -> String {
     text
 }
 
+/// Where a replan from the command line reads its rules and its store, whether it records
+/// what it plans, and whether it answers in lines or in JSON (`--json`, for scripts).
+pub struct ReplanRun<'a> {
+    pub config: &'a Path,
+    pub state: &'a Path,
+    pub store: Option<&'a str>,
+    pub mode: Mode,
+    pub json: bool,
+}
+
 /// `hookrelay replay --replan`: a stored webhook through the current rules (in a dry run,
 /// what that would queue, recording nothing).
-pub fn replan(
-    config: &Path,
-    state: &Path,
-    store: Option<&str>,
-    delivery: &str,
-    mode: Mode,
-    only_rule: Option<&str>,
-) -> ExitCode {
+pub fn replan(run: &ReplanRun<'_>, delivery: &str, only_rule: Option<&str>) -> ExitCode {
     let delivery = delivery.strip_prefix("delivery:").unwrap_or(delivery);
-    match crate::replan::replan(config, state, store, delivery, mode, only_rule) {
+    let mode = run.mode;
+    match crate::replan::replan(run.config, run.state, run.store, delivery, mode, only_rule) {
         Ok(replanned) => {
-            print_replanned(&replanned);
-            match mode {
-                Mode::Record => println!("a running relay sends them within a second"),
-                Mode::DryRun => println!("nothing was recorded (dry run)"),
+            let message = match mode {
+                Mode::Record => "a running relay sends them within a second",
+                Mode::DryRun => "nothing was recorded (dry run)",
+            };
+            if run.json {
+                print_json(&crate::replan::replans_json(
+                    mode,
+                    message,
+                    std::slice::from_ref(&replanned),
+                    &[],
+                ));
+            } else {
+                print_replanned(&replanned);
+                println!("{message}");
             }
             ExitCode::SUCCESS
         }
@@ -168,6 +182,14 @@ pub fn replan(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `value` on standard output, as `deliveries --json` prints.
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON serializes")
+    );
 }
 
 /// What a replan queued (or in a dry run would queue), a line per trigger.
@@ -251,15 +273,20 @@ pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget) -> Ex
 }
 
 /// `hookrelay replay ID`: queues a trigger, or every trigger of a delivery, again.
-pub fn replay(store: &StoreLocation, target: &str) -> ExitCode {
+pub fn replay(store: &StoreLocation, target: &str, json: bool) -> ExitCode {
     let target = ReplayTarget::parse(target);
     match crate::outbox::replay_offline(store, &target) {
         Ok(ids) => {
-            let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-            println!(
+            let listed: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            let message = format!(
                 "{target} queued again as trigger {}; a running relay sends it within a second",
-                ids.join(", ")
+                listed.join(", ")
             );
+            if json {
+                print_json(&serde_json::json!({ "message": message, "queued": ids }));
+            } else {
+                println!("{message}");
+            }
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -297,7 +324,12 @@ fn window_refused(command: &str, err: &WindowError) -> ExitCode {
 /// selects, queued again (each a new trigger, linked to the one it replays), unless it was
 /// replayed already: running the command twice queues nothing twice. Gateway calls are
 /// their callers' to repeat, and status posts follow their pipelines: neither is replayed.
-pub fn replay_failed(store: &StoreLocation, filter: ListFilter, mode: Mode) -> ExitCode {
+pub fn replay_failed(
+    store: &StoreLocation,
+    filter: ListFilter,
+    mode: Mode,
+    json: bool,
+) -> ExitCode {
     let rows = match rows_in_window(store, filter, "hookrelay replay") {
         Ok(rows) => rows,
         Err(code) => return code,
@@ -317,9 +349,42 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter, mode: Mode) -> E
     failed.sort_unstable();
     failed.dedup();
     if failed.is_empty() {
-        println!(
-            "no trigger failed for good in that window, or each was replayed already; nothing queued again"
-        );
+        let message = "no trigger failed for good in that window, or each was replayed already; nothing queued again";
+        if json {
+            let queued = match mode {
+                Mode::Record => "queued",
+                Mode::DryRun => "would_queue",
+            };
+            print_json(&serde_json::json!({ "message": message, queued: [] }));
+        } else {
+            println!("{message}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let message = |count: usize, done: &str| {
+        format!(
+            "{count} failed trigger{} {done}",
+            if count == 1 { "" } else { "s" }
+        )
+    };
+    if mode == Mode::DryRun && json {
+        let would: Vec<serde_json::Value> = failed
+            .iter()
+            .filter_map(|id| rows.iter().find(|row| row.trigger_id == Some(*id)))
+            .map(|row| {
+                serde_json::json!({
+                    "trigger": row.trigger_id,
+                    "rule": row.rule,
+                    "project": row.project,
+                    "ref": row.git_ref,
+                    "last_answer": row_state(row).1,
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({
+            "message": message(failed.len(), "would be queued again; nothing was recorded (dry run)"),
+            "would_queue": would,
+        }));
         return ExitCode::SUCCESS;
     }
     if mode == Mode::DryRun {
@@ -340,9 +405,11 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter, mode: Mode) -> E
             println!("  … and {} more", failed.len() - SHOWN);
         }
         println!(
-            "{} failed trigger{} would be queued again; nothing was recorded (dry run)",
-            failed.len(),
-            if failed.len() == 1 { "" } else { "s" }
+            "{}",
+            message(
+                failed.len(),
+                "would be queued again; nothing was recorded (dry run)"
+            )
         );
         return ExitCode::SUCCESS;
     }
@@ -356,6 +423,17 @@ pub fn replay_failed(store: &StoreLocation, filter: ListFilter, mode: Mode) -> E
             return ExitCode::FAILURE;
         }
     };
+    if json {
+        let queued: Vec<serde_json::Value> = queued
+            .iter()
+            .map(|(old, new)| serde_json::json!({ "trigger": old, "as": new }))
+            .collect();
+        print_json(&serde_json::json!({
+            "message": message(queued.len(), "queued again; a running relay sends them within a second"),
+            "queued": queued,
+        }));
+        return ExitCode::SUCCESS;
+    }
     let shown: Vec<String> = queued
         .iter()
         .take(20)
@@ -384,16 +462,13 @@ const LEFT_OUT_SHOWN: usize = 20;
 /// rules (`only_rule` alone, when given; see
 /// [`crate::replan::replan_window`]), each planned or left out said on a line of its own.
 pub fn replan_window(
-    config_path: &Path,
-    state: &Path,
-    store: Option<&str>,
+    run: &ReplanRun<'_>,
     filter: ListFilter,
     which: Replans,
-    mode: Mode,
     only_rule: Option<&str>,
 ) -> ExitCode {
     let command = which.command();
-    let (config, location) = match crate::replan::configured(config_path, state, store) {
+    let (config, location) = match crate::replan::configured(run.config, run.state, run.store) {
         Ok(configured) => configured,
         Err(message) => {
             eprintln!("{command}: {}", crate::terminal::escape_controls(&message));
@@ -402,16 +477,20 @@ pub fn replan_window(
     };
     let done = match crate::replan::replan_window(
         &config,
-        &config_path.display().to_string(),
+        &run.config.display().to_string(),
         &location,
         filter,
         which,
-        mode,
+        run.mode,
         only_rule,
     ) {
         Ok(done) => done,
         Err(err) => return window_refused(command, &err),
     };
+    if run.json {
+        print_json(&done.to_json());
+        return ExitCode::SUCCESS;
+    }
     for replanned in &done.replanned {
         print_replanned(replanned);
     }
