@@ -154,11 +154,14 @@ async fn the_dashboard_shows_deliveries_escaped_and_acts_only_with_the_token() {
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     let replayed = post(&api_replay, &[("authorization", &bearer)], "").await;
     assert_eq!(replayed.status, 200, "{}", replayed.text());
+    let replayed = replayed.json();
     assert!(
-        replayed.json()["message"]
+        replayed["message"]
             .as_str()
             .unwrap()
             .contains("queued again")
+            && replayed["queued"] == serde_json::json!([2]),
+        "{replayed}"
     );
     for _ in 0..100 {
         if upstream.received().len() >= 2 {
@@ -726,7 +729,18 @@ async fn the_dashboard_replans_a_window_of_webhooks_that_matched_no_rule() {
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     let done = post(&replan, &[("authorization", &bearer)], "").await;
     assert_eq!(done.status, 200, "{}", done.text());
-    let message = done.json()["message"].as_str().unwrap().to_owned();
+    let done = done.json();
+    assert!(
+        done["planned"][0]["delivery_id"] == "d-tag"
+            && done["planned"][0]["as"]
+                .as_str()
+                .unwrap()
+                .starts_with("d-tag~replan-")
+            && done["planned"][0]["triggers"][0]["id"].is_i64()
+            && done["left_out"].as_array().unwrap().len() == 1,
+        "{done}"
+    );
+    let message = done["message"].as_str().unwrap().to_owned();
     assert!(
         message.starts_with("1 webhook planned again")
             && message.contains("d-tag as d-tag~replan-")

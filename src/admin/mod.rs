@@ -824,8 +824,12 @@ async fn act(
         let (app, action) = (Arc::clone(app), action.clone());
         async move { carry_out(&app, peer, &action).await }
     });
+    let mut detail = Value::Null;
     let (status, ok, message) = match tokio::time::timeout(within, carried_out).await {
-        Ok(Ok(Ok(message))) => (StatusCode::OK, true, message),
+        Ok(Ok(Ok(done))) => {
+            detail = done.detail;
+            (StatusCode::OK, true, done.message)
+        }
         Ok(Ok(Err(message))) => (StatusCode::CONFLICT, false, message),
         Ok(Err(stopped)) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -839,7 +843,11 @@ async fn act(
         ),
     };
     if api {
-        return json_answer(status, &json!({ "ok": ok, "message": message }));
+        let mut answer = json!({ "ok": ok, "message": message });
+        if let (Some(answer), Value::Object(detail)) = (answer.as_object_mut(), detail) {
+            answer.extend(detail);
+        }
+        return json_answer(status, &answer);
     }
     let back = match &action {
         Action::ReplayDelivery(id) | Action::Replan(id) => format!("/deliveries/{}?", encode(id)),
@@ -872,10 +880,10 @@ fn not_answered(within: std::time::Duration, problem: Option<String>, action: &A
 }
 
 /// Performs the action, logs it and records who did it; its result.
-async fn carry_out(app: &App, peer: SocketAddr, action: &Action) -> Result<String, String> {
+async fn carry_out(app: &App, peer: SocketAddr, action: &Action) -> Result<Done, String> {
     let result = perform(app, action).await;
     let (ok, message) = match &result {
-        Ok(message) => (true, message.as_str()),
+        Ok(done) => (true, done.message.as_str()),
         Err(message) => (false, message.as_str()),
     };
     tracing::info!(by = %peer, action = action.name(), target = %action.target(), ok, result = %message, "dashboard action");
@@ -900,35 +908,62 @@ async fn carry_out(app: &App, peer: SocketAddr, action: &Action) -> Result<Strin
     result
 }
 
-async fn perform(app: &App, action: &Action) -> Result<String, String> {
+/// What an action did: a sentence for the page, and for the API the same as values
+/// (`queued`, `cancelled`, `planned`, `left_out`), merged into its answer.
+struct Done {
+    message: String,
+    detail: Value,
+}
+
+impl Done {
+    /// Triggers queued again or cancelled: `said` for the page, `key` for the API.
+    fn triggers(key: &'static str, said: &str, ids: &[i64]) -> Done {
+        Done {
+            message: format!("{said} trigger(s) {}", list(ids)),
+            detail: json!({ key: ids }),
+        }
+    }
+}
+
+async fn perform(app: &App, action: &Action) -> Result<Done, String> {
     let location = || view::location(app);
     match action {
         Action::ReplayDelivery(id) => app
             .outbox
             .replay(crate::outbox::ReplayTarget::Delivery(id.clone()))
             .await
-            .map(|ids| format!("queued again as trigger(s) {}", list(&ids)))
+            .map(|ids| Done::triggers("queued", "queued again as", &ids))
             .map_err(|err| err.to_string()),
         Action::ReplayTrigger(id) => app
             .outbox
             .replay(crate::outbox::ReplayTarget::Trigger(*id))
             .await
-            .map(|ids| format!("queued again as trigger(s) {}", list(&ids)))
+            .map(|ids| Done::triggers("queued", "queued again as", &ids))
             .map_err(|err| err.to_string()),
         Action::Replan(id) => {
             crate::store::blocking(|| replan_delivery(app, id, crate::replan::Mode::Record)).map(
-                |replanned| {
-                    format!(
+                |replanned| Done {
+                    message: format!(
                         "delivery {} queued trigger(s) {}",
                         replanned.delivery(),
                         list(&replanned.trigger_ids())
-                    )
+                    ),
+                    detail: json!({ "planned": [replanned.to_json()] }),
                 },
             )
         }
         Action::ReplanWindow(window) => {
             crate::store::blocking(|| window.replan(app, crate::replan::Mode::Record))
-                .map(|done| window_result(&done))
+                .map(|done| {
+                    let mut detail = done.to_json();
+                    if let Some(detail) = detail.as_object_mut() {
+                        detail.remove("message");
+                    }
+                    Done {
+                        message: window_result(&done),
+                        detail,
+                    }
+                })
                 .map_err(|(_, message)| message)
         }
         Action::Cancel(id) => {
@@ -936,7 +971,7 @@ async fn perform(app: &App, action: &Action) -> Result<String, String> {
             crate::store::blocking(|| {
                 crate::outbox::cancel_offline(&location, &crate::outbox::CancelTarget::Trigger(*id))
             })
-            .map(|ids| format!("cancelled trigger(s) {}", list(&ids)))
+            .map(|ids| Done::triggers("cancelled", "cancelled", &ids))
             .map_err(|err| err.to_string())
         }
         Action::Invalid(what) => Err(what.clone()),
