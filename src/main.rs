@@ -180,6 +180,10 @@ struct CancelArgs {
     /// With --project: only triggers for this [upstream.NAME].
     #[arg(long, requires = "project")]
     upstream: Option<String>,
+    /// Print what was cancelled as one JSON object, for scripts: `message`, `cancelled`
+    /// (trigger ids).
+    #[arg(long)]
+    json: bool,
     /// A trigger id (`42` or `trigger:42`).
     #[arg(value_name = "TRIGGER", required_unless_present = "project")]
     id: Option<String>,
@@ -516,7 +520,7 @@ fn cancel(args: CancelArgs) -> ExitCode {
         (None, None) => unreachable!("clap requires one"),
     };
     match args.state.location("cancel") {
-        Ok(store) => commands::cancel(&store, &target),
+        Ok(store) => commands::cancel(&store, &target, args.json),
         Err(code) => code,
     }
 }

@@ -1544,15 +1544,21 @@ async fn why_nothing_ran_then_replan_then_cancel() {
     let trigger: String = row.split_whitespace().nth(4).unwrap().to_owned();
     assert!(trigger.parse::<i64>().is_ok(), "{row}");
 
-    // Cancelled by id: recorded, and said once more if asked again.
-    let output = hookrelay(&["cancel", "--state", state, &trigger]);
+    // Cancelled by id: recorded, and said once more if asked again. For scripts, as JSON.
+    let output = hookrelay(&["cancel", "--state", state, &trigger, "--json"]);
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert!(
-        String::from_utf8_lossy(&output.stdout).contains(&format!("cancelled trigger {trigger}"))
+        said["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("cancelled trigger {trigger}"))
+            && said["cancelled"] == serde_json::json!([trigger.parse::<i64>().unwrap()]),
+        "{said}"
     );
     let cancelled = table(&["--status", "cancelled"]);
     assert!(
@@ -1564,6 +1570,16 @@ async fn why_nothing_ran_then_replan_then_cancel() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("is cancelled, not waiting"));
     let output = hookrelay(&["cancel", "--state", state, "--project", "acme/app"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("nothing to cancel"));
+    let output = hookrelay(&[
+        "cancel",
+        "--state",
+        state,
+        "--project",
+        "acme/app",
+        "--json",
+    ]);
+    let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(said["cancelled"], serde_json::json!([]), "{said}");
     assert_eq!(
         upstream.received().len(),
         1,

@@ -238,38 +238,42 @@ pub fn backup(store: &StoreLocation, to: &Path) -> ExitCode {
 }
 
 /// `hookrelay cancel`: stops a waiting or retrying trigger, or every one of a project.
-pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget) -> ExitCode {
-    match crate::outbox::cancel_offline(store, target) {
-        Ok(ids) if ids.is_empty() => {
-            println!("{target}: no trigger is waiting; nothing to cancel");
-            ExitCode::SUCCESS
-        }
-        Ok(ids) => {
-            // A project's backlog may be thousands: the first few ids name it well enough.
-            const SHOWN: usize = 20;
-            let mut list: Vec<String> = ids.iter().take(SHOWN).map(ToString::to_string).collect();
-            if ids.len() > SHOWN {
-                list.push(format!("… ({} more)", ids.len() - SHOWN));
-            }
-            let what = match target {
-                crate::outbox::CancelTarget::Trigger(_) => format!("cancelled {target}"),
-                _ => format!(
-                    "cancelled {} of {target}: {}",
-                    match ids.len() {
-                        1 => "1 trigger".to_owned(),
-                        n => format!("{n} triggers"),
-                    },
-                    list.join(", ")
-                ),
-            };
-            println!("{what}; `hookrelay deliveries --status cancelled` lists them");
-            ExitCode::SUCCESS
-        }
+pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget, json: bool) -> ExitCode {
+    let ids = match crate::outbox::cancel_offline(store, target) {
+        Ok(ids) => ids,
         Err(err) => {
             eprintln!("hookrelay cancel: {err}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    let message = if ids.is_empty() {
+        format!("{target}: no trigger is waiting; nothing to cancel")
+    } else {
+        // A project's backlog may be thousands: the first few ids name it well enough.
+        const SHOWN: usize = 20;
+        let mut list: Vec<String> = ids.iter().take(SHOWN).map(ToString::to_string).collect();
+        if ids.len() > SHOWN {
+            list.push(format!("… ({} more)", ids.len() - SHOWN));
+        }
+        let what = match target {
+            crate::outbox::CancelTarget::Trigger(_) => format!("cancelled {target}"),
+            _ => format!(
+                "cancelled {} of {target}: {}",
+                match ids.len() {
+                    1 => "1 trigger".to_owned(),
+                    n => format!("{n} triggers"),
+                },
+                list.join(", ")
+            ),
+        };
+        format!("{what}; `hookrelay deliveries --status cancelled` lists them")
+    };
+    if json {
+        print_json(&serde_json::json!({ "message": message, "cancelled": ids }));
+    } else {
+        println!("{message}");
     }
+    ExitCode::SUCCESS
 }
 
 /// `hookrelay replay ID`: queues a trigger, or every trigger of a delivery, again.
