@@ -395,6 +395,7 @@ fn deliveries(args: DeliveriesArgs) -> ExitCode {
         since,
         until,
         delivery,
+        whole_delivery: None,
         text,
         before: None,
         limit,

@@ -274,7 +274,11 @@ fn plan(
             queued,
         });
     }
-    let delivery_id = format!("{}~replan-{}", stored.delivery_id, crate::outbox::now_ms());
+    let delivery_id = format!(
+        "{}{REPLAN_MARK}{}",
+        stored.delivery_id,
+        crate::outbox::now_ms()
+    );
     let mut summary = crate::hooks::reply(&source.name, &received);
     summary.replan_of = Some(&stored.delivery_id);
     summary.url_ref = url_ref.as_ref().map(crate::git_ref::GitRef::as_str);
@@ -432,6 +436,9 @@ impl From<crate::outbox::StoreError> for WindowError {
     }
 }
 
+/// What a replan's delivery id carries after its webhook's: `ID~replan-…`.
+const REPLAN_MARK: &str = "~replan-";
+
 /// Webhooks a window's replan records in one transaction: one commit (and flush) for
 /// many, while a relay beside it waits for the store's write lock a few milliseconds at
 /// most.
@@ -491,6 +498,16 @@ pub fn replan_window(
     only_rule: Option<&str>,
 ) -> Result<WindowReplanned, WindowError> {
     knows_rule(config, named, only_rule).map_err(WindowError::NoSuchRule)?;
+    // The replans recorded since the window began: those of its webhooks among them (a
+    // replan comes after its webhook). One read, where a read of each webhook's replans
+    // by the start of their ids would read every delivery stored, once a webhook.
+    let replans_since = ListFilter {
+        kind: Some(crate::store::DeliveryKind::Webhook),
+        source: filter.source.clone(),
+        since: filter.since,
+        text: Some(REPLAN_MARK.to_owned()),
+        ..ListFilter::default()
+    };
     let filter = ListFilter {
         kind: Some(crate::store::DeliveryKind::Webhook),
         state: match which {
@@ -502,6 +519,14 @@ pub fn replan_window(
     };
     let mut store = OfflineStore::open(location)?;
     let rows = rows_of_window(&mut store, filter)?;
+    let mut replans: std::collections::HashMap<(String, String), Vec<DeliveryRow>> =
+        std::collections::HashMap::new();
+    for row in rows_of_window(&mut store, replans_since)? {
+        if let Some((original, _)) = row.delivery_id.split_once(REPLAN_MARK) {
+            let original = (row.source.clone(), original.to_owned());
+            replans.entry(original).or_default().push(row);
+        }
+    }
     let unmatched = |row: &DeliveryRow| {
         row.state.is_none()
             && matches!(
@@ -509,11 +534,11 @@ pub fn replan_window(
                 "no match" | "error"
             )
     };
-    let mut candidates: Vec<String> = rows
+    let mut candidates: Vec<(String, String)> = rows
         .iter()
         .filter(|row| match which {
             Replans::Failed => row.kind.as_deref() == Some("trigger"),
-            Replans::Unmatched => unmatched(row) && !row.delivery_id.contains("~replan-"),
+            Replans::Unmatched => unmatched(row) && !row.delivery_id.contains(REPLAN_MARK),
             // Webhooks as their senders sent them (not the records of replans, duplicates
             // or refusals), that were acted on or matched nothing: not pings, nor events
             // the source does not act on.
@@ -522,7 +547,7 @@ pub fn replan_window(
                     && (row.kind.as_deref() == Some("trigger") || unmatched(row))
             }
         })
-        .map(|row| row.delivery_id.clone())
+        .map(|row| (row.source.clone(), row.delivery_id.clone()))
         .collect();
     candidates.sort();
     candidates.dedup();
@@ -534,8 +559,17 @@ pub fn replan_window(
     };
     for chunk in candidates.chunks(RECORDED_TOGETHER) {
         let mut plans = Vec::new();
-        for id in chunk {
-            match planned_again(&mut store, id, which, only_rule)? {
+        for candidate in chunk {
+            let (source, id) = candidate;
+            // Its own rows, found by its whole id.
+            let own = store.list(&ListFilter {
+                source: Some(source.clone()),
+                whole_delivery: Some(id.clone()),
+                limit: MOST_READ,
+                ..ListFilter::default()
+            })?;
+            let its_replans = replans.get(candidate).map_or(&[][..], Vec::as_slice);
+            match planned_again(id, &own, its_replans, which, only_rule) {
                 Some(reason) => done.left_out.push(reason),
                 None => match plan(config, named, &mut store, id, mode, only_rule) {
                     Ok(plan) => plans.push(plan),
@@ -553,55 +587,45 @@ pub fn replan_window(
     Ok(done)
 }
 
-/// Why the webhook `id` is not to be planned again for `which`, if it is not: it was
-/// replanned already, it has `only_rule`'s trigger already, or a trigger of it is sent or
-/// under way (replanning would start that pipeline again).
+/// Why the webhook `id` (its rows `own`, its replans' rows `replans`) is not to be
+/// planned again for `which`, if it is not: it was replanned already, it has
+/// `only_rule`'s trigger already, or a trigger of it is sent or under way (replanning
+/// would start that pipeline again).
 fn planned_again(
-    store: &mut OfflineStore,
     id: &str,
+    own: &[DeliveryRow],
+    replans: &[DeliveryRow],
     which: Replans,
     only_rule: Option<&str>,
-) -> Result<Option<String>, WindowError> {
-    // Its own rows, and its replans' (whose ids start with its own).
-    let rows = store.list(&ListFilter {
-        delivery: Some(id.to_owned()),
-        limit: MOST_READ,
-        ..ListFilter::default()
-    })?;
-    let replans = format!("{id}~replan-");
+) -> Option<String> {
     if which == Replans::Rule {
-        let of_rule = rows.iter().find(|row| {
-            (row.delivery_id == id || row.delivery_id.starts_with(&replans))
-                && row.kind.as_deref() == Some("trigger")
-                && row.rule.as_deref() == only_rule
-        });
-        return Ok(of_rule.map(|row| {
+        let of_rule = own
+            .iter()
+            .chain(replans)
+            .find(|row| row.kind.as_deref() == Some("trigger") && row.rule.as_deref() == only_rule);
+        return of_rule.map(|row| {
             format!(
                 "{id}: has trigger {} of rule {} already",
                 row.trigger_id.unwrap_or_default(),
                 only_rule.unwrap_or_default()
             )
-        }));
+        });
     }
-    if let Some(replan) = rows
-        .iter()
-        .find(|row| row.delivery_id.starts_with(&replans))
-    {
-        return Ok(Some(format!(
+    if let Some(replan) = replans.first() {
+        return Some(format!(
             "{id}: replanned already, as {}",
             replan.delivery_id
-        )));
+        ));
     }
-    let started = rows.iter().find(|row| {
-        row.delivery_id == id
-            && row.kind.as_deref() == Some("trigger")
+    let started = own.iter().find(|row| {
+        row.kind.as_deref() == Some("trigger")
             && !matches!(row.state.as_deref(), Some("failed" | "cancelled"))
     });
-    Ok(started.map(|row| {
+    started.map(|row| {
         format!(
             "{id}: trigger {} is {} (replanning would start it again; `hookrelay replay --replan {id}` does it anyway)",
             row.trigger_id.unwrap_or_default(),
             row.state.as_deref().unwrap_or("unknown")
         )
-    }))
+    })
 }

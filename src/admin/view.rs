@@ -112,6 +112,7 @@ impl Filters {
             },
             until: time(&self.until, "until")?,
             delivery: None,
+            whole_delivery: None,
             text: text(&self.q),
             before,
             limit: PAGE_ROWS,

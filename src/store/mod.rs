@@ -630,6 +630,9 @@ pub struct ListFilter {
     pub until: Option<i64>,
     /// A delivery id, or the start of one.
     pub delivery: Option<String>,
+    /// A whole delivery id: with `source`, found through the `(source, delivery_id)`
+    /// index, where the start of one reads every delivery.
+    pub whole_delivery: Option<String>,
     /// Text anywhere in the delivery id, the answer (repositories, refs) or a trigger's
     /// project or ref.
     pub text: Option<String>,
@@ -758,6 +761,10 @@ impl ListFilter {
             // ignore case, PostgreSQL's would not).
             let p = bind(SqlValue::Text(delivery.clone()), &mut values);
             conditions.push(format!("substr(d.delivery_id, 1, length({p})) = {p}"));
+        }
+        if let Some(delivery) = &self.whole_delivery {
+            let p = bind(SqlValue::Text(delivery.clone()), &mut values);
+            conditions.push(format!("d.delivery_id = {p}"));
         }
         let clause = if conditions.is_empty() {
             String::new()

@@ -891,6 +891,21 @@ pub fn deliveries_are_listed_by_every_filter(engine: &mut dyn Engine) {
         Vec::<String>::new(),
         "ids are compared exactly, case included, in every engine"
     );
+    // A whole id finds its own delivery, not those whose ids start with it.
+    for (whole, found) in [("abc-1", vec!["abc-1"]), ("abc", vec![]), ("ABC-1", vec![])] {
+        assert_eq!(
+            kept(
+                engine,
+                ListFilter {
+                    source: Some("gh".into()),
+                    whole_delivery: Some(whole.into()),
+                    ..Default::default()
+                }
+            ),
+            found,
+            "{whole}"
+        );
+    }
     assert_eq!(
         kept(
             engine,

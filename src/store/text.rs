@@ -240,6 +240,7 @@ pub(super) fn filter(filter: &ListFilter) -> Cow<'_, ListFilter> {
             &mut f.rule,
             &mut f.project,
             &mut f.delivery,
+            &mut f.whole_delivery,
             &mut f.text,
         ]
         .into_iter()
