@@ -126,7 +126,7 @@ pub fn replan_with(
 ) -> Result<Replanned, String> {
     knows_rule(config, named, only_rule)?;
     let mut store = OfflineStore::open(location).map_err(|err| err.to_string())?;
-    let plan = plan(config, named, &mut store, delivery, mode, only_rule)?;
+    let plan = plan(config, named, &mut store, (None, delivery), mode, only_rule)?;
     record(&mut store, vec![plan])
         .map_err(|err| err.to_string())?
         .pop()
@@ -155,19 +155,22 @@ struct Plan {
     queued: Vec<QueuedEntry>,
 }
 
-/// The stored webhook `delivery` run through `config`'s rules (only `only_rule`, known to
-/// be in `config`, if given), or why it still starts nothing.
+/// The stored webhook `delivery` (of its source, if given; else the newest with that id
+/// or a unique start of one) run through `config`'s rules (only `only_rule`, known to be
+/// in `config`, if given), or why it still starts nothing.
 fn plan(
     config: &crate::config::Config,
     named: &str,
     store: &mut OfflineStore,
-    delivery: &str,
+    delivery: (Option<&str>, &str),
     mode: Mode,
     only_rule: Option<&str>,
 ) -> Result<Plan, String> {
-    let stored = store
-        .stored_webhook(delivery)
-        .map_err(|err| err.to_string())?;
+    let stored = match delivery {
+        (Some(source), id) => store.stored_webhook_from(source, id),
+        (None, id) => store.stored_webhook(id),
+    }
+    .map_err(|err| err.to_string())?;
     let source = config.sources.get(&stored.source).ok_or_else(|| {
         format!(
             "delivery {} came from source {:?}, which {} no longer configures",
@@ -571,7 +574,14 @@ pub fn replan_window(
             let its_replans = replans.get(candidate).map_or(&[][..], Vec::as_slice);
             match planned_again(id, &own, its_replans, which, only_rule) {
                 Some(reason) => done.left_out.push(reason),
-                None => match plan(config, named, &mut store, id, mode, only_rule) {
+                None => match plan(
+                    config,
+                    named,
+                    &mut store,
+                    (Some(source), id),
+                    mode,
+                    only_rule,
+                ) {
                     Ok(plan) => plans.push(plan),
                     Err(message) => done.left_out.push(message),
                 },

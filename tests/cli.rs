@@ -1271,6 +1271,72 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
     drop(served);
 }
 
+/// Two sources may each send a delivery id (two GitHub organisations' hooks, a generic
+/// sender's counter): a window's replan runs each source's own webhook, not the newer one
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_replans_each_sources_own_webhook_when_two_sent_the_same_id() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "s3cret-for-the-tests");
+    write(
+        dir.path(),
+        "00-relay.toml",
+        &(github_relay(&upstream.url())
+            + "[source.mirror]\nprovider = \"github\"\nsecret = \"file:secret\"\n"),
+    );
+    let rule = |refs: &str| {
+        releases_rule(refs).replace("source = \"github\"", "source = [\"github\", \"mirror\"]")
+    };
+    write(dir.path(), "10-rule.toml", &rule("release-*"));
+    let mut served = serve_in(dir.path());
+    let address = served.address();
+    for source in ["github", "mirror"] {
+        let url = format!("http://{address}/hooks/{source}");
+        let reply = signed_github(
+            &url,
+            "s3cret-for-the-tests",
+            "push",
+            "same-1",
+            "github/push_tag.json",
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{source}: {}", reply.text());
+    }
+    drop(served);
+    write(dir.path(), "10-rule.toml", &rule("simple-*"));
+    let state = dir.path().join("state");
+    let output = Command::new(BIN)
+        .args(["replay", "--unmatched", "--since", "1h", "--json"])
+        .args(["--config", dir.path().to_str().unwrap()])
+        .args(["--state", state.to_str().unwrap()])
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(said["planned"].as_array().unwrap().len(), 2, "{said}");
+    assert_eq!(said["left_out"], serde_json::json!([]), "{said}");
+    // Each replan is recorded under its own source.
+    let listed = hookrelay(&[
+        "deliveries",
+        "--state",
+        state.to_str().unwrap(),
+        "--delivery",
+        "same-1~replan-",
+        "--json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let mut sources: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["source"].as_str().unwrap())
+        .collect();
+    sources.sort_unstable();
+    assert_eq!(sources, ["github", "mirror"], "{rows}");
+}
+
 /// A webhook whose URL chose its ref (`?ref=stable`) keeps that choice: its answer and
 /// record say `url_ref`, `explain --delivery` and `replay --replan` build that ref again
 /// (before, a replan built the event's own ref), and a replan is refused, saying why, once

@@ -863,6 +863,13 @@ mod tests {
         fn stored_webhook(&mut self, id: &str) -> Result<Option<StoredWebhook>, EngineError> {
             self.inner.stored_webhook(id)
         }
+        fn stored_webhook_from(
+            &mut self,
+            source: &str,
+            id: &str,
+        ) -> Result<Option<StoredWebhook>, EngineError> {
+            self.inner.stored_webhook_from(source, id)
+        }
     }
 
     fn delivery(id: &str) -> NewDelivery {

@@ -51,6 +51,21 @@ impl OfflineStore {
         stored.map_err(|err| self.error(err))
     }
 
+    /// The stored webhook `source` sent as `delivery_id` (its whole id).
+    pub fn stored_webhook_from(
+        &mut self,
+        source: &str,
+        delivery_id: &str,
+    ) -> Result<StoredWebhook, StoreError> {
+        match self.engine.stored_webhook_from(source, delivery_id) {
+            Ok(Some(stored)) => Ok(stored),
+            Ok(None) => Err(self.error(EngineError::refused(format!(
+                "no delivery {delivery_id:?} from source {source} in the store"
+            )))),
+            Err(err) => Err(self.error(err)),
+        }
+    }
+
     /// Runs `op` in one committed transaction; a running relay sees what it changed within
     /// a second.
     pub fn transaction<T>(

@@ -1123,7 +1123,15 @@ pub trait Engine: Send + 'static {
     /// Stops waiting triggers (inside a transaction): each is marked cancelled and its key
     /// moves on; returns their ids. A trigger being sent cannot be stopped.
     fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError>;
+    /// The newest stored webhook with this delivery id, from any source.
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError>;
+    /// The stored webhook `source` sent as `delivery_id` (two sources may each send an id,
+    /// a generic sender's counter): one seek on the unique index.
+    fn stored_webhook_from(
+        &mut self,
+        source: &str,
+        delivery_id: &str,
+    ) -> Result<Option<StoredWebhook>, EngineError>;
     /// Whether `source` sent `delivery_id` before: one seek on the unique index.
     fn is_stored(&mut self, source: &str, delivery_id: &str) -> Result<bool, EngineError>;
 

@@ -1195,6 +1195,35 @@ impl Engine for PostgresEngine {
                 &[&looked_up.as_ref()],
             )
             .map_err(error)?;
+        self.stored_from_row(delivery_id, row)
+    }
+
+    fn stored_webhook_from(
+        &mut self,
+        source: &str,
+        delivery_id: &str,
+    ) -> Result<Option<StoredWebhook>, EngineError> {
+        let (source, looked_up) = (super::text::text(source), super::text::text(delivery_id));
+        let row = self
+            .client()
+            .query_opt(
+                "SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
+                 FROM hr_deliveries d WHERE d.source = $1 AND d.delivery_id = $2",
+                &[&source.as_ref(), &looked_up.as_ref()],
+            )
+            .map_err(error)?;
+        self.stored_from_row(delivery_id, row)
+    }
+}
+
+impl PostgresEngine {
+    /// The stored webhook `delivery_id` in a row of (source, headers, body, its encoding,
+    /// received at, summary), if one was found.
+    fn stored_from_row(
+        &self,
+        delivery_id: &str,
+        row: Option<postgres::Row>,
+    ) -> Result<Option<StoredWebhook>, EngineError> {
         row.map(|row| {
             StoredWebhook::from_stored(
                 delivery_id,

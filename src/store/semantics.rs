@@ -530,6 +530,25 @@ pub fn deliveries_are_found_by_their_id_in_every_source(engine: &mut dyn Engine)
         "the last source in order is looked in too"
     );
     assert!(engine.stored_webhook("absent").unwrap().is_none());
+    // By its source too: each source's own, the older one included.
+    for (source, id, from) in [
+        ("gh", "shared", Some("gh")),
+        ("gitlab", "shared", Some("gitlab")),
+        ("gh", "mine", None),
+    ] {
+        let stored = engine.stored_webhook_from(source, id).unwrap();
+        assert_eq!(
+            stored.as_ref().map(|s| s.source.as_str()),
+            from,
+            "{source} {id}"
+        );
+        if let Some(stored) = stored {
+            assert_eq!(
+                stored.body,
+                format!("{{\"from\":\"{source}\"}}").into_bytes()
+            );
+        }
+    }
     for due in claim(engine, 0, 10) {
         record(engine, due.lease, failed(), 1);
     }

@@ -825,26 +825,57 @@ impl Engine for SqliteEngine {
     }
 
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
+        self.stored_where(
+            &format!(
+                "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
+                 FROM sources CROSS JOIN deliveries d
+                 WHERE d.source = sources.source AND d.delivery_id = ?1
+                 ORDER BY d.id DESC LIMIT 1"
+            ),
+            delivery_id,
+            None,
+        )
+    }
+
+    fn stored_webhook_from(
+        &mut self,
+        source: &str,
+        delivery_id: &str,
+    ) -> Result<Option<StoredWebhook>, EngineError> {
+        self.stored_where(
+            "SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
+             FROM deliveries d WHERE d.delivery_id = ?1 AND d.source = ?2",
+            delivery_id,
+            Some(source),
+        )
+    }
+}
+
+impl SqliteEngine {
+    /// The stored webhook `sql` selects by `delivery_id` (`?1`) and, if given, `source` (`?2`).
+    fn stored_where(
+        &self,
+        sql: &str,
+        delivery_id: &str,
+        source: Option<&str>,
+    ) -> Result<Option<StoredWebhook>, EngineError> {
+        let delivery = super::text::text(delivery_id);
+        let source = source.map(super::text::text);
+        let params: Vec<&dyn rusqlite::ToSql> = match &source {
+            Some(source) => vec![&delivery, source],
+            None => vec![&delivery],
+        };
         self.conn
-            .query_row(
-                &format!(
-                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
-                     FROM sources CROSS JOIN deliveries d
-                     WHERE d.source = sources.source AND d.delivery_id = ?1
-                     ORDER BY d.id DESC LIMIT 1"
-                ),
-                params![super::text::text(delivery_id)],
-                |row| {
-                    Ok(StoredWebhook::from_stored(
-                        delivery_id,
-                        row.get(0)?,
-                        &row.get::<_, String>(1)?,
-                        (row.get(2)?, row.get::<_, Option<String>>(3)?.as_deref()),
-                        row.get(4)?,
-                        &row.get::<_, String>(5)?,
-                    ))
-                },
-            )
+            .query_row(sql, params.as_slice(), |row| {
+                Ok(StoredWebhook::from_stored(
+                    delivery_id,
+                    row.get(0)?,
+                    &row.get::<_, String>(1)?,
+                    (row.get(2)?, row.get::<_, Option<String>>(3)?.as_deref()),
+                    row.get(4)?,
+                    &row.get::<_, String>(5)?,
+                ))
+            })
             .optional()
             .map_err(error)?
             .transpose()
