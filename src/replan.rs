@@ -525,9 +525,11 @@ pub fn replan_window(
     let mut replans: std::collections::HashMap<(String, String), Vec<DeliveryRow>> =
         std::collections::HashMap::new();
     for row in rows_of_window(&mut store, replans_since)? {
-        if let Some((original, _)) = row.delivery_id.split_once(REPLAN_MARK) {
-            let original = (row.source.clone(), original.to_owned());
-            replans.entry(original).or_default().push(row);
+        // Under each webhook it descends from: `X~replan-1~replan-2` is a replan of
+        // `X~replan-1` (whose trigger failed) and so of `X` too.
+        for (at, _) in row.delivery_id.match_indices(REPLAN_MARK) {
+            let ancestor = (row.source.clone(), row.delivery_id[..at].to_owned());
+            replans.entry(ancestor).or_default().push(row.clone());
         }
     }
     let unmatched = |row: &DeliveryRow| {

@@ -2078,7 +2078,8 @@ async fn replay_failed_replan_runs_the_failed_webhooks_through_the_fixed_rules_o
         said.contains("left out: w-1: replanned already") && said.contains("nothing planned again"),
         "{said}"
     );
-    // The relay sends the replan to the fixed project.
+    // The relay sends the replan to the fixed project, where it fails for good too.
+    upstream.answer_next(not_found());
     let served = serve_in(dir.path());
     for _ in 0..100 {
         if upstream.received().len() == 4 {
@@ -2096,6 +2097,25 @@ async fn replay_failed_replan_runs_the_failed_webhooks_through_the_fixed_rules_o
         received[3].path_and_query
     );
     assert_eq!(served.terminate().0, Some(0));
+    assert!(failed(3), "the replan failed for good");
+
+    // Fixed again: the failed replan is planned again itself, once; its webhook is not.
+    write(dir.path(), "10-rule.toml", &rule("acme/app2"));
+    let said = replan();
+    assert!(
+        said.contains("left out: w-1: replanned already")
+            && said.contains("run through the current rules as delivery w-1~replan-")
+            && said.matches("~replan-").count() >= 3
+            && said.contains("rule releases -> project acme/app2, ref main")
+            && said.contains("1 webhook planned again"),
+        "{said}"
+    );
+    let said = replan();
+    assert!(
+        said.matches(": replanned already, as w-1~replan-").count() == 2
+            && said.contains("nothing planned again"),
+        "{said}"
+    );
 }
 
 /// After a rule is added or fixed, `replay --unmatched --since` runs every webhook of the
