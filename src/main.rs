@@ -147,7 +147,9 @@ struct ReplayArgs {
     /// With --failed: only triggers for this project (as the rule names it).
     #[arg(long, requires = "failed")]
     project: Option<String>,
-    /// With --failed, --unmatched or --replan --rule: only webhooks from this source.
+    /// With --failed, --unmatched or --replan --rule: only webhooks from this source. With
+    /// --replan ID: the webhook this source sent as ID (its whole id), where two sources
+    /// sent the same one.
     #[arg(long)]
     source: Option<String>,
     /// With --failed: only triggers of this rule. With --replan (no --failed): run the
@@ -469,9 +471,13 @@ fn replay(args: ReplayArgs) -> ExitCode {
             },
         };
     }
-    if args.since.is_some() || args.source.is_some() {
+    if args.since.is_some() {
+        eprintln!("hookrelay replay: --since goes with --failed, --unmatched or --replan --rule");
+        return ExitCode::from(2);
+    }
+    if args.source.is_some() && !args.replan {
         eprintln!(
-            "hookrelay replay: --since and --source go with --failed, --unmatched or --replan --rule"
+            "hookrelay replay: --source goes with --failed, --unmatched or --replan (a window, or the source whose webhook of that id to replan)"
         );
         return ExitCode::from(2);
     }
@@ -494,7 +500,7 @@ fn replay(args: ReplayArgs) -> ExitCode {
             mode,
             json: args.json,
         };
-        return commands::replan(&run, &id, args.rule.as_deref());
+        return commands::replan(&run, &id, args.source.as_deref(), args.rule.as_deref());
     }
     match args.state.location("replay") {
         Ok(store) => commands::replay(&store, &id, args.json),

@@ -92,13 +92,14 @@ pub fn configured(
     Ok((config, location))
 }
 
-/// Reads the stored webhook `delivery` (an id or its unique start), runs it through the
-/// configuration at `config_path` and records what it plans as a new delivery.
+/// Reads the stored webhook `delivery` (an id or its unique start; with a source, that
+/// source's webhook of that whole id), runs it through the configuration at
+/// `config_path` and records what it plans as a new delivery.
 pub fn replan(
     config_path: &Path,
     state: &Path,
     store: Option<&str>,
-    delivery: &str,
+    delivery: (Option<&str>, &str),
     mode: Mode,
     only_rule: Option<&str>,
 ) -> Result<Replanned, String> {
@@ -120,13 +121,13 @@ pub fn replan_with(
     config: &crate::config::Config,
     named: &str,
     location: &StoreLocation,
-    delivery: &str,
+    delivery: (Option<&str>, &str),
     mode: Mode,
     only_rule: Option<&str>,
 ) -> Result<Replanned, String> {
     knows_rule(config, named, only_rule)?;
     let mut store = OfflineStore::open(location).map_err(|err| err.to_string())?;
-    let plan = plan(config, named, &mut store, (None, delivery), mode, only_rule)?;
+    let plan = plan(config, named, &mut store, delivery, mode, only_rule)?;
     record(&mut store, vec![plan])
         .map_err(|err| err.to_string())?
         .pop()

@@ -1306,35 +1306,54 @@ async fn a_window_replans_each_sources_own_webhook_when_two_sent_the_same_id() {
     drop(served);
     write(dir.path(), "10-rule.toml", &rule("simple-*"));
     let state = dir.path().join("state");
-    let output = Command::new(BIN)
-        .args(["replay", "--unmatched", "--since", "1h", "--json"])
-        .args(["--config", dir.path().to_str().unwrap()])
-        .args(["--state", state.to_str().unwrap()])
-        .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(0));
-    let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(said["planned"].as_array().unwrap().len(), 2, "{said}");
-    assert_eq!(said["left_out"], serde_json::json!([]), "{said}");
+    let replay = |args: &[&str]| {
+        let output = Command::new(BIN)
+            .arg("replay")
+            .args(args)
+            .args(["--json", "--config", dir.path().to_str().unwrap()])
+            .args(["--state", state.to_str().unwrap()])
+            .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{output:?}");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    // One of them by hand first, named by its source (the older one: the id alone would
+    // name the newer).
+    let said = replay(&["--replan", "same-1", "--source", "github"]);
+    assert_eq!(said["planned"].as_array().unwrap().len(), 1, "{said}");
+    let replans_from = || {
+        let listed = hookrelay(&[
+            "deliveries",
+            "--state",
+            state.to_str().unwrap(),
+            "--delivery",
+            "same-1~replan-",
+            "--json",
+        ]);
+        let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+        let mut sources: Vec<String> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["source"].as_str().unwrap().to_owned())
+            .collect();
+        sources.sort_unstable();
+        sources
+    };
+    assert_eq!(replans_from(), ["github"]);
+    // The window plans the other source's, and leaves the one replanned already.
+    let said = replay(&["--unmatched", "--since", "1h"]);
+    assert_eq!(said["planned"].as_array().unwrap().len(), 1, "{said}");
+    assert!(
+        said["left_out"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("same-1: replanned already, as same-1~replan-"),
+        "{said}"
+    );
     // Each replan is recorded under its own source.
-    let listed = hookrelay(&[
-        "deliveries",
-        "--state",
-        state.to_str().unwrap(),
-        "--delivery",
-        "same-1~replan-",
-        "--json",
-    ]);
-    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    let mut sources: Vec<&str> = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| row["source"].as_str().unwrap())
-        .collect();
-    sources.sort_unstable();
-    assert_eq!(sources, ["github", "mirror"], "{rows}");
+    assert_eq!(replans_from(), ["github", "mirror"]);
 }
 
 /// A webhook whose URL chose its ref (`?ref=stable`) keeps that choice: its answer and
@@ -2269,7 +2288,13 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
     let (code, _, said) = replay(&["--since", "1h", "u-tag"]);
     assert_eq!(code, Some(2));
     assert!(
-        said.contains("--since and --source go with --failed, --unmatched or --replan --rule"),
+        said.contains("--since goes with --failed, --unmatched or --replan --rule"),
+        "{said}"
+    );
+    let (code, _, said) = replay(&["--source", "github", "u-tag"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        said.contains("--source goes with --failed, --unmatched or --replan"),
         "{said}"
     );
     let (code, _, said) = replay(&["--dry-run", "u-tag"]);

@@ -1067,7 +1067,7 @@ fn replan_delivery(
         &app.runtime().config,
         RUNNING,
         &location,
-        delivery,
+        (None, delivery),
         mode,
         None,
     )

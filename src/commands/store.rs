@@ -150,12 +150,25 @@ pub struct ReplanRun<'a> {
     pub json: bool,
 }
 
-/// `hookrelay replay --replan`: a stored webhook through the current rules (in a dry run,
-/// what that would queue, recording nothing).
-pub fn replan(run: &ReplanRun<'_>, delivery: &str, only_rule: Option<&str>) -> ExitCode {
+/// `hookrelay replay --replan`: a stored webhook (`source`'s, when given) through the
+/// current rules (in a dry run, what that would queue, recording nothing).
+pub fn replan(
+    run: &ReplanRun<'_>,
+    delivery: &str,
+    source: Option<&str>,
+    only_rule: Option<&str>,
+) -> ExitCode {
     let delivery = delivery.strip_prefix("delivery:").unwrap_or(delivery);
     let mode = run.mode;
-    match crate::replan::replan(run.config, run.state, run.store, delivery, mode, only_rule) {
+    let replanned = crate::replan::replan(
+        run.config,
+        run.state,
+        run.store,
+        (source, delivery),
+        mode,
+        only_rule,
+    );
+    match replanned {
         Ok(replanned) => {
             let message = match mode {
                 Mode::Record => "a running relay sends them within a second",
