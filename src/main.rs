@@ -422,6 +422,14 @@ fn replay(args: ReplayArgs) -> ExitCode {
     } else {
         commands::ReplanMode::Record
     };
+    // Where a replan reads its rules and store, and how it answers.
+    let run = commands::ReplanRun {
+        config: &args.config.path,
+        state: &args.state.state_dir,
+        store: args.state.store.as_deref(),
+        mode,
+        json: args.json,
+    };
     // A window: failed triggers sent again, or webhooks run through the current rules.
     let window = if args.unmatched {
         Some(commands::Replans::Unmatched)
@@ -455,17 +463,9 @@ fn replay(args: ReplayArgs) -> ExitCode {
             since,
             ..Default::default()
         };
-        let state = &args.state;
-        let run = commands::ReplanRun {
-            config: &args.config.path,
-            state: &state.state_dir,
-            store: state.store.as_deref(),
-            mode,
-            json: args.json,
-        };
         return match window {
             Some(which) => commands::replan_window(&run, filter, which, only_rule.as_deref()),
-            None => match state.location("replay") {
+            None => match args.state.location("replay") {
                 Ok(store) => commands::replay_failed(&store, filter, mode, args.json),
                 Err(code) => code,
             },
@@ -492,14 +492,6 @@ fn replay(args: ReplayArgs) -> ExitCode {
         return ExitCode::from(2);
     };
     if args.replan {
-        let state = &args.state;
-        let run = commands::ReplanRun {
-            config: &args.config.path,
-            state: &state.state_dir,
-            store: state.store.as_deref(),
-            mode,
-            json: args.json,
-        };
         return commands::replan(&run, &id, args.source.as_deref(), args.rule.as_deref());
     }
     match args.state.location("replay") {

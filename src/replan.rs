@@ -316,17 +316,7 @@ fn record(
     if deliveries.is_empty() {
         return Ok(plans
             .into_iter()
-            .map(|plan| {
-                Ok(Replanned {
-                    original: plan.original,
-                    delivery_id: None,
-                    triggers: plan
-                        .queued
-                        .into_iter()
-                        .map(|entry| (None, entry.rule, entry.project, entry.git_ref))
-                        .collect(),
-                })
-            })
+            .map(|plan| Ok(replanned(plan, None, Vec::new())))
             .collect());
     }
     let accepted = store.accept_all(&deliveries)?;
@@ -341,17 +331,26 @@ fn record(
                     delivery.delivery_id
                 ));
             };
-            Ok(Replanned {
-                original: plan.original,
-                delivery_id: Some(delivery.delivery_id),
-                triggers: trigger_ids
-                    .into_iter()
-                    .zip(plan.queued)
-                    .map(|(id, entry)| (Some(id), entry.rule, entry.project, entry.git_ref))
-                    .collect(),
-            })
+            Ok(replanned(plan, Some(delivery.delivery_id), trigger_ids))
         })
         .collect())
+}
+
+/// What `plan` queued as the delivery `delivery_id`, its triggers numbered
+/// `trigger_ids` in order (none in a dry run).
+fn replanned(plan: Plan, delivery_id: Option<String>, trigger_ids: Vec<i64>) -> Replanned {
+    let ids = trigger_ids
+        .into_iter()
+        .map(Some)
+        .chain(std::iter::repeat(None));
+    Replanned {
+        original: plan.original,
+        delivery_id,
+        triggers: ids
+            .zip(plan.queued)
+            .map(|(id, entry)| (id, entry.rule, entry.project, entry.git_ref))
+            .collect(),
+    }
 }
 
 /// Which stored webhooks a replan of a window runs through today's rules.

@@ -36,6 +36,19 @@ fn start(dir: &std::path::Path, upstream: &str, admin: &str) -> (Served, String,
     (served, address, dashboard)
 }
 
+/// Logs in at `login` with the dashboard's token; the session cookie (`name=value`) to
+/// send with a browser's requests.
+async fn log_in(login: &str) -> String {
+    let logged = post(
+        login,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("token={ADMIN_TOKEN}"),
+    )
+    .await;
+    let cookie = logged.headers["set-cookie"].to_str().unwrap();
+    cookie.split(';').next().unwrap().to_owned()
+}
+
 const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n";
 
 /// GitHub's published tag push, with hostile text where a payload may carry any: the
@@ -669,14 +682,7 @@ async fn the_dashboard_replans_a_window_of_webhooks_that_matched_no_rule() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // The confirmation says what confirming would do now, from a dry run.
-    let logged = post(
-        &url("/login"),
-        &[("content-type", "application/x-www-form-urlencoded")],
-        format!("token={ADMIN_TOKEN}"),
-    )
-    .await;
-    let cookie = logged.headers["set-cookie"].to_str().unwrap().to_owned();
-    let session = cookie.split(';').next().unwrap().to_owned();
+    let session = log_in(&url("/login")).await;
     let question = send(
         "GET",
         &url("/replan?state=none&since=1h"),
@@ -850,14 +856,7 @@ async fn the_dashboard_backfills_a_new_rule_over_past_webhooks() {
             && rules.contains("Run them through this rule"),
         "{rules}"
     );
-    let logged = post(
-        &url("/login"),
-        &[("content-type", "application/x-www-form-urlencoded")],
-        format!("token={ADMIN_TOKEN}"),
-    )
-    .await;
-    let cookie = logged.headers["set-cookie"].to_str().unwrap().to_owned();
-    let session = cookie.split(';').next().unwrap().to_owned();
+    let session = log_in(&url("/login")).await;
     // The rules page's form asks this.
     let question = send(
         "GET",

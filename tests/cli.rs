@@ -1189,26 +1189,16 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
         assert_eq!(reply.status, 200, "{id}: {}", reply.text());
     }
     write(dir.path(), "10-rule.toml", &releases_rule("simple-*"));
-    let state = dir.path().join("state");
-    let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
     let replay = |more: &[&str]| {
-        let output = Command::new(BIN)
-            .args(["replay", "--unmatched", "--since", "1h"])
-            .args(more)
-            .args(["--config", config, "--state", state])
-            .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
-            .output()
-            .unwrap();
+        let output = replay_in(
+            dir.path(),
+            &[&["--unmatched", "--since", "1h"], more].concat(),
+        );
         assert_eq!(output.status.code(), Some(0));
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
     // One of them first, alone, as JSON: the delivery that records it and its trigger.
-    let output = Command::new(BIN)
-        .args(["replay", "--replan", "w-000", "--json"])
-        .args(["--config", config, "--state", state])
-        .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
-        .output()
-        .unwrap();
+    let output = replay_in(dir.path(), &["--replan", "w-000", "--json"]);
     assert_eq!(output.status.code(), Some(0));
     let one: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let planned = &one["planned"][0];
@@ -1307,14 +1297,7 @@ async fn a_window_replans_each_sources_own_webhook_when_two_sent_the_same_id() {
     write(dir.path(), "10-rule.toml", &rule("simple-*"));
     let state = dir.path().join("state");
     let replay = |args: &[&str]| {
-        let output = Command::new(BIN)
-            .arg("replay")
-            .args(args)
-            .args(["--json", "--config", dir.path().to_str().unwrap()])
-            .args(["--state", state.to_str().unwrap()])
-            .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
-            .output()
-            .unwrap();
+        let output = replay_in(dir.path(), &[args, &["--json"]].concat());
         assert_eq!(output.status.code(), Some(0), "{output:?}");
         serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
     };
@@ -1354,6 +1337,21 @@ async fn a_window_replans_each_sources_own_webhook_when_two_sent_the_same_id() {
     );
     // Each replan is recorded under its own source.
     assert_eq!(replans_from(), ["github", "mirror"]);
+}
+
+/// `hookrelay replay ARGS` on the configuration folder `dir` and the state folder in it,
+/// with the token its rules name in the environment: how the replan tests run it.
+fn replay_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("replay")
+        .args(args)
+        .arg("--config")
+        .arg(dir)
+        .arg("--state")
+        .arg(dir.join("state"))
+        .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
+        .output()
+        .unwrap()
 }
 
 /// A webhook whose URL chose its ref (`?ref=stable`) keeps that choice: its answer and
@@ -2025,7 +2023,7 @@ async fn replay_failed_replan_runs_the_failed_webhooks_through_the_fixed_rules_o
     let mut served = serve_in(dir.path());
     let address = served.address();
     let state = dir.path().join("state");
-    let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
+    let state = state.to_str().unwrap();
     let failed = |n: usize| {
         let output = hookrelay(&[
             "deliveries",
@@ -2072,14 +2070,7 @@ async fn replay_failed_replan_runs_the_failed_webhooks_through_the_fixed_rules_o
 
     write(dir.path(), "10-rule.toml", &rule("acme/app"));
     let replan = || {
-        let output = Command::new(BIN)
-            .args([
-                "replay", "--failed", "--replan", "--since", "1h", "--config", config, "--state",
-                state,
-            ])
-            .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
-            .output()
-            .unwrap();
+        let output = replay_in(dir.path(), &["--failed", "--replan", "--since", "1h"]);
         assert!(output.status.success(), "{output:?}");
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
@@ -2163,13 +2154,7 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
     let state = dir.path().join("state");
     let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
     let replay = |args: &[&str]| {
-        let output = Command::new(BIN)
-            .arg("replay")
-            .args(args)
-            .args(["--config", config, "--state", state])
-            .env("HOOKRELAY_TEST_TOKEN", "glptt-x")
-            .output()
-            .unwrap();
+        let output = replay_in(dir.path(), args);
         (
             output.status.code(),
             String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -867,7 +867,8 @@ fn not_answered(within: std::time::Duration, problem: Option<String>, action: &A
     let within = humantime::format_duration(within);
     match problem {
         Some(problem) => format!(
-            "the delivery store did not answer within {within} ([server] ack_timeout): {problem}; the {} of {} waits for it and may still be carried out when it answers: look before trying it again",
+            "{}; the {} of {} waits for it and may still be carried out when it answers: look before trying it again",
+            store_did_not_answer(&within, &problem),
             action.name(),
             action.target()
         ),
@@ -877,6 +878,11 @@ fn not_answered(within: std::time::Duration, problem: Option<String>, action: &A
             action.target()
         ),
     }
+}
+
+/// The store's `problem` as the reason something did not end `within` `ack_timeout`.
+fn store_did_not_answer(within: &humantime::FormattedDuration, problem: &str) -> String {
+    format!("the delivery store did not answer within {within} ([server] ack_timeout): {problem}")
 }
 
 /// Performs the action, logs it and records who did it; its result.
@@ -1031,9 +1037,7 @@ async fn dry_run(
 fn dry_run_late(app: &App) -> String {
     let within = humantime::format_duration(app.server.ack_timeout);
     match app.outbox.health.problem() {
-        Some(problem) => format!(
-            "the delivery store did not answer within {within} ([server] ack_timeout): {problem}"
-        ),
+        Some(problem) => store_did_not_answer(&within, &problem),
         None => format!(
             "the dry run did not end within {within} ([server] ack_timeout); narrow the window (a later since, a source) to see it"
         ),

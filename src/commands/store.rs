@@ -378,56 +378,8 @@ pub fn replay_failed(
         }
         return ExitCode::SUCCESS;
     }
-    let message = |count: usize, done: &str| {
-        format!(
-            "{count} failed trigger{} {done}",
-            if count == 1 { "" } else { "s" }
-        )
-    };
-    if mode == Mode::DryRun && json {
-        let would: Vec<serde_json::Value> = failed
-            .iter()
-            .filter_map(|id| rows.iter().find(|row| row.trigger_id == Some(*id)))
-            .map(|row| {
-                serde_json::json!({
-                    "trigger": row.trigger_id,
-                    "rule": row.rule,
-                    "project": row.project,
-                    "ref": row.git_ref,
-                    "last_answer": row_state(row).1,
-                })
-            })
-            .collect();
-        print_json(&serde_json::json!({
-            "message": message(failed.len(), "would be queued again; nothing was recorded (dry run)"),
-            "would_queue": would,
-        }));
-        return ExitCode::SUCCESS;
-    }
     if mode == Mode::DryRun {
-        const SHOWN: usize = 20;
-        for id in failed.iter().take(SHOWN) {
-            let Some(row) = rows.iter().find(|row| row.trigger_id == Some(*id)) else {
-                continue;
-            };
-            println!(
-                "  trigger {id}: rule {} -> project {}, ref {}; {}",
-                row.rule.as_deref().unwrap_or_default(),
-                row.project.as_deref().unwrap_or_default(),
-                row.git_ref.as_deref().unwrap_or_default(),
-                crate::terminal::escape_controls(&row_state(row).1)
-            );
-        }
-        if failed.len() > SHOWN {
-            println!("  … and {} more", failed.len() - SHOWN);
-        }
-        println!(
-            "{}",
-            message(
-                failed.len(),
-                "would be queued again; nothing was recorded (dry run)"
-            )
-        );
+        print_failed_dry_run(&rows, &failed, json);
         return ExitCode::SUCCESS;
     }
     let queued: Vec<(i64, i64)> = match crate::outbox::replay_triggers_offline(store, &failed) {
@@ -446,7 +398,7 @@ pub fn replay_failed(
             .map(|(old, new)| serde_json::json!({ "trigger": old, "as": new }))
             .collect();
         print_json(&serde_json::json!({
-            "message": message(queued.len(), "queued again; a running relay sends them within a second"),
+            "message": failed_message(queued.len(), "queued again; a running relay sends them within a second"),
             "queued": queued,
         }));
         return ExitCode::SUCCESS;
@@ -468,6 +420,61 @@ pub fn replay_failed(
         }
     );
     ExitCode::SUCCESS
+}
+
+/// What `replay --failed --dry-run` would queue again: each of the `failed` triggers with
+/// its rule, project, ref and last answer (the first 20 as lines; all of them as JSON).
+fn print_failed_dry_run(rows: &[crate::outbox::DeliveryRow], failed: &[i64], json: bool) {
+    // Each failed trigger's row, looked up once rather than searched for each trigger.
+    let mut row_of = std::collections::HashMap::new();
+    for row in rows {
+        if let Some(id) = row.trigger_id {
+            row_of.entry(id).or_insert(row);
+        }
+    }
+    let failed_rows = failed.iter().filter_map(|id| row_of.get(id).copied());
+    let message = failed_message(
+        failed.len(),
+        "would be queued again; nothing was recorded (dry run)",
+    );
+    if json {
+        let would: Vec<serde_json::Value> = failed_rows
+            .map(|row| {
+                serde_json::json!({
+                    "trigger": row.trigger_id,
+                    "rule": row.rule,
+                    "project": row.project,
+                    "ref": row.git_ref,
+                    "last_answer": row_state(row).1,
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({ "message": message, "would_queue": would }));
+        return;
+    }
+    const SHOWN: usize = 20;
+    for row in failed_rows.take(SHOWN) {
+        println!(
+            "  trigger {}: rule {} -> project {}, ref {}; {}",
+            row.trigger_id.unwrap_or_default(),
+            row.rule.as_deref().unwrap_or_default(),
+            row.project.as_deref().unwrap_or_default(),
+            row.git_ref.as_deref().unwrap_or_default(),
+            crate::terminal::escape_controls(&row_state(row).1)
+        );
+    }
+    if failed.len() > SHOWN {
+        println!("  … and {} more", failed.len() - SHOWN);
+    }
+    println!("{message}");
+}
+
+/// `count` failed trigger(s) and what became of them.
+fn failed_message(count: usize, done: &str) -> String {
+    format!(
+        "{count} failed trigger{} {done}",
+        if count == 1 { "" } else { "s" }
+    )
 }
 
 /// Lines of "left out" shown before the rest are counted: a window of a busy source may
