@@ -142,7 +142,9 @@ fn knows_rule(
 ) -> Result<(), String> {
     match rule {
         Some(rule) if !config.rules.rules().iter().any(|r| r.name() == rule) => {
-            Err(format!("{named} has no rule named {rule:?}"))
+            // A name from a request is repeated cut to a length.
+            let rule = crate::clipped::Clipped(rule);
+            Err(format!("{named} has no rule named \"{rule}\""))
         }
         _ => Ok(()),
     }

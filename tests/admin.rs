@@ -912,6 +912,10 @@ async fn the_dashboard_backfills_a_new_rule_over_past_webhooks() {
     );
     for (query, said) in [
         ("backfill=nope&since=1h", "has no rule named"),
+        (
+            &format!("backfill={}&since=1h", "x".repeat(5000)),
+            "… (5000 bytes)",
+        ),
         ("backfill=docs&state=none&since=1h", "it takes no state"),
         ("backfill=docs&since=1h&rule=all", "narrow it by source"),
         ("backfill=docs", "needs since"),

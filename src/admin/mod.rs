@@ -649,7 +649,8 @@ impl Window {
                 "webhook with a trigger that failed for good".to_owned()
             }
             crate::replan::Replans::Rule => {
-                format!("webhook, through rule {} alone,", self.backfill)
+                let rule = crate::clipped::Clipped(&self.backfill);
+                format!("webhook, through rule {rule} alone,")
             }
         };
         what.push_str(&format!(" since {}", self.since));
@@ -688,8 +689,8 @@ impl Window {
                     "" => String::new(),
                     source => format!(" from source {source}"),
                 },
-                self.backfill,
-                self.backfill,
+                crate::clipped::Clipped(&self.backfill),
+                crate::clipped::Clipped(&self.backfill),
             ),
             _ => format!(
                 "Run every {} through the rules as they are now, and queue what they plan? Each is planned once; one that still starts nothing is left out. {preview}",
