@@ -27,6 +27,30 @@ struct Driver {
     session: String,
 }
 
+/// Whether what listens on `port` answers `GET /status` as a ready chromedriver: a plain
+/// request with a short timeout, that neither hangs nor panics on a server going away.
+fn answers_as_chromedriver(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request =
+        format!("GET /status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    // Read until the answer says it, or the server closes or stops sending.
+    let (mut answer, mut chunk) = (Vec::new(), [0u8; 4096]);
+    while let Ok(read @ 1..) = stream.read(&mut chunk) {
+        answer.extend_from_slice(&chunk[..read]);
+        if String::from_utf8_lossy(&answer).contains("\"ready\":true") {
+            return true;
+        }
+    }
+    false
+}
+
 impl Drop for Driver {
     /// Ends the browser (its session) and chromedriver, however the test ends.
     fn drop(&mut self) {
@@ -74,27 +98,7 @@ impl Driver {
             );
             return None;
         };
-        let port = free_port();
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut driver = Driver {
-            child,
-            url,
-            session: String::new(),
-        };
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let mut driver = Driver::listening().await;
         let created = driver
             .call(
                 "POST",
@@ -113,6 +117,38 @@ impl Driver {
             .unwrap_or_else(|| panic!("no session: {created}"))
             .to_owned();
         Some(driver)
+    }
+
+    /// chromedriver on a free port, once it answers there as chromedriver. A port found free
+    /// can be taken by another test before chromedriver binds it (chromedriver then exits,
+    /// and what answered the port was the other test's server): then it starts again on
+    /// another port.
+    async fn listening() -> Driver {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let port = free_port();
+            let child = Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut driver = Driver {
+                child,
+                url: format!("http://127.0.0.1:{port}"),
+                session: String::new(),
+            };
+            loop {
+                assert!(Instant::now() < deadline, "chromedriver did not start");
+                if driver.child.try_wait().is_ok_and(|ended| ended.is_some()) {
+                    break;
+                }
+                if answers_as_chromedriver(port) {
+                    return driver;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 
     async fn call(&self, method: &str, path: &str, body: Value) -> Value {
