@@ -148,8 +148,9 @@ struct ReplayArgs {
     #[arg(long, requires = "failed")]
     project: Option<String>,
     /// With --failed, --unmatched or --replan --rule: only webhooks from this source. With
-    /// --replan ID: the webhook this source sent as ID (its whole id), where two sources
-    /// sent the same one.
+    /// a delivery ID (and --replan or not): the webhook this source sent as ID (its whole
+    /// id), where two sources sent the same one (by the id alone, a replay takes both
+    /// sources' triggers and a replan the newer webhook).
     #[arg(long)]
     source: Option<String>,
     /// With --failed: only triggers of this rule. With --replan (no --failed): run the
@@ -475,12 +476,6 @@ fn replay(args: ReplayArgs) -> ExitCode {
         eprintln!("hookrelay replay: --since goes with --failed, --unmatched or --replan --rule");
         return ExitCode::from(2);
     }
-    if args.source.is_some() && !args.replan {
-        eprintln!(
-            "hookrelay replay: --source goes with --failed, --unmatched or --replan (a window, or the source whose webhook of that id to replan)"
-        );
-        return ExitCode::from(2);
-    }
     if args.rule.is_some() && !args.replan {
         eprintln!("hookrelay replay: --rule goes with --failed or --replan");
         return ExitCode::from(2);
@@ -491,11 +486,17 @@ fn replay(args: ReplayArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     };
+    if args.source.is_some() && id.starts_with("trigger:") {
+        eprintln!(
+            "hookrelay replay: --source names the sender of a delivery id; a trigger is named by its id alone"
+        );
+        return ExitCode::from(2);
+    }
     if args.replan {
         return commands::replan(&run, &id, args.source.as_deref(), args.rule.as_deref());
     }
     match args.state.location("replay") {
-        Ok(store) => commands::replay(&store, &id, args.json),
+        Ok(store) => commands::replay(&store, &id, args.source.as_deref(), args.json),
         Err(code) => code,
     }
 }

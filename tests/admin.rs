@@ -951,3 +951,131 @@ async fn the_dashboard_backfills_a_new_rule_over_past_webhooks() {
         "{projects:?}"
     );
 }
+
+/// Where two sources sent the same delivery id, the deliveries page links each source's
+/// own webhook (`?source=`), whose page, API and actions are that webhook's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_source_of_a_shared_delivery_id_has_its_own_page_and_replay() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "mirror.toml",
+        &format!(
+            "[source.mirror]\nprovider = \"github\"\nsecret = \"file:{0}/secret\"\n\
+             [[rule]]\nname = \"mirrored\"\nsource = \"mirror\"\n[rule.trigger]\nproject = \"acme/mirror\"\nref = \"main\"\n\
+             token = \"file:{0}/secret\"\n",
+            dir.path().display()
+        ),
+    );
+    let (_served, address, dashboard) = start(dir.path(), &upstream.url(), ADMIN);
+    let url = |path: &str| format!("http://{dashboard}{path}");
+    for source in ["github", "mirror"] {
+        let reply = signed_github_body(
+            &format!("http://{address}/hooks/{source}"),
+            SECRET,
+            "push",
+            "same-3",
+            common::fixture("github/push_tag.json"),
+        )
+        .await;
+        assert_eq!(reply.status, 202, "{source}: {}", reply.text());
+    }
+    let detail = |source: &'static str| {
+        let url = url(&format!("/api/deliveries/same-3?source={source}"));
+        async move { send("GET", &url, &[], "").await }
+    };
+    for _ in 0..100 {
+        let (github, mirror) = (detail("github").await.json(), detail("mirror").await.json());
+        if github["delivery"]["work"][0]["state"] == "sent"
+            && mirror["delivery"]["work"][0]["state"] == "sent"
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for (source, project) in [("github", "acme/app"), ("mirror", "acme/mirror")] {
+        let shown = detail(source).await.json();
+        assert_eq!(shown["delivery"]["source"], source, "{shown}");
+        let work = shown["delivery"]["work"].as_array().unwrap();
+        assert_eq!(work.len(), 1, "its own trigger alone: {shown}");
+        assert_eq!(work[0]["project"], project, "{shown}");
+        assert_eq!(work[0]["state"], "sent", "{shown}");
+    }
+    let listing = send("GET", &url("/deliveries"), &[], "").await.text();
+    for source in ["github", "mirror"] {
+        assert!(
+            listing.contains(&format!("href=\"/deliveries/same-3?source={source}\"")),
+            "{listing}"
+        );
+    }
+    let page = send("GET", &url("/deliveries/same-3?source=github"), &[], "")
+        .await
+        .text();
+    assert!(page.contains("From <strong>github</strong>"), "{page}");
+    assert!(
+        page.contains("<input type=\"hidden\" name=\"source\" value=\"github\">"),
+        "the page's actions name its source: {page}"
+    );
+    let nobody = detail("nobody").await;
+    assert_eq!(nobody.status, 404);
+    assert_eq!(
+        nobody.json()["message"],
+        "no delivery same-3 from source nobody in the store"
+    );
+
+    // A replay from one source's page queues that webhook's trigger alone.
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let replayed = post(
+        &url("/api/deliveries/same-3/replay?source=github"),
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(replayed.status, 200, "{}", replayed.text());
+    assert_eq!(replayed.json()["queued"].as_array().unwrap().len(), 1);
+    for _ in 0..100 {
+        if upstream.received().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let received = upstream.received();
+    assert_eq!(received.len(), 3);
+    assert!(
+        received[2].path_and_query.contains("acme%2Fapp"),
+        "{}",
+        received[2].path_and_query
+    );
+    assert_eq!(
+        detail("mirror").await.json()["delivery"]["work"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "the other source's webhook queued nothing"
+    );
+    // The confirmation of a replan names the source, and so does the form it posts.
+    let session = log_in(&url("/login")).await;
+    let confirm = send(
+        "GET",
+        &url("/deliveries/same-3/replan?source=mirror"),
+        &[("cookie", &session)],
+        "",
+    )
+    .await
+    .text();
+    assert!(
+        confirm.contains("Run delivery same-3 from source mirror through the rules"),
+        "{confirm}"
+    );
+    assert!(
+        confirm.contains("mirrored -&gt; acme&#x2f;mirror main")
+            || confirm.contains("mirrored -&gt; acme/mirror main"),
+        "the dry run plans the mirror's rule: {confirm}"
+    );
+    assert!(
+        confirm.contains("&#x2f;replan?source=mirror\""),
+        "{confirm}"
+    );
+}

@@ -319,14 +319,16 @@ async fn a_browser_logs_in_opens_a_delivery_replays_it_and_sees_the_new_attempt(
     assert!(list.contains("Log out"), "logged in: {list}");
     driver.wait_for_text("sent").await;
     driver.screenshot("deliveries").await;
-    driver.click("a[href='/deliveries/delivery-1']").await;
+    driver
+        .click("a[href='/deliveries/delivery-1?source=github']")
+        .await;
     let detail = driver.wait_for_text("Triggers and statuses").await;
     assert!(detail.contains("✓ docs-on-tag"), "{detail}");
     assert!(detail.contains("✗ releases"), "{detail}");
     driver.screenshot("delivery").await;
     driver.click("form[action$='/replay'] button").await;
     driver
-        .wait_for_text("Queue every trigger of delivery delivery-1 again")
+        .wait_for_text("Queue every trigger of delivery delivery-1 from source github again")
         .await;
     driver.click("#confirm button[type=submit]").await;
     let after = driver.wait_for_text("queued again as trigger").await;

@@ -1268,33 +1268,11 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
 async fn a_window_replans_each_sources_own_webhook_when_two_sent_the_same_id() {
     let upstream = RecordingUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "secret", "s3cret-for-the-tests");
-    write(
-        dir.path(),
-        "00-relay.toml",
-        &(github_relay(&upstream.url())
-            + "[source.mirror]\nprovider = \"github\"\nsecret = \"file:secret\"\n"),
-    );
-    let rule = |refs: &str| {
-        releases_rule(refs).replace("source = \"github\"", "source = [\"github\", \"mirror\"]")
-    };
-    write(dir.path(), "10-rule.toml", &rule("release-*"));
+    two_github_sources(dir.path(), &upstream.url(), "release-*");
     let mut served = serve_in(dir.path());
-    let address = served.address();
-    for source in ["github", "mirror"] {
-        let url = format!("http://{address}/hooks/{source}");
-        let reply = signed_github(
-            &url,
-            "s3cret-for-the-tests",
-            "push",
-            "same-1",
-            "github/push_tag.json",
-        )
-        .await;
-        assert_eq!(reply.status, 200, "{source}: {}", reply.text());
-    }
+    send_from_both(&served.address(), "same-1", 200).await;
     drop(served);
-    write(dir.path(), "10-rule.toml", &rule("simple-*"));
+    write(dir.path(), "10-rule.toml", &rule_for_both("simple-*"));
     let state = dir.path().join("state");
     let replay = |args: &[&str]| {
         let output = replay_in(dir.path(), &[args, &["--json"]].concat());
@@ -1305,25 +1283,7 @@ async fn a_window_replans_each_sources_own_webhook_when_two_sent_the_same_id() {
     // name the newer).
     let said = replay(&["--replan", "same-1", "--source", "github"]);
     assert_eq!(said["planned"].as_array().unwrap().len(), 1, "{said}");
-    let replans_from = || {
-        let listed = hookrelay(&[
-            "deliveries",
-            "--state",
-            state.to_str().unwrap(),
-            "--delivery",
-            "same-1~replan-",
-            "--json",
-        ]);
-        let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-        let mut sources: Vec<String> = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|row| row["source"].as_str().unwrap().to_owned())
-            .collect();
-        sources.sort_unstable();
-        sources
-    };
+    let replans_from = || listed_sources(&state, &["--delivery", "same-1~replan-"]);
     assert_eq!(replans_from(), ["github"]);
     // The window plans the other source's, and leaves the one replanned already.
     let said = replay(&["--unmatched", "--since", "1h"]);
@@ -1337,6 +1297,111 @@ async fn a_window_replans_each_sources_own_webhook_when_two_sent_the_same_id() {
     );
     // Each replan is recorded under its own source.
     assert_eq!(replans_from(), ["github", "mirror"]);
+}
+
+/// Where two sources sent the same delivery id, `replay ID --source NAME` queues again that
+/// source's triggers alone; the id alone takes both sources', as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_is_replayed_by_its_source_when_two_sent_the_same_id() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    two_github_sources(dir.path(), &upstream.url(), "simple-*");
+    let mut served = serve_in(dir.path());
+    send_from_both(&served.address(), "same-2", 202).await;
+    upstream.wait_for_calls(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(served.terminate().0, Some(0));
+
+    let state = dir.path().join("state");
+    let queued_sources = || listed_sources(&state, &["--delivery", "same-2", "--status", "queued"]);
+    let state = state.to_str().unwrap();
+    let output = hookrelay(&[
+        "replay", "--state", state, "same-2", "--source", "mirror", "--json",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(said["queued"].as_array().unwrap().len(), 1, "{said}");
+    assert!(
+        said["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("delivery same-2 from source mirror queued again as trigger"),
+        "{said}"
+    );
+    assert_eq!(queued_sources(), ["mirror"]);
+    // A source that sent no such id, and a trigger named with a source, are refused.
+    let output = hookrelay(&["replay", "--state", state, "same-2", "--source", "nobody"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("no delivery \"same-2\" from source nobody in the store"),
+        "{said}"
+    );
+    let output = hookrelay(&[
+        "replay",
+        "--state",
+        state,
+        "trigger:1",
+        "--source",
+        "mirror",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    // By the id alone, both sources' triggers.
+    let output = hookrelay(&["replay", "--state", state, "same-2", "--json"]);
+    assert!(output.status.success(), "{output:?}");
+    let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(said["queued"].as_array().unwrap().len(), 2, "{said}");
+    assert_eq!(queued_sources(), ["github", "mirror", "mirror"]);
+}
+
+/// A relay in `dir` with two GitHub sources, `github` and `mirror`, and the releases rule
+/// for tags `refs` on both: how the tests of a delivery id two sources sent set up.
+fn two_github_sources(dir: &std::path::Path, upstream: &str, refs: &str) {
+    write(dir, "secret", "s3cret-for-the-tests");
+    write(
+        dir,
+        "00-relay.toml",
+        &(github_relay(upstream)
+            + "[source.mirror]\nprovider = \"github\"\nsecret = \"file:secret\"\n"),
+    );
+    write(dir, "10-rule.toml", &rule_for_both(refs));
+}
+
+/// The releases rule for tags `refs`, for both of [`two_github_sources`].
+fn rule_for_both(refs: &str) -> String {
+    releases_rule(refs).replace("source = \"github\"", "source = [\"github\", \"mirror\"]")
+}
+
+/// GitHub's tag push as delivery `id` from both of [`two_github_sources`], each answered
+/// with `status`.
+async fn send_from_both(address: &str, id: &str, status: u16) {
+    for source in ["github", "mirror"] {
+        let url = format!("http://{address}/hooks/{source}");
+        let reply = signed_github(
+            &url,
+            "s3cret-for-the-tests",
+            "push",
+            id,
+            "github/push_tag.json",
+        )
+        .await;
+        assert_eq!(reply.status, status, "{source}: {}", reply.text());
+    }
+}
+
+/// The source of each row `hookrelay deliveries ARGS` lists from `state`, sorted.
+fn listed_sources(state: &std::path::Path, args: &[&str]) -> Vec<String> {
+    let state = state.to_str().unwrap();
+    let listed = hookrelay(&[&["deliveries", "--state", state, "--json"], args].concat());
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let mut sources: Vec<String> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["source"].as_str().unwrap().to_owned())
+        .collect();
+    sources.sort_unstable();
+    sources
 }
 
 /// `hookrelay replay ARGS` on the configuration folder `dir` and the state folder in it,
@@ -2058,13 +2123,7 @@ async fn replay_failed_replan_runs_the_failed_webhooks_through_the_fixed_rules_o
     // w-2's trigger is sent again by hand, and GitLab takes it this time.
     let output = hookrelay(&["replay", "--state", state, "delivery:w-2"]);
     assert!(output.status.success(), "{output:?}");
-    for _ in 0..100 {
-        if upstream.received().len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(upstream.received().len(), 3);
+    upstream.wait_for_calls(3).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(served.terminate().0, Some(0));
 
@@ -2276,10 +2335,11 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
         said.contains("--since goes with --failed, --unmatched or --replan --rule"),
         "{said}"
     );
+    // With a delivery id, --source names its sender; this webhook queued nothing.
     let (code, _, said) = replay(&["--source", "github", "u-tag"]);
-    assert_eq!(code, Some(2));
+    assert_eq!(code, Some(1), "{said}");
     assert!(
-        said.contains("--source goes with --failed, --unmatched or --replan"),
+        said.contains("delivery \"u-tag\" from source github queued no trigger to replay"),
         "{said}"
     );
     let (code, _, said) = replay(&["--dry-run", "u-tag"]);

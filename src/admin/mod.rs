@@ -265,22 +265,24 @@ async fn route(
     match (&parts.method, segments.as_slice()) {
         (&Method::GET, [""]) => redirect("/deliveries"),
         (&Method::GET, ["deliveries"]) => deliveries_page(app, &page, query),
-        (&Method::GET, ["deliveries", id]) => delivery_page(app, &page, id),
+        (&Method::GET, ["deliveries", id]) => delivery_page(app, &page, &Webhook::named(id, query)),
         (&Method::GET, ["health"]) => render("health.html", &page, json!({ "title": "Health", "h": view::health(app) })),
         (&Method::GET, ["rules"]) => render("rules.html", &page, json!({ "title": "Rules", "c": view::configuration(app) })),
         (&Method::GET, ["deliveries", id, action @ ("replay" | "replan")]) => {
+            let webhook = Webhook::named(id, query);
+            let named = webhook.describe();
             let question = if *action == "replay" {
-                format!("Queue every trigger of delivery {id} again, as new triggers?")
+                format!("Queue every trigger of {named} again, as new triggers?")
             } else {
-                let delivery = (*id).to_owned();
+                let delivery = webhook.clone();
                 let preview = dry_run(app, move |app| {
                     replan_delivery(app, &delivery, crate::replan::Mode::DryRun)
                         .map(|replanned| format!("it would queue {}", planned(&replanned)))
                 })
                 .await;
-                format!("Run delivery {id} through the rules as they are now, and queue what they plan? {preview}")
+                format!("Run {named} through the rules as they are now, and queue what they plan? {preview}")
             };
-            confirm(&page, &format!("/deliveries/{}/{action}", encode(id)), &format!("/deliveries/{}", encode(id)), &question)
+            confirm(&page, &webhook.path(action), &webhook.path(""), &question)
         }
         (&Method::GET, ["replan"]) => match Window::parse(query) {
             Ok(window) => {
@@ -315,7 +317,7 @@ async fn route(
             response
         }
         (&Method::POST, ["deliveries", id, action @ ("replay" | "replan")]) => {
-            act(app, &admin, &access, &parts, body, peer, Action::delivery(action, id), false).await
+            act(app, &admin, &access, &parts, body, peer, Action::delivery(action, Webhook::named(id, query)), false).await
         }
         (&Method::POST, ["triggers", id, action @ ("cancel" | "replay")]) => {
             act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), false).await
@@ -333,14 +335,14 @@ async fn route(
                 },
             }
         }
-        (&Method::GET, ["api", "deliveries", id]) => match view::detail(app, id) {
+        (&Method::GET, ["api", "deliveries", id]) => match view::detail(app, &Webhook::named(id, query)) {
             Ok(detail) => json_answer(StatusCode::OK, &detail),
             Err((status, message)) => json_answer(status, &json!({ "message": message })),
         },
         (&Method::GET, ["api", "health"]) => json_answer(StatusCode::OK, &view::health(app)),
         (&Method::GET, ["api", "configuration"]) => json_answer(StatusCode::OK, &view::configuration(app)),
         (&Method::POST, ["api", "deliveries", id, action @ ("replay" | "replan")]) => {
-            act(app, &admin, &access, &parts, body, peer, Action::delivery(action, id), true).await
+            act(app, &admin, &access, &parts, body, peer, Action::delivery(action, Webhook::named(id, query)), true).await
         }
         (&Method::POST, ["api", "triggers", id, action @ ("cancel" | "replay")]) => {
             act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), true).await
@@ -507,12 +509,12 @@ fn replan_link(filters: &view::Filters) -> Option<String> {
         .map(|window| format!("/replan?{}", window.query()))
 }
 
-fn delivery_page(app: &App, page: &Page<'_>, id: &str) -> Response<Full<Bytes>> {
-    match view::detail(app, id) {
+fn delivery_page(app: &App, page: &Page<'_>, webhook: &Webhook) -> Response<Full<Bytes>> {
+    match view::detail(app, webhook) {
         Ok(detail) => render(
             "delivery.html",
             page,
-            json!({ "title": format!("Delivery {id}"), "d": detail }),
+            json!({ "title": format!("Delivery {}", webhook.id), "d": detail }),
         ),
         Err((status, message)) => {
             let mut response = render(
@@ -544,11 +546,59 @@ fn confirm(page: &Page<'_>, action: &str, back: &str, question: &str) -> Respons
     )
 }
 
+/// A stored webhook as a page or an action names it: by its delivery id, and by the
+/// source that sent it where two sources sent the same id (`?source=NAME`, which the
+/// deliveries page's links carry). By the id alone, a page shows the newer webhook, a
+/// replay takes both sources' triggers and a replan the newer webhook, as `hookrelay
+/// replay` does.
+#[derive(Clone)]
+pub struct Webhook {
+    pub id: String,
+    pub source: Option<String>,
+}
+
+impl Webhook {
+    /// The webhook `id` names, with the `source` of the request's `query` if it has one.
+    fn named(id: &str, query: Option<&str>) -> Webhook {
+        let source = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find(|(key, value)| key == "source" && !value.is_empty())
+            .map(|(_, value)| value.into_owned());
+        Webhook {
+            id: id.to_owned(),
+            source,
+        }
+    }
+
+    /// `delivery ID`, and `from source NAME` where the source was named.
+    pub(super) fn describe(&self) -> String {
+        match &self.source {
+            Some(source) => format!(
+                "delivery {} from source {}",
+                self.id,
+                crate::clipped::Clipped(source)
+            ),
+            None => format!("delivery {}", self.id),
+        }
+    }
+
+    /// Its page (`action` empty) or an action's path, with its source.
+    fn path(&self, action: &str) -> String {
+        let mut path = format!("/deliveries/{}", encode(&self.id));
+        if !action.is_empty() {
+            path = format!("{path}/{action}");
+        }
+        match &self.source {
+            Some(source) => format!("{path}?source={}", encode(source)),
+            None => path,
+        }
+    }
+}
+
 /// An action and what it acts on.
 #[derive(Clone)]
 enum Action {
-    ReplayDelivery(String),
-    Replan(String),
+    ReplayDelivery(Webhook),
+    Replan(Webhook),
     /// Every webhook of a window that failed for good or matched no rule, replanned; or
     /// every webhook of a window through one rule (a backfill).
     ReplanWindow(Window),
@@ -757,10 +807,10 @@ impl Window {
 }
 
 impl Action {
-    fn delivery(action: &str, id: &str) -> Action {
+    fn delivery(action: &str, webhook: Webhook) -> Action {
         match action {
-            "replay" => Action::ReplayDelivery(id.to_owned()),
-            _ => Action::Replan(id.to_owned()),
+            "replay" => Action::ReplayDelivery(webhook),
+            _ => Action::Replan(webhook),
         }
     }
 
@@ -787,7 +837,7 @@ impl Action {
 
     fn target(&self) -> String {
         match self {
-            Action::ReplayDelivery(id) | Action::Replan(id) => format!("delivery {id}"),
+            Action::ReplayDelivery(webhook) | Action::Replan(webhook) => webhook.describe(),
             Action::ReplanWindow(window) => format!("every {}", window.describe()),
             Action::ReplayTrigger(id) | Action::Cancel(id) => format!("trigger {id}"),
             Action::Invalid(what) => what.clone(),
@@ -851,7 +901,11 @@ async fn act(
         return json_answer(status, &answer);
     }
     let back = match &action {
-        Action::ReplayDelivery(id) | Action::Replan(id) => format!("/deliveries/{}?", encode(id)),
+        Action::ReplayDelivery(webhook) | Action::Replan(webhook) => {
+            let page = webhook.path("");
+            let join = if page.contains('?') { '&' } else { '?' };
+            format!("{page}{join}")
+        }
         Action::ReplanWindow(window) => format!("{}&", window.listing()),
         _ => "/deliveries?".to_owned(),
     };
@@ -935,29 +989,37 @@ impl Done {
 async fn perform(app: &App, action: &Action) -> Result<Done, String> {
     let location = || view::location(app);
     match action {
-        Action::ReplayDelivery(id) => app
+        Action::ReplayDelivery(Webhook { id, source: None }) => app
             .outbox
             .replay(crate::outbox::ReplayTarget::Delivery(id.clone()))
             .await
             .map(|ids| Done::triggers("queued", "queued again as", &ids))
             .map_err(|err| err.to_string()),
+        Action::ReplayDelivery(Webhook {
+            id,
+            source: Some(source),
+        }) => {
+            let location = location()?;
+            crate::store::blocking(|| crate::outbox::replay_from_offline(&location, source, id))
+                .map(|ids| Done::triggers("queued", "queued again as", &ids))
+                .map_err(|err| err.to_string())
+        }
         Action::ReplayTrigger(id) => app
             .outbox
             .replay(crate::outbox::ReplayTarget::Trigger(*id))
             .await
             .map(|ids| Done::triggers("queued", "queued again as", &ids))
             .map_err(|err| err.to_string()),
-        Action::Replan(id) => {
-            crate::store::blocking(|| replan_delivery(app, id, crate::replan::Mode::Record)).map(
-                |replanned| Done {
+        Action::Replan(webhook) => {
+            crate::store::blocking(|| replan_delivery(app, webhook, crate::replan::Mode::Record))
+                .map(|replanned| Done {
                     message: format!(
                         "delivery {} queued trigger(s) {}",
                         replanned.delivery(),
                         list(&replanned.trigger_ids())
                     ),
                     detail: json!({ "planned": [replanned.to_json()] }),
-                },
-            )
+                })
         }
         Action::ReplanWindow(window) => {
             crate::store::blocking(|| window.replan(app, crate::replan::Mode::Record))
@@ -1064,7 +1126,7 @@ async fn within_ack_timeout<T: Send + 'static>(
 /// One stored webhook through the running configuration's rules.
 fn replan_delivery(
     app: &App,
-    delivery: &str,
+    webhook: &Webhook,
     mode: crate::replan::Mode,
 ) -> Result<crate::replan::Replanned, String> {
     let location = view::location(app)?;
@@ -1072,7 +1134,7 @@ fn replan_delivery(
         &app.runtime().config,
         RUNNING,
         &location,
-        (None, delivery),
+        (webhook.source.as_deref(), &webhook.id),
         mode,
         None,
     )

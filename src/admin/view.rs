@@ -289,23 +289,28 @@ pub type DetailError = (http::StatusCode, String);
 
 /// Everything about one delivery: its work, the stored webhook and what the rules make
 /// of it today.
-pub fn detail(app: &App, id: &str) -> Result<Value, DetailError> {
+pub fn detail(app: &App, webhook: &super::Webhook) -> Result<Value, DetailError> {
     // Found by its id first (a few index lookups), then its rows listed from around the
     // moment it came: a listing by id alone read every delivery in the store, and could
-    // miss an id that starts 500 newer ones ("1" before "10", "11", …).
+    // miss an id that starts 500 newer ones ("1" before "10", "11", …). Its rows are its
+    // source's: where two sources sent the same id, the other's are another webhook's.
+    let id = webhook.id.as_str();
     let unreadable =
         |err: crate::outbox::StoreError| (http::StatusCode::SERVICE_UNAVAILABLE, err.to_string());
-    let stored = app.outbox.stored(id).map_err(|err| match err.refused {
+    let stored = match &webhook.source {
+        None => app.outbox.stored(id),
+        Some(source) => app.outbox.stored_from(source, id),
+    };
+    let stored = stored.map_err(|err| match err.refused {
         true => (
             http::StatusCode::NOT_FOUND,
-            format!("no delivery {id:?} in the store"),
+            format!("no {} in the store", webhook.describe()),
         ),
         false => unreadable(err),
     })?;
     let filter = ListFilter {
-        delivery: Some(id.to_owned()),
-        since: Some(stored.received_at - 1_000),
-        until: Some(stored.received_at + 1_000),
+        source: Some(stored.source.clone()),
+        whole_delivery: Some(stored.delivery_id.clone()),
         limit: 500,
         ..ListFilter::default()
     };
@@ -313,7 +318,6 @@ pub fn detail(app: &App, id: &str) -> Result<Value, DetailError> {
         .outbox
         .read(|engine| engine.list(&filter))
         .map_err(unreadable)?;
-    let rows: Vec<DeliveryRow> = rows.into_iter().filter(|r| r.delivery_id == id).collect();
     let summary: Value = rows
         .first()
         .and_then(|r| serde_json::from_str(&r.summary).ok())
@@ -321,7 +325,7 @@ pub fn detail(app: &App, id: &str) -> Result<Value, DetailError> {
     let Some(delivery) = group(rows, crate::outbox::now_ms()).into_iter().next() else {
         return Err((
             http::StatusCode::NOT_FOUND,
-            format!("no delivery {id:?} in the store"),
+            format!("no {} in the store", webhook.describe()),
         ));
     };
     let stored = Some(stored);

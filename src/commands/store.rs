@@ -289,10 +289,26 @@ pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget, json:
     ExitCode::SUCCESS
 }
 
-/// `hookrelay replay ID`: queues a trigger, or every trigger of a delivery, again.
-pub fn replay(store: &StoreLocation, target: &str, json: bool) -> ExitCode {
-    let target = ReplayTarget::parse(target);
-    match crate::outbox::replay_offline(store, &target) {
+/// `hookrelay replay ID`: queues a trigger, or every trigger of a delivery, again; with
+/// `source`, the triggers of the webhook that source sent as ID (its whole id).
+pub fn replay(store: &StoreLocation, target: &str, source: Option<&str>, json: bool) -> ExitCode {
+    let (target, replayed) = match source {
+        Some(source) => {
+            let id = target.strip_prefix("delivery:").unwrap_or(target);
+            (
+                format!("delivery {id} from source {source}"),
+                crate::outbox::replay_from_offline(store, source, id),
+            )
+        }
+        None => {
+            let target = ReplayTarget::parse(target);
+            (
+                target.to_string(),
+                crate::outbox::replay_offline(store, &target),
+            )
+        }
+    };
+    match replayed {
         Ok(ids) => {
             let listed: Vec<String> = ids.iter().map(ToString::to_string).collect();
             let message = format!(

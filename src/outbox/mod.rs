@@ -31,7 +31,8 @@ use tokio::sync::oneshot;
 
 pub use new_work::NewWork;
 pub use offline::{
-    OfflineStore, cancel_offline, list, replay_offline, replay_triggers_offline, stored_webhook,
+    OfflineStore, cancel_offline, list, replay_from_offline, replay_offline,
+    replay_triggers_offline, stored_webhook,
 };
 
 use crate::store::lock::{StateLock, lock_state_folder};
@@ -636,6 +637,23 @@ impl Outbox {
     /// A stored webhook by its delivery id (or a unique start of one), on the reader.
     pub fn stored(&self, delivery_id: &str) -> Result<StoredWebhook, StoreError> {
         self.read(|engine| offline::stored_in(engine, delivery_id))
+    }
+
+    /// The stored webhook `source` sent as `delivery_id` (its whole id).
+    pub fn stored_from(
+        &self,
+        source: &str,
+        delivery_id: &str,
+    ) -> Result<StoredWebhook, StoreError> {
+        self.read(|engine| {
+            engine
+                .stored_webhook_from(source, delivery_id)?
+                .ok_or_else(|| {
+                    EngineError::refused(format!(
+                        "no delivery {delivery_id:?} from source {source} in the store"
+                    ))
+                })
+        })
     }
 
     /// Triggers waiting or being sent, and how long the earliest-due one has been due.

@@ -217,6 +217,19 @@ pub fn replay_offline(
     })
 }
 
+/// Re-queues the triggers of the webhook `source` sent as `delivery_id` (its whole id),
+/// from outside the server (`hookrelay replay ID --source NAME`, the dashboard's page of
+/// one delivery): where two sources sent the same id, the id alone names both.
+pub fn replay_from_offline(
+    location: &StoreLocation,
+    source: &str,
+    delivery_id: &str,
+) -> Result<Vec<i64>, StoreError> {
+    offline(location, |engine| {
+        crate::store::replay_from(engine, source, delivery_id, now_ms())
+    })
+}
+
 /// Re-queues several triggers from outside the server (`hookrelay replay --failed`): one
 /// store connection and one transaction for all of them, so either every one is queued
 /// again or none is. Returns each trigger with the ids of its replays.

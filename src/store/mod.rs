@@ -388,6 +388,58 @@ pub fn replay_refusal(id: i64, state: &str, token_ref: &str) -> Option<EngineErr
     })
 }
 
+/// The refusal of a replay that found nothing to queue: an unknown trigger or delivery, or
+/// a delivery that queued no trigger (`stored`: it is in the store), which `replay
+/// --replan` runs through today's rules instead.
+pub fn nothing_to_replay(target: &ReplayTarget, stored: bool) -> EngineError {
+    match (target, stored) {
+        (ReplayTarget::Delivery(id), true) => EngineError::refused(format!(
+            "delivery {id} queued no trigger to replay (it matched no rule, or was a ping); `hookrelay replay --replan {id}` runs it through today's rules"
+        )),
+        _ => EngineError::refused(format!("{target} is not in the store")),
+    }
+}
+
+/// Queues again the triggers of the webhook `source` sent as `delivery_id` (its whole
+/// id), in the engine's open transaction: where two sources sent the same id, a replay of
+/// the id alone takes both sources' triggers. Each is refused as a trigger replay would be.
+pub fn replay_from(
+    engine: &mut dyn Engine,
+    source: &str,
+    delivery_id: &str,
+    now: i64,
+) -> Result<Vec<i64>, EngineError> {
+    // A webhook's own rows: one per trigger or status it queued, a handful.
+    const ITS_ROWS: usize = 10_000;
+    let rows = engine.list(&ListFilter {
+        source: Some(source.to_owned()),
+        whole_delivery: Some(delivery_id.to_owned()),
+        limit: ITS_ROWS,
+        ..ListFilter::default()
+    })?;
+    if rows.is_empty() {
+        return Err(EngineError::refused(format!(
+            "no delivery {delivery_id:?} from source {source} in the store"
+        )));
+    }
+    let mut originals: Vec<i64> = rows
+        .iter()
+        .filter(|row| row.replay_of.is_none() && row.kind.as_deref() == Some("trigger"))
+        .filter_map(|row| row.trigger_id)
+        .collect();
+    originals.sort_unstable();
+    if originals.is_empty() {
+        return Err(EngineError::refused(format!(
+            "delivery {delivery_id:?} from source {source} queued no trigger to replay"
+        )));
+    }
+    let mut queued = Vec::new();
+    for id in originals {
+        queued.extend(engine.replay(&ReplayTarget::Trigger(id), now)?);
+    }
+    Ok(queued)
+}
+
 /// What recording a delivery did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Accepted {

@@ -778,9 +778,22 @@ impl Engine for PostgresEngine {
                 .map_err(error)?,
         };
         if rows.is_empty() {
-            return Err(EngineError::refused(format!(
-                "{target} is not in the store"
-            )));
+            let stored = match target {
+                ReplayTarget::Delivery(delivery) => self
+                    .client()
+                    .query_one(
+                        &format!(
+                            "{BY_DELIVERY_ID} SELECT EXISTS (SELECT 1 FROM sources,
+                                 LATERAL (SELECT id FROM hr_deliveries d
+                                          WHERE d.source = sources.source AND d.delivery_id = $1 LIMIT 1) d)"
+                        ),
+                        &[delivery],
+                    )
+                    .map_err(error)?
+                    .get(0),
+                ReplayTarget::Trigger(_) => false,
+            };
+            return Err(super::nothing_to_replay(target, stored));
         }
         let mut new_ids = Vec::new();
         // Each delivery locked once, however many of its triggers are replayed.

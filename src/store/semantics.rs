@@ -557,12 +557,63 @@ pub fn deliveries_are_found_by_their_id_in_every_source(engine: &mut dyn Engine)
             .unwrap()
     });
     assert_eq!(replayed.len(), 2, "both sources' triggers: {replayed:?}");
-    let projects: Vec<String> = claim(engine, 2, 10)
-        .into_iter()
-        .map(|t| t.project)
-        .collect();
+    let claimed = claim(engine, 2, 10);
+    let projects: Vec<&str> = claimed.iter().map(|t| t.project.as_str()).collect();
     assert_eq!(projects.len(), 2);
-    assert!(projects.contains(&"p1".to_owned()) && projects.contains(&"p2".to_owned()));
+    assert!(projects.contains(&"p1") && projects.contains(&"p2"));
+    // By its source: that source's original triggers alone, not the replays, not the
+    // other source's.
+    for due in claimed {
+        record(engine, due.lease, failed(), 3);
+    }
+    let from_gh = tx(engine, |e| {
+        super::replay_from(e, "gh", "shared", 4).unwrap()
+    });
+    assert_eq!(from_gh.len(), 1, "{from_gh:?}");
+    let claimed = claim(engine, 4, 10);
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|t| t.project.as_str())
+            .collect::<Vec<_>>(),
+        ["p1"]
+    );
+    let absent = tx(engine, |e| super::replay_from(e, "gh", "mine", 5)).unwrap_err();
+    assert!(
+        absent.refused
+            && absent
+                .message
+                .contains("no delivery \"mine\" from source gh in the store"),
+        "{absent}"
+    );
+    let mut nothing = delivery("quiet", Vec::new());
+    nothing.source = "gh".into();
+    tx(engine, |e| e.insert_delivery(&nothing, 5).unwrap());
+    let quiet = tx(engine, |e| super::replay_from(e, "gh", "quiet", 6)).unwrap_err();
+    assert!(
+        quiet.refused && quiet.message.contains("queued no trigger to replay"),
+        "{quiet}"
+    );
+    // By the id alone too: a webhook that queued nothing is not said to be missing.
+    let quiet = tx(engine, |e| {
+        e.replay(&ReplayTarget::Delivery("quiet".into()), 6)
+    })
+    .unwrap_err();
+    assert!(
+        quiet.refused
+            && quiet
+                .message
+                .starts_with("delivery quiet queued no trigger to replay"),
+        "{quiet}"
+    );
+    let absent = tx(engine, |e| {
+        e.replay(&ReplayTarget::Delivery("absent".into()), 6)
+    })
+    .unwrap_err();
+    assert!(
+        absent.refused && absent.message == "delivery absent is not in the store",
+        "{absent}"
+    );
 }
 
 pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {

@@ -1158,9 +1158,20 @@ fn replay(engine: &SqliteEngine, target: &ReplayTarget, now: i64) -> Result<Vec<
             .map_err(error)?,
     };
     if ids.is_empty() {
-        return Err(EngineError::refused(format!(
-            "{target} is not in the store"
-        )));
+        let stored = match target {
+            ReplayTarget::Delivery(delivery) => conn
+                .query_row(
+                    &format!(
+                        "{BY_DELIVERY_ID} SELECT EXISTS (SELECT 1 FROM sources CROSS JOIN deliveries d
+                                                          WHERE d.source = sources.source AND d.delivery_id = ?1)"
+                    ),
+                    params![delivery],
+                    |row| row.get(0),
+                )
+                .map_err(error)?,
+            ReplayTarget::Trigger(_) => false,
+        };
+        return Err(super::nothing_to_replay(target, stored));
     }
     let mut new_ids = Vec::new();
     for (id, state, token_ref, order_key) in ids {

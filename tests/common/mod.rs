@@ -221,6 +221,17 @@ impl RecordingUpstream {
         self.received.lock().unwrap().clone()
     }
 
+    /// Waits up to 5 s for the `n`th call, then says how many came.
+    pub async fn wait_for_calls(&self, n: usize) {
+        for _ in 0..100 {
+            if self.received().len() >= n {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(self.received().len(), n, "calls received");
+    }
+
     pub fn only(&self) -> Received {
         let received = self.received();
         assert_eq!(
