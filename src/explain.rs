@@ -112,7 +112,7 @@ impl Webhook {
                     config.store.clone(),
                 )?;
                 let stored =
-                    crate::outbox::stored_webhook(&location, id).map_err(|err| err.to_string())?;
+                    stored_webhook(&location, id, request.source).map_err(|err| err.to_string())?;
                 Ok(Webhook {
                     source: Some(stored.source),
                     headers: stored.headers,
@@ -135,6 +135,25 @@ impl Webhook {
             _ => Err("give either a payload file or --delivery ID".into()),
         }
     }
+}
+
+/// The stored webhook of delivery id `id`: with `--source`, the one that source sent where
+/// it sent that id (two sources may send the same one); else the newest with that id (or a
+/// unique start of one), which `--source` then explains through another source's
+/// configuration.
+fn stored_webhook(
+    location: &crate::store::StoreLocation,
+    id: &str,
+    source: Option<&str>,
+) -> Result<crate::outbox::StoredWebhook, crate::outbox::StoreError> {
+    let mut store = crate::outbox::OfflineStore::open(location)?;
+    if let Some(source) = source {
+        match store.stored_webhook_from(source, id) {
+            Err(err) if err.refused => {}
+            sent => return sent,
+        }
+    }
+    store.stored_webhook(id)
 }
 
 /// The source named by `--source`, else the one a stored delivery arrived on.

@@ -197,7 +197,9 @@ struct CancelArgs {
 struct ExplainArgs {
     #[command(flatten)]
     config: ConfigArg,
-    /// The [source.NAME] the payload arrives on (a stored delivery knows its own).
+    /// The [source.NAME] the payload arrives on. With --delivery: that source's webhook of
+    /// the id, where two sources sent it; else the stored webhook read through this
+    /// source's rules (a stored delivery knows its own).
     #[arg(long)]
     source: Option<String>,
     /// Explain a delivery from the state folder, by its delivery id, instead of a file.

@@ -1346,6 +1346,44 @@ async fn a_delivery_is_replayed_by_its_source_when_two_sent_the_same_id() {
         "mirror",
     ]);
     assert_eq!(output.status.code(), Some(2), "{output:?}");
+    // explain --delivery with --source reads that source's webhook; by the id alone, the
+    // newer; with a source that did not send it, the newer through that source's rules.
+    let config = dir.path().to_str().unwrap();
+    for (source, tag) in [
+        (Some("github"), "refs/tags/simple-tag"),
+        (Some("mirror"), "refs/tags/simple-mirrored"),
+        (None, "refs/tags/simple-mirrored"),
+        (Some("other"), "refs/tags/simple-mirrored"),
+    ] {
+        let mut args = vec![
+            "explain",
+            "--config",
+            config,
+            "--state",
+            state,
+            "--delivery",
+            "same-2",
+        ];
+        args.extend(
+            source
+                .map(|source| ["--source", source])
+                .into_iter()
+                .flatten(),
+        );
+        let output = hookrelay(&args);
+        let said = String::from_utf8_lossy(&output.stdout);
+        match source {
+            Some("other") => {
+                assert_eq!(output.status.code(), Some(1), "{output:?}");
+                let said = String::from_utf8_lossy(&output.stderr);
+                assert!(said.contains("other"), "{said}");
+            }
+            _ => {
+                assert!(output.status.success(), "{source:?}: {output:?}");
+                assert!(said.contains(tag), "{source:?}: {said}");
+            }
+        }
+    }
     // By the id alone, both sources' triggers.
     let output = hookrelay(&["replay", "--state", state, "same-2", "--json"]);
     assert!(output.status.success(), "{output:?}");
@@ -1373,18 +1411,18 @@ fn rule_for_both(refs: &str) -> String {
 }
 
 /// GitHub's tag push as delivery `id` from both of [`two_github_sources`], each answered
-/// with `status`.
+/// with `status`: `simple-tag` from `github`, and from `mirror` renamed `simple-mirrored`
+/// (so that each webhook's explanation tells which it read).
 async fn send_from_both(address: &str, id: &str, status: u16) {
-    for source in ["github", "mirror"] {
+    let push = String::from_utf8(common::fixture("github/push_tag.json")).unwrap();
+    for (source, push) in [
+        ("github", push.clone()),
+        ("mirror", push.replace("simple-tag", "simple-mirrored")),
+    ] {
         let url = format!("http://{address}/hooks/{source}");
-        let reply = signed_github(
-            &url,
-            "s3cret-for-the-tests",
-            "push",
-            id,
-            "github/push_tag.json",
-        )
-        .await;
+        let reply =
+            common::signed_github_body(&url, "s3cret-for-the-tests", "push", id, push.into_bytes())
+                .await;
         assert_eq!(reply.status, status, "{source}: {}", reply.text());
     }
 }
