@@ -489,9 +489,15 @@ impl Metrics {
 
     /// An answer from GitLab; `None` when none came (network error, timeout).
     pub fn upstream_response(&self, upstream: &str, status: Option<u16>) {
-        let class = match status {
-            Some(s) => format!("{}xx", s / 100),
-            None => "error".into(),
+        // The usual classes without formatting: this runs for every send.
+        let class = match status.map(|s| s / 100) {
+            Some(1) => "1xx".to_owned(),
+            Some(2) => "2xx".to_owned(),
+            Some(3) => "3xx".to_owned(),
+            Some(4) => "4xx".to_owned(),
+            Some(5) => "5xx".to_owned(),
+            Some(class) => format!("{class}xx"),
+            None => "error".to_owned(),
         };
         self.recent_answers.add((upstream.to_owned(), class));
         let code = status

@@ -59,11 +59,14 @@ impl Secret {
             .find(|prefix| self.0.starts_with(prefix))
             .unwrap_or("");
         let rest = &self.0[prefix.len()..];
-        let shown: String = match rest.chars().count() >= SHOWN_FROM {
-            true => rest.chars().take(SHOWN).collect(),
-            false => String::new(),
-        };
-        format!("{prefix}{shown}…")
+        let mut masked = String::with_capacity(prefix.len() + 3 * SHOWN + 3);
+        masked.push_str(prefix);
+        // At least SHOWN_FROM characters follow: counted no further than that.
+        if rest.chars().nth(SHOWN_FROM - 1).is_some() {
+            masked.extend(rest.chars().take(SHOWN));
+        }
+        masked.push('…');
+        masked
     }
 
     /// `text` with this secret, wherever it appears, replaced by its mask. An answer may
