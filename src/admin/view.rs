@@ -289,7 +289,7 @@ pub type DetailError = (http::StatusCode, String);
 
 /// Everything about one delivery: its work, the stored webhook and what the rules make
 /// of it today.
-pub fn detail(app: &App, webhook: &super::Webhook) -> Result<Value, DetailError> {
+pub fn detail(app: &App, webhook: &Webhook) -> Result<Value, DetailError> {
     // Found by its id first (a few index lookups), then its rows listed from around the
     // moment it came: a listing by id alone read every delivery in the store, and could
     // miss an id that starts 500 newer ones ("1" before "10", "11", …). Its rows are its
@@ -533,4 +533,52 @@ pub fn configuration(app: &App) -> Value {
         "upstreams": upstreams,
         "rules": rules,
     })
+}
+
+/// A stored webhook as a page or an action names it: by its delivery id, and by the
+/// source that sent it where two sources sent the same id (`?source=NAME`, which the
+/// deliveries page's links carry). By the id alone, a page shows the newer webhook, a
+/// replay takes both sources' triggers and a replan the newer webhook, as `hookrelay
+/// replay` does.
+#[derive(Clone)]
+pub struct Webhook {
+    pub id: String,
+    pub source: Option<String>,
+}
+
+impl Webhook {
+    /// The webhook `id` names, with the `source` of the request's `query` if it has one.
+    pub(super) fn named(id: &str, query: Option<&str>) -> Webhook {
+        let source = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find(|(key, value)| key == "source" && !value.is_empty())
+            .map(|(_, value)| value.into_owned());
+        Webhook {
+            id: id.to_owned(),
+            source,
+        }
+    }
+
+    /// `delivery ID`, and `from source NAME` where the source was named.
+    pub(super) fn describe(&self) -> String {
+        match &self.source {
+            Some(source) => format!(
+                "delivery {} from source {}",
+                self.id,
+                crate::clipped::Clipped(source)
+            ),
+            None => format!("delivery {}", self.id),
+        }
+    }
+
+    /// Its page (`action` empty) or an action's path, with its source.
+    pub(super) fn path(&self, action: &str) -> String {
+        let mut path = format!("/deliveries/{}", super::respond::encode(&self.id));
+        if !action.is_empty() {
+            path = format!("{path}/{action}");
+        }
+        match &self.source {
+            Some(source) => format!("{path}?source={}", super::respond::encode(source)),
+            None => path,
+        }
+    }
 }
