@@ -290,10 +290,10 @@ pub type DetailError = (http::StatusCode, String);
 /// Everything about one delivery: its work, the stored webhook and what the rules make
 /// of it today.
 pub fn detail(app: &App, webhook: &Webhook) -> Result<Value, DetailError> {
-    // Found by its id first (a few index lookups), then its rows listed from around the
-    // moment it came: a listing by id alone read every delivery in the store, and could
-    // miss an id that starts 500 newer ones ("1" before "10", "11", …). Its rows are its
-    // source's: where two sources sent the same id, the other's are another webhook's.
+    // Found by its id (or a unique start of one) first, then its rows by its whole id and
+    // source, one seek each: a listing by the start of an id read every delivery in the
+    // store, and could miss an id that starts 500 newer ones ("1" before "10", "11", …).
+    // Where two sources sent the same id, the other source's rows are another webhook's.
     let id = webhook.id.as_str();
     let unreadable =
         |err: crate::outbox::StoreError| (http::StatusCode::SERVICE_UNAVAILABLE, err.to_string());
