@@ -4,10 +4,14 @@
 //! alike. Every action asks for confirmation, needs the token ([`auth`]) and is recorded
 //! in the store with the client's address (`admin~ACTION-…` deliveries of source `admin`).
 //!
-//! Pages: `/deliveries` (filters, pages by cursor, live updates), `/deliveries/{id}`,
-//! `/health`, `/login`. API: `GET /api/deliveries`, `GET /api/deliveries/{id}`,
-//! `GET /api/health`, `POST /api/deliveries/{id}/replay`, `…/replan`,
-//! `POST /api/triggers/{id}/replay`, `…/cancel`.
+//! Pages: `/deliveries` (filters, pages by cursor, live updates), `/deliveries/{id}`
+//! (`?source=` where two sources sent that id), `/health`, `/rules`, `/replan` (a window's
+//! confirmation), `/login`. API: `GET /api/deliveries`, `GET /api/deliveries/{id}`,
+//! `GET /api/health`, `GET /api/configuration`, `POST /api/deliveries/{id}/replay`,
+//! `…/replan`, `POST /api/triggers/{id}/replay`, `…/cancel`, `GET|POST /api/replan`.
+//!
+//! This file routes and renders the pages; `actions` carries out what they ask,
+//! `respond` makes every answer, [`view`] reads what they show.
 
 mod actions;
 pub mod auth;
