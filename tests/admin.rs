@@ -49,6 +49,22 @@ async fn log_in(login: &str) -> String {
     cookie.split(';').next().unwrap().to_owned()
 }
 
+/// A GitHub push `body` as delivery `id`, signed and sent to the relay's `/hooks/SOURCE`,
+/// whose answer's status must be `status`.
+async fn push_to(address: &str, source: &str, id: &str, body: Vec<u8>, status: u16) {
+    let url = format!("http://{address}/hooks/{source}");
+    let reply = signed_github_body(&url, SECRET, "push", id, body).await;
+    assert_eq!(reply.status, status, "{source} {id}: {}", reply.text());
+}
+
+/// The cross-site token a confirmation page's form carries.
+fn csrf_of(page: &str) -> &str {
+    let (_, rest) = page
+        .split_once("name=\"csrf\" value=\"")
+        .expect("the page has a cross-site token");
+    rest.split_once('"').expect("the token's value ends").0
+}
+
 const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n";
 
 /// GitHub's published tag push, with hostile text where a payload may carry any: the
@@ -66,15 +82,7 @@ async fn the_dashboard_shows_deliveries_escaped_and_acts_only_with_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let (_served, address, dashboard) = start(dir.path(), &upstream.url(), ADMIN);
     let delivery = "d-<b>1</b>";
-    let reply = signed_github_body(
-        &format!("http://{address}/hooks/github"),
-        SECRET,
-        "push",
-        delivery,
-        hostile_push(),
-    )
-    .await;
-    assert_eq!(reply.status, 202, "{}", reply.text());
+    push_to(&address, "github", delivery, hostile_push(), 202).await;
     let url = |path: &str| format!("http://{dashboard}{path}");
     // Never on the webhook port.
     assert_eq!(
@@ -176,13 +184,7 @@ async fn the_dashboard_shows_deliveries_escaped_and_acts_only_with_the_token() {
             && replayed["queued"] == serde_json::json!([2]),
         "{replayed}"
     );
-    for _ in 0..100 {
-        if upstream.received().len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(upstream.received().len(), 2, "the replay was sent");
+    upstream.wait_for_calls(2).await;
     // Who did it is recorded in the store.
     let admin_rows = send("GET", &url("/api/deliveries?source=admin"), &[], "")
         .await
@@ -225,8 +227,7 @@ async fn the_dashboard_shows_deliveries_escaped_and_acts_only_with_the_token() {
     )
     .await
     .text();
-    let csrf_at = confirm.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
-    let csrf = &confirm[csrf_at..csrf_at + 64];
+    let csrf = csrf_of(&confirm);
     let action = url(&format!("/deliveries/{encoded}/replay"));
     let same_origin = format!("http://{dashboard}");
     let submit = |origin: String, csrf: String| {
@@ -377,15 +378,14 @@ async fn a_trigger_waiting_behind_another_says_which() {
     let (_served, address, dashboard) = start(dir.path(), &upstream.url(), ADMIN);
     let url = |path: &str| format!("http://{dashboard}{path}");
     for delivery in ["first", "second"] {
-        let reply = signed_github_body(
-            &format!("http://{address}/hooks/github"),
-            SECRET,
-            "push",
+        push_to(
+            &address,
+            "github",
             delivery,
             common::fixture("github/push_tag.json"),
+            202,
         )
         .await;
-        assert_eq!(reply.status, 202, "{}", reply.text());
     }
     let mut listed = Value::Null;
     for _ in 0..100 {
@@ -642,15 +642,7 @@ async fn the_dashboard_replans_a_window_of_webhooks_that_matched_no_rule() {
         ("d-tag", "github/push_tag.json"),
         ("d-branch", "github/push_branch.json"),
     ] {
-        let reply = signed_github_body(
-            &format!("http://{address}/hooks/github"),
-            SECRET,
-            "push",
-            id,
-            common::fixture(file),
-        )
-        .await;
-        assert_eq!(reply.status, 200, "{id}: {}", reply.text());
+        push_to(&address, "github", id, common::fixture(file), 200).await;
     }
     let url = |path: &str| format!("http://{dashboard}{path}");
     let page = send("GET", &url("/deliveries?state=none&since=1h"), &[], "")
@@ -829,15 +821,7 @@ async fn the_dashboard_backfills_a_new_rule_over_past_webhooks() {
         ("b-tag", "github/push_tag.json"),
         ("b-branch", "github/push_branch.json"),
     ] {
-        let reply = signed_github_body(
-            &format!("http://{address}/hooks/github"),
-            SECRET,
-            "push",
-            id,
-            common::fixture(file),
-        )
-        .await;
-        assert_eq!(reply.status, 202, "{id}: {}", reply.text());
+        push_to(&address, "github", id, common::fixture(file), 202).await;
     }
     let relay = std::fs::read_to_string(dir.path().join("relay.toml")).unwrap();
     write(
@@ -876,10 +860,7 @@ async fn the_dashboard_backfills_a_new_rule_over_past_webhooks() {
                 .contains("action=\"&#x2f;replan?kind=webhook&amp;backfill=docs&amp;since=1h\""),
         "{question}"
     );
-    let (csrf, _) = question
-        .split_once("name=\"csrf\" value=\"")
-        .map(|(_, rest)| rest.split_once('"').unwrap())
-        .unwrap();
+    let csrf = csrf_of(&question);
     let done = post(
         &url("/replan?kind=webhook&backfill=docs&since=1h"),
         &[
@@ -925,12 +906,7 @@ async fn the_dashboard_backfills_a_new_rule_over_past_webhooks() {
         assert!(preview.text().contains(said), "{query}: {}", preview.text());
     }
     // Each webhook once through docs; what `all` started is not started again.
-    for _ in 0..100 {
-        if upstream.received().len() >= 4 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    upstream.wait_for_calls(4).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let projects: Vec<String> = upstream
         .received()
@@ -971,15 +947,14 @@ async fn each_source_of_a_shared_delivery_id_has_its_own_page_and_replay() {
     let (_served, address, dashboard) = start(dir.path(), &upstream.url(), ADMIN);
     let url = |path: &str| format!("http://{dashboard}{path}");
     for source in ["github", "mirror"] {
-        let reply = signed_github_body(
-            &format!("http://{address}/hooks/{source}"),
-            SECRET,
-            "push",
+        push_to(
+            &address,
+            source,
             "same-3",
             common::fixture("github/push_tag.json"),
+            202,
         )
         .await;
-        assert_eq!(reply.status, 202, "{source}: {}", reply.text());
     }
     let detail = |source: &'static str| {
         let url = url(&format!("/api/deliveries/same-3?source={source}"));
@@ -1034,14 +1009,8 @@ async fn each_source_of_a_shared_delivery_id_has_its_own_page_and_replay() {
     .await;
     assert_eq!(replayed.status, 200, "{}", replayed.text());
     assert_eq!(replayed.json()["queued"].as_array().unwrap().len(), 1);
-    for _ in 0..100 {
-        if upstream.received().len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    upstream.wait_for_calls(3).await;
     let received = upstream.received();
-    assert_eq!(received.len(), 3);
     assert!(
         received[2].path_and_query.contains("acme%2Fapp"),
         "{}",

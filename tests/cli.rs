@@ -1178,15 +1178,7 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
     const SENT: usize = 150;
     for n in 0..SENT {
         let id = format!("w-{n:03}");
-        let reply = signed_github(
-            &url,
-            "s3cret-for-the-tests",
-            "push",
-            &id,
-            "github/push_tag.json",
-        )
-        .await;
-        assert_eq!(reply.status, 200, "{id}: {}", reply.text());
+        github_webhook(&url, "push", &id, "github/push_tag.json", 200).await;
     }
     write(dir.path(), "10-rule.toml", &releases_rule("simple-*"));
     let replay = |more: &[&str]| {
@@ -1216,15 +1208,7 @@ async fn a_window_wider_than_one_transaction_is_replanned_whole_and_once() {
         async move {
             for n in 0..20 {
                 let id = format!("during-{n}");
-                let reply = signed_github(
-                    &url,
-                    "s3cret-for-the-tests",
-                    "ping",
-                    &id,
-                    "github/ping.json",
-                )
-                .await;
-                assert_eq!(reply.status, 200, "{id}: {}", reply.text());
+                github_webhook(&url, "ping", &id, "github/ping.json", 200).await;
             }
         }
     });
@@ -1420,10 +1404,7 @@ async fn send_from_both(address: &str, id: &str, status: u16) {
         ("mirror", push.replace("simple-tag", "simple-mirrored")),
     ] {
         let url = format!("http://{address}/hooks/{source}");
-        let reply =
-            common::signed_github_body(&url, "s3cret-for-the-tests", "push", id, push.into_bytes())
-                .await;
-        assert_eq!(reply.status, status, "{source}: {}", reply.text());
+        github_webhook_body(&url, "push", id, push.into_bytes(), status).await;
     }
 }
 
@@ -1440,6 +1421,31 @@ fn listed_sources(state: &std::path::Path, args: &[&str]) -> Vec<String> {
         .collect();
     sources.sort_unstable();
     sources
+}
+
+/// GitHub's fixture `file` as a webhook of `event` and delivery `id`, signed with the
+/// tests' secret and sent to `url`; its answer, whose status must be `status`.
+async fn github_webhook(
+    url: &str,
+    event: &str,
+    id: &str,
+    file: &str,
+    status: u16,
+) -> common::Reply {
+    github_webhook_body(url, event, id, common::fixture(file), status).await
+}
+
+/// [`github_webhook`] with a body of the test's own making.
+async fn github_webhook_body(
+    url: &str,
+    event: &str,
+    id: &str,
+    body: Vec<u8>,
+    status: u16,
+) -> common::Reply {
+    let reply = common::signed_github_body(url, "s3cret-for-the-tests", event, id, body).await;
+    assert_eq!(reply.status, status, "{id}: {}", reply.text());
+    reply
 }
 
 /// `hookrelay replay ARGS` on the configuration folder `dir` and the state folder in it,
@@ -1476,15 +1482,14 @@ async fn a_replan_builds_the_ref_the_webhook_url_chose() {
     write(dir.path(), "10-rule.toml", &releases_rule("release-*"));
     let mut served = serve_in(dir.path());
     let address = served.address();
-    let reply = signed_github(
+    let reply = github_webhook(
         &format!("http://{address}/hooks/github?ref=stable"),
-        "s3cret-for-the-tests",
         "push",
         "url-ref-1",
         "github/push_tag.json",
+        200,
     )
     .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["url_ref"], "stable", "{}", reply.text());
     let code = served.terminate().0;
     assert_eq!(code, Some(0));
@@ -1560,15 +1565,7 @@ async fn why_nothing_ran_then_replan_then_cancel() {
     let config = dir.path().to_str().unwrap();
 
     // Nothing matched: the answer lists the rule with its reason, and so does the log.
-    let reply = signed_github(
-        &url,
-        "s3cret-for-the-tests",
-        "push",
-        "8f3e2a10-first",
-        "github/push_tag.json",
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = github_webhook(&url, "push", "8f3e2a10-first", "github/push_tag.json", 200).await;
     let answer = reply.json();
     assert!(
         answer["note"]
@@ -1589,25 +1586,9 @@ async fn why_nothing_ran_then_replan_then_cancel() {
     );
     let line = served.wait_for("matched no rule");
     assert!(line.contains("releases: refs:"), "{line}");
-    let reply = signed_github(
-        &url,
-        "s3cret-for-the-tests",
-        "ping",
-        "8f3e2a10-ping",
-        "github/ping.json",
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    github_webhook(&url, "ping", "8f3e2a10-ping", "github/ping.json", 200).await;
     // The sender redelivers: acknowledged, nothing queued, and recorded as a duplicate.
-    let again = signed_github(
-        &url,
-        "s3cret-for-the-tests",
-        "push",
-        "8f3e2a10-first",
-        "github/push_tag.json",
-    )
-    .await;
-    assert_eq!(again.status, 200);
+    let again = github_webhook(&url, "push", "8f3e2a10-first", "github/push_tag.json", 200).await;
     assert_eq!(again.json()["duplicate"], true);
 
     // `deliveries` says which is which, with full ids, and filters.
@@ -1931,15 +1912,14 @@ async fn terminal_escape_codes_from_payloads_are_shown_never_obeyed() {
     durable_config(state_dir.path(), &upstream.url());
     let mut served = serve_in(state_dir.path());
     let address = served.address();
-    let reply = signed_github_body(
+    github_webhook_body(
         &format!("http://{address}/hooks/github"),
-        "s3cret-for-the-tests",
         "push",
         "hostile-1",
         body,
+        202,
     )
     .await;
-    assert_eq!(reply.status, 202, "{}", reply.text());
     let line = served.wait_for("webhook event");
     assert!(!line.contains('\u{1b}'), "{line}");
     assert!(line.contains("\\u{1b}[31mRED"), "{line}");
@@ -2141,15 +2121,7 @@ async fn replay_failed_replan_runs_the_failed_webhooks_through_the_fixed_rules_o
     };
     for (n, id) in [(1, "w-1"), (2, "w-2")] {
         let url = format!("http://{address}/hooks/github");
-        let reply = signed_github(
-            &url,
-            "s3cret-for-the-tests",
-            "push",
-            id,
-            "github/push_tag.json",
-        )
-        .await;
-        assert_eq!(reply.status, 202, "{}", reply.text());
+        github_webhook(&url, "push", id, "github/push_tag.json", 202).await;
         for _ in 0..100 {
             if failed(n) {
                 break;
@@ -2188,14 +2160,8 @@ async fn replay_failed_replan_runs_the_failed_webhooks_through_the_fixed_rules_o
     // The relay sends the replan to the fixed project, where it fails for good too.
     upstream.answer_next(not_found());
     let served = serve_in(dir.path());
-    for _ in 0..100 {
-        if upstream.received().len() == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    upstream.wait_for_calls(4).await;
     let received = upstream.received();
-    assert_eq!(received.len(), 4);
     assert!(
         received[3]
             .path_and_query
@@ -2245,8 +2211,7 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
         ("push", "u-branch", "github/push_branch.json"),
         ("ping", "u-ping", "github/ping.json"),
     ] {
-        let reply = signed_github(&url, "s3cret-for-the-tests", event, id, file).await;
-        assert_eq!(reply.status, 200, "{id}: {}", reply.text());
+        github_webhook(&url, event, id, file, 200).await;
     }
     let state = dir.path().join("state");
     let (state, config) = (state.to_str().unwrap(), dir.path().to_str().unwrap());
@@ -2427,12 +2392,7 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
             && said.contains("nothing planned again"),
         "{said}"
     );
-    for _ in 0..100 {
-        if upstream.received().len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    upstream.wait_for_calls(3).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let received = upstream.received();
     assert_eq!(
