@@ -251,25 +251,31 @@ mod tests {
     use super::*;
     use crate::store::sqlite::Durability;
 
+    /// A store holding a delivery of each of `ids`, the nth received at n.
+    fn store_of(ids: &[String]) -> (tempfile::TempDir, SqliteEngine) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine =
+            SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
+        engine.begin(true).unwrap();
+        for (at, id) in ids.iter().enumerate() {
+            let delivery = crate::store::semantics::delivery(id, Vec::new());
+            engine.insert_delivery(&delivery, at as i64).unwrap();
+        }
+        engine.commit().unwrap();
+        (dir, engine)
+    }
+
     /// A whole delivery id is found however many newer ids start with it (a generic
     /// sender's "1" before "10" … "1999"), and the start of an id still resolves to the one
     /// webhook it names.
     #[test]
     fn a_whole_delivery_id_is_found_among_newer_ids_that_start_with_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut engine =
-            SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
-        engine.begin(true).unwrap();
-        for (at, id) in ["1", "abc-unique"]
+        let ids: Vec<String> = ["1", "abc-unique"]
             .into_iter()
             .map(str::to_owned)
             .chain((10..2000).map(|n| n.to_string()))
-            .enumerate()
-        {
-            let delivery = crate::store::semantics::delivery(&id, Vec::new());
-            engine.insert_delivery(&delivery, at as i64).unwrap();
-        }
-        engine.commit().unwrap();
+            .collect();
+        let (_dir, mut engine) = store_of(&ids);
         let found = stored_in(&mut engine, "1").unwrap();
         assert_eq!((found.delivery_id.as_str(), found.received_at), ("1", 0));
         assert_eq!(resolve_delivery(&mut engine, "1").unwrap(), "1");
@@ -287,13 +293,7 @@ mod tests {
     /// delivery in the store it used to be replayed.
     #[test]
     fn an_empty_delivery_id_names_no_delivery() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut engine =
-            SqliteEngine::open(&dir.path().join("s.sqlite3"), Durability::Off).unwrap();
-        engine.begin(true).unwrap();
-        let delivery = crate::store::semantics::delivery("the-only-one", Vec::new());
-        engine.insert_delivery(&delivery, 0).unwrap();
-        engine.commit().unwrap();
+        let (_dir, mut engine) = store_of(&["the-only-one".to_owned()]);
         for empty in ["", "delivery:"] {
             let ReplayTarget::Delivery(text) = ReplayTarget::parse(empty) else {
                 panic!("{empty:?} is not a trigger id");
