@@ -197,6 +197,15 @@ pub fn replan(
     }
 }
 
+/// `message` on standard output; with `--json`, an object of it beside `key`'s `value`.
+fn say(message: &str, json: bool, key: &str, value: serde_json::Value) {
+    if json {
+        print_json(&serde_json::json!({ "message": message, key: value }));
+    } else {
+        println!("{message}");
+    }
+}
+
 /// `value` on standard output, as `deliveries --json` prints.
 fn print_json(value: &serde_json::Value) {
     println!(
@@ -281,11 +290,7 @@ pub fn cancel(store: &StoreLocation, target: &crate::outbox::CancelTarget, json:
         };
         format!("{what}; `hookrelay deliveries --status cancelled` lists them")
     };
-    if json {
-        print_json(&serde_json::json!({ "message": message, "cancelled": ids }));
-    } else {
-        println!("{message}");
-    }
+    say(&message, json, "cancelled", serde_json::json!(ids));
     ExitCode::SUCCESS
 }
 
@@ -315,11 +320,7 @@ pub fn replay(store: &StoreLocation, target: &str, source: Option<&str>, json: b
                 "{target} queued again as trigger {}; a running relay sends it within a second",
                 listed.join(", ")
             );
-            if json {
-                print_json(&serde_json::json!({ "message": message, "queued": ids }));
-            } else {
-                println!("{message}");
-            }
+            say(&message, json, "queued", serde_json::json!(ids));
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -383,15 +384,11 @@ pub fn replay_failed(
     failed.dedup();
     if failed.is_empty() {
         let message = "no trigger failed for good in that window, or each was replayed already; nothing queued again";
-        if json {
-            let queued = match mode {
-                Mode::Record => "queued",
-                Mode::DryRun => "would_queue",
-            };
-            print_json(&serde_json::json!({ "message": message, queued: [] }));
-        } else {
-            println!("{message}");
-        }
+        let queued = match mode {
+            Mode::Record => "queued",
+            Mode::DryRun => "would_queue",
+        };
+        say(message, json, queued, serde_json::json!([]));
         return ExitCode::SUCCESS;
     }
     if mode == Mode::DryRun {
