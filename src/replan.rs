@@ -569,12 +569,7 @@ pub fn replan_window(
         for candidate in chunk {
             let (source, id) = candidate;
             // Its own rows, found by its whole id.
-            let own = store.list(&ListFilter {
-                source: Some(source.clone()),
-                whole_delivery: Some(id.clone()),
-                limit: MOST_READ,
-                ..ListFilter::default()
-            })?;
+            let own = store.list(&ListFilter::of_webhook(source, id, MOST_READ))?;
             let its_replans = replans.get(candidate).map_or(&[][..], Vec::as_slice);
             match planned_again(id, &own, its_replans, which, only_rule) {
                 Some(reason) => done.left_out.push(reason),

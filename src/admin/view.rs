@@ -308,12 +308,7 @@ pub fn detail(app: &App, webhook: &Webhook) -> Result<Value, DetailError> {
         ),
         false => unreadable(err),
     })?;
-    let filter = ListFilter {
-        source: Some(stored.source.clone()),
-        whole_delivery: Some(stored.delivery_id.clone()),
-        limit: 500,
-        ..ListFilter::default()
-    };
+    let filter = ListFilter::of_webhook(&stored.source, &stored.delivery_id, 500);
     let rows = app
         .outbox
         .read(|engine| engine.list(&filter))

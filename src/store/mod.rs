@@ -411,12 +411,7 @@ pub fn replay_from(
 ) -> Result<Vec<i64>, EngineError> {
     // A webhook's own rows: one per trigger or status it queued, a handful.
     const ITS_ROWS: usize = 10_000;
-    let rows = engine.list(&ListFilter {
-        source: Some(source.to_owned()),
-        whole_delivery: Some(delivery_id.to_owned()),
-        limit: ITS_ROWS,
-        ..ListFilter::default()
-    })?;
+    let rows = engine.list(&ListFilter::of_webhook(source, delivery_id, ITS_ROWS))?;
     if rows.is_empty() {
         return Err(EngineError::refused(format!(
             "no delivery {delivery_id:?} from source {source} in the store"
@@ -734,6 +729,17 @@ pub enum SqlValue {
 }
 
 impl ListFilter {
+    /// The rows (at most `limit`) of the webhook `source` sent as `delivery_id` (its whole
+    /// id): one seek on the `(source, delivery_id)` index.
+    pub fn of_webhook(source: &str, delivery_id: &str, limit: usize) -> ListFilter {
+        ListFilter {
+            source: Some(source.to_owned()),
+            whole_delivery: Some(delivery_id.to_owned()),
+            limit,
+            ..ListFilter::default()
+        }
+    }
+
     /// The `WHERE` clause over `deliveries d LEFT JOIN triggers t` (the same in both
     /// engines), with `placeholder(n)` for the n-th value (1-based), and the values.
     /// `position` is the engine's `(text, part)` search function (`instr`, `strpos`).
