@@ -645,15 +645,7 @@ impl Outbox {
         source: &str,
         delivery_id: &str,
     ) -> Result<StoredWebhook, StoreError> {
-        self.read(|engine| {
-            engine
-                .stored_webhook_from(source, delivery_id)?
-                .ok_or_else(|| {
-                    EngineError::refused(format!(
-                        "no delivery {delivery_id:?} from source {source} in the store"
-                    ))
-                })
-        })
+        self.read(|engine| offline::stored_from_in(engine, source, delivery_id))
     }
 
     /// Triggers waiting or being sent, and how long the earliest-due one has been due.

@@ -57,13 +57,8 @@ impl OfflineStore {
         source: &str,
         delivery_id: &str,
     ) -> Result<StoredWebhook, StoreError> {
-        match self.engine.stored_webhook_from(source, delivery_id) {
-            Ok(Some(stored)) => Ok(stored),
-            Ok(None) => Err(self.error(EngineError::refused(format!(
-                "no delivery {delivery_id:?} from source {source} in the store"
-            )))),
-            Err(err) => Err(self.error(err)),
-        }
+        let stored = stored_from_in(self.engine.as_mut(), source, delivery_id);
+        stored.map_err(|err| self.error(err))
     }
 
     /// Runs `op` in one committed transaction; a running relay sees what it changed within
@@ -182,6 +177,21 @@ pub(super) fn stored_in(
     engine
         .stored_webhook(&delivery_id)?
         .ok_or_else(|| EngineError::refused(format!("no delivery {delivery_id:?} in the store")))
+}
+
+/// The stored webhook `source` sent as `delivery_id` (its whole id).
+pub(super) fn stored_from_in(
+    engine: &mut dyn Engine,
+    source: &str,
+    delivery_id: &str,
+) -> Result<StoredWebhook, EngineError> {
+    engine
+        .stored_webhook_from(source, delivery_id)?
+        .ok_or_else(|| {
+            EngineError::refused(format!(
+                "no delivery {delivery_id:?} from source {source} in the store"
+            ))
+        })
 }
 
 /// Runs `op` in one committed transaction on the store, from outside the server (the
