@@ -779,18 +779,7 @@ impl Engine for PostgresEngine {
         };
         if rows.is_empty() {
             let stored = match target {
-                ReplayTarget::Delivery(delivery) => self
-                    .client()
-                    .query_one(
-                        &format!(
-                            "{BY_DELIVERY_ID} SELECT EXISTS (SELECT 1 FROM sources,
-                                 LATERAL (SELECT id FROM hr_deliveries d
-                                          WHERE d.source = sources.source AND d.delivery_id = $1 LIMIT 1) d)"
-                        ),
-                        &[delivery],
-                    )
-                    .map_err(error)?
-                    .get(0),
+                ReplayTarget::Delivery(delivery) => self.stored_webhook(delivery)?.is_some(),
                 ReplayTarget::Trigger(_) => false,
             };
             return Err(super::nothing_to_replay(target, stored));

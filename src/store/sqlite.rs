@@ -825,16 +825,7 @@ impl Engine for SqliteEngine {
     }
 
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
-        self.stored_where(
-            &format!(
-                "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
-                 FROM sources CROSS JOIN deliveries d
-                 WHERE d.source = sources.source AND d.delivery_id = ?1
-                 ORDER BY d.id DESC LIMIT 1"
-            ),
-            delivery_id,
-            None,
-        )
+        self.newest_stored(delivery_id)
     }
 
     fn stored_webhook_from(
@@ -852,6 +843,20 @@ impl Engine for SqliteEngine {
 }
 
 impl SqliteEngine {
+    /// The newest stored webhook whose delivery id is `delivery_id`, whatever its source.
+    fn newest_stored(&self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
+        self.stored_where(
+            &format!(
+                "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
+                 FROM sources CROSS JOIN deliveries d
+                 WHERE d.source = sources.source AND d.delivery_id = ?1
+                 ORDER BY d.id DESC LIMIT 1"
+            ),
+            delivery_id,
+            None,
+        )
+    }
+
     /// The stored webhook `sql` selects by `delivery_id` (`?1`) and, if given, `source` (`?2`).
     fn stored_where(
         &self,
@@ -1159,16 +1164,7 @@ fn replay(engine: &SqliteEngine, target: &ReplayTarget, now: i64) -> Result<Vec<
     };
     if ids.is_empty() {
         let stored = match target {
-            ReplayTarget::Delivery(delivery) => conn
-                .query_row(
-                    &format!(
-                        "{BY_DELIVERY_ID} SELECT EXISTS (SELECT 1 FROM sources CROSS JOIN deliveries d
-                                                          WHERE d.source = sources.source AND d.delivery_id = ?1)"
-                    ),
-                    params![delivery],
-                    |row| row.get(0),
-                )
-                .map_err(error)?,
+            ReplayTarget::Delivery(delivery) => engine.newest_stored(delivery)?.is_some(),
             ReplayTarget::Trigger(_) => false,
         };
         return Err(super::nothing_to_replay(target, stored));
