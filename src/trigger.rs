@@ -225,9 +225,7 @@ impl Trigger {
             }
         }
     }
-}
 
-impl Trigger {
     /// The plain form's JSON body: `token`, `ref`, `variables` and `inputs` (where there
     /// are any), then the caller's other parameters but those named so. Written straight
     /// from the trigger: a JSON tree built first and then printed cost every send about
