@@ -954,16 +954,17 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
     // Every trigger that failed for good in a window, once: a second run queues nothing.
     let output = hookrelay(&["replay", "--state", state, "--failed"]);
     assert_eq!(output.status.code(), Some(2), "--failed needs --since");
+    let failed_window = |more: &[&str]| {
+        hookrelay(
+            &[
+                &["replay", "--state", state, "--failed", "--since", "1h"],
+                more,
+            ]
+            .concat(),
+        )
+    };
     // A dry run lists them and queues nothing: the run after it queues the same one.
-    let output = hookrelay(&[
-        "replay",
-        "--state",
-        state,
-        "--failed",
-        "--since",
-        "1h",
-        "--dry-run",
-    ]);
+    let output = failed_window(&["--dry-run"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success()
@@ -973,16 +974,7 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
         "{stdout}"
     );
     // For scripts, the same as one JSON object.
-    let output = hookrelay(&[
-        "replay",
-        "--state",
-        state,
-        "--failed",
-        "--since",
-        "1h",
-        "--dry-run",
-        "--json",
-    ]);
+    let output = failed_window(&["--dry-run", "--json"]);
     let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         said["would_queue"],
@@ -996,34 +988,23 @@ async fn deliveries_and_replay_work_beside_a_running_relay() {
             .starts_with("404"),
         "{said}"
     );
-    let output = hookrelay(&["replay", "--state", state, "--failed", "--since", "1h"]);
+    let output = failed_window(&[]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(
         stdout.starts_with("queued again 1 failed trigger: 1 as 2;"),
         "{stdout}"
     );
-    let output = hookrelay(&["replay", "--state", state, "--failed", "--since", "1h"]);
+    let output = failed_window(&[]);
     assert!(
         String::from_utf8_lossy(&output.stdout).contains("nothing queued again"),
         "{}",
         String::from_utf8_lossy(&output.stdout)
     );
-    let output = hookrelay(&[
-        "replay", "--state", state, "--failed", "--since", "1h", "--json",
-    ]);
+    let output = failed_window(&["--json"]);
     let said: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(said["queued"], serde_json::json!([]), "{said}");
-    let output = hookrelay(&[
-        "replay",
-        "--state",
-        state,
-        "--failed",
-        "--since",
-        "1h",
-        "--project",
-        "other/app",
-    ]);
+    let output = failed_window(&["--project", "other/app"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("nothing queued again"));
 
     let output = hookrelay(&[
