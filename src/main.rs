@@ -46,11 +46,46 @@ enum Command {
     },
     /// Show what hookrelay makes of a webhook payload file, offline.
     Explain(ExplainArgs),
+    /// Ask GitHub to deliver again the webhooks of one hook that never reached the store
+    /// (sent while the relay was down, or answered 503): GitHub never redelivers by itself.
+    CatchUp(CatchUpArgs),
     /// Validate the configuration; print each problem as file:line: message.
     Check {
         #[command(flatten)]
         config: ConfigArg,
     },
+}
+
+/// The arguments of `hookrelay catch-up`.
+#[derive(clap::Args)]
+struct CatchUpArgs {
+    #[command(flatten)]
+    state: StateArg,
+    /// The [source.NAME] the hook sends to: webhooks it stored are left alone.
+    #[arg(long, value_name = "NAME")]
+    source: String,
+    /// The hook's API address: https://api.github.com/repos/OWNER/REPO/hooks/ID (or
+    /// …/orgs/ORG/hooks/ID; https://HOST/api/v3/… on GitHub Enterprise Server).
+    #[arg(long, value_name = "URL")]
+    hook: String,
+    /// A token that may read and redeliver the hook's deliveries, as env:NAME or
+    /// file:PATH (a classic token needs admin:repo_hook or admin:org_hook; a fine-grained
+    /// one the permission Webhooks: read and write).
+    #[arg(long, value_name = "REF", default_value = "env:GITHUB_TOKEN")]
+    token: String,
+    /// Attempts within this long (`2h`) or since this UTC time are looked at (GitHub
+    /// redelivers attempts of the last 3 days).
+    #[arg(long, default_value = "24h")]
+    since: String,
+    /// Redeliveries asked for at most in this run; the rest are listed for the next.
+    #[arg(long, default_value_t = 100)]
+    most: usize,
+    /// List what would be redelivered, and ask GitHub for nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// One JSON object instead of lines.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The arguments of `hookrelay serve`.
@@ -316,8 +351,31 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Explain(args) => explain(args),
+        Command::CatchUp(args) => catch_up(args),
         Command::Check { config } => commands::check(&config.path),
     }
+}
+
+/// `hookrelay catch-up`: what GitHub could not deliver, delivered again.
+fn catch_up(args: CatchUpArgs) -> ExitCode {
+    let store = match args.state.location("catch-up") {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    let since = match time_flag("catch-up", "--since", Some(args.since)) {
+        Ok(since) => since.expect("a --since was given"),
+        Err(code) => return code,
+    };
+    commands::catch_up::catch_up(commands::catch_up::CatchUpArgs {
+        store: &store,
+        source: &args.source,
+        hook: &args.hook,
+        token: &args.token,
+        since,
+        most: args.most,
+        dry_run: args.dry_run,
+        json: args.json,
+    })
 }
 
 /// `hookrelay explain`: a payload file, a stored delivery or a schedule, offline.

@@ -17,6 +17,7 @@ use crate::outbox::{Durability, Outbox};
 use crate::server;
 use crate::store::StoreLocation;
 
+pub mod catch_up;
 pub mod store;
 
 pub use crate::replan::{Mode as ReplanMode, Replans};

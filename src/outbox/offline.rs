@@ -61,6 +61,18 @@ impl OfflineStore {
         stored.map_err(|err| self.error(err))
     }
 
+    /// Whether the store holds the webhook `source` sent as `delivery_id` (its whole id).
+    pub fn holds_webhook_from(
+        &mut self,
+        source: &str,
+        delivery_id: &str,
+    ) -> Result<bool, StoreError> {
+        let stored = self.engine.stored_webhook_from(source, delivery_id);
+        stored
+            .map(|webhook| webhook.is_some())
+            .map_err(|err| self.error(err))
+    }
+
     /// Runs `op` in one committed transaction; a running relay sees what it changed within
     /// a second.
     pub fn transaction<T>(

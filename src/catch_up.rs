@@ -1,0 +1,499 @@
+//! `hookrelay catch-up`: asks GitHub to deliver again the webhooks of one hook that never
+//! reached the relay's store, read from the hook's own delivery log. GitHub never
+//! redelivers by itself: a push it sent while the relay was down, restarting, or answering
+//! `503` (a full disk, a store that did not answer) is otherwise lost unless someone
+//! presses *Redeliver*. Run after an outage, or every few minutes from a timer.
+//!
+//! An event (a `guid`, which is the `X-GitHub-Delivery` the relay stores) is delivered
+//! again when none of its attempts in the window got a `2xx` and the relay's store does
+//! not hold it; its newest attempt is the one redelivered, once per run. A redelivery of
+//! a webhook the relay stored after all would be answered as a duplicate and queue
+//! nothing, so the store check saves GitHub's rate limit, not correctness.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde::Deserialize;
+
+use crate::secret::Secret;
+use crate::upstream::{Called, Upstream, UpstreamConfig, UpstreamResponse};
+
+/// GitHub's largest page of deliveries.
+const PER_PAGE: usize = 100;
+/// Pages read at most in one run (10,000 deliveries): a window wider than that is named.
+const MOST_PAGES: usize = 100;
+/// The REST API version the calls are written for.
+const API_VERSION: &str = "2022-11-28";
+
+/// A hook's REST address: `https://api.github.com/repos/OWNER/REPO/hooks/ID`, an
+/// organisation's `…/orgs/ORG/hooks/ID`, or the same below GitHub Enterprise Server's
+/// `https://HOST/api/v3`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookUrl {
+    /// `scheme://host[:port]`: every call (and every page GitHub links to) goes there.
+    origin: String,
+    /// The hook's path, `/repos/OWNER/REPO/hooks/ID`, without a trailing slash.
+    path: String,
+}
+
+impl HookUrl {
+    pub fn parse(text: &str) -> Result<HookUrl, String> {
+        let uri = crate::upstream::parse_upstream_url(text)?;
+        let path = uri.path().trim_end_matches('/').to_owned();
+        let parts: Vec<&str> = path.split('/').collect();
+        let hook_id = parts.last().copied().unwrap_or_default();
+        let is_hook = parts.len() >= 3
+            && parts[parts.len() - 2] == "hooks"
+            && !hook_id.is_empty()
+            && hook_id.bytes().all(|b| b.is_ascii_digit())
+            && (path.contains("/repos/") || path.contains("/orgs/"));
+        if !is_hook {
+            return Err(format!(
+                "{text:?} is not a hook's API address; write e.g. \
+                 https://api.github.com/repos/OWNER/REPO/hooks/ID (the ID is in the hook's \
+                 settings page address), …/orgs/ORG/hooks/ID for an organisation's hook, or \
+                 https://HOST/api/v3/repos/OWNER/REPO/hooks/ID on GitHub Enterprise Server"
+            ));
+        }
+        let origin = format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or("https"),
+            uri.authority().map(|a| a.as_str()).unwrap_or_default()
+        );
+        Ok(HookUrl { origin, path })
+    }
+
+    /// The whole address, for messages.
+    pub fn shown(&self) -> String {
+        format!("{}{}", self.origin, self.path)
+    }
+
+    fn first_page(&self) -> String {
+        format!("{}/deliveries?per_page={PER_PAGE}", self.path)
+    }
+
+    fn redeliver(&self, attempt: u64) -> String {
+        format!("{}/deliveries/{attempt}/attempts", self.path)
+    }
+
+    /// The path and query of a page GitHub links to, when it is on the hook's origin:
+    /// the token is sent nowhere else.
+    fn within(&self, link: &str) -> Option<String> {
+        let rest = link.strip_prefix(&self.origin)?;
+        rest.starts_with('/').then(|| rest.to_owned())
+    }
+}
+
+/// One attempt as the hook's delivery log lists it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Attempt {
+    /// The attempt's own id, which a redelivery names.
+    pub id: u64,
+    /// The event's id: `X-GitHub-Delivery`, shared by every attempt of one event.
+    pub guid: String,
+    pub delivered_at: String,
+    /// `0` when GitHub got no answer (it could not connect, or timed out).
+    #[serde(default)]
+    pub status_code: u16,
+    /// GitHub's words for the answer: `OK`, `Invalid HTTP Response: 503`, `failed to connect to host`.
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub event: String,
+    #[serde(default)]
+    pub action: Option<String>,
+}
+
+impl Attempt {
+    fn delivered(&self) -> bool {
+        (200..300).contains(&self.status_code)
+    }
+
+    fn at(&self) -> Option<i64> {
+        chrono::DateTime::parse_from_rfc3339(&self.delivered_at)
+            .ok()
+            .map(|time| time.timestamp_millis())
+    }
+}
+
+/// One event of the window, its attempts together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub guid: String,
+    /// `push`, `ping`, … with the action where there is one (`pull_request.opened`).
+    pub event: String,
+    pub attempts: usize,
+    /// Some attempt got a `2xx`.
+    pub delivered: bool,
+    /// The newest attempt: its id (what a redelivery names), time and answer.
+    pub newest: u64,
+    pub newest_at: String,
+    pub newest_answer: String,
+}
+
+/// The window's attempts (newest first, as GitHub lists them) as events, oldest first.
+pub fn events(attempts: &[Attempt]) -> Vec<Event> {
+    let mut by_guid: BTreeMap<&str, (usize, Event)> = BTreeMap::new();
+    for (order, attempt) in attempts.iter().enumerate() {
+        let entry = by_guid.entry(&attempt.guid).or_insert_with(|| {
+            let event = match &attempt.action {
+                Some(action) if !action.is_empty() => format!("{}.{action}", attempt.event),
+                _ => attempt.event.clone(),
+            };
+            let answer = match (attempt.status_code, attempt.status.trim()) {
+                (0, "") => "no answer".to_owned(),
+                (0, words) => words.to_owned(),
+                (code, "") => code.to_string(),
+                (code, words) => format!("{code} ({words})"),
+            };
+            (
+                order,
+                Event {
+                    guid: attempt.guid.clone(),
+                    event,
+                    attempts: 0,
+                    delivered: false,
+                    newest: attempt.id,
+                    newest_at: attempt.delivered_at.clone(),
+                    newest_answer: answer,
+                },
+            )
+        });
+        entry.1.attempts += 1;
+        entry.1.delivered |= attempt.delivered();
+    }
+    let mut events: Vec<(usize, Event)> = by_guid.into_values().collect();
+    // The newest attempt came first: the event whose newest attempt is oldest goes first.
+    events.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
+    events.into_iter().map(|(_, event)| event).collect()
+}
+
+/// The `rel="next"` address of a `Link` header, as GitHub pages its lists.
+pub fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (address, params) = part.split_once(';')?;
+        let is_next = params
+            .split(';')
+            .any(|param| matches!(param.trim(), "rel=\"next\"" | "rel=next"));
+        let address = address.trim().strip_prefix('<')?.strip_suffix('>')?;
+        is_next.then(|| address.to_owned())
+    })
+}
+
+/// What one run found, for the command to print.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Attempts read in the window, and the events they belong to.
+    pub attempts: usize,
+    pub events: usize,
+    pub delivered: usize,
+    /// Events no attempt delivered, yet in the store (the relay took one and its answer
+    /// was lost, or it answered `503` after its commit timed out).
+    pub stored: Vec<Event>,
+    /// Redelivered (or, in a dry run, to be).
+    pub redelivered: Vec<Event>,
+    /// Events whose redelivery GitHub refused, with its answer.
+    pub refused: Vec<(Event, String)>,
+    /// Events left for another run: past `--most`, or after GitHub's rate limit.
+    pub left: Vec<Event>,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<String>,
+    /// The window was wider than [`MOST_PAGES`] pages: older attempts were not read.
+    pub truncated: bool,
+}
+
+/// One run against `hook`.
+pub struct CatchUp<'a> {
+    pub hook: &'a HookUrl,
+    pub token: &'a Secret,
+    /// Attempts from this time on (milliseconds since the epoch) are read.
+    pub since: i64,
+    /// Redeliveries asked for at most.
+    pub most: usize,
+    pub dry_run: bool,
+}
+
+impl CatchUp<'_> {
+    /// Reads the hook's log back to `since`, then asks GitHub to redeliver each event no
+    /// attempt delivered and `is_stored` does not know. Fails only when the log cannot
+    /// be read; refused redeliveries are in the report.
+    pub async fn run(
+        &self,
+        is_stored: &mut dyn FnMut(&str) -> Result<bool, String>,
+    ) -> Result<Report, String> {
+        let client = self.client()?;
+        let (attempts, truncated) = self.read_log(&client).await?;
+        let events = events(&attempts);
+        let mut report = Report {
+            attempts: attempts.len(),
+            events: events.len(),
+            truncated,
+            ..Report::default()
+        };
+        for event in events {
+            if event.delivered {
+                report.delivered += 1;
+            } else if is_stored(&event.guid)? {
+                report.stored.push(event);
+            } else if report.stopped.is_some() || report.redelivered.len() >= self.most {
+                report.left.push(event);
+            } else if self.dry_run {
+                report.redelivered.push(event);
+            } else {
+                match self.redeliver(&client, &event).await {
+                    Redelivery::Accepted => report.redelivered.push(event),
+                    Redelivery::Refused(answer) => report.refused.push((event, answer)),
+                    Redelivery::Stop(why) => {
+                        report.stopped = Some(why);
+                        report.left.push(event);
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn client(&self) -> Result<Upstream, String> {
+        let url = crate::upstream::parse_upstream_url(&self.hook.origin)?;
+        Upstream::calling(
+            Called::Forge("catch-up".into()),
+            &UpstreamConfig {
+                name: "GitHub".into(),
+                url,
+                ca_file: None,
+                connect_timeout: std::time::Duration::from_secs(10),
+                timeout: std::time::Duration::from_secs(30),
+                per_project: crate::upstream::default_per_project(),
+                coalesce: None,
+                max_in_flight: 1,
+                read_token: None,
+                polls_per_minute: 0,
+                poll_interval: std::time::Duration::ZERO,
+            },
+        )
+        .map_err(|err| err.to_string())
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.github+json"),
+        );
+        headers.insert(
+            "x-github-api-version",
+            HeaderValue::from_static(API_VERSION),
+        );
+        if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", self.token.expose())) {
+            value.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, value);
+        }
+        headers
+    }
+
+    /// The window's attempts, newest first, and whether pages were left unread.
+    async fn read_log(&self, client: &Upstream) -> Result<(Vec<Attempt>, bool), String> {
+        let mut attempts = Vec::new();
+        let mut page = Some(self.hook.first_page());
+        for _ in 0..MOST_PAGES {
+            let Some(path) = page.take() else {
+                return Ok((attempts, false));
+            };
+            let answer = client
+                .call(Method::GET, &path, self.headers(), Bytes::new())
+                .await
+                .map_err(|err| format!("{}: {err}", self.hook.shown()))?;
+            if answer.status != StatusCode::OK {
+                return Err(self.log_refused(&answer));
+            }
+            let listed: Vec<Attempt> = serde_json::from_slice(&answer.body).map_err(|err| {
+                format!(
+                    "GitHub's list of deliveries of {} cannot be read: {err}",
+                    self.hook.shown()
+                )
+            })?;
+            let mut reached_the_start = false;
+            for attempt in listed {
+                match attempt.at() {
+                    Some(at) if at < self.since => reached_the_start = true,
+                    _ => attempts.push(attempt),
+                }
+            }
+            if reached_the_start {
+                return Ok((attempts, false));
+            }
+            page = answer
+                .headers
+                .get(header::LINK)
+                .and_then(|link| link.to_str().ok())
+                .and_then(next_link)
+                .and_then(|link| self.hook.within(&link));
+        }
+        Ok((attempts, page.is_some()))
+    }
+
+    fn log_refused(&self, answer: &UpstreamResponse) -> String {
+        let said = crate::upstream::readable_message(&answer.body)
+            .map(|message| format!(" ({})", self.token.scrubbed_from(message)))
+            .unwrap_or_default();
+        let why = match answer.status.as_u16() {
+            401 => "the token is not valid (expired or revoked?)".to_owned(),
+            403 | 404 => "the token may not read this hook's deliveries (a classic token \
+                          needs admin:repo_hook, or admin:org_hook for an organisation's \
+                          hook; a fine-grained one the permission Webhooks: read), or there \
+                          is no such hook"
+                .to_owned(),
+            _ => "GitHub did not list them".to_owned(),
+        };
+        format!(
+            "GitHub answered {} for the deliveries of {}{said}: {why}",
+            answer.status,
+            self.hook.shown()
+        )
+    }
+
+    async fn redeliver(&self, client: &Upstream, event: &Event) -> Redelivery {
+        let path = self.hook.redeliver(event.newest);
+        let answer = match client
+            .call(Method::POST, &path, self.headers(), Bytes::new())
+            .await
+        {
+            Ok(answer) => answer,
+            Err(err) => return Redelivery::Stop(format!("GitHub could not be asked: {err}")),
+        };
+        if answer.status.is_success() {
+            return Redelivery::Accepted;
+        }
+        let said = crate::upstream::readable_message(&answer.body)
+            .map(|message| self.token.scrubbed_from(message))
+            .unwrap_or_default();
+        let limited = answer.status == StatusCode::TOO_MANY_REQUESTS
+            || (answer.status == StatusCode::FORBIDDEN
+                && (said.to_lowercase().contains("rate limit")
+                    || answer.headers.get("x-ratelimit-remaining")
+                        == Some(&HeaderValue::from_static("0"))));
+        if limited {
+            let after = answer
+                .headers
+                .get(header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok())
+                .map(|seconds| format!("; GitHub asks to wait {seconds} s"))
+                .unwrap_or_default();
+            return Redelivery::Stop(format!(
+                "GitHub's rate limit was reached ({} {said}){after}; run again later for the rest",
+                answer.status
+            ));
+        }
+        Redelivery::Refused(format!("{} {said}", answer.status).trim().to_owned())
+    }
+}
+
+enum Redelivery {
+    Accepted,
+    Refused(String),
+    /// Asking again now would fail too: the rest wait for another run.
+    Stop(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(id: u64, guid: &str, at: &str, status_code: u16) -> Attempt {
+        Attempt {
+            id,
+            guid: guid.into(),
+            delivered_at: at.into(),
+            status_code,
+            status: if status_code == 0 {
+                "failed to connect to host".into()
+            } else {
+                String::new()
+            },
+            event: "push".into(),
+            action: None,
+        }
+    }
+
+    #[test]
+    fn a_hook_is_read_from_its_api_address_on_github_and_enterprise_server() {
+        let hook = HookUrl::parse("https://api.github.com/repos/acme/app/hooks/123").unwrap();
+        assert_eq!(hook.origin, "https://api.github.com");
+        assert_eq!(hook.path, "/repos/acme/app/hooks/123");
+        assert_eq!(
+            hook.first_page(),
+            "/repos/acme/app/hooks/123/deliveries?per_page=100"
+        );
+        assert_eq!(
+            hook.redeliver(42),
+            "/repos/acme/app/hooks/123/deliveries/42/attempts"
+        );
+        let org = HookUrl::parse("https://api.github.com/orgs/acme/hooks/9/").unwrap();
+        assert_eq!(org.path, "/orgs/acme/hooks/9");
+        let ghes = HookUrl::parse("https://ghe.example.com:8443/api/v3/repos/a/b/hooks/5").unwrap();
+        assert_eq!(ghes.origin, "https://ghe.example.com:8443");
+        assert_eq!(ghes.path, "/api/v3/repos/a/b/hooks/5");
+        for wrong in [
+            "https://github.com/acme/app/settings/hooks/123",
+            "https://api.github.com/repos/acme/app/hooks",
+            "https://api.github.com/repos/acme/app/hooks/abc",
+            "https://api.github.com/repos/acme/app/hooks/1?x=1",
+            "https://me:pw@api.github.com/repos/acme/app/hooks/1",
+            "api.github.com/repos/acme/app/hooks/1",
+        ] {
+            let err = HookUrl::parse(wrong).unwrap_err();
+            assert!(!err.contains(":pw@"), "{err}");
+        }
+    }
+
+    #[test]
+    fn only_pages_on_the_hooks_own_origin_are_followed() {
+        let hook = HookUrl::parse("https://api.github.com/repos/acme/app/hooks/1").unwrap();
+        assert_eq!(
+            hook.within("https://api.github.com/repositories/7/hooks/1/deliveries?cursor=v1_9")
+                .as_deref(),
+            Some("/repositories/7/hooks/1/deliveries?cursor=v1_9")
+        );
+        assert_eq!(hook.within("https://evil.example/x"), None);
+        assert_eq!(hook.within("https://api.github.com.evil.example/x"), None);
+    }
+
+    #[test]
+    fn the_next_page_is_the_links_rel_next() {
+        let link = "<https://api.github.com/repositories/1/hooks/2/deliveries?per_page=100&cursor=v1_11>; rel=\"next\", \
+                    <https://api.github.com/repositories/1/hooks/2/deliveries?per_page=100&cursor=v1_30>; rel=\"prev\"";
+        assert_eq!(
+            next_link(link).as_deref(),
+            Some(
+                "https://api.github.com/repositories/1/hooks/2/deliveries?per_page=100&cursor=v1_11"
+            )
+        );
+        assert_eq!(next_link("<https://x/y>; rel=\"prev\""), None);
+        assert_eq!(next_link(""), None);
+        assert_eq!(next_link("garbage"), None);
+    }
+
+    #[test]
+    fn an_event_is_delivered_when_any_attempt_got_a_2xx_and_names_its_newest_attempt() {
+        // Newest first, as GitHub lists them.
+        let listed = [
+            attempt(5, "c", "2026-12-06T10:05:00Z", 0),
+            attempt(4, "a", "2026-12-06T10:04:00Z", 202),
+            attempt(3, "b", "2026-12-06T10:03:00Z", 503),
+            attempt(2, "b", "2026-12-06T10:02:00Z", 0),
+            attempt(1, "a", "2026-12-06T10:01:00Z", 503),
+        ];
+        let events = events(&listed);
+        let summary: Vec<(&str, bool, u64, usize)> = events
+            .iter()
+            .map(|e| (e.guid.as_str(), e.delivered, e.newest, e.attempts))
+            .collect();
+        assert_eq!(
+            summary,
+            [("b", false, 3, 2), ("a", true, 4, 2), ("c", false, 5, 1)]
+        );
+        assert_eq!(events[0].newest_answer, "503");
+        assert_eq!(events[2].newest_answer, "failed to connect to host");
+    }
+}

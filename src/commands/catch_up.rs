@@ -1,0 +1,171 @@
+//! `hookrelay catch-up`: the webhooks GitHub could not deliver to the relay, delivered
+//! again (see [`crate::catch_up`]), and what it did said a line per event.
+
+use std::process::ExitCode;
+
+use crate::catch_up::{CatchUp, Event, HookUrl, Report};
+use crate::outbox::OfflineStore;
+use crate::secret::SecretRef;
+use crate::store::StoreLocation;
+
+/// What `hookrelay catch-up` was asked.
+pub struct CatchUpArgs<'a> {
+    pub store: &'a StoreLocation,
+    /// The `[source.NAME]` the hook sends to: whose webhooks the store is asked about.
+    pub source: &'a str,
+    pub hook: &'a str,
+    pub token: &'a str,
+    pub since: i64,
+    pub most: usize,
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+/// Exit status 0 when every event that needed it was redelivered (or, in a dry run,
+/// listed); 1 when GitHub refused some, stopped the run, or its log or the store could
+/// not be read; 2 for arguments that cannot be used.
+pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
+    let refused = |message: String| {
+        eprintln!("hookrelay catch-up: {message}");
+        ExitCode::from(2)
+    };
+    let hook = match HookUrl::parse(args.hook) {
+        Ok(hook) => hook,
+        Err(message) => return refused(format!("--hook: {message}")),
+    };
+    let token = match SecretRef::parse(args.token).and_then(|token| token.resolve()) {
+        Ok(token) => token,
+        Err(message) => return refused(format!("--token: {message}")),
+    };
+    let mut store = match OfflineStore::open(args.store) {
+        Ok(store) => store,
+        Err(err) => {
+            eprintln!("hookrelay catch-up: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let run = CatchUp {
+        hook: &hook,
+        token: &token,
+        since: args.since,
+        most: args.most,
+        dry_run: args.dry_run,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("hookrelay catch-up: cannot start: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut is_stored = |guid: &str| {
+        store
+            .holds_webhook_from(args.source, guid)
+            .map_err(|err| err.to_string())
+    };
+    let report = match runtime.block_on(run.run(&mut is_stored)) {
+        Ok(report) => report,
+        Err(message) => {
+            eprintln!("hookrelay catch-up: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        print_json(&report, args.dry_run);
+    } else {
+        print_report(&report, &hook, args.source, args.dry_run);
+    }
+    if report.refused.is_empty() && report.stopped.is_none() && report.left.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn described(event: &Event) -> String {
+    format!(
+        "{} ({}, {} attempt{}, the last at {}: {})",
+        event.guid,
+        event.event,
+        event.attempts,
+        if event.attempts == 1 { "" } else { "s" },
+        event.newest_at,
+        event.newest_answer
+    )
+}
+
+fn print_report(report: &Report, hook: &HookUrl, source: &str, dry_run: bool) {
+    for event in &report.redelivered {
+        let done = if dry_run {
+            "would redeliver"
+        } else {
+            "redelivered"
+        };
+        println!("{done} {}", described(event));
+    }
+    for (event, answer) in &report.refused {
+        println!("GitHub refused to redeliver {}: {answer}", described(event));
+    }
+    for event in &report.stored {
+        println!(
+            "left alone, the relay stored it though GitHub saw no 2xx: {}",
+            described(event)
+        );
+    }
+    for event in &report.left {
+        println!("left for another run: {}", described(event));
+    }
+    if let Some(why) = &report.stopped {
+        println!("stopped: {why}");
+    }
+    if report.truncated {
+        println!(
+            "the window holds more than the 10,000 attempts one run reads; its oldest were not looked at: narrow --since and run again"
+        );
+    }
+    let redelivered = if dry_run {
+        "to redeliver"
+    } else {
+        "redelivered"
+    };
+    println!(
+        "{} attempts of {} events in the log of {}: {} delivered, {} in the store of source {source:?} though GitHub saw no 2xx, {} {redelivered}{}{}",
+        report.attempts,
+        report.events,
+        hook.shown(),
+        report.delivered,
+        report.stored.len(),
+        report.redelivered.len(),
+        match report.refused.len() {
+            0 => String::new(),
+            n => format!(", {n} refused"),
+        },
+        match report.left.len() {
+            0 => String::new(),
+            n => format!(", {n} left for another run"),
+        },
+    );
+}
+
+fn print_json(report: &Report, dry_run: bool) {
+    let guids =
+        |events: &[Event]| -> Vec<String> { events.iter().map(|e| e.guid.clone()).collect() };
+    let value = serde_json::json!({
+        "dry_run": dry_run,
+        "attempts": report.attempts,
+        "events": report.events,
+        "delivered": report.delivered,
+        "stored": guids(&report.stored),
+        "redelivered": guids(&report.redelivered),
+        "refused": report.refused.iter().map(|(event, answer)| serde_json::json!({
+            "guid": event.guid, "answer": answer
+        })).collect::<Vec<_>>(),
+        "left": guids(&report.left),
+        "stopped": report.stopped,
+        "truncated": report.truncated,
+    });
+    println!("{value}");
+}

@@ -1,0 +1,275 @@
+//! `hookrelay catch-up` against a stand-in GitHub API on port 0: the hook's delivery log
+//! read page by page back to `--since`, and each event that never reached the store
+//! delivered again, once.
+
+mod common;
+
+use std::process::Command;
+
+use chrono::{SecondsFormat, Utc};
+use common::binary::*;
+use common::*;
+
+const TOKEN: &str = "ghp_catch_up_test_token_0123456789";
+
+/// An attempt as GitHub lists it, `minutes` ago.
+fn attempt(id: u64, guid: &str, minutes: i64, status_code: u16, status: &str) -> String {
+    let at = (Utc::now() - chrono::Duration::minutes(minutes))
+        .to_rfc3339_opts(SecondsFormat::Secs, true);
+    serde_json::json!({
+        "id": id, "guid": guid, "delivered_at": at, "redelivery": false, "duration": 0.2,
+        "status": status, "status_code": status_code, "event": "push", "action": null,
+        "installation_id": null, "repository_id": 7
+    })
+    .to_string()
+}
+
+/// The two pages of the hook's log: five attempts of four events within the last day
+/// (one delivered, one stored by the relay though GitHub saw a 503, two never delivered),
+/// and one attempt two days old that a `--since 24h` run never reaches.
+fn script_the_log(github: &RecordingUpstream) {
+    let page_one = format!(
+        "[{}, {}, {}]",
+        attempt(105, "lost-guid", 1, 0, "failed to connect to host"),
+        attempt(104, "stored-guid", 2, 503, "Invalid HTTP Response: 503"),
+        attempt(103, "ok-guid", 3, 200, "OK"),
+    );
+    let next = format!(
+        "<{}/repositories/7/hooks/42/deliveries?per_page=100&cursor=v1_102>; rel=\"next\"",
+        github.url()
+    );
+    github.answer_next(Answer::new(200, &page_one).header("link", &next));
+    let page_two = format!(
+        "[{}, {}, {}]",
+        attempt(102, "retried-guid", 4, 502, "Invalid HTTP Response: 502"),
+        attempt(101, "retried-guid", 5, 0, "timed out"),
+        attempt(100, "old-guid", 2 * 24 * 60, 0, "failed to connect to host"),
+    );
+    github.answer_next(Answer::new(200, &page_two));
+}
+
+fn catch_up(
+    dir: &std::path::Path,
+    github: &RecordingUpstream,
+    extra: &[&str],
+) -> std::process::Output {
+    Command::new(BIN)
+        .arg("catch-up")
+        .args([
+            "--source",
+            "github",
+            "--token",
+            "env:CATCH_UP_TEST_TOKEN",
+            "--since",
+            "24h",
+        ])
+        .arg("--hook")
+        .arg(format!("{}/repos/acme/app/hooks/42", github.url()))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .args(extra)
+        .env("CATCH_UP_TEST_TOKEN", TOKEN)
+        .output()
+        .unwrap()
+}
+
+fn texts(output: &std::process::Output) -> (String, String) {
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    assert!(
+        !stdout.contains(TOKEN) && !stderr.contains(TOKEN),
+        "{stdout}{stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// A relay that stored one webhook (`stored-guid`) and stopped.
+async fn a_store_holding_one_webhook() -> tempfile::TempDir {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "s3cret-for-the-tests");
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"{}\"\n[source.github]\nprovider = \"github\"\nsecret = \"file:secret\"\n",
+            upstream.url()
+        ),
+    );
+    let mut served = serve_in(dir.path());
+    let url = format!("http://{}/hooks/github", served.address());
+    let reply = signed_github_body(
+        &url,
+        "s3cret-for-the-tests",
+        "push",
+        "stored-guid",
+        fixture("github/push_tag.json"),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    served.terminate();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_never_reached_the_store_is_redelivered_once_and_the_rest_left_alone() {
+    let dir = a_store_holding_one_webhook().await;
+    let github = RecordingUpstream::start().await;
+
+    // A dry run reads the log and asks for nothing.
+    script_the_log(&github);
+    let output = catch_up(dir.path(), &github, &["--dry-run"]);
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("would redeliver retried-guid (push, 2 attempts"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("would redeliver lost-guid (push, 1 attempt, "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("failed to connect to host"), "{stdout}");
+    assert!(
+        stdout.contains("left alone, the relay stored it though GitHub saw no 2xx: stored-guid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("5 attempts of 4 events in the log of ")
+            && stdout.contains("1 delivered, 1 in the store of source \"github\" though GitHub saw no 2xx, 2 to redeliver"),
+        "{stdout}"
+    );
+    let calls = github.received();
+    let asked: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|c| (c.method.as_str(), c.path_and_query.as_str()))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            ("GET", "/repos/acme/app/hooks/42/deliveries?per_page=100"),
+            (
+                "GET",
+                "/repositories/7/hooks/42/deliveries?per_page=100&cursor=v1_102"
+            ),
+        ]
+    );
+    for call in &calls {
+        assert_eq!(
+            call.header("authorization"),
+            Some(format!("Bearer {TOKEN}").as_str())
+        );
+        assert_eq!(call.header("accept"), Some("application/vnd.github+json"));
+        assert_eq!(call.header("x-github-api-version"), Some("2022-11-28"));
+    }
+
+    // The real run redelivers each undelivered event's newest attempt, oldest event first.
+    script_the_log(&github);
+    github.answer_next(Answer::new(202, "{}"));
+    github.answer_next(Answer::new(202, "{}"));
+    let output = catch_up(dir.path(), &github, &[]);
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("redelivered retried-guid"), "{stdout}");
+    assert!(stdout.contains("redelivered lost-guid"), "{stdout}");
+    let posts: Vec<String> = github
+        .received()
+        .into_iter()
+        .filter(|c| c.method == "POST")
+        .map(|c| c.path_and_query)
+        .collect();
+    assert_eq!(
+        posts,
+        [
+            "/repos/acme/app/hooks/42/deliveries/102/attempts",
+            "/repos/acme/app/hooks/42/deliveries/105/attempts",
+        ]
+    );
+
+    // --json says the same for scripts.
+    script_the_log(&github);
+    let output = catch_up(dir.path(), &github, &["--dry-run", "--json"]);
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    let said: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        said["redelivered"],
+        serde_json::json!(["retried-guid", "lost-guid"])
+    );
+    assert_eq!(said["stored"], serde_json::json!(["stored-guid"]));
+    assert_eq!(said["delivered"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_may_not_read_the_log_and_a_rate_limit_are_said_and_fail_the_run() {
+    let dir = a_store_holding_one_webhook().await;
+    let github = RecordingUpstream::start().await;
+
+    github.answer_next(Answer::new(
+        404,
+        r#"{"message":"Not Found","documentation_url":"https://docs.github.com/rest"}"#,
+    ));
+    let output = catch_up(dir.path(), &github, &[]);
+    let (stdout, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("GitHub answered 404 Not Found for the deliveries of")
+            && stderr.contains("(Not Found)")
+            && stderr.contains("admin:repo_hook"),
+        "{stderr}"
+    );
+
+    // GitHub's rate limit stops the run; what is left is named for the next one.
+    script_the_log(&github);
+    github.answer_next(
+        Answer::new(
+            403,
+            r#"{"message":"API rate limit exceeded for user ID 1."}"#,
+        )
+        .header("x-ratelimit-remaining", "0"),
+    );
+    let output = catch_up(dir.path(), &github, &[]);
+    let (stdout, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("left for another run: retried-guid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("left for another run: lost-guid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("stopped: GitHub's rate limit was reached"),
+        "{stdout}"
+    );
+    let posts = github
+        .received()
+        .into_iter()
+        .filter(|c| c.method == "POST")
+        .count();
+    assert_eq!(posts, 1, "nothing is asked after the limit");
+
+    // A hook address that is not one is refused before anything is called.
+    let output = Command::new(BIN)
+        .args([
+            "catch-up",
+            "--source",
+            "github",
+            "--hook",
+            "https://github.com/acme/app/settings/hooks/42",
+        ])
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .env("GITHUB_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let (_, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--hook:") && stderr.contains("is not a hook's API address"),
+        "{stderr}"
+    );
+}
