@@ -5,10 +5,12 @@
 //! presses *Redeliver*. Run after an outage, or every few minutes from a timer.
 //!
 //! An event (a `guid`, which is the `X-GitHub-Delivery` the relay stores) is delivered
-//! again when none of its attempts in the window got a `2xx` and the relay's store does
-//! not hold it; its newest attempt is the one redelivered, once per run. A redelivery of
-//! a webhook the relay stored after all would be answered as a duplicate and queue
-//! nothing, so the store check saves GitHub's rate limit, not correctness.
+//! again when none of its attempts in the window got a `2xx`, its newest one got no
+//! answer, a `5xx` or a `429` (the relay was away or busy: a `4xx` such as a wrong
+//! signature's `401` would come back the same), and the relay's store does not hold it;
+//! its newest attempt is the one redelivered, once per run. A redelivery of a webhook the
+//! relay stored after all would be answered as a duplicate and queue nothing, so the
+//! store check saves GitHub's rate limit, not correctness.
 
 use std::collections::BTreeMap;
 
@@ -126,10 +128,21 @@ pub struct Event {
     pub attempts: usize,
     /// Some attempt got a `2xx`.
     pub delivered: bool,
+    /// The newest attempt's status code (`0`: no answer).
+    pub newest_code: u16,
     /// The newest attempt: its id (what a redelivery names), time and answer.
     pub newest: u64,
     pub newest_at: String,
     pub newest_answer: String,
+}
+
+impl Event {
+    /// Its newest attempt found the relay away or busy (no answer, `5xx`, `429`): a
+    /// redelivery may arrive. A `4xx` is the relay's refusal of that webhook, which a
+    /// redelivery would get again.
+    pub fn may_arrive_again(&self) -> bool {
+        matches!(self.newest_code, 0 | 429 | 500..=599)
+    }
 }
 
 /// The window's attempts (newest first, as GitHub lists them) as events, oldest first.
@@ -154,6 +167,7 @@ pub fn events(attempts: &[Attempt]) -> Vec<Event> {
                     event,
                     attempts: 0,
                     delivered: false,
+                    newest_code: attempt.status_code,
                     newest: attempt.id,
                     newest_at: attempt.delivered_at.clone(),
                     newest_answer: answer,
@@ -191,6 +205,9 @@ pub struct Report {
     /// Events no attempt delivered, yet in the store (the relay took one and its answer
     /// was lost, or it answered `503` after its commit timed out).
     pub stored: Vec<Event>,
+    /// Events the relay refused (a `4xx`: a wrong signature, an unknown source, a body
+    /// over `max_body`): a redelivery would be refused again, so none is asked for.
+    pub rejected: Vec<Event>,
     /// Redelivered (or, in a dry run, to be).
     pub redelivered: Vec<Event>,
     /// Events whose redelivery GitHub refused, with its answer.
@@ -234,6 +251,8 @@ impl CatchUp<'_> {
         for event in events {
             if event.delivered {
                 report.delivered += 1;
+            } else if !event.may_arrive_again() {
+                report.rejected.push(event);
             } else if is_stored(&event.guid)? {
                 report.stored.push(event);
             } else if report.stopped.is_some() || report.redelivered.len() >= self.most {
@@ -495,5 +514,16 @@ mod tests {
         );
         assert_eq!(events[0].newest_answer, "503");
         assert_eq!(events[2].newest_answer, "failed to connect to host");
+    }
+
+    #[test]
+    fn only_an_event_that_found_the_relay_away_or_busy_may_arrive_again() {
+        let newest = |code| events(&[attempt(1, "a", "2026-12-06T10:00:00Z", code)]).remove(0);
+        for code in [0, 429, 500, 502, 503, 504] {
+            assert!(newest(code).may_arrive_again(), "{code}");
+        }
+        for code in [400, 401, 403, 404, 413, 415] {
+            assert!(!newest(code).may_arrive_again(), "{code}");
+        }
     }
 }

@@ -24,9 +24,10 @@ fn attempt(id: u64, guid: &str, minutes: i64, status_code: u16, status: &str) ->
     .to_string()
 }
 
-/// The two pages of the hook's log: five attempts of four events within the last day
-/// (one delivered, one stored by the relay though GitHub saw a 503, two never delivered),
-/// and one attempt two days old that a `--since 24h` run never reaches.
+/// The two pages of the hook's log: six attempts of five events within the last day (one
+/// delivered, one stored by the relay though GitHub saw a 503, one the relay refused with
+/// a 401, two that never arrived), and one attempt two days old that a `--since 24h` run
+/// never reaches.
 fn script_the_log(github: &RecordingUpstream) {
     let page_one = format!(
         "[{}, {}, {}]",
@@ -40,9 +41,10 @@ fn script_the_log(github: &RecordingUpstream) {
     );
     github.answer_next(Answer::new(200, &page_one).header("link", &next));
     let page_two = format!(
-        "[{}, {}, {}]",
+        "[{}, {}, {}, {}]",
         attempt(102, "retried-guid", 4, 502, "Invalid HTTP Response: 502"),
         attempt(101, "retried-guid", 5, 0, "timed out"),
+        attempt(99, "refused-guid", 6, 401, "Invalid HTTP Response: 401"),
         attempt(100, "old-guid", 2 * 24 * 60, 0, "failed to connect to host"),
     );
     github.answer_next(Answer::new(200, &page_two));
@@ -133,12 +135,18 @@ async fn what_never_reached_the_store_is_redelivered_once_and_the_rest_left_alon
     );
     assert!(stdout.contains("failed to connect to host"), "{stdout}");
     assert!(
+        stdout.contains("not redelivered, the relay refused it: refused-guid (push, 1 attempt, ")
+            && stdout
+                .contains("401 (Invalid HTTP Response: 401)) (a redelivery would be refused again"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("left alone, the relay stored it though GitHub saw no 2xx: stored-guid"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("5 attempts of 4 events in the log of ")
-            && stdout.contains("1 delivered, 1 in the store of source \"github\" though GitHub saw no 2xx, 2 to redeliver"),
+        stdout.contains("6 attempts of 5 events in the log of ")
+            && stdout.contains("1 delivered, 1 in the store of source \"github\" though GitHub saw no 2xx, 1 refused by the relay, 2 to redeliver"),
         "{stdout}"
     );
     let calls = github.received();
@@ -199,6 +207,7 @@ async fn what_never_reached_the_store_is_redelivered_once_and_the_rest_left_alon
         serde_json::json!(["retried-guid", "lost-guid"])
     );
     assert_eq!(said["stored"], serde_json::json!(["stored-guid"]));
+    assert_eq!(said["rejected"], serde_json::json!(["refused-guid"]));
     assert_eq!(said["delivered"], 1);
 }
 

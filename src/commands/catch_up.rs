@@ -109,6 +109,12 @@ fn print_report(report: &Report, hook: &HookUrl, source: &str, dry_run: bool) {
     for (event, answer) in &report.refused {
         println!("GitHub refused to redeliver {}: {answer}", described(event));
     }
+    for event in &report.rejected {
+        println!(
+            "not redelivered, the relay refused it: {} (a redelivery would be refused again: fix the cause, e.g. the source's secret, then press Redeliver on the hook's page)",
+            described(event)
+        );
+    }
     for event in &report.stored {
         println!(
             "left alone, the relay stored it though GitHub saw no 2xx: {}",
@@ -132,12 +138,13 @@ fn print_report(report: &Report, hook: &HookUrl, source: &str, dry_run: bool) {
         "redelivered"
     };
     println!(
-        "{} attempts of {} events in the log of {}: {} delivered, {} in the store of source {source:?} though GitHub saw no 2xx, {} {redelivered}{}{}",
+        "{} attempts of {} events in the log of {}: {} delivered, {} in the store of source {source:?} though GitHub saw no 2xx, {} refused by the relay, {} {redelivered}{}{}",
         report.attempts,
         report.events,
         hook.shown(),
         report.delivered,
         report.stored.len(),
+        report.rejected.len(),
         report.redelivered.len(),
         match report.refused.len() {
             0 => String::new(),
@@ -159,6 +166,7 @@ fn print_json(report: &Report, dry_run: bool) {
         "events": report.events,
         "delivered": report.delivered,
         "stored": guids(&report.stored),
+        "rejected": guids(&report.rejected),
         "redelivered": guids(&report.redelivered),
         "refused": report.refused.iter().map(|(event, answer)| serde_json::json!({
             "guid": event.guid, "answer": answer
