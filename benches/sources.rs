@@ -19,6 +19,7 @@ fn source(provider: Provider) -> SourceConfig {
         url_refs: None,
         status: None,
         pipelines_of: None,
+        catch_up: None,
         name: provider.to_string(),
         provider,
         secrets: vec![Secret::new(SECRET)],

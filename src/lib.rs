@@ -35,6 +35,7 @@ pub mod admin;
 pub mod app;
 pub mod bare_refusals;
 pub mod catch_up;
+pub mod catch_up_passes;
 pub mod clipped;
 pub mod commands;
 pub mod config;

@@ -75,6 +75,15 @@ fn catch_up(
         .unwrap()
 }
 
+/// Each call the stand-in GitHub got: `METHOD path?query`.
+fn asked(github: &RecordingUpstream) -> Vec<String> {
+    github
+        .received()
+        .into_iter()
+        .map(|call| format!("{} {}", call.method, call.path_and_query))
+        .collect()
+}
+
 fn texts(output: &std::process::Output) -> (String, String) {
     let (stdout, stderr) = (
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -149,22 +158,14 @@ async fn what_never_reached_the_store_is_redelivered_once_and_the_rest_left_alon
             && stdout.contains("1 delivered, 1 in the store of source \"github\" though GitHub saw no 2xx, 1 refused by the relay, 2 to redeliver"),
         "{stdout}"
     );
-    let calls = github.received();
-    let asked: Vec<(&str, &str)> = calls
-        .iter()
-        .map(|c| (c.method.as_str(), c.path_and_query.as_str()))
-        .collect();
     assert_eq!(
-        asked,
+        asked(&github),
         [
-            ("GET", "/repos/acme/app/hooks/42/deliveries?per_page=100"),
-            (
-                "GET",
-                "/repositories/7/hooks/42/deliveries?per_page=100&cursor=v1_102"
-            ),
+            "GET /repos/acme/app/hooks/42/deliveries?per_page=100",
+            "GET /repositories/7/hooks/42/deliveries?per_page=100&cursor=v1_102",
         ]
     );
-    for call in &calls {
+    for call in &github.received() {
         assert_eq!(
             call.header("authorization"),
             Some(format!("Bearer {TOKEN}").as_str())
@@ -281,4 +282,47 @@ async fn a_token_that_may_not_read_the_log_and_a_rate_limit_are_said_and_fail_th
         stderr.contains("--hook:") && stderr.contains("is not a hook's API address"),
         "{stderr}"
     );
+}
+
+/// With `catch_up = { … }` on its GitHub source, the relay itself reads the hook's log
+/// when it starts, over the time it was down: what never arrived is asked for again, what
+/// it stored before it stopped is left alone, and the log says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_with_catch_up_asks_at_its_start_for_what_arrived_while_it_was_down() {
+    let dir = a_store_holding_one_webhook().await;
+    let github = RecordingUpstream::start().await;
+    let page = format!(
+        "[{}, {}, {}]",
+        attempt(105, "lost-guid", 1, 0, "failed to connect to host"),
+        attempt(104, "stored-guid", 2, 503, "Invalid HTTP Response: 503"),
+        attempt(103, "ok-guid", 3, 200, "OK"),
+    );
+    github.answer_next(Answer::new(200, &page));
+    github.answer_next(Answer::new(202, "{}"));
+    let relay_toml = std::fs::read_to_string(dir.path().join("relay.toml")).unwrap();
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "{relay_toml}catch_up = {{ hook = \"{}/repos/acme/app/hooks/42\", token = \"env:CATCH_UP_TEST_TOKEN\" }}\n",
+            github.url()
+        ),
+    );
+    let mut command = Command::new(BIN);
+    command.env("CATCH_UP_TEST_TOKEN", TOKEN);
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    let line = served.wait_for("catch-up asked GitHub to deliver again");
+    assert!(
+        line.contains("count=1") && line.contains("guids=lost-guid") && !line.contains(TOKEN),
+        "{line}"
+    );
+    assert_eq!(
+        asked(&github),
+        [
+            "GET /repos/acme/app/hooks/42/deliveries?per_page=100",
+            "POST /repos/acme/app/hooks/42/deliveries/105/attempts",
+        ]
+    );
+    let (_, lines) = served.terminate();
+    assert!(lines.iter().all(|line| !line.contains(TOKEN)));
 }

@@ -45,6 +45,7 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
         }
     };
     let run = CatchUp {
+        source: args.source,
         hook: &hook,
         token: &token,
         since: args.since,

@@ -174,7 +174,11 @@ fn called_addresses(config: &Config) -> Vec<(crate::upstream::Called, String)> {
         let status = s.status.as_ref()?;
         Some((Called::Forge(s.name.clone()), status.api_url.clone()))
     });
-    upstreams.chain(forges).collect()
+    let hooks = config.sources.values().filter_map(|s| {
+        let catch_up = s.catch_up.as_ref()?;
+        Some((Called::Forge(s.name.clone()), catch_up.hook.shown()))
+    });
+    upstreams.chain(forges).chain(hooks).collect()
 }
 
 /// ` via the proxy …` for a summary, or nothing.
@@ -233,6 +237,15 @@ fn summary(config: &Config) -> String {
             }
             if let Some(upstream) = &s.pipelines_of {
                 shown.push_str(&format!(", pipeline events of {upstream}"));
+            }
+            if let Some(catch_up) = &s.catch_up {
+                let hook = catch_up.hook.shown();
+                shown.push_str(&format!(
+                    ", catch-up from {hook}{} every {} with {}",
+                    via_proxy(&hook),
+                    humantime::format_duration(catch_up.every),
+                    catch_up.token_ref
+                ));
             }
             shown.push(')');
             shown
@@ -431,6 +444,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         stopped.clone(),
     ));
     let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped.clone()));
+    let catch_up = tokio::spawn(crate::catch_up_passes::run(app.clone(), stopped.clone()));
     let forwarder = tokio::spawn(crate::forwarder::run(
         app.clone(),
         outbox.clone(),
@@ -457,7 +471,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         let _ = dashboard.await;
     }
     let _ = stop.send(true);
-    let _ = tokio::join!(reloader, scheduler, forwarder);
+    let _ = tokio::join!(reloader, scheduler, catch_up, forwarder);
     outbox.flush().await;
     served.context("serving")?;
     Ok(ExitCode::SUCCESS)

@@ -31,6 +31,17 @@ pub(super) struct RawSource {
     url_refs: Option<Spanned<Vec<String>>>,
     status: Option<Spanned<RawStatus>>,
     upstream: Option<Spanned<String>>,
+    catch_up: Option<Spanned<RawCatchUp>>,
+}
+
+/// `catch_up = { hook = "…", token = "env:NAME", every = "10m", since = "24h" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatchUp {
+    hook: String,
+    token: String,
+    every: Option<String>,
+    since: Option<String>,
 }
 
 /// `status = { token = "env:NAME", api_url = "…", ca_file = "…" }`.
@@ -96,6 +107,12 @@ pub(super) fn compile_source(
         compile_status(name, provider, status, resolve_secrets, problems, &mut ok)
     });
     let pipelines_of = raw.upstream.map(Spanned::into_inner);
+    let catch_up = match raw.catch_up {
+        Some(catch_up) if provider == Provider::Github => {
+            compile_catch_up(name, catch_up, resolve_secrets, problems, &mut ok)
+        }
+        _ => None,
+    };
 
     let proof = Proof {
         secret: raw.secret.is_some(),
@@ -170,6 +187,7 @@ pub(super) fn compile_source(
         url_refs,
         status,
         pipelines_of,
+        catch_up,
     })
 }
 
@@ -186,7 +204,7 @@ fn fields_apply_to(
         field.as_ref().map(Spanned::span)
     }
     // Each field that only some providers read, and which.
-    let fields: [(_, &str, &[Provider]); 7] = [
+    let fields: [(_, &str, &[Provider]); 8] = [
         (span(&raw.allow_sha1), "allow_sha1", &[Github]),
         (
             span(&raw.signing_secret),
@@ -205,6 +223,11 @@ fn fields_apply_to(
             span(&raw.upstream),
             "upstream (pipeline events of a GitLab)",
             &[Gitlab],
+        ),
+        (
+            span(&raw.catch_up),
+            "catch_up (GitHub's log of a hook's deliveries)",
+            &[Github],
         ),
     ];
     let mut ok = true;
@@ -456,6 +479,81 @@ fn compile_status(
         token_ref,
         token,
         ca_file,
+    })
+}
+
+/// `catch_up = { … }`: the hook whose delivery log the relay reads, the token that may
+/// read it and ask for redeliveries, and how often.
+fn compile_catch_up(
+    name: &str,
+    raw: Spanned<RawCatchUp>,
+    resolve_secrets: Option<EnvLookup<'_>>,
+    problems: &mut FileProblems<'_>,
+    ok: &mut bool,
+) -> Option<crate::catch_up::CatchUpConfig> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let what = format!("source.{name}.catch_up");
+    let mut refuse = |message: String, problems: &mut FileProblems<'_>| {
+        problems.at(Some(span.clone()), format!("{what}.{message}"));
+        *ok = false;
+    };
+    let hook = match crate::catch_up::HookUrl::parse(raw.hook.trim()) {
+        Ok(hook) => Some(hook),
+        Err(message) => {
+            refuse(format!("hook: {message}"), problems);
+            None
+        }
+    };
+    // Each pass costs a call of GitHub's API or more (5,000 an hour for a token).
+    let every = match raw
+        .every
+        .as_deref()
+        .map(|text| parse_duration_at_least(text, Duration::from_secs(60)))
+    {
+        None => Some(crate::catch_up::DEFAULT_EVERY),
+        Some(Ok(every)) => Some(every),
+        Some(Err(message)) => {
+            refuse(format!("every: {message}"), problems);
+            None
+        }
+    };
+    // GitHub lists a hook's deliveries of the last 30 days, and redelivers those of 3.
+    let since = match raw.since.as_deref().map(|text| {
+        parse_duration_at_least(text, Duration::from_secs(60)).and_then(|since| {
+            if since > Duration::from_secs(3 * 24 * 3600) {
+                Err(format!(
+                    "{text:?} is longer than the 3 days over which GitHub redelivers"
+                ))
+            } else {
+                Ok(since)
+            }
+        })
+    }) {
+        None => Some(crate::catch_up::DEFAULT_SINCE),
+        Some(Ok(since)) => Some(since),
+        Some(Err(message)) => {
+            refuse(format!("since: {message}"), problems);
+            None
+        }
+    };
+    let token = super::secret_setting(
+        &raw.token,
+        Some(span.clone()),
+        &format!("source.{name}.catch_up.token"),
+        resolve_secrets,
+        problems,
+    );
+    if token.is_none() {
+        *ok = false;
+    }
+    let (token_ref, token) = token?;
+    Some(crate::catch_up::CatchUpConfig {
+        hook: hook?,
+        token_ref,
+        token,
+        every: every?,
+        since: since?,
     })
 }
 

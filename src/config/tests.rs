@@ -1341,3 +1341,93 @@ fn coalescing_windows_are_read_and_long_ones_warned_about() {
         ]
     );
 }
+
+#[test]
+fn catch_up_settings_are_checked_where_they_are_written() {
+    let env = [
+        ("S", "0123456789abcdef0123"),
+        ("HOOKS", "ghp_hooks_token"),
+        ("T", "glptt-x"),
+    ];
+    let config = load_text(
+        &[(
+            "a.toml",
+            r#"
+[upstream.gitlab]
+url = "https://gitlab.example.com"
+
+[source.gh]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/repos/acme/app/hooks/123", token = "env:HOOKS" }
+
+[source.ghes]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://ghe.example.com/api/v3/orgs/acme/hooks/9", token = "env:HOOKS", every = "2m", since = "3h" }
+"#,
+        )],
+        &env,
+    )
+    .unwrap();
+    let gh = config.sources["gh"].catch_up.as_ref().unwrap();
+    assert_eq!(
+        gh.hook.shown(),
+        "https://api.github.com/repos/acme/app/hooks/123"
+    );
+    assert_eq!(gh.every, crate::catch_up::DEFAULT_EVERY);
+    assert_eq!(gh.since, crate::catch_up::DEFAULT_SINCE);
+    assert_eq!(gh.token.as_ref().unwrap().expose(), "ghp_hooks_token");
+    let ghes = config.sources["ghes"].catch_up.as_ref().unwrap();
+    assert_eq!(ghes.every, Duration::from_secs(120));
+    assert_eq!(ghes.since, Duration::from_secs(3 * 3600));
+
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            r#"
+[source.gitea]
+provider = "gitea"
+secret = "env:S"
+catch_up = { hook = "https://gitea.example.com/api/v1/repos/a/b/hooks/1", token = "env:HOOKS" }
+
+[source.page]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://github.com/acme/app/settings/hooks/123", token = "env:HOOKS" }
+
+[source.often]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", token = "env:HOOKS", every = "10s", since = "7d" }
+
+[source.unset]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", token = "env:NOT_SET" }
+
+[source.typo]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", token = "env:HOOKS", evry = "5m" }
+"#,
+        )],
+        &env,
+    ));
+    let expect = [
+        "a.toml:5: source.gitea.catch_up (GitHub's log of a hook's deliveries) applies only to provider github, not gitea",
+        "a.toml:10: source.page.catch_up.hook: \"https://github.com/acme/app/settings/hooks/123\" is not a hook's API address",
+        "a.toml:15: source.often.catch_up.every: ",
+        "a.toml:15: source.often.catch_up.since: \"7d\" is longer than the 3 days over which GitHub redelivers",
+        "a.toml:20: source.unset.catch_up.token (env:NOT_SET)",
+        "a.toml:25: ",
+    ];
+    for (problem, expected) in problems.iter().zip(expect) {
+        assert!(
+            problem.contains(expected),
+            "{problem}\n  should say {expected}"
+        );
+    }
+    assert!(problems[5].contains("evry"), "{problems:#?}");
+    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+}

@@ -48,6 +48,7 @@ pub fn source(provider: Provider) -> SourceConfig {
         url_refs: None,
         status: None,
         pipelines_of: None,
+        catch_up: None,
         name: format!("fuzz-{provider}"),
         provider,
         secrets: vec![Secret::new("fuzz-secret")],

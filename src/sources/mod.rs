@@ -61,6 +61,9 @@ pub struct SourceConfig {
     /// `upstream = "NAME"` (GitLab): this source's pipeline events move the statuses of
     /// the pipelines hookrelay started on that upstream.
     pub pipelines_of: Option<String>,
+    /// `catch_up = { … }` (GitHub): the hook whose delivery log the relay reads for
+    /// webhooks it never took ([`crate::catch_up_passes`]).
+    pub catch_up: Option<crate::catch_up::CatchUpConfig>,
 }
 
 /// A push's `head_commit`: the commit the pushed ref names.

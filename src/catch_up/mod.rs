@@ -18,8 +18,27 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde::Deserialize;
 
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretRef};
 use crate::upstream::{Called, Upstream, UpstreamConfig, UpstreamResponse};
+
+/// `[source.NAME] catch_up = { hook = "…", token = "env:NAME", every = "10m", since = "24h" }`:
+/// the relay runs a pass over the hook's log at its start and then every `every`
+/// ([`crate::catch_up_passes`]).
+#[derive(Clone, Debug)]
+pub struct CatchUpConfig {
+    pub hook: HookUrl,
+    pub token_ref: SecretRef,
+    /// `None` when secrets were not read (`explain`).
+    pub token: Option<Secret>,
+    pub every: std::time::Duration,
+    /// How far back the pass at the relay's start looks (a relay down overnight).
+    pub since: std::time::Duration,
+}
+
+/// Default `catch_up.every`.
+pub const DEFAULT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// Default `catch_up.since`.
+pub const DEFAULT_SINCE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// GitHub's largest page of deliveries.
 const PER_PAGE: usize = 100;
@@ -222,6 +241,8 @@ pub struct Report {
 
 /// One run against `hook`.
 pub struct CatchUp<'a> {
+    /// The `[source.NAME]` the hook sends to, as messages name what is called.
+    pub source: &'a str,
     pub hook: &'a HookUrl,
     pub token: &'a Secret,
     /// Attempts from this time on (milliseconds since the epoch) are read.
@@ -237,7 +258,7 @@ impl CatchUp<'_> {
     /// be read; refused redeliveries are in the report.
     pub async fn run(
         &self,
-        is_stored: &mut dyn FnMut(&str) -> Result<bool, String>,
+        is_stored: &mut (dyn FnMut(&str) -> Result<bool, String> + Send),
     ) -> Result<Report, String> {
         let client = self.client()?;
         let (attempts, truncated) = self.read_log(&client).await?;
@@ -276,7 +297,7 @@ impl CatchUp<'_> {
     fn client(&self) -> Result<Upstream, String> {
         let url = crate::upstream::parse_upstream_url(&self.hook.origin)?;
         Upstream::calling(
-            Called::Forge("catch-up".into()),
+            Called::Forge(self.source.to_owned()),
             &UpstreamConfig {
                 name: "GitHub".into(),
                 url,

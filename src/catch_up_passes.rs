@@ -1,0 +1,201 @@
+//! The relay's own catch-up: for each source with `catch_up = { … }`, a pass over its
+//! GitHub hook's delivery log when the relay starts (looking back `since`, over the time
+//! it was down) and then every `every`, each looking back to the start of the last pass
+//! that read the log, so that nothing falls between two passes.
+//!
+//! A pass waits while the store refuses writes: a webhook redelivered then would be
+//! answered `503` again. Each pass that redelivers, or cannot, says so in one log line.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::catch_up::{CatchUp, CatchUpConfig, Event, Report};
+
+/// How often the loop looks at the configuration (a reload may add or change a source).
+const LOOK_EVERY: Duration = Duration::from_secs(30);
+/// Redeliveries asked for at most in one pass.
+const MOST_PER_PASS: usize = 100;
+
+/// Where one source's passes stand.
+struct Passes {
+    /// The configuration they were made for: a changed hook starts over.
+    hook: String,
+    /// The start of the last pass that read the log (milliseconds since the epoch).
+    read_from: Option<i64>,
+    /// When the next pass is due.
+    next: tokio::time::Instant,
+}
+
+/// Runs until `stopped` turns true.
+pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
+    let mut passes: HashMap<String, Passes> = HashMap::new();
+    loop {
+        let runtime = app.runtime();
+        let now = tokio::time::Instant::now();
+        let configured: Vec<(String, CatchUpConfig)> = runtime
+            .config
+            .sources
+            .iter()
+            .filter_map(|(name, source)| Some((name.clone(), source.catch_up.clone()?)))
+            .collect();
+        passes.retain(|name, _| configured.iter().any(|(n, _)| n == name));
+        let mut sleep = LOOK_EVERY;
+        for (name, config) in configured {
+            let state = passes.entry(name.clone()).or_insert_with(|| Passes {
+                hook: config.hook.shown(),
+                read_from: None,
+                next: now,
+            });
+            if state.hook != config.hook.shown() {
+                *state = Passes {
+                    hook: config.hook.shown(),
+                    read_from: None,
+                    next: now,
+                };
+            }
+            if state.next > now {
+                sleep = sleep.min(state.next - now);
+                continue;
+            }
+            if let Some(problem) = app.outbox.health.problem() {
+                tracing::debug!(source = %name, %problem, "catch-up waits for the store to take writes");
+                continue;
+            }
+            let started = crate::outbox::now_ms();
+            let since = window_start(state.read_from, started, &config);
+            if pass(&app, &name, &config, since).await {
+                state.read_from = Some(started);
+            }
+            state.next = tokio::time::Instant::now() + config.every;
+            sleep = sleep.min(config.every);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = stopped.changed() => return,
+        }
+        if *stopped.borrow() {
+            return;
+        }
+    }
+}
+
+/// Where a pass starting at `started` reads the log from: the relay's first looks back
+/// `since` (over the time it was down); each later one back to an `every` before the
+/// start of the last pass that read it, so that an attempt GitHub listed late, or a pass
+/// that failed, leaves no gap.
+fn window_start(read_from: Option<i64>, started: i64, config: &CatchUpConfig) -> i64 {
+    match read_from {
+        None => started - config.since.as_millis() as i64,
+        Some(from) => from - config.every.as_millis() as i64,
+    }
+}
+
+/// One pass; whether the hook's log was read.
+async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bool {
+    let Some(token) = &config.token else {
+        return false;
+    };
+    let run = CatchUp {
+        source,
+        hook: &config.hook,
+        token,
+        since,
+        most: MOST_PER_PASS,
+        dry_run: false,
+    };
+    let mut is_stored = |guid: &str| {
+        app.outbox
+            .read(|engine| engine.stored_webhook_from(source, guid))
+            .map(|webhook| webhook.is_some())
+            .map_err(|err| err.to_string())
+    };
+    match run.run(&mut is_stored).await {
+        Ok(report) => {
+            say(source, &config.hook.shown(), &report);
+            true
+        }
+        Err(reason) => {
+            tracing::warn!(source = %source, hook = %config.hook.shown(), %reason, "catch-up could not read the hook's deliveries; trying again at the next pass");
+            false
+        }
+    }
+}
+
+fn say(source: &str, hook: &str, report: &Report) {
+    let guids = |events: &[Event]| {
+        events
+            .iter()
+            .map(|event| event.guid.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if !report.redelivered.is_empty() {
+        tracing::info!(
+            source = %source,
+            hook = %hook,
+            count = report.redelivered.len(),
+            guids = %guids(&report.redelivered),
+            "catch-up asked GitHub to deliver again webhooks the relay never took"
+        );
+    }
+    if !report.rejected.is_empty() {
+        tracing::warn!(
+            source = %source,
+            hook = %hook,
+            count = report.rejected.len(),
+            guids = %guids(&report.rejected),
+            "catch-up: the relay refused these webhooks (4xx), so they are not redelivered; `hookrelay catch-up --dry-run` says why each"
+        );
+    }
+    if !report.refused.is_empty() || report.stopped.is_some() || !report.left.is_empty() {
+        let refused: Vec<String> = report
+            .refused
+            .iter()
+            .map(|(event, answer)| format!("{}: {answer}", event.guid))
+            .collect();
+        tracing::warn!(
+            source = %source,
+            hook = %hook,
+            refused = %refused.join("; "),
+            left = %guids(&report.left),
+            stopped = report.stopped.as_deref().unwrap_or("-"),
+            "catch-up could not redeliver everything; the rest is asked for at the next pass"
+        );
+    }
+    tracing::debug!(
+        source = %source,
+        attempts = report.attempts,
+        events = report.events,
+        delivered = report.delivered,
+        stored = report.stored.len(),
+        "catch-up pass"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_pass_looks_back_since_and_each_later_one_to_before_the_last_read() {
+        let config = CatchUpConfig {
+            hook: crate::catch_up::HookUrl::parse("https://api.github.com/repos/a/b/hooks/1")
+                .unwrap(),
+            token_ref: crate::secret::SecretRef::parse("env:T").unwrap(),
+            token: None,
+            every: Duration::from_secs(600),
+            since: Duration::from_secs(24 * 3600),
+        };
+        let hour = 3_600_000;
+        assert_eq!(window_start(None, 100 * hour, &config), 76 * hour);
+        // The last read began at 99 h; a pass at 100 h (or at 105 h, after passes that
+        // could not read the log) reads from 98 h 50 min.
+        let from = 99 * hour - 600_000;
+        assert_eq!(window_start(Some(99 * hour), 100 * hour, &config), from);
+        assert_eq!(window_start(Some(99 * hour), 105 * hour, &config), from);
+    }
+}
