@@ -105,7 +105,8 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
         token,
         since,
         most: MOST_PER_PASS,
-        dry_run: false,
+        // A relay in `--dry-run` causes nothing outside itself: it says what it would ask.
+        dry_run: app.dry_run,
     };
     let mut is_stored = |guid: &str| {
         app.outbox
@@ -115,17 +116,29 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
     };
     match run.run(&mut is_stored).await {
         Ok(report) => {
-            say(source, &config.hook.shown(), &report);
+            say(source, &config.hook.shown(), &report, app.dry_run);
+            let counts = [
+                ("redelivered", report.redelivered.len()),
+                ("refused", report.refused.len()),
+                ("rejected", report.rejected.len()),
+                ("left", report.left.len()),
+            ];
+            for (outcome, count) in counts {
+                if count > 0 && !(app.dry_run && outcome == "redelivered") {
+                    app.metrics.catch_up(source, outcome, count as u64);
+                }
+            }
             true
         }
         Err(reason) => {
+            app.metrics.catch_up(source, "failed", 1);
             tracing::warn!(source = %source, hook = %config.hook.shown(), %reason, "catch-up could not read the hook's deliveries; trying again at the next pass");
             false
         }
     }
 }
 
-fn say(source: &str, hook: &str, report: &Report) {
+fn say(source: &str, hook: &str, report: &Report, dry_run: bool) {
     let guids = |events: &[Event]| {
         events
             .iter()
@@ -133,7 +146,15 @@ fn say(source: &str, hook: &str, report: &Report) {
             .collect::<Vec<_>>()
             .join(",")
     };
-    if !report.redelivered.is_empty() {
+    if dry_run && !report.redelivered.is_empty() {
+        tracing::info!(
+            source = %source,
+            hook = %hook,
+            count = report.redelivered.len(),
+            guids = %guids(&report.redelivered),
+            "catch-up (--dry-run) would ask GitHub to deliver again webhooks the relay never took"
+        );
+    } else if !report.redelivered.is_empty() {
         tracing::info!(
             source = %source,
             hook = %hook,

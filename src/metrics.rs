@@ -57,6 +57,14 @@ pub struct UpstreamNameLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CatchUpLabels {
+    pub source: String,
+    /// `redelivered`, `refused` (by GitHub), `rejected` (refused by the relay, `4xx`),
+    /// `left` (for the next pass), `failed` (the log could not be read).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     /// `github`, `gitea`, `bitbucket-cloud`, `bitbucket-server`.
     pub forge: String,
@@ -162,6 +170,7 @@ pub struct Metrics {
     store_write_running: Gauge<f64, AtomicU64>,
     limit_refusals: Family<LimitLabels, Counter>,
     status_posts: Family<StatusLabels, Counter>,
+    catch_up: Family<CatchUpLabels, Counter>,
     pipeline_polls: Family<OutcomeLabels, Counter>,
     /// Whether the last reload took (1) or left the running configuration (0), and when
     /// the configuration in use was loaded: named as Prometheus names its own, so the
@@ -287,6 +296,12 @@ impl Metrics {
             "Requests refused by a rate limit (on_limit = \"reject\" and the gateway's limits), by the setting",
             limit_refusals.clone(),
         );
+        let catch_up = Family::<CatchUpLabels, Counter>::default();
+        registry.register(
+            "catch_up",
+            "GitHub webhooks the relay's catch-up passes found it never took, by source and by what became of them: redelivered, refused (by GitHub), rejected (the relay had refused them: 4xx), left (for the next pass); failed counts passes that could not read the hook's log",
+            catch_up.clone(),
+        );
         let status_posts = Family::<StatusLabels, Counter>::default();
         registry.register(
             "status_posts",
@@ -360,6 +375,7 @@ impl Metrics {
             config_loaded_at,
             limit_refusals,
             status_posts,
+            catch_up,
             pipeline_polls,
             recent_answers: Recent::default(),
             recent_refusals: Recent::default(),
@@ -426,6 +442,16 @@ impl Metrics {
 
     pub fn connection_shed(&self) {
         self.connections_shed.inc();
+    }
+
+    /// `count` webhooks of `source`'s hook that a catch-up pass found, and what became of them.
+    pub fn catch_up(&self, source: &str, outcome: &str, count: u64) {
+        self.catch_up
+            .get_or_create(&CatchUpLabels {
+                source: source.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc_by(count);
     }
 
     pub fn signature_failure(&self, source: &str) {

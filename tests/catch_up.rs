@@ -323,6 +323,15 @@ async fn a_relay_with_catch_up_asks_at_its_start_for_what_arrived_while_it_was_d
             "POST /repos/acme/app/hooks/42/deliveries/105/attempts",
         ]
     );
+    let address = served.address();
+    let metrics = send("GET", &format!("http://{address}/metrics"), &[], "").await;
+    assert!(
+        metrics
+            .text()
+            .contains("hookrelay_catch_up_total{source=\"github\",outcome=\"redelivered\"} 1"),
+        "{}",
+        metrics.text()
+    );
     let (_, lines) = served.terminate();
     assert!(lines.iter().all(|line| !line.contains(TOKEN)));
 }
