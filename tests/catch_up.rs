@@ -231,6 +231,25 @@ async fn a_token_that_may_not_read_the_log_and_a_rate_limit_are_said_and_fail_th
         "{stderr}"
     );
 
+    // A listing GitHub's rate limit refused says so, not that the token may not read it.
+    github.answer_next(
+        Answer::new(
+            403,
+            r#"{"message":"API rate limit exceeded for user ID 1."}"#,
+        )
+        .header("x-ratelimit-remaining", "0")
+        .header("retry-after", "60"),
+    );
+    let output = catch_up(dir.path(), &github, &[]);
+    let (stdout, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr
+            .contains("GitHub's rate limit was reached; run again later; GitHub asks to wait 60 s")
+            && !stderr.contains("admin:repo_hook"),
+        "{stderr}"
+    );
+
     // GitHub's rate limit stops the run; what is left is named for the next one.
     script_the_log(&github);
     github.answer_next(

@@ -378,6 +378,10 @@ impl CatchUp<'_> {
             .map(|message| format!(" ({})", self.token.scrubbed_from(message)))
             .unwrap_or_default();
         let why = match answer.status.as_u16() {
+            _ if rate_limited(answer, &said) => format!(
+                "GitHub's rate limit was reached; run again later{}",
+                wait_asked(answer)
+            ),
             401 => "the token is not valid (expired or revoked?)".to_owned(),
             403 | 404 => "the token may not read this hook's deliveries (a classic token \
                           needs admin:repo_hook, or admin:org_hook for an organisation's \
@@ -408,25 +412,35 @@ impl CatchUp<'_> {
         let said = crate::upstream::readable_message(&answer.body)
             .map(|message| self.token.scrubbed_from(message))
             .unwrap_or_default();
-        let limited = answer.status == StatusCode::TOO_MANY_REQUESTS
-            || (answer.status == StatusCode::FORBIDDEN
-                && (said.to_lowercase().contains("rate limit")
-                    || answer.headers.get("x-ratelimit-remaining")
-                        == Some(&HeaderValue::from_static("0"))));
-        if limited {
-            let after = answer
-                .headers
-                .get(header::RETRY_AFTER)
-                .and_then(|value| value.to_str().ok())
-                .map(|seconds| format!("; GitHub asks to wait {seconds} s"))
-                .unwrap_or_default();
+        if rate_limited(&answer, &said) {
             return Redelivery::Stop(format!(
-                "GitHub's rate limit was reached ({} {said}){after}; run again later for the rest",
-                answer.status
+                "GitHub's rate limit was reached ({} {said}){}; run again later for the rest",
+                answer.status,
+                wait_asked(&answer)
             ));
         }
         Redelivery::Refused(format!("{} {said}", answer.status).trim().to_owned())
     }
+}
+
+/// GitHub's answer when a token spent its rate limit, or a secondary limit held it back:
+/// `429`, or `403` saying so (its message, or no requests left).
+fn rate_limited(answer: &UpstreamResponse, said: &str) -> bool {
+    answer.status == StatusCode::TOO_MANY_REQUESTS
+        || (answer.status == StatusCode::FORBIDDEN
+            && (said.to_lowercase().contains("rate limit")
+                || answer.headers.get("x-ratelimit-remaining")
+                    == Some(&HeaderValue::from_static("0"))))
+}
+
+/// `; GitHub asks to wait N s` when its answer says how long (`Retry-After`).
+fn wait_asked(answer: &UpstreamResponse) -> String {
+    answer
+        .headers
+        .get(header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .map(|seconds| format!("; GitHub asks to wait {seconds} s"))
+        .unwrap_or_default()
 }
 
 enum Redelivery {
