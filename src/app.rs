@@ -108,6 +108,8 @@ pub struct App {
     /// When the configuration in use was loaded, and why the last reload failed if it did:
     /// the health page shows it.
     pub reloaded: std::sync::Mutex<Reloaded>,
+    /// The last catch-up pass of each source with `catch_up` (the health page shows it).
+    pub catch_up: crate::catch_up::LastPasses,
 }
 
 /// How the configuration in use came to be.
@@ -212,6 +214,7 @@ impl App {
                 loaded_at: crate::outbox::now_ms(),
                 failed: None,
             }),
+            catch_up: Default::default(),
             turned_away: std::sync::Mutex::new(crate::limits::Throttle::new(
                 std::time::Duration::from_secs(1),
             )),

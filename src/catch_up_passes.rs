@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::app::App;
-use crate::catch_up::{CatchUp, CatchUpConfig, Event, Report};
+use crate::catch_up::{CatchUp, CatchUpConfig, Event, LastPass, Report};
 
 /// How often the loop looks at the configuration (a reload may add or change a source).
 const LOOK_EVERY: Duration = Duration::from_secs(30);
@@ -114,8 +114,19 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
             .map(|webhook| webhook.is_some())
             .map_err(|err| err.to_string())
     };
+    let at = crate::outbox::now_ms();
     match run.run(&mut is_stored).await {
         Ok(report) => {
+            app.catch_up.note(
+                source,
+                LastPass {
+                    at,
+                    redelivered: report.redelivered.len(),
+                    rejected: report.rejected.len(),
+                    not_redelivered: report.refused.len() + report.left.len(),
+                    error: report.stopped.clone(),
+                },
+            );
             say(source, &config.hook.shown(), &report, app.dry_run);
             let counts = [
                 ("redelivered", report.redelivered.len()),
@@ -132,6 +143,16 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
         }
         Err(reason) => {
             app.metrics.catch_up(source, "failed", 1);
+            app.catch_up.note(
+                source,
+                LastPass {
+                    at,
+                    redelivered: 0,
+                    rejected: 0,
+                    not_redelivered: 0,
+                    error: Some(reason.clone()),
+                },
+            );
             tracing::warn!(source = %source, hook = %config.hook.shown(), %reason, "catch-up could not read the hook's deliveries; trying again at the next pass");
             false
         }

@@ -11,6 +11,7 @@ use common::binary::*;
 use common::*;
 
 const TOKEN: &str = "ghp_catch_up_test_token_0123456789";
+const ADMIN_TOKEN: &str = "admin-token-for-the-tests-0123";
 
 /// An attempt as GitHub lists it, `minutes` ago.
 fn attempt(id: u64, guid: &str, minutes: i64, status_code: u16, status: &str) -> String {
@@ -323,12 +324,15 @@ async fn a_relay_with_catch_up_asks_at_its_start_for_what_arrived_while_it_was_d
         dir.path(),
         "relay.toml",
         &format!(
-            "{relay_toml}catch_up = {{ hook = \"{}/repos/acme/app/hooks/42\", token = \"env:CATCH_UP_TEST_TOKEN\" }}\n",
+            "{relay_toml}catch_up = {{ hook = \"{}/repos/acme/app/hooks/42\", token = \"env:CATCH_UP_TEST_TOKEN\" }}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n",
             github.url()
         ),
     );
     let mut command = Command::new(BIN);
-    command.env("CATCH_UP_TEST_TOKEN", TOKEN);
+    command
+        .env("CATCH_UP_TEST_TOKEN", TOKEN)
+        .env("HOOKRELAY_ADMIN_TOKEN", ADMIN_TOKEN);
     let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
     let line = served.wait_for("catch-up asked GitHub to deliver again");
     assert!(
@@ -350,6 +354,37 @@ async fn a_relay_with_catch_up_asks_at_its_start_for_what_arrived_while_it_was_d
             .contains("hookrelay_catch_up_total{source=\"github\",outcome=\"redelivered\"} 1"),
         "{}",
         metrics.text()
+    );
+    // The dashboard's Health page says what the last pass found.
+    let dashboard = served.dashboard_address();
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let health = send(
+        "GET",
+        &format!("http://{dashboard}/api/health"),
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await
+    .json();
+    let catch_up = &health["catch_up"][0];
+    assert_eq!(catch_up["source"], "github", "{health}");
+    assert_eq!(catch_up["last_pass"]["redelivered"], 1, "{health}");
+    assert_eq!(catch_up["last_pass"]["error"], serde_json::Value::Null);
+    let page = send(
+        "GET",
+        &format!("http://{dashboard}/health"),
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert!(
+        page.text().contains("<dt>Catch-up of github</dt>")
+            && page
+                .text()
+                .contains("1 webhook the relay never took, redelivered"),
+        "{} {}",
+        page.status,
+        page.text()
     );
     let (_, lines) = served.terminate();
     assert!(lines.iter().all(|line| !line.contains(TOKEN)));

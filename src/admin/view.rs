@@ -425,6 +425,33 @@ pub fn health(app: &App) -> Value {
         .map(|(upstream, left)| json!({ "upstream": upstream, "seconds_left": left.as_secs() }))
         .collect();
     let reloaded = app.reloaded.lock().expect("never poisoned").clone();
+    let runtime = app.runtime();
+    let catching_up: Vec<&str> = runtime
+        .config
+        .sources
+        .values()
+        .filter(|source| source.catch_up.is_some())
+        .map(|source| source.name.as_str())
+        .collect();
+    let last_passes = app.catch_up.of(&catching_up);
+    let catch_up: Vec<Value> = catching_up
+        .iter()
+        .map(|source| {
+            let last = last_passes
+                .iter()
+                .find(|(name, _)| name == source)
+                .map(|(_, pass)| {
+                    json!({
+                        "at": time_text(pass.at),
+                        "redelivered": pass.redelivered,
+                        "rejected": pass.rejected,
+                        "not_redelivered": pass.not_redelivered,
+                        "error": pass.error,
+                    })
+                });
+            json!({ "source": source, "last_pass": last })
+        })
+        .collect();
     json!({
         "configuration": {
             "loaded": time_text(reloaded.loaded_at),
@@ -442,6 +469,7 @@ pub fn health(app: &App) -> Value {
         "limits_refusing": refusing,
         "paused_projects": paused,
         "upstreams_down": down,
+        "catch_up": catch_up,
     })
 }
 

@@ -35,6 +35,42 @@ pub struct CatchUpConfig {
     pub since: std::time::Duration,
 }
 
+/// The last pass of each source's catch-up, for the dashboard's Health page.
+#[derive(Default)]
+pub struct LastPasses(std::sync::Mutex<BTreeMap<String, LastPass>>);
+
+/// What one source's last pass found, or why it could not read the hook's log.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LastPass {
+    /// When it ran (milliseconds since 1970).
+    pub at: i64,
+    pub redelivered: usize,
+    /// Refused by the relay (`4xx`), so not redelivered.
+    pub rejected: usize,
+    /// Refused by GitHub, or left for the next pass (its rate limit).
+    pub not_redelivered: usize,
+    pub error: Option<String>,
+}
+
+impl LastPasses {
+    pub fn note(&self, source: &str, pass: LastPass) {
+        self.lock().insert(source.to_owned(), pass);
+    }
+
+    /// Each source's last pass, by source; sources no longer configured are left out.
+    pub fn of(&self, configured: &[&str]) -> Vec<(String, LastPass)> {
+        self.lock()
+            .iter()
+            .filter(|(source, _)| configured.contains(&source.as_str()))
+            .map(|(source, pass)| (source.clone(), pass.clone()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LastPass>> {
+        self.0.lock().expect("the last passes are never poisoned")
+    }
+}
+
 /// Default `catch_up.every`.
 pub const DEFAULT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 /// Default `catch_up.since`.
