@@ -67,7 +67,13 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
             }
             let started = crate::outbox::now_ms();
             let since = window_start(state.read_from, started, &config);
-            if pass(&app, &name, &config, since).await {
+            // A pass may take a while (pages of a busy hook, GitHub slow to answer): a
+            // relay stopping does not wait for it.
+            let read = tokio::select! {
+                read = pass(&app, &name, &config, since) => read,
+                _ = stopped.changed() => return,
+            };
+            if read {
                 state.read_from = Some(started);
             }
             state.next = tokio::time::Instant::now() + config.every;
