@@ -1,5 +1,6 @@
-//! `hookrelay catch-up`: asks GitHub to deliver again the webhooks of one hook that never
-//! reached the relay's store, read from the hook's own delivery log. GitHub never
+//! Catching up with GitHub (`hookrelay catch-up`, and a source's `catch_up` passes in the
+//! relay): asks GitHub to deliver again the webhooks of one hook that never reached the
+//! relay's store, read from the hook's own delivery log. GitHub never
 //! redelivers by itself: a push it sent while the relay was down, restarting, or answering
 //! `503` (a full disk, a store that did not answer) is otherwise lost unless someone
 //! presses *Redeliver*. Run after an outage, or every few minutes from a timer.
@@ -40,7 +41,7 @@ pub struct CatchUpConfig {
 pub struct LastPasses(std::sync::Mutex<BTreeMap<String, LastPass>>);
 
 /// What one source's last pass found, or why it could not read the hook's log.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
 pub struct LastPass {
     /// When it ran (milliseconds since 1970).
     pub at: i64,
