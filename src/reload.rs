@@ -84,14 +84,44 @@ pub fn reload_now(app: &App, why: &str) -> bool {
     }
 }
 
-/// Watches for SIGHUP and file changes until `stop` turns true.
-pub async fn watch(app: Arc<App>, poll: Duration, mut stop: watch::Receiver<bool>) {
-    let Some(path) = app.config_path().map(Path::to_owned) else {
-        return;
-    };
-    let mut last = fingerprint(&path, &app);
+/// Where the reloader starts from: the configuration's files as they are, and SIGHUP taken
+/// over (left alone, it would end the process). Made before the relay says it is
+/// listening: a file changed, or a SIGHUP sent, right after that line is never missed.
+/// (Taken by the spawned task, a change made meanwhile was its starting point, and no
+/// reload came.)
+pub struct Watcher {
+    path: PathBuf,
+    last: Fingerprint,
     #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Watcher {
+    /// `None` for a relay with no configuration folder to watch. Within the runtime.
+    pub fn prepare(app: &App) -> Option<Watcher> {
+        let path = app.config_path()?.to_owned();
+        Some(Watcher {
+            last: fingerprint(&path, app),
+            path,
+            #[cfg(unix)]
+            hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        })
+    }
+}
+
+/// Watches for SIGHUP and file changes until `stop` turns true.
+pub async fn watch(
+    watcher: Watcher,
+    app: Arc<App>,
+    poll: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Watcher {
+        path,
+        mut last,
+        #[cfg(unix)]
+        mut hangup,
+    } = watcher;
     loop {
         #[cfg(unix)]
         let hangup_received = async {

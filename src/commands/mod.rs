@@ -422,6 +422,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         .depth()
         .map(|(depth, _)| depth.to_string())
         .unwrap_or_else(|_| "unknown".into());
+    let watcher = crate::reload::Watcher::prepare(&app);
     tracing::info!(
         address = %bound,
         https = app.tls.is_some(),
@@ -438,11 +439,14 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         "hookrelay listening"
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let reloader = tokio::spawn(crate::reload::watch(
-        app.clone(),
-        RELOAD_POLL,
-        stopped.clone(),
-    ));
+    let reloader = tokio::spawn({
+        let (app, stopped) = (app.clone(), stopped.clone());
+        async move {
+            if let Some(watcher) = watcher {
+                crate::reload::watch(watcher, app, RELOAD_POLL, stopped).await;
+            }
+        }
+    });
     let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped.clone()));
     let catch_up = tokio::spawn(crate::catch_up_passes::run(app.clone(), stopped.clone()));
     let forwarder = tokio::spawn(crate::forwarder::run(
