@@ -22,6 +22,8 @@ use serde::Deserialize;
 use crate::secret::{Secret, SecretRef};
 use crate::upstream::{Called, Upstream, UpstreamConfig, UpstreamResponse};
 
+pub mod fuzz;
+
 /// `[source.NAME] catch_up = { hook = "…", token = "env:NAME", every = "10m", since = "24h" }`:
 /// the relay runs a pass over the hook's log at its start and then every `every`
 /// ([`crate::catch_up_passes`]).
@@ -138,8 +140,10 @@ impl HookUrl {
     /// The path and query of a page GitHub links to, when it is on the hook's origin:
     /// the token is sent nowhere else.
     fn within(&self, link: &str) -> Option<String> {
-        let rest = link.strip_prefix(&self.origin)?;
-        rest.starts_with('/').then(|| rest.to_owned())
+        // A host name is the same in any case (`API.github.com`).
+        let (origin, rest) = link.split_at_checked(self.origin.len())?;
+        (origin.eq_ignore_ascii_case(&self.origin) && rest.starts_with('/'))
+            .then(|| rest.to_owned())
     }
 }
 
@@ -400,12 +404,24 @@ impl CatchUp<'_> {
             if reached_the_start {
                 return Ok((attempts, false));
             }
-            page = answer
+            let next = answer
                 .headers
                 .get(header::LINK)
                 .and_then(|link| link.to_str().ok())
-                .and_then(next_link)
-                .and_then(|link| self.hook.within(&link));
+                .and_then(next_link);
+            page = match next {
+                None => None,
+                Some(link) => Some(self.hook.within(&link).ok_or_else(|| {
+                    format!(
+                        "GitHub linked the next page of the deliveries of {} at {link}, which is \
+                         not on that host: the token is sent nowhere else, so the log was not \
+                         read past its first {} attempts; give --hook (or catch_up.hook) as \
+                         GitHub's own links write the host",
+                        self.hook.shown(),
+                        attempts.len()
+                    )
+                })?),
+            };
         }
         Ok((attempts, page.is_some()))
     }
@@ -547,6 +563,11 @@ mod tests {
             Some("/repositories/7/hooks/1/deliveries?cursor=v1_9")
         );
         assert_eq!(hook.within("https://evil.example/x"), None);
+        assert_eq!(
+            hook.within("https://API.GitHub.com/x").as_deref(),
+            Some("/x")
+        );
+        assert_eq!(hook.within("https://api.github.co"), None);
         assert_eq!(hook.within("https://api.github.com.evil.example/x"), None);
     }
 

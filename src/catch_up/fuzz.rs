@@ -1,0 +1,93 @@
+//! The fuzzing entry point for what catch-up reads from GitHub (a hook's address, a `Link`
+//! header, a page of the delivery log), shared by `fuzz/` (cargo-fuzz) and a smoke test
+//! that runs on every `cargo test`.
+//!
+//! Input layout: the first line is a hook's address, the second a `Link` header, the rest
+//! a page of the log. Whatever the input, reading it must return, never panic; a page
+//! linked to is followed only on the hook's own origin; every attempt read belongs to
+//! exactly one event.
+
+use super::{Attempt, HookUrl, events, next_link};
+
+/// Drives the parsers with arbitrary bytes and checks their invariants.
+pub fn delivery_log(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.splitn(3, '\n');
+    let (address, link, page) = (
+        lines.next().unwrap_or_default(),
+        lines.next().unwrap_or_default(),
+        lines.next().unwrap_or_default(),
+    );
+    let hook = HookUrl::parse(address).ok();
+    if let Some(hook) = &hook {
+        assert!(hook.path.contains("/hooks/"), "{hook:?}");
+        assert!(hook.first_page().starts_with(&hook.path));
+    }
+    if let (Some(hook), Some(next)) = (&hook, next_link(link))
+        && let Some(path) = hook.within(&next)
+    {
+        assert!(path.starts_with('/'));
+        assert!(next.to_lowercase().starts_with(&hook.origin.to_lowercase()));
+        assert!(next.ends_with(&path));
+    }
+    let Ok(attempts) = serde_json::from_str::<Vec<Attempt>>(page) else {
+        return;
+    };
+    let events = events(&attempts);
+    assert_eq!(
+        events.iter().map(|event| event.attempts).sum::<usize>(),
+        attempts.len()
+    );
+    let mut guids: Vec<&str> = events.iter().map(|event| event.guid.as_str()).collect();
+    guids.sort_unstable();
+    guids.dedup();
+    assert_eq!(guids.len(), events.len(), "one event per guid");
+    for event in &events {
+        let _ = event.may_arrive_again();
+        assert!(
+            attempts
+                .iter()
+                .any(|a| a.id == event.newest && a.guid == event.guid)
+        );
+    }
+    for attempt in &attempts {
+        let _ = attempt.at();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A deterministic pseudo-random run over mutated seeds: a smoke test, not a fuzzer.
+    #[test]
+    fn the_log_readers_survive_mutated_inputs() {
+        let seeds: [&[u8]; 3] = [
+            b"https://api.github.com/repos/a/b/hooks/1\n<https://api.github.com/repositories/7/hooks/1/deliveries?cursor=v1_9>; rel=\"next\"\n[{\"id\":2,\"guid\":\"g\",\"delivered_at\":\"2026-12-06T10:00:00Z\",\"status_code\":503,\"status\":\"x\",\"event\":\"push\",\"action\":null},{\"id\":1,\"guid\":\"g\",\"delivered_at\":\"2026-12-06T09:00:00Z\",\"status_code\":0}]",
+            b"https://ghe.example.com:8443/api/v3/orgs/o/hooks/22\n<https://evil.example/x>; rel=next, <https://ghe.example.com:8443/y>; rel=\"prev\"\n[]",
+            b"http://127.0.0.1:1/repos/a/b/hooks/9\n\n[{\"id\":18446744073709551615,\"guid\":\"\",\"delivered_at\":\"not a time\",\"status_code\":65535,\"action\":\"opened\"}]",
+        ];
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..3000 {
+            let mut input = seeds[round % seeds.len()].to_vec();
+            for _ in 0..(next() % 8) {
+                let choice = next();
+                let at = (choice >> 8) as usize % (input.len() + 1);
+                let byte = (choice >> 32) as u8;
+                match choice % 3 {
+                    0 if at < input.len() => input[at] = byte,
+                    1 => input.insert(at, byte),
+                    _ if at < input.len() => {
+                        input.remove(at);
+                    }
+                    _ => {}
+                }
+            }
+            super::delivery_log(&input);
+        }
+    }
+}
