@@ -55,6 +55,8 @@ pub mod limits;
 pub mod lingering;
 pub mod log_writer;
 pub mod metrics;
+#[cfg(test)]
+mod mutations;
 pub mod outbound;
 pub mod outbox;
 pub mod reload;

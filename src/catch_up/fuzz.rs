@@ -65,28 +65,10 @@ mod tests {
             b"https://ghe.example.com:8443/api/v3/orgs/o/hooks/22\n<https://evil.example/x>; rel=next, <https://ghe.example.com:8443/y>; rel=\"prev\"\n[]",
             b"http://127.0.0.1:1/repos/a/b/hooks/9\n\n[{\"id\":18446744073709551615,\"guid\":\"\",\"delivered_at\":\"not a time\",\"status_code\":65535,\"action\":\"opened\"}]",
         ];
-        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut mutations = crate::mutations::Mutations::new(0x2545_F491_4F6C_DD1D);
         for round in 0..3000 {
             let mut input = seeds[round % seeds.len()].to_vec();
-            for _ in 0..(next() % 8) {
-                let choice = next();
-                let at = (choice >> 8) as usize % (input.len() + 1);
-                let byte = (choice >> 32) as u8;
-                match choice % 3 {
-                    0 if at < input.len() => input[at] = byte,
-                    1 => input.insert(at, byte),
-                    _ if at < input.len() => {
-                        input.remove(at);
-                    }
-                    _ => {}
-                }
-            }
+            mutations.mutate(&mut input, 0, 8, crate::mutations::Shorten::Byte);
             super::delivery_log(&input);
         }
     }

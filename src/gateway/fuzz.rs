@@ -72,28 +72,10 @@ mod tests {
             b"\x00token=T&ref=main&a[b][c][]=1&a[][d]=2",
             b"\x81token=T#v1.0\npayload=%7B%7D",
         ];
-        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut mutations = crate::mutations::Mutations::new(0x9E37_79B9_7F4A_7C15);
         for round in 0..3000 {
             let mut input = seeds[round % seeds.len()].to_vec();
-            for _ in 0..(next() % 8) {
-                let choice = next();
-                let at = (choice >> 8) as usize % (input.len() + 1);
-                let byte = (choice >> 32) as u8;
-                match choice % 3 {
-                    0 if at < input.len() => input[at] = byte,
-                    1 => input.insert(at, byte),
-                    _ if at < input.len() => {
-                        input.remove(at);
-                    }
-                    _ => {}
-                }
-            }
+            mutations.mutate(&mut input, 0, 8, crate::mutations::Shorten::Byte);
             futures_executor::block_on(super::trigger_call(&input));
         }
     }

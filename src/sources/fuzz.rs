@@ -170,27 +170,13 @@ mod tests {
                 include_bytes!("../../tests/fixtures/github/push_branch.json"),
             ),
         ];
-        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut mutations = crate::mutations::Mutations::new(0x2545_F491_4F6C_DD1D);
         for round in 0..1400 {
             let (provider, seed) = seeds[round % seeds.len()];
-            let mut input = vec![(next() & 0x3f) as u8];
+            let mut input = vec![(mutations.next() & 0x3f) as u8];
             input.extend_from_slice(seed);
-            for _ in 0..(next() % 6) {
-                let choice = next();
-                let at = 1 + (choice >> 8) as usize % input.len();
-                match choice % 3 {
-                    0 if at < input.len() => input[at] = (choice >> 32) as u8,
-                    1 => input.insert(at, (choice >> 32) as u8),
-                    _ if at < input.len() => input.truncate(at),
-                    _ => {}
-                }
-            }
+            // The first byte picks the request's shape; the edits keep it.
+            mutations.mutate(&mut input, 1, 6, crate::mutations::Shorten::Rest);
             webhook(provider, &input);
         }
     }
