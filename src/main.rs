@@ -65,14 +65,18 @@ struct CatchUpArgs {
     #[arg(long, value_name = "NAME")]
     source: String,
     /// The hook's API address: https://api.github.com/repos/OWNER/REPO/hooks/ID (or
-    /// …/orgs/ORG/hooks/ID; https://HOST/api/v3/… on GitHub Enterprise Server).
+    /// …/orgs/ORG/hooks/ID; https://HOST/api/v3/… on GitHub Enterprise Server). Without
+    /// it, the source's `catch_up = { hook, token }` in --config.
     #[arg(long, value_name = "URL")]
-    hook: String,
+    hook: Option<String>,
     /// A token that may read and redeliver the hook's deliveries, as env:NAME or
     /// file:PATH (a classic token needs admin:repo_hook or admin:org_hook; a fine-grained
-    /// one the permission Webhooks: read and write).
-    #[arg(long, value_name = "REF", default_value = "env:GITHUB_TOKEN")]
-    token: String,
+    /// one the permission Webhooks: read and write). By default the source's catch_up
+    /// token, or env:GITHUB_TOKEN with --hook.
+    #[arg(long, value_name = "REF")]
+    token: Option<String>,
+    #[command(flatten)]
+    config: ConfigArg,
     /// Attempts within this long (`2h`) or since this UTC time are looked at (GitHub
     /// redelivers attempts of the last 3 days).
     #[arg(long, default_value = "24h")]
@@ -366,11 +370,24 @@ fn catch_up(args: CatchUpArgs) -> ExitCode {
         Ok(since) => since.expect("a --since was given"),
         Err(code) => return code,
     };
+    let (hook, token) = match args.hook {
+        Some(hook) => (
+            hook,
+            args.token.unwrap_or_else(|| "env:GITHUB_TOKEN".into()),
+        ),
+        None => match commands::catch_up::configured(&args.config.path, &args.source) {
+            Ok((hook, token)) => (hook, args.token.unwrap_or(token)),
+            Err(message) => {
+                eprintln!("hookrelay catch-up: {message}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     commands::catch_up::catch_up(commands::catch_up::CatchUpArgs {
         store: &store,
         source: &args.source,
-        hook: &args.hook,
-        token: &args.token,
+        hook: &hook,
+        token: &token,
         since,
         most: args.most,
         dry_run: args.dry_run,

@@ -370,7 +370,7 @@ async fn a_relay_with_catch_up_asks_at_its_start_for_what_arrived_while_it_was_d
     assert_eq!(catch_up["source"], "github", "{health}");
     assert_eq!(catch_up["last_pass"]["redelivered"], 1, "{health}");
     assert_eq!(catch_up["last_pass"]["error"], serde_json::Value::Null);
-    let page = send(
+    let health_page = send(
         "GET",
         &format!("http://{dashboard}/health"),
         &[("authorization", &bearer)],
@@ -378,14 +378,43 @@ async fn a_relay_with_catch_up_asks_at_its_start_for_what_arrived_while_it_was_d
     )
     .await;
     assert!(
-        page.text().contains("<dt>Catch-up of github</dt>")
-            && page
+        health_page.text().contains("<dt>Catch-up of github</dt>")
+            && health_page
                 .text()
                 .contains("1 webhook the relay never took, redelivered"),
         "{} {}",
-        page.status,
-        page.text()
+        health_page.status,
+        health_page.text()
     );
     let (_, lines) = served.terminate();
     assert!(lines.iter().all(|line| !line.contains(TOKEN)));
+
+    // The command takes the hook and token from the source's catch_up in --config.
+    github.answer_next(Answer::new(200, &page));
+    let output = Command::new(BIN)
+        .args(["catch-up", "--source", "github", "--dry-run", "--config"])
+        .arg(dir.path())
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .env("CATCH_UP_TEST_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("would redeliver lost-guid"), "{stdout}");
+    assert_eq!(
+        asked(&github).last().map(String::as_str),
+        Some("GET /repos/acme/app/hooks/42/deliveries?per_page=100")
+    );
+    // A source without catch_up, and no --hook: said, nothing called.
+    let output = Command::new(BIN)
+        .args(["catch-up", "--source", "elsewhere", "--config"])
+        .arg(dir.path())
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    let (_, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("has no [source.elsewhere]"), "{stderr}");
 }

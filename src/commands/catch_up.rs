@@ -21,6 +21,33 @@ pub struct CatchUpArgs<'a> {
     pub json: bool,
 }
 
+/// The hook and token reference of `source`'s `catch_up = { … }` in the configuration at
+/// `config`, as `--hook` and `--token` would give them. Secrets are not read (the
+/// operator's shell may lack the relay's); the token is read when the command uses it.
+pub fn configured(config: &std::path::Path, source: &str) -> Result<(String, String), String> {
+    let loaded = crate::config::load_without_secrets(config).map_err(|problems| {
+        format!(
+            "no --hook given, and the configuration at {} (--config) cannot be read for \
+             the catch_up of [source.{source}]:\n{problems}",
+            config.display()
+        )
+    })?;
+    let Some(found) = loaded.sources.get(source) else {
+        return Err(format!(
+            "no --hook given, and {} (--config) has no [source.{source}]",
+            config.display()
+        ));
+    };
+    let Some(catch_up) = &found.catch_up else {
+        return Err(format!(
+            "no --hook given, and [source.{source}] in {} (--config) has no catch_up = \
+             {{ hook = \"…\", token = \"…\" }}: give --hook, or set it there",
+            config.display()
+        ));
+    };
+    Ok((catch_up.hook.shown(), catch_up.token_ref.to_string()))
+}
+
 /// Exit status 0 when every event that needed it was redelivered (or, in a dry run,
 /// listed); 1 when GitHub refused some, stopped the run, or its log or the store could
 /// not be read; 2 for arguments that cannot be used.
