@@ -49,6 +49,15 @@ impl Secret {
         &self.0
     }
 
+    /// The secret as an HTTP header's value after `scheme` (`"Bearer "`, `"token "`, or
+    /// `""` for the bare token), marked sensitive so that no print of the headers shows
+    /// it; `None` when it holds characters a header cannot carry.
+    pub fn header_value(&self, scheme: &str) -> Option<http::HeaderValue> {
+        let mut value = http::HeaderValue::from_str(&format!("{scheme}{}", self.0)).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
     /// The value as it may be shown: its type prefix when it has a known one (`glptt-`),
     /// then two characters of the rest when at least 16 follow, then `…`: `glptt-01…`.
     pub fn masked(&self) -> String {
@@ -203,6 +212,17 @@ impl fmt::Display for SecretRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_value_is_sensitive_and_refused_for_what_a_header_cannot_carry() {
+        let value = Secret::new("ghp_0123456789abcdef")
+            .header_value("Bearer ")
+            .unwrap();
+        assert_eq!(value, "Bearer ghp_0123456789abcdef");
+        assert!(value.is_sensitive());
+        assert_eq!(Secret::new("glrt-x").header_value("").unwrap(), "glrt-x");
+        assert!(Secret::new("ghp_abc\n").header_value("Bearer ").is_none());
+    }
 
     #[test]
     fn a_secret_echoed_in_a_text_is_masked_there() {

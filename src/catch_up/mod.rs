@@ -14,12 +14,14 @@
 //! store check saves GitHub's rate limit, not correctness.
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde::Deserialize;
 
 use crate::secret::{Secret, SecretRef};
+use crate::status::forge::{GITHUB_ACCEPT, GITHUB_API_VERSION, rate_limited};
 use crate::upstream::{Called, Upstream, UpstreamConfig, UpstreamResponse};
 
 pub mod fuzz;
@@ -83,8 +85,6 @@ pub const DEFAULT_SINCE: std::time::Duration = std::time::Duration::from_secs(24
 const PER_PAGE: usize = 100;
 /// Pages read at most in one run (10,000 deliveries): a window wider than that is named.
 const MOST_PAGES: usize = 100;
-/// The REST API version the calls are written for.
-const API_VERSION: &str = "2022-11-28";
 
 /// A hook's REST address: `https://api.github.com/repos/OWNER/REPO/hooks/ID`, an
 /// organisation's `…/orgs/ORG/hooks/ID`, or the same below GitHub Enterprise Server's
@@ -302,7 +302,8 @@ impl CatchUp<'_> {
         is_stored: &mut (dyn FnMut(&str) -> Result<bool, String> + Send),
     ) -> Result<Report, String> {
         let client = self.client()?;
-        let (attempts, truncated) = self.read_log(&client).await?;
+        let headers = self.headers()?;
+        let (attempts, truncated) = self.read_log(&client, &headers).await?;
         let events = events(&attempts);
         let mut report = Report {
             attempts: attempts.len(),
@@ -322,7 +323,7 @@ impl CatchUp<'_> {
             } else if self.dry_run {
                 report.redelivered.push(event);
             } else {
-                match self.redeliver(&client, &event).await {
+                match self.redeliver(&client, &headers, &event).await {
                     Redelivery::Accepted => report.redelivered.push(event),
                     Redelivery::Refused(answer) => report.refused.push((event, answer)),
                     Redelivery::Stop(why) => {
@@ -356,25 +357,27 @@ impl CatchUp<'_> {
         .map_err(|err| err.to_string())
     }
 
-    fn headers(&self) -> HeaderMap {
+    /// Every call's headers, as status posts to GitHub send them: made once a run.
+    fn headers(&self) -> Result<HeaderMap, String> {
+        let authorization = self.token.header_value("Bearer ").ok_or_else(|| {
+            "the token holds characters a header cannot carry (a line break at its end?)".to_owned()
+        })?;
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::ACCEPT,
-            HeaderValue::from_static("application/vnd.github+json"),
-        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static(GITHUB_ACCEPT));
         headers.insert(
             "x-github-api-version",
-            HeaderValue::from_static(API_VERSION),
+            HeaderValue::from_static(GITHUB_API_VERSION),
         );
-        if let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", self.token.expose())) {
-            value.set_sensitive(true);
-            headers.insert(header::AUTHORIZATION, value);
-        }
-        headers
+        headers.insert(header::AUTHORIZATION, authorization);
+        Ok(headers)
     }
 
     /// The window's attempts, newest first, and whether pages were left unread.
-    async fn read_log(&self, client: &Upstream) -> Result<(Vec<Attempt>, bool), String> {
+    async fn read_log(
+        &self,
+        client: &Upstream,
+        headers: &HeaderMap,
+    ) -> Result<(Vec<Attempt>, bool), String> {
         let mut attempts = Vec::new();
         let mut page = Some(self.hook.first_page());
         for _ in 0..MOST_PAGES {
@@ -382,7 +385,7 @@ impl CatchUp<'_> {
                 return Ok((attempts, false));
             };
             let answer = client
-                .call(Method::GET, &path, self.headers(), Bytes::new())
+                .call(Method::GET, &path, headers.clone(), Bytes::new())
                 .await
                 .map_err(|err| format!("{}: {err}", self.hook.shown()))?;
             if answer.status != StatusCode::OK {
@@ -431,7 +434,7 @@ impl CatchUp<'_> {
             .map(|message| format!(" ({})", self.token.scrubbed_from(message)))
             .unwrap_or_default();
         let why = match answer.status.as_u16() {
-            _ if rate_limited(answer, &said) => format!(
+            _ if rate_limited(answer, SystemTime::now()).is_some() => format!(
                 "GitHub's rate limit was reached; run again later{}",
                 wait_asked(answer)
             ),
@@ -450,10 +453,10 @@ impl CatchUp<'_> {
         )
     }
 
-    async fn redeliver(&self, client: &Upstream, event: &Event) -> Redelivery {
+    async fn redeliver(&self, client: &Upstream, headers: &HeaderMap, event: &Event) -> Redelivery {
         let path = self.hook.redeliver(event.newest);
         let answer = match client
-            .call(Method::POST, &path, self.headers(), Bytes::new())
+            .call(Method::POST, &path, headers.clone(), Bytes::new())
             .await
         {
             Ok(answer) => answer,
@@ -465,7 +468,7 @@ impl CatchUp<'_> {
         let said = crate::upstream::readable_message(&answer.body)
             .map(|message| self.token.scrubbed_from(message))
             .unwrap_or_default();
-        if rate_limited(&answer, &said) {
+        if rate_limited(&answer, SystemTime::now()).is_some() {
             return Redelivery::Stop(format!(
                 "GitHub's rate limit was reached ({} {said}){}; run again later for the rest",
                 answer.status,
@@ -476,23 +479,11 @@ impl CatchUp<'_> {
     }
 }
 
-/// GitHub's answer when a token spent its rate limit, or a secondary limit held it back:
-/// `429`, or `403` saying so (its message, or no requests left).
-fn rate_limited(answer: &UpstreamResponse, said: &str) -> bool {
-    answer.status == StatusCode::TOO_MANY_REQUESTS
-        || (answer.status == StatusCode::FORBIDDEN
-            && (said.to_lowercase().contains("rate limit")
-                || answer.headers.get("x-ratelimit-remaining")
-                    == Some(&HeaderValue::from_static("0"))))
-}
-
-/// `; GitHub asks to wait N s` when its answer says how long (`Retry-After`).
+/// `; GitHub asks to wait N s` when its answer says how long (`Retry-After`, read as the
+/// retries read it).
 fn wait_asked(answer: &UpstreamResponse) -> String {
-    answer
-        .headers
-        .get(header::RETRY_AFTER)
-        .and_then(|value| value.to_str().ok())
-        .map(|seconds| format!("; GitHub asks to wait {seconds} s"))
+    crate::retry::wait_asked_for(&answer.headers, SystemTime::now())
+        .map(|wait| format!("; GitHub asks to wait {} s", wait.as_secs()))
         .unwrap_or_default()
 }
 

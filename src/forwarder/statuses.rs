@@ -294,10 +294,9 @@ fn poll_call(
         .map_err(|reason| format!("upstream.{upstream_name}.read_token: {reason}"))?;
     let project = crate::trigger::ProjectId::parse(&due.project)
         .map_err(|_| format!("project {:?} cannot be named in a URL", due.project))?;
-    let mut value = HeaderValue::from_str(token.expose()).map_err(|_| {
+    let value = token.header_value("").ok_or_else(|| {
         format!("upstream.{upstream_name}.read_token holds characters a header cannot carry")
     })?;
-    value.set_sensitive(true);
     let mut headers = HeaderMap::new();
     headers.insert("private-token", value);
     headers.insert(

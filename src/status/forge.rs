@@ -29,6 +29,11 @@ use crate::retry::{LONGEST_WAIT_ASKED, Verdict, wait_asked_for};
 use crate::secret::Secret;
 use crate::upstream::{UpstreamError, UpstreamResponse, flatten_message};
 
+/// What GitHub's REST API is asked for, and the version of it the calls are written
+/// for (status posts here, and catch-up's reading of a hook's deliveries).
+pub const GITHUB_ACCEPT: &str = "application/vnd.github+json";
+pub const GITHUB_API_VERSION: &str = "2022-11-28";
+
 /// A forge hookrelay can post statuses to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -193,16 +198,16 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
         HeaderValue::from_static("application/json"),
     );
     let (scheme, accept) = match forge {
-        Forge::Github => ("Bearer", "application/vnd.github+json"),
-        Forge::Gitea => ("token", "application/json"),
+        Forge::Github => ("Bearer ", GITHUB_ACCEPT),
+        Forge::Gitea => ("token ", "application/json"),
         Forge::BitbucketCloud | Forge::BitbucketServer | Forge::Gitlab => {
-            ("Bearer", "application/json")
+            ("Bearer ", "application/json")
         }
     };
     headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
-    let mut authorization = HeaderValue::from_str(&format!("{scheme} {}", token.expose()))
-        .map_err(|_| "the status token holds characters a header cannot carry".to_owned())?;
-    authorization.set_sensitive(true);
+    let authorization = token
+        .header_value(scheme)
+        .ok_or_else(|| "the status token holds characters a header cannot carry".to_owned())?;
     headers.insert(header::AUTHORIZATION, authorization);
     let (path, body) = match forge {
         Forge::Gitlab if crate::trigger::is_dot_segment(&target.repository) => {
@@ -226,7 +231,7 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
             if forge == Forge::Github {
                 headers.insert(
                     "x-github-api-version",
-                    HeaderValue::from_static("2022-11-28"),
+                    HeaderValue::from_static(GITHUB_API_VERSION),
                 );
             }
             let most = if forge == Forge::Github {
@@ -380,8 +385,8 @@ pub fn classify(result: &Result<UpstreamResponse, UpstreamError>, now: SystemTim
 
 /// A forge's answer that says "rate limited" (GitHub answers `403` or `429`): how long
 /// to wait. `X-RateLimit-Reset` (epoch seconds) when no request is left, else
-/// `Retry-After`, else a minute.
-fn rate_limited(answer: &UpstreamResponse, now: SystemTime) -> Option<Duration> {
+/// `Retry-After`, else a minute. Also what tells catch-up to stop asking GitHub.
+pub fn rate_limited(answer: &UpstreamResponse, now: SystemTime) -> Option<Duration> {
     let header = |name: &str| {
         answer
             .headers
