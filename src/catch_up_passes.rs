@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::app::App;
-use crate::catch_up::{CatchUp, CatchUpConfig, Event, LastPass, Report};
+use crate::catch_up::{CatchUp, CatchUpConfig, Event, HookUrl, LastPass, Report};
 
 /// How often the loop looks at the configuration (a reload may add or change a source).
 const LOOK_EVERY: Duration = Duration::from_secs(30);
@@ -22,8 +22,8 @@ const MOST_PER_PASS: usize = 100;
 
 /// Where one source's passes stand.
 struct Passes {
-    /// The configuration they were made for: a changed hook starts over.
-    hook: String,
+    /// The hook they were made for: a changed hook starts over.
+    hook: HookUrl,
     /// The start of the last pass that read the log (milliseconds since the epoch).
     read_from: Option<i64>,
     /// When the next pass is due.
@@ -45,17 +45,14 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
         passes.retain(|name, _| configured.iter().any(|(n, _)| n == name));
         let mut sleep = LOOK_EVERY;
         for (name, config) in configured {
-            let state = passes.entry(name.clone()).or_insert_with(|| Passes {
-                hook: config.hook.shown(),
+            let fresh = || Passes {
+                hook: config.hook.clone(),
                 read_from: None,
                 next: now,
-            });
-            if state.hook != config.hook.shown() {
-                *state = Passes {
-                    hook: config.hook.shown(),
-                    read_from: None,
-                    next: now,
-                };
+            };
+            let state = passes.entry(name.clone()).or_insert_with(fresh);
+            if state.hook != config.hook {
+                *state = fresh();
             }
             if state.next > now {
                 sleep = sleep.min(state.next - now);
@@ -173,21 +170,18 @@ fn say(source: &str, hook: &str, report: &Report, dry_run: bool) {
             .collect::<Vec<_>>()
             .join(",")
     };
-    if dry_run && !report.redelivered.is_empty() {
+    if !report.redelivered.is_empty() {
+        let asked = if dry_run {
+            "catch-up (--dry-run) would ask"
+        } else {
+            "catch-up asked"
+        };
         tracing::info!(
             source = %source,
             hook = %hook,
             count = report.redelivered.len(),
             guids = %guids(&report.redelivered),
-            "catch-up (--dry-run) would ask GitHub to deliver again webhooks the relay never took"
-        );
-    } else if !report.redelivered.is_empty() {
-        tracing::info!(
-            source = %source,
-            hook = %hook,
-            count = report.redelivered.len(),
-            guids = %guids(&report.redelivered),
-            "catch-up asked GitHub to deliver again webhooks the relay never took"
+            "{asked} GitHub to deliver again webhooks the relay never took"
         );
     }
     if !report.rejected.is_empty() {
@@ -231,8 +225,7 @@ mod tests {
     #[test]
     fn the_first_pass_looks_back_since_and_each_later_one_to_before_the_last_read() {
         let config = CatchUpConfig {
-            hook: crate::catch_up::HookUrl::parse("https://api.github.com/repos/a/b/hooks/1")
-                .unwrap(),
+            hook: HookUrl::parse("https://api.github.com/repos/a/b/hooks/1").unwrap(),
             token_ref: crate::secret::SecretRef::parse("env:T").unwrap(),
             token: None,
             every: Duration::from_secs(600),
