@@ -99,13 +99,13 @@ fn window_start(read_from: Option<i64>, started: i64, config: &CatchUpConfig) ->
 
 /// One pass; whether the hook's log was read.
 async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bool {
-    let Some(token) = &config.token else {
+    let Some(credential) = &config.credential else {
         return false;
     };
     let run = CatchUp {
         source,
         hook: &config.hook,
-        token,
+        credential,
         since,
         most: MOST_PER_PASS,
         // A relay in `--dry-run` causes nothing outside itself: it says what it would ask.
@@ -226,8 +226,10 @@ mod tests {
     fn the_first_pass_looks_back_since_and_each_later_one_to_before_the_last_read() {
         let config = CatchUpConfig {
             hook: HookUrl::parse("https://api.github.com/repos/a/b/hooks/1").unwrap(),
-            token_ref: crate::secret::SecretRef::parse("env:T").unwrap(),
-            token: None,
+            credential_ref: crate::catch_up::CredentialRef::Token(
+                crate::secret::SecretRef::parse("env:T").unwrap(),
+            ),
+            credential: None,
             every: Duration::from_secs(600),
             since: Duration::from_secs(24 * 3600),
         };

@@ -65,16 +65,23 @@ struct CatchUpArgs {
     #[arg(long, value_name = "NAME")]
     source: String,
     /// The hook's API address: https://api.github.com/repos/OWNER/REPO/hooks/ID (or
-    /// …/orgs/ORG/hooks/ID; https://HOST/api/v3/… on GitHub Enterprise Server). Without
-    /// it, the source's `catch_up = { hook, token }` in --config.
+    /// …/orgs/ORG/hooks/ID, a GitHub App's own https://api.github.com/app/hook;
+    /// https://HOST/api/v3/… on GitHub Enterprise Server). Without it, the source's
+    /// `catch_up = { hook, … }` in --config.
     #[arg(long, value_name = "URL")]
     hook: Option<String>,
     /// A token that may read and redeliver the hook's deliveries, as env:NAME or
     /// file:PATH (a classic token needs admin:repo_hook or admin:org_hook; a fine-grained
     /// one the permission Webhooks: read and write). By default the source's catch_up
     /// token, or env:GITHUB_TOKEN with --hook.
-    #[arg(long, value_name = "REF")]
+    #[arg(long, value_name = "REF", conflicts_with_all = ["app", "key"])]
     token: Option<String>,
+    /// For a GitHub App's own hook: the App's ID or client ID, with --key.
+    #[arg(long, value_name = "ID", requires = "key")]
+    app: Option<String>,
+    /// The GitHub App's private key (the .pem GitHub made for it), as file:PATH or env:NAME.
+    #[arg(long, value_name = "REF", requires = "app")]
+    key: Option<String>,
     #[command(flatten)]
     config: ConfigArg,
     /// Attempts within this long (`2h`) or since this UTC time are looked at (GitHub
@@ -370,24 +377,14 @@ fn catch_up(args: CatchUpArgs) -> ExitCode {
         Ok(since) => since.expect("a --since was given"),
         Err(code) => return code,
     };
-    let (hook, token) = match args.hook {
-        Some(hook) => (
-            hook,
-            args.token.unwrap_or_else(|| "env:GITHUB_TOKEN".into()),
-        ),
-        None => match commands::catch_up::configured(&args.config.path, &args.source) {
-            Ok((hook, token)) => (hook, args.token.unwrap_or(token)),
-            Err(message) => {
-                eprintln!("hookrelay catch-up: {message}");
-                return ExitCode::from(2);
-            }
-        },
-    };
     commands::catch_up::catch_up(commands::catch_up::CatchUpArgs {
         store: &store,
+        config: &args.config.path,
         source: &args.source,
-        hook: &hook,
-        token: &token,
+        hook: args.hook.as_deref(),
+        token: args.token.as_deref(),
+        app: args.app.as_deref(),
+        key: args.key.as_deref(),
         since,
         most: args.most,
         dry_run: args.dry_run,

@@ -418,3 +418,179 @@ async fn a_relay_with_catch_up_asks_at_its_start_for_what_arrived_while_it_was_d
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("has no [source.elsewhere]"), "{stderr}");
 }
+
+/// The App's key: made for these tests (tests/fixtures/README.md).
+const APP_KEY: &str = "tests/fixtures/github_app/test-app-key.pem";
+
+/// Checks an App token as GitHub does: RS256 under the App's public key, issued by the
+/// App, valid now and for at most ten minutes.
+fn check_app_token(authorization: &str, app: serde_json::Value) {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let token = authorization.strip_prefix("Bearer ").unwrap();
+    let (signed, signature) = token.rsplit_once('.').unwrap();
+    let (header, claims) = signed.split_once('.').unwrap();
+    let header: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    assert_eq!(header["alg"], "RS256");
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+    assert_eq!(claims["iss"], app);
+    let now = Utc::now().timestamp();
+    let (issued, expires) = (
+        claims["iat"].as_i64().unwrap(),
+        claims["exp"].as_i64().unwrap(),
+    );
+    assert!(
+        issued <= now && now < expires && expires - issued <= 600,
+        "{claims}"
+    );
+    let PrivateKeyDer::Pkcs1(key) = PrivateKeyDer::from_pem_file(APP_KEY).unwrap() else {
+        panic!("the test key is PKCS #1");
+    };
+    let pair = ring::signature::RsaKeyPair::from_der(key.secret_pkcs1_der()).unwrap();
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        pair.public().as_ref(),
+    )
+    .verify(
+        signed.as_bytes(),
+        &URL_SAFE_NO_PAD.decode(signature).unwrap(),
+    )
+    .expect("the App token's signature verifies with the App's public key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_github_apps_own_hook_is_read_and_redelivered_with_the_apps_signed_token() {
+    let dir = a_store_holding_one_webhook().await;
+    let github = RecordingUpstream::start().await;
+    let key = format!("file:{}", std::path::absolute(APP_KEY).unwrap().display());
+    let page = format!(
+        "[{}, {}]",
+        attempt(11, "app-lost-guid", 1, 0, "failed to connect to host"),
+        attempt(10, "stored-guid", 2, 503, "Invalid HTTP Response: 503"),
+    );
+    github.answer_next(Answer::new(200, &page));
+    github.answer_next(Answer::new(202, "{}"));
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["catch-up", "--source", "github", "--since", "1h", "--hook"])
+            .arg(format!("{}/app/hook", github.url()))
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .args(args)
+            .env("GITHUB_TOKEN", TOKEN)
+            .output()
+            .unwrap()
+    };
+    let output = run(&["--app", "123456", "--key", &key]);
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("redelivered app-lost-guid"), "{stdout}");
+    assert!(
+        stdout.contains("left alone, the relay stored it though GitHub saw no 2xx: stored-guid"),
+        "{stdout}"
+    );
+    assert_eq!(
+        asked(&github),
+        [
+            "GET /app/hook/deliveries?per_page=100",
+            "POST /app/hook/deliveries/11/attempts",
+        ]
+    );
+    for call in github.received() {
+        check_app_token(call.header("authorization").unwrap(), 123456.into());
+        assert_eq!(call.header("accept"), Some("application/vnd.github+json"));
+    }
+    assert!(!stdout.contains("BEGIN") && !stderr.contains("BEGIN"));
+
+    // GitHub refusing the token names what to check; the token is not printed.
+    github.answer_next(Answer::new(
+        401,
+        r#"{"message":"A JSON web token could not be decoded"}"#,
+    ));
+    let output = run(&["--app", "Iv23liTest", "--key", &key]);
+    let (stdout, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("401 Unauthorized")
+            && stderr.contains("A JSON web token could not be decoded")
+            && stderr.contains("check the App's ID (or client ID), that the key is one of the App's current private keys, and this machine's clock"),
+        "{stderr}"
+    );
+    check_app_token(
+        github
+            .received()
+            .last()
+            .unwrap()
+            .header("authorization")
+            .unwrap(),
+        "Iv23liTest".into(),
+    );
+
+    // What cannot work is refused before GitHub is asked (exit status 2).
+    let asked_before = github.received().len();
+    for (args, says) in [
+        (
+            vec![],
+            "is a GitHub App's own hook: give the App's --app ID and --key",
+        ),
+        (
+            vec!["--token", "env:GITHUB_TOKEN"],
+            "which only the App may read",
+        ),
+        (
+            vec!["--app", "1", "--key", "file:/nonexistent/app.pem"],
+            "the key: cannot read secret file /nonexistent/app.pem",
+        ),
+        (
+            vec!["--app", "1", "--key", "env:GITHUB_TOKEN"],
+            "the key: env:GITHUB_TOKEN: the App's private key is not an unencrypted RSA key in PEM",
+        ),
+        (vec!["--app", "1"], "--key"),
+    ] {
+        let output = run(&args);
+        let (stdout, stderr) = texts(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    assert_eq!(github.received().len(), asked_before);
+
+    // The relay reads the App's own hook by itself, with `app` and `key` in its catch_up;
+    // `check` says so.
+    let relay_toml = std::fs::read_to_string(dir.path().join("relay.toml")).unwrap();
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "{relay_toml}catch_up = {{ hook = \"{}/app/hook\", app = \"123456\", key = \"{key}\" }}\n",
+            github.url()
+        ),
+    );
+    let check = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = texts(&check);
+    assert!(check.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("/app/hook every 10m with App 123456 (key {key})")),
+        "{stdout}"
+    );
+    github.answer_next(Answer::new(200, &page));
+    github.answer_next(Answer::new(202, "{}"));
+    let asked_before = github.received().len();
+    let mut served = Served::start(dir.path(), &dir.path().join("state"));
+    let line = served.wait_for("catch-up asked GitHub to deliver again");
+    assert!(line.contains("guids=app-lost-guid"), "{line}");
+    let calls = github.received();
+    assert_eq!(calls.len(), asked_before + 2);
+    for call in &calls[asked_before..] {
+        check_app_token(call.header("authorization").unwrap(), 123456.into());
+    }
+    let (_, lines) = served.terminate();
+    assert!(lines.iter().all(|line| !line.contains("BEGIN")));
+}

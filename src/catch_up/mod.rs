@@ -25,19 +25,83 @@ use crate::status::forge::{GITHUB_ACCEPT, GITHUB_API_VERSION, rate_limited};
 use crate::upstream::{Called, Upstream, UpstreamConfig, UpstreamResponse};
 
 pub mod fuzz;
+pub mod github_app;
 
-/// `[source.NAME] catch_up = { hook = "…", token = "env:NAME", every = "10m", since = "24h" }`:
-/// the relay runs a pass over the hook's log at its start and then every `every`
-/// ([`crate::catch_up_passes`]).
+use github_app::AppKey;
+
+/// `[source.NAME] catch_up = { hook = "…", token = "env:NAME", every = "10m", since = "24h" }`
+/// (or `app = "…", key = "file:…"` for a GitHub App's own hook): the relay runs a pass
+/// over the hook's log at its start and then every `every` ([`crate::catch_up_passes`]).
 #[derive(Clone, Debug)]
 pub struct CatchUpConfig {
     pub hook: HookUrl,
-    pub token_ref: SecretRef,
+    pub credential_ref: CredentialRef,
     /// `None` when secrets were not read (`explain`).
-    pub token: Option<Secret>,
+    pub credential: Option<Credential>,
     pub every: std::time::Duration,
     /// How far back the pass at the relay's start looks (a relay down overnight).
     pub since: std::time::Duration,
+}
+
+/// What a catch-up asks GitHub with, as configured: a token for a repository's or an
+/// organisation's hook, or a GitHub App's ID and private key for the App's own hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialRef {
+    Token(SecretRef),
+    App { app: String, key: SecretRef },
+}
+
+/// A [`CredentialRef`] read: the token, or the App's key ready to sign its tokens.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    Token(Secret),
+    App(std::sync::Arc<AppKey>),
+}
+
+impl CredentialRef {
+    /// Reads the token or the App's key now. Errors name where from, never a value.
+    pub fn resolve(&self) -> Result<Credential, String> {
+        self.resolve_with(&|name| std::env::var(name).ok())
+    }
+
+    /// [`CredentialRef::resolve`] with an explicit environment.
+    pub fn resolve_with(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Credential, String> {
+        match self {
+            CredentialRef::Token(token) => token.resolve_with(env).map(Credential::Token),
+            CredentialRef::App { app, key } => {
+                let pem = key.resolve_with(env)?;
+                AppKey::new(app, &pem)
+                    .map(|key| Credential::App(std::sync::Arc::new(key)))
+                    .map_err(|err| format!("{key}: {err}"))
+            }
+        }
+    }
+
+    /// Whether this credential can read `hook`'s log: an App's token reads only the App's
+    /// own hook, and that hook only an App's token.
+    pub fn fits(&self, hook: &HookUrl) -> Result<(), String> {
+        match (self, hook.is_app()) {
+            (CredentialRef::Token(_), true) => Err(format!(
+                "{} is a GitHub App's own hook, which only the App may read: give the App's                  ID and private key (app = \"…\", key = \"file:…\"; --app and --key) instead                  of a token",
+                hook.shown()
+            )),
+            (CredentialRef::App { .. }, false) => Err(format!(
+                "an App's ID and key read only the App's own hook ({}/app/hook); {} needs a                  token that may administer its hooks",
+                hook.api_root(),
+                hook.shown()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for CredentialRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredentialRef::Token(token) => write!(f, "token {token}"),
+            CredentialRef::App { app, key } => write!(f, "App {app} (key {key})"),
+        }
+    }
 }
 
 /// The last pass of each source's catch-up, for the dashboard's Health page.
@@ -87,8 +151,8 @@ const PER_PAGE: usize = 100;
 const MOST_PAGES: usize = 100;
 
 /// A hook's REST address: `https://api.github.com/repos/OWNER/REPO/hooks/ID`, an
-/// organisation's `…/orgs/ORG/hooks/ID`, or the same below GitHub Enterprise Server's
-/// `https://HOST/api/v3`.
+/// organisation's `…/orgs/ORG/hooks/ID`, a GitHub App's own `…/app/hook`, or the same
+/// below GitHub Enterprise Server's `https://HOST/api/v3`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HookUrl {
     /// `scheme://host[:port]`: every call (and every page GitHub links to) goes there.
@@ -108,11 +172,13 @@ impl HookUrl {
             && !hook_id.is_empty()
             && hook_id.bytes().all(|b| b.is_ascii_digit())
             && (path.contains("/repos/") || path.contains("/orgs/"));
-        if !is_hook {
+        let is_app_hook = path == "/app/hook" || path.ends_with("/api/v3/app/hook");
+        if !is_hook && !is_app_hook {
             return Err(format!(
                 "{text:?} is not a hook's API address; write e.g. \
                  https://api.github.com/repos/OWNER/REPO/hooks/ID (the ID is in the hook's \
-                 settings page address), …/orgs/ORG/hooks/ID for an organisation's hook, or \
+                 settings page address), …/orgs/ORG/hooks/ID for an organisation's hook, \
+                 https://api.github.com/app/hook for a GitHub App's own, or \
                  https://HOST/api/v3/repos/OWNER/REPO/hooks/ID on GitHub Enterprise Server"
             ));
         }
@@ -127,6 +193,22 @@ impl HookUrl {
     /// The whole address, for messages.
     pub fn shown(&self) -> String {
         format!("{}{}", self.origin, self.path)
+    }
+
+    /// A GitHub App's own hook (`…/app/hook`), read with the App's token.
+    pub fn is_app(&self) -> bool {
+        self.path == "/app/hook" || self.path.ends_with("/api/v3/app/hook")
+    }
+
+    /// The REST API's root the hook is under (`https://api.github.com`,
+    /// `https://HOST/api/v3`), for messages.
+    fn api_root(&self) -> String {
+        let root = ["/repos/", "/orgs/", "/app/hook"]
+            .iter()
+            .filter_map(|marker| self.path.find(marker))
+            .min()
+            .map_or("", |at| &self.path[..at]);
+        format!("{}{root}", self.origin)
     }
 
     fn first_page(&self) -> String {
@@ -285,7 +367,7 @@ pub struct CatchUp<'a> {
     /// The `[source.NAME]` the hook sends to, as messages name what is called.
     pub source: &'a str,
     pub hook: &'a HookUrl,
-    pub token: &'a Secret,
+    pub credential: &'a Credential,
     /// Attempts from this time on (milliseconds since the epoch) are read.
     pub since: i64,
     /// Redeliveries asked for at most.
@@ -302,8 +384,8 @@ impl CatchUp<'_> {
         is_stored: &mut (dyn FnMut(&str) -> Result<bool, String> + Send),
     ) -> Result<Report, String> {
         let client = self.client()?;
-        let headers = self.headers()?;
-        let (attempts, truncated) = self.read_log(&client, &headers).await?;
+        let mut asking = Authorization::new(self.credential)?;
+        let (attempts, truncated) = self.read_log(&client, &mut asking).await?;
         let events = events(&attempts);
         let mut report = Report {
             attempts: attempts.len(),
@@ -323,7 +405,7 @@ impl CatchUp<'_> {
             } else if self.dry_run {
                 report.redelivered.push(event);
             } else {
-                match self.redeliver(&client, &headers, &event).await {
+                match self.redeliver(&client, &mut asking, &event).await {
                     Redelivery::Accepted => report.redelivered.push(event),
                     Redelivery::Refused(answer) => report.refused.push((event, answer)),
                     Redelivery::Stop(why) => {
@@ -357,26 +439,11 @@ impl CatchUp<'_> {
         .map_err(|err| err.to_string())
     }
 
-    /// Every call's headers, as status posts to GitHub send them: made once a run.
-    fn headers(&self) -> Result<HeaderMap, String> {
-        let authorization = self.token.header_value("Bearer ").ok_or_else(|| {
-            "the token holds characters a header cannot carry (a line break at its end?)".to_owned()
-        })?;
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static(GITHUB_ACCEPT));
-        headers.insert(
-            "x-github-api-version",
-            HeaderValue::from_static(GITHUB_API_VERSION),
-        );
-        headers.insert(header::AUTHORIZATION, authorization);
-        Ok(headers)
-    }
-
     /// The window's attempts, newest first, and whether pages were left unread.
     async fn read_log(
         &self,
         client: &Upstream,
-        headers: &HeaderMap,
+        asking: &mut Authorization<'_>,
     ) -> Result<(Vec<Attempt>, bool), String> {
         let mut attempts = Vec::new();
         let mut page = Some(self.hook.first_page());
@@ -385,11 +452,11 @@ impl CatchUp<'_> {
                 return Ok((attempts, false));
             };
             let answer = client
-                .call(Method::GET, &path, headers.clone(), Bytes::new())
+                .call(Method::GET, &path, asking.headers()?, Bytes::new())
                 .await
                 .map_err(|err| format!("{}: {err}", self.hook.shown()))?;
             if answer.status != StatusCode::OK {
-                return Err(self.log_refused(&answer));
+                return Err(self.log_refused(&answer, asking));
             }
             let listed: Vec<Attempt> = serde_json::from_slice(&answer.body).map_err(|err| {
                 format!(
@@ -429,16 +496,24 @@ impl CatchUp<'_> {
         Ok((attempts, page.is_some()))
     }
 
-    fn log_refused(&self, answer: &UpstreamResponse) -> String {
+    fn log_refused(&self, answer: &UpstreamResponse, asking: &Authorization<'_>) -> String {
         let said = crate::upstream::readable_message(&answer.body)
-            .map(|message| format!(" ({})", self.token.scrubbed_from(message)))
+            .map(|message| format!(" ({})", asking.scrubbed_from(message)))
             .unwrap_or_default();
+        let app = matches!(self.credential, Credential::App(_));
         let why = match answer.status.as_u16() {
             _ if rate_limited(answer, SystemTime::now()).is_some() => format!(
                 "GitHub's rate limit was reached; run again later{}",
                 wait_asked(answer)
             ),
+            401 if app => "GitHub did not accept the App's token: check the App's ID (or \
+                           client ID), that the key is one of the App's current private \
+                           keys, and this machine's clock (a token is good for ten minutes)"
+                .to_owned(),
             401 => "the token is not valid (expired or revoked?)".to_owned(),
+            403 | 404 if app => "the App has no webhook (its settings page: Webhook, Active), \
+                                 or the key is not this App's"
+                .to_owned(),
             403 | 404 => "the token may not read this hook's deliveries (a classic token \
                           needs admin:repo_hook, or admin:org_hook for an organisation's \
                           hook; a fine-grained one the permission Webhooks: read), or there \
@@ -453,10 +528,19 @@ impl CatchUp<'_> {
         )
     }
 
-    async fn redeliver(&self, client: &Upstream, headers: &HeaderMap, event: &Event) -> Redelivery {
+    async fn redeliver(
+        &self,
+        client: &Upstream,
+        asking: &mut Authorization<'_>,
+        event: &Event,
+    ) -> Redelivery {
         let path = self.hook.redeliver(event.newest);
+        let headers = match asking.headers() {
+            Ok(headers) => headers,
+            Err(why) => return Redelivery::Stop(why),
+        };
         let answer = match client
-            .call(Method::POST, &path, headers.clone(), Bytes::new())
+            .call(Method::POST, &path, headers, Bytes::new())
             .await
         {
             Ok(answer) => answer,
@@ -466,7 +550,7 @@ impl CatchUp<'_> {
             return Redelivery::Accepted;
         }
         let said = crate::upstream::readable_message(&answer.body)
-            .map(|message| self.token.scrubbed_from(message))
+            .map(|message| asking.scrubbed_from(message))
             .unwrap_or_default();
         if rate_limited(&answer, SystemTime::now()).is_some() {
             return Redelivery::Stop(format!(
@@ -485,6 +569,68 @@ fn wait_asked(answer: &UpstreamResponse) -> String {
     crate::retry::wait_asked_for(&answer.headers, SystemTime::now())
         .map(|wait| format!("; GitHub asks to wait {} s", wait.as_secs()))
         .unwrap_or_default()
+}
+
+/// The headers of a run's calls, as status posts to GitHub send them: made once a run
+/// for a token; for an App, made again with a new token before its old one expires.
+struct Authorization<'a> {
+    credential: &'a Credential,
+    bearer: Secret,
+    made: std::time::Instant,
+    headers: HeaderMap,
+}
+
+impl<'a> Authorization<'a> {
+    fn new(credential: &'a Credential) -> Result<Authorization<'a>, String> {
+        let bearer = Self::bearer(credential)?;
+        let mut asking = Authorization {
+            credential,
+            headers: HeaderMap::new(),
+            bearer,
+            made: std::time::Instant::now(),
+        };
+        asking
+            .headers
+            .insert(header::ACCEPT, HeaderValue::from_static(GITHUB_ACCEPT));
+        asking.headers.insert(
+            "x-github-api-version",
+            HeaderValue::from_static(GITHUB_API_VERSION),
+        );
+        asking.authorize()?;
+        Ok(asking)
+    }
+
+    fn bearer(credential: &Credential) -> Result<Secret, String> {
+        match credential {
+            Credential::Token(token) => Ok(token.clone()),
+            Credential::App(key) => key.token(SystemTime::now()),
+        }
+    }
+
+    fn authorize(&mut self) -> Result<(), String> {
+        let authorization = self.bearer.header_value("Bearer ").ok_or_else(|| {
+            "the token holds characters a header cannot carry (a line break at its end?)".to_owned()
+        })?;
+        self.headers.insert(header::AUTHORIZATION, authorization);
+        Ok(())
+    }
+
+    /// The next call's headers.
+    fn headers(&mut self) -> Result<HeaderMap, String> {
+        if matches!(self.credential, Credential::App(_))
+            && self.made.elapsed() >= github_app::FRESH_FOR
+        {
+            self.bearer = Self::bearer(self.credential)?;
+            self.made = std::time::Instant::now();
+            self.authorize()?;
+        }
+        Ok(self.headers.clone())
+    }
+
+    /// `text` (GitHub's words) without the token, should GitHub have repeated it.
+    fn scrubbed_from(&self, text: String) -> String {
+        self.bearer.scrubbed_from(text)
+    }
 }
 
 enum Redelivery {
@@ -532,7 +678,18 @@ mod tests {
         let ghes = HookUrl::parse("https://ghe.example.com:8443/api/v3/repos/a/b/hooks/5").unwrap();
         assert_eq!(ghes.origin, "https://ghe.example.com:8443");
         assert_eq!(ghes.path, "/api/v3/repos/a/b/hooks/5");
+        let app = HookUrl::parse("https://api.github.com/app/hook").unwrap();
+        assert!(app.is_app() && !hook.is_app());
+        assert_eq!(app.first_page(), "/app/hook/deliveries?per_page=100");
+        assert_eq!(app.redeliver(7), "/app/hook/deliveries/7/attempts");
+        let ghes_app = HookUrl::parse("https://ghe.example.com/api/v3/app/hook/").unwrap();
+        assert!(ghes_app.is_app());
+        assert_eq!(ghes_app.api_root(), "https://ghe.example.com/api/v3");
+        assert_eq!(ghes.api_root(), "https://ghe.example.com:8443/api/v3");
         for wrong in [
+            "https://api.github.com/repos/acme/app/app/hook",
+            "https://api.github.com/app/hooks",
+            "https://api.github.com/app",
             "https://github.com/acme/app/settings/hooks/123",
             "https://api.github.com/repos/acme/app/hooks",
             "https://api.github.com/repos/acme/app/hooks/abc",
@@ -543,6 +700,26 @@ mod tests {
             let err = HookUrl::parse(wrong).unwrap_err();
             assert!(!err.contains(":pw@"), "{err}");
         }
+    }
+
+    #[test]
+    fn an_apps_own_hook_is_read_with_its_key_and_any_other_with_a_token() {
+        let token = CredentialRef::Token(SecretRef::parse("env:T").unwrap());
+        let app = CredentialRef::App {
+            app: "1".into(),
+            key: SecretRef::parse("env:K").unwrap(),
+        };
+        let repo = HookUrl::parse("https://api.github.com/repos/a/b/hooks/1").unwrap();
+        let own = HookUrl::parse("https://api.github.com/app/hook").unwrap();
+        assert!(token.fits(&repo).is_ok() && app.fits(&own).is_ok());
+        assert!(token.fits(&own).unwrap_err().contains("--app and --key"));
+        assert!(
+            app.fits(&repo)
+                .unwrap_err()
+                .contains("(https://api.github.com/app/hook)")
+        );
+        assert_eq!(app.to_string(), "App 1 (key env:K)");
+        assert_eq!(token.to_string(), "token env:T");
     }
 
     #[test]

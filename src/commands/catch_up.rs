@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use crate::catch_up::{CatchUp, Event, HookUrl, Report};
+use crate::catch_up::{CatchUp, CredentialRef, Event, HookUrl, Report};
 use crate::outbox::OfflineStore;
 use crate::secret::SecretRef;
 use crate::store::StoreLocation;
@@ -11,20 +11,26 @@ use crate::store::StoreLocation;
 /// What `hookrelay catch-up` was asked.
 pub struct CatchUpArgs<'a> {
     pub store: &'a StoreLocation,
+    /// Where the source's `catch_up` is read when no `--hook` is given.
+    pub config: &'a std::path::Path,
     /// The `[source.NAME]` the hook sends to: whose webhooks the store is asked about.
     pub source: &'a str,
-    pub hook: &'a str,
-    pub token: &'a str,
+    pub hook: Option<&'a str>,
+    pub token: Option<&'a str>,
+    /// A GitHub App's ID and key reference (`--app`, `--key`, given together).
+    pub app: Option<&'a str>,
+    pub key: Option<&'a str>,
     pub since: i64,
     pub most: usize,
     pub dry_run: bool,
     pub json: bool,
 }
 
-/// The hook and token reference of `source`'s `catch_up = { … }` in the configuration at
-/// `config`, as `--hook` and `--token` would give them. Secrets are not read (the
-/// operator's shell may lack the relay's); the token is read when the command uses it.
-pub fn configured(config: &std::path::Path, source: &str) -> Result<(String, String), String> {
+/// The hook and credential of `source`'s `catch_up = { … }` in the configuration at
+/// `config`, as `--hook` and `--token` (or `--app` and `--key`) would give them. Secrets
+/// are not read (the operator's shell may lack the relay's); they are read when the
+/// command uses them.
+fn configured(config: &std::path::Path, source: &str) -> Result<(HookUrl, CredentialRef), String> {
     let loaded = crate::config::load_without_secrets(config).map_err(|problems| {
         format!(
             "no --hook given, and the configuration at {} (--config) cannot be read for \
@@ -45,7 +51,49 @@ pub fn configured(config: &std::path::Path, source: &str) -> Result<(String, Str
             config.display()
         ));
     };
-    Ok((catch_up.hook.shown(), catch_up.token_ref.to_string()))
+    Ok((catch_up.hook.clone(), catch_up.credential_ref.clone()))
+}
+
+/// The hook and credential the flags name, with the source's `catch_up` in `--config`
+/// filling in what they leave out. An error is the message for exit status 2.
+fn chosen(args: &CatchUpArgs<'_>) -> Result<(HookUrl, CredentialRef), String> {
+    let flagged = match (args.token, args.app, args.key) {
+        (Some(token), _, _) => Some(CredentialRef::Token(
+            SecretRef::parse(token).map_err(|message| format!("--token: {message}"))?,
+        )),
+        (None, Some(app), Some(key)) => {
+            crate::catch_up::github_app::check_app(app)
+                .map_err(|message| format!("--app: {message}"))?;
+            Some(CredentialRef::App {
+                app: app.to_owned(),
+                key: SecretRef::parse(key).map_err(|message| format!("--key: {message}"))?,
+            })
+        }
+        _ => None,
+    };
+    let (hook, credential) = match args.hook {
+        Some(hook) => {
+            let hook = HookUrl::parse(hook).map_err(|message| format!("--hook: {message}"))?;
+            let credential = match flagged {
+                Some(credential) => credential,
+                None if hook.is_app() => {
+                    return Err(format!(
+                        "{} is a GitHub App's own hook: give the App's --app ID and --key \
+                         file:PATH (its private key)",
+                        hook.shown()
+                    ));
+                }
+                None => CredentialRef::Token(SecretRef::Env("GITHUB_TOKEN".into())),
+            };
+            (hook, credential)
+        }
+        None => {
+            let (hook, configured) = configured(args.config, args.source)?;
+            (hook, flagged.unwrap_or(configured))
+        }
+    };
+    credential.fits(&hook)?;
+    Ok((hook, credential))
 }
 
 /// Exit status 0 when every event that needed it was redelivered (or, in a dry run,
@@ -56,13 +104,19 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
         eprintln!("hookrelay catch-up: {message}");
         ExitCode::from(2)
     };
-    let hook = match HookUrl::parse(args.hook) {
-        Ok(hook) => hook,
-        Err(message) => return refused(format!("--hook: {message}")),
+    let (hook, credential) = match chosen(&args) {
+        Ok(chosen) => chosen,
+        Err(message) => return refused(message),
     };
-    let token = match SecretRef::parse(args.token).and_then(|token| token.resolve()) {
-        Ok(token) => token,
-        Err(message) => return refused(format!("--token: {message}")),
+    let credential = match credential.resolve() {
+        Ok(credential) => credential,
+        Err(message) => {
+            let flag = match credential {
+                CredentialRef::Token(_) => "token",
+                CredentialRef::App { .. } => "key",
+            };
+            return refused(format!("the {flag}: {message}"));
+        }
     };
     let mut store = match OfflineStore::open(args.store) {
         Ok(store) => store,
@@ -74,7 +128,7 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
     let run = CatchUp {
         source: args.source,
         hook: &hook,
-        token: &token,
+        credential: &credential,
         since: args.since,
         most: args.most,
         dry_run: args.dry_run,

@@ -244,7 +244,7 @@ fn summary(config: &Config) -> String {
                     ", catch-up from {hook}{} every {} with {}",
                     via_proxy(&hook),
                     humantime::format_duration(catch_up.every),
-                    catch_up.token_ref
+                    catch_up.credential_ref
                 ));
             }
             shown.push(')');

@@ -34,12 +34,15 @@ pub(super) struct RawSource {
     catch_up: Option<Spanned<RawCatchUp>>,
 }
 
-/// `catch_up = { hook = "…", token = "env:NAME", every = "10m", since = "24h" }`.
+/// `catch_up = { hook = "…", token = "env:NAME", every = "10m", since = "24h" }`, or
+/// `app = "…", key = "file:…"` instead of `token` for a GitHub App's own hook.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCatchUp {
     hook: String,
-    token: String,
+    token: Option<String>,
+    app: Option<String>,
+    key: Option<String>,
     every: Option<String>,
     since: Option<String>,
 }
@@ -482,8 +485,8 @@ fn compile_status(
     })
 }
 
-/// `catch_up = { … }`: the hook whose delivery log the relay reads, the token that may
-/// read it and ask for redeliveries, and how often.
+/// `catch_up = { … }`: the hook whose delivery log the relay reads, the token (or the
+/// GitHub App) that may read it and ask for redeliveries, and how often.
 fn compile_catch_up(
     name: &str,
     raw: Spanned<RawCatchUp>,
@@ -494,6 +497,10 @@ fn compile_catch_up(
     let span = raw.span();
     let raw = raw.into_inner();
     let what = format!("source.{name}.catch_up");
+    let credential = catch_up_credential(name, &raw, &span, resolve_secrets, problems);
+    if credential.is_none() {
+        *ok = false;
+    }
     let mut refuse = |message: String, problems: &mut FileProblems<'_>| {
         problems.at(Some(span.clone()), format!("{what}.{message}"));
         *ok = false;
@@ -537,24 +544,109 @@ fn compile_catch_up(
             None
         }
     };
-    let token = super::secret_setting(
-        &raw.token,
-        Some(span.clone()),
-        &format!("source.{name}.catch_up.token"),
-        resolve_secrets,
-        problems,
-    );
-    if token.is_none() {
-        *ok = false;
+    let (credential_ref, credential) = credential?;
+    let hook = hook?;
+    if let Err(message) = credential_ref.fits(&hook) {
+        refuse(format!("hook: {message}"), problems);
+        return None;
     }
-    let (token_ref, token) = token?;
     Some(crate::catch_up::CatchUpConfig {
-        hook: hook?,
-        token_ref,
-        token,
+        hook,
+        credential_ref,
+        credential,
         every: every?,
         since: since?,
     })
+}
+
+/// A catch-up's `token`, or its GitHub App's `app` and `key`, and what they hold when
+/// secrets are read.
+fn catch_up_credential(
+    name: &str,
+    raw: &RawCatchUp,
+    span: &std::ops::Range<usize>,
+    resolve_secrets: Option<EnvLookup<'_>>,
+    problems: &mut FileProblems<'_>,
+) -> Option<(
+    crate::catch_up::CredentialRef,
+    Option<crate::catch_up::Credential>,
+)> {
+    use crate::catch_up::{Credential, CredentialRef};
+    let what = format!("source.{name}.catch_up");
+    let setting = |text: &str, field: &str, problems: &mut FileProblems<'_>| {
+        super::secret_setting(
+            text,
+            Some(span.clone()),
+            &format!("{what}.{field}"),
+            resolve_secrets,
+            problems,
+        )
+    };
+    match (&raw.token, &raw.app, &raw.key) {
+        (Some(token), None, None) => {
+            let (reference, token) = setting(token, "token", problems)?;
+            Some((
+                CredentialRef::Token(reference),
+                token.map(Credential::Token),
+            ))
+        }
+        (None, Some(app), Some(key)) => {
+            if let Err(message) = crate::catch_up::github_app::check_app(app) {
+                problems.at(Some(span.clone()), format!("{what}.app: {message}"));
+                return None;
+            }
+            let (key_ref, pem) = setting(key, "key", problems)?;
+            let credential =
+                match pem.map(|pem| crate::catch_up::github_app::AppKey::new(app, &pem)) {
+                    None => None,
+                    Some(Ok(key)) => Some(Credential::App(std::sync::Arc::new(key))),
+                    Some(Err(message)) => {
+                        problems.at(
+                            Some(span.clone()),
+                            format!("{what}.key ({key_ref}): {message}"),
+                        );
+                        return None;
+                    }
+                };
+            Some((
+                CredentialRef::App {
+                    app: app.clone(),
+                    key: key_ref,
+                },
+                credential,
+            ))
+        }
+        (Some(_), _, _) => {
+            problems.at(
+                Some(span.clone()),
+                format!(
+                    "{what}: give a token, or a GitHub App's app and key, not both (a token \
+                     reads a repository's or an organisation's hook, an App's key its own hook)"
+                ),
+            );
+            None
+        }
+        (None, Some(_), None) | (None, None, Some(_)) => {
+            problems.at(
+                Some(span.clone()),
+                format!(
+                    "{what}: a GitHub App is read with both its app (its ID or client ID) and \
+                     key (key = \"file:app.private-key.pem\", the key GitHub made for it)"
+                ),
+            );
+            None
+        }
+        (None, None, None) => {
+            problems.at(
+                Some(span.clone()),
+                format!(
+                    "{what}: missing token = \"env:NAME\" (a token that may administer the \
+                     hook), or app = \"…\" and key = \"file:…\" for a GitHub App's own hook"
+                ),
+            );
+            None
+        }
+    }
 }
 
 /// The fewest bytes a webhook secret may have: anything shorter can be guessed offline

@@ -1348,6 +1348,14 @@ fn catch_up_settings_are_checked_where_they_are_written() {
         ("S", "0123456789abcdef0123"),
         ("HOOKS", "ghp_hooks_token"),
         ("T", "glptt-x"),
+        (
+            "APP_KEY",
+            include_str!("../../tests/fixtures/github_app/test-app-key.pem"),
+        ),
+        (
+            "NOT_A_KEY",
+            "-----BEGIN RSA PRIVATE KEY-----\nbm90\n-----END RSA PRIVATE KEY-----",
+        ),
     ];
     let config = load_text(
         &[(
@@ -1365,11 +1373,26 @@ catch_up = { hook = "https://api.github.com/repos/acme/app/hooks/123", token = "
 provider = "github"
 secret = "env:S"
 catch_up = { hook = "https://ghe.example.com/api/v3/orgs/acme/hooks/9", token = "env:HOOKS", every = "2m", since = "3h" }
+
+[source.app]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/app/hook", app = "Iv23liTest", key = "env:APP_KEY" }
 "#,
         )],
         &env,
     )
     .unwrap();
+    let app = config.sources["app"].catch_up.as_ref().unwrap();
+    assert!(app.hook.is_app());
+    assert_eq!(
+        app.credential_ref.to_string(),
+        "App Iv23liTest (key env:APP_KEY)"
+    );
+    match &app.credential {
+        Some(crate::catch_up::Credential::App(key)) => assert_eq!(key.app(), "Iv23liTest"),
+        other => panic!("{other:?}"),
+    }
     let gh = config.sources["gh"].catch_up.as_ref().unwrap();
     assert_eq!(
         gh.hook.shown(),
@@ -1377,7 +1400,12 @@ catch_up = { hook = "https://ghe.example.com/api/v3/orgs/acme/hooks/9", token = 
     );
     assert_eq!(gh.every, crate::catch_up::DEFAULT_EVERY);
     assert_eq!(gh.since, crate::catch_up::DEFAULT_SINCE);
-    assert_eq!(gh.token.as_ref().unwrap().expose(), "ghp_hooks_token");
+    match &gh.credential {
+        Some(crate::catch_up::Credential::Token(token)) => {
+            assert_eq!(token.expose(), "ghp_hooks_token")
+        }
+        other => panic!("{other:?}"),
+    }
     let ghes = config.sources["ghes"].catch_up.as_ref().unwrap();
     assert_eq!(ghes.every, Duration::from_secs(120));
     assert_eq!(ghes.since, Duration::from_secs(3 * 3600));
@@ -1410,6 +1438,36 @@ catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", token = "env:NOT
 provider = "github"
 secret = "env:S"
 catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", token = "env:HOOKS", evry = "5m" }
+
+[source.both]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/app/hook", token = "env:HOOKS", app = "1", key = "env:APP_KEY" }
+
+[source.keyless]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/app/hook", app = "1" }
+
+[source.app_with_token]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/app/hook", token = "env:HOOKS" }
+
+[source.repo_with_app]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", app = "1", key = "env:APP_KEY" }
+
+[source.bad_key]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/app/hook", app = "1", key = "env:NOT_A_KEY" }
+
+[source.bad_app]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/app/hook", app = "my app", key = "env:APP_KEY" }
 "#,
         )],
         &env,
@@ -1421,6 +1479,12 @@ catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", token = "env:HOO
         "a.toml:15: source.often.catch_up.since: \"7d\" is longer than the 3 days over which GitHub redelivers",
         "a.toml:20: source.unset.catch_up.token (env:NOT_SET)",
         "a.toml:25: ",
+        "a.toml:30: source.both.catch_up: give a token, or a GitHub App's app and key, not both",
+        "a.toml:35: source.keyless.catch_up: a GitHub App is read with both its app",
+        "a.toml:40: source.app_with_token.catch_up.hook: https://api.github.com/app/hook is a GitHub App's own hook, which only the App may read",
+        "a.toml:45: source.repo_with_app.catch_up.hook: an App's ID and key read only the App's own hook (https://api.github.com/app/hook)",
+        "a.toml:50: source.bad_key.catch_up.key (env:NOT_A_KEY): the App's private key",
+        "a.toml:55: source.bad_app.catch_up.app: \"my app\" is not a GitHub App's ID",
     ];
     for (problem, expected) in problems.iter().zip(expect) {
         assert!(
