@@ -13,12 +13,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::app::App;
-use crate::catch_up::{CatchUp, CatchUpConfig, Event, HookUrl, LastPass, Report};
+use crate::catch_up::{CatchUp, CatchUpConfig, Event, Forge, HookUrl, LastPass, Report};
 
 /// How often the loop looks at the configuration (a reload may add or change a source).
 const LOOK_EVERY: Duration = Duration::from_secs(30);
 /// Redeliveries asked for at most in one pass.
 const MOST_PER_PASS: usize = 100;
+/// Resends asked of GitLab at most in one pass (it allows five a minute).
+const GITLAB_MOST_PER_PASS: usize = 5;
 
 /// Where one source's passes stand.
 struct Passes {
@@ -107,7 +109,11 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
         hook: &config.hook,
         credential,
         since,
-        most: MOST_PER_PASS,
+        most: match config.hook.forge {
+            Forge::GitHub => MOST_PER_PASS,
+            // GitLab resends five a minute: a pass asks for as many, paced.
+            Forge::GitLab => GITLAB_MOST_PER_PASS,
+        },
         // A relay in `--dry-run` causes nothing outside itself: it says what it would ask.
         dry_run: app.dry_run,
     };
@@ -127,10 +133,13 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
                     redelivered: report.redelivered.len(),
                     rejected: report.rejected.len(),
                     not_redelivered: report.refused.len() + report.left.len(),
-                    error: report.stopped.clone(),
+                    error: report.hook_disabled.clone().or(report.stopped.clone()),
                 },
             );
-            say(source, &config.hook.shown(), &report, app.dry_run);
+            say(source, &config.hook, &report, app.dry_run);
+            if report.hook_disabled.is_some() {
+                app.metrics.catch_up(source, "hook_disabled", 1);
+            }
             let counts = [
                 ("redelivered", report.redelivered.len()),
                 ("refused", report.refused.len()),
@@ -162,7 +171,9 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
     }
 }
 
-fn say(source: &str, hook: &str, report: &Report, dry_run: bool) {
+fn say(source: &str, hook_url: &HookUrl, report: &Report, dry_run: bool) {
+    let hook = hook_url.shown();
+    let forge = hook_url.forge.name();
     let guids = |events: &[Event]| {
         events
             .iter()
@@ -181,7 +192,23 @@ fn say(source: &str, hook: &str, report: &Report, dry_run: bool) {
             hook = %hook,
             count = report.redelivered.len(),
             guids = %guids(&report.redelivered),
-            "{asked} GitHub to deliver again webhooks the relay never took"
+            "{asked} {forge} to deliver again webhooks the relay never took"
+        );
+    }
+    if let Some(disabled) = &report.hook_disabled {
+        tracing::warn!(
+            source = %source,
+            hook = %hook,
+            %disabled,
+            "catch-up: {forge} does not call the relay's hook now"
+        );
+    }
+    if report.keyless > 0 {
+        tracing::warn!(
+            source = %source,
+            hook = %hook,
+            count = report.keyless,
+            "catch-up: failed attempts without an Idempotency-Key (GitLab before 17.4) cannot be matched with the store, and are not resent"
         );
     }
     if !report.rejected.is_empty() {

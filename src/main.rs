@@ -46,8 +46,8 @@ enum Command {
     },
     /// Show what hookrelay makes of a webhook payload file, offline.
     Explain(ExplainArgs),
-    /// Ask GitHub to deliver again the webhooks of one hook that never reached the store
-    /// (sent while the relay was down, or answered 503): GitHub never redelivers by itself.
+    /// Ask GitHub (or GitLab) to deliver again the webhooks of one hook that never reached
+    /// the store (sent while the relay was down, or answered 503): neither does by itself.
     CatchUp(CatchUpArgs),
     /// Validate the configuration; print each problem as file:line: message.
     Check {
@@ -66,14 +66,16 @@ struct CatchUpArgs {
     source: String,
     /// The hook's API address: https://api.github.com/repos/OWNER/REPO/hooks/ID (or
     /// …/orgs/ORG/hooks/ID, a GitHub App's own https://api.github.com/app/hook;
-    /// https://HOST/api/v3/… on GitHub Enterprise Server). Without it, the source's
-    /// `catch_up = { hook, … }` in --config.
+    /// https://HOST/api/v3/… on GitHub Enterprise Server; on GitLab
+    /// https://HOST/api/v4/projects/ID/hooks/ID or …/groups/ID/hooks/ID). Without it, the
+    /// source's `catch_up = { hook, … }` in --config.
     #[arg(long, value_name = "URL")]
     hook: Option<String>,
     /// A token that may read and redeliver the hook's deliveries, as env:NAME or
     /// file:PATH (a classic token needs admin:repo_hook or admin:org_hook; a fine-grained
-    /// one the permission Webhooks: read and write). By default the source's catch_up
-    /// token, or env:GITHUB_TOKEN with --hook.
+    /// one the permission Webhooks: read and write; on GitLab the api scope and the
+    /// Maintainer role). By default the source's catch_up token, or env:GITHUB_TOKEN
+    /// (env:GITLAB_TOKEN for a GitLab hook) with --hook.
     #[arg(long, value_name = "REF", conflicts_with_all = ["app", "key"])]
     token: Option<String>,
     /// For a GitHub App's own hook: the App's ID or client ID, with --key.
@@ -85,13 +87,13 @@ struct CatchUpArgs {
     #[command(flatten)]
     config: ConfigArg,
     /// Attempts within this long (`2h`) or since this UTC time are looked at (GitHub
-    /// redelivers attempts of the last 3 days).
+    /// redelivers attempts of the last 3 days; GitLab lists those of the last 7).
     #[arg(long, default_value = "24h")]
     since: String,
     /// Redeliveries asked for at most in this run; the rest are listed for the next.
     #[arg(long, default_value_t = 100)]
     most: usize,
-    /// List what would be redelivered, and ask GitHub for nothing.
+    /// List what would be redelivered, and ask the forge for nothing.
     #[arg(long)]
     dry_run: bool,
     /// One JSON object instead of lines.
@@ -367,7 +369,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `hookrelay catch-up`: what GitHub could not deliver, delivered again.
+/// `hookrelay catch-up`: what GitHub or GitLab could not deliver, delivered again.
 fn catch_up(args: CatchUpArgs) -> ExitCode {
     let store = match args.state.location("catch-up") {
         Ok(store) => store,

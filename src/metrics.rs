@@ -299,7 +299,7 @@ impl Metrics {
         let catch_up = Family::<CatchUpLabels, Counter>::default();
         registry.register(
             "catch_up",
-            "GitHub webhooks the relay's catch-up passes found it never took, by source and by what became of them: redelivered, refused (by GitHub), rejected (the relay had refused them: 4xx), left (for the next pass); failed counts passes that could not read the hook's log",
+            "GitHub and GitLab webhooks the relay's catch-up passes found it never took, by source and by what became of them: redelivered, refused (by the forge), rejected (the relay had refused them: 4xx), left (for the next pass); failed counts passes that could not read the hook's log, hook_disabled passes that found GitLab no longer calling the hook",
             catch_up.clone(),
         );
         let status_posts = Family::<StatusLabels, Counter>::default();

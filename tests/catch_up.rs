@@ -594,3 +594,231 @@ async fn a_github_apps_own_hook_is_read_and_redelivered_with_the_apps_signed_tok
     let (_, lines) = served.terminate();
     assert!(lines.iter().all(|line| !line.contains("BEGIN")));
 }
+
+const GITLAB_TOKEN: &str = "glpat-catch-up-test-token-0123456789";
+const GITLAB_SECRET: &str = "gitlab-hook-token-for-the-tests";
+
+/// A failed attempt as GitLab's `GET …/hooks/:hook_id/events` lists it.
+fn logged(id: u64, key: Option<&str>, status: &str) -> serde_json::Value {
+    let mut headers = serde_json::json!({
+        "Content-Type": "application/json", "User-Agent": "GitLab/17.6.0",
+        "X-Gitlab-Event": "Tag Push Hook", "X-Gitlab-Token": "[REDACTED]",
+        "X-Gitlab-Event-UUID": format!("uuid-{id}"),
+    });
+    if let Some(key) = key {
+        headers["Idempotency-Key"] = key.into();
+    }
+    let at = (Utc::now() - chrono::Duration::minutes(id as i64))
+        .to_rfc3339_opts(SecondsFormat::Millis, true);
+    serde_json::json!({
+        "id": id, "url": "http://relay.example/hooks/gitlab", "trigger": "tag_push_hooks",
+        "request_headers": headers, "request_data": {"object_kind": "tag_push"},
+        "response_headers": {}, "response_body": "", "execution_duration": 0.01,
+        "response_status": status, "created_at": at,
+    })
+}
+
+/// A relay with a GitLab source that stored one webhook (`Idempotency-Key: stored-key`)
+/// and stopped.
+async fn a_store_holding_one_gitlab_webhook() -> tempfile::TempDir {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", GITLAB_SECRET);
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"{}\"\n[source.gitlab]\nprovider = \"gitlab\"\nsecret = \"file:secret\"\n",
+            upstream.url()
+        ),
+    );
+    let mut served = serve_in(dir.path());
+    let reply = send(
+        "POST",
+        &format!("http://{}/hooks/gitlab", served.address()),
+        &[
+            ("X-Gitlab-Event", "Tag Push Hook"),
+            ("X-Gitlab-Token", GITLAB_SECRET),
+            ("Idempotency-Key", "stored-key"),
+            ("Content-Type", "application/json"),
+        ],
+        fixture("gitlab/tag_push.json"),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    served.terminate();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gitlab_hooks_failed_events_are_resent_by_their_idempotency_key() {
+    let dir = a_store_holding_one_gitlab_webhook().await;
+    let gitlab = RecordingUpstream::start().await;
+    let hook = format!("{}/api/v4/projects/acme%2Fapp/hooks/7", gitlab.url());
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args([
+                "catch-up", "--source", "gitlab", "--since", "1d", "--hook", &hook,
+            ])
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .args(args)
+            .env("GITLAB_TOKEN", GITLAB_TOKEN)
+            .output()
+            .unwrap()
+    };
+    let executable = r#"{"id": 7, "url": "http://relay.example/hooks/gitlab", "alert_status": "executable", "disabled_until": null}"#;
+    // Two pages of failures: the lost webhook failed twice (no answer, then a 503), the
+    // stored one's answer was lost, and one attempt predates Idempotency-Key.
+    let script = |gitlab: &RecordingUpstream| {
+        gitlab.answer_next(Answer::new(200, executable));
+        let next = format!(
+            "<{}/api/v4/projects/acme%2Fapp/hooks/7/events?page=2&per_page=20&status=server_failure%2C429>; rel=\"next\"",
+            gitlab.url()
+        );
+        let page_one = serde_json::json!([
+            logged(4, Some("lost-key"), "503"),
+            logged(3, Some("stored-key"), "internal error"),
+        ]);
+        gitlab.answer_next(Answer::new(200, &page_one.to_string()).header("link", &next));
+        let page_two = serde_json::json!([
+            logged(2, Some("lost-key"), "internal error"),
+            logged(1, None, "502"),
+        ]);
+        gitlab.answer_next(Answer::new(200, &page_two.to_string()));
+    };
+    script(&gitlab);
+    gitlab.answer_next(Answer::new(201, r#"{"response_status":200}"#));
+    let output = run(&[]);
+    let (stdout, stderr) = texts(&output);
+    assert!(
+        !stdout.contains(GITLAB_TOKEN) && !stderr.contains(GITLAB_TOKEN),
+        "{stdout}{stderr}"
+    );
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("redelivered lost-key (Tag Push Hook, 2 attempts, the last at ")
+            && stdout.contains(": 503)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("left alone, the relay stored it though GitLab saw no 2xx: stored-key"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 failed attempts carry no Idempotency-Key (GitLab before 17.4)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("4 failed attempts (no answer, 5xx or 429) of 2 events in the log of ")
+            && stdout.contains(": 1 in the store of source \"gitlab\" though GitLab saw no 2xx, 0 refused by the relay, 1 redelivered"),
+        "{stdout}"
+    );
+    assert_eq!(
+        asked(&gitlab),
+        [
+            "GET /api/v4/projects/acme%2Fapp/hooks/7",
+            "GET /api/v4/projects/acme%2Fapp/hooks/7/events?status=server_failure,429&per_page=20",
+            "GET /api/v4/projects/acme%2Fapp/hooks/7/events?page=2&per_page=20&status=server_failure%2C429",
+            "POST /api/v4/projects/acme%2Fapp/hooks/7/events/4/resend",
+        ]
+    );
+    for call in gitlab.received() {
+        assert_eq!(
+            call.header("authorization"),
+            Some(format!("Bearer {GITLAB_TOKEN}").as_str())
+        );
+    }
+
+    // A resend the relay answered with a 503 is said as refused, and fails the run.
+    script(&gitlab);
+    gitlab.answer_next(Answer::new(201, r#"{"response_status":503}"#));
+    let output = run(&[]);
+    let (stdout, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("GitLab refused to redeliver lost-key")
+            && stdout.contains("GitLab resent it and the relay answered 503"),
+        "{stdout}"
+    );
+
+    // A hook GitLab stopped calling after failures is said; nothing is resent (GitLab
+    // would refuse with "Hook disabled").
+    let before = gitlab.received().len();
+    gitlab.answer_next(Answer::new(
+        200,
+        r#"{"id": 7, "alert_status": "temporarily_disabled", "disabled_until": "2026-12-06T12:00:00.000Z"}"#,
+    ));
+    gitlab.answer_next(Answer::new(
+        200,
+        &serde_json::json!([logged(4, Some("lost-key"), "503")]).to_string(),
+    ));
+    let output = run(&["--json"]);
+    let (stdout, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["left"], serde_json::json!(["lost-key"]), "{report}");
+    assert!(
+        report["hook_disabled"]
+            .as_str()
+            .unwrap()
+            .contains("GitLab stopped calling this hook after four failures in a row, until 2026-12-06T12:00:00.000Z"),
+        "{report}"
+    );
+    assert_eq!(gitlab.received().len(), before + 2);
+
+    // A token GitLab refuses is said with what it needs.
+    gitlab.answer_next(Answer::new(403, r#"{"message":"403 Forbidden"}"#));
+    let output = run(&[]);
+    let (_, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("GitLab answered 403 Forbidden for the deliveries of ")
+            && stderr.contains("the Maintainer role"),
+        "{stderr}"
+    );
+}
+
+/// A relay with `catch_up` on its GitLab source resends at its start what GitLab could not
+/// deliver while it was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_with_catch_up_on_a_gitlab_source_resends_at_its_start() {
+    let dir = a_store_holding_one_gitlab_webhook().await;
+    let gitlab = RecordingUpstream::start().await;
+    gitlab.answer_next(Answer::new(
+        200,
+        r#"{"id": 7, "alert_status": "executable"}"#,
+    ));
+    gitlab.answer_next(Answer::new(
+        200,
+        &serde_json::json!([
+            logged(2, Some("lost-key"), "internal error"),
+            logged(1, Some("stored-key"), "503"),
+        ])
+        .to_string(),
+    ));
+    gitlab.answer_next(Answer::new(201, r#"{"response_status":200}"#));
+    let relay_toml = std::fs::read_to_string(dir.path().join("relay.toml")).unwrap();
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "{relay_toml}catch_up = {{ hook = \"{}/api/v4/projects/42/hooks/7\", token = \"env:CATCH_UP_TEST_TOKEN\" }}\n",
+            gitlab.url()
+        ),
+    );
+    let mut command = Command::new(BIN);
+    command.env("CATCH_UP_TEST_TOKEN", GITLAB_TOKEN);
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    let line = served.wait_for("catch-up asked GitLab to deliver again");
+    assert!(
+        line.contains("count=1") && line.contains("guids=lost-key"),
+        "{line}"
+    );
+    assert_eq!(
+        asked(&gitlab).last().map(String::as_str),
+        Some("POST /api/v4/projects/42/hooks/7/events/2/resend")
+    );
+    let (_, lines) = served.terminate();
+    assert!(lines.iter().all(|line| !line.contains(GITLAB_TOKEN)));
+}

@@ -1,17 +1,19 @@
-//! Catching up with GitHub (`hookrelay catch-up`, and a source's `catch_up` passes in the
-//! relay): asks GitHub to deliver again the webhooks of one hook that never reached the
-//! relay's store, read from the hook's own delivery log. GitHub never
-//! redelivers by itself: a push it sent while the relay was down, restarting, or answering
-//! `503` (a full disk, a store that did not answer) is otherwise lost unless someone
-//! presses *Redeliver*. Run after an outage, or every few minutes from a timer.
+//! Catching up with GitHub and GitLab (`hookrelay catch-up`, and a source's `catch_up`
+//! passes in the relay): asks the forge to deliver again the webhooks of one hook that
+//! never reached the relay's store, read from the hook's own delivery log (GitLab's side
+//! is in [`gitlab`]). Neither redelivers by itself: a push sent while the relay was down,
+//! restarting, or answering `503` (a full disk, a store that did not answer) is otherwise
+//! lost unless someone presses *Redeliver*. Run after an outage, or every few minutes
+//! from a timer.
 //!
-//! An event (a `guid`, which is the `X-GitHub-Delivery` the relay stores) is delivered
+//! An event (a `guid`, which is the `X-GitHub-Delivery` the relay stores; on GitLab the
+//! `Idempotency-Key`) is delivered
 //! again when none of its attempts in the window got a `2xx`, its newest one got no
 //! answer, a `5xx` or a `429` (the relay was away or busy: a `4xx` such as a wrong
 //! signature's `401` would come back the same), and the relay's store does not hold it;
 //! its newest attempt is the one redelivered, once per run. A redelivery of a webhook the
 //! relay stored after all would be answered as a duplicate and queue nothing, so the
-//! store check saves GitHub's rate limit, not correctness.
+//! store check saves the forge's rate limit, not correctness.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -26,6 +28,7 @@ use crate::upstream::{Called, Upstream, UpstreamConfig, UpstreamResponse};
 
 pub mod fuzz;
 pub mod github_app;
+pub mod gitlab;
 
 use github_app::AppKey;
 
@@ -81,6 +84,11 @@ impl CredentialRef {
     /// own hook, and that hook only an App's token.
     pub fn fits(&self, hook: &HookUrl) -> Result<(), String> {
         match (self, hook.is_app()) {
+            (CredentialRef::App { .. }, _) if hook.forge == Forge::GitLab => Err(format!(
+                "{} is a GitLab hook: it is read with a GitLab token (token = \"env:…\"; \
+                 --token), not a GitHub App's key",
+                hook.shown()
+            )),
             (CredentialRef::Token(_), true) => Err(format!(
                 "{} is a GitHub App's own hook, which only the App may read: give the App's                  ID and private key (app = \"…\", key = \"file:…\"; --app and --key) instead                  of a token",
                 hook.shown()
@@ -149,16 +157,40 @@ pub const DEFAULT_SINCE: std::time::Duration = std::time::Duration::from_secs(24
 const PER_PAGE: usize = 100;
 /// Pages read at most in one run (10,000 deliveries): a window wider than that is named.
 const MOST_PAGES: usize = 100;
+/// GitLab's pages of failed attempts read at most in one run (1,000 attempts: GitLab
+/// stops calling a hook after four failures in a row, so few pile up).
+const GITLAB_MOST_PAGES: usize = 50;
+/// The least time between two resends asked of GitLab, which lets a user resend five of
+/// a project's events a minute and answers more with `429`.
+pub const GITLAB_RESEND_EVERY: std::time::Duration = std::time::Duration::from_secs(12);
+
+/// The forge whose hook is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forge {
+    GitHub,
+    GitLab,
+}
+
+impl Forge {
+    pub fn name(self) -> &'static str {
+        match self {
+            Forge::GitHub => "GitHub",
+            Forge::GitLab => "GitLab",
+        }
+    }
+}
 
 /// A hook's REST address: `https://api.github.com/repos/OWNER/REPO/hooks/ID`, an
 /// organisation's `…/orgs/ORG/hooks/ID`, a GitHub App's own `…/app/hook`, or the same
-/// below GitHub Enterprise Server's `https://HOST/api/v3`.
+/// below GitHub Enterprise Server's `https://HOST/api/v3`; on GitLab a project's
+/// `https://HOST/api/v4/projects/ID/hooks/ID` or a group's `…/groups/ID/hooks/ID`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HookUrl {
-    /// `scheme://host[:port]`: every call (and every page GitHub links to) goes there.
+    /// `scheme://host[:port]`: every call (and every page the forge links to) goes there.
     origin: String,
     /// The hook's path, `/repos/OWNER/REPO/hooks/ID`, without a trailing slash.
     path: String,
+    pub forge: Forge,
 }
 
 impl HookUrl {
@@ -167,27 +199,44 @@ impl HookUrl {
         let path = uri.path().trim_end_matches('/').to_owned();
         let parts: Vec<&str> = path.split('/').collect();
         let hook_id = parts.last().copied().unwrap_or_default();
-        let is_hook = parts.len() >= 3
+        let numbered_hook = parts.len() >= 3
             && parts[parts.len() - 2] == "hooks"
             && !hook_id.is_empty()
-            && hook_id.bytes().all(|b| b.is_ascii_digit())
-            && (path.contains("/repos/") || path.contains("/orgs/"));
+            && hook_id.bytes().all(|b| b.is_ascii_digit());
+        // GitLab: …/api/v4/{projects,groups}/ID/hooks/ID (a project's ID may be its
+        // path, `acme%2Fapp`).
+        let is_gitlab = numbered_hook
+            && parts.len() >= 6
+            && matches!(parts[parts.len() - 4], "projects" | "groups")
+            && !parts[parts.len() - 3].is_empty()
+            && parts[parts.len() - 5] == "v4"
+            && parts[parts.len() - 6] == "api";
+        let is_github = numbered_hook && (path.contains("/repos/") || path.contains("/orgs/"));
         let is_app_hook = path == "/app/hook" || path.ends_with("/api/v3/app/hook");
-        if !is_hook && !is_app_hook {
-            return Err(format!(
-                "{text:?} is not a hook's API address; write e.g. \
-                 https://api.github.com/repos/OWNER/REPO/hooks/ID (the ID is in the hook's \
-                 settings page address), …/orgs/ORG/hooks/ID for an organisation's hook, \
-                 https://api.github.com/app/hook for a GitHub App's own, or \
-                 https://HOST/api/v3/repos/OWNER/REPO/hooks/ID on GitHub Enterprise Server"
-            ));
-        }
+        let forge = match (is_gitlab, is_github || is_app_hook) {
+            (true, _) => Forge::GitLab,
+            (false, true) => Forge::GitHub,
+            (false, false) => {
+                return Err(format!(
+                    "{text:?} is not a hook's API address; write e.g. \
+                     https://api.github.com/repos/OWNER/REPO/hooks/ID (the ID is in the hook's \
+                     settings page address), …/orgs/ORG/hooks/ID for an organisation's hook, \
+                     https://api.github.com/app/hook for a GitHub App's own, \
+                     https://HOST/api/v3/repos/OWNER/REPO/hooks/ID on GitHub Enterprise Server, \
+                     or https://HOST/api/v4/projects/ID/hooks/ID on GitLab"
+                ));
+            }
+        };
         let origin = format!(
             "{}://{}",
             uri.scheme_str().unwrap_or("https"),
             uri.authority().map(|a| a.as_str()).unwrap_or_default()
         );
-        Ok(HookUrl { origin, path })
+        Ok(HookUrl {
+            origin,
+            path,
+            forge,
+        })
     }
 
     /// The whole address, for messages.
@@ -197,7 +246,8 @@ impl HookUrl {
 
     /// A GitHub App's own hook (`…/app/hook`), read with the App's token.
     pub fn is_app(&self) -> bool {
-        self.path == "/app/hook" || self.path.ends_with("/api/v3/app/hook")
+        self.forge == Forge::GitHub
+            && (self.path == "/app/hook" || self.path.ends_with("/api/v3/app/hook"))
     }
 
     /// The REST API's root the hook is under (`https://api.github.com`,
@@ -212,11 +262,21 @@ impl HookUrl {
     }
 
     fn first_page(&self) -> String {
-        format!("{}/deliveries?per_page={PER_PAGE}", self.path)
+        match self.forge {
+            Forge::GitHub => format!("{}/deliveries?per_page={PER_PAGE}", self.path),
+            Forge::GitLab => format!(
+                "{}/events?status=server_failure,429&per_page={}",
+                self.path,
+                gitlab::PER_PAGE
+            ),
+        }
     }
 
     fn redeliver(&self, attempt: u64) -> String {
-        format!("{}/deliveries/{attempt}/attempts", self.path)
+        match self.forge {
+            Forge::GitHub => format!("{}/deliveries/{attempt}/attempts", self.path),
+            Forge::GitLab => format!("{}/events/{attempt}/resend", self.path),
+        }
     }
 
     /// The path and query of a page GitHub links to, when it is on the hook's origin:
@@ -325,7 +385,7 @@ pub fn events(attempts: &[Attempt]) -> Vec<Event> {
     events.into_iter().map(|(_, event)| event).collect()
 }
 
-/// The `rel="next"` address of a `Link` header, as GitHub pages its lists.
+/// The `rel="next"` address of a `Link` header, as GitHub and GitLab page their lists.
 pub fn next_link(link: &str) -> Option<String> {
     link.split(',').find_map(|part| {
         let (address, params) = part.split_once(';')?;
@@ -360,6 +420,15 @@ pub struct Report {
     pub stopped: Option<String>,
     /// The window was wider than [`MOST_PAGES`] pages: older attempts were not read.
     pub truncated: bool,
+    /// Only failed attempts were listed (GitLab's log, read with a status filter), so
+    /// `delivered` counts nothing.
+    pub failures_only: bool,
+    /// Why the forge does not call the hook now (GitLab after failures in a row): what
+    /// it did not send meanwhile is lost to catch-up, and resends are not asked for.
+    pub hook_disabled: Option<String>,
+    /// Failed attempts without an id that stays the same across resends (GitLab before
+    /// 17.4): whether the relay holds them cannot be told.
+    pub keyless: usize,
 }
 
 /// One run against `hook`.
@@ -384,15 +453,38 @@ impl CatchUp<'_> {
         is_stored: &mut (dyn FnMut(&str) -> Result<bool, String> + Send),
     ) -> Result<Report, String> {
         let client = self.client()?;
-        let mut asking = Authorization::new(self.credential)?;
-        let (attempts, truncated) = self.read_log(&client, &mut asking).await?;
-        let events = events(&attempts);
-        let mut report = Report {
-            attempts: attempts.len(),
-            events: events.len(),
-            truncated,
-            ..Report::default()
+        let mut asking = Authorization::new(self.credential, self.hook.forge)?;
+        let mut report = Report::default();
+        let events = match self.hook.forge {
+            Forge::GitHub => {
+                let (attempts, truncated) = self
+                    .read_pages::<Attempt>(&client, &mut asking, MOST_PAGES, Attempt::at, true)
+                    .await?;
+                report.attempts = attempts.len();
+                report.truncated = truncated;
+                events(&attempts)
+            }
+            Forge::GitLab => {
+                report.failures_only = true;
+                report.hook_disabled = self.gitlab_hook_disabled(&client, &mut asking).await?;
+                let (attempts, truncated) = self
+                    .read_pages::<gitlab::LoggedAttempt>(
+                        &client,
+                        &mut asking,
+                        GITLAB_MOST_PAGES,
+                        gitlab::LoggedAttempt::at,
+                        false,
+                    )
+                    .await?;
+                let (events, keyless) = gitlab::events(&attempts);
+                report.attempts = attempts.len();
+                report.truncated = truncated;
+                report.keyless = keyless;
+                events
+            }
         };
+        report.events = events.len();
+        let mut last_asked: Option<tokio::time::Instant> = None;
         for event in events {
             if event.delivered {
                 report.delivered += 1;
@@ -400,11 +492,18 @@ impl CatchUp<'_> {
                 report.rejected.push(event);
             } else if is_stored(&event.guid)? {
                 report.stored.push(event);
-            } else if report.stopped.is_some() || report.redelivered.len() >= self.most {
+            } else if report.stopped.is_some()
+                || report.hook_disabled.is_some()
+                || report.redelivered.len() >= self.most
+            {
                 report.left.push(event);
             } else if self.dry_run {
                 report.redelivered.push(event);
             } else {
+                if let (Some(last), Forge::GitLab) = (last_asked, self.hook.forge) {
+                    tokio::time::sleep_until(last + GITLAB_RESEND_EVERY).await;
+                }
+                last_asked = Some(tokio::time::Instant::now());
                 match self.redeliver(&client, &mut asking, &event).await {
                     Redelivery::Accepted => report.redelivered.push(event),
                     Redelivery::Refused(answer) => report.refused.push((event, answer)),
@@ -423,7 +522,7 @@ impl CatchUp<'_> {
         Upstream::calling(
             Called::Forge(self.source.to_owned()),
             &UpstreamConfig {
-                name: "GitHub".into(),
+                name: self.hook.forge.name().into(),
                 url,
                 ca_file: None,
                 connect_timeout: std::time::Duration::from_secs(10),
@@ -439,15 +538,21 @@ impl CatchUp<'_> {
         .map_err(|err| err.to_string())
     }
 
-    /// The window's attempts, newest first, and whether pages were left unread.
-    async fn read_log(
+    /// The window's attempts and whether pages were left unread. GitHub lists newest
+    /// first, so its reading stops at the first attempt before the window; GitLab's
+    /// failures are read to their end (or `most_pages`), and those outside it dropped.
+    async fn read_pages<T: serde::de::DeserializeOwned>(
         &self,
         client: &Upstream,
         asking: &mut Authorization<'_>,
-    ) -> Result<(Vec<Attempt>, bool), String> {
+        most_pages: usize,
+        at: fn(&T) -> Option<i64>,
+        newest_first: bool,
+    ) -> Result<(Vec<T>, bool), String> {
+        let forge = self.hook.forge.name();
         let mut attempts = Vec::new();
         let mut page = Some(self.hook.first_page());
-        for _ in 0..MOST_PAGES {
+        for _ in 0..most_pages {
             let Some(path) = page.take() else {
                 return Ok((attempts, false));
             };
@@ -458,20 +563,20 @@ impl CatchUp<'_> {
             if answer.status != StatusCode::OK {
                 return Err(self.log_refused(&answer, asking));
             }
-            let listed: Vec<Attempt> = serde_json::from_slice(&answer.body).map_err(|err| {
+            let listed: Vec<T> = serde_json::from_slice(&answer.body).map_err(|err| {
                 format!(
-                    "GitHub's list of deliveries of {} cannot be read: {err}",
+                    "{forge}'s list of deliveries of {} cannot be read: {err}",
                     self.hook.shown()
                 )
             })?;
             let mut reached_the_start = false;
             for attempt in listed {
-                match attempt.at() {
+                match at(&attempt) {
                     Some(at) if at < self.since => reached_the_start = true,
                     _ => attempts.push(attempt),
                 }
             }
-            if reached_the_start {
+            if reached_the_start && newest_first {
                 return Ok((attempts, false));
             }
             let next = answer
@@ -483,10 +588,10 @@ impl CatchUp<'_> {
                 None => None,
                 Some(link) => Some(self.hook.within(&link).ok_or_else(|| {
                     format!(
-                        "GitHub linked the next page of the deliveries of {} at {link}, which is \
-                         not on that host: the token is sent nowhere else, so the log was not \
-                         read past its first {} attempts; give --hook (or catch_up.hook) as \
-                         GitHub's own links write the host",
+                        "{forge} linked the next page of the deliveries of {} at {link}, which \
+                         is not on that host: the token is sent nowhere else, so the log was \
+                         not read past its first {} attempts; give --hook (or catch_up.hook) \
+                         as {forge}'s own links write the host",
                         self.hook.shown(),
                         attempts.len()
                     )
@@ -496,33 +601,64 @@ impl CatchUp<'_> {
         Ok((attempts, page.is_some()))
     }
 
+    /// Why GitLab does not call the hook now, if it does not (`GET …/hooks/:hook_id`).
+    async fn gitlab_hook_disabled(
+        &self,
+        client: &Upstream,
+        asking: &mut Authorization<'_>,
+    ) -> Result<Option<String>, String> {
+        let answer = client
+            .call(
+                Method::GET,
+                &self.hook.path,
+                asking.headers()?,
+                Bytes::new(),
+            )
+            .await
+            .map_err(|err| format!("{}: {err}", self.hook.shown()))?;
+        if answer.status != StatusCode::OK {
+            return Err(self.log_refused(&answer, asking));
+        }
+        let state: gitlab::HookState = serde_json::from_slice(&answer.body)
+            .map_err(|err| format!("GitLab's hook {} cannot be read: {err}", self.hook.shown()))?;
+        Ok(state.disabled())
+    }
+
     fn log_refused(&self, answer: &UpstreamResponse, asking: &Authorization<'_>) -> String {
+        let forge = self.hook.forge.name();
         let said = crate::upstream::readable_message(&answer.body)
             .map(|message| format!(" ({})", asking.scrubbed_from(message)))
             .unwrap_or_default();
         let app = matches!(self.credential, Credential::App(_));
-        let why = match answer.status.as_u16() {
+        let why = match (answer.status.as_u16(), self.hook.forge) {
             _ if rate_limited(answer, SystemTime::now()).is_some() => format!(
-                "GitHub's rate limit was reached; run again later{}",
-                wait_asked(answer)
+                "{forge}'s rate limit was reached; run again later{}",
+                wait_asked(answer, forge)
             ),
-            401 if app => "GitHub did not accept the App's token: check the App's ID (or \
-                           client ID), that the key is one of the App's current private \
-                           keys, and this machine's clock (a token is good for ten minutes)"
+            (401, _) if app => "GitHub did not accept the App's token: check the App's ID (or \
+                                client ID), that the key is one of the App's current private \
+                                keys, and this machine's clock (a token is good for ten minutes)"
                 .to_owned(),
-            401 => "the token is not valid (expired or revoked?)".to_owned(),
-            403 | 404 if app => "the App has no webhook (its settings page: Webhook, Active), \
-                                 or the key is not this App's"
+            (401, _) => "the token is not valid (expired or revoked?)".to_owned(),
+            (403 | 404, _) if app => "the App has no webhook (its settings page: Webhook, \
+                                      Active), or the key is not this App's"
                 .to_owned(),
-            403 | 404 => "the token may not read this hook's deliveries (a classic token \
-                          needs admin:repo_hook, or admin:org_hook for an organisation's \
-                          hook; a fine-grained one the permission Webhooks: read), or there \
-                          is no such hook"
+            (403 | 404, Forge::GitHub) => "the token may not read this hook's deliveries (a \
+                                           classic token needs admin:repo_hook, or \
+                                           admin:org_hook for an organisation's hook; a \
+                                           fine-grained one the permission Webhooks: read), \
+                                           or there is no such hook"
                 .to_owned(),
-            _ => "GitHub did not list them".to_owned(),
+            (403 | 404, Forge::GitLab) => "the token may not read this hook's events (it \
+                                           needs the api scope, and the Maintainer role on \
+                                           the project or Owner on the group), there is no \
+                                           such hook, or GitLab is older than 17.4, which \
+                                           lists and resends a hook's events"
+                .to_owned(),
+            _ => format!("{forge} did not list them"),
         };
         format!(
-            "GitHub answered {} for the deliveries of {}{said}: {why}",
+            "{forge} answered {} for the deliveries of {}{said}: {why}",
             answer.status,
             self.hook.shown()
         )
@@ -534,6 +670,7 @@ impl CatchUp<'_> {
         asking: &mut Authorization<'_>,
         event: &Event,
     ) -> Redelivery {
+        let forge = self.hook.forge.name();
         let path = self.hook.redeliver(event.newest);
         let headers = match asking.headers() {
             Ok(headers) => headers,
@@ -544,34 +681,53 @@ impl CatchUp<'_> {
             .await
         {
             Ok(answer) => answer,
-            Err(err) => return Redelivery::Stop(format!("GitHub could not be asked: {err}")),
+            Err(err) => return Redelivery::Stop(format!("{forge} could not be asked: {err}")),
         };
         if answer.status.is_success() {
-            return Redelivery::Accepted;
+            return match self.hook.forge {
+                Forge::GitHub => Redelivery::Accepted,
+                // GitLab resends while it answers, and says what the relay answered.
+                Forge::GitLab => match resent_answer(&answer.body) {
+                    Some(code) if !(200..300).contains(&code) => Redelivery::Refused(format!(
+                        "GitLab resent it and the relay answered {code}"
+                    )),
+                    _ => Redelivery::Accepted,
+                },
+            };
         }
         let said = crate::upstream::readable_message(&answer.body)
             .map(|message| asking.scrubbed_from(message))
             .unwrap_or_default();
         if rate_limited(&answer, SystemTime::now()).is_some() {
             return Redelivery::Stop(format!(
-                "GitHub's rate limit was reached ({} {said}){}; run again later for the rest",
+                "{forge}'s rate limit was reached ({} {said}){}; run again later for the rest",
                 answer.status,
-                wait_asked(&answer)
+                wait_asked(&answer, forge)
             ));
         }
         Redelivery::Refused(format!("{} {said}", answer.status).trim().to_owned())
     }
 }
 
+/// The relay's status code in GitLab's answer to a resend, `{"response_status": 200}`.
+fn resent_answer(body: &[u8]) -> Option<u16> {
+    let answer: serde_json::Value = serde_json::from_slice(body).ok()?;
+    match &answer["response_status"] {
+        serde_json::Value::Number(code) => code.as_u64().map(|code| code as u16),
+        serde_json::Value::String(code) => code.trim().parse().ok(),
+        _ => None,
+    }
+}
+
 /// `; GitHub asks to wait N s` when its answer says how long (`Retry-After`, read as the
 /// retries read it).
-fn wait_asked(answer: &UpstreamResponse) -> String {
+fn wait_asked(answer: &UpstreamResponse, forge: &str) -> String {
     crate::retry::wait_asked_for(&answer.headers, SystemTime::now())
-        .map(|wait| format!("; GitHub asks to wait {} s", wait.as_secs()))
+        .map(|wait| format!("; {forge} asks to wait {} s", wait.as_secs()))
         .unwrap_or_default()
 }
 
-/// The headers of a run's calls, as status posts to GitHub send them: made once a run
+/// The headers of a run's calls (to GitHub as status posts send them): made once a run
 /// for a token; for an App, made again with a new token before its old one expires.
 struct Authorization<'a> {
     credential: &'a Credential,
@@ -581,7 +737,7 @@ struct Authorization<'a> {
 }
 
 impl<'a> Authorization<'a> {
-    fn new(credential: &'a Credential) -> Result<Authorization<'a>, String> {
+    fn new(credential: &'a Credential, forge: Forge) -> Result<Authorization<'a>, String> {
         let bearer = Self::bearer(credential)?;
         let mut asking = Authorization {
             credential,
@@ -589,13 +745,22 @@ impl<'a> Authorization<'a> {
             bearer,
             made: std::time::Instant::now(),
         };
-        asking
-            .headers
-            .insert(header::ACCEPT, HeaderValue::from_static(GITHUB_ACCEPT));
-        asking.headers.insert(
-            "x-github-api-version",
-            HeaderValue::from_static(GITHUB_API_VERSION),
-        );
+        match forge {
+            Forge::GitHub => {
+                asking
+                    .headers
+                    .insert(header::ACCEPT, HeaderValue::from_static(GITHUB_ACCEPT));
+                asking.headers.insert(
+                    "x-github-api-version",
+                    HeaderValue::from_static(GITHUB_API_VERSION),
+                );
+            }
+            Forge::GitLab => {
+                asking
+                    .headers
+                    .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+            }
+        }
         asking.authorize()?;
         Ok(asking)
     }
@@ -686,7 +851,32 @@ mod tests {
         assert!(ghes_app.is_app());
         assert_eq!(ghes_app.api_root(), "https://ghe.example.com/api/v3");
         assert_eq!(ghes.api_root(), "https://ghe.example.com:8443/api/v3");
+        let lab = HookUrl::parse("https://gitlab.example.com/api/v4/projects/acme%2Fapp/hooks/7")
+            .unwrap();
+        assert_eq!(lab.forge, Forge::GitLab);
+        assert_eq!(
+            lab.first_page(),
+            "/api/v4/projects/acme%2Fapp/hooks/7/events?status=server_failure,429&per_page=20"
+        );
+        assert_eq!(
+            lab.redeliver(31),
+            "/api/v4/projects/acme%2Fapp/hooks/7/events/31/resend"
+        );
+        let group = HookUrl::parse("https://example.com/gitlab/api/v4/groups/9/hooks/3").unwrap();
+        assert_eq!(
+            (group.forge, group.origin.as_str(), group.path.as_str()),
+            (
+                Forge::GitLab,
+                "https://example.com",
+                "/gitlab/api/v4/groups/9/hooks/3"
+            )
+        );
+        assert_eq!(hook.forge, Forge::GitHub);
         for wrong in [
+            "https://gitlab.example.com/api/v4/projects/9/hooks",
+            "https://gitlab.example.com/api/v4/users/9/hooks/1",
+            "https://gitlab.example.com/api/v3/projects/9/hooks/1",
+            "https://gitlab.example.com/acme/app/-/hooks/1/edit",
             "https://api.github.com/repos/acme/app/app/hook",
             "https://api.github.com/app/hooks",
             "https://api.github.com/app",
@@ -720,6 +910,17 @@ mod tests {
         );
         assert_eq!(app.to_string(), "App 1 (key env:K)");
         assert_eq!(token.to_string(), "token env:T");
+    }
+
+    #[test]
+    fn gitlabs_answer_to_a_resend_says_what_the_relay_answered() {
+        assert_eq!(resent_answer(br#"{"response_status":200}"#), Some(200));
+        assert_eq!(resent_answer(br#"{"response_status":"503"}"#), Some(503));
+        assert_eq!(
+            resent_answer(br#"{"response_status":"internal error"}"#),
+            None
+        );
+        assert_eq!(resent_answer(b"not json"), None);
     }
 
     #[test]

@@ -1,9 +1,9 @@
-//! `hookrelay catch-up`: the webhooks GitHub could not deliver to the relay, delivered
-//! again (see [`crate::catch_up`]), and what it did said a line per event.
+//! `hookrelay catch-up`: the webhooks GitHub or GitLab could not deliver to the relay,
+//! delivered again (see [`crate::catch_up`]), and what it did said a line per event.
 
 use std::process::ExitCode;
 
-use crate::catch_up::{CatchUp, CredentialRef, Event, HookUrl, Report};
+use crate::catch_up::{CatchUp, CredentialRef, Event, Forge, HookUrl, Report};
 use crate::outbox::OfflineStore;
 use crate::secret::SecretRef;
 use crate::store::StoreLocation;
@@ -83,7 +83,13 @@ fn chosen(args: &CatchUpArgs<'_>) -> Result<(HookUrl, CredentialRef), String> {
                         hook.shown()
                     ));
                 }
-                None => CredentialRef::Token(SecretRef::Env("GITHUB_TOKEN".into())),
+                None => CredentialRef::Token(SecretRef::Env(
+                    match hook.forge {
+                        Forge::GitHub => "GITHUB_TOKEN",
+                        Forge::GitLab => "GITLAB_TOKEN",
+                    }
+                    .into(),
+                )),
             };
             (hook, credential)
         }
@@ -160,7 +166,11 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
     } else {
         print_report(&report, &hook, args.source, args.dry_run);
     }
-    if report.refused.is_empty() && report.stopped.is_none() && report.left.is_empty() {
+    let all_done = report.refused.is_empty()
+        && report.stopped.is_none()
+        && report.left.is_empty()
+        && report.hook_disabled.is_none();
+    if all_done {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -180,6 +190,14 @@ fn described(event: &Event) -> String {
 }
 
 fn print_report(report: &Report, hook: &HookUrl, source: &str, dry_run: bool) {
+    let forge = hook.forge.name();
+    let again_by_hand = match hook.forge {
+        Forge::GitHub => "press Redeliver on the hook's page",
+        Forge::GitLab => "press Resend request in the hook's Recent events",
+    };
+    if let Some(disabled) = &report.hook_disabled {
+        println!("{forge} does not call this hook now: {disabled}");
+    }
     for event in &report.redelivered {
         let done = if dry_run {
             "would redeliver"
@@ -189,29 +207,38 @@ fn print_report(report: &Report, hook: &HookUrl, source: &str, dry_run: bool) {
         println!("{done} {}", described(event));
     }
     for (event, answer) in &report.refused {
-        println!("GitHub refused to redeliver {}: {answer}", described(event));
+        println!(
+            "{forge} refused to redeliver {}: {answer}",
+            described(event)
+        );
     }
     for event in &report.rejected {
         println!(
-            "not redelivered, the relay refused it: {} (a redelivery would be refused again: fix the cause, e.g. the source's secret, then press Redeliver on the hook's page)",
+            "not redelivered, the relay refused it: {} (a redelivery would be refused again: fix the cause, e.g. the source's secret, then {again_by_hand})",
             described(event)
         );
     }
     for event in &report.stored {
         println!(
-            "left alone, the relay stored it though GitHub saw no 2xx: {}",
+            "left alone, the relay stored it though {forge} saw no 2xx: {}",
             described(event)
         );
     }
     for event in &report.left {
         println!("left for another run: {}", described(event));
     }
+    if report.keyless > 0 {
+        println!(
+            "{} failed attempts carry no Idempotency-Key (GitLab before 17.4): whether the relay holds them cannot be told, and they are not resent",
+            report.keyless
+        );
+    }
     if let Some(why) = &report.stopped {
         println!("stopped: {why}");
     }
     if report.truncated {
         println!(
-            "the window holds more than the 10,000 attempts one run reads; its oldest were not looked at: narrow --since and run again"
+            "the window holds more attempts than one run reads; its oldest were not looked at: narrow --since and run again"
         );
     }
     let redelivered = if dry_run {
@@ -219,12 +246,22 @@ fn print_report(report: &Report, hook: &HookUrl, source: &str, dry_run: bool) {
     } else {
         "redelivered"
     };
+    let read = if report.failures_only {
+        format!(
+            "{} failed attempts (no answer, 5xx or 429) of {} events",
+            report.attempts, report.events
+        )
+    } else {
+        format!("{} attempts of {} events", report.attempts, report.events)
+    };
+    let delivered = if report.failures_only {
+        String::new()
+    } else {
+        format!("{} delivered, ", report.delivered)
+    };
     println!(
-        "{} attempts of {} events in the log of {}: {} delivered, {} in the store of source {source:?} though GitHub saw no 2xx, {} refused by the relay, {} {redelivered}{}{}",
-        report.attempts,
-        report.events,
+        "{read} in the log of {}: {delivered}{} in the store of source {source:?} though {forge} saw no 2xx, {} refused by the relay, {} {redelivered}{}{}",
         hook.shown(),
-        report.delivered,
         report.stored.len(),
         report.rejected.len(),
         report.redelivered.len(),
@@ -256,6 +293,8 @@ fn print_json(report: &Report, dry_run: bool) {
         "left": guids(&report.left),
         "stopped": report.stopped,
         "truncated": report.truncated,
+        "hook_disabled": report.hook_disabled,
+        "keyless": report.keyless,
     });
     println!("{value}");
 }

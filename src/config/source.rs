@@ -10,6 +10,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{EnvLookup, FileProblems, parse_duration_at_least, typed};
+use crate::catch_up::Forge;
 use crate::event::Provider;
 use crate::secret::Secret;
 use crate::sources::signature::{Algorithm, Encoding, SigningKey};
@@ -111,8 +112,8 @@ pub(super) fn compile_source(
     });
     let pipelines_of = raw.upstream.map(Spanned::into_inner);
     let catch_up = match raw.catch_up {
-        Some(catch_up) if provider == Provider::Github => {
-            compile_catch_up(name, catch_up, resolve_secrets, problems, &mut ok)
+        Some(catch_up) if matches!(provider, Provider::Github | Provider::Gitlab) => {
+            compile_catch_up(name, provider, catch_up, resolve_secrets, problems, &mut ok)
         }
         _ => None,
     };
@@ -229,8 +230,8 @@ fn fields_apply_to(
         ),
         (
             span(&raw.catch_up),
-            "catch_up (GitHub's log of a hook's deliveries)",
-            &[Github],
+            "catch_up (the forge's log of a hook's deliveries)",
+            &[Github, Gitlab],
         ),
     ];
     let mut ok = true;
@@ -489,6 +490,7 @@ fn compile_status(
 /// GitHub App) that may read it and ask for redeliveries, and how often.
 fn compile_catch_up(
     name: &str,
+    provider: Provider,
     raw: Spanned<RawCatchUp>,
     resolve_secrets: Option<EnvLookup<'_>>,
     problems: &mut FileProblems<'_>,
@@ -506,6 +508,18 @@ fn compile_catch_up(
         *ok = false;
     };
     let hook = match crate::catch_up::HookUrl::parse(raw.hook.trim()) {
+        Ok(hook) if (hook.forge == Forge::GitLab) != (provider == Provider::Gitlab) => {
+            refuse(
+                format!(
+                    "hook: {} is a {} hook's address, and this source's provider is {}",
+                    hook.shown(),
+                    hook.forge.name(),
+                    provider.as_str()
+                ),
+                problems,
+            );
+            None
+        }
         Ok(hook) => Some(hook),
         Err(message) => {
             refuse(format!("hook: {message}"), problems);
@@ -525,12 +539,17 @@ fn compile_catch_up(
             None
         }
     };
-    // GitHub lists a hook's deliveries of the last 30 days, and redelivers those of 3.
+    // GitHub lists a hook's deliveries of the last 30 days, and redelivers those of 3;
+    // GitLab lists (and resends) a hook's events of the last 7.
+    let (longest, forge) = match provider {
+        Provider::Gitlab => (7, "GitLab lists and resends"),
+        _ => (3, "GitHub redelivers"),
+    };
     let since = match raw.since.as_deref().map(|text| {
         parse_duration_at_least(text, Duration::from_secs(60)).and_then(|since| {
-            if since > Duration::from_secs(3 * 24 * 3600) {
+            if since > Duration::from_secs(longest * 24 * 3600) {
                 Err(format!(
-                    "{text:?} is longer than the 3 days over which GitHub redelivers"
+                    "{text:?} is longer than the {longest} days over which {forge}"
                 ))
             } else {
                 Ok(since)

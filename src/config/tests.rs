@@ -1378,11 +1378,19 @@ catch_up = { hook = "https://ghe.example.com/api/v3/orgs/acme/hooks/9", token = 
 provider = "github"
 secret = "env:S"
 catch_up = { hook = "https://api.github.com/app/hook", app = "Iv23liTest", key = "env:APP_KEY" }
+
+[source.lab]
+provider = "gitlab"
+secret = "env:S"
+catch_up = { hook = "https://gitlab.example.com/api/v4/projects/acme%2Fapp/hooks/7", token = "env:HOOKS", since = "7d" }
 "#,
         )],
         &env,
     )
     .unwrap();
+    let lab = config.sources["lab"].catch_up.as_ref().unwrap();
+    assert_eq!(lab.hook.forge, crate::catch_up::Forge::GitLab);
+    assert_eq!(lab.since, Duration::from_secs(7 * 24 * 3600));
     let app = config.sources["app"].catch_up.as_ref().unwrap();
     assert!(app.hook.is_app());
     assert_eq!(
@@ -1468,12 +1476,27 @@ catch_up = { hook = "https://api.github.com/app/hook", app = "1", key = "env:NOT
 provider = "github"
 secret = "env:S"
 catch_up = { hook = "https://api.github.com/app/hook", app = "my app", key = "env:APP_KEY" }
+
+[source.lab_with_github_hook]
+provider = "gitlab"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", token = "env:HOOKS", since = "8d" }
+
+[source.lab_with_app]
+provider = "gitlab"
+secret = "env:S"
+catch_up = { hook = "https://gitlab.example.com/api/v4/groups/9/hooks/1", app = "1", key = "env:APP_KEY" }
+
+[source.hub_with_gitlab_hook]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://gitlab.example.com/api/v4/projects/9/hooks/1", token = "env:HOOKS" }
 "#,
         )],
         &env,
     ));
     let expect = [
-        "a.toml:5: source.gitea.catch_up (GitHub's log of a hook's deliveries) applies only to provider github, not gitea",
+        "a.toml:5: source.gitea.catch_up (the forge's log of a hook's deliveries) applies only to provider github or gitlab, not gitea",
         "a.toml:10: source.page.catch_up.hook: \"https://github.com/acme/app/settings/hooks/123\" is not a hook's API address",
         "a.toml:15: source.often.catch_up.every: ",
         "a.toml:15: source.often.catch_up.since: \"7d\" is longer than the 3 days over which GitHub redelivers",
@@ -1485,6 +1508,10 @@ catch_up = { hook = "https://api.github.com/app/hook", app = "my app", key = "en
         "a.toml:45: source.repo_with_app.catch_up.hook: an App's ID and key read only the App's own hook (https://api.github.com/app/hook)",
         "a.toml:50: source.bad_key.catch_up.key (env:NOT_A_KEY): the App's private key",
         "a.toml:55: source.bad_app.catch_up.app: \"my app\" is not a GitHub App's ID",
+        "a.toml:60: source.lab_with_github_hook.catch_up.hook: https://api.github.com/repos/a/b/hooks/1 is a GitHub hook's address, and this source's provider is gitlab",
+        "a.toml:60: source.lab_with_github_hook.catch_up.since: \"8d\" is longer than the 7 days over which GitLab lists and resends",
+        "a.toml:65: source.lab_with_app.catch_up.hook: https://gitlab.example.com/api/v4/groups/9/hooks/1 is a GitLab hook: it is read with a GitLab token",
+        "a.toml:70: source.hub_with_gitlab_hook.catch_up.hook: https://gitlab.example.com/api/v4/projects/9/hooks/1 is a GitLab hook's address, and this source's provider is github",
     ];
     for (problem, expected) in problems.iter().zip(expect) {
         assert!(
