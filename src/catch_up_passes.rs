@@ -64,6 +64,11 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
                 tracing::debug!(source = %name, %problem, "catch-up waits for the store to take writes");
                 continue;
             }
+            if let Some(wait) = another_relays_turn(&app, &name, config.every).await {
+                state.next = now + wait;
+                sleep = sleep.min(wait);
+                continue;
+            }
             let started = crate::outbox::now_ms();
             let since = window_start(state.read_from, started, &config);
             // A pass may take a while (pages of a busy hook, GitHub slow to answer): a
@@ -84,6 +89,31 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
         }
         if *stopped.borrow() {
             return;
+        }
+    }
+}
+
+/// Relays sharing a PostgreSQL store take turns: one pass of a source per `every` among
+/// them all (one admission per `every` on the shared limits), so a hook's log is read and
+/// its webhooks redelivered once, not once per relay. `Some(wait)` when another relay
+/// took this turn. A relay whose last pass was some turns ago reads back to it, so
+/// nothing falls between passes made by different relays. When the database cannot say,
+/// the pass is made: a redelivery asked for twice arrives as a duplicate, one not asked
+/// for is lost.
+async fn another_relays_turn(app: &App, source: &str, every: Duration) -> Option<Duration> {
+    let shared = app.outbox.shared_limits.as_ref()?;
+    match shared
+        .admit(&format!("catch-up pass:{source}"), every, 1, 1)
+        .await
+    {
+        Ok(wait) if wait.is_zero() => None,
+        Ok(wait) => {
+            tracing::debug!(source = %source, wait_ms = wait.as_millis() as u64, "catch-up: another relay made this pass");
+            Some(wait)
+        }
+        Err(reason) => {
+            tracing::debug!(source = %source, %reason, "catch-up: whose turn it is cannot be told; this relay makes the pass");
+            None
         }
     }
 }

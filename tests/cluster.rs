@@ -1218,6 +1218,57 @@ async fn a_schedule_fires_once_per_occurrence_while_any_relay_is_up() {
     }
 }
 
+/// Relays sharing a store take turns at catch-up: the hook's log is read once per pass
+/// among them all, not once per relay (each would ask GitHub for the same redeliveries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_take_turns_at_catch_up_so_a_hooks_log_is_read_once_a_pass() {
+    let Some(Setup {
+        database: _database,
+        upstream: _upstream,
+        dir,
+    }) = Setup::new("3s", PLAIN, "").await
+    else {
+        return;
+    };
+    let github = RecordingUpstream::start().await;
+    for _ in 0..3 {
+        github.answer_next(Answer::new(200, "[]"));
+    }
+    let relay_toml = std::fs::read_to_string(dir.path().join("relay.toml")).unwrap();
+    write(
+        dir.path(),
+        "relay.toml",
+        &relay_toml.replace(
+            "[source.github]\nprovider = \"github\"\n",
+            &format!(
+                "[source.github]\nprovider = \"github\"\ncatch_up = {{ hook = \"{}/repos/acme/app/hooks/1\", token = \"env:HOOKRELAY_TEST_TOKEN\" }}\n",
+                github.url()
+            ),
+        ),
+    );
+    let (relays, _) = start_relays(dir.path(), 3);
+    // Each relay makes its pass as it starts, unless another made it within `every`.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while github.received().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reads: Vec<String> = github
+        .received()
+        .iter()
+        .map(|call| call.path_and_query.clone())
+        .collect();
+    assert_eq!(
+        reads,
+        ["/repos/acme/app/hooks/1/deliveries?per_page=100"],
+        "three relays started together read the hook's log once"
+    );
+    for relay in relays {
+        let (code, lines) = relay.terminate();
+        assert_eq!(code, Some(0), "{lines:#?}");
+    }
+}
+
 /// `hookrelay` run with the relays' configuration folder's environment.
 fn command(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
