@@ -22,10 +22,8 @@ const MOST_PER_PASS: usize = 100;
 /// Resends asked of GitLab at most in one pass (it allows five a minute).
 const GITLAB_MOST_PER_PASS: usize = 5;
 
-/// Where one source's passes stand.
+/// Where the passes over one hook of one source stand.
 struct Passes {
-    /// The hook they were made for: a changed hook starts over.
-    hook: HookUrl,
     /// The start of the last pass that read the log (milliseconds since the epoch).
     read_from: Option<i64>,
     /// When the next pass is due.
@@ -34,28 +32,32 @@ struct Passes {
 
 /// Runs until `stopped` turns true.
 pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
-    let mut passes: HashMap<String, Passes> = HashMap::new();
+    // By source and hook: a hook added or changed by a reload starts over.
+    let mut passes: HashMap<(String, HookUrl), Passes> = HashMap::new();
     loop {
         let runtime = app.runtime();
         let now = tokio::time::Instant::now();
-        let configured: Vec<(String, CatchUpConfig)> = runtime
+        let configured: Vec<(String, HookUrl, CatchUpConfig)> = runtime
             .config
             .sources
             .iter()
-            .filter_map(|(name, source)| Some((name.clone(), source.catch_up.clone()?)))
+            .filter_map(|(name, source)| Some((name, source.catch_up.as_ref()?)))
+            .flat_map(|(name, config)| {
+                config
+                    .hooks
+                    .iter()
+                    .map(move |hook| (name.clone(), hook.clone(), config.clone()))
+            })
             .collect();
-        passes.retain(|name, _| configured.iter().any(|(n, _)| n == name));
+        passes.retain(|(name, hook), _| configured.iter().any(|(n, h, _)| n == name && h == hook));
         let mut sleep = LOOK_EVERY;
-        for (name, config) in configured {
-            let fresh = || Passes {
-                hook: config.hook.clone(),
-                read_from: None,
-                next: now,
-            };
-            let state = passes.entry(name.clone()).or_insert_with(fresh);
-            if state.hook != config.hook {
-                *state = fresh();
-            }
+        for (name, hook, config) in configured {
+            let state = passes
+                .entry((name.clone(), hook.clone()))
+                .or_insert_with(|| Passes {
+                    read_from: None,
+                    next: now,
+                });
             if state.next > now {
                 sleep = sleep.min(state.next - now);
                 continue;
@@ -64,7 +66,7 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
                 tracing::debug!(source = %name, %problem, "catch-up waits for the store to take writes");
                 continue;
             }
-            if let Some(wait) = another_relays_turn(&app, &name, config.every).await {
+            if let Some(wait) = another_relays_turn(&app, &name, &hook, config.every).await {
                 state.next = now + wait;
                 sleep = sleep.min(wait);
                 continue;
@@ -74,7 +76,7 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
             // A pass may take a while (pages of a busy hook, GitHub slow to answer): a
             // relay stopping does not wait for it.
             let read = tokio::select! {
-                read = pass(&app, &name, &config, since) => read,
+                read = pass(&app, &name, &hook, &config, since) => read,
                 _ = stopped.changed() => return,
             };
             if read {
@@ -100,12 +102,15 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
 /// nothing falls between passes made by different relays. When the database cannot say,
 /// the pass is made: a redelivery asked for twice arrives as a duplicate, one not asked
 /// for is lost.
-async fn another_relays_turn(app: &App, source: &str, every: Duration) -> Option<Duration> {
+async fn another_relays_turn(
+    app: &App,
+    source: &str,
+    hook: &HookUrl,
+    every: Duration,
+) -> Option<Duration> {
     let shared = app.outbox.shared_limits.as_ref()?;
-    match shared
-        .admit(&format!("catch-up pass:{source}"), every, 1, 1)
-        .await
-    {
+    let turn = format!("catch-up pass:{source}:{}", hook.shown());
+    match shared.admit(&turn, every, 1, 1).await {
         Ok(wait) if wait.is_zero() => None,
         Ok(wait) => {
             tracing::debug!(source = %source, wait_ms = wait.as_millis() as u64, "catch-up: another relay made this pass");
@@ -129,17 +134,17 @@ fn window_start(read_from: Option<i64>, started: i64, config: &CatchUpConfig) ->
     }
 }
 
-/// One pass; whether the hook's log was read.
-async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bool {
+/// One pass over `hook`; whether its log was read.
+async fn pass(app: &App, source: &str, hook: &HookUrl, config: &CatchUpConfig, since: i64) -> bool {
     let Some(credential) = &config.credential else {
         return false;
     };
     let run = CatchUp {
         source,
-        hook: &config.hook,
+        hook,
         credential,
         since,
-        most: match config.hook.forge {
+        most: match hook.forge {
             Forge::GitHub => MOST_PER_PASS,
             // GitLab resends five a minute: a pass asks for as many, paced.
             Forge::GitLab => GITLAB_MOST_PER_PASS,
@@ -158,6 +163,7 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
         Ok(report) => {
             app.catch_up.note(
                 source,
+                hook,
                 LastPass {
                     at,
                     redelivered: report.redelivered.len(),
@@ -166,7 +172,7 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
                     error: report.hook_disabled.clone().or(report.stopped.clone()),
                 },
             );
-            say(source, &config.hook, &report, app.dry_run);
+            say(source, hook, &report, app.dry_run);
             if report.hook_disabled.is_some() {
                 app.metrics.catch_up(source, "hook_disabled", 1);
             }
@@ -187,6 +193,7 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
             app.metrics.catch_up(source, "failed", 1);
             app.catch_up.note(
                 source,
+                hook,
                 LastPass {
                     at,
                     redelivered: 0,
@@ -195,7 +202,7 @@ async fn pass(app: &App, source: &str, config: &CatchUpConfig, since: i64) -> bo
                     error: Some(reason.clone()),
                 },
             );
-            tracing::warn!(source = %source, hook = %config.hook.shown(), %reason, "catch-up could not read the hook's deliveries; trying again at the next pass");
+            tracing::warn!(source = %source, hook = %hook.shown(), %reason, "catch-up could not read the hook's deliveries; trying again at the next pass");
             false
         }
     }
@@ -282,7 +289,7 @@ mod tests {
     #[test]
     fn the_first_pass_looks_back_since_and_each_later_one_to_before_the_last_read() {
         let config = CatchUpConfig {
-            hook: HookUrl::parse("https://api.github.com/repos/a/b/hooks/1").unwrap(),
+            hooks: vec![HookUrl::parse("https://api.github.com/repos/a/b/hooks/1").unwrap()],
             credential_ref: crate::catch_up::CredentialRef::Token(
                 crate::secret::SecretRef::parse("env:T").unwrap(),
             ),

@@ -378,10 +378,16 @@ async fn a_relay_with_catch_up_asks_at_its_start_for_what_arrived_while_it_was_d
     )
     .await;
     assert!(
-        health_page.text().contains("<dt>Catch-up of github</dt>")
-            && health_page
-                .text()
-                .contains("1 webhook the relay never took, redelivered"),
+        health_page.text().contains(
+            &format!(
+                "<dt>Catch-up of github from {}/repos/acme/app/hooks/42</dt>",
+                github.url()
+            )
+            .replace('/', "&#x2f;")
+            .replace("<&#x2f;dt>", "</dt>")
+        ) && health_page
+            .text()
+            .contains("1 webhook the relay never took, redelivered"),
         "{} {}",
         health_page.status,
         health_page.text()
@@ -821,4 +827,104 @@ async fn a_relay_with_catch_up_on_a_gitlab_source_resends_at_its_start() {
     );
     let (_, lines) = served.terminate();
     assert!(lines.iter().all(|line| !line.contains(GITLAB_TOKEN)));
+}
+
+/// A source's catch_up may name several hooks (one per repository sending to it): the
+/// relay reads each, the Health page shows each, and the command reads them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hook_of_a_sources_catch_up_is_read() {
+    let dir = a_store_holding_one_webhook().await;
+    let github = RecordingUpstream::start().await;
+    github.answer_next(Answer::new(
+        200,
+        &format!("[{}]", attempt(7, "lost-in-b", 1, 0, "timed out")),
+    ));
+    github.answer_next(Answer::new(202, "{}"));
+    github.answer_next(Answer::new(200, "[]"));
+    let relay_toml = std::fs::read_to_string(dir.path().join("relay.toml")).unwrap();
+    let url = github.url();
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "{relay_toml}catch_up = {{ hooks = [\"{url}/repos/acme/b/hooks/2\", \"{url}/repos/acme/c/hooks/3\"], token = \"env:CATCH_UP_TEST_TOKEN\" }}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n"
+        ),
+    );
+    let mut command = Command::new(BIN);
+    command
+        .env("CATCH_UP_TEST_TOKEN", TOKEN)
+        .env("HOOKRELAY_ADMIN_TOKEN", ADMIN_TOKEN);
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    served.wait_for("catch-up asked GitHub to deliver again");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while github.received().len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        asked(&github),
+        [
+            "GET /repos/acme/b/hooks/2/deliveries?per_page=100",
+            "POST /repos/acme/b/hooks/2/deliveries/7/attempts",
+            "GET /repos/acme/c/hooks/3/deliveries?per_page=100",
+        ]
+    );
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let health = send(
+        "GET",
+        &format!("http://{}/api/health", served.dashboard_address()),
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await
+    .json();
+    let hooks: Vec<(String, u64)> = health["catch_up"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["hook"].as_str().unwrap().to_owned(),
+                c["last_pass"]["redelivered"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hooks,
+        [
+            (format!("{url}/repos/acme/b/hooks/2"), 1),
+            (format!("{url}/repos/acme/c/hooks/3"), 0),
+        ]
+    );
+    served.terminate();
+
+    // The command without --hook reads every hook of the source, a JSON line each.
+    github.answer_next(Answer::new(200, "[]"));
+    github.answer_next(Answer::new(200, "[]"));
+    let output = Command::new(BIN)
+        .args(["catch-up", "--source", "github", "--json", "--config"])
+        .arg(dir.path())
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .env("CATCH_UP_TEST_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    let read: Vec<String> = stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["hook"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        read,
+        [
+            format!("{url}/repos/acme/b/hooks/2"),
+            format!("{url}/repos/acme/c/hooks/3"),
+        ]
+    );
 }

@@ -426,30 +426,24 @@ pub fn health(app: &App) -> Value {
         .collect();
     let reloaded = app.reloaded.lock().expect("never poisoned").clone();
     let runtime = app.runtime();
-    let catching_up: Vec<&str> = runtime
+    // A line per hook of each source with `catch_up`.
+    let catch_up: Vec<Value> = runtime
         .config
         .sources
         .values()
-        .filter(|source| source.catch_up.is_some())
-        .map(|source| source.name.as_str())
-        .collect();
-    let last_passes = app.catch_up.of(&catching_up);
-    let catch_up: Vec<Value> = catching_up
-        .iter()
-        .map(|source| {
-            let last = last_passes
-                .iter()
-                .find(|(name, _)| name == source)
-                .map(|(_, pass)| {
-                    json!({
-                        "at": time_text(pass.at),
-                        "redelivered": pass.redelivered,
-                        "rejected": pass.rejected,
-                        "not_redelivered": pass.not_redelivered,
-                        "error": pass.error,
-                    })
-                });
-            json!({ "source": source, "last_pass": last })
+        .filter_map(|source| Some((source.name.as_str(), source.catch_up.as_ref()?)))
+        .flat_map(|(source, config)| config.hooks.iter().map(move |hook| (source, hook)))
+        .map(|(source, hook)| {
+            let last = app.catch_up.of(source, hook).map(|pass| {
+                json!({
+                    "at": time_text(pass.at),
+                    "redelivered": pass.redelivered,
+                    "rejected": pass.rejected,
+                    "not_redelivered": pass.not_redelivered,
+                    "error": pass.error,
+                })
+            });
+            json!({ "source": source, "hook": hook.shown(), "last_pass": last })
         })
         .collect();
     json!({

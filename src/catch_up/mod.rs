@@ -37,7 +37,9 @@ use github_app::AppKey;
 /// over the hook's log at its start and then every `every` ([`crate::catch_up_passes`]).
 #[derive(Clone, Debug)]
 pub struct CatchUpConfig {
-    pub hook: HookUrl,
+    /// The hooks sending to the source (one, or one per repository or project), each read
+    /// in its own pass.
+    pub hooks: Vec<HookUrl>,
     pub credential_ref: CredentialRef,
     /// `None` when secrets were not read (`explain`).
     pub credential: Option<Credential>,
@@ -112,9 +114,9 @@ impl std::fmt::Display for CredentialRef {
     }
 }
 
-/// The last pass of each source's catch-up, for the dashboard's Health page.
+/// The last pass over each hook of each source's catch-up, for the dashboard's Health page.
 #[derive(Default)]
-pub struct LastPasses(std::sync::Mutex<BTreeMap<String, LastPass>>);
+pub struct LastPasses(std::sync::Mutex<BTreeMap<(String, String), LastPass>>);
 
 /// What one source's last pass found, or why it could not read the hook's log.
 #[derive(Clone, Debug)]
@@ -124,26 +126,22 @@ pub struct LastPass {
     pub redelivered: usize,
     /// Refused by the relay (`4xx`), so not redelivered.
     pub rejected: usize,
-    /// Refused by GitHub, or left for the next pass (its rate limit).
+    /// Refused by the forge, or left for the next pass (its rate limit).
     pub not_redelivered: usize,
     pub error: Option<String>,
 }
 
 impl LastPasses {
-    pub fn note(&self, source: &str, pass: LastPass) {
-        self.lock().insert(source.to_owned(), pass);
+    pub fn note(&self, source: &str, hook: &HookUrl, pass: LastPass) {
+        self.lock().insert((source.to_owned(), hook.shown()), pass);
     }
 
-    /// Each source's last pass, by source; sources no longer configured are left out.
-    pub fn of(&self, configured: &[&str]) -> Vec<(String, LastPass)> {
-        self.lock()
-            .iter()
-            .filter(|(source, _)| configured.contains(&source.as_str()))
-            .map(|(source, pass)| (source.clone(), pass.clone()))
-            .collect()
+    /// The last pass over `hook` of `source`, if one was made.
+    pub fn of(&self, source: &str, hook: &HookUrl) -> Option<LastPass> {
+        self.lock().get(&(source.to_owned(), hook.shown())).cloned()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LastPass>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), LastPass>> {
         self.0.lock().expect("the last passes are never poisoned")
     }
 }
@@ -165,7 +163,7 @@ const GITLAB_MOST_PAGES: usize = 50;
 pub const GITLAB_RESEND_EVERY: std::time::Duration = std::time::Duration::from_secs(12);
 
 /// The forge whose hook is read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Forge {
     GitHub,
     GitLab,
@@ -184,7 +182,7 @@ impl Forge {
 /// organisation's `…/orgs/ORG/hooks/ID`, a GitHub App's own `…/app/hook`, or the same
 /// below GitHub Enterprise Server's `https://HOST/api/v3`; on GitLab a project's
 /// `https://HOST/api/v4/projects/ID/hooks/ID` or a group's `…/groups/ID/hooks/ID`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HookUrl {
     /// `scheme://host[:port]`: every call (and every page the forge links to) goes there.
     origin: String,

@@ -30,7 +30,10 @@ pub struct CatchUpArgs<'a> {
 /// `config`, as `--hook` and `--token` (or `--app` and `--key`) would give them. Secrets
 /// are not read (the operator's shell may lack the relay's); they are read when the
 /// command uses them.
-fn configured(config: &std::path::Path, source: &str) -> Result<(HookUrl, CredentialRef), String> {
+fn configured(
+    config: &std::path::Path,
+    source: &str,
+) -> Result<(Vec<HookUrl>, CredentialRef), String> {
     let loaded = crate::config::load_without_secrets(config).map_err(|problems| {
         format!(
             "no --hook given, and the configuration at {} (--config) cannot be read for \
@@ -51,12 +54,13 @@ fn configured(config: &std::path::Path, source: &str) -> Result<(HookUrl, Creden
             config.display()
         ));
     };
-    Ok((catch_up.hook.clone(), catch_up.credential_ref.clone()))
+    Ok((catch_up.hooks.clone(), catch_up.credential_ref.clone()))
 }
 
-/// The hook and credential the flags name, with the source's `catch_up` in `--config`
-/// filling in what they leave out. An error is the message for exit status 2.
-fn chosen(args: &CatchUpArgs<'_>) -> Result<(HookUrl, CredentialRef), String> {
+/// The hooks and credential the flags name, with the source's `catch_up` in `--config`
+/// filling in what they leave out (all its hooks). An error is the message for exit
+/// status 2.
+fn chosen(args: &CatchUpArgs<'_>) -> Result<(Vec<HookUrl>, CredentialRef), String> {
     let flagged = match (args.token, args.app, args.key) {
         (Some(token), _, _) => Some(CredentialRef::Token(
             SecretRef::parse(token).map_err(|message| format!("--token: {message}"))?,
@@ -71,7 +75,7 @@ fn chosen(args: &CatchUpArgs<'_>) -> Result<(HookUrl, CredentialRef), String> {
         }
         _ => None,
     };
-    let (hook, credential) = match args.hook {
+    let (hooks, credential) = match args.hook {
         Some(hook) => {
             let hook = HookUrl::parse(hook).map_err(|message| format!("--hook: {message}"))?;
             let credential = match flagged {
@@ -91,15 +95,17 @@ fn chosen(args: &CatchUpArgs<'_>) -> Result<(HookUrl, CredentialRef), String> {
                     .into(),
                 )),
             };
-            (hook, credential)
+            (vec![hook], credential)
         }
         None => {
-            let (hook, configured) = configured(args.config, args.source)?;
-            (hook, flagged.unwrap_or(configured))
+            let (hooks, configured) = configured(args.config, args.source)?;
+            (hooks, flagged.unwrap_or(configured))
         }
     };
-    credential.fits(&hook)?;
-    Ok((hook, credential))
+    for hook in &hooks {
+        credential.fits(hook)?;
+    }
+    Ok((hooks, credential))
 }
 
 /// Exit status 0 when every event that needed it was redelivered (or, in a dry run,
@@ -110,7 +116,7 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
         eprintln!("hookrelay catch-up: {message}");
         ExitCode::from(2)
     };
-    let (hook, credential) = match chosen(&args) {
+    let (hooks, credential) = match chosen(&args) {
         Ok(chosen) => chosen,
         Err(message) => return refused(message),
     };
@@ -131,14 +137,6 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let run = CatchUp {
-        source: args.source,
-        hook: &hook,
-        credential: &credential,
-        since: args.since,
-        most: args.most,
-        dry_run: args.dry_run,
-    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -149,27 +147,41 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut is_stored = |guid: &str| {
-        store
-            .holds_webhook_from(args.source, guid)
-            .map_err(|err| err.to_string())
-    };
-    let report = match runtime.block_on(run.run(&mut is_stored)) {
-        Ok(report) => report,
-        Err(message) => {
-            eprintln!("hookrelay catch-up: {message}");
-            return ExitCode::FAILURE;
+    // Each hook in turn (a source's catch_up may name several); one whose log cannot be
+    // read is said, and the others are still read.
+    let mut all_done = true;
+    for hook in &hooks {
+        let run = CatchUp {
+            source: args.source,
+            hook,
+            credential: &credential,
+            since: args.since,
+            most: args.most,
+            dry_run: args.dry_run,
+        };
+        let mut is_stored = |guid: &str| {
+            store
+                .holds_webhook_from(args.source, guid)
+                .map_err(|err| err.to_string())
+        };
+        let report = match runtime.block_on(run.run(&mut is_stored)) {
+            Ok(report) => report,
+            Err(message) => {
+                eprintln!("hookrelay catch-up: {message}");
+                all_done = false;
+                continue;
+            }
+        };
+        if args.json {
+            print_json(&report, hook, args.dry_run);
+        } else {
+            print_report(&report, hook, args.source, args.dry_run);
         }
-    };
-    if args.json {
-        print_json(&report, args.dry_run);
-    } else {
-        print_report(&report, &hook, args.source, args.dry_run);
+        all_done &= report.refused.is_empty()
+            && report.stopped.is_none()
+            && report.left.is_empty()
+            && report.hook_disabled.is_none();
     }
-    let all_done = report.refused.is_empty()
-        && report.stopped.is_none()
-        && report.left.is_empty()
-        && report.hook_disabled.is_none();
     if all_done {
         ExitCode::SUCCESS
     } else {
@@ -276,10 +288,12 @@ fn print_report(report: &Report, hook: &HookUrl, source: &str, dry_run: bool) {
     );
 }
 
-fn print_json(report: &Report, dry_run: bool) {
+/// One JSON object a hook, on a line of its own.
+fn print_json(report: &Report, hook: &HookUrl, dry_run: bool) {
     let guids =
         |events: &[Event]| -> Vec<String> { events.iter().map(|e| e.guid.clone()).collect() };
     let value = serde_json::json!({
+        "hook": hook.shown(),
         "dry_run": dry_run,
         "attempts": report.attempts,
         "events": report.events,

@@ -174,9 +174,13 @@ fn called_addresses(config: &Config) -> Vec<(crate::upstream::Called, String)> {
         let status = s.status.as_ref()?;
         Some((Called::Forge(s.name.clone()), status.api_url.clone()))
     });
-    let hooks = config.sources.values().filter_map(|s| {
-        let catch_up = s.catch_up.as_ref()?;
-        Some((Called::Forge(s.name.clone()), catch_up.hook.shown()))
+    let hooks = config.sources.values().flat_map(|s| {
+        s.catch_up.iter().flat_map(|catch_up| {
+            catch_up
+                .hooks
+                .iter()
+                .map(|hook| (Called::Forge(s.name.clone()), hook.shown()))
+        })
     });
     upstreams.chain(forges).chain(hooks).collect()
 }
@@ -239,10 +243,14 @@ fn summary(config: &Config) -> String {
                 shown.push_str(&format!(", pipeline events of {upstream}"));
             }
             if let Some(catch_up) = &s.catch_up {
-                let hook = catch_up.hook.shown();
+                let hooks: Vec<String> = catch_up
+                    .hooks
+                    .iter()
+                    .map(|hook| format!("{}{}", hook.shown(), via_proxy(&hook.shown())))
+                    .collect();
                 shown.push_str(&format!(
-                    ", catch-up from {hook}{} every {} with {}",
-                    via_proxy(&hook),
+                    ", catch-up from {} every {} with {}",
+                    hooks.join(" and "),
                     humantime::format_duration(catch_up.every),
                     catch_up.credential_ref
                 ));

@@ -36,11 +36,15 @@ pub(super) struct RawSource {
 }
 
 /// `catch_up = { hook = "…", token = "env:NAME", every = "10m", since = "24h" }`, or
-/// `app = "…", key = "file:…"` instead of `token` for a GitHub App's own hook.
+/// `app = "…", key = "file:…"` instead of `token` for a GitHub App's own hook, and
+/// `hooks = ["…", …]` instead of `hook` for several.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCatchUp {
-    hook: String,
+    hook: Option<String>,
+    /// Several hooks sending to this source (one per repository or project), read with
+    /// the same credential.
+    hooks: Option<Vec<String>>,
     token: Option<String>,
     app: Option<String>,
     key: Option<String>,
@@ -507,25 +511,51 @@ fn compile_catch_up(
         problems.at(Some(span.clone()), format!("{what}.{message}"));
         *ok = false;
     };
-    let hook = match crate::catch_up::HookUrl::parse(raw.hook.trim()) {
-        Ok(hook) if (hook.forge == Forge::GitLab) != (provider == Provider::Gitlab) => {
+    let texts: Vec<&String> = match (&raw.hook, &raw.hooks) {
+        (Some(hook), None) => vec![hook],
+        (None, Some(hooks)) if !hooks.is_empty() => hooks.iter().collect(),
+        (Some(_), Some(_)) => {
             refuse(
-                format!(
-                    "hook: {} is a {} hook's address, and this source's provider is {}",
-                    hook.shown(),
-                    hook.forge.name(),
-                    provider.as_str()
-                ),
+                "hook: give hook = \"…\" (one) or hooks = [\"…\", …] (several), not both".into(),
                 problems,
             );
-            None
+            Vec::new()
         }
-        Ok(hook) => Some(hook),
-        Err(message) => {
-            refuse(format!("hook: {message}"), problems);
-            None
+        (None, _) => {
+            refuse(
+                "hook: missing: the hook's API address, hook = \"https://api.github.com/repos/OWNER/REPO/hooks/ID\" (or hooks = [\"…\", …] for several)".into(),
+                problems,
+            );
+            Vec::new()
         }
     };
+    let mut hooks: Vec<crate::catch_up::HookUrl> = Vec::new();
+    let mut hooks_ok = !texts.is_empty();
+    for text in texts {
+        match crate::catch_up::HookUrl::parse(text.trim()) {
+            Ok(hook) if (hook.forge == Forge::GitLab) != (provider == Provider::Gitlab) => {
+                refuse(
+                    format!(
+                        "hook: {} is a {} hook's address, and this source's provider is {}",
+                        hook.shown(),
+                        hook.forge.name(),
+                        provider.as_str()
+                    ),
+                    problems,
+                );
+                hooks_ok = false;
+            }
+            Ok(hook) if hooks.contains(&hook) => {
+                refuse(format!("hooks: {} is listed twice", hook.shown()), problems);
+                hooks_ok = false;
+            }
+            Ok(hook) => hooks.push(hook),
+            Err(message) => {
+                refuse(format!("hook: {message}"), problems);
+                hooks_ok = false;
+            }
+        }
+    }
     // Each pass costs a call of GitHub's API or more (5,000 an hour for a token).
     let every = match raw
         .every
@@ -564,13 +594,17 @@ fn compile_catch_up(
         }
     };
     let (credential_ref, credential) = credential?;
-    let hook = hook?;
-    if let Err(message) = credential_ref.fits(&hook) {
-        refuse(format!("hook: {message}"), problems);
+    if !hooks_ok {
         return None;
     }
+    for hook in &hooks {
+        if let Err(message) = credential_ref.fits(hook) {
+            refuse(format!("hook: {message}"), problems);
+            return None;
+        }
+    }
     Some(crate::catch_up::CatchUpConfig {
-        hook,
+        hooks,
         credential_ref,
         credential,
         every: every?,

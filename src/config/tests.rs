@@ -1382,17 +1382,22 @@ catch_up = { hook = "https://api.github.com/app/hook", app = "Iv23liTest", key =
 [source.lab]
 provider = "gitlab"
 secret = "env:S"
-catch_up = { hook = "https://gitlab.example.com/api/v4/projects/acme%2Fapp/hooks/7", token = "env:HOOKS", since = "7d" }
+catch_up = { hooks = ["https://gitlab.example.com/api/v4/projects/acme%2Fapp/hooks/7", "https://gitlab.example.com/api/v4/projects/9/hooks/8"], token = "env:HOOKS", since = "7d" }
 "#,
         )],
         &env,
     )
     .unwrap();
     let lab = config.sources["lab"].catch_up.as_ref().unwrap();
-    assert_eq!(lab.hook.forge, crate::catch_up::Forge::GitLab);
+    assert_eq!(lab.hooks.len(), 2);
+    assert!(
+        lab.hooks
+            .iter()
+            .all(|hook| hook.forge == crate::catch_up::Forge::GitLab)
+    );
     assert_eq!(lab.since, Duration::from_secs(7 * 24 * 3600));
     let app = config.sources["app"].catch_up.as_ref().unwrap();
-    assert!(app.hook.is_app());
+    assert!(app.hooks[0].is_app());
     assert_eq!(
         app.credential_ref.to_string(),
         "App Iv23liTest (key env:APP_KEY)"
@@ -1403,7 +1408,7 @@ catch_up = { hook = "https://gitlab.example.com/api/v4/projects/acme%2Fapp/hooks
     }
     let gh = config.sources["gh"].catch_up.as_ref().unwrap();
     assert_eq!(
-        gh.hook.shown(),
+        gh.hooks[0].shown(),
         "https://api.github.com/repos/acme/app/hooks/123"
     );
     assert_eq!(gh.every, crate::catch_up::DEFAULT_EVERY);
@@ -1491,6 +1496,21 @@ catch_up = { hook = "https://gitlab.example.com/api/v4/groups/9/hooks/1", app = 
 provider = "github"
 secret = "env:S"
 catch_up = { hook = "https://gitlab.example.com/api/v4/projects/9/hooks/1", token = "env:HOOKS" }
+
+[source.hook_and_hooks]
+provider = "github"
+secret = "env:S"
+catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", hooks = ["https://api.github.com/repos/a/c/hooks/2"], token = "env:HOOKS" }
+
+[source.twice]
+provider = "github"
+secret = "env:S"
+catch_up = { hooks = ["https://api.github.com/repos/a/b/hooks/1", "https://api.github.com/repos/a/b/hooks/1/"], token = "env:HOOKS" }
+
+[source.no_hook]
+provider = "github"
+secret = "env:S"
+catch_up = { hooks = [], token = "env:HOOKS" }
 "#,
         )],
         &env,
@@ -1512,6 +1532,9 @@ catch_up = { hook = "https://gitlab.example.com/api/v4/projects/9/hooks/1", toke
         "a.toml:60: source.lab_with_github_hook.catch_up.since: \"8d\" is longer than the 7 days over which GitLab lists and resends",
         "a.toml:65: source.lab_with_app.catch_up.hook: https://gitlab.example.com/api/v4/groups/9/hooks/1 is a GitLab hook: it is read with a GitLab token",
         "a.toml:70: source.hub_with_gitlab_hook.catch_up.hook: https://gitlab.example.com/api/v4/projects/9/hooks/1 is a GitLab hook's address, and this source's provider is github",
+        "a.toml:75: source.hook_and_hooks.catch_up.hook: give hook = \"…\" (one) or hooks = [\"…\", …] (several), not both",
+        "a.toml:80: source.twice.catch_up.hooks: https://api.github.com/repos/a/b/hooks/1 is listed twice",
+        "a.toml:85: source.no_hook.catch_up.hook: missing",
     ];
     for (problem, expected) in problems.iter().zip(expect) {
         assert!(
