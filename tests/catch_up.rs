@@ -97,6 +97,19 @@ fn texts(output: &std::process::Output) -> (String, String) {
     (stdout, stderr)
 }
 
+/// `hookrelay catch-up --source github FLAG` without `--hook`: the source's catch_up in
+/// the configuration at `dir` says which hooks, and which token.
+fn catch_up_as_configured(dir: &std::path::Path, flag: &str) -> std::process::Output {
+    Command::new(BIN)
+        .args(["catch-up", "--source", "github", flag, "--config"])
+        .arg(dir)
+        .arg("--state")
+        .arg(dir.join("state"))
+        .env("CATCH_UP_TEST_TOKEN", TOKEN)
+        .output()
+        .unwrap()
+}
+
 /// A relay that stored one webhook (`stored-guid`) and stopped.
 async fn a_store_holding_one_webhook() -> tempfile::TempDir {
     let upstream = RecordingUpstream::start().await;
@@ -397,14 +410,7 @@ async fn a_relay_with_catch_up_asks_at_its_start_for_what_arrived_while_it_was_d
 
     // The command takes the hook and token from the source's catch_up in --config.
     github.answer_next(Answer::new(200, &page));
-    let output = Command::new(BIN)
-        .args(["catch-up", "--source", "github", "--dry-run", "--config"])
-        .arg(dir.path())
-        .arg("--state")
-        .arg(dir.path().join("state"))
-        .env("CATCH_UP_TEST_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let output = catch_up_as_configured(dir.path(), "--dry-run");
     let (stdout, stderr) = texts(&output);
     assert!(output.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("would redeliver lost-guid"), "{stdout}");
@@ -901,14 +907,7 @@ async fn every_hook_of_a_sources_catch_up_is_read() {
     // The command without --hook reads every hook of the source, a JSON line each.
     github.answer_next(Answer::new(200, "[]"));
     github.answer_next(Answer::new(200, "[]"));
-    let output = Command::new(BIN)
-        .args(["catch-up", "--source", "github", "--json", "--config"])
-        .arg(dir.path())
-        .arg("--state")
-        .arg(dir.path().join("state"))
-        .env("CATCH_UP_TEST_TOKEN", TOKEN)
-        .output()
-        .unwrap();
+    let output = catch_up_as_configured(dir.path(), "--json");
     let (stdout, stderr) = texts(&output);
     assert!(output.status.success(), "{stdout}{stderr}");
     let read: Vec<String> = stdout
