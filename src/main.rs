@@ -78,7 +78,8 @@ struct CatchUpArgs {
     /// (env:GITLAB_TOKEN for a GitLab hook) with --hook.
     #[arg(long, value_name = "REF", conflicts_with_all = ["app", "key"])]
     token: Option<String>,
-    /// For a GitHub App's own hook: the App's ID or client ID, with --key.
+    /// A GitHub App's ID or client ID, with --key, instead of a token: for the App's own
+    /// hook, or a repository's or organisation's hook where the App is installed.
     #[arg(long, value_name = "ID", requires = "key")]
     app: Option<String>,
     /// The GitHub App's private key (the .pem GitHub made for it), as file:PATH or env:NAME.

@@ -927,3 +927,79 @@ async fn every_hook_of_a_sources_catch_up_is_read() {
         ]
     );
 }
+
+/// A GitHub App reads a repository's hook through its installation there: the App's
+/// token asks which installation covers the repository and for that installation's
+/// token, which then reads the log and asks for redeliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_reads_a_repositorys_hook_with_its_installations_token() {
+    const INSTALLATION_TOKEN: &str = "ghs_installation_token_for_the_tests_0123";
+    let dir = a_store_holding_one_webhook().await;
+    let github = RecordingUpstream::start().await;
+    let key = format!("file:{}", std::path::absolute(APP_KEY).unwrap().display());
+    github.answer_next(Answer::new(200, r#"{"id": 55, "app_id": 123456}"#));
+    github.answer_next(Answer::new(
+        201,
+        &format!(r#"{{"token": "{INSTALLATION_TOKEN}", "expires_at": "2026-12-06T12:00:00Z"}}"#),
+    ));
+    github.answer_next(Answer::new(
+        200,
+        &format!(
+            "[{}]",
+            attempt(21, "lost-in-repo", 1, 503, "Invalid HTTP Response: 503")
+        ),
+    ));
+    github.answer_next(Answer::new(202, "{}"));
+    let run = || {
+        Command::new(BIN)
+            .args(["catch-up", "--source", "github", "--since", "1h", "--hook"])
+            .arg(format!("{}/repos/acme/app/hooks/42", github.url()))
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .args(["--app", "123456", "--key", &key])
+            .output()
+            .unwrap()
+    };
+    let output = run();
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains(INSTALLATION_TOKEN) && !stderr.contains(INSTALLATION_TOKEN),
+        "{stdout}{stderr}"
+    );
+    assert!(stdout.contains("redelivered lost-in-repo"), "{stdout}");
+    let calls = github.received();
+    let asked: Vec<String> = calls
+        .iter()
+        .map(|call| format!("{} {}", call.method, call.path_and_query))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            "GET /repos/acme/app/installation",
+            "POST /app/installations/55/access_tokens",
+            "GET /repos/acme/app/hooks/42/deliveries?per_page=100",
+            "POST /repos/acme/app/hooks/42/deliveries/21/attempts",
+        ]
+    );
+    for call in &calls[..2] {
+        check_app_token(call.header("authorization").unwrap(), 123456.into());
+    }
+    for call in &calls[2..] {
+        assert_eq!(
+            call.header("authorization"),
+            Some(format!("Bearer {INSTALLATION_TOKEN}").as_str())
+        );
+    }
+
+    // An App not installed on the repository is said, and nothing else is asked.
+    github.answer_next(Answer::new(404, r#"{"message":"Not Found"}"#));
+    let output = run();
+    let (stdout, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("the GitHub App 123456 is not installed on acme/app: install it there"),
+        "{stderr}"
+    );
+    assert_eq!(github.received().len(), calls.len() + 1);
+}

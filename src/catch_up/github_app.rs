@@ -1,8 +1,7 @@
-//! A GitHub App's own credentials for its own webhook: the JSON Web Token GitHub asks of an
-//! App that reads `GET /app/hook/deliveries` and asks for redeliveries. An App's hook (one
-//! for all its installations, set on the App's settings page) has no repository or
-//! organisation a token could name; GitHub lets only the App itself, signing with its
-//! private key, read its log.
+//! A GitHub App's own credentials: the JSON Web Token GitHub asks of an App that reads
+//! its own webhook's log (`GET /app/hook/deliveries`: one hook for all its installations,
+//! which only the App itself may read) or asks for its installations' tokens (with which
+//! it reads a repository's or organisation's hook, see [`super`]).
 //!
 //! The token is RS256 over `{"iat", "exp", "iss"}` (GitHub's "Generating a JSON Web Token
 //! for a GitHub App"): issued a minute in the past for clocks that drift, expiring nine

@@ -82,8 +82,9 @@ impl CredentialRef {
         }
     }
 
-    /// Whether this credential can read `hook`'s log: an App's token reads only the App's
-    /// own hook, and that hook only an App's token.
+    /// Whether this credential can read `hook`'s log: the App's own hook only with the
+    /// App's key; a GitLab hook only with a token. An App reads a repository's or an
+    /// organisation's hook through its installation there.
     pub fn fits(&self, hook: &HookUrl) -> Result<(), String> {
         match (self, hook.is_app()) {
             (CredentialRef::App { .. }, _) if hook.forge == Forge::GitLab => Err(format!(
@@ -93,11 +94,6 @@ impl CredentialRef {
             )),
             (CredentialRef::Token(_), true) => Err(format!(
                 "{} is a GitHub App's own hook, which only the App may read: give the App's                  ID and private key (app = \"…\", key = \"file:…\"; --app and --key) instead                  of a token",
-                hook.shown()
-            )),
-            (CredentialRef::App { .. }, false) => Err(format!(
-                "an App's ID and key read only the App's own hook ({}/app/hook); {} needs a                  token that may administer its hooks",
-                hook.api_root(),
                 hook.shown()
             )),
             _ => Ok(()),
@@ -250,13 +246,26 @@ impl HookUrl {
 
     /// The REST API's root the hook is under (`https://api.github.com`,
     /// `https://HOST/api/v3`), for messages.
-    fn api_root(&self) -> String {
-        let root = ["/repos/", "/orgs/", "/app/hook"]
+    /// The path of GitHub's REST API root (empty, or Enterprise Server's `/api/v3`).
+    fn api_prefix(&self) -> &str {
+        ["/repos/", "/orgs/", "/app/hook"]
             .iter()
             .filter_map(|marker| self.path.find(marker))
             .min()
-            .map_or("", |at| &self.path[..at]);
-        format!("{}{root}", self.origin)
+            .map_or("", |at| &self.path[..at])
+    }
+
+    /// Where GitHub says which installation of an App covers this repository's or
+    /// organisation's hook (`…/repos/OWNER/REPO/installation`, `…/orgs/ORG/installation`),
+    /// and what it covers (`OWNER/REPO`, `ORG`), for messages.
+    fn installation(&self) -> Option<(String, String)> {
+        let prefix = self.api_prefix();
+        let rest = self.path[prefix.len()..].strip_prefix('/')?;
+        let (owner, _) = rest.rsplit_once("/hooks/")?;
+        matches!(owner.split('/').next(), Some("repos" | "orgs")).then(|| {
+            let named = owner.split_once('/').map_or(owner, |(_, name)| name);
+            (format!("{prefix}/{owner}/installation"), named.to_owned())
+        })
     }
 
     fn first_page(&self) -> String {
@@ -451,7 +460,7 @@ impl CatchUp<'_> {
         is_stored: &mut (dyn FnMut(&str) -> Result<bool, String> + Send),
     ) -> Result<Report, String> {
         let client = self.client()?;
-        let mut asking = Authorization::new(self.credential, self.hook.forge)?;
+        let mut asking = Authorization::new(self.credential, self.hook, &client).await?;
         let mut report = Report::default();
         let events = match self.hook.forge {
             Forge::GitHub => {
@@ -555,7 +564,12 @@ impl CatchUp<'_> {
                 return Ok((attempts, false));
             };
             let answer = client
-                .call(Method::GET, &path, asking.headers()?, Bytes::new())
+                .call(
+                    Method::GET,
+                    &path,
+                    asking.headers(client).await?,
+                    Bytes::new(),
+                )
                 .await
                 .map_err(|err| format!("{}: {err}", self.hook.shown()))?;
             if answer.status != StatusCode::OK {
@@ -609,7 +623,7 @@ impl CatchUp<'_> {
             .call(
                 Method::GET,
                 &self.hook.path,
-                asking.headers()?,
+                asking.headers(client).await?,
                 Bytes::new(),
             )
             .await
@@ -638,8 +652,13 @@ impl CatchUp<'_> {
                                 keys, and this machine's clock (a token is good for ten minutes)"
                 .to_owned(),
             (401, _) => "the token is not valid (expired or revoked?)".to_owned(),
-            (403 | 404, _) if app => "the App has no webhook (its settings page: Webhook, \
-                                      Active), or the key is not this App's"
+            (403 | 404, _) if app && self.hook.is_app() => "the App has no webhook (its \
+                                                            settings page: Webhook, Active), \
+                                                            or the key is not this App's"
+                .to_owned(),
+            (403 | 404, _) if app => "the App's installation may not read this hook's \
+                                      deliveries (give the App the permission Webhooks: read \
+                                      and write), or there is no such hook"
                 .to_owned(),
             (403 | 404, Forge::GitHub) => "the token may not read this hook's deliveries (a \
                                            classic token needs admin:repo_hook, or \
@@ -670,7 +689,7 @@ impl CatchUp<'_> {
     ) -> Redelivery {
         let forge = self.hook.forge.name();
         let path = self.hook.redeliver(event.newest);
-        let headers = match asking.headers() {
+        let headers = match asking.headers(client).await {
             Ok(headers) => headers,
             Err(why) => return Redelivery::Stop(why),
         };
@@ -726,24 +745,37 @@ fn wait_asked(answer: &UpstreamResponse, forge: &str) -> String {
 }
 
 /// The headers of a run's calls (to GitHub as status posts send them): made once a run
-/// for a token; for an App, made again with a new token before its old one expires.
+/// for a token; for a GitHub App, with a token signed by its key for its own hook, or
+/// the token of its installation on the repository or organisation for theirs, each
+/// made again before it expires.
 struct Authorization<'a> {
     credential: &'a Credential,
+    hook: &'a HookUrl,
     bearer: Secret,
+    /// The App's own token, while `bearer` is its installation's (scrubbed too).
+    app_token: Option<Secret>,
     made: std::time::Instant,
     headers: HeaderMap,
 }
 
+/// How long an installation's token is used (GitHub's last an hour).
+const INSTALLATION_TOKEN_FOR: std::time::Duration = std::time::Duration::from_secs(50 * 60);
+
 impl<'a> Authorization<'a> {
-    fn new(credential: &'a Credential, forge: Forge) -> Result<Authorization<'a>, String> {
-        let bearer = Self::bearer(credential)?;
+    async fn new(
+        credential: &'a Credential,
+        hook: &'a HookUrl,
+        client: &Upstream,
+    ) -> Result<Authorization<'a>, String> {
         let mut asking = Authorization {
             credential,
+            hook,
             headers: HeaderMap::new(),
-            bearer,
+            bearer: Secret::new(String::new()),
+            app_token: None,
             made: std::time::Instant::now(),
         };
-        match forge {
+        match hook.forge {
             Forge::GitHub => {
                 asking
                     .headers
@@ -759,15 +791,104 @@ impl<'a> Authorization<'a> {
                     .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
             }
         }
-        asking.authorize()?;
+        asking.renew(client).await?;
         Ok(asking)
     }
 
-    fn bearer(credential: &Credential) -> Result<Secret, String> {
-        match credential {
-            Credential::Token(token) => Ok(token.clone()),
-            Credential::App(key) => key.token(SystemTime::now()),
+    /// Makes the bearer token (again).
+    async fn renew(&mut self, client: &Upstream) -> Result<(), String> {
+        self.made = std::time::Instant::now();
+        match self.credential {
+            Credential::Token(token) => {
+                self.bearer = token.clone();
+                self.authorize()
+            }
+            Credential::App(key) => {
+                self.bearer = key.token(SystemTime::now())?;
+                self.authorize()?;
+                if self.hook.is_app() {
+                    return Ok(());
+                }
+                let installation = self.installation_token(client, key).await?;
+                self.app_token = Some(std::mem::replace(&mut self.bearer, installation));
+                self.authorize()
+            }
         }
+    }
+
+    /// The token of the App's installation that covers the hook's repository or
+    /// organisation (`GET …/installation`, then `POST …/access_tokens`), asked for with
+    /// the App's own token, which `self` carries now.
+    async fn installation_token(&self, client: &Upstream, key: &AppKey) -> Result<Secret, String> {
+        let (path, covered) = self
+            .hook
+            .installation()
+            .ok_or_else(|| format!("{} names no repository or organisation", self.hook.shown()))?;
+        let answer = client
+            .call(Method::GET, &path, self.headers.clone(), Bytes::new())
+            .await
+            .map_err(|err| format!("{}{path}: {err}", self.hook.origin))?;
+        let app = key.app();
+        let installation = match answer.status.as_u16() {
+            200 => serde_json::from_slice::<serde_json::Value>(&answer.body)
+                .ok()
+                .and_then(|found| found["id"].as_u64())
+                .ok_or_else(|| {
+                    format!("GitHub's answer for the App's installation on {covered} names no id")
+                })?,
+            404 => {
+                return Err(format!(
+                    "the GitHub App {app} is not installed on {covered}: install it there \
+                     (with the permission Webhooks: read and write), or read the hook with a token"
+                ));
+            }
+            _ => {
+                return Err(
+                    self.app_refused(&answer, &format!("the App's installation on {covered}"))
+                );
+            }
+        };
+        let path = format!(
+            "{}/app/installations/{installation}/access_tokens",
+            self.hook.api_prefix()
+        );
+        let answer = client
+            .call(Method::POST, &path, self.headers.clone(), Bytes::new())
+            .await
+            .map_err(|err| format!("{}{path}: {err}", self.hook.origin))?;
+        if !answer.status.is_success() {
+            return Err(self.app_refused(
+                &answer,
+                &format!("a token of the App's installation on {covered}"),
+            ));
+        }
+        serde_json::from_slice::<serde_json::Value>(&answer.body)
+            .ok()
+            .and_then(|made| made["token"].as_str().map(Secret::new))
+            .filter(|token| !token.expose().is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "GitHub's answer with a token of the App's installation on {covered} holds none"
+                )
+            })
+    }
+
+    /// GitHub's refusal while the App asked for `what`.
+    fn app_refused(&self, answer: &UpstreamResponse, what: &str) -> String {
+        let said = crate::upstream::readable_message(&answer.body)
+            .map(|message| format!(" ({})", self.scrubbed_from(message)))
+            .unwrap_or_default();
+        let why = match answer.status.as_u16() {
+            401 => ": check the App's ID (or client ID), that the key is one of the App's \
+                    current private keys, and this machine's clock"
+                .to_owned(),
+            403 => ": the installation may lack the permission Webhooks: read and write".to_owned(),
+            _ => String::new(),
+        };
+        format!(
+            "GitHub answered {} when asked for {what}{said}{why}",
+            answer.status
+        )
     }
 
     fn authorize(&mut self) -> Result<(), String> {
@@ -778,21 +899,26 @@ impl<'a> Authorization<'a> {
         Ok(())
     }
 
-    /// The next call's headers.
-    fn headers(&mut self) -> Result<HeaderMap, String> {
-        if matches!(self.credential, Credential::App(_))
-            && self.made.elapsed() >= github_app::FRESH_FOR
-        {
-            self.bearer = Self::bearer(self.credential)?;
-            self.made = std::time::Instant::now();
-            self.authorize()?;
+    /// The next call's headers, with a token made again when the one it has ages.
+    async fn headers(&mut self, client: &Upstream) -> Result<HeaderMap, String> {
+        let lasts = match (self.credential, self.app_token.is_some()) {
+            (Credential::Token(_), _) => None,
+            (Credential::App(_), false) => Some(github_app::FRESH_FOR),
+            (Credential::App(_), true) => Some(INSTALLATION_TOKEN_FOR),
+        };
+        if lasts.is_some_and(|lasts| self.made.elapsed() >= lasts) {
+            self.renew(client).await?;
         }
         Ok(self.headers.clone())
     }
 
-    /// `text` (GitHub's words) without the token, should GitHub have repeated it.
+    /// `text` (the forge's words) without the tokens, should it have repeated one.
     fn scrubbed_from(&self, text: String) -> String {
-        self.bearer.scrubbed_from(text)
+        let text = self.bearer.scrubbed_from(text);
+        match &self.app_token {
+            Some(app_token) => app_token.scrubbed_from(text),
+            None => text,
+        }
     }
 }
 
@@ -847,8 +973,16 @@ mod tests {
         assert_eq!(app.redeliver(7), "/app/hook/deliveries/7/attempts");
         let ghes_app = HookUrl::parse("https://ghe.example.com/api/v3/app/hook/").unwrap();
         assert!(ghes_app.is_app());
-        assert_eq!(ghes_app.api_root(), "https://ghe.example.com/api/v3");
-        assert_eq!(ghes.api_root(), "https://ghe.example.com:8443/api/v3");
+        assert_eq!(ghes_app.api_prefix(), "/api/v3");
+        assert_eq!(ghes_app.installation(), None);
+        assert_eq!(
+            ghes.installation(),
+            Some(("/api/v3/repos/a/b/installation".into(), "a/b".into()))
+        );
+        assert_eq!(
+            org.installation(),
+            Some(("/orgs/acme/installation".into(), "acme".into()))
+        );
         let lab = HookUrl::parse("https://gitlab.example.com/api/v4/projects/acme%2Fapp/hooks/7")
             .unwrap();
         assert_eq!(lab.forge, Forge::GitLab);
@@ -891,7 +1025,7 @@ mod tests {
     }
 
     #[test]
-    fn an_apps_own_hook_is_read_with_its_key_and_any_other_with_a_token() {
+    fn an_apps_own_hook_is_read_with_its_key_and_a_gitlab_hook_with_a_token() {
         let token = CredentialRef::Token(SecretRef::parse("env:T").unwrap());
         let app = CredentialRef::App {
             app: "1".into(),
@@ -901,11 +1035,11 @@ mod tests {
         let own = HookUrl::parse("https://api.github.com/app/hook").unwrap();
         assert!(token.fits(&repo).is_ok() && app.fits(&own).is_ok());
         assert!(token.fits(&own).unwrap_err().contains("--app and --key"));
-        assert!(
-            app.fits(&repo)
-                .unwrap_err()
-                .contains("(https://api.github.com/app/hook)")
-        );
+        // An App reads a repository's hook through its installation there.
+        assert!(app.fits(&repo).is_ok());
+        let lab = HookUrl::parse("https://gitlab.example.com/api/v4/projects/1/hooks/2").unwrap();
+        assert!(app.fits(&lab).unwrap_err().contains("GitLab token"));
+        assert!(token.fits(&lab).is_ok());
         assert_eq!(app.to_string(), "App 1 (key env:K)");
         assert_eq!(token.to_string(), "token env:T");
     }

@@ -1379,6 +1379,11 @@ provider = "github"
 secret = "env:S"
 catch_up = { hook = "https://api.github.com/app/hook", app = "Iv23liTest", key = "env:APP_KEY" }
 
+[source.app_on_repos]
+provider = "github"
+secret = "env:S"
+catch_up = { hooks = ["https://api.github.com/repos/acme/app/hooks/1", "https://api.github.com/orgs/acme/hooks/2"], app = "7", key = "env:APP_KEY" }
+
 [source.lab]
 provider = "gitlab"
 secret = "env:S"
@@ -1396,6 +1401,12 @@ catch_up = { hooks = ["https://gitlab.example.com/api/v4/projects/acme%2Fapp/hoo
             .all(|hook| hook.forge == crate::catch_up::Forge::GitLab)
     );
     assert_eq!(lab.since, Duration::from_secs(7 * 24 * 3600));
+    // An App reads a repository's or organisation's hook through its installation.
+    let on_repos = config.sources["app_on_repos"].catch_up.as_ref().unwrap();
+    assert!(matches!(
+        on_repos.credential,
+        Some(crate::catch_up::Credential::App(_))
+    ));
     let app = config.sources["app"].catch_up.as_ref().unwrap();
     assert!(app.hooks[0].is_app());
     assert_eq!(
@@ -1467,10 +1478,10 @@ provider = "github"
 secret = "env:S"
 catch_up = { hook = "https://api.github.com/app/hook", token = "env:HOOKS" }
 
-[source.repo_with_app]
+[source.key_without_app]
 provider = "github"
 secret = "env:S"
-catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", app = "1", key = "env:APP_KEY" }
+catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", key = "env:APP_KEY" }
 
 [source.bad_key]
 provider = "github"
@@ -1525,7 +1536,7 @@ catch_up = { hooks = [], token = "env:HOOKS" }
         "a.toml:30: source.both.catch_up: give a token, or a GitHub App's app and key, not both",
         "a.toml:35: source.keyless.catch_up: a GitHub App is read with both its app",
         "a.toml:40: source.app_with_token.catch_up.hook: https://api.github.com/app/hook is a GitHub App's own hook, which only the App may read",
-        "a.toml:45: source.repo_with_app.catch_up.hook: an App's ID and key read only the App's own hook (https://api.github.com/app/hook)",
+        "a.toml:45: source.key_without_app.catch_up: a GitHub App is read with both its app",
         "a.toml:50: source.bad_key.catch_up.key (env:NOT_A_KEY): the App's private key",
         "a.toml:55: source.bad_app.catch_up.app: \"my app\" is not a GitHub App's ID",
         "a.toml:60: source.lab_with_github_hook.catch_up.hook: https://api.github.com/repos/a/b/hooks/1 is a GitHub hook's address, and this source's provider is gitlab",
