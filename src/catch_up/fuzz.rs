@@ -23,6 +23,13 @@ pub fn delivery_log(data: &[u8]) {
     if let Some(hook) = &hook {
         assert!(hook.path.contains("/hooks/") || hook.is_app(), "{hook:?}");
         assert!(hook.first_page().starts_with(&hook.path));
+        if let Some((path, covered)) = hook.installation() {
+            assert!(
+                path.ends_with("/installation") && path.starts_with('/'),
+                "{path}"
+            );
+            assert!(!covered.is_empty() && !hook.is_app(), "{hook:?}");
+        }
     }
     if let (Some(hook), Some(next)) = (&hook, next_link(link))
         && let Some(path) = hook.within(&next)

@@ -205,8 +205,19 @@ impl HookUrl {
             && !parts[parts.len() - 3].is_empty()
             && parts[parts.len() - 5] == "v4"
             && parts[parts.len() - 6] == "api";
-        let is_github = numbered_hook && (path.contains("/repos/") || path.contains("/orgs/"));
-        let is_app_hook = path == "/app/hook" || path.ends_with("/api/v3/app/hook");
+        // GitHub: [/api/v3]/repos/OWNER/REPO/hooks/ID or [/api/v3]/orgs/ORG/hooks/ID.
+        let github_parts: Vec<&str> = path
+            .strip_prefix("/api/v3")
+            .unwrap_or(&path)
+            .split('/')
+            .collect();
+        let is_github = numbered_hook
+            && match github_parts.as_slice() {
+                ["", "repos", owner, repo, "hooks", _] => !owner.is_empty() && !repo.is_empty(),
+                ["", "orgs", org, "hooks", _] => !org.is_empty(),
+                _ => false,
+            };
+        let is_app_hook = path == "/app/hook" || path == "/api/v3/app/hook";
         let forge = match (is_gitlab, is_github || is_app_hook) {
             (true, _) => Forge::GitLab,
             (false, true) => Forge::GitHub,
@@ -240,8 +251,7 @@ impl HookUrl {
 
     /// A GitHub App's own hook (`…/app/hook`), read with the App's token.
     pub fn is_app(&self) -> bool {
-        self.forge == Forge::GitHub
-            && (self.path == "/app/hook" || self.path.ends_with("/api/v3/app/hook"))
+        self.forge == Forge::GitHub && (self.path == "/app/hook" || self.path == "/api/v3/app/hook")
     }
 
     /// The REST API's root the hook is under (`https://api.github.com`,
@@ -1010,6 +1020,12 @@ mod tests {
             "https://gitlab.example.com/api/v3/projects/9/hooks/1",
             "https://gitlab.example.com/acme/app/-/hooks/1/edit",
             "https://api.github.com/repos/acme/app/app/hook",
+            "https://api.github.com/orgs//hooks/1",
+            "https://api.github.com/repos/acme//hooks/1",
+            "https://api.github.com/repos//app/hooks/1",
+            "https://api.github.com/repos/acme/app/extra/hooks/1",
+            "https://api.github.com/x/repos/acme/app/hooks/1",
+            "https://ghe.example.com/x/api/v3/app/hook",
             "https://api.github.com/app/hooks",
             "https://api.github.com/app",
             "https://github.com/acme/app/settings/hooks/123",
