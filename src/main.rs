@@ -62,8 +62,12 @@ struct CatchUpArgs {
     #[command(flatten)]
     state: StateArg,
     /// The [source.NAME] the hook sends to: webhooks it stored are left alone.
-    #[arg(long, value_name = "NAME")]
-    source: String,
+    #[arg(long, value_name = "NAME", required_unless_present = "all")]
+    source: Option<String>,
+    /// Every source with `catch_up = { … }` in --config, in name order, each with its own
+    /// hooks and credential (after an outage, one command for all).
+    #[arg(long, conflicts_with_all = ["source", "hook", "token", "app", "key"])]
+    all: bool,
     /// The hook's API address: https://api.github.com/repos/OWNER/REPO/hooks/ID (or
     /// …/orgs/ORG/hooks/ID, a GitHub App's own https://api.github.com/app/hook;
     /// https://HOST/api/v3/… on GitHub Enterprise Server; on GitLab
@@ -380,10 +384,10 @@ fn catch_up(args: CatchUpArgs) -> ExitCode {
         Ok(since) => since.expect("a --since was given"),
         Err(code) => return code,
     };
-    commands::catch_up::catch_up(commands::catch_up::CatchUpArgs {
+    let asked = commands::catch_up::CatchUpArgs {
         store: &store,
         config: &args.config.path,
-        source: &args.source,
+        source: args.source.as_deref().unwrap_or_default(),
         hook: args.hook.as_deref(),
         token: args.token.as_deref(),
         app: args.app.as_deref(),
@@ -392,7 +396,11 @@ fn catch_up(args: CatchUpArgs) -> ExitCode {
         most: args.most,
         dry_run: args.dry_run,
         json: args.json,
-    })
+    };
+    match args.all {
+        true => commands::catch_up::catch_up_all(asked),
+        false => commands::catch_up::catch_up(asked),
+    }
 }
 
 /// `hookrelay explain`: a payload file, a stored delivery or a schedule, offline.

@@ -100,8 +100,15 @@ fn texts(output: &std::process::Output) -> (String, String) {
 /// `hookrelay catch-up --source github FLAG` without `--hook`: the source's catch_up in
 /// the configuration at `dir` says which hooks, and which token.
 fn catch_up_as_configured(dir: &std::path::Path, flag: &str) -> std::process::Output {
+    catch_up_from_config(dir, &["--source", "github", flag])
+}
+
+/// `hookrelay catch-up ARGS --config DIR --state DIR/state`.
+fn catch_up_from_config(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(BIN)
-        .args(["catch-up", "--source", "github", flag, "--config"])
+        .arg("catch-up")
+        .args(args)
+        .arg("--config")
         .arg(dir)
         .arg("--state")
         .arg(dir.join("state"))
@@ -926,6 +933,32 @@ async fn every_hook_of_a_sources_catch_up_is_read() {
             format!("{url}/repos/acme/c/hooks/3"),
         ]
     );
+
+    // --all reads every source with catch_up (here the one), each as configured.
+    github.answer_next(Answer::new(200, "[]"));
+    github.answer_next(Answer::new(200, "[]"));
+    let asked_before = github.received().len();
+    let output = catch_up_from_config(dir.path(), &["--all", "--dry-run"]);
+    let (stdout, stderr) = texts(&output);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert_eq!(
+        stdout.matches("in the store of source \"github\"").count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(github.received().len(), asked_before + 2);
+    let output = catch_up_from_config(dir.path(), &["--all", "--source", "github"]);
+    assert_eq!(output.status.code(), Some(2));
+    let bare = tempfile::tempdir().unwrap();
+    write(
+        bare.path(),
+        "relay.toml",
+        "[upstream.gitlab]\nurl = \"http://127.0.0.1:1\"\n",
+    );
+    let output = catch_up_from_config(bare.path(), &["--all"]);
+    let (_, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no source in"), "{stderr}");
 }
 
 /// A GitHub App reads a repository's hook through its installation there: the App's

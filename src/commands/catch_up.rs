@@ -109,14 +109,54 @@ fn chosen(args: &CatchUpArgs<'_>) -> Result<(Vec<HookUrl>, CredentialRef), Strin
 }
 
 /// Exit status 0 when every event that needed it was redelivered (or, in a dry run,
-/// listed); 1 when GitHub refused some, stopped the run, or its log or the store could
-/// not be read; 2 for arguments that cannot be used.
+/// listed); 1 when the forge refused some, stopped the run, does not call the hook, or its
+/// log or the store could not be read; 2 for arguments that cannot be used.
 pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
+    ExitCode::from(catch_up_source(&args))
+}
+
+/// `--all`: every source with `catch_up` in `--config`, in name order, each as
+/// `--source NAME` alone runs it; the worst exit status of them.
+pub fn catch_up_all(args: CatchUpArgs<'_>) -> ExitCode {
+    let loaded = match crate::config::load_without_secrets(args.config) {
+        Ok(loaded) => loaded,
+        Err(problems) => {
+            eprintln!(
+                "hookrelay catch-up: the configuration at {} (--config) cannot be read:\n{problems}",
+                args.config.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let mut sources: Vec<&str> = loaded
+        .sources
+        .values()
+        .filter(|source| source.catch_up.is_some())
+        .map(|source| source.name.as_str())
+        .collect();
+    sources.sort_unstable();
+    if sources.is_empty() {
+        eprintln!(
+            "hookrelay catch-up: no source in {} (--config) has catch_up = {{ hook = \"…\", … }}",
+            args.config.display()
+        );
+        return ExitCode::from(2);
+    }
+    let worst = sources
+        .into_iter()
+        .map(|source| catch_up_source(&CatchUpArgs { source, ..args }))
+        .max()
+        .unwrap_or_default();
+    ExitCode::from(worst)
+}
+
+/// One source's run; its exit status.
+fn catch_up_source(args: &CatchUpArgs<'_>) -> u8 {
     let refused = |message: String| {
         eprintln!("hookrelay catch-up: {message}");
-        ExitCode::from(2)
+        2
     };
-    let (hooks, credential) = match chosen(&args) {
+    let (hooks, credential) = match chosen(args) {
         Ok(chosen) => chosen,
         Err(message) => return refused(message),
     };
@@ -134,7 +174,7 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
         Ok(store) => store,
         Err(err) => {
             eprintln!("hookrelay catch-up: {err}");
-            return ExitCode::FAILURE;
+            return 1;
         }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -144,7 +184,7 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("hookrelay catch-up: cannot start: {err}");
-            return ExitCode::FAILURE;
+            return 1;
         }
     };
     // Each hook in turn (a source's catch_up may name several); one whose log cannot be
@@ -182,11 +222,7 @@ pub fn catch_up(args: CatchUpArgs<'_>) -> ExitCode {
             && report.left.is_empty()
             && report.hook_disabled.is_none();
     }
-    if all_done {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    u8::from(!all_done)
 }
 
 fn described(event: &Event) -> String {
