@@ -163,9 +163,21 @@ pub(super) fn compile_source(
                 .map_err(|err| format!("source.{name}.timestamp_tolerance: {err}"))
         },
     );
-    let limit = raw
-        .limit
-        .and_then(|limit| compile_source_limit(name, limit, problems, &mut ok));
+    let limit = raw.limit.and_then(|limit| {
+        let span = limit.span();
+        let compiled = compile_source_limit(name, limit, problems, &mut ok)?;
+        if compiled.on_limit == crate::limits::OnLimit::Reject
+            && let Some(lost) = refused_webhooks_lost(provider, catch_up.is_some())
+        {
+            problems.warn(
+                span,
+                format!(
+                    "source.{name}.limit: on_limit = \"reject\" answers 429 {lost}; on_limit = \"queue\" (the default) takes every webhook and holds its triggers instead"
+                ),
+            );
+        }
+        Some(compiled)
+    });
     let url_refs = raw
         .url_refs
         .and_then(|refs| compile_url_refs(name, refs, problems, &mut ok));
@@ -255,6 +267,23 @@ fn fields_apply_to(
         }
     }
     ok
+}
+
+/// What becomes of a webhook a source's limit refuses with `429`, where it is lost:
+/// GitLab counts the refusal as a failed delivery and stops calling the hook after four
+/// in a row; GitHub never sends it again unless the relay's catch-up asks.
+fn refused_webhooks_lost(provider: Provider, catch_up: bool) -> Option<&'static str> {
+    match provider {
+        Provider::Gitlab => Some(
+            "to GitLab, which counts it as a failed delivery and stops calling a project's \
+             hook after four in a row, neither sending nor logging webhooks meanwhile",
+        ),
+        Provider::Github if !catch_up => Some(
+            "to GitHub, which never sends that webhook again (catch_up on this source would \
+             have it redelivered)",
+        ),
+        _ => None,
+    }
 }
 
 /// A source's `limit = { rate, on_limit }` (queueing by default).

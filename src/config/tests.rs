@@ -1556,3 +1556,47 @@ catch_up = { hooks = [], token = "env:HOOKS" }
     assert!(problems[5].contains("evry"), "{problems:#?}");
     assert_eq!(problems.len(), expect.len(), "{problems:#?}");
 }
+
+#[test]
+fn a_source_limit_that_refuses_webhooks_from_gitlab_or_github_is_warned_about() {
+    let text = r#"[upstream.gitlab]
+url = "https://gitlab.example.com"
+
+[source.lab]
+provider = "gitlab"
+secret = "env:S"
+limit = { rate = "100/min", on_limit = "reject" }
+
+[source.hub]
+provider = "github"
+secret = "env:S"
+limit = { rate = "100/min", on_limit = "reject" }
+
+[source.hub_caught_up]
+provider = "github"
+secret = "env:S"
+limit = { rate = "100/min", on_limit = "reject" }
+catch_up = { hook = "https://api.github.com/repos/a/b/hooks/1", token = "env:T" }
+
+[source.tea]
+provider = "gitea"
+secret = "env:S"
+limit = { rate = "100/min", on_limit = "reject" }
+
+[source.queued]
+provider = "gitlab"
+secret = "env:S"
+limit = { rate = "100/min" }
+"#;
+    let config = load_text(&[("a.toml", text)], SECRETS).unwrap();
+    let warned = warnings(&config);
+    assert_eq!(warned.len(), 2, "{warned:#?}");
+    assert!(
+        warned[0].starts_with("a.toml:7: source.lab.limit: on_limit = \"reject\" answers 429 to GitLab, which counts it as a failed delivery"),
+        "{warned:#?}"
+    );
+    assert!(
+        warned[1].starts_with("a.toml:12: source.hub.limit: on_limit = \"reject\" answers 429 to GitHub, which never sends that webhook again"),
+        "{warned:#?}"
+    );
+}
