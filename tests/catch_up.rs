@@ -840,6 +840,44 @@ async fn a_relay_with_catch_up_on_a_gitlab_source_resends_at_its_start() {
     );
     let (_, lines) = served.terminate();
     assert!(lines.iter().all(|line| !line.contains(GITLAB_TOKEN)));
+
+    // Started again while GitLab has stopped calling the hook: said in the log and the
+    // metric, and nothing is resent.
+    gitlab.answer_next(Answer::new(
+        200,
+        r#"{"id": 7, "alert_status": "disabled", "disabled_until": null}"#,
+    ));
+    gitlab.answer_next(Answer::new(
+        200,
+        &serde_json::json!([logged(5, Some("lost-again"), "internal error")]).to_string(),
+    ));
+    let before = gitlab.received().len();
+    let mut command = Command::new(BIN);
+    command.env("CATCH_UP_TEST_TOKEN", GITLAB_TOKEN);
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    let line = served.wait_for("GitLab does not call the relay's hook now");
+    assert!(line.contains("after forty failures"), "{line}");
+    // The pass counts right after its log line: read until it has (at most 5 s).
+    let counted = |text: &str| {
+        text.contains("hookrelay_catch_up_total{source=\"gitlab\",outcome=\"hook_disabled\"} 1")
+            && text.contains("hookrelay_catch_up_total{source=\"gitlab\",outcome=\"left\"} 1")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut metrics = String::new();
+    while !counted(&metrics) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        metrics = send(
+            "GET",
+            &format!("http://{}/metrics", served.address()),
+            &[],
+            "",
+        )
+        .await
+        .text();
+    }
+    assert!(counted(&metrics), "{metrics}");
+    assert_eq!(gitlab.received().len(), before + 2, "nothing resent");
+    served.terminate();
 }
 
 /// A source's catch_up may name several hooks (one per repository sending to it): the
