@@ -95,10 +95,10 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
     }
 }
 
-/// Relays sharing a PostgreSQL store take turns: one pass of a source per `every` among
-/// them all (one admission per `every` on the shared limits), so a hook's log is read and
-/// its webhooks redelivered once, not once per relay. `Some(wait)` when another relay
-/// took this turn. A relay whose last pass was some turns ago reads back to it, so
+/// Relays sharing a PostgreSQL store take turns: one pass of each hook of a source per
+/// `every` among them all (one admission per `every` on the shared limits), so its log is
+/// read and its webhooks redelivered once, not once per relay. `Some(wait)` when another
+/// relay took this turn. A relay whose last pass was some turns ago reads back to it, so
 /// nothing falls between passes made by different relays. When the database cannot say,
 /// the pass is made: a redelivery asked for twice arrives as a duplicate, one not asked
 /// for is lost.

@@ -33,8 +33,9 @@ pub mod gitlab;
 use github_app::AppKey;
 
 /// `[source.NAME] catch_up = { hook = "…", token = "env:NAME", every = "10m", since = "24h" }`
-/// (or `app = "…", key = "file:…"` for a GitHub App's own hook): the relay runs a pass
-/// over the hook's log at its start and then every `every` ([`crate::catch_up_passes`]).
+/// (or `hooks = […]`; or `app = "…", key = "file:…"` for a GitHub App): the relay runs a
+/// pass over each hook's log at its start and then every `every`
+/// ([`crate::catch_up_passes`]).
 #[derive(Clone, Debug)]
 pub struct CatchUpConfig {
     /// The hooks sending to the source (one, or one per repository or project), each read
@@ -48,8 +49,9 @@ pub struct CatchUpConfig {
     pub since: std::time::Duration,
 }
 
-/// What a catch-up asks GitHub with, as configured: a token for a repository's or an
-/// organisation's hook, or a GitHub App's ID and private key for the App's own hook.
+/// What a catch-up asks the forge with, as configured: a token, or a GitHub App's ID and
+/// private key (for the App's own hook, or a repository's or organisation's hook through
+/// the App's installation there).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CredentialRef {
     Token(SecretRef),
@@ -93,7 +95,9 @@ impl CredentialRef {
                 hook.shown()
             )),
             (CredentialRef::Token(_), true) => Err(format!(
-                "{} is a GitHub App's own hook, which only the App may read: give the App's                  ID and private key (app = \"…\", key = \"file:…\"; --app and --key) instead                  of a token",
+                "{} is a GitHub App's own hook, which only the App may read: give the App's \
+                 ID and private key (app = \"…\", key = \"file:…\"; --app and --key) instead \
+                 of a token",
                 hook.shown()
             )),
             _ => Ok(()),
@@ -254,8 +258,6 @@ impl HookUrl {
         self.forge == Forge::GitHub && (self.path == "/app/hook" || self.path == "/api/v3/app/hook")
     }
 
-    /// The REST API's root the hook is under (`https://api.github.com`,
-    /// `https://HOST/api/v3`), for messages.
     /// The path of GitHub's REST API root (empty, or Enterprise Server's `/api/v3`).
     fn api_prefix(&self) -> &str {
         ["/repos/", "/orgs/", "/app/hook"]
@@ -429,9 +431,10 @@ pub struct Report {
     pub rejected: Vec<Event>,
     /// Redelivered (or, in a dry run, to be).
     pub redelivered: Vec<Event>,
-    /// Events whose redelivery GitHub refused, with its answer.
+    /// Events whose redelivery the forge refused, with its answer.
     pub refused: Vec<(Event, String)>,
-    /// Events left for another run: past `--most`, or after GitHub's rate limit.
+    /// Events left for another run: past `--most`, after the forge's rate limit, or while
+    /// GitLab does not call the hook.
     pub left: Vec<Event>,
     /// Why the run stopped early, if it did.
     pub stopped: Option<String>,
@@ -462,7 +465,7 @@ pub struct CatchUp<'a> {
 }
 
 impl CatchUp<'_> {
-    /// Reads the hook's log back to `since`, then asks GitHub to redeliver each event no
+    /// Reads the hook's log back to `since`, then asks the forge to redeliver each event no
     /// attempt delivered and `is_stored` does not know. Fails only when the log cannot
     /// be read; refused redeliveries are in the report.
     pub async fn run(
@@ -573,18 +576,7 @@ impl CatchUp<'_> {
             let Some(path) = page.take() else {
                 return Ok((attempts, false));
             };
-            let answer = client
-                .call(
-                    Method::GET,
-                    &path,
-                    asking.headers(client).await?,
-                    Bytes::new(),
-                )
-                .await
-                .map_err(|err| format!("{}: {err}", self.hook.shown()))?;
-            if answer.status != StatusCode::OK {
-                return Err(self.log_refused(&answer, asking));
-            }
+            let answer = self.read(client, asking, &path).await?;
             let listed: Vec<T> = serde_json::from_slice(&answer.body).map_err(|err| {
                 format!(
                     "{forge}'s list of deliveries of {} cannot be read: {err}",
@@ -623,24 +615,31 @@ impl CatchUp<'_> {
         Ok((attempts, page.is_some()))
     }
 
+    /// `GET path` on the hook's host; anything but `200` is said with what to check.
+    async fn read(
+        &self,
+        client: &Upstream,
+        asking: &mut Authorization<'_>,
+        path: &str,
+    ) -> Result<UpstreamResponse, String> {
+        let headers = asking.headers(client).await?;
+        let answer = client
+            .call(Method::GET, path, headers, Bytes::new())
+            .await
+            .map_err(|err| format!("{}: {err}", self.hook.shown()))?;
+        if answer.status != StatusCode::OK {
+            return Err(self.log_refused(&answer, asking));
+        }
+        Ok(answer)
+    }
+
     /// Why GitLab does not call the hook now, if it does not (`GET …/hooks/:hook_id`).
     async fn gitlab_hook_disabled(
         &self,
         client: &Upstream,
         asking: &mut Authorization<'_>,
     ) -> Result<Option<String>, String> {
-        let answer = client
-            .call(
-                Method::GET,
-                &self.hook.path,
-                asking.headers(client).await?,
-                Bytes::new(),
-            )
-            .await
-            .map_err(|err| format!("{}: {err}", self.hook.shown()))?;
-        if answer.status != StatusCode::OK {
-            return Err(self.log_refused(&answer, asking));
-        }
+        let answer = self.read(client, asking, &self.hook.path).await?;
         let state: gitlab::HookState = serde_json::from_slice(&answer.body)
             .map_err(|err| format!("GitLab's hook {} cannot be read: {err}", self.hook.shown()))?;
         Ok(state.disabled())
@@ -746,7 +745,7 @@ fn resent_answer(body: &[u8]) -> Option<u16> {
     }
 }
 
-/// `; GitHub asks to wait N s` when its answer says how long (`Retry-After`, read as the
+/// `; GitHub asks to wait N s` (or GitLab) when its answer says how long (`Retry-After`, read as the
 /// retries read it).
 fn wait_asked(answer: &UpstreamResponse, forge: &str) -> String {
     crate::retry::wait_asked_for(&answer.headers, SystemTime::now())
@@ -1050,7 +1049,11 @@ mod tests {
         let repo = HookUrl::parse("https://api.github.com/repos/a/b/hooks/1").unwrap();
         let own = HookUrl::parse("https://api.github.com/app/hook").unwrap();
         assert!(token.fits(&repo).is_ok() && app.fits(&own).is_ok());
-        assert!(token.fits(&own).unwrap_err().contains("--app and --key"));
+        let refused = token.fits(&own).unwrap_err();
+        assert!(
+            refused.contains("--app and --key") && !refused.contains("  "),
+            "{refused}"
+        );
         // An App reads a repository's hook through its installation there.
         assert!(app.fits(&repo).is_ok());
         let lab = HookUrl::parse("https://gitlab.example.com/api/v4/projects/1/hooks/2").unwrap();
