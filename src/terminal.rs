@@ -14,8 +14,9 @@ fn is_unsafe(c: char) -> bool {
     c.is_control() && c != '\n' && c != '\t'
 }
 
-/// Where the first character [`is_unsafe`] starts in `text`, read byte by byte (every log
-/// line passes through here, and decoding each character took a fifth of a line's cost):
+/// Where the first character to show escaped (`is_unsafe`, which the tests hold it to)
+/// starts in `text`, read byte by byte (every log line passes through here, and decoding
+/// each character took a fifth of a line's cost):
 /// control characters are U+0000–U+001F, U+007F (one byte each) and U+0080–U+009F (0xC2
 /// then 0x80–0x9F in UTF-8; no other character's encoding holds that pair).
 fn first_unsafe(text: &str) -> Option<usize> {

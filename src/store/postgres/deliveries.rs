@@ -6,6 +6,8 @@ use std::collections::HashMap;
 
 use super::PostgresEngine;
 use super::keys::Touch;
+#[cfg(doc)]
+use crate::store::Engine;
 use crate::store::{Accepted, EngineError, NewDelivery};
 
 impl PostgresEngine {
