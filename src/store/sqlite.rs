@@ -1,6 +1,8 @@
 //! The embedded engine: SQLite in WAL mode under the state folder. This file holds the
-//! connection, transactions and the [`Engine`] interface; beside it, `schema` (the
-//! versioned migrations) and `checkpoint` (copying the WAL back on a thread of its own).
+//! connection, transactions and the [`Engine`] interface; beside it, as the PostgreSQL
+//! engine is laid out, `deliveries` (recording a webhook and its work), `keys` (the
+//! queue's key rows and claims), `schema` (the versioned migrations) and `checkpoint`
+//! (copying the WAL back on a thread of its own).
 //!
 //! Only the outbox's writer thread writes while the relay runs (SQLite takes one writer at
 //! a time anyway); `deliveries` and `replay` open their own connection beside it. Tokens
@@ -16,6 +18,8 @@
 //! triggers is kept in `outbox_stats` by the same transactions that change it.
 
 mod checkpoint;
+mod deliveries;
+mod keys;
 mod schema;
 
 use std::os::unix::fs::MetadataExt;
@@ -25,11 +29,13 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use checkpoint::Checkpointer;
+use deliveries::{insert_delivery, insert_work};
+use keys::{claim, hold_upstream};
 use schema::MIGRATIONS;
 
 use super::{
-    Accepted, CancelTarget, Claimed, DeliveryRow, Depth, DueTrigger, Engine, EngineError, Lease,
-    ListFilter, NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, SqlValue, StoredWebhook,
+    Accepted, CancelTarget, Claimed, DeliveryRow, Depth, Engine, EngineError, Lease, ListFilter,
+    NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, SqlValue, StoredWebhook,
     UpstreamHold,
 };
 
@@ -148,31 +154,6 @@ impl SqliteEngine {
         }
     }
 
-    /// The next unfinished trigger of a key becomes its head, or the key goes.
-    fn advance_key(&self, order_key: &str) -> rusqlite::Result<()> {
-        let next: Option<(i64, i64)> = self
-            .conn
-            .prepare_cached(
-                "SELECT id, due_at FROM triggers WHERE order_key = ?1 AND state IN ('queued', 'sending')
-                 ORDER BY id LIMIT 1",
-            )?
-            .query_row(params![order_key], |row| Ok((row.get(0)?, row.get(1)?)))
-            .optional()?;
-        match next {
-            Some((head, due_at)) => self
-                .conn
-                .prepare_cached(
-                    "UPDATE queue_keys SET head = ?2, due_at = ?3 WHERE order_key = ?1",
-                )?
-                .execute(params![order_key, head, due_at]),
-            None => self
-                .conn
-                .prepare_cached("DELETE FROM queue_keys WHERE order_key = ?1")?
-                .execute(params![order_key]),
-        }?;
-        Ok(())
-    }
-
     /// Counts a change to the number of unfinished triggers: kept for the commit inside a
     /// transaction, written at once outside one.
     fn add_open(&self, change: i64) -> rusqlite::Result<()> {
@@ -190,17 +171,6 @@ impl SqliteEngine {
                 .prepare_cached("UPDATE outbox_stats SET open = open + ?1 WHERE id = 1")?
                 .execute(params![change])?;
         }
-        Ok(())
-    }
-
-    /// A new queued trigger joins its key's queue; it becomes the head if the key is idle.
-    fn enqueue(&self, order_key: &str, id: i64, due_at: i64) -> rusqlite::Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO queue_keys (order_key, head, due_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (order_key) DO NOTHING",
-            )?
-            .execute(params![order_key, id, due_at])?;
         Ok(())
     }
 
@@ -885,236 +855,6 @@ impl SqliteEngine {
             .map_err(error)?
             .transpose()
     }
-}
-
-fn insert_delivery(
-    engine: &SqliteEngine,
-    delivery: &NewDelivery,
-    now: i64,
-) -> rusqlite::Result<Accepted> {
-    let delivery = super::text::delivery(delivery);
-    let delivery = delivery.as_ref();
-    let conn = &engine.conn;
-    let headers = serde_json::to_string(&delivery.headers).expect("headers serialize");
-    // The UNIQUE index decides: no row inserted means the source sent this id before.
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO deliveries (source, delivery_id, received_at, event_type, headers, body, summary, body_encoding)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (source, delivery_id) DO NOTHING",
-        )?
-        .execute(params![
-            delivery.source,
-            delivery.delivery_id,
-            now,
-            delivery.event_type,
-            headers,
-            &delivery.body.bytes[..],
-            delivery.summary,
-            delivery.body.encoding
-        ])?;
-    if inserted == 0 {
-        let row = conn
-            .prepare_cached("SELECT id FROM deliveries WHERE source = ?1 AND delivery_id = ?2")?
-            .query_row(params![delivery.source, delivery.delivery_id], |row| {
-                row.get(0)
-            })?;
-        return Ok(Accepted::Duplicate { delivery_row: row });
-    }
-    let delivery_row = conn.last_insert_rowid();
-    let (trigger_ids, coalesced) = insert_work(engine, delivery_row, &delivery.triggers, now)?;
-    Ok(Accepted::Queued {
-        delivery_row,
-        trigger_ids,
-        coalesced,
-    })
-}
-
-/// Inserts a delivery's triggers (or other work): each joins its key's queue, merges into
-/// a waiting twin in its `coalesce` window, or is recorded finished (a gateway call).
-/// Returns the ids, and for each the trigger it was merged into.
-fn insert_work(
-    engine: &SqliteEngine,
-    delivery_row: i64,
-    work: &[super::NewTrigger],
-    now: i64,
-) -> rusqlite::Result<(Vec<i64>, Vec<Option<i64>>)> {
-    let conn = &engine.conn;
-    let mut trigger_ids = Vec::with_capacity(work.len());
-    let mut coalesced = Vec::with_capacity(work.len());
-    let mut opened = 0;
-    for trigger in work {
-        let order_key = trigger.order_key();
-        // Coalescing: an identical trigger still waiting in its window takes this one in.
-        let coalesce_key = trigger.coalesce_key(&order_key);
-        let into: Option<i64> = match &coalesce_key {
-            None => None,
-            Some(key) => conn
-                .prepare_cached(
-                    "SELECT id FROM triggers WHERE coalesce_key = ?1 AND state = 'queued' AND due_at > ?2
-                     ORDER BY id LIMIT 1",
-                )?
-                .query_row(params![key, now], |row| row.get(0))
-                .optional()?,
-        };
-        let (state, due_at) = trigger.initial_state(into, now);
-        let finished = trigger.finished();
-        let end = finished.unwrap_or_default();
-        conn.prepare_cached(
-            "INSERT INTO triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                                   order_key, state, created_at, due_at, updated_at, coalesce_key, coalesced_into,
-                                   kind, status_target, pipeline_id, last_status, last_error, pipeline_url)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?11, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
-        )?
-        .execute(params![
-            delivery_row,
-            trigger.rule,
-            trigger.upstream,
-            trigger.project,
-            trigger.git_ref,
-            trigger.token_ref,
-            trigger.variables,
-            trigger.inputs,
-            order_key,
-            state,
-            now,
-            due_at,
-            coalesce_key,
-            into,
-            trigger.kind.as_str(),
-            trigger.status_target,
-            trigger.pipeline_id.or(end.pipeline_id),
-            end.status,
-            end.error,
-            end.pipeline_url
-        ])?;
-        let id = conn.last_insert_rowid();
-        match &trigger.done {
-            Some(_) if finished.is_some() => {}
-            Some(done) => {
-                engine.write_outcome(id, None, done, now)?;
-            }
-            None if into.is_none() => {
-                engine.enqueue(&order_key, id, due_at)?;
-                opened += 1;
-            }
-            None => {}
-        }
-        trigger_ids.push(id);
-        coalesced.push(into);
-    }
-    engine.add_open(opened)?;
-    Ok((trigger_ids, coalesced))
-}
-
-/// The keys whose head is due, earliest first.
-const DUE_KEYS: &str =
-    "SELECT order_key, head FROM queue_keys WHERE due_at IS NOT NULL AND due_at <= ?1
-     ORDER BY due_at LIMIT ?2";
-
-/// Leases the heads of up to `limit` due keys, earliest due first.
-fn claim(engine: &SqliteEngine, now: i64, limit: usize) -> rusqlite::Result<Claimed> {
-    let conn = &engine.conn;
-    let heads: Vec<(String, i64)> = conn
-        .prepare_cached(DUE_KEYS)?
-        .query_map(params![now, limit as i64], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut due = Vec::with_capacity(heads.len());
-    for (order_key, head) in heads {
-        let trigger = conn
-            .prepare_cached(
-                "UPDATE triggers SET state = 'sending', attempts = attempts + 1, updated_at = ?2, lease = ?3
-                 WHERE id = ?1 AND state = 'queued'
-                 RETURNING id, delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                           attempts, created_at, lease, kind, pipeline_id, status_target IS NOT NULL",
-            )?
-            // A fresh random token per claim fences outcomes of older claims out.
-            .query_row(params![head, now, fastrand::i64(1..)], |row| {
-                let attempts: i64 = row.get(9)?;
-                Ok(DueTrigger {
-                    id: row.get(0)?,
-                    kind: super::WorkKind::parse(&row.get::<_, String>(12)?),
-                    pipeline_id: row.get(13)?,
-                    lease: Lease {
-                        trigger: row.get(0)?,
-                        token: row.get(11)?,
-                        reports_status: row.get(14)?,
-                    },
-                    delivery_row: row.get(1)?,
-                    delivery_id: String::new(),
-                    source: String::new(),
-                    rule: row.get(2)?,
-                    upstream: row.get(3)?,
-                    project: row.get(4)?,
-                    git_ref: row.get(5)?,
-                    order_key: order_key.clone(),
-                    token_ref: row.get(6)?,
-                    variables: serde_json::from_str(&row.get::<_, String>(7)?).unwrap_or_default(),
-                    inputs: serde_json::from_str(&row.get::<_, String>(8)?).unwrap_or_default(),
-                    attempts: attempts - 1,
-                    created_at: row.get(10)?,
-                })
-            })
-            .optional()?;
-        conn.prepare_cached("UPDATE queue_keys SET due_at = NULL WHERE order_key = ?1")?
-            .execute(params![order_key])?;
-        let Some(mut trigger) = trigger else {
-            // A head that is not waiting (repaired by hand, say): move the key on.
-            engine.advance_key(&order_key)?;
-            continue;
-        };
-        (trigger.delivery_id, trigger.source) = conn
-            .prepare_cached("SELECT delivery_id, source FROM deliveries WHERE id = ?1")?
-            .query_row(params![trigger.delivery_row], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })?;
-        due.push(trigger);
-    }
-    let next_due = conn
-        .prepare_cached("SELECT min(due_at) FROM queue_keys WHERE due_at IS NOT NULL")?
-        .query_row([], |row| row.get(0))?;
-    Ok(Claimed { due, next_due })
-}
-
-/// Moves up to `limit` due keys of a down upstream past its pause, earliest due first (the
-/// due-time index), and their heads with them.
-fn hold_upstream(
-    engine: &SqliteEngine,
-    hold: &UpstreamHold,
-    limit: usize,
-    now: i64,
-) -> rusqlite::Result<usize> {
-    let conn = &engine.conn;
-    // SQLite makes every change of an `UPDATE … RETURNING` at its first step: the
-    // heads' updates below never meet a half-done key update.
-    let moved: Vec<(i64, i64)> = conn
-        .prepare_cached(
-            "UPDATE queue_keys SET due_at = ?2 + abs(random() % ?3)
-             WHERE order_key IN (
-                 SELECT k.order_key FROM queue_keys k JOIN triggers t ON t.id = k.head
-                 WHERE k.due_at IS NOT NULL AND k.due_at < ?2
-                   AND t.upstream = ?1 AND t.kind = 'trigger' AND t.state = 'queued'
-                 ORDER BY k.due_at LIMIT ?4)
-             RETURNING head, due_at",
-        )?
-        .query_map(
-            params![
-                hold.upstream,
-                hold.until,
-                hold.spread_ms.max(1),
-                limit as i64
-            ],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut head = conn.prepare_cached(
-        "UPDATE triggers SET due_at = ?2, last_error = ?3, updated_at = ?4 WHERE id = ?1",
-    )?;
-    for (id, due_at) in &moved {
-        head.execute(params![id, due_at, hold.reason, now])?;
-    }
-    Ok(moved.len())
 }
 
 /// The start of a statement that finds deliveries by their delivery id alone, through the

@@ -250,7 +250,7 @@ fn claims_of_changing_room_are_not_prepared_again() {
     for room in [1, 7, 2, 64, 3] {
         claim(&engine, 0, room).unwrap();
     }
-    let statement = engine.conn.prepare_cached(DUE_KEYS).unwrap();
+    let statement = engine.conn.prepare_cached(keys::DUE_KEYS).unwrap();
     assert_eq!(
         statement.get_status(rusqlite::StatementStatus::RePrepare),
         0
