@@ -8,7 +8,7 @@
 //! linked to is followed only on the hook's own origin; every attempt read belongs to
 //! exactly one event.
 
-use super::{Attempt, HookUrl, events, gitlab, next_link, resent_answer};
+use super::{Attempt, HookUrl, events, gitlab, next_link};
 
 /// Drives the parsers with arbitrary bytes and checks their invariants.
 pub fn delivery_log(data: &[u8]) {
@@ -42,7 +42,7 @@ pub fn delivery_log(data: &[u8]) {
     if let Ok(state) = serde_json::from_str::<gitlab::HookState>(page) {
         let _ = state.disabled();
     }
-    let _ = resent_answer(page.as_bytes());
+    let _ = gitlab::resent_answer(page.as_bytes());
     let Ok(attempts) = serde_json::from_str::<Vec<Attempt>>(page) else {
         return;
     };

@@ -58,19 +58,13 @@ impl LoggedAttempt {
     /// The answer's status code, `0` for none (`internal error`: GitLab could not
     /// connect, or timed out).
     pub fn code(&self) -> u16 {
-        match &self.response_status {
-            serde_json::Value::Number(number) => number.as_u64().map_or(0, |n| n as u16),
-            serde_json::Value::String(text) => text.trim().parse().unwrap_or(0),
-            _ => 0,
-        }
+        status_code(&self.response_status).unwrap_or(0)
     }
 
     fn answer(&self) -> String {
-        match &self.response_status {
-            serde_json::Value::String(text) if text.trim().parse::<u16>().is_err() => {
-                text.trim().to_owned()
-            }
-            _ => self.code().to_string(),
+        match (&self.response_status, status_code(&self.response_status)) {
+            (serde_json::Value::String(text), None) => text.trim().to_owned(),
+            (_, code) => code.unwrap_or(0).to_string(),
         }
     }
 
@@ -80,6 +74,23 @@ impl LoggedAttempt {
             .ok()
             .map(|time| time.timestamp_millis())
     }
+}
+
+/// A `response_status` as GitLab writes it, in its log and in its answer to a resend: a
+/// number, or a number as text (`"503"`); `None` for words (`"internal error"`: no
+/// answer).
+fn status_code(value: &serde_json::Value) -> Option<u16> {
+    match value {
+        serde_json::Value::Number(number) => number.as_u64().map(|n| n as u16),
+        serde_json::Value::String(text) => text.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The relay's status code in GitLab's answer to a resend, `{"response_status": 200}`.
+pub fn resent_answer(body: &[u8]) -> Option<u16> {
+    let answer: serde_json::Value = serde_json::from_slice(body).ok()?;
+    status_code(&answer["response_status"])
 }
 
 /// The failed attempts of the window as events, oldest first; attempts without an
@@ -210,6 +221,17 @@ mod tests {
         assert_eq!(events[0].event, "Tag Push Hook");
         assert!(events.iter().all(|e| e.may_arrive_again()));
         assert_eq!(listed[0].at(), Some(1_796_551_380_000));
+    }
+
+    #[test]
+    fn gitlabs_answer_to_a_resend_says_what_the_relay_answered() {
+        assert_eq!(resent_answer(br#"{"response_status":200}"#), Some(200));
+        assert_eq!(resent_answer(br#"{"response_status":"503"}"#), Some(503));
+        assert_eq!(
+            resent_answer(br#"{"response_status":"internal error"}"#),
+            None
+        );
+        assert_eq!(resent_answer(b"not json"), None);
     }
 
     #[test]

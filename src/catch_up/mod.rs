@@ -401,7 +401,7 @@ impl CatchUp<'_> {
             return match self.hook.forge {
                 Forge::GitHub => Redelivery::Accepted,
                 // GitLab resends while it answers, and says what the relay answered.
-                Forge::GitLab => match resent_answer(&answer.body) {
+                Forge::GitLab => match gitlab::resent_answer(&answer.body) {
                     Some(code) if !(200..300).contains(&code) => Redelivery::Refused(format!(
                         "GitLab resent it and the relay answered {code}"
                     )),
@@ -423,16 +423,6 @@ impl CatchUp<'_> {
     }
 }
 
-/// The relay's status code in GitLab's answer to a resend, `{"response_status": 200}`.
-fn resent_answer(body: &[u8]) -> Option<u16> {
-    let answer: serde_json::Value = serde_json::from_slice(body).ok()?;
-    match &answer["response_status"] {
-        serde_json::Value::Number(code) => code.as_u64().map(|code| code as u16),
-        serde_json::Value::String(code) => code.trim().parse().ok(),
-        _ => None,
-    }
-}
-
 /// `; GitHub asks to wait N s` (or GitLab) when its answer says how long (`Retry-After`, read as the
 /// retries read it).
 fn wait_asked(answer: &UpstreamResponse, forge: &str) -> String {
@@ -446,20 +436,4 @@ enum Redelivery {
     Refused(String),
     /// Asking again now would fail too: the rest wait for another run.
     Stop(String),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gitlabs_answer_to_a_resend_says_what_the_relay_answered() {
-        assert_eq!(resent_answer(br#"{"response_status":200}"#), Some(200));
-        assert_eq!(resent_answer(br#"{"response_status":"503"}"#), Some(503));
-        assert_eq!(
-            resent_answer(br#"{"response_status":"internal error"}"#),
-            None
-        );
-        assert_eq!(resent_answer(b"not json"), None);
-    }
 }
