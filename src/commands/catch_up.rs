@@ -128,13 +128,14 @@ pub fn catch_up_all(args: CatchUpArgs<'_>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut sources: Vec<&str> = loaded
+    // Read from this one load (`check` made sure each credential fits its hooks), not
+    // loaded again for each source.
+    let mut sources: Vec<(&str, &crate::catch_up::CatchUpConfig)> = loaded
         .sources
         .values()
-        .filter(|source| source.catch_up.is_some())
-        .map(|source| source.name.as_str())
+        .filter_map(|source| Some((source.name.as_str(), source.catch_up.as_ref()?)))
         .collect();
-    sources.sort_unstable();
+    sources.sort_unstable_by_key(|(name, _)| *name);
     if sources.is_empty() {
         eprintln!(
             "hookrelay catch-up: no source in {} (--config) has catch_up = {{ hook = \"…\", … }}",
@@ -144,21 +145,35 @@ pub fn catch_up_all(args: CatchUpArgs<'_>) -> ExitCode {
     }
     let worst = sources
         .into_iter()
-        .map(|source| catch_up_source(&CatchUpArgs { source, ..args }))
+        .map(|(source, catch_up)| {
+            run_hooks(
+                &CatchUpArgs { source, ..args },
+                &catch_up.hooks,
+                &catch_up.credential_ref,
+            )
+        })
         .max()
         .unwrap_or_default();
     ExitCode::from(worst)
 }
 
-/// One source's run; its exit status.
+/// One source's run, with the hooks and credential the flags and `--config` give; its
+/// exit status.
 fn catch_up_source(args: &CatchUpArgs<'_>) -> u8 {
+    match chosen(args) {
+        Ok((hooks, credential)) => run_hooks(args, &hooks, &credential),
+        Err(message) => {
+            eprintln!("hookrelay catch-up: {message}");
+            2
+        }
+    }
+}
+
+/// One source's run over `hooks`; its exit status.
+fn run_hooks(args: &CatchUpArgs<'_>, hooks: &[HookUrl], credential: &CredentialRef) -> u8 {
     let refused = |message: String| {
         eprintln!("hookrelay catch-up: {message}");
         2
-    };
-    let (hooks, credential) = match chosen(args) {
-        Ok(chosen) => chosen,
-        Err(message) => return refused(message),
     };
     let credential = match credential.resolve() {
         Ok(credential) => credential,
@@ -190,7 +205,7 @@ fn catch_up_source(args: &CatchUpArgs<'_>) -> u8 {
     // Each hook in turn (a source's catch_up may name several); one whose log cannot be
     // read is said, and the others are still read.
     let mut all_done = true;
-    for hook in &hooks {
+    for hook in hooks {
         let run = CatchUp {
             source: args.source,
             hook,
