@@ -37,19 +37,16 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
     loop {
         let runtime = app.runtime();
         let now = tokio::time::Instant::now();
-        let configured: Vec<(String, HookUrl, CatchUpConfig)> = runtime
+        // Borrowed from this look's snapshot of the configuration.
+        let configured: Vec<(&String, &HookUrl, &CatchUpConfig)> = runtime
             .config
             .sources
             .iter()
             .filter_map(|(name, source)| Some((name, source.catch_up.as_ref()?)))
-            .flat_map(|(name, config)| {
-                config
-                    .hooks
-                    .iter()
-                    .map(move |hook| (name.clone(), hook.clone(), config.clone()))
-            })
+            .flat_map(|(name, config)| config.hooks.iter().map(move |hook| (name, hook, config)))
             .collect();
-        passes.retain(|(name, hook), _| configured.iter().any(|(n, h, _)| n == name && h == hook));
+        passes
+            .retain(|(name, hook), _| configured.iter().any(|(n, h, _)| *n == name && *h == hook));
         let mut sleep = LOOK_EVERY;
         for (name, hook, config) in configured {
             let state = passes
@@ -66,17 +63,17 @@ pub async fn run(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
                 tracing::debug!(source = %name, %problem, "catch-up waits for the store to take writes");
                 continue;
             }
-            if let Some(wait) = another_relays_turn(&app, &name, &hook, config.every).await {
+            if let Some(wait) = another_relays_turn(&app, name, hook, config.every).await {
                 state.next = now + wait;
                 sleep = sleep.min(wait);
                 continue;
             }
             let started = crate::outbox::now_ms();
-            let since = window_start(state.read_from, started, &config);
+            let since = window_start(state.read_from, started, config);
             // A pass may take a while (pages of a busy hook, GitHub slow to answer): a
             // relay stopping does not wait for it.
             let read = tokio::select! {
-                read = pass(&app, &name, &hook, &config, since) => read,
+                read = pass(&app, name, hook, config, since) => read,
                 _ = stopped.changed() => return,
             };
             if read {
@@ -169,7 +166,10 @@ async fn pass(app: &App, source: &str, hook: &HookUrl, config: &CatchUpConfig, s
                     redelivered: report.redelivered.len(),
                     rejected: report.rejected.len(),
                     not_redelivered: report.refused.len() + report.left.len(),
-                    error: report.hook_disabled.clone().or(report.stopped.clone()),
+                    error: report
+                        .hook_disabled
+                        .clone()
+                        .or_else(|| report.stopped.clone()),
                 },
             );
             say(source, hook, &report, app.dry_run);

@@ -246,7 +246,11 @@ fn summary(config: &Config) -> String {
                 let hooks: Vec<String> = catch_up
                     .hooks
                     .iter()
-                    .map(|hook| format!("{}{}", hook.shown(), via_proxy(&hook.shown())))
+                    .map(|hook| {
+                        let shown = hook.shown();
+                        let proxy = via_proxy(&shown);
+                        format!("{shown}{proxy}")
+                    })
                     .collect();
                 shown.push_str(&format!(
                     ", catch-up from {} every {} with {}",
