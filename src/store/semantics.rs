@@ -5,6 +5,8 @@
 //! once, one trigger per key is leased at a time and keys go in order, outcomes need a
 //! current lease, held heads do not hide other keys' work, counts follow every change.
 
+use bytes::Bytes;
+
 use super::*;
 
 /// Runs `op` in its own committed transaction, as the writer would.
