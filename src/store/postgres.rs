@@ -1,7 +1,9 @@
 //! The shared engine: PostgreSQL, for several relays on one database. This file holds the
 //! engine's connection, transactions and the [`Engine`] interface; its parts live beside
 //! it: `keys` (the per-key queue), `deliveries` (recording webhooks and calls), `limits`
-//! (cluster-wide rate limits and pauses), `connect` (settings and TLS), `schema`.
+//! (cluster-wide rate limits and pauses), `operator` (replays, listings, cancels, stored
+//! webhooks read back), `connect` (settings and TLS), `schema` (the migrations and running
+//! them).
 //!
 //! The same queue shape as SQLite: `hr_keys` holds one row per upstream+project+ref with
 //! its head and when it is due (NULL while leased); a claim locks due keys with
@@ -14,6 +16,7 @@ mod connect;
 mod deliveries;
 mod keys;
 pub mod limits;
+mod operator;
 mod schema;
 
 use std::collections::HashMap;
@@ -22,11 +25,11 @@ use postgres::{Client, SimpleQueryMessage, Statement};
 
 pub use connect::{DEFAULT_LEASE, PostgresConfig, has_password, without_password};
 use keys::Touch;
+use schema::migrate;
 
 use super::{
     Accepted, CancelTarget, Claimed, DeliveryRow, Depth, Engine, EngineError, Lease, ListFilter,
-    NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, SqlValue, StoredWebhook,
-    UpstreamHold,
+    NewDelivery, PruneCursor, Pruned, Recorded, ReplayTarget, StoredWebhook, UpstreamHold,
 };
 
 /// The PostgreSQL engine over one connection.
@@ -84,20 +87,6 @@ pub struct PostgresEngine {
 
 /// Rows `hr_open` spreads the count of unfinished triggers over.
 const OPEN_SHARDS: i32 = 16;
-
-/// The start of a statement that finds deliveries by their delivery id alone: through the
-/// `(source, delivery_id)` index, one source at a time (`sources` lists them, each found by
-/// one index probe), a few probes whatever the store holds, with no index of the id alone
-/// for every webhook to write. As the embedded engine's (`sqlite::BY_DELIVERY_ID`). The
-/// statements after it look up each source's rows in `LATERAL (… OFFSET 0)`: without the
-/// `OFFSET 0` PostgreSQL pulls the subquery up and may put `sources` last, reading a whole
-/// table (150–250 ms with 60,000 deliveries not yet analyzed, against 0.2–0.3 ms).
-const BY_DELIVERY_ID: &str = "WITH RECURSIVE sources(source) AS (
-    SELECT min(source) FROM hr_deliveries
-    UNION ALL
-    SELECT (SELECT min(source) FROM hr_deliveries WHERE source > sources.source)
-    FROM sources WHERE sources.source IS NOT NULL
-)";
 
 /// SQLSTATE `read_only_sql_transaction`: a write on a standby (a primary demoted by a
 /// failover, an address that still leads to it) or under `default_transaction_read_only`.
@@ -451,80 +440,6 @@ impl PostgresEngine {
     }
 }
 
-fn migrate(client: &mut Client) -> Result<(), EngineError> {
-    if is_up_to_date(client).map_err(error)? {
-        return Ok(());
-    }
-    let mut tx = client.transaction().map_err(error)?;
-    // One relay migrates; the others wait here, then find nothing left to do.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('hookrelay:migrate'))",
-        &[],
-    )
-    .map_err(error)?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS hr_schema (version integer NOT NULL)")
-        .map_err(error)?;
-    let version: i64 = tx
-        .query_one(
-            "SELECT coalesce(max(version), 0)::bigint FROM hr_schema",
-            &[],
-        )
-        .map_err(error)?
-        .get(0);
-    let known = schema::MIGRATIONS.len();
-    if version > known as i64 {
-        // Written by a newer relay: run on it only where that one said older relays may.
-        let floor = tx
-            .query_opt("SELECT floor::bigint FROM hr_schema_floor", &[])
-            .ok()
-            .flatten()
-            .map(|row| row.get::<_, i64>(0));
-        return super::newer_schema(version, floor, known);
-    }
-    (|| {
-        for (i, sql) in schema::MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(version.max(0) as usize)
-        {
-            tx.batch_execute(sql)?;
-            tx.execute(
-                "INSERT INTO hr_schema (version) VALUES ($1)",
-                &[&(i as i32 + 1)],
-            )?;
-        }
-        tx.execute(
-            "INSERT INTO hr_schema_floor (id, floor) VALUES (1, $1)
-             ON CONFLICT (id) DO UPDATE SET floor = greatest(hr_schema_floor.floor, excluded.floor)",
-            &[&(schema::OLDEST_COMPATIBLE as i32)],
-        )?;
-        tx.commit()
-    })()
-    .map_err(error)
-}
-
-/// Whether the database's schema is this relay's, its floor written: then starting takes
-/// no lock and writes nothing, so commands that only read (`deliveries`, `explain
-/// --delivery`) work on a standby, and a relay pointed at one starts and waits for it to
-/// take writes (see `READ_ONLY_RECONNECT`).
-fn is_up_to_date(client: &mut Client) -> Result<bool, postgres::Error> {
-    let row = client.query_one(
-        "SELECT to_regclass('hr_schema') IS NOT NULL AND to_regclass('hr_schema_floor') IS NOT NULL",
-        &[],
-    )?;
-    if !row.get::<_, bool>(0) {
-        return Ok(false);
-    }
-    let row = client.query_one(
-        "SELECT (SELECT coalesce(max(version), 0) FROM hr_schema)::bigint,
-                (SELECT max(floor) FROM hr_schema_floor)::bigint",
-        &[],
-    )?;
-    let (version, floor): (i64, Option<i64>) = (row.get(0), row.get(1));
-    Ok(version == schema::MIGRATIONS.len() as i64
-        && floor.is_some_and(|floor| floor >= schema::OLDEST_COMPATIBLE as i64))
-}
-
 /// The client's own runtime cannot shut down on a thread that runs async tasks (a relay
 /// dropping its last outbox handle at exit): there it is dropped on a thread of its own.
 impl Drop for PostgresEngine {
@@ -749,78 +664,7 @@ impl Engine for PostgresEngine {
     }
 
     fn replay(&mut self, target: &ReplayTarget, now: i64) -> Result<Vec<i64>, EngineError> {
-        let now = now + self.skew_ms;
-        let target = super::text::replay_target(target);
-        let target = target.as_ref();
-        let rows = match target {
-            ReplayTarget::Trigger(id) => self
-                .client()
-                .query(
-                    "SELECT id, state, token_ref, order_key, delivery FROM hr_triggers WHERE id = $1",
-                    &[id],
-                )
-                .map_err(error)?,
-            ReplayTarget::Delivery(delivery) => self
-                .client()
-                .query(
-                    &format!(
-                        "{BY_DELIVERY_ID} SELECT t.id, t.state, t.token_ref, t.order_key, t.delivery
-                         FROM sources,
-                              LATERAL (SELECT id FROM hr_deliveries d
-                                       WHERE d.source = sources.source AND d.delivery_id = $1 OFFSET 0) d,
-                              LATERAL (SELECT * FROM hr_triggers t
-                                       WHERE t.delivery = d.id AND t.replay_of IS NULL AND t.kind = 'trigger'
-                                       OFFSET 0) t
-                         ORDER BY t.id"
-                    ),
-                    &[delivery],
-                )
-                .map_err(error)?,
-        };
-        if rows.is_empty() {
-            let stored = match target {
-                ReplayTarget::Delivery(delivery) => self.stored_webhook(delivery)?.is_some(),
-                ReplayTarget::Trigger(_) => false,
-            };
-            return Err(super::nothing_to_replay(target, stored));
-        }
-        let mut new_ids = Vec::new();
-        // Each delivery locked once, however many of its triggers are replayed.
-        let mut locked = std::collections::HashSet::new();
-        for row in rows {
-            let (id, state, token_ref, order_key, delivery): (i64, String, String, String, i64) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-            if let Some(refusal) = super::replay_refusal(id, &state, &token_ref) {
-                return Err(refusal);
-            }
-            if locked.insert(delivery) {
-                self.lock_delivery(delivery, target)?;
-            }
-            let new_id: i64 = self
-                .client()
-                .query_one(
-                    "INSERT INTO hr_triggers (delivery, rule, upstream, project, git_ref, token_ref, variables, inputs,
-                                              order_key, state, created_at, due_at, updated_at, replay_of,
-                                              kind, status_target, pipeline_id)
-                     SELECT delivery, rule, upstream, project, git_ref, token_ref, variables, inputs, order_key,
-                            'queued', $2, $2, $2, $1, kind, status_target,
-                            CASE WHEN kind = 'trigger' THEN NULL ELSE pipeline_id END
-                     FROM hr_triggers WHERE id = $1 RETURNING id",
-                    &[&id, &now],
-                )
-                .map_err(error)?
-                .get(0);
-            self.touch(
-                &order_key,
-                Touch::Enqueue {
-                    id: new_id,
-                    due_at: now,
-                },
-            );
-            self.open_change += 1;
-            new_ids.push(new_id);
-        }
-        Ok(new_ids)
+        self.queue_replays(target, now)
     }
 
     fn prune(
@@ -963,141 +807,11 @@ impl Engine for PostgresEngine {
     }
 
     fn list(&mut self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, EngineError> {
-        // Times are kept on the database's clock; the filter's are this machine's.
-        let skew = self.skew_ms;
-        let filter = super::text::filter(filter);
-        let filter = ListFilter {
-            since: filter.since.map(|at| at + skew),
-            until: filter.until.map(|at| at + skew),
-            before: filter.before.map(|(at, row)| (at + skew, row)),
-            ..filter.into_owned()
-        };
-        let (clause, values) = filter.where_clause(|n| format!("${n}"), "strpos");
-        let limit_at = values.len() + 1;
-        let sql = format!(
-            "SELECT d.received_at, d.source, d.delivery_id, d.event_type, t.id, t.rule, t.project, t.git_ref, t.state,
-                    t.attempts, t.last_status, t.last_error, t.pipeline_url, t.replay_of, t.coalesced_into,
-                    t.due_at, d.summary, t.kind, d.id
-             FROM hr_deliveries d LEFT JOIN hr_triggers t ON t.delivery = d.id {clause}
-             ORDER BY d.received_at DESC, d.id DESC, t.id DESC LIMIT ${limit_at}"
-        );
-        let mut bound: Vec<Box<dyn postgres::types::ToSql + Sync>> = values
-            .into_iter()
-            .map(|value| -> Box<dyn postgres::types::ToSql + Sync> {
-                match value {
-                    SqlValue::Text(text) => Box::new(text),
-                    SqlValue::Int(n) => Box::new(n),
-                }
-            })
-            .collect();
-        bound.push(Box::new(filter.limit as i64));
-        let params: Vec<&(dyn postgres::types::ToSql + Sync)> =
-            bound.iter().map(|value| value.as_ref()).collect();
-        let rows = self.client().query(&sql, &params).map_err(error)?;
-        // Each waiting trigger's key's head, in one statement: at most a page of them.
-        let waiting: Vec<i64> = rows
-            .iter()
-            .filter(|row| row.get::<_, Option<&str>>(8) == Some("queued"))
-            .filter_map(|row| row.get::<_, Option<i64>>(4))
-            .collect();
-        let heads: std::collections::HashMap<i64, i64> = match waiting.is_empty() {
-            true => Default::default(),
-            false => self
-                .client()
-                .query(
-                    "SELECT t.id, k.head FROM hr_triggers t JOIN hr_keys k ON k.order_key = t.order_key
-                     WHERE t.id = ANY($1) AND k.head <> t.id",
-                    &[&waiting],
-                )
-                .map_err(error)?
-                .iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect(),
-        };
-        // Times are the database's; shown on this machine's clock.
-        Ok(rows
-            .into_iter()
-            .map(|row| DeliveryRow {
-                received_at: row.get::<_, i64>(0) - skew,
-                source: row.get(1),
-                delivery_id: row.get(2),
-                event_type: row.get(3),
-                trigger_id: row.get(4),
-                rule: row.get(5),
-                project: row.get(6),
-                git_ref: row.get(7),
-                state: row.get(8),
-                attempts: row.get::<_, Option<i32>>(9).map_or(0, i64::from),
-                last_status: row.get::<_, Option<i32>>(10).map(i64::from),
-                last_error: row.get(11),
-                pipeline_url: row.get(12),
-                replay_of: row.get(13),
-                coalesced_into: row.get(14),
-                due_at: row.get::<_, Option<i64>>(15).map(|due| due - skew),
-                summary: row.get(16),
-                kind: row.get(17),
-                row: row.get(18),
-                waits_for: row
-                    .get::<_, Option<i64>>(4)
-                    .and_then(|id| heads.get(&id).copied()),
-            })
-            .collect())
+        self.read_rows(filter)
     }
 
     fn cancel(&mut self, target: &CancelTarget, now: i64) -> Result<Vec<i64>, EngineError> {
-        let now = now + self.skew_ms;
-        let target = super::text::cancel_target(target);
-        let target = target.as_ref();
-        let (state, note) = target.outcome();
-        let rows = match target {
-            CancelTarget::Trigger(id) => {
-                let row = self
-                    .client()
-                    .query_opt(
-                        "UPDATE hr_triggers SET state = 'cancelled', last_error = $3, updated_at = $2
-                         WHERE id = $1 AND state = 'queued' RETURNING id, order_key",
-                        &[id, &now, &note],
-                    )
-                    .map_err(error)?;
-                if row.is_none() {
-                    let state: Option<String> = self
-                        .client()
-                        .query_opt("SELECT state FROM hr_triggers WHERE id = $1", &[id])
-                        .map_err(error)?
-                        .map(|row| row.get(0));
-                    return Err(super::cancel_refusal(*id, state.as_deref()));
-                }
-                row.into_iter().collect()
-            }
-            CancelTarget::Project { project, upstream } => self
-                .client()
-                .query(
-                    "UPDATE hr_triggers SET state = 'cancelled', last_error = $4, updated_at = $3
-                     WHERE state = 'queued' AND project = $1 AND ($2::text IS NULL OR upstream = $2)
-                       AND kind = 'trigger'
-                     RETURNING id, order_key",
-                    &[project, upstream, &now, &note],
-                )
-                .map_err(error)?,
-            CancelTarget::Superseded { order_key } => self
-                .client()
-                .query(
-                    "UPDATE hr_triggers SET state = $3, last_error = $4, updated_at = $2
-                     WHERE order_key = $1 AND state = 'queued' AND kind = 'status'
-                     RETURNING id, order_key",
-                    &[order_key, &now, &state, &note],
-                )
-                .map_err(error)?,
-        };
-        let mut cancelled = Vec::new();
-        for row in rows {
-            let (id, order_key): (i64, String) = (row.get(0), row.get(1));
-            self.open_change -= 1;
-            self.touch(&order_key, Touch::Cancelled { trigger: id });
-            cancelled.push(id);
-        }
-        cancelled.sort_unstable();
-        Ok(cancelled)
+        self.cancel_waiting(target, now)
     }
 
     fn queue_work(
@@ -1183,21 +897,7 @@ impl Engine for PostgresEngine {
     }
 
     fn stored_webhook(&mut self, delivery_id: &str) -> Result<Option<StoredWebhook>, EngineError> {
-        let looked_up = super::text::text(delivery_id);
-        let row = self
-            .client()
-            .query_opt(
-                &format!(
-                    "{BY_DELIVERY_ID} SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
-                     FROM sources,
-                          LATERAL (SELECT * FROM hr_deliveries d
-                                   WHERE d.source = sources.source AND d.delivery_id = $1 OFFSET 0) d
-                     ORDER BY d.id DESC LIMIT 1"
-                ),
-                &[&looked_up.as_ref()],
-            )
-            .map_err(error)?;
-        self.stored_from_row(delivery_id, row)
+        self.newest_stored(delivery_id)
     }
 
     fn stored_webhook_from(
@@ -1205,38 +905,7 @@ impl Engine for PostgresEngine {
         source: &str,
         delivery_id: &str,
     ) -> Result<Option<StoredWebhook>, EngineError> {
-        let (source, looked_up) = (super::text::text(source), super::text::text(delivery_id));
-        let row = self
-            .client()
-            .query_opt(
-                "SELECT d.source, d.headers, d.body, d.body_encoding, d.received_at, d.summary
-                 FROM hr_deliveries d WHERE d.source = $1 AND d.delivery_id = $2",
-                &[&source.as_ref(), &looked_up.as_ref()],
-            )
-            .map_err(error)?;
-        self.stored_from_row(delivery_id, row)
-    }
-}
-
-impl PostgresEngine {
-    /// The stored webhook `delivery_id` in a row of (source, headers, body, its encoding,
-    /// received at, summary), if one was found.
-    fn stored_from_row(
-        &self,
-        delivery_id: &str,
-        row: Option<postgres::Row>,
-    ) -> Result<Option<StoredWebhook>, EngineError> {
-        row.map(|row| {
-            StoredWebhook::from_stored(
-                delivery_id,
-                row.get(0),
-                row.get(1),
-                (row.get(2), row.get(3)),
-                row.get::<_, i64>(4) - self.skew_ms,
-                row.get(5),
-            )
-        })
-        .transpose()
+        self.stored_from(source, delivery_id)
     }
 }
 

@@ -1,6 +1,11 @@
 //! The shared engine's tables, as the list of migrations that builds them: a relay brings
 //! the database up to its version when it starts (`PostgresEngine::open`).
 
+use postgres::Client;
+
+use super::error;
+use crate::store::EngineError;
+
 /// Each entry upgrades the schema by one version; run under an advisory lock, so relays
 /// starting together migrate once.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -154,3 +159,79 @@ CREATE TABLE hr_schema_floor (id integer PRIMARY KEY CHECK (id = 1), floor integ
 /// working beside this one (columns with defaults, new tables and indexes they never
 /// need): then lower it to that version, and say why here.
 pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len();
+
+/// Brings the database up to this relay's schema under an advisory lock, or refuses one
+/// a newer relay migrated past what this one may run on.
+pub(super) fn migrate(client: &mut Client) -> Result<(), EngineError> {
+    if is_up_to_date(client).map_err(error)? {
+        return Ok(());
+    }
+    let mut tx = client.transaction().map_err(error)?;
+    // One relay migrates; the others wait here, then find nothing left to do.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('hookrelay:migrate'))",
+        &[],
+    )
+    .map_err(error)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS hr_schema (version integer NOT NULL)")
+        .map_err(error)?;
+    let version: i64 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0)::bigint FROM hr_schema",
+            &[],
+        )
+        .map_err(error)?
+        .get(0);
+    let known = MIGRATIONS.len();
+    if version > known as i64 {
+        // Written by a newer relay: run on it only where that one said older relays may.
+        let floor = tx
+            .query_opt("SELECT floor::bigint FROM hr_schema_floor", &[])
+            .ok()
+            .flatten()
+            .map(|row| row.get::<_, i64>(0));
+        return crate::store::newer_schema(version, floor, known);
+    }
+    (|| {
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(version.max(0) as usize)
+        {
+            tx.batch_execute(sql)?;
+            tx.execute(
+                "INSERT INTO hr_schema (version) VALUES ($1)",
+                &[&(i as i32 + 1)],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO hr_schema_floor (id, floor) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET floor = greatest(hr_schema_floor.floor, excluded.floor)",
+            &[&(OLDEST_COMPATIBLE as i32)],
+        )?;
+        tx.commit()
+    })()
+    .map_err(error)
+}
+
+/// Whether the database's schema is this relay's, its floor written: then starting takes
+/// no lock and writes nothing, so commands that only read (`deliveries`, `explain
+/// --delivery`) work on a standby, and a relay pointed at one starts and waits for it to
+/// take writes (see `READ_ONLY_RECONNECT`).
+fn is_up_to_date(client: &mut Client) -> Result<bool, postgres::Error> {
+    let row = client.query_one(
+        "SELECT to_regclass('hr_schema') IS NOT NULL AND to_regclass('hr_schema_floor') IS NOT NULL",
+        &[],
+    )?;
+    if !row.get::<_, bool>(0) {
+        return Ok(false);
+    }
+    let row = client.query_one(
+        "SELECT (SELECT coalesce(max(version), 0) FROM hr_schema)::bigint,
+                (SELECT max(floor) FROM hr_schema_floor)::bigint",
+        &[],
+    )?;
+    let (version, floor): (i64, Option<i64>) = (row.get(0), row.get(1));
+    Ok(version == MIGRATIONS.len() as i64
+        && floor.is_some_and(|floor| floor >= OLDEST_COMPATIBLE as i64))
+}

@@ -1,6 +1,11 @@
 //! The embedded engine's tables, as the list of migrations that builds them: a relay brings
 //! the store up to its version when it opens it (`PRAGMA user_version` counts them).
 
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::error;
+use crate::store::EngineError;
+
 /// Each entry upgrades the schema by one version (`PRAGMA user_version`). Never edit one
 /// that has shipped; add another.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -116,3 +121,50 @@ CREATE TABLE schema_floor (id INTEGER PRIMARY KEY CHECK (id = 1), floor INTEGER 
 /// working (columns with defaults, new tables and indexes they never need): then lower
 /// it to that version, and say why here.
 pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len();
+
+/// Brings the store up to this relay's schema, or refuses one a newer relay migrated
+/// past what this one may run on.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), EngineError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(error)?;
+    if version > MIGRATIONS.len() as i64 {
+        // Written by a newer relay: run on it only where that one said older relays may.
+        let floor: Option<i64> = conn
+            .query_row("SELECT floor FROM schema_floor", [], |row| row.get(0))
+            .ok();
+        return crate::store::newer_schema(version, floor, MIGRATIONS.len());
+    }
+    apply_migrations(conn, version).map_err(error)?;
+    // Written only when it rises: a store opened to be read (a copy on a read-only
+    // mount) is not written.
+    let floor = OLDEST_COMPATIBLE as i64;
+    let written: Option<i64> = conn
+        .query_row("SELECT floor FROM schema_floor", [], |row| row.get(0))
+        .optional()
+        .map_err(error)?;
+    if written.is_none_or(|written| written < floor) {
+        conn.execute(
+            "INSERT INTO schema_floor (id, floor) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET floor = max(floor, excluded.floor)",
+            params![floor],
+        )
+        .map_err(error)?;
+    }
+    Ok(())
+}
+
+fn apply_migrations(conn: &mut Connection, version: i64) -> rusqlite::Result<()> {
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Another process may have migrated while this one waited for the lock.
+        let now: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if now > i as i64 {
+            continue;
+        }
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

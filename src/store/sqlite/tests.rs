@@ -1,3 +1,5 @@
+use super::operator::{BY_DELIVERY_ID, CANCEL_PROJECT};
+use super::schema::MIGRATIONS;
 use super::*;
 
 /// Groups committed back to back never leave the writer idle, which is when SQLite
