@@ -122,7 +122,7 @@ impl Webhook {
                 })
             }
             (None, Some(payload)) => {
-                let body = std::fs::read(payload)
+                let body = crate::named_file::read(payload, crate::named_file::PAYLOAD)
                     .map_err(|err| format!("cannot read {}: {err}", payload.display()))?;
                 Ok(Webhook {
                     source: None,

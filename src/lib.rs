@@ -21,7 +21,8 @@
 //! - [`error`]: every error a caller sees, mapped to status and JSON in one place;
 //!   [`json_syntax`] reads JSON bodies and is the error both their readers report.
 //! - [`config`]: the configuration folder, validated into typed values with `file:line` problems.
-//! - [`secret`]: secrets that print only as a mask.
+//! - [`secret`]: secrets that print only as a mask; [`named_file`] reads the files an
+//!   operator names (secrets, certificates, configuration) with a bound.
 //! - [`commands`]: the command-line commands, called by the thin `main`; [`explain`] and
 //!   [`replan`] run a payload or a stored webhook through the rules; [`delivery_rows`]
 //!   says how a stored delivery reads, to the command line and the dashboard alike; [`log_writer`] writes
@@ -61,6 +62,7 @@ pub mod log_writer;
 pub mod metrics;
 #[cfg(test)]
 mod mutations;
+pub mod named_file;
 pub mod outbound;
 pub mod outbox;
 pub mod reload;

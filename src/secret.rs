@@ -170,17 +170,19 @@ impl SecretRef {
                 Some(_) => Err(format!("environment variable {name} is empty")),
                 None => Err(env_not_set(name)),
             },
-            SecretRef::File(path) => match std::fs::read_to_string(path) {
-                Ok(text) => {
-                    let value = text.trim_end_matches(['\r', '\n']);
-                    if value.is_empty() {
-                        Err(format!("secret file {} is empty", path.display()))
-                    } else {
-                        Ok(Secret(value.to_owned()))
+            SecretRef::File(path) => {
+                match crate::named_file::read_text(path, crate::named_file::SECRET) {
+                    Ok(text) => {
+                        let value = text.trim_end_matches(['\r', '\n']);
+                        if value.is_empty() {
+                            Err(format!("secret file {} is empty", path.display()))
+                        } else {
+                            Ok(Secret(value.to_owned()))
+                        }
                     }
+                    Err(err) => Err(format!("cannot read secret file {}: {err}", path.display())),
                 }
-                Err(err) => Err(format!("cannot read secret file {}: {err}", path.display())),
-            },
+            }
         }
     }
 }

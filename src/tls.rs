@@ -79,14 +79,20 @@ pub fn refused_certificate_in(err: &(dyn std::error::Error + 'static)) -> Option
 
 /// Reads the PEM certificates of a `ca_file`; at least one must be there.
 pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+    let pem = read_pem(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| format!("{} is not a PEM certificate file: {err}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("{} holds no PEM certificate", path.display()));
     }
     Ok(certs)
+}
+
+/// A PEM file's bytes, bounded (see [`crate::named_file`]).
+fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    crate::named_file::read(path, crate::named_file::PEM)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))
 }
 
 /// A client configuration trusting the default roots and those of `ca_file`.
@@ -108,14 +114,13 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Str
 
 /// Reads a certificate chain and its private key (PEM) and checks that they belong together.
 pub fn read_server_certificate(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|err| format!("cannot read {}: {err}", cert.display()))?
+    let chain = CertificateDer::pem_slice_iter(&read_pem(cert)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| format!("{} is not a PEM certificate file: {err}", cert.display()))?;
     if chain.is_empty() {
         return Err(format!("{} holds no PEM certificate", cert.display()));
     }
-    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|err| {
+    let private_key = PrivateKeyDer::from_pem_slice(&read_pem(key)?).map_err(|err| {
         format!(
             "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {err}",
             key.display()

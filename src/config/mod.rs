@@ -97,7 +97,7 @@ fn load_with(path: &Path, env: EnvLookup<'_>, resolve_secrets: bool) -> Result<C
         ..Builder::default()
     };
     for file in &files {
-        match std::fs::read_to_string(file) {
+        match crate::named_file::read_text(file, crate::named_file::CONFIGURATION) {
             Ok(text) => builder.read_file(file, &text, env),
             Err(err) => builder.problems.push(Problem {
                 file: file.clone(),

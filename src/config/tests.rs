@@ -1600,3 +1600,40 @@ limit = { rate = "100/min" }
         "{warned:#?}"
     );
 }
+
+/// A secret, a CA file or a certificate that names an endless device (or a huge file) by
+/// mistake is a problem at its line, read no further than its kind's bound, not all of
+/// the machine's memory.
+#[test]
+fn files_named_by_mistake_are_refused_by_their_size() {
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            r#"[upstream.gitlab]
+url = "https://gitlab.example.com"
+ca_file = "/dev/zero"
+
+[source.gh]
+provider = "github"
+secret = "file:/dev/zero"
+
+[server]
+tls_cert = "/dev/zero"
+tls_key = "/dev/zero"
+"#,
+        )],
+        &[],
+    ));
+    let expected = [
+        "a.toml:3: upstream.gitlab.ca_file: cannot read /dev/zero: larger than 8 MiB, more than any PEM file holds",
+        "a.toml:7: source.gh.secret (file:/dev/zero): cannot read secret file /dev/zero: larger than 64 KiB, more than any secret holds: is it the right file?",
+        "a.toml:10: tls_cert: cannot read /dev/zero: larger than 8 MiB",
+    ];
+    for (problem, expected) in problems.iter().zip(expected) {
+        assert!(
+            problem.starts_with(expected),
+            "{problem:?} should start with {expected:?}"
+        );
+    }
+    assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+}
