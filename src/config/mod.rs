@@ -14,6 +14,7 @@
 
 pub mod admin;
 mod delivery;
+pub mod fuzz;
 mod gateway;
 mod limit;
 mod problems;
