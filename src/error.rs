@@ -120,6 +120,10 @@ pub enum ApiError {
         within: std::time::Duration,
         problem: Option<String>,
     },
+    /// A gateway call refused before it was forwarded: the store's disk is below its
+    /// reserve (see [`crate::disk_reserve`]).
+    #[error("{0}; this call was not forwarded to GitLab, try again later")]
+    DiskReserve(String),
     /// The webhook could not be stored, so it is not acknowledged: the sender retries.
     #[error("the webhook was not stored, so it is not acknowledged; try again: {0}")]
     Store(crate::outbox::StoreError),
@@ -197,7 +201,7 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
         ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, json!({ "message": message })),
         ApiError::BodyMemory | ApiError::RecordsBehind => return retry_in_a_second(&message),
         ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
-        ApiError::ShuttingDown | ApiError::StoreUnwritable(_) => (
+        ApiError::ShuttingDown | ApiError::StoreUnwritable(_) | ApiError::DiskReserve(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "message": message }),
         ),

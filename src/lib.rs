@@ -28,6 +28,7 @@
 //!   says how a stored delivery reads, to the command line and the dashboard alike; [`log_writer`] writes
 //!   the log lines on a thread of its own; [`dirty_pages`] starts writing a file's pages to
 //!   disk early, so that the store's flushes never wait behind a burst of them.
+//!   [`disk_reserve`] stops new work before the store's disk is full, so the queue drains.
 
 // One measured exception, allowed where it is: `dirty_pages` (sync_file_range).
 #![deny(unsafe_code)]
@@ -47,6 +48,7 @@ pub mod config;
 pub mod connections;
 pub mod delivery_rows;
 pub mod dirty_pages;
+pub mod disk_reserve;
 pub mod error;
 pub mod event;
 pub mod event_loops;

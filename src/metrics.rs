@@ -168,6 +168,10 @@ pub struct Metrics {
     /// How long this relay's longest write to the store under way has run: a write that
     /// never ends (a hung disk or database) shows here, never in the commit histogram.
     store_write_running: Gauge<f64, AtomicU64>,
+    /// The state folder's disk: free bytes and the reserve under which new work is
+    /// refused (see [`crate::disk_reserve`]); absent on a PostgreSQL store.
+    store_disk_free: Gauge,
+    store_disk_reserve: Gauge,
     limit_refusals: Family<LimitLabels, Counter>,
     status_posts: Family<StatusLabels, Counter>,
     catch_up: Family<CatchUpLabels, Counter>,
@@ -290,6 +294,18 @@ impl Metrics {
             "How long this relay's longest write to the delivery store under way has run (0 between writes); past 5 s /readyz answers 503",
             store_write_running.clone(),
         );
+        let store_disk_free = Gauge::default();
+        registry.register(
+            "store_disk_free_bytes",
+            "Bytes free on the disk of the relay's state folder (SQLite store), read four times a second",
+            store_disk_free.clone(),
+        );
+        let store_disk_reserve = Gauge::default();
+        registry.register(
+            "store_disk_reserve_bytes",
+            "[delivery] min_free_disk in bytes: with less free, new webhooks and gateway calls are refused and /readyz answers 503",
+            store_disk_reserve.clone(),
+        );
         let limit_refusals = Family::<LimitLabels, Counter>::default();
         registry.register(
             "limit_refusals",
@@ -393,6 +409,8 @@ impl Metrics {
             outbox_depth,
             outbox_oldest_due_age,
             store_write_running,
+            store_disk_free,
+            store_disk_reserve,
         }
     }
 
@@ -550,6 +568,14 @@ impl Metrics {
     /// How long the longest write to the store under way has run, when scraped.
     pub fn store_write_running(&self, running: std::time::Duration) {
         self.store_write_running.set(running.as_secs_f64());
+    }
+
+    /// The state folder's disk: what is free, and the reserve.
+    pub fn store_disk(&self, free: u64, reserve: u64) {
+        self.store_disk_free
+            .set(i64::try_from(free).unwrap_or(i64::MAX));
+        self.store_disk_reserve
+            .set(i64::try_from(reserve).unwrap_or(i64::MAX));
     }
 
     /// A request refused by the limit named `limit` (its rate, in parentheses, left out).

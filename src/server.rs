@@ -507,6 +507,11 @@ async fn gateway_call(
             return Err(ApiError::limited(&limiter.name, refused));
         }
     }
+    // Below the disk's reserve, no new call: its record would take the room the queued
+    // triggers' outcomes need.
+    if let Some(reason) = app.outbox.health.disk_low() {
+        return Err(ApiError::DiskReserve(reason));
+    }
     // The record's place first: once GitLab has answered, nothing may hold the answer back.
     let place = app
         .outbox

@@ -1,6 +1,6 @@
 //! Faults, for real: a second relay on the same state folder, a full disk under a
-//! running relay (a small tmpfs as `--state`, filled and then freed), and a backup onto a
-//! full disk.
+//! running relay (a small tmpfs as `--state`, filled and then freed), a disk taken under
+//! the relay's reserve, and a backup onto a full disk.
 //!
 //! The full-disk test mounts a tmpfs, which needs root. Where mounting is impossible it
 //! says so on standard error and returns without checking anything; CI sets
@@ -283,6 +283,163 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
         .filter(|l| l.contains("ERROR") || l.contains("WARN"))
         .count();
     assert!(errors <= 30, "{errors} error lines:\n{}", lines.join("\n"));
+}
+
+/// Another process takes the disk down to under the relay's reserve (`[delivery]
+/// min_free_disk`), not to its last byte: new webhooks and gateway calls are refused with
+/// the reason, `/readyz` says it, and the triggers already queued are still sent and
+/// recorded, each once. With room again the relay takes webhooks without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_disk_reserve_new_work_is_refused_while_the_queue_still_drains() {
+    let Some(state) = Tmpfs::mount_or_skip("24m", "the disk-reserve test") else {
+        return;
+    };
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &upstream.url());
+    let config = dir.path().join("relay.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[delivery]\n", "[delivery]\nmin_free_disk = \"8MiB\"\n");
+    std::fs::write(&config, text + "[gateway]\nupstream = \"gitlab\"\n").unwrap();
+    let mut command = Command::new(BIN);
+    command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
+    let mut served = Served::start_with(command, dir.path(), &state.path);
+    let address = served.address();
+    let secret = "s3cret-for-the-tests";
+
+    // GitLab takes 2 s over the first trigger: `b` waits behind it.
+    upstream.answer_next(Answer::created().delayed(Duration::from_secs(2)));
+    let a = github_tag(&address, secret).await;
+    assert_eq!(a.status, 202, "{}", a.text());
+    let b = github_tag(&address, secret).await;
+    assert_eq!(b.status, 202, "{}", b.text());
+
+    // Another file takes the disk down to 4 MiB free, under the 8 MiB reserve.
+    let filler = state.path.join("filler");
+    let free = free_bytes(&state.path);
+    std::fs::write(&filler, vec![0u8; (free - 4 * 1024 * 1024) as usize]).unwrap();
+    let since = Instant::now();
+    while ready(&address).await != 503 {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "/readyz says 200 below the reserve"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let readyz = send("GET", &format!("http://{address}/readyz"), &[], "").await;
+    assert!(readyz.text().contains("min_free_disk"), "{}", readyz.text());
+    let scrape = send("GET", &format!("http://{address}/metrics"), &[], "").await;
+    let gauge = |name: &str| hookrelay::metrics::sample(&scrape.text(), name).unwrap();
+    assert_eq!(
+        gauge("hookrelay_store_disk_reserve_bytes "),
+        8.0 * 1024.0 * 1024.0
+    );
+    assert!(gauge("hookrelay_store_disk_free_bytes ") < 8.0 * 1024.0 * 1024.0);
+    let c = github_tag(&address, secret).await;
+    assert_eq!(c.status, 503, "{}", c.text());
+    let refusal = c.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        refusal.starts_with(
+            "the webhook was not stored, so it is not acknowledged; try again: the store's disk has"
+        ) && refusal.contains("under its reserve of 8.0 MiB ([delivery] min_free_disk)"),
+        "{refusal}"
+    );
+    let call = send(
+        "POST",
+        &format!(
+            "http://{address}/api/v4/projects/9/trigger/pipeline?token=glptt-gateway&ref=main"
+        ),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(call.status, 503, "{}", call.text());
+    assert!(
+        call.text().contains("not forwarded to GitLab"),
+        "{}",
+        call.text()
+    );
+
+    // The queue drains below the reserve all the same: a, then b, each once.
+    let wanted: std::collections::BTreeSet<String> = [&a, &b]
+        .iter()
+        .map(|reply| reply.json()["delivery"].as_str().unwrap().to_owned())
+        .collect();
+    for _ in 0..500 {
+        if delivered(&upstream) == wanted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(delivered(&upstream), wanted, "the queued triggers are sent");
+    assert_eq!(
+        upstream.received().len(),
+        2,
+        "each once; the gateway call never"
+    );
+    assert_eq!(ready(&address).await, 503, "still below the reserve");
+
+    // Room again, no restart.
+    std::fs::remove_file(&filler).unwrap();
+    let healed = Instant::now();
+    while ready(&address).await != 200 {
+        assert!(
+            healed.elapsed() < Duration::from_secs(5),
+            "/readyz stays 503 with room again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let d = github_tag(&address, secret).await;
+    assert_eq!(d.status, 202, "{}", d.text());
+
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0));
+    let crossings: Vec<&String> = lines
+        .iter()
+        .filter(|line| line.contains("min_free_disk") || line.contains("has room again"))
+        .collect();
+    assert!(
+        crossings.len() >= 2
+            && crossings[0].contains("WARN")
+            && crossings.last().unwrap().contains("has room again"),
+        "each crossing logged once: {crossings:#?}"
+    );
+    let rows = hookrelay(&[
+        "deliveries",
+        "--json",
+        "--state",
+        state.path.to_str().unwrap(),
+    ]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&rows.stdout).unwrap();
+    let sent: std::collections::BTreeSet<String> = rows
+        .iter()
+        .filter(|r| r["state"] == "sent")
+        .map(|r| r["delivery_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(sent.is_superset(&wanted), "{rows:#?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["state"] == "sent" || r["state"] == "queued"),
+        "nothing stays sending: {rows:#?}"
+    );
+}
+
+/// What the file system holding `folder` has free, as `df` says.
+fn free_bytes(folder: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(folder)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .nth(1)
+        .expect("df prints a figure")
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Opens a connection and sends a webhook's headers and `sent` bytes of a body that

@@ -18,6 +18,10 @@ pub struct DeliveryConfig {
     /// How far back a relay starting looks for scheduled times it missed while no relay
     /// ran, each rule's latest fired once, late (`0s`: never).
     pub schedule_catch_up: Duration,
+    /// What the state folder's disk keeps free: below it, new webhooks and gateway calls
+    /// are refused while what is queued is still sent and recorded (see
+    /// [`crate::disk_reserve`]).
+    pub min_free_disk: crate::disk_reserve::Reserve,
 }
 
 impl Default for DeliveryConfig {
@@ -27,6 +31,7 @@ impl Default for DeliveryConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             workers: 8,
             schedule_catch_up: Duration::from_secs(3600),
+            min_free_disk: crate::disk_reserve::Reserve::default(),
         }
     }
 }
@@ -40,6 +45,7 @@ pub(super) struct RawDelivery {
     retention: Option<Spanned<String>>,
     workers: Option<Spanned<u32>>,
     schedule_catch_up: Option<Spanned<String>>,
+    min_free_disk: Option<Spanned<String>>,
 }
 
 /// Compiles `[delivery]`, with the defaults for what it leaves out.
@@ -101,10 +107,21 @@ pub(super) fn compile(raw: RawDelivery, problems: &mut FileProblems<'_>) -> Deli
         Some(w) => *w.get_ref() as usize,
         None => defaults.workers,
     };
+    let min_free_disk = typed(
+        raw.min_free_disk,
+        defaults.min_free_disk,
+        problems,
+        |text| {
+            super::parse_size(text)
+                .map(|bytes| crate::disk_reserve::Reserve::Bytes(bytes as u64))
+                .map_err(|err| format!("delivery.min_free_disk: {err}"))
+        },
+    );
     DeliveryConfig {
         retry,
         retention,
         workers,
         schedule_catch_up,
+        min_free_disk,
     }
 }

@@ -1637,3 +1637,27 @@ tls_key = "/dev/zero"
     }
     assert_eq!(problems.len(), expected.len(), "{problems:#?}");
 }
+
+/// `[delivery] min_free_disk`: a size, `0` to turn the reserve off, 2 % of the disk (at
+/// most 256 MiB) when left out; anything else is a problem at its line.
+#[test]
+fn the_disk_reserve_is_a_size() {
+    let reserve = |text: &str| {
+        load_text(&[("a.toml", &format!("[delivery]\n{text}\n"))], &[])
+            .map(|config| config.delivery.min_free_disk)
+            .map_err(|problems| messages(Err(problems)))
+    };
+    use crate::disk_reserve::Reserve;
+    assert_eq!(reserve(""), Ok(Reserve::Default));
+    assert_eq!(
+        reserve("min_free_disk = \"512MiB\""),
+        Ok(Reserve::Bytes(512 * 1024 * 1024))
+    );
+    assert_eq!(reserve("min_free_disk = \"0\""), Ok(Reserve::Bytes(0)));
+    let problems = reserve("min_free_disk = \"plenty\"").unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert!(
+        problems[0].starts_with("a.toml:2: delivery.min_free_disk: "),
+        "{problems:#?}"
+    );
+}

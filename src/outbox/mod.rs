@@ -164,13 +164,34 @@ pub struct StoreHealth {
     /// The writer holds outcomes of sends the store has not taken yet: their leases may
     /// have run out meanwhile, and this relay's claims must not take them over.
     outcomes_waiting: std::sync::atomic::AtomicBool,
+    /// The state folder's disk is below its reserve: why, said for refusals and
+    /// `/readyz` (see [`crate::disk_reserve`]).
+    disk_low: Mutex<Option<String>>,
 }
 
 impl StoreHealth {
     /// Why the store cannot be written (or claimed from) now, or `None` when it can.
     pub fn problem(&self) -> Option<String> {
         let failing = self.lock().iter().flatten().next().cloned();
-        failing.or_else(|| self.stalled())
+        failing
+            .or_else(|| self.disk_low())
+            .or_else(|| self.stalled())
+    }
+
+    /// Why new work is refused for the disk's reserve, or `None` while it has room.
+    pub fn disk_low(&self) -> Option<String> {
+        self.disk_low
+            .lock()
+            .expect("the health lock is never poisoned")
+            .clone()
+    }
+
+    /// Notes whether the disk is below its reserve, and why.
+    pub fn set_disk_low(&self, problem: Option<String>) {
+        *self
+            .disk_low
+            .lock()
+            .expect("the health lock is never poisoned") = problem;
     }
 
     /// How long the longest write under way has run (zero between writes).
@@ -482,11 +503,21 @@ impl Outbox {
     /// [`Outbox::accept`] for a webhook whose body holds `room` under `[server]
     /// body_memory`: the room stays taken until the writer has written it, even when the
     /// sender stops waiting first.
+    /// Below the disk's reserve nothing new is taken (a redelivery of a stored webhook
+    /// is answered as a duplicate once there is room), so that the outcomes of what is
+    /// queued can still be written.
     pub async fn accept_holding(
         &self,
         delivery: NewDelivery,
         room: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<Accepted, StoreError> {
+        if let Some(reason) = self.health.disk_low() {
+            return Err(StoreError {
+                place: self.place.to_string(),
+                reason,
+                refused: true,
+            });
+        }
         self.ask(|reply| Op::Accept(delivery, reply, room)).await
     }
 
