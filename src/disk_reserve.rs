@@ -58,7 +58,11 @@ impl Space {
 /// at the line does not take and refuse by turns. `low`: it was below at the last look.
 pub fn below(space: Space, reserve: Reserve, low: bool) -> Option<String> {
     let line = reserve.bytes(space.size);
-    let wanted = if low { line + line / 10 } else { line };
+    let wanted = if low {
+        line.saturating_add(line / 10)
+    } else {
+        line
+    };
     (line > 0 && space.free < wanted).then(|| {
         format!(
             "the store's disk has {} free, under its reserve of {} ([delivery] min_free_disk): \
@@ -171,6 +175,8 @@ mod tests {
         assert_eq!(below(at(11 * MIB), reserve, true), None);
         // Off.
         assert_eq!(below(at(0), Reserve::Bytes(0), true), None);
+        // A reserve larger than any disk is always under, and says so.
+        assert!(below(at(100 * MIB), Reserve::Bytes(u64::MAX), true).is_some());
     }
 
     #[test]
