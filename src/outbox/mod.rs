@@ -167,6 +167,9 @@ pub struct StoreHealth {
     /// The state folder's disk is below its reserve: why, said for refusals and
     /// `/readyz` (see [`crate::disk_reserve`]).
     disk_low: Mutex<Option<String>>,
+    /// Whether `disk_low` holds a reason: read by every webhook and gateway call without
+    /// taking the lock.
+    is_disk_low: std::sync::atomic::AtomicBool,
 }
 
 impl StoreHealth {
@@ -180,6 +183,9 @@ impl StoreHealth {
 
     /// Why new work is refused for the disk's reserve, or `None` while it has room.
     pub fn disk_low(&self) -> Option<String> {
+        if !self.is_disk_low.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         self.disk_low
             .lock()
             .expect("the health lock is never poisoned")
@@ -188,10 +194,13 @@ impl StoreHealth {
 
     /// Notes whether the disk is below its reserve, and why.
     pub fn set_disk_low(&self, problem: Option<String>) {
-        *self
+        let mut held = self
             .disk_low
             .lock()
-            .expect("the health lock is never poisoned") = problem;
+            .expect("the health lock is never poisoned");
+        self.is_disk_low
+            .store(problem.is_some(), std::sync::atomic::Ordering::Release);
+        *held = problem;
     }
 
     /// How long the longest write under way has run (zero between writes).
@@ -1168,6 +1177,24 @@ mod tests {
         health.set(Duty::Writes, None);
         health.set_writing(Duty::Claims, None);
         assert_eq!(health.problem(), None, "the write ended");
+    }
+
+    /// A disk under its reserve is a problem for `/readyz` after a failed write and before
+    /// a stalled one, and goes when the disk has room again.
+    #[test]
+    fn a_disk_under_its_reserve_is_a_problem_until_it_has_room() {
+        let health = StoreHealth::default();
+        assert_eq!(health.disk_low(), None);
+        health.set_disk_low(Some("the store's disk has 1 KiB free".into()));
+        assert_eq!(
+            health.problem().as_deref(),
+            Some("the store's disk has 1 KiB free")
+        );
+        health.set(Duty::Writes, Some("disk full".into()));
+        assert_eq!(health.problem().as_deref(), Some("disk full"));
+        health.set(Duty::Writes, None);
+        health.set_disk_low(None);
+        assert_eq!((health.disk_low(), health.problem()), (None, None));
     }
 
     /// A group's webhooks (and gateway records) recorded together, the batch breaking after
