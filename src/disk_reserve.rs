@@ -9,8 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// How often the free space is read: one `statvfs(2)` call, a few microseconds.
-const LOOK_EVERY: Duration = Duration::from_millis(250);
+/// How often the free space is read: one `statvfs(2)` call, a few microseconds. A relay
+/// under full load writes up to about 200 MB a second to its store (a webhook's row and
+/// its WAL frames), so it may go this long's worth (about 10 MB) past the reserve.
+const LOOK_EVERY: Duration = Duration::from_millis(50);
 /// The default reserve: this share of the disk…
 const DEFAULT_SHARE_PERCENT: u64 = 2;
 /// …at most this much.
@@ -84,11 +86,13 @@ pub struct Look {
 /// Reads the state folder's free space every [`LOOK_EVERY`] until `stopped`, against the
 /// reserve `configured()` says (the configuration's, as reloaded), and hands each look to
 /// `seen` (which keeps the outbox's health and the metrics). Logs each crossing once.
-pub async fn watch(
+/// Blocking, for a thread of its own: `statvfs(2)` on a disk that stopped answering never
+/// returns, and must not take a runtime's thread with it.
+pub fn watch(
     folder: PathBuf,
     configured: impl Fn() -> Reserve,
     mut seen: impl FnMut(Look),
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut low = false;
     let mut unreadable = false;
@@ -122,9 +126,9 @@ pub async fn watch(
             }
             Err(_) => {}
         }
-        tokio::select! {
-            _ = tokio::time::sleep(LOOK_EVERY) => {}
-            _ = stopped.changed() => return,
+        std::thread::sleep(LOOK_EVERY);
+        if *stopped.borrow() {
+            return;
         }
     }
 }

@@ -297,7 +297,7 @@ impl Metrics {
         let store_disk_free = Gauge::default();
         registry.register(
             "store_disk_free_bytes",
-            "Bytes free on the disk of the relay's state folder (SQLite store), read four times a second",
+            "Bytes free on the disk of the relay's state folder (SQLite store), read every 50 ms",
             store_disk_free.clone(),
         );
         let store_disk_reserve = Gauge::default();

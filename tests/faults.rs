@@ -1,6 +1,7 @@
 //! Faults, for real: a second relay on the same state folder, a full disk under a
 //! running relay (a small tmpfs as `--state`, filled and then freed), a disk taken under
-//! the relay's reserve, and a backup onto a full disk.
+//! the relay's reserve (by another file, and by an outage's backlog), and a backup onto a
+//! full disk.
 //!
 //! The full-disk test mounts a tmpfs, which needs root. Where mounting is impossible it
 //! says so on standard error and returns without checking anything; CI sets
@@ -422,6 +423,80 @@ async fn below_the_disk_reserve_new_work_is_refused_while_the_queue_still_drains
         rows.iter()
             .all(|r| r["state"] == "sent" || r["state"] == "queued"),
         "nothing stays sending: {rows:#?}"
+    );
+}
+
+/// The relay's own backlog fills its disk during a GitLab outage: webhooks are taken
+/// until the disk is down to the reserve, refused from then on (never a store error, so
+/// never a write that fails), and once GitLab is back every acknowledged webhook is sent,
+/// each once, while the disk stays under the reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outages_backlog_stops_at_the_reserve_and_drains_when_gitlab_is_back() {
+    let Some(state) = Tmpfs::mount_or_skip("16m", "the backlog-reserve test") else {
+        return;
+    };
+    // GitLab is down: nothing listens on its address yet.
+    let gitlab = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gitlab_address = gitlab.local_addr().unwrap().to_string();
+    drop(gitlab);
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), &format!("http://{gitlab_address}"));
+    let config = dir.path().join("relay.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[delivery]\n", "[delivery]\nmin_free_disk = \"10MiB\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut command = Command::new(BIN);
+    command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
+    let mut served = Served::start_with(command, dir.path(), &state.path);
+    let address = served.address();
+    let secret = "s3cret-for-the-tests";
+
+    let mut acknowledged = std::collections::BTreeSet::new();
+    let mut refusal = None;
+    for _ in 0..4_000 {
+        let reply = github_tag(&address, secret).await;
+        match reply.status {
+            202 => {
+                acknowledged.insert(reply.json()["delivery"].as_str().unwrap().to_owned());
+            }
+            503 => {
+                refusal = Some(reply.json()["message"].as_str().unwrap().to_owned());
+                break;
+            }
+            other => panic!("unexpected {other}: {}", reply.text()),
+        }
+    }
+    let refusal = refusal.expect("the backlog reaches the reserve");
+    assert!(refusal.contains("[delivery] min_free_disk"), "{refusal}");
+    assert!(
+        acknowledged.len() > 100,
+        "{} webhooks taken before the reserve",
+        acknowledged.len()
+    );
+    assert!(
+        free_bytes(&state.path) > 8 * 1024 * 1024,
+        "the reserve held"
+    );
+
+    // GitLab is back: every acknowledged webhook is sent, each once.
+    let upstream = RecordingUpstream::start_on(&gitlab_address).await;
+    let until = Instant::now() + Duration::from_secs(60);
+    while delivered(&upstream).len() < acknowledged.len() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        delivered(&upstream),
+        acknowledged,
+        "every acknowledged webhook sent"
+    );
+    assert_eq!(upstream.received().len(), acknowledged.len(), "each once");
+    let (code, lines) = served.terminate();
+    assert_eq!(code, Some(0));
+    assert!(
+        !lines.iter().any(|line| line.contains("ERROR")),
+        "no store error: {}",
+        lines.join("\n")
     );
 }
 

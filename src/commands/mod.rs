@@ -459,23 +459,22 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
             }
         }
     });
-    let disk_reserve = tokio::spawn({
-        let (app, stopped) = (app.clone(), stopped.clone());
-        let folder = match &store {
-            StoreLocation::Folder(folder) => Some(folder.clone()),
-            StoreLocation::Postgres(_) => None,
-        };
-        async move {
-            if let Some(folder) = folder {
+    // A thread of its own, never joined: a disk that stops answering holds it, not the
+    // runtime or the exit.
+    if let StoreLocation::Folder(folder) = &store {
+        let (app, stopped, folder) = (app.clone(), stopped.clone(), folder.clone());
+        std::thread::Builder::new()
+            .name("hookrelay-disk-reserve".into())
+            .spawn(move || {
                 let reserve = || app.runtime().config.delivery.min_free_disk;
                 let seen = |look: crate::disk_reserve::Look| {
                     app.metrics.store_disk(look.space.free, look.reserve);
                     app.outbox.health.set_disk_low(look.refusal);
                 };
-                crate::disk_reserve::watch(folder, reserve, seen, stopped).await;
-            }
-        }
-    });
+                crate::disk_reserve::watch(folder, reserve, seen, stopped);
+            })
+            .context("starting the disk reserve's watcher")?;
+    }
     let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped.clone()));
     let catch_up = tokio::spawn(crate::catch_up_passes::run(app.clone(), stopped.clone()));
     let forwarder = tokio::spawn(crate::forwarder::run(
@@ -504,7 +503,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         let _ = dashboard.await;
     }
     let _ = stop.send(true);
-    let _ = tokio::join!(reloader, disk_reserve, scheduler, catch_up, forwarder);
+    let _ = tokio::join!(reloader, scheduler, catch_up, forwarder);
     outbox.flush().await;
     served.context("serving")?;
     Ok(ExitCode::SUCCESS)
