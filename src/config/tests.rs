@@ -38,6 +38,17 @@ fn messages(result: Result<Config, Problems>) -> Vec<String> {
         .collect()
 }
 
+/// Each of `found` starts with the `expected` at its place, and there are as many.
+fn assert_each_starts_with(found: &[String], expected: &[&str]) {
+    for (one, expected) in found.iter().zip(expected) {
+        assert!(
+            one.starts_with(expected),
+            "{one:?} should start with {expected:?}"
+        );
+    }
+    assert_eq!(found.len(), expected.len(), "{found:#?}");
+}
+
 #[test]
 fn a_complete_configuration() {
     let config = load_text(
@@ -350,13 +361,7 @@ paths = { repository = "", ref = "change..ref", after = "changes[0].sha", pusher
         "a.toml:28: source.f.paths.ref: \"change..ref\" has an empty part",
         "a.toml:28: source.f.paths.after: \"changes[0].sha\" has brackets; an array's item is its index as a part (`changes.0.ref`)",
     ];
-    for (problem, expected) in problems.iter().zip(expected) {
-        assert!(
-            problem.starts_with(expected),
-            "{problem:?} should start with {expected:?}"
-        );
-    }
-    assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    assert_each_starts_with(&problems, &expected);
 }
 
 #[test]
@@ -408,13 +413,7 @@ fn limits_are_checked_where_they_are_written() {
         "a.toml:7: [gateway] trusted_proxies: \"proxy\" is not an IP address or network",
         "a.toml:12: [source.s] limit.on_limit: \"later\" is not \"reject\" or \"queue\"",
     ];
-    assert_eq!(problems.len(), expected.len(), "{problems:#?}");
-    for (problem, expected) in problems.iter().zip(expected) {
-        assert!(
-            problem.starts_with(expected),
-            "{problem:?} should start with {expected:?}"
-        );
-    }
+    assert_each_starts_with(&problems, &expected);
 }
 
 #[test]
@@ -688,13 +687,7 @@ token = "env:T"
         "b.toml:17: rule \"url\": the rule reacts to `delete` but its trigger has no `ref`",
         "b.toml:24: rule \"clone\": project \"git@gitlab.example.com:acme/app.git\" is written as a clone address, but GitLab knows a project by its path (never ending in `.git`), so it would answer 404; write \"acme/app\"",
     ];
-    for (warning, expected) in found.iter().zip(expected) {
-        assert!(
-            warning.starts_with(expected),
-            "{warning:?} should start with {expected:?}"
-        );
-    }
-    assert_eq!(found.len(), expected.len(), "{found:#?}");
+    assert_each_starts_with(&found, &expected);
 }
 
 #[test]
@@ -1209,13 +1202,7 @@ token = "env:T"
         "a.toml:38: rule \"typo\": source \"gthub\" names no [source.gthub] (defined: github, pipelines)",
         "a.toml:40: rule \"typo\": upstream \"gitlba\" names no [upstream.gitlba] (defined: gitlab, other)",
     ];
-    for (problem, expected) in problems.iter().zip(expect) {
-        assert!(
-            problem.starts_with(expected),
-            "{problem}\n  should start with {expected}"
-        );
-    }
-    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    assert_each_starts_with(&problems, &expect);
 }
 
 /// A name is part of every key and id stored for its source or upstream; one of
@@ -1298,13 +1285,7 @@ variables = { FOR = "{% for c in event.commits %}{{ loop.cycle('a', 'b') }}{% if
         "a.toml:24: rule \"r\": inputs.three: unknown method `nosuchmethod()`",
         "a.toml:30: rule \"r\": variables.E: unknown filter `nosuch`",
     ];
-    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
-    for (problem, expected) in problems.iter().zip(expect) {
-        assert!(
-            problem.starts_with(expected),
-            "{problem}\n  should start {expected}"
-        );
-    }
+    assert_each_starts_with(&problems, &expect);
 }
 
 /// A coalescing window is read on a rule and on an upstream; one over an hour is a warning
@@ -1629,13 +1610,7 @@ tls_key = "/dev/zero"
         "a.toml:7: source.gh.secret (file:/dev/zero): cannot read secret file /dev/zero: larger than 64 KiB, more than any secret holds: is it the right file?",
         "a.toml:10: tls_cert: cannot read /dev/zero: larger than 8 MiB",
     ];
-    for (problem, expected) in problems.iter().zip(expected) {
-        assert!(
-            problem.starts_with(expected),
-            "{problem:?} should start with {expected:?}"
-        );
-    }
-    assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    assert_each_starts_with(&problems, &expected);
 }
 
 /// `[delivery] min_free_disk`: a size, `0` to turn the reserve off, 2 % of the disk (at
