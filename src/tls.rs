@@ -77,8 +77,9 @@ pub fn refused_certificate_in(err: &(dyn std::error::Error + 'static)) -> Option
     None
 }
 
-/// Reads the PEM certificates of a `ca_file`; at least one must be there.
-pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Reads the PEM certificates of a file (a `ca_file`, a server's chain); at least one
+/// must be there.
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read_pem(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -99,7 +100,7 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
 pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
     let mut roots = default_roots().clone();
     if let Some(ca_file) = ca_file {
-        for cert in read_ca_file(ca_file)? {
+        for cert in read_certificates(ca_file)? {
             roots.add(cert).map_err(|err| err.to_string())?;
         }
     }
@@ -114,12 +115,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Str
 
 /// Reads a certificate chain and its private key (PEM) and checks that they belong together.
 pub fn read_server_certificate(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
-    let chain = CertificateDer::pem_slice_iter(&read_pem(cert)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| format!("{} is not a PEM certificate file: {err}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("{} holds no PEM certificate", cert.display()));
-    }
+    let chain = read_certificates(cert)?;
     let private_key = PrivateKeyDer::from_pem_slice(&read_pem(key)?).map_err(|err| {
         format!(
             "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {err}",

@@ -186,7 +186,7 @@ pub(crate) fn ca_file(
 ) -> Option<PathBuf> {
     let span = field.span();
     let path = problems.folder().join(field.into_inner());
-    match crate::tls::read_ca_file(&path) {
+    match crate::tls::read_certificates(&path) {
         Ok(_) => Some(path),
         Err(err) => {
             problems.at(Some(span), format!("{key}: {err}"));
