@@ -165,11 +165,9 @@ pub struct StoreHealth {
     /// have run out meanwhile, and this relay's claims must not take them over.
     outcomes_waiting: std::sync::atomic::AtomicBool,
     /// The state folder's disk is below its reserve: why, said for refusals and
-    /// `/readyz` (see [`crate::disk_reserve`]).
-    disk_low: Mutex<Option<String>>,
-    /// Whether `disk_low` holds a reason: read by every webhook and gateway call without
-    /// taking the lock.
-    is_disk_low: std::sync::atomic::AtomicBool,
+    /// `/readyz` (see [`crate::disk_reserve`]). Read by every webhook and gateway call,
+    /// without a lock.
+    disk_low: arc_swap::ArcSwapOption<String>,
 }
 
 impl StoreHealth {
@@ -183,24 +181,12 @@ impl StoreHealth {
 
     /// Why new work is refused for the disk's reserve, or `None` while it has room.
     pub fn disk_low(&self) -> Option<String> {
-        if !self.is_disk_low.load(std::sync::atomic::Ordering::Acquire) {
-            return None;
-        }
-        self.disk_low
-            .lock()
-            .expect("the health lock is never poisoned")
-            .clone()
+        self.disk_low.load().as_deref().cloned()
     }
 
     /// Notes whether the disk is below its reserve, and why.
     pub fn set_disk_low(&self, problem: Option<String>) {
-        let mut held = self
-            .disk_low
-            .lock()
-            .expect("the health lock is never poisoned");
-        self.is_disk_low
-            .store(problem.is_some(), std::sync::atomic::Ordering::Release);
-        *held = problem;
+        self.disk_low.store(problem.map(Arc::new));
     }
 
     /// How long the longest write under way has run (zero between writes).
@@ -512,6 +498,7 @@ impl Outbox {
     /// [`Outbox::accept`] for a webhook whose body holds `room` under `[server]
     /// body_memory`: the room stays taken until the writer has written it, even when the
     /// sender stops waiting first.
+    ///
     /// Below the disk's reserve nothing new is taken (a redelivery of a stored webhook
     /// is answered as a duplicate once there is room), so that the outcomes of what is
     /// queued can still be written.
