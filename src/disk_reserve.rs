@@ -57,19 +57,19 @@ impl Space {
 
 /// Whether the disk is below its reserve, said as the reason new work is refused; with
 /// some slack before it is taken again (a tenth of the reserve), so that a disk hovering
-/// at the line does not take and refuse by turns. `low`: it was below at the last look.
-pub fn below(space: Space, reserve: Reserve, low: bool) -> Option<String> {
-    let line = reserve.bytes(space.size);
+/// at the line does not take and refuse by turns. `free` and the reserve `line` in
+/// bytes; `low`: it was below at the last look.
+pub fn below(free: u64, line: u64, low: bool) -> Option<String> {
     let wanted = if low {
         line.saturating_add(line / 10)
     } else {
         line
     };
-    (line > 0 && space.free < wanted).then(|| {
+    (line > 0 && free < wanted).then(|| {
         format!(
             "the store's disk has {} free, under its reserve of {} ([delivery] min_free_disk): \
              new work waits for room, while what is queued is still sent",
-            shown(space.free),
+            shown(free),
             shown(line)
         )
     })
@@ -97,11 +97,11 @@ pub fn watch(
     let mut low = false;
     let mut unreadable = false;
     loop {
-        let reserve = configured();
         match Space::of(&folder) {
             Ok(space) => {
                 unreadable = false;
-                let problem = below(space, reserve, low);
+                let reserve = configured().bytes(space.size);
+                let problem = below(space.free, reserve, low);
                 if problem.is_some() != low {
                     low = problem.is_some();
                     match &problem {
@@ -115,7 +115,7 @@ pub fn watch(
                 }
                 seen(Look {
                     space,
-                    reserve: reserve.bytes(space.size),
+                    reserve,
                     refusal: problem,
                 });
             }
@@ -162,25 +162,21 @@ mod tests {
 
     #[test]
     fn below_the_reserve_is_said_and_above_it_with_slack_is_not() {
-        let reserve = Reserve::Bytes(10 * MIB);
-        let at = |free| Space {
-            free,
-            size: 100 * MIB,
-        };
-        let reason = below(at(9 * MIB), reserve, false).expect("below");
+        let reserve = 10 * MIB;
+        let reason = below(9 * MIB, reserve, false).expect("below");
         assert_eq!(
             reason,
             "the store's disk has 9.0 MiB free, under its reserve of 10.0 MiB ([delivery] min_free_disk): \
              new work waits for room, while what is queued is still sent"
         );
-        assert_eq!(below(at(10 * MIB), reserve, false), None);
+        assert_eq!(below(10 * MIB, reserve, false), None);
         // Once below, it takes a tenth of the reserve more to be taken again.
-        assert!(below(at(10 * MIB + MIB / 2), reserve, true).is_some());
-        assert_eq!(below(at(11 * MIB), reserve, true), None);
+        assert!(below(10 * MIB + MIB / 2, reserve, true).is_some());
+        assert_eq!(below(11 * MIB, reserve, true), None);
         // Off.
-        assert_eq!(below(at(0), Reserve::Bytes(0), true), None);
+        assert_eq!(below(0, 0, true), None);
         // A reserve larger than any disk is always under, and says so.
-        assert!(below(at(100 * MIB), Reserve::Bytes(u64::MAX), true).is_some());
+        assert!(below(100 * MIB, u64::MAX, true).is_some());
     }
 
     #[test]
