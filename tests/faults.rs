@@ -149,6 +149,28 @@ fn fill(folder: &Path) -> PathBuf {
     path
 }
 
+/// A relay serving [`durable_config`] with `upstream` as its GitLab and its state on
+/// `state`: `delivery` added to its `[delivery]` section (a reserve, say) and `more` to
+/// the end. The folder it reads is dropped with the returned `TempDir`.
+fn durable_relay_on(
+    state: &Path,
+    upstream: &str,
+    delivery: &str,
+    more: &str,
+) -> (tempfile::TempDir, Served) {
+    let dir = tempfile::tempdir().unwrap();
+    durable_config(dir.path(), upstream);
+    let config = dir.path().join("relay.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[delivery]\n", &format!("[delivery]\n{delivery}"));
+    std::fs::write(&config, text + more).unwrap();
+    let mut command = Command::new(BIN);
+    command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
+    let served = Served::start_with(command, dir.path(), state);
+    (dir, served)
+}
+
 async fn ready(address: &str) -> u16 {
     send("GET", &format!("http://{address}/readyz"), &[], "")
         .await
@@ -161,11 +183,7 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
         return;
     };
     let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    durable_config(dir.path(), &upstream.url());
-    let mut command = Command::new(BIN);
-    command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
-    let mut served = Served::start_with(command, dir.path(), &state.path);
+    let (_dir, mut served) = durable_relay_on(&state.path, &upstream.url(), "", "");
     let address = served.address();
 
     // `a` is on its way to GitLab, which takes 3 s to answer; `b` waits behind it.
@@ -296,16 +314,12 @@ async fn below_the_disk_reserve_new_work_is_refused_while_the_queue_still_drains
         return;
     };
     let upstream = RecordingUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    durable_config(dir.path(), &upstream.url());
-    let config = dir.path().join("relay.toml");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[delivery]\n", "[delivery]\nmin_free_disk = \"8MiB\"\n");
-    std::fs::write(&config, text + "[gateway]\nupstream = \"gitlab\"\n").unwrap();
-    let mut command = Command::new(BIN);
-    command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
-    let mut served = Served::start_with(command, dir.path(), &state.path);
+    let (_dir, mut served) = durable_relay_on(
+        &state.path,
+        &upstream.url(),
+        "min_free_disk = \"8MiB\"\n",
+        "[gateway]\nupstream = \"gitlab\"\n",
+    );
     let address = served.address();
     let secret = "s3cret-for-the-tests";
 
@@ -439,16 +453,12 @@ async fn an_outages_backlog_stops_at_the_reserve_and_drains_when_gitlab_is_back(
     let gitlab = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let gitlab_address = gitlab.local_addr().unwrap().to_string();
     drop(gitlab);
-    let dir = tempfile::tempdir().unwrap();
-    durable_config(dir.path(), &format!("http://{gitlab_address}"));
-    let config = dir.path().join("relay.toml");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[delivery]\n", "[delivery]\nmin_free_disk = \"10MiB\"\n");
-    std::fs::write(&config, text).unwrap();
-    let mut command = Command::new(BIN);
-    command.env("HOOKRELAY_TEST_TOKEN", "glptt-test");
-    let mut served = Served::start_with(command, dir.path(), &state.path);
+    let (_dir, mut served) = durable_relay_on(
+        &state.path,
+        &format!("http://{gitlab_address}"),
+        "min_free_disk = \"10MiB\"\n",
+        "",
+    );
     let address = served.address();
     let secret = "s3cret-for-the-tests";
 
