@@ -171,6 +171,15 @@ fn durable_relay_on(
     (dir, served)
 }
 
+/// Waits until `/readyz` answers `status`; fails saying `what` after `within`.
+async fn wait_for_ready(address: &str, status: u16, within: Duration, what: &str) {
+    let since = Instant::now();
+    while ready(address).await != status {
+        assert!(since.elapsed() < within, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn ready(address: &str) -> u16 {
     send("GET", &format!("http://{address}/readyz"), &[], "")
         .await
@@ -248,14 +257,13 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
 
     // Space again, no restart: ready within a few seconds, a recorded once, b sent after.
     std::fs::remove_file(filler).unwrap();
-    let healed = Instant::now();
-    while ready(&address).await != 200 {
-        assert!(
-            healed.elapsed() < Duration::from_secs(10),
-            "/readyz stays 503 after the disk was freed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_ready(
+        &address,
+        200,
+        Duration::from_secs(10),
+        "/readyz stays 503 after the disk was freed",
+    )
+    .await;
     let c = github_tag(&address, "s3cret-for-the-tests").await;
     assert_eq!(c.status, 202, "{}", c.text());
     acknowledged.push(c.json()["delivery"].clone());
@@ -334,14 +342,13 @@ async fn below_the_disk_reserve_new_work_is_refused_while_the_queue_still_drains
     let filler = state.path.join("filler");
     let free = free_bytes(&state.path);
     std::fs::write(&filler, vec![0u8; (free - 4 * 1024 * 1024) as usize]).unwrap();
-    let since = Instant::now();
-    while ready(&address).await != 503 {
-        assert!(
-            since.elapsed() < Duration::from_secs(5),
-            "/readyz says 200 below the reserve"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_ready(
+        &address,
+        503,
+        Duration::from_secs(5),
+        "/readyz says 200 below the reserve",
+    )
+    .await;
     let readyz = send("GET", &format!("http://{address}/readyz"), &[], "").await;
     assert!(readyz.text().contains("min_free_disk"), "{}", readyz.text());
     let scrape = send("GET", &format!("http://{address}/metrics"), &[], "").await;
@@ -397,14 +404,13 @@ async fn below_the_disk_reserve_new_work_is_refused_while_the_queue_still_drains
 
     // Room again, no restart.
     std::fs::remove_file(&filler).unwrap();
-    let healed = Instant::now();
-    while ready(&address).await != 200 {
-        assert!(
-            healed.elapsed() < Duration::from_secs(5),
-            "/readyz stays 503 with room again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_ready(
+        &address,
+        200,
+        Duration::from_secs(5),
+        "/readyz stays 503 with room again",
+    )
+    .await;
     let d = github_tag(&address, secret).await;
     assert_eq!(d.status, 202, "{}", d.text());
 
@@ -1574,14 +1580,7 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
     );
 
     disk.thaw();
-    let thawed = Instant::now();
-    while ready(&address).await != 200 {
-        assert!(
-            thawed.elapsed() < Duration::from_secs(20),
-            "/readyz still 503"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_ready(&address, 200, Duration::from_secs(20), "/readyz still 503").await;
     // The first, the patient one, every one given up on, and the dashboard's replay of the
     // first (a second call for its delivery): written and sent, once each.
     eventually(
