@@ -8,13 +8,12 @@
 //! names, with and without a webhook URL's `?ref=`, and explains every rule's verdict:
 //! templates and `when` expressions run on real events, within their bounds.
 
-use std::path::Path;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 
-use super::{Builder, Config, Problems, store};
+use super::{Config, Problems};
 use crate::event::{Event, Provider};
 use crate::git_ref::GitRef;
 use crate::sources::{Outcome, Verification, WebhookRequest, receive};
@@ -55,16 +54,7 @@ fn load(text: &str) -> Result<Config, Problems> {
     let env = |name: &str| {
         (!name.starts_with("HOOKRELAY_")).then(|| format!("fuzz-{name}-0123456789abcdef"))
     };
-    let path = Path::new("fuzz.toml");
-    let mut builder = Builder {
-        resolve_secrets: true,
-        ..Builder::default()
-    };
-    builder.read_file(path, text, &env);
-    if builder.store.is_none() {
-        builder.store_from_env = store::from_env(&env);
-    }
-    builder.finish(vec![path.to_owned()])
+    super::load_texts([("fuzz.toml".into(), Ok(text.to_owned()))], &env, true)
 }
 
 /// Plans each real webhook's events as if they came from each configured source.

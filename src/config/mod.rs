@@ -93,19 +93,35 @@ pub fn load_with_env(path: &Path, env: EnvLookup<'_>) -> Result<Config, Problems
 
 fn load_with(path: &Path, env: EnvLookup<'_>, resolve_secrets: bool) -> Result<Config, Problems> {
     let files = config_files(path).map_err(|problem| Problems(vec![problem]))?;
+    let texts = files.into_iter().map(|file| {
+        let text = crate::named_file::read_text(&file, crate::named_file::CONFIGURATION);
+        (file, text)
+    });
+    load_texts(texts, env, resolve_secrets)
+}
+
+/// One configuration from the texts of its files, in order (a file that could not be
+/// read is a problem of its own).
+fn load_texts(
+    texts: impl IntoIterator<Item = (PathBuf, std::io::Result<String>)>,
+    env: EnvLookup<'_>,
+    resolve_secrets: bool,
+) -> Result<Config, Problems> {
     let mut builder = Builder {
         resolve_secrets,
         ..Builder::default()
     };
-    for file in &files {
-        match crate::named_file::read_text(file, crate::named_file::CONFIGURATION) {
-            Ok(text) => builder.read_file(file, &text, env),
+    let mut files = Vec::new();
+    for (file, text) in texts {
+        match text {
+            Ok(text) => builder.read_file(&file, &text, env),
             Err(err) => builder.problems.push(Problem {
                 file: file.clone(),
                 line: None,
                 message: format!("cannot read: {err}"),
             }),
         }
+        files.push(file);
     }
     if builder.store.is_none() {
         builder.store_from_env = store::from_env(env);
