@@ -171,12 +171,13 @@ fn durable_relay_on(
     (dir, served)
 }
 
-/// Waits until `/readyz` answers `status`; fails saying `what` after `within`.
+/// Waits until `/readyz` answers `status`; fails saying `what` after `within`. Asks
+/// every 100 ms: each `503` is a log line, and the full-disk test counts them.
 async fn wait_for_ready(address: &str, status: u16, within: Duration, what: &str) {
     let since = Instant::now();
     while ready(address).await != status {
         assert!(since.elapsed() < within, "{what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
