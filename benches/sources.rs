@@ -17,6 +17,7 @@ const SECRET: &str = "It's a Secret to Everybody";
 fn source(provider: Provider) -> SourceConfig {
     SourceConfig {
         url_refs: None,
+        allow_from: Vec::new(),
         status: None,
         pipelines_of: None,
         catch_up: None,

@@ -92,6 +92,11 @@ pub enum ApiError {
     Source(#[from] SourceError),
     #[error("?ref= in the webhook URL: {0}")]
     BadUrlRef(String),
+    /// A webhook from an address the source's `allow_from` does not list.
+    #[error(
+        "{client} may not send webhooks to this source: it is not among the addresses its allow_from lists"
+    )]
+    AddressNotAllowed { client: std::net::IpAddr },
     /// Over a limit whose `on_limit` is `reject`.
     #[error("over the rate limit {limit}; retry in {} s", crate::limits::retry_after_seconds(*wait))]
     RateLimited {
@@ -148,6 +153,9 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             json!({ "error": "404 Not Found", "message": message }),
         ),
         ApiError::UnknownSource(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
+        ApiError::AddressNotAllowed { .. } => {
+            (StatusCode::FORBIDDEN, json!({ "message": message }))
+        }
         ApiError::RateLimited { wait, .. } => {
             let mut response = json_response(
                 StatusCode::TOO_MANY_REQUESTS,

@@ -5,7 +5,7 @@
 //! - [`app`]: the shared state every handler stands on (configuration snapshot, outbox).
 //! - [`server`]: accept, route, bound bodies and read times, shut down; [`event_loops`] serve
 //!   the connections, one thread per core; [`lingering`] closes them without losing the
-//!   last answer.
+//!   last answer; [`client_address`] says who sent a request, behind proxies too.
 //! - [`hooks`]: `POST /hooks/{source}`; [`sources`] verify and read each sender's webhooks into
 //!   one normalized [`event::Event`].
 //! - [`gateway`]: the GitLab-compatible trigger endpoints; one call becomes one [`trigger::Trigger`].
@@ -42,6 +42,7 @@ pub mod app;
 pub mod bare_refusals;
 pub mod catch_up;
 pub mod catch_up_passes;
+pub mod client_address;
 pub mod clipped;
 pub mod commands;
 pub mod config;

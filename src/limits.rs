@@ -530,31 +530,12 @@ impl Limits {
     }
 }
 
-/// Who a gateway caller is, for `per_client`: its address — the peer, or behind a trusted
-/// proxy the nearest forwarded address that is not itself a trusted proxy. Never the
-/// token: anyone can make up tokens, so a new token must not buy a new budget.
-pub fn gateway_client(
-    peer: std::net::IpAddr,
-    forwarded_for: Option<&str>,
-    trusted: &[ipnet::IpNet],
-) -> String {
-    if trusted.iter().any(|net| net.contains(&peer)) {
-        let forwarded = forwarded_for
-            .into_iter()
-            .flat_map(|v| v.rsplit(','))
-            .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
-            .find(|addr| !trusted.iter().any(|net| net.contains(addr)));
-        if let Some(addr) = forwarded {
-            return client_key(addr);
-        }
-    }
-    client_key(peer)
-}
-
-/// An address as a client: an IPv6 one by its /64, the network one subscriber is given
-/// (any address in it costs its holder nothing to take, so each must not buy a new
-/// budget); an IPv4 address in IPv6's form as IPv4.
-fn client_key(addr: std::net::IpAddr) -> String {
+/// Who a gateway caller is, for `per_client`: its address ([`crate::client_address`]),
+/// never its token (anyone can make up tokens, so a new token must not buy a new budget);
+/// an IPv6 address by its /64, the network one subscriber is given (any address in it
+/// costs its holder nothing to take, so each must not buy a new budget either); an IPv4
+/// address in IPv6's form as IPv4.
+pub fn gateway_client(addr: std::net::IpAddr) -> String {
     match addr {
         std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => format!("ip:{v4}"),
@@ -582,36 +563,18 @@ mod client_tests {
     use super::*;
 
     #[test]
-    fn clients_are_addresses_and_forwarded_ones_only_behind_trusted_proxies() {
-        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
-        // An untrusted peer's X-Forwarded-For is ignored: it could name anyone.
-        let direct = gateway_client("192.0.2.1".parse().unwrap(), Some("203.0.113.9"), &trusted);
-        assert_eq!(direct, "ip:192.0.2.1");
-        let proxied = gateway_client(
-            "10.1.2.3".parse().unwrap(),
-            Some("203.0.113.9, 10.0.0.5"),
-            &trusted,
-        );
-        assert_eq!(proxied, "ip:203.0.113.9");
-        let no_header = gateway_client("10.1.2.3".parse().unwrap(), None, &trusted);
-        assert_eq!(no_header, "ip:10.1.2.3");
+    fn clients_are_addresses_and_ipv6_ones_their_64() {
+        let client = |addr: &str| gateway_client(addr.parse().unwrap());
+        assert_eq!(client("192.0.2.1"), "ip:192.0.2.1");
         // IPv6 callers are their /64: every address in it is one client.
-        let one = gateway_client("2001:db8:1:2::1".parse().unwrap(), None, &trusted);
-        let other = gateway_client("2001:db8:1:2:ffff::9".parse().unwrap(), None, &trusted);
-        assert_eq!(one, "ip:2001:db8:1:2::/64");
-        assert_eq!(one, other);
-        assert_ne!(
-            one,
-            gateway_client("2001:db8:1:3::1".parse().unwrap(), None, &trusted)
-        );
-        let mapped = gateway_client("::ffff:192.0.2.1".parse().unwrap(), None, &trusted);
+        assert_eq!(client("2001:db8:1:2::1"), "ip:2001:db8:1:2::/64");
+        assert_eq!(client("2001:db8:1:2::1"), client("2001:db8:1:2:ffff::9"));
+        assert_ne!(client("2001:db8:1:2::1"), client("2001:db8:1:3::1"));
         assert_eq!(
-            mapped, "ip:192.0.2.1",
+            client("::ffff:192.0.2.1"),
+            "ip:192.0.2.1",
             "an IPv4 peer on a dual-stack socket"
         );
-        let forwarded_v6 =
-            gateway_client("10.1.2.3".parse().unwrap(), Some("2001:db8::7"), &trusted);
-        assert_eq!(forwarded_v6, "ip:2001:db8::/64");
         let token = gateway_token(&crate::secret::Secret::new("glptt-abc"));
         assert!(
             token.starts_with("token:") && !token.contains("abc"),

@@ -412,7 +412,7 @@ async fn dispatch(
             _ => Err(not_allowed("GET, HEAD")),
         },
         Route::Hook { source } => match method {
-            Method::POST | Method::GET => webhook(app, source, request).await,
+            Method::POST | Method::GET => webhook(app, peer, source, request).await,
             _ => Err(not_allowed(
                 app.runtime()
                     .config
@@ -478,11 +478,11 @@ async fn gateway_call(
     };
     let trigger = gateway::parse_trigger_call(call, &upstream.name).await?;
     let client = gateway_config.per_client.as_ref().map(|_| {
-        let forwarded = parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        crate::limits::gateway_client(peer.ip(), forwarded, &gateway_config.trusted_proxies)
+        crate::limits::gateway_client(crate::client_address::client_address(
+            peer.ip(),
+            &parts.headers,
+            &runtime.config.server.trusted_proxies,
+        ))
     });
     let token_key = gateway_config
         .per_token
@@ -556,6 +556,7 @@ async fn gateway_call(
 /// carries its payload in the URL instead of the body.
 async fn webhook(
     app: &App,
+    peer: SocketAddr,
     source: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -566,6 +567,16 @@ async fn webhook(
         .sources
         .get(source)
         .ok_or_else(|| ApiError::UnknownSource(crate::clipped::clipped(source)))?;
+    if !config.allow_from.is_empty() {
+        let client = crate::client_address::client_address(
+            peer.ip(),
+            request.headers(),
+            &runtime.config.server.trusted_proxies,
+        );
+        if !config.allows_address(client) {
+            return Err(ApiError::AddressNotAllowed { client });
+        }
+    }
     if request.method() == Method::GET && !config.provider.delivers_with_get() {
         return Err(ApiError::MethodNotAllowed {
             method: "GET".into(),

@@ -345,14 +345,7 @@ async fn github_form_encoded_bodies_are_signed_as_sent() {
     let body: String = form_urlencoded::Serializer::new(String::new())
         .append_pair("payload", std::str::from_utf8(&json).unwrap())
         .finish();
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            body.as_bytes()
-        )
-    );
+    let signature = sha256_signature(SECRET, body.as_bytes());
     let headers = [
         ("content-type", "application/x-www-form-urlencoded"),
         ("X-GitHub-Event", "push"),
@@ -948,14 +941,7 @@ async fn bitbucket_cloud_several_changes_become_several_events() {
     branch["old"]["name"] = json!("old-branch");
     payload["push"]["changes"] = json!([tag, branch]);
     let body = serde_json::to_vec(&payload).unwrap();
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            &body
-        )
-    );
+    let signature = sha256_signature(SECRET, &body);
     let r = deliver(
         &relay,
         "bitbucket",
@@ -1219,14 +1205,7 @@ async fn bad_requests() {
     );
     // Signed, but not JSON: 400 with line and column.
     let body = b"{\n  \"ref\": ]\n}".to_vec();
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            &body
-        )
-    );
+    let signature = sha256_signature(SECRET, &body);
     let r = deliver(
         &relay,
         "github",
@@ -1244,14 +1223,7 @@ async fn bad_requests() {
     );
     // Signed JSON that is not a push payload.
     let body = br#"{"ref": 5}"#.to_vec();
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            &body
-        )
-    );
+    let signature = sha256_signature(SECRET, &body);
     let r = deliver(
         &relay,
         "github",
@@ -1428,5 +1400,94 @@ async fn a_secret_being_rotated_accepts_the_new_and_the_old() {
         )
         .await;
         assert_eq!(reply.status, status, "{token}: {}", reply.text());
+    }
+}
+
+/// A signed GitHub push from `forwarded_for` (as a proxy in front of the relay says).
+async fn github_push_via(relay: &Relay, source: &str, forwarded_for: &[&str]) -> Reply {
+    let body = fixture("github/push_tag.json");
+    let signature = sha256_signature(SECRET, &body);
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("X-GitHub-Event", "push"),
+        ("X-GitHub-Delivery", "allow-from-1"),
+        ("X-Hub-Signature-256", signature.as_str()),
+    ];
+    headers.extend(
+        forwarded_for
+            .iter()
+            .map(|value| ("X-Forwarded-For", *value)),
+    );
+    post(&relay.url(&format!("/hooks/{source}")), &headers, body).await
+}
+
+const ALLOW_FROM: &str = r#"
+[source.here]
+provider = "github"
+secret = "file:{dir}/secret"
+allow_from = ["127.0.0.0/8", "::1"]
+
+[source.elsewhere]
+provider = "github"
+secret = "file:{dir}/secret"
+allow_from = ["192.0.2.0/24", "2001:db8::/32"]
+"#;
+
+/// `allow_from` takes webhooks from the addresses it lists and answers every other `403`
+/// naming the address, before reading the body; a client's own `X-Forwarded-For` names
+/// nobody unless the connection comes from a trusted proxy.
+#[tokio::test]
+async fn allow_from_takes_webhooks_only_from_the_addresses_it_lists() {
+    let relay = Relay::start_with(ALLOW_FROM, &FILES).await;
+    let reply = github_push_via(&relay, "here", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    for forwarded in [&[][..], &["192.0.2.5"][..]] {
+        let reply = github_push_via(&relay, "elsewhere", forwarded).await;
+        assert_eq!(reply.status, 403, "{}", reply.text());
+        assert_eq!(
+            reply.json()["message"],
+            "127.0.0.1 may not send webhooks to this source: it is not among the addresses its allow_from lists"
+        );
+    }
+    // Refused before its body is read: a body over [server] max_body is not answered 413.
+    let url = relay.url("/hooks/elsewhere");
+    let (status, text) = tokio::task::spawn_blocking(move || {
+        curl(&[
+            "--request",
+            "POST",
+            "--header",
+            "X-GitHub-Event: push",
+            "--header",
+            "Content-Length: 30000000",
+            "--data-binary",
+            "x",
+            "--max-time",
+            "10",
+            &url,
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 403, "{text}");
+
+    let behind_proxy = format!("[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{ALLOW_FROM}");
+    let relay = Relay::start_with(&behind_proxy, &FILES).await;
+    for (forwarded, status, client) in [
+        (&["192.0.2.5"][..], 200, ""),
+        (&["[2001:db8::9]:4711"][..], 200, ""),
+        // What the client wrote left of what the proxy added is not read.
+        (&["192.0.2.5, 203.0.113.1"][..], 403, "203.0.113.1"),
+        (&["192.0.2.5", "203.0.113.1"][..], 403, "203.0.113.1"),
+        (&[][..], 403, "127.0.0.1"),
+    ] {
+        let reply = github_push_via(&relay, "elsewhere", forwarded).await;
+        assert_eq!(reply.status, status, "{forwarded:?}: {}", reply.text());
+        if status == 403 {
+            let message = reply.json()["message"].as_str().unwrap().to_owned();
+            assert!(
+                message.starts_with(&format!("{client} may not")),
+                "{message}"
+            );
+        }
     }
 }

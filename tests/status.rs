@@ -489,14 +489,7 @@ fn bitbucket_config(gitlab: &str, forge: &str, provider: &str) -> String {
 
 async fn signed_bitbucket(relay: &Relay, event: &str, file: &str) -> common::Reply {
     let body = fixture(file);
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            SECRET.as_bytes(),
-            &body,
-        )
-    );
+    let signature = common::sha256_signature(SECRET, &body);
     post(
         &relay.url("/hooks/bitbucket"),
         &[

@@ -18,8 +18,6 @@ pub struct GatewayConfig {
     pub per_client: Option<crate::limits::Limit>,
     /// Calls per trigger token, for callers behind one address.
     pub per_token: Option<crate::limits::Limit>,
-    /// Proxies whose `X-Forwarded-For` names the client.
-    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Largest body of a plain trigger call (the webhook form keeps `[server] max_body`:
     /// its body is someone's webhook, handed to the pipeline as `TRIGGER_PAYLOAD`).
     pub max_body: usize,
@@ -33,7 +31,8 @@ pub const DEFAULT_GATEWAY_MAX_BODY: usize = 1024 * 1024;
 pub(super) struct RawGateway {
     upstream: Option<Spanned<String>>,
     limit: Option<Spanned<RawLimit>>,
-    trusted_proxies: Option<Spanned<Vec<String>>>,
+    /// The older place of `[server] trusted_proxies`, which it adds to.
+    trusted_proxies: Option<Vec<Spanned<String>>>,
     max_body: Option<Spanned<String>>,
 }
 
@@ -45,7 +44,8 @@ pub(super) struct ReadGateway {
     per_project: Option<crate::limits::Limit>,
     per_client: Option<crate::limits::Limit>,
     per_token: Option<crate::limits::Limit>,
-    trusted_proxies: Vec<ipnet::IpNet>,
+    /// Added to `[server] trusted_proxies` (see [`super::Config`]).
+    pub(super) trusted_proxies: Vec<ipnet::IpNet>,
     max_body: usize,
 }
 
@@ -79,23 +79,12 @@ pub(super) fn read(raw: RawGateway, problems: &mut FileProblems<'_>) -> ReadGate
             }
         }
     };
-    let mut trusted_proxies = Vec::new();
-    if let Some(proxies) = &raw.trusted_proxies {
-        for text in proxies.get_ref() {
-            let parsed = text
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-            match parsed {
-                Ok(net) => trusted_proxies.push(net),
-                Err(_) => problems.at(
-                    Some(proxies.span()),
-                    format!(
-                        "[gateway] trusted_proxies: {text:?} is not an IP address or network (\"10.0.0.0/8\")"
-                    ),
-                ),
-            }
-        }
-    }
+    let trusted_proxies = raw
+        .trusted_proxies
+        .as_deref()
+        .map_or_else(Vec::new, |list| {
+            super::networks::read_networks(list, "[gateway] trusted_proxies", problems)
+        });
     let max_body = match &raw.max_body {
         None => DEFAULT_GATEWAY_MAX_BODY,
         Some(text) => parse_size(text.get_ref()).unwrap_or_else(|err| {
@@ -134,7 +123,6 @@ pub(super) fn compile(
         per_project: read.per_project.clone(),
         per_client: read.per_client.clone(),
         per_token: read.per_token.clone(),
-        trusted_proxies: read.trusted_proxies.clone(),
         max_body: read.max_body,
     };
     let known = upstreams.join(", ");

@@ -17,6 +17,7 @@ mod delivery;
 pub mod fuzz;
 mod gateway;
 mod limit;
+mod networks;
 mod problems;
 mod rule;
 mod server;
@@ -761,7 +762,9 @@ impl Builder {
                 });
             }
         }
-        let gateway = self.gateway.take().and_then(|(read, origin)| {
+        let mut gateway_proxies = Vec::new();
+        let gateway = self.gateway.take().and_then(|(mut read, origin)| {
+            gateway_proxies = std::mem::take(&mut read.trusted_proxies);
             let upstreams: Vec<String> = self.upstreams.keys().cloned().collect();
             gateway::compile(
                 read,
@@ -795,7 +798,11 @@ impl Builder {
             return Err(Problems(self.problems));
         }
         Ok(Config {
-            server: self.server.map(|(server, _)| server).unwrap_or_default(),
+            server: {
+                let mut server = self.server.map(|(server, _)| server).unwrap_or_default();
+                server.trusted_proxies.extend(gateway_proxies);
+                server
+            },
             upstreams: self
                 .upstreams
                 .into_iter()

@@ -47,6 +47,10 @@ pub struct ServerConfig {
     /// `tls_cert` and `tls_key`: serve HTTPS with this certificate chain and key (PEM),
     /// read again at each reload.
     pub tls: Option<ServerTls>,
+    /// Proxies in front of the relay whose `X-Forwarded-For` names the client (for
+    /// `[source.NAME] allow_from` and the gateway's `per_client`); with `[gateway]
+    /// trusted_proxies`, the older place, added.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// The listener's certificate and key files, as configured (relative to the file's folder).
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             ack_timeout: DEFAULT_ACK_TIMEOUT,
             tls: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -87,6 +92,7 @@ pub(super) struct RawServer {
     ack_timeout: Option<Spanned<String>>,
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
+    trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
 /// Compiles `[server]`, with the defaults for what it leaves out.
@@ -150,6 +156,12 @@ pub(super) fn compile(raw: RawServer, problems: &mut FileProblems<'_>) -> Server
                 .map_err(|err| format!("ack_timeout: {err}"))
         }),
         tls: server_tls(raw.tls_cert, raw.tls_key, problems),
+        trusted_proxies: raw
+            .trusted_proxies
+            .as_deref()
+            .map_or_else(Vec::new, |list| {
+                super::networks::read_networks(list, "trusted_proxies", problems)
+            }),
     }
 }
 

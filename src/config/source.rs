@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::networks::read_networks;
 use super::{EnvLookup, FileProblems, parse_duration_at_least, typed};
 use crate::catch_up::Forge;
 use crate::event::Provider;
@@ -30,6 +31,7 @@ pub(super) struct RawSource {
     delivery_header: Option<Spanned<String>>,
     limit: Option<Spanned<super::RawLimit>>,
     url_refs: Option<Spanned<Vec<String>>>,
+    allow_from: Option<Spanned<Vec<Spanned<String>>>>,
     status: Option<Spanned<RawStatus>>,
     upstream: Option<Spanned<String>>,
     catch_up: Option<Spanned<RawCatchUp>>,
@@ -181,6 +183,20 @@ pub(super) fn compile_source(
     let url_refs = raw
         .url_refs
         .and_then(|refs| compile_url_refs(name, refs, problems, &mut ok));
+    let allow_from = raw.allow_from.map_or_else(Vec::new, |list| {
+        let setting = format!("source.{name}.allow_from");
+        let networks = read_networks(list.get_ref(), &setting, problems);
+        if list.get_ref().is_empty() {
+            problems.at(
+                Some(list.span()),
+                format!("{setting}: an empty list would refuse every webhook; leave allow_from out to take them from any address"),
+            );
+        }
+        if networks.len() < list.get_ref().len() || networks.is_empty() {
+            ok = false;
+        }
+        networks
+    });
     let generic = if provider == Provider::Generic {
         compile_generic(
             name,
@@ -205,6 +221,7 @@ pub(super) fn compile_source(
         generic,
         limit,
         url_refs,
+        allow_from,
         status,
         pipelines_of,
         catch_up,

@@ -1636,3 +1636,61 @@ fn the_disk_reserve_is_a_size() {
         "{problems:#?}"
     );
 }
+
+#[test]
+fn allow_from_and_trusted_proxies_are_addresses_and_networks_each_at_its_line() {
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            "[server]\ntrusted_proxies = [\n  \"10.0.0.0/8\",\n  \"nginx\",\n]\n\n\
+             [source.a]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = [\n  \"192.30.252.0/22\",\n  \"192.30.252.0/33\",\n]\n\n\
+             [source.b]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = []\n",
+        )],
+        &[],
+    ));
+    let expected = [
+        "a.toml:4: trusted_proxies: \"nginx\" is not an IP address or network",
+        "a.toml:12: source.a.allow_from: \"192.30.252.0/33\" is not an IP address or network",
+        "a.toml:18: source.b.allow_from: an empty list would refuse every webhook",
+    ];
+    assert_each_starts_with(&problems, &expected);
+}
+
+#[test]
+fn trusted_proxies_of_the_server_and_of_the_gateway_are_one_list() {
+    let config = load_text(
+        &[(
+            "a.toml",
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\n\n\
+             [upstream.gl]\nurl = \"https://gitlab.example\"\n\n\
+             [gateway]\ntrusted_proxies = [\"192.0.2.7\", \"::ffff:172.16.0.0/108\"]\n\n\
+             [source.a]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = [\"192.30.252.9/22\", \"2001:db8::1\"]\n",
+        )],
+        &[],
+    )
+    .unwrap();
+    let shown = |nets: &[ipnet::IpNet]| nets.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        shown(&config.server.trusted_proxies),
+        ["10.0.0.0/8", "192.0.2.7/32", "172.16.0.0/12"]
+    );
+    let source = &config.sources["a"];
+    assert_eq!(
+        shown(&source.allow_from),
+        ["192.30.252.0/22", "2001:db8::1/128"]
+    );
+    assert!(source.allows_address("192.30.255.1".parse().unwrap()));
+    assert!(!source.allows_address("192.30.251.255".parse().unwrap()));
+    assert!(!source.allows_address("203.0.113.9".parse().unwrap()));
+    assert!(source.allows_address("2001:db8::1".parse().unwrap()));
+    assert!(!source.allows_address("2001:db8::2".parse().unwrap()));
+    let open = load_text(
+        &[(
+            "a.toml",
+            "[source.a]\nprovider = \"github\"\nallow_unsigned = true\n",
+        )],
+        &[],
+    )
+    .unwrap();
+    assert!(open.sources["a"].allows_address("203.0.113.9".parse().unwrap()));
+}

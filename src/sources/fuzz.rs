@@ -46,6 +46,7 @@ fn events(provider: Provider) -> (&'static str, &'static [&'static str]) {
 pub fn source(provider: Provider) -> SourceConfig {
     SourceConfig {
         url_refs: None,
+        allow_from: Vec::new(),
         status: None,
         pipelines_of: None,
         catch_up: None,

@@ -56,6 +56,9 @@ pub struct SourceConfig {
     /// `url_refs = ["stable", "release/*"]`: the refs `?ref=` in the webhook URL may choose
     /// (short names, globs). None listed: the URL chooses no ref.
     pub url_refs: Option<crate::rules::Patterns>,
+    /// `allow_from = ["192.30.252.0/22", …]`: the only addresses (of the client, see
+    /// [`crate::client_address`]) that may send this source webhooks. Empty: any.
+    pub allow_from: Vec<ipnet::IpNet>,
     /// `status = { … }`: pipelines started from this source's webhooks show on the commit.
     pub status: Option<crate::status::StatusConfig>,
     /// `upstream = "NAME"` (GitLab): this source's pipeline events move the statuses of
@@ -73,6 +76,11 @@ pub struct HeadCommit {
 }
 
 impl SourceConfig {
+    /// Whether `client` may send this source webhooks (`allow_from`).
+    pub fn allows_address(&self, client: std::net::IpAddr) -> bool {
+        self.allow_from.is_empty() || self.allow_from.iter().any(|net| net.contains(&client))
+    }
+
     /// Whether `?ref=` may choose `git_ref` for this source's webhooks, and if not, why.
     pub fn allows_url_ref(&self, git_ref: &crate::git_ref::GitRef) -> Result<(), String> {
         let name = git_ref.short_name();

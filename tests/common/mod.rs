@@ -507,6 +507,18 @@ pub async fn signed_github(
     signed_github_body(url, secret, event, delivery, fixture(file)).await
 }
 
+/// `sha256=<hex HMAC-SHA256 of body>`, as GitHub (and Bitbucket) sign a webhook.
+pub fn sha256_signature(secret: &str, body: &[u8]) -> String {
+    format!(
+        "sha256={}",
+        hookrelay::sources::signature::hmac_hex(
+            hookrelay::sources::signature::Algorithm::Sha256,
+            secret.as_bytes(),
+            body
+        )
+    )
+}
+
 /// [`signed_github`] with a body of the test's own making.
 pub async fn signed_github_body(
     url: &str,
@@ -515,14 +527,7 @@ pub async fn signed_github_body(
     delivery: &str,
     body: Vec<u8>,
 ) -> Reply {
-    let signature = format!(
-        "sha256={}",
-        hookrelay::sources::signature::hmac_hex(
-            hookrelay::sources::signature::Algorithm::Sha256,
-            secret.as_bytes(),
-            &body
-        )
-    );
+    let signature = sha256_signature(secret, &body);
     let headers = [
         ("content-type", "application/json"),
         ("X-GitHub-Event", event),

@@ -1,0 +1,62 @@
+//! Lists of IP addresses and networks (`trusted_proxies`, `allow_from`), each entry
+//! checked at its own line.
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::problems::FileProblems;
+
+/// The addresses and networks `list` names (`"10.0.0.0/8"`, `"192.0.2.7"`,
+/// `"2001:db8::/32"`); an entry that is neither is a problem at its line. An address is a
+/// network of one; a network written with host bits (`10.1.2.3/8`) is the network.
+pub(super) fn read_networks(
+    list: &[Spanned<String>],
+    setting: &str,
+    problems: &mut FileProblems<'_>,
+) -> Vec<IpNet> {
+    let mut networks = Vec::with_capacity(list.len());
+    for entry in list {
+        let text = entry.get_ref().trim();
+        let parsed = text
+            .parse::<IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) => networks.push(canonical(net.trunc())),
+            Err(_) => problems.at(
+                Some(entry.span()),
+                format!(
+                    "{setting}: {:?} is not an IP address or network (\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\")",
+                    entry.get_ref()
+                ),
+            ),
+        }
+    }
+    networks
+}
+
+/// An IPv4 network written in IPv6's mapped form (`::ffff:10.0.0.0/104`) as IPv4, since
+/// addresses are compared in their canonical form ([`crate::client_address`]).
+fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_ipv4_networks_are_ipv4() {
+        let net: IpNet = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(canonical(net).to_string(), "10.0.0.0/8");
+        let v6: IpNet = "2001:db8::/32".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
+}
