@@ -47,6 +47,28 @@ fn check_says_a_source_is_rotating_its_secret() {
 }
 
 #[test]
+fn check_shows_where_a_source_takes_webhooks_from_and_the_trusted_proxies() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "a.toml",
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n\n\
+         [source.ci]\nprovider = \"generic\"\nallow_unsigned = true\nallow_from = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n",
+    );
+    let output = hookrelay(&["check", "--config", dir.path().to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("ci (generic, POST /hooks/ci, only from 10.0.0.0/8 2001:db8::/32)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\n  trusted proxies: 127.0.0.1/32"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_lists_every_problem_as_file_line_message() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.toml", "[server]\nlisten = \"localhost\"\n");

@@ -1403,8 +1403,9 @@ async fn a_secret_being_rotated_accepts_the_new_and_the_old() {
     }
 }
 
-/// A signed GitHub push from `forwarded_for` (as a proxy in front of the relay says).
-async fn github_push_via(relay: &Relay, source: &str, forwarded_for: &[&str]) -> Reply {
+/// A signed GitHub push to the relay at `base` (`http://host:port`) from `forwarded_for`
+/// (as a proxy in front of the relay says).
+async fn github_push_via(base: &str, source: &str, forwarded_for: &[&str]) -> Reply {
     let body = fixture("github/push_tag.json");
     let signature = sha256_signature(SECRET, &body);
     let mut headers = vec![
@@ -1418,7 +1419,7 @@ async fn github_push_via(relay: &Relay, source: &str, forwarded_for: &[&str]) ->
             .iter()
             .map(|value| ("X-Forwarded-For", *value)),
     );
-    post(&relay.url(&format!("/hooks/{source}")), &headers, body).await
+    post(&format!("{base}/hooks/{source}"), &headers, body).await
 }
 
 const ALLOW_FROM: &str = r#"
@@ -1439,10 +1440,10 @@ allow_from = ["192.0.2.0/24", "2001:db8::/32"]
 #[tokio::test]
 async fn allow_from_takes_webhooks_only_from_the_addresses_it_lists() {
     let relay = Relay::start_with(ALLOW_FROM, &FILES).await;
-    let reply = github_push_via(&relay, "here", &[]).await;
+    let reply = github_push_via(&relay.url(""), "here", &[]).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     for forwarded in [&[][..], &["192.0.2.5"][..]] {
-        let reply = github_push_via(&relay, "elsewhere", forwarded).await;
+        let reply = github_push_via(&relay.url(""), "elsewhere", forwarded).await;
         assert_eq!(reply.status, 403, "{}", reply.text());
         assert_eq!(
             reply.json()["message"],
@@ -1480,7 +1481,7 @@ async fn allow_from_takes_webhooks_only_from_the_addresses_it_lists() {
         (&["192.0.2.5", "203.0.113.1"][..], 403, "203.0.113.1"),
         (&[][..], 403, "127.0.0.1"),
     ] {
-        let reply = github_push_via(&relay, "elsewhere", forwarded).await;
+        let reply = github_push_via(&relay.url(""), "elsewhere", forwarded).await;
         assert_eq!(reply.status, status, "{forwarded:?}: {}", reply.text());
         if status == 403 {
             let message = reply.json()["message"].as_str().unwrap().to_owned();
@@ -1490,4 +1491,26 @@ async fn allow_from_takes_webhooks_only_from_the_addresses_it_lists() {
             );
         }
     }
+}
+
+/// Behind a trusted proxy the log lines name the client beside the proxy: the real binary.
+#[tokio::test]
+async fn log_lines_name_the_client_a_trusted_proxy_forwarded_for() {
+    let dir = tempfile::tempdir().unwrap();
+    common::binary::write(dir.path(), "secret", SECRET);
+    let config = format!("[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{ALLOW_FROM}")
+        .replace("{dir}", dir.path().to_str().unwrap());
+    common::binary::write(dir.path(), "relay.toml", &config);
+    let mut served = common::binary::Served::start(dir.path(), &dir.path().join("state"));
+    let address = served.address();
+    let base = format!("http://{address}");
+    let reply = github_push_via(&base, "elsewhere", &["192.0.2.5"]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let line = served.wait_for("client=192.0.2.5");
+    assert!(line.contains("peer=127.0.0.1"), "{line}");
+    let reply = github_push_via(&base, "elsewhere", &["203.0.113.1"]).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    let line = served.wait_for("client=203.0.113.1");
+    assert!(line.contains("request refused"), "{line}");
+    served.terminate();
 }

@@ -231,6 +231,10 @@ fn summary(config: &Config) -> String {
             if s.secrets.len() > 1 {
                 shown.push_str(&format!(", {} secrets (rotating)", s.secrets.len()));
             }
+            if !s.allow_from.is_empty() {
+                let networks: Vec<String> = s.allow_from.iter().map(|n| n.to_string()).collect();
+                shown.push_str(&format!(", only from {}", networks.join(" ")));
+            }
             if let Some(status) = &s.status {
                 shown.push_str(&format!(
                     ", statuses to {}{} with {}",
@@ -276,13 +280,23 @@ fn summary(config: &Config) -> String {
         .iter()
         .filter(|r| r.spec.schedule.is_some())
         .count();
-    format!(
+    let mut summary = format!(
         "configuration OK: {}\n  upstreams: {}\n  gateway: {gateway}\n  sources: {}\n  rules: {} ({scheduled} scheduled)",
         files.join(", "),
         or_none(upstreams),
         or_none(sources),
         config.rules.len(),
-    )
+    );
+    if !config.server.trusted_proxies.is_empty() {
+        let proxies: Vec<String> = config
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        summary.push_str(&format!("\n  trusted proxies: {}", proxies.join(" ")));
+    }
+    summary
 }
 
 /// The configuration `serve` runs, with the command line's overrides, and what of it
