@@ -39,6 +39,11 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     nearest
 }
 
+/// Whether an `allow_from` list lets `client` in: empty, it lets everyone.
+pub fn allowed(allow_from: &[IpNet], client: IpAddr) -> bool {
+    allow_from.is_empty() || allow_from.iter().any(|net| net.contains(&client))
+}
+
 /// One entry of `X-Forwarded-For`: an address, or an address with a port
 /// (`192.0.2.1:4711`, `[2001:db8::1]:4711`), as some proxies write them.
 fn forwarded_entry(entry: &str) -> Option<IpAddr> {

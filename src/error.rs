@@ -97,6 +97,12 @@ pub enum ApiError {
         "{client} may not send webhooks to this source: it is not among the addresses its allow_from lists"
     )]
     AddressNotAllowed { client: std::net::IpAddr },
+    /// A gateway call from an address `[gateway] allow_from` does not list; GitLab's
+    /// words first, for callers that compare them.
+    #[error(
+        "403 Forbidden: {client} may not call the trigger API through this gateway: it is not among the addresses [gateway] allow_from lists"
+    )]
+    GatewayAddressNotAllowed { client: std::net::IpAddr },
     /// Over a limit whose `on_limit` is `reject`.
     #[error("over the rate limit {limit}; retry in {} s", crate::limits::retry_after_seconds(*wait))]
     RateLimited {
@@ -153,7 +159,7 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
             json!({ "error": "404 Not Found", "message": message }),
         ),
         ApiError::UnknownSource(_) => (StatusCode::NOT_FOUND, json!({ "message": message })),
-        ApiError::AddressNotAllowed { .. } => {
+        ApiError::AddressNotAllowed { .. } | ApiError::GatewayAddressNotAllowed { .. } => {
             (StatusCode::FORBIDDEN, json!({ "message": message }))
         }
         ApiError::RateLimited { wait, .. } => {

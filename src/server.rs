@@ -471,6 +471,20 @@ async fn gateway_call(
         .upstreams
         .get(&gateway_config.upstream)
         .expect("configuration validated that the gateway's upstream exists");
+    // Who calls, for allow_from and per_client: asked before a byte of the body is read.
+    let client = (!gateway_config.allow_from.is_empty() || gateway_config.per_client.is_some())
+        .then(|| {
+            crate::client_address::client_address(
+                peer.ip(),
+                request.headers(),
+                &runtime.config.server.trusted_proxies,
+            )
+        });
+    if let Some(client) = client
+        && !gateway_config.allows_address(client)
+    {
+        return Err(ApiError::GatewayAddressNotAllowed { client });
+    }
     let project = project.to_owned();
     // A plain call is small; the webhook form's body is someone's webhook.
     let server_limit = (app.server.max_body, "[server] max_body");
@@ -495,13 +509,11 @@ async fn gateway_call(
         body,
     };
     let trigger = gateway::parse_trigger_call(call, &upstream.name).await?;
-    let client = gateway_config.per_client.as_ref().map(|_| {
-        crate::limits::gateway_client(crate::client_address::client_address(
-            peer.ip(),
-            &parts.headers,
-            &runtime.config.server.trusted_proxies,
-        ))
-    });
+    let client = gateway_config
+        .per_client
+        .as_ref()
+        .and(client)
+        .map(crate::limits::gateway_client);
     let token_key = gateway_config
         .per_token
         .as_ref()

@@ -53,13 +53,19 @@ fn check_shows_where_a_source_takes_webhooks_from_and_the_trusted_proxies() {
         dir.path(),
         "a.toml",
         "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n\n\
-         [source.ci]\nprovider = \"generic\"\nallow_unsigned = true\nallow_from = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n",
+         [source.ci]\nprovider = \"generic\"\nallow_unsigned = true\nallow_from = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n\n\
+         [upstream.gl]\nurl = \"https://gitlab.example\"\n\n\
+         [gateway]\nallow_from = [\"192.0.2.7\"]\n",
     );
     let output = hookrelay(&["check", "--config", dir.path().to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(
         stdout.contains("ci (generic, POST /hooks/ci, only from 10.0.0.0/8 2001:db8::/32)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("gateway: enabled, forwarding to gl, only from 192.0.2.7/32"),
         "{stdout}"
     );
     assert!(

@@ -1074,3 +1074,54 @@ async fn calls_in_flight_to_an_upstream_are_capped_and_the_overflow_is_told_to_r
         "{arrivals:?}"
     );
 }
+
+/// A JSON trigger call, as a proxy forwarding for `forwarded` sends it.
+async fn call_via(relay: &Relay, forwarded: Option<&str>) -> Reply {
+    let mut headers = vec![("content-type", "application/json")];
+    headers.extend(forwarded.map(|value| ("X-Forwarded-For", value)));
+    post(
+        &relay.url(PIPELINE),
+        &headers,
+        r#"{"token":"TOKEN","ref":"main"}"#,
+    )
+    .await
+}
+
+/// `[gateway] allow_from` lets only the addresses it lists call (behind a trusted proxy,
+/// the client it forwarded for); any other gets `403` with GitLab's words first, before
+/// its body is read, and nothing reaches GitLab.
+#[tokio::test]
+async fn allow_from_lets_only_the_addresses_it_lists_call() {
+    let (upstream, relay) = setup("allow_from = [\"192.0.2.0/24\"]\n").await;
+    for forwarded in [None, Some("192.0.2.9")] {
+        let reply = call_via(&relay, forwarded).await;
+        assert_eq!(reply.status, 403, "{}", reply.text());
+        assert_eq!(
+            reply.json()["message"],
+            "403 Forbidden: 127.0.0.1 may not call the trigger API through this gateway: it is not among the addresses [gateway] allow_from lists"
+        );
+    }
+    assert!(upstream.received().is_empty());
+    relay.stop().await;
+
+    let behind_proxy = "allow_from = [\"192.0.2.0/24\"]\nlimit = { per_client = \"2/min\" }\n\n[server]\ntrusted_proxies = [\"127.0.0.1\"]\n";
+    let (upstream, relay) = setup(behind_proxy).await;
+    let reply = call_via(&relay, Some("192.0.2.9")).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let reply = call_via(&relay, Some("203.0.113.1")).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("403 Forbidden: 203.0.113.1 may not"),
+        "{}",
+        reply.text()
+    );
+    // per_client counts the client allow_from admitted, not the proxy.
+    assert_eq!(call_via(&relay, Some("192.0.2.9")).await.status, 201);
+    assert_eq!(call_via(&relay, Some("192.0.2.9")).await.status, 429);
+    assert_eq!(call_via(&relay, Some("192.0.2.10")).await.status, 201);
+    assert_eq!(upstream.received().len(), 3);
+    relay.stop().await;
+}

@@ -220,6 +220,11 @@ fn summary(config: &Config) -> String {
         })
         .collect();
     let gateway = match &config.gateway {
+        Some(gateway) if !gateway.allow_from.is_empty() => format!(
+            "enabled, forwarding to {}, only from {}",
+            gateway.upstream,
+            networks(&gateway.allow_from)
+        ),
         Some(gateway) => format!("enabled, forwarding to {}", gateway.upstream),
         None => "disabled".into(),
     };
@@ -232,8 +237,7 @@ fn summary(config: &Config) -> String {
                 shown.push_str(&format!(", {} secrets (rotating)", s.secrets.len()));
             }
             if !s.allow_from.is_empty() {
-                let networks: Vec<String> = s.allow_from.iter().map(|n| n.to_string()).collect();
-                shown.push_str(&format!(", only from {}", networks.join(" ")));
+                shown.push_str(&format!(", only from {}", networks(&s.allow_from)));
             }
             if let Some(status) = &s.status {
                 shown.push_str(&format!(
@@ -288,15 +292,18 @@ fn summary(config: &Config) -> String {
         config.rules.len(),
     );
     if !config.server.trusted_proxies.is_empty() {
-        let proxies: Vec<String> = config
-            .server
-            .trusted_proxies
-            .iter()
-            .map(|n| n.to_string())
-            .collect();
-        summary.push_str(&format!("\n  trusted proxies: {}", proxies.join(" ")));
+        summary.push_str(&format!(
+            "\n  trusted proxies: {}",
+            networks(&config.server.trusted_proxies)
+        ));
     }
     summary
+}
+
+/// Addresses and networks as `check` shows them: `10.0.0.0/8 192.0.2.7/32`.
+fn networks(list: &[ipnet::IpNet]) -> String {
+    let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
+    shown.join(" ")
 }
 
 /// The configuration `serve` runs, with the command line's overrides, and what of it

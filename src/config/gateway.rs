@@ -18,9 +18,18 @@ pub struct GatewayConfig {
     pub per_client: Option<crate::limits::Limit>,
     /// Calls per trigger token, for callers behind one address.
     pub per_token: Option<crate::limits::Limit>,
+    /// `allow_from`: the only client addresses that may call the gateway. Empty: any.
+    pub allow_from: Vec<ipnet::IpNet>,
     /// Largest body of a plain trigger call (the webhook form keeps `[server] max_body`:
     /// its body is someone's webhook, handed to the pipeline as `TRIGGER_PAYLOAD`).
     pub max_body: usize,
+}
+
+impl GatewayConfig {
+    /// Whether `client` may call the gateway (`allow_from`).
+    pub fn allows_address(&self, client: std::net::IpAddr) -> bool {
+        crate::client_address::allowed(&self.allow_from, client)
+    }
 }
 
 /// Default `[gateway] max_body`: a trigger call is a token, a ref and some variables.
@@ -33,6 +42,7 @@ pub(super) struct RawGateway {
     limit: Option<Spanned<RawLimit>>,
     /// The older place of `[server] trusted_proxies`, which it adds to.
     trusted_proxies: Option<Vec<Spanned<String>>>,
+    allow_from: Option<Spanned<Vec<Spanned<String>>>>,
     max_body: Option<Spanned<String>>,
 }
 
@@ -46,6 +56,7 @@ pub(super) struct ReadGateway {
     per_token: Option<crate::limits::Limit>,
     /// Added to `[server] trusted_proxies` (see [`super::Config`]).
     pub(super) trusted_proxies: Vec<ipnet::IpNet>,
+    allow_from: Vec<ipnet::IpNet>,
     max_body: usize,
 }
 
@@ -85,6 +96,9 @@ pub(super) fn read(raw: RawGateway, problems: &mut FileProblems<'_>) -> ReadGate
         .map_or_else(Vec::new, |list| {
             super::networks::read_networks(list, "[gateway] trusted_proxies", problems)
         });
+    let allow_from = raw.allow_from.as_ref().map_or_else(Vec::new, |list| {
+        super::networks::read_allow_from(list, "[gateway] allow_from", problems)
+    });
     let max_body = match &raw.max_body {
         None => DEFAULT_GATEWAY_MAX_BODY,
         Some(text) => parse_size(text.get_ref()).unwrap_or_else(|err| {
@@ -100,6 +114,7 @@ pub(super) fn read(raw: RawGateway, problems: &mut FileProblems<'_>) -> ReadGate
         per_client,
         per_token,
         trusted_proxies,
+        allow_from,
         max_body,
     }
 }
@@ -123,6 +138,7 @@ pub(super) fn compile(
         per_project: read.per_project.clone(),
         per_client: read.per_client.clone(),
         per_token: read.per_token.clone(),
+        allow_from: read.allow_from.clone(),
         max_body: read.max_body,
     };
     let known = upstreams.join(", ");

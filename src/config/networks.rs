@@ -34,6 +34,22 @@ pub(super) fn read_networks(
     networks
 }
 
+/// An `allow_from` list: [`read_networks`], and an empty list is a problem (it would
+/// refuse everyone; left out, the setting allows any address).
+pub(super) fn read_allow_from(
+    list: &Spanned<Vec<Spanned<String>>>,
+    setting: &str,
+    problems: &mut FileProblems<'_>,
+) -> Vec<IpNet> {
+    if list.get_ref().is_empty() {
+        problems.at(
+            Some(list.span()),
+            format!("{setting}: an empty list would refuse everyone; leave allow_from out to allow any address"),
+        );
+    }
+    read_networks(list.get_ref(), setting, problems)
+}
+
 /// An IPv4 network written in IPv6's mapped form (`::ffff:10.0.0.0/104`) as IPv4, since
 /// addresses are compared in their canonical form ([`crate::client_address`]).
 fn canonical(net: IpNet) -> IpNet {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::networks::read_networks;
+use super::networks::read_allow_from;
 use super::{EnvLookup, FileProblems, parse_duration_at_least, typed};
 use crate::catch_up::Forge;
 use crate::event::Provider;
@@ -184,18 +184,7 @@ pub(super) fn compile_source(
         .url_refs
         .and_then(|refs| compile_url_refs(name, refs, problems, &mut ok));
     let allow_from = raw.allow_from.map_or_else(Vec::new, |list| {
-        let setting = format!("source.{name}.allow_from");
-        let networks = read_networks(list.get_ref(), &setting, problems);
-        if list.get_ref().is_empty() {
-            problems.at(
-                Some(list.span()),
-                format!("{setting}: an empty list would refuse every webhook; leave allow_from out to take them from any address"),
-            );
-        }
-        if networks.len() < list.get_ref().len() || networks.is_empty() {
-            ok = false;
-        }
-        networks
+        read_allow_from(&list, &format!("source.{name}.allow_from"), problems)
     });
     let generic = if provider == Provider::Generic {
         compile_generic(

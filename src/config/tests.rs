@@ -1644,14 +1644,17 @@ fn allow_from_and_trusted_proxies_are_addresses_and_networks_each_at_its_line() 
             "a.toml",
             "[server]\ntrusted_proxies = [\n  \"10.0.0.0/8\",\n  \"nginx\",\n]\n\n\
              [source.a]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = [\n  \"192.30.252.0/22\",\n  \"192.30.252.0/33\",\n]\n\n\
-             [source.b]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = []\n",
+             [source.b]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = []\n\n\
+             [upstream.gl]\nurl = \"https://gitlab.example\"\n\n\
+             [gateway]\nallow_from = [\"10.0.0.0/8\", \"10.0.0.0/8/8\"]\n",
         )],
         &[],
     ));
     let expected = [
         "a.toml:4: trusted_proxies: \"nginx\" is not an IP address or network",
         "a.toml:12: source.a.allow_from: \"192.30.252.0/33\" is not an IP address or network",
-        "a.toml:18: source.b.allow_from: an empty list would refuse every webhook",
+        "a.toml:18: source.b.allow_from: an empty list would refuse everyone",
+        "a.toml:24: [gateway] allow_from: \"10.0.0.0/8/8\" is not an IP address or network",
     ];
     assert_each_starts_with(&problems, &expected);
 }
@@ -1663,7 +1666,7 @@ fn trusted_proxies_of_the_server_and_of_the_gateway_are_one_list() {
             "a.toml",
             "[server]\ntrusted_proxies = [\"10.0.0.0/8\"]\n\n\
              [upstream.gl]\nurl = \"https://gitlab.example\"\n\n\
-             [gateway]\ntrusted_proxies = [\"192.0.2.7\", \"::ffff:172.16.0.0/108\"]\n\n\
+             [gateway]\ntrusted_proxies = [\"192.0.2.7\", \"::ffff:172.16.0.0/108\"]\nallow_from = [\"192.0.2.0/24\"]\n\n\
              [source.a]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = [\"192.30.252.9/22\", \"2001:db8::1\"]\n",
         )],
         &[],
@@ -1684,6 +1687,9 @@ fn trusted_proxies_of_the_server_and_of_the_gateway_are_one_list() {
     assert!(!source.allows_address("203.0.113.9".parse().unwrap()));
     assert!(source.allows_address("2001:db8::1".parse().unwrap()));
     assert!(!source.allows_address("2001:db8::2".parse().unwrap()));
+    let gateway = config.gateway.as_ref().unwrap();
+    assert!(gateway.allows_address("192.0.2.200".parse().unwrap()));
+    assert!(!gateway.allows_address("192.0.3.1".parse().unwrap()));
     let open = load_text(
         &[(
             "a.toml",

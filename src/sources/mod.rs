@@ -78,7 +78,7 @@ pub struct HeadCommit {
 impl SourceConfig {
     /// Whether `client` may send this source webhooks (`allow_from`).
     pub fn allows_address(&self, client: std::net::IpAddr) -> bool {
-        self.allow_from.is_empty() || self.allow_from.iter().any(|net| net.contains(&client))
+        crate::client_address::allowed(&self.allow_from, client)
     }
 
     /// Whether `?ref=` may choose `git_ref` for this source's webhooks, and if not, why.
