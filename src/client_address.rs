@@ -39,6 +39,17 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     nearest
 }
 
+/// The client a trusted proxy forwarded `peer`'s request for, for log lines and records
+/// that name both; `None` when no proxy is trusted or the request came straight from its
+/// client.
+pub fn forwarded_client(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
+    if trusted.is_empty() {
+        return None;
+    }
+    let client = client_address(peer, headers, trusted);
+    (client != peer.to_canonical()).then_some(client)
+}
+
 /// Whether an `allow_from` list lets `client` in: empty, it lets everyone.
 pub fn allowed(allow_from: &[IpNet], client: IpAddr) -> bool {
     allow_from.is_empty() || allow_from.iter().any(|net| net.contains(&client))

@@ -314,7 +314,12 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
     let path = request.uri().path().to_owned();
     let mut upstream_latency = None;
     // Behind a trusted proxy, the log lines name the client it forwarded for too.
-    let client = forwarded_client(app, peer, request.headers()).map(tracing::field::display);
+    let client = crate::client_address::forwarded_client(
+        peer.ip(),
+        request.headers(),
+        &app.runtime().config.server.trusted_proxies,
+    )
+    .map(tracing::field::display);
     let route = route(&path);
     let endpoint = route.endpoint();
     let (response, reason) = match dispatch(app, peer, route, request, &mut upstream_latency).await
@@ -352,22 +357,6 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
         tracing::info!(%peer, client, %method, %path, status, elapsed_ms, upstream_ms, %reason, held_back, "request refused")
     }
     response
-}
-
-/// The client a trusted proxy forwarded `peer`'s request for ([`crate::client_address`]);
-/// `None` when no proxy is trusted or the request came straight from its client.
-fn forwarded_client(
-    app: &App,
-    peer: SocketAddr,
-    headers: &http::HeaderMap,
-) -> Option<std::net::IpAddr> {
-    let runtime = app.runtime();
-    let trusted = &runtime.config.server.trusted_proxies;
-    if trusted.is_empty() {
-        return None;
-    }
-    let client = crate::client_address::client_address(peer.ip(), headers, trusted);
-    (client != peer.ip().to_canonical()).then_some(client)
 }
 
 /// A duration in milliseconds with one decimal, as a number (JSON logs keep it numeric).

@@ -1048,3 +1048,46 @@ async fn each_source_of_a_shared_delivery_id_has_its_own_page_and_replay() {
         "{confirm}"
     );
 }
+
+/// Behind a trusted proxy, an action's record and the dashboard's log lines name the
+/// client the proxy forwarded for, beside the proxy.
+#[tokio::test]
+async fn behind_a_trusted_proxy_an_action_names_the_client() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = format!("{ADMIN}\n[server]\ntrusted_proxies = [\"127.0.0.1\"]\n");
+    let (mut served, address, dashboard) = start(dir.path(), &upstream.url(), &admin);
+    push_to(
+        &address,
+        "github",
+        "d-proxied",
+        common::fixture("github/push_tag.json"),
+        202,
+    )
+    .await;
+    upstream.wait_for_calls(1).await;
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let replayed = post(
+        &format!("http://{dashboard}/api/deliveries/d-proxied/replay"),
+        &[("authorization", &bearer), ("x-forwarded-for", "192.0.2.5")],
+        "",
+    )
+    .await;
+    assert_eq!(replayed.status, 200, "{}", replayed.text());
+    let admin_rows = send(
+        "GET",
+        &format!("http://{dashboard}/api/deliveries?source=admin"),
+        &[],
+        "",
+    )
+    .await
+    .json();
+    let why = admin_rows["deliveries"][0]["why"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(why.contains("by 192.0.2.5 via 127.0.0.1:"), "{why}");
+    let line = served.wait_for("client=192.0.2.5");
+    assert!(line.contains("dashboard request"), "{line}");
+    served.terminate();
+}

@@ -293,9 +293,14 @@ pub(super) async fn act(
         return refused(refusal, api);
     }
     let within = app.server.ack_timeout;
+    let by = actor(
+        peer,
+        &parts.headers,
+        &app.runtime().config.server.trusted_proxies,
+    );
     let carried_out = tokio::spawn({
         let (app, action) = (Arc::clone(app), action.clone());
-        async move { carry_out(&app, peer, &action).await }
+        async move { carry_out(&app, &by, &action).await }
     });
     let mut detail = Value::Null;
     let (status, ok, message) = match tokio::time::timeout(within, carried_out).await {
@@ -362,30 +367,41 @@ fn store_did_not_answer(within: &humantime::FormattedDuration, problem: &str) ->
     format!("the delivery store did not answer within {within} ([server] ack_timeout): {problem}")
 }
 
-/// Performs the action, logs it and records who did it; its result.
-async fn carry_out(app: &App, peer: SocketAddr, action: &Action) -> Result<Done, String> {
+/// Who acts, for the action's record: the connection's address, or behind a trusted
+/// proxy the client it forwarded for and the proxy (`192.0.2.5 via 127.0.0.1:41234`).
+fn actor(peer: SocketAddr, headers: &http::HeaderMap, trusted: &[ipnet::IpNet]) -> String {
+    match crate::client_address::forwarded_client(peer.ip(), headers, trusted) {
+        Some(client) => format!("{client} via {peer}"),
+        None => peer.to_string(),
+    }
+}
+
+/// Performs the action, logs it and records who did it (`by`); its result.
+async fn carry_out(app: &App, by: &str, action: &Action) -> Result<Done, String> {
     let result = perform(app, action).await;
     let (ok, message) = match &result {
         Ok(done) => (true, done.message.as_str()),
         Err(message) => (false, message.as_str()),
     };
-    tracing::info!(by = %peer, action = action.name(), target = %action.target(), ok, result = %message, "dashboard action");
+    tracing::info!(by, action = action.name(), target = %action.target(), ok, result = %message, "dashboard action");
     static RECORDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let now = crate::outbox::now_ms();
     let nth = RECORDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    app.outbox.note(crate::outbox::NewDelivery {
-        source: "admin".into(),
-        delivery_id: format!("admin~{}-{now}-{nth}", action.name()),
-        event_type: action.name().into(),
-        headers: vec![("by".into(), peer.to_string())],
-        body: crate::store::StoredBody::default(),
-        summary: json!({
-            "admin": { "action": action.name(), "target": action.target(), "by": peer.to_string(), "ok": ok },
-            "note": format!("{} of {} by {peer}: {message}", action.name(), action.target()),
+    app.outbox
+        .note(crate::outbox::NewDelivery {
+            source: "admin".into(),
+            delivery_id: format!("admin~{}-{now}-{nth}", action.name()),
+            event_type: action.name().into(),
+            headers: vec![("by".into(), by.to_owned())],
+            body: crate::store::StoredBody::default(),
+            summary: json!({
+                "admin": { "action": action.name(), "target": action.target(), "by": by, "ok": ok },
+                "note": format!("{} of {} by {by}: {message}", action.name(), action.target()),
+            })
+            .to_string(),
+            triggers: Vec::new(),
         })
-        .to_string(),
-        triggers: Vec::new(),
-    }).await;
+        .await;
     // The page the answer leads to shows the action's record.
     app.outbox.flush().await;
     result

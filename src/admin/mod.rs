@@ -43,6 +43,13 @@ pub async fn handle(
 ) -> Response<Full<Bytes>> {
     let started = std::time::Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    // Behind a trusted proxy, the log lines name the client it forwarded for too.
+    let client = crate::client_address::forwarded_client(
+        peer.ip(),
+        request.headers(),
+        &app.runtime().config.server.trusted_proxies,
+    )
+    .map(tracing::field::display);
     let response = route(app, peer, request).await;
     let status = response.status().as_u16();
     let elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
@@ -51,7 +58,7 @@ pub async fn handle(
         crate::clipped::Clipped(&path),
     );
     if status < 400 {
-        tracing::info!(%peer, %method, %path, status, elapsed_ms, "dashboard request");
+        tracing::info!(%peer, client, %method, %path, status, elapsed_ms, "dashboard request");
         return response;
     }
     // Refusals within the server's budget for them (anyone who reaches the port can
@@ -60,9 +67,9 @@ pub async fn handle(
         return response;
     };
     if status == 401 {
-        tracing::warn!(%peer, %method, %path, status, elapsed_ms, held_back, "dashboard request refused: a wrong or missing token")
+        tracing::warn!(%peer, client, %method, %path, status, elapsed_ms, held_back, "dashboard request refused: a wrong or missing token")
     } else {
-        tracing::info!(%peer, %method, %path, status, elapsed_ms, held_back, "dashboard request refused")
+        tracing::info!(%peer, client, %method, %path, status, elapsed_ms, held_back, "dashboard request refused")
     }
     response
 }
