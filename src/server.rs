@@ -474,6 +474,15 @@ async fn gateway_call(
     {
         return Err(ApiError::GatewayAddressNotAllowed { client });
     }
+    // Who called, for the call's record.
+    let caller = match crate::client_address::forwarded_client(
+        peer.ip(),
+        request.headers(),
+        &runtime.config.server.trusted_proxies,
+    ) {
+        Some(client) => format!("{client} via {}", peer.ip().to_canonical()),
+        None => peer.ip().to_canonical().to_string(),
+    };
     let project = project.to_owned();
     // A plain call is small; the webhook form's body is someone's webhook.
     let server_limit = (app.server.max_body, "[server] max_body");
@@ -547,6 +556,7 @@ async fn gateway_call(
             &app.outbox,
             place,
             &trigger,
+            &caller,
             crate::outbox::Recorded::DryRun {
                 would_send: would_send.clone(),
             },
@@ -562,7 +572,7 @@ async fn gateway_call(
         result.as_ref().ok().map(|a| a.status.as_u16()),
     );
     let recorded = gateway::recorded(&result, &trigger.token);
-    gateway::record(&app.outbox, place, &trigger, recorded.clone());
+    gateway::record(&app.outbox, place, &trigger, &caller, recorded.clone());
     let answer = result?;
     *upstream_latency = Some(answer.latency);
     Ok(gateway::answer_response(

@@ -1123,5 +1123,24 @@ async fn allow_from_lets_only_the_addresses_it_lists_call() {
     assert_eq!(call_via(&relay, Some("192.0.2.9")).await.status, 429);
     assert_eq!(call_via(&relay, Some("192.0.2.10")).await.status, 201);
     assert_eq!(upstream.received().len(), 3);
+    // Each call's record names its caller, and the proxy it came through.
+    relay.app.outbox.flush().await;
+    let location = hookrelay::store::StoreLocation::Folder(relay.state());
+    let callers: Vec<String> = listed(&location, false, 10)
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let summary: serde_json::Value = serde_json::from_str(&row.summary).unwrap();
+            summary["caller"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        callers,
+        [
+            "192.0.2.10 via 127.0.0.1",
+            "192.0.2.9 via 127.0.0.1",
+            "192.0.2.9 via 127.0.0.1"
+        ]
+    );
     relay.stop().await;
 }

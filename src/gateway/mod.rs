@@ -210,12 +210,14 @@ pub fn answer_response(
 }
 
 /// Records a gateway call in the outbox, in the place taken for it before it was
-/// forwarded, so `hookrelay deliveries` shows all traffic. The caller's token is kept only
-/// as its mask: a gateway call is never sent again.
+/// forwarded, so `hookrelay deliveries` shows all traffic, with who called (`caller`: the
+/// address, or the client a trusted proxy forwarded for `via` the proxy). The caller's
+/// token is kept only as its mask: a gateway call is never sent again.
 pub fn record(
     outbox: &crate::outbox::Outbox,
     place: crate::outbox::NotePlace,
     trigger: &Trigger,
+    caller: &str,
     outcome: crate::outbox::Recorded,
 ) {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -232,7 +234,7 @@ pub fn record(
         .into(),
         headers: Vec::new(),
         body: crate::store::StoredBody::default(),
-        summary: call_summary(trigger),
+        summary: call_summary(trigger, caller),
         triggers: vec![crate::outbox::NewTrigger {
             rule: "gateway".into(),
             upstream: trigger.upstream.clone(),
@@ -255,18 +257,20 @@ pub fn record(
 
 /// A gateway call's summary in its record: `{"project": …, "ref": …}`, written straight
 /// from the trigger (not through a JSON tree).
-fn call_summary(trigger: &Trigger) -> String {
+fn call_summary(trigger: &Trigger, caller: &str) -> String {
     #[derive(serde::Serialize)]
     struct Summary<'a> {
         project: String,
         #[serde(rename = "ref")]
         git_ref: &'a str,
+        caller: &'a str,
     }
     serde_json::to_string(&Summary {
         project: trigger.project.to_string(),
         git_ref: trigger.git_ref.as_str(),
+        caller,
     })
-    .expect("two strings serialize")
+    .expect("three strings serialize")
 }
 
 /// What a gateway call's answer means for its record (the caller's `token` masked
@@ -330,8 +334,8 @@ mod tests {
     fn a_calls_record_sums_it_up_as_json() {
         let t = parse(call("group%2Fapp", None, "token=T&ref=re%22lease")).unwrap();
         assert_eq!(
-            call_summary(&t),
-            r#"{"project":"group/app","ref":"re\"lease"}"#
+            call_summary(&t, "192.0.2.5 via 10.0.0.1"),
+            r#"{"project":"group/app","ref":"re\"lease","caller":"192.0.2.5 via 10.0.0.1"}"#
         );
     }
 
