@@ -252,6 +252,23 @@ impl App {
         self.runtime.load_full()
     }
 
+    /// The client a trusted proxy forwarded `peer`'s request for
+    /// ([`crate::client_address::forwarded_client`]), by the proxies configured now: a
+    /// glance at the snapshot without holding it (no reference count to touch, which every
+    /// request's log line would otherwise do once more).
+    pub fn forwarded_client(
+        &self,
+        peer: std::net::IpAddr,
+        headers: &http::HeaderMap,
+    ) -> Option<std::net::IpAddr> {
+        let runtime = self.runtime.load();
+        crate::client_address::forwarded_client(
+            peer,
+            headers,
+            &runtime.config.server.trusted_proxies,
+        )
+    }
+
     /// Loads the configuration again and swaps it in whole; on any problem the running
     /// configuration stays and every problem is returned.
     pub fn reload(&self) -> Result<Arc<Runtime>, String> {

@@ -314,12 +314,9 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
     let path = request.uri().path().to_owned();
     let mut upstream_latency = None;
     // Behind a trusted proxy, the log lines name the client it forwarded for too.
-    let client = crate::client_address::forwarded_client(
-        peer.ip(),
-        request.headers(),
-        &app.runtime().config.server.trusted_proxies,
-    )
-    .map(tracing::field::display);
+    let client = app
+        .forwarded_client(peer.ip(), request.headers())
+        .map(tracing::field::display);
     let route = route(&path);
     let endpoint = route.endpoint();
     let (response, reason) = match dispatch(app, peer, route, request, &mut upstream_latency).await

@@ -44,12 +44,9 @@ pub async fn handle(
     let started = std::time::Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     // Behind a trusted proxy, the log lines name the client it forwarded for too.
-    let client = crate::client_address::forwarded_client(
-        peer.ip(),
-        request.headers(),
-        &app.runtime().config.server.trusted_proxies,
-    )
-    .map(tracing::field::display);
+    let client = app
+        .forwarded_client(peer.ip(), request.headers())
+        .map(tracing::field::display);
     let response = route(app, peer, request).await;
     let status = response.status().as_u16();
     let elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
