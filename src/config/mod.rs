@@ -709,6 +709,57 @@ impl Builder {
         }
     }
 
+    /// A relay that listens on this machine alone (`[server] listen` on loopback) is
+    /// reached through a proxy here: an `allow_from` that does not name this machine would
+    /// refuse every request unless `trusted_proxies` names the proxy. Said once per list.
+    fn warn_of_allow_from_behind_an_untrusted_proxy(
+        &mut self,
+        gateway_proxies: &[ipnet::IpNet],
+        gateway: Option<(&GatewayConfig, &Origin)>,
+    ) {
+        let (listen, server_proxies) = match &self.server {
+            Some((server, _)) => (server.listen, server.trusted_proxies.as_slice()),
+            None => (ServerConfig::default().listen, &[][..]),
+        };
+        let proxy_trusted = networks::names_this_machine(server_proxies)
+            || networks::names_this_machine(gateway_proxies);
+        if !listen.ip().is_loopback() || proxy_trusted {
+            return;
+        }
+        let lists = self
+            .sources
+            .iter()
+            .map(|(name, (source, origin))| {
+                (
+                    format!("source.{name}.allow_from"),
+                    &source.allow_from,
+                    origin,
+                )
+            })
+            .chain(gateway.map(|(gateway, origin)| {
+                (
+                    "[gateway] allow_from".to_owned(),
+                    &gateway.allow_from,
+                    origin,
+                )
+            }));
+        let mut warnings = Vec::new();
+        for (setting, allow_from, origin) in lists {
+            if !allow_from.is_empty() && !networks::names_this_machine(allow_from) {
+                warnings.push(Problem {
+                    file: origin.file.clone(),
+                    line: Some(origin.line),
+                    message: format!(
+                        "{setting} does not name this machine, yet [server] listen ({listen}) takes connections from this machine alone: \
+                         behind a proxy here every request would come from it and be refused; \
+                         list the proxy in [server] trusted_proxies = [\"127.0.0.1\"]"
+                    ),
+                });
+            }
+        }
+        self.warnings.extend(warnings);
+    }
+
     fn finish(mut self, files: Vec<PathBuf>) -> Result<Config, Problems> {
         let rules = self.finish_rules();
         let store = match (self.store.take(), self.store_from_env.take()) {
@@ -763,8 +814,10 @@ impl Builder {
             }
         }
         let mut gateway_proxies = Vec::new();
+        let mut gateway_origin = None;
         let gateway = self.gateway.take().and_then(|(mut read, origin)| {
             gateway_proxies = std::mem::take(&mut read.trusted_proxies);
+            gateway_origin = Some(origin.clone());
             let upstreams: Vec<String> = self.upstreams.keys().cloned().collect();
             gateway::compile(
                 read,
@@ -791,6 +844,10 @@ impl Builder {
                 });
             }
         }
+        self.warn_of_allow_from_behind_an_untrusted_proxy(
+            &gateway_proxies,
+            gateway.as_ref().zip(gateway_origin.as_ref()),
+        );
         if !self.problems.is_empty() {
             // Tables are read in key order; report in the order of the files' lines.
             self.problems

@@ -50,6 +50,17 @@ pub(super) fn read_allow_from(
     read_networks(list.get_ref(), setting, problems)
 }
 
+/// Whether `list` names this machine (`127.0.0.1` or `::1`), as the address of a proxy
+/// on it.
+pub(super) fn names_this_machine(list: &[IpNet]) -> bool {
+    let here: [std::net::IpAddr; 2] = [
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ];
+    list.iter()
+        .any(|net| here.iter().any(|addr| net.contains(addr)))
+}
+
 /// An IPv4 network written in IPv6's mapped form (`::ffff:10.0.0.0/104`) as IPv4, since
 /// addresses are compared in their canonical form ([`crate::client_address`]).
 fn canonical(net: IpNet) -> IpNet {

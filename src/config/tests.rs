@@ -1700,3 +1700,33 @@ fn trusted_proxies_of_the_server_and_of_the_gateway_are_one_list() {
     .unwrap();
     assert!(open.sources["a"].allows_address("203.0.113.9".parse().unwrap()));
 }
+
+#[test]
+fn an_allow_from_a_proxy_on_this_machine_would_be_refused_by_is_a_warning() {
+    let source = "[source.ci]\nprovider = \"generic\"\nallow_unsigned = true\nallow_from = [\"10.20.0.0/16\"]\n";
+    let gateway = "[upstream.gl]\nurl = \"https://gitlab.example\"\n[gateway]\nallow_from = [\"192.0.2.0/24\"]\n";
+    let config = load_text(&[("a.toml", source), ("b.toml", gateway)], &[]).unwrap();
+    let found = warnings(&config);
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(
+        found[0].starts_with(
+            "a.toml:1: source.ci.allow_from does not name this machine, yet [server] listen (127.0.0.1:8080) takes connections from this machine alone"
+        ),
+        "{found:#?}"
+    );
+    assert!(
+        found[1].starts_with("b.toml:3: [gateway] allow_from does not name this machine"),
+        "{found:#?}"
+    );
+    // A trusted proxy here, a listener others reach, or this machine in the list: no warning.
+    for server in [
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+        "[server]\nlisten = \"0.0.0.0:8080\"\n",
+    ] {
+        let config = load_text(&[("a.toml", source), ("s.toml", server)], &[]).unwrap();
+        assert_eq!(warnings(&config), Vec::<String>::new(), "{server}");
+    }
+    let here = source.replace("[\"10.20.0.0/16\"]", "[\"10.20.0.0/16\", \"::1\"]");
+    let config = load_text(&[("a.toml", here.as_str())], &[]).unwrap();
+    assert_eq!(warnings(&config), Vec::<String>::new());
+}
