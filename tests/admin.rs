@@ -1091,3 +1091,42 @@ async fn behind_a_trusted_proxy_an_action_names_the_client() {
     assert!(line.contains("dashboard request"), "{line}");
     served.terminate();
 }
+
+/// `[admin] allow_from` lets only the addresses it lists use the dashboard (behind a
+/// trusted proxy, the client it forwarded for): any other gets `403`, the login form too.
+#[tokio::test]
+async fn allow_from_lets_only_the_addresses_it_lists_use_the_dashboard() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = format!(
+        "{ADMIN}allow_from = [\"192.0.2.0/24\"]\n\n[server]\ntrusted_proxies = [\"127.0.0.1\"]\n"
+    );
+    let (served, _address, dashboard) = start(dir.path(), &upstream.url(), &admin);
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    for (path, forwarded, status) in [
+        ("/api/deliveries", None, 403),
+        ("/login", None, 403),
+        ("/api/deliveries", Some("203.0.113.1"), 403),
+        ("/api/deliveries", Some("192.0.2.5"), 200),
+    ] {
+        let mut headers = vec![("authorization", bearer.as_str())];
+        headers.extend(forwarded.map(|address| ("x-forwarded-for", address)));
+        let reply = send("GET", &format!("http://{dashboard}{path}"), &headers, "").await;
+        assert_eq!(
+            reply.status,
+            status,
+            "{path} {forwarded:?}: {}",
+            reply.text()
+        );
+        if status == 403 {
+            let client = forwarded.unwrap_or("127.0.0.1");
+            assert_eq!(
+                reply.json()["message"],
+                format!(
+                    "{client} may not use this dashboard: it is not among the addresses [admin] allow_from lists"
+                )
+            );
+        }
+    }
+    served.terminate();
+}

@@ -1493,7 +1493,8 @@ async fn allow_from_takes_webhooks_only_from_the_addresses_it_lists() {
     }
 }
 
-/// Behind a trusted proxy the log lines name the client beside the proxy: the real binary.
+/// Behind a trusted proxy the log lines name the client beside the proxy, and a reload
+/// changes allow_from: the real binary.
 #[tokio::test]
 async fn log_lines_name_the_client_a_trusted_proxy_forwarded_for() {
     let dir = tempfile::tempdir().unwrap();
@@ -1512,5 +1513,16 @@ async fn log_lines_name_the_client_a_trusted_proxy_forwarded_for() {
     assert_eq!(reply.status, 403, "{}", reply.text());
     let line = served.wait_for("client=203.0.113.1");
     assert!(line.contains("request refused"), "{line}");
+    // allow_from changes at a reload: the file watch takes the new list within a second.
+    let config = config.replace(
+        "[\"192.0.2.0/24\", \"2001:db8::/32\"]",
+        "[\"203.0.113.0/24\"]",
+    );
+    common::binary::write(dir.path(), "relay.toml", &config);
+    served.wait_for("configuration reloaded");
+    let reply = github_push_via(&base, "elsewhere", &["203.0.113.1"]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = github_push_via(&base, "elsewhere", &["192.0.2.5"]).await;
+    assert_eq!(reply.status, 403, "{}", reply.text());
     served.terminate();
 }

@@ -235,6 +235,7 @@ mod tests {
                 )
             }),
             tls: None,
+            allow_from: Vec::new(),
         }
     }
 

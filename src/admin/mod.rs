@@ -88,6 +88,19 @@ async fn route(
     if let Some(started) = started {
         admin.listen = started.listen;
     }
+    if !admin.allow_from.is_empty() {
+        let client = crate::client_address::client_address(
+            peer.ip(),
+            request.headers(),
+            &runtime.config.server.trusted_proxies,
+        );
+        if !admin.allows_address(client) {
+            return json_answer(
+                StatusCode::FORBIDDEN,
+                &json!({ "message": format!("{client} may not use this dashboard: it is not among the addresses [admin] allow_from lists") }),
+            );
+        }
+    }
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let api = path.starts_with("/api/");

@@ -336,6 +336,7 @@ fn configured(
                 listen,
                 token: None,
                 tls: None,
+                allow_from: Vec::new(),
             });
         admin.listen = listen;
         if admin.token.is_none() && !listen.ip().is_loopback() {

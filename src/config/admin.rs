@@ -17,6 +17,8 @@ pub struct AdminConfig {
     pub token: Option<(SecretRef, Option<Secret>)>,
     /// HTTPS, as on the main listener.
     pub tls: Option<super::server::ServerTls>,
+    /// `allow_from`: the only client addresses the dashboard answers. Empty: any.
+    pub allow_from: Vec<ipnet::IpNet>,
 }
 
 /// The dashboard's default address: loopback, beside the webhook port.
@@ -29,6 +31,7 @@ pub(super) struct RawAdmin {
     token: Option<Spanned<String>>,
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
+    allow_from: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 pub(super) fn compile(
@@ -78,7 +81,15 @@ pub(super) fn compile(
         return None;
     }
     let tls = super::server::server_tls(raw.tls_cert, raw.tls_key, problems);
-    let admin = AdminConfig { listen, token, tls };
+    let allow_from = raw.allow_from.as_ref().map_or_else(Vec::new, |list| {
+        super::networks::read_allow_from(list, "admin.allow_from", problems)
+    });
+    let admin = AdminConfig {
+        listen,
+        token,
+        tls,
+        allow_from,
+    };
     if let (Some(warning), Some(span)) = (admin.in_the_clear(), listen_span) {
         problems.warn(span, format!("admin.listen {warning}"));
     }
@@ -86,6 +97,11 @@ pub(super) fn compile(
 }
 
 impl AdminConfig {
+    /// Whether `client` may use the dashboard (`allow_from`).
+    pub fn allows_address(&self, client: std::net::IpAddr) -> bool {
+        crate::client_address::allowed(&self.allow_from, client)
+    }
+
     /// Why this dashboard wants HTTPS, when it listens off loopback without TLS of its
     /// own: a warning, since a TLS proxy in front may give it (then browsers see HTTPS and
     /// the relay cannot tell).

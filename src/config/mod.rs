@@ -709,9 +709,10 @@ impl Builder {
         }
     }
 
-    /// A relay that listens on this machine alone (`[server] listen` on loopback) is
-    /// reached through a proxy here: an `allow_from` that does not name this machine would
-    /// refuse every request unless `trusted_proxies` names the proxy. Said once per list.
+    /// A listener on this machine alone (`[server] listen` or `admin.listen` on loopback)
+    /// is reached through a proxy here: an `allow_from` that does not name this machine
+    /// would refuse every request unless `trusted_proxies` names the proxy. Said once per
+    /// list.
     fn warn_of_allow_from_behind_an_untrusted_proxy(
         &mut self,
         gateway_proxies: &[ipnet::IpNet],
@@ -721,36 +722,56 @@ impl Builder {
             Some((server, _)) => (server.listen, server.trusted_proxies.as_slice()),
             None => (ServerConfig::default().listen, &[][..]),
         };
-        let proxy_trusted = networks::names_this_machine(server_proxies)
-            || networks::names_this_machine(gateway_proxies);
-        if !listen.ip().is_loopback() || proxy_trusted {
+        if networks::names_this_machine(server_proxies)
+            || networks::names_this_machine(gateway_proxies)
+        {
             return;
         }
         let lists = self
             .sources
             .iter()
             .map(|(name, (source, origin))| {
+                let setting = format!("source.{name}.allow_from");
                 (
-                    format!("source.{name}.allow_from"),
+                    setting,
                     &source.allow_from,
                     origin,
+                    listen,
+                    "[server] listen",
                 )
             })
             .chain(gateway.map(|(gateway, origin)| {
+                let setting = "[gateway] allow_from".to_owned();
                 (
-                    "[gateway] allow_from".to_owned(),
+                    setting,
                     &gateway.allow_from,
                     origin,
+                    listen,
+                    "[server] listen",
                 )
+            }))
+            .chain(self.admin.iter().filter_map(|(admin, origin)| {
+                let admin = admin.as_ref()?;
+                let setting = "admin.allow_from".to_owned();
+                Some((
+                    setting,
+                    &admin.allow_from,
+                    origin,
+                    admin.listen,
+                    "admin.listen",
+                ))
             }));
         let mut warnings = Vec::new();
-        for (setting, allow_from, origin) in lists {
-            if !allow_from.is_empty() && !networks::names_this_machine(allow_from) {
+        for (setting, allow_from, origin, listen, listen_setting) in lists {
+            if listen.ip().is_loopback()
+                && !allow_from.is_empty()
+                && !networks::names_this_machine(allow_from)
+            {
                 warnings.push(Problem {
                     file: origin.file.clone(),
                     line: Some(origin.line),
                     message: format!(
-                        "{setting} does not name this machine, yet [server] listen ({listen}) takes connections from this machine alone: \
+                        "{setting} does not name this machine, yet {listen_setting} ({listen}) takes connections from this machine alone: \
                          behind a proxy here every request would come from it and be refused; \
                          list the proxy in [server] trusted_proxies = [\"127.0.0.1\"]"
                     ),

@@ -1705,9 +1705,26 @@ fn trusted_proxies_of_the_server_and_of_the_gateway_are_one_list() {
 fn an_allow_from_a_proxy_on_this_machine_would_be_refused_by_is_a_warning() {
     let source = "[source.ci]\nprovider = \"generic\"\nallow_unsigned = true\nallow_from = [\"10.20.0.0/16\"]\n";
     let gateway = "[upstream.gl]\nurl = \"https://gitlab.example\"\n[gateway]\nallow_from = [\"192.0.2.0/24\"]\n";
-    let config = load_text(&[("a.toml", source), ("b.toml", gateway)], &[]).unwrap();
+    let admin = "[admin]\nallow_from = [\"2001:db8::/32\", \"bogus\"]\n";
+    let problems = messages(load_text(&[("c.toml", admin)], &[]));
+    assert_each_starts_with(
+        &problems,
+        &["c.toml:2: admin.allow_from: \"bogus\" is not an IP address or network"],
+    );
+    let admin = "[admin]\nallow_from = [\"2001:db8::/32\"]\n";
+    let config = load_text(
+        &[("a.toml", source), ("b.toml", gateway), ("c.toml", admin)],
+        &[],
+    )
+    .unwrap();
     let found = warnings(&config);
-    assert_eq!(found.len(), 2, "{found:#?}");
+    assert_eq!(found.len(), 3, "{found:#?}");
+    assert!(
+        found[2].starts_with(
+            "c.toml:1: admin.allow_from does not name this machine, yet admin.listen (127.0.0.1:8081)"
+        ),
+        "{found:#?}"
+    );
     assert!(
         found[0].starts_with(
             "a.toml:1: source.ci.allow_from does not name this machine, yet [server] listen (127.0.0.1:8080) takes connections from this machine alone"
