@@ -1128,5 +1128,24 @@ async fn allow_from_lets_only_the_addresses_it_lists_use_the_dashboard() {
             );
         }
     }
+    // The Rules page names the trusted proxies.
+    let rules = send(
+        "GET",
+        &format!("http://{dashboard}/rules"),
+        &[
+            ("authorization", bearer.as_str()),
+            ("x-forwarded-for", "192.0.2.5"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(rules.status, 200, "{}", rules.text());
+    assert!(
+        rules.text().contains(
+            "Proxies trusted to name their clients (<code>X-Forwarded-For</code>): 127.0.0.1&#x2f;32."
+        ),
+        "{}",
+        rules.text()
+    );
     served.terminate();
 }

@@ -531,6 +531,7 @@ pub fn configuration(app: &App) -> Value {
                 "statuses_to": source.status.as_ref().map(|status| &status.api_url),
                 "pipeline_events_of": source.pipelines_of,
                 "secrets": source.secrets.len(),
+                "allow_from": crate::config::networks::shown(&source.allow_from),
             })
         })
         .collect();
@@ -546,6 +547,8 @@ pub fn configuration(app: &App) -> Value {
     json!({
         "files": config.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
         "gateway": config.gateway.as_ref().map(|gateway| &gateway.upstream),
+        "gateway_allow_from": config.gateway.as_ref().map(|gateway| crate::config::networks::shown(&gateway.allow_from)),
+        "trusted_proxies": crate::config::networks::shown(&config.server.trusted_proxies),
         "sources": sources,
         "upstreams": upstreams,
         "rules": rules,

@@ -223,7 +223,7 @@ fn summary(config: &Config) -> String {
         Some(gateway) if !gateway.allow_from.is_empty() => format!(
             "enabled, forwarding to {}, only from {}",
             gateway.upstream,
-            networks(&gateway.allow_from)
+            crate::config::networks::shown(&gateway.allow_from)
         ),
         Some(gateway) => format!("enabled, forwarding to {}", gateway.upstream),
         None => "disabled".into(),
@@ -237,7 +237,10 @@ fn summary(config: &Config) -> String {
                 shown.push_str(&format!(", {} secrets (rotating)", s.secrets.len()));
             }
             if !s.allow_from.is_empty() {
-                shown.push_str(&format!(", only from {}", networks(&s.allow_from)));
+                shown.push_str(&format!(
+                    ", only from {}",
+                    crate::config::networks::shown(&s.allow_from)
+                ));
             }
             if let Some(status) = &s.status {
                 shown.push_str(&format!(
@@ -294,16 +297,10 @@ fn summary(config: &Config) -> String {
     if !config.server.trusted_proxies.is_empty() {
         summary.push_str(&format!(
             "\n  trusted proxies: {}",
-            networks(&config.server.trusted_proxies)
+            crate::config::networks::shown(&config.server.trusted_proxies)
         ));
     }
     summary
-}
-
-/// Addresses and networks as `check` shows them: `10.0.0.0/8 192.0.2.7/32`.
-fn networks(list: &[ipnet::IpNet]) -> String {
-    let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
-    shown.join(" ")
 }
 
 /// The configuration `serve` runs, with the command line's overrides, and what of it

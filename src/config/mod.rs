@@ -17,7 +17,7 @@ mod delivery;
 pub mod fuzz;
 mod gateway;
 mod limit;
-mod networks;
+pub mod networks;
 mod problems;
 mod rule;
 mod server;

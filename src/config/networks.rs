@@ -50,6 +50,13 @@ pub(super) fn read_allow_from(
     read_networks(list.get_ref(), setting, problems)
 }
 
+/// Addresses and networks as `check` and the dashboard show them: `10.0.0.0/8
+/// 192.0.2.7/32`; empty when there are none.
+pub fn shown(list: &[IpNet]) -> String {
+    let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
+    shown.join(" ")
+}
+
 /// Whether `list` names this machine (`127.0.0.1` or `::1`), as the address of a proxy
 /// on it.
 pub(super) fn names_this_machine(list: &[IpNet]) -> bool {
