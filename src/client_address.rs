@@ -39,6 +39,36 @@ pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> I
     nearest
 }
 
+/// Who sent a request: its client, and the trusted proxy it came through, if any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub client: IpAddr,
+    /// The connection's own address when a trusted proxy forwarded the request.
+    pub via: Option<IpAddr>,
+}
+
+impl Caller {
+    /// The caller of a request that came from `peer` with `headers` ([`client_address`]).
+    pub fn of(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Caller {
+        let client = client_address(peer, headers, trusted);
+        let peer = peer.to_canonical();
+        Caller {
+            client,
+            via: (client != peer).then_some(peer),
+        }
+    }
+}
+
+/// `192.0.2.5`, or `192.0.2.5 via 10.0.0.2` behind a trusted proxy.
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.via {
+            Some(proxy) => write!(f, "{} via {proxy}", self.client),
+            None => write!(f, "{}", self.client),
+        }
+    }
+}
+
 /// The client a trusted proxy forwarded `peer`'s request for, for log lines and records
 /// that name both; `None` when no proxy is trusted or the request came straight from its
 /// client.
@@ -46,8 +76,8 @@ pub fn forwarded_client(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) ->
     if trusted.is_empty() {
         return None;
     }
-    let client = client_address(peer, headers, trusted);
-    (client != peer.to_canonical()).then_some(client)
+    let caller = Caller::of(peer, headers, trusted);
+    caller.via.map(|_| caller.client)
 }
 
 /// Whether an `allow_from` list lets `client` in: empty, it lets everyone.
@@ -105,6 +135,31 @@ mod tests {
         assert_eq!(client("10.1.2.3", &["203.0.113.9:4711"]), "203.0.113.9");
         assert_eq!(client("10.1.2.3", &["[2001:db8::7]:4711"]), "2001:db8::7");
         assert_eq!(client("10.1.2.3", &["::ffff:203.0.113.9"]), "203.0.113.9");
+    }
+
+    #[test]
+    fn a_caller_names_the_proxy_it_came_through() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let caller = |peer: &str, forwarded: &[&str]| {
+            Caller::of(peer.parse().unwrap(), &headers(forwarded), &trusted).to_string()
+        };
+        assert_eq!(caller("10.1.2.3", &["192.0.2.5"]), "192.0.2.5 via 10.1.2.3");
+        assert_eq!(
+            caller("::ffff:10.1.2.3", &["192.0.2.5"]),
+            "192.0.2.5 via 10.1.2.3"
+        );
+        assert_eq!(caller("10.1.2.3", &[]), "10.1.2.3");
+        assert_eq!(caller("192.0.2.9", &["192.0.2.5"]), "192.0.2.9");
+        let none = HeaderMap::new();
+        assert_eq!(
+            forwarded_client("10.1.2.3".parse().unwrap(), &none, &trusted),
+            None
+        );
+        assert_eq!(
+            forwarded_client("10.1.2.3".parse().unwrap(), &headers(&["192.0.2.5"]), &[]),
+            None,
+            "no proxy trusted"
+        );
     }
 
     #[test]

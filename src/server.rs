@@ -457,29 +457,18 @@ async fn gateway_call(
         .upstreams
         .get(&gateway_config.upstream)
         .expect("configuration validated that the gateway's upstream exists");
-    // Who calls, for allow_from and per_client: asked before a byte of the body is read.
-    let client = (!gateway_config.allow_from.is_empty() || gateway_config.per_client.is_some())
-        .then(|| {
-            crate::client_address::client_address(
-                peer.ip(),
-                request.headers(),
-                &runtime.config.server.trusted_proxies,
-            )
-        });
-    if let Some(client) = client
-        && !gateway_config.allows_address(client)
-    {
-        return Err(ApiError::GatewayAddressNotAllowed { client });
-    }
-    // Who called, for the call's record.
-    let caller = match crate::client_address::forwarded_client(
+    // Who calls, for allow_from, per_client and the call's record: asked before a byte of
+    // the body is read.
+    let caller = crate::client_address::Caller::of(
         peer.ip(),
         request.headers(),
         &runtime.config.server.trusted_proxies,
-    ) {
-        Some(client) => format!("{client} via {}", peer.ip().to_canonical()),
-        None => peer.ip().to_canonical().to_string(),
-    };
+    );
+    if !gateway_config.allows_address(caller.client) {
+        return Err(ApiError::GatewayAddressNotAllowed {
+            client: caller.client,
+        });
+    }
     let project = project.to_owned();
     // A plain call is small; the webhook form's body is someone's webhook.
     let server_limit = (app.server.max_body, "[server] max_body");
@@ -507,8 +496,7 @@ async fn gateway_call(
     let client = gateway_config
         .per_client
         .as_ref()
-        .and(client)
-        .map(crate::limits::gateway_client);
+        .map(|_| crate::limits::gateway_client(caller.client));
     let token_key = gateway_config
         .per_token
         .as_ref()
@@ -553,7 +541,7 @@ async fn gateway_call(
             &app.outbox,
             place,
             &trigger,
-            &caller,
+            caller,
             crate::outbox::Recorded::DryRun {
                 would_send: would_send.clone(),
             },
@@ -569,7 +557,7 @@ async fn gateway_call(
         result.as_ref().ok().map(|a| a.status.as_u16()),
     );
     let recorded = gateway::recorded(&result, &trigger.token);
-    gateway::record(&app.outbox, place, &trigger, &caller, recorded.clone());
+    gateway::record(&app.outbox, place, &trigger, caller, recorded.clone());
     let answer = result?;
     *upstream_latency = Some(answer.latency);
     Ok(gateway::answer_response(

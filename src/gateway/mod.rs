@@ -217,7 +217,7 @@ pub fn record(
     outbox: &crate::outbox::Outbox,
     place: crate::outbox::NotePlace,
     trigger: &Trigger,
-    caller: &str,
+    caller: crate::client_address::Caller,
     outcome: crate::outbox::Recorded,
 ) {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -234,7 +234,7 @@ pub fn record(
         .into(),
         headers: Vec::new(),
         body: crate::store::StoredBody::default(),
-        summary: call_summary(trigger, caller),
+        summary: call_summary(trigger, &caller.to_string()),
         triggers: vec![crate::outbox::NewTrigger {
             rule: "gateway".into(),
             upstream: trigger.upstream.clone(),
