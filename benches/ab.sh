@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Two hookrelay binaries under the same load, alternating, in one run on 127.0.0.1: the way
+# Two hookrelay binaries under the same load, alternating (which goes first alternates too:
+# use an even ROUNDS), in one run on 127.0.0.1: the way
 # to tell a change's cost from this shared machine's noise (each round gives each binary a
 # fresh state folder, the signed 7.8 KB GitHub tag push of benches/peers.sh, wrk -t1 -c64
 # for DURATION, and its forwarder sending to a stand-in GitLab; then the mean of the rounds).
@@ -7,7 +8,7 @@
 # read from /proc during the wrk run): steadier than req/s when the machine is busy; and the
 # share of CPU time the host took away (steal) during the round.
 #
-# Run: benches/ab.sh OLD_BINARY NEW_BINARY      (env: ROUNDS=3, DURATION=10s, CONNECTIONS=64)
+# Run: benches/ab.sh OLD_BINARY NEW_BINARY      (env: ROUNDS=4, DURATION=10s, CONNECTIONS=64)
 # TARGET=gateway measures the trigger API gateway instead (benches/peers/form.lua, a form
 # POST to /api/v4/projects/9/trigger/pipeline; "acks" are then answered calls);
 # GATEWAY_LIMITS=1 adds a per-client limit that every call is checked against.
@@ -27,7 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OLD=${1:?usage: benches/ab.sh OLD_BINARY NEW_BINARY}
 NEW=${2:?usage: benches/ab.sh OLD_BINARY NEW_BINARY}
-ROUNDS=${ROUNDS:-3}; DURATION=${DURATION:-10s}; CONNECTIONS=${CONNECTIONS:-64}
+ROUNDS=${ROUNDS:-4}; DURATION=${DURATION:-10s}; CONNECTIONS=${CONNECTIONS:-64}
 STORE=${STORE:-sqlite}
 source benches/lib.sh
 need wrk wrk
@@ -62,7 +63,11 @@ if [[ $STORE == postgres ]]; then
   start_postgres "$work/pg" "$pg_port"
 fi
 for round in $(seq "$ROUNDS"); do
-  for which in old new; do
+  # Which goes first alternates (old first in odd rounds, new first in even), so that a
+  # pair's order cannot pass for the change: one comparison read 0.947x with the old binary
+  # first and 1.017x with the new first (docs/benchmarks.md).
+  order="old new"; ((round % 2 == 0)) && order="new old"
+  for which in $order; do
     bin=$OLD; [[ $which == new ]] && bin=$NEW
     rm -rf "$work/state"
     if [[ -n $pg_port ]]; then
