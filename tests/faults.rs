@@ -298,13 +298,7 @@ async fn a_full_disk_refuses_webhooks_then_heals_without_a_restart_or_a_duplicat
         eprintln!("{}", lines.join("\n"));
     }
     // Nothing stays `sending`, and the store errors were not logged in a flood.
-    let rows = hookrelay(&[
-        "deliveries",
-        "--json",
-        "--state",
-        state.path.to_str().unwrap(),
-    ]);
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&rows.stdout).unwrap();
+    let rows = stored_rows(&state.path);
     assert!(rows.iter().all(|r| r["state"] == "sent"), "{rows:#?}");
     let errors = lines
         .iter()
@@ -427,13 +421,7 @@ async fn below_the_disk_reserve_new_work_is_refused_while_the_queue_still_drains
             && crossings.last().unwrap().contains("has room again"),
         "each crossing logged once: {crossings:#?}"
     );
-    let rows = hookrelay(&[
-        "deliveries",
-        "--json",
-        "--state",
-        state.path.to_str().unwrap(),
-    ]);
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&rows.stdout).unwrap();
+    let rows = stored_rows(&state.path);
     let sent: std::collections::BTreeSet<String> = rows
         .iter()
         .filter(|r| r["state"] == "sent")
@@ -1608,4 +1596,10 @@ async fn a_disk_that_stops_answering_is_shown_on_readyz_and_holds_bounded_memory
             .any(|l| l.contains("one write to the delivery store took this long")),
         "the long write is logged"
     );
+}
+
+/// The deliveries the store in `state` holds, as `hookrelay deliveries --json` lists them.
+fn stored_rows(state: &std::path::Path) -> Vec<serde_json::Value> {
+    let rows = hookrelay(&["deliveries", "--json", "--state", state.to_str().unwrap()]);
+    serde_json::from_slice(&rows.stdout).unwrap()
 }
