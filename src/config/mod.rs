@@ -715,18 +715,16 @@ impl Builder {
     /// list.
     fn warn_of_allow_from_behind_an_untrusted_proxy(
         &mut self,
-        gateway_proxies: &[ipnet::IpNet],
+        trusted_proxies: &[ipnet::IpNet],
         gateway: Option<(&GatewayConfig, &Origin)>,
     ) {
-        let (listen, server_proxies) = match &self.server {
-            Some((server, _)) => (server.listen, server.trusted_proxies.as_slice()),
-            None => (ServerConfig::default().listen, &[][..]),
-        };
-        if networks::names_this_machine(server_proxies)
-            || networks::names_this_machine(gateway_proxies)
-        {
+        if networks::names_this_machine(trusted_proxies) {
             return;
         }
+        let listen = self.server.as_ref().map_or_else(
+            || ServerConfig::default().listen,
+            |(server, _)| server.listen,
+        );
         let lists = self
             .sources
             .iter()
@@ -834,20 +832,27 @@ impl Builder {
                 });
             }
         }
-        let mut gateway_proxies = Vec::new();
-        let mut gateway_origin = None;
-        let gateway = self.gateway.take().and_then(|(mut read, origin)| {
-            gateway_proxies = std::mem::take(&mut read.trusted_proxies);
-            gateway_origin = Some(origin.clone());
-            let upstreams: Vec<String> = self.upstreams.keys().cloned().collect();
-            gateway::compile(
-                read,
-                &origin,
-                &upstreams,
-                &self.broken_upstreams,
-                &mut self.problems,
-            )
-        });
+        // The proxies `[server]` trusts, and those the gateway's older setting adds.
+        let mut trusted_proxies = self
+            .server
+            .as_mut()
+            .map(|(server, _)| std::mem::take(&mut server.trusted_proxies))
+            .unwrap_or_default();
+        let (gateway, gateway_origin) = match self.gateway.take() {
+            Some((mut read, origin)) => {
+                trusted_proxies.append(&mut read.trusted_proxies);
+                let upstreams: Vec<String> = self.upstreams.keys().cloned().collect();
+                let compiled = gateway::compile(
+                    read,
+                    &origin,
+                    &upstreams,
+                    &self.broken_upstreams,
+                    &mut self.problems,
+                );
+                (compiled, Some(origin))
+            }
+            None => (None, None),
+        };
         // The dashboard never shares the webhook port: serve would fail to bind it.
         if let Some((Some(admin), origin)) = &self.admin {
             let server_listen = self.server.as_ref().map_or_else(
@@ -866,7 +871,7 @@ impl Builder {
             }
         }
         self.warn_of_allow_from_behind_an_untrusted_proxy(
-            &gateway_proxies,
+            &trusted_proxies,
             gateway.as_ref().zip(gateway_origin.as_ref()),
         );
         if !self.problems.is_empty() {
@@ -876,10 +881,9 @@ impl Builder {
             return Err(Problems(self.problems));
         }
         Ok(Config {
-            server: {
-                let mut server = self.server.map(|(server, _)| server).unwrap_or_default();
-                server.trusted_proxies.extend(gateway_proxies);
-                server
+            server: ServerConfig {
+                trusted_proxies,
+                ..self.server.map(|(server, _)| server).unwrap_or_default()
             },
             upstreams: self
                 .upstreams

@@ -47,8 +47,8 @@ pub struct ServerConfig {
     /// `tls_cert` and `tls_key`: serve HTTPS with this certificate chain and key (PEM),
     /// read again at each reload.
     pub tls: Option<ServerTls>,
-    /// Proxies in front of the relay whose `X-Forwarded-For` names the client (for
-    /// `[source.NAME] allow_from` and the gateway's `per_client`); with `[gateway]
+    /// Proxies in front of the relay whose `X-Forwarded-For` names the client (for every
+    /// `allow_from`, the gateway's `per_client`, log lines and records); with `[gateway]
     /// trusted_proxies`, the older place, added.
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
