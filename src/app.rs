@@ -252,21 +252,17 @@ impl App {
         self.runtime.load_full()
     }
 
-    /// The client a trusted proxy forwarded `peer`'s request for
-    /// ([`crate::client_address::forwarded_client`]), by the proxies configured now: a
-    /// glance at the snapshot without holding it (no reference count to touch, which every
-    /// request's log line would otherwise do once more).
-    pub fn forwarded_client(
+    /// Who sent a request that came from `peer` with `headers`
+    /// ([`crate::client_address::Caller`]), by the proxies trusted now: a glance at the
+    /// configuration snapshot without holding it (no reference count to touch on every
+    /// request).
+    pub fn caller(
         &self,
         peer: std::net::IpAddr,
         headers: &http::HeaderMap,
-    ) -> Option<std::net::IpAddr> {
+    ) -> crate::client_address::Caller {
         let runtime = self.runtime.load();
-        crate::client_address::forwarded_client(
-            peer,
-            headers,
-            &runtime.config.server.trusted_proxies,
-        )
+        crate::client_address::Caller::of(peer, headers, &runtime.config.server.trusted_proxies)
     }
 
     /// Loads the configuration again and swaps it in whole; on any problem the running

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 
 use crate::app::App;
 use crate::bare_refusals::{Explained, MOST_HEADER_BYTES};
+use crate::client_address::{Caller, allowed};
 use crate::clipped::Clipped;
 use crate::error::{ApiError, error_response, json_response};
 use crate::gateway::{self, CallRequest, GatewayError};
@@ -313,25 +314,25 @@ async fn handle(app: &App, peer: SocketAddr, request: Request<Incoming>) -> Resp
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let mut upstream_latency = None;
-    // Behind a trusted proxy, the log lines name the client it forwarded for too.
-    let client = app
-        .forwarded_client(peer.ip(), request.headers())
-        .map(tracing::field::display);
+    // Who sent it, asked once for allow_from, per_client and records; behind a trusted
+    // proxy, the log lines name the client it forwarded for too.
+    let caller = app.caller(peer.ip(), request.headers());
+    let client = caller.via.map(|_| tracing::field::display(caller.client));
     let route = route(&path);
     let endpoint = route.endpoint();
-    let (response, reason) = match dispatch(app, peer, route, request, &mut upstream_latency).await
-    {
-        Ok(response) => (response, None),
-        Err(err) => {
-            if let ApiError::RateLimited { limit, .. } | ApiError::LimitUnavailable { limit, .. } =
-                &err
-            {
-                app.metrics.limit_refused(limit);
+    let (response, reason) =
+        match dispatch(app, caller, route, request, &mut upstream_latency).await {
+            Ok(response) => (response, None),
+            Err(err) => {
+                if let ApiError::RateLimited { limit, .. }
+                | ApiError::LimitUnavailable { limit, .. } = &err
+                {
+                    app.metrics.limit_refused(limit);
+                }
+                // The same words the caller got: they name what to fix, never a secret.
+                (error_response(&err), Some(err.to_string()))
             }
-            // The same words the caller got: they name what to fix, never a secret.
-            (error_response(&err), Some(err.to_string()))
-        }
-    };
+        };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     app.metrics.request(endpoint, status);
@@ -363,7 +364,7 @@ fn millis(duration: Duration) -> f64 {
 
 async fn dispatch(
     app: &App,
-    peer: SocketAddr,
+    caller: Caller,
     route: Route<'_>,
     request: Request<Incoming>,
     upstream_latency: &mut Option<Duration>,
@@ -396,7 +397,7 @@ async fn dispatch(
                     method: method.to_string(),
                 });
             }
-            gateway_call(app, peer, project, git_ref, request, upstream_latency).await
+            gateway_call(app, caller, project, git_ref, request, upstream_latency).await
         }
         Route::Metrics => match method {
             Method::GET | Method::HEAD => {
@@ -416,7 +417,7 @@ async fn dispatch(
             _ => Err(not_allowed("GET, HEAD")),
         },
         Route::Hook { source } => match method {
-            Method::POST | Method::GET => webhook(app, peer, source, request).await,
+            Method::POST | Method::GET => webhook(app, caller, source, request).await,
             _ => Err(not_allowed(
                 app.runtime()
                     .config
@@ -441,7 +442,7 @@ async fn dispatch(
 /// back.
 async fn gateway_call(
     app: &App,
-    peer: SocketAddr,
+    caller: Caller,
     project: &str,
     git_ref: Option<String>,
     request: Request<Incoming>,
@@ -457,14 +458,8 @@ async fn gateway_call(
         .upstreams
         .get(&gateway_config.upstream)
         .expect("configuration validated that the gateway's upstream exists");
-    // Who calls, for allow_from, per_client and the call's record: asked before a byte of
-    // the body is read.
-    let caller = crate::client_address::Caller::of(
-        peer.ip(),
-        request.headers(),
-        &runtime.config.server.trusted_proxies,
-    );
-    if !gateway_config.allows_address(caller.client) {
+    // Refused before a byte of the body is read.
+    if !allowed(&gateway_config.allow_from, caller.client) {
         return Err(ApiError::GatewayAddressNotAllowed {
             client: caller.client,
         });
@@ -570,7 +565,7 @@ async fn gateway_call(
 /// carries its payload in the URL instead of the body.
 async fn webhook(
     app: &App,
-    peer: SocketAddr,
+    caller: Caller,
     source: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -581,15 +576,10 @@ async fn webhook(
         .sources
         .get(source)
         .ok_or_else(|| ApiError::UnknownSource(crate::clipped::clipped(source)))?;
-    if !config.allow_from.is_empty() {
-        let client = crate::client_address::client_address(
-            peer.ip(),
-            request.headers(),
-            &runtime.config.server.trusted_proxies,
-        );
-        if !config.allows_address(client) {
-            return Err(ApiError::AddressNotAllowed { client });
-        }
+    if !allowed(&config.allow_from, caller.client) {
+        return Err(ApiError::AddressNotAllowed {
+            client: caller.client,
+        });
     }
     if request.method() == Method::GET && !config.provider.delivers_with_get() {
         return Err(ApiError::MethodNotAllowed {

@@ -279,7 +279,7 @@ pub(super) async fn act(
     access: &Access,
     parts: &http::request::Parts,
     body: Incoming,
-    peer: SocketAddr,
+    who: Who,
     action: Action,
     api: bool,
 ) -> Response<Full<Bytes>> {
@@ -293,11 +293,7 @@ pub(super) async fn act(
         return refused(refusal, api);
     }
     let within = app.server.ack_timeout;
-    let by = actor(
-        peer,
-        &parts.headers,
-        &app.runtime().config.server.trusted_proxies,
-    );
+    let by = who.by();
     let carried_out = tokio::spawn({
         let (app, action) = (Arc::clone(app), action.clone());
         async move { carry_out(&app, &by, &action).await }
@@ -367,12 +363,21 @@ fn store_did_not_answer(within: &humantime::FormattedDuration, problem: &str) ->
     format!("the delivery store did not answer within {within} ([server] ack_timeout): {problem}")
 }
 
-/// Who acts, for the action's record: the connection's address, or behind a trusted
-/// proxy the client it forwarded for and the proxy (`192.0.2.5 via 127.0.0.1:41234`).
-fn actor(peer: SocketAddr, headers: &http::HeaderMap, trusted: &[ipnet::IpNet]) -> String {
-    match crate::client_address::forwarded_client(peer.ip(), headers, trusted) {
-        Some(client) => format!("{client} via {peer}"),
-        None => peer.to_string(),
+/// Who asks: the connection, and the client a trusted proxy forwarded for.
+#[derive(Clone, Copy)]
+pub(super) struct Who {
+    pub(super) peer: SocketAddr,
+    pub(super) caller: crate::client_address::Caller,
+}
+
+impl Who {
+    /// Who acts, for the action's record: the connection's address, or behind a trusted
+    /// proxy the client it forwarded for and the proxy (`192.0.2.5 via 127.0.0.1:41234`).
+    fn by(&self) -> String {
+        match self.caller.via {
+            Some(_) => format!("{} via {}", self.caller.client, self.peer),
+            None => self.peer.to_string(),
+        }
     }
 }
 

@@ -29,7 +29,7 @@ use serde_json::json;
 
 use crate::app::App;
 use actions::{
-    Action, Window, act, dry_run, planned, preview, replan_delivery, window_preview_json,
+    Action, Who, Window, act, dry_run, planned, preview, replan_delivery, window_preview_json,
 };
 use auth::{Access, Refusal};
 use respond::{Page, html_response, json_answer, read_form, redirect, refused, render};
@@ -43,11 +43,16 @@ pub async fn handle(
 ) -> Response<Full<Bytes>> {
     let started = std::time::Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let who = Who {
+        peer,
+        caller: app.caller(peer.ip(), request.headers()),
+    };
     // Behind a trusted proxy, the log lines name the client it forwarded for too.
-    let client = app
-        .forwarded_client(peer.ip(), request.headers())
-        .map(tracing::field::display);
-    let response = route(app, peer, request).await;
+    let client = who
+        .caller
+        .via
+        .map(|_| tracing::field::display(who.caller.client));
+    let response = route(app, who, request).await;
     let status = response.status().as_u16();
     let elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
     let (method, path) = (
@@ -71,11 +76,7 @@ pub async fn handle(
     response
 }
 
-async fn route(
-    app: &Arc<App>,
-    peer: SocketAddr,
-    request: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn route(app: &Arc<App>, who: Who, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let runtime = app.runtime();
     // The token as configured now (reloads change it); the address as started.
     let started = app.admin.get();
@@ -88,18 +89,12 @@ async fn route(
     if let Some(started) = started {
         admin.listen = started.listen;
     }
-    if !admin.allow_from.is_empty() {
-        let client = crate::client_address::client_address(
-            peer.ip(),
-            request.headers(),
-            &runtime.config.server.trusted_proxies,
+    let client = who.caller.client;
+    if !crate::client_address::allowed(&admin.allow_from, client) {
+        return json_answer(
+            StatusCode::FORBIDDEN,
+            &json!({ "message": format!("{client} may not use this dashboard: it is not among the addresses [admin] allow_from lists") }),
         );
-        if !admin.allows_address(client) {
-            return json_answer(
-                StatusCode::FORBIDDEN,
-                &json!({ "message": format!("{client} may not use this dashboard: it is not among the addresses [admin] allow_from lists") }),
-            );
-        }
     }
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
@@ -186,12 +181,12 @@ async fn route(
             response
         }
         (&Method::POST, ["deliveries", id, action @ ("replay" | "replan")]) => {
-            act(app, &admin, &access, &parts, body, peer, Action::delivery(action, Webhook::named(id, query)), false).await
+            act(app, &admin, &access, &parts, body, who, Action::delivery(action, Webhook::named(id, query)), false).await
         }
         (&Method::POST, ["triggers", id, action @ ("cancel" | "replay")]) => {
-            act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), false).await
+            act(app, &admin, &access, &parts, body, who, Action::trigger(action, id), false).await
         }
-        (&Method::POST, ["replan"]) => act(app, &admin, &access, &parts, body, peer, Action::window(query), false).await,
+        (&Method::POST, ["replan"]) => act(app, &admin, &access, &parts, body, who, Action::window(query), false).await,
         (&Method::GET, ["api", "deliveries"]) => {
             match view::Filters::parse(query).to_list_filter(crate::outbox::now_ms()) {
                 Err(message) => json_answer(StatusCode::BAD_REQUEST, &json!({ "message": message })),
@@ -211,16 +206,16 @@ async fn route(
         (&Method::GET, ["api", "health"]) => json_answer(StatusCode::OK, &view::health(app)),
         (&Method::GET, ["api", "configuration"]) => json_answer(StatusCode::OK, &view::configuration(app)),
         (&Method::POST, ["api", "deliveries", id, action @ ("replay" | "replan")]) => {
-            act(app, &admin, &access, &parts, body, peer, Action::delivery(action, Webhook::named(id, query)), true).await
+            act(app, &admin, &access, &parts, body, who, Action::delivery(action, Webhook::named(id, query)), true).await
         }
         (&Method::POST, ["api", "triggers", id, action @ ("cancel" | "replay")]) => {
-            act(app, &admin, &access, &parts, body, peer, Action::trigger(action, id), true).await
+            act(app, &admin, &access, &parts, body, who, Action::trigger(action, id), true).await
         }
         (&Method::GET, ["api", "replan"]) => match Window::parse(query) {
             Ok(window) => window_preview_json(app, &window).await,
             Err(message) => json_answer(StatusCode::BAD_REQUEST, &json!({ "message": message })),
         },
-        (&Method::POST, ["api", "replan"]) => act(app, &admin, &access, &parts, body, peer, Action::window(query), true).await,
+        (&Method::POST, ["api", "replan"]) => act(app, &admin, &access, &parts, body, who, Action::window(query), true).await,
         _ if api => json_answer(StatusCode::NOT_FOUND, &json!({ "message": format!("no {} {} in the dashboard's API", crate::clipped::Clipped(parts.method.as_str()), crate::clipped::Clipped(&path)) })),
         _ => html_response(
             StatusCode::NOT_FOUND,

@@ -97,11 +97,6 @@ pub(super) fn compile(
 }
 
 impl AdminConfig {
-    /// Whether `client` may use the dashboard (`allow_from`).
-    pub fn allows_address(&self, client: std::net::IpAddr) -> bool {
-        crate::client_address::allowed(&self.allow_from, client)
-    }
-
     /// Why this dashboard wants HTTPS, when it listens off loopback without TLS of its
     /// own: a warning, since a TLS proxy in front may give it (then browsers see HTTPS and
     /// the relay cannot tell).

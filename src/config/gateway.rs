@@ -25,13 +25,6 @@ pub struct GatewayConfig {
     pub max_body: usize,
 }
 
-impl GatewayConfig {
-    /// Whether `client` may call the gateway (`allow_from`).
-    pub fn allows_address(&self, client: std::net::IpAddr) -> bool {
-        crate::client_address::allowed(&self.allow_from, client)
-    }
-}
-
 /// Default `[gateway] max_body`: a trigger call is a token, a ref and some variables.
 pub const DEFAULT_GATEWAY_MAX_BODY: usize = 1024 * 1024;
 

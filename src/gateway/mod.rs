@@ -234,7 +234,7 @@ pub fn record(
         .into(),
         headers: Vec::new(),
         body: crate::store::StoredBody::default(),
-        summary: call_summary(trigger, &caller.to_string()),
+        summary: call_summary(trigger, caller),
         triggers: vec![crate::outbox::NewTrigger {
             rule: "gateway".into(),
             upstream: trigger.upstream.clone(),
@@ -255,22 +255,22 @@ pub fn record(
     outbox.note_in(place, delivery);
 }
 
-/// A gateway call's summary in its record: `{"project": …, "ref": …}`, written straight
+/// A gateway call's summary in its record: `{"project": …, "ref": …, "caller": …}`, written straight
 /// from the trigger (not through a JSON tree).
-fn call_summary(trigger: &Trigger, caller: &str) -> String {
+fn call_summary(trigger: &Trigger, caller: crate::client_address::Caller) -> String {
     #[derive(serde::Serialize)]
     struct Summary<'a> {
         project: String,
         #[serde(rename = "ref")]
         git_ref: &'a str,
-        caller: &'a str,
+        caller: crate::client_address::Caller,
     }
     serde_json::to_string(&Summary {
         project: trigger.project.to_string(),
         git_ref: trigger.git_ref.as_str(),
         caller,
     })
-    .expect("three strings serialize")
+    .expect("strings and an address serialize")
 }
 
 /// What a gateway call's answer means for its record (the caller's `token` masked
@@ -334,7 +334,13 @@ mod tests {
     fn a_calls_record_sums_it_up_as_json() {
         let t = parse(call("group%2Fapp", None, "token=T&ref=re%22lease")).unwrap();
         assert_eq!(
-            call_summary(&t, "192.0.2.5 via 10.0.0.1"),
+            call_summary(
+                &t,
+                crate::client_address::Caller {
+                    client: "192.0.2.5".parse().unwrap(),
+                    via: Some("10.0.0.1".parse().unwrap()),
+                }
+            ),
             r#"{"project":"group/app","ref":"re\"lease","caller":"192.0.2.5 via 10.0.0.1"}"#
         );
     }

@@ -76,11 +76,6 @@ pub struct HeadCommit {
 }
 
 impl SourceConfig {
-    /// Whether `client` may send this source webhooks (`allow_from`).
-    pub fn allows_address(&self, client: std::net::IpAddr) -> bool {
-        crate::client_address::allowed(&self.allow_from, client)
-    }
-
     /// Whether `?ref=` may choose `git_ref` for this source's webhooks, and if not, why.
     pub fn allows_url_ref(&self, git_ref: &crate::git_ref::GitRef) -> Result<(), String> {
         let name = git_ref.short_name();
