@@ -21,6 +21,8 @@ fn rule(name: String, source: &str, repository: &str) -> RuleSpec {
         events: vec![EventKind::Push, EventKind::Tag],
         refs: Some(Patterns::new(vec!["main".into(), "release/*".into()]).unwrap()),
         refs_exclude: None,
+        paths: None,
+        paths_exclude: None,
         when: None,
         schedule: None,
         coalesce: None,

@@ -5,6 +5,7 @@
 //! `event.after`, …). A branch or tag deletion is kind `delete` with `deleted_kind` saying
 //! which; a zero object id is 40 or 64 zeros (SHA-1 or SHA-256 repositories).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -77,6 +78,28 @@ impl Provider {
             Provider::Generic => "generic",
         }
     }
+
+    /// How many commits the sender lists in a push at most, where it does not say how many
+    /// there were: a list this long may have been cut short. GitHub lists up to 2,048 (its
+    /// webhook schema, `push.commits`); Gogs up to `[ui] FEED_MAX_COMMIT_NUM`, 5 by
+    /// default. GitLab and Gitea say their true count (`total_commits_count`,
+    /// `total_commits`), which [`Event::commit_count`] holds.
+    fn commits_listed_at_most(self) -> Option<usize> {
+        match self {
+            Provider::Github => Some(2048),
+            Provider::Gogs => Some(5),
+            _ => None,
+        }
+    }
+
+    /// How many files the sender lists for one commit at most (GitHub: "a maximum of 3000
+    /// changed files will be reported per commit").
+    fn files_listed_at_most(self) -> Option<usize> {
+        match self {
+            Provider::Github => Some(3000),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Provider {
@@ -126,6 +149,42 @@ pub struct Commit {
     pub url: String,
     pub author: String,
     pub timestamp: String,
+    /// The files it touched, where the sender lists them (GitHub, GitLab, Gitea/Forgejo,
+    /// Gogs); Bitbucket lists none. Templates see `added`, `modified` and `removed`.
+    #[serde(flatten)]
+    pub files: Option<CommitFiles>,
+}
+
+/// The paths, from the repository's root, that one commit added, modified and removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CommitFiles {
+    pub added: Vec<String>,
+    pub modified: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl CommitFiles {
+    fn len(&self) -> usize {
+        self.added.len() + self.modified.len() + self.removed.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        self.added
+            .iter()
+            .chain(&self.modified)
+            .chain(&self.removed)
+            .map(String::as_str)
+    }
+}
+
+/// The files a push changed, as far as its webhook tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangedFiles<'a> {
+    /// Every path its commits added, modified or removed, once each, sorted.
+    Listed(BTreeSet<&'a str>),
+    /// Not told, and why: rules' path filters then let the event through, as GitLab's
+    /// `rules:changes` and GitHub Actions' `paths` do, rather than miss a build.
+    Unknown(String),
 }
 
 /// One change to one ref, normalized.
@@ -158,6 +217,67 @@ pub struct Event {
     pub delivery: String,
     /// The sender's JSON, for expressions that need more (shared by a webhook's events).
     pub payload: Arc<Payload>,
+}
+
+impl Event {
+    /// The files this change touched, when the webhook tells them all: a branch push whose
+    /// sender listed every commit, and every commit's files. Tags and deletions have none
+    /// to tell (GitLab's `rules:changes` and GitHub Actions' `paths` skip them too), and a
+    /// push that lists no commits (a new branch without new ones, a branch moved back) or
+    /// no files (an empty commit, pushed to start a pipeline) is not known to have changed
+    /// nothing.
+    pub fn changed_files(&self) -> ChangedFiles<'_> {
+        let unknown = |why: String| ChangedFiles::Unknown(why);
+        match self.kind {
+            EventKind::Push => {}
+            EventKind::Tag => return unknown("a tag push changes no files".into()),
+            EventKind::Delete => return unknown("a deletion changes no files".into()),
+            EventKind::Ping => return unknown("a ping changes no files".into()),
+        }
+        let listed = self.commits.len();
+        if listed == 0 {
+            return unknown(
+                "the webhook lists no commits (a new branch without new commits, or a branch moved back)".into(),
+            );
+        }
+        if self.commit_count > listed as u64 {
+            return unknown(format!(
+                "the webhook lists {listed} of the push's {} commits",
+                self.commit_count
+            ));
+        }
+        if let Some(most) = self.provider.commits_listed_at_most()
+            && listed >= most
+        {
+            return unknown(format!(
+                "{} lists at most {most} commits of a push, and it lists {listed}",
+                self.provider
+            ));
+        }
+        let mut files = BTreeSet::new();
+        for commit in &self.commits {
+            let Some(touched) = &commit.files else {
+                return unknown(format!("{} lists no files for a commit", self.provider));
+            };
+            if let Some(most) = self.provider.files_listed_at_most()
+                && touched.len() >= most
+            {
+                return unknown(format!(
+                    "{} lists at most {most} files of a commit, and it lists {} for {}",
+                    self.provider,
+                    touched.len(),
+                    commit.id
+                ));
+            }
+            files.extend(touched.iter());
+        }
+        if files.is_empty() {
+            return unknown(
+                "the webhook's commits list no files (an empty commit, or a merge)".into(),
+            );
+        }
+        ChangedFiles::Listed(files)
+    }
 }
 
 const BRANCH_PREFIX: &str = "refs/heads/";
@@ -434,5 +554,120 @@ mod tests {
         assert_eq!(json["kind"], "tag");
         assert_eq!(json["provider"], "github");
         assert_eq!(json["deleted_kind"], serde_json::Value::Null);
+    }
+
+    fn touched(id: &str, added: &[&str], modified: &[&str], removed: &[&str]) -> Commit {
+        let paths = |list: &[&str]| list.iter().map(|p| p.to_string()).collect();
+        Commit {
+            id: id.into(),
+            files: Some(CommitFiles {
+                added: paths(added),
+                modified: paths(modified),
+                removed: paths(removed),
+            }),
+            ..Commit::default()
+        }
+    }
+
+    fn push_of(commits: Vec<Commit>, commit_count: Option<u64>) -> RefChange {
+        RefChange {
+            commits,
+            commit_count,
+            ..change("refs/heads/main", &"b".repeat(40))
+        }
+    }
+
+    fn unknown_why(files: ChangedFiles<'_>) -> String {
+        match files {
+            ChangedFiles::Unknown(why) => why,
+            listed => panic!("expected unknown files, got {listed:?}"),
+        }
+    }
+
+    #[test]
+    fn a_push_changed_what_its_commits_touched_once_each() {
+        let e = context()
+            .event(push_of(
+                vec![
+                    touched("1", &["b.rs"], &["a.rs"], &[]),
+                    touched("2", &[], &["a.rs"], &["c.rs"]),
+                ],
+                None,
+            ))
+            .unwrap();
+        assert_eq!(
+            e.changed_files(),
+            ChangedFiles::Listed(["a.rs", "b.rs", "c.rs"].into_iter().collect())
+        );
+        // Templates see each commit's lists under the senders' names.
+        let json = serde_json::to_value(&e.commits[1]).unwrap();
+        assert_eq!(json["modified"], serde_json::json!(["a.rs"]));
+        assert_eq!(json["removed"], serde_json::json!(["c.rs"]));
+    }
+
+    #[test]
+    fn files_a_webhook_does_not_tell_are_unknown_and_say_why() {
+        let one = || vec![touched("1", &["a"], &[], &[])];
+        let why = |change: RefChange| unknown_why(context().event(change).unwrap().changed_files());
+        assert_eq!(
+            why(push_of(one(), Some(25))),
+            "the webhook lists 1 of the push's 25 commits"
+        );
+        assert!(why(push_of(Vec::new(), None)).starts_with("the webhook lists no commits"));
+        assert_eq!(
+            why(push_of(vec![Commit::default()], None)),
+            "github lists no files for a commit"
+        );
+        assert!(why(push_of(vec![touched("1", &[], &[], &[])], None)).contains("an empty commit"));
+        assert_eq!(
+            why(RefChange {
+                commits: one(),
+                ..change("refs/tags/v1", &"b".repeat(40))
+            }),
+            "a tag push changes no files"
+        );
+        assert_eq!(
+            why(RefChange {
+                commits: one(),
+                ..change("refs/heads/x", &"0".repeat(40))
+            }),
+            "a deletion changes no files"
+        );
+        // GitHub says no count: a list at its cap of 2,048 may have been cut, and so may
+        // one commit's 3,000 files.
+        let many: Vec<Commit> = (0..2048)
+            .map(|i| touched(&i.to_string(), &["a"], &[], &[]))
+            .collect();
+        assert_eq!(
+            why(push_of(many, None)),
+            "github lists at most 2048 commits of a push, and it lists 2048"
+        );
+        let files: Vec<String> = (0..3000).map(|i| format!("f{i}")).collect();
+        let files: Vec<&str> = files.iter().map(String::as_str).collect();
+        assert_eq!(
+            why(push_of(vec![touched("big", &files, &[], &[])], None)),
+            "github lists at most 3000 files of a commit, and it lists 3000 for big"
+        );
+        // Gogs lists 5 at most ([ui] FEED_MAX_COMMIT_NUM) and says no count either.
+        let gogs = EventContext {
+            provider: Provider::Gogs,
+            ..context()
+        };
+        let five: Vec<Commit> = (0..5)
+            .map(|i| touched(&i.to_string(), &["a"], &[], &[]))
+            .collect();
+        assert_eq!(
+            unknown_why(
+                gogs.event(push_of(five.clone(), None))
+                    .unwrap()
+                    .changed_files()
+            ),
+            "gogs lists at most 5 commits of a push, and it lists 5"
+        );
+        let four = five[..4].to_vec();
+        assert!(matches!(
+            gogs.event(push_of(four, None)).unwrap().changed_files(),
+            ChangedFiles::Listed(_)
+        ));
     }
 }

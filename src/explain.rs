@@ -651,10 +651,20 @@ fn token_shown(token: &crate::secret::Secret, reference: &crate::secret::SecretR
     }
 }
 
+/// The event as templates see it, without the sender's payload: with `changed_files`
+/// (a list, or `null` when the webhook does not tell them all, and why).
 fn full_without_payload(event: &Event) -> serde_json::Value {
     let mut value = serde_json::to_value(event).expect("events serialize");
     if let Some(map) = value.as_object_mut() {
         map.remove("payload");
+        let (files, unknown) = match event.changed_files() {
+            crate::event::ChangedFiles::Listed(files) => (serde_json::json!(files), None),
+            crate::event::ChangedFiles::Unknown(why) => (serde_json::Value::Null, Some(why)),
+        };
+        map.insert("changed_files".into(), files);
+        if let Some(why) = unknown {
+            map.insert("changed_files_unknown".into(), why.into());
+        }
     }
     value
 }
@@ -709,5 +719,30 @@ fn write_event(out: &mut String, n: usize, of: usize, event: &Event) {
     }
     if event.commits.len() > 10 {
         let _ = writeln!(out, "    … and {} more", event.commits.len() - 10);
+    }
+    if event.kind == crate::event::EventKind::Push {
+        write_changed_files(out, event);
+    }
+}
+
+/// What rules' `paths` see: the files a branch push changed, or why they are not known.
+fn write_changed_files(out: &mut String, event: &Event) {
+    const SHOWN: usize = 10;
+    match event.changed_files() {
+        crate::event::ChangedFiles::Listed(files) => {
+            let _ = writeln!(out, "  changed files   {}", files.len());
+            for file in files.iter().take(SHOWN) {
+                let _ = writeln!(out, "    {file}");
+            }
+            if files.len() > SHOWN {
+                let _ = writeln!(out, "    … and {} more", files.len() - SHOWN);
+            }
+        }
+        crate::event::ChangedFiles::Unknown(why) => {
+            let _ = writeln!(
+                out,
+                "  changed files   not known: {why} (rules' paths let it through)"
+            );
+        }
     }
 }

@@ -443,7 +443,9 @@ async fn the_rules_page_shows_what_runs_without_a_secret() {
              [rule.trigger]\nproject = \"acme/app\"\nref = \"main\"\ntoken = \"file:{0}/secret\"\n\
              variables = {{ DEPLOY_KEY = \"literal-value-never-shown\", TAG = \"{{{{ event.ref_name }}}}\" }}\n\
              [[rule]]\nname = \"nightly\"\nschedule = \"30 2 * * *\"\ntimezone = \"Europe/Berlin\"\n\
-             [rule.trigger]\nproject = \"acme/nightly\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n",
+             [rule.trigger]\nproject = \"acme/nightly\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n\
+             [[rule]]\nname = \"api\"\nsource = \"github\"\npaths = [\"services/api/**\"]\npaths_exclude = \"**/*.md\"\n\
+             [rule.trigger]\nproject = \"acme/api\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n",
             dir.path().display()
         ),
     );
@@ -484,6 +486,14 @@ async fn the_rules_page_shows_what_runs_without_a_secret() {
         "{nightly:#}"
     );
     assert_eq!(nightly["triggers"][0]["token"], "env:HOOKRELAY_ADMIN_TOKEN");
+    assert_eq!(
+        c["rules"][2]["paths"],
+        serde_json::json!(["services/api/**"])
+    );
+    assert_eq!(
+        c["rules"][2]["paths_exclude"],
+        serde_json::json!(["**/*.md"])
+    );
     let codeberg = c["sources"]
         .as_array()
         .unwrap()
@@ -500,6 +510,10 @@ async fn the_rules_page_shows_what_runs_without_a_secret() {
     assert!(html.contains("<h3 id=\"rule-releases\">releases"), "{html}");
     assert!(html.contains("tag from github, codeberg"), "{html}");
     assert!(html.contains("DEPLOY_KEY, TAG"), "{html}");
+    assert!(
+        html.contains("<dt>Changed files</dt><dd><code>services&#x2f;api&#x2f;**</code>, not <code>**&#x2f;*.md</code></dd>"),
+        "{html}"
+    );
     for text in [&api.text(), &html] {
         for secret in ["literal-value-never-shown", ADMIN_TOKEN, SECRET] {
             assert!(!text.contains(secret), "{secret} shown");

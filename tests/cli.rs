@@ -322,6 +322,42 @@ fn explain_shows_the_normalized_event_without_needing_secrets() {
             "{expected:?} missing from:\n{text}"
         );
     }
+    // A branch push: the files its commits touched, which rules' `paths` read.
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        config,
+        "--source",
+        "gh",
+        "--event",
+        "push",
+        &fixture_path("github/push_branch.json"),
+    ]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("  changed files   1\n    README.md\n"),
+        "{text}"
+    );
+    let output = hookrelay(&[
+        "explain",
+        "--config",
+        config,
+        "--source",
+        "gh",
+        "--event",
+        "push",
+        "--json",
+        &fixture_path("github/push_branch.json"),
+    ]);
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        json["events"][0]["changed_files"],
+        serde_json::json!(["README.md"])
+    );
+    assert_eq!(
+        json["events"][0]["commits"][0]["added"],
+        serde_json::json!(["README.md"])
+    );
     let output = hookrelay(&[
         "explain",
         "--config",
@@ -351,6 +387,11 @@ fn explain_shows_the_normalized_event_without_needing_secrets() {
     assert_eq!(json["delivery"], "r-1");
     assert_eq!(json["events"][0]["kind"], "delete");
     assert_eq!(json["events"][0]["deleted_kind"], "branch");
+    assert_eq!(json["events"][0]["changed_files"], serde_json::Value::Null);
+    assert_eq!(
+        json["events"][0]["changed_files_unknown"],
+        "a deletion changes no files"
+    );
     assert_eq!(
         json["events"][0]["repository_url"],
         "https://bitbucket.org/kolaszek/repository-name.git"

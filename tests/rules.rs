@@ -252,3 +252,194 @@ async fn no_match_is_200_with_no_triggers() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(upstream.received().is_empty());
 }
+
+/// Rules that choose pushes by the files they changed (a monorepo's services), fed the
+/// senders' own payloads: GitHub's `push_branch.json` adds `README.md`; GitLab's
+/// `push.json` lists 2 of its 4 commits (so its files are not all known) and
+/// `push_branch_create.json` modifies `README.md`; Gitea's `push.json` adds `example`.
+fn paths_config(upstream: &str) -> String {
+    format!(
+        r#"
+[upstream.gitlab]
+url = "{upstream}"
+
+[source.github]
+provider = "github"
+secret = "file:{{dir}}/secret"
+
+[source.gitlab]
+provider = "gitlab"
+secret = "file:{{dir}}/secret"
+
+[source.gitea]
+provider = "gitea"
+secret = "file:{{dir}}/secret"
+
+[[rule]]
+name = "api"
+source = ["github", "gitlab", "gitea"]
+events = ["push"]
+paths = ["services/api/**"]
+[rule.trigger]
+project = "acme/api"
+token = "file:{{dir}}/token"
+
+[[rule]]
+name = "docs"
+source = ["github", "gitlab", "gitea"]
+events = ["push"]
+paths = ["**/*.md"]
+paths_exclude = ["CHANGELOG.md"]
+[rule.trigger]
+project = "acme/docs"
+token = "file:{{dir}}/token"
+
+[[rule]]
+name = "code"
+source = ["github", "gitlab", "gitea"]
+events = ["push"]
+paths_exclude = ["*.md"]
+[rule.trigger]
+project = "acme/code"
+token = "file:{{dir}}/token"
+variables = {{ CHANGED = "{{{{ event.changed_files | join(',') if event.changed_files is not none else 'unknown' }}}}" }}
+"#
+    )
+}
+
+/// The projects a webhook's answer queued triggers for, and the reason each rule that did
+/// not match gave.
+fn queued_and_reasons(reply: &Reply) -> (Vec<String>, Vec<(String, String)>) {
+    let json = reply.json();
+    let queued = json["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["project"].as_str().unwrap().to_owned())
+        .collect();
+    let reasons = json["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["rules"].as_array().cloned().unwrap_or_default())
+        .map(|r| {
+            (
+                r["rule"].as_str().unwrap().to_owned(),
+                r["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    (queued, reasons)
+}
+
+/// Sends a body to `/hooks/gitea` signed as Gitea signs it (hex HMAC-SHA256, no prefix).
+async fn gitea(relay: &Relay, delivery: &str, body: Vec<u8>) -> Reply {
+    let signature = sha256_signature(SECRET, &body);
+    post(
+        &relay.url("/hooks/gitea"),
+        &[
+            ("X-Gitea-Event", "push"),
+            ("X-Gitea-Delivery", delivery),
+            ("X-Gitea-Signature", signature.trim_start_matches("sha256=")),
+        ],
+        body,
+    )
+    .await
+}
+
+/// Sends a GitLab push fixture with GitLab's token header.
+async fn gitlab_push(relay: &Relay, delivery: &str, file: &str) -> Reply {
+    post(
+        &relay.url("/hooks/gitlab"),
+        &[
+            ("X-Gitlab-Event", "Push Hook"),
+            ("X-Gitlab-Token", SECRET),
+            ("X-Gitlab-Event-UUID", delivery),
+        ],
+        fixture(file),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn path_filters_choose_pushes_by_the_files_they_changed() {
+    let upstream = RecordingUpstream::start().await;
+    let relay = Relay::start_with(
+        &paths_config(&upstream.url()),
+        &[("secret", SECRET), ("token", "glptt-paths-0123456789")],
+    )
+    .await;
+
+    // GitHub: README.md alone. `docs` wants it, `code` excludes it, `api` does not want it.
+    let reply = github(&relay, "/hooks/github", "push", "github/push_branch.json").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(queued_and_reasons(&reply).0, ["acme/docs"]);
+
+    // Gitea: `example` alone.
+    let gitea_reply = gitea(&relay, "gitea-1", fixture("gitea/push.json")).await;
+    assert_eq!(gitea_reply.status, 202, "{}", gitea_reply.text());
+    let (queued, _) = queued_and_reasons(&gitea_reply);
+    assert_eq!(
+        queued,
+        ["acme/code"],
+        "`example` is code, neither docs nor the api"
+    );
+
+    // GitLab lists 2 of the push's 4 commits: the files are not all known, so every
+    // filter lets the push through rather than miss a build.
+    let reply = gitlab_push(&relay, "gl-1", "gitlab/push.json").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let (mut queued, _) = queued_and_reasons(&reply);
+    queued.sort();
+    assert_eq!(queued, ["acme/api", "acme/code", "acme/docs"]);
+
+    // One commit changing README.md, wholly listed: only `docs`; the others say why.
+    let reply = gitlab_push(&relay, "gl-2", "gitlab/push_branch_create.json").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(queued_and_reasons(&reply).0, ["acme/docs"]);
+
+    let calls = received(&upstream, 6).await;
+    let changed: Vec<String> = calls
+        .iter()
+        .filter(|c| c.path_and_query.contains("acme%2Fcode"))
+        .map(|c| {
+            c.json()["variables"]["CHANGED"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let mut changed = changed;
+    changed.sort();
+    assert_eq!(changed, ["example", "unknown"]);
+
+    // A push none of the rules wants is answered 200 with each rule's reason.
+    let only_readme = r#"{"ref": "refs/heads/main", "before": "1111111111111111111111111111111111111111",
+        "after": "2222222222222222222222222222222222222222", "repository": {"full_name": "acme/mono",
+        "clone_url": "https://git.example.com/acme/mono.git"}, "pusher": {"login": "me"},
+        "commits": [{"id": "2222222222222222222222222222222222222222", "message": "docs",
+        "added": [], "modified": ["CHANGELOG.md"], "removed": []}], "total_commits": 1}"#;
+    let reply = gitea(&relay, "gitea-2", only_readme.as_bytes().to_vec()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let (queued, reasons) = queued_and_reasons(&reply);
+    assert!(queued.is_empty());
+    assert_eq!(
+        reasons,
+        [
+            (
+                "api".to_owned(),
+                "paths: none of the 1 changed file (CHANGELOG.md) matches [\"services/api/**\"]"
+                    .to_owned()
+            ),
+            (
+                "docs".to_owned(),
+                "paths: none of the 1 changed file (CHANGELOG.md) matches [\"**/*.md\"] without also matching paths_exclude [\"CHANGELOG.md\"]".to_owned()
+            ),
+            (
+                "code".to_owned(),
+                "paths_exclude: the 1 changed file (CHANGELOG.md) matches [\"*.md\"]".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(upstream.received().len(), 6, "nothing more was sent");
+}

@@ -504,6 +504,8 @@ pub fn configuration(app: &App) -> Value {
                 "repository": shown_patterns(&spec.repository),
                 "refs": shown_patterns(&spec.refs),
                 "refs_exclude": shown_patterns(&spec.refs_exclude),
+                "paths": shown_patterns(&spec.paths),
+                "paths_exclude": shown_patterns(&spec.paths_exclude),
                 "when": spec.when.as_ref().map(|(expression, _)| expression),
                 "schedule": spec.schedule.as_ref().map(|schedule| json!({
                     "cron": schedule.text,

@@ -24,6 +24,8 @@ pub(super) struct RawRule {
     events: Option<Spanned<Vec<String>>>,
     refs: Option<Spanned<OneOrMany>>,
     refs_exclude: Option<Spanned<OneOrMany>>,
+    paths: Option<Spanned<OneOrMany>>,
+    paths_exclude: Option<Spanned<OneOrMany>>,
     when: Option<Spanned<String>>,
     schedule: Option<Spanned<String>>,
     timezone: Option<Spanned<String>>,
@@ -179,10 +181,13 @@ pub(super) fn compile_rule(
             }
         };
     warn_about_patterns(&name, &raw, problems);
+    check_path_filters(&name, &raw, problems);
     let repository = patterns(raw.repository, "repository", problems);
     let refs = patterns(raw.refs, "refs", problems);
     let refs_exclude = patterns(raw.refs_exclude, "refs_exclude", problems);
     let events = compile_events(&name, raw.events, problems);
+    let paths = patterns(raw.paths, "paths", problems);
+    let paths_exclude = patterns(raw.paths_exclude, "paths_exclude", problems);
     let schedule = compile_schedule(
         &name,
         raw.schedule.as_ref(),
@@ -251,6 +256,8 @@ pub(super) fn compile_rule(
             events,
             refs,
             refs_exclude,
+            paths,
+            paths_exclude,
             when,
             schedule,
             coalesce,
@@ -536,6 +543,50 @@ fn warn_about_patterns(name: &str, raw: &RawRule, problems: &mut FileProblems<'_
                     ),
                 );
             }
+        }
+    }
+}
+
+/// `paths` and `paths_exclude` where they cannot work: on a scheduled rule (an error: it
+/// has no push), on a rule that reacts to no branch push (a warning: tags and deletions
+/// change no files, so they run whatever the filters say), and patterns no file's path
+/// matches (a leading `/`, a trailing `/` for a folder).
+fn check_path_filters(name: &str, raw: &RawRule, problems: &mut FileProblems<'_>) {
+    let events = raw.events.as_ref().map(|e| e.get_ref().as_slice());
+    let reacts_to_push = events.is_none_or(|e| e.is_empty() || e.iter().any(|e| e == "push"));
+    for (field, key) in [(&raw.paths, "paths"), (&raw.paths_exclude, "paths_exclude")] {
+        let Some(field) = field else { continue };
+        if raw.schedule.is_some() {
+            problems.at(
+                Some(field.span()),
+                format!("rule {name:?}: `{key}` filters a push's changed files, and a scheduled rule has none; leave it out"),
+            );
+            continue;
+        }
+        if !reacts_to_push {
+            problems.warn(
+                field.span(),
+                format!(
+                    "rule {name:?}: `{key}` applies to branch pushes only, and the rule reacts to none (tags and deletions change no files, so they run whatever `{key}` says)"
+                ),
+            );
+        }
+        for text in &field.get_ref().0 {
+            let hint = if let Some(relative) = text.strip_prefix('/') {
+                format!(
+                    "paths are matched from the repository's root without a leading `/`; write {relative:?}"
+                )
+            } else if text.ends_with('/') {
+                format!(
+                    "a path names a file, never a folder; write \"{text}**\" for every file beneath it"
+                )
+            } else {
+                continue;
+            };
+            problems.warn(
+                field.span(),
+                format!("rule {name:?}: {key}: {text:?} matches no file: {hint}"),
+            );
         }
     }
 }

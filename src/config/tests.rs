@@ -691,6 +691,78 @@ token = "env:T"
 }
 
 #[test]
+fn path_filters_load_and_say_where_they_cannot_work() {
+    let rules = r#"[[rule]]
+name = "api"
+source = "github"
+paths = ["services/api/**", "/libs/**", "docs/"]
+paths_exclude = "**/*.md"
+[rule.trigger]
+project = "acme/api"
+token = "env:T"
+
+[[rule]]
+name = "tags-only"
+source = "github"
+events = ["tag"]
+paths_exclude = ["docs/**"]
+[rule.trigger]
+project = "acme/api"
+token = "env:T"
+"#;
+    let config = load_text(&[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)], SECRETS).unwrap();
+    assert_eq!(
+        warnings(&config),
+        [
+            "b.toml:4: rule \"api\": paths: \"/libs/**\" matches no file: paths are matched from the repository's root without a leading `/`; write \"libs/**\"",
+            "b.toml:4: rule \"api\": paths: \"docs/\" matches no file: a path names a file, never a folder; write \"docs/**\" for every file beneath it",
+            "b.toml:14: rule \"tags-only\": `paths_exclude` applies to branch pushes only, and the rule reacts to none (tags and deletions change no files, so they run whatever `paths_exclude` says)",
+        ]
+    );
+    let api = &config.rules.rules()[0].spec;
+    assert_eq!(
+        api.paths.as_ref().unwrap().texts,
+        ["services/api/**", "/libs/**", "docs/"]
+    );
+    assert_eq!(api.paths_exclude.as_ref().unwrap().texts, ["**/*.md"]);
+
+    let bad = |line: &str| {
+        let rule = format!(
+            "[[rule]]\nname = \"r\"\nsource = \"github\"\n{line}\n[rule.trigger]\nproject = \"a/b\"\ntoken = \"env:T\"\n"
+        );
+        messages(load_text(
+            &[("a.toml", GITHUB_AND_GITLAB), ("b.toml", &rule)],
+            SECRETS,
+        ))
+    };
+    assert_eq!(
+        bad("paths = []"),
+        ["b.toml:4: rule \"r\": `paths` is an empty list; leave it out to match everything"]
+    );
+    assert_eq!(
+        bad("paths_exclude = [\"a/[b\"]"),
+        [
+            "b.toml:4: rule \"r\": paths_exclude: \"a/[b\" is not a valid glob: unclosed character class; missing ']'"
+        ]
+    );
+    assert_eq!(
+        bad("paths = [\"\"]"),
+        ["b.toml:4: rule \"r\": paths: an empty name matches nothing; leave it out"]
+    );
+    let scheduled = "[[rule]]\nname = \"nightly\"\nschedule = \"0 3 * * *\"\npaths = [\"src/**\"]\n\
+                     [rule.trigger]\nproject = \"a/b\"\nref = \"main\"\ntoken = \"env:T\"\n";
+    assert_eq!(
+        messages(load_text(
+            &[("a.toml", GITHUB_AND_GITLAB), ("b.toml", scheduled)],
+            SECRETS
+        )),
+        [
+            "b.toml:4: rule \"nightly\": `paths` filters a push's changed files, and a scheduled rule has none; leave it out"
+        ]
+    );
+}
+
+#[test]
 fn a_schedule_no_date_matches_is_warned_about() {
     let rule = |schedule: &str| {
         format!(

@@ -9,6 +9,7 @@
 //! the event's own ref (sent fully qualified, so a name that is both a branch and a tag is
 //! not ambiguous to GitLab).
 
+pub mod paths;
 pub mod schedule;
 pub mod template;
 
@@ -22,7 +23,7 @@ use minijinja::Environment;
 use minijinja::value::Value;
 use serde_json::Map;
 
-use crate::event::{Event, EventKind};
+use crate::event::{ChangedFiles, Event, EventKind};
 use crate::git_ref::GitRef;
 use crate::secret::{Secret, SecretRef};
 use crate::trigger::{ProjectId, Trigger};
@@ -144,6 +145,9 @@ pub struct RuleSpec {
     pub events: Vec<EventKind>,
     pub refs: Option<Patterns>,
     pub refs_exclude: Option<Patterns>,
+    /// Globs on the files a push changed (see [`paths`]).
+    pub paths: Option<Patterns>,
+    pub paths_exclude: Option<Patterns>,
     /// The expression and its line.
     pub when: Option<(String, usize)>,
     pub schedule: Option<Schedule>,
@@ -400,6 +404,13 @@ impl RuleSet {
                 event.ref_name,
                 patterns.shown()
             ));
+        }
+        if let Some(reason) = paths::why_not(
+            spec.paths.as_ref(),
+            spec.paths_exclude.as_ref(),
+            scope.changed_files(),
+        ) {
+            return Some(reason);
         }
         if let Some(when) = &rule.when {
             return match self.render(when, scope) {
@@ -747,6 +758,8 @@ fn candidates_index(rules: &[Rule]) -> HashMap<(String, EventKind), Candidates> 
 struct Scope<'a> {
     event: Option<&'a Event>,
     context: std::cell::OnceCell<Value>,
+    /// The event's changed files, gathered once for every rule with path filters.
+    changed_files: std::cell::OnceCell<ChangedFiles<'a>>,
 }
 
 impl<'a> Scope<'a> {
@@ -754,6 +767,7 @@ impl<'a> Scope<'a> {
         Self {
             event: Some(event),
             context: std::cell::OnceCell::new(),
+            changed_files: std::cell::OnceCell::new(),
         }
     }
 
@@ -763,7 +777,16 @@ impl<'a> Scope<'a> {
         Self {
             event,
             context: std::cell::OnceCell::from(context),
+            changed_files: std::cell::OnceCell::new(),
         }
+    }
+
+    /// What the event's webhook tells of the files it changed (nothing, without an event).
+    fn changed_files(&self) -> &ChangedFiles<'a> {
+        self.changed_files.get_or_init(|| match self.event {
+            Some(event) => event.changed_files(),
+            None => ChangedFiles::Unknown("a scheduled rule has no event".into()),
+        })
     }
 
     /// The template engine's context: `{ event: … }`.
@@ -797,6 +820,8 @@ mod tests {
             events: events.to_vec(),
             refs: refs.map(|r| Patterns::new(vec![r.into()]).unwrap()),
             refs_exclude: None,
+            paths: None,
+            paths_exclude: None,
             when: None,
             schedule: None,
             coalesce: None,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use minijinja::value::{Enumerator, Object, Value};
 use minijinja::{Environment, UndefinedBehavior};
 
-use crate::event::Event;
+use crate::event::{ChangedFiles, Event};
 
 /// The names templates may read after `event.`.
 pub const EVENT_FIELDS: &[&str] = &[
@@ -31,6 +31,7 @@ pub const EVENT_FIELDS: &[&str] = &[
     "pusher",
     "commit_count",
     "commits",
+    "changed_files",
     "delivery",
     "payload",
 ];
@@ -385,6 +386,11 @@ impl Object for EventObject {
             },
             "commit_count" => Value::from(event.commit_count),
             "commits" => Value::from_serialize(&event.commits),
+            // Every file the push changed, sorted, or none when the webhook does not tell.
+            "changed_files" => match event.changed_files() {
+                ChangedFiles::Listed(files) => Value::from_serialize(files),
+                ChangedFiles::Unknown(_) => Value::from(()),
+            },
             "delivery" => Value::from(event.delivery.as_str()),
             "payload" => Value::from_serialize(event.payload.tree()),
             _ => return None,
@@ -478,7 +484,14 @@ mod tests {
                         read += 1;
                     }
                     None => assert!(
-                        ["deleted_kind", "commit_count", "commits", "payload"].contains(name),
+                        [
+                            "deleted_kind",
+                            "commit_count",
+                            "commits",
+                            "changed_files",
+                            "payload"
+                        ]
+                        .contains(name),
                         "{source} is text the engine renders as {engine:?}"
                     ),
                 }

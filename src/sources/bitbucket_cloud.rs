@@ -171,6 +171,7 @@ fn ref_change(change: Change) -> Result<RefChange, String> {
                 .unwrap_or_default(),
             author: c.author.and_then(|a| a.raw).unwrap_or_default(),
             timestamp: text(&c.date),
+            files: None,
         })
         .collect();
     Ok(RefChange {

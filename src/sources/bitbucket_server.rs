@@ -158,6 +158,7 @@ pub fn receive(
                 .author_timestamp
                 .map(|t| t.to_string())
                 .unwrap_or_default(),
+            files: None,
         })
         .collect();
     let changes = pushed

@@ -492,6 +492,9 @@ struct PushCommit {
     url: Option<String>,
     timestamp: Option<String>,
     author: Option<PushCommitAuthor>,
+    added: Option<Vec<String>>,
+    modified: Option<Vec<String>>,
+    removed: Option<Vec<String>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -511,6 +514,15 @@ impl From<PushCommit> for crate::event::Commit {
                 .and_then(|a| a.username.or(a.name))
                 .unwrap_or_default(),
             timestamp: text(&commit.timestamp),
+            // A sender that lists any of the three lists the commit's files.
+            files: match (commit.added, commit.modified, commit.removed) {
+                (None, None, None) => None,
+                (added, modified, removed) => Some(crate::event::CommitFiles {
+                    added: added.unwrap_or_default(),
+                    modified: modified.unwrap_or_default(),
+                    removed: removed.unwrap_or_default(),
+                }),
+            },
         }
     }
 }
