@@ -23,6 +23,7 @@ fn rule(name: String, source: &str, repository: &str) -> RuleSpec {
         refs_exclude: None,
         paths: None,
         paths_exclude: None,
+        skip_ci: true,
         when: None,
         schedule: None,
         coalesce: None,

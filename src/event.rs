@@ -280,6 +280,32 @@ impl Event {
     }
 }
 
+/// The words in a commit message that ask CI to skip the push, as GitLab (`[skip ci]`,
+/// `[ci skip]`, any capitalization) and GitHub Actions (those and `[no ci]`) read them.
+const SKIP_CI_MARKERS: [&str; 3] = ["[skip ci]", "[ci skip]", "[no ci]"];
+
+impl Event {
+    /// The marker (`[skip ci]`, `[ci skip]` or `[no ci]`, in any capitalization) in the
+    /// message of the commit a branch push leaves the branch at, if the webhook lists that
+    /// commit. Tags are never skipped: a release tag often sits on a commit that skipped
+    /// its own branch build (`chore(release): 1.2.0 [skip ci]`) and must still build.
+    pub fn skip_ci_marker(&self) -> Option<&'static str> {
+        if self.kind != EventKind::Push {
+            return None;
+        }
+        let head = self
+            .commits
+            .iter()
+            .find(|commit| commit.id.eq_ignore_ascii_case(&self.after))?;
+        let message = head.message.as_bytes();
+        SKIP_CI_MARKERS.into_iter().find(|marker| {
+            message
+                .windows(marker.len())
+                .any(|window| window.eq_ignore_ascii_case(marker.as_bytes()))
+        })
+    }
+}
+
 const BRANCH_PREFIX: &str = "refs/heads/";
 const TAG_PREFIX: &str = "refs/tags/";
 
@@ -669,5 +695,46 @@ mod tests {
             gogs.event(push_of(four, None)).unwrap().changed_files(),
             ChangedFiles::Listed(_)
         ));
+    }
+
+    #[test]
+    fn a_head_commit_saying_skip_ci_is_found_in_any_capitalization() {
+        let after = "b".repeat(40);
+        let commit = |id: &str, message: &str| Commit {
+            id: id.into(),
+            message: message.into(),
+            ..Commit::default()
+        };
+        let push = |commits: Vec<Commit>| context().event(push_of(commits, None)).unwrap();
+        for (message, marker) in [
+            ("docs: typo [skip ci]", Some("[skip ci]")),
+            ("Docs: typo\n\n[CI SKIP]", Some("[ci skip]")),
+            ("chore: bump [No Ci]", Some("[no ci]")),
+            ("skip ci", None),
+            ("[skip  ci]", None),
+            ("fix: the [skip ci] parser", Some("[skip ci]")),
+        ] {
+            assert_eq!(
+                push(vec![commit(&after, message)]).skip_ci_marker(),
+                marker,
+                "{message:?}"
+            );
+        }
+        // Only the head's message counts: an older commit of the push may say it.
+        let older = commit(&"a".repeat(40), "wip [skip ci]");
+        assert_eq!(
+            push(vec![older.clone(), commit(&after, "feat: done")]).skip_ci_marker(),
+            None
+        );
+        // A webhook that does not list the head says nothing about it.
+        assert_eq!(push(vec![older]).skip_ci_marker(), None);
+        // Tags build whatever their commit says.
+        let tag = context()
+            .event(RefChange {
+                commits: vec![commit(&after, "chore(release): 1.2.0 [skip ci]")],
+                ..change("refs/tags/v1.2.0", &after)
+            })
+            .unwrap();
+        assert_eq!(tag.skip_ci_marker(), None);
     }
 }

@@ -444,7 +444,7 @@ async fn the_rules_page_shows_what_runs_without_a_secret() {
              variables = {{ DEPLOY_KEY = \"literal-value-never-shown\", TAG = \"{{{{ event.ref_name }}}}\" }}\n\
              [[rule]]\nname = \"nightly\"\nschedule = \"30 2 * * *\"\ntimezone = \"Europe/Berlin\"\n\
              [rule.trigger]\nproject = \"acme/nightly\"\nref = \"main\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n\
-             [[rule]]\nname = \"api\"\nsource = \"github\"\npaths = [\"services/api/**\"]\npaths_exclude = \"**/*.md\"\n\
+             [[rule]]\nname = \"api\"\nsource = \"github\"\npaths = [\"services/api/**\"]\npaths_exclude = \"**/*.md\"\nskip_ci = false\n\
              [rule.trigger]\nproject = \"acme/api\"\ntoken = \"env:HOOKRELAY_ADMIN_TOKEN\"\n",
             dir.path().display()
         ),
@@ -494,6 +494,8 @@ async fn the_rules_page_shows_what_runs_without_a_secret() {
         c["rules"][2]["paths_exclude"],
         serde_json::json!(["**/*.md"])
     );
+    assert_eq!(c["rules"][2]["skip_ci"], false);
+    assert_eq!(c["rules"][0]["skip_ci"], true);
     let codeberg = c["sources"]
         .as_array()
         .unwrap()
@@ -510,6 +512,10 @@ async fn the_rules_page_shows_what_runs_without_a_secret() {
     assert!(html.contains("<h3 id=\"rule-releases\">releases"), "{html}");
     assert!(html.contains("tag from github, codeberg"), "{html}");
     assert!(html.contains("DEPLOY_KEY, TAG"), "{html}");
+    assert!(
+        html.contains("<dt>[skip ci]</dt><dd>runs anyway (<code>skip_ci = false</code>)</dd>"),
+        "{html}"
+    );
     assert!(
         html.contains("<dt>Changed files</dt><dd><code>services&#x2f;api&#x2f;**</code>, not <code>**&#x2f;*.md</code></dd>"),
         "{html}"

@@ -443,3 +443,103 @@ async fn path_filters_choose_pushes_by_the_files_they_changed() {
     );
     assert_eq!(upstream.received().len(), 6, "nothing more was sent");
 }
+
+/// `[skip ci]` in the head commit's message skips a branch push, as GitLab and GitHub
+/// Actions skip their own pipelines, unless a rule says `skip_ci = false`; tags build.
+#[tokio::test]
+async fn a_push_whose_head_commit_says_skip_ci_runs_only_rules_that_ignore_it() {
+    let upstream = RecordingUpstream::start().await;
+    let config = format!(
+        r#"
+[upstream.gitlab]
+url = "{}"
+
+[source.github]
+provider = "github"
+secret = "file:{{dir}}/secret"
+
+[[rule]]
+name = "build"
+source = "github"
+[rule.trigger]
+project = "acme/build"
+token = "file:{{dir}}/token"
+
+[[rule]]
+name = "mirror"
+source = "github"
+skip_ci = false
+[rule.trigger]
+project = "acme/mirror"
+token = "file:{{dir}}/token"
+"#,
+        upstream.url()
+    );
+    let relay = Relay::start_with(
+        &config,
+        &[("secret", SECRET), ("token", "glptt-skip-0123456789")],
+    )
+    .await;
+    // GitHub's own push, its one (head) commit's message marked.
+    let marked = |file: &str, message: &str| {
+        let mut push: serde_json::Value = serde_json::from_slice(&fixture(file)).unwrap();
+        for commit in push["commits"].as_array_mut().unwrap() {
+            commit["message"] = json!(message);
+        }
+        push["head_commit"]["message"] = json!(message);
+        serde_json::to_vec(&push).unwrap()
+    };
+    let url = relay.url("/hooks/github");
+    let body = marked("github/push_branch.json", "docs: typo\n\n[CI SKIP]");
+    let reply = signed_github_body(&url, SECRET, "push", "skip-1", body).await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let triggers = reply.json()["triggers"].clone();
+    assert_eq!(triggers.as_array().unwrap().len(), 1, "{triggers}");
+    assert_eq!(triggers[0]["rule"], "mirror");
+
+    // Nothing else wanted it: 200, and the rule says why.
+    let quiet = r#"
+[upstream.gitlab]
+url = "http://127.0.0.1:9"
+[source.github]
+provider = "github"
+secret = "file:{dir}/secret"
+[[rule]]
+name = "build"
+source = "github"
+[rule.trigger]
+project = "acme/build"
+token = "file:{dir}/token"
+"#;
+    let only_build = Relay::start_with(
+        quiet,
+        &[("secret", SECRET), ("token", "glptt-skip-0123456789")],
+    )
+    .await;
+    let body = marked("github/push_branch.json", "chore: bump [skip ci]");
+    let reply = signed_github_body(
+        &only_build.url("/hooks/github"),
+        SECRET,
+        "push",
+        "skip-2",
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["events"][0]["rules"][0]["reason"],
+        "skip_ci: the head commit's message says \"[skip ci]\" (`skip_ci = false` runs the rule anyway)"
+    );
+
+    // A release tag on a commit that skipped its branch build still builds.
+    let mut tag: serde_json::Value =
+        serde_json::from_slice(&fixture("github/push_tag.json")).unwrap();
+    let release = "chore(release): 1.2.0 [skip ci]";
+    tag["commits"] = json!([{"id": tag["after"], "message": release, "added": [], "modified": ["CHANGELOG.md"], "removed": []}]);
+    tag["head_commit"]["message"] = json!(release);
+    let body = serde_json::to_vec(&tag).unwrap();
+    let reply = signed_github_body(&url, SECRET, "push", "skip-3", body).await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(reply.json()["triggers"].as_array().unwrap().len(), 2);
+    received(&upstream, 3).await;
+}

@@ -506,6 +506,7 @@ pub fn configuration(app: &App) -> Value {
                 "refs_exclude": shown_patterns(&spec.refs_exclude),
                 "paths": shown_patterns(&spec.paths),
                 "paths_exclude": shown_patterns(&spec.paths_exclude),
+                "skip_ci": spec.skip_ci,
                 "when": spec.when.as_ref().map(|(expression, _)| expression),
                 "schedule": spec.schedule.as_ref().map(|schedule| json!({
                     "cron": schedule.text,

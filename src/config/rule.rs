@@ -26,6 +26,7 @@ pub(super) struct RawRule {
     refs_exclude: Option<Spanned<OneOrMany>>,
     paths: Option<Spanned<OneOrMany>>,
     paths_exclude: Option<Spanned<OneOrMany>>,
+    skip_ci: Option<Spanned<bool>>,
     when: Option<Spanned<String>>,
     schedule: Option<Spanned<String>>,
     timezone: Option<Spanned<String>>,
@@ -181,7 +182,7 @@ pub(super) fn compile_rule(
             }
         };
     warn_about_patterns(&name, &raw, problems);
-    check_path_filters(&name, &raw, problems);
+    check_push_settings(&name, &raw, problems);
     let repository = patterns(raw.repository, "repository", problems);
     let refs = patterns(raw.refs, "refs", problems);
     let refs_exclude = patterns(raw.refs_exclude, "refs_exclude", problems);
@@ -258,6 +259,7 @@ pub(super) fn compile_rule(
             refs_exclude,
             paths,
             paths_exclude,
+            skip_ci: raw.skip_ci.as_ref().is_none_or(|skip| *skip.get_ref()),
             when,
             schedule,
             coalesce,
@@ -547,13 +549,28 @@ fn warn_about_patterns(name: &str, raw: &RawRule, problems: &mut FileProblems<'_
     }
 }
 
-/// `paths` and `paths_exclude` where they cannot work: on a scheduled rule (an error: it
-/// has no push), on a rule that reacts to no branch push (a warning: tags and deletions
-/// change no files, so they run whatever the filters say), and patterns no file's path
-/// matches (a leading `/`, a trailing `/` for a folder).
-fn check_path_filters(name: &str, raw: &RawRule, problems: &mut FileProblems<'_>) {
+/// `paths`, `paths_exclude` and `skip_ci` where they cannot work: on a scheduled rule (an
+/// error: it has no push), on a rule that reacts to no branch push (a warning: tags and
+/// deletions run whatever the settings say), and patterns no file's path matches (a
+/// leading `/`, a trailing `/` for a folder).
+fn check_push_settings(name: &str, raw: &RawRule, problems: &mut FileProblems<'_>) {
     let events = raw.events.as_ref().map(|e| e.get_ref().as_slice());
     let reacts_to_push = events.is_none_or(|e| e.is_empty() || e.iter().any(|e| e == "push"));
+    if let Some(skip_ci) = &raw.skip_ci {
+        if raw.schedule.is_some() {
+            problems.at(
+                Some(skip_ci.span()),
+                format!("rule {name:?}: `skip_ci` reads a push's commit message, and a scheduled rule has none; leave it out"),
+            );
+        } else if !reacts_to_push {
+            problems.warn(
+                skip_ci.span(),
+                format!(
+                    "rule {name:?}: `skip_ci` applies to branch pushes only, and the rule reacts to none (tags and deletions run whatever their commit says)"
+                ),
+            );
+        }
+    }
     for (field, key) in [(&raw.paths, "paths"), (&raw.paths_exclude, "paths_exclude")] {
         let Some(field) = field else { continue };
         if raw.schedule.is_some() {

@@ -763,6 +763,67 @@ token = "env:T"
 }
 
 #[test]
+fn skip_ci_is_on_unless_a_rule_turns_it_off_and_only_for_pushes() {
+    let rules = r#"[[rule]]
+name = "builds"
+source = "github"
+[rule.trigger]
+project = "acme/app"
+token = "env:T"
+
+[[rule]]
+name = "mirror"
+source = "github"
+skip_ci = false
+[rule.trigger]
+project = "acme/mirror"
+token = "env:T"
+
+[[rule]]
+name = "releases"
+source = "github"
+events = ["tag"]
+skip_ci = false
+[rule.trigger]
+project = "acme/app"
+token = "env:T"
+"#;
+    let config = load_text(&[("a.toml", GITHUB_AND_GITLAB), ("b.toml", rules)], SECRETS).unwrap();
+    let skip: Vec<bool> = config
+        .rules
+        .rules()
+        .iter()
+        .map(|r| r.spec.skip_ci)
+        .collect();
+    assert_eq!(skip, [true, false, false]);
+    assert_eq!(
+        warnings(&config),
+        [
+            "b.toml:20: rule \"releases\": `skip_ci` applies to branch pushes only, and the rule reacts to none (tags and deletions run whatever their commit says)"
+        ]
+    );
+    let scheduled = "[[rule]]\nname = \"nightly\"\nschedule = \"0 3 * * *\"\nskip_ci = true\n\
+                     [rule.trigger]\nproject = \"a/b\"\nref = \"main\"\ntoken = \"env:T\"\n";
+    assert_eq!(
+        messages(load_text(
+            &[("a.toml", GITHUB_AND_GITLAB), ("b.toml", scheduled)],
+            SECRETS
+        )),
+        [
+            "b.toml:4: rule \"nightly\": `skip_ci` reads a push's commit message, and a scheduled rule has none; leave it out"
+        ]
+    );
+    let wrong = "[[rule]]\nname = \"r\"\nsource = \"github\"\nskip_ci = \"no\"\n\
+                 [rule.trigger]\nproject = \"a/b\"\ntoken = \"env:T\"\n";
+    let found = messages(load_text(
+        &[("a.toml", GITHUB_AND_GITLAB), ("b.toml", wrong)],
+        SECRETS,
+    ));
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(found[0].starts_with("b.toml:4"), "{found:#?}");
+}
+
+#[test]
 fn a_schedule_no_date_matches_is_warned_about() {
     let rule = |schedule: &str| {
         format!(

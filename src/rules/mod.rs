@@ -148,6 +148,8 @@ pub struct RuleSpec {
     /// Globs on the files a push changed (see [`paths`]).
     pub paths: Option<Patterns>,
     pub paths_exclude: Option<Patterns>,
+    /// Whether a branch push whose head commit says `[skip ci]` is skipped (the default).
+    pub skip_ci: bool,
     /// The expression and its line.
     pub when: Option<(String, usize)>,
     pub schedule: Option<Schedule>,
@@ -411,6 +413,13 @@ impl RuleSet {
             scope.changed_files(),
         ) {
             return Some(reason);
+        }
+        if spec.skip_ci
+            && let Some(marker) = event.skip_ci_marker()
+        {
+            return Some(format!(
+                "skip_ci: the head commit's message says {marker:?} (`skip_ci = false` runs the rule anyway)"
+            ));
         }
         if let Some(when) = &rule.when {
             return match self.render(when, scope) {
@@ -822,6 +831,7 @@ mod tests {
             refs_exclude: None,
             paths: None,
             paths_exclude: None,
+            skip_ci: true,
             when: None,
             schedule: None,
             coalesce: None,
