@@ -219,6 +219,11 @@ pub struct Event {
     pub payload: Arc<Payload>,
 }
 
+/// The most changed files a push's rules compare: sorting and matching them runs on the
+/// webhook's own request, so a signed payload of millions of paths is let through (as
+/// any push whose files are not known) instead of holding up the connections beside it.
+const MOST_CHANGED_FILES: usize = 100_000;
+
 impl Event {
     /// The files this change touched, when the webhook tells them all: a branch push whose
     /// sender listed every commit, and every commit's files. Tags and deletions have none
@@ -252,6 +257,17 @@ impl Event {
             return unknown(format!(
                 "{} lists at most {most} commits of a push, and it lists {listed}",
                 self.provider
+            ));
+        }
+        let listed_files: usize = self
+            .commits
+            .iter()
+            .filter_map(|commit| commit.files.as_ref())
+            .map(CommitFiles::len)
+            .sum();
+        if listed_files > MOST_CHANGED_FILES {
+            return unknown(format!(
+                "the webhook lists {listed_files} changed files, more than the {MOST_CHANGED_FILES} hookrelay compares"
             ));
         }
         let mut files = BTreeSet::new();
@@ -673,6 +689,15 @@ mod tests {
         assert_eq!(
             why(push_of(vec![touched("big", &files, &[], &[])], None)),
             "github lists at most 3000 files of a commit, and it lists 3000 for big"
+        );
+        // More files than are worth comparing on the request's thread.
+        let half: Vec<String> = (0..50_001).map(|i| format!("f{i}")).collect();
+        let half: Vec<&str> = half.iter().map(String::as_str).collect();
+        let mut two = vec![touched("1", &half, &[], &[]), touched("2", &[], &half, &[])];
+        two[0].files.as_mut().unwrap().added.truncate(50_000);
+        assert_eq!(
+            why(push_of(two, None)),
+            "the webhook lists 100001 changed files, more than the 100000 hookrelay compares"
         );
         // Gogs lists 5 at most ([ui] FEED_MAX_COMMIT_NUM) and says no count either.
         let gogs = EventContext {
