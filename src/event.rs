@@ -214,6 +214,10 @@ pub struct Event {
     /// The true number of commits, which may exceed `commits.len()` (senders truncate).
     pub commit_count: u64,
     pub commits: Vec<Commit>,
+    /// The paths the change touched as the sender lists them for the whole change (a
+    /// generic sender's `paths.changed_files`); per commit otherwise ([`Commit::files`]).
+    #[serde(skip)]
+    pub files: Option<Vec<String>>,
     pub delivery: String,
     /// The sender's JSON, for expressions that need more (shared by a webhook's events).
     pub payload: Arc<Payload>,
@@ -238,6 +242,20 @@ impl Event {
             EventKind::Tag => return unknown("a tag push changes no files".into()),
             EventKind::Delete => return unknown("a deletion changes no files".into()),
             EventKind::Ping => return unknown("a ping changes no files".into()),
+        }
+        if let Some(files) = &self.files {
+            return match files.len() {
+                0 => unknown("the webhook lists no changed files".into()),
+                n if n > MOST_CHANGED_FILES => unknown(format!(
+                    "the webhook lists {n} changed files, more than the {MOST_CHANGED_FILES} hookrelay compares"
+                )),
+                _ => ChangedFiles::Listed(files.iter().map(String::as_str).collect()),
+            };
+        }
+        if self.provider == Provider::Generic {
+            return unknown(
+                "a generic sender's changed files are read from its source's `paths.changed_files`, and this webhook has no list there".into(),
+            );
         }
         let listed = self.commits.len();
         if listed == 0 {
@@ -421,6 +439,9 @@ pub struct RefChange {
     pub commits: Vec<Commit>,
     /// The sender's true count when it truncates `commits`; else `commits.len()`.
     pub commit_count: Option<u64>,
+    /// Every path the change touched, where the sender lists them for the change as a
+    /// whole rather than per commit (a generic sender's `paths.changed_files`).
+    pub files: Option<Vec<String>>,
 }
 
 impl EventContext {
@@ -467,6 +488,7 @@ impl EventContext {
             pusher: self.pusher.clone(),
             commit_count,
             commits: change.commits,
+            files: change.files,
             delivery: self.delivery.clone(),
             payload: self.payload.clone(),
         })
@@ -490,6 +512,7 @@ impl EventContext {
             pusher: self.pusher.clone(),
             commit_count: 0,
             commits: Vec::new(),
+            files: None,
             delivery: self.delivery.clone(),
             payload: self.payload.clone(),
         }

@@ -84,6 +84,7 @@ struct RawPaths {
     delivery: Option<String>,
     pusher: Option<String>,
     repository_url: Option<String>,
+    changed_files: Option<String>,
 }
 
 /// Compiles one source; `resolve_secrets` is false for `explain`, which checks no signature.
@@ -911,6 +912,7 @@ fn compile_generic(
             ("delivery", &raw.delivery),
             ("pusher", &raw.pusher),
             ("repository_url", &raw.repository_url),
+            ("changed_files", &raw.changed_files),
         ];
         for (key, path) in written {
             let Some(path) = path else { continue };
@@ -944,6 +946,7 @@ fn compile_generic(
         compiled.delivery = raw.delivery;
         compiled.pusher = raw.pusher;
         compiled.repository_url = raw.repository_url;
+        compiled.changed_files = raw.changed_files;
     }
     GenericConfig {
         scheme,

@@ -182,5 +182,6 @@ fn ref_change(change: Change) -> Result<RefChange, String> {
         commits,
         commit_count: None,
         commit: None,
+        files: None,
     })
 }

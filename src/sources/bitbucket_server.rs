@@ -178,6 +178,7 @@ pub fn receive(
                 commits: if single { commits.clone() } else { Vec::new() },
                 commit_count: None,
                 commit: None,
+                files: None,
             })
         })
         .collect();

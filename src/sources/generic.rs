@@ -37,6 +37,15 @@ fn lookup_text(value: &Value, path: &str) -> Option<String> {
     }
 }
 
+/// The list of strings at a dotted path; `None` when it is missing or holds anything else.
+fn string_list(value: &Value, path: &str) -> Option<Vec<String>> {
+    lookup(value, path)?
+        .as_array()?
+        .iter()
+        .map(|item| item.as_str().map(str::to_owned))
+        .collect()
+}
+
 pub fn receive(
     source: &SourceConfig,
     request: &WebhookRequest<'_>,
@@ -96,6 +105,10 @@ pub fn receive(
             full_ref: full,
             before: optional(&paths.before).unwrap_or_else(|| ZERO_ID.into()),
             after: optional(&paths.after).unwrap_or_default(),
+            files: paths
+                .changed_files
+                .as_deref()
+                .and_then(|path| string_list(payload.tree(), path)),
             ..RefChange::default()
         },
     )?;
@@ -164,6 +177,7 @@ fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::ChangedFiles;
 
     #[test]
     fn dotted_paths() {
@@ -172,5 +186,54 @@ mod tests {
         assert_eq!(lookup_text(&value, "a.b.1.c").as_deref(), Some("5"));
         assert_eq!(lookup_text(&value, "a.b.2.c"), None);
         assert_eq!(lookup_text(&value, "a.x"), None);
+    }
+
+    /// `paths.changed_files`: a sender that lists the change's files for the change as a
+    /// whole gives rules' `paths` what a forge's commits give them.
+    #[test]
+    fn a_generic_sender_may_list_the_changed_files() {
+        let mut source = crate::sources::fuzz::source(crate::event::Provider::Generic);
+        source.generic.paths.changed_files = Some("change.files".into());
+        let events = |body: &str| {
+            let headers = http::HeaderMap::new();
+            let body = bytes::Bytes::copy_from_slice(body.as_bytes());
+            let request = WebhookRequest {
+                headers: &headers,
+                body: &body,
+            };
+            match receive(&source, &request, Verification::Skip)
+                .unwrap()
+                .outcome
+            {
+                super::super::Outcome::Events(events) => events,
+                other => panic!("{other:?}"),
+            }
+        };
+        let push = |files: &str| {
+            format!(
+                r#"{{"repository": {{"full_name": "acme/mono"}}, "ref": "main", "before": "{}", "after": "{}", "change": {{"files": {files}}}}}"#,
+                "1".repeat(40),
+                "2".repeat(40)
+            )
+        };
+        let listed = events(&push(r#"["b/x.rs", "a/y.rs", "b/x.rs"]"#));
+        assert_eq!(
+            listed[0].changed_files(),
+            ChangedFiles::Listed(["a/y.rs", "b/x.rs"].into_iter().collect())
+        );
+        // Not a list of strings, or none: not known, so filters let the push through.
+        for files in [r#""a/y.rs""#, r#"["a", 1]"#, "null"] {
+            assert!(
+                matches!(
+                    events(&push(files))[0].changed_files(),
+                    ChangedFiles::Unknown(_)
+                ),
+                "{files}"
+            );
+        }
+        assert_eq!(
+            events(&push("[]"))[0].changed_files(),
+            ChangedFiles::Unknown("the webhook lists no changed files".into())
+        );
     }
 }

@@ -113,6 +113,7 @@ pub fn receive(
                     commits,
                     commit_count: push.total_commits,
                     commit: push.head_commit.map(|c| c.id),
+                    files: None,
                 },
             )?
         }

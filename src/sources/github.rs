@@ -97,6 +97,7 @@ pub fn receive(
                     commits,
                     commit_count: None,
                     commit: push.head_commit.map(|c| c.id),
+                    files: None,
                 },
             )?
         }

@@ -132,6 +132,7 @@ pub fn receive(
             commit_count: push.total_commits_count,
             // For a tag, GitLab's `checkout_sha` is the commit the tag points to.
             commit: push.checkout_sha.clone().flatten(),
+            files: None,
         },
     )?;
     Ok(received(outcome))

@@ -71,6 +71,7 @@ pub fn receive(
                 commits,
                 commit_count: None,
                 commit: None,
+                files: None,
             },
         )?
     } else {

@@ -134,6 +134,8 @@ pub struct GenericPaths {
     pub delivery: Option<String>,
     pub pusher: Option<String>,
     pub repository_url: Option<String>,
+    /// A list of the paths the change touched, for rules' `paths`.
+    pub changed_files: Option<String>,
 }
 
 impl Default for GenericPaths {
@@ -146,6 +148,7 @@ impl Default for GenericPaths {
             delivery: None,
             pusher: None,
             repository_url: None,
+            changed_files: None,
         }
     }
 }
