@@ -236,35 +236,35 @@ impl Event {
     /// no files (an empty commit, pushed to start a pipeline) is not known to have changed
     /// nothing.
     pub fn changed_files(&self) -> ChangedFiles<'_> {
-        let unknown = |why: String| ChangedFiles::Unknown(why);
+        use ChangedFiles::Unknown;
         match self.kind {
             EventKind::Push => {}
-            EventKind::Tag => return unknown("a tag push changes no files".into()),
-            EventKind::Delete => return unknown("a deletion changes no files".into()),
-            EventKind::Ping => return unknown("a ping changes no files".into()),
+            EventKind::Tag => return Unknown("a tag push changes no files".into()),
+            EventKind::Delete => return Unknown("a deletion changes no files".into()),
+            EventKind::Ping => return Unknown("a ping changes no files".into()),
         }
         if let Some(files) = &self.files {
             return match files.len() {
-                0 => unknown("the webhook lists no changed files".into()),
-                n if n > MOST_CHANGED_FILES => unknown(format!(
+                0 => Unknown("the webhook lists no changed files".into()),
+                n if n > MOST_CHANGED_FILES => Unknown(format!(
                     "the webhook lists {n} changed files, more than the {MOST_CHANGED_FILES} hookrelay compares"
                 )),
                 _ => ChangedFiles::Listed(files.iter().map(String::as_str).collect()),
             };
         }
         if self.provider == Provider::Generic {
-            return unknown(
+            return Unknown(
                 "a generic sender's changed files are read from its source's `paths.changed_files`, and this webhook has no list there".into(),
             );
         }
         let listed = self.commits.len();
         if listed == 0 {
-            return unknown(
+            return Unknown(
                 "the webhook lists no commits (a new branch without new commits, or a branch moved back)".into(),
             );
         }
         if self.commit_count > listed as u64 {
-            return unknown(format!(
+            return Unknown(format!(
                 "the webhook lists {listed} of the push's {} commits",
                 self.commit_count
             ));
@@ -272,7 +272,7 @@ impl Event {
         if let Some(most) = self.provider.commits_listed_at_most()
             && listed >= most
         {
-            return unknown(format!(
+            return Unknown(format!(
                 "{} lists at most {most} commits of a push, and it lists {listed}",
                 self.provider
             ));
@@ -284,19 +284,19 @@ impl Event {
             .map(CommitFiles::len)
             .sum();
         if listed_files > MOST_CHANGED_FILES {
-            return unknown(format!(
+            return Unknown(format!(
                 "the webhook lists {listed_files} changed files, more than the {MOST_CHANGED_FILES} hookrelay compares"
             ));
         }
         let mut files = BTreeSet::new();
         for commit in &self.commits {
             let Some(touched) = &commit.files else {
-                return unknown(format!("{} lists no files for a commit", self.provider));
+                return Unknown(format!("{} lists no files for a commit", self.provider));
             };
             if let Some(most) = self.provider.files_listed_at_most()
                 && touched.len() >= most
             {
-                return unknown(format!(
+                return Unknown(format!(
                     "{} lists at most {most} files of a commit, and it lists {} for {}",
                     self.provider,
                     touched.len(),
@@ -306,7 +306,7 @@ impl Event {
             files.extend(touched.iter());
         }
         if files.is_empty() {
-            return unknown(
+            return Unknown(
                 "the webhook's commits list no files (an empty commit, or a merge)".into(),
             );
         }
