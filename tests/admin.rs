@@ -673,6 +673,31 @@ async fn the_dashboard_replans_a_window_of_webhooks_that_matched_no_rule() {
             || page.contains("href=\"/replan?kind=webhook&amp;state=none&amp;since=1h\""),
         "{page}"
     );
+    // A branch push's page lists the files it changed, which rules' `paths` read; its API too.
+    let branch = send("GET", &url("/deliveries/d-branch"), &[], "")
+        .await
+        .text();
+    assert!(
+        branch.contains(
+            "<summary>Changed files (1)</summary><ul><li><code>README.md</code></li></ul>"
+        ),
+        "{branch}"
+    );
+    let api = send("GET", &url("/api/deliveries/d-branch"), &[], "")
+        .await
+        .json();
+    assert_eq!(
+        api["events"][0]["changed_files"],
+        serde_json::json!(["README.md"])
+    );
+    let tag = send("GET", &url("/api/deliveries/d-tag"), &[], "")
+        .await
+        .json();
+    assert_eq!(
+        tag["events"][0]["changed_files"],
+        Value::Null,
+        "tags have none"
+    );
     let plain = send("GET", &url("/deliveries?state=sent&since=1h"), &[], "")
         .await
         .text();
@@ -1086,6 +1111,25 @@ async fn behind_a_trusted_proxy_an_action_names_the_client() {
     )
     .await;
     upstream.wait_for_calls(1).await;
+    // The upstream has the call; a replay is taken once the relay has recorded its answer
+    // (until then the trigger is still `sending`, and a replay is refused 409).
+    let mut state = Value::Null;
+    for _ in 0..200 {
+        let shown = send(
+            "GET",
+            &format!("http://{dashboard}/api/deliveries/d-proxied"),
+            &[],
+            "",
+        )
+        .await
+        .json();
+        state = shown["delivery"]["work"][0]["state"].clone();
+        if state == "sent" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, "sent");
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     let replayed = post(
         &format!("http://{dashboard}/api/deliveries/d-proxied/replay"),

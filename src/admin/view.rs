@@ -355,11 +355,22 @@ pub fn detail(app: &App, webhook: &Webhook) -> Result<Value, DetailError> {
                             json!({ "rule": rule.name(), "matched": why.is_none(), "reason": why })
                         })
                         .collect();
-                    let shown = crate::hooks::EventSummary {
+                    let mut shown = json!(crate::hooks::EventSummary {
                         rules,
                         ..crate::hooks::summary(event)
-                    };
-                    events.push(json!(shown));
+                    });
+                    // What rules' `paths` read: a branch push's changed files, or why not known.
+                    if event.kind == crate::event::EventKind::Push {
+                        match event.changed_files() {
+                            crate::event::ChangedFiles::Listed(files) => {
+                                shown["changed_files"] = json!(files);
+                            }
+                            crate::event::ChangedFiles::Unknown(why) => {
+                                shown["changed_files_unknown"] = json!(why);
+                            }
+                        }
+                    }
+                    events.push(shown);
                 }
             }
         }
