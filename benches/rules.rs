@@ -1,13 +1,15 @@
 //! Matching cost as rules grow: 10, 1,000 and 10,000 rules, of which one matches.
 //! The others are rules for other sources, or for the same source but other repositories,
-//! the two ways a large installation grows. Run: `cargo bench --bench rules`.
+//! the two ways a large installation grows. And what path filters cost: a monorepo's 50
+//! services, each a rule with `paths`, against pushes of 10 to 100,000 changed files, beside
+//! the same rules without `paths`. Run: `cargo bench --bench rules`.
 
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use hookrelay::event::{EventContext, EventKind, Provider, RefChange};
+use hookrelay::event::{Commit, CommitFiles, EventContext, EventKind, Provider, RefChange};
 use hookrelay::rules::{Patterns, RuleSet, RuleSpec, TriggerSpec};
 use hookrelay::secret::{Secret, SecretRef};
 
@@ -91,5 +93,73 @@ fn bench_rules(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_rules);
+/// A monorepo's service rule: `services/svc-N/**` and the shared `libs/**`, never a
+/// Markdown file; or the same rule without path filters.
+fn service_rule(index: usize, with_paths: bool) -> RuleSpec {
+    let patterns = |texts: &[String]| Some(Patterns::new(texts.to_vec()).unwrap());
+    RuleSpec {
+        paths: with_paths
+            .then(|| patterns(&[format!("services/svc-{index}/**"), "libs/**".into()]))
+            .flatten(),
+        paths_exclude: with_paths.then(|| patterns(&["**/*.md".into()])).flatten(),
+        ..rule(format!("svc-{index}"), "github", "acme/mono")
+    }
+}
+
+fn bench_paths(c: &mut Criterion) {
+    let context = EventContext {
+        provider: Provider::Github,
+        source: "github".into(),
+        delivery: "d".into(),
+        repository: "acme/mono".into(),
+        repository_url: String::new(),
+        repository_web_url: String::new(),
+        pusher: "me".into(),
+        payload: Arc::new(hookrelay::event::Payload::empty()),
+    };
+    // A push whose commits touch `files` paths under services 0–9 (so 10 rules match),
+    // in commits of at most 1,000 files each.
+    let push = |files: usize| {
+        let paths: Vec<String> = (0..files)
+            .map(|i| format!("services/svc-{}/src/module-{i}/file.rs", i % 10))
+            .collect();
+        let commits: Vec<Commit> = paths
+            .chunks(1000)
+            .enumerate()
+            .map(|(n, chunk)| Commit {
+                id: format!("{n:040x}"),
+                files: Some(Arc::new(CommitFiles {
+                    modified: chunk.to_vec(),
+                    ..CommitFiles::default()
+                })),
+                ..Commit::default()
+            })
+            .collect();
+        context
+            .event(RefChange {
+                full_ref: "refs/heads/main".into(),
+                before: "a".repeat(40),
+                after: "b".repeat(40),
+                commits,
+                ..RefChange::default()
+            })
+            .unwrap()
+    };
+    let mut group = c.benchmark_group("plan/monorepo_of_50_services");
+    for with_paths in [false, true] {
+        let set = RuleSet::build((0..50).map(|i| service_rule(i, with_paths)).collect()).unwrap();
+        for files in [10, 1_000, 10_000] {
+            let event = push(files);
+            let expected = if with_paths { 10 } else { 50 };
+            assert_eq!(set.plan(&event, None).len(), expected);
+            let name = if with_paths { "paths" } else { "no_paths" };
+            group.bench_with_input(BenchmarkId::new(name, files), &event, |b, event| {
+                b.iter(|| black_box(set.plan(black_box(event), None)))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_rules, bench_paths);
 criterion_main!(benches);

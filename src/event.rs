@@ -150,9 +150,10 @@ pub struct Commit {
     pub author: String,
     pub timestamp: String,
     /// The files it touched, where the sender lists them (GitHub, GitLab, Gitea/Forgejo,
-    /// Gogs); Bitbucket lists none. Templates see `added`, `modified` and `removed`.
+    /// Gogs); Bitbucket lists none. Templates see `added`, `modified` and `removed`. Shared,
+    /// since templates see a copy of the event and a push may list thousands.
     #[serde(flatten)]
-    pub files: Option<CommitFiles>,
+    pub files: Option<Arc<CommitFiles>>,
 }
 
 /// The paths, from the repository's root, that one commit added, modified and removed.
@@ -226,7 +227,7 @@ pub struct Event {
 /// The most changed files a push's rules compare: sorting and matching them runs on the
 /// webhook's own request, so a signed payload of millions of paths is let through (as
 /// any push whose files are not known) instead of holding up the connections beside it.
-const MOST_CHANGED_FILES: usize = 100_000;
+const MOST_CHANGED_FILES: usize = 10_000;
 
 impl Event {
     /// The files this change touched, when the webhook tells them all: a branch push whose
@@ -280,7 +281,7 @@ impl Event {
         let listed_files: usize = self
             .commits
             .iter()
-            .filter_map(|commit| commit.files.as_ref())
+            .filter_map(|commit| commit.files.as_deref())
             .map(CommitFiles::len)
             .sum();
         if listed_files > MOST_CHANGED_FILES {
@@ -625,11 +626,11 @@ mod tests {
         let paths = |list: &[&str]| list.iter().map(|p| p.to_string()).collect();
         Commit {
             id: id.into(),
-            files: Some(CommitFiles {
+            files: Some(Arc::new(CommitFiles {
                 added: paths(added),
                 modified: paths(modified),
                 removed: paths(removed),
-            }),
+            })),
             ..Commit::default()
         }
     }
@@ -714,13 +715,22 @@ mod tests {
             "github lists at most 3000 files of a commit, and it lists 3000 for big"
         );
         // More files than are worth comparing on the request's thread.
-        let half: Vec<String> = (0..50_001).map(|i| format!("f{i}")).collect();
-        let half: Vec<&str> = half.iter().map(String::as_str).collect();
-        let mut two = vec![touched("1", &half, &[], &[]), touched("2", &[], &half, &[])];
-        two[0].files.as_mut().unwrap().added.truncate(50_000);
+        let paths: Vec<String> = (0..2000).map(|i| format!("f{i}")).collect();
+        let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let mut many: Vec<Commit> = (0..5)
+            .map(|i| touched(&i.to_string(), &paths, &[], &[]))
+            .collect();
+        assert!(matches!(
+            context()
+                .event(push_of(many.clone(), None))
+                .unwrap()
+                .changed_files(),
+            ChangedFiles::Listed(_)
+        ));
+        many.push(touched("5", &["one-more"], &[], &[]));
         assert_eq!(
-            why(push_of(two, None)),
-            "the webhook lists 100001 changed files, more than the 100000 hookrelay compares"
+            why(push_of(many, None)),
+            "the webhook lists 10001 changed files, more than the 10000 hookrelay compares"
         );
         // Gogs lists 5 at most ([ui] FEED_MAX_COMMIT_NUM) and says no count either.
         let gogs = EventContext {

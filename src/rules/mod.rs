@@ -35,6 +35,8 @@ use template::{EventObject, TextField};
 pub struct Patterns {
     pub texts: Vec<String>,
     set: GlobSet,
+    /// Each glob alone, for matchers that gather several rules' (path filters).
+    globs: Vec<Glob>,
     ignore_case: bool,
 }
 
@@ -56,13 +58,17 @@ impl Patterns {
 
     fn build(texts: Vec<String>, ignore_case: bool) -> Result<Patterns, String> {
         let mut builder = GlobSetBuilder::new();
+        let mut globs = Vec::with_capacity(texts.len());
         for text in &texts {
-            builder.add(glob(text, ignore_case)?);
+            let glob = glob(text, ignore_case)?;
+            builder.add(glob.clone());
+            globs.push(glob);
         }
         let set = builder.build().map_err(|err| err.to_string())?;
         Ok(Patterns {
             texts,
             set,
+            globs,
             ignore_case,
         })
     }
@@ -184,6 +190,8 @@ struct CompiledTrigger {
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub spec: RuleSpec,
+    /// Its place in the rule set.
+    index: usize,
     when: Option<Compiled>,
     triggers: Vec<CompiledTrigger>,
 }
@@ -217,6 +225,7 @@ pub struct RuleSet {
     tokens: HashMap<String, Secret>,
     env: Arc<Environment<'static>>,
     index: HashMap<(String, EventKind), Candidates>,
+    path_filters: paths::PathFilters,
 }
 
 impl Default for RuleSet {
@@ -226,6 +235,7 @@ impl Default for RuleSet {
             tokens: HashMap::new(),
             env: Arc::new(template::environment()),
             index: HashMap::new(),
+            path_filters: paths::PathFilters::default(),
         }
     }
 }
@@ -274,6 +284,7 @@ impl RuleSet {
                 .collect();
             rules.push(Rule {
                 spec,
+                index: rules.len(),
                 when,
                 triggers,
             });
@@ -282,6 +293,7 @@ impl RuleSet {
             return Err(compiler.problems);
         }
         let index = candidates_index(&rules);
+        let path_filters = paths::PathFilters::of(rules.iter().map(|rule| &rule.spec));
         let tokens = rules
             .iter()
             .flat_map(|rule| &rule.triggers)
@@ -292,6 +304,7 @@ impl RuleSet {
             tokens,
             env: Arc::new(compiler.env),
             index,
+            path_filters,
         })
     }
 
@@ -407,12 +420,17 @@ impl RuleSet {
                 patterns.shown()
             ));
         }
-        if let Some(reason) = paths::why_not(
-            spec.paths.as_ref(),
-            spec.paths_exclude.as_ref(),
-            scope.changed_files(),
-        ) {
-            return Some(reason);
+        // The changed files are gathered, and matched against every rule's path filters,
+        // once per event and only when a rule has filters.
+        if (spec.paths.is_some() || spec.paths_exclude.is_some())
+            && let ChangedFiles::Listed(files) = scope.changed_files()
+            && !scope.passing_paths(&self.path_filters, files, self.rules.len())[rule.index]
+        {
+            return Some(paths::reason(
+                spec.paths.as_ref(),
+                spec.paths_exclude.as_ref(),
+                files,
+            ));
         }
         if spec.skip_ci
             && let Some(marker) = event.skip_ci_marker()
@@ -769,6 +787,8 @@ struct Scope<'a> {
     context: std::cell::OnceCell<Value>,
     /// The event's changed files, gathered once for every rule with path filters.
     changed_files: std::cell::OnceCell<ChangedFiles<'a>>,
+    /// Which rules those files pass, matched once for all of them.
+    passing_paths: std::cell::OnceCell<Vec<bool>>,
 }
 
 impl<'a> Scope<'a> {
@@ -777,6 +797,7 @@ impl<'a> Scope<'a> {
             event: Some(event),
             context: std::cell::OnceCell::new(),
             changed_files: std::cell::OnceCell::new(),
+            passing_paths: std::cell::OnceCell::new(),
         }
     }
 
@@ -787,6 +808,7 @@ impl<'a> Scope<'a> {
             event,
             context: std::cell::OnceCell::from(context),
             changed_files: std::cell::OnceCell::new(),
+            passing_paths: std::cell::OnceCell::new(),
         }
     }
 
@@ -796,6 +818,17 @@ impl<'a> Scope<'a> {
             Some(event) => event.changed_files(),
             None => ChangedFiles::Unknown("a scheduled rule has no event".into()),
         })
+    }
+
+    /// Which rules (by index) the event's changed `files` pass ([`paths::PathFilters`]).
+    fn passing_paths(
+        &self,
+        filters: &paths::PathFilters,
+        files: &std::collections::BTreeSet<&str>,
+        rule_count: usize,
+    ) -> &[bool] {
+        self.passing_paths
+            .get_or_init(|| filters.passing(files, rule_count))
     }
 
     /// The template engine's context: `{ event: … }`.
@@ -814,7 +847,7 @@ mod tests {
     use super::*;
     use crate::event::{EventContext, Provider, RefChange};
 
-    fn spec(
+    pub(super) fn spec(
         name: &str,
         repository: Option<&str>,
         refs: Option<&str>,

@@ -520,11 +520,13 @@ impl From<PushCommit> for crate::event::Commit {
             // A sender that lists any of the three lists the commit's files.
             files: match (commit.added, commit.modified, commit.removed) {
                 (None, None, None) => None,
-                (added, modified, removed) => Some(crate::event::CommitFiles {
-                    added: added.unwrap_or_default(),
-                    modified: modified.unwrap_or_default(),
-                    removed: removed.unwrap_or_default(),
-                }),
+                (added, modified, removed) => {
+                    Some(std::sync::Arc::new(crate::event::CommitFiles {
+                        added: added.unwrap_or_default(),
+                        modified: modified.unwrap_or_default(),
+                        removed: removed.unwrap_or_default(),
+                    }))
+                }
             },
         }
     }
