@@ -4,7 +4,7 @@
 //!
 //! A push passes a rule when at least one file it changed matches the rule's `paths` (any
 //! file, without them) and none of its `paths_exclude`. When the webhook does not tell
-//! every changed file ([`ChangedFiles::Unknown`]: a tag, a deletion, a truncated commit
+//! every changed file ([`crate::event::ChangedFiles::Unknown`]: a tag, a deletion, a truncated commit
 //! list), the filters do not apply and the rule runs: a build too many is cheaper than a
 //! release that never built.
 //!
