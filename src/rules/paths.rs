@@ -4,9 +4,9 @@
 //!
 //! A push passes a rule when at least one file it changed matches the rule's `paths` (any
 //! file, without them) and none of its `paths_exclude`. When the webhook does not tell
-//! every changed file ([`crate::event::ChangedFiles::Unknown`]: a tag, a deletion, a truncated commit
-//! list), the filters do not apply and the rule runs: a build too many is cheaper than a
-//! release that never built.
+//! every changed file ([`crate::event::ChangedFiles::Unknown`]: a tag, a deletion, a
+//! truncated commit list), the filters do not apply and the rule runs: a build too many
+//! is cheaper than a release that never built.
 //!
 //! Every rule's globs are one [`GlobSet`], so a push's files are matched once for all
 //! rules rather than once per rule: a monorepo's fifty services each with a rule cost
