@@ -188,6 +188,22 @@ pub enum ChangedFiles<'a> {
     Unknown(String),
 }
 
+impl ChangedFiles<'_> {
+    /// Beside an event's fields in JSON (`explain --json`, the dashboard's API):
+    /// `changed_files`, a list or `null` when not known, and then `changed_files_unknown`
+    /// saying why.
+    pub fn add_to(self, fields: &mut serde_json::Map<String, serde_json::Value>) {
+        let (files, unknown) = match self {
+            ChangedFiles::Listed(files) => (serde_json::json!(files), None),
+            ChangedFiles::Unknown(why) => (serde_json::Value::Null, Some(why)),
+        };
+        fields.insert("changed_files".into(), files);
+        if let Some(why) = unknown {
+            fields.insert("changed_files_unknown".into(), why.into());
+        }
+    }
+}
+
 /// One change to one ref, normalized.
 #[derive(Clone, Debug, Serialize)]
 pub struct Event {
@@ -229,6 +245,15 @@ pub struct Event {
 /// any push whose files are not known) instead of holding up the connections beside it.
 const MOST_CHANGED_FILES: usize = 10_000;
 
+/// `count` changed files as not known, when there are more than [`MOST_CHANGED_FILES`].
+fn more_than_compared(count: usize) -> Option<ChangedFiles<'static>> {
+    (count > MOST_CHANGED_FILES).then(|| {
+        ChangedFiles::Unknown(format!(
+            "the webhook lists {count} changed files, more than the {MOST_CHANGED_FILES} hookrelay compares"
+        ))
+    })
+}
+
 impl Event {
     /// The files this change touched, when the webhook tells them all: a branch push whose
     /// sender listed every commit, and every commit's files. Tags and deletions have none
@@ -245,13 +270,13 @@ impl Event {
             EventKind::Ping => return Unknown("a ping changes no files".into()),
         }
         if let Some(files) = &self.files {
-            return match files.len() {
-                0 => Unknown("the webhook lists no changed files".into()),
-                n if n > MOST_CHANGED_FILES => Unknown(format!(
-                    "the webhook lists {n} changed files, more than the {MOST_CHANGED_FILES} hookrelay compares"
-                )),
-                _ => ChangedFiles::Listed(files.iter().map(String::as_str).collect()),
-            };
+            if files.is_empty() {
+                return Unknown("the webhook lists no changed files".into());
+            }
+            if let Some(unknown) = more_than_compared(files.len()) {
+                return unknown;
+            }
+            return ChangedFiles::Listed(files.iter().map(String::as_str).collect());
         }
         if self.provider == Provider::Generic {
             return Unknown(
@@ -284,10 +309,8 @@ impl Event {
             .filter_map(|commit| commit.files.as_deref())
             .map(CommitFiles::len)
             .sum();
-        if listed_files > MOST_CHANGED_FILES {
-            return Unknown(format!(
-                "the webhook lists {listed_files} changed files, more than the {MOST_CHANGED_FILES} hookrelay compares"
-            ));
+        if let Some(unknown) = more_than_compared(listed_files) {
+            return unknown;
         }
         let mut files = BTreeSet::new();
         for commit in &self.commits {

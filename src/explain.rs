@@ -657,14 +657,7 @@ fn full_without_payload(event: &Event) -> serde_json::Value {
     let mut value = serde_json::to_value(event).expect("events serialize");
     if let Some(map) = value.as_object_mut() {
         map.remove("payload");
-        let (files, unknown) = match event.changed_files() {
-            crate::event::ChangedFiles::Listed(files) => (serde_json::json!(files), None),
-            crate::event::ChangedFiles::Unknown(why) => (serde_json::Value::Null, Some(why)),
-        };
-        map.insert("changed_files".into(), files);
-        if let Some(why) = unknown {
-            map.insert("changed_files_unknown".into(), why.into());
-        }
+        event.changed_files().add_to(map);
     }
     value
 }

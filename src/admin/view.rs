@@ -360,15 +360,10 @@ pub fn detail(app: &App, webhook: &Webhook) -> Result<Value, DetailError> {
                         ..crate::hooks::summary(event)
                     });
                     // What rules' `paths` read: a branch push's changed files, or why not known.
-                    if event.kind == crate::event::EventKind::Push {
-                        match event.changed_files() {
-                            crate::event::ChangedFiles::Listed(files) => {
-                                shown["changed_files"] = json!(files);
-                            }
-                            crate::event::ChangedFiles::Unknown(why) => {
-                                shown["changed_files_unknown"] = json!(why);
-                            }
-                        }
+                    if event.kind == crate::event::EventKind::Push
+                        && let Some(fields) = shown.as_object_mut()
+                    {
+                        event.changed_files().add_to(fields);
                     }
                     events.push(shown);
                 }

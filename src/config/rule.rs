@@ -556,39 +556,55 @@ fn warn_about_patterns(name: &str, raw: &RawRule, problems: &mut FileProblems<'_
 fn check_push_settings(name: &str, raw: &RawRule, problems: &mut FileProblems<'_>) {
     let events = raw.events.as_ref().map(|e| e.get_ref().as_slice());
     let reacts_to_push = events.is_none_or(|e| e.is_empty() || e.iter().any(|e| e == "push"));
-    if let Some(skip_ci) = &raw.skip_ci {
-        if raw.schedule.is_some() {
-            problems.at(
-                Some(skip_ci.span()),
-                format!("rule {name:?}: `skip_ci` reads a push's commit message, and a scheduled rule has none; leave it out"),
-            );
-        } else if !reacts_to_push {
-            problems.warn(
-                skip_ci.span(),
-                format!(
-                    "rule {name:?}: `skip_ci` applies to branch pushes only, and the rule reacts to none (tags and deletions run whatever their commit says)"
-                ),
-            );
-        }
+    fn globs(
+        field: &Option<Spanned<OneOrMany>>,
+    ) -> Option<(std::ops::Range<usize>, Option<&Vec<String>>)> {
+        field
+            .as_ref()
+            .map(|field| (field.span(), Some(&field.get_ref().0)))
     }
-    for (field, key) in [(&raw.paths, "paths"), (&raw.paths_exclude, "paths_exclude")] {
-        let Some(field) = field else { continue };
+    // Each setting: where it is written, its globs, what it reads, and what a tag or a
+    // deletion does with it.
+    let settings = [
+        (
+            raw.skip_ci.as_ref().map(|skip| (skip.span(), None)),
+            "skip_ci",
+            "reads a push's commit message",
+            "tags and deletions run whatever their commit says",
+        ),
+        (
+            globs(&raw.paths),
+            "paths",
+            "filters a push's changed files",
+            "tags and deletions change no files, so they run whatever `paths` says",
+        ),
+        (
+            globs(&raw.paths_exclude),
+            "paths_exclude",
+            "filters a push's changed files",
+            "tags and deletions change no files, so they run whatever `paths_exclude` says",
+        ),
+    ];
+    for (written, key, reads, otherwise) in settings {
+        let Some((span, texts)) = written else {
+            continue;
+        };
         if raw.schedule.is_some() {
             problems.at(
-                Some(field.span()),
-                format!("rule {name:?}: `{key}` filters a push's changed files, and a scheduled rule has none; leave it out"),
+                Some(span),
+                format!(
+                    "rule {name:?}: `{key}` {reads}, and a scheduled rule has none; leave it out"
+                ),
             );
             continue;
         }
         if !reacts_to_push {
             problems.warn(
-                field.span(),
-                format!(
-                    "rule {name:?}: `{key}` applies to branch pushes only, and the rule reacts to none (tags and deletions change no files, so they run whatever `{key}` says)"
-                ),
+                span.clone(),
+                format!("rule {name:?}: `{key}` applies to branch pushes only, and the rule reacts to none ({otherwise})"),
             );
         }
-        for text in &field.get_ref().0 {
+        for text in texts.into_iter().flatten() {
             let hint = if let Some(relative) = text.strip_prefix('/') {
                 format!(
                     "paths are matched from the repository's root without a leading `/`; write {relative:?}"
@@ -601,7 +617,7 @@ fn check_push_settings(name: &str, raw: &RawRule, problems: &mut FileProblems<'_
                 continue;
             };
             problems.warn(
-                field.span(),
+                span.clone(),
                 format!("rule {name:?}: {key}: {text:?} matches no file: {hint}"),
             );
         }

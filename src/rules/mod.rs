@@ -35,8 +35,6 @@ use template::{EventObject, TextField};
 pub struct Patterns {
     pub texts: Vec<String>,
     set: GlobSet,
-    /// Each glob alone, for matchers that gather several rules' (path filters).
-    globs: Vec<Glob>,
     ignore_case: bool,
 }
 
@@ -58,19 +56,23 @@ impl Patterns {
 
     fn build(texts: Vec<String>, ignore_case: bool) -> Result<Patterns, String> {
         let mut builder = GlobSetBuilder::new();
-        let mut globs = Vec::with_capacity(texts.len());
         for text in &texts {
-            let glob = glob(text, ignore_case)?;
-            builder.add(glob.clone());
-            globs.push(glob);
+            builder.add(glob(text, ignore_case)?);
         }
         let set = builder.build().map_err(|err| err.to_string())?;
         Ok(Patterns {
             texts,
             set,
-            globs,
             ignore_case,
         })
+    }
+
+    /// Each pattern compiled alone, for a matcher that gathers several rules' (path
+    /// filters).
+    fn globs(&self) -> impl Iterator<Item = Glob> + '_ {
+        self.texts
+            .iter()
+            .map(|text| glob(text, self.ignore_case).expect("the patterns compiled once already"))
     }
 
     pub fn is_match(&self, text: &str) -> bool {

@@ -43,8 +43,8 @@ impl PathFilters {
             }
             filtered.push((index, spec.paths.is_some()));
             for (patterns, excludes) in [(&spec.paths, false), (&spec.paths_exclude, true)] {
-                for glob in patterns.iter().flat_map(|p| &p.globs) {
-                    builder.add(glob.clone());
+                for glob in patterns.iter().flat_map(Patterns::globs) {
+                    builder.add(glob);
                     owners.push((index, excludes));
                 }
             }
