@@ -19,6 +19,7 @@ fn source(provider: Provider) -> SourceConfig {
         url_refs: None,
         allow_from: Vec::new(),
         status: None,
+        compare: None,
         pipelines_of: None,
         catch_up: None,
         name: provider.to_string(),

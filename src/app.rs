@@ -24,6 +24,8 @@ pub struct Runtime {
     pub limits: crate::limits::Limits,
     /// Clients of the forges that sources report statuses to, by source.
     pub status: crate::status::StatusClients,
+    /// Clients of the forges asked which files a push changed, by source.
+    pub compare: crate::compare::CompareClients,
 }
 
 impl Runtime {
@@ -42,11 +44,18 @@ impl Runtime {
             &config.upstreams,
             config.store.as_ref().map(|store| store.lease),
         )?;
+        let compare = crate::compare::CompareClients::new(
+            config
+                .sources
+                .iter()
+                .filter_map(|(name, source)| Some((name, source.compare.as_ref()?))),
+        )?;
         Ok(Runtime {
             config,
             upstreams,
             limits,
             status,
+            compare,
         })
     }
 }

@@ -235,9 +235,32 @@ pub struct Event {
     /// generic sender's `paths.changed_files`); per commit otherwise ([`Commit::files`]).
     #[serde(skip)]
     pub files: Option<Vec<String>>,
+    /// What the forge answered when asked which files the push changed (`compare = { … }`
+    /// on its source), because the webhook did not tell them all: `files` then holds them.
+    #[serde(skip)]
+    pub compared: Option<Compared>,
     pub delivery: String,
     /// The sender's JSON, for expressions that need more (shared by a webhook's events).
     pub payload: Arc<Payload>,
+}
+
+/// What came of asking the forge which files a push changed ([`crate::compare`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Compared {
+    /// Its answer is the event's `files`.
+    Listed,
+    /// It could not tell, and why.
+    Failed(String),
+}
+
+/// The forge's answer as a delivery's record keeps it (`"compared": {"files": […]}` or
+/// `{"failed": "…"}` beside each event), so that the dashboard and a replan read it again
+/// instead of asking.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComparedRecord {
+    Files(Vec<String>),
+    Failed(String),
 }
 
 /// The most changed files a push's rules compare: sorting and matching them runs on the
@@ -262,6 +285,35 @@ impl Event {
     /// no files (an empty commit, pushed to start a pipeline) is not known to have changed
     /// nothing.
     pub fn changed_files(&self) -> ChangedFiles<'_> {
+        match (self.told_files(), &self.compared) {
+            (ChangedFiles::Unknown(why), Some(Compared::Failed(reason))) => {
+                ChangedFiles::Unknown(format!("{why}, and asking the forge failed: {reason}"))
+            }
+            (files, _) => files,
+        }
+    }
+
+    /// The forge's answer to which files the push changed, or why it could not tell.
+    pub fn set_compared(&mut self, answer: ComparedRecord) {
+        match answer {
+            ComparedRecord::Files(files) => {
+                self.files = Some(files);
+                self.compared = Some(Compared::Listed);
+            }
+            ComparedRecord::Failed(reason) => self.compared = Some(Compared::Failed(reason)),
+        }
+    }
+
+    /// The forge's answer as the delivery's record keeps it, when it was asked.
+    pub fn compared_record(&self) -> Option<ComparedRecord> {
+        Some(match self.compared.as_ref()? {
+            Compared::Listed => ComparedRecord::Files(self.files.clone().unwrap_or_default()),
+            Compared::Failed(reason) => ComparedRecord::Failed(reason.clone()),
+        })
+    }
+
+    /// [`Event::changed_files`] as the webhook, or the forge asked about it, tells them.
+    fn told_files(&self) -> ChangedFiles<'_> {
         use ChangedFiles::Unknown;
         match self.kind {
             EventKind::Push => {}
@@ -271,7 +323,12 @@ impl Event {
         }
         if let Some(files) = &self.files {
             if files.is_empty() {
-                return Unknown("the webhook lists no changed files".into());
+                return Unknown(match self.compared {
+                    Some(Compared::Listed) => {
+                        "the forge's comparison lists no changed files (an empty commit, or a branch moved back)".into()
+                    }
+                    _ => "the webhook lists no changed files".into(),
+                });
             }
             if let Some(unknown) = more_than_compared(files.len()) {
                 return unknown;
@@ -513,6 +570,7 @@ impl EventContext {
             commit_count,
             commits: change.commits,
             files: change.files,
+            compared: None,
             delivery: self.delivery.clone(),
             payload: self.payload.clone(),
         })
@@ -537,6 +595,7 @@ impl EventContext {
             commit_count: 0,
             commits: Vec::new(),
             files: None,
+            compared: None,
             delivery: self.delivery.clone(),
             payload: self.payload.clone(),
         }

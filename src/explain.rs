@@ -97,6 +97,8 @@ struct Webhook {
     shown_as: String,
     /// A stored delivery's `?ref=`, used unless `--ref` is given.
     url_ref: Option<String>,
+    /// A stored delivery, whose forge's answers (`compare`) are read again.
+    stored: Option<crate::store::StoredWebhook>,
 }
 
 impl Webhook {
@@ -114,11 +116,12 @@ impl Webhook {
                 let stored =
                     stored_webhook(&location, id, request.source).map_err(|err| err.to_string())?;
                 Ok(Webhook {
-                    source: Some(stored.source),
-                    headers: stored.headers,
-                    body: stored.body,
+                    source: Some(stored.source.clone()),
+                    headers: stored.headers.clone(),
+                    body: stored.body.clone(),
                     shown_as: format!("delivery {}", stored.delivery_id),
-                    url_ref: stored.url_ref,
+                    url_ref: stored.url_ref.clone(),
+                    stored: Some(stored),
                 })
             }
             (None, Some(payload)) => {
@@ -130,6 +133,7 @@ impl Webhook {
                     body: Bytes::from(body),
                     shown_as: payload.display().to_string(),
                     url_ref: None,
+                    stored: None,
                 })
             }
             _ => Err("give either a payload file or --delivery ID".into()),
@@ -243,7 +247,7 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
             .allows_url_ref(git_ref)
             .map_err(|reason| format!("{named} (as ?ref= would be answered 400): {reason}"))?;
     }
-    let received = sources::receive(
+    let mut received = sources::receive(
         source,
         &WebhookRequest {
             headers: &headers,
@@ -252,6 +256,9 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
         Verification::Skip,
     )
     .map_err(|err| format!("{}: {err}", webhook.shown_as))?;
+    if let Some(stored) = &webhook.stored {
+        received.restore_compared(&stored.compared);
+    }
     let explained = Explained {
         config: &config,
         source,
@@ -363,7 +370,18 @@ impl Explained<'_> {
             Outcome::Events(events) => {
                 for (i, event) in events.iter().enumerate() {
                     let _ = writeln!(out);
-                    write_event(&mut out, i + 1, events.len(), event);
+                    // A push the relay would ask its forge about (`compare`): explain
+                    // does not ask (it is offline), and says so.
+                    let asks = self
+                        .source
+                        .compare
+                        .as_ref()
+                        .filter(|_| {
+                            crate::compare::worth_asking(event)
+                                && self.config.rules.reads_changed_files(event)
+                        })
+                        .map(|compare| compare.api_url.as_str());
+                    write_event(&mut out, (i + 1, events.len()), event, asks);
                     write_rules(&mut out, self.config, event, self.url_ref);
                 }
                 if stored {
@@ -666,7 +684,8 @@ fn short(sha: &str) -> &str {
     sha.get(..12).unwrap_or(sha)
 }
 
-fn write_event(out: &mut String, n: usize, of: usize, event: &Event) {
+/// `asks`: the forge API the relay would ask which files the push changed.
+fn write_event(out: &mut String, (n, of): (usize, usize), event: &Event, asks: Option<&str>) {
     let kind = match event.deleted_kind {
         Some(ref_type) => format!(
             "delete ({})",
@@ -714,12 +733,12 @@ fn write_event(out: &mut String, n: usize, of: usize, event: &Event) {
         let _ = writeln!(out, "    … and {} more", event.commits.len() - 10);
     }
     if event.kind == crate::event::EventKind::Push {
-        write_changed_files(out, event);
+        write_changed_files(out, event, asks);
     }
 }
 
 /// What rules' `paths` see: the files a branch push changed, or why they are not known.
-fn write_changed_files(out: &mut String, event: &Event) {
+fn write_changed_files(out: &mut String, event: &Event, asks: Option<&str>) {
     const SHOWN: usize = 10;
     match event.changed_files() {
         crate::event::ChangedFiles::Listed(files) => {
@@ -731,11 +750,19 @@ fn write_changed_files(out: &mut String, event: &Event) {
                 let _ = writeln!(out, "    … and {} more", files.len() - SHOWN);
             }
         }
-        crate::event::ChangedFiles::Unknown(why) => {
-            let _ = writeln!(
-                out,
-                "  changed files   not known: {why} (rules' paths let it through)"
-            );
-        }
+        crate::event::ChangedFiles::Unknown(why) => match asks {
+            Some(api) => {
+                let _ = writeln!(
+                    out,
+                    "  changed files   not known: {why}; the relay asks {api} (`compare`) and rules' paths read its answer (explain does not ask)"
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  changed files   not known: {why} (rules' paths let it through)"
+                );
+            }
+        },
     }
 }

@@ -44,26 +44,28 @@ pub async fn handle(
         headers: &parts.headers,
         body,
     };
-    let (received, url_ref) = verify(app, source, parts, &request)?;
+    let (mut received, url_ref) = verify(app, source, parts, &request)?;
     if let Outcome::Pipeline(event) = &received.outcome {
         check_source_limit(runtime, source, &received).await?;
         return pipeline_event(app, source, parts, &request, &received, event.clone()).await;
     }
     // A webhook a limit refuses is recorded as such (and the refusal answered).
-    let refused = |err: ApiError| {
+    let refused = |received: &Received, err: ApiError| {
         turn_away(
             app,
             source,
             parts,
             &request,
-            &received,
+            received,
             TurnedAway::Refused(&err),
         );
         err
     };
     check_source_limit(runtime, source, &received)
         .await
-        .map_err(refused)?;
+        .map_err(|err| refused(&received, err))?;
+    compare(app, runtime, source, &mut received).await;
+    let received = received;
     let (planned, unmatched) = plan(app, runtime, source, &received, url_ref.as_ref());
     let mut reply = reply(&source.name, &received);
     reply.url_ref = url_ref.as_ref().map(GitRef::as_str);
@@ -73,7 +75,7 @@ pub async fn handle(
     if !already_stored_past_limits(app, runtime, source, &received, &built.triggers).await {
         check_upstream_limits(runtime, &built.triggers)
             .await
-            .map_err(refused)?;
+            .map_err(|err| refused(&received, err))?;
     }
     let delivery = webhook_record(source, parts, &request, &received, &reply, built.triggers);
     let accepted = record(app, delivery, room).await?;
@@ -95,6 +97,55 @@ pub async fn handle(
         built.queued,
         accepted,
     ))
+}
+
+/// Asks the source's forge which files each branch push changed, where the webhook does
+/// not list them all and a rule's `paths` would read them ([`crate::compare`]); every push
+/// of the webhook within one `compare.timeout`.
+async fn compare(
+    app: &App,
+    runtime: &Runtime,
+    source: &sources::SourceConfig,
+    received: &mut Received,
+) {
+    let (Some(config), Some(client)) = (&source.compare, runtime.compare.forge(&source.name))
+    else {
+        return;
+    };
+    let Outcome::Events(events) = &mut received.outcome else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + config.timeout;
+    for event in events.iter_mut() {
+        if !crate::compare::worth_asking(event) || !runtime.config.rules.reads_changed_files(event)
+        {
+            continue;
+        }
+        let answer = crate::compare::changed_files(client, config, event, deadline).await;
+        match &answer {
+            crate::event::ComparedRecord::Files(files) => {
+                app.metrics.compare(&source.name, "listed");
+                tracing::info!(
+                    source = %source.name,
+                    delivery = %event.delivery,
+                    git_ref = %event.git_ref,
+                    files = files.len(),
+                    "asked the forge which files the push changed"
+                );
+            }
+            crate::event::ComparedRecord::Failed(reason) => {
+                app.metrics.compare(&source.name, "failed");
+                tracing::warn!(
+                    source = %source.name,
+                    delivery = %event.delivery,
+                    git_ref = %event.git_ref,
+                    %reason,
+                    "could not ask the forge which files the push changed; its rules' path filters let it through"
+                );
+            }
+        }
+        event.set_compared(answer);
+    }
 }
 
 /// Checks the signature and the URL's `?ref=`; reads the webhook into its events.
@@ -796,6 +847,9 @@ pub struct EventSummary<'a> {
     pub rules: Vec<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rules_not_shown: Option<usize>,
+    /// What the forge said when asked which files the push changed (`compare`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compared: Option<crate::event::ComparedRecord>,
 }
 
 pub fn summary(event: &Event) -> EventSummary<'_> {
@@ -811,6 +865,7 @@ pub fn summary(event: &Event) -> EventSummary<'_> {
         deleted_kind: event.deleted_kind,
         rules: Vec::new(),
         rules_not_shown: None,
+        compared: event.compared_record(),
     }
 }
 

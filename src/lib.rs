@@ -45,6 +45,7 @@ pub mod catch_up_passes;
 pub mod client_address;
 pub mod clipped;
 pub mod commands;
+pub mod compare;
 pub mod config;
 pub mod connections;
 pub mod delivery_rows;

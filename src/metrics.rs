@@ -65,6 +65,13 @@ pub struct CatchUpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompareLabels {
+    pub source: String,
+    /// `listed` (the forge told the files), `failed` (it could not: the push passed).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     /// `github`, `gitea`, `bitbucket-cloud`, `bitbucket-server`.
     pub forge: String,
@@ -174,6 +181,7 @@ pub struct Metrics {
     store_disk_reserve: Gauge,
     limit_refusals: Family<LimitLabels, Counter>,
     status_posts: Family<StatusLabels, Counter>,
+    compares: Family<CompareLabels, Counter>,
     catch_up: Family<CatchUpLabels, Counter>,
     pipeline_polls: Family<OutcomeLabels, Counter>,
     /// Whether the last reload took (1) or left the running configuration (0), and when
@@ -324,6 +332,12 @@ impl Metrics {
             "Commit statuses posted back to the forges, by forge and outcome: sent, retried, failed",
             status_posts.clone(),
         );
+        let compares = Family::<CompareLabels, Counter>::default();
+        registry.register(
+            "compares",
+            "Forges asked which files a push changed (a source's `compare`), by source and outcome: listed, failed (the push passed every path filter)",
+            compares.clone(),
+        );
         let pipeline_polls = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "pipeline_polls",
@@ -391,6 +405,7 @@ impl Metrics {
             config_loaded_at,
             limit_refusals,
             status_posts,
+            compares,
             catch_up,
             pipeline_polls,
             recent_answers: Recent::default(),
@@ -463,6 +478,16 @@ impl Metrics {
     }
 
     /// `count` webhooks of `source`'s hook that a catch-up pass found, and what became of them.
+    /// A source's forge was asked which files a push changed: `listed` or `failed`.
+    pub fn compare(&self, source: &str, outcome: &str) {
+        self.compares
+            .get_or_create(&CompareLabels {
+                source: source.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn catch_up(&self, source: &str, outcome: &str, count: u64) {
         self.catch_up
             .get_or_create(&CatchUpLabels {

@@ -181,7 +181,7 @@ fn plan(
         )
     })?;
     let headers = crate::explain::stored_request_headers(&stored.headers);
-    let received = sources::receive(
+    let mut received = sources::receive(
         source,
         &WebhookRequest {
             headers: &headers,
@@ -190,6 +190,7 @@ fn plan(
         Verification::Skip,
     )
     .map_err(|err| format!("delivery {}: {err}", stored.delivery_id))?;
+    received.restore_compared(&stored.compared);
     let events = match &received.outcome {
         Outcome::Events(events) => events,
         Outcome::Ping(_) => {

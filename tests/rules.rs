@@ -444,6 +444,142 @@ async fn path_filters_choose_pushes_by_the_files_they_changed() {
     assert_eq!(upstream.received().len(), 6, "nothing more was sent");
 }
 
+/// A push whose webhook does not list every changed file (GitLab lists 2 of this push's 4
+/// commits): with `compare` on the source, the relay asks the forge (a stand-in GitLab
+/// API here) and the path filters read its answer; when the forge fails or is slow, the
+/// push passes every filter as before, and the answer says why.
+#[tokio::test]
+async fn the_forge_is_asked_which_files_a_push_changed_when_its_webhook_does_not_say() {
+    let upstream = RecordingUpstream::start().await;
+    let forge = RecordingUpstream::start().await;
+    let config = format!(
+        r#"
+[upstream.gitlab]
+url = "{}"
+
+[source.gitlab]
+provider = "gitlab"
+secret = "file:{{dir}}/secret"
+compare = {{ token = "file:{{dir}}/forge-token", api_url = "{}", timeout = "700ms" }}
+
+[[rule]]
+name = "api"
+source = "gitlab"
+events = ["push"]
+paths = ["services/api/**"]
+[rule.trigger]
+project = "acme/api"
+token = "file:{{dir}}/token"
+
+[[rule]]
+name = "docs"
+source = "gitlab"
+events = ["push"]
+paths = ["**/*.md"]
+[rule.trigger]
+project = "acme/docs"
+token = "file:{{dir}}/token"
+
+[[rule]]
+name = "everything"
+source = "gitlab"
+events = ["push"]
+[rule.trigger]
+project = "acme/all"
+token = "file:{{dir}}/token"
+"#,
+        upstream.url(),
+        forge.url()
+    );
+    let relay = Relay::start_with(
+        &config,
+        &[
+            ("secret", SECRET),
+            ("token", "glptt-compare-0123456789"),
+            ("forge-token", "glpat-forge-read-0123456789"),
+        ],
+    )
+    .await;
+    let sorted = |reply: &Reply| {
+        let (mut queued, _) = queued_and_reasons(reply);
+        queued.sort();
+        queued
+    };
+
+    // The forge's comparison: one file under services/api, renamed.
+    forge.answer_next(Answer::new(
+        200,
+        r#"{"commit": {}, "commits": [], "compare_timeout": false, "compare_same_ref": false,
+            "diffs": [{"old_path": "services/api/old.go", "new_path": "services/api/new.go",
+                       "renamed_file": true, "diff": ""}]}"#,
+    ));
+    let reply = gitlab_push(&relay, "cmp-1", "gitlab/push.json").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(sorted(&reply), ["acme/all", "acme/api"], "{}", reply.text());
+    assert_eq!(
+        reply.json()["events"][0]["compared"],
+        json!({"files": ["services/api/new.go", "services/api/old.go"]})
+    );
+    let asked = forge.only();
+    assert_eq!(asked.method, "GET");
+    assert_eq!(
+        asked.path_and_query,
+        "/api/v4/projects/mike%2Fdiaspora/repository/compare?from=95790bf891e76fee5e1747ab589903a6a1f80f22&to=da1560886d4f094c3e6c9ef40349f7d38b5d27d7"
+    );
+    assert_eq!(
+        asked.header("authorization"),
+        Some("Bearer glpat-forge-read-0123456789")
+    );
+
+    // The forge refuses: every filter lets the push through, and the answer says why.
+    forge.answer_next(Answer::new(403, r#"{"message": "403 Forbidden"}"#));
+    let reply = gitlab_push(&relay, "cmp-2", "gitlab/push.json").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(sorted(&reply), ["acme/all", "acme/api", "acme/docs"]);
+    let failed = reply.json()["events"][0]["compared"]["failed"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        failed.contains("403") && failed.contains("Forbidden"),
+        "{failed}"
+    );
+    assert!(!failed.contains("glpat-forge"), "{failed}");
+
+    // The forge too slow: the webhook is answered within the timeout, filters let it by.
+    forge.answer_next(Answer::new(200, r#"{"diffs": []}"#).delayed(Duration::from_secs(3)));
+    let started = std::time::Instant::now();
+    let reply = gitlab_push(&relay, "cmp-3", "gitlab/push.json").await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(sorted(&reply), ["acme/all", "acme/api", "acme/docs"]);
+    let failed = reply.json()["events"][0]["compared"]["failed"].clone();
+    assert!(
+        failed.as_str().unwrap().contains("did not answer within"),
+        "{failed}"
+    );
+
+    // A new branch (nothing to compare it with), its one commit's files listed: not asked.
+    let reply = gitlab_push(&relay, "cmp-4", "gitlab/push_branch_create.json").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(sorted(&reply), ["acme/all", "acme/docs"]);
+    assert_eq!(forge.received().len(), 3, "the forge was asked three times");
+
+    // The record keeps the forge's answer: a replan reads it again instead of asking.
+    let stored = relay
+        .app
+        .outbox
+        .stored_from("gitlab", "cmp-1")
+        .expect("the first push is stored");
+    assert_eq!(
+        stored.compared,
+        [Some(hookrelay::event::ComparedRecord::Files(vec![
+            "services/api/new.go".into(),
+            "services/api/old.go".into()
+        ]))]
+    );
+}
+
 /// `[skip ci]` in the head commit's message skips a branch push, as GitLab and GitHub
 /// Actions skip their own pipelines, unless a rule says `skip_ci = false`; tags build.
 #[tokio::test]

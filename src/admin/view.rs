@@ -336,14 +336,20 @@ pub fn detail(app: &App, webhook: &Webhook) -> Result<Value, DetailError> {
         };
         if let Some(source) = runtime.config.sources.get(&stored.source) {
             let request_headers = crate::explain::stored_request_headers(&stored.headers);
-            if let Ok(received) = crate::sources::receive(
+            let received = crate::sources::receive(
                 source,
                 &WebhookRequest {
                     headers: &request_headers,
                     body: &stored.body,
                 },
                 Verification::Skip,
-            ) && let Outcome::Events(found) = &received.outcome
+            )
+            .map(|mut received| {
+                received.restore_compared(&stored.compared);
+                received
+            });
+            if let Ok(received) = &received
+                && let Outcome::Events(found) = &received.outcome
             {
                 for event in found {
                     let rules: Vec<Value> = runtime

@@ -170,9 +170,13 @@ fn called_addresses(config: &Config) -> Vec<(crate::upstream::Called, String)> {
         .upstreams
         .values()
         .map(|u| (Called::Upstream(u.name.clone()), u.base_url()));
-    let forges = config.sources.values().filter_map(|s| {
-        let status = s.status.as_ref()?;
-        Some((Called::Forge(s.name.clone()), status.api_url.clone()))
+    let forges = config.sources.values().flat_map(|s| {
+        let status = s.status.as_ref().map(|status| &status.api_url);
+        let compare = s.compare.as_ref().map(|compare| &compare.api_url);
+        status
+            .into_iter()
+            .chain(compare)
+            .map(|url| (Called::Forge(s.name.clone()), url.clone()))
     });
     let hooks = config.sources.values().flat_map(|s| {
         s.catch_up.iter().flat_map(|catch_up| {
@@ -248,6 +252,15 @@ fn summary(config: &Config) -> String {
                     status.api_url,
                     via_proxy(&status.api_url),
                     status.token_ref
+                ));
+            }
+            if let Some(compare) = &s.compare {
+                shown.push_str(&format!(
+                    ", changed files asked of {}{} with {} (within {:?})",
+                    compare.api_url,
+                    via_proxy(&compare.api_url),
+                    compare.token_ref,
+                    compare.timeout
                 ));
             }
             if let Some(upstream) = &s.pipelines_of {

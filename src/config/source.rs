@@ -33,6 +33,7 @@ pub(super) struct RawSource {
     url_refs: Option<Spanned<Vec<String>>>,
     allow_from: Option<Spanned<Vec<Spanned<String>>>>,
     status: Option<Spanned<RawStatus>>,
+    compare: Option<Spanned<RawCompare>>,
     upstream: Option<Spanned<String>>,
     catch_up: Option<Spanned<RawCatchUp>>,
 }
@@ -61,6 +62,16 @@ struct RawStatus {
     token: String,
     api_url: Option<String>,
     ca_file: Option<Spanned<String>>,
+}
+
+/// `compare = { token = "env:NAME", api_url = "…", ca_file = "…", timeout = "3s" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompare {
+    token: String,
+    api_url: Option<String>,
+    ca_file: Option<Spanned<String>>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +127,16 @@ pub(super) fn compile_source(
     }
     let status = raw.status.and_then(|status| {
         compile_status(name, provider, status, resolve_secrets, problems, &mut ok)
+    });
+    if let (Some(compare), Some(_)) = (&raw.compare, &raw.upstream) {
+        problems.at(
+            Some(compare.span()),
+            format!("source.{name}.compare: a source of pipeline events (`upstream`) takes no pushes, so it has none to compare; put `compare` on the source whose pushes rules filter by `paths`"),
+        );
+        ok = false;
+    }
+    let compare = raw.compare.and_then(|compare| {
+        compile_compare(name, provider, compare, resolve_secrets, problems, &mut ok)
     });
     let pipelines_of = raw.upstream.map(Spanned::into_inner);
     let catch_up = match raw.catch_up {
@@ -213,6 +234,7 @@ pub(super) fn compile_source(
         url_refs,
         allow_from,
         status,
+        compare,
         pipelines_of,
         catch_up,
     })
@@ -462,68 +484,159 @@ fn compile_status(
 ) -> Option<crate::status::StatusConfig> {
     let span = raw.span();
     let raw = raw.into_inner();
-    let mut refuse = |message: String, problems: &mut FileProblems<'_>| {
-        problems.at(
-            Some(span.clone()),
-            format!("source.{name}.status: {message}"),
-        );
-        *ok = false;
-    };
-    let forge = match crate::status::Forge::of(provider) {
-        Ok(forge) => forge,
-        Err(reason) => {
-            refuse(reason, problems);
-            return None;
-        }
-    };
-    let api_url = match raw.api_url.as_deref().map(str::trim) {
-        Some(url) => match url.parse::<http::Uri>() {
-            Ok(uri)
-                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() =>
-            {
-                api_root(forge, &uri, url.trim_end_matches('/'))
-            }
-            _ => {
-                refuse(
-                    format!("api_url {url:?} is not an http:// or https:// address"),
-                    problems,
-                );
-                return None;
-            }
-        },
-        None => match forge.default_api_url() {
-            Ok(url) => url.to_owned(),
-            Err(reason) => {
-                refuse(reason.into(), problems);
-                return None;
-            }
-        },
-    };
-    let Some((token_ref, token)) = super::secret_setting(
-        &raw.token,
-        Some(span.clone()),
-        &format!("source.{name}.status: token"),
+    let field = format!("source.{name}.status");
+    let api = ForgeApi::compile(
+        &field,
+        crate::status::Forge::of(provider),
+        (&raw.token, raw.api_url.as_deref(), raw.ca_file),
+        span,
         resolve_secrets,
         problems,
-    ) else {
-        *ok = false;
-        return None;
-    };
-    let ca_file = match raw.ca_file {
-        None => None,
-        Some(field) => Some(super::upstream::ca_file(
-            field,
-            &format!("source.{name}.status.ca_file"),
-            problems,
-        )?),
-    };
+        ok,
+    )?;
     Some(crate::status::StatusConfig {
-        forge,
-        api_url,
-        token_ref,
-        token,
-        ca_file,
+        forge: api.forge,
+        api_url: api.api_url,
+        token_ref: api.token_ref,
+        token: api.token,
+        ca_file: api.ca_file,
     })
+}
+
+/// `compare = { … }`: as `status`, and how long a compare may hold up a webhook.
+fn compile_compare(
+    name: &str,
+    provider: Provider,
+    raw: Spanned<RawCompare>,
+    resolve_secrets: Option<EnvLookup<'_>>,
+    problems: &mut FileProblems<'_>,
+    ok: &mut bool,
+) -> Option<crate::compare::CompareConfig> {
+    use crate::compare::{DEFAULT_TIMEOUT, LONGEST_TIMEOUT};
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let field = format!("source.{name}.compare");
+    let timeout = match raw.timeout.as_deref() {
+        None => DEFAULT_TIMEOUT,
+        Some(text) => match parse_duration_at_least(text, Duration::from_millis(100)) {
+            Ok(timeout) if timeout <= LONGEST_TIMEOUT => timeout,
+            Ok(_) => {
+                problems.at(
+                    Some(span.clone()),
+                    format!("{field}.timeout: {text:?} is longer than {LONGEST_TIMEOUT:?}; the webhook waits for the compare, and GitHub gives up on an answer after 10 s"),
+                );
+                *ok = false;
+                return None;
+            }
+            Err(err) => {
+                problems.at(Some(span.clone()), format!("{field}.timeout: {err}"));
+                *ok = false;
+                return None;
+            }
+        },
+    };
+    let api = ForgeApi::compile(
+        &field,
+        crate::compare::CompareConfig::forge_of(provider),
+        (&raw.token, raw.api_url.as_deref(), raw.ca_file),
+        span,
+        resolve_secrets,
+        problems,
+        ok,
+    )?;
+    Some(crate::compare::CompareConfig {
+        forge: api.forge,
+        api_url: api.api_url,
+        token_ref: api.token_ref,
+        token: api.token,
+        ca_file: api.ca_file,
+        timeout,
+    })
+}
+
+/// A forge's API as `status` and `compare` name it: the root, the token, a private CA.
+struct ForgeApi {
+    forge: crate::status::Forge,
+    api_url: String,
+    token_ref: crate::secret::SecretRef,
+    token: Option<crate::secret::Secret>,
+    ca_file: Option<std::path::PathBuf>,
+}
+
+impl ForgeApi {
+    /// `field` (`source.NAME.status`) names the setting in problems; `forge`: the
+    /// provider's forge, or why it has none for this setting; `(token, api_url, ca_file)`
+    /// as written.
+    fn compile(
+        field: &str,
+        forge: Result<crate::status::Forge, String>,
+        (token, api_url, ca_file): (&str, Option<&str>, Option<Spanned<String>>),
+        span: std::ops::Range<usize>,
+        resolve_secrets: Option<EnvLookup<'_>>,
+        problems: &mut FileProblems<'_>,
+        ok: &mut bool,
+    ) -> Option<ForgeApi> {
+        let mut refuse = |message: String, problems: &mut FileProblems<'_>| {
+            problems.at(Some(span.clone()), format!("{field}: {message}"));
+            *ok = false;
+        };
+        let forge = match forge {
+            Ok(forge) => forge,
+            Err(reason) => {
+                refuse(reason, problems);
+                return None;
+            }
+        };
+        let api_url = match api_url.map(str::trim) {
+            Some(url) => match url.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.host().is_some() =>
+                {
+                    api_root(forge, &uri, url.trim_end_matches('/'))
+                }
+                _ => {
+                    refuse(
+                        format!("api_url {url:?} is not an http:// or https:// address"),
+                        problems,
+                    );
+                    return None;
+                }
+            },
+            None => match forge.default_api_url() {
+                Ok(url) => url.to_owned(),
+                Err(reason) => {
+                    refuse(reason.into(), problems);
+                    return None;
+                }
+            },
+        };
+        let Some((token_ref, token)) = super::secret_setting(
+            token,
+            Some(span.clone()),
+            &format!("{field}: token"),
+            resolve_secrets,
+            problems,
+        ) else {
+            *ok = false;
+            return None;
+        };
+        let ca_file = match ca_file {
+            None => None,
+            Some(file) => Some(super::upstream::ca_file(
+                file,
+                &format!("{field}.ca_file"),
+                problems,
+            )?),
+        };
+        Some(ForgeApi {
+            forge,
+            api_url,
+            token_ref,
+            token,
+            ca_file,
+        })
+    }
 }
 
 /// `catch_up = { … }`: the hook whose delivery log the relay reads, the token (or the

@@ -1268,6 +1268,86 @@ status_context = "{{ trigger.token }}"
     assert_eq!(problems.len(), expect.len(), "{problems:#?}");
 }
 
+#[test]
+fn compare_settings_are_checked_where_they_are_written() {
+    let env = [("S", "0123456789abcdef0123"), ("READ", "glpat-read")];
+    let config = load_text(
+        &[(
+            "a.toml",
+            r#"
+[source.bb]
+provider = "bitbucket-cloud"
+secret = "env:S"
+compare = { token = "env:READ" }
+
+[source.gl]
+provider = "gitlab"
+secret = "env:S"
+compare = { token = "env:READ", api_url = "https://gitlab.example.com", timeout = "1500ms" }
+"#,
+        )],
+        &env,
+    )
+    .unwrap();
+    let bb = config.sources["bb"].compare.as_ref().unwrap();
+    assert_eq!(bb.api_url, "https://api.bitbucket.org/2.0");
+    assert_eq!(bb.timeout, crate::compare::DEFAULT_TIMEOUT);
+    let gl = config.sources["gl"].compare.as_ref().unwrap();
+    assert_eq!(gl.api_url, "https://gitlab.example.com/api/v4");
+    assert_eq!(gl.timeout, Duration::from_millis(1500));
+
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            r#"
+[upstream.gitlab]
+url = "https://gitlab.example.com"
+
+[source.gogs]
+provider = "gogs"
+secret = "env:S"
+compare = { token = "env:READ" }
+
+[source.generic]
+provider = "generic"
+allow_unsigned = true
+compare = { token = "env:READ" }
+
+[source.slow]
+provider = "github"
+secret = "env:S"
+compare = { token = "env:READ", timeout = "20s" }
+
+[source.gitea]
+provider = "gitea"
+secret = "env:S"
+compare = { token = "env:READ" }
+
+[source.pipelines]
+provider = "gitlab"
+secret = "env:S"
+upstream = "gitlab"
+compare = { token = "env:READ" }
+"#,
+        )],
+        &env,
+    ));
+    let expect = [
+        "a.toml:8: source.gogs.compare: Gogs has no API that compares two commits",
+        "a.toml:13: source.generic.compare: a generic sender lists a push's changed files itself",
+        "a.toml:18: source.slow.compare.timeout: \"20s\" is longer than 8s",
+        "a.toml:23: source.gitea.compare: a Gitea or Forgejo server has no default address: set api_url",
+        "a.toml:29: source.pipelines.compare: a source of pipeline events (`upstream`) takes no pushes",
+    ];
+    for (problem, expected) in problems.iter().zip(expect) {
+        assert!(
+            problem.contains(expected),
+            "{problem}\n  should say {expected}"
+        );
+    }
+    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+}
+
 /// A section with problems of its own is reported once, where it is: a rule, a source or
 /// the gateway naming it is not also told that nothing by that name is defined (before,
 /// a short secret in [source.github] read as two problems, the second "names no

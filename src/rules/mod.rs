@@ -334,6 +334,15 @@ impl RuleSet {
     }
 
     fn matching_in(&self, event: &Event, scope: &Scope) -> Vec<&Rule> {
+        self.candidates(event)
+            .into_iter()
+            .filter(|rule| self.why_not(rule, event, scope).is_none())
+            .collect()
+    }
+
+    /// The rules that may match `event` by its source, kind and repository, in
+    /// configuration order (from the index, without looking at the others).
+    fn candidates(&self, event: &Event) -> Vec<&Rule> {
         let Some(candidates) = self.index.get(&(event.source.clone(), event.kind)) else {
             return Vec::new();
         };
@@ -345,11 +354,16 @@ impl RuleSet {
             indices.extend(literal);
             indices.sort_unstable();
         }
-        indices
-            .into_iter()
-            .map(|i| &self.rules[i])
-            .filter(|rule| self.why_not(rule, event, scope).is_none())
-            .collect()
+        indices.into_iter().map(|i| &self.rules[i]).collect()
+    }
+
+    /// Whether a rule with path filters matches `event` in all but those (its events,
+    /// repository and refs): only then is it worth asking the forge for the files.
+    pub fn reads_changed_files(&self, event: &Event) -> bool {
+        self.candidates(event).into_iter().any(|rule| {
+            (rule.spec.paths.is_some() || rule.spec.paths_exclude.is_some())
+                && why_not_by_ref(rule, event).is_none()
+        })
     }
 
     /// Every rule of the event's source, with the first reason it does not match (`None`
@@ -381,47 +395,10 @@ impl RuleSet {
 
     /// The first reason `rule` does not match `event`.
     fn why_not(&self, rule: &Rule, event: &Event, scope: &Scope) -> Option<String> {
+        if let Some(reason) = why_not_by_ref(rule, event) {
+            return Some(reason);
+        }
         let spec = &rule.spec;
-        if !spec.events.contains(&event.kind) {
-            let events: Vec<&str> = spec.events.iter().map(|k| k.as_str()).collect();
-            return Some(format!(
-                "events: {} not in [{}]",
-                event.kind.as_str(),
-                events.join(", ")
-            ));
-        }
-        if let Some(patterns) = &spec.repository
-            && !patterns.is_match(&event.repository)
-        {
-            return Some(format!(
-                "repository: {:?} matches none of {}{}",
-                event.repository,
-                patterns.shown(),
-                if patterns.ignore_case {
-                    " (compared ignoring case)"
-                } else {
-                    ""
-                }
-            ));
-        }
-        if let Some(patterns) = &spec.refs
-            && !patterns.is_match(&event.ref_name)
-        {
-            return Some(format!(
-                "refs: {:?} matches none of {}",
-                event.ref_name,
-                patterns.shown()
-            ));
-        }
-        if let Some(patterns) = &spec.refs_exclude
-            && patterns.is_match(&event.ref_name)
-        {
-            return Some(format!(
-                "refs_exclude: {:?} matches {}",
-                event.ref_name,
-                patterns.shown()
-            ));
-        }
         // The changed files are gathered, and matched against every rule's path filters,
         // once per event and only when a rule has filters.
         if (spec.paths.is_some() || spec.paths_exclude.is_some())
@@ -779,6 +756,52 @@ fn candidates_index(rules: &[Rule]) -> HashMap<(String, EventKind), Candidates> 
         }
     }
     index
+}
+
+/// The first reason `rule` does not match `event` by its kind, repository or ref.
+fn why_not_by_ref(rule: &Rule, event: &Event) -> Option<String> {
+    let spec = &rule.spec;
+    if !spec.events.contains(&event.kind) {
+        let events: Vec<&str> = spec.events.iter().map(|k| k.as_str()).collect();
+        return Some(format!(
+            "events: {} not in [{}]",
+            event.kind.as_str(),
+            events.join(", ")
+        ));
+    }
+    if let Some(patterns) = &spec.repository
+        && !patterns.is_match(&event.repository)
+    {
+        return Some(format!(
+            "repository: {:?} matches none of {}{}",
+            event.repository,
+            patterns.shown(),
+            if patterns.ignore_case {
+                " (compared ignoring case)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if let Some(patterns) = &spec.refs
+        && !patterns.is_match(&event.ref_name)
+    {
+        return Some(format!(
+            "refs: {:?} matches none of {}",
+            event.ref_name,
+            patterns.shown()
+        ));
+    }
+    if let Some(patterns) = &spec.refs_exclude
+        && patterns.is_match(&event.ref_name)
+    {
+        return Some(format!(
+            "refs_exclude: {:?} matches {}",
+            event.ref_name,
+            patterns.shown()
+        ));
+    }
+    None
 }
 
 /// What a rule's templates read for one event or firing: a field named alone comes

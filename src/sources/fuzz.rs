@@ -48,6 +48,7 @@ pub fn source(provider: Provider) -> SourceConfig {
         url_refs: None,
         allow_from: Vec::new(),
         status: None,
+        compare: None,
         pipelines_of: None,
         catch_up: None,
         name: format!("fuzz-{provider}"),

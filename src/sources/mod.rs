@@ -61,6 +61,9 @@ pub struct SourceConfig {
     pub allow_from: Vec<ipnet::IpNet>,
     /// `status = { … }`: pipelines started from this source's webhooks show on the commit.
     pub status: Option<crate::status::StatusConfig>,
+    /// `compare = { … }`: the forge is asked which files a push changed when its webhook
+    /// does not list them all and a rule's `paths` would read them ([`crate::compare`]).
+    pub compare: Option<crate::compare::CompareConfig>,
     /// `upstream = "NAME"` (GitLab): this source's pipeline events move the statuses of
     /// the pipelines hookrelay started on that upstream.
     pub pipelines_of: Option<String>,
@@ -179,6 +182,22 @@ pub struct Received {
     /// The sender's event name (`push`, `Tag Push Hook`, `repo:push`).
     pub event_type: String,
     pub outcome: Outcome,
+}
+
+impl Received {
+    /// Gives its events (a stored body read again) the forge's answers the relay had when
+    /// it took the webhook (`answers`, in the events' order, as the stored answer keeps
+    /// them), so that path filters read what they read then.
+    pub fn restore_compared(&mut self, answers: &[Option<crate::event::ComparedRecord>]) {
+        let Outcome::Events(events) = &mut self.outcome else {
+            return;
+        };
+        for (event, answer) in events.iter_mut().zip(answers) {
+            if let Some(answer) = answer {
+                event.set_compared(answer.clone());
+            }
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -45,6 +45,43 @@ fn per_minute(name: String, count: u32) -> Limiter {
     )
 }
 
+/// How one source's calls to its forge's API are made.
+pub(crate) struct ForgeCalls<'a> {
+    /// How the client is named (`status of github`).
+    pub label: String,
+    pub api_url: &'a str,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub max_in_flight: usize,
+}
+
+/// A client of `source`'s forge API (statuses, compares): errors name the forge of the
+/// source.
+pub(crate) fn forge_client(source: &str, calls: ForgeCalls<'_>) -> Result<Upstream, UpstreamError> {
+    let called = Called::Forge(source.to_owned());
+    let url = parse_upstream_url(calls.api_url).map_err(|reason| UpstreamError::BadResponse {
+        upstream: called.clone(),
+        reason,
+    })?;
+    Upstream::calling(
+        called,
+        &UpstreamConfig {
+            name: calls.label,
+            url,
+            ca_file: calls.ca_file,
+            connect_timeout: calls.connect_timeout,
+            timeout: calls.timeout,
+            per_project: default_per_project(),
+            coalesce: None,
+            max_in_flight: calls.max_in_flight,
+            read_token: None,
+            polls_per_minute: 0,
+            poll_interval: Duration::ZERO,
+        },
+    )
+}
+
 impl StatusClients {
     /// `statuses`: each source's `status = { … }`; `lease`: a shared store's lease, which
     /// a status call must fit in.
@@ -60,27 +97,15 @@ impl StatusClients {
                 .max(Duration::from_secs(1))
         });
         for (name, status) in statuses {
-            let called = Called::Forge(name.clone());
-            let url = parse_upstream_url(&status.api_url).map_err(|reason| {
-                UpstreamError::BadResponse {
-                    upstream: called.clone(),
-                    reason,
-                }
-            })?;
-            let client = Upstream::calling(
-                called,
-                &UpstreamConfig {
-                    name: format!("status of {name}"),
-                    url,
+            let client = forge_client(
+                name,
+                ForgeCalls {
+                    label: format!("status of {name}"),
+                    api_url: &status.api_url,
                     ca_file: status.ca_file.clone(),
                     connect_timeout: Duration::from_secs(5),
                     timeout,
-                    per_project: default_per_project(),
-                    coalesce: None,
                     max_in_flight: 16,
-                    read_token: None,
-                    polls_per_minute: 0,
-                    poll_interval: Duration::ZERO,
                 },
             )?;
             clients.forges.insert(name.clone(), Arc::new(client));

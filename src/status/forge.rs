@@ -80,10 +80,10 @@ impl Forge {
             Forge::BitbucketCloud => Ok("https://api.bitbucket.org/2.0"),
             Forge::Gitlab => Ok("https://gitlab.com/api/v4"),
             Forge::Gitea => Err(
-                "a Gitea or Forgejo server has no default address: set status.api_url, e.g. \"https://codeberg.org/api/v1\"",
+                "a Gitea or Forgejo server has no default address: set api_url, e.g. \"https://codeberg.org/api/v1\"",
             ),
             Forge::BitbucketServer => Err(
-                "a Bitbucket Data Center server has no default address: set status.api_url to its base URL, e.g. \"https://bitbucket.example.com\"",
+                "a Bitbucket Data Center server has no default address: set api_url to its base URL, e.g. \"https://bitbucket.example.com\"",
             ),
         }
     }
@@ -149,7 +149,7 @@ pub fn shorten(text: &str, most: usize) -> String {
 }
 
 /// Percent-encodes one path segment (a repository name may hold anything GitHub allows).
-fn segment(text: &str) -> String {
+pub(crate) fn segment(text: &str) -> String {
     const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
         .remove(b'-')
         .remove(b'_')
@@ -159,7 +159,7 @@ fn segment(text: &str) -> String {
 }
 
 /// `owner/repo` as two encoded segments; a repository name without an owner is refused.
-fn owner_and_repo(repository: &str) -> Result<String, String> {
+pub(crate) fn owner_and_repo(repository: &str) -> Result<String, String> {
     match repository.split_once('/') {
         Some((owner, repo))
             if !owner.is_empty()
@@ -174,6 +174,33 @@ fn owner_and_repo(repository: &str) -> Result<String, String> {
             "repository {repository:?} is not owner/name, so no status can be posted for it"
         )),
     }
+}
+
+/// The headers every call to `forge`'s API carries: what it answers in (GitHub's media
+/// type and API version), and `token` as the forge reads it (`Bearer`, Gitea's `token`),
+/// marked sensitive. `setting` (`status`, `compare`) names the token when it holds what a
+/// header cannot carry.
+pub fn api_headers(forge: Forge, token: &Secret, setting: &str) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    let (scheme, accept) = match forge {
+        Forge::Github => ("Bearer ", GITHUB_ACCEPT),
+        Forge::Gitea => ("token ", "application/json"),
+        Forge::BitbucketCloud | Forge::BitbucketServer | Forge::Gitlab => {
+            ("Bearer ", "application/json")
+        }
+    };
+    headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+    if forge == Forge::Github {
+        headers.insert(
+            "x-github-api-version",
+            HeaderValue::from_static(GITHUB_API_VERSION),
+        );
+    }
+    let authorization = token
+        .header_value(scheme)
+        .ok_or_else(|| format!("the {setting} token holds characters a header cannot carry"))?;
+    headers.insert(header::AUTHORIZATION, authorization);
+    Ok(headers)
 }
 
 /// The request that posts `post`, with `token`.
@@ -192,23 +219,11 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
         ));
     }
     let sha = segment(&target.sha);
-    let mut headers = HeaderMap::new();
+    let mut headers = api_headers(forge, token, "status")?;
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    let (scheme, accept) = match forge {
-        Forge::Github => ("Bearer ", GITHUB_ACCEPT),
-        Forge::Gitea => ("token ", "application/json"),
-        Forge::BitbucketCloud | Forge::BitbucketServer | Forge::Gitlab => {
-            ("Bearer ", "application/json")
-        }
-    };
-    headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
-    let authorization = token
-        .header_value(scheme)
-        .ok_or_else(|| "the status token holds characters a header cannot carry".to_owned())?;
-    headers.insert(header::AUTHORIZATION, authorization);
     let (path, body) = match forge {
         Forge::Gitlab if crate::trigger::is_dot_segment(&target.repository) => {
             return Err(format!(
@@ -228,12 +243,6 @@ pub fn request(post: &StatusPost, token: &Secret) -> Result<ForgeRequest, String
         ),
         Forge::Github | Forge::Gitea => {
             let repo = owner_and_repo(&target.repository)?;
-            if forge == Forge::Github {
-                headers.insert(
-                    "x-github-api-version",
-                    HeaderValue::from_static(GITHUB_API_VERSION),
-                );
-            }
             let most = if forge == Forge::Github {
                 GITHUB_DESCRIPTION
             } else {

@@ -28,6 +28,7 @@ use crate::store::{
     WorkKind,
 };
 pub use clients::StatusClients;
+pub(crate) use clients::{ForgeCalls, forge_client};
 pub use forge::Forge;
 pub use pipeline::PipelineEvent;
 

@@ -89,6 +89,9 @@ pub struct StoredWebhook {
     /// The webhook URL's `?ref=` it arrived with, which overrode its triggers' refs (as its
     /// stored answer says: `url_ref`).
     pub url_ref: Option<String>,
+    /// What the forge said, for each of its events (in order), when asked which files a
+    /// push changed ([`crate::compare`]), as its stored answer keeps it.
+    pub compared: Vec<Option<crate::event::ComparedRecord>>,
 }
 
 impl StoredWebhook {
@@ -105,7 +108,14 @@ impl StoredWebhook {
         #[derive(serde::Deserialize)]
         struct Summary {
             url_ref: Option<String>,
+            #[serde(default)]
+            events: Vec<SummaryEvent>,
         }
+        #[derive(serde::Deserialize)]
+        struct SummaryEvent {
+            compared: Option<crate::event::ComparedRecord>,
+        }
+        let summary = serde_json::from_str::<Summary>(summary).ok();
         Ok(StoredWebhook {
             delivery_id: delivery_id.to_owned(),
             source,
@@ -113,9 +123,10 @@ impl StoredWebhook {
             headers: serde_json::from_str(headers)
                 .map_err(|err| EngineError::failed(format!("stored headers: {err}")))?,
             body: Bytes::from(StoredBody::decode(body, encoding).map_err(EngineError::failed)?),
-            url_ref: serde_json::from_str::<Summary>(summary)
-                .ok()
-                .and_then(|summary| summary.url_ref),
+            compared: summary.as_ref().map_or_else(Vec::new, |summary| {
+                summary.events.iter().map(|e| e.compared.clone()).collect()
+            }),
+            url_ref: summary.and_then(|summary| summary.url_ref),
         })
     }
 }
@@ -123,6 +134,35 @@ impl StoredWebhook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The forge's answers kept in a webhook's stored answer (`events[].compared`) come
+    /// back with it, in its events' order; an answer without them (older records) has none.
+    #[test]
+    fn a_stored_answer_gives_back_what_the_forge_said() {
+        use crate::event::ComparedRecord;
+        let summary = r#"{"delivery": "d", "url_ref": "main", "events": [
+            {"kind": "push", "compared": {"files": ["a.go", "b.md"]}},
+            {"kind": "tag"},
+            {"kind": "push", "compared": {"failed": "the forge answered 403: 403 Forbidden"}}]}"#;
+        let stored =
+            StoredWebhook::from_stored("d", "gl".into(), "[]", (b"{}".to_vec(), None), 0, summary)
+                .unwrap();
+        assert_eq!(stored.url_ref.as_deref(), Some("main"));
+        assert_eq!(
+            stored.compared,
+            [
+                Some(ComparedRecord::Files(vec!["a.go".into(), "b.md".into()])),
+                None,
+                Some(ComparedRecord::Failed(
+                    "the forge answered 403: 403 Forbidden".into()
+                )),
+            ]
+        );
+        let older =
+            StoredWebhook::from_stored("d", "gl".into(), "[]", (b"{}".to_vec(), None), 0, "{}")
+                .unwrap();
+        assert!(older.compared.is_empty());
+    }
 
     #[test]
     fn bodies_are_stored_compressed_and_come_back_byte_for_byte() {
