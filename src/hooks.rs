@@ -101,7 +101,7 @@ pub async fn handle(
 
 /// Asks the source's forge which files each branch push changed, where the webhook does
 /// not list them all and a rule's `paths` would read them ([`crate::compare`]); every push
-/// of the webhook within one `compare.timeout`.
+/// of the webhook within one `compare.timeout`, and none of a webhook stored before.
 async fn compare(
     app: &App,
     runtime: &Runtime,
@@ -115,10 +115,25 @@ async fn compare(
     let Outcome::Events(events) = &mut received.outcome else {
         return;
     };
+    let asked = |event: &Event| {
+        crate::compare::worth_asking(event) && runtime.config.rules.reads_changed_files(event)
+    };
+    if !events.iter().any(asked) {
+        return;
+    }
+    // A redelivery queues nothing (its record keeps the first answer): not asked again.
+    let (name, delivery) = (source.name.clone(), received.delivery.clone());
+    if app
+        .outbox
+        .read_apart(move |engine| engine.is_stored(&name, &delivery))
+        .await
+        .unwrap_or(false)
+    {
+        return;
+    }
     let deadline = tokio::time::Instant::now() + config.timeout;
     for event in events.iter_mut() {
-        if !crate::compare::worth_asking(event) || !runtime.config.rules.reads_changed_files(event)
-        {
+        if !asked(event) {
             continue;
         }
         let answer = crate::compare::changed_files(client, config, event, deadline).await;

@@ -559,6 +559,12 @@ token = "file:{{dir}}/token"
         "{failed}"
     );
 
+    // GitLab's retry of the first push (the same delivery id) is answered as a repeat
+    // without asking again.
+    let reply = gitlab_push(&relay, "cmp-1", "gitlab/push.json").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["duplicate"], true, "{}", reply.text());
+
     // A new branch (nothing to compare it with), its one commit's files listed: not asked.
     let reply = gitlab_push(&relay, "cmp-4", "gitlab/push_branch_create.json").await;
     assert_eq!(reply.status, 202, "{}", reply.text());
