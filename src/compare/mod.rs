@@ -411,5 +411,6 @@ fn read_page(forge: Forge, body: &[u8], path: &str, api_url: &str) -> Result<Pag
     Ok(page)
 }
 
+pub mod fuzz;
 #[cfg(test)]
 mod tests;
