@@ -266,7 +266,7 @@ pub enum ComparedRecord {
 /// The most changed files a push's rules compare: sorting and matching them runs on the
 /// webhook's own request, so a signed payload of millions of paths is let through (as
 /// any push whose files are not known) instead of holding up the connections beside it.
-const MOST_CHANGED_FILES: usize = 10_000;
+pub const MOST_CHANGED_FILES: usize = 10_000;
 
 /// `count` changed files as not known, when there are more than [`MOST_CHANGED_FILES`].
 fn more_than_compared(count: usize) -> Option<ChangedFiles<'static>> {

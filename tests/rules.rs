@@ -559,6 +559,38 @@ token = "file:{{dir}}/token"
         "{failed}"
     );
 
+    // A repository that moved: the forge's redirect is followed within its API root.
+    forge.answer_next(
+        Answer::new(301, r#"{"message": "Moved Permanently"}"#).header(
+            "location",
+            &format!("{}/api/v4/projects/7/repository/compare?from=a&to=b", forge.url()),
+        ),
+    );
+    forge.answer_next(Answer::new(
+        200,
+        r#"{"diffs": [{"old_path": "README.md", "new_path": "README.md"}]}"#,
+    ));
+    let reply = gitlab_push(&relay, "cmp-6", "gitlab/push.json").await;
+    assert_eq!(sorted(&reply), ["acme/all", "acme/docs"], "{}", reply.text());
+    let calls = forge.received();
+    assert_eq!(
+        calls.last().unwrap().path_and_query,
+        "/api/v4/projects/7/repository/compare?from=a&to=b"
+    );
+
+    // More files than path filters compare: not kept, and the push passes.
+    let many: Vec<String> = (0..10_001)
+        .map(|i| format!(r#"{{"old_path": "f/{i}", "new_path": "f/{i}", "diff": ""}}"#))
+        .collect();
+    forge.answer_next(Answer::new(
+        200,
+        &format!(r#"{{"diffs": [{}]}}"#, many.join(",")),
+    ));
+    let reply = gitlab_push(&relay, "cmp-5", "gitlab/push.json").await;
+    assert_eq!(sorted(&reply), ["acme/all", "acme/api", "acme/docs"]);
+    let failed = reply.json()["events"][0]["compared"]["failed"].clone();
+    assert!(failed.as_str().unwrap().contains("more than the 10000"), "{failed}");
+
     // GitLab's retry of the first push (the same delivery id) is answered as a repeat
     // without asking again.
     let reply = gitlab_push(&relay, "cmp-1", "gitlab/push.json").await;
@@ -569,7 +601,7 @@ token = "file:{{dir}}/token"
     let reply = gitlab_push(&relay, "cmp-4", "gitlab/push_branch_create.json").await;
     assert_eq!(reply.status, 202, "{}", reply.text());
     assert_eq!(sorted(&reply), ["acme/all", "acme/docs"]);
-    assert_eq!(forge.received().len(), 3, "the forge was asked three times");
+    assert_eq!(forge.received().len(), 6, "the forge was asked six times");
 
     // The record keeps the forge's answer: a replan reads it again instead of asking.
     let stored = relay

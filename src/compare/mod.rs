@@ -12,10 +12,10 @@
 //! | Bitbucket Data Center | `GET /rest/api/latest/projects/{key}/repos/{slug}/changes?since={before}&until={after}&limit=1000` | `values[].path.toString`, `srcPath.toString`, to `isLastPage` |
 //!
 //! The call is made before the webhook is acknowledged, so it is bounded by `timeout`
-//! (3 s unless set; at most 8, inside GitHub's 10 s for an answer), by 20 pages, and by the
-//! client's 4 MiB an answer. Any failure (a refusal, a timeout, an answer it cannot read,
-//! a list the forge cut short) leaves the files not known, and the reason is shown where
-//! the push's changed files are. Gogs has no compare API; a generic sender lists its own
+//! (3 s unless set; at most 8, inside GitHub's 10 s for an answer), by 20 pages, by the
+//! client's 4 MiB an answer, and by 10,000 files (as many as path filters compare). Any
+//! failure (a refusal, a timeout, an answer it cannot read, a list the forge cut short)
+//! leaves the files not known, and the reason is shown where the push's changed files are. Gogs has no compare API; a generic sender lists its own
 //! changed files (`paths.changed_files`).
 
 use std::collections::{BTreeSet, HashMap};
@@ -25,7 +25,7 @@ use std::time::Duration;
 use http::Method;
 use serde::Deserialize;
 
-use crate::event::{ComparedRecord, Event, EventKind, Provider, is_zero_id};
+use crate::event::{ComparedRecord, Event, EventKind, MOST_CHANGED_FILES, Provider, is_zero_id};
 use crate::secret::{Secret, SecretRef};
 use crate::status::Forge;
 use crate::status::forge::{owner_and_repo, redirect_within, segment};
@@ -159,6 +159,18 @@ async fn ask(
                 .call(Method::GET, &path, headers.clone(), bytes::Bytes::new())
                 .await
                 .map_err(|err| err.to_string())?;
+            // A renamed or transferred repository's old address (GitHub answers `301`
+            // with its new one): followed within the API root, as the token goes along.
+            if answer.status.is_redirection()
+                && let Some(moved) = answer
+                    .headers
+                    .get(http::header::LOCATION)
+                    .and_then(|location| location.to_str().ok())
+                    .and_then(|location| redirect_within(&config.api_url, location))
+            {
+                path = moved;
+                continue;
+            }
             if !answer.status.is_success() {
                 return Err(format!(
                     "the forge answered {}: {}",
@@ -172,6 +184,12 @@ async fn ask(
             }
             let page = read_page(config.forge, &answer.body, &path, &config.api_url)?;
             files.extend(page.files);
+            // More than path filters compare: not kept (the record would hold them all).
+            if files.len() > MOST_CHANGED_FILES {
+                return Err(format!(
+                    "the forge lists more than the {MOST_CHANGED_FILES} changed files hookrelay compares"
+                ));
+            }
             match page.next {
                 Some(next) => path = next,
                 None => return Ok(files.into_iter().collect()),
