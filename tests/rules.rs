@@ -563,7 +563,10 @@ token = "file:{{dir}}/token"
     forge.answer_next(
         Answer::new(301, r#"{"message": "Moved Permanently"}"#).header(
             "location",
-            &format!("{}/api/v4/projects/7/repository/compare?from=a&to=b", forge.url()),
+            &format!(
+                "{}/api/v4/projects/7/repository/compare?from=a&to=b",
+                forge.url()
+            ),
         ),
     );
     forge.answer_next(Answer::new(
@@ -571,7 +574,12 @@ token = "file:{{dir}}/token"
         r#"{"diffs": [{"old_path": "README.md", "new_path": "README.md"}]}"#,
     ));
     let reply = gitlab_push(&relay, "cmp-6", "gitlab/push.json").await;
-    assert_eq!(sorted(&reply), ["acme/all", "acme/docs"], "{}", reply.text());
+    assert_eq!(
+        sorted(&reply),
+        ["acme/all", "acme/docs"],
+        "{}",
+        reply.text()
+    );
     let calls = forge.received();
     assert_eq!(
         calls.last().unwrap().path_and_query,
@@ -589,7 +597,10 @@ token = "file:{{dir}}/token"
     let reply = gitlab_push(&relay, "cmp-5", "gitlab/push.json").await;
     assert_eq!(sorted(&reply), ["acme/all", "acme/api", "acme/docs"]);
     let failed = reply.json()["events"][0]["compared"]["failed"].clone();
-    assert!(failed.as_str().unwrap().contains("more than the 10000"), "{failed}");
+    assert!(
+        failed.as_str().unwrap().contains("more than the 10000"),
+        "{failed}"
+    );
 
     // GitLab's retry of the first push (the same delivery id) is answered as a repeat
     // without asking again.
@@ -603,7 +614,24 @@ token = "file:{{dir}}/token"
     assert_eq!(sorted(&reply), ["acme/all", "acme/docs"]);
     assert_eq!(forge.received().len(), 6, "the forge was asked six times");
 
-    // The record keeps the forge's answer: a replan reads it again instead of asking.
+    // The record keeps the forge's answer: explain --delivery (like the dashboard and a
+    // replan) reads it again instead of asking, and its rules' verdicts follow it.
+    let explained = std::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+        .args(["explain", "--json", "--config"])
+        .arg(relay.dir.path())
+        .arg("--state")
+        .arg(relay.state())
+        .args(["--source", "gitlab", "--delivery", "cmp-1"])
+        .output()
+        .unwrap();
+    assert!(explained.status.success(), "{explained:?}");
+    let explained: serde_json::Value = serde_json::from_slice(&explained.stdout).unwrap();
+    assert_eq!(
+        explained["events"][0]["changed_files"],
+        json!(["services/api/new.go", "services/api/old.go"]),
+        "{explained:#}"
+    );
+    assert_eq!(forge.received().len(), 6, "explain asked nothing");
     let stored = relay
         .app
         .outbox
