@@ -646,6 +646,106 @@ token = "file:{{dir}}/token"
     );
 }
 
+/// Bitbucket Cloud's webhooks list no files at all: with `compare`, the relay reads the
+/// forge's diffstat (newer commit first), every page of it, and the path filters choose.
+#[tokio::test]
+async fn a_bitbucket_push_is_filtered_by_the_diffstat_the_forge_pages_through() {
+    let upstream = RecordingUpstream::start().await;
+    let forge = RecordingUpstream::start().await;
+    let config = format!(
+        r#"
+[upstream.gitlab]
+url = "{}"
+
+[source.bitbucket]
+provider = "bitbucket-cloud"
+secret = "file:{{dir}}/secret"
+compare = {{ token = "file:{{dir}}/forge-token", api_url = "{}/2.0" }}
+
+[[rule]]
+name = "api"
+source = "bitbucket"
+paths = ["services/api/**"]
+[rule.trigger]
+project = "acme/api"
+token = "file:{{dir}}/token"
+
+[[rule]]
+name = "web"
+source = "bitbucket"
+paths = ["services/web/**"]
+[rule.trigger]
+project = "acme/web"
+token = "file:{{dir}}/token"
+"#,
+        upstream.url(),
+        forge.url()
+    );
+    let relay = Relay::start_with(
+        &config,
+        &[
+            ("secret", SECRET),
+            ("token", "glptt-compare-0123456789"),
+            ("forge-token", "bitbucket-read-0123456789"),
+        ],
+    )
+    .await;
+    let second = format!(
+        "{}/2.0/repositories/martinherren1984/publictestrepo/diffstat/c14c1bb..a51241a?topic=true&page=2",
+        forge.url()
+    );
+    forge.answer_next(Answer::new(
+        200,
+        &format!(
+            r#"{{"pagelen": 1, "page": 1, "values": [{{"type": "diffstat", "status": "modified",
+                "old": {{"path": "README.md"}}, "new": {{"path": "README.md"}}}}], "next": "{second}"}}"#
+        ),
+    ));
+    forge.answer_next(Answer::new(
+        200,
+        r#"{"pagelen": 1, "page": 2, "values": [{"type": "diffstat", "status": "added",
+            "old": null, "new": {"path": "services/web/index.html"}}]}"#,
+    ));
+    let body = fixture("bitbucket_cloud/repo_push_branch.json");
+    let signature = sha256_signature(SECRET, &body);
+    let reply = post(
+        &relay.url("/hooks/bitbucket"),
+        &[
+            ("X-Event-Key", "repo:push"),
+            ("X-Request-UUID", "bb-cmp-1"),
+            ("X-Hub-Signature", &signature),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let (queued, reasons) = queued_and_reasons(&reply);
+    assert_eq!(queued, ["acme/web"], "{}", reply.text());
+    assert!(reasons.is_empty(), "{reasons:?}");
+    assert_eq!(
+        reply.json()["events"][0]["compared"],
+        json!({"files": ["README.md", "services/web/index.html"]})
+    );
+    let asked: Vec<String> = forge
+        .received()
+        .iter()
+        .map(|call| call.path_and_query.clone())
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            "/2.0/repositories/martinherren1984/publictestrepo/diffstat/c14c1bb05dfb1fdcdf06b31485fff61b0ea44277..a51241ae1f00cbe728930db48e890b18fd527f99?topic=true".to_owned(),
+            "/2.0/repositories/martinherren1984/publictestrepo/diffstat/c14c1bb..a51241a?topic=true&page=2".to_owned(),
+        ]
+    );
+    assert!(
+        forge
+            .received()
+            .iter()
+            .all(|call| call.header("authorization") == Some("Bearer bitbucket-read-0123456789"))
+    );
+}
+
 /// `[skip ci]` in the head commit's message skips a branch push, as GitLab and GitHub
 /// Actions skip their own pipelines, unless a rule says `skip_ci = false`; tags build.
 #[tokio::test]
