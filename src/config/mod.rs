@@ -709,6 +709,22 @@ impl Builder {
         }
     }
 
+    /// A source's `compare` asks the forge only for rules with path filters: without one,
+    /// the token is read and never used, which is worth saying.
+    fn warn_of_compare_without_paths(&mut self, rules: &crate::rules::RuleSet) {
+        for (name, (source, origin)) in &self.sources {
+            if source.compare.is_some() && !rules.filters_paths_of(name) {
+                self.warnings.push(Problem {
+                    file: origin.file.clone(),
+                    line: Some(origin.line),
+                    message: format!(
+                        "source.{name}.compare: no rule of this source has `paths` or `paths_exclude`, so the forge is never asked"
+                    ),
+                });
+            }
+        }
+    }
+
     /// A listener on this machine alone (`[server] listen` or `admin.listen` on loopback)
     /// is reached through a proxy here: an `allow_from` that does not name this machine
     /// would refuse every request unless `trusted_proxies` names the proxy. Said once per
@@ -781,6 +797,7 @@ impl Builder {
 
     fn finish(mut self, files: Vec<PathBuf>) -> Result<Config, Problems> {
         let rules = self.finish_rules();
+        self.warn_of_compare_without_paths(&rules);
         let store = match (self.store.take(), self.store_from_env.take()) {
             (Some((read, origin)), _) => {
                 // A send starts only while its claim has the upstream's timeout left.

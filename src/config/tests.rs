@@ -1295,6 +1295,14 @@ compare = { token = "env:READ", api_url = "https://gitlab.example.com", timeout 
     let gl = config.sources["gl"].compare.as_ref().unwrap();
     assert_eq!(gl.api_url, "https://gitlab.example.com/api/v4");
     assert_eq!(gl.timeout, Duration::from_millis(1500));
+    // No rule reads the files of either source's pushes: the forge would never be asked.
+    assert_eq!(
+        warnings(&config),
+        [
+            "a.toml:2: source.bb.compare: no rule of this source has `paths` or `paths_exclude`, so the forge is never asked",
+            "a.toml:7: source.gl.compare: no rule of this source has `paths` or `paths_exclude`, so the forge is never asked",
+        ]
+    );
 
     let problems = messages(load_text(
         &[(

@@ -381,6 +381,12 @@ impl RuleSet {
             .collect()
     }
 
+    /// Whether a rule of `source` chooses pushes by their changed files.
+    pub fn filters_paths_of(&self, source: &str) -> bool {
+        self.of_source(source)
+            .any(|rule| rule.spec.paths.is_some() || rule.spec.paths_exclude.is_some())
+    }
+
     /// How many rules react to webhooks of `source`.
     pub fn count_for_source(&self, source: &str) -> usize {
         self.of_source(source).count()
