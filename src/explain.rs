@@ -32,6 +32,9 @@ pub struct ExplainRequest<'a> {
     pub json: bool,
     /// A `?ref=` as the webhook URL would carry it.
     pub url_ref: Option<&'a str>,
+    /// Ask the source's forge which files a push changed, as the relay would (`compare`),
+    /// instead of saying that it would: the configuration's secrets are read.
+    pub ask_forge: bool,
 }
 
 /// A stored webhook's headers as a request's (JSON unless they say otherwise).
@@ -228,8 +231,12 @@ fn request_headers(
 
 /// Runs `explain`; the text to print, or an error message for the user.
 pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
-    let config = crate::config::load_without_secrets(request.config)
-        .map_err(|problems| problems.to_string())?;
+    let config = if request.ask_forge {
+        crate::config::load(request.config)
+    } else {
+        crate::config::load_without_secrets(request.config)
+    }
+    .map_err(|problems| problems.to_string())?;
     let mut webhook = Webhook::read(request, &config)?;
     let source = chosen_source(request, &config, webhook.source.take())?;
     let (headers, assumed) = request_headers(request, source.provider, &webhook)?;
@@ -258,6 +265,9 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
     .map_err(|err| format!("{}: {err}", webhook.shown_as))?;
     if let Some(stored) = &webhook.stored {
         received.restore_compared(&stored.compared);
+    }
+    if request.ask_forge {
+        ask_forge(&config, source, &mut received)?;
     }
     let explained = Explained {
         config: &config,
@@ -660,6 +670,38 @@ pub fn explain_schedule(config_path: &Path, name: &str, json: bool) -> Result<St
     Ok(crate::terminal::escape_controls(&out).into_owned())
 }
 
+/// `--ask-forge`: asks the source's forge about the webhook's pushes as the relay would
+/// before storing it (`compare`), so that the rules below read its answer.
+fn ask_forge(
+    config: &crate::config::Config,
+    source: &sources::SourceConfig,
+    received: &mut sources::Received,
+) -> Result<(), String> {
+    let compare = source.compare.as_ref().ok_or_else(|| {
+        format!(
+            "--ask-forge: source {:?} has no `compare = {{ token = … }}` to ask its forge with",
+            source.name
+        )
+    })?;
+    let Outcome::Events(events) = &mut received.outcome else {
+        return Ok(());
+    };
+    let clients = crate::compare::CompareClients::new([(&source.name, compare)])
+        .map_err(|err| format!("--ask-forge: {err}"))?;
+    let client = clients
+        .forge(&source.name)
+        .expect("a client for the one source");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| format!("--ask-forge: {err}"))?;
+    let rules = &config.rules;
+    runtime.block_on(crate::compare::ask_about(client, compare, events, |e| {
+        rules.reads_changed_files(e)
+    }));
+    Ok(())
+}
+
 /// A token as `explain` shows it: the reference, and the mask when it was read.
 fn token_shown(token: &crate::secret::Secret, reference: &crate::secret::SecretRef) -> String {
     if token.expose().is_empty() {
@@ -742,7 +784,11 @@ fn write_changed_files(out: &mut String, event: &Event, asks: Option<&str>) {
     const SHOWN: usize = 10;
     match event.changed_files() {
         crate::event::ChangedFiles::Listed(files) => {
-            let _ = writeln!(out, "  changed files   {}", files.len());
+            let from = match event.compared {
+                Some(crate::event::Compared::Listed) => " (as the forge listed them)",
+                _ => "",
+            };
+            let _ = writeln!(out, "  changed files   {}{from}", files.len());
             for file in files.iter().take(SHOWN) {
                 let _ = writeln!(out, "    {file}");
             }

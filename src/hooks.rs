@@ -131,14 +131,13 @@ async fn compare(
     {
         return;
     }
-    let deadline = tokio::time::Instant::now() + config.timeout;
-    for event in events.iter_mut() {
-        if !asked(event) {
-            continue;
-        }
-        let answer = crate::compare::changed_files(client, config, event, deadline).await;
-        match &answer {
-            crate::event::ComparedRecord::Files(files) => {
+    let rules = &runtime.config.rules;
+    for i in
+        crate::compare::ask_about(client, config, events, |e| rules.reads_changed_files(e)).await
+    {
+        let event = &events[i];
+        match event.compared_record() {
+            Some(crate::event::ComparedRecord::Files(files)) => {
                 app.metrics.compare(&source.name, "listed");
                 tracing::info!(
                     source = %source.name,
@@ -148,7 +147,7 @@ async fn compare(
                     "asked the forge which files the push changed"
                 );
             }
-            crate::event::ComparedRecord::Failed(reason) => {
+            Some(crate::event::ComparedRecord::Failed(reason)) => {
                 app.metrics.compare(&source.name, "failed");
                 tracing::warn!(
                     source = %source.name,
@@ -158,8 +157,8 @@ async fn compare(
                     "could not ask the forge which files the push changed; its rules' path filters let it through"
                 );
             }
+            None => {}
         }
-        event.set_compared(answer);
     }
 }
 

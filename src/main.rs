@@ -272,8 +272,13 @@ struct ExplainArgs {
     /// A `?ref=` as the webhook URL would carry it (overrides every trigger's ref).
     #[arg(long = "ref", value_name = "REF")]
     url_ref: Option<String>,
+    /// Ask the source's forge which files a push changed, as the relay would (a source's
+    /// `compare`), instead of only saying that it would: reads the configuration's
+    /// secrets (as `serve` does) and calls the forge's API.
+    #[arg(long)]
+    ask_forge: bool,
     /// Explain a scheduled rule instead: its next times, and the calls it makes then.
-    #[arg(long, value_name = "RULE", conflicts_with_all = ["payload", "delivery", "source", "event", "headers", "url_ref"])]
+    #[arg(long, value_name = "RULE", conflicts_with_all = ["payload", "delivery", "source", "event", "headers", "url_ref", "ask_forge"])]
     schedule: Option<String>,
     /// The payload file (the webhook's body).
     #[arg(value_name = "PAYLOAD.json", required_unless_present_any = ["delivery", "schedule"])]
@@ -416,6 +421,7 @@ fn explain(args: ExplainArgs) -> ExitCode {
         delivery,
         state,
         schedule,
+        ask_forge,
     } = args;
     let request = hookrelay::explain::ExplainRequest {
         config: &config.path,
@@ -428,6 +434,7 @@ fn explain(args: ExplainArgs) -> ExitCode {
         payload: payload.as_deref(),
         json,
         url_ref: url_ref.as_deref(),
+        ask_forge,
     };
     let explained = match &schedule {
         Some(rule) => hookrelay::explain::explain_schedule(&config.path, rule, json),

@@ -2456,3 +2456,80 @@ async fn replay_unmatched_runs_the_webhooks_that_matched_nothing_through_the_new
     }));
     assert_eq!(served.terminate().0, Some(0));
 }
+
+/// `explain --ask-forge` asks the source's forge about a push whose webhook does not list
+/// every file, as the relay would, and the rules read its answer: a way to try a
+/// `compare` token before pushes depend on it. Without the flag explain asks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_asks_the_forge_only_when_told_to() {
+    let forge = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "0123456789abcdef0123");
+    write(dir.path(), "read-token", "glpat-read-0123456789abcdef");
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "[upstream.gitlab]\nurl = \"http://127.0.0.1:9\"\n\
+             [source.gitlab]\nprovider = \"gitlab\"\nsecret = \"file:{0}/secret\"\n\
+             compare = {{ token = \"file:{0}/read-token\", api_url = \"{1}\" }}\n\
+             [[rule]]\nname = \"api\"\nsource = \"gitlab\"\nevents = [\"push\"]\npaths = [\"services/api/**\"]\n\
+             [rule.trigger]\nproject = \"acme/api\"\ntoken = \"file:{0}/secret\"\n",
+            dir.path().display(),
+            forge.url()
+        ),
+    );
+    let payload = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gitlab/push.json");
+    let explain = |ask: bool| {
+        let mut args = vec![
+            "explain".to_owned(),
+            "--config".to_owned(),
+            dir.path().display().to_string(),
+            "--source".to_owned(),
+            "gitlab".to_owned(),
+            "--event".to_owned(),
+            "Push Hook".to_owned(),
+        ];
+        if ask {
+            args.push("--ask-forge".to_owned());
+        }
+        args.push(payload.display().to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        hookrelay(&args)
+    };
+
+    let offline = explain(false);
+    let text = String::from_utf8_lossy(&offline.stdout);
+    assert!(offline.status.success(), "{offline:?}");
+    assert!(
+        text.contains("the relay asks") && text.contains("(explain does not ask)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("✓ api"),
+        "not known: the filter lets it by\n{text}"
+    );
+    assert!(forge.received().is_empty());
+
+    forge.answer_next(Answer::new(
+        200,
+        r#"{"diffs": [{"old_path": "docs/a.md", "new_path": "docs/a.md"}], "compare_timeout": false}"#,
+    ));
+    let asked = tokio::task::block_in_place(|| explain(true));
+    let text = String::from_utf8_lossy(&asked.stdout);
+    assert!(asked.status.success(), "{asked:?}");
+    assert!(
+        text.contains("changed files   1 (as the forge listed them)") && text.contains("docs/a.md"),
+        "{text}"
+    );
+    assert!(
+        text.contains("✗ api") && text.contains("paths: none of the 1 changed file (docs/a.md)"),
+        "{text}"
+    );
+    let call = forge.only();
+    assert_eq!(
+        call.header("authorization"),
+        Some("Bearer glpat-read-0123456789abcdef")
+    );
+    assert!(!text.contains("glpat-read-0123456789abcdef"), "{text}");
+}

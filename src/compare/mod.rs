@@ -125,10 +125,33 @@ fn is_commit_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Asks the forge about each of one webhook's `events` that is worth it and that `reads`
+/// (a rule with path filters would match it but for them), within one `timeout` for all,
+/// and gives each its answer; returns the indices of those asked. The relay runs it before
+/// a webhook is stored, `explain --ask-forge` on a payload.
+pub async fn ask_about(
+    client: &Upstream,
+    config: &CompareConfig,
+    events: &mut [Event],
+    reads: impl Fn(&Event) -> bool,
+) -> Vec<usize> {
+    let deadline = tokio::time::Instant::now() + config.timeout;
+    let mut asked = Vec::new();
+    for (i, event) in events.iter_mut().enumerate() {
+        if !worth_asking(event) || !reads(event) {
+            continue;
+        }
+        let answer = changed_files(client, config, event, deadline).await;
+        event.set_compared(answer);
+        asked.push(i);
+    }
+    asked
+}
+
 /// Asks the forge which files `event` changed: every path added, modified, removed or
 /// renamed (both names) between `before` and `after`, sorted, once each; or why it cannot
 /// tell, by `deadline` (the webhook's share of `compare.timeout`).
-pub async fn changed_files(
+async fn changed_files(
     client: &Upstream,
     config: &CompareConfig,
     event: &Event,
