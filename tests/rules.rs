@@ -602,6 +602,18 @@ token = "file:{{dir}}/token"
         "{failed}"
     );
 
+    // Rate limited: the forge's Retry-After holds every compare of the source until then.
+    forge.answer_next(
+        Answer::new(429, r#"{"message": "429 Too Many Requests"}"#).header("retry-after", "60"),
+    );
+    for delivery in ["cmp-7", "cmp-8"] {
+        let reply = gitlab_push(&relay, delivery, "gitlab/push.json").await;
+        assert_eq!(sorted(&reply), ["acme/all", "acme/api", "acme/docs"]);
+        let failed = reply.json()["events"][0]["compared"]["failed"].clone();
+        assert!(failed.as_str().unwrap().contains("rate limit"), "{failed}");
+    }
+    assert_eq!(forge.received().len(), 7, "held back after the 429");
+
     // GitLab's retry of the first push (the same delivery id) is answered as a repeat
     // without asking again.
     let reply = gitlab_push(&relay, "cmp-1", "gitlab/push.json").await;
@@ -612,7 +624,7 @@ token = "file:{{dir}}/token"
     let reply = gitlab_push(&relay, "cmp-4", "gitlab/push_branch_create.json").await;
     assert_eq!(reply.status, 202, "{}", reply.text());
     assert_eq!(sorted(&reply), ["acme/all", "acme/docs"]);
-    assert_eq!(forge.received().len(), 6, "the forge was asked six times");
+    assert_eq!(forge.received().len(), 7, "the forge was asked seven times");
 
     // The record keeps the forge's answer: explain --delivery (like the dashboard and a
     // replan) reads it again instead of asking, and its rules' verdicts follow it.
@@ -631,7 +643,7 @@ token = "file:{{dir}}/token"
         json!(["services/api/new.go", "services/api/old.go"]),
         "{explained:#}"
     );
-    assert_eq!(forge.received().len(), 6, "explain asked nothing");
+    assert_eq!(forge.received().len(), 7, "explain asked nothing");
     let stored = relay
         .app
         .outbox

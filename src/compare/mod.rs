@@ -73,7 +73,16 @@ impl CompareConfig {
 /// each configuration.
 #[derive(Default)]
 pub struct CompareClients {
-    forges: HashMap<String, Arc<Upstream>>,
+    forges: HashMap<String, Arc<ForgeClient>>,
+}
+
+/// One source's client, and until when its forge asked not to be called (a rate limit's
+/// `Retry-After` or reset): pushes meanwhile are not asked about, so a busy monorepo does
+/// not keep calling a forge that already refused, which GitHub and Bitbucket may answer
+/// by blocking the token.
+pub struct ForgeClient {
+    client: Upstream,
+    held_until: std::sync::Mutex<Option<std::time::SystemTime>>,
 }
 
 impl CompareClients {
@@ -93,13 +102,19 @@ impl CompareClients {
                     max_in_flight: IN_FLIGHT,
                 },
             )?;
-            forges.insert(name.clone(), Arc::new(client));
+            forges.insert(
+                name.clone(),
+                Arc::new(ForgeClient {
+                    client,
+                    held_until: std::sync::Mutex::new(None),
+                }),
+            );
         }
         Ok(CompareClients { forges })
     }
 
     /// The client of the forge `source`'s pushes are compared on.
-    pub fn forge(&self, source: &str) -> Option<&Arc<Upstream>> {
+    pub fn forge(&self, source: &str) -> Option<&Arc<ForgeClient>> {
         self.forges.get(source)
     }
 }
@@ -130,7 +145,7 @@ fn is_commit_id(id: &str) -> bool {
 /// and gives each its answer; returns the indices of those asked. The relay runs it before
 /// a webhook is stored, `explain --ask-forge` on a payload.
 pub async fn ask_about(
-    client: &Upstream,
+    client: &ForgeClient,
     config: &CompareConfig,
     events: &mut [Event],
     reads: impl Fn(&Event) -> bool,
@@ -152,7 +167,7 @@ pub async fn ask_about(
 /// renamed (both names) between `before` and `after`, sorted, once each; or why it cannot
 /// tell, by `deadline` (the webhook's share of `compare.timeout`).
 async fn changed_files(
-    client: &Upstream,
+    client: &ForgeClient,
     config: &CompareConfig,
     event: &Event,
     deadline: tokio::time::Instant,
@@ -164,11 +179,21 @@ async fn changed_files(
 }
 
 async fn ask(
-    client: &Upstream,
+    forge: &ForgeClient,
     config: &CompareConfig,
     event: &Event,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<String>, String> {
+    let now = std::time::SystemTime::now();
+    if let Some(until) = *forge.held_until.lock().expect("never poisoned")
+        && until > now
+    {
+        return Err(format!(
+            "the forge asked to wait (rate limited) until {}",
+            httpdate::fmt_http_date(until)
+        ));
+    }
+    let client = &forge.client;
     let token = config
         .token
         .as_ref()
@@ -193,6 +218,17 @@ async fn ask(
             {
                 path = moved;
                 continue;
+            }
+            if let Some(wait) =
+                crate::status::forge::rate_limited(&answer, std::time::SystemTime::now())
+            {
+                let until = std::time::SystemTime::now() + wait;
+                *forge.held_until.lock().expect("never poisoned") = Some(until);
+                return Err(format!(
+                    "the forge is rate limiting its token ({}); not asked again until {}",
+                    answer.status.as_u16(),
+                    httpdate::fmt_http_date(until)
+                ));
             }
             if !answer.status.is_success() {
                 return Err(format!(
