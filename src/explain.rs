@@ -386,8 +386,8 @@ impl Explained<'_> {
                         .source
                         .compare
                         .as_ref()
-                        .filter(|_| {
-                            crate::compare::worth_asking(event)
+                        .filter(|compare| {
+                            crate::compare::worth_asking(event, compare)
                                 && self.config.rules.reads_changed_files(event)
                         })
                         .map(|compare| compare.api_url.as_str());

@@ -116,7 +116,8 @@ async fn compare(
         return;
     };
     let asked = |event: &Event| {
-        crate::compare::worth_asking(event) && runtime.config.rules.reads_changed_files(event)
+        crate::compare::worth_asking(event, config)
+            && runtime.config.rules.reads_changed_files(event)
     };
     if !events.iter().any(asked) {
         return;

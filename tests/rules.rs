@@ -758,6 +758,78 @@ token = "file:{{dir}}/token"
     );
 }
 
+/// A new branch has no commit before it; with `new_branch_base` the forge compares it with
+/// that branch (as GitLab's `rules:changes:compare_to` does), so its first push builds
+/// only what it changed. GitHub's own `push_branch_create.json` lists no commits.
+#[tokio::test]
+async fn a_new_branch_is_compared_with_the_base_branch_when_one_is_named() {
+    let upstream = RecordingUpstream::start().await;
+    let forge = RecordingUpstream::start().await;
+    let config = format!(
+        r#"
+[upstream.gitlab]
+url = "{}"
+
+[source.github]
+provider = "github"
+secret = "file:{{dir}}/secret"
+compare = {{ token = "file:{{dir}}/forge-token", api_url = "{}", new_branch_base = "master" }}
+
+[[rule]]
+name = "api"
+source = "github"
+paths = ["services/api/**"]
+[rule.trigger]
+project = "acme/api"
+token = "file:{{dir}}/token"
+"#,
+        upstream.url(),
+        forge.url()
+    );
+    let relay = Relay::start_with(
+        &config,
+        &[
+            ("secret", SECRET),
+            ("token", "glptt-compare-0123456789"),
+            ("forge-token", "ghp_read0123456789abcdef"),
+        ],
+    )
+    .await;
+    forge.answer_next(Answer::new(
+        200,
+        r#"{"status": "ahead", "files": [{"filename": "docs/guide.md", "status": "added"}]}"#,
+    ));
+    let reply = github(
+        &relay,
+        "/hooks/github",
+        "push",
+        "github/push_branch_create.json",
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "nothing under services/api: {}",
+        reply.text()
+    );
+    let (queued, reasons) = queued_and_reasons(&reply);
+    assert!(queued.is_empty());
+    assert_eq!(
+        reasons,
+        [(
+            "api".to_owned(),
+            "paths: none of the 1 changed file (docs/guide.md) matches [\"services/api/**\"]"
+                .to_owned()
+        )]
+    );
+    let asked = forge.only();
+    assert_eq!(
+        asked.path_and_query,
+        "/api/v3/repos/bradrydzewski/drone-test-go/compare/master...d2b75aa7797ec26b088fa2dd527e9d2c052fcedd"
+    );
+    assert_eq!(asked.header("x-github-api-version"), Some("2022-11-28"));
+}
+
 /// `[skip ci]` in the head commit's message skips a branch push, as GitLab and GitHub
 /// Actions skip their own pipelines, unless a rule says `skip_ci = false`; tags build.
 #[tokio::test]

@@ -56,9 +56,24 @@ pub struct CompareConfig {
     /// Extra PEM certificates to trust (a self-hosted forge's CA).
     pub ca_file: Option<std::path::PathBuf>,
     pub timeout: Duration,
+    /// `new_branch_base = "main"`: a new branch's push is compared with this branch (where
+    /// it forked from it), as GitLab's `rules:changes:compare_to` does; without it a new
+    /// branch has nothing to be compared with and passes the filters.
+    pub new_branch_base: Option<String>,
 }
 
 impl CompareConfig {
+    /// What `event`'s files are asked against: the commit before the push, or for a new
+    /// branch `new_branch_base` (unless the push creates that branch itself).
+    fn base_of<'a>(&'a self, event: &'a Event) -> Option<&'a str> {
+        if !is_zero_id(&event.before) {
+            return is_commit_id(&event.before).then_some(event.before.as_str());
+        }
+        self.new_branch_base
+            .as_deref()
+            .filter(|base| *base != event.ref_name)
+    }
+
     /// The forge a provider's pushes are compared on, or why there is none.
     pub fn forge_of(provider: Provider) -> Result<Forge, String> {
         match provider {
@@ -119,15 +134,15 @@ impl CompareClients {
     }
 }
 
-/// Whether the forge would be asked about `event`: a branch push onto an existing commit
-/// whose webhook does not tell every changed file, from a list of its own (a generic
-/// sender's) or per commit, and that was not asked about before.
-pub fn worth_asking(event: &Event) -> bool {
+/// Whether the forge would be asked about `event`: a branch push with something to compare
+/// it with (the commit before it, or for a new branch `new_branch_base`) whose webhook does
+/// not tell every changed file, from a list of its own (a generic sender's) or per commit,
+/// and that was not asked about before.
+pub fn worth_asking(event: &Event, config: &CompareConfig) -> bool {
     event.kind == EventKind::Push
         && event.files.is_none()
         && event.compared.is_none()
-        && is_commit_id(&event.before)
-        && !is_zero_id(&event.before)
+        && config.base_of(event).is_some()
         && is_commit_id(&event.after)
         && matches!(
             event.changed_files(),
@@ -153,7 +168,7 @@ pub async fn ask_about(
     let deadline = tokio::time::Instant::now() + config.timeout;
     let mut asked = Vec::new();
     for (i, event) in events.iter_mut().enumerate() {
-        if !worth_asking(event) || !reads(event) {
+        if !worth_asking(event, config) || !reads(event) {
             continue;
         }
         let answer = changed_files(client, config, event, deadline).await;
@@ -201,7 +216,10 @@ async fn ask(
     let headers = crate::status::forge::api_headers(config.forge, token, "compare")?;
     let asked = async {
         let mut files = BTreeSet::new();
-        let mut path = first_path(config.forge, &event.repository, &event.before, &event.after)?;
+        let base = config
+            .base_of(event)
+            .ok_or_else(|| "the push has nothing to be compared with".to_owned())?;
+        let mut path = first_path(config.forge, &event.repository, base, &event.after)?;
         for _ in 0..MOST_PAGES {
             let answer = client
                 .call(Method::GET, &path, headers.clone(), bytes::Bytes::new())
@@ -269,17 +287,20 @@ async fn ask(
 }
 
 /// The first request's path and query, below the API root.
-fn first_path(forge: Forge, repository: &str, before: &str, after: &str) -> Result<String, String> {
-    let (before, after) = (segment(before), segment(after));
+fn first_path(forge: Forge, repository: &str, base: &str, after: &str) -> Result<String, String> {
+    // A commit id, or a branch (`new_branch_base`) whose `/`s stay in a path and are
+    // encoded in a query.
+    let in_path = base.split('/').map(segment).collect::<Vec<_>>().join("/");
+    let (before, after) = (segment(base), segment(after));
     let repo = || {
         owner_and_repo(repository).map_err(|_| {
             format!("repository {repository:?} is not owner/name, so the forge cannot be asked")
         })
     };
     Ok(match forge {
-        Forge::Github => format!("/repos/{}/compare/{before}...{after}", repo()?),
+        Forge::Github => format!("/repos/{}/compare/{in_path}...{after}", repo()?),
         Forge::Gitea => format!(
-            "/repos/{}/compare/{before}...{after}?verification=false",
+            "/repos/{}/compare/{in_path}...{after}?verification=false",
             repo()?
         ),
         Forge::Gitlab => format!(
@@ -287,7 +308,7 @@ fn first_path(forge: Forge, repository: &str, before: &str, after: &str) -> Resu
             segment(repository)
         ),
         Forge::BitbucketCloud => format!(
-            "/repositories/{}/diffstat/{after}..{before}?topic=true",
+            "/repositories/{}/diffstat/{after}..{in_path}?topic=true",
             repo()?
         ),
         Forge::BitbucketServer => {

@@ -213,18 +213,64 @@ fn only_pushes_whose_files_are_not_all_told_are_worth_asking() {
         }],
         ..Default::default()
     };
+    let mut config = CompareConfig {
+        forge: Forge::BitbucketCloud,
+        api_url: "https://api.bitbucket.org/2.0".into(),
+        token_ref: SecretRef::parse("env:T").unwrap(),
+        token: None,
+        ca_file: None,
+        timeout: DEFAULT_TIMEOUT,
+        new_branch_base: None,
+    };
     let push = context.event(change("refs/heads/main", BEFORE)).unwrap();
-    assert!(worth_asking(&push), "Bitbucket lists no files");
+    assert!(worth_asking(&push, &config), "Bitbucket lists no files");
+    assert_eq!(config.base_of(&push), Some(BEFORE));
     let tag = context.event(change("refs/tags/v1", BEFORE)).unwrap();
-    assert!(!worth_asking(&tag));
+    assert!(!worth_asking(&tag, &config));
     let new_branch = context
         .event(change("refs/heads/new", crate::event::ZERO_ID))
         .unwrap();
     assert!(
-        !worth_asking(&new_branch),
+        !worth_asking(&new_branch, &config),
         "nothing to compare a new branch with"
     );
     let mut told = push.clone();
     told.set_compared(ComparedRecord::Files(vec!["a".into()]));
-    assert!(!worth_asking(&told), "asked already");
+    assert!(!worth_asking(&told, &config), "asked already");
+
+    // With `new_branch_base`, a new branch is compared with it, except that branch itself.
+    config.new_branch_base = Some("main".into());
+    assert!(worth_asking(&new_branch, &config));
+    assert_eq!(config.base_of(&new_branch), Some("main"));
+    let new_main = context
+        .event(change("refs/heads/main", crate::event::ZERO_ID))
+        .unwrap();
+    assert!(
+        !worth_asking(&new_main, &config),
+        "main compared with itself"
+    );
+}
+
+/// A base branch keeps its `/`s in a path and has them encoded in a query.
+#[test]
+fn a_base_branch_is_written_as_each_forge_reads_a_ref() {
+    let path = |forge| first_path(forge, "acme/app", "release/1.x", AFTER).unwrap();
+    assert_eq!(
+        path(Forge::Github),
+        format!("/repos/acme/app/compare/release/1.x...{AFTER}")
+    );
+    assert_eq!(
+        path(Forge::Gitlab),
+        format!("/projects/acme%2Fapp/repository/compare?from=release%2F1.x&to={AFTER}")
+    );
+    assert_eq!(
+        path(Forge::BitbucketCloud),
+        format!("/repositories/acme/app/diffstat/{AFTER}..release/1.x?topic=true")
+    );
+    assert_eq!(
+        path(Forge::BitbucketServer),
+        format!(
+            "/rest/api/latest/projects/acme/repos/app/changes?since=release%2F1.x&until={AFTER}&limit=1000"
+        )
+    );
 }

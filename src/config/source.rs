@@ -72,6 +72,7 @@ struct RawCompare {
     api_url: Option<String>,
     ca_file: Option<Spanned<String>>,
     timeout: Option<String>,
+    new_branch_base: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -535,6 +536,18 @@ fn compile_compare(
             }
         },
     };
+    let new_branch_base = match raw.new_branch_base.as_deref().map(str::trim) {
+        None => None,
+        Some(base) if is_branch_name(base) => Some(base.to_owned()),
+        Some(base) => {
+            problems.at(
+                Some(span.clone()),
+                format!("{field}.new_branch_base: {base:?} is not a branch name (letters, digits, `.`, `_`, `-` and `/` between them, as `main` or `release/1.x`)"),
+            );
+            *ok = false;
+            return None;
+        }
+    };
     let api = ForgeApi::compile(
         &field,
         crate::compare::CompareConfig::forge_of(provider),
@@ -551,7 +564,24 @@ fn compile_compare(
         token: api.token,
         ca_file: api.ca_file,
         timeout,
+        new_branch_base,
     })
+}
+
+/// A branch name as git allows it, narrowed to what every forge's compare API takes in a
+/// path: parts of letters, digits, `.`, `_` and `-` joined by single `/`s, none starting
+/// with `.` or `-`, without `..` or a `.lock` end.
+fn is_branch_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains("..")
+        && !name.ends_with(".lock")
+        && name.split('/').all(|part| {
+            !part.is_empty()
+                && !part.starts_with(['.', '-'])
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
 }
 
 /// A forge's API as `status` and `compare` name it: the root, the token, a private CA.

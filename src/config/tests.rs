@@ -1283,7 +1283,7 @@ compare = { token = "env:READ" }
 [source.gl]
 provider = "gitlab"
 secret = "env:S"
-compare = { token = "env:READ", api_url = "https://gitlab.example.com", timeout = "1500ms" }
+compare = { token = "env:READ", api_url = "https://gitlab.example.com", timeout = "1500ms", new_branch_base = "release/1.x" }
 "#,
         )],
         &env,
@@ -1295,6 +1295,8 @@ compare = { token = "env:READ", api_url = "https://gitlab.example.com", timeout 
     let gl = config.sources["gl"].compare.as_ref().unwrap();
     assert_eq!(gl.api_url, "https://gitlab.example.com/api/v4");
     assert_eq!(gl.timeout, Duration::from_millis(1500));
+    assert_eq!(gl.new_branch_base.as_deref(), Some("release/1.x"));
+    assert_eq!(bb.new_branch_base, None);
     // No rule reads the files of either source's pushes: the forge would never be asked.
     assert_eq!(
         warnings(&config),
@@ -1336,6 +1338,11 @@ provider = "gitlab"
 secret = "env:S"
 upstream = "gitlab"
 compare = { token = "env:READ" }
+
+[source.based]
+provider = "github"
+secret = "env:S"
+compare = { token = "env:READ", new_branch_base = "../main" }
 "#,
         )],
         &env,
@@ -1346,6 +1353,7 @@ compare = { token = "env:READ" }
         "a.toml:18: source.slow.compare.timeout: \"20s\" is longer than 8s",
         "a.toml:23: source.gitea.compare: a Gitea or Forgejo server has no default address: set api_url",
         "a.toml:29: source.pipelines.compare: a source of pipeline events (`upstream`) takes no pushes",
+        "a.toml:34: source.based.compare.new_branch_base: \"../main\" is not a branch name",
     ];
     for (problem, expected) in problems.iter().zip(expect) {
         assert!(
