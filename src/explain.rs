@@ -100,8 +100,8 @@ struct Webhook {
     shown_as: String,
     /// A stored delivery's `?ref=`, used unless `--ref` is given.
     url_ref: Option<String>,
-    /// A stored delivery, whose forge's answers (`compare`) are read again.
-    stored: Option<crate::store::StoredWebhook>,
+    /// A stored delivery's answers of its forge (`compare`), read again instead of asking.
+    compared: Vec<Option<crate::event::ComparedRecord>>,
 }
 
 impl Webhook {
@@ -119,12 +119,12 @@ impl Webhook {
                 let stored =
                     stored_webhook(&location, id, request.source).map_err(|err| err.to_string())?;
                 Ok(Webhook {
-                    source: Some(stored.source.clone()),
-                    headers: stored.headers.clone(),
-                    body: stored.body.clone(),
+                    source: Some(stored.source),
+                    headers: stored.headers,
+                    body: stored.body,
                     shown_as: format!("delivery {}", stored.delivery_id),
-                    url_ref: stored.url_ref.clone(),
-                    stored: Some(stored),
+                    url_ref: stored.url_ref,
+                    compared: stored.compared,
                 })
             }
             (None, Some(payload)) => {
@@ -136,7 +136,7 @@ impl Webhook {
                     body: Bytes::from(body),
                     shown_as: payload.display().to_string(),
                     url_ref: None,
-                    stored: None,
+                    compared: Vec::new(),
                 })
             }
             _ => Err("give either a payload file or --delivery ID".into()),
@@ -263,9 +263,7 @@ pub fn explain(request: &ExplainRequest<'_>) -> Result<String, String> {
         Verification::Skip,
     )
     .map_err(|err| format!("{}: {err}", webhook.shown_as))?;
-    if let Some(stored) = &webhook.stored {
-        received.restore_compared(&stored.compared);
-    }
+    received.restore_compared(&webhook.compared);
     if request.ask_forge {
         ask_forge(&config, source, &mut received)?;
     }
@@ -387,8 +385,7 @@ impl Explained<'_> {
                         .compare
                         .as_ref()
                         .filter(|compare| {
-                            crate::compare::worth_asking(event, compare)
-                                && self.config.rules.reads_changed_files(event)
+                            crate::compare::would_ask(event, compare, &self.config.rules)
                         })
                         .map(|compare| compare.api_url.as_str());
                     write_event(&mut out, (i + 1, events.len()), event, asks);
@@ -695,10 +692,8 @@ fn ask_forge(
         .enable_all()
         .build()
         .map_err(|err| format!("--ask-forge: {err}"))?;
-    let rules = &config.rules;
-    runtime.block_on(crate::compare::ask_about(client, compare, events, |e| {
-        rules.reads_changed_files(e)
-    }));
+    let asked = crate::compare::to_ask(events, compare, &config.rules);
+    runtime.block_on(crate::compare::ask_about(client, compare, events, &asked));
     Ok(())
 }
 

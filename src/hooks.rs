@@ -115,11 +115,8 @@ async fn compare(
     let Outcome::Events(events) = &mut received.outcome else {
         return;
     };
-    let asked = |event: &Event| {
-        crate::compare::worth_asking(event, config)
-            && runtime.config.rules.reads_changed_files(event)
-    };
-    if !events.iter().any(asked) {
+    let asked = crate::compare::to_ask(events, config, &runtime.config.rules);
+    if asked.is_empty() {
         return;
     }
     // A redelivery queues nothing (its record keeps the first answer): not asked again.
@@ -132,23 +129,21 @@ async fn compare(
     {
         return;
     }
-    let rules = &runtime.config.rules;
-    for i in
-        crate::compare::ask_about(client, config, events, |e| rules.reads_changed_files(e)).await
-    {
+    crate::compare::ask_about(client, config, events, &asked).await;
+    for &i in &asked {
         let event = &events[i];
-        match event.compared_record() {
-            Some(crate::event::ComparedRecord::Files(files)) => {
+        match &event.compared {
+            Some(crate::event::Compared::Listed) => {
                 app.metrics.compare(&source.name, "listed");
                 tracing::info!(
                     source = %source.name,
                     delivery = %event.delivery,
                     git_ref = %event.git_ref,
-                    files = files.len(),
+                    files = event.files.as_ref().map_or(0, Vec::len),
                     "asked the forge which files the push changed"
                 );
             }
-            Some(crate::event::ComparedRecord::Failed(reason)) => {
+            Some(crate::event::Compared::Failed(reason)) => {
                 app.metrics.compare(&source.name, "failed");
                 tracing::warn!(
                     source = %source.name,

@@ -56,18 +56,12 @@ pub struct UpstreamNameLabels {
     pub upstream: String,
 }
 
+/// A source and what became of something it did: catch-up's webhooks (`redelivered`,
+/// `refused` by the forge, `rejected` by the relay, `left` for the next pass, `failed`),
+/// compares (`listed`, `failed`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CatchUpLabels {
+pub struct SourceOutcomeLabels {
     pub source: String,
-    /// `redelivered`, `refused` (by GitHub), `rejected` (refused by the relay, `4xx`),
-    /// `left` (for the next pass), `failed` (the log could not be read).
-    pub outcome: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CompareLabels {
-    pub source: String,
-    /// `listed` (the forge told the files), `failed` (it could not: the push passed).
     pub outcome: String,
 }
 
@@ -181,8 +175,8 @@ pub struct Metrics {
     store_disk_reserve: Gauge,
     limit_refusals: Family<LimitLabels, Counter>,
     status_posts: Family<StatusLabels, Counter>,
-    compares: Family<CompareLabels, Counter>,
-    catch_up: Family<CatchUpLabels, Counter>,
+    compares: Family<SourceOutcomeLabels, Counter>,
+    catch_up: Family<SourceOutcomeLabels, Counter>,
     pipeline_polls: Family<OutcomeLabels, Counter>,
     /// Whether the last reload took (1) or left the running configuration (0), and when
     /// the configuration in use was loaded: named as Prometheus names its own, so the
@@ -320,7 +314,7 @@ impl Metrics {
             "Requests refused by a rate limit (on_limit = \"reject\" and the gateway's limits), by the setting",
             limit_refusals.clone(),
         );
-        let catch_up = Family::<CatchUpLabels, Counter>::default();
+        let catch_up = Family::<SourceOutcomeLabels, Counter>::default();
         registry.register(
             "catch_up",
             "GitHub and GitLab webhooks the relay's catch-up passes found it never took, by source and by what became of them: redelivered, refused (by the forge), rejected (the relay had refused them: 4xx), left (for the next pass); failed counts passes that could not read the hook's log, hook_disabled passes that found GitLab no longer calling the hook",
@@ -332,7 +326,7 @@ impl Metrics {
             "Commit statuses posted back to the forges, by forge and outcome: sent, retried, failed",
             status_posts.clone(),
         );
-        let compares = Family::<CompareLabels, Counter>::default();
+        let compares = Family::<SourceOutcomeLabels, Counter>::default();
         registry.register(
             "compares",
             "Forges asked which files a push changed (a source's `compare`), by source and outcome: listed, failed (the push passed every path filter)",
@@ -477,20 +471,20 @@ impl Metrics {
         self.connections_shed.inc();
     }
 
-    /// `count` webhooks of `source`'s hook that a catch-up pass found, and what became of them.
     /// A source's forge was asked which files a push changed: `listed` or `failed`.
     pub fn compare(&self, source: &str, outcome: &str) {
         self.compares
-            .get_or_create(&CompareLabels {
+            .get_or_create(&SourceOutcomeLabels {
                 source: source.to_owned(),
                 outcome: outcome.to_owned(),
             })
             .inc();
     }
 
+    /// `count` webhooks of `source`'s hook that a catch-up pass found, and what became of them.
     pub fn catch_up(&self, source: &str, outcome: &str, count: u64) {
         self.catch_up
-            .get_or_create(&CatchUpLabels {
+            .get_or_create(&SourceOutcomeLabels {
                 source: source.to_owned(),
                 outcome: outcome.to_owned(),
             })

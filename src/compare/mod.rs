@@ -26,6 +26,7 @@ use http::Method;
 use serde::Deserialize;
 
 use crate::event::{ComparedRecord, Event, EventKind, MOST_CHANGED_FILES, Provider, is_zero_id};
+use crate::rules::RuleSet;
 use crate::secret::{Secret, SecretRef};
 use crate::status::Forge;
 use crate::status::forge::{owner_and_repo, redirect_within, segment};
@@ -138,7 +139,7 @@ impl CompareClients {
 /// it with (the commit before it, or for a new branch `new_branch_base`) whose webhook does
 /// not tell every changed file, from a list of its own (a generic sender's) or per commit,
 /// and that was not asked about before.
-pub fn worth_asking(event: &Event, config: &CompareConfig) -> bool {
+fn worth_asking(event: &Event, config: &CompareConfig) -> bool {
     event.kind == EventKind::Push
         && event.files.is_none()
         && event.compared.is_none()
@@ -155,27 +156,33 @@ fn is_commit_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Asks the forge about each of one webhook's `events` that is worth it and that `reads`
-/// (a rule with path filters would match it but for them), within one `timeout` for all,
-/// and gives each its answer; returns the indices of those asked. The relay runs it before
-/// a webhook is stored, `explain --ask-forge` on a payload.
+/// Whether the relay asks the forge about `event`: it is [worth asking](worth_asking), and
+/// a rule with path filters would match it but for them.
+pub fn would_ask(event: &Event, config: &CompareConfig, rules: &RuleSet) -> bool {
+    worth_asking(event, config) && rules.reads_changed_files(event)
+}
+
+/// The indices of one webhook's `events` the relay asks the forge about ([`would_ask`]).
+pub fn to_ask(events: &[Event], config: &CompareConfig, rules: &RuleSet) -> Vec<usize> {
+    (0..events.len())
+        .filter(|&i| would_ask(&events[i], config, rules))
+        .collect()
+}
+
+/// Asks the forge about each of one webhook's `events` named by `asked` ([`to_ask`]),
+/// within one `timeout` for all, and gives each its answer. The relay runs it before a
+/// webhook is stored, `explain --ask-forge` on a payload.
 pub async fn ask_about(
     client: &ForgeClient,
     config: &CompareConfig,
     events: &mut [Event],
-    reads: impl Fn(&Event) -> bool,
-) -> Vec<usize> {
+    asked: &[usize],
+) {
     let deadline = tokio::time::Instant::now() + config.timeout;
-    let mut asked = Vec::new();
-    for (i, event) in events.iter_mut().enumerate() {
-        if !worth_asking(event, config) || !reads(event) {
-            continue;
-        }
-        let answer = changed_files(client, config, event, deadline).await;
-        event.set_compared(answer);
-        asked.push(i);
+    for &i in asked {
+        let answer = changed_files(client, config, &events[i], deadline).await;
+        events[i].set_compared(answer);
     }
-    asked
 }
 
 /// Asks the forge which files `event` changed: every path added, modified, removed or
@@ -237,10 +244,9 @@ async fn ask(
                 path = moved;
                 continue;
             }
-            if let Some(wait) =
-                crate::status::forge::rate_limited(&answer, std::time::SystemTime::now())
-            {
-                let until = std::time::SystemTime::now() + wait;
+            let now = std::time::SystemTime::now();
+            if let Some(wait) = crate::status::forge::rate_limited(&answer, now) {
+                let until = now + wait;
                 *forge.held_until.lock().expect("never poisoned") = Some(until);
                 return Err(format!(
                     "the forge is rate limiting its token ({}); not asked again until {}",
@@ -253,8 +259,7 @@ async fn ask(
                     "the forge answered {}: {}",
                     answer.status.as_u16(),
                     crate::status::forge::shorten(
-                        &crate::upstream::readable_message(&answer.body)
-                            .unwrap_or_else(|| String::from_utf8_lossy(&answer.body).into_owned()),
+                        &crate::status::forge::message(&answer.body),
                         200
                     )
                 ));

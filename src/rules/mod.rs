@@ -198,6 +198,13 @@ pub struct Rule {
     triggers: Vec<CompiledTrigger>,
 }
 
+impl RuleSpec {
+    /// Whether it chooses pushes by the files they changed (`paths`, `paths_exclude`).
+    pub fn filters_paths(&self) -> bool {
+        self.paths.is_some() || self.paths_exclude.is_some()
+    }
+}
+
 impl Rule {
     pub fn name(&self) -> &str {
         &self.spec.name
@@ -360,10 +367,9 @@ impl RuleSet {
     /// Whether a rule with path filters matches `event` in all but those (its events,
     /// repository and refs): only then is it worth asking the forge for the files.
     pub fn reads_changed_files(&self, event: &Event) -> bool {
-        self.candidates(event).into_iter().any(|rule| {
-            (rule.spec.paths.is_some() || rule.spec.paths_exclude.is_some())
-                && why_not_by_ref(rule, event).is_none()
-        })
+        self.candidates(event)
+            .into_iter()
+            .any(|rule| rule.spec.filters_paths() && why_not_by_ref(rule, event).is_none())
     }
 
     /// Every rule of the event's source, with the first reason it does not match (`None`
@@ -383,8 +389,7 @@ impl RuleSet {
 
     /// Whether a rule of `source` chooses pushes by their changed files.
     pub fn filters_paths_of(&self, source: &str) -> bool {
-        self.of_source(source)
-            .any(|rule| rule.spec.paths.is_some() || rule.spec.paths_exclude.is_some())
+        self.of_source(source).any(|rule| rule.spec.filters_paths())
     }
 
     /// How many rules react to webhooks of `source`.
@@ -407,7 +412,7 @@ impl RuleSet {
         let spec = &rule.spec;
         // The changed files are gathered, and matched against every rule's path filters,
         // once per event and only when a rule has filters.
-        if (spec.paths.is_some() || spec.paths_exclude.is_some())
+        if spec.filters_paths()
             && let ChangedFiles::Listed(files) = scope.changed_files()
             && !scope.passing_paths(&self.path_filters, files, self.rules.len())[rule.index]
         {

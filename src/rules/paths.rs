@@ -38,7 +38,7 @@ impl PathFilters {
         let mut owners = Vec::new();
         let mut filtered = Vec::new();
         for (index, spec) in rules.enumerate() {
-            if spec.paths.is_none() && spec.paths_exclude.is_none() {
+            if !spec.filters_paths() {
                 continue;
             }
             filtered.push((index, spec.paths.is_some()));

@@ -428,7 +428,7 @@ pub fn rate_limited(answer: &UpstreamResponse, now: SystemTime) -> Option<Durati
 
 /// The forge's own words from an error answer: `message` (GitHub, Gitea), `error.message`
 /// (Bitbucket Cloud), `errors[0].message` (Bitbucket Data Center), else the body's start.
-fn message(body: &[u8]) -> String {
+pub(crate) fn message(body: &[u8]) -> String {
     #[derive(Default, Deserialize)]
     struct Answer {
         message: Option<serde_json::Value>,
