@@ -387,7 +387,7 @@ impl Explained<'_> {
                         .filter(|compare| {
                             crate::compare::would_ask(event, compare, &self.config.rules)
                         })
-                        .map(|compare| compare.api_url.as_str());
+                        .map(|compare| compare.api.api_url.as_str());
                     write_event(&mut out, (i + 1, events.len()), event, asks);
                     write_rules(&mut out, self.config, event, self.url_ref);
                 }

@@ -544,7 +544,7 @@ pub fn configuration(app: &App) -> Value {
                 "path": format!("/hooks/{}", source.name),
                 "rules": config.rules.count_for_source(&source.name),
                 "statuses_to": source.status.as_ref().map(|status| &status.api_url),
-                "compares_with": source.compare.as_ref().map(|compare| &compare.api_url),
+                "compares_with": source.compare.as_ref().map(|compare| &compare.api.api_url),
                 "pipeline_events_of": source.pipelines_of,
                 "secrets": source.secrets.len(),
                 "allow_from": crate::config::networks::shown(&source.allow_from),

@@ -172,7 +172,7 @@ fn called_addresses(config: &Config) -> Vec<(crate::upstream::Called, String)> {
         .map(|u| (Called::Upstream(u.name.clone()), u.base_url()));
     let forges = config.sources.values().flat_map(|s| {
         let status = s.status.as_ref().map(|status| &status.api_url);
-        let compare = s.compare.as_ref().map(|compare| &compare.api_url);
+        let compare = s.compare.as_ref().map(|compare| &compare.api.api_url);
         status
             .into_iter()
             .chain(compare)
@@ -257,9 +257,9 @@ fn summary(config: &Config) -> String {
             if let Some(compare) = &s.compare {
                 shown.push_str(&format!(
                     ", changed files asked of {}{} with {} (within {:?})",
-                    compare.api_url,
-                    via_proxy(&compare.api_url),
-                    compare.token_ref,
+                    compare.api.api_url,
+                    via_proxy(&compare.api.api_url),
+                    compare.api.token_ref,
                     compare.timeout
                 ));
             }

@@ -27,9 +27,8 @@ use serde::Deserialize;
 
 use crate::event::{ComparedRecord, Event, EventKind, MOST_CHANGED_FILES, Provider, is_zero_id};
 use crate::rules::RuleSet;
-use crate::secret::{Secret, SecretRef};
-use crate::status::Forge;
 use crate::status::forge::{owner_and_repo, redirect_within, segment};
+use crate::status::{Forge, ForgeApi};
 use crate::status::{ForgeCalls, forge_client};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -48,14 +47,7 @@ const IN_FLIGHT: usize = 16;
 /// `compare = { token = "env:NAME", api_url = "…", ca_file = "…", timeout = "3s" }`.
 #[derive(Clone, Debug)]
 pub struct CompareConfig {
-    pub forge: Forge,
-    /// The forge's API root, without a trailing `/`.
-    pub api_url: String,
-    pub token_ref: SecretRef,
-    /// `None` when secrets were not read (`explain`).
-    pub token: Option<Secret>,
-    /// Extra PEM certificates to trust (a self-hosted forge's CA).
-    pub ca_file: Option<std::path::PathBuf>,
+    pub api: ForgeApi,
     pub timeout: Duration,
     /// `new_branch_base = "main"`: a new branch's push is compared with this branch (where
     /// it forked from it), as GitLab's `rules:changes:compare_to` does; without it a new
@@ -111,8 +103,7 @@ impl CompareClients {
                 name,
                 ForgeCalls {
                     label: format!("compare of {name}"),
-                    api_url: &compare.api_url,
-                    ca_file: compare.ca_file.clone(),
+                    api: &compare.api,
                     connect_timeout: compare.timeout,
                     timeout: compare.timeout,
                     max_in_flight: IN_FLIGHT,
@@ -217,16 +208,17 @@ async fn ask(
     }
     let client = &forge.client;
     let token = config
+        .api
         .token
         .as_ref()
         .ok_or_else(|| "its token was not read".to_owned())?;
-    let headers = crate::status::forge::api_headers(config.forge, token, "compare")?;
+    let headers = crate::status::forge::api_headers(config.api.forge, token, "compare")?;
     let asked = async {
         let mut files = BTreeSet::new();
         let base = config
             .base_of(event)
             .ok_or_else(|| "the push has nothing to be compared with".to_owned())?;
-        let mut path = first_path(config.forge, &event.repository, base, &event.after)?;
+        let mut path = first_path(config.api.forge, &event.repository, base, &event.after)?;
         for _ in 0..MOST_PAGES {
             let answer = client
                 .call(Method::GET, &path, headers.clone(), bytes::Bytes::new())
@@ -239,7 +231,7 @@ async fn ask(
                     .headers
                     .get(http::header::LOCATION)
                     .and_then(|location| location.to_str().ok())
-                    .and_then(|location| redirect_within(&config.api_url, location))
+                    .and_then(|location| redirect_within(&config.api.api_url, location))
             {
                 path = moved;
                 continue;
@@ -264,7 +256,7 @@ async fn ask(
                     )
                 ));
             }
-            let page = read_page(config.forge, &answer.body, &path, &config.api_url)?;
+            let page = read_page(config.api.forge, &answer.body, &path, &config.api.api_url)?;
             files.extend(page.files);
             // More than path filters compare: not kept (the record would hold them all).
             if files.len() > MOST_CHANGED_FILES {

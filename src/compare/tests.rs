@@ -1,4 +1,5 @@
 use super::*;
+use crate::secret::{Secret, SecretRef};
 use crate::status::forge::{GITHUB_ACCEPT, GITHUB_API_VERSION, api_headers};
 use http::header;
 
@@ -214,11 +215,13 @@ fn only_pushes_whose_files_are_not_all_told_are_worth_asking() {
         ..Default::default()
     };
     let mut config = CompareConfig {
-        forge: Forge::BitbucketCloud,
-        api_url: "https://api.bitbucket.org/2.0".into(),
-        token_ref: SecretRef::parse("env:T").unwrap(),
-        token: None,
-        ca_file: None,
+        api: ForgeApi {
+            forge: Forge::BitbucketCloud,
+            api_url: "https://api.bitbucket.org/2.0".into(),
+            token_ref: SecretRef::parse("env:T").unwrap(),
+            token: None,
+            ca_file: None,
+        },
         timeout: DEFAULT_TIMEOUT,
         new_branch_base: None,
     };

@@ -13,6 +13,7 @@ use super::networks::read_allow_from;
 use super::{EnvLookup, FileProblems, parse_duration_at_least, typed};
 use crate::catch_up::Forge;
 use crate::event::Provider;
+use crate::git_ref::GitRef;
 use crate::secret::Secret;
 use crate::sources::signature::{Algorithm, Encoding, SigningKey};
 use crate::sources::{GenericConfig, GenericPaths, GenericScheme, SourceConfig};
@@ -482,11 +483,11 @@ fn compile_status(
     resolve_secrets: Option<EnvLookup<'_>>,
     problems: &mut FileProblems<'_>,
     ok: &mut bool,
-) -> Option<crate::status::StatusConfig> {
+) -> Option<crate::status::ForgeApi> {
     let span = raw.span();
     let raw = raw.into_inner();
     let field = format!("source.{name}.status");
-    let api = ForgeApi::compile(
+    compile_forge_api(
         &field,
         crate::status::Forge::of(provider),
         (&raw.token, raw.api_url.as_deref(), raw.ca_file),
@@ -494,14 +495,7 @@ fn compile_status(
         resolve_secrets,
         problems,
         ok,
-    )?;
-    Some(crate::status::StatusConfig {
-        forge: api.forge,
-        api_url: api.api_url,
-        token_ref: api.token_ref,
-        token: api.token,
-        ca_file: api.ca_file,
-    })
+    )
 }
 
 /// `compare = { … }`: as `status`, and how long a compare may hold up a webhook.
@@ -538,17 +532,19 @@ fn compile_compare(
     };
     let new_branch_base = match raw.new_branch_base.as_deref().map(str::trim) {
         None => None,
-        Some(base) if is_branch_name(base) => Some(base.to_owned()),
-        Some(base) => {
-            problems.at(
-                Some(span.clone()),
-                format!("{field}.new_branch_base: {base:?} is not a branch name (letters, digits, `.`, `_`, `-` and `/` between them, as `main` or `release/1.x`)"),
-            );
-            *ok = false;
-            return None;
-        }
+        Some(base) => match branch_base_problem(base) {
+            None => Some(base.to_owned()),
+            Some(reason) => {
+                problems.at(
+                    Some(span.clone()),
+                    format!("{field}.new_branch_base: {base:?} is not a branch name: it {reason}"),
+                );
+                *ok = false;
+                return None;
+            }
+        },
     };
-    let api = ForgeApi::compile(
+    let api = compile_forge_api(
         &field,
         crate::compare::CompareConfig::forge_of(provider),
         (&raw.token, raw.api_url.as_deref(), raw.ca_file),
@@ -558,115 +554,110 @@ fn compile_compare(
         ok,
     )?;
     Some(crate::compare::CompareConfig {
-        forge: api.forge,
-        api_url: api.api_url,
-        token_ref: api.token_ref,
-        token: api.token,
-        ca_file: api.ca_file,
+        api,
         timeout,
         new_branch_base,
     })
 }
 
-/// A branch name as git allows it, narrowed to what every forge's compare API takes in a
-/// path: parts of letters, digits, `.`, `_` and `-` joined by single `/`s, none starting
-/// with `.` or `-`, without `..` or a `.lock` end.
-fn is_branch_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.contains("..")
-        && !name.ends_with(".lock")
-        && name.split('/').all(|part| {
-            !part.is_empty()
-                && !part.starts_with(['.', '-'])
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        })
+/// Why `name` cannot be a `new_branch_base`, or `None`: git's own rules for a ref name
+/// ([`GitRef`]), narrowed to a short branch name in the characters every forge's compare
+/// API takes in a path (letters, digits, `.`, `_`, `-`, and `/` between parts).
+pub(super) fn branch_base_problem(name: &str) -> Option<String> {
+    if matches!(name.len(), 40 | 64) && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Some("is a commit id; give the branch new branches fork from, as `main`".into());
+    }
+    if let Err(err) = GitRef::parse(name) {
+        return Some(err.reason);
+    }
+    if name.starts_with("refs/") {
+        return Some("is a full ref; give the branch's short name, as `main`".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !c.is_ascii_alphanumeric() && !matches!(c, '.' | '_' | '-' | '/'))
+    {
+        return Some(format!(
+            "contains {c:?}; a base is letters, digits, `.`, `_`, `-` and `/` between them, as `main` or `release/1.x`"
+        ));
+    }
+    if let Some(part) = name.split('/').find(|part| part.starts_with('-')) {
+        return Some(format!("has a part starting with \"-\" ({part:?})"));
+    }
+    None
 }
 
 /// A forge's API as `status` and `compare` name it: the root, the token, a private CA.
-struct ForgeApi {
-    forge: crate::status::Forge,
-    api_url: String,
-    token_ref: crate::secret::SecretRef,
-    token: Option<crate::secret::Secret>,
-    ca_file: Option<std::path::PathBuf>,
-}
-
-impl ForgeApi {
-    /// `field` (`source.NAME.status`) names the setting in problems; `forge`: the
-    /// provider's forge, or why it has none for this setting; `(token, api_url, ca_file)`
-    /// as written.
-    fn compile(
-        field: &str,
-        forge: Result<crate::status::Forge, String>,
-        (token, api_url, ca_file): (&str, Option<&str>, Option<Spanned<String>>),
-        span: std::ops::Range<usize>,
-        resolve_secrets: Option<EnvLookup<'_>>,
-        problems: &mut FileProblems<'_>,
-        ok: &mut bool,
-    ) -> Option<ForgeApi> {
-        let mut refuse = |message: String, problems: &mut FileProblems<'_>| {
-            problems.at(Some(span.clone()), format!("{field}: {message}"));
-            *ok = false;
-        };
-        let forge = match forge {
-            Ok(forge) => forge,
-            Err(reason) => {
-                refuse(reason, problems);
+/// `field` (`source.NAME.status`) names the setting in problems; `forge`: the provider's
+/// forge, or why it has none for this setting; `(token, api_url, ca_file)` as written.
+fn compile_forge_api(
+    field: &str,
+    forge: Result<crate::status::Forge, String>,
+    (token, api_url, ca_file): (&str, Option<&str>, Option<Spanned<String>>),
+    span: std::ops::Range<usize>,
+    resolve_secrets: Option<EnvLookup<'_>>,
+    problems: &mut FileProblems<'_>,
+    ok: &mut bool,
+) -> Option<crate::status::ForgeApi> {
+    let mut refuse = |message: String, problems: &mut FileProblems<'_>| {
+        problems.at(Some(span.clone()), format!("{field}: {message}"));
+        *ok = false;
+    };
+    let forge = match forge {
+        Ok(forge) => forge,
+        Err(reason) => {
+            refuse(reason, problems);
+            return None;
+        }
+    };
+    let api_url = match api_url.map(str::trim) {
+        Some(url) => match url.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() =>
+            {
+                api_root(forge, &uri, url.trim_end_matches('/'))
+            }
+            _ => {
+                refuse(
+                    format!("api_url {url:?} is not an http:// or https:// address"),
+                    problems,
+                );
                 return None;
             }
-        };
-        let api_url = match api_url.map(str::trim) {
-            Some(url) => match url.parse::<http::Uri>() {
-                Ok(uri)
-                    if matches!(uri.scheme_str(), Some("http" | "https"))
-                        && uri.host().is_some() =>
-                {
-                    api_root(forge, &uri, url.trim_end_matches('/'))
-                }
-                _ => {
-                    refuse(
-                        format!("api_url {url:?} is not an http:// or https:// address"),
-                        problems,
-                    );
-                    return None;
-                }
-            },
-            None => match forge.default_api_url() {
-                Ok(url) => url.to_owned(),
-                Err(reason) => {
-                    refuse(reason.into(), problems);
-                    return None;
-                }
-            },
-        };
-        let Some((token_ref, token)) = super::secret_setting(
-            token,
-            Some(span.clone()),
-            &format!("{field}: token"),
-            resolve_secrets,
+        },
+        None => match forge.default_api_url() {
+            Ok(url) => url.to_owned(),
+            Err(reason) => {
+                refuse(reason.into(), problems);
+                return None;
+            }
+        },
+    };
+    let Some((token_ref, token)) = super::secret_setting(
+        token,
+        Some(span.clone()),
+        &format!("{field}: token"),
+        resolve_secrets,
+        problems,
+    ) else {
+        *ok = false;
+        return None;
+    };
+    let ca_file = match ca_file {
+        None => None,
+        Some(file) => Some(super::upstream::ca_file(
+            file,
+            &format!("{field}.ca_file"),
             problems,
-        ) else {
-            *ok = false;
-            return None;
-        };
-        let ca_file = match ca_file {
-            None => None,
-            Some(file) => Some(super::upstream::ca_file(
-                file,
-                &format!("{field}.ca_file"),
-                problems,
-            )?),
-        };
-        Some(ForgeApi {
-            forge,
-            api_url,
-            token_ref,
-            token,
-            ca_file,
-        })
-    }
+        )?),
+    };
+    Some(crate::status::ForgeApi {
+        forge,
+        api_url,
+        token_ref,
+        token,
+        ca_file,
+    })
 }
 
 /// `catch_up = { … }`: the hook whose delivery log the relay reads, the token (or the

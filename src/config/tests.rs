@@ -1290,10 +1290,10 @@ compare = { token = "env:READ", api_url = "https://gitlab.example.com", timeout 
     )
     .unwrap();
     let bb = config.sources["bb"].compare.as_ref().unwrap();
-    assert_eq!(bb.api_url, "https://api.bitbucket.org/2.0");
+    assert_eq!(bb.api.api_url, "https://api.bitbucket.org/2.0");
     assert_eq!(bb.timeout, crate::compare::DEFAULT_TIMEOUT);
     let gl = config.sources["gl"].compare.as_ref().unwrap();
-    assert_eq!(gl.api_url, "https://gitlab.example.com/api/v4");
+    assert_eq!(gl.api.api_url, "https://gitlab.example.com/api/v4");
     assert_eq!(gl.timeout, Duration::from_millis(1500));
     assert_eq!(gl.new_branch_base.as_deref(), Some("release/1.x"));
     assert_eq!(bb.new_branch_base, None);
@@ -1353,7 +1353,7 @@ compare = { token = "env:READ", new_branch_base = "../main" }
         "a.toml:18: source.slow.compare.timeout: \"20s\" is longer than 8s",
         "a.toml:23: source.gitea.compare: a Gitea or Forgejo server has no default address: set api_url",
         "a.toml:29: source.pipelines.compare: a source of pipeline events (`upstream`) takes no pushes",
-        "a.toml:34: source.based.compare.new_branch_base: \"../main\" is not a branch name",
+        "a.toml:34: source.based.compare.new_branch_base: \"../main\" is not a branch name: it contains \"..\"",
     ];
     for (problem, expected) in problems.iter().zip(expect) {
         assert!(
@@ -1982,4 +1982,28 @@ fn an_allow_from_a_proxy_on_this_machine_would_be_refused_by_is_a_warning() {
     let here = source.replace("[\"10.20.0.0/16\"]", "[\"10.20.0.0/16\", \"::1\"]");
     let config = load_text(&[("a.toml", here.as_str())], &[]).unwrap();
     assert_eq!(warnings(&config), Vec::<String>::new());
+}
+
+#[test]
+fn a_new_branch_base_is_a_short_branch_name_every_forge_takes_in_a_path() {
+    use super::source::branch_base_problem;
+    for good in ["main", "master", "release/1.x", "dev_2", "v1.2-rc"] {
+        assert_eq!(branch_base_problem(good), None, "{good}");
+    }
+    for (bad, says) in [
+        ("", "is empty"),
+        ("main.", "ends with \".\""),
+        ("a/b.lock/c", "ending with \".lock\""),
+        ("a//b", "contains \"//\""),
+        ("feat ure", "contains ' '"),
+        ("refs/heads/main", "is a full ref"),
+        ("caf\u{e9}", "contains '\u{e9}'"),
+        ("a+b", "contains '+'"),
+        ("a/-b", "part starting with \"-\""),
+        ("-main", "starts with \"-\""),
+        ("0123456789abcdef0123456789abcdef01234567", "is a commit id"),
+    ] {
+        let problem = branch_base_problem(bad).unwrap_or_else(|| panic!("{bad:?} passed"));
+        assert!(problem.contains(says), "{bad:?}: {problem}");
+    }
 }

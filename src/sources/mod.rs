@@ -60,7 +60,7 @@ pub struct SourceConfig {
     /// [`crate::client_address`]) that may send this source webhooks. Empty: any.
     pub allow_from: Vec<ipnet::IpNet>,
     /// `status = { … }`: pipelines started from this source's webhooks show on the commit.
-    pub status: Option<crate::status::StatusConfig>,
+    pub status: Option<crate::status::ForgeApi>,
     /// `compare = { … }`: the forge is asked which files a push changed when its webhook
     /// does not list them all and a rule's `paths` would read them ([`crate::compare`]).
     pub compare: Option<crate::compare::CompareConfig>,

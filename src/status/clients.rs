@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Forge, StatusConfig};
+use super::{Forge, ForgeApi};
 use crate::limits::{Limit, Limiter, OnLimit, Rate};
 use crate::upstream::{
     Called, Upstream, UpstreamConfig, UpstreamError, default_per_project, parse_upstream_url,
@@ -49,8 +49,7 @@ fn per_minute(name: String, count: u32) -> Limiter {
 pub(crate) struct ForgeCalls<'a> {
     /// How the client is named (`status of github`).
     pub label: String,
-    pub api_url: &'a str,
-    pub ca_file: Option<std::path::PathBuf>,
+    pub api: &'a ForgeApi,
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub max_in_flight: usize,
@@ -60,16 +59,17 @@ pub(crate) struct ForgeCalls<'a> {
 /// source.
 pub(crate) fn forge_client(source: &str, calls: ForgeCalls<'_>) -> Result<Upstream, UpstreamError> {
     let called = Called::Forge(source.to_owned());
-    let url = parse_upstream_url(calls.api_url).map_err(|reason| UpstreamError::BadResponse {
-        upstream: called.clone(),
-        reason,
-    })?;
+    let url =
+        parse_upstream_url(&calls.api.api_url).map_err(|reason| UpstreamError::BadResponse {
+            upstream: called.clone(),
+            reason,
+        })?;
     Upstream::calling(
         called,
         &UpstreamConfig {
             name: calls.label,
             url,
-            ca_file: calls.ca_file,
+            ca_file: calls.api.ca_file.clone(),
             connect_timeout: calls.connect_timeout,
             timeout: calls.timeout,
             per_project: default_per_project(),
@@ -86,7 +86,7 @@ impl StatusClients {
     /// `statuses`: each source's `status = { … }`; `lease`: a shared store's lease, which
     /// a status call must fit in.
     pub fn new<'a>(
-        statuses: impl IntoIterator<Item = (&'a String, &'a StatusConfig)>,
+        statuses: impl IntoIterator<Item = (&'a String, &'a ForgeApi)>,
         upstreams: &BTreeMap<String, UpstreamConfig>,
         lease: Option<Duration>,
     ) -> Result<StatusClients, UpstreamError> {
@@ -101,8 +101,7 @@ impl StatusClients {
                 name,
                 ForgeCalls {
                     label: format!("status of {name}"),
-                    api_url: &status.api_url,
-                    ca_file: status.ca_file.clone(),
+                    api: status,
                     connect_timeout: Duration::from_secs(5),
                     timeout,
                     max_in_flight: 16,

@@ -72,9 +72,11 @@ impl StatusTarget {
 /// GitLab's pipeline states, and hookrelay's own for a trigger GitLab refused.
 pub const FINISHED: &[&str] = &["success", "failed", "canceled", "skipped", "refused"];
 
-/// Where and how a source's pipelines are reported back (`status = { … }`).
+/// A forge's API as a source's `status = { … }` and `compare = { … }` name it: where it is,
+/// the token that may call it, and a private CA to trust. A source's `status` is one: where
+/// and how its pipelines are reported back.
 #[derive(Clone, Debug)]
-pub struct StatusConfig {
+pub struct ForgeApi {
     pub forge: Forge,
     /// The forge's API root, without a trailing `/`.
     pub api_url: String,
