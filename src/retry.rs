@@ -232,7 +232,51 @@ fn reason_for(status: StatusCode, message: &str) -> String {
     } else {
         format!("{code} {message}")
     };
-    let hint = match status {
+    if let Some(hint) = hint_for(status, message) {
+        reason.push_str(" — ");
+        reason.push_str(hint);
+    }
+    reason
+}
+
+/// What to do about a refusal, from GitLab's words where they name the cause (each
+/// pipeline-creation step answers `400` with its own message, as
+/// `docs/reference`'s survey of GitLab's code lists them), else from the status.
+fn hint_for(status: StatusCode, message: &str) -> Option<&'static str> {
+    const BY_MESSAGE: &[(&str, &str)] = &[
+        (
+            "Insufficient permissions to set pipeline variables",
+            "the target project allows pipeline variables only from a higher role than the trigger token's owner has (Settings > CI/CD > Variables > Minimum role to use pipeline variables; GitLab.com makes new projects \"No one allowed\" since 17.7): lower that setting, use a token of an owner with that role, or pass the values as `inputs` instead of `variables`",
+        ),
+        (
+            "Pipeline filtered out by workflow rules",
+            "the target project's `workflow:rules` start no pipeline for this call: add a rule that runs when `$CI_PIPELINE_SOURCE == \"trigger\"`",
+        ),
+        (
+            "sufficient permission to run a pipeline on",
+            "the trigger token's owner may not run pipelines on this ref: a protected branch needs an owner allowed to push or merge to it, a protected tag one allowed to create it",
+        ),
+        (
+            "Insufficient permissions to create a new pipeline",
+            "the trigger token's owner may not run pipelines in the target project any more (removed, or a role below Developer); create the trigger token again as a member who may",
+        ),
+        (
+            "Reference not found",
+            "the target project has no branch or tag of this name: check the rule's or the caller's `ref` (a commit SHA is not a ref; pass it as a variable)",
+        ),
+        (
+            "Ref is ambiguous",
+            "a branch and a tag of the target project share this name: give the ref in full, `refs/heads/NAME` or `refs/tags/NAME`",
+        ),
+        (
+            "Job is not running",
+            "a CI job token works only while its job runs, and the call reached GitLab after the job ended (it waited in a rate limit or for retries): callers whose calls may wait should use a pipeline trigger token",
+        ),
+    ];
+    if let Some((_, hint)) = BY_MESSAGE.iter().find(|(words, _)| message.contains(words)) {
+        return Some(hint);
+    }
+    match status {
         StatusCode::NOT_FOUND => Some(
             "GitLab answers 404 for a wrong or revoked trigger token and for a project the token's owner cannot see or that does not exist (check the project path or id, and the token under Settings > CI/CD > Pipeline trigger tokens)",
         ),
@@ -240,15 +284,10 @@ fn reason_for(status: StatusCode, message: &str) -> String {
             "the token was not accepted: trigger tokens start with glptt-; a personal or deploy token does not work here",
         ),
         StatusCode::FORBIDDEN => Some(
-            "the token's owner may not run pipelines for this ref (protected branch or tag, or the owner lost access), or the project forbids pipeline variables",
+            "GitLab's trigger API itself answers 403 only to a call marked as a pipeline hook (`X-Gitlab-Event: Pipeline Hook`, its guard against loops); otherwise a proxy, a firewall or an IP allowlist in front of GitLab refused the call",
         ),
         _ => None,
-    };
-    if let Some(hint) = hint {
-        reason.push_str(" — ");
-        reason.push_str(hint);
     }
-    reason
 }
 
 /// The longest wait an answer may ask for: a day. GitLab asks for seconds to a minute;
@@ -307,13 +346,13 @@ mod tests {
             ),
             "{reason}"
         );
-        assert_eq!(
-            reason_for(StatusCode::BAD_REQUEST, "base: Reference not found"),
-            "400 base: Reference not found"
+        assert!(
+            reason_for(StatusCode::BAD_REQUEST, "base: Reference not found")
+                .starts_with("400 base: Reference not found — the target project has no branch")
         );
         assert!(
             reason_for(StatusCode::FORBIDDEN, "403 Forbidden")
-                .starts_with("403 Forbidden — the token's owner")
+                .starts_with("403 Forbidden — GitLab's trigger API itself answers 403 only")
         );
         assert!(
             reason_for(StatusCode::UNAUTHORIZED, "401 Unauthorized")
@@ -419,7 +458,7 @@ mod tests {
             not_found,
             Verdict::Failed {
                 status: Some(400),
-                reason: "400 base: Reference not found".into(),
+                reason: reason_for(StatusCode::BAD_REQUEST, "base: Reference not found"),
                 pipeline_id: None,
                 pipeline_url: None
             }
@@ -519,5 +558,78 @@ mod tests {
             policy.delay(u32::MAX, Duration::ZERO, 1.0),
             Duration::from_secs(60)
         );
+    }
+
+    /// Every refusal in the catalogue of GitLab's trigger API (derived from its code and
+    /// specs): retried or given up as `design.md` says, GitLab's own words kept, and the
+    /// refusals whose cause GitLab's words do not say come with it.
+    #[test]
+    fn every_refusal_gitlab_documents_keeps_its_words_and_says_what_to_do() {
+        let now = SystemTime::now();
+        let catalogue: serde_json::Value = serde_json::from_str(include_str!(
+            "../tests/fixtures/gitlab/trigger_error_responses.json"
+        ))
+        .unwrap();
+        let hints = [
+            (
+                "pipeline_vars_forbidden",
+                "Minimum role to use pipeline variables",
+            ),
+            (
+                "workflow_rules_filtered",
+                "$CI_PIPELINE_SOURCE == \"trigger\"",
+            ),
+            ("ref_not_found", "has no branch or tag of this name"),
+            ("ref_ambiguous", "`refs/heads/NAME` or `refs/tags/NAME`"),
+            ("job_token_job_not_running", "only while its job runs"),
+            ("unknown_project", "wrong or revoked trigger token"),
+            ("bad_or_foreign_token", "wrong or revoked trigger token"),
+            ("pipeline_hook_loop", "`X-Gitlab-Event: Pipeline Hook`"),
+        ];
+        let mut seen = 0;
+        for (case, entry) in catalogue.as_object().unwrap() {
+            if case.starts_with('_') {
+                continue;
+            }
+            seen += 1;
+            let status = entry["status"].as_u64().unwrap() as u16;
+            let (body, words) = match (&entry.get("body"), entry.get("body_text")) {
+                (Some(body), _) => {
+                    let words = flatten_message(body.get("message").or(body.get("error")).unwrap());
+                    (body.to_string(), words)
+                }
+                (None, Some(text)) => (
+                    text.as_str().unwrap().to_owned(),
+                    text.as_str().unwrap().to_owned(),
+                ),
+                (None, None) => panic!("{case} has no body"),
+            };
+            let verdict = classify(&answer(status, &body, &[]), now);
+            let reason = match &verdict {
+                Verdict::Retry { reason, .. } => {
+                    assert!(
+                        status == 429 || case == "pipeline_rate_limited",
+                        "{case} is retried"
+                    );
+                    reason
+                }
+                Verdict::Failed { reason, .. } => {
+                    assert!(
+                        status != 429 && case != "pipeline_rate_limited",
+                        "{case} is given up"
+                    );
+                    reason
+                }
+                Verdict::Sent { .. } => panic!("{case} taken for a pipeline"),
+            };
+            assert!(reason.contains(&words), "{case}: {reason} lacks {words:?}");
+            if let Some((_, hint)) = hints.iter().find(|(name, _)| name == case) {
+                assert!(
+                    reason.contains(hint),
+                    "{case}: {reason}\n  should say {hint}"
+                );
+            }
+        }
+        assert_eq!(seen, 15, "the catalogue's cases");
     }
 }
