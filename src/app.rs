@@ -199,6 +199,7 @@ impl App {
         let shared_store = outbox.shared;
         let mut metrics = Metrics::for_store(shared_store);
         metrics.register_store(&outbox.timings);
+        metrics.start_at_zero(&known_series(&config));
         // Room for at least one body of the largest size accepted.
         let gateway_max = config.gateway.as_ref().map_or(0, |g| g.max_body);
         let budget = server.body_memory.max(server.max_body).max(gateway_max);
@@ -335,6 +336,7 @@ impl App {
             }
         }
         self.runtime.store(runtime.clone());
+        self.metrics.start_at_zero(&known_series(&runtime.config));
         self.reloads.send_modify(|count| *count += 1);
         Ok(runtime)
     }
@@ -364,6 +366,49 @@ impl App {
 
     pub fn config_path(&self) -> Option<&Path> {
         self.config_path.as_deref()
+    }
+}
+
+/// The names in `config` that label the metrics' series.
+fn known_series(config: &Config) -> crate::metrics::KnownSeries<'_> {
+    let sources_with = |has: fn(&crate::sources::SourceConfig) -> bool| {
+        config
+            .sources
+            .iter()
+            .filter(|(_, source)| has(source))
+            .map(|(name, _)| name.as_str())
+            .collect()
+    };
+    let mut status_forges: Vec<&str> = config
+        .sources
+        .values()
+        .filter_map(|source| Some(source.status.as_ref()?.forge.as_str()))
+        .collect();
+    status_forges.sort_unstable();
+    status_forges.dedup();
+    crate::metrics::KnownSeries {
+        sources: sources_with(|_| true),
+        rules: config
+            .rules
+            .rules()
+            .iter()
+            .map(|rule| rule.name())
+            .collect(),
+        status_forges,
+        compares: sources_with(|source| source.compare.is_some()),
+        catch_ups: sources_with(|source| source.catch_up.is_some()),
+        polls: config
+            .upstreams
+            .values()
+            .any(|upstream| upstream.read_token.is_some()),
+        endpoints: [
+            (!config.sources.is_empty()).then_some("hooks"),
+            config.gateway.is_some().then_some("trigger"),
+            config.gateway.is_some().then_some("trigger_webhook"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     }
 }
 

@@ -129,6 +129,16 @@ pub enum TriggerOutcome {
 }
 
 impl TriggerOutcome {
+    const ALL: [TriggerOutcome; 7] = [
+        TriggerOutcome::Queued,
+        TriggerOutcome::Sent,
+        TriggerOutcome::Failed,
+        TriggerOutcome::Retried,
+        TriggerOutcome::RateLimited,
+        TriggerOutcome::DryRun,
+        TriggerOutcome::Coalesced,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             TriggerOutcome::Queued => "queued",
@@ -140,6 +150,33 @@ impl TriggerOutcome {
             TriggerOutcome::Coalesced => "coalesced",
         }
     }
+}
+
+/// A series of `family`, created at 0 unless it exists.
+fn at_zero<L>(family: &Family<L, Counter>, labels: &L)
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    drop(family.get_or_create(labels));
+}
+
+/// The names from the configuration that label series (see [`Metrics::start_at_zero`]).
+#[derive(Default)]
+pub struct KnownSeries<'a> {
+    /// Every `[source.NAME]`.
+    pub sources: Vec<&'a str>,
+    pub rules: Vec<&'a str>,
+    /// The forges (`github`, `gitea`, …) that sources post statuses to.
+    pub status_forges: Vec<&'a str>,
+    /// Sources with `compare`.
+    pub compares: Vec<&'a str>,
+    /// Sources with `catch_up`.
+    pub catch_ups: Vec<&'a str>,
+    /// Whether an upstream polls pipelines (`read_token`).
+    pub polls: bool,
+    /// The endpoints served: `hooks` with sources, `trigger` and `trigger_webhook` with
+    /// the gateway.
+    pub endpoints: Vec<&'static str>,
 }
 
 /// Upper bounds of the request duration buckets, in seconds: from well under a millisecond
@@ -169,6 +206,7 @@ pub struct Metrics {
     /// How long this relay's longest write to the store under way has run: a write that
     /// never ends (a hung disk or database) shows here, never in the commit histogram.
     store_write_running: Gauge<f64, AtomicU64>,
+    store_ready: Gauge,
     /// The state folder's disk: free bytes and the reserve under which new work is
     /// refused (see [`crate::disk_reserve`]); absent on a PostgreSQL store.
     store_disk_free: Gauge,
@@ -296,6 +334,12 @@ impl Metrics {
             "How long this relay's longest write to the delivery store under way has run (0 between writes); past 5 s /readyz answers 503",
             store_write_running.clone(),
         );
+        let store_ready = Gauge::default();
+        registry.register(
+            "store_ready",
+            "1 while the delivery store takes writes; 0 while it cannot (a write failing or hung over 5 s, the disk below its reserve, the database gone), when /readyz answers 503 and webhooks are refused with 503",
+            store_ready.clone(),
+        );
         let store_disk_free = Gauge::default();
         registry.register(
             "store_disk_free_bytes",
@@ -418,6 +462,7 @@ impl Metrics {
             outbox_depth,
             outbox_oldest_due_age,
             store_write_running,
+            store_ready,
             store_disk_free,
             store_disk_reserve,
         }
@@ -457,6 +502,92 @@ impl Metrics {
             "Times the store's clock went back by more than 2 s and this relay moved the waiting deadlines back with it",
             timings.clock_steps_back.clone(),
         );
+    }
+
+    /// Creates at 0 every series whose labels the configuration already knows, so that an
+    /// alert on `increase(hookrelay_triggers_total{outcome="failed"}[15m]) > 0` fires on the
+    /// first failure after a start: Prometheus reads no increase in a series whose first
+    /// sample is already 1. Called at the start and after each reload that takes (a removed
+    /// source's or rule's series stays, as Prometheus expects of a counter).
+    pub fn start_at_zero(&self, known: &KnownSeries<'_>) {
+        for endpoint in &known.endpoints {
+            drop(
+                self.request_seconds
+                    .get_or_create(&EndpointLabels { endpoint }),
+            );
+        }
+        for outcome in TriggerOutcome::ALL {
+            at_zero(
+                &self.triggers,
+                &OutcomeLabels {
+                    outcome: outcome.as_str().to_owned(),
+                },
+            );
+        }
+        for source in &known.sources {
+            at_zero(
+                &self.signature_failures,
+                &SourceLabels {
+                    source: (*source).to_owned(),
+                },
+            );
+        }
+        for rule in &known.rules {
+            at_zero(
+                &self.rule_matches,
+                &RuleLabels {
+                    rule: (*rule).to_owned(),
+                },
+            );
+        }
+        for forge in &known.status_forges {
+            for outcome in ["sent", "retried", "failed"] {
+                at_zero(
+                    &self.status_posts,
+                    &StatusLabels {
+                        forge: (*forge).to_owned(),
+                        outcome: outcome.to_owned(),
+                    },
+                );
+            }
+        }
+        let by_source =
+            |family: &Family<SourceOutcomeLabels, Counter>, sources: &[&str], outcomes: &[&str]| {
+                for source in sources {
+                    for outcome in outcomes {
+                        at_zero(
+                            family,
+                            &SourceOutcomeLabels {
+                                source: (*source).to_owned(),
+                                outcome: (*outcome).to_owned(),
+                            },
+                        );
+                    }
+                }
+            };
+        by_source(&self.compares, &known.compares, &["listed", "failed"]);
+        by_source(
+            &self.catch_up,
+            &known.catch_ups,
+            &[
+                "redelivered",
+                "refused",
+                "rejected",
+                "left",
+                "failed",
+                "hook_disabled",
+            ],
+        );
+        if known.polls {
+            for outcome in ["polled", "finished", "retried", "failed", "deferred"] {
+                at_zero(
+                    &self.pipeline_polls,
+                    &OutcomeLabels {
+                        outcome: outcome.to_owned(),
+                    },
+                );
+            }
+        }
     }
 
     /// A reload at `at_ms` took (`true`) or failed and left the running configuration.
@@ -589,6 +720,11 @@ impl Metrics {
         self.store_write_running.set(running.as_secs_f64());
     }
 
+    /// Whether the store takes writes, as `/readyz` says it.
+    pub fn store_ready(&self, ready: bool) {
+        self.store_ready.set(i64::from(ready));
+    }
+
     /// The state folder's disk: what is free, and the reserve.
     pub fn store_disk(&self, free: u64, reserve: u64) {
         self.store_disk_free
@@ -708,6 +844,47 @@ impl Default for StoreTimings {
 mod tests {
     use super::*;
 
+    /// Prometheus reads no increase in a series whose first sample is already 1, so the
+    /// series alerts read exist at 0 from the start, and a reload adds its new names.
+    #[test]
+    fn series_the_configuration_names_start_at_zero() {
+        let metrics = Metrics::new();
+        metrics.start_at_zero(&KnownSeries {
+            sources: vec!["github", "bb"],
+            rules: vec!["docs"],
+            status_forges: vec!["github"],
+            compares: vec!["bb"],
+            catch_ups: vec!["github"],
+            polls: true,
+            endpoints: vec!["hooks"],
+        });
+        metrics.trigger(TriggerOutcome::Sent);
+        metrics.start_at_zero(&KnownSeries {
+            sources: vec!["github", "gitea"],
+            ..KnownSeries::default()
+        });
+        let text = metrics.encode();
+        for line in [
+            "hookrelay_triggers_total{outcome=\"failed\"} 0",
+            "hookrelay_triggers_total{outcome=\"sent\"} 1",
+            "hookrelay_triggers_total{outcome=\"coalesced\"} 0",
+            "hookrelay_signature_failures_total{source=\"bb\"} 0",
+            "hookrelay_signature_failures_total{source=\"gitea\"} 0",
+            "hookrelay_rule_matches_total{rule=\"docs\"} 0",
+            "hookrelay_status_posts_total{forge=\"github\",outcome=\"failed\"} 0",
+            "hookrelay_compares_total{source=\"bb\",outcome=\"failed\"} 0",
+            "hookrelay_catch_up_total{source=\"github\",outcome=\"hook_disabled\"} 0",
+            "hookrelay_pipeline_polls_total{outcome=\"failed\"} 0",
+            "hookrelay_request_duration_seconds_count{endpoint=\"hooks\"} 0",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from\n{text}");
+        }
+        assert!(
+            !text.contains("hookrelay_compares_total{source=\"github\""),
+            "only sources that compare: {text}"
+        );
+    }
+
     #[test]
     fn names_are_prefixed_and_labels_bounded() {
         let metrics = Metrics::new();
@@ -722,6 +899,7 @@ mod tests {
         metrics.delivery_latency(0.2);
         metrics.outbox(3, 1.5);
         metrics.store_write_running(std::time::Duration::from_millis(7_500));
+        metrics.store_ready(false);
         metrics.limit_refused("[gateway] limit.per_project (30/min)");
         metrics.read_process();
         let text = metrics.encode();
@@ -744,6 +922,7 @@ mod tests {
             "hookrelay_outbox_depth 3",
             "hookrelay_outbox_oldest_due_age_seconds 1.5",
             "hookrelay_store_write_running_seconds 7.5",
+            "hookrelay_store_ready 0",
             "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_project\"} 1",
             "hookrelay_request_duration_seconds_count{endpoint=\"hooks\"} 1",
             "hookrelay_request_duration_seconds_bucket{le=\"0.005\",endpoint=\"hooks\"} 1",

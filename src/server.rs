@@ -404,6 +404,8 @@ async fn dispatch(
                 app.metrics.read_process();
                 app.metrics
                     .store_write_running(app.outbox.health.longest_write());
+                app.metrics
+                    .store_ready(app.outbox.health.problem().is_none());
                 if let Ok((depth, oldest)) = app.outbox.depth_apart().await {
                     app.metrics.outbox(depth, oldest.as_secs_f64());
                 }
