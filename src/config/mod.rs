@@ -8,12 +8,14 @@
 //! so an override is checked like the value it replaces.
 //!
 //! One file per section, as the configuration reads: `server`, `upstream`, `gateway`,
-//! `source`, `rule`, `delivery`, `store`; `limit` is the `limit = { … }` they share. This
+//! `source` (with `forge_api`: a source's `status`, `compare` and `catch_up`, which call its
+//! forge), `rule`, `delivery`, `store`; `limit` is the `limit = { … }` they share. This
 //! file reads the files, hands each section to its module, and checks what spans files
 //! (names defined twice, rules naming sources and upstreams).
 
 pub mod admin;
 mod delivery;
+mod forge_api;
 pub mod fuzz;
 mod gateway;
 mod limit;

@@ -1986,7 +1986,7 @@ fn an_allow_from_a_proxy_on_this_machine_would_be_refused_by_is_a_warning() {
 
 #[test]
 fn a_new_branch_base_is_a_short_branch_name_every_forge_takes_in_a_path() {
-    use super::source::branch_base_problem;
+    use super::forge_api::branch_base_problem;
     for good in ["main", "master", "release/1.x", "dev_2", "v1.2-rc"] {
         assert_eq!(branch_base_problem(good), None, "{good}");
     }
