@@ -18,6 +18,7 @@ fn source(provider: Provider) -> SourceConfig {
     SourceConfig {
         url_refs: None,
         allow_from: Vec::new(),
+        allow_github_hooks: false,
         status: None,
         compare: None,
         pipelines_of: None,

@@ -89,6 +89,8 @@ pub struct App {
     reloads: tokio::sync::watch::Sender<u64>,
     /// The durable record of deliveries and the queue of triggers.
     pub outbox: Outbox,
+    /// GitHub's published webhook addresses, for sources with `allow_from = ["github"]`.
+    pub github_hooks: crate::github_meta::GithubHooks,
     /// `--dry-run`: record and log trigger calls, never send them.
     pub dry_run: bool,
     pub metrics: Arc<Metrics>,
@@ -217,6 +219,7 @@ impl App {
         };
         Ok(Arc::new(App {
             holds: Default::default(),
+            github_hooks: Default::default(),
             admin: std::sync::OnceLock::new(),
             admin_tls: std::sync::OnceLock::new(),
             restart_only: std::sync::OnceLock::new(),
@@ -366,6 +369,16 @@ impl App {
 
     pub fn config_path(&self) -> Option<&Path> {
         self.config_path.as_deref()
+    }
+
+    /// Whether a source of the running configuration lists `"github"` in `allow_from`, so
+    /// GitHub's published webhook addresses are read ([`crate::github_meta`]).
+    pub fn needs_github_hooks(&self) -> bool {
+        self.runtime()
+            .config
+            .sources
+            .values()
+            .any(|source| source.allow_github_hooks)
     }
 }
 

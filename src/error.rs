@@ -97,6 +97,12 @@ pub enum ApiError {
         "{client} may not send webhooks to this source: it is not among the addresses its allow_from lists"
     )]
     AddressNotAllowed { client: std::net::IpAddr },
+    /// A webhook to a source with `allow_from = ["github"]` before GitHub's addresses are
+    /// known ([`crate::github_meta`]): refused rather than let in unchecked.
+    #[error(
+        "GitHub's webhook addresses are not known yet ({0}), and this source takes webhooks only from them (allow_from = [\"github\"])"
+    )]
+    GithubHooksUnknown(String),
     /// A gateway call from an address `[gateway] allow_from` does not list; GitLab's
     /// words first, for callers that compare them.
     #[error(
@@ -215,6 +221,8 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
         ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, json!({ "message": message })),
         ApiError::BodyMemory | ApiError::RecordsBehind => return retry_in_a_second(&message),
         ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, json!({ "message": message })),
+        // GitHub's list is read again after 30 s at first, then less often.
+        ApiError::GithubHooksUnknown(_) => return unavailable_for(&message, "60"),
         ApiError::ShuttingDown | ApiError::StoreUnwritable(_) | ApiError::DiskReserve(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "message": message }),
@@ -255,13 +263,18 @@ pub fn error_response(err: &ApiError) -> Response<Full<Bytes>> {
 /// `503` with `Retry-After: 1`: the relay is full for a moment (body memory, calls in
 /// flight); the caller should simply come back.
 fn retry_in_a_second(message: &str) -> Response<Full<Bytes>> {
+    unavailable_for(message, "1")
+}
+
+/// `503` with `message` and `Retry-After: seconds`.
+fn unavailable_for(message: &str, seconds: &'static str) -> Response<Full<Bytes>> {
     let mut response = json_response(
         StatusCode::SERVICE_UNAVAILABLE,
         &json!({ "message": message }),
     );
     response
         .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
     response
 }
 

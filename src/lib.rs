@@ -5,7 +5,8 @@
 //! - [`app`]: the shared state every handler stands on (configuration snapshot, outbox).
 //! - [`server`]: accept, route, bound bodies and read times, shut down; [`event_loops`] serve
 //!   the connections, one thread per core; [`lingering`] closes them without losing the
-//!   last answer; [`client_address`] says who sent a request, behind proxies too.
+//!   last answer; [`client_address`] says who sent a request, behind proxies too, and
+//!   [`github_meta`] keeps GitHub's published webhook addresses for `allow_from = ["github"]`.
 //! - [`hooks`]: `POST /hooks/{source}`; [`sources`] verify and read each sender's webhooks into
 //!   one normalized [`event::Event`].
 //! - [`gateway`]: the GitLab-compatible trigger endpoints; one call becomes one [`trigger::Trigger`].
@@ -58,6 +59,7 @@ pub mod explain;
 pub mod forwarder;
 pub mod gateway;
 pub mod git_ref;
+pub mod github_meta;
 pub mod hooks;
 pub mod json_syntax;
 pub mod limits;

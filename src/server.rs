@@ -562,6 +562,31 @@ async fn gateway_call(
     ))
 }
 
+/// Whether `client` may send `source` webhooks: its `allow_from` lists it, or the source
+/// lists `"github"` and GitHub's published webhook addresses include it (refused with
+/// `503` while none are known rather than let in unchecked).
+fn admit_sender(
+    app: &App,
+    source: &crate::sources::SourceConfig,
+    client: std::net::IpAddr,
+) -> Result<(), ApiError> {
+    if !source.allow_github_hooks {
+        return if allowed(&source.allow_from, client) {
+            Ok(())
+        } else {
+            Err(ApiError::AddressNotAllowed { client })
+        };
+    }
+    if source.allow_from.iter().any(|net| net.contains(&client)) {
+        return Ok(());
+    }
+    match app.github_hooks.contains(client) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ApiError::AddressNotAllowed { client }),
+        Err(reason) => Err(ApiError::GithubHooksUnknown(reason)),
+    }
+}
+
 /// A webhook for `source`: refused before its body is read when it cannot be valid, then
 /// handled (verify, plan, limit, record, reply). A `GET` (Gitea's and Forgejo's option)
 /// carries its payload in the URL instead of the body.
@@ -578,11 +603,7 @@ async fn webhook(
         .sources
         .get(source)
         .ok_or_else(|| ApiError::UnknownSource(crate::clipped::clipped(source)))?;
-    if !allowed(&config.allow_from, caller.client) {
-        return Err(ApiError::AddressNotAllowed {
-            client: caller.client,
-        });
-    }
+    admit_sender(app, config, caller.client)?;
     if request.method() == Method::GET && !config.provider.delivers_with_get() {
         return Err(ApiError::MethodNotAllowed {
             method: "GET".into(),

@@ -131,6 +131,8 @@ pub enum Called {
     Upstream(String),
     /// The forge of `[source.NAME]`'s `status`.
     Forge(String),
+    /// GitHub's meta API, for its webhook addresses ([`crate::github_meta`]).
+    GithubMeta,
 }
 
 impl std::fmt::Display for Called {
@@ -138,6 +140,7 @@ impl std::fmt::Display for Called {
         match self {
             Called::Upstream(name) => write!(f, "upstream {name:?}"),
             Called::Forge(source) => write!(f, "the forge of source {source:?}"),
+            Called::GithubMeta => f.write_str("GitHub's meta API"),
         }
     }
 }

@@ -547,7 +547,7 @@ pub fn configuration(app: &App) -> Value {
                 "compares_with": source.compare.as_ref().map(|compare| &compare.api.api_url),
                 "pipeline_events_of": source.pipelines_of,
                 "secrets": source.secrets.len(),
-                "allow_from": crate::config::networks::shown(&source.allow_from),
+                "allow_from": crate::config::networks::shown_with_github(&source.allow_from, source.allow_github_hooks),
             })
         })
         .collect();

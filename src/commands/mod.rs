@@ -240,10 +240,10 @@ fn summary(config: &Config) -> String {
             if s.secrets.len() > 1 {
                 shown.push_str(&format!(", {} secrets (rotating)", s.secrets.len()));
             }
-            if !s.allow_from.is_empty() {
+            if !s.allow_from.is_empty() || s.allow_github_hooks {
                 shown.push_str(&format!(
                     ", only from {}",
-                    crate::config::networks::shown(&s.allow_from)
+                    crate::config::networks::shown_with_github(&s.allow_from, s.allow_github_hooks)
                 ));
             }
             if let Some(status) = &s.status {
@@ -507,6 +507,17 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
             })
             .context("starting the disk reserve's watcher")?;
     }
+    let github_hooks = tokio::spawn({
+        let (app, stopped) = (app.clone(), stopped.clone());
+        let kept_in = match &store {
+            StoreLocation::Folder(folder) => Some(folder.clone()),
+            StoreLocation::Postgres(_) => None,
+        };
+        async move {
+            let needed = || app.needs_github_hooks();
+            crate::github_meta::run(&app.github_hooks, needed, kept_in, stopped).await;
+        }
+    });
     let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped.clone()));
     let catch_up = tokio::spawn(crate::catch_up_passes::run(app.clone(), stopped.clone()));
     let forwarder = tokio::spawn(crate::forwarder::run(
@@ -535,7 +546,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         let _ = dashboard.await;
     }
     let _ = stop.send(true);
-    let _ = tokio::join!(reloader, scheduler, catch_up, forwarder);
+    let _ = tokio::join!(reloader, scheduler, catch_up, github_hooks, forwarder);
     outbox.flush().await;
     served.context("serving")?;
     Ok(ExitCode::SUCCESS)

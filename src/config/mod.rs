@@ -751,6 +751,7 @@ impl Builder {
                 (
                     setting,
                     &source.allow_from,
+                    source.allow_github_hooks,
                     origin,
                     listen,
                     "[server] listen",
@@ -761,6 +762,7 @@ impl Builder {
                 (
                     setting,
                     &gateway.allow_from,
+                    false,
                     origin,
                     listen,
                     "[server] listen",
@@ -772,15 +774,16 @@ impl Builder {
                 Some((
                     setting,
                     &admin.allow_from,
+                    false,
                     origin,
                     admin.listen,
                     "admin.listen",
                 ))
             }));
         let mut warnings = Vec::new();
-        for (setting, allow_from, origin, listen, listen_setting) in lists {
+        for (setting, allow_from, github, origin, listen, listen_setting) in lists {
             if listen.ip().is_loopback()
-                && !allow_from.is_empty()
+                && (!allow_from.is_empty() || github)
                 && !networks::names_this_machine(allow_from)
             {
                 warnings.push(Problem {

@@ -57,6 +57,17 @@ pub fn shown(list: &[IpNet]) -> String {
     shown.join(" ")
 }
 
+/// An `allow_from` as `check` and the dashboard show it, `"github"` first when it stands
+/// for GitHub's published webhook addresses.
+pub fn shown_with_github(list: &[IpNet], github: bool) -> String {
+    let networks = shown(list);
+    match (github, networks.is_empty()) {
+        (false, _) => networks,
+        (true, true) => "GitHub's webhook addresses (api.github.com/meta)".into(),
+        (true, false) => format!("GitHub's webhook addresses (api.github.com/meta) {networks}"),
+    }
+}
+
 /// Whether `list` names this machine (`127.0.0.1` or `::1`), as the address of a proxy
 /// on it.
 pub(super) fn names_this_machine(list: &[IpNet]) -> bool {
@@ -70,7 +81,7 @@ pub(super) fn names_this_machine(list: &[IpNet]) -> bool {
 
 /// An IPv4 network written in IPv6's mapped form (`::ffff:10.0.0.0/104`) as IPv4, since
 /// addresses are compared in their canonical form ([`crate::client_address`]).
-fn canonical(net: IpNet) -> IpNet {
+pub fn canonical(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
             Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)

@@ -64,6 +64,9 @@ struct RawPaths {
     changed_files: Option<String>,
 }
 
+/// The entry of `allow_from` that stands for GitHub's published webhook addresses.
+pub const GITHUB_HOOKS: &str = "github";
+
 /// Compiles one source; `resolve_secrets` is false for `explain`, which checks no signature.
 pub(super) fn compile_source(
     name: &str,
@@ -171,9 +174,32 @@ pub(super) fn compile_source(
     let url_refs = raw
         .url_refs
         .and_then(|refs| compile_url_refs(name, refs, problems, &mut ok));
-    let allow_from = raw.allow_from.map_or_else(Vec::new, |list| {
-        read_allow_from(&list, &format!("source.{name}.allow_from"), problems)
-    });
+    let (allow_from, allow_github_hooks) = match raw.allow_from {
+        None => (Vec::new(), false),
+        Some(list) => {
+            let setting = format!("source.{name}.allow_from");
+            let span = list.span();
+            let (named, networks): (Vec<_>, Vec<_>) = list
+                .into_inner()
+                .into_iter()
+                .partition(|entry| entry.get_ref().trim() == GITHUB_HOOKS);
+            if let Some(entry) = named.first()
+                && provider != Provider::Github
+            {
+                problems.at(
+                    Some(entry.span()),
+                    format!("{setting}: \"{GITHUB_HOOKS}\" names the addresses GitHub sends webhooks from, and this source is {provider}'s; list its addresses or networks instead"),
+                );
+                ok = false;
+            }
+            let networks = if named.is_empty() {
+                read_allow_from(&Spanned::new(span, networks), &setting, problems)
+            } else {
+                super::networks::read_networks(&networks, &setting, problems)
+            };
+            (networks, !named.is_empty())
+        }
+    };
     let generic = if provider == Provider::Generic {
         compile_generic(
             name,
@@ -199,6 +225,7 @@ pub(super) fn compile_source(
         limit,
         url_refs,
         allow_from,
+        allow_github_hooks,
         status,
         compare,
         pipelines_of,

@@ -2007,3 +2007,55 @@ fn a_new_branch_base_is_a_short_branch_name_every_forge_takes_in_a_path() {
         assert!(problem.contains(says), "{bad:?}: {problem}");
     }
 }
+
+#[test]
+fn allow_from_github_stands_for_githubs_published_webhook_addresses() {
+    let config = load_text(
+        &[(
+            "a.toml",
+            "[server]\nlisten = \"0.0.0.0:8080\"\n\n\
+             [source.only]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = [\"github\"]\n\n\
+             [source.also]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = [\"github\", \"10.0.0.0/8\"]\n",
+        )],
+        &[],
+    )
+    .unwrap();
+    let (only, also) = (&config.sources["only"], &config.sources["also"]);
+    assert!(only.allow_github_hooks && only.allow_from.is_empty());
+    assert!(also.allow_github_hooks);
+    assert_eq!(
+        crate::config::networks::shown(&also.allow_from),
+        "10.0.0.0/8"
+    );
+    assert!(warnings(&config).is_empty(), "{:#?}", warnings(&config));
+    // On another sender's source it means nothing, and is refused at its line.
+    let problems = messages(load_text(
+        &[(
+            "a.toml",
+            "[source.gl]\nprovider = \"gitlab\"\nallow_unsigned = true\nallow_from = [\n  \"10.0.0.0/8\",\n  \"github\",\n]\n",
+        )],
+        &[],
+    ));
+    assert_each_starts_with(
+        &problems,
+        &[
+            "a.toml:6: source.gl.allow_from: \"github\" names the addresses GitHub sends webhooks from, and this source is",
+        ],
+    );
+    // Behind a proxy on this machine, GitHub's addresses are never the connection's.
+    let config = load_text(
+        &[(
+            "a.toml",
+            "[source.only]\nprovider = \"github\"\nallow_unsigned = true\nallow_from = [\"github\"]\n",
+        )],
+        &[],
+    )
+    .unwrap();
+    let found = warnings(&config);
+    assert!(
+        found
+            .iter()
+            .any(|w| w.contains("source.only.allow_from does not name this machine")),
+        "{found:#?}"
+    );
+}

@@ -47,6 +47,7 @@ pub fn source(provider: Provider) -> SourceConfig {
     SourceConfig {
         url_refs: None,
         allow_from: Vec::new(),
+        allow_github_hooks: false,
         status: None,
         compare: None,
         pipelines_of: None,

@@ -59,6 +59,9 @@ pub struct SourceConfig {
     /// `allow_from = ["192.30.252.0/22", …]`: the only addresses (of the client, see
     /// [`crate::client_address`]) that may send this source webhooks. Empty: any.
     pub allow_from: Vec<ipnet::IpNet>,
+    /// `"github"` in `allow_from` (a GitHub source): GitHub's published webhook addresses
+    /// ([`crate::github_meta`]) may send too, besides any `allow_from` lists.
+    pub allow_github_hooks: bool,
     /// `status = { … }`: pipelines started from this source's webhooks show on the commit.
     pub status: Option<crate::status::ForgeApi>,
     /// `compare = { … }`: the forge is asked which files a push changed when its webhook

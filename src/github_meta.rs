@@ -1,0 +1,355 @@
+//! GitHub's published webhook addresses, for a source's `allow_from = ["github"]`.
+//!
+//! GitHub lists the networks its webhooks come from in the `hooks` list of
+//! `https://api.github.com/meta`, and changes it now and then. The relay reads it when it
+//! starts and every hour after (a conditional request, which GitHub's rate limit does not
+//! count), and keeps the last list it read in the state folder, so that a start while
+//! GitHub's API cannot be reached still knows it. Until a list is known, webhooks to such a
+//! source are refused with `503` rather than let in unchecked; a list read once is kept
+//! through any number of failed reads, which are logged.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use ipnet::IpNet;
+use tokio::sync::watch;
+
+use crate::upstream::{Called, Upstream, UpstreamConfig};
+
+/// Where GitHub publishes its addresses; `HOOKRELAY_GITHUB_META_URL` replaces it (a mirror,
+/// or a stand-in in tests).
+pub const META_URL: &str = "https://api.github.com/meta";
+/// How often a known list is read again.
+const READ_EVERY: Duration = Duration::from_secs(3600);
+/// After a failed read, the next waits this long, doubling up to [`READ_EVERY`].
+const FIRST_RETRY: Duration = Duration::from_secs(30);
+/// How often the loop looks at the configuration while no source needs the list.
+const LOOK_EVERY: Duration = Duration::from_secs(30);
+/// Networks a list may hold at most (GitHub's has a handful).
+const MOST_NETWORKS: usize = 1000;
+/// The kept copy's name in the state folder.
+const KEPT_FILE: &str = "github-hooks.json";
+
+/// The list as last read.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Known {
+    pub networks: Vec<IpNet>,
+    /// When GitHub gave it (milliseconds since the epoch).
+    pub read_at_ms: i64,
+    /// GitHub's `ETag`, for the next conditional read.
+    #[serde(default)]
+    pub etag: Option<String>,
+}
+
+/// The addresses GitHub sends webhooks from, shared by the server and the reader.
+#[derive(Default)]
+pub struct GithubHooks {
+    known: ArcSwapOption<Known>,
+    /// Why no list is known yet (the last read's failure), for the `503`'s message.
+    missing: std::sync::Mutex<Option<String>>,
+}
+
+impl GithubHooks {
+    /// Whether `client` is one of GitHub's webhook addresses: `Err` with the reason while
+    /// no list is known.
+    pub fn contains(&self, client: IpAddr) -> Result<bool, String> {
+        match self.known.load().as_deref() {
+            Some(known) => Ok(known.networks.iter().any(|net| net.contains(&client))),
+            None => Err(self
+                .missing
+                .lock()
+                .expect("never poisoned")
+                .clone()
+                .unwrap_or_else(|| "it has not been read yet".into())),
+        }
+    }
+
+    /// The list in use, if any.
+    pub fn known(&self) -> Option<Arc<Known>> {
+        self.known.load_full()
+    }
+
+    fn set(&self, known: Known) {
+        self.known.store(Some(Arc::new(known)));
+    }
+
+    fn failed(&self, reason: String) {
+        *self.missing.lock().expect("never poisoned") = Some(reason);
+    }
+}
+
+/// The networks in the `hooks` list of GitHub's meta answer.
+pub fn read_meta(body: &[u8]) -> Result<Vec<IpNet>, String> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        hooks: Option<Vec<String>>,
+    }
+    let meta: Meta = serde_json::from_slice(body)
+        .map_err(|err| format!("the answer is not GitHub's meta JSON: {err}"))?;
+    let hooks = meta
+        .hooks
+        .ok_or("the answer has no \"hooks\" list of addresses")?;
+    if hooks.is_empty() {
+        return Err("the \"hooks\" list is empty".into());
+    }
+    if hooks.len() > MOST_NETWORKS {
+        return Err(format!(
+            "the \"hooks\" list names {} networks, more than {MOST_NETWORKS}",
+            hooks.len()
+        ));
+    }
+    hooks
+        .iter()
+        .map(|text| {
+            text.trim()
+                .parse::<IpNet>()
+                .or_else(|_| text.trim().parse::<IpAddr>().map(IpNet::from))
+                .map(|net| crate::config::networks::canonical(net.trunc()))
+                .map_err(|_| format!("{text:?} in \"hooks\" is not an IP network"))
+        })
+        .collect()
+}
+
+/// Reads the list into `hooks` while `needed` (a source of the running configuration lists
+/// `"github"` in `allow_from`), until `stopped`; `kept_in`: the state folder (none with a
+/// shared store), where the last list read is kept.
+pub async fn run(
+    hooks: &GithubHooks,
+    needed: impl Fn() -> bool,
+    kept_in: Option<PathBuf>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let kept = kept_in.map(|folder| folder.join(KEPT_FILE));
+    if let Some(known) = kept.as_deref().and_then(read_kept) {
+        tracing::info!(
+            networks = known.networks.len(),
+            read_at = %chrono::DateTime::from_timestamp_millis(known.read_at_ms)
+                .map_or_else(|| known.read_at_ms.to_string(), |t| t.to_rfc3339()),
+            "GitHub's webhook addresses, as last read"
+        );
+        hooks.set(known);
+    }
+    let url = std::env::var("HOOKRELAY_GITHUB_META_URL").unwrap_or_else(|_| META_URL.into());
+    let client = match meta_client(&url) {
+        Ok(client) => client,
+        Err(reason) => {
+            tracing::error!(%url, %reason, "GitHub's webhook addresses cannot be read");
+            hooks.failed(reason);
+            return;
+        }
+    };
+    let mut retry = FIRST_RETRY;
+    loop {
+        let wait = if !needed() {
+            LOOK_EVERY
+        } else {
+            match read(&client, &url, hooks.known().as_deref()).await {
+                Ok(Some(known)) => {
+                    tracing::info!(networks = known.networks.len(), %url, "GitHub's webhook addresses read");
+                    if let Some(path) = &kept {
+                        keep(path, &known);
+                    }
+                    hooks.set(known);
+                    retry = FIRST_RETRY;
+                    READ_EVERY
+                }
+                Ok(None) => READ_EVERY,
+                Err(reason) => {
+                    let kept = hooks.known().is_some();
+                    tracing::warn!(%url, %reason, retry_in = ?retry, keeping_the_last_list = kept, "GitHub's webhook addresses could not be read");
+                    hooks.failed(format!("reading {url} failed: {reason}"));
+                    let wait = retry;
+                    retry = (retry * 2).min(READ_EVERY);
+                    wait
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+/// A client of the meta URL's host.
+fn meta_client(url: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let root = match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme @ ("http" | "https")), Some(authority)) => format!("{scheme}://{authority}"),
+        _ => return Err(format!("{url:?} is not an http:// or https:// URL")),
+    };
+    let config = UpstreamConfig {
+        name: "GitHub's meta".into(),
+        url: crate::upstream::parse_upstream_url(&root)?,
+        ca_file: None,
+        connect_timeout: Duration::from_secs(10),
+        timeout: Duration::from_secs(30),
+        per_project: crate::upstream::default_per_project(),
+        coalesce: None,
+        max_in_flight: 1,
+        read_token: None,
+        polls_per_minute: 0,
+        poll_interval: Duration::ZERO,
+    };
+    Upstream::calling(Called::GithubMeta, &config).map_err(|err| err.to_string())
+}
+
+/// One read: the new list, `None` when GitHub says it has not changed (`304`).
+async fn read(client: &Upstream, url: &str, last: Option<&Known>) -> Result<Option<Known>, String> {
+    let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::ACCEPT,
+        http::HeaderValue::from_static(crate::status::forge::GITHUB_ACCEPT),
+    );
+    if let Some(etag) = last
+        .and_then(|known| known.etag.as_deref())
+        .and_then(|etag| http::HeaderValue::from_str(etag).ok())
+    {
+        headers.insert(http::header::IF_NONE_MATCH, etag);
+    }
+    let answer = client
+        .call(http::Method::GET, path, headers, bytes::Bytes::new())
+        .await
+        .map_err(|err| err.to_string())?;
+    if answer.status == http::StatusCode::NOT_MODIFIED && last.is_some() {
+        return Ok(None);
+    }
+    if !answer.status.is_success() {
+        return Err(format!(
+            "GitHub answered {}: {}",
+            answer.status.as_u16(),
+            crate::status::forge::shorten(&crate::status::forge::message(&answer.body), 200)
+        ));
+    }
+    let networks = read_meta(&answer.body)?;
+    let etag = answer
+        .headers
+        .get(http::header::ETAG)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    Ok(Some(Known {
+        networks,
+        read_at_ms: crate::outbox::now_ms(),
+        etag,
+    }))
+}
+
+/// The kept copy, when there is a readable one.
+fn read_kept(path: &std::path::Path) -> Option<Known> {
+    let text = std::fs::read(path).ok()?;
+    match serde_json::from_slice::<Known>(&text) {
+        Ok(known) if !known.networks.is_empty() => Some(known),
+        _ => {
+            tracing::warn!(path = %path.display(), "the kept copy of GitHub's webhook addresses is not readable; it is read again from GitHub");
+            None
+        }
+    }
+}
+
+/// Keeps `known` for the next start: written beside, then renamed over the old copy, so a
+/// crash leaves one whole copy or the other.
+fn keep(path: &std::path::Path, known: &Known) {
+    let written = serde_json::to_vec_pretty(known)
+        .map_err(std::io::Error::other)
+        .and_then(|text| {
+            let beside = path.with_extension("json.new");
+            std::fs::write(&beside, text)?;
+            std::fs::rename(&beside, path)
+        });
+    if let Err(err) = written {
+        tracing::warn!(path = %path.display(), error = %err, "GitHub's webhook addresses could not be kept for the next start");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape of GitHub's answer (the REST API's "Get GitHub meta information" example,
+    /// shortened): `hooks` beside lists for other services.
+    const META: &str = r#"{
+      "verifiable_password_authentication": true,
+      "ssh_key_fingerprints": {"SHA256_RSA": "uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s"},
+      "hooks": ["192.30.252.0/22", "185.199.108.0/22", "140.82.112.0/20", "143.55.64.0/20", "2a0a:a440::/29", "2606:50c0::/32"],
+      "web": ["192.30.252.0/22", "185.199.108.0/22"],
+      "api": ["192.30.252.0/22"],
+      "git": ["192.30.252.0/22"],
+      "actions": ["13.64.0.0/16"]
+    }"#;
+
+    #[test]
+    fn the_hooks_list_is_read_and_only_it() {
+        let networks = read_meta(META.as_bytes()).unwrap();
+        assert_eq!(networks.len(), 6);
+        let hooks = GithubHooks::default();
+        assert!(
+            hooks.contains("140.82.115.4".parse().unwrap()).is_err(),
+            "unknown yet"
+        );
+        hooks.set(Known {
+            networks,
+            read_at_ms: 0,
+            etag: None,
+        });
+        for (address, inside) in [
+            ("140.82.115.4", true),
+            ("192.30.255.254", true),
+            ("2a0a:a440::1", true),
+            ("13.64.0.1", false),
+            ("127.0.0.1", false),
+        ] {
+            assert_eq!(
+                hooks.contains(address.parse().unwrap()),
+                Ok(inside),
+                "{address}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_answer_without_a_usable_list_is_refused_with_the_reason() {
+        for (body, says) in [
+            ("<html>rate limited</html>", "not GitHub's meta JSON"),
+            (r#"{"web": []}"#, "no \"hooks\" list"),
+            (r#"{"hooks": []}"#, "empty"),
+            (
+                r#"{"hooks": ["192.30.252.0/22", "nope"]}"#,
+                "\"nope\" in \"hooks\"",
+            ),
+            (r#"{"hooks": "192.30.252.0/22"}"#, "not GitHub's meta JSON"),
+        ] {
+            let err = read_meta(body.as_bytes()).unwrap_err();
+            assert!(err.contains(says), "{body}: {err}");
+        }
+        let many: Vec<String> = (0..=MOST_NETWORKS)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect();
+        let body = serde_json::json!({ "hooks": many }).to_string();
+        assert!(
+            read_meta(body.as_bytes())
+                .unwrap_err()
+                .contains("more than")
+        );
+    }
+
+    #[test]
+    fn the_kept_copy_survives_a_restart_and_a_broken_one_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KEPT_FILE);
+        assert_eq!(read_kept(&path), None);
+        let known = Known {
+            networks: read_meta(META.as_bytes()).unwrap(),
+            read_at_ms: 1_764_000_000_000,
+            etag: Some("W/\"abc\"".into()),
+        };
+        keep(&path, &known);
+        assert_eq!(read_kept(&path), Some(known));
+        std::fs::write(&path, "{ half").unwrap();
+        assert_eq!(read_kept(&path), None);
+    }
+}

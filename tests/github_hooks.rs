@@ -1,0 +1,134 @@
+//! `allow_from = ["github"]`: the real binary reads GitHub's published webhook addresses
+//! from a stand-in for `api.github.com/meta` (`HOOKRELAY_GITHUB_META_URL`), admits and
+//! refuses by them, reads them again conditionally, keeps the last list for a start while
+//! GitHub cannot be reached, and refuses with `503` while it knows none.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::binary::{BIN, Served, write};
+use common::{Answer, RecordingUpstream, signed_github};
+
+const SECRET: &str = "s3cret-for-the-tests";
+
+/// Starts the relay on `state` with GitHub's meta at `meta_url`.
+fn start(config: &Path, state: &Path, meta_url: &str) -> Served {
+    let mut command = Command::new(BIN);
+    command.env("HOOKRELAY_GITHUB_META_URL", meta_url);
+    Served::start_with(command, config, state)
+}
+
+/// A signed GitHub webhook from this machine (127.0.0.1): its answer's status and body.
+async fn webhook(served: &mut Served, delivery: &str) -> (u16, String, Option<String>) {
+    let reply = signed_github(
+        &format!("http://{}/hooks/github", served.address()),
+        SECRET,
+        "push",
+        delivery,
+        "github/push_tag.json",
+    )
+    .await;
+    let retry_after = reply
+        .headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (reply.status, reply.text(), retry_after)
+}
+
+fn meta(hooks: &[&str], etag: &str) -> Answer {
+    Answer::new(
+        200,
+        &serde_json::json!({ "hooks": hooks, "web": ["203.0.113.0/24"] }).to_string(),
+    )
+    .header("etag", etag)
+}
+
+/// Multi-threaded: the stand-in answers while the test waits for the relay's log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn githubs_published_addresses_admit_refuse_and_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", SECRET);
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!(
+            "[source.github]\nprovider = \"github\"\nsecret = \"file:{}/secret\"\nallow_from = [\"github\"]\n",
+            dir.path().display()
+        ),
+    );
+    let state = dir.path().join("state");
+    let github = RecordingUpstream::start().await;
+    let meta_url = format!("{}/meta", github.url());
+
+    // GitHub's list does not include this machine: refused, naming the address.
+    github.answer_next(meta(&["192.0.2.0/24", "2001:db8::/32"], "\"v1\""));
+    let mut served = start(dir.path(), &state, &meta_url);
+    served.wait_for("GitHub's webhook addresses read");
+    let (status, body, _) = webhook(&mut served, "gh-1").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("127.0.0.1 may not send webhooks"), "{body}");
+    drop(served);
+    let asked = github.received();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].method, "GET");
+    assert_eq!(asked[0].path_and_query, "/meta");
+
+    // Read again at the next start, conditionally on what was kept: now it does.
+    github.answer_next(meta(&["127.0.0.0/8"], "\"v2\""));
+    let mut served = start(dir.path(), &state, &meta_url);
+    served.wait_for("GitHub's webhook addresses read");
+    let (status, body, _) = webhook(&mut served, "gh-2").await;
+    assert_eq!(status, 200, "{body}");
+    drop(served);
+    let asked = github.received();
+    assert_eq!(
+        asked[1]
+            .headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok()),
+        Some("\"v1\""),
+        "a conditional read, which GitHub's rate limit does not count"
+    );
+
+    // Unchanged (304): the kept list stays in use.
+    github.answer_next(Answer::new(304, ""));
+    let mut served = start(dir.path(), &state, &meta_url);
+    served.wait_for("GitHub's webhook addresses, as last read");
+    github.wait_for_calls(3).await;
+    let (status, body, _) = webhook(&mut served, "gh-3").await;
+    assert_eq!(status, 200, "{body}");
+    drop(served);
+    assert_eq!(
+        github.received()[2]
+            .headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok()),
+        Some("\"v2\"")
+    );
+
+    // GitHub cannot be reached: the kept list still admits.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/meta", listener.local_addr().unwrap())
+    };
+    let mut served = start(dir.path(), &state, &closed);
+    served.wait_for("GitHub's webhook addresses could not be read");
+    let (status, body, _) = webhook(&mut served, "gh-4").await;
+    assert_eq!(status, 200, "{body}");
+    drop(served);
+
+    // Nothing kept and GitHub unreachable: refused with 503 until a list is known.
+    let mut served = start(dir.path(), &dir.path().join("fresh-state"), &closed);
+    served.wait_for("GitHub's webhook addresses could not be read");
+    let (status, body, retry_after) = webhook(&mut served, "gh-5").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("GitHub's webhook addresses are not known yet")
+            && body.contains("reading http://127.0.0.1:"),
+        "{body}"
+    );
+    assert_eq!(retry_after.as_deref(), Some("60"));
+}
