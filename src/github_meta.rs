@@ -26,8 +26,6 @@ pub const META_URL: &str = "https://api.github.com/meta";
 const READ_EVERY: Duration = Duration::from_secs(3600);
 /// After a failed read, the next waits this long, doubling up to [`READ_EVERY`].
 const FIRST_RETRY: Duration = Duration::from_secs(30);
-/// How often the loop looks at the configuration while no source needs the list.
-const LOOK_EVERY: Duration = Duration::from_secs(30);
 /// Networks a list may hold at most (GitHub's has a handful).
 const MOST_NETWORKS: usize = 1000;
 /// The kept copy's name in the state folder.
@@ -115,22 +113,25 @@ pub fn read_meta(body: &[u8]) -> Result<Vec<IpNet>, String> {
 
 /// Reads the list into `hooks` while `needed` (a source of the running configuration lists
 /// `"github"` in `allow_from`), until `stopped`; `kept_in`: the state folder (none with a
-/// shared store), where the last list read is kept.
+/// shared store), where the last list read is kept. A reload (`reloads`) that adds such a
+/// source has the list read at once.
 pub async fn run(
     hooks: &GithubHooks,
     needed: impl Fn() -> bool,
     kept_in: Option<PathBuf>,
+    mut reloads: watch::Receiver<u64>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let kept = kept_in.map(|folder| folder.join(KEPT_FILE));
     if let Some(known) = kept.as_deref().and_then(read_kept) {
+        let (networks, read_at) = (known.networks.len(), known.read_at_ms);
+        hooks.set(known);
         tracing::info!(
-            networks = known.networks.len(),
-            read_at = %chrono::DateTime::from_timestamp_millis(known.read_at_ms)
-                .map_or_else(|| known.read_at_ms.to_string(), |t| t.to_rfc3339()),
+            networks,
+            read_at = %chrono::DateTime::from_timestamp_millis(read_at)
+                .map_or_else(|| read_at.to_string(), |t| t.to_rfc3339()),
             "GitHub's webhook addresses, as last read"
         );
-        hooks.set(known);
     }
     let url = std::env::var("HOOKRELAY_GITHUB_META_URL").unwrap_or_else(|_| META_URL.into());
     let client = match meta_client(&url) {
@@ -142,33 +143,50 @@ pub async fn run(
         }
     };
     let mut retry = FIRST_RETRY;
+    let mut next_read = tokio::time::Instant::now();
     loop {
-        let wait = if !needed() {
-            LOOK_EVERY
-        } else {
-            match read(&client, &url, hooks.known().as_deref()).await {
+        let now = tokio::time::Instant::now();
+        if needed() && now >= next_read {
+            let wait = match read(&client, &url, hooks.known().as_deref()).await {
                 Ok(Some(known)) => {
-                    tracing::info!(networks = known.networks.len(), %url, "GitHub's webhook addresses read");
                     if let Some(path) = &kept {
                         keep(path, &known);
                     }
+                    let networks = known.networks.len();
                     hooks.set(known);
+                    tracing::info!(networks, %url, "GitHub's webhook addresses read");
                     retry = FIRST_RETRY;
                     READ_EVERY
                 }
                 Ok(None) => READ_EVERY,
                 Err(reason) => {
+                    hooks.failed(format!("reading {url} failed: {reason}"));
                     let kept = hooks.known().is_some();
                     tracing::warn!(%url, %reason, retry_in = ?retry, keeping_the_last_list = kept, "GitHub's webhook addresses could not be read");
-                    hooks.failed(format!("reading {url} failed: {reason}"));
                     let wait = retry;
                     retry = (retry * 2).min(READ_EVERY);
                     wait
                 }
-            }
+            };
+            next_read = tokio::time::Instant::now() + wait;
+        }
+        // While no source needs the list, only a reload can change that.
+        let wake = if needed() {
+            next_read
+        } else {
+            tokio::time::Instant::now() + READ_EVERY
         };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(wake) => {}
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // A source that now needs a list nobody has read yet: read it at once.
+                if hooks.known().is_none() {
+                    next_read = tokio::time::Instant::now();
+                }
+            }
             _ = stopped.changed() => return,
         }
     }

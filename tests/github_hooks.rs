@@ -132,3 +132,33 @@ async fn githubs_published_addresses_admit_refuse_and_are_kept() {
     );
     assert_eq!(retry_after.as_deref(), Some("60"));
 }
+
+/// A reload that adds `"github"` has the list read at once, not at the next hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_asks_for_githubs_addresses_reads_them_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", SECRET);
+    let source = format!(
+        "[source.github]\nprovider = \"github\"\nsecret = \"file:{}/secret\"\n",
+        dir.path().display()
+    );
+    write(dir.path(), "relay.toml", &source);
+    let github = RecordingUpstream::start().await;
+    github.answer_next(meta(&["192.0.2.0/24"], "\"v1\""));
+    let mut served = start(
+        dir.path(),
+        &dir.path().join("state"),
+        &format!("{}/meta", github.url()),
+    );
+    let (status, body, _) = webhook(&mut served, "gh-r1").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(github.received().is_empty(), "no source needs the list yet");
+    write(
+        dir.path(),
+        "relay.toml",
+        &format!("{source}allow_from = [\"github\"]\n"),
+    );
+    served.wait_for("GitHub's webhook addresses read");
+    let (status, body, _) = webhook(&mut served, "gh-r2").await;
+    assert_eq!(status, 403, "{body}");
+}

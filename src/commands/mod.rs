@@ -515,7 +515,8 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
         };
         async move {
             let needed = || app.needs_github_hooks();
-            crate::github_meta::run(&app.github_hooks, needed, kept_in, stopped).await;
+            let reloads = app.reloads();
+            crate::github_meta::run(&app.github_hooks, needed, kept_in, reloads, stopped).await;
         }
     });
     let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped.clone()));
