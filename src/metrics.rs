@@ -51,6 +51,12 @@ pub struct UpstreamLabels {
     pub code: String,
 }
 
+/// Which of GitHub's published lists (`hooks`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListLabels {
+    pub list: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamNameLabels {
     pub upstream: String,
@@ -200,6 +206,9 @@ pub struct Metrics {
     triggers: Family<OutcomeLabels, Counter>,
     upstream_responses: Family<UpstreamLabels, Counter>,
     upstream_down: Family<UpstreamNameLabels, Gauge>,
+    /// `list="hooks"` (the list of GitHub's meta it is); no series while no source lists
+    /// `"github"` in `allow_from`.
+    github_hooks_age: Family<ListLabels, Gauge>,
     delivery_latency: Histogram,
     outbox_depth: Gauge,
     outbox_oldest_due_age: Gauge<f64, AtomicU64>,
@@ -304,6 +313,12 @@ impl Metrics {
             "upstream_down",
             "1 while this relay holds an upstream's triggers back as down (no connection, a timeout, 502, 503 or 504), until it answers again",
             upstream_down.clone(),
+        );
+        let github_hooks_age = Family::<ListLabels, Gauge>::default();
+        registry.register(
+            "github_hooks_age_seconds",
+            "How long ago GitHub's webhook addresses in use were read from api.github.com/meta (allow_from = [\"github\"]); -1 while none are known and such webhooks are refused with 503",
+            github_hooks_age.clone(),
         );
         let delivery_latency = Histogram::new(exponential_buckets(0.005, 2.0, 20));
         registry.register(
@@ -458,6 +473,7 @@ impl Metrics {
             triggers,
             upstream_responses,
             upstream_down,
+            github_hooks_age,
             delivery_latency,
             outbox_depth,
             outbox_oldest_due_age,
@@ -720,6 +736,19 @@ impl Metrics {
         self.store_write_running.set(running.as_secs_f64());
     }
 
+    /// How old GitHub's webhook addresses in use are (`None`: none known), while a source
+    /// needs them; no series otherwise.
+    pub fn github_hooks_age(&self, needed: bool, age: Option<std::time::Duration>) {
+        if !needed {
+            self.github_hooks_age.clear();
+            return;
+        }
+        let seconds = age.map_or(-1, |age| i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
+        self.github_hooks_age
+            .get_or_create(&ListLabels { list: "hooks" })
+            .set(seconds);
+    }
+
     /// Whether the store takes writes, as `/readyz` says it.
     pub fn store_ready(&self, ready: bool) {
         self.store_ready.set(i64::from(ready));
@@ -843,6 +872,32 @@ impl Default for StoreTimings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn githubs_list_has_an_age_only_where_a_source_needs_it() {
+        let metrics = Metrics::new();
+        let sample = |metrics: &Metrics| {
+            metrics
+                .encode()
+                .lines()
+                .find(|line| line.starts_with("hookrelay_github_hooks_age_seconds"))
+                .map(str::to_owned)
+        };
+        metrics.github_hooks_age(false, None);
+        assert_eq!(sample(&metrics), None);
+        metrics.github_hooks_age(true, None);
+        assert_eq!(
+            sample(&metrics).as_deref(),
+            Some("hookrelay_github_hooks_age_seconds{list=\"hooks\"} -1")
+        );
+        metrics.github_hooks_age(true, Some(std::time::Duration::from_secs(90)));
+        assert_eq!(
+            sample(&metrics).as_deref(),
+            Some("hookrelay_github_hooks_age_seconds{list=\"hooks\"} 90")
+        );
+        metrics.github_hooks_age(false, None);
+        assert_eq!(sample(&metrics), None);
+    }
 
     /// Prometheus reads no increase in a series whose first sample is already 1, so the
     /// series alerts read exist at 0 from the start, and a reload adds its new names.

@@ -406,6 +406,11 @@ async fn dispatch(
                     .store_write_running(app.outbox.health.longest_write());
                 app.metrics
                     .store_ready(app.outbox.health.problem().is_none());
+                let age = app.github_hooks.known().map(|known| {
+                    let read_ms = crate::outbox::now_ms().saturating_sub(known.read_at_ms);
+                    std::time::Duration::from_millis(u64::try_from(read_ms).unwrap_or(0))
+                });
+                app.metrics.github_hooks_age(app.needs_github_hooks(), age);
                 if let Ok((depth, oldest)) = app.outbox.depth_apart().await {
                     app.metrics.outbox(depth, oldest.as_secs_f64());
                 }

@@ -82,6 +82,20 @@ async fn githubs_published_addresses_admit_refuse_and_are_kept() {
     served.wait_for("GitHub's webhook addresses read");
     let (status, body, _) = webhook(&mut served, "gh-2").await;
     assert_eq!(status, 200, "{body}");
+    let metrics = common::send(
+        "GET",
+        &format!("http://{}/metrics", served.address()),
+        &[],
+        "",
+    )
+    .await
+    .text();
+    let age: i64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("hookrelay_github_hooks_age_seconds{list=\"hooks\"} "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no age in {metrics}"));
+    assert!((0..60).contains(&age), "just read: {age}");
     drop(served);
     let asked = github.received();
     assert_eq!(
@@ -131,6 +145,18 @@ async fn githubs_published_addresses_admit_refuse_and_are_kept() {
         "{body}"
     );
     assert_eq!(retry_after.as_deref(), Some("60"));
+    let metrics = common::send(
+        "GET",
+        &format!("http://{}/metrics", served.address()),
+        &[],
+        "",
+    )
+    .await
+    .text();
+    assert!(
+        metrics.contains("hookrelay_github_hooks_age_seconds{list=\"hooks\"} -1"),
+        "{metrics}"
+    );
 }
 
 /// A reload that adds `"github"` has the list read at once, not at the next hour.

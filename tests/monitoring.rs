@@ -202,6 +202,11 @@ status = {{ token = "file:{dir}/token", api_url = "{forge}" }}
 compare = {{ token = "file:{dir}/token", api_url = "{forge}" }}
 catch_up = {{ hook = "{forge}/repos/acme/app/hooks/42", token = "file:{dir}/token", every = "1h" }}
 
+[source.fenced]
+provider = "github"
+secret = "file:{dir}/secret"
+allow_from = ["github", "127.0.0.1"]
+
 [[rule]]
 name = "app"
 source = "github"
@@ -215,8 +220,16 @@ token = "file:{dir}/token"
         dir = dir.path().display(),
     );
     write(dir.path(), "relay.toml", &toml);
-    let mut served = Served::start(dir.path(), &dir.path().join("state"));
-    served.wait_for("hookrelay listening");
+    // GitHub's meta where nothing answers: the list's age reads -1 (none known).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut command = Command::new(common::binary::BIN);
+    command.env(
+        "HOOKRELAY_GITHUB_META_URL",
+        format!("http://{}/meta", closed.local_addr().unwrap()),
+    );
+    drop(closed);
+    let mut served = Served::start_with(command, dir.path(), &dir.path().join("state"));
+    served.wait_for("GitHub's webhook addresses could not be read");
     let base = format!("http://{}", served.address());
     let scrape = || async {
         send("GET", &format!("{base}/metrics"), &[], "")
