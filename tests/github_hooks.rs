@@ -38,6 +38,23 @@ async fn webhook(served: &mut Served, delivery: &str) -> (u16, String, Option<St
     (reply.status, reply.text(), retry_after)
 }
 
+/// `hookrelay_github_hooks_age_seconds` as the relay's `/metrics` says it.
+async fn age_of_the_list(served: &mut Served) -> i64 {
+    let scrape = common::send(
+        "GET",
+        &format!("http://{}/metrics", served.address()),
+        &[],
+        "",
+    )
+    .await
+    .text();
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix("hookrelay_github_hooks_age_seconds{list=\"hooks\"} "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no age of GitHub's list in {scrape}"))
+}
+
 fn meta(hooks: &[&str], etag: &str) -> Answer {
     Answer::new(
         200,
@@ -82,19 +99,7 @@ async fn githubs_published_addresses_admit_refuse_and_are_kept() {
     served.wait_for("GitHub's webhook addresses read");
     let (status, body, _) = webhook(&mut served, "gh-2").await;
     assert_eq!(status, 200, "{body}");
-    let metrics = common::send(
-        "GET",
-        &format!("http://{}/metrics", served.address()),
-        &[],
-        "",
-    )
-    .await
-    .text();
-    let age: i64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("hookrelay_github_hooks_age_seconds{list=\"hooks\"} "))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no age in {metrics}"));
+    let age = age_of_the_list(&mut served).await;
     assert!((0..60).contains(&age), "just read: {age}");
     drop(served);
     let asked = github.received();
@@ -145,18 +150,8 @@ async fn githubs_published_addresses_admit_refuse_and_are_kept() {
         "{body}"
     );
     assert_eq!(retry_after.as_deref(), Some("60"));
-    let metrics = common::send(
-        "GET",
-        &format!("http://{}/metrics", served.address()),
-        &[],
-        "",
-    )
-    .await
-    .text();
-    assert!(
-        metrics.contains("hookrelay_github_hooks_age_seconds{list=\"hooks\"} -1"),
-        "{metrics}"
-    );
+    let age = age_of_the_list(&mut served).await;
+    assert_eq!(age, -1, "none known");
 }
 
 /// A reload that adds `"github"` has the list read at once, not at the next hour.
