@@ -102,11 +102,8 @@ pub fn read_meta(body: &[u8]) -> Result<Vec<IpNet>, String> {
     hooks
         .iter()
         .map(|text| {
-            text.trim()
-                .parse::<IpNet>()
-                .or_else(|_| text.trim().parse::<IpAddr>().map(IpNet::from))
-                .map(|net| crate::config::networks::canonical(net.trunc()))
-                .map_err(|_| format!("{text:?} in \"hooks\" is not an IP network"))
+            crate::config::networks::parse_network(text)
+                .ok_or_else(|| format!("{text:?} in \"hooks\" is not an IP network"))
         })
         .collect()
 }
@@ -134,7 +131,7 @@ pub async fn run(
         );
     }
     let url = std::env::var("HOOKRELAY_GITHUB_META_URL").unwrap_or_else(|_| META_URL.into());
-    let client = match meta_client(&url) {
+    let (client, path) = match meta_client(&url) {
         Ok(client) => client,
         Err(reason) => {
             tracing::error!(%url, %reason, "GitHub's webhook addresses cannot be read");
@@ -147,7 +144,7 @@ pub async fn run(
     loop {
         let now = tokio::time::Instant::now();
         if needed() && now >= next_read {
-            let wait = match read(&client, &url, hooks.known().as_deref()).await {
+            let wait = match read(&client, &path, hooks.known().as_deref()).await {
                 Ok(Some(known)) => {
                     if let Some(path) = &kept {
                         keep(path, &known);
@@ -192,9 +189,10 @@ pub async fn run(
     }
 }
 
-/// A client of the meta URL's host.
-fn meta_client(url: &str) -> Result<Upstream, String> {
+/// A client of the meta URL's host, and the URL's path and query on it.
+fn meta_client(url: &str) -> Result<(Upstream, String), String> {
     let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let root = match (uri.scheme_str(), uri.authority()) {
         (Some(scheme @ ("http" | "https")), Some(authority)) => format!("{scheme}://{authority}"),
         _ => return Err(format!("{url:?} is not an http:// or https:// URL")),
@@ -212,13 +210,16 @@ fn meta_client(url: &str) -> Result<Upstream, String> {
         polls_per_minute: 0,
         poll_interval: Duration::ZERO,
     };
-    Upstream::calling(Called::GithubMeta, &config).map_err(|err| err.to_string())
+    let client = Upstream::calling(Called::GithubMeta, &config).map_err(|err| err.to_string())?;
+    Ok((client, path))
 }
 
-/// One read: the new list, `None` when GitHub says it has not changed (`304`).
-async fn read(client: &Upstream, url: &str, last: Option<&Known>) -> Result<Option<Known>, String> {
-    let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+/// One read of `path`: the new list, `None` when GitHub says it has not changed (`304`).
+async fn read(
+    client: &Upstream,
+    path: &str,
+    last: Option<&Known>,
+) -> Result<Option<Known>, String> {
     let mut headers = http::HeaderMap::new();
     headers.insert(
         http::header::ACCEPT,

@@ -16,13 +16,9 @@ pub(super) fn read_networks(
 ) -> Vec<IpNet> {
     let mut networks = Vec::with_capacity(list.len());
     for entry in list {
-        let text = entry.get_ref().trim();
-        let parsed = text
-            .parse::<IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
-        match parsed {
-            Ok(net) => networks.push(canonical(net.trunc())),
-            Err(_) => problems.at(
+        match parse_network(entry.get_ref()) {
+            Some(net) => networks.push(net),
+            None => problems.at(
                 Some(entry.span()),
                 format!(
                     "{setting}: {:?} is not an IP address or network (\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\")",
@@ -48,6 +44,18 @@ pub(super) fn read_allow_from(
         );
     }
     read_networks(list.get_ref(), setting, problems)
+}
+
+/// One address or network (`"10.0.0.0/8"`, `"192.0.2.7"`, `"2001:db8::/32"`) in the form
+/// clients are compared with: an address is a network of one, host bits are dropped
+/// (`10.1.2.3/8` is `10.0.0.0/8`), and IPv4 in IPv6's mapped form is IPv4.
+pub fn parse_network(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    let parsed = text
+        .parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .ok()?;
+    Some(canonical(parsed.trunc()))
 }
 
 /// Addresses and networks as `check` and the dashboard show them: `10.0.0.0/8
@@ -81,7 +89,7 @@ pub(super) fn names_this_machine(list: &[IpNet]) -> bool {
 
 /// An IPv4 network written in IPv6's mapped form (`::ffff:10.0.0.0/104`) as IPv4, since
 /// addresses are compared in their canonical form ([`crate::client_address`]).
-pub fn canonical(net: IpNet) -> IpNet {
+fn canonical(net: IpNet) -> IpNet {
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
             Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
