@@ -32,7 +32,7 @@ impl Runtime {
     /// `shared`: the limits' state when several relays share the store.
     pub fn new(
         config: Config,
-        shared: Option<Arc<crate::store::postgres::limits::SharedLimits>>,
+        shared: Option<Arc<crate::store::postgres::SharedState>>,
     ) -> Result<Runtime, UpstreamError> {
         let upstreams = Upstreams::new(&config.upstreams)?;
         let limits = crate::limits::Limits::new(&config, shared);
@@ -238,7 +238,7 @@ impl App {
             tls,
             max_connections,
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
-            runtime: ArcSwap::from_pointee(Runtime::new(config, outbox.shared_limits.clone())?),
+            runtime: ArcSwap::from_pointee(Runtime::new(config, outbox.shared_state.clone())?),
             config_path: path,
             server,
             shutting_down: AtomicBool::new(false),
@@ -316,7 +316,7 @@ impl App {
             text
         })?;
         let runtime = Arc::new(
-            Runtime::new(config, self.outbox.shared_limits.clone())
+            Runtime::new(config, self.outbox.shared_state.clone())
                 .map_err(|err| err.to_string())?,
         );
         self.renew_certificate(&runtime.config.server);

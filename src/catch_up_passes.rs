@@ -105,7 +105,7 @@ async fn another_relays_turn(
     hook: &HookUrl,
     every: Duration,
 ) -> Option<Duration> {
-    let shared = app.outbox.shared_limits.as_ref()?;
+    let shared = app.outbox.shared_state.as_ref()?;
     let turn = format!("catch-up pass:{source}:{}", hook.shown());
     match shared.admit(&turn, every, 1, 1).await {
         Ok(wait) if wait.is_zero() => None,

@@ -7,7 +7,7 @@
 //! requests start, upstream connections included (each loop keeps its own, see
 //! [`crate::upstream`]). Nothing a loop runs may wait on the store with its thread: writes
 //! go to the writer thread, shared limits are asynchronous queries
-//! ([`crate::store::postgres::limits`]), and reads go to a blocking thread
+//! ([`crate::store::postgres::SharedState`]), and reads go to a blocking thread
 //! ([`crate::outbox::Outbox::read_apart`]).
 
 use std::cell::Cell;

@@ -3,8 +3,9 @@
 //! GitHub lists the networks its webhooks come from in the `hooks` list of
 //! `https://api.github.com/meta`, and changes it now and then. The relay reads it when it
 //! starts and every hour after (a conditional request, which GitHub's rate limit does not
-//! count), and keeps the last list it read in the state folder, so that a start while
-//! GitHub's API cannot be reached still knows it. Until a list is known, webhooks to such a
+//! count), and keeps the last list it read in the state folder, or in the database that
+//! relays sharing one keep their work in, so that a start while GitHub's API cannot be
+//! reached still knows it. Until a list is known, webhooks to such a
 //! source are refused with `503` rather than let in unchecked; a list read once is kept
 //! through any number of failed reads, which are logged.
 
@@ -17,6 +18,7 @@ use arc_swap::ArcSwapOption;
 use ipnet::IpNet;
 use tokio::sync::watch;
 
+use crate::store::postgres::SharedState;
 use crate::upstream::{Called, Upstream, UpstreamConfig};
 
 /// Where GitHub publishes its addresses; `HOOKRELAY_GITHUB_META_URL` replaces it (a mirror,
@@ -28,7 +30,7 @@ const READ_EVERY: Duration = Duration::from_secs(3600);
 const FIRST_RETRY: Duration = Duration::from_secs(30);
 /// Networks a list may hold at most (GitHub's has a handful).
 const MOST_NETWORKS: usize = 1000;
-/// The kept copy's name in the state folder.
+/// The kept copy's name in the state folder, and in a shared store.
 const KEPT_FILE: &str = "github-hooks.json";
 
 /// The list as last read.
@@ -108,47 +110,106 @@ pub fn read_meta(body: &[u8]) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
+/// Where the last list read is kept for the next start.
+pub enum KeptIn {
+    /// A file in the state folder, which only this relay uses.
+    Folder(PathBuf),
+    /// The store relays share: a list one of them read serves them all, a relay started
+    /// on another machine included.
+    Store(Arc<SharedState>),
+}
+
+impl KeptIn {
+    /// The kept copy, when there is a readable one.
+    async fn read(&self) -> Option<Known> {
+        match self {
+            KeptIn::Folder(folder) => read_kept(&folder.join(KEPT_FILE)),
+            KeptIn::Store(shared) => match shared.kept(KEPT_FILE).await {
+                Ok(Some((text, _))) => match serde_json::from_str::<Known>(&text) {
+                    Ok(known) if !known.networks.is_empty() => Some(known),
+                    _ => {
+                        tracing::warn!(
+                            "the store's copy of GitHub's webhook addresses is not readable; it is read again from GitHub"
+                        );
+                        None
+                    }
+                },
+                Ok(None) => None,
+                Err(reason) => {
+                    tracing::warn!(%reason, "the store's copy of GitHub's webhook addresses could not be read");
+                    None
+                }
+            },
+        }
+    }
+
+    /// Keeps `known` for the next start (and, in a shared store, for the other relays).
+    async fn keep(&self, known: &Known) {
+        match self {
+            KeptIn::Folder(folder) => keep(&folder.join(KEPT_FILE), known),
+            KeptIn::Store(shared) => {
+                let text = serde_json::to_string(known).expect("a list always serializes");
+                if let Err(reason) = shared.keep(KEPT_FILE, &text, known.read_at_ms).await {
+                    tracing::warn!(%reason, "GitHub's webhook addresses could not be kept in the store for the next start");
+                }
+            }
+        }
+    }
+
+    /// Whether another relay may keep a list here while this one runs.
+    fn shared(&self) -> bool {
+        matches!(self, KeptIn::Store(_))
+    }
+}
+
+/// Uses `known`, read earlier and kept, and says so.
+fn use_kept(hooks: &GithubHooks, known: Known) {
+    let (networks, read_at) = (known.networks.len(), known.read_at_ms);
+    hooks.set(known);
+    tracing::info!(
+        networks,
+        read_at = %chrono::DateTime::from_timestamp_millis(read_at)
+            .map_or_else(|| read_at.to_string(), |t| t.to_rfc3339()),
+        "GitHub's webhook addresses, as last read"
+    );
+}
+
 /// Reads the list into `hooks` while `needed` (a source of the running configuration lists
-/// `"github"` in `allow_from`), until `stopped`; `kept_in`: the state folder (none with a
-/// shared store), where the last list read is kept. A reload (`reloads`) that adds such a
-/// source has the list read at once.
+/// `"github"` in `allow_from`), until `stopped`; `kept`: where the last list read is kept.
+/// A reload (`reloads`) that adds such a source has the list read at once.
 pub async fn run(
     hooks: &GithubHooks,
     needed: impl Fn() -> bool,
-    kept_in: Option<PathBuf>,
+    kept: KeptIn,
     mut reloads: watch::Receiver<u64>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let kept = kept_in.map(|folder| folder.join(KEPT_FILE));
-    if let Some(known) = kept.as_deref().and_then(read_kept) {
-        let (networks, read_at) = (known.networks.len(), known.read_at_ms);
-        hooks.set(known);
-        tracing::info!(
-            networks,
-            read_at = %chrono::DateTime::from_timestamp_millis(read_at)
-                .map_or_else(|| read_at.to_string(), |t| t.to_rfc3339()),
-            "GitHub's webhook addresses, as last read"
-        );
-    }
     let url = std::env::var("HOOKRELAY_GITHUB_META_URL").unwrap_or_else(|_| META_URL.into());
-    let (client, path) = match meta_client(&url) {
-        Ok(client) => client,
-        Err(reason) => {
-            tracing::error!(%url, %reason, "GitHub's webhook addresses cannot be read");
-            hooks.failed(reason);
-            return;
-        }
-    };
+    let client = meta_client(&url);
+    // The kept copy is read once, when a source first needs the list.
+    let mut kept_read = false;
     let mut retry = FIRST_RETRY;
     let mut next_read = tokio::time::Instant::now();
     loop {
         let now = tokio::time::Instant::now();
+        if needed() && !kept_read {
+            kept_read = true;
+            if let Some(known) = kept.read().await {
+                use_kept(hooks, known);
+            }
+        }
         if needed() && now >= next_read {
-            let wait = match read(&client, &path, hooks.known().as_deref()).await {
+            let (client, path) = match &client {
+                Ok(client) => client,
+                Err(reason) => {
+                    tracing::error!(%url, %reason, "GitHub's webhook addresses cannot be read");
+                    hooks.failed(reason.clone());
+                    return;
+                }
+            };
+            let wait = match read(client, path, hooks.known().as_deref()).await {
                 Ok(Some(known)) => {
-                    if let Some(path) = &kept {
-                        keep(path, &known);
-                    }
+                    kept.keep(&known).await;
                     let networks = known.networks.len();
                     hooks.set(known);
                     tracing::info!(networks, %url, "GitHub's webhook addresses read");
@@ -158,6 +219,13 @@ pub async fn run(
                 Ok(None) => READ_EVERY,
                 Err(reason) => {
                     hooks.failed(format!("reading {url} failed: {reason}"));
+                    // Another relay on the store may have read it meanwhile.
+                    if hooks.known().is_none()
+                        && kept.shared()
+                        && let Some(known) = kept.read().await
+                    {
+                        use_kept(hooks, known);
+                    }
                     let kept = hooks.known().is_some();
                     tracing::warn!(%url, %reason, retry_in = ?retry, keeping_the_last_list = kept, "GitHub's webhook addresses could not be read");
                     let wait = retry;

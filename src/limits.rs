@@ -73,7 +73,7 @@ pub struct Limit {
     pub on_limit: OnLimit,
 }
 
-use crate::store::postgres::limits::SharedLimits;
+use crate::store::postgres::SharedState;
 
 /// Why a request was not admitted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,7 +117,7 @@ pub struct Limiter {
     full: std::sync::atomic::AtomicBool,
     /// When idle keys were last forgotten because there were many (see [`EVICT_ABOVE`]).
     evicted_at: std::sync::Mutex<Option<std::time::Instant>>,
-    shared: Option<Arc<SharedLimits>>,
+    shared: Option<Arc<SharedState>>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -140,7 +140,7 @@ impl Limiter {
         name: String,
         scope: String,
         limit: Limit,
-        shared: Option<Arc<SharedLimits>>,
+        shared: Option<Arc<SharedState>>,
     ) -> Limiter {
         let period = limit.rate.per / limit.rate.count.get();
         let quota = Quota::with_period(period)
@@ -432,13 +432,13 @@ pub struct Limits {
     pub gateway_project: Option<Limiter>,
     pub gateway_client: Option<Limiter>,
     pub gateway_token: Option<Limiter>,
-    shared: Option<Arc<SharedLimits>>,
+    shared: Option<Arc<SharedState>>,
 }
 
 impl Limits {
     /// The limiters of `config`, sharing state through `shared` when several relays share
     /// the store.
-    pub fn new(config: &crate::config::Config, shared: Option<Arc<SharedLimits>>) -> Limits {
+    pub fn new(config: &crate::config::Config, shared: Option<Arc<SharedState>>) -> Limits {
         let sources = config
             .sources
             .values()
@@ -499,7 +499,7 @@ impl Limits {
     }
 
     /// The shared state, when relays share one (for GitLab's pauses).
-    pub fn shared(&self) -> Option<&Arc<SharedLimits>> {
+    pub fn shared(&self) -> Option<&Arc<SharedState>> {
         self.shared.as_ref()
     }
 

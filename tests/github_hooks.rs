@@ -1,9 +1,12 @@
 //! `allow_from = ["github"]`: the real binary reads GitHub's published webhook addresses
 //! from a stand-in for `api.github.com/meta` (`HOOKRELAY_GITHUB_META_URL`), admits and
 //! refuses by them, reads them again conditionally, keeps the last list for a start while
-//! GitHub cannot be reached, and refuses with `503` while it knows none.
+//! GitHub cannot be reached, and refuses with `503` while it knows none. Relays sharing
+//! PostgreSQL keep the list in the database, for each other and for their next start.
 
 mod common;
+#[path = "../src/store/postgres/test_server.rs"]
+mod pg;
 
 use std::path::Path;
 use std::process::Command;
@@ -63,19 +66,32 @@ fn meta(hooks: &[&str], etag: &str) -> Answer {
     .header("etag", etag)
 }
 
-/// Multi-threaded: the stand-in answers while the test waits for the relay's log lines.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn githubs_published_addresses_admit_refuse_and_are_kept() {
+/// A configuration folder with one GitHub source fenced by GitHub's addresses, and
+/// `extra` after it.
+fn fenced_by_github(extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "secret", SECRET);
     write(
         dir.path(),
         "relay.toml",
         &format!(
-            "[source.github]\nprovider = \"github\"\nsecret = \"file:{}/secret\"\nallow_from = [\"github\"]\n",
+            "[source.github]\nprovider = \"github\"\nsecret = \"file:{}/secret\"\nallow_from = [\"github\"]\n{extra}",
             dir.path().display()
         ),
     );
+    dir
+}
+
+/// A meta URL on which nothing listens: GitHub cannot be reached.
+fn unreachable_meta() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}/meta", listener.local_addr().unwrap())
+}
+
+/// Multi-threaded: the stand-in answers while the test waits for the relay's log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn githubs_published_addresses_admit_refuse_and_are_kept() {
+    let dir = fenced_by_github("");
     let state = dir.path().join("state");
     let github = RecordingUpstream::start().await;
     let meta_url = format!("{}/meta", github.url());
@@ -129,10 +145,7 @@ async fn githubs_published_addresses_admit_refuse_and_are_kept() {
     );
 
     // GitHub cannot be reached: the kept list still admits.
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}/meta", listener.local_addr().unwrap())
-    };
+    let closed = unreachable_meta();
     let mut served = start(dir.path(), &state, &closed);
     served.wait_for("GitHub's webhook addresses could not be read");
     let (status, body, _) = webhook(&mut served, "gh-4").await;
@@ -182,4 +195,58 @@ async fn a_reload_that_asks_for_githubs_addresses_reads_them_at_once() {
     served.wait_for("GitHub's webhook addresses read");
     let (status, body, _) = webhook(&mut served, "gh-r2").await;
     assert_eq!(status, 403, "{body}");
+}
+
+/// Relays sharing PostgreSQL: a list one relay read serves another started later while
+/// GitHub cannot be reached (on another machine, a state folder of its own), and that
+/// relay's read is conditional on the kept list's `ETag`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_sharing_postgresql_keep_githubs_addresses_in_the_database() {
+    let Some(database) = tokio::task::block_in_place(pg::Database::create) else {
+        return;
+    };
+    let dir = fenced_by_github(&format!("[store]\nurl = \"{}\"\n", database.url));
+    let github = RecordingUpstream::start().await;
+    let meta_url = format!("{}/meta", github.url());
+    github.answer_next(meta(&["127.0.0.0/8"], "\"v1\""));
+    let mut first = start(dir.path(), &dir.path().join("state-1"), &meta_url);
+    first.wait_for("GitHub's webhook addresses read");
+    let (status, body, _) = webhook(&mut first, "gh-pg-1").await;
+    assert_eq!(status, 200, "{body}");
+    drop(first);
+
+    // GitHub cannot be reached: the list the first relay kept in the database admits.
+    let closed = unreachable_meta();
+    let mut second = start(dir.path(), &dir.path().join("state-2"), &closed);
+    second.wait_for("GitHub's webhook addresses, as last read");
+    second.wait_for("GitHub's webhook addresses could not be read");
+    let (status, body, _) = webhook(&mut second, "gh-pg-2").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !dir.path()
+            .join("state-1")
+            .join("github-hooks.json")
+            .exists()
+            && !dir
+                .path()
+                .join("state-2")
+                .join("github-hooks.json")
+                .exists(),
+        "kept in the database, not in a state folder"
+    );
+    drop(second);
+
+    // Unchanged (304) for a third relay: its read was conditional on the kept ETag.
+    github.answer_next(Answer::new(304, ""));
+    let mut third = start(dir.path(), &dir.path().join("state-3"), &meta_url);
+    github.wait_for_calls(2).await;
+    let (status, body, _) = webhook(&mut third, "gh-pg-3").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        github.received()[1]
+            .headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok()),
+        Some("\"v1\"")
+    );
 }

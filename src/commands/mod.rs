@@ -509,14 +509,22 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     }
     let github_hooks = tokio::spawn({
         let (app, stopped) = (app.clone(), stopped.clone());
-        let kept_in = match &store {
-            StoreLocation::Folder(folder) => Some(folder.clone()),
-            StoreLocation::Postgres(_) => None,
+        let kept = match (&store, &app.outbox.shared_state) {
+            (StoreLocation::Folder(folder), _) => {
+                crate::github_meta::KeptIn::Folder(folder.clone())
+            }
+            (StoreLocation::Postgres(_), Some(shared)) => {
+                crate::github_meta::KeptIn::Store(shared.clone())
+            }
+            // Not made: every outbox on a shared store has its shared state.
+            (StoreLocation::Postgres(_), None) => {
+                crate::github_meta::KeptIn::Folder(options.state.clone())
+            }
         };
         async move {
             let needed = || app.needs_github_hooks();
             let reloads = app.reloads();
-            crate::github_meta::run(&app.github_hooks, needed, kept_in, reloads, stopped).await;
+            crate::github_meta::run(&app.github_hooks, needed, kept, reloads, stopped).await;
         }
     });
     let scheduler = tokio::spawn(crate::scheduler::run(app.clone(), stopped.clone()));

@@ -165,7 +165,7 @@ pub struct Outbox {
     /// so the forwarder looks for due work at least once a second.
     pub shared: bool,
     /// The state of rate limits and GitLab's pauses, when relays share the store.
-    pub shared_limits: Option<Arc<crate::store::postgres::limits::SharedLimits>>,
+    pub shared_state: Option<Arc<crate::store::postgres::SharedState>>,
     /// How long a claim holds its key when relays share the store: a send starts only
     /// while its claim has at least an upstream timeout left.
     pub lease: Option<Duration>,
@@ -271,9 +271,9 @@ impl Outbox {
                 outbox.failover_risk = failover_risk;
                 outbox.location = Some(location.clone());
                 outbox.lease = Some(config.lease);
-                outbox.shared_limits = Some(Arc::new(
-                    crate::store::postgres::limits::SharedLimits::new(config.clone()),
-                ));
+                outbox.shared_state = Some(Arc::new(crate::store::postgres::SharedState::new(
+                    config.clone(),
+                )));
                 Ok(outbox)
             }
         }
@@ -331,7 +331,7 @@ impl Outbox {
             queued,
             health,
             shared: false,
-            shared_limits: None,
+            shared_state: None,
             lease: None,
             skew,
             timings,

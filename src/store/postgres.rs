@@ -1,7 +1,8 @@
 //! The shared engine: PostgreSQL, for several relays on one database. This file holds the
 //! engine's connection, transactions and the [`Engine`] interface; its parts live beside
-//! it: `keys` (the per-key queue), `deliveries` (recording webhooks and calls), `limits`
-//! (cluster-wide rate limits and pauses), `operator` (replays, listings, cancels, stored
+//! it: `keys` (the per-key queue), `deliveries` (recording webhooks and calls), `shared_state`
+//! (what relays share outside the outbox, on a pool of its own: `limits`, cluster-wide
+//! rate limits and pauses, and `kept`, what one relay read that the others may use), `operator` (replays, listings, cancels, stored
 //! webhooks read back), `connect` (settings and TLS), `schema` (the migrations and running
 //! them).
 //!
@@ -14,10 +15,12 @@
 
 mod connect;
 mod deliveries;
+mod kept;
 mod keys;
-pub mod limits;
+mod limits;
 mod operator;
 mod schema;
+mod shared_state;
 
 use std::collections::HashMap;
 
@@ -26,6 +29,7 @@ use postgres::{Client, SimpleQueryMessage, Statement};
 pub use connect::{DEFAULT_LEASE, PostgresConfig, has_password, without_password};
 use keys::Touch;
 use schema::migrate;
+pub use shared_state::SharedState;
 
 use super::{
     Accepted, CancelTarget, Claimed, DeliveryRow, Depth, Engine, EngineError, Lease, ListFilter,

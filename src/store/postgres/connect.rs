@@ -183,7 +183,7 @@ impl AsyncConnect {
         let describe = self.describe;
         let task = runtime.spawn(async move {
             if let Err(err) = connection.await {
-                tracing::debug!(store = %describe, reason = %super::error(err).message, "a connection for shared limits closed");
+                tracing::debug!(store = %describe, reason = %super::error(err).message, "a connection for shared state closed");
             }
         });
         Ok((client, task))

@@ -151,6 +151,9 @@ ALTER TABLE hr_open ADD COLUMN clock_noted bigint;
     r#"
 CREATE TABLE hr_schema_floor (id integer PRIMARY KEY CHECK (id = 1), floor integer NOT NULL);
 "#,
+    // What one relay read from elsewhere (GitHub's webhook addresses), for the others and
+    // for its own next start.
+    super::kept::SCHEMA,
 ];
 
 /// The oldest schema version whose relays can still run on a database this relay
@@ -158,7 +161,10 @@ CREATE TABLE hr_schema_floor (id integer PRIMARY KEY CHECK (id = 1), floor integ
 /// migrations since an older one were written so that relays knowing only that one keep
 /// working beside this one (columns with defaults, new tables and indexes they never
 /// need): then lower it to that version, and say why here.
-pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len();
+///
+/// The last migration only adds `hr_kept`, which relays of the version before never read:
+/// they may run beside this one.
+pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len() - 1;
 
 /// Brings the database up to this relay's schema under an advisory lock, or refuses one
 /// a newer relay migrated past what this one may run on.
