@@ -116,6 +116,9 @@ pub struct App {
     /// The settings a reload cannot change, as the files said them at start (before
     /// `--listen` and the like): a reload that changes them says they wait for a restart.
     pub restart_only: std::sync::OnceLock<RestartOnly>,
+    /// Where `serve`'s command line said to listen, over the files: a reload's checks of
+    /// where the relay listens read these too.
+    pub listen_flags: std::sync::OnceLock<crate::config::ListenFlags>,
     /// When the configuration in use was loaded, and why the last reload failed if it did:
     /// the health page shows it.
     pub reloaded: std::sync::Mutex<Reloaded>,
@@ -223,6 +226,7 @@ impl App {
             admin: std::sync::OnceLock::new(),
             admin_tls: std::sync::OnceLock::new(),
             restart_only: std::sync::OnceLock::new(),
+            listen_flags: std::sync::OnceLock::new(),
             reloaded: std::sync::Mutex::new(Reloaded {
                 loaded_at: crate::outbox::now_ms(),
                 failed: None,
@@ -298,7 +302,8 @@ impl App {
             }
             value
         };
-        let config = crate::config::load_with_env(path, &lookup).map_err(|problems| {
+        let flags = self.listen_flags.get().copied().unwrap_or_default();
+        let config = crate::config::load_serving(path, &lookup, flags).map_err(|problems| {
             let mut text = problems.to_string();
             let missing = missing.into_inner().expect("not poisoned");
             let named: Vec<String> = missing

@@ -44,6 +44,16 @@ pub struct ServeOptions {
     pub admin_listen: Option<SocketAddr>,
 }
 
+impl ServeOptions {
+    /// The addresses this command line puts over the files'.
+    fn listen_flags(&self) -> config::ListenFlags {
+        config::ListenFlags {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+        }
+    }
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -322,7 +332,12 @@ fn summary(config: &Config) -> String {
 fn configured(
     options: &ServeOptions,
 ) -> Result<(config::Config, crate::app::RestartOnly), ExitCode> {
-    let mut config = match config::load(&options.config) {
+    let flags = options.listen_flags();
+    let mut config = match config::load_serving(
+        &options.config,
+        &|name| std::env::var(name).ok(),
+        flags,
+    ) {
         Ok(config) => config,
         Err(problems) => {
             for problem in &problems.0 {
@@ -457,6 +472,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     )
     .context("setting up the relay (upstream clients, the listener's certificate)")?;
     let _ = app.restart_only.set(restart_only);
+    let _ = app.listen_flags.set(options.listen_flags());
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;

@@ -54,7 +54,12 @@ fn load(text: &str) -> Result<Config, Problems> {
     let env = |name: &str| {
         (!name.starts_with("HOOKRELAY_")).then(|| format!("fuzz-{name}-0123456789abcdef"))
     };
-    super::load_texts([("fuzz.toml".into(), Ok(text.to_owned()))], &env, true)
+    super::load_texts(
+        [("fuzz.toml".into(), Ok(text.to_owned()))],
+        &env,
+        true,
+        super::ListenFlags::default(),
+    )
 }
 
 /// Plans each real webhook's events as if they came from each configured source.

@@ -94,13 +94,39 @@ pub fn load_with_env(path: &Path, env: EnvLookup<'_>) -> Result<Config, Problems
     load_with(path, env, true)
 }
 
+/// Listening addresses given on `serve`'s command line (`--listen`, `--admin-listen`),
+/// which take the place of the files': what the checks of where the relay listens read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenFlags {
+    pub listen: Option<std::net::SocketAddr>,
+    pub admin_listen: Option<std::net::SocketAddr>,
+}
+
+/// [`load_with_env`] for `serve`, whose command line may say where it listens (`flags`).
+pub fn load_serving(
+    path: &Path,
+    env: EnvLookup<'_>,
+    flags: ListenFlags,
+) -> Result<Config, Problems> {
+    load_files(path, env, true, flags)
+}
+
 fn load_with(path: &Path, env: EnvLookup<'_>, resolve_secrets: bool) -> Result<Config, Problems> {
+    load_files(path, env, resolve_secrets, ListenFlags::default())
+}
+
+fn load_files(
+    path: &Path,
+    env: EnvLookup<'_>,
+    resolve_secrets: bool,
+    flags: ListenFlags,
+) -> Result<Config, Problems> {
     let files = config_files(path).map_err(|problem| Problems(vec![problem]))?;
     let texts = files.into_iter().map(|file| {
         let text = crate::named_file::read_text(&file, crate::named_file::CONFIGURATION);
         (file, text)
     });
-    load_texts(texts, env, resolve_secrets)
+    load_texts(texts, env, resolve_secrets, flags)
 }
 
 /// One configuration from the texts of its files, in order (a file that could not be
@@ -109,9 +135,11 @@ fn load_texts(
     texts: impl IntoIterator<Item = (PathBuf, std::io::Result<String>)>,
     env: EnvLookup<'_>,
     resolve_secrets: bool,
+    flags: ListenFlags,
 ) -> Result<Config, Problems> {
     let mut builder = Builder {
         resolve_secrets,
+        flags,
         ..Builder::default()
     };
     let mut files = Vec::new();
@@ -189,6 +217,8 @@ struct Builder {
     /// `HOOKRELAY_STORE_URL` when no file has `[store]`.
     store_from_env: Option<Result<crate::store::postgres::PostgresConfig, String>>,
     resolve_secrets: bool,
+    /// Where `serve`'s command line says it listens, over the files.
+    flags: ListenFlags,
 }
 
 /// What a TOML "duplicate key" error is about.
@@ -739,10 +769,18 @@ impl Builder {
         if networks::names_this_machine(trusted_proxies) {
             return;
         }
-        let listen = self.server.as_ref().map_or_else(
-            || ServerConfig::default().listen,
-            |(server, _)| server.listen,
-        );
+        let listen = self.flags.listen.unwrap_or_else(|| {
+            self.server.as_ref().map_or_else(
+                || ServerConfig::default().listen,
+                |(server, _)| server.listen,
+            )
+        });
+        let listen_setting = if self.flags.listen.is_some() {
+            "--listen"
+        } else {
+            "[server] listen"
+        };
+        let admin_flag = self.flags.admin_listen;
         let lists = self
             .sources
             .iter()
@@ -754,7 +792,7 @@ impl Builder {
                     source.allow_github_hooks,
                     origin,
                     listen,
-                    "[server] listen",
+                    listen_setting,
                 )
             })
             .chain(gateway.map(|(gateway, origin)| {
@@ -765,7 +803,7 @@ impl Builder {
                     false,
                     origin,
                     listen,
-                    "[server] listen",
+                    listen_setting,
                 )
             }))
             .chain(self.admin.iter().filter_map(|(admin, origin)| {
@@ -776,8 +814,12 @@ impl Builder {
                     &admin.allow_from,
                     false,
                     origin,
-                    admin.listen,
-                    "admin.listen",
+                    admin_flag.unwrap_or(admin.listen),
+                    if admin_flag.is_some() {
+                        "--admin-listen"
+                    } else {
+                        "admin.listen"
+                    },
                 ))
             }));
         let mut warnings = Vec::new();

@@ -1984,6 +1984,46 @@ fn an_allow_from_a_proxy_on_this_machine_would_be_refused_by_is_a_warning() {
     assert_eq!(warnings(&config), Vec::<String>::new());
 }
 
+/// `serve --listen` and `--admin-listen` take the files' place in the same checks, at the
+/// start and at every reload: a listener others reach warns of nothing, one on this
+/// machine alone is named by its flag.
+#[test]
+fn where_serve_s_command_line_listens_is_what_the_proxy_warning_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        "[source.ci]\nprovider = \"generic\"\nallow_unsigned = true\nallow_from = [\"10.20.0.0/16\"]\n\
+         [admin]\nallow_from = [\"10.20.0.0/16\"]\n",
+    )
+    .unwrap();
+    let env = |_: &str| None;
+    let load = |listen: Option<&str>, admin_listen: Option<&str>| {
+        let flags = super::ListenFlags {
+            listen: listen.map(|a| a.parse().unwrap()),
+            admin_listen: admin_listen.map(|a| a.parse().unwrap()),
+        };
+        let config = super::load_serving(dir.path(), &env, flags).unwrap();
+        config
+            .warnings
+            .iter()
+            .map(|w| w.message.clone())
+            .collect::<Vec<_>>()
+    };
+    let from_the_files = load(None, None);
+    assert_eq!(from_the_files.len(), 2, "{from_the_files:#?}");
+    assert!(
+        load(Some("0.0.0.0:8080"), Some("0.0.0.0:8081")).is_empty(),
+        "listeners others reach"
+    );
+    let flagged = load(Some("127.0.0.1:9000"), Some("[::1]:9001"));
+    assert!(
+        flagged[0]
+            .contains("yet --listen (127.0.0.1:9000) takes connections from this machine alone")
+            && flagged[1].contains("yet --admin-listen ([::1]:9001)"),
+        "{flagged:#?}"
+    );
+}
+
 #[test]
 fn a_new_branch_base_is_a_short_branch_name_every_forge_takes_in_a_path() {
     use super::forge_api::branch_base_problem;
