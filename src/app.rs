@@ -427,6 +427,7 @@ fn known_series(config: &Config) -> crate::metrics::KnownSeries<'_> {
         .into_iter()
         .flatten()
         .collect(),
+        refusing_limits: crate::limits::refusing_settings(config),
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::catch_up::{CatchUp, CatchUpConfig, Event, Forge, HookUrl, LastPass, Report};
+use crate::metrics::CatchUpOutcome;
 
 /// How often the loop looks at the configuration (a reload may add or change a source).
 const LOOK_EVERY: Duration = Duration::from_secs(30);
@@ -174,23 +175,24 @@ async fn pass(app: &App, source: &str, hook: &HookUrl, config: &CatchUpConfig, s
             );
             say(source, hook, &report, app.dry_run);
             if report.hook_disabled.is_some() {
-                app.metrics.catch_up(source, "hook_disabled", 1);
+                app.metrics
+                    .catch_up(source, CatchUpOutcome::HookDisabled, 1);
             }
             let counts = [
-                ("redelivered", report.redelivered.len()),
-                ("refused", report.refused.len()),
-                ("rejected", report.rejected.len()),
-                ("left", report.left.len()),
+                (CatchUpOutcome::Redelivered, report.redelivered.len()),
+                (CatchUpOutcome::Refused, report.refused.len()),
+                (CatchUpOutcome::Rejected, report.rejected.len()),
+                (CatchUpOutcome::Left, report.left.len()),
             ];
             for (outcome, count) in counts {
-                if count > 0 && !(app.dry_run && outcome == "redelivered") {
+                if count > 0 && !(app.dry_run && outcome == CatchUpOutcome::Redelivered) {
                     app.metrics.catch_up(source, outcome, count as u64);
                 }
             }
             true
         }
         Err(reason) => {
-            app.metrics.catch_up(source, "failed", 1);
+            app.metrics.catch_up(source, CatchUpOutcome::Failed, 1);
             app.catch_up.note(
                 source,
                 hook,

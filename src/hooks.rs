@@ -134,7 +134,8 @@ async fn compare(
         let event = &events[i];
         match &event.compared {
             Some(crate::event::Compared::Listed) => {
-                app.metrics.compare(&source.name, "listed");
+                app.metrics
+                    .compare(&source.name, crate::metrics::CompareOutcome::Listed);
                 tracing::info!(
                     source = %source.name,
                     delivery = %event.delivery,
@@ -144,7 +145,8 @@ async fn compare(
                 );
             }
             Some(crate::event::Compared::Failed(reason)) => {
-                app.metrics.compare(&source.name, "failed");
+                app.metrics
+                    .compare(&source.name, crate::metrics::CompareOutcome::Failed);
                 tracing::warn!(
                     source = %source.name,
                     delivery = %event.delivery,

@@ -242,6 +242,37 @@ pub fn retry_after_seconds(wait: Duration) -> u64 {
 mod tests {
     use super::*;
 
+    /// The limits that refuse, named as refusals count them: each starts at 0.
+    #[test]
+    fn refusing_settings_are_the_gateway_s_and_those_that_reject() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.toml"),
+            "[upstream.gl]\nurl = \"https://gitlab.example\"\n\
+             [upstream.strict]\nurl = \"https://gitlab.example\"\nlimit = { per_project = \"5/min\", on_limit = \"reject\" }\n\
+             [gateway]\nupstream = \"gl\"\nlimit = { per_project = \"30/min\", per_token = \"60/min\" }\n\
+             [source.ci]\nprovider = \"generic\"\nallow_unsigned = true\nlimit = { rate = \"10/min\", on_limit = \"reject\" }\n\
+             [source.queued]\nprovider = \"generic\"\nallow_unsigned = true\nlimit = { rate = \"10/min\" }\n",
+        )
+        .unwrap();
+        let config = crate::config::load_with_env(dir.path(), &|_| None).unwrap();
+        assert_eq!(
+            refusing_settings(&config),
+            [
+                "[source.ci] limit.rate",
+                "[upstream.strict] limit.per_project",
+                "[gateway] limit.per_project",
+                "[gateway] limit.per_token",
+            ]
+        );
+        let limits = Limits::new(&config, None);
+        assert_eq!(
+            limits.source("ci").map(|l| l.name.as_str()),
+            Some("[source.ci] limit.rate (10/min)"),
+            "what a refusal names, before its parameters"
+        );
+    }
+
     #[test]
     fn a_throttle_lets_one_a_period_through_per_key_and_counts_the_rest() {
         let mut throttle = Throttle::new(Duration::from_millis(50));
@@ -435,6 +466,48 @@ pub struct Limits {
     shared: Option<Arc<SharedState>>,
 }
 
+/// A source's limit, as messages and `hookrelay_limit_refusals_total` name it.
+fn source_setting(source: &str) -> String {
+    format!("[source.{source}] limit.rate")
+}
+
+/// An upstream's limit per project.
+fn upstream_setting(upstream: &str) -> String {
+    format!("[upstream.{upstream}] limit.per_project")
+}
+
+/// One of the gateway's limits (`per_project`, `per_client`, `per_token`).
+fn gateway_setting(key: &str) -> String {
+    format!("[gateway] limit.{key}")
+}
+
+/// The limits of `config` that refuse requests (the gateway's, and those with
+/// `on_limit = "reject"`), named as `hookrelay_limit_refusals_total` labels them.
+pub fn refusing_settings(config: &crate::config::Config) -> Vec<String> {
+    let rejects = |limit: &Limit| limit.on_limit == OnLimit::Reject;
+    let sources = config
+        .sources
+        .values()
+        .filter(|s| s.limit.as_ref().is_some_and(rejects))
+        .map(|s| source_setting(&s.name));
+    let upstreams = config
+        .upstreams
+        .values()
+        .filter(|u| rejects(&u.per_project))
+        .map(|u| upstream_setting(&u.name));
+    let gateway = config.gateway.iter().flat_map(|g| {
+        [
+            ("per_project", &g.per_project),
+            ("per_client", &g.per_client),
+            ("per_token", &g.per_token),
+        ]
+        .into_iter()
+        .filter(|(_, limit)| limit.is_some())
+        .map(|(key, _)| gateway_setting(key))
+    });
+    sources.chain(upstreams).chain(gateway).collect()
+}
+
 impl Limits {
     /// The limiters of `config`, sharing state through `shared` when several relays share
     /// the store.
@@ -447,7 +520,7 @@ impl Limits {
                 Some((
                     s.name.clone(),
                     Limiter::shared(
-                        format!("[source.{}] limit.rate ({})", s.name, limit.rate),
+                        format!("{} ({})", source_setting(&s.name), limit.rate),
                         format!("source.{}", s.name),
                         limit,
                         shared.clone(),
@@ -463,7 +536,7 @@ impl Limits {
                 (
                     u.name.clone(),
                     Limiter::shared(
-                        format!("[upstream.{}] limit.per_project ({})", u.name, limit.rate),
+                        format!("{} ({})", upstream_setting(&u.name), limit.rate),
                         format!("upstream.{}.per_project", u.name),
                         limit,
                         shared.clone(),
@@ -475,7 +548,7 @@ impl Limits {
         let gateway_limiter = |limit: Option<&Limit>, key: &str| {
             limit.map(|limit| {
                 Limiter::shared(
-                    format!("[gateway] limit.{key} ({})", limit.rate),
+                    format!("{} ({})", gateway_setting(key), limit.rate),
                     format!("gateway.{key}"),
                     limit.clone(),
                     shared.clone(),

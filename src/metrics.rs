@@ -122,39 +122,79 @@ impl Recent {
     }
 }
 
-/// What happened to a trigger.
-#[derive(Clone, Copy, Debug)]
-pub enum TriggerOutcome {
-    Queued,
-    Sent,
-    Failed,
-    Retried,
-    RateLimited,
-    DryRun,
-    Coalesced,
+/// The values of one `outcome` label, each named once: the call sites count by variant and
+/// [`Metrics::start_at_zero`] starts every one of [`Self::ALL`] at 0, so a new outcome
+/// cannot be counted without starting at 0 too.
+macro_rules! outcomes {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $word:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word),+
+                }
+            }
+        }
+    };
 }
 
-impl TriggerOutcome {
-    const ALL: [TriggerOutcome; 7] = [
-        TriggerOutcome::Queued,
-        TriggerOutcome::Sent,
-        TriggerOutcome::Failed,
-        TriggerOutcome::Retried,
-        TriggerOutcome::RateLimited,
-        TriggerOutcome::DryRun,
-        TriggerOutcome::Coalesced,
-    ];
+outcomes! {
+    /// What happened to a trigger.
+    TriggerOutcome {
+        Queued => "queued",
+        Sent => "sent",
+        Failed => "failed",
+        Retried => "retried",
+        RateLimited => "rate_limited",
+        DryRun => "dry_run",
+        Coalesced => "coalesced",
+    }
+}
 
-    fn as_str(self) -> &'static str {
-        match self {
-            TriggerOutcome::Queued => "queued",
-            TriggerOutcome::Sent => "sent",
-            TriggerOutcome::Failed => "failed",
-            TriggerOutcome::Retried => "retried",
-            TriggerOutcome::RateLimited => "rate_limited",
-            TriggerOutcome::DryRun => "dry_run",
-            TriggerOutcome::Coalesced => "coalesced",
-        }
+outcomes! {
+    /// How a status post's attempt ended.
+    StatusOutcome {
+        Sent => "sent",
+        Retried => "retried",
+        Failed => "failed",
+    }
+}
+
+outcomes! {
+    /// What came of asking a source's forge which files a push changed.
+    CompareOutcome {
+        Listed => "listed",
+        Failed => "failed",
+    }
+}
+
+outcomes! {
+    /// What became of webhooks a catch-up pass found (`Failed`, `HookDisabled`: of the pass).
+    CatchUpOutcome {
+        Redelivered => "redelivered",
+        Refused => "refused",
+        Rejected => "rejected",
+        Left => "left",
+        Failed => "failed",
+        HookDisabled => "hook_disabled",
+    }
+}
+
+outcomes! {
+    /// How a poll of a pipeline's status ended.
+    PollOutcome {
+        Polled => "polled",
+        Finished => "finished",
+        Retried => "retried",
+        Failed => "failed",
+        Deferred => "deferred",
     }
 }
 
@@ -183,6 +223,8 @@ pub struct KnownSeries<'a> {
     /// The endpoints served: `hooks` with sources, `trigger` and `trigger_webhook` with
     /// the gateway.
     pub endpoints: Vec<&'static str>,
+    /// The limits that refuse requests (`crate::limits::refusing_settings`).
+    pub refusing_limits: Vec<String>,
 }
 
 /// Upper bounds of the request duration buckets, in seconds: from well under a millisecond
@@ -532,7 +574,7 @@ impl Metrics {
                     .get_or_create(&EndpointLabels { endpoint }),
             );
         }
-        for outcome in TriggerOutcome::ALL {
+        for outcome in TriggerOutcome::ALL.iter().copied() {
             at_zero(
                 &self.triggers,
                 &OutcomeLabels {
@@ -548,6 +590,14 @@ impl Metrics {
                 },
             );
         }
+        for limit in &known.refusing_limits {
+            at_zero(
+                &self.limit_refusals,
+                &LimitLabels {
+                    limit: limit.clone(),
+                },
+            );
+        }
         for rule in &known.rules {
             at_zero(
                 &self.rule_matches,
@@ -557,49 +607,48 @@ impl Metrics {
             );
         }
         for forge in &known.status_forges {
-            for outcome in ["sent", "retried", "failed"] {
+            for outcome in StatusOutcome::ALL {
                 at_zero(
                     &self.status_posts,
                     &StatusLabels {
                         forge: (*forge).to_owned(),
-                        outcome: outcome.to_owned(),
+                        outcome: outcome.as_str().to_owned(),
                     },
                 );
             }
         }
-        let by_source =
-            |family: &Family<SourceOutcomeLabels, Counter>, sources: &[&str], outcomes: &[&str]| {
-                for source in sources {
-                    for outcome in outcomes {
-                        at_zero(
-                            family,
-                            &SourceOutcomeLabels {
-                                source: (*source).to_owned(),
-                                outcome: (*outcome).to_owned(),
-                            },
-                        );
-                    }
+        let by_source = |family: &Family<SourceOutcomeLabels, Counter>,
+                         sources: &[&str],
+                         outcomes: &mut dyn Iterator<Item = &'static str>| {
+            let outcomes: Vec<&str> = outcomes.collect();
+            for source in sources {
+                for outcome in &outcomes {
+                    at_zero(
+                        family,
+                        &SourceOutcomeLabels {
+                            source: (*source).to_owned(),
+                            outcome: (*outcome).to_owned(),
+                        },
+                    );
                 }
-            };
-        by_source(&self.compares, &known.compares, &["listed", "failed"]);
+            }
+        };
+        by_source(
+            &self.compares,
+            &known.compares,
+            &mut CompareOutcome::ALL.iter().map(|o| o.as_str()),
+        );
         by_source(
             &self.catch_up,
             &known.catch_ups,
-            &[
-                "redelivered",
-                "refused",
-                "rejected",
-                "left",
-                "failed",
-                "hook_disabled",
-            ],
+            &mut CatchUpOutcome::ALL.iter().map(|o| o.as_str()),
         );
         if known.polls {
-            for outcome in ["polled", "finished", "retried", "failed", "deferred"] {
+            for outcome in PollOutcome::ALL {
                 at_zero(
                     &self.pipeline_polls,
                     &OutcomeLabels {
-                        outcome: outcome.to_owned(),
+                        outcome: outcome.as_str().to_owned(),
                     },
                 );
             }
@@ -619,21 +668,21 @@ impl Metrics {
     }
 
     /// A source's forge was asked which files a push changed: `listed` or `failed`.
-    pub fn compare(&self, source: &str, outcome: &str) {
+    pub fn compare(&self, source: &str, outcome: CompareOutcome) {
         self.compares
             .get_or_create(&SourceOutcomeLabels {
                 source: source.to_owned(),
-                outcome: outcome.to_owned(),
+                outcome: outcome.as_str().to_owned(),
             })
             .inc();
     }
 
     /// `count` webhooks of `source`'s hook that a catch-up pass found, and what became of them.
-    pub fn catch_up(&self, source: &str, outcome: &str, count: u64) {
+    pub fn catch_up(&self, source: &str, outcome: CatchUpOutcome, count: u64) {
         self.catch_up
             .get_or_create(&SourceOutcomeLabels {
                 source: source.to_owned(),
-                outcome: outcome.to_owned(),
+                outcome: outcome.as_str().to_owned(),
             })
             .inc_by(count);
     }
@@ -655,19 +704,19 @@ impl Metrics {
     }
 
     /// A status post's attempt ended so (`forge` as in configuration).
-    pub fn status_post(&self, forge: &str, outcome: &str) {
+    pub fn status_post(&self, forge: &str, outcome: StatusOutcome) {
         self.status_posts
             .get_or_create(&StatusLabels {
                 forge: forge.to_owned(),
-                outcome: outcome.to_owned(),
+                outcome: outcome.as_str().to_owned(),
             })
             .inc();
     }
 
-    pub fn pipeline_poll(&self, outcome: &str) {
+    pub fn pipeline_poll(&self, outcome: PollOutcome) {
         self.pipeline_polls
             .get_or_create(&OutcomeLabels {
-                outcome: outcome.to_owned(),
+                outcome: outcome.as_str().to_owned(),
             })
             .inc();
     }
@@ -911,6 +960,7 @@ mod tests {
             catch_ups: vec!["github"],
             polls: true,
             endpoints: vec!["hooks"],
+            refusing_limits: vec!["[gateway] limit.per_client".into()],
         });
         metrics.trigger(TriggerOutcome::Sent);
         metrics.start_at_zero(&KnownSeries {
@@ -930,6 +980,7 @@ mod tests {
             "hookrelay_catch_up_total{source=\"github\",outcome=\"hook_disabled\"} 0",
             "hookrelay_pipeline_polls_total{outcome=\"failed\"} 0",
             "hookrelay_request_duration_seconds_count{endpoint=\"hooks\"} 0",
+            "hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_client\"} 0",
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }

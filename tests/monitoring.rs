@@ -238,6 +238,10 @@ token = "file:{dir}/token"
     };
 
     let fresh = scrape().await;
+    assert!(
+        fresh.contains("hookrelay_limit_refusals_total{limit=\"[gateway] limit.per_client\"} 0"),
+        "a limit that refuses counts from 0: {fresh}"
+    );
     let missing = unwritten(&alerts, &fresh);
     assert!(
         missing.is_empty(),

@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderValue, Method};
 
 use super::{ForwarderOptions, backoff, claim_too_old};
 use crate::app::App;
+use crate::metrics::{PollOutcome, StatusOutcome};
 use crate::outbox::{DueTrigger, Outbox, Recorded, now_ms};
 use crate::retry::Verdict;
 use crate::secret::Secret;
@@ -101,7 +102,7 @@ pub async fn post(
         let reason =
             format!("source {source} no longer has `status = {{ … }}`; the status was not posted");
         tracing::warn!(%source, %repository, %sha, %context, %reason, "commit status not posted");
-        app.metrics.status_post(forge, "failed");
+        app.metrics.status_post(forge, StatusOutcome::Failed);
         fail(outbox, &due, None, reason);
         return;
     };
@@ -109,7 +110,7 @@ pub async fn post(
         Ok(token) => token,
         Err(reason) => {
             tracing::warn!(%source, %repository, %sha, %context, %reason, "commit status not posted");
-            app.metrics.status_post(forge, "failed");
+            app.metrics.status_post(forge, StatusOutcome::Failed);
             fail(outbox, &due, None, reason);
             return;
         }
@@ -135,7 +136,7 @@ pub async fn post(
     let request = match forge::request(&post, &token) {
         Ok(request) => request,
         Err(reason) => {
-            app.metrics.status_post(forge, "failed");
+            app.metrics.status_post(forge, StatusOutcome::Failed);
             fail(outbox, &due, None, reason);
             return;
         }
@@ -178,7 +179,7 @@ pub async fn post(
     match forge::classify(&result, SystemTime::now()) {
         Verdict::Sent { status, .. } => {
             tracing::info!(%source, %repository, %sha, %context, state, pipeline = post.pipeline_id, status, "commit status posted");
-            app.metrics.status_post(forge, "sent");
+            app.metrics.status_post(forge, StatusOutcome::Sent);
             outbox.record(
                 due.lease,
                 Recorded::Sent {
@@ -195,17 +196,17 @@ pub async fn post(
         } => match retry(outbox, &due, options, floor, status, reason.clone()) {
             Ok(()) => {
                 tracing::info!(%source, %repository, %sha, %context, state, %reason, retry_in_ms = floor.as_millis() as u64, "commit status will be posted again");
-                app.metrics.status_post(forge, "retried");
+                app.metrics.status_post(forge, StatusOutcome::Retried);
             }
             Err(gave_up) => {
                 tracing::warn!(%source, %repository, %sha, %context, state, reason = %gave_up, "commit status not posted");
-                app.metrics.status_post(forge, "failed");
+                app.metrics.status_post(forge, StatusOutcome::Failed);
                 fail(outbox, &due, status, gave_up);
             }
         },
         Verdict::Failed { status, reason, .. } => {
             tracing::warn!(%source, %repository, %sha, %context, state, %reason, "commit status refused by the forge");
-            app.metrics.status_post(forge, "failed");
+            app.metrics.status_post(forge, StatusOutcome::Failed);
             fail(outbox, &due, status, reason);
         }
     }
@@ -235,7 +236,7 @@ pub async fn poll(
     let (Some(read_token), Some(upstream)) =
         (read_token, runtime.upstreams.get(upstream_name).cloned())
     else {
-        app.metrics.pipeline_poll("failed");
+        app.metrics.pipeline_poll(PollOutcome::Failed);
         fail(
             outbox,
             &due,
@@ -254,7 +255,7 @@ pub async fn poll(
     if let Some(pace) = runtime.status.poll_pace(upstream_name)
         && let Err(crate::limits::Refused::Over(wait)) = pace.check(upstream_name).await
     {
-        app.metrics.pipeline_poll("deferred");
+        app.metrics.pipeline_poll(PollOutcome::Deferred);
         outbox.record(
             due.lease,
             Recorded::Deferred {
@@ -268,7 +269,7 @@ pub async fn poll(
     let (path, headers) = match poll_call(&read_token, &due, pipeline_id) {
         Ok(call) => call,
         Err(reason) => {
-            app.metrics.pipeline_poll("failed");
+            app.metrics.pipeline_poll(PollOutcome::Failed);
             fail(outbox, &due, None, reason);
             return;
         }
@@ -331,14 +332,14 @@ fn record_poll(
             let finished = crate::status::is_finished(&event.status);
             let age = Duration::from_millis((now_ms() - due.created_at).max(0) as u64);
             let recorded = if finished {
-                app.metrics.pipeline_poll("finished");
+                app.metrics.pipeline_poll(PollOutcome::Finished);
                 Recorded::Sent {
                     status: 200,
                     pipeline_id: Some(pipeline_id),
                     pipeline_url: event.url.clone(),
                 }
             } else if age > options.policy.max_age {
-                app.metrics.pipeline_poll("failed");
+                app.metrics.pipeline_poll(PollOutcome::Failed);
                 Recorded::Failed {
                     status: Some(200),
                     reason: format!(
@@ -350,7 +351,7 @@ fn record_poll(
                     pipeline_url: event.url.clone(),
                 }
             } else {
-                app.metrics.pipeline_poll("polled");
+                app.metrics.pipeline_poll(PollOutcome::Polled);
                 let wait = poll_delay(first, due.attempts + 1);
                 Recorded::Retry {
                     due_at: now_ms() + wait.as_millis() as i64,
@@ -389,7 +390,7 @@ fn record_poll(
                     reason,
                 } => {
                     let floor = floor.max(poll_delay(first, due.attempts));
-                    app.metrics.pipeline_poll("retried");
+                    app.metrics.pipeline_poll(PollOutcome::Retried);
                     if let Err(gave_up) = retry(outbox, due, options, floor, status, reason) {
                         fail(outbox, due, status, gave_up);
                     }
@@ -399,7 +400,7 @@ fn record_poll(
                         Verdict::Failed { status, .. } => status,
                         _ => None,
                     };
-                    app.metrics.pipeline_poll("failed");
+                    app.metrics.pipeline_poll(PollOutcome::Failed);
                     let said = result
                         .as_ref()
                         .ok()
