@@ -219,12 +219,14 @@ pub async fn run(
                 Ok(None) => READ_EVERY,
                 Err(reason) => {
                     hooks.failed(format!("reading {url} failed: {reason}"));
-                    // Another relay on the store may have read it meanwhile.
-                    if hooks.known().is_none()
-                        && kept.shared()
-                        && let Some(known) = kept.read().await
+                    // Another relay on the store may have read it since.
+                    if kept.shared()
+                        && let Some(newer) = kept.read().await
+                        && hooks
+                            .known()
+                            .is_none_or(|known| known.read_at_ms < newer.read_at_ms)
                     {
-                        use_kept(hooks, known);
+                        use_kept(hooks, newer);
                     }
                     let kept = hooks.known().is_some();
                     tracing::warn!(%url, %reason, retry_in = ?retry, keeping_the_last_list = kept, "GitHub's webhook addresses could not be read");

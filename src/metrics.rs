@@ -123,7 +123,7 @@ impl Recent {
 }
 
 /// The values of one `outcome` label, each named once: the call sites count by variant and
-/// [`Metrics::start_at_zero`] starts every one of [`Self::ALL`] at 0, so a new outcome
+/// [`Metrics::start_at_zero`] starts every one of its `ALL` at 0, so a new outcome
 /// cannot be counted without starting at 0 too.
 macro_rules! outcomes {
     ($(#[$doc:meta])* $name:ident { $($variant:ident => $word:literal),+ $(,)? }) => {
