@@ -32,6 +32,9 @@ const FIRST_RETRY: Duration = Duration::from_secs(30);
 const MOST_NETWORKS: usize = 1000;
 /// The kept copy's name in the state folder, and in a shared store.
 const KEPT_FILE: &str = "github-hooks.json";
+/// How long a shared store may take to give or keep the copy: one that stops answering
+/// holds up no read of GitHub's.
+const STORE_WAIT: Duration = Duration::from_secs(10);
 
 /// The list as last read.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -124,7 +127,7 @@ impl KeptIn {
     async fn read(&self) -> Option<Known> {
         match self {
             KeptIn::Folder(folder) => read_kept(&folder.join(KEPT_FILE)),
-            KeptIn::Store(shared) => match shared.kept(KEPT_FILE).await {
+            KeptIn::Store(shared) => match within_store_wait(shared.kept(KEPT_FILE)).await {
                 Ok(Some((text, _))) => match serde_json::from_str::<Known>(&text) {
                     Ok(known) if !known.networks.is_empty() => Some(known),
                     _ => {
@@ -149,7 +152,8 @@ impl KeptIn {
             KeptIn::Folder(folder) => keep(&folder.join(KEPT_FILE), known),
             KeptIn::Store(shared) => {
                 let text = serde_json::to_string(known).expect("a list always serializes");
-                if let Err(reason) = shared.keep(KEPT_FILE, &text, known.read_at_ms).await {
+                let keeping = shared.keep(KEPT_FILE, &text, known.read_at_ms);
+                if let Err(reason) = within_store_wait(keeping).await {
                     tracing::warn!(%reason, "GitHub's webhook addresses could not be kept in the store for the next start");
                 }
             }
@@ -160,6 +164,15 @@ impl KeptIn {
     fn shared(&self) -> bool {
         matches!(self, KeptIn::Store(_))
     }
+}
+
+/// A call on the shared store, failed when it takes over [`STORE_WAIT`].
+async fn within_store_wait<T>(
+    call: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(STORE_WAIT, call)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", STORE_WAIT.as_secs())))
 }
 
 /// Uses `known`, read earlier and kept, and says so.
@@ -209,10 +222,10 @@ pub async fn run(
             };
             let wait = match read(client, path, hooks.known().as_deref()).await {
                 Ok(Some(known)) => {
-                    kept.keep(&known).await;
                     let networks = known.networks.len();
-                    hooks.set(known);
+                    hooks.set(known.clone());
                     tracing::info!(networks, %url, "GitHub's webhook addresses read");
+                    kept.keep(&known).await;
                     retry = FIRST_RETRY;
                     READ_EVERY
                 }
