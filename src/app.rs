@@ -35,7 +35,6 @@ impl Runtime {
         shared: Option<Arc<crate::store::postgres::SharedState>>,
     ) -> Result<Runtime, UpstreamError> {
         let upstreams = Upstreams::new(&config.upstreams)?;
-        let limits = crate::limits::Limits::new(&config, shared);
         let status = crate::status::StatusClients::new(
             config
                 .sources
@@ -43,7 +42,9 @@ impl Runtime {
                 .filter_map(|(name, source)| Some((name, source.status.as_ref()?))),
             &config.upstreams,
             config.store.as_ref().map(|store| store.lease),
+            shared.as_ref(),
         )?;
+        let limits = crate::limits::Limits::new(&config, shared);
         let compare = crate::compare::CompareClients::new(
             config
                 .sources

@@ -1,7 +1,8 @@
 //! The clients statuses go out through, built with each configuration: one per source
 //! with `status = { … }` (to its forge's API), and the paces of posts (GitHub's 80 a
 //! minute) and of pipeline polls (`[upstream.NAME] polls_per_minute`). The forwarder
-//! sends through them ([`crate::forwarder::statuses`]).
+//! sends through them ([`crate::forwarder::statuses`]). Relays sharing PostgreSQL share
+//! the paces too, so that N relays post and poll at the pace one would.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use super::{Forge, ForgeApi};
 use crate::limits::{Limit, Limiter, OnLimit, Rate};
+use crate::store::postgres::SharedState;
 use crate::upstream::{
     Called, Upstream, UpstreamConfig, UpstreamError, default_per_project, parse_upstream_url,
 };
@@ -30,10 +32,18 @@ pub struct StatusClients {
     polls: HashMap<String, Limiter>,
 }
 
-fn per_minute(name: String, count: u32) -> Limiter {
+/// A pace of `count` a minute, its state `shared` by the relays on one database (under
+/// `scope`) when given.
+fn per_minute(
+    name: String,
+    scope: String,
+    count: u32,
+    shared: Option<&Arc<SharedState>>,
+) -> Limiter {
     let count = std::num::NonZeroU32::new(count.max(1)).expect("at least one");
-    Limiter::new(
+    Limiter::shared(
         name,
+        scope,
         Limit {
             rate: Rate {
                 count,
@@ -42,6 +52,7 @@ fn per_minute(name: String, count: u32) -> Limiter {
             burst: count,
             on_limit: OnLimit::Queue,
         },
+        shared.cloned(),
     )
 }
 
@@ -84,11 +95,13 @@ pub(crate) fn forge_client(source: &str, calls: ForgeCalls<'_>) -> Result<Upstre
 
 impl StatusClients {
     /// `statuses`: each source's `status = { … }`; `lease`: a shared store's lease, which
-    /// a status call must fit in.
+    /// a status call must fit in; `shared`: the shared store's state, which the paces keep
+    /// theirs in.
     pub fn new<'a>(
         statuses: impl IntoIterator<Item = (&'a String, &'a ForgeApi)>,
         upstreams: &BTreeMap<String, UpstreamConfig>,
         lease: Option<Duration>,
+        shared: Option<&Arc<SharedState>>,
     ) -> Result<StatusClients, UpstreamError> {
         let mut clients = StatusClients::default();
         let timeout = lease.map_or(STATUS_TIMEOUT, |lease| {
@@ -113,7 +126,9 @@ impl StatusClients {
                     name.clone(),
                     per_minute(
                         format!("GitHub's {GITHUB_POSTS_PER_MINUTE} statuses a minute"),
+                        format!("status.{name}.posts"),
                         GITHUB_POSTS_PER_MINUTE,
+                        shared,
                     ),
                 );
             }
@@ -124,7 +139,9 @@ impl StatusClients {
                     name.clone(),
                     per_minute(
                         format!("[upstream.{name}] polls_per_minute"),
+                        format!("upstream.{name}.polls"),
                         upstream.polls_per_minute,
+                        shared,
                     ),
                 );
             }
@@ -151,5 +168,74 @@ impl StatusClients {
     pub fn evict_idle(&self) {
         self.paces.values().for_each(Limiter::evict_idle);
         self.polls.values().for_each(Limiter::evict_idle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two relays on one PostgreSQL (two sets of clients on one database): GitHub's 80
+    /// posts a minute and an upstream's polls per minute hold for both together.
+    #[tokio::test]
+    async fn relays_sharing_a_store_share_the_paces_of_posts_and_polls() {
+        let Some(database) =
+            crate::store::blocking(crate::store::postgres::test_server::Database::create)
+        else {
+            return;
+        };
+        let store = crate::store::postgres::PostgresConfig::new(&database.url);
+        crate::store::blocking(|| {
+            drop(crate::store::postgres::PostgresEngine::open(&store).unwrap())
+        });
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.toml"),
+            "[upstream.gl]\nurl = \"https://gitlab.example\"\nread_token = \"env:READ\"\npolls_per_minute = 2\n\
+             [source.gh]\nprovider = \"github\"\nallow_unsigned = true\n\
+             status = { token = \"env:READ\" }\n",
+        )
+        .unwrap();
+        let config = crate::config::load_with_env(dir.path(), &|name| {
+            (name == "READ").then(|| "glpat-0123456789abcdefghij".into())
+        })
+        .unwrap();
+        let relay = || {
+            let shared = Arc::new(SharedState::new(store.clone()));
+            StatusClients::new(
+                config
+                    .sources
+                    .iter()
+                    .filter_map(|(name, source)| Some((name, source.status.as_ref()?))),
+                &config.upstreams,
+                Some(store.lease),
+                Some(&shared),
+            )
+            .unwrap()
+        };
+        let (one, two) = (relay(), relay());
+        async fn poll(clients: &StatusClients) -> Result<(), crate::limits::Refused> {
+            clients.poll_pace("gl").unwrap().check("gl").await
+        }
+        assert!(poll(&one).await.is_ok());
+        assert!(poll(&two).await.is_ok());
+        assert!(
+            matches!(poll(&one).await, Err(crate::limits::Refused::Over(_))),
+            "the third poll of the minute, by either relay, waits"
+        );
+        assert!(matches!(
+            poll(&two).await,
+            Err(crate::limits::Refused::Over(_))
+        ));
+        for n in 0..GITHUB_POSTS_PER_MINUTE {
+            let relay = if n % 2 == 0 { &one } else { &two };
+            let pace = relay.post_pace("gh").unwrap();
+            assert!(pace.check("gh").await.is_ok(), "post {n}");
+        }
+        let wait = one.post_pace("gh").unwrap().check("gh").await;
+        assert!(
+            matches!(wait, Err(crate::limits::Refused::Over(_))),
+            "the 81st post of the minute waits: {wait:?}"
+        );
     }
 }
