@@ -228,6 +228,73 @@ async fn a_push_shows_pending_then_success_on_the_tagged_commit() {
     relay.stop().await;
 }
 
+/// GitHub's published branch push, as if `commit` were its new head.
+fn push_of(commit: &str) -> Vec<u8> {
+    let mut push: Value = serde_json::from_slice(&fixture("github/push_branch.json")).unwrap();
+    push["after"] = json!(commit);
+    push["head_commit"]["id"] = json!(commit);
+    serde_json::to_vec(&push).unwrap()
+}
+
+/// Three pushes to a branch within a rule's `coalesce` window start one pipeline: it shows
+/// on the first push's commit and on the newest (the branch's head when the pipeline
+/// started, a pull request's head), not on the one between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalesced_pipeline_shows_on_the_newest_commit_of_the_storm_too() {
+    let gitlab = RecordingUpstream::start().await;
+    let forge = RecordingUpstream::start().await;
+    let rule = ONE_RULE.replace(
+        "source = \"github\"\n",
+        "source = \"github\"\ncoalesce = \"1s\"\n",
+    );
+    let relay = Relay::start_with(&github_config(&gitlab.url(), &forge.url(), &rule), FILES).await;
+    let commits = [
+        "1111111111111111111111111111111111111111",
+        "2222222222222222222222222222222222222222",
+        "3333333333333333333333333333333333333333",
+    ];
+    for (n, commit) in commits.iter().enumerate() {
+        let reply = signed_github_body(
+            &relay.url("/hooks/github"),
+            SECRET,
+            "push",
+            &format!("storm-{n}"),
+            push_of(commit),
+        )
+        .await;
+        assert_eq!(reply.status, 202, "{}", reply.text());
+    }
+    let posted = |received: &[common::Received], state: &str| {
+        let mut on: Vec<String> = received
+            .iter()
+            .filter(|post| post.json()["state"] == state)
+            .map(|post| post.path_and_query.rsplit('/').next().unwrap().to_owned())
+            .collect();
+        on.sort();
+        on
+    };
+    let pending = wait_for(&forge, 2).await;
+    assert_eq!(gitlab.received().len(), 1, "one pipeline for the storm");
+    assert_eq!(posted(&pending, "pending"), [commits[0], commits[2]]);
+    let done = send_pipeline_event(
+        &relay,
+        "storm-event",
+        pipeline_event(257, "success", Some("2026-12-02 10:00:00 UTC")),
+    )
+    .await;
+    assert_eq!(done.status, 200, "{}", done.text());
+    assert!(
+        note(&done).contains("and 1 on the newest commit of pushes coalesced into its trigger"),
+        "{}",
+        done.text()
+    );
+    let all = wait_for(&forge, 4).await;
+    assert_eq!(posted(&all, "success"), [commits[0], commits[2]]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(forge.received().len(), 4, "nothing on the commit between");
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_events_never_turn_a_finished_status_back_and_newer_states_supersede() {
     let gitlab = RecordingUpstream::start().await;

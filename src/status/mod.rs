@@ -67,6 +67,13 @@ impl StatusTarget {
             self.context.to_lowercase()
         ))
     }
+
+    /// Whether `other` reports to the same repository and context (on any commit).
+    fn same_place(&self, other: &StatusTarget) -> bool {
+        self.source == other.source
+            && self.repository.eq_ignore_ascii_case(&other.repository)
+            && self.context.eq_ignore_ascii_case(&other.context)
+    }
 }
 
 /// GitLab's pipeline states, and hookrelay's own for a trigger GitLab refused.
@@ -109,6 +116,14 @@ pub struct StatusPost {
 }
 
 impl StatusPost {
+    /// The same status for another commit.
+    fn to(&self, target: StatusTarget) -> StatusPost {
+        StatusPost {
+            target,
+            ..self.clone()
+        }
+    }
+
     /// The queued work that sends it, under `rule`.
     pub fn work(&self, rule: &str) -> NewTrigger {
         NewTrigger {
@@ -181,8 +196,13 @@ pub fn decide(newest: Option<&StatusPost>, new: &StatusPost) -> Result<(), &'sta
 /// What a pipeline's new state did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
-    /// A status post was queued (its id).
-    Queued { post: i64, superseded: usize },
+    /// A status post was queued (its id), and `also` as many on the newest commits of
+    /// pushes coalesced into the pipeline's trigger.
+    Queued {
+        post: i64,
+        superseded: usize,
+        also: usize,
+    },
     /// Nothing to post, and why.
     Skipped(String),
     /// No trigger of hookrelay's started this pipeline.
@@ -195,11 +215,21 @@ impl Applied {
     /// The note a pipeline event's answer (and its stored record) carries.
     pub fn note(&self) -> String {
         match self {
-            Applied::Queued { post, superseded } => format!(
-                "status post {post} queued{}",
+            Applied::Queued {
+                post,
+                superseded,
+                also,
+            } => format!(
+                "status post {post} queued{}{}",
                 match superseded {
                     0 => String::new(),
                     n => format!("; it supersedes {n} unsent older one(s)"),
+                },
+                match also {
+                    0 => String::new(),
+                    n => format!(
+                        "; and {n} on the newest commit of pushes coalesced into its trigger"
+                    ),
                 }
             ),
             Applied::Skipped(why) | Applied::NotOurs(why) => why.clone(),
@@ -242,7 +272,21 @@ fn queue_post(
     Ok(Applied::Queued {
         post: ids[0],
         superseded,
+        also: 0,
     })
+}
+
+/// Queues `post` if [`verdict`] allows it (a post to another commit than the one the
+/// caller reports on).
+fn queue_decided(
+    engine: &mut dyn Engine,
+    delivery_row: i64,
+    rule: &str,
+    post: &StatusPost,
+    now: i64,
+) -> Result<Applied, EngineError> {
+    let allowed = verdict(engine, post)?;
+    queue_post(engine, delivery_row, rule, post, allowed, now)
 }
 
 /// A trigger's outcome was recorded: when its source reports statuses, queue the first —
@@ -261,7 +305,8 @@ pub fn after_trigger(
     let Some(origin) = engine.pipeline_origin(&OriginOf::Trigger(trigger_id))? else {
         return Ok(());
     };
-    let Some(target) = target_of(&origin) else {
+    let mut targets = targets_of(&origin).into_iter();
+    let Some(target) = targets.next() else {
         return Ok(());
     };
     let post = match recorded {
@@ -304,6 +349,16 @@ pub fn after_trigger(
     };
     let poll_after_ms = post.target.poll_after_ms;
     let poll = poll_after_ms > 0 && post.pipeline_id > 0;
+    for target in targets {
+        // The same post on the newest commit of each push merged into the trigger.
+        queue_decided(
+            engine,
+            origin.delivery_row,
+            &origin.rule,
+            &post.to(target),
+            now,
+        )?;
+    }
     let verdict = verdict(engine, &post)?;
     queue_post(
         engine,
@@ -338,8 +393,25 @@ pub fn after_trigger(
     Ok(())
 }
 
-fn target_of(origin: &PipelineOrigin) -> Option<StatusTarget> {
-    serde_json::from_str(origin.status_target.as_deref()?).ok()
+/// Where a pipeline's statuses go: the commit of the trigger that started it first, then,
+/// for each repository and context among the triggers coalesced into that trigger, the
+/// newest of their commits (the last push before the pipeline started, a pull request's
+/// head) where it is another commit. The commits between get none, as with a CI that
+/// builds only a branch's head.
+fn targets_of(origin: &PipelineOrigin) -> Vec<StatusTarget> {
+    let parse = |json: &str| serde_json::from_str::<StatusTarget>(json).ok();
+    let Some(first) = origin.status_target.as_deref().and_then(parse) else {
+        return Vec::new();
+    };
+    let mut newest: Vec<StatusTarget> = Vec::new();
+    for target in origin.merged_targets.iter().filter_map(|json| parse(json)) {
+        match newest.iter_mut().find(|seen| seen.same_place(&target)) {
+            Some(seen) => *seen = target,
+            None => newest.push(target),
+        }
+    }
+    newest.retain(|target| target.order_key() != first.order_key());
+    std::iter::once(first).chain(newest).collect()
 }
 
 /// A pipeline's new state, from an event or a poll.
@@ -375,12 +447,14 @@ pub fn apply_pipeline(
             )));
         }
     };
-    let Some(target) = target_of(&origin) else {
+    let mut targets = targets_of(&origin).into_iter();
+    let Some(target) = targets.next() else {
         return Ok(Applied::Skipped(format!(
             "pipeline #{} was started by trigger {}, whose source reports no status; nothing changed",
             event.pipeline_id, origin.trigger_id
         )));
     };
+    let merged: Vec<StatusTarget> = targets.collect();
     let post = StatusPost {
         description: describe(
             &event.status,
@@ -405,12 +479,18 @@ pub fn apply_pipeline(
                 serde_json::from_str(&delivery.summary).unwrap_or_else(|_| json!({}));
             summary["note"] = json!(match verdict {
                 Ok(()) => format!(
-                    "pipeline #{} {}: a status for {}@{} ({}) is queued",
+                    "pipeline #{} {}: a status for {}@{} ({}) is queued{}",
                     post.pipeline_id,
                     post.state,
                     post.target.repository,
                     short(&post.target.sha),
-                    post.target.context
+                    post.target.context,
+                    match merged.len() {
+                        0 => String::new(),
+                        n => format!(
+                            ", and {n} on the newest commit of pushes coalesced into its trigger"
+                        ),
+                    }
                 ),
                 Err(why) => format!("pipeline #{} {}: {why}", post.pipeline_id, post.state),
             });
@@ -421,7 +501,23 @@ pub fn apply_pipeline(
             }
         }
     };
-    queue_post(engine, delivery_row, &origin.rule, &post, verdict, now)
+    let mut queued_also = 0;
+    for target in merged {
+        let applied = queue_decided(engine, delivery_row, &origin.rule, &post.to(target), now)?;
+        queued_also += usize::from(matches!(applied, Applied::Queued { .. }));
+    }
+    Ok(
+        match queue_post(engine, delivery_row, &origin.rule, &post, verdict, now)? {
+            Applied::Queued {
+                post, superseded, ..
+            } => Applied::Queued {
+                post,
+                superseded,
+                also: queued_also,
+            },
+            other => other,
+        },
+    )
 }
 
 /// A commit id's first twelve characters, for messages.
@@ -452,6 +548,67 @@ mod tests {
             description: describe(state, 7, "r", "p"),
             finished_at: finished_at.map(str::to_owned),
         }
+    }
+
+    /// A push storm coalesced into one trigger: its pipeline reports on the first push's
+    /// commit and on the newest commit of each repository and context merged into it.
+    #[test]
+    fn a_pipeline_reports_on_the_newest_commit_of_each_push_merged_into_its_trigger() {
+        let at = |repository: &str, sha: char, context: &str| {
+            let mut target = post("pending", None).target;
+            target.repository = repository.into();
+            target.sha = sha.to_string().repeat(40);
+            target.context = context.into();
+            serde_json::to_string(&target).unwrap()
+        };
+        let origin = |merged: Vec<String>| PipelineOrigin {
+            trigger_id: 1,
+            delivery_row: 1,
+            rule: "r".into(),
+            upstream: "gl".into(),
+            project: "p".into(),
+            status_target: Some(at("Octo/App", 'a', "GitLab/App")),
+            pipeline_url: None,
+            merged_targets: merged,
+        };
+        let shown = |origin: &PipelineOrigin| {
+            targets_of(origin)
+                .iter()
+                .map(|t| format!("{}@{} {}", t.repository, &t.sha[..1], t.context))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shown(&origin(Vec::new())), ["Octo/App@a GitLab/App"]);
+        let storm = origin(vec![
+            at("octo/app", 'b', "gitlab/app"),
+            at("Octo/Lib", 'x', "GitLab/App"),
+            at("Octo/App", 'c', "GitLab/App"),
+            "not a target".into(),
+            at("Octo/App", 'd', "other"),
+        ]);
+        assert_eq!(
+            shown(&storm),
+            [
+                "Octo/App@a GitLab/App",
+                "Octo/App@c GitLab/App",
+                "Octo/Lib@x GitLab/App",
+                "Octo/App@d other"
+            ],
+            "the first push's commit, then the newest of each place; none twice"
+        );
+        let again = origin(vec![at("Octo/App", 'a', "GitLab/App")]);
+        assert_eq!(
+            shown(&again),
+            ["Octo/App@a GitLab/App"],
+            "the same commit once"
+        );
+        let quiet = PipelineOrigin {
+            status_target: None,
+            ..storm
+        };
+        assert!(
+            targets_of(&quiet).is_empty(),
+            "a source that reports nothing"
+        );
     }
 
     #[test]

@@ -150,4 +150,7 @@ pub struct PipelineOrigin {
     /// A [`crate::status::StatusTarget`] as JSON; `None` when its source reports nothing.
     pub status_target: Option<String>,
     pub pipeline_url: Option<String>,
+    /// The status targets of the triggers coalesced into this one, oldest first: the
+    /// pipeline stands for their pushes too (read only when it has a target itself).
+    pub merged_targets: Vec<String>,
 }

@@ -852,7 +852,10 @@ impl Engine for PostgresEngine {
             ),
         }
         .map_err(error)?;
-        Ok(row.map(|row| super::PipelineOrigin {
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut origin = super::PipelineOrigin {
             trigger_id: row.get(0),
             delivery_row: row.get(1),
             rule: row.get(2),
@@ -860,7 +863,25 @@ impl Engine for PostgresEngine {
             project: row.get(4),
             status_target: row.get(5),
             pipeline_url: row.get(6),
-        }))
+            merged_targets: Vec::new(),
+        };
+        if origin.status_target.is_some() {
+            // Through the partial index `hr_triggers_coalesced_into`.
+            let merged = self
+                .stmt(
+                    "SELECT status_target FROM hr_triggers WHERE coalesced_into = $1
+                     AND status_target IS NOT NULL ORDER BY id",
+                )
+                .map_err(error)?;
+            origin.merged_targets = self
+                .client()
+                .query(&merged, &[&origin.trigger_id])
+                .map_err(error)?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+        }
+        Ok(Some(origin))
     }
 
     fn newest_status(

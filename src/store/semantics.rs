@@ -618,17 +618,26 @@ pub fn deliveries_are_found_by_their_id_in_every_source(engine: &mut dyn Engine)
     );
 }
 
+/// Identical triggers within the window become one; the trigger they went into knows
+/// their status targets (each push's commit), oldest first, for its pipeline's statuses.
 pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {
-    let windowed = || NewTrigger {
+    let windowed = |commit: Option<&str>| NewTrigger {
         coalesce_ms: 1000,
+        status_target: commit.map(str::to_owned),
         ..trigger("p")
     };
     let first = tx(engine, |e| {
-        e.insert_delivery(&delivery("a", vec![windowed()]), 0)
+        e.insert_delivery(&delivery("a", vec![windowed(Some("commit a"))]), 0)
             .unwrap()
     });
     let second = tx(engine, |e| {
-        e.insert_delivery(&delivery("b", vec![windowed()]), 10)
+        e.insert_delivery(&delivery("b", vec![windowed(Some("commit b"))]), 10)
+            .unwrap()
+    });
+    tx(engine, |e| {
+        e.insert_delivery(&delivery("c", vec![windowed(None)]), 20)
+            .unwrap();
+        e.insert_delivery(&delivery("d", vec![windowed(Some("commit d"))]), 30)
             .unwrap()
     });
     let (Accepted::Queued { trigger_ids, .. }, Accepted::Queued { coalesced, .. }) =
@@ -639,6 +648,18 @@ pub fn identical_triggers_coalesce_within_the_window(engine: &mut dyn Engine) {
     assert_eq!(coalesced, &[Some(trigger_ids[0])]);
     assert!(first.adds_work() && !second.adds_work());
     assert_eq!(engine.depth().unwrap().open, 1);
+    let origin = engine
+        .pipeline_origin(&OriginOf::Trigger(trigger_ids[0]))
+        .unwrap()
+        .expect("the first trigger");
+    assert_eq!(origin.status_target.as_deref(), Some("commit a"));
+    assert_eq!(origin.merged_targets, ["commit b", "commit d"]);
+    let merged = first_trigger(second.clone());
+    let origin = engine
+        .pipeline_origin(&OriginOf::Trigger(merged))
+        .unwrap()
+        .expect("a coalesced trigger");
+    assert!(origin.merged_targets.is_empty(), "nothing went into it");
     assert!(claim(engine, 999, 5).is_empty(), "held for its window");
     assert_eq!(claim(engine, 1000, 5).len(), 1);
 }

@@ -701,9 +701,10 @@ impl Engine for SqliteEngine {
                 project: row.get(4)?,
                 status_target: row.get(5)?,
                 pipeline_url: row.get(6)?,
+                merged_targets: Vec::new(),
             })
         };
-        match of {
+        let origin = match of {
             super::OriginOf::Trigger(id) => self
                 .conn
                 .prepare_cached(&format!("{columns} WHERE id = ?1 AND kind = 'trigger'"))
@@ -718,7 +719,25 @@ impl Engine for SqliteEngine {
                 ))
                 .and_then(|mut s| s.query_row(params![upstream, pipeline_id], read).optional()),
         }
-        .map_err(error)
+        .map_err(error)?;
+        let Some(mut origin) = origin else {
+            return Ok(None);
+        };
+        if origin.status_target.is_some() {
+            // Through the partial index `triggers_coalesced_into`.
+            origin.merged_targets = self
+                .conn
+                .prepare_cached(
+                    "SELECT status_target FROM triggers WHERE coalesced_into = ?1
+                     AND status_target IS NOT NULL ORDER BY id",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![origin.trigger_id], |row| row.get(0))?
+                        .collect()
+                })
+                .map_err(error)?;
+        }
+        Ok(Some(origin))
     }
 
     fn newest_status(

@@ -154,6 +154,11 @@ CREATE TABLE hr_schema_floor (id integer PRIMARY KEY CHECK (id = 1), floor integ
     // What one relay read from elsewhere (GitHub's webhook addresses), for the others and
     // for its own next start.
     super::kept::SCHEMA,
+    // A pipeline's statuses go to the commits of the triggers coalesced into its trigger
+    // too: they are found by the trigger they went into (only coalesced rows are indexed).
+    r#"
+CREATE INDEX hr_triggers_coalesced_into ON hr_triggers (coalesced_into) WHERE coalesced_into IS NOT NULL;
+"#,
 ];
 
 /// The oldest schema version whose relays can still run on a database this relay
@@ -162,9 +167,9 @@ CREATE TABLE hr_schema_floor (id integer PRIMARY KEY CHECK (id = 1), floor integ
 /// working beside this one (columns with defaults, new tables and indexes they never
 /// need): then lower it to that version, and say why here.
 ///
-/// The last migration only adds `hr_kept`, which relays of the version before never read:
-/// they may run beside this one.
-pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len() - 1;
+/// The last two migrations only add `hr_kept` and an index of coalesced triggers, which
+/// relays of the version before them never read: they may run beside this one.
+pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len() - 2;
 
 /// Brings the database up to this relay's schema under an advisory lock, or refuses one
 /// a newer relay migrated past what this one may run on.

@@ -113,6 +113,11 @@ ALTER TABLE outbox_stats ADD COLUMN clock_noted INTEGER;
     r#"
 CREATE TABLE schema_floor (id INTEGER PRIMARY KEY CHECK (id = 1), floor INTEGER NOT NULL);
 "#,
+    // A pipeline's statuses go to the commits of the triggers coalesced into its trigger
+    // too: they are found by the trigger they went into (only coalesced rows are indexed).
+    r#"
+CREATE INDEX triggers_coalesced_into ON triggers (coalesced_into) WHERE coalesced_into IS NOT NULL;
+"#,
 ];
 
 /// The oldest schema version whose relays can still run on a store this relay migrated,
@@ -120,7 +125,10 @@ CREATE TABLE schema_floor (id INTEGER PRIMARY KEY CHECK (id = 1), floor INTEGER 
 /// migrations since an older one were written so that relays knowing only that one keep
 /// working (columns with defaults, new tables and indexes they never need): then lower
 /// it to that version, and say why here.
-pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len();
+///
+/// The last migration only adds an index that relays of the version before never need:
+/// they may run on a store this one migrated.
+pub(super) const OLDEST_COMPATIBLE: usize = MIGRATIONS.len() - 1;
 
 /// Brings the store up to this relay's schema, or refuses one a newer relay migrated
 /// past what this one may run on.

@@ -174,6 +174,10 @@ fn claim_path_queries_read_indexes_not_the_backlog() {
         "SELECT id FROM triggers WHERE coalesce_key = 'k' AND state = 'queued' AND due_at > 5 ORDER BY id LIMIT 1",
     );
     assert!(twin.contains("triggers_coalescing"), "{twin}");
+    let merged = plan(
+        "SELECT status_target FROM triggers WHERE coalesced_into = 7 AND status_target IS NOT NULL ORDER BY id",
+    );
+    assert!(merged.contains("triggers_coalesced_into"), "{merged}");
     // A pruning step starts where the last one stopped, not at the oldest delivery.
     let prune = plan(
         "SELECT d.id FROM deliveries d WHERE d.received_at < 9 AND d.received_at >= 5
