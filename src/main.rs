@@ -160,6 +160,9 @@ struct DeliveriesArgs {
     /// Only deliveries with this text in their id, repository, ref or project.
     #[arg(long, value_name = "TEXT")]
     text: Option<String>,
+    /// Only this trigger, with its delivery (as `coalesced into 42` or a replay names it).
+    #[arg(long, value_name = "TRIGGER_ID")]
+    trigger: Option<i64>,
     /// Only triggers that failed for good (the same as --status failed).
     #[arg(long)]
     failed: bool,
@@ -468,6 +471,7 @@ fn deliveries(args: DeliveriesArgs) -> ExitCode {
         until,
         delivery,
         text,
+        trigger,
         failed,
         limit,
         json,
@@ -492,6 +496,7 @@ fn deliveries(args: DeliveriesArgs) -> ExitCode {
         delivery,
         whole_delivery: None,
         text,
+        trigger,
         before: None,
         limit,
     };

@@ -195,6 +195,31 @@ async fn the_dashboard_shows_deliveries_escaped_and_acts_only_with_the_token() {
         record["why"].as_str().unwrap().contains("by 127.0.0.1:"),
         "{record}"
     );
+    // The replay links to the trigger it replays, which the list finds by its id.
+    let page = send("GET", &url(&format!("/deliveries/{encoded}")), &[], "")
+        .await
+        .text();
+    assert!(
+        page.contains("replay of <a href=\"/deliveries?trigger=1\">1</a>"),
+        "{page}"
+    );
+    let by_trigger = send("GET", &url("/api/deliveries?trigger=1"), &[], "")
+        .await
+        .json();
+    assert_eq!(by_trigger["deliveries"][0]["delivery_id"], delivery);
+    assert_eq!(
+        by_trigger["deliveries"][0]["work"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "that trigger alone: {by_trigger}"
+    );
+    let list = send("GET", &url("/deliveries?trigger=1"), &[], "").await;
+    assert!(list.text().contains("name=\"trigger\" value=\"1\""));
+    let bad = send("GET", &url("/api/deliveries?trigger=x"), &[], "").await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["message"], "trigger: \"x\" is not a trigger id");
 
     // The login form sets a strict, secure, script-proof cookie; a browser's action needs
     // the page's cross-site token and the dashboard's own origin.

@@ -1738,6 +1738,16 @@ async fn why_nothing_ran_then_replan_then_cancel() {
         let summary: serde_json::Value = serde_json::from_str(&rows[0].summary).unwrap();
         assert_eq!(summary["replan_of"], "8f3e2a10-first", "{summary}");
         assert_eq!(summary["triggers"][0]["rule"], "releases", "{summary}");
+        // `deliveries --trigger ID` finds that trigger's delivery.
+        let trigger = rows[0].trigger_id.expect("the replan queued a trigger");
+        let found = table(&["--trigger", &trigger.to_string()]);
+        assert!(found.contains("8f3e2a10-first~replan-"), "{found}");
+        assert_eq!(
+            found.lines().count(),
+            2,
+            "a heading and the one row: {found}"
+        );
+        assert!(table(&["--trigger", "999999"]).contains("no deliveries match"));
     }
     served.wait_for("trigger will be retried");
     let mut retrying = String::new();

@@ -29,6 +29,8 @@ pub struct Filters {
     pub since: String,
     pub until: String,
     pub q: String,
+    /// One trigger's row, with its delivery (the links of `merged into` and `replay of`).
+    pub trigger: String,
     pub before: String,
 }
 
@@ -46,6 +48,7 @@ impl Filters {
                 "since" => filters.since = value,
                 "until" => filters.until = value,
                 "q" => filters.q = value,
+                "trigger" => filters.trigger = value,
                 "before" => filters.before = value,
                 _ => {}
             }
@@ -114,6 +117,12 @@ impl Filters {
             delivery: None,
             whole_delivery: None,
             text: text(&self.q),
+            trigger: text(&self.trigger)
+                .map(|id| {
+                    id.parse::<i64>()
+                        .map_err(|_| format!("trigger: {id:?} is not a trigger id"))
+                })
+                .transpose()?,
             before,
             limit: PAGE_ROWS,
         })
@@ -131,6 +140,7 @@ impl Filters {
             ("since", &self.since),
             ("until", &self.until),
             ("q", &self.q),
+            ("trigger", &self.trigger),
         ] {
             if !value.is_empty() {
                 query.append_pair(key, value);

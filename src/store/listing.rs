@@ -23,6 +23,8 @@ pub struct ListFilter {
     /// Text anywhere in the delivery id, the answer (repositories, refs) or a trigger's
     /// project or ref.
     pub text: Option<String>,
+    /// One trigger (its row alone), as `merged into 42` and `replay of 7` name them.
+    pub trigger: Option<i64>,
     /// Deliveries strictly older than this one (received at, row): the next page.
     pub before: Option<(i64, i64)>,
     pub limit: usize,
@@ -163,6 +165,10 @@ impl ListFilter {
         if let Some(delivery) = &self.whole_delivery {
             let p = bind(SqlValue::Text(delivery.clone()), &mut values);
             conditions.push(format!("d.delivery_id = {p}"));
+        }
+        if let Some(trigger) = self.trigger {
+            let p = bind(SqlValue::Int(trigger), &mut values);
+            conditions.push(format!("t.id = {p}"));
         }
         let clause = if conditions.is_empty() {
             String::new()

@@ -900,7 +900,7 @@ pub fn cancelled_triggers_are_never_sent_and_their_key_moves_on(engine: &mut dyn
 /// Deliveries are listed by source, kind, rule, project, status, time and id prefix.
 pub fn deliveries_are_listed_by_every_filter(engine: &mut dyn Engine) {
     accept(engine, "abc-1", "p", 1_000);
-    accept(engine, "abc-2", "q", 2_000);
+    let second = first_trigger(accept(engine, "abc-2", "q", 2_000));
     tx(engine, |e| {
         e.insert_delivery(&delivery("abd-none", Vec::new()), 3_000)
             .unwrap()
@@ -912,6 +912,24 @@ pub fn deliveries_are_listed_by_every_filter(engine: &mut dyn Engine) {
         ids
     };
     assert_eq!(kept(engine, ListFilter::default()).len(), 3);
+    // One trigger, by its id (as `merged into` and `replay of` name it).
+    let by_trigger = |engine: &mut dyn Engine, trigger: i64| {
+        listed_rows(
+            engine,
+            ListFilter {
+                trigger: Some(trigger),
+                ..Default::default()
+            },
+        )
+        .into_iter()
+        .map(|row| (row.delivery_id, row.trigger_id))
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        by_trigger(engine, second),
+        [("abc-2".to_owned(), Some(second))]
+    );
+    assert!(by_trigger(engine, second + 1000).is_empty());
     // Free text: in the id, or a trigger's project.
     assert_eq!(
         kept(
