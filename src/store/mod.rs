@@ -74,11 +74,15 @@ pub fn blocking<T: Send>(call: impl FnOnce() -> T + Send) -> T {
 fn newer_schema(version: i64, floor: Option<i64>, known: usize) -> Result<(), EngineError> {
     match floor {
         Some(floor) if floor <= known as i64 => {
-            tracing::warn!(
-                schema = version,
-                known,
-                "the store was migrated by a newer hookrelay, which lets this version run beside it; upgrade this relay too"
-            );
+            // Said once, not by each connection the process opens.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    schema = version,
+                    known,
+                    "the store was migrated by a newer hookrelay, which lets this version run beside it; upgrade this relay too"
+                )
+            });
             Ok(())
         }
         _ => Err(EngineError::refused(format!(
