@@ -164,7 +164,8 @@ pub struct Outbox {
     /// Other relays share this store: triggers they queue or give up are claimed here too,
     /// so the forwarder looks for due work at least once a second.
     pub shared: bool,
-    /// The state of rate limits and GitLab's pauses, when relays share the store.
+    /// What relays sharing the store share outside the outbox (rate limits, GitLab's
+    /// pauses, the paces of status posts and polls, GitHub's addresses as last read).
     pub shared_state: Option<Arc<crate::store::postgres::SharedState>>,
     /// How long a claim holds its key when relays share the store: a send starts only
     /// while its claim has at least an upstream timeout left.
