@@ -40,7 +40,8 @@ const STORE_WAIT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Known {
     pub networks: Vec<IpNet>,
-    /// When GitHub gave it (milliseconds since the epoch).
+    /// When GitHub last gave it or said it is unchanged (milliseconds since the epoch): how
+    /// current the list in use is.
     pub read_at_ms: i64,
     /// GitHub's `ETag`, for the next conditional read.
     #[serde(default)]
@@ -229,7 +230,22 @@ pub async fn run(
                     retry = FIRST_RETRY;
                     READ_EVERY
                 }
-                Ok(None) => READ_EVERY,
+                Ok(None) => {
+                    // Unchanged, and so as current as a new read: the list's age starts
+                    // again (GitHub's list changes rarely; an age that counted from the
+                    // last change would call a healthy relay's list stale after a day).
+                    if let Some(known) = hooks.known() {
+                        let confirmed = Known {
+                            read_at_ms: crate::outbox::now_ms(),
+                            ..(*known).clone()
+                        };
+                        hooks.set(confirmed.clone());
+                        kept.keep(&confirmed).await;
+                    }
+                    tracing::debug!(%url, "GitHub's webhook addresses unchanged");
+                    retry = FIRST_RETRY;
+                    READ_EVERY
+                }
                 Err(reason) => {
                     hooks.failed(format!("reading {url} failed: {reason}"));
                     // Another relay on the store may have read it since.

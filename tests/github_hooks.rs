@@ -128,14 +128,36 @@ async fn githubs_published_addresses_admit_refuse_and_are_kept() {
         "a conditional read, which GitHub's rate limit does not count"
     );
 
-    // Unchanged (304): the kept list stays in use.
+    // Unchanged (304): the kept list stays in use, and is as current as a new read. The
+    // kept copy says it was read two days ago: GitHub's saying it is unchanged starts its
+    // age again (before, a list GitHub had not changed read as stale after a day).
+    let kept = state.join("github-hooks.json");
+    let mut copy: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+    let two_days_ago = chrono::Utc::now().timestamp_millis() - 2 * 86_400_000;
+    copy["read_at_ms"] = two_days_ago.into();
+    std::fs::write(&kept, copy.to_string()).unwrap();
     github.answer_next(Answer::new(304, ""));
     let mut served = start(dir.path(), &state, &meta_url);
     served.wait_for("GitHub's webhook addresses, as last read");
     github.wait_for_calls(3).await;
     let (status, body, _) = webhook(&mut served, "gh-3").await;
     assert_eq!(status, 200, "{body}");
+    let mut age = f64::MAX;
+    for _ in 0..100 {
+        age = age_of_the_list(&mut served).await;
+        if age < 60.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(age < 60.0, "confirmed unchanged just now: {age}");
     drop(served);
+    let copy: serde_json::Value = serde_json::from_slice(&std::fs::read(&kept).unwrap()).unwrap();
+    assert!(
+        copy["read_at_ms"].as_i64().unwrap() > two_days_ago + 86_400_000,
+        "the kept copy says so too, for the next start: {copy}"
+    );
     assert_eq!(
         github.received()[2]
             .headers
