@@ -921,14 +921,23 @@ async fn every_hook_of_a_sources_catch_up_is_read() {
         ]
     );
     let bearer = format!("Bearer {ADMIN_TOKEN}");
-    let health = send(
-        "GET",
-        &format!("http://{}/api/health", served.dashboard_address()),
-        &[("authorization", &bearer)],
-        "",
-    )
-    .await
-    .json();
+    // The last hook's log was asked for; its pass is noted once the answer is read.
+    let mut health = serde_json::Value::Null;
+    for _ in 0..200 {
+        health = send(
+            "GET",
+            &format!("http://{}/api/health", served.dashboard_address()),
+            &[("authorization", &bearer)],
+            "",
+        )
+        .await
+        .json();
+        let passes = health["catch_up"].as_array().cloned().unwrap_or_default();
+        if passes.len() == 2 && passes.iter().all(|c| c["last_pass"].is_object()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let hooks: Vec<(String, u64)> = health["catch_up"]
         .as_array()
         .unwrap()
