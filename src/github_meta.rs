@@ -129,15 +129,15 @@ impl KeptIn {
         match self {
             KeptIn::Folder(folder) => read_kept(&folder.join(KEPT_FILE)),
             KeptIn::Store(shared) => match within_store_wait(shared.kept(KEPT_FILE)).await {
-                Ok(Some((text, _))) => match serde_json::from_str::<Known>(&text) {
-                    Ok(known) if !known.networks.is_empty() => Some(known),
-                    _ => {
+                Ok(Some((text, _))) => {
+                    let known = usable(text.as_bytes());
+                    if known.is_none() {
                         tracing::warn!(
                             "the store's copy of GitHub's webhook addresses is not readable; it is read again from GitHub"
                         );
-                        None
                     }
-                },
+                    known
+                }
                 Ok(None) => None,
                 Err(reason) => {
                     tracing::warn!(%reason, "the store's copy of GitHub's webhook addresses could not be read");
@@ -360,13 +360,18 @@ async fn read(
 /// The kept copy, when there is a readable one.
 fn read_kept(path: &std::path::Path) -> Option<Known> {
     let text = std::fs::read(path).ok()?;
-    match serde_json::from_slice::<Known>(&text) {
-        Ok(known) if !known.networks.is_empty() => Some(known),
-        _ => {
-            tracing::warn!(path = %path.display(), "the kept copy of GitHub's webhook addresses is not readable; it is read again from GitHub");
-            None
-        }
+    let known = usable(&text);
+    if known.is_none() {
+        tracing::warn!(path = %path.display(), "the kept copy of GitHub's webhook addresses is not readable; it is read again from GitHub");
     }
+    known
+}
+
+/// A kept copy's text as a list to use: `None` when it is not one, or names no network.
+fn usable(text: &[u8]) -> Option<Known> {
+    serde_json::from_slice::<Known>(text)
+        .ok()
+        .filter(|known| !known.networks.is_empty())
 }
 
 /// Keeps `known` for the next start: written beside, then renamed over the old copy, so a

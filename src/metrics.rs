@@ -123,7 +123,7 @@ impl Recent {
 }
 
 /// The values of one `outcome` label, each named once: the call sites count by variant and
-/// [`Metrics::start_at_zero`] starts every one of its `ALL` at 0, so a new outcome
+/// [`Metrics::start_at_zero`] starts every one of its `WORDS` at 0, so a new outcome
 /// cannot be counted without starting at 0 too.
 macro_rules! outcomes {
     ($(#[$doc:meta])* $name:ident { $($variant:ident => $word:literal),+ $(,)? }) => {
@@ -134,7 +134,8 @@ macro_rules! outcomes {
         }
 
         impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// Every value, as the label carries it.
+            pub const WORDS: &'static [&'static str] = &[$($word),+];
 
             pub fn as_str(self) -> &'static str {
                 match self {
@@ -574,11 +575,11 @@ impl Metrics {
                     .get_or_create(&EndpointLabels { endpoint }),
             );
         }
-        for outcome in TriggerOutcome::ALL.iter().copied() {
+        for outcome in TriggerOutcome::WORDS {
             at_zero(
                 &self.triggers,
                 &OutcomeLabels {
-                    outcome: outcome.as_str().to_owned(),
+                    outcome: (*outcome).to_owned(),
                 },
             );
         }
@@ -607,48 +608,38 @@ impl Metrics {
             );
         }
         for forge in &known.status_forges {
-            for outcome in StatusOutcome::ALL {
+            for outcome in StatusOutcome::WORDS {
                 at_zero(
                     &self.status_posts,
                     &StatusLabels {
                         forge: (*forge).to_owned(),
-                        outcome: outcome.as_str().to_owned(),
+                        outcome: (*outcome).to_owned(),
                     },
                 );
             }
         }
-        let by_source = |family: &Family<SourceOutcomeLabels, Counter>,
-                         sources: &[&str],
-                         outcomes: &mut dyn Iterator<Item = &'static str>| {
-            let outcomes: Vec<&str> = outcomes.collect();
-            for source in sources {
-                for outcome in &outcomes {
-                    at_zero(
-                        family,
-                        &SourceOutcomeLabels {
-                            source: (*source).to_owned(),
-                            outcome: (*outcome).to_owned(),
-                        },
-                    );
+        let by_source =
+            |family: &Family<SourceOutcomeLabels, Counter>, sources: &[&str], outcomes: &[&str]| {
+                for source in sources {
+                    for outcome in outcomes {
+                        at_zero(
+                            family,
+                            &SourceOutcomeLabels {
+                                source: (*source).to_owned(),
+                                outcome: (*outcome).to_owned(),
+                            },
+                        );
+                    }
                 }
-            }
-        };
-        by_source(
-            &self.compares,
-            &known.compares,
-            &mut CompareOutcome::ALL.iter().map(|o| o.as_str()),
-        );
-        by_source(
-            &self.catch_up,
-            &known.catch_ups,
-            &mut CatchUpOutcome::ALL.iter().map(|o| o.as_str()),
-        );
+            };
+        by_source(&self.compares, &known.compares, CompareOutcome::WORDS);
+        by_source(&self.catch_up, &known.catch_ups, CatchUpOutcome::WORDS);
         if known.polls {
-            for outcome in PollOutcome::ALL {
+            for outcome in PollOutcome::WORDS {
                 at_zero(
                     &self.pipeline_polls,
                     &OutcomeLabels {
-                        outcome: outcome.as_str().to_owned(),
+                        outcome: (*outcome).to_owned(),
                     },
                 );
             }

@@ -525,17 +525,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<ExitCode> {
     }
     let github_hooks = tokio::spawn({
         let (app, stopped) = (app.clone(), stopped.clone());
-        let kept = match (&store, &app.outbox.shared_state) {
-            (StoreLocation::Folder(folder), _) => {
-                crate::github_meta::KeptIn::Folder(folder.clone())
-            }
-            (StoreLocation::Postgres(_), Some(shared)) => {
-                crate::github_meta::KeptIn::Store(shared.clone())
-            }
-            // Not made: every outbox on a shared store has its shared state.
-            (StoreLocation::Postgres(_), None) => {
-                crate::github_meta::KeptIn::Folder(options.state.clone())
-            }
+        // A shared store keeps it for every relay; SQLite's state folder for this one.
+        let kept = match app.outbox.shared_state.clone() {
+            Some(shared) => crate::github_meta::KeptIn::Store(shared),
+            None => crate::github_meta::KeptIn::Folder(options.state.clone()),
         };
         async move {
             let needed = || app.needs_github_hooks();

@@ -12,17 +12,16 @@ impl SharedState {
     /// The copy kept under `name`, and when it was read (milliseconds since the epoch):
     /// `Ok(None)` when there is none yet. `Err` when the database cannot say.
     pub async fn kept(&self, name: &str) -> Result<Option<(String, i64)>, String> {
-        let client = self.client().await?;
-        let result = async {
-            let statement = client
-                .prepare_cached("SELECT value, read_at FROM hr_kept WHERE name = $1")
-                .await?;
-            client.query_opt(&statement, &[&name]).await
-        }
-        .await;
-        Ok(self
-            .settle(client, result)?
-            .map(|row| (row.get(0), row.get(1))))
+        // One row whether or not a copy is kept (NULLs when none), as `one` reads.
+        let row = self
+            .one(
+                "SELECT k.value, k.read_at
+                 FROM (SELECT $1::text AS name) wanted LEFT JOIN hr_kept k USING (name)",
+                &[&name],
+            )
+            .await?;
+        let (value, read_at): (Option<String>, Option<i64>) = (row.get(0), row.get(1));
+        Ok(value.zip(read_at))
     }
 
     /// Keeps `value` under `name`, read at `read_at`, unless a copy read later is kept.
